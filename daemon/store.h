@@ -1,0 +1,109 @@
+/* The map and jobs store: per user, per folder and per message copy state.
+ *
+ * Embedded SQLite in WAL mode (synchronous=NORMAL: a commit survives a kill -9
+ * of the process, which is what the mover's exactly-once promise needs).
+ * Every function returns 0 on success and -1 on failure; ms_store_error()
+ * then says why. Nothing here ever stores a password.
+ */
+#ifndef MS_STORE_H
+#define MS_STORE_H
+
+#include <stdint.h>
+
+struct ms_store;
+
+int ms_store_open(const char *path, struct ms_store **store_r, char **error_r);
+void ms_store_close(struct ms_store **store);
+const char *ms_store_error(const struct ms_store *store);
+
+/* Explicit transactions (nestable: only the outermost begin/commit count). */
+int ms_store_begin(struct ms_store *store);
+int ms_store_commit(struct ms_store *store);
+int ms_store_rollback(struct ms_store *store);
+
+/* Users. state is one of "source", "copying", "cutover", "destination",
+ * "failed"; a new user starts in "source". */
+int ms_store_user_get(struct ms_store *store, const char *name,
+		      int64_t *user_id_r);	/* creates it when missing */
+int ms_store_user_set_state(struct ms_store *store, int64_t user_id,
+			    const char *state, const char *last_error);
+/* Adds to the user's running totals of copied messages and bytes. */
+int ms_store_user_add_progress(struct ms_store *store, int64_t user_id,
+			       uint64_t msgs, uint64_t bytes);
+
+/* Folders: one row per (user, source folder name). */
+struct ms_folder_state {
+	int64_t id;
+	int64_t user_id;
+	char src_name[1024];		/* source name, mUTF-7, source separator */
+	char dst_name[1024];		/* destination name, as created there */
+	uint32_t src_uidvalidity;	/* 0 = never seen */
+	uint32_t dst_uidvalidity;	/* 0 = never seen */
+	uint32_t hwm;			/* every source UID <= hwm is done */
+	uint64_t modseq;		/* source HIGHESTMODSEQ of the last
+					   complete flag sync, 0 = none */
+	uint64_t msgs;			/* messages recorded done */
+	uint64_t bytes;			/* their RFC822.SIZE sum */
+};
+
+/* Loads the folder's row, creating a zeroed one when missing. */
+int ms_store_folder_get(struct ms_store *store, int64_t user_id,
+			const char *src_name, struct ms_folder_state *st_r);
+/* Writes back every field but id/user_id/src_name. */
+int ms_store_folder_update(struct ms_store *store,
+			   const struct ms_folder_state *st);
+/* Forgets every message of the folder (UIDVALIDITY changed) and zeroes
+ * uidvalidities, hwm, modseq, msgs and bytes. */
+int ms_store_folder_reset(struct ms_store *store, int64_t folder_id);
+
+/* Messages. An intent (state MS_MSG_INTENT) is written and committed before
+ * the message's bytes leave for the destination; it becomes MS_MSG_DONE with
+ * the destination UID (0 when the server has no UIDPLUS) once the server
+ * accepted it. */
+enum { MS_MSG_INTENT = 0, MS_MSG_DONE = 1 };
+
+struct ms_msg_rec {
+	uint32_t src_uid;		/* IMAP source UID (0 for POP3) */
+	int state;			/* MS_MSG_INTENT or MS_MSG_DONE */
+	uint64_t size;			/* RFC822.SIZE */
+	int64_t date;			/* INTERNALDATE as epoch seconds */
+	char msgid[512];		/* Message-ID header value, "" if none */
+	char flags[1024];		/* flags and keywords, space-separated,
+					   sorted, without \Recent */
+	uint32_t dst_uid;		/* 0 = unknown */
+	uint32_t dst_floor;		/* destination UIDNEXT when the intent
+					   was written: the message, if it got
+					   there, has a UID >= this */
+	char uidl[128];			/* POP3 source: the UIDL; else "" */
+};
+
+/* Insert or replace the record for (folder, src_uid) or, for POP3 folders
+ * (src_uid == 0), for (folder, uidl). */
+int ms_store_msg_put(struct ms_store *store, int64_t folder_id,
+		     const struct ms_msg_rec *rec);
+/* Loads one record; returns 0 and *found_r = 0/1. */
+int ms_store_msg_get(struct ms_store *store, int64_t folder_id,
+		     uint32_t src_uid, struct ms_msg_rec *rec_r, int *found_r);
+int ms_store_msg_get_uidl(struct ms_store *store, int64_t folder_id,
+			  const char *uidl, struct ms_msg_rec *rec_r,
+			  int *found_r);
+/* Marks (folder, src_uid) done with its destination UID and flags. */
+int ms_store_msg_done(struct ms_store *store, int64_t folder_id,
+		      uint32_t src_uid, uint32_t dst_uid, const char *flags);
+int ms_store_msg_set_flags(struct ms_store *store, int64_t folder_id,
+			   uint32_t src_uid, const char *flags);
+/* Deletes one record (src_uid, or uidl when src_uid == 0). */
+int ms_store_msg_delete(struct ms_store *store, int64_t folder_id,
+			uint32_t src_uid, const char *uidl);
+
+/* Calls cb for every record of the folder in source-UID order (then UIDL
+ * order), or only those in `state` when state >= 0. A non-zero return from
+ * cb stops the walk and is returned. */
+typedef int ms_store_msg_cb(void *ctx, const struct ms_msg_rec *rec);
+int ms_store_msg_foreach(struct ms_store *store, int64_t folder_id, int state,
+			 ms_store_msg_cb *cb, void *ctx);
+/* Number of records of the folder in `state` (or all when state < 0). */
+int ms_store_msg_count(struct ms_store *store, int64_t folder_id, int state,
+		       uint64_t *count_r);
+
+#endif

@@ -1,0 +1,759 @@
+/* Unit tests for daemon/store.c, each against a fresh store in its own
+ * temporary directory. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <sqlite3.h>
+
+#include "store.h"
+
+struct fixture {
+	char dir[64];
+	char path[128];
+	struct ms_store *store;
+};
+
+static void store_path(const struct fixture *f, const char *suffix,
+		       char *buf, size_t size)
+{
+	snprintf(buf, size, "%s%s", f->path, suffix);
+}
+
+static int setup(void **state)
+{
+	struct fixture *f = calloc(1, sizeof(*f));
+	char *error = NULL;
+
+	if (f == NULL)
+		return -1;
+	snprintf(f->dir, sizeof(f->dir), "/tmp/ms-store-test.XXXXXX");
+	if (mkdtemp(f->dir) == NULL) {
+		free(f);
+		return -1;
+	}
+	snprintf(f->path, sizeof(f->path), "%s/store.db", f->dir);
+	/* the common umask: SQLite alone would make the file 0644 */
+	umask(022);
+	if (ms_store_open(f->path, &f->store, &error) < 0) {
+		fprintf(stderr, "ms_store_open: %s\n", error);
+		free(error);
+		rmdir(f->dir);
+		free(f);
+		return -1;
+	}
+	assert_null(error);
+	*state = f;
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	struct fixture *f = *state;
+	static const char *const suffixes[] = { "", "-wal", "-shm",
+						"-journal" };
+	char buf[160];
+	size_t i;
+
+	ms_store_close(&f->store);
+	for (i = 0; i < sizeof(suffixes) / sizeof(suffixes[0]); i++) {
+		store_path(f, suffixes[i], buf, sizeof(buf));
+		unlink(buf);
+	}
+	if (rmdir(f->dir) < 0)
+		fprintf(stderr, "leftover files in %s\n", f->dir);
+	free(f);
+	return 0;
+}
+
+/* One integer from a separate SQLite connection, as another process would
+ * see the file. */
+static int64_t sql_int(const struct fixture *f, const char *sql)
+{
+	sqlite3 *db;
+	sqlite3_stmt *st;
+	int64_t v;
+
+	assert_int_equal(sqlite3_open_v2(f->path, &db, SQLITE_OPEN_READONLY,
+					 NULL), SQLITE_OK);
+	assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &st, NULL),
+			 SQLITE_OK);
+	assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+	v = sqlite3_column_int64(st, 0);
+	sqlite3_finalize(st);
+	sqlite3_close(db);
+	return v;
+}
+
+static void sql_text(const struct fixture *f, const char *sql, char *buf,
+		     size_t size)
+{
+	sqlite3 *db;
+	sqlite3_stmt *st;
+	const unsigned char *t;
+
+	assert_int_equal(sqlite3_open_v2(f->path, &db, SQLITE_OPEN_READONLY,
+					 NULL), SQLITE_OK);
+	assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &st, NULL),
+			 SQLITE_OK);
+	assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+	t = sqlite3_column_text(st, 0);
+	snprintf(buf, size, "%s", t ? (const char *)t : "(null)");
+	sqlite3_finalize(st);
+	sqlite3_close(db);
+}
+
+static int64_t make_folder(struct fixture *f, const char *user,
+			   const char *folder)
+{
+	struct ms_folder_state fs;
+	int64_t uid;
+
+	assert_int_equal(ms_store_user_get(f->store, user, &uid), 0);
+	assert_int_equal(ms_store_folder_get(f->store, uid, folder, &fs), 0);
+	return fs.id;
+}
+
+static void imap_rec(struct ms_msg_rec *r, uint32_t uid, int state)
+{
+	memset(r, 0, sizeof(*r));
+	r->src_uid = uid;
+	r->state = state;
+	r->size = 1000 + uid;
+	r->date = 837596665 + uid;
+	snprintf(r->msgid, sizeof(r->msgid), "<%u@example.net>", uid);
+	snprintf(r->flags, sizeof(r->flags), "\\Seen");
+	r->dst_floor = 100 + uid;
+}
+
+static void test_open_file(void **state)
+{
+	struct fixture *f = *state;
+	struct stat st;
+	char buf[160], mode[16];
+	char *error = NULL;
+	struct ms_store *s = NULL;
+
+	assert_int_equal(stat(f->path, &st), 0);
+	assert_int_equal(st.st_mode & 0777, 0600);
+	/* the WAL and its index inherit the database's mode */
+	store_path(f, "-wal", buf, sizeof(buf));
+	if (stat(buf, &st) == 0)
+		assert_int_equal(st.st_mode & 0777, 0600);
+
+	sql_text(f, "PRAGMA journal_mode", mode, sizeof(mode));
+	assert_string_equal(mode, "wal");
+	assert_int_equal(sql_int(f, "PRAGMA user_version"), 1);
+	assert_int_equal(sql_int(f, "SELECT count(*) FROM sqlite_master "
+				 "WHERE type = 'table' AND name IN "
+				 "('users', 'folders', 'messages')"), 3);
+
+	/* no parent directory is created */
+	snprintf(buf, sizeof(buf), "%s/nonexistent/store.db", f->dir);
+	assert_int_equal(ms_store_open(buf, &s, &error), -1);
+	assert_null(s);
+	assert_non_null(error);
+	assert_non_null(strstr(error, "nonexistent"));
+	free(error);
+
+	/* a store from a newer mailshift is refused, not "upgraded" */
+	{
+		sqlite3 *db;
+
+		store_path(f, ".new", buf, sizeof(buf));
+		assert_int_equal(sqlite3_open(buf, &db), SQLITE_OK);
+		assert_int_equal(sqlite3_exec(db, "PRAGMA user_version = 7",
+					      NULL, NULL, NULL), SQLITE_OK);
+		sqlite3_close(db);
+		error = NULL;
+		assert_int_equal(ms_store_open(buf, &s, &error), -1);
+		assert_non_null(error);
+		assert_non_null(strstr(error, "newer"));
+		free(error);
+		unlink(buf);
+	}
+}
+
+static void test_users(void **state)
+{
+	struct fixture *f = *state;
+	int64_t a, a2, b;
+	char buf[256];
+
+	assert_int_equal(ms_store_user_get(f->store, "alice", &a), 0);
+	assert_int_equal(ms_store_user_get(f->store, "alice", &a2), 0);
+	assert_int_equal(a, a2);
+	assert_int_equal(ms_store_user_get(f->store, "bob", &b), 0);
+	assert_int_not_equal(a, b);
+
+	sql_text(f, "SELECT state FROM users WHERE name = 'alice'", buf,
+		 sizeof(buf));
+	assert_string_equal(buf, "source");
+
+	assert_int_equal(ms_store_user_set_state(f->store, a, "failed",
+						 "source: login failed"), 0);
+	sql_text(f, "SELECT state || ' ' || last_error FROM users "
+		 "WHERE name = 'alice'", buf, sizeof(buf));
+	assert_string_equal(buf, "failed source: login failed");
+	assert_int_equal(ms_store_user_set_state(f->store, a, "copying",
+						 NULL), 0);
+	assert_int_equal(sql_int(f, "SELECT last_error IS NULL FROM users "
+				 "WHERE name = 'alice'"), 1);
+
+	assert_int_equal(ms_store_user_set_state(f->store, a, "bogus", NULL),
+			 -1);
+	assert_non_null(strstr(ms_store_error(f->store), "bogus"));
+	assert_int_equal(ms_store_user_set_state(f->store, 9999, "copying",
+						 NULL), -1);
+	assert_non_null(strstr(ms_store_error(f->store), "no such user"));
+
+	assert_int_equal(ms_store_user_add_progress(f->store, a, 3, 3000), 0);
+	assert_int_equal(ms_store_user_add_progress(f->store, a, 2, 500), 0);
+	assert_int_equal(sql_int(f, "SELECT msgs_copied FROM users "
+				 "WHERE name = 'alice'"), 5);
+	assert_int_equal(sql_int(f, "SELECT bytes_copied FROM users "
+				 "WHERE name = 'alice'"), 3500);
+	assert_int_equal(sql_int(f, "SELECT msgs_copied FROM users "
+				 "WHERE name = 'bob'"), 0);
+	assert_int_equal(ms_store_user_add_progress(f->store, 9999, 1, 1),
+			 -1);
+}
+
+static void test_folders(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_folder_state fs, fs2, other;
+	struct ms_msg_rec r;
+	int64_t uid, uid2;
+	uint64_t n;
+	char name[1100];
+
+	assert_int_equal(ms_store_user_get(f->store, "alice", &uid), 0);
+	assert_int_equal(ms_store_user_get(f->store, "bob", &uid2), 0);
+
+	memset(&fs, 0xa5, sizeof(fs));
+	assert_int_equal(ms_store_folder_get(f->store, uid, "Archive.2020",
+					     &fs), 0);
+	assert_true(fs.id > 0);
+	assert_int_equal(fs.user_id, uid);
+	assert_string_equal(fs.src_name, "Archive.2020");
+	assert_string_equal(fs.dst_name, "");
+	assert_int_equal(fs.src_uidvalidity, 0);
+	assert_int_equal(fs.dst_uidvalidity, 0);
+	assert_int_equal(fs.hwm, 0);
+	assert_int_equal(fs.modseq, 0);
+	assert_int_equal(fs.msgs, 0);
+	assert_int_equal(fs.bytes, 0);
+
+	/* same (user, name): same row; other user: another row */
+	assert_int_equal(ms_store_folder_get(f->store, uid, "Archive.2020",
+					     &fs2), 0);
+	assert_int_equal(fs2.id, fs.id);
+	assert_int_equal(ms_store_folder_get(f->store, uid2, "Archive.2020",
+					     &other), 0);
+	assert_int_not_equal(other.id, fs.id);
+
+	snprintf(fs.dst_name, sizeof(fs.dst_name), "Archive/2020");
+	fs.src_uidvalidity = 4000000000u;
+	fs.dst_uidvalidity = 77;
+	fs.hwm = 4294967295u;
+	fs.modseq = 9223372036854775807ull;
+	fs.msgs = 12;
+	fs.bytes = 1ull << 40;
+	assert_int_equal(ms_store_folder_update(f->store, &fs), 0);
+	assert_int_equal(ms_store_folder_get(f->store, uid, "Archive.2020",
+					     &fs2), 0);
+	assert_memory_equal(&fs, &fs2, offsetof(struct ms_folder_state,
+						src_name));
+	assert_string_equal(fs2.dst_name, "Archive/2020");
+	assert_int_equal(fs2.src_uidvalidity, 4000000000u);
+	assert_int_equal(fs2.dst_uidvalidity, 77);
+	assert_int_equal(fs2.hwm, 4294967295u);
+	assert_true(fs2.modseq == 9223372036854775807ull);
+	assert_int_equal(fs2.msgs, 12);
+	assert_true(fs2.bytes == 1ull << 40);
+
+	/* reset forgets messages and state but keeps the destination name */
+	imap_rec(&r, 5, MS_MSG_DONE);
+	assert_int_equal(ms_store_msg_put(f->store, fs.id, &r), 0);
+	imap_rec(&r, 6, MS_MSG_INTENT);
+	assert_int_equal(ms_store_msg_put(f->store, fs.id, &r), 0);
+	assert_int_equal(ms_store_msg_put(f->store, other.id, &r), 0);
+	assert_int_equal(ms_store_folder_reset(f->store, fs.id), 0);
+	assert_int_equal(ms_store_folder_get(f->store, uid, "Archive.2020",
+					     &fs2), 0);
+	assert_int_equal(fs2.id, fs.id);
+	assert_string_equal(fs2.dst_name, "Archive/2020");
+	assert_int_equal(fs2.src_uidvalidity, 0);
+	assert_int_equal(fs2.dst_uidvalidity, 0);
+	assert_int_equal(fs2.hwm, 0);
+	assert_int_equal(fs2.modseq, 0);
+	assert_int_equal(fs2.msgs, 0);
+	assert_int_equal(fs2.bytes, 0);
+	assert_int_equal(ms_store_msg_count(f->store, fs.id, -1, &n), 0);
+	assert_int_equal(n, 0);
+	/* the other user's folder is untouched */
+	assert_int_equal(ms_store_msg_count(f->store, other.id, -1, &n), 0);
+	assert_int_equal(n, 1);
+
+	/* errors */
+	assert_int_equal(ms_store_folder_reset(f->store, 9999), -1);
+	assert_non_null(strstr(ms_store_error(f->store), "no such folder"));
+	fs2.id = 9999;
+	assert_int_equal(ms_store_folder_update(f->store, &fs2), -1);
+	assert_int_equal(ms_store_folder_get(f->store, 9999, "x", &fs2), -1);
+	assert_non_null(strstr(ms_store_error(f->store), "FOREIGN KEY"));
+	memset(name, 'a', sizeof(name) - 1);
+	name[sizeof(name) - 1] = '\0';
+	assert_int_equal(ms_store_folder_get(f->store, uid, name, &fs2), -1);
+}
+
+static void test_messages(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_msg_rec r, got;
+	int64_t fid = make_folder(f, "alice", "INBOX");
+	int found = -1;
+	uint64_t n;
+
+	assert_int_equal(ms_store_msg_get(f->store, fid, 1, &got, &found), 0);
+	assert_int_equal(found, 0);
+
+	imap_rec(&r, 7, MS_MSG_INTENT);
+	r.size = 5000000000ull;
+	r.date = -315619200;
+	snprintf(r.flags, sizeof(r.flags), "$Forwarded \\Seen");
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	assert_int_equal(ms_store_msg_get(f->store, fid, 7, &got, &found), 0);
+	assert_int_equal(found, 1);
+	assert_int_equal(got.src_uid, 7);
+	assert_int_equal(got.state, MS_MSG_INTENT);
+	assert_true(got.size == 5000000000ull);
+	assert_true(got.date == -315619200);
+	assert_string_equal(got.msgid, "<7@example.net>");
+	assert_string_equal(got.flags, "$Forwarded \\Seen");
+	assert_int_equal(got.dst_uid, 0);
+	assert_int_equal(got.dst_floor, 107);
+	assert_string_equal(got.uidl, "");
+
+	/* done, keeping the recorded flags (NULL) or setting new ones */
+	assert_int_equal(ms_store_msg_done(f->store, fid, 7, 42, NULL), 0);
+	assert_int_equal(ms_store_msg_get(f->store, fid, 7, &got, &found), 0);
+	assert_int_equal(got.state, MS_MSG_DONE);
+	assert_int_equal(got.dst_uid, 42);
+	assert_string_equal(got.flags, "$Forwarded \\Seen");
+	assert_int_equal(ms_store_msg_done(f->store, fid, 7, 43, "\\Answered"),
+			 0);
+	assert_int_equal(ms_store_msg_get(f->store, fid, 7, &got, &found), 0);
+	assert_int_equal(got.dst_uid, 43);
+	assert_string_equal(got.flags, "\\Answered");
+	assert_int_equal(ms_store_msg_set_flags(f->store, fid, 7, ""), 0);
+	assert_int_equal(ms_store_msg_get(f->store, fid, 7, &got, &found), 0);
+	assert_string_equal(got.flags, "");
+	assert_int_equal(got.state, MS_MSG_DONE);
+
+	/* done/set_flags need an existing record */
+	assert_int_equal(ms_store_msg_done(f->store, fid, 8, 1, NULL), -1);
+	assert_non_null(strstr(ms_store_error(f->store),
+			       "no such message record"));
+	assert_int_equal(ms_store_msg_set_flags(f->store, fid, 8, "x"), -1);
+	assert_non_null(strstr(ms_store_error(f->store),
+			       "no such message record"));
+
+	/* put replaces */
+	imap_rec(&r, 7, MS_MSG_INTENT);
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	assert_int_equal(ms_store_msg_get(f->store, fid, 7, &got, &found), 0);
+	assert_int_equal(got.state, MS_MSG_INTENT);
+	assert_int_equal(got.dst_uid, 0);
+	assert_int_equal(ms_store_msg_count(f->store, fid, -1, &n), 0);
+	assert_int_equal(n, 1);
+
+	/* invalid records */
+	imap_rec(&r, 0, MS_MSG_INTENT);
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), -1);
+	imap_rec(&r, 9, MS_MSG_INTENT);
+	snprintf(r.uidl, sizeof(r.uidl), "both");
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), -1);
+	imap_rec(&r, 9, 5);
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), -1);
+	imap_rec(&r, 9, MS_MSG_INTENT);
+	assert_int_equal(ms_store_msg_put(f->store, 9999, &r), -1);
+	assert_non_null(strstr(ms_store_error(f->store), "FOREIGN KEY"));
+
+	/* delete; deleting again is fine */
+	assert_int_equal(ms_store_msg_delete(f->store, fid, 7, NULL), 0);
+	assert_int_equal(ms_store_msg_get(f->store, fid, 7, &got, &found), 0);
+	assert_int_equal(found, 0);
+	assert_int_equal(ms_store_msg_delete(f->store, fid, 7, NULL), 0);
+}
+
+static void test_uidl(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_msg_rec r, got;
+	int64_t fid = make_folder(f, "carol", "INBOX");
+	int found;
+	uint64_t n;
+
+	memset(&r, 0, sizeof(r));
+	r.state = MS_MSG_INTENT;
+	r.size = 10;
+	snprintf(r.uidl, sizeof(r.uidl), "UID-b");
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	snprintf(r.uidl, sizeof(r.uidl), "UID-a");
+	r.size = 20;
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+
+	assert_int_equal(ms_store_msg_get_uidl(f->store, fid, "UID-a", &got,
+					       &found), 0);
+	assert_int_equal(found, 1);
+	assert_int_equal(got.src_uid, 0);
+	assert_string_equal(got.uidl, "UID-a");
+	assert_int_equal(got.size, 20);
+	assert_int_equal(ms_store_msg_get_uidl(f->store, fid, "UID-c", &got,
+					       &found), 0);
+	assert_int_equal(found, 0);
+	/* a POP3 record is no IMAP UID 0 record */
+	assert_int_equal(ms_store_msg_get(f->store, fid, 0, &got, &found), 0);
+	assert_int_equal(found, 0);
+
+	/* replace by UIDL, done by put */
+	r.state = MS_MSG_DONE;
+	r.dst_uid = 5;
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	assert_int_equal(ms_store_msg_get_uidl(f->store, fid, "UID-a", &got,
+					       &found), 0);
+	assert_int_equal(got.state, MS_MSG_DONE);
+	assert_int_equal(got.dst_uid, 5);
+	assert_int_equal(ms_store_msg_count(f->store, fid, -1, &n), 0);
+	assert_int_equal(n, 2);
+	assert_int_equal(ms_store_msg_count(f->store, fid, MS_MSG_DONE, &n), 0);
+	assert_int_equal(n, 1);
+
+	assert_int_equal(ms_store_msg_delete(f->store, fid, 0, "UID-b"), 0);
+	assert_int_equal(ms_store_msg_get_uidl(f->store, fid, "UID-b", &got,
+					       &found), 0);
+	assert_int_equal(found, 0);
+	assert_int_equal(ms_store_msg_count(f->store, fid, -1, &n), 0);
+	assert_int_equal(n, 1);
+}
+
+struct walk {
+	uint32_t uids[4096];
+	char uidls[8][128];
+	size_t n;
+	size_t stop_after;
+	struct ms_store *store;
+	int64_t folder_id;
+};
+
+static int walk_cb(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct walk *w = ctx;
+
+	if (w->n < sizeof(w->uidls) / sizeof(w->uidls[0]))
+		snprintf(w->uidls[w->n], sizeof(w->uidls[0]), "%s", rec->uidl);
+	w->uids[w->n++] = rec->src_uid;
+	if (w->stop_after && w->n == w->stop_after)
+		return 77;
+	return 0;
+}
+
+/* Marks every record it sees done: the recovery pass does this. */
+static int done_cb(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct walk *w = ctx;
+
+	w->n++;
+	return ms_store_msg_done(w->store, w->folder_id, rec->src_uid,
+				 rec->src_uid + 1000, NULL);
+}
+
+static void test_foreach(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_msg_rec r;
+	int64_t fid = make_folder(f, "alice", "INBOX");
+	int64_t pop = make_folder(f, "alice", "POP");
+	struct walk *w = calloc(1, sizeof(*w));
+	uint64_t n;
+	uint32_t i;
+
+	assert_non_null(w);
+	/* out of order, more than one page, every third one done */
+	assert_int_equal(ms_store_begin(f->store), 0);
+	for (i = 0; i < 1000; i++) {
+		uint32_t uid = (i * 7919) % 1000 + 1;
+
+		imap_rec(&r, uid, uid % 3 == 0 ? MS_MSG_DONE : MS_MSG_INTENT);
+		assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	}
+	assert_int_equal(ms_store_commit(f->store), 0);
+
+	assert_int_equal(ms_store_msg_foreach(f->store, fid, -1, walk_cb, w),
+			 0);
+	assert_int_equal(w->n, 1000);
+	for (i = 0; i < 1000; i++)
+		assert_int_equal(w->uids[i], i + 1);
+
+	memset(w, 0, sizeof(*w));
+	assert_int_equal(ms_store_msg_foreach(f->store, fid, MS_MSG_DONE,
+					      walk_cb, w), 0);
+	assert_int_equal(w->n, 333);
+	for (i = 0; i < w->n; i++)
+		assert_int_equal(w->uids[i], 3 * (i + 1));
+	assert_int_equal(ms_store_msg_count(f->store, fid, MS_MSG_DONE, &n),
+			 0);
+	assert_int_equal(n, 333);
+	assert_int_equal(ms_store_msg_count(f->store, fid, MS_MSG_INTENT, &n),
+			 0);
+	assert_int_equal(n, 667);
+	assert_int_equal(ms_store_msg_count(f->store, fid, -1, &n), 0);
+	assert_int_equal(n, 1000);
+
+	/* a non-zero return stops the walk and is returned */
+	memset(w, 0, sizeof(*w));
+	w->stop_after = 200;
+	assert_int_equal(ms_store_msg_foreach(f->store, fid, -1, walk_cb, w),
+			 77);
+	assert_int_equal(w->n, 200);
+
+	/* the callback may write to the store, inside a batch or not */
+	memset(w, 0, sizeof(*w));
+	w->store = f->store;
+	w->folder_id = fid;
+	assert_int_equal(ms_store_begin(f->store), 0);
+	assert_int_equal(ms_store_msg_foreach(f->store, fid, MS_MSG_INTENT,
+					      done_cb, w), 0);
+	assert_int_equal(ms_store_commit(f->store), 0);
+	assert_int_equal(w->n, 667);
+	assert_int_equal(ms_store_msg_count(f->store, fid, MS_MSG_INTENT, &n),
+			 0);
+	assert_int_equal(n, 0);
+
+	/* POP3 records walk in UIDL byte order */
+	memset(&r, 0, sizeof(r));
+	snprintf(r.uidl, sizeof(r.uidl), "b");
+	assert_int_equal(ms_store_msg_put(f->store, pop, &r), 0);
+	snprintf(r.uidl, sizeof(r.uidl), "B");
+	assert_int_equal(ms_store_msg_put(f->store, pop, &r), 0);
+	snprintf(r.uidl, sizeof(r.uidl), "a");
+	assert_int_equal(ms_store_msg_put(f->store, pop, &r), 0);
+	memset(w, 0, sizeof(*w));
+	assert_int_equal(ms_store_msg_foreach(f->store, pop, -1, walk_cb, w),
+			 0);
+	assert_int_equal(w->n, 3);
+	assert_string_equal(w->uidls[0], "B");
+	assert_string_equal(w->uidls[1], "a");
+	assert_string_equal(w->uidls[2], "b");
+
+	/* empty folder */
+	memset(w, 0, sizeof(*w));
+	assert_int_equal(ms_store_msg_foreach(f->store, 9999, -1, walk_cb, w),
+			 0);
+	assert_int_equal(w->n, 0);
+	free(w);
+}
+
+static void test_transactions(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_msg_rec r, got;
+	int64_t fid = make_folder(f, "alice", "INBOX");
+	int found;
+	uint64_t n;
+
+	/* rollback discards */
+	assert_int_equal(ms_store_begin(f->store), 0);
+	imap_rec(&r, 1, MS_MSG_INTENT);
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	assert_int_equal(ms_store_msg_get(f->store, fid, 1, &got, &found), 0);
+	assert_int_equal(found, 1);
+	assert_int_equal(ms_store_rollback(f->store), 0);
+	assert_int_equal(ms_store_msg_get(f->store, fid, 1, &got, &found), 0);
+	assert_int_equal(found, 0);
+
+	/* nested: only the outermost commit counts */
+	assert_int_equal(ms_store_begin(f->store), 0);
+	assert_int_equal(ms_store_begin(f->store), 0);
+	imap_rec(&r, 2, MS_MSG_INTENT);
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	assert_int_equal(ms_store_commit(f->store), 0);
+	/* not visible to another connection yet */
+	assert_int_equal(sql_int(f, "SELECT count(*) FROM messages"), 0);
+	assert_int_equal(ms_store_commit(f->store), 0);
+	assert_int_equal(sql_int(f, "SELECT count(*) FROM messages"), 1);
+
+	/* an inner rollback rolls back everything; the outer commit then
+	 * has nothing to commit */
+	assert_int_equal(ms_store_begin(f->store), 0);
+	imap_rec(&r, 3, MS_MSG_INTENT);
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	assert_int_equal(ms_store_begin(f->store), 0);
+	assert_int_equal(ms_store_rollback(f->store), 0);
+	assert_int_equal(ms_store_commit(f->store), -1);
+	assert_int_equal(ms_store_msg_count(f->store, fid, -1, &n), 0);
+	assert_int_equal(n, 1);
+
+	/* a failing helper inside a batch leaves the batch to the caller */
+	assert_int_equal(ms_store_begin(f->store), 0);
+	imap_rec(&r, 4, MS_MSG_INTENT);
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	assert_int_equal(ms_store_folder_reset(f->store, 9999), -1);
+	assert_int_equal(ms_store_commit(f->store), 0);
+	assert_int_equal(ms_store_msg_count(f->store, fid, -1, &n), 0);
+	assert_int_equal(n, 2);
+
+	assert_int_equal(ms_store_commit(f->store), -1);
+	assert_int_equal(ms_store_rollback(f->store), -1);
+
+	/* closing with an open transaction discards it */
+	assert_int_equal(ms_store_begin(f->store), 0);
+	imap_rec(&r, 5, MS_MSG_INTENT);
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	ms_store_close(&f->store);
+	assert_null(f->store);
+	assert_int_equal(ms_store_open(f->path, &f->store, NULL), 0);
+	assert_int_equal(ms_store_msg_count(f->store, fid, -1, &n), 0);
+	assert_int_equal(n, 2);
+}
+
+static void test_reopen(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_folder_state fs;
+	struct ms_msg_rec r, got;
+	int64_t uid, uid2;
+	int found;
+
+	assert_int_equal(ms_store_user_get(f->store, "alice", &uid), 0);
+	assert_int_equal(ms_store_folder_get(f->store, uid, "Sent", &fs), 0);
+	fs.hwm = 99;
+	snprintf(fs.dst_name, sizeof(fs.dst_name), "Sent Items");
+	assert_int_equal(ms_store_folder_update(f->store, &fs), 0);
+	imap_rec(&r, 99, MS_MSG_DONE);
+	assert_int_equal(ms_store_msg_put(f->store, fs.id, &r), 0);
+
+	ms_store_close(&f->store);
+	ms_store_close(&f->store);	/* harmless */
+	assert_int_equal(ms_store_open(f->path, &f->store, NULL), 0);
+
+	assert_int_equal(ms_store_user_get(f->store, "alice", &uid2), 0);
+	assert_int_equal(uid2, uid);
+	memset(&fs, 0, sizeof(fs));
+	assert_int_equal(ms_store_folder_get(f->store, uid, "Sent", &fs), 0);
+	assert_int_equal(fs.hwm, 99);
+	assert_string_equal(fs.dst_name, "Sent Items");
+	assert_int_equal(ms_store_msg_get(f->store, fs.id, 99, &got, &found),
+			 0);
+	assert_int_equal(found, 1);
+	assert_int_equal(got.state, MS_MSG_DONE);
+	assert_string_equal(got.msgid, "<99@example.net>");
+}
+
+/* Two handles on one file, as the daemon and mailshiftctl would have: WAL
+ * lets one read while the other holds a write transaction. */
+static void test_two_handles(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_store *s2;
+	struct ms_msg_rec r, got;
+	int64_t fid = make_folder(f, "alice", "INBOX");
+	int64_t uid, uid2;
+	int found;
+
+	assert_int_equal(ms_store_open(f->path, &s2, NULL), 0);
+	assert_int_equal(ms_store_user_get(s2, "alice", &uid2), 0);
+	assert_int_equal(ms_store_user_get(f->store, "alice", &uid), 0);
+	assert_int_equal(uid, uid2);
+
+	assert_int_equal(ms_store_begin(f->store), 0);
+	imap_rec(&r, 1, MS_MSG_INTENT);
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	/* the reader is not blocked and does not see uncommitted data */
+	assert_int_equal(ms_store_msg_get(s2, fid, 1, &got, &found), 0);
+	assert_int_equal(found, 0);
+	assert_int_equal(ms_store_commit(f->store), 0);
+	assert_int_equal(ms_store_msg_get(s2, fid, 1, &got, &found), 0);
+	assert_int_equal(found, 1);
+
+	/* and the other way round */
+	assert_int_equal(ms_store_msg_done(s2, fid, 1, 10, NULL), 0);
+	assert_int_equal(ms_store_msg_get(f->store, fid, 1, &got, &found), 0);
+	assert_int_equal(got.dst_uid, 10);
+	ms_store_close(&s2);
+}
+
+/* A real second process, writing concurrently with this one. */
+static void test_two_processes(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_msg_rec r;
+	int64_t fid = make_folder(f, "alice", "INBOX");
+	uint64_t n;
+	uint32_t i;
+	int status;
+	pid_t pid;
+
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		struct ms_store *s;
+
+		/* no cmocka in the child: exit status only */
+		if (ms_store_open(f->path, &s, NULL) < 0)
+			_exit(1);
+		for (i = 1; i <= 500; i++) {
+			imap_rec(&r, 2 * i, MS_MSG_INTENT);
+			if (ms_store_begin(s) < 0 ||
+			    ms_store_msg_put(s, fid, &r) < 0 ||
+			    ms_store_commit(s) < 0)
+				_exit(2);
+		}
+		ms_store_close(&s);
+		_exit(0);
+	}
+	for (i = 1; i <= 500; i++) {
+		imap_rec(&r, 2 * i - 1, MS_MSG_INTENT);
+		assert_int_equal(ms_store_begin(f->store), 0);
+		assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+		assert_int_equal(ms_store_commit(f->store), 0);
+	}
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status));
+	assert_int_equal(WEXITSTATUS(status), 0);
+	assert_int_equal(ms_store_msg_count(f->store, fid, -1, &n), 0);
+	assert_int_equal(n, 1000);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_setup_teardown(test_open_file, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_users, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_folders, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_messages, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_uidl, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_foreach, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_transactions, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_two_handles, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_two_processes, setup,
+						teardown),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}

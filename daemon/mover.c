@@ -1,0 +1,3257 @@
+/* The mover: see mover.h and docs/mover.md.
+ *
+ * One user job per user. Each job has up to max_conns workers; a worker is a
+ * pair of logged-in connections (source, destination) that syncs one folder
+ * at a time. Worker 0's connections also do the job's planning (LIST,
+ * STATUS, CREATE, SUBSCRIBE).
+ *
+ * Per folder:
+ *   open     EXAMINE source (CONDSTORE), SELECT destination (APPEND into a
+ *            selected folder is far cheaper on Dovecot's maildir)
+ *   match    only after a crash, a UIDVALIDITY change or into a non-empty
+ *            unknown destination: pair messages by fingerprint (size, date,
+ *            Message-ID) so that nothing is appended twice
+ *   copy     windows of `batch` messages: metadata FETCH -> intents
+ *            committed -> BODY.PEEK[] FETCH streamed into one MULTIAPPEND ->
+ *            APPENDUID -> done, high-water mark advanced, committed.
+ *            Window k+1's metadata is fetched while window k streams.
+ *   flags    flag changes of messages copied in earlier runs
+ *            (CHANGEDSINCE when CONDSTORE is there) -> UID STORE
+ *   verify   messages gone from the source are expunged on the
+ *            destination (UID EXPUNGE); then count, size sum and flags of
+ *            both sides are compared. A mismatch fails the user.
+ */
+#include <ctype.h>
+#include <fnmatch.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <openssl/crypto.h>
+
+#include "imapc.h"
+#include "log.h"
+#include "mailbox.h"
+#include "mover.h"
+#include "pop3c.h"
+
+#define MAX_WORKERS 16
+#define MSGID_MAX 500
+#define FLAGS_MAX 1000
+
+struct mover;
+struct ujob;
+
+struct waiter {
+	struct waiter *next;
+	void (*cb)(void *ctx);
+	void *ctx;
+};
+
+struct server {
+	struct ms_server_cfg cfg;
+	char *password;
+	unsigned int active;
+	struct waiter *waiters, *waiters_tail;
+};
+
+struct ms_mover {
+	uv_loop_t *loop;
+	struct ms_store *store;
+	struct server src, dst;
+	char **include, **exclude;
+	unsigned int batch;
+	struct ujob *jobs;
+	unsigned int users, users_done;
+	unsigned int folders, folders_done;
+	uint64_t msgs_todo, msgs_done, bytes_done;
+	uint64_t start_ms;
+};
+
+struct fjob {
+	char src[1024];			/* mUTF-7, source separator */
+	char dst[1024];			/* mUTF-7, destination separator */
+	char special[16];		/* \Sent ... or "" */
+	int subscribed, noselect, selected_by_plan;
+	uint32_t status_msgs;
+	struct ms_folder_report rep;
+	struct ms_folder_state st;
+};
+
+struct dfolder {
+	char name[1024];
+	char special[16];
+	int subscribed;
+};
+
+struct wmsg {
+	uint32_t uid, seq;
+	uint64_t size;
+	int64_t date;
+	char datestr[40];
+	char flags[FLAGS_MAX];
+	char msgid[MSGID_MAX];
+	int skip;			/* already done: not copied */
+	int streamed;
+	uint32_t dst_uid;
+};
+
+struct window {
+	struct window *next;
+	struct worker *w;
+	struct wmsg *msgs;
+	unsigned int n, cap;
+	unsigned int nstreamed;
+	uint32_t *order;		/* indexes of msgs in streaming order */
+	int appending;			/* an APPEND command was begun */
+	int finished;			/* done, waiting for older windows */
+	uint32_t max_uid;
+	uint64_t bytes;
+};
+
+struct fpent {
+	uint64_t h;
+	uint32_t uid;
+	int used;
+	char flags[FLAGS_MAX];
+};
+
+enum wstate { W_CONNECTING, W_IDLE, W_BUSY, W_DONE };
+
+struct worker {
+	struct ujob *u;
+	unsigned int idx;
+	enum wstate state;
+	struct ms_imapc *s, *d;
+	int s_ready, d_ready;
+	int have_src_slot, have_dst_slot;
+	struct fjob *f;
+
+	/* Folder sync state. */
+	int phase;
+	int pending;			/* outstanding commands of the phase */
+	uint32_t s_uidvalidity, s_uidnext, s_exists;
+	uint64_t s_modseq;
+	int s_nomodseq;
+	uint32_t d_uidvalidity, d_uidnext, d_exists;
+	uint32_t old_hwm;
+	uint32_t next_seq;
+	uint32_t min_new_seq;
+
+	struct window *meta;		/* metadata being fetched */
+	struct window *ready;		/* metadata in, intents committed */
+	struct window *body;		/* BODY[] being streamed */
+	struct window *appends;		/* APPEND written, reply awaited */
+	struct wmsg *cur;
+	int s_paused;
+
+	/* match */
+	struct fpent *fps;
+	size_t nfps, capfps;
+	int match_reconcile;
+	uint32_t match_floor;
+
+	/* verify */
+	uint32_t *src_uids;
+	size_t nsrc_uids, capsrc_uids;
+	uint64_t v_count[2], v_bytes[2], v_fhash[2];
+	uint64_t v_missing;
+	uint32_t v_first_missing;
+	uint32_t *expunge;
+	size_t nexpunge;
+};
+
+enum {
+	PH_OPEN, PH_MATCH, PH_SEEK, PH_COPY, PH_FLAGS, PH_VERIFY_SRC,
+	PH_EXPUNGE, PH_VERIFY_DST,
+};
+
+struct ujob {
+	struct ujob *next;
+	struct ms_mover *m;
+	char *name;
+	int64_t user_id;
+	char *src_login, *dst_login;
+	char *src_pw, *dst_pw;
+	ms_mover_done_cb *done;
+	void *done_ctx;
+
+	struct worker workers[MAX_WORKERS];
+	unsigned int nworkers, want_workers;
+	struct ms_pop3c *pop;
+
+	struct fjob *folders;
+	unsigned int nfolders, capfolders, next_folder, folders_done;
+	struct dfolder *dfolders;
+	unsigned int ndfolders, capdfolders;
+	char src_sep, dst_sep;
+	int plan_pending;
+	int planned;
+
+	int failed, mismatch, finished;
+	char error[600];
+	uint64_t copied, bytes, flags_updated;
+	uint64_t start_ms;
+};
+
+static void job_fail(struct ujob *u, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+static void worker_next_folder(struct worker *w);
+static void folder_fail(struct worker *w, const char *cmd,
+			const struct ms_imap_response *r, struct ms_imapc *c);
+static void copy_pump(struct worker *w);
+static void start_flags(struct worker *w);
+static void start_verify(struct worker *w);
+static void job_maybe_finish(struct ujob *u);
+static void pop3_start(struct ujob *u);
+static void worker_hooks(struct worker *w);
+
+/* ---- small helpers ---- */
+
+static uint64_t now_ms(void)
+{
+	return uv_hrtime() / 1000000;
+}
+
+static uint64_t fnv1a(uint64_t h, const void *data, size_t len)
+{
+	const unsigned char *p = data;
+
+	for (size_t i = 0; i < len; i++) {
+		h ^= p[i];
+		h *= 0x100000001b3ULL;
+	}
+	return h;
+}
+
+static uint64_t fingerprint(uint64_t size, int64_t date, const char *msgid)
+{
+	uint64_t h = 0xcbf29ce484222325ULL;
+
+	h = fnv1a(h, &size, sizeof(size));
+	h = fnv1a(h, &date, sizeof(date));
+	return fnv1a(h, msgid, strlen(msgid));
+}
+
+static uint64_t flags_hash(const char *flags)
+{
+	uint64_t h = fnv1a(0xcbf29ce484222325ULL, flags, strlen(flags));
+
+	/* Mix, so that a sum over messages is a good multiset hash. */
+	h ^= h >> 33;
+	h *= 0xff51afd7ed558ccdULL;
+	h ^= h >> 33;
+	return h;
+}
+
+static void to_utf8(char *out, size_t outsz, const char *mutf7, char sep)
+{
+	char *u = ms_mutf7_to_utf8(mutf7);
+
+	snprintf(out, outsz, "%s", u != NULL ? u : mutf7);
+	free(u);
+	(void)sep;
+}
+
+static void wipe_free(char **s)
+{
+	if (*s != NULL) {
+		OPENSSL_cleanse(*s, strlen(*s));
+		free(*s);
+		*s = NULL;
+	}
+}
+
+static char *login_name(const char *tmpl, const char *user)
+{
+	char buf[1024];
+	size_t pos = 0;
+
+	if (tmpl == NULL)
+		tmpl = "%u";
+	for (; *tmpl != '\0' && pos + 1 < sizeof(buf); tmpl++) {
+		if (tmpl[0] == '%' && tmpl[1] == 'u') {
+			size_t l = strlen(user);
+
+			if (pos + l >= sizeof(buf))
+				break;
+			memcpy(buf + pos, user, l);
+			pos += l;
+			tmpl++;
+		} else {
+			buf[pos++] = *tmpl;
+		}
+	}
+	buf[pos] = '\0';
+	return strdup(buf);
+}
+
+int ms_server_parse_url(struct ms_server_cfg *cfg, const char *url,
+			const char **error_r)
+{
+	static const struct {
+		const char *scheme;
+		enum ms_proto proto;
+		enum ms_tls_mode tls;
+		uint16_t port;
+	} schemes[] = {
+		{ "imap://", MS_PROTO_IMAP, MS_TLS_NONE, 143 },
+		{ "imap+starttls://", MS_PROTO_IMAP, MS_TLS_STARTTLS, 143 },
+		{ "imaps://", MS_PROTO_IMAP, MS_TLS_IMPLICIT, 993 },
+		{ "pop3://", MS_PROTO_POP3, MS_TLS_NONE, 110 },
+		{ "pop3+starttls://", MS_PROTO_POP3, MS_TLS_STARTTLS, 110 },
+		{ "pop3s://", MS_PROTO_POP3, MS_TLS_IMPLICIT, 995 },
+	};
+	const char *rest = NULL, *end, *colon;
+	size_t i, hostlen;
+
+	for (i = 0; i < sizeof(schemes) / sizeof(schemes[0]); i++) {
+		size_t l = strlen(schemes[i].scheme);
+
+		if (strncasecmp(url, schemes[i].scheme, l) == 0) {
+			rest = url + l;
+			break;
+		}
+	}
+	if (rest == NULL) {
+		*error_r = "unknown URL scheme (imap://, imaps://, "
+			   "imap+starttls://, pop3://, pop3s://, pop3+starttls://)";
+		return -1;
+	}
+	cfg->proto = schemes[i].proto;
+	cfg->tls_mode = schemes[i].tls;
+	cfg->port = schemes[i].port;
+	end = rest + strcspn(rest, "/");
+	if (*rest == '[') {
+		const char *close = memchr(rest, ']', (size_t)(end - rest));
+
+		if (close == NULL) {
+			*error_r = "unterminated [IPv6] address in URL";
+			return -1;
+		}
+		hostlen = (size_t)(close - rest - 1);
+		memcpy(cfg->host, rest + 1, hostlen < sizeof(cfg->host) ?
+		       hostlen : 0);
+		colon = close[1] == ':' ? close + 1 : NULL;
+	} else {
+		colon = memchr(rest, ':', (size_t)(end - rest));
+		hostlen = (size_t)((colon != NULL ? colon : end) - rest);
+		if (hostlen < sizeof(cfg->host))
+			memcpy(cfg->host, rest, hostlen);
+	}
+	if (hostlen == 0 || hostlen >= sizeof(cfg->host)) {
+		*error_r = "bad host in URL";
+		return -1;
+	}
+	cfg->host[hostlen] = '\0';
+	if (colon != NULL) {
+		char *e;
+		unsigned long p = strtoul(colon + 1, &e, 10);
+
+		if (e == colon + 1 || e != end || p == 0 || p > 65535) {
+			*error_r = "bad port in URL";
+			return -1;
+		}
+		cfg->port = (uint16_t)p;
+	}
+	if (*end != '\0' && strcmp(end, "/") != 0) {
+		*error_r = "unexpected path in URL";
+		return -1;
+	}
+	return 0;
+}
+
+/* ---- connection slots per server ---- */
+
+static int slot_acquire(struct server *s, void (*cb)(void *), void *ctx)
+{
+	struct waiter *wt;
+
+	if (s->active < s->cfg.max_conns) {
+		s->active++;
+		return 1;
+	}
+	wt = calloc(1, sizeof(*wt));
+	if (wt == NULL)
+		return -1;
+	wt->cb = cb;
+	wt->ctx = ctx;
+	if (s->waiters_tail != NULL)
+		s->waiters_tail->next = wt;
+	else
+		s->waiters = wt;
+	s->waiters_tail = wt;
+	return 0;
+}
+
+static void slot_cancel(struct server *s, void *ctx)
+{
+	struct waiter **pp = &s->waiters, *prev = NULL;
+
+	while (*pp != NULL) {
+		struct waiter *wt = *pp;
+
+		if (wt->ctx == ctx) {
+			*pp = wt->next;
+			if (s->waiters_tail == wt)
+				s->waiters_tail = prev;
+			free(wt);
+			continue;
+		}
+		prev = wt;
+		pp = &wt->next;
+	}
+}
+
+static void slot_release(struct server *s)
+{
+	struct waiter *wt = s->waiters;
+
+	if (wt == NULL) {
+		s->active--;
+		return;
+	}
+	/* The slot passes straight to the first waiter. */
+	s->waiters = wt->next;
+	if (s->waiters == NULL)
+		s->waiters_tail = NULL;
+	wt->cb(wt->ctx);
+	free(wt);
+}
+
+/* ---- FETCH response parsing ---- */
+
+struct fetch {
+	uint32_t seq, uid;
+	int has_uid, has_size, has_flags, has_date, has_msgid, has_body;
+	uint64_t size;
+	char flags[FLAGS_MAX];
+	const char *date;
+	char msgid[MSGID_MAX];
+};
+
+static void extract_msgid(const char *hdr, size_t len, char *out, size_t outsz)
+{
+	size_t pos = 0, i = 0;
+
+	out[0] = '\0';
+	/* "Message-ID:" header, possibly folded; the value is kept trimmed
+	 * with folding removed. */
+	while (i < len) {
+		size_t eol = i;
+
+		while (eol < len && hdr[eol] != '\n')
+			eol++;
+		if (eol - i > 11 && strncasecmp(hdr + i, "message-id:", 11) == 0) {
+			size_t j = i + 11;
+
+			for (;;) {
+				for (; j < len && hdr[j] != '\n'; j++) {
+					char ch = hdr[j];
+
+					if (ch == '\r' || ((ch == ' ' || ch == '\t') &&
+							   pos == 0))
+						continue;
+					if (pos + 1 < outsz)
+						out[pos++] = ch;
+				}
+				/* continuation line? */
+				if (j + 1 < len && (hdr[j + 1] == ' ' ||
+						    hdr[j + 1] == '\t')) {
+					j++;
+					continue;
+				}
+				break;
+			}
+			while (pos > 0 && (out[pos - 1] == ' ' || out[pos - 1] == '\t'))
+				pos--;
+			out[pos] = '\0';
+			return;
+		}
+		i = eol + 1;
+	}
+}
+
+static void join_flags(const struct ms_imap_arg *list, char *out, size_t outsz)
+{
+	char raw[4096];
+	size_t pos = 0;
+
+	raw[0] = '\0';
+	for (unsigned int i = 0; i < list->list_count; i++) {
+		const char *s = ms_imap_arg_str(&list->list[i]);
+		size_t l;
+
+		if (s == NULL)
+			continue;
+		l = strlen(s);
+		if (pos + l + 2 >= sizeof(raw))
+			break;
+		if (pos > 0)
+			raw[pos++] = ' ';
+		memcpy(raw + pos, s, l);
+		pos += l;
+		raw[pos] = '\0';
+	}
+	if (ms_flags_normalize(raw, out, outsz) < 0)
+		out[0] = '\0';
+}
+
+/* Returns 0 for a FETCH response, -1 otherwise. */
+static int parse_fetch(const struct ms_imap_response *r, struct fetch *f)
+{
+	const struct ms_imap_arg *list;
+	uint64_t n;
+
+	if (r->kind != MS_RESP_UNTAGGED || r->argc < 3 ||
+	    !ms_imap_arg_is(&r->args[1], "FETCH") ||
+	    r->args[2].type != MS_ARG_LIST ||
+	    ms_imap_arg_number(&r->args[0], &n) < 0)
+		return -1;
+	memset(f, 0, sizeof(*f));
+	f->seq = (uint32_t)n;
+	list = &r->args[2];
+	for (unsigned int i = 0; i + 1 < list->list_count; i += 2) {
+		const struct ms_imap_arg *k = &list->list[i], *v = &list->list[i + 1];
+		const char *name = ms_imap_arg_str(k);
+
+		if (name == NULL)
+			continue;
+		if (strcasecmp(name, "UID") == 0 &&
+		    ms_imap_arg_number(v, &n) == 0 && n > 0 && n <= UINT32_MAX) {
+			f->uid = (uint32_t)n;
+			f->has_uid = 1;
+		} else if (strcasecmp(name, "RFC822.SIZE") == 0 &&
+			   ms_imap_arg_number(v, &n) == 0) {
+			f->size = n;
+			f->has_size = 1;
+		} else if (strcasecmp(name, "FLAGS") == 0 &&
+			   v->type == MS_ARG_LIST) {
+			join_flags(v, f->flags, sizeof(f->flags));
+			f->has_flags = 1;
+		} else if (strcasecmp(name, "INTERNALDATE") == 0 &&
+			   ms_imap_arg_str(v) != NULL) {
+			f->date = ms_imap_arg_str(v);
+			f->has_date = 1;
+		} else if (strncasecmp(name, "BODY[HEADER.FIELDS", 18) == 0) {
+			const char *s = ms_imap_arg_str(v);
+
+			if (s != NULL)
+				extract_msgid(s, v->len, f->msgid,
+					      sizeof(f->msgid));
+			f->has_msgid = 1;
+		} else if (strcasecmp(name, "BODY[]") == 0) {
+			f->has_body = 1;
+		}
+	}
+	return 0;
+}
+
+/* Parses an IMAP sequence set of UIDs ("3:5,9") into out (cap entries).
+ * Returns the count, or -1 when malformed or too many. */
+static long parse_uid_set(const char *s, uint32_t *out, size_t cap)
+{
+	size_t n = 0;
+
+	while (*s != '\0') {
+		char *e;
+		unsigned long a = strtoul(s, &e, 10), b;
+
+		if (e == s || a == 0 || a > UINT32_MAX)
+			return -1;
+		b = a;
+		if (*e == ':') {
+			s = e + 1;
+			b = strtoul(s, &e, 10);
+			if (e == s || b == 0 || b > UINT32_MAX)
+				return -1;
+		}
+		if (a > b) {
+			unsigned long t = a;
+
+			a = b;
+			b = t;
+		}
+		if (b - a + 1 > cap - n)
+			return -1;
+		for (unsigned long x = a; x <= b; x++)
+			out[n++] = (uint32_t)x;
+		if (*e == ',')
+			e++;
+		else if (*e != '\0')
+			return -1;
+		s = e;
+	}
+	return (long)n;
+}
+
+/* ---- job failure and end ---- */
+
+static void worker_close(struct worker *w)
+{
+	struct ms_mover *m = w->u->m;
+	struct window *win, *next;
+
+	ms_imapc_free(&w->s);
+	ms_imapc_free(&w->d);
+	if (w->have_src_slot)
+		slot_release(&m->src);
+	if (w->have_dst_slot)
+		slot_release(&m->dst);
+	w->have_src_slot = w->have_dst_slot = 0;
+	slot_cancel(&m->src, w);
+	slot_cancel(&m->dst, w);
+	for (struct window **lists[] = { &w->meta, &w->ready, &w->body,
+					 &w->appends }, **const *l = lists;
+	     l < lists + 4; l++) {
+		for (win = **l; win != NULL; win = next) {
+			next = win->next;
+			free(win->msgs);
+			free(win->order);
+			free(win);
+		}
+		**l = NULL;
+	}
+	free(w->fps);
+	w->fps = NULL;
+	free(w->src_uids);
+	w->src_uids = NULL;
+	free(w->expunge);
+	w->expunge = NULL;
+	w->state = W_DONE;
+}
+
+static void job_fail(struct ujob *u, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (u->failed || u->finished)
+		return;
+	u->failed = 1;
+	va_start(ap, fmt);
+	vsnprintf(u->error, sizeof(u->error), fmt, ap);
+	va_end(ap);
+	/* Nothing already committed is undone: the store keeps every done
+	 * message and every open intent for the next run to reconcile. */
+	for (unsigned int i = 0; i < u->nworkers; i++)
+		worker_close(&u->workers[i]);
+	job_maybe_finish(u);
+}
+
+static void job_free(struct ujob *u)
+{
+	wipe_free(&u->src_pw);
+	wipe_free(&u->dst_pw);
+	free(u->name);
+	free(u->src_login);
+	free(u->dst_login);
+	free(u->folders);
+	free(u->dfolders);
+	free(u);
+}
+
+static void job_finish_async(uv_handle_t *h)
+{
+	free(h);
+}
+
+static void job_report(uv_timer_t *t)
+{
+	struct ujob *u = t->data;
+	struct ms_mover *m = u->m;
+	struct ms_user_report rep;
+	struct ms_folder_report *fr;
+
+	memset(&rep, 0, sizeof(rep));
+	fr = calloc(u->nfolders + 1, sizeof(*fr));
+	rep.user = u->name;
+	rep.ok = !u->failed && !u->mismatch;
+	rep.mismatch = u->mismatch;
+	rep.error = rep.ok ? NULL : u->error;
+	rep.copied = u->copied;
+	rep.bytes = u->bytes;
+	rep.flags_updated = u->flags_updated;
+	rep.seconds = (double)(now_ms() - u->start_ms) / 1000.0;
+	for (unsigned int i = 0; fr != NULL && i < u->nfolders; i++) {
+		if (!u->folders[i].selected_by_plan)
+			continue;
+		fr[rep.nfolders++] = u->folders[i].rep;
+	}
+	rep.folders = fr;
+	ms_store_user_set_state(m->store, u->user_id,
+				rep.ok ? "source" : "failed", rep.error);
+	m->users_done++;
+	/* Unlink before the callback: it may free the mover. */
+	for (struct ujob **pp = &m->jobs; *pp != NULL; pp = &(*pp)->next) {
+		if (*pp == u) {
+			*pp = u->next;
+			break;
+		}
+	}
+	if (u->done != NULL)
+		u->done(&rep, u->done_ctx);
+	free(fr);
+	job_free(u);
+	uv_close((uv_handle_t *)t, job_finish_async);
+}
+
+static void job_maybe_finish(struct ujob *u)
+{
+	uv_timer_t *t;
+
+	if (u->finished)
+		return;
+	if (!u->failed) {
+		if (u->pop != NULL || u->planned != 1 ||
+		    u->folders_done < u->nfolders)
+			return;
+		for (unsigned int i = 0; i < u->nworkers; i++)
+			if (u->workers[i].state == W_BUSY)
+				return;
+	}
+	u->finished = 1;
+	for (unsigned int i = 0; i < u->nworkers; i++)
+		worker_close(&u->workers[i]);
+	ms_pop3c_free(&u->pop);
+	/* Report from a fresh stack: we may be deep inside a callback of a
+	 * connection that was just freed. */
+	t = malloc(sizeof(*t));
+	if (t == NULL)
+		return;
+	uv_timer_init(u->m->loop, t);
+	t->data = u;
+	uv_timer_start(t, job_report, 0, 0);
+}
+
+static void folder_fail(struct worker *w, const char *cmd,
+			const struct ms_imap_response *r, struct ms_imapc *c)
+{
+	char buf[400];
+	char name[1024];
+
+	to_utf8(name, sizeof(name), w->f->src, 0);
+	if (r == NULL)
+		job_fail(w->u, "folder \"%s\": %s", name,
+			 c != NULL ? ms_imapc_error(c) : cmd);
+	else
+		job_fail(w->u, "folder \"%s\": %s: %s", name, cmd,
+			 ms_imapc_resp_summary(r, buf, sizeof(buf)));
+}
+
+static int store_check(struct worker *w, int ret)
+{
+	if (ret < 0)
+		job_fail(w->u, "store: %s", ms_store_error(w->u->m->store));
+	return ret;
+}
+
+/* ---- untagged responses ---- */
+
+static void on_src_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
+			    void *ctx);
+static void on_dst_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
+			    void *ctx);
+
+static void select_data(const struct ms_imap_response *r, uint32_t *uidvalidity,
+			uint32_t *uidnext, uint32_t *exists, uint64_t *modseq,
+			int *nomodseq)
+{
+	uint64_t n;
+
+	if (r->status == MS_STATUS_OK && r->code != NULL) {
+		if (strcasecmp(r->code, "UIDVALIDITY") == 0 && r->code_argc >= 1 &&
+		    ms_imap_arg_number(&r->code_args[0], &n) == 0)
+			*uidvalidity = (uint32_t)n;
+		else if (strcasecmp(r->code, "UIDNEXT") == 0 && r->code_argc >= 1 &&
+			 ms_imap_arg_number(&r->code_args[0], &n) == 0)
+			*uidnext = (uint32_t)n;
+		else if (modseq != NULL &&
+			 strcasecmp(r->code, "HIGHESTMODSEQ") == 0 &&
+			 r->code_argc >= 1 &&
+			 ms_imap_arg_number(&r->code_args[0], &n) == 0)
+			*modseq = n;
+		else if (nomodseq != NULL && strcasecmp(r->code, "NOMODSEQ") == 0)
+			*nomodseq = 1;
+		return;
+	}
+	if (r->status == MS_STATUS_NONE && r->argc >= 2 &&
+	    ms_imap_arg_is(&r->args[1], "EXISTS") &&
+	    ms_imap_arg_number(&r->args[0], &n) == 0)
+		*exists = (uint32_t)n;
+}
+
+/* ---- planning: LIST, STATUS, CREATE, SUBSCRIBE ---- */
+
+static int pattern_match(char *const *pats, const char *name)
+{
+	for (; pats != NULL && *pats != NULL; pats++)
+		if (fnmatch(*pats, name, 0) == 0)
+			return 1;
+	return 0;
+}
+
+static const char *special_of(const struct ms_imap_arg *attrs)
+{
+	static const char *const uses[] = {
+		"\\Sent", "\\Trash", "\\Drafts", "\\Junk", "\\Archive",
+		"\\All", "\\Flagged",
+	};
+
+	if (attrs->type != MS_ARG_LIST)
+		return NULL;
+	for (unsigned int i = 0; i < attrs->list_count; i++)
+		for (size_t j = 0; j < sizeof(uses) / sizeof(uses[0]); j++)
+			if (ms_imap_arg_is(&attrs->list[i], uses[j]))
+				return uses[j];
+	return NULL;
+}
+
+static int has_attr(const struct ms_imap_arg *attrs, const char *a)
+{
+	if (attrs->type != MS_ARG_LIST)
+		return 0;
+	for (unsigned int i = 0; i < attrs->list_count; i++)
+		if (ms_imap_arg_is(&attrs->list[i], a))
+			return 1;
+	return 0;
+}
+
+static struct fjob *find_folder(struct ujob *u, const char *name)
+{
+	for (unsigned int i = 0; i < u->nfolders; i++)
+		if (strcmp(u->folders[i].src, name) == 0)
+			return &u->folders[i];
+	return NULL;
+}
+
+static struct dfolder *find_dfolder(struct ujob *u, const char *name)
+{
+	for (unsigned int i = 0; i < u->ndfolders; i++)
+		if (strcmp(u->dfolders[i].name, name) == 0)
+			return &u->dfolders[i];
+	return NULL;
+}
+
+/* "* LIST (attrs) sep name" or "* LSUB ..." */
+static int parse_list(const struct ms_imap_response *r, const char *verb,
+		      const struct ms_imap_arg **attrs_r, char *sep_r,
+		      const char **name_r)
+{
+	const char *s;
+
+	if (r->kind != MS_RESP_UNTAGGED || r->status != MS_STATUS_NONE ||
+	    r->argc < 4 || !ms_imap_arg_is(&r->args[0], verb) ||
+	    r->args[1].type != MS_ARG_LIST)
+		return -1;
+	*attrs_r = &r->args[1];
+	s = ms_imap_arg_str(&r->args[2]);
+	*sep_r = s != NULL ? s[0] : '\0';
+	*name_r = ms_imap_arg_str(&r->args[3]);
+	return *name_r != NULL && strlen(*name_r) < 1024 ? 0 : -1;
+}
+
+static void on_plan_src_untagged(struct ms_imapc *c,
+				 const struct ms_imap_response *r, void *ctx)
+{
+	struct ujob *u = ctx;
+	const struct ms_imap_arg *attrs;
+	const char *name;
+	char sep;
+	struct fjob *f;
+	uint64_t n;
+
+	if (parse_list(r, "LIST", &attrs, &sep, &name) == 0) {
+		const char *sp;
+
+		if (has_attr(attrs, "\\NonExistent"))
+			return;
+		f = find_folder(u, name);
+		if (f == NULL) {
+			if (u->nfolders == u->capfolders) {
+				unsigned int cap = u->capfolders * 2 + 16;
+				struct fjob *nf = realloc(u->folders,
+							  cap * sizeof(*nf));
+
+				if (nf == NULL) {
+					job_fail(u, "out of memory");
+					return;
+				}
+				u->folders = nf;
+				u->capfolders = cap;
+			}
+			f = &u->folders[u->nfolders++];
+			memset(f, 0, sizeof(*f));
+			snprintf(f->src, sizeof(f->src), "%s", name);
+		}
+		if (has_attr(attrs, "\\Noselect"))
+			f->noselect = 1;
+		if (has_attr(attrs, "\\Subscribed"))
+			f->subscribed = 1;
+		sp = special_of(attrs);
+		if (sp != NULL)
+			snprintf(f->special, sizeof(f->special), "%s", sp);
+		if (sep != '\0')
+			u->src_sep = sep;
+		return;
+	}
+	if (parse_list(r, "LSUB", &attrs, &sep, &name) == 0) {
+		f = find_folder(u, name);
+		if (f != NULL)
+			f->subscribed = 1;
+		return;
+	}
+	if (r->kind == MS_RESP_UNTAGGED && r->argc >= 3 &&
+	    ms_imap_arg_is(&r->args[0], "STATUS") &&
+	    r->args[2].type == MS_ARG_LIST) {
+		const struct ms_imap_arg *l = &r->args[2];
+
+		name = ms_imap_arg_str(&r->args[1]);
+		f = name != NULL ? find_folder(u, name) : NULL;
+		for (unsigned int i = 0; f != NULL && i + 1 < l->list_count; i += 2)
+			if (ms_imap_arg_is(&l->list[i], "MESSAGES") &&
+			    ms_imap_arg_number(&l->list[i + 1], &n) == 0)
+				f->status_msgs = (uint32_t)n;
+	}
+}
+
+static void on_plan_dst_untagged(struct ms_imapc *c,
+				 const struct ms_imap_response *r, void *ctx)
+{
+	struct ujob *u = ctx;
+	const struct ms_imap_arg *attrs;
+	const char *name, *sp;
+	char sep;
+	struct dfolder *d;
+	int lsub = 0;
+
+	if (parse_list(r, "LIST", &attrs, &sep, &name) < 0) {
+		if (parse_list(r, "LSUB", &attrs, &sep, &name) < 0)
+			return;
+		lsub = 1;
+	}
+	d = find_dfolder(u, name);
+	if (d == NULL) {
+		if (lsub || has_attr(attrs, "\\NonExistent"))
+			return;
+		if (u->ndfolders == u->capdfolders) {
+			unsigned int cap = u->capdfolders * 2 + 16;
+			struct dfolder *nd = realloc(u->dfolders, cap * sizeof(*nd));
+
+			if (nd == NULL) {
+				job_fail(u, "out of memory");
+				return;
+			}
+			u->dfolders = nd;
+			u->capdfolders = cap;
+		}
+		d = &u->dfolders[u->ndfolders++];
+		memset(d, 0, sizeof(*d));
+		snprintf(d->name, sizeof(d->name), "%s", name);
+	}
+	if (lsub || has_attr(attrs, "\\Subscribed"))
+		d->subscribed = 1;
+	if (!lsub && (sp = special_of(attrs)) != NULL)
+		snprintf(d->special, sizeof(d->special), "%s", sp);
+	if (!lsub && sep != '\0')
+		u->dst_sep = sep;
+}
+
+static void plan_step(struct ujob *u);
+
+static void on_plan_reply(struct ms_imapc *c, const struct ms_imap_response *r,
+			  void *ctx)
+{
+	struct ujob *u = ctx;
+	char buf[400];
+
+	if (u->failed)
+		return;
+	if (r == NULL) {
+		job_fail(u, "%s: %s", c == u->workers[0].s ? "source" :
+			 "destination", ms_imapc_error(c));
+		return;
+	}
+	if (r->status != MS_STATUS_OK) {
+		job_fail(u, "%s: %s", c == u->workers[0].s ? "source" :
+			 "destination", ms_imapc_resp_summary(r, buf, sizeof(buf)));
+		return;
+	}
+	if (--u->plan_pending == 0)
+		plan_step(u);
+}
+
+static void on_create_reply(struct ms_imapc *c, const struct ms_imap_response *r,
+			    void *ctx)
+{
+	struct ujob *u = ctx;
+	char buf[400];
+
+	if (u->failed)
+		return;
+	if (r == NULL) {
+		job_fail(u, "destination: %s", ms_imapc_error(c));
+		return;
+	}
+	/* A folder that exists already is what we wanted. */
+	if (r->status != MS_STATUS_OK &&
+	    !(r->code != NULL && strcasecmp(r->code, "ALREADYEXISTS") == 0)) {
+		job_fail(u, "destination: CREATE: %s",
+			 ms_imapc_resp_summary(r, buf, sizeof(buf)));
+		return;
+	}
+	if (--u->plan_pending == 0)
+		plan_step(u);
+}
+
+static void start_workers(struct ujob *u);
+
+/* Maps every selected source folder to its destination name; fails the job
+ * on a collision (two source folders onto one destination folder). */
+static int plan_names(struct ujob *u)
+{
+	struct ms_mover *m = u->m;
+
+	for (unsigned int i = 0; i < u->nfolders; i++) {
+		struct fjob *f = &u->folders[i];
+		char utf8[1024], *pathname, *t;
+
+		to_utf8(utf8, sizeof(utf8), f->src, u->src_sep);
+		/* Patterns see '/' as the separator, whatever the server's. */
+		pathname = strdup(utf8);
+		if (pathname == NULL)
+			return -1;
+		for (char *p = pathname; u->src_sep != '\0' && u->src_sep != '/' &&
+		     *p != '\0'; p++)
+			if (*p == u->src_sep)
+				*p = '/';
+		f->selected_by_plan = !f->noselect &&
+			(m->include == NULL || pattern_match(m->include, pathname)) &&
+			!pattern_match(m->exclude, pathname);
+		free(pathname);
+		if (!f->selected_by_plan)
+			continue;
+		f->dst[0] = '\0';
+		if (f->special[0] != '\0') {
+			for (unsigned int j = 0; j < u->ndfolders; j++) {
+				if (strcasecmp(u->dfolders[j].special, f->special) == 0) {
+					snprintf(f->dst, sizeof(f->dst), "%s",
+						 u->dfolders[j].name);
+					break;
+				}
+			}
+		}
+		if (f->dst[0] == '\0') {
+			t = ms_mailbox_translate(f->src, u->src_sep, u->dst_sep);
+			if (t == NULL)
+				return -1;
+			snprintf(f->dst, sizeof(f->dst), "%s", t);
+			free(t);
+		}
+		snprintf(f->rep.source, sizeof(f->rep.source), "%s", utf8);
+		to_utf8(f->rep.destination, sizeof(f->rep.destination), f->dst,
+			u->dst_sep);
+	}
+	for (unsigned int i = 0; i < u->nfolders; i++) {
+		for (unsigned int j = i + 1; j < u->nfolders; j++) {
+			struct fjob *a = &u->folders[i], *b = &u->folders[j];
+
+			if (!a->selected_by_plan || !b->selected_by_plan)
+				continue;
+			if (strcasecmp(a->dst, "INBOX") == 0 ?
+			    strcasecmp(b->dst, "INBOX") == 0 :
+			    strcmp(a->dst, b->dst) == 0) {
+				job_fail(u, "folders \"%s\" and \"%s\" would both "
+					 "become \"%s\" on the destination; "
+					 "nothing was merged (rename one, or "
+					 "--exclude one)", a->rep.source,
+					 b->rep.source, a->rep.destination);
+				return -1;
+			}
+		}
+	}
+	return 0;
+}
+
+static int cmp_folder_size(const void *a, const void *b)
+{
+	const struct fjob *x = a, *y = b;
+
+	/* Selected ones first, biggest first: the long poles start early. */
+	if (x->selected_by_plan != y->selected_by_plan)
+		return y->selected_by_plan - x->selected_by_plan;
+	return x->status_msgs < y->status_msgs ? 1 :
+	       x->status_msgs > y->status_msgs ? -1 : 0;
+}
+
+static void plan_step(struct ujob *u)
+{
+	struct worker *w0 = &u->workers[0];
+	struct ms_mover *m = u->m;
+	char q[2100];
+
+	switch (u->planned) {
+	case 0:
+		/* Stage 1: LIST both sides, subscriptions, special-use. */
+		u->planned = -1;
+		ms_imapc_set_untagged(w0->s, on_plan_src_untagged, u);
+		ms_imapc_set_untagged(w0->d, on_plan_dst_untagged, u);
+		u->plan_pending = 4;
+		if (ms_imapc_has_cap(w0->s, "SPECIAL-USE"))
+			ms_imapc_cmd(w0->s, on_plan_reply, u,
+				     "LIST \"\" \"*\" RETURN (SPECIAL-USE)");
+		else
+			ms_imapc_cmd(w0->s, on_plan_reply, u, "LIST \"\" \"*\"");
+		ms_imapc_cmd(w0->s, on_plan_reply, u, "LSUB \"\" \"*\"");
+		if (ms_imapc_has_cap(w0->d, "SPECIAL-USE"))
+			ms_imapc_cmd(w0->d, on_plan_reply, u,
+				     "LIST \"\" \"*\" RETURN (SPECIAL-USE)");
+		else
+			ms_imapc_cmd(w0->d, on_plan_reply, u, "LIST \"\" \"*\"");
+		ms_imapc_cmd(w0->d, on_plan_reply, u, "LSUB \"\" \"*\"");
+		return;
+	case -1:
+		/* Stage 2: names, STATUS of each source folder, CREATE and
+		 * SUBSCRIBE what the destination lacks. */
+		u->planned = -2;
+		if (u->src_sep == '\0')
+			u->src_sep = ms_imapc_separator(w0->s);
+		if (u->dst_sep == '\0')
+			u->dst_sep = ms_imapc_separator(w0->d);
+		if (plan_names(u) < 0) {
+			if (!u->failed)
+				job_fail(u, "out of memory");
+			return;
+		}
+		u->plan_pending = 1;
+		for (unsigned int i = 0; i < u->nfolders; i++) {
+			struct fjob *f = &u->folders[i];
+			struct dfolder *d;
+
+			if (!f->selected_by_plan)
+				continue;
+			if (ms_imap_quote(q, sizeof(q), f->src) == 0) {
+				u->plan_pending++;
+				ms_imapc_cmd(w0->s, on_plan_reply, u,
+					     "STATUS %s (MESSAGES)", q);
+			}
+			if (ms_imap_quote(q, sizeof(q), f->dst) < 0) {
+				job_fail(u, "folder \"%s\": name cannot be sent",
+					 f->rep.source);
+				return;
+			}
+			d = find_dfolder(u, f->dst);
+			if (d == NULL && strcasecmp(f->dst, "INBOX") != 0) {
+				u->plan_pending++;
+				ms_imapc_cmd(w0->d, on_create_reply, u,
+					     "CREATE %s", q);
+			}
+			if (f->subscribed && (d == NULL || !d->subscribed)) {
+				u->plan_pending++;
+				ms_imapc_cmd(w0->d, on_plan_reply, u,
+					     "SUBSCRIBE %s", q);
+			} else if (!f->subscribed && d != NULL && d->subscribed) {
+				/* Mirror the source: unsubscribed stays so. */
+				u->plan_pending++;
+				ms_imapc_cmd(w0->d, on_plan_reply, u,
+					     "UNSUBSCRIBE %s", q);
+			}
+		}
+		if (--u->plan_pending == 0)
+			plan_step(u);
+		return;
+	case -2:
+		/* Stage 3: go. */
+		qsort(u->folders, u->nfolders, sizeof(*u->folders),
+		      cmp_folder_size);
+		u->planned = 1;
+		for (unsigned int i = 0; i < u->nfolders; i++) {
+			struct fjob *f = &u->folders[i];
+
+			if (!f->selected_by_plan) {
+				u->folders_done++;
+				continue;
+			}
+			m->folders++;
+			if (ms_store_folder_get(m->store, u->user_id, f->src,
+						&f->st) < 0) {
+				job_fail(u, "store: %s", ms_store_error(m->store));
+				return;
+			}
+			m->msgs_todo += f->status_msgs > f->st.msgs ?
+				f->status_msgs - f->st.msgs : 0;
+		}
+		ms_imapc_set_untagged(w0->s, on_src_untagged, w0);
+		ms_imapc_set_untagged(w0->d, on_dst_untagged, w0);
+		w0->state = W_IDLE;
+		start_workers(u);
+		worker_next_folder(w0);
+		job_maybe_finish(u);
+		return;
+	}
+}
+
+/* ---- workers: connections ---- */
+
+static void worker_connect_src(void *ctx);
+static void worker_connect_dst(void *ctx);
+
+static void on_worker_ready(struct ms_imapc *c, const char *error, void *ctx)
+{
+	struct worker *w = ctx;
+	struct ujob *u = w->u;
+	int is_src = c == w->s;
+
+	if (error != NULL) {
+		if (w->idx == 0 || u->nworkers == 1) {
+			job_fail(u, "%s: %s", is_src ? "source" : "destination",
+				 error);
+		} else {
+			/* An extra worker that cannot connect is not fatal:
+			 * the others carry on. */
+			ms_warn("%s: %s: extra connection failed: %s", u->name,
+				is_src ? "source" : "destination", error);
+			worker_close(w);
+			job_maybe_finish(u);
+		}
+		return;
+	}
+	if (is_src)
+		w->s_ready = 1;
+	else
+		w->d_ready = 1;
+	if (!w->s_ready || !w->d_ready)
+		return;
+	worker_hooks(w);
+	if (w->idx == 0) {
+		plan_step(u);
+		return;
+	}
+	ms_imapc_set_untagged(w->s, on_src_untagged, w);
+	ms_imapc_set_untagged(w->d, on_dst_untagged, w);
+	w->state = W_IDLE;
+	worker_next_folder(w);
+	job_maybe_finish(u);
+}
+
+static struct ms_imapc *connect_server(struct ujob *u, struct server *s,
+				       const char *login, const char *pw,
+				       struct worker *w)
+{
+	struct ms_imapc_settings set = {
+		.host = s->cfg.host,
+		.port = s->cfg.port,
+		.tls = {
+			.mode = s->cfg.tls_mode,
+			.ca_file = s->cfg.ca_file,
+			.insecure = s->cfg.insecure,
+		},
+		.user = login,
+		.admin = s->cfg.admin,
+		.password = pw,
+		.mech = s->cfg.mech,
+	};
+
+	return ms_imapc_new(u->m->loop, &set, on_worker_ready, w);
+}
+
+static void worker_connect_dst(void *ctx)
+{
+	struct worker *w = ctx;
+	struct ujob *u = w->u;
+
+	w->have_dst_slot = 1;
+	w->d = connect_server(u, &u->m->dst, u->dst_login, u->dst_pw, w);
+	if (w->d == NULL)
+		job_fail(u, "out of memory");
+}
+
+static void worker_connect_src(void *ctx)
+{
+	struct worker *w = ctx;
+	struct ujob *u = w->u;
+	int r;
+
+	w->have_src_slot = 1;
+	w->s = connect_server(u, &u->m->src, u->src_login, u->src_pw, w);
+	if (w->s == NULL) {
+		job_fail(u, "out of memory");
+		return;
+	}
+	r = slot_acquire(&u->m->dst, worker_connect_dst, w);
+	if (r == 1)
+		worker_connect_dst(w);
+	else if (r < 0)
+		job_fail(u, "out of memory");
+}
+
+static void worker_start(struct ujob *u, unsigned int idx)
+{
+	struct worker *w = &u->workers[idx];
+	int r;
+
+	memset(w, 0, sizeof(*w));
+	w->u = u;
+	w->idx = idx;
+	w->state = W_CONNECTING;
+	u->nworkers = idx + 1 > u->nworkers ? idx + 1 : u->nworkers;
+	/* Source slot first, then destination: one order for every job, so
+	 * that jobs waiting for slots cannot deadlock. */
+	r = slot_acquire(&u->m->src, worker_connect_src, w);
+	if (r == 1)
+		worker_connect_src(w);
+	else if (r < 0)
+		job_fail(u, "out of memory");
+}
+
+static void start_workers(struct ujob *u)
+{
+	unsigned int selected = 0;
+
+	for (unsigned int i = 0; i < u->nfolders; i++)
+		selected += u->folders[i].selected_by_plan;
+	for (unsigned int i = 1; i < u->want_workers && i < selected &&
+	     i < MAX_WORKERS && !u->failed; i++)
+		worker_start(u, i);
+}
+
+/* ---- workers: one folder ---- */
+
+static void folder_done(struct worker *w)
+{
+	struct ujob *u = w->u;
+	struct ms_mover *m = u->m;
+
+	if (store_check(w, ms_store_folder_update(m->store, &w->f->st)) < 0)
+		return;
+	m->folders_done++;
+	u->folders_done++;
+	w->f = NULL;
+	w->state = W_IDLE;
+	worker_next_folder(w);
+	job_maybe_finish(u);
+}
+
+static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
+			  void *ctx);
+
+static void worker_next_folder(struct worker *w)
+{
+	struct ujob *u = w->u;
+	char qs[2100], qd[2100];
+	struct fjob *f = NULL;
+
+	if (u->failed || w->state != W_IDLE)
+		return;
+	while (u->next_folder < u->nfolders) {
+		f = &u->folders[u->next_folder++];
+		if (f->selected_by_plan)
+			break;
+		f = NULL;
+	}
+	if (f == NULL)
+		return;
+	w->f = f;
+	w->state = W_BUSY;
+	w->phase = PH_OPEN;
+	w->s_uidvalidity = w->s_uidnext = w->s_exists = 0;
+	w->d_uidvalidity = w->d_uidnext = w->d_exists = 0;
+	w->s_modseq = 0;
+	w->s_nomodseq = 0;
+	ms_imap_quote(qs, sizeof(qs), f->src);
+	ms_imap_quote(qd, sizeof(qd), f->dst);
+	w->pending = 2;
+	if (ms_imapc_has_cap(w->s, "CONDSTORE"))
+		ms_imapc_cmd(w->s, on_open_reply, w, "EXAMINE %s (CONDSTORE)", qs);
+	else
+		ms_imapc_cmd(w->s, on_open_reply, w, "EXAMINE %s", qs);
+	ms_imapc_cmd(w->d, on_open_reply, w, "SELECT %s", qd);
+}
+
+static void start_match(struct worker *w, int reconcile, uint32_t floor);
+static void start_copy(struct worker *w);
+
+static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
+			  void *ctx)
+{
+	struct worker *w = ctx;
+	struct ujob *u = w->u;
+	struct ms_store *store = u->m->store;
+	struct ms_folder_state *st = &w->f->st;
+	uint64_t pending = 0;
+	int reset = 0;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, c == w->s ? "EXAMINE" : "SELECT", r, c);
+		return;
+	}
+	if (--w->pending > 0)
+		return;
+	if (w->s_uidvalidity == 0 || w->d_uidvalidity == 0) {
+		job_fail(u, "folder \"%s\": the server sent no UIDVALIDITY",
+			 w->f->rep.source);
+		return;
+	}
+	if (st->src_uidvalidity != 0 && st->src_uidvalidity != w->s_uidvalidity) {
+		ms_warn("%s: folder \"%s\": source UIDVALIDITY changed "
+			"(%u -> %u); matching messages by fingerprint",
+			u->name, w->f->rep.source, st->src_uidvalidity,
+			w->s_uidvalidity);
+		reset = 1;
+	} else if (st->dst_uidvalidity != 0 &&
+		   st->dst_uidvalidity != w->d_uidvalidity) {
+		ms_warn("%s: folder \"%s\": destination UIDVALIDITY changed "
+			"(%u -> %u); matching messages by fingerprint",
+			u->name, w->f->rep.destination, st->dst_uidvalidity,
+			w->d_uidvalidity);
+		reset = 1;
+	}
+	if (reset && store_check(w, ms_store_folder_reset(store, st->id)) < 0)
+		return;
+	if (reset) {
+		st->src_uidvalidity = st->dst_uidvalidity = 0;
+		st->hwm = 0;
+		st->modseq = 0;
+		st->msgs = st->bytes = 0;
+	}
+	if (store_check(w, ms_store_msg_count(store, st->id, MS_MSG_INTENT,
+					      &pending)) < 0)
+		return;
+	st->src_uidvalidity = w->s_uidvalidity;
+	st->dst_uidvalidity = w->d_uidvalidity;
+	snprintf(st->dst_name, sizeof(st->dst_name), "%s", w->f->dst);
+	if (store_check(w, ms_store_folder_update(store, st)) < 0)
+		return;
+	w->old_hwm = st->hwm;
+	if (pending > 0) {
+		start_match(w, 1, 0);
+	} else if (st->msgs == 0 && w->d_exists > 0) {
+		/* Mail we have no record of is there already: pair it up
+		 * rather than append a second copy. */
+		start_match(w, 0, 1);
+	} else {
+		start_copy(w);
+	}
+}
+
+/* ---- match: pair destination messages with source ones ---- */
+
+static int cmp_fp(const void *a, const void *b)
+{
+	const struct fpent *x = a, *y = b;
+
+	if (x->h != y->h)
+		return x->h < y->h ? -1 : 1;
+	return x->uid < y->uid ? -1 : x->uid > y->uid;
+}
+
+static struct fpent *fp_take(struct worker *w, uint64_t h)
+{
+	size_t lo = 0, hi = w->nfps;
+
+	while (lo < hi) {
+		size_t mid = (lo + hi) / 2;
+
+		if (w->fps[mid].h < h)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	for (; lo < w->nfps && w->fps[lo].h == h; lo++) {
+		if (!w->fps[lo].used) {
+			w->fps[lo].used = 1;
+			return &w->fps[lo];
+		}
+	}
+	return NULL;
+}
+
+struct known_ctx {
+	uint32_t *uids;
+	size_t n, cap;
+	uint32_t floor;
+};
+
+static int collect_known(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct known_ctx *k = ctx;
+
+	if (rec->state == MS_MSG_DONE && rec->dst_uid >= k->floor &&
+	    rec->dst_uid != 0) {
+		if (k->n == k->cap) {
+			size_t cap = k->cap * 2 + 64;
+			uint32_t *n = realloc(k->uids, cap * sizeof(*n));
+
+			if (n == NULL)
+				return -1;
+			k->uids = n;
+			k->cap = cap;
+		}
+		k->uids[k->n++] = rec->dst_uid;
+	}
+	return 0;
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static int min_floor(void *ctx, const struct ms_msg_rec *rec)
+{
+	uint32_t *floor = ctx;
+
+	if (rec->dst_floor != 0 && (*floor == 0 || rec->dst_floor < *floor))
+		*floor = rec->dst_floor;
+	return 0;
+}
+
+struct reconcile_ctx {
+	struct worker *w;
+	uint64_t matched, resent;
+};
+
+static void on_flag_store_reply(struct ms_imapc *c,
+				const struct ms_imap_response *r, void *ctx);
+
+static int reconcile_one(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct reconcile_ctx *rc = ctx;
+	struct worker *w = rc->w;
+	struct ms_store *store = w->u->m->store;
+	struct fpent *e = fp_take(w, fingerprint(rec->size, rec->date,
+						  rec->msgid));
+
+	if (e != NULL) {
+		/* It got there before the crash: record it, never resend. */
+		if (ms_store_msg_done(store, w->f->st.id, rec->src_uid, e->uid,
+				      rec->flags) < 0)
+			return -1;
+		w->f->st.msgs++;
+		w->f->st.bytes += rec->size;
+		rc->matched++;
+	} else {
+		if (ms_store_msg_delete(store, w->f->st.id, rec->src_uid,
+					rec->uidl) < 0)
+			return -1;
+		rc->resent++;
+	}
+	return 0;
+}
+
+static void match_finish_reconcile(struct worker *w)
+{
+	struct ms_store *store = w->u->m->store;
+	struct reconcile_ctx rc = { .w = w };
+
+	qsort(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
+	if (store_check(w, ms_store_begin(store)) < 0)
+		return;
+	if (ms_store_msg_foreach(store, w->f->st.id, MS_MSG_INTENT,
+				 reconcile_one, &rc) != 0 ||
+	    ms_store_folder_update(store, &w->f->st) < 0 ||
+	    ms_store_commit(store) < 0) {
+		ms_store_rollback(store);
+		job_fail(w->u, "store: %s", ms_store_error(store));
+		return;
+	}
+	if (rc.matched + rc.resent > 0)
+		ms_info("%s: folder \"%s\": reconciled %llu unfinished "
+			"message(s): %llu already there, %llu to send again",
+			w->u->name, w->f->rep.source,
+			(unsigned long long)(rc.matched + rc.resent),
+			(unsigned long long)rc.matched,
+			(unsigned long long)rc.resent);
+	free(w->fps);
+	w->fps = NULL;
+	w->nfps = w->capfps = 0;
+	start_copy(w);
+}
+
+static void on_match_src_reply(struct ms_imapc *c,
+			       const struct ms_imap_response *r, void *ctx)
+{
+	struct worker *w = ctx;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID FETCH", r, c);
+		return;
+	}
+	if (--w->pending > 0)
+		return;
+	free(w->fps);
+	w->fps = NULL;
+	w->nfps = w->capfps = 0;
+	if (store_check(w, ms_store_folder_update(w->u->m->store,
+						  &w->f->st)) < 0)
+		return;
+	/* hwm stays 0: the copy pass walks the whole folder and skips what
+	 * the match recorded as done. */
+	start_copy(w);
+}
+
+static void on_match_dst_reply(struct ms_imapc *c,
+			       const struct ms_imap_response *r, void *ctx)
+{
+	struct worker *w = ctx;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID FETCH", r, c);
+		return;
+	}
+	if (w->match_reconcile) {
+		match_finish_reconcile(w);
+		return;
+	}
+	qsort(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
+	/* Now walk the source and pair each message with an unused
+	 * destination one of the same fingerprint. */
+	w->phase = PH_MATCH;
+	w->pending = 1;
+	if (w->s_exists == 0) {
+		w->pending = 0;
+		w->pending++;
+		on_match_src_reply(c, &(struct ms_imap_response){
+			.status = MS_STATUS_OK }, w);
+		return;
+	}
+	ms_imapc_cmd(w->s, on_match_src_reply, w,
+		     "UID FETCH 1:* (UID FLAGS INTERNALDATE RFC822.SIZE "
+		     "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])");
+}
+
+static void match_dst_fetch(struct worker *w, const struct fetch *f)
+{
+	int64_t date;
+
+	if (!f->has_uid || !f->has_size || !f->has_date)
+		return;
+	if (ms_imap_date_parse(f->date, &date) < 0)
+		return;
+	if (w->nfps == w->capfps) {
+		size_t cap = w->capfps * 2 + 256;
+		struct fpent *n = realloc(w->fps, cap * sizeof(*n));
+
+		if (n == NULL) {
+			job_fail(w->u, "out of memory");
+			return;
+		}
+		w->fps = n;
+		w->capfps = cap;
+	}
+	w->fps[w->nfps].h = fingerprint(f->size, date, f->msgid);
+	w->fps[w->nfps].uid = f->uid;
+	w->fps[w->nfps].used = 0;
+	snprintf(w->fps[w->nfps].flags, FLAGS_MAX, "%s", f->flags);
+	w->nfps++;
+}
+
+static void match_src_fetch(struct worker *w, const struct fetch *f)
+{
+	struct ms_store *store = w->u->m->store;
+	struct ms_msg_rec rec;
+	struct fpent *e;
+	int64_t date;
+	char q[FLAGS_MAX + 16];
+
+	if (!f->has_uid || !f->has_size || !f->has_date ||
+	    ms_imap_date_parse(f->date, &date) < 0)
+		return;
+	e = fp_take(w, fingerprint(f->size, date, f->msgid));
+	if (e == NULL)
+		return;
+	memset(&rec, 0, sizeof(rec));
+	rec.src_uid = f->uid;
+	rec.state = MS_MSG_DONE;
+	rec.size = f->size;
+	rec.date = date;
+	snprintf(rec.msgid, sizeof(rec.msgid), "%s", f->msgid);
+	snprintf(rec.flags, sizeof(rec.flags), "%s", f->flags);
+	rec.dst_uid = e->uid;
+	if (store_check(w, ms_store_msg_put(store, w->f->st.id, &rec)) < 0)
+		return;
+	w->f->st.msgs++;
+	w->f->st.bytes += f->size;
+	if (strcmp(e->flags, f->flags) != 0) {
+		/* Same message, other flags: the source's win. */
+		snprintf(q, sizeof(q), "(%s)", f->flags);
+		w->pending++;
+		ms_imapc_cmd(w->d, on_flag_store_reply, w,
+			     "UID STORE %u FLAGS.SILENT %s", e->uid, q);
+	}
+}
+
+static void start_match(struct worker *w, int reconcile, uint32_t floor)
+{
+	struct ms_store *store = w->u->m->store;
+	struct known_ctx k = { 0 };
+
+	w->phase = PH_MATCH;
+	w->match_reconcile = reconcile;
+	w->nfps = 0;
+	if (reconcile) {
+		floor = 0;
+		if (ms_store_msg_foreach(store, w->f->st.id, MS_MSG_INTENT,
+					 min_floor, &floor) != 0) {
+			job_fail(w->u, "store: %s", ms_store_error(store));
+			return;
+		}
+		if (floor == 0)
+			floor = 1;
+	}
+	w->match_floor = floor;
+	/* Destination messages already accounted for are no candidates. */
+	k.floor = floor;
+	if (reconcile && ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE,
+					      collect_known, &k) != 0) {
+		free(k.uids);
+		job_fail(w->u, "store: %s", ms_store_error(store));
+		return;
+	}
+	qsort(k.uids, k.n, sizeof(*k.uids), cmp_u32);
+	/* Keep the known set in src_uids for the fetch handler. */
+	free(w->src_uids);
+	w->src_uids = k.uids;
+	w->nsrc_uids = k.n;
+	w->capsrc_uids = k.cap;
+	if (w->d_exists == 0) {
+		on_match_dst_reply(w->d, &(struct ms_imap_response){
+			.status = MS_STATUS_OK }, w);
+		return;
+	}
+	ms_imapc_cmd(w->d, on_match_dst_reply, w,
+		     "UID FETCH %u:* (UID FLAGS INTERNALDATE RFC822.SIZE "
+		     "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])", floor);
+}
+
+/* ---- copy: windows of metadata, intents, streamed bodies ---- */
+
+static struct window *window_new(struct worker *w, unsigned int cap)
+{
+	struct window *win = calloc(1, sizeof(*win));
+
+	if (win == NULL)
+		return NULL;
+	win->w = w;
+	win->msgs = calloc(cap, sizeof(*win->msgs));
+	win->order = calloc(cap, sizeof(*win->order));
+	if (win->msgs == NULL || win->order == NULL) {
+		free(win->msgs);
+		free(win->order);
+		free(win);
+		return NULL;
+	}
+	win->cap = cap;
+	return win;
+}
+
+static void window_free(struct window *win)
+{
+	if (win == NULL)
+		return;
+	free(win->msgs);
+	free(win->order);
+	free(win);
+}
+
+static void on_seek_reply(struct ms_imapc *c, const struct ms_imap_response *r,
+			  void *ctx)
+{
+	struct worker *w = ctx;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID FETCH", r, c);
+		return;
+	}
+	w->next_seq = w->min_new_seq != 0 ? w->min_new_seq : w->s_exists + 1;
+	w->phase = PH_COPY;
+	copy_pump(w);
+}
+
+static void start_copy(struct worker *w)
+{
+	w->phase = PH_SEEK;
+	w->pending = 0;
+	w->min_new_seq = 0;
+	if (w->s_exists == 0) {
+		start_flags(w);
+		return;
+	}
+	if (w->f->st.hwm == 0) {
+		w->next_seq = 1;
+		w->phase = PH_COPY;
+		copy_pump(w);
+		return;
+	}
+	/* Find the first message above the high-water mark. */
+	ms_imapc_cmd(w->s, on_seek_reply, w, "UID FETCH %u:* (UID)",
+		     w->f->st.hwm + 1);
+}
+
+static void on_meta_reply(struct ms_imapc *c, const struct ms_imap_response *r,
+			  void *ctx);
+static void on_body_reply(struct ms_imapc *c, const struct ms_imap_response *r,
+			  void *ctx);
+
+static int write_intents(struct worker *w, struct window *win)
+{
+	struct ms_store *store = w->u->m->store;
+	struct ms_msg_rec rec;
+
+	if (ms_store_begin(store) < 0)
+		return -1;
+	for (unsigned int i = 0; i < win->n; i++) {
+		struct wmsg *msg = &win->msgs[i];
+		int found = 0;
+
+		if (ms_store_msg_get(store, w->f->st.id, msg->uid, &rec,
+				     &found) < 0)
+			goto fail;
+		if (found && rec.state == MS_MSG_DONE) {
+			msg->skip = 1;
+			continue;
+		}
+		memset(&rec, 0, sizeof(rec));
+		rec.src_uid = msg->uid;
+		rec.state = MS_MSG_INTENT;
+		rec.size = msg->size;
+		rec.date = msg->date;
+		snprintf(rec.msgid, sizeof(rec.msgid), "%s", msg->msgid);
+		snprintf(rec.flags, sizeof(rec.flags), "%s", msg->flags);
+		rec.dst_floor = w->d_uidnext != 0 ? w->d_uidnext : 1;
+		if (ms_store_msg_put(store, w->f->st.id, &rec) < 0)
+			goto fail;
+	}
+	/* Committed before a single byte of these messages is sent. */
+	return ms_store_commit(store);
+fail:
+	ms_store_rollback(store);
+	return -1;
+}
+
+static void on_meta_reply(struct ms_imapc *c, const struct ms_imap_response *r,
+			  void *ctx)
+{
+	struct worker *w = ctx;
+	struct window *win = w->meta;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "FETCH", r, c);
+		return;
+	}
+	w->meta = NULL;
+	if (write_intents(w, win) < 0) {
+		window_free(win);
+		job_fail(w->u, "store: %s", ms_store_error(w->u->m->store));
+		return;
+	}
+	w->ready = win;
+	copy_pump(w);
+}
+
+static void meta_fetch(struct worker *w, const struct fetch *f)
+{
+	struct window *win = w->meta;
+	struct wmsg *msg;
+
+	if (win == NULL || !f->has_uid || !f->has_size || !f->has_date)
+		return;
+	if (f->uid <= w->f->st.hwm && w->f->st.hwm != 0)
+		return;
+	if (win->n == win->cap)
+		return;
+	msg = &win->msgs[win->n];
+	memset(msg, 0, sizeof(*msg));
+	msg->uid = f->uid;
+	msg->seq = f->seq;
+	msg->size = f->size;
+	if (ms_imap_date_parse(f->date, &msg->date) < 0 ||
+	    strlen(f->date) >= sizeof(msg->datestr)) {
+		job_fail(w->u, "folder \"%s\": FETCH: bad INTERNALDATE \"%.40s\"",
+			 w->f->rep.source, f->date);
+		return;
+	}
+	snprintf(msg->datestr, sizeof(msg->datestr), "%s", f->date);
+	snprintf(msg->flags, sizeof(msg->flags), "%s", f->flags);
+	snprintf(msg->msgid, sizeof(msg->msgid), "%s", f->msgid);
+	win->n++;
+}
+
+static void uid_set(const struct window *win, char *buf, size_t bufsz)
+{
+	size_t pos = 0;
+	unsigned int i = 0;
+
+	buf[0] = '\0';
+	while (i < win->n) {
+		uint32_t a, b;
+
+		if (win->msgs[i].skip) {
+			i++;
+			continue;
+		}
+		a = b = win->msgs[i].uid;
+		while (i + 1 < win->n && !win->msgs[i + 1].skip &&
+		       win->msgs[i + 1].uid == b + 1)
+			b = win->msgs[++i].uid;
+		i++;
+		pos += (size_t)snprintf(buf + pos, bufsz - pos, "%s%u", pos ? "," : "", a);
+		if (b != a)
+			pos += (size_t)snprintf(buf + pos, bufsz - pos, ":%u", b);
+		if (pos >= bufsz)
+			break;
+	}
+}
+
+/* Windows wait in w->appends, oldest first, until their APPEND is answered;
+ * window_finish() frees them as they leave the head of that list. */
+static void window_queue(struct worker *w, struct window *win)
+{
+	struct window **pp = &w->appends;
+
+	win->next = NULL;
+	while (*pp != NULL)
+		pp = &(*pp)->next;
+	*pp = win;
+}
+
+static void window_finish(struct worker *w, struct window *win,
+			  const uint32_t *dst_uids, size_t ndst)
+{
+	struct ujob *u = w->u;
+	struct ms_mover *m = u->m;
+	struct ms_store *store = m->store;
+	uint32_t max_uid = 0;
+	uint64_t msgs = 0, bytes = 0;
+
+	if (ms_store_begin(store) < 0)
+		goto fail;
+	for (unsigned int i = 0; i < win->nstreamed; i++) {
+		struct wmsg *msg = &win->msgs[win->order[i]];
+
+		msg->dst_uid = i < ndst ? dst_uids[i] : 0;
+		if (ms_store_msg_done(store, w->f->st.id, msg->uid, msg->dst_uid,
+				      msg->flags) < 0)
+			goto fail;
+		msgs++;
+		bytes += msg->size;
+		if (msg->dst_uid >= w->d_uidnext)
+			w->d_uidnext = msg->dst_uid + 1;
+	}
+	for (unsigned int i = 0; i < win->n; i++) {
+		struct wmsg *msg = &win->msgs[i];
+
+		if (msg->uid > max_uid)
+			max_uid = msg->uid;
+		/* Expunged on the source between metadata and body. */
+		if (!msg->skip && !msg->streamed &&
+		    ms_store_msg_delete(store, w->f->st.id, msg->uid, "") < 0)
+			goto fail;
+	}
+	win->max_uid = max_uid;
+	win->finished = 1;
+	/* The high-water mark only moves over windows that are all done:
+	 * replies may come out of order, and every UID below the mark must
+	 * be done or the next run would never look at it again. */
+	while (w->appends != NULL && w->appends->finished) {
+		struct window *head = w->appends;
+
+		if (head->max_uid > w->f->st.hwm)
+			w->f->st.hwm = head->max_uid;
+		w->appends = head->next;
+		window_free(head);
+	}
+	w->f->st.msgs += msgs;
+	w->f->st.bytes += bytes;
+	if (ms_store_folder_update(store, &w->f->st) < 0 ||
+	    ms_store_user_add_progress(store, u->user_id, msgs, bytes) < 0 ||
+	    ms_store_commit(store) < 0)
+		goto fail;
+	w->f->rep.copied += msgs;
+	u->copied += msgs;
+	u->bytes += bytes;
+	m->msgs_done += msgs;
+	m->bytes_done += bytes;
+	return;
+fail:
+	ms_store_rollback(store);
+	job_fail(u, "store: %s", ms_store_error(store));
+}
+
+static void on_append_reply(struct ms_imapc *c, const struct ms_imap_response *r,
+			    void *ctx)
+{
+	struct window *win = ctx;
+	struct worker *w = win->w;
+	uint32_t *uids = NULL;
+	long n = 0;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "APPEND", r, c);
+		return;
+	}
+	if (r->code != NULL && strcasecmp(r->code, "APPENDUID") == 0 &&
+	    r->code_argc >= 2 && ms_imap_arg_str(&r->code_args[1]) != NULL) {
+		uids = calloc(win->nstreamed + 1, sizeof(*uids));
+		if (uids != NULL)
+			n = parse_uid_set(ms_imap_arg_str(&r->code_args[1]), uids,
+					  win->nstreamed);
+		if (n != (long)win->nstreamed) {
+			/* Not fatal: the mapping is only needed for flag
+			 * updates, which then look the message up. */
+			ms_warn("%s: folder \"%s\": APPENDUID does not match "
+				"the %u messages sent", w->u->name,
+				w->f->rep.source, win->nstreamed);
+			n = 0;
+		}
+	}
+	window_finish(w, win, uids, n > 0 ? (size_t)n : 0);
+	free(uids);
+	copy_pump(w);
+}
+
+static void on_body_reply(struct ms_imapc *c, const struct ms_imap_response *r,
+			  void *ctx)
+{
+	struct worker *w = ctx;
+	struct window *win = w->body;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID FETCH", r, c);
+		return;
+	}
+	if (w->cur != NULL) {
+		job_fail(w->u, "folder \"%s\": UID FETCH: reply before the "
+			 "end of a message", w->f->rep.source);
+		return;
+	}
+	w->body = NULL;
+	if (win->appending) {
+		if (ms_imapc_append_end(w->d) < 0) {
+			folder_fail(w, "APPEND", NULL, w->d);
+			window_free(win);
+			return;
+		}
+		window_queue(w, win);
+	} else {
+		window_queue(w, win);
+		window_finish(w, win, NULL, 0);
+	}
+	copy_pump(w);
+}
+
+/* Moves the copy pipeline forward: at most one metadata window, one ready
+ * window, one streaming window, any number of APPEND replies awaited. */
+static void copy_pump(struct worker *w)
+{
+	char set[8192];
+
+	if (w->u->failed || w->phase != PH_COPY)
+		return;
+	if (w->body == NULL && w->ready != NULL) {
+		struct window *win = w->ready;
+		unsigned int tocopy = 0;
+
+		w->ready = NULL;
+		for (unsigned int i = 0; i < win->n; i++)
+			tocopy += !win->msgs[i].skip;
+		if (tocopy == 0) {
+			window_queue(w, win);
+			window_finish(w, win, NULL, 0);
+		} else {
+			uid_set(win, set, sizeof(set));
+			w->body = win;
+			ms_imapc_cmd(w->s, on_body_reply, w,
+				     "UID FETCH %s (UID BODY.PEEK[])", set);
+		}
+	}
+	if (w->meta == NULL && w->ready == NULL && w->next_seq != 0 &&
+	    w->next_seq <= w->s_exists) {
+		unsigned int batch = w->u->m->batch;
+		uint32_t end = w->next_seq + batch - 1;
+
+		if (end > w->s_exists)
+			end = w->s_exists;
+		w->meta = window_new(w, end - w->next_seq + 1);
+		if (w->meta == NULL) {
+			job_fail(w->u, "out of memory");
+			return;
+		}
+		ms_imapc_cmd(w->s, on_meta_reply, w,
+			     "FETCH %u:%u (UID FLAGS INTERNALDATE RFC822.SIZE "
+			     "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])",
+			     w->next_seq, end);
+		w->next_seq = end + 1;
+	}
+	if (w->meta == NULL && w->ready == NULL && w->body == NULL &&
+	    w->appends == NULL && (w->next_seq == 0 || w->next_seq > w->s_exists))
+		start_flags(w);
+}
+
+static int on_literal_start(void *ctx, const struct ms_imap_response *partial,
+			    uint64_t size)
+{
+	struct worker *w = ctx;
+	struct window *win = w->body;
+	const struct ms_imap_arg *list;
+	const struct ms_imap_arg *name;
+	uint32_t uid = 0;
+	uint64_t n;
+	struct wmsg *msg = NULL;
+
+	if (win == NULL || w->phase != PH_COPY || partial->argc < 3 ||
+	    partial->args[2].type != MS_ARG_LIST)
+		return 0;
+	list = &partial->args[2];
+	if (list->list_count == 0)
+		return 0;
+	name = &list->list[list->list_count - 1];
+	if (!ms_imap_arg_is(name, "BODY[]"))
+		return 0;
+	for (unsigned int i = 0; i + 1 < list->list_count; i += 2)
+		if (ms_imap_arg_is(&list->list[i], "UID") &&
+		    ms_imap_arg_number(&list->list[i + 1], &n) == 0)
+			uid = (uint32_t)n;
+	for (unsigned int i = 0; i < win->n; i++) {
+		if (uid != 0 ? win->msgs[i].uid == uid :
+		    (ms_imap_arg_number(&partial->args[0], &n) == 0 &&
+		     win->msgs[i].seq == n)) {
+			msg = &win->msgs[i];
+			break;
+		}
+	}
+	if (msg == NULL || msg->skip || msg->streamed) {
+		job_fail(w->u, "folder \"%s\": UID FETCH: unexpected message "
+			 "body (UID %u)", w->f->rep.source, uid);
+		return -1;
+	}
+	if (!win->appending) {
+		if (ms_imapc_append_begin(w->d, on_append_reply, win,
+					  w->f->dst) < 0) {
+			folder_fail(w, "APPEND", NULL, w->d);
+			return -1;
+		}
+		win->appending = 1;
+	}
+	/* RFC822.SIZE from some servers differs from the bytes they send;
+	 * what we store is what we send. */
+	msg->size = size;
+	if (ms_imapc_append_msg(w->d, msg->flags, msg->datestr, size) < 0) {
+		folder_fail(w, "APPEND", NULL, w->d);
+		return -1;
+	}
+	msg->streamed = 1;
+	win->order[win->nstreamed++] = (uint32_t)(msg - win->msgs);
+	w->cur = msg;
+	return 1;
+}
+
+static int on_literal_data(void *ctx, const void *data, size_t len)
+{
+	struct worker *w = ctx;
+
+	if (w->cur == NULL)
+		return -1;
+	if (ms_imapc_append_data(w->d, data, len) < 0) {
+		folder_fail(w, "APPEND", NULL, w->d);
+		return -1;
+	}
+	if (!w->s_paused && ms_imapc_write_pending(w->d) >= MS_CONN_HIGH_WATER) {
+		/* The destination is slower: stop reading the source. */
+		w->s_paused = 1;
+		ms_imapc_read_pause(w->s, 1);
+	}
+	return 0;
+}
+
+static void on_literal_end(void *ctx)
+{
+	struct worker *w = ctx;
+
+	w->cur = NULL;
+}
+
+static void on_dst_drain(struct ms_imapc *c, void *ctx)
+{
+	struct worker *w = ctx;
+
+	if (w->s_paused) {
+		w->s_paused = 0;
+		ms_imapc_read_pause(w->s, 0);
+	}
+}
+
+/* ---- flags ---- */
+
+static void on_flag_store_reply(struct ms_imapc *c,
+				const struct ms_imap_response *r, void *ctx)
+{
+	struct worker *w = ctx;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID STORE", r, c);
+		return;
+	}
+	w->f->rep.flags_updated++;
+	w->u->flags_updated++;
+	if (--w->pending == 0) {
+		if (w->phase == PH_FLAGS)
+			start_verify(w);
+		else if (w->phase == PH_MATCH)
+			on_match_src_reply(w->s, r, w);
+	}
+}
+
+static void flags_fetch(struct worker *w, const struct fetch *f)
+{
+	struct ms_store *store = w->u->m->store;
+	struct ms_msg_rec rec;
+	int found = 0;
+
+	if (!f->has_uid || !f->has_flags || f->uid > w->old_hwm)
+		return;
+	if (store_check(w, ms_store_msg_get(store, w->f->st.id, f->uid, &rec,
+					    &found)) < 0)
+		return;
+	if (!found || rec.state != MS_MSG_DONE || strcmp(rec.flags, f->flags) == 0)
+		return;
+	if (rec.dst_uid == 0) {
+		ms_warn("%s: folder \"%s\": flags of UID %u changed but its "
+			"destination UID is unknown (no UIDPLUS)", w->u->name,
+			w->f->rep.source, f->uid);
+		return;
+	}
+	/* Stored now; if the STORE fails the job fails and the next run
+	 * compares against the flags it finds then. */
+	if (store_check(w, ms_store_msg_set_flags(store, w->f->st.id, f->uid,
+						  f->flags)) < 0)
+		return;
+	w->pending++;
+	ms_imapc_cmd(w->d, on_flag_store_reply, w,
+		     "UID STORE %u FLAGS.SILENT (%s)", rec.dst_uid, f->flags);
+}
+
+static void on_flags_reply(struct ms_imapc *c, const struct ms_imap_response *r,
+			   void *ctx)
+{
+	struct worker *w = ctx;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID FETCH", r, c);
+		return;
+	}
+	if (--w->pending == 0)
+		start_verify(w);
+}
+
+static void start_flags(struct worker *w)
+{
+	struct ms_folder_state *st = &w->f->st;
+
+	w->phase = PH_FLAGS;
+	w->pending = 1;
+	if (w->old_hwm == 0 || w->s_exists == 0) {
+		w->pending = 0;
+		start_verify(w);
+		return;
+	}
+	if (st->modseq != 0 && w->s_modseq != 0 && !w->s_nomodseq)
+		ms_imapc_cmd(w->s, on_flags_reply, w,
+			     "UID FETCH 1:%u (UID FLAGS) (CHANGEDSINCE %llu)",
+			     w->old_hwm, (unsigned long long)st->modseq);
+	else
+		ms_imapc_cmd(w->s, on_flags_reply, w, "UID FETCH 1:%u (UID FLAGS)",
+			     w->old_hwm);
+}
+
+/* ---- verify ---- */
+
+static void verify_fetch(struct worker *w, int side, const struct fetch *f)
+{
+	if (!f->has_uid || !f->has_size || !f->has_flags)
+		return;
+	if (side == 0) {
+		if (f->uid > w->f->st.hwm)
+			return;	/* arrived after this run's copy */
+		if (w->nsrc_uids == w->capsrc_uids) {
+			size_t cap = w->capsrc_uids * 2 + 1024;
+			uint32_t *n = realloc(w->src_uids, cap * sizeof(*n));
+
+			if (n == NULL) {
+				job_fail(w->u, "out of memory");
+				return;
+			}
+			w->src_uids = n;
+			w->capsrc_uids = cap;
+		}
+		w->src_uids[w->nsrc_uids++] = f->uid;
+	}
+	w->v_count[side]++;
+	w->v_bytes[side] += f->size;
+	w->v_fhash[side] += flags_hash(f->flags);
+}
+
+static void on_verify_dst_reply(struct ms_imapc *c,
+				const struct ms_imap_response *r, void *ctx)
+{
+	struct worker *w = ctx;
+	struct fjob *f = w->f;
+	struct ms_folder_report *rep = &f->rep;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID FETCH", r, c);
+		return;
+	}
+	rep->source_messages = w->v_count[0];
+	rep->dest_messages = w->v_count[1];
+	rep->source_bytes = w->v_bytes[0];
+	rep->dest_bytes = w->v_bytes[1];
+	rep->verified = w->v_count[0] == w->v_count[1] &&
+			w->v_bytes[0] == w->v_bytes[1] &&
+			w->v_fhash[0] == w->v_fhash[1] && w->v_missing == 0;
+	if (!rep->verified) {
+		w->u->mismatch = 1;
+		if (w->u->error[0] == '\0')
+			snprintf(w->u->error, sizeof(w->u->error),
+				 "folder \"%s\": verification failed: source "
+				 "%llu messages / %llu bytes, destination %llu "
+				 "messages / %llu bytes%s%s", rep->source,
+				 (unsigned long long)w->v_count[0],
+				 (unsigned long long)w->v_bytes[0],
+				 (unsigned long long)w->v_count[1],
+				 (unsigned long long)w->v_bytes[1],
+				 w->v_fhash[0] != w->v_fhash[1] ?
+				 ", flags differ" : "",
+				 w->v_missing ? ", messages not copied" : "");
+		if (w->v_missing && w->v_first_missing <= f->st.hwm)
+			f->st.hwm = w->v_first_missing - 1;
+	}
+	if (w->s_modseq != 0 && !w->s_nomodseq)
+		f->st.modseq = w->s_modseq;
+	folder_done(w);
+}
+
+static void verify_dst(struct worker *w)
+{
+	w->phase = PH_VERIFY_DST;
+	w->v_count[1] = w->v_bytes[1] = w->v_fhash[1] = 0;
+	ms_imapc_cmd(w->d, on_verify_dst_reply, w,
+		     "UID FETCH 1:* (UID RFC822.SIZE FLAGS)");
+}
+
+static void on_expunge_reply(struct ms_imapc *c,
+			     const struct ms_imap_response *r, void *ctx)
+{
+	struct worker *w = ctx;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID EXPUNGE", r, c);
+		return;
+	}
+	if (--w->pending == 0)
+		verify_dst(w);
+}
+
+struct vanish_ctx {
+	struct worker *w;
+	size_t pos;
+	int error;
+};
+
+/* Walks the store's done records (in UID order) against the source's
+ * UIDs: a record whose UID the source no longer has was expunged there. */
+static int find_vanished(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct vanish_ctx *vc = ctx;
+	struct worker *w = vc->w;
+
+	if (rec->src_uid > w->f->st.hwm)
+		return 0;
+	while (vc->pos < w->nsrc_uids && w->src_uids[vc->pos] < rec->src_uid)
+		vc->pos++;
+	if (vc->pos < w->nsrc_uids && w->src_uids[vc->pos] == rec->src_uid)
+		return 0;
+	if (rec->dst_uid == 0)
+		return 0;
+	uint32_t *n = realloc(w->expunge, (w->nexpunge + 1) * sizeof(*n));
+
+	if (n == NULL)
+		return -1;
+	w->expunge = n;
+	w->expunge[w->nexpunge++] = rec->dst_uid;
+	if (ms_store_msg_delete(w->u->m->store, w->f->st.id, rec->src_uid,
+				"") < 0)
+		return -1;
+	w->f->st.msgs--;
+	w->f->st.bytes -= rec->size;
+	return 0;
+}
+
+struct missing_ctx {
+	struct worker *w;
+	size_t pos;
+};
+
+static int count_present(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct missing_ctx *mc = ctx;
+	struct worker *w = mc->w;
+
+	while (mc->pos < w->nsrc_uids && w->src_uids[mc->pos] < rec->src_uid) {
+		/* A source UID with no done record below it: not copied. */
+		if (w->v_missing++ == 0)
+			w->v_first_missing = w->src_uids[mc->pos];
+		mc->pos++;
+	}
+	if (mc->pos < w->nsrc_uids && w->src_uids[mc->pos] == rec->src_uid)
+		mc->pos++;
+	return 0;
+}
+
+static void on_verify_src_reply(struct ms_imapc *c,
+				const struct ms_imap_response *r, void *ctx)
+{
+	struct worker *w = ctx;
+	struct ms_store *store = w->u->m->store;
+	struct vanish_ctx vc = { .w = w };
+	struct missing_ctx mc = { .w = w };
+	char set[256];
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID FETCH", r, c);
+		return;
+	}
+	qsort(w->src_uids, w->nsrc_uids, sizeof(*w->src_uids), cmp_u32);
+	w->v_missing = 0;
+	if (ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE, count_present,
+				 &mc) != 0) {
+		job_fail(w->u, "store: %s", ms_store_error(store));
+		return;
+	}
+	for (; mc.pos < w->nsrc_uids; mc.pos++)
+		if (w->v_missing++ == 0)
+			w->v_first_missing = w->src_uids[mc.pos];
+	free(w->expunge);
+	w->expunge = NULL;
+	w->nexpunge = 0;
+	if (ms_store_begin(store) < 0 ||
+	    ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE, find_vanished,
+				 &vc) != 0 ||
+	    ms_store_folder_update(store, &w->f->st) < 0 ||
+	    ms_store_commit(store) < 0) {
+		ms_store_rollback(store);
+		job_fail(w->u, "store: %s", ms_store_error(store));
+		return;
+	}
+	if (w->nexpunge == 0 || !ms_imapc_has_cap(w->d, "UIDPLUS")) {
+		if (w->nexpunge > 0)
+			ms_warn("%s: folder \"%s\": %zu message(s) gone from the "
+				"source stay on the destination (no UIDPLUS)",
+				w->u->name, w->f->rep.source, w->nexpunge);
+		verify_dst(w);
+		return;
+	}
+	/* Expunge exactly those: UID EXPUNGE leaves other \Deleted mail be. */
+	w->phase = PH_EXPUNGE;
+	w->pending = 0;
+	for (size_t i = 0; i < w->nexpunge; i++) {
+		snprintf(set, sizeof(set), "%u", w->expunge[i]);
+		w->pending += 2;
+		ms_imapc_cmd(w->d, on_expunge_reply, w,
+			     "UID STORE %s +FLAGS.SILENT (\\Deleted)", set);
+		ms_imapc_cmd(w->d, on_expunge_reply, w, "UID EXPUNGE %s", set);
+	}
+	w->f->rep.expunged += w->nexpunge;
+}
+
+static void start_verify(struct worker *w)
+{
+	w->phase = PH_VERIFY_SRC;
+	w->v_count[0] = w->v_bytes[0] = w->v_fhash[0] = 0;
+	w->nsrc_uids = 0;
+	if (w->s_exists == 0) {
+		on_verify_src_reply(w->s, &(struct ms_imap_response){
+			.status = MS_STATUS_OK }, w);
+		return;
+	}
+	ms_imapc_cmd(w->s, on_verify_src_reply, w,
+		     "UID FETCH 1:* (UID RFC822.SIZE FLAGS)");
+}
+
+/* ---- untagged dispatch ---- */
+
+static void on_src_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
+			    void *ctx)
+{
+	struct worker *w = ctx;
+	struct fetch f;
+	uint64_t n;
+
+	if (w->f == NULL || w->u->failed)
+		return;
+	if (w->phase == PH_OPEN) {
+		select_data(r, &w->s_uidvalidity, &w->s_uidnext, &w->s_exists,
+			    &w->s_modseq, &w->s_nomodseq);
+		return;
+	}
+	if (r->status == MS_STATUS_NONE && r->argc >= 2 &&
+	    ms_imap_arg_number(&r->args[0], &n) == 0) {
+		if (ms_imap_arg_is(&r->args[1], "EXISTS")) {
+			w->s_exists = (uint32_t)n;
+			return;
+		}
+		if (ms_imap_arg_is(&r->args[1], "EXPUNGE")) {
+			/* Sequence numbers above it shift down by one. */
+			if (w->s_exists > 0)
+				w->s_exists--;
+			if (w->next_seq > n)
+				w->next_seq--;
+			return;
+		}
+	}
+	if (parse_fetch(r, &f) < 0)
+		return;
+	switch (w->phase) {
+	case PH_MATCH:
+		match_src_fetch(w, &f);
+		break;
+	case PH_SEEK:
+		if (f.has_uid && f.uid > w->f->st.hwm &&
+		    (w->min_new_seq == 0 || f.seq < w->min_new_seq))
+			w->min_new_seq = f.seq;
+		break;
+	case PH_COPY:
+		if (f.has_size && !f.has_body)
+			meta_fetch(w, &f);
+		break;
+	case PH_FLAGS:
+		flags_fetch(w, &f);
+		break;
+	case PH_VERIFY_SRC:
+		verify_fetch(w, 0, &f);
+		break;
+	}
+}
+
+static int known_dst(struct worker *w, uint32_t uid)
+{
+	return bsearch(&uid, w->src_uids, w->nsrc_uids, sizeof(uint32_t),
+		       cmp_u32) != NULL;
+}
+
+static void on_dst_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
+			    void *ctx)
+{
+	struct worker *w = ctx;
+	struct fetch f;
+
+	if (w->f == NULL || w->u->failed)
+		return;
+	if (w->phase == PH_OPEN) {
+		select_data(r, &w->d_uidvalidity, &w->d_uidnext, &w->d_exists,
+			    NULL, NULL);
+		return;
+	}
+	if (parse_fetch(r, &f) < 0)
+		return;
+	if (w->phase == PH_MATCH) {
+		if (w->match_reconcile && known_dst(w, f.uid))
+			return;
+		match_dst_fetch(w, &f);
+	} else if (w->phase == PH_VERIFY_DST) {
+		verify_fetch(w, 1, &f);
+	}
+}
+
+/* ---- users ---- */
+
+static const struct ms_imap_parser_callbacks literal_hooks = {
+	.literal_start = on_literal_start,
+	.literal_data = on_literal_data,
+	.literal_end = on_literal_end,
+};
+
+static void worker_hooks(struct worker *w)
+{
+	struct ms_imap_parser_callbacks cb = literal_hooks;
+
+	cb.ctx = w;
+	ms_imapc_set_literal_hooks(w->s, &cb);
+	ms_imapc_set_drain(w->d, on_dst_drain, w);
+}
+
+int ms_mover_add_user(struct ms_mover *m, const char *user,
+		      const char *src_password, const char *dst_password,
+		      ms_mover_done_cb *done, void *ctx)
+{
+	struct ujob *u = calloc(1, sizeof(*u));
+
+	if (u == NULL)
+		return -1;
+	u->m = m;
+	u->name = strdup(user);
+	u->src_login = login_name(m->src.cfg.user_tmpl, user);
+	u->dst_login = login_name(m->dst.cfg.user_tmpl, user);
+	u->src_pw = strdup(src_password != NULL ? src_password :
+			   m->src.password != NULL ? m->src.password : "");
+	u->dst_pw = strdup(dst_password != NULL ? dst_password :
+			   m->dst.password != NULL ? m->dst.password : "");
+	u->done = done;
+	u->done_ctx = ctx;
+	u->start_ms = now_ms();
+	u->want_workers = m->src.cfg.max_conns < m->dst.cfg.max_conns ?
+		m->src.cfg.max_conns : m->dst.cfg.max_conns;
+	if (u->want_workers == 0)
+		u->want_workers = 1;
+	if (u->name == NULL || u->src_login == NULL || u->dst_login == NULL ||
+	    u->src_pw == NULL || u->dst_pw == NULL) {
+		job_free(u);
+		return -1;
+	}
+	if (ms_store_user_get(m->store, user, &u->user_id) < 0 ||
+	    ms_store_user_set_state(m->store, u->user_id, "copying", NULL) < 0) {
+		job_free(u);
+		return -1;
+	}
+	u->next = m->jobs;
+	m->jobs = u;
+	m->users++;
+	if (m->src.cfg.proto == MS_PROTO_POP3) {
+		pop3_start(u);
+		return 0;
+	}
+	worker_start(u, 0);
+	return 0;
+}
+
+struct ms_mover *ms_mover_new(uv_loop_t *loop, struct ms_store *store,
+			      const struct ms_server_cfg *src,
+			      const struct ms_server_cfg *dst,
+			      const struct ms_mover_opts *opts)
+{
+	struct ms_mover *m = calloc(1, sizeof(*m));
+	size_t n;
+
+	if (m == NULL)
+		return NULL;
+	m->loop = loop;
+	m->store = store;
+	m->src.cfg = *src;
+	m->dst.cfg = *dst;
+	if (m->src.cfg.max_conns == 0)
+		m->src.cfg.max_conns = 4;
+	if (m->dst.cfg.max_conns == 0)
+		m->dst.cfg.max_conns = 4;
+	m->src.password = src->password != NULL ? strdup(src->password) : NULL;
+	m->dst.password = dst->password != NULL ? strdup(dst->password) : NULL;
+	m->src.cfg.password = m->dst.cfg.password = NULL;
+	m->batch = opts != NULL && opts->batch != 0 ? opts->batch : 100;
+	for (int which = 0; which < 2 && opts != NULL; which++) {
+		const char *const *src_pats = which == 0 ? opts->include :
+					       opts->exclude;
+		char ***dstp = which == 0 ? &m->include : &m->exclude;
+
+		if (src_pats == NULL)
+			continue;
+		for (n = 0; src_pats[n] != NULL; n++)
+			;
+		*dstp = calloc(n + 1, sizeof(char *));
+		for (size_t i = 0; *dstp != NULL && i < n; i++)
+			(*dstp)[i] = strdup(src_pats[i]);
+	}
+	m->start_ms = now_ms();
+	return m;
+}
+
+void ms_mover_progress(const struct ms_mover *m, struct ms_progress *p)
+{
+	p->users = m->users;
+	p->users_done = m->users_done;
+	p->folders = m->folders;
+	p->folders_done = m->folders_done;
+	p->msgs_todo = m->msgs_todo;
+	p->msgs_done = m->msgs_done;
+	p->bytes_done = m->bytes_done;
+	p->seconds = (double)(now_ms() - m->start_ms) / 1000.0;
+}
+
+void ms_mover_free(struct ms_mover **mp)
+{
+	struct ms_mover *m = *mp;
+
+	if (m == NULL)
+		return;
+	*mp = NULL;
+	while (m->jobs != NULL) {
+		struct ujob *u = m->jobs;
+
+		m->jobs = u->next;
+		u->failed = 1;
+		for (unsigned int i = 0; i < u->nworkers; i++)
+			worker_close(&u->workers[i]);
+		ms_pop3c_free(&u->pop);
+		job_free(u);
+	}
+	wipe_free(&m->src.password);
+	wipe_free(&m->dst.password);
+	for (char **p = m->include; p != NULL && *p != NULL; p++)
+		free(*p);
+	for (char **p = m->exclude; p != NULL && *p != NULL; p++)
+		free(*p);
+	free(m->include);
+	free(m->exclude);
+	free(m);
+}
+
+/* ---- POP3 source: INBOX only, tracked by UIDL ----
+ *
+ * One message at a time: RETR into memory (a POP3 reply's size is not known
+ * before its end, and an APPEND literal needs it), then the intent is
+ * committed, then the APPEND. Reconciliation after a crash pairs open
+ * intents with destination messages by size and Message-ID. */
+
+struct pmsg {
+	unsigned int n;
+	uint64_t size;
+	char uidl[72];
+	int done;
+};
+
+struct pop3_state {
+	struct pmsg *msgs;
+	size_t nmsgs, cap;
+	size_t cur;
+	char *buf;
+	size_t len, bufcap;
+	int pending;
+	uint64_t dst_count, dst_bytes;
+};
+
+static struct pop3_state *pstate(struct ujob *u)
+{
+	return (struct pop3_state *)u->dfolders;
+}
+
+static void pop3_next(struct ujob *u);
+
+static void pop3_fail_conn(struct ujob *u)
+{
+	job_fail(u, "source: %s", ms_pop3c_error(u->pop));
+}
+
+static void on_pop3_uidl_line(struct ms_pop3c *c, const char *line, size_t len,
+			      void *ctx)
+{
+	struct ujob *u = ctx;
+	struct pop3_state *ps = pstate(u);
+	unsigned int n;
+	char uidl[72];
+
+	if (sscanf(line, "%u %71s", &n, uidl) != 2)
+		return;
+	if (ps->nmsgs == ps->cap) {
+		size_t cap = ps->cap * 2 + 64;
+		struct pmsg *nm = realloc(ps->msgs, cap * sizeof(*nm));
+
+		if (nm == NULL)
+			return;
+		ps->msgs = nm;
+		ps->cap = cap;
+	}
+	memset(&ps->msgs[ps->nmsgs], 0, sizeof(struct pmsg));
+	ps->msgs[ps->nmsgs].n = n;
+	snprintf(ps->msgs[ps->nmsgs].uidl, sizeof(ps->msgs[0].uidl), "%s", uidl);
+	ps->nmsgs++;
+}
+
+static void on_pop3_list_line(struct ms_pop3c *c, const char *line, size_t len,
+			      void *ctx)
+{
+	struct pop3_state *ps = pstate(ctx);
+	unsigned int n;
+	unsigned long long size;
+
+	if (sscanf(line, "%u %llu", &n, &size) != 2)
+		return;
+	for (size_t i = 0; i < ps->nmsgs; i++)
+		if (ps->msgs[i].n == n)
+			ps->msgs[i].size = size;
+}
+
+static void pop3_step(struct ujob *u);
+
+static void on_pop3_reply(struct ms_pop3c *c, int ok, const char *text,
+			  void *ctx)
+{
+	struct ujob *u = ctx;
+
+	if (ok < 0) {
+		pop3_fail_conn(u);
+		return;
+	}
+	if (!ok) {
+		job_fail(u, "source: -ERR %s", text);
+		return;
+	}
+	if (--pstate(u)->pending == 0)
+		pop3_step(u);
+}
+
+static void on_pop3_dst_reply(struct ms_imapc *c,
+			      const struct ms_imap_response *r, void *ctx)
+{
+	struct ujob *u = ctx;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(&u->workers[0], "SELECT", r, c);
+		return;
+	}
+	if (--pstate(u)->pending == 0)
+		pop3_step(u);
+}
+
+static void on_pop3_dst_untagged(struct ms_imapc *c,
+				 const struct ms_imap_response *r, void *ctx)
+{
+	struct ujob *u = ctx;
+	struct worker *w = &u->workers[0];
+	struct pop3_state *ps = pstate(u);
+	struct fetch f;
+
+	if (w->phase == PH_OPEN) {
+		select_data(r, &w->d_uidvalidity, &w->d_uidnext, &w->d_exists,
+			    NULL, NULL);
+		return;
+	}
+	if (parse_fetch(r, &f) < 0)
+		return;
+	if (w->phase == PH_MATCH) {
+		if (!known_dst(w, f.uid))
+			match_dst_fetch(w, &f);
+	} else if (w->phase == PH_VERIFY_DST && f.has_size) {
+		ps->dst_count++;
+		ps->dst_bytes += f.size;
+	}
+}
+
+static void on_pop3_append(struct ms_imapc *c, const struct ms_imap_response *r,
+			   void *ctx)
+{
+	struct ujob *u = ctx;
+	struct worker *w = &u->workers[0];
+	struct pop3_state *ps = pstate(u);
+	struct pmsg *pm = &ps->msgs[ps->cur];
+	struct ms_store *store = u->m->store;
+	struct ms_msg_rec rec;
+	uint32_t dst_uid = 0;
+	int found = 0;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "APPEND", r, c);
+		return;
+	}
+	if (r->code != NULL && strcasecmp(r->code, "APPENDUID") == 0 &&
+	    r->code_argc >= 2) {
+		uint64_t n;
+
+		if (ms_imap_arg_number(&r->code_args[1], &n) == 0)
+			dst_uid = (uint32_t)n;
+	}
+	if (ms_store_msg_get_uidl(store, w->f->st.id, pm->uidl, &rec,
+				  &found) < 0 || !found) {
+		job_fail(u, "store: %s", ms_store_error(store));
+		return;
+	}
+	rec.state = MS_MSG_DONE;
+	rec.dst_uid = dst_uid;
+	if (ms_store_begin(store) < 0 ||
+	    ms_store_msg_put(store, w->f->st.id, &rec) < 0)
+		goto fail;
+	w->f->st.msgs++;
+	w->f->st.bytes += rec.size;
+	if (ms_store_folder_update(store, &w->f->st) < 0 ||
+	    ms_store_user_add_progress(store, u->user_id, 1, rec.size) < 0 ||
+	    ms_store_commit(store) < 0)
+		goto fail;
+	pm->done = 1;
+	w->f->rep.copied++;
+	u->copied++;
+	u->bytes += rec.size;
+	u->m->msgs_done++;
+	u->m->bytes_done += rec.size;
+	ps->cur++;
+	pop3_next(u);
+	return;
+fail:
+	ms_store_rollback(store);
+	job_fail(u, "store: %s", ms_store_error(store));
+}
+
+static void on_pop3_retr_line(struct ms_pop3c *c, const char *line, size_t len,
+			      void *ctx)
+{
+	struct pop3_state *ps = pstate(ctx);
+
+	if (ps->len + len > ps->bufcap) {
+		size_t cap = (ps->len + len) * 2;
+		char *nb = realloc(ps->buf, cap);
+
+		if (nb == NULL)
+			return;
+		ps->buf = nb;
+		ps->bufcap = cap;
+	}
+	memcpy(ps->buf + ps->len, line, len);
+	ps->len += len;
+}
+
+static void on_pop3_retr(struct ms_pop3c *c, int ok, const char *text,
+			 void *ctx)
+{
+	struct ujob *u = ctx;
+	struct worker *w = &u->workers[0];
+	struct pop3_state *ps = pstate(u);
+	struct pmsg *pm = &ps->msgs[ps->cur];
+	struct ms_store *store = u->m->store;
+	struct ms_msg_rec rec;
+	size_t hdrlen;
+	char *end;
+
+	if (ok < 0) {
+		pop3_fail_conn(u);
+		return;
+	}
+	if (!ok) {
+		job_fail(u, "source: RETR %u: -ERR %s", pm->n, text);
+		return;
+	}
+	memset(&rec, 0, sizeof(rec));
+	snprintf(rec.uidl, sizeof(rec.uidl), "%s", pm->uidl);
+	rec.state = MS_MSG_INTENT;
+	rec.size = ps->len;
+	end = ps->len > 0 ? memmem(ps->buf, ps->len, "\r\n\r\n", 4) : NULL;
+	hdrlen = end != NULL ? (size_t)(end - ps->buf) + 2 : ps->len;
+	extract_msgid(ps->buf, hdrlen, rec.msgid, sizeof(rec.msgid));
+	rec.dst_floor = w->d_uidnext != 0 ? w->d_uidnext : 1;
+	/* The intent is committed before the bytes leave. */
+	if (ms_store_msg_put(store, w->f->st.id, &rec) < 0) {
+		job_fail(u, "store: %s", ms_store_error(store));
+		return;
+	}
+	if (ms_imapc_append_begin(w->d, on_pop3_append, u, w->f->dst) < 0 ||
+	    ms_imapc_append_msg(w->d, "", NULL, ps->len) < 0 ||
+	    ms_imapc_append_data(w->d, ps->buf, ps->len) < 0 ||
+	    ms_imapc_append_end(w->d) < 0) {
+		folder_fail(w, "APPEND", NULL, w->d);
+		return;
+	}
+}
+
+static void on_pop3_verify(struct ms_imapc *c, const struct ms_imap_response *r,
+			   void *ctx)
+{
+	struct ujob *u = ctx;
+	struct worker *w = &u->workers[0];
+	struct pop3_state *ps = pstate(u);
+	struct ms_folder_report *rep = &w->f->rep;
+	uint64_t missing = 0;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID FETCH", r, c);
+		return;
+	}
+	for (size_t i = 0; i < ps->nmsgs; i++)
+		missing += !ps->msgs[i].done;
+	rep->source_messages = ps->nmsgs;
+	rep->source_bytes = w->f->st.bytes;
+	rep->dest_messages = ps->dst_count;
+	rep->dest_bytes = ps->dst_bytes;
+	rep->verified = missing == 0 && ps->dst_count == w->f->st.msgs &&
+			ps->dst_bytes == w->f->st.bytes;
+	if (!rep->verified) {
+		u->mismatch = 1;
+		snprintf(u->error, sizeof(u->error),
+			 "INBOX: verification failed: %zu messages on the "
+			 "source (%llu not copied), %llu copied, %llu on the "
+			 "destination", ps->nmsgs, (unsigned long long)missing,
+			 (unsigned long long)w->f->st.msgs,
+			 (unsigned long long)ps->dst_count);
+	}
+	u->folders_done = u->nfolders;
+	u->m->folders_done++;
+	free(ps->msgs);
+	free(ps->buf);
+	free(ps);
+	u->dfolders = NULL;
+	ms_pop3c_free(&u->pop);
+	w->state = W_IDLE;
+	u->planned = 1;
+	job_maybe_finish(u);
+}
+
+static void pop3_next(struct ujob *u)
+{
+	struct worker *w = &u->workers[0];
+	struct pop3_state *ps = pstate(u);
+
+	if (u->failed)
+		return;
+	while (ps->cur < ps->nmsgs && ps->msgs[ps->cur].done)
+		ps->cur++;
+	if (ps->cur < ps->nmsgs) {
+		ps->len = 0;
+		ms_pop3c_cmd(u->pop, 1, on_pop3_retr, on_pop3_retr_line, u,
+			     "RETR %u", ps->msgs[ps->cur].n);
+		return;
+	}
+	w->phase = PH_VERIFY_DST;
+	ps->dst_count = ps->dst_bytes = 0;
+	if (store_check(w, ms_store_folder_update(u->m->store, &w->f->st)) < 0)
+		return;
+	ms_imapc_cmd(w->d, on_pop3_verify, u, "UID FETCH 1:* (UID RFC822.SIZE)");
+}
+
+static int pop3_reconcile_one(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct worker *w = ctx;
+	struct ms_store *store = w->u->m->store;
+	struct fpent *e = fp_take(w, fingerprint(rec->size, 0, rec->msgid));
+	struct ms_msg_rec done = *rec;
+
+	if (e == NULL)
+		return ms_store_msg_delete(store, w->f->st.id, 0, rec->uidl);
+	done.state = MS_MSG_DONE;
+	done.dst_uid = e->uid;
+	w->f->st.msgs++;
+	w->f->st.bytes += rec->size;
+	return ms_store_msg_put(store, w->f->st.id, &done);
+}
+
+static void on_pop3_match(struct ms_imapc *c, const struct ms_imap_response *r,
+			  void *ctx)
+{
+	struct ujob *u = ctx;
+	struct worker *w = &u->workers[0];
+	struct ms_store *store = u->m->store;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID FETCH", r, c);
+		return;
+	}
+	/* POP3 has no INTERNALDATE: fingerprints carry date 0. */
+	for (size_t i = 0; i < w->nfps; i++)
+		w->fps[i].h = w->fps[i].h;
+	qsort(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
+	if (ms_store_begin(store) < 0 ||
+	    ms_store_msg_foreach(store, w->f->st.id, MS_MSG_INTENT,
+				 pop3_reconcile_one, w) != 0 ||
+	    ms_store_folder_update(store, &w->f->st) < 0 ||
+	    ms_store_commit(store) < 0) {
+		ms_store_rollback(store);
+		job_fail(u, "store: %s", ms_store_error(store));
+		return;
+	}
+	w->phase = PH_COPY;
+	pop3_step(u);
+}
+
+struct pop3_done_ctx {
+	struct pop3_state *ps;
+};
+
+static int pop3_mark_done(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct pop3_state *ps = ctx;
+
+	for (size_t i = 0; i < ps->nmsgs; i++)
+		if (strcmp(ps->msgs[i].uidl, rec->uidl) == 0)
+			ps->msgs[i].done = 1;
+	return 0;
+}
+
+static void pop3_step(struct ujob *u)
+{
+	struct worker *w = &u->workers[0];
+	struct ms_store *store = u->m->store;
+	struct ms_folder_state *st = &w->f->st;
+	uint64_t pending = 0;
+
+	if (u->failed)
+		return;
+	if (w->phase == PH_OPEN) {
+		if (ms_store_folder_get(store, u->user_id, w->f->src, st) < 0) {
+			job_fail(u, "store: %s", ms_store_error(store));
+			return;
+		}
+		if (st->dst_uidvalidity != 0 &&
+		    st->dst_uidvalidity != w->d_uidvalidity) {
+			ms_warn("%s: destination INBOX UIDVALIDITY changed; "
+				"starting over by UIDL", u->name);
+			if (store_check(w, ms_store_folder_reset(store, st->id)) < 0)
+				return;
+			st->msgs = st->bytes = 0;
+		}
+		st->dst_uidvalidity = w->d_uidvalidity;
+		snprintf(st->dst_name, sizeof(st->dst_name), "%s", w->f->dst);
+		if (store_check(w, ms_store_folder_update(store, st)) < 0 ||
+		    store_check(w, ms_store_msg_count(store, st->id,
+						      MS_MSG_INTENT,
+						      &pending)) < 0)
+			return;
+		u->m->msgs_todo += pstate(u)->nmsgs > st->msgs ?
+			pstate(u)->nmsgs - st->msgs : 0;
+		if (pending > 0) {
+			uint32_t floor = 0;
+			struct known_ctx k = { 0 };
+
+			w->phase = PH_MATCH;
+			ms_store_msg_foreach(store, st->id, MS_MSG_INTENT,
+					     min_floor, &floor);
+			if (floor == 0)
+				floor = 1;
+			k.floor = floor;
+			ms_store_msg_foreach(store, st->id, MS_MSG_DONE,
+					     collect_known, &k);
+			qsort(k.uids, k.n, sizeof(*k.uids), cmp_u32);
+			free(w->src_uids);
+			w->src_uids = k.uids;
+			w->nsrc_uids = k.n;
+			w->nfps = 0;
+			ms_imapc_cmd(w->d, on_pop3_match, u,
+				     "UID FETCH %u:* (UID RFC822.SIZE "
+				     "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])",
+				     floor);
+			return;
+		}
+		w->phase = PH_COPY;
+	}
+	if (ms_store_msg_foreach(store, st->id, MS_MSG_DONE, pop3_mark_done,
+				 pstate(u)) != 0) {
+		job_fail(u, "store: %s", ms_store_error(store));
+		return;
+	}
+	pop3_next(u);
+}
+
+static void pop3_maybe_begin(struct ujob *u)
+{
+	struct worker *w = &u->workers[0];
+	struct pop3_state *ps = pstate(u);
+
+	if (!w->s_ready || !w->d_ready)
+		return;
+	w->phase = PH_OPEN;
+	w->state = W_BUSY;
+	ms_imapc_set_untagged(w->d, on_pop3_dst_untagged, u);
+	ps->pending = 3;
+	ms_imapc_cmd(w->d, on_pop3_dst_reply, u, "SELECT \"INBOX\"");
+	ms_pop3c_cmd(u->pop, 1, on_pop3_reply, on_pop3_uidl_line, u, "UIDL");
+	ms_pop3c_cmd(u->pop, 1, on_pop3_reply, on_pop3_list_line, u, "LIST");
+}
+
+static void on_pop3_ready(struct ms_pop3c *c, const char *error, void *ctx)
+{
+	struct ujob *u = ctx;
+
+	if (error != NULL) {
+		job_fail(u, "source: %s", error);
+		return;
+	}
+	u->workers[0].s_ready = 1;
+	pop3_maybe_begin(u);
+}
+
+static void on_pop3_dst_ready(struct ms_imapc *c, const char *error, void *ctx)
+{
+	struct ujob *u = ctx;
+
+	if (error != NULL) {
+		job_fail(u, "destination: %s", error);
+		return;
+	}
+	u->workers[0].d_ready = 1;
+	pop3_maybe_begin(u);
+}
+
+static void pop3_connect_dst(void *ctx)
+{
+	struct ujob *u = ctx;
+	struct worker *w = &u->workers[0];
+	struct server *s = &u->m->dst;
+	struct ms_imapc_settings set = {
+		.host = s->cfg.host, .port = s->cfg.port,
+		.tls = { .mode = s->cfg.tls_mode, .ca_file = s->cfg.ca_file,
+			 .insecure = s->cfg.insecure },
+		.user = u->dst_login, .admin = s->cfg.admin,
+		.password = u->dst_pw, .mech = s->cfg.mech,
+	};
+
+	w->have_dst_slot = 1;
+	w->d = ms_imapc_new(u->m->loop, &set, on_pop3_dst_ready, u);
+	if (w->d == NULL)
+		job_fail(u, "out of memory");
+}
+
+static void pop3_connect_src(void *ctx)
+{
+	struct ujob *u = ctx;
+	struct worker *w = &u->workers[0];
+	struct server *s = &u->m->src;
+	struct ms_imapc_settings set = {
+		.host = s->cfg.host, .port = s->cfg.port,
+		.tls = { .mode = s->cfg.tls_mode, .ca_file = s->cfg.ca_file,
+			 .insecure = s->cfg.insecure },
+		.user = u->src_login, .admin = s->cfg.admin,
+		.password = u->src_pw, .mech = s->cfg.mech,
+	};
+	int r;
+
+	w->have_src_slot = 1;
+	u->pop = ms_pop3c_new(u->m->loop, &set, on_pop3_ready, u);
+	if (u->pop == NULL) {
+		job_fail(u, "source: cannot connect to %s:%u", s->cfg.host,
+			 s->cfg.port);
+		return;
+	}
+	r = slot_acquire(&u->m->dst, pop3_connect_dst, u);
+	if (r == 1)
+		pop3_connect_dst(u);
+	else if (r < 0)
+		job_fail(u, "out of memory");
+}
+
+static void pop3_start(struct ujob *u)
+{
+	struct worker *w = &u->workers[0];
+	struct fjob *f;
+	int r;
+
+	u->folders = calloc(1, sizeof(*u->folders));
+	u->dfolders = calloc(1, sizeof(struct pop3_state) > sizeof(struct dfolder) ?
+			     sizeof(struct pop3_state) : sizeof(struct dfolder));
+	if (u->folders == NULL || u->dfolders == NULL) {
+		job_fail(u, "out of memory");
+		return;
+	}
+	u->nfolders = 1;
+	f = &u->folders[0];
+	snprintf(f->src, sizeof(f->src), "pop3:INBOX");
+	snprintf(f->dst, sizeof(f->dst), "INBOX");
+	snprintf(f->rep.source, sizeof(f->rep.source), "INBOX");
+	snprintf(f->rep.destination, sizeof(f->rep.destination), "INBOX");
+	f->selected_by_plan = 1;
+	u->m->folders++;
+	memset(w, 0, sizeof(*w));
+	w->u = u;
+	w->f = f;
+	w->state = W_CONNECTING;
+	u->nworkers = 1;
+	r = slot_acquire(&u->m->src, pop3_connect_src, u);
+	if (r == 1)
+		pop3_connect_src(u);
+	else if (r < 0)
+		job_fail(u, "out of memory");
+}

@@ -1,0 +1,87 @@
+/* The mover: copies users' folders from the source server to the
+ * destination, exactly once, incrementally, resumably, verified.
+ * See ../docs/mover.md for the algorithm and the exactly-once argument. */
+#ifndef MS_MOVER_H
+#define MS_MOVER_H
+
+#include <stdint.h>
+#include <uv.h>
+
+#include "imapc.h"
+#include "net.h"
+#include "store.h"
+
+enum ms_proto { MS_PROTO_IMAP, MS_PROTO_POP3 };
+
+struct ms_server_cfg {
+	enum ms_proto proto;
+	char host[256];
+	uint16_t port;
+	enum ms_tls_mode tls_mode;
+	const char *ca_file;
+	int insecure;
+	const char *user_tmpl;	/* login name, "%u" = the user; NULL = "%u" */
+	const char *admin;	/* admin (authcid) login, or NULL */
+	const char *password;	/* the user's or the admin's; not copied
+				   beyond the mover's own wiped copies */
+	enum ms_auth_mech mech;
+	unsigned int max_conns;	/* per server, all users together */
+};
+
+/* Parses "imap://host:port", "imaps://", "imap+starttls://", "pop3://",
+ * "pop3s://", "pop3+starttls://" (port optional; [v6] hosts accepted). */
+int ms_server_parse_url(struct ms_server_cfg *cfg, const char *url,
+			const char **error_r);
+
+struct ms_mover_opts {
+	const char *const *include;	/* NULL-terminated fnmatch patterns */
+	const char *const *exclude;
+	unsigned int batch;		/* messages per APPEND batch; 0 = 100 */
+};
+
+struct ms_folder_report {
+	char source[1024];		/* UTF-8, source separator */
+	char destination[1024];		/* UTF-8, destination separator */
+	uint64_t copied, flags_updated, expunged;
+	uint64_t source_messages, dest_messages;
+	uint64_t source_bytes, dest_bytes;
+	int verified;
+};
+
+struct ms_user_report {
+	const char *user;
+	int ok;				/* copied and verified */
+	int mismatch;			/* verification found a difference */
+	const char *error;		/* NULL when ok */
+	uint64_t copied, bytes, flags_updated;
+	double seconds;
+	struct ms_folder_report *folders;
+	unsigned int nfolders;
+};
+
+struct ms_progress {
+	unsigned int users, users_done;
+	unsigned int folders, folders_done;
+	uint64_t msgs_todo, msgs_done;	/* messages to copy in this run */
+	uint64_t bytes_done;
+	double seconds;
+};
+
+typedef void ms_mover_done_cb(const struct ms_user_report *report, void *ctx);
+
+struct ms_mover;
+
+struct ms_mover *ms_mover_new(uv_loop_t *loop, struct ms_store *store,
+			      const struct ms_server_cfg *src,
+			      const struct ms_server_cfg *dst,
+			      const struct ms_mover_opts *opts);
+/* Starts copying one user. src_password/dst_password override the servers'
+ * configured passwords (the gateway passes the user's captured login);
+ * NULL = the configured one. The mover keeps wiped-on-free copies only. */
+int ms_mover_add_user(struct ms_mover *m, const char *user,
+		      const char *src_password, const char *dst_password,
+		      ms_mover_done_cb *done, void *ctx);
+void ms_mover_progress(const struct ms_mover *m, struct ms_progress *p);
+void ms_mover_free(struct ms_mover **m);
+
+#endif

@@ -1,0 +1,435 @@
+/* POP3 client connection: see pop3c.h. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
+#include "pop3c.h"
+
+#define LINE_MAX_LEN 8192
+
+enum state { ST_CONNECTING, ST_GREETING, ST_LOGIN, ST_READY, ST_FAILED };
+
+struct pcmd {
+	struct pcmd *next;
+	int multiline;
+	int in_body;
+	ms_pop3c_reply_cb *reply;
+	ms_pop3c_line_cb *line;
+	void *ctx;
+};
+
+struct ms_pop3c {
+	struct ms_conn *conn;
+	enum state state;
+	char *user, *admin, *password;
+	enum ms_auth_mech mech;
+	int starttls;
+	int sasl;		/* CAPA listed SASL PLAIN */
+	ms_pop3c_ready_cb *ready;
+	void *ready_ctx;
+	struct pcmd *cmds, *tail;
+	char line[LINE_MAX_LEN];
+	size_t linelen;
+	char error[400];
+	int busy, free_pending;
+};
+
+static void wipe_free(char **s)
+{
+	if (*s != NULL) {
+		OPENSSL_cleanse(*s, strlen(*s));
+		free(*s);
+		*s = NULL;
+	}
+}
+
+const char *ms_pop3c_error(const struct ms_pop3c *c)
+{
+	return c->error;
+}
+
+static void really_free(struct ms_pop3c *c)
+{
+	ms_conn_close(&c->conn);
+	while (c->cmds != NULL) {
+		struct pcmd *n = c->cmds->next;
+
+		free(c->cmds);
+		c->cmds = n;
+	}
+	wipe_free(&c->password);
+	free(c->user);
+	free(c->admin);
+	free(c);
+}
+
+void ms_pop3c_free(struct ms_pop3c **cp)
+{
+	struct ms_pop3c *c = *cp;
+
+	if (c == NULL)
+		return;
+	*cp = NULL;
+	c->ready = NULL;
+	for (struct pcmd *p = c->cmds; p != NULL; p = p->next)
+		p->reply = NULL, p->line = NULL;
+	ms_conn_close(&c->conn);
+	c->state = ST_FAILED;
+	if (c->busy > 0) {
+		c->free_pending = 1;
+		return;
+	}
+	really_free(c);
+}
+
+static void fail(struct ms_pop3c *c, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+static void fail(struct ms_pop3c *c, const char *fmt, ...)
+{
+	enum state old = c->state;
+	va_list ap;
+
+	if (c->state == ST_FAILED)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(c->error, sizeof(c->error), fmt, ap);
+	va_end(ap);
+	c->state = ST_FAILED;
+	wipe_free(&c->password);
+	ms_conn_close(&c->conn);
+	if (old != ST_READY) {
+		if (c->ready != NULL)
+			c->ready(c, c->error, c->ready_ctx);
+		return;
+	}
+	while (c->cmds != NULL) {
+		struct pcmd *p = c->cmds;
+
+		c->cmds = p->next;
+		if (p->reply != NULL)
+			p->reply(c, -1, c->error, p->ctx);
+		free(p);
+	}
+}
+
+static int send_line(struct ms_pop3c *c, const char *text)
+{
+	if (c->state == ST_FAILED)
+		return -1;
+	if (ms_conn_write(c->conn, text, strlen(text)) < 0 ||
+	    ms_conn_write(c->conn, "\r\n", 2) < 0) {
+		fail(c, "write failed");
+		return -1;
+	}
+	return 0;
+}
+
+static int push(struct ms_pop3c *c, int multiline, ms_pop3c_reply_cb *reply,
+		ms_pop3c_line_cb *line, void *ctx, const char *text)
+{
+	struct pcmd *p = calloc(1, sizeof(*p));
+
+	if (p == NULL)
+		return -1;
+	p->multiline = multiline;
+	p->reply = reply;
+	p->line = line;
+	p->ctx = ctx;
+	if (c->tail != NULL)
+		c->tail->next = p;
+	else
+		c->cmds = p;
+	c->tail = p;
+	return send_line(c, text);
+}
+
+int ms_pop3c_cmd(struct ms_pop3c *c, int multiline, ms_pop3c_reply_cb *reply,
+		 ms_pop3c_line_cb *line, void *ctx, const char *fmt, ...)
+{
+	char buf[1024];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	return push(c, multiline, reply, line, ctx, buf);
+}
+
+/* ---- login ---- */
+
+static void on_login_reply(struct ms_pop3c *c, int ok, const char *text,
+			   void *ctx)
+{
+	if (ok < 0)
+		return;
+	if (!ok) {
+		fail(c, "login failed: -ERR %s", text);
+		return;
+	}
+	if (ctx != NULL)
+		return;	/* USER accepted; PASS follows */
+	wipe_free(&c->password);
+	c->state = ST_READY;
+	if (c->ready != NULL)
+		c->ready(c, NULL, c->ready_ctx);
+}
+
+static void start_login(struct ms_pop3c *c)
+{
+	char *line;
+	size_t len;
+
+	c->state = ST_LOGIN;
+	if (c->admin != NULL || c->mech == MS_AUTH_PLAIN ||
+	    (c->mech == MS_AUTH_AUTO && c->sasl)) {
+		const char *authz = c->admin != NULL ? c->user : "";
+		const char *authc = c->admin != NULL ? c->admin : c->user;
+		size_t zl = strlen(authz), cl = strlen(authc),
+		       pl = strlen(c->password), rl = zl + cl + pl + 2;
+		unsigned char *raw = malloc(rl);
+		char *b64 = malloc(4 * (rl / 3 + 1) + 16);
+
+		if (raw == NULL || b64 == NULL) {
+			free(raw);
+			free(b64);
+			fail(c, "out of memory");
+			return;
+		}
+		memcpy(raw, authz, zl + 1);
+		memcpy(raw + zl + 1, authc, cl + 1);
+		memcpy(raw + zl + cl + 2, c->password, pl);
+		memcpy(b64, "AUTH PLAIN ", 11);
+		EVP_EncodeBlock((unsigned char *)b64 + 11, raw, (int)rl);
+		OPENSSL_cleanse(raw, rl);
+		free(raw);
+		push(c, 0, on_login_reply, NULL, NULL, b64);
+		OPENSSL_cleanse(b64, strlen(b64));
+		free(b64);
+		return;
+	}
+	len = strlen(c->user) + 8;
+	line = malloc(len);
+	if (line == NULL) {
+		fail(c, "out of memory");
+		return;
+	}
+	snprintf(line, len, "USER %s", c->user);
+	push(c, 0, on_login_reply, NULL, c, line);
+	free(line);
+	len = strlen(c->password) + 8;
+	line = malloc(len);
+	if (line == NULL) {
+		fail(c, "out of memory");
+		return;
+	}
+	snprintf(line, len, "PASS %s", c->password);
+	push(c, 0, on_login_reply, NULL, NULL, line);
+	OPENSSL_cleanse(line, len);
+	free(line);
+}
+
+static void on_capa_line(struct ms_pop3c *c, const char *line, size_t len,
+			 void *ctx)
+{
+	if (len >= 4 && strncasecmp(line, "SASL", 4) == 0 &&
+	    strcasestr(line, " PLAIN") != NULL)
+		c->sasl = 1;
+}
+
+static void on_tls(struct ms_conn *conn, int status, const char *error);
+
+static void on_stls_reply(struct ms_pop3c *c, int ok, const char *text,
+			  void *ctx)
+{
+	if (ok < 0)
+		return;
+	if (!ok) {
+		fail(c, "STLS: -ERR %s", text);
+		return;
+	}
+	if (ms_conn_starttls(c->conn, on_tls) < 0)
+		fail(c, "STLS: cannot start TLS");
+}
+
+static void on_capa_reply(struct ms_pop3c *c, int ok, const char *text,
+			  void *ctx)
+{
+	if (ok < 0)
+		return;
+	if (c->starttls && !ms_conn_is_tls(c->conn)) {
+		push(c, 0, on_stls_reply, NULL, NULL, "STLS");
+		return;
+	}
+	start_login(c);
+}
+
+static void on_tls(struct ms_conn *conn, int status, const char *error)
+{
+	struct ms_pop3c *c = ms_conn_ctx(conn);
+
+	if (status != 0) {
+		fail(c, "STLS: %s", error != NULL ? error : "handshake failed");
+		return;
+	}
+	c->sasl = 0;
+	push(c, 1, on_capa_reply, on_capa_line, NULL, "CAPA");
+}
+
+/* ---- input ---- */
+
+static void handle_line(struct ms_pop3c *c, char *line, size_t len)
+{
+	struct pcmd *p = c->cmds;
+	int ok;
+
+	if (c->state == ST_GREETING) {
+		if (len < 3 || strncmp(line, "+OK", 3) != 0) {
+			fail(c, "bad greeting");
+			return;
+		}
+		c->state = ST_LOGIN;
+		push(c, 1, on_capa_reply, on_capa_line, NULL, "CAPA");
+		return;
+	}
+	if (p == NULL) {
+		fail(c, "unexpected line from the server");
+		return;
+	}
+	if (p->in_body) {
+		if (len == 3 && memcmp(line, ".\r\n", 3) == 0) {
+			c->cmds = p->next;
+			if (c->cmds == NULL)
+				c->tail = NULL;
+			if (p->reply != NULL)
+				p->reply(c, 1, "", p->ctx);
+			free(p);
+			return;
+		}
+		/* Dot-unstuffing (RFC 1939 3). */
+		if (line[0] == '.') {
+			line++;
+			len--;
+		}
+		if (p->line != NULL)
+			p->line(c, line, len, p->ctx);
+		return;
+	}
+	while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+		line[--len] = '\0';
+	if (strncmp(line, "+OK", 3) == 0)
+		ok = 1;
+	else if (strncmp(line, "-ERR", 4) == 0)
+		ok = 0;
+	else {
+		fail(c, "malformed reply \"%.40s\"", line);
+		return;
+	}
+	line += ok ? 3 : 4;
+	while (*line == ' ')
+		line++;
+	if (ok && p->multiline) {
+		p->in_body = 1;
+		return;
+	}
+	c->cmds = p->next;
+	if (c->cmds == NULL)
+		c->tail = NULL;
+	if (p->reply != NULL)
+		p->reply(c, ok, line, p->ctx);
+	free(p);
+}
+
+static void on_read(struct ms_conn *conn, const char *data, size_t len)
+{
+	struct ms_pop3c *c = ms_conn_ctx(conn);
+
+	c->busy++;
+	for (size_t i = 0; i < len && c->state != ST_FAILED && !c->free_pending;
+	     i++) {
+		if (c->linelen + 2 >= sizeof(c->line)) {
+			/* Long body lines are passed on in pieces; status
+			 * lines may not be this long. */
+			if (c->cmds == NULL || !c->cmds->in_body) {
+				fail(c, "line too long");
+				break;
+			}
+			if (c->cmds->line != NULL)
+				c->cmds->line(c, c->line, c->linelen,
+					      c->cmds->ctx);
+			c->linelen = 0;
+		}
+		c->line[c->linelen++] = data[i];
+		if (data[i] == '\n') {
+			c->line[c->linelen] = '\0';
+			size_t l = c->linelen;
+
+			c->linelen = 0;
+			handle_line(c, c->line, l);
+		}
+	}
+	c->busy--;
+	if (c->free_pending && c->busy == 0)
+		really_free(c);
+}
+
+static void on_error(struct ms_conn *conn, const char *error)
+{
+	struct ms_pop3c *c = ms_conn_ctx(conn);
+
+	c->busy++;
+	fail(c, "%s", error);
+	c->busy--;
+	if (c->free_pending && c->busy == 0)
+		really_free(c);
+}
+
+static void on_connect(struct ms_conn *conn, int status, const char *error)
+{
+	struct ms_pop3c *c = ms_conn_ctx(conn);
+
+	if (status != 0) {
+		c->busy++;
+		fail(c, "%s", error != NULL ? error : "connect failed");
+		c->busy--;
+		if (c->free_pending && c->busy == 0)
+			really_free(c);
+		return;
+	}
+	c->state = ST_GREETING;
+}
+
+struct ms_pop3c *ms_pop3c_new(uv_loop_t *loop,
+			      const struct ms_imapc_settings *set,
+			      ms_pop3c_ready_cb *ready, void *ctx)
+{
+	struct ms_conn_callbacks cb = {
+		.on_connect = on_connect,
+		.on_read = on_read,
+		.on_error = on_error,
+	};
+	struct ms_pop3c *c = calloc(1, sizeof(*c));
+
+	if (c == NULL)
+		return NULL;
+	c->user = strdup(set->user);
+	c->admin = set->admin != NULL ? strdup(set->admin) : NULL;
+	c->password = strdup(set->password != NULL ? set->password : "");
+	c->mech = set->mech;
+	c->starttls = set->tls.mode == MS_TLS_STARTTLS;
+	c->ready = ready;
+	c->ready_ctx = ctx;
+	cb.ctx = c;
+	if (c->user == NULL || c->password == NULL ||
+	    ms_conn_connect(loop, set->host, set->port, &set->tls, &cb,
+			    &c->conn) < 0) {
+		really_free(c);
+		return NULL;
+	}
+	return c;
+}

@@ -1,0 +1,56 @@
+/* mailshiftctl: the operator's command line. One file per subcommand. */
+#include <stdio.h>
+#include <string.h>
+
+#include "subcommands.h"
+
+#ifndef MS_VERSION
+#define MS_VERSION "0.1"
+#endif
+
+const char *prog;
+
+static const struct {
+	const char *name;
+	int (*fn)(int argc, char *argv[]);
+	const char *description;
+} subcommands[] = {
+	{ "migrate", migrate_main, "Copies users' mail from the source to the destination" },
+};
+
+static void show_usage(FILE *f)
+{
+	fprintf(f, "Usage: %s <cmd> [<args>]\n\n", prog);
+	fprintf(f, "Available subcommands:\n");
+	for (size_t i = 0; i < sizeof(subcommands) / sizeof(subcommands[0]); i++)
+		fprintf(f, "  %s: %s\n", subcommands[i].name,
+			subcommands[i].description);
+	fprintf(f, "You may pass `--help' to any of these subcommands to view usage.\n");
+}
+
+int main(int argc, char *argv[])
+{
+	prog = argv[0] != NULL ? argv[0] : "mailshiftctl";
+	if (strrchr(prog, '/') != NULL)
+		prog = strrchr(prog, '/') + 1;
+	if (argc < 2) {
+		show_usage(stderr);
+		return 2;
+	}
+	if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") ||
+	    !strcmp(argv[1], "help")) {
+		show_usage(stdout);
+		return 0;
+	}
+	if (!strcmp(argv[1], "-v") || !strcmp(argv[1], "--version") ||
+	    !strcmp(argv[1], "version")) {
+		printf("mailshift %s\n", MS_VERSION);
+		return 0;
+	}
+	for (size_t i = 0; i < sizeof(subcommands) / sizeof(subcommands[0]); i++)
+		if (!strcmp(argv[1], subcommands[i].name))
+			return subcommands[i].fn(argc - 1, argv + 1);
+	fprintf(stderr, "%s: invalid subcommand `%s'\n", prog, argv[1]);
+	show_usage(stderr);
+	return 2;
+}

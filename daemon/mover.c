@@ -106,6 +106,10 @@ struct window {
 	unsigned int nstreamed;
 	uint32_t *order;		/* indexes of msgs in streaming order */
 	int appending;			/* an APPEND command was begun */
+	int open;			/* an APPEND command is being written */
+	int body_done;			/* the BODY[] FETCH was answered */
+	unsigned int replies_pending;	/* APPEND commands not answered */
+	struct append_cmd *cur_cmd;
 	int finished;			/* done, waiting for older windows */
 	uint32_t max_uid;
 	uint64_t bytes;
@@ -1918,8 +1922,13 @@ static void window_queue(struct worker *w, struct window *win)
 	*pp = win;
 }
 
-static void window_finish(struct worker *w, struct window *win,
-			  const uint32_t *dst_uids, size_t ndst)
+/* One APPEND command: messages order[first .. first+count-1] of win. */
+struct append_cmd {
+	struct window *win;
+	unsigned int first, count;
+};
+
+static void window_finish(struct worker *w, struct window *win)
 {
 	struct ujob *u = w->u;
 	struct ms_mover *m = u->m;
@@ -1932,7 +1941,6 @@ static void window_finish(struct worker *w, struct window *win,
 	for (unsigned int i = 0; i < win->nstreamed; i++) {
 		struct wmsg *msg = &win->msgs[win->order[i]];
 
-		msg->dst_uid = i < ndst ? dst_uids[i] : 0;
 		if (ms_store_msg_done(store, w->f->st.id, msg->uid, msg->dst_uid,
 				      msg->flags) < 0)
 			goto fail;
@@ -1984,7 +1992,8 @@ fail:
 static void on_append_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 			    void *ctx)
 {
-	struct window *win = ctx;
+	struct append_cmd *ac = ctx;
+	struct window *win = ac->win;
 	struct worker *w = win->w;
 	uint32_t *uids = NULL;
 	long n = 0;
@@ -1995,22 +2004,39 @@ static void on_append_reply(struct ms_imapc *c, const struct ms_imap_response *r
 	}
 	if (r->code != NULL && strcasecmp(r->code, "APPENDUID") == 0 &&
 	    r->code_argc >= 2 && ms_imap_arg_str(&r->code_args[1]) != NULL) {
-		uids = calloc(win->nstreamed + 1, sizeof(*uids));
+		uids = calloc(ac->count + 1, sizeof(*uids));
 		if (uids != NULL)
 			n = parse_uid_set(ms_imap_arg_str(&r->code_args[1]), uids,
-					  win->nstreamed);
-		if (n != (long)win->nstreamed) {
+					  ac->count);
+		if (n != (long)ac->count) {
 			/* Not fatal: the mapping is only needed for flag
-			 * updates, which then look the message up. */
+			 * updates and expunges, which then warn. */
 			ms_warn("%s: folder \"%s\": APPENDUID does not match "
 				"the %u messages sent", w->u->name,
-				w->f->rep.source, win->nstreamed);
+				w->f->rep.source, ac->count);
 			n = 0;
 		}
+		for (long i = 0; i < n; i++)
+			win->msgs[win->order[ac->first + i]].dst_uid = uids[i];
 	}
-	window_finish(w, win, uids, n > 0 ? (size_t)n : 0);
 	free(uids);
+	free(ac);
+	if (--win->replies_pending == 0 && win->body_done)
+		window_finish(w, win);
 	copy_pump(w);
+}
+
+/* Ends the APPEND command being written, if any. */
+static int append_close(struct worker *w, struct window *win)
+{
+	if (!win->open)
+		return 0;
+	win->open = 0;
+	if (ms_imapc_append_end(w->d) < 0) {
+		folder_fail(w, "APPEND", NULL, w->d);
+		return -1;
+	}
+	return 0;
 }
 
 static void on_body_reply(struct ms_imapc *c, const struct ms_imap_response *r,
@@ -2029,17 +2055,12 @@ static void on_body_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 		return;
 	}
 	w->body = NULL;
-	if (win->appending) {
-		if (ms_imapc_append_end(w->d) < 0) {
-			folder_fail(w, "APPEND", NULL, w->d);
-			window_free(win);
-			return;
-		}
-		window_queue(w, win);
-	} else {
-		window_queue(w, win);
-		window_finish(w, win, NULL, 0);
-	}
+	window_queue(w, win);
+	if (append_close(w, win) < 0)
+		return;
+	win->body_done = 1;
+	if (win->replies_pending == 0)
+		window_finish(w, win);
 	copy_pump(w);
 }
 
@@ -2060,7 +2081,8 @@ static void copy_pump(struct worker *w)
 			tocopy += !win->msgs[i].skip;
 		if (tocopy == 0) {
 			window_queue(w, win);
-			window_finish(w, win, NULL, 0);
+			win->body_done = 1;
+			window_finish(w, win);
 		} else {
 			uid_set(win, set, sizeof(set));
 			w->body = win;
@@ -2128,14 +2150,31 @@ static int on_literal_start(void *ctx, const struct ms_imap_response *partial,
 			 "body (UID %u)", w->f->rep.source, uid);
 		return -1;
 	}
-	if (!win->appending) {
-		if (ms_imapc_append_begin(w->d, on_append_reply, win,
+	/* One MULTIAPPEND (RFC 3502) per window where the server has it,
+	 * else one pipelined APPEND per message. */
+	if (win->open && !ms_imapc_has_cap(w->d, "MULTIAPPEND") &&
+	    append_close(w, win) < 0)
+		return -1;
+	if (!win->open) {
+		struct append_cmd *ac = calloc(1, sizeof(*ac));
+
+		if (ac == NULL) {
+			job_fail(w->u, "out of memory");
+			return -1;
+		}
+		ac->win = win;
+		ac->first = win->nstreamed;
+		if (ms_imapc_append_begin(w->d, on_append_reply, ac,
 					  w->f->dst) < 0) {
+			free(ac);
 			folder_fail(w, "APPEND", NULL, w->d);
 			return -1;
 		}
-		win->appending = 1;
+		win->appending = win->open = 1;
+		win->replies_pending++;
+		win->cur_cmd = ac;
 	}
+	win->cur_cmd->count++;
 	/* RFC822.SIZE from some servers differs from the bytes they send;
 	 * what we store is what we send. */
 	msg->size = size;

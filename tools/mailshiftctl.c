@@ -1,4 +1,5 @@
 /* mailshiftctl: the operator's command line. One file per subcommand. */
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -30,6 +31,9 @@ static void show_usage(FILE *f)
 
 int main(int argc, char *argv[])
 {
+	/* A peer that goes away must be an error on that connection, not
+	 * the end of the process. */
+	signal(SIGPIPE, SIG_IGN);
 	prog = argv[0] != NULL ? argv[0] : "mailshiftctl";
 	if (strrchr(prog, '/') != NULL)
 		prog = strrchr(prog, '/') + 1;

@@ -1,0 +1,1365 @@
+/* Unit tests of daemon/net.c: real I/O on 127.0.0.1 only.
+ *
+ * Plaintext tests use libuv servers running on the test's own loop. TLS
+ * tests use a small blocking OpenSSL server in a thread of this process,
+ * with a throwaway CA and server certificate made by the `openssl` command
+ * in a temporary directory (removed at the end). No process is left behind:
+ * the only children are the openssl invocations, each waited for.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
+#include "net.h"
+
+extern char **environ;
+
+static uv_loop_t loop;
+static uv_timer_t guard;
+static int timed_out;
+
+static char tmpdir[64] = "";
+static char ca_pem[128], other_pem[128], srv_pem[128], srv_key[128];
+
+/* ---- helpers ----------------------------------------------------------- */
+
+static unsigned char pat(uint64_t i)
+{
+	return (unsigned char)((i * 2654435761u) >> 11);
+}
+
+static void fill_pat(unsigned char *buf, uint64_t off, size_t len)
+{
+	size_t i;
+
+	for (i = 0; i < len; i++)
+		buf[i] = pat(off + i);
+}
+
+static size_t count_bad(const unsigned char *buf, uint64_t off, size_t len)
+{
+	size_t i, bad = 0;
+
+	for (i = 0; i < len; i++)
+		bad += buf[i] != pat(off + i);
+	return bad;
+}
+
+static void on_guard(uv_timer_t *t)
+{
+	timed_out = 1;
+	uv_stop(&loop);
+}
+
+/* Runs the loop until a test callback calls uv_stop (or 5 s pass). */
+static void run_loop(void)
+{
+	timed_out = 0;
+	uv_timer_start(&guard, on_guard, 5000, 0);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	uv_timer_stop(&guard);
+	assert_false(timed_out);
+}
+
+static void on_close_free(uv_handle_t *h)
+{
+	free(h);
+}
+
+static void noop_close(uv_handle_t *h)
+{
+}
+
+/* ---- client recording callbacks ---------------------------------------- */
+
+struct client {
+	struct ms_conn *conn;
+	int closed;		/* ms_conn_close was called */
+	int late;		/* callbacks after close: must stay 0 */
+
+	int connects;
+	int connect_status;
+	char connect_err[256];
+	int errors;
+	char error[256];
+	size_t rx_at_error;
+	int drains;
+	size_t drain_pending_bad;
+
+	/* pattern traffic */
+	uint64_t total;
+	uint64_t tx;
+	uint64_t rx;
+	size_t rx_bad;
+	unsigned char *chunk;
+
+	/* text traffic */
+	char text[4096];
+	size_t text_len;
+
+	int paused;
+	int read_while_paused;
+	uint64_t next_pause;
+	int pauses;
+	uv_timer_t timer;
+	uint64_t tx_at_resume;
+	size_t pending_at_resume;
+
+	/* STARTTLS */
+	int starttls_state;
+	int tls_done;
+	int tls_done_status;
+	char tls_done_err[256];
+
+	void (*connected)(struct client *c);
+	void (*got_data)(struct client *c, const char *data, size_t len);
+};
+
+static void client_init(struct client *c)
+{
+	memset(c, 0, sizeof(*c));
+	uv_timer_init(&loop, &c->timer);
+	c->timer.data = c;
+}
+
+static void client_fini(struct client *c)
+{
+	ms_conn_close(&c->conn);
+	c->closed = 1;
+	uv_close((uv_handle_t *)&c->timer, noop_close);
+	free(c->chunk);
+}
+
+static void cl_on_connect(struct ms_conn *conn, int status, const char *error)
+{
+	struct client *c = ms_conn_ctx(conn);
+
+	if (c->closed)
+		c->late++;
+	c->connects++;
+	c->connect_status = status;
+	snprintf(c->connect_err, sizeof(c->connect_err), "%s",
+		 error ? error : "");
+	if (status < 0)
+		uv_stop(&loop);
+	else if (c->connected)
+		c->connected(c);
+}
+
+static void cl_on_read(struct ms_conn *conn, const char *data, size_t len)
+{
+	struct client *c = ms_conn_ctx(conn);
+
+	if (c->closed)
+		c->late++;
+	if (c->paused)
+		c->read_while_paused++;
+	if (c->got_data) {
+		c->got_data(c, data, len);
+		return;
+	}
+	if (c->text_len + len < sizeof(c->text)) {
+		memcpy(c->text + c->text_len, data, len);
+		c->text_len += len;
+		c->text[c->text_len] = 0;
+	}
+}
+
+static void cl_on_error(struct ms_conn *conn, const char *error)
+{
+	struct client *c = ms_conn_ctx(conn);
+
+	if (c->closed)
+		c->late++;
+	c->errors++;
+	c->rx_at_error = c->rx;
+	snprintf(c->error, sizeof(c->error), "%s", error);
+	uv_stop(&loop);
+}
+
+static void cl_on_drain(struct ms_conn *conn)
+{
+	struct client *c = ms_conn_ctx(conn);
+
+	if (c->closed)
+		c->late++;
+	c->drains++;
+	if (ms_conn_write_pending(conn) > MS_CONN_LOW_WATER)
+		c->drain_pending_bad++;
+	if (c->connected)
+		c->connected(c);	/* the producer goes on */
+}
+
+static int client_connect(struct client *c, const char *host, uint16_t port,
+			  const struct ms_tls_opts *tls)
+{
+	struct ms_conn_callbacks cb = {
+		.on_connect = cl_on_connect,
+		.on_read = cl_on_read,
+		.on_error = cl_on_error,
+		.on_drain = cl_on_drain,
+		.ctx = c,
+	};
+
+	return ms_conn_connect(&loop, host, port, tls, &cb, &c->conn);
+}
+
+/* Writes pattern bytes while the write queue is below the high water mark;
+ * on_drain calls it again. */
+static void produce(struct client *c)
+{
+	size_t n;
+
+	if (!c->chunk)
+		c->chunk = malloc(64 * 1024);
+	while (c->tx < c->total &&
+	       ms_conn_write_pending(c->conn) < MS_CONN_HIGH_WATER) {
+		n = c->total - c->tx < 64 * 1024 ? c->total - c->tx : 64 * 1024;
+		fill_pat(c->chunk, c->tx, n);
+		assert_int_equal(ms_conn_write(c->conn, c->chunk, n), 0);
+		c->tx += n;
+	}
+}
+
+static void check_pattern(struct client *c, const char *data, size_t len)
+{
+	c->rx_bad += count_bad((const unsigned char *)data, c->rx, len);
+	c->rx += len;
+	if (c->total && c->rx >= c->total)
+		uv_stop(&loop);
+}
+
+/* ---- libuv plaintext servers on the test loop ------------------------- */
+
+enum { SRV_ECHO, SRV_BYE, SRV_RESET };
+
+struct plain_srv {
+	uv_tcp_t tcp;
+	uint16_t port;
+	int mode;
+	int accepted;
+};
+
+struct peer {
+	uv_tcp_t tcp;
+	size_t queued;
+	int stopped;
+};
+
+struct peer_wr {
+	uv_write_t req;
+	struct peer *p;
+	size_t len;
+	char data[];
+};
+
+static void peer_close(struct peer *p)
+{
+	if (!uv_is_closing((uv_handle_t *)&p->tcp))
+		uv_close((uv_handle_t *)&p->tcp, on_close_free);
+}
+
+static void peer_alloc(uv_handle_t *h, size_t size, uv_buf_t *buf)
+{
+	static char b[64 * 1024];
+
+	*buf = uv_buf_init(b, sizeof(b));
+}
+
+static void peer_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf);
+
+static void peer_wrote(uv_write_t *req, int status)
+{
+	struct peer_wr *w = req->data;
+	struct peer *p = w->p;
+	size_t len = w->len;
+
+	free(w);
+	if (status < 0)
+		return;		/* closing; p is freed after this */
+	p->queued -= len;
+	if (p->stopped && p->queued < 256 * 1024) {
+		p->stopped = 0;
+		uv_read_start((uv_stream_t *)&p->tcp, peer_alloc, peer_read);
+	}
+}
+
+static void peer_write(struct peer *p, const char *data, size_t len,
+		       uv_write_cb cb)
+{
+	struct peer_wr *w = malloc(sizeof(*w) + len);
+	uv_buf_t b;
+
+	memcpy(w->data, data, len);
+	w->len = len;
+	w->p = p;
+	w->req.data = w;
+	b = uv_buf_init(w->data, len);
+	uv_write(&w->req, (uv_stream_t *)&p->tcp, &b, 1, cb);
+	p->queued += len;
+}
+
+/* Echo with its own backpressure: it stops reading while more than 1 MiB
+ * waits to be sent back. */
+static void peer_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
+{
+	struct peer *p = s->data;
+
+	if (n < 0) {
+		peer_close(p);
+		return;
+	}
+	if (n == 0)
+		return;
+	peer_write(p, buf->base, n, peer_wrote);
+	if (p->queued > 1024 * 1024) {
+		p->stopped = 1;
+		uv_read_stop(s);
+	}
+}
+
+static void bye_shut(uv_shutdown_t *req, int status)
+{
+	struct peer *p = req->data;
+
+	free(req);
+	peer_close(p);
+}
+
+static void bye_wrote(uv_write_t *req, int status)
+{
+	struct peer_wr *w = req->data;
+	struct peer *p = w->p;
+	uv_shutdown_t *sh;
+
+	free(w);
+	if (status < 0)
+		return;
+	sh = malloc(sizeof(*sh));
+	sh->data = p;
+	uv_shutdown(sh, (uv_stream_t *)&p->tcp, bye_shut);
+}
+
+/* Resets the connection once the client said something. */
+static void reset_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
+{
+	struct peer *p = s->data;
+
+	if (n == 0)
+		return;
+	uv_read_stop(s);
+	if (n < 0)
+		peer_close(p);
+	else
+		uv_tcp_close_reset(&p->tcp, on_close_free);
+}
+
+static void on_plain_conn(uv_stream_t *server, int status)
+{
+	struct plain_srv *srv = server->data;
+	struct peer *p;
+	int small = 64 * 1024;
+
+	if (status < 0)
+		return;
+	p = calloc(1, sizeof(*p));
+	uv_tcp_init(&loop, &p->tcp);
+	p->tcp.data = p;
+	if (uv_accept(server, (uv_stream_t *)&p->tcp) < 0) {
+		peer_close(p);
+		return;
+	}
+	srv->accepted++;
+	/* small kernel buffers, so that backpressure shows up quickly */
+	uv_send_buffer_size((uv_handle_t *)&p->tcp, &small);
+	small = 64 * 1024;
+	uv_recv_buffer_size((uv_handle_t *)&p->tcp, &small);
+	if (srv->mode == SRV_RESET)
+		uv_read_start((uv_stream_t *)&p->tcp, peer_alloc, reset_read);
+	else if (srv->mode == SRV_BYE)
+		peer_write(p, "bye\r\n", 5, bye_wrote);
+	else
+		uv_read_start((uv_stream_t *)&p->tcp, peer_alloc, peer_read);
+}
+
+static void plain_srv_start(struct plain_srv *srv, int mode)
+{
+	struct sockaddr_in sin;
+	struct sockaddr_storage ss;
+	int len = sizeof(ss);
+
+	memset(srv, 0, sizeof(*srv));
+	srv->mode = mode;
+	assert_int_equal(uv_tcp_init(&loop, &srv->tcp), 0);
+	srv->tcp.data = srv;
+	uv_ip4_addr("127.0.0.1", 0, &sin);
+	assert_int_equal(uv_tcp_bind(&srv->tcp, (struct sockaddr *)&sin, 0),
+			 0);
+	assert_int_equal(uv_listen((uv_stream_t *)&srv->tcp, 16,
+				   on_plain_conn), 0);
+	assert_int_equal(uv_tcp_getsockname(&srv->tcp, (struct sockaddr *)&ss,
+					    &len), 0);
+	srv->port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+	/* the listener alone doesn't keep the loop running */
+	uv_unref((uv_handle_t *)&srv->tcp);
+}
+
+static void plain_srv_stop(struct plain_srv *srv)
+{
+	uv_close((uv_handle_t *)&srv->tcp, noop_close);
+}
+
+/* ---- threaded OpenSSL server ------------------------------------------- */
+
+enum { TLS_ECHO, TLS_SEND, TLS_STARTTLS };
+
+struct tls_srv {
+	int lfd;
+	uint16_t port;
+	int mode;
+	size_t send_total;
+	SSL_CTX *ctx;
+	pthread_t thread;
+	atomic_int stop;
+	atomic_int handshakes;
+	atomic_int handshake_failures;
+	atomic_int sni_seen;		/* 1: some SNI, 2: none */
+	char sni[256];
+};
+
+static int read_line(int fd, char *buf, size_t size)
+{
+	size_t n = 0;
+	char ch;
+
+	while (n + 1 < size) {
+		if (read(fd, &ch, 1) != 1)
+			return -1;
+		buf[n++] = ch;
+		if (ch == '\n')
+			break;
+	}
+	buf[n] = 0;
+	return (int)n;
+}
+
+static int ssl_write_all(SSL *ssl, const void *data, size_t len)
+{
+	size_t w;
+
+	while (len > 0) {
+		if (SSL_write_ex(ssl, data, len, &w) != 1)
+			return -1;
+		data = (const char *)data + w;
+		len -= w;
+	}
+	return 0;
+}
+
+static void tls_srv_handle(struct tls_srv *s, int fd)
+{
+	struct timeval tv = { .tv_sec = 3 };
+	const char *sni;
+	unsigned char buf[16384];
+	char line[256];
+	SSL *ssl = NULL;
+	size_t off, n;
+	int r;
+
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	if (s->mode == TLS_STARTTLS) {
+		const char *greet = "* OK test server ready\r\n";
+		const char *go = "OK begin TLS now\r\n";
+
+		if (write(fd, greet, strlen(greet)) < 0 ||
+		    read_line(fd, line, sizeof(line)) < 0 ||
+		    strcmp(line, "STARTTLS\r\n") != 0 ||
+		    write(fd, go, strlen(go)) < 0)
+			goto out;
+	}
+	ssl = SSL_new(s->ctx);
+	SSL_set_fd(ssl, fd);
+	if (SSL_accept(ssl) != 1) {
+		s->handshake_failures++;
+		goto out;
+	}
+	sni = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+	if (sni)
+		snprintf(s->sni, sizeof(s->sni), "%s", sni);
+	s->sni_seen = sni ? 1 : 2;
+	s->handshakes++;
+	if (s->mode == TLS_SEND) {
+		for (off = 0; off < s->send_total; off += n) {
+			n = s->send_total - off;
+			if (n > sizeof(buf))
+				n = sizeof(buf);
+			fill_pat(buf, off, n);
+			if (ssl_write_all(ssl, buf, n) < 0)
+				goto out;
+		}
+		SSL_shutdown(ssl);
+		shutdown(fd, SHUT_WR);
+		/* wait for the client to close (avoids a reset) */
+		while (SSL_read(ssl, buf, sizeof(buf)) > 0)
+			;
+		goto out;
+	}
+	while ((r = SSL_read(ssl, buf, sizeof(buf))) > 0) {
+		if (ssl_write_all(ssl, buf, (size_t)r) < 0)
+			break;
+	}
+out:
+	ERR_clear_error();
+	SSL_free(ssl);
+	close(fd);
+}
+
+static void *tls_srv_main(void *arg)
+{
+	struct tls_srv *s = arg;
+	struct pollfd pfd = { .fd = s->lfd, .events = POLLIN };
+	int fd;
+
+	while (!s->stop) {
+		if (poll(&pfd, 1, 20) <= 0)
+			continue;
+		fd = accept(s->lfd, NULL, NULL);
+		if (fd >= 0)
+			tls_srv_handle(s, fd);
+	}
+	return NULL;
+}
+
+static void tls_srv_start(struct tls_srv *s, int mode)
+{
+	struct sockaddr_in sin = { .sin_family = AF_INET };
+	socklen_t len = sizeof(sin);
+
+	memset(s, 0, sizeof(*s));
+	s->mode = mode;
+	s->ctx = SSL_CTX_new(TLS_server_method());
+	assert_non_null(s->ctx);
+	assert_int_equal(SSL_CTX_use_certificate_chain_file(s->ctx, srv_pem),
+			 1);
+	assert_int_equal(SSL_CTX_use_PrivateKey_file(s->ctx, srv_key,
+						     SSL_FILETYPE_PEM), 1);
+	s->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	assert_true(s->lfd >= 0);
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	assert_int_equal(bind(s->lfd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+	assert_int_equal(listen(s->lfd, 16), 0);
+	assert_int_equal(getsockname(s->lfd, (struct sockaddr *)&sin, &len), 0);
+	s->port = ntohs(sin.sin_port);
+	assert_int_equal(pthread_create(&s->thread, NULL, tls_srv_main, s), 0);
+}
+
+static void tls_srv_stop(struct tls_srv *s)
+{
+	s->stop = 1;
+	pthread_join(s->thread, NULL);
+	close(s->lfd);
+	SSL_CTX_free(s->ctx);
+}
+
+/* ---- certificates ------------------------------------------------------ */
+
+static int run_openssl(const char *const *args)
+{
+	posix_spawn_file_actions_t fa;
+	char log[128], *argv[32];
+	pid_t pid;
+	int i, status;
+
+	snprintf(log, sizeof(log), "%s/openssl.log", tmpdir);
+	argv[0] = "openssl";
+	for (i = 0; args[i]; i++)
+		argv[i + 1] = (char *)args[i];
+	argv[i + 1] = NULL;
+	posix_spawn_file_actions_init(&fa);
+	posix_spawn_file_actions_addopen(&fa, 1, log, O_WRONLY | O_CREAT |
+					 O_APPEND, 0600);
+	posix_spawn_file_actions_adddup2(&fa, 1, 2);
+	posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+	if (posix_spawnp(&pid, "openssl", &fa, NULL, argv, environ) != 0) {
+		posix_spawn_file_actions_destroy(&fa);
+		return -1;
+	}
+	posix_spawn_file_actions_destroy(&fa);
+	if (waitpid(pid, &status, 0) != pid)
+		return -1;
+	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+		fprintf(stderr, "openssl %s failed, see %s\n", args[0], log);
+		return -1;
+	}
+	return 0;
+}
+
+static const char cnf_text[] =
+	"[req]\n"
+	"distinguished_name = dn\n"
+	"prompt = no\n"
+	"[dn]\n"
+	"CN = mailshift test\n"
+	"[v3_ca]\n"
+	"basicConstraints = critical,CA:TRUE\n"
+	"keyUsage = critical,keyCertSign,cRLSign\n"
+	"subjectKeyIdentifier = hash\n"
+	"[v3_srv]\n"
+	"basicConstraints = CA:FALSE\n"
+	"keyUsage = critical,digitalSignature,keyEncipherment\n"
+	"extendedKeyUsage = serverAuth\n"
+	"subjectAltName = DNS:localhost,IP:127.0.0.1\n"
+	"subjectKeyIdentifier = hash\n"
+	"authorityKeyIdentifier = keyid\n";
+
+static void rm_tmpdir(void)
+{
+	char path[512];
+	struct dirent *de;
+	DIR *d;
+
+	if (!tmpdir[0])
+		return;
+	d = opendir(tmpdir);
+	if (d) {
+		while ((de = readdir(d))) {
+			if (!strcmp(de->d_name, ".") ||
+			    !strcmp(de->d_name, ".."))
+				continue;
+			snprintf(path, sizeof(path), "%s/%s", tmpdir,
+				 de->d_name);
+			unlink(path);
+		}
+		closedir(d);
+	}
+	rmdir(tmpdir);
+	tmpdir[0] = 0;
+}
+
+static int make_certs(void **state)
+{
+	char cnf[128], ca_key[128], other_key[128], csr[128];
+	FILE *f;
+
+	strcpy(tmpdir, "/tmp/ms-test-net-XXXXXX");
+	if (!mkdtemp(tmpdir)) {
+		tmpdir[0] = 0;
+		return -1;
+	}
+	snprintf(cnf, sizeof(cnf), "%s/openssl.cnf", tmpdir);
+	snprintf(ca_key, sizeof(ca_key), "%s/ca.key", tmpdir);
+	snprintf(ca_pem, sizeof(ca_pem), "%s/ca.pem", tmpdir);
+	snprintf(other_key, sizeof(other_key), "%s/other.key", tmpdir);
+	snprintf(other_pem, sizeof(other_pem), "%s/other.pem", tmpdir);
+	snprintf(srv_key, sizeof(srv_key), "%s/srv.key", tmpdir);
+	snprintf(srv_pem, sizeof(srv_pem), "%s/srv.pem", tmpdir);
+	snprintf(csr, sizeof(csr), "%s/srv.csr", tmpdir);
+	f = fopen(cnf, "w");
+	if (!f)
+		goto fail;
+	fputs(cnf_text, f);
+	fclose(f);
+
+	{
+		const char *ca[] = { "req", "-x509", "-config", cnf,
+			"-extensions", "v3_ca", "-newkey", "ec", "-pkeyopt",
+			"ec_paramgen_curve:P-256", "-nodes", "-keyout", ca_key,
+			"-out", ca_pem, "-days", "2", "-subj",
+			"/CN=mailshift test CA", NULL };
+		const char *other[] = { "req", "-x509", "-config", cnf,
+			"-extensions", "v3_ca", "-newkey", "ec", "-pkeyopt",
+			"ec_paramgen_curve:P-256", "-nodes", "-keyout",
+			other_key, "-out", other_pem, "-days", "2", "-subj",
+			"/CN=mailshift other CA", NULL };
+		const char *req[] = { "req", "-new", "-config", cnf,
+			"-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+			"-nodes", "-keyout", srv_key, "-out", csr, "-subj",
+			"/CN=localhost", NULL };
+		const char *sign[] = { "x509", "-req", "-in", csr, "-CA",
+			ca_pem, "-CAkey", ca_key, "-set_serial", "2", "-days",
+			"2", "-extfile", cnf, "-extensions", "v3_srv", "-out",
+			srv_pem, NULL };
+
+		if (run_openssl(ca) < 0 || run_openssl(other) < 0 ||
+		    run_openssl(req) < 0 || run_openssl(sign) < 0)
+			goto fail;
+	}
+	return 0;
+fail:
+	rm_tmpdir();
+	return -1;
+}
+
+static int remove_certs(void **state)
+{
+	rm_tmpdir();
+	return 0;
+}
+
+/* ---- per-test loop ----------------------------------------------------- */
+
+static int setup(void **state)
+{
+	if (uv_loop_init(&loop) != 0)
+		return -1;
+	uv_timer_init(&loop, &guard);
+	return 0;
+}
+
+static void close_any(uv_handle_t *h, void *arg)
+{
+	if (!uv_is_closing(h))
+		uv_close(h, NULL);
+}
+
+static void settle(int ms)
+{
+	int i;
+
+	for (i = 0; i < ms && uv_loop_alive(&loop); i++) {
+		uv_run(&loop, UV_RUN_NOWAIT);
+		if (uv_loop_alive(&loop))
+			usleep(1000);
+	}
+}
+
+static int teardown(void **state)
+{
+	uv_close((uv_handle_t *)&guard, noop_close);
+	/* let every close, cancelled request and peer shutdown finish */
+	settle(2000);
+	if (uv_loop_close(&loop) == 0)
+		return 0;
+	fprintf(stderr, "handles left on the loop:\n");
+	uv_print_all_handles(&loop, stderr);
+	/* a failed test: close what it left (leaking), so the next can run */
+	uv_walk(&loop, close_any, NULL);
+	settle(2000);
+	uv_loop_close(&loop);
+	return -1;
+}
+
+/* Runs the loop until nothing is left but unreferenced handles. */
+static void drain_loop(void)
+{
+	int i;
+
+	for (i = 0; i < 2000 && uv_loop_alive(&loop); i++) {
+		uv_run(&loop, UV_RUN_NOWAIT);
+		if (uv_loop_alive(&loop))
+			usleep(500);
+	}
+	assert_false(uv_loop_alive(&loop));
+}
+
+/* ---- plaintext tests --------------------------------------------------- */
+
+static void bp_resume(uv_timer_t *t)
+{
+	struct client *c = t->data;
+
+	c->tx_at_resume = c->tx;
+	c->pending_at_resume = ms_conn_write_pending(c->conn);
+	c->paused = 0;
+	ms_conn_read_pause(c->conn, 0);
+}
+
+static void bp_connected(struct client *c)
+{
+	if (c->connects == 1 && c->drains == 0 && c->tx == 0) {
+		uv_update_time(&loop);
+		uv_timer_start(&c->timer, bp_resume, 200, 0);
+	}
+	produce(c);
+}
+
+static void test_plain_echo_backpressure(void **state)
+{
+	static struct plain_srv srv;
+	static struct client c;
+
+	plain_srv_start(&srv, SRV_ECHO);
+	client_init(&c);
+	c.total = 16 * 1024 * 1024;
+	c.connected = bp_connected;
+	c.got_data = check_pattern;
+	assert_int_equal(client_connect(&c, "127.0.0.1", srv.port, NULL), 0);
+	/* Nothing is read back for 200 ms: the echo server stops reading,
+	 * our writes pile up, and the producer has to wait for on_drain. */
+	c.paused = 1;
+	ms_conn_read_pause(c.conn, 1);
+	run_loop();
+
+	assert_int_equal(c.connects, 1);
+	assert_int_equal(c.connect_status, 0);
+	assert_int_equal(c.errors, 0);
+	assert_int_equal(c.read_while_paused, 0);
+	assert_true(c.tx_at_resume < c.total);	/* writes really stalled */
+	assert_true(c.pending_at_resume > MS_CONN_LOW_WATER);
+	assert_true(c.drains >= 1);
+	assert_int_equal(c.drain_pending_bad, 0);
+	assert_int_equal(c.tx, c.total);
+	assert_int_equal(c.rx, c.total);
+	assert_int_equal(c.rx_bad, 0);
+	assert_int_equal(ms_conn_write_pending(c.conn), 0);
+	assert_int_equal(srv.accepted, 1);
+	assert_int_equal(ms_conn_is_tls(c.conn), 0);
+
+	client_fini(&c);
+	plain_srv_stop(&srv);
+	drain_loop();
+	assert_int_equal(c.late, 0);
+}
+
+static void test_plain_refused(void **state)
+{
+	struct sockaddr_in sin;
+	struct sockaddr_storage ss;
+	int len = sizeof(ss);
+	char want[128];
+	static uv_tcp_t tmp;
+	static struct client c;
+	uint16_t port;
+
+	/* a port that was just free: bind, look, close */
+	uv_tcp_init(&loop, &tmp);
+	uv_ip4_addr("127.0.0.1", 0, &sin);
+	assert_int_equal(uv_tcp_bind(&tmp, (struct sockaddr *)&sin, 0), 0);
+	assert_int_equal(uv_tcp_getsockname(&tmp, (struct sockaddr *)&ss, &len),
+			 0);
+	port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+	uv_close((uv_handle_t *)&tmp, noop_close);
+	drain_loop();
+
+	client_init(&c);
+	assert_int_equal(client_connect(&c, "127.0.0.1", port, NULL), 0);
+	/* written before the connection exists: dropped with it */
+	assert_int_equal(ms_conn_write(c.conn, "x", 1), 0);
+	run_loop();
+	assert_int_equal(c.connects, 1);
+	assert_int_equal(c.connect_status, UV_ECONNREFUSED);
+	snprintf(want, sizeof(want),
+		 "connect to 127.0.0.1:%u: connection refused", port);
+	assert_string_equal(c.connect_err, want);
+	assert_int_equal(c.errors, 0);
+	assert_true(ms_conn_write(c.conn, "x", 1) < 0);
+	client_fini(&c);
+	drain_loop();
+	assert_int_equal(c.late, 0);
+}
+
+static void test_plain_eof(void **state)
+{
+	static struct plain_srv srv;
+	static struct client c;
+
+	plain_srv_start(&srv, SRV_BYE);
+	client_init(&c);
+	/* by name: resolution, and any address that refuses is skipped */
+	assert_int_equal(client_connect(&c, "localhost", srv.port, NULL), 0);
+	run_loop();
+	assert_int_equal(c.connects, 1);
+	assert_int_equal(c.connect_status, 0);
+	assert_string_equal(c.text, "bye\r\n");
+	assert_int_equal(c.errors, 1);
+	assert_string_equal(c.error, "connection closed by server");
+	assert_true(ms_conn_write(c.conn, "x", 1) < 0);
+	/* more loop turns: still only one error */
+	uv_run(&loop, UV_RUN_NOWAIT);
+	assert_int_equal(c.errors, 1);
+	client_fini(&c);
+	plain_srv_stop(&srv);
+	drain_loop();
+	assert_int_equal(c.late, 0);
+}
+
+static void test_plain_reset(void **state)
+{
+	static struct plain_srv srv;
+	static struct client c;
+
+	plain_srv_start(&srv, SRV_RESET);
+	client_init(&c);
+	assert_int_equal(client_connect(&c, "127.0.0.1", srv.port, NULL), 0);
+	assert_int_equal(ms_conn_write(c.conn, "hi\r\n", 4), 0);
+	run_loop();
+	assert_int_equal(c.connect_status, 0);
+	assert_int_equal(c.errors, 1);
+	assert_string_equal(c.error, "read error: connection reset by peer");
+	client_fini(&c);
+	plain_srv_stop(&srv);
+	drain_loop();
+	assert_int_equal(c.late, 0);
+}
+
+static void test_bad_args(void **state)
+{
+	struct ms_conn_callbacks cb = {
+		.on_connect = cl_on_connect,
+		.on_read = cl_on_read,
+	};
+	struct ms_conn *conn = (struct ms_conn *)&cb;
+
+	assert_int_equal(ms_conn_connect(&loop, NULL, 1, NULL, &cb, &conn),
+			 UV_EINVAL);
+	assert_null(conn);
+	cb.on_connect = NULL;
+	assert_int_equal(ms_conn_connect(&loop, "127.0.0.1", 1, NULL, &cb,
+					 &conn), UV_EINVAL);
+	ms_conn_close(NULL);
+	ms_conn_close(&conn);
+	assert_int_equal(ms_conn_write_pending(NULL), 0);
+}
+
+/* Closes a connection at every early stage (resolving, connecting, just
+ * connected, handshaking, with writes in flight): no callback may follow,
+ * and everything must be released (the teardown checks the loop is empty,
+ * valgrind checks the memory). */
+static void close_at_stages(uint16_t port, const struct ms_tls_opts *tls)
+{
+	static char big[2 * 1024 * 1024];
+	static struct client c;
+	int stage, i;
+
+	for (stage = 0; stage < 24; stage++) {
+		client_init(&c);
+		assert_int_equal(client_connect(&c, "127.0.0.1", port, tls),
+				 0);
+		assert_int_equal(ms_conn_write(c.conn, "hello\n", 6), 0);
+		if (stage & 1)
+			assert_int_equal(ms_conn_write(c.conn, big,
+						       sizeof(big)), 0);
+		for (i = 0; i < stage / 2; i++) {
+			usleep(300);
+			uv_run(&loop, UV_RUN_NOWAIT);
+		}
+		client_fini(&c);
+		drain_loop();
+		assert_int_equal(c.late, 0);
+		assert_true(c.connects <= 1);
+		assert_int_equal(c.errors, 0);
+	}
+}
+
+static void test_plain_close_anytime(void **state)
+{
+	static struct plain_srv srv;
+
+	plain_srv_start(&srv, SRV_ECHO);
+	close_at_stages(srv.port, NULL);
+	plain_srv_stop(&srv);
+}
+
+/* ---- TLS tests --------------------------------------------------------- */
+
+static void echo_connected(struct client *c)
+{
+	produce(c);
+}
+
+static void test_tls_implicit_echo(void **state)
+{
+	struct ms_tls_opts tls = { .mode = MS_TLS_IMPLICIT, .ca_file = ca_pem };
+	static struct tls_srv srv;
+	static struct client c;
+
+	tls_srv_start(&srv, TLS_ECHO);
+	client_init(&c);
+	c.total = 3 * 1024 * 1024;
+	c.got_data = check_pattern;
+	c.connected = echo_connected;
+	assert_int_equal(client_connect(&c, "127.0.0.1", srv.port, &tls), 0);
+	/* written before the handshake: kept as plaintext until it's done */
+	assert_int_equal(ms_conn_write(c.conn, "", 0), 0);
+	produce(&c);
+	assert_true(ms_conn_write_pending(c.conn) >= MS_CONN_HIGH_WATER);
+	run_loop();
+
+	assert_int_equal(c.connect_status, 0);
+	assert_string_equal(c.connect_err, "");
+	assert_int_equal(c.errors, 0);
+	assert_int_equal(ms_conn_is_tls(c.conn), 1);
+	assert_int_equal(c.rx, c.total);
+	assert_int_equal(c.rx_bad, 0);
+	assert_true(c.drains >= 1);
+	client_fini(&c);
+	drain_loop();
+	tls_srv_stop(&srv);
+	assert_int_equal(srv.handshakes, 1);
+	assert_int_equal(srv.sni_seen, 2);	/* no SNI for an IP address */
+	assert_int_equal(c.late, 0);
+}
+
+static void ping_connected(struct client *c)
+{
+	assert_int_equal(ms_conn_write(c->conn, "ping\n", 5), 0);
+}
+
+static void ping_data(struct client *c, const char *data, size_t len)
+{
+	if (c->text_len + len < sizeof(c->text)) {
+		memcpy(c->text + c->text_len, data, len);
+		c->text_len += len;
+		c->text[c->text_len] = 0;
+	}
+	if (strchr(c->text, '\n'))
+		uv_stop(&loop);
+}
+
+/* Connects with tls, sends a line, expects it echoed (when ok), or the
+ * connect error (when not). */
+static void tls_ping(const struct ms_tls_opts *tls, struct tls_srv *srv,
+		     struct client *c)
+{
+	tls_srv_start(srv, TLS_ECHO);
+	client_init(c);
+	c->connected = ping_connected;
+	c->got_data = ping_data;
+	assert_int_equal(client_connect(c, "127.0.0.1", srv->port, tls), 0);
+	run_loop();
+	client_fini(c);
+	drain_loop();
+	tls_srv_stop(srv);
+	assert_int_equal(c->late, 0);
+	assert_int_equal(c->connects, 1);
+	assert_int_equal(c->errors, 0);
+}
+
+static void test_tls_server_name(void **state)
+{
+	struct ms_tls_opts tls = { .mode = MS_TLS_IMPLICIT, .ca_file = ca_pem,
+				   .server_name = "localhost" };
+	static struct tls_srv srv;
+	static struct client c;
+
+	tls_ping(&tls, &srv, &c);
+	assert_int_equal(c.connect_status, 0);
+	assert_string_equal(c.text, "ping\n");
+	assert_int_equal(srv.sni_seen, 1);
+	assert_string_equal(srv.sni, "localhost");
+}
+
+static void test_tls_wrong_ca(void **state)
+{
+	struct ms_tls_opts tls = { .mode = MS_TLS_IMPLICIT,
+				   .ca_file = other_pem };
+	static struct tls_srv srv;
+	static struct client c;
+
+	tls_ping(&tls, &srv, &c);
+	assert_true(c.connect_status < 0);
+	assert_string_equal(c.connect_err, "certificate verify failed: "
+			    "unable to get local issuer certificate");
+	assert_int_equal(srv.handshakes, 0);
+}
+
+static void test_tls_insecure(void **state)
+{
+	struct ms_tls_opts tls = { .mode = MS_TLS_IMPLICIT,
+				   .ca_file = other_pem, .insecure = 1,
+				   .server_name = "wrong.example.org" };
+	static struct tls_srv srv;
+	static struct client c;
+
+	tls_ping(&tls, &srv, &c);
+	assert_int_equal(c.connect_status, 0);
+	assert_string_equal(c.text, "ping\n");
+}
+
+static void test_tls_name_mismatch(void **state)
+{
+	struct ms_tls_opts tls = { .mode = MS_TLS_IMPLICIT, .ca_file = ca_pem,
+				   .server_name = "imap.example.org" };
+	static struct tls_srv srv;
+	static struct client c;
+
+	tls_ping(&tls, &srv, &c);
+	assert_true(c.connect_status < 0);
+	assert_string_equal(c.connect_err,
+			    "certificate verify failed: hostname mismatch");
+}
+
+static void test_tls_ip_mismatch(void **state)
+{
+	struct ms_tls_opts tls = { .mode = MS_TLS_IMPLICIT, .ca_file = ca_pem,
+				   .server_name = "127.0.0.2" };
+	static struct tls_srv srv;
+	static struct client c;
+
+	tls_ping(&tls, &srv, &c);
+	assert_true(c.connect_status < 0);
+	assert_string_equal(c.connect_err,
+			    "certificate verify failed: IP address mismatch");
+}
+
+static void test_tls_bad_ca_file(void **state)
+{
+	char missing[256];
+	struct ms_tls_opts tls = { .mode = MS_TLS_IMPLICIT,
+				   .ca_file = missing };
+	static struct tls_srv srv;
+	static struct client c;
+
+	snprintf(missing, sizeof(missing), "%s/missing.pem", tmpdir);
+	tls_ping(&tls, &srv, &c);
+	assert_true(c.connect_status < 0);
+	assert_non_null(strstr(c.connect_err,
+			       "TLS error: cannot load CA file"));
+	assert_non_null(strstr(c.connect_err, missing));
+}
+
+/* The server sends 2 MB and closes; the reader pauses every 256 KiB for
+ * 20 ms. Decrypted data OpenSSL already holds must wait too, and the EOF
+ * must only be reported after the last byte. */
+static void tp_resume(uv_timer_t *t)
+{
+	struct client *c = t->data;
+
+	c->paused = 0;
+	ms_conn_read_pause(c->conn, 0);
+}
+
+static void tp_data(struct client *c, const char *data, size_t len)
+{
+	c->rx_bad += count_bad((const unsigned char *)data, c->rx, len);
+	c->rx += len;
+	if (c->rx >= c->next_pause) {
+		c->next_pause += 256 * 1024;
+		c->pauses++;
+		c->paused = 1;
+		ms_conn_read_pause(c->conn, 1);
+		uv_timer_start(&c->timer, tp_resume, 20, 0);
+	}
+}
+
+static void test_tls_pause_buffered(void **state)
+{
+	struct ms_tls_opts tls = { .mode = MS_TLS_IMPLICIT, .ca_file = ca_pem,
+				   .server_name = "localhost" };
+	static struct tls_srv srv;
+	static struct client c;
+
+	tls_srv_start(&srv, TLS_SEND);
+	srv.send_total = 2 * 1024 * 1024;
+	client_init(&c);
+	c.got_data = tp_data;
+	c.next_pause = 256 * 1024;
+	assert_int_equal(client_connect(&c, "127.0.0.1", srv.port, &tls), 0);
+	run_loop();
+	assert_int_equal(c.connect_status, 0);
+	assert_int_equal(c.errors, 1);
+	assert_string_equal(c.error, "connection closed by server");
+	assert_int_equal(c.rx_at_error, srv.send_total);
+	assert_int_equal(c.rx_bad, 0);
+	assert_int_equal(c.read_while_paused, 0);
+	assert_true(c.pauses >= 7);
+	client_fini(&c);
+	drain_loop();
+	tls_srv_stop(&srv);
+	assert_int_equal(c.late, 0);
+}
+
+static void test_tls_close_anytime(void **state)
+{
+	struct ms_tls_opts tls = { .mode = MS_TLS_IMPLICIT, .ca_file = ca_pem };
+	static struct tls_srv srv;
+
+	tls_srv_start(&srv, TLS_ECHO);
+	close_at_stages(srv.port, &tls);
+	tls_srv_stop(&srv);
+}
+
+/* ---- STARTTLS ---------------------------------------------------------- */
+
+static void st_done(struct ms_conn *conn, int status, const char *error)
+{
+	struct client *c = ms_conn_ctx(conn);
+
+	if (c->closed)
+		c->late++;
+	c->tls_done++;
+	c->tls_done_status = status;
+	snprintf(c->tls_done_err, sizeof(c->tls_done_err), "%s",
+		 error ? error : "");
+	if (status < 0)
+		uv_stop(&loop);
+}
+
+static void st_data(struct client *c, const char *data, size_t len)
+{
+	if (c->text_len + len < sizeof(c->text)) {
+		memcpy(c->text + c->text_len, data, len);
+		c->text_len += len;
+		c->text[c->text_len] = 0;
+	}
+	if (!strchr(c->text, '\n'))
+		return;
+	switch (c->starttls_state) {
+	case 0:
+		assert_string_equal(c->text, "* OK test server ready\r\n");
+		assert_int_equal(ms_conn_is_tls(c->conn), 0);
+		assert_int_equal(ms_conn_write(c->conn, "STARTTLS\r\n", 10),
+				 0);
+		break;
+	case 1:
+		assert_string_equal(c->text, "OK begin TLS now\r\n");
+		assert_int_equal(ms_conn_starttls(c->conn, st_done), 0);
+		assert_int_equal(ms_conn_starttls(c->conn, st_done),
+				 UV_EALREADY);
+		assert_int_equal(c->tls_done, 0);	/* never synchronous */
+		/* sent once the handshake is done, encrypted */
+		assert_int_equal(ms_conn_write(c->conn, "secret\n", 7), 0);
+		assert_int_equal(ms_conn_is_tls(c->conn), 1);
+		break;
+	default:
+		assert_string_equal(c->text, "secret\n");
+		uv_stop(&loop);
+		break;
+	}
+	c->starttls_state++;
+	c->text_len = 0;
+	c->text[0] = 0;
+}
+
+static void starttls_run(const char *ca, struct client *c,
+			 struct tls_srv *srv)
+{
+	struct ms_tls_opts tls = { .mode = MS_TLS_STARTTLS, .ca_file = ca };
+
+	tls_srv_start(srv, TLS_STARTTLS);
+	client_init(c);
+	c->got_data = st_data;
+	assert_int_equal(client_connect(c, "127.0.0.1", srv->port, &tls), 0);
+	run_loop();
+	client_fini(c);
+	drain_loop();
+	tls_srv_stop(srv);
+	assert_int_equal(c->late, 0);
+	assert_int_equal(c->connect_status, 0);
+	assert_int_equal(c->errors, 0);
+	assert_int_equal(c->tls_done, 1);
+}
+
+static void test_starttls(void **state)
+{
+	static struct tls_srv srv;
+	static struct client c;
+
+	starttls_run(ca_pem, &c, &srv);
+	assert_int_equal(c.tls_done_status, 0);
+	assert_int_equal(c.starttls_state, 3);
+	assert_int_equal(srv.handshakes, 1);
+}
+
+static void test_starttls_wrong_ca(void **state)
+{
+	static struct tls_srv srv;
+	static struct client c;
+
+	starttls_run(other_pem, &c, &srv);
+	assert_true(c.tls_done_status < 0);
+	assert_string_equal(c.tls_done_err, "certificate verify failed: "
+			    "unable to get local issuer certificate");
+	assert_int_equal(c.starttls_state, 2);
+}
+
+/* STARTTLS, but the server hangs up instead of negotiating. */
+static void sb_data(struct client *c, const char *data, size_t len)
+{
+	assert_int_equal(ms_conn_starttls(c->conn, st_done), 0);
+}
+
+static void test_starttls_server_hangs_up(void **state)
+{
+	struct ms_tls_opts tls = { .mode = MS_TLS_STARTTLS, .ca_file = ca_pem };
+	static struct plain_srv srv;
+	static struct client c;
+
+	plain_srv_start(&srv, SRV_BYE);
+	client_init(&c);
+	c.got_data = sb_data;
+	assert_int_equal(client_connect(&c, "127.0.0.1", srv.port, &tls), 0);
+	run_loop();
+	assert_int_equal(c.tls_done, 1);
+	assert_true(c.tls_done_status < 0);
+	/* the EOF, or the ClientHello hitting the closed socket */
+	assert_true(strncmp(c.tls_done_err, "TLS error: ", 11) == 0 ||
+		    strncmp(c.tls_done_err, "write error: ", 13) == 0 ||
+		    strncmp(c.tls_done_err, "read error: ", 12) == 0);
+	assert_int_equal(c.errors, 0);
+	client_fini(&c);
+	plain_srv_stop(&srv);
+	drain_loop();
+	assert_int_equal(c.late, 0);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_setup_teardown(test_bad_args, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_plain_echo_backpressure,
+						setup, teardown),
+		cmocka_unit_test_setup_teardown(test_plain_refused, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_plain_eof, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_plain_reset, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_plain_close_anytime, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_tls_implicit_echo, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_tls_server_name, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_tls_wrong_ca, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_tls_insecure, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_tls_name_mismatch, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_tls_ip_mismatch, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_tls_bad_ca_file, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_tls_pause_buffered, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_tls_close_anytime, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_starttls, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_starttls_wrong_ca, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_starttls_server_hangs_up,
+						setup, teardown),
+	};
+
+	/* a peer that hangs up must not kill the test with SIGPIPE */
+	signal(SIGPIPE, SIG_IGN);
+	if (getenv("TEST_FILTER"))
+		cmocka_set_test_filter(getenv("TEST_FILTER"));
+	return cmocka_run_group_tests(tests, make_certs, remove_certs);
+}

@@ -38,6 +38,9 @@
 /* Largest chunk handed to one uv_write / SSL_write call. */
 #define WRITE_CHUNK (1024 * 1024)
 #define ERR_TEXT_SIZE 512
+/* Queued output beyond this is sent at once rather than at the end of the
+ * loop turn. */
+#define FLUSH_THRESHOLD (64 * 1024)
 
 enum tls_state {
 	TLS_OFF,		/* plaintext */
@@ -84,6 +87,7 @@ struct ms_conn {
 	unsigned int idle_handshake:1;	/* deferred: start STARTTLS handshake */
 	unsigned int idle_drain:1;	/* deferred: deliver held TLS data */
 	unsigned int idle_fail:1;	/* deferred: report deferred_err */
+	unsigned int idle_flush:1;	/* deferred: send plainq */
 
 	int deferred_status;
 	char deferred_err[ERR_TEXT_SIZE];
@@ -543,23 +547,27 @@ int ms_conn_write(struct ms_conn *conn, const void *data, size_t len)
 		return UV_ENOTCONN;
 	if (len == 0)
 		return 0;
-	if (!conn->connected || conn->tls != TLS_OFF) {
-		/* Under TLS the data goes through plainq anyway, so that
-		 * plaintext kept back by OpenSSL stays in order. */
-		r = plainq_append(conn, data, len);
-		if (r < 0)
-			return r;
-		if (conn->connected && conn->tls == TLS_ACTIVE) {
-			r = tls_write_plainq(conn, err, sizeof(err));
+	/* Everything goes through plainq: writes made in one turn of the
+	 * loop leave in one uv_write (or one run of TLS records) when the
+	 * turn ends, not one system call per command piece. Under TLS this
+	 * also keeps plaintext held back by OpenSSL in order. */
+	r = plainq_append(conn, data, len);
+	if (r < 0)
+		return r;
+	if (conn->connected && conn->tls != TLS_HANDSHAKE) {
+		if (conn->plainq_len >= FLUSH_THRESHOLD) {
+			r = flush_plainq(conn, err, sizeof(err));
 			if (r < 0) {
 				fail_later(conn, r, err);
 				return r;
 			}
+		} else if (!conn->idle_flush) {
+			conn->idle_flush = 1;
+			schedule_idle(conn);
 		}
-		note_pending(conn);
-		return 0;
 	}
-	return write_raw(conn, data, len);
+	note_pending(conn);
+	return 0;
 }
 
 size_t ms_conn_write_pending(const struct ms_conn *conn)
@@ -921,6 +929,16 @@ static void on_idle(uv_idle_t *idle)
 		conn->idle_drain = 0;
 		if (conn->tls == TLS_ACTIVE && !conn->failed)
 			tls_pump(conn);
+		if (conn->closing || conn->failed)
+			return;
+	}
+	if (conn->idle_flush) {
+		char err[ERR_TEXT_SIZE];
+
+		conn->idle_flush = 0;
+		if (conn->connected && conn->tls != TLS_HANDSHAKE &&
+		    flush_plainq(conn, err, sizeof(err)) < 0)
+			fail(conn, UV_EIO, err);
 	}
 }
 

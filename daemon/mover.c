@@ -1520,6 +1520,8 @@ struct reconcile_ctx {
 
 static void on_flag_store_reply(struct ms_imapc *c,
 				const struct ms_imap_response *r, void *ctx);
+static void flag_store(struct worker *w, uint32_t src_uid, uint32_t dst_uid,
+		       const char *flags);
 
 static int reconcile_one(void *ctx, const struct ms_msg_rec *rec)
 {
@@ -1659,7 +1661,6 @@ static void match_src_fetch(struct worker *w, const struct fetch *f)
 	struct ms_msg_rec rec;
 	struct fpent *e;
 	int64_t date;
-	char q[FLAGS_MAX + 16];
 
 	if (!f->has_uid || !f->has_size || !f->has_date ||
 	    ms_imap_date_parse(f->date, &date) < 0)
@@ -1673,19 +1674,17 @@ static void match_src_fetch(struct worker *w, const struct fetch *f)
 	rec.size = f->size;
 	rec.date = date;
 	snprintf(rec.msgid, sizeof(rec.msgid), "%s", f->msgid);
-	snprintf(rec.flags, sizeof(rec.flags), "%s", f->flags);
+	/* Recorded with the flags the destination has; the STORE below
+	 * records the source's once it is done. */
+	snprintf(rec.flags, sizeof(rec.flags), "%s", e->flags);
 	rec.dst_uid = e->uid;
 	if (store_check(w, ms_store_msg_put(store, w->f->st.id, &rec)) < 0)
 		return;
 	w->f->st.msgs++;
 	w->f->st.bytes += f->size;
-	if (strcmp(e->flags, f->flags) != 0) {
+	if (strcmp(e->flags, f->flags) != 0)
 		/* Same message, other flags: the source's win. */
-		snprintf(q, sizeof(q), "(%s)", f->flags);
-		w->pending++;
-		ms_imapc_cmd(w->d, on_flag_store_reply, w,
-			     "UID STORE %u FLAGS.SILENT %s", e->uid, q);
-	}
+		flag_store(w, f->uid, e->uid, f->flags);
 }
 
 static void start_match(struct worker *w, int reconcile, uint32_t floor)
@@ -2225,15 +2224,31 @@ static void on_dst_drain(struct ms_imapc *c, void *ctx)
 
 /* ---- flags ---- */
 
+struct flag_store {
+	struct worker *w;
+	uint32_t src_uid;
+	char flags[FLAGS_MAX];
+};
+
 static void on_flag_store_reply(struct ms_imapc *c,
 				const struct ms_imap_response *r, void *ctx)
 {
-	struct worker *w = ctx;
+	struct flag_store *fs = ctx;
+	struct worker *w = fs->w;
+	int ret;
 
 	if (r == NULL || r->status != MS_STATUS_OK) {
+		free(fs);
 		folder_fail(w, "UID STORE", r, c);
 		return;
 	}
+	/* The store learns the new flags only once the destination has
+	 * them: a crash in between makes the next run set them again. */
+	ret = ms_store_msg_set_flags(w->u->m->store, w->f->st.id, fs->src_uid,
+				     fs->flags);
+	free(fs);
+	if (store_check(w, ret) < 0)
+		return;
 	w->f->rep.flags_updated++;
 	w->u->flags_updated++;
 	if (--w->pending == 0) {
@@ -2241,6 +2256,26 @@ static void on_flag_store_reply(struct ms_imapc *c,
 			start_verify(w);
 		else if (w->phase == PH_MATCH)
 			on_match_src_reply(w->s, r, w);
+	}
+}
+
+static void flag_store(struct worker *w, uint32_t src_uid, uint32_t dst_uid,
+		       const char *flags)
+{
+	struct flag_store *fs = calloc(1, sizeof(*fs));
+
+	if (fs == NULL) {
+		job_fail(w->u, "out of memory");
+		return;
+	}
+	fs->w = w;
+	fs->src_uid = src_uid;
+	snprintf(fs->flags, sizeof(fs->flags), "%s", flags);
+	w->pending++;
+	if (ms_imapc_cmd(w->d, on_flag_store_reply, fs,
+			 "UID STORE %u FLAGS.SILENT (%s)", dst_uid, flags) < 0) {
+		free(fs);
+		folder_fail(w, "UID STORE", NULL, w->d);
 	}
 }
 
@@ -2263,14 +2298,7 @@ static void flags_fetch(struct worker *w, const struct fetch *f)
 			w->f->rep.source, f->uid);
 		return;
 	}
-	/* Stored now; if the STORE fails the job fails and the next run
-	 * compares against the flags it finds then. */
-	if (store_check(w, ms_store_msg_set_flags(store, w->f->st.id, f->uid,
-						  f->flags)) < 0)
-		return;
-	w->pending++;
-	ms_imapc_cmd(w->d, on_flag_store_reply, w,
-		     "UID STORE %u FLAGS.SILENT (%s)", rec.dst_uid, f->flags);
+	flag_store(w, f->uid, rec.dst_uid, f->flags);
 }
 
 static void on_flags_reply(struct ms_imapc *c, const struct ms_imap_response *r,

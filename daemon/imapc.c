@@ -62,6 +62,8 @@ struct ms_imapc {
 	void *untagged_ctx;
 	void (*drain)(struct ms_imapc *c, void *ctx);
 	void *drain_ctx;
+	void (*lost)(struct ms_imapc *c, void *ctx);
+	void *lost_ctx;
 
 	struct cmd *cmds, *cmds_tail;
 	unsigned int tag_seq;
@@ -134,6 +136,13 @@ void ms_imapc_set_drain(struct ms_imapc *c,
 {
 	c->drain = cb;
 	c->drain_ctx = ctx;
+}
+
+void ms_imapc_set_lost(struct ms_imapc *c,
+		       void (*cb)(struct ms_imapc *c, void *ctx), void *ctx)
+{
+	c->lost = cb;
+	c->lost_ctx = ctx;
 }
 
 int ms_imapc_has_cap(const struct ms_imapc *c, const char *cap)
@@ -250,10 +259,13 @@ static void fail(struct ms_imapc *c, const char *fmt, ...)
 		uv_timer_stop(c->timer);
 	ms_conn_close(&c->conn);
 	c->busy++;
-	if (old != ST_READY && c->ready != NULL)
+	if (old != ST_READY && c->ready != NULL) {
 		c->ready(c, c->error, c->ready_ctx);
-	else
+	} else {
 		fail_commands(c);
+		if (c->lost != NULL && !c->free_pending)
+			c->lost(c, c->lost_ctx);
+	}
 	c->busy--;
 }
 
@@ -299,6 +311,7 @@ void ms_imapc_free(struct ms_imapc **cp)
 	c->ready = NULL;
 	c->untagged = NULL;
 	c->drain = NULL;
+	c->lost = NULL;
 	/* Pending commands' callbacks are not called once the owner frees. */
 	for (struct cmd *cmd = c->cmds; cmd != NULL; cmd = cmd->next)
 		cmd->cb = NULL;

@@ -63,6 +63,11 @@ void ms_imapc_set_literal_hooks(struct ms_imapc *c,
 void ms_imapc_set_drain(struct ms_imapc *c, void (*cb)(struct ms_imapc *c,
 						       void *ctx), void *ctx);
 
+/* Called when the logged-in connection fails, after the callbacks of the
+ * commands it had pending (so also when none was pending). */
+void ms_imapc_set_lost(struct ms_imapc *c,
+		       void (*cb)(struct ms_imapc *c, void *ctx), void *ctx);
+
 int ms_imapc_has_cap(const struct ms_imapc *c, const char *cap);
 char ms_imapc_separator(const struct ms_imapc *c);
 const char *ms_imapc_error(const struct ms_imapc *c);

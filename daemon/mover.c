@@ -38,6 +38,9 @@
 #include "pop3c.h"
 
 #define MAX_WORKERS 16
+#define MAX_APPENDS 4
+#define MAX_RETRIES 3		/* per folder, after a lost connection */
+#define RETRY_DELAY_MS 1000
 #define MSGID_MAX 500
 #define FLAGS_MAX 1000
 
@@ -75,6 +78,8 @@ struct fjob {
 	char dst[1024];			/* mUTF-7, destination separator */
 	char special[16];		/* \Sent ... or "" */
 	int subscribed, noselect, selected_by_plan;
+	int taken;			/* a worker has it (or had it) */
+	unsigned int retries;		/* reconnects after a lost connection */
 	uint32_t status_msgs;
 	struct ms_folder_report rep;
 	struct ms_folder_state st;
@@ -165,11 +170,14 @@ struct worker {
 	uint32_t v_first_missing;
 	uint32_t *expunge;
 	size_t nexpunge;
+	uint32_t *dst_uids;		/* destination UIDs seen by verify */
+	size_t ndst_uids, capdst_uids;
+	int dedup_done;
 };
 
 enum {
 	PH_OPEN, PH_MATCH, PH_SEEK, PH_COPY, PH_FLAGS, PH_VERIFY_SRC,
-	PH_EXPUNGE, PH_VERIFY_DST,
+	PH_EXPUNGE, PH_VERIFY_DST, PH_DEDUP,
 };
 
 struct ujob {
@@ -187,7 +195,9 @@ struct ujob {
 	struct ms_pop3c *pop;
 
 	struct fjob *folders;
-	unsigned int nfolders, capfolders, next_folder, folders_done;
+	unsigned int nfolders, capfolders, folders_done;
+	unsigned int timers;		/* retry timers pending */
+	char conn_error[400];		/* the last lost or failed connection */
 	struct dfolder *dfolders;
 	unsigned int ndfolders, capdfolders;
 	char src_sep, dst_sep;
@@ -209,8 +219,11 @@ static void copy_pump(struct worker *w);
 static void start_flags(struct worker *w);
 static void start_verify(struct worker *w);
 static void job_maybe_finish(struct ujob *u);
+static void start_dedup(struct worker *w);
 static void pop3_start(struct ujob *u);
 static void worker_hooks(struct worker *w);
+static void worker_start(struct ujob *u, unsigned int idx);
+static void job_schedule(struct ujob *u);
 
 /* ---- small helpers ---- */
 
@@ -624,6 +637,8 @@ static void worker_close(struct worker *w)
 	w->src_uids = NULL;
 	free(w->expunge);
 	w->expunge = NULL;
+	free(w->dst_uids);
+	w->dst_uids = NULL;
 	w->state = W_DONE;
 }
 
@@ -705,7 +720,7 @@ static void job_maybe_finish(struct ujob *u)
 {
 	uv_timer_t *t;
 
-	if (u->finished)
+	if (u->finished || u->timers > 0)
 		return;
 	if (!u->failed) {
 		if (u->pop != NULL || u->planned != 1 ||
@@ -729,12 +744,120 @@ static void job_maybe_finish(struct ujob *u)
 	uv_timer_start(t, job_report, 0, 0);
 }
 
+static int transient(const char *error)
+{
+	static const char *const words[] = {
+		"closed by server", "read error", "write error", "reset",
+		"no reply from the server", "broken pipe",
+	};
+
+	for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++)
+		if (strstr(error, words[i]) != NULL)
+			return 1;
+	return 0;
+}
+
+struct retry_timer {
+	uv_timer_t timer;
+	struct ujob *u;
+	unsigned int idx;
+};
+
+static void on_retry_timer_close(uv_handle_t *h)
+{
+	free(h);
+}
+
+static void on_retry_timer(uv_timer_t *t)
+{
+	struct retry_timer *rt = (struct retry_timer *)t;
+	struct ujob *u = rt->u;
+
+	u->timers--;
+	uv_close((uv_handle_t *)t, on_retry_timer_close);
+	if (u->failed || u->finished) {
+		job_maybe_finish(u);
+		return;
+	}
+	worker_start(u, rt->idx);
+}
+
+/* The connection of a worker went away in the middle of a folder: the
+ * store has everything that was committed, so the folder is simply given
+ * back and the worker reconnects after a pause. */
+static int folder_retry(struct worker *w, const char *error)
+{
+	struct ujob *u = w->u;
+	struct fjob *f = w->f;
+	struct retry_timer *rt;
+
+	if (u->failed || f->retries >= MAX_RETRIES || !transient(error) ||
+	    u->m->src.cfg.proto != MS_PROTO_IMAP)
+		return -1;
+	rt = calloc(1, sizeof(*rt));
+	if (rt == NULL)
+		return -1;
+	f->retries++;
+	f->taken = 0;
+	ms_warn("%s: folder \"%s\": %s; reconnecting (retry %u of %u)",
+		u->name, f->rep.source, error, f->retries, MAX_RETRIES);
+	worker_close(w);
+	w->f = NULL;
+	rt->u = u;
+	rt->idx = w->idx;
+	uv_timer_init(u->m->loop, &rt->timer);
+	uv_timer_start(&rt->timer, on_retry_timer, RETRY_DELAY_MS, 0);
+	u->timers++;
+	snprintf(u->conn_error, sizeof(u->conn_error), "folder \"%s\": %s",
+		 f->rep.source, error);
+	job_schedule(u);
+	return 0;
+}
+
+/* Hands folders nobody has to idle workers, retires workers whose
+ * connections died while they were idle, and fails the job when folders are
+ * left that no worker (nor a pending reconnect) can take. */
+static void job_schedule(struct ujob *u)
+{
+	unsigned int live = u->timers, left = 0;
+
+	if (u->failed || u->finished || u->planned != 1)
+		return;
+	for (unsigned int i = 0; i < u->nworkers; i++) {
+		struct worker *w = &u->workers[i];
+
+		if (w->state == W_IDLE && (ms_imapc_failed(w->s) ||
+					   ms_imapc_failed(w->d))) {
+			snprintf(u->conn_error, sizeof(u->conn_error), "%s: %s",
+				 ms_imapc_failed(w->s) ? "source" : "destination",
+				 ms_imapc_error(ms_imapc_failed(w->s) ? w->s : w->d));
+			worker_close(w);
+		}
+		if (w->state == W_IDLE)
+			worker_next_folder(w);
+		if (u->failed)
+			return;
+		if (w->state != W_DONE)
+			live++;
+	}
+	for (unsigned int i = 0; i < u->nfolders; i++)
+		left += u->folders[i].selected_by_plan && !u->folders[i].taken;
+	if (left > 0 && live == 0)
+		job_fail(u, "%s", u->conn_error[0] != '\0' ? u->conn_error :
+			 "no connection left to copy with");
+	else
+		job_maybe_finish(u);
+}
+
 static void folder_fail(struct worker *w, const char *cmd,
 			const struct ms_imap_response *r, struct ms_imapc *c)
 {
 	char buf[400];
 	char name[1024];
 
+	if (r == NULL && c != NULL && ms_imapc_failed(c) &&
+	    folder_retry(w, ms_imapc_error(c)) == 0)
+		return;
 	to_utf8(name, sizeof(name), w->f->src, 0);
 	if (r == NULL)
 		job_fail(w->u, "folder \"%s\": %s", name,
@@ -1190,8 +1313,7 @@ static void plan_step(struct ujob *u)
 		ms_imapc_set_untagged(w0->d, on_dst_untagged, w0);
 		w0->state = W_IDLE;
 		start_workers(u);
-		worker_next_folder(w0);
-		job_maybe_finish(u);
+		job_schedule(u);
 		return;
 	}
 }
@@ -1208,17 +1330,18 @@ static void on_worker_ready(struct ms_imapc *c, const char *error, void *ctx)
 	int is_src = c == w->s;
 
 	if (error != NULL) {
-		if (w->idx == 0 || u->nworkers == 1) {
-			job_fail(u, "%s: %s", is_src ? "source" : "destination",
-				 error);
-		} else {
-			/* An extra worker that cannot connect is not fatal:
-			 * the others carry on. */
-			ms_warn("%s: %s: extra connection failed: %s", u->name,
-				is_src ? "source" : "destination", error);
-			worker_close(w);
-			job_maybe_finish(u);
+		snprintf(u->conn_error, sizeof(u->conn_error), "%s: %s",
+			 is_src ? "source" : "destination", error);
+		if (u->planned != 1) {
+			job_fail(u, "%s", u->conn_error);
+			return;
 		}
+		/* A connection that cannot be made is not fatal while other
+		 * workers can carry on; job_schedule() decides. */
+		ms_warn("%s: %s: connection failed: %s", u->name,
+			is_src ? "source" : "destination", error);
+		worker_close(w);
+		job_schedule(u);
 		return;
 	}
 	if (is_src)
@@ -1228,15 +1351,14 @@ static void on_worker_ready(struct ms_imapc *c, const char *error, void *ctx)
 	if (!w->s_ready || !w->d_ready)
 		return;
 	worker_hooks(w);
-	if (w->idx == 0) {
+	if (u->planned != 1) {
 		plan_step(u);
 		return;
 	}
 	ms_imapc_set_untagged(w->s, on_src_untagged, w);
 	ms_imapc_set_untagged(w->d, on_dst_untagged, w);
 	w->state = W_IDLE;
-	worker_next_folder(w);
-	job_maybe_finish(u);
+	job_schedule(u);
 }
 
 static struct ms_imapc *connect_server(struct ujob *u, struct server *s,
@@ -1333,8 +1455,7 @@ static void folder_done(struct worker *w)
 	u->folders_done++;
 	w->f = NULL;
 	w->state = W_IDLE;
-	worker_next_folder(w);
-	job_maybe_finish(u);
+	job_schedule(u);
 }
 
 static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
@@ -1348,14 +1469,15 @@ static void worker_next_folder(struct worker *w)
 
 	if (u->failed || w->state != W_IDLE)
 		return;
-	while (u->next_folder < u->nfolders) {
-		f = &u->folders[u->next_folder++];
-		if (f->selected_by_plan)
+	for (unsigned int i = 0; i < u->nfolders; i++) {
+		if (u->folders[i].selected_by_plan && !u->folders[i].taken) {
+			f = &u->folders[i];
 			break;
-		f = NULL;
+		}
 	}
 	if (f == NULL)
 		return;
+	f->taken = 1;
 	w->f = f;
 	w->state = W_BUSY;
 	w->phase = PH_OPEN;
@@ -1363,6 +1485,7 @@ static void worker_next_folder(struct worker *w)
 	w->d_uidvalidity = w->d_uidnext = w->d_exists = 0;
 	w->s_modseq = 0;
 	w->s_nomodseq = 0;
+	w->dedup_done = 0;
 	ms_imap_quote(qs, sizeof(qs), f->src);
 	ms_imap_quote(qd, sizeof(qd), f->dst);
 	w->pending = 2;
@@ -2071,7 +2194,13 @@ static void copy_pump(struct worker *w)
 
 	if (w->u->failed || w->phase != PH_COPY)
 		return;
-	if (w->body == NULL && w->ready != NULL) {
+	/* At most MAX_APPENDS windows sent and not yet answered: bounds the
+	 * open intents, and what a killed run can leave in flight. */
+	unsigned int inflight = 0;
+
+	for (struct window *a = w->appends; a != NULL; a = a->next)
+		inflight++;
+	if (w->body == NULL && w->ready != NULL && inflight < MAX_APPENDS) {
 		struct window *win = w->ready;
 		unsigned int tocopy = 0;
 
@@ -2355,10 +2484,225 @@ static void verify_fetch(struct worker *w, int side, const struct fetch *f)
 			w->capsrc_uids = cap;
 		}
 		w->src_uids[w->nsrc_uids++] = f->uid;
+	} else {
+		if (w->ndst_uids == w->capdst_uids) {
+			size_t cap = w->capdst_uids * 2 + 1024;
+			uint32_t *n = realloc(w->dst_uids, cap * sizeof(*n));
+
+			if (n == NULL) {
+				job_fail(w->u, "out of memory");
+				return;
+			}
+			w->dst_uids = n;
+			w->capdst_uids = cap;
+		}
+		w->dst_uids[w->ndst_uids++] = f->uid;
 	}
 	w->v_count[side]++;
 	w->v_bytes[side] += f->size;
 	w->v_fhash[side] += flags_hash(f->flags);
+}
+
+/* ---- dedup: copies an interrupted earlier run left behind ----
+ *
+ * A run killed with complete APPEND commands still in the server's input
+ * buffer does not stop the server from saving them; if the next run's
+ * reconciliation looked before the server had, those messages were sent
+ * again. They are recognisable: destination messages no done record claims,
+ * with the fingerprint of one that is claimed. They are expunged (exactly
+ * those, UID EXPUNGE) before the verification is repeated. */
+
+static void verify_dst(struct worker *w);
+
+struct claim_ctx {
+	struct worker *w;
+	uint32_t *uids;
+	size_t n, cap;
+	int unknown;
+};
+
+static int collect_claims(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct claim_ctx *cc = ctx;
+	struct worker *w = cc->w;
+
+	if (rec->dst_uid == 0) {
+		cc->unknown = 1;
+		return 0;
+	}
+	if (cc->n == cc->cap) {
+		size_t cap = cc->cap * 2 + 1024;
+		uint32_t *n = realloc(cc->uids, cap * sizeof(*n));
+
+		if (n == NULL)
+			return -1;
+		cc->uids = n;
+		cc->cap = cap;
+	}
+	cc->uids[cc->n++] = rec->dst_uid;
+	if (w->nfps == w->capfps) {
+		size_t cap = w->capfps * 2 + 1024;
+		struct fpent *n = realloc(w->fps, cap * sizeof(*n));
+
+		if (n == NULL)
+			return -1;
+		w->fps = n;
+		w->capfps = cap;
+	}
+	w->fps[w->nfps].h = fingerprint(rec->size, rec->date, rec->msgid);
+	w->fps[w->nfps].uid = rec->dst_uid;
+	w->fps[w->nfps].used = 0;
+	w->fps[w->nfps].flags[0] = '\0';
+	w->nfps++;
+	return 0;
+}
+
+static int fp_exists(const struct worker *w, uint64_t h)
+{
+	size_t lo = 0, hi = w->nfps;
+
+	while (lo < hi) {
+		size_t mid = (lo + hi) / 2;
+
+		if (w->fps[mid].h < h)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo < w->nfps && w->fps[lo].h == h;
+}
+
+static void dedup_fetch(struct worker *w, const struct fetch *f)
+{
+	int64_t date;
+	uint32_t *n;
+
+	if (!f->has_uid || !f->has_size || !f->has_date ||
+	    ms_imap_date_parse(f->date, &date) < 0 ||
+	    !fp_exists(w, fingerprint(f->size, date, f->msgid)))
+		return;
+	n = realloc(w->expunge, (w->nexpunge + 1) * sizeof(*n));
+	if (n == NULL) {
+		job_fail(w->u, "out of memory");
+		return;
+	}
+	w->expunge = n;
+	w->expunge[w->nexpunge++] = f->uid;
+}
+
+static size_t uid_list_set(const uint32_t *uids, size_t n, char **set_r)
+{
+	size_t cap = n * 12 + 16, pos = 0;
+	char *set = malloc(cap);
+
+	if (set == NULL)
+		return 0;
+	set[0] = '\0';
+	for (size_t i = 0; i < n;) {
+		size_t j = i;
+
+		while (j + 1 < n && uids[j + 1] == uids[j] + 1)
+			j++;
+		pos += (size_t)snprintf(set + pos, cap - pos, "%s%u", pos ? "," : "",
+					uids[i]);
+		if (j > i)
+			pos += (size_t)snprintf(set + pos, cap - pos, ":%u", uids[j]);
+		i = j + 1;
+	}
+	*set_r = set;
+	return pos;
+}
+
+static void on_dedup_expunge(struct ms_imapc *c,
+			     const struct ms_imap_response *r, void *ctx)
+{
+	struct worker *w = ctx;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID EXPUNGE", r, c);
+		return;
+	}
+	if (--w->pending == 0)
+		verify_dst(w);
+}
+
+static void on_dedup_reply(struct ms_imapc *c,
+			   const struct ms_imap_response *r, void *ctx)
+{
+	struct worker *w = ctx;
+	char *set = NULL;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID FETCH", r, c);
+		return;
+	}
+	free(w->fps);
+	w->fps = NULL;
+	w->nfps = w->capfps = 0;
+	if (w->nexpunge == 0) {
+		verify_dst(w);
+		return;
+	}
+	qsort(w->expunge, w->nexpunge, sizeof(*w->expunge), cmp_u32);
+	if (uid_list_set(w->expunge, w->nexpunge, &set) == 0) {
+		job_fail(w->u, "out of memory");
+		return;
+	}
+	ms_warn("%s: folder \"%s\": removing %zu duplicate(s) an interrupted "
+		"earlier run left on the destination", w->u->name,
+		w->f->rep.destination, w->nexpunge);
+	w->pending = 2;
+	ms_imapc_cmd(w->d, on_dedup_expunge, w,
+		     "UID STORE %s +FLAGS.SILENT (\\Deleted)", set);
+	ms_imapc_cmd(w->d, on_dedup_expunge, w, "UID EXPUNGE %s", set);
+	free(set);
+}
+
+static void start_dedup(struct worker *w)
+{
+	struct claim_ctx cc = { .w = w };
+	uint32_t *unclaimed = NULL;
+	size_t nun = 0;
+	char *set = NULL;
+
+	w->dedup_done = 1;
+	w->nfps = 0;
+	if (ms_store_msg_foreach(w->u->m->store, w->f->st.id, MS_MSG_DONE,
+				 collect_claims, &cc) != 0) {
+		free(cc.uids);
+		job_fail(w->u, "store: %s", ms_store_error(w->u->m->store));
+		return;
+	}
+	qsort(cc.uids, cc.n, sizeof(*cc.uids), cmp_u32);
+	qsort(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
+	unclaimed = calloc(w->ndst_uids + 1, sizeof(*unclaimed));
+	for (size_t i = 0; unclaimed != NULL && i < w->ndst_uids; i++)
+		if (bsearch(&w->dst_uids[i], cc.uids, cc.n, sizeof(uint32_t),
+			    cmp_u32) == NULL)
+			unclaimed[nun++] = w->dst_uids[i];
+	free(cc.uids);
+	free(w->expunge);
+	w->expunge = NULL;
+	w->nexpunge = 0;
+	if (cc.unknown || nun == 0 || unclaimed == NULL) {
+		free(unclaimed);
+		/* Nothing we can tell apart: report the mismatch as it is. */
+		on_dedup_reply(w->d, &(struct ms_imap_response){
+			.status = MS_STATUS_OK }, w);
+		return;
+	}
+	qsort(unclaimed, nun, sizeof(*unclaimed), cmp_u32);
+	uid_list_set(unclaimed, nun, &set);
+	free(unclaimed);
+	if (set == NULL) {
+		job_fail(w->u, "out of memory");
+		return;
+	}
+	w->phase = PH_DEDUP;
+	ms_imapc_cmd(w->d, on_dedup_reply, w,
+		     "UID FETCH %s (UID RFC822.SIZE INTERNALDATE "
+		     "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])", set);
+	free(set);
 }
 
 static void on_verify_dst_reply(struct ms_imapc *c,
@@ -2370,6 +2714,11 @@ static void on_verify_dst_reply(struct ms_imapc *c,
 
 	if (r == NULL || r->status != MS_STATUS_OK) {
 		folder_fail(w, "UID FETCH", r, c);
+		return;
+	}
+	if (w->v_count[1] > w->v_count[0] && !w->dedup_done &&
+	    ms_imapc_has_cap(w->d, "UIDPLUS")) {
+		start_dedup(w);
 		return;
 	}
 	rep->source_messages = w->v_count[0];
@@ -2405,6 +2754,7 @@ static void verify_dst(struct worker *w)
 {
 	w->phase = PH_VERIFY_DST;
 	w->v_count[1] = w->v_bytes[1] = w->v_fhash[1] = 0;
+	w->ndst_uids = 0;
 	ms_imapc_cmd(w->d, on_verify_dst_reply, w,
 		     "UID FETCH 1:* (UID RFC822.SIZE FLAGS)");
 }
@@ -2630,6 +2980,8 @@ static void on_dst_untagged(struct ms_imapc *c, const struct ms_imap_response *r
 		match_dst_fetch(w, &f);
 	} else if (w->phase == PH_VERIFY_DST) {
 		verify_fetch(w, 1, &f);
+	} else if (w->phase == PH_DEDUP) {
+		dedup_fetch(w, &f);
 	}
 }
 
@@ -2641,6 +2993,31 @@ static const struct ms_imap_parser_callbacks literal_hooks = {
 	.literal_end = on_literal_end,
 };
 
+/* A connection of the worker failed: with a command pending, that
+ * command's callback has already dealt with it; otherwise it is dealt with
+ * here (a source connection dying while the worker waits for the
+ * destination's APPEND replies, say). */
+static void on_conn_lost(struct ms_imapc *c, void *ctx)
+{
+	struct worker *w = ctx;
+	struct ujob *u = w->u;
+
+	if (u->failed || u->finished || w->state == W_DONE)
+		return;
+	if (w->state == W_BUSY && w->f != NULL) {
+		folder_fail(w, "connection", NULL, c);
+		return;
+	}
+	snprintf(u->conn_error, sizeof(u->conn_error), "%s: %s",
+		 c == w->s ? "source" : "destination", ms_imapc_error(c));
+	if (u->planned != 1) {
+		job_fail(u, "%s", u->conn_error);
+		return;
+	}
+	worker_close(w);
+	job_schedule(u);
+}
+
 static void worker_hooks(struct worker *w)
 {
 	struct ms_imap_parser_callbacks cb = literal_hooks;
@@ -2648,6 +3025,8 @@ static void worker_hooks(struct worker *w)
 	cb.ctx = w;
 	ms_imapc_set_literal_hooks(w->s, &cb);
 	ms_imapc_set_drain(w->d, on_dst_drain, w);
+	ms_imapc_set_lost(w->s, on_conn_lost, w);
+	ms_imapc_set_lost(w->d, on_conn_lost, w);
 }
 
 int ms_mover_add_user(struct ms_mover *m, const char *user,

@@ -1,0 +1,404 @@
+"""Fixtures for the mailshiftctl integration tests.
+
+Every test gets its own pair of Dovecot instances (source: '.' separator,
+Maildir++ with listescape; destination: '/' separator, LAYOUT=fs) with
+differently named special-use folders, both with TLS from a session test
+CA and a master user. Mail corpora are built once per session on a
+"golden" Dovecot and copied (cp -a) into each test's source maildir.
+
+run_migrate(users, *args, ...) runs tools/mailshiftctl migrate with the
+passwords in MAILSHIFT_SOURCE_PASSWORD / MAILSHIFT_DEST_PASSWORD (never in
+argv), --json and --store in the test's directory, and returns a Result
+(rc, json, stderr, stdout).
+"""
+
+import json
+import re
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(REPO, 'tests', 'lib'))
+sys.path.insert(0, HERE)
+
+import corpus  # noqa: E402
+import dovecot as dc  # noqa: E402
+import mailcheck as mc  # noqa: E402
+
+MAILSHIFTCTL = os.environ.get('MAILSHIFTCTL') or \
+    os.path.join(REPO, 'tools', 'mailshiftctl')
+
+MASTER = ('master', 'Mast3r-Secret-pw')
+
+# Users with a prebuilt corpus (golden maildirs) and their passwords.
+# Source and destination passwords differ on purpose.
+SRC_USERS = {
+    'alice': 'Src-alice-Pw-7f3a', 'bulk': 'Src-bulk-Pw-19cc',
+    'popper': 'Src-popper-Pw-aa01', 'u1': 'Src-u1-Pw', 'u2': 'Src-u2-Pw',
+    'u3': 'Src-u3-Pw', 'smallie': 'Src-smallie-Pw-55',
+}
+DST_USERS = {u: pw.replace('Src-', 'Dst-') for u, pw in SRC_USERS.items()}
+
+
+def stop_all(*servers):
+    """Stops several Dovecots in parallel."""
+    ts = [threading.Thread(target=s.stop) for s in servers if s is not None]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
+# ------------------------------------------------------------ session scope
+
+@pytest.fixture(scope='session')
+def ctl():
+    if not os.access(MAILSHIFTCTL, os.X_OK):
+        pytest.fail('%s is missing or not executable: build it with '
+                    '`make -C %s all` (make check does)' % (MAILSHIFTCTL, REPO),
+                    pytrace=False)
+    return MAILSHIFTCTL
+
+
+@pytest.fixture(scope='session')
+def test_root():
+    root = dc.make_test_root(prefix='mailshift-it-')
+    yield root
+    dc.remove_test_root(root)
+
+
+@pytest.fixture(scope='session')
+def ca(test_root):
+    return dc.TestCA(os.path.join(test_root, 'ca'))
+
+
+@pytest.fixture(scope='session')
+def wrong_ca(test_root):
+    """Another CA: nothing the servers present is signed by it."""
+    return dc.TestCA(os.path.join(test_root, 'wrong-ca'), cn='wrong CA')
+
+
+def src_server(root, ca, users, name='src', **kw):
+    return dc.Dovecot(os.path.join(root, name), name, users=users,
+                      separator='.', layout='maildir++',
+                      special_use=corpus.SRC_SPECIAL, tls_ca=ca,
+                      master_user=MASTER, listescape=True, **kw)
+
+
+def dst_server(root, ca, users, name='dst', **kw):
+    return dc.Dovecot(os.path.join(root, name), name, users=users,
+                      separator='/', layout='fs',
+                      special_use=corpus.DST_SPECIAL, tls_ca=ca,
+                      master_user=MASTER, **kw)
+
+
+@pytest.fixture(scope='session')
+def golden(test_root, ca):
+    """Builds every corpus once; returns {user: maildir path}."""
+    g = src_server(test_root, ca, SRC_USERS, name='golden')
+    g.start()
+    try:
+        def with_imap(user, fn, *a, **kw):
+            m = g.imap(user)
+            try:
+                return fn(m, *a, **kw)
+            finally:
+                m.logout()
+        with_imap('alice', corpus.fill_standard, big=True)
+        with_imap('smallie', corpus.fill_standard, big=False, base=1000)
+        with_imap('bulk', corpus.fill_bulk)
+        with_imap('popper', corpus.fill_pop3)
+        for i, u in enumerate(('u1', 'u2', 'u3')):
+            with_imap(u, corpus.fill_small, base=2000 + 100 * i)
+    finally:
+        g.stop()
+    return {u: g.maildir(u) for u in SRC_USERS}
+
+
+# -------------------------------------------------------------- per test
+
+class Pair:
+    """A source and a destination Dovecot for one test."""
+
+    def __init__(self, workdir, src, dst):
+        self.workdir = workdir
+        self.src = src
+        self.dst = dst
+
+    def src_imap(self, user):
+        return self.src.imap(user)
+
+    def dst_imap(self, user):
+        return self.dst.imap(user)
+
+    def snapshots(self, user, dst_user=None):
+        """(expected destination snapshot from the source, actual
+        destination snapshot)."""
+        s = self.src.imap(user)
+        d = self.dst.imap(dst_user or user)
+        try:
+            want = mc.map_snapshot(mc.snapshot(s), '/', mc.special_use(s),
+                                   mc.special_use(d))
+            got = mc.snapshot(d)
+        finally:
+            s.logout()
+            d.logout()
+        return want, got
+
+    def assert_copied(self, user, dst_user=None):
+        want, got = self.snapshots(user, dst_user)
+        mc.assert_snapshots_equal(want, got)
+        return want, got
+
+
+@pytest.fixture
+def workdir(test_root, request):
+    d = os.path.join(test_root, 'w-' + request.node.name.replace('/', '_')
+                     .replace('[', '_').replace(']', '')[:80])
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _install_maildirs(server, golden, users):
+    os.makedirs(server.mail_dir, exist_ok=True)
+    os.chown(server.mail_dir, dc.MAIL_UID, dc.MAIL_GID)
+    for u in users:
+        subprocess.run(['cp', '-a', golden[u], server.maildir(u)], check=True)
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, 'rep_' + rep.when, rep)
+
+
+def _failed(request):
+    rep = getattr(request.node, 'rep_call', None)
+    return rep is None or rep.failed
+
+
+@pytest.fixture
+def make_pair(workdir, ca, golden, request):
+    """make_pair(users=('alice',), src_kw={}, dst_kw={}) -> started Pair,
+    the source holding the golden corpora of users."""
+    made = []
+
+    def make(users=('alice',), src_kw=None, dst_kw=None):
+        src = src_server(workdir, ca, dict(SRC_USERS), **(src_kw or {}))
+        dst = dst_server(workdir, ca, dict(DST_USERS), **(dst_kw or {}))
+        made.extend([src, dst])
+        _install_maildirs(src, golden, users)
+        src.start()
+        dst.start()
+        return Pair(workdir, src, dst)
+
+    yield make
+    stop_all(*made)
+    if _failed(request):
+        # Shown with the failure report (captured stdout).
+        for s in made:
+            print('----- %s: %s (last lines)' % (s.name, s.log_path))
+            print('\n'.join(l for l in s.log_tail(1000).splitlines()
+                            if re.search(r': (Warning|Error|Fatal|Panic): ',
+                                         l))[-6000:])
+
+
+@pytest.fixture
+def pair(make_pair):
+    return make_pair()
+
+
+# ------------------------------------------------------------- the CLI
+
+class Result:
+    def __init__(self, rc, stdout, stderr, argv):
+        self.rc = rc
+        self.stdout = stdout
+        self.stderr = stderr
+        self.argv = argv
+        self.json = None
+        try:
+            self.json = json.loads(stdout) if stdout.strip() else None
+        except ValueError:
+            self.json = None
+
+    def __iter__(self):           # rc, json, stderr = run_migrate(...)
+        return iter((self.rc, self.json, self.stderr))
+
+    def describe(self):
+        return ('argv: %s\nrc: %s\nstdout: %s\nstderr: %s'
+                % (' '.join(self.argv), self.rc, self.stdout.strip()[:4000],
+                   self.stderr.strip()[:4000]))
+
+
+class Migrator:
+    """Runs `mailshiftctl migrate` against a Pair."""
+
+    def __init__(self, ctl, pair, store):
+        self.ctl = ctl
+        self.pair = pair
+        self.store = store
+
+    def argv(self, users, args, source=None, dest=None, store=None,
+             json_out=True):
+        if isinstance(users, str):
+            users = [users]
+        argv = [self.ctl, 'migrate',
+                '--source', source or self.pair.src.url('imap'),
+                '--dest', dest or self.pair.dst.url('imap'),
+                '--store', store or self.store, '--no-progress']
+        if json_out:
+            argv.append('--json')
+        return argv + list(args) + list(users)
+
+    def env(self, users, src_password, dst_password):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith('MAILSHIFT_')}
+        first = users if isinstance(users, str) else users[0]
+        if src_password is None:
+            src_password = SRC_USERS.get(first)
+        if dst_password is None:
+            dst_password = DST_USERS.get(first)
+        if src_password is not False:
+            env['MAILSHIFT_SOURCE_PASSWORD'] = src_password
+        if dst_password is not False:
+            env['MAILSHIFT_DEST_PASSWORD'] = dst_password
+        return env
+
+    def popen(self, users, *args, src_password=None, dst_password=None,
+              source=None, dest=None, store=None):
+        argv = self.argv(users, args, source, dest, store)
+        p = subprocess.Popen(argv, env=self.env(users, src_password,
+                                                dst_password),
+                             stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+        p.argv = argv
+        return p
+
+    def run(self, users, *args, src_password=None, dst_password=None,
+            source=None, dest=None, store=None, expect_rc=None, timeout=120,
+            json_out=True):
+        """Runs the CLI (no terminal: new session, stdin /dev/null).
+        src_password/dst_password: None = the user's own, False = unset."""
+        argv = self.argv(users, args, source, dest, store, json_out)
+        p = subprocess.Popen(argv, env=self.env(users, src_password,
+                                                dst_password),
+                             stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stack = backtrace(p.pid)
+            os.kill(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            pytest.fail('mailshiftctl did not finish within %d s: %s\n'
+                        'stdout: %s\nstderr: %s\nstack:\n%s'
+                        % (timeout, ' '.join(argv),
+                           out.decode(errors='replace')[-2000:],
+                           err.decode(errors='replace')[-3000:], stack),
+                        pytrace=False)
+        r = subprocess.CompletedProcess(argv, p.returncode, out, err)
+        res = Result(r.returncode, r.stdout.decode(errors='replace'),
+                     r.stderr.decode(errors='replace'), argv)
+        if expect_rc is not None and res.rc != expect_rc:
+            pytest.fail('expected exit status %d\n%s'
+                        % (expect_rc, res.describe()), pytrace=False)
+        if expect_rc == 0:
+            assert res.json is not None, \
+                'no JSON summary on stdout\n' + res.describe()
+        return res
+
+
+@pytest.fixture
+def migrator(ctl, pair, workdir):
+    return Migrator(ctl, pair, os.path.join(workdir, 'store.db'))
+
+
+@pytest.fixture
+def run_migrate(migrator):
+    """run_migrate(user_or_users, *args, src_password=None,
+    dst_password=None, expect_rc=None, source=URL, dest=URL, store=PATH)
+    -> Result (unpacks as rc, json, stderr)."""
+    return migrator.run
+
+
+# ------------------------------------------------------------- helpers
+
+def store_done_count(path):
+    """Messages recorded done in the store, read-only (0 when the store or
+    its tables do not exist yet, or it is busy)."""
+    if not os.path.exists(path):
+        return 0
+    try:
+        con = sqlite3.connect('file:%s?mode=ro' % path, uri=True,
+                              timeout=0.2)
+        try:
+            return con.execute('SELECT count(*) FROM messages '
+                               'WHERE state = 1').fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def kill9(p):
+    """SIGKILL a Popen'd mailshiftctl by PID and reap it."""
+    try:
+        os.kill(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    out, err = p.communicate(timeout=30)
+    return p.returncode, out, err
+
+
+def store_bytes(path):
+    """The store's bytes (with -wal and -shm)."""
+    data = b''
+    for suffix in ('', '-wal', '-shm', '-journal'):
+        try:
+            with open(path + suffix, 'rb') as f:
+                data += f.read()
+        except OSError:
+            pass
+    return data
+
+
+def backtrace(pid):
+    """All threads' stacks of a live process (gdb), for hang reports."""
+    gdb = shutil.which('gdb')
+    if not gdb:
+        return '(no gdb)'
+    try:
+        r = subprocess.run([gdb, '-p', str(pid), '-batch', '-nx', '-ex',
+                            'thread apply all bt'],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=30)
+        lines = [l for l in r.stdout.decode(errors='replace').splitlines()
+                 if l.startswith(('#', 'Thread'))]
+        return '\n'.join(lines[:80])
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return '(gdb failed: %s)' % e
+
+
+def wait_for(pred, timeout, interval=0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()

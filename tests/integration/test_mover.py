@@ -1,0 +1,527 @@
+"""Integration tests of `mailshiftctl migrate` (docs/cli-spec.md) against
+real Dovecot servers.
+
+Source: separator '.', Maildir++ (listescape on), special-use "Sent"
+(\\Sent), "Trash" (\\Trash), "Drafts" (\\Drafts). Destination: separator
+'/', LAYOUT=fs, special-use "Sent Items" (\\Sent), "Deleted Items"
+(\\Trash). The standard corpus (corpus.fill_standard): nested folders
+Archive, Archive.2020, Archive.2020.Q1; "Entwürfe" and "日本語" (mUTF-7);
+"a/b" (contains the destination's separator: expected as "a%2Fb"); an
+empty folder; an unsubscribed folder; keywords $Forwarded and project-x;
+\\Seen \\Flagged \\Answered \\Draft and \\Deleted-not-expunged; dates in
+1999 and 2005; a 20 MB message; messages without Message-ID; two
+different messages with one Message-ID; one message stored twice.
+
+Snapshots compare, per folder, the multiset of (sha256 of the bytes,
+flags without \\Recent, INTERNALDATE).
+"""
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import threading
+import time
+
+import pytest
+
+import corpus
+import dovecot as dc
+import mailcheck as mc
+import tcpproxy
+from conftest import (DST_USERS, MASTER, SRC_USERS, Migrator, kill9,
+                      store_bytes, store_done_count, wait_for)
+
+ERR_LINE = re.compile(r'^mailshiftctl: (\S+): (.+): (.+)$')
+
+
+def ok_summary(res, user=None):
+    """Asserts a successful single-user JSON summary; returns it."""
+    j = res.json
+    assert isinstance(j, dict), 'no JSON object\n' + res.describe()
+    if user is not None:
+        assert j.get('user') == user, res.describe()
+    assert j.get('ok') is True, res.describe()
+    assert j.get('error') is None, res.describe()
+    assert j.get('verified') is True, res.describe()
+    return j
+
+
+def sizes(imap):
+    """{key: [RFC822.SIZE, ...]} of every selectable folder."""
+    out = {}
+    for f in mc.list_folders(imap):
+        if '\\noselect' in f['attrs'] or '\\nonexistent' in f['attrs']:
+            continue
+        out[f['key']] = [d['RFC822.SIZE'] for d in mc.fetch_all(imap, f['name'],
+                                               '(RFC822.SIZE)').values()]
+    return out
+
+
+def mapped_subscriptions(pair, user, dst_user=None):
+    s = pair.src.imap(user)
+    d = pair.dst.imap(dst_user or user)
+    try:
+        want = mc.map_names(mc.subscriptions(s), '/', mc.special_use(s),
+                            mc.special_use(d))
+        got = mc.subscriptions(d)
+    finally:
+        s.logout()
+        d.logout()
+    return want, got
+
+
+def dst_snapshot(pair, user, with_uids=False):
+    d = pair.dst.imap(user)
+    try:
+        return mc.snapshot(d, with_uids=with_uids)
+    finally:
+        d.logout()
+
+
+def no_secret(secret, *blobs):
+    for b in blobs:
+        if isinstance(b, str):
+            b = b.encode()
+        assert secret.encode() not in b, \
+            'the password %r appears in output or store' % secret
+
+
+# ---------------------------------------------------------------- tests
+
+def test_exact_copy(pair, run_migrate):
+    res = run_migrate('alice', expect_rc=0)
+    j = ok_summary(res, 'alice')
+
+    want, got = pair.assert_copied('alice')
+    n = mc.count(want)
+    assert j['copied'] == n, res.describe()
+
+    s = pair.src.imap('alice')
+    try:
+        src_sizes = sizes(s)
+    finally:
+        s.logout()
+    assert j['bytes'] == sum(sum(v) for v in src_sizes.values()), \
+        res.describe()
+
+    # Special-use mapping: the source's Sent/Trash mail is in the
+    # destination's "Sent Items"/"Deleted Items"; no "Sent"/"Trash" made.
+    assert len(got['Sent Items']) == 3
+    assert len(got['Deleted Items']) == 2
+    assert 'Sent' not in got and 'Trash' not in got
+    # The destination separator inside a source name is escaped.
+    assert len(got['a%252Fb']) == 2, sorted(got)
+    assert got['Empty'] == []
+    assert len(got['Archive/2020/Q1']) == 4
+    assert len(got['Entwürfe']) == 2 and len(got['日本語']) == 2
+
+    want_sub, got_sub = mapped_subscriptions(pair, 'alice')
+    assert 'Unsub' not in got_sub
+    assert got_sub == want_sub
+
+    # Per-folder report.
+    folders = {f['source']: f for f in j['folders']}
+    expect_dest = {'Archive.2020': 'Archive/2020', 'Sent': 'Sent Items',
+                   'Trash': 'Deleted Items', 'a/b': 'a%2Fb',
+                   'Entwürfe': 'Entwürfe', 'Archive.2020.Q1':
+                   'Archive/2020/Q1', 'INBOX': 'INBOX'}
+    for src_name, dst_name in expect_dest.items():
+        assert src_name in folders, 'folder %r not in report: %s' % (
+            src_name, sorted(folders))
+        f = folders[src_name]
+        assert f['destination'] == dst_name, f
+        assert f['verified'] is True, f
+        assert f['source_messages'] == f['dest_messages'], f
+        assert f['source_bytes'] == f['dest_bytes'], f
+    assert folders['INBOX']['source_messages'] == len(want['INBOX'])
+    assert folders['Archive.2020.Q1']['source_bytes'] == \
+        sum(src_sizes['Archive/2020/Q1'])
+    assert sum(f['copied'] for f in j['folders']) == j['copied']
+
+
+def test_second_run_copies_nothing(pair, run_migrate):
+    run_migrate('alice', expect_rc=0)
+    before = dst_snapshot(pair, 'alice', with_uids=True)
+    res = run_migrate('alice', expect_rc=0)
+    j = ok_summary(res, 'alice')
+    assert j['copied'] == 0, res.describe()
+    assert j['flags_updated'] == 0, res.describe()
+    after = dst_snapshot(pair, 'alice', with_uids=True)
+    assert after == before, 'the destination changed on a run with ' \
+        'nothing to copy'
+    pair.assert_copied('alice')
+
+
+def test_incremental(pair, run_migrate):
+    run_migrate('alice', expect_rc=0)
+    s = pair.src.imap('alice')
+    try:
+        new = [(mc.make_message(9000 + i, 1500), ['\\Seen'] if i else [],
+                corpus.D2015 + 9000 + i) for i in range(3)]
+        mc.append_many(s, 'INBOX', new)
+        mc.create_folder(s, 'Projects.Neu')
+        mc.append_many(s, 'Projects.Neu', [
+            (mc.make_message(9100 + i, 900), ['project-x'], corpus.D2005)
+            for i in range(2)])
+        n_new = 5
+        # Flag changes on existing messages: add \Seen, remove \Flagged,
+        # add a keyword.
+        s.select(mc.quote_mailbox('INBOX'))
+        typ, data = s.uid('SEARCH', 'UNSEEN', 'UNDELETED')
+        unseen = data[0].split()
+        typ, data = s.uid('SEARCH', 'FLAGGED')
+        flagged = data[0].split()
+        typ, data = s.uid('SEARCH', 'UNKEYWORD', '$Forwarded', 'SEEN')
+        plain = data[0].split()
+        assert unseen and flagged and plain
+        u1, u2 = unseen[0], flagged[0]
+        u3 = next(u for u in plain if u not in (u1, u2))
+        assert s.uid('STORE', u1, '+FLAGS.SILENT', '(\\Seen)')[0] == 'OK'
+        assert s.uid('STORE', u2, '-FLAGS.SILENT', '(\\Flagged)')[0] == 'OK'
+        assert s.uid('STORE', u3, '+FLAGS.SILENT', '($Forwarded)')[0] == 'OK'
+        mc.unselect(s)
+        # and one in a subfolder
+        s.select(mc.quote_mailbox('Archive.2020'))
+        assert s.uid('STORE', '1:*', '+FLAGS.SILENT', '(project-x)')[0] \
+            == 'OK'
+        mc.unselect(s)
+    finally:
+        s.logout()
+
+    res = run_migrate('alice', expect_rc=0)
+    j = ok_summary(res, 'alice')
+    assert j['copied'] == n_new, res.describe()
+    assert j['flags_updated'] >= 3 + 3, res.describe()
+    pair.assert_copied('alice')
+    want_sub, got_sub = mapped_subscriptions(pair, 'alice')
+    assert got_sub == want_sub
+
+
+KILL_SCHEDULES = {
+    # each entry: a list of kill triggers, one per run, then a clean run
+    'early': [('seconds', 0.3)],
+    'midway': [('done', 400)],
+    'repeated': [('done', 1), ('done', 1500), ('seconds', 0.1),
+                 ('done', 2600)],
+}
+
+
+@pytest.mark.parametrize('schedule', sorted(KILL_SCHEDULES))
+def test_kill9_resume(make_pair, ctl, workdir, schedule):
+    pair = make_pair(users=('bulk',))
+    m = Migrator(ctl, pair, os.path.join(workdir, 'store.db'))
+    killed = 0
+    for kind, value in KILL_SCHEDULES[schedule]:
+        before = store_done_count(m.store)
+        p = m.popen('bulk', '--connections', '4')
+        if kind == 'seconds':
+            wait_for(lambda: p.poll() is not None, value)
+        else:
+            wait_for(lambda: p.poll() is not None or
+                     store_done_count(m.store) >= value, 60, interval=0.005)
+        rc, out, err = kill9(p)
+        if rc == -signal.SIGKILL:
+            killed += 1
+        else:
+            # It ended on its own before the kill point: must be success.
+            assert rc == 0, 'rc %s before the kill (done rows %d)\n%s' % (
+                rc, before, err.decode(errors='replace'))
+    assert killed >= 1, 'mailshiftctl finished before every kill point'
+    # Rerun until success (a few tries at most).
+    for attempt in range(3):
+        res = m.run('bulk')
+        if res.rc == 0:
+            break
+    assert res.rc == 0, res.describe()
+    ok_summary(res, 'bulk')
+
+    want, got = pair.snapshots('bulk')
+    assert mc.count(got) == mc.count(want) == \
+        sum(corpus.BULK_FOLDERS.values()) + corpus.BULK_BIG[1]
+    mc.assert_snapshots_equal(want, got)
+
+    # One more run: nothing left to do.
+    res = m.run('bulk', expect_rc=0)
+    assert ok_summary(res)['copied'] == 0, res.describe()
+
+
+def _force_new_uidvalidity(server, user, folders):
+    """Stops the server, deletes the folders' uid lists and indexes, starts
+    it again: Dovecot gives the folders new UIDVALIDITYs."""
+    m = server.imap(user)
+    old = {}
+    for f in folders:
+        typ, data = m.status(mc.quote_mailbox(f), '(UIDVALIDITY MESSAGES)')
+        old[f] = data[0]
+    m.logout()
+    server.stop()
+    for f in folders:
+        d = server.folder_dir(user, f)
+        for name in os.listdir(d):
+            if name == 'dovecot-uidlist' or name.startswith('dovecot.index'):
+                os.unlink(os.path.join(d, name))
+    base = server.maildir(user)
+    for name in os.listdir(base):
+        if name.startswith('dovecot.list.index'):
+            os.unlink(os.path.join(base, name))
+    # UIDVALIDITY is derived from the clock: make sure it moves.
+    time.sleep(1.1)
+    server.start()
+    m = server.imap(user)
+    try:
+        for f in folders:
+            typ, data = m.status(mc.quote_mailbox(f), '(UIDVALIDITY MESSAGES)')
+            assert data[0] != old[f], 'harness: UIDVALIDITY of %s did not ' \
+                'change (%r)' % (f, data[0])
+    finally:
+        m.logout()
+
+
+def test_uidvalidity_change(pair, run_migrate):
+    run_migrate('alice', expect_rc=0)
+    _force_new_uidvalidity(pair.src, 'alice', ['INBOX', 'Archive.2020'])
+    res = run_migrate('alice', source=pair.src.url('imap'))
+    assert res.rc == 0, res.describe()
+    ok_summary(res, 'alice')
+    pair.assert_copied('alice')
+    # And a further run is a no-op.
+    res = run_migrate('alice', source=pair.src.url('imap'), expect_rc=0)
+    assert ok_summary(res)['copied'] == 0, res.describe()
+    pair.assert_copied('alice')
+
+
+def test_tls(make_pair, ctl, workdir, ca, wrong_ca):
+    pair = make_pair(users=('smallie',))
+    m = Migrator(ctl, pair, os.path.join(workdir, 'store.db'))
+    # source implicit TLS, destination STARTTLS, verified with the test CA
+    res = m.run('smallie', '--ca-file', ca.ca_file,
+                source=pair.src.url('imaps'),
+                dest=pair.dst.url('imap+starttls'), expect_rc=0)
+    ok_summary(res, 'smallie')
+    pair.assert_copied('smallie')
+
+    # a CA that did not sign the servers' certificates
+    for src_scheme, dst_scheme, side in (('imaps', 'imap', 'source'),
+                                         ('imap', 'imap+starttls',
+                                          'destination')):
+        other = os.path.join(workdir, 'other-%s.db' % side)
+        res = m.run('smallie', '--ca-file', wrong_ca.ca_file,
+                    source=pair.src.url(src_scheme),
+                    dest=pair.dst.url(dst_scheme), store=other)
+        assert res.rc == 1, res.describe()
+        assert 'certificate' in res.stderr.lower(), res.describe()
+        assert side in res.stderr, res.describe()
+
+    # --insecure accepts any certificate
+    res = m.run('smallie', '--ca-file', wrong_ca.ca_file, '--insecure',
+                source=pair.src.url('imaps'),
+                dest=pair.dst.url('imap+starttls'), expect_rc=0)
+    ok_summary(res, 'smallie')
+    pair.assert_copied('smallie')
+
+    # a plaintext-only server asked for STARTTLS: error, not a silent
+    # plaintext login
+    plain = dc.Dovecot(os.path.join(workdir, 'plain'), 'plain',
+                       users=dict(DST_USERS), separator='/', layout='fs')
+    plain.start()
+    try:
+        res = m.run('smallie', '--ca-file', ca.ca_file,
+                    source=pair.src.url('imaps'),
+                    dest=plain.url('imap+starttls'),
+                    store=os.path.join(workdir, 'plain.db'))
+        assert res.rc == 1, res.describe()
+        assert 'destination' in res.stderr, res.describe()
+    finally:
+        plain.stop()
+
+
+def test_wrong_password(pair, run_migrate, migrator):
+    wrong = 'Wr0ng-Pa55word-zq81'
+    res = run_migrate('alice', src_password=wrong)
+    assert res.rc == 1, res.describe()
+    assert 'login failed' in res.stderr, res.describe()
+    assert 'source' in res.stderr, res.describe()
+    assert ERR_LINE.match(res.stderr.strip().splitlines()[-1]), \
+        res.describe()
+    no_secret(wrong, res.stdout, res.stderr, store_bytes(migrator.store))
+    no_secret(DST_USERS['alice'], res.stdout, res.stderr,
+              store_bytes(migrator.store))
+    if res.json is not None:
+        assert res.json.get('ok') is False
+
+    res = run_migrate('alice', dst_password=wrong)
+    assert res.rc == 1, res.describe()
+    assert 'login failed' in res.stderr, res.describe()
+    assert 'destination' in res.stderr, res.describe()
+    no_secret(wrong, res.stdout, res.stderr, store_bytes(migrator.store))
+    no_secret(SRC_USERS['alice'], res.stdout, res.stderr,
+              store_bytes(migrator.store))
+
+    # A successful run does not store or print the passwords either.
+    res = run_migrate('alice', expect_rc=0)
+    for pw in (SRC_USERS['alice'], DST_USERS['alice']):
+        no_secret(pw, res.stdout, res.stderr, store_bytes(migrator.store))
+
+
+@pytest.mark.parametrize('cut_after', [64 * 1024, 2 * 1024 * 1024],
+                         ids=['64K', '2M'])
+def test_server_drops_connection(pair, run_migrate, cut_after):
+    """A proxy in front of the source resets every connection once
+    cut_after bytes came from the server, and refuses later ones."""
+    proxy = tcpproxy.CuttingProxy(pair.src.imap_port, cut_after=cut_after)
+    proxy.start()
+    try:
+        res = run_migrate('alice', source=proxy.url('imap'), timeout=60)
+    finally:
+        proxy.stop()
+    assert proxy.cut.is_set(), 'harness: the proxy never cut (%d bytes)' \
+        % proxy.bytes_down
+    assert res.rc == 1, res.describe()
+    last = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ''
+    assert ERR_LINE.match(last), res.describe()
+    assert re.search(r'source|connection|closed|disconnect|eof|reset',
+                     last, re.I), res.describe()
+    if res.json is not None:
+        assert res.json.get('ok') is False, res.describe()
+
+    res = run_migrate('alice', expect_rc=0)
+    ok_summary(res, 'alice')
+    pair.assert_copied('alice')
+
+
+def test_pop3_source(make_pair, ctl, workdir):
+    pair = make_pair(users=('popper',))
+    run_migrate = Migrator(ctl, pair, os.path.join(workdir, 'store.db')).run
+
+    def inbox_bodies(server, user):
+        m = server.imap(user)
+        try:
+            snap = mc.snapshot(m)
+        finally:
+            m.logout()
+        return sorted(e[0] for e in snap['INBOX']), snap
+
+    src_bodies, _ = inbox_bodies(pair.src, 'popper')
+    res = run_migrate('popper', source=pair.src.url('pop3'), expect_rc=0)
+    j = ok_summary(res, 'popper')
+    assert j['copied'] == len(src_bodies), res.describe()
+    dst_bodies, snap = inbox_bodies(pair.dst, 'popper')
+    assert dst_bodies == src_bodies
+    assert all(not v for k, v in snap.items() if k != 'INBOX'), \
+        'POP3 source: mail outside INBOX on the destination'
+    # POP3 left the source alone
+    assert inbox_bodies(pair.src, 'popper')[0] == src_bodies
+
+    s = pair.src.imap('popper')
+    try:
+        mc.append_many(s, 'INBOX', [(mc.make_message(600000 + i, 1000), [],
+                                     corpus.D2015) for i in range(2)])
+    finally:
+        s.logout()
+    src_bodies, _ = inbox_bodies(pair.src, 'popper')
+    res = run_migrate('popper', source=pair.src.url('pop3'), expect_rc=0)
+    j = ok_summary(res, 'popper')
+    assert j['copied'] == 2, res.describe()
+    assert inbox_bodies(pair.dst, 'popper')[0] == src_bodies
+
+    res = run_migrate('popper', source=pair.src.url('pop3'), expect_rc=0)
+    assert ok_summary(res, 'popper')['copied'] == 0, res.describe()
+    assert inbox_bodies(pair.dst, 'popper')[0] == src_bodies
+
+
+def test_admin_login(make_pair, ctl, workdir):
+    pair = make_pair(users=('smallie',))
+    m = Migrator(ctl, pair, os.path.join(workdir, 'store.db'))
+    res = m.run('smallie', '--source-admin', MASTER[0],
+                src_password=MASTER[1], expect_rc=0)
+    ok_summary(res, 'smallie')
+    pair.assert_copied('smallie')
+    # both sides through the master user, a new destination mailbox
+    pair.dst.add_user('smallie2', 'x-unused-pw')
+    res = m.run('smallie', '--source-admin', MASTER[0], '--dest-admin',
+                MASTER[0], '--dest-user', 'smallie2',
+                src_password=MASTER[1], dst_password=MASTER[1],
+                store=os.path.join(workdir, 'store2.db'), expect_rc=0)
+    ok_summary(res, 'smallie')
+    pair.assert_copied('smallie', dst_user='smallie2')
+    # a wrong admin password fails the login
+    res = m.run('smallie', '--source-admin', MASTER[0],
+                src_password='not-the-master-pw',
+                store=os.path.join(workdir, 'store3.db'))
+    assert res.rc == 1 and 'login failed' in res.stderr, res.describe()
+
+
+def test_include_exclude(make_pair, ctl, workdir):
+    pair = make_pair(users=('smallie',))
+    m = Migrator(ctl, pair, os.path.join(workdir, 'store.db'))
+    res = m.run('smallie', '--exclude', 'Archive*', expect_rc=0)
+    ok_summary(res, 'smallie')
+    want, got = pair.snapshots('smallie')
+    assert not [k for k in got if k.startswith('Archive')], sorted(got)
+    for k in list(want):
+        if k.startswith('Archive'):
+            del want[k]
+    mc.assert_snapshots_equal(want, got)
+    assert not [f for f in res.json['folders']
+                if f['source'].startswith('Archive')], res.describe()
+
+    # --include: only the named folders (a fresh destination mailbox)
+    pair.dst.add_user('smallie2', DST_USERS['smallie'])
+    res = m.run('smallie', '--include', 'INBOX', '--include', 'Archive/*',
+                '--dest-user', 'smallie2',
+                store=os.path.join(workdir, 'store2.db'), expect_rc=0)
+    ok_summary(res, 'smallie')
+    want, got = pair.snapshots('smallie', dst_user='smallie2')
+    copied = {k for k, v in got.items() if v}
+    assert copied == {'INBOX', 'Archive/2020', 'Archive/2020/Q1'}, \
+        sorted(got)
+    for k in ('INBOX', 'Archive/2020', 'Archive/2020/Q1'):
+        assert sorted(got[k]) == sorted(want[k]), k
+    assert 'Entwürfe' not in got and 'Empty' not in got, sorted(got)
+
+
+def test_password_file_mode(pair, migrator, workdir):
+    pwfile = os.path.join(workdir, 'source.pw')
+    with open(pwfile, 'w') as f:
+        f.write(SRC_USERS['alice'] + '\n')
+    os.chmod(pwfile, 0o644)
+    res = migrator.run('alice', '--source-password-file', pwfile,
+                       src_password=False)
+    assert res.rc in (1, 2), res.describe()
+    assert res.stderr.strip(), res.describe()
+    assert re.search(r'source\.pw|password.file|permission|mode|readable',
+                     res.stderr, re.I), res.describe()
+    no_secret(SRC_USERS['alice'], res.stdout, res.stderr)
+    assert not dst_snapshot(pair, 'alice').get('INBOX'), \
+        'mail was copied although the password file was refused'
+
+    os.chmod(pwfile, 0o600)
+    res = migrator.run('alice', '--source-password-file', pwfile,
+                       src_password=False, expect_rc=0)
+    ok_summary(res, 'alice')
+    pair.assert_copied('alice')
+
+    # no password source at all and no terminal: an error, not a hang
+    res = migrator.run('alice', src_password=False, timeout=20,
+                       store=os.path.join(workdir, 'nopw.db'))
+    assert res.rc in (1, 2), res.describe()
+
+
+def test_many_users(make_pair, ctl, workdir):
+    users = ('u1', 'u2', 'u3')
+    pair = make_pair(users=users)
+    m = Migrator(ctl, pair, os.path.join(workdir, 'store.db'))
+    res = m.run(list(users), '--source-admin', MASTER[0], '--dest-admin',
+                MASTER[0], '--connections', '2', src_password=MASTER[1],
+                dst_password=MASTER[1], expect_rc=0)
+    j = res.json
+    assert j.get('ok') is True, res.describe()
+    got_users = {u['user']: u for u in j.get('users', [])}
+    assert set(got_users) == set(users), res.describe()
+    for u in users:
+        assert got_users[u]['ok'] is True, res.describe()
+        assert got_users[u]['verified'] is True, res.describe()
+        assert got_users[u]['copied'] == 15, res.describe()
+        pair.assert_copied(u)

@@ -1,0 +1,154 @@
+"""A loopback TCP proxy (threads) that can cut connections on purpose.
+
+    p = CuttingProxy(target_port, cut_after=2 * 1024 * 1024)
+    p.start()        # p.port: listen port on 127.0.0.1
+    ...              # connect to 127.0.0.1:p.port instead of target_port
+    p.stop()
+
+Once cut_after bytes in total have gone from the server to the clients
+(over all connections), every connection is closed abruptly (RST) and
+new connections are accepted and closed at once (refuse_after_cut=True).
+cut_after=None: never cut.
+"""
+
+import socket
+import struct
+import threading
+
+
+class CuttingProxy:
+    def __init__(self, target_port, cut_after=None, target_host='127.0.0.1',
+                 refuse_after_cut=True):
+        self.target = (target_host, target_port)
+        self.cut_after = cut_after
+        self.refuse_after_cut = refuse_after_cut
+        self.bytes_down = 0          # server -> client
+        self.bytes_up = 0            # client -> server
+        self.connections = 0
+        self.cut = threading.Event()
+        self._lock = threading.Lock()
+        self._socks = set()
+        self._threads = []
+        self._stop = threading.Event()
+        self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._lsock.bind(('127.0.0.1', 0))
+        self._lsock.listen(64)
+        self.port = self._lsock.getsockname()[1]
+
+    def start(self):
+        t = threading.Thread(target=self._accept_loop, daemon=True)
+        t.start()
+        self._threads.append(t)
+        return self
+
+    def url(self, scheme='imap'):
+        return '%s://127.0.0.1:%d' % (scheme, self.port)
+
+    def _accept_loop(self):
+        self._lsock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                c, _ = self._lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            if self.cut.is_set() and self.refuse_after_cut:
+                _abort(c)
+                continue
+            try:
+                s = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                _abort(c)
+                continue
+            s.settimeout(None)
+            with self._lock:
+                self._socks.update((c, s))
+            for a, b, down in ((s, c, True), (c, s, False)):
+                t = threading.Thread(target=self._pump, args=(a, b, down),
+                                     daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _pump(self, src, dst, down):
+        try:
+            while not self._stop.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                if down and self.cut_after is not None:
+                    with self._lock:
+                        room = self.cut_after - self.bytes_down
+                    if room <= 0 or self.cut.is_set():
+                        self._cut_all()
+                        return
+                    if len(data) > room:
+                        data = data[:room]
+                dst.sendall(data)
+                with self._lock:
+                    if down:
+                        self.bytes_down += len(data)
+                    else:
+                        self.bytes_up += len(data)
+                    reached = (down and self.cut_after is not None and
+                               self.bytes_down >= self.cut_after)
+                if reached:
+                    self._cut_all()
+                    return
+        except OSError:
+            pass
+        # Normal end of one direction: close both ends of the pair.
+        for x in (src, dst):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _cut_all(self):
+        self.cut.set()
+        with self._lock:
+            socks = list(self._socks)
+            self._socks.clear()
+        for x in socks:
+            _abort(x)
+
+    def stop(self):
+        self._stop.set()
+        try:
+            self._lsock.close()
+        except OSError:
+            pass
+        with self._lock:
+            socks = list(self._socks)
+            self._socks.clear()
+        for x in socks:
+            _abort(x)
+        for t in self._threads:
+            t.join(timeout=2)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _abort(sock):
+    """Close with RST (SO_LINGER 0)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                        struct.pack('ii', 1, 0))
+    except OSError:
+        pass
+    try:
+        # shutdown wakes a thread blocked in recv() on this socket.
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass

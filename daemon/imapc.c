@@ -10,6 +10,7 @@
 
 #include "imapc.h"
 #include "log.h"
+#include "util.h"
 
 enum imapc_state {
 	ST_CONNECTING,
@@ -85,15 +86,6 @@ struct ms_imapc {
 static void fail(struct ms_imapc *c, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 static void imapc_send(struct ms_imapc *c, const void *data, size_t len);
-
-static void wipe_free(char **s)
-{
-	if (*s != NULL) {
-		OPENSSL_cleanse(*s, strlen(*s));
-		free(*s);
-		*s = NULL;
-	}
-}
 
 static char *xstrdup_or_null(const char *s)
 {
@@ -254,7 +246,7 @@ static void fail(struct ms_imapc *c, const char *fmt, ...)
 	else
 		snprintf(c->error, sizeof(c->error), "%s", msg);
 	c->state = ST_FAILED;
-	wipe_free(&c->password);
+	ms_secret_free(&c->password);
 	if (c->timer != NULL)
 		uv_timer_stop(c->timer);
 	ms_conn_close(&c->conn);
@@ -292,7 +284,7 @@ static void really_free(struct ms_imapc *c)
 	}
 	if (c->timer != NULL)
 		uv_close((uv_handle_t *)c->timer, on_timer_close);
-	wipe_free(&c->password);
+	ms_secret_free(&c->password);
 	free(c->host);
 	free(c->ca_file);
 	free(c->server_name);
@@ -542,7 +534,7 @@ static void on_postcapa(struct ms_imapc *c, const struct ms_imap_response *r,
 static void become_ready(struct ms_imapc *c)
 {
 	c->state = ST_READY;
-	wipe_free(&c->password);
+	ms_secret_free(&c->password);
 	c->busy++;
 	if (c->ready != NULL)
 		c->ready(c, NULL, c->ready_ctx);
@@ -587,7 +579,7 @@ static void on_login(struct ms_imapc *c, const struct ms_imap_response *r,
 
 	if (r == NULL)
 		return;
-	wipe_free(&c->password);
+	ms_secret_free(&c->password);
 	if (r->status != MS_STATUS_OK) {
 		fail(c, "login failed: %s",
 		     ms_imapc_resp_summary(r, buf, sizeof(buf)));
@@ -647,32 +639,17 @@ static void start_login(struct ms_imapc *c)
 		(c->mech == MS_AUTH_AUTO && ms_imapc_has_cap(c, "AUTH=PLAIN"));
 	if (plain) {
 		/* authzid NUL authcid NUL password, base64 (RFC 4616). */
-		const char *authz = c->admin != NULL ? c->user : "";
-		const char *authc = c->admin != NULL ? c->admin : c->user;
-		size_t zl = strlen(authz), cl = strlen(authc),
-		       pl = strlen(c->password);
-		size_t rawlen = zl + cl + pl + 2;
-		unsigned char *raw = malloc(rawlen);
-		char *b64 = malloc(4 * (rawlen / 3 + 1) + 8);
+		char *b64 = c->admin != NULL ?
+			ms_sasl_plain(c->user, c->admin, c->password) :
+			ms_sasl_plain("", c->user, c->password);
 
-		if (raw == NULL || b64 == NULL) {
-			free(raw);
-			free(b64);
+		if (b64 == NULL) {
 			fail(c, "out of memory");
 			return;
 		}
-		memcpy(raw, authz, zl);
-		raw[zl] = '\0';
-		memcpy(raw + zl + 1, authc, cl);
-		raw[zl + 1 + cl] = '\0';
-		memcpy(raw + zl + cl + 2, c->password, pl);
-		EVP_EncodeBlock((unsigned char *)b64, raw, (int)rawlen);
-		OPENSSL_cleanse(raw, rawlen);
-		free(raw);
 		cmd = cmd_push(c, on_login, NULL, "AUTHENTICATE");
 		if (cmd == NULL) {
-			OPENSSL_cleanse(b64, strlen(b64));
-			free(b64);
+			ms_secret_free(&b64);
 			fail(c, "out of memory");
 			return;
 		}
@@ -686,8 +663,7 @@ static void start_login(struct ms_imapc *c)
 		}
 		imapc_send(c, b64, strlen(b64));
 		imapc_send(c, "\r\n", 2);
-		OPENSSL_cleanse(b64, strlen(b64));
-		free(b64);
+		ms_secret_free(&b64);
 		return;
 	}
 	cmd = cmd_push(c, on_login, NULL, "LOGIN");
@@ -1035,7 +1011,7 @@ struct ms_imapc *ms_imapc_new(uv_loop_t *loop,
 			 c->host, c->port, uv_strerror(ret));
 		c->state = ST_FAILED;
 		uv_timer_stop(c->timer);
-		wipe_free(&c->password);
+		ms_secret_free(&c->password);
 		/* Report asynchronously: callers expect no callback from
 		 * inside ms_imapc_new(). */
 		c->timer->data = c;

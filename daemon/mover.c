@@ -36,6 +36,7 @@
 #include "mailbox.h"
 #include "mover.h"
 #include "pop3c.h"
+#include "util.h"
 
 #define MAX_WORKERS 16
 #define MAX_APPENDS 4
@@ -163,15 +164,13 @@ struct worker {
 	uint32_t match_floor;
 
 	/* verify */
-	uint32_t *src_uids;
-	size_t nsrc_uids, capsrc_uids;
+	struct ms_u32vec known;		/* match: destination UIDs done */
+	struct ms_u32vec src_uids;	/* verify: source UIDs */
 	uint64_t v_count[2], v_bytes[2], v_fhash[2];
 	uint64_t v_missing;
 	uint32_t v_first_missing;
-	uint32_t *expunge;
-	size_t nexpunge;
-	uint32_t *dst_uids;		/* destination UIDs seen by verify */
-	size_t ndst_uids, capdst_uids;
+	struct ms_u32vec expunge;	/* destination UIDs to expunge */
+	struct ms_u32vec dst_uids;	/* verify: destination UIDs */
 	int dedup_done;
 };
 
@@ -270,15 +269,6 @@ static void to_utf8(char *out, size_t outsz, const char *mutf7, char sep)
 	snprintf(out, outsz, "%s", u != NULL ? u : mutf7);
 	free(u);
 	(void)sep;
-}
-
-static void wipe_free(char **s)
-{
-	if (*s != NULL) {
-		OPENSSL_cleanse(*s, strlen(*s));
-		free(*s);
-		*s = NULL;
-	}
 }
 
 static char *login_name(const char *tmpl, const char *user)
@@ -633,12 +623,10 @@ static void worker_close(struct worker *w)
 	}
 	free(w->fps);
 	w->fps = NULL;
-	free(w->src_uids);
-	w->src_uids = NULL;
-	free(w->expunge);
-	w->expunge = NULL;
-	free(w->dst_uids);
-	w->dst_uids = NULL;
+	ms_u32vec_free(&w->known);
+	ms_u32vec_free(&w->src_uids);
+	ms_u32vec_free(&w->expunge);
+	ms_u32vec_free(&w->dst_uids);
 	w->state = W_DONE;
 }
 
@@ -661,8 +649,8 @@ static void job_fail(struct ujob *u, const char *fmt, ...)
 
 static void job_free(struct ujob *u)
 {
-	wipe_free(&u->src_pw);
-	wipe_free(&u->dst_pw);
+	ms_secret_free(&u->src_pw);
+	ms_secret_free(&u->dst_pw);
 	free(u->name);
 	free(u->src_login);
 	free(u->dst_login);
@@ -1595,8 +1583,7 @@ static struct fpent *fp_take(struct worker *w, uint64_t h)
 }
 
 struct known_ctx {
-	uint32_t *uids;
-	size_t n, cap;
+	struct ms_u32vec uids;
 	uint32_t floor;
 };
 
@@ -1605,18 +1592,8 @@ static int collect_known(void *ctx, const struct ms_msg_rec *rec)
 	struct known_ctx *k = ctx;
 
 	if (rec->state == MS_MSG_DONE && rec->dst_uid >= k->floor &&
-	    rec->dst_uid != 0) {
-		if (k->n == k->cap) {
-			size_t cap = k->cap * 2 + 64;
-			uint32_t *n = realloc(k->uids, cap * sizeof(*n));
-
-			if (n == NULL)
-				return -1;
-			k->uids = n;
-			k->cap = cap;
-		}
-		k->uids[k->n++] = rec->dst_uid;
-	}
+	    rec->dst_uid != 0)
+		return ms_u32vec_push(&k->uids, rec->dst_uid);
 	return 0;
 }
 
@@ -1833,16 +1810,13 @@ static void start_match(struct worker *w, int reconcile, uint32_t floor)
 	k.floor = floor;
 	if (reconcile && ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE,
 					      collect_known, &k) != 0) {
-		free(k.uids);
+		ms_u32vec_free(&k.uids);
 		job_fail(w->u, "store: %s", ms_store_error(store));
 		return;
 	}
-	qsort(k.uids, k.n, sizeof(*k.uids), cmp_u32);
-	/* Keep the known set in src_uids for the fetch handler. */
-	free(w->src_uids);
-	w->src_uids = k.uids;
-	w->nsrc_uids = k.n;
-	w->capsrc_uids = k.cap;
+	ms_u32vec_sort(&k.uids);
+	ms_u32vec_free(&w->known);
+	w->known = k.uids;
 	if (w->d_exists == 0) {
 		on_match_dst_reply(w->d, &(struct ms_imap_response){
 			.status = MS_STATUS_OK }, w);
@@ -2472,31 +2446,13 @@ static void verify_fetch(struct worker *w, int side, const struct fetch *f)
 	if (side == 0) {
 		if (f->uid > w->f->st.hwm)
 			return;	/* arrived after this run's copy */
-		if (w->nsrc_uids == w->capsrc_uids) {
-			size_t cap = w->capsrc_uids * 2 + 1024;
-			uint32_t *n = realloc(w->src_uids, cap * sizeof(*n));
-
-			if (n == NULL) {
-				job_fail(w->u, "out of memory");
-				return;
-			}
-			w->src_uids = n;
-			w->capsrc_uids = cap;
+		if (ms_u32vec_push(&w->src_uids, f->uid) < 0) {
+			job_fail(w->u, "out of memory");
+			return;
 		}
-		w->src_uids[w->nsrc_uids++] = f->uid;
-	} else {
-		if (w->ndst_uids == w->capdst_uids) {
-			size_t cap = w->capdst_uids * 2 + 1024;
-			uint32_t *n = realloc(w->dst_uids, cap * sizeof(*n));
-
-			if (n == NULL) {
-				job_fail(w->u, "out of memory");
-				return;
-			}
-			w->dst_uids = n;
-			w->capdst_uids = cap;
-		}
-		w->dst_uids[w->ndst_uids++] = f->uid;
+	} else if (ms_u32vec_push(&w->dst_uids, f->uid) < 0) {
+		job_fail(w->u, "out of memory");
+		return;
 	}
 	w->v_count[side]++;
 	w->v_bytes[side] += f->size;
@@ -2516,8 +2472,7 @@ static void verify_dst(struct worker *w);
 
 struct claim_ctx {
 	struct worker *w;
-	uint32_t *uids;
-	size_t n, cap;
+	struct ms_u32vec uids;
 	int unknown;
 };
 
@@ -2530,16 +2485,8 @@ static int collect_claims(void *ctx, const struct ms_msg_rec *rec)
 		cc->unknown = 1;
 		return 0;
 	}
-	if (cc->n == cc->cap) {
-		size_t cap = cc->cap * 2 + 1024;
-		uint32_t *n = realloc(cc->uids, cap * sizeof(*n));
-
-		if (n == NULL)
-			return -1;
-		cc->uids = n;
-		cc->cap = cap;
-	}
-	cc->uids[cc->n++] = rec->dst_uid;
+	if (ms_u32vec_push(&cc->uids, rec->dst_uid) < 0)
+		return -1;
 	if (w->nfps == w->capfps) {
 		size_t cap = w->capfps * 2 + 1024;
 		struct fpent *n = realloc(w->fps, cap * sizeof(*n));
@@ -2575,19 +2522,13 @@ static int fp_exists(const struct worker *w, uint64_t h)
 static void dedup_fetch(struct worker *w, const struct fetch *f)
 {
 	int64_t date;
-	uint32_t *n;
 
 	if (!f->has_uid || !f->has_size || !f->has_date ||
 	    ms_imap_date_parse(f->date, &date) < 0 ||
 	    !fp_exists(w, fingerprint(f->size, date, f->msgid)))
 		return;
-	n = realloc(w->expunge, (w->nexpunge + 1) * sizeof(*n));
-	if (n == NULL) {
+	if (ms_u32vec_push(&w->expunge, f->uid) < 0)
 		job_fail(w->u, "out of memory");
-		return;
-	}
-	w->expunge = n;
-	w->expunge[w->nexpunge++] = f->uid;
 }
 
 static size_t uid_list_set(const uint32_t *uids, size_t n, char **set_r)
@@ -2639,18 +2580,18 @@ static void on_dedup_reply(struct ms_imapc *c,
 	free(w->fps);
 	w->fps = NULL;
 	w->nfps = w->capfps = 0;
-	if (w->nexpunge == 0) {
+	if (w->expunge.n == 0) {
 		verify_dst(w);
 		return;
 	}
-	qsort(w->expunge, w->nexpunge, sizeof(*w->expunge), cmp_u32);
-	if (uid_list_set(w->expunge, w->nexpunge, &set) == 0) {
+	ms_u32vec_sort(&w->expunge);
+	if (uid_list_set(w->expunge.v, w->expunge.n, &set) == 0) {
 		job_fail(w->u, "out of memory");
 		return;
 	}
 	ms_warn("%s: folder \"%s\": removing %zu duplicate(s) an interrupted "
 		"earlier run left on the destination", w->u->name,
-		w->f->rep.destination, w->nexpunge);
+		w->f->rep.destination, w->expunge.n);
 	w->pending = 2;
 	ms_imapc_cmd(w->d, on_dedup_expunge, w,
 		     "UID STORE %s +FLAGS.SILENT (\\Deleted)", set);
@@ -2669,21 +2610,18 @@ static void start_dedup(struct worker *w)
 	w->nfps = 0;
 	if (ms_store_msg_foreach(w->u->m->store, w->f->st.id, MS_MSG_DONE,
 				 collect_claims, &cc) != 0) {
-		free(cc.uids);
+		ms_u32vec_free(&cc.uids);
 		job_fail(w->u, "store: %s", ms_store_error(w->u->m->store));
 		return;
 	}
-	qsort(cc.uids, cc.n, sizeof(*cc.uids), cmp_u32);
+	ms_u32vec_sort(&cc.uids);
 	qsort(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
-	unclaimed = calloc(w->ndst_uids + 1, sizeof(*unclaimed));
-	for (size_t i = 0; unclaimed != NULL && i < w->ndst_uids; i++)
-		if (bsearch(&w->dst_uids[i], cc.uids, cc.n, sizeof(uint32_t),
-			    cmp_u32) == NULL)
-			unclaimed[nun++] = w->dst_uids[i];
-	free(cc.uids);
-	free(w->expunge);
-	w->expunge = NULL;
-	w->nexpunge = 0;
+	unclaimed = calloc(w->dst_uids.n + 1, sizeof(*unclaimed));
+	for (size_t i = 0; unclaimed != NULL && i < w->dst_uids.n; i++)
+		if (!ms_u32vec_has(&cc.uids, w->dst_uids.v[i]))
+			unclaimed[nun++] = w->dst_uids.v[i];
+	ms_u32vec_free(&cc.uids);
+	w->expunge.n = 0;
 	if (cc.unknown || nun == 0 || unclaimed == NULL) {
 		free(unclaimed);
 		/* Nothing we can tell apart: report the mismatch as it is. */
@@ -2754,7 +2692,7 @@ static void verify_dst(struct worker *w)
 {
 	w->phase = PH_VERIFY_DST;
 	w->v_count[1] = w->v_bytes[1] = w->v_fhash[1] = 0;
-	w->ndst_uids = 0;
+	w->dst_uids.n = 0;
 	ms_imapc_cmd(w->d, on_verify_dst_reply, w,
 		     "UID FETCH 1:* (UID RFC822.SIZE FLAGS)");
 }
@@ -2787,18 +2725,10 @@ static int find_vanished(void *ctx, const struct ms_msg_rec *rec)
 
 	if (rec->src_uid > w->f->st.hwm)
 		return 0;
-	while (vc->pos < w->nsrc_uids && w->src_uids[vc->pos] < rec->src_uid)
-		vc->pos++;
-	if (vc->pos < w->nsrc_uids && w->src_uids[vc->pos] == rec->src_uid)
+	if (ms_u32vec_has(&w->src_uids, rec->src_uid) || rec->dst_uid == 0)
 		return 0;
-	if (rec->dst_uid == 0)
-		return 0;
-	uint32_t *n = realloc(w->expunge, (w->nexpunge + 1) * sizeof(*n));
-
-	if (n == NULL)
+	if (ms_u32vec_push(&w->expunge, rec->dst_uid) < 0)
 		return -1;
-	w->expunge = n;
-	w->expunge[w->nexpunge++] = rec->dst_uid;
 	if (ms_store_msg_delete(w->u->m->store, w->f->st.id, rec->src_uid,
 				"") < 0)
 		return -1;
@@ -2817,13 +2747,13 @@ static int count_present(void *ctx, const struct ms_msg_rec *rec)
 	struct missing_ctx *mc = ctx;
 	struct worker *w = mc->w;
 
-	while (mc->pos < w->nsrc_uids && w->src_uids[mc->pos] < rec->src_uid) {
+	while (mc->pos < w->src_uids.n && w->src_uids.v[mc->pos] < rec->src_uid) {
 		/* A source UID with no done record below it: not copied. */
 		if (w->v_missing++ == 0)
-			w->v_first_missing = w->src_uids[mc->pos];
+			w->v_first_missing = w->src_uids.v[mc->pos];
 		mc->pos++;
 	}
-	if (mc->pos < w->nsrc_uids && w->src_uids[mc->pos] == rec->src_uid)
+	if (mc->pos < w->src_uids.n && w->src_uids.v[mc->pos] == rec->src_uid)
 		mc->pos++;
 	return 0;
 }
@@ -2835,25 +2765,23 @@ static void on_verify_src_reply(struct ms_imapc *c,
 	struct ms_store *store = w->u->m->store;
 	struct vanish_ctx vc = { .w = w };
 	struct missing_ctx mc = { .w = w };
-	char set[256];
+	char *set = NULL;
 
 	if (r == NULL || r->status != MS_STATUS_OK) {
 		folder_fail(w, "UID FETCH", r, c);
 		return;
 	}
-	qsort(w->src_uids, w->nsrc_uids, sizeof(*w->src_uids), cmp_u32);
+	ms_u32vec_sort(&w->src_uids);
 	w->v_missing = 0;
 	if (ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE, count_present,
 				 &mc) != 0) {
 		job_fail(w->u, "store: %s", ms_store_error(store));
 		return;
 	}
-	for (; mc.pos < w->nsrc_uids; mc.pos++)
+	for (; mc.pos < w->src_uids.n; mc.pos++)
 		if (w->v_missing++ == 0)
-			w->v_first_missing = w->src_uids[mc.pos];
-	free(w->expunge);
-	w->expunge = NULL;
-	w->nexpunge = 0;
+			w->v_first_missing = w->src_uids.v[mc.pos];
+	w->expunge.n = 0;
 	if (ms_store_begin(store) < 0 ||
 	    ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE, find_vanished,
 				 &vc) != 0 ||
@@ -2863,32 +2791,34 @@ static void on_verify_src_reply(struct ms_imapc *c,
 		job_fail(w->u, "store: %s", ms_store_error(store));
 		return;
 	}
-	if (w->nexpunge == 0 || !ms_imapc_has_cap(w->d, "UIDPLUS")) {
-		if (w->nexpunge > 0)
+	if (w->expunge.n == 0 || !ms_imapc_has_cap(w->d, "UIDPLUS")) {
+		if (w->expunge.n > 0)
 			ms_warn("%s: folder \"%s\": %zu message(s) gone from the "
 				"source stay on the destination (no UIDPLUS)",
-				w->u->name, w->f->rep.source, w->nexpunge);
+				w->u->name, w->f->rep.source, w->expunge.n);
 		verify_dst(w);
 		return;
 	}
 	/* Expunge exactly those: UID EXPUNGE leaves other \Deleted mail be. */
-	w->phase = PH_EXPUNGE;
-	w->pending = 0;
-	for (size_t i = 0; i < w->nexpunge; i++) {
-		snprintf(set, sizeof(set), "%u", w->expunge[i]);
-		w->pending += 2;
-		ms_imapc_cmd(w->d, on_expunge_reply, w,
-			     "UID STORE %s +FLAGS.SILENT (\\Deleted)", set);
-		ms_imapc_cmd(w->d, on_expunge_reply, w, "UID EXPUNGE %s", set);
+	ms_u32vec_sort(&w->expunge);
+	if (uid_list_set(w->expunge.v, w->expunge.n, &set) == 0) {
+		job_fail(w->u, "out of memory");
+		return;
 	}
-	w->f->rep.expunged += w->nexpunge;
+	w->phase = PH_EXPUNGE;
+	w->pending = 2;
+	ms_imapc_cmd(w->d, on_expunge_reply, w,
+		     "UID STORE %s +FLAGS.SILENT (\\Deleted)", set);
+	ms_imapc_cmd(w->d, on_expunge_reply, w, "UID EXPUNGE %s", set);
+	free(set);
+	w->f->rep.expunged += w->expunge.n;
 }
 
 static void start_verify(struct worker *w)
 {
 	w->phase = PH_VERIFY_SRC;
 	w->v_count[0] = w->v_bytes[0] = w->v_fhash[0] = 0;
-	w->nsrc_uids = 0;
+	w->src_uids.n = 0;
 	if (w->s_exists == 0) {
 		on_verify_src_reply(w->s, &(struct ms_imap_response){
 			.status = MS_STATUS_OK }, w);
@@ -2955,8 +2885,7 @@ static void on_src_untagged(struct ms_imapc *c, const struct ms_imap_response *r
 
 static int known_dst(struct worker *w, uint32_t uid)
 {
-	return bsearch(&uid, w->src_uids, w->nsrc_uids, sizeof(uint32_t),
-		       cmp_u32) != NULL;
+	return ms_u32vec_has(&w->known, uid);
 }
 
 static void on_dst_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
@@ -3141,8 +3070,8 @@ void ms_mover_free(struct ms_mover **mp)
 		ms_pop3c_free(&u->pop);
 		job_free(u);
 	}
-	wipe_free(&m->src.password);
-	wipe_free(&m->dst.password);
+	ms_secret_free(&m->src.password);
+	ms_secret_free(&m->dst.password);
 	for (char **p = m->include; p != NULL && *p != NULL; p++)
 		free(*p);
 	for (char **p = m->exclude; p != NULL && *p != NULL; p++)
@@ -3561,10 +3490,9 @@ static void pop3_step(struct ujob *u)
 			k.floor = floor;
 			ms_store_msg_foreach(store, st->id, MS_MSG_DONE,
 					     collect_known, &k);
-			qsort(k.uids, k.n, sizeof(*k.uids), cmp_u32);
-			free(w->src_uids);
-			w->src_uids = k.uids;
-			w->nsrc_uids = k.n;
+			ms_u32vec_sort(&k.uids);
+			ms_u32vec_free(&w->known);
+			w->known = k.uids;
 			w->nfps = 0;
 			ms_imapc_cmd(w->d, on_pop3_match, u,
 				     "UID FETCH %u:* (UID RFC822.SIZE "

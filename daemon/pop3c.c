@@ -9,6 +9,7 @@
 #include <openssl/evp.h>
 
 #include "pop3c.h"
+#include "util.h"
 
 #define LINE_MAX_LEN 8192
 
@@ -39,15 +40,6 @@ struct ms_pop3c {
 	int busy, free_pending;
 };
 
-static void wipe_free(char **s)
-{
-	if (*s != NULL) {
-		OPENSSL_cleanse(*s, strlen(*s));
-		free(*s);
-		*s = NULL;
-	}
-}
-
 const char *ms_pop3c_error(const struct ms_pop3c *c)
 {
 	return c->error;
@@ -62,7 +54,7 @@ static void really_free(struct ms_pop3c *c)
 		free(c->cmds);
 		c->cmds = n;
 	}
-	wipe_free(&c->password);
+	ms_secret_free(&c->password);
 	free(c->user);
 	free(c->admin);
 	free(c);
@@ -101,7 +93,7 @@ static void fail(struct ms_pop3c *c, const char *fmt, ...)
 	vsnprintf(c->error, sizeof(c->error), fmt, ap);
 	va_end(ap);
 	c->state = ST_FAILED;
-	wipe_free(&c->password);
+	ms_secret_free(&c->password);
 	ms_conn_close(&c->conn);
 	if (old != ST_READY) {
 		if (c->ready != NULL)
@@ -174,7 +166,7 @@ static void on_login_reply(struct ms_pop3c *c, int ok, const char *text,
 	}
 	if (ctx != NULL)
 		return;	/* USER accepted; PASS follows */
-	wipe_free(&c->password);
+	ms_secret_free(&c->password);
 	c->state = ST_READY;
 	if (c->ready != NULL)
 		c->ready(c, NULL, c->ready_ctx);
@@ -188,29 +180,22 @@ static void start_login(struct ms_pop3c *c)
 	c->state = ST_LOGIN;
 	if (c->admin != NULL || c->mech == MS_AUTH_PLAIN ||
 	    (c->mech == MS_AUTH_AUTO && c->sasl)) {
-		const char *authz = c->admin != NULL ? c->user : "";
-		const char *authc = c->admin != NULL ? c->admin : c->user;
-		size_t zl = strlen(authz), cl = strlen(authc),
-		       pl = strlen(c->password), rl = zl + cl + pl + 2;
-		unsigned char *raw = malloc(rl);
-		char *b64 = malloc(4 * (rl / 3 + 1) + 16);
+		char *b64 = c->admin != NULL ?
+			ms_sasl_plain(c->user, c->admin, c->password) :
+			ms_sasl_plain("", c->user, c->password);
+		size_t len = b64 != NULL ? strlen(b64) + 12 : 0;
+		char *cmd = b64 != NULL ? malloc(len) : NULL;
 
-		if (raw == NULL || b64 == NULL) {
-			free(raw);
-			free(b64);
+		if (cmd == NULL) {
+			if (b64 != NULL)
+				ms_secret_free(&b64);
 			fail(c, "out of memory");
 			return;
 		}
-		memcpy(raw, authz, zl + 1);
-		memcpy(raw + zl + 1, authc, cl + 1);
-		memcpy(raw + zl + cl + 2, c->password, pl);
-		memcpy(b64, "AUTH PLAIN ", 11);
-		EVP_EncodeBlock((unsigned char *)b64 + 11, raw, (int)rl);
-		OPENSSL_cleanse(raw, rl);
-		free(raw);
-		push(c, 0, on_login_reply, NULL, NULL, b64);
-		OPENSSL_cleanse(b64, strlen(b64));
-		free(b64);
+		snprintf(cmd, len, "AUTH PLAIN %s", b64);
+		ms_secret_free(&b64);
+		push(c, 0, on_login_reply, NULL, NULL, cmd);
+		ms_secret_free(&cmd);
 		return;
 	}
 	len = strlen(c->user) + 8;

@@ -1,0 +1,28 @@
+/* Small shared pieces: secrets, SASL PLAIN, growable UID arrays. */
+#ifndef MS_UTIL_H
+#define MS_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Wipes and frees a NUL-terminated secret; sets *s to NULL. */
+void ms_secret_free(char **s);
+
+/* The SASL PLAIN (RFC 4616) initial response, base64 of
+ * "authzid NUL authcid NUL password". Returns a malloc'd string the caller
+ * releases with ms_secret_free(), or NULL when out of memory. */
+char *ms_sasl_plain(const char *authzid, const char *authcid,
+		    const char *password);
+
+struct ms_u32vec {
+	uint32_t *v;
+	size_t n, cap;
+};
+
+int ms_u32vec_push(struct ms_u32vec *vec, uint32_t x);	/* 0 or -1 */
+void ms_u32vec_sort(struct ms_u32vec *vec);
+/* 1 when x is in the (sorted) vector. */
+int ms_u32vec_has(const struct ms_u32vec *vec, uint32_t x);
+void ms_u32vec_free(struct ms_u32vec *vec);
+
+#endif

@@ -69,6 +69,7 @@ struct ms_imapc {
 	struct cmd *cmds, *cmds_tail;
 	unsigned int tag_seq;
 	char caps[4096];	/* " CAP1 CAP2 ... " upper-case */
+	int literal_plus;	/* LITERAL+ is in caps */
 	char sep;
 	char error[512];
 
@@ -167,6 +168,7 @@ static void set_caps(struct ms_imapc *c, const struct ms_imap_arg *args,
 		c->caps[pos++] = ' ';
 		c->caps[pos] = '\0';
 	}
+	c->literal_plus = ms_imapc_has_cap(c, "LITERAL+");
 }
 
 const char *ms_imapc_resp_summary(const struct ms_imap_response *resp,
@@ -493,7 +495,7 @@ int ms_imapc_append_msg(struct ms_imapc *c, const char *flags,
 			const char *date, uint64_t size)
 {
 	char line[1400];
-	int plus = ms_imapc_has_cap(c, "LITERAL+");
+	int plus = c->literal_plus;
 
 	if (!c->appending || c->state == ST_FAILED)
 		return -1;
@@ -692,6 +694,7 @@ static void on_tls_done(struct ms_conn *conn, int status, const char *error)
 	}
 	/* Capabilities learnt before TLS must be forgotten (RFC 3501 6.2.1). */
 	c->caps[0] = '\0';
+	c->literal_plus = 0;
 	c->state = ST_CAPA;
 	ms_imapc_cmd(c, on_capa, NULL, "CAPABILITY");
 }

@@ -147,6 +147,9 @@ struct worker {
 	int s_nomodseq;
 	uint32_t d_uidvalidity, d_uidnext, d_exists;
 	uint32_t old_hwm;
+	int fresh;			/* the folder had no done record when
+					   this copy pass began */
+	int multiappend;		/* the destination has MULTIAPPEND */
 	uint32_t next_seq;
 	uint32_t min_new_seq;
 
@@ -1873,6 +1876,8 @@ static void on_seek_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 
 static void start_copy(struct worker *w)
 {
+	w->fresh = w->f->st.msgs == 0;
+	w->multiappend = ms_imapc_has_cap(w->d, "MULTIAPPEND");
 	w->phase = PH_SEEK;
 	w->pending = 0;
 	w->min_new_seq = 0;
@@ -1907,8 +1912,10 @@ static int write_intents(struct worker *w, struct window *win)
 		struct wmsg *msg = &win->msgs[i];
 		int found = 0;
 
-		if (ms_store_msg_get(store, w->f->st.id, msg->uid, &rec,
-				     &found) < 0)
+		/* A folder that had nothing done when the pass began has
+		 * nothing done among the UIDs it has not reached yet. */
+		if (!w->fresh && ms_store_msg_get(store, w->f->st.id, msg->uid,
+						  &rec, &found) < 0)
 			goto fail;
 		if (found && rec.state == MS_MSG_DONE) {
 			msg->skip = 1;
@@ -2254,7 +2261,7 @@ static int on_literal_start(void *ctx, const struct ms_imap_response *partial,
 	}
 	/* One MULTIAPPEND (RFC 3502) per window where the server has it,
 	 * else one pipelined APPEND per message. */
-	if (win->open && !ms_imapc_has_cap(w->d, "MULTIAPPEND") &&
+	if (win->open && !w->multiappend &&
 	    append_close(w, win) < 0)
 		return -1;
 	if (!win->open) {

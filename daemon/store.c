@@ -405,7 +405,7 @@ int ms_store_open(const char *path, struct ms_store **store_r, char **error_r)
 		goto fail_nodb;
 	}
 
-	if (sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE,
+	if (sqlite3_open_v2(path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX,
 			    NULL) != SQLITE_OK) {
 		if (s->db == NULL)
 			set_error(s, "%s: out of memory", path);

@@ -43,6 +43,7 @@
 #define MAX_RETRIES 3		/* per folder, after a lost connection */
 #define RETRY_DELAY_MS 1000
 #define MSGID_MAX 500
+#define HDR_MAX (32 * 1024)
 #define FLAGS_MAX 1000
 
 struct mover;
@@ -122,10 +123,10 @@ struct window {
 };
 
 struct fpent {
-	uint64_t h;
+	uint64_t h;			/* fingerprint */
+	uint64_t fhash;			/* flags_hash() of its flags */
 	uint32_t uid;
 	int used;
-	char flags[FLAGS_MAX];
 };
 
 enum wstate { W_CONNECTING, W_IDLE, W_BUSY, W_DONE };
@@ -159,6 +160,12 @@ struct worker {
 	struct window *appends;		/* APPEND written, reply awaited */
 	struct wmsg *cur;
 	int s_paused;
+	/* The header of the message being streamed, for its Message-ID:
+	 * asking the source for it separately costs the source more than
+	 * a quarter of the whole copy. */
+	char hdr[HDR_MAX];
+	size_t hdrlen;
+	int hdr_done;
 
 	/* match */
 	struct fpent *fps;
@@ -1751,10 +1758,16 @@ static void match_dst_fetch(struct worker *w, const struct fetch *f)
 		w->fps = n;
 		w->capfps = cap;
 	}
-	w->fps[w->nfps].h = fingerprint(f->size, date, f->msgid);
+	/* Intents are written before the message's bytes (and so its
+	 * Message-ID) were seen: reconciliation pairs them by size and
+	 * date. That is exact because a server answers APPENDs in order, so
+	 * what a killed run got saved is a prefix of what it sent, and the
+	 * intents are paired in that same order. */
+	w->fps[w->nfps].h = fingerprint(f->size, date,
+					w->match_reconcile ? "" : f->msgid);
 	w->fps[w->nfps].uid = f->uid;
 	w->fps[w->nfps].used = 0;
-	snprintf(w->fps[w->nfps].flags, FLAGS_MAX, "%s", f->flags);
+	w->fps[w->nfps].fhash = flags_hash(f->flags);
 	w->nfps++;
 }
 
@@ -1779,13 +1792,14 @@ static void match_src_fetch(struct worker *w, const struct fetch *f)
 	snprintf(rec.msgid, sizeof(rec.msgid), "%s", f->msgid);
 	/* Recorded with the flags the destination has; the STORE below
 	 * records the source's once it is done. */
-	snprintf(rec.flags, sizeof(rec.flags), "%s", e->flags);
+	if (e->fhash == flags_hash(f->flags))
+		snprintf(rec.flags, sizeof(rec.flags), "%s", f->flags);
 	rec.dst_uid = e->uid;
 	if (store_check(w, ms_store_msg_put(store, w->f->st.id, &rec)) < 0)
 		return;
 	w->f->st.msgs++;
 	w->f->st.bytes += f->size;
-	if (strcmp(e->flags, f->flags) != 0)
+	if (e->fhash != flags_hash(f->flags))
 		/* Same message, other flags: the source's win. */
 		flag_store(w, f->uid, e->uid, f->flags);
 }
@@ -2044,8 +2058,19 @@ static void window_finish(struct worker *w, struct window *win)
 	for (unsigned int i = 0; i < win->nstreamed; i++) {
 		struct wmsg *msg = &win->msgs[win->order[i]];
 
-		if (ms_store_msg_done(store, w->f->st.id, msg->uid, msg->dst_uid,
-				      msg->flags) < 0)
+		struct ms_msg_rec rec;
+
+		/* The whole record again: the Message-ID is only known now,
+		 * from the bytes that went by. */
+		memset(&rec, 0, sizeof(rec));
+		rec.src_uid = msg->uid;
+		rec.state = MS_MSG_DONE;
+		rec.size = msg->size;
+		rec.date = msg->date;
+		memcpy(rec.msgid, msg->msgid, sizeof(msg->msgid));
+		memcpy(rec.flags, msg->flags, sizeof(msg->flags));
+		rec.dst_uid = msg->dst_uid;
+		if (ms_store_msg_put(store, w->f->st.id, &rec) < 0)
 			goto fail;
 		msgs++;
 		bytes += msg->size;
@@ -2212,8 +2237,7 @@ static void copy_pump(struct worker *w)
 			return;
 		}
 		ms_imapc_cmd(w->s, on_meta_reply, w,
-			     "FETCH %u:%u (UID FLAGS INTERNALDATE RFC822.SIZE "
-			     "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])",
+			     "FETCH %u:%u (UID FLAGS INTERNALDATE RFC822.SIZE)",
 			     w->next_seq, end);
 		w->next_seq = end + 1;
 	}
@@ -2294,7 +2318,25 @@ static int on_literal_start(void *ctx, const struct ms_imap_response *partial,
 	msg->streamed = 1;
 	win->order[win->nstreamed++] = (uint32_t)(msg - win->msgs);
 	w->cur = msg;
+	w->hdrlen = 0;
+	w->hdr_done = 0;
 	return 1;
+}
+
+static void header_scan(struct worker *w, const char *data, size_t len)
+{
+	size_t n = len < HDR_MAX - w->hdrlen ? len : HDR_MAX - w->hdrlen;
+	size_t from = w->hdrlen > 3 ? w->hdrlen - 3 : 0;
+
+	memcpy(w->hdr + w->hdrlen, data, n);
+	w->hdrlen += n;
+	if (w->hdrlen == HDR_MAX ||
+	    memmem(w->hdr + from, w->hdrlen - from, "\r\n\r\n", 4) != NULL ||
+	    (w->hdrlen >= 2 && memcmp(w->hdr, "\r\n", 2) == 0)) {
+		extract_msgid(w->hdr, w->hdrlen, w->cur->msgid,
+			      sizeof(w->cur->msgid));
+		w->hdr_done = 1;
+	}
 }
 
 static int on_literal_data(void *ctx, const void *data, size_t len)
@@ -2303,6 +2345,8 @@ static int on_literal_data(void *ctx, const void *data, size_t len)
 
 	if (w->cur == NULL)
 		return -1;
+	if (!w->hdr_done)
+		header_scan(w, data, len);
 	if (ms_imapc_append_data(w->d, data, len) < 0) {
 		folder_fail(w, "APPEND", NULL, w->d);
 		return -1;
@@ -2319,6 +2363,9 @@ static void on_literal_end(void *ctx)
 {
 	struct worker *w = ctx;
 
+	if (w->cur != NULL && !w->hdr_done)
+		extract_msgid(w->hdr, w->hdrlen, w->cur->msgid,
+			      sizeof(w->cur->msgid));
 	w->cur = NULL;
 }
 
@@ -2506,7 +2553,7 @@ static int collect_claims(void *ctx, const struct ms_msg_rec *rec)
 	w->fps[w->nfps].h = fingerprint(rec->size, rec->date, rec->msgid);
 	w->fps[w->nfps].uid = rec->dst_uid;
 	w->fps[w->nfps].used = 0;
-	w->fps[w->nfps].flags[0] = '\0';
+	w->fps[w->nfps].fhash = 0;
 	w->nfps++;
 	return 0;
 }
@@ -2530,9 +2577,12 @@ static void dedup_fetch(struct worker *w, const struct fetch *f)
 {
 	int64_t date;
 
+	/* A record written without the Message-ID (reconciled) matches
+	 * on size and date alone. */
 	if (!f->has_uid || !f->has_size || !f->has_date ||
 	    ms_imap_date_parse(f->date, &date) < 0 ||
-	    !fp_exists(w, fingerprint(f->size, date, f->msgid)))
+	    (!fp_exists(w, fingerprint(f->size, date, f->msgid)) &&
+	     !fp_exists(w, fingerprint(f->size, date, ""))))
 		return;
 	if (ms_u32vec_push(&w->expunge, f->uid) < 0)
 		job_fail(w->u, "out of memory");

@@ -29,7 +29,11 @@ TOOL_OBJ  := $(TOOL_SRC:.c=.o)
 UNIT_SRC  := $(wildcard tests/unit/test_*.c)
 UNIT_BIN  := $(UNIT_SRC:.c=)
 
-all: tools/mailshiftctl
+all: tools/mailshiftctl daemon/mailshiftd
+
+daemon/mailshiftd: daemon/mailshiftd.o daemon/libms.a
+	@echo "  LD      $@"
+	$(Q)$(CC) $(LDFLAGS) -o $@ $< daemon/libms.a $(LDLIBS)
 
 daemon/libms.a: $(LIB_OBJ)
 	@echo "  AR      $@"
@@ -71,8 +75,8 @@ bench: deps
 
 clean:
 	rm -f daemon/*.o daemon/*.d daemon/libms.a tools/*.o tools/*.d \
-		tools/mailshiftctl $(UNIT_BIN) tests/unit/*.d
+		tools/mailshiftctl daemon/mailshiftd $(UNIT_BIN) tests/unit/*.d
 
 .PHONY: all deps unit integration check demo bench clean
 .SECONDARY:
--include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d)
+-include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d) daemon/mailshiftd.d

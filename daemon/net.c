@@ -1,4 +1,4 @@
-/* Outgoing TCP connections on libuv, optionally with TLS over memory BIOs.
+/* TCP connections on libuv, outgoing or accepted, optionally with TLS.
  *
  * Lifetime: a connection is reference counted. The caller holds one
  * reference (dropped by ms_conn_close), and so does every libuv object that
@@ -9,10 +9,22 @@
  * connect, a getaddrinfo that could not be cancelled) always find valid
  * memory and, seeing `closing`, only drop their reference.
  *
- * TLS: one SSL per connection over two memory BIOs. Ciphertext read from the
- * socket is written into rbio; whatever OpenSSL puts into wbio is handed to
- * uv_write. Plaintext written before the connection (or the TLS handshake)
+ * Reading: the socket is read into one buffer per thread, shared by all the
+ * connections of its loop (read callbacks never nest and on_read must be
+ * done with the data when it returns), so that an idle connection holds no
+ * read buffer: thousands of idle gateway sessions must stay cheap.
+ *
+ * TLS: one SSL per connection over a BIO of our own (conn_bio) that reads
+ * ciphertext straight from the shared buffer and appends what OpenSSL writes
+ * to the next write request (wout), with no copy in between. Ciphertext that
+ * OpenSSL has not taken when the read callback returns (the caller paused)
+ * is copied to `held`, the only per-connection input buffer, freed once
+ * consumed. SSL_MODE_RELEASE_BUFFERS frees OpenSSL's own buffers between
+ * records. Plaintext written before the connection (or the TLS handshake)
  * is ready waits in plainq and is sent, in order, as soon as it is.
+ *
+ * Accepted connections (the gateway's listeners) run the same code as the
+ * server: `server` changes the SSL's role and the wording of errors.
  *
  * Work that must not run inside an API call (callbacks may never be called
  * synchronously) is deferred to the idle handle: starting a STARTTLS
@@ -22,19 +34,32 @@
 #include "net.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
 #define READ_BUF_SIZE (64 * 1024)
+/* SSL_read output: one record's plaintext at most. */
+#define PLAIN_BUF_SIZE SSL3_RT_MAX_PLAIN_LENGTH
+/* First allocation of a TLS write request; bulk writes reserve more. */
+#define WOUT_MIN (4 * 1024)
+/* Ciphertext overhead reserved per record (header, IV, MAC or tag,
+ * padding): generous, a short estimate only costs a realloc. */
+#define RECORD_OVERHEAD 128
 /* Largest chunk handed to one uv_write / SSL_write call. */
 #define WRITE_CHUNK (1024 * 1024)
 #define ERR_TEXT_SIZE 512
@@ -53,6 +78,10 @@ struct write_req {
 	struct ms_conn *conn;
 	size_t len;
 	char data[];
+};
+
+struct ms_tls_server {
+	SSL_CTX *ctx;
 };
 
 struct ms_conn {
@@ -88,11 +117,11 @@ struct ms_conn {
 	unsigned int idle_drain:1;	/* deferred: deliver held TLS data */
 	unsigned int idle_fail:1;	/* deferred: report deferred_err */
 	unsigned int idle_flush:1;	/* deferred: send plainq */
+	unsigned int server:1;		/* accepted: we are the TLS server */
+	unsigned int accept_pending:1;	/* deferred: plaintext on_connect */
 
 	int deferred_status;
 	char deferred_err[ERR_TEXT_SIZE];
-
-	char *rbuf;		/* READ_BUF_SIZE, reused for every read */
 
 	/* Plaintext not yet sendable (not connected, or TLS handshaking). */
 	char *plainq;
@@ -101,9 +130,15 @@ struct ms_conn {
 	size_t inflight;	/* bytes in uv write requests not completed */
 
 	enum tls_state tls;
-	SSL *ssl;
-	BIO *rbio;		/* network -> SSL (owned by ssl) */
-	BIO *wbio;		/* SSL -> network (owned by ssl) */
+	SSL *ssl;		/* owns its conn_bio */
+	/* Ciphertext for OpenSSL to read: in the shared read buffer while a
+	 * read callback runs, else in held (or none). */
+	const char *in;
+	size_t in_len;
+	char *held;
+	/* Ciphertext from OpenSSL, not yet handed to uv_write. */
+	struct write_req *wout;
+	size_t wout_cap;
 	void (*starttls_done)(struct ms_conn *conn, int status,
 			      const char *error);
 };
@@ -220,15 +255,130 @@ static SSL_CTX *ctx_get(const char *ca_file, int insecure, char *err,
 	return ctx;
 }
 
+/* ---- the shared read buffer ------------------------------------------- */
+
+/* READ_BUF_SIZE for the socket, then PLAIN_BUF_SIZE for SSL_read: under TLS
+ * both are in use at once. One per thread, as a loop runs in one thread;
+ * freed when the thread ends. */
+static pthread_key_t rbuf_key;
+static pthread_once_t rbuf_once = PTHREAD_ONCE_INIT;
+static int rbuf_key_ok;
+
+static void rbuf_key_create(void)
+{
+	rbuf_key_ok = pthread_key_create(&rbuf_key, free) == 0;
+}
+
+static char *shared_buf(void)
+{
+	char *buf;
+
+	pthread_once(&rbuf_once, rbuf_key_create);
+	if (!rbuf_key_ok)
+		return NULL;
+	buf = pthread_getspecific(rbuf_key);
+	if (!buf && (buf = malloc(READ_BUF_SIZE + PLAIN_BUF_SIZE)) &&
+	    pthread_setspecific(rbuf_key, buf) != 0) {
+		free(buf);
+		buf = NULL;
+	}
+	return buf;
+}
+
+/* ---- conn_bio: OpenSSL's side of the connection ------------------------ */
+
+static int wout_reserve(struct ms_conn *conn, size_t len);
+
+static int cbio_read(BIO *bio, char *out, size_t len, size_t *got)
+{
+	struct ms_conn *conn = BIO_get_data(bio);
+
+	BIO_clear_retry_flags(bio);
+	*got = 0;
+	if (conn->in_len == 0) {
+		/* "wait for more", never EOF: the socket's EOF is reported
+		 * by us, with the right words */
+		BIO_set_retry_read(bio);
+		return 0;
+	}
+	if (len > conn->in_len)
+		len = conn->in_len;
+	memcpy(out, conn->in, len);
+	conn->in += len;
+	conn->in_len -= len;
+	*got = len;
+	return 1;
+}
+
+static int cbio_write(BIO *bio, const char *data, size_t len, size_t *put)
+{
+	struct ms_conn *conn = BIO_get_data(bio);
+
+	BIO_clear_retry_flags(bio);
+	*put = 0;
+	if (wout_reserve(conn, len) < 0)
+		return 0;	/* OpenSSL sees an I/O error */
+	memcpy(conn->wout->data + conn->wout->len, data, len);
+	conn->wout->len += len;
+	*put = len;
+	return 1;
+}
+
+static long cbio_ctrl(BIO *bio, int cmd, long num, void *ptr)
+{
+	struct ms_conn *conn = BIO_get_data(bio);
+
+	switch (cmd) {
+	case BIO_CTRL_FLUSH:
+		/* wout leaves at the end of the callback or call that
+		 * filled it (flush_wbio), one write for a whole flight */
+		return 1;
+	case BIO_CTRL_PENDING:
+		return (long)conn->in_len;
+	default:
+		return 0;
+	}
+}
+
+static int cbio_create(BIO *bio)
+{
+	BIO_set_init(bio, 1);
+	return 1;
+}
+
+static BIO_METHOD *cbio_method;
+static pthread_once_t cbio_once = PTHREAD_ONCE_INIT;
+
+static void cbio_method_create(void)
+{
+	BIO_METHOD *m;
+	int type = BIO_get_new_index();
+
+	if (type < 0)
+		return;
+	m = BIO_meth_new(type | BIO_TYPE_SOURCE_SINK, "mailshift conn");
+	if (!m)
+		return;
+	if (BIO_meth_set_read_ex(m, cbio_read) != 1 ||
+	    BIO_meth_set_write_ex(m, cbio_write) != 1 ||
+	    BIO_meth_set_ctrl(m, cbio_ctrl) != 1 ||
+	    BIO_meth_set_create(m, cbio_create) != 1) {
+		BIO_meth_free(m);
+		return;
+	}
+	cbio_method = m;	/* kept for the life of the process */
+}
+
 /* ---- lifetime ---------------------------------------------------------- */
 
 static void conn_free(struct ms_conn *conn)
 {
 	if (conn->ssl)
-		SSL_free(conn->ssl);	/* frees rbio and wbio too */
+		SSL_free(conn->ssl);	/* frees its conn_bio too */
 	if (conn->ai)
 		uv_freeaddrinfo(conn->ai);
-	free(conn->rbuf);
+	free(conn->held);
+	free(conn->wout);
 	free(conn->plainq);
 	if (conn->name != conn->host)
 		free(conn->name);
@@ -269,6 +419,12 @@ static void close_tcp(struct ms_conn *conn)
 
 /* ---- error reporting --------------------------------------------------- */
 
+/* Who is at the other end, for error texts. */
+static const char *peer_role(const struct ms_conn *conn)
+{
+	return conn->server ? "client" : "server";
+}
+
 /* Reports the first failure of the connection to whoever waits: on_connect
  * while connecting, the STARTTLS done callback during that handshake,
  * on_error otherwise. Only called from libuv callbacks. */
@@ -303,6 +459,20 @@ static void schedule_idle(struct ms_conn *conn)
 {
 	if (!conn->closing)
 		uv_idle_start(&conn->idle, on_idle);
+}
+
+/* The peer closed its side. */
+static void fail_eof(struct ms_conn *conn)
+{
+	char err[96];
+
+	if (conn->tls == TLS_HANDSHAKE)
+		snprintf(err, sizeof(err), "TLS error: connection closed by %s "
+			 "during the handshake", peer_role(conn));
+	else
+		snprintf(err, sizeof(err), "connection closed by %s",
+			 peer_role(conn));
+	fail(conn, UV_EOF, err);
 }
 
 /* The same failure, reported from the loop (for errors found inside an API
@@ -403,30 +573,47 @@ static int write_raw(struct ms_conn *conn, const char *data, size_t len)
 	return 0;
 }
 
+/* Makes room for len more bytes of ciphertext in wout. */
+static int wout_reserve(struct ms_conn *conn, size_t len)
+{
+	struct write_req *wr;
+	size_t used = conn->wout ? conn->wout->len : 0;
+	size_t cap = conn->wout_cap;
+
+	if (conn->wout && used + len <= cap)
+		return 0;
+	if (!conn->wout) {
+		/* a bulk write reserves its size: exactly that */
+		cap = len > WOUT_MIN ? len : WOUT_MIN;
+	} else {
+		while (cap < used + len)
+			cap *= 2;
+	}
+	wr = realloc(conn->wout, sizeof(*wr) + cap);
+	if (!wr)
+		return UV_ENOMEM;
+	wr->len = used;
+	conn->wout = wr;
+	conn->wout_cap = cap;
+	return 0;
+}
+
 /* Sends whatever OpenSSL has produced. */
 static int flush_wbio(struct ms_conn *conn)
 {
-	struct write_req *wr;
-	size_t n, got;
+	struct write_req *wr = conn->wout;
 	int r;
 
-	while ((n = BIO_ctrl_pending(conn->wbio)) > 0) {
-		if (n > WRITE_CHUNK)
-			n = WRITE_CHUNK;
-		wr = malloc(sizeof(*wr) + n);
-		if (!wr)
-			return UV_ENOMEM;
-		if (BIO_read_ex(conn->wbio, wr->data, n, &got) != 1 ||
-		    got == 0) {
-			free(wr);
-			return UV_EIO;
-		}
-		wr->len = got;
-		r = submit_write(conn, wr);
-		if (r < 0)
-			return r;
+	if (!wr)
+		return 0;
+	conn->wout = NULL;
+	conn->wout_cap = 0;
+	if (wr->len == 0 || !conn->tcp) {
+		r = wr->len ? UV_ENOTCONN : 0;
+		free(wr);
+		return r;
 	}
-	return 0;
+	return submit_write(conn, wr);
 }
 
 static int plainq_append(struct ms_conn *conn, const char *data, size_t len)
@@ -454,8 +641,8 @@ static void plainq_consume(struct ms_conn *conn, size_t n)
 	conn->plainq_len -= n;
 	if (conn->plainq_len > 0) {
 		memmove(conn->plainq, conn->plainq + n, conn->plainq_len);
-	} else if (conn->plainq_cap > READ_BUF_SIZE) {
-		/* don't keep a big burst's buffer around */
+	} else {
+		/* an idle connection keeps no write buffer */
 		free(conn->plainq);
 		conn->plainq = NULL;
 		conn->plainq_cap = 0;
@@ -468,7 +655,7 @@ static void tls_error_text(struct ms_conn *conn, int ssl_err, char *buf,
 	char why[256];
 	long vr;
 
-	if (conn->tls == TLS_HANDSHAKE && !conn->insecure) {
+	if (conn->tls == TLS_HANDSHAKE && !conn->server && !conn->insecure) {
 		vr = SSL_get_verify_result(conn->ssl);
 		if (vr != X509_V_OK) {
 			snprintf(buf, size, "certificate verify failed: %s",
@@ -481,7 +668,8 @@ static void tls_error_text(struct ms_conn *conn, int ssl_err, char *buf,
 		ssl_err_text(why, sizeof(why));
 		snprintf(buf, size, "TLS error: %s", why);
 	} else if (ssl_err == SSL_ERROR_ZERO_RETURN) {
-		snprintf(buf, size, "TLS error: connection closed by server");
+		snprintf(buf, size, "TLS error: connection closed by %s",
+			 peer_role(conn));
 	} else {
 		snprintf(buf, size, "TLS error: %s (SSL error %d)",
 			 ssl_err == SSL_ERROR_SYSCALL ? "I/O error" :
@@ -500,23 +688,37 @@ static int tls_write_plainq(struct ms_conn *conn, char *error, size_t size)
 		n = conn->plainq_len - done;
 		if (n > WRITE_CHUNK)
 			n = WRITE_CHUNK;
+		/* room for the records at once, not a realloc per record */
+		if (wout_reserve(conn, n + (n / PLAIN_BUF_SIZE + 1) *
+				 RECORD_OVERHEAD) < 0) {
+			r = UV_ENOMEM;
+			goto write_error;
+		}
 		ERR_clear_error();
 		r = SSL_write_ex(conn->ssl, conn->plainq + done, n, &wrote);
-		if (r == 1) {
-			done += wrote;
-			continue;
+		if (r != 1) {
+			e = SSL_get_error(conn->ssl, r);
+			if (e == SSL_ERROR_WANT_READ ||
+			    e == SSL_ERROR_WANT_WRITE)
+				break;	/* retried after the next read */
+			tls_error_text(conn, e, error, size);
+			plainq_consume(conn, done);
+			return UV_EPROTO;
 		}
-		e = SSL_get_error(conn->ssl, r);
-		if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
-			break;	/* retried after the next read */
-		tls_error_text(conn, e, error, size);
-		plainq_consume(conn, done);
-		return UV_EPROTO;
+		done += wrote;
+		/* one write request per chunk: inflight shrinks as they go */
+		r = flush_wbio(conn);
+		if (r < 0)
+			goto write_error;
 	}
 	plainq_consume(conn, done);
 	r = flush_wbio(conn);
 	if (r < 0)
 		snprintf(error, size, "write error: %s", uv_strerror(r));
+	return r;
+write_error:
+	plainq_consume(conn, done);
+	snprintf(error, size, "write error: %s", uv_strerror(r));
 	return r;
 }
 
@@ -579,11 +781,10 @@ size_t ms_conn_write_pending(const struct ms_conn *conn)
 
 static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf)
 {
-	struct ms_conn *conn = handle->data;
+	char *rbuf = shared_buf();
 
-	if (!conn->rbuf)
-		conn->rbuf = malloc(READ_BUF_SIZE);
-	*buf = uv_buf_init(conn->rbuf, conn->rbuf ? READ_BUF_SIZE : 0);
+	/* no buffer: libuv reports UV_ENOBUFS to on_tcp_read */
+	*buf = uv_buf_init(rbuf, rbuf ? READ_BUF_SIZE : 0);
 }
 
 static void on_tcp_read(uv_stream_t *stream, ssize_t nread,
@@ -597,7 +798,7 @@ static void update_reading(struct ms_conn *conn)
 	int want, r;
 
 	want = conn->tcp && conn->connected && !conn->closing &&
-	       !conn->failed && !conn->eof &&
+	       !conn->failed && !conn->eof && !conn->accept_pending &&
 	       (!conn->paused || conn->tls == TLS_HANDSHAKE);
 	if (want && !conn->reading) {
 		r = uv_read_start((uv_stream_t *)conn->tcp, on_alloc,
@@ -627,29 +828,81 @@ static void tls_fail(struct ms_conn *conn, int ssl_err)
 	fail(conn, UV_EPROTO, err);
 }
 
+/* Makes data (in the shared read buffer) OpenSSL's next input, after what
+ * is still held from earlier reads. */
+static int tls_input_add(struct ms_conn *conn, const char *data, size_t len)
+{
+	char *p;
+
+	if (conn->in_len == 0) {
+		free(conn->held);
+		conn->held = NULL;
+		conn->in = data;
+		conn->in_len = len;
+		return 0;
+	}
+	p = malloc(conn->in_len + len);
+	if (!p)
+		return UV_ENOMEM;
+	memcpy(p, conn->in, conn->in_len);
+	memcpy(p + conn->in_len, data, len);
+	free(conn->held);
+	conn->held = p;
+	conn->in = p;
+	conn->in_len += len;
+	return 0;
+}
+
+/* Before returning to the loop: input OpenSSL has not taken yet (reading
+ * was paused) moves out of the shared buffer, which the next read of any
+ * connection overwrites; input all taken is let go. */
+static void tls_input_keep(struct ms_conn *conn)
+{
+	char *p;
+
+	if (conn->in_len > 0 && !conn->closing && !conn->failed) {
+		if (conn->held)
+			return;		/* in points into held already */
+		p = malloc(conn->in_len);
+		if (p) {
+			memcpy(p, conn->in, conn->in_len);
+			conn->held = p;
+			conn->in = p;
+			return;
+		}
+		fail(conn, UV_ENOMEM, "read error: out of memory");
+	}
+	free(conn->held);
+	conn->held = NULL;
+	conn->in = NULL;
+	conn->in_len = 0;
+}
+
 /* Delivers decrypted data until OpenSSL needs more input (returns 1), or
  * the caller paused, closed, or the connection failed (returns 0). */
 static int tls_read_loop(struct ms_conn *conn)
 {
+	char *out = shared_buf();
 	size_t n;
 	int r, e;
 
+	if (!out) {
+		fail(conn, UV_ENOMEM, "read error: out of memory");
+		return 0;
+	}
+	out += READ_BUF_SIZE;	/* the ciphertext may be in the first part */
 	while (!conn->paused && !conn->closing && !conn->failed) {
-		if (!conn->rbuf && !(conn->rbuf = malloc(READ_BUF_SIZE))) {
-			fail(conn, UV_ENOMEM, "read error: out of memory");
-			return 0;
-		}
 		ERR_clear_error();
-		r = SSL_read_ex(conn->ssl, conn->rbuf, READ_BUF_SIZE, &n);
+		r = SSL_read_ex(conn->ssl, out, PLAIN_BUF_SIZE, &n);
 		if (r == 1) {
-			conn->cb.on_read(conn, conn->rbuf, n);
+			conn->cb.on_read(conn, out, n);
 			continue;
 		}
 		e = SSL_get_error(conn->ssl, r);
 		if (e == SSL_ERROR_WANT_READ)
 			return 1;
 		if (e == SSL_ERROR_ZERO_RETURN)
-			fail(conn, UV_EOF, "connection closed by server");
+			fail_eof(conn);
 		else
 			tls_fail(conn, e);
 		return 0;
@@ -673,7 +926,7 @@ static void tls_pump(struct ms_conn *conn)
 		return;
 	}
 	if (drained && conn->eof)
-		fail(conn, UV_EOF, "connection closed by server");
+		fail_eof(conn);
 }
 
 static void on_tcp_read(uv_stream_t *stream, ssize_t nread,
@@ -681,7 +934,6 @@ static void on_tcp_read(uv_stream_t *stream, ssize_t nread,
 {
 	struct ms_conn *conn = stream->data;
 	char err[ERR_TEXT_SIZE];
-	size_t w;
 
 	if (conn->closing || conn->failed || nread == 0)
 		return;
@@ -694,21 +946,19 @@ static void on_tcp_read(uv_stream_t *stream, ssize_t nread,
 		}
 		conn->eof = 1;
 		update_reading(conn);
-		if (conn->tls == TLS_HANDSHAKE)
-			fail(conn, UV_EOF, "TLS error: connection closed by "
-			     "server during the handshake");
-		else if (conn->tls == TLS_ACTIVE)
+		if (conn->tls == TLS_ACTIVE) {
 			tls_pump(conn);	/* may still hold data; then EOF */
-		else
-			fail(conn, UV_EOF, "connection closed by server");
+			tls_input_keep(conn);
+		} else {
+			fail_eof(conn);
+		}
 		return;
 	}
 	if (conn->tls == TLS_OFF) {
 		conn->cb.on_read(conn, buf->base, (size_t)nread);
 		return;
 	}
-	if (BIO_write_ex(conn->rbio, buf->base, (size_t)nread, &w) != 1 ||
-	    w != (size_t)nread) {
+	if (tls_input_add(conn, buf->base, (size_t)nread) < 0) {
 		fail(conn, UV_ENOMEM, "TLS error: out of memory");
 		return;
 	}
@@ -716,6 +966,7 @@ static void on_tcp_read(uv_stream_t *stream, ssize_t nread,
 		tls_handshake(conn);
 	else
 		tls_pump(conn);
+	tls_input_keep(conn);
 }
 
 void ms_conn_read_pause(struct ms_conn *conn, int paused)
@@ -742,31 +993,42 @@ static int is_ip_literal(const char *name)
 	       inet_pton(AF_INET6, name, addr) == 1;
 }
 
-/* Creates the SSL object; returns 0 or a negative error with err set. */
+/* Creates conn->ssl from ctx over a conn_bio. Returns 0, or -1 with the
+ * reason in OpenSSL's error queue. */
+static int tls_new(struct ms_conn *conn, SSL_CTX *ctx)
+{
+	BIO *bio = NULL;
+
+	pthread_once(&cbio_once, cbio_method_create);
+	conn->ssl = SSL_new(ctx);
+	if (cbio_method)
+		bio = BIO_new(cbio_method);
+	if (!conn->ssl || !bio) {
+		BIO_free(bio);
+		SSL_free(conn->ssl);
+		conn->ssl = NULL;
+		return -1;
+	}
+	BIO_set_data(bio, conn);
+	/* one BIO both ways, as for a socket; ssl owns it now */
+	SSL_set_bio(conn->ssl, bio, bio);
+	return 0;
+}
+
+/* Creates the client's SSL object; returns 0 or a negative error with err
+ * set. */
 static int tls_setup(struct ms_conn *conn, char *err, size_t errlen)
 {
 	char why[256];
 	SSL_CTX *ctx;
-	BIO *rbio, *wbio;
 	int ip;
 
 	ctx = ctx_get(conn->ca_file, conn->insecure, err, errlen);
 	if (!ctx)
 		return UV_EINVAL;
 	ERR_clear_error();
-	conn->ssl = SSL_new(ctx);
-	rbio = BIO_new(BIO_s_mem());
-	wbio = BIO_new(BIO_s_mem());
-	if (!conn->ssl || !rbio || !wbio) {
-		BIO_free(rbio);
-		BIO_free(wbio);
+	if (tls_new(conn, ctx) < 0)
 		goto fail;
-	}
-	/* an empty rbio means "wait for more", not EOF */
-	BIO_set_mem_eof_return(rbio, -1);
-	SSL_set_bio(conn->ssl, rbio, wbio);	/* ssl owns both now */
-	conn->rbio = rbio;
-	conn->wbio = wbio;
 	SSL_set_connect_state(conn->ssl);
 
 	ip = is_ip_literal(conn->name);
@@ -792,8 +1054,25 @@ fail:
 		 conn->name, why);
 	SSL_free(conn->ssl);
 	conn->ssl = NULL;
-	conn->rbio = conn->wbio = NULL;
 	return UV_EINVAL;
+}
+
+/* Creates the server's SSL object; returns 0 or a negative error with err
+ * set. */
+static int tls_setup_server(struct ms_conn *conn, struct ms_tls_server *srv,
+			    char *err, size_t errlen)
+{
+	char why[256];
+
+	ERR_clear_error();
+	if (tls_new(conn, srv->ctx) < 0) {
+		ssl_err_text(why, sizeof(why));
+		snprintf(err, errlen, "TLS error: cannot set up a session: %s",
+			 why);
+		return UV_ENOMEM;
+	}
+	SSL_set_accept_state(conn->ssl);
+	return 0;
 }
 
 static void tls_handshake_done(struct ms_conn *conn)
@@ -844,8 +1123,7 @@ static void tls_handshake(struct ms_conn *conn)
 	if (r == 1)
 		tls_handshake_done(conn);
 	else if (conn->eof)
-		fail(conn, UV_EOF, "TLS error: connection closed by server "
-		     "during the handshake");
+		fail_eof(conn);
 }
 
 /* Starts TLS on the connected socket (implicit TLS). */
@@ -871,7 +1149,7 @@ int ms_conn_starttls(struct ms_conn *conn,
 	char err[ERR_TEXT_SIZE];
 	int r;
 
-	if (!conn || !done)
+	if (!conn || !done || conn->server)
 		return UV_EINVAL;
 	if (conn->closing || conn->failed || !conn->connected)
 		return UV_ENOTCONN;
@@ -916,21 +1194,30 @@ static void on_idle(uv_idle_t *idle)
 	if (conn->idle_fail) {
 		conn->idle_fail = 0;
 		fail(conn, conn->deferred_status, conn->deferred_err);
-		return;
+		goto out;
+	}
+	if (conn->accept_pending) {
+		/* reading starts only now: on_connect comes first */
+		conn->accept_pending = 0;
+		conn->connect_reported = 1;
+		update_reading(conn);
+		conn->cb.on_connect(conn, 0, NULL);
+		if (conn->closing || conn->failed)
+			goto out;
 	}
 	if (conn->idle_handshake) {
 		conn->idle_handshake = 0;
 		if (conn->tls == TLS_HANDSHAKE)
 			tls_handshake(conn);
 		if (conn->closing || conn->failed)
-			return;
+			goto out;
 	}
 	if (conn->idle_drain) {
 		conn->idle_drain = 0;
 		if (conn->tls == TLS_ACTIVE && !conn->failed)
 			tls_pump(conn);
 		if (conn->closing || conn->failed)
-			return;
+			goto out;
 	}
 	if (conn->idle_flush) {
 		char err[ERR_TEXT_SIZE];
@@ -940,6 +1227,9 @@ static void on_idle(uv_idle_t *idle)
 		    flush_plainq(conn, err, sizeof(err)) < 0)
 			fail(conn, UV_EIO, err);
 	}
+out:
+	if (conn->ssl)
+		tls_input_keep(conn);	/* lets go of held input all taken */
 }
 
 /* ---- connecting -------------------------------------------------------- */
@@ -1136,4 +1426,446 @@ void ms_conn_close(struct ms_conn **connp)
 	close_tcp(conn);
 	uv_close((uv_handle_t *)&conn->idle, on_idle_close);
 	conn_unref(conn);
+}
+
+/* ---- addresses --------------------------------------------------------- */
+
+static int addr_format(const struct sockaddr_storage *ss, char *addr,
+		       size_t addrsz, uint16_t *port)
+{
+	const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
+	const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+	char buf[INET6_ADDRSTRLEN];
+	const void *a;
+	int family;
+	uint16_t p;
+
+	if (ss->ss_family == AF_INET) {
+		family = AF_INET;
+		a = &sin->sin_addr;
+		p = sin->sin_port;
+	} else if (ss->ss_family == AF_INET6) {
+		p = sin6->sin6_port;
+		/* a dual-stack socket's IPv4 client is an IPv4 client */
+		if (IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr)) {
+			family = AF_INET;
+			a = &sin6->sin6_addr.s6_addr[12];
+		} else {
+			family = AF_INET6;
+			a = &sin6->sin6_addr;
+		}
+	} else {
+		return UV_EAFNOSUPPORT;
+	}
+	if (addr) {
+		if (!inet_ntop(family, a, buf, sizeof(buf)))
+			return UV_EINVAL;
+		if (strlen(buf) >= addrsz)
+			return UV_ENOSPC;
+		strcpy(addr, buf);
+	}
+	if (port)
+		*port = ntohs(p);
+	return 0;
+}
+
+static int conn_addr(const struct ms_conn *conn, int peer, char *addr,
+		     size_t addrsz, uint16_t *port)
+{
+	struct sockaddr_storage ss;
+	int len = sizeof(ss), r;
+
+	if (!conn)
+		return UV_EINVAL;
+	if (!conn->tcp)
+		return UV_ENOTCONN;
+	if (peer)
+		r = uv_tcp_getpeername(conn->tcp, (struct sockaddr *)&ss, &len);
+	else
+		r = uv_tcp_getsockname(conn->tcp, (struct sockaddr *)&ss, &len);
+	if (r < 0)
+		return r;
+	return addr_format(&ss, addr, addrsz, port);
+}
+
+int ms_conn_peer_addr(const struct ms_conn *conn, char *addr, size_t addrsz,
+		      uint16_t *port)
+{
+	return conn_addr(conn, 1, addr, addrsz, port);
+}
+
+int ms_conn_local_addr(const struct ms_conn *conn, char *addr, size_t addrsz,
+		       uint16_t *port)
+{
+	return conn_addr(conn, 0, addr, addrsz, port);
+}
+
+/* ---- serving TLS ------------------------------------------------------- */
+
+static void __attribute__((format(printf, 3, 4)))
+set_err(char *err, size_t errsz, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!err || errsz == 0)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(err, errsz, fmt, ap);
+	va_end(ap);
+}
+
+static int no_passphrase(char *buf, int size, int rwflag, void *u)
+{
+	return -1;	/* nobody to ask: an encrypted key is an error */
+}
+
+/* Reads the private key from key_file, refusing a file others may read.
+ * The mode is checked on the open file, the one that is read. */
+static EVP_PKEY *load_key(const char *key_file, char *err, size_t errsz)
+{
+	char why[256], *buf = NULL;
+	EVP_PKEY *key = NULL;
+	struct stat st;
+	size_t len = 0;
+	ssize_t n;
+	BIO *bio;
+	int fd;
+
+	fd = open(key_file, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+	if (fd < 0) {
+		set_err(err, errsz, "cannot open key file %s: %s", key_file,
+			strerror(errno));
+		return NULL;
+	}
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+		set_err(err, errsz, "key file %s is not a regular file",
+			key_file);
+		goto out;
+	}
+	if (st.st_mode & 077) {
+		set_err(err, errsz, "key file %s has mode %04o: it must be "
+			"readable by its owner only (chmod 600)", key_file,
+			(unsigned int)(st.st_mode & 07777));
+		goto out;
+	}
+	if (st.st_size > 1024 * 1024) {
+		set_err(err, errsz, "key file %s is too big", key_file);
+		goto out;
+	}
+	/* read whole into memory we wipe (stdio would leave copies) */
+	buf = malloc((size_t)st.st_size + 1);
+	if (!buf) {
+		set_err(err, errsz, "key file %s: out of memory", key_file);
+		goto out;
+	}
+	while (len < (size_t)st.st_size &&
+	       (n = read(fd, buf + len, (size_t)st.st_size - len)) != 0) {
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			set_err(err, errsz, "cannot read key file %s: %s",
+				key_file, strerror(errno));
+			goto out;
+		}
+		len += (size_t)n;
+	}
+	ERR_clear_error();
+	bio = BIO_new_mem_buf(buf, (int)len);
+	if (bio) {
+		key = PEM_read_bio_PrivateKey(bio, NULL, no_passphrase, NULL);
+		BIO_free(bio);
+	}
+	if (!key) {
+		ssl_err_text(why, sizeof(why));
+		set_err(err, errsz, "cannot load key file %s: %s", key_file,
+			why);
+	}
+out:
+	if (buf) {
+		OPENSSL_cleanse(buf, len);
+		free(buf);
+	}
+	close(fd);
+	return key;
+}
+
+int ms_tls_server_new(const char *cert_file, const char *key_file,
+		      struct ms_tls_server **srv_r, char *err, size_t errsz)
+{
+	struct ms_tls_server *srv;
+	EVP_PKEY *key;
+	SSL_CTX *ctx;
+	char why[256];
+
+	if (srv_r)
+		*srv_r = NULL;
+	if (!cert_file || !key_file || !srv_r) {
+		set_err(err, errsz, "TLS: a certificate and a key are needed");
+		return -1;
+	}
+	key = load_key(key_file, err, errsz);
+	if (!key)
+		return -1;
+	ERR_clear_error();
+	ctx = SSL_CTX_new(TLS_server_method());
+	if (!ctx) {
+		ssl_err_text(why, sizeof(why));
+		set_err(err, errsz, "TLS error: cannot create context: %s",
+			why);
+		EVP_PKEY_free(key);
+		return -1;
+	}
+	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+	SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION |
+				 SSL_OP_NO_RENEGOTIATION |
+				 SSL_OP_CIPHER_SERVER_PREFERENCE);
+	SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+	/* Resumption works through (stateless) tickets; a server-side
+	 * cache would hold up to 20000 sessions for TLS 1.2 clients. */
+	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+	if (SSL_CTX_use_certificate_chain_file(ctx, cert_file) != 1) {
+		ssl_err_text(why, sizeof(why));
+		set_err(err, errsz, "cannot load certificate chain %s: %s",
+			cert_file, why);
+		goto fail;
+	}
+	if (SSL_CTX_use_PrivateKey(ctx, key) != 1 ||
+	    SSL_CTX_check_private_key(ctx) != 1) {
+		ssl_err_text(why, sizeof(why));
+		set_err(err, errsz, "key file %s does not go with the "
+			"certificate in %s: %s", key_file, cert_file, why);
+		goto fail;
+	}
+	EVP_PKEY_free(key);	/* ctx holds its own reference */
+	srv = calloc(1, sizeof(*srv));
+	if (!srv) {
+		set_err(err, errsz, "TLS error: out of memory");
+		SSL_CTX_free(ctx);
+		return -1;
+	}
+	srv->ctx = ctx;
+	*srv_r = srv;
+	return 0;
+fail:
+	EVP_PKEY_free(key);
+	SSL_CTX_free(ctx);
+	return -1;
+}
+
+void ms_tls_server_free(struct ms_tls_server **srvp)
+{
+	if (!srvp || !*srvp)
+		return;
+	/* each SSL holds a reference to the context: live connections
+	 * keep it */
+	SSL_CTX_free((*srvp)->ctx);
+	free(*srvp);
+	*srvp = NULL;
+}
+
+/* ---- accepting --------------------------------------------------------- */
+
+int ms_conn_accept(uv_stream_t *listener, struct ms_tls_server *tls,
+		   const struct ms_conn_callbacks *cb, struct ms_conn **conn_r)
+{
+	char err[ERR_TEXT_SIZE];
+	struct ms_conn *conn;
+	uv_tcp_t *tcp;
+	int r;
+
+	if (conn_r)
+		*conn_r = NULL;
+	if (!listener || !cb || !cb->on_connect || !cb->on_read || !conn_r)
+		return UV_EINVAL;
+	conn = calloc(1, sizeof(*conn));
+	tcp = malloc(sizeof(*tcp));
+	if (!conn || !tcp) {
+		free(conn);
+		free(tcp);
+		return UV_ENOMEM;
+	}
+	conn->loop = listener->loop;
+	conn->cb = *cb;
+	conn->server = 1;
+	r = uv_tcp_init(conn->loop, tcp);
+	if (r < 0) {
+		free(tcp);
+		free(conn);
+		return r;
+	}
+	tcp->data = conn;
+	conn->tcp = tcp;
+	uv_idle_init(conn->loop, &conn->idle);
+	conn->idle.data = conn;
+	/* the caller's, the TCP handle's and the idle handle's */
+	conn->refs = 3;
+
+	r = uv_accept(listener, (uv_stream_t *)tcp);
+	if (r < 0)
+		goto fail;
+	uv_tcp_nodelay(tcp, 1);
+	conn->connected = 1;
+	if (tls) {
+		r = tls_setup_server(conn, tls, err, sizeof(err));
+		if (r < 0)
+			goto fail;
+		/* the client speaks first: wait for its hello */
+		conn->tls = TLS_HANDSHAKE;
+		update_reading(conn);
+	} else {
+		conn->accept_pending = 1;
+		schedule_idle(conn);
+	}
+	*conn_r = conn;
+	return 0;
+fail:
+	ms_conn_close(&conn);	/* closes the client's connection too */
+	return r;
+}
+
+int ms_conn_starttls_server(struct ms_conn *conn, struct ms_tls_server *tls,
+			    void (*done)(struct ms_conn *conn, int status,
+					 const char *error))
+{
+	char err[ERR_TEXT_SIZE];
+	int r;
+
+	if (!conn || !tls || !done || !conn->server)
+		return UV_EINVAL;
+	if (conn->closing || conn->failed || !conn->connected ||
+	    conn->accept_pending)
+		return UV_ENOTCONN;
+	if (conn->tls != TLS_OFF || conn->starttls_done)
+		return UV_EALREADY;
+	conn->starttls_done = done;
+	/* The go-ahead is still in plainq (it leaves at the end of the loop
+	 * turn): send it now, in plaintext, before the switch. */
+	r = flush_plainq(conn, err, sizeof(err));
+	if (r == 0)
+		r = tls_setup_server(conn, tls, err, sizeof(err));
+	if (r < 0) {
+		/* done(conn, -1, err) follows from the loop */
+		fail_later(conn, r, err);
+		return 0;
+	}
+	/* Writes wait in plainq again until the handshake is done; the
+	 * client's hello comes with the next read. */
+	conn->tls = TLS_HANDSHAKE;
+	update_reading(conn);
+	return 0;
+}
+
+/* ---- listening --------------------------------------------------------- */
+
+/* "1.2.3.4:143" or "[::1]:143" (numeric only: a listener's address must not
+ * depend on DNS). */
+static int parse_addrport(const char *s, struct sockaddr_storage *ss)
+{
+	const char *host, *end, *port_s;
+	char name[128], *e;
+	unsigned long port;
+	size_t n;
+
+	if (s[0] == '[') {
+		host = s + 1;
+		end = strchr(host, ']');
+		if (!end || end[1] != ':')
+			return UV_EINVAL;
+		port_s = end + 2;
+	} else {
+		host = s;
+		end = strrchr(s, ':');
+		/* an IPv6 address needs its brackets */
+		if (!end || memchr(s, ':', (size_t)(end - s)))
+			return UV_EINVAL;
+		port_s = end + 1;
+	}
+	n = (size_t)(end - host);
+	if (n == 0 || n >= sizeof(name) || *port_s < '0' || *port_s > '9')
+		return UV_EINVAL;
+	errno = 0;
+	port = strtoul(port_s, &e, 10);
+	if (*e || errno || port > 65535)
+		return UV_EINVAL;
+	memcpy(name, host, n);
+	name[n] = 0;
+	memset(ss, 0, sizeof(*ss));
+	if (s[0] == '[')
+		return uv_ip6_addr(name, (int)port, (struct sockaddr_in6 *)ss);
+	return uv_ip4_addr(name, (int)port, (struct sockaddr_in *)ss);
+}
+
+int ms_listen(uv_loop_t *loop, uv_tcp_t *tcp, const char *addrport,
+	      int transparent, uv_connection_cb cb, char *err, size_t errsz)
+{
+	struct sockaddr_storage ss;
+	const char *what = "bind";
+	uv_os_fd_t fd;
+	void *data;
+	int on = 1, r;
+
+	if (!loop || !tcp || !addrport || !cb) {
+		set_err(err, errsz, "listen: invalid arguments");
+		return UV_EINVAL;
+	}
+	if (parse_addrport(addrport, &ss) < 0) {
+		set_err(err, errsz, "bad listen address %s (want ADDR:PORT "
+			"or [IPV6]:PORT)", addrport);
+		return UV_EINVAL;
+	}
+	data = tcp->data;
+	/* the socket now, for its options before bind */
+	r = uv_tcp_init_ex(loop, tcp, ss.ss_family);
+	if (r < 0) {
+		set_err(err, errsz, "socket for %s: %s", addrport,
+			uv_strerror(r));
+		return r;	/* not initialized: nothing to close */
+	}
+	tcp->data = data;
+	r = uv_fileno((uv_handle_t *)tcp, &fd);
+	if (r < 0)
+		goto fail;
+	/* (libuv sets it too; said here because a restart must not wait
+	 * for TIME_WAIT to pass) */
+	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) < 0) {
+		r = uv_translate_sys_error(errno);
+		goto fail;
+	}
+	if (transparent) {
+		/* TPROXY delivers connections for addresses not ours */
+		what = "IP_TRANSPARENT on";
+#if defined(IP_TRANSPARENT) && defined(IPV6_TRANSPARENT)
+		if (ss.ss_family == AF_INET6)
+			r = setsockopt(fd, SOL_IPV6, IPV6_TRANSPARENT, &on,
+				       sizeof(on));
+		else
+			r = setsockopt(fd, SOL_IP, IP_TRANSPARENT, &on,
+				       sizeof(on));
+		if (r < 0) {
+			r = uv_translate_sys_error(errno);
+			goto fail;
+		}
+#else
+		r = UV_ENOTSUP;
+		goto fail;
+#endif
+		what = "bind";
+	}
+	/* an IPv6 listener is IPv6-only, so that 0.0.0.0:P and [::]:P can
+	 * both be listed */
+	r = uv_tcp_bind(tcp, (struct sockaddr *)&ss,
+			ss.ss_family == AF_INET6 ? UV_TCP_IPV6ONLY : 0);
+	if (r < 0)
+		goto fail;
+	/* libuv reports a bind's EADDRINUSE here */
+	r = uv_listen((uv_stream_t *)tcp, 511, cb);
+	if (r < 0 && r != UV_EADDRINUSE)
+		what = "listen";
+	if (r < 0)
+		goto fail;
+	return 0;
+fail:
+	set_err(err, errsz, "%s %s: %s", what, addrport, uv_strerror(r));
+	uv_close((uv_handle_t *)tcp, NULL);
+	return r;
 }

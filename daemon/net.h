@@ -1,11 +1,19 @@
-/* Outgoing TCP connections on libuv, optionally with TLS (OpenSSL over a pair
- * of memory BIOs, so all I/O stays on the event loop), for the mover's IMAP
- * and POP3 clients.
+/* TCP connections on libuv, optionally with TLS (OpenSSL over a BIO of our
+ * own, so all I/O stays on the event loop): outgoing ones for the mover's
+ * IMAP and POP3 clients, accepted ones for the gateway's listeners.
  *
- * Certificate verification is on by default: the peer's chain is checked
- * against ca_file (or the system's default CA paths when ca_file is NULL) and
- * its name against server_name (SNI is sent too). `insecure` turns both
- * checks off, for labs only.
+ * Outgoing: certificate verification is on by default: the peer's chain is
+ * checked against ca_file (or the system's default CA paths when ca_file is
+ * NULL) and its name against server_name (SNI is sent too). `insecure` turns
+ * both checks off, for labs only.
+ *
+ * Accepted: the server side of TLS (implicit, or STARTTLS/STLS) with the
+ * certificate of a struct ms_tls_server. Once connected, an accepted
+ * connection works like an outgoing one.
+ *
+ * Memory: an idle connection holds no read buffer. Reads go into one buffer
+ * per thread (per loop, in practice) shared by all its connections, so the
+ * data passed to on_read is only valid until on_read returns.
  */
 #ifndef MS_NET_H
 #define MS_NET_H
@@ -35,11 +43,13 @@ struct ms_conn_callbacks {
 	 * human-readable reason ("connection refused", "certificate verify
 	 * failed: ..."), and the connection must be closed by the caller. */
 	void (*on_connect)(struct ms_conn *conn, int status, const char *error);
-	/* Plaintext bytes from the peer. */
+	/* Plaintext bytes from the peer; valid until on_read returns (the
+	 * buffer is shared with the loop's other connections). */
 	void (*on_read)(struct ms_conn *conn, const char *data, size_t len);
 	/* The connection failed or the peer closed it ("connection closed by
-	 * server", "TLS error: ...", a read/write error). Called at most once;
-	 * the caller then closes the connection. */
+	 * server" - "by client" on an accepted connection -, "TLS error: ...",
+	 * a read/write error). Called at most once; the caller then closes the
+	 * connection. */
 	void (*on_error)(struct ms_conn *conn, const char *error);
 	/* The write queue dropped from above MS_CONN_HIGH_WATER to below
 	 * MS_CONN_LOW_WATER (backpressure release). May be NULL. */
@@ -74,11 +84,73 @@ int ms_conn_starttls(struct ms_conn *conn,
 				  const char *error));
 int ms_conn_is_tls(const struct ms_conn *conn);
 
+/* Addresses of the TCP connection: addr gets "192.0.2.1" or "2001:db8::1"
+ * (IPv4-mapped IPv6 addresses as IPv4), port the port; either may be NULL.
+ * The local address of an accepted connection is the one the client
+ * connected to (under TPROXY: the original destination). Returns 0 or a
+ * negative libuv error (UV_ENOTCONN while an outgoing connection has no
+ * socket; ask early, a reset connection may not have addresses any more). */
+int ms_conn_peer_addr(const struct ms_conn *conn, char *addr, size_t addrsz,
+		      uint16_t *port);
+int ms_conn_local_addr(const struct ms_conn *conn, char *addr, size_t addrsz,
+		       uint16_t *port);
+
 void *ms_conn_ctx(const struct ms_conn *conn);
 
 /* Closes the connection: no callback is called after this returns, memory
  * is released once libuv has closed the handle. Sets *conn to NULL. Accepts
  * NULL and *conn == NULL. */
 void ms_conn_close(struct ms_conn **conn);
+
+/* ---- server side ------------------------------------------------------- */
+
+/* A certificate and key to serve TLS with (an SSL_CTX: TLS 1.2 and up, no
+ * compression, no renegotiation, session tickets but no server-side session
+ * cache). */
+struct ms_tls_server;
+
+/* Loads a PEM certificate chain (the server's certificate first) and its
+ * private key (unencrypted). The key file must be readable by its owner only
+ * (mode & 077 == 0). Returns 0, or -1 with err filled ("key file K has mode
+ * 0644: ..."). */
+int ms_tls_server_new(const char *cert_file, const char *key_file,
+		      struct ms_tls_server **srv_r, char *err, size_t errsz);
+/* Connections already using it keep what they need. Sets *srv to NULL;
+ * accepts NULL and *srv == NULL. */
+void ms_tls_server_free(struct ms_tls_server **srv);
+
+/* Accepts one pending connection on a listening libuv stream (call it from
+ * the stream's connection callback). tls == NULL: plaintext, on_connect
+ * follows on the next loop turn with status 0 (nothing is read before it);
+ * else implicit TLS: the server handshake runs first and on_connect reports
+ * its result (a client that does not speak TLS gets "TLS error: ..."; a
+ * client that says nothing is the caller's to time out). Afterwards the
+ * connection works like an outgoing one. Returns 0 and the connection, or a
+ * negative libuv error (no callback; if it had been accepted, the client's
+ * connection is closed; on UV_ENOMEM it may still be pending). */
+int ms_conn_accept(uv_stream_t *listener, struct ms_tls_server *tls,
+		   const struct ms_conn_callbacks *cb, struct ms_conn **conn_r);
+
+/* Server-side STARTTLS/STLS on an accepted plaintext connection: call it
+ * right after writing the go-ahead ("OK Begin TLS now"); what was written
+ * before goes out in plaintext, ahead of the handshake, and everything
+ * written after is sent encrypted once the handshake is done. Bytes the
+ * client sent before this call were plaintext (delivered to on_read; a
+ * caller defending against STARTTLS command injection drops what followed
+ * the command). done as for ms_conn_starttls. */
+int ms_conn_starttls_server(struct ms_conn *conn, struct ms_tls_server *tls,
+			    void (*done)(struct ms_conn *conn, int status,
+					 const char *error));
+
+/* Binds tcp (uninitialized; initialized here) to "ADDR:PORT" or
+ * "[IPV6]:PORT" (an IPv6 listener is IPv6-only; list 0.0.0.0 too for IPv4)
+ * with SO_REUSEADDR, and listens (backlog 511) with cb. transparent: sets
+ * IP_TRANSPARENT / IPV6_TRANSPARENT, for TPROXY (needs CAP_NET_ADMIN).
+ * tcp->data is kept. Returns 0, or a negative libuv error with err filled
+ * ("bind 127.0.0.1:143: address already in use"); then tcp, if it was
+ * initialized, is being closed (uv_close without callback): its memory must
+ * stay valid until the loop has run. */
+int ms_listen(uv_loop_t *loop, uv_tcp_t *tcp, const char *addrport,
+	      int transparent, uv_connection_cb cb, char *err, size_t errsz);
 
 #endif

@@ -28,6 +28,7 @@ static const char schema_sql[] =
 	" id INTEGER PRIMARY KEY,"
 	" name TEXT UNIQUE NOT NULL,"
 	" state TEXT NOT NULL DEFAULT 'source',"
+	" policy TEXT,"
 	" last_error TEXT,"
 	" msgs_copied INTEGER DEFAULT 0,"
 	" bytes_copied INTEGER DEFAULT 0,"
@@ -910,5 +911,98 @@ int ms_store_msg_count(struct ms_store *store, int64_t folder_id, int state,
 		return -1;
 	*count_r = (uint64_t)sqlite3_column_int64(st, 0);
 	release(st);
+	return 0;
+}
+
+/* ---- users, for the gateway and the control commands ----
+ * Not on a hot path: statements are prepared per call. */
+
+static void user_row(sqlite3_stmt *st, struct ms_user_info *u)
+{
+	const unsigned char *t;
+
+	memset(u, 0, sizeof(*u));
+	u->id = sqlite3_column_int64(st, 0);
+	t = sqlite3_column_text(st, 1);
+	snprintf(u->name, sizeof(u->name), "%s", t ? (const char *)t : "");
+	t = sqlite3_column_text(st, 2);
+	snprintf(u->state, sizeof(u->state), "%s", t ? (const char *)t : "");
+	t = sqlite3_column_text(st, 3);
+	snprintf(u->policy, sizeof(u->policy), "%s", t ? (const char *)t : "");
+	t = sqlite3_column_text(st, 4);
+	snprintf(u->last_error, sizeof(u->last_error), "%s",
+		 t ? (const char *)t : "");
+	u->msgs = (uint64_t)sqlite3_column_int64(st, 5);
+	u->bytes = (uint64_t)sqlite3_column_int64(st, 6);
+	u->updated_at = sqlite3_column_int64(st, 7);
+}
+
+#define USER_COLS "id, name, state, policy, last_error, msgs_copied, " \
+	"bytes_copied, updated_at"
+
+int ms_store_user_info(struct ms_store *store, const char *name,
+		       struct ms_user_info *info_r, int *found_r)
+{
+	sqlite3_stmt *st;
+	int rc;
+
+	*found_r = 0;
+	if (sqlite3_prepare_v2(store->db, "SELECT " USER_COLS " FROM users "
+			       "WHERE name = ?1", -1, &st, NULL) != SQLITE_OK)
+		return db_error(store, "user_info");
+	sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		user_row(st, info_r);
+		*found_r = 1;
+	}
+	sqlite3_finalize(st);
+	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+		return set_error(store, "user_info: %s", sqlite3_errstr(rc));
+	return 0;
+}
+
+int ms_store_user_foreach(struct ms_store *store, ms_store_user_cb *cb,
+			  void *ctx)
+{
+	struct ms_user_info u;
+	sqlite3_stmt *st;
+	int rc, ret = 0;
+
+	if (sqlite3_prepare_v2(store->db, "SELECT " USER_COLS " FROM users "
+			       "ORDER BY name", -1, &st, NULL) != SQLITE_OK)
+		return db_error(store, "user_foreach");
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		user_row(st, &u);
+		if ((ret = cb(ctx, &u)) != 0)
+			break;
+	}
+	sqlite3_finalize(st);
+	if (ret == 0 && rc != SQLITE_DONE)
+		return set_error(store, "user_foreach: %s", sqlite3_errstr(rc));
+	return ret;
+}
+
+int ms_store_user_set_policy(struct ms_store *store, int64_t user_id,
+			     const char *policy)
+{
+	sqlite3_stmt *st;
+	int rc;
+
+	if (policy != NULL && *policy != '\0' && strcmp(policy, "passthrough") &&
+	    strcmp(policy, "hold") && strcmp(policy, "off"))
+		return set_error(store, "invalid policy \"%s\" (passthrough, "
+				 "hold or off)", policy);
+	if (sqlite3_prepare_v2(store->db, "UPDATE users SET policy = ?2 "
+			       "WHERE id = ?1", -1, &st, NULL) != SQLITE_OK)
+		return db_error(store, "user_set_policy");
+	sqlite3_bind_int64(st, 1, user_id);
+	if (policy != NULL && *policy != '\0')
+		sqlite3_bind_text(st, 2, policy, -1, SQLITE_STATIC);
+	rc = sqlite3_step(st);
+	sqlite3_finalize(st);
+	if (rc != SQLITE_DONE)
+		return set_error(store, "user_set_policy: %s",
+				 sqlite3_errstr(rc));
 	return 0;
 }

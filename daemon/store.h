@@ -31,6 +31,27 @@ int ms_store_user_set_state(struct ms_store *store, int64_t user_id,
 int ms_store_user_add_progress(struct ms_store *store, int64_t user_id,
 			       uint64_t msgs, uint64_t bytes);
 
+struct ms_user_info {
+	int64_t id;
+	char name[256];
+	char state[16];
+	char policy[16];		/* "" = the configured default */
+	char last_error[512];
+	uint64_t msgs, bytes;		/* copied so far */
+	int64_t updated_at;
+};
+
+/* Looks a user up without creating it: 0 and *found_r = 0/1. */
+int ms_store_user_info(struct ms_store *store, const char *name,
+		       struct ms_user_info *info_r, int *found_r);
+/* Every user in name order; a non-zero return from cb stops the walk. */
+typedef int ms_store_user_cb(void *ctx, const struct ms_user_info *info);
+int ms_store_user_foreach(struct ms_store *store, ms_store_user_cb *cb,
+			  void *ctx);
+/* "passthrough", "hold", "off", or NULL/"" for the configured default. */
+int ms_store_user_set_policy(struct ms_store *store, int64_t user_id,
+			     const char *policy);
+
 /* Folders: one row per (user, source folder name). */
 struct ms_folder_state {
 	int64_t id;

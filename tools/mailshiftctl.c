@@ -17,6 +17,10 @@ static const struct {
 	const char *description;
 } subcommands[] = {
 	{ "migrate", migrate_main, "Copies users' mail from the source to the destination" },
+	{ "status", status_main, "Shows the migration's progress (from mailshiftd)" },
+	{ "user", user_main, "Lists, shows, adds, imports and changes users" },
+	{ "sessions", sessions_main, "Shows who is connected where" },
+	{ "kick", kick_main, "Ends a user's sessions" },
 };
 
 static void show_usage(FILE *f)

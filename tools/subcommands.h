@@ -4,5 +4,9 @@
 extern const char *prog;
 
 int migrate_main(int argc, char *argv[]);
+int status_main(int argc, char *argv[]);
+int user_main(int argc, char *argv[]);
+int sessions_main(int argc, char *argv[]);
+int kick_main(int argc, char *argv[]);
 
 #endif

@@ -5,6 +5,11 @@
  * with a throwaway CA and server certificate made by the `openssl` command
  * in a temporary directory (removed at the end). No process is left behind:
  * the only children are the openssl invocations, each waited for.
+ *
+ * The server side (ms_listen, ms_conn_accept) is tested against our own
+ * outgoing connections on the same loop, and against raw sockets and raw
+ * OpenSSL clients where the client must not be ours (garbage instead of a
+ * ClientHello, the memory an idle accepted session costs).
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -16,6 +21,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
@@ -44,6 +50,9 @@ static int timed_out;
 
 static char tmpdir[64] = "";
 static char ca_pem[128], other_pem[128], srv_pem[128], srv_key[128];
+static char other_key[128];
+/* the server's certificate, for accepted connections */
+static struct ms_tls_server *server_tls;
 
 /* ---- helpers ----------------------------------------------------------- */
 
@@ -663,7 +672,7 @@ static void rm_tmpdir(void)
 
 static int make_certs(void **state)
 {
-	char cnf[128], ca_key[128], other_key[128], csr[128];
+	char cnf[128], ca_key[128], csr[128], err[256];
 	FILE *f;
 
 	strcpy(tmpdir, "/tmp/ms-test-net-XXXXXX");
@@ -709,6 +718,14 @@ static int make_certs(void **state)
 		    run_openssl(req) < 0 || run_openssl(sign) < 0)
 			goto fail;
 	}
+	/* ms_tls_server_new wants the key private */
+	if (chmod(srv_key, 0600) < 0 || chmod(other_key, 0600) < 0)
+		goto fail;
+	if (ms_tls_server_new(srv_pem, srv_key, &server_tls, err,
+			      sizeof(err)) < 0) {
+		fprintf(stderr, "ms_tls_server_new: %s\n", err);
+		goto fail;
+	}
 	return 0;
 fail:
 	rm_tmpdir();
@@ -717,6 +734,7 @@ fail:
 
 static int remove_certs(void **state)
 {
+	ms_tls_server_free(&server_tls);
 	rm_tmpdir();
 	return 0;
 }
@@ -1318,6 +1336,743 @@ static void test_starttls_server_hangs_up(void **state)
 	assert_int_equal(c.late, 0);
 }
 
+/* ---- server side: helpers ---------------------------------------------- */
+
+/* A listener made by ms_listen; each accepted connection goes to `sess`, a
+ * struct client recording its callbacks like an outgoing one. */
+struct listener {
+	uv_tcp_t tcp;
+	uint16_t port;
+	struct ms_tls_server *tls;
+	struct client *sess;
+	int accepts;
+	int accept_status;
+	int connects_at_accept;	/* on_connect calls inside accept: 0 */
+	int close_at_accept;
+};
+
+static const struct ms_conn_callbacks sess_cb = {
+	.on_connect = cl_on_connect,
+	.on_read = cl_on_read,
+	.on_error = cl_on_error,
+	.on_drain = cl_on_drain,
+};
+
+static void on_listen_conn(uv_stream_t *server, int status)
+{
+	struct listener *l = server->data;
+	struct ms_conn_callbacks cb = sess_cb;
+	struct client *s = l->sess;
+
+	assert_int_equal(status, 0);
+	assert_non_null(s);
+	assert_null(s->conn);
+	cb.ctx = s;
+	l->accepts++;
+	l->accept_status = ms_conn_accept(server, l->tls, &cb, &s->conn);
+	l->connects_at_accept = s->connects;
+	if (l->close_at_accept)
+		client_fini(s);
+}
+
+static uint16_t handle_port(uv_tcp_t *tcp, int peer)
+{
+	struct sockaddr_storage ss;
+	int len = sizeof(ss);
+
+	if (peer)
+		assert_int_equal(uv_tcp_getpeername(tcp, (struct sockaddr *)&ss,
+						    &len), 0);
+	else
+		assert_int_equal(uv_tcp_getsockname(tcp, (struct sockaddr *)&ss,
+						    &len), 0);
+	/* sin_port and sin6_port are at the same place */
+	return ntohs(((struct sockaddr_in *)&ss)->sin_port);
+}
+
+static void listener_start(struct listener *l, const char *addr,
+			   struct ms_tls_server *tls, uv_connection_cb cb)
+{
+	char err[256];
+
+	memset(l, 0, sizeof(*l));
+	l->tls = tls;
+	l->tcp.data = l;
+	assert_int_equal(ms_listen(&loop, &l->tcp, addr, 0,
+				   cb ? cb : on_listen_conn, err, sizeof(err)),
+			 0);
+	assert_ptr_equal(l->tcp.data, l);	/* kept */
+	l->port = handle_port(&l->tcp, 0);
+	/* the listener alone doesn't keep the loop running */
+	uv_unref((uv_handle_t *)&l->tcp);
+}
+
+static void listener_stop(struct listener *l)
+{
+	uv_close((uv_handle_t *)&l->tcp, noop_close);
+}
+
+/* Echo on an accepted connection, with backpressure: reading pauses while
+ * more than MS_CONN_HIGH_WATER waits to be sent, on_drain resumes it. */
+static void echo_data(struct client *s, const char *data, size_t len)
+{
+	assert_int_equal(ms_conn_write(s->conn, data, len), 0);
+	s->rx += len;
+	if (ms_conn_write_pending(s->conn) >= MS_CONN_HIGH_WATER) {
+		s->paused = 1;
+		s->pauses++;
+		ms_conn_read_pause(s->conn, 1);
+	}
+}
+
+static void echo_resume(struct client *s)
+{
+	if (s->paused) {
+		s->paused = 0;
+		ms_conn_read_pause(s->conn, 0);
+	}
+}
+
+static void sess_init_echo(struct client *s)
+{
+	client_init(s);
+	s->got_data = echo_data;
+	s->connected = echo_resume;	/* on_connect and on_drain */
+}
+
+static void check_addr(const struct ms_conn *conn, int peer,
+		       const char *want, uint16_t want_port)
+{
+	char addr[INET6_ADDRSTRLEN];
+	uint16_t port = 0;
+
+	if (peer)
+		assert_int_equal(ms_conn_peer_addr(conn, addr, sizeof(addr),
+						   &port), 0);
+	else
+		assert_int_equal(ms_conn_local_addr(conn, addr, sizeof(addr),
+						    &port), 0);
+	assert_string_equal(addr, want);
+	assert_int_equal(port, want_port);
+}
+
+/* Pattern through an accepted connection that echoes it, then the client
+ * hangs up: the session sees "connection closed by client". */
+static void accept_echo_run(struct ms_tls_server *tls,
+			    const struct ms_tls_opts *opts, uint64_t total)
+{
+	static struct listener l;
+	static struct client c, s;
+	char addr[INET6_ADDRSTRLEN];
+	uint16_t cport, port;
+
+	listener_start(&l, "127.0.0.1:0", tls, NULL);
+	sess_init_echo(&s);
+	l.sess = &s;
+	client_init(&c);
+	c.total = total;
+	c.got_data = check_pattern;
+	c.connected = echo_connected;
+	assert_int_equal(client_connect(&c, "127.0.0.1", l.port, opts), 0);
+	run_loop();
+
+	assert_int_equal(l.accepts, 1);
+	assert_int_equal(l.accept_status, 0);
+	assert_int_equal(l.connects_at_accept, 0);	/* never synchronous */
+	assert_int_equal(s.connects, 1);
+	assert_int_equal(s.connect_status, 0);
+	assert_int_equal(s.errors, 0);
+	assert_int_equal(s.read_while_paused, 0);
+	assert_int_equal(s.rx, total);
+	assert_int_equal(ms_conn_is_tls(s.conn), tls != NULL);
+	assert_int_equal(c.connect_status, 0);
+	assert_int_equal(c.errors, 0);
+	assert_int_equal(c.rx, total);
+	assert_int_equal(c.rx_bad, 0);
+	assert_int_equal(ms_conn_is_tls(c.conn), tls != NULL);
+
+	/* addresses, both ends */
+	assert_int_equal(ms_conn_local_addr(c.conn, addr, sizeof(addr),
+					    &cport), 0);
+	assert_string_equal(addr, "127.0.0.1");
+	check_addr(s.conn, 0, "127.0.0.1", l.port);
+	check_addr(s.conn, 1, "127.0.0.1", cport);
+	check_addr(c.conn, 1, "127.0.0.1", l.port);
+	assert_int_equal(ms_conn_peer_addr(s.conn, addr, 4, NULL), UV_ENOSPC);
+	assert_int_equal(ms_conn_peer_addr(s.conn, NULL, 0, &port), 0);
+	assert_int_equal(port, cport);
+
+	/* the client leaves */
+	client_fini(&c);
+	run_loop();
+	assert_int_equal(s.errors, 1);
+	assert_string_equal(s.error, "connection closed by client");
+	client_fini(&s);
+	listener_stop(&l);
+	drain_loop();
+	assert_int_equal(c.late, 0);
+	assert_int_equal(s.late, 0);
+}
+
+/* ---- server side: tests ------------------------------------------------ */
+
+static void test_accept_plain_echo(void **state)
+{
+	accept_echo_run(NULL, NULL, 8 * 1024 * 1024);
+}
+
+static void test_accept_tls_echo(void **state)
+{
+	struct ms_tls_opts opts = { .mode = MS_TLS_IMPLICIT, .ca_file = ca_pem,
+				    .server_name = "localhost" };
+
+	accept_echo_run(server_tls, &opts, 3 * 1024 * 1024);
+}
+
+/* The server side of STARTTLS, talking to our STARTTLS client (st_data). */
+static void srv_greet(struct client *s)
+{
+	const char *greet = "* OK test server ready\r\n";
+
+	assert_int_equal(ms_conn_write(s->conn, greet, strlen(greet)), 0);
+}
+
+static void srv_st_data(struct client *s, const char *data, size_t len)
+{
+	const char *go = "OK begin TLS now\r\n";
+
+	assert_true(s->text_len + len < sizeof(s->text));
+	memcpy(s->text + s->text_len, data, len);
+	s->text_len += len;
+	s->text[s->text_len] = 0;
+	if (!strchr(s->text, '\n'))
+		return;
+	if (s->starttls_state == 0) {
+		assert_string_equal(s->text, "STARTTLS\r\n");
+		assert_int_equal(ms_conn_is_tls(s->conn), 0);
+		assert_int_equal(ms_conn_write(s->conn, go, strlen(go)), 0);
+		assert_int_equal(ms_conn_starttls_server(s->conn, server_tls,
+							 st_done), 0);
+		assert_int_equal(ms_conn_starttls_server(s->conn, server_tls,
+							 st_done),
+				 UV_EALREADY);
+		assert_int_equal(ms_conn_starttls(s->conn, st_done),
+				 UV_EINVAL);	/* not the client's */
+		assert_int_equal(s->tls_done, 0);	/* never synchronous */
+		assert_int_equal(ms_conn_is_tls(s->conn), 1);
+	} else {
+		assert_string_equal(s->text, "secret\n");
+		assert_int_equal(s->tls_done, 1);
+		assert_int_equal(s->tls_done_status, 0);
+		assert_int_equal(ms_conn_write(s->conn, s->text, s->text_len),
+				 0);
+	}
+	s->starttls_state++;
+	s->text_len = 0;
+	s->text[0] = 0;
+}
+
+static void test_starttls_server(void **state)
+{
+	struct ms_tls_opts opts = { .mode = MS_TLS_STARTTLS, .ca_file = ca_pem,
+				    .server_name = "localhost" };
+	static struct listener l;
+	static struct client c, s;
+
+	listener_start(&l, "127.0.0.1:0", NULL, NULL);
+	client_init(&s);
+	s.connected = srv_greet;
+	s.got_data = srv_st_data;
+	l.sess = &s;
+	client_init(&c);
+	c.got_data = st_data;
+	assert_int_equal(client_connect(&c, "127.0.0.1", l.port, &opts), 0);
+	run_loop();
+
+	assert_int_equal(c.connect_status, 0);
+	assert_int_equal(c.errors, 0);
+	assert_int_equal(c.tls_done, 1);
+	assert_int_equal(c.tls_done_status, 0);
+	assert_int_equal(c.starttls_state, 3);	/* "secret" came back */
+	assert_int_equal(s.connects, 1);
+	assert_int_equal(s.connect_status, 0);
+	assert_int_equal(s.errors, 0);
+	assert_int_equal(s.tls_done, 1);
+	assert_int_equal(s.tls_done_status, 0);
+	assert_int_equal(s.starttls_state, 2);
+	client_fini(&c);
+	client_fini(&s);
+	listener_stop(&l);
+	drain_loop();
+	assert_int_equal(c.late, 0);
+	assert_int_equal(s.late, 0);
+}
+
+/* A TLS port that gets no ClientHello: on_connect must report a TLS error
+ * at once (the 5 s loop guard would catch a hang; 1 s is asked), once, and
+ * the client must see the connection closed after the session's close. */
+static const char *garbage_bytes;
+static size_t garbage_len;
+
+static void garbage_connected(struct client *c)
+{
+	if (garbage_bytes)
+		assert_int_equal(ms_conn_write(c->conn, garbage_bytes,
+					       garbage_len), 0);
+	else
+		client_fini(c);		/* says nothing, hangs up */
+}
+
+static void test_accept_tls_garbage(void **state)
+{
+	static unsigned char binary[4096];
+	static const struct {
+		const char *data;
+		size_t len;
+	} cases[] = {
+		{ "hello\r\n", 7 },
+		{ "a001 CAPABILITY\r\n", 17 },
+		{ "GET / HTTP/1.1\r\nHost: x\r\n\r\n", 27 },
+		/* a handshake record holding an unknown message */
+		{ "\x16\x03\x01\x00\x04\x63\x63\x63\x63", 9 },
+		/* a record header announcing 64 KiB */
+		{ "\x16\x03\x01\xff\xff....", 9 },
+		{ (const char *)binary, sizeof(binary) },
+		{ NULL, 0 },
+	};
+	static struct listener l;
+	static struct client c, s;
+	uint64_t t0, ms;
+	size_t i;
+
+	fill_pat(binary, 0, sizeof(binary));
+	listener_start(&l, "127.0.0.1:0", server_tls, NULL);
+	for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		garbage_bytes = cases[i].data;
+		garbage_len = cases[i].len;
+		client_init(&s);
+		l.sess = &s;
+		client_init(&c);
+		c.connected = garbage_connected;
+		t0 = uv_hrtime();
+		assert_int_equal(client_connect(&c, "127.0.0.1", l.port, NULL),
+				 0);
+		run_loop();	/* cl_on_connect stops it on the error */
+		ms = (uv_hrtime() - t0) / 1000000;
+		print_message("garbage case %zu: \"%s\" after %llu ms\n", i,
+			      s.connect_err, (unsigned long long)ms);
+		assert_true(ms < 1000);
+		assert_int_equal(s.connects, 1);
+		assert_true(s.connect_status < 0);
+		assert_int_equal(strncmp(s.connect_err, "TLS error: ", 11), 0);
+		if (!cases[i].data)
+			assert_string_equal(s.connect_err, "TLS error: "
+					    "connection closed by client "
+					    "during the handshake");
+		assert_int_equal(s.errors, 0);
+		assert_int_equal(ms_conn_is_tls(s.conn), 1);
+		/* the caller closes; the client hears of it */
+		client_fini(&s);
+		if (!c.closed) {
+			run_loop();
+			assert_int_equal(c.errors, 1);
+			client_fini(&c);
+		}
+		drain_loop();
+		assert_int_equal(s.late, 0);
+		assert_int_equal(c.late, 0);
+		assert_int_equal(l.accepts, (int)i + 1);
+	}
+	listener_stop(&l);
+}
+
+static void test_tls_server_files(void **state)
+{
+	struct ms_tls_server *srv = (struct ms_tls_server *)&srv;
+	char key[256], missing[256], err[512];
+	char buf[4096];
+	ssize_t n;
+	int in, out;
+
+	/* a copy of the key with mode 0644 */
+	snprintf(key, sizeof(key), "%s/srv-0644.key", tmpdir);
+	in = open(srv_key, O_RDONLY);
+	out = open(key, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+	assert_true(in >= 0 && out >= 0);
+	while ((n = read(in, buf, sizeof(buf))) > 0)
+		assert_int_equal(write(out, buf, (size_t)n), n);
+	close(in);
+	close(out);
+	assert_int_equal(chmod(key, 0644), 0);
+	assert_int_equal(ms_tls_server_new(srv_pem, key, &srv, err,
+					   sizeof(err)), -1);
+	assert_null(srv);
+	print_message("%s\n", err);
+	assert_non_null(strstr(err, key));
+	assert_non_null(strstr(err, "mode 0644"));
+	assert_non_null(strstr(err, "readable by its owner only"));
+	assert_int_equal(chmod(key, 0640), 0);
+	assert_int_equal(ms_tls_server_new(srv_pem, key, &srv, err,
+					   sizeof(err)), -1);
+	assert_non_null(strstr(err, "mode 0640"));
+	/* 0400 is fine */
+	assert_int_equal(chmod(key, 0400), 0);
+	assert_int_equal(ms_tls_server_new(srv_pem, key, &srv, err,
+					   sizeof(err)), 0);
+	assert_non_null(srv);
+	ms_tls_server_free(&srv);
+	assert_null(srv);
+	ms_tls_server_free(&srv);
+	ms_tls_server_free(NULL);
+
+	/* the wrong key for the certificate */
+	assert_int_equal(ms_tls_server_new(srv_pem, other_key, &srv, err,
+					   sizeof(err)), -1);
+	print_message("%s\n", err);
+	assert_non_null(strstr(err, "does not go with the certificate"));
+	/* no such files */
+	snprintf(missing, sizeof(missing), "%s/missing.pem", tmpdir);
+	assert_int_equal(ms_tls_server_new(srv_pem, missing, &srv, err,
+					   sizeof(err)), -1);
+	assert_non_null(strstr(err, "cannot open key file"));
+	assert_int_equal(ms_tls_server_new(missing, srv_key, &srv, err,
+					   sizeof(err)), -1);
+	print_message("%s\n", err);
+	assert_non_null(strstr(err, "cannot load certificate chain"));
+	/* a certificate is not a key */
+	assert_int_equal(chmod(ca_pem, 0600), 0);
+	assert_int_equal(ms_tls_server_new(srv_pem, ca_pem, &srv, err,
+					   sizeof(err)), -1);
+	print_message("%s\n", err);
+	assert_non_null(strstr(err, "cannot load key file"));
+	assert_int_equal(chmod(ca_pem, 0644), 0);
+	assert_null(srv);
+}
+
+static void test_listen_errors(void **state)
+{
+	static const char *bad[] = {
+		"127.0.0.1", "localhost:143", "::1:143", "[::1]143",
+		"127.0.0.1:65536", "127.0.0.1:", "127.0.0.1:14x", ":143",
+		"[::1:143", "300.1.1.1:143",
+	};
+	static struct listener l;
+	static uv_tcp_t t1, t2;
+	char addr[64], want[128], err[256];
+	size_t i;
+	int r;
+
+	listener_start(&l, "127.0.0.1:0", NULL, NULL);
+	snprintf(addr, sizeof(addr), "127.0.0.1:%u", l.port);
+	assert_int_equal(ms_listen(&loop, &t1, addr, 0, on_listen_conn, err,
+				   sizeof(err)), UV_EADDRINUSE);
+	snprintf(want, sizeof(want), "bind %s: address already in use",
+		 addr);
+	assert_string_equal(err, want);
+	for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		err[0] = 0;
+		assert_int_equal(ms_listen(&loop, &t2, bad[i], 0,
+					   on_listen_conn, err, sizeof(err)),
+				 UV_EINVAL);
+		assert_non_null(strstr(err, "bad listen address"));
+		assert_non_null(strstr(err, bad[i]));
+	}
+	/* IP_TRANSPARENT needs CAP_NET_ADMIN: either works or says why */
+	r = ms_listen(&loop, &t2, "127.0.0.1:0", 1, on_listen_conn, err,
+		      sizeof(err));
+	if (r == 0) {
+		uv_close((uv_handle_t *)&t2, noop_close);
+	} else {
+		print_message("%s\n", err);
+		assert_non_null(strstr(err, "IP_TRANSPARENT on 127.0.0.1:0"));
+	}
+	listener_stop(&l);
+	drain_loop();
+}
+
+static void v6_connected(struct client *c)
+{
+	uv_stop(&loop);
+}
+
+static void test_accept_ipv6(void **state)
+{
+	static struct listener l;
+	static struct client c, s;
+	static uv_tcp_t probe;
+	char err[256];
+	uint16_t cport;
+	int r;
+
+	/* no IPv6 on this host (a container): nothing to test */
+	r = ms_listen(&loop, &probe, "[::1]:0", 0, on_listen_conn, err,
+		      sizeof(err));
+	if (r < 0) {
+		print_message("skipped: %s\n", err);
+		drain_loop();
+		return;
+	}
+	uv_close((uv_handle_t *)&probe, noop_close);
+	listener_start(&l, "[::1]:0", NULL, NULL);
+	client_init(&s);
+	s.connected = v6_connected;
+	l.sess = &s;
+	client_init(&c);
+	assert_int_equal(client_connect(&c, "::1", l.port, NULL), 0);
+	run_loop();
+	assert_int_equal(s.connect_status, 0);
+	check_addr(s.conn, 0, "::1", l.port);
+	assert_int_equal(ms_conn_local_addr(c.conn, NULL, 0, &cport), 0);
+	check_addr(s.conn, 1, "::1", cport);
+	check_addr(c.conn, 1, "::1", l.port);
+	client_fini(&c);
+	client_fini(&s);
+	listener_stop(&l);
+	drain_loop();
+}
+
+/* Closes accepted connections at every early stage (in the accept callback,
+ * before the deferred on_connect, during the handshake, with the client's
+ * first bytes in flight): no callback may follow, everything must be
+ * released (teardown checks the loop, valgrind the memory). */
+static void accept_close_at_stages(struct ms_tls_server *tls,
+				   const struct ms_tls_opts *opts)
+{
+	static char big[256 * 1024];
+	static struct listener l;
+	static struct client c, s;
+	int stage, i;
+
+	listener_start(&l, "127.0.0.1:0", tls, NULL);
+	for (stage = 0; stage < 20; stage++) {
+		client_init(&s);
+		l.sess = &s;
+		l.close_at_accept = stage == 0;
+		client_init(&c);
+		assert_int_equal(client_connect(&c, "127.0.0.1", l.port,
+						 opts), 0);
+		assert_int_equal(ms_conn_write(c.conn, "hello\n", 6), 0);
+		if (stage & 1)
+			assert_int_equal(ms_conn_write(c.conn, big,
+						       sizeof(big)), 0);
+		for (i = 0; i < 4000 && l.accepts == stage; i++) {
+			uv_run(&loop, UV_RUN_NOWAIT);
+			usleep(50);
+		}
+		assert_int_equal(l.accepts, stage + 1);
+		assert_int_equal(l.accept_status, 0);
+		for (i = 0; i < stage / 2; i++) {
+			usleep(300);
+			uv_run(&loop, UV_RUN_NOWAIT);
+		}
+		if (!s.closed)
+			client_fini(&s);
+		/* the client hears of it, or not yet */
+		uv_run(&loop, UV_RUN_NOWAIT);
+		client_fini(&c);
+		drain_loop();
+		assert_int_equal(s.late, 0);
+		assert_int_equal(c.late, 0);
+		assert_true(s.connects <= 1);
+		assert_int_equal(s.errors, 0);
+		assert_int_equal(s.tls_done, 0);
+	}
+	listener_stop(&l);
+	drain_loop();	/* l is used again */
+}
+
+static void test_accept_close_anytime(void **state)
+{
+	struct ms_tls_opts opts = { .mode = MS_TLS_IMPLICIT, .ca_file = ca_pem };
+
+	accept_close_at_stages(NULL, NULL);
+	accept_close_at_stages(server_tls, &opts);
+}
+
+/* The server side of STARTTLS, closed while the handshake runs. */
+static void srv_st_close(struct client *s, const char *data, size_t len)
+{
+	assert_int_equal(ms_conn_write(s->conn, "OK\r\n", 4), 0);
+	assert_int_equal(ms_conn_starttls_server(s->conn, server_tls,
+						 st_done), 0);
+	client_fini(s);		/* done must never come */
+	uv_stop(&loop);
+}
+
+static void test_starttls_server_close(void **state)
+{
+	static struct listener l;
+	static struct client c, s;
+
+	listener_start(&l, "127.0.0.1:0", NULL, NULL);
+	client_init(&s);
+	s.got_data = srv_st_close;
+	l.sess = &s;
+	client_init(&c);
+	assert_int_equal(client_connect(&c, "127.0.0.1", l.port, NULL), 0);
+	assert_int_equal(ms_conn_write(c.conn, "STARTTLS\r\n", 10), 0);
+	run_loop();
+	assert_int_equal(s.closed, 1);
+	client_fini(&c);
+	listener_stop(&l);
+	drain_loop();
+	assert_int_equal(s.late, 0);
+	assert_int_equal(s.tls_done, 0);
+	assert_int_equal(c.late, 0);
+}
+
+/* ---- memory per idle accepted session ---------------------------------- */
+
+#define MEM_SESSIONS 200
+
+static struct client mem_sess[MEM_SESSIONS];
+static int mem_accepted;
+
+static void mem_on_conn(uv_stream_t *server, int status)
+{
+	struct listener *l = server->data;
+	struct ms_conn_callbacks cb = sess_cb;
+	struct client *s;
+
+	assert_int_equal(status, 0);
+	assert_true(mem_accepted < MEM_SESSIONS);
+	s = &mem_sess[mem_accepted++];
+	client_init(s);
+	s->connected = srv_greet;
+	cb.ctx = s;
+	assert_int_equal(ms_conn_accept(server, l->tls, &cb, &s->conn), 0);
+}
+
+static int raw_connect(uint16_t port)
+{
+	struct sockaddr_in sin = { .sin_family = AF_INET };
+	int fd;
+
+	fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	assert_true(fd >= 0);
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	sin.sin_port = htons(port);
+	assert_true(connect(fd, (struct sockaddr *)&sin, sizeof(sin)) == 0 ||
+		    errno == EINPROGRESS);
+	return fd;
+}
+
+/* n sessions, each greeted by the server and sent one command by its raw
+ * client (through OpenSSL when tls), then left idle: returns the bytes
+ * malloc'ed per session, with the clients' memory freed again. */
+static long idle_sessions(struct listener *l, int n, int *fds)
+{
+	static const char cmd[] = "a1 NOOP\r\n";
+	struct mallinfo2 before, after;
+	SSL_CTX *cctx = NULL;
+	SSL *ssl[MEM_SESSIONS];
+	int i, done, r, turns;
+
+	before = mallinfo2();
+	mem_accepted = 0;
+	if (l->tls) {
+		cctx = SSL_CTX_new(TLS_client_method());
+		assert_non_null(cctx);
+	}
+	for (i = 0; i < n; i++) {
+		fds[i] = raw_connect(l->port);
+		if (cctx) {
+			ssl[i] = SSL_new(cctx);
+			SSL_set_fd(ssl[i], fds[i]);
+			SSL_set_connect_state(ssl[i]);
+		}
+	}
+	/* handshakes (both ends on this thread), then the command */
+	for (turns = 0, done = 0; done < n && turns < 20000; turns++) {
+		uv_run(&loop, UV_RUN_NOWAIT);
+		for (done = 0, i = 0; i < n; i++) {
+			if (cctx && !SSL_is_init_finished(ssl[i])) {
+				r = SSL_do_handshake(ssl[i]);
+				if (r != 1)
+					continue;
+				assert_int_equal(SSL_write(ssl[i], cmd,
+							   sizeof(cmd) - 1),
+						 sizeof(cmd) - 1);
+			} else if (!cctx && i >= mem_accepted) {
+				continue;
+			} else if (!cctx && mem_sess[i].text_len == 0 &&
+				   !mem_sess[i].tx) {
+				assert_int_equal(send(fds[i], cmd,
+						      sizeof(cmd) - 1, 0),
+						 sizeof(cmd) - 1);
+				mem_sess[i].tx = 1;
+			}
+			done++;
+		}
+		usleep(100);
+	}
+	assert_int_equal(done, n);
+	/* every session connected and got its command */
+	for (turns = 0; turns < 20000; turns++) {
+		for (done = 0, i = 0; i < mem_accepted; i++)
+			done += mem_sess[i].connects == 1 &&
+				strchr(mem_sess[i].text, '\n') != NULL;
+		if (done == n)
+			break;
+		uv_run(&loop, UV_RUN_NOWAIT);
+		usleep(100);
+	}
+	assert_int_equal(mem_accepted, n);
+	assert_int_equal(done, n);
+	for (i = 0; i < n; i++) {
+		assert_int_equal(mem_sess[i].connect_status, 0);
+		assert_string_equal(mem_sess[i].text, cmd);
+		assert_int_equal(ms_conn_write_pending(mem_sess[i].conn), 0);
+		if (cctx)
+			SSL_free(ssl[i]);	/* the socket stays open */
+	}
+	SSL_CTX_free(cctx);
+	settle(20);
+	after = mallinfo2();
+	return ((long)after.uordblks - (long)before.uordblks) / n;
+}
+
+static void idle_sessions_end(int n, int *fds)
+{
+	int i;
+
+	for (i = 0; i < n; i++) {
+		close(fds[i]);
+		assert_int_equal(mem_sess[i].errors, 0);
+		client_fini(&mem_sess[i]);
+		assert_int_equal(mem_sess[i].late, 0);
+	}
+	drain_loop();
+}
+
+static void test_idle_memory(void **state)
+{
+	static struct listener plain, tls;
+	static int fds[MEM_SESSIONS];
+	long per_plain, per_tls;
+
+	listener_start(&plain, "127.0.0.1:0", NULL, mem_on_conn);
+	listener_start(&tls, "127.0.0.1:0", server_tls, mem_on_conn);
+	/* once first: the shared read buffer, OpenSSL's lazy set-up */
+	idle_sessions(&plain, 1, fds);
+	idle_sessions_end(1, fds);
+	idle_sessions(&tls, 1, fds);
+	idle_sessions_end(1, fds);
+
+	per_plain = idle_sessions(&plain, MEM_SESSIONS, fds);
+	idle_sessions_end(MEM_SESSIONS, fds);
+	per_tls = idle_sessions(&tls, MEM_SESSIONS, fds);
+	idle_sessions_end(MEM_SESSIONS, fds);
+	print_message("idle accepted session: %ld bytes plaintext, %ld bytes "
+		      "TLS (malloc'ed, %d sessions)\n", per_plain, per_tls,
+		      MEM_SESSIONS);
+	/* 0 under valgrind, whose malloc mallinfo2 doesn't see */
+	assert_true(per_plain <= 8 * 1024);
+	assert_true(per_tls <= 40 * 1024);
+	listener_stop(&plain);
+	listener_stop(&tls);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1355,6 +2110,26 @@ int main(void)
 						teardown),
 		cmocka_unit_test_setup_teardown(test_starttls_server_hangs_up,
 						setup, teardown),
+		cmocka_unit_test_setup_teardown(test_accept_plain_echo, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_accept_tls_echo, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_starttls_server, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_accept_tls_garbage, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_tls_server_files, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_listen_errors, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_accept_ipv6, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_accept_close_anytime,
+						setup, teardown),
+		cmocka_unit_test_setup_teardown(test_starttls_server_close,
+						setup, teardown),
+		cmocka_unit_test_setup_teardown(test_idle_memory, setup,
+						teardown),
 	};
 
 	/* a peer that hangs up must not kill the test with SIGPIPE */

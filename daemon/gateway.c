@@ -1,0 +1,1596 @@
+/* The gateway: see gateway.h and docs/gateway-spec.md.
+ *
+ * A session is one client connection. Before login it is ours: we answer
+ * the pre-login commands ourselves and capture the credentials. At login we
+ * look the user up, open a connection to the server that holds the user's
+ * mail, replay the login there (after an IMAP ID with the client's address)
+ * and pass the server's answer on with the client's tag. From then on bytes
+ * are relayed both ways, with backpressure.
+ *
+ * Per user (struct guser) we count open sessions, hold logins while the
+ * user is being flipped, and keep the captured password in memory only for
+ * as long as a copy needs it.
+ */
+#include <ctype.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include <openssl/evp.h>
+
+#include "gateway.h"
+#include "log.h"
+#include "net.h"
+#include "util.h"
+
+#define INBUF_MAX 8192		/* pre-login command line, literals included */
+#define ARG_MAX 8
+#define LITERAL_MAX 4096	/* a pre-login literal (user, password) */
+#define BAD_MAX 10		/* bad pre-login commands before we hang up */
+#define PRELOGIN_TIMEOUT_MS (180 * 1000)
+#define BACKEND_TIMEOUT_MS (30 * 1000)
+#define INPROGRESS_MS (10 * 1000)
+#define USER_BUCKETS 1024
+
+static const char imap_caps[] =
+	"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+";
+
+enum sstate {
+	SS_PRELOGIN,
+	SS_AUTH_PLAIN,		/* waiting for the SASL PLAIN response */
+	SS_AUTH_USER,		/* AUTHENTICATE LOGIN: waiting for the name */
+	SS_AUTH_PASS,		/* ... and the password */
+	SS_STARTTLS,
+	SS_BACKEND,		/* connecting and logging in at the server */
+	SS_HELD,		/* waiting for the user's flip */
+	SS_RELAY,
+	SS_CLOSING,
+};
+
+enum bstate { B_GREETING, B_STARTTLS, B_LOGIN, B_LOGIN_CONT };
+
+struct guser;
+
+struct session {
+	struct session *next, *prev;
+	struct ms_gateway *gw;
+	uint64_t id;
+	enum ms_gw_proto proto;
+	enum sstate st;
+	struct ms_conn *c, *b;
+	int tls;			/* client side is TLS now */
+	char peer[64], local[64];
+	uint16_t peer_port;
+	time_t since;
+
+	/* pre-login input */
+	char *in;
+	size_t inlen;
+	char *argv[ARG_MAX];
+	unsigned int argc;
+	size_t lit_need;		/* literal bytes still to come */
+	unsigned int bad;
+	char tag[64];
+
+	/* captured login (wiped when done with) */
+	char *user, *authz, *pass;
+
+	/* backend */
+	enum bstate bst;
+	const struct ms_server_cfg *server;
+	int to_dst;
+	int verify_only;		/* hold: check the password, then wait */
+	char *bin;
+	size_t binlen;
+	int b_sasl_ir;
+
+	struct guser *gu;
+	int counted;			/* counted in gu->sessions */
+	uv_timer_t *timer;
+	uint64_t held_since;
+	int c_paused, b_paused;
+};
+
+struct guser {
+	struct guser *next;
+	char name[256];
+	unsigned int sessions;
+	int copying;			/* a mover job runs for the user */
+	int cutover;			/* the running job is the last delta */
+	int flip_pending;		/* verified; flip at the last log-off */
+	int touched;			/* a session used the source while the
+					   copy ran: a last delta is needed */
+	char *pw;			/* captured password, for the copies */
+};
+
+struct listener {
+	uv_tcp_t tcp;
+	struct ms_gateway *gw;
+	struct ms_gw_listen cfg;
+	int open;
+};
+
+struct ms_gateway {
+	uv_loop_t *loop;
+	struct ms_gw_config cfg;
+	struct ms_store *store;
+	struct ms_tls_server *tls;
+	struct listener *listeners[MS_GW_MAX_LISTEN];
+	unsigned int nlisteners;
+	struct session *sessions;
+	uint64_t next_id;
+	struct guser *users[USER_BUCKETS];
+	struct ms_mover *mover;
+	unsigned int closing_handles;
+};
+
+static void session_close(struct session *s);
+static void imap_process(struct session *s);
+static void pop3_process(struct session *s);
+static void login_start(struct session *s);
+static void route(struct session *s);
+static void user_copy_start(struct ms_gateway *gw, struct guser *gu);
+
+/* ---- small helpers ---- */
+
+const char *ms_policy_name(enum ms_policy p)
+{
+	return p == MS_POLICY_HOLD ? "hold" : p == MS_POLICY_OFF ? "off" :
+	       "passthrough";
+}
+
+int ms_policy_parse(const char *s, enum ms_policy *p)
+{
+	if (!strcmp(s, "passthrough"))
+		*p = MS_POLICY_PASSTHROUGH;
+	else if (!strcmp(s, "hold"))
+		*p = MS_POLICY_HOLD;
+	else if (!strcmp(s, "off"))
+		*p = MS_POLICY_OFF;
+	else
+		return -1;
+	return 0;
+}
+
+static void out(struct session *s, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+static void out(struct session *s, const char *fmt, ...)
+{
+	char buf[2048];
+	va_list ap;
+	int n;
+
+	if (s->c == NULL)
+		return;
+	va_start(ap, fmt);
+	n = vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	ms_conn_write(s->c, buf, (size_t)n < sizeof(buf) ? (size_t)n :
+		      sizeof(buf) - 1);
+}
+
+static void wipe_login(struct session *s)
+{
+	ms_secret_free(&s->pass);
+	ms_secret_free(&s->user);
+	ms_secret_free(&s->authz);
+}
+
+static void clear_args(struct session *s)
+{
+	for (unsigned int i = 0; i < s->argc; i++)
+		ms_secret_free(&s->argv[i]);
+	s->argc = 0;
+	s->lit_need = 0;
+}
+
+static struct guser *user_get(struct ms_gateway *gw, const char *name)
+{
+	unsigned int h = 5381;
+	struct guser *gu;
+
+	for (const char *p = name; *p != '\0'; p++)
+		h = h * 33 + (unsigned char)*p;
+	h %= USER_BUCKETS;
+	for (gu = gw->users[h]; gu != NULL; gu = gu->next)
+		if (strcmp(gu->name, name) == 0)
+			return gu;
+	gu = calloc(1, sizeof(*gu));
+	if (gu == NULL)
+		return NULL;
+	snprintf(gu->name, sizeof(gu->name), "%s", name);
+	gu->next = gw->users[h];
+	gw->users[h] = gu;
+	return gu;
+}
+
+static struct guser *user_find(struct ms_gateway *gw, const char *name)
+{
+	unsigned int h = 5381;
+
+	for (const char *p = name; *p != '\0'; p++)
+		h = h * 33 + (unsigned char)*p;
+	for (struct guser *gu = gw->users[h % USER_BUCKETS]; gu != NULL;
+	     gu = gu->next)
+		if (strcmp(gu->name, name) == 0)
+			return gu;
+	return NULL;
+}
+
+static enum ms_policy user_policy(struct ms_gateway *gw,
+				  const struct ms_user_info *info)
+{
+	enum ms_policy p = gw->cfg.policy;
+	const char *at = strrchr(info->name, '@');
+
+	if (info->policy[0] != '\0' && ms_policy_parse(info->policy, &p) == 0)
+		return p;
+	for (unsigned int i = 0; at != NULL && i < gw->cfg.ndomains; i++)
+		if (strcasecmp(gw->cfg.domains[i].domain, at + 1) == 0)
+			return gw->cfg.domains[i].policy;
+	return gw->cfg.policy;
+}
+
+static int user_state(struct ms_gateway *gw, const char *name,
+		      struct ms_user_info *info)
+{
+	int found = 0;
+	int64_t id;
+
+	if (ms_store_user_info(gw->store, name, info, &found) < 0)
+		return -1;
+	if (found)
+		return 0;
+	/* Unknown users start on the source. */
+	if (ms_store_user_get(gw->store, name, &id) < 0 ||
+	    ms_store_user_info(gw->store, name, info, &found) < 0 || !found)
+		return -1;
+	return 0;
+}
+
+static void set_state(struct ms_gateway *gw, const char *name,
+		      const char *state, const char *error)
+{
+	int64_t id;
+
+	if (ms_store_user_get(gw->store, name, &id) < 0 ||
+	    ms_store_user_set_state(gw->store, id, state, error) < 0)
+		ms_log(MS_LOG_ERROR, "%s: store: %s", name,
+		       ms_store_error(gw->store));
+	else
+		ms_info("%s: state %s", name, state);
+}
+
+/* ---- timers ---- */
+
+static void on_timer_close(uv_handle_t *h)
+{
+	free(h);
+}
+
+static void timer_stop(struct session *s)
+{
+	if (s->timer != NULL) {
+		uv_close((uv_handle_t *)s->timer, on_timer_close);
+		s->timer = NULL;
+	}
+}
+
+static void timer_start(struct session *s, uv_timer_cb cb, uint64_t ms,
+			uint64_t repeat)
+{
+	timer_stop(s);
+	s->timer = malloc(sizeof(*s->timer));
+	if (s->timer == NULL)
+		return;
+	uv_timer_init(s->gw->loop, s->timer);
+	s->timer->data = s;
+	uv_timer_start(s->timer, cb, ms, repeat);
+}
+
+static void on_idle_timeout(uv_timer_t *t)
+{
+	struct session *s = t->data;
+
+	if (s->proto == MS_GW_IMAP)
+		out(s, "* BYE Disconnected for inactivity.\r\n");
+	else
+		out(s, "-ERR Disconnected for inactivity.\r\n");
+	session_close(s);
+}
+
+/* ---- session lifetime ---- */
+
+static void session_uncount(struct session *s)
+{
+	struct ms_gateway *gw = s->gw;
+	struct guser *gu = s->gu;
+
+	if (!s->counted || gu == NULL)
+		return;
+	s->counted = 0;
+	gu->sessions--;
+	/* The last session of a verified user ends: flip now. */
+	if (gu->sessions == 0 && gu->flip_pending && !gu->copying) {
+		gu->flip_pending = 0;
+		gu->cutover = 1;
+		set_state(gw, gu->name, "cutover", NULL);
+		user_copy_start(gw, gu);
+	}
+}
+
+static void session_close(struct session *s)
+{
+	struct ms_gateway *gw = s->gw;
+
+	if (s->st == SS_CLOSING)
+		return;
+	s->st = SS_CLOSING;
+	timer_stop(s);
+	ms_conn_close(&s->b);
+	ms_conn_close(&s->c);
+	clear_args(s);
+	wipe_login(s);
+	free(s->in);
+	s->in = NULL;
+	free(s->bin);
+	s->bin = NULL;
+	if (s->prev != NULL)
+		s->prev->next = s->next;
+	else
+		gw->sessions = s->next;
+	if (s->next != NULL)
+		s->next->prev = s->prev;
+	session_uncount(s);
+	free(s);
+}
+
+/* ---- relay ---- */
+
+static void on_backend_read(struct ms_conn *conn, const char *data, size_t len);
+
+static void relay_to(struct session *s, struct ms_conn *to, struct ms_conn *from,
+		     int *paused, const char *data, size_t len)
+{
+	if (ms_conn_write(to, data, len) < 0) {
+		session_close(s);
+		return;
+	}
+	if (!*paused && ms_conn_write_pending(to) >= MS_CONN_HIGH_WATER) {
+		*paused = 1;
+		ms_conn_read_pause(from, 1);
+	}
+}
+
+static void on_client_drain(struct ms_conn *conn)
+{
+	struct session *s = ms_conn_ctx(conn);
+
+	if (s->b_paused && s->b != NULL) {
+		s->b_paused = 0;
+		ms_conn_read_pause(s->b, 0);
+	}
+}
+
+static void on_backend_drain(struct ms_conn *conn)
+{
+	struct session *s = ms_conn_ctx(conn);
+
+	if (s->c_paused && s->c != NULL) {
+		s->c_paused = 0;
+		ms_conn_read_pause(s->c, 0);
+	}
+}
+
+static void enter_relay(struct session *s, const char *rest, size_t restlen)
+{
+	timer_stop(s);
+	s->st = SS_RELAY;
+	wipe_login(s);
+	free(s->bin);
+	s->bin = NULL;
+	s->binlen = 0;
+	/* What the server sent after its login reply. */
+	if (restlen > 0)
+		ms_conn_write(s->c, rest, restlen);
+	/* What the client pipelined after its login command. */
+	if (s->inlen > 0)
+		ms_conn_write(s->b, s->in, s->inlen);
+	free(s->in);
+	s->in = NULL;
+	s->inlen = 0;
+}
+
+/* ---- backend login ---- */
+
+static void backend_fail(struct session *s, const char *why)
+{
+	ms_warn("session %llu: %s: %s", (unsigned long long)s->id,
+		s->user != NULL ? s->user : "?", why);
+	timer_stop(s);
+	ms_conn_close(&s->b);
+	session_uncount(s);
+	free(s->bin);
+	s->bin = NULL;
+	s->binlen = 0;
+	if (s->proto == MS_GW_IMAP)
+		out(s, "%s NO [UNAVAILABLE] Mail server temporarily "
+		    "unavailable, try again later.\r\n", s->tag);
+	else
+		out(s, "-ERR [SYS/TEMP] Mail server temporarily unavailable, "
+		    "try again later.\r\n");
+	wipe_login(s);
+	s->st = SS_PRELOGIN;
+	timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+}
+
+static void backend_send_login(struct session *s)
+{
+	char *b64 = s->authz != NULL && s->authz[0] != '\0' &&
+		strcmp(s->authz, s->user) != 0 ?
+		ms_sasl_plain(s->authz, s->user, s->pass) :
+		ms_sasl_plain("", s->user, s->pass);
+	char line[256];
+
+	if (b64 == NULL) {
+		backend_fail(s, "out of memory");
+		return;
+	}
+	s->bst = B_LOGIN;
+	if (s->proto == MS_GW_POP3) {
+		ms_conn_write(s->b, "AUTH PLAIN ", 11);
+		ms_conn_write(s->b, b64, strlen(b64));
+		ms_conn_write(s->b, "\r\n", 2);
+	} else {
+		/* The client's address, for servers that trust us with it
+		 * (Dovecot: login_trusted_networks). */
+		snprintf(line, sizeof(line), "ms1 ID (\"x-originating-ip\" \"%s\" "
+			 "\"x-originating-port\" \"%u\" \"x-connected-ip\" "
+			 "\"%s\")\r\n", s->peer, s->peer_port, s->local);
+		ms_conn_write(s->b, line, strlen(line));
+		if (s->b_sasl_ir) {
+			ms_conn_write(s->b, "ms2 AUTHENTICATE PLAIN ", 23);
+			ms_conn_write(s->b, b64, strlen(b64));
+			ms_conn_write(s->b, "\r\n", 2);
+		} else {
+			ms_conn_write(s->b, "ms2 AUTHENTICATE PLAIN\r\n", 24);
+			s->bst = B_LOGIN_CONT;
+		}
+	}
+	ms_secret_free(&b64);
+}
+
+static void on_backend_tls(struct ms_conn *conn, int status, const char *error)
+{
+	struct session *s = ms_conn_ctx(conn);
+
+	if (status != 0) {
+		backend_fail(s, error != NULL ? error : "STARTTLS failed");
+		return;
+	}
+	if (s->proto == MS_GW_IMAP)
+		s->b_sasl_ir = 1;	/* asked again below if not */
+	backend_send_login(s);
+}
+
+/* One line from the server during login. Returns 1 when the session left
+ * the login phase (rest of the input belongs to the relay). */
+static int backend_line(struct session *s, char *line, size_t len)
+{
+	while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+		line[--len] = '\0';
+	if (s->proto == MS_GW_POP3) {
+		int ok = strncmp(line, "+OK", 3) == 0;
+
+		if (!ok && strncmp(line, "-ERR", 4) != 0) {
+			backend_fail(s, "unexpected reply from the server");
+			return 1;
+		}
+		switch (s->bst) {
+		case B_GREETING:
+			if (!ok) {
+				backend_fail(s, "the server refused us");
+				return 1;
+			}
+			if (s->server->tls_mode == MS_TLS_STARTTLS) {
+				s->bst = B_STARTTLS;
+				ms_conn_write(s->b, "STLS\r\n", 6);
+			} else {
+				backend_send_login(s);
+			}
+			return 0;
+		case B_STARTTLS:
+			if (!ok || ms_conn_starttls(s->b, on_backend_tls) < 0) {
+				backend_fail(s, "STLS refused");
+				return 1;
+			}
+			return 0;
+		default:
+			break;
+		}
+		if (!ok) {
+			out(s, "%s\r\n", line);
+			ms_conn_close(&s->b);
+			session_uncount(s);
+			wipe_login(s);
+			s->st = SS_PRELOGIN;
+			timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+			return 1;
+		}
+		if (s->verify_only)
+			return -1;
+		out(s, "%s\r\n", line);
+		return 2;
+	}
+
+	/* IMAP */
+	if (s->bst == B_GREETING) {
+		if (strncmp(line, "* OK", 4) != 0) {
+			backend_fail(s, "bad greeting from the server");
+			return 1;
+		}
+		s->b_sasl_ir = strcasestr(line, " SASL-IR") != NULL;
+		if (s->server->tls_mode == MS_TLS_STARTTLS) {
+			s->bst = B_STARTTLS;
+			ms_conn_write(s->b, "ms0 STARTTLS\r\n", 14);
+		} else {
+			backend_send_login(s);
+		}
+		return 0;
+	}
+	if (s->bst == B_STARTTLS) {
+		if (line[0] == '*')
+			return 0;
+		if (strncasecmp(line, "ms0 OK", 6) != 0 ||
+		    ms_conn_starttls(s->b, on_backend_tls) < 0) {
+			backend_fail(s, "STARTTLS refused by the server");
+			return 1;
+		}
+		return 0;
+	}
+	if (s->bst == B_LOGIN_CONT && line[0] == '+') {
+		char *b64 = s->authz != NULL && s->authz[0] != '\0' &&
+			strcmp(s->authz, s->user) != 0 ?
+			ms_sasl_plain(s->authz, s->user, s->pass) :
+			ms_sasl_plain("", s->user, s->pass);
+
+		if (b64 != NULL) {
+			ms_conn_write(s->b, b64, strlen(b64));
+			ms_conn_write(s->b, "\r\n", 2);
+			ms_secret_free(&b64);
+		}
+		s->bst = B_LOGIN;
+		return 0;
+	}
+	if (strncmp(line, "ms2 ", 4) != 0)
+		return 0;	/* untagged, or the ID's reply */
+	if (strncasecmp(line + 4, "OK", 2) != 0) {
+		/* The server's own words: the client may try again. */
+		out(s, "%s %s\r\n", s->tag, line + 4);
+		ms_conn_close(&s->b);
+		session_uncount(s);
+		wipe_login(s);
+		s->st = SS_PRELOGIN;
+		timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+		return 1;
+	}
+	if (s->verify_only)
+		return -1;
+	out(s, "%s %s\r\n", s->tag, line + 4);
+	return 2;
+}
+
+static void held_tick(uv_timer_t *t);
+
+static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
+{
+	struct session *s = ms_conn_ctx(conn);
+
+	if (s->st == SS_RELAY) {
+		relay_to(s, s->c, s->b, &s->b_paused, data, len);
+		return;
+	}
+	while (len > 0 && s->st == SS_BACKEND) {
+		const char *lf = memchr(data, '\n', len);
+		size_t n = lf != NULL ? (size_t)(lf - data) + 1 : len;
+		int r;
+
+		if (s->bin == NULL)
+			s->bin = malloc(INBUF_MAX + 1);
+		if (s->bin == NULL || s->binlen + n > INBUF_MAX) {
+			backend_fail(s, "server line too long");
+			return;
+		}
+		memcpy(s->bin + s->binlen, data, n);
+		s->binlen += n;
+		data += n;
+		len -= n;
+		if (lf == NULL)
+			return;
+		s->bin[s->binlen] = '\0';
+		s->binlen = 0;
+		r = backend_line(s, s->bin, strlen(s->bin));
+		if (r == 2) {
+			if (s->to_dst == 0 && s->gu != NULL) {
+				/* First login of a passthrough user: the
+				 * password is good; start the copy. */
+				struct ms_user_info info;
+
+				if (user_state(s->gw, s->gu->name, &info) == 0 &&
+				    (!strcmp(info.state, "source") ||
+				     !strcmp(info.state, "copying")) &&
+				    user_policy(s->gw, &info) ==
+				    MS_POLICY_PASSTHROUGH &&
+				    s->gw->cfg.src_imap.host[0] != '\0' &&
+				    s->gw->cfg.dst_imap.host[0] != '\0') {
+					ms_secret_free(&s->gu->pw);
+					s->gu->pw = strdup(s->pass);
+					user_copy_start(s->gw, s->gu);
+				}
+			}
+			enter_relay(s, data, len);
+			return;
+		}
+		if (r == -1) {
+			/* hold: the password is good; wait for the copy. */
+			ms_conn_close(&s->b);
+			session_uncount(s);
+			ms_secret_free(&s->gu->pw);
+			s->gu->pw = strdup(s->pass);
+			user_copy_start(s->gw, s->gu);
+			s->st = SS_HELD;
+			s->held_since = uv_now(s->gw->loop);
+			timer_start(s, held_tick, INPROGRESS_MS, INPROGRESS_MS);
+			return;
+		}
+		if (r == 1)
+			return;
+	}
+}
+
+static void on_backend_error(struct ms_conn *conn, const char *error)
+{
+	struct session *s = ms_conn_ctx(conn);
+
+	if (s->st == SS_BACKEND) {
+		backend_fail(s, error);
+		return;
+	}
+	session_close(s);
+}
+
+static void on_backend_connect(struct ms_conn *conn, int status,
+			       const char *error)
+{
+	struct session *s = ms_conn_ctx(conn);
+
+	if (status != 0) {
+		backend_fail(s, error != NULL ? error : "connect failed");
+		return;
+	}
+	s->bst = B_GREETING;
+}
+
+static void on_backend_timeout(uv_timer_t *t)
+{
+	backend_fail(t->data, "no answer from the server");
+}
+
+static void backend_connect(struct session *s, int to_dst, int verify_only)
+{
+	struct ms_gateway *gw = s->gw;
+	struct ms_conn_callbacks cb = {
+		.on_connect = on_backend_connect,
+		.on_read = on_backend_read,
+		.on_error = on_backend_error,
+		.on_drain = on_backend_drain,
+		.ctx = s,
+	};
+	struct ms_tls_opts tls;
+	const struct ms_server_cfg *srv;
+
+	if (s->proto == MS_GW_IMAP)
+		srv = to_dst ? &gw->cfg.dst_imap : &gw->cfg.src_imap;
+	else
+		srv = to_dst ? &gw->cfg.dst_pop3 : &gw->cfg.src_pop3;
+	s->to_dst = to_dst;
+	s->verify_only = verify_only;
+	s->server = srv;
+	/* Counted while connected to a server: the flip waits for the
+	 * user's last such session to end. */
+	if (!s->counted && s->gu != NULL) {
+		s->gu->sessions++;
+		s->counted = 1;
+	}
+	if (!to_dst && !verify_only && s->gu != NULL)
+		s->gu->touched = 1;
+	s->st = SS_BACKEND;
+	s->bst = B_GREETING;
+	if (srv->host[0] == '\0') {
+		backend_fail(s, "no such server configured");
+		return;
+	}
+	memset(&tls, 0, sizeof(tls));
+	tls.mode = srv->tls_mode;
+	tls.ca_file = srv->ca_file;
+	tls.insecure = srv->insecure;
+	timer_start(s, on_backend_timeout, BACKEND_TIMEOUT_MS, 0);
+	if (ms_conn_connect(gw->loop, srv->host, srv->port, &tls, &cb,
+			    &s->b) < 0)
+		backend_fail(s, "cannot connect");
+}
+
+/* ---- routing and a user's life ---- */
+
+static void held_release(struct ms_gateway *gw, struct guser *gu)
+{
+	for (struct session *s = gw->sessions, *next; s != NULL; s = next) {
+		next = s->next;
+		if (s->st == SS_HELD && s->gu == gu)
+			route(s);
+	}
+}
+
+static void on_copy_done(const struct ms_user_report *rep, void *ctx)
+{
+	struct ms_gateway *gw = ctx;
+	struct guser *gu = user_find(gw, rep->user);
+
+	if (gu == NULL)
+		return;
+	gu->copying = 0;
+	if (!rep->ok) {
+		ms_warn("%s: copy failed: %s", gu->name,
+			rep->error != NULL ? rep->error : "?");
+		gu->cutover = 0;
+		gu->flip_pending = 0;
+		set_state(gw, gu->name, "failed", rep->error);
+		ms_secret_free(&gu->pw);
+		held_release(gw, gu);
+		return;
+	}
+	if (!gu->cutover && gu->sessions == 0 && gu->touched) {
+		/* The user worked on the source while this copy ran and has
+		 * logged off since: a last delta, with nobody on the
+		 * source, before the flip. */
+		gu->cutover = 1;
+		set_state(gw, gu->name, "cutover", NULL);
+		user_copy_start(gw, gu);
+		return;
+	}
+	if (gu->cutover || gu->sessions == 0) {
+		/* Verified with no session open (a last delta, or a copy
+		 * nobody touched the source during): the map flips; held
+		 * logins go on. */
+		gu->cutover = 0;
+		gu->flip_pending = 0;
+		ms_secret_free(&gu->pw);
+		set_state(gw, gu->name, "destination", NULL);
+		held_release(gw, gu);
+		return;
+	}
+	/* Sessions are open on the source: flip when the last one ends. */
+	set_state(gw, gu->name, "copying", NULL);
+	gu->flip_pending = 1;
+	held_release(gw, gu);
+}
+
+static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
+{
+	if (gu->copying || gu->pw == NULL || gw->mover == NULL)
+		return;
+	gu->copying = 1;
+	gu->touched = gu->sessions > 0;
+	if (ms_mover_add_user(gw->mover, gu->name, gu->pw, gu->pw,
+			      on_copy_done, gw) < 0) {
+		gu->copying = 0;
+		set_state(gw, gu->name, "failed", "cannot start the copy");
+		return;
+	}
+	if (gu->cutover)
+		set_state(gw, gu->name, "cutover", NULL);
+}
+
+static void held_tick(uv_timer_t *t)
+{
+	struct session *s = t->data;
+	uint64_t held = uv_now(s->gw->loop) - s->held_since;
+
+	if (held >= (uint64_t)s->gw->cfg.hold_max_seconds * 1000) {
+		struct ms_user_info info;
+
+		/* Too long: a user being copied goes on to the source (the
+		 * copy goes on); one in cutover gets a temporary failure. */
+		if (user_state(s->gw, s->gu->name, &info) == 0 &&
+		    strcmp(info.state, "cutover") != 0) {
+			timer_stop(s);
+			s->st = SS_PRELOGIN;
+			backend_connect(s, 0, 0);
+			return;
+		}
+		if (s->proto == MS_GW_IMAP)
+			out(s, "%s NO [UNAVAILABLE] Your mail is being moved, "
+			    "try again in a minute.\r\n", s->tag);
+		else
+			out(s, "-ERR [IN-USE] Your mail is being moved, try "
+			    "again in a minute.\r\n");
+		wipe_login(s);
+		s->st = SS_PRELOGIN;
+		timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+		return;
+	}
+	/* RFC 9585: tells the client the command is still going. */
+	if (s->proto == MS_GW_IMAP)
+		out(s, "* OK [INPROGRESS (\"%s\" NIL NIL)] Moving your mail, "
+		    "please wait.\r\n", s->tag);
+}
+
+/* Decides where a logged-in user's session goes, now. */
+static void route(struct session *s)
+{
+	struct ms_gateway *gw = s->gw;
+	struct ms_user_info info;
+	enum ms_policy pol;
+
+	if (user_state(gw, s->gu->name, &info) < 0) {
+		backend_fail(s, ms_store_error(gw->store));
+		return;
+	}
+	pol = user_policy(gw, &info);
+	if (!strcmp(info.state, "destination")) {
+		backend_connect(s, 1, 0);
+		return;
+	}
+	if (!strcmp(info.state, "cutover") || s->gu->cutover) {
+		if (s->st != SS_HELD) {
+			s->st = SS_HELD;
+			s->held_since = uv_now(gw->loop);
+			timer_start(s, held_tick, INPROGRESS_MS, INPROGRESS_MS);
+		}
+		return;
+	}
+	if (s->st == SS_HELD) {
+		/* Released: the copy finished (or failed) or timed out. */
+		timer_stop(s);
+		backend_connect(s, 0, 0);
+		return;
+	}
+	if (!strcmp(info.state, "source") && pol == MS_POLICY_HOLD &&
+	    gw->mover != NULL && !s->gu->copying) {
+		/* Check the password at the source, then hold. */
+		backend_connect(s, 0, 1);
+		return;
+	}
+	if (s->gu->copying && pol == MS_POLICY_HOLD &&
+	    !strcmp(info.state, "copying") && s->gu->sessions == 0) {
+		s->st = SS_HELD;
+		s->held_since = uv_now(gw->loop);
+		timer_start(s, held_tick, INPROGRESS_MS, INPROGRESS_MS);
+		return;
+	}
+	backend_connect(s, 0, 0);
+}
+
+static void login_start(struct session *s)
+{
+	const char *name = s->authz != NULL && s->authz[0] != '\0' ?
+		s->authz : s->user;
+
+	if (s->user == NULL || s->pass == NULL || s->user[0] == '\0') {
+		if (s->proto == MS_GW_IMAP)
+			out(s, "%s NO [AUTHENTICATIONFAILED] Authentication "
+			    "failed.\r\n", s->tag);
+		else
+			out(s, "-ERR [AUTH] Authentication failed.\r\n");
+		wipe_login(s);
+		return;
+	}
+	if (s->gu == NULL || strcmp(s->gu->name, name) != 0) {
+		session_uncount(s);
+		s->gu = user_get(s->gw, name);
+		if (s->gu == NULL) {
+			backend_fail(s, "out of memory");
+			return;
+		}
+	}
+	timer_stop(s);
+	route(s);
+}
+
+/* ---- IMAP before login ---- */
+
+static int b64_decode(const char *in, unsigned char **out_r, size_t *len_r)
+{
+	size_t l = strlen(in), pad = 0;
+	unsigned char *out;
+	int n;
+
+	if (l == 0 || l % 4 != 0)
+		return -1;
+	out = malloc(l / 4 * 3 + 1);
+	if (out == NULL)
+		return -1;
+	n = EVP_DecodeBlock(out, (const unsigned char *)in, (int)l);
+	if (n < 0) {
+		free(out);
+		return -1;
+	}
+	if (in[l - 1] == '=')
+		pad++;
+	if (in[l - 2] == '=')
+		pad++;
+	*out_r = out;
+	*len_r = (size_t)n - pad;
+	out[*len_r] = '\0';
+	return 0;
+}
+
+/* "authzid NUL authcid NUL password" */
+static int sasl_plain_take(struct session *s, const char *b64)
+{
+	unsigned char *raw;
+	size_t len;
+	const char *z, *c, *p;
+
+	if (b64_decode(b64, &raw, &len) < 0)
+		return -1;
+	z = (const char *)raw;
+	c = memchr(raw, '\0', len) != NULL ?
+		(const char *)memchr(raw, '\0', len) + 1 : NULL;
+	p = c != NULL && memchr(c, '\0', len - (size_t)(c - z)) != NULL ?
+		(const char *)memchr(c, '\0', len - (size_t)(c - z)) + 1 : NULL;
+	if (c == NULL || p == NULL) {
+		OPENSSL_cleanse(raw, len);
+		free(raw);
+		return -1;
+	}
+	wipe_login(s);
+	s->authz = strdup(z);
+	s->user = strdup(c);
+	s->pass = strndup(p, len - (size_t)(p - z));
+	OPENSSL_cleanse(raw, len);
+	free(raw);
+	return 0;
+}
+
+static void imap_capability(struct session *s)
+{
+	int starttls = s->gw->tls != NULL && !s->tls;
+
+	out(s, "* CAPABILITY %s%s AUTH=PLAIN AUTH=LOGIN\r\n", imap_caps,
+	    starttls ? " STARTTLS" : "");
+}
+
+static void on_client_tls(struct ms_conn *conn, int status, const char *error)
+{
+	struct session *s = ms_conn_ctx(conn);
+
+	if (status != 0) {
+		session_close(s);
+		return;
+	}
+	s->tls = 1;
+	s->st = SS_PRELOGIN;
+}
+
+static void imap_bad(struct session *s, const char *tag, const char *text)
+{
+	out(s, "%s BAD %s\r\n", tag, text);
+	if (++s->bad >= BAD_MAX) {
+		out(s, "* BYE Too many invalid commands.\r\n");
+		session_close(s);
+	}
+}
+
+static void imap_command(struct session *s)
+{
+	const char *tag, *cmd;
+
+	if (s->argc == 0)
+		return;
+	tag = s->argv[0];
+	snprintf(s->tag, sizeof(s->tag), "%s", tag);
+	if (s->argc < 2) {
+		imap_bad(s, "*", "Error in IMAP command received by server.");
+		return;
+	}
+	cmd = s->argv[1];
+	if (!strcasecmp(cmd, "CAPABILITY")) {
+		imap_capability(s);
+		out(s, "%s OK Pre-login capabilities listed.\r\n", tag);
+	} else if (!strcasecmp(cmd, "NOOP")) {
+		out(s, "%s OK NOOP completed.\r\n", tag);
+	} else if (!strcasecmp(cmd, "ID")) {
+		out(s, "* ID (\"name\" \"mailshift\")\r\n%s OK ID completed.\r\n",
+		    tag);
+	} else if (!strcasecmp(cmd, "LOGOUT")) {
+		out(s, "* BYE Logging out\r\n%s OK Logout completed.\r\n", tag);
+		session_close(s);
+	} else if (!strcasecmp(cmd, "STARTTLS")) {
+		if (s->gw->tls == NULL || s->tls) {
+			imap_bad(s, tag, "TLS is not available.");
+			return;
+		}
+		out(s, "%s OK Begin TLS negotiation now.\r\n", tag);
+		/* Nothing the client sent after STARTTLS in the clear may
+		 * count (command injection, RFC 3501 11.1). */
+		s->inlen = 0;
+		s->st = SS_STARTTLS;
+		if (ms_conn_starttls_server(s->c, s->gw->tls, on_client_tls) < 0)
+			session_close(s);
+	} else if (!strcasecmp(cmd, "LOGIN")) {
+		if (s->argc != 4) {
+			imap_bad(s, tag, "Invalid arguments.");
+			return;
+		}
+		wipe_login(s);
+		s->user = strdup(s->argv[2]);
+		s->pass = strdup(s->argv[3]);
+		login_start(s);
+	} else if (!strcasecmp(cmd, "AUTHENTICATE")) {
+		if (s->argc < 3 || s->argc > 4) {
+			imap_bad(s, tag, "Invalid arguments.");
+			return;
+		}
+		if (!strcasecmp(s->argv[2], "PLAIN")) {
+			if (s->argc == 4) {
+				if (sasl_plain_take(s, s->argv[3]) < 0) {
+					imap_bad(s, tag, "Invalid base64 data.");
+					return;
+				}
+				login_start(s);
+				return;
+			}
+			s->st = SS_AUTH_PLAIN;
+			out(s, "+ \r\n");
+		} else if (!strcasecmp(s->argv[2], "LOGIN")) {
+			s->st = SS_AUTH_USER;
+			out(s, "+ VXNlcm5hbWU6\r\n");
+		} else {
+			out(s, "%s NO Unsupported authentication mechanism.\r\n",
+			    tag);
+		}
+	} else {
+		imap_bad(s, tag, "Please log in first.");
+	}
+}
+
+/* A line of an AUTHENTICATE exchange (base64, or "*" to cancel). */
+static void imap_auth_line(struct session *s, char *line)
+{
+	unsigned char *raw;
+	size_t len;
+
+	if (!strcmp(line, "*")) {
+		s->st = SS_PRELOGIN;
+		out(s, "%s BAD Authentication aborted by client.\r\n", s->tag);
+		wipe_login(s);
+		return;
+	}
+	if (s->st == SS_AUTH_PLAIN) {
+		s->st = SS_PRELOGIN;
+		if (sasl_plain_take(s, line) < 0) {
+			imap_bad(s, s->tag, "Invalid base64 data.");
+			return;
+		}
+		login_start(s);
+		return;
+	}
+	if (b64_decode(line, &raw, &len) < 0) {
+		s->st = SS_PRELOGIN;
+		imap_bad(s, s->tag, "Invalid base64 data.");
+		return;
+	}
+	if (s->st == SS_AUTH_USER) {
+		wipe_login(s);
+		s->user = (char *)raw;
+		s->st = SS_AUTH_PASS;
+		out(s, "+ UGFzc3dvcmQ6\r\n");
+		return;
+	}
+	s->pass = (char *)raw;
+	s->st = SS_PRELOGIN;
+	login_start(s);
+}
+
+/* Splits one command line into s->argv (atoms and quoted strings); a
+ * trailing {N} or {N+} starts a literal. Returns 1 when the command is
+ * complete, 0 when a literal follows, -1 on a syntax error. */
+static int imap_tokenize(struct session *s, const char *p)
+{
+	while (*p != '\0') {
+		char tok[LITERAL_MAX + 1];
+		size_t n = 0;
+
+		while (*p == ' ')
+			p++;
+		if (*p == '\0')
+			break;
+		if (s->argc == ARG_MAX)
+			return -1;
+		if (*p == '"') {
+			for (p++; *p != '"'; p++) {
+				if (*p == '\0' || n == LITERAL_MAX)
+					return -1;
+				if (*p == '\\' && (p[1] == '"' || p[1] == '\\'))
+					p++;
+				tok[n++] = *p;
+			}
+			p++;
+		} else if (*p == '{') {
+			char *e;
+			unsigned long len = strtoul(p + 1, &e, 10);
+			int plus = *e == '+';
+
+			if (e == p + 1 || (plus && e[1] != '}') ||
+			    (!plus && *e != '}') || e[plus + 1] != '\0' ||
+			    len > LITERAL_MAX)
+				return -1;
+			s->lit_need = len;
+			s->argv[s->argc] = calloc(1, len + 1);
+			if (s->argv[s->argc] == NULL)
+				return -1;
+			s->argc++;
+			if (!plus)
+				out(s, "+ OK\r\n");
+			return 0;
+		} else {
+			while (*p != '\0' && *p != ' ' && n < LITERAL_MAX)
+				tok[n++] = *p++;
+		}
+		tok[n] = '\0';
+		s->argv[s->argc++] = strdup(tok);
+		OPENSSL_cleanse(tok, n);
+	}
+	return 1;
+}
+
+static void imap_process(struct session *s)
+{
+	while (s->inlen > 0 && (s->st == SS_PRELOGIN || s->st == SS_AUTH_PLAIN ||
+				s->st == SS_AUTH_USER || s->st == SS_AUTH_PASS)) {
+		char *lf, *line;
+		size_t linelen;
+		int r;
+
+		if (s->lit_need > 0) {
+			char *arg = s->argv[s->argc - 1];
+			size_t have = strlen(arg);
+			size_t n = s->inlen < s->lit_need ? s->inlen : s->lit_need;
+
+			/* A NUL inside a login literal cannot be replayed. */
+			if (memchr(s->in, '\0', n) != NULL) {
+				clear_args(s);
+				s->inlen = 0;
+				imap_bad(s, "*", "Invalid literal.");
+				return;
+			}
+			memcpy(arg + have, s->in, n);
+			arg[have + n] = '\0';
+			memmove(s->in, s->in + n, s->inlen - n);
+			s->inlen -= n;
+			s->lit_need -= n;
+			continue;
+		}
+		lf = memchr(s->in, '\n', s->inlen);
+		if (lf == NULL)
+			return;
+		linelen = (size_t)(lf - s->in);
+		line = s->in;
+		line[linelen] = '\0';
+		if (linelen > 0 && line[linelen - 1] == '\r')
+			line[linelen - 1] = '\0';
+		if (memchr(line, '\0', linelen > 0 ? linelen - 1 : 0) != NULL &&
+		    strlen(line) + 1 < linelen) {
+			/* A NUL byte inside the line: never valid. */
+			memmove(s->in, lf + 1, s->inlen - linelen - 1);
+			s->inlen -= linelen + 1;
+			clear_args(s);
+			imap_bad(s, "*", "Invalid characters in command.");
+			if (s->st == SS_CLOSING)
+				return;
+			continue;
+		}
+		if (s->st != SS_PRELOGIN) {
+			char copy[INBUF_MAX];
+
+			snprintf(copy, sizeof(copy), "%s", line);
+			memmove(s->in, lf + 1, s->inlen - linelen - 1);
+			s->inlen -= linelen + 1;
+			imap_auth_line(s, copy);
+			OPENSSL_cleanse(copy, sizeof(copy));
+			continue;
+		}
+		r = imap_tokenize(s, line);
+		memmove(s->in, lf + 1, s->inlen - linelen - 1);
+		s->inlen -= linelen + 1;
+		if (r < 0) {
+			char tag[64];
+
+			snprintf(tag, sizeof(tag), "%s",
+				 s->argc > 0 ? s->argv[0] : "*");
+			clear_args(s);
+			imap_bad(s, tag, "Error in IMAP command received by "
+				 "server.");
+			if (s->st == SS_CLOSING)
+				return;
+			continue;
+		}
+		if (r == 0)
+			continue;	/* a literal follows */
+		imap_command(s);
+		if (s->st == SS_CLOSING)
+			return;
+		clear_args(s);
+	}
+}
+
+/* ---- POP3 before login ---- */
+
+static void pop3_command(struct session *s, char *line)
+{
+	char *arg = strchr(line, ' ');
+
+	if (arg != NULL)
+		*arg++ = '\0';
+	if (!strcasecmp(line, "CAPA")) {
+		out(s, "+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n"
+		    "PIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN\r\n%s.\r\n",
+		    s->gw->tls != NULL && !s->tls ? "STLS\r\n" : "");
+	} else if (!strcasecmp(line, "NOOP")) {
+		out(s, "+OK\r\n");
+	} else if (!strcasecmp(line, "QUIT")) {
+		out(s, "+OK Logging out\r\n");
+		session_close(s);
+	} else if (!strcasecmp(line, "STLS")) {
+		if (s->gw->tls == NULL || s->tls) {
+			out(s, "-ERR TLS is not available.\r\n");
+			return;
+		}
+		out(s, "+OK Begin TLS negotiation now.\r\n");
+		s->inlen = 0;
+		s->st = SS_STARTTLS;
+		if (ms_conn_starttls_server(s->c, s->gw->tls, on_client_tls) < 0)
+			session_close(s);
+	} else if (!strcasecmp(line, "USER") && arg != NULL) {
+		wipe_login(s);
+		s->user = strdup(arg);
+		out(s, "+OK\r\n");
+	} else if (!strcasecmp(line, "PASS") && arg != NULL && s->user != NULL) {
+		s->pass = strdup(arg);
+		login_start(s);
+	} else if (!strcasecmp(line, "AUTH") && arg != NULL) {
+		char *ir = strchr(arg, ' ');
+
+		if (ir != NULL)
+			*ir++ = '\0';
+		if (strcasecmp(arg, "PLAIN") != 0) {
+			out(s, "-ERR Unsupported authentication mechanism.\r\n");
+			return;
+		}
+		if (ir == NULL) {
+			s->st = SS_AUTH_PLAIN;
+			out(s, "+ \r\n");
+			return;
+		}
+		if (sasl_plain_take(s, ir) < 0) {
+			out(s, "-ERR Invalid base64 data.\r\n");
+			return;
+		}
+		login_start(s);
+	} else {
+		out(s, "-ERR Unknown command.\r\n");
+		if (++s->bad >= BAD_MAX)
+			session_close(s);
+	}
+}
+
+static void pop3_process(struct session *s)
+{
+	while (s->inlen > 0 && (s->st == SS_PRELOGIN || s->st == SS_AUTH_PLAIN)) {
+		char line[INBUF_MAX];
+		char *lf = memchr(s->in, '\n', s->inlen);
+		size_t linelen;
+
+		if (lf == NULL)
+			return;
+		linelen = (size_t)(lf - s->in);
+		memcpy(line, s->in, linelen);
+		line[linelen] = '\0';
+		if (linelen > 0 && line[linelen - 1] == '\r')
+			line[linelen - 1] = '\0';
+		memmove(s->in, lf + 1, s->inlen - linelen - 1);
+		s->inlen -= linelen + 1;
+		if (s->st == SS_AUTH_PLAIN) {
+			s->st = SS_PRELOGIN;
+			if (!strcmp(line, "*")) {
+				out(s, "-ERR Authentication aborted.\r\n");
+			} else if (sasl_plain_take(s, line) < 0) {
+				out(s, "-ERR Invalid base64 data.\r\n");
+			} else {
+				login_start(s);
+			}
+		} else {
+			pop3_command(s, line);
+		}
+		OPENSSL_cleanse(line, linelen);
+		if (s->st == SS_CLOSING)
+			return;
+	}
+}
+
+/* ---- client connection ---- */
+
+static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
+{
+	struct session *s = ms_conn_ctx(conn);
+
+	if (s->st == SS_RELAY) {
+		relay_to(s, s->b, s->c, &s->c_paused, data, len);
+		return;
+	}
+	if (s->st == SS_STARTTLS)
+		return;
+	if (s->in == NULL)
+		s->in = malloc(INBUF_MAX);
+	if (s->in == NULL || s->inlen + len > INBUF_MAX) {
+		/* An oversized pre-login line: a clear error, then close. */
+		if (s->proto == MS_GW_IMAP)
+			out(s, "* BYE Input line too long.\r\n");
+		else
+			out(s, "-ERR Input line too long.\r\n");
+		session_close(s);
+		return;
+	}
+	memcpy(s->in + s->inlen, data, len);
+	s->inlen += len;
+	if (s->st == SS_PRELOGIN || s->st == SS_AUTH_PLAIN ||
+	    s->st == SS_AUTH_USER || s->st == SS_AUTH_PASS) {
+		timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+		if (s->proto == MS_GW_IMAP)
+			imap_process(s);
+		else
+			pop3_process(s);
+	}
+}
+
+static void on_client_error(struct ms_conn *conn, const char *error)
+{
+	session_close(ms_conn_ctx(conn));
+}
+
+static void on_client_connect(struct ms_conn *conn, int status,
+			      const char *error)
+{
+	struct session *s = ms_conn_ctx(conn);
+
+	if (status != 0) {
+		session_close(s);
+		return;
+	}
+	ms_conn_peer_addr(conn, s->peer, sizeof(s->peer), &s->peer_port);
+	ms_conn_local_addr(conn, s->local, sizeof(s->local), NULL);
+	if (s->proto == MS_GW_IMAP) {
+		out(s, "* OK [CAPABILITY %s%s AUTH=PLAIN AUTH=LOGIN] mailshift "
+		    "ready.\r\n", imap_caps,
+		    s->gw->tls != NULL && !s->tls ? " STARTTLS" : "");
+	} else {
+		out(s, "+OK mailshift ready.\r\n");
+	}
+	s->st = SS_PRELOGIN;
+	timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+}
+
+static void on_connection(uv_stream_t *server, int status)
+{
+	struct listener *l = server->data;
+	struct ms_gateway *gw = l->gw;
+	struct ms_conn_callbacks cb = {
+		.on_connect = on_client_connect,
+		.on_read = on_client_read,
+		.on_error = on_client_error,
+		.on_drain = on_client_drain,
+	};
+	struct session *s;
+
+	if (status < 0)
+		return;
+	s = calloc(1, sizeof(*s));
+	if (s == NULL)
+		return;
+	s->gw = gw;
+	s->id = ++gw->next_id;
+	s->proto = l->cfg.proto;
+	s->tls = l->cfg.implicit_tls;
+	s->since = time(NULL);
+	s->st = SS_PRELOGIN;
+	cb.ctx = s;
+	if (ms_conn_accept(server, l->cfg.implicit_tls ? gw->tls : NULL, &cb,
+			   &s->c) < 0) {
+		free(s);
+		return;
+	}
+	s->next = gw->sessions;
+	if (s->next != NULL)
+		s->next->prev = s;
+	gw->sessions = s;
+}
+
+/* ---- control ---- */
+
+json_t *ms_gateway_sessions(struct ms_gateway *gw)
+{
+	json_t *a = json_array();
+
+	for (struct session *s = gw->sessions; s != NULL; s = s->next) {
+		json_t *o = json_object();
+		const char *state = s->st == SS_RELAY ? "relay" :
+			s->st == SS_HELD ? "held" : s->st == SS_BACKEND ?
+			"login" : "prelogin";
+
+		json_object_set_new(o, "id", json_integer((json_int_t)s->id));
+		json_object_set_new(o, "user", s->gu != NULL ?
+				    json_string(s->gu->name) : json_null());
+		json_object_set_new(o, "proto", json_string(
+			s->proto == MS_GW_IMAP ? "imap" : "pop3"));
+		json_object_set_new(o, "client", json_string(s->peer));
+		json_object_set_new(o, "server", json_string(
+			s->st == SS_RELAY || s->st == SS_BACKEND ?
+			(s->to_dst ? "destination" : "source") : "-"));
+		json_object_set_new(o, "state", json_string(state));
+		json_object_set_new(o, "tls", json_boolean(s->tls));
+		json_object_set_new(o, "since", json_integer(s->since));
+		json_array_append_new(a, o);
+	}
+	return a;
+}
+
+unsigned int ms_gateway_nsessions(struct ms_gateway *gw)
+{
+	unsigned int n = 0;
+
+	for (struct session *s = gw->sessions; s != NULL; s = s->next)
+		n++;
+	return n;
+}
+
+const char *ms_gateway_user_copy(struct ms_gateway *gw, const char *user)
+{
+	struct guser *gu = user_find(gw, user);
+
+	if (gu == NULL)
+		return "";
+	if (gu->copying)
+		return gu->cutover ? "last delta" : "copying";
+	if (gu->flip_pending)
+		return "verified, flips at log-off";
+	return "";
+}
+
+unsigned int ms_gateway_user_sessions(struct ms_gateway *gw, const char *user)
+{
+	struct guser *gu = user_find(gw, user);
+
+	return gu != NULL ? gu->sessions : 0;
+}
+
+int ms_gateway_kick(struct ms_gateway *gw, const char *user)
+{
+	int n = 0;
+
+	for (struct session *s = gw->sessions, *next; s != NULL; s = next) {
+		next = s->next;
+		if (s->gu == NULL || strcmp(s->gu->name, user) != 0)
+			continue;
+		if (s->proto == MS_GW_IMAP)
+			out(s, "* BYE Administrator ended this session.\r\n");
+		else if (s->st != SS_RELAY)
+			out(s, "-ERR Administrator ended this session.\r\n");
+		session_close(s);
+		n++;
+	}
+	return n;
+}
+
+void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p)
+{
+	memset(p, 0, sizeof(*p));
+	if (gw->mover != NULL)
+		ms_mover_progress(gw->mover, p);
+}
+
+/* ---- setup ---- */
+
+static void on_listener_close(uv_handle_t *h)
+{
+	free(h->data);
+}
+
+int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
+		   struct ms_store *store, struct ms_gateway **gw_r,
+		   char *err, size_t errsz)
+{
+	struct ms_gateway *gw = calloc(1, sizeof(*gw));
+
+	if (gw == NULL) {
+		snprintf(err, errsz, "out of memory");
+		return -1;
+	}
+	gw->loop = loop;
+	gw->cfg = *cfg;
+	gw->store = store;
+	if (cfg->cert[0] != '\0' &&
+	    ms_tls_server_new(cfg->cert, cfg->key, &gw->tls, err, errsz) < 0)
+		goto fail;
+	if (cfg->src_imap.host[0] != '\0' && cfg->dst_imap.host[0] != '\0') {
+		struct ms_server_cfg src = cfg->src_imap, dst = cfg->dst_imap;
+		struct ms_mover_opts mo = { 0 };
+
+		src.max_conns = dst.max_conns = cfg->connections;
+		gw->mover = ms_mover_new(loop, store, &src, &dst, &mo);
+	}
+	for (unsigned int i = 0; i < cfg->nlisten; i++) {
+		struct listener *l;
+
+		if (cfg->listen[i].implicit_tls && gw->tls == NULL) {
+			snprintf(err, errsz, "listener %s: implicit TLS needs "
+				 "[tls] cert and key", cfg->listen[i].addr);
+			goto fail;
+		}
+		l = calloc(1, sizeof(*l));
+		if (l == NULL) {
+			snprintf(err, errsz, "out of memory");
+			goto fail;
+		}
+		l->gw = gw;
+		l->cfg = cfg->listen[i];
+		if (ms_listen(loop, &l->tcp, l->cfg.addr, 0, on_connection, err,
+			      errsz) < 0) {
+			free(l);
+			goto fail;
+		}
+		/* ms_listen initialised the handle: data is ours now. */
+		l->tcp.data = l;
+		l->open = 1;
+		gw->listeners[gw->nlisteners++] = l;
+	}
+	*gw_r = gw;
+	return 0;
+fail:
+	ms_gateway_free(&gw);
+	return -1;
+}
+
+void ms_gateway_free(struct ms_gateway **gwp)
+{
+	struct ms_gateway *gw = *gwp;
+
+	if (gw == NULL)
+		return;
+	*gwp = NULL;
+	while (gw->sessions != NULL)
+		session_close(gw->sessions);
+	/* Listener memory goes in the close callbacks, on the next turn of
+	 * the loop: the caller runs the loop once more. */
+	for (unsigned int i = 0; i < gw->nlisteners; i++)
+		uv_close((uv_handle_t *)&gw->listeners[i]->tcp,
+			 on_listener_close);
+	ms_mover_free(&gw->mover);
+	for (unsigned int i = 0; i < USER_BUCKETS; i++) {
+		while (gw->users[i] != NULL) {
+			struct guser *gu = gw->users[i];
+
+			gw->users[i] = gu->next;
+			ms_secret_free(&gu->pw);
+			free(gu);
+		}
+	}
+	ms_tls_server_free(&gw->tls);
+	free(gw);
+}

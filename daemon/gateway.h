@@ -1,0 +1,63 @@
+/* The gateway: IMAP and POP3 listeners that read each user's login, look the
+ * user up in the map, replay the login at the server that holds the user's
+ * mail and relay the session; and each user's life (copy on first login,
+ * flip when verified). See docs/gateway-spec.md. */
+#ifndef MS_GATEWAY_H
+#define MS_GATEWAY_H
+
+#include <jansson.h>
+#include <uv.h>
+
+#include "mover.h"
+#include "store.h"
+
+enum ms_gw_proto { MS_GW_IMAP, MS_GW_POP3 };
+enum ms_policy { MS_POLICY_PASSTHROUGH, MS_POLICY_HOLD, MS_POLICY_OFF };
+
+#define MS_GW_MAX_LISTEN 16
+#define MS_GW_MAX_DOMAINS 64
+
+struct ms_gw_listen {
+	char addr[128];			/* "127.0.0.1:143", "[::1]:993" */
+	enum ms_gw_proto proto;
+	int implicit_tls;
+};
+
+struct ms_gw_config {
+	struct ms_gw_listen listen[MS_GW_MAX_LISTEN];
+	unsigned int nlisten;
+	char cert[512], key[512];	/* "" = no TLS for clients */
+	/* Backends; proto tells IMAP or POP3, host "" = not configured. */
+	struct ms_server_cfg src_imap, src_pop3, dst_imap, dst_pop3;
+	enum ms_policy policy;
+	unsigned int hold_max_seconds;
+	struct {
+		char domain[128];
+		enum ms_policy policy;
+	} domains[MS_GW_MAX_DOMAINS];
+	unsigned int ndomains;
+	unsigned int connections;
+};
+
+struct ms_gateway;
+
+int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
+		   struct ms_store *store, struct ms_gateway **gw_r,
+		   char *err, size_t errsz);
+/* Closes the listeners and every session. */
+void ms_gateway_free(struct ms_gateway **gw);
+
+/* For the control socket. */
+json_t *ms_gateway_sessions(struct ms_gateway *gw);
+unsigned int ms_gateway_nsessions(struct ms_gateway *gw);
+/* What the gateway is doing for the user now: "copying", "last delta",
+ * "verified, flips at log-off", or "". */
+const char *ms_gateway_user_copy(struct ms_gateway *gw, const char *user);
+unsigned int ms_gateway_user_sessions(struct ms_gateway *gw, const char *user);
+int ms_gateway_kick(struct ms_gateway *gw, const char *user);
+void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p);
+
+const char *ms_policy_name(enum ms_policy p);
+int ms_policy_parse(const char *s, enum ms_policy *p);
+
+#endif

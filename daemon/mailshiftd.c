@@ -1,0 +1,281 @@
+/* mailshiftd: the gateway daemon. See docs/gateway-spec.md and
+ * docs/mailshift.conf.5. */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include <uv.h>
+
+#include "config.h"
+#include "control.h"
+#include "gateway.h"
+#include "log.h"
+#include "store.h"
+
+struct dconfig {
+	struct ms_gw_config gw;
+	char store[512];
+	char control[512];
+	char pid_file[512];
+	char src_ca[512], dst_ca[512];
+	int src_insecure, dst_insecure;
+};
+
+static int set_buf(char *dst, size_t sz, const char *v, char *err,
+		   size_t errsz)
+{
+	if (strlen(v) >= sz) {
+		snprintf(err, errsz, "value too long");
+		return -1;
+	}
+	snprintf(dst, sz, "%s", v);
+	return 0;
+}
+
+static int backend_key(struct dconfig *c, int dst, const char *key,
+		       const char *value, char *err, size_t errsz)
+{
+	struct ms_server_cfg *imap = dst ? &c->gw.dst_imap : &c->gw.src_imap;
+	struct ms_server_cfg *pop3 = dst ? &c->gw.dst_pop3 : &c->gw.src_pop3;
+	const char *why;
+	int b;
+
+	if (!strcmp(key, "imap") || !strcmp(key, "url")) {
+		if (ms_server_parse_url(imap, value, &why) < 0 ||
+		    imap->proto != MS_PROTO_IMAP) {
+			snprintf(err, errsz, "%s: %s", value,
+				 imap->proto != MS_PROTO_IMAP ? "not an IMAP URL" :
+				 why);
+			return -1;
+		}
+		return 0;
+	}
+	if (!strcmp(key, "pop3")) {
+		if (ms_server_parse_url(pop3, value, &why) < 0 ||
+		    pop3->proto != MS_PROTO_POP3) {
+			snprintf(err, errsz, "%s: %s", value,
+				 pop3->proto != MS_PROTO_POP3 ? "not a POP3 URL" :
+				 why);
+			return -1;
+		}
+		return 0;
+	}
+	if (!strcmp(key, "ca_file"))
+		return set_buf(dst ? c->dst_ca : c->src_ca, sizeof(c->src_ca),
+			       value, err, errsz);
+	if (!strcmp(key, "insecure")) {
+		if ((b = ms_parse_bool(value)) < 0) {
+			snprintf(err, errsz, "insecure: yes or no");
+			return -1;
+		}
+		*(dst ? &c->dst_insecure : &c->src_insecure) = b;
+		return 0;
+	}
+	snprintf(err, errsz, "unknown key \"%s\"", key);
+	return -1;
+}
+
+static int on_key(void *ctx, const char *section, const char *key,
+		  const char *value, char *err, size_t errsz)
+{
+	struct dconfig *c = ctx;
+	struct ms_gw_config *g = &c->gw;
+	enum ms_policy p;
+
+	if (!strcmp(section, "listen")) {
+		static const struct {
+			const char *key;
+			enum ms_gw_proto proto;
+			int tls;
+		} kinds[] = {
+			{ "imap", MS_GW_IMAP, 0 }, { "imaps", MS_GW_IMAP, 1 },
+			{ "pop3", MS_GW_POP3, 0 }, { "pop3s", MS_GW_POP3, 1 },
+		};
+
+		for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++) {
+			if (strcmp(key, kinds[i].key) != 0)
+				continue;
+			if (g->nlisten == MS_GW_MAX_LISTEN) {
+				snprintf(err, errsz, "too many listeners");
+				return -1;
+			}
+			g->listen[g->nlisten].proto = kinds[i].proto;
+			g->listen[g->nlisten].implicit_tls = kinds[i].tls;
+			return set_buf(g->listen[g->nlisten++].addr,
+				       sizeof(g->listen[0].addr), value, err,
+				       errsz);
+		}
+		snprintf(err, errsz, "unknown listener \"%s\" (imap, imaps, "
+			 "pop3, pop3s)", key);
+		return -1;
+	}
+	if (!strcmp(section, "tls")) {
+		if (!strcmp(key, "cert"))
+			return set_buf(g->cert, sizeof(g->cert), value, err, errsz);
+		if (!strcmp(key, "key"))
+			return set_buf(g->key, sizeof(g->key), value, err, errsz);
+	} else if (!strcmp(section, "source")) {
+		return backend_key(c, 0, key, value, err, errsz);
+	} else if (!strcmp(section, "destination")) {
+		return backend_key(c, 1, key, value, err, errsz);
+	} else if (!strcmp(section, "store")) {
+		if (!strcmp(key, "path"))
+			return set_buf(c->store, sizeof(c->store), value, err,
+				       errsz);
+		if (!strcmp(key, "backend") && !strcmp(value, "sqlite"))
+			return 0;
+	} else if (!strcmp(section, "control")) {
+		if (!strcmp(key, "socket"))
+			return set_buf(c->control, sizeof(c->control), value, err,
+				       errsz);
+	} else if (!strcmp(section, "daemon")) {
+		if (!strcmp(key, "pid_file"))
+			return set_buf(c->pid_file, sizeof(c->pid_file), value,
+				       err, errsz);
+	} else if (!strcmp(section, "policy")) {
+		if (!strcmp(key, "hold_max_seconds")) {
+			g->hold_max_seconds = (unsigned int)strtoul(value, NULL, 10);
+			return 0;
+		}
+		if (!strcmp(key, "connections")) {
+			g->connections = (unsigned int)strtoul(value, NULL, 10);
+			return 0;
+		}
+		if (ms_policy_parse(value, &p) < 0) {
+			snprintf(err, errsz, "%s: policy \"%s\" (passthrough, hold "
+				 "or off)", key, value);
+			return -1;
+		}
+		if (!strcmp(key, "on_first_login")) {
+			g->policy = p;
+			return 0;
+		}
+		if (!strncmp(key, "domain.", 7) && g->ndomains < MS_GW_MAX_DOMAINS) {
+			snprintf(g->domains[g->ndomains].domain,
+				 sizeof(g->domains[0].domain), "%s", key + 7);
+			g->domains[g->ndomains++].policy = p;
+			return 0;
+		}
+	} else if (!strcmp(section, "mover")) {
+		return 0;	/* mailshiftctl migrate's */
+	}
+	snprintf(err, errsz, "unknown key \"%s\" in [%s]", key, section);
+	return -1;
+}
+
+static uv_signal_t sigterm, sigint;
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+	ms_info("signal %d: stopping", signum);
+	uv_stop(h->loop);
+}
+
+static void usage(FILE *f)
+{
+	fprintf(f, "Usage: mailshiftd -c FILE [-f] [-v]\n"
+		"  -c FILE  configuration (see mailshift.conf(5))\n"
+		"  -f       stay in the foreground (the only mode for now)\n"
+		"  -v       log more\n");
+}
+
+int main(int argc, char *argv[])
+{
+	static struct dconfig c;
+	struct ms_store *store = NULL;
+	struct ms_gateway *gw = NULL;
+	struct ms_control *ctl = NULL;
+	char err[600];
+	char *serr = NULL;
+	const char *conf = NULL;
+	uv_loop_t *loop;
+	int ch, ret = 1;
+
+	while ((ch = getopt(argc, argv, "c:fvh")) != -1) {
+		switch (ch) {
+		case 'c': conf = optarg; break;
+		case 'f': break;
+		case 'v': ms_log_level = MS_LOG_INFO; break;
+		case 'h': usage(stdout); return 0;
+		default: usage(stderr); return 2;
+		}
+	}
+	if (conf == NULL) {
+		usage(stderr);
+		return 2;
+	}
+	signal(SIGPIPE, SIG_IGN);
+	c.gw.policy = MS_POLICY_PASSTHROUGH;
+	c.gw.hold_max_seconds = 60;
+	c.gw.connections = 4;
+	snprintf(c.store, sizeof(c.store), "/var/lib/mailshift/mailshift.db");
+	snprintf(c.control, sizeof(c.control), "/run/mailshift/control.sock");
+	if (ms_ini_parse(conf, on_key, &c, err, sizeof(err)) < 0) {
+		fprintf(stderr, "mailshiftd: %s\n", err);
+		return 2;
+	}
+	if (c.gw.nlisten == 0) {
+		fprintf(stderr, "mailshiftd: %s: no [listen] address\n", conf);
+		return 2;
+	}
+	if ((c.gw.cert[0] != '\0') != (c.gw.key[0] != '\0')) {
+		fprintf(stderr, "mailshiftd: %s: [tls] needs both cert and key\n",
+			conf);
+		return 2;
+	}
+	c.gw.src_imap.ca_file = c.gw.src_pop3.ca_file =
+		c.src_ca[0] != '\0' ? c.src_ca : NULL;
+	c.gw.dst_imap.ca_file = c.gw.dst_pop3.ca_file =
+		c.dst_ca[0] != '\0' ? c.dst_ca : NULL;
+	c.gw.src_imap.insecure = c.gw.src_pop3.insecure = c.src_insecure;
+	c.gw.dst_imap.insecure = c.gw.dst_pop3.insecure = c.dst_insecure;
+
+	if (ms_store_open(c.store, &store, &serr) < 0) {
+		fprintf(stderr, "mailshiftd: store %s: %s\n", c.store,
+			serr != NULL ? serr : "cannot open");
+		free(serr);
+		return 1;
+	}
+	loop = uv_default_loop();
+	if (ms_gateway_new(loop, &c.gw, store, &gw, err, sizeof(err)) < 0) {
+		fprintf(stderr, "mailshiftd: %s\n", err);
+		goto out;
+	}
+	if (ms_control_new(loop, c.control, gw, store, &ctl, err,
+			   sizeof(err)) < 0) {
+		fprintf(stderr, "mailshiftd: %s\n", err);
+		goto out;
+	}
+	if (c.pid_file[0] != '\0') {
+		FILE *f = fopen(c.pid_file, "w");
+
+		if (f == NULL) {
+			fprintf(stderr, "mailshiftd: %s: %s\n", c.pid_file,
+				strerror(errno));
+			goto out;
+		}
+		fprintf(f, "%ld\n", (long)getpid());
+		fclose(f);
+	}
+	uv_signal_init(loop, &sigterm);
+	uv_signal_init(loop, &sigint);
+	uv_signal_start(&sigterm, on_signal, SIGTERM);
+	uv_signal_start(&sigint, on_signal, SIGINT);
+	ms_log(MS_LOG_WARN, "mailshiftd ready (%u listener(s))", c.gw.nlisten);
+	uv_run(loop, UV_RUN_DEFAULT);
+	uv_close((uv_handle_t *)&sigterm, NULL);
+	uv_close((uv_handle_t *)&sigint, NULL);
+	ret = 0;
+out:
+	ms_control_free(&ctl);
+	ms_gateway_free(&gw);
+	uv_run(loop, UV_RUN_NOWAIT);
+	ms_store_close(&store);
+	if (c.pid_file[0] != '\0' && ret == 0)
+		unlink(c.pid_file);
+	return ret;
+}

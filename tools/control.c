@@ -1,0 +1,387 @@
+/* mailshiftctl status | user | sessions | kick: requests to mailshiftd's
+ * control socket (one JSON object per line each way). */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include "config.h"
+#include "subcommands.h"
+
+#define DEFAULT_SOCKET "/run/mailshift/control.sock"
+
+struct copts {
+	const char *socket;
+	int json;
+};
+
+static int on_conf(void *ctx, const char *section, const char *key,
+		   const char *value, char *err, size_t errsz)
+{
+	char **sock = ctx;
+
+	if (!strcmp(section, "control") && !strcmp(key, "socket")) {
+		free(*sock);
+		*sock = strdup(value);
+	}
+	return 0;
+}
+
+/* Common options: -s PATH, -c CONFIG, --json. Removes them from argv. */
+static int common_opts(int *argc, char *argv[], struct copts *o)
+{
+	static char *from_conf;
+	int n = 0;
+
+	o->socket = getenv("MAILSHIFT_CONTROL");
+	for (int i = 0; i < *argc; i++) {
+		if ((!strcmp(argv[i], "-s") || !strcmp(argv[i], "--socket")) &&
+		    i + 1 < *argc) {
+			o->socket = argv[++i];
+		} else if ((!strcmp(argv[i], "-c") ||
+			    !strcmp(argv[i], "--config")) && i + 1 < *argc) {
+			char err[600];
+
+			if (ms_ini_parse(argv[++i], on_conf, &from_conf, err,
+					 sizeof(err)) < 0) {
+				fprintf(stderr, "%s: %s\n", prog, err);
+				return -1;
+			}
+			if (from_conf != NULL)
+				o->socket = from_conf;
+		} else if (!strcmp(argv[i], "--json") || !strcmp(argv[i], "-j")) {
+			o->json = 1;
+		} else {
+			argv[n++] = argv[i];
+		}
+	}
+	*argc = n;
+	if (o->socket == NULL)
+		o->socket = DEFAULT_SOCKET;
+	return 0;
+}
+
+/* Sends one request and returns the reply (NULL after printing why). */
+static json_t *request(const struct copts *o, json_t *req)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	char *text = json_dumps(req, JSON_COMPACT);
+	json_t *rep = NULL;
+	json_error_t jerr;
+	char *buf = NULL;
+	size_t len = 0, cap = 0;
+	int fd = -1;
+
+	json_decref(req);
+	if (text == NULL)
+		return NULL;
+	if (strlen(o->socket) >= sizeof(sa.sun_path)) {
+		fprintf(stderr, "%s: socket path too long\n", prog);
+		goto out;
+	}
+	strcpy(sa.sun_path, o->socket);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		fprintf(stderr, "%s: cannot reach mailshiftd at %s: %s\n", prog,
+			o->socket, strerror(errno));
+		goto out;
+	}
+	if (write(fd, text, strlen(text)) < 0 || write(fd, "\n", 1) < 0) {
+		fprintf(stderr, "%s: %s: %s\n", prog, o->socket, strerror(errno));
+		goto out;
+	}
+	for (;;) {
+		ssize_t n;
+
+		if (len + 4096 > cap) {
+			char *nb;
+
+			cap = cap * 2 + 8192;
+			nb = realloc(buf, cap);
+			if (nb == NULL)
+				goto out;
+			buf = nb;
+		}
+		n = read(fd, buf + len, cap - len - 1);
+		if (n <= 0)
+			break;
+		len += (size_t)n;
+		if (memchr(buf, '\n', len) != NULL)
+			break;
+	}
+	if (buf == NULL || len == 0) {
+		fprintf(stderr, "%s: no reply from mailshiftd\n", prog);
+		goto out;
+	}
+	buf[len] = '\0';
+	rep = json_loads(buf, JSON_DISABLE_EOF_CHECK, &jerr);
+	if (rep == NULL)
+		fprintf(stderr, "%s: bad reply from mailshiftd: %s\n", prog,
+			jerr.text);
+out:
+	if (fd >= 0)
+		close(fd);
+	free(text);
+	free(buf);
+	return rep;
+}
+
+/* Prints the reply; returns the exit status. */
+static int finish(const struct copts *o, json_t *rep,
+		  void (*human)(json_t *rep))
+{
+	int ok;
+
+	if (rep == NULL)
+		return 1;
+	ok = json_is_true(json_object_get(rep, "ok"));
+	if (!ok) {
+		fprintf(stderr, "%s: %s\n", prog,
+			json_string_value(json_object_get(rep, "error")) ?
+			json_string_value(json_object_get(rep, "error")) : "failed");
+	} else if (o->json) {
+		json_dumpf(rep, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+		putchar('\n');
+	} else if (human != NULL) {
+		human(rep);
+	}
+	json_decref(rep);
+	return ok ? 0 : 1;
+}
+
+static const char *jstr(json_t *o, const char *k)
+{
+	const char *s = json_string_value(json_object_get(o, k));
+
+	return s != NULL ? s : "-";
+}
+
+static long long jint(json_t *o, const char *k)
+{
+	return (long long)json_integer_value(json_object_get(o, k));
+}
+
+static void print_status(json_t *rep)
+{
+	json_t *st = json_object_get(rep, "states");
+	const char *k;
+	json_t *v;
+	long long total = 0;
+
+	json_object_foreach(st, k, v)
+		total += json_integer_value(v);
+	printf("users: %lld\n", total);
+	json_object_foreach(st, k, v)
+		printf("  %-12s %lld\n", k, (long long)json_integer_value(v));
+	printf("moved: %lld messages, %.1f MB\n", jint(rep, "messages"),
+	       (double)jint(rep, "bytes") / 1e6);
+	printf("sessions: %lld\n", jint(rep, "sessions"));
+}
+
+static void print_user_row(json_t *u)
+{
+	printf("%-32s %-12s %-12s %8lld %10lld\n", jstr(u, "user"),
+	       jstr(u, "state"), jstr(u, "policy"), jint(u, "sessions"),
+	       jint(u, "messages"));
+}
+
+static void print_users(json_t *rep)
+{
+	json_t *u;
+	size_t i;
+
+	printf("%-32s %-12s %-12s %8s %10s\n", "USER", "STATE", "POLICY",
+	       "SESSIONS", "MESSAGES");
+	json_array_foreach(json_object_get(rep, "users"), i, u)
+		print_user_row(u);
+}
+
+static void print_user(json_t *rep)
+{
+	json_t *u = json_object_get(rep, "user");
+
+	printf("user:     %s\nstate:    %s\npolicy:   %s\nsessions: %lld\n"
+	       "moved:    %lld messages, %lld bytes\n", jstr(u, "user"),
+	       jstr(u, "state"), jstr(u, "policy"), jint(u, "sessions"),
+	       jint(u, "messages"), jint(u, "bytes"));
+	if (jstr(u, "copy")[0] != '\0' && strcmp(jstr(u, "copy"), "-") != 0)
+		printf("copy:     %s\n", jstr(u, "copy"));
+	if (json_string_value(json_object_get(u, "error")) != NULL)
+		printf("error:    %s\n", jstr(u, "error"));
+}
+
+static void print_sessions(json_t *rep)
+{
+	json_t *s;
+	size_t i;
+
+	printf("%-8s %-24s %-5s %-16s %-12s %-9s %s\n", "ID", "USER", "PROTO",
+	       "CLIENT", "SERVER", "STATE", "SINCE");
+	json_array_foreach(json_object_get(rep, "sessions"), i, s) {
+		char when[32];
+		time_t t = (time_t)jint(s, "since");
+		struct tm tm;
+
+		localtime_r(&t, &tm);
+		strftime(when, sizeof(when), "%H:%M:%S", &tm);
+		printf("%-8lld %-24s %-5s %-16s %-12s %-9s %s\n", jint(s, "id"),
+		       jstr(s, "user"), jstr(s, "proto"), jstr(s, "client"),
+		       jstr(s, "server"), jstr(s, "state"), when);
+	}
+}
+
+int status_main(int argc, char *argv[])
+{
+	struct copts o = { 0 };
+
+	if (common_opts(&argc, argv, &o) < 0)
+		return 2;
+	if (argc != 1) {
+		fprintf(stderr, "Usage: %s status [--json] [-s SOCKET]\n", prog);
+		return 2;
+	}
+	return finish(&o, request(&o, json_pack("{s:s}", "cmd", "status")),
+		      print_status);
+}
+
+int sessions_main(int argc, char *argv[])
+{
+	struct copts o = { 0 };
+
+	if (common_opts(&argc, argv, &o) < 0)
+		return 2;
+	if (argc != 1) {
+		fprintf(stderr, "Usage: %s sessions [--json] [-s SOCKET]\n", prog);
+		return 2;
+	}
+	return finish(&o, request(&o, json_pack("{s:s}", "cmd", "sessions")),
+		      print_sessions);
+}
+
+int kick_main(int argc, char *argv[])
+{
+	struct copts o = { 0 };
+
+	if (common_opts(&argc, argv, &o) < 0)
+		return 2;
+	if (argc != 2) {
+		fprintf(stderr, "Usage: %s kick USER [-s SOCKET]\n", prog);
+		return 2;
+	}
+	return finish(&o, request(&o, json_pack("{s:s, s:s}", "cmd", "kick",
+						"user", argv[1])), NULL);
+}
+
+static void user_usage(void)
+{
+	fprintf(stderr,
+		"Usage: %s user list [--json]\n"
+		"       %s user show USER [--json]\n"
+		"       %s user add USER [state STATE] [policy POLICY]\n"
+		"       %s user set USER {state STATE | policy POLICY}...\n"
+		"       %s user import FILE.csv   (user[,state[,policy]] per line)\n",
+		prog, prog, prog, prog, prog);
+}
+
+static json_t *user_change(const char *cmd, const char *user, int argc,
+			   char *argv[])
+{
+	json_t *req = json_pack("{s:s, s:s}", "cmd", cmd, "user", user);
+
+	for (int i = 0; i < argc; i += 2) {
+		if (i + 1 >= argc || (strcmp(argv[i], "state") &&
+				      strcmp(argv[i], "policy"))) {
+			json_decref(req);
+			return NULL;
+		}
+		json_object_set_new(req, argv[i], json_string(argv[i + 1]));
+	}
+	return req;
+}
+
+static int user_import(const struct copts *o, const char *file)
+{
+	char line[1024];
+	unsigned int n = 0, lineno = 0;
+	FILE *f = fopen(file, "r");
+
+	if (f == NULL) {
+		fprintf(stderr, "%s: %s: %s\n", prog, file, strerror(errno));
+		return 1;
+	}
+	while (fgets(line, sizeof(line), f) != NULL) {
+		char *fields[3] = { NULL, NULL, NULL }, *p = line, *save;
+		json_t *req, *rep;
+		int i = 0;
+
+		lineno++;
+		line[strcspn(line, "\r\n")] = '\0';
+		if (line[0] == '\0' || line[0] == '#')
+			continue;
+		for (char *t = strtok_r(p, ",", &save); t != NULL && i < 3;
+		     t = strtok_r(NULL, ",", &save))
+			fields[i++] = t;
+		if (lineno == 1 && !strcmp(fields[0], "user"))
+			continue;	/* a header line */
+		req = json_pack("{s:s, s:s}", "cmd", "user.add", "user", fields[0]);
+		if (fields[1] != NULL && fields[1][0] != '\0')
+			json_object_set_new(req, "state", json_string(fields[1]));
+		if (fields[2] != NULL && fields[2][0] != '\0')
+			json_object_set_new(req, "policy", json_string(fields[2]));
+		rep = request(o, req);
+		if (rep == NULL || !json_is_true(json_object_get(rep, "ok"))) {
+			fprintf(stderr, "%s: %s:%u: %s\n", prog, file, lineno,
+				rep != NULL ? jstr(rep, "error") : "no reply");
+			json_decref(rep);
+			fclose(f);
+			return 1;
+		}
+		json_decref(rep);
+		n++;
+	}
+	fclose(f);
+	printf("%u user(s) imported\n", n);
+	return 0;
+}
+
+int user_main(int argc, char *argv[])
+{
+	struct copts o = { 0 };
+	json_t *req;
+
+	if (common_opts(&argc, argv, &o) < 0)
+		return 2;
+	if (argc < 2) {
+		user_usage();
+		return 2;
+	}
+	if (!strcmp(argv[1], "list") && argc == 2)
+		return finish(&o, request(&o, json_pack("{s:s}", "cmd",
+							"user.list")),
+			      print_users);
+	if (!strcmp(argv[1], "show") && argc == 3)
+		return finish(&o, request(&o, json_pack("{s:s, s:s}", "cmd",
+							"user.show", "user",
+							argv[2])),
+			      print_user);
+	if (!strcmp(argv[1], "import") && argc == 3)
+		return user_import(&o, argv[2]);
+	if ((!strcmp(argv[1], "add") || !strcmp(argv[1], "set")) && argc >= 3) {
+		req = user_change(!strcmp(argv[1], "add") ? "user.add" :
+				  "user.set", argv[2], argc - 3, argv + 3);
+		if (req == NULL || (!strcmp(argv[1], "set") && argc == 3)) {
+			json_decref(req);
+			user_usage();
+			return 2;
+		}
+		return finish(&o, request(&o, req), print_user);
+	}
+	user_usage();
+	return 2;
+}

@@ -430,12 +430,19 @@ static void backend_fail(struct session *s, const char *why)
 	timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
 }
 
-static void backend_send_login(struct session *s)
+/* The client's login as a SASL PLAIN response for the server (an
+ * authorization identity other than the login name is passed on). */
+static char *session_sasl(const struct session *s)
 {
-	char *b64 = s->authz != NULL && s->authz[0] != '\0' &&
+	return s->authz != NULL && s->authz[0] != '\0' &&
 		strcmp(s->authz, s->user) != 0 ?
 		ms_sasl_plain(s->authz, s->user, s->pass) :
 		ms_sasl_plain("", s->user, s->pass);
+}
+
+static void backend_send_login(struct session *s)
+{
+	char *b64 = session_sasl(s);
 	char line[256];
 
 	if (b64 == NULL) {
@@ -555,10 +562,7 @@ static int backend_line(struct session *s, char *line, size_t len)
 		return 0;
 	}
 	if (s->bst == B_LOGIN_CONT && line[0] == '+') {
-		char *b64 = s->authz != NULL && s->authz[0] != '\0' &&
-			strcmp(s->authz, s->user) != 0 ?
-			ms_sasl_plain(s->authz, s->user, s->pass) :
-			ms_sasl_plain("", s->user, s->pass);
+		char *b64 = session_sasl(s);
 
 		if (b64 != NULL) {
 			ms_conn_write(s->b, b64, strlen(b64));

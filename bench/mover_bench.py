@@ -459,7 +459,7 @@ class Imap:
 
     def command(self, cmd, untagged=None):
         """Sends cmd (bytes, no tag) and waits for its tagged reply.
-        Returns the untagged lines (literals inlined as b'{n}')."""
+        Returns the untagged lines (a literal is inlined after a NUL)."""
         t = self.tag()
         self.send(t + b' ' + cmd + b'\r\n')
         return self.wait(t, cmd)
@@ -518,12 +518,12 @@ class Imap:
         return out
 
     def fetch_all(self, on_msg, items=b'BODY.PEEK[] FLAGS INTERNALDATE'):
-        """UID FETCH 1:* in the selected folder. on_msg(meta, size, sink)
-        is called per message before its body literal is read; it returns
-        a sink for the body pieces (or None to skip them) and meta is the
-        response text before the literal; after the literal, on_msg's
-        returned sink gets called with None and the trailing text is
-        passed as end(meta_after) if the sink has .end."""
+        """UID FETCH 1:* in the selected folder; returns (messages, body
+        bytes). With on_msg, on_msg(text_before_literal, size) is called
+        before each literal and returns a sink for its pieces (memoryviews
+        valid only during the call) or None to skip them; once the FETCH
+        response is complete, on_msg(text_after_literal, None) is called.
+        Without on_msg, literals are skipped without copying."""
         t = self.tag()
         self.send(t + b' UID FETCH 1:* (' + items + b')\r\n')
         pre = t + b' '

@@ -19,9 +19,7 @@ flags without \\Recent, INTERNALDATE).
 import os
 import re
 import signal
-import stat
 import subprocess
-import threading
 import time
 
 import pytest
@@ -321,6 +319,22 @@ def test_tls(make_pair, ctl, workdir, ca, wrong_ca):
     ok_summary(res, 'smallie')
     pair.assert_copied('smallie')
 
+    # a certificate from the right CA but for another host name
+    other = dc.Dovecot(os.path.join(workdir, 'othername'), 'othername',
+                       users=dict(SRC_USERS),
+                       tls_ca=ca.server_cert('othername', ['other.example']))
+    other.start()
+    try:
+        res = m.run('smallie', '--ca-file', ca.ca_file,
+                    source=other.url('imaps'), dest=pair.dst.url('imap'),
+                    store=os.path.join(workdir, 'othername.db'))
+        assert res.rc == 1, res.describe()
+        assert 'source' in res.stderr, res.describe()
+        assert re.search('certificate|host ?name|verif', res.stderr, re.I), \
+            res.describe()
+    finally:
+        other.stop()
+
     # a plaintext-only server asked for STARTTLS: error, not a silent
     # plaintext login
     plain = dc.Dovecot(os.path.join(workdir, 'plain'), 'plain',
@@ -430,6 +444,13 @@ def test_pop3_source(make_pair, ctl, workdir):
     assert ok_summary(res, 'popper')['copied'] == 0, res.describe()
     assert inbox_bodies(pair.dst, 'popper')[0] == src_bodies
 
+    # the same server over pop3s and pop3+starttls: no duplicates
+    for scheme in ('pop3s', 'pop3+starttls'):
+        res = run_migrate('popper', '--ca-file', pair.src.tls_ca.ca_file,
+                          source=pair.src.url(scheme), expect_rc=0)
+        ok_summary(res, 'popper')
+        assert inbox_bodies(pair.dst, 'popper')[0] == src_bodies, scheme
+
 
 def test_admin_login(make_pair, ctl, workdir):
     pair = make_pair(users=('smallie',))
@@ -525,3 +546,109 @@ def test_many_users(make_pair, ctl, workdir):
         assert got_users[u]['verified'] is True, res.describe()
         assert got_users[u]['copied'] == 15, res.describe()
         pair.assert_copied(u)
+
+
+def test_reverse_separators(make_pair, ctl, workdir):
+    """Source '/' (LAYOUT=fs), destination '.' (Maildir++): a '.' inside a
+    source level is written %2E, and '%' in such a level %25."""
+    pair = make_pair(users=(),
+                     src_kw=dict(separator='/', layout='fs',
+                                 special_use=corpus.DST_SPECIAL,
+                                 listescape=False),
+                     dst_kw=dict(separator='.', layout='maildir++',
+                                 special_use={'Sent': '\\Sent',
+                                              'Trash': '\\Trash'}))
+    s = pair.src.imap('smallie')
+    try:
+        for f in ('a.b', 'x/y.z', '100%.done', '50%off', 'p/q'):
+            mc.create_folder(s, f)
+        for n, f in enumerate(('INBOX', 'a.b', 'x/y.z', '100%.done',
+                               '50%off', 'p/q', 'Sent Items',
+                               'Deleted Items')):
+            mc.append_many(s, f, [(mc.make_message(7000 + 10 * n + i, 900),
+                                   ['\\Seen'], corpus.D2015 + i)
+                                  for i in range(2)])
+    finally:
+        s.logout()
+    m = Migrator(ctl, pair, os.path.join(workdir, 'store.db'))
+    res = m.run('smallie', expect_rc=0)
+    ok_summary(res, 'smallie')
+    s, d = pair.src.imap('smallie'), pair.dst.imap('smallie')
+    try:
+        want = mc.map_snapshot(mc.snapshot(s), '.', mc.special_use(s),
+                               mc.special_use(d))
+        got = mc.snapshot(d)
+        names = {f['name'] for f in mc.list_folders(d)}
+    finally:
+        s.logout()
+        d.logout()
+    mc.assert_snapshots_equal(want, got)
+    for n in ('a%2Eb', 'x.y%2Ez', '100%25%2Edone', '50%off', 'p.q', 'Sent',
+              'Trash'):
+        assert n in names, (n, sorted(names))
+    assert 'Sent Items' not in names and 'Deleted Items' not in names
+    report = {f['source']: f['destination'] for f in res.json['folders']}
+    assert report.get('a.b') == 'a%2Eb', report
+    assert report.get('x/y.z') == 'x.y%2Ez', report
+    assert report.get('Sent Items') == 'Sent', report
+
+
+def test_config_file(make_pair, ctl, workdir, ca):
+    """Everything from an INI file (-c): URLs, password files, CA, store,
+    connections, exclude."""
+    pair = make_pair(users=('smallie',))
+    src_pw = os.path.join(workdir, 'src.pw')
+    dst_pw = os.path.join(workdir, 'dst.pw')
+    for path, pw in ((src_pw, SRC_USERS['smallie']),
+                     (dst_pw, DST_USERS['smallie'])):
+        with open(path, 'w') as f:
+            f.write(pw + '\n')
+        os.chmod(path, 0o600)
+    store = os.path.join(workdir, 'cfg-store.db')
+    cfg = os.path.join(workdir, 'mailshift.conf')
+    with open(cfg, 'w') as f:
+        f.write('[source]\nurl = %s\nuser = %%u\npassword_file = %s\n'
+                'ca_file = %s\n\n'
+                '[destination]\nurl = %s\npassword_file = %s\n'
+                'ca_file = %s\n\n'
+                '[store]\npath = %s\n\n'
+                '[mover]\nconnections = 2\nexclude = Archive*\n'
+                % (pair.src.url('imaps'), src_pw, ca.ca_file,
+                   pair.dst.url('imap+starttls'), dst_pw, ca.ca_file, store))
+    m = Migrator(ctl, pair, store)
+    res = m.run('smallie', '-c', cfg, bare=True, src_password=False,
+                dst_password=False, expect_rc=0)
+    ok_summary(res, 'smallie')
+    assert os.path.exists(store), 'the store is not where [store] path says'
+    want, got = pair.snapshots('smallie')
+    assert not [k for k in got if k.startswith('Archive')], sorted(got)
+    mc.assert_snapshots_equal(
+        {k: v for k, v in want.items() if not k.startswith('Archive')}, got)
+
+
+@pytest.mark.parametrize('args', [
+    [],                                        # no USER
+    ['--source', 'http://127.0.0.1:1', 'smallie'],
+    ['--frobnicate', 'smallie'],
+    ['--dest', 'pop3://127.0.0.1:1', 'smallie'],   # POP3 is source-only
+    ['--connections', 'many', 'smallie'],
+], ids=['no-user', 'bad-url', 'bad-option', 'pop3-dest', 'bad-number'])
+def test_usage_errors(ctl, workdir, args):
+    """Usage and configuration errors: exit status 2, a message, and no
+    server contacted (the URLs point at a closed port)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith('MAILSHIFT_')}
+    env['MAILSHIFT_SOURCE_PASSWORD'] = env['MAILSHIFT_DEST_PASSWORD'] = 'x'
+    base = {'--source': 'imap://127.0.0.1:1', '--dest': 'imap://127.0.0.1:1'}
+    for k in list(base):
+        if k in args:
+            del base[k]
+    argv = [ctl, 'migrate', '--store', os.path.join(workdir, 's.db')]
+    for k, v in base.items():
+        argv += [k, v]
+    argv += args
+    r = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=30, start_new_session=True)
+    assert r.returncode == 2, (argv, r.returncode, r.stdout, r.stderr)
+    assert r.stderr.strip(), (argv, r.stdout)

@@ -164,6 +164,26 @@ class TestCA:
         """A client SSLContext trusting this CA."""
         return ssl.create_default_context(cafile=self.ca_file)
 
+    def server_cert(self, name, names):
+        """Another server certificate from this CA (for names): an object
+        usable as Dovecot(tls_ca=...) in place of the CA itself, e.g. to
+        test host name verification."""
+        cert, key = self.issue(name, names)
+        return ServerCert(self, cert, key)
+
+
+class ServerCert:
+    """A certificate/key pair of a TestCA, with the CA's ca_file."""
+
+    def __init__(self, ca, cert_file, key_file):
+        self.ca = ca
+        self.ca_file = ca.ca_file
+        self.cert_file = cert_file
+        self.key_file = key_file
+
+    def ssl_context(self):
+        return self.ca.ssl_context()
+
 
 class Dovecot:
     """One Dovecot instance. See the module docstring."""
@@ -430,16 +450,24 @@ class Dovecot:
                 with open(pidfile) as f:
                     pid = int(f.read().strip())
             except (OSError, ValueError):
-                return
+                pid = None
         self.pid = None
-        if not _alive(pid):
-            return
+        if pid is not None and not _is_dovecot_master(pid, self.config_path):
+            pid = None        # gone, or a stale pid file
         # TERM to the master and all its processes at once: the master
         # alone takes ~1 s to exit, and mail processes with a client still
-        # connected outlive it by ~10 s. They are all ours (by PID).
-        procs = [pid] + sorted(set(_descendants(pid)) |
-                               set(self._own_processes()) - {pid})
-        _terminate(procs, grace=timeout)
+        # connected outlive it by ~10 s. They are all ours (by PID): the
+        # master's descendants and every process titled with this
+        # instance's name (also when the master is already gone).
+        procs = set(self._own_processes())
+        if pid is not None:
+            procs |= {pid} | set(_descendants(pid))
+        if not procs:
+            return
+        procs = sorted(procs)
+        # The master sometimes sleeps seconds in its shutdown after all its
+        # children are gone: KILL it 0.3 s after the last child went.
+        _terminate(procs, grace=timeout, master=pid, master_grace=0.3)
         # Anything forked meanwhile.
         late = [p for p in self._own_processes() if p not in procs]
         if late:
@@ -566,27 +594,51 @@ def _auth_readable(path):
     os.chmod(path, 0o640)
 
 
-def _terminate(pids, grace=3.0):
-    """TERM to each live pid, KILL those still alive after grace."""
+def _is_dovecot_master(pid, config_path):
+    """pid is alive and is `dovecot -c config_path`."""
+    if not _alive(pid):
+        return False
+    try:
+        with open('/proc/%d/cmdline' % pid, 'rb') as f:
+            argv = f.read().split(b'\0')
+    except OSError:
+        return False
+    return config_path.encode() in argv
+
+
+def _terminate(pids, grace=3.0, master=None, master_grace=None):
+    """TERM to each live pid, KILL those still alive after grace. With
+    master: KILL it master_grace seconds after all the others are gone."""
     for p in pids:
         if _alive(p):
             try:
                 os.kill(p, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    deadline = time.monotonic() + grace
+    start = time.monotonic()
+    others_gone = None
     while True:
         left = [p for p in pids if _alive(p)]
         if not left:
             return
-        if time.monotonic() > deadline:
-            for p in left:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.05)
-            return
+        now = time.monotonic()
+        if master is not None and left == [master]:
+            if others_gone is None:
+                others_gone = now
+            if now - others_gone > master_grace:
+                left_kill = left
+                break
+        if now - start > grace:
+            left_kill = left
+            break
+        time.sleep(0.02)
+    for p in left_kill:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 2
+    while any(_alive(p) for p in left_kill) and time.monotonic() < deadline:
         time.sleep(0.02)
 
 

@@ -164,7 +164,12 @@ static void ssl_err_text(char *buf, size_t size)
 		snprintf(buf, size, "unknown error");
 		return;
 	}
-	reason = ERR_reason_error_string(e);
+	/* a missing file is errno's "No such file or directory", not
+	 * "error:80000002:system library::..." */
+	if (ERR_SYSTEM_ERROR(e))
+		reason = strerror(ERR_GET_REASON(e));
+	else
+		reason = ERR_reason_error_string(e);
 	if (reason)
 		snprintf(buf, size, "%s", reason);
 	else
@@ -1405,6 +1410,31 @@ nomem:
 	return UV_ENOMEM;
 }
 
+/* The last words of a session (a BYE, the OK to LOGOUT) are written just
+ * before the close, in the same loop turn, and would die in plainq: hand
+ * them to uv_write, which writes at once when nothing else is queued (the
+ * usual case for a session that is talking), and say close_notify under
+ * TLS. Best effort: uv_close cancels what the socket did not take. No
+ * callback can follow from here (uv_write calls back from the loop, where
+ * `closing` is seen). */
+static void flush_at_close(struct ms_conn *conn)
+{
+	char err[ERR_TEXT_SIZE];
+
+	if (!conn->tcp || !conn->connected || conn->failed ||
+	    conn->tls == TLS_HANDSHAKE)
+		return;
+	/* (at most FLUSH_THRESHOLD: more would have been sent already) */
+	if (flush_plainq(conn, err, sizeof(err)) < 0)
+		return;
+	if (conn->tls == TLS_ACTIVE && !conn->eof) {
+		ERR_clear_error();
+		if (SSL_shutdown(conn->ssl) >= 0)
+			flush_wbio(conn);
+		ERR_clear_error();
+	}
+}
+
 void ms_conn_close(struct ms_conn **connp)
 {
 	struct ms_conn *conn;
@@ -1415,6 +1445,7 @@ void ms_conn_close(struct ms_conn **connp)
 	*connp = NULL;
 	if (conn->closing)
 		return;
+	flush_at_close(conn);
 	conn->closing = 1;
 	/* A getaddrinfo that cannot be cancelled any more still calls back;
 	 * on_resolved then frees the result and its reference. */
@@ -1514,8 +1545,9 @@ set_err(char *err, size_t errsz, const char *fmt, ...)
 	va_end(ap);
 }
 
-static int no_passphrase(char *buf, int size, int rwflag, void *u)
+static int no_passphrase(char *buf, int size, int rwflag, void *asked)
 {
+	*(int *)asked = 1;
 	return -1;	/* nobody to ask: an encrypted key is an error */
 }
 
@@ -1527,9 +1559,9 @@ static EVP_PKEY *load_key(const char *key_file, char *err, size_t errsz)
 	EVP_PKEY *key = NULL;
 	struct stat st;
 	size_t len = 0;
+	int fd, asked = 0;
 	ssize_t n;
 	BIO *bio;
-	int fd;
 
 	fd = open(key_file, O_RDONLY | O_CLOEXEC | O_NOCTTY);
 	if (fd < 0) {
@@ -1572,13 +1604,18 @@ static EVP_PKEY *load_key(const char *key_file, char *err, size_t errsz)
 	ERR_clear_error();
 	bio = BIO_new_mem_buf(buf, (int)len);
 	if (bio) {
-		key = PEM_read_bio_PrivateKey(bio, NULL, no_passphrase, NULL);
+		key = PEM_read_bio_PrivateKey(bio, NULL, no_passphrase,
+					      &asked);
 		BIO_free(bio);
 	}
 	if (!key) {
 		ssl_err_text(why, sizeof(why));
-		set_err(err, errsz, "cannot load key file %s: %s", key_file,
-			why);
+		if (asked)
+			set_err(err, errsz, "key file %s is encrypted (a "
+				"passphrase cannot be given)", key_file);
+		else
+			set_err(err, errsz, "cannot load key file %s: no PEM "
+				"private key in it (%s)", key_file, why);
 	}
 out:
 	if (buf) {
@@ -1665,6 +1702,11 @@ void ms_tls_server_free(struct ms_tls_server **srvp)
 
 /* ---- accepting --------------------------------------------------------- */
 
+static void on_dropped_close(uv_handle_t *handle)
+{
+	free(handle);
+}
+
 int ms_conn_accept(uv_stream_t *listener, struct ms_tls_server *tls,
 		   const struct ms_conn_callbacks *cb, struct ms_conn **conn_r)
 {
@@ -1677,11 +1719,19 @@ int ms_conn_accept(uv_stream_t *listener, struct ms_tls_server *tls,
 		*conn_r = NULL;
 	if (!listener || !cb || !cb->on_connect || !cb->on_read || !conn_r)
 		return UV_EINVAL;
-	conn = calloc(1, sizeof(*conn));
 	tcp = malloc(sizeof(*tcp));
-	if (!conn || !tcp) {
-		free(conn);
-		free(tcp);
+	if (!tcp)
+		return UV_ENOMEM;
+	conn = calloc(1, sizeof(*conn));
+	if (!conn) {
+		/* A connection left pending stops libuv from accepting
+		 * any other: drop this one. */
+		if (uv_tcp_init(listener->loop, tcp) < 0) {
+			free(tcp);
+			return UV_ENOMEM;
+		}
+		uv_accept(listener, (uv_stream_t *)tcp);
+		uv_close((uv_handle_t *)tcp, on_dropped_close);
 		return UV_ENOMEM;
 	}
 	conn->loop = listener->loop;
@@ -1799,10 +1849,10 @@ int ms_listen(uv_loop_t *loop, uv_tcp_t *tcp, const char *addrport,
 	      int transparent, uv_connection_cb cb, char *err, size_t errsz)
 {
 	struct sockaddr_storage ss;
-	const char *what = "bind";
-	uv_os_fd_t fd;
+	const char *what;
+	int fd, on = 1, r;
+	socklen_t len;
 	void *data;
-	int on = 1, r;
 
 	if (!loop || !tcp || !addrport || !cb) {
 		set_err(err, errsz, "listen: invalid arguments");
@@ -1813,26 +1863,24 @@ int ms_listen(uv_loop_t *loop, uv_tcp_t *tcp, const char *addrport,
 			"or [IPV6]:PORT)", addrport);
 		return UV_EINVAL;
 	}
-	data = tcp->data;
-	/* the socket now, for its options before bind */
-	r = uv_tcp_init_ex(loop, tcp, ss.ss_family);
-	if (r < 0) {
-		set_err(err, errsz, "socket for %s: %s", addrport,
-			uv_strerror(r));
-		return r;	/* not initialized: nothing to close */
-	}
-	tcp->data = data;
-	r = uv_fileno((uv_handle_t *)tcp, &fd);
-	if (r < 0)
-		goto fail;
-	/* (libuv sets it too; said here because a restart must not wait
-	 * for TIME_WAIT to pass) */
-	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) < 0) {
-		r = uv_translate_sys_error(errno);
-		goto fail;
-	}
+	/* The socket is made, bound and listening before libuv sees it, so
+	 * that a failure leaves no handle to close: the caller may free tcp
+	 * at once (a closing handle would need the loop to run first). */
+	what = "socket for";
+	fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
+		    IPPROTO_TCP);
+	if (fd < 0)
+		goto sys_fail;
+	/* a restart must not wait for TIME_WAIT to pass */
+	what = "bind";
+	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) < 0)
+		goto sys_fail;
+	/* so that 0.0.0.0:P and [::]:P can both be listed */
+	if (ss.ss_family == AF_INET6 &&
+	    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &on, sizeof(on)) < 0)
+		goto sys_fail;
 	if (transparent) {
-		/* TPROXY delivers connections for addresses not ours */
+		/* TPROXY hands us connections for addresses not ours */
 		what = "IP_TRANSPARENT on";
 #if defined(IP_TRANSPARENT) && defined(IPV6_TRANSPARENT)
 		if (ss.ss_family == AF_INET6)
@@ -1841,31 +1889,45 @@ int ms_listen(uv_loop_t *loop, uv_tcp_t *tcp, const char *addrport,
 		else
 			r = setsockopt(fd, SOL_IP, IP_TRANSPARENT, &on,
 				       sizeof(on));
-		if (r < 0) {
-			r = uv_translate_sys_error(errno);
-			goto fail;
-		}
+		if (r < 0)
+			goto sys_fail;
 #else
-		r = UV_ENOTSUP;
-		goto fail;
+		errno = ENOTSUP;
+		goto sys_fail;
 #endif
 		what = "bind";
 	}
-	/* an IPv6 listener is IPv6-only, so that 0.0.0.0:P and [::]:P can
-	 * both be listed */
-	r = uv_tcp_bind(tcp, (struct sockaddr *)&ss,
-			ss.ss_family == AF_INET6 ? UV_TCP_IPV6ONLY : 0);
-	if (r < 0)
+	len = ss.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) :
+					 sizeof(struct sockaddr_in);
+	if (bind(fd, (struct sockaddr *)&ss, len) < 0)
+		goto sys_fail;
+	what = "listen";
+	if (listen(fd, 511) < 0)
+		goto sys_fail;
+
+	data = tcp->data;
+	r = uv_tcp_init(loop, tcp);
+	if (r < 0) {
+		close(fd);
 		goto fail;
-	/* libuv reports a bind's EADDRINUSE here */
-	r = uv_listen((uv_stream_t *)tcp, 511, cb);
-	if (r < 0 && r != UV_EADDRINUSE)
-		what = "listen";
-	if (r < 0)
-		goto fail;
+	}
+	tcp->data = data;
+	r = uv_tcp_open(tcp, fd);
+	if (r == 0)
+		r = uv_listen((uv_stream_t *)tcp, 511, cb);
+	if (r < 0) {
+		/* libuv refusing a fresh listening socket: not seen in
+		 * practice; the handle owns fd and must be closed */
+		set_err(err, errsz, "listen %s: %s", addrport, uv_strerror(r));
+		uv_close((uv_handle_t *)tcp, NULL);
+		return r;
+	}
 	return 0;
+sys_fail:
+	r = uv_translate_sys_error(errno);
+	if (fd >= 0)
+		close(fd);
 fail:
 	set_err(err, errsz, "%s %s: %s", what, addrport, uv_strerror(r));
-	uv_close((uv_handle_t *)tcp, NULL);
 	return r;
 }

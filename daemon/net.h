@@ -98,8 +98,11 @@ int ms_conn_local_addr(const struct ms_conn *conn, char *addr, size_t addrsz,
 void *ms_conn_ctx(const struct ms_conn *conn);
 
 /* Closes the connection: no callback is called after this returns, memory
- * is released once libuv has closed the handle. Sets *conn to NULL. Accepts
- * NULL and *conn == NULL. */
+ * is released once libuv has closed the handle. What was written in this
+ * loop turn (a BYE, the reply to LOGOUT) is sent first if the socket takes
+ * it at once, and a TLS connection says close_notify: best effort, for last
+ * words, not for bulk data still queued. Sets *conn to NULL. Accepts NULL
+ * and *conn == NULL. */
 void ms_conn_close(struct ms_conn **conn);
 
 /* ---- server side ------------------------------------------------------- */
@@ -126,8 +129,8 @@ void ms_tls_server_free(struct ms_tls_server **srv);
  * its result (a client that does not speak TLS gets "TLS error: ..."; a
  * client that says nothing is the caller's to time out). Afterwards the
  * connection works like an outgoing one. Returns 0 and the connection, or a
- * negative libuv error (no callback; if it had been accepted, the client's
- * connection is closed; on UV_ENOMEM it may still be pending). */
+ * negative libuv error (no callback; the client's connection, if accepted,
+ * is closed). */
 int ms_conn_accept(uv_stream_t *listener, struct ms_tls_server *tls,
 		   const struct ms_conn_callbacks *cb, struct ms_conn **conn_r);
 
@@ -143,13 +146,14 @@ int ms_conn_starttls_server(struct ms_conn *conn, struct ms_tls_server *tls,
 					 const char *error));
 
 /* Binds tcp (uninitialized; initialized here) to "ADDR:PORT" or
- * "[IPV6]:PORT" (an IPv6 listener is IPv6-only; list 0.0.0.0 too for IPv4)
- * with SO_REUSEADDR, and listens (backlog 511) with cb. transparent: sets
- * IP_TRANSPARENT / IPV6_TRANSPARENT, for TPROXY (needs CAP_NET_ADMIN).
- * tcp->data is kept. Returns 0, or a negative libuv error with err filled
- * ("bind 127.0.0.1:143: address already in use"); then tcp, if it was
- * initialized, is being closed (uv_close without callback): its memory must
- * stay valid until the loop has run. */
+ * "[IPV6]:PORT", numeric (an IPv6 listener is IPv6-only: list 0.0.0.0 too
+ * for IPv4), with SO_REUSEADDR, and listens (backlog 511) with cb.
+ * transparent: sets IP_TRANSPARENT / IPV6_TRANSPARENT, for TPROXY (needs
+ * CAP_NET_ADMIN). tcp->data is kept. Returns 0, or a negative libuv error
+ * with err filled ("bind 127.0.0.1:143: address already in use"); then tcp
+ * was not initialized and may be freed at once. (Except if libuv refused
+ * the new listening socket, which it does not do in practice: then tcp is
+ * being closed, uv_close without callback, and err starts with "listen ".) */
 int ms_listen(uv_loop_t *loop, uv_tcp_t *tcp, const char *addrport,
 	      int transparent, uv_connection_cb cb, char *err, size_t errsz);
 

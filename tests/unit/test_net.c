@@ -1457,7 +1457,10 @@ static void check_addr(const struct ms_conn *conn, int peer,
 }
 
 /* Pattern through an accepted connection that echoes it, then the client
- * hangs up: the session sees "connection closed by client". */
+ * hangs up: the session sees "connection closed by client". The client
+ * reads nothing for the first 200 ms (bp_connected), so the session's
+ * writes pile up and it has to pause reading with input unread (under TLS:
+ * ciphertext OpenSSL has not taken, which must leave the shared buffer). */
 static void accept_echo_run(struct ms_tls_server *tls,
 			    const struct ms_tls_opts *opts, uint64_t total)
 {
@@ -1472,8 +1475,10 @@ static void accept_echo_run(struct ms_tls_server *tls,
 	client_init(&c);
 	c.total = total;
 	c.got_data = check_pattern;
-	c.connected = echo_connected;
+	c.connected = bp_connected;
 	assert_int_equal(client_connect(&c, "127.0.0.1", l.port, opts), 0);
+	c.paused = 1;
+	ms_conn_read_pause(c.conn, 1);
 	run_loop();
 
 	assert_int_equal(l.accepts, 1);
@@ -1483,13 +1488,17 @@ static void accept_echo_run(struct ms_tls_server *tls,
 	assert_int_equal(s.connect_status, 0);
 	assert_int_equal(s.errors, 0);
 	assert_int_equal(s.read_while_paused, 0);
+	assert_true(s.pauses >= 1);
+	assert_true(s.drains >= 1);
 	assert_int_equal(s.rx, total);
 	assert_int_equal(ms_conn_is_tls(s.conn), tls != NULL);
 	assert_int_equal(c.connect_status, 0);
 	assert_int_equal(c.errors, 0);
 	assert_int_equal(c.rx, total);
 	assert_int_equal(c.rx_bad, 0);
+	assert_int_equal(c.read_while_paused, 0);
 	assert_int_equal(ms_conn_is_tls(c.conn), tls != NULL);
+	print_message("session paused %d times\n", s.pauses);
 
 	/* addresses, both ends */
 	assert_int_equal(ms_conn_local_addr(c.conn, addr, sizeof(addr),
@@ -1757,35 +1766,51 @@ static void test_listen_errors(void **state)
 		"[::1:143", "300.1.1.1:143",
 	};
 	static struct listener l;
-	static uv_tcp_t t1, t2;
 	char addr[64], want[128], err[256];
+	uv_tcp_t *t;
 	size_t i;
 	int r;
 
+	/* a failed ms_listen leaves nothing to close: the handle is freed
+	 * at once (valgrind would see a later use) */
 	listener_start(&l, "127.0.0.1:0", NULL, NULL);
 	snprintf(addr, sizeof(addr), "127.0.0.1:%u", l.port);
-	assert_int_equal(ms_listen(&loop, &t1, addr, 0, on_listen_conn, err,
+	t = malloc(sizeof(*t));
+	assert_int_equal(ms_listen(&loop, t, addr, 0, on_listen_conn, err,
 				   sizeof(err)), UV_EADDRINUSE);
+	free(t);
 	snprintf(want, sizeof(want), "bind %s: address already in use",
 		 addr);
 	assert_string_equal(err, want);
 	for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		err[0] = 0;
-		assert_int_equal(ms_listen(&loop, &t2, bad[i], 0,
+		t = malloc(sizeof(*t));
+		assert_int_equal(ms_listen(&loop, t, bad[i], 0,
 					   on_listen_conn, err, sizeof(err)),
 				 UV_EINVAL);
+		free(t);
 		assert_non_null(strstr(err, "bad listen address"));
 		assert_non_null(strstr(err, bad[i]));
 	}
-	/* IP_TRANSPARENT needs CAP_NET_ADMIN: either works or says why */
-	r = ms_listen(&loop, &t2, "127.0.0.1:0", 1, on_listen_conn, err,
+	/* not an address of this host */
+	t = malloc(sizeof(*t));
+	assert_int_equal(ms_listen(&loop, t, "192.0.2.1:0", 0, on_listen_conn,
+				   err, sizeof(err)), UV_EADDRNOTAVAIL);
+	free(t);
+	assert_string_equal(err, "bind 192.0.2.1:0: address not available");
+	/* IP_TRANSPARENT needs CAP_NET_ADMIN: either works (and so does a
+	 * foreign address) or says why */
+	t = malloc(sizeof(*t));
+	r = ms_listen(&loop, t, "192.0.2.1:0", 1, on_listen_conn, err,
 		      sizeof(err));
 	if (r == 0) {
-		uv_close((uv_handle_t *)&t2, noop_close);
+		uv_close((uv_handle_t *)t, on_close_free);
 	} else {
+		free(t);
 		print_message("%s\n", err);
-		assert_non_null(strstr(err, "IP_TRANSPARENT on 127.0.0.1:0"));
+		assert_non_null(strstr(err, "IP_TRANSPARENT on 192.0.2.1:0"));
 	}
+	assert_false(uv_loop_alive(&loop) && r != 0);
 	listener_stop(&l);
 	drain_loop();
 }
@@ -1921,6 +1946,52 @@ static void test_starttls_server_close(void **state)
 	assert_int_equal(c.late, 0);
 }
 
+/* Last words: a BYE written just before ms_conn_close, in the same turn,
+ * still reaches the peer (then the end of the connection, under TLS with
+ * close_notify), whichever side closes. */
+static void bye_and_close(struct client *x)
+{
+	assert_int_equal(ms_conn_write(x->conn, "* BYE bye\r\n", 11), 0);
+	client_fini(x);
+}
+
+static void last_words_run(struct ms_tls_server *tls,
+			   const struct ms_tls_opts *opts, int server_closes)
+{
+	static struct listener l;
+	static struct client c, s;
+	struct client *talker = server_closes ? &s : &c;
+	struct client *hearer = server_closes ? &c : &s;
+
+	listener_start(&l, "127.0.0.1:0", tls, NULL);
+	client_init(&s);
+	l.sess = &s;
+	client_init(&c);
+	talker->connected = bye_and_close;
+	assert_int_equal(client_connect(&c, "127.0.0.1", l.port, opts), 0);
+	run_loop();	/* until the hearer's on_error */
+	assert_string_equal(hearer->text, "* BYE bye\r\n");
+	assert_int_equal(hearer->errors, 1);
+	assert_string_equal(hearer->error, server_closes ?
+			    "connection closed by server" :
+			    "connection closed by client");
+	client_fini(hearer);
+	listener_stop(&l);
+	drain_loop();
+	assert_int_equal(c.late, 0);
+	assert_int_equal(s.late, 0);
+}
+
+static void test_close_sends_last_words(void **state)
+{
+	struct ms_tls_opts opts = { .mode = MS_TLS_IMPLICIT, .ca_file = ca_pem };
+
+	last_words_run(NULL, NULL, 1);
+	last_words_run(NULL, NULL, 0);
+	last_words_run(server_tls, &opts, 1);
+	last_words_run(server_tls, &opts, 0);
+}
+
 /* ---- memory per idle accepted session ---------------------------------- */
 
 #define MEM_SESSIONS 200
@@ -1970,6 +2041,8 @@ static long idle_sessions(struct listener *l, int n, int *fds)
 
 	before = mallinfo2();
 	mem_accepted = 0;
+	/* raw clients are nothing to libuv: the loop must poll for them */
+	uv_ref((uv_handle_t *)&l->tcp);
 	if (l->tls) {
 		cctx = SSL_CTX_new(TLS_client_method());
 		assert_non_null(cctx);
@@ -2027,6 +2100,7 @@ static long idle_sessions(struct listener *l, int n, int *fds)
 			SSL_free(ssl[i]);	/* the socket stays open */
 	}
 	SSL_CTX_free(cctx);
+	uv_unref((uv_handle_t *)&l->tcp);
 	settle(20);
 	after = mallinfo2();
 	return ((long)after.uordblks - (long)before.uordblks) / n;
@@ -2127,6 +2201,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_accept_close_anytime,
 						setup, teardown),
 		cmocka_unit_test_setup_teardown(test_starttls_server_close,
+						setup, teardown),
+		cmocka_unit_test_setup_teardown(test_close_sends_last_words,
 						setup, teardown),
 		cmocka_unit_test_setup_teardown(test_idle_memory, setup,
 						teardown),

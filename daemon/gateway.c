@@ -1405,6 +1405,10 @@ static void on_connection(uv_stream_t *server, int status)
 
 	if (status < 0)
 		return;
+	if (l->cfg.proto == MS_GW_SMTP || l->cfg.proto == MS_GW_SUBMISSION) {
+		ms_smtp_accept(gw, server, &l->cfg);
+		return;
+	}
 	s = calloc(1, sizeof(*s));
 	if (s == NULL)
 		return;
@@ -1452,7 +1456,40 @@ json_t *ms_gateway_sessions(struct ms_gateway *gw)
 		json_object_set_new(o, "since", json_integer(s->since));
 		json_array_append_new(a, o);
 	}
+	ms_smtp_sessions(gw, a);
 	return a;
+}
+
+enum ms_route ms_gateway_route(struct ms_gateway *gw, const char *user)
+{
+	struct ms_user_info info;
+	struct guser *gu = user_find(gw, user);
+	int found = 0;
+
+	if (gu != NULL && gu->cutover)
+		return MS_ROUTE_DEFER;
+	if (ms_store_user_info(gw->store, user, &info, &found) < 0 || !found)
+		return MS_ROUTE_SOURCE;
+	if (!strcmp(info.state, "destination"))
+		return MS_ROUTE_DESTINATION;
+	if (!strcmp(info.state, "cutover"))
+		return MS_ROUTE_DEFER;
+	return MS_ROUTE_SOURCE;
+}
+
+const struct ms_gw_config *ms_gateway_config(struct ms_gateway *gw)
+{
+	return &gw->cfg;
+}
+
+struct ms_tls_server *ms_gateway_tls(struct ms_gateway *gw)
+{
+	return gw->tls;
+}
+
+uv_loop_t *ms_gateway_loop(struct ms_gateway *gw)
+{
+	return gw->loop;
 }
 
 unsigned int ms_gateway_nsessions(struct ms_gateway *gw)
@@ -1580,6 +1617,7 @@ void ms_gateway_free(struct ms_gateway **gwp)
 	*gwp = NULL;
 	while (gw->sessions != NULL)
 		session_close(gw->sessions);
+	ms_smtp_close_all(gw);
 	/* Listener memory goes in the close callbacks, on the next turn of
 	 * the loop: the caller runs the loop once more. */
 	for (unsigned int i = 0; i < gw->nlisteners; i++)

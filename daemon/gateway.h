@@ -11,7 +11,12 @@
 #include "mover.h"
 #include "store.h"
 
-enum ms_gw_proto { MS_GW_IMAP, MS_GW_POP3 };
+enum ms_gw_proto {
+	MS_GW_IMAP,
+	MS_GW_POP3,
+	MS_GW_SMTP,		/* inbound SMTP (25): routed per recipient */
+	MS_GW_SUBMISSION,	/* submission (587, 465): routed by AUTH */
+};
 enum ms_policy { MS_POLICY_PASSTHROUGH, MS_POLICY_HOLD, MS_POLICY_OFF };
 
 #define MS_GW_MAX_LISTEN 16
@@ -29,6 +34,8 @@ struct ms_gw_config {
 	char cert[512], key[512];	/* "" = no TLS for clients */
 	/* Backends; proto tells IMAP or POP3, host "" = not configured. */
 	struct ms_server_cfg src_imap, src_pop3, dst_imap, dst_pop3;
+	struct ms_server_cfg src_smtp, dst_smtp;	/* MTAs, inbound */
+	struct ms_server_cfg src_submission, dst_submission;
 	enum ms_policy policy;
 	unsigned int hold_max_seconds;
 	struct {
@@ -56,6 +63,28 @@ const char *ms_gateway_user_copy(struct ms_gateway *gw, const char *user);
 unsigned int ms_gateway_user_sessions(struct ms_gateway *gw, const char *user);
 int ms_gateway_kick(struct ms_gateway *gw, const char *user);
 void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p);
+
+/* ---- for the SMTP side (smtp.c) ---- */
+
+enum ms_route {
+	MS_ROUTE_SOURCE,
+	MS_ROUTE_DESTINATION,
+	MS_ROUTE_DEFER,		/* in cutover: answer 451, the sender retries */
+};
+
+/* Where mail for / sessions of this user go now (unknown users: source). */
+enum ms_route ms_gateway_route(struct ms_gateway *gw, const char *user);
+const struct ms_gw_config *ms_gateway_config(struct ms_gateway *gw);
+struct ms_tls_server *ms_gateway_tls(struct ms_gateway *gw);
+uv_loop_t *ms_gateway_loop(struct ms_gateway *gw);
+
+/* Implemented in smtp.c: takes one pending connection of an SMTP or
+ * submission listener. */
+void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
+		    const struct ms_gw_listen *cfg);
+/* Implemented in smtp.c: the SMTP sessions, for ms_gateway_sessions(). */
+void ms_smtp_sessions(struct ms_gateway *gw, json_t *array);
+void ms_smtp_close_all(struct ms_gateway *gw);
 
 const char *ms_policy_name(enum ms_policy p);
 int ms_policy_parse(const char *s, enum ms_policy *p);

@@ -41,6 +41,9 @@ static int backend_key(struct dconfig *c, int dst, const char *key,
 {
 	struct ms_server_cfg *imap = dst ? &c->gw.dst_imap : &c->gw.src_imap;
 	struct ms_server_cfg *pop3 = dst ? &c->gw.dst_pop3 : &c->gw.src_pop3;
+	struct ms_server_cfg *smtp = dst ? &c->gw.dst_smtp : &c->gw.src_smtp;
+	struct ms_server_cfg *sub = dst ? &c->gw.dst_submission :
+				    &c->gw.src_submission;
 	const char *why;
 	int b;
 
@@ -59,6 +62,18 @@ static int backend_key(struct dconfig *c, int dst, const char *key,
 		    pop3->proto != MS_PROTO_POP3) {
 			snprintf(err, errsz, "%s: %s", value,
 				 pop3->proto != MS_PROTO_POP3 ? "not a POP3 URL" :
+				 why);
+			return -1;
+		}
+		return 0;
+	}
+	if (!strcmp(key, "smtp") || !strcmp(key, "submission")) {
+		struct ms_server_cfg *t = !strcmp(key, "smtp") ? smtp : sub;
+
+		if (ms_server_parse_url(t, value, &why) < 0 ||
+		    t->proto != MS_PROTO_SMTP) {
+			snprintf(err, errsz, "%s: %s", value,
+				 t->proto != MS_PROTO_SMTP ? "not an SMTP URL" :
 				 why);
 			return -1;
 		}
@@ -94,6 +109,9 @@ static int on_key(void *ctx, const char *section, const char *key,
 		} kinds[] = {
 			{ "imap", MS_GW_IMAP, 0 }, { "imaps", MS_GW_IMAP, 1 },
 			{ "pop3", MS_GW_POP3, 0 }, { "pop3s", MS_GW_POP3, 1 },
+			{ "smtp", MS_GW_SMTP, 0 },
+			{ "submission", MS_GW_SUBMISSION, 0 },
+			{ "submissions", MS_GW_SUBMISSION, 1 },
 		};
 
 		for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++) {
@@ -233,6 +251,10 @@ int main(int argc, char *argv[])
 		c.dst_ca[0] != '\0' ? c.dst_ca : NULL;
 	c.gw.src_imap.insecure = c.gw.src_pop3.insecure = c.src_insecure;
 	c.gw.dst_imap.insecure = c.gw.dst_pop3.insecure = c.dst_insecure;
+	c.gw.src_smtp.ca_file = c.gw.src_submission.ca_file = c.gw.src_imap.ca_file;
+	c.gw.dst_smtp.ca_file = c.gw.dst_submission.ca_file = c.gw.dst_imap.ca_file;
+	c.gw.src_smtp.insecure = c.gw.src_submission.insecure = c.src_insecure;
+	c.gw.dst_smtp.insecure = c.gw.dst_submission.insecure = c.dst_insecure;
 
 	if (ms_store_open(c.store, &store, &serr) < 0) {
 		fprintf(stderr, "mailshiftd: store %s: %s\n", c.store,

@@ -320,6 +320,9 @@ int ms_server_parse_url(struct ms_server_cfg *cfg, const char *url,
 		{ "pop3://", MS_PROTO_POP3, MS_TLS_NONE, 110 },
 		{ "pop3+starttls://", MS_PROTO_POP3, MS_TLS_STARTTLS, 110 },
 		{ "pop3s://", MS_PROTO_POP3, MS_TLS_IMPLICIT, 995 },
+		{ "smtp://", MS_PROTO_SMTP, MS_TLS_NONE, 25 },
+		{ "smtp+starttls://", MS_PROTO_SMTP, MS_TLS_STARTTLS, 25 },
+		{ "smtps://", MS_PROTO_SMTP, MS_TLS_IMPLICIT, 465 },
 	};
 	const char *rest = NULL, *end, *colon;
 	size_t i, hostlen;

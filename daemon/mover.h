@@ -11,7 +11,7 @@
 #include "net.h"
 #include "store.h"
 
-enum ms_proto { MS_PROTO_IMAP, MS_PROTO_POP3 };
+enum ms_proto { MS_PROTO_IMAP, MS_PROTO_POP3, MS_PROTO_SMTP };
 
 struct ms_server_cfg {
 	enum ms_proto proto;
@@ -29,7 +29,8 @@ struct ms_server_cfg {
 };
 
 /* Parses "imap://host:port", "imaps://", "imap+starttls://", "pop3://",
- * "pop3s://", "pop3+starttls://" (port optional; [v6] hosts accepted). */
+ * "pop3s://", "pop3+starttls://", "smtp://" (port 25), "smtp+starttls://",
+ * "smtps://" (465) (port optional; [v6] hosts accepted). */
 int ms_server_parse_url(struct ms_server_cfg *cfg, const char *url,
 			const char **error_r);
 

@@ -125,6 +125,10 @@ struct ms_gateway {
 	struct guser *users[USER_BUCKETS];
 	struct ms_mover *mover;
 	unsigned int closing_handles;
+	unsigned int copies;		/* mover jobs running */
+	uv_timer_t *sweep_timer;
+	uint64_t logins_ok, logins_failed;
+	uv_tcp_t *metrics;
 };
 
 static void session_close(struct session *s);
@@ -523,6 +527,7 @@ static int backend_line(struct session *s, char *line, size_t len)
 		}
 		if (!ok) {
 			out(s, "%s\r\n", line);
+			s->gw->logins_failed++;
 			ms_conn_close(&s->b);
 			session_uncount(s);
 			wipe_login(s);
@@ -577,6 +582,7 @@ static int backend_line(struct session *s, char *line, size_t len)
 	if (strncasecmp(line + 4, "OK", 2) != 0) {
 		/* The server's own words: the client may try again. */
 		out(s, "%s %s\r\n", s->tag, line + 4);
+		s->gw->logins_failed++;
 		ms_conn_close(&s->b);
 		session_uncount(s);
 		wipe_login(s);
@@ -638,6 +644,7 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 					user_copy_start(s->gw, s->gu);
 				}
 			}
+			s->gw->logins_ok++;
 			enter_relay(s, data, len);
 			return;
 		}
@@ -746,6 +753,7 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 	struct ms_gateway *gw = ctx;
 	struct guser *gu = user_find(gw, rep->user);
 
+	gw->copies--;
 	if (gu == NULL)
 		return;
 	gu->copying = 0;
@@ -785,15 +793,27 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 	held_release(gw, gu);
 }
 
+static int have_admin(const struct ms_gateway *gw)
+{
+	return gw->cfg.src_admin != NULL && gw->cfg.dst_admin != NULL;
+}
+
 static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
 {
-	if (gu->copying || gu->pw == NULL || gw->mover == NULL)
+	if (gu->copying || gw->mover == NULL ||
+	    (gu->pw == NULL && !have_admin(gw)))
 		return;
 	gu->copying = 1;
+	gw->copies++;
 	gu->touched = gu->sessions > 0;
-	if (ms_mover_add_user(gw->mover, gu->name, gu->pw, gu->pw,
+	/* A side with an admin login uses it (the user's own password is
+	 * not the admin's); the other side the captured password. */
+	if (ms_mover_add_user(gw->mover, gu->name,
+			      gw->cfg.src_admin != NULL ? NULL : gu->pw,
+			      gw->cfg.dst_admin != NULL ? NULL : gu->pw,
 			      on_copy_done, gw) < 0) {
 		gu->copying = 0;
+		gw->copies--;
 		set_state(gw, gu->name, "failed", "cannot start the copy");
 		return;
 	}
@@ -1546,6 +1566,242 @@ void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p)
 		ms_mover_progress(gw->mover, p);
 }
 
+/* ---- after a restart, and the sweep ---- */
+
+static int recover_one(void *ctx, const struct ms_user_info *u)
+{
+	struct ms_gateway *gw = ctx;
+
+	/* A cutover a crash interrupted: nobody is held any more, and the
+	 * last delta has to run again. Back to copying. */
+	if (!strcmp(u->state, "cutover"))
+		set_state(gw, u->name, "copying", "interrupted cutover, resumed");
+	return 0;
+}
+
+static void recover(struct ms_gateway *gw)
+{
+	if (ms_store_user_foreach(gw->store, recover_one, gw) < 0)
+		ms_log(MS_LOG_ERROR, "store: %s", ms_store_error(gw->store));
+}
+
+struct sweep_ctx {
+	struct ms_gateway *gw;
+	unsigned int want;
+};
+
+static int sweep_one(void *ctx, const struct ms_user_info *u)
+{
+	struct sweep_ctx *sc = ctx;
+	struct ms_gateway *gw = sc->gw;
+	struct guser *gu;
+
+	if (sc->want == 0)
+		return 1;
+	if ((strcmp(u->state, "source") && strcmp(u->state, "copying")) ||
+	    user_policy(gw, u) == MS_POLICY_OFF)
+		return 0;
+	gu = user_get(gw, u->name);
+	if (gu == NULL || gu->copying || gu->flip_pending || gu->sessions > 0)
+		return 0;
+	set_state(gw, gu->name, "copying", NULL);
+	user_copy_start(gw, gu);
+	if (gu->copying)
+		sc->want--;
+	return 0;
+}
+
+static int in_window(const struct ms_gateway *gw)
+{
+	time_t now = time(NULL);
+	struct tm tm;
+	int min;
+
+	if (gw->cfg.sweep_from < 0 || gw->cfg.sweep_to < 0)
+		return 1;
+	localtime_r(&now, &tm);
+	min = tm.tm_hour * 60 + tm.tm_min;
+	if (gw->cfg.sweep_from <= gw->cfg.sweep_to)
+		return min >= gw->cfg.sweep_from && min < gw->cfg.sweep_to;
+	return min >= gw->cfg.sweep_from || min < gw->cfg.sweep_to;
+}
+
+/* Moves users who never log in, a few at a time, inside the window. */
+static void on_sweep(uv_timer_t *t)
+{
+	struct ms_gateway *gw = t->data;
+	unsigned int conc = gw->cfg.sweep_concurrency ?
+		gw->cfg.sweep_concurrency : 1;
+	struct sweep_ctx sc = { .gw = gw };
+
+	if (!in_window(gw) || gw->copies >= conc)
+		return;
+	sc.want = conc - gw->copies;
+	if (ms_store_user_foreach(gw->store, sweep_one, &sc) < 0)
+		ms_log(MS_LOG_ERROR, "sweep: store: %s", ms_store_error(gw->store));
+}
+
+/* ---- metrics (Prometheus text format, HTTP/1.0, one request) ---- */
+
+struct mclient {
+	uv_tcp_t tcp;
+	struct ms_gateway *gw;
+	char req[1024];
+	size_t len;
+};
+
+struct mcount_ctx {
+	uint64_t states[5];
+	uint64_t msgs, bytes;
+};
+
+static int mcount(void *ctx, const struct ms_user_info *u)
+{
+	static const char *const names[] = {
+		"source", "copying", "cutover", "destination", "failed",
+	};
+	struct mcount_ctx *mc = ctx;
+
+	for (int i = 0; i < 5; i++)
+		if (!strcmp(u->state, names[i]))
+			mc->states[i]++;
+	mc->msgs += u->msgs;
+	mc->bytes += u->bytes;
+	return 0;
+}
+
+static void on_mclient_close(uv_handle_t *h)
+{
+	free(h->data);
+}
+
+static void on_mwrite(uv_write_t *req, int status)
+{
+	struct mclient *mc = req->handle->data;
+
+	free(req->data);
+	free(req);
+	uv_close((uv_handle_t *)&mc->tcp, on_mclient_close);
+}
+
+static void metrics_reply(struct mclient *mc)
+{
+	static const char *const names[] = {
+		"source", "copying", "cutover", "destination", "failed",
+	};
+	struct ms_gateway *gw = mc->gw;
+	struct mcount_ctx cnt;
+	char *body = malloc(4096), *resp;
+	size_t pos = 0;
+	uv_write_t *req;
+	uv_buf_t buf;
+	int n;
+
+	if (body == NULL)
+		goto close;
+	memset(&cnt, 0, sizeof(cnt));
+	ms_store_user_foreach(gw->store, mcount, &cnt);
+	pos += (size_t)snprintf(body + pos, 4096 - pos,
+		"# HELP mailshift_users Users by state.\n"
+		"# TYPE mailshift_users gauge\n");
+	for (int i = 0; i < 5; i++)
+		pos += (size_t)snprintf(body + pos, 4096 - pos,
+			"mailshift_users{state=\"%s\"} %llu\n", names[i],
+			(unsigned long long)cnt.states[i]);
+	pos += (size_t)snprintf(body + pos, 4096 - pos,
+		"# TYPE mailshift_sessions gauge\nmailshift_sessions %u\n"
+		"# TYPE mailshift_copies_running gauge\n"
+		"mailshift_copies_running %u\n"
+		"# TYPE mailshift_messages_copied_total counter\n"
+		"mailshift_messages_copied_total %llu\n"
+		"# TYPE mailshift_bytes_copied_total counter\n"
+		"mailshift_bytes_copied_total %llu\n"
+		"# TYPE mailshift_logins_total counter\n"
+		"mailshift_logins_total{result=\"ok\"} %llu\n"
+		"mailshift_logins_total{result=\"failed\"} %llu\n",
+		ms_gateway_nsessions(gw), gw->copies,
+		(unsigned long long)cnt.msgs, (unsigned long long)cnt.bytes,
+		(unsigned long long)gw->logins_ok,
+		(unsigned long long)gw->logins_failed);
+	resp = malloc(pos + 256);
+	req = malloc(sizeof(*req));
+	if (resp == NULL || req == NULL) {
+		free(resp);
+		free(req);
+		free(body);
+		goto close;
+	}
+	n = snprintf(resp, pos + 256, "HTTP/1.0 200 OK\r\nContent-Type: "
+		     "text/plain; version=0.0.4\r\nContent-Length: %zu\r\n"
+		     "Connection: close\r\n\r\n%s", pos, body);
+	free(body);
+	req->data = resp;
+	buf = uv_buf_init(resp, (unsigned int)n);
+	if (uv_write(req, (uv_stream_t *)&mc->tcp, &buf, 1, on_mwrite) == 0)
+		return;
+	free(resp);
+	free(req);
+close:
+	uv_close((uv_handle_t *)&mc->tcp, on_mclient_close);
+}
+
+static void on_malloc(uv_handle_t *h, size_t sz, uv_buf_t *buf)
+{
+	struct mclient *mc = h->data;
+
+	*buf = uv_buf_init(mc->req + mc->len, (unsigned int)(sizeof(mc->req) -
+							     mc->len - 1));
+}
+
+static void on_mread(uv_stream_t *st, ssize_t n, const uv_buf_t *buf)
+{
+	struct mclient *mc = st->data;
+
+	if (n < 0 || mc->len + (size_t)n >= sizeof(mc->req) - 1) {
+		uv_close((uv_handle_t *)st, on_mclient_close);
+		return;
+	}
+	mc->len += (size_t)n;
+	mc->req[mc->len] = '\0';
+	if (strstr(mc->req, "\r\n\r\n") != NULL ||
+	    strstr(mc->req, "\n\n") != NULL) {
+		uv_read_stop(st);
+		metrics_reply(mc);
+	}
+}
+
+static void on_metrics_conn(uv_stream_t *server, int status)
+{
+	struct ms_gateway *gw = server->data;
+	struct mclient *mc;
+
+	if (status < 0 || (mc = calloc(1, sizeof(*mc))) == NULL)
+		return;
+	mc->gw = gw;
+	uv_tcp_init(gw->loop, &mc->tcp);
+	mc->tcp.data = mc;
+	if (uv_accept(server, (uv_stream_t *)&mc->tcp) < 0 ||
+	    uv_read_start((uv_stream_t *)&mc->tcp, on_malloc, on_mread) < 0)
+		uv_close((uv_handle_t *)&mc->tcp, on_mclient_close);
+}
+
+static int metrics_start(struct ms_gateway *gw, char *err, size_t errsz)
+{
+	gw->metrics = calloc(1, sizeof(*gw->metrics));
+	if (gw->metrics == NULL) {
+		snprintf(err, errsz, "out of memory");
+		return -1;
+	}
+	if (ms_listen(gw->loop, gw->metrics, gw->cfg.metrics, 0,
+		      on_metrics_conn, err, errsz) < 0) {
+		free(gw->metrics);
+		gw->metrics = NULL;
+		return -1;
+	}
+	gw->metrics->data = gw;
+	return 0;
+}
+
 /* ---- setup ---- */
 
 static void on_listener_close(uv_handle_t *h)
@@ -1574,6 +1830,10 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		struct ms_mover_opts mo = { 0 };
 
 		src.max_conns = dst.max_conns = cfg->connections;
+		src.admin = cfg->src_admin;
+		src.password = cfg->src_admin_pw;
+		dst.admin = cfg->dst_admin;
+		dst.password = cfg->dst_admin_pw;
 		gw->mover = ms_mover_new(loop, store, &src, &dst, &mo);
 	}
 	for (unsigned int i = 0; i < cfg->nlisten; i++) {
@@ -1601,6 +1861,22 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		l->open = 1;
 		gw->listeners[gw->nlisteners++] = l;
 	}
+	recover(gw);
+	if (cfg->sweep && gw->mover != NULL && have_admin(gw)) {
+		gw->sweep_timer = malloc(sizeof(*gw->sweep_timer));
+		if (gw->sweep_timer != NULL) {
+			uv_timer_init(loop, gw->sweep_timer);
+			gw->sweep_timer->data = gw;
+			uv_timer_start(gw->sweep_timer, on_sweep, 1000,
+				       (cfg->sweep_interval ? cfg->sweep_interval :
+					10) * 1000ULL);
+		}
+	} else if (cfg->sweep) {
+		ms_warn("[sweep] needs admin logins for both servers "
+			"([source] admin, [destination] admin): sweep off");
+	}
+	if (cfg->metrics[0] != '\0' && metrics_start(gw, err, errsz) < 0)
+		goto fail;
 	*gw_r = gw;
 	return 0;
 fail:
@@ -1623,6 +1899,10 @@ void ms_gateway_free(struct ms_gateway **gwp)
 	for (unsigned int i = 0; i < gw->nlisteners; i++)
 		uv_close((uv_handle_t *)&gw->listeners[i]->tcp,
 			 on_listener_close);
+	if (gw->sweep_timer != NULL)
+		uv_close((uv_handle_t *)gw->sweep_timer, on_timer_close);
+	if (gw->metrics != NULL)
+		uv_close((uv_handle_t *)gw->metrics, on_timer_close);
 	ms_mover_free(&gw->mover);
 	for (unsigned int i = 0; i < USER_BUCKETS; i++) {
 		while (gw->users[i] != NULL) {

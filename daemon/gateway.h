@@ -44,6 +44,16 @@ struct ms_gw_config {
 	} domains[MS_GW_MAX_DOMAINS];
 	unsigned int ndomains;
 	unsigned int connections;
+	/* Admin (master) logins per server, for the sweep and for resuming
+	 * copies after a restart; NULL = none (the captured login only). */
+	const char *src_admin, *src_admin_pw, *dst_admin, *dst_admin_pw;
+	/* The background sweep of users who never log in. */
+	int sweep;
+	unsigned int sweep_concurrency;	/* users copied at once */
+	unsigned int sweep_interval;	/* seconds between looks */
+	int sweep_from, sweep_to;	/* window, minutes after midnight
+					   (local time); -1 = always */
+	char metrics[128];		/* "ADDR:PORT" or "" */
 };
 
 struct ms_gateway;

@@ -18,6 +18,8 @@
 
 struct dconfig {
 	struct ms_gw_config gw;
+	char src_admin[128], dst_admin[128];
+	char src_admin_pwf[512], dst_admin_pwf[512];
 	char store[512];
 	char control[512];
 	char pid_file[512];
@@ -79,6 +81,12 @@ static int backend_key(struct dconfig *c, int dst, const char *key,
 		}
 		return 0;
 	}
+	if (!strcmp(key, "admin"))
+		return set_buf(dst ? c->dst_admin : c->src_admin,
+			       sizeof(c->src_admin), value, err, errsz);
+	if (!strcmp(key, "admin_password_file"))
+		return set_buf(dst ? c->dst_admin_pwf : c->src_admin_pwf,
+			       sizeof(c->src_admin_pwf), value, err, errsz);
 	if (!strcmp(key, "ca_file"))
 		return set_buf(dst ? c->dst_ca : c->src_ca, sizeof(c->src_ca),
 			       value, err, errsz);
@@ -180,6 +188,40 @@ static int on_key(void *ctx, const char *section, const char *key,
 		}
 	} else if (!strcmp(section, "mover")) {
 		return 0;	/* mailshiftctl migrate's */
+	} else if (!strcmp(section, "metrics")) {
+		if (!strcmp(key, "listen"))
+			return set_buf(g->metrics, sizeof(g->metrics), value, err,
+				       errsz);
+	} else if (!strcmp(section, "sweep")) {
+		int b, h1, m1, h2, m2;
+
+		if (!strcmp(key, "enabled")) {
+			if ((b = ms_parse_bool(value)) < 0) {
+				snprintf(err, errsz, "enabled: yes or no");
+				return -1;
+			}
+			g->sweep = b;
+			return 0;
+		}
+		if (!strcmp(key, "concurrency")) {
+			g->sweep_concurrency = (unsigned int)strtoul(value, NULL, 10);
+			return 0;
+		}
+		if (!strcmp(key, "interval")) {
+			g->sweep_interval = (unsigned int)strtoul(value, NULL, 10);
+			return 0;
+		}
+		if (!strcmp(key, "window")) {
+			if (sscanf(value, "%d:%d-%d:%d", &h1, &m1, &h2, &m2) != 4 ||
+			    h1 < 0 || h1 > 23 || h2 < 0 || h2 > 24 || m1 < 0 ||
+			    m1 > 59 || m2 < 0 || m2 > 59) {
+				snprintf(err, errsz, "window: HH:MM-HH:MM");
+				return -1;
+			}
+			g->sweep_from = h1 * 60 + m1;
+			g->sweep_to = h2 * 60 + m2;
+			return 0;
+		}
 	}
 	snprintf(err, errsz, "unknown key \"%s\" in [%s]", key, section);
 	return -1;
@@ -228,6 +270,7 @@ int main(int argc, char *argv[])
 	}
 	signal(SIGPIPE, SIG_IGN);
 	c.gw.policy = MS_POLICY_PASSTHROUGH;
+	c.gw.sweep_from = c.gw.sweep_to = -1;
 	c.gw.hold_max_seconds = 60;
 	c.gw.connections = 4;
 	snprintf(c.store, sizeof(c.store), "/var/lib/mailshift/mailshift.db");
@@ -256,6 +299,33 @@ int main(int argc, char *argv[])
 	c.gw.src_smtp.insecure = c.gw.src_submission.insecure = c.src_insecure;
 	c.gw.dst_smtp.insecure = c.gw.dst_submission.insecure = c.dst_insecure;
 
+	/* Admin logins: the password comes from a root-only file. */
+	for (int side = 0; side < 2; side++) {
+		const char *name = side ? c.dst_admin : c.src_admin;
+		const char *pwf = side ? c.dst_admin_pwf : c.src_admin_pwf;
+		char *pw;
+
+		if (name[0] == '\0')
+			continue;
+		if (pwf[0] == '\0') {
+			fprintf(stderr, "mailshiftd: %s: [%s] admin needs "
+				"admin_password_file\n", conf,
+				side ? "destination" : "source");
+			return 2;
+		}
+		pw = ms_read_secret_file(pwf, err, sizeof(err));
+		if (pw == NULL) {
+			fprintf(stderr, "mailshiftd: %s\n", err);
+			return 2;
+		}
+		if (side) {
+			c.gw.dst_admin = c.dst_admin;
+			c.gw.dst_admin_pw = pw;
+		} else {
+			c.gw.src_admin = c.src_admin;
+			c.gw.src_admin_pw = pw;
+		}
+	}
 	if (ms_store_open(c.store, &store, &serr) < 0) {
 		fprintf(stderr, "mailshiftd: store %s: %s\n", c.store,
 			serr != NULL ? serr : "cannot open");

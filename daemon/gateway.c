@@ -46,6 +46,7 @@ enum sstate {
 	SS_STARTTLS,
 	SS_BACKEND,		/* connecting and logging in at the server */
 	SS_HELD,		/* waiting for the user's flip */
+	SS_HELD_PENALTY,	/* a failed login's reply, delayed */
 	SS_RELAY,
 	SS_CLOSING,
 };
@@ -92,6 +93,7 @@ struct session {
 	uv_timer_t *timer;
 	uint64_t held_since;
 	int c_paused, b_paused;
+	char *penalty_reply;
 };
 
 struct guser {
@@ -129,6 +131,7 @@ struct ms_gateway {
 	uv_timer_t *sweep_timer;
 	uint64_t logins_ok, logins_failed;
 	uv_tcp_t *metrics;
+	struct penalty *penalties;
 };
 
 static void session_close(struct session *s);
@@ -137,6 +140,7 @@ static void pop3_process(struct session *s);
 static void login_start(struct session *s);
 static void route(struct session *s);
 static void user_copy_start(struct ms_gateway *gw, struct guser *gu);
+static void login_failed(struct session *s, const char *reply);
 
 /* ---- small helpers ---- */
 
@@ -345,6 +349,8 @@ static void session_close(struct session *s)
 	s->in = NULL;
 	free(s->bin);
 	s->bin = NULL;
+	free(s->penalty_reply);
+	s->penalty_reply = NULL;
 	if (s->prev != NULL)
 		s->prev->next = s->next;
 	else
@@ -526,13 +532,7 @@ static int backend_line(struct session *s, char *line, size_t len)
 			break;
 		}
 		if (!ok) {
-			out(s, "%s\r\n", line);
-			s->gw->logins_failed++;
-			ms_conn_close(&s->b);
-			session_uncount(s);
-			wipe_login(s);
-			s->st = SS_PRELOGIN;
-			timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+			login_failed(s, line);
 			return 1;
 		}
 		if (s->verify_only)
@@ -581,13 +581,10 @@ static int backend_line(struct session *s, char *line, size_t len)
 		return 0;	/* untagged, or the ID's reply */
 	if (strncasecmp(line + 4, "OK", 2) != 0) {
 		/* The server's own words: the client may try again. */
-		out(s, "%s %s\r\n", s->tag, line + 4);
-		s->gw->logins_failed++;
-		ms_conn_close(&s->b);
-		session_uncount(s);
-		wipe_login(s);
-		s->st = SS_PRELOGIN;
-		timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+		char reply[INBUF_MAX + 80];
+
+		snprintf(reply, sizeof(reply), "%s %s", s->tag, line + 4);
+		login_failed(s, reply);
 		return 1;
 	}
 	if (s->verify_only)
@@ -597,6 +594,96 @@ static int backend_line(struct session *s, char *line, size_t len)
 }
 
 static void held_tick(uv_timer_t *t);
+
+/* ---- repeated failures from one address are slowed down ---- */
+
+#define PENALTY_SLOTS 4096
+#define PENALTY_FREE_FAILS 2		/* failures answered at once */
+#define PENALTY_MAX_MS 15000
+#define PENALTY_FORGET_MS (10 * 60 * 1000)
+
+struct penalty {
+	char addr[64];
+	unsigned int fails;
+	uint64_t last_ms;
+};
+
+static struct penalty *penalty_slot(struct ms_gateway *gw, const char *addr)
+{
+	unsigned int h = 5381;
+
+	if (gw->penalties == NULL) {
+		gw->penalties = calloc(PENALTY_SLOTS, sizeof(*gw->penalties));
+		if (gw->penalties == NULL)
+			return NULL;
+	}
+	for (const char *p = addr; *p != '\0'; p++)
+		h = h * 33 + (unsigned char)*p;
+	/* One slot per hash: a collision only shares a penalty. */
+	return &gw->penalties[h % PENALTY_SLOTS];
+}
+
+static uint64_t penalty_ms(struct ms_gateway *gw, const char *addr, int failed)
+{
+	struct penalty *p = penalty_slot(gw, addr);
+	uint64_t now = uv_now(gw->loop);
+
+	if (p == NULL)
+		return 0;
+	if (strcmp(p->addr, addr) != 0 || now - p->last_ms > PENALTY_FORGET_MS) {
+		snprintf(p->addr, sizeof(p->addr), "%s", addr);
+		p->fails = 0;
+	}
+	p->last_ms = now;
+	if (!failed) {
+		p->fails = 0;
+		return 0;
+	}
+	if (++p->fails <= PENALTY_FREE_FAILS)
+		return 0;
+	return p->fails - PENALTY_FREE_FAILS >= 5 ? PENALTY_MAX_MS :
+		1000ULL << (p->fails - PENALTY_FREE_FAILS - 1);
+}
+
+static void on_penalty_over(uv_timer_t *t)
+{
+	struct session *s = t->data;
+
+	if (s->penalty_reply != NULL) {
+		out(s, "%s\r\n", s->penalty_reply);
+		free(s->penalty_reply);
+		s->penalty_reply = NULL;
+	}
+	s->st = SS_PRELOGIN;
+	timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+	/* Commands the client sent meanwhile. */
+	if (s->proto == MS_GW_IMAP)
+		imap_process(s);
+	else
+		pop3_process(s);
+}
+
+/* The server refused the login: its reply goes to the client (who may try
+ * again), after a pause that grows with the address's recent failures. */
+static void login_failed(struct session *s, const char *reply)
+{
+	uint64_t delay = penalty_ms(s->gw, s->peer, 1);
+
+	s->gw->logins_failed++;
+	ms_conn_close(&s->b);
+	session_uncount(s);
+	wipe_login(s);
+	if (delay == 0) {
+		out(s, "%s\r\n", reply);
+		s->st = SS_PRELOGIN;
+		timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+		return;
+	}
+	free(s->penalty_reply);
+	s->penalty_reply = strdup(reply);
+	s->st = SS_HELD_PENALTY;
+	timer_start(s, on_penalty_over, delay, 0);
+}
 
 static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 {
@@ -645,6 +732,7 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 				}
 			}
 			s->gw->logins_ok++;
+			penalty_ms(s->gw, s->peer, 0);
 			enter_relay(s, data, len);
 			return;
 		}
@@ -1914,5 +2002,6 @@ void ms_gateway_free(struct ms_gateway **gwp)
 		}
 	}
 	ms_tls_server_free(&gw->tls);
+	free(gw->penalties);
 	free(gw);
 }

@@ -108,3 +108,89 @@ def test_kill9_daemon_mid_copy(gpair, make_gw, workdir):
     st = g.wait_state('alice', ('destination', 'failed'), timeout=60)
     assert st == 'destination', (st, g.log_tail())
     gpair.assert_copied('alice')
+
+
+class RefusingIMAP:
+    """A loopback IMAP server that refuses every login at once (Dovecot
+    slows repeated failures down itself, which would hide ours)."""
+
+    def __init__(self):
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(('127.0.0.1', 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.pop3_port = None
+        self.tls_ca = None
+        self.stopping = False
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def url(self, scheme='imap'):
+        return 'imap://127.0.0.1:%d' % self.port
+
+    def loop(self):
+        import threading
+        while not self.stopping:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+
+    def serve(self, c):
+        f = c.makefile('rb')
+        try:
+            c.sendall(b'* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] x\r\n')
+            for line in f:
+                tag = line.split(b' ', 1)[0]
+                if b' AUTHENTICATE ' in line.upper():
+                    c.sendall(tag + b' NO [AUTHENTICATIONFAILED] '
+                              b'Authentication failed.\r\n')
+                else:
+                    c.sendall(tag + b' OK done\r\n')
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def stop(self):
+        self.stopping = True
+        self.sock.close()
+
+
+def test_repeated_failures_are_slowed_down(workdir):
+    import imaplib
+    fake = RefusingIMAP()
+    g = gwlib.Mailshiftd(os.path.join(workdir, 'gwpen'), fake, fake,
+                         policy='off', src_schemes=('imap', None),
+                         dst_schemes=('imap', None))
+    try:
+        g.start()
+        m = imaplib.IMAP4('127.0.0.1', g.imap_port)
+        took = []
+        for i in range(4):
+            t = time.time()
+            with pytest.raises(imaplib.IMAP4.error) as e:
+                m.login('alice', 'wrong-%d' % i)
+            took.append(time.time() - t)
+            assert 'AUTHENTICATIONFAILED' in str(e.value), str(e.value)
+        # The first failures from an address are answered at once, later
+        # ones after a growing pause (1 s, then 2 s).
+        assert took[0] < 0.5 and took[1] < 0.5, took
+        assert 0.9 <= took[2] < 5 and took[3] >= 1.8, took
+        # Another address is not slowed down: a second connection from
+        # 127.0.0.2.
+        s2 = socket.create_connection(('127.0.0.1', g.imap_port),
+                                      source_address=('127.0.0.2', 0))
+        s2.recv(4096)
+        t = time.time()
+        s2.sendall(b'a LOGIN bob wrong\r\n')
+        reply = s2.recv(4096)
+        assert b'a NO' in reply and time.time() - t < 0.5, reply
+        s2.close()
+        m.shutdown()
+        assert g.alive
+    finally:
+        g.stop()
+        fake.stop()

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <uv.h>
@@ -269,6 +270,16 @@ int main(int argc, char *argv[])
 		return 2;
 	}
 	signal(SIGPIPE, SIG_IGN);
+	/* Every session holds two sockets: take all the descriptors the
+	 * system allows us. */
+	{
+		struct rlimit rl;
+
+		if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+			rl.rlim_cur = rl.rlim_max;
+			setrlimit(RLIMIT_NOFILE, &rl);
+		}
+	}
 	c.gw.policy = MS_POLICY_PASSTHROUGH;
 	c.gw.sweep_from = c.gw.sweep_to = -1;
 	c.gw.hold_max_seconds = 60;

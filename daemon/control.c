@@ -157,6 +157,28 @@ static json_t *user_update(struct ms_control *ctl, json_t *req, int create)
 	return json_pack("{s:b, s:o}", "ok", 1, "user", user_json(ctl, &info));
 }
 
+struct migrate_all {
+	struct ms_control *ctl;
+	int started;
+	const char *error;
+};
+
+static int migrate_one(void *ctx, const struct ms_user_info *u)
+{
+	struct migrate_all *ma = ctx;
+	const char *why = NULL;
+
+	if (!strcmp(u->state, "destination") || !strcmp(u->policy, "off"))
+		return 0;
+	if (ma->ctl->gw == NULL ||
+	    ms_gateway_migrate(ma->ctl->gw, u->name, &why) < 0) {
+		ma->error = why != NULL ? why : "no gateway";
+		return 1;
+	}
+	ma->started++;
+	return 0;
+}
+
 static json_t *dispatch(struct ms_control *ctl, json_t *req)
 {
 	const char *cmd = json_string_value(json_object_get(req, "cmd"));
@@ -214,6 +236,24 @@ static json_t *dispatch(struct ms_control *ctl, json_t *req)
 		return json_pack("{s:b, s:o}", "ok", 1, "sessions",
 				 ctl->gw != NULL ? ms_gateway_sessions(ctl->gw) :
 				 json_array());
+	if (!strcmp(cmd, "migrate")) {
+		const char *user = json_string_value(json_object_get(req, "user"));
+		const char *why = NULL;
+
+		if (user == NULL)
+			return error("%s", "a user name is needed");
+		if (ctl->gw == NULL || ms_gateway_migrate(ctl->gw, user, &why) < 0)
+			return error("%s", why != NULL ? why : "no gateway");
+		return json_pack("{s:b, s:s}", "ok", 1, "user", user);
+	}
+	if (!strcmp(cmd, "migrate.all")) {
+		struct migrate_all ma = { .ctl = ctl };
+
+		if (ms_store_user_foreach(ctl->store, migrate_one, &ma) < 0)
+			return error("store: %s", ms_store_error(ctl->store));
+		return json_pack("{s:b, s:i, s:s?}", "ok", ma.error == NULL,
+				 "started", ma.started, "error", ma.error);
+	}
 	if (!strcmp(cmd, "kick")) {
 		const char *user = json_string_value(json_object_get(req, "user"));
 

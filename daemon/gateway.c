@@ -105,6 +105,8 @@ struct guser {
 	int flip_pending;		/* verified; flip at the last log-off */
 	int touched;			/* a session used the source while the
 					   copy ran: a last delta is needed */
+	int force;			/* the operator asked: end the user's
+					   sessions (BYE) once verified */
 	char *pw;			/* captured password, for the copies */
 };
 
@@ -879,6 +881,12 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 	set_state(gw, gu->name, "copying", NULL);
 	gu->flip_pending = 1;
 	held_release(gw, gu);
+	if (gu->force) {
+		/* The operator wants it now: end the sessions; the last one
+		 * to go starts the cutover. */
+		gu->force = 0;
+		ms_gateway_kick(gw, gu->name);
+	}
 }
 
 static int have_admin(const struct ms_gateway *gw)
@@ -1607,6 +1615,47 @@ unsigned int ms_gateway_nsessions(struct ms_gateway *gw)
 	for (struct session *s = gw->sessions; s != NULL; s = s->next)
 		n++;
 	return n;
+}
+
+int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
+		       const char **error_r)
+{
+	struct ms_user_info info;
+	struct guser *gu;
+
+	if (gw->mover == NULL) {
+		*error_r = "no [source] and [destination] imap configured";
+		return -1;
+	}
+	if (user_state(gw, user, &info) < 0) {
+		*error_r = ms_store_error(gw->store);
+		return -1;
+	}
+	if (!strcmp(info.state, "destination")) {
+		*error_r = "already on the destination";
+		return -1;
+	}
+	gu = user_get(gw, user);
+	if (gu == NULL) {
+		*error_r = "out of memory";
+		return -1;
+	}
+	if (gu->pw == NULL && !have_admin(gw)) {
+		*error_r = "needs admin logins ([source] admin, [destination] "
+			   "admin) or a login of the user since the start";
+		return -1;
+	}
+	gu->force = 1;
+	if (gu->flip_pending) {
+		gu->force = 0;
+		ms_gateway_kick(gw, user);
+		return 0;
+	}
+	if (!gu->copying) {
+		set_state(gw, user, "copying", NULL);
+		user_copy_start(gw, gu);
+	}
+	return 0;
 }
 
 const char *ms_gateway_user_copy(struct ms_gateway *gw, const char *user)

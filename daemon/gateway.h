@@ -72,6 +72,10 @@ unsigned int ms_gateway_nsessions(struct ms_gateway *gw);
 const char *ms_gateway_user_copy(struct ms_gateway *gw, const char *user);
 unsigned int ms_gateway_user_sessions(struct ms_gateway *gw, const char *user);
 int ms_gateway_kick(struct ms_gateway *gw, const char *user);
+/* Moves the user now: copy, verify, end the user's sessions (BYE), last
+ * delta, flip. Needs admin logins (or a login of the user since start). */
+int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
+		       const char **error_r);
 void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p);
 
 /* ---- for the SMTP side (smtp.c) ---- */

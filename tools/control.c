@@ -264,6 +264,45 @@ int sessions_main(int argc, char *argv[])
 		      print_sessions);
 }
 
+/* mailshiftctl migrate --daemon USER... | migrate --all: asks mailshiftd
+ * to move users now (copy, verify, end their sessions, last delta, flip). */
+int migrate_daemon_main(int argc, char *argv[])
+{
+	struct copts o = { 0 };
+	int all = 0, n = 0, ret = 0;
+
+	if (common_opts(&argc, argv, &o) < 0)
+		return 2;
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--all"))
+			all = 1;
+		else if (strcmp(argv[i], "--daemon") != 0)
+			argv[1 + n++] = argv[i];
+	}
+	if ((all && n > 0) || (!all && n == 0)) {
+		fprintf(stderr, "Usage: %s migrate --daemon USER... | migrate "
+			"--all [-s SOCKET]\n", prog);
+		return 2;
+	}
+	if (all)
+		return finish(&o, request(&o, json_pack("{s:s}", "cmd",
+							"migrate.all")), NULL);
+	for (int i = 1; i <= n; i++) {
+		json_t *rep = request(&o, json_pack("{s:s, s:s}", "cmd", "migrate",
+						    "user", argv[i]));
+
+		if (rep == NULL || !json_is_true(json_object_get(rep, "ok"))) {
+			fprintf(stderr, "%s: %s: %s\n", prog, argv[i],
+				rep != NULL ? jstr(rep, "error") : "no reply");
+			ret = 1;
+		} else if (!o.json) {
+			printf("%s: moving\n", argv[i]);
+		}
+		json_decref(rep);
+	}
+	return ret;
+}
+
 int kick_main(int argc, char *argv[])
 {
 	struct copts o = { 0 };

@@ -88,8 +88,13 @@ static void usage(FILE *f)
 "      --progress, --no-progress live progress bar on stderr (default: on a terminal)\n"
 "  -v, --verbose                 log what happens\n"
 "\n"
-"Exit status: 0 copied and verified, 1 error, 2 usage, 3 verification mismatch.\n",
-		prog);
+"Exit status: 0 copied and verified, 1 error, 2 usage, 3 verification mismatch.\n"
+"\n"
+"       %s migrate --daemon USER... [-s SOCKET | -c FILE]\n"
+"       %s migrate --all [-s SOCKET | -c FILE]\n"
+"asks the running mailshiftd to move users now: copy, verify, end their\n"
+"sessions, last delta, flip (needs its admin logins).\n",
+		prog, prog, prog);
 }
 
 static int set_str(char **dst, const char *v)
@@ -481,6 +486,10 @@ int migrate_main(int argc, char *argv[])
 	char *src_pw = NULL, *dst_pw = NULL;
 	int ch, ret = 2;
 
+	/* "--all" and "--daemon": ask the running mailshiftd instead. */
+	for (int i = 1; i < argc; i++)
+		if (!strcmp(argv[i], "--all") || !strcmp(argv[i], "--daemon"))
+			return migrate_daemon_main(argc, argv);
 	/* Options first into `cli`, so that they override the config file
 	 * whatever their order. */
 	while ((ch = getopt_long(argc, argv, "c:vh", longopts, NULL)) != -1) {

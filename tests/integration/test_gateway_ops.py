@@ -194,3 +194,31 @@ def test_repeated_failures_are_slowed_down(workdir):
     finally:
         g.stop()
         fake.stop()
+
+
+def test_operator_moves_a_logged_in_user(gpair, make_gw, workdir):
+    import imaplib
+    from test_gateway import GW_USERS
+    g = make_gw(tls=False, policy='off',
+                extra_conf=admin_conf(workdir, sweep=False))
+    m = imaplib.IMAP4('127.0.0.1', g.imap_port)
+    m.login('alice', GW_USERS['alice'])
+    m.select('INBOX')
+    r = g.ctl('migrate', '--daemon', 'alice')
+    assert r.rc == 0, r.describe()
+    # Copied, verified; her session is ended with a BYE, the last delta
+    # runs, the map flips.
+    st = g.wait_state('alice', ('destination', 'failed'), timeout=60)
+    assert st == 'destination', (st, g.log_tail())
+    with pytest.raises((imaplib.IMAP4.abort, OSError)):
+        for _ in range(50):
+            m.noop()
+            time.sleep(0.05)
+    gpair.assert_copied('alice')
+    # --all moves every user the map holds that is not across yet (bob).
+    assert g.ctl('user', 'add', 'bob').rc == 0
+    r = g.ctl('migrate', '--all')
+    assert r.rc == 0, r.describe()
+    st = g.wait_state('bob', ('destination', 'failed'), timeout=60)
+    assert st == 'destination', (st, g.log_tail())
+    gpair.assert_copied('bob')

@@ -1988,8 +1988,8 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		}
 		l->gw = gw;
 		l->cfg = cfg->listen[i];
-		if (ms_listen(loop, &l->tcp, l->cfg.addr, 0, on_connection, err,
-			      errsz) < 0) {
+		if (ms_listen(loop, &l->tcp, l->cfg.addr, cfg->transparent,
+			      on_connection, err, errsz) < 0) {
 			free(l);
 			goto fail;
 		}

@@ -31,6 +31,9 @@ struct ms_gw_listen {
 struct ms_gw_config {
 	struct ms_gw_listen listen[MS_GW_MAX_LISTEN];
 	unsigned int nlisten;
+	int transparent;		/* IP_TRANSPARENT listeners (TPROXY): the
+					   original destination is the local
+					   address of each accepted socket */
 	char cert[512], key[512];	/* "" = no TLS for clients */
 	/* Backends; proto tells IMAP or POP3, host "" = not configured. */
 	struct ms_server_cfg src_imap, src_pop3, dst_imap, dst_pop3;

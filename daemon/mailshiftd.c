@@ -110,6 +110,13 @@ static int on_key(void *ctx, const char *section, const char *key,
 	struct ms_gw_config *g = &c->gw;
 	enum ms_policy p;
 
+	if (!strcmp(section, "listen") && !strcmp(key, "transparent")) {
+		if ((g->transparent = ms_parse_bool(value)) < 0) {
+			snprintf(err, errsz, "transparent: yes or no");
+			return -1;
+		}
+		return 0;
+	}
 	if (!strcmp(section, "listen")) {
 		static const struct {
 			const char *key;

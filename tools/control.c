@@ -172,7 +172,13 @@ static void print_status(json_t *rep)
 	json_t *st = json_object_get(rep, "states");
 	const char *k;
 	json_t *v;
-	long long total = 0;
+	long long total = 0, across = jint(st, "destination");
+	long long done = jint(rep, "copy_messages_done");
+	long long todo = jint(rep, "copy_messages_todo");
+	double secs = json_real_value(json_object_get(rep, "copy_seconds"));
+	double rate = secs > 0 ? (double)done / secs : 0;
+	char bar[31];
+	unsigned int fill;
 
 	json_object_foreach(st, k, v)
 		total += json_integer_value(v);
@@ -181,7 +187,20 @@ static void print_status(json_t *rep)
 		printf("  %-12s %lld\n", k, (long long)json_integer_value(v));
 	printf("moved: %lld messages, %.1f MB\n", jint(rep, "messages"),
 	       (double)jint(rep, "bytes") / 1e6);
+	if (todo > 0) {
+		printf("copying now: %lld of %lld messages, %.0f msg/s", done, todo,
+		       rate);
+		if (rate > 0 && todo > done)
+			printf(", ETA %.0f s", (double)(todo - done) / rate);
+		putchar('\n');
+	}
 	printf("sessions: %lld\n", jint(rep, "sessions"));
+	fill = total > 0 ? (unsigned int)(30 * across / total) : 0;
+	memset(bar, '#', fill);
+	memset(bar + fill, '-', 30 - fill);
+	bar[30] = '\0';
+	printf("[%s] %lld of %lld users on the destination\n", bar, across,
+	       total);
 }
 
 static void print_user_row(json_t *u)
@@ -239,15 +258,33 @@ static void print_sessions(json_t *rep)
 int status_main(int argc, char *argv[])
 {
 	struct copts o = { 0 };
+	int watch = 0;
 
 	if (common_opts(&argc, argv, &o) < 0)
 		return 2;
-	if (argc != 1) {
-		fprintf(stderr, "Usage: %s status [--json] [-s SOCKET]\n", prog);
+	if (argc == 2 && !strcmp(argv[1], "--watch"))
+		watch = 1;
+	else if (argc != 1) {
+		fprintf(stderr, "Usage: %s status [--json | --watch] [-s SOCKET]\n",
+			prog);
 		return 2;
 	}
-	return finish(&o, request(&o, json_pack("{s:s}", "cmd", "status")),
-		      print_status);
+	if (!watch || o.json)
+		return finish(&o, request(&o, json_pack("{s:s}", "cmd",
+							"status")),
+			      print_status);
+	/* A live view on a terminal: redrawn every second until ^C. */
+	for (;;) {
+		json_t *rep = request(&o, json_pack("{s:s}", "cmd", "status"));
+
+		if (rep == NULL)
+			return 1;
+		if (isatty(STDOUT_FILENO))
+			printf("\033[H\033[2J");
+		finish(&o, rep, print_status);
+		fflush(stdout);
+		sleep(1);
+	}
 }
 
 int sessions_main(int argc, char *argv[])

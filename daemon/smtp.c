@@ -320,6 +320,7 @@ static void session_close(struct smtp_session *s)
 		free(s->in);
 		s->in = NULL;
 	}
+	s->inlen = s->incap = 0;
 	free(s->bin);
 	s->bin = NULL;
 	free(s->auth_user);
@@ -759,7 +760,9 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 		relay_to(s, s->c, s->b, &s->b_paused, data, len);
 		return;
 	}
-	while (len > 0 && s->b != NULL && s->st != C_CLOSING) {
+	/* s->b may change under us: a refused AUTH closes this connection
+	 * and a pipelined AUTH of the client may open the next one. */
+	while (len > 0 && s->b == conn && s->st != C_CLOSING) {
 		const char *lf = memchr(data, '\n', len);
 		size_t n = lf != NULL ? (size_t)(lf - data) + 1 : len;
 		char *line;

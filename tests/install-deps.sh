@@ -5,7 +5,8 @@ set -e
 
 PKGS="build-essential pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libjansson-dev libcmocka-dev python3 python3-pytest openssl
-dovecot-core dovecot-imapd dovecot-pop3d isync time"
+dovecot-core dovecot-imapd dovecot-pop3d isync time
+postfix dovecot-lmtpd"
 
 missing=""
 for p in $PKGS; do
@@ -27,4 +28,8 @@ if [ ! -e $policy ]; then
 	printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy
 	trap 'rm -f $policy' EXIT
 fi
+# Postfix (the SMTP tests' MTAs, started by the tests): no questions, no
+# system configuration.
+echo 'postfix postfix/main_mailer_type select No configuration' |
+	debconf-set-selections
 apt-get install -y -qq --no-install-recommends $missing >/dev/null

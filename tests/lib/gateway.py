@@ -10,7 +10,13 @@ The config file (docs/gateway-spec.md, docs/mailshift.conf.5) gets free
 loopback ports for the imap/pop3 listeners (and imaps/pop3s when tls_ca is
 given: a certificate for 127.0.0.1/localhost issued by that TestCA, key mode
 0600), the [source]/[destination] IMAP and POP3 URLs of the two Dovecot
-instances, and the store and control socket inside root_dir. The daemon
+instances, and the store and control socket inside root_dir.
+
+SMTP (optional): smtp=True adds an inbound SMTP listener (gw.smtp_port),
+submission=True a submission listener (gw.submission_port; with tls_ca also
+an implicit-TLS one, gw.submissions_port); smtp_backends={'source': {'smtp':
+URL, 'submission': URL}, 'destination': {...}} gives the MTAs' URLs, and
+smtp_ca_file the CA that verifies them (smtp+starttls://, smtps://). The daemon
 runs in the foreground (-f) with stdout and stderr in root_dir/mailshiftd.log.
 """
 
@@ -70,7 +76,8 @@ class Mailshiftd:
     def __init__(self, root_dir, src, dst, tls_ca=None, policy='passthrough',
                  hold_max=60, connections=2, domains=None,
                  src_schemes=('imap', 'pop3'), dst_schemes=('imap', 'pop3'),
-                 binary=None, ctl_binary=None, extra_conf=''):
+                 binary=None, ctl_binary=None, extra_conf='', smtp=False,
+                 submission=False, smtp_backends=None, smtp_ca_file=None):
         self.root_dir = os.path.abspath(root_dir)
         self.src = src
         self.dst = dst
@@ -84,6 +91,11 @@ class Mailshiftd:
         self.binary = binary or MAILSHIFTD
         self.ctl_binary = ctl_binary or MAILSHIFTCTL
         self.extra_conf = extra_conf
+        self.smtp = smtp
+        self.submission = submission
+        self.smtp_backends = dict(smtp_backends or {})
+        self.smtp_ca_file = smtp_ca_file
+        self.smtp_port = self.submission_port = self.submissions_port = None
         self.config_path = os.path.join(self.root_dir, 'mailshift.conf')
         self.log_path = os.path.join(self.root_dir, 'mailshiftd.log')
         self.store_path = os.path.join(self.root_dir, 'mailshift.db')
@@ -97,13 +109,17 @@ class Mailshiftd:
 
     # ---------------------------------------------------------------- config
 
-    def _backend(self, server, schemes):
+    def _backend(self, server, schemes, side):
         imap_scheme, pop3_scheme = schemes
         lines = ['imap = %s' % server.url(imap_scheme)]
         if pop3_scheme and server.pop3_port is not None:
             lines.append('pop3 = %s' % server.url(pop3_scheme))
         if any(s and s != 'imap' and s != 'pop3' for s in schemes):
             lines.append('ca_file = %s' % server.tls_ca.ca_file)
+        elif self.smtp_ca_file:
+            lines.append('ca_file = %s' % self.smtp_ca_file)
+        for key, url in sorted(self.smtp_backends.get(side, {}).items()):
+            lines.append('%s = %s' % (key, url))
         return lines
 
     def config_text(self):
@@ -117,9 +133,23 @@ class Mailshiftd:
                       'pop3s = 127.0.0.1:%d' % self.pop3s_port,
                       '', '[tls]', 'cert = %s' % self.cert_file,
                       'key = %s' % self.key_file]
-        lines += ['', '[source]'] + self._backend(self.src, self.src_schemes)
-        lines += ['', '[destination]'] + self._backend(self.dst,
-                                                        self.dst_schemes)
+        smtp_lines = []
+        if self.smtp_port:
+            smtp_lines.append('smtp = 127.0.0.1:%d' % self.smtp_port)
+        if self.submission_port:
+            smtp_lines.append('submission = 127.0.0.1:%d'
+                              % self.submission_port)
+        if self.submissions_port:
+            smtp_lines.append('submissions = 127.0.0.1:%d'
+                              % self.submissions_port)
+        if smtp_lines:
+            # Listeners belong to [listen]: put them right after imap/pop3.
+            at = lines.index('pop3 = 127.0.0.1:%d' % self.pop3_port) + 1
+            lines[at:at] = smtp_lines
+        lines += ['', '[source]'] + self._backend(self.src, self.src_schemes,
+                                                  'source')
+        lines += ['', '[destination]'] + self._backend(
+            self.dst, self.dst_schemes, 'destination')
         lines += ['', '[store]', 'path = %s' % self.store_path,
                   '', '[policy]', 'on_first_login = %s' % self.policy,
                   'hold_max_seconds = %d' % self.hold_max,
@@ -140,8 +170,14 @@ class Mailshiftd:
             raise dc.HarnessError('%s is missing: build it with `make -C %s '
                                   'all`' % (self.binary, REPO))
         os.makedirs(self.root_dir, exist_ok=True)
-        ports = dc._free_ports(4)
+        ports = dc._free_ports(7 if self.smtp or self.submission else 4)
         self.imap_port, self.pop3_port = ports[0], ports[1]
+        if self.smtp:
+            self.smtp_port = ports[4]
+        if self.submission:
+            self.submission_port = ports[5]
+            if self.tls_ca is not None:
+                self.submissions_port = ports[6]
         if self.tls_ca is not None:
             self.imaps_port, self.pop3s_port = ports[2], ports[3]
             if self.cert_file is None:

@@ -108,6 +108,8 @@ struct guser {
 	int force;			/* the operator asked: end the user's
 					   sessions (BYE) once verified */
 	char *pw;			/* captured password, for the copies */
+	uv_timer_t *grace;		/* cutover: waiting before the delta */
+	struct ms_gateway *gw;
 };
 
 struct listener {
@@ -143,6 +145,7 @@ static void login_start(struct session *s);
 static void route(struct session *s);
 static void user_copy_start(struct ms_gateway *gw, struct guser *gu);
 static void login_failed(struct session *s, const char *reply);
+static void cutover_begin(struct ms_gateway *gw, struct guser *gu);
 
 /* ---- small helpers ---- */
 
@@ -329,9 +332,7 @@ static void session_uncount(struct session *s)
 	/* The last session of a verified user ends: flip now. */
 	if (gu->sessions == 0 && gu->flip_pending && !gu->copying) {
 		gu->flip_pending = 0;
-		gu->cutover = 1;
-		set_state(gw, gu->name, "cutover", NULL);
-		user_copy_start(gw, gu);
+		cutover_begin(gw, gu);
 	}
 }
 
@@ -861,9 +862,7 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 		/* The user worked on the source while this copy ran and has
 		 * logged off since: a last delta, with nobody on the
 		 * source, before the flip. */
-		gu->cutover = 1;
-		set_state(gw, gu->name, "cutover", NULL);
-		user_copy_start(gw, gu);
+		cutover_begin(gw, gu);
 		return;
 	}
 	if (gu->cutover || gu->sessions == 0) {
@@ -915,6 +914,38 @@ static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
 	}
 	if (gu->cutover)
 		set_state(gw, gu->name, "cutover", NULL);
+}
+
+/* Cutover: from now on logins are held and inbound mail for the user is
+ * deferred (451). The source's MTA gets a moment to deliver what it took
+ * before the deferrals began; then the last delta runs. */
+#define CUTOVER_GRACE_MS 2000
+
+static void on_grace(uv_timer_t *t)
+{
+	struct guser *gu = t->data;
+	struct ms_gateway *gw = gu->gw;
+
+	uv_close((uv_handle_t *)t, on_timer_close);
+	gu->grace = NULL;
+	user_copy_start(gw, gu);
+}
+
+static void cutover_begin(struct ms_gateway *gw, struct guser *gu)
+{
+	gu->cutover = 1;
+	set_state(gw, gu->name, "cutover", NULL);
+	if (gu->grace != NULL)
+		return;
+	gu->grace = malloc(sizeof(*gu->grace));
+	if (gu->grace == NULL) {
+		user_copy_start(gw, gu);
+		return;
+	}
+	gu->gw = gw;
+	uv_timer_init(gw->loop, gu->grace);
+	gu->grace->data = gu;
+	uv_timer_start(gu->grace, on_grace, CUTOVER_GRACE_MS, 0);
 }
 
 static void held_tick(uv_timer_t *t)
@@ -2047,6 +2078,8 @@ void ms_gateway_free(struct ms_gateway **gwp)
 
 			gw->users[i] = gu->next;
 			ms_secret_free(&gu->pw);
+			if (gu->grace != NULL)
+				uv_close((uv_handle_t *)gu->grace, on_timer_close);
 			free(gu);
 		}
 	}

@@ -168,25 +168,12 @@ int ms_policy_parse(const char *s, enum ms_policy *p)
 	return 0;
 }
 
-static void out(struct session *s, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
-
-static void out(struct session *s, const char *fmt, ...)
-{
-	char buf[2048];
-	va_list ap;
-	int n;
-
-	if (s->c == NULL)
-		return;
-	va_start(ap, fmt);
-	n = vsnprintf(buf, sizeof(buf), fmt, ap);
-	va_end(ap);
-	if (n < 0)
-		return;
-	ms_conn_write(s->c, buf, (size_t)n < sizeof(buf) ? (size_t)n :
-		      sizeof(buf) - 1);
-}
+/* A reply to the client (nothing once the client is gone). */
+#define out(s, ...) \
+	do { \
+		if ((s)->c != NULL) \
+			ms_conn_printf((s)->c, __VA_ARGS__); \
+	} while (0)
 
 static void wipe_login(struct session *s)
 {

@@ -777,6 +777,21 @@ int ms_conn_write(struct ms_conn *conn, const void *data, size_t len)
 	return 0;
 }
 
+int ms_conn_printf(struct ms_conn *conn, const char *fmt, ...)
+{
+	char buf[2048];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return UV_EINVAL;
+	return ms_conn_write(conn, buf, (size_t)n < sizeof(buf) ? (size_t)n :
+			     sizeof(buf) - 1);
+}
+
 size_t ms_conn_write_pending(const struct ms_conn *conn)
 {
 	return conn ? pending(conn) : 0;

@@ -70,6 +70,9 @@ int ms_conn_connect(uv_loop_t *loop, const char *host, uint16_t port,
 /* Queues bytes to send (copied; encrypted first under TLS). Returns 0 or a
  * negative error. Never blocks and never calls a callback synchronously. */
 int ms_conn_write(struct ms_conn *conn, const void *data, size_t len);
+/* ms_conn_write() of a printf-formatted text (at most 2 KiB). */
+int ms_conn_printf(struct ms_conn *conn, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
 /* Bytes queued but not yet handed to the kernel. */
 size_t ms_conn_write_pending(const struct ms_conn *conn);
 

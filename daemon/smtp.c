@@ -145,25 +145,12 @@ static const char *host_name(void)
 	return hostname;
 }
 
-static void out(struct smtp_session *s, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
-
-static void out(struct smtp_session *s, const char *fmt, ...)
-{
-	char buf[1024];
-	va_list ap;
-	int n;
-
-	if (s->c == NULL)
-		return;
-	va_start(ap, fmt);
-	n = vsnprintf(buf, sizeof(buf), fmt, ap);
-	va_end(ap);
-	if (n < 0)
-		return;
-	ms_conn_write(s->c, buf, (size_t)n < sizeof(buf) ? (size_t)n :
-		      sizeof(buf) - 1);
-}
+/* A reply to the client (nothing once the client is gone). */
+#define out(s, ...) \
+	do { \
+		if ((s)->c != NULL) \
+			ms_conn_printf((s)->c, __VA_ARGS__); \
+	} while (0)
 
 /* A reply of the MTA, passed on as it is. */
 static void out_raw(struct smtp_session *s, const char *text)

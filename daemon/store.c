@@ -156,6 +156,8 @@ static const char *const stmt_sql[ST_COUNT] = {
 struct ms_store {
 	sqlite3 *db;
 	sqlite3_stmt *st[ST_COUNT];
+	sqlite3_stmt *user_info;	/* prepared at first use: every
+					   gateway login looks a user up */
 	int depth;			/* ms_store_begin nesting */
 	char error[512];
 };
@@ -257,6 +259,7 @@ static void store_free(struct ms_store *s)
 
 	for (i = 0; i < ST_COUNT; i++)
 		sqlite3_finalize(s->st[i]);
+	sqlite3_finalize(s->user_info);
 	/* an open transaction is rolled back by the close */
 	sqlite3_close(s->db);
 	free(s);
@@ -947,16 +950,20 @@ int ms_store_user_info(struct ms_store *store, const char *name,
 	int rc;
 
 	*found_r = 0;
-	if (sqlite3_prepare_v2(store->db, "SELECT " USER_COLS " FROM users "
-			       "WHERE name = ?1", -1, &st, NULL) != SQLITE_OK)
+	if (store->user_info == NULL &&
+	    sqlite3_prepare_v2(store->db, "SELECT " USER_COLS " FROM users "
+			       "WHERE name = ?1", -1, &store->user_info,
+			       NULL) != SQLITE_OK)
 		return db_error(store, "user_info");
+	st = store->user_info;
 	sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
 	rc = sqlite3_step(st);
 	if (rc == SQLITE_ROW) {
 		user_row(st, info_r);
 		*found_r = 1;
 	}
-	sqlite3_finalize(st);
+	sqlite3_reset(st);
+	sqlite3_clear_bindings(st);
 	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
 		return set_error(store, "user_info: %s", sqlite3_errstr(rc));
 	return 0;

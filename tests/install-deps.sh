@@ -6,7 +6,8 @@ set -e
 PKGS="build-essential pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libjansson-dev libcmocka-dev python3 python3-pytest openssl
 dovecot-core dovecot-imapd dovecot-pop3d isync time
-postfix dovecot-lmtpd"
+postfix dovecot-lmtpd
+nginx libnginx-mod-mail perdition"
 
 missing=""
 for p in $PKGS; do
@@ -22,7 +23,8 @@ fi
 echo "mailshift: installing$missing"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-# Never start the distribution's own Dovecot: the tests run their own.
+# Never start the distribution's own Dovecot (nor nginx, nor Perdition, which
+# bench/gateway_bench.py compares against): the tests run their own.
 policy=/usr/sbin/policy-rc.d
 if [ ! -e $policy ]; then
 	printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy
@@ -33,3 +35,13 @@ fi
 echo 'postfix postfix/main_mailer_type select No configuration' |
 	debconf-set-selections
 apt-get install -y -qq --no-install-recommends $missing >/dev/null
+# Should a package's service have started anyway, stop it by its PID file.
+for pidfile in /run/nginx.pid /run/perdition*/perdition*.pid; do
+	[ -f "$pidfile" ] || continue
+	pid=$(cat "$pidfile" 2>/dev/null) || continue
+	case "$pid" in '' | *[!0-9]*) continue ;; esac
+	case "$(cat /proc/"$pid"/comm 2>/dev/null)" in
+	nginx | perdition*)
+		kill "$pid" 2>/dev/null && echo "mailshift: stopped $pidfile ($pid)" || true ;;
+	esac
+done

@@ -89,11 +89,20 @@ def test_interrupted_cutover_is_resumed(gpair, make_gw, workdir):
 
 
 def test_kill9_daemon_mid_copy(gpair, make_gw, workdir):
+    import mailcheck as mc
+    from test_gateway import GW_USERS
+    # Enough mail that the copy is still running when the daemon dies.
+    m = gpair.src.imap('alice')
+    try:
+        mc.append_many(m, 'INBOX', [(mc.make_message(900000 + i, 600), (),
+                                     1500000000 + i) for i in range(3000)])
+    finally:
+        m.logout()
     g = make_gw(tls=False, policy='passthrough', connections=1,
                 extra_conf=admin_conf(workdir))
     assert g.ctl('user', 'add', 'alice').rc == 0
     # Kill the daemon while alice is being copied.
-    end = time.time() + 30
+    end = time.time() + 60
     while time.time() < end:
         u = g.user('alice')
         if u and u.get('messages', 0) > 0:

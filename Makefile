@@ -73,10 +73,14 @@ bench: deps
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(PYTHON) bench/mover_bench.py
 
+bench-gateway: deps
+	$(Q)$(MAKE) --no-print-directory all
+	$(Q)$(PYTHON) bench/gateway_bench.py
+
 clean:
 	rm -f daemon/*.o daemon/*.d daemon/libms.a tools/*.o tools/*.d \
 		tools/mailshiftctl daemon/mailshiftd $(UNIT_BIN) tests/unit/*.d
 
-.PHONY: all deps unit integration check demo bench clean
+.PHONY: all deps unit integration check demo bench bench-gateway clean
 .SECONDARY:
 -include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d) daemon/mailshiftd.d

@@ -117,6 +117,8 @@ struct ms_conn {
 	unsigned int idle_drain:1;	/* deferred: deliver held TLS data */
 	unsigned int idle_fail:1;	/* deferred: report deferred_err */
 	unsigned int idle_flush:1;	/* deferred: send plainq */
+	unsigned int idle_connect:1;	/* deferred: connect to a numeric
+					   address (no resolver needed) */
 	unsigned int server:1;		/* accepted: we are the TLS server */
 	unsigned int accept_pending:1;	/* deferred: plaintext on_connect */
 
@@ -459,6 +461,7 @@ static void fail(struct ms_conn *conn, int status, const char *error)
 }
 
 static void on_idle(uv_idle_t *idle);
+static void try_next_address(struct ms_conn *conn);
 
 static void schedule_idle(struct ms_conn *conn)
 {
@@ -1216,6 +1219,11 @@ static void on_idle(uv_idle_t *idle)
 		fail(conn, conn->deferred_status, conn->deferred_err);
 		goto out;
 	}
+	if (conn->idle_connect) {
+		conn->idle_connect = 0;
+		try_next_address(conn);
+		goto out;
+	}
 	if (conn->accept_pending) {
 		/* reading starts only now: on_connect comes first */
 		conn->accept_pending = 0;
@@ -1403,8 +1411,27 @@ int ms_conn_connect(uv_loop_t *loop, const char *host, uint16_t port,
 	hints.ai_family = AF_UNSPEC;
 	hints.ai_socktype = SOCK_STREAM;
 	hints.ai_protocol = IPPROTO_TCP;
-	hints.ai_flags = AI_NUMERICSERV;
+	hints.ai_flags = AI_NUMERICSERV | AI_NUMERICHOST;
 	snprintf(service, sizeof(service), "%u", port);
+	if (getaddrinfo(host, service, &hints, &conn->ai) == 0) {
+		/* A numeric address needs no resolver thread (the gateway
+		 * connects to its backends by address, once per login). The
+		 * connect starts on the next loop turn: no callback from
+		 * inside this call. */
+		conn->ai_next = conn->ai;
+		conn->last_connect_err = UV_EAI_NONAME;
+		conn->connect_req.data = conn;
+		uv_idle_init(loop, &conn->idle);
+		conn->idle.data = conn;
+		/* the caller's and the idle handle's */
+		conn->refs = 2;
+		conn->idle_connect = 1;
+		schedule_idle(conn);
+		*conn_r = conn;
+		return 0;
+	}
+	conn->ai = NULL;
+	hints.ai_flags = AI_NUMERICSERV;
 	conn->gai.data = conn;
 	r = uv_getaddrinfo(loop, &conn->gai, on_resolved, host, service,
 			   &hints);

@@ -1043,57 +1043,17 @@ static void login_start(struct session *s)
 
 /* ---- IMAP before login ---- */
 
-static int b64_decode(const char *in, unsigned char **out_r, size_t *len_r)
-{
-	size_t l = strlen(in), pad = 0;
-	unsigned char *out;
-	int n;
-
-	if (l == 0 || l % 4 != 0)
-		return -1;
-	out = malloc(l / 4 * 3 + 1);
-	if (out == NULL)
-		return -1;
-	n = EVP_DecodeBlock(out, (const unsigned char *)in, (int)l);
-	if (n < 0) {
-		free(out);
-		return -1;
-	}
-	if (in[l - 1] == '=')
-		pad++;
-	if (in[l - 2] == '=')
-		pad++;
-	*out_r = out;
-	*len_r = (size_t)n - pad;
-	out[*len_r] = '\0';
-	return 0;
-}
-
 /* "authzid NUL authcid NUL password" */
 static int sasl_plain_take(struct session *s, const char *b64)
 {
-	unsigned char *raw;
-	size_t len;
-	const char *z, *c, *p;
+	char *z, *c, *p;
 
-	if (b64_decode(b64, &raw, &len) < 0)
+	if (ms_sasl_plain_parse(b64, &z, &c, &p) < 0)
 		return -1;
-	z = (const char *)raw;
-	c = memchr(raw, '\0', len) != NULL ?
-		(const char *)memchr(raw, '\0', len) + 1 : NULL;
-	p = c != NULL && memchr(c, '\0', len - (size_t)(c - z)) != NULL ?
-		(const char *)memchr(c, '\0', len - (size_t)(c - z)) + 1 : NULL;
-	if (c == NULL || p == NULL) {
-		OPENSSL_cleanse(raw, len);
-		free(raw);
-		return -1;
-	}
 	wipe_login(s);
-	s->authz = strdup(z);
-	s->user = strdup(c);
-	s->pass = strndup(p, len - (size_t)(p - z));
-	OPENSSL_cleanse(raw, len);
-	free(raw);
+	s->authz = z;
+	s->user = c;
+	s->pass = p;
 	return 0;
 }
 
@@ -1220,7 +1180,7 @@ static void imap_auth_line(struct session *s, char *line)
 		login_start(s);
 		return;
 	}
-	if (b64_decode(line, &raw, &len) < 0) {
+	if (ms_b64_decode(line, &raw, &len) < 0) {
 		s->st = SS_PRELOGIN;
 		imap_bad(s, s->tag, "Invalid base64 data.");
 		return;

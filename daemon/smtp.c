@@ -191,36 +191,6 @@ static void wipe_login(struct smtp_session *s)
 	ms_secret_free(&s->authz);
 }
 
-static int b64_decode(const char *in, unsigned char **out_r, size_t *len_r)
-{
-	size_t l = strlen(in), pad = 0;
-	unsigned char *o;
-	int n;
-
-	if (l == 0 || l % 4 != 0)
-		return -1;
-	for (size_t i = 0; i < l; i++)
-		if (!isalnum((unsigned char)in[i]) && in[i] != '+' &&
-		    in[i] != '/' && !(in[i] == '=' && i >= l - 2))
-			return -1;
-	o = malloc(l / 4 * 3 + 1);
-	if (o == NULL)
-		return -1;
-	n = EVP_DecodeBlock(o, (const unsigned char *)in, (int)l);
-	if (n < 0) {
-		free(o);
-		return -1;
-	}
-	if (in[l - 1] == '=')
-		pad++;
-	if (in[l - 2] == '=')
-		pad++;
-	*out_r = o;
-	*len_r = (size_t)n - pad;
-	o[*len_r] = '\0';
-	return 0;
-}
-
 /* The client's reads stop while the MTA's queue is full (c_paused) or our
  * input buffer is (in_paused). */
 static void client_pause_update(struct smtp_session *s)
@@ -1185,31 +1155,14 @@ static void auth_start(struct smtp_session *s)
 /* "authzid NUL authcid NUL password" */
 static int sasl_plain_take(struct smtp_session *s, const char *b64)
 {
-	unsigned char *raw;
-	size_t len;
-	const char *z, *c, *p;
+	char *z, *c, *p;
 
-	if (b64_decode(b64, &raw, &len) < 0)
+	if (ms_sasl_plain_parse(b64, &z, &c, &p) < 0)
 		return -1;
-	z = (const char *)raw;
-	c = memchr(raw, '\0', len);
-	if (c != NULL)
-		c++;
-	p = c != NULL ? memchr(c, '\0', len - (size_t)(c - z)) : NULL;
-	if (p != NULL)
-		p++;
-	if (c == NULL || p == NULL ||
-	    memchr(p, '\0', len - (size_t)(p - z)) != NULL) {
-		OPENSSL_cleanse(raw, len);
-		free(raw);
-		return -1;
-	}
 	wipe_login(s);
-	s->authz = strdup(z);
-	s->user = strdup(c);
-	s->pass = strndup(p, len - (size_t)(p - z));
-	OPENSSL_cleanse(raw, len);
-	free(raw);
+	s->authz = z;
+	s->user = c;
+	s->pass = p;
 	return 0;
 }
 
@@ -1253,7 +1206,7 @@ static void cmd_auth(struct smtp_session *s, char *arg)
 			unsigned char *raw;
 			size_t len;
 
-			if (b64_decode(ir, &raw, &len) < 0) {
+			if (ms_b64_decode(ir, &raw, &len) < 0) {
 				out(s, "501 5.5.2 Invalid base64 data\r\n");
 				return;
 			}
@@ -1295,7 +1248,7 @@ static void auth_line(struct smtp_session *s, const char *line)
 		len = 0;
 		if (raw == NULL)
 			return;
-	} else if (b64_decode(line, &raw, &len) < 0) {
+	} else if (ms_b64_decode(line, &raw, &len) < 0) {
 		wipe_login(s);
 		out(s, "501 5.5.2 Invalid base64 data\r\n");
 		return;

@@ -1,3 +1,4 @@
+#include <ctype.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,6 +36,73 @@ char *ms_sasl_plain(const char *authzid, const char *authcid,
 	OPENSSL_cleanse(raw, rawlen);
 	free(raw);
 	return b64;
+}
+
+int ms_b64_decode(const char *in, unsigned char **out_r, size_t *len_r)
+{
+	size_t l = strlen(in), pad = 0;
+	unsigned char *o;
+	int n;
+
+	if (l == 0 || l % 4 != 0)
+		return -1;
+	for (size_t i = 0; i < l; i++)
+		if (!isalnum((unsigned char)in[i]) && in[i] != '+' &&
+		    in[i] != '/' && !(in[i] == '=' && i >= l - 2))
+			return -1;
+	o = malloc(l / 4 * 3 + 1);
+	if (o == NULL)
+		return -1;
+	n = EVP_DecodeBlock(o, (const unsigned char *)in, (int)l);
+	if (n < 0) {
+		free(o);
+		return -1;
+	}
+	if (in[l - 1] == '=')
+		pad++;
+	if (in[l - 2] == '=')
+		pad++;
+	*out_r = o;
+	*len_r = (size_t)n - pad;
+	o[*len_r] = '\0';
+	return 0;
+}
+
+int ms_sasl_plain_parse(const char *b64, char **authz_r, char **authc_r,
+			char **pass_r)
+{
+	unsigned char *raw;
+	size_t len;
+	const char *z, *c, *p;
+
+	if (ms_b64_decode(b64, &raw, &len) < 0)
+		return -1;
+	z = (const char *)raw;
+	c = memchr(raw, '\0', len);
+	if (c != NULL)
+		c++;
+	p = c != NULL ? memchr(c, '\0', len - (size_t)(c - z)) : NULL;
+	if (p != NULL)
+		p++;
+	/* A NUL inside the password could not be replayed. */
+	if (c == NULL || p == NULL ||
+	    memchr(p, '\0', len - (size_t)(p - z)) != NULL) {
+		OPENSSL_cleanse(raw, len);
+		free(raw);
+		return -1;
+	}
+	*authz_r = strdup(z);
+	*authc_r = strdup(c);
+	*pass_r = strndup(p, len - (size_t)(p - z));
+	OPENSSL_cleanse(raw, len);
+	free(raw);
+	if (*authz_r == NULL || *authc_r == NULL || *pass_r == NULL) {
+		ms_secret_free(authz_r);
+		ms_secret_free(authc_r);
+		ms_secret_free(pass_r);
+		return -1;
+	}
+	return 0;
 }
 
 int ms_u32vec_push(struct ms_u32vec *vec, uint32_t x)

@@ -14,6 +14,16 @@ void ms_secret_free(char **s);
 char *ms_sasl_plain(const char *authzid, const char *authcid,
 		    const char *password);
 
+/* Decodes base64 (strict alphabet, padded) into a malloc'd, NUL-terminated
+ * buffer. Returns 0, or -1 for bad input or no memory. */
+int ms_b64_decode(const char *in, unsigned char **out_r, size_t *len_r);
+
+/* Splits a SASL PLAIN response (base64 of "authzid NUL authcid NUL
+ * password", RFC 4616) into three malloc'd strings the caller releases with
+ * ms_secret_free(). Returns 0, or -1 when malformed. */
+int ms_sasl_plain_parse(const char *b64, char **authz_r, char **authc_r,
+			char **pass_r);
+
 struct ms_u32vec {
 	uint32_t *v;
 	size_t n, cap;

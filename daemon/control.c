@@ -232,6 +232,12 @@ static json_t *dispatch(struct ms_control *ctl, json_t *req)
 		return user_update(ctl, req, 1);
 	if (!strcmp(cmd, "user.set"))
 		return user_update(ctl, req, 0);
+	if (!strcmp(cmd, "policy")) {
+		if (ctl->gw == NULL)
+			return error("%s", "no gateway");
+		return json_pack("{s:b, s:o}", "ok", 1, "policy",
+				 ms_gateway_policies(ctl->gw));
+	}
 	if (!strcmp(cmd, "sessions"))
 		return json_pack("{s:b, s:o}", "ok", 1, "sessions",
 				 ctl->gw != NULL ? ms_gateway_sessions(ctl->gw) :

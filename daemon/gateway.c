@@ -133,6 +133,7 @@ struct ms_gateway {
 	unsigned int closing_handles;
 	unsigned int copies;		/* mover jobs running */
 	uv_timer_t *sweep_timer;
+	uint64_t sweep_next_ms;		/* rate: no new sweep start before */
 	uint64_t logins_ok, logins_failed;
 	uv_tcp_t *metrics;
 	struct penalty *penalties;
@@ -1526,6 +1527,21 @@ static void on_connection(uv_stream_t *server, int status)
 
 /* ---- control ---- */
 
+json_t *ms_gateway_policies(struct ms_gateway *gw)
+{
+	json_t *o = json_object(), *d = json_object();
+
+	json_object_set_new(o, "default", json_string(
+		ms_policy_name(gw->cfg.policy)));
+	for (unsigned int i = 0; i < gw->cfg.ndomains; i++)
+		json_object_set_new(d, gw->cfg.domains[i].domain, json_string(
+			ms_policy_name(gw->cfg.domains[i].policy)));
+	json_object_set_new(o, "domains", d);
+	json_object_set_new(o, "hold_max_seconds",
+			    json_integer(gw->cfg.hold_max_seconds));
+	return o;
+}
+
 json_t *ms_gateway_sessions(struct ms_gateway *gw)
 {
 	json_t *a = json_array();
@@ -1711,7 +1727,7 @@ static int sweep_one(void *ctx, const struct ms_user_info *u)
 	struct ms_gateway *gw = sc->gw;
 	struct guser *gu;
 
-	if (sc->want == 0)
+	if (sc->want == 0 || uv_now(gw->loop) < gw->sweep_next_ms)
 		return 1;
 	if ((strcmp(u->state, "source") && strcmp(u->state, "copying")) ||
 	    user_policy(gw, u) == MS_POLICY_OFF)
@@ -1721,8 +1737,12 @@ static int sweep_one(void *ctx, const struct ms_user_info *u)
 		return 0;
 	set_state(gw, gu->name, "copying", NULL);
 	user_copy_start(gw, gu);
-	if (gu->copying)
+	if (gu->copying) {
 		sc->want--;
+		if (gw->cfg.sweep_rate > 0)
+			gw->sweep_next_ms = uv_now(gw->loop) +
+				3600000ULL / gw->cfg.sweep_rate;
+	}
 	return 0;
 }
 

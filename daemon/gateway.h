@@ -54,6 +54,7 @@ struct ms_gw_config {
 	int sweep;
 	unsigned int sweep_concurrency;	/* users copied at once */
 	unsigned int sweep_interval;	/* seconds between looks */
+	unsigned int sweep_rate;	/* users started per hour, 0 = any */
 	int sweep_from, sweep_to;	/* window, minutes after midnight
 					   (local time); -1 = always */
 	char metrics[128];		/* "ADDR:PORT" or "" */
@@ -69,6 +70,8 @@ void ms_gateway_free(struct ms_gateway **gw);
 
 /* For the control socket. */
 json_t *ms_gateway_sessions(struct ms_gateway *gw);
+/* {"default": P, "domains": {D: P}, "hold_max_seconds": N} */
+json_t *ms_gateway_policies(struct ms_gateway *gw);
 unsigned int ms_gateway_nsessions(struct ms_gateway *gw);
 /* What the gateway is doing for the user now: "copying", "last delta",
  * "verified, flips at log-off", or "". */

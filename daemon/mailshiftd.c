@@ -216,6 +216,10 @@ static int on_key(void *ctx, const char *section, const char *key,
 			g->sweep_concurrency = (unsigned int)strtoul(value, NULL, 10);
 			return 0;
 		}
+		if (!strcmp(key, "rate")) {
+			g->sweep_rate = (unsigned int)strtoul(value, NULL, 10);
+			return 0;
+		}
 		if (!strcmp(key, "interval")) {
 			g->sweep_interval = (unsigned int)strtoul(value, NULL, 10);
 			return 0;

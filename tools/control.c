@@ -340,6 +340,41 @@ int migrate_daemon_main(int argc, char *argv[])
 	return ret;
 }
 
+static void print_policy(json_t *rep)
+{
+	json_t *p = json_object_get(rep, "policy"), *v;
+	const char *k;
+
+	printf("default: %s (hold at most %lld s)\n", jstr(p, "default"),
+	       jint(p, "hold_max_seconds"));
+	json_object_foreach(json_object_get(p, "domains"), k, v)
+		printf("@%s: %s\n", k, json_string_value(v));
+}
+
+/* mailshiftctl policy: shows the default and per-domain policies (from the
+ * config file); policy USER POLICY sets one user's (default: back to the
+ * domain's or the global one). */
+int policy_main(int argc, char *argv[])
+{
+	struct copts o = { 0 };
+
+	if (common_opts(&argc, argv, &o) < 0)
+		return 2;
+	if (argc == 1)
+		return finish(&o, request(&o, json_pack("{s:s}", "cmd", "policy")),
+			      print_policy);
+	if (argc == 3)
+		/* A user not in the map yet is added with that policy. */
+		return finish(&o, request(&o, json_pack("{s:s, s:s, s:s}", "cmd",
+							"user.add", "user",
+							argv[1], "policy",
+							argv[2])),
+			      print_user);
+	fprintf(stderr, "Usage: %s policy [--json]\n"
+		"       %s policy USER passthrough|hold|off|default\n", prog, prog);
+	return 2;
+}
+
 int kick_main(int argc, char *argv[])
 {
 	struct copts o = { 0 };

@@ -8,6 +8,7 @@ int status_main(int argc, char *argv[]);
 int user_main(int argc, char *argv[]);
 int sessions_main(int argc, char *argv[]);
 int kick_main(int argc, char *argv[]);
+int policy_main(int argc, char *argv[]);
 int migrate_daemon_main(int argc, char *argv[]);
 
 #endif

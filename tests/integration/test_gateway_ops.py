@@ -231,3 +231,34 @@ def test_operator_moves_a_logged_in_user(gpair, make_gw, workdir):
     st = g.wait_state('bob', ('destination', 'failed'), timeout=60)
     assert st == 'destination', (st, g.log_tail())
     gpair.assert_copied('bob')
+
+
+def test_policy_command(gpair, make_gw):
+    g = make_gw(tls=False, policy='passthrough', domains={'example.org': 'hold'})
+    r = g.ctl('policy', '--json')
+    assert r.rc == 0, r.describe()
+    assert r.json['policy']['default'] == 'passthrough', r.json
+    assert r.json['policy']['domains'] == {'example.org': 'hold'}, r.json
+    r = g.ctl('policy', 'alice', 'off', '--json')
+    assert r.rc == 0, r.describe()
+    assert g.user('alice')['policy'] == 'off'
+    r = g.ctl('policy', 'alice', 'sometimes')
+    assert r.rc != 0 and 'invalid policy' in r.stderr, r.describe()
+
+
+def test_sweep_rate(gpair, make_gw, workdir):
+    conf = admin_conf(workdir) + '\nrate = 1\n'      # one user an hour
+    g = make_gw(tls=False, policy='passthrough', extra_conf=conf)
+    for u in ('alice', 'bob'):
+        assert g.ctl('user', 'add', u).rc == 0
+    st = {}
+    end = time.time() + 30
+    while time.time() < end:
+        st = {u: g.state(u) for u in ('alice', 'bob')}
+        if 'destination' in st.values():
+            break
+        time.sleep(0.2)
+    assert sorted(st.values()) == ['destination', 'source'], st
+    time.sleep(3)           # several more sweep intervals: still one
+    assert sorted(g.state(u) for u in ('alice', 'bob')) == \
+        ['destination', 'source']

@@ -400,21 +400,8 @@ def store_bytes(path):
     return data
 
 
-def backtrace(pid):
-    """All threads' stacks of a live process (gdb), for hang reports."""
-    gdb = shutil.which('gdb')
-    if not gdb:
-        return '(no gdb)'
-    try:
-        r = subprocess.run([gdb, '-p', str(pid), '-batch', '-nx', '-ex',
-                            'thread apply all bt'],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, timeout=30)
-        lines = [l for l in r.stdout.decode(errors='replace').splitlines()
-                 if l.startswith(('#', 'Thread'))]
-        return '\n'.join(lines[:80])
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return '(gdb failed: %s)' % e
+# A hung process's stacks, for failure reports (kept importable here).
+backtrace = dc.backtrace
 
 
 def wait_for(pred, timeout, interval=0.01):

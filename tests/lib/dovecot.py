@@ -672,3 +672,20 @@ def _alive(pid):
         return state != 'Z'
     except (OSError, IndexError):
         return False
+
+
+def backtrace(pid):
+    """All threads' stacks of a live process (gdb), for hang reports."""
+    gdb = shutil.which('gdb')
+    if not gdb:
+        return '(no gdb)'
+    try:
+        r = subprocess.run([gdb, '-p', str(pid), '-batch', '-nx', '-ex',
+                            'thread apply all bt'],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=30)
+        lines = [l for l in r.stdout.decode(errors='replace').splitlines()
+                 if l.startswith(('#', 'Thread'))]
+        return '\n'.join(lines[:80])
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return '(gdb failed: %s)' % e

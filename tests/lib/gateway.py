@@ -23,7 +23,6 @@ runs in the foreground (-f) with stdout and stderr in root_dir/mailshiftd.log.
 import json
 import os
 import signal
-import shutil
 import socket
 import subprocess
 import time
@@ -249,7 +248,7 @@ class Mailshiftd:
                 p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.killed = True
-                self.stack_at_kill = backtrace(p.pid)
+                self.stack_at_kill = dc.backtrace(p.pid)
                 os.kill(p.pid, signal.SIGKILL)
                 p.wait(timeout=10)
         self.proc = None
@@ -312,19 +311,3 @@ class Mailshiftd:
             st = self.state(name)
         return st
 
-
-def backtrace(pid):
-    """All threads' stacks of a live process (gdb), for hang reports."""
-    gdb = shutil.which('gdb')
-    if not gdb:
-        return '(no gdb)'
-    try:
-        r = subprocess.run([gdb, '-p', str(pid), '-batch', '-nx', '-ex',
-                            'thread apply all bt'],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, timeout=30)
-        lines = [l for l in r.stdout.decode(errors='replace').splitlines()
-                 if l.startswith(('#', 'Thread'))]
-        return '\n'.join(lines[:80])
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return '(gdb failed: %s)' % e

@@ -197,14 +197,16 @@ static json_t *dispatch(struct ms_control *ctl, json_t *req)
 					    json_integer(lc.counts[i]));
 		if (ctl->gw != NULL)
 			ms_gateway_progress(ctl->gw, &p);
-		return json_pack("{s:b, s:o, s:I, s:I, s:I, s:I, s:I, s:f}",
-				 "ok", 1, "states", by_state,
+		return json_pack("{s:b, s:o, s:I, s:I, s:I, s:I, s:I, s:f, "
+				 "s:o}", "ok", 1, "states", by_state,
 				 "messages", lc.msgs, "bytes", lc.bytes,
 				 "sessions", (json_int_t)(ctl->gw != NULL ?
 				 ms_gateway_nsessions(ctl->gw) : 0),
 				 "copy_messages_done", (json_int_t)p.msgs_done,
 				 "copy_messages_todo", (json_int_t)p.msgs_todo,
-				 "copy_seconds", p.seconds);
+				 "copy_seconds", p.seconds, "capabilities",
+				 ctl->gw != NULL ?
+				 ms_gateway_caps_json(ctl->gw) : json_object());
 	}
 	if (!strcmp(cmd, "user.list")) {
 		lc.users = json_array();

@@ -35,9 +35,6 @@
 #define INPROGRESS_MS (10 * 1000)
 #define USER_BUCKETS 1024
 
-static const char imap_caps[] =
-	"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+";
-
 enum sstate {
 	SS_PRELOGIN,
 	SS_AUTH_PLAIN,		/* waiting for the SASL PLAIN response */
@@ -64,7 +61,7 @@ struct session {
 	struct ms_conn *c, *b;
 	int tls;			/* client side is TLS now */
 	char peer[64], local[64];
-	uint16_t peer_port;
+	uint16_t peer_port, local_port;
 	time_t since;
 
 	/* pre-login input */
@@ -137,6 +134,7 @@ struct ms_gateway {
 	uint64_t logins_ok, logins_failed;
 	uv_tcp_t *metrics;
 	struct penalty *penalties;
+	struct ms_caps *caps;		/* advertised before login */
 };
 
 static void session_close(struct session *s);
@@ -1062,8 +1060,8 @@ static void imap_capability(struct session *s)
 {
 	int starttls = s->gw->tls != NULL && !s->tls;
 
-	out(s, "* CAPABILITY %s%s AUTH=PLAIN AUTH=LOGIN\r\n", imap_caps,
-	    starttls ? " STARTTLS" : "");
+	out(s, "* CAPABILITY %s%s AUTH=PLAIN AUTH=LOGIN\r\n",
+	    ms_caps_get(s->gw->caps, MS_CAPS_IMAP), starttls ? " STARTTLS" : "");
 }
 
 static void on_client_tls(struct ms_conn *conn, int status, const char *error)
@@ -1339,8 +1337,8 @@ static void pop3_command(struct session *s, char *line)
 	if (arg != NULL)
 		*arg++ = '\0';
 	if (!strcasecmp(line, "CAPA")) {
-		out(s, "+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n"
-		    "PIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN\r\n%s.\r\n",
+		out(s, "+OK\r\n%s%s.\r\n",
+		    ms_caps_get(s->gw->caps, MS_CAPS_POP3),
 		    s->gw->tls != NULL && !s->tls ? "STLS\r\n" : "");
 	} else if (!strcasecmp(line, "NOOP")) {
 		out(s, "+OK\r\n");
@@ -1474,10 +1472,10 @@ static void on_client_connect(struct ms_conn *conn, int status,
 		return;
 	}
 	ms_conn_peer_addr(conn, s->peer, sizeof(s->peer), &s->peer_port);
-	ms_conn_local_addr(conn, s->local, sizeof(s->local), NULL);
+	ms_conn_local_addr(conn, s->local, sizeof(s->local), &s->local_port);
 	if (s->proto == MS_GW_IMAP) {
 		out(s, "* OK [CAPABILITY %s%s AUTH=PLAIN AUTH=LOGIN] mailshift "
-		    "ready.\r\n", imap_caps,
+		    "ready.\r\n", ms_caps_get(s->gw->caps, MS_CAPS_IMAP),
 		    s->gw->tls != NULL && !s->tls ? " STARTTLS" : "");
 	} else {
 		out(s, "+OK mailshift ready.\r\n");
@@ -1542,6 +1540,15 @@ json_t *ms_gateway_policies(struct ms_gateway *gw)
 	return o;
 }
 
+json_t *ms_json_addr(const char *addr, unsigned int port)
+{
+	char buf[96];
+
+	snprintf(buf, sizeof(buf), strchr(addr, ':') != NULL ? "[%s]:%u" :
+		 "%s:%u", addr, port);
+	return json_string(buf);
+}
+
 json_t *ms_gateway_sessions(struct ms_gateway *gw)
 {
 	json_t *a = json_array();
@@ -1558,6 +1565,8 @@ json_t *ms_gateway_sessions(struct ms_gateway *gw)
 		json_object_set_new(o, "proto", json_string(
 			s->proto == MS_GW_IMAP ? "imap" : "pop3"));
 		json_object_set_new(o, "client", json_string(s->peer));
+		json_object_set_new(o, "local", ms_json_addr(s->local,
+							     s->local_port));
 		json_object_set_new(o, "server", json_string(
 			s->st == SS_RELAY || s->st == SS_BACKEND ?
 			(s->to_dst ? "destination" : "source") : "-"));
@@ -1944,6 +1953,30 @@ static void on_listener_close(uv_handle_t *h)
 	free(h->data);
 }
 
+static int caps_start(struct ms_gateway *gw)
+{
+	const struct ms_gw_config *cfg = &gw->cfg;
+	const struct ms_server_cfg *srv[MS_CAPS_N][2] = {
+		[MS_CAPS_IMAP] = { &cfg->src_imap, &cfg->dst_imap },
+		[MS_CAPS_POP3] = { &cfg->src_pop3, &cfg->dst_pop3 },
+		[MS_CAPS_SMTP] = { &cfg->src_smtp, &cfg->dst_smtp },
+		[MS_CAPS_SUBMISSION] = { &cfg->src_submission,
+					 &cfg->dst_submission },
+	};
+
+	return ms_caps_new(gw->loop, srv, cfg->caps_refresh, &gw->caps);
+}
+
+const char *ms_gateway_caps(struct ms_gateway *gw, enum ms_caps_kind kind)
+{
+	return ms_caps_get(gw->caps, kind);
+}
+
+json_t *ms_gateway_caps_json(struct ms_gateway *gw)
+{
+	return ms_caps_json(gw->caps);
+}
+
 int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		   struct ms_store *store, struct ms_gateway **gw_r,
 		   char *err, size_t errsz)
@@ -1996,6 +2029,10 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		l->open = 1;
 		gw->listeners[gw->nlisteners++] = l;
 	}
+	if (caps_start(gw) < 0) {
+		snprintf(err, errsz, "out of memory");
+		goto fail;
+	}
 	recover(gw);
 	if (cfg->sweep && gw->mover != NULL && have_admin(gw)) {
 		gw->sweep_timer = malloc(sizeof(*gw->sweep_timer));
@@ -2039,6 +2076,7 @@ void ms_gateway_free(struct ms_gateway **gwp)
 	if (gw->metrics != NULL)
 		uv_close((uv_handle_t *)gw->metrics, on_timer_close);
 	ms_mover_free(&gw->mover);
+	ms_caps_free(&gw->caps);
 	for (unsigned int i = 0; i < USER_BUCKETS; i++) {
 		while (gw->users[i] != NULL) {
 			struct guser *gu = gw->users[i];

@@ -8,6 +8,7 @@
 #include <jansson.h>
 #include <uv.h>
 
+#include "caps.h"
 #include "mover.h"
 #include "store.h"
 
@@ -58,6 +59,8 @@ struct ms_gw_config {
 	int sweep_from, sweep_to;	/* window, minutes after midnight
 					   (local time); -1 = always */
 	char metrics[128];		/* "ADDR:PORT" or "" */
+	unsigned int caps_refresh;	/* seconds between asking the servers
+					   for their capabilities; 0 = 300 */
 };
 
 struct ms_gateway;
@@ -97,6 +100,9 @@ enum ms_route ms_gateway_route(struct ms_gateway *gw, const char *user);
 const struct ms_gw_config *ms_gateway_config(struct ms_gateway *gw);
 struct ms_tls_server *ms_gateway_tls(struct ms_gateway *gw);
 uv_loop_t *ms_gateway_loop(struct ms_gateway *gw);
+/* What to advertise before login (see caps.h). */
+const char *ms_gateway_caps(struct ms_gateway *gw, enum ms_caps_kind kind);
+json_t *ms_gateway_caps_json(struct ms_gateway *gw);
 
 /* Implemented in smtp.c: takes one pending connection of an SMTP or
  * submission listener. */
@@ -105,6 +111,9 @@ void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 /* Implemented in smtp.c: the SMTP sessions, for ms_gateway_sessions(). */
 void ms_smtp_sessions(struct ms_gateway *gw, json_t *array);
 void ms_smtp_close_all(struct ms_gateway *gw);
+
+/* "ADDR:PORT" ("[V6]:PORT") as a JSON string, for the sessions list. */
+json_t *ms_json_addr(const char *addr, unsigned int port);
 
 const char *ms_policy_name(enum ms_policy p);
 int ms_policy_parse(const char *s, enum ms_policy *p);

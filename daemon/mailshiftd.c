@@ -171,6 +171,19 @@ static int on_key(void *ctx, const char *section, const char *key,
 		if (!strcmp(key, "pid_file"))
 			return set_buf(c->pid_file, sizeof(c->pid_file), value,
 				       err, errsz);
+		if (!strcmp(key, "capability_refresh")) {
+			char *end;
+			unsigned long v = strtoul(value, &end, 10);
+
+			if (*value == '\0' || *end != '\0' || v == 0 ||
+			    v > 86400) {
+				snprintf(err, errsz, "capability_refresh: "
+					 "seconds, 1 to 86400");
+				return -1;
+			}
+			g->caps_refresh = (unsigned int)v;
+			return 0;
+		}
 	} else if (!strcmp(section, "policy")) {
 		if (!strcmp(key, "hold_max_seconds")) {
 			g->hold_max_seconds = (unsigned int)strtoul(value, NULL, 10);

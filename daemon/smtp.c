@@ -90,7 +90,7 @@ struct smtp_session {
 	uv_timer_t timer;		/* frees the session when closed */
 	int tls;			/* the client side is TLS */
 	char peer[64], local[64];
-	uint16_t peer_port;
+	uint16_t peer_port, local_port;
 	time_t since;
 	unsigned int bad;
 	int c_paused, b_paused;		/* relay backpressure */
@@ -127,7 +127,6 @@ struct smtp_session {
 
 static struct smtp_session *sessions;
 static uint64_t next_id = ID_BASE;
-static char hostname[256];
 
 static void session_close(struct smtp_session *s);
 static void client_process(struct smtp_session *s);
@@ -135,15 +134,6 @@ static void backend_start(struct smtp_session *s, int side);
 static void backend_lost(struct smtp_session *s, const char *why);
 
 /* ---- small helpers ---- */
-
-static const char *host_name(void)
-{
-	if (hostname[0] == '\0' &&
-	    (gethostname(hostname, sizeof(hostname) - 1) < 0 ||
-	     hostname[0] == '\0'))
-		snprintf(hostname, sizeof(hostname), "mailshift");
-	return hostname;
-}
 
 /* A reply to the client (nothing once the client is gone). */
 #define out(s, ...) \
@@ -218,7 +208,7 @@ static void on_idle_timeout(uv_timer_t *t)
 {
 	struct smtp_session *s = t->data;
 
-	out(s, "421 4.4.2 %s Error: timeout exceeded\r\n", host_name());
+	out(s, "421 4.4.2 %s Error: timeout exceeded\r\n", ms_host_name());
 	session_close(s);
 }
 
@@ -448,7 +438,7 @@ static void send_ehlo(struct smtp_session *s)
 	/* After XCLIENT we speak for the client: its HELO name goes into
 	 * the MTA's Received: line. */
 	const char *name = s->b_xclient_done && s->helo[0] != '\0' ?
-		s->helo : host_name();
+		s->helo : ms_host_name();
 
 	s->bst = B_EHLO;
 	s->b_has_starttls = s->b_has_xclient = 0;
@@ -910,7 +900,7 @@ static void bad_command(struct smtp_session *s, const char *reply)
 {
 	out(s, "%s", reply);
 	if (++s->bad >= BAD_MAX) {
-		out(s, "421 4.7.0 %s Error: too many errors\r\n", host_name());
+		out(s, "421 4.7.0 %s Error: too many errors\r\n", ms_host_name());
 		session_close(s);
 	}
 }
@@ -941,11 +931,12 @@ static void cmd_ehlo(struct smtp_session *s, const char *arg, int ehlo)
 	if (s->bst == B_TXN)
 		backend_close(s, 1);
 	if (!ehlo) {
-		out(s, "250 %s\r\n", host_name());
+		out(s, "250 %s\r\n", ms_host_name());
 		return;
 	}
-	out(s, "250-%s\r\n250-SIZE\r\n250-8BITMIME\r\n%s%s"
-	    "250 ENHANCEDSTATUSCODES\r\n", host_name(),
+	out(s, "250-%s\r\n%s%s%s250 ENHANCEDSTATUSCODES\r\n", ms_host_name(),
+	    ms_gateway_caps(s->gw, s->proto == MS_GW_SMTP ? MS_CAPS_SMTP :
+			    MS_CAPS_SUBMISSION),
 	    starttls ? "250-STARTTLS\r\n" : "",
 	    auth_offered(s) ? "250-AUTH PLAIN LOGIN\r\n" : "");
 }
@@ -1367,7 +1358,7 @@ static size_t data_feed(struct smtp_session *s, const char *d, size_t len)
 		ms_warn("smtp %llu: bare CR or LF in message data from %s",
 			(unsigned long long)s->id, s->peer);
 		out(s, "521 5.5.2 %s Error: bare <CR> or <LF> received\r\n",
-		    host_name());
+		    ms_host_name());
 		session_close(s);
 		return len;
 	}
@@ -1526,7 +1517,7 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 		break;
 	}
 	if (in_append(s, data, len) < 0) {
-		out(s, "421 4.3.0 %s Error: too much input\r\n", host_name());
+		out(s, "421 4.3.0 %s Error: too much input\r\n", ms_host_name());
 		session_close(s);
 		return;
 	}
@@ -1563,8 +1554,8 @@ static void on_client_connect(struct ms_conn *conn, int status,
 		return;
 	}
 	ms_conn_peer_addr(conn, s->peer, sizeof(s->peer), &s->peer_port);
-	ms_conn_local_addr(conn, s->local, sizeof(s->local), NULL);
-	out(s, "220 %s ESMTP mailshift\r\n", host_name());
+	ms_conn_local_addr(conn, s->local, sizeof(s->local), &s->local_port);
+	out(s, "220 %s ESMTP mailshift\r\n", ms_host_name());
 	client_resume(s);
 }
 
@@ -1639,6 +1630,8 @@ void ms_smtp_sessions(struct ms_gateway *gw, json_t *array)
 		json_object_set_new(o, "proto", json_string(
 			s->proto == MS_GW_SMTP ? "smtp" : "submission"));
 		json_object_set_new(o, "client", json_string(s->peer));
+		json_object_set_new(o, "local", ms_json_addr(s->local,
+							     s->local_port));
 		json_object_set_new(o, "server", json_string(
 			s->b != NULL ? (s->b_side ? "destination" : "source") :
 			"-"));
@@ -1657,7 +1650,7 @@ void ms_smtp_close_all(struct ms_gateway *gw)
 			continue;
 		if (s->st != C_RELAY)
 			out(s, "421 4.3.2 %s Service shutting down\r\n",
-			    host_name());
+			    ms_host_name());
 		session_close(s);
 	}
 }

@@ -1,6 +1,8 @@
 #include <ctype.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -144,4 +146,14 @@ void ms_u32vec_free(struct ms_u32vec *vec)
 	free(vec->v);
 	vec->v = NULL;
 	vec->n = vec->cap = 0;
+}
+
+const char *ms_host_name(void)
+{
+	static char name[256];
+
+	if (name[0] == '\0' &&
+	    (gethostname(name, sizeof(name) - 1) < 0 || name[0] == '\0'))
+		snprintf(name, sizeof(name), "mailshift");
+	return name;
 }

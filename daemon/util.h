@@ -35,4 +35,7 @@ void ms_u32vec_sort(struct ms_u32vec *vec);
 int ms_u32vec_has(const struct ms_u32vec *vec, uint32_t x);
 void ms_u32vec_free(struct ms_u32vec *vec);
 
+/* This machine's name (gethostname), "mailshift" when it has none. */
+const char *ms_host_name(void);
+
 #endif

@@ -240,8 +240,8 @@ static void print_sessions(json_t *rep)
 	json_t *s;
 	size_t i;
 
-	printf("%-8s %-24s %-5s %-16s %-12s %-9s %s\n", "ID", "USER", "PROTO",
-	       "CLIENT", "SERVER", "STATE", "SINCE");
+	printf("%-8s %-24s %-10s %-16s %-21s %-12s %-9s %s\n", "ID", "USER",
+	       "PROTO", "CLIENT", "CONNECTED TO", "SERVER", "STATE", "SINCE");
 	json_array_foreach(json_object_get(rep, "sessions"), i, s) {
 		char when[32];
 		time_t t = (time_t)jint(s, "since");
@@ -249,9 +249,10 @@ static void print_sessions(json_t *rep)
 
 		localtime_r(&t, &tm);
 		strftime(when, sizeof(when), "%H:%M:%S", &tm);
-		printf("%-8lld %-24s %-5s %-16s %-12s %-9s %s\n", jint(s, "id"),
-		       jstr(s, "user"), jstr(s, "proto"), jstr(s, "client"),
-		       jstr(s, "server"), jstr(s, "state"), when);
+		printf("%-8lld %-24s %-10s %-16s %-21s %-12s %-9s %s\n",
+		       jint(s, "id"), jstr(s, "user"), jstr(s, "proto"),
+		       jstr(s, "client"), jstr(s, "local"), jstr(s, "server"),
+		       jstr(s, "state"), when);
 	}
 }
 

@@ -23,6 +23,7 @@ import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 
 import pytest
@@ -374,6 +375,111 @@ def test_hold(gpair, make_gw, how):
     assert count_msgid(m, mid) == 1, 'the held login went to the source'
     assert direct(gpair.src, 'bob', count_msgid, mid) == 0
     m.logout()
+
+
+class CapaOnlyPop3:
+    """A POP3 server on loopback that only greets, answers CAPA with a
+    short list and QUIT: what the gateway asks a server before it
+    advertises anything."""
+
+    CAPA = (b'+OK\r\nCAPA\r\nUIDL\r\nUSER\r\nSASL PLAIN LOGIN\r\n'
+            b'IMPLEMENTATION capa-only\r\n.\r\n')
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(('127.0.0.1', 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.asked = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                c.settimeout(10)
+                c.sendall(b'+OK capa-only ready\r\n')
+                buf = b''
+                try:
+                    while True:
+                        data = c.recv(4096)
+                        if not data:
+                            break
+                        buf += data
+                        while b'\r\n' in buf:
+                            line, buf = buf.split(b'\r\n', 1)
+                            if line.upper() == b'CAPA':
+                                self.asked += 1
+                                c.sendall(self.CAPA)
+                            elif line.upper() == b'QUIT':
+                                c.sendall(b'+OK bye\r\n')
+                                raise EOFError
+                            else:
+                                c.sendall(b'-ERR not here\r\n')
+                except (OSError, EOFError):
+                    pass
+
+    def close(self):
+        self.sock.close()
+        self.thread.join(5)
+
+
+def test_capabilities(workdir, ca, request):
+    """Before login the gateway advertises what both servers serve, as it
+    asked them at start: CAPABILITY in the greeting and on request, and
+    POP3 CAPA; after login the session's CAPABILITY is its server's own."""
+    users = {'alice': GW_USERS['alice']}
+    src = src_server(workdir, ca, users, name='capsrc',
+                     extra_conf='imap_capability = +XONLYSRC')
+    dst = dst_server(workdir, ca, users, name='capdst', extra_conf=(
+        'imap_capability = IMAP4rev1 SASL-IR ID ENABLE IDLE XONLYDST'))
+    fake = CapaOnlyPop3()
+    gw = None
+    try:
+        src.start()
+        dst.start()
+        gw = gwlib.Mailshiftd(
+            os.path.join(workdir, 'capgw'), src, dst, tls_ca=ca,
+            policy='off', extra_conf='[destination]\npop3 = '
+            'pop3://127.0.0.1:%d\n' % fake.port)
+        gw.start()
+        caps = gw.wait_capabilities('imap', 'pop3')
+        assert 'XONLYSRC' in caps['imap']['source'].split()
+        assert 'XONLYDST' in caps['imap']['destination'].split()
+        assert fake.asked >= 1
+
+        want = {'IMAP4REV1', 'SASL-IR', 'ID', 'ENABLE', 'IDLE', 'STARTTLS',
+                'AUTH=PLAIN', 'AUTH=LOGIN'}
+        m = gw_imap(gw)
+        assert greeting_caps(m.welcome) == want, m.welcome
+        typ, data = m.capability()
+        assert typ == 'OK'
+        assert set(data[0].decode().upper().split()) == want, data
+        typ, data = m.login('alice', users['alice'])
+        assert typ == 'OK', data
+        typ, data = m.capability()
+        after = set(data[0].decode().upper().split())
+        assert 'XONLYSRC' in after and 'LITERAL+' in after, after
+        m.logout()
+
+        p = poplib.POP3('127.0.0.1', gw.pop3_port, timeout=30)
+        try:
+            got = p.capa()
+        finally:
+            p.quit()
+        assert got == {'CAPA': [], 'UIDL': [], 'USER': [],
+                       'SASL': ['PLAIN'], 'STLS': []}, got
+    finally:
+        if gw is not None:
+            gw.stop()
+            if _failed(request):
+                print(gw.log_tail(40))
+        fake.close()
+        stop_all(src, dst)
 
 
 def test_pop3(gpair, make_gw, ca):

@@ -64,8 +64,12 @@ def env(test_root, ca):
     tls = (ca.cert_file, ca.key_file)
     e.src_mta = pf.Postfix(os.path.join(root, 'src-mta'), 'src', DOMAIN,
                            ports[0], users=USERS, sasl_port=ports[1], tls=tls)
+    # The destination MTA offers a little less and takes bigger messages:
+    # the gateway's EHLO lists what both offer (test_ehlo_capabilities).
     e.dst_mta = pf.Postfix(os.path.join(root, 'dst-mta'), 'dst', DOMAIN,
-                           ports[2], users=USERS, sasl_port=ports[3], tls=tls)
+                           ports[2], users=USERS, sasl_port=ports[3], tls=tls,
+                           extra_main_cf='message_size_limit = 20480000\n'
+                           'smtpd_discard_ehlo_keywords = dsn, etrn')
     e.gw = None
     errors = []
 
@@ -232,6 +236,42 @@ def test_source_user(env, gw):
     assert s.sendmail('sender@remote.test', [addr('alice')], msg) == {}
     s.quit()
     assert where(env, 'alice', msgid) == (1, 0)
+
+
+def ehlo_keywords(s, name='caps.remote.test'):
+    code, text = s.ehlo(name)
+    assert code == 250, text
+    return text.decode().split('\n')[1:]
+
+
+def test_ehlo_capabilities(env, gw):
+    """EHLO lists only what both MTAs offer (asked at start): the
+    destination MTA here discards DSN and ETRN and takes bigger messages,
+    so the gateway offers neither and the smaller SIZE; port 25 only what
+    the gateway relays; STARTTLS and AUTH are the gateway's own."""
+    caps = gw.wait_capabilities('smtp', 'submission')
+    src_kw = caps['smtp']['source'].split('\n')
+    dst_kw = caps['smtp']['destination'].split('\n')
+    assert 'DSN' in src_kw and 'DSN' not in dst_kw, caps['smtp']
+    assert 'SIZE 10240000' in src_kw and 'SIZE 20480000' in dst_kw, \
+        caps['smtp']
+    assert 'ETRN' in caps['submission']['source'].split('\n')
+
+    s = smtp(gw)
+    assert ehlo_keywords(s) == ['PIPELINING', 'SIZE 10240000', '8BITMIME',
+                                'STARTTLS', 'ENHANCEDSTATUSCODES']
+    s.quit()
+
+    s = smtplib.SMTP('127.0.0.1', gw.submission_port, timeout=30)
+    before = ehlo_keywords(s)
+    assert before == ['PIPELINING', 'SIZE 10240000', 'VRFY', '8BITMIME',
+                      'CHUNKING', 'STARTTLS', 'ENHANCEDSTATUSCODES'], before
+    s.starttls(context=env.ca.ssl_context())
+    after = ehlo_keywords(s)
+    assert 'STARTTLS' not in after and 'AUTH PLAIN LOGIN' in after, after
+    assert [k for k in after if k != 'AUTH PLAIN LOGIN'] == \
+        [k for k in before if k != 'STARTTLS'], (before, after)
+    s.quit()
 
 
 def test_destination_user(env, gw):

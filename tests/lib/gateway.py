@@ -286,6 +286,22 @@ class Mailshiftd:
                          r.stderr.decode(errors='replace'),
                          '--json' in args or '-j' in args)
 
+    def wait_capabilities(self, *kinds, timeout=20.0):
+        """Waits until the daemon has asked both servers for their
+        capabilities for each protocol of kinds ('imap', 'pop3', 'smtp',
+        'submission'); returns status's "capabilities" object."""
+        deadline = time.monotonic() + timeout
+        while True:
+            res = self.ctl('status', '--json')
+            caps = (res.json or {}).get('capabilities') or {}
+            if all(caps.get(k) and caps[k].get('source') is not None and
+                   caps[k].get('destination') is not None for k in kinds):
+                return caps
+            if time.monotonic() > deadline:
+                raise AssertionError('capabilities not asked in %.0f s: %s'
+                                     % (timeout, res.describe()))
+            time.sleep(0.1)
+
     def user(self, name):
         """The user's record from `user show NAME --json` (a dict), or
         None when the command fails."""

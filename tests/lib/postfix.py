@@ -18,6 +18,8 @@ Dovecot users are "alice", the addresses "alice@DOMAIN").
     mta.smtp_port, mta.submission_port        # loopback ports
     mta.stop()                                # TERM to master.pid's PID
 
+extra_main_cf: lines appended to main.cf (a later setting wins).
+
 The submission service (another port) offers AUTH (SASL by the Dovecot's
 auth service over TCP: sasl_port) and, with tls=(cert, key), STARTTLS; it
 accepts mail only from authenticated clients.
@@ -68,7 +70,7 @@ class Postfix:
     """One Postfix instance (see the module docstring)."""
 
     def __init__(self, root_dir, name, domain, lmtp_port, users=(),
-                 sasl_port=None, tls=None):
+                 sasl_port=None, tls=None, extra_main_cf=''):
         self.root_dir = os.path.abspath(root_dir)
         self.name = name
         self.domain = domain
@@ -76,6 +78,7 @@ class Postfix:
         self.users = list(users)
         self.sasl_port = sasl_port
         self.tls = tls
+        self.extra_main_cf = extra_main_cf
         self.config_dir = os.path.join(self.root_dir, 'etc')
         self.queue_dir = os.path.join(self.root_dir, 'queue')
         self.data_dir = os.path.join(self.root_dir, 'data')
@@ -141,6 +144,8 @@ class Postfix:
             lines += ['smtpd_tls_cert_file = %s' % cert,
                       'smtpd_tls_key_file = %s' % key,
                       'smtpd_tls_security_level = may']
+        if self.extra_main_cf:
+            lines.append(self.extra_main_cf.strip())
         return '\n'.join(lines) + '\n'
 
     def _master_cf(self):

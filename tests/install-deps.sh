@@ -7,7 +7,8 @@ PKGS="build-essential pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libjansson-dev libcmocka-dev python3 python3-pytest openssl
 dovecot-core dovecot-imapd dovecot-pop3d isync time
 postfix dovecot-lmtpd
-nginx libnginx-mod-mail perdition"
+nginx libnginx-mod-mail perdition
+nftables iproute2 gdb"
 
 missing=""
 for p in $PKGS; do

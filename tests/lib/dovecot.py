@@ -15,6 +15,12 @@ the current user (root); mail is stored as nobody/nogroup (65534).
 Every directory given as root_dir must be reachable by uid 65534 (every
 ancestor needs o+x): use make_test_root() rather than pytest's tmp_path,
 whose /tmp/pytest-of-root is 0700.
+
+netns='NAME' runs the instance inside that network namespace (made with
+`ip netns add`, see netns.py): started as `ip netns exec NAME dovecot -c
+CONF`, its loopback listeners are the namespace's 127.0.0.1, and the
+readiness check and the imap()/pop3() helpers open their sockets inside it.
+doveadm talks over UNIX sockets and works from anywhere.
 """
 
 import grp
@@ -194,7 +200,7 @@ class Dovecot:
                  layout='maildir++', special_use=None, tls_ca=None, pop3=True,
                  performance=False, master_user=None, extra_conf='',
                  listescape=False, mail_plugins='', fsync=False,
-                 list_index=False):
+                 list_index=False, netns=None):
         if layout not in ('maildir++', 'fs'):
             raise ValueError('layout must be maildir++ or fs')
         self.root_dir = os.path.abspath(root_dir)
@@ -212,6 +218,7 @@ class Dovecot:
         self.mail_plugins = mail_plugins
         self.fsync = fsync
         self.list_index = list_index
+        self.netns = netns
         self.base_dir = os.path.join(self.root_dir, 'run')
         self.state_dir = os.path.join(self.root_dir, 'state')
         self.mail_dir = os.path.join(self.root_dir, 'mail')
@@ -397,7 +404,8 @@ class Dovecot:
         with open(self.config_path, 'w') as f:
             f.write(self._config())
         with open(self.log_path, 'ab') as log:
-            r = subprocess.run([DOVECOT, '-c', self.config_path],
+            r = subprocess.run(self._netns_prefix() +
+                               [DOVECOT, '-c', self.config_path],
                                stdin=subprocess.DEVNULL, stdout=log,
                                stderr=log)
         if r.returncode != 0:
@@ -428,9 +436,22 @@ class Dovecot:
                 time.sleep(0.02)
         return self
 
-    @staticmethod
-    def _wait_greeting(port, prefix):
-        with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
+    def _netns_prefix(self):
+        if self.netns is None:
+            return []
+        import netns
+        return netns.exec_prefix(self.netns)
+
+    def _in_netns(self, fn, *args, **kwargs):
+        """fn(...) with its sockets made in this instance's namespace."""
+        if self.netns is None:
+            return fn(*args, **kwargs)
+        import netns
+        return netns.call_in_netns(self.netns, fn, *args, **kwargs)
+
+    def _wait_greeting(self, port, prefix):
+        with self._in_netns(socket.create_connection, ('127.0.0.1', port),
+                            timeout=5) as s:
             data = b''
             while b'\n' not in data:
                 chunk = s.recv(4096)
@@ -530,16 +551,19 @@ class Dovecot:
     def imap(self, user, password=None, tls=False, timeout=60):
         """A logged-in imaplib.IMAP4 (IMAP4_SSL with tls=True)."""
         if tls:
-            m = imaplib.IMAP4_SSL('127.0.0.1', self.imaps_port,
-                                  ssl_context=self.tls_ca.ssl_context(),
-                                  timeout=timeout)
+            m = self._in_netns(imaplib.IMAP4_SSL, '127.0.0.1',
+                               self.imaps_port,
+                               ssl_context=self.tls_ca.ssl_context(),
+                               timeout=timeout)
         else:
-            m = imaplib.IMAP4('127.0.0.1', self.imap_port, timeout=timeout)
+            m = self._in_netns(imaplib.IMAP4, '127.0.0.1', self.imap_port,
+                               timeout=timeout)
         m.login(user, self.users[user] if password is None else password)
         return m
 
     def pop3(self, user, password=None):
-        p = poplib.POP3('127.0.0.1', self.pop3_port, timeout=30)
+        p = self._in_netns(poplib.POP3, '127.0.0.1', self.pop3_port,
+                           timeout=30)
         p.user(user)
         p.pass_(self.users[user] if password is None else password)
         return p

@@ -234,6 +234,24 @@ static json_t *dispatch(struct ms_control *ctl, json_t *req)
 		return user_update(ctl, req, 1);
 	if (!strcmp(cmd, "user.set"))
 		return user_update(ctl, req, 0);
+	if (!strcmp(cmd, "policy.set")) {
+		const char *dom = json_string_value(json_object_get(req,
+								    "domain"));
+		const char *pol = json_string_value(json_object_get(req,
+								    "policy"));
+		char err[256];
+
+		if (ctl->gw == NULL)
+			return error("%s", "no gateway");
+		if (pol == NULL)
+			return error("%s", "a policy is needed (passthrough, "
+				     "hold, off or config)");
+		if (ms_gateway_set_policy(ctl->gw, dom, strcmp(pol, "config") ?
+					  pol : NULL, err, sizeof(err)) < 0)
+			return error("%s", err);
+		return json_pack("{s:b, s:o}", "ok", 1, "policy",
+				 ms_gateway_policies(ctl->gw));
+	}
 	if (!strcmp(cmd, "policy")) {
 		if (ctl->gw == NULL)
 			return error("%s", "no gateway");
@@ -268,7 +286,8 @@ static json_t *dispatch(struct ms_control *ctl, json_t *req)
 		if (user == NULL)
 			return error("%s", "a user name is needed");
 		return json_pack("{s:b, s:i}", "ok", 1, "kicked",
-				 ctl->gw != NULL ? ms_gateway_kick(ctl->gw, user) : 0);
+				 ctl->gw != NULL ? ms_gateway_kick(ctl->gw, user) +
+				 ms_smtp_kick(ctl->gw, user) : 0);
 	}
 	return error("unknown command \"%s\"", cmd);
 }

@@ -135,6 +135,12 @@ struct ms_gateway {
 	uv_tcp_t *metrics;
 	struct penalty *penalties;
 	struct ms_caps *caps;		/* advertised before login */
+	/* The config file's policies; cfg's are these with the overrides
+	 * set at run time (kept in the store) applied. */
+	enum ms_policy conf_policy;
+	unsigned int conf_ndomains;
+	__typeof__(((struct ms_gw_config *)0)->domains) conf_domains;
+	json_t *policy_set;		/* {scope: policy} from the store */
 };
 
 static void session_close(struct session *s);
@@ -1537,7 +1543,100 @@ json_t *ms_gateway_policies(struct ms_gateway *gw)
 	json_object_set_new(o, "domains", d);
 	json_object_set_new(o, "hold_max_seconds",
 			    json_integer(gw->cfg.hold_max_seconds));
+	/* Which of those were set at run time ("" = the default). */
+	json_object_set(o, "set", gw->policy_set);
 	return o;
+}
+
+static int policy_collect(void *ctx, const char *scope, const char *policy)
+{
+	json_object_set_new(ctx, scope, json_string(policy));
+	return 0;
+}
+
+/* cfg's policies = the config file's, then the store's overrides. */
+static int policies_load(struct ms_gateway *gw, char *err, size_t errsz)
+{
+	json_t *set = json_object();
+	json_t *v;
+	const char *scope;
+
+	if (ms_store_policy_foreach(gw->store, policy_collect, set) != 0) {
+		snprintf(err, errsz, "store: %s", ms_store_error(gw->store));
+		json_decref(set);
+		return -1;
+	}
+	gw->cfg.policy = gw->conf_policy;
+	gw->cfg.ndomains = gw->conf_ndomains;
+	memcpy(gw->cfg.domains, gw->conf_domains, sizeof(gw->cfg.domains));
+	json_object_foreach(set, scope, v) {
+		enum ms_policy p;
+		unsigned int i;
+
+		if (ms_policy_parse(json_string_value(v), &p) < 0)
+			continue;
+		if (*scope == '\0') {
+			gw->cfg.policy = p;
+			continue;
+		}
+		for (i = 0; i < gw->cfg.ndomains; i++)
+			if (!strcasecmp(gw->cfg.domains[i].domain, scope))
+				break;
+		if (i == MS_GW_MAX_DOMAINS)
+			continue;	/* refused when it was set */
+		if (i == gw->cfg.ndomains) {
+			snprintf(gw->cfg.domains[i].domain,
+				 sizeof(gw->cfg.domains[i].domain), "%s",
+				 scope);
+			gw->cfg.ndomains++;
+		}
+		gw->cfg.domains[i].policy = p;
+	}
+	json_decref(gw->policy_set);
+	gw->policy_set = set;
+	return 0;
+}
+
+int ms_gateway_set_policy(struct ms_gateway *gw, const char *domain,
+			  const char *policy, char *err, size_t errsz)
+{
+	char lower[sizeof(gw->cfg.domains[0].domain)];
+	enum ms_policy p;
+
+	if (domain != NULL) {
+		unsigned int n = 0;
+
+		if (*domain == '\0' || strlen(domain) >=
+		    sizeof(gw->cfg.domains[0].domain) ||
+		    strpbrk(domain, "@ \t\r\n\"\\") != NULL) {
+			snprintf(err, errsz, "invalid domain \"%s\"", domain);
+			return -1;
+		}
+		for (size_t i = 0; i <= strlen(domain); i++)
+			lower[i] = (char)tolower((unsigned char)domain[i]);
+		domain = lower;
+		for (unsigned int i = 0; i < gw->cfg.ndomains; i++)
+			n += strcasecmp(gw->cfg.domains[i].domain, domain) != 0;
+		if (policy != NULL && n >= MS_GW_MAX_DOMAINS) {
+			snprintf(err, errsz, "at most %d domains have a policy",
+				 MS_GW_MAX_DOMAINS);
+			return -1;
+		}
+	}
+	if (policy != NULL && ms_policy_parse(policy, &p) < 0) {
+		snprintf(err, errsz, "invalid policy \"%s\" (passthrough, hold "
+			 "or off)", policy);
+		return -1;
+	}
+	if (ms_store_policy_set(gw->store, domain != NULL ? domain : "",
+				policy) < 0) {
+		snprintf(err, errsz, "store: %s", ms_store_error(gw->store));
+		return -1;
+	}
+	ms_info("policy of %s%s: %s", domain != NULL ? "@" : "",
+		domain != NULL ? domain : "every user (the default)",
+		policy != NULL ? policy : "the config file's again");
+	return policies_load(gw, err, errsz);
 }
 
 json_t *ms_json_addr(const char *addr, unsigned int port)
@@ -1990,6 +2089,11 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 	gw->loop = loop;
 	gw->cfg = *cfg;
 	gw->store = store;
+	gw->conf_policy = cfg->policy;
+	gw->conf_ndomains = cfg->ndomains;
+	memcpy(gw->conf_domains, cfg->domains, sizeof(gw->conf_domains));
+	if (policies_load(gw, err, errsz) < 0)
+		goto fail;
 	if (cfg->cert[0] != '\0' &&
 	    ms_tls_server_new(cfg->cert, cfg->key, &gw->tls, err, errsz) < 0)
 		goto fail;
@@ -2077,6 +2181,7 @@ void ms_gateway_free(struct ms_gateway **gwp)
 		uv_close((uv_handle_t *)gw->metrics, on_timer_close);
 	ms_mover_free(&gw->mover);
 	ms_caps_free(&gw->caps);
+	json_decref(gw->policy_set);
 	for (unsigned int i = 0; i < USER_BUCKETS; i++) {
 		while (gw->users[i] != NULL) {
 			struct guser *gu = gw->users[i];

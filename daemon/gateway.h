@@ -73,8 +73,14 @@ void ms_gateway_free(struct ms_gateway **gw);
 
 /* For the control socket. */
 json_t *ms_gateway_sessions(struct ms_gateway *gw);
-/* {"default": P, "domains": {D: P}, "hold_max_seconds": N} */
+/* {"default": P, "domains": {D: P}, "hold_max_seconds": N, "set": {S: P}}
+ * ("set": what was set at run time; scope "" = the default). */
 json_t *ms_gateway_policies(struct ms_gateway *gw);
+/* Sets the default policy (domain NULL) or a domain's, kept in the store
+ * and applied to logins from now on; policy NULL: back to the config
+ * file's. Returns 0, or -1 with err filled. */
+int ms_gateway_set_policy(struct ms_gateway *gw, const char *domain,
+			  const char *policy, char *err, size_t errsz);
 unsigned int ms_gateway_nsessions(struct ms_gateway *gw);
 /* What the gateway is doing for the user now: "copying", "last delta",
  * "verified, flips at log-off", or "". */
@@ -111,6 +117,10 @@ void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 /* Implemented in smtp.c: the SMTP sessions, for ms_gateway_sessions(). */
 void ms_smtp_sessions(struct ms_gateway *gw, json_t *array);
 void ms_smtp_close_all(struct ms_gateway *gw);
+/* Implemented in smtp.c: ends the user's submission sessions (mailshiftctl
+ * kick). Returns how many. They do not touch the mailbox, so a cutover
+ * neither waits for them nor ends them. */
+int ms_smtp_kick(struct ms_gateway *gw, const char *user);
 
 /* "ADDR:PORT" ("[V6]:PORT") as a JSON string, for the sessions list. */
 json_t *ms_json_addr(const char *addr, unsigned int port);

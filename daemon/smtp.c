@@ -1654,3 +1654,23 @@ void ms_smtp_close_all(struct ms_gateway *gw)
 		session_close(s);
 	}
 }
+
+int ms_smtp_kick(struct ms_gateway *gw, const char *user)
+{
+	int n = 0;
+
+	for (struct smtp_session *s = sessions, *next; s != NULL; s = next) {
+		next = s->next;
+		if (s->gw != gw || s->auth_user == NULL ||
+		    strcmp(s->auth_user, user) != 0)
+			continue;
+		/* In relay the MTA's session is the client's: a reply of
+		 * ours could land in the middle of the MTA's. */
+		if (s->st != C_RELAY)
+			out(s, "421 4.7.0 %s Administrator ended this "
+			    "session\r\n", ms_host_name());
+		session_close(s);
+		n++;
+	}
+	return n;
+}

@@ -56,7 +56,13 @@ static const char schema_sql[] =
 	" flags TEXT,"
 	" dst_uid INTEGER,"
 	" dst_floor INTEGER,"
-	" PRIMARY KEY(folder_id, src_uid, uidl)) WITHOUT ROWID;";
+	" PRIMARY KEY(folder_id, src_uid, uidl)) WITHOUT ROWID;"
+	/* Policies set at run time (mailshiftctl policy --default/--domain);
+	 * they override the config file's. scope "" = the default, else a
+	 * domain. */
+	"CREATE TABLE IF NOT EXISTS policies ("
+	" scope TEXT PRIMARY KEY,"
+	" policy TEXT NOT NULL);";
 
 #define FOLDER_COLS "id, user_id, src_name, dst_name, src_uidvalidity, " \
 		    "dst_uidvalidity, hwm, modseq, msgs, bytes"
@@ -1010,6 +1016,53 @@ int ms_store_user_set_policy(struct ms_store *store, int64_t user_id,
 	sqlite3_finalize(st);
 	if (rc != SQLITE_DONE)
 		return set_error(store, "user_set_policy: %s",
+				 sqlite3_errstr(rc));
+	return 0;
+}
+
+int ms_store_policy_set(struct ms_store *store, const char *scope,
+			const char *policy)
+{
+	sqlite3_stmt *st;
+	int rc;
+
+	if (policy != NULL && strcmp(policy, "passthrough") &&
+	    strcmp(policy, "hold") && strcmp(policy, "off"))
+		return set_error(store, "invalid policy \"%s\" (passthrough, "
+				 "hold or off)", policy);
+	if (sqlite3_prepare_v2(store->db, policy != NULL ?
+			       "INSERT OR REPLACE INTO policies (scope, policy) "
+			       "VALUES (?1, ?2)" :
+			       "DELETE FROM policies WHERE scope = ?1", -1, &st,
+			       NULL) != SQLITE_OK)
+		return db_error(store, "policy_set");
+	sqlite3_bind_text(st, 1, scope, -1, SQLITE_STATIC);
+	if (policy != NULL)
+		sqlite3_bind_text(st, 2, policy, -1, SQLITE_STATIC);
+	rc = sqlite3_step(st);
+	sqlite3_finalize(st);
+	if (rc != SQLITE_DONE)
+		return set_error(store, "policy_set: %s", sqlite3_errstr(rc));
+	return 0;
+}
+
+int ms_store_policy_foreach(struct ms_store *store, ms_store_policy_cb *cb,
+			    void *ctx)
+{
+	sqlite3_stmt *st;
+	int rc, r = 0;
+
+	if (sqlite3_prepare_v2(store->db, "SELECT scope, policy FROM policies "
+			       "ORDER BY scope", -1, &st, NULL) != SQLITE_OK)
+		return db_error(store, "policy_foreach");
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW && r == 0)
+		r = cb(ctx, (const char *)sqlite3_column_text(st, 0),
+		       (const char *)sqlite3_column_text(st, 1));
+	sqlite3_finalize(st);
+	if (r != 0)
+		return r;
+	if (rc != SQLITE_DONE)
+		return set_error(store, "policy_foreach: %s",
 				 sqlite3_errstr(rc));
 	return 0;
 }

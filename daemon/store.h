@@ -52,6 +52,15 @@ int ms_store_user_foreach(struct ms_store *store, ms_store_user_cb *cb,
 int ms_store_user_set_policy(struct ms_store *store, int64_t user_id,
 			     const char *policy);
 
+/* Policies set at run time, overriding the config file's: scope "" is the
+ * default, otherwise a domain. policy NULL removes the override. */
+int ms_store_policy_set(struct ms_store *store, const char *scope,
+			const char *policy);
+typedef int ms_store_policy_cb(void *ctx, const char *scope,
+			       const char *policy);
+int ms_store_policy_foreach(struct ms_store *store, ms_store_policy_cb *cb,
+			    void *ctx);
+
 /* Folders: one row per (user, source folder name). */
 struct ms_folder_state {
 	int64_t id;

@@ -344,17 +344,22 @@ int migrate_daemon_main(int argc, char *argv[])
 static void print_policy(json_t *rep)
 {
 	json_t *p = json_object_get(rep, "policy"), *v;
+	json_t *set = json_object_get(p, "set");
 	const char *k;
 
-	printf("default: %s (hold at most %lld s)\n", jstr(p, "default"),
-	       jint(p, "hold_max_seconds"));
+	printf("default: %s (hold at most %lld s)%s\n", jstr(p, "default"),
+	       jint(p, "hold_max_seconds"), json_object_get(set, "") != NULL ?
+	       "  [set with mailshiftctl]" : "");
 	json_object_foreach(json_object_get(p, "domains"), k, v)
-		printf("@%s: %s\n", k, json_string_value(v));
+		printf("@%s: %s%s\n", k, json_string_value(v),
+		       json_object_get(set, k) != NULL ?
+		       "  [set with mailshiftctl]" : "");
 }
 
-/* mailshiftctl policy: shows the default and per-domain policies (from the
- * config file); policy USER POLICY sets one user's (default: back to the
- * domain's or the global one). */
+/* mailshiftctl policy: shows the default and per-domain policies;
+ * policy --default P and policy --domain D P change them at run time (kept
+ * in the store; "config": back to the config file's); policy USER P sets
+ * one user's ("default": back to the domain's or the global one). */
 int policy_main(int argc, char *argv[])
 {
 	struct copts o = { 0 };
@@ -364,7 +369,19 @@ int policy_main(int argc, char *argv[])
 	if (argc == 1)
 		return finish(&o, request(&o, json_pack("{s:s}", "cmd", "policy")),
 			      print_policy);
-	if (argc == 3)
+	if (argc == 3 && !strcmp(argv[1], "--default"))
+		return finish(&o, request(&o, json_pack("{s:s, s:s}", "cmd",
+							"policy.set", "policy",
+							argv[2])),
+			      print_policy);
+	if (argc == 4 && !strcmp(argv[1], "--domain"))
+		return finish(&o, request(&o, json_pack("{s:s, s:s, s:s}", "cmd",
+							"policy.set", "domain",
+							argv[2][0] == '@' ?
+							argv[2] + 1 : argv[2],
+							"policy", argv[3])),
+			      print_policy);
+	if (argc == 3 && argv[1][0] != '-')
 		/* A user not in the map yet is added with that policy. */
 		return finish(&o, request(&o, json_pack("{s:s, s:s, s:s}", "cmd",
 							"user.add", "user",
@@ -372,7 +389,10 @@ int policy_main(int argc, char *argv[])
 							argv[2])),
 			      print_user);
 	fprintf(stderr, "Usage: %s policy [--json]\n"
-		"       %s policy USER passthrough|hold|off|default\n", prog, prog);
+		"       %s policy --default passthrough|hold|off|config\n"
+		"       %s policy --domain DOMAIN passthrough|hold|off|config\n"
+		"       %s policy USER passthrough|hold|off|default\n", prog, prog,
+		prog, prog);
 	return 2;
 }
 

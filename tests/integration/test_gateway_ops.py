@@ -5,6 +5,7 @@ the middle of a copy (no message lost or duplicated after the restart).
 Reuses the fixtures of test_gateway.py (gpair: a source holding alice's and
 bob's corpora, an empty destination; make_gw: a started mailshiftd)."""
 
+import imaplib
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import pytest
 
 import gateway as gwlib
 from conftest import MASTER
+from test_gateway import GW_USERS
 from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
 
 
@@ -244,6 +246,67 @@ def test_policy_command(gpair, make_gw):
     assert g.user('alice')['policy'] == 'off'
     r = g.ctl('policy', 'alice', 'sometimes')
     assert r.rc != 0 and 'invalid policy' in r.stderr, r.describe()
+
+
+def login_logout(g, user):
+    m = imaplib.IMAP4('127.0.0.1', g.imap_port, timeout=60)
+    typ, data = m.login(user, GW_USERS[user])
+    assert typ == 'OK', data
+    m.select('INBOX')
+    m.logout()
+
+
+def test_policy_set_at_run_time(gpair, make_gw):
+    """The default and a domain's policy changed with mailshiftctl take
+    effect for the next login, survive a restart (kept in the store) and
+    go back to the config file's with "config"."""
+    g = make_gw(tls=False, policy='passthrough',
+                domains={'example.org': 'hold'})
+
+    def policy():
+        r = g.ctl('policy', '--json')
+        assert r.rc == 0, r.describe()
+        return r.json['policy']
+
+    r = g.ctl('policy', '--default', 'off', '--json')
+    assert r.rc == 0, r.describe()
+    assert r.json['policy']['default'] == 'off'
+    assert r.json['policy']['set'] == {'': 'off'}
+    login_logout(g, 'carol')            # off: served by the source, no copy
+    time.sleep(1)
+    assert g.state('carol') in (None, 'source'), g.user('carol')
+
+    assert g.ctl('policy', '--default', 'hold').rc == 0
+    login_logout(g, 'carol')            # hold: copied first, then served
+    assert g.state('carol') == 'destination', g.user('carol')
+
+    r = g.ctl('policy', '--domain', '@Example.NET', 'off')
+    assert r.rc == 0, r.describe()
+    assert '@example.net: off  [set with mailshiftctl]' in r.stdout, r.stdout
+    assert g.ctl('policy', '--domain', 'example.org', 'passthrough').rc == 0
+    for bad, why in ((('--default', 'sometimes'), 'invalid policy'),
+                     (('--domain', 'a b', 'off'), 'invalid domain'),
+                     (('--domain', 'x@y', 'off'), 'invalid domain'),
+                     (('--domain', 'example.org'), 'Usage')):
+        r = g.ctl('policy', *bad)
+        assert r.rc != 0 and why in r.stderr, r.describe()
+    want = {'default': 'hold', 'domains': {'example.org': 'passthrough',
+                                           'example.net': 'off'},
+            'hold_max_seconds': 60,
+            'set': {'': 'hold', 'example.net': 'off',
+                    'example.org': 'passthrough'}}
+    assert policy() == want
+
+    g.stop()                            # kept in the store
+    g.start()
+    assert policy() == want
+
+    assert g.ctl('policy', '--default', 'config').rc == 0
+    assert g.ctl('policy', '--domain', 'example.org', 'config').rc == 0
+    assert g.ctl('policy', '--domain', 'EXAMPLE.net', 'config').rc == 0
+    assert policy() == {'default': 'passthrough',
+                        'domains': {'example.org': 'hold'},
+                        'hold_max_seconds': 60, 'set': {}}
 
 
 def test_sweep_rate(gpair, make_gw, workdir):

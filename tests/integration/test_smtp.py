@@ -462,6 +462,23 @@ def test_submission(env, gw):
     assert code == 454 and text.startswith(b'4.7.0'), (code, text)
     s.quit()
 
+    # mailshiftctl kick ends the user's submission sessions too.
+    s = smtplib.SMTP_SSL('127.0.0.1', gw.submissions_port, timeout=30,
+                         context=ctx)
+    s.ehlo('laptop')
+    s.user, s.password = 'kate', USERS['kate']
+    assert s.auth('PLAIN', s.auth_plain)[0] == 235
+    other = smtp(gw)                      # someone else's session stays
+    other.ehlo('other.remote.test')
+    r = gw.ctl('kick', 'kate', '--json')
+    assert r.rc == 0 and r.json['kicked'] == 1, r.describe()
+    with pytest.raises((smtplib.SMTPServerDisconnected, OSError)):
+        s.noop()
+        s.noop()
+    assert not any(x['user'] == 'kate' for x in sessions(gw))
+    assert other.noop()[0] == 250
+    other.quit()
+
 
 def read_reply(sock, timeout=10):
     """One SMTP reply (all lines) or b'' when the server closed."""

@@ -1692,6 +1692,11 @@ enum ms_route ms_gateway_route(struct ms_gateway *gw, const char *user)
 		return MS_ROUTE_DESTINATION;
 	if (!strcmp(info.state, "cutover"))
 		return MS_ROUTE_DEFER;
+	/* Mail for the source while the user's copy runs may land after
+	 * its folder was read: the flip then needs a cutover (mail
+	 * deferred, the source's MTA given its grace, a last delta). */
+	if (gu != NULL && (gu->copying || gu->flip_pending))
+		gu->touched = 1;
 	return MS_ROUTE_SOURCE;
 }
 

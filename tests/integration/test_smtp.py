@@ -36,7 +36,7 @@ from conftest import stop_all, wait_for
 DOMAIN = 'example.test'
 USERS = {u: 'Smtp-%s-Pw-%04d' % (u, i) for i, u in enumerate(
     ('alice', 'bob', 'carol', 'dave', 'erin', 'gina', 'hank', 'ivan',
-     'judy', 'kate', 'liam', 'mona'))}
+     'judy', 'kate', 'liam', 'mona', 'nora'))}
 WRONG_PW = 'Wr0ng-Smtp-Pw-31x'
 
 
@@ -403,6 +403,44 @@ def test_mail_during_copy(env, gw):
         assert count(env.dst, user, i) == 1, i
     assert count(env.dst, user, id4) == 1 and count(env.src, user, id4) == 0
     assert count(env.dst, user, id3) == 1 and count(env.src, user, id3) == 0
+
+
+def test_mail_during_held_copy(env, gw):
+    """A message that reaches the source while a held login's copy runs,
+    after the copy has read INBOX (the bulk is in a folder copied later):
+    nobody used the source, but the flip still goes through a cutover, so
+    the message is on the destination exactly once when the login is
+    served there."""
+    user = 'nora'
+    m = env.src.imap(user)
+    m.create('Zbulk')
+    mc.append_many(m, 'Zbulk', [(mc.make_message(i, 2000), [], None)
+                                for i in range(4000)])
+    m.logout()
+    assert gw.ctl('policy', user, 'hold').rc == 0
+    result = {}
+
+    def held_login():
+        im = imaplib.IMAP4('127.0.0.1', gw.imap_port, timeout=120)
+        result['login'] = im.login(user, USERS[user])
+        result['exists'] = int(im.select('INBOX', readonly=True)[1][0])
+        im.logout()
+
+    t = threading.Thread(target=held_login)
+    t.start()
+    try:
+        assert gw.wait_state(user, 'copying', timeout=20) == 'copying'
+        msg, msgid = message('held')
+        s = smtp(gw)
+        assert s.sendmail('sender@remote.test', [addr(user)], msg) == {}
+        s.quit()
+        settled(env)
+    finally:
+        t.join(120)
+    assert result.get('login', ('',))[0] == 'OK', result
+    assert gw.state(user) == 'destination'
+    assert where(env, user, msgid) == (1, 1)
+    assert result['exists'] == 1, result
 
 
 def test_submission(env, gw):

@@ -214,7 +214,7 @@ class Mailshiftd:
                 import netns
                 prefix = netns.exec_prefix(self.netns)
             self.proc = subprocess.Popen(
-                prefix + [self.binary, '-c', self.config_path, '-f'],
+                prefix + [self.binary, '-c', self.config_path, '-f', '-v'],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)
         finally:

@@ -104,6 +104,8 @@ struct guser {
 					   copy ran: a last delta is needed */
 	int force;			/* the operator asked: end the user's
 					   sessions (BYE) once verified */
+	int resume;			/* recover(): copy interrupted by a
+					   crash, to be started again */
 	char *pw;			/* captured password, for the copies */
 	uv_timer_t *grace;		/* cutover: waiting before the delta */
 	struct ms_gateway *gw;
@@ -1815,11 +1817,21 @@ void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p)
 static int recover_one(void *ctx, const struct ms_user_info *u)
 {
 	struct ms_gateway *gw = ctx;
+	struct guser *gu;
 
 	/* A cutover a crash interrupted: nobody is held any more, and the
 	 * last delta has to run again. Back to copying. */
 	if (!strcmp(u->state, "cutover"))
 		set_state(gw, u->name, "copying", "interrupted cutover, resumed");
+	else if (strcmp(u->state, "copying") != 0)
+		return 0;
+	/* With admin logins the copy goes on now (else at the user's next
+	 * login, or the sweep's turn); it flips once verified, through a
+	 * cutover if anything reached the source meanwhile. */
+	if (gw->mover != NULL && have_admin(gw) &&
+	    user_policy(gw, u) != MS_POLICY_OFF &&
+	    (gu = user_get(gw, u->name)) != NULL)
+		gu->resume = 1;
 	return 0;
 }
 
@@ -1827,6 +1839,14 @@ static void recover(struct ms_gateway *gw)
 {
 	if (ms_store_user_foreach(gw->store, recover_one, gw) < 0)
 		ms_log(MS_LOG_ERROR, "store: %s", ms_store_error(gw->store));
+	for (unsigned int i = 0; i < USER_BUCKETS; i++)
+		for (struct guser *gu = gw->users[i]; gu != NULL; gu = gu->next)
+			if (gu->resume) {
+				gu->resume = 0;
+				ms_info("%s: resuming the interrupted copy",
+					gu->name);
+				user_copy_start(gw, gu);
+			}
 }
 
 struct sweep_ctx {

@@ -81,13 +81,54 @@ def test_admin_password_file_must_be_root_only(gpair, workdir):
 
 
 def test_interrupted_cutover_is_resumed(gpair, make_gw, workdir):
+    """A user found in cutover at start (the daemon died in one) goes back
+    to copying and, with admin logins, is copied and flipped at once."""
     g = make_gw(tls=False, policy='passthrough',
                 extra_conf=admin_conf(workdir, sweep=False))
     r = g.ctl('user', 'add', 'alice', 'state', 'cutover', '--json')
     assert r.rc == 0, r.describe()
     g.stop()
     g.start()
-    assert g.state('alice') == 'copying', g.log_tail()
+    assert g.wait_state('alice', ('destination', 'failed'),
+                        timeout=60) == 'destination', g.log_tail()
+    assert 'alice: resuming the interrupted copy' in g.log_text()
+    gpair.assert_copied('alice')
+
+
+def test_kill9_daemon_in_cutover(gpair, make_gw, workdir):
+    """kill -9 of mailshiftd during a real cutover (the last delta of
+    thousands of messages the user added on the source through the
+    gateway): after the restart nothing is lost or duplicated and the user
+    ends on the destination."""
+    import mailcheck as mc
+    g = make_gw(tls=False, policy='passthrough', connections=1,
+                extra_conf=admin_conf(workdir, sweep=False))
+    m = imaplib.IMAP4('127.0.0.1', g.imap_port, timeout=60)
+    assert m.login('alice', GW_USERS['alice'])[0] == 'OK'
+    end = time.time() + 60
+    while time.time() < end and not (g.user('alice') or {}).get(
+            'copy', '').startswith('verified'):
+        time.sleep(0.05)
+    assert g.user('alice')['copy'].startswith('verified'), g.user('alice')
+    # Through the gateway, on the source: the last delta's work.
+    mc.append_many(m, 'INBOX', [(mc.make_message(700000 + i, 800), (),
+                                 1500000000 + i) for i in range(4000)])
+    m.logout()
+    assert g.wait_state('alice', 'cutover', timeout=10) == 'cutover'
+    before = (g.user('alice') or {}).get('messages', 0)
+    end = time.time() + 30
+    while time.time() < end and \
+            (g.user('alice') or {}).get('messages', 0) < before + 200:
+        time.sleep(0.01)
+    u = g.user('alice')
+    assert u['state'] == 'cutover' and u['messages'] >= before + 200, u
+    os.kill(g.pid, signal.SIGKILL)
+    g.proc.wait()
+    g.proc = None
+    g.start()
+    st = g.wait_state('alice', ('destination', 'failed'), timeout=60)
+    assert st == 'destination', (st, g.log_tail())
+    gpair.assert_copied('alice')
 
 
 def test_kill9_daemon_mid_copy(gpair, make_gw, workdir):

@@ -2,6 +2,7 @@
  * way (docs/gateway-spec.md). Requests are bounded in size; a bad request
  * gets {"ok": false, "error": ...} and the connection stays usable. */
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -75,11 +76,16 @@ out:
 	free(text);
 }
 
-static json_t *error(const char *fmt, const char *arg)
+static json_t *error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static json_t *error(const char *fmt, ...)
 {
 	char msg[512];
+	va_list ap;
 
-	snprintf(msg, sizeof(msg), fmt, arg);
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
 	return json_pack("{s:b, s:s}", "ok", 0, "error", msg);
 }
 
@@ -145,6 +151,22 @@ static json_t *user_update(struct ms_control *ctl, json_t *req, int create)
 		return error("store: %s", ms_store_error(ctl->store));
 	if (!found && !create)
 		return error("no such user \"%s\"", user);
+	if (found && state != NULL && strcmp(state, info.state) != 0) {
+		/* The map is what the gateway acts on: a wrong word here
+		 * strands mail. Refuse what cannot be right by hand. */
+		if (ctl->gw != NULL && ms_gateway_user_copy(ctl->gw, user)[0] !=
+		    '\0')
+			return error("a copy runs for %s (%s): wait for it, or "
+				     "end it with mailshiftctl kick", user,
+				     ms_gateway_user_copy(ctl->gw, user));
+		if (!strcmp(info.state, "destination") &&
+		    !json_is_true(json_object_get(req, "force")))
+			return error("%s is on the destination: mail that "
+				     "arrived there since would be left "
+				     "behind; mailshiftctl rollback %s brings "
+				     "it back (--force to set the state "
+				     "anyway)", user, user);
+	}
 	if (ms_store_user_get(ctl->store, user, &id) < 0 ||
 	    (state != NULL && ms_store_user_set_state(ctl->store, id, state,
 						      NULL) < 0) ||

@@ -416,7 +416,7 @@ static void user_usage(void)
 		"Usage: %s user list [--json]\n"
 		"       %s user show USER [--json]\n"
 		"       %s user add USER [state STATE] [policy POLICY]\n"
-		"       %s user set USER {state STATE | policy POLICY}...\n"
+		"       %s user set USER {state STATE | policy POLICY}... [--force]\n"
 		"       %s user import FILE.csv   (user[,state[,policy]] per line)\n",
 		prog, prog, prog, prog, prog);
 }
@@ -427,6 +427,11 @@ static json_t *user_change(const char *cmd, const char *user, int argc,
 	json_t *req = json_pack("{s:s, s:s}", "cmd", cmd, "user", user);
 
 	for (int i = 0; i < argc; i += 2) {
+		if (!strcmp(argv[i], "--force")) {
+			json_object_set_new(req, "force", json_true());
+			i--;
+			continue;
+		}
 		if (i + 1 >= argc || (strcmp(argv[i], "state") &&
 				      strcmp(argv[i], "policy"))) {
 			json_decref(req);

@@ -366,3 +366,35 @@ def test_sweep_rate(gpair, make_gw, workdir):
     time.sleep(3)           # several more sweep intervals: still one
     assert sorted(g.state(u) for u in ('alice', 'bob')) == \
         ['destination', 'source']
+
+
+def test_state_change_guard(gpair, make_gw, workdir):
+    """`user set USER state ...` refuses what would strand mail: a user on
+    the destination sent back by hand (without --force), and any change
+    while the user's copy runs."""
+    import mailcheck as mc
+    g = make_gw(tls=False, policy='passthrough',
+                extra_conf=admin_conf(workdir, sweep=False))
+    assert g.ctl('user', 'add', 'carol', 'state', 'destination').rc == 0
+    r = g.ctl('user', 'set', 'carol', 'state', 'source')
+    assert r.rc != 0 and 'mailshiftctl rollback carol' in r.stderr, \
+        r.describe()
+    assert g.state('carol') == 'destination'
+    r = g.ctl('user', 'set', 'carol', 'state', 'source', '--force')
+    assert r.rc == 0, r.describe()
+    assert g.state('carol') == 'source'
+
+    m = gpair.src.imap('bob')
+    try:
+        mc.append_many(m, 'INBOX', [(mc.make_message(800000 + i, 600), (),
+                                     None) for i in range(3000)])
+    finally:
+        m.logout()
+    r = g.ctl('migrate', '--daemon', 'bob')
+    assert r.rc == 0, r.describe()
+    assert g.wait_state('bob', 'copying', timeout=10) == 'copying'
+    r = g.ctl('user', 'set', 'bob', 'state', 'destination')
+    assert r.rc != 0 and 'a copy runs for bob' in r.stderr, r.describe()
+    assert g.wait_state('bob', ('destination', 'failed'),
+                        timeout=60) == 'destination'
+    gpair.assert_copied('bob')

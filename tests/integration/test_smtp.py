@@ -188,9 +188,9 @@ def where(env, user, msgid):
 
 
 def set_state(gw, user, state):
-    res = gw.ctl('user', 'add', user, 'state', state)
+    res = gw.ctl('user', 'add', user, 'state', state, '--force')
     if res.rc != 0:
-        res = gw.ctl('user', 'set', user, 'state', state)
+        res = gw.ctl('user', 'set', user, 'state', state, '--force')
     assert res.rc == 0, res.describe()
     assert gw.state(user) == state
 

@@ -638,6 +638,8 @@ json_t *ms_caps_json(struct ms_caps *c)
 		for (int side = 0; side < 2; side++) {
 			const char *name = side ? "destination" : "source";
 
+			if (!configured(c, k, side))
+				continue;
 			json_object_set_new(e, name, c->raw[k][side] != NULL ?
 					    json_string(c->raw[k][side]) :
 					    json_null());

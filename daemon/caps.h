@@ -59,8 +59,8 @@ void ms_caps_free(struct ms_caps **caps);
 const char *ms_caps_get(struct ms_caps *caps, enum ms_caps_kind kind);
 
 /* {"imap": {"advertised": "...", "source": "..."|null, "destination":
- * ...}, "pop3": ..., "smtp": ..., "submission": ...}
- * (only the configured protocols). */
+ * ...}, "pop3": ..., "smtp": ..., "submission": ...}: only the configured
+ * protocols and servers; null until the server has answered. */
 json_t *ms_caps_json(struct ms_caps *caps);
 
 #endif

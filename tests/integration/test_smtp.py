@@ -850,8 +850,9 @@ def test_hostile_mta(env):
     with garbage, or goes away in the middle of the data: the client gets
     a temporary failure (451) each time, never a crash, and the next
     transaction (a well-behaved connection) delivers."""
-    plan = {1: 'close-at-greeting', 2: 'long-reply', 3: 'garbage-reply',
-            4: 'close-in-data'}
+    # Connection 1 is the gateway asking what the MTA offers (at start).
+    plan = {2: 'close-at-greeting', 3: 'long-reply', 4: 'garbage-reply',
+            5: 'close-in-data'}
     mta = FakeMTA(lambda n: plan.get(n, 'good'))
     g = gwlib.Mailshiftd(
         os.path.join(env.root, 'gw-hostile-mta'), env.src, env.dst,
@@ -859,6 +860,10 @@ def test_hostile_mta(env):
             'source': {'smtp': 'smtp://127.0.0.1:%d' % mta.port}})
     g.start()
     try:
+        caps = g.wait_capabilities('smtp')
+        assert caps['smtp'] == {'source': '8BITMIME',
+                                'advertised': '250-8BITMIME\r\n'}, caps
+        assert mta.conns == 1
         s = smtp(g)
         s.ehlo('x')
         for n in (1, 2, 3):
@@ -875,7 +880,7 @@ def test_hostile_mta(env):
         msg, _ = message('hostile-mta')
         assert s.sendmail('a@remote.test', [addr('alice')], msg) == {}
         s.quit()
-        assert mta.conns == 5
+        assert mta.conns == 6
         assert g.alive
     finally:
         g.stop()

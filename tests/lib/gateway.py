@@ -323,15 +323,16 @@ class Mailshiftd:
                          '--json' in args or '-j' in args)
 
     def wait_capabilities(self, *kinds, timeout=20.0):
-        """Waits until the daemon has asked both servers for their
-        capabilities for each protocol of kinds ('imap', 'pop3', 'smtp',
-        'submission'); returns status's "capabilities" object."""
+        """Waits until the daemon has asked the servers (each configured
+        one) for their capabilities for each protocol of kinds ('imap',
+        'pop3', 'smtp', 'submission'); returns status's "capabilities"
+        object."""
         deadline = time.monotonic() + timeout
         while True:
             res = self.ctl('status', '--json')
             caps = (res.json or {}).get('capabilities') or {}
-            if all(caps.get(k) and caps[k].get('source') is not None and
-                   caps[k].get('destination') is not None for k in kinds):
+            if all(caps.get(k) and None not in caps[k].values()
+                   for k in kinds):
                 return caps
             if time.monotonic() > deadline:
                 raise AssertionError('capabilities not asked in %.0f s: %s'

@@ -20,6 +20,12 @@
  *   verify   messages gone from the source are expunged on the
  *            destination (UID EXPUNGE); then count, size sum and flags of
  *            both sides are compared. A mismatch fails the user.
+ *
+ * A rollback (ms_mover_add_rollback) runs the same machinery the other way
+ * round: its workers read from the destination (w->s) and write to the
+ * source (w->d). Per folder: open, reconcile open rollback intents, scan
+ * (flags set and expunges carried over to the source, new destination
+ * messages listed), copy those, verify. See "rollback" below.
  */
 #include <ctype.h>
 #include <fnmatch.h>
@@ -80,6 +86,8 @@ struct fjob {
 	char dst[1024];			/* mUTF-7, destination separator */
 	char special[16];		/* \Sent ... or "" */
 	int subscribed, noselect, selected_by_plan;
+	int dst_subscribed;		/* rollback: subscribed on the
+					   destination */
 	int taken;			/* a worker has it (or had it) */
 	unsigned int retries;		/* reconnects after a lost connection */
 	uint32_t status_msgs;
@@ -91,6 +99,8 @@ struct dfolder {
 	char name[1024];
 	char special[16];
 	int subscribed;
+	int noselect;
+	int claimed;			/* rollback: a folder job has it */
 };
 
 struct wmsg {
@@ -129,8 +139,19 @@ struct fpent {
 	int used;
 };
 
+/* Rollback: a done record, by destination UID. */
+struct rrec {
+	uint32_t src_uid, dst_uid;
+	uint64_t size;
+	uint64_t fhash;			/* flags_hash() of the recorded flags */
+	int seen;			/* the destination still has it */
+	int drop;			/* 1: the record goes; 2: it went */
+};
+
 enum wstate { W_CONNECTING, W_IDLE, W_BUSY, W_DONE };
 
+/* A connection pair. s is the side read from and d the side written to:
+ * the source and the destination, the other way round in a rollback. */
 struct worker {
 	struct ujob *u;
 	unsigned int idx;
@@ -182,11 +203,20 @@ struct worker {
 	struct ms_u32vec expunge;	/* destination UIDs to expunge */
 	struct ms_u32vec dst_uids;	/* verify: destination UIDs */
 	int dedup_done;
+
+	/* rollback */
+	struct rrec *rrecs;		/* the folder's done records */
+	size_t nrrecs, caprrecs;
+	struct ms_u32vec todo;		/* destination UIDs to append */
+	uint64_t v_only[3];		/* verify: count, bytes, flags hash of
+					   the source messages no record
+					   claims */
 };
 
 enum {
 	PH_OPEN, PH_MATCH, PH_SEEK, PH_COPY, PH_FLAGS, PH_VERIFY_SRC,
 	PH_EXPUNGE, PH_VERIFY_DST, PH_DEDUP,
+	PH_RSCAN_SRC, PH_RSCAN_DST, PH_REXPUNGE,	/* rollback */
 };
 
 struct ujob {
@@ -198,6 +228,7 @@ struct ujob {
 	char *src_pw, *dst_pw;
 	ms_mover_done_cb *done;
 	void *done_ctx;
+	int reverse;			/* a rollback */
 
 	struct worker workers[MAX_WORKERS];
 	unsigned int nworkers, want_workers;
@@ -215,7 +246,7 @@ struct ujob {
 
 	int failed, mismatch, finished;
 	char error[600];
-	uint64_t copied, bytes, flags_updated;
+	uint64_t copied, bytes, flags_updated, expunged;
 	uint64_t start_ms;
 };
 
@@ -233,6 +264,13 @@ static void pop3_start(struct ujob *u);
 static void worker_hooks(struct worker *w);
 static void worker_start(struct ujob *u, unsigned int idx);
 static void job_schedule(struct ujob *u);
+static void rb_plan(struct ujob *u);
+static void rb_start_scan(struct worker *w);
+static void rb_start_copy(struct worker *w);
+static void rb_scan_done(struct worker *w);
+static void rb_expunged(struct worker *w);
+static void rb_verify_claims(struct worker *w);
+static void rb_verify_done(struct worker *w);
 
 /* ---- small helpers ---- */
 
@@ -279,6 +317,48 @@ static void to_utf8(char *out, size_t outsz, const char *mutf7, char sep)
 	snprintf(out, outsz, "%s", u != NULL ? u : mutf7);
 	free(u);
 	(void)sep;
+}
+
+/* The connections of a worker by server (struct worker: s is read from, d
+ * written to). */
+static struct ms_imapc *src_conn(const struct worker *w)
+{
+	return w->u->reverse ? w->d : w->s;
+}
+
+static struct ms_imapc *dst_conn(const struct worker *w)
+{
+	return w->u->reverse ? w->s : w->d;
+}
+
+static const char *side_name(const struct worker *w, const struct ms_imapc *c)
+{
+	return c == src_conn(w) ? "source" : "destination";
+}
+
+/* A record's UID on the side written to. */
+static uint32_t rec_wr_uid(const struct ujob *u, const struct ms_msg_rec *rec)
+{
+	return u->reverse ? rec->src_uid : rec->dst_uid;
+}
+
+static int name_eq(const char *a, const char *b)
+{
+	/* INBOX is INBOX in any case (RFC 3501 5.1) */
+	if (strcasecmp(a, "INBOX") == 0)
+		return strcasecmp(b, "INBOX") == 0;
+	return strcmp(a, b) == 0;
+}
+
+static void u32vec_uniq(struct ms_u32vec *vec)
+{
+	size_t n = 0;
+
+	ms_u32vec_sort(vec);
+	for (size_t i = 0; i < vec->n; i++)
+		if (n == 0 || vec->v[n - 1] != vec->v[i])
+			vec->v[n++] = vec->v[i];
+	vec->n = n;
 }
 
 static char *login_name(const char *tmpl, const char *user)
@@ -636,10 +716,14 @@ static void worker_close(struct worker *w)
 	}
 	free(w->fps);
 	w->fps = NULL;
+	free(w->rrecs);
+	w->rrecs = NULL;
+	w->nrrecs = w->caprrecs = 0;
 	ms_u32vec_free(&w->known);
 	ms_u32vec_free(&w->src_uids);
 	ms_u32vec_free(&w->expunge);
 	ms_u32vec_free(&w->dst_uids);
+	ms_u32vec_free(&w->todo);
 	w->state = W_DONE;
 }
 
@@ -687,21 +771,38 @@ static void job_report(uv_timer_t *t)
 	memset(&rep, 0, sizeof(rep));
 	fr = calloc(u->nfolders + 1, sizeof(*fr));
 	rep.user = u->name;
+	rep.rollback = u->reverse;
 	rep.ok = !u->failed && !u->mismatch;
 	rep.mismatch = u->mismatch;
 	rep.error = rep.ok ? NULL : u->error;
 	rep.copied = u->copied;
 	rep.bytes = u->bytes;
 	rep.flags_updated = u->flags_updated;
+	rep.expunged = u->expunged;
 	rep.seconds = (double)(now_ms() - u->start_ms) / 1000.0;
 	for (unsigned int i = 0; fr != NULL && i < u->nfolders; i++) {
-		if (!u->folders[i].selected_by_plan)
+		if (!u->folders[i].selected_by_plan &&
+		    !u->folders[i].rep.dst_deleted)
 			continue;
 		fr[rep.nfolders++] = u->folders[i].rep;
 	}
 	rep.folders = fr;
-	ms_store_user_set_state(m->store, u->user_id,
-				rep.ok ? "source" : "failed", rep.error);
+	if (u->user_id == 0) {
+		/* a rollback refused before it began: the store is as it was */
+	} else if (!u->reverse || rep.ok) {
+		ms_store_user_set_state(m->store, u->user_id,
+					rep.ok ? "source" : "failed", rep.error);
+	} else {
+		/* A failed rollback leaves the mail where it is whole: on the
+		 * destination. The state stays; the error is kept. */
+		struct ms_user_info info;
+		int found = 0;
+
+		if (ms_store_user_info(m->store, u->name, &info, &found) == 0 &&
+		    found)
+			ms_store_user_set_state(m->store, u->user_id, info.state,
+						rep.error);
+	}
 	m->users_done++;
 	/* Unlink before the callback: it may free the mover. */
 	for (struct ujob **pp = &m->jobs; *pp != NULL; pp = &(*pp)->next) {
@@ -829,9 +930,10 @@ static void job_schedule(struct ujob *u)
 
 		if (w->state == W_IDLE && (ms_imapc_failed(w->s) ||
 					   ms_imapc_failed(w->d))) {
+			struct ms_imapc *c = ms_imapc_failed(w->s) ? w->s : w->d;
+
 			snprintf(u->conn_error, sizeof(u->conn_error), "%s: %s",
-				 ms_imapc_failed(w->s) ? "source" : "destination",
-				 ms_imapc_error(ms_imapc_failed(w->s) ? w->s : w->d));
+				 side_name(w, c), ms_imapc_error(c));
 			worker_close(w);
 		}
 		if (w->state == W_IDLE)
@@ -1080,6 +1182,8 @@ static void on_plan_dst_untagged(struct ms_imapc *c,
 	}
 	if (lsub || has_attr(attrs, "\\Subscribed"))
 		d->subscribed = 1;
+	if (!lsub && has_attr(attrs, "\\Noselect"))
+		d->noselect = 1;
 	if (!lsub && (sp = special_of(attrs)) != NULL)
 		snprintf(d->special, sizeof(d->special), "%s", sp);
 	if (!lsub && sep != '\0')
@@ -1097,13 +1201,13 @@ static void on_plan_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	if (u->failed)
 		return;
 	if (r == NULL) {
-		job_fail(u, "%s: %s", c == u->workers[0].s ? "source" :
-			 "destination", ms_imapc_error(c));
+		job_fail(u, "%s: %s", side_name(&u->workers[0], c),
+			 ms_imapc_error(c));
 		return;
 	}
 	if (r->status != MS_STATUS_OK) {
-		job_fail(u, "%s: %s", c == u->workers[0].s ? "source" :
-			 "destination", ms_imapc_resp_summary(r, buf, sizeof(buf)));
+		job_fail(u, "%s: %s", side_name(&u->workers[0], c),
+			 ms_imapc_resp_summary(r, buf, sizeof(buf)));
 		return;
 	}
 	if (--u->plan_pending == 0)
@@ -1119,13 +1223,14 @@ static void on_create_reply(struct ms_imapc *c, const struct ms_imap_response *r
 	if (u->failed)
 		return;
 	if (r == NULL) {
-		job_fail(u, "destination: %s", ms_imapc_error(c));
+		job_fail(u, "%s: %s", side_name(&u->workers[0], c),
+			 ms_imapc_error(c));
 		return;
 	}
 	/* A folder that exists already is what we wanted. */
 	if (r->status != MS_STATUS_OK &&
 	    !(r->code != NULL && strcasecmp(r->code, "ALREADYEXISTS") == 0)) {
-		job_fail(u, "destination: CREATE: %s",
+		job_fail(u, "%s: CREATE: %s", side_name(&u->workers[0], c),
 			 ms_imapc_resp_summary(r, buf, sizeof(buf)));
 		return;
 	}
@@ -1135,49 +1240,71 @@ static void on_create_reply(struct ms_imapc *c, const struct ms_imap_response *r
 
 static void start_workers(struct ujob *u);
 
+/* 1 when the include/exclude patterns let the source folder src (mUTF-7)
+ * through, 0 when not, -1 when out of memory. */
+static int folder_wanted(struct ujob *u, const char *src)
+{
+	struct ms_mover *m = u->m;
+	char utf8[1024], *pathname;
+	int ret;
+
+	to_utf8(utf8, sizeof(utf8), src, u->src_sep);
+	/* Patterns see '/' as the separator, whatever the server's. */
+	pathname = strdup(utf8);
+	if (pathname == NULL)
+		return -1;
+	for (char *p = pathname; u->src_sep != '\0' && u->src_sep != '/' &&
+	     *p != '\0'; p++)
+		if (*p == u->src_sep)
+			*p = '/';
+	ret = (m->include == NULL || pattern_match(m->include, pathname)) &&
+	      !pattern_match(m->exclude, pathname);
+	free(pathname);
+	return ret;
+}
+
+/* The destination name of the source folder src with special use special
+ * ("" for none): the destination's folder of the same use, else src by the
+ * separator rule. Returns 0, or -1 when out of memory. */
+static int map_forward(struct ujob *u, const char *src, const char *special,
+		       char *out, size_t outsz)
+{
+	char *t;
+
+	if (special[0] != '\0') {
+		for (unsigned int j = 0; j < u->ndfolders; j++) {
+			if (strcasecmp(u->dfolders[j].special, special) == 0) {
+				snprintf(out, outsz, "%s", u->dfolders[j].name);
+				return 0;
+			}
+		}
+	}
+	t = ms_mailbox_translate(src, u->src_sep, u->dst_sep);
+	if (t == NULL)
+		return -1;
+	snprintf(out, outsz, "%s", t);
+	free(t);
+	return 0;
+}
+
 /* Maps every selected source folder to its destination name; fails the job
  * on a collision (two source folders onto one destination folder). */
 static int plan_names(struct ujob *u)
 {
-	struct ms_mover *m = u->m;
-
 	for (unsigned int i = 0; i < u->nfolders; i++) {
 		struct fjob *f = &u->folders[i];
-		char utf8[1024], *pathname, *t;
+		int wanted = folder_wanted(u, f->src);
 
-		to_utf8(utf8, sizeof(utf8), f->src, u->src_sep);
-		/* Patterns see '/' as the separator, whatever the server's. */
-		pathname = strdup(utf8);
-		if (pathname == NULL)
+		if (wanted < 0)
 			return -1;
-		for (char *p = pathname; u->src_sep != '\0' && u->src_sep != '/' &&
-		     *p != '\0'; p++)
-			if (*p == u->src_sep)
-				*p = '/';
-		f->selected_by_plan = !f->noselect &&
-			(m->include == NULL || pattern_match(m->include, pathname)) &&
-			!pattern_match(m->exclude, pathname);
-		free(pathname);
+		f->selected_by_plan = !f->noselect && wanted;
 		if (!f->selected_by_plan)
 			continue;
-		f->dst[0] = '\0';
-		if (f->special[0] != '\0') {
-			for (unsigned int j = 0; j < u->ndfolders; j++) {
-				if (strcasecmp(u->dfolders[j].special, f->special) == 0) {
-					snprintf(f->dst, sizeof(f->dst), "%s",
-						 u->dfolders[j].name);
-					break;
-				}
-			}
-		}
-		if (f->dst[0] == '\0') {
-			t = ms_mailbox_translate(f->src, u->src_sep, u->dst_sep);
-			if (t == NULL)
-				return -1;
-			snprintf(f->dst, sizeof(f->dst), "%s", t);
-			free(t);
-		}
-		snprintf(f->rep.source, sizeof(f->rep.source), "%s", utf8);
+		if (map_forward(u, f->src, f->special, f->dst,
+				sizeof(f->dst)) < 0)
+			return -1;
+		to_utf8(f->rep.source, sizeof(f->rep.source), f->src,
+			u->src_sep);
 		to_utf8(f->rep.destination, sizeof(f->rep.destination), f->dst,
 			u->dst_sep);
 	}
@@ -1187,9 +1314,7 @@ static int plan_names(struct ujob *u)
 
 			if (!a->selected_by_plan || !b->selected_by_plan)
 				continue;
-			if (strcasecmp(a->dst, "INBOX") == 0 ?
-			    strcasecmp(b->dst, "INBOX") == 0 :
-			    strcmp(a->dst, b->dst) == 0) {
+			if (name_eq(a->dst, b->dst)) {
 				job_fail(u, "folders \"%s\" and \"%s\" would both "
 					 "become \"%s\" on the destination; "
 					 "nothing was merged (rename one, or "
@@ -1216,6 +1341,7 @@ static int cmp_folder_size(const void *a, const void *b)
 static void plan_step(struct ujob *u)
 {
 	struct worker *w0 = &u->workers[0];
+	struct ms_imapc *sc = src_conn(w0), *dc = dst_conn(w0);
 	struct ms_mover *m = u->m;
 	char q[2100];
 
@@ -1223,30 +1349,31 @@ static void plan_step(struct ujob *u)
 	case 0:
 		/* Stage 1: LIST both sides, subscriptions, special-use. */
 		u->planned = -1;
-		ms_imapc_set_untagged(w0->s, on_plan_src_untagged, u);
-		ms_imapc_set_untagged(w0->d, on_plan_dst_untagged, u);
+		ms_imapc_set_untagged(sc, on_plan_src_untagged, u);
+		ms_imapc_set_untagged(dc, on_plan_dst_untagged, u);
 		u->plan_pending = 4;
-		if (ms_imapc_has_cap(w0->s, "SPECIAL-USE"))
-			ms_imapc_cmd(w0->s, on_plan_reply, u,
-				     "LIST \"\" \"*\" RETURN (SPECIAL-USE)");
-		else
-			ms_imapc_cmd(w0->s, on_plan_reply, u, "LIST \"\" \"*\"");
-		ms_imapc_cmd(w0->s, on_plan_reply, u, "LSUB \"\" \"*\"");
-		if (ms_imapc_has_cap(w0->d, "SPECIAL-USE"))
-			ms_imapc_cmd(w0->d, on_plan_reply, u,
-				     "LIST \"\" \"*\" RETURN (SPECIAL-USE)");
-		else
-			ms_imapc_cmd(w0->d, on_plan_reply, u, "LIST \"\" \"*\"");
-		ms_imapc_cmd(w0->d, on_plan_reply, u, "LSUB \"\" \"*\"");
+		for (struct ms_imapc *c = sc; c != NULL; c = c == sc ? dc : NULL) {
+			if (ms_imapc_has_cap(c, "SPECIAL-USE"))
+				ms_imapc_cmd(c, on_plan_reply, u, "LIST \"\" "
+					     "\"*\" RETURN (SPECIAL-USE)");
+			else
+				ms_imapc_cmd(c, on_plan_reply, u,
+					     "LIST \"\" \"*\"");
+			ms_imapc_cmd(c, on_plan_reply, u, "LSUB \"\" \"*\"");
+		}
 		return;
 	case -1:
 		/* Stage 2: names, STATUS of each source folder, CREATE and
 		 * SUBSCRIBE what the destination lacks. */
 		u->planned = -2;
 		if (u->src_sep == '\0')
-			u->src_sep = ms_imapc_separator(w0->s);
+			u->src_sep = ms_imapc_separator(sc);
 		if (u->dst_sep == '\0')
-			u->dst_sep = ms_imapc_separator(w0->d);
+			u->dst_sep = ms_imapc_separator(dc);
+		if (u->reverse) {
+			rb_plan(u);
+			return;
+		}
 		if (plan_names(u) < 0) {
 			if (!u->failed)
 				job_fail(u, "out of memory");
@@ -1307,8 +1434,11 @@ static void plan_step(struct ujob *u)
 				job_fail(u, "store: %s", ms_store_error(m->store));
 				return;
 			}
-			m->msgs_todo += f->status_msgs > f->st.msgs ?
-				f->status_msgs - f->st.msgs : 0;
+			/* (a rollback counts its messages when it has
+			 * scanned the folder) */
+			if (!u->reverse)
+				m->msgs_todo += f->status_msgs > f->st.msgs ?
+					f->status_msgs - f->st.msgs : 0;
 		}
 		ms_imapc_set_untagged(w0->s, on_src_untagged, w0);
 		ms_imapc_set_untagged(w0->d, on_dst_untagged, w0);
@@ -1328,11 +1458,10 @@ static void on_worker_ready(struct ms_imapc *c, const char *error, void *ctx)
 {
 	struct worker *w = ctx;
 	struct ujob *u = w->u;
-	int is_src = c == w->s;
 
 	if (error != NULL) {
 		snprintf(u->conn_error, sizeof(u->conn_error), "%s: %s",
-			 is_src ? "source" : "destination", error);
+			 side_name(w, c), error);
 		if (u->planned != 1) {
 			job_fail(u, "%s", u->conn_error);
 			return;
@@ -1340,12 +1469,12 @@ static void on_worker_ready(struct ms_imapc *c, const char *error, void *ctx)
 		/* A connection that cannot be made is not fatal while other
 		 * workers can carry on; job_schedule() decides. */
 		ms_warn("%s: %s: connection failed: %s", u->name,
-			is_src ? "source" : "destination", error);
+			side_name(w, c), error);
 		worker_close(w);
 		job_schedule(u);
 		return;
 	}
-	if (is_src)
+	if (c == w->s)
 		w->s_ready = 1;
 	else
 		w->d_ready = 1;
@@ -1383,14 +1512,17 @@ static struct ms_imapc *connect_server(struct ujob *u, struct server *s,
 	return ms_imapc_new(u->m->loop, &set, on_worker_ready, w);
 }
 
+/* Slots are taken per server, connections made per role (struct worker):
+ * a rollback reads from the destination and writes to the source. */
 static void worker_connect_dst(void *ctx)
 {
 	struct worker *w = ctx;
 	struct ujob *u = w->u;
+	struct ms_imapc **cp = u->reverse ? &w->s : &w->d;
 
 	w->have_dst_slot = 1;
-	w->d = connect_server(u, &u->m->dst, u->dst_login, u->dst_pw, w);
-	if (w->d == NULL)
+	*cp = connect_server(u, &u->m->dst, u->dst_login, u->dst_pw, w);
+	if (*cp == NULL)
 		job_fail(u, "out of memory");
 }
 
@@ -1398,11 +1530,12 @@ static void worker_connect_src(void *ctx)
 {
 	struct worker *w = ctx;
 	struct ujob *u = w->u;
+	struct ms_imapc **cp = u->reverse ? &w->d : &w->s;
 	int r;
 
 	w->have_src_slot = 1;
-	w->s = connect_server(u, &u->m->src, u->src_login, u->src_pw, w);
-	if (w->s == NULL) {
+	*cp = connect_server(u, &u->m->src, u->src_login, u->src_pw, w);
+	if (*cp == NULL) {
 		job_fail(u, "out of memory");
 		return;
 	}
@@ -1487,8 +1620,9 @@ static void worker_next_folder(struct worker *w)
 	w->s_modseq = 0;
 	w->s_nomodseq = 0;
 	w->dedup_done = 0;
-	ms_imap_quote(qs, sizeof(qs), f->src);
-	ms_imap_quote(qd, sizeof(qd), f->dst);
+	/* qs: the folder read from, qd: the one written to */
+	ms_imap_quote(qs, sizeof(qs), u->reverse ? f->dst : f->src);
+	ms_imap_quote(qd, sizeof(qd), u->reverse ? f->src : f->dst);
 	w->pending = 2;
 	if (ms_imapc_has_cap(w->s, "CONDSTORE"))
 		ms_imapc_cmd(w->s, on_open_reply, w, "EXAMINE %s (CONDSTORE)", qs);
@@ -1500,6 +1634,20 @@ static void worker_next_folder(struct worker *w)
 static void start_match(struct worker *w, int reconcile, uint32_t floor);
 static void start_copy(struct worker *w);
 
+/* The copy pass, once open intents are settled. */
+static void after_match(struct worker *w)
+{
+	if (w->u->reverse)
+		rb_start_scan(w);
+	else
+		start_copy(w);
+}
+
+static int unmapped_rec(void *ctx, const struct ms_msg_rec *rec)
+{
+	return rec->dst_uid == 0;
+}
+
 static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 			  void *ctx)
 {
@@ -1507,8 +1655,9 @@ static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	struct ujob *u = w->u;
 	struct ms_store *store = u->m->store;
 	struct ms_folder_state *st = &w->f->st;
+	uint32_t src_uv, dst_uv;
 	uint64_t pending = 0;
-	int reset = 0;
+	int reset = 0, ret;
 
 	if (r == NULL || r->status != MS_STATUS_OK) {
 		folder_fail(w, c == w->s ? "EXAMINE" : "SELECT", r, c);
@@ -1521,19 +1670,46 @@ static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 			 w->f->rep.source);
 		return;
 	}
-	if (st->src_uidvalidity != 0 && st->src_uidvalidity != w->s_uidvalidity) {
+	src_uv = u->reverse ? w->d_uidvalidity : w->s_uidvalidity;
+	dst_uv = u->reverse ? w->s_uidvalidity : w->d_uidvalidity;
+	if (st->src_uidvalidity != 0 && st->src_uidvalidity != src_uv) {
 		ms_warn("%s: folder \"%s\": source UIDVALIDITY changed "
 			"(%u -> %u); matching messages by fingerprint",
-			u->name, w->f->rep.source, st->src_uidvalidity,
-			w->s_uidvalidity);
+			u->name, w->f->rep.source, st->src_uidvalidity, src_uv);
 		reset = 1;
-	} else if (st->dst_uidvalidity != 0 &&
-		   st->dst_uidvalidity != w->d_uidvalidity) {
+	} else if (st->dst_uidvalidity != 0 && st->dst_uidvalidity != dst_uv) {
 		ms_warn("%s: folder \"%s\": destination UIDVALIDITY changed "
 			"(%u -> %u); matching messages by fingerprint",
 			u->name, w->f->rep.destination, st->dst_uidvalidity,
-			w->d_uidvalidity);
+			dst_uv);
 		reset = 1;
+	} else if (u->reverse) {
+		/* An interrupted forward copy first: which of its messages
+		 * the destination holds is for it to settle. */
+		if (store_check(w, ms_store_msg_count(store, st->id,
+						      MS_MSG_INTENT,
+						      &pending)) < 0)
+			return;
+		if (pending > 0) {
+			job_fail(u, "folder \"%s\": an interrupted copy left "
+				 "%llu message(s) unfinished; run the copy to "
+				 "its end first, then roll back", w->f->rep.source,
+				 (unsigned long long)pending);
+			return;
+		}
+		/* A rollback maps messages by their destination UIDs: where
+		 * the copy did not learn them (no UIDPLUS), fingerprints. */
+		ret = ms_store_msg_foreach(store, st->id, MS_MSG_DONE,
+					   unmapped_rec, NULL);
+		if (store_check(w, ret) < 0)
+			return;
+		if (ret > 0) {
+			ms_warn("%s: folder \"%s\": destination UIDs of copied "
+				"messages unknown (no UIDPLUS); matching "
+				"messages by fingerprint", u->name,
+				w->f->rep.source);
+			reset = 1;
+		}
 	}
 	if (reset && store_check(w, ms_store_folder_reset(store, st->id)) < 0)
 		return;
@@ -1543,11 +1719,12 @@ static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 		st->modseq = 0;
 		st->msgs = st->bytes = 0;
 	}
-	if (store_check(w, ms_store_msg_count(store, st->id, MS_MSG_INTENT,
-					      &pending)) < 0)
+	ret = u->reverse ? ms_store_rintent_count(store, st->id, &pending) :
+		ms_store_msg_count(store, st->id, MS_MSG_INTENT, &pending);
+	if (store_check(w, ret) < 0)
 		return;
-	st->src_uidvalidity = w->s_uidvalidity;
-	st->dst_uidvalidity = w->d_uidvalidity;
+	st->src_uidvalidity = src_uv;
+	st->dst_uidvalidity = dst_uv;
 	snprintf(st->dst_name, sizeof(st->dst_name), "%s", w->f->dst);
 	if (store_check(w, ms_store_folder_update(store, st)) < 0)
 		return;
@@ -1559,7 +1736,7 @@ static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 		 * rather than append a second copy. */
 		start_match(w, 0, 1);
 	} else {
-		start_copy(w);
+		after_match(w);
 	}
 }
 
@@ -1598,16 +1775,30 @@ static struct fpent *fp_take(struct worker *w, uint64_t h)
 struct known_ctx {
 	struct ms_u32vec uids;
 	uint32_t floor;
+	int reverse;
 };
 
+/* Collects the UIDs done records claim on the side written to. */
 static int collect_known(void *ctx, const struct ms_msg_rec *rec)
 {
 	struct known_ctx *k = ctx;
+	uint32_t uid = k->reverse ? rec->src_uid : rec->dst_uid;
 
-	if (rec->state == MS_MSG_DONE && rec->dst_uid >= k->floor &&
-	    rec->dst_uid != 0)
-		return ms_u32vec_push(&k->uids, rec->dst_uid);
+	if (rec->state == MS_MSG_DONE && uid >= k->floor && uid != 0)
+		return ms_u32vec_push(&k->uids, uid);
 	return 0;
+}
+
+/* The open intents of the worker's folder (rollback intents in a
+ * rollback), in the order their messages were sent. */
+static int foreach_intent(struct worker *w, ms_store_msg_cb *cb, void *ctx)
+{
+	struct ms_store *store = w->u->m->store;
+
+	if (w->u->reverse)
+		return ms_store_rintent_foreach(store, w->f->st.id, cb, ctx);
+	return ms_store_msg_foreach(store, w->f->st.id, MS_MSG_INTENT, cb,
+				    ctx);
 }
 
 static int cmp_u32(const void *a, const void *b)
@@ -1643,21 +1834,36 @@ static int reconcile_one(void *ctx, const struct ms_msg_rec *rec)
 	struct ms_store *store = w->u->m->store;
 	struct fpent *e = fp_take(w, fingerprint(rec->size, rec->date,
 						  rec->msgid));
+	int64_t id = w->f->st.id;
 
-	if (e != NULL) {
+	if (e != NULL && w->u->reverse) {
+		/* It got to the source: recorded under the UID it got there,
+		 * as a forward copy would have. */
+		struct ms_msg_rec done = *rec;
+
+		done.src_uid = e->uid;
+		done.state = MS_MSG_DONE;
+		done.dst_floor = 0;
+		if (ms_store_msg_put(store, id, &done) < 0 ||
+		    ms_store_rintent_delete(store, id, rec->dst_uid) < 0)
+			return -1;
+	} else if (e != NULL) {
 		/* It got there before the crash: record it, never resend. */
-		if (ms_store_msg_done(store, w->f->st.id, rec->src_uid, e->uid,
+		if (ms_store_msg_done(store, id, rec->src_uid, e->uid,
 				      rec->flags) < 0)
 			return -1;
-		w->f->st.msgs++;
-		w->f->st.bytes += rec->size;
-		rc->matched++;
 	} else {
-		if (ms_store_msg_delete(store, w->f->st.id, rec->src_uid,
-					rec->uidl) < 0)
+		if ((w->u->reverse ?
+		     ms_store_rintent_delete(store, id, rec->dst_uid) :
+		     ms_store_msg_delete(store, id, rec->src_uid,
+					 rec->uidl)) < 0)
 			return -1;
 		rc->resent++;
+		return 0;
 	}
+	w->f->st.msgs++;
+	w->f->st.bytes += rec->size;
+	rc->matched++;
 	return 0;
 }
 
@@ -1669,8 +1875,7 @@ static void match_finish_reconcile(struct worker *w)
 	qsort(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
 	if (store_check(w, ms_store_begin(store)) < 0)
 		return;
-	if (ms_store_msg_foreach(store, w->f->st.id, MS_MSG_INTENT,
-				 reconcile_one, &rc) != 0 ||
+	if (foreach_intent(w, reconcile_one, &rc) != 0 ||
 	    ms_store_folder_update(store, &w->f->st) < 0 ||
 	    ms_store_commit(store) < 0) {
 		ms_store_rollback(store);
@@ -1687,7 +1892,7 @@ static void match_finish_reconcile(struct worker *w)
 	free(w->fps);
 	w->fps = NULL;
 	w->nfps = w->capfps = 0;
-	start_copy(w);
+	after_match(w);
 }
 
 static void on_match_src_reply(struct ms_imapc *c,
@@ -1709,7 +1914,7 @@ static void on_match_src_reply(struct ms_imapc *c,
 		return;
 	/* hwm stays 0: the copy pass walks the whole folder and skips what
 	 * the match recorded as done. */
-	start_copy(w);
+	after_match(w);
 }
 
 static void on_match_dst_reply(struct ms_imapc *c,
@@ -1742,6 +1947,27 @@ static void on_match_dst_reply(struct ms_imapc *c,
 		     "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])");
 }
 
+/* Appends an unused entry to w->fps. Returns 0, or -1 when out of
+ * memory. */
+static int fps_push(struct worker *w, uint64_t h, uint32_t uid, uint64_t fhash)
+{
+	if (w->nfps == w->capfps) {
+		size_t cap = w->capfps * 2 + 256;
+		struct fpent *n = realloc(w->fps, cap * sizeof(*n));
+
+		if (n == NULL)
+			return -1;
+		w->fps = n;
+		w->capfps = cap;
+	}
+	w->fps[w->nfps].h = h;
+	w->fps[w->nfps].uid = uid;
+	w->fps[w->nfps].used = 0;
+	w->fps[w->nfps].fhash = fhash;
+	w->nfps++;
+	return 0;
+}
+
 static void match_dst_fetch(struct worker *w, const struct fetch *f)
 {
 	int64_t date;
@@ -1750,28 +1976,15 @@ static void match_dst_fetch(struct worker *w, const struct fetch *f)
 		return;
 	if (ms_imap_date_parse(f->date, &date) < 0)
 		return;
-	if (w->nfps == w->capfps) {
-		size_t cap = w->capfps * 2 + 256;
-		struct fpent *n = realloc(w->fps, cap * sizeof(*n));
-
-		if (n == NULL) {
-			job_fail(w->u, "out of memory");
-			return;
-		}
-		w->fps = n;
-		w->capfps = cap;
-	}
 	/* Intents are written before the message's bytes (and so its
 	 * Message-ID) were seen: reconciliation pairs them by size and
 	 * date. That is exact because a server answers APPENDs in order, so
 	 * what a killed run got saved is a prefix of what it sent, and the
 	 * intents are paired in that same order. */
-	w->fps[w->nfps].h = fingerprint(f->size, date,
-					w->match_reconcile ? "" : f->msgid);
-	w->fps[w->nfps].uid = f->uid;
-	w->fps[w->nfps].used = 0;
-	w->fps[w->nfps].fhash = flags_hash(f->flags);
-	w->nfps++;
+	if (fps_push(w, fingerprint(f->size, date,
+				    w->match_reconcile ? "" : f->msgid),
+		     f->uid, flags_hash(f->flags)) < 0)
+		job_fail(w->u, "out of memory");
 }
 
 static void match_src_fetch(struct worker *w, const struct fetch *f)
@@ -1787,24 +2000,26 @@ static void match_src_fetch(struct worker *w, const struct fetch *f)
 	e = fp_take(w, fingerprint(f->size, date, f->msgid));
 	if (e == NULL)
 		return;
+	/* f is the message read, e the one written (a rollback reads the
+	 * destination and writes the source). */
 	memset(&rec, 0, sizeof(rec));
-	rec.src_uid = f->uid;
+	rec.src_uid = w->u->reverse ? e->uid : f->uid;
 	rec.state = MS_MSG_DONE;
 	rec.size = f->size;
 	rec.date = date;
 	snprintf(rec.msgid, sizeof(rec.msgid), "%s", f->msgid);
-	/* Recorded with the flags the destination has; the STORE below
-	 * records the source's once it is done. */
+	/* Recorded with the flags the side written to has; the STORE below
+	 * records the read side's once it is done. */
 	if (e->fhash == flags_hash(f->flags))
 		snprintf(rec.flags, sizeof(rec.flags), "%s", f->flags);
-	rec.dst_uid = e->uid;
+	rec.dst_uid = w->u->reverse ? f->uid : e->uid;
 	if (store_check(w, ms_store_msg_put(store, w->f->st.id, &rec)) < 0)
 		return;
 	w->f->st.msgs++;
 	w->f->st.bytes += f->size;
 	if (e->fhash != flags_hash(f->flags))
-		/* Same message, other flags: the source's win. */
-		flag_store(w, f->uid, e->uid, f->flags);
+		/* Same message, other flags: the read side's win. */
+		flag_store(w, rec.src_uid, e->uid, f->flags);
 }
 
 static void start_match(struct worker *w, int reconcile, uint32_t floor)
@@ -1815,10 +2030,10 @@ static void start_match(struct worker *w, int reconcile, uint32_t floor)
 	w->phase = PH_MATCH;
 	w->match_reconcile = reconcile;
 	w->nfps = 0;
+	k.reverse = w->u->reverse;
 	if (reconcile) {
 		floor = 0;
-		if (ms_store_msg_foreach(store, w->f->st.id, MS_MSG_INTENT,
-					 min_floor, &floor) != 0) {
+		if (foreach_intent(w, min_floor, &floor) != 0) {
 			job_fail(w->u, "store: %s", ms_store_error(store));
 			return;
 		}
@@ -1930,22 +2145,30 @@ static int write_intents(struct worker *w, struct window *win)
 		int found = 0;
 
 		/* A folder that had nothing done when the pass began has
-		 * nothing done among the UIDs it has not reached yet. */
-		if (!w->fresh && ms_store_msg_get(store, w->f->st.id, msg->uid,
-						  &rec, &found) < 0)
+		 * nothing done among the UIDs it has not reached yet. (A
+		 * rollback copies what its scan found no record of.) */
+		if (!w->fresh && !w->u->reverse &&
+		    ms_store_msg_get(store, w->f->st.id, msg->uid, &rec,
+				     &found) < 0)
 			goto fail;
 		if (found && rec.state == MS_MSG_DONE) {
 			msg->skip = 1;
 			continue;
 		}
 		memset(&rec, 0, sizeof(rec));
-		rec.src_uid = msg->uid;
 		rec.state = MS_MSG_INTENT;
 		rec.size = msg->size;
 		rec.date = msg->date;
 		snprintf(rec.msgid, sizeof(rec.msgid), "%s", msg->msgid);
 		snprintf(rec.flags, sizeof(rec.flags), "%s", msg->flags);
 		rec.dst_floor = w->d_uidnext != 0 ? w->d_uidnext : 1;
+		if (w->u->reverse) {
+			rec.dst_uid = msg->uid;
+			if (ms_store_rintent_put(store, w->f->st.id, &rec) < 0)
+				goto fail;
+			continue;
+		}
+		rec.src_uid = msg->uid;
 		if (ms_store_msg_put(store, w->f->st.id, &rec) < 0)
 			goto fail;
 	}
@@ -1983,7 +2206,7 @@ static void meta_fetch(struct worker *w, const struct fetch *f)
 
 	if (win == NULL || !f->has_uid || !f->has_size || !f->has_date)
 		return;
-	if (f->uid <= w->f->st.hwm && w->f->st.hwm != 0)
+	if (!w->u->reverse && f->uid <= w->f->st.hwm && w->f->st.hwm != 0)
 		return;
 	if (win->n == win->cap)
 		return;
@@ -2053,6 +2276,7 @@ static void window_finish(struct worker *w, struct window *win)
 	struct ujob *u = w->u;
 	struct ms_mover *m = u->m;
 	struct ms_store *store = m->store;
+	int64_t id = w->f->st.id;
 	uint32_t max_uid = 0;
 	uint64_t msgs = 0, bytes = 0;
 
@@ -2073,7 +2297,23 @@ static void window_finish(struct worker *w, struct window *win)
 		memcpy(rec.msgid, msg->msgid, sizeof(msg->msgid));
 		memcpy(rec.flags, msg->flags, sizeof(msg->flags));
 		rec.dst_uid = msg->dst_uid;
-		if (ms_store_msg_put(store, w->f->st.id, &rec) < 0)
+		if (u->reverse) {
+			/* Recorded as a forward copy knows it: by the UID the
+			 * source gave it. Without one the intent stays open
+			 * for the next run to reconcile. */
+			if (msg->dst_uid == 0) {
+				ms_store_rollback(store);
+				job_fail(u, "folder \"%s\": APPEND: the source "
+					 "named no UID for the message "
+					 "(APPENDUID)", w->f->rep.source);
+				return;
+			}
+			rec.src_uid = msg->dst_uid;
+			rec.dst_uid = msg->uid;
+			if (ms_store_rintent_delete(store, id, msg->uid) < 0)
+				goto fail;
+		}
+		if (ms_store_msg_put(store, id, &rec) < 0)
 			goto fail;
 		msgs++;
 		bytes += msg->size;
@@ -2085,20 +2325,23 @@ static void window_finish(struct worker *w, struct window *win)
 
 		if (msg->uid > max_uid)
 			max_uid = msg->uid;
-		/* Expunged on the source between metadata and body. */
-		if (!msg->skip && !msg->streamed &&
-		    ms_store_msg_delete(store, w->f->st.id, msg->uid, "") < 0)
+		/* Expunged on the side read between metadata and body. */
+		if (msg->skip || msg->streamed)
+			continue;
+		if ((u->reverse ? ms_store_rintent_delete(store, id, msg->uid) :
+		     ms_store_msg_delete(store, id, msg->uid, "")) < 0)
 			goto fail;
 	}
 	win->max_uid = max_uid;
 	win->finished = 1;
 	/* The high-water mark only moves over windows that are all done:
 	 * replies may come out of order, and every UID below the mark must
-	 * be done or the next run would never look at it again. */
+	 * be done or the next run would never look at it again. (It counts
+	 * source UIDs: a rollback sets it when it has verified.) */
 	while (w->appends != NULL && w->appends->finished) {
 		struct window *head = w->appends;
 
-		if (head->max_uid > w->f->st.hwm)
+		if (!u->reverse && head->max_uid > w->f->st.hwm)
 			w->f->st.hwm = head->max_uid;
 		w->appends = head->next;
 		window_free(head);
@@ -2106,7 +2349,8 @@ static void window_finish(struct worker *w, struct window *win)
 	w->f->st.msgs += msgs;
 	w->f->st.bytes += bytes;
 	if (ms_store_folder_update(store, &w->f->st) < 0 ||
-	    ms_store_user_add_progress(store, u->user_id, msgs, bytes) < 0 ||
+	    (!u->reverse && ms_store_user_add_progress(store, u->user_id, msgs,
+						       bytes) < 0) ||
 	    ms_store_commit(store) < 0)
 		goto fail;
 	w->f->rep.copied += msgs;
@@ -2195,6 +2439,59 @@ static void on_body_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	copy_pump(w);
 }
 
+static size_t uid_list_set(const uint32_t *uids, size_t n, char **set_r);
+
+/* Whether metadata windows are left to fetch: by sequence number from
+ * next_seq on; in a rollback, the destination UIDs todo[next_seq...]. */
+static int meta_left(const struct worker *w)
+{
+	if (w->u->reverse)
+		return w->next_seq < w->todo.n;
+	return w->next_seq != 0 && w->next_seq <= w->s_exists;
+}
+
+/* Asks for the next metadata window. Returns 0, or -1 when the job
+ * failed. */
+static int meta_next(struct worker *w)
+{
+	unsigned int batch = w->u->m->batch;
+	uint32_t end;
+	char *set = NULL;
+
+	if (w->u->reverse) {
+		size_t n = w->todo.n - w->next_seq;
+
+		if (n > batch)
+			n = batch;
+		w->meta = window_new(w, (unsigned int)n);
+		if (w->meta == NULL ||
+		    uid_list_set(w->todo.v + w->next_seq, n, &set) == 0) {
+			window_free(w->meta);
+			w->meta = NULL;
+			job_fail(w->u, "out of memory");
+			return -1;
+		}
+		ms_imapc_cmd(w->s, on_meta_reply, w, "UID FETCH %s (UID FLAGS "
+			     "INTERNALDATE RFC822.SIZE)", set);
+		free(set);
+		w->next_seq += (uint32_t)n;
+		return 0;
+	}
+	end = w->next_seq + batch - 1;
+	if (end > w->s_exists)
+		end = w->s_exists;
+	w->meta = window_new(w, end - w->next_seq + 1);
+	if (w->meta == NULL) {
+		job_fail(w->u, "out of memory");
+		return -1;
+	}
+	ms_imapc_cmd(w->s, on_meta_reply, w,
+		     "FETCH %u:%u (UID FLAGS INTERNALDATE RFC822.SIZE)",
+		     w->next_seq, end);
+	w->next_seq = end + 1;
+	return 0;
+}
+
 /* Moves the copy pipeline forward: at most one metadata window, one ready
  * window, one streaming window, any number of APPEND replies awaited. */
 static void copy_pump(struct worker *w)
@@ -2227,26 +2524,16 @@ static void copy_pump(struct worker *w)
 				     "UID FETCH %s (UID BODY.PEEK[])", set);
 		}
 	}
-	if (w->meta == NULL && w->ready == NULL && w->next_seq != 0 &&
-	    w->next_seq <= w->s_exists) {
-		unsigned int batch = w->u->m->batch;
-		uint32_t end = w->next_seq + batch - 1;
-
-		if (end > w->s_exists)
-			end = w->s_exists;
-		w->meta = window_new(w, end - w->next_seq + 1);
-		if (w->meta == NULL) {
-			job_fail(w->u, "out of memory");
-			return;
-		}
-		ms_imapc_cmd(w->s, on_meta_reply, w,
-			     "FETCH %u:%u (UID FLAGS INTERNALDATE RFC822.SIZE)",
-			     w->next_seq, end);
-		w->next_seq = end + 1;
-	}
+	if (w->meta == NULL && w->ready == NULL && meta_left(w) &&
+	    meta_next(w) < 0)
+		return;
 	if (w->meta == NULL && w->ready == NULL && w->body == NULL &&
-	    w->appends == NULL && (w->next_seq == 0 || w->next_seq > w->s_exists))
-		start_flags(w);
+	    w->appends == NULL && !meta_left(w)) {
+		if (w->u->reverse)
+			start_verify(w);
+		else
+			start_flags(w);
+	}
 }
 
 static int on_literal_start(void *ctx, const struct ms_imap_response *partial,
@@ -2301,6 +2588,7 @@ static int on_literal_start(void *ctx, const struct ms_imap_response *partial,
 		ac->win = win;
 		ac->first = win->nstreamed;
 		if (ms_imapc_append_begin(w->d, on_append_reply, ac,
+					  w->u->reverse ? w->f->src :
 					  w->f->dst) < 0) {
 			free(ac);
 			folder_fail(w, "APPEND", NULL, w->d);
@@ -2416,6 +2704,8 @@ static void on_flag_store_reply(struct ms_imapc *c,
 			start_verify(w);
 		else if (w->phase == PH_MATCH)
 			on_match_src_reply(w->s, r, w);
+		else if (w->phase == PH_RSCAN_DST)
+			rb_scan_done(w);
 	}
 }
 
@@ -2496,12 +2786,13 @@ static void start_flags(struct worker *w)
 
 /* ---- verify ---- */
 
+/* side 0: the side read from, 1: the side written to. */
 static void verify_fetch(struct worker *w, int side, const struct fetch *f)
 {
 	if (!f->has_uid || !f->has_size || !f->has_flags)
 		return;
 	if (side == 0) {
-		if (f->uid > w->f->st.hwm)
+		if (!w->u->reverse && f->uid > w->f->st.hwm)
 			return;	/* arrived after this run's copy */
 		if (ms_u32vec_push(&w->src_uids, f->uid) < 0) {
 			job_fail(w->u, "out of memory");
@@ -2510,6 +2801,12 @@ static void verify_fetch(struct worker *w, int side, const struct fetch *f)
 	} else if (ms_u32vec_push(&w->dst_uids, f->uid) < 0) {
 		job_fail(w->u, "out of memory");
 		return;
+	} else if (w->u->reverse && !ms_u32vec_has(&w->known, f->uid)) {
+		/* On the source, claimed by no record: it arrived there
+		 * after the copy (w->known: the claimed source UIDs). */
+		w->v_only[0]++;
+		w->v_only[1] += f->size;
+		w->v_only[2] += flags_hash(f->flags);
 	}
 	w->v_count[side]++;
 	w->v_bytes[side] += f->size;
@@ -2536,29 +2833,16 @@ struct claim_ctx {
 static int collect_claims(void *ctx, const struct ms_msg_rec *rec)
 {
 	struct claim_ctx *cc = ctx;
-	struct worker *w = cc->w;
+	uint32_t uid = rec_wr_uid(cc->w->u, rec);
 
-	if (rec->dst_uid == 0) {
+	if (uid == 0) {
 		cc->unknown = 1;
 		return 0;
 	}
-	if (ms_u32vec_push(&cc->uids, rec->dst_uid) < 0)
+	if (ms_u32vec_push(&cc->uids, uid) < 0)
 		return -1;
-	if (w->nfps == w->capfps) {
-		size_t cap = w->capfps * 2 + 1024;
-		struct fpent *n = realloc(w->fps, cap * sizeof(*n));
-
-		if (n == NULL)
-			return -1;
-		w->fps = n;
-		w->capfps = cap;
-	}
-	w->fps[w->nfps].h = fingerprint(rec->size, rec->date, rec->msgid);
-	w->fps[w->nfps].uid = rec->dst_uid;
-	w->fps[w->nfps].used = 0;
-	w->fps[w->nfps].fhash = 0;
-	w->nfps++;
-	return 0;
+	return fps_push(cc->w, fingerprint(rec->size, rec->date, rec->msgid),
+			uid, 0);
 }
 
 static int fp_exists(const struct worker *w, uint64_t h)
@@ -2614,7 +2898,7 @@ static size_t uid_list_set(const uint32_t *uids, size_t n, char **set_r)
 	return pos;
 }
 
-static void on_dedup_expunge(struct ms_imapc *c,
+static void on_expunge_reply(struct ms_imapc *c,
 			     const struct ms_imap_response *r, void *ctx)
 {
 	struct worker *w = ctx;
@@ -2623,15 +2907,39 @@ static void on_dedup_expunge(struct ms_imapc *c,
 		folder_fail(w, "UID EXPUNGE", r, c);
 		return;
 	}
-	if (--w->pending == 0)
+	if (--w->pending > 0)
+		return;
+	if (w->phase == PH_REXPUNGE)
+		rb_expunged(w);
+	else
 		verify_dst(w);
+}
+
+/* Expunges exactly the UIDs in w->expunge on the side written to: \Deleted
+ * on them, then UID EXPUNGE (UIDPLUS) of them, which leaves other \Deleted
+ * mail be. on_expunge_reply() goes on when both are answered. Returns 0,
+ * or -1 when the job failed. */
+static int expunge_uids(struct worker *w)
+{
+	char *set = NULL;
+
+	ms_u32vec_sort(&w->expunge);
+	if (uid_list_set(w->expunge.v, w->expunge.n, &set) == 0) {
+		job_fail(w->u, "out of memory");
+		return -1;
+	}
+	w->pending = 2;
+	ms_imapc_cmd(w->d, on_expunge_reply, w,
+		     "UID STORE %s +FLAGS.SILENT (\\Deleted)", set);
+	ms_imapc_cmd(w->d, on_expunge_reply, w, "UID EXPUNGE %s", set);
+	free(set);
+	return 0;
 }
 
 static void on_dedup_reply(struct ms_imapc *c,
 			   const struct ms_imap_response *r, void *ctx)
 {
 	struct worker *w = ctx;
-	char *set = NULL;
 
 	if (r == NULL || r->status != MS_STATUS_OK) {
 		folder_fail(w, "UID FETCH", r, c);
@@ -2644,19 +2952,11 @@ static void on_dedup_reply(struct ms_imapc *c,
 		verify_dst(w);
 		return;
 	}
-	ms_u32vec_sort(&w->expunge);
-	if (uid_list_set(w->expunge.v, w->expunge.n, &set) == 0) {
-		job_fail(w->u, "out of memory");
-		return;
-	}
 	ms_warn("%s: folder \"%s\": removing %zu duplicate(s) an interrupted "
-		"earlier run left on the destination", w->u->name,
-		w->f->rep.destination, w->expunge.n);
-	w->pending = 2;
-	ms_imapc_cmd(w->d, on_dedup_expunge, w,
-		     "UID STORE %s +FLAGS.SILENT (\\Deleted)", set);
-	ms_imapc_cmd(w->d, on_dedup_expunge, w, "UID EXPUNGE %s", set);
-	free(set);
+		"earlier run left on the %s", w->u->name,
+		w->u->reverse ? w->f->rep.source : w->f->rep.destination,
+		w->expunge.n, side_name(w, w->d));
+	expunge_uids(w);
 }
 
 static void start_dedup(struct worker *w)
@@ -2714,9 +3014,15 @@ static void on_verify_dst_reply(struct ms_imapc *c,
 		folder_fail(w, "UID FETCH", r, c);
 		return;
 	}
-	if (w->v_count[1] > w->v_count[0] && !w->dedup_done &&
-	    ms_imapc_has_cap(w->d, "UIDPLUS")) {
+	/* More on the side written to than expected: copies a killed run
+	 * left there? (In a rollback, source messages no record claims.) */
+	if ((w->u->reverse ? w->v_only[0] > 0 : w->v_count[1] > w->v_count[0]) &&
+	    !w->dedup_done && ms_imapc_has_cap(w->d, "UIDPLUS")) {
 		start_dedup(w);
+		return;
+	}
+	if (w->u->reverse) {
+		rb_verify_done(w);
 		return;
 	}
 	rep->source_messages = w->v_count[0];
@@ -2752,22 +3058,10 @@ static void verify_dst(struct worker *w)
 {
 	w->phase = PH_VERIFY_DST;
 	w->v_count[1] = w->v_bytes[1] = w->v_fhash[1] = 0;
+	memset(w->v_only, 0, sizeof(w->v_only));
 	w->dst_uids.n = 0;
 	ms_imapc_cmd(w->d, on_verify_dst_reply, w,
 		     "UID FETCH 1:* (UID RFC822.SIZE FLAGS)");
-}
-
-static void on_expunge_reply(struct ms_imapc *c,
-			     const struct ms_imap_response *r, void *ctx)
-{
-	struct worker *w = ctx;
-
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		folder_fail(w, "UID EXPUNGE", r, c);
-		return;
-	}
-	if (--w->pending == 0)
-		verify_dst(w);
 }
 
 struct vanish_ctx {
@@ -2825,13 +3119,16 @@ static void on_verify_src_reply(struct ms_imapc *c,
 	struct ms_store *store = w->u->m->store;
 	struct vanish_ctx vc = { .w = w };
 	struct missing_ctx mc = { .w = w };
-	char *set = NULL;
 
 	if (r == NULL || r->status != MS_STATUS_OK) {
 		folder_fail(w, "UID FETCH", r, c);
 		return;
 	}
 	ms_u32vec_sort(&w->src_uids);
+	if (w->u->reverse) {
+		rb_verify_claims(w);
+		return;
+	}
 	w->v_missing = 0;
 	if (ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE, count_present,
 				 &mc) != 0) {
@@ -2860,18 +3157,11 @@ static void on_verify_src_reply(struct ms_imapc *c,
 		return;
 	}
 	/* Expunge exactly those: UID EXPUNGE leaves other \Deleted mail be. */
-	ms_u32vec_sort(&w->expunge);
-	if (uid_list_set(w->expunge.v, w->expunge.n, &set) == 0) {
-		job_fail(w->u, "out of memory");
-		return;
-	}
 	w->phase = PH_EXPUNGE;
-	w->pending = 2;
-	ms_imapc_cmd(w->d, on_expunge_reply, w,
-		     "UID STORE %s +FLAGS.SILENT (\\Deleted)", set);
-	ms_imapc_cmd(w->d, on_expunge_reply, w, "UID EXPUNGE %s", set);
-	free(set);
+	if (expunge_uids(w) < 0)
+		return;
 	w->f->rep.expunged += w->expunge.n;
+	w->u->expunged += w->expunge.n;
 }
 
 static void start_verify(struct worker *w)
@@ -2889,6 +3179,9 @@ static void start_verify(struct worker *w)
 }
 
 /* ---- untagged dispatch ---- */
+
+static void rscan_src_fetch(struct worker *w, const struct fetch *f);
+static void rscan_dst_fetch(struct worker *w, const struct fetch *f);
 
 static void on_src_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
 			    void *ctx)
@@ -2911,10 +3204,11 @@ static void on_src_untagged(struct ms_imapc *c, const struct ms_imap_response *r
 			return;
 		}
 		if (ms_imap_arg_is(&r->args[1], "EXPUNGE")) {
-			/* Sequence numbers above it shift down by one. */
+			/* Sequence numbers above it shift down by one. (A
+			 * rollback's next_seq counts UIDs, not these.) */
 			if (w->s_exists > 0)
 				w->s_exists--;
-			if (w->next_seq > n)
+			if (!w->u->reverse && w->next_seq > n)
 				w->next_seq--;
 			return;
 		}
@@ -2939,6 +3233,9 @@ static void on_src_untagged(struct ms_imapc *c, const struct ms_imap_response *r
 		break;
 	case PH_VERIFY_SRC:
 		verify_fetch(w, 0, &f);
+		break;
+	case PH_RSCAN_DST:
+		rscan_dst_fetch(w, &f);
 		break;
 	}
 }
@@ -2971,7 +3268,659 @@ static void on_dst_untagged(struct ms_imapc *c, const struct ms_imap_response *r
 		verify_fetch(w, 1, &f);
 	} else if (w->phase == PH_DEDUP) {
 		dedup_fetch(w, &f);
+	} else if (w->phase == PH_RSCAN_SRC) {
+		rscan_src_fetch(w, &f);
 	}
+}
+
+/* ---- rollback: the reverse delta ----
+ *
+ * A rollback job's workers read from the destination (w->s) and write to
+ * the source (w->d); open, reconcile, match, copy and verify above serve
+ * both directions. What is the rollback's own: the plan (which destination
+ * folder goes to which source folder) and the scan, which compares both
+ * servers with the folder's done records before anything is copied:
+ *
+ *   destination UID with no record            new: appended to the source
+ *   record, destination message gone          expunged on the source too
+ *   record, both there, flags differ          the destination's set on the
+ *                                             source (UID STORE)
+ *   record, the source lost its message       the record goes; the message
+ *                                             is appended again
+ *
+ * See docs/mover.md, "Rollback". */
+
+struct rows {
+	struct ms_folder_state *v;
+	size_t n, cap;
+};
+
+/* Collects the folder rows a forward copy opened (only those hold
+ * records). */
+static int collect_row(void *ctx, const struct ms_folder_state *st)
+{
+	struct rows *r = ctx;
+
+	if (st->dst_uidvalidity == 0)
+		return 0;
+	if (r->n == r->cap) {
+		size_t cap = r->cap * 2 + 16;
+		struct ms_folder_state *n = realloc(r->v, cap * sizeof(*n));
+
+		if (n == NULL)
+			return -1;
+		r->v = n;
+		r->cap = cap;
+	}
+	r->v[r->n++] = *st;
+	return 0;
+}
+
+/* The inverse of ms_mailbox_translate(): the source name of a folder made
+ * on the destination. The name is split on the destination's separator; a
+ * level holding an escaped separator ("%2F" for '/') was escaped as a
+ * whole, so its "%XX" of the separator and its "%25" are decoded; the
+ * levels are joined with the source's separator. The caller checks that
+ * the forward rule gives the name back. NULL when out of memory. */
+static char *reverse_name(const char *name, char src_sep, char dst_sep)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	const char esc[4] = { '%', hex[(unsigned char)dst_sep >> 4],
+			      hex[dst_sep & 0xf], '\0' };
+	char *out = malloc(strlen(name) + 1), *o = out;
+	const char *p = name;
+
+	if (out == NULL)
+		return NULL;
+	for (;;) {
+		const char *end = dst_sep != '\0' ? strchr(p, dst_sep) : NULL;
+		int escaped;
+
+		if (end == NULL)
+			end = p + strlen(p);
+		escaped = dst_sep != '\0' &&
+			  memmem(p, (size_t)(end - p), esc, 3) != NULL;
+		for (const char *q = p; q < end; q++) {
+			if (escaped && end - q >= 3 && strncmp(q, esc, 3) == 0) {
+				*o++ = dst_sep;
+				q += 2;
+			} else if (escaped && end - q >= 3 &&
+				   strncmp(q, "%25", 3) == 0) {
+				*o++ = '%';
+				q += 2;
+			} else {
+				*o++ = *q;
+			}
+		}
+		if (*end == '\0')
+			break;
+		*o++ = src_sep != '\0' ? src_sep : dst_sep;
+		p = end + 1;
+	}
+	*o = '\0';
+	return out;
+}
+
+/* Fills a folder job of the rollback: source name src, destination name
+ * dst, what the source's LIST said of src (sf, NULL when it has no such
+ * folder). */
+static void rb_fjob(struct ujob *u, struct fjob *f, const char *src,
+		    const char *dst, const struct fjob *sf)
+{
+	memset(f, 0, sizeof(*f));
+	snprintf(f->src, sizeof(f->src), "%s", src);
+	snprintf(f->dst, sizeof(f->dst), "%s", dst);
+	if (sf != NULL) {
+		f->subscribed = sf->subscribed;
+		memcpy(f->special, sf->special, sizeof(f->special));
+	}
+	to_utf8(f->rep.source, sizeof(f->rep.source), f->src, u->src_sep);
+	to_utf8(f->rep.destination, sizeof(f->rep.destination), f->dst,
+		u->dst_sep);
+}
+
+/* The source name for destination folder d, which no record maps: the
+ * source's folder of d's special use when no other folder job has it,
+ * else the reverse of the separator rule. Returns 0 (out filled), 1 when
+ * d has no name on the source that maps back to it, -1 when out of
+ * memory. */
+static int rb_source_name(struct ujob *u, const struct dfolder *d,
+			  const struct fjob *jobs, unsigned int njobs,
+			  char *out, size_t outsz)
+{
+	char back[1024], *t;
+	const struct fjob *sf;
+
+	out[0] = '\0';
+	for (unsigned int i = 0; d->special[0] != '\0' && i < u->nfolders &&
+	     out[0] == '\0'; i++) {
+		const struct fjob *s = &u->folders[i];
+		unsigned int j;
+
+		if (s->noselect || strcasecmp(s->special, d->special) != 0)
+			continue;
+		for (j = 0; j < njobs && !name_eq(jobs[j].src, s->src); j++)
+			;
+		if (j == njobs)
+			snprintf(out, outsz, "%s", s->src);
+	}
+	if (out[0] == '\0') {
+		t = reverse_name(d->name, u->src_sep, u->dst_sep);
+		if (t == NULL)
+			return -1;
+		snprintf(out, outsz, "%s", t);
+		free(t);
+	}
+	/* The name must come back as it is, or a later forward copy would
+	 * put the folder somewhere else. */
+	sf = find_folder(u, out);
+	if (map_forward(u, out, sf != NULL ? sf->special : "", back,
+			sizeof(back)) < 0)
+		return -1;
+	return name_eq(back, d->name) ? 0 : 1;
+}
+
+/* The folder jobs for the folders a copy made: each goes back where it came
+ * from. Returns 0, or -1 when the job failed. */
+static int rb_plan_copied(struct ujob *u, const struct rows *rows,
+			  struct fjob *jobs, unsigned int *n)
+{
+	struct ms_store *store = u->m->store;
+
+	for (size_t i = 0; i < rows->n; i++) {
+		const struct ms_folder_state *st = &rows->v[i];
+		const struct fjob *sf = find_folder(u, st->src_name);
+		struct dfolder *d = find_dfolder(u, st->dst_name);
+		struct fjob *f;
+		int ret = folder_wanted(u, st->src_name);
+
+		if (ret < 0) {
+			job_fail(u, "out of memory");
+			return -1;
+		}
+		if (ret == 0)
+			continue;
+		if (d == NULL || d->noselect) {
+			/* Deleted on the destination. Deleting a whole folder
+			 * on the source is not the rollback's to do: it stays
+			 * as it is and is reported; its records go, so that a
+			 * later forward copy takes it for the new folder it
+			 * then is. */
+			if (ms_store_folder_reset(store, st->id) < 0) {
+				job_fail(u, "store: %s", ms_store_error(store));
+				return -1;
+			}
+			if (sf == NULL)
+				continue;	/* gone from both */
+			f = &jobs[(*n)++];
+			rb_fjob(u, f, st->src_name, st->dst_name, sf);
+			f->rep.dst_deleted = 1;
+			ms_warn("%s: folder \"%s\": deleted on the destination; "
+				"left on the source as it is", u->name,
+				f->rep.source);
+			continue;
+		}
+		f = &jobs[(*n)++];
+		rb_fjob(u, f, st->src_name, st->dst_name, sf);
+		f->st = *st;
+		/* Gone from the source: created again, and its new
+		 * UIDVALIDITY voids the records. */
+		f->rep.created = sf == NULL || sf->noselect;
+		f->dst_subscribed = d->subscribed;
+		f->selected_by_plan = 1;
+		d->claimed = 1;
+	}
+	return 0;
+}
+
+/* The folder jobs for the destination folders made since the copy. Returns
+ * 0, or -1 when the job failed. */
+static int rb_plan_new(struct ujob *u, struct fjob *jobs, unsigned int *n)
+{
+	struct ms_store *store = u->m->store;
+	char src[1024], dn[1024];
+
+	for (unsigned int i = 0; i < u->ndfolders; i++) {
+		struct dfolder *d = &u->dfolders[i];
+		const struct fjob *sf;
+		struct fjob *f, *same = NULL;
+		int ret;
+
+		if (d->claimed || d->noselect)
+			continue;
+		to_utf8(dn, sizeof(dn), d->name, u->dst_sep);
+		ret = rb_source_name(u, d, jobs, *n, src, sizeof(src));
+		if (ret > 0) {
+			job_fail(u, "folder \"%s\" on the destination has no "
+				 "name on the source that a copy would map back "
+				 "to it (a level holds the source's separator "
+				 "'%c'?); nothing was rolled back (rename it on "
+				 "the destination, or --exclude it)", dn,
+				 u->src_sep);
+			return -1;
+		}
+		if (ret == 0)
+			ret = folder_wanted(u, src);
+		if (ret < 0) {
+			job_fail(u, "out of memory");
+			return -1;
+		}
+		if (ret == 0)
+			continue;
+		for (unsigned int j = 0; j < *n; j++)
+			if (name_eq(jobs[j].src, src))
+				same = &jobs[j];
+		if (same != NULL && !same->rep.dst_deleted) {
+			job_fail(u, "folders \"%s\" and \"%s\" on the destination "
+				 "would both become \"%s\" on the source; nothing "
+				 "was merged (rename one, or --exclude one)",
+				 same->rep.destination, dn, same->rep.source);
+			return -1;
+		}
+		/* (A folder deleted on the destination and made again under
+		 * a name that maps to it: this folder job is that one.) */
+		f = same != NULL ? same : &jobs[(*n)++];
+		sf = find_folder(u, src);
+		rb_fjob(u, f, src, d->name, sf);
+		if (ms_store_folder_get(store, u->user_id, src, &f->st) < 0) {
+			job_fail(u, "store: %s", ms_store_error(store));
+			return -1;
+		}
+		f->rep.created = sf == NULL || sf->noselect;
+		f->dst_subscribed = d->subscribed;
+		f->selected_by_plan = 1;
+		d->claimed = 1;
+	}
+	return 0;
+}
+
+/* Plan stage 2 of a rollback: the folder jobs, then CREATE and
+ * subscriptions on the source. u->folders holds the source's LIST until
+ * the folder jobs replace it. */
+static void rb_plan(struct ujob *u)
+{
+	struct ms_mover *m = u->m;
+	struct ms_imapc *sc = src_conn(&u->workers[0]);
+	struct rows rows = { 0 };
+	struct fjob *jobs = NULL, *f;
+	unsigned int n = 0, cap;
+	char q[2100];
+
+	if (!ms_imapc_has_cap(sc, "UIDPLUS")) {
+		job_fail(u, "source: the server has no UIDPLUS; a rollback needs "
+			 "it to learn the UIDs of the messages it appends");
+		return;
+	}
+	if (ms_store_folder_foreach(m->store, u->user_id, collect_row,
+				    &rows) != 0) {
+		job_fail(u, "store: %s", ms_store_error(m->store));
+		goto out;
+	}
+	cap = (unsigned int)rows.n + u->ndfolders + 1;
+	jobs = calloc(cap, sizeof(*jobs));
+	if (jobs == NULL) {
+		job_fail(u, "out of memory");
+		goto out;
+	}
+	if (rb_plan_copied(u, &rows, jobs, &n) < 0 ||
+	    rb_plan_new(u, jobs, &n) < 0)
+		goto out;
+	free(u->folders);
+	u->folders = jobs;
+	u->nfolders = n;
+	u->capfolders = cap;
+	jobs = NULL;
+
+	u->plan_pending = 1;
+	for (unsigned int i = 0; i < u->nfolders; i++) {
+		f = &u->folders[i];
+		if (!f->selected_by_plan)
+			continue;
+		if (ms_imap_quote(q, sizeof(q), f->src) < 0) {
+			job_fail(u, "folder \"%s\": name cannot be sent",
+				 f->rep.source);
+			goto out;
+		}
+		if (f->rep.created && strcasecmp(f->src, "INBOX") != 0) {
+			u->plan_pending++;
+			ms_imapc_cmd(sc, on_create_reply, u, "CREATE %s", q);
+		}
+		/* Subscriptions as the destination has them. */
+		if (f->dst_subscribed != f->subscribed) {
+			u->plan_pending++;
+			ms_imapc_cmd(sc, on_plan_reply, u, "%s %s",
+				     f->dst_subscribed ? "SUBSCRIBE" :
+				     "UNSUBSCRIBE", q);
+		}
+	}
+	if (--u->plan_pending == 0)
+		plan_step(u);
+out:
+	free(jobs);
+	free(rows.v);
+}
+
+static int cmp_rrec(const void *a, const void *b)
+{
+	const struct rrec *x = a, *y = b;
+
+	return x->dst_uid < y->dst_uid ? -1 : x->dst_uid > y->dst_uid;
+}
+
+static int load_rrec(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct worker *w = ctx;
+	struct rrec *rr;
+
+	if (w->nrrecs == w->caprrecs) {
+		size_t cap = w->caprrecs * 2 + 256;
+		struct rrec *n = realloc(w->rrecs, cap * sizeof(*n));
+
+		if (n == NULL)
+			return -1;
+		w->rrecs = n;
+		w->caprrecs = cap;
+	}
+	rr = &w->rrecs[w->nrrecs++];
+	memset(rr, 0, sizeof(*rr));
+	rr->src_uid = rec->src_uid;
+	rr->dst_uid = rec->dst_uid;
+	rr->size = rec->size;
+	rr->fhash = flags_hash(rec->flags);
+	return 0;
+}
+
+static struct rrec *rrec_find(struct worker *w, uint32_t dst_uid)
+{
+	struct rrec key = { .dst_uid = dst_uid };
+
+	if (w->nrrecs == 0)
+		return NULL;
+	return bsearch(&key, w->rrecs, w->nrrecs, sizeof(*w->rrecs),
+		       cmp_rrec);
+}
+
+static int cmp_fp_uid(const void *a, const void *b)
+{
+	const struct fpent *x = a, *y = b;
+
+	return x->uid < y->uid ? -1 : x->uid > y->uid;
+}
+
+/* The scan's entry for source UID uid (w->fps sorted by UID), or NULL. */
+static struct fpent *rscan_src_find(struct worker *w, uint32_t uid)
+{
+	struct fpent key = { .uid = uid };
+
+	if (w->nfps == 0)
+		return NULL;
+	return bsearch(&key, w->fps, w->nfps, sizeof(*w->fps), cmp_fp_uid);
+}
+
+static void on_rscan_dst_reply(struct ms_imapc *c,
+			       const struct ms_imap_response *r, void *ctx)
+{
+	struct worker *w = ctx;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID FETCH", r, c);
+		return;
+	}
+	if (--w->pending == 0)
+		rb_scan_done(w);
+}
+
+static void on_rscan_src_reply(struct ms_imapc *c,
+			       const struct ms_imap_response *r, void *ctx)
+{
+	struct worker *w = ctx;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID FETCH", r, c);
+		return;
+	}
+	if (w->nfps > 1)
+		qsort(w->fps, w->nfps, sizeof(*w->fps), cmp_fp_uid);
+	/* The destination's flags are compared as they come; flag STOREs
+	 * to the source count in w->pending too. */
+	w->phase = PH_RSCAN_DST;
+	w->pending = 1;
+	ms_imapc_cmd(w->s, on_rscan_dst_reply, w, "UID FETCH 1:* (UID FLAGS)");
+}
+
+/* The scan: records first, then the source's UIDs and flags, then the
+ * destination's. */
+static void rb_start_scan(struct worker *w)
+{
+	struct ms_store *store = w->u->m->store;
+
+	w->nrrecs = 0;
+	w->nfps = 0;
+	w->todo.n = 0;
+	if (ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE, load_rrec,
+				 w) != 0) {
+		job_fail(w->u, "store: %s", ms_store_error(store));
+		return;
+	}
+	if (w->nrrecs > 1)
+		qsort(w->rrecs, w->nrrecs, sizeof(*w->rrecs), cmp_rrec);
+	w->phase = PH_RSCAN_SRC;
+	ms_imapc_cmd(w->d, on_rscan_src_reply, w, "UID FETCH 1:* (UID FLAGS)");
+}
+
+static void rscan_src_fetch(struct worker *w, const struct fetch *f)
+{
+	if (f->has_uid && f->has_flags &&
+	    fps_push(w, 0, f->uid, flags_hash(f->flags)) < 0)
+		job_fail(w->u, "out of memory");
+}
+
+static void rscan_dst_fetch(struct worker *w, const struct fetch *f)
+{
+	struct ms_store *store = w->u->m->store;
+	struct rrec *rr;
+	struct fpent *sp;
+	uint64_t fh;
+
+	if (!f->has_uid || !f->has_flags)
+		return;
+	rr = rrec_find(w, f->uid);
+	sp = rr != NULL ? rscan_src_find(w, rr->src_uid) : NULL;
+	if (rr != NULL)
+		rr->seen = 1;
+	if (rr != NULL && sp == NULL)
+		rr->drop = 1;	/* the source lost it: appended again */
+	if (sp == NULL) {
+		/* (An unsolicited FETCH may name a UID twice: the list is
+		 * made unique before the copy.) */
+		if (ms_u32vec_push(&w->todo, f->uid) < 0)
+			job_fail(w->u, "out of memory");
+		return;
+	}
+	fh = flags_hash(f->flags);
+	if (sp->fhash != fh)
+		flag_store(w, rr->src_uid, rr->src_uid, f->flags);
+	else if (rr->fhash != fh)
+		/* The servers agree already (a STORE whose answer a killed
+		 * run did not see): the record catches up. */
+		store_check(w, ms_store_msg_set_flags(store, w->f->st.id,
+						      rr->src_uid, f->flags));
+}
+
+/* Deletes the records marked drop == 1 (and marks them 2). Returns 0, or
+ * -1 when the job failed. */
+static int rb_drop_records(struct worker *w)
+{
+	struct ms_store *store = w->u->m->store;
+	struct ms_folder_state *st = &w->f->st;
+
+	if (ms_store_begin(store) < 0)
+		goto fail;
+	for (size_t i = 0; i < w->nrrecs; i++) {
+		struct rrec *rr = &w->rrecs[i];
+
+		if (rr->drop != 1)
+			continue;
+		if (ms_store_msg_delete(store, st->id, rr->src_uid, "") < 0)
+			goto fail;
+		rr->drop = 2;
+		st->msgs = st->msgs > 0 ? st->msgs - 1 : 0;
+		st->bytes = st->bytes > rr->size ? st->bytes - rr->size : 0;
+	}
+	if (ms_store_folder_update(store, st) < 0 ||
+	    ms_store_commit(store) < 0)
+		goto fail;
+	return 0;
+fail:
+	ms_store_rollback(store);
+	job_fail(w->u, "store: %s", ms_store_error(store));
+	return -1;
+}
+
+static void rb_scan_done(struct worker *w)
+{
+	w->expunge.n = 0;
+	for (size_t i = 0; i < w->nrrecs; i++) {
+		struct rrec *rr = &w->rrecs[i];
+
+		if (rr->seen)
+			continue;
+		/* Gone from the destination: from the source too. Its
+		 * record goes only once the source has expunged it, or a
+		 * crash in between would leave a message no record claims,
+		 * which a forward copy would bring back. */
+		if (rscan_src_find(w, rr->src_uid) == NULL)
+			rr->drop = 1;
+		else if (ms_u32vec_push(&w->expunge, rr->src_uid) < 0) {
+			job_fail(w->u, "out of memory");
+			return;
+		}
+	}
+	if (rb_drop_records(w) < 0)
+		return;
+	if (w->expunge.n > 0) {
+		w->phase = PH_REXPUNGE;
+		expunge_uids(w);
+		return;
+	}
+	rb_start_copy(w);
+}
+
+static void rb_expunged(struct worker *w)
+{
+	for (size_t i = 0; i < w->nrrecs; i++)
+		if (!w->rrecs[i].seen && w->rrecs[i].drop == 0)
+			w->rrecs[i].drop = 1;
+	if (rb_drop_records(w) < 0)
+		return;
+	w->f->rep.expunged += w->expunge.n;
+	w->u->expunged += w->expunge.n;
+	rb_start_copy(w);
+}
+
+static void rb_start_copy(struct worker *w)
+{
+	struct ms_mover *m = w->u->m;
+
+	u32vec_uniq(&w->todo);
+	m->msgs_todo += w->todo.n;
+	w->multiappend = ms_imapc_has_cap(w->d, "MULTIAPPEND");
+	w->next_seq = 0;
+	w->phase = PH_COPY;
+	copy_pump(w);
+}
+
+struct rclaims {
+	struct ms_u32vec src, dst;
+};
+
+static int collect_rclaim(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct rclaims *c = ctx;
+
+	if (ms_u32vec_push(&c->src, rec->src_uid) < 0 ||
+	    ms_u32vec_push(&c->dst, rec->dst_uid) < 0)
+		return -1;
+	return 0;
+}
+
+/* Verification, after the destination's UIDs are in (w->src_uids, side
+ * read): every one of them must have a done record; the source UIDs the
+ * records claim go to w->known for the source's side. */
+static void rb_verify_claims(struct worker *w)
+{
+	struct ms_store *store = w->u->m->store;
+	struct rclaims c = { { 0 }, { 0 } };
+
+	if (ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE,
+				 collect_rclaim, &c) != 0) {
+		ms_u32vec_free(&c.src);
+		ms_u32vec_free(&c.dst);
+		job_fail(w->u, "store: %s", ms_store_error(store));
+		return;
+	}
+	ms_u32vec_sort(&c.src);
+	ms_u32vec_sort(&c.dst);
+	ms_u32vec_free(&w->known);
+	w->known = c.src;
+	w->v_missing = 0;
+	for (size_t i = 0; i < w->src_uids.n; i++)
+		if (!ms_u32vec_has(&c.dst, w->src_uids.v[i]) &&
+		    w->v_missing++ == 0)
+			w->v_first_missing = w->src_uids.v[i];
+	ms_u32vec_free(&c.dst);
+	verify_dst(w);
+}
+
+/* Both sides are in: side 0 the destination, side 1 the source, of which
+ * v_only are the messages no record claims (kept, not compared). */
+static void rb_verify_done(struct worker *w)
+{
+	struct ujob *u = w->u;
+	struct fjob *f = w->f;
+	struct ms_folder_report *rep = &f->rep;
+	uint32_t hwm = 0;
+
+	rep->source_messages = w->v_count[1];
+	rep->source_bytes = w->v_bytes[1];
+	rep->dest_messages = w->v_count[0];
+	rep->dest_bytes = w->v_bytes[0];
+	rep->source_only = w->v_only[0];
+	rep->verified = w->v_count[1] - w->v_only[0] == w->v_count[0] &&
+			w->v_bytes[1] - w->v_only[1] == w->v_bytes[0] &&
+			w->v_fhash[1] - w->v_only[2] == w->v_fhash[0] &&
+			w->v_missing == 0;
+	if (!rep->verified) {
+		u->mismatch = 1;
+		if (u->error[0] == '\0')
+			snprintf(u->error, sizeof(u->error),
+				 "folder \"%s\": verification failed: "
+				 "destination %llu messages / %llu bytes, "
+				 "source %llu messages / %llu bytes (%llu no "
+				 "record claims)%s%s", rep->source,
+				 (unsigned long long)w->v_count[0],
+				 (unsigned long long)w->v_bytes[0],
+				 (unsigned long long)w->v_count[1],
+				 (unsigned long long)w->v_bytes[1],
+				 (unsigned long long)w->v_only[0],
+				 w->v_fhash[0] != w->v_fhash[1] - w->v_only[2] ?
+				 ", flags differ" : "",
+				 w->v_missing ? ", messages not copied" : "");
+	}
+	if (w->v_only[0] > 0)
+		ms_warn("%s: folder \"%s\": %llu message(s) on the source that "
+			"the destination never had are kept (they arrived after "
+			"the copy?); a forward copy takes them over", u->name,
+			rep->source, (unsigned long long)w->v_only[0]);
+	/* The high-water mark (source UIDs) moves up to the first source
+	 * message no record claims: every UID below it is done. */
+	ms_u32vec_sort(&w->dst_uids);
+	for (size_t i = 0; i < w->dst_uids.n &&
+	     ms_u32vec_has(&w->known, w->dst_uids.v[i]); i++)
+		hwm = w->dst_uids.v[i];
+	if (hwm > f->st.hwm)
+		f->st.hwm = hwm;
+	folder_done(w);
 }
 
 /* ---- users ---- */
@@ -3018,14 +3967,14 @@ static void worker_hooks(struct worker *w)
 	ms_imapc_set_lost(w->d, on_conn_lost, w);
 }
 
-int ms_mover_add_user(struct ms_mover *m, const char *user,
-		      const char *src_password, const char *dst_password,
-		      ms_mover_done_cb *done, void *ctx)
+static struct ujob *job_new(struct ms_mover *m, const char *user,
+			    const char *src_password, const char *dst_password,
+			    ms_mover_done_cb *done, void *ctx)
 {
 	struct ujob *u = calloc(1, sizeof(*u));
 
 	if (u == NULL)
-		return -1;
+		return NULL;
 	u->m = m;
 	u->name = strdup(user);
 	u->src_login = login_name(m->src.cfg.user_tmpl, user);
@@ -3044,20 +3993,83 @@ int ms_mover_add_user(struct ms_mover *m, const char *user,
 	if (u->name == NULL || u->src_login == NULL || u->dst_login == NULL ||
 	    u->src_pw == NULL || u->dst_pw == NULL) {
 		job_free(u);
-		return -1;
+		return NULL;
 	}
+	return u;
+}
+
+static void job_link(struct ujob *u)
+{
+	struct ms_mover *m = u->m;
+
+	u->next = m->jobs;
+	m->jobs = u;
+	m->users++;
+}
+
+int ms_mover_add_user(struct ms_mover *m, const char *user,
+		      const char *src_password, const char *dst_password,
+		      ms_mover_done_cb *done, void *ctx)
+{
+	struct ujob *u = job_new(m, user, src_password, dst_password, done,
+				 ctx);
+
+	if (u == NULL)
+		return -1;
 	if (ms_store_user_get(m->store, user, &u->user_id) < 0 ||
 	    ms_store_user_set_state(m->store, u->user_id, "copying", NULL) < 0) {
 		job_free(u);
 		return -1;
 	}
-	u->next = m->jobs;
-	m->jobs = u;
-	m->users++;
+	job_link(u);
 	if (m->src.cfg.proto == MS_PROTO_POP3) {
 		pop3_start(u);
 		return 0;
 	}
+	worker_start(u, 0);
+	return 0;
+}
+
+int ms_mover_add_rollback(struct ms_mover *m, const char *user,
+			  const char *src_password, const char *dst_password,
+			  ms_mover_done_cb *done, void *ctx)
+{
+	struct ujob *u = job_new(m, user, src_password, dst_password, done,
+				 ctx);
+	struct ms_user_info info;
+	struct rows rows = { 0 };
+	int found = 0;
+
+	if (u == NULL)
+		return -1;
+	u->reverse = 1;
+	if (ms_store_user_info(m->store, user, &info, &found) < 0 ||
+	    (found && ms_store_folder_foreach(m->store, info.id, collect_row,
+					      &rows) != 0)) {
+		free(rows.v);
+		job_free(u);
+		return -1;
+	}
+	free(rows.v);
+	/* Refusals are reported like any failure (done() from the loop),
+	 * with u->user_id 0: the store is left as it is. */
+	job_link(u);
+	if (!found || rows.n == 0) {
+		job_fail(u, "nothing to roll back: the store has no copy of "
+			 "this user (never migrated to the destination)");
+		return 0;
+	}
+	if (m->src.cfg.proto != MS_PROTO_IMAP) {
+		job_fail(u, "source: a rollback needs an IMAP source");
+		return 0;
+	}
+	for (struct ujob *o = m->jobs; o != NULL; o = o->next) {
+		if (o != u && strcmp(o->name, user) == 0 && !o->finished) {
+			job_fail(u, "a copy of this user is running");
+			return 0;
+		}
+	}
+	u->user_id = info.id;
 	worker_start(u, 0);
 	return 0;
 }

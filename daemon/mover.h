@@ -47,14 +47,22 @@ struct ms_folder_report {
 	uint64_t source_messages, dest_messages;
 	uint64_t source_bytes, dest_bytes;
 	int verified;
+	/* rollback only */
+	int created;			/* the folder was created on the source */
+	int dst_deleted;		/* gone from the destination: left on the
+					   source as it is (not verified) */
+	uint64_t source_only;		/* messages on the source that no record
+					   claims (arrived there after the copy):
+					   kept, not compared */
 };
 
 struct ms_user_report {
 	const char *user;
+	int rollback;			/* from ms_mover_add_rollback() */
 	int ok;				/* copied and verified */
 	int mismatch;			/* verification found a difference */
 	const char *error;		/* NULL when ok */
-	uint64_t copied, bytes, flags_updated;
+	uint64_t copied, bytes, flags_updated, expunged;
 	double seconds;
 	struct ms_folder_report *folders;
 	unsigned int nfolders;
@@ -82,6 +90,27 @@ struct ms_mover *ms_mover_new(uv_loop_t *loop, struct ms_store *store,
 int ms_mover_add_user(struct ms_mover *m, const char *user,
 		      const char *src_password, const char *dst_password,
 		      ms_mover_done_cb *done, void *ctx);
+/* Rolls one user back (docs/mover.md, "Rollback"): copies to the source what
+ * changed on the destination since the user's forward copy (messages that
+ * arrived or were appended there, folders created there, flag changes,
+ * expunges of copied messages), exactly once like the forward copy (an
+ * intent is committed before the bytes leave; a killed run resumed later
+ * duplicates nothing), then verifies per folder that the source holds what
+ * the destination holds. Afterwards a forward copy of the user copies none
+ * of the rolled-back messages again: they are recorded done under the
+ * source UIDs they got, with their destination UIDs. Folders deleted on the
+ * destination are left on the source and reported (dst_deleted).
+ *
+ * Passwords as for ms_mover_add_user(). done() gets the report
+ * (report->rollback set; copied = messages appended to the source); a user
+ * the store has no copy of gets a report with an error and nothing is
+ * touched. Needs an IMAP source with UIDPLUS. The user's state in the store
+ * becomes "source" when the rollback is verified; on failure it stays what
+ * it was (the destination still holds all the mail), with the error as
+ * last_error. Returns -1 only when out of memory or the store fails. */
+int ms_mover_add_rollback(struct ms_mover *m, const char *user,
+			  const char *src_password, const char *dst_password,
+			  ms_mover_done_cb *done, void *ctx);
 void ms_mover_progress(const struct ms_mover *m, struct ms_progress *p);
 void ms_mover_free(struct ms_mover **m);
 

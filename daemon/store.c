@@ -18,7 +18,10 @@
 
 #include <sqlite3.h>
 
-#define SCHEMA_VERSION 1
+/* 1: users, folders, messages, policies; 2: + rintents (rollback intents).
+ * Every CREATE is IF NOT EXISTS, so the schema text upgrades an older
+ * store. */
+#define SCHEMA_VERSION 2
 /* ms_store_msg_foreach reads this many records at a time (see there) */
 #define FOREACH_PAGE 128
 #define FLAGS_SIZE sizeof(((struct ms_msg_rec *)0)->flags)
@@ -62,12 +65,25 @@ static const char schema_sql[] =
 	 * domain. */
 	"CREATE TABLE IF NOT EXISTS policies ("
 	" scope TEXT PRIMARY KEY,"
-	" policy TEXT NOT NULL);";
+	" policy TEXT NOT NULL);"
+	/* Rollback intents (store.h): keyed by the destination UID, since
+	 * the source UID is only known once the source has the message. */
+	"CREATE TABLE IF NOT EXISTS rintents ("
+	" folder_id INTEGER REFERENCES folders(id) ON DELETE CASCADE,"
+	" dst_uid INTEGER NOT NULL,"
+	" size INTEGER,"
+	" date INTEGER,"
+	" msgid TEXT,"
+	" flags TEXT,"
+	" src_floor INTEGER,"
+	" PRIMARY KEY(folder_id, dst_uid)) WITHOUT ROWID;";
 
 #define FOLDER_COLS "id, user_id, src_name, dst_name, src_uidvalidity, " \
 		    "dst_uidvalidity, hwm, modseq, msgs, bytes"
 #define MSG_COLS "src_uid, uidl, state, size, date, msgid, flags, dst_uid, " \
 		 "dst_floor"
+/* A rollback intent read as a struct ms_msg_rec (see store.h). */
+#define RINTENT_COLS "0, '', 0, size, date, msgid, flags, dst_uid, src_floor"
 
 enum stmt_id {
 	ST_BEGIN,
@@ -82,6 +98,7 @@ enum stmt_id {
 	ST_FOLDER_UPDATE,
 	ST_FOLDER_RESET,
 	ST_FOLDER_FORGET_MSGS,
+	ST_FOLDER_FORGET_RINTENTS,
 	ST_MSG_PUT,
 	ST_MSG_GET,
 	ST_MSG_GET_UIDL,
@@ -90,6 +107,10 @@ enum stmt_id {
 	ST_MSG_DELETE,
 	ST_MSG_PAGE,
 	ST_MSG_COUNT,
+	ST_RINTENT_PUT,
+	ST_RINTENT_DELETE,
+	ST_RINTENT_PAGE,
+	ST_RINTENT_COUNT,
 	ST_COUNT
 };
 
@@ -122,6 +143,8 @@ static const char *const stmt_sql[ST_COUNT] = {
 		"UPDATE folders SET src_uidvalidity = 0, dst_uidvalidity = 0,"
 		" hwm = 0, modseq = 0, msgs = 0, bytes = 0 WHERE id = ?1",
 	[ST_FOLDER_FORGET_MSGS] = "DELETE FROM messages WHERE folder_id = ?1",
+	[ST_FOLDER_FORGET_RINTENTS] =
+		"DELETE FROM rintents WHERE folder_id = ?1",
 	[ST_MSG_PUT] =
 		"INSERT INTO messages (folder_id, src_uid, uidl, state, size,"
 		" date, msgid, flags, dst_uid, dst_floor)"
@@ -157,6 +180,18 @@ static const char *const stmt_sql[ST_COUNT] = {
 	[ST_MSG_COUNT] =
 		"SELECT count(*) FROM messages"
 		" WHERE folder_id = ?1 AND (?2 < 0 OR state = ?2)",
+	[ST_RINTENT_PUT] =
+		"INSERT OR REPLACE INTO rintents (folder_id, dst_uid, size,"
+		" date, msgid, flags, src_floor)"
+		" VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+	[ST_RINTENT_DELETE] =
+		"DELETE FROM rintents WHERE folder_id = ?1 AND dst_uid = ?2",
+	[ST_RINTENT_PAGE] =
+		"SELECT " RINTENT_COLS " FROM rintents"
+		" WHERE folder_id = ?1 AND dst_uid > ?2"
+		" ORDER BY dst_uid LIMIT ?3",
+	[ST_RINTENT_COUNT] =
+		"SELECT count(*) FROM rintents WHERE folder_id = ?1",
 };
 
 struct ms_store {
@@ -353,7 +388,9 @@ static int create_schema(struct ms_store *s)
 		return -1;
 	if (get_user_version(s, &version) < 0)
 		goto fail;
-	if (version == 0) {
+	if (version < SCHEMA_VERSION) {
+		/* A new store, or an older one: the tables it lacks are
+		 * created, those it has are left as they are. */
 		snprintf(sql, sizeof(sql), "PRAGMA user_version = %d",
 			 SCHEMA_VERSION);
 		if (exec(s, schema_sql, "create schema") < 0 ||
@@ -603,6 +640,28 @@ int ms_store_user_add_progress(struct ms_store *store, int64_t user_id,
 	return 0;
 }
 
+/* Columns as in FOLDER_COLS. */
+static int read_folder(struct ms_store *s, sqlite3_stmt *st,
+		       struct ms_folder_state *st_r)
+{
+	memset(st_r, 0, sizeof(*st_r));
+	st_r->id = sqlite3_column_int64(st, 0);
+	st_r->user_id = sqlite3_column_int64(st, 1);
+	if (copy_text(s, st, 2, st_r->src_name, sizeof(st_r->src_name),
+		      "folder src_name") < 0 ||
+	    copy_text(s, st, 3, st_r->dst_name, sizeof(st_r->dst_name),
+		      "folder dst_name") < 0)
+		return -1;
+	/* NULL (a row written by hand) reads as 0 = never seen */
+	st_r->src_uidvalidity = (uint32_t)sqlite3_column_int64(st, 4);
+	st_r->dst_uidvalidity = (uint32_t)sqlite3_column_int64(st, 5);
+	st_r->hwm = (uint32_t)sqlite3_column_int64(st, 6);
+	st_r->modseq = (uint64_t)sqlite3_column_int64(st, 7);
+	st_r->msgs = (uint64_t)sqlite3_column_int64(st, 8);
+	st_r->bytes = (uint64_t)sqlite3_column_int64(st, 9);
+	return 0;
+}
+
 static int folder_lookup(struct ms_store *s, int64_t user_id,
 			 const char *src_name, struct ms_folder_state *st_r)
 {
@@ -614,26 +673,9 @@ static int folder_lookup(struct ms_store *s, int64_t user_id,
 	ret = step_row(s, st, "folder_get");
 	if (ret != 1)
 		return ret;
-
-	memset(st_r, 0, sizeof(*st_r));
-	st_r->id = sqlite3_column_int64(st, 0);
-	st_r->user_id = sqlite3_column_int64(st, 1);
-	if (copy_text(s, st, 2, st_r->src_name, sizeof(st_r->src_name),
-		      "folder src_name") < 0 ||
-	    copy_text(s, st, 3, st_r->dst_name, sizeof(st_r->dst_name),
-		      "folder dst_name") < 0) {
-		release(st);
-		return -1;
-	}
-	/* NULL (a row written by hand) reads as 0 = never seen */
-	st_r->src_uidvalidity = (uint32_t)sqlite3_column_int64(st, 4);
-	st_r->dst_uidvalidity = (uint32_t)sqlite3_column_int64(st, 5);
-	st_r->hwm = (uint32_t)sqlite3_column_int64(st, 6);
-	st_r->modseq = (uint64_t)sqlite3_column_int64(st, 7);
-	st_r->msgs = (uint64_t)sqlite3_column_int64(st, 8);
-	st_r->bytes = (uint64_t)sqlite3_column_int64(st, 9);
+	ret = read_folder(s, st, st_r);
 	release(st);
-	return 1;
+	return ret < 0 ? -1 : 1;
 }
 
 int ms_store_folder_get(struct ms_store *store, int64_t user_id,
@@ -703,6 +745,11 @@ int ms_store_folder_reset(struct ms_store *store, int64_t folder_id)
 				(long long)folder_id);
 	if (ret == 0) {
 		st = store->st[ST_FOLDER_FORGET_MSGS];
+		sqlite3_bind_int64(st, 1, folder_id);
+		ret = run(store, st, "folder_reset");
+	}
+	if (ret == 0) {
+		st = store->st[ST_FOLDER_FORGET_RINTENTS];
 		sqlite3_bind_int64(st, 1, folder_id);
 		ret = run(store, st, "folder_reset");
 	}
@@ -861,11 +908,13 @@ int ms_store_msg_delete(struct ms_store *store, int64_t folder_id,
  * walk holds no read snapshot open that would keep WAL checkpoints from
  * finishing. Without an enclosing transaction the walk is therefore not one
  * snapshot: records the callback changes may or may not be seen again.
+ *
+ * rintents: st is ST_RINTENT_PAGE (keyed by the destination UID alone)
+ * rather than ST_MSG_PAGE (keyed by source UID and UIDL, filtered by state).
  */
-int ms_store_msg_foreach(struct ms_store *store, int64_t folder_id, int state,
-			 ms_store_msg_cb *cb, void *ctx)
+static int walk(struct ms_store *store, sqlite3_stmt *st, int64_t folder_id,
+		int state, int rintents, ms_store_msg_cb *cb, void *ctx)
 {
-	sqlite3_stmt *st = store->st[ST_MSG_PAGE];
 	struct ms_msg_rec *page;
 	int64_t last_uid = -1;		/* below every key */
 	char last_uidl[sizeof(page->uidl)] = "";
@@ -879,9 +928,13 @@ int ms_store_msg_foreach(struct ms_store *store, int64_t folder_id, int state,
 		n = 0;
 		sqlite3_bind_int64(st, 1, folder_id);
 		sqlite3_bind_int64(st, 2, last_uid);
-		bind_text(st, 3, last_uidl);
-		sqlite3_bind_int(st, 4, state < 0 ? -1 : state);
-		sqlite3_bind_int(st, 5, FOREACH_PAGE);
+		if (rintents) {
+			sqlite3_bind_int(st, 3, FOREACH_PAGE);
+		} else {
+			bind_text(st, 3, last_uidl);
+			sqlite3_bind_int(st, 4, state < 0 ? -1 : state);
+			sqlite3_bind_int(st, 5, FOREACH_PAGE);
+		}
 		while ((ret = step_row(store, st, "msg_foreach")) == 1) {
 			if (read_msg(store, st, &page[n]) < 0) {
 				release(st);
@@ -894,7 +947,8 @@ int ms_store_msg_foreach(struct ms_store *store, int64_t folder_id, int state,
 			break;
 		/* step_row released the statement at SQLITE_DONE */
 		if (n > 0) {
-			last_uid = page[n - 1].src_uid;
+			last_uid = rintents ? page[n - 1].dst_uid :
+				   page[n - 1].src_uid;
 			memcpy(last_uidl, page[n - 1].uidl, sizeof(last_uidl));
 		}
 		for (i = 0; i < n && ret == 0; i++)
@@ -905,22 +959,115 @@ int ms_store_msg_foreach(struct ms_store *store, int64_t folder_id, int state,
 	return ret;
 }
 
-int ms_store_msg_count(struct ms_store *store, int64_t folder_id, int state,
-		       uint64_t *count_r)
+int ms_store_msg_foreach(struct ms_store *store, int64_t folder_id, int state,
+			 ms_store_msg_cb *cb, void *ctx)
 {
-	sqlite3_stmt *st = store->st[ST_MSG_COUNT];
-	int ret;
+	return walk(store, store->st[ST_MSG_PAGE], folder_id, state, 0, cb,
+		    ctx);
+}
 
-	sqlite3_bind_int64(st, 1, folder_id);
-	sqlite3_bind_int(st, 2, state < 0 ? -1 : state);
-	ret = step_row(store, st, "msg_count");
+/* Steps a "SELECT count(*)" statement whose parameters are bound. */
+static int count_row(struct ms_store *store, sqlite3_stmt *st,
+		     const char *what, uint64_t *count_r)
+{
+	int ret = step_row(store, st, what);
+
 	if (ret == 0)
-		ret = set_error(store, "msg_count: no result");
+		ret = set_error(store, "%s: no result", what);
 	if (ret < 0)
 		return -1;
 	*count_r = (uint64_t)sqlite3_column_int64(st, 0);
 	release(st);
 	return 0;
+}
+
+int ms_store_msg_count(struct ms_store *store, int64_t folder_id, int state,
+		       uint64_t *count_r)
+{
+	sqlite3_stmt *st = store->st[ST_MSG_COUNT];
+
+	sqlite3_bind_int64(st, 1, folder_id);
+	sqlite3_bind_int(st, 2, state < 0 ? -1 : state);
+	return count_row(store, st, "msg_count", count_r);
+}
+
+/* ---- rollback intents ---- */
+
+int ms_store_rintent_put(struct ms_store *store, int64_t folder_id,
+			 const struct ms_msg_rec *rec)
+{
+	sqlite3_stmt *st = store->st[ST_RINTENT_PUT];
+
+	if (check_len(store, rec->msgid, sizeof(rec->msgid),
+		      "Message-ID") < 0 ||
+	    check_len(store, rec->flags, sizeof(rec->flags), "flags") < 0)
+		return -1;
+	if (rec->dst_uid == 0)
+		return set_error(store, "rintent_put: no destination UID");
+	sqlite3_bind_int64(st, 1, folder_id);
+	sqlite3_bind_int64(st, 2, rec->dst_uid);
+	sqlite3_bind_int64(st, 3, (int64_t)rec->size);
+	sqlite3_bind_int64(st, 4, rec->date);
+	bind_text(st, 5, rec->msgid);
+	bind_text(st, 6, rec->flags);
+	sqlite3_bind_int64(st, 7, rec->dst_floor);
+	return run(store, st, "rintent_put");
+}
+
+int ms_store_rintent_delete(struct ms_store *store, int64_t folder_id,
+			    uint32_t dst_uid)
+{
+	sqlite3_stmt *st = store->st[ST_RINTENT_DELETE];
+
+	/* as msg_delete: what is not there is gone already */
+	sqlite3_bind_int64(st, 1, folder_id);
+	sqlite3_bind_int64(st, 2, dst_uid);
+	return run(store, st, "rintent_delete");
+}
+
+int ms_store_rintent_foreach(struct ms_store *store, int64_t folder_id,
+			     ms_store_msg_cb *cb, void *ctx)
+{
+	return walk(store, store->st[ST_RINTENT_PAGE], folder_id, -1, 1, cb,
+		    ctx);
+}
+
+int ms_store_rintent_count(struct ms_store *store, int64_t folder_id,
+			   uint64_t *count_r)
+{
+	sqlite3_stmt *st = store->st[ST_RINTENT_COUNT];
+
+	sqlite3_bind_int64(st, 1, folder_id);
+	return count_row(store, st, "rintent_count", count_r);
+}
+
+/* ---- the folders of a user (planning a rollback: not a hot path) ---- */
+
+int ms_store_folder_foreach(struct ms_store *store, int64_t user_id,
+			    ms_store_folder_cb *cb, void *ctx)
+{
+	struct ms_folder_state fs;
+	sqlite3_stmt *st;
+	int rc, ret = 0;
+
+	if (sqlite3_prepare_v2(store->db, "SELECT " FOLDER_COLS " FROM folders"
+			       " WHERE user_id = ?1 ORDER BY src_name", -1, &st,
+			       NULL) != SQLITE_OK)
+		return db_error(store, "folder_foreach");
+	sqlite3_bind_int64(st, 1, user_id);
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		if (read_folder(store, st, &fs) < 0) {
+			ret = -1;
+			break;
+		}
+		if ((ret = cb(ctx, &fs)) != 0)
+			break;
+	}
+	sqlite3_finalize(st);
+	if (ret == 0 && rc != SQLITE_DONE)
+		return set_error(store, "folder_foreach: %s",
+				 sqlite3_errstr(rc));
+	return ret;
 }
 
 /* ---- users, for the gateway and the control commands ----

@@ -82,9 +82,14 @@ int ms_store_folder_get(struct ms_store *store, int64_t user_id,
 /* Writes back every field but id/user_id/src_name. */
 int ms_store_folder_update(struct ms_store *store,
 			   const struct ms_folder_state *st);
-/* Forgets every message of the folder (UIDVALIDITY changed) and zeroes
- * uidvalidities, hwm, modseq, msgs and bytes. */
+/* Forgets every message and rollback intent of the folder (UIDVALIDITY
+ * changed) and zeroes uidvalidities, hwm, modseq, msgs and bytes. */
 int ms_store_folder_reset(struct ms_store *store, int64_t folder_id);
+/* Every folder row of the user in source-name order; a non-zero return
+ * from cb stops the walk and is returned. */
+typedef int ms_store_folder_cb(void *ctx, const struct ms_folder_state *st);
+int ms_store_folder_foreach(struct ms_store *store, int64_t user_id,
+			    ms_store_folder_cb *cb, void *ctx);
 
 /* Messages. An intent (state MS_MSG_INTENT) is written and committed before
  * the message's bytes leave for the destination; it becomes MS_MSG_DONE with
@@ -103,7 +108,8 @@ struct ms_msg_rec {
 	uint32_t dst_uid;		/* 0 = unknown */
 	uint32_t dst_floor;		/* destination UIDNEXT when the intent
 					   was written: the message, if it got
-					   there, has a UID >= this */
+					   there, has a UID >= this (for a
+					   rollback intent: the source's) */
 	char uidl[128];			/* POP3 source: the UIDL; else "" */
 };
 
@@ -135,5 +141,22 @@ int ms_store_msg_foreach(struct ms_store *store, int64_t folder_id, int state,
 /* Number of records of the folder in `state` (or all when state < 0). */
 int ms_store_msg_count(struct ms_store *store, int64_t folder_id, int state,
 		       uint64_t *count_r);
+
+/* Rollback intents (docs/mover.md, "Rollback"): a destination message about
+ * to be appended to the source, written and committed before its bytes
+ * leave, deleted in the transaction that records it done under the source
+ * UID it got. They travel as struct ms_msg_rec: dst_uid is the key, src_uid
+ * is 0 (not known yet), state MS_MSG_INTENT, uidl "", and dst_floor holds
+ * the *source's* UIDNEXT when the intent was written. Put replaces. */
+int ms_store_rintent_put(struct ms_store *store, int64_t folder_id,
+			 const struct ms_msg_rec *rec);
+int ms_store_rintent_delete(struct ms_store *store, int64_t folder_id,
+			    uint32_t dst_uid);
+/* In destination-UID order; the callback may write to the store (as for
+ * ms_store_msg_foreach). */
+int ms_store_rintent_foreach(struct ms_store *store, int64_t folder_id,
+			     ms_store_msg_cb *cb, void *ctx);
+int ms_store_rintent_count(struct ms_store *store, int64_t folder_id,
+			   uint64_t *count_r);
 
 #endif

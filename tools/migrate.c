@@ -1,5 +1,7 @@
-/* mailshiftctl migrate: copy users' mail now, with a live progress bar and
- * a JSON summary for scripts. See docs/mailshiftctl.8 and docs/cli-spec.md. */
+/* mailshiftctl migrate: copy users' mail now (or, with --rollback, send
+ * what changed on the destination back to the source), with a live progress
+ * bar and a JSON summary for scripts. See docs/mailshiftctl.8 and
+ * docs/cli-spec.md. */
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -43,6 +45,7 @@ struct opts {
 	int json;
 	int progress;		/* -1 = auto */
 	int verbose;
+	int rollback;
 };
 
 struct run {
@@ -61,9 +64,12 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 "Usage: %s migrate [options] USER [USER...]\n"
+"       %s migrate --rollback [options] USER [USER...]\n"
 "\n"
 "Copies each USER's folders from the source to the destination: exact,\n"
 "incremental, resumable, verified. Passwords are never taken from argv.\n"
+"With --rollback, copies back to the source what changed on the\n"
+"destination since the copy (new mail, new folders, flags, expunges).\n"
 "\n"
 "  -c, --config FILE             configuration file (INI)\n"
 "      --source URL              imap://, imaps://, imap+starttls://, pop3://, pop3s://, pop3+starttls://\n"
@@ -86,6 +92,8 @@ static void usage(FILE *f)
 "      --batch N                 messages per APPEND batch (default 100)\n"
 "      --json                    print a JSON summary on stdout\n"
 "      --progress, --no-progress live progress bar on stderr (default: on a terminal)\n"
+"      --rollback                the other way: bring the source back to what the\n"
+"                                 destination holds (users copied before only)\n"
 "  -v, --verbose                 log what happens\n"
 "\n"
 "Exit status: 0 copied and verified, 1 error, 2 usage, 3 verification mismatch.\n"
@@ -94,7 +102,7 @@ static void usage(FILE *f)
 "       %s migrate --all [-s SOCKET | -c FILE]\n"
 "asks the running mailshiftd to move users now: copy, verify, end their\n"
 "sessions, last delta, flip (needs its admin logins).\n",
-		prog, prog, prog);
+		prog, prog, prog, prog);
 }
 
 static int set_str(char **dst, const char *v)
@@ -338,6 +346,8 @@ static json_t *report_json(const struct ms_user_report *rep)
 	json_t *o = json_object(), *folders = json_array();
 
 	json_object_set_new(o, "user", json_string(rep->user));
+	if (rep->rollback)
+		json_object_set_new(o, "rollback", json_true());
 	json_object_set_new(o, "ok", json_boolean(rep->ok));
 	json_object_set_new(o, "error", rep->error != NULL ?
 			    json_string(rep->error) : json_null());
@@ -346,6 +356,8 @@ static json_t *report_json(const struct ms_user_report *rep)
 	json_object_set_new(o, "bytes", json_integer((json_int_t)rep->bytes));
 	json_object_set_new(o, "flags_updated",
 			    json_integer((json_int_t)rep->flags_updated));
+	json_object_set_new(o, "expunged",
+			    json_integer((json_int_t)rep->expunged));
 	json_object_set_new(o, "seconds", json_real(rep->seconds));
 	for (unsigned int i = 0; i < rep->nfolders; i++) {
 		const struct ms_folder_report *f = &rep->folders[i];
@@ -368,6 +380,14 @@ static json_t *report_json(const struct ms_user_report *rep)
 		json_object_set_new(fo, "dest_bytes",
 				    json_integer((json_int_t)f->dest_bytes));
 		json_object_set_new(fo, "verified", json_boolean(f->verified));
+		if (rep->rollback) {
+			json_object_set_new(fo, "created",
+					    json_boolean(f->created));
+			json_object_set_new(fo, "destination_deleted",
+					    json_boolean(f->dst_deleted));
+			json_object_set_new(fo, "source_only",
+					    json_integer((json_int_t)f->source_only));
+		}
 		json_array_append_new(folders, fo);
 	}
 	json_object_set_new(o, "folders", folders);
@@ -376,11 +396,14 @@ static json_t *report_json(const struct ms_user_report *rep)
 
 static void print_table(const struct ms_user_report *rep)
 {
-	printf("%s: %s, %llu message(s) copied, %llu flag update(s), %.1fs\n",
-	       rep->user, rep->ok ? "verified" :
+	printf("%s: %s%s, %llu message(s) %s, %llu flag update(s), "
+	       "%llu expunged, %.1fs\n", rep->user,
+	       rep->rollback ? "rollback " : "", rep->ok ? "verified" :
 	       rep->mismatch ? "VERIFICATION FAILED" : "FAILED",
 	       (unsigned long long)rep->copied,
-	       (unsigned long long)rep->flags_updated, rep->seconds);
+	       rep->rollback ? "appended to the source" : "copied",
+	       (unsigned long long)rep->flags_updated,
+	       (unsigned long long)rep->expunged, rep->seconds);
 	if (rep->nfolders == 0)
 		return;
 	printf("  %-28s %-28s %8s %8s %12s %12s  %s\n", "SOURCE", "DESTINATION",
@@ -388,12 +411,15 @@ static void print_table(const struct ms_user_report *rep)
 	for (unsigned int i = 0; i < rep->nfolders; i++) {
 		const struct ms_folder_report *f = &rep->folders[i];
 
-		printf("  %-28s %-28s %8llu %8llu %12llu %12llu  %s\n", f->source,
-		       f->destination, (unsigned long long)f->source_messages,
+		printf("  %-28s %-28s %8llu %8llu %12llu %12llu  %s%s\n",
+		       f->source, f->destination,
+		       (unsigned long long)f->source_messages,
 		       (unsigned long long)f->dest_messages,
 		       (unsigned long long)f->source_bytes,
 		       (unsigned long long)f->dest_bytes,
-		       f->verified ? "ok" : "MISMATCH");
+		       f->dst_deleted ? "kept (deleted on the destination)" :
+		       f->verified ? "ok" : "MISMATCH",
+		       f->created ? " (created on the source)" : "");
 	}
 }
 
@@ -429,7 +455,7 @@ enum {
 	OPT_SOURCE = 256, OPT_DEST, OPT_SUSER, OPT_DUSER, OPT_SADMIN, OPT_DADMIN,
 	OPT_SPWF, OPT_DPWF, OPT_SAUTH, OPT_DAUTH, OPT_CA, OPT_INSECURE,
 	OPT_STORE, OPT_INCLUDE, OPT_EXCLUDE, OPT_CONNS, OPT_BATCH, OPT_JSON,
-	OPT_PROGRESS, OPT_NOPROGRESS,
+	OPT_PROGRESS, OPT_NOPROGRESS, OPT_ROLLBACK,
 };
 
 static const struct option longopts[] = {
@@ -454,6 +480,7 @@ static const struct option longopts[] = {
 	{ "json", no_argument, NULL, OPT_JSON },
 	{ "progress", no_argument, NULL, OPT_PROGRESS },
 	{ "no-progress", no_argument, NULL, OPT_NOPROGRESS },
+	{ "rollback", no_argument, NULL, OPT_ROLLBACK },
 	{ "verbose", no_argument, NULL, 'v' },
 	{ "help", no_argument, NULL, 'h' },
 	{ NULL, 0, NULL, 0 },
@@ -487,9 +514,21 @@ int migrate_main(int argc, char *argv[])
 	int ch, ret = 2;
 
 	/* "--all" and "--daemon": ask the running mailshiftd instead. */
-	for (int i = 1; i < argc; i++)
-		if (!strcmp(argv[i], "--all") || !strcmp(argv[i], "--daemon"))
-			return migrate_daemon_main(argc, argv);
+	for (int i = 1; i < argc; i++) {
+		if (strcmp(argv[i], "--all") && strcmp(argv[i], "--daemon"))
+			continue;
+		for (int j = 1; j < argc; j++) {
+			if (!strcmp(argv[j], "--rollback")) {
+				fprintf(stderr, "%s: migrate: --rollback runs "
+					"here, not through mailshiftd (no "
+					"--daemon or --all); with the gateway "
+					"running: %s rollback USER\n", prog,
+					prog);
+				return 2;
+			}
+		}
+		return migrate_daemon_main(argc, argv);
+	}
 	/* Options first into `cli`, so that they override the config file
 	 * whatever their order. */
 	while ((ch = getopt_long(argc, argv, "c:vh", longopts, NULL)) != -1) {
@@ -528,6 +567,7 @@ int migrate_main(int argc, char *argv[])
 		case OPT_JSON: cli.json = 1; break;
 		case OPT_PROGRESS: cli.progress = 1; break;
 		case OPT_NOPROGRESS: cli.progress = 0; break;
+		case OPT_ROLLBACK: cli.rollback = 1; break;
 		case 'v': cli.verbose = 1; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
@@ -552,7 +592,7 @@ int migrate_main(int argc, char *argv[])
 	OVERRIDE(src.ca_file); OVERRIDE(dst.ca_file);
 	OVERRIDE(src.insecure); OVERRIDE(dst.insecure);
 	OVERRIDE(store); OVERRIDE(connections); OVERRIDE(batch);
-	OVERRIDE(json); OVERRIDE(verbose);
+	OVERRIDE(json); OVERRIDE(verbose); OVERRIDE(rollback);
 #undef OVERRIDE
 	if (cli.progress >= 0)
 		o.progress = cli.progress;
@@ -572,6 +612,11 @@ int migrate_main(int argc, char *argv[])
 	if (dst.proto != MS_PROTO_IMAP) {
 		fprintf(stderr, "%s: the destination must be an IMAP server\n",
 			prog);
+		return 2;
+	}
+	if (o.rollback && src.proto != MS_PROTO_IMAP) {
+		fprintf(stderr, "%s: --rollback needs an IMAP source (mail "
+			"cannot be put back on a POP3 server)\n", prog);
 		return 2;
 	}
 	src_pw = get_password(&o.src, "MAILSHIFT_SOURCE_PASSWORD", "source",
@@ -619,8 +664,8 @@ int migrate_main(int argc, char *argv[])
 		uv_timer_start(&r.timer, on_tick, 200, 200);
 	for (int i = optind; i < argc; i++) {
 		r.users++;
-		if (ms_mover_add_user(r.mover, argv[i], NULL, NULL, on_user_done,
-				      &r) < 0) {
+		if ((o.rollback ? ms_mover_add_rollback : ms_mover_add_user)(
+			    r.mover, argv[i], NULL, NULL, on_user_done, &r) < 0) {
 			fprintf(stderr, "%s: %s: cannot start: %s\n", prog,
 				argv[i], ms_store_error(store));
 			r.users--;

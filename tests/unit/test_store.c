@@ -151,10 +151,11 @@ static void test_open_file(void **state)
 
 	sql_text(f, "PRAGMA journal_mode", mode, sizeof(mode));
 	assert_string_equal(mode, "wal");
-	assert_int_equal(sql_int(f, "PRAGMA user_version"), 1);
+	assert_int_equal(sql_int(f, "PRAGMA user_version"), 2);
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM sqlite_master "
 				 "WHERE type = 'table' AND name IN "
-				 "('users', 'folders', 'messages')"), 3);
+				 "('users', 'folders', 'messages', 'rintents')"),
+			 4);
 
 	/* no parent directory is created */
 	snprintf(buf, sizeof(buf), "%s/nonexistent/store.db", f->dir);
@@ -564,6 +565,197 @@ static void test_foreach(void **state)
 	free(w);
 }
 
+/* Rollback intents: keyed by destination UID, walked in that order,
+ * forgotten with the folder's messages. */
+static int rintent_cb(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct walk *w = ctx;
+
+	assert_int_equal(rec->src_uid, 0);
+	assert_int_equal(rec->state, MS_MSG_INTENT);
+	assert_string_equal(rec->uidl, "");
+	assert_int_equal(rec->size, 1000 + rec->dst_uid);
+	assert_int_equal(rec->dst_floor, 100 + rec->dst_uid);
+	w->uids[w->n++] = rec->dst_uid;
+	/* the walk may write: the recovery deletes what it settles */
+	if (w->store != NULL)
+		return ms_store_rintent_delete(w->store, w->folder_id,
+					       rec->dst_uid);
+	return 0;
+}
+
+static void test_rintents(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_msg_rec r;
+	int64_t fid = make_folder(f, "alice", "INBOX");
+	int64_t other = make_folder(f, "alice", "Sent");
+	struct walk *w = calloc(1, sizeof(*w));
+	uint64_t n;
+	uint32_t i;
+
+	assert_non_null(w);
+	assert_int_equal(ms_store_begin(f->store), 0);
+	for (i = 0; i < 300; i++) {
+		uint32_t uid = (i * 7919) % 300 + 1;
+
+		imap_rec(&r, 0, MS_MSG_INTENT);
+		r.dst_uid = uid;
+		r.size = 1000 + uid;
+		r.dst_floor = 100 + uid;
+		assert_int_equal(ms_store_rintent_put(f->store, fid, &r), 0);
+	}
+	assert_int_equal(ms_store_commit(f->store), 0);
+	/* put replaces */
+	assert_int_equal(ms_store_rintent_put(f->store, fid, &r), 0);
+	assert_int_equal(ms_store_rintent_count(f->store, fid, &n), 0);
+	assert_int_equal(n, 300);
+	/* and is no message record */
+	assert_int_equal(ms_store_msg_count(f->store, fid, -1, &n), 0);
+	assert_int_equal(n, 0);
+	r.dst_uid = 0;
+	assert_int_equal(ms_store_rintent_put(f->store, fid, &r), -1);
+
+	assert_int_equal(ms_store_rintent_foreach(f->store, fid, rintent_cb,
+						  w), 0);
+	assert_int_equal(w->n, 300);
+	for (i = 0; i < 300; i++)
+		assert_int_equal(w->uids[i], i + 1);
+
+	assert_int_equal(ms_store_rintent_delete(f->store, fid, 7), 0);
+	assert_int_equal(ms_store_rintent_delete(f->store, fid, 7), 0);
+	assert_int_equal(ms_store_rintent_count(f->store, fid, &n), 0);
+	assert_int_equal(n, 299);
+
+	/* deleting while walking, inside a transaction */
+	memset(w, 0, sizeof(*w));
+	w->store = f->store;
+	w->folder_id = fid;
+	assert_int_equal(ms_store_begin(f->store), 0);
+	assert_int_equal(ms_store_rintent_foreach(f->store, fid, rintent_cb,
+						  w), 0);
+	assert_int_equal(ms_store_commit(f->store), 0);
+	assert_int_equal(w->n, 299);
+	assert_int_equal(ms_store_rintent_count(f->store, fid, &n), 0);
+	assert_int_equal(n, 0);
+
+	/* a reset forgets them, in that folder only */
+	imap_rec(&r, 0, MS_MSG_INTENT);
+	r.dst_uid = 5;
+	assert_int_equal(ms_store_rintent_put(f->store, fid, &r), 0);
+	assert_int_equal(ms_store_rintent_put(f->store, other, &r), 0);
+	assert_int_equal(ms_store_folder_reset(f->store, fid), 0);
+	assert_int_equal(ms_store_rintent_count(f->store, fid, &n), 0);
+	assert_int_equal(n, 0);
+	assert_int_equal(ms_store_rintent_count(f->store, other, &n), 0);
+	assert_int_equal(n, 1);
+	free(w);
+}
+
+struct folder_walk {
+	char names[8][64];
+	uint32_t hwm[8];
+	size_t n;
+};
+
+static int folder_cb(void *ctx, const struct ms_folder_state *st)
+{
+	struct folder_walk *fw = ctx;
+
+	snprintf(fw->names[fw->n], sizeof(fw->names[0]), "%s", st->src_name);
+	fw->hwm[fw->n++] = st->hwm;
+	return fw->n == 8 ? 5 : 0;
+}
+
+static void test_folder_foreach(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_folder_state fs;
+	struct folder_walk fw = { 0 };
+	int64_t alice, bob;
+
+	assert_int_equal(ms_store_user_get(f->store, "alice", &alice), 0);
+	assert_int_equal(ms_store_user_get(f->store, "bob", &bob), 0);
+	assert_int_equal(ms_store_folder_foreach(f->store, alice, folder_cb,
+						 &fw), 0);
+	assert_int_equal(fw.n, 0);
+	make_folder(f, "alice", "Sent");
+	make_folder(f, "bob", "Other");
+	assert_int_equal(ms_store_folder_get(f->store, alice, "INBOX", &fs), 0);
+	fs.hwm = 42;
+	assert_int_equal(ms_store_folder_update(f->store, &fs), 0);
+	assert_int_equal(ms_store_folder_foreach(f->store, alice, folder_cb,
+						 &fw), 0);
+	assert_int_equal(fw.n, 2);
+	assert_string_equal(fw.names[0], "INBOX");
+	assert_int_equal(fw.hwm[0], 42);
+	assert_string_equal(fw.names[1], "Sent");
+}
+
+/* A store written by the first schema gains the rintents table and keeps
+ * its rows. */
+static void test_upgrade(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_store *s = NULL;
+	struct ms_folder_state fs;
+	struct ms_msg_rec r;
+	sqlite3 *db;
+	char buf[160];
+	int64_t uid;
+	uint64_t n;
+
+	store_path(f, ".v1", buf, sizeof(buf));
+	assert_int_equal(sqlite3_open(buf, &db), SQLITE_OK);
+	assert_int_equal(sqlite3_exec(db,
+		"CREATE TABLE users (id INTEGER PRIMARY KEY,"
+		" name TEXT UNIQUE NOT NULL, state TEXT NOT NULL DEFAULT"
+		" 'source', policy TEXT, last_error TEXT, msgs_copied INTEGER"
+		" DEFAULT 0, bytes_copied INTEGER DEFAULT 0, updated_at"
+		" INTEGER);"
+		"CREATE TABLE folders (id INTEGER PRIMARY KEY, user_id INTEGER"
+		" REFERENCES users(id) ON DELETE CASCADE, src_name TEXT NOT"
+		" NULL, dst_name TEXT NOT NULL DEFAULT '', src_uidvalidity"
+		" INTEGER, dst_uidvalidity INTEGER, hwm INTEGER, modseq"
+		" INTEGER, msgs INTEGER, bytes INTEGER,"
+		" UNIQUE(user_id, src_name));"
+		"CREATE TABLE messages (folder_id INTEGER REFERENCES"
+		" folders(id) ON DELETE CASCADE, src_uid INTEGER NOT NULL,"
+		" uidl TEXT NOT NULL DEFAULT '', state INTEGER, size INTEGER,"
+		" date INTEGER, msgid TEXT, flags TEXT, dst_uid INTEGER,"
+		" dst_floor INTEGER, PRIMARY KEY(folder_id, src_uid, uidl))"
+		" WITHOUT ROWID;"
+		"INSERT INTO users (id, name) VALUES (1, 'old');"
+		"INSERT INTO folders VALUES (1, 1, 'INBOX', 'INBOX', 5, 6, 9,"
+		" 0, 1, 10);"
+		"PRAGMA user_version = 1;", NULL, NULL, NULL), SQLITE_OK);
+	sqlite3_close(db);
+
+	assert_int_equal(ms_store_open(buf, &s, NULL), 0);
+	assert_int_equal(ms_store_user_get(s, "old", &uid), 0);
+	assert_int_equal(uid, 1);
+	assert_int_equal(ms_store_folder_get(s, uid, "INBOX", &fs), 0);
+	assert_int_equal(fs.hwm, 9);
+	imap_rec(&r, 0, MS_MSG_INTENT);
+	r.dst_uid = 3;
+	assert_int_equal(ms_store_rintent_put(s, fs.id, &r), 0);
+	assert_int_equal(ms_store_rintent_count(s, fs.id, &n), 0);
+	assert_int_equal(n, 1);
+	ms_store_close(&s);
+	/* and reopening it changes nothing */
+	assert_int_equal(ms_store_open(buf, &s, NULL), 0);
+	assert_int_equal(ms_store_rintent_count(s, fs.id, &n), 0);
+	assert_int_equal(n, 1);
+	ms_store_close(&s);
+	for (const char *const *sfx = (const char *const[]){ "", "-wal",
+	     "-shm", NULL }; *sfx != NULL; sfx++) {
+		char p[200];
+
+		snprintf(p, sizeof(p), "%s%s", buf, *sfx);
+		unlink(p);
+	}
+}
+
 static void test_transactions(void **state)
 {
 	struct fixture *f = *state;
@@ -746,6 +938,11 @@ int main(void)
 						teardown),
 		cmocka_unit_test_setup_teardown(test_uidl, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_foreach, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_rintents, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_folder_foreach, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_upgrade, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_transactions, setup,
 						teardown),
 		cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),

@@ -302,6 +302,18 @@ static json_t *dispatch(struct ms_control *ctl, json_t *req)
 		return json_pack("{s:b, s:i, s:s?}", "ok", ma.error == NULL,
 				 "started", ma.started, "error", ma.error);
 	}
+	if (!strcmp(cmd, "rollback")) {
+		const char *user = json_string_value(json_object_get(req, "user"));
+		const char *why = NULL;
+
+		if (user == NULL)
+			return error("%s", "a user name is needed");
+		if (ctl->gw == NULL)
+			return error("%s", "no gateway");
+		if (ms_gateway_rollback(ctl->gw, user, &why) < 0)
+			return error("%s: %s", user, why);
+		return json_pack("{s:b}", "ok", 1);
+	}
 	if (!strcmp(cmd, "kick")) {
 		const char *user = json_string_value(json_object_get(req, "user"));
 

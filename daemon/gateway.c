@@ -106,6 +106,7 @@ struct guser {
 					   sessions (BYE) once verified */
 	int resume;			/* recover(): copy interrupted by a
 					   crash, to be started again */
+	int rollback;			/* the cutover runs back to the source */
 	char *pw;			/* captured password, for the copies */
 	uv_timer_t *grace;		/* cutover: waiting before the delta */
 	struct ms_gateway *gw;
@@ -833,15 +834,24 @@ static void held_release(struct ms_gateway *gw, struct guser *gu)
 	}
 }
 
+/* A mover job of the user's ended: the user, or NULL when unknown. */
+static struct guser *job_ended(struct ms_gateway *gw, const char *user)
+{
+	struct guser *gu = user_find(gw, user);
+
+	gw->copies--;
+	if (gu != NULL)
+		gu->copying = 0;
+	return gu;
+}
+
 static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 {
 	struct ms_gateway *gw = ctx;
-	struct guser *gu = user_find(gw, rep->user);
+	struct guser *gu = job_ended(gw, rep->user);
 
-	gw->copies--;
 	if (gu == NULL)
 		return;
-	gu->copying = 0;
 	if (!rep->ok) {
 		ms_warn("%s: copy failed: %s", gu->name,
 			rep->error != NULL ? rep->error : "?");
@@ -915,6 +925,8 @@ static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
  * before the deferrals began; then the last delta runs. */
 #define CUTOVER_GRACE_MS 2000
 
+static void rollback_start(struct ms_gateway *gw, struct guser *gu);
+
 static void on_grace(uv_timer_t *t)
 {
 	struct guser *gu = t->data;
@@ -922,7 +934,10 @@ static void on_grace(uv_timer_t *t)
 
 	uv_close((uv_handle_t *)t, on_timer_close);
 	gu->grace = NULL;
-	user_copy_start(gw, gu);
+	if (gu->rollback)
+		rollback_start(gw, gu);
+	else
+		user_copy_start(gw, gu);
 }
 
 static void cutover_begin(struct ms_gateway *gw, struct guser *gu)
@@ -1767,12 +1782,109 @@ int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 	return 0;
 }
 
+/* ---- rollback: the destination's changes back to the source ---- */
+
+#define ROLLBACK_MARK "rolling back to the source"
+
+static void on_rollback_done(const struct ms_user_report *rep, void *ctx)
+{
+	struct ms_gateway *gw = ctx;
+	struct guser *gu = job_ended(gw, rep->user);
+
+	if (gu == NULL)
+		return;
+	gu->cutover = 0;
+	gu->rollback = 0;
+	if (rep->ok) {
+		ms_info("%s: rolled back: %llu messages copied to the source, "
+			"%llu flag changes, %llu expunged", gu->name,
+			(unsigned long long)rep->copied,
+			(unsigned long long)rep->flags_updated,
+			(unsigned long long)rep->expunged);
+		set_state(gw, gu->name, "source", NULL);
+	} else {
+		/* The destination still holds everything: stay there. */
+		ms_warn("%s: rollback failed: %s", gu->name,
+			rep->error != NULL ? rep->error : "?");
+		set_state(gw, gu->name, "destination", rep->error != NULL ?
+			  rep->error : "rollback failed");
+	}
+	held_release(gw, gu);
+}
+
+static void rollback_start(struct ms_gateway *gw, struct guser *gu)
+{
+	gu->copying = 1;
+	gw->copies++;
+	if (ms_mover_add_rollback(gw->mover, gu->name, NULL, NULL,
+				  on_rollback_done, gw) < 0) {
+		struct ms_user_report rep = {
+			.user = gu->name,
+			.error = "cannot start the rollback",
+		};
+
+		on_rollback_done(&rep, gw);
+	}
+}
+
+int ms_gateway_rollback(struct ms_gateway *gw, const char *user,
+			const char **error_r)
+{
+	struct ms_user_info info;
+	struct guser *gu;
+
+	if (gw->mover == NULL) {
+		*error_r = "no [source] and [destination] imap configured";
+		return -1;
+	}
+	if (!have_admin(gw)) {
+		*error_r = "needs admin logins ([source] admin, [destination] "
+			   "admin)";
+		return -1;
+	}
+	if (user_state(gw, user, &info) < 0) {
+		*error_r = ms_store_error(gw->store);
+		return -1;
+	}
+	if (strcmp(info.state, "destination") != 0) {
+		*error_r = "not on the destination";
+		return -1;
+	}
+	if ((gu = user_get(gw, user)) == NULL) {
+		*error_r = "out of memory";
+		return -1;
+	}
+	if (gu->copying || gu->cutover) {
+		*error_r = "a copy runs for the user";
+		return -1;
+	}
+	/* As a cutover the other way: logins held, sessions ended, mail
+	 * deferred, the destination's MTA given its grace, then the
+	 * reverse delta; verified, the map flips back. */
+	gu->rollback = 1;
+	gu->cutover = 1;
+	set_state(gw, user, "cutover", ROLLBACK_MARK);
+	ms_gateway_kick(gw, user);
+	gu->gw = gw;
+	gu->grace = malloc(sizeof(*gu->grace));
+	if (gu->grace == NULL) {
+		rollback_start(gw, gu);
+		return 0;
+	}
+	uv_timer_init(gw->loop, gu->grace);
+	gu->grace->data = gu;
+	uv_timer_start(gu->grace, on_grace, CUTOVER_GRACE_MS, 0);
+	return 0;
+}
+
 const char *ms_gateway_user_copy(struct ms_gateway *gw, const char *user)
 {
 	struct guser *gu = user_find(gw, user);
 
 	if (gu == NULL)
 		return "";
+	if (gu->rollback)
+		return "rolling back";
 	if (gu->copying)
 		return gu->cutover ? "last delta" : "copying";
 	if (gu->flip_pending)
@@ -1819,6 +1931,14 @@ static int recover_one(void *ctx, const struct ms_user_info *u)
 	struct ms_gateway *gw = ctx;
 	struct guser *gu;
 
+	/* A rollback a crash interrupted: the destination still holds all
+	 * the mail; the user stays there and the operator runs it again. */
+	if (!strcmp(u->state, "cutover") &&
+	    !strcmp(u->last_error, ROLLBACK_MARK)) {
+		set_state(gw, u->name, "destination", "rollback interrupted: "
+			  "run mailshiftctl rollback again");
+		return 0;
+	}
 	/* A cutover a crash interrupted: nobody is held any more, and the
 	 * last delta has to run again. Back to copying. */
 	if (!strcmp(u->state, "cutover"))

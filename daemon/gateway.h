@@ -85,6 +85,12 @@ unsigned int ms_gateway_nsessions(struct ms_gateway *gw);
 /* What the gateway is doing for the user now: "copying", "last delta",
  * "verified, flips at log-off", or "". */
 const char *ms_gateway_user_copy(struct ms_gateway *gw, const char *user);
+/* Sends a user on the destination back to the source (docs/mover.md,
+ * "Rollback"): logins held, sessions ended, mail deferred, the reverse
+ * delta, verified, state source. Needs admin logins. A failed rollback
+ * leaves the user on the destination with the error. */
+int ms_gateway_rollback(struct ms_gateway *gw, const char *user,
+			const char **error_r);
 unsigned int ms_gateway_user_sessions(struct ms_gateway *gw, const char *user);
 int ms_gateway_kick(struct ms_gateway *gw, const char *user);
 /* Moves the user now: copy, verify, end the user's sessions (BYE), last

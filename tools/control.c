@@ -304,10 +304,59 @@ int sessions_main(int argc, char *argv[])
 
 /* mailshiftctl migrate --daemon USER... | migrate --all: asks mailshiftd
  * to move users now (copy, verify, end their sessions, last delta, flip). */
+/* Sends {"cmd": CMD, "user": U} for each user; with want_state, waits for
+ * each user's copy to end and checks the state it ended in. */
+static int per_user(const struct copts *o, const char *cmd, char *users[],
+		    int n, const char *doing, const char *want_state)
+{
+	int ret = 0;
+
+	for (int i = 0; i < n; i++) {
+		json_t *rep = request(o, json_pack("{s:s, s:s}", "cmd", cmd,
+						   "user", users[i]));
+
+		if (rep == NULL || !json_is_true(json_object_get(rep, "ok"))) {
+			fprintf(stderr, "%s: %s: %s\n", prog, users[i],
+				rep != NULL ? jstr(rep, "error") : "no reply");
+			ret = 1;
+		} else if (!o->json) {
+			printf("%s: %s\n", users[i], doing);
+		}
+		json_decref(rep);
+	}
+	for (int i = 0; want_state != NULL && ret == 0 && i < n; i++) {
+		json_t *rep, *u;
+
+		for (;;) {
+			rep = request(o, json_pack("{s:s, s:s}", "cmd",
+						   "user.show", "user",
+						   users[i]));
+			u = json_object_get(rep, "user");
+			if (u == NULL || (strcmp(jstr(u, "state"), "cutover") &&
+					  jstr(u, "copy")[0] == '\0'))
+				break;
+			json_decref(rep);
+			usleep(200 * 1000);
+		}
+		if (u == NULL || strcmp(jstr(u, "state"), want_state) != 0) {
+			fprintf(stderr, "%s: %s: %s%s%s\n", prog, users[i],
+				u != NULL ? jstr(u, "state") : "no reply",
+				u != NULL && json_object_get(u, "error") ?
+				": " : "", u != NULL && json_object_get(u,
+				"error") ? jstr(u, "error") : "");
+			ret = 1;
+		} else if (!o->json) {
+			printf("%s: %s\n", users[i], want_state);
+		}
+		json_decref(rep);
+	}
+	return ret;
+}
+
 int migrate_daemon_main(int argc, char *argv[])
 {
 	struct copts o = { 0 };
-	int all = 0, n = 0, ret = 0;
+	int all = 0, n = 0;
 
 	if (common_opts(&argc, argv, &o) < 0)
 		return 2;
@@ -325,20 +374,31 @@ int migrate_daemon_main(int argc, char *argv[])
 	if (all)
 		return finish(&o, request(&o, json_pack("{s:s}", "cmd",
 							"migrate.all")), NULL);
-	for (int i = 1; i <= n; i++) {
-		json_t *rep = request(&o, json_pack("{s:s, s:s}", "cmd", "migrate",
-						    "user", argv[i]));
+	return per_user(&o, "migrate", argv + 1, n, "moving", NULL);
+}
 
-		if (rep == NULL || !json_is_true(json_object_get(rep, "ok"))) {
-			fprintf(stderr, "%s: %s: %s\n", prog, argv[i],
-				rep != NULL ? jstr(rep, "error") : "no reply");
-			ret = 1;
-		} else if (!o.json) {
-			printf("%s: moving\n", argv[i]);
-		}
-		json_decref(rep);
+/* mailshiftctl rollback USER... [--wait]: sends users on the destination
+ * back to the source (the destination's changes copied back first). */
+int rollback_main(int argc, char *argv[])
+{
+	struct copts o = { 0 };
+	int wait = 0, n = 0;
+
+	if (common_opts(&argc, argv, &o) < 0)
+		return 2;
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--wait"))
+			wait = 1;
+		else
+			argv[1 + n++] = argv[i];
 	}
-	return ret;
+	if (n == 0) {
+		fprintf(stderr, "Usage: %s rollback USER... [--wait] "
+			"[-s SOCKET]\n", prog);
+		return 2;
+	}
+	return per_user(&o, "rollback", argv + 1, n, "rolling back",
+			wait ? "source" : NULL);
 }
 
 static void print_policy(json_t *rep)

@@ -21,7 +21,8 @@ static const struct {
 	{ "user", user_main, "Lists, shows, adds, imports and changes users" },
 	{ "sessions", sessions_main, "Shows who is connected where" },
 	{ "kick", kick_main, "Ends a user's sessions" },
-	{ "policy", policy_main, "Shows the policies, or sets a user's" },
+	{ "policy", policy_main, "Shows the policies, or changes them" },
+	{ "rollback", rollback_main, "Sends users on the destination back to the source" },
 };
 
 static void show_usage(FILE *f)

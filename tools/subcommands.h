@@ -10,5 +10,6 @@ int sessions_main(int argc, char *argv[]);
 int kick_main(int argc, char *argv[]);
 int policy_main(int argc, char *argv[]);
 int migrate_daemon_main(int argc, char *argv[]);
+int rollback_main(int argc, char *argv[]);
 
 #endif

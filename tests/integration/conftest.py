@@ -144,6 +144,16 @@ def golden(test_root, ca):
 
 # -------------------------------------------------------------- per test
 
+def server_snapshot(server, user, with_uids=False):
+    """mailcheck's snapshot of user's mailbox on a Dovecot of the harness
+    (a fresh IMAP login)."""
+    m = server.imap(user)
+    try:
+        return mc.snapshot(m, with_uids=with_uids)
+    finally:
+        m.logout()
+
+
 class Pair:
     """A source and a destination Dovecot for one test."""
 
@@ -157,6 +167,9 @@ class Pair:
 
     def dst_imap(self, user):
         return self.dst.imap(user)
+
+    def dst_snapshot(self, user, with_uids=False):
+        return server_snapshot(self.dst, user, with_uids)
 
     def snapshots(self, user, dst_user=None):
         """(expected destination snapshot from the source, actual

@@ -14,6 +14,7 @@ import time
 import pytest
 
 import gateway as gwlib
+import mailcheck as mc
 from conftest import MASTER
 from test_gateway import GW_USERS, direct, exists
 from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
@@ -100,7 +101,6 @@ def test_kill9_daemon_in_cutover(gpair, make_gw, workdir):
     thousands of messages the user added on the source through the
     gateway): after the restart nothing is lost or duplicated and the user
     ends on the destination."""
-    import mailcheck as mc
     g = make_gw(tls=False, policy='passthrough', connections=1,
                 extra_conf=admin_conf(workdir, sweep=False))
     m = imaplib.IMAP4('127.0.0.1', g.imap_port, timeout=60)
@@ -132,8 +132,6 @@ def test_kill9_daemon_in_cutover(gpair, make_gw, workdir):
 
 
 def test_kill9_daemon_mid_copy(gpair, make_gw, workdir):
-    import mailcheck as mc
-    from test_gateway import GW_USERS
     # Enough mail that the copy is still running when the daemon dies.
     m = gpair.src.imap('alice')
     try:
@@ -372,7 +370,6 @@ def test_state_change_guard(gpair, make_gw, workdir):
     """`user set USER state ...` refuses what would strand mail: a user on
     the destination sent back by hand (without --force), and any change
     while the user's copy runs."""
-    import mailcheck as mc
     g = make_gw(tls=False, policy='passthrough',
                 extra_conf=admin_conf(workdir, sweep=False))
     assert g.ctl('user', 'add', 'carol', 'state', 'destination').rc == 0
@@ -405,7 +402,6 @@ def test_rollback(gpair, make_gw, workdir):
     (new messages, flags, expunges, a new folder) is sent back to the
     source with all of it; open sessions get a BYE; the next login is
     served by the source; moving the user again duplicates nothing."""
-    import mailcheck as mc
     g = make_gw(tls=False, policy='passthrough',
                 extra_conf=admin_conf(workdir, sweep=False))
     pw = GW_USERS['alice']
@@ -467,7 +463,6 @@ def test_rollback_killed(gpair, make_gw, workdir):
     """kill -9 of mailshiftd in the middle of a rollback: at the next start
     the user is on the destination (which holds everything) with a note;
     rolling back again ends exact, nothing twice."""
-    import mailcheck as mc
     g = make_gw(tls=False, policy='passthrough', connections=1,
                 extra_conf=admin_conf(workdir, sweep=False))
     assert g.ctl('migrate', '--daemon', 'alice').rc == 0

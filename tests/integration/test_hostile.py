@@ -138,15 +138,6 @@ def migrate(m, users, source=None, dest=None):
                  source=source, dest=dest, timeout=RUN_TIMEOUT)
 
 
-def dst_snapshot(pair, user):
-    """The destination's snapshot of user, with UIDs."""
-    d = pair.dst_imap(user)
-    try:
-        return mc.snapshot(d, with_uids=True)
-    finally:
-        d.logout()
-
-
 def assert_equal(want, got_with_uids, what):
     mc.assert_snapshots_equal(want, {k: sorted(e[:3] for e in v)
                                      for k, v in got_with_uids.items()},
@@ -223,7 +214,8 @@ def check_hostile_run(res, pair, proxy, command_re, reason_re):
     assert alice.get('error') is None, res.describe()
     assert alice.get('verified') is True, res.describe()
     want = expected(pair, OTHER, cache=True)
-    assert_equal(want, dst_snapshot(pair, OTHER), "alice's destination")
+    assert_equal(want, pair.dst_snapshot(OTHER, with_uids=True),
+                 "alice's destination")
     assert alice.get('copied') == mc.count(want), res.describe()
 
 
@@ -231,7 +223,7 @@ def check_partial_copy(pair, want):
     """After the failed run: eve's destination holds only source messages,
     none more often than the source has it (nothing duplicated, nothing
     foreign). Returns the snapshot (with UIDs)."""
-    got = dst_snapshot(pair, EVE)
+    got = pair.dst_snapshot(EVE, with_uids=True)
     problems = []
     for key, entries in got.items():
         have = collections.Counter(e[0] for e in entries)
@@ -259,7 +251,7 @@ def check_rerun(m, pair, want, partial):
     assert j.get('user') == EVE and j.get('ok') is True and \
         j.get('verified') is True and j.get('error') is None, res.describe()
 
-    final = dst_snapshot(pair, EVE)
+    final = pair.dst_snapshot(EVE, with_uids=True)
     assert_equal(want, final, "eve's destination after the rerun")
     kept = {(k, e[3], e[0]) for k, v in final.items() for e in v}
     lost = [(k, e[3]) for k, v in partial.items() for e in v

@@ -70,14 +70,6 @@ def mapped_subscriptions(pair, user, dst_user=None):
     return want, got
 
 
-def dst_snapshot(pair, user, with_uids=False):
-    d = pair.dst.imap(user)
-    try:
-        return mc.snapshot(d, with_uids=with_uids)
-    finally:
-        d.logout()
-
-
 def no_secret(secret, *blobs):
     for b in blobs:
         if isinstance(b, str):
@@ -141,12 +133,12 @@ def test_exact_copy(pair, run_migrate):
 
 def test_second_run_copies_nothing(pair, run_migrate):
     run_migrate('alice', expect_rc=0)
-    before = dst_snapshot(pair, 'alice', with_uids=True)
+    before = pair.dst_snapshot('alice', with_uids=True)
     res = run_migrate('alice', expect_rc=0)
     j = ok_summary(res, 'alice')
     assert j['copied'] == 0, res.describe()
     assert j['flags_updated'] == 0, res.describe()
-    after = dst_snapshot(pair, 'alice', with_uids=True)
+    after = pair.dst_snapshot('alice', with_uids=True)
     assert after == before, 'the destination changed on a run with ' \
         'nothing to copy'
     pair.assert_copied('alice')
@@ -515,7 +507,7 @@ def test_password_file_mode(pair, migrator, workdir):
     assert re.search(r'source\.pw|password.file|permission|mode|readable',
                      res.stderr, re.I), res.describe()
     no_secret(SRC_USERS['alice'], res.stdout, res.stderr)
-    assert not dst_snapshot(pair, 'alice').get('INBOX'), \
+    assert not pair.dst_snapshot('alice').get('INBOX'), \
         'mail was copied although the password file was refused'
 
     os.chmod(pwfile, 0o600)

@@ -17,8 +17,8 @@ import pytest
 
 import corpus
 import mailcheck as mc
-from conftest import (DST_USERS, SRC_USERS, Migrator, kill9, store_bytes,
-                      wait_for)
+from conftest import (DST_USERS, SRC_USERS, Migrator, kill9,
+                      server_snapshot, store_bytes, wait_for)
 from test_mover import _force_new_uidvalidity as force_new_uidvalidity
 from test_mover import ok_summary as mover_ok_summary
 
@@ -38,11 +38,7 @@ def ok_summary(res, rollback=True):
 
 
 def snap(server, user=USER, with_uids=False):
-    m = server.imap(user)
-    try:
-        return mc.snapshot(m, with_uids=with_uids)
-    finally:
-        m.logout()
+    return server_snapshot(server, user, with_uids)
 
 
 def assert_nothing_to_do(pair, m, *args):

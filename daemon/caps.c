@@ -567,8 +567,9 @@ static void on_refresh(uv_timer_t *t)
 				failed = 1;
 	/* Probes still running count as failed for the next look: a
 	 * server that never answered is asked again soon. */
-	uv_timer_start(c->timer, on_refresh,
-		       (failed ? RETRY_S : c->refresh_s) * 1000ULL, 0);
+	uv_timer_start(c->timer, on_refresh, (failed && RETRY_S < c->refresh_s ?
+					      RETRY_S : c->refresh_s) * 1000ULL,
+		       0);
 }
 
 int ms_caps_new(uv_loop_t *loop,

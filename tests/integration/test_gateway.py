@@ -482,6 +482,51 @@ def test_capabilities(workdir, ca, request):
         stop_all(src, dst)
 
 
+def test_capabilities_follow_the_servers(workdir, ca, request, monkeypatch):
+    """A server down at start is asked again; a server whose capabilities
+    change is followed at the next refresh ([daemon] capability_refresh)."""
+    users = {'alice': GW_USERS['alice']}
+    src = src_server(workdir, ca, users, name='capsrc2')
+    dst = dst_server(workdir, ca, users, name='capdst2')
+    gw = None
+    try:
+        src.start()
+        dst.start()
+        dst.stop()                      # down when mailshiftd starts
+        gw = gwlib.Mailshiftd(os.path.join(workdir, 'capgw2'), src, dst,
+                              tls_ca=None, policy='off', extra_conf=(
+                                  '[daemon]\ncapability_refresh = 1\n'))
+        gw.start()
+        deadline = time.monotonic() + 10
+        while True:
+            caps = gw.ctl('status', '--json').json['capabilities']['imap']
+            if caps['source'] is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert caps['source'] is not None and caps['destination'] is None, \
+            caps
+        # The destination's stand-in is Dovecot's own list.
+        m = gw_imap(gw)
+        assert 'LITERAL+' in greeting_caps(m.welcome)
+        m.logout()
+
+        dst.extra_conf = 'imap_capability = IMAP4rev1 SASL-IR ID ENABLE IDLE'
+        restart_same_ports(dst, monkeypatch)
+        caps = gw.wait_capabilities('imap', timeout=15)
+        assert 'LITERAL+' not in caps['imap']['destination'].split(), caps
+        m = gw_imap(gw)
+        assert greeting_caps(m.welcome) == {
+            'IMAP4REV1', 'SASL-IR', 'ID', 'ENABLE', 'IDLE', 'AUTH=PLAIN',
+            'AUTH=LOGIN'}, m.welcome
+        m.logout()
+    finally:
+        if gw is not None:
+            gw.stop()
+            if _failed(request):
+                print(gw.log_tail(40))
+        stop_all(src, dst)
+
+
 def test_pop3(gpair, make_gw, ca):
     """POP3 through the gateway: USER/PASS, AUTH PLAIN, STLS, pop3s; a
     wrong password and a retry on the same connection. Policy off: nothing

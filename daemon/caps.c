@@ -268,6 +268,26 @@ static int configured(const struct ms_caps *c, int k, int side)
 	return c->srv[k][side] != NULL && c->srv[k][side]->host[0] != '\0';
 }
 
+/* A list as one log line: "250-" prefixes dropped, line ends as one
+ * space, none at the end. */
+static void one_line(const char *list, char *out, size_t outsz)
+{
+	size_t n = 0;
+
+	for (const char *p = list; *p != '\0' && n + 2 < outsz; p++) {
+		if (!strncmp(p, "250-", 4) && (p == list || p[-1] == '\n'))
+			p += 3;
+		else if (*p == '\r' || *p == '\n') {
+			if (n > 0 && out[n - 1] != ' ')
+				out[n++] = ' ';
+		} else
+			out[n++] = *p;
+	}
+	while (n > 0 && out[n - 1] == ' ')
+		n--;
+	out[n] = '\0';
+}
+
 static void remerge(struct ms_caps *c, enum ms_caps_kind k)
 {
 	const char *in[2];
@@ -287,19 +307,8 @@ static void remerge(struct ms_caps *c, enum ms_caps_kind k)
 	c->adv[k] = m;
 	if (in[0] != NULL || in[1] != NULL) {
 		char shown[1024];
-		size_t n = 0;
 
-		/* One line in the log: CRLF and "250-" folded. */
-		for (const char *p = m; *p != '\0' && n + 2 < sizeof(shown);
-		     p++) {
-			if (!strncmp(p, "250-", 4) && (p == m || p[-1] == '\n'))
-				p += 3;
-			else if (*p == '\r')
-				continue;
-			else
-				shown[n++] = *p == '\n' ? ' ' : *p;
-		}
-		shown[n] = '\0';
+		one_line(m, shown, sizeof(shown));
 		ms_info("capabilities: %s before login: %s", kind_name[k],
 			shown);
 	}
@@ -334,10 +343,14 @@ static void probe_end(struct probe *p, const char *error)
 			side, kind_name[p->kind], srv->host, srv->port, error);
 	} else {
 		if (c->raw[p->kind][p->side] == NULL ||
-		    strcmp(c->raw[p->kind][p->side], p->list) != 0)
+		    strcmp(c->raw[p->kind][p->side], p->list) != 0) {
+			char shown[1024];
+
+			one_line(p->list, shown, sizeof(shown));
 			ms_info("capabilities: %s %s server %s:%u: %s", side,
 				kind_name[p->kind], srv->host, srv->port,
-				p->list);
+				shown);
+		}
 		free(c->raw[p->kind][p->side]);
 		c->raw[p->kind][p->side] = p->list;
 		p->list = NULL;

@@ -424,6 +424,10 @@ class CapaOnlyPop3:
                     pass
 
     def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)    # wakes accept()
+        except OSError:
+            pass
         self.sock.close()
         self.thread.join(5)
 
@@ -525,6 +529,82 @@ def test_capabilities_follow_the_servers(workdir, ca, request, monkeypatch):
             if _failed(request):
                 print(gw.log_tail(40))
         stop_all(src, dst)
+
+
+class OneReplyServer:
+    """A loopback server that sends `payload` to each connection and keeps
+    it open without reading (a server that talks nonsense, or too much)."""
+
+    def __init__(self, payload):
+        self.payload = payload
+        self.sock = socket.socket()
+        self.sock.bind(('127.0.0.1', 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            try:
+                c.sendall(self.payload)
+            except OSError:
+                pass
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)    # wakes accept()
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(5)
+        for c in self.conns:
+            c.close()
+
+
+def test_capability_probe_of_hostile_servers(workdir, ca, request):
+    """Servers that answer the capability probe with garbage or a 64 KB
+    line: a clear warning, the built-in list stands in, the gateway goes
+    on serving."""
+    users = {'alice': GW_USERS['alice']}
+    src = src_server(workdir, ca, users, name='capsrc3')
+    bad_imap = OneReplyServer(b'HTTP/1.0 400 Bad Request\r\n\r\n')
+    bad_pop3 = OneReplyServer(b'+OK ' + b'x' * 65536)
+    gw = None
+    try:
+        src.start()
+        gw = gwlib.Mailshiftd(
+            os.path.join(workdir, 'capgw3'), src, src, tls_ca=None,
+            policy='off', extra_conf='[destination]\nimap = '
+            'imap://127.0.0.1:%d\npop3 = pop3://127.0.0.1:%d\n'
+            % (bad_imap.port, bad_pop3.port))
+        gw.start()
+        assert wait_for(lambda: 'cannot ask the destination pop3' in
+                        gw.log_text(), 15, 0.1), gw.log_tail(20)
+        assert 'cannot ask the destination imap server 127.0.0.1:%d: no '\
+            'IMAP greeting' % bad_imap.port in gw.log_text()
+        assert 'reply too long' in gw.log_text(), gw.log_tail(20)
+        caps = gw.ctl('status', '--json').json['capabilities']
+        assert caps['imap']['destination'] is None, caps
+        m = gw_imap(gw)
+        assert greeting_caps(m.welcome) >= SPEC_CAPS - {'STARTTLS'}
+        assert m.login('alice', users['alice'])[0] == 'OK'
+        m.logout()
+        assert daemon_alive(gw)
+    finally:
+        if gw is not None:
+            gw.stop()
+            if _failed(request):
+                print(gw.log_tail(40))
+        bad_imap.close()
+        bad_pop3.close()
+        stop_all(src)
 
 
 def test_pop3(gpair, make_gw, ca):

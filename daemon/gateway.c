@@ -24,6 +24,7 @@
 #include "gateway.h"
 #include "log.h"
 #include "net.h"
+#include "pop3_uidl.h"
 #include "util.h"
 
 #define INBUF_MAX 8192		/* pre-login command line, literals included */
@@ -84,13 +85,26 @@ struct session {
 	char *bin;
 	size_t binlen;
 	int b_sasl_ir;
+	int counted;			/* counted in gu->sessions */
 
 	struct guser *gu;
-	int counted;			/* counted in gu->sessions */
 	uv_timer_t *timer;
 	uint64_t held_since;
-	int c_paused, b_paused;
+	int c_paused, b_paused;		/* PAUSE_* bits */
 	char *penalty_reply;
+	/* POP3 to the destination, of a user whose INBOX was copied: the
+	 * source's UIDLs put back (NULL for every other session) */
+	struct uidl_relay *ur;
+};
+
+/* Why a side's reading is paused (session c_paused, b_paused). */
+#define PAUSE_WRITE 1		/* the other side's write queue is full */
+#define PAUSE_PIPELINE 2	/* too many POP3 commands outstanding */
+
+struct uidl_relay {
+	struct ms_pop3_rw rw;
+	struct ms_uidl_map map;
+	uint64_t rewritten;		/* UIDLs replaced, for the log */
 };
 
 struct guser {
@@ -154,6 +168,7 @@ static void route(struct session *s);
 static void user_copy_start(struct ms_gateway *gw, struct guser *gu);
 static void login_failed(struct session *s, const char *reply);
 static void cutover_begin(struct ms_gateway *gw, struct guser *gu);
+static void uidl_relay_free(struct session *s);
 
 /* ---- small helpers ---- */
 
@@ -349,6 +364,7 @@ static void session_close(struct session *s)
 	s->bin = NULL;
 	free(s->penalty_reply);
 	s->penalty_reply = NULL;
+	uidl_relay_free(s);
 	if (s->prev != NULL)
 		s->prev->next = s->next;
 	else
@@ -363,6 +379,31 @@ static void session_close(struct session *s)
 
 static void on_backend_read(struct ms_conn *conn, const char *data, size_t len);
 
+static void pause_set(struct ms_conn *conn, int *paused, int why)
+{
+	if (*paused == 0)
+		ms_conn_read_pause(conn, 1);
+	*paused |= why;
+}
+
+static void pause_clear(struct ms_conn *conn, int *paused, int why)
+{
+	if (conn == NULL || !(*paused & why))
+		return;
+	*paused &= ~why;
+	if (*paused == 0)
+		ms_conn_read_pause(conn, 0);
+}
+
+/* Stops reading `from` while `to` has too much to send. */
+static void relay_pressure(struct ms_conn *to, struct ms_conn *from,
+			   int *paused)
+{
+	if (!(*paused & PAUSE_WRITE) &&
+	    ms_conn_write_pending(to) >= MS_CONN_HIGH_WATER)
+		pause_set(from, paused, PAUSE_WRITE);
+}
+
 static void relay_to(struct session *s, struct ms_conn *to, struct ms_conn *from,
 		     int *paused, const char *data, size_t len)
 {
@@ -370,30 +411,128 @@ static void relay_to(struct session *s, struct ms_conn *to, struct ms_conn *from
 		session_close(s);
 		return;
 	}
-	if (!*paused && ms_conn_write_pending(to) >= MS_CONN_HIGH_WATER) {
-		*paused = 1;
-		ms_conn_read_pause(from, 1);
-	}
+	relay_pressure(to, from, paused);
 }
 
 static void on_client_drain(struct ms_conn *conn)
 {
 	struct session *s = ms_conn_ctx(conn);
 
-	if (s->b_paused && s->b != NULL) {
-		s->b_paused = 0;
-		ms_conn_read_pause(s->b, 0);
-	}
+	pause_clear(s->b, &s->b_paused, PAUSE_WRITE);
 }
 
 static void on_backend_drain(struct ms_conn *conn)
 {
 	struct session *s = ms_conn_ctx(conn);
 
-	if (s->c_paused && s->c != NULL) {
-		s->c_paused = 0;
-		ms_conn_read_pause(s->c, 0);
-	}
+	pause_clear(s->c, &s->c_paused, PAUSE_WRITE);
+}
+
+/* ---- POP3 UIDLs (pop3_uidl.h, docs/gateway-spec.md) ---- */
+
+static const char *uidl_format(const char *f)
+{
+	return f[0] != '\0' ? f : MS_UIDL_FORMAT_DEFAULT;
+}
+
+static int uidl_map(void *ctx, const char *uidl, char *out, size_t outsz)
+{
+	struct session *s = ctx;
+	int r = ms_uidl_translate(&s->ur->map, uidl, out, outsz);
+
+	if (r < 0)
+		ms_log(MS_LOG_ERROR, "session %llu: %s: POP3 UIDL: store: %s",
+		       (unsigned long long)s->id, s->gu->name,
+		       ms_store_error(s->gw->store));
+	else
+		s->ur->rewritten += (uint64_t)r;
+	return r;
+}
+
+static int uidl_out(void *ctx, const char *data, size_t len)
+{
+	struct session *s = ctx;
+
+	return ms_conn_write(s->c, data, len) < 0 ? -1 : 0;
+}
+
+/* At a POP3 login to the destination: when the mover copied the user's
+ * INBOX, the session shows the source's UIDLs. Only then is anything
+ * allocated. NULL, or why it cannot be told. */
+static const char *uidl_relay_start(struct session *s)
+{
+	struct ms_gateway *gw = s->gw;
+	struct ms_user_info info;
+	struct ms_folder_state fs;
+	int found = 0;
+
+	if (s->proto != MS_GW_POP3 || !s->to_dst || s->gu == NULL)
+		return NULL;
+	if (ms_store_user_info(gw->store, s->gu->name, &info, &found) < 0 ||
+	    (found && ms_store_folder_find_dst(gw->store, info.id, "INBOX",
+					       &fs, &found) < 0))
+		return ms_store_error(gw->store);
+	if (!found || fs.dst_uidvalidity == 0)
+		return NULL;
+	s->ur = calloc(1, sizeof(*s->ur));
+	if (s->ur == NULL)
+		return "out of memory";
+	ms_pop3_rw_init(&s->ur->rw, uidl_map, s);
+	s->ur->map.store = gw->store;
+	s->ur->map.folder_id = fs.id;
+	s->ur->map.src_uidvalidity = fs.src_uidvalidity;
+	s->ur->map.dst_uidvalidity = fs.dst_uidvalidity;
+	s->ur->map.src_format = uidl_format(gw->cfg.src_uidl_format);
+	s->ur->map.dst_format = uidl_format(gw->cfg.dst_uidl_format);
+	return NULL;
+}
+
+static void uidl_relay_free(struct session *s)
+{
+	if (s->ur == NULL)
+		return;
+	if (s->ur->rewritten > 0)
+		ms_info("session %llu: %s: %llu POP3 UIDLs shown as the "
+			"source's", (unsigned long long)s->id, s->gu->name,
+			(unsigned long long)s->ur->rewritten);
+	ms_pop3_rw_clear(&s->ur->rw);
+	free(s->ur);
+	s->ur = NULL;
+}
+
+/* The rewriter lost track: the session is relayed as it is from now on. */
+static void uidl_relay_check(struct session *s)
+{
+	const char *why = ms_pop3_rw_gave_up(&s->ur->rw);
+
+	if (why == NULL)
+		return;
+	ms_warn("session %llu: %s: POP3 UIDLs passed on unchanged from now on: "
+		"%s", (unsigned long long)s->id, s->gu->name, why);
+	uidl_relay_free(s);
+	pause_clear(s->c, &s->c_paused, PAUSE_PIPELINE);
+}
+
+/* The client's commands (which pass on unchanged): the answers to expect. */
+static void uidl_relay_client(struct session *s, const char *data, size_t len)
+{
+	ms_pop3_rw_client(&s->ur->rw, data, len);
+	if (ms_pop3_rw_pending(&s->ur->rw) >= MS_POP3_RW_PIPELINE_SOFT)
+		pause_set(s->c, &s->c_paused, PAUSE_PIPELINE);
+	uidl_relay_check(s);
+}
+
+/* The server's answers, to the client with the UIDLs translated. -1 when
+ * the session must end (the client is gone, the store failed). */
+static int uidl_relay_server(struct session *s, const char *data, size_t len)
+{
+	if (ms_pop3_rw_server(&s->ur->rw, data, len, uidl_out, s) < 0)
+		return -1;
+	if (ms_pop3_rw_pending(&s->ur->rw) < MS_POP3_RW_PIPELINE_SOFT / 2)
+		pause_clear(s->c, &s->c_paused, PAUSE_PIPELINE);
+	uidl_relay_check(s);
+	relay_pressure(s->c, s->b, &s->b_paused);
+	return 0;
 }
 
 static void enter_relay(struct session *s, const char *rest, size_t restlen)
@@ -405,11 +544,20 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 	s->bin = NULL;
 	s->binlen = 0;
 	/* What the server sent after its login reply. */
-	if (restlen > 0)
+	if (restlen > 0 && s->ur != NULL) {
+		if (uidl_relay_server(s, rest, restlen) < 0) {
+			session_close(s);
+			return;
+		}
+	} else if (restlen > 0) {
 		ms_conn_write(s->c, rest, restlen);
+	}
 	/* What the client pipelined after its login command. */
-	if (s->inlen > 0)
+	if (s->inlen > 0) {
+		if (s->ur != NULL)
+			uidl_relay_client(s, s->in, s->inlen);
 		ms_conn_write(s->b, s->in, s->inlen);
+	}
 	free(s->in);
 	s->in = NULL;
 	s->inlen = 0;
@@ -502,6 +650,7 @@ static int backend_line(struct session *s, char *line, size_t len)
 		line[--len] = '\0';
 	if (s->proto == MS_GW_POP3) {
 		int ok = strncmp(line, "+OK", 3) == 0;
+		const char *why;
 
 		if (!ok && strncmp(line, "-ERR", 4) != 0) {
 			backend_fail(s, "unexpected reply from the server");
@@ -535,6 +684,12 @@ static int backend_line(struct session *s, char *line, size_t len)
 		}
 		if (s->verify_only)
 			return -1;
+		if ((why = uidl_relay_start(s)) != NULL) {
+			/* Which UIDLs to show is not known: better no
+			 * session than a mailbox downloaded again. */
+			backend_fail(s, why);
+			return 1;
+		}
 		out(s, "%s\r\n", line);
 		return 2;
 	}
@@ -688,7 +843,10 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 	struct session *s = ms_conn_ctx(conn);
 
 	if (s->st == SS_RELAY) {
-		relay_to(s, s->c, s->b, &s->b_paused, data, len);
+		if (s->ur == NULL)
+			relay_to(s, s->c, s->b, &s->b_paused, data, len);
+		else if (uidl_relay_server(s, data, len) < 0)
+			session_close(s);
 		return;
 	}
 	while (len > 0 && s->st == SS_BACKEND) {
@@ -1452,6 +1610,8 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 	struct session *s = ms_conn_ctx(conn);
 
 	if (s->st == SS_RELAY) {
+		if (s->ur != NULL)
+			uidl_relay_client(s, data, len);
 		relay_to(s, s->b, s->c, &s->c_paused, data, len);
 		return;
 	}

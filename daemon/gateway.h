@@ -61,6 +61,10 @@ struct ms_gw_config {
 	char metrics[128];		/* "ADDR:PORT" or "" */
 	unsigned int caps_refresh;	/* seconds between asking the servers
 					   for their capabilities; 0 = 300 */
+	/* Each POP3 server's UIDLs (pop3_uidl.h), "" = Dovecot's default:
+	 * a POP3 session of a user on the destination shows the source's
+	 * UIDLs for the messages the mover copied. */
+	char src_uidl_format[64], dst_uidl_format[64];
 };
 
 struct ms_gateway;

@@ -16,6 +16,7 @@
 #include "control.h"
 #include "gateway.h"
 #include "log.h"
+#include "pop3_uidl.h"
 #include "store.h"
 
 struct dconfig {
@@ -82,6 +83,16 @@ static int backend_key(struct dconfig *c, int dst, const char *key,
 			return -1;
 		}
 		return 0;
+	}
+	if (!strcmp(key, "pop3_uidl_format")) {
+		if (ms_uidl_format_check(value, &why) < 0) {
+			snprintf(err, errsz, "pop3_uidl_format \"%s\": %s", value,
+				 why);
+			return -1;
+		}
+		return set_buf(dst ? c->gw.dst_uidl_format :
+			       c->gw.src_uidl_format,
+			       sizeof(c->gw.src_uidl_format), value, err, errsz);
 	}
 	if (!strcmp(key, "admin"))
 		return set_buf(dst ? c->dst_admin : c->src_admin,

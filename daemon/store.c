@@ -18,10 +18,11 @@
 
 #include <sqlite3.h>
 
-/* 1: users, folders, messages, policies; 2: + rintents (rollback intents).
- * Every CREATE is IF NOT EXISTS, so the schema text upgrades an older
+/* 1: users, folders, messages, policies; 2: + rintents (rollback intents);
+ * 3: + messages_dst (done records by destination UID, for the gateway's
+ * POP3 UIDLs). Every CREATE is IF NOT EXISTS, so the schema text upgrades an older
  * store. */
-#define SCHEMA_VERSION 2
+#define SCHEMA_VERSION 3
 /* ms_store_msg_foreach reads this many records at a time (see there) */
 #define FOREACH_PAGE 128
 #define FLAGS_SIZE sizeof(((struct ms_msg_rec *)0)->flags)
@@ -60,6 +61,10 @@ static const char schema_sql[] =
 	" dst_uid INTEGER,"
 	" dst_floor INTEGER,"
 	" PRIMARY KEY(folder_id, src_uid, uidl)) WITHOUT ROWID;"
+	/* Done records by destination UID (ST_MSG_GET_DST): partial, so an
+	 * intent costs the mover no index write until it is done. */
+	"CREATE INDEX IF NOT EXISTS messages_dst ON messages"
+	" (folder_id, dst_uid) WHERE state = 1;"
 	/* Policies set at run time (mailshiftctl policy --default/--domain);
 	 * they override the config file's. scope "" = the default, else a
 	 * domain. */
@@ -99,9 +104,11 @@ enum stmt_id {
 	ST_FOLDER_RESET,
 	ST_FOLDER_FORGET_MSGS,
 	ST_FOLDER_FORGET_RINTENTS,
+	ST_FOLDER_FIND_DST,
 	ST_MSG_PUT,
 	ST_MSG_GET,
 	ST_MSG_GET_UIDL,
+	ST_MSG_GET_DST,
 	ST_MSG_DONE,
 	ST_MSG_SET_FLAGS,
 	ST_MSG_DELETE,
@@ -145,6 +152,10 @@ static const char *const stmt_sql[ST_COUNT] = {
 	[ST_FOLDER_FORGET_MSGS] = "DELETE FROM messages WHERE folder_id = ?1",
 	[ST_FOLDER_FORGET_RINTENTS] =
 		"DELETE FROM rintents WHERE folder_id = ?1",
+	[ST_FOLDER_FIND_DST] =
+		"SELECT " FOLDER_COLS " FROM folders"
+		" WHERE user_id = ?1 AND dst_name = ?2 COLLATE NOCASE"
+		" ORDER BY id DESC LIMIT 1",
 	[ST_MSG_PUT] =
 		"INSERT INTO messages (folder_id, src_uid, uidl, state, size,"
 		" date, msgid, flags, dst_uid, dst_floor)"
@@ -160,6 +171,9 @@ static const char *const stmt_sql[ST_COUNT] = {
 	[ST_MSG_GET_UIDL] =
 		"SELECT " MSG_COLS " FROM messages"
 		" WHERE folder_id = ?1 AND src_uid = 0 AND uidl = ?2",
+	[ST_MSG_GET_DST] =
+		"SELECT " MSG_COLS " FROM messages INDEXED BY messages_dst"
+		" WHERE folder_id = ?1 AND dst_uid = ?2 AND state = 1 LIMIT 1",
 	/* flags NULL keeps what the intent recorded */
 	[ST_MSG_DONE] =
 		"UPDATE messages SET state = 1, dst_uid = ?3,"
@@ -662,20 +676,29 @@ static int read_folder(struct ms_store *s, sqlite3_stmt *st,
 	return 0;
 }
 
-static int folder_lookup(struct ms_store *s, int64_t user_id,
-			 const char *src_name, struct ms_folder_state *st_r)
+/* The row a folder statement taking (user_id, name) finds: 1, 0 for none,
+ * -1 on error. */
+static int folder_row(struct ms_store *s, sqlite3_stmt *st, int64_t user_id,
+		      const char *name, const char *what,
+		      struct ms_folder_state *st_r)
 {
-	sqlite3_stmt *st = s->st[ST_FOLDER_GET];
 	int ret;
 
 	sqlite3_bind_int64(st, 1, user_id);
-	bind_text(st, 2, src_name);
-	ret = step_row(s, st, "folder_get");
+	bind_text(st, 2, name);
+	ret = step_row(s, st, what);
 	if (ret != 1)
 		return ret;
 	ret = read_folder(s, st, st_r);
 	release(st);
 	return ret < 0 ? -1 : 1;
+}
+
+static int folder_lookup(struct ms_store *s, int64_t user_id,
+			 const char *src_name, struct ms_folder_state *st_r)
+{
+	return folder_row(s, s->st[ST_FOLDER_GET], user_id, src_name,
+			  "folder_get", st_r);
 }
 
 int ms_store_folder_get(struct ms_store *store, int64_t user_id,
@@ -702,6 +725,17 @@ int ms_store_folder_get(struct ms_store *store, int64_t user_id,
 			ret = set_error(store, "folder_get: folder vanished");
 	}
 	return finish(store, ret < 0 ? -1 : 0);
+}
+
+int ms_store_folder_find_dst(struct ms_store *store, int64_t user_id,
+			     const char *dst_name, struct ms_folder_state *st_r,
+			     int *found_r)
+{
+	int ret = folder_row(store, store->st[ST_FOLDER_FIND_DST], user_id,
+			     dst_name, "folder_find_dst", st_r);
+
+	*found_r = ret > 0;
+	return ret < 0 ? -1 : 0;
 }
 
 int ms_store_folder_update(struct ms_store *store,
@@ -843,6 +877,17 @@ int ms_store_msg_get_uidl(struct ms_store *store, int64_t folder_id,
 
 	sqlite3_bind_int64(st, 1, folder_id);
 	bind_text(st, 2, uidl);
+	return msg_get(store, st, rec_r, found_r);
+}
+
+int ms_store_msg_get_dst(struct ms_store *store, int64_t folder_id,
+			 uint32_t dst_uid, struct ms_msg_rec *rec_r,
+			 int *found_r)
+{
+	sqlite3_stmt *st = store->st[ST_MSG_GET_DST];
+
+	sqlite3_bind_int64(st, 1, folder_id);
+	sqlite3_bind_int64(st, 2, dst_uid);
 	return msg_get(store, st, rec_r, found_r);
 }
 

@@ -85,6 +85,11 @@ int ms_store_folder_update(struct ms_store *store,
 /* Forgets every message and rollback intent of the folder (UIDVALIDITY
  * changed) and zeroes uidvalidities, hwm, modseq, msgs and bytes. */
 int ms_store_folder_reset(struct ms_store *store, int64_t folder_id);
+/* The user's row whose destination folder is dst_name (case-insensitive;
+ * the newest when several are), without creating one: 0 and *found_r. */
+int ms_store_folder_find_dst(struct ms_store *store, int64_t user_id,
+			     const char *dst_name, struct ms_folder_state *st_r,
+			     int *found_r);
 /* Every folder row of the user in source-name order; a non-zero return
  * from cb stops the walk and is returned. */
 typedef int ms_store_folder_cb(void *ctx, const struct ms_folder_state *st);
@@ -123,6 +128,11 @@ int ms_store_msg_get(struct ms_store *store, int64_t folder_id,
 int ms_store_msg_get_uidl(struct ms_store *store, int64_t folder_id,
 			  const char *uidl, struct ms_msg_rec *rec_r,
 			  int *found_r);
+/* The done record of the message the mover copied to destination UID
+ * dst_uid (> 0) in the folder: one indexed lookup. */
+int ms_store_msg_get_dst(struct ms_store *store, int64_t folder_id,
+			 uint32_t dst_uid, struct ms_msg_rec *rec_r,
+			 int *found_r);
 /* Marks (folder, src_uid) done with its destination UID and flags. */
 int ms_store_msg_done(struct ms_store *store, int64_t folder_id,
 		      uint32_t src_uid, uint32_t dst_uid, const char *flags);

@@ -151,7 +151,7 @@ static void test_open_file(void **state)
 
 	sql_text(f, "PRAGMA journal_mode", mode, sizeof(mode));
 	assert_string_equal(mode, "wal");
-	assert_int_equal(sql_int(f, "PRAGMA user_version"), 2);
+	assert_int_equal(sql_int(f, "PRAGMA user_version"), 3);
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM sqlite_master "
 				 "WHERE type = 'table' AND name IN "
 				 "('users', 'folders', 'messages', 'rintents')"),
@@ -479,6 +479,123 @@ static int done_cb(void *ctx, const struct ms_msg_rec *rec)
 				 rec->src_uid + 1000, NULL);
 }
 
+/* The done record with destination UID dst_uid has source UID src_uid
+ * (0: there is none). */
+static void expect_dst(struct fixture *f, int64_t fid, uint32_t dst_uid,
+		       uint32_t src_uid)
+{
+	struct ms_msg_rec got;
+	int found = 7;
+
+	assert_int_equal(ms_store_msg_get_dst(f->store, fid, dst_uid, &got,
+					      &found), 0);
+	assert_int_equal(found, src_uid != 0);
+	if (found) {
+		assert_int_equal(got.src_uid, src_uid);
+		assert_int_equal(got.state, MS_MSG_DONE);
+		assert_int_equal(got.dst_uid, dst_uid);
+	}
+}
+
+/* The gateway's POP3 UIDLs: done records by destination UID, and the
+ * folder a user's INBOX was copied to. */
+static void test_by_dst(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_folder_state fs, got_fs;
+	struct ms_msg_rec r, got;
+	int64_t alice, bob, fid, pfid;
+	int found = 7;
+
+	fid = make_folder(f, "alice", "INBOX");
+	assert_int_equal(ms_store_user_get(f->store, "alice", &alice), 0);
+	assert_int_equal(ms_store_user_get(f->store, "bob", &bob), 0);
+
+	/* no row names the destination's INBOX yet (dst_name ""), and the
+	 * lookup creates none */
+	assert_int_equal(ms_store_folder_find_dst(f->store, alice, "INBOX",
+						  &got_fs, &found), 0);
+	assert_int_equal(found, 0);
+	assert_int_equal(ms_store_folder_get(f->store, alice, "INBOX", &fs), 0);
+	snprintf(fs.dst_name, sizeof(fs.dst_name), "INBOX");
+	fs.src_uidvalidity = 11;
+	fs.dst_uidvalidity = 22;
+	assert_int_equal(ms_store_folder_update(f->store, &fs), 0);
+	assert_int_equal(ms_store_folder_find_dst(f->store, alice, "inbox",
+						  &got_fs, &found), 0);
+	assert_int_equal(found, 1);
+	assert_int_equal(got_fs.id, fid);
+	assert_int_equal(got_fs.src_uidvalidity, 11);
+	assert_int_equal(got_fs.dst_uidvalidity, 22);
+	/* another user's rows are not alice's */
+	assert_int_equal(ms_store_folder_find_dst(f->store, bob, "INBOX",
+						  &got_fs, &found), 0);
+	assert_int_equal(found, 0);
+	assert_int_equal(sql_int(f, "SELECT count(*) FROM folders"), 1);
+
+	/* done records are found by destination UID, intents are not */
+	imap_rec(&r, 5, MS_MSG_INTENT);
+	r.dst_uid = 0;
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	imap_rec(&r, 6, MS_MSG_INTENT);
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	assert_int_equal(ms_store_msg_done(f->store, fid, 6, 1, NULL), 0);
+	imap_rec(&r, 9, MS_MSG_DONE);
+	r.dst_uid = 2;
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	expect_dst(f, fid, 1, 6);
+	expect_dst(f, fid, 2, 9);
+	expect_dst(f, fid, 3, 0);
+	/* an intent that names a destination UID (a rollback's floor, a
+	 * reconciled one not yet marked) is not a copy */
+	imap_rec(&r, 10, MS_MSG_INTENT);
+	r.dst_uid = 3;
+	assert_int_equal(ms_store_msg_put(f->store, fid, &r), 0);
+	expect_dst(f, fid, 3, 0);
+	/* the same destination UID in another folder is another message */
+	pfid = make_folder(f, "alice", "pop3:INBOX");
+	memset(&r, 0, sizeof(r));
+	snprintf(r.uidl, sizeof(r.uidl), "UIDL-x");
+	r.state = MS_MSG_DONE;
+	r.dst_uid = 1;
+	assert_int_equal(ms_store_msg_put(f->store, pfid, &r), 0);
+	assert_int_equal(ms_store_msg_get_dst(f->store, pfid, 1, &got,
+					      &found), 0);
+	assert_int_equal(found, 1);
+	assert_string_equal(got.uidl, "UIDL-x");
+	assert_int_equal(got.src_uid, 0);
+	expect_dst(f, fid, 1, 6);
+	/* one lookup in the index on both columns, not a scan of the folder
+	 * (the store names the index: without statistics SQLite would
+	 * rather walk the primary key's folder_id prefix) */
+	assert_int_equal(sql_int(f, "SELECT count(*) FROM sqlite_master WHERE "
+				 "type = 'index' AND name = 'messages_dst'"), 1);
+	{
+		sqlite3 *db;
+		sqlite3_stmt *st;
+		int uses = 0, rc;
+
+		assert_int_equal(sqlite3_open_v2(f->path, &db,
+						 SQLITE_OPEN_READONLY, NULL),
+				 SQLITE_OK);
+		assert_int_equal(sqlite3_prepare_v2(db, "EXPLAIN QUERY PLAN "
+			"SELECT src_uid FROM messages INDEXED BY messages_dst "
+			"WHERE folder_id = 1 AND dst_uid = 2 AND state = 1", -1,
+			&st, NULL), SQLITE_OK);
+		while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+			uses += strstr((const char *)sqlite3_column_text(st, 3),
+				       "messages_dst (folder_id=? AND "
+				       "dst_uid=?)") != NULL;
+		assert_int_equal(rc, SQLITE_DONE);
+		assert_int_equal(uses, 1);
+		sqlite3_finalize(st);
+		sqlite3_close(db);
+	}
+	/* a folder reset forgets them */
+	assert_int_equal(ms_store_folder_reset(f->store, fid), 0);
+	expect_dst(f, fid, 2, 0);
+}
+
 static void test_foreach(void **state)
 {
 	struct fixture *f = *state;
@@ -732,6 +849,14 @@ static void test_upgrade(void **state)
 	sqlite3_close(db);
 
 	assert_int_equal(ms_store_open(buf, &s, NULL), 0);
+	/* the gateway's lookup by destination UID works on the old rows */
+	{
+		struct ms_msg_rec got;
+		int found = 0;
+
+		assert_int_equal(ms_store_msg_get_dst(s, 1, 4, &got, &found), 0);
+		assert_int_equal(found, 0);
+	}
 	assert_int_equal(ms_store_user_get(s, "old", &uid), 0);
 	assert_int_equal(uid, 1);
 	assert_int_equal(ms_store_folder_get(s, uid, "INBOX", &fs), 0);
@@ -937,6 +1062,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_messages, setup,
 						teardown),
 		cmocka_unit_test_setup_teardown(test_uidl, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_by_dst, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_foreach, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_rintents, setup,
 						teardown),

@@ -1956,12 +1956,21 @@ static void on_rollback_done(const struct ms_user_report *rep, void *ctx)
 	gu->cutover = 0;
 	gu->rollback = 0;
 	if (rep->ok) {
+		int64_t id;
+
 		ms_info("%s: rolled back: %llu messages copied to the source, "
-			"%llu flag changes, %llu expunged", gu->name,
+			"%llu flag changes, %llu expunged; policy off", gu->name,
 			(unsigned long long)rep->copied,
 			(unsigned long long)rep->flags_updated,
 			(unsigned long long)rep->expunged);
 		set_state(gw, gu->name, "source", NULL);
+		/* Sent back on purpose: neither the next login nor the
+		 * sweep moves the user again until the operator says so
+		 * (policy, or migrate --daemon). */
+		if (ms_store_user_get(gw->store, gu->name, &id) < 0 ||
+		    ms_store_user_set_policy(gw->store, id, "off") < 0)
+			ms_log(MS_LOG_ERROR, "%s: store: %s", gu->name,
+			       ms_store_error(gw->store));
 	} else {
 		/* The destination still holds everything: stay there. */
 		ms_warn("%s: rollback failed: %s", gu->name,

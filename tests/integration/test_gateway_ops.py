@@ -436,6 +436,9 @@ def test_rollback(gpair, make_gw, workdir):
         m.noop()
         m.noop()
     gpair.assert_copied('alice')         # the source holds what dst holds
+    # Sent back on purpose: policy off, so that neither this login nor
+    # a sweep moves the user again by itself.
+    assert g.user('alice')['policy'] == 'off'
     m = imaplib.IMAP4('127.0.0.1', g.imap_port, timeout=60)
     assert m.login('alice', pw)[0] == 'OK'
     assert [s['server'] for s in g.ctl('sessions', '--json').json[
@@ -443,6 +446,9 @@ def test_rollback(gpair, make_gw, workdir):
     typ, data = m.select('Since.Moved', readonly=True)  # the source's '.'
     assert typ == 'OK' and int(data[0]) == 7, data
     m.logout()
+    time.sleep(1)
+    u = g.user('alice')
+    assert u['state'] == 'source' and u['copy'] == '', u
 
     # Moved again: nothing twice.
     assert g.ctl('migrate', '--daemon', 'alice').rc == 0

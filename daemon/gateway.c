@@ -85,6 +85,8 @@ struct session {
 	char *bin;
 	size_t binlen;
 	int b_sasl_ir;
+	int b_xclient;			/* POP3: XCLIENT offered in the greeting;
+					   then: its answer still due */
 	int counted;			/* counted in gu->sessions */
 
 	struct guser *gu;
@@ -607,6 +609,14 @@ static void backend_send_login(struct session *s)
 	}
 	s->bst = B_LOGIN;
 	if (s->proto == MS_GW_POP3) {
+		/* The client's address, when the server's greeting offered
+		 * us XCLIENT (Dovecot: to login_trusted_networks), ahead of
+		 * the login in the same write; its answer is skipped. */
+		if (s->b_xclient) {
+			snprintf(line, sizeof(line), "XCLIENT ADDR=%s PORT=%u\r\n",
+				 s->peer, s->peer_port);
+			ms_conn_write(s->b, line, strlen(line));
+		}
 		ms_conn_write(s->b, "AUTH PLAIN ", 11);
 		ms_conn_write(s->b, b64, strlen(b64));
 		ms_conn_write(s->b, "\r\n", 2);
@@ -662,6 +672,7 @@ static int backend_line(struct session *s, char *line, size_t len)
 				backend_fail(s, "the server refused us");
 				return 1;
 			}
+			s->b_xclient = strstr(line, "[XCLIENT]") != NULL;
 			if (s->server->tls_mode == MS_TLS_STARTTLS) {
 				s->bst = B_STARTTLS;
 				ms_conn_write(s->b, "STLS\r\n", 6);
@@ -677,6 +688,13 @@ static int backend_line(struct session *s, char *line, size_t len)
 			return 0;
 		default:
 			break;
+		}
+		if (s->b_xclient) {
+			s->b_xclient = 0;
+			if (!ok)
+				ms_info("session %llu: XCLIENT refused: %s",
+					(unsigned long long)s->id, line);
+			return 0;
 		}
 		if (!ok) {
 			login_failed(s, line);

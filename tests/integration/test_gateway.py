@@ -607,6 +607,96 @@ def test_capability_probe_of_hostile_servers(workdir, ca, request):
         stop_all(src)
 
 
+class Pop3From(poplib.POP3):
+    """poplib.POP3 from a given loopback address."""
+
+    def __init__(self, src, *a, **kw):
+        self.src = src
+        super().__init__(*a, **kw)
+
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout,
+                                        source_address=(self.src, 0))
+
+
+class Imap4From(imaplib.IMAP4):
+    """imaplib.IMAP4 from a given loopback address."""
+
+    def __init__(self, src, *a, **kw):
+        self.src = src
+        super().__init__(*a, **kw)
+
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout,
+                                        source_address=(self.src, 0))
+
+
+def test_client_address_reaches_the_servers(workdir, ca, request):
+    """Servers that trust the gateway (Dovecot login_trusted_networks) see
+    the client's own address: IMAP through ID x-originating-ip, POP3
+    through XCLIENT (offered in the greeting); so their logs and their
+    failed-login slowdown are per client, not per gateway."""
+    users = {'alice': GW_USERS['alice']}
+    trusted = 'login_trusted_networks = 127.0.0.1/32'
+    src = src_server(workdir, ca, users, name='ipsrc', extra_conf=trusted)
+    dst = dst_server(workdir, ca, users, name='ipdst')
+    gw = None
+    try:
+        src.start()
+        dst.start()
+        gw = gwlib.Mailshiftd(os.path.join(workdir, 'ipgw'), src, dst,
+                              tls_ca=None, policy='off')
+        gw.start()
+        m = Imap4From('127.0.0.3', '127.0.0.1', gw.imap_port, timeout=30)
+        assert m.login('alice', users['alice'])[0] == 'OK'
+        assert m.append('INBOX', None, None,
+                        b'Subject: ip\r\n\r\nhello\r\n')[0] == 'OK'
+        m.logout()
+        p = Pop3From('127.0.0.4', '127.0.0.1', gw.pop3_port, timeout=30)
+        p.user('alice')
+        p.pass_(users['alice'])
+        assert p.stat()[0] == 1
+        p.quit()
+        p = Pop3From('127.0.0.5', '127.0.0.1', gw.pop3_port, timeout=30)
+        p.user('alice')
+        with pytest.raises(poplib.error_proto):
+            p.pass_(WRONG_PW)
+        p.quit()
+
+        def logged(pattern):
+            return re.search(pattern, open(src.log_path).read()) is not None
+
+        assert wait_for(lambda: logged(
+            r'imap-login: Info: Login: user=<alice>.*rip=127\.0\.0\.3'), 5)
+        assert wait_for(lambda: logged(
+            r'pop3-login: Info: Login: user=<alice>.*rip=127\.0\.0\.4'), 5)
+        assert wait_for(lambda: logged(
+            r'pop3-login: Info: .*auth failed.*rip=127\.0\.0\.5'), 5), \
+            open(src.log_path).read()[-2000:]
+        # (the gateway's own capability probe is the only 127.0.0.1 there)
+        assert not logged(r'-login: Info: (Login:|.*auth failed).*'
+                          r'rip=127\.0\.0\.1,')
+
+        # A server that does not trust the gateway is offered nothing.
+        gw.ctl('user', 'add', 'alice', 'state', 'destination', '--force')
+        gw.ctl('user', 'set', 'alice', 'state', 'destination', '--force')
+        p = Pop3From('127.0.0.6', '127.0.0.1', gw.pop3_port, timeout=30)
+        p.user('alice')
+        p.pass_(users['alice'])
+        p.quit()
+        assert wait_for(lambda: 'pop3-login: Info: Login: user=<alice>' in
+                        open(dst.log_path).read(), 5)
+        assert 'XCLIENT' not in open(dst.log_path).read()
+        assert 'XCLIENT refused' not in gw.log_text()
+    finally:
+        if gw is not None:
+            gw.stop()
+            if _failed(request):
+                print(gw.log_tail(40))
+                print(open(src.log_path).read()[-3000:])
+        stop_all(src, dst)
+
+
 def test_pop3(gpair, make_gw, ca):
     """POP3 through the gateway: USER/PASS, AUTH PLAIN, STLS, pop3s; a
     wrong password and a retry on the same connection. Policy off: nothing

@@ -156,7 +156,7 @@ static int on_key(void *ctx, const char *section, const char *key,
 				       errsz);
 		}
 		snprintf(err, errsz, "unknown listener \"%s\" (imap, imaps, "
-			 "pop3, pop3s)", key);
+			 "pop3, pop3s, smtp, submission, submissions)", key);
 		return -1;
 	}
 	if (!strcmp(section, "tls")) {

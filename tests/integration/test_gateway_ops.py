@@ -112,7 +112,7 @@ def test_kill9_daemon_in_cutover(gpair, make_gw, workdir):
     assert g.user('alice')['copy'].startswith('verified'), g.user('alice')
     # Through the gateway, on the source: the last delta's work.
     mc.append_many(m, 'INBOX', [(mc.make_message(700000 + i, 800), (),
-                                 1500000000 + i) for i in range(4000)])
+                                 1500000000 + i) for i in range(8000)])
     m.logout()
     assert g.wait_state('alice', 'cutover', timeout=10) == 'cutover'
     before = (g.user('alice') or {}).get('messages', 0)
@@ -477,7 +477,7 @@ def test_rollback_killed(gpair, make_gw, workdir):
     m = gpair.dst.imap('alice')
     try:
         mc.append_many(m, 'INBOX', [(mc.make_message(930000 + i, 700), (),
-                                     1600000000 + i) for i in range(4000)])
+                                     1600000000 + i) for i in range(8000)])
     finally:
         m.logout()
     before = direct(gpair.src, 'alice', exists)

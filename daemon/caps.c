@@ -530,12 +530,6 @@ static void probe_start(struct ms_caps *c, enum ms_caps_kind k, int side)
 		.on_read = on_probe_read,
 		.on_error = on_probe_error,
 	};
-	struct ms_tls_opts tls = {
-		.mode = srv->tls_mode == MS_TLS_IMPLICIT ? MS_TLS_IMPLICIT :
-			MS_TLS_NONE,
-		.ca_file = srv->ca_file,
-		.insecure = srv->insecure,
-	};
 	struct probe *p = calloc(1, sizeof(*p));
 	int r;
 
@@ -554,8 +548,9 @@ static void probe_start(struct ms_caps *c, enum ms_caps_kind k, int side)
 	p->timer->data = p;
 	uv_timer_start(p->timer, on_probe_timeout, PROBE_TIMEOUT_MS, 0);
 	cb.ctx = p;
-	r = ms_conn_connect(c->loop, srv->host, srv->port, &tls, &cb,
-			    &p->conn);
+	/* STARTTLS servers are asked before the upgrade: what they list
+	 * then is what matters (STARTTLS, AUTH= are the gateway's own). */
+	r = ms_server_connect(c->loop, srv, &cb, &p->conn);
 	if (r < 0)
 		probe_end(p, uv_strerror(r));
 }

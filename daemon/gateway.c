@@ -965,7 +965,6 @@ static void backend_connect(struct session *s, int to_dst, int verify_only)
 		.on_drain = on_backend_drain,
 		.ctx = s,
 	};
-	struct ms_tls_opts tls;
 	const struct ms_server_cfg *srv;
 
 	if (s->proto == MS_GW_IMAP)
@@ -989,13 +988,8 @@ static void backend_connect(struct session *s, int to_dst, int verify_only)
 		backend_fail(s, "no such server configured");
 		return;
 	}
-	memset(&tls, 0, sizeof(tls));
-	tls.mode = srv->tls_mode;
-	tls.ca_file = srv->ca_file;
-	tls.insecure = srv->insecure;
 	timer_start(s, on_backend_timeout, BACKEND_TIMEOUT_MS, 0);
-	if (ms_conn_connect(gw->loop, srv->host, srv->port, &tls, &cb,
-			    &s->b) < 0)
+	if (ms_server_connect(gw->loop, srv, &cb, &s->b) < 0)
 		backend_fail(s, "cannot connect");
 }
 
@@ -1103,28 +1097,37 @@ static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
 
 static void rollback_start(struct ms_gateway *gw, struct guser *gu);
 
-static void on_grace(uv_timer_t *t)
-{
-	struct guser *gu = t->data;
-	struct ms_gateway *gw = gu->gw;
+/* In the store's last_error of a user in cutover: the cutover runs back to
+ * the source (a crash in it is told apart at the next start). */
+#define ROLLBACK_MARK "rolling back to the source"
 
-	uv_close((uv_handle_t *)t, on_timer_close);
-	gu->grace = NULL;
+/* The grace is over: the last delta, or the rollback's reverse delta. */
+static void grace_over(struct ms_gateway *gw, struct guser *gu)
+{
 	if (gu->rollback)
 		rollback_start(gw, gu);
 	else
 		user_copy_start(gw, gu);
 }
 
+static void on_grace(uv_timer_t *t)
+{
+	struct guser *gu = t->data;
+
+	uv_close((uv_handle_t *)t, on_timer_close);
+	gu->grace = NULL;
+	grace_over(gu->gw, gu);
+}
+
 static void cutover_begin(struct ms_gateway *gw, struct guser *gu)
 {
 	gu->cutover = 1;
-	set_state(gw, gu->name, "cutover", NULL);
+	set_state(gw, gu->name, "cutover", gu->rollback ? ROLLBACK_MARK : NULL);
 	if (gu->grace != NULL)
 		return;
 	gu->grace = malloc(sizeof(*gu->grace));
 	if (gu->grace == NULL) {
-		user_copy_start(gw, gu);
+		grace_over(gw, gu);
 		return;
 	}
 	gu->gw = gw;
@@ -1962,8 +1965,6 @@ int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 
 /* ---- rollback: the destination's changes back to the source ---- */
 
-#define ROLLBACK_MARK "rolling back to the source"
-
 static void on_rollback_done(const struct ms_user_report *rep, void *ctx)
 {
 	struct ms_gateway *gw = ctx;
@@ -2049,18 +2050,8 @@ int ms_gateway_rollback(struct ms_gateway *gw, const char *user,
 	 * deferred, the destination's MTA given its grace, then the
 	 * reverse delta; verified, the map flips back. */
 	gu->rollback = 1;
-	gu->cutover = 1;
-	set_state(gw, user, "cutover", ROLLBACK_MARK);
+	cutover_begin(gw, gu);
 	ms_gateway_kick(gw, user);
-	gu->gw = gw;
-	gu->grace = malloc(sizeof(*gu->grace));
-	if (gu->grace == NULL) {
-		rollback_start(gw, gu);
-		return 0;
-	}
-	uv_timer_init(gw->loop, gu->grace);
-	gu->grace->data = gu;
-	uv_timer_start(gu->grace, on_grace, CUTOVER_GRACE_MS, 0);
 	return 0;
 }
 

@@ -385,6 +385,24 @@ static char *login_name(const char *tmpl, const char *user)
 	return strdup(buf);
 }
 
+struct ms_tls_opts ms_server_tls(const struct ms_server_cfg *srv)
+{
+	return (struct ms_tls_opts){
+		.mode = srv->tls_mode,
+		.ca_file = srv->ca_file,
+		.insecure = srv->insecure,
+	};
+}
+
+int ms_server_connect(uv_loop_t *loop, const struct ms_server_cfg *srv,
+		      const struct ms_conn_callbacks *cb,
+		      struct ms_conn **conn_r)
+{
+	struct ms_tls_opts tls = ms_server_tls(srv);
+
+	return ms_conn_connect(loop, srv->host, srv->port, &tls, cb, conn_r);
+}
+
 int ms_server_parse_url(struct ms_server_cfg *cfg, const char *url,
 			const char **error_r)
 {
@@ -1491,23 +1509,28 @@ static void on_worker_ready(struct ms_imapc *c, const char *error, void *ctx)
 	job_schedule(u);
 }
 
-static struct ms_imapc *connect_server(struct ujob *u, struct server *s,
-				       const char *login, const char *pw,
-				       struct worker *w)
+/* Connection settings for one of the mover's servers, logging in as login
+ * with pw. */
+static struct ms_imapc_settings server_settings(const struct server *s,
+						const char *login,
+						const char *pw)
 {
-	struct ms_imapc_settings set = {
+	return (struct ms_imapc_settings){
 		.host = s->cfg.host,
 		.port = s->cfg.port,
-		.tls = {
-			.mode = s->cfg.tls_mode,
-			.ca_file = s->cfg.ca_file,
-			.insecure = s->cfg.insecure,
-		},
+		.tls = ms_server_tls(&s->cfg),
 		.user = login,
 		.admin = s->cfg.admin,
 		.password = pw,
 		.mech = s->cfg.mech,
 	};
+}
+
+static struct ms_imapc *connect_server(struct ujob *u, struct server *s,
+				       const char *login, const char *pw,
+				       struct worker *w)
+{
+	struct ms_imapc_settings set = server_settings(s, login, pw);
 
 	return ms_imapc_new(u->m->loop, &set, on_worker_ready, w);
 }
@@ -4627,13 +4650,8 @@ static void pop3_connect_dst(void *ctx)
 	struct ujob *u = ctx;
 	struct worker *w = &u->workers[0];
 	struct server *s = &u->m->dst;
-	struct ms_imapc_settings set = {
-		.host = s->cfg.host, .port = s->cfg.port,
-		.tls = { .mode = s->cfg.tls_mode, .ca_file = s->cfg.ca_file,
-			 .insecure = s->cfg.insecure },
-		.user = u->dst_login, .admin = s->cfg.admin,
-		.password = u->dst_pw, .mech = s->cfg.mech,
-	};
+	struct ms_imapc_settings set = server_settings(s, u->dst_login,
+							u->dst_pw);
 
 	w->have_dst_slot = 1;
 	w->d = ms_imapc_new(u->m->loop, &set, on_pop3_dst_ready, u);
@@ -4646,13 +4664,8 @@ static void pop3_connect_src(void *ctx)
 	struct ujob *u = ctx;
 	struct worker *w = &u->workers[0];
 	struct server *s = &u->m->src;
-	struct ms_imapc_settings set = {
-		.host = s->cfg.host, .port = s->cfg.port,
-		.tls = { .mode = s->cfg.tls_mode, .ca_file = s->cfg.ca_file,
-			 .insecure = s->cfg.insecure },
-		.user = u->src_login, .admin = s->cfg.admin,
-		.password = u->src_pw, .mech = s->cfg.mech,
-	};
+	struct ms_imapc_settings set = server_settings(s, u->src_login,
+							u->src_pw);
 	int r;
 
 	w->have_src_slot = 1;

@@ -33,6 +33,13 @@ struct ms_server_cfg {
  * "smtps://" (465) (port optional; [v6] hosts accepted). */
 int ms_server_parse_url(struct ms_server_cfg *cfg, const char *url,
 			const char **error_r);
+/* The TLS options a server's configuration asks for (mode, CA file,
+ * insecure). */
+struct ms_tls_opts ms_server_tls(const struct ms_server_cfg *srv);
+/* ms_conn_connect() to the server with those options. */
+int ms_server_connect(uv_loop_t *loop, const struct ms_server_cfg *srv,
+		      const struct ms_conn_callbacks *cb,
+		      struct ms_conn **conn_r);
 
 struct ms_mover_opts {
 	const char *const *include;	/* NULL-terminated fnmatch patterns */

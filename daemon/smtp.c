@@ -865,7 +865,6 @@ static void backend_start(struct smtp_session *s, int side)
 		.on_drain = on_backend_drain,
 		.ctx = s,
 	};
-	struct ms_tls_opts tls;
 	const struct ms_server_cfg *srv;
 
 	if (s->proto == MS_GW_SUBMISSION)
@@ -883,12 +882,7 @@ static void backend_start(struct smtp_session *s, int side)
 		backend_lost(s, "no such server configured");
 		return;
 	}
-	memset(&tls, 0, sizeof(tls));
-	tls.mode = srv->tls_mode;
-	tls.ca_file = srv->ca_file;
-	tls.insecure = srv->insecure;
-	if (ms_conn_connect(ms_gateway_loop(s->gw), srv->host, srv->port, &tls,
-			    &cb, &s->b) < 0) {
+	if (ms_server_connect(ms_gateway_loop(s->gw), srv, &cb, &s->b) < 0) {
 		s->b = NULL;
 		backend_lost(s, "cannot connect");
 	}
@@ -1642,35 +1636,34 @@ void ms_smtp_sessions(struct ms_gateway *gw, json_t *array)
 	}
 }
 
-void ms_smtp_close_all(struct ms_gateway *gw)
-{
-	for (struct smtp_session *s = sessions, *next; s != NULL; s = next) {
-		next = s->next;
-		if (s->gw != gw)
-			continue;
-		if (s->st != C_RELAY)
-			out(s, "421 4.3.2 %s Service shutting down\r\n",
-			    ms_host_name());
-		session_close(s);
-	}
-}
-
-int ms_smtp_kick(struct ms_gateway *gw, const char *user)
+/* Ends the gateway's SMTP sessions, or only the ones user authenticated;
+ * the client gets "421 CODE HOST WHY" unless its session is relayed (a
+ * reply of ours could land in the middle of the MTA's). Returns how many. */
+static int end_sessions(struct ms_gateway *gw, const char *user,
+			const char *code, const char *why)
 {
 	int n = 0;
 
 	for (struct smtp_session *s = sessions, *next; s != NULL; s = next) {
 		next = s->next;
-		if (s->gw != gw || s->auth_user == NULL ||
-		    strcmp(s->auth_user, user) != 0)
+		if (s->gw != gw || (user != NULL && (s->auth_user == NULL ||
+						     strcmp(s->auth_user, user))))
 			continue;
-		/* In relay the MTA's session is the client's: a reply of
-		 * ours could land in the middle of the MTA's. */
 		if (s->st != C_RELAY)
-			out(s, "421 4.7.0 %s Administrator ended this "
-			    "session\r\n", ms_host_name());
+			out(s, "421 %s %s %s\r\n", code, ms_host_name(), why);
 		session_close(s);
 		n++;
 	}
 	return n;
+}
+
+void ms_smtp_close_all(struct ms_gateway *gw)
+{
+	end_sessions(gw, NULL, "4.3.2", "Service shutting down");
+}
+
+int ms_smtp_kick(struct ms_gateway *gw, const char *user)
+{
+	return end_sessions(gw, user, "4.7.0", "Administrator ended this "
+			    "session");
 }

@@ -1188,16 +1188,24 @@ int ms_store_user_foreach(struct ms_store *store, ms_store_user_cb *cb,
 	return ret;
 }
 
+/* 0 for passthrough, hold and off; else -1 with the store's error set. */
+static int bad_policy(struct ms_store *store, const char *policy)
+{
+	if (!strcmp(policy, "passthrough") || !strcmp(policy, "hold") ||
+	    !strcmp(policy, "off"))
+		return 0;
+	return set_error(store, "invalid policy \"%s\" (passthrough, hold or "
+			 "off)", policy);
+}
+
 int ms_store_user_set_policy(struct ms_store *store, int64_t user_id,
 			     const char *policy)
 {
 	sqlite3_stmt *st;
 	int rc;
 
-	if (policy != NULL && *policy != '\0' && strcmp(policy, "passthrough") &&
-	    strcmp(policy, "hold") && strcmp(policy, "off"))
-		return set_error(store, "invalid policy \"%s\" (passthrough, "
-				 "hold or off)", policy);
+	if (policy != NULL && *policy != '\0' && bad_policy(store, policy))
+		return -1;
 	if (sqlite3_prepare_v2(store->db, "UPDATE users SET policy = ?2 "
 			       "WHERE id = ?1", -1, &st, NULL) != SQLITE_OK)
 		return db_error(store, "user_set_policy");
@@ -1218,10 +1226,8 @@ int ms_store_policy_set(struct ms_store *store, const char *scope,
 	sqlite3_stmt *st;
 	int rc;
 
-	if (policy != NULL && strcmp(policy, "passthrough") &&
-	    strcmp(policy, "hold") && strcmp(policy, "off"))
-		return set_error(store, "invalid policy \"%s\" (passthrough, "
-				 "hold or off)", policy);
+	if (policy != NULL && bad_policy(store, policy))
+		return -1;
 	if (sqlite3_prepare_v2(store->db, policy != NULL ?
 			       "INSERT OR REPLACE INTO policies (scope, policy) "
 			       "VALUES (?1, ?2)" :

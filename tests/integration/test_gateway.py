@@ -23,13 +23,13 @@ import re
 import socket
 import ssl
 import subprocess
-import threading
 import time
 
 import pytest
 
 import corpus
 import dovecot as dc
+import fakeserver
 import gateway as gwlib
 import mailcheck as mc
 from conftest import (Pair, _failed, _install_maildirs, dst_server,
@@ -377,7 +377,7 @@ def test_hold(gpair, make_gw, how):
     m.logout()
 
 
-class CapaOnlyPop3:
+class CapaOnlyPop3(fakeserver.LoopbackServer):
     """A POP3 server on loopback that only greets, answers CAPA with a
     short list and QUIT: what the gateway asks a server before it
     advertises anything."""
@@ -386,50 +386,23 @@ class CapaOnlyPop3:
             b'IMPLEMENTATION capa-only\r\n.\r\n')
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(('127.0.0.1', 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
         self.asked = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _run(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            with c:
-                c.settimeout(10)
-                c.sendall(b'+OK capa-only ready\r\n')
-                buf = b''
-                try:
-                    while True:
-                        data = c.recv(4096)
-                        if not data:
-                            break
-                        buf += data
-                        while b'\r\n' in buf:
-                            line, buf = buf.split(b'\r\n', 1)
-                            if line.upper() == b'CAPA':
-                                self.asked += 1
-                                c.sendall(self.CAPA)
-                            elif line.upper() == b'QUIT':
-                                c.sendall(b'+OK bye\r\n')
-                                raise EOFError
-                            else:
-                                c.sendall(b'-ERR not here\r\n')
-                except (OSError, EOFError):
-                    pass
-
-    def close(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)    # wakes accept()
-        except OSError:
-            pass
-        self.sock.close()
-        self.thread.join(5)
+    def handle(self, c, n):
+        with c:
+            c.settimeout(10)
+            c.sendall(b'+OK capa-only ready\r\n')
+            for line in c.makefile('rb'):
+                line = line.rstrip(b'\r\n').upper()
+                if line == b'CAPA':
+                    self.asked += 1
+                    c.sendall(self.CAPA)
+                elif line == b'QUIT':
+                    c.sendall(b'+OK bye\r\n')
+                    return
+                else:
+                    c.sendall(b'-ERR not here\r\n')
 
 
 def test_capabilities(workdir, ca, request):
@@ -531,41 +504,16 @@ def test_capabilities_follow_the_servers(workdir, ca, request, monkeypatch):
         stop_all(src, dst)
 
 
-class OneReplyServer:
+class OneReplyServer(fakeserver.LoopbackServer):
     """A loopback server that sends `payload` to each connection and keeps
     it open without reading (a server that talks nonsense, or too much)."""
 
     def __init__(self, payload):
         self.payload = payload
-        self.sock = socket.socket()
-        self.sock.bind(('127.0.0.1', 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.conns = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _run(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(c)
-            try:
-                c.sendall(self.payload)
-            except OSError:
-                pass
-
-    def close(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)    # wakes accept()
-        except OSError:
-            pass
-        self.sock.close()
-        self.thread.join(5)
-        for c in self.conns:
-            c.close()
+    def handle(self, c, n):
+        c.sendall(self.payload)
 
 
 def test_capability_probe_of_hostile_servers(workdir, ca, request):
@@ -607,28 +555,14 @@ def test_capability_probe_of_hostile_servers(workdir, ca, request):
         stop_all(src)
 
 
-class Pop3From(poplib.POP3):
-    """poplib.POP3 from a given loopback address."""
-
-    def __init__(self, src, *a, **kw):
-        self.src = src
-        super().__init__(*a, **kw)
-
-    def _create_socket(self, timeout):
-        return socket.create_connection((self.host, self.port), timeout,
-                                        source_address=(self.src, 0))
-
-
-class Imap4From(imaplib.IMAP4):
-    """imaplib.IMAP4 from a given loopback address."""
-
-    def __init__(self, src, *a, **kw):
-        self.src = src
-        super().__init__(*a, **kw)
-
-    def _create_socket(self, timeout):
-        return socket.create_connection((self.host, self.port), timeout,
-                                        source_address=(self.src, 0))
+def bound_to(client_class, src):
+    """A subclass of imaplib.IMAP4 or poplib.POP3 that connects from the
+    loopback address src."""
+    class Bound(client_class):
+        def _create_socket(self, timeout):
+            return socket.create_connection((self.host, self.port), timeout,
+                                            source_address=(src, 0))
+    return Bound
 
 
 def test_client_address_reaches_the_servers(workdir, ca, request):
@@ -647,17 +581,20 @@ def test_client_address_reaches_the_servers(workdir, ca, request):
         gw = gwlib.Mailshiftd(os.path.join(workdir, 'ipgw'), src, dst,
                               tls_ca=None, policy='off')
         gw.start()
-        m = Imap4From('127.0.0.3', '127.0.0.1', gw.imap_port, timeout=30)
+        m = bound_to(imaplib.IMAP4, '127.0.0.3')('127.0.0.1', gw.imap_port,
+                                                  timeout=30)
         assert m.login('alice', users['alice'])[0] == 'OK'
         assert m.append('INBOX', None, None,
                         b'Subject: ip\r\n\r\nhello\r\n')[0] == 'OK'
         m.logout()
-        p = Pop3From('127.0.0.4', '127.0.0.1', gw.pop3_port, timeout=30)
+        p = bound_to(poplib.POP3, '127.0.0.4')('127.0.0.1', gw.pop3_port,
+                                              timeout=30)
         p.user('alice')
         p.pass_(users['alice'])
         assert p.stat()[0] == 1
         p.quit()
-        p = Pop3From('127.0.0.5', '127.0.0.1', gw.pop3_port, timeout=30)
+        p = bound_to(poplib.POP3, '127.0.0.5')('127.0.0.1', gw.pop3_port,
+                                              timeout=30)
         p.user('alice')
         with pytest.raises(poplib.error_proto):
             p.pass_(WRONG_PW)
@@ -680,7 +617,8 @@ def test_client_address_reaches_the_servers(workdir, ca, request):
         # A server that does not trust the gateway is offered nothing.
         gw.ctl('user', 'add', 'alice', 'state', 'destination', '--force')
         gw.ctl('user', 'set', 'alice', 'state', 'destination', '--force')
-        p = Pop3From('127.0.0.6', '127.0.0.1', gw.pop3_port, timeout=30)
+        p = bound_to(poplib.POP3, '127.0.0.6')('127.0.0.1', gw.pop3_port,
+                                              timeout=30)
         p.user('alice')
         p.pass_(users['alice'])
         p.quit()

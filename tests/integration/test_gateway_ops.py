@@ -7,12 +7,12 @@ bob's corpora, an empty destination; make_gw: a started mailshiftd)."""
 
 import imaplib
 import os
-import signal
 import socket
 import time
 
 import pytest
 
+import fakeserver
 import gateway as gwlib
 import mailcheck as mc
 from conftest import MASTER
@@ -122,10 +122,7 @@ def test_kill9_daemon_in_cutover(gpair, make_gw, workdir):
         time.sleep(0.01)
     u = g.user('alice')
     assert u['state'] == 'cutover' and u['messages'] >= before + 200, u
-    os.kill(g.pid, signal.SIGKILL)
-    g.proc.wait()
-    g.proc = None
-    g.start()
+    g.kill9_restart()
     st = g.wait_state('alice', ('destination', 'failed'), timeout=60)
     assert st == 'destination', (st, g.log_tail())
     gpair.assert_copied('alice')
@@ -151,62 +148,32 @@ def test_kill9_daemon_mid_copy(gpair, make_gw, workdir):
         time.sleep(0.01)
     assert u and u.get('messages', 0) > 0, 'the copy never started'
     assert g.state('alice') == 'copying'
-    os.kill(g.pid, signal.SIGKILL)
-    g.proc.wait()
-    g.proc = None
-    g.start()
+    g.kill9_restart()
     st = g.wait_state('alice', ('destination', 'failed'), timeout=60)
     assert st == 'destination', (st, g.log_tail())
     gpair.assert_copied('alice')
 
 
-class RefusingIMAP:
+class RefusingIMAP(fakeserver.LoopbackServer):
     """A loopback IMAP server that refuses every login at once (Dovecot
     slows repeated failures down itself, which would hide ours)."""
 
-    def __init__(self):
-        import threading
-        self.sock = socket.socket()
-        self.sock.bind(('127.0.0.1', 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.pop3_port = None
-        self.tls_ca = None
-        self.stopping = False
-        self.thread = threading.Thread(target=self.loop, daemon=True)
-        self.thread.start()
+    pop3_port = None
+    tls_ca = None
 
     def url(self, scheme='imap'):
         return 'imap://127.0.0.1:%d' % self.port
 
-    def loop(self):
-        import threading
-        while not self.stopping:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
-
-    def serve(self, c):
-        f = c.makefile('rb')
-        try:
+    def handle(self, c, n):
+        with c:
             c.sendall(b'* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] x\r\n')
-            for line in f:
+            for line in c.makefile('rb'):
                 tag = line.split(b' ', 1)[0]
                 if b' AUTHENTICATE ' in line.upper():
                     c.sendall(tag + b' NO [AUTHENTICATIONFAILED] '
                               b'Authentication failed.\r\n')
                 else:
                     c.sendall(tag + b' OK done\r\n')
-        except OSError:
-            pass
-        finally:
-            c.close()
-
-    def stop(self):
-        self.stopping = True
-        self.sock.close()
 
 
 def test_repeated_failures_are_slowed_down(workdir):
@@ -243,7 +210,7 @@ def test_repeated_failures_are_slowed_down(workdir):
         assert g.alive
     finally:
         g.stop()
-        fake.stop()
+        fake.close()
 
 
 def test_operator_moves_a_logged_in_user(gpair, make_gw, workdir):
@@ -488,10 +455,7 @@ def test_rollback_killed(gpair, make_gw, workdir):
         time.sleep(0.02)
     assert direct(gpair.src, 'alice', exists) >= before + 300
     assert g.state('alice') == 'cutover'
-    os.kill(g.pid, signal.SIGKILL)
-    g.proc.wait()
-    g.proc = None
-    g.start()
+    g.kill9_restart()
     u = g.user('alice')
     assert u['state'] == 'destination' and 'rollback interrupted' in \
         (u.get('error') or ''), u

@@ -28,6 +28,7 @@ import time
 import pytest
 
 import dovecot as dc
+import fakeserver
 import gateway as gwlib
 import mailcheck as mc
 import postfix as pf
@@ -773,34 +774,17 @@ def test_command_edge_cases(env, gw):
     settled(env)
 
 
-class FakeMTA:
+class FakeMTA(fakeserver.LoopbackServer):
     """A scripted SMTP server on loopback (one thread per connection):
     behaviour(conn_no) names what connection number conn_no does."""
 
     def __init__(self, behaviour):
         self.behaviour = behaviour
-        self.sock = socket.socket()
-        self.sock.bind(('127.0.0.1', 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.conns = 0
         self.seen = []
-        self.stop = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _run(self):
-        self.sock.settimeout(0.2)
-        while not self.stop:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.conns += 1
-            threading.Thread(target=self._serve, daemon=True,
-                             args=(c, self.behaviour(self.conns))).start()
-
-    def _serve(self, c, how):
+    def handle(self, c, n):
+        how = self.behaviour(n)
         f = c.makefile('rb')
         try:
             c.sendall(b'220 fake ESMTP\r\n')
@@ -838,11 +822,6 @@ class FakeMTA:
         finally:
             f.close()
             c.close()
-
-    def close(self):
-        self.stop = True
-        self.thread.join()
-        self.sock.close()
 
 
 def test_hostile_mta(env):

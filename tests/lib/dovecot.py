@@ -327,39 +327,27 @@ class Dovecot:
             lines.append('    auto = subscribe')
             lines.append('  }')
         lines.append('}')
-        lines += [
-            'service imap-login {',
-            '  inet_listener imap {',
-            '    address = 127.0.0.1',
-            '    port = %d' % self.imap_port,
-            '  }',
-            '  inet_listener imaps {',
-            '    address = 127.0.0.1',
-            '    port = %d' % (self.imaps_port or 0),
-            '    ssl = yes' if tls else '',
-            '  }',
-        ]
-        if self.performance:
-            lines += ['  service_count = 0', '  process_min_avail = 2',
-                      '  client_limit = 10000']
-        lines.append('}')
-        if self.pop3_enabled:
-            lines += [
-                'service pop3-login {',
-                '  inet_listener pop3 {',
+        def login_service(proto, port, tls_port):
+            out = [
+                'service %s-login {' % proto,
+                '  inet_listener %s {' % proto,
                 '    address = 127.0.0.1',
-                '    port = %d' % self.pop3_port,
+                '    port = %d' % port,
                 '  }',
-                '  inet_listener pop3s {',
+                '  inet_listener %ss {' % proto,
                 '    address = 127.0.0.1',
-                '    port = %d' % (self.pop3s_port or 0),
+                '    port = %d' % (tls_port or 0),
                 '    ssl = yes' if tls else '',
                 '  }',
             ]
             if self.performance:
-                lines += ['  service_count = 0', '  process_min_avail = 2',
-                          '  client_limit = 10000']
-            lines.append('}')
+                out += ['  service_count = 0', '  process_min_avail = 2',
+                        '  client_limit = 10000']
+            return out + ['}']
+
+        lines += login_service('imap', self.imap_port, self.imaps_port)
+        if self.pop3_enabled:
+            lines += login_service('pop3', self.pop3_port, self.pop3s_port)
         if self.performance:
             lines += [
                 'default_client_limit = 10000',

@@ -291,6 +291,14 @@ class Mailshiftd:
         self.returncode = p.returncode
         return p.returncode
 
+    def kill9_restart(self):
+        """SIGKILL to the daemon's PID (a crash at this very moment), then
+        start() again on the same config and store."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+        return self.start()
+
     def log_text(self):
         try:
             with open(self.log_path, 'rb') as f:

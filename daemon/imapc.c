@@ -582,6 +582,8 @@ static void on_login(struct ms_imapc *c, const struct ms_imap_response *r,
 	if (r == NULL)
 		return;
 	ms_secret_free(&c->password);
+	/* The login went out: the bulk of the session is not wiped. */
+	ms_conn_set_wipe(c->conn, 0);
 	if (r->status != MS_STATUS_OK) {
 		fail(c, "login failed: %s",
 		     ms_imapc_resp_summary(r, buf, sizeof(buf)));
@@ -1009,6 +1011,8 @@ struct ms_imapc *ms_imapc_new(uv_loop_t *loop,
 	cb.ctx = c;
 	c->state = ST_CONNECTING;
 	ret = ms_conn_connect(loop, c->host, c->port, &c->tls, &cb, &c->conn);
+	if (ret == 0)
+		ms_conn_set_wipe(c->conn, 1);	/* until the login is done */
 	if (ret < 0) {
 		snprintf(c->error, sizeof(c->error), "connect to %s:%u: %s",
 			 c->host, c->port, uv_strerror(ret));

@@ -121,6 +121,9 @@ struct ms_conn {
 					   address (no resolver needed) */
 	unsigned int server:1;		/* accepted: we are the TLS server */
 	unsigned int accept_pending:1;	/* deferred: plaintext on_connect */
+	unsigned int wipe:1;		/* secrets pass: buffers are wiped */
+
+	size_t high_water, low_water;	/* backpressure (on_drain) */
 
 	int deferred_status;
 	char deferred_err[ERR_TEXT_SIZE];
@@ -384,6 +387,8 @@ static void conn_free(struct ms_conn *conn)
 		SSL_free(conn->ssl);	/* frees its conn_bio too */
 	if (conn->ai)
 		uv_freeaddrinfo(conn->ai);
+	if (conn->wipe && conn->plainq)
+		OPENSSL_cleanse(conn->plainq, conn->plainq_cap);
 	free(conn->held);
 	free(conn->wout);
 	free(conn->plainq);
@@ -506,7 +511,7 @@ static size_t pending(const struct ms_conn *conn)
 
 static void note_pending(struct ms_conn *conn)
 {
-	if (pending(conn) >= MS_CONN_HIGH_WATER)
+	if (pending(conn) >= conn->high_water)
 		conn->over_high = 1;
 }
 
@@ -517,6 +522,8 @@ static void on_write(uv_write_t *req, int status)
 	char err[ERR_TEXT_SIZE];
 
 	conn->inflight -= wr->len;
+	if (conn->wipe)
+		OPENSSL_cleanse(wr->data, wr->len);
 	free(wr);
 	if (!conn->closing) {
 		if (status < 0) {
@@ -533,7 +540,7 @@ static void on_write(uv_write_t *req, int status)
 static void check_drain(struct ms_conn *conn)
 {
 	if (conn->over_high && !conn->failed &&
-	    pending(conn) <= MS_CONN_LOW_WATER) {
+	    pending(conn) <= conn->low_water) {
 		conn->over_high = 0;
 		if (conn->cb.on_drain)
 			conn->cb.on_drain(conn);
@@ -649,8 +656,12 @@ static void plainq_consume(struct ms_conn *conn, size_t n)
 	conn->plainq_len -= n;
 	if (conn->plainq_len > 0) {
 		memmove(conn->plainq, conn->plainq + n, conn->plainq_len);
+		if (conn->wipe)
+			OPENSSL_cleanse(conn->plainq + conn->plainq_len, n);
 	} else {
 		/* an idle connection keeps no write buffer */
+		if (conn->wipe)
+			OPENSSL_cleanse(conn->plainq, conn->plainq_cap);
 		free(conn->plainq);
 		conn->plainq = NULL;
 		conn->plainq_cap = 0;
@@ -782,22 +793,53 @@ int ms_conn_write(struct ms_conn *conn, const void *data, size_t len)
 
 int ms_conn_printf(struct ms_conn *conn, const char *fmt, ...)
 {
-	char buf[2048];
+	char buf[2048], *big;
 	va_list ap;
-	int n;
+	int n, r;
 
 	va_start(ap, fmt);
 	n = vsnprintf(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
 	if (n < 0)
 		return UV_EINVAL;
-	return ms_conn_write(conn, buf, (size_t)n < sizeof(buf) ? (size_t)n :
-			     sizeof(buf) - 1);
+	if ((size_t)n < sizeof(buf))
+		return ms_conn_write(conn, buf, (size_t)n);
+	/* Longer than the stack buffer: formatted again, whole. A reply is
+	 * never cut (a cut line would be a different line). */
+	big = malloc((size_t)n + 1);
+	if (!big)
+		return UV_ENOMEM;
+	va_start(ap, fmt);
+	vsnprintf(big, (size_t)n + 1, fmt, ap);
+	va_end(ap);
+	r = ms_conn_write(conn, big, (size_t)n);
+	free(big);
+	return r;
 }
 
 size_t ms_conn_write_pending(const struct ms_conn *conn)
 {
 	return conn ? pending(conn) : 0;
+}
+
+int ms_conn_over_high(const struct ms_conn *conn)
+{
+	return conn && pending(conn) >= conn->high_water;
+}
+
+void ms_conn_set_water(struct ms_conn *conn, size_t high, size_t low)
+{
+	if (!conn)
+		return;
+	conn->high_water = high ? high : MS_CONN_HIGH_WATER;
+	conn->low_water = low ? low : MS_CONN_LOW_WATER;
+	note_pending(conn);
+}
+
+void ms_conn_set_wipe(struct ms_conn *conn, int wipe)
+{
+	if (conn)
+		conn->wipe = wipe ? 1 : 0;
 }
 
 /* ---- reading ----------------------------------------------------------- */
@@ -918,7 +960,11 @@ static int tls_read_loop(struct ms_conn *conn)
 		ERR_clear_error();
 		r = SSL_read_ex(conn->ssl, out, PLAIN_BUF_SIZE, &n);
 		if (r == 1) {
+			int wipe = conn->wipe;
+
 			conn->cb.on_read(conn, out, n);
+			if (wipe)
+				OPENSSL_cleanse(out, n);
 			continue;
 		}
 		e = SSL_get_error(conn->ssl, r);
@@ -978,7 +1024,11 @@ static void on_tcp_read(uv_stream_t *stream, ssize_t nread,
 		return;
 	}
 	if (conn->tls == TLS_OFF) {
+		int wipe = conn->wipe;
+
 		conn->cb.on_read(conn, buf->base, (size_t)nread);
+		if (wipe)
+			OPENSSL_cleanse(buf->base, (size_t)nread);
 		return;
 	}
 	if (tls_input_add(conn, buf->base, (size_t)nread) < 0) {
@@ -1392,6 +1442,8 @@ int ms_conn_connect(uv_loop_t *loop, const char *host, uint16_t port,
 		return UV_ENOMEM;
 	conn->loop = loop;
 	conn->cb = *cb;
+	conn->high_water = MS_CONN_HIGH_WATER;
+	conn->low_water = MS_CONN_LOW_WATER;
 	conn->port = port;
 	conn->host = strdup(host);
 	if (!conn->host)
@@ -1744,6 +1796,25 @@ void ms_tls_server_free(struct ms_tls_server **srvp)
 
 /* ---- accepting --------------------------------------------------------- */
 
+static void on_dropped_close(uv_handle_t *handle);
+
+void ms_drop_connection(uv_stream_t *listener)
+{
+	uv_tcp_t *tcp = malloc(sizeof(*tcp));
+
+	/* A connection left pending stops libuv from accepting any other;
+	 * without memory for a handle, the listener's own error path
+	 * (EMFILE-like) is all there is. */
+	if (!tcp)
+		return;
+	if (uv_tcp_init(listener->loop, tcp) < 0) {
+		free(tcp);
+		return;
+	}
+	uv_accept(listener, (uv_stream_t *)tcp);
+	uv_close((uv_handle_t *)tcp, on_dropped_close);
+}
+
 static void on_dropped_close(uv_handle_t *handle)
 {
 	free(handle);
@@ -1762,22 +1833,20 @@ int ms_conn_accept(uv_stream_t *listener, struct ms_tls_server *tls,
 	if (!listener || !cb || !cb->on_connect || !cb->on_read || !conn_r)
 		return UV_EINVAL;
 	tcp = malloc(sizeof(*tcp));
-	if (!tcp)
+	if (!tcp) {
+		ms_drop_connection(listener);
 		return UV_ENOMEM;
+	}
 	conn = calloc(1, sizeof(*conn));
 	if (!conn) {
-		/* A connection left pending stops libuv from accepting
-		 * any other: drop this one. */
-		if (uv_tcp_init(listener->loop, tcp) < 0) {
-			free(tcp);
-			return UV_ENOMEM;
-		}
-		uv_accept(listener, (uv_stream_t *)tcp);
-		uv_close((uv_handle_t *)tcp, on_dropped_close);
+		free(tcp);
+		ms_drop_connection(listener);
 		return UV_ENOMEM;
 	}
 	conn->loop = listener->loop;
 	conn->cb = *cb;
+	conn->high_water = MS_CONN_HIGH_WATER;
+	conn->low_water = MS_CONN_LOW_WATER;
 	conn->server = 1;
 	r = uv_tcp_init(conn->loop, tcp);
 	if (r < 0) {

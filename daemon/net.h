@@ -70,11 +70,20 @@ int ms_conn_connect(uv_loop_t *loop, const char *host, uint16_t port,
 /* Queues bytes to send (copied; encrypted first under TLS). Returns 0 or a
  * negative error. Never blocks and never calls a callback synchronously. */
 int ms_conn_write(struct ms_conn *conn, const void *data, size_t len);
-/* ms_conn_write() of a printf-formatted text (at most 2 KiB). */
+/* ms_conn_write() of a printf-formatted text, whole (never cut). */
 int ms_conn_printf(struct ms_conn *conn, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 /* Bytes queued but not yet handed to the kernel. */
 size_t ms_conn_write_pending(const struct ms_conn *conn);
+/* Whether the queued bytes reached the connection's high-water mark. */
+int ms_conn_over_high(const struct ms_conn *conn);
+/* The connection's own backpressure marks (0: MS_CONN_HIGH_WATER /
+ * MS_CONN_LOW_WATER): on_drain is called when the queue, having reached
+ * high, drops to low. A pre-login session uses small ones. */
+void ms_conn_set_water(struct ms_conn *conn, size_t high, size_t low);
+/* Secrets pass through this connection (a login): every buffer holding
+ * its bytes, read or written, is wiped before it is freed or reused. */
+void ms_conn_set_wipe(struct ms_conn *conn, int wipe);
 
 /* Stops / restarts delivering on_read (backpressure). */
 void ms_conn_read_pause(struct ms_conn *conn, int paused);
@@ -136,6 +145,10 @@ void ms_tls_server_free(struct ms_tls_server **srv);
  * is closed). */
 int ms_conn_accept(uv_stream_t *listener, struct ms_tls_server *tls,
 		   const struct ms_conn_callbacks *cb, struct ms_conn **conn_r);
+
+/* Accepts one pending connection and closes it at once (no memory for a
+ * session, or over a limit with nothing to say). */
+void ms_drop_connection(uv_stream_t *listener);
 
 /* Server-side STARTTLS/STLS on an accepted plaintext connection: call it
  * right after writing the go-ahead ("OK Begin TLS now"); what was written

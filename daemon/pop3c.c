@@ -167,6 +167,7 @@ static void on_login_reply(struct ms_pop3c *c, int ok, const char *text,
 	if (ctx != NULL)
 		return;	/* USER accepted; PASS follows */
 	ms_secret_free(&c->password);
+	ms_conn_set_wipe(c->conn, 0);	/* the bulk is not wiped */
 	c->state = ST_READY;
 	if (c->ready != NULL)
 		c->ready(c, NULL, c->ready_ctx);
@@ -416,5 +417,6 @@ struct ms_pop3c *ms_pop3c_new(uv_loop_t *loop,
 		really_free(c);
 		return NULL;
 	}
+	ms_conn_set_wipe(c->conn, 1);	/* until the login is done */
 	return c;
 }

@@ -2,6 +2,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <arpa/inet.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
@@ -48,9 +50,12 @@ int ms_b64_decode(const char *in, unsigned char **out_r, size_t *len_r)
 
 	if (l == 0 || l % 4 != 0)
 		return -1;
+	/* Padding only at the end: "x=" or "==", never "=x". */
 	for (size_t i = 0; i < l; i++)
 		if (!isalnum((unsigned char)in[i]) && in[i] != '+' &&
-		    in[i] != '/' && !(in[i] == '=' && i >= l - 2))
+		    in[i] != '/' && !(in[i] == '=' && (i == l - 1 ||
+						       (i == l - 2 &&
+							in[l - 1] == '='))))
 			return -1;
 	o = malloc(l / 4 * 3 + 1);
 	if (o == NULL)
@@ -156,4 +161,53 @@ const char *ms_host_name(void)
 	    (gethostname(name, sizeof(name) - 1) < 0 || name[0] == '\0'))
 		snprintf(name, sizeof(name), "mailshift");
 	return name;
+}
+
+int ms_cidr_parse(const char *s, struct ms_cidr *c)
+{
+	char buf[64];
+	const char *slash = strchr(s, '/');
+	size_t n = slash != NULL ? (size_t)(slash - s) : strlen(s);
+	unsigned int max;
+
+	if (n == 0 || n >= sizeof(buf))
+		return -1;
+	memcpy(buf, s, n);
+	buf[n] = '\0';
+	memset(c, 0, sizeof(*c));
+	if (inet_pton(AF_INET, buf, c->addr) == 1) {
+		c->family = AF_INET;
+		max = 32;
+	} else if (inet_pton(AF_INET6, buf, c->addr) == 1) {
+		c->family = AF_INET6;
+		max = 128;
+	} else {
+		return -1;
+	}
+	c->bits = max;
+	if (slash != NULL) {
+		char *end;
+		unsigned long bits;
+
+		if (slash[1] < '0' || slash[1] > '9')
+			return -1;
+		bits = strtoul(slash + 1, &end, 10);
+		if (*end != '\0' || bits > max)
+			return -1;
+		c->bits = (unsigned int)bits;
+	}
+	return 0;
+}
+
+int ms_cidr_match(const struct ms_cidr *c, const char *addr)
+{
+	unsigned char a[16];
+	unsigned int full = c->bits / 8, rest = c->bits % 8;
+
+	if (inet_pton(c->family, addr, a) != 1)
+		return 0;
+	if (memcmp(a, c->addr, full) != 0)
+		return 0;
+	return rest == 0 ||
+		((a[full] ^ c->addr[full]) & (0xff00 >> rest) & 0xff) == 0;
 }

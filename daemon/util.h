@@ -5,6 +5,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* A macro's value as a string literal: MS_STR(255) is "255". */
+#define MS_XSTR(x) #x
+#define MS_STR(x) MS_XSTR(x)
+
 /* Wipes and frees a NUL-terminated secret; sets *s to NULL. */
 void ms_secret_free(char **s);
 
@@ -34,6 +38,19 @@ void ms_u32vec_sort(struct ms_u32vec *vec);
 /* 1 when x is in the (sorted) vector. */
 int ms_u32vec_has(const struct ms_u32vec *vec, uint32_t x);
 void ms_u32vec_free(struct ms_u32vec *vec);
+
+/* An address range, "192.0.2.0/24" or "2001:db8::/32" (a bare address is
+ * a /32 or /128). */
+struct ms_cidr {
+	int family;			/* AF_INET or AF_INET6 */
+	unsigned char addr[16];
+	unsigned int bits;
+};
+
+/* Parses one range. Returns 0, or -1 when it is not one. */
+int ms_cidr_parse(const char *s, struct ms_cidr *c);
+/* 1 when the numeric address addr ("192.0.2.7", "::1") is in c. */
+int ms_cidr_match(const struct ms_cidr *c, const char *addr);
 
 /* This machine's name (gethostname), "mailshift" when it has none. */
 const char *ms_host_name(void);

@@ -236,7 +236,16 @@ char *ms_caps_merge(enum ms_caps_kind kind, const char *a, const char *b)
 
 /* ---- asking the servers ---- */
 
-enum pstate { P_GREETING, P_REPLY, P_DONE };
+enum pstate {
+	P_GREETING,
+	P_STARTTLS,		/* STARTTLS / STLS sent, waiting for the OK */
+	P_TLS,			/* the handshake runs */
+	P_REPLY,
+	P_DONE,
+};
+
+/* probe_line(): the handshake started; nothing may follow the go-ahead. */
+#define PROBE_TLS_STARTED 2
 
 struct probe {
 	struct ms_caps *caps;
@@ -246,6 +255,7 @@ struct probe {
 	uv_timer_t *timer;
 	enum pstate st;
 	int ok;			/* POP3 +OK / SMTP domain line seen */
+	int tls;			/* a STARTTLS server: upgraded now */
 	char *buf;			/* the server's bytes, not yet lines */
 	size_t len;
 	char *list;			/* collected */
@@ -383,17 +393,69 @@ static void imap_take(struct probe *p, const char *caps, size_t n)
 	list_add(p, caps, n, ' ');
 }
 
-/* One line from the server (CRLF removed). Returns 1 when done. */
+static int wants_tls(const struct probe *p)
+{
+	return p->caps->srv[p->kind][p->side]->tls_mode == MS_TLS_STARTTLS &&
+		!p->tls;
+}
+
+static void on_probe_tls(struct ms_conn *conn, int status, const char *error)
+{
+	struct probe *p = ms_conn_ctx(conn);
+
+	if (status != 0) {
+		probe_end(p, error != NULL ? error : "STARTTLS failed");
+		return;
+	}
+	/* What the server lists over TLS is what clients will see. */
+	p->tls = 1;
+	p->ok = 0;
+	p->st = P_REPLY;
+	free(p->list);
+	p->list = NULL;
+	p->listlen = 0;
+	if (p->kind == MS_CAPS_IMAP)
+		ms_conn_printf(p->conn, "p CAPABILITY\r\n");
+	else if (p->kind == MS_CAPS_POP3)
+		ms_conn_printf(p->conn, "CAPA\r\n");
+	else
+		ms_conn_printf(p->conn, "EHLO %s\r\n", ms_host_name());
+}
+
+/* The server's answer to our STARTTLS / STLS: 1 when done (refused),
+ * PROBE_TLS_STARTED. */
+static int probe_starttls(struct probe *p, int ok)
+{
+	if (!ok || ms_conn_starttls(p->conn, on_probe_tls) < 0) {
+		probe_end(p, "STARTTLS refused");
+		return 1;
+	}
+	p->st = P_TLS;
+	return PROBE_TLS_STARTED;
+}
+
+/* One line from the server (CRLF removed). Returns 1 when done,
+ * PROBE_TLS_STARTED when the handshake began, else 0. */
 static int probe_line(struct probe *p, char *l)
 {
 	const char *q;
 
 	switch (p->kind) {
 	case MS_CAPS_IMAP:
+		if (p->st == P_STARTTLS) {
+			if (strncmp(l, "p ", 2) != 0)
+				return 0;
+			return probe_starttls(p, !strncasecmp(l, "p OK", 4));
+		}
 		if (p->st == P_GREETING) {
 			if (strncmp(l, "* OK", 4) != 0) {
 				probe_end(p, "no IMAP greeting");
 				return 1;
+			}
+			if (wants_tls(p)) {
+				ms_conn_printf(p->conn, "p STARTTLS\r\n");
+				p->st = P_STARTTLS;
+				return 0;
 			}
 			if ((q = strstr(l, "[CAPABILITY ")) != NULL &&
 			    strchr(q, ']') != NULL) {
@@ -415,10 +477,17 @@ static int probe_line(struct probe *p, char *l)
 		}
 		return 0;
 	case MS_CAPS_POP3:
+		if (p->st == P_STARTTLS)
+			return probe_starttls(p, !strncmp(l, "+OK", 3));
 		if (p->st == P_GREETING) {
 			if (strncmp(l, "+OK", 3) != 0) {
 				probe_end(p, "no POP3 greeting");
 				return 1;
+			}
+			if (wants_tls(p)) {
+				ms_conn_printf(p->conn, "STLS\r\n");
+				p->st = P_STARTTLS;
+				return 0;
 			}
 			ms_conn_printf(p->conn, "CAPA\r\n");
 			p->st = P_REPLY;
@@ -448,6 +517,9 @@ static int probe_line(struct probe *p, char *l)
 			probe_end(p, "not an SMTP reply");
 			return 1;
 		}
+		if (p->st == P_STARTTLS)
+			return l[3] == '-' ? 0 :
+				probe_starttls(p, !strncmp(l, "220", 3));
 		if (p->st == P_GREETING) {
 			if (strncmp(l, "220", 3) != 0) {
 				probe_end(p, "no SMTP greeting");
@@ -468,6 +540,12 @@ static int probe_line(struct probe *p, char *l)
 		if (p->ok)	/* after the domain line */
 			list_add(p, l + 4, strlen(l + 4), '\n');
 		p->ok = 1;
+		if (l[3] != '-' && wants_tls(p)) {
+			/* Listed in plaintext: asked again over TLS. */
+			ms_conn_printf(p->conn, "STARTTLS\r\n");
+			p->st = P_STARTTLS;
+			return 0;
+		}
 		if (l[3] != '-') {
 			ms_conn_printf(p->conn, "QUIT\r\n");
 			if (p->list == NULL)
@@ -498,8 +576,23 @@ static void on_probe_read(struct ms_conn *conn, const char *data, size_t len)
 		if (nl > l && nl[-1] == '\r')
 			nl[-1] = '\0';
 		off = (size_t)(nl - p->buf) + 1;
-		if (probe_line(p, l))
+		switch (probe_line(p, l)) {
+		case 0:
+			continue;
+		case PROBE_TLS_STARTED:
+			/* Not protected by TLS: an attacker on the path may
+			 * have put it there (capabilities we would
+			 * advertise). */
+			if (off < p->len) {
+				probe_end(p, "the server sent data after its "
+					  "STARTTLS go-ahead");
+				return;
+			}
+			p->len = 0;
 			return;
+		default:
+			return;
+		}
 	}
 	memmove(p->buf, p->buf + off, p->len - off);
 	p->len -= off;
@@ -548,8 +641,9 @@ static void probe_start(struct ms_caps *c, enum ms_caps_kind k, int side)
 	p->timer->data = p;
 	uv_timer_start(p->timer, on_probe_timeout, PROBE_TIMEOUT_MS, 0);
 	cb.ctx = p;
-	/* STARTTLS servers are asked before the upgrade: what they list
-	 * then is what matters (STARTTLS, AUTH= are the gateway's own). */
+	/* STARTTLS servers are asked after the upgrade, like clients that
+	 * will log in through us (STARTTLS and AUTH= are the gateway's own
+	 * anyway). */
 	r = ms_server_connect(c->loop, srv, &cb, &p->conn);
 	if (r < 0)
 		probe_end(p, uv_strerror(r));

@@ -21,6 +21,7 @@
 
 #include <openssl/evp.h>
 
+#include "config.h"
 #include "gateway.h"
 #include "log.h"
 #include "net.h"
@@ -34,6 +35,11 @@
 #define PRELOGIN_TIMEOUT_MS (180 * 1000)
 #define BACKEND_TIMEOUT_MS (30 * 1000)
 #define INPROGRESS_MS (10 * 1000)
+/* A pre-login client's output queue: above HIGH it is not read any more
+ * (it sends commands and does not read the answers) until it drops to
+ * LOW. */
+#define PRELOGIN_OUT_HIGH (64 * 1024)
+#define PRELOGIN_OUT_LOW (16 * 1024)
 #define USER_BUCKETS 1024
 
 enum sstate {
@@ -72,7 +78,7 @@ struct session {
 	unsigned int argc;
 	size_t lit_need;		/* literal bytes still to come */
 	unsigned int bad;
-	char tag[64];
+	char tag[256];
 
 	/* captured login (wiped when done with) */
 	char *user, *authz, *pass;
@@ -90,7 +96,8 @@ struct session {
 	int counted;			/* counted in gu->sessions */
 
 	struct guser *gu;
-	uv_timer_t *timer;
+	uv_timer_t timer;		/* one at a time; its close frees us */
+	int admitted;			/* counted by ms_gateway_admit() */
 	uint64_t held_since;
 	int c_paused, b_paused;		/* PAUSE_* bits */
 	char *penalty_reply;
@@ -128,6 +135,14 @@ struct guser {
 	struct ms_gateway *gw;
 };
 
+/* Client connections from one address (IMAP, POP3 and SMTP together). */
+#define ADDR_BUCKETS 1024
+struct addr_count {
+	struct addr_count *next;
+	unsigned int n;
+	char addr[64];
+};
+
 struct listener {
 	uv_tcp_t tcp;
 	struct ms_gateway *gw;
@@ -152,7 +167,15 @@ struct ms_gateway {
 	uint64_t sweep_next_ms;		/* rate: no new sweep start before */
 	uint64_t logins_ok, logins_failed;
 	uv_tcp_t *metrics;
+	unsigned int mclients;
+	struct mcount_ctx {
+		uint64_t states[5];
+		uint64_t msgs, bytes;
+	} mcache;			/* the users' counts ... */
+	uint64_t mcache_ms;		/* ... as of then (0: never) */
 	struct penalty *penalties;
+	struct addr_count *per_addr[ADDR_BUCKETS];	/* connections */
+	unsigned int nconns;
 	struct ms_caps *caps;		/* advertised before login */
 	/* The config file's policies; cfg's are these with the overrides
 	 * set at run time (kept in the store) applied. */
@@ -171,6 +194,9 @@ static void user_copy_start(struct ms_gateway *gw, struct guser *gu);
 static void login_failed(struct session *s, const char *reply);
 static void cutover_begin(struct ms_gateway *gw, struct guser *gu);
 static void uidl_relay_free(struct session *s);
+static int login_accepted(struct session *s);
+static const char *login_name(const struct session *s);
+static int prelogin_reading(const struct session *s);
 
 /* ---- small helpers ---- */
 
@@ -262,21 +288,33 @@ static enum ms_policy user_policy(struct ms_gateway *gw,
 	return gw->cfg.policy;
 }
 
-static int user_state(struct ms_gateway *gw, const char *name,
-		      struct ms_user_info *info)
+/* The user's row, or what an unknown user would get (on the source, the
+ * default policy): nothing is written. */
+static int user_lookup(struct ms_gateway *gw, const char *name,
+		       struct ms_user_info *info)
 {
 	int found = 0;
-	int64_t id;
 
 	if (ms_store_user_info(gw->store, name, info, &found) < 0)
 		return -1;
-	if (found)
-		return 0;
-	/* Unknown users start on the source. */
-	if (ms_store_user_get(gw->store, name, &id) < 0 ||
-	    ms_store_user_info(gw->store, name, info, &found) < 0 || !found)
-		return -1;
+	if (!found) {
+		memset(info, 0, sizeof(*info));
+		snprintf(info->name, sizeof(info->name), "%s", name);
+		snprintf(info->state, sizeof(info->state), "source");
+	}
 	return 0;
+}
+
+/* The user's row, added when the user is unknown (on the source). Only
+ * for users a server accepted, or the operator named. */
+static int user_state(struct ms_gateway *gw, const char *name,
+		      struct ms_user_info *info)
+{
+	int64_t id;
+
+	if (ms_store_user_get(gw->store, name, &id) < 0)
+		return -1;
+	return user_lookup(gw, name, info);
 }
 
 static void set_state(struct ms_gateway *gw, const char *name,
@@ -301,22 +339,13 @@ static void on_timer_close(uv_handle_t *h)
 
 static void timer_stop(struct session *s)
 {
-	if (s->timer != NULL) {
-		uv_close((uv_handle_t *)s->timer, on_timer_close);
-		s->timer = NULL;
-	}
+	uv_timer_stop(&s->timer);
 }
 
 static void timer_start(struct session *s, uv_timer_cb cb, uint64_t ms,
 			uint64_t repeat)
 {
-	timer_stop(s);
-	s->timer = malloc(sizeof(*s->timer));
-	if (s->timer == NULL)
-		return;
-	uv_timer_init(s->gw->loop, s->timer);
-	s->timer->data = s;
-	uv_timer_start(s->timer, cb, ms, repeat);
+	uv_timer_start(&s->timer, cb, ms, repeat);
 }
 
 static void on_idle_timeout(uv_timer_t *t)
@@ -348,6 +377,33 @@ static void session_uncount(struct session *s)
 	}
 }
 
+/* Pre-login input holds passwords: wiped before it is let go. */
+static void inbuf_free(struct session *s)
+{
+	if (s->in != NULL)
+		OPENSSL_cleanse(s->in, INBUF_MAX);
+	free(s->in);
+	s->in = NULL;
+	s->inlen = 0;
+}
+
+static void bin_free(struct session *s)
+{
+	if (s->bin != NULL)
+		OPENSSL_cleanse(s->bin, INBUF_MAX + 1);
+	free(s->bin);
+	s->bin = NULL;
+	s->binlen = 0;
+}
+
+static void on_session_free(uv_handle_t *h)
+{
+	free(h->data);
+}
+
+/* Ends the session. Its memory goes when the timer's handle is closed, on
+ * a later turn of the loop, so that a caller up the stack (a command loop
+ * that just ran LOGOUT) may still look at s->st, which is SS_CLOSING. */
 static void session_close(struct session *s)
 {
 	struct ms_gateway *gw = s->gw;
@@ -355,15 +411,12 @@ static void session_close(struct session *s)
 	if (s->st == SS_CLOSING)
 		return;
 	s->st = SS_CLOSING;
-	timer_stop(s);
 	ms_conn_close(&s->b);
 	ms_conn_close(&s->c);
 	clear_args(s);
 	wipe_login(s);
-	free(s->in);
-	s->in = NULL;
-	free(s->bin);
-	s->bin = NULL;
+	inbuf_free(s);
+	bin_free(s);
 	free(s->penalty_reply);
 	s->penalty_reply = NULL;
 	uidl_relay_free(s);
@@ -373,8 +426,12 @@ static void session_close(struct session *s)
 		gw->sessions = s->next;
 	if (s->next != NULL)
 		s->next->prev = s->prev;
+	s->next = s->prev = NULL;
 	session_uncount(s);
-	free(s);
+	if (s->admitted)
+		ms_gateway_unadmit(gw, s->peer);
+	s->admitted = 0;
+	uv_close((uv_handle_t *)&s->timer, on_session_free);
 }
 
 /* ---- relay ---- */
@@ -401,8 +458,7 @@ static void pause_clear(struct ms_conn *conn, int *paused, int why)
 static void relay_pressure(struct ms_conn *to, struct ms_conn *from,
 			   int *paused)
 {
-	if (!(*paused & PAUSE_WRITE) &&
-	    ms_conn_write_pending(to) >= MS_CONN_HIGH_WATER)
+	if (!(*paused & PAUSE_WRITE) && ms_conn_over_high(to))
 		pause_set(from, paused, PAUSE_WRITE);
 }
 
@@ -416,11 +472,19 @@ static void relay_to(struct session *s, struct ms_conn *to, struct ms_conn *from
 	relay_pressure(to, from, paused);
 }
 
+static void prelogin_process(struct session *s);
+
 static void on_client_drain(struct ms_conn *conn)
 {
 	struct session *s = ms_conn_ctx(conn);
 
 	pause_clear(s->b, &s->b_paused, PAUSE_WRITE);
+	if (s->st != SS_RELAY && (s->c_paused & PAUSE_WRITE)) {
+		/* A pre-login client read its answers: on with its
+		 * commands. */
+		pause_clear(s->c, &s->c_paused, PAUSE_WRITE);
+		prelogin_process(s);
+	}
 }
 
 static void on_backend_drain(struct ms_conn *conn)
@@ -468,9 +532,9 @@ static const char *uidl_relay_start(struct session *s)
 	struct ms_folder_state fs;
 	int found = 0;
 
-	if (s->proto != MS_GW_POP3 || !s->to_dst || s->gu == NULL)
+	if (s->proto != MS_GW_POP3 || !s->to_dst)
 		return NULL;
-	if (ms_store_user_info(gw->store, s->gu->name, &info, &found) < 0 ||
+	if (ms_store_user_info(gw->store, login_name(s), &info, &found) < 0 ||
 	    (found && ms_store_folder_find_dst(gw->store, info.id, "INBOX",
 					       &fs, &found) < 0))
 		return ms_store_error(gw->store);
@@ -541,10 +605,13 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 {
 	timer_stop(s);
 	s->st = SS_RELAY;
+	pause_clear(s->c, &s->c_paused, PAUSE_WRITE);
 	wipe_login(s);
-	free(s->bin);
-	s->bin = NULL;
-	s->binlen = 0;
+	bin_free(s);
+	/* The login is over: the usual backpressure, no more wiping. */
+	ms_conn_set_water(s->c, 0, 0);
+	ms_conn_set_wipe(s->c, 0);
+	ms_conn_set_wipe(s->b, 0);
 	/* What the server sent after its login reply. */
 	if (restlen > 0 && s->ur != NULL) {
 		if (uidl_relay_server(s, rest, restlen) < 0) {
@@ -560,9 +627,7 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 			uidl_relay_client(s, s->in, s->inlen);
 		ms_conn_write(s->b, s->in, s->inlen);
 	}
-	free(s->in);
-	s->in = NULL;
-	s->inlen = 0;
+	inbuf_free(s);
 }
 
 /* ---- backend login ---- */
@@ -574,9 +639,7 @@ static void backend_fail(struct session *s, const char *why)
 	timer_stop(s);
 	ms_conn_close(&s->b);
 	session_uncount(s);
-	free(s->bin);
-	s->bin = NULL;
-	s->binlen = 0;
+	bin_free(s);
 	if (s->proto == MS_GW_IMAP)
 		out(s, "%s NO [UNAVAILABLE] Mail server temporarily "
 		    "unavailable, try again later.\r\n", s->tag);
@@ -652,8 +715,12 @@ static void on_backend_tls(struct ms_conn *conn, int status, const char *error)
 	backend_send_login(s);
 }
 
-/* One line from the server during login. Returns 1 when the session left
- * the login phase (rest of the input belongs to the relay). */
+/* One line from the server during login. Returns 0 to go on reading,
+ * 1 when the session left the login phase (failed), 2 when the login was
+ * accepted (the rest of the input belongs to the relay), -1 when a hold's
+ * password check succeeded, TLS_STARTED when the STARTTLS handshake
+ * began: nothing may follow the go-ahead in plaintext. */
+#define TLS_STARTED 3
 static int backend_line(struct session *s, char *line, size_t len)
 {
 	while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
@@ -685,7 +752,7 @@ static int backend_line(struct session *s, char *line, size_t len)
 				backend_fail(s, "STLS refused");
 				return 1;
 			}
-			return 0;
+			return TLS_STARTED;
 		default:
 			break;
 		}
@@ -735,7 +802,7 @@ static int backend_line(struct session *s, char *line, size_t len)
 			backend_fail(s, "STARTTLS refused by the server");
 			return 1;
 		}
-		return 0;
+		return TLS_STARTED;
 	}
 	if (s->bst == B_LOGIN_CONT && line[0] == '+') {
 		char *b64 = session_sasl(s);
@@ -828,10 +895,7 @@ static void on_penalty_over(uv_timer_t *t)
 	s->st = SS_PRELOGIN;
 	timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
 	/* Commands the client sent meanwhile. */
-	if (s->proto == MS_GW_IMAP)
-		imap_process(s);
-	else
-		pop3_process(s);
+	prelogin_process(s);
 }
 
 /* The server refused the login: its reply goes to the client (who may try
@@ -887,24 +951,18 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 		s->bin[s->binlen] = '\0';
 		s->binlen = 0;
 		r = backend_line(s, s->bin, strlen(s->bin));
+		if (r == TLS_STARTED) {
+			/* Whatever came with the go-ahead was not protected
+			 * by TLS: an attacker on the path may have put it
+			 * there (a forged login reply). */
+			if (len > 0)
+				backend_fail(s, "the server sent data after "
+					     "its STARTTLS go-ahead");
+			return;
+		}
 		if (r == 2) {
-			if (s->to_dst == 0 && s->gu != NULL) {
-				/* First login of a passthrough user: the
-				 * password is good; start the copy. */
-				struct ms_user_info info;
-
-				if (user_state(s->gw, s->gu->name, &info) == 0 &&
-				    (!strcmp(info.state, "source") ||
-				     !strcmp(info.state, "copying")) &&
-				    user_policy(s->gw, &info) ==
-				    MS_POLICY_PASSTHROUGH &&
-				    s->gw->cfg.src_imap.host[0] != '\0' &&
-				    s->gw->cfg.dst_imap.host[0] != '\0') {
-					ms_secret_free(&s->gu->pw);
-					s->gu->pw = strdup(s->pass);
-					user_copy_start(s->gw, s->gu);
-				}
-			}
+			if (login_accepted(s) < 0)
+				return;
 			s->gw->logins_ok++;
 			penalty_ms(s->gw, s->peer, 0);
 			enter_relay(s, data, len);
@@ -913,10 +971,9 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 		if (r == -1) {
 			/* hold: the password is good; wait for the copy. */
 			ms_conn_close(&s->b);
+			if (login_accepted(s) < 0)
+				return;
 			session_uncount(s);
-			ms_secret_free(&s->gu->pw);
-			s->gu->pw = strdup(s->pass);
-			user_copy_start(s->gw, s->gu);
 			s->st = SS_HELD;
 			s->held_since = uv_now(s->gw->loop);
 			timer_start(s, held_tick, INPROGRESS_MS, INPROGRESS_MS);
@@ -991,6 +1048,8 @@ static void backend_connect(struct session *s, int to_dst, int verify_only)
 	timer_start(s, on_backend_timeout, BACKEND_TIMEOUT_MS, 0);
 	if (ms_server_connect(gw->loop, srv, &cb, &s->b) < 0)
 		backend_fail(s, "cannot connect");
+	else
+		ms_conn_set_wipe(s->b, 1);	/* the login goes this way */
 }
 
 /* ---- routing and a user's life ---- */
@@ -999,7 +1058,10 @@ static void held_release(struct ms_gateway *gw, struct guser *gu)
 {
 	for (struct session *s = gw->sessions, *next; s != NULL; s = next) {
 		next = s->next;
-		if (s->st == SS_HELD && s->gu == gu)
+		/* A session without gu: held for a user found in cutover in
+		 * the store, whose password no server has checked yet. */
+		if (s->st == SS_HELD && (s->gu == gu || (s->gu == NULL &&
+		    !strcmp(login_name(s), gu->name))))
 			route(s);
 	}
 }
@@ -1146,7 +1208,7 @@ static void held_tick(uv_timer_t *t)
 
 		/* Too long: a user being copied goes on to the source (the
 		 * copy goes on); one in cutover gets a temporary failure. */
-		if (user_state(s->gw, s->gu->name, &info) == 0 &&
+		if (user_lookup(s->gw, login_name(s), &info) == 0 &&
 		    strcmp(info.state, "cutover") != 0) {
 			timer_stop(s);
 			s->st = SS_PRELOGIN;
@@ -1170,14 +1232,24 @@ static void held_tick(uv_timer_t *t)
 		    "please wait.\r\n", s->tag);
 }
 
-/* Decides where a logged-in user's session goes, now. */
+/* The name a login is for: the authorization identity when one is given,
+ * else the login name. */
+static const char *login_name(const struct session *s)
+{
+	return s->authz != NULL && s->authz[0] != '\0' ? s->authz : s->user;
+}
+
+/* Decides where a logging-in user's session goes, now. Nothing is kept
+ * for a user no server has accepted a password of yet: s->gu is NULL for
+ * them (unknown to us, or known from the store only). */
 static void route(struct session *s)
 {
 	struct ms_gateway *gw = s->gw;
+	struct guser *gu = s->gu;
 	struct ms_user_info info;
 	enum ms_policy pol;
 
-	if (user_state(gw, s->gu->name, &info) < 0) {
+	if (user_lookup(gw, login_name(s), &info) < 0) {
 		backend_fail(s, ms_store_error(gw->store));
 		return;
 	}
@@ -1186,7 +1258,7 @@ static void route(struct session *s)
 		backend_connect(s, 1, 0);
 		return;
 	}
-	if (!strcmp(info.state, "cutover") || s->gu->cutover) {
+	if (!strcmp(info.state, "cutover") || (gu != NULL && gu->cutover)) {
 		if (s->st != SS_HELD) {
 			s->st = SS_HELD;
 			s->held_since = uv_now(gw->loop);
@@ -1201,13 +1273,13 @@ static void route(struct session *s)
 		return;
 	}
 	if (!strcmp(info.state, "source") && pol == MS_POLICY_HOLD &&
-	    gw->mover != NULL && !s->gu->copying) {
+	    gw->mover != NULL && (gu == NULL || !gu->copying)) {
 		/* Check the password at the source, then hold. */
 		backend_connect(s, 0, 1);
 		return;
 	}
-	if (s->gu->copying && pol == MS_POLICY_HOLD &&
-	    !strcmp(info.state, "copying") && s->gu->sessions == 0) {
+	if (gu != NULL && gu->copying && pol == MS_POLICY_HOLD &&
+	    !strcmp(info.state, "copying") && gu->sessions == 0) {
 		s->st = SS_HELD;
 		s->held_since = uv_now(gw->loop);
 		timer_start(s, held_tick, INPROGRESS_MS, INPROGRESS_MS);
@@ -1216,28 +1288,97 @@ static void route(struct session *s)
 	backend_connect(s, 0, 0);
 }
 
+/* The server accepted the user's password: from now on the user exists
+ * for us (a row in the store, per-user state in memory). A passthrough
+ * user's first login, or a hold's password check (s->verify_only),
+ * starts the copy with the captured password. -1 when the session
+ * failed instead. */
+static int login_accepted(struct session *s)
+{
+	struct ms_gateway *gw = s->gw;
+	const char *name = login_name(s);
+	struct ms_user_info info;
+	struct guser *gu;
+
+	if (user_state(gw, name, &info) < 0) {
+		backend_fail(s, ms_store_error(gw->store));
+		return -1;
+	}
+	if (s->gu == NULL && (s->gu = user_get(gw, name)) == NULL) {
+		backend_fail(s, "out of memory");
+		return -1;
+	}
+	gu = s->gu;
+	if (!s->counted) {
+		gu->sessions++;
+		s->counted = 1;
+		if (!s->to_dst && !s->verify_only)
+			gu->touched = 1;
+	}
+	if (!s->verify_only &&
+	    (s->to_dst || (strcmp(info.state, "source") != 0 &&
+			   strcmp(info.state, "copying") != 0) ||
+	     user_policy(gw, &info) != MS_POLICY_PASSTHROUGH ||
+	     gw->cfg.src_imap.host[0] == '\0' ||
+	     gw->cfg.dst_imap.host[0] == '\0'))
+		return 0;
+	ms_secret_free(&gu->pw);
+	gu->pw = strdup(s->pass);
+	user_copy_start(gw, gu);
+	return 0;
+}
+
+/* A clear error for a login we refuse to pass on. */
+static void login_refuse(struct session *s, const char *imap_code,
+			 const char *pop3_code, const char *text)
+{
+	if (s->proto == MS_GW_IMAP)
+		out(s, "%s NO [%s] %s\r\n", s->tag, imap_code, text);
+	else
+		out(s, "-ERR [%s] %s\r\n", pop3_code, text);
+	wipe_login(s);
+}
+
+/* Plaintext passwords over a connection that is not TLS, from a client
+ * outside the trusted networks: refused (RFC 3501 LOGINDISABLED, as
+ * Dovecot's disable_plaintext_auth). 1 when refused (answered). */
+static int plaintext_refused(struct session *s)
+{
+	if (s->tls || ms_gateway_plaintext_ok(s->gw, s->peer))
+		return 0;
+	login_refuse(s, "PRIVACYREQUIRED", "AUTH", "Plaintext authentication "
+		     "disallowed on non-secure (SSL/TLS) connections.");
+	return 1;
+}
+
 static void login_start(struct session *s)
 {
-	const char *name = s->authz != NULL && s->authz[0] != '\0' ?
-		s->authz : s->user;
+	const char *name;
+
+	if (plaintext_refused(s))
+		return;
 
 	if (s->user == NULL || s->pass == NULL || s->user[0] == '\0') {
-		if (s->proto == MS_GW_IMAP)
-			out(s, "%s NO [AUTHENTICATIONFAILED] Authentication "
-			    "failed.\r\n", s->tag);
-		else
-			out(s, "-ERR [AUTH] Authentication failed.\r\n");
-		wipe_login(s);
+		login_refuse(s, "AUTHENTICATIONFAILED", "AUTH",
+			     "Authentication failed.");
 		return;
 	}
-	if (s->gu == NULL || strcmp(s->gu->name, name) != 0) {
-		session_uncount(s);
-		s->gu = user_get(s->gw, name);
-		if (s->gu == NULL) {
-			backend_fail(s, "out of memory");
-			return;
-		}
+	name = login_name(s);
+	if (strlen(s->user) > MS_GW_USER_MAX || strlen(name) > MS_GW_USER_MAX) {
+		ms_info("session %llu: refused a user name of %zu bytes",
+			(unsigned long long)s->id, strlen(s->user) > strlen(name) ?
+			strlen(s->user) : strlen(name));
+		login_refuse(s, "CANNOT", "AUTH", "User name too long (at most "
+			     MS_STR(MS_GW_USER_MAX) " bytes).");
+		return;
 	}
+	/* Another user than this session's last login: its count goes. */
+	if (s->gu != NULL && strcmp(s->gu->name, name) != 0) {
+		session_uncount(s);
+		s->gu = NULL;
+	}
+	if (s->gu == NULL)
+		s->gu = user_find(s->gw, name);
 	timer_stop(s);
 	route(s);
 }
@@ -1258,12 +1399,18 @@ static int sasl_plain_take(struct session *s, const char *b64)
 	return 0;
 }
 
-static void imap_capability(struct session *s)
+/* The capabilities before login: the servers' common ones, then ours. */
+static void imap_capability(struct session *s, const char *fmt)
 {
 	int starttls = s->gw->tls != NULL && !s->tls;
+	char caps[4096];
 
-	out(s, "* CAPABILITY %s%s AUTH=PLAIN AUTH=LOGIN\r\n",
-	    ms_caps_get(s->gw->caps, MS_CAPS_IMAP), starttls ? " STARTTLS" : "");
+	snprintf(caps, sizeof(caps), "%s%s%s",
+		 ms_caps_get(s->gw->caps, MS_CAPS_IMAP),
+		 starttls ? " STARTTLS" : "",
+		 s->tls || ms_gateway_plaintext_ok(s->gw, s->peer) ?
+		 " AUTH=PLAIN AUTH=LOGIN" : " LOGINDISABLED");
+	out(s, fmt, caps);
 }
 
 static void on_client_tls(struct ms_conn *conn, int status, const char *error)
@@ -1294,6 +1441,11 @@ static void imap_command(struct session *s)
 	if (s->argc == 0)
 		return;
 	tag = s->argv[0];
+	if (strlen(tag) >= sizeof(s->tag)) {
+		/* Answered with a cut tag, the client would wait forever. */
+		imap_bad(s, "*", "Tag too long.");
+		return;
+	}
 	snprintf(s->tag, sizeof(s->tag), "%s", tag);
 	if (s->argc < 2) {
 		imap_bad(s, "*", "Error in IMAP command received by server.");
@@ -1301,7 +1453,7 @@ static void imap_command(struct session *s)
 	}
 	cmd = s->argv[1];
 	if (!strcasecmp(cmd, "CAPABILITY")) {
-		imap_capability(s);
+		imap_capability(s, "* CAPABILITY %s\r\n");
 		out(s, "%s OK Pre-login capabilities listed.\r\n", tag);
 	} else if (!strcasecmp(cmd, "NOOP")) {
 		out(s, "%s OK NOOP completed.\r\n", tag);
@@ -1337,6 +1489,8 @@ static void imap_command(struct session *s)
 			imap_bad(s, tag, "Invalid arguments.");
 			return;
 		}
+		if (plaintext_refused(s))
+			return;
 		if (!strcasecmp(s->argv[2], "PLAIN")) {
 			if (s->argc == 4) {
 				if (sasl_plain_take(s, s->argv[3]) < 0) {
@@ -1384,6 +1538,16 @@ static void imap_auth_line(struct session *s, char *line)
 	if (ms_b64_decode(line, &raw, &len) < 0) {
 		s->st = SS_PRELOGIN;
 		imap_bad(s, s->tag, "Invalid base64 data.");
+		return;
+	}
+	if (memchr(raw, '\0', len) != NULL) {
+		/* The name or password would end early: refused, never
+		 * cut. */
+		OPENSSL_cleanse(raw, len);
+		free(raw);
+		wipe_login(s);
+		s->st = SS_PRELOGIN;
+		imap_bad(s, s->tag, "Invalid characters in the login.");
 		return;
 	}
 	if (s->st == SS_AUTH_USER) {
@@ -1452,8 +1616,7 @@ static int imap_tokenize(struct session *s, const char *p)
 
 static void imap_process(struct session *s)
 {
-	while (s->inlen > 0 && (s->st == SS_PRELOGIN || s->st == SS_AUTH_PLAIN ||
-				s->st == SS_AUTH_USER || s->st == SS_AUTH_PASS)) {
+	while (s->inlen > 0 && prelogin_reading(s) && !ms_conn_over_high(s->c)) {
 		char *lf, *line;
 		size_t linelen;
 		int r;
@@ -1510,10 +1673,11 @@ static void imap_process(struct session *s)
 		memmove(s->in, lf + 1, s->inlen - linelen - 1);
 		s->inlen -= linelen + 1;
 		if (r < 0) {
-			char tag[64];
+			char tag[sizeof(s->tag)];
 
-			snprintf(tag, sizeof(tag), "%s",
-				 s->argc > 0 ? s->argv[0] : "*");
+			snprintf(tag, sizeof(tag), "%s", s->argc > 0 &&
+				 strlen(s->argv[0]) < sizeof(tag) ?
+				 s->argv[0] : "*");
 			clear_args(s);
 			imap_bad(s, tag, "Error in IMAP command received by "
 				 "server.");
@@ -1532,6 +1696,28 @@ static void imap_process(struct session *s)
 
 /* ---- POP3 before login ---- */
 
+/* CAPA: the servers' common capabilities; USER and SASL PLAIN only where
+ * a plaintext password is welcome. */
+static void pop3_capa(struct session *s)
+{
+	const char *caps = ms_caps_get(s->gw->caps, MS_CAPS_POP3);
+	int auth = s->tls || ms_gateway_plaintext_ok(s->gw, s->peer);
+
+	out(s, "+OK\r\n");
+	while (*caps != '\0') {
+		const char *eol = strstr(caps, "\r\n");
+		size_t n = eol != NULL ? (size_t)(eol - caps) : strlen(caps);
+
+		if (auth || !((n == 4 && !strncasecmp(caps, "USER", 4)) ||
+			      (n >= 5 && !strncasecmp(caps, "SASL ", 5))))
+			out(s, "%.*s\r\n", (int)n, caps);
+		caps += n;
+		if (eol != NULL)
+			caps += 2;
+	}
+	out(s, "%s.\r\n", s->gw->tls != NULL && !s->tls ? "STLS\r\n" : "");
+}
+
 static void pop3_command(struct session *s, char *line)
 {
 	char *arg = strchr(line, ' ');
@@ -1539,9 +1725,7 @@ static void pop3_command(struct session *s, char *line)
 	if (arg != NULL)
 		*arg++ = '\0';
 	if (!strcasecmp(line, "CAPA")) {
-		out(s, "+OK\r\n%s%s.\r\n",
-		    ms_caps_get(s->gw->caps, MS_CAPS_POP3),
-		    s->gw->tls != NULL && !s->tls ? "STLS\r\n" : "");
+		pop3_capa(s);
 	} else if (!strcasecmp(line, "NOOP")) {
 		out(s, "+OK\r\n");
 	} else if (!strcasecmp(line, "QUIT")) {
@@ -1558,6 +1742,8 @@ static void pop3_command(struct session *s, char *line)
 		if (ms_conn_starttls_server(s->c, s->gw->tls, on_client_tls) < 0)
 			session_close(s);
 	} else if (!strcasecmp(line, "USER") && arg != NULL) {
+		if (plaintext_refused(s))
+			return;
 		wipe_login(s);
 		s->user = strdup(arg);
 		out(s, "+OK\r\n");
@@ -1573,6 +1759,8 @@ static void pop3_command(struct session *s, char *line)
 			out(s, "-ERR Unsupported authentication mechanism.\r\n");
 			return;
 		}
+		if (plaintext_refused(s))
+			return;
 		if (ir == NULL) {
 			s->st = SS_AUTH_PLAIN;
 			out(s, "+ \r\n");
@@ -1592,7 +1780,8 @@ static void pop3_command(struct session *s, char *line)
 
 static void pop3_process(struct session *s)
 {
-	while (s->inlen > 0 && (s->st == SS_PRELOGIN || s->st == SS_AUTH_PLAIN)) {
+	while (s->inlen > 0 && (s->st == SS_PRELOGIN || s->st == SS_AUTH_PLAIN) &&
+	       !ms_conn_over_high(s->c)) {
 		char line[INBUF_MAX];
 		char *lf = memchr(s->in, '\n', s->inlen);
 		size_t linelen;
@@ -1626,6 +1815,26 @@ static void pop3_process(struct session *s)
 
 /* ---- client connection ---- */
 
+static int prelogin_reading(const struct session *s)
+{
+	return s->st == SS_PRELOGIN || s->st == SS_AUTH_PLAIN ||
+		s->st == SS_AUTH_USER || s->st == SS_AUTH_PASS;
+}
+
+/* The commands buffered so far, while the client reads our answers: one
+ * that does not is not read any more (until on_client_drain). */
+static void prelogin_process(struct session *s)
+{
+	if (!prelogin_reading(s))
+		return;
+	if (s->proto == MS_GW_IMAP)
+		imap_process(s);
+	else
+		pop3_process(s);
+	if (prelogin_reading(s) && ms_conn_over_high(s->c))
+		pause_set(s->c, &s->c_paused, PAUSE_WRITE);
+}
+
 static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 {
 	struct session *s = ms_conn_ctx(conn);
@@ -1651,13 +1860,9 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 	}
 	memcpy(s->in + s->inlen, data, len);
 	s->inlen += len;
-	if (s->st == SS_PRELOGIN || s->st == SS_AUTH_PLAIN ||
-	    s->st == SS_AUTH_USER || s->st == SS_AUTH_PASS) {
+	if (prelogin_reading(s)) {
 		timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
-		if (s->proto == MS_GW_IMAP)
-			imap_process(s);
-		else
-			pop3_process(s);
+		prelogin_process(s);
 	}
 }
 
@@ -1678,9 +1883,7 @@ static void on_client_connect(struct ms_conn *conn, int status,
 	ms_conn_peer_addr(conn, s->peer, sizeof(s->peer), &s->peer_port);
 	ms_conn_local_addr(conn, s->local, sizeof(s->local), &s->local_port);
 	if (s->proto == MS_GW_IMAP) {
-		out(s, "* OK [CAPABILITY %s%s AUTH=PLAIN AUTH=LOGIN] mailshift "
-		    "ready.\r\n", ms_caps_get(s->gw->caps, MS_CAPS_IMAP),
-		    s->gw->tls != NULL && !s->tls ? " STARTTLS" : "");
+		imap_capability(s, "* OK [CAPABILITY %s] mailshift ready.\r\n");
 	} else {
 		out(s, "+OK mailshift ready.\r\n");
 	}
@@ -1698,6 +1901,7 @@ static void on_connection(uv_stream_t *server, int status)
 		.on_error = on_client_error,
 		.on_drain = on_client_drain,
 	};
+	const char *why;
 	struct session *s;
 
 	if (status < 0)
@@ -1707,8 +1911,10 @@ static void on_connection(uv_stream_t *server, int status)
 		return;
 	}
 	s = calloc(1, sizeof(*s));
-	if (s == NULL)
+	if (s == NULL) {
+		ms_drop_connection(server);
 		return;
+	}
 	s->gw = gw;
 	s->id = ++gw->next_id;
 	s->proto = l->cfg.proto;
@@ -1721,10 +1927,188 @@ static void on_connection(uv_stream_t *server, int status)
 		free(s);
 		return;
 	}
+	ms_conn_peer_addr(s->c, s->peer, sizeof(s->peer), &s->peer_port);
+	if (ms_gateway_admit(gw, s->peer, &why) < 0) {
+		/* Said in plaintext only: a TLS client is just closed. */
+		if (!l->cfg.implicit_tls)
+			ms_conn_printf(s->c, s->proto == MS_GW_IMAP ?
+				       "* BYE %s\r\n" : "-ERR [SYS/TEMP] %s\r\n",
+				       why);
+		ms_conn_close(&s->c);
+		free(s);
+		return;
+	}
+	s->admitted = 1;
+	/* Until the login is over: small output queue (a client that sends
+	 * and never reads stops being read), secrets wiped. */
+	ms_conn_set_water(s->c, PRELOGIN_OUT_HIGH, PRELOGIN_OUT_LOW);
+	ms_conn_set_wipe(s->c, 1);
+	uv_timer_init(gw->loop, &s->timer);
+	s->timer.data = s;
+	/* From the start: a TLS handshake that never ends is timed out. */
+	timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
 	s->next = gw->sessions;
 	if (s->next != NULL)
 		s->next->prev = s;
 	gw->sessions = s;
+}
+
+/* ---- limits and defaults before login ---- */
+
+static int addr_trusted(struct ms_gateway *gw, const char *addr);
+
+static unsigned int str_hash(const char *p)
+{
+	unsigned int h = 5381;
+
+	while (*p != '\0')
+		h = h * 33 + (unsigned char)*p++;
+	return h;
+}
+
+int ms_gateway_admit(struct ms_gateway *gw, const char *addr,
+		     const char **why_r)
+{
+	unsigned int max = gw->cfg.max_conns ? gw->cfg.max_conns :
+		MS_GW_MAX_CONNS;
+	unsigned int per = gw->cfg.max_conns_per_ip ? gw->cfg.max_conns_per_ip :
+		MS_GW_MAX_CONNS_PER_IP;
+	struct addr_count **head = &gw->per_addr[str_hash(addr) % ADDR_BUCKETS];
+	struct addr_count *a;
+
+	if (gw->nconns >= max) {
+		*why_r = "Too many connections, try again later.";
+		ms_warn("connection from %s refused: %u connections (the "
+			"[listen] max_connections)", addr, gw->nconns);
+		return -1;
+	}
+	for (a = *head; a != NULL; a = a->next)
+		if (strcmp(a->addr, addr) == 0)
+			break;
+	/* The trusted networks (a webmail, the site's own relays) are
+	 * many users behind one address: only the overall limit. */
+	if (a != NULL && a->n >= per && !addr_trusted(gw, addr)) {
+		*why_r = "Too many connections from your address.";
+		ms_warn("connection from %s refused: %u from that address (the "
+			"[listen] max_connections_per_ip)", addr, a->n);
+		return -1;
+	}
+	if (a == NULL) {
+		a = calloc(1, sizeof(*a));
+		if (a == NULL) {
+			*why_r = "Out of memory, try again later.";
+			return -1;
+		}
+		snprintf(a->addr, sizeof(a->addr), "%s", addr);
+		a->next = *head;
+		*head = a;
+	}
+	a->n++;
+	gw->nconns++;
+	return 0;
+}
+
+void ms_gateway_unadmit(struct ms_gateway *gw, const char *addr)
+{
+	struct addr_count **pp = &gw->per_addr[str_hash(addr) % ADDR_BUCKETS];
+
+	for (; *pp != NULL; pp = &(*pp)->next) {
+		struct addr_count *a = *pp;
+
+		if (strcmp(a->addr, addr) != 0)
+			continue;
+		gw->nconns--;
+		if (--a->n == 0) {
+			*pp = a->next;
+			free(a);
+		}
+		return;
+	}
+}
+
+static int addr_trusted(struct ms_gateway *gw, const char *addr)
+{
+	static struct ms_cidr loopback[2];
+	const struct ms_cidr *t = gw->cfg.trusted;
+	unsigned int n = gw->cfg.ntrusted;
+
+	if (!gw->cfg.trusted_set) {
+		if (loopback[0].family == 0) {
+			ms_cidr_parse("127.0.0.0/8", &loopback[0]);
+			ms_cidr_parse("::1", &loopback[1]);
+		}
+		t = loopback;
+		n = 2;
+	}
+	for (unsigned int i = 0; i < n; i++)
+		if (ms_cidr_match(&t[i], addr))
+			return 1;
+	return 0;
+}
+
+int ms_gateway_plaintext_ok(struct ms_gateway *gw, const char *addr)
+{
+	return gw->cfg.plaintext_auth || addr_trusted(gw, addr);
+}
+
+static int parse_count(const char *key, const char *value, unsigned int max,
+		       unsigned int *out, char *err, size_t errsz)
+{
+	char *end;
+	unsigned long v;
+
+	if (*value < '0' || *value > '9' ||
+	    (v = strtoul(value, &end, 10), *end != '\0') || v == 0 || v > max) {
+		snprintf(err, errsz, "%s: a number from 1 to %u", key, max);
+		return -1;
+	}
+	*out = (unsigned int)v;
+	return 0;
+}
+
+int ms_gw_listen_key(struct ms_gw_config *cfg, const char *key,
+		     const char *value, char *err, size_t errsz)
+{
+	if (!strcmp(key, "max_connections"))
+		return parse_count(key, value, 1000000, &cfg->max_conns, err,
+				   errsz);
+	if (!strcmp(key, "max_connections_per_ip"))
+		return parse_count(key, value, 1000000, &cfg->max_conns_per_ip,
+				   err, errsz);
+	if (!strcmp(key, "plaintext_auth")) {
+		if ((cfg->plaintext_auth = ms_parse_bool(value)) < 0) {
+			snprintf(err, errsz, "plaintext_auth: yes or no");
+			return -1;
+		}
+		return 0;
+	}
+	if (!strcmp(key, "trusted_networks")) {
+		char buf[2048], *save = NULL;
+
+		if (strlen(value) >= sizeof(buf)) {
+			snprintf(err, errsz, "trusted_networks: too long");
+			return -1;
+		}
+		snprintf(buf, sizeof(buf), "%s", value);
+		cfg->ntrusted = 0;
+		cfg->trusted_set = 1;
+		for (char *w = strtok_r(buf, " ,\t", &save); w != NULL;
+		     w = strtok_r(NULL, " ,\t", &save)) {
+			if (cfg->ntrusted == MS_GW_MAX_TRUSTED) {
+				snprintf(err, errsz, "trusted_networks: at "
+					 "most %d", MS_GW_MAX_TRUSTED);
+				return -1;
+			}
+			if (ms_cidr_parse(w, &cfg->trusted[cfg->ntrusted]) < 0) {
+				snprintf(err, errsz, "trusted_networks: \"%s\" "
+					 "is not an address or ADDR/BITS", w);
+				return -1;
+			}
+			cfg->ntrusted++;
+		}
+		return 0;
+	}
+	return 1;
 }
 
 /* ---- control ---- */
@@ -2030,7 +2414,7 @@ int ms_gateway_rollback(struct ms_gateway *gw, const char *user,
 			   "admin)";
 		return -1;
 	}
-	if (user_state(gw, user, &info) < 0) {
+	if (user_lookup(gw, user, &info) < 0) {
 		*error_r = ms_store_error(gw->store);
 		return -1;
 	}
@@ -2209,16 +2593,17 @@ static void on_sweep(uv_timer_t *t)
 
 /* ---- metrics (Prometheus text format, HTTP/1.0, one request) ---- */
 
+#define METRICS_TIMEOUT_MS (10 * 1000)	/* to send the request */
+#define METRICS_CLIENTS_MAX 64		/* at once; more are dropped */
+#define METRICS_CACHE_MS 5000		/* the users' counts are this fresh */
+
 struct mclient {
 	uv_tcp_t tcp;
+	uv_timer_t timer;
+	int handles;			/* open: freed when both are closed */
 	struct ms_gateway *gw;
 	char req[1024];
 	size_t len;
-};
-
-struct mcount_ctx {
-	uint64_t states[5];
-	uint64_t msgs, bytes;
 };
 
 static int mcount(void *ctx, const struct ms_user_info *u)
@@ -2238,7 +2623,20 @@ static int mcount(void *ctx, const struct ms_user_info *u)
 
 static void on_mclient_close(uv_handle_t *h)
 {
-	free(h->data);
+	struct mclient *mc = h->data;
+
+	if (--mc->handles == 0) {
+		mc->gw->mclients--;
+		free(mc);
+	}
+}
+
+static void mclient_close(struct mclient *mc)
+{
+	if (!uv_is_closing((uv_handle_t *)&mc->tcp))
+		uv_close((uv_handle_t *)&mc->tcp, on_mclient_close);
+	if (!uv_is_closing((uv_handle_t *)&mc->timer))
+		uv_close((uv_handle_t *)&mc->timer, on_mclient_close);
 }
 
 static void on_mwrite(uv_write_t *req, int status)
@@ -2247,7 +2645,12 @@ static void on_mwrite(uv_write_t *req, int status)
 
 	free(req->data);
 	free(req);
-	uv_close((uv_handle_t *)&mc->tcp, on_mclient_close);
+	mclient_close(mc);
+}
+
+static void on_mtimeout(uv_timer_t *t)
+{
+	mclient_close(t->data);
 }
 
 static void metrics_reply(struct mclient *mc)
@@ -2265,8 +2668,17 @@ static void metrics_reply(struct mclient *mc)
 
 	if (body == NULL)
 		goto close;
-	memset(&cnt, 0, sizeof(cnt));
-	ms_store_user_foreach(gw->store, mcount, &cnt);
+	/* The users table is walked at most every METRICS_CACHE_MS, however
+	 * often the endpoint is asked. */
+	if (gw->mcache_ms == 0 ||
+	    uv_now(gw->loop) - gw->mcache_ms >= METRICS_CACHE_MS) {
+		memset(&gw->mcache, 0, sizeof(gw->mcache));
+		ms_store_user_foreach(gw->store, mcount, &gw->mcache);
+		gw->mcache_ms = uv_now(gw->loop);
+		if (gw->mcache_ms == 0)
+			gw->mcache_ms = 1;
+	}
+	cnt = gw->mcache;
 	pos += (size_t)snprintf(body + pos, 4096 - pos,
 		"# HELP mailshift_users Users by state.\n"
 		"# TYPE mailshift_users gauge\n");
@@ -2308,7 +2720,7 @@ static void metrics_reply(struct mclient *mc)
 	free(resp);
 	free(req);
 close:
-	uv_close((uv_handle_t *)&mc->tcp, on_mclient_close);
+	mclient_close(mc);
 }
 
 static void on_malloc(uv_handle_t *h, size_t sz, uv_buf_t *buf)
@@ -2324,7 +2736,7 @@ static void on_mread(uv_stream_t *st, ssize_t n, const uv_buf_t *buf)
 	struct mclient *mc = st->data;
 
 	if (n < 0 || mc->len + (size_t)n >= sizeof(mc->req) - 1) {
-		uv_close((uv_handle_t *)st, on_mclient_close);
+		mclient_close(mc);
 		return;
 	}
 	mc->len += (size_t)n;
@@ -2332,6 +2744,7 @@ static void on_mread(uv_stream_t *st, ssize_t n, const uv_buf_t *buf)
 	if (strstr(mc->req, "\r\n\r\n") != NULL ||
 	    strstr(mc->req, "\n\n") != NULL) {
 		uv_read_stop(st);
+		uv_timer_stop(&mc->timer);
 		metrics_reply(mc);
 	}
 }
@@ -2341,14 +2754,24 @@ static void on_metrics_conn(uv_stream_t *server, int status)
 	struct ms_gateway *gw = server->data;
 	struct mclient *mc;
 
-	if (status < 0 || (mc = calloc(1, sizeof(*mc))) == NULL)
+	if (status < 0)
 		return;
+	if (gw->mclients >= METRICS_CLIENTS_MAX ||
+	    (mc = calloc(1, sizeof(*mc))) == NULL) {
+		ms_drop_connection(server);
+		return;
+	}
+	gw->mclients++;
 	mc->gw = gw;
+	mc->handles = 2;
 	uv_tcp_init(gw->loop, &mc->tcp);
 	mc->tcp.data = mc;
+	uv_timer_init(gw->loop, &mc->timer);
+	mc->timer.data = mc;
+	uv_timer_start(&mc->timer, on_mtimeout, METRICS_TIMEOUT_MS, 0);
 	if (uv_accept(server, (uv_stream_t *)&mc->tcp) < 0 ||
 	    uv_read_start((uv_stream_t *)&mc->tcp, on_malloc, on_mread) < 0)
-		uv_close((uv_handle_t *)&mc->tcp, on_mclient_close);
+		mclient_close(mc);
 }
 
 static int metrics_start(struct ms_gateway *gw, char *err, size_t errsz)
@@ -2518,5 +2941,12 @@ void ms_gateway_free(struct ms_gateway **gwp)
 	}
 	ms_tls_server_free(&gw->tls);
 	free(gw->penalties);
+	for (unsigned int i = 0; i < ADDR_BUCKETS; i++)
+		while (gw->per_addr[i] != NULL) {
+			struct addr_count *a = gw->per_addr[i];
+
+			gw->per_addr[i] = a->next;
+			free(a);
+		}
 	free(gw);
 }

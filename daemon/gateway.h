@@ -11,6 +11,7 @@
 #include "caps.h"
 #include "mover.h"
 #include "store.h"
+#include "util.h"
 
 enum ms_gw_proto {
 	MS_GW_IMAP,
@@ -22,6 +23,7 @@ enum ms_policy { MS_POLICY_PASSTHROUGH, MS_POLICY_HOLD, MS_POLICY_OFF };
 
 #define MS_GW_MAX_LISTEN 16
 #define MS_GW_MAX_DOMAINS 64
+#define MS_GW_MAX_TRUSTED 32
 
 struct ms_gw_listen {
 	char addr[128];			/* "127.0.0.1:143", "[::1]:993" */
@@ -65,7 +67,27 @@ struct ms_gw_config {
 	 * a POP3 session of a user on the destination shows the source's
 	 * UIDLs for the messages the mover copied. */
 	char src_uidl_format[64], dst_uidl_format[64];
+	/* Before login ([listen]): connections at once, all together and
+	 * from one client address (0 = the defaults below); plaintext
+	 * logins from anywhere, or only from the trusted networks (and
+	 * over TLS). */
+	unsigned int max_conns, max_conns_per_ip;
+	int plaintext_auth;
+	struct ms_cidr trusted[MS_GW_MAX_TRUSTED];
+	unsigned int ntrusted;
+	int trusted_set;		/* 0: the default, loopback */
 };
+
+#define MS_GW_MAX_CONNS 20000
+#define MS_GW_MAX_CONNS_PER_IP 100
+/* The longest user name a login may give (a clear error above it). */
+#define MS_GW_USER_MAX 255
+
+/* A key of the config file's [listen] section that the gateway parses
+ * itself (limits, plaintext_auth, trusted_networks). Returns 0, -1 with
+ * err filled, or 1 when the key is not one of these. */
+int ms_gw_listen_key(struct ms_gw_config *cfg, const char *key,
+		     const char *value, char *err, size_t errsz);
 
 struct ms_gateway;
 
@@ -119,6 +141,15 @@ uv_loop_t *ms_gateway_loop(struct ms_gateway *gw);
 /* What to advertise before login (see caps.h). */
 const char *ms_gateway_caps(struct ms_gateway *gw, enum ms_caps_kind kind);
 json_t *ms_gateway_caps_json(struct ms_gateway *gw);
+/* A new client connection from addr: 0 when it may stay (counted until
+ * ms_gateway_unadmit), or -1 with the reason for the client ("Too many
+ * connections from your address."). */
+int ms_gateway_admit(struct ms_gateway *gw, const char *addr,
+		     const char **why_r);
+void ms_gateway_unadmit(struct ms_gateway *gw, const char *addr);
+/* Whether a client at addr may log in with a plaintext password over a
+ * connection that is not TLS ([listen] plaintext_auth, trusted_networks). */
+int ms_gateway_plaintext_ok(struct ms_gateway *gw, const char *addr);
 
 /* Implemented in smtp.c: takes one pending connection of an SMTP or
  * submission listener. */

@@ -27,6 +27,7 @@ struct dconfig {
 	char control[512];
 	char pid_file[512];
 	char src_ca[512], dst_ca[512];
+	char src_sn[256], dst_sn[256];	/* server_name */
 	int src_insecure, dst_insecure;
 };
 
@@ -103,6 +104,9 @@ static int backend_key(struct dconfig *c, int dst, const char *key,
 	if (!strcmp(key, "ca_file"))
 		return set_buf(dst ? c->dst_ca : c->src_ca, sizeof(c->src_ca),
 			       value, err, errsz);
+	if (!strcmp(key, "server_name"))
+		return set_buf(dst ? c->dst_sn : c->src_sn, sizeof(c->src_sn),
+			       value, err, errsz);
 	if (!strcmp(key, "insecure")) {
 		if ((b = ms_parse_bool(value)) < 0) {
 			snprintf(err, errsz, "insecure: yes or no");
@@ -128,6 +132,12 @@ static int on_key(void *ctx, const char *section, const char *key,
 			return -1;
 		}
 		return 0;
+	}
+	if (!strcmp(section, "listen")) {
+		int r = ms_gw_listen_key(g, key, value, err, errsz);
+
+		if (r <= 0)
+			return r;
 	}
 	if (!strcmp(section, "listen")) {
 		static const struct {
@@ -351,6 +361,12 @@ int main(int argc, char *argv[])
 	c.gw.dst_smtp.ca_file = c.gw.dst_submission.ca_file = c.gw.dst_imap.ca_file;
 	c.gw.src_smtp.insecure = c.gw.src_submission.insecure = c.src_insecure;
 	c.gw.dst_smtp.insecure = c.gw.dst_submission.insecure = c.dst_insecure;
+	c.gw.src_imap.server_name = c.gw.src_pop3.server_name =
+		c.gw.src_smtp.server_name = c.gw.src_submission.server_name =
+		c.src_sn[0] != '\0' ? c.src_sn : NULL;
+	c.gw.dst_imap.server_name = c.gw.dst_pop3.server_name =
+		c.gw.dst_smtp.server_name = c.gw.dst_submission.server_name =
+		c.dst_sn[0] != '\0' ? c.dst_sn : NULL;
 
 	/* Admin logins: the password comes from a root-only file. */
 	for (int side = 0; side < 2; side++) {

@@ -391,6 +391,7 @@ struct ms_tls_opts ms_server_tls(const struct ms_server_cfg *srv)
 		.mode = srv->tls_mode,
 		.ca_file = srv->ca_file,
 		.insecure = srv->insecure,
+		.server_name = srv->server_name,
 	};
 }
 

@@ -20,6 +20,7 @@ struct ms_server_cfg {
 	enum ms_tls_mode tls_mode;
 	const char *ca_file;
 	int insecure;
+	const char *server_name;	/* the certificate's name; NULL = host */
 	const char *user_tmpl;	/* login name, "%u" = the user; NULL = "%u" */
 	const char *admin;	/* admin (authcid) login, or NULL */
 	const char *password;	/* the user's or the admin's; not copied

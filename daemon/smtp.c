@@ -40,6 +40,8 @@
 #define INBUF_MAX (256 * 1024)	/* hard limit (one read is at most 64 KB) */
 #define REPLY_MAX (16 * 1024)	/* one reply of an MTA, all its lines */
 #define BAD_MAX 10		/* bad commands before we hang up */
+#define CLIENT_OUT_HIGH (64 * 1024)	/* our answers queued: stop reading */
+#define CLIENT_OUT_LOW (16 * 1024)
 #define RCPT_MAX 100		/* recipients per transaction (RFC minimum) */
 #define IDLE_TIMEOUT_MS (300 * 1000)	/* like Postfix's smtpd_timeout */
 #define BACKEND_TIMEOUT_MS (30 * 1000)
@@ -95,8 +97,11 @@ struct smtp_session {
 	unsigned int bad;
 	int c_paused, b_paused;		/* relay backpressure */
 	int in_paused;			/* our input buffer is full */
+	int out_paused;			/* the client does not read our
+					   answers: its commands wait */
 	int c_reading_paused;		/* what the client conn was told */
 	int processing;			/* inside client_process() */
+	int admitted;			/* counted by ms_gateway_admit() */
 
 	/* client input (command lines) */
 	char *in;
@@ -123,6 +128,7 @@ struct smtp_session {
 	int b_has_starttls, b_has_xclient, b_xclient_port, b_xclient_helo;
 	char *bin;			/* a reply being read */
 	size_t binlen;
+	size_t b_unread;		/* bytes of the read after this reply */
 };
 
 static struct smtp_session *sessions;
@@ -185,7 +191,7 @@ static void wipe_login(struct smtp_session *s)
  * input buffer is (in_paused). */
 static void client_pause_update(struct smtp_session *s)
 {
-	int want = s->c_paused || s->in_paused;
+	int want = s->c_paused || s->in_paused || s->out_paused;
 
 	if (s->c != NULL && want != s->c_reading_paused) {
 		s->c_reading_paused = want;
@@ -268,6 +274,8 @@ static void session_close(struct smtp_session *s)
 		s->in = NULL;
 	}
 	s->inlen = s->incap = 0;
+	if (s->bin != NULL)
+		OPENSSL_cleanse(s->bin, REPLY_MAX + 1);
 	free(s->bin);
 	s->bin = NULL;
 	free(s->auth_user);
@@ -279,6 +287,9 @@ static void session_close(struct smtp_session *s)
 	if (s->next != NULL)
 		s->next->prev = s->prev;
 	s->next = s->prev = NULL;
+	if (s->admitted)
+		ms_gateway_unadmit(s->gw, s->peer);
+	s->admitted = 0;
 	/* The memory goes with the timer handle, on the loop's next turn:
 	 * callers up the stack may still look at s->st. */
 	uv_close((uv_handle_t *)&s->timer, on_timer_close);
@@ -408,7 +419,7 @@ static void relay_to(struct smtp_session *s, struct ms_conn *to,
 		session_close(s);
 		return;
 	}
-	if (!*paused && ms_conn_write_pending(to) >= MS_CONN_HIGH_WATER) {
+	if (!*paused && ms_conn_over_high(to)) {
 		*paused = 1;
 		if (from == s->c)
 			client_pause_update(s);
@@ -569,6 +580,11 @@ static void backend_setup_reply(struct smtp_session *s, int code,
 		s->bst = B_TLS;
 		if (code != 220 || ms_conn_starttls(s->b, on_backend_tls) < 0)
 			backend_lost(s, "STARTTLS refused by the mail server");
+		else if (s->binlen > 0 || s->b_unread > 0)
+			/* Came with the go-ahead, not protected by TLS: an
+			 * attacker on the path may have put it there. */
+			backend_lost(s, "the mail server sent data after its "
+				     "STARTTLS go-ahead");
 		return;
 	case B_XCLIENT:
 		/* Postfix answers with a new greeting (220); a new EHLO is
@@ -636,6 +652,9 @@ static void backend_reply(struct smtp_session *s, int code, const char *text)
 		out_raw(s, text);
 		s->bst = B_RELAY;
 		s->st = C_RELAY;
+		ms_conn_set_wipe(s->c, 0);
+		ms_conn_set_wipe(s->b, 0);
+		ms_conn_set_water(s->c, 0, 0);
 		uv_timer_stop(&s->timer);
 		/* What the client pipelined after its AUTH. */
 		if (s->inlen > 0) {
@@ -758,7 +777,9 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 			continue;
 		s->bin[s->binlen] = '\0';
 		s->binlen = 0;
+		s->b_unread = len;
 		backend_reply(s, atoi(s->bin), s->bin);
+		s->b_unread = 0;
 	}
 }
 
@@ -885,7 +906,10 @@ static void backend_start(struct smtp_session *s, int side)
 	if (ms_server_connect(ms_gateway_loop(s->gw), srv, &cb, &s->b) < 0) {
 		s->b = NULL;
 		backend_lost(s, "cannot connect");
+		return;
 	}
+	if (s->proto == MS_GW_SUBMISSION)
+		ms_conn_set_wipe(s->b, 1);	/* the AUTH goes this way */
 }
 
 /* ---- commands ---- */
@@ -899,10 +923,17 @@ static void bad_command(struct smtp_session *s, const char *reply)
 	}
 }
 
+/* AUTH over TLS when the gateway has a certificate (after STARTTLS, as
+ * Postfix's smtpd_tls_auth_only); without one, only from the trusted
+ * networks ([listen] plaintext_auth, trusted_networks): a password never
+ * crosses the network in the clear by default. */
 static int auth_offered(const struct smtp_session *s)
 {
-	return s->proto == MS_GW_SUBMISSION &&
-		(s->tls || ms_gateway_tls(s->gw) == NULL);
+	if (s->proto != MS_GW_SUBMISSION)
+		return 0;
+	if (ms_gateway_tls(s->gw) != NULL)
+		return s->tls;
+	return ms_gateway_plaintext_ok(s->gw, s->peer);
 }
 
 static void cmd_ehlo(struct smtp_session *s, const char *arg, int ehlo)
@@ -1124,6 +1155,15 @@ static void auth_start(struct smtp_session *s)
 		out(s, "535 5.7.8 Error: authentication failed\r\n");
 		return;
 	}
+	if (strlen(s->user) > MS_GW_USER_MAX || strlen(name) > MS_GW_USER_MAX) {
+		ms_info("smtp %llu: refused a user name of %zu bytes",
+			(unsigned long long)s->id, strlen(s->user) > strlen(name) ?
+			strlen(s->user) : strlen(name));
+		wipe_login(s);
+		out(s, "501 5.5.4 User name too long (at most "
+		    MS_STR(MS_GW_USER_MAX) " bytes)\r\n");
+		return;
+	}
 	r = ms_gateway_route(s->gw, name);
 	if (r == MS_ROUTE_DEFER) {
 		ms_info("smtp %llu: %s: submission deferred: mailbox being "
@@ -1160,7 +1200,12 @@ static void cmd_auth(struct smtp_session *s, char *arg)
 		return;
 	}
 	if (!auth_offered(s)) {
-		out(s, "530 5.7.0 Must issue a STARTTLS command first\r\n");
+		if (ms_gateway_tls(s->gw) != NULL)
+			out(s, "530 5.7.0 Must issue a STARTTLS command "
+			    "first\r\n");
+		else
+			out(s, "538 5.7.11 Encryption required for requested "
+			    "authentication mechanism\r\n");
 		return;
 	}
 	if (s->helo[0] == '\0') {
@@ -1437,6 +1482,13 @@ static void client_process(struct smtp_session *s)
 		if (s->st != C_CMD && s->st != C_AUTH_PLAIN &&
 		    s->st != C_AUTH_USER && s->st != C_AUTH_PASS)
 			break;
+		if (ms_conn_over_high(s->c)) {
+			/* Answers pile up unread: no more commands (nor
+			 * reading) until they drain. */
+			s->out_paused = 1;
+			client_pause_update(s);
+			break;
+		}
 		lf = memchr(s->in, '\n', s->inlen);
 		if (lf == NULL) {
 			if (s->inlen > LINE_MAX_LEN)
@@ -1536,6 +1588,11 @@ static void on_client_drain(struct ms_conn *conn)
 		s->b_paused = 0;
 		ms_conn_read_pause(s->b, 0);
 	}
+	if (s->out_paused) {
+		s->out_paused = 0;
+		client_pause_update(s);
+		client_process(s);
+	}
 }
 
 static void on_client_connect(struct ms_conn *conn, int status,
@@ -1565,9 +1622,12 @@ void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 		.on_drain = on_client_drain,
 	};
 	struct smtp_session *s = calloc(1, sizeof(*s));
+	const char *why;
 
-	if (s == NULL)
+	if (s == NULL) {
+		ms_drop_connection(listener);
 		return;
+	}
 	s->gw = gw;
 	s->id = ++next_id;
 	s->proto = cfg->proto;
@@ -1583,6 +1643,23 @@ void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 		uv_close((uv_handle_t *)&s->timer, on_timer_close);
 		return;
 	}
+	ms_conn_peer_addr(s->c, s->peer, sizeof(s->peer), &s->peer_port);
+	if (ms_gateway_admit(gw, s->peer, &why) < 0) {
+		/* Said in plaintext only: a TLS client is just closed. */
+		if (!cfg->implicit_tls)
+			out(s, "421 4.7.0 %s %s\r\n", ms_host_name(), why);
+		ms_conn_close(&s->c);
+		uv_close((uv_handle_t *)&s->timer, on_timer_close);
+		return;
+	}
+	s->admitted = 1;
+	/* Our answers: a small queue (a client that does not read them is
+	 * not read either). */
+	ms_conn_set_water(s->c, CLIENT_OUT_HIGH, CLIENT_OUT_LOW);
+	/* Until AUTH is over, a submission client's bytes may hold a
+	 * password: wiped. */
+	if (s->proto == MS_GW_SUBMISSION)
+		ms_conn_set_wipe(s->c, 1);
 	/* A client that never finishes its TLS handshake. */
 	timer_set(s, on_idle_timeout, IDLE_TIMEOUT_MS);
 	s->next = sessions;

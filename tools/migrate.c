@@ -30,6 +30,7 @@ struct side {
 	char *admin;
 	char *password_file;
 	char *ca_file;
+	char *server_name;
 	char *auth;
 	int insecure;
 };
@@ -127,6 +128,8 @@ static int side_key(struct side *s, const char *key, const char *value,
 		return set_str(&s->password_file, value);
 	if (!strcmp(key, "ca_file"))
 		return set_str(&s->ca_file, value);
+	if (!strcmp(key, "server_name"))
+		return set_str(&s->server_name, value);
 	if (!strcmp(key, "auth"))
 		return set_str(&s->auth, value);
 	if (!strcmp(key, "insecure")) {
@@ -266,6 +269,7 @@ static int build_server(struct ms_server_cfg *cfg, const struct side *s,
 		return -1;
 	}
 	cfg->ca_file = s->ca_file;
+	cfg->server_name = s->server_name;
 	cfg->insecure = s->insecure;
 	cfg->user_tmpl = s->user;
 	cfg->admin = s->admin;

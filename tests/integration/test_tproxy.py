@@ -209,7 +209,10 @@ def env(test_root, ctl):
             os.path.join(root, 'gw'), src, dst, policy='off',
             binary=_copy_binary(gwlib.MAILSHIFTD, root), ctl_binary=ctl,
             listen_host='0.0.0.0', imap_port=IMAP_LISTEN,
-            pop3_port=POP3_LISTEN, transparent=True, netns=gw_ns.name)
+            pop3_port=POP3_LISTEN, transparent=True, netns=gw_ns.name,
+            # The client logs in over plaintext: its network is trusted
+            # (by default only loopback is).
+            extra_conf='[listen]\ntrusted_networks = %s/24' % CLI_ADDR)
         gw.start()
         yield Env(cli, gw_ns, src, dst, gw, msg, msgid, dst_msgid)
     finally:

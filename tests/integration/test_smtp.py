@@ -2,7 +2,7 @@
 inbound SMTP routed per recipient and submission routed by AUTH, with
 Python's smtplib as the client.
 
-Backends, as a site runs them (/work/shared/TEST-SERVERS.md): two Postfix
+Backends, as a site runs them: two Postfix
 instances (tests/lib/postfix.py), each delivering its virtual domain
 example.test over LMTP into its Dovecot (source, destination). The
 submission services of both Postfixes authenticate against their Dovecot

@@ -2,7 +2,7 @@
 
 Each Dovecot runs from its own config file with its own base_dir, state_dir,
 instance_name, log file, mail directory and loopback ports, so several can
-run side by side (see /work/shared/TEST-SERVERS.md). Dovecot itself runs as
+run side by side. Dovecot itself runs as
 the current user (root); mail is stored as nobody/nogroup (65534).
 
     ca = TestCA('/tmp/x/ca')

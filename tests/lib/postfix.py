@@ -1,7 +1,6 @@
 """Postfix instances delivering into a Dovecot over LMTP, for SMTP tests.
 
-Recipe and pitfalls: /work/shared/TEST-SERVERS.md ("SMTP backends"). Each
-instance has its own config_directory, queue_directory, data_directory,
+Each instance has its own config_directory, queue_directory, data_directory,
 syslog_name and maillog_file under root_dir, listens on loopback only and
 delivers every recipient of its virtual domain to the Dovecot's LMTP
 listener. The Dovecot must have been built with lmtp_conf() in its

@@ -286,6 +286,7 @@ int main(int argc, char *argv[])
 	struct ms_store *store = NULL;
 	struct ms_gateway *gw = NULL;
 	struct ms_control *ctl = NULL;
+	struct ms_control_access acc = { 0, (gid_t)-1 };
 	char err[600];
 	char *serr = NULL;
 	const char *conf = NULL;
@@ -390,7 +391,7 @@ int main(int argc, char *argv[])
 		fprintf(stderr, "mailshiftd: %s\n", err);
 		goto out;
 	}
-	if (ms_control_new(loop, c.control, gw, store, &ctl, err,
+	if (ms_control_new(loop, c.control, &acc, gw, store, &ctl, err,
 			   sizeof(err)) < 0) {
 		fprintf(stderr, "mailshiftd: %s\n", err);
 		goto out;

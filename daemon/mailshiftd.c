@@ -1,13 +1,14 @@
 /* mailshiftd: the gateway daemon. See docs/gateway-spec.md and
- * docs/mailshift.conf.5. */
+ * docs/mailshift.conf.5. Opens what needs root (listeners, the control
+ * socket, the store, TLS keys, admin password files, the pid file), then
+ * runs as [daemon] user. */
 #include <errno.h>
+#include <fcntl.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <uv.h>
@@ -17,7 +18,9 @@
 #include "dconfig.h"
 #include "gateway.h"
 #include "log.h"
+#include "priv.h"
 #include "store.h"
+#include "util.h"
 
 static uv_signal_t sigterm, sigint;
 
@@ -35,18 +38,181 @@ static void usage(FILE *f)
 		"  -v       log more\n");
 }
 
+/* The directory a path is in. */
+static void parent_dir(const char *path, char *out, size_t outsz)
+{
+	const char *slash = strrchr(path, '/');
+
+	if (slash == NULL)
+		snprintf(out, outsz, ".");
+	else if (slash == path)
+		snprintf(out, outsz, "/");
+	else
+		snprintf(out, outsz, "%.*s", (int)(slash - path), path);
+}
+
+/* What the daemon needs once it runs as the user, checked before anything
+ * is opened: a wrong owner is a clear error at start, not a failed write
+ * hours later. */
+static int check_user_access(const struct ms_dconfig *c,
+			     const struct ms_priv *p, char *err, size_t errsz)
+{
+	static const char *const suffix[] = { "", "-wal", "-shm" };
+	char dirs[3][512], files[3][530];
+	struct ms_priv_need need[10];
+	size_t n = 0;
+
+	parent_dir(c->store, dirs[0], sizeof(dirs[0]));
+	need[n++] = (struct ms_priv_need){ dirs[0], W_OK | X_OK, 1,
+		"the store's directory must be writable by [daemon] user "
+		"(SQLite makes and removes the store's -wal and -shm files "
+		"there): chown it to that user" };
+	for (size_t i = 0; i < 3; i++) {
+		snprintf(files[i], sizeof(files[i]), "%s%s", c->store,
+			 suffix[i]);
+		if (access(files[i], F_OK) == 0)
+			need[n++] = (struct ms_priv_need){ files[i],
+				R_OK | W_OK, 1, "the store's files must "
+				"belong to [daemon] user: chown them" };
+	}
+	if (c->src_ca[0] != '\0')
+		need[n++] = (struct ms_priv_need){ c->src_ca, R_OK, 1,
+			"[source] ca_file is read at each TLS connection, as "
+			"[daemon] user" };
+	if (c->dst_ca[0] != '\0')
+		need[n++] = (struct ms_priv_need){ c->dst_ca, R_OK, 1,
+			"[destination] ca_file is read at each TLS connection, "
+			"as [daemon] user" };
+	if (c->pid_file[0] != '\0') {
+		parent_dir(c->pid_file, dirs[1], sizeof(dirs[1]));
+		need[n++] = (struct ms_priv_need){ dirs[1], W_OK | X_OK, 0,
+			"the pid file will be left behind at exit" };
+	}
+	parent_dir(c->control, dirs[2], sizeof(dirs[2]));
+	need[n++] = (struct ms_priv_need){ dirs[2], W_OK | X_OK, 0,
+		"the control socket will be left behind at exit (the next "
+		"start replaces it)" };
+	return ms_priv_check(p, need, n, err, errsz);
+}
+
+/* [daemon] user and group, [control] group. *drop: switch after opening. */
+static int setup_user(const struct ms_dconfig *c, struct ms_priv *p,
+		      struct ms_control_access *acc, int *drop, char *err,
+		      size_t errsz)
+{
+	acc->owner = 0;
+	acc->group = (gid_t)-1;
+	*drop = 0;
+	if (c->control_group[0] != '\0' &&
+	    ms_priv_group(c->control_group, &acc->group, err, errsz) < 0)
+		return -1;
+	if (c->user[0] == '\0') {
+		if (geteuid() == 0)
+			ms_warn("running as root: set [daemon] user (an "
+				"unprivileged user mailshiftd switches to "
+				"once its listeners and files are open; see "
+				"mailshift.conf(5))");
+		return 0;
+	}
+	if (ms_priv_lookup(c->user, c->group, p, err, errsz) < 0)
+		return -1;
+	p->keep_net = c->gw.transparent;
+	acc->owner = p->uid;
+	if (geteuid() == p->uid && getegid() == p->gid)
+		return 0;	/* started as that user already */
+	if (geteuid() != 0) {
+		snprintf(err, errsz, "[daemon] user %s: mailshiftd must be "
+			 "started as root to switch to it (it runs as uid %u)",
+			 c->user, (unsigned int)geteuid());
+		return -1;
+	}
+	*drop = 1;
+	/* Before any thread exists: the restrictions are inherited. */
+	if (ms_priv_restrict(p, err, errsz) < 0)
+		return -1;
+	return check_user_access(c, p, err, errsz);
+}
+
+/* A new store is made the user's: SQLite run by root (mailshiftd before the
+ * switch, mailshiftctl) then gives its -wal and -shm files that owner. */
+static int store_create(const char *path, const struct ms_priv *p, char *err,
+			size_t errsz)
+{
+	int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+		      0600);
+
+	if (fd < 0) {
+		if (errno == EEXIST)
+			return 0;
+		snprintf(err, errsz, "store %s: %s", path, strerror(errno));
+		return -1;
+	}
+	if (fchown(fd, p->uid, p->gid) < 0 || fchmod(fd, 0600) < 0) {
+		snprintf(err, errsz, "store %s: %s", path, strerror(errno));
+		close(fd);
+		unlink(path);
+		return -1;
+	}
+	close(fd);
+	return 0;
+}
+
+/* Admin logins: the password comes from a root-only file (or one of the
+ * daemon's user). */
+static int read_admin_passwords(struct ms_dconfig *c, uid_t owner, char *err,
+				size_t errsz)
+{
+	for (int side = 0; side < 2; side++) {
+		const char *name = side ? c->dst_admin : c->src_admin;
+		const char *pwf = side ? c->dst_admin_pwf : c->src_admin_pwf;
+		char *pw;
+
+		if (name[0] == '\0')
+			continue;
+		pw = ms_read_secret_file_owned(pwf, owner, err, errsz);
+		if (pw == NULL)
+			return -1;
+		if (side) {
+			c->gw.dst_admin = c->dst_admin;
+			c->gw.dst_admin_pw = pw;
+		} else {
+			c->gw.src_admin = c->src_admin;
+			c->gw.src_admin_pw = pw;
+		}
+	}
+	return 0;
+}
+
+static int write_pid_file(const char *path, char *err, size_t errsz)
+{
+	char text[32];
+	int len = snprintf(text, sizeof(text), "%ld\n", (long)getpid());
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW |
+		      O_CLOEXEC, 0644);
+
+	if (fd < 0 || write(fd, text, (size_t)len) != len) {
+		snprintf(err, errsz, "%s: %s", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	close(fd);
+	return 0;
+}
+
 int main(int argc, char *argv[])
 {
 	static struct ms_dconfig c;
+	struct ms_priv priv = { 0 };
+	struct ms_control_access acc;
 	struct ms_store *store = NULL;
 	struct ms_gateway *gw = NULL;
 	struct ms_control *ctl = NULL;
-	struct ms_control_access acc = { 0, (gid_t)-1 };
-	char err[600];
+	char err[1200];
 	char *serr = NULL;
 	const char *conf = NULL;
-	uv_loop_t *loop;
-	int ch, ret = 1;
+	uv_loop_t *loop = NULL;
+	int ch, drop, pid_written = 0, ret = 1;
 
 	while ((ch = getopt(argc, argv, "c:fvh")) != -1) {
 		switch (ch) {
@@ -68,46 +234,19 @@ int main(int argc, char *argv[])
 	 * them on a heap that is not trimmed under 64 MB. */
 	mallopt(M_MMAP_THRESHOLD, 4 * 1024 * 1024);
 	mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024);
-	/* Every session holds two sockets: take all the descriptors the
-	 * system allows us. */
-	{
-		struct rlimit rl;
-
-		if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-			rl.rlim_cur = rl.rlim_max;
-			setrlimit(RLIMIT_NOFILE, &rl);
-		}
+	if (ms_priv_start(err, sizeof(err)) < 0) {
+		fprintf(stderr, "mailshiftd: %s\n", err);
+		return 1;
 	}
-	if (ms_dconfig_load(conf, &c, err, sizeof(err)) < 0) {
+	if (ms_dconfig_load(conf, &c, err, sizeof(err)) < 0 ||
+	    setup_user(&c, &priv, &acc, &drop, err, sizeof(err)) < 0 ||
+	    read_admin_passwords(&c, acc.owner, err, sizeof(err)) < 0) {
 		fprintf(stderr, "mailshiftd: %s\n", err);
 		return 2;
 	}
-	/* Admin logins: the password comes from a root-only file. */
-	for (int side = 0; side < 2; side++) {
-		const char *name = side ? c.dst_admin : c.src_admin;
-		const char *pwf = side ? c.dst_admin_pwf : c.src_admin_pwf;
-		char *pw;
-
-		if (name[0] == '\0')
-			continue;
-		if (pwf[0] == '\0') {
-			fprintf(stderr, "mailshiftd: %s: [%s] admin needs "
-				"admin_password_file\n", conf,
-				side ? "destination" : "source");
-			return 2;
-		}
-		pw = ms_read_secret_file(pwf, err, sizeof(err));
-		if (pw == NULL) {
-			fprintf(stderr, "mailshiftd: %s\n", err);
-			return 2;
-		}
-		if (side) {
-			c.gw.dst_admin = c.dst_admin;
-			c.gw.dst_admin_pw = pw;
-		} else {
-			c.gw.src_admin = c.src_admin;
-			c.gw.src_admin_pw = pw;
-		}
+	if (drop && store_create(c.store, &priv, err, sizeof(err)) < 0) {
+		fprintf(stderr, "mailshiftd: %s\n", err);
+		return 1;
 	}
 	if (ms_store_open(c.store, &store, &serr) < 0) {
 		fprintf(stderr, "mailshiftd: store %s: %s\n", c.store,
@@ -116,31 +255,32 @@ int main(int argc, char *argv[])
 		return 1;
 	}
 	loop = uv_default_loop();
-	if (ms_gateway_new(loop, &c.gw, store, &gw, err, sizeof(err)) < 0) {
-		fprintf(stderr, "mailshiftd: %s\n", err);
-		goto out;
-	}
-	if (ms_control_new(loop, c.control, &acc, gw, store, &ctl, err,
+	if (ms_gateway_new(loop, &c.gw, store, &gw, err, sizeof(err)) < 0 ||
+	    ms_control_new(loop, c.control, &acc, gw, store, &ctl, err,
 			   sizeof(err)) < 0) {
 		fprintf(stderr, "mailshiftd: %s\n", err);
 		goto out;
 	}
 	if (c.pid_file[0] != '\0') {
-		FILE *f = fopen(c.pid_file, "w");
-
-		if (f == NULL) {
-			fprintf(stderr, "mailshiftd: %s: %s\n", c.pid_file,
-				strerror(errno));
+		if (write_pid_file(c.pid_file, err, sizeof(err)) < 0) {
+			fprintf(stderr, "mailshiftd: %s\n", err);
 			goto out;
 		}
-		fprintf(f, "%ld\n", (long)getpid());
-		fclose(f);
+		pid_written = 1;
+	}
+	if (drop && ms_priv_drop(&priv, err, sizeof(err)) < 0) {
+		fprintf(stderr, "mailshiftd: cannot switch to user %s: %s\n",
+			priv.user, err);
+		goto out;
 	}
 	uv_signal_init(loop, &sigterm);
 	uv_signal_init(loop, &sigint);
 	uv_signal_start(&sigterm, on_signal, SIGTERM);
 	uv_signal_start(&sigint, on_signal, SIGINT);
-	ms_log(MS_LOG_WARN, "mailshiftd ready (%u listener(s))", c.gw.nlisten);
+	ms_log(MS_LOG_WARN, "mailshiftd ready (%u listener(s)), running as "
+	       "uid %u gid %u%s", c.gw.nlisten, (unsigned int)geteuid(),
+	       (unsigned int)getegid(), priv.keep_net && drop ?
+	       " with CAP_NET_ADMIN, CAP_NET_RAW" : "");
 	uv_run(loop, UV_RUN_DEFAULT);
 	uv_close((uv_handle_t *)&sigterm, NULL);
 	uv_close((uv_handle_t *)&sigint, NULL);
@@ -148,9 +288,12 @@ int main(int argc, char *argv[])
 out:
 	ms_control_free(&ctl);
 	ms_gateway_free(&gw);
-	uv_run(loop, UV_RUN_NOWAIT);
+	if (loop != NULL)
+		uv_run(loop, UV_RUN_NOWAIT);
 	ms_store_close(&store);
-	if (c.pid_file[0] != '\0' && ret == 0)
+	if (pid_written)
 		unlink(c.pid_file);
+	ms_secret_free((char **)&c.gw.src_admin_pw);
+	ms_secret_free((char **)&c.gw.dst_admin_pw);
 	return ret;
 }

@@ -93,7 +93,9 @@ static const char *line_problem(const char *p, size_t len)
 
 		if (ch == '\0')
 			return "NUL byte in the line";
-		if ((ch < 0x20 && ch != '\t' && ch != '\r') || ch == 0x7f) {
+		if (ch == '\r' && i == len - 1)
+			continue;	/* a CRLF line end */
+		if ((ch < 0x20 && ch != '\t') || ch == 0x7f) {
 			snprintf(why, sizeof(why), "control character 0x%02x "
 				 "in the line", ch);
 			return why;

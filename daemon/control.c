@@ -7,6 +7,7 @@
  * usable. */
 #include <errno.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,6 +58,54 @@ static const char *const states[] = {
 	"source", "copying", "cutover", "destination", "failed",
 };
 
+/* Length of the valid UTF-8 sequence at s (as jansson checks it: no
+ * overlong form, no surrogate, nothing above U+10FFFF), 0 when invalid. */
+static size_t utf8_len(const unsigned char *s)
+{
+	size_t n = *s < 0x80 ? 1 : *s >= 0xc2 && *s <= 0xdf ? 2 :
+		   *s >= 0xe0 && *s <= 0xef ? 3 : *s >= 0xf0 && *s <= 0xf4 ?
+		   4 : 0;
+	uint32_t cp = n == 1 ? *s : *s & (0x7f >> n);
+
+	for (size_t i = 1; i < n; i++) {
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+		cp = cp << 6 | (s[i] & 0x3f);
+	}
+	if ((n == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) ||
+	    (n == 4 && (cp < 0x10000 || cp > 0x10ffff)))
+		return 0;
+	return n;
+}
+
+/* Replaces what is not valid UTF-8 with '?': JSON cannot carry it. */
+static void utf8_scrub(char *s)
+{
+	for (unsigned char *p = (unsigned char *)s; *p != '\0';) {
+		size_t n = utf8_len(p);
+
+		if (n == 0)
+			*p++ = '?';
+		else
+			p += n;
+	}
+}
+
+/* A JSON string of text that may come from elsewhere (a login name, a
+ * server's reply in last_error): scrubbed rather than lost. */
+static json_t *json_text(const char *s)
+{
+	json_t *j = json_string(s);
+	char *copy;
+
+	if (j != NULL || (copy = strdup(s)) == NULL)
+		return j;
+	utf8_scrub(copy);
+	j = json_string(copy);
+	free(copy);
+	return j;
+}
+
 static json_t *error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 static json_t *error(const char *fmt, ...)
@@ -67,7 +116,9 @@ static json_t *error(const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
-	return json_pack("{s:b, s:s}", "ok", 0, "error", msg);
+	/* The message may quote the request (jansson's own errors do) or
+	 * cut a character in two. */
+	return json_pack("{s:b, s:o}", "ok", 0, "error", json_text(msg));
 }
 
 /* ---- requests ---- */
@@ -117,12 +168,13 @@ static int field_user(json_t *req, const char **user, json_t **rep)
 
 static json_t *user_json(struct ms_control *ctl, const struct ms_user_info *u)
 {
-	return json_pack("{s:s, s:s, s:s, s:s, s:s?, s:I, s:I, s:I, s:I}",
-			 "user", u->name, "state", u->state,
+	return json_pack("{s:o, s:s, s:s, s:s, s:o?, s:I, s:I, s:I, s:I}",
+			 "user", json_text(u->name), "state", u->state,
 			 "copy", ctl->gw != NULL ?
 				ms_gateway_user_copy(ctl->gw, u->name) : "",
 			 "policy", u->policy[0] != '\0' ? u->policy : "default",
-			 "error", u->last_error[0] != '\0' ? u->last_error : NULL,
+			 "error", u->last_error[0] != '\0' ?
+				json_text(u->last_error) : NULL,
 			 "messages", (json_int_t)u->msgs,
 			 "bytes", (json_int_t)u->bytes,
 			 "sessions", (json_int_t)(ctl->gw != NULL ?

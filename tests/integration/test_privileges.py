@@ -18,7 +18,6 @@ import json
 import os
 import pwd
 import re
-import socket
 import stat
 import subprocess
 import sys
@@ -102,7 +101,6 @@ def limits(pid):
 # closes before reading: the client's write may then fail, and its reads
 # end with a reset after the daemon's last line.
 CONTROL_RAW = r'''
-import socket
 
 
 def control_raw(path, data, lines=None):

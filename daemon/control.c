@@ -550,7 +550,7 @@ static void client_close(struct cclient *cc)
 
 static void on_shutdown(uv_shutdown_t *req, int status)
 {
-	client_close(req->data);
+	client_close(req->handle->data);
 }
 
 /* Once the replies queued so far are written. */
@@ -560,7 +560,6 @@ static void client_end(struct cclient *cc)
 		return;
 	cc->closing = 1;
 	uv_read_stop((uv_stream_t *)&cc->pipe);
-	cc->shutdown.data = cc;
 	if (uv_shutdown(&cc->shutdown, (uv_stream_t *)&cc->pipe,
 			on_shutdown) < 0)
 		client_close(cc);

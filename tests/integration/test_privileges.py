@@ -101,6 +101,7 @@ def limits(pid):
 # closes before reading: the client's write may then fail, and its reads
 # end with a reset after the daemon's last line.
 CONTROL_RAW = r'''
+import socket
 
 
 def control_raw(path, data, lines=None):

@@ -6,11 +6,11 @@
 #   make bench      the mover benchmark against mbsync and doveadm (not a test)
 
 CC      ?= cc
-PKGS    := libuv openssl sqlite3 jansson
+PKGS    := libuv openssl sqlite3 jansson libcap-ng
 CFLAGS  ?= -O2 -g
 CFLAGS  += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Wno-format-truncation -MMD -MP \
 	   -D_GNU_SOURCE -Idaemon $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -luv -lssl -lcrypto -lsqlite3 -ljansson)
+LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -luv -lssl -lcrypto -lsqlite3 -ljansson -lcap-ng)
 PYTHON  ?= /usr/bin/python3
 
 ifeq ($(V),1)

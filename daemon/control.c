@@ -1,12 +1,19 @@
-/* The control socket: a root-only UNIX socket, one JSON object per line each
- * way (docs/gateway-spec.md). Requests are bounded in size; a bad request
- * gets {"ok": false, "error": ...} and the connection stays usable. */
+/* The control socket: a UNIX socket, one JSON object per line each way
+ * (docs/gateway-spec.md). Only root, the daemon's own user and members of
+ * [control] group may talk (checked on the peer's credentials, not only on
+ * the socket's mode). Input is bounded: a request line, the replies a
+ * client leaves unread, the number of clients. A bad request gets
+ * {"ok": false, "error": ...}, changes nothing, and the connection stays
+ * usable. */
 #include <errno.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -14,66 +21,89 @@
 #include "control.h"
 #include "log.h"
 
-#define REQ_MAX (64 * 1024)
+#ifndef SO_PEERGROUPS
+#define SO_PEERGROUPS 59	/* Linux 4.13; older libc headers lack it */
+#endif
+
+#define REQ_MAX (64 * 1024)		/* a request line, without its '\n' */
+#define UNREAD_MAX (1024 * 1024)	/* replies queued before reading stops */
+#define CLIENTS_MAX 64
+
+struct cclient;
 
 struct ms_control {
 	uv_loop_t *loop;
 	uv_pipe_t pipe;
+	int listening;
 	struct ms_gateway *gw;
 	struct ms_store *store;
+	struct ms_control_access acc;
 	char *path;
+	struct cclient *clients;
+	unsigned int nclients;
 };
 
 struct cclient {
 	uv_pipe_t pipe;
+	uv_shutdown_t shutdown;
 	struct ms_control *ctl;
-	char *buf;
+	struct cclient *next, **pprev;
+	char *buf;			/* REQ_MAX + 1 bytes, once read */
 	size_t len;
-	int closing;
+	int closing;			/* no more requests nor replies */
+	int paused;			/* reading stopped: replies unread */
 };
 
 static const char *const states[] = {
 	"source", "copying", "cutover", "destination", "failed",
 };
 
-static void on_client_close(uv_handle_t *h)
+/* Length of the valid UTF-8 sequence at s (as jansson checks it: no
+ * overlong form, no surrogate, nothing above U+10FFFF), 0 when invalid. */
+static size_t utf8_len(const unsigned char *s)
 {
-	struct cclient *cc = h->data;
+	size_t n = *s < 0x80 ? 1 : *s >= 0xc2 && *s <= 0xdf ? 2 :
+		   *s >= 0xe0 && *s <= 0xef ? 3 : *s >= 0xf0 && *s <= 0xf4 ?
+		   4 : 0;
+	uint32_t cp = n == 1 ? *s : *s & (0x7f >> n);
 
-	free(cc->buf);
-	free(cc);
-}
-
-static void on_write_done(uv_write_t *req, int status)
-{
-	free(req->data);
-	free(req);
-}
-
-static void reply(struct cclient *cc, json_t *o)
-{
-	char *text = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
-	size_t len;
-	uv_write_t *req;
-	uv_buf_t buf;
-
-	json_decref(o);
-	if (text == NULL || cc->closing)
-		goto out;
-	len = strlen(text);
-	text[len] = '\n';	/* json_dumps' NUL becomes the line end */
-	req = malloc(sizeof(*req));
-	if (req == NULL)
-		goto out;
-	req->data = text;
-	buf = uv_buf_init(text, (unsigned int)len + 1);
-	if (uv_write(req, (uv_stream_t *)&cc->pipe, &buf, 1, on_write_done) < 0) {
-		free(req);
-		goto out;
+	for (size_t i = 1; i < n; i++) {
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+		cp = cp << 6 | (s[i] & 0x3f);
 	}
-	return;
-out:
-	free(text);
+	if ((n == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) ||
+	    (n == 4 && (cp < 0x10000 || cp > 0x10ffff)))
+		return 0;
+	return n;
+}
+
+/* Replaces what is not valid UTF-8 with '?': JSON cannot carry it. */
+static void utf8_scrub(char *s)
+{
+	for (unsigned char *p = (unsigned char *)s; *p != '\0';) {
+		size_t n = utf8_len(p);
+
+		if (n == 0)
+			*p++ = '?';
+		else
+			p += n;
+	}
+}
+
+/* A JSON string of text that may come from elsewhere (a login name, a
+ * server's reply in last_error): scrubbed rather than lost. */
+static json_t *json_text(const char *s)
+{
+	json_t *j = json_string(s);
+	char *copy;
+
+	if (j != NULL || (copy = strdup(s)) == NULL)
+		return j;
+	utf8_scrub(copy);
+	j = json_string(copy);
+	free(copy);
+	return j;
 }
 
 static json_t *error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -86,17 +116,65 @@ static json_t *error(const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
-	return json_pack("{s:b, s:s}", "ok", 0, "error", msg);
+	/* The message may quote the request (jansson's own errors do) or
+	 * cut a character in two. */
+	return json_pack("{s:b, s:o}", "ok", 0, "error", json_text(msg));
+}
+
+/* ---- requests ---- */
+
+/* The request's string field: *v NULL when absent (or null); -1 with
+ * *rep set when it is something else than a string. */
+static int field_str(json_t *req, const char *key, const char **v,
+		     json_t **rep)
+{
+	json_t *j = json_object_get(req, key);
+
+	*v = NULL;
+	if (j == NULL || json_is_null(j))
+		return 0;
+	if (!json_is_string(j)) {
+		*rep = error("\"%s\" must be a string", key);
+		return -1;
+	}
+	*v = json_string_value(j);
+	return 0;
+}
+
+/* "user": present, a string, 1 to 255 bytes, no control character (it
+ * goes into logs and into the store). */
+static int field_user(json_t *req, const char **user, json_t **rep)
+{
+	if (field_str(req, "user", user, rep) < 0)
+		return -1;
+	if (*user == NULL || **user == '\0') {
+		*rep = error("%s", "a user name is needed");
+		return -1;
+	}
+	if (strlen(*user) >= sizeof(((struct ms_user_info *)0)->name)) {
+		*rep = error("user name too long (at most %zu bytes)",
+			     sizeof(((struct ms_user_info *)0)->name) - 1);
+		return -1;
+	}
+	for (const unsigned char *p = (const void *)*user; *p != '\0'; p++) {
+		if (*p < 0x20 || *p == 0x7f) {
+			*rep = error("%s", "a control character in the user "
+				     "name");
+			return -1;
+		}
+	}
+	return 0;
 }
 
 static json_t *user_json(struct ms_control *ctl, const struct ms_user_info *u)
 {
-	return json_pack("{s:s, s:s, s:s, s:s, s:s?, s:I, s:I, s:I, s:I}",
-			 "user", u->name, "state", u->state,
+	return json_pack("{s:o, s:s, s:s, s:s, s:o?, s:I, s:I, s:I, s:I}",
+			 "user", json_text(u->name), "state", u->state,
 			 "copy", ctl->gw != NULL ?
 				ms_gateway_user_copy(ctl->gw, u->name) : "",
 			 "policy", u->policy[0] != '\0' ? u->policy : "default",
-			 "error", u->last_error[0] != '\0' ? u->last_error : NULL,
+			 "error", u->last_error[0] != '\0' ?
+				json_text(u->last_error) : NULL,
 			 "messages", (json_int_t)u->msgs,
 			 "bytes", (json_int_t)u->bytes,
 			 "sessions", (json_int_t)(ctl->gw != NULL ?
@@ -133,48 +211,98 @@ static int valid_state(const char *s)
 	return 0;
 }
 
+/* user.add / user.set's fields, all checked before anything is written. */
+struct user_change {
+	const char *user, *state, *policy;
+	int force;
+};
+
+static json_t *user_change_parse(json_t *req, int create,
+				 struct user_change *uc)
+{
+	json_t *rep = NULL, *force = json_object_get(req, "force");
+	enum ms_policy p;
+
+	if (field_user(req, &uc->user, &rep) < 0 ||
+	    field_str(req, "state", &uc->state, &rep) < 0 ||
+	    field_str(req, "policy", &uc->policy, &rep) < 0)
+		return rep;
+	if (force != NULL && !json_is_boolean(force))
+		return error("%s", "\"force\" must be true or false");
+	uc->force = json_is_true(force);
+	if (uc->state != NULL && !valid_state(uc->state))
+		return error("invalid state \"%.64s\" (source, copying, "
+			     "cutover, destination, failed)", uc->state);
+	if (uc->policy != NULL && strcmp(uc->policy, "default") != 0 &&
+	    ms_policy_parse(uc->policy, &p) < 0)
+		return error("invalid policy \"%.64s\" (passthrough, hold, off "
+			     "or default)", uc->policy);
+	if (!create && uc->state == NULL && uc->policy == NULL)
+		return error("%s", "nothing to set (state, policy)");
+	return NULL;
+}
+
+/* A state change by hand that cannot be right: NULL when it may go. */
+static json_t *state_change_refused(struct ms_control *ctl,
+				    const struct user_change *uc,
+				    const struct ms_user_info *info)
+{
+	const char *copy;
+
+	if (uc->state == NULL || !strcmp(uc->state, info->state))
+		return NULL;
+	/* The map is what the gateway acts on: a wrong word here strands
+	 * mail. */
+	copy = ctl->gw != NULL ? ms_gateway_user_copy(ctl->gw, uc->user) : "";
+	if (copy[0] != '\0')
+		return error("a copy runs for %s (%s): wait for it, or end it "
+			     "with mailshiftctl kick", uc->user, copy);
+	if (!strcmp(info->state, "destination") && !uc->force)
+		return error("%s is on the destination: mail that arrived there "
+			     "since would be left behind; mailshiftctl rollback "
+			     "%s brings it back (--force to set the state "
+			     "anyway)", uc->user, uc->user);
+	return NULL;
+}
+
+/* The writes, all or none. */
+static int user_write(struct ms_store *st, const struct user_change *uc)
+{
+	int64_t id;
+
+	if (ms_store_begin(st) < 0)
+		return -1;
+	if (ms_store_user_get(st, uc->user, &id) < 0 ||
+	    (uc->state != NULL &&
+	     ms_store_user_set_state(st, id, uc->state, NULL) < 0) ||
+	    (uc->policy != NULL &&
+	     ms_store_user_set_policy(st, id, strcmp(uc->policy, "default") ?
+				      uc->policy : NULL) < 0) ||
+	    ms_store_commit(st) < 0) {
+		ms_store_rollback(st);
+		return -1;
+	}
+	return 0;
+}
+
 static json_t *user_update(struct ms_control *ctl, json_t *req, int create)
 {
-	const char *user = json_string_value(json_object_get(req, "user"));
-	const char *state = json_string_value(json_object_get(req, "state"));
-	const char *policy = json_string_value(json_object_get(req, "policy"));
+	struct user_change uc = { 0 };
 	struct ms_user_info info;
-	int64_t id;
+	json_t *rep;
 	int found;
 
-	if (user == NULL || *user == '\0' || strlen(user) >= sizeof(info.name))
-		return error("%s", "a user name is needed");
-	if (state != NULL && !valid_state(state))
-		return error("invalid state \"%s\" (source, copying, cutover, "
-			     "destination, failed)", state);
-	if (ms_store_user_info(ctl->store, user, &info, &found) < 0)
+	if ((rep = user_change_parse(req, create, &uc)) != NULL)
+		return rep;
+	if (ms_store_user_info(ctl->store, uc.user, &info, &found) < 0)
 		return error("store: %s", ms_store_error(ctl->store));
 	if (!found && !create)
-		return error("no such user \"%s\"", user);
-	if (found && state != NULL && strcmp(state, info.state) != 0) {
-		/* The map is what the gateway acts on: a wrong word here
-		 * strands mail. Refuse what cannot be right by hand. */
-		if (ctl->gw != NULL && ms_gateway_user_copy(ctl->gw, user)[0] !=
-		    '\0')
-			return error("a copy runs for %s (%s): wait for it, or "
-				     "end it with mailshiftctl kick", user,
-				     ms_gateway_user_copy(ctl->gw, user));
-		if (!strcmp(info.state, "destination") &&
-		    !json_is_true(json_object_get(req, "force")))
-			return error("%s is on the destination: mail that "
-				     "arrived there since would be left "
-				     "behind; mailshiftctl rollback %s brings "
-				     "it back (--force to set the state "
-				     "anyway)", user, user);
-	}
-	if (ms_store_user_get(ctl->store, user, &id) < 0 ||
-	    (state != NULL && ms_store_user_set_state(ctl->store, id, state,
-						      NULL) < 0) ||
-	    (policy != NULL && ms_store_user_set_policy(ctl->store, id,
-							!strcmp(policy, "default") ?
-							NULL : policy) < 0))
-		return error("%s", ms_store_error(ctl->store));
-	if (ms_store_user_info(ctl->store, user, &info, &found) < 0 || !found)
+		return error("no such user \"%s\"", uc.user);
+	if (found && (rep = state_change_refused(ctl, &uc, &info)) != NULL)
+		return rep;
+	if (user_write(ctl->store, &uc) < 0)
+		return error("store: %s", ms_store_error(ctl->store));
+	if (ms_store_user_info(ctl->store, uc.user, &info, &found) < 0 || !found)
 		return error("store: %s", ms_store_error(ctl->store));
 	return json_pack("{s:b, s:o}", "ok", 1, "user", user_json(ctl, &info));
 }
@@ -201,229 +329,578 @@ static int migrate_one(void *ctx, const struct ms_user_info *u)
 	return 0;
 }
 
+static json_t *cmd_status(struct ms_control *ctl, json_t *req)
+{
+	struct list_ctx lc = { .ctl = ctl };
+	struct ms_progress p = { 0 };
+	json_t *by_state;
+
+	if (ms_store_user_foreach(ctl->store, on_user, &lc) != 0)
+		return error("store: %s", ms_store_error(ctl->store));
+	by_state = json_object();
+	for (size_t i = 0; i < 5; i++)
+		json_object_set_new(by_state, states[i],
+				    json_integer(lc.counts[i]));
+	if (ctl->gw != NULL)
+		ms_gateway_progress(ctl->gw, &p);
+	return json_pack("{s:b, s:o, s:I, s:I, s:I, s:I, s:I, s:f, s:o}",
+			 "ok", 1, "states", by_state,
+			 "messages", lc.msgs, "bytes", lc.bytes,
+			 "sessions", (json_int_t)(ctl->gw != NULL ?
+			 ms_gateway_nsessions(ctl->gw) : 0),
+			 "copy_messages_done", (json_int_t)p.msgs_done,
+			 "copy_messages_todo", (json_int_t)p.msgs_todo,
+			 "copy_seconds", p.seconds, "capabilities",
+			 ctl->gw != NULL ? ms_gateway_caps_json(ctl->gw) :
+			 json_object());
+}
+
+static json_t *cmd_user_list(struct ms_control *ctl, json_t *req)
+{
+	struct list_ctx lc = { .ctl = ctl, .users = json_array() };
+
+	if (ms_store_user_foreach(ctl->store, on_user, &lc) != 0) {
+		json_decref(lc.users);
+		return error("store: %s", ms_store_error(ctl->store));
+	}
+	return json_pack("{s:b, s:o}", "ok", 1, "users", lc.users);
+}
+
+static json_t *cmd_user_show(struct ms_control *ctl, json_t *req)
+{
+	struct ms_user_info info;
+	const char *user;
+	json_t *rep;
+	int found = 0;
+
+	if (field_user(req, &user, &rep) < 0)
+		return rep;
+	if (ms_store_user_info(ctl->store, user, &info, &found) < 0)
+		return error("store: %s", ms_store_error(ctl->store));
+	if (!found)
+		return error("no such user \"%s\"", user);
+	return json_pack("{s:b, s:o}", "ok", 1, "user", user_json(ctl, &info));
+}
+
+static json_t *cmd_user_add(struct ms_control *ctl, json_t *req)
+{
+	return user_update(ctl, req, 1);
+}
+
+static json_t *cmd_user_set(struct ms_control *ctl, json_t *req)
+{
+	return user_update(ctl, req, 0);
+}
+
+static json_t *cmd_policy_set(struct ms_control *ctl, json_t *req)
+{
+	const char *dom, *pol;
+	char err[256];
+	json_t *rep;
+
+	/* A "domain" of another type must not fall back to the default
+	 * policy: every user's. */
+	if (field_str(req, "domain", &dom, &rep) < 0 ||
+	    field_str(req, "policy", &pol, &rep) < 0)
+		return rep;
+	if (pol == NULL)
+		return error("%s", "a policy is needed (passthrough, hold, off "
+			     "or config)");
+	if (ctl->gw == NULL)
+		return error("%s", "no gateway");
+	if (ms_gateway_set_policy(ctl->gw, dom, strcmp(pol, "config") ? pol :
+				  NULL, err, sizeof(err)) < 0)
+		return error("%s", err);
+	return json_pack("{s:b, s:o}", "ok", 1, "policy",
+			 ms_gateway_policies(ctl->gw));
+}
+
+static json_t *cmd_policy(struct ms_control *ctl, json_t *req)
+{
+	if (ctl->gw == NULL)
+		return error("%s", "no gateway");
+	return json_pack("{s:b, s:o}", "ok", 1, "policy",
+			 ms_gateway_policies(ctl->gw));
+}
+
+static json_t *cmd_sessions(struct ms_control *ctl, json_t *req)
+{
+	return json_pack("{s:b, s:o}", "ok", 1, "sessions", ctl->gw != NULL ?
+			 ms_gateway_sessions(ctl->gw) : json_array());
+}
+
+static json_t *cmd_migrate(struct ms_control *ctl, json_t *req)
+{
+	const char *user, *why = NULL;
+	json_t *rep;
+
+	if (field_user(req, &user, &rep) < 0)
+		return rep;
+	if (ctl->gw == NULL || ms_gateway_migrate(ctl->gw, user, &why) < 0)
+		return error("%s", why != NULL ? why : "no gateway");
+	return json_pack("{s:b, s:s}", "ok", 1, "user", user);
+}
+
+static json_t *cmd_migrate_all(struct ms_control *ctl, json_t *req)
+{
+	struct migrate_all ma = { .ctl = ctl };
+
+	if (ms_store_user_foreach(ctl->store, migrate_one, &ma) < 0)
+		return error("store: %s", ms_store_error(ctl->store));
+	return json_pack("{s:b, s:i, s:s?}", "ok", ma.error == NULL,
+			 "started", ma.started, "error", ma.error);
+}
+
+static json_t *cmd_rollback(struct ms_control *ctl, json_t *req)
+{
+	const char *user, *why = NULL;
+	json_t *rep;
+
+	if (field_user(req, &user, &rep) < 0)
+		return rep;
+	if (ctl->gw == NULL)
+		return error("%s", "no gateway");
+	if (ms_gateway_rollback(ctl->gw, user, &why) < 0)
+		return error("%s: %s", user, why != NULL ? why : "failed");
+	return json_pack("{s:b}", "ok", 1);
+}
+
+static json_t *cmd_kick(struct ms_control *ctl, json_t *req)
+{
+	const char *user;
+	json_t *rep;
+
+	if (field_user(req, &user, &rep) < 0)
+		return rep;
+	return json_pack("{s:b, s:i}", "ok", 1, "kicked", ctl->gw != NULL ?
+			 ms_gateway_kick(ctl->gw, user) +
+			 ms_smtp_kick(ctl->gw, user) : 0);
+}
+
 static json_t *dispatch(struct ms_control *ctl, json_t *req)
 {
-	const char *cmd = json_string_value(json_object_get(req, "cmd"));
-	struct list_ctx lc = { .ctl = ctl };
+	static const struct {
+		const char *name;
+		json_t *(*fn)(struct ms_control *ctl, json_t *req);
+	} cmds[] = {
+		{ "status", cmd_status }, { "user.list", cmd_user_list },
+		{ "user.show", cmd_user_show }, { "user.add", cmd_user_add },
+		{ "user.set", cmd_user_set }, { "policy.set", cmd_policy_set },
+		{ "policy", cmd_policy }, { "sessions", cmd_sessions },
+		{ "migrate", cmd_migrate }, { "migrate.all", cmd_migrate_all },
+		{ "rollback", cmd_rollback }, { "kick", cmd_kick },
+	};
+	json_t *rep = NULL;
+	const char *cmd;
 
+	if (field_str(req, "cmd", &cmd, &rep) < 0)
+		return rep;
 	if (cmd == NULL)
 		return error("%s", "no \"cmd\"");
-	if (!strcmp(cmd, "status")) {
-		struct ms_progress p = { 0 };
-		json_t *by_state = json_object();
+	for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
+		if (!strcmp(cmd, cmds[i].name))
+			return cmds[i].fn(ctl, req);
+	return error("unknown command \"%.64s\"", cmd);
+}
 
-		if (ms_store_user_foreach(ctl->store, on_user, &lc) != 0)
-			return error("store: %s", ms_store_error(ctl->store));
-		for (size_t i = 0; i < 5; i++)
-			json_object_set_new(by_state, states[i],
-					    json_integer(lc.counts[i]));
-		if (ctl->gw != NULL)
-			ms_gateway_progress(ctl->gw, &p);
-		return json_pack("{s:b, s:o, s:I, s:I, s:I, s:I, s:I, s:f, "
-				 "s:o}", "ok", 1, "states", by_state,
-				 "messages", lc.msgs, "bytes", lc.bytes,
-				 "sessions", (json_int_t)(ctl->gw != NULL ?
-				 ms_gateway_nsessions(ctl->gw) : 0),
-				 "copy_messages_done", (json_int_t)p.msgs_done,
-				 "copy_messages_todo", (json_int_t)p.msgs_todo,
-				 "copy_seconds", p.seconds, "capabilities",
-				 ctl->gw != NULL ?
-				 ms_gateway_caps_json(ctl->gw) : json_object());
-	}
-	if (!strcmp(cmd, "user.list")) {
-		lc.users = json_array();
-		if (ms_store_user_foreach(ctl->store, on_user, &lc) != 0) {
-			json_decref(lc.users);
-			return error("store: %s", ms_store_error(ctl->store));
-		}
-		return json_pack("{s:b, s:o}", "ok", 1, "users", lc.users);
-	}
-	if (!strcmp(cmd, "user.show")) {
-		const char *user = json_string_value(json_object_get(req, "user"));
-		struct ms_user_info info;
-		int found = 0;
+json_t *ms_control_request(struct ms_control *ctl, const char *line,
+			   size_t len)
+{
+	json_error_t jerr;
+	json_t *req, *rep;
 
-		if (user == NULL)
-			return error("%s", "a user name is needed");
-		if (ms_store_user_info(ctl->store, user, &info, &found) < 0)
-			return error("store: %s", ms_store_error(ctl->store));
-		if (!found)
-			return error("no such user \"%s\"", user);
-		return json_pack("{s:b, s:o}", "ok", 1, "user",
-				 user_json(ctl, &info));
-	}
-	if (!strcmp(cmd, "user.add"))
-		return user_update(ctl, req, 1);
-	if (!strcmp(cmd, "user.set"))
-		return user_update(ctl, req, 0);
-	if (!strcmp(cmd, "policy.set")) {
-		const char *dom = json_string_value(json_object_get(req,
-								    "domain"));
-		const char *pol = json_string_value(json_object_get(req,
-								    "policy"));
-		char err[256];
+	/* jansson would stop at a NUL and take what comes before it. */
+	if (memchr(line, '\0', len) != NULL)
+		return error("%s", "a NUL byte in the request");
+	req = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
+	if (req == NULL)
+		return error("bad JSON: %s", jerr.text);
+	rep = json_is_object(req) ? dispatch(ctl, req) :
+		error("%s", "a request is a JSON object");
+	json_decref(req);
+	return rep;
+}
 
-		if (ctl->gw == NULL)
-			return error("%s", "no gateway");
-		if (pol == NULL)
-			return error("%s", "a policy is needed (passthrough, "
-				     "hold, off or config)");
-		if (ms_gateway_set_policy(ctl->gw, dom, strcmp(pol, "config") ?
-					  pol : NULL, err, sizeof(err)) < 0)
-			return error("%s", err);
-		return json_pack("{s:b, s:o}", "ok", 1, "policy",
-				 ms_gateway_policies(ctl->gw));
-	}
-	if (!strcmp(cmd, "policy")) {
-		if (ctl->gw == NULL)
-			return error("%s", "no gateway");
-		return json_pack("{s:b, s:o}", "ok", 1, "policy",
-				 ms_gateway_policies(ctl->gw));
-	}
-	if (!strcmp(cmd, "sessions"))
-		return json_pack("{s:b, s:o}", "ok", 1, "sessions",
-				 ctl->gw != NULL ? ms_gateway_sessions(ctl->gw) :
-				 json_array());
-	if (!strcmp(cmd, "migrate")) {
-		const char *user = json_string_value(json_object_get(req, "user"));
-		const char *why = NULL;
+/* ---- the socket ---- */
 
-		if (user == NULL)
-			return error("%s", "a user name is needed");
-		if (ctl->gw == NULL || ms_gateway_migrate(ctl->gw, user, &why) < 0)
-			return error("%s", why != NULL ? why : "no gateway");
-		return json_pack("{s:b, s:s}", "ok", 1, "user", user);
-	}
-	if (!strcmp(cmd, "migrate.all")) {
-		struct migrate_all ma = { .ctl = ctl };
+static void process_lines(struct cclient *cc);
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
 
-		if (ms_store_user_foreach(ctl->store, migrate_one, &ma) < 0)
-			return error("store: %s", ms_store_error(ctl->store));
-		return json_pack("{s:b, s:i, s:s?}", "ok", ma.error == NULL,
-				 "started", ma.started, "error", ma.error);
-	}
-	if (!strcmp(cmd, "rollback")) {
-		const char *user = json_string_value(json_object_get(req, "user"));
-		const char *why = NULL;
+static void on_client_close(uv_handle_t *h)
+{
+	struct cclient *cc = h->data;
 
-		if (user == NULL)
-			return error("%s", "a user name is needed");
-		if (ctl->gw == NULL)
-			return error("%s", "no gateway");
-		if (ms_gateway_rollback(ctl->gw, user, &why) < 0)
-			return error("%s: %s", user, why);
-		return json_pack("{s:b}", "ok", 1);
+	if (cc->pprev != NULL) {
+		*cc->pprev = cc->next;
+		if (cc->next != NULL)
+			cc->next->pprev = cc->pprev;
+		cc->ctl->nclients--;
 	}
-	if (!strcmp(cmd, "kick")) {
-		const char *user = json_string_value(json_object_get(req, "user"));
+	free(cc->buf);
+	free(cc);
+}
 
-		if (user == NULL)
-			return error("%s", "a user name is needed");
-		return json_pack("{s:b, s:i}", "ok", 1, "kicked",
-				 ctl->gw != NULL ? ms_gateway_kick(ctl->gw, user) +
-				 ms_smtp_kick(ctl->gw, user) : 0);
+/* At once: what is queued is dropped. */
+static void client_close(struct cclient *cc)
+{
+	cc->closing = 1;
+	if (!uv_is_closing((uv_handle_t *)&cc->pipe))
+		uv_close((uv_handle_t *)&cc->pipe, on_client_close);
+}
+
+static void on_shutdown(uv_shutdown_t *req, int status)
+{
+	client_close(req->handle->data);
+}
+
+/* Once the replies queued so far are written. */
+static void client_end(struct cclient *cc)
+{
+	if (cc->closing)
+		return;
+	cc->closing = 1;
+	uv_read_stop((uv_stream_t *)&cc->pipe);
+	if (uv_shutdown(&cc->shutdown, (uv_stream_t *)&cc->pipe,
+			on_shutdown) < 0)
+		client_close(cc);
+}
+
+static size_t unread(struct cclient *cc)
+{
+	return uv_stream_get_write_queue_size((uv_stream_t *)&cc->pipe);
+}
+
+static void on_write_done(uv_write_t *req, int status)
+{
+	struct cclient *cc = req->handle->data;
+
+	free(req->data);
+	free(req);
+	if (status < 0)
+		client_close(cc);	/* gone; or already closing */
+	else if (cc->paused && !cc->closing && unread(cc) < UNREAD_MAX / 2)
+		process_lines(cc);
+}
+
+static void reply(struct cclient *cc, json_t *o)
+{
+	static const char nomem[] = "{\"ok\":false,\"error\":\"out of memory\"}";
+	char *text = o != NULL ? json_dumps(o, JSON_COMPACT |
+					    JSON_PRESERVE_ORDER) : NULL;
+	size_t len;
+	uv_write_t *req;
+	uv_buf_t buf;
+
+	json_decref(o);
+	if (cc->closing)
+		goto out;
+	/* Every request gets its line, or the client would wait forever. */
+	if (text == NULL && (text = malloc(sizeof(nomem))) != NULL)
+		memcpy(text, nomem, sizeof(nomem));
+	req = malloc(sizeof(*req));
+	if (text == NULL || req == NULL) {
+		free(req);
+		client_close(cc);
+		goto out;
 	}
-	return error("unknown command \"%s\"", cmd);
+	len = strlen(text);
+	text[len] = '\n';	/* the terminating NUL becomes the line end */
+	req->data = text;
+	buf = uv_buf_init(text, (unsigned int)len + 1);
+	if (uv_write(req, (uv_stream_t *)&cc->pipe, &buf, 1, on_write_done) < 0) {
+		free(req);
+		client_close(cc);
+		goto out;
+	}
+	return;
+out:
+	free(text);
 }
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
-	static char slab[16384];
+	struct cclient *cc = h->data;
 
-	*buf = uv_buf_init(slab, sizeof(slab));
+	if (cc->buf == NULL)
+		cc->buf = malloc(REQ_MAX + 1);
+	/* The request goes straight into the client's buffer: at most one
+	 * line of REQ_MAX bytes and its '\n'. process_lines() leaves room. */
+	if (cc->buf == NULL || cc->len > REQ_MAX)
+		*buf = uv_buf_init(NULL, 0);
+	else
+		*buf = uv_buf_init(cc->buf + cc->len,
+				   (unsigned int)(REQ_MAX + 1 - cc->len));
+}
+
+/* Answers each complete line; stops reading while the client leaves too
+ * many replies unread, and resumes when it catches up. */
+static void process_lines(struct cclient *cc)
+{
+	size_t pos = 0;
+	char *lf;
+
+	while (!cc->closing && unread(cc) < UNREAD_MAX &&
+	       (lf = memchr(cc->buf + pos, '\n', cc->len - pos)) != NULL) {
+		size_t linelen = (size_t)(lf - (cc->buf + pos));
+
+		reply(cc, ms_control_request(cc->ctl, cc->buf + pos, linelen));
+		pos += linelen + 1;
+	}
+	if (cc->closing)
+		return;
+	memmove(cc->buf, cc->buf + pos, cc->len - pos);
+	cc->len -= pos;
+	if (memchr(cc->buf, '\n', cc->len) != NULL) {
+		if (!cc->paused)
+			uv_read_stop((uv_stream_t *)&cc->pipe);
+		cc->paused = 1;
+		return;
+	}
+	if (cc->len > REQ_MAX) {
+		reply(cc, error("request too long (more than %d bytes in a "
+				"line)", REQ_MAX));
+		client_end(cc);
+		return;
+	}
+	if (cc->paused &&
+	    uv_read_start((uv_stream_t *)&cc->pipe, on_alloc, on_read) == 0)
+		cc->paused = 0;
 }
 
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
 {
 	struct cclient *cc = stream->data;
-	char *lf;
 
+	if (nread == UV_EOF) {
+		client_end(cc);		/* the replies still go out */
+		return;
+	}
 	if (nread < 0) {
-		cc->closing = 1;
-		uv_close((uv_handle_t *)stream, on_client_close);
+		client_close(cc);
 		return;
 	}
-	if (cc->len + (size_t)nread > REQ_MAX) {
-		reply(cc, error("%s", "request too long"));
-		cc->closing = 1;
-		uv_close((uv_handle_t *)stream, on_client_close);
-		return;
-	}
-	if (cc->buf == NULL)
-		cc->buf = malloc(REQ_MAX + 1);
-	if (cc->buf == NULL)
-		return;
-	memcpy(cc->buf + cc->len, buf->base, (size_t)nread);
 	cc->len += (size_t)nread;
-	while ((lf = memchr(cc->buf, '\n', cc->len)) != NULL) {
-		size_t linelen = (size_t)(lf - cc->buf);
-		json_error_t jerr;
-		json_t *req;
+	process_lines(cc);
+}
 
-		*lf = '\0';
-		req = json_loads(cc->buf, 0, &jerr);
-		if (req == NULL || !json_is_object(req))
-			reply(cc, error("bad JSON: %s", req == NULL ? jerr.text :
-					"not an object"));
-		else
-			reply(cc, dispatch(cc->ctl, req));
-		json_decref(req);
-		memmove(cc->buf, lf + 1, cc->len - linelen - 1);
-		cc->len -= linelen + 1;
+/* May this peer talk to us? Its credentials are the kernel's, taken when
+ * it connected: root, the daemon's own user, or a member of the control
+ * group (its primary group or one of its supplementary groups). */
+static int peer_allowed(const struct ms_control *ctl, int fd,
+			const struct ucred *cr)
+{
+	gid_t small[64], *groups = small;
+	socklen_t len = sizeof(small);
+	int n, ok = 0;
+
+	if (cr->uid == 0 || cr->uid == ctl->acc.owner)
+		return 1;
+	if (ctl->acc.group == (gid_t)-1)
+		return 0;
+	if (cr->gid == ctl->acc.group)
+		return 1;
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) < 0) {
+		if (errno != ERANGE || (groups = malloc(len)) == NULL ||
+		    getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups,
+			       &len) < 0) {
+			if (groups != small)
+				free(groups);
+			return 0;
+		}
 	}
+	n = (int)(len / sizeof(gid_t));
+	for (int i = 0; i < n && !ok; i++)
+		ok = groups[i] == ctl->acc.group;
+	if (groups != small)
+		free(groups);
+	return ok;
+}
+
+/* Who is at the other end; -1 when the kernel cannot say. */
+static int peer_cred(uv_pipe_t *pipe, int *fd_r, struct ucred *cr)
+{
+	socklen_t len = sizeof(*cr);
+	uv_os_fd_t fd;
+
+	if (uv_fileno((uv_handle_t *)pipe, &fd) < 0 ||
+	    getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cr, &len) < 0)
+		return -1;
+	*fd_r = fd;
+	return 0;
+}
+
+/* Accepted, but not to be served: one error line, then closed. */
+static void client_refuse(struct cclient *cc, const char *why)
+{
+	reply(cc, error("%s", why));
+	client_end(cc);
 }
 
 static void on_connection(uv_stream_t *server, int status)
 {
 	struct ms_control *ctl = server->data;
 	struct cclient *cc;
+	struct ucred cr;
+	int fd, known;
 
-	if (status < 0)
-		return;
-	cc = calloc(1, sizeof(*cc));
-	if (cc == NULL)
+	if (status < 0 || (cc = calloc(1, sizeof(*cc))) == NULL)
 		return;
 	cc->ctl = ctl;
 	uv_pipe_init(ctl->loop, &cc->pipe, 0);
 	cc->pipe.data = cc;
-	if (uv_accept(server, (uv_stream_t *)&cc->pipe) < 0 ||
-	    uv_read_start((uv_stream_t *)&cc->pipe, on_alloc, on_read) < 0)
-		uv_close((uv_handle_t *)&cc->pipe, on_client_close);
+	if (uv_accept(server, (uv_stream_t *)&cc->pipe) < 0) {
+		client_close(cc);
+		return;
+	}
+	cc->next = ctl->clients;
+	if (cc->next != NULL)
+		cc->next->pprev = &cc->next;
+	cc->pprev = &ctl->clients;
+	ctl->clients = cc;
+	ctl->nclients++;
+	known = peer_cred(&cc->pipe, &fd, &cr) == 0;
+	if (!known || !peer_allowed(ctl, fd, &cr)) {
+		ms_warn("control socket: refused a client (uid %ld, pid %ld): "
+			"only root, the daemon's user%s may use it",
+			known ? (long)cr.uid : -1L, known ? (long)cr.pid : -1L,
+			ctl->acc.group != (gid_t)-1 ?
+			" and members of [control] group" : "");
+		client_refuse(cc, "permission denied");
+		return;
+	}
+	if (ctl->nclients > CLIENTS_MAX) {
+		client_refuse(cc, "too many control connections");
+		return;
+	}
+	if (uv_read_start((uv_stream_t *)&cc->pipe, on_alloc, on_read) < 0)
+		client_close(cc);
 }
 
-int ms_control_new(uv_loop_t *loop, const char *path, struct ms_gateway *gw,
+/* The path must be free to bind: a stale socket (nobody listening) is
+ * removed; anything else (a file, a directory, a link, a live socket) is
+ * left alone and refused. */
+static int path_free(const char *path, char *err, size_t errsz)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct stat st;
+	int fd, r, e;
+
+	if (lstat(path, &st) < 0) {
+		if (errno == ENOENT)
+			return 0;
+		snprintf(err, errsz, "control socket %s: %s", path,
+			 strerror(errno));
+		return -1;
+	}
+	if (!S_ISSOCK(st.st_mode)) {
+		snprintf(err, errsz, "control socket %s: exists and is not a "
+			 "socket; refusing to replace it (remove it, or choose "
+			 "another [control] socket)", path);
+		return -1;
+	}
+	memcpy(sa.sun_path, path, strlen(path) + 1);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	r = fd >= 0 ? connect(fd, (struct sockaddr *)&sa, sizeof(sa)) : -1;
+	e = errno;
+	if (fd >= 0)
+		close(fd);
+	if (r == 0 || e == EAGAIN) {
+		snprintf(err, errsz, "control socket %s: in use (is another "
+			 "mailshiftd running?)", path);
+		return -1;
+	}
+	if (e != ECONNREFUSED) {
+		snprintf(err, errsz, "control socket %s: %s", path, strerror(e));
+		return -1;
+	}
+	if (unlink(path) < 0 && errno != ENOENT) {
+		snprintf(err, errsz, "control socket %s: %s", path,
+			 strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+/* Who may connect, on the file system: the owner (the daemon's user) and,
+ * with a control group, its members. The peer check stands behind it. */
+static int path_access(const char *path, const struct ms_control_access *acc,
+		       char *err, size_t errsz)
+{
+	int grp = acc->group != (gid_t)-1;
+
+	if ((acc->owner != 0 || grp) &&
+	    lchown(path, acc->owner, grp ? acc->group : (gid_t)-1) < 0) {
+		snprintf(err, errsz, "control socket %s: chown: %s", path,
+			 strerror(errno));
+		return -1;
+	}
+	if (grp && chmod(path, 0660) < 0) {
+		snprintf(err, errsz, "control socket %s: chmod: %s", path,
+			 strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+struct ms_control *ms_control_detached(struct ms_gateway *gw,
+				       struct ms_store *store)
+{
+	struct ms_control *ctl = calloc(1, sizeof(*ctl));
+
+	if (ctl != NULL) {
+		ctl->gw = gw;
+		ctl->store = store;
+		ctl->acc.group = (gid_t)-1;
+	}
+	return ctl;
+}
+
+int ms_control_new(uv_loop_t *loop, const char *path,
+		   const struct ms_control_access *acc, struct ms_gateway *gw,
 		   struct ms_store *store, struct ms_control **ctl_r,
 		   char *err, size_t errsz)
 {
-	struct ms_control *ctl = calloc(1, sizeof(*ctl));
+	struct ms_control *ctl;
 	mode_t old;
 	int r;
 
-	if (ctl == NULL) {
+	if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
+		snprintf(err, errsz, "control socket %s: path too long", path);
+		return -1;
+	}
+	if (path_free(path, err, errsz) < 0)
+		return -1;
+	ctl = ms_control_detached(gw, store);
+	if (ctl == NULL || (ctl->path = strdup(path)) == NULL) {
+		free(ctl);
 		snprintf(err, errsz, "out of memory");
 		return -1;
 	}
 	ctl->loop = loop;
-	ctl->gw = gw;
-	ctl->store = store;
-	ctl->path = strdup(path);
+	ctl->acc = *acc;
 	uv_pipe_init(loop, &ctl->pipe, 0);
 	ctl->pipe.data = ctl;
-	unlink(path);
-	/* Root-only from the first instant: no window with a wider mode. */
+	ctl->listening = 1;
+	/* Owner-only from the first instant: no window with a wider mode. */
 	old = umask(0177);
 	r = uv_pipe_bind(&ctl->pipe, path);
 	umask(old);
+	if (r < 0) {
+		free(ctl->path);	/* not ours to remove */
+		ctl->path = NULL;
+	}
+	if (r == 0 && path_access(path, acc, err, errsz) < 0) {
+		*ctl_r = ctl;
+		ms_control_free(ctl_r);
+		return -1;
+	}
 	if (r == 0)
 		r = uv_listen((uv_stream_t *)&ctl->pipe, 16, on_connection);
 	if (r < 0) {
 		snprintf(err, errsz, "control socket %s: %s", path,
 			 uv_strerror(r));
-		uv_close((uv_handle_t *)&ctl->pipe, NULL);
-		free(ctl->path);
-		ctl->path = NULL;
-		/* The handle is closed on the next loop turn; ctl must live
-		 * until then: leak this small struct rather than race. */
+		*ctl_r = ctl;
+		ms_control_free(ctl_r);
 		return -1;
 	}
 	*ctl_r = ctl;
@@ -445,6 +922,20 @@ void ms_control_free(struct ms_control **ctlp)
 	if (ctl == NULL)
 		return;
 	*ctlp = NULL;
+	/* The clients' close callbacks may run after ctl's: they must not
+	 * reach it. */
+	while (ctl->clients != NULL) {
+		struct cclient *cc = ctl->clients;
+
+		ctl->clients = cc->next;
+		cc->pprev = NULL;
+		client_close(cc);
+	}
+	if (!ctl->listening) {
+		free(ctl->path);
+		free(ctl);
+		return;
+	}
 	if (ctl->path != NULL)
 		unlink(ctl->path);
 	uv_close((uv_handle_t *)&ctl->pipe, on_ctl_close);

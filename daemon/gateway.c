@@ -969,11 +969,13 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 			return;
 		}
 		if (r == -1) {
-			/* hold: the password is good; wait for the copy. */
+			/* hold: the password is good; wait for the copy
+			 * (which must not count this session as one on the
+			 * source). */
 			ms_conn_close(&s->b);
+			session_uncount(s);
 			if (login_accepted(s) < 0)
 				return;
-			session_uncount(s);
 			s->st = SS_HELD;
 			s->held_since = uv_now(s->gw->loop);
 			timer_start(s, held_tick, INPROGRESS_MS, INPROGRESS_MS);
@@ -1309,10 +1311,12 @@ static int login_accepted(struct session *s)
 		return -1;
 	}
 	gu = s->gu;
-	if (!s->counted) {
+	if (!s->counted && !s->verify_only) {
+		/* Connected to a server from now on: the flip waits for
+		 * the user's last such session. */
 		gu->sessions++;
 		s->counted = 1;
-		if (!s->to_dst && !s->verify_only)
+		if (!s->to_dst)
 			gu->touched = 1;
 	}
 	if (!s->verify_only &&
@@ -1606,6 +1610,9 @@ static int imap_tokenize(struct session *s, const char *p)
 		} else {
 			while (*p != '\0' && *p != ' ' && n < LITERAL_MAX)
 				tok[n++] = *p++;
+			/* Longer: an error, never two arguments. */
+			if (*p != '\0' && *p != ' ')
+				return -1;
 		}
 		tok[n] = '\0';
 		s->argv[s->argc++] = strdup(tok);

@@ -1,278 +1,26 @@
 /* mailshiftd: the gateway daemon. See docs/gateway-spec.md and
- * docs/mailshift.conf.5. */
+ * docs/mailshift.conf.5. Opens what needs root (listeners, the control
+ * socket, the store, TLS keys, admin password files, the pid file), then
+ * runs as [daemon] user. */
 #include <errno.h>
+#include <fcntl.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <uv.h>
 
 #include "config.h"
 #include "control.h"
+#include "dconfig.h"
 #include "gateway.h"
 #include "log.h"
-#include "pop3_uidl.h"
+#include "priv.h"
 #include "store.h"
-
-struct dconfig {
-	struct ms_gw_config gw;
-	char src_admin[128], dst_admin[128];
-	char src_admin_pwf[512], dst_admin_pwf[512];
-	char store[512];
-	char control[512];
-	char pid_file[512];
-	char src_ca[512], dst_ca[512];
-	char src_sn[256], dst_sn[256];	/* server_name */
-	int src_insecure, dst_insecure;
-};
-
-static int set_buf(char *dst, size_t sz, const char *v, char *err,
-		   size_t errsz)
-{
-	if (strlen(v) >= sz) {
-		snprintf(err, errsz, "value too long");
-		return -1;
-	}
-	snprintf(dst, sz, "%s", v);
-	return 0;
-}
-
-static int backend_key(struct dconfig *c, int dst, const char *key,
-		       const char *value, char *err, size_t errsz)
-{
-	struct ms_server_cfg *imap = dst ? &c->gw.dst_imap : &c->gw.src_imap;
-	struct ms_server_cfg *pop3 = dst ? &c->gw.dst_pop3 : &c->gw.src_pop3;
-	struct ms_server_cfg *smtp = dst ? &c->gw.dst_smtp : &c->gw.src_smtp;
-	struct ms_server_cfg *sub = dst ? &c->gw.dst_submission :
-				    &c->gw.src_submission;
-	const char *why;
-	int b;
-
-	if (!strcmp(key, "imap") || !strcmp(key, "url")) {
-		if (ms_server_parse_url(imap, value, &why) < 0 ||
-		    imap->proto != MS_PROTO_IMAP) {
-			snprintf(err, errsz, "%s: %s", value,
-				 imap->proto != MS_PROTO_IMAP ? "not an IMAP URL" :
-				 why);
-			return -1;
-		}
-		return 0;
-	}
-	if (!strcmp(key, "pop3")) {
-		if (ms_server_parse_url(pop3, value, &why) < 0 ||
-		    pop3->proto != MS_PROTO_POP3) {
-			snprintf(err, errsz, "%s: %s", value,
-				 pop3->proto != MS_PROTO_POP3 ? "not a POP3 URL" :
-				 why);
-			return -1;
-		}
-		return 0;
-	}
-	if (!strcmp(key, "smtp") || !strcmp(key, "submission")) {
-		struct ms_server_cfg *t = !strcmp(key, "smtp") ? smtp : sub;
-
-		if (ms_server_parse_url(t, value, &why) < 0 ||
-		    t->proto != MS_PROTO_SMTP) {
-			snprintf(err, errsz, "%s: %s", value,
-				 t->proto != MS_PROTO_SMTP ? "not an SMTP URL" :
-				 why);
-			return -1;
-		}
-		return 0;
-	}
-	if (!strcmp(key, "pop3_uidl_format")) {
-		if (ms_uidl_format_check(value, &why) < 0) {
-			snprintf(err, errsz, "pop3_uidl_format \"%s\": %s", value,
-				 why);
-			return -1;
-		}
-		return set_buf(dst ? c->gw.dst_uidl_format :
-			       c->gw.src_uidl_format,
-			       sizeof(c->gw.src_uidl_format), value, err, errsz);
-	}
-	if (!strcmp(key, "admin"))
-		return set_buf(dst ? c->dst_admin : c->src_admin,
-			       sizeof(c->src_admin), value, err, errsz);
-	if (!strcmp(key, "admin_password_file"))
-		return set_buf(dst ? c->dst_admin_pwf : c->src_admin_pwf,
-			       sizeof(c->src_admin_pwf), value, err, errsz);
-	if (!strcmp(key, "ca_file"))
-		return set_buf(dst ? c->dst_ca : c->src_ca, sizeof(c->src_ca),
-			       value, err, errsz);
-	if (!strcmp(key, "server_name"))
-		return set_buf(dst ? c->dst_sn : c->src_sn, sizeof(c->src_sn),
-			       value, err, errsz);
-	if (!strcmp(key, "insecure")) {
-		if ((b = ms_parse_bool(value)) < 0) {
-			snprintf(err, errsz, "insecure: yes or no");
-			return -1;
-		}
-		*(dst ? &c->dst_insecure : &c->src_insecure) = b;
-		return 0;
-	}
-	snprintf(err, errsz, "unknown key \"%s\"", key);
-	return -1;
-}
-
-static int on_key(void *ctx, const char *section, const char *key,
-		  const char *value, char *err, size_t errsz)
-{
-	struct dconfig *c = ctx;
-	struct ms_gw_config *g = &c->gw;
-	enum ms_policy p;
-
-	if (!strcmp(section, "listen") && !strcmp(key, "transparent")) {
-		if ((g->transparent = ms_parse_bool(value)) < 0) {
-			snprintf(err, errsz, "transparent: yes or no");
-			return -1;
-		}
-		return 0;
-	}
-	if (!strcmp(section, "listen")) {
-		int r = ms_gw_listen_key(g, key, value, err, errsz);
-
-		if (r <= 0)
-			return r;
-	}
-	if (!strcmp(section, "listen")) {
-		static const struct {
-			const char *key;
-			enum ms_gw_proto proto;
-			int tls;
-		} kinds[] = {
-			{ "imap", MS_GW_IMAP, 0 }, { "imaps", MS_GW_IMAP, 1 },
-			{ "pop3", MS_GW_POP3, 0 }, { "pop3s", MS_GW_POP3, 1 },
-			{ "smtp", MS_GW_SMTP, 0 },
-			{ "submission", MS_GW_SUBMISSION, 0 },
-			{ "submissions", MS_GW_SUBMISSION, 1 },
-		};
-
-		for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++) {
-			if (strcmp(key, kinds[i].key) != 0)
-				continue;
-			if (g->nlisten == MS_GW_MAX_LISTEN) {
-				snprintf(err, errsz, "too many listeners");
-				return -1;
-			}
-			g->listen[g->nlisten].proto = kinds[i].proto;
-			g->listen[g->nlisten].implicit_tls = kinds[i].tls;
-			return set_buf(g->listen[g->nlisten++].addr,
-				       sizeof(g->listen[0].addr), value, err,
-				       errsz);
-		}
-		snprintf(err, errsz, "unknown listener \"%s\" (imap, imaps, "
-			 "pop3, pop3s, smtp, submission, submissions)", key);
-		return -1;
-	}
-	if (!strcmp(section, "tls")) {
-		if (!strcmp(key, "cert"))
-			return set_buf(g->cert, sizeof(g->cert), value, err, errsz);
-		if (!strcmp(key, "key"))
-			return set_buf(g->key, sizeof(g->key), value, err, errsz);
-	} else if (!strcmp(section, "source")) {
-		return backend_key(c, 0, key, value, err, errsz);
-	} else if (!strcmp(section, "destination")) {
-		return backend_key(c, 1, key, value, err, errsz);
-	} else if (!strcmp(section, "store")) {
-		if (!strcmp(key, "path"))
-			return set_buf(c->store, sizeof(c->store), value, err,
-				       errsz);
-		if (!strcmp(key, "backend") && !strcmp(value, "sqlite"))
-			return 0;
-	} else if (!strcmp(section, "control")) {
-		if (!strcmp(key, "socket"))
-			return set_buf(c->control, sizeof(c->control), value, err,
-				       errsz);
-	} else if (!strcmp(section, "daemon")) {
-		if (!strcmp(key, "pid_file"))
-			return set_buf(c->pid_file, sizeof(c->pid_file), value,
-				       err, errsz);
-		if (!strcmp(key, "capability_refresh")) {
-			char *end;
-			unsigned long v = strtoul(value, &end, 10);
-
-			if (*value == '\0' || *end != '\0' || v == 0 ||
-			    v > 86400) {
-				snprintf(err, errsz, "capability_refresh: "
-					 "seconds, 1 to 86400");
-				return -1;
-			}
-			g->caps_refresh = (unsigned int)v;
-			return 0;
-		}
-	} else if (!strcmp(section, "policy")) {
-		if (!strcmp(key, "hold_max_seconds")) {
-			g->hold_max_seconds = (unsigned int)strtoul(value, NULL, 10);
-			return 0;
-		}
-		if (!strcmp(key, "connections")) {
-			g->connections = (unsigned int)strtoul(value, NULL, 10);
-			return 0;
-		}
-		if (ms_policy_parse(value, &p) < 0) {
-			snprintf(err, errsz, "%s: policy \"%s\" (passthrough, hold "
-				 "or off)", key, value);
-			return -1;
-		}
-		if (!strcmp(key, "on_first_login")) {
-			g->policy = p;
-			return 0;
-		}
-		if (!strncmp(key, "domain.", 7) && g->ndomains < MS_GW_MAX_DOMAINS) {
-			snprintf(g->domains[g->ndomains].domain,
-				 sizeof(g->domains[0].domain), "%s", key + 7);
-			g->domains[g->ndomains++].policy = p;
-			return 0;
-		}
-	} else if (!strcmp(section, "mover")) {
-		return 0;	/* mailshiftctl migrate's */
-	} else if (!strcmp(section, "metrics")) {
-		if (!strcmp(key, "listen"))
-			return set_buf(g->metrics, sizeof(g->metrics), value, err,
-				       errsz);
-	} else if (!strcmp(section, "sweep")) {
-		int b, h1, m1, h2, m2;
-
-		if (!strcmp(key, "enabled")) {
-			if ((b = ms_parse_bool(value)) < 0) {
-				snprintf(err, errsz, "enabled: yes or no");
-				return -1;
-			}
-			g->sweep = b;
-			return 0;
-		}
-		if (!strcmp(key, "concurrency")) {
-			g->sweep_concurrency = (unsigned int)strtoul(value, NULL, 10);
-			return 0;
-		}
-		if (!strcmp(key, "rate")) {
-			g->sweep_rate = (unsigned int)strtoul(value, NULL, 10);
-			return 0;
-		}
-		if (!strcmp(key, "interval")) {
-			g->sweep_interval = (unsigned int)strtoul(value, NULL, 10);
-			return 0;
-		}
-		if (!strcmp(key, "window")) {
-			if (sscanf(value, "%d:%d-%d:%d", &h1, &m1, &h2, &m2) != 4 ||
-			    h1 < 0 || h1 > 23 || h2 < 0 || h2 > 24 || m1 < 0 ||
-			    m1 > 59 || m2 < 0 || m2 > 59) {
-				snprintf(err, errsz, "window: HH:MM-HH:MM");
-				return -1;
-			}
-			g->sweep_from = h1 * 60 + m1;
-			g->sweep_to = h2 * 60 + m2;
-			return 0;
-		}
-	}
-	snprintf(err, errsz, "unknown key \"%s\" in [%s]", key, section);
-	return -1;
-}
+#include "util.h"
 
 static uv_signal_t sigterm, sigint;
 
@@ -290,17 +38,181 @@ static void usage(FILE *f)
 		"  -v       log more\n");
 }
 
+/* The directory a path is in. */
+static void parent_dir(const char *path, char *out, size_t outsz)
+{
+	const char *slash = strrchr(path, '/');
+
+	if (slash == NULL)
+		snprintf(out, outsz, ".");
+	else if (slash == path)
+		snprintf(out, outsz, "/");
+	else
+		snprintf(out, outsz, "%.*s", (int)(slash - path), path);
+}
+
+/* What the daemon needs once it runs as the user, checked before anything
+ * is opened: a wrong owner is a clear error at start, not a failed write
+ * hours later. */
+static int check_user_access(const struct ms_dconfig *c,
+			     const struct ms_priv *p, char *err, size_t errsz)
+{
+	static const char *const suffix[] = { "", "-wal", "-shm" };
+	char dirs[3][512], files[3][530];
+	struct ms_priv_need need[10];
+	size_t n = 0;
+
+	parent_dir(c->store, dirs[0], sizeof(dirs[0]));
+	need[n++] = (struct ms_priv_need){ dirs[0], W_OK | X_OK, 1,
+		"the store's directory must be writable by [daemon] user "
+		"(SQLite makes and removes the store's -wal and -shm files "
+		"there): chown it to that user" };
+	for (size_t i = 0; i < 3; i++) {
+		snprintf(files[i], sizeof(files[i]), "%s%s", c->store,
+			 suffix[i]);
+		if (access(files[i], F_OK) == 0)
+			need[n++] = (struct ms_priv_need){ files[i],
+				R_OK | W_OK, 1, "the store's files must "
+				"belong to [daemon] user: chown them" };
+	}
+	if (c->src_ca[0] != '\0')
+		need[n++] = (struct ms_priv_need){ c->src_ca, R_OK, 1,
+			"[source] ca_file is read at each TLS connection, as "
+			"[daemon] user" };
+	if (c->dst_ca[0] != '\0')
+		need[n++] = (struct ms_priv_need){ c->dst_ca, R_OK, 1,
+			"[destination] ca_file is read at each TLS connection, "
+			"as [daemon] user" };
+	if (c->pid_file[0] != '\0') {
+		parent_dir(c->pid_file, dirs[1], sizeof(dirs[1]));
+		need[n++] = (struct ms_priv_need){ dirs[1], W_OK | X_OK, 0,
+			"the pid file will be left behind at exit" };
+	}
+	parent_dir(c->control, dirs[2], sizeof(dirs[2]));
+	need[n++] = (struct ms_priv_need){ dirs[2], W_OK | X_OK, 0,
+		"the control socket will be left behind at exit (the next "
+		"start replaces it)" };
+	return ms_priv_check(p, need, n, err, errsz);
+}
+
+/* [daemon] user and group, [control] group. *drop: switch after opening. */
+static int setup_user(const struct ms_dconfig *c, struct ms_priv *p,
+		      struct ms_control_access *acc, int *drop, char *err,
+		      size_t errsz)
+{
+	acc->owner = 0;
+	acc->group = (gid_t)-1;
+	*drop = 0;
+	if (c->control_group[0] != '\0' &&
+	    ms_priv_group(c->control_group, &acc->group, err, errsz) < 0)
+		return -1;
+	if (c->user[0] == '\0') {
+		if (geteuid() == 0)
+			ms_warn("running as root: set [daemon] user (an "
+				"unprivileged user mailshiftd switches to "
+				"once its listeners and files are open; see "
+				"mailshift.conf(5))");
+		return 0;
+	}
+	if (ms_priv_lookup(c->user, c->group, p, err, errsz) < 0)
+		return -1;
+	p->keep_net = c->gw.transparent;
+	acc->owner = p->uid;
+	if (geteuid() == p->uid && getegid() == p->gid)
+		return 0;	/* started as that user already */
+	if (geteuid() != 0) {
+		snprintf(err, errsz, "[daemon] user %s: mailshiftd must be "
+			 "started as root to switch to it (it runs as uid %u)",
+			 c->user, (unsigned int)geteuid());
+		return -1;
+	}
+	*drop = 1;
+	/* Before any thread exists: the restrictions are inherited. */
+	if (ms_priv_restrict(p, err, errsz) < 0)
+		return -1;
+	return check_user_access(c, p, err, errsz);
+}
+
+/* A new store is made the user's: SQLite run by root (mailshiftd before the
+ * switch, mailshiftctl) then gives its -wal and -shm files that owner. */
+static int store_create(const char *path, const struct ms_priv *p, char *err,
+			size_t errsz)
+{
+	int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+		      0600);
+
+	if (fd < 0) {
+		if (errno == EEXIST)
+			return 0;
+		snprintf(err, errsz, "store %s: %s", path, strerror(errno));
+		return -1;
+	}
+	if (fchown(fd, p->uid, p->gid) < 0 || fchmod(fd, 0600) < 0) {
+		snprintf(err, errsz, "store %s: %s", path, strerror(errno));
+		close(fd);
+		unlink(path);
+		return -1;
+	}
+	close(fd);
+	return 0;
+}
+
+/* Admin logins: the password comes from a root-only file (or one of the
+ * daemon's user). */
+static int read_admin_passwords(struct ms_dconfig *c, uid_t owner, char *err,
+				size_t errsz)
+{
+	for (int side = 0; side < 2; side++) {
+		const char *name = side ? c->dst_admin : c->src_admin;
+		const char *pwf = side ? c->dst_admin_pwf : c->src_admin_pwf;
+		char *pw;
+
+		if (name[0] == '\0')
+			continue;
+		pw = ms_read_secret_file_owned(pwf, owner, err, errsz);
+		if (pw == NULL)
+			return -1;
+		if (side) {
+			c->gw.dst_admin = c->dst_admin;
+			c->gw.dst_admin_pw = pw;
+		} else {
+			c->gw.src_admin = c->src_admin;
+			c->gw.src_admin_pw = pw;
+		}
+	}
+	return 0;
+}
+
+static int write_pid_file(const char *path, char *err, size_t errsz)
+{
+	char text[32];
+	int len = snprintf(text, sizeof(text), "%ld\n", (long)getpid());
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW |
+		      O_CLOEXEC, 0644);
+
+	if (fd < 0 || write(fd, text, (size_t)len) != len) {
+		snprintf(err, errsz, "%s: %s", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	close(fd);
+	return 0;
+}
+
 int main(int argc, char *argv[])
 {
-	static struct dconfig c;
+	static struct ms_dconfig c;
+	struct ms_priv priv = { 0 };
+	struct ms_control_access acc;
 	struct ms_store *store = NULL;
 	struct ms_gateway *gw = NULL;
 	struct ms_control *ctl = NULL;
-	char err[600];
+	char err[1200];
 	char *serr = NULL;
 	const char *conf = NULL;
-	uv_loop_t *loop;
-	int ch, ret = 1;
+	uv_loop_t *loop = NULL;
+	int ch, drop, pid_written = 0, ret = 1;
 
 	while ((ch = getopt(argc, argv, "c:fvh")) != -1) {
 		switch (ch) {
@@ -322,78 +234,19 @@ int main(int argc, char *argv[])
 	 * them on a heap that is not trimmed under 64 MB. */
 	mallopt(M_MMAP_THRESHOLD, 4 * 1024 * 1024);
 	mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024);
-	/* Every session holds two sockets: take all the descriptors the
-	 * system allows us. */
-	{
-		struct rlimit rl;
-
-		if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-			rl.rlim_cur = rl.rlim_max;
-			setrlimit(RLIMIT_NOFILE, &rl);
-		}
+	if (ms_priv_start(err, sizeof(err)) < 0) {
+		fprintf(stderr, "mailshiftd: %s\n", err);
+		return 1;
 	}
-	c.gw.policy = MS_POLICY_PASSTHROUGH;
-	c.gw.sweep_from = c.gw.sweep_to = -1;
-	c.gw.hold_max_seconds = 60;
-	c.gw.connections = 4;
-	snprintf(c.store, sizeof(c.store), "/var/lib/mailshift/mailshift.db");
-	snprintf(c.control, sizeof(c.control), "/run/mailshift/control.sock");
-	if (ms_ini_parse(conf, on_key, &c, err, sizeof(err)) < 0) {
+	if (ms_dconfig_load(conf, &c, err, sizeof(err)) < 0 ||
+	    setup_user(&c, &priv, &acc, &drop, err, sizeof(err)) < 0 ||
+	    read_admin_passwords(&c, acc.owner, err, sizeof(err)) < 0) {
 		fprintf(stderr, "mailshiftd: %s\n", err);
 		return 2;
 	}
-	if (c.gw.nlisten == 0) {
-		fprintf(stderr, "mailshiftd: %s: no [listen] address\n", conf);
-		return 2;
-	}
-	if ((c.gw.cert[0] != '\0') != (c.gw.key[0] != '\0')) {
-		fprintf(stderr, "mailshiftd: %s: [tls] needs both cert and key\n",
-			conf);
-		return 2;
-	}
-	c.gw.src_imap.ca_file = c.gw.src_pop3.ca_file =
-		c.src_ca[0] != '\0' ? c.src_ca : NULL;
-	c.gw.dst_imap.ca_file = c.gw.dst_pop3.ca_file =
-		c.dst_ca[0] != '\0' ? c.dst_ca : NULL;
-	c.gw.src_imap.insecure = c.gw.src_pop3.insecure = c.src_insecure;
-	c.gw.dst_imap.insecure = c.gw.dst_pop3.insecure = c.dst_insecure;
-	c.gw.src_smtp.ca_file = c.gw.src_submission.ca_file = c.gw.src_imap.ca_file;
-	c.gw.dst_smtp.ca_file = c.gw.dst_submission.ca_file = c.gw.dst_imap.ca_file;
-	c.gw.src_smtp.insecure = c.gw.src_submission.insecure = c.src_insecure;
-	c.gw.dst_smtp.insecure = c.gw.dst_submission.insecure = c.dst_insecure;
-	c.gw.src_imap.server_name = c.gw.src_pop3.server_name =
-		c.gw.src_smtp.server_name = c.gw.src_submission.server_name =
-		c.src_sn[0] != '\0' ? c.src_sn : NULL;
-	c.gw.dst_imap.server_name = c.gw.dst_pop3.server_name =
-		c.gw.dst_smtp.server_name = c.gw.dst_submission.server_name =
-		c.dst_sn[0] != '\0' ? c.dst_sn : NULL;
-
-	/* Admin logins: the password comes from a root-only file. */
-	for (int side = 0; side < 2; side++) {
-		const char *name = side ? c.dst_admin : c.src_admin;
-		const char *pwf = side ? c.dst_admin_pwf : c.src_admin_pwf;
-		char *pw;
-
-		if (name[0] == '\0')
-			continue;
-		if (pwf[0] == '\0') {
-			fprintf(stderr, "mailshiftd: %s: [%s] admin needs "
-				"admin_password_file\n", conf,
-				side ? "destination" : "source");
-			return 2;
-		}
-		pw = ms_read_secret_file(pwf, err, sizeof(err));
-		if (pw == NULL) {
-			fprintf(stderr, "mailshiftd: %s\n", err);
-			return 2;
-		}
-		if (side) {
-			c.gw.dst_admin = c.dst_admin;
-			c.gw.dst_admin_pw = pw;
-		} else {
-			c.gw.src_admin = c.src_admin;
-			c.gw.src_admin_pw = pw;
-		}
+	if (drop && store_create(c.store, &priv, err, sizeof(err)) < 0) {
+		fprintf(stderr, "mailshiftd: %s\n", err);
+		return 1;
 	}
 	if (ms_store_open(c.store, &store, &serr) < 0) {
 		fprintf(stderr, "mailshiftd: store %s: %s\n", c.store,
@@ -402,31 +255,32 @@ int main(int argc, char *argv[])
 		return 1;
 	}
 	loop = uv_default_loop();
-	if (ms_gateway_new(loop, &c.gw, store, &gw, err, sizeof(err)) < 0) {
-		fprintf(stderr, "mailshiftd: %s\n", err);
-		goto out;
-	}
-	if (ms_control_new(loop, c.control, gw, store, &ctl, err,
+	if (ms_gateway_new(loop, &c.gw, store, &gw, err, sizeof(err)) < 0 ||
+	    ms_control_new(loop, c.control, &acc, gw, store, &ctl, err,
 			   sizeof(err)) < 0) {
 		fprintf(stderr, "mailshiftd: %s\n", err);
 		goto out;
 	}
 	if (c.pid_file[0] != '\0') {
-		FILE *f = fopen(c.pid_file, "w");
-
-		if (f == NULL) {
-			fprintf(stderr, "mailshiftd: %s: %s\n", c.pid_file,
-				strerror(errno));
+		if (write_pid_file(c.pid_file, err, sizeof(err)) < 0) {
+			fprintf(stderr, "mailshiftd: %s\n", err);
 			goto out;
 		}
-		fprintf(f, "%ld\n", (long)getpid());
-		fclose(f);
+		pid_written = 1;
+	}
+	if (drop && ms_priv_drop(&priv, err, sizeof(err)) < 0) {
+		fprintf(stderr, "mailshiftd: cannot switch to user %s: %s\n",
+			priv.user, err);
+		goto out;
 	}
 	uv_signal_init(loop, &sigterm);
 	uv_signal_init(loop, &sigint);
 	uv_signal_start(&sigterm, on_signal, SIGTERM);
 	uv_signal_start(&sigint, on_signal, SIGINT);
-	ms_log(MS_LOG_WARN, "mailshiftd ready (%u listener(s))", c.gw.nlisten);
+	ms_log(MS_LOG_WARN, "mailshiftd ready (%u listener(s)), running as "
+	       "uid %u gid %u%s", c.gw.nlisten, (unsigned int)geteuid(),
+	       (unsigned int)getegid(), priv.keep_net && drop ?
+	       " with CAP_NET_ADMIN, CAP_NET_RAW" : "");
 	uv_run(loop, UV_RUN_DEFAULT);
 	uv_close((uv_handle_t *)&sigterm, NULL);
 	uv_close((uv_handle_t *)&sigint, NULL);
@@ -434,9 +288,12 @@ int main(int argc, char *argv[])
 out:
 	ms_control_free(&ctl);
 	ms_gateway_free(&gw);
-	uv_run(loop, UV_RUN_NOWAIT);
+	if (loop != NULL)
+		uv_run(loop, UV_RUN_NOWAIT);
 	ms_store_close(&store);
-	if (c.pid_file[0] != '\0' && ret == 0)
+	if (pid_written)
 		unlink(c.pid_file);
+	ms_secret_free((char **)&c.gw.src_admin_pw);
+	ms_secret_free((char **)&c.gw.dst_admin_pw);
 	return ret;
 }

@@ -92,7 +92,10 @@ static json_t *request(const struct copts *o, json_t *req)
 			o->socket, strerror(errno));
 		goto out;
 	}
-	if (write(fd, text, strlen(text)) < 0 || write(fd, "\n", 1) < 0) {
+	if ((write(fd, text, strlen(text)) < 0 || write(fd, "\n", 1) < 0) &&
+	    errno != EPIPE && errno != ECONNRESET) {
+		/* (A daemon that refuses us closes before reading: its reason
+		 * is there to be read.) */
 		fprintf(stderr, "%s: %s: %s\n", prog, o->socket, strerror(errno));
 		goto out;
 	}

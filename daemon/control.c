@@ -19,6 +19,7 @@
 #include <jansson.h>
 
 #include "control.h"
+#include "util.h"
 #include "log.h"
 
 #ifndef SO_PEERGROUPS
@@ -58,31 +59,11 @@ static const char *const states[] = {
 	"source", "copying", "cutover", "destination", "failed",
 };
 
-/* Length of the valid UTF-8 sequence at s (as jansson checks it: no
- * overlong form, no surrogate, nothing above U+10FFFF), 0 when invalid. */
-static size_t utf8_len(const unsigned char *s)
-{
-	size_t n = *s < 0x80 ? 1 : *s >= 0xc2 && *s <= 0xdf ? 2 :
-		   *s >= 0xe0 && *s <= 0xef ? 3 : *s >= 0xf0 && *s <= 0xf4 ?
-		   4 : 0;
-	uint32_t cp = n == 1 ? *s : *s & (0x7f >> n);
-
-	for (size_t i = 1; i < n; i++) {
-		if ((s[i] & 0xc0) != 0x80)
-			return 0;
-		cp = cp << 6 | (s[i] & 0x3f);
-	}
-	if ((n == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) ||
-	    (n == 4 && (cp < 0x10000 || cp > 0x10ffff)))
-		return 0;
-	return n;
-}
-
 /* Replaces what is not valid UTF-8 with '?': JSON cannot carry it. */
 static void utf8_scrub(char *s)
 {
 	for (unsigned char *p = (unsigned char *)s; *p != '\0';) {
-		size_t n = utf8_len(p);
+		size_t n = ms_utf8_len(p);
 
 		if (n == 0)
 			*p++ = '?';

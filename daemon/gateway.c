@@ -1357,7 +1357,7 @@ static int plaintext_refused(struct session *s)
 
 static void login_start(struct session *s)
 {
-	const char *name;
+	const char *name, *why;
 
 	if (plaintext_refused(s))
 		return;
@@ -1374,6 +1374,14 @@ static void login_start(struct session *s)
 			strlen(s->user) : strlen(name));
 		login_refuse(s, "CANNOT", "AUTH", "User name too long (at most "
 			     MS_STR(MS_GW_USER_MAX) " bytes).");
+		return;
+	}
+	if ((why = ms_user_name_check(s->user)) != NULL ||
+	    (why = ms_user_name_check(name)) != NULL) {
+		ms_info("session %llu: refused the user name \"%s\": %s",
+			(unsigned long long)s->id, name, why);
+		login_refuse(s, "AUTHENTICATIONFAILED", "AUTH",
+			     "Invalid characters in the user name.");
 		return;
 	}
 	/* Another user than this session's last login: its count goes. */

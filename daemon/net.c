@@ -1674,6 +1674,13 @@ static EVP_PKEY *load_key(const char *key_file, char *err, size_t errsz)
 			(unsigned int)(st.st_mode & 07777));
 		goto out;
 	}
+	if (st.st_uid != 0 && st.st_uid != geteuid()) {
+		/* Another user could replace it, or has read it. */
+		set_err(err, errsz, "key file %s belongs to uid %u: it must "
+			"belong to root (or to the user reading it)", key_file,
+			(unsigned int)st.st_uid);
+		goto out;
+	}
 	if (st.st_size > 1024 * 1024) {
 		set_err(err, errsz, "key file %s is too big", key_file);
 		goto out;

@@ -1148,6 +1148,7 @@ static void auth_start(struct smtp_session *s)
 {
 	const char *name = s->authz != NULL && s->authz[0] != '\0' ?
 		s->authz : s->user;
+	const char *why;
 	enum ms_route r;
 
 	if (s->user == NULL || s->pass == NULL || s->user[0] == '\0') {
@@ -1162,6 +1163,15 @@ static void auth_start(struct smtp_session *s)
 		wipe_login(s);
 		out(s, "501 5.5.4 User name too long (at most "
 		    MS_STR(MS_GW_USER_MAX) " bytes)\r\n");
+		return;
+	}
+	if ((why = ms_user_name_check(s->user)) != NULL ||
+	    (why = ms_user_name_check(name)) != NULL) {
+		ms_info("smtp %llu: refused the user name \"%s\": %s",
+			(unsigned long long)s->id, name, why);
+		wipe_login(s);
+		out(s, "535 5.7.8 Error: authentication failed (invalid "
+		    "characters in the user name)\r\n");
 		return;
 	}
 	r = ms_gateway_route(s->gw, name);

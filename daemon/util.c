@@ -211,3 +211,35 @@ int ms_cidr_match(const struct ms_cidr *c, const char *addr)
 	return rest == 0 ||
 		((a[full] ^ c->addr[full]) & (0xff00 >> rest) & 0xff) == 0;
 }
+
+size_t ms_utf8_len(const unsigned char *s)
+{
+	size_t n = *s < 0x80 ? 1 : *s >= 0xc2 && *s <= 0xdf ? 2 :
+		   *s >= 0xe0 && *s <= 0xef ? 3 : *s >= 0xf0 && *s <= 0xf4 ?
+		   4 : 0;
+	uint32_t cp = n == 1 ? *s : *s & (0x7f >> n);
+
+	for (size_t i = 1; i < n; i++) {
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+		cp = cp << 6 | (s[i] & 0x3f);
+	}
+	if ((n == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) ||
+	    (n == 4 && (cp < 0x10000 || cp > 0x10ffff)))
+		return 0;
+	return n;
+}
+
+const char *ms_user_name_check(const char *name)
+{
+	for (const unsigned char *p = (const unsigned char *)name; *p != '\0';) {
+		size_t n = ms_utf8_len(p);
+
+		if (n == 0)
+			return "not UTF-8";
+		if (*p < 0x20 || *p == 0x7f)
+			return "control characters";
+		p += n;
+	}
+	return NULL;
+}

@@ -52,6 +52,16 @@ int ms_cidr_parse(const char *s, struct ms_cidr *c);
 /* 1 when the numeric address addr ("192.0.2.7", "::1") is in c. */
 int ms_cidr_match(const struct ms_cidr *c, const char *addr);
 
+/* Length of the valid UTF-8 sequence at s (strict, as jansson checks it:
+ * no overlong form, no surrogate, nothing above U+10FFFF), 0 when it is
+ * not one. */
+size_t ms_utf8_len(const unsigned char *s);
+
+/* Whether a login name may be passed on: valid UTF-8 and no control
+ * bytes (they could only be an attack on logs and servers). NULL, or
+ * why not. */
+const char *ms_user_name_check(const char *name);
+
 /* This machine's name (gethostname), "mailshift" when it has none. */
 const char *ms_host_name(void);
 

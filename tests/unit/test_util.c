@@ -86,6 +86,28 @@ static void escape(void **state)
 	assert_string_equal(out, "");
 }
 
+static void user_names(void **state)
+{
+	static const char *const good[] = {
+		"alice", "alice@example.org", "j\xc3\xb6rg", "\xe2\x82\xac",
+		"\xf0\x9f\x93\xa7 mail", "a b\"c\\d",
+	};
+	static const char *const bad[] = {
+		"evil\r\nforged", "tab\there", "esc\x1b[31m", "del\x7f",
+		"latin1 \xe9t\xe9", "\xc0\xaf", "\xed\xa0\x80",
+		"\xf4\x90\x80\x80", "cut \xe2\x82",
+	};
+
+	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
+		if (ms_user_name_check(good[i]) != NULL)
+			fail_msg("\"%s\" refused: %s", good[i],
+				 ms_user_name_check(good[i]));
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		assert_non_null(ms_user_name_check(bad[i]));
+	assert_string_equal(ms_user_name_check("a\rb"), "control characters");
+	assert_string_equal(ms_user_name_check("a\xff" "b"), "not UTF-8");
+}
+
 /* ms_log() writes one line whatever the message holds. */
 static void log_one_line(void **state)
 {
@@ -120,6 +142,7 @@ int main(void)
 		cmocka_unit_test(cidr_v6),
 		cmocka_unit_test(cidr_refused),
 		cmocka_unit_test(escape),
+		cmocka_unit_test(user_names),
 		cmocka_unit_test(log_one_line),
 	};
 

@@ -261,6 +261,9 @@ IMAP_CLOSERS = [
      rb'(\S+ BAD [^\r\n]*\r\n){10}\* BYE Too many invalid commands\.\r\n'),
     ('10 lines with a NUL', b'x\0y\r\n' * 10,
      rb'(\S+ BAD [^\r\n]*\r\n){10}\* BYE Too many invalid commands\.\r\n'),
+    ('10 bad SASL responses', b'a AUTHENTICATE PLAIN\r\n!!\r\n' * 10,
+     rb'(\+ \r\na BAD [^\r\n]*\r\n){10}\* BYE Too many invalid '
+     rb'commands\.\r\n'),
     ('10 unterminated strings', b'x LOGIN "ab\r\n' * 10,
      rb'(\S+ BAD [^\r\n]*\r\n){10}\* BYE Too many invalid commands\.\r\n'),
 ]
@@ -300,6 +303,21 @@ def test_prelogin_session_end_is_clean(hgw):
         typ, data = keep.noop()
         assert typ == 'OK', ('the open session after %s %s' % (proto, what),
                              data)
+    # A LOGOUT behind a refused login answered late (the third failure
+    # from an address: the gateway slows it down), taken up when the
+    # delayed answer goes out.
+    s, _ = dial(gw.imap_port, '127.0.5.99')
+    for tag in (b'a0', b'a1'):
+        s.sendall(b'%s LOGIN nobody-%s wrong\r\n' % (tag, token().encode()))
+        assert re.search(rb'(^|\n)%s NO ' % tag, imap_reply(s, tag))
+    s.sendall(b'a2 LOGIN nobody-x wrong\r\nb LOGOUT\r\n')
+    data, closed = read_until_close(s, 30)
+    s.close()
+    if not re.fullmatch(rb'a2 NO [^\r\n]*\r\n\* BYE [^\r\n]*\r\n'
+                        rb'b OK [^\r\n]*\r\n', data) or not closed:
+        problems.append('IMAP LOGOUT behind a delayed refusal: %r (%s)' % (
+            data, 'closed' if closed else 'still open'))
+    alive_or_fail(gw, 'LOGOUT behind a delayed refusal')
     real_login(gw)
     typ, data = keep.select('INBOX', readonly=True)
     assert typ == 'OK', data

@@ -118,11 +118,11 @@ def gateway_factory(henv, workdir, ca, request):
         made.append(g)
         try:
             g.start()
+            return g
         except dc.HarnessError as ex:
-            pytest.fail('mailshiftd refused this config (a key it does not '
-                        'know yet?):\n%s\n%s' % (g.extra_conf, ex),
-                        pytrace=False)
-        return g
+            why = str(ex)
+        pytest.fail('mailshiftd refused this config (a key it does not know '
+                    'yet?):\n%s\n%s' % (g.extra_conf, why), pytrace=False)
 
     def stop():
         for g in made:

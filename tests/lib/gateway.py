@@ -25,6 +25,9 @@ transparent = yes); netns='NAME' runs the daemon inside that network
 namespace (`ip netns exec NAME mailshiftd ...`, which execs, so gw.pid is the
 daemon's) and makes the readiness check connect there (its 127.0.0.1). The
 control socket is a UNIX socket: gw.ctl() works from any namespace.
+
+env={'NAME': 'value'} adds to the daemon's environment (e.g. glibc's
+MALLOC_PERTURB_); gw.rss_kb() is its resident memory.
 """
 
 import json
@@ -85,7 +88,7 @@ class Mailshiftd:
                  binary=None, ctl_binary=None, extra_conf='', smtp=False,
                  submission=False, smtp_backends=None, smtp_ca_file=None,
                  listen_host='127.0.0.1', imap_port=None, pop3_port=None,
-                 transparent=False, netns=None):
+                 transparent=False, netns=None, env=None):
         self.root_dir = os.path.abspath(root_dir)
         self.src = src
         self.dst = dst
@@ -107,6 +110,7 @@ class Mailshiftd:
         self.fixed_ports = (imap_port, pop3_port)
         self.transparent = transparent
         self.netns = netns
+        self.env = dict(env or {})
         self.smtp_port = self.submission_port = self.submissions_port = None
         self.config_path = os.path.join(self.root_dir, 'mailshift.conf')
         self.log_path = os.path.join(self.root_dir, 'mailshiftd.log')
@@ -216,7 +220,7 @@ class Mailshiftd:
             self.proc = subprocess.Popen(
                 prefix + [self.binary, '-c', self.config_path, '-f', '-v'],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)
+                start_new_session=True, env=dict(os.environ, **self.env))
         finally:
             log.close()
         deadline = time.monotonic() + timeout
@@ -267,6 +271,18 @@ class Mailshiftd:
     @property
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
+
+    def rss_kb(self):
+        """The daemon's resident memory (VmRSS, in kB), or None when it is
+        not running."""
+        try:
+            with open('/proc/%d/status' % self.proc.pid) as f:
+                for line in f:
+                    if line.startswith('VmRSS:'):
+                        return int(line.split()[1])
+        except (OSError, AttributeError):
+            pass
+        return None
 
     def stop(self, timeout=10.0):
         """SIGTERM to the daemon's PID; waits up to timeout, then SIGKILL

@@ -28,11 +28,20 @@
 #include "pop3_uidl.h"
 #include "util.h"
 
-#define INBUF_MAX 8192		/* pre-login command line, literals included */
+#define INBUF_MAX 8192		/* pre-login command line, literals included;
+				   more buffered than this: not read */
+/* What may be buffered at all: INBUF_MAX, then one read (net.c reads at
+ * most 64 KiB at a time) before reading stops. */
+#define INBUF_HARD (INBUF_MAX + 64 * 1024 + 16 * 1024)
 #define ARG_MAX 8
 #define LITERAL_MAX 4096	/* a pre-login literal (user, password) */
 #define BAD_MAX 10		/* bad pre-login commands before we hang up */
-#define PRELOGIN_TIMEOUT_MS (180 * 1000)
+#define PRELOGIN_TIMEOUT_MS (180 * 1000)	/* since the client's last bytes */
+#define PRELOGIN_MAX_MS (10 * 60 * 1000)	/* since it connected, at most */
+#define AUTH_FAILS_MAX 3	/* refused logins on one connection (Dovecot's) */
+/* Commands before login on one connection: a client needs a handful; one
+ * that sends thousands (and reads nothing) only costs the others time. */
+#define PRELOGIN_CMDS_MAX 1000
 #define BACKEND_TIMEOUT_MS (30 * 1000)
 #define INPROGRESS_MS (10 * 1000)
 /* A pre-login client's output queue: above HIGH it is not read any more
@@ -73,7 +82,11 @@ struct session {
 
 	/* pre-login input */
 	char *in;
-	size_t inlen;
+	size_t inlen, incap;
+	int processing;			/* inside prelogin_process() */
+	unsigned int auth_fails;	/* logins the servers refused */
+	unsigned int ncmds;		/* commands before login */
+	uint64_t born_ms;		/* uv_now() at accept */
 	char *argv[ARG_MAX];
 	unsigned int argc;
 	size_t lit_need;		/* literal bytes still to come */
@@ -109,6 +122,7 @@ struct session {
 /* Why a side's reading is paused (session c_paused, b_paused). */
 #define PAUSE_WRITE 1		/* the other side's write queue is full */
 #define PAUSE_PIPELINE 2	/* too many POP3 commands outstanding */
+#define PAUSE_INPUT 4		/* pre-login: INBUF_MAX bytes wait */
 
 struct uidl_relay {
 	struct ms_pop3_rw rw;
@@ -168,6 +182,7 @@ struct ms_gateway {
 	uint64_t logins_ok, logins_failed;
 	uv_tcp_t *metrics;
 	unsigned int mclients;
+	struct mclient *mlist, *mlist_tail;	/* newest first */
 	struct mcount_ctx {
 		uint64_t states[5];
 		uint64_t msgs, bytes;
@@ -197,6 +212,10 @@ static void uidl_relay_free(struct session *s);
 static int login_accepted(struct session *s);
 static const char *login_name(const struct session *s);
 static int prelogin_reading(const struct session *s);
+static void prelogin_process(struct session *s);
+static void line_too_long(struct session *s);
+static int too_many_commands(struct session *s);
+static int auth_fails_over(struct session *s);
 
 /* ---- small helpers ---- */
 
@@ -381,11 +400,42 @@ static void session_uncount(struct session *s)
 static void inbuf_free(struct session *s)
 {
 	if (s->in != NULL)
-		OPENSSL_cleanse(s->in, INBUF_MAX);
+		OPENSSL_cleanse(s->in, s->incap);
 	free(s->in);
 	s->in = NULL;
-	s->inlen = 0;
+	s->inlen = s->incap = 0;
 }
+
+/* Room for len more bytes of input (what it held wiped when it moves). */
+static int inbuf_reserve(struct session *s, size_t len)
+{
+	size_t cap = s->incap ? s->incap : INBUF_MAX;
+	char *p;
+
+	if (s->inlen + len > INBUF_HARD)
+		return -1;
+	if (s->in != NULL && s->inlen + len <= s->incap)
+		return 0;
+	while (cap < s->inlen + len)
+		cap *= 2;
+	if (cap > INBUF_HARD)
+		cap = INBUF_HARD;
+	if ((p = malloc(cap)) == NULL)
+		return -1;
+	if (s->in != NULL) {
+		memcpy(p, s->in, s->inlen);
+		OPENSSL_cleanse(s->in, s->incap);
+		free(s->in);
+	}
+	s->in = p;
+	s->incap = cap;
+	return 0;
+}
+
+/* The pre-login idle timer: PRELOGIN_TIMEOUT_MS from now, but never past
+ * PRELOGIN_MAX_MS since the client connected (NOOPs do not keep a session
+ * that never logs in alive). */
+static void prelogin_timer(struct session *s);
 
 static void bin_free(struct session *s)
 {
@@ -471,8 +521,6 @@ static void relay_to(struct session *s, struct ms_conn *to, struct ms_conn *from
 	}
 	relay_pressure(to, from, paused);
 }
-
-static void prelogin_process(struct session *s);
 
 static void on_client_drain(struct ms_conn *conn)
 {
@@ -605,7 +653,7 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 {
 	timer_stop(s);
 	s->st = SS_RELAY;
-	pause_clear(s->c, &s->c_paused, PAUSE_WRITE);
+	pause_clear(s->c, &s->c_paused, PAUSE_WRITE | PAUSE_INPUT);
 	wipe_login(s);
 	bin_free(s);
 	/* The login is over: the usual backpressure, no more wiping. */
@@ -648,7 +696,9 @@ static void backend_fail(struct session *s, const char *why)
 		    "try again later.\r\n");
 	wipe_login(s);
 	s->st = SS_PRELOGIN;
-	timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+	prelogin_timer(s);
+	/* Commands the client pipelined behind the login. */
+	prelogin_process(s);
 }
 
 /* The client's login as a SASL PLAIN response for the server (an
@@ -868,10 +918,12 @@ static uint64_t penalty_ms(struct ms_gateway *gw, const char *addr, int failed)
 
 	if (p == NULL)
 		return 0;
-	if (strcmp(p->addr, addr) != 0 || now - p->last_ms > PENALTY_FORGET_MS) {
-		snprintf(p->addr, sizeof(p->addr), "%s", addr);
+	/* Another address in the slot takes its count over (a collision
+	 * shares a penalty, it never clears one); an old one is forgotten. */
+	if (now - p->last_ms > PENALTY_FORGET_MS)
 		p->fails = 0;
-	}
+	if (strcmp(p->addr, addr) != 0)
+		snprintf(p->addr, sizeof(p->addr), "%s", addr);
 	p->last_ms = now;
 	if (!failed) {
 		p->fails = 0;
@@ -883,6 +935,21 @@ static uint64_t penalty_ms(struct ms_gateway *gw, const char *addr, int failed)
 		1000ULL << (p->fails - PENALTY_FREE_FAILS - 1);
 }
 
+/* Too many logins refused on this connection: it ends (as Dovecot's
+ * login processes do after 3), the client may connect again. */
+static int auth_fails_over(struct session *s)
+{
+	if (s->auth_fails < AUTH_FAILS_MAX)
+		return 0;
+	if (s->proto == MS_GW_IMAP)
+		out(s, "* BYE Too many invalid authentication attempts.\r\n");
+	else
+		out(s, "-ERR [AUTH] Too many invalid authentication "
+		    "attempts.\r\n");
+	session_close(s);
+	return 1;
+}
+
 static void on_penalty_over(uv_timer_t *t)
 {
 	struct session *s = t->data;
@@ -892,8 +959,10 @@ static void on_penalty_over(uv_timer_t *t)
 		free(s->penalty_reply);
 		s->penalty_reply = NULL;
 	}
+	if (auth_fails_over(s))
+		return;
 	s->st = SS_PRELOGIN;
-	timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+	prelogin_timer(s);
 	/* Commands the client sent meanwhile. */
 	prelogin_process(s);
 }
@@ -905,13 +974,18 @@ static void login_failed(struct session *s, const char *reply)
 	uint64_t delay = penalty_ms(s->gw, s->peer, 1);
 
 	s->gw->logins_failed++;
+	s->auth_fails++;
 	ms_conn_close(&s->b);
 	session_uncount(s);
 	wipe_login(s);
 	if (delay == 0) {
 		out(s, "%s\r\n", reply);
+		if (auth_fails_over(s))
+			return;
 		s->st = SS_PRELOGIN;
-		timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+		prelogin_timer(s);
+		/* Commands the client pipelined behind the login. */
+		prelogin_process(s);
 		return;
 	}
 	free(s->penalty_reply);
@@ -1225,7 +1299,7 @@ static void held_tick(uv_timer_t *t)
 			    "again in a minute.\r\n");
 		wipe_login(s);
 		s->st = SS_PRELOGIN;
-		timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+		prelogin_timer(s);
 		return;
 	}
 	/* RFC 9585: tells the client the command is still going. */
@@ -1656,6 +1730,11 @@ static void imap_process(struct session *s)
 			continue;
 		}
 		lf = memchr(s->in, '\n', s->inlen);
+		if ((lf == NULL && s->inlen >= INBUF_MAX) ||
+		    (lf != NULL && (size_t)(lf - s->in) >= INBUF_MAX)) {
+			line_too_long(s);
+			return;
+		}
 		if (lf == NULL)
 			return;
 		linelen = (size_t)(lf - s->in);
@@ -1702,6 +1781,8 @@ static void imap_process(struct session *s)
 		}
 		if (r == 0)
 			continue;	/* a literal follows */
+		if (too_many_commands(s))
+			return;
 		imap_command(s);
 		if (s->st == SS_CLOSING)
 			return;
@@ -1801,6 +1882,11 @@ static void pop3_process(struct session *s)
 		char *lf = memchr(s->in, '\n', s->inlen);
 		size_t linelen;
 
+		if ((lf == NULL && s->inlen >= INBUF_MAX) ||
+		    (lf != NULL && (size_t)(lf - s->in) >= INBUF_MAX)) {
+			line_too_long(s);
+			return;
+		}
 		if (lf == NULL)
 			return;
 		linelen = (size_t)(lf - s->in);
@@ -1810,6 +1896,10 @@ static void pop3_process(struct session *s)
 			line[linelen - 1] = '\0';
 		memmove(s->in, lf + 1, s->inlen - linelen - 1);
 		s->inlen -= linelen + 1;
+		if (too_many_commands(s)) {
+			OPENSSL_cleanse(line, linelen);
+			return;
+		}
 		if (s->st == SS_AUTH_PLAIN) {
 			s->st = SS_PRELOGIN;
 			if (!strcmp(line, "*")) {
@@ -1836,18 +1926,70 @@ static int prelogin_reading(const struct session *s)
 		s->st == SS_AUTH_USER || s->st == SS_AUTH_PASS;
 }
 
+/* One more command before login: 1 (and the session ends) when that is
+ * more than PRELOGIN_CMDS_MAX. */
+static int too_many_commands(struct session *s)
+{
+	if (++s->ncmds <= PRELOGIN_CMDS_MAX)
+		return 0;
+	ms_warn("session %llu: %s: more than %d commands before login",
+		(unsigned long long)s->id, s->peer, PRELOGIN_CMDS_MAX);
+	if (s->proto == MS_GW_IMAP)
+		out(s, "* BYE Too many commands before login.\r\n");
+	else
+		out(s, "-ERR Too many commands before login.\r\n");
+	clear_args(s);
+	session_close(s);
+	return 1;
+}
+
+static void line_too_long(struct session *s)
+{
+	if (s->proto == MS_GW_IMAP)
+		out(s, "* BYE Input line too long.\r\n");
+	else
+		out(s, "-ERR Input line too long.\r\n");
+	session_close(s);
+}
+
+static void prelogin_timer(struct session *s)
+{
+	uint64_t now = uv_now(s->gw->loop);
+	uint64_t end = s->born_ms + PRELOGIN_MAX_MS;
+	uint64_t ms = PRELOGIN_TIMEOUT_MS;
+
+	if (end <= now)
+		ms = 1;
+	else if (end - now < ms)
+		ms = end - now;
+	timer_start(s, on_idle_timeout, ms, 0);
+}
+
 /* The commands buffered so far, while the client reads our answers: one
- * that does not is not read any more (until on_client_drain). */
+ * that does not is not read any more (until on_client_drain); nor is one
+ * that sent INBUF_MAX bytes we cannot take yet (a login under way).
+ * Called again from inside (a login refused at once): the running loop
+ * goes on with the next command. */
 static void prelogin_process(struct session *s)
 {
-	if (!prelogin_reading(s))
+	if (s->processing || s->st == SS_CLOSING)
 		return;
-	if (s->proto == MS_GW_IMAP)
-		imap_process(s);
-	else
-		pop3_process(s);
+	if (prelogin_reading(s)) {
+		s->processing = 1;
+		if (s->proto == MS_GW_IMAP)
+			imap_process(s);
+		else
+			pop3_process(s);
+		s->processing = 0;
+	}
+	if (s->st == SS_CLOSING || s->st == SS_RELAY)
+		return;
 	if (prelogin_reading(s) && ms_conn_over_high(s->c))
 		pause_set(s->c, &s->c_paused, PAUSE_WRITE);
+	if (s->inlen >= INBUF_MAX)
+		pause_set(s->c, &s->c_paused, PAUSE_INPUT);
+	else
+		pause_clear(s->c, &s->c_paused, PAUSE_INPUT);
 }
 
 static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
@@ -1862,23 +2004,16 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 	}
 	if (s->st == SS_STARTTLS)
 		return;
-	if (s->in == NULL)
-		s->in = malloc(INBUF_MAX);
-	if (s->in == NULL || s->inlen + len > INBUF_MAX) {
-		/* An oversized pre-login line: a clear error, then close. */
-		if (s->proto == MS_GW_IMAP)
-			out(s, "* BYE Input line too long.\r\n");
-		else
-			out(s, "-ERR Input line too long.\r\n");
-		session_close(s);
+	if (inbuf_reserve(s, len) < 0) {
+		/* Cannot happen while reading stops at INBUF_MAX. */
+		line_too_long(s);
 		return;
 	}
 	memcpy(s->in + s->inlen, data, len);
 	s->inlen += len;
-	if (prelogin_reading(s)) {
-		timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
-		prelogin_process(s);
-	}
+	if (prelogin_reading(s))
+		prelogin_timer(s);
+	prelogin_process(s);
 }
 
 static void on_client_error(struct ms_conn *conn, const char *error)
@@ -1903,7 +2038,7 @@ static void on_client_connect(struct ms_conn *conn, int status,
 		out(s, "+OK mailshift ready.\r\n");
 	}
 	s->st = SS_PRELOGIN;
-	timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+	prelogin_timer(s);
 }
 
 static void on_connection(uv_stream_t *server, int status)
@@ -1960,8 +2095,9 @@ static void on_connection(uv_stream_t *server, int status)
 	ms_conn_set_wipe(s->c, 1);
 	uv_timer_init(gw->loop, &s->timer);
 	s->timer.data = s;
+	s->born_ms = uv_now(gw->loop);
 	/* From the start: a TLS handshake that never ends is timed out. */
-	timer_start(s, on_idle_timeout, PRELOGIN_TIMEOUT_MS, 0);
+	prelogin_timer(s);
 	s->next = gw->sessions;
 	if (s->next != NULL)
 		s->next->prev = s;
@@ -1992,7 +2128,7 @@ int ms_gateway_admit(struct ms_gateway *gw, const char *addr,
 	struct addr_count *a;
 
 	if (gw->nconns >= max) {
-		*why_r = "Too many connections, try again later.";
+		*why_r = "Too many connections.";
 		ms_warn("connection from %s refused: %u connections (the "
 			"[listen] max_connections)", addr, gw->nconns);
 		return -1;
@@ -2609,13 +2745,16 @@ static void on_sweep(uv_timer_t *t)
 /* ---- metrics (Prometheus text format, HTTP/1.0, one request) ---- */
 
 #define METRICS_TIMEOUT_MS (10 * 1000)	/* to send the request */
-#define METRICS_CLIENTS_MAX 64		/* at once; more are dropped */
+#define METRICS_CLIENTS_MAX 64		/* at once; the oldest waiting for
+					   its request makes room */
 #define METRICS_CACHE_MS 5000		/* the users' counts are this fresh */
 
 struct mclient {
+	struct mclient *next, *prev;	/* gw->mclients_list: oldest last */
 	uv_tcp_t tcp;
 	uv_timer_t timer;
 	int handles;			/* open: freed when both are closed */
+	int answered;			/* the request came in */
 	struct ms_gateway *gw;
 	char req[1024];
 	size_t len;
@@ -2640,14 +2779,26 @@ static void on_mclient_close(uv_handle_t *h)
 {
 	struct mclient *mc = h->data;
 
-	if (--mc->handles == 0) {
-		mc->gw->mclients--;
+	if (--mc->handles == 0)
 		free(mc);
-	}
 }
 
 static void mclient_close(struct mclient *mc)
 {
+	struct ms_gateway *gw = mc->gw;
+
+	if (mc->handles == 2 && !uv_is_closing((uv_handle_t *)&mc->timer)) {
+		/* Leaves the list at its first close. */
+		if (mc->prev != NULL)
+			mc->prev->next = mc->next;
+		else
+			gw->mlist = mc->next;
+		if (mc->next != NULL)
+			mc->next->prev = mc->prev;
+		else
+			gw->mlist_tail = mc->prev;
+		gw->mclients--;
+	}
 	if (!uv_is_closing((uv_handle_t *)&mc->tcp))
 		uv_close((uv_handle_t *)&mc->tcp, on_mclient_close);
 	if (!uv_is_closing((uv_handle_t *)&mc->timer))
@@ -2760,6 +2911,7 @@ static void on_mread(uv_stream_t *st, ssize_t n, const uv_buf_t *buf)
 	    strstr(mc->req, "\n\n") != NULL) {
 		uv_read_stop(st);
 		uv_timer_stop(&mc->timer);
+		mc->answered = 1;
 		metrics_reply(mc);
 	}
 }
@@ -2771,12 +2923,28 @@ static void on_metrics_conn(uv_stream_t *server, int status)
 
 	if (status < 0)
 		return;
+	if (gw->mclients >= METRICS_CLIENTS_MAX) {
+		/* Full of clients that say nothing (or are slow): the
+		 * oldest of those goes, a monitoring system gets in. */
+		struct mclient *old = gw->mlist_tail;
+
+		while (old != NULL && old->answered)
+			old = old->prev;
+		if (old != NULL)
+			mclient_close(old);
+	}
 	if (gw->mclients >= METRICS_CLIENTS_MAX ||
 	    (mc = calloc(1, sizeof(*mc))) == NULL) {
 		ms_drop_connection(server);
 		return;
 	}
 	gw->mclients++;
+	mc->next = gw->mlist;
+	if (mc->next != NULL)
+		mc->next->prev = mc;
+	else
+		gw->mlist_tail = mc;
+	gw->mlist = mc;
 	mc->gw = gw;
 	mc->handles = 2;
 	uv_tcp_init(gw->loop, &mc->tcp);

@@ -40,6 +40,10 @@
 #define INBUF_MAX (256 * 1024)	/* hard limit (one read is at most 64 KB) */
 #define REPLY_MAX (16 * 1024)	/* one reply of an MTA, all its lines */
 #define BAD_MAX 10		/* bad commands before we hang up */
+/* Commands that move no mail (EHLO, HELO, NOOP, RSET, VRFY, HELP) between
+ * two messages (Postfix's smtpd_junk_command_limit): more end the session,
+ * a client that sends thousands only costs the others time. */
+#define JUNK_MAX 100
 #define CLIENT_OUT_HIGH (64 * 1024)	/* our answers queued: stop reading */
 #define CLIENT_OUT_LOW (16 * 1024)
 #define RCPT_MAX 100		/* recipients per transaction (RFC minimum) */
@@ -95,6 +99,7 @@ struct smtp_session {
 	uint16_t peer_port, local_port;
 	time_t since;
 	unsigned int bad;
+	unsigned int junk;		/* JUNK_MAX */
 	int c_paused, b_paused;		/* relay backpressure */
 	int in_paused;			/* our input buffer is full */
 	int out_paused;			/* the client does not read our
@@ -707,6 +712,7 @@ static void backend_reply(struct smtp_session *s, int code, const char *text)
 		return;
 	case B_DOT:
 		out_raw(s, text);
+		s->junk = 0;		/* a message went through */
 		txn_reset(s);
 		s->bst = B_READY;
 		client_resume(s);
@@ -1311,6 +1317,18 @@ static void auth_line(struct smtp_session *s, const char *line)
 	auth_start(s);
 }
 
+static int is_junk(const char *cmd)
+{
+	static const char *const junk[] = {
+		"EHLO", "HELO", "NOOP", "RSET", "VRFY", "HELP",
+	};
+
+	for (size_t i = 0; i < sizeof(junk) / sizeof(junk[0]); i++)
+		if (!strcasecmp(cmd, junk[i]))
+			return 1;
+	return 0;
+}
+
 static void command(struct smtp_session *s, char *line)
 {
 	char *arg = strchr(line, ' ');
@@ -1321,6 +1339,14 @@ static void command(struct smtp_session *s, char *line)
 			arg++;
 		if (*arg == '\0')
 			arg = NULL;
+	}
+	if (is_junk(line) && ++s->junk > JUNK_MAX) {
+		ms_warn("smtp %llu: %s: more than %d commands without a message",
+			(unsigned long long)s->id, s->peer, JUNK_MAX);
+		out(s, "421 4.7.0 %s Error: too many commands without a "
+		    "message\r\n", ms_host_name());
+		session_close(s);
+		return;
 	}
 	if (!strcasecmp(line, "EHLO"))
 		cmd_ehlo(s, arg, 1);
@@ -1657,7 +1683,7 @@ void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 	if (ms_gateway_admit(gw, s->peer, &why) < 0) {
 		/* Said in plaintext only: a TLS client is just closed. */
 		if (!cfg->implicit_tls)
-			out(s, "421 4.7.0 %s %s\r\n", ms_host_name(), why);
+			out(s, "421 4.7.0 %s\r\n", why);
 		ms_conn_close(&s->c);
 		uv_close((uv_handle_t *)&s->timer, on_timer_close);
 		return;

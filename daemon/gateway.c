@@ -409,27 +409,8 @@ static void inbuf_free(struct session *s)
 /* Room for len more bytes of input (what it held wiped when it moves). */
 static int inbuf_reserve(struct session *s, size_t len)
 {
-	size_t cap = s->incap ? s->incap : INBUF_MAX;
-	char *p;
-
-	if (s->inlen + len > INBUF_HARD)
-		return -1;
-	if (s->in != NULL && s->inlen + len <= s->incap)
-		return 0;
-	while (cap < s->inlen + len)
-		cap *= 2;
-	if (cap > INBUF_HARD)
-		cap = INBUF_HARD;
-	if ((p = malloc(cap)) == NULL)
-		return -1;
-	if (s->in != NULL) {
-		memcpy(p, s->in, s->inlen);
-		OPENSSL_cleanse(s->in, s->incap);
-		free(s->in);
-	}
-	s->in = p;
-	s->incap = cap;
-	return 0;
+	return ms_secret_reserve(&s->in, &s->incap, s->inlen, s->inlen + len,
+				 INBUF_MAX, INBUF_HARD);
 }
 
 /* The pre-login idle timer: PRELOGIN_TIMEOUT_MS from now, but never past

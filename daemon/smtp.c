@@ -1462,25 +1462,9 @@ static size_t data_feed(struct smtp_session *s, const char *d, size_t len)
 
 static int in_append(struct smtp_session *s, const char *data, size_t len)
 {
-	if (s->inlen + len > s->incap) {
-		size_t cap = s->incap ? s->incap : 4096;
-		char *p;
-
-		while (cap < s->inlen + len)
-			cap *= 2;
-		if (cap > INBUF_MAX)
-			return -1;
-		p = malloc(cap);
-		if (p == NULL)
-			return -1;
-		if (s->in != NULL) {
-			memcpy(p, s->in, s->inlen);
-			OPENSSL_cleanse(s->in, s->incap);
-			free(s->in);
-		}
-		s->in = p;
-		s->incap = cap;
-	}
+	if (ms_secret_reserve(&s->in, &s->incap, s->inlen, s->inlen + len,
+			      4096, INBUF_MAX) < 0)
+		return -1;
 	memcpy(s->in + s->inlen, data, len);
 	s->inlen += len;
 	return 0;

@@ -20,6 +20,32 @@ void ms_secret_free(char **s)
 	}
 }
 
+int ms_secret_reserve(char **buf, size_t *cap, size_t used, size_t need,
+		      size_t min, size_t max)
+{
+	size_t n = *cap ? *cap : min;
+	char *p;
+
+	if (need > max)
+		return -1;
+	if (*buf != NULL && need <= *cap)
+		return 0;
+	while (n < need)
+		n *= 2;
+	if (n > max)
+		n = max;
+	if ((p = malloc(n)) == NULL)
+		return -1;
+	if (*buf != NULL) {
+		memcpy(p, *buf, used);
+		OPENSSL_cleanse(*buf, *cap);
+		free(*buf);
+	}
+	*buf = p;
+	*cap = n;
+	return 0;
+}
+
 char *ms_sasl_plain(const char *authzid, const char *authcid,
 		    const char *password)
 {

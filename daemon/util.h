@@ -12,6 +12,13 @@
 /* Wipes and frees a NUL-terminated secret; sets *s to NULL. */
 void ms_secret_free(char **s);
 
+/* Makes *buf (of *cap bytes, the first used of them in use) hold at least
+ * need bytes, at most max: grown by doubling from min; the old buffer is
+ * wiped before it is freed (it may hold a password). 0, or -1 (over max,
+ * or no memory: *buf unchanged). */
+int ms_secret_reserve(char **buf, size_t *cap, size_t used, size_t need,
+		      size_t min, size_t max);
+
 /* The SASL PLAIN (RFC 4616) initial response, base64 of
  * "authzid NUL authcid NUL password". Returns a malloc'd string the caller
  * releases with ms_secret_free(), or NULL when out of memory. */

@@ -854,6 +854,28 @@ static void test_plain_echo_backpressure(void **state)
 	assert_int_equal(c.late, 0);
 }
 
+/* ms_conn_printf: a text longer than its stack buffer goes out whole, never
+ * cut (a cut reply would be another reply). */
+static void test_printf_whole(void **state)
+{
+	static struct plain_srv srv;
+	static struct client c;
+	static char big[5001];
+
+	memset(big, 'x', sizeof(big) - 1);
+	plain_srv_start(&srv, SRV_ECHO);
+	client_init(&c);
+	assert_int_equal(client_connect(&c, "127.0.0.1", srv.port, NULL), 0);
+	/* queued until the loop runs: all of it, and the CRLF */
+	assert_int_equal(ms_conn_printf(c.conn, "%s\r\n", big), 0);
+	assert_int_equal(ms_conn_write_pending(c.conn), sizeof(big) + 1);
+	assert_int_equal(ms_conn_printf(c.conn, "%d", 7), 0);
+	assert_int_equal(ms_conn_write_pending(c.conn), sizeof(big) + 2);
+	client_fini(&c);
+	plain_srv_stop(&srv);
+	drain_loop();
+}
+
 static void test_plain_refused(void **state)
 {
 	struct sockaddr_in sin;
@@ -2153,6 +2175,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_bad_args, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_plain_echo_backpressure,
 						setup, teardown),
+		cmocka_unit_test_setup_teardown(test_printf_whole, setup,
+						teardown),
 		cmocka_unit_test_setup_teardown(test_plain_refused, setup,
 						teardown),
 		cmocka_unit_test_setup_teardown(test_plain_eof, setup,

@@ -29,6 +29,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -114,7 +115,10 @@ static void fake_send(struct fake *f, const char *text)
 		free(w);
 }
 
-/* The reply to LOGOUT / QUIT, then the server hangs up. */
+/* The reply to LOGOUT / QUIT, then the server hangs up. Also after a
+ * refused login (the gateway hangs up then anyway): whoever closes first
+ * keeps the connection in TIME_WAIT, and the gateway's side of a thousand
+ * logins a second would soon use up the ephemeral ports it connects from. */
 static void fake_bye(struct fake *f, const char *text)
 {
 	fake_send(f, text);
@@ -126,10 +130,9 @@ static void fake_imap(struct fake *f, char *line)
 	char reply[256], *cmd, *arg;
 
 	if (f->state == FS_SASL) {
-		f->state = FS_CMD;
 		snprintf(reply, sizeof(reply), "%s NO [AUTHENTICATIONFAILED] "
 			 "Authentication failed.\r\n", f->tag);
-		fake_send(f, reply);
+		fake_bye(f, reply);
 		return;
 	}
 	cmd = strchr(line, ' ');
@@ -160,6 +163,8 @@ static void fake_imap(struct fake *f, char *line)
 	} else if (!strcasecmp(cmd, "AUTHENTICATE") || !strcasecmp(cmd, "LOGIN")) {
 		snprintf(reply, sizeof(reply), "%s NO [AUTHENTICATIONFAILED] "
 			 "Authentication failed.\r\n", f->tag);
+		fake_bye(f, reply);
+		return;
 	} else {
 		snprintf(reply, sizeof(reply), "%s BAD Unknown command.\r\n",
 			 f->tag);
@@ -170,8 +175,7 @@ static void fake_imap(struct fake *f, char *line)
 static void fake_pop3(struct fake *f, char *line)
 {
 	if (f->state == FS_SASL) {
-		f->state = FS_CMD;
-		fake_send(f, "-ERR [AUTH] Authentication failed.\r\n");
+		fake_bye(f, "-ERR [AUTH] Authentication failed.\r\n");
 	} else if (!strcasecmp(line, "CAPA")) {
 		fake_send(f, "+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n"
 			  "PIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN\r\n.\r\n");
@@ -183,7 +187,7 @@ static void fake_pop3(struct fake *f, char *line)
 		f->state = FS_SASL;
 		fake_send(f, "+ \r\n");
 	} else if (!strncasecmp(line, "AUTH ", 5) || !strncasecmp(line, "PASS ", 5)) {
-		fake_send(f, "-ERR [AUTH] Authentication failed.\r\n");
+		fake_bye(f, "-ERR [AUTH] Authentication failed.\r\n");
 	} else if (!strncasecmp(line, "USER ", 5)) {
 		fake_send(f, "+OK\r\n");
 	} else {
@@ -583,29 +587,61 @@ static void pump(unsigned int turns)
 	}
 }
 
-/* A client from 127.a.b.c (a fresh address each time, never .0 or .255). */
+/* connect() on a non-blocking socket, waited for: the timer signals of
+ * libFuzzer (-timeout) would interrupt a blocking one. */
+static int connect_wait(int fd, const struct sockaddr_in *to)
+{
+	struct pollfd pfd = { .fd = fd, .events = POLLOUT };
+	socklen_t len = sizeof(int);
+	int err = 0;
+
+	if (connect(fd, (const struct sockaddr *)to, sizeof(*to)) == 0)
+		return 0;
+	if (errno != EINPROGRESS && errno != EINTR)
+		return -1;
+	while (poll(&pfd, 1, 5000) < 0)
+		if (errno != EINTR)
+			return -1;
+	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0 || err != 0) {
+		errno = err != 0 ? err : errno;
+		return -1;
+	}
+	return 0;
+}
+
+/* A client from 127.a.b.c (a fresh address each time, never .0 or .255).
+ * Loopback: the kernel completes the handshake before accept(). A failure
+ * is the machine's (ports in TIME_WAIT), not the gateway's: another
+ * address, a little later. */
 static int client_connect(uint16_t port)
 {
 	static uint32_t n;
 	struct sockaddr_in from = { .sin_family = AF_INET };
 	struct sockaddr_in to = { .sin_family = AF_INET };
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	uint32_t host;
 	int one = 1;
 
-	assert(fd >= 0);
-	host = ++n % (254u * 254 * 254);
-	host = (1 + host / (254 * 254)) << 16 | (1 + host / 254 % 254) << 8 |
-	       (1 + host % 254);
-	from.sin_addr.s_addr = htonl(0x7f000000u | host);
 	to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 	to.sin_port = htons(port);
-	assert(bind(fd, (struct sockaddr *)&from, sizeof(from)) == 0);
-	assert(setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) == 0);
-	/* Loopback: the kernel completes the handshake before accept(). */
-	assert(connect(fd, (struct sockaddr *)&to, sizeof(to)) == 0);
-	assert(fcntl(fd, F_SETFL, O_NONBLOCK) == 0);
-	return fd;
+	for (int tries = 0; tries < 100; tries++) {
+		uint32_t host = ++n % (254u * 254 * 254);
+		int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC |
+				SOCK_NONBLOCK, 0);
+
+		assert(fd >= 0);
+		host = (1 + host / (254 * 254)) << 16 |
+		       (1 + host / 254 % 254) << 8 | (1 + host % 254);
+		from.sin_addr.s_addr = htonl(0x7f000000u | host);
+		if (bind(fd, (struct sockaddr *)&from, sizeof(from)) == 0 &&
+		    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
+			       sizeof(one)) == 0 &&
+		    connect_wait(fd, &to) == 0)
+			return fd;
+		fprintf(stderr, "fuzz_prelogin: client %s: %s\n",
+			inet_ntoa(from.sin_addr), strerror(errno));
+		close(fd);
+		usleep(10000);
+	}
+	abort();
 }
 
 /* The gateway said go ahead to STARTTLS / STLS: the client's handshake,

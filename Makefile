@@ -171,12 +171,16 @@ check-fuzz: $(FUZZ_BIN)
 fuzz: $(FUZZ_BIN)
 	$(Q)./tests/fuzz/run $(FUZZ_DIR) $(FUZZ_SECONDS) $(FUZZ)
 
+# The sanitizer stages both run even when the first fails: one run shows
+# every report.
 check: deps
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(MAKE) --no-print-directory unit
 	$(Q)$(MAKE) --no-print-directory integration
-	$(Q)$(MAKE) --no-print-directory check-asan
-	$(Q)$(MAKE) --no-print-directory check-fuzz
+	$(Q)status=0; \
+	$(MAKE) --no-print-directory check-asan || status=1; \
+	$(MAKE) --no-print-directory check-fuzz || status=1; \
+	exit $$status
 
 demo: deps
 	$(Q)$(MAKE) --no-print-directory all

@@ -1,15 +1,30 @@
 # mailshift — top-level build.
 #
 #   make            build everything (warnings are errors)
-#   make check      install missing build/test packages, build, run every test
+#   make check      install missing build/test packages, build, run every test:
+#                   unit, integration, the integration suite again under
+#                   AddressSanitizer + UBSan (check-asan), each fuzz target
+#                   for FUZZ_SECONDS (check-fuzz)
+#   make asan       mailshiftd and mailshiftctl with ASan + UBSan, in build/asan/
+#   make check-asan the unit and integration tests against the build/asan/ binaries
+#   make fuzz-build the libFuzzer targets (tests/fuzz/fuzz_*.c), in build/fuzz/
+#   make fuzz       run them longer: make fuzz FUZZ_SECONDS=600 [FUZZ=fuzz_sasl]
 #   make demo       two local Dovecots, a demo mailbox moved while you watch
 #   make bench      the mover benchmark against mbsync and doveadm (not a test)
+#
+# CFLAGS is the caller's (optimisation, debugging: `make CFLAGS=-O0`); what
+# the code needs to build at all is in MS_CFLAGS and always added.
 
 CC      ?= cc
 PKGS    := libuv openssl sqlite3 jansson libcap-ng
 CFLAGS  ?= -O2 -g
-CFLAGS  += -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Wno-format-truncation -MMD -MP \
-	   -D_GNU_SOURCE -Idaemon $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+MS_CFLAGS := -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -MMD -MP \
+	     -D_GNU_SOURCE -Idaemon $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+# gcc warns about snprintf truncation we do on purpose; clang has no such
+# warning and, with -Werror, refuses to be told not to give it.
+cc_is_clang = $(findstring clang,$(shell $(1) --version 2>/dev/null))
+gcc_only    = $(if $(call cc_is_clang,$(1)),,-Wno-format-truncation)
+CC_WARN := $(call gcc_only,$(CC))
 LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -luv -lssl -lcrypto -lsqlite3 -ljansson -lcap-ng)
 PYTHON  ?= /usr/bin/python3
 
@@ -41,7 +56,7 @@ daemon/libms.a: $(LIB_OBJ)
 
 %.o: %.c
 	@echo "  CC      $@"
-	$(Q)$(CC) $(CFLAGS) -c -o $@ $<
+	$(Q)$(CC) $(MS_CFLAGS) $(CC_WARN) $(CFLAGS) -c -o $@ $<
 
 tools/mailshiftctl: $(TOOL_OBJ) daemon/libms.a
 	@echo "  LD      $@"
@@ -49,7 +64,86 @@ tools/mailshiftctl: $(TOOL_OBJ) daemon/libms.a
 
 tests/unit/test_%: tests/unit/test_%.c daemon/libms.a
 	@echo "  CC      $@"
-	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< daemon/libms.a $(LDLIBS) -lcmocka
+	$(Q)$(CC) $(MS_CFLAGS) $(CC_WARN) $(CFLAGS) $(LDFLAGS) -o $@ $< daemon/libms.a $(LDLIBS) -lcmocka
+
+# ---- AddressSanitizer + UndefinedBehaviorSanitizer build ----
+#
+# Its own objects under build/asan/obj/, so it never mixes with the normal
+# build. Any UB is fatal (-fno-sanitize-recover), like a memory error.
+
+ASAN_CC      ?= clang
+ASAN_CFLAGS  ?= -O1 -g
+SAN_FLAGS    := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+		-fno-omit-frame-pointer
+ASAN_DIR     := build/asan
+ASAN_LIB_OBJ := $(LIB_SRC:%.c=$(ASAN_DIR)/obj/%.o)
+ASAN_TOOL_OBJ := $(TOOL_SRC:%.c=$(ASAN_DIR)/obj/%.o)
+ASAN_UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(ASAN_DIR)/unit/%)
+ASAN_BIN     := $(ASAN_DIR)/mailshiftd $(ASAN_DIR)/mailshiftctl
+ASAN_WARN    := $(call gcc_only,$(ASAN_CC))
+
+asan: $(ASAN_BIN)
+
+$(ASAN_DIR)/obj/%.o: %.c
+	@echo "  CC      $@"
+	@mkdir -p $(@D)
+	$(Q)$(ASAN_CC) $(MS_CFLAGS) $(ASAN_WARN) $(ASAN_CFLAGS) $(SAN_FLAGS) -c -o $@ $<
+
+$(ASAN_DIR)/libms.a: $(ASAN_LIB_OBJ)
+	@echo "  AR      $@"
+	$(Q)rm -f $@ && ar rcs $@ $^
+
+$(ASAN_DIR)/mailshiftd: $(ASAN_DIR)/obj/daemon/mailshiftd.o $(ASAN_DIR)/libms.a
+	@echo "  LD      $@"
+	$(Q)$(ASAN_CC) $(SAN_FLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(ASAN_DIR)/mailshiftctl: $(ASAN_TOOL_OBJ) $(ASAN_DIR)/libms.a
+	@echo "  LD      $@"
+	$(Q)$(ASAN_CC) $(SAN_FLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(ASAN_DIR)/unit/test_%: tests/unit/test_%.c $(ASAN_DIR)/libms.a
+	@echo "  CC      $@"
+	@mkdir -p $(@D)
+	$(Q)$(ASAN_CC) $(MS_CFLAGS) $(ASAN_WARN) $(ASAN_CFLAGS) $(SAN_FLAGS) $(LDFLAGS) \
+		-MF $@.d -o $@ $< $(ASAN_DIR)/libms.a $(LDLIBS) -lcmocka
+
+# ---- libFuzzer targets ----
+#
+# Each tests/fuzz/fuzz_NAME.c is one target, linked against the library
+# built again with the fuzzer's coverage instrumentation and the
+# sanitizers. Seeds: tests/fuzz/corpus/NAME/ (read, never written).
+
+FUZZ_CC      ?= clang
+FUZZ_CFLAGS  ?= -O1 -g
+FUZZ_DIR     := build/fuzz
+FUZZ_SRC     := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZ_NAMES   := $(notdir $(FUZZ_SRC:.c=))
+FUZZ_BIN     := $(addprefix $(FUZZ_DIR)/,$(FUZZ_NAMES))
+FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FUZZ_DIR)/obj/%.o)
+FUZZ_WARN    := $(call gcc_only,$(FUZZ_CC))
+FUZZ_SECONDS ?= 15
+FUZZ         ?= $(FUZZ_NAMES)
+
+fuzz-build: $(FUZZ_BIN)
+
+$(FUZZ_DIR)/obj/%.o: %.c
+	@echo "  CC      $@"
+	@mkdir -p $(@D)
+	$(Q)$(FUZZ_CC) $(MS_CFLAGS) $(FUZZ_WARN) $(FUZZ_CFLAGS) $(SAN_FLAGS) \
+		-fsanitize=fuzzer-no-link -c -o $@ $<
+
+$(FUZZ_DIR)/libms.a: $(FUZZ_LIB_OBJ)
+	@echo "  AR      $@"
+	$(Q)rm -f $@ && ar rcs $@ $^
+
+$(FUZZ_DIR)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_DIR)/libms.a
+	@echo "  CC      $@"
+	@mkdir -p $(@D)
+	$(Q)$(FUZZ_CC) $(MS_CFLAGS) $(FUZZ_WARN) $(FUZZ_CFLAGS) $(SAN_FLAGS) \
+		-fsanitize=fuzzer $(LDFLAGS) -MF $@.d -o $@ $< $(FUZZ_DIR)/libms.a \
+		$(LDLIBS)
+
+# ---- running the tests ----
 
 deps:
 	$(Q)./tests/install-deps.sh
@@ -58,12 +152,35 @@ unit: $(UNIT_BIN)
 	$(Q)set -e; for t in $(UNIT_BIN); do echo "  UNIT    $$t"; ./$$t; done
 
 integration: all
-	$(Q)$(PYTHON) -m pytest -q tests/integration
+	$(Q)$(PYTHON) -m pytest -q -rs tests/integration
 
+# The unit tests and the whole integration suite against the ASan binaries;
+# any sanitizer report (the daemon's, the CLI's, even from a process a test
+# killed or that exited 0) fails it: tests/asan-check. PYTEST_ARGS narrows
+# the pytest part (default: the whole of tests/integration).
+check-asan: $(ASAN_BIN) $(ASAN_UNIT_BIN)
+	$(Q)PYTHON="$(PYTHON)" PYTEST_ARGS="$(PYTEST_ARGS)" \
+		./tests/asan-check $(ASAN_DIR) $(ASAN_UNIT_BIN)
+
+# Each target for FUZZ_SECONDS from its seeds (a scratch corpus in
+# build/fuzz/run/); a crash fails and names the reproducer.
+check-fuzz: $(FUZZ_BIN)
+	$(Q)./tests/fuzz/run --fresh $(FUZZ_DIR) $(FUZZ_SECONDS) $(FUZZ)
+
+# Longer runs, keeping what they find in build/fuzz/corpus/NAME/.
+fuzz: $(FUZZ_BIN)
+	$(Q)./tests/fuzz/run $(FUZZ_DIR) $(FUZZ_SECONDS) $(FUZZ)
+
+# The sanitizer stages both run even when the first fails: one run shows
+# every report.
 check: deps
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(MAKE) --no-print-directory unit
 	$(Q)$(MAKE) --no-print-directory integration
+	$(Q)status=0; \
+	$(MAKE) --no-print-directory check-asan || status=1; \
+	$(MAKE) --no-print-directory check-fuzz || status=1; \
+	exit $$status
 
 demo: deps
 	$(Q)$(MAKE) --no-print-directory all
@@ -80,7 +197,11 @@ bench-gateway: deps
 clean:
 	rm -f daemon/*.o daemon/*.d daemon/libms.a tools/*.o tools/*.d \
 		tools/mailshiftctl daemon/mailshiftd $(UNIT_BIN) tests/unit/*.d
+	rm -rf build
 
-.PHONY: all deps unit integration check demo bench bench-gateway clean
+.PHONY: all asan fuzz-build deps unit integration check-asan check-fuzz fuzz \
+	check demo bench bench-gateway clean
 .SECONDARY:
 -include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d) daemon/mailshiftd.d
+-include $(wildcard $(ASAN_DIR)/obj/*/*.d $(ASAN_DIR)/unit/*.d)
+-include $(wildcard $(FUZZ_DIR)/obj/*/*.d $(FUZZ_DIR)/*.d)

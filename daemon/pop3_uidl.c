@@ -88,6 +88,8 @@ static int expand(const char *fmt, uint32_t uid, uint32_t uidvalidity,
 
 	if (uid_tok != NULL)
 		memset(uid_tok, 0, sizeof(*uid_tok));
+	if (size == 0)
+		return -1;	/* not even room for the NUL */
 	for (;;) {
 		char num[32];
 		int len;

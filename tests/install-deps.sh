@@ -8,7 +8,8 @@ libjansson-dev libcmocka-dev libcap-ng-dev python3 python3-pytest openssl
 dovecot-core dovecot-imapd dovecot-pop3d isync time
 postfix dovecot-lmtpd
 nginx libnginx-mod-mail perdition
-nftables iproute2 gdb"
+nftables iproute2 gdb
+clang libclang-rt-14-dev"
 
 missing=""
 for p in $PKGS; do

@@ -1,11 +1,6 @@
-/* libFuzzer harness for the IMAP response parser. Not part of `make check`.
- *
- * fuzz target (needs clang with libFuzzer):
- *   clang -std=gnu11 -g -O1 -D_GNU_SOURCE -Idaemon \
- *	-fsanitize=fuzzer,address,undefined \
- *	-o tests/fuzz/fuzz_imap_parser tests/fuzz/fuzz_imap_parser.c
- *   mkdir -p /tmp/imap-corpus
- *   ./tests/fuzz/fuzz_imap_parser -max_total_time=60 /tmp/imap-corpus
+/* libFuzzer target: the IMAP response parser (daemon/imap_parser.h).
+ * Built by `make fuzz-build`, run by `make check` (check-fuzz) and
+ * `make fuzz FUZZ=fuzz_imap_parser`; seeds in tests/fuzz/corpus/fuzz_imap_parser/.
  *
  * Input: byte 0 seeds the chunk sizes, byte 1 picks limits and literal
  * policy, the rest is what the "server" sends. The stream is parsed twice,
@@ -13,9 +8,11 @@
  * sanitizers, the oracle is that both parses produce the same responses,
  * callbacks and error, and that every response obeys the limits.
  */
-#include "../../daemon/imap_parser.c"
-
 #include <assert.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "imap_parser.h"
 
 struct fctx {
 	uint64_t hash;			/* FNV-1a over everything observed */

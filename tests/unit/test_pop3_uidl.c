@@ -72,6 +72,13 @@ static void test_format_errors(void **state)
 	/* too small a buffer */
 	assert_int_equal(ms_uidl_format("%08Xu%08Xv", 1, 1, buf, 16), -1);
 	assert_int_equal(ms_uidl_format("%08Xu%08Xv", 1, 1, buf, 17), 16);
+	/* A format that writes nothing still needs room for the NUL: with
+	 * none, nothing is written (fuzz_pop3_uidl found the write). */
+	buf[0] = 'x';
+	assert_int_equal(ms_uidl_format("", 1, 1, buf, 0), -1);
+	assert_int_equal(buf[0], 'x');
+	assert_int_equal(ms_uidl_format("", 1, 1, buf, 1), 0);
+	assert_int_equal(buf[0], '\0');
 }
 
 static void test_parse_refuses(void **state)

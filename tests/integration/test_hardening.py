@@ -806,6 +806,14 @@ def flood_clients(port, addrs, payload, **kw):
     return stop, threads, results
 
 
+# Under the sanitizers (make check-asan) freed memory waits in ASan's
+# quarantine (tests/asan-check keeps it to 64 MB) and its shadow memory
+# counts too: memory bounds get this much more there. The plain run holds
+# them to the real numbers.
+SANITIZER_SLACK_KB = 128 * 1024 if os.environ.get('MAILSHIFT_SANITIZER') \
+    else 0
+
+
 def peak_rss_while(gw, busy, base_kb, limit_kb, settle=25):
     """Samples the daemon's VmRSS every 0.2 s while busy() is true, then
     settle more times; returns the peak. Fails at once over base_kb +
@@ -818,7 +826,7 @@ def peak_rss_while(gw, busy, base_kb, limit_kb, settle=25):
         if rss is None:
             alive_or_fail(gw, 'clients that pipeline and never read')
         peak = max(peak, rss)
-        assert peak - base_kb < limit_kb, \
+        assert peak - base_kb < limit_kb + SANITIZER_SLACK_KB, \
             'mailshiftd grew by %d MB (VmRSS %d MB, baseline %d MB)' % (
                 (peak - base_kb) // 1024, peak // 1024, base_kb // 1024)
         time.sleep(0.2)

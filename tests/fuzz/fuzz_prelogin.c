@@ -2,8 +2,9 @@
  * logged in (IMAP, POP3, inbound SMTP, submission), through the public API
  * of daemon/gateway.h, in this process.
  *
- * Set up once: a libuv loop; a store in a scratch directory (on /dev/shm
- * when there is one: the gateway writes a user row per login attempt);
+ * Set up once: a libuv loop; a store in a scratch directory under $TMPDIR
+ * (tests/fuzz/run gives each target one of its own, emptied every run: a
+ * crash leaves it behind);
  * fake IMAP, POP3 and SMTP servers on loopback, served by this same loop,
  * that greet, answer CAPABILITY / CAPA / EHLO, take mail and refuse every
  * login; a gateway whose source and destination are those servers, with
@@ -424,13 +425,15 @@ static void setup(void)
 	static struct ms_gw_config cfg;
 	struct ms_store *store;
 	char path[512], err[512], *serr = NULL;
+	const char *tmp;
 	uint16_t fake[4];
 
 	verbose = getenv("FUZZ_VERBOSE") != NULL;
 	/* A warning per failed login, unless asked. */
 	ms_log_level = verbose ? MS_LOG_INFO : MS_LOG_ERROR;
+	tmp = getenv("TMPDIR");
 	snprintf(scratch, sizeof(scratch), "%s/fuzz_prelogin.XXXXXX",
-		 access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp");
+		 tmp != NULL && *tmp != '\0' ? tmp : "/tmp");
 	assert(mkdtemp(scratch) != NULL);
 	atexit(cleanup);
 	loop = uv_default_loop();

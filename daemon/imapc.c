@@ -75,6 +75,7 @@ struct ms_imapc {
 
 	uv_timer_t *timer;
 	int busy;		/* inside a callback: defer free */
+	int tls_began;		/* STARTTLS go-ahead taken in this read */
 	int free_pending;
 
 	/* streaming APPEND */
@@ -691,7 +692,12 @@ static void on_tls_done(struct ms_conn *conn, int status, const char *error)
 	struct ms_imapc *c = ms_conn_ctx(conn);
 
 	if (status != 0) {
+		/* The owner may free us from its callback. */
+		c->busy++;
 		fail(c, "STARTTLS: %s", error != NULL ? error : "handshake failed");
+		c->busy--;
+		if (c->free_pending && c->busy == 0)
+			really_free(c);
 		return;
 	}
 	/* Capabilities learnt before TLS must be forgotten (RFC 3501 6.2.1). */
@@ -714,6 +720,8 @@ static void on_starttls(struct ms_imapc *c, const struct ms_imap_response *r,
 	}
 	if (ms_conn_starttls(c->conn, on_tls_done) < 0)
 		fail(c, "STARTTLS: cannot start TLS");
+	else
+		c->tls_began = 1;
 }
 
 static void after_capa(struct ms_imapc *c)
@@ -865,6 +873,16 @@ static void on_read(struct ms_conn *conn, const char *data, size_t len)
 		len -= (size_t)n;
 		if (resp != NULL)
 			handle_response(c, resp);
+		if (c->tls_began) {
+			/* Whatever came with the go-ahead was not protected
+			 * by TLS: an attacker on the path may have put it
+			 * there (CVE-2011-0411 class). */
+			c->tls_began = 0;
+			if (len > 0 && c->state != ST_FAILED)
+				fail(c, "STARTTLS: the server sent data after "
+				     "its go-ahead");
+			break;
+		}
 	}
 	c->busy--;
 	if (c->free_pending && c->busy == 0)

@@ -127,9 +127,19 @@ struct window {
 	int body_done;			/* the BODY[] FETCH was answered */
 	unsigned int replies_pending;	/* APPEND commands not answered */
 	struct append_cmd *cur_cmd;
+	struct append_cmd *acs;		/* all of them: freed with the window
+					   (an error reply may leave the
+					   open one in use) */
 	int finished;			/* done, waiting for older windows */
 	uint32_t max_uid;
 	uint64_t bytes;
+};
+
+/* One APPEND (or MULTIAPPEND) command of a window. */
+struct append_cmd {
+	struct append_cmd *next;	/* win->acs */
+	struct window *win;
+	unsigned int first, count;
 };
 
 struct fpent {
@@ -271,8 +281,18 @@ static void rb_scan_done(struct worker *w);
 static void rb_expunged(struct worker *w);
 static void rb_verify_claims(struct worker *w);
 static void rb_verify_done(struct worker *w);
+static void window_free(struct window *win);
 
 /* ---- small helpers ---- */
+
+/* qsort() that may be given nothing: qsort(NULL, 0, ...) is undefined
+ * behaviour (UBSan stops on it). */
+static void sort_n(void *base, size_t n, size_t size,
+		   int (*cmp)(const void *, const void *))
+{
+	if (n > 1)
+		qsort(base, n, size, cmp);
+}
 
 static uint64_t now_ms(void)
 {
@@ -727,9 +747,7 @@ static void worker_close(struct worker *w)
 	     l < lists + 4; l++) {
 		for (win = **l; win != NULL; win = next) {
 			next = win->next;
-			free(win->msgs);
-			free(win->order);
-			free(win);
+			window_free(win);
 		}
 		**l = NULL;
 	}
@@ -1437,7 +1455,7 @@ static void plan_step(struct ujob *u)
 		return;
 	case -2:
 		/* Stage 3: go. */
-		qsort(u->folders, u->nfolders, sizeof(*u->folders),
+		sort_n(u->folders, u->nfolders, sizeof(*u->folders),
 		      cmp_folder_size);
 		u->planned = 1;
 		for (unsigned int i = 0; i < u->nfolders; i++) {
@@ -1896,7 +1914,7 @@ static void match_finish_reconcile(struct worker *w)
 	struct ms_store *store = w->u->m->store;
 	struct reconcile_ctx rc = { .w = w };
 
-	qsort(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
+	sort_n(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
 	if (store_check(w, ms_store_begin(store)) < 0)
 		return;
 	if (foreach_intent(w, reconcile_one, &rc) != 0 ||
@@ -1954,7 +1972,7 @@ static void on_match_dst_reply(struct ms_imapc *c,
 		match_finish_reconcile(w);
 		return;
 	}
-	qsort(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
+	sort_n(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
 	/* Now walk the source and pair each message with an unused
 	 * destination one of the same fingerprint. */
 	w->phase = PH_MATCH;
@@ -2111,6 +2129,12 @@ static void window_free(struct window *win)
 {
 	if (win == NULL)
 		return;
+	while (win->acs != NULL) {
+		struct append_cmd *ac = win->acs;
+
+		win->acs = ac->next;
+		free(ac);
+	}
 	free(win->msgs);
 	free(win->order);
 	free(win);
@@ -2290,11 +2314,6 @@ static void window_queue(struct worker *w, struct window *win)
 }
 
 /* One APPEND command: messages order[first .. first+count-1] of win. */
-struct append_cmd {
-	struct window *win;
-	unsigned int first, count;
-};
-
 static void window_finish(struct worker *w, struct window *win)
 {
 	struct ujob *u = w->u;
@@ -2419,7 +2438,6 @@ static void on_append_reply(struct ms_imapc *c, const struct ms_imap_response *r
 			win->msgs[win->order[ac->first + i]].dst_uid = uids[i];
 	}
 	free(uids);
-	free(ac);
 	if (--win->replies_pending == 0 && win->body_done)
 		window_finish(w, win);
 	copy_pump(w);
@@ -2611,10 +2629,11 @@ static int on_literal_start(void *ctx, const struct ms_imap_response *partial,
 		}
 		ac->win = win;
 		ac->first = win->nstreamed;
+		ac->next = win->acs;
+		win->acs = ac;
 		if (ms_imapc_append_begin(w->d, on_append_reply, ac,
 					  w->u->reverse ? w->f->src :
 					  w->f->dst) < 0) {
-			free(ac);
 			folder_fail(w, "APPEND", NULL, w->d);
 			return -1;
 		}
@@ -2999,7 +3018,7 @@ static void start_dedup(struct worker *w)
 		return;
 	}
 	ms_u32vec_sort(&cc.uids);
-	qsort(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
+	sort_n(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
 	unclaimed = calloc(w->dst_uids.n + 1, sizeof(*unclaimed));
 	for (size_t i = 0; unclaimed != NULL && i < w->dst_uids.n; i++)
 		if (!ms_u32vec_has(&cc.uids, w->dst_uids.v[i]))
@@ -3013,7 +3032,7 @@ static void start_dedup(struct worker *w)
 			.status = MS_STATUS_OK }, w);
 		return;
 	}
-	qsort(unclaimed, nun, sizeof(*unclaimed), cmp_u32);
+	sort_n(unclaimed, nun, sizeof(*unclaimed), cmp_u32);
 	uid_list_set(unclaimed, nun, &set);
 	free(unclaimed);
 	if (set == NULL) {
@@ -3704,7 +3723,7 @@ static void on_rscan_src_reply(struct ms_imapc *c,
 		return;
 	}
 	if (w->nfps > 1)
-		qsort(w->fps, w->nfps, sizeof(*w->fps), cmp_fp_uid);
+		sort_n(w->fps, w->nfps, sizeof(*w->fps), cmp_fp_uid);
 	/* The destination's flags are compared as they come; flag STOREs
 	 * to the source count in w->pending too. */
 	w->phase = PH_RSCAN_DST;
@@ -3727,7 +3746,7 @@ static void rb_start_scan(struct worker *w)
 		return;
 	}
 	if (w->nrrecs > 1)
-		qsort(w->rrecs, w->nrrecs, sizeof(*w->rrecs), cmp_rrec);
+		sort_n(w->rrecs, w->nrrecs, sizeof(*w->rrecs), cmp_rrec);
 	w->phase = PH_RSCAN_SRC;
 	ms_imapc_cmd(w->d, on_rscan_src_reply, w, "UID FETCH 1:* (UID FLAGS)");
 }
@@ -4515,7 +4534,7 @@ static void on_pop3_match(struct ms_imapc *c, const struct ms_imap_response *r,
 	/* POP3 has no INTERNALDATE: fingerprints carry date 0. */
 	for (size_t i = 0; i < w->nfps; i++)
 		w->fps[i].h = w->fps[i].h;
-	qsort(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
+	sort_n(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
 	if (ms_store_begin(store) < 0 ||
 	    ms_store_msg_foreach(store, w->f->st.id, MS_MSG_INTENT,
 				 pop3_reconcile_one, w) != 0 ||

@@ -38,6 +38,7 @@ struct ms_pop3c {
 	size_t linelen;
 	char error[400];
 	int busy, free_pending;
+	int tls_began;		/* STLS go-ahead taken in this read */
 };
 
 const char *ms_pop3c_error(const struct ms_pop3c *c)
@@ -241,6 +242,8 @@ static void on_stls_reply(struct ms_pop3c *c, int ok, const char *text,
 	}
 	if (ms_conn_starttls(c->conn, on_tls) < 0)
 		fail(c, "STLS: cannot start TLS");
+	else
+		c->tls_began = 1;
 }
 
 static void on_capa_reply(struct ms_pop3c *c, int ok, const char *text,
@@ -260,7 +263,12 @@ static void on_tls(struct ms_conn *conn, int status, const char *error)
 	struct ms_pop3c *c = ms_conn_ctx(conn);
 
 	if (status != 0) {
+		/* The owner may free us from its callback. */
+		c->busy++;
 		fail(c, "STLS: %s", error != NULL ? error : "handshake failed");
+		c->busy--;
+		if (c->free_pending && c->busy == 0)
+			really_free(c);
 		return;
 	}
 	c->sasl = 0;
@@ -357,6 +365,15 @@ static void on_read(struct ms_conn *conn, const char *data, size_t len)
 
 			c->linelen = 0;
 			handle_line(c, c->line, l);
+			if (c->tls_began) {
+				/* Not protected by TLS: an attacker on the
+				 * path may have put it there. */
+				c->tls_began = 0;
+				if (i + 1 < len && c->state != ST_FAILED)
+					fail(c, "STLS: the server sent data "
+					     "after its go-ahead");
+				break;
+			}
 		}
 	}
 	c->busy--;

@@ -149,6 +149,29 @@ static int side_key(struct side *s, const char *key, const char *value,
 	return -1;
 }
 
+static void side_free(struct side *s)
+{
+	free(s->url);
+	free(s->user);
+	free(s->admin);
+	free(s->password_file);
+	free(s->ca_file);
+	free(s->server_name);
+	free(s->auth);
+}
+
+/* The strings the config file set (a command line's point into argv). */
+static void opts_free(struct opts *o)
+{
+	side_free(&o->src);
+	side_free(&o->dst);
+	free(o->store);
+	for (unsigned int i = 0; i < o->ninclude; i++)
+		free((char *)o->include[i]);
+	for (unsigned int i = 0; i < o->nexclude; i++)
+		free((char *)o->exclude[i]);
+}
+
 static int on_config(void *ctx, const char *section, const char *key,
 		     const char *value, char *err, size_t errsz)
 {
@@ -509,6 +532,7 @@ int migrate_main(int argc, char *argv[])
 {
 	struct opts o = { .progress = -1 };
 	struct opts cli = { .progress = -1 };
+	struct opts conf;	/* what the config file set (strings to free) */
 	struct ms_server_cfg src, dst;
 	struct ms_mover_opts mopts = { 0 };
 	struct ms_store *store = NULL;
@@ -585,8 +609,10 @@ int migrate_main(int argc, char *argv[])
 	if (config != NULL &&
 	    ms_ini_parse(config, on_config, &o, errbuf, sizeof(errbuf)) < 0) {
 		fprintf(stderr, "%s: %s\n", prog, errbuf);
+		opts_free(&o);
 		return 2;
 	}
+	conf = o;
 #define OVERRIDE(field) do { if (cli.field) o.field = cli.field; } while (0)
 	OVERRIDE(src.url); OVERRIDE(dst.url);
 	OVERRIDE(src.user); OVERRIDE(dst.user);
@@ -612,21 +638,21 @@ int migrate_main(int argc, char *argv[])
 		o.connections = 4;
 	if (build_server(&src, &o.src, "source", o.connections) < 0 ||
 	    build_server(&dst, &o.dst, "destination", o.connections) < 0)
-		return 2;
+		goto out;
 	if (dst.proto != MS_PROTO_IMAP) {
 		fprintf(stderr, "%s: the destination must be an IMAP server\n",
 			prog);
-		return 2;
+		goto out;
 	}
 	if (o.rollback && src.proto != MS_PROTO_IMAP) {
 		fprintf(stderr, "%s: --rollback needs an IMAP source (mail "
 			"cannot be put back on a POP3 server)\n", prog);
-		return 2;
+		goto out;
 	}
 	src_pw = get_password(&o.src, "MAILSHIFT_SOURCE_PASSWORD", "source",
 			      argv[optind]);
 	if (src_pw == NULL)
-		return 2;
+		goto out;
 	dst_pw = get_password(&o.dst, "MAILSHIFT_DEST_PASSWORD", "destination",
 			      argv[optind]);
 	if (dst_pw == NULL)
@@ -710,5 +736,6 @@ out:
 		OPENSSL_cleanse(dst_pw, strlen(dst_pw));
 		free(dst_pw);
 	}
+	opts_free(&conf);
 	return ret;
 }

@@ -285,7 +285,14 @@ def test_uidls_survive_the_move(gpair, make_gw, workdir):
     gw_raw.s.sendall(b'RETR %d\r\nUIDL 1\r\n' % (len(listing) + 1))
     time.sleep(1.5)
     grew = rss_kb(g.pid) - rss0
-    assert grew < 4 * 1024, 'mailshiftd grew by %d KB' % grew
+    if os.environ.get('MAILSHIFT_SANITIZER'):
+        # ASan keeps freed buffers in its quarantine (and shadow memory):
+        # RSS says nothing about what the gateway holds there. The plain
+        # run of the suite (the same make check) asserts it.
+        print('WARNING: under %s the 4 MB memory bound is not checked '
+              '(grew by %d KB)' % (os.environ['MAILSHIFT_SANITIZER'], grew))
+    else:
+        assert grew < 4 * 1024, 'mailshiftd grew by %d KB' % grew
     first = gw_raw.line()
     assert first.startswith(b'+OK'), first
     body = gw_raw.until(b'\r\n.\r\n')

@@ -38,7 +38,6 @@
 #define BAD_MAX 10		/* bad pre-login commands before we hang up */
 #define PRELOGIN_TIMEOUT_MS (180 * 1000)	/* since the client's last bytes */
 #define PRELOGIN_MAX_MS (10 * 60 * 1000)	/* since it connected, at most */
-#define AUTH_FAILS_MAX 3	/* refused logins on one connection (Dovecot's) */
 /* Commands before login on one connection: a client needs a handful; one
  * that sends thousands (and reads nothing) only costs the others time. */
 #define PRELOGIN_CMDS_MAX 1000
@@ -84,7 +83,6 @@ struct session {
 	char *in;
 	size_t inlen, incap;
 	int processing;			/* inside prelogin_process() */
-	unsigned int auth_fails;	/* logins the servers refused */
 	unsigned int ncmds;		/* commands before login */
 	uint64_t born_ms;		/* uv_now() at accept */
 	char *argv[ARG_MAX];
@@ -215,7 +213,6 @@ static int prelogin_reading(const struct session *s);
 static void prelogin_process(struct session *s);
 static void line_too_long(struct session *s);
 static int too_many_commands(struct session *s);
-static int auth_fails_over(struct session *s);
 
 /* ---- small helpers ---- */
 
@@ -916,21 +913,6 @@ static uint64_t penalty_ms(struct ms_gateway *gw, const char *addr, int failed)
 		1000ULL << (p->fails - PENALTY_FREE_FAILS - 1);
 }
 
-/* Too many logins refused on this connection: it ends (as Dovecot's
- * login processes do after 3), the client may connect again. */
-static int auth_fails_over(struct session *s)
-{
-	if (s->auth_fails < AUTH_FAILS_MAX)
-		return 0;
-	if (s->proto == MS_GW_IMAP)
-		out(s, "* BYE Too many invalid authentication attempts.\r\n");
-	else
-		out(s, "-ERR [AUTH] Too many invalid authentication "
-		    "attempts.\r\n");
-	session_close(s);
-	return 1;
-}
-
 static void on_penalty_over(uv_timer_t *t)
 {
 	struct session *s = t->data;
@@ -940,8 +922,6 @@ static void on_penalty_over(uv_timer_t *t)
 		free(s->penalty_reply);
 		s->penalty_reply = NULL;
 	}
-	if (auth_fails_over(s))
-		return;
 	s->st = SS_PRELOGIN;
 	prelogin_timer(s);
 	/* Commands the client sent meanwhile. */
@@ -955,14 +935,11 @@ static void login_failed(struct session *s, const char *reply)
 	uint64_t delay = penalty_ms(s->gw, s->peer, 1);
 
 	s->gw->logins_failed++;
-	s->auth_fails++;
 	ms_conn_close(&s->b);
 	session_uncount(s);
 	wipe_login(s);
 	if (delay == 0) {
 		out(s, "%s\r\n", reply);
-		if (auth_fails_over(s))
-			return;
 		s->st = SS_PRELOGIN;
 		prelogin_timer(s);
 		/* Commands the client pipelined behind the login. */

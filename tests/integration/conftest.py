@@ -213,6 +213,16 @@ def _install_maildirs(server, golden, users):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
+    # A test that cannot run here fails the run, saying why, unless the
+    # run allows skips (MAILSHIFT_ALLOW_SKIP=1): the suite never passes in
+    # silence over what it did not test.
+    if rep.skipped and not hasattr(rep, 'wasxfail') and \
+            not os.environ.get('MAILSHIFT_ALLOW_SKIP'):
+        why = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else \
+            str(rep.longrepr)
+        rep.outcome = 'failed'
+        rep.longrepr = ('skipped, and skips are not allowed (set '
+                        'MAILSHIFT_ALLOW_SKIP=1 to allow them): %s' % why)
     setattr(item, 'rep_' + rep.when, rep)
 
 

@@ -1387,9 +1387,30 @@ static int plaintext_refused(struct session *s)
 	return 1;
 }
 
+int ms_gw_login_names_check(const char *session, const char *user,
+			    const char *name)
+{
+	const char *why;
+
+	if (strlen(user) > MS_GW_USER_MAX || strlen(name) > MS_GW_USER_MAX) {
+		ms_info("%s: refused a user name of %zu bytes", session,
+			strlen(user) > strlen(name) ? strlen(user) :
+			strlen(name));
+		return MS_GW_NAME_TOO_LONG;
+	}
+	if ((why = ms_user_name_check(user)) != NULL ||
+	    (why = ms_user_name_check(name)) != NULL) {
+		ms_info("%s: refused the user name \"%s\": %s", session, name,
+			why);
+		return MS_GW_NAME_INVALID;
+	}
+	return 0;
+}
+
 static void login_start(struct session *s)
 {
-	const char *name, *why;
+	char what[64];
+	const char *name;
 
 	if (plaintext_refused(s))
 		return;
@@ -1400,18 +1421,13 @@ static void login_start(struct session *s)
 		return;
 	}
 	name = login_name(s);
-	if (strlen(s->user) > MS_GW_USER_MAX || strlen(name) > MS_GW_USER_MAX) {
-		ms_info("session %llu: refused a user name of %zu bytes",
-			(unsigned long long)s->id, strlen(s->user) > strlen(name) ?
-			strlen(s->user) : strlen(name));
+	snprintf(what, sizeof(what), "session %llu", (unsigned long long)s->id);
+	switch (ms_gw_login_names_check(what, s->user, name)) {
+	case MS_GW_NAME_TOO_LONG:
 		login_refuse(s, "CANNOT", "AUTH", "User name too long (at most "
 			     MS_STR(MS_GW_USER_MAX) " bytes).");
 		return;
-	}
-	if ((why = ms_user_name_check(s->user)) != NULL ||
-	    (why = ms_user_name_check(name)) != NULL) {
-		ms_info("session %llu: refused the user name \"%s\": %s",
-			(unsigned long long)s->id, name, why);
+	case MS_GW_NAME_INVALID:
 		login_refuse(s, "AUTHENTICATIONFAILED", "AUTH",
 			     "Invalid characters in the user name.");
 		return;

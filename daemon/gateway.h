@@ -83,6 +83,16 @@ struct ms_gw_config {
 /* The longest user name a login may give (a clear error above it). */
 #define MS_GW_USER_MAX 255
 
+/* The names a login gives (the login name and the user it is for),
+ * checked before anything is done with them, for every protocol: 0, or
+ * MS_GW_NAME_TOO_LONG (over MS_GW_USER_MAX bytes: never cut) or
+ * MS_GW_NAME_INVALID (not UTF-8, control bytes), logged (escaped) as
+ * "SESSION: refused ...". */
+#define MS_GW_NAME_TOO_LONG (-1)
+#define MS_GW_NAME_INVALID (-2)
+int ms_gw_login_names_check(const char *session, const char *user,
+			    const char *name);
+
 /* A key of the config file's [listen] section that the gateway parses
  * itself (limits, plaintext_auth, trusted_networks). Returns 0, -1 with
  * err filled, or 1 when the key is not one of these. */

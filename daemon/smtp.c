@@ -1154,7 +1154,7 @@ static void auth_start(struct smtp_session *s)
 {
 	const char *name = s->authz != NULL && s->authz[0] != '\0' ?
 		s->authz : s->user;
-	const char *why;
+	char what[64];
 	enum ms_route r;
 
 	if (s->user == NULL || s->pass == NULL || s->user[0] == '\0') {
@@ -1162,19 +1162,14 @@ static void auth_start(struct smtp_session *s)
 		out(s, "535 5.7.8 Error: authentication failed\r\n");
 		return;
 	}
-	if (strlen(s->user) > MS_GW_USER_MAX || strlen(name) > MS_GW_USER_MAX) {
-		ms_info("smtp %llu: refused a user name of %zu bytes",
-			(unsigned long long)s->id, strlen(s->user) > strlen(name) ?
-			strlen(s->user) : strlen(name));
+	snprintf(what, sizeof(what), "smtp %llu", (unsigned long long)s->id);
+	switch (ms_gw_login_names_check(what, s->user, name)) {
+	case MS_GW_NAME_TOO_LONG:
 		wipe_login(s);
 		out(s, "501 5.5.4 User name too long (at most "
 		    MS_STR(MS_GW_USER_MAX) " bytes)\r\n");
 		return;
-	}
-	if ((why = ms_user_name_check(s->user)) != NULL ||
-	    (why = ms_user_name_check(name)) != NULL) {
-		ms_info("smtp %llu: refused the user name \"%s\": %s",
-			(unsigned long long)s->id, name, why);
+	case MS_GW_NAME_INVALID:
 		wipe_login(s);
 		out(s, "535 5.7.8 Error: authentication failed (invalid "
 		    "characters in the user name)\r\n");

@@ -1382,6 +1382,8 @@ static int plaintext_refused(struct session *s)
 {
 	if (s->tls || ms_gateway_plaintext_ok(s->gw, s->peer))
 		return 0;
+	ms_info("session %llu: %s: plaintext login refused (not TLS, not a "
+		"trusted network)", (unsigned long long)s->id, s->peer);
 	login_refuse(s, "PRIVACYREQUIRED", "AUTH", "Plaintext authentication "
 		     "disallowed on non-secure (SSL/TLS) connections.");
 	return 1;

@@ -174,6 +174,7 @@ fuzz: $(FUZZ_BIN)
 # The sanitizer stages both run even when the first fails: one run shows
 # every report.
 check: deps
+	$(Q)./tests/check-tree
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(MAKE) --no-print-directory unit
 	$(Q)$(MAKE) --no-print-directory integration

@@ -11,6 +11,8 @@
 #   make fuzz       run them longer: make fuzz FUZZ_SECONDS=600 [FUZZ=fuzz_sasl]
 #   make demo       two local Dovecots, a demo mailbox moved while you watch
 #   make bench      the mover benchmark against mbsync and doveadm (not a test)
+#   make install    the programs, man pages and example config, under
+#                   DESTDIR and PREFIX (default /usr/local)
 #
 # CFLAGS is the caller's (optimisation, debugging: `make CFLAGS=-O0`); what
 # the code needs to build at all is in MS_CFLAGS and always added.
@@ -27,6 +29,12 @@ gcc_only    = $(if $(call cc_is_clang,$(1)),,-Wno-format-truncation)
 CC_WARN := $(call gcc_only,$(CC))
 LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -luv -lssl -lcrypto -lsqlite3 -ljansson -lcap-ng)
 PYTHON  ?= /usr/bin/python3
+PREFIX  ?= /usr/local
+BINDIR  ?= $(PREFIX)/bin
+SBINDIR ?= $(PREFIX)/sbin
+MANDIR  ?= $(PREFIX)/share/man
+DOCDIR  ?= $(PREFIX)/share/doc/mailshift
+INSTALL ?= install
 
 ifeq ($(V),1)
 Q :=
@@ -195,13 +203,36 @@ bench-gateway: deps
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(PYTHON) bench/gateway_bench.py
 
+# What a package holds: mailshiftd is the administrator's daemon (sbin),
+# mailshiftctl the operator's tool; the example config goes with the docs
+# (a package decides whether to put one in /etc).
+install: all
+	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SBINDIR) \
+		$(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 \
+		$(DESTDIR)$(DOCDIR)
+	$(INSTALL) -m 755 tools/mailshiftctl $(DESTDIR)$(BINDIR)/mailshiftctl
+	$(INSTALL) -m 755 daemon/mailshiftd $(DESTDIR)$(SBINDIR)/mailshiftd
+	$(INSTALL) -m 644 docs/mailshift.conf.5 $(DESTDIR)$(MANDIR)/man5/
+	$(INSTALL) -m 644 docs/mailshiftd.8 docs/mailshiftctl.8 \
+		$(DESTDIR)$(MANDIR)/man8/
+	$(INSTALL) -m 644 etc/mailshift.conf \
+		$(DESTDIR)$(DOCDIR)/mailshift.conf.example
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/mailshiftctl $(DESTDIR)$(SBINDIR)/mailshiftd \
+		$(DESTDIR)$(MANDIR)/man5/mailshift.conf.5 \
+		$(DESTDIR)$(MANDIR)/man8/mailshiftd.8 \
+		$(DESTDIR)$(MANDIR)/man8/mailshiftctl.8 \
+		$(DESTDIR)$(DOCDIR)/mailshift.conf.example
+	-rmdir $(DESTDIR)$(DOCDIR)
+
 clean:
 	rm -f daemon/*.o daemon/*.d daemon/libms.a tools/*.o tools/*.d \
 		tools/mailshiftctl daemon/mailshiftd $(UNIT_BIN) tests/unit/*.d
 	rm -rf build
 
 .PHONY: all asan fuzz-build deps unit integration check-asan check-fuzz fuzz \
-	check demo bench bench-gateway clean
+	check demo bench bench-gateway install uninstall clean
 .SECONDARY:
 -include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d) daemon/mailshiftd.d
 -include $(wildcard $(ASAN_DIR)/obj/*/*.d $(ASAN_DIR)/unit/*.d)

@@ -32,9 +32,11 @@ static void on_signal(uv_signal_t *h, int signum)
 
 static void usage(FILE *f)
 {
-	fprintf(f, "Usage: mailshiftd -c FILE [-f] [-v]\n"
+	fprintf(f, "Usage: mailshiftd -c FILE [-f] [-t] [-v]\n"
 		"  -c FILE  configuration (see mailshift.conf(5))\n"
 		"  -f       stay in the foreground (the only mode for now)\n"
+		"  -t       check the configuration and the files it names, "
+		"then exit\n"
 		"  -v       log more\n");
 }
 
@@ -200,6 +202,44 @@ static int write_pid_file(const char *path, char *err, size_t errsz)
 	return 0;
 }
 
+/* -t: what a start would refuse at once (the file, the user, the admin
+ * password files), without opening a listener or the store, and without
+ * giving up any privilege: a check an operator or a package's
+ * post-install step can run next to a live daemon. */
+static int check_config(const char *conf)
+{
+	static struct ms_dconfig c;
+	struct ms_priv p = { 0 };
+	struct ms_tls_server *tls = NULL;
+	uid_t owner = 0;
+	char err[1200];
+	int ret = 0;
+
+	if (ms_dconfig_load(conf, &c, err, sizeof(err)) < 0)
+		ret = 2;
+	else if (c.user[0] != '\0' &&
+		 ms_priv_lookup(c.user, c.group, &p, err, sizeof(err)) < 0)
+		ret = 2;
+	if (ret == 0 && c.user[0] != '\0')
+		owner = p.uid;
+	if (ret == 0 && read_admin_passwords(&c, owner, err, sizeof(err)) < 0)
+		ret = 2;
+	if (ret == 0 && (c.gw.cert[0] != '\0' || c.gw.key[0] != '\0')) {
+		if (ms_tls_server_new(c.gw.cert, c.gw.key, &tls, err,
+				      sizeof(err)) < 0)
+			ret = 2;
+		ms_tls_server_free(&tls);
+	}
+	ms_secret_free((char **)&c.gw.src_admin_pw);
+	ms_secret_free((char **)&c.gw.dst_admin_pw);
+	if (ret != 0) {
+		fprintf(stderr, "mailshiftd: %s\n", err);
+		return ret;
+	}
+	printf("mailshiftd: %s: configuration ok\n", conf);
+	return 0;
+}
+
 int main(int argc, char *argv[])
 {
 	static struct ms_dconfig c;
@@ -212,12 +252,13 @@ int main(int argc, char *argv[])
 	char *serr = NULL;
 	const char *conf = NULL;
 	uv_loop_t *loop = NULL;
-	int ch, drop, pid_written = 0, ret = 1;
+	int ch, drop, pid_written = 0, test_only = 0, ret = 1;
 
-	while ((ch = getopt(argc, argv, "c:fvh")) != -1) {
+	while ((ch = getopt(argc, argv, "c:ftvh")) != -1) {
 		switch (ch) {
 		case 'c': conf = optarg; break;
 		case 'f': break;
+		case 't': test_only = 1; break;
 		case 'v': ms_log_level = MS_LOG_INFO; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
@@ -234,6 +275,8 @@ int main(int argc, char *argv[])
 	 * them on a heap that is not trimmed under 64 MB. */
 	mallopt(M_MMAP_THRESHOLD, 4 * 1024 * 1024);
 	mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024);
+	if (test_only)
+		return check_config(conf);
 	if (ms_priv_start(err, sizeof(err)) < 0) {
 		fprintf(stderr, "mailshiftd: %s\n", err);
 		return 1;

@@ -15,7 +15,7 @@
 #include <jansson.h>
 #include <uv.h>
 
-#include "mover.h"
+#include "server.h"
 
 enum ms_caps_kind {
 	MS_CAPS_IMAP,

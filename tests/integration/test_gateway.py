@@ -23,6 +23,7 @@ import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 
 import pytest
@@ -542,6 +543,77 @@ def test_hold_max_goes_to_the_source(gpair, make_gw, dst_proxy):
     ids = dst_inbox_ids(gpair, 'bob')
     for mid in (id_src, id1, id2):
         assert ids[mid] == 1, (mid, ids[mid])
+
+
+def test_migrate_ends_open_sessions(gpair, make_gw, dst_proxy):
+    """`mailshiftctl migrate --daemon USER` with sessions open on the
+    source (docs: copy, verify, BYE, last delta, flip). Each open session
+    gets `* BYE` and is closed once the copy is verified, before the
+    cutover: the user is then in cutover (mail deferred, 2 s grace for the
+    source's MTA, the last delta; the destination is stalled here, so the
+    cutover lasts until the test lets it go on), a login meanwhile is held
+    and served by the destination afterwards, and what the sessions wrote
+    up to the BYE is on the destination exactly once. (No session is open
+    during the grace: they are ended before it begins, and new ones are
+    held.)"""
+    gw = make_gw(tls=False, policy='passthrough',
+                 dst=tcpproxy.Behind(gpair.dst, dst_proxy))
+    a = gw_imap(gw)
+    assert a.login('bob', GW_USERS['bob'])[0] == 'OK'
+    b = gw_imap(gw)
+    assert b.login('bob', GW_USERS['bob'])[0] == 'OK'
+    m1, id1 = marker('gw-migrate-1', 8)
+    mc.append(a, 'INBOX', m1, [], corpus.D2015)
+    # Verified with sessions open: no flip until they end.
+    wait_copy(gw, 'bob', 'verified')
+    m2, id2 = marker('gw-migrate-2', 9)
+    mc.append(b, 'INBOX', m2, ['\\Flagged'], corpus.D2015)
+    assert a.noop()[0] == 'OK'
+
+    dst_proxy.stall()
+    conns = dst_proxy.connections
+    res = gw.ctl('migrate', '--daemon', 'bob')
+    assert res.rc == 0, res.describe()
+    for m in (a, b):
+        assert m.readline() == b'* BYE Administrator ended this session.' \
+            b'\r\n'
+        assert m.readline() == b'', 'the session stayed open after its BYE'
+    assert gw.wait_state('bob', ('cutover', 'destination', 'failed'),
+                         timeout=30) == 'cutover', gw.user('bob')
+    # The grace is over and the last delta waits for the destination.
+    assert wait_for(lambda: dst_proxy.connections > conns, 60, 0.05), \
+        'the last delta never reached the destination'
+    u = gw.user('bob')
+    assert u['state'] == 'cutover' and u['copy'] == 'last delta', u
+    assert not [x for x in sessions(gw) if x.get('user') == 'bob' and
+                x.get('server') == 'source'], sessions(gw)
+    held = {}
+
+    def held_login():
+        c = gw_imap(gw)
+        held['login'] = c.login('bob', GW_USERS['bob'])
+        held['ids'] = msgid_counts(c)
+        c.logout()
+
+    t = threading.Thread(target=held_login)
+    t.start()
+    try:
+        assert wait_for(lambda: any(x.get('user') == 'bob' and
+                                    x.get('state') == 'held'
+                                    for x in sessions(gw)), 30, 0.05), \
+            sessions(gw)
+        assert gw.state('bob') == 'cutover'
+        dst_proxy.resume()
+    finally:
+        t.join(120)
+    assert held.get('login', ('',))[0] == 'OK', held
+    assert gw.state('bob') == 'destination', gw.user('bob')
+    gpair.assert_copied('bob')
+    ids = dst_inbox_ids(gpair, 'bob')
+    for mid in (id1, id2):
+        assert ids[mid] == 1 and held['ids'][mid] == 1, (mid, ids, held)
+    assert held['ids'] == ids, 'the held login was not served by the ' \
+        'destination'
 
 
 class CapaOnlyPop3(fakeserver.LoopbackServer):

@@ -411,31 +411,6 @@ def test_hold(gpair, make_gw, how):
     m.logout()
 
 
-def dst_inbox_ids(gpair, user):
-    """Message-IDs of the INBOX on the destination, with their counts."""
-    return direct(gpair.dst, user, msgid_counts)
-
-
-def msgid_counts(imap, folder='INBOX'):
-    """{Message-ID: copies} of a folder (EXAMINE)."""
-    from collections import Counter
-    typ, data = imap.select(folder, readonly=True)
-    assert typ == 'OK', data
-    try:
-        typ, data = imap.fetch('1:*', '(BODY.PEEK[HEADER.FIELDS '
-                               '(MESSAGE-ID)])') if int(data[0]) else \
-            ('OK', [])
-        assert typ == 'OK', data
-        ids = Counter()
-        for part in data:
-            if isinstance(part, tuple):
-                v = part[1].decode(errors='replace').partition(':')[2]
-                ids[v.strip()] += 1
-        return ids
-    finally:
-        mc.unselect(imap)
-
-
 def wait_copy(gw, user, prefix, timeout=60):
     """Polls `user show` until the user's "copy" starts with prefix;
     returns the record."""
@@ -540,7 +515,7 @@ def test_hold_max_goes_to_the_source(gpair, make_gw, dst_proxy):
     st = gw.wait_state('bob', ('destination', 'failed'), timeout=60)
     assert st == 'destination', (st, gw.user('bob'))
     gpair.assert_copied('bob')
-    ids = dst_inbox_ids(gpair, 'bob')
+    ids = direct(gpair.dst, 'bob', mc.message_ids)
     for mid in (id_src, id1, id2):
         assert ids[mid] == 1, (mid, ids[mid])
 
@@ -592,7 +567,7 @@ def test_migrate_ends_open_sessions(gpair, make_gw, dst_proxy):
     def held_login():
         c = gw_imap(gw)
         held['login'] = c.login('bob', GW_USERS['bob'])
-        held['ids'] = msgid_counts(c)
+        held['ids'] = mc.message_ids(c)
         c.logout()
 
     t = threading.Thread(target=held_login)
@@ -609,7 +584,7 @@ def test_migrate_ends_open_sessions(gpair, make_gw, dst_proxy):
     assert held.get('login', ('',))[0] == 'OK', held
     assert gw.state('bob') == 'destination', gw.user('bob')
     gpair.assert_copied('bob')
-    ids = dst_inbox_ids(gpair, 'bob')
+    ids = direct(gpair.dst, 'bob', mc.message_ids)
     for mid in (id1, id2):
         assert ids[mid] == 1 and held['ids'][mid] == 1, (mid, ids, held)
     assert held['ids'] == ids, 'the held login was not served by the ' \

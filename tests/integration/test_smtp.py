@@ -406,9 +406,12 @@ def test_mail_during_copy(env, gw):
     im.logout()
     # Mail sent while the user flips (last delta): deferred with 451, or
     # delivered to the destination once the flip is done; the sender
-    # retries deferred mail. (Mail the source MTA took just before the
-    # cutover can still be in its queue when the last delta runs: a known
-    # gap, docs/gateway-spec.md "SMTP", not exercised here.)
+    # retries deferred mail. Whether this one met the cutover depends on
+    # timing: test_real_cutover_defers holds a cutover open and asserts
+    # the 451. (Mail the source MTA took just before the cutover can still
+    # be in its queue when the last delta runs: a known gap,
+    # docs/gateway-spec.md "SMTP"; the 2 s the gateway gives that MTA is
+    # a timer no test measures, see docs/testing.md.)
     assert gw.wait_state(user, ('cutover', 'destination'), timeout=30) in \
         ('cutover', 'destination')
     msg3, id3 = message('f3')

@@ -206,6 +206,7 @@ static void route(struct session *s);
 static void user_copy_start(struct ms_gateway *gw, struct guser *gu);
 static void login_failed(struct session *s, const char *reply);
 static void cutover_begin(struct ms_gateway *gw, struct guser *gu);
+static void held_timer(struct session *s);
 static void uidl_relay_free(struct session *s);
 static int login_accepted(struct session *s);
 static const char *login_name(const struct session *s);
@@ -1010,7 +1011,7 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 				return;
 			s->st = SS_HELD;
 			s->held_since = uv_now(s->gw->loop);
-			timer_start(s, held_tick, INPROGRESS_MS, INPROGRESS_MS);
+			held_timer(s);
 			return;
 		}
 		if (r == 1)
@@ -1232,6 +1233,22 @@ static void cutover_begin(struct ms_gateway *gw, struct guser *gu)
 	uv_timer_start(gu->grace, on_grace, CUTOVER_GRACE_MS, 0);
 }
 
+/* A held login's next tick: its next progress line, every INPROGRESS_MS,
+ * or the end of hold_max_seconds when that comes first (a limit that is
+ * not a multiple of INPROGRESS_MS is kept, not rounded up to one). */
+static void held_timer(struct session *s)
+{
+	uint64_t held = uv_now(s->gw->loop) - s->held_since;
+	uint64_t max = (uint64_t)s->gw->cfg.hold_max_seconds * 1000;
+	uint64_t next = INPROGRESS_MS - held % INPROGRESS_MS;
+
+	if (max <= held)
+		next = 0;
+	else if (max - held < next)
+		next = max - held;
+	timer_start(s, held_tick, next, 0);
+}
+
 static void held_tick(uv_timer_t *t)
 {
 	struct session *s = t->data;
@@ -1264,6 +1281,7 @@ static void held_tick(uv_timer_t *t)
 	if (s->proto == MS_GW_IMAP)
 		out(s, "* OK [INPROGRESS (\"%s\" NIL NIL)] Moving your mail, "
 		    "please wait.\r\n", s->tag);
+	held_timer(s);
 }
 
 /* The name a login is for: the authorization identity when one is given,
@@ -1296,7 +1314,7 @@ static void route(struct session *s)
 		if (s->st != SS_HELD) {
 			s->st = SS_HELD;
 			s->held_since = uv_now(gw->loop);
-			timer_start(s, held_tick, INPROGRESS_MS, INPROGRESS_MS);
+			held_timer(s);
 		}
 		return;
 	}
@@ -1316,7 +1334,7 @@ static void route(struct session *s)
 	    !strcmp(info.state, "copying") && gu->sessions == 0) {
 		s->st = SS_HELD;
 		s->held_since = uv_now(gw->loop);
-		timer_start(s, held_tick, INPROGRESS_MS, INPROGRESS_MS);
+		held_timer(s);
 		return;
 	}
 	backend_connect(s, 0, 0);

@@ -23,6 +23,7 @@ import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 
 import pytest
@@ -32,6 +33,7 @@ import dovecot as dc
 import fakeserver
 import gateway as gwlib
 import mailcheck as mc
+import tcpproxy
 from conftest import (Pair, _failed, _install_maildirs, dst_server,
                       src_server, stop_all, store_bytes, wait_for)
 
@@ -89,13 +91,15 @@ def ps_output():
 
 @pytest.fixture
 def make_gw(gpair, workdir, ca, request):
-    """make_gw(tls=True, **Mailshiftd kwargs) -> a started Mailshiftd in
-    front of gpair. Stopped (SIGTERM by PID) after the test."""
+    """make_gw(tls=True, dst=None, **Mailshiftd kwargs) -> a started
+    Mailshiftd in front of gpair (dst: the destination as the daemon sees
+    it, e.g. tcpproxy.Behind(gpair.dst, dst_proxy)). Stopped (SIGTERM by
+    PID) after the test."""
     made = []
 
-    def make(tls=True, **kw):
+    def make(tls=True, dst=None, **kw):
         g = gwlib.Mailshiftd(os.path.join(workdir, 'gw%d' % len(made)),
-                             gpair.src, gpair.dst,
+                             gpair.src, dst or gpair.dst,
                              tls_ca=ca if tls else None, **kw)
         made.append(g)
         g.ps_seen = ''
@@ -115,6 +119,18 @@ def make_gw(gpair, workdir, ca, request):
             if g.killed:
                 print('----- mailshiftd did not exit on SIGTERM; stack:\n%s'
                       % getattr(g, 'stack_at_kill', ''))
+
+
+@pytest.fixture
+def dst_proxy(gpair):
+    """A proxy in front of the destination's IMAP (tests/lib/tcpproxy.py)
+    for a gateway made with make_gw(dst=tcpproxy.Behind(gpair.dst,
+    dst_proxy)): stall() and the destination answers nothing until
+    resume(), a copy or a last delta waits for it as long as the test
+    wants."""
+    p = tcpproxy.CuttingProxy(gpair.dst.imap_port).start()
+    yield p
+    p.stop()
 
 
 # -------------------------------------------------------------- helpers
@@ -250,6 +266,24 @@ def read_until_close(s, timeout=10.0):
     return data, False
 
 
+def imap_reply(s, tag):
+    """The lines read from a raw IMAP socket up to and with the tagged
+    reply to tag (bytes, CRLF kept; no literals expected)."""
+    lines = []
+    while True:
+        line = read_line(s)
+        assert line.endswith(b'\n'), 'connection closed after %r' % lines
+        lines.append(line)
+        if line.startswith(tag + b' '):
+            return lines
+
+
+# RFC 9585 as docs/gateway-spec.md promises it: the held command's tag,
+# quoted, and no counts (a held login has none).
+INPROGRESS = re.compile(rb'^\* OK \[INPROGRESS \("([^"\\\r\n]*)" NIL NIL\)\] '
+                        rb'[^\r\n]+\r\n$')
+
+
 def send_all_ignoring_reset(s, data):
     try:
         s.sendall(data)
@@ -375,6 +409,186 @@ def test_hold(gpair, make_gw, how):
     assert count_msgid(m, mid) == 1, 'the held login went to the source'
     assert direct(gpair.src, 'bob', count_msgid, mid) == 0
     m.logout()
+
+
+def wait_copy(gw, user, prefix, timeout=60):
+    """Polls `user show` until the user's "copy" starts with prefix;
+    returns the record."""
+    assert wait_for(lambda: (gw.user(user) or {}).get('copy', '')
+                    .startswith(prefix), timeout, 0.05), \
+        '%s: copy never "%s...": %s' % (user, prefix, gw.user(user))
+    return gw.user(user)
+
+
+def test_hold_reports_progress(gpair, make_gw, dst_proxy):
+    """A held login whose copy outlasts the first progress report (due 10 s
+    into the hold): with the destination stalled the client reads `* OK
+    [INPROGRESS ("TAG" NIL NIL)] ...` for its LOGIN (RFC 9585, as
+    docs/gateway-spec.md promises), and nothing else; once the destination
+    answers, the same LOGIN ends in a tagged OK, the session is the
+    destination's and the destination holds all the mail."""
+    gw = make_gw(tls=False, policy='hold',
+                 dst=tcpproxy.Behind(gpair.dst, dst_proxy))
+    n_src = mc.count(direct(gpair.src, 'bob', mc.snapshot))
+    dst_proxy.stall()
+    conns = dst_proxy.connections
+    s, greeting = raw_connect(gw.imap_port, timeout=120)
+    try:
+        assert greeting.startswith(b'* OK'), greeting
+        s.sendall(b'h1 LOGIN bob "%s"\r\n' % GW_USERS['bob'].encode())
+        # The password is checked at the source; the copy then waits for
+        # the destination.
+        assert wait_for(lambda: dst_proxy.connections > conns, 60, 0.05), \
+            'the copy never reached the destination'
+        line = read_line(s)
+        m = INPROGRESS.match(line)
+        assert m and m.group(1) == b'h1', line
+        assert gw.state('bob') == 'copying', gw.user('bob')
+        assert mc.count(direct(gpair.dst, 'bob', mc.snapshot)) == 0
+        dst_proxy.resume()
+        lines = imap_reply(s, b'h1')
+        for line in lines[:-1]:
+            m = INPROGRESS.match(line)
+            assert m and m.group(1) == b'h1', lines
+        assert lines[-1].startswith(b'h1 OK '), lines
+        assert gw.state('bob') == 'destination', gw.user('bob')
+        want, got = gpair.assert_copied('bob')
+        assert mc.count(got) == n_src
+
+        # The held session is the destination's: it sees a message put
+        # there directly, and the destination's INBOX as it is.
+        msg, mid = marker('gw-hold-progress', 4)
+        direct(gpair.dst, 'bob', mc.append, 'INBOX', msg, [], corpus.D2015)
+        n_inbox = direct(gpair.dst, 'bob', exists)
+        s.sendall(b'h2 EXAMINE INBOX\r\n')
+        lines = imap_reply(s, b'h2')
+        assert lines[-1].startswith(b'h2 OK '), lines
+        assert b'* %d EXISTS\r\n' % n_inbox in lines, lines
+        s.sendall(b'h3 SEARCH HEADER Message-ID "%s"\r\n' % mid.encode())
+        lines = imap_reply(s, b'h3')
+        hits = [l for l in lines if l.startswith(b'* SEARCH')]
+        assert lines[-1].startswith(b'h3 OK ') and len(hits) == 1 and \
+            len(hits[0].split()) == 3, lines
+        s.sendall(b'h4 LOGOUT\r\n')
+        assert imap_reply(s, b'h4')[-1].startswith(b'h4 OK'), 'LOGOUT'
+    finally:
+        s.close()
+
+
+def test_hold_max_goes_to_the_source(gpair, make_gw, dst_proxy):
+    """A held login whose copy outlasts hold_max_seconds (2 here: the
+    destination is stalled) goes on to the source (mailshift.conf(5)): the
+    session is the source's, while the copy goes on. Once the destination
+    answers, the copy is verified and the user flips when that session
+    ends, through a last delta that carries what the session wrote:
+    every message exactly once on the destination."""
+    gw = make_gw(tls=False, policy='hold', hold_max=2,
+                 dst=tcpproxy.Behind(gpair.dst, dst_proxy))
+    dst_proxy.stall()
+    on_src, id_src = marker('gw-holdmax-src', 5)
+    direct(gpair.src, 'bob', mc.append, 'INBOX', on_src, [], corpus.D2015)
+    m = gw_imap(gw)
+    start = time.monotonic()
+    typ, data = m.login('bob', GW_USERS['bob'])
+    waited = time.monotonic() - start
+    assert typ == 'OK', data
+    # The limit is kept, not rounded up to the first progress report
+    # (10 s): before the fix the login came back after 10 s at the
+    # earliest, whatever hold_max_seconds said.
+    assert waited < 10, 'held %.1f s with hold_max_seconds = 2' % waited
+    assert 'INPROGRESS' not in m.untagged_responses, m.untagged_responses
+    # The session is the source's; the copy has not got anywhere.
+    assert count_msgid(m, id_src) == 1
+    assert gw.state('bob') == 'copying', gw.user('bob')
+    assert mc.count(direct(gpair.dst, 'bob', mc.snapshot)) == 0
+    m1, id1 = marker('gw-holdmax-1', 6)
+    mc.append(m, 'INBOX', m1, ['\\Seen'], corpus.D2015)
+
+    # The copy goes on by itself; verified, it waits for the session.
+    dst_proxy.resume()
+    u = wait_copy(gw, 'bob', 'verified')
+    assert u['state'] == 'copying', u
+    m2, id2 = marker('gw-holdmax-2', 7)
+    mc.append(m, 'INBOX', m2, [], corpus.D2015)
+    assert count_msgid(m, id2) == 1
+    m.logout()
+    st = gw.wait_state('bob', ('destination', 'failed'), timeout=60)
+    assert st == 'destination', (st, gw.user('bob'))
+    gpair.assert_copied('bob')
+    ids = direct(gpair.dst, 'bob', mc.message_ids)
+    for mid in (id_src, id1, id2):
+        assert ids[mid] == 1, (mid, ids[mid])
+
+
+def test_migrate_ends_open_sessions(gpair, make_gw, dst_proxy):
+    """`mailshiftctl migrate --daemon USER` with sessions open on the
+    source (docs: copy, verify, BYE, last delta, flip). Each open session
+    gets `* BYE` and is closed once the copy is verified, before the
+    cutover: the user is then in cutover (mail deferred, 2 s grace for the
+    source's MTA, the last delta; the destination is stalled here, so the
+    cutover lasts until the test lets it go on), a login meanwhile is held
+    and served by the destination afterwards, and what the sessions wrote
+    up to the BYE is on the destination exactly once. (No session is open
+    during the grace: they are ended before it begins, and new ones are
+    held.)"""
+    gw = make_gw(tls=False, policy='passthrough',
+                 dst=tcpproxy.Behind(gpair.dst, dst_proxy))
+    a = gw_imap(gw)
+    assert a.login('bob', GW_USERS['bob'])[0] == 'OK'
+    b = gw_imap(gw)
+    assert b.login('bob', GW_USERS['bob'])[0] == 'OK'
+    m1, id1 = marker('gw-migrate-1', 8)
+    mc.append(a, 'INBOX', m1, [], corpus.D2015)
+    # Verified with sessions open: no flip until they end.
+    wait_copy(gw, 'bob', 'verified')
+    m2, id2 = marker('gw-migrate-2', 9)
+    mc.append(b, 'INBOX', m2, ['\\Flagged'], corpus.D2015)
+    assert a.noop()[0] == 'OK'
+
+    dst_proxy.stall()
+    conns = dst_proxy.connections
+    res = gw.ctl('migrate', '--daemon', 'bob')
+    assert res.rc == 0, res.describe()
+    for m in (a, b):
+        assert m.readline() == b'* BYE Administrator ended this session.' \
+            b'\r\n'
+        assert m.readline() == b'', 'the session stayed open after its BYE'
+    assert gw.wait_state('bob', ('cutover', 'destination', 'failed'),
+                         timeout=30) == 'cutover', gw.user('bob')
+    # The grace is over and the last delta waits for the destination.
+    assert wait_for(lambda: dst_proxy.connections > conns, 60, 0.05), \
+        'the last delta never reached the destination'
+    u = gw.user('bob')
+    assert u['state'] == 'cutover' and u['copy'] == 'last delta', u
+    assert not [x for x in sessions(gw) if x.get('user') == 'bob' and
+                x.get('server') == 'source'], sessions(gw)
+    held = {}
+
+    def held_login():
+        c = gw_imap(gw)
+        held['login'] = c.login('bob', GW_USERS['bob'])
+        held['ids'] = mc.message_ids(c)
+        c.logout()
+
+    t = threading.Thread(target=held_login)
+    t.start()
+    try:
+        assert wait_for(lambda: any(x.get('user') == 'bob' and
+                                    x.get('state') == 'held'
+                                    for x in sessions(gw)), 30, 0.05), \
+            sessions(gw)
+        assert gw.state('bob') == 'cutover'
+        dst_proxy.resume()
+    finally:
+        t.join(120)
+    assert held.get('login', ('',))[0] == 'OK', held
+    assert gw.state('bob') == 'destination', gw.user('bob')
+    gpair.assert_copied('bob')
+    ids = direct(gpair.dst, 'bob', mc.message_ids)
+    for mid in (id1, id2):
+        assert ids[mid] == 1 and held['ids'][mid] == 1, (mid, ids, held)
+    assert held['ids'] == ids, 'the held login was not served by the ' \
+        'destination'
 
 
 class CapaOnlyPop3(fakeserver.LoopbackServer):

@@ -31,7 +31,7 @@ __all__ = [
     'special_use', 'subscriptions', 'map_name', 'map_snapshot',
     'map_names', 'diff_snapshots', 'assert_snapshots_equal', 'count',
     'parse_imap_date', 'fetch_all', 'ImapParseError', 'key_of',
-    'server_name', 'unselect',
+    'server_name', 'unselect', 'message_ids',
 ]
 
 
@@ -389,6 +389,32 @@ def fetch_all(imap, folder, items='(BODY.PEEK[] FLAGS INTERNALDATE)',
     finally:
         if imap.state == 'SELECTED':
             unselect(imap)
+
+
+def message_ids(imap):
+    """collections.Counter of the Message-IDs (as written, '' when there is
+    none) of the messages in every selectable folder (EXAMINE): what is
+    there, and how many times, whatever the folder names."""
+    from collections import Counter
+    ids = Counter()
+    for f in list_folders(imap):
+        if '\\noselect' in f['attrs'] or '\\nonexistent' in f['attrs']:
+            continue
+        typ, data = imap.select(quote_mailbox(f['name']), readonly=True)
+        _check(typ, data, 'EXAMINE ' + f['name'])
+        try:
+            if int(data[0]) == 0:
+                continue
+            typ, data = imap.fetch('1:*', '(BODY.PEEK[HEADER.FIELDS '
+                                   '(MESSAGE-ID)])')
+            _check(typ, data, 'FETCH in ' + f['name'])
+            for part in data:
+                if isinstance(part, tuple):
+                    hdr = part[1].decode(errors='replace')
+                    ids[hdr.partition(':')[2].strip()] += 1
+        finally:
+            unselect(imap)
+    return ids
 
 
 # ----------------------------------------------------------------- folders

@@ -9,6 +9,15 @@ Once cut_after bytes in total have gone from the server to the clients
 (over all connections), every connection is closed abruptly (RST) and
 new connections are accepted and closed at once (refuse_after_cut=True).
 cut_after=None: never cut.
+
+    p.stall()        # a stalled server: nothing more is passed on, either
+    ...              # way (new connections are accepted and wait too)
+    p.resume()       # what waited goes through, in order
+
+p.connections counts the connections accepted so far: a test stalls the
+server, then waits for a client to have connected, and knows it is stuck
+there until resume(). Behind(server, p) is a Dovecot as seen through p
+(its IMAP URLs point at the proxy), for tests/lib/gateway.py.
 """
 
 import socket
@@ -26,6 +35,8 @@ class CuttingProxy:
         self.bytes_up = 0            # client -> server
         self.connections = 0
         self.cut = threading.Event()
+        self.flowing = threading.Event()     # clear: stalled
+        self.flowing.set()
         self._lock = threading.Lock()
         self._socks = set()
         self._threads = []
@@ -73,12 +84,21 @@ class CuttingProxy:
                 t.start()
                 self._threads.append(t)
 
+    def stall(self):
+        self.flowing.clear()
+
+    def resume(self):
+        self.flowing.set()
+
     def _pump(self, src, dst, down):
         try:
             while not self._stop.is_set():
                 data = src.recv(65536)
                 if not data:
                     break
+                while not self.flowing.wait(0.1):
+                    if self._stop.is_set():
+                        return
                 if down and self.cut_after is not None:
                     with self._lock:
                         room = self.cut_after - self.bytes_down
@@ -134,6 +154,23 @@ class CuttingProxy:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class Behind:
+    """server (a tests/lib/dovecot.Dovecot) as a client sees it through
+    proxy: url('imap') is the proxy's, the other schemes the server's own.
+    Give it to gateway.Mailshiftd as src or dst."""
+
+    def __init__(self, server, proxy):
+        self.server = server
+        self.proxy = proxy
+        self.pop3_port = server.pop3_port
+        self.tls_ca = server.tls_ca
+
+    def url(self, scheme='imap'):
+        if scheme == 'imap':
+            return self.proxy.url(scheme)
+        return self.server.url(scheme)
 
 
 def _abort(sock):

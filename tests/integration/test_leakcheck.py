@@ -214,6 +214,48 @@ def test_check_finds_each_place(tmp_path):
     assert not os.path.exists(evidence)
 
 
+class _Session:
+    """What pytest_sessionfinish uses of a pytest session."""
+
+    def __init__(self):
+        self.exitstatus = 0
+        self.reports = []
+        self.config = self
+        self.pluginmanager = self
+        self.hook = self
+
+    def get_plugin(self, name):
+        return None
+
+    def pytest_runtest_logreport(self, report):
+        self.reports.append(report)
+
+
+def test_a_leak_fails_the_run(tmp_path, capsys):
+    """A finding makes the session's exit status a failure and adds a
+    failed report naming it; no finding leaves both alone."""
+    for leak in (False, True):
+        c = leakcheck.LeakCheck()
+        c.start(watch_popen=False)
+        c.secret(PW, 'the password of alice')
+        log = tmp_path / ('%s.log' % leak)
+        log.write_text('LOGIN alice %s\n' % (PW if leak else 'xxx'))
+        c.register_files('mailshiftd T', [str(log)])
+        s = _Session()
+        leakcheck.pytest_sessionfinish(s, c)
+        out = capsys.readouterr().out
+        assert PW not in out
+        if leak:
+            assert s.exitstatus == 1
+            assert [r.outcome for r in s.reports] == ['failed']
+            assert 'the password of alice, raw, in %s' % log in \
+                str(s.reports[0].longrepr)
+            assert 'LEAK: the password of alice' in out, out
+        else:
+            assert s.exitstatus == 0 and s.reports == []
+            assert 'no secret found' in out, out
+
+
 def test_session_sees_direct_runs(tmp_path):
     """The session's CHECK sees a mailshiftctl run straight through
     subprocess: its argv, the store its --store names, its captured output

@@ -564,6 +564,7 @@ class LeakCheck:
         a list of lines. Removes the evidence directory."""
         self.stop()
         self.keep()
+        t0 = time.monotonic()
         with self.lock:
             scanner = Scanner(self.secrets, self.users)
             kept = list(self.kept.values())
@@ -579,8 +580,9 @@ class LeakCheck:
                 first, n = findings.get(k, (off, 0))
                 findings[k] = (min(first, off), n + 1)
 
-        notes, dumps = [], 0
+        notes, dumps, size = [], 0, 0
         for k in kept:
+            size += os.path.getsize(k.dst)
             where = '%s (%s)' % (k.path, k.label)
             add(scanner.scan_file(k.dst), where)
             with open(k.dst, 'rb') as f:
@@ -606,9 +608,10 @@ class LeakCheck:
                  'offset: AUTH LOGIN, SASL PLAIN)' % (nsecrets, short),
                  '%d files kept of %d mailshift processes (%d SQLite '
                  'dumps), %d captured outputs, %d distinct argv from %d '
-                 'samples, %d core files'
+                 'samples, %d core files; %.1f MB of files scanned in %.0f s'
                  % (len(kept), self.processes, dumps, len(blobs), len(argv),
-                    self.samples, len(cores))] + core_notes + notes
+                    self.samples, len(cores), size / 1e6,
+                    time.monotonic() - t0)] + core_notes + notes
         lines = []
         for (label, enc, where, unit), (off, n) in sorted(findings.items()):
             lines.append('%s, %s, in %s at %s %d%s' % (
@@ -711,10 +714,24 @@ class _WatchedPopen(subprocess.Popen):
 CHECK = LeakCheck()
 
 
-def pytest_sessionfinish(session):
+def _failure_report(session, leaks):
+    """The findings as a failed test of their own: counted, listed in the
+    FAILURES section and the short summary (-rf) like any failure."""
+    try:
+        from _pytest.reports import TestReport
+        rep = TestReport('tests/lib/leakcheck.py::session',
+                         ('tests/lib/leakcheck.py', 0, 'leak check'), {},
+                         'failed', 'password leaks:\n' + '\n'.join(leaks),
+                         'call')
+        session.config.hook.pytest_runtest_logreport(report=rep)
+    except Exception:   # noqa: BLE001 (the exit status says it anyway)
+        pass
+
+
+def pytest_sessionfinish(session, check=None):
     """conftest.py's pytest_sessionfinish: CHECK.finish(), its notes and
     findings printed, and a finding fails the run."""
-    leaks, notes = CHECK.finish()
+    leaks, notes = (check or CHECK).finish()
     tr = session.config.pluginmanager.get_plugin('terminalreporter')
 
     def say(line, **kw):
@@ -735,5 +752,6 @@ def pytest_sessionfinish(session):
             'core file, captured output or argv' % len(leaks), red=True)
         if session.exitstatus in (0, 5):     # passed, or nothing ran
             session.exitstatus = 1
+        _failure_report(session, leaks)
     else:
         say('leak check: no secret found')

@@ -23,9 +23,11 @@ import leakcheck
 PW = 'Lk-alice-Pw-9q3z'            # an ordinary one
 ODD = 'Lk "odd\\ Pw/7%'            # needs quoting in IMAP, JSON, URLs
 SHORT = 'Lk-7pw'                   # too short for the base64 cores
+NL = 'Lk-dave\nPw-5t'               # no grep pattern can hold it raw
 SECRETS = {PW.encode(): 'the password of alice',
            ODD.encode(): 'the odd password of bob',
-           SHORT.encode(): 'the short password of carol'}
+           SHORT.encode(): 'the short password of carol',
+           NL.encode(): 'the password of dave'}
 
 
 def b64(s):
@@ -59,6 +61,9 @@ PLANTS = [
      'base64 of the password (AUTH LOGIN)'),
     ('AUTH PLAIN %s' % b64('\0carol\0' + SHORT),
      'the short password of carol', "SASL PLAIN (user 'carol', authzid '')"),
+    ('PASS %s' % NL, 'the password of dave', 'raw'),
+    ('AUTH PLAIN %s' % b64('\0dave\0' + NL), 'the password of dave',
+     "SASL PLAIN (user 'dave', authzid '')"),
     ('AUTH PLAIN %s' % b64('alice\0carol\0' + SHORT),
      'the short password of carol',
      "SASL PLAIN (user 'carol', authzid 'alice')"),
@@ -69,10 +74,18 @@ def scanner():
     return leakcheck.Scanner(SECRETS, users=('alice', 'bob', 'carol'))
 
 
+@pytest.mark.parametrize('engine', ['grep', 'python'])
 @pytest.mark.parametrize('line,label,encoding', PLANTS,
                          ids=[p[2].split(' (')[0] + '-%d' % i
                               for i, p in enumerate(PLANTS)])
-def test_scanner_finds_each_encoding(tmp_path, line, label, encoding):
+def test_scanner_finds_each_encoding(tmp_path, monkeypatch, engine, line,
+                                     label, encoding):
+    """Each encoding, in a file, through grep -F and through the Python
+    search (used without grep, and for needles with a newline)."""
+    if engine == 'python':
+        monkeypatch.setattr(leakcheck, 'GREP', None)
+    else:
+        assert leakcheck.GREP, 'no grep'
     log = tmp_path / 'mailshiftd.log'
     head = b'2024-01-01 mailshiftd: imap: something harmless\n'
     log.write_bytes(head + line.encode() + b'\n' + head)
@@ -91,20 +104,41 @@ def test_scanner_clean_text():
 
 
 def test_scanner_across_chunks(tmp_path, monkeypatch):
-    """A file is read in chunks: a password across a boundary is found,
-    once, as in one piece."""
+    """Without grep a file is read in chunks: a password across a boundary
+    is found, once, as in one piece. grep finds the same."""
     data_at = []
     for at in range(40, 80):
         data_at.append(b'.' * at + b'AUTH PLAIN ' +
                        b64('\0alice\0' + PW).encode() + b' ' +
                        PW.encode() + b'.' * 100)
     want = [scanner().scan(d) for d in data_at]
-    monkeypatch.setattr(leakcheck, 'CHUNK', 64)
+    f = tmp_path / 'f'
     for d, w in zip(data_at, want):
         assert len(w) == 2, w
-        f = tmp_path / 'f'
         f.write_bytes(d)
         assert scanner().scan_file(str(f)) == w
+    monkeypatch.setattr(leakcheck, 'CHUNK', 64)
+    monkeypatch.setattr(leakcheck, 'GREP', None)
+    for d, w in zip(data_at, want):
+        f.write_bytes(d)
+        assert scanner().scan_file(str(f)) == w
+
+
+def test_scanner_big_data(monkeypatch):
+    """Data past GREP_FROM goes through grep: the same findings as the
+    Python search, at the right offsets."""
+    data = b''.join(b'%08d %s\n' % (i, base64.b64encode(os.urandom(60)))
+                    for i in range(3000))
+    data += b'AUTH PLAIN ' + b64('\0bob\0' + ODD).encode() + b'\n' + data \
+        + b'LOGIN alice ' + PW.encode() + b'\n'
+    monkeypatch.setattr(leakcheck, 'GREP_FROM', 1000)
+    got = scanner().scan(data)
+    monkeypatch.setattr(leakcheck, 'GREP', None)
+    assert got == scanner().scan(data)
+    assert [(h[1], h[2]) for h in got] == [
+        ('the odd password of bob', "SASL PLAIN (user 'bob', authzid '')"),
+        ('the password of alice', 'raw')], got
+    assert data[got[1][0]:].startswith(PW.encode())
 
 
 def _child(*argv):

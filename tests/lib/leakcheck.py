@@ -8,7 +8,8 @@ session replaces subprocess.Popen with a subclass, so a test that runs a
 binary directly is seen too), with what the process writes: the file its
 stdout and stderr go to, the output a test captures (communicate()), the
 store named by --store or by [store] path in its -c config (with -wal,
--journal and -shm); the harness adds state directories (CHECK.files()).
+-journal and -shm), its sanitizer reports (log_path in ASAN_OPTIONS or
+UBSAN_OPTIONS); the harness adds state directories (register_files()).
 
 While the session runs, a thread reads the argv (/proc/PID/cmdline) of
 those processes and of their children every 50 ms, and of every process
@@ -52,6 +53,8 @@ BINARIES = ('mailshiftd', 'mailshiftctl')
 MIN_SECRET = 6      # shorter values ('x' in a usage test) are no passwords
 MIN_NEEDLE = 8      # shorter base64 runs would turn up by chance
 CHUNK = 16 << 20
+GREP = shutil.which('grep')
+GREP_FROM = 1 << 20  # bytes: smaller data is searched by Python
 SAMPLE_EVERY = 0.05  # s, the mailshift processes and their children
 TREE_EVERY = 10      # samples: every process below pytest
 SQLITE_SUFFIXES = ('', '-wal', '-journal', '-shm')
@@ -140,37 +143,57 @@ def _what_base64(data, start, end, pw):
 
 class Scanner:
     """Finds every encoding of every secret in bytes. secrets: {secret
-    bytes: label}; users: user names for the short-secret SASL forms."""
+    bytes: label}; users: user names for the short-secret SASL forms.
+
+    Files and big data go through grep -F (Aho-Corasick: one pass however
+    many needles; Python's find, one pass per needle, takes minutes over a
+    session's logs), small data through bytes.find."""
 
     def __init__(self, secrets, users=()):
-        self.needles = []           # (needle, secret, label, encoding)
+        self.needles = {}           # needle -> (secret, label, encoding)
         for pw, label in secrets.items():
             pw = pw.encode() if isinstance(pw, str) else pw
             if len(pw) < MIN_SECRET:
                 continue
             for needle, name in encodings(pw, users):
-                self.needles.append((needle, pw, label, name))
-        self.longest = max([len(n[0]) for n in self.needles] or [1])
+                self.needles.setdefault(needle, (pw, label, name))
+        # grep reads a pattern per line: a needle with a newline in it (a
+        # password holding one, raw) is searched for by Python
+        self.by_python = [n for n in self.needles if b'\n' in n]
+        self.by_grep = [n for n in self.needles if b'\n' not in n]
+        self.longest = max([len(n) for n in self.needles] or [1])
 
-    def _hits(self, data):
-        for needle, pw, label, name in self.needles:
+    def _hit(self, data, i, needle):
+        """(offset, label, encoding) of needle at data[i:]."""
+        pw, label, name = self.needles[needle]
+        if name in ('base64', 'base64url'):             # which one?
+            name = _what_base64(data, i, i + len(needle), pw)
+        return i, label, name
+
+    def _find(self, data, needles):
+        for needle in needles:
             i = data.find(needle)
             while i >= 0:
-                what = name
-                if name in ('base64', 'base64url'):     # which one?
-                    what = _what_base64(data, i, i + len(needle), pw)
-                yield i, i + len(needle), label, what
+                yield i, needle
                 i = data.find(needle, i + 1)
 
     def scan(self, data):
         """[(offset, label, encoding)] of every occurrence in data."""
-        return sorted((i, label, what)
-                      for i, _, label, what in self._hits(data))
+        if GREP and len(data) > GREP_FROM:
+            return self._grep(data=data)
+        return sorted(self._hit(data, i, n)
+                      for i, n in self._find(data, self.needles))
 
     def scan_file(self, path):
-        """scan() over a file of any size, read in chunks that overlap by
-        the longest needle (a hit wholly inside the overlap was found in
-        the chunk before)."""
+        """scan() over a file of any size."""
+        if GREP:
+            return self._grep(path=path)
+        return self._scan_chunks(path, list(self.needles))
+
+    def _scan_chunks(self, path, needles):
+        """Python's search over a file read in chunks that overlap by the
+        longest needle (a hit wholly inside the overlap was found in the
+        chunk before)."""
         found = []
         with open(path, 'rb') as f:
             pos, keep = 0, b''
@@ -180,12 +203,51 @@ class Scanner:
                     break
                 data = keep + chunk
                 base = pos - len(keep)
-                found += [(base + i, label, what)
-                          for i, end, label, what in self._hits(data)
-                          if base + end > pos]
+                for i, n in self._find(data, needles):
+                    if base + i + len(n) > pos:
+                        off, label, name = self._hit(data, i, n)
+                        found.append((base + off, label, name))
                 keep = data[-(self.longest - 1):] if self.longest > 1 \
                     else b''
                 pos += len(chunk)
+        return sorted(found)
+
+    def _grep(self, path=None, data=None):
+        if not self.by_grep:
+            return []
+        with tempfile.NamedTemporaryFile(prefix='leakcheck-') as pats:
+            pats.write(b'\n'.join(self.by_grep) + b'\n')
+            pats.flush()
+            r = subprocess.run(
+                [GREP, '-F', '-a', '-b', '-o', '-f', pats.name] +
+                ([path] if path else []), input=data,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=dict(os.environ, LC_ALL='C'))
+        if r.returncode > 1:
+            raise RuntimeError('grep over %s: %s' % (
+                path or 'data', r.stderr.decode(errors='replace')))
+        found = []
+        f = open(path, 'rb') if path else None
+        try:
+            for line in r.stdout.splitlines():
+                off, needle = line.split(b':', 1)
+                off = int(off)
+                if f is None:
+                    found.append(self._hit(data, off, needle))
+                    continue
+                # around it, to tell which base64 it is
+                at = max(0, off - 4096)
+                f.seek(at)
+                i, label, name = self._hit(f.read(len(needle) + 8192),
+                                           off - at, needle)
+                found.append((at + i, label, name))
+        finally:
+            if f is not None:
+                f.close()
+        if self.by_python:
+            found += self._scan_chunks(path, self.by_python) if path else \
+                [self._hit(data, i, n)
+                 for i, n in self._find(data, self.by_python)]
         return sorted(found)
 
 
@@ -671,6 +733,12 @@ class _WatchedPopen(subprocess.Popen):
                         paths.append(p)
                 except OSError:
                     pass
+        # A sanitizer build's reports (tests/asan-check): log_path.PID
+        for var in ('ASAN_OPTIONS', 'UBSAN_OPTIONS'):
+            m = re.search(r'(?:^|:)log_path=([^:]+)',
+                          (os.environ if env is None else env).get(var, ''))
+            if m:
+                paths.append('%s.%d' % (m.group(1), self.pid))
         rest = argv[at + 1:]
         for i, x in enumerate(rest):
             nxt = rest[i + 1] if i + 1 < len(rest) else None

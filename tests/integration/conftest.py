@@ -416,6 +416,7 @@ def store_done_count(path):
 
 def kill9(p):
     """SIGKILL a Popen'd mailshiftctl by PID and reap it."""
+    leakcheck.CHECK.sample([p.pid])       # its argv, one last time
     try:
         os.kill(p.pid, signal.SIGKILL)
     except ProcessLookupError:

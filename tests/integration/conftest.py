@@ -32,6 +32,7 @@ sys.path.insert(0, HERE)
 
 import corpus  # noqa: E402
 import dovecot as dc  # noqa: E402
+import leakcheck  # noqa: E402
 import mailcheck as mc  # noqa: E402
 
 MAILSHIFTCTL = os.environ.get('MAILSHIFTCTL') or \
@@ -59,6 +60,16 @@ def stop_all(*servers):
 
 
 # ------------------------------------------------------------ session scope
+
+def pytest_sessionstart(session):
+    # The leak check watches every mailshiftd and mailshiftctl from here on.
+    leakcheck.CHECK.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # After every fixture's teardown: scans what all of them left.
+    leakcheck.pytest_sessionfinish(session)
+
 
 @pytest.fixture(scope='session')
 def ctl(test_root):
@@ -199,6 +210,7 @@ def workdir(test_root, request):
     os.makedirs(d)
     os.chmod(d, 0o755)
     yield d
+    leakcheck.CHECK.before_remove(d)
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -292,6 +304,7 @@ class Migrator:
         self.ctl = ctl
         self.pair = pair
         self.store = store
+        leakcheck.CHECK.register_files('the mover store', [store])
 
     def argv(self, users, args, source=None, dest=None, store=None,
              json_out=True, bare=False):
@@ -403,6 +416,7 @@ def store_done_count(path):
 
 def kill9(p):
     """SIGKILL a Popen'd mailshiftctl by PID and reap it."""
+    leakcheck.CHECK.sample([p.pid])       # its argv, one last time
     try:
         os.kill(p.pid, signal.SIGKILL)
     except ProcessLookupError:

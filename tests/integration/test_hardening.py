@@ -43,6 +43,7 @@ import pytest
 import dovecot as dc
 import fakeserver
 import gateway as gwlib
+import leakcheck
 import postfix as pf
 from conftest import _failed, dst_server, src_server, stop_all, wait_for
 from test_gateway import (check_greeting, greeting_caps, read_line,
@@ -55,6 +56,7 @@ DOMAIN = 'example.test'
 HUSERS = {'alice': 'Hd-alice-Pw-3k9q', 'bob': 'Hd-bob-Pw-7x2m',
           'carol': 'Hd-carol-Pw-5v1z', 'dave': 'Hd-dave-Pw-0p4w'}
 WRONG_PW = 'Hd-Wr0ng-Pw-61c'
+leakcheck.CHECK.secret(WRONG_PW, 'the wrong password of test_hardening')
 # glibc: no per-thread cache, and freed memory filled with 0x5a (165 ^
 # 0xff): a session used after it was freed reads garbage, and crashes on
 # the normal build instead of carrying on by luck.

@@ -37,6 +37,8 @@ import subprocess
 import tempfile
 import time
 
+import leakcheck
+
 MAIL_UID = 65534
 MAIL_GID = 65534
 DOVECOT = shutil.which('dovecot') or '/usr/sbin/dovecot'
@@ -59,6 +61,7 @@ def make_test_root(prefix='mailshift-test-', parent=None):
 
 
 def remove_test_root(d):
+    leakcheck.CHECK.before_remove(d)
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -219,6 +222,10 @@ class Dovecot:
         self.fsync = fsync
         self.list_index = list_index
         self.netns = netns
+        for u, pw in self.users.items():
+            self._secret(u, pw)
+        if master_user:
+            self._secret(master_user[0], master_user[1], 'master (admin) ')
         self.base_dir = os.path.join(self.root_dir, 'run')
         self.state_dir = os.path.join(self.root_dir, 'state')
         self.mail_dir = os.path.join(self.root_dir, 'mail')
@@ -232,6 +239,10 @@ class Dovecot:
         self.imap_port = self.imaps_port = None
         self.pop3_port = self.pop3s_port = None
         self.pid = None
+
+    def _secret(self, user, pw, kind=''):
+        leakcheck.CHECK.secret(pw, 'the %spassword of %s on Dovecot %s'
+                               % (kind, user, self.name), user=user)
 
     # ---------------------------------------------------------------- config
 
@@ -559,6 +570,7 @@ class Dovecot:
     def add_user(self, user, pw):
         """Adds (or changes) a user; works while the server runs."""
         self.users[user] = pw
+        self._secret(user, pw)
         if os.path.isdir(self.root_dir):
             self._write_passwd()
             if self.pid is not None:

@@ -38,6 +38,7 @@ import subprocess
 import time
 
 import dovecot as dc
+import leakcheck
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -223,6 +224,11 @@ class Mailshiftd:
                 start_new_session=True, env=dict(os.environ, **self.env))
         finally:
             log.close()
+        # What it writes, for the session's leak check (its config is ours).
+        leakcheck.CHECK.register_files(
+            'mailshiftd in %s' % self.root_dir,
+            [self.log_path, self.store_path], dirs=[self.root_dir],
+            exclude=[self.config_path], pid=self.proc.pid)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -292,6 +298,7 @@ class Mailshiftd:
         if p is None:
             return None
         if p.poll() is None:
+            leakcheck.CHECK.sample([p.pid])
             try:
                 os.kill(p.pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -310,6 +317,7 @@ class Mailshiftd:
     def kill9_restart(self):
         """SIGKILL to the daemon's PID (a crash at this very moment), then
         start() again on the same config and store."""
+        leakcheck.CHECK.sample([self.proc.pid])
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self.proc = None

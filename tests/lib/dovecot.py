@@ -402,6 +402,7 @@ class Dovecot:
             _auth_readable(self.master_passwd_path)
         with open(self.config_path, 'w') as f:
             f.write(self._config())
+        self._drop_stale_pidfile()
         with open(self.log_path, 'ab') as log:
             r = subprocess.run(self._netns_prefix() +
                                [DOVECOT, '-c', self.config_path],
@@ -434,6 +435,20 @@ class Dovecot:
                                           self.log_tail()))
                 time.sleep(0.02)
         return self
+
+    def _drop_stale_pidfile(self):
+        """A master stopped by stop() is gone, but it daemonized: until
+        PID 1 reaps it, it is a zombie, and Dovecot's own "already
+        running" check (kill(pid, 0) on master.pid) still sees it. A pid
+        file naming no live process is stale: remove it."""
+        pidfile = os.path.join(self.base_dir, 'master.pid')
+        try:
+            with open(pidfile) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return
+        if not _alive(pid):
+            os.unlink(pidfile)
 
     def _netns_prefix(self):
         if self.netns is None:

@@ -934,6 +934,8 @@ static void login_failed(struct session *s, const char *reply)
 {
 	uint64_t delay = penalty_ms(s->gw, s->peer, 1);
 
+	ms_info("session %llu: %s: login failed, reply delayed %llu ms",
+		(unsigned long long)s->id, s->peer, (unsigned long long)delay);
 	s->gw->logins_failed++;
 	ms_conn_close(&s->b);
 	session_uncount(s);

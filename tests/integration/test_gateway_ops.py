@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+import dovecot
 import fakeserver
 import gateway as gwlib
 import mailcheck as mc
@@ -343,20 +344,33 @@ def test_policy_set_at_run_time(gpair, make_gw):
                         'hold_max_seconds': 60, 'set': {}}
 
 
+def metric(port, name):
+    """The value of metric name (no labels) at the metrics listener."""
+    text = http_get(port)
+    m = re.search(r'^%s (\d+)$' % re.escape(name), text, re.M)
+    assert m, (name, text)
+    return int(m.group(1))
+
+
 def test_sweep_rate(gpair, make_gw, workdir):
-    conf = admin_conf(workdir) + '\nrate = 1\n'      # one user an hour
+    port = dovecot.free_port()
+    conf = admin_conf(workdir) + '\nrate = 1\n' + \
+        '[metrics]\nlisten = 127.0.0.1:%d\n' % port   # rate: 1 user an hour
     g = make_gw(tls=False, policy='passthrough', extra_conf=conf)
     for u in ('alice', 'bob'):
         assert g.ctl('user', 'add', u).rc == 0
     st = {}
-    end = time.time() + 30
-    while time.time() < end:
-        st = {u: g.state(u) for u in ('alice', 'bob')}
-        if 'destination' in st.values():
-            break
-        time.sleep(0.2)
+
+    def one_moved():
+        st.update({u: g.state(u) for u in ('alice', 'bob')})
+        return 'destination' in st.values()
+    wait_for(one_moved, 30, 0.2)
     assert sorted(st.values()) == ['destination', 'source'], st
-    time.sleep(3)           # several more sweep intervals: still one
+    # Three more passes of the sweep look for users (nothing is copying,
+    # so each could start the other one) and start nobody.
+    passes = metric(port, 'mailshift_sweeps_total')
+    assert wait_for(lambda: metric(port, 'mailshift_sweeps_total') >=
+                    passes + 3, 60, 0.2), g.log_tail()
     assert sorted(g.state(u) for u in ('alice', 'bob')) == \
         ['destination', 'source']
 

@@ -36,7 +36,10 @@ from conftest import (Pair, _failed, _install_maildirs, dst_server,
                       src_server, stop_all, store_bytes, wait_for)
 
 GW_USERS = {'alice': 'Gw-alice-Pw-51d0q', 'bob': 'Gw-bob-Pw-8e2fx',
-            'carol': 'Gw-carol-Pw-c4a7k'}
+            'carol': 'Gw-carol-Pw-c4a7k',
+            # users of a domain, for domain policies
+            'dave@example.net': 'Gw-dave-Pw-d81e2',
+            'erin@example.org': 'Gw-erin-Pw-e0c3q'}
 WRONG_PW = 'Wr0ng-Gw-Pw-77abz'
 CORPUS_USERS = ('alice', 'bob')
 STATES = ('source', 'copying', 'cutover', 'destination', 'failed')

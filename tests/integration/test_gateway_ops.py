@@ -11,15 +11,18 @@ import re
 import select
 import socket
 import time
+import zlib
 
 import pytest
 
+import corpus
 import dovecot
 import fakeserver
 import gateway as gwlib
 import mailcheck as mc
 from conftest import MASTER, wait_for
-from test_gateway import GW_USERS, direct, exists, read_line
+from test_gateway import (GW_USERS, count_msgid, direct, exists, marker,
+                          read_line, sessions)
 from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
 
 
@@ -270,6 +273,39 @@ def test_operator_moves_a_logged_in_user(gpair, make_gw, workdir):
     gpair.assert_copied('bob')
 
 
+def gw_login(g, user):
+    """user logged in through the gateway (IMAP)."""
+    m = imaplib.IMAP4('127.0.0.1', g.imap_port, timeout=60)
+    typ, data = m.login(user, GW_USERS[user])
+    assert typ == 'OK', data
+    return m
+
+
+def sees_new_mail(m, server, user, tag):
+    """Whether the gateway session m (of user) shows a message appended
+    straight to server just now: the server the session is on, as the
+    servers see it."""
+    msg, msgid = marker(tag, zlib.crc32(tag.encode()) % 90000)
+    direct(server, user, mc.append, 'INBOX', msg, [], corpus.D2015)
+    return count_msgid(m, msgid) == 1
+
+
+def logout_seen(g, m, user):
+    """Logs m out and waits until mailshiftd has seen the user's last
+    session end (where it decides whether to flip)."""
+    m.logout()
+    assert wait_for(lambda: not [s for s in sessions(g)
+                                 if s.get('user') == user], 30, 0.05), \
+        sessions(g)
+
+
+def assert_not_copied(g, user):
+    """No copy of user started: no state, or on the source, and no copy
+    running or done (a copy starts at login, before the client's OK)."""
+    u = g.user(user) or {}
+    assert u.get('state') in (None, 'source') and not u.get('copy'), u
+
+
 def test_policy_command(gpair, make_gw):
     g = make_gw(tls=False, policy='passthrough', domains={'example.org': 'hold'})
     r = g.ctl('policy', '--json')
@@ -279,41 +315,60 @@ def test_policy_command(gpair, make_gw):
     r = g.ctl('policy', 'alice', 'off', '--json')
     assert r.rc == 0, r.describe()
     assert g.user('alice')['policy'] == 'off'
+    # What it does: alice's next login (passthrough would start her copy)
+    # is the source's, and nothing is copied, before or after her logout.
+    m = gw_login(g, 'alice')
+    assert sees_new_mail(m, gpair.src, 'alice', 'policy-cmd-off')
+    assert_not_copied(g, 'alice')
+    logout_seen(g, m, 'alice')
+    assert_not_copied(g, 'alice')
     r = g.ctl('policy', 'alice', 'sometimes')
     assert r.rc != 0 and 'invalid policy' in r.stderr, r.describe()
-
-
-def login_logout(g, user):
-    m = imaplib.IMAP4('127.0.0.1', g.imap_port, timeout=60)
-    typ, data = m.login(user, GW_USERS[user])
-    assert typ == 'OK', data
-    m.select('INBOX')
-    m.logout()
 
 
 def test_policy_set_at_run_time(gpair, make_gw):
     """The default and a domain's policy changed with mailshiftctl take
     effect for the next login, survive a restart (kept in the store) and
-    go back to the config file's with "config"."""
+    go back to the config file's with "config". Each change is checked by
+    where the next login goes, seen at the servers, and whether a copy
+    starts."""
     g = make_gw(tls=False, policy='passthrough',
                 domains={'example.org': 'hold'})
+    dave, erin = 'dave@example.net', 'erin@example.org'
 
     def policy():
         r = g.ctl('policy', '--json')
         assert r.rc == 0, r.describe()
         return r.json['policy']
 
+    def served_by_source_no_copy(user, tag):
+        m = gw_login(g, user)
+        assert sees_new_mail(m, gpair.src, user, tag)
+        assert_not_copied(g, user)
+        logout_seen(g, m, user)
+        assert_not_copied(g, user)
+
+    def served_by_source_then_moved(user, tag):
+        m = gw_login(g, user)
+        assert sees_new_mail(m, gpair.src, user, tag)
+        u = g.user(user)
+        assert u['copy'] in ('copying', 'verified, flips at log-off'), u
+        logout_seen(g, m, user)
+        assert g.wait_state(user, ('destination', 'failed'),
+                            timeout=60) == 'destination', g.user(user)
+        gpair.assert_copied(user)
+
     r = g.ctl('policy', '--default', 'off', '--json')
     assert r.rc == 0, r.describe()
     assert r.json['policy']['default'] == 'off'
     assert r.json['policy']['set'] == {'': 'off'}
-    login_logout(g, 'carol')            # off: served by the source, no copy
-    time.sleep(1)
-    assert g.state('carol') in (None, 'source'), g.user('carol')
+    served_by_source_no_copy('carol', 'policy-off')
 
     assert g.ctl('policy', '--default', 'hold').rc == 0
-    login_logout(g, 'carol')            # hold: copied first, then served
+    m = gw_login(g, 'carol')            # hold: copied first, then served
     assert g.state('carol') == 'destination', g.user('carol')
+    assert sees_new_mail(m, gpair.dst, 'carol', 'policy-hold')
+    m.logout()
 
     r = g.ctl('policy', '--domain', '@Example.NET', 'off')
     assert r.rc == 0, r.describe()
@@ -331,10 +386,14 @@ def test_policy_set_at_run_time(gpair, make_gw):
             'set': {'': 'hold', 'example.net': 'off',
                     'example.org': 'passthrough'}}
     assert policy() == want
+    # The domains' policies win over the default (hold).
+    served_by_source_no_copy(dave, 'policy-net-off')
+    served_by_source_then_moved(erin, 'policy-org-passthrough')
 
     g.stop()                            # kept in the store
     g.start()
     assert policy() == want
+    served_by_source_no_copy(dave, 'policy-net-off-restarted')
 
     assert g.ctl('policy', '--default', 'config').rc == 0
     assert g.ctl('policy', '--domain', 'example.org', 'config').rc == 0
@@ -342,6 +401,9 @@ def test_policy_set_at_run_time(gpair, make_gw):
     assert policy() == {'default': 'passthrough',
                         'domains': {'example.org': 'hold'},
                         'hold_max_seconds': 60, 'set': {}}
+    # example.net has no policy of its own any more: the config file's
+    # default, passthrough.
+    served_by_source_then_moved(dave, 'policy-config')
 
 
 def metric(port, name):

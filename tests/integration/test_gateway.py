@@ -319,7 +319,10 @@ def test_passthrough(gpair, make_gw):
         'status never reported %d messages moved: %s' % (
             n_src, gw.ctl('status', '--json').describe())
     assert gw.state('alice') == 'copying'
-    time.sleep(0.5)
+    # The copy ends verified with the session open: the flip waits for
+    # the logout.
+    assert wait_for(lambda: gw.user('alice')['copy'] ==
+                    'verified, flips at log-off', 30, 0.05), gw.user('alice')
     assert gw.state('alice') == 'copying', \
         'the user flipped while a session was open'
     typ, data = m.noop()

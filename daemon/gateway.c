@@ -177,6 +177,7 @@ struct ms_gateway {
 	unsigned int copies;		/* mover jobs running */
 	uv_timer_t *sweep_timer;
 	uint64_t sweep_next_ms;		/* rate: no new sweep start before */
+	uint64_t sweeps;		/* passes that looked for users */
 	uint64_t logins_ok, logins_failed;
 	uv_tcp_t *metrics;
 	unsigned int mclients;
@@ -935,6 +936,8 @@ static void login_failed(struct session *s, const char *reply)
 {
 	uint64_t delay = penalty_ms(s->gw, s->peer, 1);
 
+	ms_info("session %llu: %s: login failed, reply delayed %llu ms",
+		(unsigned long long)s->id, s->peer, (unsigned long long)delay);
 	s->gw->logins_failed++;
 	ms_conn_close(&s->b);
 	session_uncount(s);
@@ -2732,6 +2735,7 @@ static void on_sweep(uv_timer_t *t)
 	if (!in_window(gw) || gw->copies >= conc)
 		return;
 	sc.want = conc - gw->copies;
+	gw->sweeps++;
 	if (ms_store_user_foreach(gw->store, sweep_one, &sc) < 0)
 		ms_log(MS_LOG_ERROR, "sweep: store: %s", ms_store_error(gw->store));
 }
@@ -2856,11 +2860,14 @@ static void metrics_reply(struct mclient *mc)
 		"mailshift_bytes_copied_total %llu\n"
 		"# TYPE mailshift_logins_total counter\n"
 		"mailshift_logins_total{result=\"ok\"} %llu\n"
-		"mailshift_logins_total{result=\"failed\"} %llu\n",
+		"mailshift_logins_total{result=\"failed\"} %llu\n"
+		"# TYPE mailshift_sweeps_total counter\n"
+		"mailshift_sweeps_total %llu\n",
 		ms_gateway_nsessions(gw), gw->copies,
 		(unsigned long long)cnt.msgs, (unsigned long long)cnt.bytes,
 		(unsigned long long)gw->logins_ok,
-		(unsigned long long)gw->logins_failed);
+		(unsigned long long)gw->logins_failed,
+		(unsigned long long)gw->sweeps);
 	resp = malloc(pos + 256);
 	req = malloc(sizeof(*req));
 	if (resp == NULL || req == NULL) {

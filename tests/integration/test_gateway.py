@@ -39,7 +39,10 @@ from conftest import (Pair, _failed, _install_maildirs, dst_server,
                       src_server, stop_all, store_bytes, wait_for)
 
 GW_USERS = {'alice': 'Gw-alice-Pw-51d0q', 'bob': 'Gw-bob-Pw-8e2fx',
-            'carol': 'Gw-carol-Pw-c4a7k'}
+            'carol': 'Gw-carol-Pw-c4a7k',
+            # users of a domain, for domain policies
+            'dave@example.net': 'Gw-dave-Pw-d81e2',
+            'erin@example.org': 'Gw-erin-Pw-e0c3q'}
 WRONG_PW = 'Wr0ng-Gw-Pw-77abz'
 leakcheck.CHECK.secret(WRONG_PW, 'the wrong password of test_gateway')
 CORPUS_USERS = ('alice', 'bob')
@@ -352,7 +355,10 @@ def test_passthrough(gpair, make_gw):
         'status never reported %d messages moved: %s' % (
             n_src, gw.ctl('status', '--json').describe())
     assert gw.state('alice') == 'copying'
-    time.sleep(0.5)
+    # The copy ends verified with the session open: the flip waits for
+    # the logout.
+    assert wait_for(lambda: gw.user('alice')['copy'] ==
+                    'verified, flips at log-off', 30, 0.05), gw.user('alice')
     assert gw.state('alice') == 'copying', \
         'the user flipped while a session was open'
     typ, data = m.noop()
@@ -1059,6 +1065,56 @@ def test_backend_down(gpair, make_gw, monkeypatch):
         assert gw.state(user) == 'destination'
 
 
+def pop3_bodies(p):
+    """Every message of a logged-in POP3 session, RETR by RETR."""
+    return [b'\r\n'.join(p.retr(i + 1)[1]) for i in range(p.stat()[0])]
+
+
+class Relaying(threading.Thread):
+    """Clients that log in through the gateway and relay, round after round
+    until stopped: alice's IMAP session (logged in first) EXAMINEs and
+    FETCHes her INBOX, then bob logs in over POP3 and RETRs every message;
+    each answer must be what the source serves straight (want_imap:
+    entries(), want_pop3: pop3_bodies()). fresh=True: one round, a new
+    IMAP login too. rounds counts the rounds done, error is the first
+    failure."""
+
+    def __init__(self, gw, want_imap, want_pop3, fresh=False):
+        super().__init__(daemon=True)
+        self.gw, self.want_imap, self.want_pop3 = gw, want_imap, want_pop3
+        self.fresh = fresh
+        self.stop = threading.Event()
+        self.rounds = 0
+        self.error = None
+
+    def one_round(self, m):
+        assert entries(mc.fetch_all(m, 'INBOX')) == self.want_imap, \
+            'IMAP FETCH through the gateway: not the source\'s INBOX'
+        p = poplib.POP3('127.0.0.1', self.gw.pop3_port, timeout=60)
+        try:
+            p.user('bob')
+            assert p.pass_(GW_USERS['bob']).startswith(b'+OK')
+            assert pop3_bodies(p) == self.want_pop3, \
+                'POP3 RETR through the gateway: not the source\'s messages'
+        finally:
+            p.quit()
+        self.rounds += 1
+
+    def run(self):
+        try:
+            m = imaplib.IMAP4('127.0.0.1', self.gw.imap_port, timeout=60)
+            try:
+                typ, data = m.login('alice', GW_USERS['alice'])
+                assert typ == 'OK', data
+                self.one_round(m)
+                while not self.fresh and not self.stop.is_set():
+                    self.one_round(m)
+            finally:
+                m.logout()
+        except Exception as e:          # reported by the test's thread
+            self.error = '%s: %s' % (type(e).__name__, e)
+
+
 def test_hostile_clients(gpair, make_gw, ca):
     """Hostile input neither crashes the daemon nor disturbs an open
     session."""
@@ -1156,11 +1212,22 @@ def test_hostile_clients(gpair, make_gw, ca):
         problems.append('slow client: no CAPABILITY or BYE in %r' % data)
     still_fine('a slow client')
 
-    # 2,000 idle connections at once, then a normal login
+    # 2,000 idle connections at once; meanwhile, and while all of them
+    # are open, clients log in and relay (IMAP EXAMINE/FETCH, POP3 RETR)
+    # and get exactly what the source serves.
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 2500 <= hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    want_imap = entries(direct(gpair.src, 'alice', mc.fetch_all, 'INBOX'))
+    p = gpair.src.pop3('bob')
+    try:
+        want_pop3 = pop3_bodies(p)
+    finally:
+        p.quit()
+    assert len(want_imap) == n_inbox and want_pop3
+    busy = Relaying(gw, want_imap, want_pop3)
+    busy.start()
     idle = []
     try:
         for _ in range(2000):
@@ -1169,15 +1236,33 @@ def test_hostile_clients(gpair, make_gw, ca):
         for s in idle:
             g = read_line(s)
             assert g.startswith(b'* OK'), g
+        # All 2,000 open: two more of busy's rounds (so one whole round)
+        # and new logins at the same time.
+        done = busy.rounds
+        fresh = [Relaying(gw, want_imap, want_pop3, fresh=True)
+                 for _ in range(3)]
+        for t in fresh:
+            t.start()
         m = gw_imap(gw)
         typ, data = m.login('alice', GW_USERS['alice'])
         assert typ == 'OK', data
         assert exists(m) == n_inbox
         m.logout()
+        for t in fresh:
+            t.join(120)
+            assert not t.is_alive() and t.error is None and \
+                t.rounds == 1, (t.error, t.rounds)
+        assert wait_for(lambda: busy.rounds >= done + 2 or busy.error or
+                        not busy.is_alive(), 120, 0.05), busy.rounds
+        assert busy.error is None, busy.error
+        assert busy.rounds >= done + 2, (done, busy.rounds)
         still_fine('2000 idle connections')
     finally:
+        busy.stop.set()
+        busy.join(120)
         for s in idle:
             s.close()
+    assert busy.error is None, busy.error
 
     typ, data = keep.select('INBOX', readonly=True)
     assert typ == 'OK' and int(data[0]) == n_inbox, data

@@ -7,16 +7,22 @@ bob's corpora, an empty destination; make_gw: a started mailshiftd)."""
 
 import imaplib
 import os
+import re
+import select
 import socket
 import time
+import zlib
 
 import pytest
 
+import corpus
+import dovecot
 import fakeserver
 import gateway as gwlib
 import mailcheck as mc
-from conftest import MASTER
-from test_gateway import GW_USERS, direct, exists
+from conftest import MASTER, wait_for
+from test_gateway import (GW_USERS, count_msgid, direct, exists, marker,
+                          read_line, sessions)
 from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
 
 
@@ -176,39 +182,65 @@ class RefusingIMAP(fakeserver.LoopbackServer):
                     c.sendall(tag + b' OK done\r\n')
 
 
+def reply_delays(g, addr):
+    """The delays (ms) mailshiftd -v logged for the replies to failed logins
+    from addr, in order."""
+    return [int(d) for d in re.findall(
+        r': %s: login failed, reply delayed (\d+) ms' % re.escape(addr),
+        g.log_text())]
+
+
 def test_repeated_failures_are_slowed_down(workdir):
-    import imaplib
+    """The first two failures from an address are answered at once, later
+    ones after a growing pause (1 s, then 2 s); another address is not
+    slowed down. The daemon's log says which delay each reply got; the
+    client's monotonic clock shows it waited at least that; and the order of
+    the answers shows the other address was not held: answered while the
+    first one's penalised reply was still due."""
     fake = RefusingIMAP()
     g = gwlib.Mailshiftd(os.path.join(workdir, 'gwpen'), fake, fake,
                          policy='off', src_schemes=('imap', None),
                          dst_schemes=('imap', None))
+    a = b = None
     try:
         g.start()
-        m = imaplib.IMAP4('127.0.0.1', g.imap_port)
+        a = socket.create_connection(('127.0.0.1', g.imap_port), timeout=60)
+        assert read_line(a).startswith(b'* OK')
         took = []
         for i in range(4):
-            t = time.time()
-            with pytest.raises(imaplib.IMAP4.error) as e:
-                m.login('alice', 'wrong-%d' % i)
-            took.append(time.time() - t)
-            assert 'AUTHENTICATIONFAILED' in str(e.value), str(e.value)
-        # The first failures from an address are answered at once, later
-        # ones after a growing pause (1 s, then 2 s).
-        assert took[0] < 0.5 and took[1] < 0.5, took
-        assert 0.9 <= took[2] < 5 and took[3] >= 1.8, took
-        # Another address is not slowed down: a second connection from
-        # 127.0.0.2.
-        s2 = socket.create_connection(('127.0.0.1', g.imap_port),
-                                      source_address=('127.0.0.2', 0))
-        s2.recv(4096)
-        t = time.time()
-        s2.sendall(b'a LOGIN bob wrong\r\n')
-        reply = s2.recv(4096)
-        assert b'a NO' in reply and time.time() - t < 0.5, reply
-        s2.close()
-        m.shutdown()
+            t = time.monotonic()
+            a.sendall(b'a%d LOGIN alice wrong-%d\r\n' % (i, i))
+            if i == 3:
+                break
+            reply = read_line(a)
+            took.append(time.monotonic() - t)
+            assert reply.startswith(b'a%d NO [AUTHENTICATIONFAILED]' % i), \
+                reply
+        assert reply_delays(g, '127.0.0.1')[:3] == [0, 0, 1000], g.log_tail()
+        assert took[2] >= 0.9, took
+        # The 4th is held 2 s. Meanwhile another address (a second
+        # connection from 127.0.0.2) fails its first login: answered at
+        # once, so before the 4th.
+        assert wait_for(lambda: reply_delays(g, '127.0.0.1') ==
+                        [0, 0, 1000, 2000], 30), g.log_tail()
+        b = socket.create_connection(('127.0.0.1', g.imap_port), timeout=60,
+                                     source_address=('127.0.0.2', 0))
+        assert read_line(b).startswith(b'* OK')
+        b.sendall(b'b1 LOGIN bob wrong\r\n')
+        reply = read_line(b)
+        assert reply.startswith(b'b1 NO [AUTHENTICATIONFAILED]'), reply
+        assert not select.select([a], [], [], 0)[0], \
+            'the penalised reply came before the other address\'s'
+        assert reply_delays(g, '127.0.0.2') == [0], g.log_tail()
+        reply = read_line(a)
+        took.append(time.monotonic() - t)
+        assert reply.startswith(b'a3 NO [AUTHENTICATIONFAILED]'), reply
+        assert took[3] >= 1.8, took
         assert g.alive
     finally:
+        for c in (a, b):
+            if c is not None:
+                c.close()
         g.stop()
         fake.close()
 
@@ -227,10 +259,10 @@ def test_operator_moves_a_logged_in_user(gpair, make_gw, workdir):
     # runs, the map flips.
     st = g.wait_state('alice', ('destination', 'failed'), timeout=60)
     assert st == 'destination', (st, g.log_tail())
+    # Her session got its BYE before the last delta began, so before the
+    # flip: it is there to read.
     with pytest.raises((imaplib.IMAP4.abort, OSError)):
-        for _ in range(50):
-            m.noop()
-            time.sleep(0.05)
+        m.noop()
     gpair.assert_copied('alice')
     # --all moves every user the map holds that is not across yet (bob).
     assert g.ctl('user', 'add', 'bob').rc == 0
@@ -239,6 +271,39 @@ def test_operator_moves_a_logged_in_user(gpair, make_gw, workdir):
     st = g.wait_state('bob', ('destination', 'failed'), timeout=60)
     assert st == 'destination', (st, g.log_tail())
     gpair.assert_copied('bob')
+
+
+def gw_login(g, user):
+    """user logged in through the gateway (IMAP)."""
+    m = imaplib.IMAP4('127.0.0.1', g.imap_port, timeout=60)
+    typ, data = m.login(user, GW_USERS[user])
+    assert typ == 'OK', data
+    return m
+
+
+def sees_new_mail(m, server, user, tag):
+    """Whether the gateway session m (of user) shows a message appended
+    straight to server just now: the server the session is on, as the
+    servers see it."""
+    msg, msgid = marker(tag, zlib.crc32(tag.encode()) % 90000)
+    direct(server, user, mc.append, 'INBOX', msg, [], corpus.D2015)
+    return count_msgid(m, msgid) == 1
+
+
+def logout_seen(g, m, user):
+    """Logs m out and waits until mailshiftd has seen the user's last
+    session end (where it decides whether to flip)."""
+    m.logout()
+    assert wait_for(lambda: not [s for s in sessions(g)
+                                 if s.get('user') == user], 30, 0.05), \
+        sessions(g)
+
+
+def assert_not_copied(g, user):
+    """No copy of user started: no state, or on the source, and no copy
+    running or done (a copy starts at login, before the client's OK)."""
+    u = g.user(user) or {}
+    assert u.get('state') in (None, 'source') and not u.get('copy'), u
 
 
 def test_policy_command(gpair, make_gw):
@@ -250,41 +315,60 @@ def test_policy_command(gpair, make_gw):
     r = g.ctl('policy', 'alice', 'off', '--json')
     assert r.rc == 0, r.describe()
     assert g.user('alice')['policy'] == 'off'
+    # What it does: alice's next login (passthrough would start her copy)
+    # is the source's, and nothing is copied, before or after her logout.
+    m = gw_login(g, 'alice')
+    assert sees_new_mail(m, gpair.src, 'alice', 'policy-cmd-off')
+    assert_not_copied(g, 'alice')
+    logout_seen(g, m, 'alice')
+    assert_not_copied(g, 'alice')
     r = g.ctl('policy', 'alice', 'sometimes')
     assert r.rc != 0 and 'invalid policy' in r.stderr, r.describe()
-
-
-def login_logout(g, user):
-    m = imaplib.IMAP4('127.0.0.1', g.imap_port, timeout=60)
-    typ, data = m.login(user, GW_USERS[user])
-    assert typ == 'OK', data
-    m.select('INBOX')
-    m.logout()
 
 
 def test_policy_set_at_run_time(gpair, make_gw):
     """The default and a domain's policy changed with mailshiftctl take
     effect for the next login, survive a restart (kept in the store) and
-    go back to the config file's with "config"."""
+    go back to the config file's with "config". Each change is checked by
+    where the next login goes, seen at the servers, and whether a copy
+    starts."""
     g = make_gw(tls=False, policy='passthrough',
                 domains={'example.org': 'hold'})
+    dave, erin = 'dave@example.net', 'erin@example.org'
 
     def policy():
         r = g.ctl('policy', '--json')
         assert r.rc == 0, r.describe()
         return r.json['policy']
 
+    def served_by_source_no_copy(user, tag):
+        m = gw_login(g, user)
+        assert sees_new_mail(m, gpair.src, user, tag)
+        assert_not_copied(g, user)
+        logout_seen(g, m, user)
+        assert_not_copied(g, user)
+
+    def served_by_source_then_moved(user, tag):
+        m = gw_login(g, user)
+        assert sees_new_mail(m, gpair.src, user, tag)
+        u = g.user(user)
+        assert u['copy'] in ('copying', 'verified, flips at log-off'), u
+        logout_seen(g, m, user)
+        assert g.wait_state(user, ('destination', 'failed'),
+                            timeout=60) == 'destination', g.user(user)
+        gpair.assert_copied(user)
+
     r = g.ctl('policy', '--default', 'off', '--json')
     assert r.rc == 0, r.describe()
     assert r.json['policy']['default'] == 'off'
     assert r.json['policy']['set'] == {'': 'off'}
-    login_logout(g, 'carol')            # off: served by the source, no copy
-    time.sleep(1)
-    assert g.state('carol') in (None, 'source'), g.user('carol')
+    served_by_source_no_copy('carol', 'policy-off')
 
     assert g.ctl('policy', '--default', 'hold').rc == 0
-    login_logout(g, 'carol')            # hold: copied first, then served
+    m = gw_login(g, 'carol')            # hold: copied first, then served
     assert g.state('carol') == 'destination', g.user('carol')
+    assert sees_new_mail(m, gpair.dst, 'carol', 'policy-hold')
+    m.logout()
 
     r = g.ctl('policy', '--domain', '@Example.NET', 'off')
     assert r.rc == 0, r.describe()
@@ -302,10 +386,14 @@ def test_policy_set_at_run_time(gpair, make_gw):
             'set': {'': 'hold', 'example.net': 'off',
                     'example.org': 'passthrough'}}
     assert policy() == want
+    # The domains' policies win over the default (hold).
+    served_by_source_no_copy(dave, 'policy-net-off')
+    served_by_source_then_moved(erin, 'policy-org-passthrough')
 
     g.stop()                            # kept in the store
     g.start()
     assert policy() == want
+    served_by_source_no_copy(dave, 'policy-net-off-restarted')
 
     assert g.ctl('policy', '--default', 'config').rc == 0
     assert g.ctl('policy', '--domain', 'example.org', 'config').rc == 0
@@ -313,22 +401,38 @@ def test_policy_set_at_run_time(gpair, make_gw):
     assert policy() == {'default': 'passthrough',
                         'domains': {'example.org': 'hold'},
                         'hold_max_seconds': 60, 'set': {}}
+    # example.net has no policy of its own any more: the config file's
+    # default, passthrough.
+    served_by_source_then_moved(dave, 'policy-config')
+
+
+def metric(port, name):
+    """The value of metric name (no labels) at the metrics listener."""
+    text = http_get(port)
+    m = re.search(r'^%s (\d+)$' % re.escape(name), text, re.M)
+    assert m, (name, text)
+    return int(m.group(1))
 
 
 def test_sweep_rate(gpair, make_gw, workdir):
-    conf = admin_conf(workdir) + '\nrate = 1\n'      # one user an hour
+    port = dovecot.free_port()
+    conf = admin_conf(workdir) + '\nrate = 1\n' + \
+        '[metrics]\nlisten = 127.0.0.1:%d\n' % port   # rate: 1 user an hour
     g = make_gw(tls=False, policy='passthrough', extra_conf=conf)
     for u in ('alice', 'bob'):
         assert g.ctl('user', 'add', u).rc == 0
     st = {}
-    end = time.time() + 30
-    while time.time() < end:
-        st = {u: g.state(u) for u in ('alice', 'bob')}
-        if 'destination' in st.values():
-            break
-        time.sleep(0.2)
+
+    def one_moved():
+        st.update({u: g.state(u) for u in ('alice', 'bob')})
+        return 'destination' in st.values()
+    wait_for(one_moved, 30, 0.2)
     assert sorted(st.values()) == ['destination', 'source'], st
-    time.sleep(3)           # several more sweep intervals: still one
+    # Three more passes of the sweep look for users (nothing is copying,
+    # so each could start the other one) and start nobody.
+    passes = metric(port, 'mailshift_sweeps_total')
+    assert wait_for(lambda: metric(port, 'mailshift_sweeps_total') >=
+                    passes + 3, 60, 0.2), g.log_tail()
     assert sorted(g.state(u) for u in ('alice', 'bob')) == \
         ['destination', 'source']
 
@@ -412,8 +516,7 @@ def test_rollback(gpair, make_gw, workdir):
         'sessions'] if s['user'] == 'alice'] == ['source']
     typ, data = m.select('Since.Moved', readonly=True)  # the source's '.'
     assert typ == 'OK' and int(data[0]) == 7, data
-    m.logout()
-    time.sleep(1)
+    logout_seen(g, m, 'alice')
     u = g.user('alice')
     assert u['state'] == 'source' and u['copy'] == '', u
 

@@ -17,7 +17,6 @@ import os
 import poplib
 import re
 import socket
-import time
 
 import pytest
 
@@ -67,10 +66,39 @@ def fill_source(gpair):
     return n
 
 
-def rss_kb(pid):
-    with open('/proc/%d/status' % pid) as f:
-        return int(next(line for line in f
-                        if line.startswith('VmRSS:')).split()[1])
+def unread_from(pid, port):
+    """Bytes that wait unread in process pid's TCP connections to port
+    (its receive queues, /proc/PID/net/tcp)."""
+    mine = set()
+    for fd in os.listdir('/proc/%d/fd' % pid):
+        try:
+            link = os.readlink('/proc/%d/fd/%s' % (pid, fd))
+        except OSError:
+            continue
+        if link.startswith('socket:['):
+            mine.add(link[len('socket:['):-1])
+    total = 0
+    with open('/proc/%d/net/tcp' % pid) as f:
+        next(f)
+        for line in f:
+            fld = line.split()
+            if fld[9] in mine and fld[3] == '01' and \
+                    int(fld[2].split(':')[1], 16) == port:
+                total += int(fld[4].split(':')[1], 16)
+    return total
+
+
+def stopped_reading(pid, port):
+    """Process pid (single-threaded, on an event loop) has stopped reading
+    its connection to port: bytes wait there, the same before and after a
+    moment it was seen asleep. A loop still reading that socket would have
+    been woken by them (runnable, not asleep) and read some."""
+    waiting = unread_from(pid, port)
+    if waiting == 0:
+        return False
+    with open('/proc/%d/stat' % pid) as f:
+        asleep = f.read().rsplit(')', 1)[1].split()[0] == 'S'
+    return asleep and unread_from(pid, port) == waiting
 
 
 def pop3(port):
@@ -281,10 +309,17 @@ def test_uidls_survive_the_move(gpair, make_gw, workdir):
     big = mc.make_message(760200, 16 * 1024 * 1024, subject='huge')
     direct(gpair.dst, USER, mc.append, 'INBOX', big, [], 1591000100)
     gw_raw = RawPop3(g.pop3_port)
-    rss0 = rss_kb(g.pid)
+    rss0 = g.rss_kb()
+    g.rss_peak_reset()
     gw_raw.s.sendall(b'RETR %d\r\nUIDL 1\r\n' % (len(listing) + 1))
-    time.sleep(1.5)
-    grew = rss_kb(g.pid) - rss0
+    # Measured once the gateway has stopped reading the destination: all
+    # it will hold of the message, it holds then.
+    assert wait_for(lambda: stopped_reading(g.pid, gpair.dst.pop3_port),
+                    60, 0.05), \
+        'mailshiftd never stopped reading the destination (%d bytes ' \
+        'waiting, grew by %d KB)' % (unread_from(g.pid, gpair.dst.pop3_port),
+                                     g.rss_kb('VmHWM') - rss0)
+    grew = g.rss_kb('VmHWM') - rss0     # its peak: no moment is missed
     if os.environ.get('MAILSHIFT_SANITIZER'):
         # ASan keeps freed buffers in its quarantine (and shadow memory):
         # RSS says nothing about what the gateway holds there. The plain

@@ -27,7 +27,8 @@ daemon's) and makes the readiness check connect there (its 127.0.0.1). The
 control socket is a UNIX socket: gw.ctl() works from any namespace.
 
 env={'NAME': 'value'} adds to the daemon's environment (e.g. glibc's
-MALLOC_PERTURB_); gw.rss_kb() is its resident memory.
+MALLOC_PERTURB_); gw.rss_kb() is its resident memory, gw.rss_kb('VmHWM') its
+peak since gw.rss_peak_reset().
 """
 
 import json
@@ -278,17 +279,25 @@ class Mailshiftd:
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
-    def rss_kb(self):
+    def rss_kb(self, field='VmRSS'):
         """The daemon's resident memory (VmRSS, in kB), or None when it is
-        not running."""
+        not running. field='VmHWM': its peak, see rss_peak_reset()."""
         try:
             with open('/proc/%d/status' % self.proc.pid) as f:
                 for line in f:
-                    if line.startswith('VmRSS:'):
+                    if line.startswith(field + ':'):
                         return int(line.split()[1])
         except (OSError, AttributeError):
             pass
         return None
+
+    def rss_peak_reset(self):
+        """Restarts the daemon's peak resident memory (VmHWM) from its
+        VmRSS now (Linux's clear_refs 5): rss_kb('VmHWM') is then the
+        highest it reached since, however briefly (no sample can miss
+        it)."""
+        with open('/proc/%d/clear_refs' % self.proc.pid, 'w') as f:
+            f.write('5')
 
     def stop(self, timeout=10.0):
         """SIGTERM to the daemon's PID; waits up to timeout, then SIGKILL

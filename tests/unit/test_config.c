@@ -15,6 +15,7 @@
 
 #include "config.h"
 #include "dconfig.h"
+#include "must_run.h"
 
 static char dir[] = "/tmp/ms-config-test.XXXXXX";
 
@@ -276,8 +277,9 @@ static void secret_files(void **state)
 	char big[2000], link[160];
 	const char *p;
 
-	if (geteuid() != 0)
-		skip();		/* the owners need chown */
+	if (geteuid() != 0)	/* the owners need chown */
+		skip_or_fail("not root (uid %u): cannot chown the secret "
+			     "files", (unsigned int)geteuid());
 	p = secret("pw\r\nsecond line\n", 17, 0600, 0);
 	expect_secret(p, 0, "pw", NULL);
 	expect_secret(p, 4242, "pw", NULL);	/* root's is fine */

@@ -190,7 +190,8 @@ void ms_steer_entry_text(const struct ms_steer_entry *e, char *buf, size_t sz)
 
 /* The counter of an entry's decisions: its address, port and prefix,
  * not its action (a changed action keeps counting on). */
-static void counter_name(const struct ms_steer_entry *e, char *buf, size_t sz)
+void ms_steer_counter_name(const struct ms_steer_entry *e, char *buf,
+			   size_t sz)
 {
 	size_t n;
 
@@ -552,7 +553,7 @@ static void decide_rule(FILE *f, const struct ms_steer_cfg *s,
 {
 	char name[128], text[200];
 
-	counter_name(e, name, sizeof(name));
+	ms_steer_counter_name(e, name, sizeof(name));
 	ms_steer_entry_text(e, text, sizeof(text));
 	fprintf(f, "\t\t%s daddr %s ", fam(&e->addr), e->addr.text);
 	if (e->prefix.family)
@@ -619,7 +620,7 @@ char *ms_steer_ruleset(const struct ms_steer_cfg *s,
 		"table inet %s {\n", MS_STEER_TABLE, MS_STEER_TABLE,
 		MS_STEER_TABLE);
 	for (unsigned int i = 0; i < n; i++) {
-		counter_name(&sorted[i], name, sizeof(name));
+		ms_steer_counter_name(&sorted[i], name, sizeof(name));
 		counter_decl(f, name, counters);
 	}
 	counter_decl(f, "rejected", counters);

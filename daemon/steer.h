@@ -81,6 +81,9 @@ int ms_steer_entry_parse(const char *s, struct ms_steer_entry *e, char *err,
 			 size_t errsz);
 void ms_steer_entry_text(const struct ms_steer_entry *e, char *buf,
 			 size_t sz);
+/* The name of the entry's counter in the table. */
+void ms_steer_counter_name(const struct ms_steer_entry *e, char *buf,
+			   size_t sz);
 
 /* Every decision the table makes, from the configuration: one entry per
  * address and mail port, one per address for its other ports, and the

@@ -134,6 +134,7 @@ int ms_rtnl_plan(const struct ms_steer_cfg *s, struct ms_steer_route *rt,
 		}
 	}
 	rt->mark = s->mark;
+	rt->families = ms_steer_families(s);
 	rt->table = s->table ? s->table : had.table;
 	rt->priority = s->priority ? s->priority : had.priority;
 	if (rt->table != 0 && table_used(&h, rt->table)) {
@@ -287,17 +288,20 @@ int ms_rtnl_install(const struct ms_steer_route *rt, unsigned int *added,
 	 * table. bit = family * 2 + (0 rule, 1 route). */
 	for (int f = 0; f < 2; f++) {
 		for (int route = 1; route >= 0; route--) {
-			if (route ? have_route(&h, families[f], rt) :
-			    have_rule(&h, families[f], rt))
+			if (!(rt->families & (1u << f)) ||
+			    (route ? have_route(&h, families[f], rt) :
+			     have_rule(&h, families[f], rt)))
 				continue;
 			e = change(h.sk, 1, !route, families[f], rt);
 			if (e < 0) {
 				snprintf(err, errsz, "rtnetlink: cannot add "
-					 "the %s %s (table %u, priority %u): %s",
+					 "the %s %s (table %u, priority %u): "
+					 "%s%s; nothing was changed",
 					 f ? "IPv6" : "IPv4",
 					 route ? "local route" : "rule",
 					 rt->table, rt->priority,
-					 nl_geterror(e));
+					 nl_geterror(e), f && route ?
+					 " (is IPv6 disabled on lo?)" : "");
 				host_free(&h);
 				ms_rtnl_undo(rt, *added);
 				*added = 0;

@@ -365,6 +365,15 @@ int ms_steer_key(struct ms_steer_cfg *s, const char *key, const char *v,
 	return -1;
 }
 
+unsigned int ms_steer_families(const struct ms_steer_cfg *s)
+{
+	unsigned int f = 0;
+
+	for (unsigned int i = 0; i < s->naddrs; i++)
+		f |= s->addrs[i].family == AF_INET ? 1 : 2;
+	return f;
+}
+
 static int is_addr(const struct ms_steer_cfg *s, const struct ms_steer_addr *a)
 {
 	for (unsigned int i = 0; i < s->naddrs; i++)
@@ -598,6 +607,27 @@ static void nat_rules(FILE *f, const struct ms_steer_cfg *s)
 	}
 }
 
+/* Proxied connections to mailshiftd's listener for their port, in the
+ * families of the service addresses. */
+static void tproxy_rules(FILE *f, const struct ms_steer_cfg *s,
+			 const struct ms_steer_route *rt)
+{
+	unsigned int fams = ms_steer_families(s);
+
+	for (unsigned int i = 0; i < s->nports; i++) {
+		for (int v6 = 0; v6 < 2; v6++) {
+			if (s->ports[i].listener == 0 || !(fams & (1u << v6)))
+				continue;
+			fprintf(f, "\t\tct mark 0x%08x meta nfproto %s tcp "
+				"dport %u tproxy %s to :%u meta mark set "
+				"0x%08x accept\n", s->mark | MS_STEER_PROXY,
+				v6 ? "ipv6" : "ipv4", s->ports[i].port,
+				v6 ? "ip6" : "ip", s->ports[i].listener,
+				rt->mark);
+		}
+	}
+}
+
 char *ms_steer_ruleset(const struct ms_steer_cfg *s,
 		       const struct ms_steer_entry *e, unsigned int n,
 		       const struct ms_steer_route *rt, json_t *counters)
@@ -631,16 +661,7 @@ char *ms_steer_ruleset(const struct ms_steer_cfg *s,
 		"0x%08x accept comment \"mailshift steer mark 0x%08x table %u "
 		"priority %u\"\n\t\tct state new jump decide\n", rt->mark,
 		rt->mark, rt->table, rt->priority);
-	for (unsigned int i = 0; i < s->nports; i++) {
-		if (s->ports[i].listener == 0)
-			continue;
-		for (int v6 = 0; v6 < 2; v6++)
-			fprintf(f, "\t\tct mark 0x%08x meta nfproto %s tcp "
-				"dport %u tproxy %s to :%u meta mark set "
-				"0x%08x accept\n", proxy, v6 ? "ipv6" : "ipv4",
-				s->ports[i].port, v6 ? "ip6" : "ip",
-				s->ports[i].listener, rt->mark);
-	}
+	tproxy_rules(f, s, rt);
 	fprintf(f, "\t\tct mark 0x%08x counter name \"rejected\" reject with "
 		"tcp reset comment \"fail closed: mailshiftd is not "
 		"listening\"\n\t}\n\n\tchain decide {\n", proxy);

@@ -63,7 +63,11 @@ struct ms_steer_cfg {
  * comment so that remove and set find it again. */
 struct ms_steer_route {
 	uint32_t mark, table, priority;
+	unsigned int families;		/* bit 0 IPv4, bit 1 IPv6 */
 };
+
+/* The families of the service addresses (bits as in families above). */
+unsigned int ms_steer_families(const struct ms_steer_cfg *s);
 
 const char *ms_steer_action_name(enum ms_steer_action a);
 int ms_steer_action_parse(const char *s, enum ms_steer_action *a);

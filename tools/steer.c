@@ -98,9 +98,11 @@ static int conflicts(struct sopts *o)
 
 static void print_plan(const char *script, const struct ms_steer_route *rt)
 {
-	printf("# policy routing (IPv4 and IPv6, proto %d):\n"
+	printf("# policy routing (%s, proto %d):\n"
 	       "#   rule fwmark 0x%08x lookup %u priority %u\n"
-	       "#   route local default dev lo table %u\n%s", MS_RTNL_PROTO,
+	       "#   route local default dev lo table %u\n%s",
+	       rt->families == 3 ? "IPv4 and IPv6" : rt->families == 2 ?
+	       "IPv6" : "IPv4", MS_RTNL_PROTO,
 	       rt->mark, rt->table, rt->priority, rt->table, script);
 }
 
@@ -251,7 +253,7 @@ static int cmd_set(struct sopts *o, int argc, char *argv[])
 {
 	static struct ms_steer_entry e[MS_STEER_MAX_ENTRIES];
 	struct ms_steer_entry want;
-	struct ms_steer_route rt;
+	struct ms_steer_route rt = { 0 };
 	char line[400] = "";
 	unsigned int n, i;
 	int dflt = 0;

@@ -626,3 +626,33 @@ table ip other {
     finally:
         env.steer('remove', check=0)
     assert env.dump() == env.clean
+
+
+def test_failed_install_leaves_kernel_as_it_was(env):
+    """A change that fails half-way (here: the IPv6 local route, refused
+    because lo has IPv6 disabled, after the IPv4 rule and route went in)
+    is undone: the namespace is exactly as before."""
+    assert env.dump() == env.clean
+    dual = _conf(env, 'dual.conf', STEER_CONF + 'address = fd00:232:1::2\n')
+    sysctl = 'net.ipv6.conf.lo.disable_ipv6'
+    env.gw_ns.run(['sysctl', '-qw', sysctl + '=1'])
+    try:
+        before = env.dump()
+        r = env.steer('install', config=dual, check=1)
+        assert 'IPv6 local route' in r.stderr and 'nothing was changed' in \
+            r.stderr, r.stderr
+        assert env.dump() == before
+    finally:
+        env.gw_ns.run(['sysctl', '-qw', sysctl + '=0'])
+    assert wait_for(lambda: env.dump() == env.clean, 10, 0.1), env.dump()
+    # With IPv6 back, the same configuration installs (both families).
+    env.steer('install', config=dual, check=0)
+    try:
+        rules = env.gw_ns.run(['ip', '-6', 'rule']).stdout
+        assert 'fwmark 0x4d530000 lookup 100 proto 77' in rules, rules
+        listed = env.gw_ns.run([NFT, 'list', 'table', 'inet',
+                                'mailshift']).stdout
+        assert 'tproxy ip6 to :%d' % IMAP_LISTEN in listed, listed
+    finally:
+        env.steer('remove', config=dual, check=0)
+    assert env.dump() == env.clean

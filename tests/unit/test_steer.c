@@ -119,7 +119,7 @@ static void steer_entries(void **state)
 static void steer_ruleset(void **state)
 {
 	static struct ms_steer_entry e[64];
-	struct ms_steer_route rt = { 0x4d530000, 100, 101 };
+	struct ms_steer_route rt = { 0x4d530000, 100, 101, 3 };
 	char err[512], *text;
 	unsigned int n;
 

@@ -1,7 +1,8 @@
 """mailshiftd behind a real nftables TPROXY divert, in network namespaces.
 
-Topology (made here, names carrying this process's id; the ruleset is the
-one docs/deployment.md gives):
+Topology (made here, names carrying this process's id; the ruleset is
+written by hand here, the minimal divert: test_steer.py tests the table
+`mailshiftctl steer` installs):
 
     ms-cli-PID  c0 10.231.0.2/24 --veth-- g0 10.231.0.1/24  ms-gw-PID
                 default via 10.231.0.1                g1 10.231.1.1/24 (the old

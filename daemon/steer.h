@@ -120,4 +120,18 @@ int ms_steer_read(const struct ms_steer_cfg *s, json_t **state, char *err,
 int ms_steer_nft_run(const char *script, int check_only, char *err,
 		     size_t errsz);
 
+/* Checks the script with the kernel, then applies it; with_route: the
+ * policy routing is installed first and taken back when the table cannot
+ * be (steer_apply.c). */
+int ms_steer_apply(const char *script, const struct ms_steer_route *rt,
+		   int with_route, char *err, size_t errsz);
+
+/* All of an install: another table diverting a steered port, the routing
+ * plan (rtnl.c), the script (in *script, malloc'd, also on dry_run, when
+ * nothing is changed), *rt and the number of entries *n. 0, or -1 with err
+ * and the kernel as it was. */
+int ms_steer_install(const struct ms_steer_cfg *s, int dry_run,
+		     char **script, struct ms_steer_route *rt,
+		     unsigned int *n, char *err, size_t errsz);
+
 #endif

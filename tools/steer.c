@@ -80,22 +80,6 @@ static int load(struct sopts *o)
 	return 0;
 }
 
-/* Another table's rule that already diverts one of our ports. */
-static int conflicts(struct sopts *o)
-{
-	json_t *c = json_array_get(json_object_get(o->state, "conflicts"), 0);
-
-	if (c == NULL)
-		return 0;
-	snprintf(o->err, sizeof(o->err), "table %s %s (rule handle %"
-		 JSON_INTEGER_FORMAT ") already diverts a [steer] address and "
-		 "port; remove it first (nothing was changed)",
-		 json_string_value(json_object_get(c, "family")),
-		 json_string_value(json_object_get(c, "table")),
-		 json_integer_value(json_object_get(c, "handle")));
-	return -1;
-}
-
 static void print_plan(const char *script, const struct ms_steer_route *rt)
 {
 	printf("# policy routing (%s, proto %d):\n"
@@ -131,25 +115,6 @@ static int done(struct sopts *o, const char *what,
 	return 0;
 }
 
-/* Checks the script with the kernel, then applies it; the routing added
- * for it is taken back when the table cannot be. */
-static int apply(struct sopts *o, const char *script,
-		 const struct ms_steer_route *rt, int with_route)
-{
-	unsigned int added = 0;
-
-	if (ms_steer_nft_run(script, 1, o->err, sizeof(o->err)) < 0)
-		return -1;
-	if (with_route && ms_rtnl_install(rt, &added, o->err,
-					  sizeof(o->err)) < 0)
-		return -1;
-	if (ms_steer_nft_run(script, 0, o->err, sizeof(o->err)) < 0) {
-		ms_rtnl_undo(rt, added);
-		return -1;
-	}
-	return 0;
-}
-
 static int read_state(struct sopts *o)
 {
 	return ms_steer_read(&o->c->steer, &o->state, o->err, sizeof(o->err));
@@ -171,7 +136,8 @@ static int replace(struct sopts *o, const struct ms_steer_entry *e,
 		free(script);
 		return 0;
 	}
-	if (apply(o, script, rt, with_route) < 0) {
+	if (ms_steer_apply(script, rt, with_route, o->err,
+			   sizeof(o->err)) < 0) {
 		free(script);
 		return fail(o, 1);
 	}
@@ -181,20 +147,22 @@ static int replace(struct sopts *o, const struct ms_steer_entry *e,
 
 static int cmd_install(struct sopts *o)
 {
-	static struct ms_steer_entry e[MS_STEER_MAX_ADDRS *
-				       (MS_STEER_MAX_PORTS + 1) +
-				       MS_STEER_MAX_ENTRIES];
 	struct ms_steer_route rt;
-	unsigned int n;
+	char *script = NULL;
+	unsigned int n = 0;
 
 	if (load(o) < 0)
 		return fail(o, 2);
-	if ((!o->dry_run && need_net_admin(o) < 0) || read_state(o) < 0 ||
-	    conflicts(o) < 0 ||
-	    ms_rtnl_plan(&o->c->steer, &rt, o->err, sizeof(o->err)) < 0)
+	if ((!o->dry_run && need_net_admin(o) < 0) ||
+	    ms_steer_install(&o->c->steer, o->dry_run, &script, &rt, &n,
+			     o->err, sizeof(o->err)) < 0) {
+		free(script);
 		return fail(o, 1);
-	n = ms_steer_expand(&o->c->steer, e);
-	return replace(o, e, n, &rt, 1, "installed");
+	}
+	if (o->dry_run)
+		print_plan(script, &rt);
+	free(script);
+	return o->dry_run ? 0 : done(o, "installed", &rt, n);
 }
 
 /* The installed table's entries, and where its routing is. */

@@ -656,3 +656,39 @@ def test_failed_install_leaves_kernel_as_it_was(env):
     finally:
         env.steer('remove', config=dual, check=0)
     assert env.dump() == env.clean
+
+
+def test_manage_installs_at_start_and_fails_closed_at_stop(env):
+    """[steer] manage = yes: mailshiftd installs the steering once its
+    listeners are open, and a clean stop leaves it installed: the proxied
+    ports are refused, nothing goes to the source."""
+    assert env.dump() == env.clean
+    gw = env.gw
+    plain = gw.extra_conf
+    gw.stop()
+    gw.extra_conf = plain + 'manage = yes\n'
+    try:
+        gw.start()
+        show = env.steer('show', '--json', check=0).json
+        assert show['installed'] is True, show
+        assert len(show['routing']['rules']) == 1, show
+        assert 'steering installed' in gw.log_text()
+        m, tags = login_tags(env, 'alice')
+        try:
+            assert side_of(env, tags, 'alice') == 'source'
+        finally:
+            close(m)
+        src_before = env.from_clients(env.src_ns)
+        assert gw.stop() == 0 and not gw.killed
+        assert 'steering left installed' in gw.log_text()
+        for port in (143, 110):
+            err = refused(env, port)
+            assert isinstance(err, ConnectionRefusedError), (port, err)
+        assert env.from_clients(env.src_ns) == src_before
+        assert env.steer('show', '--json', check=0).json['installed']
+    finally:
+        gw.stop()
+        gw.extra_conf = plain
+        env.steer('remove', check=0)
+        gw.start()
+    assert env.dump() == env.clean

@@ -167,14 +167,15 @@ fail:
 	return -1;
 }
 
+static int rule_in(struct rtnl_rule *r, const struct ms_steer_route *rt);
+static int route_in(struct rtnl_route *r, const struct ms_steer_route *rt);
+
 static int have_rule(struct host *h, int family,
 		     const struct ms_steer_route *rt)
 {
 	each_rule(h, r)
 		if (rule_ours(r) && rtnl_rule_get_family(r) == family &&
-		    rtnl_rule_get_table(r) == rt->table &&
-		    rtnl_rule_get_prio(r) == rt->priority &&
-		    rtnl_rule_get_mark(r) == rt->mark)
+		    rule_in(r, rt))
 			return 1;
 	return 0;
 }
@@ -184,7 +185,7 @@ static int have_route(struct host *h, int family,
 {
 	each_route(h, r)
 		if (route_ours(r) && rtnl_route_get_family(r) == family &&
-		    rtnl_route_get_table(r) == rt->table)
+		    route_in(r, rt))
 			return 1;
 	return 0;
 }
@@ -314,7 +315,28 @@ int ms_rtnl_install(const struct ms_steer_route *rt, unsigned int *added,
 	return 0;
 }
 
-int ms_rtnl_remove(char *err, size_t errsz)
+/* Whether a rule or route of ours is part of rt. */
+static int rule_in(struct rtnl_rule *r, const struct ms_steer_route *rt)
+{
+	int f = rtnl_rule_get_family(r) == AF_INET6;
+
+	return (rt->families & (1u << f)) &&
+	       rtnl_rule_get_table(r) == rt->table &&
+	       rtnl_rule_get_prio(r) == rt->priority &&
+	       rtnl_rule_get_mark(r) == rt->mark;
+}
+
+static int route_in(struct rtnl_route *r, const struct ms_steer_route *rt)
+{
+	int f = rtnl_route_get_family(r) == AF_INET6;
+
+	return (rt->families & (1u << f)) && rtnl_route_get_table(r) == rt->table;
+}
+
+/* Deletes mailshift's rules and routes that are not part of keep (all of
+ * them when keep is NULL). */
+static int delete_ours(const struct ms_steer_route *keep, char *err,
+		       size_t errsz)
 {
 	struct host h;
 	int e, ret = 0;
@@ -322,7 +344,9 @@ int ms_rtnl_remove(char *err, size_t errsz)
 	if (host_load(&h, err, errsz) < 0)
 		return -1;
 	each_rule(&h, r) {
-		if (rule_ours(r) && (e = rtnl_rule_delete(h.sk, r, 0)) < 0) {
+		if (!rule_ours(r) || (keep != NULL && rule_in(r, keep)))
+			continue;
+		if ((e = rtnl_rule_delete(h.sk, r, 0)) < 0) {
 			snprintf(err, errsz, "rtnetlink: cannot delete rule "
 				 "priority %u: %s", rtnl_rule_get_prio(r),
 				 nl_geterror(e));
@@ -330,7 +354,9 @@ int ms_rtnl_remove(char *err, size_t errsz)
 		}
 	}
 	each_route(&h, r) {
-		if (route_ours(r) && (e = rtnl_route_delete(h.sk, r, 0)) < 0) {
+		if (!route_ours(r) || (keep != NULL && route_in(r, keep)))
+			continue;
+		if ((e = rtnl_route_delete(h.sk, r, 0)) < 0) {
 			snprintf(err, errsz, "rtnetlink: cannot delete the "
 				 "local route of table %u: %s",
 				 rtnl_route_get_table(r), nl_geterror(e));
@@ -339,6 +365,16 @@ int ms_rtnl_remove(char *err, size_t errsz)
 	}
 	host_free(&h);
 	return ret;
+}
+
+int ms_rtnl_prune(const struct ms_steer_route *rt, char *err, size_t errsz)
+{
+	return delete_ours(rt, err, errsz);
+}
+
+int ms_rtnl_remove(char *err, size_t errsz)
+{
+	return delete_ours(NULL, err, errsz);
 }
 
 static const char *family_name(int family)

@@ -28,6 +28,10 @@ int ms_rtnl_install(const struct ms_steer_route *rt, unsigned int *added,
 		    char *err, size_t errsz);
 void ms_rtnl_undo(const struct ms_steer_route *rt, unsigned int added);
 
+/* Deletes mailshift's rules and routes that rt does not use (left by an
+ * install with another mark, table or priority). */
+int ms_rtnl_prune(const struct ms_steer_route *rt, char *err, size_t errsz);
+
 /* Deletes every rule and route of mailshift's (proto MS_RTNL_PROTO). */
 int ms_rtnl_remove(char *err, size_t errsz);
 

@@ -22,7 +22,9 @@ int ms_steer_apply(const char *script, const struct ms_steer_route *rt,
 		ms_rtnl_undo(rt, added);
 		return -1;
 	}
-	return 0;
+	/* The new table is in: routing an older install used (another
+	 * mark, table or priority) can go now. */
+	return with_route ? ms_rtnl_prune(rt, err, errsz) : 0;
 }
 
 /* Another table's rule that already diverts one of our ports. */

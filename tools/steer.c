@@ -242,6 +242,13 @@ static int cmd_set(struct sopts *o, int argc, char *argv[])
 	if ((!o->dry_run && need_net_admin(o) < 0) || read_state(o) < 0 ||
 	    installed(o, e, &n, &rt) < 0)
 		return fail(o, 1);
+	if (rt.mark != o->c->steer.mark) {
+		snprintf(o->err, sizeof(o->err), "the installed table uses mark "
+			 "0x%08x, the configuration 0x%08x: run steer install "
+			 "(nothing was changed)", rt.mark, o->c->steer.mark);
+		return fail(o, 2);
+	}
+	rt.families = ms_steer_families(&o->c->steer);
 	if (dflt && !want.prefix.family)
 		want.action = configured(&o->c->steer, &want);
 	for (i = 0; i < n && !same_key(&e[i], &want); i++)

@@ -538,6 +538,20 @@ def test_remove_leaves_nothing_behind(env):
     # Installing again replaces the table; the routing is not doubled.
     env.steer('install', check=0)
     assert env.dump().count('proto 77') == installed.count('proto 77')
+    # Installing with another priority, table and mark moves the routing:
+    # nothing of the first install is left next to it.
+    moved = _conf(env, 'moved.conf', STEER_CONF + 'rule_priority = 300\n'
+                  'route_table = 200\nmark = 0x7a000000\n')
+    env.steer('install', config=moved, check=0)
+    rules = env.gw_ns.run(['ip', 'rule']).stdout
+    routes = env.gw_ns.run(['ip', 'route', 'show', 'table', 'all']).stdout
+    assert [l for l in rules.splitlines() if 'proto 77' in l] == \
+        ['300:\tfrom all fwmark 0x7a000000 lookup 200 proto 77'], rules
+    assert [l for l in routes.splitlines() if 'proto 77' in l] == \
+        ['local default dev lo table 200 proto 77 scope host '], routes
+    # steer set refuses a configuration whose mark is not the table's.
+    r = env.steer('set', SERVICE_ADDR, '143', 'destination', check=2)
+    assert 'run steer install' in r.stderr, r.stderr
     env.steer('remove', check=0)
     assert env.dump() == env.clean
     # Removing what is not there is no error, and changes nothing.

@@ -35,7 +35,7 @@ static void usage(FILE *f)
 "                                default: the configured one / no override)\n"
 "  show                          what is installed, with the counters\n"
 "  stats                         the counters: new connections per entry,\n"
-"                                connections reset because nothing listened\n"
+"                                packets reset because nothing listened\n"
 "  remove                        the table, the rules and the routes\n"
 "  -c, --config FILE  mailshift.conf (default " DEFAULT_CONFIG ")\n"
 "  --dry-run          print the ruleset and routing it would apply; change\n"
@@ -60,8 +60,9 @@ static int need_net_admin(struct sopts *o)
 	if (capng_get_caps_process() == 0 &&
 	    capng_have_capability(CAPNG_EFFECTIVE, CAP_NET_ADMIN))
 		return 0;
-	snprintf(o->err, sizeof(o->err), "changing the kernel's steering "
-		 "needs CAP_NET_ADMIN (run as root); nothing was changed");
+	snprintf(o->err, sizeof(o->err), "reading or changing the kernel's "
+		 "steering (nftables, rtnetlink) needs CAP_NET_ADMIN (run as "
+		 "root); nothing was changed");
 	return -1;
 }
 
@@ -153,7 +154,7 @@ static int cmd_install(struct sopts *o)
 
 	if (load(o) < 0)
 		return fail(o, 2);
-	if ((!o->dry_run && need_net_admin(o) < 0) ||
+	if (need_net_admin(o) < 0 ||
 	    ms_steer_install(&o->c->steer, o->dry_run, &script, &rt, &n,
 			     o->err, sizeof(o->err)) < 0) {
 		free(script);
@@ -239,7 +240,7 @@ static int cmd_set(struct sopts *o, int argc, char *argv[])
 		return fail(o, 2);
 	if (ms_steer_entry_parse(line, &want, o->err, sizeof(o->err)) < 0)
 		return fail(o, 2);
-	if ((!o->dry_run && need_net_admin(o) < 0) || read_state(o) < 0 ||
+	if (need_net_admin(o) < 0 || read_state(o) < 0 ||
 	    installed(o, e, &n, &rt) < 0)
 		return fail(o, 1);
 	if (rt.mark != o->c->steer.mark) {
@@ -346,7 +347,7 @@ static void print_stats(json_t *st)
 		       json_string_value(json_object_get(v, "entry")),
 		       json_integer_value(json_object_get(v, "connections")));
 	printf("%-50s %12" JSON_INTEGER_FORMAT "\n",
-	       "rejected (proxied, nothing listening)",
+	       "rejected (packets reset: nothing listening)",
 	       json_integer_value(json_object_get(st, "rejected")));
 }
 

@@ -455,7 +455,9 @@ int ms_steer_entries_check(const struct ms_steer_cfg *s,
 
 int ms_steer_check(const struct ms_steer_cfg *s, char *err, size_t errsz)
 {
-	struct ms_steer_entry base = { 0 };
+	struct ms_steer_entry *e;
+	unsigned int n;
+	int ret = 0;
 
 	if (!s->present)
 		return 0;
@@ -469,29 +471,20 @@ int ms_steer_check(const struct ms_steer_cfg *s, char *err, size_t errsz)
 			 "143 10143, ...)");
 		return -1;
 	}
-	/* The defaults must be possible for every address. */
-	for (unsigned int i = 0; i < s->naddrs; i++) {
-		base.addr = s->addrs[i];
-		base.action = s->other;
-		base.port = MS_STEER_OTHER;
-		if (action_ok(s, &base, err, errsz) < 0)
-			goto dflt;
-		base.action = s->action;
-		for (unsigned int j = 0; j < s->nports; j++) {
-			base.port = s->ports[j].port;
-			if (action_ok(s, &base, err, errsz) < 0)
-				goto dflt;
-		}
+	if (ms_steer_entries_check(s, s->entries, s->nentries, err,
+				   errsz) < 0)
+		return -1;
+	/* Every decision the defaults leave must be possible too. */
+	e = calloc(MS_STEER_MAX_EXPANDED, sizeof(*e));
+	if (e == NULL) {
+		snprintf(err, errsz, "out of memory");
+		return -1;
 	}
-	return ms_steer_entries_check(s, s->entries, s->nentries, err, errsz);
-dflt:
-	{
-		char why[300];
-
-		snprintf(why, sizeof(why), "%s", err);
-		snprintf(err, errsz, "[steer] default: %s", why);
-	}
-	return -1;
+	n = ms_steer_expand(s, e);
+	for (unsigned int i = 0; i < n && ret == 0; i++)
+		ret = action_ok(s, &e[i], err, errsz);
+	free(e);
+	return ret;
 }
 
 /* Index of the given entry for e's address, port and prefix, or -1. */

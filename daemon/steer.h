@@ -15,6 +15,9 @@
 #define MS_STEER_MAX_PORTS	16
 #define MS_STEER_MAX_ENTRIES	512
 #define MS_STEER_OTHER		0	/* an entry's port: the other ports */
+/* Decisions at most: every address's ports and other ports, the entries. */
+#define MS_STEER_MAX_EXPANDED	(MS_STEER_MAX_ADDRS * (MS_STEER_MAX_PORTS + 1) \
+				 + MS_STEER_MAX_ENTRIES)
 
 enum ms_steer_action {
 	MS_STEER_NONE = 0,

@@ -47,9 +47,8 @@ int ms_steer_install(const struct ms_steer_cfg *s, int dry_run,
 		     char **script, struct ms_steer_route *rt,
 		     unsigned int *n, char *err, size_t errsz)
 {
-	struct ms_steer_entry *e = calloc(MS_STEER_MAX_ADDRS *
-					  (MS_STEER_MAX_PORTS + 1) +
-					  MS_STEER_MAX_ENTRIES, sizeof(*e));
+	struct ms_steer_entry *e = calloc(MS_STEER_MAX_EXPANDED,
+						sizeof(*e));
 	json_t *state = NULL;
 	int ret = -1;
 

@@ -184,7 +184,7 @@ static int installed(struct sopts *o, struct ms_steer_entry *e,
 	rt->priority = json_integer_value(json_object_get(r, "priority"));
 	*n = 0;
 	json_array_foreach(json_object_get(o->state, "entries"), i, v) {
-		if (*n == MS_STEER_MAX_ENTRIES ||
+		if (*n == MS_STEER_MAX_EXPANDED ||
 		    ms_steer_entry_parse(json_string_value(v), &e[(*n)++],
 					 o->err, sizeof(o->err)) < 0) {
 			snprintf(o->err, sizeof(o->err), "the installed table "
@@ -220,7 +220,7 @@ static enum ms_steer_action configured(const struct ms_steer_cfg *s,
 
 static int cmd_set(struct sopts *o, int argc, char *argv[])
 {
-	static struct ms_steer_entry e[MS_STEER_MAX_ENTRIES];
+	static struct ms_steer_entry e[MS_STEER_MAX_EXPANDED];
 	struct ms_steer_entry want;
 	struct ms_steer_route rt = { 0 };
 	char line[400] = "";
@@ -269,7 +269,7 @@ static int cmd_set(struct sopts *o, int argc, char *argv[])
 		e[i] = e[--n];
 	} else if (i < n) {
 		e[i] = want;
-	} else if (n == MS_STEER_MAX_ENTRIES) {
+	} else if (n == MS_STEER_MAX_EXPANDED) {
 		snprintf(o->err, sizeof(o->err), "too many entries");
 		return fail(o, 1);
 	} else {

@@ -67,6 +67,14 @@ static void steer_keys(void **state)
 		    NULL), err, "has no listener port");
 	expect(keys(err, sizeof(err), "address", "10.0.1.2", "port", "25",
 		    "action", "source", NULL), err, NULL);
+	/* A port without a listener is fine when no decision proxies it. */
+	expect(keys(err, sizeof(err), BASE, "port", "25", "destination",
+		    "10.0.2.2", "entry", "10.0.1.2 25 destination", NULL), err,
+	       NULL);
+	expect(keys(err, sizeof(err), BASE, "port", "25", "destination",
+		    "10.0.2.2", "entry", "10.0.1.2 25 destination", "entry",
+		    "10.0.1.2 25 10.9.0.0/16 proxy", NULL), err,
+	       "has no listener port");
 	expect(keys(err, sizeof(err), BASE, "action", "destination", NULL),
 	       err, "no IPv4 destination");
 	expect(keys(err, sizeof(err), BASE, "other_ports", "proxy", NULL), err,

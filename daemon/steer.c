@@ -122,7 +122,8 @@ void ms_steer_defaults(struct ms_steer_cfg *s)
 	s->mark = 0x4d530000;		/* "MS" */
 }
 
-/* The next white-space separated word of *p into w; 0 at the end. */
+/* The next white-space separated word of *p into w: 1, 0 at the end, -1
+ * when it does not fit (never cut short: "0000000000143" is not "00000"). */
 static int word(const char **p, char *w, size_t wsz)
 {
 	size_t n = 0;
@@ -130,9 +131,9 @@ static int word(const char **p, char *w, size_t wsz)
 	while (isspace((unsigned char)**p))
 		(*p)++;
 	while (**p != '\0' && !isspace((unsigned char)**p)) {
-		if (n + 1 < wsz)
-			w[n++] = **p;
-		(*p)++;
+		if (n + 1 == wsz)
+			return -1;
+		w[n++] = *(*p)++;
 	}
 	w[n] = '\0';
 	return n > 0;
@@ -143,12 +144,12 @@ int ms_steer_entry_parse(const char *s, struct ms_steer_entry *e, char *err,
 {
 	char w[4][80], extra[8];
 	const char *p = s;
-	int n = 0;
+	int n = 0, r = 0;
 
 	memset(e, 0, sizeof(*e));
-	while (n < 4 && word(&p, w[n], sizeof(w[0])))
+	while (n < 4 && (r = word(&p, w[n], sizeof(w[0]))) > 0)
 		n++;
-	if (n < 3 || word(&p, extra, sizeof(extra))) {
+	if (r < 0 || n < 3 || word(&p, extra, sizeof(extra)) != 0) {
 		snprintf(err, errsz, "\"%.100s\": want ADDRESS PORT [PREFIX] "
 			 "ACTION", s);
 		return -1;
@@ -257,11 +258,11 @@ static int port_key(struct ms_steer_cfg *s, const char *v, char *err,
 	char w[3][16];
 	const char *p = v;
 	unsigned int port, listener = 0;
-	int n = 0;
+	int n = 0, r = 0;
 
-	while (n < 3 && word(&p, w[n], sizeof(w[0])))
+	while (n < 3 && (r = word(&p, w[n], sizeof(w[0]))) > 0)
 		n++;
-	if (n < 1 || n > 2 || ms_parse_uint(w[0], 1, 65535, &port) < 0 ||
+	if (r < 0 || n < 1 || n > 2 || ms_parse_uint(w[0], 1, 65535, &port) < 0 ||
 	    (n == 2 && ms_parse_uint(w[1], 1, 65535, &listener) < 0)) {
 		snprintf(err, errsz, "port: \"%.40s\": want MAIL-PORT "
 			 "[LISTENER-PORT] (1 to 65535)", v);

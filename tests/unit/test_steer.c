@@ -63,6 +63,8 @@ static void steer_keys(void **state)
 	       "given twice");
 	expect(keys(err, sizeof(err), BASE, "port", "143", NULL), err,
 	       "port 143 given twice");
+	expect(keys(err, sizeof(err), BASE, "port", "00000000000000000025",
+		    NULL), err, "MAIL-PORT");
 	expect(keys(err, sizeof(err), "address", "10.0.1.2", "port", "25",
 		    NULL), err, "has no listener port");
 	expect(keys(err, sizeof(err), "address", "10.0.1.2", "port", "25",

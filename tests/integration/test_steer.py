@@ -451,6 +451,7 @@ def test_set_during_open_sessions_cuts_none(steered):
     direct, tags = login_tags(env, 'alice', CLI_BATCH_ADDR)
     assert side_of(env, tags, 'alice') == 'destination'
     try:
+        counted, _ = env.stats()
         # Every decision flipped while both sessions are open.
         env.steer('set', SERVICE_ADDR, '143', 'destination', check=0)
         env.steer('set', SERVICE_ADDR, '143', BATCH_PREFIX, 'proxy',
@@ -464,6 +465,12 @@ def test_set_during_open_sessions_cuts_none(steered):
         for m, side in ((proxied, 'source'), (direct, 'destination')):
             assert m.noop()[0] == 'OK'
             assert side_of(env, inbox_tags(m), 'alice') == side
+        # The table was replaced; each entry's counter carried over (an
+        # entry is its address, port and prefix; the action changed).
+        def by_key(stats):
+            return {k.rsplit(' ', 1)[0]: v for k, v in stats.items()}
+        assert by_key(env.stats()[0]) == by_key(counted)
+        assert sum(counted.values()) >= 2, counted
         # New connections follow the new table.
         m, tags = login_tags(env, 'alice')
         try:
@@ -617,6 +624,12 @@ table ip other {
         r = env.steer('install', config=taken, check=1)
         assert 'priority 4242 is used' in r.stderr, r.stderr
         env.gw_ns.ip('rule', 'del', 'priority', '4242')
+        assert env.dump() == before
+
+        # With --json, an error is JSON too.
+        r = env.steer('install', '--json', config=contradicts, check=2)
+        assert r.json['ok'] is False and 'contradicts' in \
+            r.json['error'], r.stdout
         assert env.dump() == before
 
         # Wrong set arguments.

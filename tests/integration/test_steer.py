@@ -12,6 +12,11 @@ Topology (made here, names carrying this run's id):
                 address; a real Dovecot answering on ports 143 and 110
     ms-sdst-ID  d0 10.232.2.2/24: the destination server, the same
 
+IPv6 (fd00:232::/64 for the client, fd00:232:1::/64 for the source,
+fd00:232:1::2 the service address) is on the client's and the source's
+segments only: test_ipv6_divert_and_fail_closed uses it with a transparent
+listener of its own.
+
 The servers' namespaces each have a counter of packets that arrive from the
 client network on the mail ports ("from_clients", before anything else
 sees them): a connection that leaks past the gateway to the source shows
@@ -52,6 +57,11 @@ BATCH_PREFIX = NET + '0.64/26'
 GW_ADDRS = (NET + '0.1', NET + '1.1', NET + '2.1')
 SERVICE_ADDR = NET + '1.2'          # the source server's own address
 DST_ADDR = NET + '2.2'
+# IPv6: the client and the source's segments only (test_ipv6_...).
+NET6 = 'fd00:232:'
+CLI6 = NET6 + ':2'
+GW6 = (NET6 + ':1', NET6 + '1::1')
+SERVICE6 = NET6 + '1::2'
 IMAP_LISTEN = 10143
 POP3_LISTEN = 10110
 NFT = shutil.which('nft') or '/usr/sbin/nft'
@@ -74,6 +84,8 @@ table inet host {
   chain raw {
     type filter hook prerouting priority raw; policy accept;
     ip saddr %(net)s0.0/24 tcp dport { 143, 110 } counter \\
+      comment "from_clients"
+    ip6 saddr %(net6)s:/64 tcp dport { 143, 110 } counter \\
       comment "from_clients"
   }
   chain nat {
@@ -140,13 +152,12 @@ class Env:
         """Packets from the client network to ports 143/110 that reached
         server namespace ns."""
         r = ns.run([NFT, '-j', 'list', 'table', 'inet', 'host'])
-        for item in json.loads(r.stdout)['nftables']:
-            rule = item.get('rule')
-            if rule and rule.get('comment') == 'from_clients':
-                for e in rule['expr']:
-                    if 'counter' in e:
-                        return e['counter']['packets']
-        raise AssertionError('no from_clients counter: ' + r.stdout)
+        counts = [e['counter']['packets']
+                  for item in json.loads(r.stdout)['nftables']
+                  if item.get('rule', {}).get('comment') == 'from_clients'
+                  for e in item['rule']['expr'] if 'counter' in e]
+        assert len(counts) == 2, r.stdout       # IPv4, IPv6
+        return sum(counts)
 
     def stats(self):
         r = self.steer('stats', '--json', check=0)
@@ -159,7 +170,8 @@ def _server(make, root, ns):
     s.start()
     ns.run(['sysctl', '-qw', 'net.ipv4.conf.all.route_localnet=1'])
     ns.run([NFT, '-f', '-'], input=SERVER_NFT % {
-        'net': NET, 'imap': s.imap_port, 'pop3': s.pop3_port})
+        'net': NET, 'net6': NET6, 'imap': s.imap_port,
+        'pop3': s.pop3_port})
     return s
 
 
@@ -211,6 +223,15 @@ def env(test_root, ctl):
             gw_ns.ip('addr', 'add', a + '/24', 'dev', dev)
             gw_ns.ip('link', 'set', dev, 'up')
         gw_ns.run(['sysctl', '-qw', 'net.ipv4.ip_forward=1'])
+        # IPv6 (nodad: usable at once) on the client's and the source's
+        # segments.
+        for ns, dev, a, via in ((cli, 'c0', CLI6, GW6[0]),
+                                (src_ns, 's0', SERVICE6, GW6[1])):
+            ns.ip('-6', 'addr', 'add', a + '/64', 'dev', dev, 'nodad')
+            ns.ip('-6', 'route', 'add', 'default', 'via', via)
+        for dev, a in zip(('g0', 'g1'), GW6):
+            gw_ns.ip('-6', 'addr', 'add', a + '/64', 'dev', dev, 'nodad')
+        gw_ns.run(['sysctl', '-qw', 'net.ipv6.conf.all.forwarding=1'])
 
         src = _server(src_server, root, src_ns)
         servers.append(src)
@@ -335,16 +356,16 @@ def close(m):
         m.shutdown()
 
 
-def refused(env, port, source=CLI_ADDR):
-    """The exception a plain connect to SERVICE_ADDR:port raised (fails the
-    test when it connected)."""
+def refused(env, port, addr=SERVICE_ADDR, source=None):
+    """The exception a plain connect from the client to addr:port raised
+    (fails the test when it connected)."""
     try:
-        s = env.cli.call(socket.create_connection, (SERVICE_ADDR, port),
-                         timeout=5, source_address=(source, 0))
+        s = env.cli.call(socket.create_connection, (addr, port), timeout=5,
+                         source_address=(source, 0) if source else None)
     except OSError as e:
         return e
     s.close()
-    pytest.fail('connection to %s:%d succeeded' % (SERVICE_ADDR, port))
+    pytest.fail('connection to %s:%d succeeded' % (addr, port))
 
 
 # ---------------------------------------------------------------- tests
@@ -718,4 +739,55 @@ def test_manage_installs_at_start_and_fails_closed_at_stop(env):
         gw.extra_conf = plain
         env.steer('remove', check=0)
         gw.start()
+    assert env.dump() == env.clean
+
+
+def _transparent_listener6(port):
+    """A listening IPv6 socket with IPV6_TRANSPARENT on [::]:port (v6 only:
+    mailshiftd has 0.0.0.0:port), made in the calling thread's namespace."""
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, 75, 1)        # IPV6_TRANSPARENT
+    s.bind(('::', port))
+    s.listen(4)
+    s.settimeout(10)
+    return s
+
+
+def test_ipv6_divert_and_fail_closed(env):
+    """The same table for an IPv6 service address: a client's connection
+    to [SERVICE6]:143 reaches a transparent listener on the gateway with
+    its original destination; with nothing listening it is reset; nothing
+    reaches the source."""
+    assert env.dump() == env.clean
+    dual = _conf(env, 'dual6.conf', STEER_CONF + 'address = %s\n' % SERVICE6)
+    env.steer('install', config=dual, check=0)
+    try:
+        src_before = env.from_clients(env.src_ns)
+        lst = env.gw_ns.call(_transparent_listener6, IMAP_LISTEN)
+        try:
+            c = env.cli.call(socket.create_connection, (SERVICE6, 143),
+                             timeout=10)
+            conn, peer = lst.accept()
+            try:
+                assert peer[0] == CLI6, peer
+                assert conn.getsockname()[:2] == (SERVICE6, 143), \
+                    conn.getsockname()
+                conn.sendall(b'* OK ipv6\r\n')
+                assert c.recv(64) == b'* OK ipv6\r\n'
+            finally:
+                conn.close()
+                c.close()
+        finally:
+            lst.close()
+        _, rejected0 = env.stats()
+        err = refused(env, 143, SERVICE6)
+        assert isinstance(err, ConnectionRefusedError), err
+        # Reset by the table's reject, not by the source.
+        assert env.stats()[1] == rejected0 + 1
+        assert env.from_clients(env.src_ns) == src_before
+        stats, _ = env.stats()
+        assert stats['%s 143 proxy' % SERVICE6] == 2, stats
+    finally:
+        env.steer('remove', config=dual, check=0)
     assert env.dump() == env.clean

@@ -121,9 +121,9 @@ static int read_state(struct sopts *o)
 	return ms_steer_read(&o->c->steer, &o->state, o->err, sizeof(o->err));
 }
 
+/* Replaces the installed table (its routing stays as it is). */
 static int replace(struct sopts *o, const struct ms_steer_entry *e,
-		   unsigned int n, const struct ms_steer_route *rt,
-		   int with_route, const char *what)
+		   unsigned int n, const struct ms_steer_route *rt)
 {
 	char *script = ms_steer_ruleset(&o->c->steer, e, n, rt,
 					json_object_get(o->state, "counters"));
@@ -137,13 +137,12 @@ static int replace(struct sopts *o, const struct ms_steer_entry *e,
 		free(script);
 		return 0;
 	}
-	if (ms_steer_apply(script, rt, with_route, o->err,
-			   sizeof(o->err)) < 0) {
+	if (ms_steer_apply(script, rt, 0, o->err, sizeof(o->err)) < 0) {
 		free(script);
 		return fail(o, 1);
 	}
 	free(script);
-	return done(o, what, rt, n);
+	return done(o, "changed", rt, n);
 }
 
 static int cmd_install(struct sopts *o)
@@ -225,17 +224,18 @@ static int cmd_set(struct sopts *o, int argc, char *argv[])
 	struct ms_steer_route rt = { 0 };
 	char line[400] = "";
 	unsigned int n, i;
-	int dflt = 0;
+	int dflt;
 
 	if (argc < 4 || argc > 5) {
 		usage(stderr);
 		return 2;
 	}
+	/* "default" is resolved below; parse the rest as an entry. */
+	dflt = !strcmp(argv[argc - 1], "default");
 	for (int k = 1; k < argc; k++)
 		snprintf(line + strlen(line), sizeof(line) - strlen(line),
-			 "%s%s", k > 1 ? " " : "", k == argc - 1 &&
-			 (dflt = !strcmp(argv[k], "default")) ? "proxy" :
-			 argv[k]);
+			 "%s%s", k > 1 ? " " : "", k == argc - 1 && dflt ?
+			 "proxy" : argv[k]);
 	if (load(o) < 0)
 		return fail(o, 2);
 	if (ms_steer_entry_parse(line, &want, o->err, sizeof(o->err)) < 0)
@@ -278,7 +278,7 @@ static int cmd_set(struct sopts *o, int argc, char *argv[])
 	if (ms_steer_entries_check(&o->c->steer, e, n, o->err,
 				   sizeof(o->err)) < 0)
 		return fail(o, 2);
-	return replace(o, e, n, &rt, 0, "changed");
+	return replace(o, e, n, &rt);
 }
 
 static int cmd_remove(struct sopts *o)

@@ -251,8 +251,12 @@ static int manage_steering(const struct ms_steer_cfg *s, char *err,
 	struct ms_steer_route rt;
 	char *script = NULL;
 	unsigned int n = 0;
-	int r = ms_steer_install(s, 0, &script, &rt, &n, err, errsz);
+	int r, lock = ms_steer_lock(err, errsz);
 
+	if (lock < 0)
+		return -1;
+	r = ms_steer_install(s, 0, &script, &rt, &n, err, errsz);
+	close(lock);
 	free(script);
 	if (r == 0)
 		ms_log(MS_LOG_WARN, "steering installed: %u entries, mark "

@@ -123,6 +123,11 @@ int ms_steer_read(const struct ms_steer_cfg *s, json_t **state, char *err,
 int ms_steer_nft_run(const char *script, int check_only, char *err,
 		     size_t errsz);
 
+/* Serializes changes to the steering of this network namespace (steer
+ * commands, mailshiftd's manage): a descriptor to close when done, or -1
+ * with err after waiting 10 s for another change to finish. */
+int ms_steer_lock(char *err, size_t errsz);
+
 /* Checks the script with the kernel, then applies it; with_route: the
  * policy routing is installed first and taken back when the table cannot
  * be (steer_apply.c). */

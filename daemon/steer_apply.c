@@ -3,11 +3,50 @@
  * that never leaves a marked packet without its route, taking back what
  * was added when a later step fails. Shared by mailshiftctl steer and by
  * mailshiftd ([steer] manage = yes). */
+#include <errno.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "rtnl.h"
 #include "steer.h"
+
+/* An abstract UNIX socket is the lock: it belongs to the network
+ * namespace (whose steering it guards), needs no file, and goes away with
+ * the process that holds it, however that process ends. */
+int ms_steer_lock(char *err, size_t errsz)
+{
+	static const char name[] = "mailshift-steer";
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct timespec pause = { 0, 50 * 1000 * 1000 };
+	socklen_t len = offsetof(struct sockaddr_un, sun_path) + 1 +
+			sizeof(name) - 1;
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	if (fd < 0) {
+		snprintf(err, errsz, "lock: %s", strerror(errno));
+		return -1;
+	}
+	memcpy(sa.sun_path + 1, name, sizeof(name) - 1);
+	/* Another change is under way: wait for it, up to 10 s. */
+	for (int i = 0; i < 200; i++) {
+		if (bind(fd, (struct sockaddr *)&sa, len) == 0)
+			return fd;
+		if (errno != EADDRINUSE)
+			break;
+		nanosleep(&pause, NULL);
+	}
+	snprintf(err, errsz, "another steering change is still running in "
+		 "this network namespace (%s); nothing was changed",
+		 errno == EADDRINUSE ? "waited 10 s" : strerror(errno));
+	close(fd);
+	return -1;
+}
 
 int ms_steer_apply(const char *script, const struct ms_steer_route *rt,
 		   int with_route, char *err, size_t errsz)

@@ -422,6 +422,11 @@ int steer_main(int argc, char *argv[])
 		usage(stderr);
 		return 2;
 	}
+	/* A read-modify-write (set) or a replace must not interleave with
+	 * another; held until exit. */
+	if (strcmp(argv[0], "show") != 0 && strcmp(argv[0], "stats") != 0 &&
+	    !o.dry_run && ms_steer_lock(o.err, sizeof(o.err)) < 0)
+		return fail(&o, 1);
 	if (!strcmp(argv[0], "install") && n == 1)
 		ret = cmd_install(&o);
 	else if (!strcmp(argv[0], "set"))

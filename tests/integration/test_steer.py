@@ -792,3 +792,47 @@ def test_ipv6_divert_and_fail_closed(env):
     finally:
         env.steer('remove', config=dual, check=0)
     assert env.dump() == env.clean
+
+
+def _hold_steer_lock():
+    """What mailshiftctl steer holds while it changes the steering (an
+    abstract UNIX socket of the namespace)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind('\0mailshift-steer')
+    return s
+
+
+def test_changes_wait_for_each_other(steered):
+    """Two changes never interleave: while another holds the namespace's
+    steering lock, a change waits, and gives up after 10 s changing
+    nothing; once the lock is free it goes through."""
+    env = steered
+    before = env.dump()
+    lock = env.gw_ns.call(_hold_steer_lock)
+    try:
+        r = env.steer('set', SERVICE_ADDR, '143', 'destination', check=1)
+        assert 'another steering change' in r.stderr, r.stderr
+        assert env.dump() == before
+        waiting = subprocess.Popen(
+            netns.exec_prefix(env.gw_ns.name) +
+            [env.ctl_binary, 'steer', '-c', env.gw.config_path, 'set',
+             SERVICE_ADDR, '110', 'destination'],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True)
+
+        def started():
+            try:
+                with open('/proc/%d/comm' % waiting.pid) as f:
+                    return f.read().strip() == 'mailshiftctl'
+            except OSError:
+                return False
+        assert wait_for(started, 10, 0.02)
+        assert env.dump() == before
+    finally:
+        lock.close()
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, (out, err)
+    entries = {e['entry'] for e in
+               env.steer('show', '--json', check=0).json['entries']}
+    assert '%s 110 destination' % SERVICE_ADDR in entries, entries
+    assert '%s 143 proxy' % SERVICE_ADDR in entries, entries

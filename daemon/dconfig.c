@@ -341,6 +341,12 @@ static int mover_key(struct ms_dconfig *c, const char *key, const char *value,
 	return 0;	/* mailshiftctl migrate's; it checks them */
 }
 
+static int steer_key(struct ms_dconfig *c, const char *key, const char *value,
+		     char *err, size_t errsz)
+{
+	return ms_steer_key(&c->steer, key, value, err, errsz);
+}
+
 static int on_key(void *ctx, const char *section, const char *key,
 		  const char *value, char *err, size_t errsz)
 {
@@ -353,7 +359,7 @@ static int on_key(void *ctx, const char *section, const char *key,
 		{ "store", store_key }, { "control", control_key },
 		{ "daemon", daemon_key }, { "policy", policy_key },
 		{ "sweep", sweep_key }, { "metrics", metrics_key },
-		{ "mover", mover_key },
+		{ "mover", mover_key }, { "steer", steer_key },
 	};
 
 	for (size_t i = 0; i < sizeof(sections) / sizeof(sections[0]); i++)
@@ -370,6 +376,7 @@ static void defaults(struct ms_dconfig *c)
 	c->gw.sweep_from = c->gw.sweep_to = -1;
 	c->gw.hold_max_seconds = 60;
 	c->gw.connections = 4;
+	ms_steer_defaults(&c->steer);
 	snprintf(c->store, sizeof(c->store), "/var/lib/mailshift/mailshift.db");
 	snprintf(c->control, sizeof(c->control), "/run/mailshift/control.sock");
 }
@@ -378,6 +385,8 @@ static void defaults(struct ms_dconfig *c)
 static int check(const char *path, struct ms_dconfig *c, char *err,
 		 size_t errsz)
 {
+	char why[512];
+
 	if (c->gw.nlisten == 0) {
 		snprintf(err, errsz, "%s: no [listen] address", path);
 		return -1;
@@ -397,6 +406,10 @@ static int check(const char *path, struct ms_dconfig *c, char *err,
 	}
 	if (c->group[0] != '\0' && c->user[0] == '\0') {
 		snprintf(err, errsz, "%s: [daemon] group needs user", path);
+		return -1;
+	}
+	if (ms_steer_check(&c->steer, why, sizeof(why)) < 0) {
+		snprintf(err, errsz, "%s: %s", path, why);
 		return -1;
 	}
 	return 0;

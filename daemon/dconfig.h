@@ -8,6 +8,7 @@
 #include <stddef.h>
 
 #include "gateway.h"
+#include "steer.h"
 
 struct ms_dconfig {
 	struct ms_gw_config gw;
@@ -21,6 +22,7 @@ struct ms_dconfig {
 	char src_ca[512], dst_ca[512];
 	char src_sn[256], dst_sn[256];	/* server_name: the certificate's */
 	int src_insecure, dst_insecure;
+	struct ms_steer_cfg steer;	/* [steer] */
 };
 
 /* Fills c with the defaults, parses path and checks what goes together.

@@ -19,6 +19,7 @@
 #include "gateway.h"
 #include "log.h"
 #include "priv.h"
+#include "steer.h"
 #include "store.h"
 #include "util.h"
 
@@ -240,6 +241,30 @@ static int check_config(const char *conf)
 	return 0;
 }
 
+/* [steer] manage = yes: the steering table is installed (or replaced) once
+ * the listeners are open, while mailshiftd still has CAP_NET_ADMIN. It is
+ * left in place at exit: with nothing listening, proxied ports refuse
+ * connections (fail closed) until mailshiftd is back. */
+static int manage_steering(const struct ms_steer_cfg *s, char *err,
+			   size_t errsz)
+{
+	struct ms_steer_route rt;
+	char *script = NULL;
+	unsigned int n = 0;
+	int r, lock = ms_steer_lock(err, errsz);
+
+	if (lock < 0)
+		return -1;
+	r = ms_steer_install(s, 0, &script, &rt, &n, err, errsz);
+	close(lock);
+	free(script);
+	if (r == 0)
+		ms_log(MS_LOG_WARN, "steering installed: %u entries, mark "
+		       "0x%08x, routing table %u, rule priority %u", n,
+		       rt.mark, rt.table, rt.priority);
+	return r;
+}
+
 int main(int argc, char *argv[])
 {
 	static struct ms_dconfig c;
@@ -304,6 +329,10 @@ int main(int argc, char *argv[])
 		fprintf(stderr, "mailshiftd: %s\n", err);
 		goto out;
 	}
+	if (c.steer.manage && manage_steering(&c.steer, err, sizeof(err)) < 0) {
+		fprintf(stderr, "mailshiftd: [steer] manage: %s\n", err);
+		goto out;
+	}
 	if (c.pid_file[0] != '\0') {
 		if (write_pid_file(c.pid_file, err, sizeof(err)) < 0) {
 			fprintf(stderr, "mailshiftd: %s\n", err);
@@ -327,6 +356,9 @@ int main(int argc, char *argv[])
 	uv_run(loop, UV_RUN_DEFAULT);
 	uv_close((uv_handle_t *)&sigterm, NULL);
 	uv_close((uv_handle_t *)&sigint, NULL);
+	if (c.steer.manage)
+		ms_log(MS_LOG_WARN, "steering left installed: proxied ports "
+		       "refuse connections until mailshiftd is back");
 	ret = 0;
 out:
 	ms_control_free(&ctl);

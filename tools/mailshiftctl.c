@@ -23,6 +23,7 @@ static const struct {
 	{ "kick", kick_main, "Ends a user's sessions" },
 	{ "policy", policy_main, "Shows the policies, or changes them" },
 	{ "rollback", rollback_main, "Sends users on the destination back to the source" },
+	{ "steer", steer_main, "Installs, changes, shows and removes the kernel's steering" },
 };
 
 static void show_usage(FILE *f)

@@ -11,5 +11,6 @@ int kick_main(int argc, char *argv[]);
 int policy_main(int argc, char *argv[]);
 int migrate_daemon_main(int argc, char *argv[]);
 int rollback_main(int argc, char *argv[]);
+int steer_main(int argc, char *argv[]);
 
 #endif

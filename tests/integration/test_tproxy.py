@@ -1,7 +1,8 @@
 """mailshiftd behind a real nftables TPROXY divert, in network namespaces.
 
-Topology (made here, names carrying this process's id; the ruleset is the
-one docs/deployment.md gives):
+Topology (made here, names carrying this process's id; the ruleset is
+written by hand here, the minimal divert: test_steer.py tests the table
+`mailshiftctl steer` installs):
 
     ms-cli-PID  c0 10.231.0.2/24 --veth-- g0 10.231.0.1/24  ms-gw-PID
                 default via 10.231.0.1                g1 10.231.1.1/24 (the old
@@ -144,6 +145,23 @@ def _kill_leftovers(ns):
     return pids
 
 
+def _remove_namespaces(nss):
+    """Stops what is left in each namespace we added (by PID) and deletes
+    it; returns the problems found."""
+    problems = []
+    for ns in nss:
+        if ns.added:
+            left = _kill_leftovers(ns)
+            if left:
+                problems.append('processes left in %s: %s'
+                                % (ns.name, left))
+            ns.delete()
+    for ns in nss:
+        if os.path.exists(ns.path):
+            problems.append('namespace %s still exists' % ns.name)
+    return problems
+
+
 @pytest.fixture(scope='module')
 def env(test_root, ctl):
     if os.geteuid() != 0:
@@ -225,16 +243,7 @@ def env(test_root, ctl):
             if gw.killed:
                 problems.append('mailshiftd did not exit on SIGTERM')
         stop_all(*servers)
-        for ns in (gw_ns, cli):
-            if ns.added:
-                left = _kill_leftovers(ns)
-                if left:
-                    problems.append('processes left in %s: %s'
-                                    % (ns.name, left))
-                ns.delete()
-        for ns in (gw_ns, cli):
-            if os.path.exists(ns.path):
-                problems.append('namespace %s still exists' % ns.name)
+        problems += _remove_namespaces((gw_ns, cli))
         if gw is not None and problems:
             print('----- mailshiftd log (last lines)\n' + gw.log_tail(60))
         shutil.rmtree(root, ignore_errors=True)

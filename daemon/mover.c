@@ -212,6 +212,8 @@ struct worker {
 	uint32_t v_first_missing;
 	struct ms_u32vec expunge;	/* destination UIDs to expunge */
 	struct ms_u32vec dst_uids;	/* verify: destination UIDs */
+	struct ms_u32vec vanished;	/* verify: source UIDs expunged there */
+	uint64_t vanished_bytes;	/* their recorded sizes */
 	int dedup_done;
 
 	/* rollback */
@@ -760,6 +762,7 @@ static void worker_close(struct worker *w)
 	ms_u32vec_free(&w->src_uids);
 	ms_u32vec_free(&w->expunge);
 	ms_u32vec_free(&w->dst_uids);
+	ms_u32vec_free(&w->vanished);
 	ms_u32vec_free(&w->todo);
 	w->state = W_DONE;
 }
@@ -2866,6 +2869,7 @@ static void verify_fetch(struct worker *w, int side, const struct fetch *f)
  * those, UID EXPUNGE) before the verification is repeated. */
 
 static void verify_dst(struct worker *w);
+static int drop_vanished(struct worker *w);
 
 struct claim_ctx {
 	struct worker *w;
@@ -2952,10 +2956,18 @@ static void on_expunge_reply(struct ms_imapc *c,
 	}
 	if (--w->pending > 0)
 		return;
-	if (w->phase == PH_REXPUNGE)
+	if (w->phase == PH_REXPUNGE) {
 		rb_expunged(w);
-	else
-		verify_dst(w);
+		return;
+	}
+	if (w->phase == PH_EXPUNGE) {
+		/* Gone from the destination: now their records go. */
+		if (drop_vanished(w) < 0)
+			return;
+		w->f->rep.expunged += w->expunge.n;
+		w->u->expunged += w->expunge.n;
+	}
+	verify_dst(w);
 }
 
 /* Expunges exactly the UIDs in w->expunge on the side written to: \Deleted
@@ -3107,30 +3119,53 @@ static void verify_dst(struct worker *w)
 		     "UID FETCH 1:* (UID RFC822.SIZE FLAGS)");
 }
 
-struct vanish_ctx {
-	struct worker *w;
-	size_t pos;
-	int error;
-};
-
 /* Walks the store's done records (in UID order) against the source's
- * UIDs: a record whose UID the source no longer has was expunged there. */
+ * UIDs: a record whose UID the source no longer has was expunged there.
+ * Its source UID goes to w->vanished and its destination UID to
+ * w->expunge; the record itself stays until the destination has expunged
+ * the message (drop_vanished()). */
 static int find_vanished(void *ctx, const struct ms_msg_rec *rec)
 {
-	struct vanish_ctx *vc = ctx;
-	struct worker *w = vc->w;
+	struct worker *w = ctx;
 
 	if (rec->src_uid > w->f->st.hwm)
 		return 0;
 	if (ms_u32vec_has(&w->src_uids, rec->src_uid) || rec->dst_uid == 0)
 		return 0;
-	if (ms_u32vec_push(&w->expunge, rec->dst_uid) < 0)
+	if (ms_u32vec_push(&w->vanished, rec->src_uid) < 0 ||
+	    ms_u32vec_push(&w->expunge, rec->dst_uid) < 0)
 		return -1;
-	if (ms_store_msg_delete(w->u->m->store, w->f->st.id, rec->src_uid,
-				"") < 0)
+	w->vanished_bytes += rec->size;
+	return 0;
+}
+
+/* The records of the messages in w->vanished go, in one transaction with
+ * the folder's counts. Called once the destination has expunged them (or
+ * cannot: no UIDPLUS): a crash before leaves records whose messages are
+ * gone from both sides, which the next run finds vanished again and
+ * expunges (a no-op) once more. The other order could leave a destination
+ * message no record claims, which no later run would take away. */
+static int drop_vanished(struct worker *w)
+{
+	struct ms_store *store = w->u->m->store;
+	struct ms_folder_state *st = &w->f->st;
+	int ret = ms_store_begin(store);
+
+	for (size_t i = 0; ret == 0 && i < w->vanished.n; i++)
+		ret = ms_store_msg_delete(store, st->id, w->vanished.v[i], "");
+	if (ret == 0) {
+		st->msgs -= w->vanished.n < st->msgs ? w->vanished.n : st->msgs;
+		st->bytes -= w->vanished_bytes < st->bytes ?
+			     w->vanished_bytes : st->bytes;
+		ret = ms_store_folder_update(store, st);
+	}
+	if (ret == 0)
+		ret = ms_store_commit(store);
+	if (ret < 0) {
+		ms_store_rollback(store);
+		job_fail(w->u, "store: %s", ms_store_error(store));
 		return -1;
-	w->f->st.msgs--;
-	w->f->st.bytes -= rec->size;
+	}
 	return 0;
 }
 
@@ -3160,7 +3195,6 @@ static void on_verify_src_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 	struct ms_store *store = w->u->m->store;
-	struct vanish_ctx vc = { .w = w };
 	struct missing_ctx mc = { .w = w };
 
 	if (r == NULL || r->status != MS_STATUS_OK) {
@@ -3181,13 +3215,10 @@ static void on_verify_src_reply(struct ms_imapc *c,
 	for (; mc.pos < w->src_uids.n; mc.pos++)
 		if (w->v_missing++ == 0)
 			w->v_first_missing = w->src_uids.v[mc.pos];
-	w->expunge.n = 0;
-	if (ms_store_begin(store) < 0 ||
-	    ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE, find_vanished,
-				 &vc) != 0 ||
-	    ms_store_folder_update(store, &w->f->st) < 0 ||
-	    ms_store_commit(store) < 0) {
-		ms_store_rollback(store);
+	w->expunge.n = w->vanished.n = 0;
+	w->vanished_bytes = 0;
+	if (ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE, find_vanished,
+				 w) != 0) {
 		job_fail(w->u, "store: %s", ms_store_error(store));
 		return;
 	}
@@ -3196,15 +3227,15 @@ static void on_verify_src_reply(struct ms_imapc *c,
 			ms_warn("%s: folder \"%s\": %zu message(s) gone from the "
 				"source stay on the destination (no UIDPLUS)",
 				w->u->name, w->f->rep.source, w->expunge.n);
+		if (w->vanished.n > 0 && drop_vanished(w) < 0)
+			return;
 		verify_dst(w);
 		return;
 	}
-	/* Expunge exactly those: UID EXPUNGE leaves other \Deleted mail be. */
+	/* Expunge exactly those: UID EXPUNGE leaves other \Deleted mail be.
+	 * on_expunge_reply() drops their records afterwards. */
 	w->phase = PH_EXPUNGE;
-	if (expunge_uids(w) < 0)
-		return;
-	w->f->rep.expunged += w->expunge.n;
-	w->u->expunged += w->expunge.n;
+	expunge_uids(w);
 }
 
 static void start_verify(struct worker *w)

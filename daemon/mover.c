@@ -3258,7 +3258,9 @@ static void vcount_add(struct vcount *c, uint32_t uid)
 static int redo_later(struct worker *w, const struct ms_msg_rec *rec,
 		      uint32_t dst_uid)
 {
-	if (w->u->m->verify_only)
+	/* (A copy that cannot be expunged exactly is not sent again.) */
+	if (w->u->m->verify_only ||
+	    (dst_uid != 0 && !ms_imapc_has_cap(w->d, "UIDPLUS")))
 		return 0;
 	if (ms_u32vec_push(&w->rp_redo, rec->src_uid) < 0 ||
 	    (dst_uid != 0 && ms_u32vec_push(&w->expunge, dst_uid) < 0))
@@ -3695,7 +3697,7 @@ static void repair_redo(struct worker *w)
 
 static void repair_expunge(struct worker *w)
 {
-	if (w->expunge.n > 0 && ms_imapc_has_cap(w->d, "UIDPLUS"))
+	if (w->expunge.n > 0)
 		expunge_uids(w);	/* on_expunge_reply(): repair_redo() */
 	else
 		repair_redo(w);

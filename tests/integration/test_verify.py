@@ -310,6 +310,10 @@ def test_damage(make_pair, ctl, workdir, name):
         return
     j = ok_summary(res, 'smallie')
     pair.assert_copied('smallie')
+    # ... and says so: a warning naming the folder.
+    assert re.search(r'warning: smallie: folder "(%s|%s)": ' % (
+        re.escape(src_folder), re.escape(dst_folder)), res.stderr), \
+        res.describe()
     f = {f['source']: f for f in j['folders']}[src_folder]
     if name == 'folder-deleted':
         assert f['copied'] == f['source_messages'] == 2, res.describe()

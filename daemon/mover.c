@@ -19,7 +19,11 @@
  *            (CHANGEDSINCE when CONDSTORE is there) -> UID STORE
  *   verify   messages gone from the source are expunged on the
  *            destination (UID EXPUNGE); then count, size sum and flags of
- *            both sides are compared. A mismatch fails the user.
+ *            both sides are compared, and each copy with its source
+ *            message (size, flags; with verify_content the bytes'
+ *            SHA-256). Copies found different are mended once (flags
+ *            set, copied again) and the folder verified again; what still
+ *            differs fails the user. verify_only: compare, write nothing.
  *
  * A rollback (ms_mover_add_rollback) runs the same machinery the other way
  * round: its workers read from the destination (w->s) and write to the
@@ -36,6 +40,7 @@
 #include <strings.h>
 
 #include <openssl/crypto.h>
+#include <openssl/evp.h>
 
 #include "imapc.h"
 #include "log.h"
@@ -74,6 +79,7 @@ struct ms_mover {
 	struct server src, dst;
 	char **include, **exclude;
 	unsigned int batch;
+	int verify_only, verify_content;
 	struct ujob *jobs;
 	unsigned int users, users_done;
 	unsigned int folders, folders_done;
@@ -89,6 +95,7 @@ struct fjob {
 	int dst_subscribed;		/* rollback: subscribed on the
 					   destination */
 	int taken;			/* a worker has it (or had it) */
+	int dst_missing;		/* verify-only: not on the destination */
 	unsigned int retries;		/* reconnects after a lost connection */
 	uint32_t status_msgs;
 	struct ms_folder_report rep;
@@ -158,6 +165,51 @@ struct rrec {
 	int drop;			/* 1: the record goes; 2: it went */
 };
 
+/* Verification: one message of one side. */
+#define MD_LEN 32			/* SHA-256 */
+
+struct vmsg {
+	uint32_t uid;
+	uint8_t has_md;			/* verify_content: its digest is in */
+	uint8_t excluded;		/* verify-only: not compared (a copy or
+					   an expunge not carried over yet) */
+	uint8_t claimed;		/* a done record names it */
+	uint64_t size;
+	uint64_t fhash;			/* flags_hash() of its flags */
+};
+
+/* A side's messages in UID order once sorted; with verify_content, md[i]
+ * is v[i]'s SHA-256 (kept apart: 24 bytes a message otherwise). */
+struct vlist {
+	struct vmsg *v;
+	unsigned char (*md)[MD_LEN];
+	size_t n, cap;
+	int sorted;
+};
+
+/* What pairing the two sides' messages through the done records found
+ * (per kind: how many, the first one's source UID). */
+struct vcount {
+	uint64_t n;
+	uint32_t first;
+};
+
+struct vcheck {
+	struct vcount lost;		/* copy missing on the destination */
+	struct vcount resized;		/* copy of another size */
+	struct vcount altered;		/* same size, other bytes */
+	struct vcount flags;		/* copy with other flags */
+	uint64_t unclaimed;		/* destination messages no record
+					   names */
+	uint64_t unknown;		/* records without destination UID */
+	uint64_t md_sum[2];		/* verify_content: multiset hashes */
+};
+
+struct digest_side {
+	struct worker *w;
+	int side;
+};
+
 enum wstate { W_CONNECTING, W_IDLE, W_BUSY, W_DONE };
 
 /* A connection pair. s is the side read from and d the side written to:
@@ -212,7 +264,25 @@ struct worker {
 	uint32_t v_first_missing;
 	struct ms_u32vec expunge;	/* destination UIDs to expunge */
 	struct ms_u32vec dst_uids;	/* verify: destination UIDs */
+	struct ms_u32vec vanished;	/* verify: source UIDs expunged there */
+	uint64_t vanished_bytes;	/* their recorded sizes */
 	int dedup_done;
+	struct vlist vm[2];		/* verify: messages, by side */
+	struct vcheck vc;
+	uint64_t v_later;		/* source messages above the hwm */
+	int v_all_src;			/* verify-only: compare every source
+					   message (its UIDVALIDITY changed) */
+	int v_norecs;			/* verify-only: the records do not
+					   apply (a UIDVALIDITY changed) */
+	EVP_MD_CTX *md[2];		/* verify_content: the body hashed */
+	unsigned char md_last[2][MD_LEN];
+	int md_have[2];
+	struct digest_side dg[2];	/* the literal hooks' contexts */
+	int repair_done;
+	struct ms_u32vec rp_flags;	/* repair: source UIDs, flags wrong */
+	struct ms_u32vec rp_flags_dst;	/* their destination UIDs */
+	struct ms_u32vec rp_redo;	/* repair: source UIDs to copy again */
+	uint64_t rp_bytes;		/* their recorded sizes */
 
 	/* rollback */
 	struct rrec *rrecs;		/* the folder's done records */
@@ -225,7 +295,7 @@ struct worker {
 
 enum {
 	PH_OPEN, PH_MATCH, PH_SEEK, PH_COPY, PH_FLAGS, PH_VERIFY_SRC,
-	PH_EXPUNGE, PH_VERIFY_DST, PH_DEDUP,
+	PH_EXPUNGE, PH_VERIFY_DST, PH_DEDUP, PH_DIGEST, PH_REPAIR,
 	PH_RSCAN_SRC, PH_RSCAN_DST, PH_REXPUNGE,	/* rollback */
 };
 
@@ -256,7 +326,7 @@ struct ujob {
 
 	int failed, mismatch, finished;
 	char error[600];
-	uint64_t copied, bytes, flags_updated, expunged;
+	uint64_t copied, bytes, flags_updated, expunged, repaired;
 	uint64_t start_ms;
 };
 
@@ -282,6 +352,7 @@ static void rb_expunged(struct worker *w);
 static void rb_verify_claims(struct worker *w);
 static void rb_verify_done(struct worker *w);
 static void window_free(struct window *win);
+static void verify_free(struct worker *w);
 
 /* ---- small helpers ---- */
 
@@ -639,7 +710,9 @@ static void worker_close(struct worker *w)
 	ms_u32vec_free(&w->src_uids);
 	ms_u32vec_free(&w->expunge);
 	ms_u32vec_free(&w->dst_uids);
+	ms_u32vec_free(&w->vanished);
 	ms_u32vec_free(&w->todo);
+	verify_free(w);
 	w->state = W_DONE;
 }
 
@@ -688,6 +761,7 @@ static void job_report(uv_timer_t *t)
 	fr = calloc(u->nfolders + 1, sizeof(*fr));
 	rep.user = u->name;
 	rep.rollback = u->reverse;
+	rep.verify_only = m->verify_only;
 	rep.ok = !u->failed && !u->mismatch;
 	rep.mismatch = u->mismatch;
 	rep.error = rep.ok ? NULL : u->error;
@@ -695,6 +769,7 @@ static void job_report(uv_timer_t *t)
 	rep.bytes = u->bytes;
 	rep.flags_updated = u->flags_updated;
 	rep.expunged = u->expunged;
+	rep.repaired = u->repaired;
 	rep.seconds = (double)(now_ms() - u->start_ms) / 1000.0;
 	for (unsigned int i = 0; fr != NULL && i < u->nfolders; i++) {
 		if (!u->folders[i].selected_by_plan &&
@@ -703,8 +778,9 @@ static void job_report(uv_timer_t *t)
 		fr[rep.nfolders++] = u->folders[i].rep;
 	}
 	rep.folders = fr;
-	if (u->user_id == 0) {
-		/* a rollback refused before it began: the store is as it was */
+	if (u->user_id == 0 || m->verify_only) {
+		/* a rollback refused before it began, or a verification
+		 * only: the store is as it was */
 	} else if (!u->reverse || rep.ok) {
 		ms_store_user_set_state(m->store, u->user_id,
 					rep.ok ? "source" : "failed", rep.error);
@@ -1254,6 +1330,8 @@ static int cmp_folder_size(const void *a, const void *b)
 	       x->status_msgs > y->status_msgs ? -1 : 0;
 }
 
+static int vo_plan_folder(struct ujob *u, struct fjob *f);
+
 static void plan_step(struct ujob *u)
 {
 	struct worker *w0 = &u->workers[0];
@@ -1313,6 +1391,12 @@ static void plan_step(struct ujob *u)
 				return;
 			}
 			d = find_dfolder(u, f->dst);
+			if (m->verify_only) {
+				/* Look, touch nothing. */
+				f->dst_missing = d == NULL &&
+						 strcasecmp(f->dst, "INBOX") != 0;
+				continue;
+			}
 			if (d == NULL && strcasecmp(f->dst, "INBOX") != 0) {
 				u->plan_pending++;
 				ms_imapc_cmd(w0->d, on_create_reply, u,
@@ -1345,6 +1429,11 @@ static void plan_step(struct ujob *u)
 				continue;
 			}
 			m->folders++;
+			if (m->verify_only) {
+				if (vo_plan_folder(u, f) < 0)
+					return;
+				continue;
+			}
 			if (ms_store_folder_get(m->store, u->user_id, f->src,
 						&f->st) < 0) {
 				job_fail(u, "store: %s", ms_store_error(m->store));
@@ -1504,7 +1593,8 @@ static void folder_done(struct worker *w)
 	struct ujob *u = w->u;
 	struct ms_mover *m = u->m;
 
-	if (store_check(w, ms_store_folder_update(m->store, &w->f->st)) < 0)
+	if (!m->verify_only &&
+	    store_check(w, ms_store_folder_update(m->store, &w->f->st)) < 0)
 		return;
 	m->folders_done++;
 	u->folders_done++;
@@ -1541,6 +1631,8 @@ static void worker_next_folder(struct worker *w)
 	w->s_modseq = 0;
 	w->s_nomodseq = 0;
 	w->dedup_done = 0;
+	w->repair_done = 0;
+	w->v_all_src = w->v_norecs = 0;
 	/* qs: the folder read from, qd: the one written to */
 	ms_imap_quote(qs, sizeof(qs), u->reverse ? f->dst : f->src);
 	ms_imap_quote(qd, sizeof(qd), u->reverse ? f->src : f->dst);
@@ -1549,7 +1641,8 @@ static void worker_next_folder(struct worker *w)
 		ms_imapc_cmd(w->s, on_open_reply, w, "EXAMINE %s (CONDSTORE)", qs);
 	else
 		ms_imapc_cmd(w->s, on_open_reply, w, "EXAMINE %s", qs);
-	ms_imapc_cmd(w->d, on_open_reply, w, "SELECT %s", qd);
+	ms_imapc_cmd(w->d, on_open_reply, w, "%s %s",
+		     u->m->verify_only ? "EXAMINE" : "SELECT", qd);
 }
 
 static void start_match(struct worker *w, int reconcile, uint32_t floor);
@@ -1563,6 +1656,8 @@ static void after_match(struct worker *w)
 	else
 		start_copy(w);
 }
+
+static void vo_open(struct worker *w, uint32_t src_uv, uint32_t dst_uv);
 
 static int unmapped_rec(void *ctx, const struct ms_msg_rec *rec)
 {
@@ -1593,6 +1688,10 @@ static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	}
 	src_uv = u->reverse ? w->d_uidvalidity : w->s_uidvalidity;
 	dst_uv = u->reverse ? w->s_uidvalidity : w->d_uidvalidity;
+	if (u->m->verify_only) {
+		vo_open(w, src_uv, dst_uv);
+		return;
+	}
 	if (st->src_uidvalidity != 0 && st->src_uidvalidity != src_uv) {
 		ms_warn("%s: folder \"%s\": source UIDVALIDITY changed "
 			"(%u -> %u); matching messages by fingerprint",
@@ -2600,6 +2699,8 @@ struct flag_store {
 	char flags[FLAGS_MAX];
 };
 
+static void repair_expunge(struct worker *w);
+
 static void on_flag_store_reply(struct ms_imapc *c,
 				const struct ms_imap_response *r, void *ctx)
 {
@@ -2628,6 +2729,8 @@ static void on_flag_store_reply(struct ms_imapc *c,
 			on_match_src_reply(w->s, r, w);
 		else if (w->phase == PH_RSCAN_DST)
 			rb_scan_done(w);
+		else if (w->phase == PH_REPAIR)
+			repair_expunge(w);
 	}
 }
 
@@ -2708,14 +2811,86 @@ static void start_flags(struct worker *w)
 
 /* ---- verify ---- */
 
+static int vlist_push(struct vlist *l, const struct fetch *f)
+{
+	if (l->n == l->cap) {
+		size_t cap = l->cap * 2 + 64;
+		struct vmsg *v = realloc(l->v, cap * sizeof(*v));
+
+		if (v == NULL)
+			return -1;
+		l->v = v;
+		l->cap = cap;
+	}
+	memset(&l->v[l->n], 0, sizeof(l->v[0]));
+	l->sorted = 0;
+	l->v[l->n].uid = f->uid;
+	l->v[l->n].size = f->size;
+	l->v[l->n].fhash = flags_hash(f->flags);
+	l->n++;
+	return 0;
+}
+
+static int cmp_vmsg(const void *a, const void *b)
+{
+	const struct vmsg *x = a, *y = b;
+
+	return x->uid < y->uid ? -1 : x->uid > y->uid;
+}
+
+static void vlist_sort(struct vlist *l)
+{
+	if (!l->sorted)
+		sort_n(l->v, l->n, sizeof(*l->v), cmp_vmsg);
+	l->sorted = 1;
+}
+
+/* The digest of v (of l), or NULL when it has none. */
+static const unsigned char *vmsg_md(const struct vlist *l,
+				    const struct vmsg *v)
+{
+	return v->has_md ? l->md[v - l->v] : NULL;
+}
+
+static struct vmsg *vlist_find(const struct vlist *l, uint32_t uid)
+{
+	struct vmsg key = { .uid = uid };
+
+	if (l->n == 0)
+		return NULL;
+	return bsearch(&key, l->v, l->n, sizeof(*l->v), cmp_vmsg);
+}
+
+static void verify_free(struct worker *w)
+{
+	for (int side = 0; side < 2; side++) {
+		free(w->vm[side].v);
+		free(w->vm[side].md);
+		memset(&w->vm[side], 0, sizeof(w->vm[side]));
+		EVP_MD_CTX_free(w->md[side]);
+		w->md[side] = NULL;
+	}
+	ms_u32vec_free(&w->rp_flags);
+	ms_u32vec_free(&w->rp_flags_dst);
+	ms_u32vec_free(&w->rp_redo);
+}
+
 /* side 0: the side read from, 1: the side written to. */
 static void verify_fetch(struct worker *w, int side, const struct fetch *f)
 {
+	int fwd = !w->u->reverse;
+
 	if (!f->has_uid || !f->has_size || !f->has_flags)
 		return;
+	if (side == 0 && fwd && f->uid > w->f->st.hwm && !w->v_all_src) {
+		w->v_later++;	/* arrived after this run's copy */
+		return;
+	}
+	if (fwd && vlist_push(&w->vm[side], f) < 0) {
+		job_fail(w->u, "out of memory");
+		return;
+	}
 	if (side == 0) {
-		if (!w->u->reverse && f->uid > w->f->st.hwm)
-			return;	/* arrived after this run's copy */
 		if (ms_u32vec_push(&w->src_uids, f->uid) < 0) {
 			job_fail(w->u, "out of memory");
 			return;
@@ -2745,6 +2920,8 @@ static void verify_fetch(struct worker *w, int side, const struct fetch *f)
  * those, UID EXPUNGE) before the verification is repeated. */
 
 static void verify_dst(struct worker *w);
+static int drop_vanished(struct worker *w);
+static void repair_redo(struct worker *w);
 
 struct claim_ctx {
 	struct worker *w;
@@ -2831,10 +3008,22 @@ static void on_expunge_reply(struct ms_imapc *c,
 	}
 	if (--w->pending > 0)
 		return;
-	if (w->phase == PH_REXPUNGE)
+	if (w->phase == PH_REXPUNGE) {
 		rb_expunged(w);
-	else
-		verify_dst(w);
+		return;
+	}
+	if (w->phase == PH_REPAIR) {
+		repair_redo(w);
+		return;
+	}
+	if (w->phase == PH_EXPUNGE) {
+		/* Gone from the destination: now their records go. */
+		if (drop_vanished(w) < 0)
+			return;
+		w->f->rep.expunged += w->expunge.n;
+		w->u->expunged += w->expunge.n;
+	}
+	verify_dst(w);
 }
 
 /* Expunges exactly the UIDs in w->expunge on the side written to: \Deleted
@@ -2878,6 +3067,8 @@ static void on_dedup_reply(struct ms_imapc *c,
 		"earlier run left on the %s", w->u->name,
 		w->u->reverse ? w->f->rep.source : w->f->rep.destination,
 		w->expunge.n, side_name(w, w->d));
+	w->f->rep.repaired += w->expunge.n;
+	w->u->repaired += w->expunge.n;
 	expunge_uids(w);
 }
 
@@ -2925,12 +3116,235 @@ static void start_dedup(struct worker *w)
 	free(set);
 }
 
+/* ---- verify: message by message ----
+ *
+ * Counts and sums say that something differs, not what, and miss changes
+ * that cancel out. So both sides' messages are also paired through the
+ * done records: the copy of every compared source message must be on the
+ * destination with the source's size and flags (with verify_content: the
+ * same bytes). What a normal run finds wrong with its own copies it mends
+ * once (below) and verifies again; a verify-only run reports it. */
+
+static void vcount_add(struct vcount *c, uint32_t uid)
+{
+	if (c->n++ == 0)
+		c->first = uid;
+}
+
+/* Sets the copy of src_uid (its record's destination UID dst_uid, 0 when
+ * it is missing) aside for the repair: copied again, the present copy
+ * expunged first. Returns 0, or -1 when out of memory. */
+static int redo_later(struct worker *w, const struct ms_msg_rec *rec,
+		      uint32_t dst_uid)
+{
+	/* (A copy that cannot be expunged exactly is not sent again.) */
+	if (w->u->m->verify_only ||
+	    (dst_uid != 0 && !ms_imapc_has_cap(w->d, "UIDPLUS")))
+		return 0;
+	if (ms_u32vec_push(&w->rp_redo, rec->src_uid) < 0 ||
+	    (dst_uid != 0 && ms_u32vec_push(&w->expunge, dst_uid) < 0))
+		return -1;
+	w->rp_bytes += rec->size;
+	return 0;
+}
+
+static int pair_rec(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct worker *w = ctx;
+	struct vcheck *vc = &w->vc;
+	struct vmsg *s, *d;
+
+	if (rec->dst_uid == 0) {
+		vc->unknown++;		/* no UIDPLUS: the sums only */
+		return 0;
+	}
+	s = vlist_find(&w->vm[0], rec->src_uid);
+	d = vlist_find(&w->vm[1], rec->dst_uid);
+	if (d != NULL)
+		d->claimed = 1;
+	if (s == NULL) {
+		/* Verify-only: an expunge (or a copy) not carried over yet;
+		 * a normal run has done both before it verifies. */
+		if (d != NULL && w->u->m->verify_only) {
+			d->excluded = 1;
+			w->f->rep.expunge_pending += rec->src_uid <= w->f->st.hwm;
+		}
+		return 0;
+	}
+	if (d == NULL) {
+		vcount_add(&vc->lost, s->uid);
+		return redo_later(w, rec, 0);
+	}
+	if (d->size != s->size) {
+		vcount_add(&vc->resized, s->uid);
+		return redo_later(w, rec, d->uid);
+	}
+	if (w->u->m->verify_content && (!s->has_md || !d->has_md ||
+					memcmp(vmsg_md(&w->vm[0], s),
+					       vmsg_md(&w->vm[1], d),
+					       MD_LEN) != 0)) {
+		vcount_add(&vc->altered, s->uid);
+		return redo_later(w, rec, d->uid);
+	}
+	if (d->fhash != s->fhash) {
+		vcount_add(&vc->flags, s->uid);
+		if (!w->u->m->verify_only &&
+		    (ms_u32vec_push(&w->rp_flags, s->uid) < 0 ||
+		     ms_u32vec_push(&w->rp_flags_dst, d->uid) < 0))
+			return -1;
+	}
+	return 0;
+}
+
+/* Sums of the compared messages of each side (a verify-only run leaves
+ * out the destination copies of what it does not compare). */
+static void verify_sums(struct worker *w)
+{
+	for (int side = 0; side < 2; side++) {
+		w->v_count[side] = w->v_bytes[side] = w->v_fhash[side] = 0;
+		w->vc.md_sum[side] = 0;
+		for (size_t i = 0; i < w->vm[side].n; i++) {
+			const struct vmsg *v = &w->vm[side].v[i];
+			uint64_t h = 0;
+
+			if (v->excluded)
+				continue;
+			if (v->has_md)
+				memcpy(&h, vmsg_md(&w->vm[side], v), sizeof(h));
+			w->v_count[side]++;
+			w->v_bytes[side] += v->size;
+			w->v_fhash[side] += v->fhash;
+			w->vc.md_sum[side] += h;
+			w->vc.unclaimed += side == 1 && !v->claimed;
+		}
+	}
+}
+
+static int verify_compare(struct worker *w)
+{
+	struct ms_store *store = w->u->m->store;
+
+	memset(&w->vc, 0, sizeof(w->vc));
+	w->f->rep.expunge_pending = 0;
+	w->expunge.n = w->rp_flags.n = w->rp_flags_dst.n = w->rp_redo.n = 0;
+	w->rp_bytes = 0;
+	vlist_sort(&w->vm[0]);
+	vlist_sort(&w->vm[1]);
+	if (!w->v_norecs &&
+	    ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE, pair_rec,
+				 w) != 0) {
+		job_fail(w->u, "store: %s", ms_store_error(store));
+		return -1;
+	}
+	verify_sums(w);
+	return 0;
+}
+
+static int verify_ok(const struct worker *w)
+{
+	const struct vcheck *vc = &w->vc;
+
+	return w->v_count[0] == w->v_count[1] &&
+	       w->v_bytes[0] == w->v_bytes[1] &&
+	       w->v_fhash[0] == w->v_fhash[1] && w->v_missing == 0 &&
+	       vc->lost.n == 0 && vc->resized.n == 0 && vc->altered.n == 0 &&
+	       vc->flags.n == 0 &&
+	       (!w->u->m->verify_content || vc->md_sum[0] == vc->md_sum[1]);
+}
+
+static size_t why_add(char *buf, size_t sz, size_t pos, const char *what,
+		      const struct vcount *c)
+{
+	if (c->n == 0 || pos >= sz)
+		return pos;
+	return pos + (size_t)snprintf(buf + pos, sz - pos, ", %llu %s (source "
+				      "UID %u%s)", (unsigned long long)c->n,
+				      what, c->first, c->n > 1 ? ", ..." : "");
+}
+
+/* What the comparison found, for the report and the log. */
+static void verify_why(const struct worker *w, char *buf, size_t sz)
+{
+	const struct vcheck *vc = &w->vc;
+	size_t pos;
+
+	pos = (size_t)snprintf(buf, sz, "source %llu messages / %llu bytes, "
+			       "destination %llu messages / %llu bytes%s%s",
+			       (unsigned long long)w->v_count[0],
+			       (unsigned long long)w->v_bytes[0],
+			       (unsigned long long)w->v_count[1],
+			       (unsigned long long)w->v_bytes[1],
+			       w->v_fhash[0] != w->v_fhash[1] ?
+			       ", flags differ" : "",
+			       w->v_missing ? ", messages not copied" : "");
+	pos = why_add(buf, sz, pos, "copied message(s) missing on the "
+		      "destination", &vc->lost);
+	pos = why_add(buf, sz, pos, "message(s) of another size there",
+		      &vc->resized);
+	pos = why_add(buf, sz, pos, "message(s) with other bytes there",
+		      &vc->altered);
+	pos = why_add(buf, sz, pos, "message(s) with other flags there",
+		      &vc->flags);
+	if (vc->unclaimed > 0 && vc->unknown == 0 && pos < sz)
+		pos += (size_t)snprintf(buf + pos, sz - pos, ", %llu destination "
+					"message(s) no copy accounts for",
+					(unsigned long long)vc->unclaimed);
+	if (w->u->m->verify_content && vc->md_sum[0] != vc->md_sum[1] &&
+	    vc->altered.n == 0 && pos < sz)
+		snprintf(buf + pos, sz - pos, ", the bytes differ");
+}
+
+/* A folder's verification failed: the report says what was found; the
+ * user's error names the first such folder. */
+static void folder_mismatch(struct ujob *u, struct fjob *f)
+{
+	f->rep.verified = 0;
+	u->mismatch = 1;
+	if (u->error[0] == '\0')
+		snprintf(u->error, sizeof(u->error), "folder \"%s\": "
+			 "verification failed: %s", f->rep.source,
+			 f->rep.mismatch);
+}
+
+static void start_repair(struct worker *w);
+static void start_digest(struct worker *w);
+
+static void verify_finish(struct worker *w)
+{
+	struct fjob *f = w->f;
+	struct ms_folder_report *rep = &f->rep;
+
+	if (verify_compare(w) < 0)
+		return;
+	rep->source_messages = w->v_count[0];
+	rep->dest_messages = w->v_count[1];
+	rep->source_bytes = w->v_bytes[0];
+	rep->dest_bytes = w->v_bytes[1];
+	rep->verified = verify_ok(w);
+	rep->mismatch[0] = '\0';
+	if (!rep->verified)
+		verify_why(w, rep->mismatch, sizeof(rep->mismatch));
+	if (!rep->verified && !w->repair_done &&
+	    w->rp_flags.n + w->rp_redo.n > 0) {
+		start_repair(w);
+		return;
+	}
+	if (!rep->verified) {
+		folder_mismatch(w->u, f);
+		if (w->v_missing && w->v_first_missing <= f->st.hwm)
+			f->st.hwm = w->v_first_missing - 1;
+	}
+	if (w->u->m->verify_only)
+		rep->not_copied = w->v_later;
+	if (w->s_modseq != 0 && !w->s_nomodseq)
+		f->st.modseq = w->s_modseq;
+	folder_done(w);
+}
+
 static void on_verify_dst_reply(struct ms_imapc *c,
 				const struct ms_imap_response *r, void *ctx)
 {
 	struct worker *w = ctx;
-	struct fjob *f = w->f;
-	struct ms_folder_report *rep = &f->rep;
 
 	if (r == NULL || r->status != MS_STATUS_OK) {
 		folder_fail(w, "UID FETCH", r, c);
@@ -2939,41 +3353,260 @@ static void on_verify_dst_reply(struct ms_imapc *c,
 	/* More on the side written to than expected: copies a killed run
 	 * left there? (In a rollback, source messages no record claims.) */
 	if ((w->u->reverse ? w->v_only[0] > 0 : w->v_count[1] > w->v_count[0]) &&
-	    !w->dedup_done && ms_imapc_has_cap(w->d, "UIDPLUS")) {
+	    !w->dedup_done && !w->u->m->verify_only &&
+	    ms_imapc_has_cap(w->d, "UIDPLUS")) {
 		start_dedup(w);
 		return;
 	}
-	if (w->u->reverse) {
+	if (w->u->reverse)
 		rb_verify_done(w);
+	else if (w->u->m->verify_content)
+		start_digest(w);
+	else
+		verify_finish(w);
+}
+
+/* ---- verify: content ----
+ *
+ * With verify_content both sides' messages are fetched once more (UID
+ * FETCH BODY.PEEK[]) and hashed as their bytes stream by, nothing
+ * buffered; the copies are then compared by SHA-256. It reads both
+ * mailboxes in full: an option, not the default. */
+
+static int literal_is_body(const struct ms_imap_response *partial)
+{
+	const struct ms_imap_arg *list;
+
+	if (partial->argc < 3 || partial->args[2].type != MS_ARG_LIST)
+		return 0;
+	list = &partial->args[2];
+	return list->list_count > 0 &&
+	       ms_imap_arg_is(&list->list[list->list_count - 1], "BODY[]");
+}
+
+static int on_digest_start(void *ctx, const struct ms_imap_response *partial,
+			   uint64_t size)
+{
+	struct digest_side *ds = ctx;
+	struct worker *w = ds->w;
+	EVP_MD_CTX **md = &w->md[ds->side];
+
+	if (w->phase != PH_DIGEST || !literal_is_body(partial))
+		return 0;
+	if (*md == NULL)
+		*md = EVP_MD_CTX_new();
+	if (*md == NULL || EVP_DigestInit_ex(*md, EVP_sha256(), NULL) != 1) {
+		job_fail(w->u, "out of memory");
+		return -1;
+	}
+	w->md_have[ds->side] = 0;
+	return 1;
+}
+
+static int on_digest_data(void *ctx, const void *data, size_t len)
+{
+	struct digest_side *ds = ctx;
+
+	return EVP_DigestUpdate(ds->w->md[ds->side], data, len) == 1 ? 0 : -1;
+}
+
+static void on_digest_end(void *ctx)
+{
+	struct digest_side *ds = ctx;
+	struct worker *w = ds->w;
+
+	if (EVP_DigestFinal_ex(w->md[ds->side], w->md_last[ds->side],
+			       NULL) == 1)
+		w->md_have[ds->side] = 1;
+}
+
+/* The FETCH response whose body was just hashed: the digest is its UID's. */
+static void digest_fetch(struct worker *w, int side, const struct fetch *f)
+{
+	struct vmsg *v;
+
+	if (!f->has_body || !f->has_uid || !w->md_have[side])
+		return;
+	w->md_have[side] = 0;
+	v = vlist_find(&w->vm[side], f->uid);
+	if (v == NULL)
+		return;
+	memcpy(w->vm[side].md[v - w->vm[side].v], w->md_last[side], MD_LEN);
+	v->has_md = 1;
+}
+
+/* The reply to one of w->pending UID FETCHes: 1 when it was the last one
+ * due, 0 while others are (or when it failed the folder). */
+static int fetch_reply_last(struct worker *w, struct ms_imapc *c,
+			    const struct ms_imap_response *r)
+{
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "UID FETCH", r, c);
+		return 0;
+	}
+	return --w->pending == 0;
+}
+
+static void on_digest_reply(struct ms_imapc *c,
+			    const struct ms_imap_response *r, void *ctx)
+{
+	struct worker *w = ctx;
+
+	if (!fetch_reply_last(w, c, r))
+		return;
+	/* The copy's hooks back on the side read from, none on the other. */
+	worker_hooks(w);
+	ms_imapc_set_literal_hooks(w->d, NULL);
+	verify_finish(w);
+}
+
+static void start_digest(struct worker *w)
+{
+	static const struct ms_imap_parser_callbacks hooks = {
+		.literal_start = on_digest_start,
+		.literal_data = on_digest_data,
+		.literal_end = on_digest_end,
+	};
+
+	w->phase = PH_DIGEST;
+	w->pending = 0;
+	for (int side = 0; side < 2; side++) {
+		struct ms_imap_parser_callbacks cb = hooks;
+		struct ms_imapc *c = side == 0 ? w->s : w->d;
+		struct vlist *l = &w->vm[side];
+		void *md;
+
+		if (l->n == 0)
+			continue;
+		vlist_sort(l);
+		md = realloc(l->md, l->n * sizeof(*l->md));
+		if (md == NULL) {
+			job_fail(w->u, "out of memory");
+			return;
+		}
+		l->md = md;
+		w->dg[side] = (struct digest_side){ w, side };
+		cb.ctx = &w->dg[side];
+		ms_imapc_set_literal_hooks(c, &cb);
+		w->pending++;
+		if (side == 0 && !w->v_all_src)
+			ms_imapc_cmd(c, on_digest_reply, w, "UID FETCH 1:%u "
+				     "(UID BODY.PEEK[])", w->f->st.hwm);
+		else
+			ms_imapc_cmd(c, on_digest_reply, w, "UID FETCH 1:* "
+				     "(UID BODY.PEEK[])");
+	}
+	if (w->pending == 0)
+		verify_finish(w);
+}
+
+/* ---- verify: repair ----
+ *
+ * What verification found wrong with the copies a normal run made, it
+ * mends once per folder, then verifies again from the start: flags are
+ * set again from the source (UID STORE); a copy missing on the
+ * destination, or of another size or with other bytes, is copied again: a
+ * present one is expunged (exactly it, UID EXPUNGE), then its record goes
+ * and the high-water mark moves back below it (one transaction), then the
+ * copy pass runs (intents, APPEND, done records, as ever). A crash in
+ * between leaves a record whose copy is gone, which the next run finds
+ * missing and copies again. Destination mail no record claims is never
+ * touched here (the exact leftovers of a killed run excepted, see dedup):
+ * it is reported. */
+
+static void on_repair_flags_reply(struct ms_imapc *c,
+				  const struct ms_imap_response *r, void *ctx)
+{
+	if (fetch_reply_last(ctx, c, r))
+		repair_expunge(ctx);
+}
+
+/* The source's flags of a message whose copy has others: set them. */
+static void repair_flags_fetch(struct worker *w, const struct fetch *f)
+{
+	size_t lo = 0, hi = w->rp_flags.n;
+
+	if (!f->has_uid || !f->has_flags)
+		return;
+	while (lo < hi) {
+		size_t mid = (lo + hi) / 2;
+
+		if (w->rp_flags.v[mid] < f->uid)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	if (lo < w->rp_flags.n && w->rp_flags.v[lo] == f->uid)
+		flag_store(w, f->uid, w->rp_flags_dst.v[lo], f->flags);
+}
+
+/* Copies that are to be copied again: records gone, the high-water mark
+ * below the first, then the copy pass. */
+static void repair_redo(struct worker *w)
+{
+	struct ujob *u = w->u;
+	struct ms_store *store = u->m->store;
+	struct ms_folder_state *st = &w->f->st;
+	int ret;
+
+	if (w->rp_redo.n == 0) {
+		start_verify(w);
 		return;
 	}
-	rep->source_messages = w->v_count[0];
-	rep->dest_messages = w->v_count[1];
-	rep->source_bytes = w->v_bytes[0];
-	rep->dest_bytes = w->v_bytes[1];
-	rep->verified = w->v_count[0] == w->v_count[1] &&
-			w->v_bytes[0] == w->v_bytes[1] &&
-			w->v_fhash[0] == w->v_fhash[1] && w->v_missing == 0;
-	if (!rep->verified) {
-		w->u->mismatch = 1;
-		if (w->u->error[0] == '\0')
-			snprintf(w->u->error, sizeof(w->u->error),
-				 "folder \"%s\": verification failed: source "
-				 "%llu messages / %llu bytes, destination %llu "
-				 "messages / %llu bytes%s%s", rep->source,
-				 (unsigned long long)w->v_count[0],
-				 (unsigned long long)w->v_bytes[0],
-				 (unsigned long long)w->v_count[1],
-				 (unsigned long long)w->v_bytes[1],
-				 w->v_fhash[0] != w->v_fhash[1] ?
-				 ", flags differ" : "",
-				 w->v_missing ? ", messages not copied" : "");
-		if (w->v_missing && w->v_first_missing <= f->st.hwm)
-			f->st.hwm = w->v_first_missing - 1;
+	ret = ms_store_begin(store);
+	for (size_t i = 0; ret == 0 && i < w->rp_redo.n; i++)
+		ret = ms_store_msg_delete(store, st->id, w->rp_redo.v[i], "");
+	if (ret == 0) {
+		st->msgs -= w->rp_redo.n < st->msgs ? w->rp_redo.n : st->msgs;
+		st->bytes -= w->rp_bytes < st->bytes ? w->rp_bytes : st->bytes;
+		if (w->rp_redo.v[0] <= st->hwm)
+			st->hwm = w->rp_redo.v[0] - 1;
+		ret = ms_store_folder_update(store, st);
 	}
-	if (w->s_modseq != 0 && !w->s_nomodseq)
-		f->st.modseq = w->s_modseq;
-	folder_done(w);
+	if (ret == 0)
+		ret = ms_store_commit(store);
+	if (ret < 0) {
+		ms_store_rollback(store);
+		job_fail(u, "store: %s", ms_store_error(store));
+		return;
+	}
+	u->m->msgs_todo += w->rp_redo.n;
+	start_copy(w);
+}
+
+static void repair_expunge(struct worker *w)
+{
+	if (w->expunge.n > 0)
+		expunge_uids(w);	/* on_expunge_reply(): repair_redo() */
+	else
+		repair_redo(w);
+}
+
+static void start_repair(struct worker *w)
+{
+	struct ujob *u = w->u;
+	size_t n = w->rp_flags.n + w->rp_redo.n;
+	char *set = NULL;
+
+	w->repair_done = 1;
+	w->phase = PH_REPAIR;
+	ms_warn("%s: folder \"%s\": mending %zu copied message(s) the "
+		"destination holds otherwise: %s", u->name, w->f->rep.source, n,
+		w->f->rep.mismatch);
+	w->f->rep.repaired += n;
+	u->repaired += n;
+	if (w->rp_flags.n == 0) {
+		repair_expunge(w);
+		return;
+	}
+	if (uid_list_set(w->rp_flags.v, w->rp_flags.n, &set) == 0) {
+		job_fail(u, "out of memory");
+		return;
+	}
+	w->pending = 1;
+	ms_imapc_cmd(w->s, on_repair_flags_reply, w, "UID FETCH %s (UID FLAGS)",
+		     set);
+	free(set);
 }
 
 static void verify_dst(struct worker *w)
@@ -2982,34 +3615,58 @@ static void verify_dst(struct worker *w)
 	w->v_count[1] = w->v_bytes[1] = w->v_fhash[1] = 0;
 	memset(w->v_only, 0, sizeof(w->v_only));
 	w->dst_uids.n = 0;
+	w->vm[1].n = 0;
 	ms_imapc_cmd(w->d, on_verify_dst_reply, w,
 		     "UID FETCH 1:* (UID RFC822.SIZE FLAGS)");
 }
 
-struct vanish_ctx {
-	struct worker *w;
-	size_t pos;
-	int error;
-};
-
 /* Walks the store's done records (in UID order) against the source's
- * UIDs: a record whose UID the source no longer has was expunged there. */
+ * UIDs: a record whose UID the source no longer has was expunged there.
+ * Its source UID goes to w->vanished and its destination UID to
+ * w->expunge; the record itself stays until the destination has expunged
+ * the message (drop_vanished()). */
 static int find_vanished(void *ctx, const struct ms_msg_rec *rec)
 {
-	struct vanish_ctx *vc = ctx;
-	struct worker *w = vc->w;
+	struct worker *w = ctx;
 
 	if (rec->src_uid > w->f->st.hwm)
 		return 0;
 	if (ms_u32vec_has(&w->src_uids, rec->src_uid) || rec->dst_uid == 0)
 		return 0;
-	if (ms_u32vec_push(&w->expunge, rec->dst_uid) < 0)
+	if (ms_u32vec_push(&w->vanished, rec->src_uid) < 0 ||
+	    ms_u32vec_push(&w->expunge, rec->dst_uid) < 0)
 		return -1;
-	if (ms_store_msg_delete(w->u->m->store, w->f->st.id, rec->src_uid,
-				"") < 0)
+	w->vanished_bytes += rec->size;
+	return 0;
+}
+
+/* The records of the messages in w->vanished go, in one transaction with
+ * the folder's counts. Called once the destination has expunged them (or
+ * cannot: no UIDPLUS): a crash before leaves records whose messages are
+ * gone from both sides, which the next run finds vanished again and
+ * expunges (a no-op) once more. The other order could leave a destination
+ * message no record claims, which no later run would take away. */
+static int drop_vanished(struct worker *w)
+{
+	struct ms_store *store = w->u->m->store;
+	struct ms_folder_state *st = &w->f->st;
+	int ret = ms_store_begin(store);
+
+	for (size_t i = 0; ret == 0 && i < w->vanished.n; i++)
+		ret = ms_store_msg_delete(store, st->id, w->vanished.v[i], "");
+	if (ret == 0) {
+		st->msgs -= w->vanished.n < st->msgs ? w->vanished.n : st->msgs;
+		st->bytes -= w->vanished_bytes < st->bytes ?
+			     w->vanished_bytes : st->bytes;
+		ret = ms_store_folder_update(store, st);
+	}
+	if (ret == 0)
+		ret = ms_store_commit(store);
+	if (ret < 0) {
+		ms_store_rollback(store);
+		job_fail(w->u, "store: %s", ms_store_error(store));
 		return -1;
-	w->f->st.msgs--;
-	w->f->st.bytes -= rec->size;
+	}
 	return 0;
 }
 
@@ -3039,7 +3696,6 @@ static void on_verify_src_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 	struct ms_store *store = w->u->m->store;
-	struct vanish_ctx vc = { .w = w };
 	struct missing_ctx mc = { .w = w };
 
 	if (r == NULL || r->status != MS_STATUS_OK) {
@@ -3052,6 +3708,10 @@ static void on_verify_src_reply(struct ms_imapc *c,
 		return;
 	}
 	w->v_missing = 0;
+	if (w->v_norecs) {
+		verify_dst(w);		/* verify-only: no record applies */
+		return;
+	}
 	if (ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE, count_present,
 				 &mc) != 0) {
 		job_fail(w->u, "store: %s", ms_store_error(store));
@@ -3060,13 +3720,14 @@ static void on_verify_src_reply(struct ms_imapc *c,
 	for (; mc.pos < w->src_uids.n; mc.pos++)
 		if (w->v_missing++ == 0)
 			w->v_first_missing = w->src_uids.v[mc.pos];
-	w->expunge.n = 0;
-	if (ms_store_begin(store) < 0 ||
-	    ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE, find_vanished,
-				 &vc) != 0 ||
-	    ms_store_folder_update(store, &w->f->st) < 0 ||
-	    ms_store_commit(store) < 0) {
-		ms_store_rollback(store);
+	if (w->u->m->verify_only) {
+		verify_dst(w);		/* expunges are left as they are */
+		return;
+	}
+	w->expunge.n = w->vanished.n = 0;
+	w->vanished_bytes = 0;
+	if (ms_store_msg_foreach(store, w->f->st.id, MS_MSG_DONE, find_vanished,
+				 w) != 0) {
 		job_fail(w->u, "store: %s", ms_store_error(store));
 		return;
 	}
@@ -3075,15 +3736,15 @@ static void on_verify_src_reply(struct ms_imapc *c,
 			ms_warn("%s: folder \"%s\": %zu message(s) gone from the "
 				"source stay on the destination (no UIDPLUS)",
 				w->u->name, w->f->rep.source, w->expunge.n);
+		if (w->vanished.n > 0 && drop_vanished(w) < 0)
+			return;
 		verify_dst(w);
 		return;
 	}
-	/* Expunge exactly those: UID EXPUNGE leaves other \Deleted mail be. */
+	/* Expunge exactly those: UID EXPUNGE leaves other \Deleted mail be.
+	 * on_expunge_reply() drops their records afterwards. */
 	w->phase = PH_EXPUNGE;
-	if (expunge_uids(w) < 0)
-		return;
-	w->f->rep.expunged += w->expunge.n;
-	w->u->expunged += w->expunge.n;
+	expunge_uids(w);
 }
 
 static void start_verify(struct worker *w)
@@ -3091,6 +3752,8 @@ static void start_verify(struct worker *w)
 	w->phase = PH_VERIFY_SRC;
 	w->v_count[0] = w->v_bytes[0] = w->v_fhash[0] = 0;
 	w->src_uids.n = 0;
+	w->vm[0].n = 0;
+	w->v_later = 0;
 	if (w->s_exists == 0) {
 		on_verify_src_reply(w->s, &(struct ms_imap_response){
 			.status = MS_STATUS_OK }, w);
@@ -3098,6 +3761,80 @@ static void start_verify(struct worker *w)
 	}
 	ms_imapc_cmd(w->s, on_verify_src_reply, w,
 		     "UID FETCH 1:* (UID RFC822.SIZE FLAGS)");
+}
+
+/* ---- verify only ----
+ *
+ * ms_mover_opts.verify_only (`mailshiftctl migrate --verify-only`): the
+ * plan and the verification of a normal run with every write left out.
+ * Both folders are EXAMINEd; nothing is created, copied, mended or
+ * expunged; the store is only read. What earlier runs copied (the source
+ * UIDs up to a folder's high-water mark) is compared; mail that reached
+ * the source since and expunges not carried over yet are counted
+ * (not_copied, expunge_pending), not compared. */
+
+struct row_find {
+	const char *name;
+	struct ms_folder_state *st;
+};
+
+static int find_row(void *ctx, const struct ms_folder_state *st)
+{
+	struct row_find *rf = ctx;
+
+	if (strcmp(st->src_name, rf->name) != 0)
+		return 0;
+	*rf->st = *st;
+	return 1;
+}
+
+/* Settles what needs no connection: a folder no run has copied (nothing
+ * to compare yet) and a copied folder the destination no longer has.
+ * Returns 0, or -1 when the job failed. */
+static int vo_plan_folder(struct ujob *u, struct fjob *f)
+{
+	struct ms_mover *m = u->m;
+	struct row_find rf = { f->src, &f->st };
+	int ret = ms_store_folder_foreach(m->store, u->user_id, find_row, &rf);
+
+	if (ret < 0) {
+		job_fail(u, "store: %s", ms_store_error(m->store));
+		return -1;
+	}
+	if (ret == 0)
+		memset(&f->st, 0, sizeof(f->st));
+	if (f->st.dst_uidvalidity == 0) {
+		f->rep.not_copied = f->status_msgs;
+		f->rep.verified = 1;
+	} else if (f->dst_missing) {
+		f->rep.source_messages = f->status_msgs;
+		snprintf(f->rep.mismatch, sizeof(f->rep.mismatch), "the "
+			 "destination folder \"%s\" is missing",
+			 f->rep.destination);
+		folder_mismatch(u, f);
+	} else {
+		return 0;		/* a worker compares it */
+	}
+	f->taken = 1;
+	u->folders_done++;
+	m->folders_done++;
+	return 0;
+}
+
+static void vo_open(struct worker *w, uint32_t src_uv, uint32_t dst_uv)
+{
+	struct ms_folder_state *st = &w->f->st;
+
+	if (st->src_uidvalidity != src_uv || st->dst_uidvalidity != dst_uv) {
+		/* The records name UIDs that are no more. */
+		ms_warn("%s: folder \"%s\": UIDVALIDITY changed since the copy; "
+			"comparing the folders as wholes", w->u->name,
+			w->f->rep.source);
+		w->v_norecs = 1;
+		w->v_all_src = st->src_uidvalidity != src_uv;
+	}
+	w->old_hwm = st->hwm;
+	start_verify(w);
 }
 
 /* ---- untagged dispatch ---- */
@@ -3156,6 +3893,12 @@ static void on_src_untagged(struct ms_imapc *c, const struct ms_imap_response *r
 	case PH_VERIFY_SRC:
 		verify_fetch(w, 0, &f);
 		break;
+	case PH_DIGEST:
+		digest_fetch(w, 0, &f);
+		break;
+	case PH_REPAIR:
+		repair_flags_fetch(w, &f);
+		break;
 	case PH_RSCAN_DST:
 		rscan_dst_fetch(w, &f);
 		break;
@@ -3190,6 +3933,8 @@ static void on_dst_untagged(struct ms_imapc *c, const struct ms_imap_response *r
 		verify_fetch(w, 1, &f);
 	} else if (w->phase == PH_DEDUP) {
 		dedup_fetch(w, &f);
+	} else if (w->phase == PH_DIGEST) {
+		digest_fetch(w, 1, &f);
 	} else if (w->phase == PH_RSCAN_SRC) {
 		rscan_src_fetch(w, &f);
 	}
@@ -3929,6 +4674,34 @@ static void job_link(struct ujob *u)
 	m->users++;
 }
 
+/* ms_mover_add_user() with verify_only (see "verify only"). */
+static int vo_add_user(struct ujob *u)
+{
+	struct ms_mover *m = u->m;
+	struct ms_user_info info;
+	int found = 0;
+
+	if (ms_store_user_info(m->store, u->name, &info, &found) < 0) {
+		job_free(u);
+		return -1;
+	}
+	/* Refusals are reported like any failure, with u->user_id 0. */
+	job_link(u);
+	if (!found) {
+		job_fail(u, "nothing to verify: the store has no copy of this "
+			 "user");
+		return 0;
+	}
+	if (m->src.cfg.proto != MS_PROTO_IMAP) {
+		job_fail(u, "source: a POP3 source is verified by the copy, "
+			 "not on its own");
+		return 0;
+	}
+	u->user_id = info.id;
+	worker_start(u, 0);
+	return 0;
+}
+
 int ms_mover_add_user(struct ms_mover *m, const char *user,
 		      const char *src_password, const char *dst_password,
 		      ms_mover_done_cb *done, void *ctx)
@@ -3938,6 +4711,8 @@ int ms_mover_add_user(struct ms_mover *m, const char *user,
 
 	if (u == NULL)
 		return -1;
+	if (m->verify_only)
+		return vo_add_user(u);
 	if (ms_store_user_get(m->store, user, &u->user_id) < 0 ||
 	    ms_store_user_set_state(m->store, u->user_id, "copying", NULL) < 0) {
 		job_free(u);
@@ -4018,6 +4793,8 @@ struct ms_mover *ms_mover_new(uv_loop_t *loop, struct ms_store *store,
 	m->dst.password = dst->password != NULL ? strdup(dst->password) : NULL;
 	m->src.cfg.password = m->dst.cfg.password = NULL;
 	m->batch = opts != NULL && opts->batch != 0 ? opts->batch : 100;
+	m->verify_only = opts != NULL && opts->verify_only;
+	m->verify_content = opts != NULL && opts->verify_content;
 	for (int which = 0; which < 2 && opts != NULL; which++) {
 		const char *const *src_pats = which == 0 ? opts->include :
 					       opts->exclude;

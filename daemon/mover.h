@@ -16,6 +16,13 @@ struct ms_mover_opts {
 	const char *const *include;	/* NULL-terminated fnmatch patterns */
 	const char *const *exclude;
 	unsigned int batch;		/* messages per APPEND batch; 0 = 100 */
+	/* Compare only (docs/mover.md, "Verify only"): nothing is copied,
+	 * mended or written, on either server or in the store; every
+	 * difference in what earlier runs copied is reported. */
+	int verify_only;
+	/* Verification also compares each copied message's bytes (SHA-256 of
+	 * BODY[] on both sides), not only its size and flags. */
+	int verify_content;
 };
 
 struct ms_folder_report {
@@ -25,6 +32,15 @@ struct ms_folder_report {
 	uint64_t source_messages, dest_messages;
 	uint64_t source_bytes, dest_bytes;
 	int verified;
+	uint64_t repaired;		/* copies verification found different
+					   and mended (flags set again, copied
+					   again) */
+	char mismatch[400];		/* what verification found, "" if
+					   nothing */
+	/* verify_only */
+	uint64_t not_copied;		/* source messages no run copied yet */
+	uint64_t expunge_pending;	/* expunged on the source, not yet on
+					   the destination */
 	/* rollback only */
 	int created;			/* the folder was created on the source */
 	int dst_deleted;		/* gone from the destination: left on the
@@ -37,10 +53,11 @@ struct ms_folder_report {
 struct ms_user_report {
 	const char *user;
 	int rollback;			/* from ms_mover_add_rollback() */
+	int verify_only;		/* ms_mover_opts.verify_only */
 	int ok;				/* copied and verified */
 	int mismatch;			/* verification found a difference */
 	const char *error;		/* NULL when ok */
-	uint64_t copied, bytes, flags_updated, expunged;
+	uint64_t copied, bytes, flags_updated, expunged, repaired;
 	double seconds;
 	struct ms_folder_report *folders;
 	unsigned int nfolders;

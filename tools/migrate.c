@@ -47,6 +47,8 @@ struct opts {
 	int progress;		/* -1 = auto */
 	int verbose;
 	int rollback;
+	int verify_only;
+	int verify_content;
 };
 
 struct run {
@@ -66,11 +68,13 @@ static void usage(FILE *f)
 	fprintf(f,
 "Usage: %s migrate [options] USER [USER...]\n"
 "       %s migrate --rollback [options] USER [USER...]\n"
+"       %s migrate --verify-only [options] USER [USER...]\n"
 "\n"
 "Copies each USER's folders from the source to the destination: exact,\n"
 "incremental, resumable, verified. Passwords are never taken from argv.\n"
 "With --rollback, copies back to the source what changed on the\n"
 "destination since the copy (new mail, new folders, flags, expunges).\n"
+"With --verify-only, compares what earlier runs copied and changes nothing.\n"
 "\n"
 "  -c, --config FILE             configuration file (INI)\n"
 "      --source URL              imap://, imaps://, imap+starttls://, pop3://, pop3s://, pop3+starttls://\n"
@@ -95,15 +99,20 @@ static void usage(FILE *f)
 "      --progress, --no-progress live progress bar on stderr (default: on a terminal)\n"
 "      --rollback                the other way: bring the source back to what the\n"
 "                                 destination holds (users copied before only)\n"
+"      --verify-only             only compare both servers (no copy, no repair, no\n"
+"                                 write to either server or the store)\n"
+"      --verify-content          also compare every copied message's bytes (SHA-256\n"
+"                                 of both sides; reads both mailboxes again)\n"
 "  -v, --verbose                 log what happens\n"
 "\n"
-"Exit status: 0 copied and verified, 1 error, 2 usage, 3 verification mismatch.\n"
+"Exit status: 0 copied and verified, 1 error, 2 usage, 3 verification mismatch\n"
+"(the folders that differ are named).\n"
 "\n"
 "       %s migrate --daemon USER... [-s SOCKET | -c FILE]\n"
 "       %s migrate --all [-s SOCKET | -c FILE]\n"
 "asks the running mailshiftd to move users now: copy, verify, end their\n"
 "sessions, last delta, flip (needs its admin logins).\n",
-		prog, prog, prog, prog);
+		prog, prog, prog, prog, prog);
 }
 
 static int set_str(char **dst, const char *v)
@@ -207,6 +216,14 @@ static int on_config(void *ctx, const char *section, const char *key,
 		}
 		if (!strcmp(key, "exclude") && o->nexclude < MAX_PATTERNS) {
 			o->exclude[o->nexclude++] = strdup(value);
+			return 0;
+		}
+		if (!strcmp(key, "verify_content")) {
+			if ((o->verify_content = ms_parse_bool(value)) < 0) {
+				snprintf(err, errsz, "verify_content: expected "
+					 "yes or no");
+				return -1;
+			}
 			return 0;
 		}
 	} else {
@@ -375,6 +392,8 @@ static json_t *report_json(const struct ms_user_report *rep)
 	json_object_set_new(o, "user", json_string(rep->user));
 	if (rep->rollback)
 		json_object_set_new(o, "rollback", json_true());
+	if (rep->verify_only)
+		json_object_set_new(o, "verify_only", json_true());
 	json_object_set_new(o, "ok", json_boolean(rep->ok));
 	json_object_set_new(o, "error", rep->error != NULL ?
 			    json_string(rep->error) : json_null());
@@ -385,6 +404,8 @@ static json_t *report_json(const struct ms_user_report *rep)
 			    json_integer((json_int_t)rep->flags_updated));
 	json_object_set_new(o, "expunged",
 			    json_integer((json_int_t)rep->expunged));
+	json_object_set_new(o, "repaired",
+			    json_integer((json_int_t)rep->repaired));
 	json_object_set_new(o, "seconds", json_real(rep->seconds));
 	for (unsigned int i = 0; i < rep->nfolders; i++) {
 		const struct ms_folder_report *f = &rep->folders[i];
@@ -407,6 +428,16 @@ static json_t *report_json(const struct ms_user_report *rep)
 		json_object_set_new(fo, "dest_bytes",
 				    json_integer((json_int_t)f->dest_bytes));
 		json_object_set_new(fo, "verified", json_boolean(f->verified));
+		json_object_set_new(fo, "mismatch", f->mismatch[0] != '\0' ?
+				    json_string(f->mismatch) : json_null());
+		json_object_set_new(fo, "repaired",
+				    json_integer((json_int_t)f->repaired));
+		if (rep->verify_only) {
+			json_object_set_new(fo, "not_copied",
+					    json_integer((json_int_t)f->not_copied));
+			json_object_set_new(fo, "expunge_pending",
+					    json_integer((json_int_t)f->expunge_pending));
+		}
 		if (rep->rollback) {
 			json_object_set_new(fo, "created",
 					    json_boolean(f->created));
@@ -421,16 +452,32 @@ static json_t *report_json(const struct ms_user_report *rep)
 	return o;
 }
 
+/* The CHECK column of a folder. */
+static const char *folder_check(const struct ms_folder_report *f)
+{
+	if (f->dst_deleted)
+		return "kept (deleted on the destination)";
+	if (!f->verified)
+		return "MISMATCH";
+	return f->not_copied > 0 ? "ok (not all copied yet)" : "ok";
+}
+
 static void print_table(const struct ms_user_report *rep)
 {
-	printf("%s: %s%s, %llu message(s) %s, %llu flag update(s), "
-	       "%llu expunged, %.1fs\n", rep->user,
-	       rep->rollback ? "rollback " : "", rep->ok ? "verified" :
-	       rep->mismatch ? "VERIFICATION FAILED" : "FAILED",
-	       (unsigned long long)rep->copied,
-	       rep->rollback ? "appended to the source" : "copied",
-	       (unsigned long long)rep->flags_updated,
-	       (unsigned long long)rep->expunged, rep->seconds);
+	if (rep->verify_only)
+		printf("%s: verify only, %s, %.1fs\n", rep->user, rep->ok ?
+		       "no difference" : rep->mismatch ? "VERIFICATION FAILED" :
+		       "FAILED", rep->seconds);
+	else
+		printf("%s: %s%s, %llu message(s) %s, %llu flag update(s), "
+		       "%llu expunged, %llu repaired, %.1fs\n", rep->user,
+		       rep->rollback ? "rollback " : "", rep->ok ? "verified" :
+		       rep->mismatch ? "VERIFICATION FAILED" : "FAILED",
+		       (unsigned long long)rep->copied,
+		       rep->rollback ? "appended to the source" : "copied",
+		       (unsigned long long)rep->flags_updated,
+		       (unsigned long long)rep->expunged,
+		       (unsigned long long)rep->repaired, rep->seconds);
 	if (rep->nfolders == 0)
 		return;
 	printf("  %-28s %-28s %8s %8s %12s %12s  %s\n", "SOURCE", "DESTINATION",
@@ -443,10 +490,17 @@ static void print_table(const struct ms_user_report *rep)
 		       (unsigned long long)f->source_messages,
 		       (unsigned long long)f->dest_messages,
 		       (unsigned long long)f->source_bytes,
-		       (unsigned long long)f->dest_bytes,
-		       f->dst_deleted ? "kept (deleted on the destination)" :
-		       f->verified ? "ok" : "MISMATCH",
+		       (unsigned long long)f->dest_bytes, folder_check(f),
 		       f->created ? " (created on the source)" : "");
+	}
+	/* What each folder that differs differs in (the error line on
+	 * standard error names only the first). */
+	for (unsigned int i = 0; i < rep->nfolders; i++) {
+		const struct ms_folder_report *f = &rep->folders[i];
+
+		if (!f->verified && f->mismatch[0] != '\0')
+			printf("  MISMATCH \"%s\" -> \"%s\": %s\n", f->source,
+			       f->destination, f->mismatch);
 	}
 }
 
@@ -482,7 +536,8 @@ enum {
 	OPT_SOURCE = 256, OPT_DEST, OPT_SUSER, OPT_DUSER, OPT_SADMIN, OPT_DADMIN,
 	OPT_SPWF, OPT_DPWF, OPT_SAUTH, OPT_DAUTH, OPT_CA, OPT_INSECURE,
 	OPT_STORE, OPT_INCLUDE, OPT_EXCLUDE, OPT_CONNS, OPT_BATCH, OPT_JSON,
-	OPT_PROGRESS, OPT_NOPROGRESS, OPT_ROLLBACK,
+	OPT_PROGRESS, OPT_NOPROGRESS, OPT_ROLLBACK, OPT_VERIFY_ONLY,
+	OPT_VERIFY_CONTENT,
 };
 
 static const struct option longopts[] = {
@@ -508,6 +563,8 @@ static const struct option longopts[] = {
 	{ "progress", no_argument, NULL, OPT_PROGRESS },
 	{ "no-progress", no_argument, NULL, OPT_NOPROGRESS },
 	{ "rollback", no_argument, NULL, OPT_ROLLBACK },
+	{ "verify-only", no_argument, NULL, OPT_VERIFY_ONLY },
+	{ "verify-content", no_argument, NULL, OPT_VERIFY_CONTENT },
 	{ "verbose", no_argument, NULL, 'v' },
 	{ "help", no_argument, NULL, 'h' },
 	{ NULL, 0, NULL, 0 },
@@ -596,6 +653,8 @@ int migrate_main(int argc, char *argv[])
 		case OPT_PROGRESS: cli.progress = 1; break;
 		case OPT_NOPROGRESS: cli.progress = 0; break;
 		case OPT_ROLLBACK: cli.rollback = 1; break;
+		case OPT_VERIFY_ONLY: cli.verify_only = 1; break;
+		case OPT_VERIFY_CONTENT: cli.verify_content = 1; break;
 		case 'v': cli.verbose = 1; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
@@ -623,6 +682,7 @@ int migrate_main(int argc, char *argv[])
 	OVERRIDE(src.insecure); OVERRIDE(dst.insecure);
 	OVERRIDE(store); OVERRIDE(connections); OVERRIDE(batch);
 	OVERRIDE(json); OVERRIDE(verbose); OVERRIDE(rollback);
+	OVERRIDE(verify_only); OVERRIDE(verify_content);
 #undef OVERRIDE
 	if (cli.progress >= 0)
 		o.progress = cli.progress;
@@ -647,6 +707,18 @@ int migrate_main(int argc, char *argv[])
 	if (o.rollback && src.proto != MS_PROTO_IMAP) {
 		fprintf(stderr, "%s: --rollback needs an IMAP source (mail "
 			"cannot be put back on a POP3 server)\n", prog);
+		goto out;
+	}
+	if ((o.verify_only || o.verify_content) && o.rollback) {
+		fprintf(stderr, "%s: --verify-only and --verify-content compare "
+			"a forward copy; a rollback verifies as it goes\n", prog);
+		goto out;
+	}
+	if ((o.verify_only || o.verify_content) &&
+	    src.proto != MS_PROTO_IMAP) {
+		fprintf(stderr, "%s: --verify-only and --verify-content need an "
+			"IMAP source (a POP3 copy is checked by count and size "
+			"as it is made)\n", prog);
 		goto out;
 	}
 	src_pw = get_password(&o.src, "MAILSHIFT_SOURCE_PASSWORD", "source",
@@ -674,6 +746,8 @@ int migrate_main(int argc, char *argv[])
 	mopts.include = o.ninclude > 0 ? o.include : NULL;
 	mopts.exclude = o.nexclude > 0 ? o.exclude : NULL;
 	mopts.batch = o.batch;
+	mopts.verify_only = o.verify_only;
+	mopts.verify_content = o.verify_content;
 
 	uv_loop_init(&r.loop);
 	r.o = &o;

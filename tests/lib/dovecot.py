@@ -604,8 +604,7 @@ class Dovecot:
         mUTF-7) inside the user's maildir."""
         base = self.maildir(user)
         if folder.upper() == 'INBOX':
-            return base if self.layout == 'maildir++' else os.path.join(
-                base, 'INBOX')
+            return base       # Maildir's INBOX is its root, in either layout
         if self.layout == 'maildir++':
             return os.path.join(base, '.' + folder)
         return os.path.join(base, *folder.split(self.separator))

@@ -26,6 +26,7 @@
 #include "log.h"
 #include "net.h"
 #include "pop3_uidl.h"
+#include "testhook.h"
 #include "util.h"
 
 #define INBUF_MAX 8192		/* pre-login command line, literals included;
@@ -1142,7 +1143,9 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 		gu->cutover = 0;
 		gu->flip_pending = 0;
 		ms_secret_free(&gu->pw);
+		MS_CRASH_POINT("cutover.flip-before");
 		set_state(gw, gu->name, "destination", NULL);
+		MS_CRASH_POINT("cutover.flip-after");
 		held_release(gw, gu);
 		return;
 	}
@@ -1212,6 +1215,8 @@ static void on_grace(uv_timer_t *t)
 
 	uv_close((uv_handle_t *)t, on_timer_close);
 	gu->grace = NULL;
+	/* Logins held, sessions ended, mail deferred; no delta begun. */
+	MS_CRASH_POINT(gu->rollback ? "rollback.grace" : "cutover.grace");
 	grace_over(gu->gw, gu);
 }
 

@@ -42,6 +42,7 @@
 #include "mailbox.h"
 #include "mover.h"
 #include "pop3c.h"
+#include "testhook.h"
 #include "util.h"
 
 #define MAX_WORKERS 16
@@ -1271,6 +1272,8 @@ static void on_create_reply(struct ms_imapc *c, const struct ms_imap_response *r
 			 ms_imapc_resp_summary(r, buf, sizeof(buf)));
 		return;
 	}
+	if (u->reverse && r->status == MS_STATUS_OK)
+		MS_CRASH_POINT("rollback.folder-created");
 	if (--u->plan_pending == 0)
 		plan_step(u);
 }
@@ -2323,6 +2326,10 @@ static void window_finish(struct worker *w, struct window *win)
 	uint32_t max_uid = 0;
 	uint64_t msgs = 0, bytes = 0;
 
+	/* The server saved the window's messages; their intents are open. */
+	if (win->nstreamed > 0)
+		MS_CRASH_POINT(u->reverse ? "rollback.appended" :
+			       "copy.appended");
 	if (ms_store_begin(store) < 0)
 		goto fail;
 	for (unsigned int i = 0; i < win->nstreamed; i++) {
@@ -2401,6 +2408,9 @@ static void window_finish(struct worker *w, struct window *win)
 	u->bytes += bytes;
 	m->msgs_done += msgs;
 	m->bytes_done += bytes;
+	if (msgs > 0)
+		MS_CRASH_POINT(u->reverse ? "rollback.recorded" :
+			       "copy.recorded");
 	return;
 fail:
 	ms_store_rollback(store);
@@ -2615,6 +2625,10 @@ static int on_literal_start(void *ctx, const struct ms_imap_response *partial,
 			 "body (UID %u)", w->f->rep.source, uid);
 		return -1;
 	}
+	/* Part of the window is in its APPEND, the rest to come. */
+	if (win->nstreamed > 0)
+		MS_CRASH_POINT(w->u->reverse ? "rollback.mid-batch" :
+			       "copy.mid-batch");
 	/* One MULTIAPPEND (RFC 3502) per window where the server has it,
 	 * else one pipelined APPEND per message. */
 	if (win->open && !w->multiappend &&
@@ -3167,6 +3181,8 @@ static void on_verify_src_reply(struct ms_imapc *c,
 		folder_fail(w, "UID FETCH", r, c);
 		return;
 	}
+	/* Halfway: the side read from is counted, the other not yet. */
+	MS_CRASH_POINT(w->u->reverse ? "rollback.verify" : "copy.verify");
 	ms_u32vec_sort(&w->src_uids);
 	if (w->u->reverse) {
 		rb_verify_claims(w);

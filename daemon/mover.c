@@ -75,6 +75,7 @@ struct ms_mover {
 	struct server src, dst;
 	char **include, **exclude;
 	unsigned int batch;
+	int caller_flips;		/* ms_mover_opts */
 	struct ujob *jobs;
 	unsigned int users, users_done;
 	unsigned int folders, folders_done;
@@ -827,6 +828,10 @@ static void job_report(uv_timer_t *t)
 	rep.folders = fr;
 	if (u->user_id == 0) {
 		/* a rollback refused before it began: the store is as it was */
+	} else if (rep.ok && m->caller_flips) {
+		/* The caller writes the state it flips to: one written here
+		 * first ("source") is what a crash before that write would
+		 * leave of a cutover. */
 	} else if (!u->reverse || rep.ok) {
 		ms_store_user_set_state(m->store, u->user_id,
 					rep.ok ? "source" : "failed", rep.error);
@@ -4155,6 +4160,7 @@ struct ms_mover *ms_mover_new(uv_loop_t *loop, struct ms_store *store,
 	m->dst.password = dst->password != NULL ? strdup(dst->password) : NULL;
 	m->src.cfg.password = m->dst.cfg.password = NULL;
 	m->batch = opts != NULL && opts->batch != 0 ? opts->batch : 100;
+	m->caller_flips = opts != NULL && opts->caller_flips;
 	for (int which = 0; which < 2 && opts != NULL; which++) {
 		const char *const *src_pats = which == 0 ? opts->include :
 					       opts->exclude;

@@ -10,15 +10,13 @@ store such that a later forward copy copies nothing twice.
 """
 
 import os
-import signal
-import sqlite3
 
 import pytest
 
 import corpus
 import mailcheck as mc
-from conftest import (DST_USERS, SRC_USERS, Migrator, kill9,
-                      server_snapshot, store_bytes, wait_for)
+from conftest import (DST_USERS, SRC_USERS, Migrator, server_snapshot,
+                      store_bytes, store_rows)
 from test_mover import _force_new_uidvalidity as force_new_uidvalidity
 from test_mover import ok_summary as mover_ok_summary
 
@@ -91,14 +89,6 @@ def uid_search(m, *criteria):
     typ, data = m.uid('SEARCH', *criteria)
     assert typ == 'OK', data
     return data[0].split()
-
-
-def store_rows(path, sql):
-    con = sqlite3.connect('file:%s?mode=ro' % path, uri=True, timeout=5)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def change_destination(pair):
@@ -345,12 +335,18 @@ def test_rollback_uidvalidity_changed(copied):
     pair.assert_copied(USER)
 
 
-# Kill points of the rollback: done records written by it.
-KILLS = (150, 700)
+# One killed run per crash point (daemon/testhook.h), then a clean run: the
+# run that creates the new folder on the source dies right after the CREATE;
+# the next ones with part of a batch in an APPEND, with a batch the source
+# saved but not yet recorded (and more in flight), with batches recorded,
+# and halfway through a folder's verification.
+RB_CRASHES = ('rollback.folder-created', 'rollback.mid-batch:3',
+              'rollback.appended:9', 'rollback.recorded:20',
+              'rollback.verify')
 N_INBOX, N_SUB = 900, 500
 
 
-def test_rollback_kill9_resume(copied):
+def test_rollback_kill9_resume(copied, ctl_hooks):
     pair, m, back = copied
     d = pair.dst.imap(USER)
     try:
@@ -367,34 +363,29 @@ def test_rollback_kill9_resume(copied):
         d.logout()
 
     def done_rows():
-        try:
-            return store_rows(m.store, 'SELECT count(*) FROM messages '
-                              'WHERE state = 1')[0][0]
-        except sqlite3.Error:
-            return 0
+        return store_rows(m.store, 'SELECT count(*) FROM messages '
+                          'WHERE state = 1')[0][0]
+
+    def rintents():
+        return store_rows(m.store, 'SELECT count(*) FROM rintents')[0][0]
 
     start = done_rows()
-    killed, open_intents = 0, 0
-    for at in KILLS:
-        p = m.popen(USER, '--rollback', '--batch', '20')
-        wait_for(lambda: p.poll() is not None or
-                 done_rows() >= start + at, 60, interval=0.005)
-        rc, out, err = kill9(p)
-        if rc == -signal.SIGKILL:
-            killed += 1
-            open_intents += store_rows(m.store, 'SELECT count(*) FROM '
-                                       'rintents')[0][0]
-        else:
-            assert rc == 0, err.decode(errors='replace')
-    assert killed >= 1, 'the rollback finished before every kill point'
-    # Killed with messages in flight: the next run had to reconcile.
-    assert open_intents > 0, 'no rollback intent was open at any kill'
+    hooked = Migrator(ctl_hooks, pair, m.store)
+    for point in RB_CRASHES:
+        hooked.crash(USER, point, '--rollback', '--batch', '20')
+        if point == 'rollback.folder-created':
+            # Made on the source, nothing in it yet.
+            assert snap(pair.src).get('Bulk/Neu') == [], \
+                sorted(snap(pair.src))
+        if point.startswith(('rollback.mid-batch', 'rollback.appended')):
+            # Killed with messages in flight: the next run reconciles.
+            assert rintents() > 0, 'no rollback intent open at ' + point
     assert done_rows() < start + N_INBOX + N_SUB, \
         'harness: the killed runs copied everything'
 
     res = m.run(USER, '--rollback', '--batch', '20', expect_rc=0)
     j = ok_summary(res)
-    assert j['copied'] <= N_INBOX + N_SUB - 150, res.describe()
+    assert j['copied'] <= N_INBOX + N_SUB - 18 * 20, res.describe()
     assert_rolled_back(pair, back)
     got = snap(pair.src)
     assert len(got['INBOX']) == len(snap(pair.dst)['INBOX'])

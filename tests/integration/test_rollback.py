@@ -10,13 +10,17 @@ store such that a later forward copy copies nothing twice.
 """
 
 import os
+import signal
+import threading
 
 import pytest
 
 import corpus
+import gateway as gwlib
 import mailcheck as mc
-from conftest import (DST_USERS, SRC_USERS, Migrator, server_snapshot,
-                      store_bytes, store_rows)
+import tcpproxy
+from conftest import (DST_USERS, SRC_USERS, Migrator, Result,
+                      server_snapshot, store_bytes, store_rows, wait_for)
 from test_mover import _force_new_uidvalidity as force_new_uidvalidity
 from test_mover import ok_summary as mover_ok_summary
 
@@ -423,3 +427,64 @@ def test_rollback_never_copied(make_pair, ctl, workdir):
         == before
     assert snap(pair.src, with_uids=True) == src
     assert snap(pair.dst, with_uids=True) == dst
+
+
+def test_rollback_late_append(copied, ctl_hooks):
+    """A killed rollback's last complete APPEND reaches the source only
+    while the next run is under way (a proxy holds it back, as a busy
+    server carries out a dead client's last commands late): the next run
+    finds the intents of that batch unmatched, waits before sending them
+    again, and pairs them with the late messages; nothing is there twice.
+    (A batch of 20 once came out duplicated this way, in a folder the
+    rollback had just created on the source.)"""
+    pair, m, back = copied
+    d = pair.dst.imap(USER)
+    try:
+        mc.create_folder(d, 'Bulk/Neu')
+        mc.append_many(d, 'Bulk/Neu', [
+            (mc.make_message(65000 + i, 500), ['\\Seen'], corpus.D2005 + i)
+            for i in range(60)])
+    finally:
+        d.logout()
+    proxy = tcpproxy.CuttingProxy(pair.src.imap_port, hold_from=b' APPEND ')
+    proxy.start()
+    try:
+        # Killed streaming the second batch: the first one's whole APPEND
+        # is in the proxy, not on the source.
+        p = Migrator(ctl_hooks, pair, m.store).popen(
+            USER, '--rollback', '--batch', '20', '--connections', '1',
+            source=proxy.url('imap'), crash_at='rollback.mid-batch:25')
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == -signal.SIGKILL and \
+            gwlib.crash_line('rollback.mid-batch:25') in err.decode(), \
+            (p.returncode, err.decode(errors='replace')[-2000:])
+        assert proxy.holding.is_set()
+        assert snap(pair.src).get('Bulk/Neu') == []
+
+        # The next run; the held batch reaches the source while it waits.
+        p = m.popen(USER, '--rollback', '--batch', '20')
+        waiting = threading.Event()
+        lines = []
+
+        def read_stderr():
+            for line in p.stderr:
+                lines.append(line.decode(errors='replace'))
+                if 'looking again' in lines[-1]:
+                    waiting.set()
+
+        t = threading.Thread(target=read_stderr, daemon=True)
+        t.start()
+        wait_for(lambda: waiting.is_set() or p.poll() is not None, 60,
+                 interval=0.02)
+        proxy.release()
+        out = p.stdout.read()
+        assert p.wait(timeout=120) == 0, ''.join(lines)
+        t.join(timeout=10)
+    finally:
+        proxy.stop()
+    got = assert_rolled_back(pair, back)
+    assert len(got['Bulk/Neu']) == 60
+    assert waiting.is_set(), ''.join(lines)
+    j = ok_summary(Result(0, out.decode(), ''.join(lines), p.args))
+    # The late batch is paired with its intents, not sent again.
+    assert j['copied'] == 60 - 20, ''.join(lines)

@@ -14,9 +14,12 @@ before the cutover copies nothing and the first time a copy point is reached
 is in the cutover's delta. Reuses test_gateway's fixtures (gpair, make_gw).
 """
 
+import os
+
 import pytest
 
 import corpus
+import gateway as gwlib
 import mailcheck as mc
 from conftest import server_snapshot, store_rows
 from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
@@ -222,3 +225,16 @@ def test_kill9_in_rollback(gpair, make_gw, workdir, point):
         src_before + N_NEU - 1
     assert open_intents(g, 'rintents') == 0
 
+
+
+def test_normal_builds_have_no_crash_points():
+    """The crash points exist only in the test builds: a normal build
+    never reads MAILSHIFT_CRASH_AT. (Under check-asan both names point at
+    the ASan build, which has them.)"""
+    for normal, hooked in ((gwlib.MAILSHIFTD, gwlib.MAILSHIFTD_HOOKS),
+                           (gwlib.MAILSHIFTCTL, gwlib.MAILSHIFTCTL_HOOKS)):
+        with open(hooked, 'rb') as f:
+            assert b'MAILSHIFT_CRASH_AT' in f.read(), hooked
+        if os.path.realpath(normal) != os.path.realpath(hooked):
+            with open(normal, 'rb') as f:
+                assert b'MAILSHIFT_CRASH_AT' not in f.read(), normal

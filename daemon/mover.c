@@ -1292,8 +1292,9 @@ static void on_create_reply(struct ms_imapc *c, const struct ms_imap_response *r
 			 ms_imapc_resp_summary(r, buf, sizeof(buf)));
 		return;
 	}
-	if (u->reverse && r->status == MS_STATUS_OK)
-		MS_CRASH_POINT("rollback.folder-created");
+	if (r->status == MS_STATUS_OK)
+		MS_CRASH_POINT(u->reverse ? "rollback.folder-created" :
+			       "copy.folder-created");
 	if (--u->plan_pending == 0)
 		plan_step(u);
 }

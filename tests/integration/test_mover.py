@@ -189,10 +189,12 @@ def test_incremental(pair, run_migrate):
 
 
 # Crash points of the copy (daemon/testhook.h), one killed run each, then
-# a clean run: right after the destination saved a window whose intents are
-# still open, in the middle of a window's APPEND, after windows were
-# recorded, halfway through a folder's verification.
+# a clean run: while the plan creates the destination's folders, before
+# anything is copied; right after the destination saved a window whose
+# intents are still open; in the middle of a window's APPEND; after windows
+# were recorded; halfway through a folder's verification.
 KILL_SCHEDULES = {
+    'early': ['copy.folder-created:2'],
     'appended': ['copy.appended:1'],
     'midway': ['copy.mid-batch:400', 'copy.recorded:8'],
     'verify': ['copy.verify:2'],
@@ -209,6 +211,10 @@ def test_kill9_resume(make_pair, ctl, ctl_hooks, workdir, schedule):
     hooked = Migrator(ctl_hooks, pair, store)
     for point in KILL_SCHEDULES[schedule]:
         hooked.crash('bulk', point, '--connections', '4')
+        if point.startswith('copy.folder-created'):
+            # Still planning: no message copied, none about to be.
+            assert store_rows(store, 'SELECT count(*) FROM messages') == \
+                [(0,)]
         if point.startswith(('copy.appended', 'copy.mid-batch')):
             # Killed with messages in flight: the next run reconciles.
             assert store_rows(store, 'SELECT count(*) FROM messages WHERE '

@@ -175,7 +175,7 @@ def test_kill9_daemon_in_cutover(gpair, make_gw, workdir, ctl):
     # destination already, their intents open.
     total = len(direct(gpair.src, 'alice', mc.snapshot)['INBOX'])
     assert inbox_done(g, 'alice') == total - 250
-    assert total - 250 <= len(gpair.dst_snapshot('alice')['INBOX']) < total
+    assert len(gpair.dst_snapshot('alice')['INBOX']) >= total - 250
     restart_resumed(g, 'alice')
     gpair.assert_copied('alice')
 
@@ -495,10 +495,14 @@ def test_rollback_killed(gpair, make_gw, workdir):
     finally:
         m.logout()
     before = direct(gpair.src, 'alice', exists)
+    done = inbox_done(g, 'alice')
     assert g.ctl('rollback', 'alice').rc == 0
     g.wait_crashed()
     assert store_state(g, 'alice') == 'cutover'
-    assert direct(gpair.src, 'alice', exists) == before + 300
+    # Three windows of 100 recorded; later ones may be on the source
+    # already, their intents open.
+    assert inbox_done(g, 'alice') == done + 300
+    assert direct(gpair.src, 'alice', exists) >= before + 300
     g.restart_after_crash()
     u = g.user('alice')
     assert u['state'] == 'destination' and 'rollback interrupted' in \

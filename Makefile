@@ -6,6 +6,8 @@
 #                   AddressSanitizer + UBSan (check-asan), each fuzz target
 #                   for FUZZ_SECONDS (check-fuzz)
 #   make asan       mailshiftd and mailshiftctl with ASan + UBSan, in build/asan/
+#   make hooks      mailshiftd and mailshiftctl with the tests' crash points
+#                   (-DMS_TEST_HOOKS, daemon/testhook.h), in build/hooks/
 #   make check-asan the unit and integration tests against the build/asan/ binaries
 #   make fuzz-build the libFuzzer targets (tests/fuzz/fuzz_*.c), in build/fuzz/
 #   make fuzz       run them longer: make fuzz FUZZ_SECONDS=600 [FUZZ=fuzz_sasl]
@@ -77,7 +79,9 @@ tests/unit/test_%: tests/unit/test_%.c daemon/libms.a
 # ---- AddressSanitizer + UndefinedBehaviorSanitizer build ----
 #
 # Its own objects under build/asan/obj/, so it never mixes with the normal
-# build. Any UB is fatal (-fno-sanitize-recover), like a memory error.
+# build. Any UB is fatal (-fno-sanitize-recover), like a memory error. With
+# the tests' crash points (-DMS_TEST_HOOKS), so that check-asan runs the
+# crash tests too: inert unless MAILSHIFT_CRASH_AT is set.
 
 ASAN_CC      ?= clang
 ASAN_CFLAGS  ?= -O1 -g
@@ -95,7 +99,8 @@ asan: $(ASAN_BIN)
 $(ASAN_DIR)/obj/%.o: %.c
 	@echo "  CC      $@"
 	@mkdir -p $(@D)
-	$(Q)$(ASAN_CC) $(MS_CFLAGS) $(ASAN_WARN) $(ASAN_CFLAGS) $(SAN_FLAGS) -c -o $@ $<
+	$(Q)$(ASAN_CC) $(MS_CFLAGS) $(ASAN_WARN) $(ASAN_CFLAGS) $(SAN_FLAGS) \
+		-DMS_TEST_HOOKS -c -o $@ $<
 
 $(ASAN_DIR)/libms.a: $(ASAN_LIB_OBJ)
 	@echo "  AR      $@"
@@ -114,6 +119,38 @@ $(ASAN_DIR)/unit/test_%: tests/unit/test_%.c $(ASAN_DIR)/libms.a
 	@mkdir -p $(@D)
 	$(Q)$(ASAN_CC) $(MS_CFLAGS) $(ASAN_WARN) $(ASAN_CFLAGS) $(SAN_FLAGS) $(LDFLAGS) \
 		-MF $@.d -o $@ $< $(ASAN_DIR)/libms.a $(LDLIBS) -lcmocka
+
+# ---- test-hook build: the crash points of daemon/testhook.h ----
+#
+# The same code with MS_CRASH_POINT() compiled in: the integration tests
+# that kill a process at a chosen instant use these binaries
+# (tests/lib/gateway.py: MAILSHIFTD_HOOKS, MAILSHIFTCTL_HOOKS). The ASan
+# build has the crash points too, so that check-asan runs those tests
+# against it.
+
+HOOKS_DIR      := build/hooks
+HOOKS_LIB_OBJ  := $(LIB_SRC:%.c=$(HOOKS_DIR)/obj/%.o)
+HOOKS_TOOL_OBJ := $(TOOL_SRC:%.c=$(HOOKS_DIR)/obj/%.o)
+HOOKS_BIN      := $(HOOKS_DIR)/mailshiftd $(HOOKS_DIR)/mailshiftctl
+
+hooks: $(HOOKS_BIN)
+
+$(HOOKS_DIR)/obj/%.o: %.c
+	@echo "  CC      $@"
+	@mkdir -p $(@D)
+	$(Q)$(CC) $(MS_CFLAGS) $(CC_WARN) $(CFLAGS) -DMS_TEST_HOOKS -c -o $@ $<
+
+$(HOOKS_DIR)/libms.a: $(HOOKS_LIB_OBJ)
+	@echo "  AR      $@"
+	$(Q)rm -f $@ && ar rcs $@ $^
+
+$(HOOKS_DIR)/mailshiftd: $(HOOKS_DIR)/obj/daemon/mailshiftd.o $(HOOKS_DIR)/libms.a
+	@echo "  LD      $@"
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(HOOKS_DIR)/mailshiftctl: $(HOOKS_TOOL_OBJ) $(HOOKS_DIR)/libms.a
+	@echo "  LD      $@"
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 # ---- libFuzzer targets ----
 #
@@ -159,7 +196,7 @@ deps:
 unit: $(UNIT_BIN)
 	$(Q)set -e; for t in $(UNIT_BIN); do echo "  UNIT    $$t"; ./$$t; done
 
-integration: all
+integration: all hooks
 	$(Q)$(PYTHON) -m pytest -q -rs tests/integration
 
 # The unit tests and the whole integration suite against the ASan binaries;
@@ -231,9 +268,10 @@ clean:
 		tools/mailshiftctl daemon/mailshiftd $(UNIT_BIN) tests/unit/*.d
 	rm -rf build
 
-.PHONY: all asan fuzz-build deps unit integration check-asan check-fuzz fuzz \
+.PHONY: all asan hooks fuzz-build deps unit integration check-asan check-fuzz fuzz \
 	check demo bench bench-gateway install uninstall clean
 .SECONDARY:
 -include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d) daemon/mailshiftd.d
 -include $(wildcard $(ASAN_DIR)/obj/*/*.d $(ASAN_DIR)/unit/*.d)
+-include $(wildcard $(HOOKS_DIR)/obj/*/*.d)
 -include $(wildcard $(FUZZ_DIR)/obj/*/*.d $(FUZZ_DIR)/*.d)

@@ -26,6 +26,7 @@
 #include "log.h"
 #include "net.h"
 #include "pop3_uidl.h"
+#include "testhook.h"
 #include "util.h"
 
 #define INBUF_MAX 8192		/* pre-login command line, literals included;
@@ -1146,7 +1147,9 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 		gu->cutover = 0;
 		gu->flip_pending = 0;
 		ms_secret_free(&gu->pw);
+		MS_CRASH_POINT("cutover.flip-before");
 		set_state(gw, gu->name, "destination", NULL);
+		MS_CRASH_POINT("cutover.flip-after");
 		held_release(gw, gu);
 		return;
 	}
@@ -1216,6 +1219,8 @@ static void on_grace(uv_timer_t *t)
 
 	uv_close((uv_handle_t *)t, on_timer_close);
 	gu->grace = NULL;
+	/* Logins held, sessions ended, mail deferred; no delta begun. */
+	MS_CRASH_POINT(gu->rollback ? "rollback.grace" : "cutover.grace");
 	grace_over(gu->gw, gu);
 }
 
@@ -2497,6 +2502,25 @@ int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 
 /* ---- rollback: the destination's changes back to the source ---- */
 
+/* The rollback's flip: state source and policy off in one transaction. (A
+ * crash between two writes would leave a user sent back on purpose whom the
+ * next login moves again.) */
+static int rollback_flip(struct ms_gateway *gw, const char *name)
+{
+	int64_t id;
+
+	if (ms_store_user_get(gw->store, name, &id) < 0 ||
+	    ms_store_begin(gw->store) < 0)
+		return -1;
+	if (ms_store_user_set_policy(gw->store, id, "off") < 0 ||
+	    ms_store_user_set_state(gw->store, id, "source", NULL) < 0 ||
+	    ms_store_commit(gw->store) < 0) {
+		ms_store_rollback(gw->store);
+		return -1;
+	}
+	return 0;
+}
+
 static void on_rollback_done(const struct ms_user_report *rep, void *ctx)
 {
 	struct ms_gateway *gw = ctx;
@@ -2507,21 +2531,21 @@ static void on_rollback_done(const struct ms_user_report *rep, void *ctx)
 	gu->cutover = 0;
 	gu->rollback = 0;
 	if (rep->ok) {
-		int64_t id;
-
 		ms_info("%s: rolled back: %llu messages copied to the source, "
 			"%llu flag changes, %llu expunged; policy off", gu->name,
 			(unsigned long long)rep->copied,
 			(unsigned long long)rep->flags_updated,
 			(unsigned long long)rep->expunged);
-		set_state(gw, gu->name, "source", NULL);
 		/* Sent back on purpose: neither the next login nor the
 		 * sweep moves the user again until the operator says so
 		 * (policy, or migrate --daemon). */
-		if (ms_store_user_get(gw->store, gu->name, &id) < 0 ||
-		    ms_store_user_set_policy(gw->store, id, "off") < 0)
+		MS_CRASH_POINT("rollback.flip-before");
+		if (rollback_flip(gw, gu->name) < 0)
 			ms_log(MS_LOG_ERROR, "%s: store: %s", gu->name,
 			       ms_store_error(gw->store));
+		else
+			ms_info("%s: state source", gu->name);
+		MS_CRASH_POINT("rollback.flip-after");
 	} else {
 		/* The destination still holds everything: stay there. */
 		ms_warn("%s: rollback failed: %s", gu->name,
@@ -3029,7 +3053,7 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		goto fail;
 	if (cfg->src_imap.host[0] != '\0' && cfg->dst_imap.host[0] != '\0') {
 		struct ms_server_cfg src = cfg->src_imap, dst = cfg->dst_imap;
-		struct ms_mover_opts mo = { 0 };
+		struct ms_mover_opts mo = { .caller_flips = 1 };
 
 		src.max_conns = dst.max_conns = cfg->connections;
 		src.admin = cfg->src_admin;

@@ -47,12 +47,15 @@
 #include "mailbox.h"
 #include "mover.h"
 #include "pop3c.h"
+#include "testhook.h"
 #include "util.h"
 
 #define MAX_WORKERS 16
 #define MAX_APPENDS 4
 #define MAX_RETRIES 3		/* per folder, after a lost connection */
 #define RETRY_DELAY_MS 1000
+#define SETTLE_MS 2000		/* reconcile: the wait for a killed run's
+				   APPENDs before sending again (below) */
 #define MSGID_MAX 500
 #define HDR_MAX (32 * 1024)
 #define FLAGS_MAX 1000
@@ -80,6 +83,7 @@ struct ms_mover {
 	char **include, **exclude;
 	unsigned int batch;
 	int verify_only, verify_content;
+	int caller_flips;		/* ms_mover_opts */
 	struct ujob *jobs;
 	unsigned int users, users_done;
 	unsigned int folders, folders_done;
@@ -210,6 +214,13 @@ struct digest_side {
 	int side;
 };
 
+/* The reconciliation's wait for a killed run's APPENDs (settle_wait()). */
+struct settle_timer {
+	uv_timer_t timer;
+	struct ujob *u;
+	struct worker *w;		/* NULL once the worker was closed */
+};
+
 enum wstate { W_CONNECTING, W_IDLE, W_BUSY, W_DONE };
 
 /* A connection pair. s is the side read from and d the side written to:
@@ -255,6 +266,8 @@ struct worker {
 	size_t nfps, capfps;
 	int match_reconcile;
 	uint32_t match_floor;
+	int settled;			/* reconcile: waited SETTLE_MS already */
+	struct settle_timer *settle;	/* that wait, while it runs */
 
 	/* verify */
 	struct ms_u32vec known;		/* match: destination UIDs done */
@@ -685,6 +698,10 @@ static void worker_close(struct worker *w)
 
 	ms_imapc_free(&w->s);
 	ms_imapc_free(&w->d);
+	if (w->settle != NULL) {
+		w->settle->w = NULL;
+		w->settle = NULL;
+	}
 	if (w->have_src_slot)
 		slot_release(&m->src);
 	if (w->have_dst_slot)
@@ -781,6 +798,10 @@ static void job_report(uv_timer_t *t)
 	if (u->user_id == 0 || m->verify_only) {
 		/* a rollback refused before it began, or a verification
 		 * only: the store is as it was */
+	} else if (rep.ok && m->caller_flips) {
+		/* The caller writes the state it flips to: one written here
+		 * first ("source") is what a crash before that write would
+		 * leave of a cutover. */
 	} else if (!u->reverse || rep.ok) {
 		ms_store_user_set_state(m->store, u->user_id,
 					rep.ok ? "source" : "failed", rep.error);
@@ -1226,6 +1247,9 @@ static void on_create_reply(struct ms_imapc *c, const struct ms_imap_response *r
 			 ms_imapc_resp_summary(r, buf, sizeof(buf)));
 		return;
 	}
+	if (r->status == MS_STATUS_OK)
+		MS_CRASH_POINT(u->reverse ? "rollback.folder-created" :
+			       "copy.folder-created");
 	if (--u->plan_pending == 0)
 		plan_step(u);
 }
@@ -1633,6 +1657,7 @@ static void worker_next_folder(struct worker *w)
 	w->dedup_done = 0;
 	w->repair_done = 0;
 	w->v_all_src = w->v_norecs = 0;
+	w->settled = 0;
 	/* qs: the folder read from, qd: the one written to */
 	ms_imap_quote(qs, sizeof(qs), u->reverse ? f->dst : f->src);
 	ms_imap_quote(qd, sizeof(qd), u->reverse ? f->src : f->dst);
@@ -1792,6 +1817,14 @@ static struct fpent *fp_take(struct worker *w, uint64_t h)
 	return NULL;
 }
 
+/* Drops the fingerprints of a match (or a dedup) the worker is done with. */
+static void fps_free(struct worker *w)
+{
+	free(w->fps);
+	w->fps = NULL;
+	w->nfps = w->capfps = 0;
+}
+
 struct known_ctx {
 	struct ms_u32vec uids;
 	uint32_t floor;
@@ -1841,6 +1874,86 @@ struct reconcile_ctx {
 	struct worker *w;
 	uint64_t matched, resent;
 };
+
+/* A killed run's last APPEND commands can still be in the server's input,
+ * or on their way to it, when the next run reconciles: carried out after
+ * their intents were found missing and the messages sent again, they would
+ * be there twice. So intents with no message yet are not given up at once:
+ * the reconciliation waits SETTLE_MS (once per folder; only after a crash
+ * left intents whose messages the server does not have), asks the server
+ * again, and only then sends them again. Copies carried out later still
+ * are removed by the verification's deduplication (start_dedup). */
+static void on_settle_noop(struct ms_imapc *c,
+			   const struct ms_imap_response *r, void *ctx)
+{
+	struct worker *w = ctx;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		folder_fail(w, "NOOP", r, c);
+		return;
+	}
+	start_match(w, 1, 0);
+}
+
+static void on_settle_timer(uv_timer_t *t)
+{
+	struct settle_timer *st = (struct settle_timer *)t;
+	struct ujob *u = st->u;
+	struct worker *w = st->w;
+
+	u->timers--;
+	uv_close((uv_handle_t *)t, on_retry_timer_close);
+	if (w == NULL || u->failed || u->finished) {
+		job_maybe_finish(u);
+		return;
+	}
+	w->settle = NULL;
+	/* The NOOP makes the server show what it saved meanwhile. */
+	ms_imapc_cmd(w->d, on_settle_noop, w, "NOOP");
+}
+
+static int count_missing(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct reconcile_ctx *rc = ctx;
+
+	if (fp_take(rc->w, fingerprint(rec->size, rec->date,
+				       rec->msgid)) == NULL)
+		rc->resent++;
+	return 0;
+}
+
+/* 1 when the reconciliation waits (the worker goes on from the timer), 0
+ * when it goes on now, -1 when the job failed. */
+static int settle_wait(struct worker *w)
+{
+	struct reconcile_ctx rc = { .w = w };
+	struct settle_timer *st;
+
+	if (w->settled)
+		return 0;
+	if (foreach_intent(w, count_missing, &rc) != 0) {
+		job_fail(w->u, "store: %s", ms_store_error(w->u->m->store));
+		return -1;
+	}
+	for (size_t i = 0; i < w->nfps; i++)
+		w->fps[i].used = 0;
+	if (rc.resent == 0 || (st = calloc(1, sizeof(*st))) == NULL)
+		return 0;
+	ms_warn("%s: folder \"%s\": %llu unfinished message(s) not on the %s "
+		"(yet): looking again in %d s before sending them again",
+		w->u->name, w->u->reverse ? w->f->rep.source :
+		w->f->rep.destination, (unsigned long long)rc.resent,
+		side_name(w, w->d), SETTLE_MS / 1000);
+	w->settled = 1;
+	fps_free(w);
+	st->u = w->u;
+	st->w = w;
+	w->settle = st;
+	uv_timer_init(w->u->m->loop, &st->timer);
+	uv_timer_start(&st->timer, on_settle_timer, SETTLE_MS, 0);
+	w->u->timers++;
+	return 1;
+}
 
 static void on_flag_store_reply(struct ms_imapc *c,
 				const struct ms_imap_response *r, void *ctx);
@@ -1893,6 +2006,8 @@ static void match_finish_reconcile(struct worker *w)
 	struct reconcile_ctx rc = { .w = w };
 
 	sort_n(w->fps, w->nfps, sizeof(*w->fps), cmp_fp);
+	if (settle_wait(w) != 0)
+		return;
 	if (store_check(w, ms_store_begin(store)) < 0)
 		return;
 	if (foreach_intent(w, reconcile_one, &rc) != 0 ||
@@ -1909,9 +2024,7 @@ static void match_finish_reconcile(struct worker *w)
 			(unsigned long long)(rc.matched + rc.resent),
 			(unsigned long long)rc.matched,
 			(unsigned long long)rc.resent);
-	free(w->fps);
-	w->fps = NULL;
-	w->nfps = w->capfps = 0;
+	fps_free(w);
 	after_match(w);
 }
 
@@ -1926,9 +2039,7 @@ static void on_match_src_reply(struct ms_imapc *c,
 	}
 	if (--w->pending > 0)
 		return;
-	free(w->fps);
-	w->fps = NULL;
-	w->nfps = w->capfps = 0;
+	fps_free(w);
 	if (store_check(w, ms_store_folder_update(w->u->m->store,
 						  &w->f->st)) < 0)
 		return;
@@ -2072,7 +2183,8 @@ static void start_match(struct worker *w, int reconcile, uint32_t floor)
 	ms_u32vec_sort(&k.uids);
 	ms_u32vec_free(&w->known);
 	w->known = k.uids;
-	if (w->d_exists == 0) {
+	/* (After the wait, messages may have come since the SELECT.) */
+	if (w->d_exists == 0 && !w->settled) {
 		on_match_dst_reply(w->d, &(struct ms_imap_response){
 			.status = MS_STATUS_OK }, w);
 		return;
@@ -2301,6 +2413,10 @@ static void window_finish(struct worker *w, struct window *win)
 	uint32_t max_uid = 0;
 	uint64_t msgs = 0, bytes = 0;
 
+	/* The server saved the window's messages; their intents are open. */
+	if (win->nstreamed > 0)
+		MS_CRASH_POINT(u->reverse ? "rollback.appended" :
+			       "copy.appended");
 	if (ms_store_begin(store) < 0)
 		goto fail;
 	for (unsigned int i = 0; i < win->nstreamed; i++) {
@@ -2379,6 +2495,9 @@ static void window_finish(struct worker *w, struct window *win)
 	u->bytes += bytes;
 	m->msgs_done += msgs;
 	m->bytes_done += bytes;
+	if (msgs > 0)
+		MS_CRASH_POINT(u->reverse ? "rollback.recorded" :
+			       "copy.recorded");
 	return;
 fail:
 	ms_store_rollback(store);
@@ -2593,6 +2712,10 @@ static int on_literal_start(void *ctx, const struct ms_imap_response *partial,
 			 "body (UID %u)", w->f->rep.source, uid);
 		return -1;
 	}
+	/* Part of the window is in its APPEND, the rest to come. */
+	if (win->nstreamed > 0)
+		MS_CRASH_POINT(w->u->reverse ? "rollback.mid-batch" :
+			       "copy.mid-batch");
 	/* One MULTIAPPEND (RFC 3502) per window where the server has it,
 	 * else one pipelined APPEND per message. */
 	if (win->open && !w->multiappend &&
@@ -3056,9 +3179,7 @@ static void on_dedup_reply(struct ms_imapc *c,
 		folder_fail(w, "UID FETCH", r, c);
 		return;
 	}
-	free(w->fps);
-	w->fps = NULL;
-	w->nfps = w->capfps = 0;
+	fps_free(w);
 	if (w->expunge.n == 0) {
 		verify_dst(w);
 		return;
@@ -3702,6 +3823,8 @@ static void on_verify_src_reply(struct ms_imapc *c,
 		folder_fail(w, "UID FETCH", r, c);
 		return;
 	}
+	/* Halfway: the side read from is counted, the other not yet. */
+	MS_CRASH_POINT(w->u->reverse ? "rollback.verify" : "copy.verify");
 	ms_u32vec_sort(&w->src_uids);
 	if (w->u->reverse) {
 		rb_verify_claims(w);
@@ -4795,6 +4918,7 @@ struct ms_mover *ms_mover_new(uv_loop_t *loop, struct ms_store *store,
 	m->batch = opts != NULL && opts->batch != 0 ? opts->batch : 100;
 	m->verify_only = opts != NULL && opts->verify_only;
 	m->verify_content = opts != NULL && opts->verify_content;
+	m->caller_flips = opts != NULL && opts->caller_flips;
 	for (int which = 0; which < 2 && opts != NULL; which++) {
 		const char *const *src_pats = which == 0 ? opts->include :
 					       opts->exclude;

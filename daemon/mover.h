@@ -23,6 +23,9 @@ struct ms_mover_opts {
 	/* Verification also compares each copied message's bytes (SHA-256 of
 	 * BODY[] on both sides), not only its size and flags. */
 	int verify_content;
+	int caller_flips;		/* a verified job leaves the user's state
+					   as it is: the caller's own write is
+					   the flip (the gateway) */
 };
 
 struct ms_folder_report {
@@ -100,8 +103,8 @@ int ms_mover_add_user(struct ms_mover *m, const char *user,
  * (report->rollback set; copied = messages appended to the source); a user
  * the store has no copy of gets a report with an error and nothing is
  * touched. Needs an IMAP source with UIDPLUS. The user's state in the store
- * becomes "source" when the rollback is verified; on failure it stays what
- * it was (the destination still holds all the mail), with the error as
+ * becomes "source" when the rollback is verified (unless caller_flips: then
+ * the caller writes it); on failure it stays what it was (the destination still holds all the mail), with the error as
  * last_error. Returns -1 only when out of memory or the store fails. */
 int ms_mover_add_rollback(struct ms_mover *m, const char *user,
 			  const char *src_password, const char *dst_password,

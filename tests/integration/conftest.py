@@ -32,6 +32,7 @@ sys.path.insert(0, HERE)
 
 import corpus  # noqa: E402
 import dovecot as dc  # noqa: E402
+import gateway as gwlib  # noqa: E402
 import leakcheck  # noqa: E402
 import mailcheck as mc  # noqa: E402
 
@@ -71,20 +72,18 @@ def pytest_sessionfinish(session, exitstatus):
     leakcheck.pytest_sessionfinish(session)
 
 
-@pytest.fixture(scope='session')
-def ctl(test_root):
-    """A copy of tools/mailshiftctl taken at session start (a rebuild
-    while the suite runs then cannot break a test half-way)."""
-    if not os.access(MAILSHIFTCTL, os.X_OK):
+def _ctl_copy(test_root, binary, name, target):
+    """A copy of the mailshiftctl binary in test_root/bin/name."""
+    if not os.access(binary, os.X_OK):
         pytest.fail('%s is missing or not executable: build it with '
-                    '`make -C %s all` (make check does)' % (MAILSHIFTCTL, REPO),
+                    '`make -C %s %s` (make check does)' % (binary, REPO, target),
                     pytrace=False)
     bindir = os.path.join(test_root, 'bin')
     os.makedirs(bindir, exist_ok=True)
-    copy = os.path.join(bindir, 'mailshiftctl')
+    copy = os.path.join(bindir, name)
     for _ in range(50):            # the linker may be writing it right now
         try:
-            shutil.copy2(MAILSHIFTCTL, copy)
+            shutil.copy2(binary, copy)
             if subprocess.run([copy, 'migrate', '--help'],
                               stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL,
@@ -93,8 +92,23 @@ def ctl(test_root):
         except OSError:
             pass
         time.sleep(0.2)
-    pytest.fail('%s does not run (`migrate --help` fails)' % MAILSHIFTCTL,
+    pytest.fail('%s does not run (`migrate --help` fails)' % binary,
                 pytrace=False)
+
+
+@pytest.fixture(scope='session')
+def ctl(test_root):
+    """A copy of tools/mailshiftctl taken at session start (a rebuild
+    while the suite runs then cannot break a test half-way)."""
+    return _ctl_copy(test_root, MAILSHIFTCTL, 'mailshiftctl', 'all')
+
+
+@pytest.fixture(scope='session')
+def ctl_hooks(test_root):
+    """The same of the build with crash points (MAILSHIFTCTL_HOOKS, make
+    hooks): MAILSHIFT_CRASH_AT in its environment kills it there."""
+    return _ctl_copy(test_root, gwlib.MAILSHIFTCTL_HOOKS, 'mailshiftctl-hooks',
+                     'hooks')
 
 
 @pytest.fixture(scope='session')
@@ -322,9 +336,11 @@ class Migrator:
             argv.append('--json')
         return argv + list(args) + list(users)
 
-    def env(self, users, src_password, dst_password):
+    def env(self, users, src_password, dst_password, crash_at=None):
         env = {k: v for k, v in os.environ.items()
                if not k.startswith('MAILSHIFT_')}
+        if crash_at is not None:        # a hook build (ctl_hooks) dies there
+            env['MAILSHIFT_CRASH_AT'] = crash_at
         first = users if isinstance(users, str) else users[0]
         if src_password is None:
             src_password = SRC_USERS.get(first)
@@ -337,15 +353,34 @@ class Migrator:
         return env
 
     def popen(self, users, *args, src_password=None, dst_password=None,
-              source=None, dest=None, store=None):
+              source=None, dest=None, store=None, crash_at=None):
         argv = self.argv(users, args, source, dest, store)
         p = subprocess.Popen(argv, env=self.env(users, src_password,
-                                                dst_password),
+                                                dst_password, crash_at),
                              stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              start_new_session=True)
         p.argv = argv
         return p
+
+    def crash(self, users, point, *args, timeout=120):
+        """Runs the CLI (a hook build: ctl_hooks) with MAILSHIFT_CRASH_AT
+        = point and checks that it died there: killed by SIGKILL, its
+        stderr naming the point. Returns its stderr."""
+        p = self.popen(users, *args, crash_at=point)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc, out, err = kill9(p)
+        err = err.decode(errors='replace')
+        if p.returncode != -signal.SIGKILL or \
+                gwlib.crash_line(point) not in err:
+            pytest.fail('mailshiftctl did not die at crash point %s (exit '
+                        'status %s)\nargv: %s\nstdout: %s\nstderr: %s'
+                        % (point, p.returncode, ' '.join(p.argv),
+                           out.decode(errors='replace')[-2000:],
+                           err[-3000:]), pytrace=False)
+        return err
 
     def run(self, users, *args, src_password=None, dst_password=None,
             source=None, dest=None, store=None, expect_rc=None, timeout=120,
@@ -412,6 +447,15 @@ def store_done_count(path):
             con.close()
     except sqlite3.Error:
         return 0
+
+
+def store_rows(path, sql):
+    """The rows of one query of a store, read-only."""
+    con = sqlite3.connect('file:%s?mode=ro' % path, uri=True, timeout=5)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
 
 
 def kill9(p):

@@ -20,7 +20,7 @@ import dovecot
 import fakeserver
 import gateway as gwlib
 import mailcheck as mc
-from conftest import MASTER, wait_for
+from conftest import MASTER, Migrator, store_rows, wait_for
 from test_gateway import (GW_USERS, count_msgid, direct, exists, marker,
                           read_line, sessions)
 from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
@@ -87,76 +87,123 @@ def test_admin_password_file_must_be_root_only(gpair, workdir):
         str(e.value), (str(e.value), g.log_text())
 
 
-def test_interrupted_cutover_is_resumed(gpair, make_gw, workdir):
-    """A user found in cutover at start (the daemon died in one) goes back
-    to copying and, with admin logins, is copied and flipped at once."""
-    g = make_gw(tls=False, policy='passthrough',
-                extra_conf=admin_conf(workdir, sweep=False))
-    r = g.ctl('user', 'add', 'alice', 'state', 'cutover', '--json')
-    assert r.rc == 0, r.describe()
+def hooked_gw(make_gw, workdir, point, **kw):
+    """A started hook build of mailshiftd (make hooks) that kills itself at
+    crash point (daemon/testhook.h); admin logins, no sweep: nothing but
+    the start resumes an interrupted copy."""
+    return make_gw(tls=False, policy='passthrough', connections=1,
+                   extra_conf=admin_conf(workdir, sweep=False),
+                   binary=gwlib.MAILSHIFTD_HOOKS,
+                   env={'MAILSHIFT_CRASH_AT': point}, **kw)
+
+
+def restart_resumed(g, user):
+    """Starts a daemon that died at its crash point again, without it, and
+    checks that the start itself resumed the user's copy to its end."""
+    g.restart_after_crash()
+    st = g.wait_state(user, ('destination', 'failed'), timeout=60)
+    assert st == 'destination', (st, g.log_tail())
+    assert '%s: resuming the interrupted copy' % user in g.log_text()
+
+
+def store_state(g, user):
+    """The user's state in the store of a daemon that is not running."""
+    return store_rows(g.store_path, "SELECT state FROM users WHERE name = "
+                      "'%s'" % user)[0][0]
+
+
+def inbox_done(g, user):
+    """Messages of the user's INBOX the store records done."""
+    return store_rows(g.store_path, "SELECT count(*) FROM messages m, "
+                      "folders f, users u WHERE m.folder_id = f.id AND "
+                      "f.user_id = u.id AND u.name = '%s' AND f.src_name = "
+                      "'INBOX' AND m.state = 1" % user)[0][0]
+
+
+def precopied_gw(gpair, make_gw, workdir, ctl, point, user='alice'):
+    """A hook build of mailshiftd dying at point, over a store into which
+    `mailshiftctl migrate` copied the user first: the copy that runs while
+    the user is logged in then copies nothing, and the first time a copy
+    point is reached is in the cutover."""
+    g = hooked_gw(make_gw, workdir, point)
     g.stop()
+    Migrator(ctl, gpair, g.store_path).run(
+        user, src_password=GW_USERS[user], dst_password=GW_USERS[user],
+        expect_rc=0)
     g.start()
-    assert g.wait_state('alice', ('destination', 'failed'),
-                        timeout=60) == 'destination', g.log_tail()
-    assert 'alice: resuming the interrupted copy' in g.log_text()
+    return g
+
+
+def session_then_cutover(g, user, work):
+    """The user logs in through the gateway, waits until the copy is
+    verified, calls work(imap) (changes on the source) and logs off: the
+    cutover begins. The daemon must stay alive until then (a crash point
+    reached too early fails here)."""
+    m = imaplib.IMAP4('127.0.0.1', g.imap_port, timeout=60)
+    assert m.login(user, GW_USERS[user])[0] == 'OK'
+    wait_for(lambda: not g.alive or (g.user(user) or {}).get(
+        'copy', '').startswith('verified'), 60, interval=0.05)
+    assert g.alive, 'mailshiftd died before the cutover:\n' + g.log_tail()
+    assert g.user(user)['copy'].startswith('verified'), g.user(user)
+    work(m)
+    m.logout()
+
+
+def test_interrupted_cutover_is_resumed(gpair, make_gw, workdir, ctl):
+    """The daemon dies in a real cutover, after the grace, with the whole
+    delta (mail the user added on the source in the session) still to
+    copy: at start the user goes back to copying and, with admin logins,
+    is copied and flipped at once."""
+    g = precopied_gw(gpair, make_gw, workdir, ctl, 'cutover.grace')
+    before = gpair.dst_snapshot('alice')
+    session_then_cutover(g, 'alice', lambda m: mc.append_many(m, 'INBOX', [
+        (mc.make_message(690000 + i, 700), [['\\Seen'], []][i % 2],
+         1500000000 + i) for i in range(25)]))
+    g.wait_crashed()
+    assert store_state(g, 'alice') == 'cutover'
+    assert gpair.dst_snapshot('alice') == before, 'the delta had begun'
+    restart_resumed(g, 'alice')
     gpair.assert_copied('alice')
 
 
-def test_kill9_daemon_in_cutover(gpair, make_gw, workdir):
-    """kill -9 of mailshiftd during a real cutover (the last delta of
-    thousands of messages the user added on the source through the
-    gateway): after the restart nothing is lost or duplicated and the user
-    ends on the destination."""
-    g = make_gw(tls=False, policy='passthrough', connections=1,
-                extra_conf=admin_conf(workdir, sweep=False))
-    m = imaplib.IMAP4('127.0.0.1', g.imap_port, timeout=60)
-    assert m.login('alice', GW_USERS['alice'])[0] == 'OK'
-    end = time.time() + 60
-    while time.time() < end and not (g.user('alice') or {}).get(
-            'copy', '').startswith('verified'):
-        time.sleep(0.05)
-    assert g.user('alice')['copy'].startswith('verified'), g.user('alice')
-    # Through the gateway, on the source: the last delta's work.
-    mc.append_many(m, 'INBOX', [(mc.make_message(700000 + i, 800), (),
-                                 1500000000 + i) for i in range(8000)])
-    m.logout()
-    assert g.wait_state('alice', 'cutover', timeout=10) == 'cutover'
-    before = (g.user('alice') or {}).get('messages', 0)
-    end = time.time() + 30
-    while time.time() < end and \
-            (g.user('alice') or {}).get('messages', 0) < before + 200:
-        time.sleep(0.01)
-    u = g.user('alice')
-    assert u['state'] == 'cutover' and u['messages'] >= before + 200, u
-    g.kill9_restart()
-    st = g.wait_state('alice', ('destination', 'failed'), timeout=60)
-    assert st == 'destination', (st, g.log_tail())
+def test_kill9_daemon_in_cutover(gpair, make_gw, workdir, ctl):
+    """kill -9 of mailshiftd during a real cutover, 200 messages into a
+    delta of 450 the user added on the source through the gateway: after
+    the restart nothing is lost or duplicated and the user ends on the
+    destination."""
+    g = precopied_gw(gpair, make_gw, workdir, ctl, 'copy.recorded:2')
+    session_then_cutover(g, 'alice', lambda m: mc.append_many(m, 'INBOX', [
+        (mc.make_message(700000 + i, 800), (), 1500000000 + i)
+        for i in range(450)]))
+    g.wait_crashed()
+    assert store_state(g, 'alice') == 'cutover'
+    # Two windows of the delta recorded; later ones may be on the
+    # destination already, their intents open.
+    total = len(direct(gpair.src, 'alice', mc.snapshot)['INBOX'])
+    assert inbox_done(g, 'alice') == total - 250
+    assert len(gpair.dst_snapshot('alice')['INBOX']) >= total - 250
+    restart_resumed(g, 'alice')
     gpair.assert_copied('alice')
 
 
 def test_kill9_daemon_mid_copy(gpair, make_gw, workdir):
-    # Enough mail that the copy is still running when the daemon dies.
+    """kill -9 of mailshiftd in the middle of a copy (no sweep, nobody
+    logs in): the start resumes it; nothing is lost or copied twice."""
     m = gpair.src.imap('alice')
     try:
         mc.append_many(m, 'INBOX', [(mc.make_message(900000 + i, 600), (),
-                                     1500000000 + i) for i in range(3000)])
+                                     1500000000 + i) for i in range(300)])
     finally:
         m.logout()
-    g = make_gw(tls=False, policy='passthrough', connections=1,
-                extra_conf=admin_conf(workdir))
+    g = hooked_gw(make_gw, workdir, 'copy.recorded:2')
     assert g.ctl('user', 'add', 'alice').rc == 0
-    # Kill the daemon while alice is being copied.
-    end = time.time() + 60
-    while time.time() < end:
-        u = g.user('alice')
-        if u and u.get('messages', 0) > 0:
-            break
-        time.sleep(0.01)
-    assert u and u.get('messages', 0) > 0, 'the copy never started'
-    assert g.state('alice') == 'copying'
-    g.kill9_restart()
-    st = g.wait_state('alice', ('destination', 'failed'), timeout=60)
-    assert st == 'destination', (st, g.log_tail())
+    assert g.ctl('migrate', '--daemon', 'alice').rc == 0
+    g.wait_crashed()
+    assert store_state(g, 'alice') == 'copying'
+    # INBOX first (the biggest): two windows of 100 recorded of its 300
+    # and more.
+    assert inbox_done(g, 'alice') == 200
+    restart_resumed(g, 'alice')
     gpair.assert_copied('alice')
 
 
@@ -536,29 +583,30 @@ def test_rollback(gpair, make_gw, workdir):
 
 
 def test_rollback_killed(gpair, make_gw, workdir):
-    """kill -9 of mailshiftd in the middle of a rollback: at the next start
-    the user is on the destination (which holds everything) with a note;
-    rolling back again ends exact, nothing twice."""
-    g = make_gw(tls=False, policy='passthrough', connections=1,
-                extra_conf=admin_conf(workdir, sweep=False))
+    """kill -9 of mailshiftd in the middle of a rollback (300 of 600 new
+    messages recorded on the source): at the next start the user is on
+    the destination (which holds everything) with a note; rolling back
+    again ends exact, nothing twice."""
+    g = hooked_gw(make_gw, workdir, 'rollback.recorded:3')
     assert g.ctl('migrate', '--daemon', 'alice').rc == 0
     assert g.wait_state('alice', ('destination', 'failed'),
                         timeout=60) == 'destination'
     m = gpair.dst.imap('alice')
     try:
         mc.append_many(m, 'INBOX', [(mc.make_message(930000 + i, 700), (),
-                                     1600000000 + i) for i in range(8000)])
+                                     1600000000 + i) for i in range(600)])
     finally:
         m.logout()
     before = direct(gpair.src, 'alice', exists)
+    done = inbox_done(g, 'alice')
     assert g.ctl('rollback', 'alice').rc == 0
-    end = time.time() + 30
-    while time.time() < end and \
-            direct(gpair.src, 'alice', exists) < before + 300:
-        time.sleep(0.02)
+    g.wait_crashed()
+    assert store_state(g, 'alice') == 'cutover'
+    # Three windows of 100 recorded; later ones may be on the source
+    # already, their intents open.
+    assert inbox_done(g, 'alice') == done + 300
     assert direct(gpair.src, 'alice', exists) >= before + 300
-    assert g.state('alice') == 'cutover'
-    g.kill9_restart()
+    g.restart_after_crash()
     u = g.user('alice')
     assert u['state'] == 'destination' and 'rollback interrupted' in \
         (u.get('error') or ''), u

@@ -18,7 +18,6 @@ flags without \\Recent, INTERNALDATE).
 
 import os
 import re
-import signal
 import subprocess
 import time
 
@@ -28,8 +27,8 @@ import corpus
 import dovecot as dc
 import mailcheck as mc
 import tcpproxy
-from conftest import (DST_USERS, MASTER, SRC_USERS, Migrator, kill9,
-                      store_bytes, store_done_count, wait_for)
+from conftest import (DST_USERS, MASTER, SRC_USERS, Migrator, store_bytes,
+                      store_rows)
 
 ERR_LINE = re.compile(r'^mailshiftctl: (\S+): (.+): (.+)$')
 
@@ -189,36 +188,38 @@ def test_incremental(pair, run_migrate):
     assert got_sub == want_sub
 
 
+# Crash points of the copy (daemon/testhook.h), one killed run each, then
+# a clean run: while the plan creates the destination's folders, before
+# anything is copied; right after the destination saved a window whose
+# intents are still open; in the middle of a window's APPEND; after windows
+# were recorded; halfway through a folder's verification.
 KILL_SCHEDULES = {
-    # each entry: a list of kill triggers, one per run, then a clean run
-    'early': [('seconds', 0.3)],
-    'midway': [('done', 400)],
-    'repeated': [('done', 1), ('done', 1500), ('seconds', 0.1),
-                 ('done', 2600)],
+    'early': ['copy.folder-created:2'],
+    'appended': ['copy.appended:1'],
+    'midway': ['copy.mid-batch:400', 'copy.recorded:8'],
+    'verify': ['copy.verify:2'],
+    'repeated': ['copy.appended:3', 'copy.recorded:10', 'copy.mid-batch:50',
+                 'copy.verify:1'],
 }
 
 
 @pytest.mark.parametrize('schedule', sorted(KILL_SCHEDULES))
-def test_kill9_resume(make_pair, ctl, workdir, schedule):
+def test_kill9_resume(make_pair, ctl, ctl_hooks, workdir, schedule):
     pair = make_pair(users=('bulk',))
-    m = Migrator(ctl, pair, os.path.join(workdir, 'store.db'))
-    killed = 0
-    for kind, value in KILL_SCHEDULES[schedule]:
-        before = store_done_count(m.store)
-        p = m.popen('bulk', '--connections', '4')
-        if kind == 'seconds':
-            wait_for(lambda: p.poll() is not None, value)
-        else:
-            wait_for(lambda: p.poll() is not None or
-                     store_done_count(m.store) >= value, 60, interval=0.005)
-        rc, out, err = kill9(p)
-        if rc == -signal.SIGKILL:
-            killed += 1
-        else:
-            # It ended on its own before the kill point: must be success.
-            assert rc == 0, 'rc %s before the kill (done rows %d)\n%s' % (
-                rc, before, err.decode(errors='replace'))
-    assert killed >= 1, 'mailshiftctl finished before every kill point'
+    store = os.path.join(workdir, 'store.db')
+    m = Migrator(ctl, pair, store)
+    hooked = Migrator(ctl_hooks, pair, store)
+    for point in KILL_SCHEDULES[schedule]:
+        hooked.crash('bulk', point, '--connections', '4')
+        if point.startswith('copy.folder-created'):
+            # Still planning: no message copied, none about to be.
+            assert store_rows(store, 'SELECT count(*) FROM messages') == \
+                [(0,)]
+        if point.startswith(('copy.appended', 'copy.mid-batch')):
+            # Killed with messages in flight: the next run reconciles.
+            assert store_rows(store, 'SELECT count(*) FROM messages WHERE '
+                              'state = 0')[0][0] > 0, \
+                'no intent open at ' + point
     # A run killed at any instant is simply run again: once.
     res = m.run('bulk', expect_rc=0)
     ok_summary(res, 'bulk')

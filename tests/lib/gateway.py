@@ -29,6 +29,11 @@ control socket is a UNIX socket: gw.ctl() works from any namespace.
 env={'NAME': 'value'} adds to the daemon's environment (e.g. glibc's
 MALLOC_PERTURB_); gw.rss_kb() is its resident memory, gw.rss_kb('VmHWM') its
 peak since gw.rss_peak_reset().
+
+Crash points: binary=MAILSHIFTD_HOOKS (make hooks) and env={
+'MAILSHIFT_CRASH_AT': 'cutover.grace'} make the daemon kill itself there;
+gw.wait_crashed() waits for that and checks it; gw.restart_after_crash()
+starts it again on the same store, without the crash point.
 """
 
 import json
@@ -47,6 +52,19 @@ MAILSHIFTD = os.environ.get('MAILSHIFTD') or \
     os.path.join(REPO, 'daemon', 'mailshiftd')
 MAILSHIFTCTL = os.environ.get('MAILSHIFTCTL') or \
     os.path.join(REPO, 'tools', 'mailshiftctl')
+# The builds with the crash points of daemon/testhook.h (make hooks), for
+# the tests that kill a process at a chosen instant (MAILSHIFT_CRASH_AT).
+MAILSHIFTD_HOOKS = os.environ.get('MAILSHIFTD_HOOKS') or \
+    os.path.join(REPO, 'build', 'hooks', 'mailshiftd')
+MAILSHIFTCTL_HOOKS = os.environ.get('MAILSHIFTCTL_HOOKS') or \
+    os.path.join(REPO, 'build', 'hooks', 'mailshiftctl')
+
+
+def crash_line(point):
+    """What a hook build writes to stderr as it kills itself at crash
+    point "name" or "name:N" (daemon/testhook.c)."""
+    name, _, n = point.partition(':')
+    return 'mailshift: crash point %s:%s: SIGKILL' % (name, n or '1')
 
 
 class CtlResult:
@@ -322,6 +340,32 @@ class Mailshiftd:
         self.proc = None
         self.returncode = p.returncode
         return p.returncode
+
+    def wait_crashed(self, timeout=60.0):
+        """Waits for a hook build started with MAILSHIFT_CRASH_AT (in env)
+        to die at that crash point: killed by SIGKILL, its log naming the
+        point. Fails the test otherwise (a daemon still running at the
+        deadline is stopped)."""
+        point = self.env['MAILSHIFT_CRASH_AT']
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError('mailshiftd never reached crash point %s '
+                                 'in %.0f s:\n%s'
+                                 % (point, timeout, self.log_tail()))
+        self.proc = None
+        self.returncode = rc
+        if rc != -signal.SIGKILL or crash_line(point) not in self.log_text():
+            raise AssertionError('mailshiftd did not die at crash point %s '
+                                 '(exit status %s):\n%s'
+                                 % (point, rc, self.log_tail()))
+        return rc
+
+    def restart_after_crash(self):
+        """start() again after wait_crashed(), without the crash point."""
+        del self.env['MAILSHIFT_CRASH_AT']
+        return self.start()
 
     def kill9_restart(self):
         """SIGKILL to the daemon's PID (a crash at this very moment), then

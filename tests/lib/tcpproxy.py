@@ -18,6 +18,10 @@ p.connections counts the connections accepted so far: a test stalls the
 server, then waits for a client to have connected, and knows it is stuck
 there until resume(). Behind(server, p) is a Dovecot as seen through p
 (its IMAP URLs point at the proxy), for tests/lib/gateway.py.
+hold_from=b' APPEND ': from the first chunk a client sends that holds these
+bytes on, what that client sends is held back (p.holding is set) until
+p.release(); a client that goes away meanwhile has it delivered then, late,
+as a server still carrying out a dead client's last commands would.
 """
 
 import socket
@@ -27,10 +31,13 @@ import threading
 
 class CuttingProxy:
     def __init__(self, target_port, cut_after=None, target_host='127.0.0.1',
-                 refuse_after_cut=True):
+                 refuse_after_cut=True, hold_from=None):
         self.target = (target_host, target_port)
         self.cut_after = cut_after
         self.refuse_after_cut = refuse_after_cut
+        self.hold_from = hold_from
+        self.holding = threading.Event()
+        self.released = threading.Event()
         self.bytes_down = 0          # server -> client
         self.bytes_up = 0            # client -> server
         self.connections = 0
@@ -89,8 +96,21 @@ class CuttingProxy:
 
     def resume(self):
         self.flowing.set()
+    def _held(self, held, data):
+        """Whether a client's chunk is held back (hold_from)."""
+        if self.hold_from is None or self.released.is_set():
+            return False
+        if held or self.hold_from in data:
+            self.holding.set()
+            return True
+        return False
+
+    def release(self):
+        """Delivers what hold_from held back, and holds nothing more."""
+        self.released.set()
 
     def _pump(self, src, dst, down):
+        held = []
         try:
             while not self._stop.is_set():
                 data = src.recv(65536)
@@ -99,6 +119,12 @@ class CuttingProxy:
                 while not self.flowing.wait(0.1):
                     if self._stop.is_set():
                         return
+                if not down and self._held(held, data):
+                    held.append(data)
+                    continue
+                if held:
+                    dst.sendall(b''.join(held))
+                    held = []
                 if down and self.cut_after is not None:
                     with self._lock:
                         room = self.cut_after - self.bytes_down
@@ -120,6 +146,14 @@ class CuttingProxy:
                     return
         except OSError:
             pass
+        if held:
+            # The client is gone: what it sent reaches the server late.
+            self.released.wait()
+            if not self._stop.is_set():
+                try:
+                    dst.sendall(b''.join(held))
+                except OSError:
+                    pass
         # Normal end of one direction: close both ends of the pair.
         for x in (src, dst):
             try:
@@ -137,6 +171,7 @@ class CuttingProxy:
 
     def stop(self):
         self._stop.set()
+        self.released.set()
         try:
             self._lsock.close()
         except OSError:

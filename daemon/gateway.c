@@ -631,6 +631,11 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 {
 	timer_stop(s);
 	s->st = SS_RELAY;
+	/* -v: each login's route (mailshiftd(8)). */
+	ms_info("session %llu: %s: %s login of %s, relayed to the %s",
+		(unsigned long long)s->id, s->peer, s->proto == MS_GW_IMAP ?
+		"IMAP" : "POP3", s->gu != NULL ? s->gu->name : "?",
+		s->to_dst ? "destination" : "source");
 	pause_clear(s->c, &s->c_paused, PAUSE_WRITE | PAUSE_INPUT);
 	wipe_login(s);
 	bin_free(s);
@@ -1128,6 +1133,9 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 		held_release(gw, gu);
 		return;
 	}
+	ms_info("%s: copy verified: %llu messages, %llu bytes copied",
+		gu->name, (unsigned long long)rep->copied,
+		(unsigned long long)rep->bytes);
 	if (!gu->cutover && gu->sessions == 0 && gu->touched) {
 		/* The user worked on the source while this copy ran and has
 		 * logged off since: a last delta, with nobody on the
@@ -1182,6 +1190,8 @@ static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
 		set_state(gw, gu->name, "failed", "cannot start the copy");
 		return;
 	}
+	ms_info("%s: copy started%s", gu->name, gu->cutover ?
+		" (the last delta)" : "");
 	if (gu->cutover)
 		set_state(gw, gu->name, "cutover", NULL);
 }

@@ -9,6 +9,11 @@ Once cut_after bytes in total have gone from the server to the clients
 (over all connections), every connection is closed abruptly (RST) and
 new connections are accepted and closed at once (refuse_after_cut=True).
 cut_after=None: never cut.
+
+keep_up=True keeps what the clients sent, all connections together, in
+p.up (to check which commands went out). p.max_open is the most client
+connections that were open at once (one whose client has closed counts as
+gone even before its pump noticed).
 """
 
 import socket
@@ -18,13 +23,17 @@ import threading
 
 class CuttingProxy:
     def __init__(self, target_port, cut_after=None, target_host='127.0.0.1',
-                 refuse_after_cut=True):
+                 refuse_after_cut=True, keep_up=False):
         self.target = (target_host, target_port)
         self.cut_after = cut_after
         self.refuse_after_cut = refuse_after_cut
         self.bytes_down = 0          # server -> client
         self.bytes_up = 0            # client -> server
         self.connections = 0
+        self.max_open = 0
+        self.keep_up = keep_up
+        self.up = bytearray()
+        self._clients = set()        # client sockets still open
         self.cut = threading.Event()
         self._lock = threading.Lock()
         self._socks = set()
@@ -67,6 +76,9 @@ class CuttingProxy:
             s.settimeout(None)
             with self._lock:
                 self._socks.update((c, s))
+                self._clients = {x for x in self._clients if _open(x)}
+                self._clients.add(c)
+                self.max_open = max(self.max_open, len(self._clients))
             for a, b, down in ((s, c, True), (c, s, False)):
                 t = threading.Thread(target=self._pump, args=(a, b, down),
                                      daemon=True)
@@ -93,6 +105,8 @@ class CuttingProxy:
                         self.bytes_down += len(data)
                     else:
                         self.bytes_up += len(data)
+                        if self.keep_up:
+                            self.up += data
                     reached = (down and self.cut_after is not None and
                                self.bytes_down >= self.cut_after)
                 if reached:
@@ -100,6 +114,8 @@ class CuttingProxy:
                     return
         except OSError:
             pass
+        with self._lock:
+            self._clients.difference_update((src, dst))
         # Normal end of one direction: close both ends of the pair.
         for x in (src, dst):
             try:
@@ -134,6 +150,16 @@ class CuttingProxy:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _open(sock):
+    """False once the peer closed sock (its EOF is waiting) or it is shut."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b''
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 def _abort(sock):

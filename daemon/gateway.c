@@ -177,6 +177,7 @@ struct ms_gateway {
 	unsigned int copies;		/* mover jobs running */
 	uv_timer_t *sweep_timer;
 	uint64_t sweep_next_ms;		/* rate: no new sweep start before */
+	int sweep_outside;		/* its last look was outside the window */
 	uint64_t logins_ok, logins_failed;
 	uv_tcp_t *metrics;
 	unsigned int mclients;
@@ -2720,8 +2721,16 @@ static void on_sweep(uv_timer_t *t)
 	unsigned int conc = gw->cfg.sweep_concurrency ?
 		gw->cfg.sweep_concurrency : 1;
 	struct sweep_ctx sc = { .gw = gw };
+	int outside = !in_window(gw);
 
-	if (!in_window(gw) || gw->copies >= conc)
+	/* Said once each way: an operator wondering why nobody moves. */
+	if (outside != gw->sweep_outside)
+		ms_info("sweep: %s its window %02d:%02d-%02d:%02d",
+			outside ? "outside" : "inside", gw->cfg.sweep_from / 60,
+			gw->cfg.sweep_from % 60, gw->cfg.sweep_to / 60,
+			gw->cfg.sweep_to % 60);
+	gw->sweep_outside = outside;
+	if (outside || gw->copies >= conc)
 		return;
 	sc.want = conc - gw->copies;
 	if (ms_store_user_foreach(gw->store, sweep_one, &sc) < 0)

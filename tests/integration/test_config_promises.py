@@ -236,3 +236,23 @@ def test_verbose_log(gpair, make_gw):
     m.logout()
     assert wait_for(lambda: 'IMAP login of alice, relayed to the '
                     'destination' in g.log_text(), 10), g.log_tail(10)
+
+
+def test_tls_key_must_be_roots(workdir, ca):
+    """[tls] key: refused unless root's and readable by its owner only
+    (checked by -t and at start alike)."""
+    cert, key = ca.issue('keyowner', ('127.0.0.1',))
+    conf = minimal_conf(workdir, user=False)
+    with open(conf, 'a') as f:
+        f.write('[tls]\ncert = %s\nkey = %s\n' % (cert, key))
+    os.chmod(key, 0o600)
+    r = subprocess.run([gwlib.MAILSHIFTD, '-t', '-c', conf],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and 'configuration ok' in r.stdout, r
+    os.chown(key, 65534, -1)
+    for argv in (['-t', '-c', conf], ['-c', conf, '-f']):
+        r = subprocess.run([gwlib.MAILSHIFTD] + argv, capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 2 and 'key file %s belongs to uid 65534: it ' \
+            'must belong to root' % key in r.stderr, (argv, r)
+    assert not os.path.exists(os.path.join(workdir, 'control.sock'))

@@ -10,13 +10,20 @@ a command that reached for it would exit 1, not 2)."""
 
 import imaplib
 import os
+import pty
 import re
+import signal
 import socket
 import subprocess
 import time
 
 import pytest
 
+import gateway as gwlib
+import mailcheck as mc
+import tcpproxy
+from conftest import wait_for
+from test_gateway_ops import admin_conf
 from test_gateway import (GW_USERS, gw_imap, raw_connect, read_until_close,
                           sessions, user_list)
 from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
@@ -295,7 +302,6 @@ def test_rollback_wait_exit_status(gpair, make_gw, workdir):
     """rollback --wait: 0 and "USER: source" when the user ends on the
     source, 1 when not (a user on the destination the store never
     copied); a user not on the destination is refused at once."""
-    from test_gateway_ops import admin_conf
     g = make_gw(tls=False, policy='off',
                 extra_conf=admin_conf(workdir, sweep=False))
     assert g.ctl('user', 'add', 'carol', 'state', 'destination').rc == 0
@@ -314,3 +320,80 @@ def test_rollback_wait_exit_status(gpair, make_gw, workdir):
         r.describe()
     assert g.user('alice')['policy'] == 'off'
     gpair.assert_copied('alice')
+
+
+class Via:
+    """A server as the gateway's config sees it, reached through a proxy
+    (IMAP only)."""
+
+    pop3_port = None
+    tls_ca = None
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+
+    def url(self, scheme='imap'):
+        return self.proxy.url(scheme)
+
+
+def test_status_rate_eta_and_watch(gpair, make_gw, workdir):
+    """While a copy runs, `status` shows how far it is, its rate and ETA;
+    `status --watch` redraws it every second on a terminal. (The copy is
+    held mid-way: a proxy in front of the destination stops passing the
+    APPENDs on after 300 KB.)"""
+    m = gpair.src.imap('alice')
+    try:
+        mc.append_many(m, 'INBOX', [(mc.make_message(600000 + i, 900), (),
+                                     None) for i in range(1500)])
+    finally:
+        m.logout()
+    proxy = tcpproxy.CuttingProxy(gpair.dst.imap_port,
+                                  hold_up_after=300 * 1024).start()
+    g = gwlib.Mailshiftd(os.path.join(workdir, 'gwrate'), gpair.src,
+                         Via(proxy), policy='off', connections=1,
+                         src_schemes=('imap', None),
+                         dst_schemes=('imap', None),
+                         extra_conf=admin_conf(workdir, sweep=False))
+    try:
+        g.start()
+        assert g.ctl('migrate', '--daemon', 'alice').rc == 0
+        line = re.compile(r'^copying now: (\d+) of (\d+) messages, (\d+) '
+                          r'msg/s, ETA (\d+) s$', re.M)
+        assert wait_for(lambda: line.search(g.ctl('status').stdout), 60,
+                        0.2), (g.ctl('status').stdout, proxy.holding.is_set())
+        done, todo, rate, eta = map(int, line.search(
+            g.ctl('status').stdout).groups())
+        assert proxy.holding.is_set() and 0 < done < todo and rate > 0, \
+            (done, todo, rate)
+        assert watch_frames(g, 2, b'copying now: ')
+        proxy.release.set()
+        assert g.wait_state('alice', ('destination', 'failed'),
+                            timeout=60) == 'destination'
+    finally:
+        g.stop()
+        proxy.stop()
+    gpair.assert_copied('alice')
+
+
+def watch_frames(g, n, want):
+    """`status --watch` on a terminal: reads until n whole frames were
+    drawn (each starts by clearing the screen); all must hold want and
+    the bar."""
+    master, slave = pty.openpty()
+    w = subprocess.Popen([g.ctl_binary, 'status', '-s', g.socket_path,
+                          '--watch'], stdin=subprocess.DEVNULL, stdout=slave,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    os.close(slave)
+    seen = b''
+    try:
+        while seen.count(b'\033[H\033[2J') <= n:
+            chunk = os.read(master, 65536)
+            assert chunk, seen
+            seen += chunk
+    finally:
+        os.kill(w.pid, signal.SIGTERM)
+        w.wait(timeout=10)
+        os.close(master)
+    for f in seen.split(b'\033[H\033[2J')[1:n + 1]:
+        assert want in f and b'users on the destination\r\n' in f, f
+    return True

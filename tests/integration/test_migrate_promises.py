@@ -224,3 +224,63 @@ def test_rollback_usage_errors(ctl, workdir, args, why):
                        text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and why in r.stderr, (argv + args, r)
     assert not os.path.exists(os.path.join(workdir, 's.db'))
+
+
+def test_colliding_names_stop_the_copy(make_pair, ctl, workdir):
+    """Two source folders that would land on one destination name (here
+    the source's \\Sent folder "Sent" and a plain folder "Sent Items", the
+    destination's \\Sent) stop the copy with an error naming both; nothing
+    is merged."""
+    pair = make_pair(users=('smallie',))
+    s = pair.src.imap('smallie')
+    try:
+        mc.create_folder(s, 'Sent Items')
+        mc.append_many(s, 'Sent Items', [mc.make_message(77000, 900)])
+    finally:
+        s.logout()
+    m = Migrator(ctl, pair, os.path.join(workdir, 'store.db'))
+    res = m.run('smallie')
+    assert res.rc == 1, res.describe()
+    assert re.search(r'folders "(Sent|Sent Items)" and "(Sent|Sent Items)" '
+                     r'would both', res.stderr), res.describe()
+    assert not any(pair.dst_snapshot('smallie').values()), \
+        'mail was copied although two folders collide'
+
+
+def test_password_prompt(pair, migrator):
+    """Without a password file or the environment, the passwords are
+    asked for on the terminal (/dev/tty), not echoed, and the copy runs."""
+    argv = migrator.argv('alice', [])
+    env = migrator.env('alice', False, False)
+    pid, fd = pty.fork()
+    if pid == 0:                            # the child: the pty is its tty
+        try:
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    seen = b''
+    try:
+        for what, pw in (('source', SRC_USERS['alice']),
+                         ('destination', DST_USERS['alice'])):
+            prompt = ('%s password for alice: ' % what).encode()
+            while prompt not in seen:
+                chunk = os.read(fd, 4096)
+                assert chunk, seen
+                seen += chunk
+            seen = seen.split(prompt, 1)[1]
+            os.write(fd, pw.encode() + b'\n')
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:                 # EIO: the child's side closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, seen[-2000:]
+    for pw in (SRC_USERS['alice'], DST_USERS['alice']):
+        assert pw.encode() not in seen, 'the password was echoed'
+    pair.assert_copied('alice')

@@ -215,3 +215,21 @@ def test_domain_policy_ignores_case(workdir, ca, request):
             if _failed(request):
                 print(g.log_tail(30))
         stop_all(src, dst)
+
+
+def test_backend_insecure(gpair, make_gw, wrong_ca):
+    """[source] insecure = yes: the server's certificate is not verified
+    (labs only); without it a certificate the ca_file did not sign fails
+    the login as the server being down."""
+    for insecure, want in (('no', 'NO'), ('yes', 'OK')):
+        g = make_gw(tls=False, policy='off', src_schemes=('imaps', None),
+                    extra_conf='[source]\nca_file = %s\ninsecure = %s\n'
+                    % (wrong_ca.ca_file, insecure))
+        m = gw_imap(g)
+        typ, data = m._simple_command('LOGIN', 'alice',
+                                      '"%s"' % GW_USERS['alice'])
+        assert typ == want, (insecure, typ, data, g.log_tail(5))
+        if typ == 'NO':
+            assert b'[UNAVAILABLE]' in data[-1], data
+        m.shutdown()
+        g.stop()

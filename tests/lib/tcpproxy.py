@@ -13,7 +13,9 @@ cut_after=None: never cut.
 keep_up=True keeps what the clients sent, all connections together, in
 p.up (to check which commands went out). p.max_open is the most client
 connections that were open at once (one whose client has closed counts as
-gone even before its pump noticed).
+gone even before its pump noticed). hold_up_after=N holds what clients
+send once N bytes went up (p.holding is set), until p.release is set: a
+transfer stalled on purpose, mid-way.
 """
 
 import socket
@@ -23,7 +25,7 @@ import threading
 
 class CuttingProxy:
     def __init__(self, target_port, cut_after=None, target_host='127.0.0.1',
-                 refuse_after_cut=True, keep_up=False):
+                 refuse_after_cut=True, keep_up=False, hold_up_after=None):
         self.target = (target_host, target_port)
         self.cut_after = cut_after
         self.refuse_after_cut = refuse_after_cut
@@ -33,6 +35,9 @@ class CuttingProxy:
         self.max_open = 0
         self.keep_up = keep_up
         self.up = bytearray()
+        self.hold_up_after = hold_up_after
+        self.holding = threading.Event()
+        self.release = threading.Event()
         self._clients = set()        # client sockets still open
         self.cut = threading.Event()
         self._lock = threading.Lock()
@@ -99,6 +104,10 @@ class CuttingProxy:
                         return
                     if len(data) > room:
                         data = data[:room]
+                if not down and self.hold_up_after is not None and \
+                        self.bytes_up + len(data) > self.hold_up_after:
+                    self.holding.set()
+                    self.release.wait()
                 dst.sendall(data)
                 with self._lock:
                     if down:
@@ -133,6 +142,7 @@ class CuttingProxy:
 
     def stop(self):
         self._stop.set()
+        self.release.set()
         try:
             self._lsock.close()
         except OSError:

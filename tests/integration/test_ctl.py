@@ -24,8 +24,8 @@ import mailcheck as mc
 import tcpproxy
 from conftest import wait_for
 from test_gateway_ops import admin_conf
-from test_gateway import (GW_USERS, gw_imap, raw_connect, read_until_close,
-                          sessions, user_list)
+from test_gateway import (GW_USERS, direct, gw_imap, raw_connect,
+                          read_until_close, sessions, user_list)
 from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
 
 STATES = ('source', 'copying', 'cutover', 'destination', 'failed')
@@ -341,12 +341,8 @@ def test_status_rate_eta_and_watch(gpair, make_gw, workdir):
     `status --watch` redraws it every second on a terminal. (The copy is
     held mid-way: a proxy in front of the destination stops passing the
     APPENDs on after 300 KB.)"""
-    m = gpair.src.imap('alice')
-    try:
-        mc.append_many(m, 'INBOX', [(mc.make_message(600000 + i, 900), (),
-                                     None) for i in range(1500)])
-    finally:
-        m.logout()
+    direct(gpair.src, 'alice', mc.append_many, 'INBOX',
+           [mc.make_message(600000 + i, 900) for i in range(1500)])
     proxy = tcpproxy.CuttingProxy(gpair.dst.imap_port,
                                   hold_up_after=300 * 1024).start()
     g = gwlib.Mailshiftd(os.path.join(workdir, 'gwrate'), gpair.src,

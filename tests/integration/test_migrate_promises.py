@@ -17,7 +17,8 @@ import pytest
 
 import mailcheck as mc
 import tcpproxy
-from conftest import DST_USERS, MASTER, SRC_USERS, Migrator
+from conftest import DST_USERS, MASTER, SRC_USERS, Migrator, server_snapshot
+from test_gateway import direct
 from test_mover import ok_summary
 
 USERS = ('u1', 'u2', 'u3')
@@ -232,12 +233,9 @@ def test_colliding_names_stop_the_copy(make_pair, ctl, workdir):
     destination's \\Sent) stop the copy with an error naming both; nothing
     is merged."""
     pair = make_pair(users=('smallie',))
-    s = pair.src.imap('smallie')
-    try:
-        mc.create_folder(s, 'Sent Items')
-        mc.append_many(s, 'Sent Items', [mc.make_message(77000, 900)])
-    finally:
-        s.logout()
+    direct(pair.src, 'smallie', mc.create_folder, 'Sent Items')
+    direct(pair.src, 'smallie', mc.append_many, 'Sent Items',
+           [mc.make_message(77000, 900)])
     m = Migrator(ctl, pair, os.path.join(workdir, 'store.db'))
     res = m.run('smallie')
     assert res.rc == 1, res.describe()
@@ -284,3 +282,30 @@ def test_password_prompt(pair, migrator):
     for pw in (SRC_USERS['alice'], DST_USERS['alice']):
         assert pw.encode() not in seen, 'the password was echoed'
     pair.assert_copied('alice')
+
+
+def test_batch(make_pair, ctl, workdir):
+    """Messages go in windows of --batch (default 100): one MULTIAPPEND
+    per window of each folder, seen on the wire."""
+    pair = make_pair(users=('smallie',))
+    direct(pair.src, 'smallie', mc.append_many, 'INBOX',
+           [mc.make_message(78000 + i, 600) for i in range(250)])
+    sizes = [len(v) for v in server_snapshot(pair.src, 'smallie').values()
+             if v]
+    m = Migrator(ctl, pair, os.path.join(workdir, 'store.db'))
+    for batch, args, user in ((100, [], 'smallie'),
+                              (30, ['--batch', '30'], 'b30-smallie')):
+        if user != 'smallie':
+            pair.dst.add_user(user, DST_USERS['smallie'])
+        dst = tcpproxy.CuttingProxy(pair.dst.imap_port, keep_up=True).start()
+        try:
+            res = m.run('smallie', '--dest-user', user, *args,
+                        dest=dst.url(), store=os.path.join(workdir, user),
+                        expect_rc=0)
+        finally:
+            dst.stop()
+        ok_summary(res, 'smallie')
+        appends = re.findall(rb'(?m)^\S+ APPEND ', bytes(dst.up))
+        assert len(appends) == sum(-(-n // batch) for n in sizes), \
+            (batch, len(appends), sizes)
+        pair.assert_copied('smallie', dst_user=user)

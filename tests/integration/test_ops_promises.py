@@ -15,8 +15,9 @@ import time
 import dovecot as dc
 import gateway as gwlib
 import mailcheck as mc
-from conftest import _failed, dst_server, src_server, stop_all, wait_for
-from test_gateway import (GW_USERS, gw_imap, restart_same_ports, sessions)
+from conftest import (MASTER, _failed, dst_server, src_server, stop_all,
+                      wait_for)
+from test_gateway import GW_USERS, direct, gw_imap, sessions
 from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
 from test_gateway_ops import admin_conf, http_get
 
@@ -122,13 +123,9 @@ def test_sweep_window(gpair, make_gw, workdir):
 def test_sweep_concurrency_default_one(gpair, make_gw, workdir):
     """Without concurrency, the sweep copies one user at a time."""
     for i, u in enumerate(('alice', 'bob')):
-        m = gpair.src.imap(u)
-        try:
-            mc.append_many(m, 'INBOX', [
-                (mc.make_message(700000 + 10000 * i + k, 900), (), None)
-                for k in range(1200)])
-        finally:
-            m.logout()
+        direct(gpair.src, u, mc.append_many, 'INBOX', [
+            mc.make_message(700000 + 10000 * i + k, 900)
+            for k in range(1200)])
     g = make_gw(tls=False, policy='passthrough', connections=1,
                 extra_conf=sweep_conf(workdir))
     for u in ('alice', 'bob'):
@@ -157,17 +154,25 @@ def test_sweep_needs_admin_logins(gpair, make_gw):
     assert g.state('alice') == 'source'
 
 
-def test_failed_copy_is_retried(gpair, make_gw, workdir, monkeypatch):
-    """A copy that fails leaves the user failed, on the source, with the
-    error in `user show`; once the cause is fixed the user moves."""
-    g = make_gw(tls=False, policy='passthrough',
-                extra_conf=admin_conf(workdir, sweep=False))
-    gpair.dst.stop()
+def test_failed_copy_is_retried(gpair, make_gw, workdir):
+    """A copy that fails (here: a wrong destination admin password) leaves
+    the user failed, on the source, with the error in `user show`; once
+    the cause is fixed (and mailshiftd restarted, to read the file again)
+    `migrate --daemon` moves the user."""
+    bad = os.path.join(workdir, 'dst-admin.pw')
+    with open(bad, 'w') as f:
+        f.write('not-the-master-pw\n')
+    os.chmod(bad, 0o600)
+    # (A key given again: the last one wins.)
+    g = make_gw(tls=False, policy='passthrough', extra_conf=admin_conf(
+        workdir, sweep=False) + '\n[destination]\nadmin_password_file = %s'
+        % bad)
     assert g.ctl('migrate', '--daemon', 'alice').rc == 0
     assert g.wait_state('alice', ('failed', 'destination'),
                         timeout=60) == 'failed'
     u = g.user('alice')
-    assert u['error'] and 'destination' in u['error'], u
+    assert 'destination' in (u['error'] or '') and 'login failed' in \
+        u['error'], u
     r = g.ctl('user', 'show', 'alice')
     assert 'error:    %s' % u['error'] in r.stdout, r.describe()
     m = gw_imap(g)
@@ -175,9 +180,13 @@ def test_failed_copy_is_retried(gpair, make_gw, workdir, monkeypatch):
     assert [s['server'] for s in sessions(g) if s['user'] == 'alice'] == \
         ['source']
     m.logout()
-    restart_same_ports(gpair.dst, monkeypatch)
-    assert wait_for(lambda: g.ctl('migrate', '--daemon', 'alice').rc == 0,
-                    30, 0.5)
+
+    with open(bad, 'w') as f:
+        f.write(MASTER[1] + '\n')
+    g.stop()
+    g.start()
+    assert g.state('alice') == 'failed'
+    assert g.ctl('migrate', '--daemon', 'alice').rc == 0
     assert g.wait_state('alice', ('destination', 'failed'),
                         timeout=60) == 'destination', g.user('alice')
     assert g.user('alice')['error'] is None, g.user('alice')
@@ -195,10 +204,8 @@ def test_domain_policy_ignores_case(workdir, ca, request):
     try:
         src.start()
         dst.start()
-        m = src.imap('dora@example.org')
-        mc.append_many(m, 'INBOX', [mc.make_message(1 + i, 700)
-                                    for i in range(5)])
-        m.logout()
+        direct(src, 'dora@example.org', mc.append_many, 'INBOX',
+               [mc.make_message(1 + i, 700) for i in range(5)])
         g = gwlib.Mailshiftd(os.path.join(workdir, 'domgw'), src, dst,
                              policy='passthrough',
                              domains={'Example.ORG': 'hold'})

@@ -13,6 +13,7 @@ import os
 import time
 
 import dovecot as dc
+import fakeserver
 import gateway as gwlib
 import mailcheck as mc
 from conftest import (MASTER, _failed, dst_server, src_server, stop_all,
@@ -240,3 +241,33 @@ def test_backend_insecure(gpair, make_gw, wrong_ca):
             assert b'[UNAVAILABLE]' in data[-1], data
         m.shutdown()
         g.stop()
+
+
+def test_submission_session_outlives_the_flip(gpair, make_gw):
+    """Submission sessions are not among the sessions a flip waits for,
+    and a cutover does not end them: the user flips (through a cutover)
+    while a submission session to the source's service stays open and
+    relayed."""
+    import smtplib
+    sub = fakeserver.MailServer('smtp', login='accept')
+    try:
+        g = make_gw(tls=False, policy='passthrough', submission=True,
+                    smtp_backends={'source': {'submission': sub.url()}})
+        m = gw_imap(g)
+        assert m.login('alice', GW_USERS['alice'])[0] == 'OK'
+        s = smtplib.SMTP('127.0.0.1', g.submission_port, timeout=30)
+        s.ehlo('laptop')
+        s.user, s.password = 'alice', GW_USERS['alice']
+        assert s.auth('PLAIN', s.auth_plain)[0] == 235
+        assert sub.logins == [(False, b'alice')], sub.logins
+        m.logout()
+        assert g.wait_state('alice', ('destination', 'failed'),
+                            timeout=60) == 'destination', g.log_tail(10)
+        assert 'alice: state cutover' in g.log_text()
+        assert s.noop()[0] == 250
+        assert [(x['proto'], x['server'], x['state']) for x in sessions(g)
+                if x['user'] == 'alice'] == [('submission', 'source',
+                                              'relay')]
+        s.quit()
+    finally:
+        sub.close()

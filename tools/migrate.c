@@ -228,21 +228,27 @@ static char *prompt_password(const char *what, const char *user)
 	char buf[1024];
 	char *ret = NULL;
 	FILE *tty = fopen("/dev/tty", "r+");
+	int have_old;
 
 	if (tty == NULL)
 		return NULL;
-	fprintf(tty, "%s password for %s: ", what, user);
-	fflush(tty);
-	if (tcgetattr(fileno(tty), &old) == 0) {
+	/* Echo off (and what was typed before flushed) before the prompt:
+	 * turned off after it, the flush would drop an answer typed at
+	 * once. */
+	have_old = tcgetattr(fileno(tty), &old) == 0;
+	if (have_old) {
 		noecho = old;
 		noecho.c_lflag &= ~(tcflag_t)ECHO;
 		tcsetattr(fileno(tty), TCSAFLUSH, &noecho);
 	}
+	fprintf(tty, "%s password for %s: ", what, user);
+	fflush(tty);
 	if (fgets(buf, sizeof(buf), tty) != NULL) {
 		buf[strcspn(buf, "\r\n")] = '\0';
 		ret = strdup(buf);
 	}
-	tcsetattr(fileno(tty), TCSAFLUSH, &old);
+	if (have_old)
+		tcsetattr(fileno(tty), TCSANOW, &old);
 	fputc('\n', tty);
 	fclose(tty);
 	OPENSSL_cleanse(buf, sizeof(buf));

@@ -11,7 +11,10 @@ server (tests/lib/tcpproxy.py) counts the connections open at once."""
 import os
 import pty
 import re
+import select
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -257,24 +260,33 @@ def test_password_prompt(pair, migrator):
         finally:
             os._exit(127)
     seen = b''
+    deadline = time.monotonic() + 120
+
+    def read_more():
+        """What the child wrote next; b'' at its end (EIO)."""
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail('mailshiftctl hung at its password prompt; it '
+                        'wrote: %r' % seen[-500:], pytrace=False)
+        try:
+            return os.read(fd, 65536)
+        except OSError:                     # EIO: the child's side closed
+            return b''
     try:
         for what, pw in (('source', SRC_USERS['alice']),
                          ('destination', DST_USERS['alice'])):
             prompt = ('%s password for alice: ' % what).encode()
             while prompt not in seen:
-                chunk = os.read(fd, 4096)
+                chunk = read_more()
                 assert chunk, seen
                 seen += chunk
             seen = seen.split(prompt, 1)[1]
             os.write(fd, pw.encode() + b'\n')
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:                 # EIO: the child's side closed
-                break
-            if not chunk:
-                break
+        chunk = read_more()
+        while chunk:
             seen += chunk
+            chunk = read_more()
     finally:
         _, status = os.waitpid(pid, 0)
         os.close(fd)

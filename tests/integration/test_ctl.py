@@ -12,6 +12,7 @@ import imaplib
 import os
 import pty
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -381,8 +382,12 @@ def watch_frames(g, n, want):
                          stderr=subprocess.PIPE, start_new_session=True)
     os.close(slave)
     seen = b''
+    deadline = time.monotonic() + 60
     try:
         while seen.count(b'\033[H\033[2J') <= n:
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([master], [], [], left)[0], \
+                'status --watch drew %r in 60 s' % seen[-2000:]
             chunk = os.read(master, 65536)
             assert chunk, seen
             seen += chunk

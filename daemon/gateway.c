@@ -179,6 +179,7 @@ struct ms_gateway {
 	uv_timer_t *sweep_timer;
 	uint64_t sweep_next_ms;		/* rate: no new sweep start before */
 	uint64_t sweeps;		/* passes that looked for users */
+	int sweep_outside;		/* its last look was outside the window */
 	uint64_t logins_ok, logins_failed;
 	uv_tcp_t *metrics;
 	unsigned int mclients;
@@ -634,6 +635,11 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 {
 	timer_stop(s);
 	s->st = SS_RELAY;
+	/* -v: each login's route (mailshiftd(8)). */
+	ms_info("session %llu: %s: %s login of %s, relayed to the %s",
+		(unsigned long long)s->id, s->peer, s->proto == MS_GW_IMAP ?
+		"IMAP" : "POP3", s->gu != NULL ? s->gu->name : "?",
+		s->to_dst ? "destination" : "source");
 	pause_clear(s->c, &s->c_paused, PAUSE_WRITE | PAUSE_INPUT);
 	wipe_login(s);
 	bin_free(s);
@@ -1133,6 +1139,9 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 		held_release(gw, gu);
 		return;
 	}
+	ms_info("%s: copy verified: %llu messages, %llu bytes copied",
+		gu->name, (unsigned long long)rep->copied,
+		(unsigned long long)rep->bytes);
 	if (!gu->cutover && gu->sessions == 0 && gu->touched) {
 		/* The user worked on the source while this copy ran and has
 		 * logged off since: a last delta, with nobody on the
@@ -1189,6 +1198,8 @@ static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
 		set_state(gw, gu->name, "failed", "cannot start the copy");
 		return;
 	}
+	ms_info("%s: copy started%s", gu->name, gu->cutover ?
+		" (the last delta)" : "");
 	if (gu->cutover)
 		set_state(gw, gu->name, "cutover", NULL);
 }
@@ -2755,8 +2766,16 @@ static void on_sweep(uv_timer_t *t)
 	unsigned int conc = gw->cfg.sweep_concurrency ?
 		gw->cfg.sweep_concurrency : 1;
 	struct sweep_ctx sc = { .gw = gw };
+	int outside = !in_window(gw);
 
-	if (!in_window(gw) || gw->copies >= conc)
+	/* Said once each way: an operator wondering why nobody moves. */
+	if (outside != gw->sweep_outside)
+		ms_info("sweep: %s its window %02d:%02d-%02d:%02d",
+			outside ? "outside" : "inside", gw->cfg.sweep_from / 60,
+			gw->cfg.sweep_from % 60, gw->cfg.sweep_to / 60,
+			gw->cfg.sweep_to % 60);
+	gw->sweep_outside = outside;
+	if (outside || gw->copies >= conc)
 		return;
 	sc.want = conc - gw->copies;
 	gw->sweeps++;

@@ -203,6 +203,21 @@ static int write_pid_file(const char *path, char *err, size_t errsz)
 	return 0;
 }
 
+/* The TLS certificate and key as the listeners will load them: a bad pair
+ * (a key of another user's, readable by others) is a configuration error,
+ * exit 2, at start as with -t. */
+static int check_tls(const struct ms_dconfig *c, char *err, size_t errsz)
+{
+	struct ms_tls_server *tls = NULL;
+
+	if (c->gw.cert[0] == '\0' && c->gw.key[0] == '\0')
+		return 0;
+	if (ms_tls_server_new(c->gw.cert, c->gw.key, &tls, err, errsz) < 0)
+		return -1;
+	ms_tls_server_free(&tls);
+	return 0;
+}
+
 /* -t: what a start would refuse at once (the file, the user, the admin
  * password files), without opening a listener or the store, and without
  * giving up any privilege: a check an operator or a package's
@@ -211,7 +226,6 @@ static int check_config(const char *conf)
 {
 	static struct ms_dconfig c;
 	struct ms_priv p = { 0 };
-	struct ms_tls_server *tls = NULL;
 	uid_t owner = 0;
 	char err[1200];
 	int ret = 0;
@@ -225,12 +239,8 @@ static int check_config(const char *conf)
 		owner = p.uid;
 	if (ret == 0 && read_admin_passwords(&c, owner, err, sizeof(err)) < 0)
 		ret = 2;
-	if (ret == 0 && (c.gw.cert[0] != '\0' || c.gw.key[0] != '\0')) {
-		if (ms_tls_server_new(c.gw.cert, c.gw.key, &tls, err,
-				      sizeof(err)) < 0)
-			ret = 2;
-		ms_tls_server_free(&tls);
-	}
+	if (ret == 0 && check_tls(&c, err, sizeof(err)) < 0)
+		ret = 2;
 	ms_secret_free((char **)&c.gw.src_admin_pw);
 	ms_secret_free((char **)&c.gw.dst_admin_pw);
 	if (ret != 0) {
@@ -308,8 +318,11 @@ int main(int argc, char *argv[])
 	}
 	if (ms_dconfig_load(conf, &c, err, sizeof(err)) < 0 ||
 	    setup_user(&c, &priv, &acc, &drop, err, sizeof(err)) < 0 ||
-	    read_admin_passwords(&c, acc.owner, err, sizeof(err)) < 0) {
+	    read_admin_passwords(&c, acc.owner, err, sizeof(err)) < 0 ||
+	    check_tls(&c, err, sizeof(err)) < 0) {
 		fprintf(stderr, "mailshiftd: %s\n", err);
+		ms_secret_free((char **)&c.gw.src_admin_pw);
+		ms_secret_free((char **)&c.gw.dst_admin_pw);
 		return 2;
 	}
 	if (drop && store_create(c.store, &priv, err, sizeof(err)) < 0) {

@@ -516,7 +516,7 @@ static int user_import(const struct copts *o, const char *file)
 		return 1;
 	}
 	while (fgets(line, sizeof(line), f) != NULL) {
-		char *fields[3] = { NULL, NULL, NULL }, *p = line, *save;
+		char *fields[3] = { NULL, NULL, NULL }, *p = line;
 		json_t *req, *rep;
 		int i = 0;
 
@@ -524,9 +524,9 @@ static int user_import(const struct copts *o, const char *file)
 		line[strcspn(line, "\r\n")] = '\0';
 		if (line[0] == '\0' || line[0] == '#')
 			continue;
-		for (char *t = strtok_r(p, ",", &save); t != NULL && i < 3;
-		     t = strtok_r(NULL, ",", &save))
-			fields[i++] = t;
+		/* strsep, not strtok: "erin,,off" has an empty state. */
+		while (p != NULL && i < 3)
+			fields[i++] = strsep(&p, ",");
 		if (lineno == 1 && !strcmp(fields[0], "user"))
 			continue;	/* a header line */
 		req = json_pack("{s:s, s:s}", "cmd", "user.add", "user", fields[0]);

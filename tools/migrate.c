@@ -202,13 +202,16 @@ static int on_config(void *ctx, const char *section, const char *key,
 			return 0;
 		}
 	} else if (!strcmp(section, "mover")) {
-		if (!strcmp(key, "connections")) {
-			o->connections = (unsigned int)strtoul(value, NULL, 10);
-			return 0;
-		}
-		if (!strcmp(key, "batch")) {
-			o->batch = (unsigned int)strtoul(value, NULL, 10);
-			return 0;
+		/* The command line's ranges (--connections, --batch). */
+		if (!strcmp(key, "connections") || !strcmp(key, "batch")) {
+			unsigned int max = key[0] == 'c' ? 64 : 10000;
+
+			if (ms_parse_uint(value, 1, max, key[0] == 'c' ?
+					  &o->connections : &o->batch) == 0)
+				return 0;
+			snprintf(err, errsz, "%s: \"%.40s\" is not a whole "
+				 "number from 1 to %u", key, value, max);
+			return -1;
 		}
 		if (!strcmp(key, "include") && o->ninclude < MAX_PATTERNS) {
 			o->include[o->ninclude++] = strdup(value);
@@ -242,21 +245,27 @@ static char *prompt_password(const char *what, const char *user)
 	char buf[1024];
 	char *ret = NULL;
 	FILE *tty = fopen("/dev/tty", "r+");
+	int have_old;
 
 	if (tty == NULL)
 		return NULL;
-	fprintf(tty, "%s password for %s: ", what, user);
-	fflush(tty);
-	if (tcgetattr(fileno(tty), &old) == 0) {
+	/* Echo off (and what was typed before flushed) before the prompt:
+	 * turned off after it, the flush would drop an answer typed at
+	 * once. */
+	have_old = tcgetattr(fileno(tty), &old) == 0;
+	if (have_old) {
 		noecho = old;
 		noecho.c_lflag &= ~(tcflag_t)ECHO;
 		tcsetattr(fileno(tty), TCSAFLUSH, &noecho);
 	}
+	fprintf(tty, "%s password for %s: ", what, user);
+	fflush(tty);
 	if (fgets(buf, sizeof(buf), tty) != NULL) {
 		buf[strcspn(buf, "\r\n")] = '\0';
 		ret = strdup(buf);
 	}
-	tcsetattr(fileno(tty), TCSAFLUSH, &old);
+	if (have_old)
+		tcsetattr(fileno(tty), TCSANOW, &old);
 	fputc('\n', tty);
 	fclose(tty);
 	OPENSSL_cleanse(buf, sizeof(buf));
@@ -573,16 +582,11 @@ static const struct option longopts[] = {
 static int parse_count(const char *s, const char *what, unsigned int max,
 		       unsigned int *out)
 {
-	char *e;
-	unsigned long v = strtoul(s, &e, 10);
-
-	if (*s == '\0' || *e != '\0' || v == 0 || v > max) {
-		fprintf(stderr, "%s: %s: expected a number from 1 to %u\n", prog,
-			what, max);
-		return -1;
-	}
-	*out = (unsigned int)v;
-	return 0;
+	if (ms_parse_uint(s, 1, max, out) == 0)
+		return 0;
+	fprintf(stderr, "%s: %s: expected a number from 1 to %u\n", prog, what,
+		max);
+	return -1;
 }
 
 int migrate_main(int argc, char *argv[])

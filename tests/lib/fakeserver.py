@@ -118,7 +118,8 @@ class MailServer(LoopbackServer):
     capability words of our own (IMAP atoms, POP3 CAPA lines, EHLO
     keywords). extra: bytes put into the greeting, the XCLIENT refusal and
     the login refusal texts. login: 'refuse' (NO, -ERR, 535) or 'close'
-    (hang up on the login command). xclient: POP3: offer [XCLIENT] in the
+    (hang up on the login command); for SMTP also 'accept' (235, then
+    every command gets 250: a relayed submission session). xclient: POP3: offer [XCLIENT] in the
     greeting and refuse it.
 
     Every command line is kept in srv.lines as (tls, line); every login
@@ -129,7 +130,7 @@ class MailServer(LoopbackServer):
     def __init__(self, proto, tls=None, inject=b'', caps=(b'', b''),
                  extra=b'', login='refuse', xclient=False):
         assert proto in ('imap', 'pop3', 'smtp'), proto
-        assert login in ('refuse', 'close'), login
+        assert login in ('refuse', 'close', 'accept'), login
         self.proto = proto
         self.tls = tls
         self.inject = inject
@@ -291,8 +292,12 @@ class MailServer(LoopbackServer):
             elif cmd == b'AUTH':
                 user = self._plain(io, st, arg.partition(b' ')[2],
                                    b'334 \r\n')
-                if self._login(st, user,
-                               b'535 5.7.8 Authentication failed'):
+                if self.login == 'accept':
+                    self.logins.append((st['tls'], user))
+                    self._send(st, b'235 2.7.0 Authentication successful'
+                               b'\r\n')
+                elif self._login(st, user,
+                                 b'535 5.7.8 Authentication failed'):
                     return
             elif cmd == b'QUIT':
                 self._send(st, b'221 2.0.0 Bye\r\n')

@@ -22,6 +22,12 @@ hold_from=b' APPEND ': from the first chunk a client sends that holds these
 bytes on, what that client sends is held back (p.holding is set) until
 p.release(); a client that goes away meanwhile has it delivered then, late,
 as a server still carrying out a dead client's last commands would.
+keep_up=True keeps what the clients sent, all connections together, in
+p.up (to check which commands went out). p.max_open is the most client
+connections that were open at once (one whose client has closed counts as
+gone even before its pump noticed). hold_up_after=N holds what clients
+send once N bytes went up (p.holding is set), until p.release(): a
+transfer stalled on purpose, mid-way.
 """
 
 import socket
@@ -31,7 +37,8 @@ import threading
 
 class CuttingProxy:
     def __init__(self, target_port, cut_after=None, target_host='127.0.0.1',
-                 refuse_after_cut=True, hold_from=None):
+                 refuse_after_cut=True, hold_from=None, keep_up=False,
+                 hold_up_after=None):
         self.target = (target_host, target_port)
         self.cut_after = cut_after
         self.refuse_after_cut = refuse_after_cut
@@ -41,6 +48,11 @@ class CuttingProxy:
         self.bytes_down = 0          # server -> client
         self.bytes_up = 0            # client -> server
         self.connections = 0
+        self.max_open = 0
+        self.keep_up = keep_up
+        self.up = bytearray()
+        self.hold_up_after = hold_up_after
+        self._clients = set()        # client sockets still open
         self.cut = threading.Event()
         self.flowing = threading.Event()     # clear: stalled
         self.flowing.set()
@@ -85,6 +97,9 @@ class CuttingProxy:
             s.settimeout(None)
             with self._lock:
                 self._socks.update((c, s))
+                self._clients = {x for x in self._clients if _open(x)}
+                self._clients.add(c)
+                self.max_open = max(self.max_open, len(self._clients))
             for a, b, down in ((s, c, True), (c, s, False)):
                 t = threading.Thread(target=self._pump, args=(a, b, down),
                                      daemon=True)
@@ -133,12 +148,18 @@ class CuttingProxy:
                         return
                     if len(data) > room:
                         data = data[:room]
+                if not down and self.hold_up_after is not None and \
+                        self.bytes_up + len(data) > self.hold_up_after:
+                    self.holding.set()
+                    self.released.wait()
                 dst.sendall(data)
                 with self._lock:
                     if down:
                         self.bytes_down += len(data)
                     else:
                         self.bytes_up += len(data)
+                        if self.keep_up:
+                            self.up += data
                     reached = (down and self.cut_after is not None and
                                self.bytes_down >= self.cut_after)
                 if reached:
@@ -154,6 +175,8 @@ class CuttingProxy:
                     dst.sendall(b''.join(held))
                 except OSError:
                     pass
+        with self._lock:
+            self._clients.difference_update((src, dst))
         # Normal end of one direction: close both ends of the pair.
         for x in (src, dst):
             try:
@@ -206,6 +229,16 @@ class Behind:
         if scheme == 'imap':
             return self.proxy.url(scheme)
         return self.server.url(scheme)
+
+
+def _open(sock):
+    """False once the peer closed sock (its EOF is waiting) or it is shut."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b''
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 def _abort(sock):

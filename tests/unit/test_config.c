@@ -242,6 +242,108 @@ static void dconfig_keys(void **state)
 	assert_string_equal(c.control_group, "ops");
 }
 
+/* mailshift.conf(5): comments start with # or ;, yes/no keys take eight
+ * words, a key given twice in [listen] adds a listener and elsewhere the
+ * last one wins. */
+static void ini_promises(void **state)
+{
+	static const char *const yes[] = { "yes", "true", "on", "1" };
+	static const char *const no[] = { "no", "false", "off", "0" };
+	static struct ms_dconfig c;
+	int n = 0;
+	char err[512] = "";
+	const char *path = puts_("c.ini", "# a comment\n; another\n[a]\n"
+				 "# k = v\n; k = v\nk = v\n");
+
+	assert_int_equal(ms_ini_parse(path, count_keys, &n, err, sizeof(err)),
+			 0);
+	assert_int_equal(n, 1);
+	for (size_t i = 0; i < 4; i++) {
+		assert_int_equal(ms_parse_bool(yes[i]), 1);
+		assert_int_equal(ms_parse_bool(no[i]), 0);
+	}
+	assert_int_equal(ms_parse_bool("maybe"), -1);
+	assert_int_equal(ms_parse_bool(""), -1);
+	expect_conf(LISTEN "imap = 127.0.0.1:144\npop3 = 127.0.0.1:110\n"
+		    "[policy]\nhold_max_seconds = 5\nhold_max_seconds = 7\n"
+		    "on_first_login = hold\non_first_login = off\n", NULL, &c);
+	assert_int_equal(c.gw.nlisten, 3);
+	assert_string_equal(c.gw.listen[0].addr, "127.0.0.1:143");
+	assert_string_equal(c.gw.listen[1].addr, "127.0.0.1:144");
+	assert_int_equal(c.gw.hold_max_seconds, 7);
+	assert_int_equal(c.gw.policy, MS_POLICY_OFF);
+}
+
+/* The defaults mailshift.conf(5) gives, as the daemon reads them (0 is
+ * "the gateway's default": see test_gateway_limits for those). */
+static void dconfig_defaults(void **state)
+{
+	static struct ms_dconfig c;
+
+	expect_conf(LISTEN, NULL, &c);
+	assert_string_equal(c.store, "/var/lib/mailshift/mailshift.db");
+	assert_string_equal(c.control, "/run/mailshift/control.sock");
+	assert_int_equal(c.gw.policy, MS_POLICY_PASSTHROUGH);
+	assert_int_equal(c.gw.sweep, 0);
+	assert_int_equal(c.gw.sweep_from, -1);	/* no window: always */
+	assert_int_equal(c.gw.sweep_rate, 0);	/* no limit */
+	assert_int_equal(c.gw.plaintext_auth, 0);
+	assert_int_equal(c.gw.trusted_set, 0);	/* loopback */
+	assert_int_equal(c.gw.transparent, 0);
+	assert_string_equal(c.pid_file, "");
+	assert_string_equal(c.user, "");
+	expect_conf(LISTEN "[listen]\ntrusted_networks =\n", NULL, &c);
+	assert_int_equal(c.gw.trusted_set, 1);	/* an empty value: none */
+	assert_int_equal(c.gw.ntrusted, 0);
+	expect_conf(LISTEN "[listen]\ntrusted_networks = 10.0.0.0/8, ::1 "
+		    "192.0.2.1\n", NULL, &c);
+	assert_int_equal(c.gw.ntrusted, 3);
+}
+
+/* Each key's range, at both ends (mailshift.conf(5)). */
+static void dconfig_ranges(void **state)
+{
+	static const struct {
+		const char *text, *err;
+	} bad[] = {
+		{ "[policy]\nconnections = 65\n", ":4: connections" },
+		{ "[sweep]\nconcurrency = 0\n", ":4: concurrency" },
+		{ "[sweep]\nconcurrency = 1001\n", ":4: concurrency" },
+		{ "[sweep]\nrate = 1000001\n", ":4: rate" },
+		{ "[sweep]\ninterval = 86401\n", ":4: interval" },
+		{ "[daemon]\ncapability_refresh = 86401\n",
+		  ":4: capability_refresh" },
+		{ "[listen]\nmax_connections = 0\n", ":4: max_connections" },
+		{ "[listen]\nmax_connections = 1000001\n",
+		  ":4: max_connections" },
+		{ "[listen]\nmax_connections = 1 000\n", ":4: max_connections" },
+		{ "[listen]\nmax_connections_per_ip = -5\n",
+		  ":4: max_connections_per_ip" },
+		{ "[listen]\nmax_connections_per_ip = 10k\n",
+		  ":4: max_connections_per_ip" },
+		{ "[listen]\nplaintext_auth = sometimes\n", ":4: plaintext_auth" },
+		{ "[listen]\ntrusted_networks = 10.0.0.0/33\n",
+		  ":4: trusted_networks" },
+		{ "[sweep]\nenabled = maybe\n", ":4: enabled: yes or no" },
+		{ "[source]\ninsecure = 2\n", ":4: insecure: yes or no" },
+	};
+	static struct ms_dconfig c;
+	char text[256];
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		snprintf(text, sizeof(text), LISTEN "%s", bad[i].text);
+		expect_conf(text, bad[i].err, NULL);
+	}
+	expect_conf(LISTEN "[sweep]\nrate = 1000000\nconcurrency = 1\n"
+		    "interval = 1\n[daemon]\ncapability_refresh = 86400\n"
+		    "[listen]\nmax_connections = 1000000\n"
+		    "max_connections_per_ip = 1\n", NULL, &c);
+	assert_int_equal(c.gw.sweep_rate, 1000000);
+	assert_int_equal(c.gw.caps_refresh, 86400);
+	assert_int_equal(c.gw.max_conns, 1000000);
+	assert_int_equal(c.gw.max_conns_per_ip, 1);
+}
+
 /* Writes a secret file with mode and owner; returns its path. */
 static const char *secret(const char *text, size_t len, mode_t mode,
 			  uid_t uid)
@@ -311,7 +413,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
 	static const char *const names[] = { "t.ini", "huge.ini", "d.conf",
-					     "secret" };
+					     "secret", "c.ini" };
 	char path[128];
 
 	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
@@ -330,6 +432,9 @@ int main(void)
 		cmocka_unit_test(dconfig_numbers),
 		cmocka_unit_test(dconfig_window),
 		cmocka_unit_test(dconfig_keys),
+		cmocka_unit_test(ini_promises),
+		cmocka_unit_test(dconfig_defaults),
+		cmocka_unit_test(dconfig_ranges),
 		cmocka_unit_test(secret_files),
 	};
 

@@ -108,31 +108,60 @@ static void user_names(void **state)
 	assert_string_equal(ms_user_name_check("a\xff" "b"), "not UTF-8");
 }
 
-/* ms_log() writes one line whatever the message holds. */
-static void log_one_line(void **state)
+/* What one ms_log() call writes to stderr (a pipe), in buf. */
+static size_t captured_log(char *buf, size_t sz, const char *user)
 {
-	char buf[4096];
 	int fds[2], saved;
+	size_t len = 0;
 	ssize_t n;
 
 	assert_int_equal(pipe(fds), 0);
 	fflush(stderr);
 	saved = dup(2);
 	dup2(fds[1], 2);
-	ms_log(MS_LOG_ERROR, "user %s refused",
-	       "evil\r\n2026-01-01T00:00:00Z mailshift error: forged");
+	ms_log(MS_LOG_ERROR, "user %s refused", user);
 	fflush(stderr);
 	dup2(saved, 2);
 	close(saved);
 	close(fds[1]);
-	n = read(fds[0], buf, sizeof(buf) - 1);
+	while (len < sz - 1 && (n = read(fds[0], buf + len, sz - 1 - len)) > 0)
+		len += (size_t)n;
 	close(fds[0]);
+	buf[len] = '\0';
+	return len;
+}
+
+/* ms_log() writes one line whatever the message holds. */
+static void log_one_line(void **state)
+{
+	char buf[4096];
+	size_t n = captured_log(buf, sizeof(buf),
+				"evil\r\n2026-01-01T00:00:00Z mailshift error: "
+				"forged");
+
 	assert_true(n > 0);
-	buf[n] = '\0';
 	assert_non_null(strstr(buf, "user evil\\r\\n2026-01-01T00:00:00Z "
 			       "mailshift error: forged refused\n"));
 	assert_ptr_equal(strchr(buf, '\n'), buf + n - 1);
 	assert_null(strchr(buf, '\r'));
+}
+
+/* A message is at most 8 KiB (security.md): a longer one is cut, and
+ * says so. */
+static void log_bounded(void **state)
+{
+	static char user[20000], buf[40000];
+	size_t n;
+	char *msg;
+
+	memset(user, 'a', sizeof(user) - 1);
+	n = captured_log(buf, sizeof(buf), user);
+	msg = strstr(buf, ": user a");
+	assert_non_null(msg);
+	msg += 2;
+	/* 8191 bytes of the message, then "...", then the line's end. */
+	assert_int_equal(buf + n - msg, 8191 + 3 + 1);
+	assert_memory_equal(buf + n - 4, "...\n", 4);
 }
 
 int main(void)
@@ -144,6 +173,7 @@ int main(void)
 		cmocka_unit_test(escape),
 		cmocka_unit_test(user_names),
 		cmocka_unit_test(log_one_line),
+		cmocka_unit_test(log_bounded),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

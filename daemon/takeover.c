@@ -254,9 +254,15 @@ int ms_takeover_addr(int add, const struct ms_steer_addr *vip, int ifindex,
 		rtnl_addr_set_family(a, vip->family);
 		rtnl_addr_set_local(a, local);
 		rtnl_addr_set_prefixlen(a, len);
-		/* Usable at once: the announcement is the news. */
-		if (vip->family == AF_INET6)
+		/* Usable at once: the announcement is the news. And
+		 * deprecated (preferred lifetime 0): it answers for itself,
+		 * but the host's own connections (masquerade too) keep
+		 * leaving from its own address. */
+		if (vip->family == AF_INET6) {
 			rtnl_addr_set_flags(a, IFA_F_NODAD);
+			rtnl_addr_set_valid_lifetime(a, 0xffffffff);
+			rtnl_addr_set_preferred_lifetime(a, 0);
+		}
 		e = add ? rtnl_addr_add(sk, a, NLM_F_EXCL) :
 			  rtnl_addr_delete(sk, a, 0);
 	}

@@ -355,3 +355,118 @@ def test_takeover_end_to_end_and_giveback(env):
     r = env.ctl('giveback', check=2)
     assert 'nothing is taken over' in r.stderr, r.stderr
     assert env.dump() == env.clean
+
+
+def _conf(env, name, extra):
+    """The gateway's mailshift.conf plus extra, as another file."""
+    path = os.path.join(env.root, name)
+    with open(env.gw.config_path) as f:
+        text = f.read()
+    with open(path, 'w') as f:
+        f.write(text + '\n' + extra)
+    return path
+
+
+def test_ipv6_from_config_announces_and_forwards(env):
+    """[takeover] in the file instead of options; an IPv6 service address:
+    the unsolicited neighbour advertisement moves the client's entry, the
+    web port is forwarded (masquerade from the gateway's own address)."""
+    assert env.dump() == env.clean
+    conf = _conf(env, 'v6.conf', '[takeover]\naddress = %s\ndevice = g0\n'
+                 'source_address = %s\n' % (VIP6, NEW6))
+    r = env.takeover(config=conf, check=0)
+    assert 'takeover: %s on g0, announced' % VIP6 in r.stdout, r.stdout
+    try:
+        addrs = env.gw_ns.ip('-6', 'addr', 'show', 'dev', 'g0').stdout
+        assert 'inet6 %s/128 ' % VIP6 in addrs, addrs
+        assert wait_for(lambda: env.neigh(VIP6) == env.gw_mac, 10, 0.05), \
+            (env.neigh(VIP6), env.gw_mac, env.src_mac)
+        assert web(env, VIP6) == GW6
+        stats = _stats(env)
+        assert stats['%s other source' % VIP6] >= 1, stats
+    finally:
+        r = env.ctl('giveback', config=conf, check=0)
+    assert 'giveback: %s is no longer on g0' % VIP6 in r.stdout, r.stdout
+    assert env.dump() == env.clean
+
+
+def test_dry_run_prints_and_changes_nothing(env):
+    assert env.dump() == env.clean
+    r = env.takeover('--dry-run', '--vip', VIP, '--dev', 'g0',
+                     '--source-addr', NEWADDR, check=0)
+    for want in ('# address %s/32 on g0, then announced (gratuitous ARP)'
+                 % VIP, 'table inet mailshift {',
+                 'table inet mailshift_takeover {',
+                 'tproxy ip to :%d' % IMAP_LISTEN,
+                 'comment "%s other source"' % VIP,
+                 'dnat ip to %s' % NEWADDR, 'masquerade',
+                 'mailshift takeover vip %s dev g0 source %s steer 0'
+                 % (VIP, NEWADDR)):
+        assert want in r.stdout, (want, r.stdout)
+    r = env.takeover('--dry-run', '--no-masquerade', '--vip', VIP, '--dev',
+                     'g0', '--source-addr', NEWADDR, check=0)
+    assert 'masquerade' not in r.stdout, r.stdout
+    assert env.dump() == env.clean
+
+
+def test_bad_input_changes_nothing(env):
+    assert env.dump() == env.clean
+    good = {'--vip': VIP, '--dev': 'g0', '--source-addr': NEWADDR}
+    for change, rc, says in (
+            ({'--vip': GW}, 2, 'already an address of this host'),
+            ({'--dev': 'nosuch0'}, 2, 'device nosuch0 does not exist'),
+            ({'--source-addr': VIP}, 2, 'is the service address'),
+            ({'--source-addr': NEW6}, 2, 'not of one family'),
+            ({'--source-addr': NET + '12'}, 2, 'make them one'),
+            ({'--vip': 'mail.example'}, 2, 'not an IPv4 or IPv6 address'),
+            ({'--dev': None}, 2, 'needs the service address')):
+        opts = dict(good, **change)
+        args = [x for k, v in opts.items() if v is not None for x in (k, v)]
+        r = env.takeover(*args, check=rc)
+        assert says in r.stderr, (change, r.stderr)
+        assert env.dump() == env.clean, change
+    args = [x for kv in good.items() for x in kv]
+    # No CAP_NET_ADMIN: refused before anything is read or changed.
+    for cmd in ('takeover', 'giveback'):
+        r = env.ctl(cmd, *(args if cmd == 'takeover' else ()),
+                    prefix=('setpriv', '--bounding-set', '-net_admin',
+                            '--inh-caps', '-net_admin'), check=1)
+        assert 'CAP_NET_ADMIN' in r.stderr, r.stderr
+    # Forwarding off: the other ports could not reach the old server.
+    sysctl = 'net.ipv4.conf.g0.forwarding'
+    env.gw_ns.run(['sysctl', '-qw', sysctl + '=0'])
+    try:
+        r = env.takeover(*args, check=2)
+        assert 'forwarding is off' in r.stderr, r.stderr
+    finally:
+        env.gw_ns.run(['sysctl', '-qw', sysctl + '=1'])
+    # A device that is down.
+    env.gw_ns.ip('link', 'add', 'tk8', 'type', 'veth', 'peer', 'tk8p')
+    try:
+        r = env.takeover('--vip', VIP, '--dev', 'tk8', '--source-addr',
+                         NEWADDR, check=2)
+        assert 'device tk8 is down' in r.stderr, r.stderr
+    finally:
+        env.gw_ns.ip('link', 'del', 'tk8')
+    assert env.dump() == env.clean
+
+
+def test_failure_half_way_is_taken_back(env):
+    """The tables and routing go in, then the address cannot be added
+    (IPv6 is disabled on the device, a veth whose peer stays down): everything is taken back, the
+    namespace is exactly as before."""
+    assert env.dump() == env.clean
+    env.gw_ns.ip('link', 'add', 'tk9', 'type', 'veth', 'peer', 'tk9p')
+    try:
+        env.gw_ns.run(['sysctl', '-qw',
+                       'net.ipv6.conf.tk9.disable_ipv6=1'])
+        env.gw_ns.ip('link', 'set', 'tk9', 'up')
+        before = env.dump()
+        r = env.takeover('--vip', NET6 + '20', '--dev', 'tk9',
+                         '--source-addr', NEW6, check=1)
+        assert 'cannot add address' in r.stderr and \
+            'everything was taken back' in r.stderr, r.stderr
+        assert env.dump() == before
+    finally:
+        env.gw_ns.ip('link', 'del', 'tk9')
+    assert env.dump() == env.clean

@@ -400,14 +400,6 @@ char *ms_takeover_ruleset(const struct ms_takeover_cfg *t, uint32_t mark,
 		mark | MS_STEER_DESTINATION,
 		t->masquerade ? " masquerade" : "", t->vip.text, t->dev,
 		t->source.text, steer_before);
-	/* A forwarded connection leaves by the device it came in on: the
-	 * kernel would tell the client, by an ICMP redirect, to go to the
-	 * old server directly, where the VIP no longer is. */
-	if (t->vip.family == AF_INET)
-		fprintf(f, "\tchain output {\n\t\ttype filter hook output "
-			"priority filter; policy accept;\n\t\ticmp type "
-			"redirect ct mark { 0x%08x, 0x%08x } drop\n\t}\n",
-			mark | MS_STEER_SOURCE, mark | MS_STEER_DESTINATION);
 	fputs("}\n", f);
 	if (fclose(f) != 0) {
 		free(text);

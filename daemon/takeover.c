@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <net/ethernet.h>
@@ -364,11 +365,23 @@ static int unsolicited_na(const struct ms_steer_addr *vip, int ifindex,
 	return ret;
 }
 
+/* Three times, 100 ms apart: one lost frame must not leave a neighbour
+ * sending to the old server's MAC until its entry expires (RFC 4861 allows
+ * up to three unsolicited advertisements). */
 int ms_takeover_announce(const struct ms_steer_addr *vip, int ifindex,
 			 const unsigned char mac[6], char *err, size_t errsz)
 {
-	return vip->family == AF_INET ? garp(vip, ifindex, mac, err, errsz) :
-	       unsolicited_na(vip, ifindex, mac, err, errsz);
+	struct timespec pause = { 0, 100 * 1000 * 1000 };
+
+	for (int i = 0; i < 3; i++) {
+		if (i > 0)
+			nanosleep(&pause, NULL);
+		if ((vip->family == AF_INET ? garp(vip, ifindex, mac, err,
+						    errsz) :
+		     unsolicited_na(vip, ifindex, mac, err, errsz)) < 0)
+			return -1;
+	}
+	return 0;
 }
 
 /* ------------------------------------------------------------ the table */

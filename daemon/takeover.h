@@ -66,7 +66,7 @@ int ms_takeover_addr(int add, const struct ms_steer_addr *vip, int ifindex,
 
 /* Gratuitous ARP (IPv4) or an unsolicited neighbour advertisement with
  * the override flag (IPv6): the neighbours' entries for the VIP change
- * to mac. */
+ * to mac. Sent three times, 100 ms apart. */
 int ms_takeover_announce(const struct ms_steer_addr *vip, int ifindex,
 			 const unsigned char mac[6], char *err, size_t errsz);
 

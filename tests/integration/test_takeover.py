@@ -347,6 +347,13 @@ def test_takeover_end_to_end_and_giveback(env):
             before['%s other source' % VIP] + 1, after
         show = env.ctl('steer', 'show', '--json', check=0).json
         assert show['installed'] is True, show
+        # What giveback would do, changing nothing.
+        during = env.dump()
+        r = env.ctl('giveback', '--dry-run', check=0)
+        assert '# delete address %s from g0' % VIP in r.stdout and \
+            'delete tables inet mailshift and inet mailshift_takeover' in \
+            r.stdout, r.stdout
+        assert env.dump() == during
     finally:
         r = env.ctl('giveback', '--json', check=0)
     assert r.json == {'ok': True, 'done': 'giveback', 'vip': VIP,

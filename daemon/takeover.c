@@ -266,6 +266,9 @@ int ms_takeover_addr(int add, const struct ms_steer_addr *vip, int ifindex,
 		}
 		e = add ? rtnl_addr_add(sk, a, NLM_F_EXCL) :
 			  rtnl_addr_delete(sk, a, 0);
+		/* Deleting what someone already deleted is no error. */
+		if (!add && e == -NLE_NOADDR)
+			e = 0;
 	}
 	if (e < 0)
 		snprintf(err, errsz, "rtnetlink: cannot %s address %s/%u: %s",

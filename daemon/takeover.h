@@ -60,7 +60,7 @@ char *ms_takeover_ruleset(const struct ms_takeover_cfg *t, uint32_t mark,
 int ms_takeover_read(struct ms_takeover_state *st, char *err, size_t errsz);
 
 /* The VIP as a host address (/32, /128, no DAD) on ifindex, or taken away
- * again. */
+ * again (already gone is no error). */
 int ms_takeover_addr(int add, const struct ms_steer_addr *vip, int ifindex,
 		     char *err, size_t errsz);
 

@@ -502,3 +502,16 @@ def test_giveback_puts_back_an_installed_steering(env):
     finally:
         env.ctl('steer', 'remove', check=0)
     assert env.dump() == env.clean
+
+
+def test_giveback_after_the_address_went(env):
+    """The operator deleted the address by hand: giveback still removes
+    the rest, and the namespace is as before."""
+    assert env.dump() == env.clean
+    env.takeover('--vip', VIP, '--dev', 'g0', '--source-addr', NEWADDR,
+                 check=0)
+    try:
+        env.gw_ns.ip('addr', 'del', VIP + '/32', 'dev', 'g0')
+    finally:
+        env.ctl('giveback', check=0)
+    assert env.dump() == env.clean

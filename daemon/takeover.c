@@ -125,9 +125,10 @@ int ms_takeover_steer(const struct ms_takeover_cfg *t,
 
 /* ---------------------------------------------------------- the host */
 
-static int sysctl_on(const char *path)
+/* A number from /proc/sys (0 when unreadable). */
+static int sysctl_int(const char *path)
 {
-	char buf[8] = "";
+	char buf[16] = "";
 	FILE *f = fopen(path, "re");
 
 	if (f == NULL)
@@ -135,7 +136,30 @@ static int sysctl_on(const char *path)
 	if (fgets(buf, sizeof(buf), f) == NULL)
 		buf[0] = '\0';
 	fclose(f);
-	return atoi(buf) != 0;
+	return atoi(buf);
+}
+
+/* The host address is a /32 of its own: with arp_ignore 2 or more (the
+ * larger of "all" and the device's counts) the kernel would not answer
+ * ARP requests for it from the clients' subnet. */
+static int answers_arp(const struct ms_takeover_cfg *t, char *err,
+		       size_t errsz)
+{
+	char path[128];
+	int all, dev;
+
+	if (t->vip.family != AF_INET)
+		return 0;
+	all = sysctl_int("/proc/sys/net/ipv4/conf/all/arp_ignore");
+	snprintf(path, sizeof(path), "/proc/sys/net/ipv4/conf/%s/arp_ignore",
+		 t->dev);
+	dev = sysctl_int(path);
+	if (all < 2 && dev < 2)
+		return 0;
+	snprintf(err, errsz, "arp_ignore is %d (net.ipv4.conf.all and .%s): "
+		 "the host would not answer ARP for %s/32; set it to 0 or 1",
+		 all > dev ? all : dev, t->dev, t->vip.text);
+	return -1;
 }
 
 static int forwarding(const struct ms_takeover_cfg *t, char *err,
@@ -149,7 +173,7 @@ static int forwarding(const struct ms_takeover_cfg *t, char *err,
 	else
 		snprintf(path, sizeof(path),
 			 "/proc/sys/net/ipv6/conf/all/forwarding");
-	if (sysctl_on(path))
+	if (sysctl_int(path) != 0)
 		return 0;
 	snprintf(err, errsz, "forwarding is off (%s is 0): the service "
 		 "address's other ports are forwarded to the old server; "
@@ -231,7 +255,7 @@ int ms_takeover_host_check(const struct ms_takeover_cfg *t,
 			 name);
 		goto out;
 	}
-	ret = forwarding(t, err, errsz);
+	ret = forwarding(t, err, errsz) < 0 ? -1 : answers_arp(t, err, errsz);
 out:
 	if (addrs != NULL)
 		nl_cache_free(addrs);

@@ -447,6 +447,14 @@ def test_bad_input_changes_nothing(env):
         assert 'forwarding is off' in r.stderr, r.stderr
     finally:
         env.gw_ns.run(['sysctl', '-qw', sysctl + '=1'])
+    # arp_ignore 2: the host would not answer ARP for a /32.
+    sysctl = 'net.ipv4.conf.g0.arp_ignore'
+    env.gw_ns.run(['sysctl', '-qw', sysctl + '=2'])
+    try:
+        r = env.takeover(*args, check=2)
+        assert 'arp_ignore is 2' in r.stderr, r.stderr
+    finally:
+        env.gw_ns.run(['sysctl', '-qw', sysctl + '=0'])
     # A device that is down.
     env.gw_ns.ip('link', 'add', 'tk8', 'type', 'veth', 'peer', 'tk8p')
     try:

@@ -439,22 +439,17 @@ def test_bad_input_changes_nothing(env):
                     prefix=('setpriv', '--bounding-set', '-net_admin',
                             '--inh-caps', '-net_admin'), check=1)
         assert 'CAP_NET_ADMIN' in r.stderr, r.stderr
-    # Forwarding off: the other ports could not reach the old server.
-    sysctl = 'net.ipv4.conf.g0.forwarding'
-    env.gw_ns.run(['sysctl', '-qw', sysctl + '=0'])
-    try:
-        r = env.takeover(*args, check=2)
-        assert 'forwarding is off' in r.stderr, r.stderr
-    finally:
-        env.gw_ns.run(['sysctl', '-qw', sysctl + '=1'])
-    # arp_ignore 2: the host would not answer ARP for a /32.
-    sysctl = 'net.ipv4.conf.g0.arp_ignore'
-    env.gw_ns.run(['sysctl', '-qw', sysctl + '=2'])
-    try:
-        r = env.takeover(*args, check=2)
-        assert 'arp_ignore is 2' in r.stderr, r.stderr
-    finally:
-        env.gw_ns.run(['sysctl', '-qw', sysctl + '=0'])
+    # Forwarding off (the other ports could not reach the old server);
+    # arp_ignore 2 (the host would not answer ARP for a /32).
+    for sysctl, bad, good, says in (
+            ('net.ipv4.conf.g0.forwarding', 0, 1, 'forwarding is off'),
+            ('net.ipv4.conf.g0.arp_ignore', 2, 0, 'arp_ignore is 2')):
+        env.gw_ns.run(['sysctl', '-qw', '%s=%d' % (sysctl, bad)])
+        try:
+            r = env.takeover(*args, check=2)
+            assert says in r.stderr, r.stderr
+        finally:
+            env.gw_ns.run(['sysctl', '-qw', '%s=%d' % (sysctl, good)])
     # A device that is down.
     env.gw_ns.ip('link', 'add', 'tk8', 'type', 'veth', 'peer', 'tk8p')
     try:

@@ -184,8 +184,11 @@ undo_addr:
 undo_tables:
 	snprintf(undo_err, sizeof(undo_err), "%s", o->err);
 	if (restore_steer(o, steer_before) < 0) {
-		snprintf(o->err + strlen(o->err), sizeof(o->err) -
-			 strlen(o->err), "; taking the tables back failed too");
+		char why[600];
+
+		snprintf(why, sizeof(why), "%s", o->err);
+		snprintf(o->err, sizeof(o->err), "%s; taking the tables back "
+			 "failed too: %s", undo_err, why);
 		return -1;
 	}
 	snprintf(o->err, sizeof(o->err), "%s; everything was taken back",

@@ -490,7 +490,9 @@ int ms_takeover_read(struct ms_takeover_state *st, char *err, size_t errsz)
 		json_t *t = json_object_get(item, "table");
 
 		table |= t != NULL && !strcmp(json_string_value(
-			json_object_get(t, "name")) ?: "", MS_TAKEOVER_TABLE);
+			json_object_get(t, "name")) ?: "", MS_TAKEOVER_TABLE) &&
+			 !strcmp(json_string_value(json_object_get(t,
+				"family")) ?: "", "inet");
 	}
 	json_decref(all);
 	all = NULL;

@@ -9,6 +9,7 @@
 
 #include "gateway.h"
 #include "steer.h"
+#include "takeover.h"
 
 struct ms_dconfig {
 	struct ms_gw_config gw;
@@ -23,6 +24,7 @@ struct ms_dconfig {
 	char src_sn[256], dst_sn[256];	/* server_name: the certificate's */
 	int src_insecure, dst_insecure;
 	struct ms_steer_cfg steer;	/* [steer] */
+	struct ms_takeover_cfg takeover;	/* [takeover] */
 };
 
 /* Fills c with the defaults, parses path and checks what goes together.

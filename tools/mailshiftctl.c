@@ -24,6 +24,8 @@ static const struct {
 	{ "policy", policy_main, "Shows the policies, or changes them" },
 	{ "rollback", rollback_main, "Sends users on the destination back to the source" },
 	{ "steer", steer_main, "Installs, changes, shows and removes the kernel's steering" },
+	{ "takeover", takeover_main, "Takes over the old server's address on this host" },
+	{ "giveback", giveback_main, "Undoes a takeover: the address and its steering go" },
 };
 
 static void show_usage(FILE *f)

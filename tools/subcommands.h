@@ -12,5 +12,7 @@ int policy_main(int argc, char *argv[]);
 int migrate_daemon_main(int argc, char *argv[]);
 int rollback_main(int argc, char *argv[]);
 int steer_main(int argc, char *argv[]);
+int takeover_main(int argc, char *argv[]);
+int giveback_main(int argc, char *argv[]);
 
 #endif

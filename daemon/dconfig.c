@@ -347,6 +347,12 @@ static int steer_key(struct ms_dconfig *c, const char *key, const char *value,
 	return ms_steer_key(&c->steer, key, value, err, errsz);
 }
 
+static int retire_key(struct ms_dconfig *c, const char *key,
+		      const char *value, char *err, size_t errsz)
+{
+	return ms_retire_key(&c->retire, key, value, err, errsz);
+}
+
 static int on_key(void *ctx, const char *section, const char *key,
 		  const char *value, char *err, size_t errsz)
 {
@@ -360,6 +366,7 @@ static int on_key(void *ctx, const char *section, const char *key,
 		{ "daemon", daemon_key }, { "policy", policy_key },
 		{ "sweep", sweep_key }, { "metrics", metrics_key },
 		{ "mover", mover_key }, { "steer", steer_key },
+		{ "retire", retire_key },
 	};
 
 	for (size_t i = 0; i < sizeof(sections) / sizeof(sections[0]); i++)
@@ -377,6 +384,7 @@ static void defaults(struct ms_dconfig *c)
 	c->gw.hold_max_seconds = 60;
 	c->gw.connections = 4;
 	ms_steer_defaults(&c->steer);
+	ms_retire_defaults(&c->retire);
 	snprintf(c->store, sizeof(c->store), "/var/lib/mailshift/mailshift.db");
 	snprintf(c->control, sizeof(c->control), "/run/mailshift/control.sock");
 }

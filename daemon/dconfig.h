@@ -8,6 +8,7 @@
 #include <stddef.h>
 
 #include "gateway.h"
+#include "retire.h"
 #include "steer.h"
 
 struct ms_dconfig {
@@ -23,6 +24,7 @@ struct ms_dconfig {
 	char src_sn[256], dst_sn[256];	/* server_name: the certificate's */
 	int src_insecure, dst_insecure;
 	struct ms_steer_cfg steer;	/* [steer] */
+	struct ms_retire_cfg retire;	/* [retire] */
 };
 
 /* Fills c with the defaults, parses path and checks what goes together.

@@ -20,6 +20,7 @@
 #include "log.h"
 #include "priv.h"
 #include "steer.h"
+#include "retire.h"
 #include "store.h"
 #include "util.h"
 
@@ -322,6 +323,7 @@ int main(int argc, char *argv[])
 		free(serr);
 		return 1;
 	}
+	ms_retire_init(store, &c.retire);
 	loop = uv_default_loop();
 	if (ms_gateway_new(loop, &c.gw, store, &gw, err, sizeof(err)) < 0 ||
 	    ms_control_new(loop, c.control, &acc, gw, store, &ctl, err,

@@ -135,6 +135,13 @@ out:
 	return rep;
 }
 
+json_t *ctl_request(const char *socket, json_t *req)
+{
+	struct copts o = { .socket = socket };
+
+	return request(&o, req);
+}
+
 /* Prints the reply; returns the exit status. */
 static int finish(const struct copts *o, json_t *rep,
 		  void (*human)(json_t *rep))

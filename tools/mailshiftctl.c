@@ -24,6 +24,7 @@ static const struct {
 	{ "policy", policy_main, "Shows the policies, or changes them" },
 	{ "rollback", rollback_main, "Sends users on the destination back to the source" },
 	{ "steer", steer_main, "Installs, changes, shows and removes the kernel's steering" },
+	{ "retire", retire_main, "Says whether the source can go, switches it off, reports" },
 };
 
 static void show_usage(FILE *f)

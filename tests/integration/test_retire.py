@@ -1,0 +1,201 @@
+"""mailshiftctl retire: whether the source can be switched off, switching it
+off, and the record an operator files (docs/deployment.md, "Retiring the
+source").
+
+On loopback (real Dovecots with master logins and mailshiftd, the fixtures
+of test_gateway.py): --check refuses while a user is not on the
+destination, while a session through the gateway is open to the source,
+while the quiet period after one runs, and while mail appended straight to
+the source after the move sits there; it passes when all is clean; --report
+gives what was moved, as the servers hold it.
+
+In network namespaces (test_steer.py's topology and fixture): --apply
+refuses over a failed check and changes nothing; with --force it sends the
+mail ports straight to the destination in one change: a new client of the
+service address reaches the destination without the gateway, a session the
+gateway carries goes on, `status` shows the retirement.
+"""
+
+import imaplib
+import json
+import os
+import time
+
+import pytest
+
+import mailcheck as mc
+from conftest import wait_for
+from test_gateway import GW_USERS, direct
+from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
+from test_gateway_ops import admin_conf
+
+QUIET = 20          # [retire] quiet_period of the loopback tests, seconds
+
+
+def retire(g, *args):
+    """mailshiftctl retire -c CONFIG ARGS (no socket option: retire reads
+    the config)."""
+    return g.ctl('retire', '-c', g.config_path, *args, socket_arg=False,
+                 timeout=120)
+
+
+def check(g):
+    r = retire(g, '--check', '--json')
+    assert r.rc in (0, 1) and isinstance(r.json, dict), r.describe()
+    assert r.json['can_retire'] == (r.rc == 0), r.describe()
+    return r
+
+
+def reasons_about(r, text):
+    return [x for x in r.json['reasons'] if text in x]
+
+
+def retire_gw(make_gw, workdir, policy='off'):
+    conf = admin_conf(workdir, sweep=False) + \
+        '\n[retire]\nquiet_period = %ds\nrecord_interval = 1s\n' % QUIET
+    g = make_gw(tls=False, policy=policy, extra_conf=conf)
+    for u in ('alice', 'bob'):
+        r = g.ctl('user', 'add', u)
+        assert r.rc == 0, r.describe()
+    return g
+
+
+def migrate(g, *users):
+    r = g.ctl('migrate', '--daemon', *users)
+    assert r.rc == 0, r.describe()
+    for u in users:
+        assert g.wait_state(u, ('destination', 'failed'), timeout=120) == \
+            'destination', g.log_tail()
+
+
+def test_check_refuses_until_clean(gpair, make_gw, workdir):
+    g = retire_gw(make_gw, workdir)
+
+    # Nobody moved yet.
+    r = check(g)
+    assert r.rc == 1, r.describe()
+    assert sorted(u['user'] for u in r.json['users']['not_moved']) == \
+        ['alice', 'bob'], r.json
+    assert reasons_about(r, 'user alice is not on the destination'), r.json
+    assert r.json['sessions'] == [] and r.json['source_use'] == [], r.json
+
+    # alice, on the source (policy off), has a session through the
+    # gateway open to the source.
+    m = imaplib.IMAP4('127.0.0.1', g.imap_port, timeout=30)
+    assert m.login('alice', GW_USERS['alice'])[0] == 'OK'
+    assert m.select('INBOX')[0] == 'OK'
+    r = check(g)
+    assert r.rc == 1, r.describe()
+    assert [s['user'] for s in r.json['sessions']] == ['alice'], r.json
+    assert reasons_about(r, 'of alice (imap from 127.0.0.1'), r.json
+    assert [(u['user'], u['kind']) for u in r.json['source_use']] == \
+        [('alice', 'session')], r.json
+    m.logout()
+
+    # The session is over; the quiet period after it runs (QUIET seconds
+    # from the login: this check comes well within them).
+    r = check(g)
+    assert r.rc == 1 and r.json['sessions'] == [], r.describe()
+    use = r.json['source_use']
+    assert [(u['user'], u['kind']) for u in use] == [('alice', 'session')], \
+        r.json
+    assert use[0]['quiet_until'] >= use[0]['at'] + QUIET, use
+    assert r.json['checked_at'] < use[0]['quiet_until'], r.json
+    assert reasons_about(r, 'a login of alice went to the source'), r.json
+
+    # Both moved.
+    migrate(g, 'alice', 'bob')
+    r = check(g)
+    assert r.json['users']['not_moved'] == [], r.json
+    # The verification found both users' copies identical.
+    assert sorted(v['user'] for v in r.json['verification']) == \
+        ['alice', 'bob'], r.json
+    assert all(v['ok'] for v in r.json['verification']), r.json
+
+    # Once the quiet period is over, nothing holds the source back.
+    time.sleep(max(0, use[0]['quiet_until'] - time.time()))
+    assert wait_for(lambda: check(g).rc == 0, 60, 1), check(g).describe()
+    r = retire(g, '--check')
+    assert r.rc == 0 and 'the source can be retired' in r.stdout, \
+        r.describe()
+
+    # Mail appended straight to the source after the move holds it back.
+    msg = mc.make_message(990001, 300)
+    direct(gpair.src, 'alice', lambda imap: imap.append(
+        'INBOX', None, None, msg))
+    r = check(g)
+    assert r.rc == 1, r.describe()
+    why = reasons_about(r, 'alice: 1 message(s) in "INBOX" reached the '
+                        'source after the last copy')
+    assert why, r.json
+    inbox = [f for v in r.json['verification'] if v['user'] == 'alice'
+             for f in v['folders'] if f['source'] == 'INBOX']
+    assert inbox and inbox[0]['not_copied'] == 1, r.json
+    # Text: the same reasons, one a line.
+    r = retire(g, '--check')
+    assert r.rc == 1 and why[0] in r.stdout, r.describe()
+
+
+def mailbox_totals(server, user):
+    """(messages, bytes) of every selectable folder of user on server."""
+    def count(imap):
+        n = size = 0
+        for f in mc.list_folders(imap):
+            if '\\noselect' in f['attrs'] or '\\nonexistent' in f['attrs']:
+                continue
+            for d in mc.fetch_all(imap, f['name'], '(RFC822.SIZE)').values():
+                n += 1
+                size += int(d['RFC822.SIZE'])
+        return n, size
+    return direct(server, user, count)
+
+
+def test_report_matches_what_was_moved(gpair, make_gw, workdir):
+    g = retire_gw(make_gw, workdir)
+    t0 = int(time.time())
+    migrate(g, 'alice', 'bob')
+    t1 = int(time.time())
+    out = os.path.join(workdir, 'record.json')
+    r = retire(g, '--report', '--json', '--output', out)
+    assert r.rc == 0, r.describe()
+    assert os.stat(out).st_mode & 0o777 == 0o600
+    with open(out) as f:
+        rep = json.load(f)
+
+    want = {u: mailbox_totals(gpair.src, u) for u in ('alice', 'bob')}
+    assert want == {u: mailbox_totals(gpair.dst, u) for u in want}, want
+    assert want['alice'][0] > 0, want
+    users = {u['user']: u for u in rep['users']}
+    assert sorted(users) == ['alice', 'bob'], rep
+    for u, (msgs, size) in want.items():
+        assert (users[u]['messages'], users[u]['bytes']) == (msgs, size), \
+            (u, users[u], msgs, size)
+        assert users[u]['state'] == 'destination', users[u]
+        assert t0 <= users[u]['first_copy'] <= users[u]['moved'] <= t1 + 1, \
+            (users[u], t0, t1)
+    tot = rep['totals']
+    assert (tot['users'], tot['on_destination']) == (2, 2), tot
+    assert tot['messages'] == sum(m for m, _ in want.values()), tot
+    assert tot['bytes'] == sum(b for _, b in want.values()), tot
+    assert rep['first_move'] == min(u['first_copy'] for u in users.values())
+    assert rep['last_move'] == max(u['moved'] for u in users.values())
+    assert rep['retired'] is None, rep
+    # Not retired: the report compares now, and each user is identical.
+    ver = {v['user']: v for v in rep['verification']['users']}
+    assert sorted(ver) == ['alice', 'bob'] and \
+        all(v['ok'] for v in ver.values()), rep['verification']
+    for u, (msgs, _) in want.items():
+        assert sum(f['source_messages'] for f in ver[u]['folders']) == msgs
+        assert sum(f['dest_messages'] for f in ver[u]['folders']) == msgs
+
+    # The text form says the same.
+    r = retire(g, '--report')
+    assert r.rc == 0, r.describe()
+    assert 'moved:        %d messages, %d bytes' % (tot['messages'],
+                                                     tot['bytes']) in r.stdout
+    assert 'retired:      not yet' in r.stdout, r.stdout
+    for u, (msgs, _) in want.items():
+        line = [l for l in r.stdout.splitlines() if l.startswith(u + ' ')]
+        assert len(line) == 1 and line[0].endswith(
+            'yes (%d source, %d destination messages)' % (msgs, msgs)), \
+            r.stdout

@@ -24,10 +24,13 @@ import time
 import pytest
 
 import mailcheck as mc
-from conftest import wait_for
+from conftest import MASTER, wait_for
 from test_gateway import GW_USERS, direct
 from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
 from test_gateway_ops import admin_conf
+from test_steer import (BATCH_PREFIX, SERVICE_ADDR, close, gw_sessions,
+                        inbox_tags, login_tags, side_of)
+from test_steer import env  # noqa: F401 (fixture)
 
 QUIET = 20          # [retire] quiet_period of the loopback tests, seconds
 
@@ -199,3 +202,110 @@ def test_report_matches_what_was_moved(gpair, make_gw, workdir):
         assert len(line) == 1 and line[0].endswith(
             'yes (%d source, %d destination messages)' % (msgs, msgs)), \
             r.stdout
+
+
+# ------------------------------------------------- --apply, in namespaces
+
+def ns_retire(env, conf, *args):
+    """mailshiftctl retire -c conf ARGS in the gateway's namespace."""
+    r = env.gw_ns.run([env.ctl_binary, 'retire', '-c', conf] + list(args),
+                      check=False, timeout=120)
+    r.json = None
+    if '--json' in args and r.stdout.strip():
+        r.json = json.loads(r.stdout)
+    return r
+
+
+def decisions(env):
+    """{entry without its action: action} of the installed table."""
+    show = env.steer('show', '--json', check=0).json
+    assert show['installed'], show
+    return {e['entry'].rsplit(' ', 1)[0]: e['action']
+            for e in show['entries']}
+
+
+def test_apply_steers_to_the_destination(env):
+    assert env.dump() == env.clean, 'a previous test left steering behind'
+    # retire's own file: the gateway's, with admin logins (the harness's
+    # Dovecots have a master login) and a short quiet period.
+    pwf = os.path.join(env.root, 'retire-admin.pw')
+    with open(pwf, 'w') as f:
+        f.write(MASTER[1] + '\n')
+    os.chmod(pwf, 0o600)
+    conf = os.path.join(env.root, 'retire.conf')
+    with open(env.gw.config_path) as f:
+        text = f.read()
+    with open(conf, 'w') as f:
+        f.write(text + '\n'.join(
+            ['', '[source]', 'admin = %s' % MASTER[0],
+             'admin_password_file = %s' % pwf, '[destination]',
+             'admin = %s' % MASTER[0], 'admin_password_file = %s' % pwf,
+             '[retire]', 'quiet_period = 1s', 'record_interval = 1s', '']))
+    env.steer('install', check=0)
+    try:
+        before = decisions(env)
+        assert before['%s 143' % SERVICE_ADDR] == 'proxy', before
+        # A session the gateway carries to the source (alice, policy off).
+        carried, tags = login_tags(env, 'alice')
+        assert side_of(env, tags, 'alice') == 'source'
+        try:
+            # The check fails (alice on the source, her session open):
+            # --apply refuses and changes nothing.
+            r = ns_retire(env, conf, '--apply')
+            assert r.returncode == 1, (r.stdout, r.stderr)
+            assert 'not applied' in r.stderr, r.stderr
+            assert 'user alice is not on the destination' in r.stderr
+            assert decisions(env) == before
+            assert ns_retire(env, conf, '--report', '--json').json[
+                'retired'] is None
+
+            # --force: applied, with the warning.
+            r = ns_retire(env, conf, '--apply', '--force', '--json')
+            assert r.returncode == 0, (r.stdout, r.stderr)
+            assert 'WARNING: --force' in r.stderr, r.stderr
+            assert r.json['done'] == 'retired' and r.json['forced'], r.json
+            assert r.json['gateway_sessions'] >= 1, r.json
+            after = decisions(env)
+            assert set(after) == set(before), (before, after)
+            for key, action in after.items():
+                want = before[key] if key.endswith(' other') else \
+                    'destination'
+                assert action == want, (key, before, after)
+            assert '%s 143 %s' % (SERVICE_ADDR, BATCH_PREFIX) in after
+
+            # A new client of the service address reaches the destination
+            # straight: the gateway carries no new session.
+            stats0, _ = env.stats()
+            m, tags = login_tags(env, 'alice')
+            try:
+                assert side_of(env, tags, 'alice') == 'destination'
+                assert len(gw_sessions(env, 'alice')) == 1
+            finally:
+                close(m)
+            stats, _ = env.stats()
+            key = '%s 143 destination' % SERVICE_ADDR
+            assert stats[key] >= stats0[key] + 1, (stats0, stats)
+
+            # The session the gateway carried goes on, to the source.
+            assert carried.noop()[0] == 'OK'
+            assert side_of(env, inbox_tags(carried), 'alice') == 'source'
+        finally:
+            close(carried)
+        assert wait_for(lambda: not gw_sessions(env, 'alice'), 20, 0.1)
+
+        # status and the report show the retirement.
+        st = env.gw.ctl('status', '--json')
+        assert st.rc == 0, st.describe()
+        ret = st.json['retired']
+        assert ret['forced'] is True and ret['uid'] == os.getuid(), ret
+        assert ret['at'] >= r.json['at'], (ret, r.json)
+        st = env.gw.ctl('status')
+        assert 'source retired: ' in st.stdout and 'forced' in st.stdout, \
+            st.stdout
+        rep = ns_retire(env, conf, '--report', '--json').json
+        assert rep['retired'] == ret, rep
+        assert any('alice is not on the destination' in x
+                   for x in rep['verification']['reasons']), rep
+    finally:
+        env.steer('remove', check=0)
+    assert env.dump() == env.clean

@@ -28,8 +28,9 @@ from conftest import MASTER, wait_for
 from test_gateway import GW_USERS, direct
 from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
 from test_gateway_ops import admin_conf
-from test_steer import (BATCH_PREFIX, SERVICE_ADDR, close, gw_sessions,
-                        inbox_tags, login_tags, side_of)
+from test_steer import (BATCH_PREFIX, SERVICE_ADDR, USERS, close,
+                        gw_sessions, inbox_tags, login_tags, logins, side_of)
+from test_gateway import marker
 from test_steer import env  # noqa: F401 (fixture)
 
 QUIET = 20          # [retire] quiet_period of the loopback tests, seconds
@@ -216,18 +217,15 @@ def ns_retire(env, conf, *args):
     return r
 
 
-def decisions(env):
-    """{entry without its action: action} of the installed table."""
-    show = env.steer('show', '--json', check=0).json
-    assert show['installed'], show
-    return {e['entry'].rsplit(' ', 1)[0]: e['action']
-            for e in show['entries']}
-
-
-def test_apply_steers_to_the_destination(env):
-    assert env.dump() == env.clean, 'a previous test left steering behind'
-    # retire's own file: the gateway's, with admin logins (the harness's
-    # Dovecots have a master login) and a short quiet period.
+def retire_conf(env):
+    """retire's own file: the gateway's, with admin logins (the harness's
+    Dovecots have a master login) and a short quiet period. The gateway
+    records its uses of the source every second (it is restarted once
+    for that)."""
+    if 'record_interval' not in env.gw.extra_conf:
+        env.gw.stop()
+        env.gw.extra_conf += '\n[retire]\nrecord_interval = 1s\n'
+        env.gw.start()
     pwf = os.path.join(env.root, 'retire-admin.pw')
     with open(pwf, 'w') as f:
         f.write(MASTER[1] + '\n')
@@ -240,7 +238,21 @@ def test_apply_steers_to_the_destination(env):
             ['', '[source]', 'admin = %s' % MASTER[0],
              'admin_password_file = %s' % pwf, '[destination]',
              'admin = %s' % MASTER[0], 'admin_password_file = %s' % pwf,
-             '[retire]', 'quiet_period = 1s', 'record_interval = 1s', '']))
+             '[retire]', 'quiet_period = 1s', '']))
+    return conf, pwf
+
+
+def decisions(env):
+    """{entry without its action: action} of the installed table."""
+    show = env.steer('show', '--json', check=0).json
+    assert show['installed'], show
+    return {e['entry'].rsplit(' ', 1)[0]: e['action']
+            for e in show['entries']}
+
+
+def test_apply_steers_to_the_destination(env):
+    assert env.dump() == env.clean, 'a previous test left steering behind'
+    conf, _ = retire_conf(env)
     env.steer('install', check=0)
     try:
         before = decisions(env)
@@ -308,4 +320,86 @@ def test_apply_steers_to_the_destination(env):
                    for x in rep['verification']['reasons']), rep
     finally:
         env.steer('remove', check=0)
+    assert env.dump() == env.clean
+
+
+def empty_inbox(server, user):
+    def expunge(imap):
+        assert imap.select('INBOX')[0] == 'OK'
+        imap.store('1:*', '+FLAGS.SILENT', '(\\Deleted)')
+        assert imap.expunge()[0] == 'OK'
+    direct(server, user, expunge)
+
+
+def test_apply_after_a_passing_check(env):
+    """The whole way: both users copied and on the destination, a session
+    the gateway carries (to the destination), the check passes, --apply
+    without --force; the carried session goes on. Last of the module: it
+    moves both users (the destination's own marker messages are put back
+    at the end)."""
+    assert env.dump() == env.clean, 'a previous test left steering behind'
+    conf, pwf = retire_conf(env)
+    env.steer('install', check=0)
+    try:
+        # The destination's mailboxes become copies of the source's.
+        for u in USERS:
+            empty_inbox(env.dst, u)
+        r = env.gw_ns.run(
+            [env.ctl_binary, 'migrate', '--no-progress',
+             '--source', env.gw.src.url(), '--dest', env.gw.dst.url(),
+             '--source-admin', MASTER[0], '--source-password-file', pwf,
+             '--dest-admin', MASTER[0], '--dest-password-file', pwf,
+             '--store', env.gw.store_path] + list(USERS),
+            check=False, timeout=120)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        for u in USERS:
+            res = env.gw.ctl('user', 'set', u, 'state', 'destination',
+                             '--force')
+            assert res.rc == 0, res.describe()
+        # bob through the gateway, which carries him to the destination.
+        carried = login_tags(env, 'bob')[0]
+        try:
+            assert [s['server'] for s in gw_sessions(env, 'bob')] == \
+                ['destination']
+            # Passes once the quiet period after any earlier use is over.
+            assert wait_for(lambda: ns_retire(env, conf, '--check')
+                            .returncode == 0, 30, 0.5), \
+                ns_retire(env, conf, '--check').stdout
+            r = ns_retire(env, conf, '--apply', '--json')
+            assert r.returncode == 0, (r.stdout, r.stderr)
+            assert r.json['forced'] is False and \
+                r.json['gateway_sessions'] == 1, r.json
+            assert 'WARNING' not in r.stderr, r.stderr
+            for key, action in decisions(env).items():
+                assert key.endswith(' other') or action == 'destination', \
+                    (key, action)
+            # A new client: a login at the destination, none at the
+            # source, none through the gateway.
+            at_src, at_dst = len(logins(env.src, 'alice')), \
+                len(logins(env.dst, 'alice'))
+            m = login_tags(env, 'alice')[0]
+            try:
+                assert gw_sessions(env, 'alice') == []
+            finally:
+                close(m)
+            assert wait_for(lambda: len(logins(env.dst, 'alice')) ==
+                            at_dst + 1, 10, 0.1)
+            assert len(logins(env.src, 'alice')) == at_src
+            assert carried.noop()[0] == 'OK'
+            assert inbox_tags(carried), 'bob lost his mail'
+            assert len(gw_sessions(env, 'bob')) == 1
+        finally:
+            close(carried)
+        rep = ns_retire(env, conf, '--report', '--json').json
+        assert rep['retired']['forced'] is False, rep
+        assert rep['verification']['reasons'] == [], rep['verification']
+        assert sorted(v['user'] for v in rep['verification']['users']) == \
+            sorted(USERS), rep['verification']
+    finally:
+        env.steer('remove', check=0)
+        for i, u in enumerate(USERS):
+            empty_inbox(env.dst, u)
+            msg, _ = marker('steer-dst-%s-%s' % (u, env.uid), 10 + i)
+            direct(env.dst, u, lambda imap: imap.append('INBOX', None, None,
+                                                        msg))
     assert env.dump() == env.clean

@@ -100,30 +100,60 @@ static int known(const char *name)
 	       found;
 }
 
-/* The map's name for what a client gave: as given, in lower case, or a
- * recipient's local part (the gateway looks recipients up that way too);
- * "*" when the map knows none of them. */
-static void map_name(const char *name, char *key, size_t keysz)
+/* The name without its local part's "+extension" (alice+lists@d ->
+ * alice@d), into out; 0 when it has none. */
+static int drop_extension(const char *name, char *out, size_t sz)
 {
-	char c[4][256];
 	const char *at = strrchr(name, '@');
-	size_t len = strlen(name), local = at != NULL ? (size_t)(at - name) :
-		     len, i;
+	size_t local = at != NULL ? (size_t)(at - name) : strlen(name);
+	const char *plus = memchr(name, '+', local);
+
+	if (plus == NULL || plus == name)
+		return 0;
+	snprintf(out, sz, "%.*s%s", (int)(plus - name), name,
+		 at != NULL ? at : "");
+	return 1;
+}
+
+/* The map's name for what a client gave: a login's as it is (the gateway
+ * looks logins up so); a recipient's tried as the gateway looks recipients
+ * up (smtp.c, route_rcpt): its domain in lower case, all in lower case,
+ * its local part as given and in lower case, each again without a
+ * "+extension". "*" when the map knows none of them. */
+static void map_name(const char *name, int rcpt, char *key, size_t keysz)
+{
+	char base[2][256], c[256];
+	unsigned int nbase = 1;
 
 	snprintf(key, keysz, "*");
-	if (len >= sizeof(c[0]))
+	if (strlen(name) >= sizeof(base[0]))
 		return;
-	memcpy(c[0], name, len + 1);
-	for (i = 0; i <= len; i++)
-		c[1][i] = (char)tolower((unsigned char)name[i]);
-	memcpy(c[2], c[0], local);
-	c[2][local] = '\0';
-	memcpy(c[3], c[1], local);
-	c[3][local] = '\0';
-	for (i = 0; i < 4; i++) {
-		if (c[i][0] != '\0' && known(c[i])) {
-			snprintf(key, keysz, "%s", c[i]);
-			return;
+	if (!rcpt) {
+		if (known(name))
+			snprintf(key, keysz, "%s", name);
+		return;
+	}
+	snprintf(base[0], sizeof(base[0]), "%s", name);
+	nbase += drop_extension(name, base[1], sizeof(base[1]));
+	for (unsigned int b = 0; b < nbase; b++) {
+		for (unsigned int i = 0; i < 4; i++) {
+			char *at;
+
+			snprintf(c, sizeof(c), "%s", base[b]);
+			at = strrchr(c, '@');
+			if (i >= 2 && at == NULL)
+				break;
+			if (i >= 2)
+				*at = '\0';
+			/* 0: the domain in lower case; 1, 3: all of it */
+			for (char *p = i == 0 && at != NULL ? at : c;
+			     (i % 2 == 1 || (i == 0 && at != NULL)) &&
+			     *p != '\0'; p++)
+				*p = (char)tolower((unsigned char)*p);
+			if (c[0] != '\0' && known(c)) {
+				snprintf(key, keysz, "%s", c);
+				return;
+			}
 		}
 	}
 }
@@ -147,7 +177,7 @@ void ms_retire_note(const char *kind, const char *name)
 
 	if (rec.store == NULL || name == NULL)
 		return;
-	map_name(name, u.key, sizeof(u.key));
+	map_name(name, !strcmp(kind, "mail"), u.key, sizeof(u.key));
 	sl = &rec.slots[slot_of(u.key, kind)];
 	/* Written less than an interval ago: the row's slack covers this
 	 * use. (Another key in the slot is simply written again.) */

@@ -243,8 +243,8 @@ static int on_use(void *ctx, const struct ms_source_use *u)
 		(json_int_t)u->at, "quiet_until", (json_int_t)until));
 	if (!strcmp(u->key, "*"))
 		reason(uc->ck, "%s for %s, a name the map does not know, went "
-		       "to the source at %s (last such; quiet until %s)",
-		       what, u->name, at, end);
+		       "to the source at %s (the last such recorded; quiet "
+		       "until %s)", what, u->name, at, end);
 	else
 		reason(uc->ck, "%s of %s went to the source at %s (quiet "
 		       "until %s)", what, u->key, at, end);

@@ -691,10 +691,12 @@ static json_t *build_report(struct ropts *o)
 				    json_loads(r.record, 0, &jerr));
 		free(r.record);
 	}
-	out = json_pack("{s:I,s:s,s:s,s:{s:I,s:I,s:I,s:I},s:I,s:I}",
+	out = json_pack("{s:I,s:o,s:o,s:{s:I,s:I,s:I,s:I},s:I,s:I}",
 		"generated_at", (json_int_t)time(NULL),
-		"source", o->c->gw.src_imap.host,
-		"destination", o->c->gw.dst_imap.host,
+		"source", ms_json_addr(o->c->gw.src_imap.host,
+				       o->c->gw.src_imap.port),
+		"destination", ms_json_addr(o->c->gw.dst_imap.host,
+					    o->c->gw.dst_imap.port),
 		"totals", "users", (json_int_t)json_array_size(rc.users),
 		"on_destination", rc.on_dst, "messages", rc.msgs,
 		"bytes", rc.bytes,
@@ -713,7 +715,7 @@ static json_t *build_report(struct ropts *o)
 static void verified_text(json_t *report, const char *user, char *buf,
 			  size_t sz)
 {
-	json_int_t src = 0, dst = 0;
+	json_int_t src = 0, dst = 0, left = 0;
 	json_t *u, *f;
 	size_t i, j;
 
@@ -727,11 +729,18 @@ static void verified_text(json_t *report, const char *user, char *buf,
 							"source_messages"));
 			dst += json_integer_value(json_object_get(f,
 							"dest_messages"));
+			left += json_integer_value(json_object_get(f,
+							"not_copied")) +
+				json_integer_value(json_object_get(f,
+							"expunge_pending"));
 		}
+		/* Identical as far as copied, with mail left on the source:
+		 * not a "yes" on the record. */
 		snprintf(buf, sz, "%s (%" JSON_INTEGER_FORMAT " source, %"
-			 JSON_INTEGER_FORMAT " destination messages)",
-			 json_is_true(json_object_get(u, "ok")) ? "yes" : "NO",
-			 src, dst);
+			 JSON_INTEGER_FORMAT " destination messages%s)",
+			 json_is_true(json_object_get(u, "ok")) && left == 0 ?
+			 "yes" : "NO", src, dst, left > 0 ?
+			 "; changes on the source not copied" : "");
 	}
 }
 

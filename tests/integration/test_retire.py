@@ -138,6 +138,12 @@ def test_check_refuses_until_clean(gpair, make_gw, workdir):
     # Text: the same reasons, one a line.
     r = retire(g, '--check')
     assert r.rc == 1 and why[0] in r.stdout, r.describe()
+    # The record does not call alice's copy verified.
+    r = retire(g, '--report')
+    assert r.rc == 0 and why[0] in r.stdout, r.describe()
+    line = [l for l in r.stdout.splitlines() if l.startswith('alice ')]
+    assert len(line) == 1 and ' NO (' in line[0] and line[0].endswith(
+        'destination messages; changes on the source not copied)'), r.stdout
 
 
 def mailbox_totals(server, user):

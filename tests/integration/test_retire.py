@@ -21,16 +21,13 @@ import json
 import os
 import time
 
-import pytest
-
 import mailcheck as mc
 from conftest import MASTER, wait_for
-from test_gateway import GW_USERS, direct
+from test_gateway import GW_USERS, direct, marker
 from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
 from test_gateway_ops import admin_conf
 from test_steer import (BATCH_PREFIX, SERVICE_ADDR, USERS, close,
                         gw_sessions, inbox_tags, login_tags, logins, side_of)
-from test_gateway import marker
 from test_steer import env  # noqa: F401 (fixture)
 
 QUIET = 20          # [retire] quiet_period of the loopback tests, seconds
@@ -324,6 +321,31 @@ def test_apply_steers_to_the_destination(env):
         assert rep['retired'] == ret, rep
         assert any('alice is not on the destination' in x
                    for x in rep['verification']['reasons']), rep
+    finally:
+        env.steer('remove', check=0)
+    assert env.dump() == env.clean
+
+
+def test_apply_without_an_installed_table(env):
+    """Nothing installed: --apply installs [steer]'s table with every mail
+    port sent to the destination, in one change; steer remove leaves the
+    namespace as it was."""
+    assert env.dump() == env.clean, 'a previous test left steering behind'
+    conf, _ = retire_conf(env)
+    try:
+        r = ns_retire(env, conf, '--apply', '--force', '--json')
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        after = decisions(env)
+        assert after['%s 143' % SERVICE_ADDR] == 'destination', after
+        assert after['%s 110' % SERVICE_ADDR] == 'destination', after
+        assert after['%s 143 %s' % (SERVICE_ADDR, BATCH_PREFIX)] == \
+            'destination', after
+        assert r.json['entries'] == len(after), (r.json, after)
+        m = login_tags(env, 'alice')[0]
+        try:
+            assert gw_sessions(env, 'alice') == []
+        finally:
+            close(m)
     finally:
         env.steer('remove', check=0)
     assert env.dump() == env.clean

@@ -19,8 +19,8 @@
 #include "gateway.h"
 #include "log.h"
 #include "priv.h"
-#include "steer.h"
 #include "retire.h"
+#include "steer.h"
 #include "store.h"
 #include "util.h"
 

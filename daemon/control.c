@@ -310,6 +310,19 @@ static int migrate_one(void *ctx, const struct ms_user_info *u)
 	return 0;
 }
 
+/* mailshiftctl retire --apply's record: {at, uid, forced} or null. */
+static json_t *retired_json(struct ms_store *store)
+{
+	struct ms_retirement r;
+	int found = 0;
+
+	if (ms_store_retirement_get(store, &r, &found) < 0 || !found)
+		return json_null();
+	free(r.record);
+	return json_pack("{s:I,s:I,s:b}", "at", (json_int_t)r.at, "uid",
+			 (json_int_t)r.uid, "forced", r.forced);
+}
+
 static json_t *cmd_status(struct ms_control *ctl, json_t *req)
 {
 	struct list_ctx lc = { .ctl = ctl };
@@ -324,7 +337,7 @@ static json_t *cmd_status(struct ms_control *ctl, json_t *req)
 				    json_integer(lc.counts[i]));
 	if (ctl->gw != NULL)
 		ms_gateway_progress(ctl->gw, &p);
-	return json_pack("{s:b, s:o, s:I, s:I, s:I, s:I, s:I, s:f, s:o}",
+	return json_pack("{s:b, s:o, s:I, s:I, s:I, s:I, s:I, s:f, s:o, s:o}",
 			 "ok", 1, "states", by_state,
 			 "messages", lc.msgs, "bytes", lc.bytes,
 			 "sessions", (json_int_t)(ctl->gw != NULL ?
@@ -333,7 +346,7 @@ static json_t *cmd_status(struct ms_control *ctl, json_t *req)
 			 "copy_messages_todo", (json_int_t)p.msgs_todo,
 			 "copy_seconds", p.seconds, "capabilities",
 			 ctl->gw != NULL ? ms_gateway_caps_json(ctl->gw) :
-			 json_object());
+			 json_object(), "retired", retired_json(ctl->store));
 }
 
 static json_t *cmd_user_list(struct ms_control *ctl, json_t *req)

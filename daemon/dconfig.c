@@ -353,6 +353,12 @@ static int takeover_key(struct ms_dconfig *c, const char *key,
 	return ms_takeover_key(&c->takeover, key, value, err, errsz);
 }
 
+static int retire_key(struct ms_dconfig *c, const char *key,
+		      const char *value, char *err, size_t errsz)
+{
+	return ms_retire_key(&c->retire, key, value, err, errsz);
+}
+
 static int on_key(void *ctx, const char *section, const char *key,
 		  const char *value, char *err, size_t errsz)
 {
@@ -367,6 +373,7 @@ static int on_key(void *ctx, const char *section, const char *key,
 		{ "sweep", sweep_key }, { "metrics", metrics_key },
 		{ "mover", mover_key }, { "steer", steer_key },
 		{ "takeover", takeover_key },
+		{ "retire", retire_key },
 	};
 
 	for (size_t i = 0; i < sizeof(sections) / sizeof(sections[0]); i++)
@@ -385,6 +392,7 @@ static void defaults(struct ms_dconfig *c)
 	c->gw.connections = 4;
 	ms_steer_defaults(&c->steer);
 	ms_takeover_defaults(&c->takeover);
+	ms_retire_defaults(&c->retire);
 	snprintf(c->store, sizeof(c->store), "/var/lib/mailshift/mailshift.db");
 	snprintf(c->control, sizeof(c->control), "/run/mailshift/control.sock");
 }

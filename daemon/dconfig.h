@@ -8,6 +8,7 @@
 #include <stddef.h>
 
 #include "gateway.h"
+#include "retire.h"
 #include "steer.h"
 #include "takeover.h"
 
@@ -25,6 +26,7 @@ struct ms_dconfig {
 	int src_insecure, dst_insecure;
 	struct ms_steer_cfg steer;	/* [steer] */
 	struct ms_takeover_cfg takeover;	/* [takeover] */
+	struct ms_retire_cfg retire;	/* [retire] */
 };
 
 /* Fills c with the defaults, parses path and checks what goes together.

@@ -27,6 +27,7 @@
 #include "net.h"
 #include "pop3_uidl.h"
 #include "testhook.h"
+#include "retire.h"
 #include "util.h"
 
 #define INBUF_MAX 8192		/* pre-login command line, literals included;
@@ -1084,6 +1085,8 @@ static void backend_connect(struct session *s, int to_dst, int verify_only)
 	}
 	if (!to_dst && !verify_only && s->gu != NULL)
 		s->gu->touched = 1;
+	if (!to_dst)	/* for retire --check */
+		ms_retire_note("session", login_name(s));
 	s->st = SS_BACKEND;
 	s->bst = B_GREETING;
 	if (srv->host[0] == '\0') {

@@ -19,6 +19,7 @@
 #include "gateway.h"
 #include "log.h"
 #include "priv.h"
+#include "retire.h"
 #include "steer.h"
 #include "store.h"
 #include "util.h"
@@ -335,6 +336,7 @@ int main(int argc, char *argv[])
 		free(serr);
 		return 1;
 	}
+	ms_retire_init(store, &c.retire);
 	loop = uv_default_loop();
 	if (ms_gateway_new(loop, &c.gw, store, &gw, err, sizeof(err)) < 0 ||
 	    ms_control_new(loop, c.control, &acc, gw, store, &ctl, err,

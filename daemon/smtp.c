@@ -33,6 +33,7 @@
 #include "gateway.h"
 #include "log.h"
 #include "net.h"
+#include "retire.h"
 #include "util.h"
 
 #define LINE_MAX_LEN 4096	/* a command line (RFC 5321: 512; lenient) */
@@ -1091,6 +1092,8 @@ static void cmd_rcpt(struct smtp_session *s, const char *arg)
 		return;
 	}
 	side = r == MS_ROUTE_DESTINATION;
+	if (!side)	/* for retire --check */
+		ms_retire_note("mail", addr);
 	if (s->side >= 0 && s->side != side) {
 		/* RFC 5321 4.5.3.1.10: the sender retries it in another
 		 * transaction, which goes to the other server. */
@@ -1184,6 +1187,8 @@ static void auth_start(struct smtp_session *s)
 		    "later\r\n");
 		return;
 	}
+	if (r == MS_ROUTE_SOURCE)
+		ms_retire_note("submission", name);
 	backend_close(s, 0);
 	backend_start(s, r == MS_ROUTE_DESTINATION);
 }

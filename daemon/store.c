@@ -20,9 +20,10 @@
 
 /* 1: users, folders, messages, policies; 2: + rintents (rollback intents);
  * 3: + messages_dst (done records by destination UID, for the gateway's
- * POP3 UIDLs). Every CREATE is IF NOT EXISTS, so the schema text upgrades an older
+ * POP3 UIDLs); 4: + source_use, user_moves, retirements (mailshiftctl
+ * retire). Every CREATE is IF NOT EXISTS, so the schema text upgrades an older
  * store. */
-#define SCHEMA_VERSION 3
+#define SCHEMA_VERSION 4
 /* ms_store_msg_foreach reads this many records at a time (see there) */
 #define FOREACH_PAGE 128
 #define FLAGS_SIZE sizeof(((struct ms_msg_rec *)0)->flags)
@@ -81,7 +82,30 @@ static const char schema_sql[] =
 	" msgid TEXT,"
 	" flags TEXT,"
 	" src_floor INTEGER,"
-	" PRIMARY KEY(folder_id, dst_uid)) WITHOUT ROWID;";
+	" PRIMARY KEY(folder_id, dst_uid)) WITHOUT ROWID;"
+	/* When the gateway last sent a session or a message to the source,
+	 * per user (key "*": a name the map does not know) and kind; uses
+	 * up to `slack` seconds after `at` may not have been written. */
+	"CREATE TABLE IF NOT EXISTS source_use ("
+	" key TEXT NOT NULL,"
+	" kind TEXT NOT NULL,"
+	" name TEXT NOT NULL,"
+	" at INTEGER NOT NULL,"
+	" slack INTEGER NOT NULL,"
+	" PRIMARY KEY(key, kind)) WITHOUT ROWID;"
+	/* When a user's first copy began and when the user last went to
+	 * the destination (for retire --report). */
+	"CREATE TABLE IF NOT EXISTS user_moves ("
+	" user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,"
+	" first_copy INTEGER,"
+	" moved INTEGER);"
+	/* retire --apply: when, by whom, and the check it rested on. */
+	"CREATE TABLE IF NOT EXISTS retirements ("
+	" id INTEGER PRIMARY KEY,"
+	" at INTEGER NOT NULL,"
+	" uid INTEGER NOT NULL,"
+	" forced INTEGER NOT NULL,"
+	" record TEXT NOT NULL);";
 
 #define FOLDER_COLS "id, user_id, src_name, dst_name, src_uidvalidity, " \
 		    "dst_uidvalidity, hwm, modseq, msgs, bytes"
@@ -608,6 +632,40 @@ int ms_store_user_get(struct ms_store *store, const char *name,
 	return finish(store, ret < 0 ? -1 : 0);
 }
 
+/* Per call: a user's state changes a few times in its life. */
+static int exec_user(struct ms_store *s, const char *sql, int64_t user_id,
+		     const char *what)
+{
+	sqlite3_stmt *st;
+	int ret;
+
+	if (sqlite3_prepare_v2(s->db, sql, -1, &st, NULL) != SQLITE_OK)
+		return db_error(s, what);
+	sqlite3_bind_int64(st, 1, user_id);
+	sqlite3_bind_int64(st, 2, time(NULL));
+	ret = run(s, st, what);
+	sqlite3_finalize(st);
+	return ret;
+}
+
+/* The dates retire --report gives: the first copy's start, the last
+ * flip to the destination. */
+static int moves_note(struct ms_store *s, int64_t user_id, const char *state)
+{
+	if (!strcmp(state, "copying"))
+		return exec_user(s, "INSERT INTO user_moves (user_id, "
+				 "first_copy) VALUES (?1, ?2) ON CONFLICT "
+				 "(user_id) DO UPDATE SET first_copy = "
+				 "coalesce(first_copy, ?2)", user_id,
+				 "user_moves");
+	if (!strcmp(state, "destination"))
+		return exec_user(s, "INSERT INTO user_moves (user_id, moved) "
+				 "VALUES (?1, ?2) ON CONFLICT (user_id) DO "
+				 "UPDATE SET moved = ?2", user_id,
+				 "user_moves");
+	return 0;
+}
+
 int ms_store_user_set_state(struct ms_store *store, int64_t user_id,
 			    const char *state, const char *last_error)
 {
@@ -634,7 +692,7 @@ int ms_store_user_set_state(struct ms_store *store, int64_t user_id,
 	if (sqlite3_changes(store->db) == 0)
 		return set_error(store, "no such user (id %lld)",
 				 (long long)user_id);
-	return 0;
+	return moves_note(store, user_id, state);
 }
 
 int ms_store_user_add_progress(struct ms_store *store, int64_t user_id,
@@ -1263,4 +1321,134 @@ int ms_store_policy_foreach(struct ms_store *store, ms_store_policy_cb *cb,
 		return set_error(store, "policy_foreach: %s",
 				 sqlite3_errstr(rc));
 	return 0;
+}
+
+/* ---- retirement of the source (mailshiftctl retire) ----
+ * The gateway writes a use at most once a minute per user; the rest is
+ * read by mailshiftctl. Prepared per call. */
+
+int ms_store_source_use_note(struct ms_store *store,
+			     const struct ms_source_use *u)
+{
+	sqlite3_stmt *st;
+	int ret;
+
+	if (sqlite3_prepare_v2(store->db, "INSERT OR REPLACE INTO source_use "
+			       "(key, kind, name, at, slack) VALUES (?1, ?2, "
+			       "?3, ?4, ?5)", -1, &st, NULL) != SQLITE_OK)
+		return db_error(store, "source_use_note");
+	bind_text(st, 1, u->key);
+	bind_text(st, 2, u->kind);
+	bind_text(st, 3, u->name);
+	sqlite3_bind_int64(st, 4, u->at);
+	sqlite3_bind_int64(st, 5, u->slack);
+	ret = run(store, st, "source_use_note");
+	sqlite3_finalize(st);
+	return ret;
+}
+
+int ms_store_source_use_foreach(struct ms_store *store, int64_t since,
+				ms_store_source_use_cb *cb, void *ctx)
+{
+	struct ms_source_use u;
+	sqlite3_stmt *st;
+	int rc, ret = 0;
+
+	if (sqlite3_prepare_v2(store->db, "SELECT key, kind, name, at, slack "
+			       "FROM source_use WHERE at + slack >= ?1 "
+			       "ORDER BY at DESC, key, kind", -1, &st,
+			       NULL) != SQLITE_OK)
+		return db_error(store, "source_use_foreach");
+	sqlite3_bind_int64(st, 1, since);
+	while (ret == 0 && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+		memset(&u, 0, sizeof(u));
+		if (copy_text(store, st, 0, u.key, sizeof(u.key), "key") < 0 ||
+		    copy_text(store, st, 1, u.kind, sizeof(u.kind),
+			      "kind") < 0 ||
+		    copy_text(store, st, 2, u.name, sizeof(u.name),
+			      "name") < 0) {
+			ret = -1;
+			break;
+		}
+		u.at = sqlite3_column_int64(st, 3);
+		u.slack = sqlite3_column_int64(st, 4);
+		ret = cb(ctx, &u);
+	}
+	sqlite3_finalize(st);
+	if (ret == 0 && rc != SQLITE_DONE)
+		return set_error(store, "source_use_foreach: %s",
+				 sqlite3_errstr(rc));
+	return ret;
+}
+
+int ms_store_user_moves(struct ms_store *store, int64_t user_id,
+			int64_t *first_copy_r, int64_t *moved_r)
+{
+	sqlite3_stmt *st;
+	int rc;
+
+	*first_copy_r = *moved_r = 0;
+	if (sqlite3_prepare_v2(store->db, "SELECT first_copy, moved FROM "
+			       "user_moves WHERE user_id = ?1", -1, &st,
+			       NULL) != SQLITE_OK)
+		return db_error(store, "user_moves");
+	sqlite3_bind_int64(st, 1, user_id);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		*first_copy_r = sqlite3_column_int64(st, 0);
+		*moved_r = sqlite3_column_int64(st, 1);
+	}
+	sqlite3_finalize(st);
+	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+		return set_error(store, "user_moves: %s", sqlite3_errstr(rc));
+	return 0;
+}
+
+int ms_store_retirement_add(struct ms_store *store,
+			    const struct ms_retirement *r)
+{
+	sqlite3_stmt *st;
+	int ret;
+
+	if (sqlite3_prepare_v2(store->db, "INSERT INTO retirements (at, uid, "
+			       "forced, record) VALUES (?1, ?2, ?3, ?4)", -1,
+			       &st, NULL) != SQLITE_OK)
+		return db_error(store, "retirement_add");
+	sqlite3_bind_int64(st, 1, r->at);
+	sqlite3_bind_int64(st, 2, r->uid);
+	sqlite3_bind_int(st, 3, r->forced);
+	bind_text(st, 4, r->record != NULL ? r->record : "{}");
+	ret = run(store, st, "retirement_add");
+	sqlite3_finalize(st);
+	return ret;
+}
+
+int ms_store_retirement_get(struct ms_store *store, struct ms_retirement *r,
+			    int *found_r)
+{
+	sqlite3_stmt *st;
+	const char *text;
+	int rc, ret = 0;
+
+	memset(r, 0, sizeof(*r));
+	*found_r = 0;
+	if (sqlite3_prepare_v2(store->db, "SELECT at, uid, forced, record FROM "
+			       "retirements ORDER BY id DESC LIMIT 1", -1, &st,
+			       NULL) != SQLITE_OK)
+		return db_error(store, "retirement_get");
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		r->at = sqlite3_column_int64(st, 0);
+		r->uid = (unsigned int)sqlite3_column_int64(st, 1);
+		r->forced = sqlite3_column_int(st, 2);
+		text = (const char *)sqlite3_column_text(st, 3);
+		r->record = strdup(text != NULL ? text : "{}");
+		if (r->record == NULL)
+			ret = set_error(store, "retirement_get: out of memory");
+		*found_r = ret == 0;
+	} else if (rc != SQLITE_DONE) {
+		ret = set_error(store, "retirement_get: %s", sqlite3_errstr(rc));
+	}
+	sqlite3_finalize(st);
+	return ret;
 }

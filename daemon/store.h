@@ -169,4 +169,43 @@ int ms_store_rintent_foreach(struct ms_store *store, int64_t folder_id,
 int ms_store_rintent_count(struct ms_store *store, int64_t folder_id,
 			   uint64_t *count_r);
 
+/* Retirement of the source (mailshiftctl retire). */
+struct ms_source_use {
+	char key[256];			/* the user, or "*": a name the map
+					   does not know */
+	char kind[16];			/* "session" (IMAP, POP3),
+					   "submission", "mail" */
+	char name[512];			/* the name given (the last one for
+					   "*") */
+	int64_t at;			/* when it was written */
+	int64_t slack;			/* later uses of the same key and kind,
+					   up to at + slack, were not written */
+};
+
+/* Replaces the (key, kind) row. */
+int ms_store_source_use_note(struct ms_store *store,
+			     const struct ms_source_use *u);
+/* The rows with at + slack >= since, newest first. */
+typedef int ms_store_source_use_cb(void *ctx, const struct ms_source_use *u);
+int ms_store_source_use_foreach(struct ms_store *store, int64_t since,
+				ms_store_source_use_cb *cb, void *ctx);
+/* When the user's first copy began and when the user last went to the
+ * destination (epoch seconds, 0 = not recorded: a store older than
+ * schema 4 or a user never moved). */
+int ms_store_user_moves(struct ms_store *store, int64_t user_id,
+			int64_t *first_copy_r, int64_t *moved_r);
+
+struct ms_retirement {
+	int64_t at;
+	unsigned int uid;		/* who ran retire --apply */
+	int forced;			/* --force over a failed check */
+	char *record;			/* JSON text: the check it rested on
+					   (malloc'd by _get; never a password) */
+};
+int ms_store_retirement_add(struct ms_store *store,
+			    const struct ms_retirement *r);
+/* The latest: 0 and *found_r = 0/1 (r->record then to be freed). */
+int ms_store_retirement_get(struct ms_store *store, struct ms_retirement *r,
+			    int *found_r);
+
 #endif

@@ -135,6 +135,13 @@ out:
 	return rep;
 }
 
+json_t *ctl_request(const char *socket, json_t *req)
+{
+	struct copts o = { .socket = socket };
+
+	return request(&o, req);
+}
+
 /* Prints the reply; returns the exit status. */
 static int finish(const struct copts *o, json_t *rep,
 		  void (*human)(json_t *rep))
@@ -204,6 +211,18 @@ static void print_status(json_t *rep)
 	bar[30] = '\0';
 	printf("[%s] %lld of %lld users on the destination\n", bar, across,
 	       total);
+	if (json_is_object(json_object_get(rep, "retired"))) {
+		json_t *r = json_object_get(rep, "retired");
+		time_t t = (time_t)jint(r, "at");
+		char at[40];
+		struct tm tm;
+
+		gmtime_r(&t, &tm);
+		strftime(at, sizeof(at), "%Y-%m-%d %H:%M:%S UTC", &tm);
+		printf("source retired: %s by uid %lld%s\n", at, jint(r, "uid"),
+		       json_is_true(json_object_get(r, "forced")) ?
+		       " (forced over a failed check)" : "");
+	}
 }
 
 static void print_user_row(json_t *u)

@@ -26,6 +26,7 @@ static const struct {
 	{ "steer", steer_main, "Installs, changes, shows and removes the kernel's steering" },
 	{ "takeover", takeover_main, "Takes over the old server's address on this host" },
 	{ "giveback", giveback_main, "Undoes a takeover: the address and its steering go" },
+	{ "retire", retire_main, "Says whether the source can go, switches it off, reports" },
 };
 
 static void show_usage(FILE *f)

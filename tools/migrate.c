@@ -394,7 +394,7 @@ static void on_tick(uv_timer_t *t)
 
 /* ---- results ---- */
 
-static json_t *report_json(const struct ms_user_report *rep)
+json_t *migrate_report_json(const struct ms_user_report *rep)
 {
 	json_t *o = json_object(), *folders = json_array();
 
@@ -529,7 +529,7 @@ static void on_user_done(const struct ms_user_report *rep, void *ctx)
 	else if (!rep->ok)
 		r->any_error = 1;
 	if (r->o->json)
-		json_array_append_new(r->results, report_json(rep));
+		json_array_append_new(r->results, migrate_report_json(rep));
 	else
 		print_table(rep);
 	if (r->done == r->users) {

@@ -443,3 +443,51 @@ int steer_main(int argc, char *argv[])
 	json_decref(o.state);
 	return ret;
 }
+
+int steer_all_to_destination(struct ms_dconfig *c, unsigned int *n_r,
+			     char *err, size_t errsz)
+{
+	static struct ms_steer_entry e[MS_STEER_MAX_EXPANDED];
+	struct sopts o = { .c = c };
+	struct ms_steer_route rt = { 0 };
+	struct ms_steer_cfg s;
+	char *script = NULL;
+	unsigned int n = 0;
+	int ret = -1;
+
+	if (need_net_admin(&o) < 0 || read_state(&o) < 0)
+		goto out;
+	if (!json_is_true(json_object_get(o.state, "installed"))) {
+		/* Nothing installed: [steer] with every mail port sent
+		 * to the destination. */
+		s = c->steer;
+		s.action = MS_STEER_DESTINATION;
+		for (unsigned int i = 0; i < s.nentries; i++)
+			if (s.entries[i].port != MS_STEER_OTHER)
+				s.entries[i].action = MS_STEER_DESTINATION;
+		ret = ms_steer_install(&s, 0, &script, &rt, &n, o.err,
+				       sizeof(o.err));
+		goto out;
+	}
+	if (installed(&o, e, &n, &rt) < 0)
+		goto out;
+	rt.families = ms_steer_families(&c->steer);
+	for (unsigned int i = 0; i < n; i++)
+		if (e[i].port != MS_STEER_OTHER)
+			e[i].action = MS_STEER_DESTINATION;
+	if (ms_steer_entries_check(&c->steer, e, n, o.err, sizeof(o.err)) < 0)
+		goto out;
+	script = ms_steer_ruleset(&c->steer, e, n, &rt,
+				  json_object_get(o.state, "counters"));
+	if (script == NULL)
+		snprintf(o.err, sizeof(o.err), "out of memory");
+	else
+		ret = ms_steer_apply(script, &rt, 0, o.err, sizeof(o.err));
+out:
+	if (ret < 0)
+		snprintf(err, errsz, "%s", o.err);
+	free(script);
+	json_decref(o.state);
+	*n_r = n;
+	return ret;
+}

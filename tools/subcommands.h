@@ -1,6 +1,10 @@
 #ifndef MS_SUBCOMMANDS_H
 #define MS_SUBCOMMANDS_H
 
+#include <stddef.h>
+
+#include <jansson.h>
+
 extern const char *prog;
 
 int migrate_main(int argc, char *argv[]);
@@ -14,5 +18,21 @@ int rollback_main(int argc, char *argv[]);
 int steer_main(int argc, char *argv[]);
 int takeover_main(int argc, char *argv[]);
 int giveback_main(int argc, char *argv[]);
+int retire_main(int argc, char *argv[]);
+
+/* For retire (from migrate.c, control.c, steer.c). */
+struct ms_user_report;
+struct ms_dconfig;
+/* A mover's report as migrate --json prints it. */
+json_t *migrate_report_json(const struct ms_user_report *rep);
+/* One request to mailshiftd's control socket: the reply, or NULL after
+ * saying why on stderr. */
+json_t *ctl_request(const char *socket, json_t *req);
+/* Every mail-port decision of the steering table (the installed one, or
+ * [steer]'s when none is) becomes "destination", in one transaction (the
+ * caller holds ms_steer_lock); *n_r: the entries. 0, or -1 with err and
+ * the kernel as it was. */
+int steer_all_to_destination(struct ms_dconfig *c, unsigned int *n_r,
+			     char *err, size_t errsz);
 
 #endif

@@ -21,6 +21,7 @@ import imaplib
 import os
 import random
 import smtplib
+import sqlite3
 import socket
 import ssl
 import threading
@@ -389,6 +390,50 @@ def test_unknown_recipient(env, gw):
     assert refused['nobody2@' + DOMAIN][0] == 550
     s.quit()
     assert where(env, 'alice', msgid) == (1, 0)
+
+
+def source_use(gw):
+    """{(user, kind): (name, at, slack)}: when mailshiftd last sent mail,
+    a submission or a login to the source (the store's source_use, what
+    mailshiftctl retire --check reads)."""
+    con = sqlite3.connect('file:%s?mode=ro' % gw.store_path, uri=True,
+                          timeout=5)
+    try:
+        return {(k, kind): (name, at, slack) for k, kind, name, at, slack in
+                con.execute('SELECT key, kind, name, at, slack FROM '
+                            'source_use')}
+    finally:
+        con.close()
+
+
+def test_source_use_is_recorded(env, gw):
+    """What retire --check counts: a recipient and a submission sent to
+    the source are recorded under the user's map name; a recipient the map
+    does not know under "*" with its address (the last one written: an
+    earlier test's within the minute). A row covers uses up to its slack
+    after it (mailshiftd writes one a minute per user at most)."""
+    set_state(gw, 'alice', 'source')
+    set_state(gw, 'ivan', 'source')
+    t0 = int(time.time())
+    msg, msgid = message('use')
+    s = smtp(gw)
+    refused = s.sendmail('sender@remote.test',
+                         ['nobody3@' + DOMAIN, addr('alice').upper()], msg)
+    assert list(refused) == ['nobody3@' + DOMAIN], refused
+    s.quit()
+    s = smtplib.SMTP('127.0.0.1', gw.submission_port, timeout=30)
+    s.starttls(context=env.ca.ssl_context())
+    s.login('ivan', USERS['ivan'])
+    s.quit()
+    t1 = int(time.time())
+    use = source_use(gw)
+    for key, name in ((('alice', 'mail'), None),
+                      (('*', 'mail'), 'nobody'),
+                      (('ivan', 'submission'), 'ivan')):
+        assert key in use, (key, use)
+        got, at, slack = use[key]
+        assert at <= t1 and at + slack >= t0, (key, use[key], t0, t1)
+        assert name is None or got.startswith(name), (key, use[key])
 
 
 def test_mail_during_copy(env, gw):

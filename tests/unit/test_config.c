@@ -207,6 +207,34 @@ static void dconfig_window(void **state)
 		    NULL);
 }
 
+/* [retire]: durations with a unit, the defaults, the bounds. */
+static void dconfig_retire(void **state)
+{
+	static struct ms_dconfig c;
+
+	expect_conf(LISTEN, NULL, &c);
+	assert_int_equal(c.retire.quiet_period, 86400);
+	assert_int_equal(c.retire.record_interval, 60);
+	expect_conf(LISTEN "[retire]\nquiet_period = 7d\nrecord_interval = 1s\n",
+		    NULL, &c);
+	assert_int_equal(c.retire.quiet_period, 7 * 86400);
+	assert_int_equal(c.retire.record_interval, 1);
+	expect_conf(LISTEN "[retire]\nquiet_period = 90\n", NULL, &c);
+	assert_int_equal(c.retire.quiet_period, 90);
+	expect_conf(LISTEN "[retire]\nquiet_period = 2w\n", ":4: quiet_period",
+		    NULL);
+	expect_conf(LISTEN "[retire]\nquiet_period = h\n", ":4: quiet_period",
+		    NULL);
+	expect_conf(LISTEN "[retire]\nquiet_period = 99999999999d\n",
+		    ":4: quiet_period", NULL);
+	expect_conf(LISTEN "[retire]\nrecord_interval = 0\n",
+		    ":4: record_interval", NULL);
+	expect_conf(LISTEN "[retire]\nrecord_interval = 2h\n",
+		    ":4: record_interval", NULL);
+	expect_conf(LISTEN "[retire]\nbogus = 1\n",
+		    ":4: unknown key \"bogus\" in [retire]", NULL);
+}
+
 static void dconfig_keys(void **state)
 {
 	static struct ms_dconfig c;
@@ -435,6 +463,7 @@ int main(void)
 		cmocka_unit_test(ini_promises),
 		cmocka_unit_test(dconfig_defaults),
 		cmocka_unit_test(dconfig_ranges),
+		cmocka_unit_test(dconfig_retire),
 		cmocka_unit_test(secret_files),
 	};
 

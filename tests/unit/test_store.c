@@ -151,7 +151,7 @@ static void test_open_file(void **state)
 
 	sql_text(f, "PRAGMA journal_mode", mode, sizeof(mode));
 	assert_string_equal(mode, "wal");
-	assert_int_equal(sql_int(f, "PRAGMA user_version"), 3);
+	assert_int_equal(sql_int(f, "PRAGMA user_version"), 4);
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM sqlite_master "
 				 "WHERE type = 'table' AND name IN "
 				 "('users', 'folders', 'messages', 'rintents')"),
@@ -1052,6 +1052,62 @@ static void test_two_processes(void **state)
 	assert_int_equal(n, 1000);
 }
 
+static int count_use(void *ctx, const struct ms_source_use *u)
+{
+	unsigned int *n = ctx;
+
+	(*n)++;
+	return 0;
+}
+
+/* retire's records: a use is found while at + slack reaches the period
+ * asked about; a note replaces the (key, kind) row; the move dates follow
+ * the state; the latest retirement is read back. */
+static void test_retirement(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_source_use u = { .key = "alice", .kind = "session",
+				   .name = "alice", .at = 1000, .slack = 60 };
+	struct ms_retirement r = { .at = 5000, .uid = 7, .forced = 1,
+				   .record = "{\"ok\": true}" }, got;
+	int64_t id, first, moved;
+	unsigned int n = 0;
+	int found;
+
+	assert_int_equal(ms_store_source_use_note(f->store, &u), 0);
+	assert_int_equal(ms_store_source_use_foreach(f->store, 1060, count_use,
+						     &n), 0);
+	assert_int_equal(n, 1);
+	n = 0;
+	assert_int_equal(ms_store_source_use_foreach(f->store, 1061, count_use,
+						     &n), 0);
+	assert_int_equal(n, 0);
+	u.at = 2000;
+	assert_int_equal(ms_store_source_use_note(f->store, &u), 0);
+	assert_int_equal(ms_store_source_use_foreach(f->store, 0, count_use,
+						     &n), 0);
+	assert_int_equal(n, 1);
+
+	assert_int_equal(ms_store_user_get(f->store, "alice", &id), 0);
+	assert_int_equal(ms_store_user_moves(f->store, id, &first, &moved), 0);
+	assert_true(first == 0 && moved == 0);
+	assert_int_equal(ms_store_user_set_state(f->store, id, "copying", NULL),
+			 0);
+	assert_int_equal(ms_store_user_set_state(f->store, id, "destination",
+						 NULL), 0);
+	assert_int_equal(ms_store_user_moves(f->store, id, &first, &moved), 0);
+	assert_true(first > 0 && moved >= first);
+
+	assert_int_equal(ms_store_retirement_get(f->store, &got, &found), 0);
+	assert_int_equal(found, 0);
+	assert_int_equal(ms_store_retirement_add(f->store, &r), 0);
+	assert_int_equal(ms_store_retirement_get(f->store, &got, &found), 0);
+	assert_int_equal(found, 1);
+	assert_true(got.at == 5000 && got.uid == 7 && got.forced == 1);
+	assert_string_equal(got.record, r.record);
+	free(got.record);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1075,6 +1131,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_two_handles, setup,
 						teardown),
 		cmocka_unit_test_setup_teardown(test_two_processes, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_retirement, setup,
 						teardown),
 	};
 

@@ -1,0 +1,199 @@
+/* [retire] and the gateway's record of its use of the source. The record
+ * is throttled in memory (a small table of the last write per user and
+ * kind) so that a busy source costs the store one write a minute per
+ * user, not one per login or message; each row says how late it may be
+ * (its slack), and mailshiftctl retire counts that in. */
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "log.h"
+#include "retire.h"
+
+#define SLOTS 1024
+#define MAX_DURATION (400u * 86400u)
+
+void ms_retire_defaults(struct ms_retire_cfg *r)
+{
+	r->quiet_period = 86400;
+	r->record_interval = 60;
+}
+
+int ms_parse_duration(const char *s, unsigned int *secs_r)
+{
+	static const struct {
+		char unit;
+		unsigned int secs;
+	} units[] = { { 's', 1 }, { 'm', 60 }, { 'h', 3600 }, { 'd', 86400 } };
+	unsigned long long v = 0;
+	unsigned int mult = 1;
+	const char *p = s;
+
+	if (!isdigit((unsigned char)*p))
+		return -1;
+	while (isdigit((unsigned char)*p) && v <= MAX_DURATION)
+		v = v * 10 + (unsigned int)(*p++ - '0');
+	if (*p != '\0') {
+		size_t i;
+
+		for (i = 0; i < sizeof(units) / sizeof(units[0]); i++)
+			if (*p == units[i].unit)
+				break;
+		if (i == sizeof(units) / sizeof(units[0]) || p[1] != '\0')
+			return -1;
+		mult = units[i].secs;
+	}
+	if (v * mult > MAX_DURATION)
+		return -1;
+	*secs_r = (unsigned int)(v * mult);
+	return 0;
+}
+
+int ms_retire_key(struct ms_retire_cfg *r, const char *key, const char *value,
+		  char *err, size_t errsz)
+{
+	unsigned int *dst;
+
+	if (!strcmp(key, "quiet_period"))
+		dst = &r->quiet_period;
+	else if (!strcmp(key, "record_interval"))
+		dst = &r->record_interval;
+	else {
+		snprintf(err, errsz, "unknown key \"%s\" in [retire]", key);
+		return -1;
+	}
+	if (ms_parse_duration(value, dst) < 0 ||
+	    (dst == &r->record_interval && (*dst < 1 || *dst > 3600))) {
+		snprintf(err, errsz, "%s: \"%.40s\" is not a duration (a number "
+			 "with s, m, h or d%s)", key, value,
+			 dst == &r->record_interval ? "; 1s to 1h" : "");
+		return -1;
+	}
+	return 0;
+}
+
+static struct {
+	struct ms_store *store;
+	unsigned int interval;
+	struct slot {
+		char key[256];
+		char kind[16];
+		time_t at;
+	} slots[SLOTS];
+} rec;
+
+void ms_retire_init(struct ms_store *store, const struct ms_retire_cfg *r)
+{
+	memset(&rec, 0, sizeof(rec));
+	rec.store = store;
+	rec.interval = r->record_interval;
+}
+
+static int known(const char *name)
+{
+	struct ms_user_info info;
+	int found = 0;
+
+	return ms_store_user_info(rec.store, name, &info, &found) == 0 &&
+	       found;
+}
+
+/* The name without its local part's "+extension" (alice+lists@d ->
+ * alice@d), into out; 0 when it has none. */
+static int drop_extension(const char *name, char *out, size_t sz)
+{
+	const char *at = strrchr(name, '@');
+	size_t local = at != NULL ? (size_t)(at - name) : strlen(name);
+	const char *plus = memchr(name, '+', local);
+
+	if (plus == NULL || plus == name)
+		return 0;
+	snprintf(out, sz, "%.*s%s", (int)(plus - name), name,
+		 at != NULL ? at : "");
+	return 1;
+}
+
+/* The map's name for what a client gave: a login's as it is (the gateway
+ * looks logins up so); a recipient's tried as the gateway looks recipients
+ * up (smtp.c, route_rcpt): its domain in lower case, all in lower case,
+ * its local part as given and in lower case, each again without a
+ * "+extension". "*" when the map knows none of them. */
+static void map_name(const char *name, int rcpt, char *key, size_t keysz)
+{
+	char base[2][256], c[256];
+	unsigned int nbase = 1;
+
+	snprintf(key, keysz, "*");
+	if (strlen(name) >= sizeof(base[0]))
+		return;
+	if (!rcpt) {
+		if (known(name))
+			snprintf(key, keysz, "%s", name);
+		return;
+	}
+	snprintf(base[0], sizeof(base[0]), "%s", name);
+	nbase += drop_extension(name, base[1], sizeof(base[1]));
+	for (unsigned int b = 0; b < nbase; b++) {
+		for (unsigned int i = 0; i < 4; i++) {
+			char *at;
+
+			snprintf(c, sizeof(c), "%s", base[b]);
+			at = strrchr(c, '@');
+			if (i >= 2 && at == NULL)
+				break;
+			if (i >= 2)
+				*at = '\0';
+			/* 0: the domain in lower case; 1, 3: all of it */
+			for (char *p = i == 0 && at != NULL ? at : c;
+			     (i % 2 == 1 || (i == 0 && at != NULL)) &&
+			     *p != '\0'; p++)
+				*p = (char)tolower((unsigned char)*p);
+			if (c[0] != '\0' && known(c)) {
+				snprintf(key, keysz, "%s", c);
+				return;
+			}
+		}
+	}
+}
+
+static unsigned int slot_of(const char *key, const char *kind)
+{
+	unsigned int h = 2166136261u;
+
+	for (const char *p = key; *p != '\0'; p++)
+		h = (h ^ (unsigned char)*p) * 16777619u;
+	for (const char *p = kind; *p != '\0'; p++)
+		h = (h ^ (unsigned char)*p) * 16777619u;
+	return h % SLOTS;
+}
+
+void ms_retire_note(const char *kind, const char *name)
+{
+	struct ms_source_use u = { .slack = 0 };
+	struct slot *sl;
+	time_t now = time(NULL);
+
+	if (rec.store == NULL || name == NULL)
+		return;
+	map_name(name, !strcmp(kind, "mail"), u.key, sizeof(u.key));
+	sl = &rec.slots[slot_of(u.key, kind)];
+	/* Written less than an interval ago: the row's slack covers this
+	 * use. (Another key in the slot is simply written again.) */
+	if (!strcmp(sl->key, u.key) && !strcmp(sl->kind, kind) &&
+	    now >= sl->at && now - sl->at < (time_t)rec.interval)
+		return;
+	snprintf(u.kind, sizeof(u.kind), "%s", kind);
+	snprintf(u.name, sizeof(u.name), "%s", name);
+	u.at = now;
+	u.slack = rec.interval;
+	if (ms_store_source_use_note(rec.store, &u) < 0) {
+		ms_log(MS_LOG_ERROR, "%s: recording a use of the source: "
+		       "store: %s", name, ms_store_error(rec.store));
+		return;
+	}
+	snprintf(sl->key, sizeof(sl->key), "%s", u.key);
+	snprintf(sl->kind, sizeof(sl->kind), "%s", kind);
+	sl->at = now;
+}

@@ -1,0 +1,34 @@
+/* Retiring the source: the [retire] section of mailshift.conf, and the
+ * gateway's record of what it still sends to the source (a session, a
+ * submission, a message), kept in the store for mailshiftctl retire. See
+ * docs/deployment.md, "Retiring the source", and mailshift.conf(5). */
+#ifndef MS_RETIRE_H
+#define MS_RETIRE_H
+
+#include <stddef.h>
+
+#include "store.h"
+
+struct ms_retire_cfg {
+	unsigned int quiet_period;	/* seconds without a use of the source
+					   before it may be retired */
+	unsigned int record_interval;	/* the gateway writes a user's use at
+					   most this often (seconds) */
+};
+
+void ms_retire_defaults(struct ms_retire_cfg *r);
+/* One key of [retire]; 0 or -1 with err. */
+int ms_retire_key(struct ms_retire_cfg *r, const char *key, const char *value,
+		  char *err, size_t errsz);
+/* "90", "90s", "15m", "24h", "7d" into seconds (at most 400 days). */
+int ms_parse_duration(const char *s, unsigned int *secs_r);
+
+/* The gateway's side, one per process (like the log): where to write. */
+void ms_retire_init(struct ms_store *store, const struct ms_retire_cfg *r);
+/* The gateway sends something of name's to the source now: kind
+ * "session" (an IMAP or POP3 login), "submission" or "mail" (a
+ * recipient). Written under the user's map name, or "*" for a name the map
+ * does not know; at most once per record_interval per user and kind. */
+void ms_retire_note(const char *kind, const char *name);
+
+#endif

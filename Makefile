@@ -11,6 +11,9 @@
 #   make fuzz       run them longer: make fuzz FUZZ_SECONDS=600 [FUZZ=fuzz_sasl]
 #   make demo       two local Dovecots, a demo mailbox moved while you watch
 #   make bench      the mover benchmark against mbsync and doveadm (not a test)
+#   make kmod       the kernel module, kmod/mailshift.ko (KDIR= a kernel
+#                   build tree; default the installed Debian cloud headers)
+#   make kmod-check the module under the kernel's checkpatch.pl --strict
 #   make install    the programs, man pages and example config, under
 #                   DESTDIR and PREFIX (default /usr/local)
 #
@@ -203,6 +206,40 @@ bench-gateway: deps
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(PYTHON) bench/gateway_bench.py
 
+# ---- the kernel module (kmod/, docs/kmod.md) ----
+#
+# Built out of tree through the top-level Kbuild. KDIR: a kernel's build
+# tree; by default the newest installed Debian cloud kernel headers.
+# BTF is left out: the headers carry no vmlinux to take it from.
+KDIR ?= $(shell ls -d /usr/src/linux-headers-*-cloud-amd64 2>/dev/null | \
+		sort -V | tail -n 1)
+KMOD_SRC := $(filter-out %.mod.c,$(wildcard kmod/*.c kmod/*.h kmod/uapi/*.h))
+CHECKPATCH_DIR := build/checkpatch
+
+kmod: $(KMOD_SRC) kmod/Kbuild Kbuild
+	$(Q)test -n "$(KDIR)" -a -d "$(KDIR)" || { echo "kmod: no kernel" \
+		"headers (KDIR=$(KDIR)); tests/install-deps.sh installs" \
+		"them" >&2; exit 1; }
+	$(Q)$(MAKE) -C $(KDIR) M=$(CURDIR) CONFIG_DEBUG_INFO_BTF_MODULES= \
+		modules
+
+# The kernel's own style checker, from Debian's kernel source package (no
+# package ships checkpatch.pl alone); its word lists sit beside it.
+$(CHECKPATCH_DIR)/checkpatch.pl:
+	$(Q)mkdir -p $(CHECKPATCH_DIR)
+	$(Q)tar -xJf /usr/src/linux-source-6.1.tar.xz -C $(CHECKPATCH_DIR) \
+		--strip-components=2 --wildcards \
+		'*/scripts/checkpatch.pl' '*/scripts/spelling.txt' \
+		'*/scripts/const_structs.checkpatch'
+
+kmod-check: $(CHECKPATCH_DIR)/checkpatch.pl
+	$(Q)perl $(CHECKPATCH_DIR)/checkpatch.pl --strict --no-tree --terse \
+		--show-types -f $(KMOD_SRC) kmod/Kbuild Kbuild && \
+		echo "  CHECK   kmod: checkpatch.pl --strict finds nothing"
+
+kmod-clean:
+	$(Q)test -z "$(KDIR)" || $(MAKE) -C $(KDIR) M=$(CURDIR) clean
+
 # What a package holds: mailshiftd is the administrator's daemon (sbin),
 # mailshiftctl the operator's tool; the example config goes with the docs
 # (a package decides whether to put one in /etc).
@@ -232,7 +269,7 @@ clean:
 	rm -rf build
 
 .PHONY: all asan fuzz-build deps unit integration check-asan check-fuzz fuzz \
-	check demo bench bench-gateway install uninstall clean
+	kmod kmod-check kmod-clean check demo bench bench-gateway install uninstall clean
 .SECONDARY:
 -include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d) daemon/mailshiftd.d
 -include $(wildcard $(ASAN_DIR)/obj/*/*.d $(ASAN_DIR)/unit/*.d)

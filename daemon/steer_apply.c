@@ -92,6 +92,11 @@ int ms_steer_install(const struct ms_steer_cfg *s, int dry_run,
 	int ret = -1;
 
 	*script = NULL;
+	if (s->backend == MS_STEER_BACKEND_KMOD) {
+		free(e);
+		return ms_steer_kmod_install(s, dry_run, script, rt, n, err,
+					     errsz);
+	}
 	if (e == NULL) {
 		snprintf(err, errsz, "out of memory");
 		return -1;

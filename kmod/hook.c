@@ -254,6 +254,7 @@ static unsigned int ms_hook(void *priv, struct sk_buff *skb,
 
 	if (!t || parse(skb, state->pf, &p) < 0)
 		return NF_ACCEPT;
+	ct = nf_ct_get(skb, &ctinfo);
 	/* A packet of a transparent socket's connection (a proxied client,
 	 * or a server answering the gateway's upstream connection made from
 	 * the client's address) is delivered locally.
@@ -267,11 +268,12 @@ static unsigned int ms_hook(void *priv, struct sk_buff *skb,
 		sock_gen_put(sk);
 		sk = NULL;
 		if (transparent) {
+			if (ct)
+				count(mn, ct, skb);
 			skb->mark = t->route_mark;
 			return NF_ACCEPT;
 		}
 	}
-	ct = nf_ct_get(skb, &ctinfo);
 	if (!ct)
 		goto out;
 	if (ctinfo == IP_CT_NEW)

@@ -50,6 +50,7 @@ struct ms_port {
 struct ms_table {
 	struct rcu_head rcu;
 	u32 mark, route_mark;
+	u32 route_table, route_priority;	/* userspace's, kept */
 	unsigned int nports, nentries;
 	struct ms_port ports[MAILSHIFT_MAX_PORTS];
 	bool has_src[2], has_dst[2];	/* [0] IPv4, [1] IPv6 */

@@ -31,6 +31,8 @@ static const struct nla_policy entry_policy[MAILSHIFT_E_MAX + 1] = {
 static const struct nla_policy policy[MAILSHIFT_A_MAX + 1] = {
 	[MAILSHIFT_A_MARK] = { .type = NLA_U32 },
 	[MAILSHIFT_A_ROUTE_MARK] = NLA_POLICY_MIN(NLA_U32, 1),
+	[MAILSHIFT_A_ROUTE_TABLE] = { .type = NLA_U32 },
+	[MAILSHIFT_A_ROUTE_PRIORITY] = { .type = NLA_U32 },
 	[MAILSHIFT_A_PORTS] = NLA_POLICY_NESTED_ARRAY(port_policy),
 	[MAILSHIFT_A_SOURCE4] = NLA_POLICY_EXACT_LEN(4),
 	[MAILSHIFT_A_SOURCE6] = NLA_POLICY_EXACT_LEN(16),
@@ -266,6 +268,11 @@ static struct ms_table *parse_table(struct genl_info *info)
 		goto err;
 	}
 	t->route_mark = nla_get_u32(attrs[MAILSHIFT_A_ROUTE_MARK]);
+	if (attrs[MAILSHIFT_A_ROUTE_TABLE])
+		t->route_table = nla_get_u32(attrs[MAILSHIFT_A_ROUTE_TABLE]);
+	if (attrs[MAILSHIFT_A_ROUTE_PRIORITY])
+		t->route_priority =
+			nla_get_u32(attrs[MAILSHIFT_A_ROUTE_PRIORITY]);
 	get_server(&t->has_src[0], &t->src[0], attrs[MAILSHIFT_A_SOURCE4]);
 	get_server(&t->has_src[1], &t->src[1], attrs[MAILSHIFT_A_SOURCE6]);
 	get_server(&t->has_dst[0], &t->dst[0], attrs[MAILSHIFT_A_DEST4]);
@@ -329,6 +336,8 @@ static int put_header(struct sk_buff *skb, const struct ms_net *mn,
 		return 0;
 	if (nla_put_u32(skb, MAILSHIFT_A_MARK, t->mark) ||
 	    nla_put_u32(skb, MAILSHIFT_A_ROUTE_MARK, t->route_mark) ||
+	    nla_put_u32(skb, MAILSHIFT_A_ROUTE_TABLE, t->route_table) ||
+	    nla_put_u32(skb, MAILSHIFT_A_ROUTE_PRIORITY, t->route_priority) ||
 	    (t->has_src[0] && nla_put_in_addr(skb, MAILSHIFT_A_SOURCE4,
 					      t->src[0].ip)) ||
 	    (t->has_src[1] && nla_put_in6_addr(skb, MAILSHIFT_A_SOURCE6,

@@ -125,8 +125,10 @@ static int read_state(struct sopts *o)
 static int replace(struct sopts *o, const struct ms_steer_entry *e,
 		   unsigned int n, const struct ms_steer_route *rt)
 {
-	char *script = ms_steer_ruleset(&o->c->steer, e, n, rt,
-					json_object_get(o->state, "counters"));
+	int kmod = o->c->steer.backend == MS_STEER_BACKEND_KMOD;
+	char *script = kmod ? ms_steer_kmod_text(&o->c->steer, e, n, rt) :
+			      ms_steer_ruleset(&o->c->steer, e, n, rt,
+				json_object_get(o->state, "counters"));
 
 	if (script == NULL) {
 		snprintf(o->err, sizeof(o->err), "out of memory");
@@ -137,7 +139,9 @@ static int replace(struct sopts *o, const struct ms_steer_entry *e,
 		free(script);
 		return 0;
 	}
-	if (ms_steer_apply(script, rt, 0, o->err, sizeof(o->err)) < 0) {
+	if (kmod ? ms_steer_kmod_set(&o->c->steer, e, n, rt, o->err,
+				     sizeof(o->err)) < 0 :
+		   ms_steer_apply(script, rt, 0, o->err, sizeof(o->err)) < 0) {
 		free(script);
 		return fail(o, 1);
 	}
@@ -286,6 +290,7 @@ static int cmd_remove(struct sopts *o)
 	static const char script[] = "table inet " MS_STEER_TABLE "\n"
 				     "delete table inet " MS_STEER_TABLE "\n";
 	static struct ms_steer_cfg none;
+	int kmod;
 
 	if (o->dry_run) {
 		printf("# every rule and route of proto %d, and:\n%s",
@@ -294,11 +299,16 @@ static int cmd_remove(struct sopts *o)
 	}
 	if (need_net_admin(o) < 0)
 		return fail(o, 1);
+	/* backend = kmod: nftables is left alone (the host may not even
+	 * have it). */
+	kmod = load(o) == 0 && o->c->steer.backend == MS_STEER_BACKEND_KMOD;
 	/* The table first: without it nothing is marked, so the routing
 	 * can go after it without a packet going astray. */
-	if (ms_steer_read(&none, &o->state, o->err, sizeof(o->err)) < 0 ||
-	    (json_is_true(json_object_get(o->state, "installed")) &&
-	     ms_steer_nft_run(script, 0, o->err, sizeof(o->err)) < 0) ||
+	if ((!kmod &&
+	     (ms_steer_read(&none, &o->state, o->err, sizeof(o->err)) < 0 ||
+	      (json_is_true(json_object_get(o->state, "installed")) &&
+	       ms_steer_nft_run(script, 0, o->err, sizeof(o->err)) < 0))) ||
+	    ms_steer_kmod_remove(o->err, sizeof(o->err)) < 0 ||
 	    ms_rtnl_remove(o->err, sizeof(o->err)) < 0)
 		return fail(o, 1);
 	return done(o, "removed", NULL, 0);
@@ -315,20 +325,30 @@ static json_t *stats(struct sopts *o)
 	size_t i;
 
 	json_array_foreach(json_object_get(o->state, "entries"), i, v) {
+		json_t *c, *row;
+
 		if (ms_steer_entry_parse(json_string_value(v), &e, o->err,
 					 sizeof(o->err)) < 0)
 			continue;
 		ms_steer_counter_name(&e, name, sizeof(name));
 		snprintf(port, sizeof(port), "%u", e.port);
-		json_array_append_new(json_object_get(out, "entries"),
-			json_pack("{s:O,s:s,s:s,s:s?,s:s,s:O?}", "entry", v,
-				  "address", e.addr.text, "port",
-				  e.port ? port : "other", "prefix",
-				  e.prefix.family ? e.prefix.text : NULL,
-				  "action", ms_steer_action_name(e.action),
-				  "connections", json_object_get(
-					json_object_get(counters, name),
-					"packets")));
+		c = json_object_get(counters, name);
+		row = json_pack("{s:O,s:s,s:s,s:s?,s:s,s:O?}", "entry", v,
+				"address", e.addr.text, "port",
+				e.port ? port : "other", "prefix",
+				e.prefix.family ? e.prefix.text : NULL,
+				"action", ms_steer_action_name(e.action),
+				"connections", json_object_get(c, "packets"));
+		/* The module counts a connection's packets and bytes too. */
+		if (json_object_get(c, "connections") != NULL) {
+			json_object_set(row, "connections",
+					json_object_get(c, "connections"));
+			json_object_set(row, "packets",
+					json_object_get(c, "packets"));
+			json_object_set(row, "bytes",
+					json_object_get(c, "bytes"));
+		}
+		json_array_append_new(json_object_get(out, "entries"), row);
 	}
 	v = json_object_get(json_object_get(counters, "rejected"), "packets");
 	json_object_set_new(out, "rejected", v ? json_incref(v) :
@@ -356,6 +376,9 @@ static int cmd_show(struct sopts *o, int counters_only)
 	static struct ms_steer_cfg none;
 	json_t *out, *routing, *r = NULL;
 
+	/* The configuration, when there is one, names the backend. */
+	if (o->c == NULL && load(o) < 0)
+		o->c = NULL;
 	if (need_net_admin(o) < 0 ||
 	    ms_steer_read(o->c ? &o->c->steer : &none, &o->state, o->err,
 			  sizeof(o->err)) < 0 ||
@@ -373,7 +396,10 @@ static int cmd_show(struct sopts *o, int counters_only)
 		json_dumpf(out, stdout, JSON_INDENT(2));
 		putchar('\n');
 	} else if (!counters_only) {
-		printf("table inet %s: %s\n", MS_STEER_TABLE,
+		printf("%s%s: %s\n", json_object_get(o->state, "backend") ?
+		       "mailshift module table" : "table inet ",
+		       json_object_get(o->state, "backend") ? "" :
+		       MS_STEER_TABLE,
 		       json_is_true(json_object_get(o->state, "installed")) ?
 		       "installed" : "not installed");
 		if (r != NULL)

@@ -13,6 +13,9 @@
  *		connection's decision is kept as base | action in its ct mark
  *	MAILSHIFT_A_ROUTE_MARK: u32, the packet mark of diverted packets (the
  *		policy routing delivers marked packets locally)
+ *	MAILSHIFT_A_ROUTE_TABLE, MAILSHIFT_A_ROUTE_PRIORITY: u32, optional:
+ *		where that policy routing is (its table, its rule's
+ *		priority); kept for userspace and dumped, not used here
  *	MAILSHIFT_A_PORTS: nested, at most MAILSHIFT_MAX_PORTS of
  *		[any type]: nested
  *			MAILSHIFT_P_PORT: u16, a mail port (1 to 65535)
@@ -85,6 +88,8 @@ enum mailshift_attr {
 	MAILSHIFT_A_INSTALLED,
 	MAILSHIFT_A_GENERATION,
 	MAILSHIFT_A_REJECTED,
+	MAILSHIFT_A_ROUTE_TABLE,
+	MAILSHIFT_A_ROUTE_PRIORITY,
 	__MAILSHIFT_A_MAX
 };
 

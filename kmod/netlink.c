@@ -254,8 +254,11 @@ static struct ms_table *parse_table(struct genl_info *info)
 
 	if (GENL_REQ_ATTR_CHECK(info, MAILSHIFT_A_MARK) ||
 	    GENL_REQ_ATTR_CHECK(info, MAILSHIFT_A_ROUTE_MARK) ||
-	    GENL_REQ_ATTR_CHECK(info, MAILSHIFT_A_PORTS))
+	    GENL_REQ_ATTR_CHECK(info, MAILSHIFT_A_PORTS)) {
+		NL_SET_ERR_MSG_MOD(extack,
+				   "a table needs a mark, a route mark and ports");
 		return ERR_PTR(-EINVAL);
+	}
 	t = kvzalloc(struct_size(t, entries, MAILSHIFT_MAX_ENTRIES),
 		     GFP_KERNEL);
 	if (!t)
@@ -263,7 +266,7 @@ static struct ms_table *parse_table(struct genl_info *info)
 	t->mark = nla_get_u32(attrs[MAILSHIFT_A_MARK]);
 	if (!t->mark || (t->mark & 0xff)) {
 		NL_SET_ERR_MSG_ATTR(extack, attrs[MAILSHIFT_A_MARK],
-				    "the mark base is not 0 and has its low 8 bits zero");
+				    "the mark base must be nonzero with its low 8 bits zero");
 		ret = -EINVAL;
 		goto err;
 	}

@@ -151,6 +151,13 @@ say "STATS-BEGIN"
 ctl --json stats > $R
 say "STATS-END"
 
+# Bad netlink input against the installed table, a dump interrupted by a
+# change, no privilege (ktnl prints its own PASS/FAIL lines).
+in_ns gw ktnl > /tmp/ktnl.log 2>&1
+grep -E '^(PASS|FAIL|INFO): ' /tmp/ktnl.log > $R
+failed=$((failed + $(grep -c '^FAIL' /tmp/ktnl.log)))
+cat /tmp/ktnl.log
+
 ok "steer remove" ctl remove
 check "after remove: straight to the source" \
 	"SOURCE sees 10.77.0.2:" "$(connect 10.77.1.2 143)"

@@ -1,11 +1,11 @@
 #!/bin/sh
 # Builds the module test's initramfs: busybox-static, the distribution
 # modules mailshift.ko needs (its depends= closed over modules.dep) and
-# veth, the module, kt, mailshiftctl and iproute2's ip with the shared
+# veth, the module, kt, ktnl, mailshiftctl and iproute2's ip with the shared
 # libraries they use, the guest script as /init and a mailshift.conf.
-# Usage: mkinitramfs.sh KERNEL-ROOT KVER MODULE KT MAILSHIFTCTL OUT
+# Usage: mkinitramfs.sh KERNEL-ROOT KVER MODULE KT KTNL MAILSHIFTCTL OUT
 set -eu
-root=$1 kver=$2 module=$3 kt=$4 ctl=$5 out=$6
+root=$1 kver=$2 module=$3 kt=$4 ktnl=$5 ctl=$6 out=$7
 here=$(cd "$(dirname "$0")" && pwd)
 moddir=$root/lib/modules/$kver
 stage=$(mktemp -d)
@@ -70,6 +70,7 @@ copy_prog() {
 		done
 }
 copy_prog "$ctl" /bin/mailshiftctl
+copy_prog "$ktnl" /bin/ktnl
 # busybox prefers its own applets: iproute2's ip is called by full path.
 copy_prog "$(command -v ip || echo /usr/sbin/ip)" /usr/sbin/ip
 cp "$kt" "$stage/bin/kt"

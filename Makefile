@@ -187,6 +187,7 @@ fuzz: $(FUZZ_BIN)
 # every report.
 check: deps
 	$(Q)./tests/check-tree
+	$(Q)$(MAKE) --no-print-directory kmod-check
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(MAKE) --no-print-directory unit
 	$(Q)$(MAKE) --no-print-directory integration

@@ -19,6 +19,7 @@
 struct sopts {
 	const char *config;
 	int json, dry_run;
+	int backend;			/* --backend, -1: the configuration's */
 	struct ms_dconfig *c;
 	json_t *state;			/* ms_steer_read's */
 	char err[1200];
@@ -38,6 +39,7 @@ static void usage(FILE *f)
 "                                packets reset because nothing listened\n"
 "  remove                        the table, the rules and the routes\n"
 "  -c, --config FILE  mailshift.conf (default " DEFAULT_CONFIG ")\n"
+"  --backend nft|kmod where the table lives (default: [steer] backend)\n"
 "  --dry-run          print the ruleset and routing it would apply; change\n"
 "                     nothing\n", prog);
 }
@@ -78,6 +80,8 @@ static int load(struct sopts *o)
 			 o->config);
 		return -1;
 	}
+	if (o->backend >= 0)
+		c.steer.backend = o->backend;
 	return 0;
 }
 
@@ -427,13 +431,18 @@ static int cmd_show(struct sopts *o, int counters_only)
 
 int steer_main(int argc, char *argv[])
 {
-	struct sopts o = { .config = DEFAULT_CONFIG };
+	struct sopts o = { .config = DEFAULT_CONFIG, .backend = -1 };
 	int n = 0, ret;
 
 	for (int i = 1; i < argc; i++) {
 		if ((!strcmp(argv[i], "-c") || !strcmp(argv[i], "--config")) &&
 		    i + 1 < argc)
 			o.config = argv[++i];
+		else if (!strcmp(argv[i], "--backend") && i + 1 < argc &&
+			 (!strcmp(argv[i + 1], "nft") ||
+			  !strcmp(argv[i + 1], "kmod")))
+			o.backend = argv[++i][0] == 'k' ?
+				    MS_STEER_BACKEND_KMOD : MS_STEER_BACKEND_NFT;
 		else if (!strcmp(argv[i], "--json") || !strcmp(argv[i], "-j"))
 			o.json = 1;
 		else if (!strcmp(argv[i], "--dry-run") || !strcmp(argv[i], "-n"))

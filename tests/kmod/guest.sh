@@ -146,6 +146,35 @@ ok "fail closed: nothing reached the source" \
 	test "$(wc -l < /tmp/source.log)" = "$before" -a \
 	"$(wc -l < /tmp/source6.log)" = "$before6"
 
+# Changes under traffic: connections keep being made while the table is
+# replaced twenty times; every one gets its greeting (from the proxy or
+# the destination, whichever the table said at its first packet).
+/usr/sbin/ip netns exec gw kt tproxy 10143 PROXY > /tmp/proxy2.log &
+proxy=$!
+wait_for /tmp/proxy2.log listening || fail "kt proxy did not start again"
+(
+	for i in $(seq 1 40); do
+		connect 10.77.1.2 143
+	done > /tmp/churn.log
+) &
+churn=$!
+for i in $(seq 1 10); do
+	ctl set 10.77.1.2 143 destination > /dev/null
+	ctl set 10.77.1.2 143 default > /dev/null
+done
+wait $churn
+ok "40 connections during 20 table changes all answered" \
+	test "$(grep -cE '^(PROXY|DEST) ' /tmp/churn.log)" = 40
+kill $proxy
+wait $proxy
+
+# A namespace with a table of its own, deleted with it.
+ip netns add gone
+in_ns gone ip link set lo up
+ok "a second namespace's own table" \
+	in_ns gone mailshiftctl steer -c $CONF install
+ok "the second namespace deleted with its table" ip netns del gone
+
 # The counters, for the host to check.
 say "STATS-BEGIN"
 ctl --json stats > $R

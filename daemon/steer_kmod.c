@@ -11,6 +11,7 @@
 
 #include <linux/netlink.h>
 #include <netlink/genl/ctrl.h>
+#include <netlink/genl/family.h>
 #include <netlink/genl/genl.h>
 #include <netlink/netlink.h>
 
@@ -60,6 +61,30 @@ static void kmod_close(struct kmod *k)
 	k->sk = NULL;
 }
 
+/* A module of another interface version is refused, not misread. */
+static int kmod_version(struct kmod *k, char *err, size_t errsz)
+{
+	struct nl_cache *cache = NULL;
+	struct genl_family *f = NULL;
+	int version = -1;
+
+	if (genl_ctrl_alloc_cache(k->sk, &cache) == 0)
+		f = genl_ctrl_search_by_name(cache, MAILSHIFT_GENL_NAME);
+	if (f != NULL) {
+		version = genl_family_get_version(f);
+		genl_family_put(f);
+	}
+	nl_cache_free(cache);
+	if (version == MAILSHIFT_GENL_VERSION)
+		return 1;
+	snprintf(err, errsz, "the mailshift kernel module speaks interface "
+		 "version %d, this mailshiftctl version %d: load the module "
+		 "built from the same source", version,
+		 MAILSHIFT_GENL_VERSION);
+	kmod_close(k);
+	return -1;
+}
+
 /* 1 when the module's family is there, 0 when the module is not loaded,
  * -1 with err. */
 static int kmod_open(struct kmod *k, char *err, size_t errsz)
@@ -83,7 +108,7 @@ static int kmod_open(struct kmod *k, char *err, size_t errsz)
 		kmod_close(k);
 		return 0;
 	}
-	return 1;
+	return kmod_version(k, err, errsz);
 }
 
 static int kmod_need(struct kmod *k, char *err, size_t errsz)

@@ -268,6 +268,9 @@ uninstall:
 clean:
 	rm -f daemon/*.o daemon/*.d daemon/libms.a tools/*.o tools/*.d \
 		tools/mailshiftctl daemon/mailshiftd $(UNIT_BIN) tests/unit/*.d
+	rm -f kmod/*.o kmod/*.ko kmod/*.mod kmod/*.mod.c kmod/.*.cmd \
+		kmod/modules.order Module.symvers modules.order \
+		.Module.symvers.cmd .modules.order.cmd
 	rm -rf build
 
 .PHONY: all asan fuzz-build deps unit integration check-asan check-fuzz fuzz \

@@ -136,6 +136,10 @@ int ms_steer_nft_run(const char *script, int check_only, char *err,
  * with err after waiting 10 s for another change to finish. */
 int ms_steer_lock(char *err, size_t errsz);
 
+/* Another table's rule in ms_steer_read's *state that already diverts one
+ * of our addresses and ports: -1 with err naming it. */
+int ms_steer_conflict(json_t *state, char *err, size_t errsz);
+
 /* Checks the script with the kernel, then applies it; with_route: the
  * policy routing is installed first and taken back when the table cannot
  * be (steer_apply.c). */
@@ -160,6 +164,9 @@ int ms_steer_kmod_set(const struct ms_steer_cfg *s,
 		      const struct ms_steer_entry *e, unsigned int n,
 		      const struct ms_steer_route *rt, char *err, size_t errsz);
 int ms_steer_kmod_remove(char *err, size_t errsz);
+/* -1 with err when the module is loaded and holds a table: the nft
+ * backend must not steer the same connections too. */
+int ms_steer_kmod_busy(char *err, size_t errsz);
 /* ms_steer_install for the kmod backend; *script is a text form of the
  * table for --dry-run. */
 int ms_steer_kmod_install(const struct ms_steer_cfg *s, int dry_run,

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <linux/netlink.h>
 #include <netlink/genl/ctrl.h>
@@ -396,7 +397,74 @@ int ms_steer_kmod_read(json_t **state, char *err, size_t errsz)
 	return r < 0 ? -1 : 0;
 }
 
+int ms_steer_kmod_busy(char *err, size_t errsz)
+{
+	json_t *state = NULL;
+	struct kmod k;
+	int r = kmod_open(&k, err, errsz);
+
+	if (r <= 0)
+		return r;
+	kmod_close(&k);
+	if (ms_steer_kmod_read(&state, err, errsz) < 0)
+		return -1;
+	r = json_is_true(json_object_get(state, "installed")) ? -1 : 0;
+	json_decref(state);
+	if (r < 0)
+		snprintf(err, errsz, "the mailshift kernel module holds a "
+			 "steering table (backend kmod): remove it first "
+			 "(mailshiftctl steer --backend kmod remove); nothing "
+			 "was changed");
+	return r;
+}
+
 /* ------------------------------------------------------------ install */
+
+/* Whether the kernel has nf_tables: libnftables exits the process when it
+ * cannot open its netlink socket. */
+static int nft_usable(void)
+{
+	int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC,
+			NETLINK_NETFILTER);
+
+	if (fd < 0)
+		return 0;
+	close(fd);
+	return 1;
+}
+
+/* Where nftables is there: neither the nft backend's table nor another
+ * table's divert of a steered port may steer the same connections. */
+static int nft_in_the_way(const struct ms_steer_cfg *s, char *err,
+			  size_t errsz)
+{
+	struct ms_steer_cfg *c;
+	json_t *state = NULL;
+	int r;
+
+	if (!nft_usable())
+		return 0;
+	c = malloc(sizeof(*c));
+	if (c == NULL) {
+		snprintf(err, errsz, "out of memory");
+		return -1;
+	}
+	*c = *s;
+	c->backend = MS_STEER_BACKEND_NFT;
+	r = ms_steer_read(c, &state, err, errsz);
+	free(c);
+	if (r == 0 && json_is_true(json_object_get(state, "installed"))) {
+		snprintf(err, errsz, "the nftables table inet %s is installed "
+			 "(backend nft): remove it first (mailshiftctl steer "
+			 "--backend nft remove); nothing was changed",
+			 MS_STEER_TABLE);
+		r = -1;
+	}
+	if (r == 0)
+		r = ms_steer_conflict(state, err, errsz);
+	json_decref(state);
+	return r;
+}
 
 char *ms_steer_kmod_text(const struct ms_steer_cfg *s,
 			 const struct ms_steer_entry *e, unsigned int n,
@@ -445,7 +513,8 @@ int ms_steer_kmod_install(const struct ms_steer_cfg *s, int dry_run,
 		snprintf(err, errsz, "out of memory");
 		return -1;
 	}
-	if (ms_rtnl_plan(s, rt, err, errsz) < 0)
+	if (nft_in_the_way(s, err, errsz) < 0 ||
+	    ms_rtnl_plan(s, rt, err, errsz) < 0)
 		goto out;
 	*n = ms_steer_expand(s, e);
 	*script = ms_steer_kmod_text(s, e, *n, rt);

@@ -33,6 +33,7 @@ WORK = os.path.join(REPO, 'build', 'kmod')
 CHECKS = [
     'insmod mailshift.ko',
     'steer install (genl)',
+    'the nft backend refuses to steer what the module steers',
     'proxy: IPv4 to the transparent listener, original destination',
     'proxy: IPv6 to the transparent listener, original destination',
     'destination: DNAT, the reply comes back translated',
@@ -48,6 +49,7 @@ CHECKS = [
     'fail closed: IPv6 refused when no listener',
     'fail closed: nothing reached the source',
     '40 connections during 20 table changes all answered',
+    'the module refuses to steer what an nft table steers',
     "a second namespace's own table",
     'the second namespace deleted with its table',
     'genl: a u16 for the u32 mark is refused',

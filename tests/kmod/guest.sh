@@ -97,6 +97,9 @@ for f in source source6 dest dest6 web proxy; do
 done
 
 ok "steer install (genl)" ctl install
+check "the nft backend refuses to steer what the module steers" \
+	"mailshiftctl steer: the mailshift kernel module holds a steering table" \
+	"$(ctl --backend nft install 2>&1)"
 say "INFO: $(ctl show | tr '\n' '|')"
 
 check "proxy: IPv4 to the transparent listener, original destination" \
@@ -171,6 +174,11 @@ wait $proxy
 # A namespace with a table of its own, deleted with it.
 ip netns add gone
 in_ns gone ip link set lo up
+in_ns gone nft add table inet mailshift
+check "the module refuses to steer what an nft table steers" \
+	"mailshiftctl steer: the nftables table inet mailshift is installed" \
+	"$(in_ns gone mailshiftctl steer -c $CONF install 2>&1)"
+in_ns gone nft delete table inet mailshift
 ok "a second namespace's own table" \
 	in_ns gone mailshiftctl steer -c $CONF install
 ok "the second namespace deleted with its table" ip netns del gone

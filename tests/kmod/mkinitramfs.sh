@@ -1,7 +1,7 @@
 #!/bin/sh
 # Builds the module test's initramfs: busybox-static, the distribution
 # modules mailshift.ko needs (its depends= closed over modules.dep) and
-# veth, the module, kt, ktnl, mailshiftctl and iproute2's ip with the shared
+# veth and nf_tables, the module, kt, ktnl, mailshiftctl, nft and iproute2's ip with the shared
 # libraries they use, the guest script as /init and a mailshift.conf.
 # Usage: mkinitramfs.sh KERNEL-ROOT KVER MODULE KT KTNL MAILSHIFTCTL OUT
 set -eu
@@ -52,7 +52,8 @@ closure() {
 }
 
 needs=$(strings -a "$module" | sed -n 's/^depends=//p' | tr , ' ')
-closure veth $needs > "$stage/modules.list"
+# nf_tables and nft: the kmod backend refuses to install over an nft table.
+closure veth nf_tables $needs > "$stage/modules.list"
 while read -r p; do
 	cp "$moddir/$p" "$stage/lib/modules/"
 done < "$stage/modules.list"
@@ -71,6 +72,7 @@ copy_prog() {
 }
 copy_prog "$ctl" /bin/mailshiftctl
 copy_prog "$ktnl" /bin/ktnl
+copy_prog "$(command -v nft || echo /usr/sbin/nft)" /usr/sbin/nft
 # busybox prefers its own applets: iproute2's ip is called by full path.
 copy_prog "$(command -v ip || echo /usr/sbin/ip)" /usr/sbin/ip
 cp "$kt" "$stage/bin/kt"

@@ -318,6 +318,19 @@ static int cmd_remove(struct sopts *o)
 	return done(o, "removed", NULL, 0);
 }
 
+/* The module counts connections, packets and bytes (nft's decide rule
+ * counts a connection as its first packet): the last row gets them. */
+static void kmod_counts(json_t *rows, json_t *c)
+{
+	json_t *row = json_array_get(rows, json_array_size(rows) - 1);
+
+	if (json_object_get(c, "connections") == NULL)
+		return;
+	json_object_set(row, "connections", json_object_get(c, "connections"));
+	json_object_set(row, "packets", json_object_get(c, "packets"));
+	json_object_set(row, "bytes", json_object_get(c, "bytes"));
+}
+
 /* {"entries": [{entry, address, port, prefix, action, connections}],
  * "rejected": N}, from the installed table. */
 static json_t *stats(struct sopts *o)
@@ -329,30 +342,22 @@ static json_t *stats(struct sopts *o)
 	size_t i;
 
 	json_array_foreach(json_object_get(o->state, "entries"), i, v) {
-		json_t *c, *row;
-
 		if (ms_steer_entry_parse(json_string_value(v), &e, o->err,
 					 sizeof(o->err)) < 0)
 			continue;
 		ms_steer_counter_name(&e, name, sizeof(name));
 		snprintf(port, sizeof(port), "%u", e.port);
-		c = json_object_get(counters, name);
-		row = json_pack("{s:O,s:s,s:s,s:s?,s:s,s:O?}", "entry", v,
-				"address", e.addr.text, "port",
-				e.port ? port : "other", "prefix",
-				e.prefix.family ? e.prefix.text : NULL,
-				"action", ms_steer_action_name(e.action),
-				"connections", json_object_get(c, "packets"));
-		/* The module counts a connection's packets and bytes too. */
-		if (json_object_get(c, "connections") != NULL) {
-			json_object_set(row, "connections",
-					json_object_get(c, "connections"));
-			json_object_set(row, "packets",
-					json_object_get(c, "packets"));
-			json_object_set(row, "bytes",
-					json_object_get(c, "bytes"));
-		}
-		json_array_append_new(json_object_get(out, "entries"), row);
+		json_array_append_new(json_object_get(out, "entries"),
+			json_pack("{s:O,s:s,s:s,s:s?,s:s,s:O?}", "entry", v,
+				  "address", e.addr.text, "port",
+				  e.port ? port : "other", "prefix",
+				  e.prefix.family ? e.prefix.text : NULL,
+				  "action", ms_steer_action_name(e.action),
+				  "connections", json_object_get(
+					json_object_get(counters, name),
+					"packets")));
+		kmod_counts(json_object_get(out, "entries"),
+			    json_object_get(counters, name));
 	}
 	v = json_object_get(json_object_get(counters, "rejected"), "packets");
 	json_object_set_new(out, "rejected", v ? json_incref(v) :

@@ -13,6 +13,9 @@
 #   make fuzz       run them longer: make fuzz FUZZ_SECONDS=600 [FUZZ=fuzz_sasl]
 #   make demo       two local Dovecots, a demo mailbox moved while you watch
 #   make bench      the mover benchmark against mbsync and doveadm (not a test)
+#   make kmod       the kernel module, kmod/mailshift.ko (KDIR= a kernel
+#                   build tree; default the installed Debian cloud headers)
+#   make kmod-check the module under the kernel's checkpatch.pl --strict
 #   make install    the programs, man pages and example config, under
 #                   DESTDIR and PREFIX (default /usr/local)
 #
@@ -20,7 +23,8 @@
 # the code needs to build at all is in MS_CFLAGS and always added.
 
 CC      ?= cc
-PKGS    := libuv openssl sqlite3 jansson libcap-ng libnftables libnl-route-3.0
+PKGS    := libuv openssl sqlite3 jansson libcap-ng libnftables libnl-route-3.0 \
+	   libnl-genl-3.0
 CFLAGS  ?= -O2 -g
 MS_CFLAGS := -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -MMD -MP \
 	     -D_GNU_SOURCE -Idaemon $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
@@ -29,7 +33,7 @@ MS_CFLAGS := -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -MMD -MP \
 cc_is_clang = $(findstring clang,$(shell $(1) --version 2>/dev/null))
 gcc_only    = $(if $(call cc_is_clang,$(1)),,-Wno-format-truncation)
 CC_WARN := $(call gcc_only,$(CC))
-LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -luv -lssl -lcrypto -lsqlite3 -ljansson -lcap-ng -lnftables -lnl-route-3 -lnl-3)
+LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -luv -lssl -lcrypto -lsqlite3 -ljansson -lcap-ng -lnftables -lnl-route-3 -lnl-genl-3 -lnl-3)
 PYTHON  ?= /usr/bin/python3
 PREFIX  ?= /usr/local
 BINDIR  ?= $(PREFIX)/bin
@@ -220,6 +224,7 @@ fuzz: $(FUZZ_BIN)
 # every report.
 check: deps
 	$(Q)./tests/check-tree
+	$(Q)$(MAKE) --no-print-directory kmod-check
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(MAKE) --no-print-directory unit
 	$(Q)$(MAKE) --no-print-directory integration
@@ -239,6 +244,40 @@ bench: deps
 bench-gateway: deps
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(PYTHON) bench/gateway_bench.py
+
+# ---- the kernel module (kmod/, docs/kmod.md) ----
+#
+# Built out of tree through the top-level Kbuild. KDIR: a kernel's build
+# tree; by default the newest installed Debian cloud kernel headers.
+# BTF is left out: the headers carry no vmlinux to take it from.
+KDIR ?= $(shell ls -d /usr/src/linux-headers-*-cloud-amd64 2>/dev/null | \
+		sort -V | tail -n 1)
+KMOD_SRC := $(filter-out %.mod.c,$(wildcard kmod/*.c kmod/*.h kmod/uapi/*.h))
+CHECKPATCH_DIR := build/checkpatch
+
+kmod: $(KMOD_SRC) kmod/Kbuild Kbuild
+	$(Q)test -n "$(KDIR)" -a -d "$(KDIR)" || { echo "kmod: no kernel" \
+		"headers (KDIR=$(KDIR)); tests/install-deps.sh installs" \
+		"them" >&2; exit 1; }
+	$(Q)$(MAKE) -C $(KDIR) M=$(CURDIR) CONFIG_DEBUG_INFO_BTF_MODULES= \
+		modules
+
+# The kernel's own style checker, from Debian's kernel source package (no
+# package ships checkpatch.pl alone); its word lists sit beside it.
+$(CHECKPATCH_DIR)/checkpatch.pl:
+	$(Q)mkdir -p $(CHECKPATCH_DIR)
+	$(Q)tar -xJf /usr/src/linux-source-6.1.tar.xz -C $(CHECKPATCH_DIR) \
+		--strip-components=2 --wildcards \
+		'*/scripts/checkpatch.pl' '*/scripts/spelling.txt' \
+		'*/scripts/const_structs.checkpatch'
+
+kmod-check: $(CHECKPATCH_DIR)/checkpatch.pl
+	$(Q)perl $(CHECKPATCH_DIR)/checkpatch.pl --strict --no-tree --terse \
+		--show-types -f $(KMOD_SRC) kmod/Kbuild Kbuild && \
+		echo "  CHECK   kmod: checkpatch.pl --strict finds nothing"
+
+kmod-clean:
+	$(Q)test -z "$(KDIR)" || $(MAKE) -C $(KDIR) M=$(CURDIR) clean
 
 # What a package holds: mailshiftd is the administrator's daemon (sbin),
 # mailshiftctl the operator's tool; the example config goes with the docs
@@ -266,10 +305,13 @@ uninstall:
 clean:
 	rm -f daemon/*.o daemon/*.d daemon/libms.a tools/*.o tools/*.d \
 		tools/mailshiftctl daemon/mailshiftd $(UNIT_BIN) tests/unit/*.d
+	rm -f kmod/*.o kmod/*.ko kmod/*.mod kmod/*.mod.c kmod/.*.cmd \
+		kmod/modules.order Module.symvers modules.order \
+		.Module.symvers.cmd .modules.order.cmd
 	rm -rf build
 
 .PHONY: all asan hooks fuzz-build deps unit integration check-asan check-fuzz fuzz \
-	check demo bench bench-gateway install uninstall clean
+	kmod kmod-check kmod-clean check demo bench bench-gateway install uninstall clean
 .SECONDARY:
 -include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d) daemon/mailshiftd.d
 -include $(wildcard $(ASAN_DIR)/obj/*/*.d $(ASAN_DIR)/unit/*.d)

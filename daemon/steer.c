@@ -354,6 +354,15 @@ int ms_steer_key(struct ms_steer_cfg *s, const char *key, const char *v,
 	if (!strcmp(key, "rule_priority"))
 		/* Before the main table's rule (32766). */
 		return set_auto(&s->priority, key, v, 1, 32765, err, errsz);
+	if (!strcmp(key, "backend")) {
+		if (strcmp(v, "nft") != 0 && strcmp(v, "kmod") != 0) {
+			snprintf(err, errsz, "backend: nft or kmod");
+			return -1;
+		}
+		s->backend = v[0] == 'k' ? MS_STEER_BACKEND_KMOD :
+			     MS_STEER_BACKEND_NFT;
+		return 0;
+	}
 	if (!strcmp(key, "manage")) {
 		if ((b = ms_parse_bool(v)) < 0) {
 			snprintf(err, errsz, "manage: yes or no");
@@ -855,12 +864,17 @@ static void read_item(const struct ms_steer_cfg *s, json_t *state,
 int ms_steer_read(const struct ms_steer_cfg *s, json_t **state, char *err,
 		  size_t errsz)
 {
-	struct nft_ctx *nft = nft_new(1);
+	struct nft_ctx *nft;
 	json_t *all, *items, *item, *t;
 	json_error_t jerr;
 	size_t i;
 
 	*state = NULL;
+	/* Before any nft context: libnftables exits the process when the
+	 * kernel has no nf_tables, which the kmod backend does not need. */
+	if (s->backend == MS_STEER_BACKEND_KMOD)
+		return ms_steer_kmod_read(state, err, errsz);
+	nft = nft_new(1);
 	if (nft == NULL) {
 		snprintf(err, errsz, "libnftables: out of memory");
 		return -1;

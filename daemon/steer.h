@@ -45,8 +45,16 @@ struct ms_steer_entry {
 	enum ms_steer_action action;
 };
 
+/* Where the table lives: an nftables table, or the mailshift kernel
+ * module's (kmod/, through generic netlink: steer_kmod.c). */
+enum ms_steer_backend {
+	MS_STEER_BACKEND_NFT = 0,
+	MS_STEER_BACKEND_KMOD = 1,
+};
+
 struct ms_steer_cfg {
 	int present;			/* the file has a [steer] section */
+	enum ms_steer_backend backend;	/* backend = nft | kmod */
 	int manage;			/* mailshiftd installs it at start */
 	unsigned int naddrs, nports, nentries;
 	struct ms_steer_addr addrs[MS_STEER_MAX_ADDRS];
@@ -128,6 +136,10 @@ int ms_steer_nft_run(const char *script, int check_only, char *err,
  * with err after waiting 10 s for another change to finish. */
 int ms_steer_lock(char *err, size_t errsz);
 
+/* Another table's rule in ms_steer_read's *state that already diverts one
+ * of our addresses and ports: -1 with err naming it. */
+int ms_steer_conflict(json_t *state, char *err, size_t errsz);
+
 /* Checks the script with the kernel, then applies it; with_route: the
  * policy routing is installed first and taken back when the table cannot
  * be (steer_apply.c). */
@@ -141,5 +153,28 @@ int ms_steer_apply(const char *script, const struct ms_steer_route *rt,
 int ms_steer_install(const struct ms_steer_cfg *s, int dry_run,
 		     char **script, struct ms_steer_route *rt,
 		     unsigned int *n, char *err, size_t errsz);
+
+/* The kmod backend (steer_kmod.c), the same table in the mailshift
+ * module. ms_steer_kmod_read fills *state as ms_steer_read does, its
+ * counters {connections, packets, bytes} per entry; set replaces the
+ * module's table atomically; remove takes it away (0 when the module is
+ * not loaded: nothing to remove). */
+int ms_steer_kmod_read(json_t **state, char *err, size_t errsz);
+int ms_steer_kmod_set(const struct ms_steer_cfg *s,
+		      const struct ms_steer_entry *e, unsigned int n,
+		      const struct ms_steer_route *rt, char *err, size_t errsz);
+int ms_steer_kmod_remove(char *err, size_t errsz);
+/* -1 with err when the module is loaded and holds a table: the nft
+ * backend must not steer the same connections too. */
+int ms_steer_kmod_busy(char *err, size_t errsz);
+/* ms_steer_install for the kmod backend; *script is a text form of the
+ * table for --dry-run. */
+int ms_steer_kmod_install(const struct ms_steer_cfg *s, int dry_run,
+			  char **script, struct ms_steer_route *rt,
+			  unsigned int *n, char *err, size_t errsz);
+/* The table as text: one "entry" line per decision, for --dry-run. */
+char *ms_steer_kmod_text(const struct ms_steer_cfg *s,
+			 const struct ms_steer_entry *e, unsigned int n,
+			 const struct ms_steer_route *rt);
 
 #endif

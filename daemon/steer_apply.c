@@ -66,8 +66,7 @@ int ms_steer_apply(const char *script, const struct ms_steer_route *rt,
 	return with_route ? ms_rtnl_prune(rt, err, errsz) : 0;
 }
 
-/* Another table's rule that already diverts one of our ports. */
-static int conflict(json_t *state, char *err, size_t errsz)
+int ms_steer_conflict(json_t *state, char *err, size_t errsz)
 {
 	json_t *c = json_array_get(json_object_get(state, "conflicts"), 0);
 
@@ -92,12 +91,18 @@ int ms_steer_install(const struct ms_steer_cfg *s, int dry_run,
 	int ret = -1;
 
 	*script = NULL;
+	if (s->backend == MS_STEER_BACKEND_KMOD) {
+		free(e);
+		return ms_steer_kmod_install(s, dry_run, script, rt, n, err,
+					     errsz);
+	}
 	if (e == NULL) {
 		snprintf(err, errsz, "out of memory");
 		return -1;
 	}
 	if (ms_steer_read(s, &state, err, errsz) < 0 ||
-	    conflict(state, err, errsz) < 0 ||
+	    ms_steer_conflict(state, err, errsz) < 0 ||
+	    ms_steer_kmod_busy(err, errsz) < 0 ||
 	    ms_rtnl_plan(s, rt, err, errsz) < 0)
 		goto out;
 	*n = ms_steer_expand(s, e);

@@ -9,7 +9,21 @@ dovecot-core dovecot-imapd dovecot-pop3d isync time
 postfix dovecot-lmtpd
 nginx libnginx-mod-mail perdition
 nftables iproute2 gdb
-clang libclang-rt-14-dev"
+clang libclang-rt-14-dev
+qemu-system-x86 busybox-static cpio libnl-genl-3-dev linux-source-6.1"
+
+# The kernel module (kmod/, docs/kmod.md) builds against the headers of
+# Debian's current cloud kernel: the version its metapackage names, never a
+# fixed one (Debian drops an ABI's packages when the next one comes).
+cloud_kver() {
+	apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+		sed -n 's/^ *Depends: linux-image-\(.*\)$/\1/p' | head -n 1
+}
+KVER=$(cloud_kver)
+if [ -z "$KVER" ] && [ "$(id -u)" = 0 ]; then
+	apt-get update -qq && KVER=$(cloud_kver)
+fi
+[ -n "$KVER" ] && PKGS="$PKGS linux-headers-$KVER"
 
 missing=""
 for p in $PKGS; do

@@ -19,6 +19,7 @@
 struct sopts {
 	const char *config;
 	int json, dry_run;
+	int backend;			/* --backend, -1: the configuration's */
 	struct ms_dconfig *c;
 	json_t *state;			/* ms_steer_read's */
 	char err[1200];
@@ -38,6 +39,7 @@ static void usage(FILE *f)
 "                                packets reset because nothing listened\n"
 "  remove                        the table, the rules and the routes\n"
 "  -c, --config FILE  mailshift.conf (default " DEFAULT_CONFIG ")\n"
+"  --backend nft|kmod where the table lives (default: [steer] backend)\n"
 "  --dry-run          print the ruleset and routing it would apply; change\n"
 "                     nothing\n", prog);
 }
@@ -78,6 +80,8 @@ static int load(struct sopts *o)
 			 o->config);
 		return -1;
 	}
+	if (o->backend >= 0)
+		c.steer.backend = o->backend;
 	return 0;
 }
 
@@ -125,8 +129,10 @@ static int read_state(struct sopts *o)
 static int replace(struct sopts *o, const struct ms_steer_entry *e,
 		   unsigned int n, const struct ms_steer_route *rt)
 {
-	char *script = ms_steer_ruleset(&o->c->steer, e, n, rt,
-					json_object_get(o->state, "counters"));
+	int kmod = o->c->steer.backend == MS_STEER_BACKEND_KMOD;
+	char *script = kmod ? ms_steer_kmod_text(&o->c->steer, e, n, rt) :
+			      ms_steer_ruleset(&o->c->steer, e, n, rt,
+				json_object_get(o->state, "counters"));
 
 	if (script == NULL) {
 		snprintf(o->err, sizeof(o->err), "out of memory");
@@ -137,7 +143,9 @@ static int replace(struct sopts *o, const struct ms_steer_entry *e,
 		free(script);
 		return 0;
 	}
-	if (ms_steer_apply(script, rt, 0, o->err, sizeof(o->err)) < 0) {
+	if (kmod ? ms_steer_kmod_set(&o->c->steer, e, n, rt, o->err,
+				     sizeof(o->err)) < 0 :
+		   ms_steer_apply(script, rt, 0, o->err, sizeof(o->err)) < 0) {
 		free(script);
 		return fail(o, 1);
 	}
@@ -286,6 +294,7 @@ static int cmd_remove(struct sopts *o)
 	static const char script[] = "table inet " MS_STEER_TABLE "\n"
 				     "delete table inet " MS_STEER_TABLE "\n";
 	static struct ms_steer_cfg none;
+	int kmod;
 
 	if (o->dry_run) {
 		printf("# every rule and route of proto %d, and:\n%s",
@@ -294,14 +303,32 @@ static int cmd_remove(struct sopts *o)
 	}
 	if (need_net_admin(o) < 0)
 		return fail(o, 1);
+	/* backend = kmod: nftables is left alone (the host may not even
+	 * have it). */
+	kmod = load(o) == 0 && o->c->steer.backend == MS_STEER_BACKEND_KMOD;
 	/* The table first: without it nothing is marked, so the routing
 	 * can go after it without a packet going astray. */
-	if (ms_steer_read(&none, &o->state, o->err, sizeof(o->err)) < 0 ||
-	    (json_is_true(json_object_get(o->state, "installed")) &&
-	     ms_steer_nft_run(script, 0, o->err, sizeof(o->err)) < 0) ||
+	if ((!kmod &&
+	     (ms_steer_read(&none, &o->state, o->err, sizeof(o->err)) < 0 ||
+	      (json_is_true(json_object_get(o->state, "installed")) &&
+	       ms_steer_nft_run(script, 0, o->err, sizeof(o->err)) < 0))) ||
+	    ms_steer_kmod_remove(o->err, sizeof(o->err)) < 0 ||
 	    ms_rtnl_remove(o->err, sizeof(o->err)) < 0)
 		return fail(o, 1);
 	return done(o, "removed", NULL, 0);
+}
+
+/* The module counts connections, packets and bytes (nft's decide rule
+ * counts a connection as its first packet): the last row gets them. */
+static void kmod_counts(json_t *rows, json_t *c)
+{
+	json_t *row = json_array_get(rows, json_array_size(rows) - 1);
+
+	if (json_object_get(c, "connections") == NULL)
+		return;
+	json_object_set(row, "connections", json_object_get(c, "connections"));
+	json_object_set(row, "packets", json_object_get(c, "packets"));
+	json_object_set(row, "bytes", json_object_get(c, "bytes"));
 }
 
 /* {"entries": [{entry, address, port, prefix, action, connections}],
@@ -329,6 +356,8 @@ static json_t *stats(struct sopts *o)
 				  "connections", json_object_get(
 					json_object_get(counters, name),
 					"packets")));
+		kmod_counts(json_object_get(out, "entries"),
+			    json_object_get(counters, name));
 	}
 	v = json_object_get(json_object_get(counters, "rejected"), "packets");
 	json_object_set_new(out, "rejected", v ? json_incref(v) :
@@ -356,6 +385,9 @@ static int cmd_show(struct sopts *o, int counters_only)
 	static struct ms_steer_cfg none;
 	json_t *out, *routing, *r = NULL;
 
+	/* The configuration, when there is one, names the backend. */
+	if (o->c == NULL && load(o) < 0)
+		o->c = NULL;
 	if (need_net_admin(o) < 0 ||
 	    ms_steer_read(o->c ? &o->c->steer : &none, &o->state, o->err,
 			  sizeof(o->err)) < 0 ||
@@ -373,7 +405,10 @@ static int cmd_show(struct sopts *o, int counters_only)
 		json_dumpf(out, stdout, JSON_INDENT(2));
 		putchar('\n');
 	} else if (!counters_only) {
-		printf("table inet %s: %s\n", MS_STEER_TABLE,
+		printf("%s%s: %s\n", json_object_get(o->state, "backend") ?
+		       "mailshift module table" : "table inet ",
+		       json_object_get(o->state, "backend") ? "" :
+		       MS_STEER_TABLE,
 		       json_is_true(json_object_get(o->state, "installed")) ?
 		       "installed" : "not installed");
 		if (r != NULL)
@@ -401,13 +436,18 @@ static int cmd_show(struct sopts *o, int counters_only)
 
 int steer_main(int argc, char *argv[])
 {
-	struct sopts o = { .config = DEFAULT_CONFIG };
+	struct sopts o = { .config = DEFAULT_CONFIG, .backend = -1 };
 	int n = 0, ret;
 
 	for (int i = 1; i < argc; i++) {
 		if ((!strcmp(argv[i], "-c") || !strcmp(argv[i], "--config")) &&
 		    i + 1 < argc)
 			o.config = argv[++i];
+		else if (!strcmp(argv[i], "--backend") && i + 1 < argc &&
+			 (!strcmp(argv[i + 1], "nft") ||
+			  !strcmp(argv[i + 1], "kmod")))
+			o.backend = argv[++i][0] == 'k' ?
+				    MS_STEER_BACKEND_KMOD : MS_STEER_BACKEND_NFT;
 		else if (!strcmp(argv[i], "--json") || !strcmp(argv[i], "-j"))
 			o.json = 1;
 		else if (!strcmp(argv[i], "--dry-run") || !strcmp(argv[i], "-n"))

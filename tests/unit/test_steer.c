@@ -91,6 +91,13 @@ static void steer_keys(void **state)
 		    "destination", "10.0.2.3", NULL), err, "one IPv4");
 	expect(keys(err, sizeof(err), BASE, "colour", "blue", NULL), err,
 	       "unknown key \"colour\" in [steer]");
+	expect(keys(err, sizeof(err), BASE, NULL), err, NULL);
+	assert_int_equal(cfg.backend, MS_STEER_BACKEND_NFT);
+	expect(keys(err, sizeof(err), BASE, "backend", "kmod", NULL), err,
+	       NULL);
+	assert_int_equal(cfg.backend, MS_STEER_BACKEND_KMOD);
+	expect(keys(err, sizeof(err), BASE, "backend", "ebpf", NULL), err,
+	       "backend: nft or kmod");
 }
 
 static void steer_entries(void **state)

@@ -1,0 +1,539 @@
+/* The kmod steering backend: the same table as the nftables one, held by
+ * the mailshift kernel module (kmod/, docs/kmod.md) and managed over its
+ * generic netlink family with libnl-genl-3. kmod/uapi/mailshift.h is the
+ * contract. The policy routing is the same as nft's (rtnl.c). */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <linux/netlink.h>
+#include <netlink/genl/ctrl.h>
+#include <netlink/genl/family.h>
+#include <netlink/genl/genl.h>
+#include <netlink/netlink.h>
+
+#include "../kmod/uapi/mailshift.h"
+#include "rtnl.h"
+#include "steer.h"
+
+/* Room for the largest table: about 60 bytes an entry. */
+#define KMOD_MSG_SIZE	(MS_STEER_MAX_EXPANDED * 64 + 4096)
+#define KMOD_DUMP_TRIES	5
+
+struct kmod {
+	struct nl_sock *sk;
+	int family;
+	int error;			/* the kernel's, negative */
+	char msg[256];			/* its extended ack text */
+};
+
+/* Keeps the kernel's extended ack message: it names what was wrong. */
+static int on_error(struct sockaddr_nl *who, struct nlmsgerr *e, void *arg)
+{
+	struct nlmsghdr *nlh = (struct nlmsghdr *)e - 1;
+	struct nlattr *tb[NLMSGERR_ATTR_MAX + 1];
+	int hlen = sizeof(*nlh) + sizeof(*e);
+	struct kmod *k = arg;
+
+	(void)who;
+	k->error = e->error;
+	if (!(nlh->nlmsg_flags & NLM_F_ACK_TLVS))
+		return NL_STOP;
+	if (!(nlh->nlmsg_flags & NLM_F_CAPPED))
+		hlen += e->msg.nlmsg_len - sizeof(*nlh);
+	if ((int)nlh->nlmsg_len <= hlen)
+		return NL_STOP;
+	if (nla_parse(tb, NLMSGERR_ATTR_MAX, (struct nlattr *)((char *)nlh +
+		      hlen), nlh->nlmsg_len - hlen, NULL) == 0 &&
+	    tb[NLMSGERR_ATTR_MSG] != NULL)
+		snprintf(k->msg, sizeof(k->msg), "%.*s",
+			 nla_len(tb[NLMSGERR_ATTR_MSG]),
+			 (char *)nla_data(tb[NLMSGERR_ATTR_MSG]));
+	return NL_STOP;
+}
+
+static void kmod_close(struct kmod *k)
+{
+	nl_socket_free(k->sk);
+	k->sk = NULL;
+}
+
+/* A module of another interface version is refused, not misread. */
+static int kmod_version(struct kmod *k, char *err, size_t errsz)
+{
+	struct nl_cache *cache = NULL;
+	struct genl_family *f = NULL;
+	int version = -1;
+
+	if (genl_ctrl_alloc_cache(k->sk, &cache) == 0)
+		f = genl_ctrl_search_by_name(cache, MAILSHIFT_GENL_NAME);
+	if (f != NULL) {
+		version = genl_family_get_version(f);
+		genl_family_put(f);
+	}
+	nl_cache_free(cache);
+	if (version == MAILSHIFT_GENL_VERSION)
+		return 1;
+	snprintf(err, errsz, "the mailshift kernel module speaks interface "
+		 "version %d, this mailshiftctl version %d: load the module "
+		 "built from the same source", version,
+		 MAILSHIFT_GENL_VERSION);
+	kmod_close(k);
+	return -1;
+}
+
+/* 1 when the module's family is there, 0 when the module is not loaded,
+ * -1 with err. */
+static int kmod_open(struct kmod *k, char *err, size_t errsz)
+{
+	int one = 1;
+
+	memset(k, 0, sizeof(*k));
+	k->sk = nl_socket_alloc();
+	if (k->sk == NULL || genl_connect(k->sk) < 0) {
+		snprintf(err, errsz, "generic netlink: cannot open a socket");
+		kmod_close(k);
+		return -1;
+	}
+	setsockopt(nl_socket_get_fd(k->sk), SOL_NETLINK, NETLINK_EXT_ACK,
+		   &one, sizeof(one));
+	setsockopt(nl_socket_get_fd(k->sk), SOL_NETLINK, NETLINK_CAP_ACK,
+		   &one, sizeof(one));
+	nl_socket_modify_err_cb(k->sk, NL_CB_CUSTOM, on_error, k);
+	k->family = genl_ctrl_resolve(k->sk, MAILSHIFT_GENL_NAME);
+	if (k->family < 0) {
+		kmod_close(k);
+		return 0;
+	}
+	return kmod_version(k, err, errsz);
+}
+
+static int kmod_need(struct kmod *k, char *err, size_t errsz)
+{
+	int r = kmod_open(k, err, errsz);
+
+	if (r == 0)
+		snprintf(err, errsz, "the mailshift kernel module is not "
+			 "loaded ([steer] backend = kmod; modprobe mailshift)");
+	return r > 0 ? 0 : -1;
+}
+
+static void kmod_error(struct kmod *k, int nlerr, const char *what,
+		       char *err, size_t errsz)
+{
+	int e = k->error ? -k->error : 0;
+
+	snprintf(err, errsz, "mailshift module: %s: %s%s%s", what,
+		 e ? strerror(e) : nl_geterror(nlerr), k->msg[0] ? ": " : "",
+		 k->msg);
+}
+
+static struct nl_msg *kmod_msg(struct kmod *k, int cmd, int flags)
+{
+	struct nl_msg *m = nlmsg_alloc_size(KMOD_MSG_SIZE);
+
+	if (m != NULL && genlmsg_put(m, NL_AUTO_PORT, NL_AUTO_SEQ, k->family,
+				     0, flags, cmd,
+				     MAILSHIFT_GENL_VERSION) == NULL) {
+		nlmsg_free(m);
+		return NULL;
+	}
+	return m;
+}
+
+/* ------------------------------------------------------------ writing */
+
+static int put_addr(struct nl_msg *m, int type, const struct ms_steer_addr *a)
+{
+	return nla_put(m, type, a->family == AF_INET ? 4 : 16, a->a);
+}
+
+static int put_ports(struct nl_msg *m, const struct ms_steer_cfg *s)
+{
+	struct nlattr *list = nla_nest_start(m, MAILSHIFT_A_PORTS |
+					     NLA_F_NESTED), *p;
+
+	if (list == NULL)
+		return -1;
+	for (unsigned int i = 0; i < s->nports; i++) {
+		p = nla_nest_start(m, (i + 1) | NLA_F_NESTED);
+		if (p == NULL ||
+		    nla_put_u16(m, MAILSHIFT_P_PORT, s->ports[i].port) < 0 ||
+		    nla_put_u16(m, MAILSHIFT_P_LISTENER,
+				s->ports[i].listener) < 0)
+			return -1;
+		nla_nest_end(m, p);
+	}
+	nla_nest_end(m, list);
+	return 0;
+}
+
+static int put_entry(struct nl_msg *m, const struct ms_steer_entry *e,
+		     unsigned int i)
+{
+	struct nlattr *n = nla_nest_start(m, (i + 1) | NLA_F_NESTED);
+
+	if (n == NULL ||
+	    nla_put_u8(m, MAILSHIFT_E_FAMILY, e->addr.family) < 0 ||
+	    put_addr(m, MAILSHIFT_E_ADDR, &e->addr) < 0 ||
+	    nla_put_u16(m, MAILSHIFT_E_PORT, e->port) < 0 ||
+	    nla_put_u8(m, MAILSHIFT_E_ACTION, e->action) < 0 ||
+	    (e->prefix.family &&
+	     (put_addr(m, MAILSHIFT_E_PREFIX, &e->prefix) < 0 ||
+	      nla_put_u8(m, MAILSHIFT_E_PREFIX_LEN, e->prefix.len) < 0)))
+		return -1;
+	nla_nest_end(m, n);
+	return 0;
+}
+
+static int put_table(struct nl_msg *m, const struct ms_steer_cfg *s,
+		     const struct ms_steer_entry *e, unsigned int n,
+		     const struct ms_steer_route *rt)
+{
+	static const int src[2] = { MAILSHIFT_A_SOURCE4, MAILSHIFT_A_SOURCE6 };
+	static const int dst[2] = { MAILSHIFT_A_DEST4, MAILSHIFT_A_DEST6 };
+	struct nlattr *list;
+
+	if (nla_put_u32(m, MAILSHIFT_A_MARK, s->mark) < 0 ||
+	    nla_put_u32(m, MAILSHIFT_A_ROUTE_MARK, rt->mark) < 0 ||
+	    nla_put_u32(m, MAILSHIFT_A_ROUTE_TABLE, rt->table) < 0 ||
+	    nla_put_u32(m, MAILSHIFT_A_ROUTE_PRIORITY, rt->priority) < 0 ||
+	    put_ports(m, s) < 0)
+		return -1;
+	for (int v6 = 0; v6 < 2; v6++) {
+		if ((s->src[v6].family &&
+		     put_addr(m, src[v6], &s->src[v6]) < 0) ||
+		    (s->dst[v6].family &&
+		     put_addr(m, dst[v6], &s->dst[v6]) < 0))
+			return -1;
+	}
+	list = nla_nest_start(m, MAILSHIFT_A_ENTRIES | NLA_F_NESTED);
+	if (list == NULL)
+		return -1;
+	for (unsigned int i = 0; i < n; i++)
+		if (put_entry(m, &e[i], i) < 0)
+			return -1;
+	nla_nest_end(m, list);
+	return 0;
+}
+
+static int kmod_do(struct kmod *k, struct nl_msg *m, const char *what,
+		   char *err, size_t errsz)
+{
+	int r = nl_send_sync(k->sk, m);
+
+	if (r < 0) {
+		kmod_error(k, r, what, err, errsz);
+		return -1;
+	}
+	return 0;
+}
+
+int ms_steer_kmod_set(const struct ms_steer_cfg *s,
+		      const struct ms_steer_entry *e, unsigned int n,
+		      const struct ms_steer_route *rt, char *err, size_t errsz)
+{
+	struct nl_msg *m;
+	struct kmod k;
+	int ret;
+
+	if (kmod_need(&k, err, errsz) < 0)
+		return -1;
+	m = kmod_msg(&k, MAILSHIFT_CMD_SET_TABLE, 0);
+	if (m == NULL || put_table(m, s, e, n, rt) < 0) {
+		snprintf(err, errsz, "mailshift module: the table does not fit "
+			 "in a message");
+		nlmsg_free(m);
+		kmod_close(&k);
+		return -1;
+	}
+	ret = kmod_do(&k, m, "setting the table", err, errsz);
+	kmod_close(&k);
+	return ret;
+}
+
+int ms_steer_kmod_remove(char *err, size_t errsz)
+{
+	struct nl_msg *m;
+	struct kmod k;
+	int ret = kmod_open(&k, err, errsz);
+
+	if (ret <= 0)
+		return ret;
+	m = kmod_msg(&k, MAILSHIFT_CMD_DEL_TABLE, 0);
+	ret = m == NULL ? -1 : kmod_do(&k, m, "removing the table", err,
+				       errsz);
+	if (m == NULL)
+		snprintf(err, errsz, "out of memory");
+	kmod_close(&k);
+	return ret;
+}
+
+/* ------------------------------------------------------------ reading */
+
+static void addr_of(struct ms_steer_addr *a, int family, const void *bytes,
+		    unsigned int len)
+{
+	char text[64];
+
+	a->family = family;
+	memcpy(a->a, bytes, family == AF_INET ? 4 : 16);
+	inet_ntop(family, a->a, text, sizeof(text));
+	a->len = len;
+	if (len == (family == AF_INET ? 32u : 128u))
+		snprintf(a->text, sizeof(a->text), "%s", text);
+	else
+		snprintf(a->text, sizeof(a->text), "%s/%u", text, len);
+}
+
+static json_int_t u64_of(struct nlattr *a)
+{
+	return a != NULL ? (json_int_t)nla_get_u64(a) : 0;
+}
+
+static void read_entry(json_t *state, struct nlattr *nest)
+{
+	struct nlattr *tb[MAILSHIFT_E_MAX + 1];
+	struct ms_steer_entry e = { 0 };
+	char text[200], name[128];
+	int family;
+
+	if (nla_parse_nested(tb, MAILSHIFT_E_MAX, nest, NULL) < 0 ||
+	    tb[MAILSHIFT_E_FAMILY] == NULL || tb[MAILSHIFT_E_ADDR] == NULL ||
+	    tb[MAILSHIFT_E_PORT] == NULL || tb[MAILSHIFT_E_ACTION] == NULL)
+		return;
+	family = nla_get_u8(tb[MAILSHIFT_E_FAMILY]);
+	if (family != AF_INET && family != AF_INET6)
+		return;
+	addr_of(&e.addr, family, nla_data(tb[MAILSHIFT_E_ADDR]),
+		family == AF_INET ? 32 : 128);
+	if (tb[MAILSHIFT_E_PREFIX] != NULL && tb[MAILSHIFT_E_PREFIX_LEN])
+		addr_of(&e.prefix, family, nla_data(tb[MAILSHIFT_E_PREFIX]),
+			nla_get_u8(tb[MAILSHIFT_E_PREFIX_LEN]));
+	e.port = nla_get_u16(tb[MAILSHIFT_E_PORT]);
+	e.action = nla_get_u8(tb[MAILSHIFT_E_ACTION]);
+	ms_steer_entry_text(&e, text, sizeof(text));
+	ms_steer_counter_name(&e, name, sizeof(name));
+	json_array_append_new(json_object_get(state, "entries"),
+			      json_string(text));
+	json_object_set_new(json_object_get(state, "counters"), name,
+		json_pack("{s:I,s:I,s:I}",
+			  "connections", u64_of(tb[MAILSHIFT_E_CONNECTIONS]),
+			  "packets", u64_of(tb[MAILSHIFT_E_PACKETS]),
+			  "bytes", u64_of(tb[MAILSHIFT_E_BYTES])));
+}
+
+static void read_header(json_t *state, struct nlattr **tb)
+{
+	json_object_set_new(state, "installed",
+			    json_boolean(nla_get_u8(tb[MAILSHIFT_A_INSTALLED])));
+	json_object_set_new(json_object_get(state, "counters"), "rejected",
+			    json_pack("{s:I}", "packets",
+				      u64_of(tb[MAILSHIFT_A_REJECTED])));
+	if (tb[MAILSHIFT_A_ROUTE_MARK] == NULL)
+		return;
+	json_object_set_new(state, "route", json_pack("{s:I,s:I,s:I}",
+		"mark", (json_int_t)nla_get_u32(tb[MAILSHIFT_A_ROUTE_MARK]),
+		"table", (json_int_t)(tb[MAILSHIFT_A_ROUTE_TABLE] ?
+			nla_get_u32(tb[MAILSHIFT_A_ROUTE_TABLE]) : 0),
+		"priority", (json_int_t)(tb[MAILSHIFT_A_ROUTE_PRIORITY] ?
+			nla_get_u32(tb[MAILSHIFT_A_ROUTE_PRIORITY]) : 0)));
+}
+
+static int on_dump(struct nl_msg *m, void *arg)
+{
+	struct nlattr *tb[MAILSHIFT_A_MAX + 1], *nest;
+	json_t *state = arg;
+	int rem;
+
+	if (genlmsg_parse(nlmsg_hdr(m), 0, tb, MAILSHIFT_A_MAX, NULL) < 0)
+		return NL_SKIP;
+	if (tb[MAILSHIFT_A_INSTALLED] != NULL)
+		read_header(state, tb);
+	if (tb[MAILSHIFT_A_ENTRIES] != NULL)
+		nla_for_each_nested(nest, tb[MAILSHIFT_A_ENTRIES], rem)
+			read_entry(state, nest);
+	return NL_OK;
+}
+
+static json_t *empty_state(void)
+{
+	return json_pack("{s:b,s:[],s:{},s:[],s:s}", "installed", 0,
+			 "entries", "counters", "conflicts", "backend",
+			 "kmod");
+}
+
+/* A table changed during the dump is read again. */
+int ms_steer_kmod_read(json_t **state, char *err, size_t errsz)
+{
+	struct nl_msg *m;
+	struct kmod k;
+	int r, tries = 0;
+
+	*state = NULL;
+	if (kmod_need(&k, err, errsz) < 0)
+		return -1;
+	do {
+		json_decref(*state);
+		*state = empty_state();
+		m = kmod_msg(&k, MAILSHIFT_CMD_GET_TABLE, NLM_F_DUMP);
+		nl_socket_modify_cb(k.sk, NL_CB_VALID, NL_CB_CUSTOM, on_dump,
+				    *state);
+		r = m == NULL ? -NLE_NOMEM : nl_send_auto(k.sk, m);
+		nlmsg_free(m);
+		if (r >= 0)
+			r = nl_recvmsgs_default(k.sk);
+	} while (r == -NLE_DUMP_INTR && ++tries < KMOD_DUMP_TRIES);
+	if (r < 0) {
+		kmod_error(&k, r, "reading the table", err, errsz);
+		json_decref(*state);
+		*state = NULL;
+	}
+	kmod_close(&k);
+	return r < 0 ? -1 : 0;
+}
+
+int ms_steer_kmod_busy(char *err, size_t errsz)
+{
+	json_t *state = NULL;
+	struct kmod k;
+	int r = kmod_open(&k, err, errsz);
+
+	if (r <= 0)
+		return r;
+	kmod_close(&k);
+	if (ms_steer_kmod_read(&state, err, errsz) < 0)
+		return -1;
+	r = json_is_true(json_object_get(state, "installed")) ? -1 : 0;
+	json_decref(state);
+	if (r < 0)
+		snprintf(err, errsz, "the mailshift kernel module holds a "
+			 "steering table (backend kmod): remove it first "
+			 "(mailshiftctl steer --backend kmod remove); nothing "
+			 "was changed");
+	return r;
+}
+
+/* ------------------------------------------------------------ install */
+
+/* Whether the kernel has nf_tables: libnftables exits the process when it
+ * cannot open its netlink socket. */
+static int nft_usable(void)
+{
+	int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC,
+			NETLINK_NETFILTER);
+
+	if (fd < 0)
+		return 0;
+	close(fd);
+	return 1;
+}
+
+/* Where nftables is there: neither the nft backend's table nor another
+ * table's divert of a steered port may steer the same connections. */
+static int nft_in_the_way(const struct ms_steer_cfg *s, char *err,
+			  size_t errsz)
+{
+	struct ms_steer_cfg *c;
+	json_t *state = NULL;
+	int r;
+
+	if (!nft_usable())
+		return 0;
+	c = malloc(sizeof(*c));
+	if (c == NULL) {
+		snprintf(err, errsz, "out of memory");
+		return -1;
+	}
+	*c = *s;
+	c->backend = MS_STEER_BACKEND_NFT;
+	r = ms_steer_read(c, &state, err, errsz);
+	free(c);
+	if (r == 0 && json_is_true(json_object_get(state, "installed"))) {
+		snprintf(err, errsz, "the nftables table inet %s is installed "
+			 "(backend nft): remove it first (mailshiftctl steer "
+			 "--backend nft remove); nothing was changed",
+			 MS_STEER_TABLE);
+		r = -1;
+	}
+	if (r == 0)
+		r = ms_steer_conflict(state, err, errsz);
+	json_decref(state);
+	return r;
+}
+
+char *ms_steer_kmod_text(const struct ms_steer_cfg *s,
+			 const struct ms_steer_entry *e, unsigned int n,
+			 const struct ms_steer_route *rt)
+{
+	char *text = NULL, line[200];
+	size_t len = 0;
+	FILE *f = open_memstream(&text, &len);
+
+	if (f == NULL)
+		return NULL;
+	fprintf(f, "# mailshift module table: mark 0x%08x, packet mark "
+		"0x%08x\n", s->mark, rt->mark);
+	for (unsigned int i = 0; i < s->nports; i++)
+		fprintf(f, "port %u listener %u\n", s->ports[i].port,
+			s->ports[i].listener);
+	for (int v6 = 0; v6 < 2; v6++) {
+		if (s->src[v6].family)
+			fprintf(f, "source %s\n", s->src[v6].text);
+		if (s->dst[v6].family)
+			fprintf(f, "destination %s\n", s->dst[v6].text);
+	}
+	for (unsigned int i = 0; i < n; i++) {
+		ms_steer_entry_text(&e[i], line, sizeof(line));
+		fprintf(f, "entry %s\n", line);
+	}
+	if (fclose(f) != 0) {
+		free(text);
+		return NULL;
+	}
+	return text;
+}
+
+/* As the nft install: the routing first (taken back when the table cannot
+ * be set), then the table, then routing an older install left. */
+int ms_steer_kmod_install(const struct ms_steer_cfg *s, int dry_run,
+			  char **script, struct ms_steer_route *rt,
+			  unsigned int *n, char *err, size_t errsz)
+{
+	struct ms_steer_entry *e = calloc(MS_STEER_MAX_EXPANDED, sizeof(*e));
+	unsigned int added = 0;
+	int ret = -1;
+
+	*script = NULL;
+	if (e == NULL) {
+		snprintf(err, errsz, "out of memory");
+		return -1;
+	}
+	if (nft_in_the_way(s, err, errsz) < 0 ||
+	    ms_rtnl_plan(s, rt, err, errsz) < 0)
+		goto out;
+	*n = ms_steer_expand(s, e);
+	*script = ms_steer_kmod_text(s, e, *n, rt);
+	if (*script == NULL) {
+		snprintf(err, errsz, "out of memory");
+		goto out;
+	}
+	if (dry_run) {
+		ret = 0;
+		goto out;
+	}
+	if (ms_rtnl_install(rt, &added, err, errsz) < 0)
+		goto out;
+	if (ms_steer_kmod_set(s, e, *n, rt, err, errsz) < 0) {
+		ms_rtnl_undo(rt, added);
+		goto out;
+	}
+	ret = ms_rtnl_prune(rt, err, errsz);
+out:
+	free(e);
+	return ret;
+}

@@ -23,6 +23,7 @@
 
 #include "config.h"
 #include "gateway.h"
+#include "gw_login.h"
 #include "log.h"
 #include "net.h"
 #include "pop3_uidl.h"
@@ -91,8 +92,7 @@ struct session {
 	unsigned int bad;
 	char tag[256];
 
-	/* captured login (wiped when done with) */
-	char *user, *authz, *pass;
+	struct ms_login login;		/* captured (wiped when done with) */
 
 	/* backend */
 	enum bstate bst;
@@ -110,17 +110,12 @@ struct session {
 	uv_timer_t timer;		/* one at a time; its close frees us */
 	int admitted;			/* counted by ms_gateway_admit() */
 	uint64_t held_since;
-	int c_paused, b_paused;		/* PAUSE_* bits */
+	int c_paused, b_paused;		/* MS_PAUSE_* bits (gw_login.h) */
 	char *penalty_reply;
 	/* POP3 to the destination, of a user whose INBOX was copied: the
 	 * source's UIDLs put back (NULL for every other session) */
 	struct uidl_relay *ur;
 };
-
-/* Why a side's reading is paused (session c_paused, b_paused). */
-#define PAUSE_WRITE 1		/* the other side's write queue is full */
-#define PAUSE_PIPELINE 2	/* too many POP3 commands outstanding */
-#define PAUSE_INPUT 4		/* pre-login: INBUF_MAX bytes wait */
 
 struct uidl_relay {
 	struct ms_pop3_rw rw;
@@ -208,7 +203,6 @@ static void login_failed(struct session *s, const char *reply);
 static void cutover_begin(struct ms_gateway *gw, struct guser *gu);
 static void uidl_relay_free(struct session *s);
 static int login_accepted(struct session *s);
-static const char *login_name(const struct session *s);
 static int prelogin_reading(const struct session *s);
 static void prelogin_process(struct session *s);
 static void line_too_long(struct session *s);
@@ -241,13 +235,6 @@ int ms_policy_parse(const char *s, enum ms_policy *p)
 		if ((s)->c != NULL) \
 			ms_conn_printf((s)->c, __VA_ARGS__); \
 	} while (0)
-
-static void wipe_login(struct session *s)
-{
-	ms_secret_free(&s->pass);
-	ms_secret_free(&s->user);
-	ms_secret_free(&s->authz);
-}
 
 static void clear_args(struct session *s)
 {
@@ -442,7 +429,7 @@ static void session_close(struct session *s)
 	ms_conn_close(&s->b);
 	ms_conn_close(&s->c);
 	clear_args(s);
-	wipe_login(s);
+	ms_login_wipe(&s->login);
 	inbuf_free(s);
 	bin_free(s);
 	free(s->penalty_reply);
@@ -466,49 +453,15 @@ static void session_close(struct session *s)
 
 static void on_backend_read(struct ms_conn *conn, const char *data, size_t len);
 
-static void pause_set(struct ms_conn *conn, int *paused, int why)
-{
-	if (*paused == 0)
-		ms_conn_read_pause(conn, 1);
-	*paused |= why;
-}
-
-static void pause_clear(struct ms_conn *conn, int *paused, int why)
-{
-	if (conn == NULL || !(*paused & why))
-		return;
-	*paused &= ~why;
-	if (*paused == 0)
-		ms_conn_read_pause(conn, 0);
-}
-
-/* Stops reading `from` while `to` has too much to send. */
-static void relay_pressure(struct ms_conn *to, struct ms_conn *from,
-			   int *paused)
-{
-	if (!(*paused & PAUSE_WRITE) && ms_conn_over_high(to))
-		pause_set(from, paused, PAUSE_WRITE);
-}
-
-static void relay_to(struct session *s, struct ms_conn *to, struct ms_conn *from,
-		     int *paused, const char *data, size_t len)
-{
-	if (ms_conn_write(to, data, len) < 0) {
-		session_close(s);
-		return;
-	}
-	relay_pressure(to, from, paused);
-}
-
 static void on_client_drain(struct ms_conn *conn)
 {
 	struct session *s = ms_conn_ctx(conn);
 
-	pause_clear(s->b, &s->b_paused, PAUSE_WRITE);
-	if (s->st != SS_RELAY && (s->c_paused & PAUSE_WRITE)) {
+	ms_pause_clear(s->b, &s->b_paused, MS_PAUSE_WRITE);
+	if (s->st != SS_RELAY && (s->c_paused & MS_PAUSE_WRITE)) {
 		/* A pre-login client read its answers: on with its
 		 * commands. */
-		pause_clear(s->c, &s->c_paused, PAUSE_WRITE);
+		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_WRITE);
 		prelogin_process(s);
 	}
 }
@@ -517,7 +470,7 @@ static void on_backend_drain(struct ms_conn *conn)
 {
 	struct session *s = ms_conn_ctx(conn);
 
-	pause_clear(s->c, &s->c_paused, PAUSE_WRITE);
+	ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_WRITE);
 }
 
 /* ---- POP3 UIDLs (pop3_uidl.h, docs/gateway-spec.md) ---- */
@@ -560,7 +513,8 @@ static const char *uidl_relay_start(struct session *s)
 
 	if (s->proto != MS_GW_POP3 || !s->to_dst)
 		return NULL;
-	if (ms_store_user_info(gw->store, login_name(s), &info, &found) < 0 ||
+	if (ms_store_user_info(gw->store, ms_login_name(&s->login), &info,
+			       &found) < 0 ||
 	    (found && ms_store_folder_find_dst(gw->store, info.id, "INBOX",
 					       &fs, &found) < 0))
 		return ms_store_error(gw->store);
@@ -602,7 +556,7 @@ static void uidl_relay_check(struct session *s)
 	ms_warn("session %llu: %s: POP3 UIDLs passed on unchanged from now on: "
 		"%s", (unsigned long long)s->id, s->gu->name, why);
 	uidl_relay_free(s);
-	pause_clear(s->c, &s->c_paused, PAUSE_PIPELINE);
+	ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_PIPELINE);
 }
 
 /* The client's commands (which pass on unchanged): the answers to expect. */
@@ -610,7 +564,7 @@ static void uidl_relay_client(struct session *s, const char *data, size_t len)
 {
 	ms_pop3_rw_client(&s->ur->rw, data, len);
 	if (ms_pop3_rw_pending(&s->ur->rw) >= MS_POP3_RW_PIPELINE_SOFT)
-		pause_set(s->c, &s->c_paused, PAUSE_PIPELINE);
+		ms_pause_set(s->c, &s->c_paused, MS_PAUSE_PIPELINE);
 	uidl_relay_check(s);
 }
 
@@ -621,9 +575,9 @@ static int uidl_relay_server(struct session *s, const char *data, size_t len)
 	if (ms_pop3_rw_server(&s->ur->rw, data, len, uidl_out, s) < 0)
 		return -1;
 	if (ms_pop3_rw_pending(&s->ur->rw) < MS_POP3_RW_PIPELINE_SOFT / 2)
-		pause_clear(s->c, &s->c_paused, PAUSE_PIPELINE);
+		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_PIPELINE);
 	uidl_relay_check(s);
-	relay_pressure(s->c, s->b, &s->b_paused);
+	ms_relay_pressure(s->c, s->b, &s->b_paused);
 	return 0;
 }
 
@@ -631,8 +585,8 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 {
 	timer_stop(s);
 	s->st = SS_RELAY;
-	pause_clear(s->c, &s->c_paused, PAUSE_WRITE | PAUSE_INPUT);
-	wipe_login(s);
+	ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_WRITE | MS_PAUSE_INPUT);
+	ms_login_wipe(&s->login);
 	bin_free(s);
 	/* The login is over: the usual backpressure, no more wiping. */
 	ms_conn_set_water(s->c, 0, 0);
@@ -661,7 +615,7 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 static void backend_fail(struct session *s, const char *why)
 {
 	ms_warn("session %llu: %s: %s", (unsigned long long)s->id,
-		s->user != NULL ? s->user : "?", why);
+		s->login.user != NULL ? s->login.user : "?", why);
 	timer_stop(s);
 	ms_conn_close(&s->b);
 	session_uncount(s);
@@ -672,26 +626,16 @@ static void backend_fail(struct session *s, const char *why)
 	else
 		out(s, "-ERR [SYS/TEMP] Mail server temporarily unavailable, "
 		    "try again later.\r\n");
-	wipe_login(s);
+	ms_login_wipe(&s->login);
 	s->st = SS_PRELOGIN;
 	prelogin_timer(s);
 	/* Commands the client pipelined behind the login. */
 	prelogin_process(s);
 }
 
-/* The client's login as a SASL PLAIN response for the server (an
- * authorization identity other than the login name is passed on). */
-static char *session_sasl(const struct session *s)
-{
-	return s->authz != NULL && s->authz[0] != '\0' &&
-		strcmp(s->authz, s->user) != 0 ?
-		ms_sasl_plain(s->authz, s->user, s->pass) :
-		ms_sasl_plain("", s->user, s->pass);
-}
-
 static void backend_send_login(struct session *s)
 {
-	char *b64 = session_sasl(s);
+	char *b64 = ms_login_sasl_plain(&s->login);
 	char line[256];
 
 	if (b64 == NULL) {
@@ -833,7 +777,7 @@ static int backend_line(struct session *s, char *line, size_t len)
 		return TLS_STARTED;
 	}
 	if (s->bst == B_LOGIN_CONT && line[0] == '+') {
-		char *b64 = session_sasl(s);
+		char *b64 = ms_login_sasl_plain(&s->login);
 
 		if (b64 != NULL) {
 			ms_conn_write(s->b, b64, strlen(b64));
@@ -937,7 +881,7 @@ static void login_failed(struct session *s, const char *reply)
 	s->gw->logins_failed++;
 	ms_conn_close(&s->b);
 	session_uncount(s);
-	wipe_login(s);
+	ms_login_wipe(&s->login);
 	if (delay == 0) {
 		out(s, "%s\r\n", reply);
 		s->st = SS_PRELOGIN;
@@ -957,9 +901,9 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 	struct session *s = ms_conn_ctx(conn);
 
 	if (s->st == SS_RELAY) {
-		if (s->ur == NULL)
-			relay_to(s, s->c, s->b, &s->b_paused, data, len);
-		else if (uidl_relay_server(s, data, len) < 0)
+		if (s->ur == NULL ?
+		    ms_relay(s->c, s->b, &s->b_paused, data, len) < 0 :
+		    uidl_relay_server(s, data, len) < 0)
 			session_close(s);
 		return;
 	}
@@ -1095,7 +1039,7 @@ static void held_release(struct ms_gateway *gw, struct guser *gu)
 		/* A session without gu: held for a user found in cutover in
 		 * the store, whose password no server has checked yet. */
 		if (s->st == SS_HELD && (s->gu == gu || (s->gu == NULL &&
-		    !strcmp(login_name(s), gu->name))))
+		    !strcmp(ms_login_name(&s->login), gu->name))))
 			route(s);
 	}
 }
@@ -1242,7 +1186,7 @@ static void held_tick(uv_timer_t *t)
 
 		/* Too long: a user being copied goes on to the source (the
 		 * copy goes on); one in cutover gets a temporary failure. */
-		if (user_lookup(s->gw, login_name(s), &info) == 0 &&
+		if (user_lookup(s->gw, ms_login_name(&s->login), &info) == 0 &&
 		    strcmp(info.state, "cutover") != 0) {
 			timer_stop(s);
 			s->st = SS_PRELOGIN;
@@ -1255,7 +1199,7 @@ static void held_tick(uv_timer_t *t)
 		else
 			out(s, "-ERR [IN-USE] Your mail is being moved, try "
 			    "again in a minute.\r\n");
-		wipe_login(s);
+		ms_login_wipe(&s->login);
 		s->st = SS_PRELOGIN;
 		prelogin_timer(s);
 		return;
@@ -1264,13 +1208,6 @@ static void held_tick(uv_timer_t *t)
 	if (s->proto == MS_GW_IMAP)
 		out(s, "* OK [INPROGRESS (\"%s\" NIL NIL)] Moving your mail, "
 		    "please wait.\r\n", s->tag);
-}
-
-/* The name a login is for: the authorization identity when one is given,
- * else the login name. */
-static const char *login_name(const struct session *s)
-{
-	return s->authz != NULL && s->authz[0] != '\0' ? s->authz : s->user;
 }
 
 /* Decides where a logging-in user's session goes, now. Nothing is kept
@@ -1283,7 +1220,7 @@ static void route(struct session *s)
 	struct ms_user_info info;
 	enum ms_policy pol;
 
-	if (user_lookup(gw, login_name(s), &info) < 0) {
+	if (user_lookup(gw, ms_login_name(&s->login), &info) < 0) {
 		backend_fail(s, ms_store_error(gw->store));
 		return;
 	}
@@ -1330,7 +1267,7 @@ static void route(struct session *s)
 static int login_accepted(struct session *s)
 {
 	struct ms_gateway *gw = s->gw;
-	const char *name = login_name(s);
+	const char *name = ms_login_name(&s->login);
 	struct ms_user_info info;
 	struct guser *gu;
 
@@ -1359,7 +1296,7 @@ static int login_accepted(struct session *s)
 	     gw->cfg.dst_imap.host[0] == '\0'))
 		return 0;
 	ms_secret_free(&gu->pw);
-	gu->pw = strdup(s->pass);
+	gu->pw = strdup(s->login.pass);
 	user_copy_start(gw, gu);
 	return 0;
 }
@@ -1372,7 +1309,7 @@ static void login_refuse(struct session *s, const char *imap_code,
 		out(s, "%s NO [%s] %s\r\n", s->tag, imap_code, text);
 	else
 		out(s, "-ERR [%s] %s\r\n", pop3_code, text);
-	wipe_login(s);
+	ms_login_wipe(&s->login);
 }
 
 /* Plaintext passwords over a connection that is not TLS, from a client
@@ -1417,14 +1354,15 @@ static void login_start(struct session *s)
 	if (plaintext_refused(s))
 		return;
 
-	if (s->user == NULL || s->pass == NULL || s->user[0] == '\0') {
+	if (s->login.user == NULL || s->login.pass == NULL ||
+	    s->login.user[0] == '\0') {
 		login_refuse(s, "AUTHENTICATIONFAILED", "AUTH",
 			     "Authentication failed.");
 		return;
 	}
-	name = login_name(s);
+	name = ms_login_name(&s->login);
 	snprintf(what, sizeof(what), "session %llu", (unsigned long long)s->id);
-	switch (ms_gw_login_names_check(what, s->user, name)) {
+	switch (ms_gw_login_names_check(what, s->login.user, name)) {
 	case MS_GW_NAME_TOO_LONG:
 		login_refuse(s, "CANNOT", "AUTH", "User name too long (at most "
 			     MS_STR(MS_GW_USER_MAX) " bytes).");
@@ -1446,20 +1384,6 @@ static void login_start(struct session *s)
 }
 
 /* ---- IMAP before login ---- */
-
-/* "authzid NUL authcid NUL password" */
-static int sasl_plain_take(struct session *s, const char *b64)
-{
-	char *z, *c, *p;
-
-	if (ms_sasl_plain_parse(b64, &z, &c, &p) < 0)
-		return -1;
-	wipe_login(s);
-	s->authz = z;
-	s->user = c;
-	s->pass = p;
-	return 0;
-}
 
 /* The capabilities before login: the servers' common ones, then ours. */
 static void imap_capability(struct session *s, const char *fmt)
@@ -1542,9 +1466,9 @@ static void imap_command(struct session *s)
 			imap_bad(s, tag, "Invalid arguments.");
 			return;
 		}
-		wipe_login(s);
-		s->user = strdup(s->argv[2]);
-		s->pass = strdup(s->argv[3]);
+		ms_login_wipe(&s->login);
+		s->login.user = strdup(s->argv[2]);
+		s->login.pass = strdup(s->argv[3]);
 		login_start(s);
 	} else if (!strcasecmp(cmd, "AUTHENTICATE")) {
 		if (s->argc < 3 || s->argc > 4) {
@@ -1555,7 +1479,7 @@ static void imap_command(struct session *s)
 			return;
 		if (!strcasecmp(s->argv[2], "PLAIN")) {
 			if (s->argc == 4) {
-				if (sasl_plain_take(s, s->argv[3]) < 0) {
+				if (ms_login_take_plain(&s->login, s->argv[3]) < 0) {
 					imap_bad(s, tag, "Invalid base64 data.");
 					return;
 				}
@@ -1579,47 +1503,41 @@ static void imap_command(struct session *s)
 /* A line of an AUTHENTICATE exchange (base64, or "*" to cancel). */
 static void imap_auth_line(struct session *s, char *line)
 {
-	unsigned char *raw;
-	size_t len;
+	char *step;
+	int r;
 
 	if (!strcmp(line, "*")) {
 		s->st = SS_PRELOGIN;
 		out(s, "%s BAD Authentication aborted by client.\r\n", s->tag);
-		wipe_login(s);
+		ms_login_wipe(&s->login);
 		return;
 	}
 	if (s->st == SS_AUTH_PLAIN) {
 		s->st = SS_PRELOGIN;
-		if (sasl_plain_take(s, line) < 0) {
+		if (ms_login_take_plain(&s->login, line) < 0) {
 			imap_bad(s, s->tag, "Invalid base64 data.");
 			return;
 		}
 		login_start(s);
 		return;
 	}
-	if (ms_b64_decode(line, &raw, &len) < 0) {
+	r = ms_login_decode_step(line, &step);
+	if (r < 0) {
+		ms_login_wipe(&s->login);
 		s->st = SS_PRELOGIN;
-		imap_bad(s, s->tag, "Invalid base64 data.");
-		return;
-	}
-	if (memchr(raw, '\0', len) != NULL) {
-		/* The name or password would end early: refused, never
-		 * cut. */
-		OPENSSL_cleanse(raw, len);
-		free(raw);
-		wipe_login(s);
-		s->st = SS_PRELOGIN;
-		imap_bad(s, s->tag, "Invalid characters in the login.");
+		imap_bad(s, s->tag, r == MS_LOGIN_NUL ?
+			 "Invalid characters in the login." :
+			 "Invalid base64 data.");
 		return;
 	}
 	if (s->st == SS_AUTH_USER) {
-		wipe_login(s);
-		s->user = (char *)raw;
+		ms_login_wipe(&s->login);
+		s->login.user = step;
 		s->st = SS_AUTH_PASS;
 		out(s, "+ UGFzc3dvcmQ6\r\n");
 		return;
 	}
-	s->pass = (char *)raw;
+	s->login.pass = step;
 	s->st = SS_PRELOGIN;
 	login_start(s);
 }
@@ -1816,11 +1734,12 @@ static void pop3_command(struct session *s, char *line)
 	} else if (!strcasecmp(line, "USER") && arg != NULL) {
 		if (plaintext_refused(s))
 			return;
-		wipe_login(s);
-		s->user = strdup(arg);
+		ms_login_wipe(&s->login);
+		s->login.user = strdup(arg);
 		out(s, "+OK\r\n");
-	} else if (!strcasecmp(line, "PASS") && arg != NULL && s->user != NULL) {
-		s->pass = strdup(arg);
+	} else if (!strcasecmp(line, "PASS") && arg != NULL &&
+		   s->login.user != NULL) {
+		s->login.pass = strdup(arg);
 		login_start(s);
 	} else if (!strcasecmp(line, "AUTH") && arg != NULL) {
 		char *ir = strchr(arg, ' ');
@@ -1838,7 +1757,7 @@ static void pop3_command(struct session *s, char *line)
 			out(s, "+ \r\n");
 			return;
 		}
-		if (sasl_plain_take(s, ir) < 0) {
+		if (ms_login_take_plain(&s->login, ir) < 0) {
 			out(s, "-ERR Invalid base64 data.\r\n");
 			return;
 		}
@@ -1880,7 +1799,7 @@ static void pop3_process(struct session *s)
 			s->st = SS_PRELOGIN;
 			if (!strcmp(line, "*")) {
 				out(s, "-ERR Authentication aborted.\r\n");
-			} else if (sasl_plain_take(s, line) < 0) {
+			} else if (ms_login_take_plain(&s->login, line) < 0) {
 				out(s, "-ERR Invalid base64 data.\r\n");
 			} else {
 				login_start(s);
@@ -1961,11 +1880,11 @@ static void prelogin_process(struct session *s)
 	if (s->st == SS_CLOSING || s->st == SS_RELAY)
 		return;
 	if (prelogin_reading(s) && ms_conn_over_high(s->c))
-		pause_set(s->c, &s->c_paused, PAUSE_WRITE);
+		ms_pause_set(s->c, &s->c_paused, MS_PAUSE_WRITE);
 	if (s->inlen >= INBUF_MAX)
-		pause_set(s->c, &s->c_paused, PAUSE_INPUT);
+		ms_pause_set(s->c, &s->c_paused, MS_PAUSE_INPUT);
 	else
-		pause_clear(s->c, &s->c_paused, PAUSE_INPUT);
+		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_INPUT);
 }
 
 static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
@@ -1975,7 +1894,8 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 	if (s->st == SS_RELAY) {
 		if (s->ur != NULL)
 			uidl_relay_client(s, data, len);
-		relay_to(s, s->b, s->c, &s->c_paused, data, len);
+		if (ms_relay(s->b, s->c, &s->c_paused, data, len) < 0)
+			session_close(s);
 		return;
 	}
 	if (s->st == SS_STARTTLS)

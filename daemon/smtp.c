@@ -31,6 +31,7 @@
 #include <openssl/evp.h>
 
 #include "gateway.h"
+#include "gw_login.h"
 #include "log.h"
 #include "net.h"
 #include "util.h"
@@ -100,11 +101,11 @@ struct smtp_session {
 	time_t since;
 	unsigned int bad;
 	unsigned int junk;		/* JUNK_MAX */
-	int c_paused, b_paused;		/* relay backpressure */
-	int in_paused;			/* our input buffer is full */
-	int out_paused;			/* the client does not read our
-					   answers: its commands wait */
-	int c_reading_paused;		/* what the client conn was told */
+	/* Why reading is paused (MS_PAUSE_* bits, gw_login.h): the client
+	 * for the MTA's full queue (WRITE), our full input buffer (INPUT),
+	 * its unread answers (OUTPUT: its commands wait); the MTA for the
+	 * client's full queue (WRITE). */
+	int c_paused, b_paused;
 	int processing;			/* inside client_process() */
 	int admitted;			/* counted by ms_gateway_admit() */
 
@@ -122,7 +123,7 @@ struct smtp_session {
 	int data_scan;			/* end-of-data scanner state */
 
 	/* submission */
-	char *user, *authz, *pass;
+	struct ms_login login;		/* captured (wiped when done with) */
 	char *auth_user;		/* authenticated (for the listing) */
 
 	/* MTA */
@@ -185,25 +186,6 @@ static const char *user_name(const struct smtp_session *s)
 	return s->auth_user != NULL ? s->auth_user : "-";
 }
 
-static void wipe_login(struct smtp_session *s)
-{
-	ms_secret_free(&s->pass);
-	ms_secret_free(&s->user);
-	ms_secret_free(&s->authz);
-}
-
-/* The client's reads stop while the MTA's queue is full (c_paused) or our
- * input buffer is (in_paused). */
-static void client_pause_update(struct smtp_session *s)
-{
-	int want = s->c_paused || s->in_paused || s->out_paused;
-
-	if (s->c != NULL && want != s->c_reading_paused) {
-		s->c_reading_paused = want;
-		ms_conn_read_pause(s->c, want);
-	}
-}
-
 /* ---- timer ---- */
 
 static void timer_set(struct smtp_session *s, uv_timer_cb cb, uint64_t ms)
@@ -259,8 +241,7 @@ static void backend_close(struct smtp_session *s, int quit)
 	s->bst = B_NONE;
 	s->binlen = 0;
 	s->b_paused = 0;
-	s->c_paused = 0;
-	client_pause_update(s);
+	ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_WRITE);
 }
 
 static void session_close(struct smtp_session *s)
@@ -271,7 +252,7 @@ static void session_close(struct smtp_session *s)
 	uv_timer_stop(&s->timer);
 	backend_close(s, s->bst == B_READY || s->bst == B_TXN);
 	ms_conn_close(&s->c);
-	wipe_login(s);
+	ms_login_wipe(&s->login);
 	txn_reset(s);
 	if (s->in != NULL) {
 		OPENSSL_cleanse(s->in, s->incap);
@@ -416,23 +397,6 @@ static int parse_path(const char *arg, const char *kw, char *addr,
 
 /* ---- the MTA connection ---- */
 
-static void relay_to(struct smtp_session *s, struct ms_conn *to,
-		     struct ms_conn *from, int *paused, const char *data,
-		     size_t len)
-{
-	if (ms_conn_write(to, data, len) < 0) {
-		session_close(s);
-		return;
-	}
-	if (!*paused && ms_conn_over_high(to)) {
-		*paused = 1;
-		if (from == s->c)
-			client_pause_update(s);
-		else
-			ms_conn_read_pause(from, 1);
-	}
-}
-
 /* xtext (RFC 3461) of s into buf. */
 static void xtext(const char *in, char *buf, size_t sz)
 {
@@ -476,10 +440,7 @@ static void on_backend_tls(struct ms_conn *conn, int status, const char *error)
 
 static void backend_auth(struct smtp_session *s)
 {
-	char *b64 = s->authz != NULL && s->authz[0] != '\0' &&
-		strcmp(s->authz, s->user) != 0 ?
-		ms_sasl_plain(s->authz, s->user, s->pass) :
-		ms_sasl_plain("", s->user, s->pass);
+	char *b64 = ms_login_sasl_plain(&s->login);
 
 	if (b64 == NULL) {
 		backend_lost(s, "out of memory");
@@ -608,7 +569,7 @@ static void backend_setup_reply(struct smtp_session *s, int code,
 static void submission_fail(struct smtp_session *s, const char *reply)
 {
 	out_raw(s, reply);
-	wipe_login(s);
+	ms_login_wipe(&s->login);
 	backend_close(s, 1);
 	client_resume(s);
 }
@@ -626,10 +587,7 @@ static void backend_reply(struct smtp_session *s, int code, const char *text)
 	case B_AUTH:
 		if (code == 334) {
 			/* No initial response taken: send it again. */
-			char *b64 = ms_sasl_plain(s->authz != NULL &&
-						  strcmp(s->authz, s->user) ?
-						  s->authz : "", s->user,
-						  s->pass);
+			char *b64 = ms_login_sasl_plain(&s->login);
 
 			if (b64 == NULL) {
 				backend_lost(s, "out of memory");
@@ -643,17 +601,16 @@ static void backend_reply(struct smtp_session *s, int code, const char *text)
 		if (code / 100 != 2) {
 			/* The server's own words: the client may try again. */
 			ms_info("smtp %llu: submission login refused for %s",
-				(unsigned long long)s->id, s->user);
+				(unsigned long long)s->id, s->login.user);
 			submission_fail(s, text);
 			return;
 		}
 		free(s->auth_user);
-		s->auth_user = strdup(s->authz != NULL && s->authz[0] != '\0' ?
-				      s->authz : s->user);
+		s->auth_user = strdup(ms_login_name(&s->login));
 		ms_info("smtp %llu: %s: submission via the %s", (unsigned long
 			long)s->id, user_name(s), s->b_side ? "destination" :
 			"source");
-		wipe_login(s);
+		ms_login_wipe(&s->login);
 		out_raw(s, text);
 		s->bst = B_RELAY;
 		s->st = C_RELAY;
@@ -667,8 +624,7 @@ static void backend_reply(struct smtp_session *s, int code, const char *text)
 			OPENSSL_cleanse(s->in, s->inlen);
 			s->inlen = 0;
 		}
-		s->in_paused = 0;
-		client_pause_update(s);
+		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_INPUT);
 		return;
 	case B_MAIL:
 		if (code / 100 != 2) {
@@ -729,7 +685,8 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 	struct smtp_session *s = ms_conn_ctx(conn);
 
 	if (s->bst == B_RELAY) {
-		relay_to(s, s->c, s->b, &s->b_paused, data, len);
+		if (ms_relay(s->c, s->b, &s->b_paused, data, len) < 0)
+			session_close(s);
 		return;
 	}
 	/* s->b may change under us: a refused AUTH closes this connection
@@ -741,7 +698,8 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 		size_t ll;
 
 		if (s->bst == B_RELAY) {
-			relay_to(s, s->c, s->b, &s->b_paused, data, len);
+			if (ms_relay(s->c, s->b, &s->b_paused, data, len) < 0)
+				session_close(s);
 			return;
 		}
 		if (s->bin == NULL)
@@ -817,10 +775,7 @@ static void on_backend_drain(struct ms_conn *conn)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
-	if (s->c_paused) {
-		s->c_paused = 0;
-		client_pause_update(s);
-	}
+	ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_WRITE);
 }
 
 /* The MTA failed us (down, timed out, spoke nonsense): whatever the client
@@ -1152,25 +1107,25 @@ static void cmd_data(struct smtp_session *s, const char *arg)
 
 static void auth_start(struct smtp_session *s)
 {
-	const char *name = s->authz != NULL && s->authz[0] != '\0' ?
-		s->authz : s->user;
+	const char *name = ms_login_name(&s->login);
 	char what[64];
 	enum ms_route r;
 
-	if (s->user == NULL || s->pass == NULL || s->user[0] == '\0') {
-		wipe_login(s);
+	if (s->login.user == NULL || s->login.pass == NULL ||
+	    s->login.user[0] == '\0') {
+		ms_login_wipe(&s->login);
 		out(s, "535 5.7.8 Error: authentication failed\r\n");
 		return;
 	}
 	snprintf(what, sizeof(what), "smtp %llu", (unsigned long long)s->id);
-	switch (ms_gw_login_names_check(what, s->user, name)) {
+	switch (ms_gw_login_names_check(what, s->login.user, name)) {
 	case MS_GW_NAME_TOO_LONG:
-		wipe_login(s);
+		ms_login_wipe(&s->login);
 		out(s, "501 5.5.4 User name too long (at most "
 		    MS_STR(MS_GW_USER_MAX) " bytes)\r\n");
 		return;
 	case MS_GW_NAME_INVALID:
-		wipe_login(s);
+		ms_login_wipe(&s->login);
 		out(s, "535 5.7.8 Error: authentication failed (invalid "
 		    "characters in the user name)\r\n");
 		return;
@@ -1179,27 +1134,13 @@ static void auth_start(struct smtp_session *s)
 	if (r == MS_ROUTE_DEFER) {
 		ms_info("smtp %llu: %s: submission deferred: mailbox being "
 			"moved", (unsigned long long)s->id, name);
-		wipe_login(s);
+		ms_login_wipe(&s->login);
 		out(s, "454 4.7.0 Temporary authentication failure, try again "
 		    "later\r\n");
 		return;
 	}
 	backend_close(s, 0);
 	backend_start(s, r == MS_ROUTE_DESTINATION);
-}
-
-/* "authzid NUL authcid NUL password" */
-static int sasl_plain_take(struct smtp_session *s, const char *b64)
-{
-	char *z, *c, *p;
-
-	if (ms_sasl_plain_parse(b64, &z, &c, &p) < 0)
-		return -1;
-	wipe_login(s);
-	s->authz = z;
-	s->user = c;
-	s->pass = p;
-	return 0;
 }
 
 static void cmd_auth(struct smtp_session *s, char *arg)
@@ -1236,22 +1177,18 @@ static void cmd_auth(struct smtp_session *s, char *arg)
 			out(s, "334 \r\n");
 			return;
 		}
-		if (sasl_plain_take(s, ir) < 0) {
+		if (ms_login_take_plain(&s->login, ir) < 0) {
 			out(s, "501 5.5.2 Invalid base64 data\r\n");
 			return;
 		}
 		auth_start(s);
 	} else if (!strcasecmp(arg, "LOGIN")) {
-		wipe_login(s);
+		ms_login_wipe(&s->login);
 		if (ir != NULL && strcmp(ir, "=") != 0) {
-			unsigned char *raw;
-			size_t len;
-
-			if (ms_b64_decode(ir, &raw, &len) < 0) {
+			if (ms_login_decode_step(ir, &s->login.user) < 0) {
 				out(s, "501 5.5.2 Invalid base64 data\r\n");
 				return;
 			}
-			s->user = (char *)raw;
 			s->st = C_AUTH_PASS;
 			out(s, "334 UGFzc3dvcmQ6\r\n");
 			return;
@@ -1267,17 +1204,16 @@ static void cmd_auth(struct smtp_session *s, char *arg)
 static void auth_line(struct smtp_session *s, const char *line)
 {
 	enum cstate st = s->st;
-	unsigned char *raw;
-	size_t len;
+	char *step;
 
 	s->st = C_CMD;
 	if (!strcmp(line, "*")) {
-		wipe_login(s);
+		ms_login_wipe(&s->login);
 		out(s, "501 5.7.0 Authentication aborted\r\n");
 		return;
 	}
 	if (st == C_AUTH_PLAIN) {
-		if (sasl_plain_take(s, line) < 0) {
+		if (ms_login_take_plain(&s->login, line) < 0) {
 			out(s, "501 5.5.2 Invalid base64 data\r\n");
 			return;
 		}
@@ -1285,30 +1221,23 @@ static void auth_line(struct smtp_session *s, const char *line)
 		return;
 	}
 	if (!strcmp(line, "=")) {
-		raw = (unsigned char *)strdup("");
-		len = 0;
-		if (raw == NULL)
+		/* RFC 4954: an empty response. */
+		step = strdup("");
+		if (step == NULL)
 			return;
-	} else if (ms_b64_decode(line, &raw, &len) < 0) {
-		wipe_login(s);
-		out(s, "501 5.5.2 Invalid base64 data\r\n");
-		return;
-	}
-	if (memchr(raw, '\0', len) != NULL) {
-		OPENSSL_cleanse(raw, len);
-		free(raw);
-		wipe_login(s);
+	} else if (ms_login_decode_step(line, &step) < 0) {
+		ms_login_wipe(&s->login);
 		out(s, "501 5.5.2 Invalid base64 data\r\n");
 		return;
 	}
 	if (st == C_AUTH_USER) {
-		wipe_login(s);
-		s->user = (char *)raw;
+		ms_login_wipe(&s->login);
+		s->login.user = step;
 		s->st = C_AUTH_PASS;
 		out(s, "334 UGFzc3dvcmQ6\r\n");
 		return;
 	}
-	s->pass = (char *)raw;
+	s->login.pass = step;
 	auth_start(s);
 }
 
@@ -1433,9 +1362,10 @@ static size_t data_feed(struct smtp_session *s, const char *d, size_t len)
 		return len;
 	}
 	if (s->st == C_DATA) {
-		relay_to(s, s->b, s->c, &s->c_paused, d, (size_t)n);
-		if (s->st == C_CLOSING)
+		if (ms_relay(s->b, s->c, &s->c_paused, d, (size_t)n) < 0) {
+			session_close(s);
 			return len;
+		}
 	}
 	if (!end)
 		return (size_t)n;
@@ -1500,8 +1430,7 @@ static void client_process(struct smtp_session *s)
 		if (ms_conn_over_high(s->c)) {
 			/* Answers pile up unread: no more commands (nor
 			 * reading) until they drain. */
-			s->out_paused = 1;
-			client_pause_update(s);
+			ms_pause_set(s->c, &s->c_paused, MS_PAUSE_OUTPUT);
 			break;
 		}
 		lf = memchr(s->in, '\n', s->inlen);
@@ -1530,10 +1459,8 @@ static void client_process(struct smtp_session *s)
 	s->processing = 0;
 	if (s->st == C_CLOSING)
 		return;
-	if (s->in_paused && s->inlen < INBUF_PAUSE) {
-		s->in_paused = 0;
-		client_pause_update(s);
-	}
+	if (s->inlen < INBUF_PAUSE)
+		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_INPUT);
 	return;
 too_long:
 	s->processing = 0;
@@ -1547,7 +1474,8 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 
 	switch (s->st) {
 	case C_RELAY:
-		relay_to(s, s->b, s->c, &s->c_paused, data, len);
+		if (ms_relay(s->b, s->c, &s->c_paused, data, len) < 0)
+			session_close(s);
 		return;
 	case C_STARTTLS:
 	case C_CONNECTING:
@@ -1583,11 +1511,9 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 		return;
 	}
 	client_process(s);
-	if (s->st != C_CLOSING && s->inlen >= INBUF_PAUSE && !s->in_paused) {
+	if (s->st != C_CLOSING && s->inlen >= INBUF_PAUSE)
 		/* Waiting for the MTA with a full buffer: stop reading. */
-		s->in_paused = 1;
-		client_pause_update(s);
-	}
+		ms_pause_set(s->c, &s->c_paused, MS_PAUSE_INPUT);
 }
 
 static void on_client_error(struct ms_conn *conn, const char *error)
@@ -1599,13 +1525,9 @@ static void on_client_drain(struct ms_conn *conn)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
-	if (s->b_paused && s->b != NULL) {
-		s->b_paused = 0;
-		ms_conn_read_pause(s->b, 0);
-	}
-	if (s->out_paused) {
-		s->out_paused = 0;
-		client_pause_update(s);
+	ms_pause_clear(s->b, &s->b_paused, MS_PAUSE_WRITE);
+	if (s->c_paused & MS_PAUSE_OUTPUT) {
+		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_OUTPUT);
 		client_process(s);
 	}
 }

@@ -29,20 +29,21 @@
 #include "pop3_uidl.h"
 #include "util.h"
 
-#define INBUF_MAX 8192		/* pre-login command line, literals included;
-				   more buffered than this: not read */
-/* What may be buffered at all: INBUF_MAX, then one read (net.c reads at
+#define GW_INBUF_MAX 8192	/* pre-login command line, literals
+				   included; more buffered than this:
+				   not read */
+/* What may be buffered at all: GW_INBUF_MAX, then one read (net.c reads at
  * most 64 KiB at a time) before reading stops. */
-#define INBUF_HARD (INBUF_MAX + 64 * 1024 + 16 * 1024)
-#define ARG_MAX 8
-#define LITERAL_MAX 4096	/* a pre-login literal (user, password) */
-#define BAD_MAX 10		/* bad pre-login commands before we hang up */
+#define GW_INBUF_HARD (GW_INBUF_MAX + 64 * 1024 + 16 * 1024)
+#define GW_ARG_MAX 8
+#define GW_LITERAL_MAX 4096	/* a pre-login literal (user, password) */
+#define GW_BAD_MAX 10		/* bad pre-login commands: we hang up */
 #define PRELOGIN_TIMEOUT_MS (180 * 1000)	/* since the client's last bytes */
 #define PRELOGIN_MAX_MS (10 * 60 * 1000)	/* since it connected, at most */
 /* Commands before login on one connection: a client needs a handful; one
  * that sends thousands (and reads nothing) only costs the others time. */
 #define PRELOGIN_CMDS_MAX 1000
-#define BACKEND_TIMEOUT_MS (30 * 1000)
+#define GW_BACKEND_TIMEOUT_MS (30 * 1000)
 #define INPROGRESS_MS (10 * 1000)
 /* A pre-login client's output queue: above HIGH it is not read any more
  * (it sends commands and does not read the answers) until it drops to
@@ -51,7 +52,7 @@
 #define PRELOGIN_OUT_LOW (16 * 1024)
 #define USER_BUCKETS 1024
 
-enum sstate {
+enum gw_sstate {
 	SS_PRELOGIN,
 	SS_AUTH_PLAIN,		/* waiting for the SASL PLAIN response */
 	SS_AUTH_USER,		/* AUTHENTICATE LOGIN: waiting for the name */
@@ -64,7 +65,7 @@ enum sstate {
 	SS_CLOSING,
 };
 
-enum bstate { B_GREETING, B_STARTTLS, B_LOGIN, B_LOGIN_CONT };
+enum gw_bstate { BS_GREETING, BS_STARTTLS, BS_LOGIN, BS_LOGIN_CONT };
 
 struct guser;
 
@@ -73,7 +74,7 @@ struct session {
 	struct ms_gateway *gw;
 	uint64_t id;
 	enum ms_gw_proto proto;
-	enum sstate st;
+	enum gw_sstate st;
 	struct ms_conn *c, *b;
 	int tls;			/* client side is TLS now */
 	char peer[64], local[64];
@@ -83,10 +84,10 @@ struct session {
 	/* pre-login input */
 	char *in;
 	size_t inlen, incap;
-	int processing;			/* inside prelogin_process() */
+	int processing;			/* in gw_prelogin_process() */
 	unsigned int ncmds;		/* commands before login */
 	uint64_t born_ms;		/* uv_now() at accept */
-	char *argv[ARG_MAX];
+	char *argv[GW_ARG_MAX];
 	unsigned int argc;
 	size_t lit_need;		/* literal bytes still to come */
 	unsigned int bad;
@@ -95,7 +96,7 @@ struct session {
 	struct ms_login login;		/* captured (wiped when done with) */
 
 	/* backend */
-	enum bstate bst;
+	enum gw_bstate bst;
 	const struct ms_server_cfg *server;
 	int to_dst;
 	int verify_only;		/* hold: check the password, then wait */
@@ -193,20 +194,20 @@ struct ms_gateway {
 	json_t *policy_set;		/* {scope: policy} from the store */
 };
 
-static void session_close(struct session *s);
+static void gw_session_close(struct session *s);
 static void imap_process(struct session *s);
 static void pop3_process(struct session *s);
-static void login_start(struct session *s);
-static void route(struct session *s);
+static void gw_login_start(struct session *s);
+static void gw_route_login(struct session *s);
 static void user_copy_start(struct ms_gateway *gw, struct guser *gu);
-static void login_failed(struct session *s, const char *reply);
-static void cutover_begin(struct ms_gateway *gw, struct guser *gu);
+static void gw_login_failed(struct session *s, const char *reply);
+static void gw_cutover_begin(struct ms_gateway *gw, struct guser *gu);
 static void uidl_relay_free(struct session *s);
-static int login_accepted(struct session *s);
-static int prelogin_reading(const struct session *s);
-static void prelogin_process(struct session *s);
-static void line_too_long(struct session *s);
-static int too_many_commands(struct session *s);
+static int gw_login_accepted(struct session *s);
+static int gw_prelogin_reading(const struct session *s);
+static void gw_prelogin_process(struct session *s);
+static void gw_line_too_long(struct session *s);
+static int gw_too_many_commands(struct session *s);
 
 /* ---- small helpers ---- */
 
@@ -236,7 +237,7 @@ int ms_policy_parse(const char *s, enum ms_policy *p)
 			ms_conn_printf((s)->c, __VA_ARGS__); \
 	} while (0)
 
-static void clear_args(struct session *s)
+static void gw_clear_args(struct session *s)
 {
 	for (unsigned int i = 0; i < s->argc; i++)
 		ms_secret_free(&s->argv[i]);
@@ -244,7 +245,7 @@ static void clear_args(struct session *s)
 	s->lit_need = 0;
 }
 
-static struct guser *user_get(struct ms_gateway *gw, const char *name)
+static struct guser *gw_user_get(struct ms_gateway *gw, const char *name)
 {
 	unsigned int h = 5381;
 	struct guser *gu;
@@ -264,7 +265,7 @@ static struct guser *user_get(struct ms_gateway *gw, const char *name)
 	return gu;
 }
 
-static struct guser *user_find(struct ms_gateway *gw, const char *name)
+static struct guser *gw_user_find(struct ms_gateway *gw, const char *name)
 {
 	unsigned int h = 5381;
 
@@ -340,13 +341,13 @@ static void on_timer_close(uv_handle_t *h)
 	free(h);
 }
 
-static void timer_stop(struct session *s)
+static void gw_timer_stop(struct session *s)
 {
 	uv_timer_stop(&s->timer);
 }
 
-static void timer_start(struct session *s, uv_timer_cb cb, uint64_t ms,
-			uint64_t repeat)
+static void gw_timer_start(struct session *s, uv_timer_cb cb, uint64_t ms,
+			   uint64_t repeat)
 {
 	uv_timer_start(&s->timer, cb, ms, repeat);
 }
@@ -359,12 +360,12 @@ static void on_idle_timeout(uv_timer_t *t)
 		out(s, "* BYE Disconnected for inactivity.\r\n");
 	else
 		out(s, "-ERR Disconnected for inactivity.\r\n");
-	session_close(s);
+	gw_session_close(s);
 }
 
 /* ---- session lifetime ---- */
 
-static void session_uncount(struct session *s)
+static void gw_session_uncount(struct session *s)
 {
 	struct ms_gateway *gw = s->gw;
 	struct guser *gu = s->gu;
@@ -376,7 +377,7 @@ static void session_uncount(struct session *s)
 	/* The last session of a verified user ends: flip now. */
 	if (gu->sessions == 0 && gu->flip_pending && !gu->copying) {
 		gu->flip_pending = 0;
-		cutover_begin(gw, gu);
+		gw_cutover_begin(gw, gu);
 	}
 }
 
@@ -394,18 +395,18 @@ static void inbuf_free(struct session *s)
 static int inbuf_reserve(struct session *s, size_t len)
 {
 	return ms_secret_reserve(&s->in, &s->incap, s->inlen, s->inlen + len,
-				 INBUF_MAX, INBUF_HARD);
+				 GW_INBUF_MAX, GW_INBUF_HARD);
 }
 
 /* The pre-login idle timer: PRELOGIN_TIMEOUT_MS from now, but never past
  * PRELOGIN_MAX_MS since the client connected (NOOPs do not keep a session
  * that never logs in alive). */
-static void prelogin_timer(struct session *s);
+static void gw_prelogin_timer(struct session *s);
 
 static void bin_free(struct session *s)
 {
 	if (s->bin != NULL)
-		OPENSSL_cleanse(s->bin, INBUF_MAX + 1);
+		OPENSSL_cleanse(s->bin, GW_INBUF_MAX + 1);
 	free(s->bin);
 	s->bin = NULL;
 	s->binlen = 0;
@@ -419,7 +420,7 @@ static void on_session_free(uv_handle_t *h)
 /* Ends the session. Its memory goes when the timer's handle is closed, on
  * a later turn of the loop, so that a caller up the stack (a command loop
  * that just ran LOGOUT) may still look at s->st, which is SS_CLOSING. */
-static void session_close(struct session *s)
+static void gw_session_close(struct session *s)
 {
 	struct ms_gateway *gw = s->gw;
 
@@ -428,7 +429,7 @@ static void session_close(struct session *s)
 	s->st = SS_CLOSING;
 	ms_conn_close(&s->b);
 	ms_conn_close(&s->c);
-	clear_args(s);
+	gw_clear_args(s);
 	ms_login_wipe(&s->login);
 	inbuf_free(s);
 	bin_free(s);
@@ -442,7 +443,7 @@ static void session_close(struct session *s)
 	if (s->next != NULL)
 		s->next->prev = s->prev;
 	s->next = s->prev = NULL;
-	session_uncount(s);
+	gw_session_uncount(s);
 	if (s->admitted)
 		ms_gateway_unadmit(gw, s->peer);
 	s->admitted = 0;
@@ -462,7 +463,7 @@ static void on_client_drain(struct ms_conn *conn)
 		/* A pre-login client read its answers: on with its
 		 * commands. */
 		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_WRITE);
-		prelogin_process(s);
+		gw_prelogin_process(s);
 	}
 }
 
@@ -583,7 +584,7 @@ static int uidl_relay_server(struct session *s, const char *data, size_t len)
 
 static void enter_relay(struct session *s, const char *rest, size_t restlen)
 {
-	timer_stop(s);
+	gw_timer_stop(s);
 	s->st = SS_RELAY;
 	ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_WRITE | MS_PAUSE_INPUT);
 	ms_login_wipe(&s->login);
@@ -595,7 +596,7 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 	/* What the server sent after its login reply. */
 	if (restlen > 0 && s->ur != NULL) {
 		if (uidl_relay_server(s, rest, restlen) < 0) {
-			session_close(s);
+			gw_session_close(s);
 			return;
 		}
 	} else if (restlen > 0) {
@@ -612,13 +613,13 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 
 /* ---- backend login ---- */
 
-static void backend_fail(struct session *s, const char *why)
+static void gw_backend_fail(struct session *s, const char *why)
 {
 	ms_warn("session %llu: %s: %s", (unsigned long long)s->id,
 		s->login.user != NULL ? s->login.user : "?", why);
-	timer_stop(s);
+	gw_timer_stop(s);
 	ms_conn_close(&s->b);
-	session_uncount(s);
+	gw_session_uncount(s);
 	bin_free(s);
 	if (s->proto == MS_GW_IMAP)
 		out(s, "%s NO [UNAVAILABLE] Mail server temporarily "
@@ -628,21 +629,21 @@ static void backend_fail(struct session *s, const char *why)
 		    "try again later.\r\n");
 	ms_login_wipe(&s->login);
 	s->st = SS_PRELOGIN;
-	prelogin_timer(s);
+	gw_prelogin_timer(s);
 	/* Commands the client pipelined behind the login. */
-	prelogin_process(s);
+	gw_prelogin_process(s);
 }
 
-static void backend_send_login(struct session *s)
+static void gw_backend_send_login(struct session *s)
 {
 	char *b64 = ms_login_sasl_plain(&s->login);
 	char line[256];
 
 	if (b64 == NULL) {
-		backend_fail(s, "out of memory");
+		gw_backend_fail(s, "out of memory");
 		return;
 	}
-	s->bst = B_LOGIN;
+	s->bst = BS_LOGIN;
 	if (s->proto == MS_GW_POP3) {
 		/* The client's address, when the server's greeting offered
 		 * us XCLIENT (Dovecot: to login_trusted_networks), ahead of
@@ -668,31 +669,32 @@ static void backend_send_login(struct session *s)
 			ms_conn_write(s->b, "\r\n", 2);
 		} else {
 			ms_conn_write(s->b, "ms2 AUTHENTICATE PLAIN\r\n", 24);
-			s->bst = B_LOGIN_CONT;
+			s->bst = BS_LOGIN_CONT;
 		}
 	}
 	ms_secret_free(&b64);
 }
 
-static void on_backend_tls(struct ms_conn *conn, int status, const char *error)
+static void gw_backend_on_tls(struct ms_conn *conn, int status,
+			      const char *error)
 {
 	struct session *s = ms_conn_ctx(conn);
 
 	if (status != 0) {
-		backend_fail(s, error != NULL ? error : "STARTTLS failed");
+		gw_backend_fail(s, error != NULL ? error : "STARTTLS failed");
 		return;
 	}
 	if (s->proto == MS_GW_IMAP)
 		s->b_sasl_ir = 1;	/* asked again below if not */
-	backend_send_login(s);
+	gw_backend_send_login(s);
 }
 
 /* One line from the server during login. Returns 0 to go on reading,
  * 1 when the session left the login phase (failed), 2 when the login was
  * accepted (the rest of the input belongs to the relay), -1 when a hold's
- * password check succeeded, TLS_STARTED when the STARTTLS handshake
+ * password check succeeded, GW_TLS_STARTED when the STARTTLS handshake
  * began: nothing may follow the go-ahead in plaintext. */
-#define TLS_STARTED 3
+#define GW_TLS_STARTED 3
 static int backend_line(struct session *s, char *line, size_t len)
 {
 	while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
@@ -702,29 +704,30 @@ static int backend_line(struct session *s, char *line, size_t len)
 		const char *why;
 
 		if (!ok && strncmp(line, "-ERR", 4) != 0) {
-			backend_fail(s, "unexpected reply from the server");
+			gw_backend_fail(s, "unexpected reply from the server");
 			return 1;
 		}
 		switch (s->bst) {
-		case B_GREETING:
+		case BS_GREETING:
 			if (!ok) {
-				backend_fail(s, "the server refused us");
+				gw_backend_fail(s, "the server refused us");
 				return 1;
 			}
 			s->b_xclient = strstr(line, "[XCLIENT]") != NULL;
 			if (s->server->tls_mode == MS_TLS_STARTTLS) {
-				s->bst = B_STARTTLS;
+				s->bst = BS_STARTTLS;
 				ms_conn_write(s->b, "STLS\r\n", 6);
 			} else {
-				backend_send_login(s);
+				gw_backend_send_login(s);
 			}
 			return 0;
-		case B_STARTTLS:
-			if (!ok || ms_conn_starttls(s->b, on_backend_tls) < 0) {
-				backend_fail(s, "STLS refused");
+		case BS_STARTTLS:
+			if (!ok ||
+			    ms_conn_starttls(s->b, gw_backend_on_tls) < 0) {
+				gw_backend_fail(s, "STLS refused");
 				return 1;
 			}
-			return TLS_STARTED;
+			return GW_TLS_STARTED;
 		default:
 			break;
 		}
@@ -736,7 +739,7 @@ static int backend_line(struct session *s, char *line, size_t len)
 			return 0;
 		}
 		if (!ok) {
-			login_failed(s, line);
+			gw_login_failed(s, line);
 			return 1;
 		}
 		if (s->verify_only)
@@ -744,7 +747,7 @@ static int backend_line(struct session *s, char *line, size_t len)
 		if ((why = uidl_relay_start(s)) != NULL) {
 			/* Which UIDLs to show is not known: better no
 			 * session than a mailbox downloaded again. */
-			backend_fail(s, why);
+			gw_backend_fail(s, why);
 			return 1;
 		}
 		out(s, "%s\r\n", line);
@@ -752,31 +755,31 @@ static int backend_line(struct session *s, char *line, size_t len)
 	}
 
 	/* IMAP */
-	if (s->bst == B_GREETING) {
+	if (s->bst == BS_GREETING) {
 		if (strncmp(line, "* OK", 4) != 0) {
-			backend_fail(s, "bad greeting from the server");
+			gw_backend_fail(s, "bad greeting from the server");
 			return 1;
 		}
 		s->b_sasl_ir = strcasestr(line, " SASL-IR") != NULL;
 		if (s->server->tls_mode == MS_TLS_STARTTLS) {
-			s->bst = B_STARTTLS;
+			s->bst = BS_STARTTLS;
 			ms_conn_write(s->b, "ms0 STARTTLS\r\n", 14);
 		} else {
-			backend_send_login(s);
+			gw_backend_send_login(s);
 		}
 		return 0;
 	}
-	if (s->bst == B_STARTTLS) {
+	if (s->bst == BS_STARTTLS) {
 		if (line[0] == '*')
 			return 0;
 		if (strncasecmp(line, "ms0 OK", 6) != 0 ||
-		    ms_conn_starttls(s->b, on_backend_tls) < 0) {
-			backend_fail(s, "STARTTLS refused by the server");
+		    ms_conn_starttls(s->b, gw_backend_on_tls) < 0) {
+			gw_backend_fail(s, "STARTTLS refused by the server");
 			return 1;
 		}
-		return TLS_STARTED;
+		return GW_TLS_STARTED;
 	}
-	if (s->bst == B_LOGIN_CONT && line[0] == '+') {
+	if (s->bst == BS_LOGIN_CONT && line[0] == '+') {
 		char *b64 = ms_login_sasl_plain(&s->login);
 
 		if (b64 != NULL) {
@@ -784,17 +787,17 @@ static int backend_line(struct session *s, char *line, size_t len)
 			ms_conn_write(s->b, "\r\n", 2);
 			ms_secret_free(&b64);
 		}
-		s->bst = B_LOGIN;
+		s->bst = BS_LOGIN;
 		return 0;
 	}
 	if (strncmp(line, "ms2 ", 4) != 0)
 		return 0;	/* untagged, or the ID's reply */
 	if (strncasecmp(line + 4, "OK", 2) != 0) {
 		/* The server's own words: the client may try again. */
-		char reply[INBUF_MAX + 80];
+		char reply[GW_INBUF_MAX + 80];
 
 		snprintf(reply, sizeof(reply), "%s %s", s->tag, line + 4);
-		login_failed(s, reply);
+		gw_login_failed(s, reply);
 		return 1;
 	}
 	if (s->verify_only)
@@ -803,7 +806,7 @@ static int backend_line(struct session *s, char *line, size_t len)
 	return 2;
 }
 
-static void held_tick(uv_timer_t *t);
+static void gw_held_tick(uv_timer_t *t);
 
 /* ---- repeated failures from one address are slowed down ---- */
 
@@ -867,33 +870,33 @@ static void on_penalty_over(uv_timer_t *t)
 		s->penalty_reply = NULL;
 	}
 	s->st = SS_PRELOGIN;
-	prelogin_timer(s);
+	gw_prelogin_timer(s);
 	/* Commands the client sent meanwhile. */
-	prelogin_process(s);
+	gw_prelogin_process(s);
 }
 
 /* The server refused the login: its reply goes to the client (who may try
  * again), after a pause that grows with the address's recent failures. */
-static void login_failed(struct session *s, const char *reply)
+static void gw_login_failed(struct session *s, const char *reply)
 {
 	uint64_t delay = penalty_ms(s->gw, s->peer, 1);
 
 	s->gw->logins_failed++;
 	ms_conn_close(&s->b);
-	session_uncount(s);
+	gw_session_uncount(s);
 	ms_login_wipe(&s->login);
 	if (delay == 0) {
 		out(s, "%s\r\n", reply);
 		s->st = SS_PRELOGIN;
-		prelogin_timer(s);
+		gw_prelogin_timer(s);
 		/* Commands the client pipelined behind the login. */
-		prelogin_process(s);
+		gw_prelogin_process(s);
 		return;
 	}
 	free(s->penalty_reply);
 	s->penalty_reply = strdup(reply);
 	s->st = SS_HELD_PENALTY;
-	timer_start(s, on_penalty_over, delay, 0);
+	gw_timer_start(s, on_penalty_over, delay, 0);
 }
 
 static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
@@ -904,7 +907,7 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 		if (s->ur == NULL ?
 		    ms_relay(s->c, s->b, &s->b_paused, data, len) < 0 :
 		    uidl_relay_server(s, data, len) < 0)
-			session_close(s);
+			gw_session_close(s);
 		return;
 	}
 	while (len > 0 && s->st == SS_BACKEND) {
@@ -913,9 +916,9 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 		int r;
 
 		if (s->bin == NULL)
-			s->bin = malloc(INBUF_MAX + 1);
-		if (s->bin == NULL || s->binlen + n > INBUF_MAX) {
-			backend_fail(s, "server line too long");
+			s->bin = malloc(GW_INBUF_MAX + 1);
+		if (s->bin == NULL || s->binlen + n > GW_INBUF_MAX) {
+			gw_backend_fail(s, "server line too long");
 			return;
 		}
 		memcpy(s->bin + s->binlen, data, n);
@@ -927,17 +930,17 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 		s->bin[s->binlen] = '\0';
 		s->binlen = 0;
 		r = backend_line(s, s->bin, strlen(s->bin));
-		if (r == TLS_STARTED) {
+		if (r == GW_TLS_STARTED) {
 			/* Whatever came with the go-ahead was not protected
 			 * by TLS: an attacker on the path may have put it
 			 * there (a forged login reply). */
 			if (len > 0)
-				backend_fail(s, "the server sent data after "
-					     "its STARTTLS go-ahead");
+				gw_backend_fail(s, "the server sent data after "
+						"its STARTTLS go-ahead");
 			return;
 		}
 		if (r == 2) {
-			if (login_accepted(s) < 0)
+			if (gw_login_accepted(s) < 0)
 				return;
 			s->gw->logins_ok++;
 			penalty_ms(s->gw, s->peer, 0);
@@ -949,12 +952,13 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 			 * (which must not count this session as one on the
 			 * source). */
 			ms_conn_close(&s->b);
-			session_uncount(s);
-			if (login_accepted(s) < 0)
+			gw_session_uncount(s);
+			if (gw_login_accepted(s) < 0)
 				return;
 			s->st = SS_HELD;
 			s->held_since = uv_now(s->gw->loop);
-			timer_start(s, held_tick, INPROGRESS_MS, INPROGRESS_MS);
+			gw_timer_start(s, gw_held_tick, INPROGRESS_MS,
+				       INPROGRESS_MS);
 			return;
 		}
 		if (r == 1)
@@ -967,10 +971,10 @@ static void on_backend_error(struct ms_conn *conn, const char *error)
 	struct session *s = ms_conn_ctx(conn);
 
 	if (s->st == SS_BACKEND) {
-		backend_fail(s, error);
+		gw_backend_fail(s, error);
 		return;
 	}
-	session_close(s);
+	gw_session_close(s);
 }
 
 static void on_backend_connect(struct ms_conn *conn, int status,
@@ -979,18 +983,18 @@ static void on_backend_connect(struct ms_conn *conn, int status,
 	struct session *s = ms_conn_ctx(conn);
 
 	if (status != 0) {
-		backend_fail(s, error != NULL ? error : "connect failed");
+		gw_backend_fail(s, error != NULL ? error : "connect failed");
 		return;
 	}
-	s->bst = B_GREETING;
+	s->bst = BS_GREETING;
 }
 
 static void on_backend_timeout(uv_timer_t *t)
 {
-	backend_fail(t->data, "no answer from the server");
+	gw_backend_fail(t->data, "no answer from the server");
 }
 
-static void backend_connect(struct session *s, int to_dst, int verify_only)
+static void gw_backend_connect(struct session *s, int to_dst, int verify_only)
 {
 	struct ms_gateway *gw = s->gw;
 	struct ms_conn_callbacks cb = {
@@ -1018,14 +1022,14 @@ static void backend_connect(struct session *s, int to_dst, int verify_only)
 	if (!to_dst && !verify_only && s->gu != NULL)
 		s->gu->touched = 1;
 	s->st = SS_BACKEND;
-	s->bst = B_GREETING;
+	s->bst = BS_GREETING;
 	if (srv->host[0] == '\0') {
-		backend_fail(s, "no such server configured");
+		gw_backend_fail(s, "no such server configured");
 		return;
 	}
-	timer_start(s, on_backend_timeout, BACKEND_TIMEOUT_MS, 0);
+	gw_timer_start(s, on_backend_timeout, GW_BACKEND_TIMEOUT_MS, 0);
 	if (ms_server_connect(gw->loop, srv, &cb, &s->b) < 0)
-		backend_fail(s, "cannot connect");
+		gw_backend_fail(s, "cannot connect");
 	else
 		ms_conn_set_wipe(s->b, 1);	/* the login goes this way */
 }
@@ -1040,14 +1044,14 @@ static void held_release(struct ms_gateway *gw, struct guser *gu)
 		 * the store, whose password no server has checked yet. */
 		if (s->st == SS_HELD && (s->gu == gu || (s->gu == NULL &&
 		    !strcmp(ms_login_name(&s->login), gu->name))))
-			route(s);
+			gw_route_login(s);
 	}
 }
 
 /* A mover job of the user's ended: the user, or NULL when unknown. */
 static struct guser *job_ended(struct ms_gateway *gw, const char *user)
 {
-	struct guser *gu = user_find(gw, user);
+	struct guser *gu = gw_user_find(gw, user);
 
 	gw->copies--;
 	if (gu != NULL)
@@ -1076,7 +1080,7 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 		/* The user worked on the source while this copy ran and has
 		 * logged off since: a last delta, with nobody on the
 		 * source, before the flip. */
-		cutover_begin(gw, gu);
+		gw_cutover_begin(gw, gu);
 		return;
 	}
 	if (gu->cutover || gu->sessions == 0) {
@@ -1159,7 +1163,7 @@ static void on_grace(uv_timer_t *t)
 	grace_over(gu->gw, gu);
 }
 
-static void cutover_begin(struct ms_gateway *gw, struct guser *gu)
+static void gw_cutover_begin(struct ms_gateway *gw, struct guser *gu)
 {
 	gu->cutover = 1;
 	set_state(gw, gu->name, "cutover", gu->rollback ? ROLLBACK_MARK : NULL);
@@ -1176,7 +1180,7 @@ static void cutover_begin(struct ms_gateway *gw, struct guser *gu)
 	uv_timer_start(gu->grace, on_grace, CUTOVER_GRACE_MS, 0);
 }
 
-static void held_tick(uv_timer_t *t)
+static void gw_held_tick(uv_timer_t *t)
 {
 	struct session *s = t->data;
 	uint64_t held = uv_now(s->gw->loop) - s->held_since;
@@ -1188,9 +1192,9 @@ static void held_tick(uv_timer_t *t)
 		 * copy goes on); one in cutover gets a temporary failure. */
 		if (user_lookup(s->gw, ms_login_name(&s->login), &info) == 0 &&
 		    strcmp(info.state, "cutover") != 0) {
-			timer_stop(s);
+			gw_timer_stop(s);
 			s->st = SS_PRELOGIN;
-			backend_connect(s, 0, 0);
+			gw_backend_connect(s, 0, 0);
 			return;
 		}
 		if (s->proto == MS_GW_IMAP)
@@ -1201,7 +1205,7 @@ static void held_tick(uv_timer_t *t)
 			    "again in a minute.\r\n");
 		ms_login_wipe(&s->login);
 		s->st = SS_PRELOGIN;
-		prelogin_timer(s);
+		gw_prelogin_timer(s);
 		return;
 	}
 	/* RFC 9585: tells the client the command is still going. */
@@ -1213,7 +1217,7 @@ static void held_tick(uv_timer_t *t)
 /* Decides where a logging-in user's session goes, now. Nothing is kept
  * for a user no server has accepted a password of yet: s->gu is NULL for
  * them (unknown to us, or known from the store only). */
-static void route(struct session *s)
+static void gw_route_login(struct session *s)
 {
 	struct ms_gateway *gw = s->gw;
 	struct guser *gu = s->gu;
@@ -1221,42 +1225,44 @@ static void route(struct session *s)
 	enum ms_policy pol;
 
 	if (user_lookup(gw, ms_login_name(&s->login), &info) < 0) {
-		backend_fail(s, ms_store_error(gw->store));
+		gw_backend_fail(s, ms_store_error(gw->store));
 		return;
 	}
 	pol = user_policy(gw, &info);
 	if (!strcmp(info.state, "destination")) {
-		backend_connect(s, 1, 0);
+		gw_backend_connect(s, 1, 0);
 		return;
 	}
 	if (!strcmp(info.state, "cutover") || (gu != NULL && gu->cutover)) {
 		if (s->st != SS_HELD) {
 			s->st = SS_HELD;
 			s->held_since = uv_now(gw->loop);
-			timer_start(s, held_tick, INPROGRESS_MS, INPROGRESS_MS);
+			gw_timer_start(s, gw_held_tick, INPROGRESS_MS,
+				       INPROGRESS_MS);
 		}
 		return;
 	}
 	if (s->st == SS_HELD) {
 		/* Released: the copy finished (or failed) or timed out. */
-		timer_stop(s);
-		backend_connect(s, 0, 0);
+		gw_timer_stop(s);
+		gw_backend_connect(s, 0, 0);
 		return;
 	}
 	if (!strcmp(info.state, "source") && pol == MS_POLICY_HOLD &&
 	    gw->mover != NULL && (gu == NULL || !gu->copying)) {
 		/* Check the password at the source, then hold. */
-		backend_connect(s, 0, 1);
+		gw_backend_connect(s, 0, 1);
 		return;
 	}
 	if (gu != NULL && gu->copying && pol == MS_POLICY_HOLD &&
 	    !strcmp(info.state, "copying") && gu->sessions == 0) {
 		s->st = SS_HELD;
 		s->held_since = uv_now(gw->loop);
-		timer_start(s, held_tick, INPROGRESS_MS, INPROGRESS_MS);
+		gw_timer_start(s, gw_held_tick, INPROGRESS_MS,
+			       INPROGRESS_MS);
 		return;
 	}
-	backend_connect(s, 0, 0);
+	gw_backend_connect(s, 0, 0);
 }
 
 /* The server accepted the user's password: from now on the user exists
@@ -1264,7 +1270,7 @@ static void route(struct session *s)
  * user's first login, or a hold's password check (s->verify_only),
  * starts the copy with the captured password. -1 when the session
  * failed instead. */
-static int login_accepted(struct session *s)
+static int gw_login_accepted(struct session *s)
 {
 	struct ms_gateway *gw = s->gw;
 	const char *name = ms_login_name(&s->login);
@@ -1272,11 +1278,11 @@ static int login_accepted(struct session *s)
 	struct guser *gu;
 
 	if (user_state(gw, name, &info) < 0) {
-		backend_fail(s, ms_store_error(gw->store));
+		gw_backend_fail(s, ms_store_error(gw->store));
 		return -1;
 	}
-	if (s->gu == NULL && (s->gu = user_get(gw, name)) == NULL) {
-		backend_fail(s, "out of memory");
+	if (s->gu == NULL && (s->gu = gw_user_get(gw, name)) == NULL) {
+		gw_backend_fail(s, "out of memory");
 		return -1;
 	}
 	gu = s->gu;
@@ -1302,8 +1308,8 @@ static int login_accepted(struct session *s)
 }
 
 /* A clear error for a login we refuse to pass on. */
-static void login_refuse(struct session *s, const char *imap_code,
-			 const char *pop3_code, const char *text)
+static void gw_login_refuse(struct session *s, const char *imap_code,
+			    const char *pop3_code, const char *text)
 {
 	if (s->proto == MS_GW_IMAP)
 		out(s, "%s NO [%s] %s\r\n", s->tag, imap_code, text);
@@ -1315,14 +1321,15 @@ static void login_refuse(struct session *s, const char *imap_code,
 /* Plaintext passwords over a connection that is not TLS, from a client
  * outside the trusted networks: refused (RFC 3501 LOGINDISABLED, as
  * Dovecot's disable_plaintext_auth). 1 when refused (answered). */
-static int plaintext_refused(struct session *s)
+static int gw_plaintext_refused(struct session *s)
 {
 	if (s->tls || ms_gateway_plaintext_ok(s->gw, s->peer))
 		return 0;
 	ms_info("session %llu: %s: plaintext login refused (not TLS, not a "
 		"trusted network)", (unsigned long long)s->id, s->peer);
-	login_refuse(s, "PRIVACYREQUIRED", "AUTH", "Plaintext authentication "
-		     "disallowed on non-secure (SSL/TLS) connections.");
+	gw_login_refuse(s, "PRIVACYREQUIRED", "AUTH", "Plaintext "
+			"authentication disallowed on non-secure (SSL/TLS) "
+			"connections.");
 	return 1;
 }
 
@@ -1346,41 +1353,41 @@ int ms_gw_login_names_check(const char *session, const char *user,
 	return 0;
 }
 
-static void login_start(struct session *s)
+static void gw_login_start(struct session *s)
 {
 	char what[64];
 	const char *name;
 
-	if (plaintext_refused(s))
+	if (gw_plaintext_refused(s))
 		return;
 
 	if (s->login.user == NULL || s->login.pass == NULL ||
 	    s->login.user[0] == '\0') {
-		login_refuse(s, "AUTHENTICATIONFAILED", "AUTH",
-			     "Authentication failed.");
+		gw_login_refuse(s, "AUTHENTICATIONFAILED", "AUTH",
+				"Authentication failed.");
 		return;
 	}
 	name = ms_login_name(&s->login);
 	snprintf(what, sizeof(what), "session %llu", (unsigned long long)s->id);
 	switch (ms_gw_login_names_check(what, s->login.user, name)) {
 	case MS_GW_NAME_TOO_LONG:
-		login_refuse(s, "CANNOT", "AUTH", "User name too long (at most "
-			     MS_STR(MS_GW_USER_MAX) " bytes).");
+		gw_login_refuse(s, "CANNOT", "AUTH", "User name too long "
+				"(at most " MS_STR(MS_GW_USER_MAX) " bytes).");
 		return;
 	case MS_GW_NAME_INVALID:
-		login_refuse(s, "AUTHENTICATIONFAILED", "AUTH",
-			     "Invalid characters in the user name.");
+		gw_login_refuse(s, "AUTHENTICATIONFAILED", "AUTH",
+				"Invalid characters in the user name.");
 		return;
 	}
 	/* Another user than this session's last login: its count goes. */
 	if (s->gu != NULL && strcmp(s->gu->name, name) != 0) {
-		session_uncount(s);
+		gw_session_uncount(s);
 		s->gu = NULL;
 	}
 	if (s->gu == NULL)
-		s->gu = user_find(s->gw, name);
-	timer_stop(s);
-	route(s);
+		s->gu = gw_user_find(s->gw, name);
+	gw_timer_stop(s);
+	gw_route_login(s);
 }
 
 /* ---- IMAP before login ---- */
@@ -1399,12 +1406,13 @@ static void imap_capability(struct session *s, const char *fmt)
 	out(s, fmt, caps);
 }
 
-static void on_client_tls(struct ms_conn *conn, int status, const char *error)
+static void gw_client_on_tls(struct ms_conn *conn, int status,
+			     const char *error)
 {
 	struct session *s = ms_conn_ctx(conn);
 
 	if (status != 0) {
-		session_close(s);
+		gw_session_close(s);
 		return;
 	}
 	s->tls = 1;
@@ -1414,9 +1422,9 @@ static void on_client_tls(struct ms_conn *conn, int status, const char *error)
 static void imap_bad(struct session *s, const char *tag, const char *text)
 {
 	out(s, "%s BAD %s\r\n", tag, text);
-	if (++s->bad >= BAD_MAX) {
+	if (++s->bad >= GW_BAD_MAX) {
 		out(s, "* BYE Too many invalid commands.\r\n");
-		session_close(s);
+		gw_session_close(s);
 	}
 }
 
@@ -1448,7 +1456,7 @@ static void imap_command(struct session *s)
 		    tag);
 	} else if (!strcasecmp(cmd, "LOGOUT")) {
 		out(s, "* BYE Logging out\r\n%s OK Logout completed.\r\n", tag);
-		session_close(s);
+		gw_session_close(s);
 	} else if (!strcasecmp(cmd, "STARTTLS")) {
 		if (s->gw->tls == NULL || s->tls) {
 			imap_bad(s, tag, "TLS is not available.");
@@ -1459,8 +1467,9 @@ static void imap_command(struct session *s)
 		 * count (command injection, RFC 3501 11.1). */
 		s->inlen = 0;
 		s->st = SS_STARTTLS;
-		if (ms_conn_starttls_server(s->c, s->gw->tls, on_client_tls) < 0)
-			session_close(s);
+		if (ms_conn_starttls_server(s->c, s->gw->tls,
+					    gw_client_on_tls) < 0)
+			gw_session_close(s);
 	} else if (!strcasecmp(cmd, "LOGIN")) {
 		if (s->argc != 4) {
 			imap_bad(s, tag, "Invalid arguments.");
@@ -1469,13 +1478,13 @@ static void imap_command(struct session *s)
 		ms_login_wipe(&s->login);
 		s->login.user = strdup(s->argv[2]);
 		s->login.pass = strdup(s->argv[3]);
-		login_start(s);
+		gw_login_start(s);
 	} else if (!strcasecmp(cmd, "AUTHENTICATE")) {
 		if (s->argc < 3 || s->argc > 4) {
 			imap_bad(s, tag, "Invalid arguments.");
 			return;
 		}
-		if (plaintext_refused(s))
+		if (gw_plaintext_refused(s))
 			return;
 		if (!strcasecmp(s->argv[2], "PLAIN")) {
 			if (s->argc == 4) {
@@ -1483,7 +1492,7 @@ static void imap_command(struct session *s)
 					imap_bad(s, tag, "Invalid base64 data.");
 					return;
 				}
-				login_start(s);
+				gw_login_start(s);
 				return;
 			}
 			s->st = SS_AUTH_PLAIN;
@@ -1518,7 +1527,7 @@ static void imap_auth_line(struct session *s, char *line)
 			imap_bad(s, s->tag, "Invalid base64 data.");
 			return;
 		}
-		login_start(s);
+		gw_login_start(s);
 		return;
 	}
 	r = ms_login_decode_step(line, &step);
@@ -1539,7 +1548,7 @@ static void imap_auth_line(struct session *s, char *line)
 	}
 	s->login.pass = step;
 	s->st = SS_PRELOGIN;
-	login_start(s);
+	gw_login_start(s);
 }
 
 /* Splits one command line into s->argv (atoms and quoted strings); a
@@ -1548,18 +1557,18 @@ static void imap_auth_line(struct session *s, char *line)
 static int imap_tokenize(struct session *s, const char *p)
 {
 	while (*p != '\0') {
-		char tok[LITERAL_MAX + 1];
+		char tok[GW_LITERAL_MAX + 1];
 		size_t n = 0;
 
 		while (*p == ' ')
 			p++;
 		if (*p == '\0')
 			break;
-		if (s->argc == ARG_MAX)
+		if (s->argc == GW_ARG_MAX)
 			return -1;
 		if (*p == '"') {
 			for (p++; *p != '"'; p++) {
-				if (*p == '\0' || n == LITERAL_MAX)
+				if (*p == '\0' || n == GW_LITERAL_MAX)
 					return -1;
 				if (*p == '\\' && (p[1] == '"' || p[1] == '\\'))
 					p++;
@@ -1573,7 +1582,7 @@ static int imap_tokenize(struct session *s, const char *p)
 
 			if (e == p + 1 || (plus && e[1] != '}') ||
 			    (!plus && *e != '}') || e[plus + 1] != '\0' ||
-			    len > LITERAL_MAX)
+			    len > GW_LITERAL_MAX)
 				return -1;
 			s->lit_need = len;
 			s->argv[s->argc] = calloc(1, len + 1);
@@ -1584,7 +1593,7 @@ static int imap_tokenize(struct session *s, const char *p)
 				out(s, "+ OK\r\n");
 			return 0;
 		} else {
-			while (*p != '\0' && *p != ' ' && n < LITERAL_MAX)
+			while (*p != '\0' && *p != ' ' && n < GW_LITERAL_MAX)
 				tok[n++] = *p++;
 			/* Longer: an error, never two arguments. */
 			if (*p != '\0' && *p != ' ')
@@ -1599,7 +1608,8 @@ static int imap_tokenize(struct session *s, const char *p)
 
 static void imap_process(struct session *s)
 {
-	while (s->inlen > 0 && prelogin_reading(s) && !ms_conn_over_high(s->c)) {
+	while (s->inlen > 0 && gw_prelogin_reading(s) &&
+	       !ms_conn_over_high(s->c)) {
 		char *lf, *line;
 		size_t linelen;
 		int r;
@@ -1611,7 +1621,7 @@ static void imap_process(struct session *s)
 
 			/* A NUL inside a login literal cannot be replayed. */
 			if (memchr(s->in, '\0', n) != NULL) {
-				clear_args(s);
+				gw_clear_args(s);
 				s->inlen = 0;
 				imap_bad(s, "*", "Invalid literal.");
 				return;
@@ -1624,9 +1634,9 @@ static void imap_process(struct session *s)
 			continue;
 		}
 		lf = memchr(s->in, '\n', s->inlen);
-		if ((lf == NULL && s->inlen >= INBUF_MAX) ||
-		    (lf != NULL && (size_t)(lf - s->in) >= INBUF_MAX)) {
-			line_too_long(s);
+		if ((lf == NULL && s->inlen >= GW_INBUF_MAX) ||
+		    (lf != NULL && (size_t)(lf - s->in) >= GW_INBUF_MAX)) {
+			gw_line_too_long(s);
 			return;
 		}
 		if (lf == NULL)
@@ -1641,14 +1651,14 @@ static void imap_process(struct session *s)
 			/* A NUL byte inside the line: never valid. */
 			memmove(s->in, lf + 1, s->inlen - linelen - 1);
 			s->inlen -= linelen + 1;
-			clear_args(s);
+			gw_clear_args(s);
 			imap_bad(s, "*", "Invalid characters in command.");
 			if (s->st == SS_CLOSING)
 				return;
 			continue;
 		}
 		if (s->st != SS_PRELOGIN) {
-			char copy[INBUF_MAX];
+			char copy[GW_INBUF_MAX];
 
 			snprintf(copy, sizeof(copy), "%s", line);
 			memmove(s->in, lf + 1, s->inlen - linelen - 1);
@@ -1666,7 +1676,7 @@ static void imap_process(struct session *s)
 			snprintf(tag, sizeof(tag), "%s", s->argc > 0 &&
 				 strlen(s->argv[0]) < sizeof(tag) ?
 				 s->argv[0] : "*");
-			clear_args(s);
+			gw_clear_args(s);
 			imap_bad(s, tag, "Error in IMAP command received by "
 				 "server.");
 			if (s->st == SS_CLOSING)
@@ -1675,12 +1685,12 @@ static void imap_process(struct session *s)
 		}
 		if (r == 0)
 			continue;	/* a literal follows */
-		if (too_many_commands(s))
+		if (gw_too_many_commands(s))
 			return;
 		imap_command(s);
 		if (s->st == SS_CLOSING)
 			return;
-		clear_args(s);
+		gw_clear_args(s);
 	}
 }
 
@@ -1720,7 +1730,7 @@ static void pop3_command(struct session *s, char *line)
 		out(s, "+OK\r\n");
 	} else if (!strcasecmp(line, "QUIT")) {
 		out(s, "+OK Logging out\r\n");
-		session_close(s);
+		gw_session_close(s);
 	} else if (!strcasecmp(line, "STLS")) {
 		if (s->gw->tls == NULL || s->tls) {
 			out(s, "-ERR TLS is not available.\r\n");
@@ -1729,10 +1739,11 @@ static void pop3_command(struct session *s, char *line)
 		out(s, "+OK Begin TLS negotiation now.\r\n");
 		s->inlen = 0;
 		s->st = SS_STARTTLS;
-		if (ms_conn_starttls_server(s->c, s->gw->tls, on_client_tls) < 0)
-			session_close(s);
+		if (ms_conn_starttls_server(s->c, s->gw->tls,
+					    gw_client_on_tls) < 0)
+			gw_session_close(s);
 	} else if (!strcasecmp(line, "USER") && arg != NULL) {
-		if (plaintext_refused(s))
+		if (gw_plaintext_refused(s))
 			return;
 		ms_login_wipe(&s->login);
 		s->login.user = strdup(arg);
@@ -1740,7 +1751,7 @@ static void pop3_command(struct session *s, char *line)
 	} else if (!strcasecmp(line, "PASS") && arg != NULL &&
 		   s->login.user != NULL) {
 		s->login.pass = strdup(arg);
-		login_start(s);
+		gw_login_start(s);
 	} else if (!strcasecmp(line, "AUTH") && arg != NULL) {
 		char *ir = strchr(arg, ' ');
 
@@ -1750,7 +1761,7 @@ static void pop3_command(struct session *s, char *line)
 			out(s, "-ERR Unsupported authentication mechanism.\r\n");
 			return;
 		}
-		if (plaintext_refused(s))
+		if (gw_plaintext_refused(s))
 			return;
 		if (ir == NULL) {
 			s->st = SS_AUTH_PLAIN;
@@ -1761,11 +1772,11 @@ static void pop3_command(struct session *s, char *line)
 			out(s, "-ERR Invalid base64 data.\r\n");
 			return;
 		}
-		login_start(s);
+		gw_login_start(s);
 	} else {
 		out(s, "-ERR Unknown command.\r\n");
-		if (++s->bad >= BAD_MAX)
-			session_close(s);
+		if (++s->bad >= GW_BAD_MAX)
+			gw_session_close(s);
 	}
 }
 
@@ -1773,13 +1784,13 @@ static void pop3_process(struct session *s)
 {
 	while (s->inlen > 0 && (s->st == SS_PRELOGIN || s->st == SS_AUTH_PLAIN) &&
 	       !ms_conn_over_high(s->c)) {
-		char line[INBUF_MAX];
+		char line[GW_INBUF_MAX];
 		char *lf = memchr(s->in, '\n', s->inlen);
 		size_t linelen;
 
-		if ((lf == NULL && s->inlen >= INBUF_MAX) ||
-		    (lf != NULL && (size_t)(lf - s->in) >= INBUF_MAX)) {
-			line_too_long(s);
+		if ((lf == NULL && s->inlen >= GW_INBUF_MAX) ||
+		    (lf != NULL && (size_t)(lf - s->in) >= GW_INBUF_MAX)) {
+			gw_line_too_long(s);
 			return;
 		}
 		if (lf == NULL)
@@ -1791,7 +1802,7 @@ static void pop3_process(struct session *s)
 			line[linelen - 1] = '\0';
 		memmove(s->in, lf + 1, s->inlen - linelen - 1);
 		s->inlen -= linelen + 1;
-		if (too_many_commands(s)) {
+		if (gw_too_many_commands(s)) {
 			OPENSSL_cleanse(line, linelen);
 			return;
 		}
@@ -1802,7 +1813,7 @@ static void pop3_process(struct session *s)
 			} else if (ms_login_take_plain(&s->login, line) < 0) {
 				out(s, "-ERR Invalid base64 data.\r\n");
 			} else {
-				login_start(s);
+				gw_login_start(s);
 			}
 		} else {
 			pop3_command(s, line);
@@ -1815,7 +1826,7 @@ static void pop3_process(struct session *s)
 
 /* ---- client connection ---- */
 
-static int prelogin_reading(const struct session *s)
+static int gw_prelogin_reading(const struct session *s)
 {
 	return s->st == SS_PRELOGIN || s->st == SS_AUTH_PLAIN ||
 		s->st == SS_AUTH_USER || s->st == SS_AUTH_PASS;
@@ -1823,7 +1834,7 @@ static int prelogin_reading(const struct session *s)
 
 /* One more command before login: 1 (and the session ends) when that is
  * more than PRELOGIN_CMDS_MAX. */
-static int too_many_commands(struct session *s)
+static int gw_too_many_commands(struct session *s)
 {
 	if (++s->ncmds <= PRELOGIN_CMDS_MAX)
 		return 0;
@@ -1833,21 +1844,21 @@ static int too_many_commands(struct session *s)
 		out(s, "* BYE Too many commands before login.\r\n");
 	else
 		out(s, "-ERR Too many commands before login.\r\n");
-	clear_args(s);
-	session_close(s);
+	gw_clear_args(s);
+	gw_session_close(s);
 	return 1;
 }
 
-static void line_too_long(struct session *s)
+static void gw_line_too_long(struct session *s)
 {
 	if (s->proto == MS_GW_IMAP)
 		out(s, "* BYE Input line too long.\r\n");
 	else
 		out(s, "-ERR Input line too long.\r\n");
-	session_close(s);
+	gw_session_close(s);
 }
 
-static void prelogin_timer(struct session *s)
+static void gw_prelogin_timer(struct session *s)
 {
 	uint64_t now = uv_now(s->gw->loop);
 	uint64_t end = s->born_ms + PRELOGIN_MAX_MS;
@@ -1857,19 +1868,19 @@ static void prelogin_timer(struct session *s)
 		ms = 1;
 	else if (end - now < ms)
 		ms = end - now;
-	timer_start(s, on_idle_timeout, ms, 0);
+	gw_timer_start(s, on_idle_timeout, ms, 0);
 }
 
 /* The commands buffered so far, while the client reads our answers: one
  * that does not is not read any more (until on_client_drain); nor is one
- * that sent INBUF_MAX bytes we cannot take yet (a login under way).
+ * that sent GW_INBUF_MAX bytes we cannot take yet (a login under way).
  * Called again from inside (a login refused at once): the running loop
  * goes on with the next command. */
-static void prelogin_process(struct session *s)
+static void gw_prelogin_process(struct session *s)
 {
 	if (s->processing || s->st == SS_CLOSING)
 		return;
-	if (prelogin_reading(s)) {
+	if (gw_prelogin_reading(s)) {
 		s->processing = 1;
 		if (s->proto == MS_GW_IMAP)
 			imap_process(s);
@@ -1879,9 +1890,9 @@ static void prelogin_process(struct session *s)
 	}
 	if (s->st == SS_CLOSING || s->st == SS_RELAY)
 		return;
-	if (prelogin_reading(s) && ms_conn_over_high(s->c))
+	if (gw_prelogin_reading(s) && ms_conn_over_high(s->c))
 		ms_pause_set(s->c, &s->c_paused, MS_PAUSE_WRITE);
-	if (s->inlen >= INBUF_MAX)
+	if (s->inlen >= GW_INBUF_MAX)
 		ms_pause_set(s->c, &s->c_paused, MS_PAUSE_INPUT);
 	else
 		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_INPUT);
@@ -1895,26 +1906,26 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 		if (s->ur != NULL)
 			uidl_relay_client(s, data, len);
 		if (ms_relay(s->b, s->c, &s->c_paused, data, len) < 0)
-			session_close(s);
+			gw_session_close(s);
 		return;
 	}
 	if (s->st == SS_STARTTLS)
 		return;
 	if (inbuf_reserve(s, len) < 0) {
-		/* Cannot happen while reading stops at INBUF_MAX. */
-		line_too_long(s);
+		/* Cannot happen while reading stops at GW_INBUF_MAX. */
+		gw_line_too_long(s);
 		return;
 	}
 	memcpy(s->in + s->inlen, data, len);
 	s->inlen += len;
-	if (prelogin_reading(s))
-		prelogin_timer(s);
-	prelogin_process(s);
+	if (gw_prelogin_reading(s))
+		gw_prelogin_timer(s);
+	gw_prelogin_process(s);
 }
 
 static void on_client_error(struct ms_conn *conn, const char *error)
 {
-	session_close(ms_conn_ctx(conn));
+	gw_session_close(ms_conn_ctx(conn));
 }
 
 static void on_client_connect(struct ms_conn *conn, int status,
@@ -1923,7 +1934,7 @@ static void on_client_connect(struct ms_conn *conn, int status,
 	struct session *s = ms_conn_ctx(conn);
 
 	if (status != 0) {
-		session_close(s);
+		gw_session_close(s);
 		return;
 	}
 	ms_conn_peer_addr(conn, s->peer, sizeof(s->peer), &s->peer_port);
@@ -1934,7 +1945,7 @@ static void on_client_connect(struct ms_conn *conn, int status,
 		out(s, "+OK mailshift ready.\r\n");
 	}
 	s->st = SS_PRELOGIN;
-	prelogin_timer(s);
+	gw_prelogin_timer(s);
 }
 
 static void on_connection(uv_stream_t *server, int status)
@@ -1993,7 +2004,7 @@ static void on_connection(uv_stream_t *server, int status)
 	s->timer.data = s;
 	s->born_ms = uv_now(gw->loop);
 	/* From the start: a TLS handshake that never ends is timed out. */
-	prelogin_timer(s);
+	gw_prelogin_timer(s);
 	s->next = gw->sessions;
 	if (s->next != NULL)
 		s->next->prev = s;
@@ -2310,7 +2321,7 @@ json_t *ms_gateway_sessions(struct ms_gateway *gw)
 enum ms_route ms_gateway_route(struct ms_gateway *gw, const char *user)
 {
 	struct ms_user_info info;
-	struct guser *gu = user_find(gw, user);
+	struct guser *gu = gw_user_find(gw, user);
 	int found = 0;
 
 	if (gu != NULL && gu->cutover)
@@ -2371,7 +2382,7 @@ int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 		*error_r = "already on the destination";
 		return -1;
 	}
-	gu = user_get(gw, user);
+	gu = gw_user_get(gw, user);
 	if (gu == NULL) {
 		*error_r = "out of memory";
 		return -1;
@@ -2469,7 +2480,7 @@ int ms_gateway_rollback(struct ms_gateway *gw, const char *user,
 		*error_r = "not on the destination";
 		return -1;
 	}
-	if ((gu = user_get(gw, user)) == NULL) {
+	if ((gu = gw_user_get(gw, user)) == NULL) {
 		*error_r = "out of memory";
 		return -1;
 	}
@@ -2481,14 +2492,14 @@ int ms_gateway_rollback(struct ms_gateway *gw, const char *user,
 	 * deferred, the destination's MTA given its grace, then the
 	 * reverse delta; verified, the map flips back. */
 	gu->rollback = 1;
-	cutover_begin(gw, gu);
+	gw_cutover_begin(gw, gu);
 	ms_gateway_kick(gw, user);
 	return 0;
 }
 
 const char *ms_gateway_user_copy(struct ms_gateway *gw, const char *user)
 {
-	struct guser *gu = user_find(gw, user);
+	struct guser *gu = gw_user_find(gw, user);
 
 	if (gu == NULL)
 		return "";
@@ -2503,7 +2514,7 @@ const char *ms_gateway_user_copy(struct ms_gateway *gw, const char *user)
 
 unsigned int ms_gateway_user_sessions(struct ms_gateway *gw, const char *user)
 {
-	struct guser *gu = user_find(gw, user);
+	struct guser *gu = gw_user_find(gw, user);
 
 	return gu != NULL ? gu->sessions : 0;
 }
@@ -2520,7 +2531,7 @@ int ms_gateway_kick(struct ms_gateway *gw, const char *user)
 			out(s, "* BYE Administrator ended this session.\r\n");
 		else if (s->st != SS_RELAY)
 			out(s, "-ERR Administrator ended this session.\r\n");
-		session_close(s);
+		gw_session_close(s);
 		n++;
 	}
 	return n;
@@ -2559,7 +2570,7 @@ static int recover_one(void *ctx, const struct ms_user_info *u)
 	 * cutover if anything reached the source meanwhile. */
 	if (gw->mover != NULL && have_admin(gw) &&
 	    user_policy(gw, u) != MS_POLICY_OFF &&
-	    (gu = user_get(gw, u->name)) != NULL)
+	    (gu = gw_user_get(gw, u->name)) != NULL)
 		gu->resume = 1;
 	return 0;
 }
@@ -2594,7 +2605,7 @@ static int sweep_one(void *ctx, const struct ms_user_info *u)
 	if ((strcmp(u->state, "source") && strcmp(u->state, "copying")) ||
 	    user_policy(gw, u) == MS_POLICY_OFF)
 		return 0;
-	gu = user_get(gw, u->name);
+	gu = gw_user_get(gw, u->name);
 	if (gu == NULL || gu->copying || gu->flip_pending || gu->sessions > 0)
 		return 0;
 	set_state(gw, gu->name, "copying", NULL);
@@ -2993,7 +3004,7 @@ void ms_gateway_free(struct ms_gateway **gwp)
 		return;
 	*gwp = NULL;
 	while (gw->sessions != NULL)
-		session_close(gw->sessions);
+		gw_session_close(gw->sessions);
 	ms_smtp_close_all(gw);
 	/* Listener memory goes in the close callbacks, on the next turn of
 	 * the loop: the caller runs the loop once more. */

@@ -38,9 +38,9 @@
 
 #define LINE_MAX_LEN 4096	/* a command line (RFC 5321: 512; lenient) */
 #define INBUF_PAUSE (32 * 1024)	/* stop reading the client above this */
-#define INBUF_MAX (256 * 1024)	/* hard limit (one read is at most 64 KB) */
+#define SMTP_INBUF_MAX (256 * 1024) /* hard limit (a read is at most 64 KB) */
 #define REPLY_MAX (16 * 1024)	/* one reply of an MTA, all its lines */
-#define BAD_MAX 10		/* bad commands before we hang up */
+#define SMTP_BAD_MAX 10		/* bad commands before we hang up */
 /* Commands that move no mail (EHLO, HELO, NOOP, RSET, VRFY, HELP) between
  * two messages (Postfix's smtpd_junk_command_limit): more end the session,
  * a client that sends thousands only costs the others time. */
@@ -49,11 +49,11 @@
 #define CLIENT_OUT_LOW (16 * 1024)
 #define RCPT_MAX 100		/* recipients per transaction (RFC minimum) */
 #define IDLE_TIMEOUT_MS (300 * 1000)	/* like Postfix's smtpd_timeout */
-#define BACKEND_TIMEOUT_MS (30 * 1000)
+#define SMTP_BACKEND_TIMEOUT_MS (30 * 1000)
 #define DATA_END_TIMEOUT_MS (600 * 1000) /* RFC 5321 4.5.3.2.6 */
 #define ID_BASE 1000000		/* SMTP session ids: apart from IMAP's */
 
-enum cstate {
+enum smtp_cstate {
 	C_CONNECTING,		/* accepted, implicit TLS handshake */
 	C_CMD,			/* reading commands */
 	C_STARTTLS,		/* our 220 went out, handshake running */
@@ -68,7 +68,7 @@ enum cstate {
 	C_CLOSING,
 };
 
-enum bstate {
+enum smtp_bstate {
 	B_NONE,			/* no connection to an MTA */
 	B_CONNECT,
 	B_GREETING,
@@ -92,7 +92,7 @@ struct smtp_session {
 	struct ms_gateway *gw;
 	uint64_t id;
 	enum ms_gw_proto proto;
-	enum cstate st;
+	enum smtp_cstate st;
 	struct ms_conn *c, *b;
 	uv_timer_t timer;		/* frees the session when closed */
 	int tls;			/* the client side is TLS */
@@ -127,7 +127,7 @@ struct smtp_session {
 	char *auth_user;		/* authenticated (for the listing) */
 
 	/* MTA */
-	enum bstate bst;
+	enum smtp_bstate bst;
 	int b_side;			/* the MTA's side: 0 src, 1 dst */
 	const struct ms_server_cfg *server;
 	int b_tls, b_xclient_done;
@@ -140,7 +140,7 @@ struct smtp_session {
 static struct smtp_session *sessions;
 static uint64_t next_id = ID_BASE;
 
-static void session_close(struct smtp_session *s);
+static void smtp_session_close(struct smtp_session *s);
 static void client_process(struct smtp_session *s);
 static void backend_start(struct smtp_session *s, int side);
 static void backend_lost(struct smtp_session *s, const char *why);
@@ -197,27 +197,27 @@ static void timer_set(struct smtp_session *s, uv_timer_cb cb, uint64_t ms)
 		uv_timer_start(&s->timer, cb, ms, 0);
 }
 
-static void on_idle_timeout(uv_timer_t *t)
+static void smtp_client_on_idle(uv_timer_t *t)
 {
 	struct smtp_session *s = t->data;
 
 	out(s, "421 4.4.2 %s Error: timeout exceeded\r\n", ms_host_name());
-	session_close(s);
+	smtp_session_close(s);
 }
 
-static void on_backend_timeout(uv_timer_t *t)
+static void smtp_backend_on_timeout(uv_timer_t *t)
 {
 	backend_lost(t->data, "no answer from the mail server");
 }
 
 static void idle_timer(struct smtp_session *s)
 {
-	timer_set(s, on_idle_timeout, IDLE_TIMEOUT_MS);
+	timer_set(s, smtp_client_on_idle, IDLE_TIMEOUT_MS);
 }
 
 /* ---- session lifetime ---- */
 
-static void on_timer_close(uv_handle_t *h)
+static void smtp_on_session_free(uv_handle_t *h)
 {
 	free(h->data);
 }
@@ -244,7 +244,7 @@ static void backend_close(struct smtp_session *s, int quit)
 	ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_WRITE);
 }
 
-static void session_close(struct smtp_session *s)
+static void smtp_session_close(struct smtp_session *s)
 {
 	if (s->st == C_CLOSING)
 		return;
@@ -278,7 +278,7 @@ static void session_close(struct smtp_session *s)
 	s->admitted = 0;
 	/* The memory goes with the timer handle, on the loop's next turn:
 	 * callers up the stack may still look at s->st. */
-	uv_close((uv_handle_t *)&s->timer, on_timer_close);
+	uv_close((uv_handle_t *)&s->timer, smtp_on_session_free);
 }
 
 /* Back to reading commands (after an answer from the MTA, or ours). */
@@ -426,7 +426,8 @@ static void send_ehlo(struct smtp_session *s)
 	bout(s, "EHLO %s\r\n", name);
 }
 
-static void on_backend_tls(struct ms_conn *conn, int status, const char *error)
+static void smtp_backend_on_tls(struct ms_conn *conn, int status,
+				const char *error)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
@@ -544,7 +545,8 @@ static void backend_setup_reply(struct smtp_session *s, int code,
 		return;
 	case B_STARTTLS:
 		s->bst = B_TLS;
-		if (code != 220 || ms_conn_starttls(s->b, on_backend_tls) < 0)
+		if (code != 220 ||
+		    ms_conn_starttls(s->b, smtp_backend_on_tls) < 0)
 			backend_lost(s, "STARTTLS refused by the mail server");
 		else if (s->binlen > 0 || s->b_unread > 0)
 			/* Came with the go-ahead, not protected by TLS: an
@@ -680,13 +682,14 @@ static void backend_reply(struct smtp_session *s, int code, const char *text)
 	}
 }
 
-static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
+static void smtp_backend_on_read(struct ms_conn *conn, const char *data,
+				 size_t len)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
 	if (s->bst == B_RELAY) {
 		if (ms_relay(s->c, s->b, &s->b_paused, data, len) < 0)
-			session_close(s);
+			smtp_session_close(s);
 		return;
 	}
 	/* s->b may change under us: a refused AUTH closes this connection
@@ -699,7 +702,7 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 
 		if (s->bst == B_RELAY) {
 			if (ms_relay(s->c, s->b, &s->b_paused, data, len) < 0)
-				session_close(s);
+				smtp_session_close(s);
 			return;
 		}
 		if (s->bin == NULL)
@@ -747,20 +750,20 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 	}
 }
 
-static void on_backend_error(struct ms_conn *conn, const char *error)
+static void smtp_backend_on_error(struct ms_conn *conn, const char *error)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
 	if (s->bst == B_RELAY) {
 		/* The server ended the session (after QUIT, or its timeout). */
-		session_close(s);
+		smtp_session_close(s);
 		return;
 	}
 	backend_lost(s, error);
 }
 
-static void on_backend_connect(struct ms_conn *conn, int status,
-			       const char *error)
+static void smtp_backend_on_connect(struct ms_conn *conn, int status,
+				    const char *error)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
@@ -771,7 +774,7 @@ static void on_backend_connect(struct ms_conn *conn, int status,
 	s->bst = B_GREETING;
 }
 
-static void on_backend_drain(struct ms_conn *conn)
+static void smtp_backend_on_drain(struct ms_conn *conn)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
@@ -782,7 +785,7 @@ static void on_backend_drain(struct ms_conn *conn)
  * waits for gets a temporary failure, so that it tries again later. */
 static void backend_lost(struct smtp_session *s, const char *why)
 {
-	enum bstate was = s->bst;
+	enum smtp_bstate was = s->bst;
 
 	if (s->st == C_CLOSING)
 		return;
@@ -793,7 +796,7 @@ static void backend_lost(struct smtp_session *s, const char *why)
 	backend_close(s, 0);
 	if (s->proto == MS_GW_SUBMISSION) {
 		if (s->st == C_RELAY) {
-			session_close(s);
+			smtp_session_close(s);
 			return;
 		}
 		if (s->st == C_WAIT)
@@ -841,10 +844,10 @@ static void backend_start(struct smtp_session *s, int side)
 {
 	const struct ms_gw_config *cfg = ms_gateway_config(s->gw);
 	struct ms_conn_callbacks cb = {
-		.on_connect = on_backend_connect,
-		.on_read = on_backend_read,
-		.on_error = on_backend_error,
-		.on_drain = on_backend_drain,
+		.on_connect = smtp_backend_on_connect,
+		.on_read = smtp_backend_on_read,
+		.on_error = smtp_backend_on_error,
+		.on_drain = smtp_backend_on_drain,
 		.ctx = s,
 	};
 	const struct ms_server_cfg *srv;
@@ -859,7 +862,7 @@ static void backend_start(struct smtp_session *s, int side)
 	s->binlen = 0;
 	s->st = C_WAIT;
 	s->bst = B_CONNECT;
-	timer_set(s, on_backend_timeout, BACKEND_TIMEOUT_MS);
+	timer_set(s, smtp_backend_on_timeout, SMTP_BACKEND_TIMEOUT_MS);
 	if (srv->host[0] == '\0') {
 		backend_lost(s, "no such server configured");
 		return;
@@ -878,9 +881,9 @@ static void backend_start(struct smtp_session *s, int side)
 static void bad_command(struct smtp_session *s, const char *reply)
 {
 	out(s, "%s", reply);
-	if (++s->bad >= BAD_MAX) {
+	if (++s->bad >= SMTP_BAD_MAX) {
 		out(s, "421 4.7.0 %s Error: too many errors\r\n", ms_host_name());
-		session_close(s);
+		smtp_session_close(s);
 	}
 }
 
@@ -927,12 +930,13 @@ static void cmd_ehlo(struct smtp_session *s, const char *arg, int ehlo)
 	    auth_offered(s) ? "250-AUTH PLAIN LOGIN\r\n" : "");
 }
 
-static void on_client_tls(struct ms_conn *conn, int status, const char *error)
+static void smtp_client_on_tls(struct ms_conn *conn, int status,
+			       const char *error)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
 	if (status != 0) {
-		session_close(s);
+		smtp_session_close(s);
 		return;
 	}
 	s->tls = 1;
@@ -965,8 +969,8 @@ static void cmd_starttls(struct smtp_session *s, const char *arg)
 	s->inlen = 0;
 	s->st = C_STARTTLS;
 	if (ms_conn_starttls_server(s->c, ms_gateway_tls(s->gw),
-				    on_client_tls) < 0)
-		session_close(s);
+				    smtp_client_on_tls) < 0)
+		smtp_session_close(s);
 }
 
 static void cmd_mail(struct smtp_session *s, const char *arg)
@@ -1063,7 +1067,7 @@ static void cmd_rcpt(struct smtp_session *s, const char *arg)
 	if (s->b != NULL && s->b_side == side &&
 	    (s->bst == B_TXN || s->bst == B_READY)) {
 		s->st = C_WAIT;
-		timer_set(s, on_backend_timeout, BACKEND_TIMEOUT_MS);
+		timer_set(s, smtp_backend_on_timeout, SMTP_BACKEND_TIMEOUT_MS);
 		if (s->bst == B_TXN) {
 			s->bst = B_RCPT;
 			bout(s, "RCPT %s\r\n", s->rcpt);
@@ -1101,7 +1105,7 @@ static void cmd_data(struct smtp_session *s, const char *arg)
 	}
 	s->st = C_WAIT;
 	s->bst = B_DATA;
-	timer_set(s, on_backend_timeout, BACKEND_TIMEOUT_MS);
+	timer_set(s, smtp_backend_on_timeout, SMTP_BACKEND_TIMEOUT_MS);
 	bout(s, "DATA\r\n");
 }
 
@@ -1203,7 +1207,7 @@ static void cmd_auth(struct smtp_session *s, char *arg)
 /* A line of an AUTH exchange (base64, or "*" to cancel). */
 static void auth_line(struct smtp_session *s, const char *line)
 {
-	enum cstate st = s->st;
+	enum smtp_cstate st = s->st;
 	char *step;
 
 	s->st = C_CMD;
@@ -1269,7 +1273,7 @@ static void command(struct smtp_session *s, char *line)
 			(unsigned long long)s->id, s->peer, JUNK_MAX);
 		out(s, "421 4.7.0 %s Error: too many commands without a "
 		    "message\r\n", ms_host_name());
-		session_close(s);
+		smtp_session_close(s);
 		return;
 	}
 	if (!strcasecmp(line, "EHLO"))
@@ -1291,7 +1295,7 @@ static void command(struct smtp_session *s, char *line)
 		out(s, "250 2.0.0 Ok\r\n");
 	else if (!strcasecmp(line, "QUIT")) {
 		out(s, "221 2.0.0 Bye\r\n");
-		session_close(s);
+		smtp_session_close(s);
 	} else if (!strcasecmp(line, "STARTTLS"))
 		cmd_starttls(s, arg);
 	else if (!strcasecmp(line, "AUTH"))
@@ -1358,12 +1362,12 @@ static size_t data_feed(struct smtp_session *s, const char *d, size_t len)
 			(unsigned long long)s->id, s->peer);
 		out(s, "521 5.5.2 %s Error: bare <CR> or <LF> received\r\n",
 		    ms_host_name());
-		session_close(s);
+		smtp_session_close(s);
 		return len;
 	}
 	if (s->st == C_DATA) {
 		if (ms_relay(s->b, s->c, &s->c_paused, d, (size_t)n) < 0) {
-			session_close(s);
+			smtp_session_close(s);
 			return len;
 		}
 	}
@@ -1379,7 +1383,7 @@ static size_t data_feed(struct smtp_session *s, const char *d, size_t len)
 	}
 	s->st = C_DATA_END;
 	s->bst = B_DOT;
-	timer_set(s, on_backend_timeout, DATA_END_TIMEOUT_MS);
+	timer_set(s, smtp_backend_on_timeout, DATA_END_TIMEOUT_MS);
 	return (size_t)n;
 }
 
@@ -1388,7 +1392,7 @@ static size_t data_feed(struct smtp_session *s, const char *d, size_t len)
 static int in_append(struct smtp_session *s, const char *data, size_t len)
 {
 	if (ms_secret_reserve(&s->in, &s->incap, s->inlen, s->inlen + len,
-			      4096, INBUF_MAX) < 0)
+			      4096, SMTP_INBUF_MAX) < 0)
 		return -1;
 	memcpy(s->in + s->inlen, data, len);
 	s->inlen += len;
@@ -1465,17 +1469,18 @@ static void client_process(struct smtp_session *s)
 too_long:
 	s->processing = 0;
 	out(s, "500 5.5.2 Error: line too long\r\n");
-	session_close(s);
+	smtp_session_close(s);
 }
 
-static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
+static void smtp_client_on_read(struct ms_conn *conn, const char *data,
+				size_t len)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
 	switch (s->st) {
 	case C_RELAY:
 		if (ms_relay(s->b, s->c, &s->c_paused, data, len) < 0)
-			session_close(s);
+			smtp_session_close(s);
 		return;
 	case C_STARTTLS:
 	case C_CONNECTING:
@@ -1507,7 +1512,7 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 	}
 	if (in_append(s, data, len) < 0) {
 		out(s, "421 4.3.0 %s Error: too much input\r\n", ms_host_name());
-		session_close(s);
+		smtp_session_close(s);
 		return;
 	}
 	client_process(s);
@@ -1516,12 +1521,12 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 		ms_pause_set(s->c, &s->c_paused, MS_PAUSE_INPUT);
 }
 
-static void on_client_error(struct ms_conn *conn, const char *error)
+static void smtp_client_on_error(struct ms_conn *conn, const char *error)
 {
-	session_close(ms_conn_ctx(conn));
+	smtp_session_close(ms_conn_ctx(conn));
 }
 
-static void on_client_drain(struct ms_conn *conn)
+static void smtp_client_on_drain(struct ms_conn *conn)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
@@ -1532,13 +1537,13 @@ static void on_client_drain(struct ms_conn *conn)
 	}
 }
 
-static void on_client_connect(struct ms_conn *conn, int status,
-			      const char *error)
+static void smtp_client_on_connect(struct ms_conn *conn, int status,
+				   const char *error)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
 	if (status != 0) {
-		session_close(s);
+		smtp_session_close(s);
 		return;
 	}
 	ms_conn_peer_addr(conn, s->peer, sizeof(s->peer), &s->peer_port);
@@ -1553,10 +1558,10 @@ void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 		    const struct ms_gw_listen *cfg)
 {
 	struct ms_conn_callbacks cb = {
-		.on_connect = on_client_connect,
-		.on_read = on_client_read,
-		.on_error = on_client_error,
-		.on_drain = on_client_drain,
+		.on_connect = smtp_client_on_connect,
+		.on_read = smtp_client_on_read,
+		.on_error = smtp_client_on_error,
+		.on_drain = smtp_client_on_drain,
 	};
 	struct smtp_session *s = calloc(1, sizeof(*s));
 	const char *why;
@@ -1577,7 +1582,7 @@ void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 	s->timer.data = s;
 	if (ms_conn_accept(listener, cfg->implicit_tls ? ms_gateway_tls(gw) :
 			   NULL, &cb, &s->c) < 0) {
-		uv_close((uv_handle_t *)&s->timer, on_timer_close);
+		uv_close((uv_handle_t *)&s->timer, smtp_on_session_free);
 		return;
 	}
 	ms_conn_peer_addr(s->c, s->peer, sizeof(s->peer), &s->peer_port);
@@ -1586,7 +1591,7 @@ void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 		if (!cfg->implicit_tls)
 			out(s, "421 4.7.0 %s\r\n", why);
 		ms_conn_close(&s->c);
-		uv_close((uv_handle_t *)&s->timer, on_timer_close);
+		uv_close((uv_handle_t *)&s->timer, smtp_on_session_free);
 		return;
 	}
 	s->admitted = 1;
@@ -1598,7 +1603,7 @@ void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 	if (s->proto == MS_GW_SUBMISSION)
 		ms_conn_set_wipe(s->c, 1);
 	/* A client that never finishes its TLS handshake. */
-	timer_set(s, on_idle_timeout, IDLE_TIMEOUT_MS);
+	timer_set(s, smtp_client_on_idle, IDLE_TIMEOUT_MS);
 	s->next = sessions;
 	if (s->next != NULL)
 		s->next->prev = s;
@@ -1665,7 +1670,7 @@ static int end_sessions(struct ms_gateway *gw, const char *user,
 			continue;
 		if (s->st != C_RELAY)
 			out(s, "421 %s %s %s\r\n", code, ms_host_name(), why);
-		session_close(s);
+		smtp_session_close(s);
 		n++;
 	}
 	return n;

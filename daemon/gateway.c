@@ -68,12 +68,31 @@ enum gw_sstate {
 enum gw_bstate { BS_GREETING, BS_STARTTLS, BS_LOGIN, BS_LOGIN_CONT };
 
 struct guser;
+struct session;
+
+/* What differs between IMAP and POP3 in a session: the session code
+ * reaches the protocol through this table, never by name. */
+struct gw_proto {
+	/* The greeting, once the client is connected. */
+	void (*greet)(struct session *s);
+	/* Works through the pre-login commands buffered in s->in. */
+	void (*process)(struct session *s);
+	/* Sends the login, SASL PLAIN b64, to the greeted server. */
+	void (*send_login)(struct session *s, const char *b64);
+	/* A line of the server's during login: see backend_line(). */
+	int (*backend_line)(struct session *s, char *line);
+	/* The relay's filter (POP3 UIDLs), when s->ur is set. */
+	void (*relay_client)(struct session *s, const char *data, size_t len);
+	int (*relay_server)(struct session *s, const char *data, size_t len);
+	void (*relay_free)(struct session *s);
+};
 
 struct session {
 	struct session *next, *prev;
 	struct ms_gateway *gw;
 	uint64_t id;
 	enum ms_gw_proto proto;
+	const struct gw_proto *pr;	/* proto's table */
 	enum gw_sstate st;
 	struct ms_conn *c, *b;
 	int tls;			/* client side is TLS now */
@@ -195,14 +214,11 @@ struct ms_gateway {
 };
 
 static void gw_session_close(struct session *s);
-static void imap_process(struct session *s);
-static void pop3_process(struct session *s);
 static void gw_login_start(struct session *s);
 static void gw_route_login(struct session *s);
 static void user_copy_start(struct ms_gateway *gw, struct guser *gu);
 static void gw_login_failed(struct session *s, const char *reply);
 static void gw_cutover_begin(struct ms_gateway *gw, struct guser *gu);
-static void uidl_relay_free(struct session *s);
 static int gw_login_accepted(struct session *s);
 static int gw_prelogin_reading(const struct session *s);
 static void gw_prelogin_process(struct session *s);
@@ -435,7 +451,8 @@ static void gw_session_close(struct session *s)
 	bin_free(s);
 	free(s->penalty_reply);
 	s->penalty_reply = NULL;
-	uidl_relay_free(s);
+	if (s->ur != NULL)
+		s->pr->relay_free(s);
 	if (s->prev != NULL)
 		s->prev->next = s->next;
 	else
@@ -595,7 +612,7 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 	ms_conn_set_wipe(s->b, 0);
 	/* What the server sent after its login reply. */
 	if (restlen > 0 && s->ur != NULL) {
-		if (uidl_relay_server(s, rest, restlen) < 0) {
+		if (s->pr->relay_server(s, rest, restlen) < 0) {
 			gw_session_close(s);
 			return;
 		}
@@ -605,7 +622,7 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 	/* What the client pipelined after its login command. */
 	if (s->inlen > 0) {
 		if (s->ur != NULL)
-			uidl_relay_client(s, s->in, s->inlen);
+			s->pr->relay_client(s, s->in, s->inlen);
 		ms_conn_write(s->b, s->in, s->inlen);
 	}
 	inbuf_free(s);
@@ -637,42 +654,63 @@ static void gw_backend_fail(struct session *s, const char *why)
 static void gw_backend_send_login(struct session *s)
 {
 	char *b64 = ms_login_sasl_plain(&s->login);
-	char line[256];
 
 	if (b64 == NULL) {
 		gw_backend_fail(s, "out of memory");
 		return;
 	}
 	s->bst = BS_LOGIN;
-	if (s->proto == MS_GW_POP3) {
-		/* The client's address, when the server's greeting offered
-		 * us XCLIENT (Dovecot: to login_trusted_networks), ahead of
-		 * the login in the same write; its answer is skipped. */
-		if (s->b_xclient) {
-			snprintf(line, sizeof(line), "XCLIENT ADDR=%s PORT=%u\r\n",
-				 s->peer, s->peer_port);
-			ms_conn_write(s->b, line, strlen(line));
-		}
-		ms_conn_write(s->b, "AUTH PLAIN ", 11);
+	s->pr->send_login(s, b64);
+	ms_secret_free(&b64);
+}
+
+static void pop3_send_login(struct session *s, const char *b64)
+{
+	char line[256];
+
+	/* The client's address, when the server's greeting offered us
+	 * XCLIENT (Dovecot: to login_trusted_networks), ahead of the login
+	 * in the same write; its answer is skipped. */
+	if (s->b_xclient) {
+		snprintf(line, sizeof(line), "XCLIENT ADDR=%s PORT=%u\r\n",
+			 s->peer, s->peer_port);
+		ms_conn_write(s->b, line, strlen(line));
+	}
+	ms_conn_write(s->b, "AUTH PLAIN ", 11);
+	ms_conn_write(s->b, b64, strlen(b64));
+	ms_conn_write(s->b, "\r\n", 2);
+}
+
+static void imap_send_login(struct session *s, const char *b64)
+{
+	char line[256];
+
+	/* The client's address, for servers that trust us with it
+	 * (Dovecot: login_trusted_networks). */
+	snprintf(line, sizeof(line), "ms1 ID (\"x-originating-ip\" \"%s\" "
+		 "\"x-originating-port\" \"%u\" \"x-connected-ip\" "
+		 "\"%s\")\r\n", s->peer, s->peer_port, s->local);
+	ms_conn_write(s->b, line, strlen(line));
+	if (s->b_sasl_ir) {
+		ms_conn_write(s->b, "ms2 AUTHENTICATE PLAIN ", 23);
 		ms_conn_write(s->b, b64, strlen(b64));
 		ms_conn_write(s->b, "\r\n", 2);
 	} else {
-		/* The client's address, for servers that trust us with it
-		 * (Dovecot: login_trusted_networks). */
-		snprintf(line, sizeof(line), "ms1 ID (\"x-originating-ip\" \"%s\" "
-			 "\"x-originating-port\" \"%u\" \"x-connected-ip\" "
-			 "\"%s\")\r\n", s->peer, s->peer_port, s->local);
-		ms_conn_write(s->b, line, strlen(line));
-		if (s->b_sasl_ir) {
-			ms_conn_write(s->b, "ms2 AUTHENTICATE PLAIN ", 23);
-			ms_conn_write(s->b, b64, strlen(b64));
-			ms_conn_write(s->b, "\r\n", 2);
-		} else {
-			ms_conn_write(s->b, "ms2 AUTHENTICATE PLAIN\r\n", 24);
-			s->bst = BS_LOGIN_CONT;
-		}
+		ms_conn_write(s->b, "ms2 AUTHENTICATE PLAIN\r\n", 24);
+		s->bst = BS_LOGIN_CONT;
 	}
-	ms_secret_free(&b64);
+}
+
+/* The server greeted us: STARTTLS first when it is to be used (the
+ * protocol's command), else the login. */
+static void gw_backend_greeted(struct session *s, const char *starttls)
+{
+	if (s->server->tls_mode == MS_TLS_STARTTLS) {
+		s->bst = BS_STARTTLS;
+		ms_conn_write(s->b, starttls, strlen(starttls));
+	} else {
+		gw_backend_send_login(s);
+	}
 }
 
 static void gw_backend_on_tls(struct ms_conn *conn, int status,
@@ -699,74 +737,68 @@ static int backend_line(struct session *s, char *line, size_t len)
 {
 	while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
 		line[--len] = '\0';
-	if (s->proto == MS_GW_POP3) {
-		int ok = strncmp(line, "+OK", 3) == 0;
-		const char *why;
+	return s->pr->backend_line(s, line);
+}
 
-		if (!ok && strncmp(line, "-ERR", 4) != 0) {
-			gw_backend_fail(s, "unexpected reply from the server");
-			return 1;
-		}
-		switch (s->bst) {
-		case BS_GREETING:
-			if (!ok) {
-				gw_backend_fail(s, "the server refused us");
-				return 1;
-			}
-			s->b_xclient = strstr(line, "[XCLIENT]") != NULL;
-			if (s->server->tls_mode == MS_TLS_STARTTLS) {
-				s->bst = BS_STARTTLS;
-				ms_conn_write(s->b, "STLS\r\n", 6);
-			} else {
-				gw_backend_send_login(s);
-			}
-			return 0;
-		case BS_STARTTLS:
-			if (!ok ||
-			    ms_conn_starttls(s->b, gw_backend_on_tls) < 0) {
-				gw_backend_fail(s, "STLS refused");
-				return 1;
-			}
-			return GW_TLS_STARTED;
-		default:
-			break;
-		}
-		if (s->b_xclient) {
-			s->b_xclient = 0;
-			if (!ok)
-				ms_info("session %llu: XCLIENT refused: %s",
-					(unsigned long long)s->id, line);
-			return 0;
-		}
-		if (!ok) {
-			gw_login_failed(s, line);
-			return 1;
-		}
-		if (s->verify_only)
-			return -1;
-		if ((why = uidl_relay_start(s)) != NULL) {
-			/* Which UIDLs to show is not known: better no
-			 * session than a mailbox downloaded again. */
-			gw_backend_fail(s, why);
-			return 1;
-		}
-		out(s, "%s\r\n", line);
-		return 2;
+static int pop3_backend_line(struct session *s, char *line)
+{
+	int ok = strncmp(line, "+OK", 3) == 0;
+	const char *why;
+
+	if (!ok && strncmp(line, "-ERR", 4) != 0) {
+		gw_backend_fail(s, "unexpected reply from the server");
+		return 1;
 	}
+	switch (s->bst) {
+	case BS_GREETING:
+		if (!ok) {
+			gw_backend_fail(s, "the server refused us");
+			return 1;
+		}
+		s->b_xclient = strstr(line, "[XCLIENT]") != NULL;
+		gw_backend_greeted(s, "STLS\r\n");
+		return 0;
+	case BS_STARTTLS:
+		if (!ok || ms_conn_starttls(s->b, gw_backend_on_tls) < 0) {
+			gw_backend_fail(s, "STLS refused");
+			return 1;
+		}
+		return GW_TLS_STARTED;
+	default:
+		break;
+	}
+	if (s->b_xclient) {
+		s->b_xclient = 0;
+		if (!ok)
+			ms_info("session %llu: XCLIENT refused: %s",
+				(unsigned long long)s->id, line);
+		return 0;
+	}
+	if (!ok) {
+		gw_login_failed(s, line);
+		return 1;
+	}
+	if (s->verify_only)
+		return -1;
+	if ((why = uidl_relay_start(s)) != NULL) {
+		/* Which UIDLs to show is not known: better no
+		 * session than a mailbox downloaded again. */
+		gw_backend_fail(s, why);
+		return 1;
+	}
+	out(s, "%s\r\n", line);
+	return 2;
+}
 
-	/* IMAP */
+static int imap_backend_line(struct session *s, char *line)
+{
 	if (s->bst == BS_GREETING) {
 		if (strncmp(line, "* OK", 4) != 0) {
 			gw_backend_fail(s, "bad greeting from the server");
 			return 1;
 		}
 		s->b_sasl_ir = strcasestr(line, " SASL-IR") != NULL;
-		if (s->server->tls_mode == MS_TLS_STARTTLS) {
-			s->bst = BS_STARTTLS;
-			ms_conn_write(s->b, "ms0 STARTTLS\r\n", 14);
-		} else {
-			gw_backend_send_login(s);
-		}
+		gw_backend_greeted(s, "ms0 STARTTLS\r\n");
 		return 0;
 	}
 	if (s->bst == BS_STARTTLS) {
@@ -906,7 +938,7 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 	if (s->st == SS_RELAY) {
 		if (s->ur == NULL ?
 		    ms_relay(s->c, s->b, &s->b_paused, data, len) < 0 :
-		    uidl_relay_server(s, data, len) < 0)
+		    s->pr->relay_server(s, data, len) < 0)
 			gw_session_close(s);
 		return;
 	}
@@ -1824,6 +1856,33 @@ static void pop3_process(struct session *s)
 	}
 }
 
+static void imap_greet(struct session *s)
+{
+	imap_capability(s, "* OK [CAPABILITY %s] mailshift ready.\r\n");
+}
+
+static void pop3_greet(struct session *s)
+{
+	out(s, "+OK mailshift ready.\r\n");
+}
+
+static const struct gw_proto imap_proto = {
+	.greet = imap_greet,
+	.process = imap_process,
+	.send_login = imap_send_login,
+	.backend_line = imap_backend_line,
+};
+
+static const struct gw_proto pop3_proto = {
+	.greet = pop3_greet,
+	.process = pop3_process,
+	.send_login = pop3_send_login,
+	.backend_line = pop3_backend_line,
+	.relay_client = uidl_relay_client,
+	.relay_server = uidl_relay_server,
+	.relay_free = uidl_relay_free,
+};
+
 /* ---- client connection ---- */
 
 static int gw_prelogin_reading(const struct session *s)
@@ -1882,10 +1941,7 @@ static void gw_prelogin_process(struct session *s)
 		return;
 	if (gw_prelogin_reading(s)) {
 		s->processing = 1;
-		if (s->proto == MS_GW_IMAP)
-			imap_process(s);
-		else
-			pop3_process(s);
+		s->pr->process(s);
 		s->processing = 0;
 	}
 	if (s->st == SS_CLOSING || s->st == SS_RELAY)
@@ -1904,7 +1960,7 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 
 	if (s->st == SS_RELAY) {
 		if (s->ur != NULL)
-			uidl_relay_client(s, data, len);
+			s->pr->relay_client(s, data, len);
 		if (ms_relay(s->b, s->c, &s->c_paused, data, len) < 0)
 			gw_session_close(s);
 		return;
@@ -1939,11 +1995,7 @@ static void on_client_connect(struct ms_conn *conn, int status,
 	}
 	ms_conn_peer_addr(conn, s->peer, sizeof(s->peer), &s->peer_port);
 	ms_conn_local_addr(conn, s->local, sizeof(s->local), &s->local_port);
-	if (s->proto == MS_GW_IMAP) {
-		imap_capability(s, "* OK [CAPABILITY %s] mailshift ready.\r\n");
-	} else {
-		out(s, "+OK mailshift ready.\r\n");
-	}
+	s->pr->greet(s);
 	s->st = SS_PRELOGIN;
 	gw_prelogin_timer(s);
 }
@@ -1975,6 +2027,7 @@ static void on_connection(uv_stream_t *server, int status)
 	s->gw = gw;
 	s->id = ++gw->next_id;
 	s->proto = l->cfg.proto;
+	s->pr = s->proto == MS_GW_IMAP ? &imap_proto : &pop3_proto;
 	s->tls = l->cfg.implicit_tls;
 	s->since = time(NULL);
 	s->st = SS_PRELOGIN;

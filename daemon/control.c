@@ -454,8 +454,7 @@ static json_t *cmd_kick(struct ms_control *ctl, json_t *req)
 	if (field_user(req, &user, &rep) < 0)
 		return rep;
 	return json_pack("{s:b, s:i}", "ok", 1, "kicked", ctl->gw != NULL ?
-			 ms_gateway_kick(ctl->gw, user) +
-			 ms_smtp_kick(ctl->gw, user) : 0);
+			 ms_gateway_kick(ctl->gw, user) : 0);
 }
 
 static json_t *dispatch(struct ms_control *ctl, json_t *req)

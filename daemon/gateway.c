@@ -24,6 +24,7 @@
 #include "config.h"
 #include "gateway.h"
 #include "gw_login.h"
+#include "gw_route.h"
 #include "log.h"
 #include "net.h"
 #include "pop3_uidl.h"
@@ -128,7 +129,7 @@ struct session {
 
 	struct guser *gu;
 	uv_timer_t timer;		/* one at a time; its close frees us */
-	int admitted;			/* counted by ms_gateway_admit() */
+	int admitted;			/* counted by ms_gw_admit() */
 	uint64_t held_since;
 	int c_paused, b_paused;		/* MS_PAUSE_* bits (gw_login.h) */
 	char *penalty_reply;
@@ -214,6 +215,7 @@ struct ms_gateway {
 };
 
 static void gw_session_close(struct session *s);
+static int gw_sessions_kick(struct ms_gateway *gw, const char *user);
 static void gw_login_start(struct session *s);
 static void gw_route_login(struct session *s);
 static void user_copy_start(struct ms_gateway *gw, struct guser *gu);
@@ -462,7 +464,7 @@ static void gw_session_close(struct session *s)
 	s->next = s->prev = NULL;
 	gw_session_uncount(s);
 	if (s->admitted)
-		ms_gateway_unadmit(gw, s->peer);
+		ms_gw_unadmit(gw, s->peer);
 	s->admitted = 0;
 	uv_close((uv_handle_t *)&s->timer, on_session_free);
 }
@@ -1134,7 +1136,7 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 		/* The operator wants it now: end the sessions; the last one
 		 * to go starts the cutover. */
 		gu->force = 0;
-		ms_gateway_kick(gw, gu->name);
+		gw_sessions_kick(gw, gu->name);
 	}
 }
 
@@ -1355,7 +1357,7 @@ static void gw_login_refuse(struct session *s, const char *imap_code,
  * Dovecot's disable_plaintext_auth). 1 when refused (answered). */
 static int gw_plaintext_refused(struct session *s)
 {
-	if (s->tls || ms_gateway_plaintext_ok(s->gw, s->peer))
+	if (s->tls || ms_gw_plaintext_ok(s->gw, s->peer))
 		return 0;
 	ms_info("session %llu: %s: plaintext login refused (not TLS, not a "
 		"trusted network)", (unsigned long long)s->id, s->peer);
@@ -1433,7 +1435,7 @@ static void imap_capability(struct session *s, const char *fmt)
 	snprintf(caps, sizeof(caps), "%s%s%s",
 		 ms_caps_get(s->gw->caps, MS_CAPS_IMAP),
 		 starttls ? " STARTTLS" : "",
-		 s->tls || ms_gateway_plaintext_ok(s->gw, s->peer) ?
+		 s->tls || ms_gw_plaintext_ok(s->gw, s->peer) ?
 		 " AUTH=PLAIN AUTH=LOGIN" : " LOGINDISABLED");
 	out(s, fmt, caps);
 }
@@ -1733,7 +1735,7 @@ static void imap_process(struct session *s)
 static void pop3_capa(struct session *s)
 {
 	const char *caps = ms_caps_get(s->gw->caps, MS_CAPS_POP3);
-	int auth = s->tls || ms_gateway_plaintext_ok(s->gw, s->peer);
+	int auth = s->tls || ms_gw_plaintext_ok(s->gw, s->peer);
 
 	out(s, "+OK\r\n");
 	while (*caps != '\0') {
@@ -2000,10 +2002,12 @@ static void on_client_connect(struct ms_conn *conn, int status,
 	gw_prelogin_timer(s);
 }
 
-static void on_connection(uv_stream_t *server, int status)
+/* Takes one pending connection of an IMAP or POP3 listener (cfg), for
+ * the protocol pr. */
+static void gw_session_accept(struct ms_gateway *gw, uv_stream_t *server,
+			      const struct ms_gw_listen *cfg,
+			      const struct gw_proto *pr)
 {
-	struct listener *l = server->data;
-	struct ms_gateway *gw = l->gw;
 	struct ms_conn_callbacks cb = {
 		.on_connect = on_client_connect,
 		.on_read = on_client_read,
@@ -2013,12 +2017,6 @@ static void on_connection(uv_stream_t *server, int status)
 	const char *why;
 	struct session *s;
 
-	if (status < 0)
-		return;
-	if (l->cfg.proto == MS_GW_SMTP || l->cfg.proto == MS_GW_SUBMISSION) {
-		ms_smtp_accept(gw, server, &l->cfg);
-		return;
-	}
 	s = calloc(1, sizeof(*s));
 	if (s == NULL) {
 		ms_drop_connection(server);
@@ -2026,21 +2024,21 @@ static void on_connection(uv_stream_t *server, int status)
 	}
 	s->gw = gw;
 	s->id = ++gw->next_id;
-	s->proto = l->cfg.proto;
-	s->pr = s->proto == MS_GW_IMAP ? &imap_proto : &pop3_proto;
-	s->tls = l->cfg.implicit_tls;
+	s->proto = cfg->proto;
+	s->pr = pr;
+	s->tls = cfg->implicit_tls;
 	s->since = time(NULL);
 	s->st = SS_PRELOGIN;
 	cb.ctx = s;
-	if (ms_conn_accept(server, l->cfg.implicit_tls ? gw->tls : NULL, &cb,
+	if (ms_conn_accept(server, cfg->implicit_tls ? gw->tls : NULL, &cb,
 			   &s->c) < 0) {
 		free(s);
 		return;
 	}
 	ms_conn_peer_addr(s->c, s->peer, sizeof(s->peer), &s->peer_port);
-	if (ms_gateway_admit(gw, s->peer, &why) < 0) {
+	if (ms_gw_admit(gw, s->peer, &why) < 0) {
 		/* Said in plaintext only: a TLS client is just closed. */
-		if (!l->cfg.implicit_tls)
+		if (!cfg->implicit_tls)
 			ms_conn_printf(s->c, s->proto == MS_GW_IMAP ?
 				       "* BYE %s\r\n" : "-ERR [SYS/TEMP] %s\r\n",
 				       why);
@@ -2064,6 +2062,63 @@ static void on_connection(uv_stream_t *server, int status)
 	gw->sessions = s;
 }
 
+static void imap_accept(struct ms_gateway *gw, uv_stream_t *listener,
+			const struct ms_gw_listen *cfg)
+{
+	gw_session_accept(gw, listener, cfg, &imap_proto);
+}
+
+static void pop3_accept(struct ms_gateway *gw, uv_stream_t *listener,
+			const struct ms_gw_listen *cfg)
+{
+	gw_session_accept(gw, listener, cfg, &pop3_proto);
+}
+
+/* The IMAP and POP3 front ends: their sessions are the mailbox sessions
+ * (ms_gw_mailbox_sessions). */
+const struct ms_gw_frontend ms_gw_imap_frontend = {
+	.name = "imap",
+	.protos = 1 << MS_GW_IMAP,
+	.accept = imap_accept,
+};
+
+const struct ms_gw_frontend ms_gw_pop3_frontend = {
+	.name = "pop3",
+	.protos = 1 << MS_GW_POP3,
+	.accept = pop3_accept,
+};
+
+/* ---- listeners ---- */
+
+/* The front ends the gateway serves, each as it describes itself
+ * (gw_route.h); the order of the sessions list. */
+static const struct ms_gw_frontend *const frontends[] = {
+	&ms_gw_imap_frontend,
+	&ms_gw_pop3_frontend,
+	&ms_gw_mailbox_sessions,
+	&ms_gw_smtp_frontend,
+};
+
+#define for_each_frontend(fe) \
+	for (const struct ms_gw_frontend *const *fe = frontends; \
+	     fe < frontends + sizeof(frontends) / sizeof(frontends[0]); fe++)
+
+/* A listener's pending connection goes to the front end of its protocol. */
+static void on_connection(uv_stream_t *server, int status)
+{
+	struct listener *l = server->data;
+
+	if (status < 0)
+		return;
+	for_each_frontend(fe)
+		if ((*fe)->accept != NULL &&
+		    ((*fe)->protos & 1U << l->cfg.proto)) {
+			(*fe)->accept(l->gw, server, &l->cfg);
+			return;
+		}
+	ms_drop_connection(server);
+}
+
 /* ---- limits and defaults before login ---- */
 
 static int addr_trusted(struct ms_gateway *gw, const char *addr);
@@ -2077,8 +2132,8 @@ static unsigned int str_hash(const char *p)
 	return h;
 }
 
-int ms_gateway_admit(struct ms_gateway *gw, const char *addr,
-		     const char **why_r)
+int ms_gw_admit(struct ms_gateway *gw, const char *addr,
+		const char **why_r)
 {
 	unsigned int max = gw->cfg.max_conns ? gw->cfg.max_conns :
 		MS_GW_MAX_CONNS;
@@ -2119,7 +2174,7 @@ int ms_gateway_admit(struct ms_gateway *gw, const char *addr,
 	return 0;
 }
 
-void ms_gateway_unadmit(struct ms_gateway *gw, const char *addr)
+void ms_gw_unadmit(struct ms_gateway *gw, const char *addr)
 {
 	struct addr_count **pp = &gw->per_addr[str_hash(addr) % ADDR_BUCKETS];
 
@@ -2157,7 +2212,7 @@ static int addr_trusted(struct ms_gateway *gw, const char *addr)
 	return 0;
 }
 
-int ms_gateway_plaintext_ok(struct ms_gateway *gw, const char *addr)
+int ms_gw_plaintext_ok(struct ms_gateway *gw, const char *addr)
 {
 	return gw->cfg.plaintext_auth || addr_trusted(gw, addr);
 }
@@ -2332,7 +2387,8 @@ int ms_gateway_set_policy(struct ms_gateway *gw, const char *domain,
 	return policies_load(gw, err, errsz);
 }
 
-json_t *ms_json_addr(const char *addr, unsigned int port)
+/* "ADDR:PORT" ("[V6]:PORT") as a JSON string. */
+static json_t *json_addr(const char *addr, unsigned int port)
 {
 	char buf[96];
 
@@ -2341,37 +2397,106 @@ json_t *ms_json_addr(const char *addr, unsigned int port)
 	return json_string(buf);
 }
 
+json_t *ms_gw_session_json(const struct ms_gw_session_row *r)
+{
+	json_t *o = json_object();
+
+	json_object_set_new(o, "id", json_integer((json_int_t)r->id));
+	json_object_set_new(o, "user", r->user != NULL ?
+			    json_string(r->user) : json_null());
+	json_object_set_new(o, "proto", json_string(r->proto));
+	json_object_set_new(o, "client", json_string(r->client));
+	json_object_set_new(o, "local", json_addr(r->local, r->local_port));
+	json_object_set_new(o, "server", json_string(r->server));
+	json_object_set_new(o, "state", json_string(r->state));
+	json_object_set_new(o, "tls", json_boolean(r->tls));
+	json_object_set_new(o, "since", json_integer(r->since));
+	return o;
+}
+
+/* ---- the mailbox sessions (IMAP, POP3), as the gateway reaches them ---- */
+
+static void gw_sessions_json(struct ms_gateway *gw, json_t *a)
+{
+	for (struct session *s = gw->sessions; s != NULL; s = s->next) {
+		const char *state = s->st == SS_RELAY ? "relay" :
+			s->st == SS_HELD ? "held" : s->st == SS_BACKEND ?
+			"login" : "prelogin";
+		struct ms_gw_session_row row = {
+			.id = s->id,
+			.user = s->gu != NULL ? s->gu->name : NULL,
+			.proto = s->proto == MS_GW_IMAP ? "imap" : "pop3",
+			.client = s->peer,
+			.local = s->local,
+			.local_port = s->local_port,
+			.server = s->st == SS_RELAY || s->st == SS_BACKEND ?
+				  (s->to_dst ? "destination" : "source") : "-",
+			.state = state,
+			.tls = s->tls,
+			.since = s->since,
+		};
+
+		json_array_append_new(a, ms_gw_session_json(&row));
+	}
+}
+
+static unsigned int gw_sessions_count(struct ms_gateway *gw)
+{
+	unsigned int n = 0;
+
+	for (struct session *s = gw->sessions; s != NULL; s = s->next)
+		n++;
+	return n;
+}
+
+static void gw_sessions_close_all(struct ms_gateway *gw)
+{
+	while (gw->sessions != NULL)
+		gw_session_close(gw->sessions);
+}
+
+const struct ms_gw_frontend ms_gw_mailbox_sessions = {
+	.name = "mailbox sessions",
+	.mailbox = 1,
+	.sessions = gw_sessions_json,
+	.count = gw_sessions_count,
+	.kick = gw_sessions_kick,
+	.close_all = gw_sessions_close_all,
+};
+
+/* ---- control ---- */
+
 json_t *ms_gateway_sessions(struct ms_gateway *gw)
 {
 	json_t *a = json_array();
 
-	for (struct session *s = gw->sessions; s != NULL; s = s->next) {
-		json_t *o = json_object();
-		const char *state = s->st == SS_RELAY ? "relay" :
-			s->st == SS_HELD ? "held" : s->st == SS_BACKEND ?
-			"login" : "prelogin";
-
-		json_object_set_new(o, "id", json_integer((json_int_t)s->id));
-		json_object_set_new(o, "user", s->gu != NULL ?
-				    json_string(s->gu->name) : json_null());
-		json_object_set_new(o, "proto", json_string(
-			s->proto == MS_GW_IMAP ? "imap" : "pop3"));
-		json_object_set_new(o, "client", json_string(s->peer));
-		json_object_set_new(o, "local", ms_json_addr(s->local,
-							     s->local_port));
-		json_object_set_new(o, "server", json_string(
-			s->st == SS_RELAY || s->st == SS_BACKEND ?
-			(s->to_dst ? "destination" : "source") : "-"));
-		json_object_set_new(o, "state", json_string(state));
-		json_object_set_new(o, "tls", json_boolean(s->tls));
-		json_object_set_new(o, "since", json_integer(s->since));
-		json_array_append_new(a, o);
-	}
-	ms_smtp_sessions(gw, a);
+	for_each_frontend(fe)
+		if ((*fe)->sessions != NULL)
+			(*fe)->sessions(gw, a);
 	return a;
 }
 
-enum ms_route ms_gateway_route(struct ms_gateway *gw, const char *user)
+int ms_gateway_kick(struct ms_gateway *gw, const char *user)
+{
+	int n = 0;
+
+	for_each_frontend(fe)
+		if ((*fe)->kick != NULL)
+			n += (*fe)->kick(gw, user);
+	return n;
+}
+
+unsigned int ms_gateway_nsessions(struct ms_gateway *gw)
+{
+	unsigned int n = 0;
+
+	for_each_frontend(fe)
+		if ((*fe)->mailbox && (*fe)->count != NULL)
+			n += (*fe)->count(gw);
+	return n;
+}
+
+enum ms_route ms_gw_route(struct ms_gateway *gw, const char *user)
 {
 	struct ms_user_info info;
 	struct guser *gu = gw_user_find(gw, user);
@@ -2393,28 +2518,19 @@ enum ms_route ms_gateway_route(struct ms_gateway *gw, const char *user)
 	return MS_ROUTE_SOURCE;
 }
 
-const struct ms_gw_config *ms_gateway_config(struct ms_gateway *gw)
+const struct ms_gw_config *ms_gw_config(struct ms_gateway *gw)
 {
 	return &gw->cfg;
 }
 
-struct ms_tls_server *ms_gateway_tls(struct ms_gateway *gw)
+struct ms_tls_server *ms_gw_tls(struct ms_gateway *gw)
 {
 	return gw->tls;
 }
 
-uv_loop_t *ms_gateway_loop(struct ms_gateway *gw)
+uv_loop_t *ms_gw_loop(struct ms_gateway *gw)
 {
 	return gw->loop;
-}
-
-unsigned int ms_gateway_nsessions(struct ms_gateway *gw)
-{
-	unsigned int n = 0;
-
-	for (struct session *s = gw->sessions; s != NULL; s = s->next)
-		n++;
-	return n;
 }
 
 int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
@@ -2448,7 +2564,7 @@ int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 	gu->force = 1;
 	if (gu->flip_pending) {
 		gu->force = 0;
-		ms_gateway_kick(gw, user);
+		gw_sessions_kick(gw, user);
 		return 0;
 	}
 	if (!gu->copying) {
@@ -2546,7 +2662,7 @@ int ms_gateway_rollback(struct ms_gateway *gw, const char *user,
 	 * reverse delta; verified, the map flips back. */
 	gu->rollback = 1;
 	gw_cutover_begin(gw, gu);
-	ms_gateway_kick(gw, user);
+	gw_sessions_kick(gw, user);
 	return 0;
 }
 
@@ -2572,7 +2688,9 @@ unsigned int ms_gateway_user_sessions(struct ms_gateway *gw, const char *user)
 	return gu != NULL ? gu->sessions : 0;
 }
 
-int ms_gateway_kick(struct ms_gateway *gw, const char *user)
+/* Ends the user's IMAP and POP3 sessions (BYE): the operator's kick, and a
+ * cutover's or rollback's. */
+static int gw_sessions_kick(struct ms_gateway *gw, const char *user)
 {
 	int n = 0;
 
@@ -2955,7 +3073,7 @@ static int caps_start(struct ms_gateway *gw)
 	return ms_caps_new(gw->loop, srv, cfg->caps_refresh, &gw->caps);
 }
 
-const char *ms_gateway_caps(struct ms_gateway *gw, enum ms_caps_kind kind)
+const char *ms_gw_caps(struct ms_gateway *gw, enum ms_caps_kind kind)
 {
 	return ms_caps_get(gw->caps, kind);
 }
@@ -3056,9 +3174,9 @@ void ms_gateway_free(struct ms_gateway **gwp)
 	if (gw == NULL)
 		return;
 	*gwp = NULL;
-	while (gw->sessions != NULL)
-		gw_session_close(gw->sessions);
-	ms_smtp_close_all(gw);
+	for_each_frontend(fe)
+		if ((*fe)->close_all != NULL)
+			(*fe)->close_all(gw);
 	/* Listener memory goes in the close callbacks, on the next turn of
 	 * the loop: the caller runs the loop once more. */
 	for (unsigned int i = 0; i < gw->nlisteners; i++)

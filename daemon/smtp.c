@@ -30,8 +30,8 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
-#include "gateway.h"
 #include "gw_login.h"
+#include "gw_route.h"
 #include "log.h"
 #include "net.h"
 #include "util.h"
@@ -107,7 +107,7 @@ struct smtp_session {
 	 * client's full queue (WRITE). */
 	int c_paused, b_paused;
 	int processing;			/* inside client_process() */
-	int admitted;			/* counted by ms_gateway_admit() */
+	int admitted;			/* counted by ms_gw_admit() */
 
 	/* client input (command lines) */
 	char *in;
@@ -274,7 +274,7 @@ static void smtp_session_close(struct smtp_session *s)
 		s->next->prev = s->prev;
 	s->next = s->prev = NULL;
 	if (s->admitted)
-		ms_gateway_unadmit(s->gw, s->peer);
+		ms_gw_unadmit(s->gw, s->peer);
 	s->admitted = 0;
 	/* The memory goes with the timer handle, on the loop's next turn:
 	 * callers up the stack may still look at s->st. */
@@ -295,7 +295,7 @@ static void client_resume(struct smtp_session *s)
 
 /* Where mail for a recipient goes. The map's user names are whatever the
  * operator imported: full addresses ("alice@example.org") or bare names
- * ("alice"). ms_gateway_route() answers SOURCE both for users in state
+ * ("alice"). ms_gw_route() answers SOURCE both for users in state
  * source and for users the map does not know, so we ask in turn, and the
  * first answer other than SOURCE decides:
  *   1. the address as given, with its domain in lower case;
@@ -315,7 +315,7 @@ static enum ms_route route_rcpt(struct ms_gateway *gw, const char *addr)
 	const char *plus = memchr(addr, '+', llen);
 
 	if (len >= sizeof(cand[0]))
-		return ms_gateway_route(gw, addr);
+		return ms_gw_route(gw, addr);
 	for (int ext = 0; ext < 2; ext++) {
 		/* ext 1: without "+extension" */
 		size_t keep = ext ? (size_t)(plus - addr) : llen;
@@ -349,7 +349,7 @@ static enum ms_route route_rcpt(struct ms_gateway *gw, const char *addr)
 			seen = strcmp(cand[i], cand[j]) == 0;
 		if (seen || cand[i][0] == '\0')
 			continue;
-		r = ms_gateway_route(gw, cand[i]);
+		r = ms_gw_route(gw, cand[i]);
 		if (r != MS_ROUTE_SOURCE)
 			return r;
 	}
@@ -842,7 +842,7 @@ static void backend_lost(struct smtp_session *s, const char *why)
 
 static void backend_start(struct smtp_session *s, int side)
 {
-	const struct ms_gw_config *cfg = ms_gateway_config(s->gw);
+	const struct ms_gw_config *cfg = ms_gw_config(s->gw);
 	struct ms_conn_callbacks cb = {
 		.on_connect = smtp_backend_on_connect,
 		.on_read = smtp_backend_on_read,
@@ -867,7 +867,7 @@ static void backend_start(struct smtp_session *s, int side)
 		backend_lost(s, "no such server configured");
 		return;
 	}
-	if (ms_server_connect(ms_gateway_loop(s->gw), srv, &cb, &s->b) < 0) {
+	if (ms_server_connect(ms_gw_loop(s->gw), srv, &cb, &s->b) < 0) {
 		s->b = NULL;
 		backend_lost(s, "cannot connect");
 		return;
@@ -895,14 +895,14 @@ static int auth_offered(const struct smtp_session *s)
 {
 	if (s->proto != MS_GW_SUBMISSION)
 		return 0;
-	if (ms_gateway_tls(s->gw) != NULL)
+	if (ms_gw_tls(s->gw) != NULL)
 		return s->tls;
-	return ms_gateway_plaintext_ok(s->gw, s->peer);
+	return ms_gw_plaintext_ok(s->gw, s->peer);
 }
 
 static void cmd_ehlo(struct smtp_session *s, const char *arg, int ehlo)
 {
-	int starttls = ms_gateway_tls(s->gw) != NULL && !s->tls;
+	int starttls = ms_gw_tls(s->gw) != NULL && !s->tls;
 
 	if (arg == NULL || *arg == '\0') {
 		bad_command(s, ehlo ? "501 5.5.4 Syntax: EHLO hostname\r\n" :
@@ -924,8 +924,8 @@ static void cmd_ehlo(struct smtp_session *s, const char *arg, int ehlo)
 		return;
 	}
 	out(s, "250-%s\r\n%s%s%s250 ENHANCEDSTATUSCODES\r\n", ms_host_name(),
-	    ms_gateway_caps(s->gw, s->proto == MS_GW_SMTP ? MS_CAPS_SMTP :
-			    MS_CAPS_SUBMISSION),
+	    ms_gw_caps(s->gw, s->proto == MS_GW_SMTP ? MS_CAPS_SMTP :
+		       MS_CAPS_SUBMISSION),
 	    starttls ? "250-STARTTLS\r\n" : "",
 	    auth_offered(s) ? "250-AUTH PLAIN LOGIN\r\n" : "");
 }
@@ -954,7 +954,7 @@ static void cmd_starttls(struct smtp_session *s, const char *arg)
 		bad_command(s, "501 5.5.4 Syntax: STARTTLS\r\n");
 		return;
 	}
-	if (ms_gateway_tls(s->gw) == NULL) {
+	if (ms_gw_tls(s->gw) == NULL) {
 		bad_command(s, "502 5.5.1 Error: command not implemented\r\n");
 		return;
 	}
@@ -968,7 +968,7 @@ static void cmd_starttls(struct smtp_session *s, const char *arg)
 	OPENSSL_cleanse(s->in, s->inlen);
 	s->inlen = 0;
 	s->st = C_STARTTLS;
-	if (ms_conn_starttls_server(s->c, ms_gateway_tls(s->gw),
+	if (ms_conn_starttls_server(s->c, ms_gw_tls(s->gw),
 				    smtp_client_on_tls) < 0)
 		smtp_session_close(s);
 }
@@ -1134,7 +1134,7 @@ static void auth_start(struct smtp_session *s)
 		    "characters in the user name)\r\n");
 		return;
 	}
-	r = ms_gateway_route(s->gw, name);
+	r = ms_gw_route(s->gw, name);
 	if (r == MS_ROUTE_DEFER) {
 		ms_info("smtp %llu: %s: submission deferred: mailbox being "
 			"moved", (unsigned long long)s->id, name);
@@ -1156,7 +1156,7 @@ static void cmd_auth(struct smtp_session *s, char *arg)
 		return;
 	}
 	if (!auth_offered(s)) {
-		if (ms_gateway_tls(s->gw) != NULL)
+		if (ms_gw_tls(s->gw) != NULL)
 			out(s, "530 5.7.0 Must issue a STARTTLS command "
 			    "first\r\n");
 		else
@@ -1552,10 +1552,10 @@ static void smtp_client_on_connect(struct ms_conn *conn, int status,
 	client_resume(s);
 }
 
-/* ---- the gateway's entry points ---- */
+/* ---- the front end, as the gateway reaches it (gw_route.h) ---- */
 
-void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
-		    const struct ms_gw_listen *cfg)
+static void smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
+			const struct ms_gw_listen *cfg)
 {
 	struct ms_conn_callbacks cb = {
 		.on_connect = smtp_client_on_connect,
@@ -1578,15 +1578,15 @@ void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 	s->st = C_CONNECTING;
 	s->side = -1;
 	cb.ctx = s;
-	uv_timer_init(ms_gateway_loop(gw), &s->timer);
+	uv_timer_init(ms_gw_loop(gw), &s->timer);
 	s->timer.data = s;
-	if (ms_conn_accept(listener, cfg->implicit_tls ? ms_gateway_tls(gw) :
+	if (ms_conn_accept(listener, cfg->implicit_tls ? ms_gw_tls(gw) :
 			   NULL, &cb, &s->c) < 0) {
 		uv_close((uv_handle_t *)&s->timer, smtp_on_session_free);
 		return;
 	}
 	ms_conn_peer_addr(s->c, s->peer, sizeof(s->peer), &s->peer_port);
-	if (ms_gateway_admit(gw, s->peer, &why) < 0) {
+	if (ms_gw_admit(gw, s->peer, &why) < 0) {
 		/* Said in plaintext only: a TLS client is just closed. */
 		if (!cfg->implicit_tls)
 			out(s, "421 4.7.0 %s\r\n", why);
@@ -1610,10 +1610,10 @@ void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 	sessions = s;
 }
 
-void ms_smtp_sessions(struct ms_gateway *gw, json_t *array)
+static void smtp_sessions(struct ms_gateway *gw, json_t *array)
 {
 	for (struct smtp_session *s = sessions; s != NULL; s = s->next) {
-		json_t *o;
+		struct ms_gw_session_row row;
 		const char *state;
 
 		if (s->gw != gw)
@@ -1636,22 +1636,20 @@ void ms_smtp_sessions(struct ms_gateway *gw, json_t *array)
 				s->mail != NULL ? "transaction" : "command";
 			break;
 		}
-		o = json_object();
-		json_object_set_new(o, "id", json_integer((json_int_t)s->id));
-		json_object_set_new(o, "user", s->auth_user != NULL ?
-				    json_string(s->auth_user) : json_null());
-		json_object_set_new(o, "proto", json_string(
-			s->proto == MS_GW_SMTP ? "smtp" : "submission"));
-		json_object_set_new(o, "client", json_string(s->peer));
-		json_object_set_new(o, "local", ms_json_addr(s->local,
-							     s->local_port));
-		json_object_set_new(o, "server", json_string(
-			s->b != NULL ? (s->b_side ? "destination" : "source") :
-			"-"));
-		json_object_set_new(o, "state", json_string(state));
-		json_object_set_new(o, "tls", json_boolean(s->tls));
-		json_object_set_new(o, "since", json_integer(s->since));
-		json_array_append_new(array, o);
+		row = (struct ms_gw_session_row){
+			.id = s->id,
+			.user = s->auth_user,
+			.proto = s->proto == MS_GW_SMTP ? "smtp" : "submission",
+			.client = s->peer,
+			.local = s->local,
+			.local_port = s->local_port,
+			.server = s->b == NULL ? "-" :
+				  s->b_side ? "destination" : "source",
+			.state = state,
+			.tls = s->tls,
+			.since = s->since,
+		};
+		json_array_append_new(array, ms_gw_session_json(&row));
 	}
 }
 
@@ -1676,13 +1674,24 @@ static int end_sessions(struct ms_gateway *gw, const char *user,
 	return n;
 }
 
-void ms_smtp_close_all(struct ms_gateway *gw)
+static void smtp_close_all(struct ms_gateway *gw)
 {
 	end_sessions(gw, NULL, "4.3.2", "Service shutting down");
 }
 
-int ms_smtp_kick(struct ms_gateway *gw, const char *user)
+/* Submission sessions do not touch the mailbox: a cutover neither waits
+ * for them nor ends them; the operator's kick does. */
+static int smtp_kick(struct ms_gateway *gw, const char *user)
 {
 	return end_sessions(gw, user, "4.7.0", "Administrator ended this "
 			    "session");
 }
+
+const struct ms_gw_frontend ms_gw_smtp_frontend = {
+	.name = "smtp",
+	.protos = 1 << MS_GW_SMTP | 1 << MS_GW_SUBMISSION,
+	.accept = smtp_accept,
+	.sessions = smtp_sessions,
+	.kick = smtp_kick,
+	.close_all = smtp_close_all,
+};

@@ -265,12 +265,9 @@ static void gw_clear_args(struct session *s)
 
 static struct guser *gw_user_get(struct ms_gateway *gw, const char *name)
 {
-	unsigned int h = 5381;
+	unsigned int h = ms_str_hash(name) % USER_BUCKETS;
 	struct guser *gu;
 
-	for (const char *p = name; *p != '\0'; p++)
-		h = h * 33 + (unsigned char)*p;
-	h %= USER_BUCKETS;
 	for (gu = gw->users[h]; gu != NULL; gu = gu->next)
 		if (strcmp(gu->name, name) == 0)
 			return gu;
@@ -285,12 +282,8 @@ static struct guser *gw_user_get(struct ms_gateway *gw, const char *name)
 
 static struct guser *gw_user_find(struct ms_gateway *gw, const char *name)
 {
-	unsigned int h = 5381;
-
-	for (const char *p = name; *p != '\0'; p++)
-		h = h * 33 + (unsigned char)*p;
-	for (struct guser *gu = gw->users[h % USER_BUCKETS]; gu != NULL;
-	     gu = gu->next)
+	for (struct guser *gu = gw->users[ms_str_hash(name) % USER_BUCKETS];
+	     gu != NULL; gu = gu->next)
 		if (strcmp(gu->name, name) == 0)
 			return gu;
 	return NULL;
@@ -353,11 +346,6 @@ static void set_state(struct ms_gateway *gw, const char *name,
 }
 
 /* ---- timers ---- */
-
-static void on_timer_close(uv_handle_t *h)
-{
-	free(h);
-}
 
 static void gw_timer_stop(struct session *s)
 {
@@ -430,11 +418,6 @@ static void bin_free(struct session *s)
 	s->binlen = 0;
 }
 
-static void on_session_free(uv_handle_t *h)
-{
-	free(h->data);
-}
-
 /* Ends the session. Its memory goes when the timer's handle is closed, on
  * a later turn of the loop, so that a caller up the stack (a command loop
  * that just ran LOGOUT) may still look at s->st, which is SS_CLOSING. */
@@ -466,7 +449,7 @@ static void gw_session_close(struct session *s)
 	if (s->admitted)
 		ms_gw_unadmit(gw, s->peer);
 	s->admitted = 0;
-	uv_close((uv_handle_t *)&s->timer, on_session_free);
+	ms_close_free((uv_handle_t *)&s->timer, s);
 }
 
 /* ---- relay ---- */
@@ -857,17 +840,13 @@ struct penalty {
 
 static struct penalty *penalty_slot(struct ms_gateway *gw, const char *addr)
 {
-	unsigned int h = 5381;
-
 	if (gw->penalties == NULL) {
 		gw->penalties = calloc(PENALTY_SLOTS, sizeof(*gw->penalties));
 		if (gw->penalties == NULL)
 			return NULL;
 	}
-	for (const char *p = addr; *p != '\0'; p++)
-		h = h * 33 + (unsigned char)*p;
 	/* One slot per hash: a collision only shares a penalty. */
-	return &gw->penalties[h % PENALTY_SLOTS];
+	return &gw->penalties[ms_str_hash(addr) % PENALTY_SLOTS];
 }
 
 static uint64_t penalty_ms(struct ms_gateway *gw, const char *addr, int failed)
@@ -1192,7 +1171,7 @@ static void on_grace(uv_timer_t *t)
 {
 	struct guser *gu = t->data;
 
-	uv_close((uv_handle_t *)t, on_timer_close);
+	ms_close_free((uv_handle_t *)t, t);
 	gu->grace = NULL;
 	grace_over(gu->gw, gu);
 }
@@ -2123,15 +2102,6 @@ static void on_connection(uv_stream_t *server, int status)
 
 static int addr_trusted(struct ms_gateway *gw, const char *addr);
 
-static unsigned int str_hash(const char *p)
-{
-	unsigned int h = 5381;
-
-	while (*p != '\0')
-		h = h * 33 + (unsigned char)*p++;
-	return h;
-}
-
 int ms_gw_admit(struct ms_gateway *gw, const char *addr,
 		const char **why_r)
 {
@@ -2139,7 +2109,8 @@ int ms_gw_admit(struct ms_gateway *gw, const char *addr,
 		MS_GW_MAX_CONNS;
 	unsigned int per = gw->cfg.max_conns_per_ip ? gw->cfg.max_conns_per_ip :
 		MS_GW_MAX_CONNS_PER_IP;
-	struct addr_count **head = &gw->per_addr[str_hash(addr) % ADDR_BUCKETS];
+	struct addr_count **head =
+		&gw->per_addr[ms_str_hash(addr) % ADDR_BUCKETS];
 	struct addr_count *a;
 
 	if (gw->nconns >= max) {
@@ -2176,7 +2147,8 @@ int ms_gw_admit(struct ms_gateway *gw, const char *addr,
 
 void ms_gw_unadmit(struct ms_gateway *gw, const char *addr)
 {
-	struct addr_count **pp = &gw->per_addr[str_hash(addr) % ADDR_BUCKETS];
+	struct addr_count **pp =
+		&gw->per_addr[ms_str_hash(addr) % ADDR_BUCKETS];
 
 	for (; *pp != NULL; pp = &(*pp)->next) {
 		struct addr_count *a = *pp;
@@ -3054,11 +3026,6 @@ static int metrics_start(struct ms_gateway *gw, char *err, size_t errsz)
 
 /* ---- setup ---- */
 
-static void on_listener_close(uv_handle_t *h)
-{
-	free(h->data);
-}
-
 static int caps_start(struct ms_gateway *gw)
 {
 	const struct ms_gw_config *cfg = &gw->cfg;
@@ -3180,12 +3147,12 @@ void ms_gateway_free(struct ms_gateway **gwp)
 	/* Listener memory goes in the close callbacks, on the next turn of
 	 * the loop: the caller runs the loop once more. */
 	for (unsigned int i = 0; i < gw->nlisteners; i++)
-		uv_close((uv_handle_t *)&gw->listeners[i]->tcp,
-			 on_listener_close);
+		ms_close_free((uv_handle_t *)&gw->listeners[i]->tcp,
+			      gw->listeners[i]);
 	if (gw->sweep_timer != NULL)
-		uv_close((uv_handle_t *)gw->sweep_timer, on_timer_close);
+		ms_close_free((uv_handle_t *)gw->sweep_timer, gw->sweep_timer);
 	if (gw->metrics != NULL)
-		uv_close((uv_handle_t *)gw->metrics, on_timer_close);
+		ms_close_free((uv_handle_t *)gw->metrics, gw->metrics);
 	ms_mover_free(&gw->mover);
 	ms_caps_free(&gw->caps);
 	json_decref(gw->policy_set);
@@ -3196,7 +3163,8 @@ void ms_gateway_free(struct ms_gateway **gwp)
 			gw->users[i] = gu->next;
 			ms_secret_free(&gu->pw);
 			if (gu->grace != NULL)
-				uv_close((uv_handle_t *)gu->grace, on_timer_close);
+				ms_close_free((uv_handle_t *)gu->grace,
+					      gu->grace);
 			free(gu);
 		}
 	}

@@ -217,11 +217,6 @@ static void idle_timer(struct smtp_session *s)
 
 /* ---- session lifetime ---- */
 
-static void smtp_on_session_free(uv_handle_t *h)
-{
-	free(h->data);
-}
-
 static void txn_reset(struct smtp_session *s)
 {
 	free(s->mail);
@@ -278,7 +273,7 @@ static void smtp_session_close(struct smtp_session *s)
 	s->admitted = 0;
 	/* The memory goes with the timer handle, on the loop's next turn:
 	 * callers up the stack may still look at s->st. */
-	uv_close((uv_handle_t *)&s->timer, smtp_on_session_free);
+	ms_close_free((uv_handle_t *)&s->timer, s);
 }
 
 /* Back to reading commands (after an answer from the MTA, or ours). */
@@ -1582,7 +1577,7 @@ static void smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 	s->timer.data = s;
 	if (ms_conn_accept(listener, cfg->implicit_tls ? ms_gw_tls(gw) :
 			   NULL, &cb, &s->c) < 0) {
-		uv_close((uv_handle_t *)&s->timer, smtp_on_session_free);
+		ms_close_free((uv_handle_t *)&s->timer, s);
 		return;
 	}
 	ms_conn_peer_addr(s->c, s->peer, sizeof(s->peer), &s->peer_port);
@@ -1591,7 +1586,7 @@ static void smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 		if (!cfg->implicit_tls)
 			out(s, "421 4.7.0 %s\r\n", why);
 		ms_conn_close(&s->c);
-		uv_close((uv_handle_t *)&s->timer, smtp_on_session_free);
+		ms_close_free((uv_handle_t *)&s->timer, s);
 		return;
 	}
 	s->admitted = 1;

@@ -179,6 +179,15 @@ void ms_u32vec_free(struct ms_u32vec *vec)
 	vec->n = vec->cap = 0;
 }
 
+unsigned int ms_str_hash(const char *s)
+{
+	unsigned int h = 5381;
+
+	while (*s != '\0')
+		h = h * 33 + (unsigned char)*s++;
+	return h;
+}
+
 const char *ms_host_name(void)
 {
 	static char name[256];

@@ -72,4 +72,7 @@ const char *ms_user_name_check(const char *name);
 /* This machine's name (gethostname), "mailshift" when it has none. */
 const char *ms_host_name(void);
 
+/* The hash of a string for the daemon's tables (djb2: h * 33 + c). */
+unsigned int ms_str_hash(const char *s);
+
 #endif

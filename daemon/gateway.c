@@ -198,7 +198,7 @@ struct ms_gateway {
 	unsigned int mclients;
 	struct mclient *mlist, *mlist_tail;	/* newest first */
 	struct mcount_ctx {
-		uint64_t states[5];
+		uint64_t states[MS_USER_NSTATES];
 		uint64_t msgs, bytes;
 	} mcache;			/* the users' counts ... */
 	uint64_t mcache_ms;		/* ... as of then (0: never) */
@@ -315,7 +315,8 @@ static int user_lookup(struct ms_gateway *gw, const char *name,
 	if (!found) {
 		memset(info, 0, sizeof(*info));
 		snprintf(info->name, sizeof(info->name), "%s", name);
-		snprintf(info->state, sizeof(info->state), "source");
+		snprintf(info->state, sizeof(info->state), "%s",
+			 ms_user_state_names[MS_USER_SOURCE]);
 	}
 	return 0;
 }
@@ -333,16 +334,17 @@ static int user_state(struct ms_gateway *gw, const char *name,
 }
 
 static void set_state(struct ms_gateway *gw, const char *name,
-		      const char *state, const char *error)
+		      enum ms_user_state state, const char *error)
 {
 	int64_t id;
 
 	if (ms_store_user_get(gw->store, name, &id) < 0 ||
-	    ms_store_user_set_state(gw->store, id, state, error) < 0)
+	    ms_store_user_set_state(gw->store, id, ms_user_state_names[state],
+				    error) < 0)
 		ms_log(MS_LOG_ERROR, "%s: store: %s", name,
 		       ms_store_error(gw->store));
 	else
-		ms_info("%s: state %s", name, state);
+		ms_info("%s: state %s", name, ms_user_state_names[state]);
 }
 
 /* ---- timers ---- */
@@ -1084,7 +1086,7 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 			rep->error != NULL ? rep->error : "?");
 		gu->cutover = 0;
 		gu->flip_pending = 0;
-		set_state(gw, gu->name, "failed", rep->error);
+		set_state(gw, gu->name, MS_USER_FAILED, rep->error);
 		ms_secret_free(&gu->pw);
 		held_release(gw, gu);
 		return;
@@ -1103,12 +1105,12 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 		gu->cutover = 0;
 		gu->flip_pending = 0;
 		ms_secret_free(&gu->pw);
-		set_state(gw, gu->name, "destination", NULL);
+		set_state(gw, gu->name, MS_USER_DESTINATION, NULL);
 		held_release(gw, gu);
 		return;
 	}
 	/* Sessions are open on the source: flip when the last one ends. */
-	set_state(gw, gu->name, "copying", NULL);
+	set_state(gw, gu->name, MS_USER_COPYING, NULL);
 	gu->flip_pending = 1;
 	held_release(gw, gu);
 	if (gu->force) {
@@ -1140,11 +1142,12 @@ static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
 			      on_copy_done, gw) < 0) {
 		gu->copying = 0;
 		gw->copies--;
-		set_state(gw, gu->name, "failed", "cannot start the copy");
+		set_state(gw, gu->name, MS_USER_FAILED,
+			  "cannot start the copy");
 		return;
 	}
 	if (gu->cutover)
-		set_state(gw, gu->name, "cutover", NULL);
+		set_state(gw, gu->name, MS_USER_CUTOVER, NULL);
 }
 
 /* Cutover: from now on logins are held and inbound mail for the user is
@@ -1179,7 +1182,8 @@ static void on_grace(uv_timer_t *t)
 static void gw_cutover_begin(struct ms_gateway *gw, struct guser *gu)
 {
 	gu->cutover = 1;
-	set_state(gw, gu->name, "cutover", gu->rollback ? ROLLBACK_MARK : NULL);
+	set_state(gw, gu->name, MS_USER_CUTOVER,
+		  gu->rollback ? ROLLBACK_MARK : NULL);
 	if (gu->grace != NULL)
 		return;
 	gu->grace = malloc(sizeof(*gu->grace));
@@ -1204,7 +1208,7 @@ static void gw_held_tick(uv_timer_t *t)
 		/* Too long: a user being copied goes on to the source (the
 		 * copy goes on); one in cutover gets a temporary failure. */
 		if (user_lookup(s->gw, ms_login_name(&s->login), &info) == 0 &&
-		    strcmp(info.state, "cutover") != 0) {
+		    !ms_user_in(&info, MS_USER_CUTOVER)) {
 			gw_timer_stop(s);
 			s->st = SS_PRELOGIN;
 			gw_backend_connect(s, 0, 0);
@@ -1242,11 +1246,11 @@ static void gw_route_login(struct session *s)
 		return;
 	}
 	pol = user_policy(gw, &info);
-	if (!strcmp(info.state, "destination")) {
+	if (ms_user_in(&info, MS_USER_DESTINATION)) {
 		gw_backend_connect(s, 1, 0);
 		return;
 	}
-	if (!strcmp(info.state, "cutover") || (gu != NULL && gu->cutover)) {
+	if (ms_user_in(&info, MS_USER_CUTOVER) || (gu != NULL && gu->cutover)) {
 		if (s->st != SS_HELD) {
 			s->st = SS_HELD;
 			s->held_since = uv_now(gw->loop);
@@ -1261,14 +1265,14 @@ static void gw_route_login(struct session *s)
 		gw_backend_connect(s, 0, 0);
 		return;
 	}
-	if (!strcmp(info.state, "source") && pol == MS_POLICY_HOLD &&
+	if (ms_user_in(&info, MS_USER_SOURCE) && pol == MS_POLICY_HOLD &&
 	    gw->mover != NULL && (gu == NULL || !gu->copying)) {
 		/* Check the password at the source, then hold. */
 		gw_backend_connect(s, 0, 1);
 		return;
 	}
 	if (gu != NULL && gu->copying && pol == MS_POLICY_HOLD &&
-	    !strcmp(info.state, "copying") && gu->sessions == 0) {
+	    ms_user_in(&info, MS_USER_COPYING) && gu->sessions == 0) {
 		s->st = SS_HELD;
 		s->held_since = uv_now(gw->loop);
 		gw_timer_start(s, gw_held_tick, INPROGRESS_MS,
@@ -1308,8 +1312,8 @@ static int gw_login_accepted(struct session *s)
 			gu->touched = 1;
 	}
 	if (!s->verify_only &&
-	    (s->to_dst || (strcmp(info.state, "source") != 0 &&
-			   strcmp(info.state, "copying") != 0) ||
+	    (s->to_dst || (!ms_user_in(&info, MS_USER_SOURCE) &&
+			   !ms_user_in(&info, MS_USER_COPYING)) ||
 	     user_policy(gw, &info) != MS_POLICY_PASSTHROUGH ||
 	     gw->cfg.src_imap.host[0] == '\0' ||
 	     gw->cfg.dst_imap.host[0] == '\0'))
@@ -2478,9 +2482,9 @@ enum ms_route ms_gw_route(struct ms_gateway *gw, const char *user)
 		return MS_ROUTE_DEFER;
 	if (ms_store_user_info(gw->store, user, &info, &found) < 0 || !found)
 		return MS_ROUTE_SOURCE;
-	if (!strcmp(info.state, "destination"))
+	if (ms_user_in(&info, MS_USER_DESTINATION))
 		return MS_ROUTE_DESTINATION;
-	if (!strcmp(info.state, "cutover"))
+	if (ms_user_in(&info, MS_USER_CUTOVER))
 		return MS_ROUTE_DEFER;
 	/* Mail for the source while the user's copy runs may land after
 	 * its folder was read: the flip then needs a cutover (mail
@@ -2519,7 +2523,7 @@ int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 		*error_r = ms_store_error(gw->store);
 		return -1;
 	}
-	if (!strcmp(info.state, "destination")) {
+	if (ms_user_in(&info, MS_USER_DESTINATION)) {
 		*error_r = "already on the destination";
 		return -1;
 	}
@@ -2540,7 +2544,7 @@ int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 		return 0;
 	}
 	if (!gu->copying) {
-		set_state(gw, user, "copying", NULL);
+		set_state(gw, user, MS_USER_COPYING, NULL);
 		user_copy_start(gw, gu);
 	}
 	return 0;
@@ -2565,7 +2569,7 @@ static void on_rollback_done(const struct ms_user_report *rep, void *ctx)
 			(unsigned long long)rep->copied,
 			(unsigned long long)rep->flags_updated,
 			(unsigned long long)rep->expunged);
-		set_state(gw, gu->name, "source", NULL);
+		set_state(gw, gu->name, MS_USER_SOURCE, NULL);
 		/* Sent back on purpose: neither the next login nor the
 		 * sweep moves the user again until the operator says so
 		 * (policy, or migrate --daemon). */
@@ -2577,8 +2581,8 @@ static void on_rollback_done(const struct ms_user_report *rep, void *ctx)
 		/* The destination still holds everything: stay there. */
 		ms_warn("%s: rollback failed: %s", gu->name,
 			rep->error != NULL ? rep->error : "?");
-		set_state(gw, gu->name, "destination", rep->error != NULL ?
-			  rep->error : "rollback failed");
+		set_state(gw, gu->name, MS_USER_DESTINATION,
+			  rep->error != NULL ? rep->error : "rollback failed");
 	}
 	held_release(gw, gu);
 }
@@ -2617,7 +2621,7 @@ int ms_gateway_rollback(struct ms_gateway *gw, const char *user,
 		*error_r = ms_store_error(gw->store);
 		return -1;
 	}
-	if (strcmp(info.state, "destination") != 0) {
+	if (!ms_user_in(&info, MS_USER_DESTINATION)) {
 		*error_r = "not on the destination";
 		return -1;
 	}
@@ -2696,17 +2700,18 @@ static int recover_one(void *ctx, const struct ms_user_info *u)
 
 	/* A rollback a crash interrupted: the destination still holds all
 	 * the mail; the user stays there and the operator runs it again. */
-	if (!strcmp(u->state, "cutover") &&
+	if (ms_user_in(u, MS_USER_CUTOVER) &&
 	    !strcmp(u->last_error, ROLLBACK_MARK)) {
-		set_state(gw, u->name, "destination", "rollback interrupted: "
-			  "run mailshiftctl rollback again");
+		set_state(gw, u->name, MS_USER_DESTINATION, "rollback "
+			  "interrupted: run mailshiftctl rollback again");
 		return 0;
 	}
 	/* A cutover a crash interrupted: nobody is held any more, and the
 	 * last delta has to run again. Back to copying. */
-	if (!strcmp(u->state, "cutover"))
-		set_state(gw, u->name, "copying", "interrupted cutover, resumed");
-	else if (strcmp(u->state, "copying") != 0)
+	if (ms_user_in(u, MS_USER_CUTOVER))
+		set_state(gw, u->name, MS_USER_COPYING,
+			  "interrupted cutover, resumed");
+	else if (!ms_user_in(u, MS_USER_COPYING))
 		return 0;
 	/* With admin logins the copy goes on now (else at the user's next
 	 * login, or the sweep's turn); it flips once verified, through a
@@ -2745,13 +2750,14 @@ static int sweep_one(void *ctx, const struct ms_user_info *u)
 
 	if (sc->want == 0 || uv_now(gw->loop) < gw->sweep_next_ms)
 		return 1;
-	if ((strcmp(u->state, "source") && strcmp(u->state, "copying")) ||
+	if ((!ms_user_in(u, MS_USER_SOURCE) &&
+	     !ms_user_in(u, MS_USER_COPYING)) ||
 	    user_policy(gw, u) == MS_POLICY_OFF)
 		return 0;
 	gu = gw_user_get(gw, u->name);
 	if (gu == NULL || gu->copying || gu->flip_pending || gu->sessions > 0)
 		return 0;
-	set_state(gw, gu->name, "copying", NULL);
+	set_state(gw, gu->name, MS_USER_COPYING, NULL);
 	user_copy_start(gw, gu);
 	if (gu->copying) {
 		sc->want--;
@@ -2812,13 +2818,10 @@ struct mclient {
 
 static int mcount(void *ctx, const struct ms_user_info *u)
 {
-	static const char *const names[] = {
-		"source", "copying", "cutover", "destination", "failed",
-	};
 	struct mcount_ctx *mc = ctx;
 
-	for (int i = 0; i < 5; i++)
-		if (!strcmp(u->state, names[i]))
+	for (int i = 0; i < MS_USER_NSTATES; i++)
+		if (ms_user_in(u, i))
 			mc->states[i]++;
 	mc->msgs += u->msgs;
 	mc->bytes += u->bytes;
@@ -2871,9 +2874,6 @@ static void on_mtimeout(uv_timer_t *t)
 
 static void metrics_reply(struct mclient *mc)
 {
-	static const char *const names[] = {
-		"source", "copying", "cutover", "destination", "failed",
-	};
 	struct ms_gateway *gw = mc->gw;
 	struct mcount_ctx cnt;
 	char *body = malloc(4096), *resp;
@@ -2898,9 +2898,10 @@ static void metrics_reply(struct mclient *mc)
 	pos += (size_t)snprintf(body + pos, 4096 - pos,
 		"# HELP mailshift_users Users by state.\n"
 		"# TYPE mailshift_users gauge\n");
-	for (int i = 0; i < 5; i++)
+	for (int i = 0; i < MS_USER_NSTATES; i++)
 		pos += (size_t)snprintf(body + pos, 4096 - pos,
-			"mailshift_users{state=\"%s\"} %llu\n", names[i],
+			"mailshift_users{state=\"%s\"} %llu\n",
+			ms_user_state_names[i],
 			(unsigned long long)cnt.states[i]);
 	pos += (size_t)snprintf(body + pos, 4096 - pos,
 		"# TYPE mailshift_sessions gauge\nmailshift_sessions %u\n"

@@ -825,7 +825,7 @@ static int imap_backend_line(struct session *s, char *line)
 	return 2;
 }
 
-static void gw_held_tick(uv_timer_t *t);
+static void gw_hold(struct session *s);
 
 /* ---- repeated failures from one address are slowed down ---- */
 
@@ -970,10 +970,7 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 			gw_session_uncount(s);
 			if (gw_login_accepted(s) < 0)
 				return;
-			s->st = SS_HELD;
-			s->held_since = uv_now(s->gw->loop);
-			gw_timer_start(s, gw_held_tick, INPROGRESS_MS,
-				       INPROGRESS_MS);
+			gw_hold(s);
 			return;
 		}
 		if (r == 1)
@@ -1231,6 +1228,15 @@ static void gw_held_tick(uv_timer_t *t)
 		    "please wait.\r\n", s->tag);
 }
 
+/* The login waits for the user's flip (held_release() goes on with it);
+ * an IMAP client hears INPROGRESS meanwhile. */
+static void gw_hold(struct session *s)
+{
+	s->st = SS_HELD;
+	s->held_since = uv_now(s->gw->loop);
+	gw_timer_start(s, gw_held_tick, INPROGRESS_MS, INPROGRESS_MS);
+}
+
 /* Decides where a logging-in user's session goes, now. Nothing is kept
  * for a user no server has accepted a password of yet: s->gu is NULL for
  * them (unknown to us, or known from the store only). */
@@ -1252,10 +1258,7 @@ static void gw_route_login(struct session *s)
 	}
 	if (ms_user_in(&info, MS_USER_CUTOVER) || (gu != NULL && gu->cutover)) {
 		if (s->st != SS_HELD) {
-			s->st = SS_HELD;
-			s->held_since = uv_now(gw->loop);
-			gw_timer_start(s, gw_held_tick, INPROGRESS_MS,
-				       INPROGRESS_MS);
+			gw_hold(s);
 		}
 		return;
 	}
@@ -1273,10 +1276,7 @@ static void gw_route_login(struct session *s)
 	}
 	if (gu != NULL && gu->copying && pol == MS_POLICY_HOLD &&
 	    ms_user_in(&info, MS_USER_COPYING) && gu->sessions == 0) {
-		s->st = SS_HELD;
-		s->held_since = uv_now(gw->loop);
-		gw_timer_start(s, gw_held_tick, INPROGRESS_MS,
-			       INPROGRESS_MS);
+		gw_hold(s);
 		return;
 	}
 	gw_backend_connect(s, 0, 0);

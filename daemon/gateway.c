@@ -51,7 +51,7 @@ static void on_connection(uv_stream_t *server, int status)
 	for_each_frontend(fe)
 		if ((*fe)->accept != NULL &&
 		    ((*fe)->protos & 1U << l->cfg.proto)) {
-			(*fe)->accept(l->gw, server, &l->cfg);
+			(*fe)->accept(l->gw, server, &l->cfg, (*fe)->arg);
 			return;
 		}
 	ms_drop_connection(server);
@@ -171,20 +171,7 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		snprintf(err, errsz, "out of memory");
 		goto fail;
 	}
-	gw_recover(gw);
-	if (cfg->sweep && gw->mover != NULL && gw_have_admin(gw)) {
-		gw->sweep_timer = malloc(sizeof(*gw->sweep_timer));
-		if (gw->sweep_timer != NULL) {
-			uv_timer_init(loop, gw->sweep_timer);
-			gw->sweep_timer->data = gw;
-			uv_timer_start(gw->sweep_timer, gw_on_sweep, 1000,
-				       (cfg->sweep_interval ? cfg->sweep_interval :
-					10) * 1000ULL);
-		}
-	} else if (cfg->sweep) {
-		ms_warn("[sweep] needs admin logins for both servers "
-			"([source] admin, [destination] admin): sweep off");
-	}
+	gw_lifecycle_start(gw);
 	if (cfg->metrics[0] != '\0' && gw_metrics_start(gw, err, errsz) < 0)
 		goto fail;
 	*gw_r = gw;
@@ -209,33 +196,14 @@ void ms_gateway_free(struct ms_gateway **gwp)
 	for (unsigned int i = 0; i < gw->nlisteners; i++)
 		ms_close_free((uv_handle_t *)&gw->listeners[i]->tcp,
 			      gw->listeners[i]);
-	if (gw->sweep_timer != NULL)
-		ms_close_free((uv_handle_t *)gw->sweep_timer, gw->sweep_timer);
 	if (gw->metrics != NULL)
 		ms_close_free((uv_handle_t *)gw->metrics, gw->metrics);
 	ms_mover_free(&gw->mover);
 	ms_caps_free(&gw->caps);
 	json_decref(gw->policy_set);
-	for (unsigned int i = 0; i < USER_BUCKETS; i++) {
-		while (gw->users[i] != NULL) {
-			struct guser *gu = gw->users[i];
-
-			gw->users[i] = gu->next;
-			ms_secret_free(&gu->pw);
-			if (gu->grace != NULL)
-				ms_close_free((uv_handle_t *)gu->grace,
-					      gu->grace);
-			free(gu);
-		}
-	}
+	gw_lifecycle_free(gw);
 	ms_tls_server_free(&gw->tls);
 	free(gw->penalties);
-	for (unsigned int i = 0; i < ADDR_BUCKETS; i++)
-		while (gw->per_addr[i] != NULL) {
-			struct addr_count *a = gw->per_addr[i];
-
-			gw->per_addr[i] = a->next;
-			free(a);
-		}
+	gw_admit_free(gw);
 	free(gw);
 }

@@ -13,6 +13,13 @@
 #include "gw_internal.h"
 #include "log.h"
 
+/* Client connections from one address (IMAP, POP3 and SMTP together). */
+struct addr_count {
+	struct addr_count *next;
+	unsigned int n;
+	char addr[64];
+};
+
 static int addr_trusted(struct ms_gateway *gw, const char *addr);
 
 int ms_gw_login_names_check(const char *session, const char *user,
@@ -227,4 +234,15 @@ uv_loop_t *ms_gw_loop(struct ms_gateway *gw)
 const char *ms_gw_caps(struct ms_gateway *gw, enum ms_caps_kind kind)
 {
 	return ms_caps_get(gw->caps, kind);
+}
+
+void gw_admit_free(struct ms_gateway *gw)
+{
+	for (unsigned int i = 0; i < ADDR_BUCKETS; i++)
+		while (gw->per_addr[i] != NULL) {
+			struct addr_count *a = gw->per_addr[i];
+
+			gw->per_addr[i] = a->next;
+			free(a);
+		}
 }

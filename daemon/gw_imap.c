@@ -390,16 +390,11 @@ static const struct gw_proto imap_proto = {
 	.backend_line = imap_backend_line,
 };
 
-static void imap_accept(struct ms_gateway *gw, uv_stream_t *listener,
-			const struct ms_gw_listen *cfg)
-{
-	gw_session_accept(gw, listener, cfg, &imap_proto);
-}
-
 /* Its sessions are listed, kicked and closed as the mailbox sessions
  * (ms_gw_mailbox_sessions, gw_session.c), with POP3's. */
 const struct ms_gw_frontend ms_gw_imap_frontend = {
 	.name = "imap",
 	.protos = 1 << MS_GW_IMAP,
-	.accept = imap_accept,
+	.accept = gw_session_accept,
+	.arg = &imap_proto,
 };

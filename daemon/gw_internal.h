@@ -137,13 +137,7 @@ struct guser {
 	struct ms_gateway *gw;
 };
 
-/* Client connections from one address (IMAP, POP3 and SMTP together). */
-#define ADDR_BUCKETS 1024
-struct addr_count {
-	struct addr_count *next;
-	unsigned int n;
-	char addr[64];
-};
+#define ADDR_BUCKETS 1024	/* per-address counts (gw_admit.c) */
 
 struct ms_gateway {
 	uv_loop_t *loop;
@@ -209,6 +203,10 @@ void gw_backend_on_tls(struct ms_conn *conn, int status,
 		       const char *error);
 void gw_login_failed(struct session *s, const char *reply);
 void gw_backend_connect(struct session *s, int to_dst, int verify_only);
+/* A login answered as refused ("TAG NO [IMAP_CODE] TEXT", "-ERR
+ * [POP3_CODE] TEXT") and wiped. */
+void gw_login_refuse(struct session *s, const char *imap_code,
+		     const char *pop3_code, const char *text);
 int gw_plaintext_refused(struct session *s);
 void gw_login_start(struct session *s);
 void gw_client_on_tls(struct ms_conn *conn, int status,
@@ -218,21 +216,24 @@ int gw_too_many_commands(struct session *s);
 void gw_line_too_long(struct session *s);
 void gw_prelogin_timer(struct session *s);
 void gw_session_accept(struct ms_gateway *gw, uv_stream_t *server,
-		       const struct ms_gw_listen *cfg,
-		       const struct gw_proto *pr);
+		       const struct ms_gw_listen *cfg, const void *arg);
 int gw_sessions_kick(struct ms_gateway *gw, const char *user);
 
 /* ---- lifecycle.c: each user's life ---- */
 
 struct guser *gw_user_find(struct ms_gateway *gw, const char *name);
-int gw_have_admin(const struct ms_gateway *gw);
 void gw_cutover_begin(struct ms_gateway *gw, struct guser *gu);
 void gw_hold(struct session *s);
 void gw_route_login(struct session *s);
 int gw_login_accepted(struct session *s);
 int gw_policies_load(struct ms_gateway *gw, char *err, size_t errsz);
-void gw_recover(struct ms_gateway *gw);
-void gw_on_sweep(uv_timer_t *t);
+void gw_lifecycle_start(struct ms_gateway *gw);
+void gw_lifecycle_free(struct ms_gateway *gw);
+
+/* ---- gw_admit.c: admission ---- */
+
+/* The per-address counts (at stop). */
+void gw_admit_free(struct ms_gateway *gw);
 
 /* ---- metrics.c: the Prometheus endpoint ---- */
 

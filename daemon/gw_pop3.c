@@ -346,16 +346,11 @@ static const struct gw_proto pop3_proto = {
 	.relay_free = uidl_relay_free,
 };
 
-static void pop3_accept(struct ms_gateway *gw, uv_stream_t *listener,
-			const struct ms_gw_listen *cfg)
-{
-	gw_session_accept(gw, listener, cfg, &pop3_proto);
-}
-
 /* Its sessions are listed, kicked and closed as the mailbox sessions
  * (ms_gw_mailbox_sessions, gw_session.c), with IMAP's. */
 const struct ms_gw_frontend ms_gw_pop3_frontend = {
 	.name = "pop3",
 	.protos = 1 << MS_GW_POP3,
-	.accept = pop3_accept,
+	.accept = gw_session_accept,
+	.arg = &pop3_proto,
 };

@@ -91,9 +91,11 @@ struct ms_gw_frontend {
 	 * ms_gateway_nsessions() (a cutover waits for them and ends them,
 	 * in gw_session.c). */
 	int mailbox;
-	/* Takes one pending connection of a listener of its protocols. */
+	/* Takes one pending connection of a listener of its protocols;
+	 * arg is the front end's own, below. */
 	void (*accept)(struct ms_gateway *gw, uv_stream_t *listener,
-		       const struct ms_gw_listen *cfg);
+		       const struct ms_gw_listen *cfg, const void *arg);
+	const void *arg;
 	/* Appends its sessions' rows (ms_gw_session_json) to array. */
 	void (*sessions)(struct ms_gateway *gw, json_t *array);
 	unsigned int (*count)(struct ms_gateway *gw);

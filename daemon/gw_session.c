@@ -213,13 +213,8 @@ void gw_backend_fail(struct session *s, const char *why)
 	ms_conn_close(&s->b);
 	gw_session_uncount(s);
 	bin_free(s);
-	if (s->proto == MS_GW_IMAP)
-		out(s, "%s NO [UNAVAILABLE] Mail server temporarily "
-		    "unavailable, try again later.\r\n", s->tag);
-	else
-		out(s, "-ERR [SYS/TEMP] Mail server temporarily unavailable, "
-		    "try again later.\r\n");
-	ms_login_wipe(&s->login);
+	gw_login_refuse(s, "UNAVAILABLE", "SYS/TEMP", "Mail server "
+			"temporarily unavailable, try again later.");
 	s->st = SS_PRELOGIN;
 	gw_prelogin_timer(s);
 	/* Commands the client pipelined behind the login. */
@@ -491,8 +486,8 @@ void gw_backend_connect(struct session *s, int to_dst, int verify_only)
 }
 
 /* A clear error for a login we refuse to pass on. */
-static void gw_login_refuse(struct session *s, const char *imap_code,
-			    const char *pop3_code, const char *text)
+void gw_login_refuse(struct session *s, const char *imap_code,
+		     const char *pop3_code, const char *text)
 {
 	if (s->proto == MS_GW_IMAP)
 		out(s, "%s NO [%s] %s\r\n", s->tag, imap_code, text);
@@ -686,12 +681,12 @@ static void on_client_connect(struct ms_conn *conn, int status,
 	gw_prelogin_timer(s);
 }
 
-/* Takes one pending connection of an IMAP or POP3 listener (cfg), for
- * the protocol pr. */
+/* Takes one pending connection of an IMAP or POP3 listener (cfg): the
+ * accept of those front ends, whose arg is their struct gw_proto. */
 void gw_session_accept(struct ms_gateway *gw, uv_stream_t *server,
-		       const struct ms_gw_listen *cfg,
-		       const struct gw_proto *pr)
+		       const struct ms_gw_listen *cfg, const void *arg)
 {
+	const struct gw_proto *pr = arg;
 	struct ms_conn_callbacks cb = {
 		.on_connect = on_client_connect,
 		.on_read = on_client_read,

@@ -200,7 +200,7 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 	}
 }
 
-int gw_have_admin(const struct ms_gateway *gw)
+static int gw_have_admin(const struct ms_gateway *gw)
 {
 	return gw->cfg.src_admin != NULL && gw->cfg.dst_admin != NULL;
 }
@@ -291,13 +291,8 @@ static void gw_held_tick(uv_timer_t *t)
 			gw_backend_connect(s, 0, 0);
 			return;
 		}
-		if (s->proto == MS_GW_IMAP)
-			out(s, "%s NO [UNAVAILABLE] Your mail is being moved, "
-			    "try again in a minute.\r\n", s->tag);
-		else
-			out(s, "-ERR [IN-USE] Your mail is being moved, try "
-			    "again in a minute.\r\n");
-		ms_login_wipe(&s->login);
+		gw_login_refuse(s, "UNAVAILABLE", "IN-USE", "Your mail is "
+				"being moved, try again in a minute.");
 		s->st = SS_PRELOGIN;
 		gw_prelogin_timer(s);
 		return;
@@ -730,7 +725,7 @@ static int recover_one(void *ctx, const struct ms_user_info *u)
 	return 0;
 }
 
-void gw_recover(struct ms_gateway *gw)
+static void gw_recover(struct ms_gateway *gw)
 {
 	if (ms_store_user_foreach(gw->store, recover_one, gw) < 0)
 		ms_log(MS_LOG_ERROR, "store: %s", ms_store_error(gw->store));
@@ -791,7 +786,7 @@ static int in_window(const struct ms_gateway *gw)
 }
 
 /* Moves users who never log in, a few at a time, inside the window. */
-void gw_on_sweep(uv_timer_t *t)
+static void gw_on_sweep(uv_timer_t *t)
 {
 	struct ms_gateway *gw = t->data;
 	unsigned int conc = gw->cfg.sweep_concurrency ?
@@ -803,4 +798,48 @@ void gw_on_sweep(uv_timer_t *t)
 	sc.want = conc - gw->copies;
 	if (ms_store_user_foreach(gw->store, sweep_one, &sc) < 0)
 		ms_log(MS_LOG_ERROR, "sweep: store: %s", ms_store_error(gw->store));
+}
+
+/* ---- start and stop ---- */
+
+/* At start: copies and cutovers a crash interrupted, found in the store;
+ * the sweep's timer. */
+void gw_lifecycle_start(struct ms_gateway *gw)
+{
+	const struct ms_gw_config *cfg = &gw->cfg;
+
+	gw_recover(gw);
+	if (cfg->sweep && gw->mover != NULL && gw_have_admin(gw)) {
+		gw->sweep_timer = malloc(sizeof(*gw->sweep_timer));
+		if (gw->sweep_timer != NULL) {
+			uv_timer_init(gw->loop, gw->sweep_timer);
+			gw->sweep_timer->data = gw;
+			uv_timer_start(gw->sweep_timer, gw_on_sweep, 1000,
+				       (cfg->sweep_interval ? cfg->sweep_interval :
+					10) * 1000ULL);
+		}
+	} else if (cfg->sweep) {
+		ms_warn("[sweep] needs admin logins for both servers "
+			"([source] admin, [destination] admin): sweep off");
+	}
+}
+
+/* At stop: the sweep's timer, the users kept in memory (their captured
+ * passwords wiped). */
+void gw_lifecycle_free(struct ms_gateway *gw)
+{
+	if (gw->sweep_timer != NULL)
+		ms_close_free((uv_handle_t *)gw->sweep_timer, gw->sweep_timer);
+	for (unsigned int i = 0; i < USER_BUCKETS; i++) {
+		while (gw->users[i] != NULL) {
+			struct guser *gu = gw->users[i];
+
+			gw->users[i] = gu->next;
+			ms_secret_free(&gu->pw);
+			if (gu->grace != NULL)
+				ms_close_free((uv_handle_t *)gu->grace,
+					      gu->grace);
+			free(gu);
+		}
+	}
 }

@@ -1550,7 +1550,7 @@ static void smtp_client_on_connect(struct ms_conn *conn, int status,
 /* ---- the front end, as the gateway reaches it (gw_route.h) ---- */
 
 static void smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
-			const struct ms_gw_listen *cfg)
+			const struct ms_gw_listen *cfg, const void *arg)
 {
 	struct ms_conn_callbacks cb = {
 		.on_connect = smtp_client_on_connect,

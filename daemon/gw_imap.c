@@ -17,7 +17,7 @@
 
 /* ---- the login at the server ---- */
 
-static void imap_send_login(struct session *s, const char *b64)
+static int imap_send_login(struct session *s)
 {
 	char line[256];
 
@@ -27,14 +27,12 @@ static void imap_send_login(struct session *s, const char *b64)
 		 "\"x-originating-port\" \"%u\" \"x-connected-ip\" "
 		 "\"%s\")\r\n", s->peer, s->peer_port, s->local);
 	ms_conn_write(s->b, line, strlen(line));
-	if (s->b_sasl_ir) {
-		ms_conn_write(s->b, "ms2 AUTHENTICATE PLAIN ", 23);
-		ms_conn_write(s->b, b64, strlen(b64));
-		ms_conn_write(s->b, "\r\n", 2);
-	} else {
-		ms_conn_write(s->b, "ms2 AUTHENTICATE PLAIN\r\n", 24);
-		s->bst = BS_LOGIN_CONT;
-	}
+	if (s->b_sasl_ir)
+		return ms_login_send_plain(s->b, "ms2 AUTHENTICATE PLAIN ",
+					   &s->login);
+	ms_conn_write(s->b, "ms2 AUTHENTICATE PLAIN\r\n", 24);
+	s->bst = BS_LOGIN_CONT;
+	return 0;
 }
 
 static int imap_backend_line(struct session *s, char *line)
@@ -59,13 +57,7 @@ static int imap_backend_line(struct session *s, char *line)
 		return GW_TLS_STARTED;
 	}
 	if (s->bst == BS_LOGIN_CONT && line[0] == '+') {
-		char *b64 = ms_login_sasl_plain(&s->login);
-
-		if (b64 != NULL) {
-			ms_conn_write(s->b, b64, strlen(b64));
-			ms_conn_write(s->b, "\r\n", 2);
-			ms_secret_free(&b64);
-		}
+		ms_login_send_plain(s->b, "", &s->login);
 		s->bst = BS_LOGIN;
 		return 0;
 	}
@@ -390,8 +382,7 @@ static const struct gw_proto imap_proto = {
 	.backend_line = imap_backend_line,
 };
 
-/* Its sessions are listed, kicked and closed as the mailbox sessions
- * (ms_gw_mailbox_sessions, gw_session.c), with POP3's. */
+/* Its sessions are the mailbox sessions' (gw_session.c). */
 const struct ms_gw_frontend ms_gw_imap_frontend = {
 	.name = "imap",
 	.protos = 1 << MS_GW_IMAP,

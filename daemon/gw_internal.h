@@ -58,8 +58,9 @@ struct gw_proto {
 	void (*greet)(struct session *s);
 	/* Works through the pre-login commands buffered in s->in. */
 	void (*process)(struct session *s);
-	/* Sends the login, SASL PLAIN b64, to the greeted server. */
-	void (*send_login)(struct session *s, const char *b64);
+	/* Sends the login (SASL PLAIN) to the greeted server; -1 when out
+	 * of memory. */
+	int (*send_login)(struct session *s);
 	/* A line of the server's during login: see backend_line(). */
 	int (*backend_line)(struct session *s, char *line);
 	/* The relay's filter (POP3 UIDLs), when s->ur is set. */

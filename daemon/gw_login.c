@@ -60,6 +60,20 @@ char *ms_login_sasl_plain(const struct ms_login *l)
 		ms_sasl_plain("", l->user, l->pass);
 }
 
+int ms_login_send_plain(struct ms_conn *server, const char *prefix,
+			const struct ms_login *l)
+{
+	char *b64 = ms_login_sasl_plain(l);
+
+	if (b64 == NULL)
+		return -1;
+	ms_conn_write(server, prefix, strlen(prefix));
+	ms_conn_write(server, b64, strlen(b64));
+	ms_conn_write(server, "\r\n", 2);
+	ms_secret_free(&b64);
+	return 0;
+}
+
 /* ---- the relay ---- */
 
 void ms_pause_set(struct ms_conn *conn, int *paused, int why)

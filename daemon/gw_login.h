@@ -48,6 +48,11 @@ int ms_login_decode_step(const char *b64, char **out_r);
  * authorization identity is passed on only when it names another user
  * than the login name. For ms_secret_free(); NULL when out of memory. */
 char *ms_login_sasl_plain(const struct ms_login *l);
+/* Sends "PREFIX" + ms_login_sasl_plain() + CRLF to the server: prefix is
+ * the protocol's command ("AUTH PLAIN "), or "" to answer a continuation.
+ * -1 when out of memory (nothing sent). */
+int ms_login_send_plain(struct ms_conn *server, const char *prefix,
+			const struct ms_login *l);
 
 /* ---- the relay, with backpressure ---- */
 

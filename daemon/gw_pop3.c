@@ -132,7 +132,7 @@ static int uidl_relay_server(struct session *s, const char *data, size_t len)
 
 /* ---- the login at the server ---- */
 
-static void pop3_send_login(struct session *s, const char *b64)
+static int pop3_send_login(struct session *s)
 {
 	char line[256];
 
@@ -144,9 +144,7 @@ static void pop3_send_login(struct session *s, const char *b64)
 			 s->peer, s->peer_port);
 		ms_conn_write(s->b, line, strlen(line));
 	}
-	ms_conn_write(s->b, "AUTH PLAIN ", 11);
-	ms_conn_write(s->b, b64, strlen(b64));
-	ms_conn_write(s->b, "\r\n", 2);
+	return ms_login_send_plain(s->b, "AUTH PLAIN ", &s->login);
 }
 
 static int pop3_backend_line(struct session *s, char *line)
@@ -346,8 +344,7 @@ static const struct gw_proto pop3_proto = {
 	.relay_free = uidl_relay_free,
 };
 
-/* Its sessions are listed, kicked and closed as the mailbox sessions
- * (ms_gw_mailbox_sessions, gw_session.c), with IMAP's. */
+/* Its sessions are the mailbox sessions' (gw_session.c). */
 const struct ms_gw_frontend ms_gw_pop3_frontend = {
 	.name = "pop3",
 	.protos = 1 << MS_GW_POP3,

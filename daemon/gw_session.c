@@ -223,15 +223,9 @@ void gw_backend_fail(struct session *s, const char *why)
 
 static void gw_backend_send_login(struct session *s)
 {
-	char *b64 = ms_login_sasl_plain(&s->login);
-
-	if (b64 == NULL) {
-		gw_backend_fail(s, "out of memory");
-		return;
-	}
 	s->bst = BS_LOGIN;
-	s->pr->send_login(s, b64);
-	ms_secret_free(&b64);
+	if (s->pr->send_login(s) < 0)
+		gw_backend_fail(s, "out of memory");
 }
 
 /* The server greeted us: STARTTLS first when it is to be used (the

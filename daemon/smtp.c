@@ -436,17 +436,11 @@ static void smtp_backend_on_tls(struct ms_conn *conn, int status,
 
 static void backend_auth(struct smtp_session *s)
 {
-	char *b64 = ms_login_sasl_plain(&s->login);
-
-	if (b64 == NULL) {
+	if (ms_login_send_plain(s->b, "AUTH PLAIN ", &s->login) < 0) {
 		backend_lost(s, "out of memory");
 		return;
 	}
 	s->bst = B_AUTH;
-	ms_conn_write(s->b, "AUTH PLAIN ", 11);
-	ms_conn_write(s->b, b64, strlen(b64));
-	ms_conn_write(s->b, "\r\n", 2);
-	ms_secret_free(&b64);
 }
 
 /* The MTA is greeted (and under TLS, and told who the client is): on with
@@ -584,15 +578,8 @@ static void backend_reply(struct smtp_session *s, int code, const char *text)
 	case B_AUTH:
 		if (code == 334) {
 			/* No initial response taken: send it again. */
-			char *b64 = ms_login_sasl_plain(&s->login);
-
-			if (b64 == NULL) {
+			if (ms_login_send_plain(s->b, "", &s->login) < 0)
 				backend_lost(s, "out of memory");
-				return;
-			}
-			ms_conn_write(s->b, b64, strlen(b64));
-			ms_conn_write(s->b, "\r\n", 2);
-			ms_secret_free(&b64);
 			return;
 		}
 		if (code / 100 != 2) {

@@ -23,8 +23,6 @@
 #include <strings.h>
 #include <time.h>
 
-#include <openssl/crypto.h>
-
 #include "gw_internal.h"
 #include "log.h"
 
@@ -95,10 +93,7 @@ static void gw_session_uncount(struct session *s)
 /* Pre-login input holds passwords: wiped before it is let go. */
 static void inbuf_free(struct session *s)
 {
-	if (s->in != NULL)
-		OPENSSL_cleanse(s->in, s->incap);
-	free(s->in);
-	s->in = NULL;
+	ms_secret_buf_free(&s->in, s->incap);
 	s->inlen = s->incap = 0;
 }
 
@@ -111,10 +106,7 @@ static int inbuf_reserve(struct session *s, size_t len)
 
 static void bin_free(struct session *s)
 {
-	if (s->bin != NULL)
-		OPENSSL_cleanse(s->bin, GW_INBUF_MAX + 1);
-	free(s->bin);
-	s->bin = NULL;
+	ms_secret_buf_free(&s->bin, GW_INBUF_MAX + 1);
 	s->binlen = 0;
 }
 

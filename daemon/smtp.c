@@ -249,16 +249,9 @@ static void smtp_session_close(struct smtp_session *s)
 	ms_conn_close(&s->c);
 	ms_login_wipe(&s->login);
 	txn_reset(s);
-	if (s->in != NULL) {
-		OPENSSL_cleanse(s->in, s->incap);
-		free(s->in);
-		s->in = NULL;
-	}
+	ms_secret_buf_free(&s->in, s->incap);
 	s->inlen = s->incap = 0;
-	if (s->bin != NULL)
-		OPENSSL_cleanse(s->bin, REPLY_MAX + 1);
-	free(s->bin);
-	s->bin = NULL;
+	ms_secret_buf_free(&s->bin, REPLY_MAX + 1);
 	free(s->auth_user);
 	s->auth_user = NULL;
 	if (s->prev != NULL)

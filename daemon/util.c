@@ -20,6 +20,14 @@ void ms_secret_free(char **s)
 	}
 }
 
+void ms_secret_buf_free(char **buf, size_t size)
+{
+	if (*buf != NULL)
+		OPENSSL_cleanse(*buf, size);
+	free(*buf);
+	*buf = NULL;
+}
+
 int ms_secret_reserve(char **buf, size_t *cap, size_t used, size_t need,
 		      size_t min, size_t max)
 {

@@ -79,16 +79,6 @@ int ms_gateway_kick(struct ms_gateway *gw, const char *user)
 	return n;
 }
 
-unsigned int ms_gateway_nsessions(struct ms_gateway *gw)
-{
-	unsigned int n = 0;
-
-	for_each_frontend(fe)
-		if ((*fe)->mailbox && (*fe)->count != NULL)
-			n += (*fe)->count(gw);
-	return n;
-}
-
 /* ---- setup ---- */
 
 static int caps_start(struct ms_gateway *gw)

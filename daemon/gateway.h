@@ -35,7 +35,8 @@ json_t *ms_gateway_policies(struct ms_gateway *gw);
  * file's. Returns 0, or -1 with err filled. */
 int ms_gateway_set_policy(struct ms_gateway *gw, const char *domain,
 			  const char *policy, char *err, size_t errsz);
-/* The sessions that hold a mailbox open (IMAP, POP3). */
+/* The sessions that hold a mailbox open (IMAP, POP3: the ones a cutover
+ * waits for and ends). */
 unsigned int ms_gateway_nsessions(struct ms_gateway *gw);
 /* What the gateway is doing for the user now: "copying", "last delta",
  * "verified, flips at log-off", or "". */

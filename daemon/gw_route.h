@@ -87,10 +87,6 @@ struct ms_gw_frontend {
 	const char *name;
 	/* The listeners it takes: bits 1 << enum ms_gw_proto. */
 	unsigned int protos;
-	/* Its sessions hold the user's mailbox open: counted in
-	 * ms_gateway_nsessions() (a cutover waits for them and ends them,
-	 * in gw_session.c). */
-	int mailbox;
 	/* Takes one pending connection of a listener of its protocols;
 	 * arg is the front end's own, below. */
 	void (*accept)(struct ms_gateway *gw, uv_stream_t *listener,
@@ -98,7 +94,6 @@ struct ms_gw_frontend {
 	const void *arg;
 	/* Appends its sessions' rows (ms_gw_session_json) to array. */
 	void (*sessions)(struct ms_gateway *gw, json_t *array);
-	unsigned int (*count)(struct ms_gateway *gw);
 	/* Ends the user's sessions; returns how many. */
 	int (*kick)(struct ms_gateway *gw, const char *user);
 	/* Ends every session (shutdown). */

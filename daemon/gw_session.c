@@ -753,7 +753,7 @@ static void gw_sessions_json(struct ms_gateway *gw, json_t *a)
 	}
 }
 
-static unsigned int gw_sessions_count(struct ms_gateway *gw)
+unsigned int ms_gateway_nsessions(struct ms_gateway *gw)
 {
 	unsigned int n = 0;
 
@@ -770,9 +770,7 @@ static void gw_sessions_close_all(struct ms_gateway *gw)
 
 const struct ms_gw_frontend ms_gw_mailbox_sessions = {
 	.name = "mailbox sessions",
-	.mailbox = 1,
 	.sessions = gw_sessions_json,
-	.count = gw_sessions_count,
 	.kick = gw_sessions_kick,
 	.close_all = gw_sessions_close_all,
 };

@@ -17,6 +17,12 @@
  * the authenticated user is routed like an IMAP login, the AUTH is replayed
  * at that server's submission service and from its 235 on the session is
  * the server's: bytes are relayed both ways.
+ *
+ * A front end like IMAP's and POP3's: it sees the gateway through
+ * gw_route.h only (a user's route, admission, TLS, capabilities, config)
+ * and the login mechanics through gw_login.h, and the gateway reaches it
+ * through ms_gw_smtp_frontend only. Nothing of the listeners, of the other
+ * protocols' sessions or of a user's life is here; it queues no mail.
  */
 #include <ctype.h>
 #include <stdarg.h>

@@ -151,7 +151,6 @@ struct ms_gateway {
 	uint64_t next_id;
 	struct guser *users[USER_BUCKETS];
 	struct ms_mover *mover;
-	unsigned int closing_handles;
 	unsigned int copies;		/* mover jobs running */
 	uv_timer_t *sweep_timer;
 	uint64_t sweep_next_ms;		/* rate: no new sweep start before */

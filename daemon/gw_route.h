@@ -101,7 +101,9 @@ struct ms_gw_frontend {
 	/* Any of these may be NULL: nothing to do. */
 };
 
-/* The front ends (each defined in its own file). */
+/* The front ends (each defined in its own file). IMAP and POP3 only
+ * accept: their sessions are one list, gw_session.c's, which the gateway
+ * lists, kicks and closes as ms_gw_mailbox_sessions. */
 extern const struct ms_gw_frontend ms_gw_imap_frontend;
 extern const struct ms_gw_frontend ms_gw_pop3_frontend;
 extern const struct ms_gw_frontend ms_gw_mailbox_sessions;

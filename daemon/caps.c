@@ -324,11 +324,6 @@ static void remerge(struct ms_caps *c, enum ms_caps_kind k)
 	}
 }
 
-static void on_timer_free(uv_handle_t *h)
-{
-	free(h);
-}
-
 static void probe_free(struct probe *p)
 {
 	if (p == NULL)
@@ -336,7 +331,7 @@ static void probe_free(struct probe *p)
 	p->caps->probe[p->kind][p->side] = NULL;
 	ms_conn_close(&p->conn);
 	if (p->timer != NULL)
-		uv_close((uv_handle_t *)p->timer, on_timer_free);
+		ms_close_free((uv_handle_t *)p->timer, p->timer);
 	free(p->buf);
 	free(p->list);
 	free(p);
@@ -709,7 +704,7 @@ void ms_caps_free(struct ms_caps **caps)
 		}
 		free(c->adv[k]);
 	}
-	uv_close((uv_handle_t *)c->timer, on_timer_free);
+	ms_close_free((uv_handle_t *)c->timer, c->timer);
 	free(c);
 	*caps = NULL;
 }

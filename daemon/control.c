@@ -55,10 +55,6 @@ struct cclient {
 	int paused;			/* reading stopped: replies unread */
 };
 
-static const char *const states[] = {
-	"source", "copying", "cutover", "destination", "failed",
-};
-
 /* Replaces what is not valid UTF-8 with '?': JSON cannot carry it. */
 static void utf8_scrub(char *s)
 {
@@ -166,7 +162,7 @@ static json_t *user_json(struct ms_control *ctl, const struct ms_user_info *u)
 struct list_ctx {
 	struct ms_control *ctl;
 	json_t *users;
-	json_int_t counts[5];
+	json_int_t counts[MS_USER_NSTATES];
 	json_int_t msgs, bytes;
 };
 
@@ -176,19 +172,11 @@ static int on_user(void *ctx, const struct ms_user_info *u)
 
 	if (lc->users != NULL)
 		json_array_append_new(lc->users, user_json(lc->ctl, u));
-	for (size_t i = 0; i < 5; i++)
-		if (!strcmp(u->state, states[i]))
+	for (int i = 0; i < MS_USER_NSTATES; i++)
+		if (ms_user_in(u, i))
 			lc->counts[i]++;
 	lc->msgs += (json_int_t)u->msgs;
 	lc->bytes += (json_int_t)u->bytes;
-	return 0;
-}
-
-static int valid_state(const char *s)
-{
-	for (size_t i = 0; i < 5; i++)
-		if (!strcmp(s, states[i]))
-			return 1;
 	return 0;
 }
 
@@ -211,7 +199,7 @@ static json_t *user_change_parse(json_t *req, int create,
 	if (force != NULL && !json_is_boolean(force))
 		return error("%s", "\"force\" must be true or false");
 	uc->force = json_is_true(force);
-	if (uc->state != NULL && !valid_state(uc->state))
+	if (uc->state != NULL && ms_user_state_parse(uc->state) < 0)
 		return error("invalid state \"%.64s\" (source, copying, "
 			     "cutover, destination, failed)", uc->state);
 	if (uc->policy != NULL && strcmp(uc->policy, "default") != 0 &&
@@ -238,7 +226,7 @@ static json_t *state_change_refused(struct ms_control *ctl,
 	if (copy[0] != '\0')
 		return error("a copy runs for %s (%s): wait for it, or end it "
 			     "with mailshiftctl kick", uc->user, copy);
-	if (!strcmp(info->state, "destination") && !uc->force)
+	if (ms_user_in(info, MS_USER_DESTINATION) && !uc->force)
 		return error("%s is on the destination: mail that arrived there "
 			     "since would be left behind; mailshiftctl rollback "
 			     "%s brings it back (--force to set the state "
@@ -299,7 +287,7 @@ static int migrate_one(void *ctx, const struct ms_user_info *u)
 	struct migrate_all *ma = ctx;
 	const char *why = NULL;
 
-	if (!strcmp(u->state, "destination") || !strcmp(u->policy, "off"))
+	if (ms_user_in(u, MS_USER_DESTINATION) || !strcmp(u->policy, "off"))
 		return 0;
 	if (ma->ctl->gw == NULL ||
 	    ms_gateway_migrate(ma->ctl->gw, u->name, &why) < 0) {
@@ -332,8 +320,8 @@ static json_t *cmd_status(struct ms_control *ctl, json_t *req)
 	if (ms_store_user_foreach(ctl->store, on_user, &lc) != 0)
 		return error("store: %s", ms_store_error(ctl->store));
 	by_state = json_object();
-	for (size_t i = 0; i < 5; i++)
-		json_object_set_new(by_state, states[i],
+	for (int i = 0; i < MS_USER_NSTATES; i++)
+		json_object_set_new(by_state, ms_user_state_names[i],
 				    json_integer(lc.counts[i]));
 	if (ctl->gw != NULL)
 		ms_gateway_progress(ctl->gw, &p);
@@ -467,8 +455,7 @@ static json_t *cmd_kick(struct ms_control *ctl, json_t *req)
 	if (field_user(req, &user, &rep) < 0)
 		return rep;
 	return json_pack("{s:b, s:i}", "ok", 1, "kicked", ctl->gw != NULL ?
-			 ms_gateway_kick(ctl->gw, user) +
-			 ms_smtp_kick(ctl->gw, user) : 0);
+			 ms_gateway_kick(ctl->gw, user) : 0);
 }
 
 static json_t *dispatch(struct ms_control *ctl, json_t *req)

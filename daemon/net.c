@@ -1803,7 +1803,16 @@ void ms_tls_server_free(struct ms_tls_server **srvp)
 
 /* ---- accepting --------------------------------------------------------- */
 
-static void on_dropped_close(uv_handle_t *handle);
+static void on_close_free(uv_handle_t *h)
+{
+	free(h->data);
+}
+
+void ms_close_free(uv_handle_t *h, void *mem)
+{
+	h->data = mem;
+	uv_close(h, on_close_free);
+}
 
 void ms_drop_connection(uv_stream_t *listener)
 {
@@ -1819,12 +1828,7 @@ void ms_drop_connection(uv_stream_t *listener)
 		return;
 	}
 	uv_accept(listener, (uv_stream_t *)tcp);
-	uv_close((uv_handle_t *)tcp, on_dropped_close);
-}
-
-static void on_dropped_close(uv_handle_t *handle)
-{
-	free(handle);
+	ms_close_free((uv_handle_t *)tcp, tcp);
 }
 
 int ms_conn_accept(uv_stream_t *listener, struct ms_tls_server *tls,

@@ -150,6 +150,11 @@ int ms_conn_accept(uv_stream_t *listener, struct ms_tls_server *tls,
  * session, or over a limit with nothing to say). */
 void ms_drop_connection(uv_stream_t *listener);
 
+/* Closes a libuv handle and, once libuv is done with it, frees mem: the
+ * handle itself, or the struct it is a member of. (h->data is reused for
+ * that: nothing may call back into the handle after this.) */
+void ms_close_free(uv_handle_t *h, void *mem);
+
 /* Server-side STARTTLS/STLS on an accepted plaintext connection: call it
  * right after writing the go-ahead ("OK Begin TLS now"); what was written
  * before goes out in plaintext, ahead of the handshake, and everything

@@ -17,6 +17,12 @@
  * the authenticated user is routed like an IMAP login, the AUTH is replayed
  * at that server's submission service and from its 235 on the session is
  * the server's: bytes are relayed both ways.
+ *
+ * A front end like IMAP's and POP3's: it sees the gateway through
+ * gw_route.h only (a user's route, admission, TLS, capabilities, config)
+ * and the login mechanics through gw_login.h, and the gateway reaches it
+ * through ms_gw_smtp_frontend only. Nothing of the listeners, of the other
+ * protocols' sessions or of a user's life is here; it queues no mail.
  */
 #include <ctype.h>
 #include <stdarg.h>
@@ -30,7 +36,8 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
-#include "gateway.h"
+#include "gw_login.h"
+#include "gw_route.h"
 #include "log.h"
 #include "net.h"
 #include "retire.h"
@@ -38,9 +45,9 @@
 
 #define LINE_MAX_LEN 4096	/* a command line (RFC 5321: 512; lenient) */
 #define INBUF_PAUSE (32 * 1024)	/* stop reading the client above this */
-#define INBUF_MAX (256 * 1024)	/* hard limit (one read is at most 64 KB) */
+#define SMTP_INBUF_MAX (256 * 1024) /* hard limit (a read is at most 64 KB) */
 #define REPLY_MAX (16 * 1024)	/* one reply of an MTA, all its lines */
-#define BAD_MAX 10		/* bad commands before we hang up */
+#define SMTP_BAD_MAX 10		/* bad commands before we hang up */
 /* Commands that move no mail (EHLO, HELO, NOOP, RSET, VRFY, HELP) between
  * two messages (Postfix's smtpd_junk_command_limit): more end the session,
  * a client that sends thousands only costs the others time. */
@@ -49,11 +56,11 @@
 #define CLIENT_OUT_LOW (16 * 1024)
 #define RCPT_MAX 100		/* recipients per transaction (RFC minimum) */
 #define IDLE_TIMEOUT_MS (300 * 1000)	/* like Postfix's smtpd_timeout */
-#define BACKEND_TIMEOUT_MS (30 * 1000)
+#define SMTP_BACKEND_TIMEOUT_MS (30 * 1000)
 #define DATA_END_TIMEOUT_MS (600 * 1000) /* RFC 5321 4.5.3.2.6 */
 #define ID_BASE 1000000		/* SMTP session ids: apart from IMAP's */
 
-enum cstate {
+enum smtp_cstate {
 	C_CONNECTING,		/* accepted, implicit TLS handshake */
 	C_CMD,			/* reading commands */
 	C_STARTTLS,		/* our 220 went out, handshake running */
@@ -68,7 +75,7 @@ enum cstate {
 	C_CLOSING,
 };
 
-enum bstate {
+enum smtp_bstate {
 	B_NONE,			/* no connection to an MTA */
 	B_CONNECT,
 	B_GREETING,
@@ -92,7 +99,7 @@ struct smtp_session {
 	struct ms_gateway *gw;
 	uint64_t id;
 	enum ms_gw_proto proto;
-	enum cstate st;
+	enum smtp_cstate st;
 	struct ms_conn *c, *b;
 	uv_timer_t timer;		/* frees the session when closed */
 	int tls;			/* the client side is TLS */
@@ -101,13 +108,13 @@ struct smtp_session {
 	time_t since;
 	unsigned int bad;
 	unsigned int junk;		/* JUNK_MAX */
-	int c_paused, b_paused;		/* relay backpressure */
-	int in_paused;			/* our input buffer is full */
-	int out_paused;			/* the client does not read our
-					   answers: its commands wait */
-	int c_reading_paused;		/* what the client conn was told */
+	/* Why reading is paused (MS_PAUSE_* bits, gw_login.h): the client
+	 * for the MTA's full queue (WRITE), our full input buffer (INPUT),
+	 * its unread answers (OUTPUT: its commands wait); the MTA for the
+	 * client's full queue (WRITE). */
+	int c_paused, b_paused;
 	int processing;			/* inside client_process() */
-	int admitted;			/* counted by ms_gateway_admit() */
+	int admitted;			/* counted by ms_gw_admit() */
 
 	/* client input (command lines) */
 	char *in;
@@ -123,11 +130,11 @@ struct smtp_session {
 	int data_scan;			/* end-of-data scanner state */
 
 	/* submission */
-	char *user, *authz, *pass;
+	struct ms_login login;		/* captured (wiped when done with) */
 	char *auth_user;		/* authenticated (for the listing) */
 
 	/* MTA */
-	enum bstate bst;
+	enum smtp_bstate bst;
 	int b_side;			/* the MTA's side: 0 src, 1 dst */
 	const struct ms_server_cfg *server;
 	int b_tls, b_xclient_done;
@@ -140,7 +147,7 @@ struct smtp_session {
 static struct smtp_session *sessions;
 static uint64_t next_id = ID_BASE;
 
-static void session_close(struct smtp_session *s);
+static void smtp_session_close(struct smtp_session *s);
 static void client_process(struct smtp_session *s);
 static void backend_start(struct smtp_session *s, int side);
 static void backend_lost(struct smtp_session *s, const char *why);
@@ -186,25 +193,6 @@ static const char *user_name(const struct smtp_session *s)
 	return s->auth_user != NULL ? s->auth_user : "-";
 }
 
-static void wipe_login(struct smtp_session *s)
-{
-	ms_secret_free(&s->pass);
-	ms_secret_free(&s->user);
-	ms_secret_free(&s->authz);
-}
-
-/* The client's reads stop while the MTA's queue is full (c_paused) or our
- * input buffer is (in_paused). */
-static void client_pause_update(struct smtp_session *s)
-{
-	int want = s->c_paused || s->in_paused || s->out_paused;
-
-	if (s->c != NULL && want != s->c_reading_paused) {
-		s->c_reading_paused = want;
-		ms_conn_read_pause(s->c, want);
-	}
-}
-
 /* ---- timer ---- */
 
 static void timer_set(struct smtp_session *s, uv_timer_cb cb, uint64_t ms)
@@ -216,30 +204,25 @@ static void timer_set(struct smtp_session *s, uv_timer_cb cb, uint64_t ms)
 		uv_timer_start(&s->timer, cb, ms, 0);
 }
 
-static void on_idle_timeout(uv_timer_t *t)
+static void smtp_client_on_idle(uv_timer_t *t)
 {
 	struct smtp_session *s = t->data;
 
 	out(s, "421 4.4.2 %s Error: timeout exceeded\r\n", ms_host_name());
-	session_close(s);
+	smtp_session_close(s);
 }
 
-static void on_backend_timeout(uv_timer_t *t)
+static void smtp_backend_on_timeout(uv_timer_t *t)
 {
 	backend_lost(t->data, "no answer from the mail server");
 }
 
 static void idle_timer(struct smtp_session *s)
 {
-	timer_set(s, on_idle_timeout, IDLE_TIMEOUT_MS);
+	timer_set(s, smtp_client_on_idle, IDLE_TIMEOUT_MS);
 }
 
 /* ---- session lifetime ---- */
-
-static void on_timer_close(uv_handle_t *h)
-{
-	free(h->data);
-}
 
 static void txn_reset(struct smtp_session *s)
 {
@@ -260,11 +243,10 @@ static void backend_close(struct smtp_session *s, int quit)
 	s->bst = B_NONE;
 	s->binlen = 0;
 	s->b_paused = 0;
-	s->c_paused = 0;
-	client_pause_update(s);
+	ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_WRITE);
 }
 
-static void session_close(struct smtp_session *s)
+static void smtp_session_close(struct smtp_session *s)
 {
 	if (s->st == C_CLOSING)
 		return;
@@ -272,18 +254,11 @@ static void session_close(struct smtp_session *s)
 	uv_timer_stop(&s->timer);
 	backend_close(s, s->bst == B_READY || s->bst == B_TXN);
 	ms_conn_close(&s->c);
-	wipe_login(s);
+	ms_login_wipe(&s->login);
 	txn_reset(s);
-	if (s->in != NULL) {
-		OPENSSL_cleanse(s->in, s->incap);
-		free(s->in);
-		s->in = NULL;
-	}
+	ms_secret_buf_free(&s->in, s->incap);
 	s->inlen = s->incap = 0;
-	if (s->bin != NULL)
-		OPENSSL_cleanse(s->bin, REPLY_MAX + 1);
-	free(s->bin);
-	s->bin = NULL;
+	ms_secret_buf_free(&s->bin, REPLY_MAX + 1);
 	free(s->auth_user);
 	s->auth_user = NULL;
 	if (s->prev != NULL)
@@ -294,11 +269,11 @@ static void session_close(struct smtp_session *s)
 		s->next->prev = s->prev;
 	s->next = s->prev = NULL;
 	if (s->admitted)
-		ms_gateway_unadmit(s->gw, s->peer);
+		ms_gw_unadmit(s->gw, s->peer);
 	s->admitted = 0;
 	/* The memory goes with the timer handle, on the loop's next turn:
 	 * callers up the stack may still look at s->st. */
-	uv_close((uv_handle_t *)&s->timer, on_timer_close);
+	ms_close_free((uv_handle_t *)&s->timer, s);
 }
 
 /* Back to reading commands (after an answer from the MTA, or ours). */
@@ -315,7 +290,7 @@ static void client_resume(struct smtp_session *s)
 
 /* Where mail for a recipient goes. The map's user names are whatever the
  * operator imported: full addresses ("alice@example.org") or bare names
- * ("alice"). ms_gateway_route() answers SOURCE both for users in state
+ * ("alice"). ms_gw_route() answers SOURCE both for users in state
  * source and for users the map does not know, so we ask in turn, and the
  * first answer other than SOURCE decides:
  *   1. the address as given, with its domain in lower case;
@@ -335,7 +310,7 @@ static enum ms_route route_rcpt(struct ms_gateway *gw, const char *addr)
 	const char *plus = memchr(addr, '+', llen);
 
 	if (len >= sizeof(cand[0]))
-		return ms_gateway_route(gw, addr);
+		return ms_gw_route(gw, addr);
 	for (int ext = 0; ext < 2; ext++) {
 		/* ext 1: without "+extension" */
 		size_t keep = ext ? (size_t)(plus - addr) : llen;
@@ -369,7 +344,7 @@ static enum ms_route route_rcpt(struct ms_gateway *gw, const char *addr)
 			seen = strcmp(cand[i], cand[j]) == 0;
 		if (seen || cand[i][0] == '\0')
 			continue;
-		r = ms_gateway_route(gw, cand[i]);
+		r = ms_gw_route(gw, cand[i]);
 		if (r != MS_ROUTE_SOURCE)
 			return r;
 	}
@@ -417,23 +392,6 @@ static int parse_path(const char *arg, const char *kw, char *addr,
 
 /* ---- the MTA connection ---- */
 
-static void relay_to(struct smtp_session *s, struct ms_conn *to,
-		     struct ms_conn *from, int *paused, const char *data,
-		     size_t len)
-{
-	if (ms_conn_write(to, data, len) < 0) {
-		session_close(s);
-		return;
-	}
-	if (!*paused && ms_conn_over_high(to)) {
-		*paused = 1;
-		if (from == s->c)
-			client_pause_update(s);
-		else
-			ms_conn_read_pause(from, 1);
-	}
-}
-
 /* xtext (RFC 3461) of s into buf. */
 static void xtext(const char *in, char *buf, size_t sz)
 {
@@ -463,7 +421,8 @@ static void send_ehlo(struct smtp_session *s)
 	bout(s, "EHLO %s\r\n", name);
 }
 
-static void on_backend_tls(struct ms_conn *conn, int status, const char *error)
+static void smtp_backend_on_tls(struct ms_conn *conn, int status,
+				const char *error)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
@@ -477,20 +436,11 @@ static void on_backend_tls(struct ms_conn *conn, int status, const char *error)
 
 static void backend_auth(struct smtp_session *s)
 {
-	char *b64 = s->authz != NULL && s->authz[0] != '\0' &&
-		strcmp(s->authz, s->user) != 0 ?
-		ms_sasl_plain(s->authz, s->user, s->pass) :
-		ms_sasl_plain("", s->user, s->pass);
-
-	if (b64 == NULL) {
+	if (ms_login_send_plain(s->b, "AUTH PLAIN ", &s->login) < 0) {
 		backend_lost(s, "out of memory");
 		return;
 	}
 	s->bst = B_AUTH;
-	ms_conn_write(s->b, "AUTH PLAIN ", 11);
-	ms_conn_write(s->b, b64, strlen(b64));
-	ms_conn_write(s->b, "\r\n", 2);
-	ms_secret_free(&b64);
 }
 
 /* The MTA is greeted (and under TLS, and told who the client is): on with
@@ -584,7 +534,8 @@ static void backend_setup_reply(struct smtp_session *s, int code,
 		return;
 	case B_STARTTLS:
 		s->bst = B_TLS;
-		if (code != 220 || ms_conn_starttls(s->b, on_backend_tls) < 0)
+		if (code != 220 ||
+		    ms_conn_starttls(s->b, smtp_backend_on_tls) < 0)
 			backend_lost(s, "STARTTLS refused by the mail server");
 		else if (s->binlen > 0 || s->b_unread > 0)
 			/* Came with the go-ahead, not protected by TLS: an
@@ -609,7 +560,7 @@ static void backend_setup_reply(struct smtp_session *s, int code,
 static void submission_fail(struct smtp_session *s, const char *reply)
 {
 	out_raw(s, reply);
-	wipe_login(s);
+	ms_login_wipe(&s->login);
 	backend_close(s, 1);
 	client_resume(s);
 }
@@ -627,34 +578,23 @@ static void backend_reply(struct smtp_session *s, int code, const char *text)
 	case B_AUTH:
 		if (code == 334) {
 			/* No initial response taken: send it again. */
-			char *b64 = ms_sasl_plain(s->authz != NULL &&
-						  strcmp(s->authz, s->user) ?
-						  s->authz : "", s->user,
-						  s->pass);
-
-			if (b64 == NULL) {
+			if (ms_login_send_plain(s->b, "", &s->login) < 0)
 				backend_lost(s, "out of memory");
-				return;
-			}
-			ms_conn_write(s->b, b64, strlen(b64));
-			ms_conn_write(s->b, "\r\n", 2);
-			ms_secret_free(&b64);
 			return;
 		}
 		if (code / 100 != 2) {
 			/* The server's own words: the client may try again. */
 			ms_info("smtp %llu: submission login refused for %s",
-				(unsigned long long)s->id, s->user);
+				(unsigned long long)s->id, s->login.user);
 			submission_fail(s, text);
 			return;
 		}
 		free(s->auth_user);
-		s->auth_user = strdup(s->authz != NULL && s->authz[0] != '\0' ?
-				      s->authz : s->user);
+		s->auth_user = strdup(ms_login_name(&s->login));
 		ms_info("smtp %llu: %s: submission via the %s", (unsigned long
 			long)s->id, user_name(s), s->b_side ? "destination" :
 			"source");
-		wipe_login(s);
+		ms_login_wipe(&s->login);
 		out_raw(s, text);
 		s->bst = B_RELAY;
 		s->st = C_RELAY;
@@ -668,8 +608,7 @@ static void backend_reply(struct smtp_session *s, int code, const char *text)
 			OPENSSL_cleanse(s->in, s->inlen);
 			s->inlen = 0;
 		}
-		s->in_paused = 0;
-		client_pause_update(s);
+		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_INPUT);
 		return;
 	case B_MAIL:
 		if (code / 100 != 2) {
@@ -725,12 +664,14 @@ static void backend_reply(struct smtp_session *s, int code, const char *text)
 	}
 }
 
-static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
+static void smtp_backend_on_read(struct ms_conn *conn, const char *data,
+				 size_t len)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
 	if (s->bst == B_RELAY) {
-		relay_to(s, s->c, s->b, &s->b_paused, data, len);
+		if (ms_relay(s->c, s->b, &s->b_paused, data, len) < 0)
+			smtp_session_close(s);
 		return;
 	}
 	/* s->b may change under us: a refused AUTH closes this connection
@@ -742,7 +683,8 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 		size_t ll;
 
 		if (s->bst == B_RELAY) {
-			relay_to(s, s->c, s->b, &s->b_paused, data, len);
+			if (ms_relay(s->c, s->b, &s->b_paused, data, len) < 0)
+				smtp_session_close(s);
 			return;
 		}
 		if (s->bin == NULL)
@@ -790,20 +732,20 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 	}
 }
 
-static void on_backend_error(struct ms_conn *conn, const char *error)
+static void smtp_backend_on_error(struct ms_conn *conn, const char *error)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
 	if (s->bst == B_RELAY) {
 		/* The server ended the session (after QUIT, or its timeout). */
-		session_close(s);
+		smtp_session_close(s);
 		return;
 	}
 	backend_lost(s, error);
 }
 
-static void on_backend_connect(struct ms_conn *conn, int status,
-			       const char *error)
+static void smtp_backend_on_connect(struct ms_conn *conn, int status,
+				    const char *error)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
@@ -814,21 +756,18 @@ static void on_backend_connect(struct ms_conn *conn, int status,
 	s->bst = B_GREETING;
 }
 
-static void on_backend_drain(struct ms_conn *conn)
+static void smtp_backend_on_drain(struct ms_conn *conn)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
-	if (s->c_paused) {
-		s->c_paused = 0;
-		client_pause_update(s);
-	}
+	ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_WRITE);
 }
 
 /* The MTA failed us (down, timed out, spoke nonsense): whatever the client
  * waits for gets a temporary failure, so that it tries again later. */
 static void backend_lost(struct smtp_session *s, const char *why)
 {
-	enum bstate was = s->bst;
+	enum smtp_bstate was = s->bst;
 
 	if (s->st == C_CLOSING)
 		return;
@@ -839,7 +778,7 @@ static void backend_lost(struct smtp_session *s, const char *why)
 	backend_close(s, 0);
 	if (s->proto == MS_GW_SUBMISSION) {
 		if (s->st == C_RELAY) {
-			session_close(s);
+			smtp_session_close(s);
 			return;
 		}
 		if (s->st == C_WAIT)
@@ -885,12 +824,12 @@ static void backend_lost(struct smtp_session *s, const char *why)
 
 static void backend_start(struct smtp_session *s, int side)
 {
-	const struct ms_gw_config *cfg = ms_gateway_config(s->gw);
+	const struct ms_gw_config *cfg = ms_gw_config(s->gw);
 	struct ms_conn_callbacks cb = {
-		.on_connect = on_backend_connect,
-		.on_read = on_backend_read,
-		.on_error = on_backend_error,
-		.on_drain = on_backend_drain,
+		.on_connect = smtp_backend_on_connect,
+		.on_read = smtp_backend_on_read,
+		.on_error = smtp_backend_on_error,
+		.on_drain = smtp_backend_on_drain,
 		.ctx = s,
 	};
 	const struct ms_server_cfg *srv;
@@ -905,12 +844,12 @@ static void backend_start(struct smtp_session *s, int side)
 	s->binlen = 0;
 	s->st = C_WAIT;
 	s->bst = B_CONNECT;
-	timer_set(s, on_backend_timeout, BACKEND_TIMEOUT_MS);
+	timer_set(s, smtp_backend_on_timeout, SMTP_BACKEND_TIMEOUT_MS);
 	if (srv->host[0] == '\0') {
 		backend_lost(s, "no such server configured");
 		return;
 	}
-	if (ms_server_connect(ms_gateway_loop(s->gw), srv, &cb, &s->b) < 0) {
+	if (ms_server_connect(ms_gw_loop(s->gw), srv, &cb, &s->b) < 0) {
 		s->b = NULL;
 		backend_lost(s, "cannot connect");
 		return;
@@ -924,9 +863,9 @@ static void backend_start(struct smtp_session *s, int side)
 static void bad_command(struct smtp_session *s, const char *reply)
 {
 	out(s, "%s", reply);
-	if (++s->bad >= BAD_MAX) {
+	if (++s->bad >= SMTP_BAD_MAX) {
 		out(s, "421 4.7.0 %s Error: too many errors\r\n", ms_host_name());
-		session_close(s);
+		smtp_session_close(s);
 	}
 }
 
@@ -938,14 +877,14 @@ static int auth_offered(const struct smtp_session *s)
 {
 	if (s->proto != MS_GW_SUBMISSION)
 		return 0;
-	if (ms_gateway_tls(s->gw) != NULL)
+	if (ms_gw_tls(s->gw) != NULL)
 		return s->tls;
-	return ms_gateway_plaintext_ok(s->gw, s->peer);
+	return ms_gw_plaintext_ok(s->gw, s->peer);
 }
 
 static void cmd_ehlo(struct smtp_session *s, const char *arg, int ehlo)
 {
-	int starttls = ms_gateway_tls(s->gw) != NULL && !s->tls;
+	int starttls = ms_gw_tls(s->gw) != NULL && !s->tls;
 
 	if (arg == NULL || *arg == '\0') {
 		bad_command(s, ehlo ? "501 5.5.4 Syntax: EHLO hostname\r\n" :
@@ -967,18 +906,19 @@ static void cmd_ehlo(struct smtp_session *s, const char *arg, int ehlo)
 		return;
 	}
 	out(s, "250-%s\r\n%s%s%s250 ENHANCEDSTATUSCODES\r\n", ms_host_name(),
-	    ms_gateway_caps(s->gw, s->proto == MS_GW_SMTP ? MS_CAPS_SMTP :
-			    MS_CAPS_SUBMISSION),
+	    ms_gw_caps(s->gw, s->proto == MS_GW_SMTP ? MS_CAPS_SMTP :
+		       MS_CAPS_SUBMISSION),
 	    starttls ? "250-STARTTLS\r\n" : "",
 	    auth_offered(s) ? "250-AUTH PLAIN LOGIN\r\n" : "");
 }
 
-static void on_client_tls(struct ms_conn *conn, int status, const char *error)
+static void smtp_client_on_tls(struct ms_conn *conn, int status,
+			       const char *error)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
 	if (status != 0) {
-		session_close(s);
+		smtp_session_close(s);
 		return;
 	}
 	s->tls = 1;
@@ -996,7 +936,7 @@ static void cmd_starttls(struct smtp_session *s, const char *arg)
 		bad_command(s, "501 5.5.4 Syntax: STARTTLS\r\n");
 		return;
 	}
-	if (ms_gateway_tls(s->gw) == NULL) {
+	if (ms_gw_tls(s->gw) == NULL) {
 		bad_command(s, "502 5.5.1 Error: command not implemented\r\n");
 		return;
 	}
@@ -1010,9 +950,9 @@ static void cmd_starttls(struct smtp_session *s, const char *arg)
 	OPENSSL_cleanse(s->in, s->inlen);
 	s->inlen = 0;
 	s->st = C_STARTTLS;
-	if (ms_conn_starttls_server(s->c, ms_gateway_tls(s->gw),
-				    on_client_tls) < 0)
-		session_close(s);
+	if (ms_conn_starttls_server(s->c, ms_gw_tls(s->gw),
+				    smtp_client_on_tls) < 0)
+		smtp_session_close(s);
 }
 
 static void cmd_mail(struct smtp_session *s, const char *arg)
@@ -1111,7 +1051,7 @@ static void cmd_rcpt(struct smtp_session *s, const char *arg)
 	if (s->b != NULL && s->b_side == side &&
 	    (s->bst == B_TXN || s->bst == B_READY)) {
 		s->st = C_WAIT;
-		timer_set(s, on_backend_timeout, BACKEND_TIMEOUT_MS);
+		timer_set(s, smtp_backend_on_timeout, SMTP_BACKEND_TIMEOUT_MS);
 		if (s->bst == B_TXN) {
 			s->bst = B_RCPT;
 			bout(s, "RCPT %s\r\n", s->rcpt);
@@ -1149,40 +1089,40 @@ static void cmd_data(struct smtp_session *s, const char *arg)
 	}
 	s->st = C_WAIT;
 	s->bst = B_DATA;
-	timer_set(s, on_backend_timeout, BACKEND_TIMEOUT_MS);
+	timer_set(s, smtp_backend_on_timeout, SMTP_BACKEND_TIMEOUT_MS);
 	bout(s, "DATA\r\n");
 }
 
 static void auth_start(struct smtp_session *s)
 {
-	const char *name = s->authz != NULL && s->authz[0] != '\0' ?
-		s->authz : s->user;
+	const char *name = ms_login_name(&s->login);
 	char what[64];
 	enum ms_route r;
 
-	if (s->user == NULL || s->pass == NULL || s->user[0] == '\0') {
-		wipe_login(s);
+	if (s->login.user == NULL || s->login.pass == NULL ||
+	    s->login.user[0] == '\0') {
+		ms_login_wipe(&s->login);
 		out(s, "535 5.7.8 Error: authentication failed\r\n");
 		return;
 	}
 	snprintf(what, sizeof(what), "smtp %llu", (unsigned long long)s->id);
-	switch (ms_gw_login_names_check(what, s->user, name)) {
+	switch (ms_gw_login_names_check(what, s->login.user, name)) {
 	case MS_GW_NAME_TOO_LONG:
-		wipe_login(s);
+		ms_login_wipe(&s->login);
 		out(s, "501 5.5.4 User name too long (at most "
 		    MS_STR(MS_GW_USER_MAX) " bytes)\r\n");
 		return;
 	case MS_GW_NAME_INVALID:
-		wipe_login(s);
+		ms_login_wipe(&s->login);
 		out(s, "535 5.7.8 Error: authentication failed (invalid "
 		    "characters in the user name)\r\n");
 		return;
 	}
-	r = ms_gateway_route(s->gw, name);
+	r = ms_gw_route(s->gw, name);
 	if (r == MS_ROUTE_DEFER) {
 		ms_info("smtp %llu: %s: submission deferred: mailbox being "
 			"moved", (unsigned long long)s->id, name);
-		wipe_login(s);
+		ms_login_wipe(&s->login);
 		out(s, "454 4.7.0 Temporary authentication failure, try again "
 		    "later\r\n");
 		return;
@@ -1191,20 +1131,6 @@ static void auth_start(struct smtp_session *s)
 		ms_retire_note("submission", name);
 	backend_close(s, 0);
 	backend_start(s, r == MS_ROUTE_DESTINATION);
-}
-
-/* "authzid NUL authcid NUL password" */
-static int sasl_plain_take(struct smtp_session *s, const char *b64)
-{
-	char *z, *c, *p;
-
-	if (ms_sasl_plain_parse(b64, &z, &c, &p) < 0)
-		return -1;
-	wipe_login(s);
-	s->authz = z;
-	s->user = c;
-	s->pass = p;
-	return 0;
 }
 
 static void cmd_auth(struct smtp_session *s, char *arg)
@@ -1216,7 +1142,7 @@ static void cmd_auth(struct smtp_session *s, char *arg)
 		return;
 	}
 	if (!auth_offered(s)) {
-		if (ms_gateway_tls(s->gw) != NULL)
+		if (ms_gw_tls(s->gw) != NULL)
 			out(s, "530 5.7.0 Must issue a STARTTLS command "
 			    "first\r\n");
 		else
@@ -1241,22 +1167,18 @@ static void cmd_auth(struct smtp_session *s, char *arg)
 			out(s, "334 \r\n");
 			return;
 		}
-		if (sasl_plain_take(s, ir) < 0) {
+		if (ms_login_take_plain(&s->login, ir) < 0) {
 			out(s, "501 5.5.2 Invalid base64 data\r\n");
 			return;
 		}
 		auth_start(s);
 	} else if (!strcasecmp(arg, "LOGIN")) {
-		wipe_login(s);
+		ms_login_wipe(&s->login);
 		if (ir != NULL && strcmp(ir, "=") != 0) {
-			unsigned char *raw;
-			size_t len;
-
-			if (ms_b64_decode(ir, &raw, &len) < 0) {
+			if (ms_login_decode_step(ir, &s->login.user) < 0) {
 				out(s, "501 5.5.2 Invalid base64 data\r\n");
 				return;
 			}
-			s->user = (char *)raw;
 			s->st = C_AUTH_PASS;
 			out(s, "334 UGFzc3dvcmQ6\r\n");
 			return;
@@ -1271,18 +1193,17 @@ static void cmd_auth(struct smtp_session *s, char *arg)
 /* A line of an AUTH exchange (base64, or "*" to cancel). */
 static void auth_line(struct smtp_session *s, const char *line)
 {
-	enum cstate st = s->st;
-	unsigned char *raw;
-	size_t len;
+	enum smtp_cstate st = s->st;
+	char *step;
 
 	s->st = C_CMD;
 	if (!strcmp(line, "*")) {
-		wipe_login(s);
+		ms_login_wipe(&s->login);
 		out(s, "501 5.7.0 Authentication aborted\r\n");
 		return;
 	}
 	if (st == C_AUTH_PLAIN) {
-		if (sasl_plain_take(s, line) < 0) {
+		if (ms_login_take_plain(&s->login, line) < 0) {
 			out(s, "501 5.5.2 Invalid base64 data\r\n");
 			return;
 		}
@@ -1290,30 +1211,23 @@ static void auth_line(struct smtp_session *s, const char *line)
 		return;
 	}
 	if (!strcmp(line, "=")) {
-		raw = (unsigned char *)strdup("");
-		len = 0;
-		if (raw == NULL)
+		/* RFC 4954: an empty response. */
+		step = strdup("");
+		if (step == NULL)
 			return;
-	} else if (ms_b64_decode(line, &raw, &len) < 0) {
-		wipe_login(s);
-		out(s, "501 5.5.2 Invalid base64 data\r\n");
-		return;
-	}
-	if (memchr(raw, '\0', len) != NULL) {
-		OPENSSL_cleanse(raw, len);
-		free(raw);
-		wipe_login(s);
+	} else if (ms_login_decode_step(line, &step) < 0) {
+		ms_login_wipe(&s->login);
 		out(s, "501 5.5.2 Invalid base64 data\r\n");
 		return;
 	}
 	if (st == C_AUTH_USER) {
-		wipe_login(s);
-		s->user = (char *)raw;
+		ms_login_wipe(&s->login);
+		s->login.user = step;
 		s->st = C_AUTH_PASS;
 		out(s, "334 UGFzc3dvcmQ6\r\n");
 		return;
 	}
-	s->pass = (char *)raw;
+	s->login.pass = step;
 	auth_start(s);
 }
 
@@ -1345,7 +1259,7 @@ static void command(struct smtp_session *s, char *line)
 			(unsigned long long)s->id, s->peer, JUNK_MAX);
 		out(s, "421 4.7.0 %s Error: too many commands without a "
 		    "message\r\n", ms_host_name());
-		session_close(s);
+		smtp_session_close(s);
 		return;
 	}
 	if (!strcasecmp(line, "EHLO"))
@@ -1367,7 +1281,7 @@ static void command(struct smtp_session *s, char *line)
 		out(s, "250 2.0.0 Ok\r\n");
 	else if (!strcasecmp(line, "QUIT")) {
 		out(s, "221 2.0.0 Bye\r\n");
-		session_close(s);
+		smtp_session_close(s);
 	} else if (!strcasecmp(line, "STARTTLS"))
 		cmd_starttls(s, arg);
 	else if (!strcasecmp(line, "AUTH"))
@@ -1434,13 +1348,14 @@ static size_t data_feed(struct smtp_session *s, const char *d, size_t len)
 			(unsigned long long)s->id, s->peer);
 		out(s, "521 5.5.2 %s Error: bare <CR> or <LF> received\r\n",
 		    ms_host_name());
-		session_close(s);
+		smtp_session_close(s);
 		return len;
 	}
 	if (s->st == C_DATA) {
-		relay_to(s, s->b, s->c, &s->c_paused, d, (size_t)n);
-		if (s->st == C_CLOSING)
+		if (ms_relay(s->b, s->c, &s->c_paused, d, (size_t)n) < 0) {
+			smtp_session_close(s);
 			return len;
+		}
 	}
 	if (!end)
 		return (size_t)n;
@@ -1454,7 +1369,7 @@ static size_t data_feed(struct smtp_session *s, const char *d, size_t len)
 	}
 	s->st = C_DATA_END;
 	s->bst = B_DOT;
-	timer_set(s, on_backend_timeout, DATA_END_TIMEOUT_MS);
+	timer_set(s, smtp_backend_on_timeout, DATA_END_TIMEOUT_MS);
 	return (size_t)n;
 }
 
@@ -1463,7 +1378,7 @@ static size_t data_feed(struct smtp_session *s, const char *d, size_t len)
 static int in_append(struct smtp_session *s, const char *data, size_t len)
 {
 	if (ms_secret_reserve(&s->in, &s->incap, s->inlen, s->inlen + len,
-			      4096, INBUF_MAX) < 0)
+			      4096, SMTP_INBUF_MAX) < 0)
 		return -1;
 	memcpy(s->in + s->inlen, data, len);
 	s->inlen += len;
@@ -1505,8 +1420,7 @@ static void client_process(struct smtp_session *s)
 		if (ms_conn_over_high(s->c)) {
 			/* Answers pile up unread: no more commands (nor
 			 * reading) until they drain. */
-			s->out_paused = 1;
-			client_pause_update(s);
+			ms_pause_set(s->c, &s->c_paused, MS_PAUSE_OUTPUT);
 			break;
 		}
 		lf = memchr(s->in, '\n', s->inlen);
@@ -1535,24 +1449,24 @@ static void client_process(struct smtp_session *s)
 	s->processing = 0;
 	if (s->st == C_CLOSING)
 		return;
-	if (s->in_paused && s->inlen < INBUF_PAUSE) {
-		s->in_paused = 0;
-		client_pause_update(s);
-	}
+	if (s->inlen < INBUF_PAUSE)
+		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_INPUT);
 	return;
 too_long:
 	s->processing = 0;
 	out(s, "500 5.5.2 Error: line too long\r\n");
-	session_close(s);
+	smtp_session_close(s);
 }
 
-static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
+static void smtp_client_on_read(struct ms_conn *conn, const char *data,
+				size_t len)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
 	switch (s->st) {
 	case C_RELAY:
-		relay_to(s, s->b, s->c, &s->c_paused, data, len);
+		if (ms_relay(s->b, s->c, &s->c_paused, data, len) < 0)
+			smtp_session_close(s);
 		return;
 	case C_STARTTLS:
 	case C_CONNECTING:
@@ -1584,44 +1498,38 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 	}
 	if (in_append(s, data, len) < 0) {
 		out(s, "421 4.3.0 %s Error: too much input\r\n", ms_host_name());
-		session_close(s);
+		smtp_session_close(s);
 		return;
 	}
 	client_process(s);
-	if (s->st != C_CLOSING && s->inlen >= INBUF_PAUSE && !s->in_paused) {
+	if (s->st != C_CLOSING && s->inlen >= INBUF_PAUSE)
 		/* Waiting for the MTA with a full buffer: stop reading. */
-		s->in_paused = 1;
-		client_pause_update(s);
-	}
+		ms_pause_set(s->c, &s->c_paused, MS_PAUSE_INPUT);
 }
 
-static void on_client_error(struct ms_conn *conn, const char *error)
+static void smtp_client_on_error(struct ms_conn *conn, const char *error)
 {
-	session_close(ms_conn_ctx(conn));
+	smtp_session_close(ms_conn_ctx(conn));
 }
 
-static void on_client_drain(struct ms_conn *conn)
+static void smtp_client_on_drain(struct ms_conn *conn)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
-	if (s->b_paused && s->b != NULL) {
-		s->b_paused = 0;
-		ms_conn_read_pause(s->b, 0);
-	}
-	if (s->out_paused) {
-		s->out_paused = 0;
-		client_pause_update(s);
+	ms_pause_clear(s->b, &s->b_paused, MS_PAUSE_WRITE);
+	if (s->c_paused & MS_PAUSE_OUTPUT) {
+		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_OUTPUT);
 		client_process(s);
 	}
 }
 
-static void on_client_connect(struct ms_conn *conn, int status,
-			      const char *error)
+static void smtp_client_on_connect(struct ms_conn *conn, int status,
+				   const char *error)
 {
 	struct smtp_session *s = ms_conn_ctx(conn);
 
 	if (status != 0) {
-		session_close(s);
+		smtp_session_close(s);
 		return;
 	}
 	ms_conn_peer_addr(conn, s->peer, sizeof(s->peer), &s->peer_port);
@@ -1630,16 +1538,16 @@ static void on_client_connect(struct ms_conn *conn, int status,
 	client_resume(s);
 }
 
-/* ---- the gateway's entry points ---- */
+/* ---- the front end, as the gateway reaches it (gw_route.h) ---- */
 
-void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
-		    const struct ms_gw_listen *cfg)
+static void smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
+			const struct ms_gw_listen *cfg, const void *arg)
 {
 	struct ms_conn_callbacks cb = {
-		.on_connect = on_client_connect,
-		.on_read = on_client_read,
-		.on_error = on_client_error,
-		.on_drain = on_client_drain,
+		.on_connect = smtp_client_on_connect,
+		.on_read = smtp_client_on_read,
+		.on_error = smtp_client_on_error,
+		.on_drain = smtp_client_on_drain,
 	};
 	struct smtp_session *s = calloc(1, sizeof(*s));
 	const char *why;
@@ -1656,20 +1564,20 @@ void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 	s->st = C_CONNECTING;
 	s->side = -1;
 	cb.ctx = s;
-	uv_timer_init(ms_gateway_loop(gw), &s->timer);
+	uv_timer_init(ms_gw_loop(gw), &s->timer);
 	s->timer.data = s;
-	if (ms_conn_accept(listener, cfg->implicit_tls ? ms_gateway_tls(gw) :
+	if (ms_conn_accept(listener, cfg->implicit_tls ? ms_gw_tls(gw) :
 			   NULL, &cb, &s->c) < 0) {
-		uv_close((uv_handle_t *)&s->timer, on_timer_close);
+		ms_close_free((uv_handle_t *)&s->timer, s);
 		return;
 	}
 	ms_conn_peer_addr(s->c, s->peer, sizeof(s->peer), &s->peer_port);
-	if (ms_gateway_admit(gw, s->peer, &why) < 0) {
+	if (ms_gw_admit(gw, s->peer, &why) < 0) {
 		/* Said in plaintext only: a TLS client is just closed. */
 		if (!cfg->implicit_tls)
 			out(s, "421 4.7.0 %s\r\n", why);
 		ms_conn_close(&s->c);
-		uv_close((uv_handle_t *)&s->timer, on_timer_close);
+		ms_close_free((uv_handle_t *)&s->timer, s);
 		return;
 	}
 	s->admitted = 1;
@@ -1681,17 +1589,17 @@ void ms_smtp_accept(struct ms_gateway *gw, uv_stream_t *listener,
 	if (s->proto == MS_GW_SUBMISSION)
 		ms_conn_set_wipe(s->c, 1);
 	/* A client that never finishes its TLS handshake. */
-	timer_set(s, on_idle_timeout, IDLE_TIMEOUT_MS);
+	timer_set(s, smtp_client_on_idle, IDLE_TIMEOUT_MS);
 	s->next = sessions;
 	if (s->next != NULL)
 		s->next->prev = s;
 	sessions = s;
 }
 
-void ms_smtp_sessions(struct ms_gateway *gw, json_t *array)
+static void smtp_sessions(struct ms_gateway *gw, json_t *array)
 {
 	for (struct smtp_session *s = sessions; s != NULL; s = s->next) {
-		json_t *o;
+		struct ms_gw_session_row row;
 		const char *state;
 
 		if (s->gw != gw)
@@ -1714,22 +1622,20 @@ void ms_smtp_sessions(struct ms_gateway *gw, json_t *array)
 				s->mail != NULL ? "transaction" : "command";
 			break;
 		}
-		o = json_object();
-		json_object_set_new(o, "id", json_integer((json_int_t)s->id));
-		json_object_set_new(o, "user", s->auth_user != NULL ?
-				    json_string(s->auth_user) : json_null());
-		json_object_set_new(o, "proto", json_string(
-			s->proto == MS_GW_SMTP ? "smtp" : "submission"));
-		json_object_set_new(o, "client", json_string(s->peer));
-		json_object_set_new(o, "local", ms_json_addr(s->local,
-							     s->local_port));
-		json_object_set_new(o, "server", json_string(
-			s->b != NULL ? (s->b_side ? "destination" : "source") :
-			"-"));
-		json_object_set_new(o, "state", json_string(state));
-		json_object_set_new(o, "tls", json_boolean(s->tls));
-		json_object_set_new(o, "since", json_integer(s->since));
-		json_array_append_new(array, o);
+		row = (struct ms_gw_session_row){
+			.id = s->id,
+			.user = s->auth_user,
+			.proto = s->proto == MS_GW_SMTP ? "smtp" : "submission",
+			.client = s->peer,
+			.local = s->local,
+			.local_port = s->local_port,
+			.server = s->b == NULL ? "-" :
+				  s->b_side ? "destination" : "source",
+			.state = state,
+			.tls = s->tls,
+			.since = s->since,
+		};
+		json_array_append_new(array, ms_gw_session_json(&row));
 	}
 }
 
@@ -1748,19 +1654,30 @@ static int end_sessions(struct ms_gateway *gw, const char *user,
 			continue;
 		if (s->st != C_RELAY)
 			out(s, "421 %s %s %s\r\n", code, ms_host_name(), why);
-		session_close(s);
+		smtp_session_close(s);
 		n++;
 	}
 	return n;
 }
 
-void ms_smtp_close_all(struct ms_gateway *gw)
+static void smtp_close_all(struct ms_gateway *gw)
 {
 	end_sessions(gw, NULL, "4.3.2", "Service shutting down");
 }
 
-int ms_smtp_kick(struct ms_gateway *gw, const char *user)
+/* Submission sessions do not touch the mailbox: a cutover neither waits
+ * for them nor ends them; the operator's kick does. */
+static int smtp_kick(struct ms_gateway *gw, const char *user)
 {
 	return end_sessions(gw, user, "4.7.0", "Administrator ended this "
 			    "session");
 }
+
+const struct ms_gw_frontend ms_gw_smtp_frontend = {
+	.name = "smtp",
+	.protos = 1 << MS_GW_SMTP | 1 << MS_GW_SUBMISSION,
+	.accept = smtp_accept,
+	.sessions = smtp_sessions,
+	.kick = smtp_kick,
+	.close_all = smtp_close_all,
+};

@@ -666,19 +666,33 @@ static int moves_note(struct ms_store *s, int64_t user_id, const char *state)
 	return 0;
 }
 
+const char *const ms_user_state_names[MS_USER_NSTATES] = {
+	[MS_USER_SOURCE] = "source",
+	[MS_USER_COPYING] = "copying",
+	[MS_USER_CUTOVER] = "cutover",
+	[MS_USER_DESTINATION] = "destination",
+	[MS_USER_FAILED] = "failed",
+};
+
+int ms_user_state_parse(const char *s)
+{
+	for (int i = 0; i < MS_USER_NSTATES; i++)
+		if (strcmp(s, ms_user_state_names[i]) == 0)
+			return i;
+	return -1;
+}
+
+int ms_user_in(const struct ms_user_info *u, enum ms_user_state st)
+{
+	return strcmp(u->state, ms_user_state_names[st]) == 0;
+}
+
 int ms_store_user_set_state(struct ms_store *store, int64_t user_id,
 			    const char *state, const char *last_error)
 {
-	static const char *const states[] = {
-		"source", "copying", "cutover", "destination", "failed",
-	};
 	sqlite3_stmt *st = store->st[ST_USER_SET_STATE];
-	size_t i;
 
-	for (i = 0; i < sizeof(states) / sizeof(states[0]); i++)
-		if (state != NULL && strcmp(state, states[i]) == 0)
-			break;
-	if (i == sizeof(states) / sizeof(states[0]))
+	if (state == NULL || ms_user_state_parse(state) < 0)
 		return set_error(store, "invalid user state \"%s\"",
 				 state ? state : "(null)");
 

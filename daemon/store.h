@@ -21,8 +21,22 @@ int ms_store_begin(struct ms_store *store);
 int ms_store_commit(struct ms_store *store);
 int ms_store_rollback(struct ms_store *store);
 
-/* Users. state is one of "source", "copying", "cutover", "destination",
- * "failed"; a new user starts in "source". */
+/* A user's state (docs/design.md, "A user's life"). Its name, in the
+ * store, the control socket's replies and the metrics, is the one in
+ * ms_user_state_names; a new user starts in source. */
+enum ms_user_state {
+	MS_USER_SOURCE,
+	MS_USER_COPYING,
+	MS_USER_CUTOVER,
+	MS_USER_DESTINATION,
+	MS_USER_FAILED,
+	MS_USER_NSTATES
+};
+extern const char *const ms_user_state_names[MS_USER_NSTATES];
+/* The state s names, or -1. */
+int ms_user_state_parse(const char *s);
+
+/* Users. state is one of ms_user_state_names. */
 int ms_store_user_get(struct ms_store *store, const char *name,
 		      int64_t *user_id_r);	/* creates it when missing */
 int ms_store_user_set_state(struct ms_store *store, int64_t user_id,
@@ -40,6 +54,9 @@ struct ms_user_info {
 	uint64_t msgs, bytes;		/* copied so far */
 	int64_t updated_at;
 };
+
+/* Whether u is in state st. */
+int ms_user_in(const struct ms_user_info *u, enum ms_user_state st);
 
 /* Looks a user up without creating it: 0 and *found_r = 0/1. */
 int ms_store_user_info(struct ms_store *store, const char *name,

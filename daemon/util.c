@@ -20,6 +20,14 @@ void ms_secret_free(char **s)
 	}
 }
 
+void ms_secret_buf_free(char **buf, size_t size)
+{
+	if (*buf != NULL)
+		OPENSSL_cleanse(*buf, size);
+	free(*buf);
+	*buf = NULL;
+}
+
 int ms_secret_reserve(char **buf, size_t *cap, size_t used, size_t need,
 		      size_t min, size_t max)
 {
@@ -177,6 +185,15 @@ void ms_u32vec_free(struct ms_u32vec *vec)
 	free(vec->v);
 	vec->v = NULL;
 	vec->n = vec->cap = 0;
+}
+
+unsigned int ms_str_hash(const char *s)
+{
+	unsigned int h = 5381;
+
+	while (*s != '\0')
+		h = h * 33 + (unsigned char)*s++;
+	return h;
 }
 
 const char *ms_host_name(void)

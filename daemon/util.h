@@ -11,6 +11,9 @@
 
 /* Wipes and frees a NUL-terminated secret; sets *s to NULL. */
 void ms_secret_free(char **s);
+/* Wipes the size bytes of *buf (a buffer that may hold a password), frees
+ * it, sets *buf to NULL. Accepts *buf == NULL. */
+void ms_secret_buf_free(char **buf, size_t size);
 
 /* Makes *buf (of *cap bytes, the first used of them in use) hold at least
  * need bytes, at most max: grown by doubling from min; the old buffer is
@@ -71,5 +74,8 @@ const char *ms_user_name_check(const char *name);
 
 /* This machine's name (gethostname), "mailshift" when it has none. */
 const char *ms_host_name(void);
+
+/* The hash of a string for the daemon's tables (djb2: h * 33 + c). */
+unsigned int ms_str_hash(const char *s);
 
 #endif

@@ -21,6 +21,7 @@
 
 #include "config.h"
 #include "dconfig.h"
+#include "gw_route.h"
 #include "mover.h"
 #include "steer.h"
 #include "store.h"

@@ -755,6 +755,54 @@ def test_long_user_names(hgw, henv):
     assert not problems, 'a user name of 300 bytes:\n' + '\n'.join(problems)
 
 
+def test_nul_in_sasl_login_refused(hgw, henv):
+    """A NUL byte in a SASL LOGIN name or password (IMAP AUTHENTICATE LOGIN,
+    submission AUTH LOGIN, with or without an initial response) is refused
+    by every front end alike, never cut: no login reaches a server."""
+    gw = hgw(tls=True, submission=True)
+    mark = 'nul-%s' % token()
+    b64 = lambda b: base64.b64encode(b)
+    name, pw = mark.encode(), WRONG_PW.encode()
+    dovecot_log = size(henv.src.log_path)
+    problems = []
+
+    s, _ = dial(gw.imap_port, '127.0.3.4')
+    for tag, steps in ((b'a', [name + b'\0x']),
+                       (b'b', [name, pw + b'\0x'])):
+        s.sendall(tag + b' AUTHENTICATE LOGIN\r\n')
+        r = read_line(s)
+        for step in steps:
+            if not r.startswith(b'+'):
+                break
+            s.sendall(b64(step) + b'\r\n')
+            r = read_line(s)
+        if not r.startswith(tag + b' BAD Invalid characters'):
+            problems.append('IMAP AUTHENTICATE LOGIN %r: %r' % (steps, r))
+    s.close()
+
+    c = smtplib.SMTP_SSL('127.0.0.1', gw.submissions_port, timeout=30,
+                         source_address=('127.0.3.5', 0),
+                         context=gw.tls_ca.ssl_context())
+    c.ehlo('laptop')
+    code, text = c.docmd('AUTH', 'LOGIN ' + b64(name + b'\0x').decode())
+    if code != 501:
+        problems.append('submission AUTH LOGIN IR: %d %r' % (code, text))
+    code, text = c.docmd('AUTH', 'LOGIN')
+    if code == 334:
+        code, text = c.docmd(b64(name).decode())
+    if code == 334:
+        code, text = c.docmd(b64(pw + b'\0x').decode())
+    if code != 501:
+        problems.append('submission AUTH LOGIN password: %d %r' %
+                        (code, text))
+    c.close()
+
+    if mark in log_since(henv.src.log_path, dovecot_log):
+        problems.append('the source Dovecot saw a login of %s' % mark)
+    alive_or_fail(gw, 'NUL bytes in SASL LOGIN')
+    assert not problems, 'NUL in a SASL LOGIN:\n' + '\n'.join(problems)
+
+
 def flood(port, src, payload, stop, results, rcvbuf=None, socks=None):
     """A client that sends payload (pipelined commands) as fast as the
     gateway takes it and never reads. Once it has sent all, been closed, or

@@ -17,6 +17,7 @@
 
 #include "dconfig.h"
 #include "gateway.h"
+#include "gw_route.h"
 #include "store.h"
 
 static char dir[] = "/tmp/ms-limits-test.XXXXXX";
@@ -64,7 +65,7 @@ static void admit_n(struct gw *g, const char *addr, unsigned int n)
 	const char *why = NULL;
 
 	for (unsigned int i = 0; i < n; i++)
-		if (ms_gateway_admit(g->gw, addr, &why) < 0)
+		if (ms_gw_admit(g->gw, addr, &why) < 0)
 			fail_msg("connection %u from %s refused: %s", i + 1,
 				 addr, why);
 }
@@ -73,7 +74,7 @@ static void refused(struct gw *g, const char *addr, const char *want)
 {
 	const char *why = NULL;
 
-	assert_int_equal(ms_gateway_admit(g->gw, addr, &why), -1);
+	assert_int_equal(ms_gw_admit(g->gw, addr, &why), -1);
 	assert_non_null(why);
 	assert_string_equal(why, want);
 }
@@ -89,7 +90,7 @@ static void default_limits(void **state)
 	refused(&g, "192.0.2.1", "Too many connections from your address.");
 	admit_n(&g, "192.0.2.2", 1);
 	/* One place freed: that address is welcome again. */
-	ms_gateway_unadmit(g.gw, "192.0.2.1");
+	ms_gw_unadmit(g.gw, "192.0.2.1");
 	admit_n(&g, "192.0.2.1", 1);
 	/* The loopback is trusted: past 100 from one address. */
 	admit_n(&g, "127.0.0.1", 150);
@@ -129,27 +130,27 @@ static void plaintext_logins(void **state)
 	struct gw g;
 
 	gw_new(&g, "");
-	assert_true(ms_gateway_plaintext_ok(g.gw, "127.0.0.1"));
-	assert_true(ms_gateway_plaintext_ok(g.gw, "127.3.4.5"));
-	assert_true(ms_gateway_plaintext_ok(g.gw, "::1"));
-	assert_false(ms_gateway_plaintext_ok(g.gw, "192.0.2.1"));
-	assert_false(ms_gateway_plaintext_ok(g.gw, "2001:db8::1"));
+	assert_true(ms_gw_plaintext_ok(g.gw, "127.0.0.1"));
+	assert_true(ms_gw_plaintext_ok(g.gw, "127.3.4.5"));
+	assert_true(ms_gw_plaintext_ok(g.gw, "::1"));
+	assert_false(ms_gw_plaintext_ok(g.gw, "192.0.2.1"));
+	assert_false(ms_gw_plaintext_ok(g.gw, "2001:db8::1"));
 	gw_free(&g);
 
 	gw_new(&g, "trusted_networks =\n");
-	assert_false(ms_gateway_plaintext_ok(g.gw, "127.0.0.1"));
-	assert_false(ms_gateway_plaintext_ok(g.gw, "::1"));
+	assert_false(ms_gw_plaintext_ok(g.gw, "127.0.0.1"));
+	assert_false(ms_gw_plaintext_ok(g.gw, "::1"));
 	gw_free(&g);
 
 	gw_new(&g, "trusted_networks = 192.0.2.0/24\nplaintext_auth = yes\n");
-	assert_true(ms_gateway_plaintext_ok(g.gw, "198.51.100.1"));
-	assert_true(ms_gateway_plaintext_ok(g.gw, "127.0.0.1"));
+	assert_true(ms_gw_plaintext_ok(g.gw, "198.51.100.1"));
+	assert_true(ms_gw_plaintext_ok(g.gw, "127.0.0.1"));
 	gw_free(&g);
 
 	gw_new(&g, "trusted_networks = 192.0.2.0/24\n");
-	assert_true(ms_gateway_plaintext_ok(g.gw, "192.0.2.200"));
-	assert_false(ms_gateway_plaintext_ok(g.gw, "192.0.3.1"));
-	assert_false(ms_gateway_plaintext_ok(g.gw, "127.0.0.1"));
+	assert_true(ms_gw_plaintext_ok(g.gw, "192.0.2.200"));
+	assert_false(ms_gw_plaintext_ok(g.gw, "192.0.3.1"));
+	assert_false(ms_gw_plaintext_ok(g.gw, "127.0.0.1"));
 	gw_free(&g);
 }
 

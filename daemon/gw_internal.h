@@ -1,0 +1,244 @@
+/* What the gateway's own files share: struct ms_gateway, a session
+ * (struct session: IMAP and POP3 alike), a user (struct guser), and the
+ * functions these files call in each other. For gateway.c, gw_session.c,
+ * gw_imap.c, gw_pop3.c, lifecycle.c, gw_admit.c and metrics.c only: the
+ * daemon sees gateway.h, the SMTP front end gw_route.h, never this.
+ */
+#ifndef MS_GW_INTERNAL_H
+#define MS_GW_INTERNAL_H
+
+#include <stdint.h>
+#include <time.h>
+
+#include <jansson.h>
+#include <uv.h>
+
+#include "caps.h"
+#include "gateway.h"
+#include "gw_login.h"
+#include "gw_route.h"
+#include "mover.h"
+#include "net.h"
+#include "store.h"
+
+#define GW_INBUF_MAX 8192	/* pre-login command line, literals
+				   included; more buffered than this:
+				   not read */
+/* What may be buffered at all: GW_INBUF_MAX, then one read (net.c reads at
+ * most 64 KiB at a time) before reading stops. */
+#define GW_INBUF_HARD (GW_INBUF_MAX + 64 * 1024 + 16 * 1024)
+#define GW_ARG_MAX 8
+#define GW_LITERAL_MAX 4096	/* a pre-login literal (user, password) */
+#define GW_BAD_MAX 10		/* bad pre-login commands: we hang up */
+#define INPROGRESS_MS (10 * 1000)
+#define USER_BUCKETS 1024
+
+enum gw_sstate {
+	SS_PRELOGIN,
+	SS_AUTH_PLAIN,		/* waiting for the SASL PLAIN response */
+	SS_AUTH_USER,		/* AUTHENTICATE LOGIN: waiting for the name */
+	SS_AUTH_PASS,		/* ... and the password */
+	SS_STARTTLS,
+	SS_BACKEND,		/* connecting and logging in at the server */
+	SS_HELD,		/* waiting for the user's flip */
+	SS_HELD_PENALTY,	/* a failed login's reply, delayed */
+	SS_RELAY,
+	SS_CLOSING,
+};
+
+enum gw_bstate { BS_GREETING, BS_STARTTLS, BS_LOGIN, BS_LOGIN_CONT };
+
+struct guser;
+struct session;
+
+/* What differs between IMAP and POP3 in a session: the session code
+ * reaches the protocol through this table, never by name. */
+struct gw_proto {
+	/* The greeting, once the client is connected. */
+	void (*greet)(struct session *s);
+	/* Works through the pre-login commands buffered in s->in. */
+	void (*process)(struct session *s);
+	/* Sends the login (SASL PLAIN) to the greeted server; -1 when out
+	 * of memory. */
+	int (*send_login)(struct session *s);
+	/* A line of the server's during login: see backend_line(). */
+	int (*backend_line)(struct session *s, char *line);
+	/* The relay's filter (POP3 UIDLs), when s->ur is set. */
+	void (*relay_client)(struct session *s, const char *data, size_t len);
+	int (*relay_server)(struct session *s, const char *data, size_t len);
+	void (*relay_free)(struct session *s);
+};
+
+struct session {
+	struct session *next, *prev;
+	struct ms_gateway *gw;
+	uint64_t id;
+	enum ms_gw_proto proto;
+	const struct gw_proto *pr;	/* proto's table */
+	enum gw_sstate st;
+	struct ms_conn *c, *b;
+	int tls;			/* client side is TLS now */
+	char peer[64], local[64];
+	uint16_t peer_port, local_port;
+	time_t since;
+
+	/* pre-login input */
+	char *in;
+	size_t inlen, incap;
+	int processing;			/* in gw_prelogin_process() */
+	unsigned int ncmds;		/* commands before login */
+	uint64_t born_ms;		/* uv_now() at accept */
+	char *argv[GW_ARG_MAX];
+	unsigned int argc;
+	size_t lit_need;		/* literal bytes still to come */
+	unsigned int bad;
+	char tag[256];
+
+	struct ms_login login;		/* captured (wiped when done with) */
+
+	/* backend */
+	enum gw_bstate bst;
+	const struct ms_server_cfg *server;
+	int to_dst;
+	int verify_only;		/* hold: check the password, then wait */
+	char *bin;
+	size_t binlen;
+	int b_sasl_ir;
+	int b_xclient;			/* POP3: XCLIENT offered in the greeting;
+					   then: its answer still due */
+	int counted;			/* counted in gu->sessions */
+
+	struct guser *gu;
+	uv_timer_t timer;		/* one at a time; its close frees us */
+	int admitted;			/* counted by ms_gw_admit() */
+	uint64_t held_since;
+	int c_paused, b_paused;		/* MS_PAUSE_* bits (gw_login.h) */
+	char *penalty_reply;
+	/* POP3 to the destination, of a user whose INBOX was copied: the
+	 * source's UIDLs put back (NULL for every other session) */
+	struct uidl_relay *ur;
+};
+
+struct guser {
+	struct guser *next;
+	char name[256];
+	unsigned int sessions;
+	int copying;			/* a mover job runs for the user */
+	int cutover;			/* the running job is the last delta */
+	int flip_pending;		/* verified; flip at the last log-off */
+	int touched;			/* a session used the source while the
+					   copy ran: a last delta is needed */
+	int force;			/* the operator asked: end the user's
+					   sessions (BYE) once verified */
+	int resume;			/* gw_recover(): copy interrupted by a
+					   crash, to be started again */
+	int rollback;			/* the cutover runs back to the source */
+	char *pw;			/* captured password, for the copies */
+	uv_timer_t *grace;		/* cutover: waiting before the delta */
+	struct ms_gateway *gw;
+};
+
+#define ADDR_BUCKETS 1024	/* per-address counts (gw_admit.c) */
+
+struct ms_gateway {
+	uv_loop_t *loop;
+	struct ms_gw_config cfg;
+	struct ms_store *store;
+	struct ms_tls_server *tls;
+	struct listener *listeners[MS_GW_MAX_LISTEN];
+	unsigned int nlisteners;
+	struct session *sessions;
+	uint64_t next_id;
+	struct guser *users[USER_BUCKETS];
+	struct ms_mover *mover;
+	unsigned int copies;		/* mover jobs running */
+	uv_timer_t *sweep_timer;
+	uint64_t sweep_next_ms;		/* rate: no new sweep start before */
+	uint64_t sweeps;		/* passes that looked for users */
+	int sweep_outside;		/* its last look was outside the window */
+	uint64_t logins_ok, logins_failed;
+	uv_tcp_t *metrics;
+	unsigned int mclients;
+	struct mclient *mlist, *mlist_tail;	/* newest first */
+	struct mcount_ctx {
+		uint64_t states[MS_USER_NSTATES];
+		uint64_t msgs, bytes;
+	} mcache;			/* the users' counts ... */
+	uint64_t mcache_ms;		/* ... as of then (0: never) */
+	struct penalty *penalties;
+	struct addr_count *per_addr[ADDR_BUCKETS];	/* connections */
+	unsigned int nconns;
+	struct ms_caps *caps;		/* advertised before login */
+	/* The config file's policies; cfg's are these with the overrides
+	 * set at run time (kept in the store) applied. */
+	enum ms_policy conf_policy;
+	unsigned int conf_ndomains;
+	__typeof__(((struct ms_gw_config *)0)->domains) conf_domains;
+	json_t *policy_set;		/* {scope: policy} from the store */
+};
+
+/* A reply to the client (nothing once the client is gone). */
+#define out(s, ...) \
+	do { \
+		if ((s)->c != NULL) \
+			ms_conn_printf((s)->c, __VA_ARGS__); \
+	} while (0)
+
+/* A line from the server during login (gw_proto's backend_line). Returns
+ * 0 to go on reading, 1 when the session left the login phase (failed),
+ * 2 when the login was accepted (the rest of the input belongs to the
+ * relay), -1 when a hold's password check succeeded, GW_TLS_STARTED when
+ * the STARTTLS handshake began: nothing may follow the go-ahead in
+ * plaintext. */
+#define GW_TLS_STARTED 3
+
+/* ---- gw_session.c: IMAP and POP3 sessions ---- */
+
+void gw_clear_args(struct session *s);
+void gw_timer_stop(struct session *s);
+void gw_timer_start(struct session *s, uv_timer_cb cb, uint64_t ms,
+		    uint64_t repeat);
+void gw_session_close(struct session *s);
+void gw_backend_fail(struct session *s, const char *why);
+void gw_backend_greeted(struct session *s, const char *starttls);
+void gw_backend_on_tls(struct ms_conn *conn, int status,
+		       const char *error);
+void gw_login_failed(struct session *s, const char *reply);
+void gw_backend_connect(struct session *s, int to_dst, int verify_only);
+/* A login answered as refused ("TAG NO [IMAP_CODE] TEXT", "-ERR
+ * [POP3_CODE] TEXT") and wiped. */
+void gw_login_refuse(struct session *s, const char *imap_code,
+		     const char *pop3_code, const char *text);
+int gw_plaintext_refused(struct session *s);
+void gw_login_start(struct session *s);
+void gw_client_on_tls(struct ms_conn *conn, int status,
+		      const char *error);
+int gw_prelogin_reading(const struct session *s);
+int gw_too_many_commands(struct session *s);
+void gw_line_too_long(struct session *s);
+void gw_prelogin_timer(struct session *s);
+void gw_session_accept(struct ms_gateway *gw, uv_stream_t *server,
+		       const struct ms_gw_listen *cfg, const void *arg);
+int gw_sessions_kick(struct ms_gateway *gw, const char *user);
+
+/* ---- lifecycle.c: each user's life ---- */
+
+struct guser *gw_user_find(struct ms_gateway *gw, const char *name);
+void gw_cutover_begin(struct ms_gateway *gw, struct guser *gu);
+void gw_hold(struct session *s);
+void gw_route_login(struct session *s);
+int gw_login_accepted(struct session *s);
+int gw_policies_load(struct ms_gateway *gw, char *err, size_t errsz);
+void gw_lifecycle_start(struct ms_gateway *gw);
+void gw_lifecycle_free(struct ms_gateway *gw);
+
+/* ---- gw_admit.c: admission ---- */
+
+/* The per-address counts (at stop). */
+void gw_admit_free(struct ms_gateway *gw);
+
+/* ---- metrics.c: the Prometheus endpoint ---- */
+
+int gw_metrics_start(struct ms_gateway *gw, char *err, size_t errsz);
+
+#endif

@@ -1,0 +1,904 @@
+/* Each user's life, as the gateway runs it: where a login goes now
+ * (routing by state and policy), held logins, the copy started on a first
+ * login, the flip at the last log-off, the cutover, the rollback, recovery
+ * at start, the sweep of users who never log in; the policies. See
+ * docs/design.md.
+ *
+ * Per user (struct guser) we count open sessions, hold logins while the
+ * user is being flipped, and keep the captured password in memory only for
+ * as long as a copy needs it.
+ *
+ * It reaches a session only to route it, hold it, release it or end it
+ * (gw_session.c); it speaks no protocol and holds no connection.
+ */
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "gw_internal.h"
+#include "log.h"
+#include "testhook.h"
+
+static void rollback_start(struct ms_gateway *gw, struct guser *gu);
+
+/* ---- policies and users ---- */
+
+const char *ms_policy_name(enum ms_policy p)
+{
+	return p == MS_POLICY_HOLD ? "hold" : p == MS_POLICY_OFF ? "off" :
+	       "passthrough";
+}
+
+int ms_policy_parse(const char *s, enum ms_policy *p)
+{
+	if (!strcmp(s, "passthrough"))
+		*p = MS_POLICY_PASSTHROUGH;
+	else if (!strcmp(s, "hold"))
+		*p = MS_POLICY_HOLD;
+	else if (!strcmp(s, "off"))
+		*p = MS_POLICY_OFF;
+	else
+		return -1;
+	return 0;
+}
+
+static struct guser *gw_user_get(struct ms_gateway *gw, const char *name)
+{
+	unsigned int h = ms_str_hash(name) % USER_BUCKETS;
+	struct guser *gu;
+
+	for (gu = gw->users[h]; gu != NULL; gu = gu->next)
+		if (strcmp(gu->name, name) == 0)
+			return gu;
+	gu = calloc(1, sizeof(*gu));
+	if (gu == NULL)
+		return NULL;
+	snprintf(gu->name, sizeof(gu->name), "%s", name);
+	gu->next = gw->users[h];
+	gw->users[h] = gu;
+	return gu;
+}
+
+struct guser *gw_user_find(struct ms_gateway *gw, const char *name)
+{
+	for (struct guser *gu = gw->users[ms_str_hash(name) % USER_BUCKETS];
+	     gu != NULL; gu = gu->next)
+		if (strcmp(gu->name, name) == 0)
+			return gu;
+	return NULL;
+}
+
+static enum ms_policy user_policy(struct ms_gateway *gw,
+				  const struct ms_user_info *info)
+{
+	enum ms_policy p = gw->cfg.policy;
+	const char *at = strrchr(info->name, '@');
+
+	if (info->policy[0] != '\0' && ms_policy_parse(info->policy, &p) == 0)
+		return p;
+	for (unsigned int i = 0; at != NULL && i < gw->cfg.ndomains; i++)
+		if (strcasecmp(gw->cfg.domains[i].domain, at + 1) == 0)
+			return gw->cfg.domains[i].policy;
+	return gw->cfg.policy;
+}
+
+/* The user's row, or what an unknown user would get (on the source, the
+ * default policy): nothing is written. */
+static int user_lookup(struct ms_gateway *gw, const char *name,
+		       struct ms_user_info *info)
+{
+	int found = 0;
+
+	if (ms_store_user_info(gw->store, name, info, &found) < 0)
+		return -1;
+	if (!found) {
+		memset(info, 0, sizeof(*info));
+		snprintf(info->name, sizeof(info->name), "%s", name);
+		snprintf(info->state, sizeof(info->state), "%s",
+			 ms_user_state_names[MS_USER_SOURCE]);
+	}
+	return 0;
+}
+
+/* The user's row, added when the user is unknown (on the source). Only
+ * for users a server accepted, or the operator named. */
+static int user_state(struct ms_gateway *gw, const char *name,
+		      struct ms_user_info *info)
+{
+	int64_t id;
+
+	if (ms_store_user_get(gw->store, name, &id) < 0)
+		return -1;
+	return user_lookup(gw, name, info);
+}
+
+static void set_state(struct ms_gateway *gw, const char *name,
+		      enum ms_user_state state, const char *error)
+{
+	int64_t id;
+
+	if (ms_store_user_get(gw->store, name, &id) < 0 ||
+	    ms_store_user_set_state(gw->store, id, ms_user_state_names[state],
+				    error) < 0)
+		ms_log(MS_LOG_ERROR, "%s: store: %s", name,
+		       ms_store_error(gw->store));
+	else
+		ms_info("%s: state %s", name, ms_user_state_names[state]);
+}
+
+/* ---- routing and a user's life ---- */
+
+static void held_release(struct ms_gateway *gw, struct guser *gu)
+{
+	for (struct session *s = gw->sessions, *next; s != NULL; s = next) {
+		next = s->next;
+		/* A session without gu: held for a user found in cutover in
+		 * the store, whose password no server has checked yet. */
+		if (s->st == SS_HELD && (s->gu == gu || (s->gu == NULL &&
+		    !strcmp(ms_login_name(&s->login), gu->name))))
+			gw_route_login(s);
+	}
+}
+
+/* A mover job of the user's ended: the user, or NULL when unknown. */
+static struct guser *job_ended(struct ms_gateway *gw, const char *user)
+{
+	struct guser *gu = gw_user_find(gw, user);
+
+	gw->copies--;
+	if (gu != NULL)
+		gu->copying = 0;
+	return gu;
+}
+
+static void on_copy_done(const struct ms_user_report *rep, void *ctx)
+{
+	struct ms_gateway *gw = ctx;
+	struct guser *gu = job_ended(gw, rep->user);
+
+	if (gu == NULL)
+		return;
+	if (!rep->ok) {
+		ms_warn("%s: copy failed: %s", gu->name,
+			rep->error != NULL ? rep->error : "?");
+		gu->cutover = 0;
+		gu->flip_pending = 0;
+		set_state(gw, gu->name, MS_USER_FAILED, rep->error);
+		ms_secret_free(&gu->pw);
+		held_release(gw, gu);
+		return;
+	}
+	ms_info("%s: copy verified: %llu messages, %llu bytes copied",
+		gu->name, (unsigned long long)rep->copied,
+		(unsigned long long)rep->bytes);
+	if (!gu->cutover && gu->sessions == 0 && gu->touched) {
+		/* The user worked on the source while this copy ran and has
+		 * logged off since: a last delta, with nobody on the
+		 * source, before the flip. */
+		gw_cutover_begin(gw, gu);
+		return;
+	}
+	if (gu->cutover || gu->sessions == 0) {
+		/* Verified with no session open (a last delta, or a copy
+		 * nobody touched the source during): the map flips; held
+		 * logins go on. */
+		gu->cutover = 0;
+		gu->flip_pending = 0;
+		ms_secret_free(&gu->pw);
+		MS_CRASH_POINT("cutover.flip-before");
+		set_state(gw, gu->name, MS_USER_DESTINATION, NULL);
+		MS_CRASH_POINT("cutover.flip-after");
+		held_release(gw, gu);
+		return;
+	}
+	/* Sessions are open on the source: flip when the last one ends. */
+	set_state(gw, gu->name, MS_USER_COPYING, NULL);
+	gu->flip_pending = 1;
+	held_release(gw, gu);
+	if (gu->force) {
+		/* The operator wants it now: end the sessions; the last one
+		 * to go starts the cutover. */
+		gu->force = 0;
+		gw_sessions_kick(gw, gu->name);
+	}
+}
+
+static int gw_have_admin(const struct ms_gateway *gw)
+{
+	return gw->cfg.src_admin != NULL && gw->cfg.dst_admin != NULL;
+}
+
+static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
+{
+	if (gu->copying || gw->mover == NULL ||
+	    (gu->pw == NULL && !gw_have_admin(gw)))
+		return;
+	gu->copying = 1;
+	gw->copies++;
+	gu->touched = gu->sessions > 0;
+	/* A side with an admin login uses it (the user's own password is
+	 * not the admin's); the other side the captured password. */
+	if (ms_mover_add_user(gw->mover, gu->name,
+			      gw->cfg.src_admin != NULL ? NULL : gu->pw,
+			      gw->cfg.dst_admin != NULL ? NULL : gu->pw,
+			      on_copy_done, gw) < 0) {
+		gu->copying = 0;
+		gw->copies--;
+		set_state(gw, gu->name, MS_USER_FAILED,
+			  "cannot start the copy");
+		return;
+	}
+	ms_info("%s: copy started%s", gu->name, gu->cutover ?
+		" (the last delta)" : "");
+	if (gu->cutover)
+		set_state(gw, gu->name, MS_USER_CUTOVER, NULL);
+}
+
+/* Cutover: from now on logins are held and inbound mail for the user is
+ * deferred (451). The source's MTA gets a moment to deliver what it took
+ * before the deferrals began; then the last delta runs. */
+#define CUTOVER_GRACE_MS 2000
+
+/* In the store's last_error of a user in cutover: the cutover runs back to
+ * the source (a crash in it is told apart at the next start). */
+#define ROLLBACK_MARK "rolling back to the source"
+
+/* The grace is over: the last delta, or the rollback's reverse delta. */
+static void grace_over(struct ms_gateway *gw, struct guser *gu)
+{
+	if (gu->rollback)
+		rollback_start(gw, gu);
+	else
+		user_copy_start(gw, gu);
+}
+
+static void on_grace(uv_timer_t *t)
+{
+	struct guser *gu = t->data;
+
+	ms_close_free((uv_handle_t *)t, t);
+	gu->grace = NULL;
+	/* Logins held, sessions ended, mail deferred; no delta begun. */
+	MS_CRASH_POINT(gu->rollback ? "rollback.grace" : "cutover.grace");
+	grace_over(gu->gw, gu);
+}
+
+void gw_cutover_begin(struct ms_gateway *gw, struct guser *gu)
+{
+	gu->cutover = 1;
+	set_state(gw, gu->name, MS_USER_CUTOVER,
+		  gu->rollback ? ROLLBACK_MARK : NULL);
+	if (gu->grace != NULL)
+		return;
+	gu->grace = malloc(sizeof(*gu->grace));
+	if (gu->grace == NULL) {
+		grace_over(gw, gu);
+		return;
+	}
+	gu->gw = gw;
+	uv_timer_init(gw->loop, gu->grace);
+	gu->grace->data = gu;
+	uv_timer_start(gu->grace, on_grace, CUTOVER_GRACE_MS, 0);
+}
+
+static void gw_held_tick(uv_timer_t *t);
+
+/* A held login's next tick: its next progress line, every INPROGRESS_MS,
+ * or the end of hold_max_seconds when that comes first (a limit that is
+ * not a multiple of INPROGRESS_MS is kept, not rounded up to one). */
+static void held_timer(struct session *s)
+{
+	uint64_t held = uv_now(s->gw->loop) - s->held_since;
+	uint64_t max = (uint64_t)s->gw->cfg.hold_max_seconds * 1000;
+	uint64_t next = INPROGRESS_MS - held % INPROGRESS_MS;
+
+	if (max <= held)
+		next = 0;
+	else if (max - held < next)
+		next = max - held;
+	gw_timer_start(s, gw_held_tick, next, 0);
+}
+
+static void gw_held_tick(uv_timer_t *t)
+{
+	struct session *s = t->data;
+	uint64_t held = uv_now(s->gw->loop) - s->held_since;
+
+	if (held >= (uint64_t)s->gw->cfg.hold_max_seconds * 1000) {
+		struct ms_user_info info;
+
+		/* Too long: a user being copied goes on to the source (the
+		 * copy goes on); one in cutover gets a temporary failure. */
+		if (user_lookup(s->gw, ms_login_name(&s->login), &info) == 0 &&
+		    !ms_user_in(&info, MS_USER_CUTOVER)) {
+			gw_timer_stop(s);
+			s->st = SS_PRELOGIN;
+			gw_backend_connect(s, 0, 0);
+			return;
+		}
+		gw_login_refuse(s, "UNAVAILABLE", "IN-USE", "Your mail is "
+				"being moved, try again in a minute.");
+		s->st = SS_PRELOGIN;
+		gw_prelogin_timer(s);
+		return;
+	}
+	/* RFC 9585: tells the client the command is still going. */
+	if (s->proto == MS_GW_IMAP)
+		out(s, "* OK [INPROGRESS (\"%s\" NIL NIL)] Moving your mail, "
+		    "please wait.\r\n", s->tag);
+	held_timer(s);
+}
+
+/* The login waits for the user's flip (held_release() goes on with it);
+ * an IMAP client hears INPROGRESS meanwhile. */
+void gw_hold(struct session *s)
+{
+	s->st = SS_HELD;
+	s->held_since = uv_now(s->gw->loop);
+	held_timer(s);
+}
+
+/* Decides where a logging-in user's session goes, now. Nothing is kept
+ * for a user no server has accepted a password of yet: s->gu is NULL for
+ * them (unknown to us, or known from the store only). */
+void gw_route_login(struct session *s)
+{
+	struct ms_gateway *gw = s->gw;
+	struct guser *gu = s->gu;
+	struct ms_user_info info;
+	enum ms_policy pol;
+
+	if (user_lookup(gw, ms_login_name(&s->login), &info) < 0) {
+		gw_backend_fail(s, ms_store_error(gw->store));
+		return;
+	}
+	pol = user_policy(gw, &info);
+	if (ms_user_in(&info, MS_USER_DESTINATION)) {
+		gw_backend_connect(s, 1, 0);
+		return;
+	}
+	if (ms_user_in(&info, MS_USER_CUTOVER) || (gu != NULL && gu->cutover)) {
+		if (s->st != SS_HELD) {
+			gw_hold(s);
+		}
+		return;
+	}
+	if (s->st == SS_HELD) {
+		/* Released: the copy finished (or failed) or timed out. */
+		gw_timer_stop(s);
+		gw_backend_connect(s, 0, 0);
+		return;
+	}
+	if (ms_user_in(&info, MS_USER_SOURCE) && pol == MS_POLICY_HOLD &&
+	    gw->mover != NULL && (gu == NULL || !gu->copying)) {
+		/* Check the password at the source, then hold. */
+		gw_backend_connect(s, 0, 1);
+		return;
+	}
+	if (gu != NULL && gu->copying && pol == MS_POLICY_HOLD &&
+	    ms_user_in(&info, MS_USER_COPYING) && gu->sessions == 0) {
+		gw_hold(s);
+		return;
+	}
+	gw_backend_connect(s, 0, 0);
+}
+
+/* The server accepted the user's password: from now on the user exists
+ * for us (a row in the store, per-user state in memory). A passthrough
+ * user's first login, or a hold's password check (s->verify_only),
+ * starts the copy with the captured password. -1 when the session
+ * failed instead. */
+int gw_login_accepted(struct session *s)
+{
+	struct ms_gateway *gw = s->gw;
+	const char *name = ms_login_name(&s->login);
+	struct ms_user_info info;
+	struct guser *gu;
+
+	if (user_state(gw, name, &info) < 0) {
+		gw_backend_fail(s, ms_store_error(gw->store));
+		return -1;
+	}
+	if (s->gu == NULL && (s->gu = gw_user_get(gw, name)) == NULL) {
+		gw_backend_fail(s, "out of memory");
+		return -1;
+	}
+	gu = s->gu;
+	if (!s->counted && !s->verify_only) {
+		/* Connected to a server from now on: the flip waits for
+		 * the user's last such session. */
+		gu->sessions++;
+		s->counted = 1;
+		if (!s->to_dst)
+			gu->touched = 1;
+	}
+	if (!s->verify_only &&
+	    (s->to_dst || (!ms_user_in(&info, MS_USER_SOURCE) &&
+			   !ms_user_in(&info, MS_USER_COPYING)) ||
+	     user_policy(gw, &info) != MS_POLICY_PASSTHROUGH ||
+	     gw->cfg.src_imap.host[0] == '\0' ||
+	     gw->cfg.dst_imap.host[0] == '\0'))
+		return 0;
+	ms_secret_free(&gu->pw);
+	gu->pw = strdup(s->login.pass);
+	user_copy_start(gw, gu);
+	return 0;
+}
+
+/* ---- policies, as the control socket sets them ---- */
+
+json_t *ms_gateway_policies(struct ms_gateway *gw)
+{
+	json_t *o = json_object(), *d = json_object();
+
+	json_object_set_new(o, "default", json_string(
+		ms_policy_name(gw->cfg.policy)));
+	for (unsigned int i = 0; i < gw->cfg.ndomains; i++)
+		json_object_set_new(d, gw->cfg.domains[i].domain, json_string(
+			ms_policy_name(gw->cfg.domains[i].policy)));
+	json_object_set_new(o, "domains", d);
+	json_object_set_new(o, "hold_max_seconds",
+			    json_integer(gw->cfg.hold_max_seconds));
+	/* Which of those were set at run time ("" = the default). */
+	json_object_set(o, "set", gw->policy_set);
+	return o;
+}
+
+static int policy_collect(void *ctx, const char *scope, const char *policy)
+{
+	json_object_set_new(ctx, scope, json_string(policy));
+	return 0;
+}
+
+/* cfg's policies = the config file's, then the store's overrides. */
+int gw_policies_load(struct ms_gateway *gw, char *err, size_t errsz)
+{
+	json_t *set = json_object();
+	json_t *v;
+	const char *scope;
+
+	if (ms_store_policy_foreach(gw->store, policy_collect, set) != 0) {
+		snprintf(err, errsz, "store: %s", ms_store_error(gw->store));
+		json_decref(set);
+		return -1;
+	}
+	gw->cfg.policy = gw->conf_policy;
+	gw->cfg.ndomains = gw->conf_ndomains;
+	memcpy(gw->cfg.domains, gw->conf_domains, sizeof(gw->cfg.domains));
+	json_object_foreach(set, scope, v) {
+		enum ms_policy p;
+		unsigned int i;
+
+		if (ms_policy_parse(json_string_value(v), &p) < 0)
+			continue;
+		if (*scope == '\0') {
+			gw->cfg.policy = p;
+			continue;
+		}
+		for (i = 0; i < gw->cfg.ndomains; i++)
+			if (!strcasecmp(gw->cfg.domains[i].domain, scope))
+				break;
+		if (i == MS_GW_MAX_DOMAINS)
+			continue;	/* refused when it was set */
+		if (i == gw->cfg.ndomains) {
+			snprintf(gw->cfg.domains[i].domain,
+				 sizeof(gw->cfg.domains[i].domain), "%s",
+				 scope);
+			gw->cfg.ndomains++;
+		}
+		gw->cfg.domains[i].policy = p;
+	}
+	json_decref(gw->policy_set);
+	gw->policy_set = set;
+	return 0;
+}
+
+int ms_gateway_set_policy(struct ms_gateway *gw, const char *domain,
+			  const char *policy, char *err, size_t errsz)
+{
+	char lower[sizeof(gw->cfg.domains[0].domain)];
+	enum ms_policy p;
+
+	if (domain != NULL) {
+		unsigned int n = 0;
+
+		if (*domain == '\0' || strlen(domain) >=
+		    sizeof(gw->cfg.domains[0].domain) ||
+		    strpbrk(domain, "@ \t\r\n\"\\") != NULL) {
+			snprintf(err, errsz, "invalid domain \"%s\"", domain);
+			return -1;
+		}
+		for (size_t i = 0; i <= strlen(domain); i++)
+			lower[i] = (char)tolower((unsigned char)domain[i]);
+		domain = lower;
+		for (unsigned int i = 0; i < gw->cfg.ndomains; i++)
+			n += strcasecmp(gw->cfg.domains[i].domain, domain) != 0;
+		if (policy != NULL && n >= MS_GW_MAX_DOMAINS) {
+			snprintf(err, errsz, "at most %d domains have a policy",
+				 MS_GW_MAX_DOMAINS);
+			return -1;
+		}
+	}
+	if (policy != NULL && ms_policy_parse(policy, &p) < 0) {
+		snprintf(err, errsz, "invalid policy \"%s\" (passthrough, hold "
+			 "or off)", policy);
+		return -1;
+	}
+	if (ms_store_policy_set(gw->store, domain != NULL ? domain : "",
+				policy) < 0) {
+		snprintf(err, errsz, "store: %s", ms_store_error(gw->store));
+		return -1;
+	}
+	ms_info("policy of %s%s: %s", domain != NULL ? "@" : "",
+		domain != NULL ? domain : "every user (the default)",
+		policy != NULL ? policy : "the config file's again");
+	return gw_policies_load(gw, err, errsz);
+}
+
+enum ms_route ms_gw_route(struct ms_gateway *gw, const char *user)
+{
+	struct ms_user_info info;
+	struct guser *gu = gw_user_find(gw, user);
+	int found = 0;
+
+	if (gu != NULL && gu->cutover)
+		return MS_ROUTE_DEFER;
+	if (ms_store_user_info(gw->store, user, &info, &found) < 0 || !found)
+		return MS_ROUTE_SOURCE;
+	if (ms_user_in(&info, MS_USER_DESTINATION))
+		return MS_ROUTE_DESTINATION;
+	if (ms_user_in(&info, MS_USER_CUTOVER))
+		return MS_ROUTE_DEFER;
+	/* Mail for the source while the user's copy runs may land after
+	 * its folder was read: the flip then needs a cutover (mail
+	 * deferred, the source's MTA given its grace, a last delta). */
+	if (gu != NULL && (gu->copying || gu->flip_pending))
+		gu->touched = 1;
+	return MS_ROUTE_SOURCE;
+}
+
+int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
+		       const char **error_r)
+{
+	struct ms_user_info info;
+	struct guser *gu;
+
+	if (gw->mover == NULL) {
+		*error_r = "no [source] and [destination] imap configured";
+		return -1;
+	}
+	if (user_state(gw, user, &info) < 0) {
+		*error_r = ms_store_error(gw->store);
+		return -1;
+	}
+	if (ms_user_in(&info, MS_USER_DESTINATION)) {
+		*error_r = "already on the destination";
+		return -1;
+	}
+	gu = gw_user_get(gw, user);
+	if (gu == NULL) {
+		*error_r = "out of memory";
+		return -1;
+	}
+	if (gu->pw == NULL && !gw_have_admin(gw)) {
+		*error_r = "needs admin logins ([source] admin, [destination] "
+			   "admin) or a login of the user since the start";
+		return -1;
+	}
+	gu->force = 1;
+	if (gu->flip_pending) {
+		gu->force = 0;
+		gw_sessions_kick(gw, user);
+		return 0;
+	}
+	if (!gu->copying) {
+		set_state(gw, user, MS_USER_COPYING, NULL);
+		user_copy_start(gw, gu);
+	}
+	return 0;
+}
+
+/* ---- rollback: the destination's changes back to the source ---- */
+
+/* The rollback's flip: state source and policy off in one transaction. (A
+ * crash between two writes would leave a user sent back on purpose whom the
+ * next login moves again.) */
+static int rollback_flip(struct ms_gateway *gw, const char *name)
+{
+	int64_t id;
+
+	if (ms_store_user_get(gw->store, name, &id) < 0 ||
+	    ms_store_begin(gw->store) < 0)
+		return -1;
+	if (ms_store_user_set_policy(gw->store, id, "off") < 0 ||
+	    ms_store_user_set_state(gw->store, id,
+				    ms_user_state_names[MS_USER_SOURCE],
+				    NULL) < 0 ||
+	    ms_store_commit(gw->store) < 0) {
+		ms_store_rollback(gw->store);
+		return -1;
+	}
+	return 0;
+}
+
+static void on_rollback_done(const struct ms_user_report *rep, void *ctx)
+{
+	struct ms_gateway *gw = ctx;
+	struct guser *gu = job_ended(gw, rep->user);
+
+	if (gu == NULL)
+		return;
+	gu->cutover = 0;
+	gu->rollback = 0;
+	if (rep->ok) {
+		ms_info("%s: rolled back: %llu messages copied to the source, "
+			"%llu flag changes, %llu expunged; policy off", gu->name,
+			(unsigned long long)rep->copied,
+			(unsigned long long)rep->flags_updated,
+			(unsigned long long)rep->expunged);
+		/* Sent back on purpose: neither the next login nor the
+		 * sweep moves the user again until the operator says so
+		 * (policy, or migrate --daemon). */
+		MS_CRASH_POINT("rollback.flip-before");
+		if (rollback_flip(gw, gu->name) < 0)
+			ms_log(MS_LOG_ERROR, "%s: store: %s", gu->name,
+			       ms_store_error(gw->store));
+		else
+			ms_info("%s: state source", gu->name);
+		MS_CRASH_POINT("rollback.flip-after");
+	} else {
+		/* The destination still holds everything: stay there. */
+		ms_warn("%s: rollback failed: %s", gu->name,
+			rep->error != NULL ? rep->error : "?");
+		set_state(gw, gu->name, MS_USER_DESTINATION,
+			  rep->error != NULL ? rep->error : "rollback failed");
+	}
+	held_release(gw, gu);
+}
+
+static void rollback_start(struct ms_gateway *gw, struct guser *gu)
+{
+	gu->copying = 1;
+	gw->copies++;
+	if (ms_mover_add_rollback(gw->mover, gu->name, NULL, NULL,
+				  on_rollback_done, gw) < 0) {
+		struct ms_user_report rep = {
+			.user = gu->name,
+			.error = "cannot start the rollback",
+		};
+
+		on_rollback_done(&rep, gw);
+	}
+}
+
+int ms_gateway_rollback(struct ms_gateway *gw, const char *user,
+			const char **error_r)
+{
+	struct ms_user_info info;
+	struct guser *gu;
+
+	if (gw->mover == NULL) {
+		*error_r = "no [source] and [destination] imap configured";
+		return -1;
+	}
+	if (!gw_have_admin(gw)) {
+		*error_r = "needs admin logins ([source] admin, [destination] "
+			   "admin)";
+		return -1;
+	}
+	if (user_lookup(gw, user, &info) < 0) {
+		*error_r = ms_store_error(gw->store);
+		return -1;
+	}
+	if (!ms_user_in(&info, MS_USER_DESTINATION)) {
+		*error_r = "not on the destination";
+		return -1;
+	}
+	if ((gu = gw_user_get(gw, user)) == NULL) {
+		*error_r = "out of memory";
+		return -1;
+	}
+	if (gu->copying || gu->cutover) {
+		*error_r = "a copy runs for the user";
+		return -1;
+	}
+	/* As a cutover the other way: logins held, sessions ended, mail
+	 * deferred, the destination's MTA given its grace, then the
+	 * reverse delta; verified, the map flips back. */
+	gu->rollback = 1;
+	gw_cutover_begin(gw, gu);
+	gw_sessions_kick(gw, user);
+	return 0;
+}
+
+const char *ms_gateway_user_copy(struct ms_gateway *gw, const char *user)
+{
+	struct guser *gu = gw_user_find(gw, user);
+
+	if (gu == NULL)
+		return "";
+	if (gu->rollback)
+		return "rolling back";
+	if (gu->copying)
+		return gu->cutover ? "last delta" : "copying";
+	if (gu->flip_pending)
+		return "verified, flips at log-off";
+	return "";
+}
+
+unsigned int ms_gateway_user_sessions(struct ms_gateway *gw, const char *user)
+{
+	struct guser *gu = gw_user_find(gw, user);
+
+	return gu != NULL ? gu->sessions : 0;
+}
+
+void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p)
+{
+	memset(p, 0, sizeof(*p));
+	if (gw->mover != NULL)
+		ms_mover_progress(gw->mover, p);
+}
+
+/* ---- after a restart, and the sweep ---- */
+
+static int recover_one(void *ctx, const struct ms_user_info *u)
+{
+	struct ms_gateway *gw = ctx;
+	struct guser *gu;
+
+	/* A rollback a crash interrupted: the destination still holds all
+	 * the mail; the user stays there and the operator runs it again. */
+	if (ms_user_in(u, MS_USER_CUTOVER) &&
+	    !strcmp(u->last_error, ROLLBACK_MARK)) {
+		set_state(gw, u->name, MS_USER_DESTINATION, "rollback "
+			  "interrupted: run mailshiftctl rollback again");
+		return 0;
+	}
+	/* A cutover a crash interrupted: nobody is held any more, and the
+	 * last delta has to run again. Back to copying. */
+	if (ms_user_in(u, MS_USER_CUTOVER))
+		set_state(gw, u->name, MS_USER_COPYING,
+			  "interrupted cutover, resumed");
+	else if (!ms_user_in(u, MS_USER_COPYING))
+		return 0;
+	/* With admin logins the copy goes on now (else at the user's next
+	 * login, or the sweep's turn); it flips once verified, through a
+	 * cutover if anything reached the source meanwhile. */
+	if (gw->mover != NULL && gw_have_admin(gw) &&
+	    user_policy(gw, u) != MS_POLICY_OFF &&
+	    (gu = gw_user_get(gw, u->name)) != NULL)
+		gu->resume = 1;
+	return 0;
+}
+
+static void gw_recover(struct ms_gateway *gw)
+{
+	if (ms_store_user_foreach(gw->store, recover_one, gw) < 0)
+		ms_log(MS_LOG_ERROR, "store: %s", ms_store_error(gw->store));
+	for (unsigned int i = 0; i < USER_BUCKETS; i++)
+		for (struct guser *gu = gw->users[i]; gu != NULL; gu = gu->next)
+			if (gu->resume) {
+				gu->resume = 0;
+				ms_info("%s: resuming the interrupted copy",
+					gu->name);
+				user_copy_start(gw, gu);
+			}
+}
+
+struct sweep_ctx {
+	struct ms_gateway *gw;
+	unsigned int want;
+};
+
+static int sweep_one(void *ctx, const struct ms_user_info *u)
+{
+	struct sweep_ctx *sc = ctx;
+	struct ms_gateway *gw = sc->gw;
+	struct guser *gu;
+
+	if (sc->want == 0 || uv_now(gw->loop) < gw->sweep_next_ms)
+		return 1;
+	if ((!ms_user_in(u, MS_USER_SOURCE) &&
+	     !ms_user_in(u, MS_USER_COPYING)) ||
+	    user_policy(gw, u) == MS_POLICY_OFF)
+		return 0;
+	gu = gw_user_get(gw, u->name);
+	if (gu == NULL || gu->copying || gu->flip_pending || gu->sessions > 0)
+		return 0;
+	set_state(gw, gu->name, MS_USER_COPYING, NULL);
+	user_copy_start(gw, gu);
+	if (gu->copying) {
+		sc->want--;
+		if (gw->cfg.sweep_rate > 0)
+			gw->sweep_next_ms = uv_now(gw->loop) +
+				3600000ULL / gw->cfg.sweep_rate;
+	}
+	return 0;
+}
+
+static int in_window(const struct ms_gateway *gw)
+{
+	time_t now = time(NULL);
+	struct tm tm;
+	int min;
+
+	if (gw->cfg.sweep_from < 0 || gw->cfg.sweep_to < 0)
+		return 1;
+	localtime_r(&now, &tm);
+	min = tm.tm_hour * 60 + tm.tm_min;
+	if (gw->cfg.sweep_from <= gw->cfg.sweep_to)
+		return min >= gw->cfg.sweep_from && min < gw->cfg.sweep_to;
+	return min >= gw->cfg.sweep_from || min < gw->cfg.sweep_to;
+}
+
+/* Moves users who never log in, a few at a time, inside the window. */
+static void gw_on_sweep(uv_timer_t *t)
+{
+	struct ms_gateway *gw = t->data;
+	unsigned int conc = gw->cfg.sweep_concurrency ?
+		gw->cfg.sweep_concurrency : 1;
+	struct sweep_ctx sc = { .gw = gw };
+	int outside = !in_window(gw);
+
+	/* Said once each way: an operator wondering why nobody moves. */
+	if (outside != gw->sweep_outside)
+		ms_info("sweep: %s its window %02d:%02d-%02d:%02d",
+			outside ? "outside" : "inside", gw->cfg.sweep_from / 60,
+			gw->cfg.sweep_from % 60, gw->cfg.sweep_to / 60,
+			gw->cfg.sweep_to % 60);
+	gw->sweep_outside = outside;
+	if (outside || gw->copies >= conc)
+		return;
+	sc.want = conc - gw->copies;
+	gw->sweeps++;
+	if (ms_store_user_foreach(gw->store, sweep_one, &sc) < 0)
+		ms_log(MS_LOG_ERROR, "sweep: store: %s", ms_store_error(gw->store));
+}
+
+/* ---- start and stop ---- */
+
+/* At start: copies and cutovers a crash interrupted, found in the store;
+ * the sweep's timer. */
+void gw_lifecycle_start(struct ms_gateway *gw)
+{
+	const struct ms_gw_config *cfg = &gw->cfg;
+
+	gw_recover(gw);
+	if (cfg->sweep && gw->mover != NULL && gw_have_admin(gw)) {
+		gw->sweep_timer = malloc(sizeof(*gw->sweep_timer));
+		if (gw->sweep_timer != NULL) {
+			uv_timer_init(gw->loop, gw->sweep_timer);
+			gw->sweep_timer->data = gw;
+			uv_timer_start(gw->sweep_timer, gw_on_sweep, 1000,
+				       (cfg->sweep_interval ? cfg->sweep_interval :
+					10) * 1000ULL);
+		}
+	} else if (cfg->sweep) {
+		ms_warn("[sweep] needs admin logins for both servers "
+			"([source] admin, [destination] admin): sweep off");
+	}
+}
+
+/* At stop: the sweep's timer, the users kept in memory (their captured
+ * passwords wiped). */
+void gw_lifecycle_free(struct ms_gateway *gw)
+{
+	if (gw->sweep_timer != NULL)
+		ms_close_free((uv_handle_t *)gw->sweep_timer, gw->sweep_timer);
+	for (unsigned int i = 0; i < USER_BUCKETS; i++) {
+		while (gw->users[i] != NULL) {
+			struct guser *gu = gw->users[i];
+
+			gw->users[i] = gu->next;
+			ms_secret_free(&gu->pw);
+			if (gu->grace != NULL)
+				ms_close_free((uv_handle_t *)gu->grace,
+					      gu->grace);
+			free(gu);
+		}
+	}
+}

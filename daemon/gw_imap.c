@@ -225,6 +225,22 @@ static void imap_auth_line(struct session *s, char *line)
 	gw_login_start(s);
 }
 
+/* RFC 3501: tag = 1*<any ASTRING-CHAR except "+">. A tag is sent back in
+ * every answer, and quoted in INPROGRESS: a quoted string, a literal or
+ * one with '"', '\\' or a control byte is refused, never echoed. */
+static int imap_tag_ok(const char *t, size_t n)
+{
+	if (n == 0)
+		return 0;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)t[i];
+
+		if (c <= 0x20 || c >= 0x7f || strchr("(){%*\"\\+", c) != NULL)
+			return 0;
+	}
+	return 1;
+}
+
 /* Splits one command line into s->argv (atoms and quoted strings); a
  * trailing {N} or {N+} starts a literal. Returns 1 when the command is
  * complete, 0 when a literal follows, -1 on a syntax error. */
@@ -240,6 +256,8 @@ static int imap_tokenize(struct session *s, const char *p)
 			break;
 		if (s->argc == GW_ARG_MAX)
 			return -1;
+		if (s->argc == 0 && (*p == '"' || *p == '{'))
+			return -1;	/* a tag is an atom */
 		if (*p == '"') {
 			for (p++; *p != '"'; p++) {
 				if (*p == '\0' || n == GW_LITERAL_MAX)
@@ -273,6 +291,8 @@ static int imap_tokenize(struct session *s, const char *p)
 			if (*p != '\0' && *p != ' ')
 				return -1;
 		}
+		if (s->argc == 0 && !imap_tag_ok(tok, n))
+			return -1;	/* answered untagged */
 		tok[n] = '\0';
 		s->argv[s->argc++] = strdup(tok);
 		OPENSSL_cleanse(tok, n);

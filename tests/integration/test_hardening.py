@@ -755,6 +755,34 @@ def test_long_user_names(hgw, henv):
     assert not problems, 'a user name of 300 bytes:\n' + '\n'.join(problems)
 
 
+def test_tags_that_are_not_atoms_are_refused(hgw):
+    """A tag is sent back in every answer and quoted in INPROGRESS lines:
+    one that is a quoted string, a literal, or holds a byte RFC 3501 does
+    not allow in a tag is answered untagged (* BAD) and never echoed; the
+    session goes on, and a tag with ']' (an ASTRING-CHAR) is fine."""
+    gw = hgw(tls=False)
+    bad = [b'"q\\"t" NOOP', b'"plain" NOOP', b'a\\b NOOP', b'a"b NOOP',
+           b'a+b NOOP', b'a(b NOOP', b'a%b NOOP', b'a*b NOOP',
+           b'{3+}\r\nabc NOOP', b'a\x7fb NOOP', b'a\x01b NOOP']
+    for cmd in bad:    # a session each: 10 bad commands end one
+        s, greeting = dial(gw.imap_port)
+        assert greeting.startswith(b'* OK'), greeting
+        s.sendall(cmd + b'\r\n')
+        line = read_line(s)
+        assert line.startswith(b'* BAD '), (cmd, line)
+        # the next command is answered: the session is intact
+        s.sendall(b'ok1 NOOP\r\n')
+        assert imap_reply(s, b'ok1').endswith(b'ok1 OK NOOP completed.\r\n')
+        s.close()
+    s, _ = dial(gw.imap_port)
+    s.sendall(b'x]y NOOP\r\n')
+    assert imap_reply(s, b'x]y').startswith(b'x]y OK'), 'a ] tag refused'
+    s.sendall(b'z LOGOUT\r\n')
+    assert b'z OK' in imap_reply(s, b'z')
+    s.close()
+    alive_or_fail(gw, 'tags that are not atoms')
+
+
 def test_nul_in_sasl_login_refused(hgw, henv):
     """A NUL byte in a SASL LOGIN name or password (IMAP AUTHENTICATE LOGIN,
     submission AUTH LOGIN, with or without an initial response) is refused

@@ -220,16 +220,19 @@ check-fuzz: $(FUZZ_BIN)
 fuzz: $(FUZZ_BIN)
 	$(Q)./tests/fuzz/run $(FUZZ_DIR) $(FUZZ_SECONDS) $(FUZZ)
 
-# The sanitizer stages both run even when the first fails: one run shows
-# every report.
+# Everything is built first; then the integration suite and its run under
+# the sanitizers go side by side (tests/run-parallel: both mostly wait on
+# servers and timers), then the fuzzers. Every stage runs even when an
+# earlier one failed: one run shows every report.
 check: deps
 	$(Q)./tests/check-tree
 	$(Q)$(MAKE) --no-print-directory kmod-check
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(MAKE) --no-print-directory unit
-	$(Q)$(MAKE) --no-print-directory integration
+	$(Q)$(MAKE) --no-print-directory hooks $(ASAN_BIN) $(ASAN_UNIT_BIN) \
+		$(FUZZ_BIN)
 	$(Q)status=0; \
-	$(MAKE) --no-print-directory check-asan || status=1; \
+	./tests/run-parallel integration check-asan || status=1; \
 	$(MAKE) --no-print-directory check-fuzz || status=1; \
 	exit $$status
 

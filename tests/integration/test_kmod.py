@@ -17,6 +17,7 @@ guest oops, panic or WARN fails it.
 """
 
 import json
+import fcntl
 import os
 import re
 import shutil
@@ -89,12 +90,20 @@ def _run(cmd, **kw):
 @pytest.fixture(scope='module')
 def vm(ctl):
     """Builds everything and boots the VM once; returns (results text,
-    console text, qemu's exit status)."""
+    console text, qemu's exit status). One run at a time per tree: make
+    check runs the suite and its sanitizer run side by side, and both would
+    build into, boot from and read back the same files of build/kmod/."""
     qemu = shutil.which('qemu-system-x86_64')
     if qemu is None:
         pytest.skip('qemu-system-x86_64 is missing (tests/install-deps.sh '
                     'installs qemu-system-x86)')
     os.makedirs(WORK, exist_ok=True)
+    with open(os.path.join(WORK, '.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _boot(qemu, ctl)
+
+
+def _boot(qemu, ctl):
     r = _run([os.path.join(KDIR_TESTS, 'kernel.sh'),
               os.path.join(WORK, 'kernel')])
     if r.returncode != 0:

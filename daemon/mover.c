@@ -555,18 +555,13 @@ struct retry_timer {
 	unsigned int idx;
 };
 
-void mv_on_retry_timer_close(uv_handle_t *h)
-{
-	free(h);
-}
-
 static void on_retry_timer(uv_timer_t *t)
 {
 	struct retry_timer *rt = (struct retry_timer *)t;
 	struct ujob *u = rt->u;
 
 	u->timers--;
-	uv_close((uv_handle_t *)t, mv_on_retry_timer_close);
+	ms_close_free((uv_handle_t *)t, rt);
 	if (u->failed || u->finished) {
 		mv_job_maybe_finish(u);
 		return;

@@ -127,7 +127,7 @@ static void on_settle_timer(uv_timer_t *t)
 	struct worker *w = st->w;
 
 	u->timers--;
-	uv_close((uv_handle_t *)t, mv_on_retry_timer_close);
+	ms_close_free((uv_handle_t *)t, st);
 	if (w == NULL || u->failed || u->finished) {
 		mv_job_maybe_finish(u);
 		return;

@@ -348,7 +348,6 @@ long mv_parse_uid_set(const char *s, uint32_t *out, size_t cap);
 void mv_job_fail(struct ujob *u, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 void mv_job_maybe_finish(struct ujob *u);
-void mv_on_retry_timer_close(uv_handle_t *h);
 void mv_job_schedule(struct ujob *u);
 void mv_folder_fail(struct worker *w, const char *cmd,
 		    const struct ms_imap_response *r, struct ms_imapc *c);

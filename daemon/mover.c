@@ -480,8 +480,10 @@ static void job_report(uv_timer_t *t)
 		 * first ("source") is what a crash before that write would
 		 * leave of a cutover. */
 	} else if (!u->reverse || rep.ok) {
+		int st = rep.ok ? MS_USER_SOURCE : MS_USER_FAILED;
+
 		ms_store_user_set_state(m->store, u->user_id,
-					rep.ok ? "source" : "failed", rep.error);
+					ms_user_state_names[st], rep.error);
 	} else {
 		/* A failed rollback leaves the mail where it is whole: on the
 		 * destination. The state stays; the error is kept. */
@@ -1050,7 +1052,9 @@ int ms_mover_add_user(struct ms_mover *m, const char *user,
 	if (m->verify_only)
 		return vo_add_user(u);
 	if (ms_store_user_get(m->store, user, &u->user_id) < 0 ||
-	    ms_store_user_set_state(m->store, u->user_id, "copying", NULL) < 0) {
+	    ms_store_user_set_state(m->store, u->user_id,
+				    ms_user_state_names[MS_USER_COPYING],
+				    NULL) < 0) {
 		job_free(u);
 		return -1;
 	}

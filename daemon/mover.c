@@ -29,26 +29,23 @@
  * round: its workers read from the destination (w->s) and write to the
  * source (w->d). Per folder: open, reconcile open rollback intents, scan
  * (flags set and expunges carried over to the source, new destination
- * messages listed), copy those, verify. See "rollback" below.
+ * messages listed), copy those, verify. See mover_rollback.c.
+ *
+ * The files: this one holds the core (jobs, workers, connection slots,
+ * FETCH parsing, the API of mover.h); planning is mover_plan.c, open, copy
+ * and flags mover_copy.c, match, reconciliation and de-duplication
+ * mover_intent.c, verify and repair mover_verify.c, the rollback's own
+ * parts mover_rollback.c and a POP3 source mover_pop3.c. What they share is
+ * in mover_internal.h. The core must not take in a phase of the work on a
+ * folder: each has its file.
  */
-#include <ctype.h>
-#include <fnmatch.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-
-#include "imapc.h"
 #include "log.h"
-#include "mailbox.h"
-#include "mover.h"
-#include "pop3c.h"
-#include "testhook.h"
-#include "util.h"
 #include "mover_internal.h"
 
 static void worker_start(struct ujob *u, unsigned int idx);
@@ -666,7 +663,6 @@ int mv_store_check(struct worker *w, int ret)
 
 /* ---- untagged responses ---- */
 
-
 void mv_select_data(const struct ms_imap_response *r, uint32_t *uidvalidity,
 		    uint32_t *uidnext, uint32_t *exists, uint64_t *modseq,
 		    int *nomodseq)
@@ -828,7 +824,6 @@ void mv_start_workers(struct ujob *u)
 }
 
 /* ---- untagged dispatch ---- */
-
 
 void mv_on_src_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
 			void *ctx)

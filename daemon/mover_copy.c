@@ -1,10 +1,8 @@
 /* The mover's copy of one folder: opening both sides, the windows of
  * metadata, intents and streamed bodies (MULTIAPPEND), and the flag
- * changes of messages copied in earlier runs. What was copied is checked
- * in mover_verify.c; pairing messages after a crash is mover_intent.c's. */
-#include <ctype.h>
-#include <fnmatch.h>
-#include <stdarg.h>
+ * changes of messages copied in earlier runs. It must not decide what is
+ * already on the destination (pairing after a crash is mover_intent.c's)
+ * nor compare the two sides (mover_verify.c). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,7 +74,6 @@ void mv_worker_next_folder(struct worker *w)
 		     u->m->verify_only ? "EXAMINE" : "SELECT", qd);
 }
 
-
 /* The copy pass, once open intents are settled. */
 void mv_after_match(struct worker *w)
 {
@@ -85,7 +82,6 @@ void mv_after_match(struct worker *w)
 	else
 		mv_start_copy(w);
 }
-
 
 static int unmapped_rec(void *ctx, const struct ms_msg_rec *rec)
 {
@@ -572,7 +568,6 @@ static void on_body_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	mv_copy_pump(w);
 }
 
-
 /* Whether metadata windows are left to fetch: by sequence number from
  * next_seq on; in a rollback, the destination UIDs todo[next_seq...]. */
 static int meta_left(const struct worker *w)
@@ -814,7 +809,6 @@ struct flag_store {
 	uint32_t src_uid;
 	char flags[FLAGS_MAX];
 };
-
 
 static void on_flag_store_reply(struct ms_imapc *c,
 				const struct ms_imap_response *r, void *ctx)

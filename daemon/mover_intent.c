@@ -3,17 +3,13 @@
  * into a non-empty unknown destination; the reconciliation of intents a
  * killed run left open, with the settle wait for its APPENDs; and the
  * removal of copies an interrupted earlier run left behind. It decides
- * what is already there; the copy itself is mover_copy.c's. */
-#include <ctype.h>
-#include <fnmatch.h>
-#include <stdarg.h>
+ * what is already there and must not append anything: the copy is
+ * mover_copy.c's. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include "log.h"
-#include "testhook.h"
 #include "mover_internal.h"
 
 /* ---- match: pair destination messages with source ones ---- */
@@ -179,7 +175,6 @@ static int settle_wait(struct worker *w)
 	w->u->timers++;
 	return 1;
 }
-
 
 static int reconcile_one(void *ctx, const struct ms_msg_rec *rec)
 {
@@ -423,7 +418,6 @@ void mv_start_match(struct worker *w, int reconcile, uint32_t floor)
  * again. They are recognisable: destination messages no done record claims,
  * with the fingerprint of one that is claimed. They are expunged (exactly
  * those, UID EXPUNGE) before the verification is repeated. */
-
 
 struct claim_ctx {
 	struct worker *w;

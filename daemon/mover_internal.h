@@ -21,7 +21,8 @@
 #define MAX_RETRIES 3		/* per folder, after a lost connection */
 #define RETRY_DELAY_MS 1000
 #define SETTLE_MS 2000		/* reconcile: the wait for a killed run's
-				   APPENDs before sending again (below) */
+				   APPENDs before sending again
+				   (mover_intent.c) */
 #define MSGID_MAX 500
 #define HDR_MAX (32 * 1024)
 #define FLAGS_MAX 1000

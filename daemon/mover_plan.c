@@ -4,15 +4,12 @@
  * on the destination, and the order the folders are handed to workers in.
  * No message is read or written here; a rollback plans in
  * mover_rollback.c. */
-#include <ctype.h>
 #include <fnmatch.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
-#include "log.h"
 #include "testhook.h"
 #include "mover_internal.h"
 
@@ -194,7 +191,6 @@ static void on_plan_dst_untagged(struct ms_imapc *c,
 		u->dst_sep = sep;
 }
 
-
 void mv_on_plan_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 		      void *ctx)
 {
@@ -243,7 +239,6 @@ void mv_on_create_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	if (--u->plan_pending == 0)
 		mv_plan_step(u);
 }
-
 
 /* 1 when the include/exclude patterns let the source folder src (mUTF-7)
  * through, 0 when not, -1 when out of memory. */
@@ -342,7 +337,6 @@ static int cmp_folder_size(const void *a, const void *b)
 	return x->status_msgs < y->status_msgs ? 1 :
 	       x->status_msgs > y->status_msgs ? -1 : 0;
 }
-
 
 void mv_plan_step(struct ujob *u)
 {

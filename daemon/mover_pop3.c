@@ -1,16 +1,13 @@
 /* The mover with a POP3 source: INBOX only, each message tracked by its
  * UIDL, appended to the destination's INBOX and verified there. It uses
- * the job core of mover.c but none of the IMAP folder machinery. */
-#include <ctype.h>
-#include <fnmatch.h>
-#include <stdarg.h>
+ * the job core of mover.c and the fingerprints of mover_intent.c, and must
+ * not reach into the IMAP folder copy, verification or rollback. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
 #include "log.h"
-#include "testhook.h"
 #include "mover_internal.h"
 
 /* ---- POP3 source: INBOX only, tracked by UIDL ----

@@ -1,18 +1,14 @@
 /* The mover's rollback: the reverse delta. Its workers read from the
  * destination and write to the source; here are the plan (which folders,
  * by which names), the scan of each folder against its done records and
- * the final check of the claims. The copy and the verification machinery
- * are the forward ones (mover_copy.c, mover_verify.c). */
-#include <ctype.h>
-#include <fnmatch.h>
-#include <stdarg.h>
+ * the final check of the claims. It must not grow a copy or verification
+ * of its own: those are the forward ones (mover_copy.c, mover_verify.c). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
 #include "log.h"
-#include "testhook.h"
 #include "mover_internal.h"
 
 static void rb_start_copy(struct worker *w);
@@ -20,8 +16,8 @@ static void rb_start_copy(struct worker *w);
 /* ---- rollback: the reverse delta ----
  *
  * A rollback job's workers read from the destination (w->s) and write to
- * the source (w->d); open, reconcile, match, copy and verify above serve
- * both directions. What is the rollback's own: the plan (which destination
+ * the source (w->d); open, reconcile, match, copy and verify (mover_copy.c,
+ * mover_intent.c, mover_verify.c) serve both directions. What is the rollback's own: the plan (which destination
  * folder goes to which source folder) and the scan, which compares both
  * servers with the folder's done records before anything is copied:
  *

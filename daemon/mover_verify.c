@@ -3,13 +3,11 @@
  * the bytes' SHA-256), the repair of what differs, and verify-only runs,
  * which compare and write nothing. Nothing is copied here except what a
  * repair hands back to the copy of mover_copy.c. */
-#include <ctype.h>
-#include <fnmatch.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
+
+#include <openssl/evp.h>
 
 #include "log.h"
 #include "testhook.h"

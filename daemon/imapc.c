@@ -264,11 +264,6 @@ static void fail(struct ms_imapc *c, const char *fmt, ...)
 	c->busy--;
 }
 
-static void on_timer_close(uv_handle_t *h)
-{
-	free(h);
-}
-
 static void really_free(struct ms_imapc *c)
 {
 	struct held *h;
@@ -286,7 +281,7 @@ static void really_free(struct ms_imapc *c)
 		free(cmd);
 	}
 	if (c->timer != NULL)
-		uv_close((uv_handle_t *)c->timer, on_timer_close);
+		ms_close_free((uv_handle_t *)c->timer, c->timer);
 	ms_secret_free(&c->password);
 	free(c->host);
 	free(c->ca_file);

@@ -21,9 +21,10 @@ import fakeserver
 import dovecot as dc
 import gateway as gwlib
 import leakcheck
-from conftest import _failed, wait_for
+from conftest import wait_for
 from test_gateway import read_line, read_until_close
-from test_gateway_ops import RefusingIMAP, admin_conf, metric
+from test_gateway_ops import admin_conf, metric
+from test_limits import scripted_gw
 from test_smtp import read_reply
 from test_smtp_promises import RecordingMTA
 
@@ -39,32 +40,25 @@ def scaled(seconds):
     return seconds / SCALE
 
 
-def hooked_gw(workdir, name, imap, scale=SCALE, **kw):
-    return gwlib.Mailshiftd(
-        os.path.join(workdir, name), imap, imap, policy='off',
-        src_schemes=('imap', None), dst_schemes=('imap', None),
-        binary=gwlib.MAILSHIFTD_HOOKS,
-        env={'MAILSHIFT_TEST_TIME_SCALE': str(scale)}, **kw)
+def hooked_gw(workdir, name, request, scale=SCALE, **kw):
+    """The test build, its clock scaled, in front of a scripted server."""
+    return scripted_gw(os.path.join(workdir, name), request,
+                       binary=gwlib.MAILSHIFTD_HOOKS,
+                       env={'MAILSHIFT_TEST_TIME_SCALE': str(scale)}, **kw)
 
 
 @pytest.fixture
 def fake_gw(workdir, request):
     """A scaled mailshiftd in front of a refusing IMAP server, with an SMTP
     listener relaying to a recording MTA."""
-    imap = RefusingIMAP()
     mta = RecordingMTA()
-    g = hooked_gw(workdir, 'tsgw', imap, smtp=True, smtp_backends={
-        side: {'smtp': 'smtp://127.0.0.1:%d' % mta.port}
-        for side in ('source', 'destination')})
     try:
-        g.start()
-        yield g
+        with hooked_gw(workdir, 'tsgw', request, smtp=True, smtp_backends={
+                side: {'smtp': 'smtp://127.0.0.1:%d' % mta.port}
+                for side in ('source', 'destination')}) as g:
+            yield g
     finally:
-        g.stop()
-        if _failed(request):
-            print(g.log_tail(30))
         mta.close()
-        imap.close()
 
 
 def wait_closed(s, deadline):
@@ -173,26 +167,24 @@ def test_silent_server_given_up(workdir, request):
     """A server that never greets is given up 30 s after the connect: the
     client's login gets NO [UNAVAILABLE] and the session stays usable."""
     silent = SilentIMAP()
-    g = hooked_gw(workdir, 'tssilent', silent)
     try:
-        g.start()
-        s = socket.create_connection(('127.0.0.1', g.imap_port), timeout=30)
-        assert read_line(s).startswith(b'* OK')
-        s.settimeout(scaled(30) + 30)
-        t0 = time.monotonic()
-        s.sendall(b'a1 LOGIN alice %s\r\n' % PASSWORD.encode())
-        reply = read_line(s)
-        t_end = time.monotonic()
-        assert reply.startswith(b'a1 NO [UNAVAILABLE]'), reply
-        assert t_end - t0 >= scaled(30) - SLACK, t_end - t0
-        assert 'no answer from the server' in g.log_text(), g.log_tail()
-        s.sendall(b'a2 NOOP\r\n')
-        assert read_line(s).startswith(b'a2 OK')
-        s.close()
+        with hooked_gw(workdir, 'tssilent', request, imap=silent) as g:
+            s = socket.create_connection(('127.0.0.1', g.imap_port),
+                                         timeout=30)
+            assert read_line(s).startswith(b'* OK')
+            s.settimeout(scaled(30) + 30)
+            t0 = time.monotonic()
+            s.sendall(b'a1 LOGIN alice %s\r\n' % PASSWORD.encode())
+            reply = read_line(s)
+            t_end = time.monotonic()
+            assert reply.startswith(b'a1 NO [UNAVAILABLE]'), reply
+            assert t_end - t0 >= scaled(30) - SLACK, t_end - t0
+            assert 'no answer from the server' in g.log_text(), \
+                g.log_tail()
+            s.sendall(b'a2 NOOP\r\n')
+            assert read_line(s).startswith(b'a2 OK')
+            s.close()
     finally:
-        g.stop()
-        if _failed(request):
-            print(g.log_tail(30))
         silent.close()
 
 
@@ -200,14 +192,12 @@ def test_sweep_default_interval(workdir, request):
     """[sweep] without an interval passes every 10 s: four passes take
     more than three intervals (scale 10: a second each), and not much more
     than four."""
-    imap = RefusingIMAP()
     port = dc.free_port()
-    g = hooked_gw(workdir, 'tssweep', imap, scale=10, extra_conf=admin_conf(
-        workdir, sweep=False, metrics_port=port) +
-        '\n[sweep]\nenabled = yes\n')
     interval = 10 / 10
-    try:
-        g.start()
+    with hooked_gw(workdir, 'tssweep', request, scale=10,
+                   extra_conf=admin_conf(workdir, sweep=False,
+                                         metrics_port=port) +
+                   '\n[sweep]\nenabled = yes\n') as g:
         assert wait_for(lambda: metric(port, 'mailshift_sweeps_total') >= 1,
                         60, 0.05), g.log_tail()
         first = metric(port, 'mailshift_sweeps_total')
@@ -216,11 +206,6 @@ def test_sweep_default_interval(workdir, request):
                         first + 4, 60, 0.05), g.log_tail()
         took = time.monotonic() - t0
         assert 3 * interval - SLACK <= took < 4 * interval + 10, took
-    finally:
-        g.stop()
-        if _failed(request):
-            print(g.log_tail(30))
-        imap.close()
 
 
 class MuteAfterLogin(fakeserver.LoopbackServer):

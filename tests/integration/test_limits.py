@@ -17,8 +17,9 @@ import pytest
 
 import gateway as gwlib
 from conftest import _failed, wait_for
-from test_gateway import read_line
+from test_gateway import read_line, read_until_close
 from test_gateway_ops import RefusingIMAP
+from test_smtp_promises import RecordingMTA
 
 STATUS = b'{"cmd":"status"}\n'
 # A request answered without the store: an error line four times its size.
@@ -44,6 +45,12 @@ def scripted_gw(path, request, imap=None, **kw):
             print(g.log_tail(30))
         if own:
             imap.close()
+
+
+def both_to(mta):
+    """smtp_backends: both sides' MTA is mta (a scripted one)."""
+    return {side: {'smtp': 'smtp://127.0.0.1:%d' % mta.port}
+            for side in ('source', 'destination')}
 
 
 @pytest.fixture
@@ -167,3 +174,82 @@ def test_control_unread_replies_stop_reading(lgw):
     assert sent == len(data) and len(lines) == total, \
         (sent, len(data), len(lines), total)
     assert all(json.loads(line) == BAD_REPLY for line in lines[::997])
+
+
+# ------------------------------------------- the buffer bounds of security.md
+
+def exchange(port, payload, timeout=10):
+    """Connects, reads the greeting, sends payload: what comes back until
+    the gateway closes or falls silent, and whether it closed."""
+    s = socket.create_connection(('127.0.0.1', port), timeout=30)
+    try:
+        greeting = s.recv(65536)
+        assert greeting, 'no greeting'
+        s.sendall(payload)
+        return read_until_close(s, timeout=timeout)
+    finally:
+        s.close()
+
+
+def test_prelogin_line_bounds(lgw):
+    """A pre-login command line of 8 KiB (its CRLF included) is taken; one
+    byte more gets the too-long answer and the connection is closed. IMAP
+    and POP3."""
+    for port, cmd, too_long in (
+            (lgw.imap_port, b'a1 NOOP ', b'* BYE Input line too long.'),
+            (lgw.pop3_port, b'NOOP ', b'-ERR Input line too long.')):
+        for extra, over in ((0, False), (1, True)):
+            line = cmd + b'x' * (8192 - len(cmd) - 2 + extra) + b'\r\n'
+            assert len(line) == 8192 + extra
+            data, closed = exchange(port, line, timeout=3 if not over
+                                    else 10)
+            if over:
+                assert closed and data.startswith(too_long), (port, data)
+            else:
+                assert data and too_long not in data and not closed, \
+                    (port, data)
+
+
+def test_login_literal_bound(lgw):
+    """A login literal of 4 KiB is taken (the continuation, then the
+    server's answer); 4 KiB + 1 is not."""
+    for size, taken in ((4096, True), (4097, False)):
+        s = socket.create_connection(('127.0.0.1', lgw.imap_port),
+                                     timeout=30)
+        try:
+            assert read_line(s).startswith(b'* OK')
+            s.sendall(b'a1 LOGIN {%d}\r\n' % size)
+            reply = read_line(s)
+            if not taken:
+                assert not reply.startswith(b'+'), reply
+                assert reply.startswith(b'a1 BAD') or \
+                    reply.startswith(b'* BYE'), reply
+                continue
+            assert reply.startswith(b'+'), reply
+            s.sendall(b'u' * size + b' pw\r\n')
+            reply = read_line(s)
+            assert reply.startswith(b'a1 NO'), reply
+        finally:
+            s.close()
+
+
+def test_smtp_line_bound(workdir, request):
+    """An SMTP command line of 4 KiB before its LF (the CR counted) is
+    taken; one byte more gets 500 5.5.2 and the connection is closed."""
+    mta = RecordingMTA()
+    try:
+        with scripted_gw(os.path.join(workdir, 'limsmtp'), request,
+                         smtp=True, smtp_backends=both_to(mta)) as g:
+            for extra, over in ((0, False), (1, True)):
+                line = b'NOOP ' + b'x' * (4096 - 6 + extra) + b'\r\n'
+                assert len(line) == 4097 + extra
+                data, closed = exchange(g.smtp_port, line,
+                                        timeout=3 if not over else 10)
+                if over:
+                    assert closed and data.startswith(
+                        b'500 5.5.2 Error: line too long'), data
+                else:
+                    assert data and b'line too long' not in data and \
+                        not closed, data
+    finally:
+        mta.close()

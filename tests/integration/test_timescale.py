@@ -24,7 +24,7 @@ import leakcheck
 from conftest import wait_for
 from test_gateway import read_line, read_until_close
 from test_gateway_ops import admin_conf, metric
-from test_limits import scripted_gw
+from test_limits import both_to, scripted_gw
 from test_smtp import read_reply
 from test_smtp_promises import RecordingMTA
 
@@ -53,9 +53,8 @@ def fake_gw(workdir, request):
     listener relaying to a recording MTA."""
     mta = RecordingMTA()
     try:
-        with hooked_gw(workdir, 'tsgw', request, smtp=True, smtp_backends={
-                side: {'smtp': 'smtp://127.0.0.1:%d' % mta.port}
-                for side in ('source', 'destination')}) as g:
+        with hooked_gw(workdir, 'tsgw', request, smtp=True,
+                       smtp_backends=both_to(mta)) as g:
             yield g
     finally:
         mta.close()

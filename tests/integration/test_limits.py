@@ -18,6 +18,7 @@ import pytest
 import gateway as gwlib
 from conftest import _failed, wait_for
 from test_gateway import read_line, read_until_close
+from test_smtp import read_reply
 from test_gateway_ops import RefusingIMAP
 from test_smtp_promises import RecordingMTA
 
@@ -253,3 +254,70 @@ def test_smtp_line_bound(workdir, request):
                         not closed, data
     finally:
         mta.close()
+
+
+def test_server_line_bound(workdir, request):
+    """A server's line of 8 KiB (its CRLF included) is read: the login goes
+    on to the server's answer; one byte more and the server is given up:
+    NO [UNAVAILABLE], the log says why."""
+    for size, taken in ((8192, True), (8193, False)):
+        imap = RefusingIMAP()
+        head = b'* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] '
+        imap.greeting = head + b'x' * (size - len(head) - 2) + b'\r\n'
+        assert len(imap.greeting) == size
+        try:
+            with scripted_gw(os.path.join(workdir, 'limsrv%d' % size),
+                             request, imap=imap) as g:
+                s = socket.create_connection(('127.0.0.1', g.imap_port),
+                                             timeout=30)
+                assert read_line(s).startswith(b'* OK')
+                s.sendall(b'a1 LOGIN alice not-her-password\r\n')
+                reply = read_line(s)
+                s.close()
+                if taken:
+                    assert reply.startswith(b'a1 NO [AUTHENTICATIONFAILED]'), \
+                        reply
+                    assert 'server line too long' not in g.log_text()
+                else:
+                    assert reply.startswith(b'a1 NO [UNAVAILABLE]'), reply
+                    assert 'server line too long' in g.log_text(), \
+                        g.log_tail()
+        finally:
+            imap.close()
+
+
+def test_smtp_reply_bound(workdir, request):
+    """An MTA's reply of 16 KiB (all its lines, CRLFs included) is read;
+    one byte more and the MTA is given up, the log says why."""
+    for size, taken in ((16384, True), (16385, False)):
+        mta = RecordingMTA()
+        # A greeting of many lines: "220-" lines, then "220 " and the rest.
+        body = b'220-' + b'y' * 996 + b'\r\n'
+        lines = body * (size // len(body) - 1)
+        last = size - len(lines)
+        mta.greeting = lines + b'220 ' + b'z' * (last - 6) + b'\r\n'
+        assert len(mta.greeting) == size
+        try:
+            with scripted_gw(os.path.join(workdir, 'limmta%d' % size),
+                             request, smtp=True,
+                             smtp_backends=both_to(mta)) as g:
+                s = socket.create_connection(('127.0.0.1', g.smtp_port),
+                                             timeout=30)
+                assert read_reply(s).startswith(b'220')
+                for line in (b'EHLO client.test',
+                             b'MAIL FROM:<a@remote.test>'):
+                    s.sendall(line + b'\r\n')
+                    assert read_reply(s).startswith(b'250'), line
+                s.sendall(b'RCPT TO:<alice@example.test>\r\n')
+                reply = read_reply(s)
+                s.close()
+                log = g.log_text()
+                if taken:
+                    assert reply.startswith(b'250'), (reply, g.log_tail())
+                    assert 'too long' not in log, g.log_tail()
+                else:
+                    assert reply[:1] == b'4', reply
+                    assert 'reply from the mail server too long' in log, \
+                        g.log_tail()
+        finally:
+            mta.close()

@@ -23,6 +23,8 @@ class RecordingMTA(fakeserver.LoopbackServer):
     """An SMTP server that takes everything, except MAIL FROM a sender
     starting "refused@" (550 5.7.1); self.lines[n] are connection n's."""
 
+    greeting = b'220 recording ESMTP\r\n'
+
     def __init__(self):
         self.lines = {}
         super().__init__()
@@ -30,7 +32,7 @@ class RecordingMTA(fakeserver.LoopbackServer):
     def handle(self, c, n):
         seen = self.lines.setdefault(n, [])
         f = c.makefile('rb')
-        c.sendall(b'220 recording ESMTP\r\n')
+        c.sendall(self.greeting)
         data = False
         for line in f:
             seen.append(line)

@@ -24,6 +24,7 @@ class RecordingMTA(fakeserver.LoopbackServer):
     starting "refused@" (550 5.7.1); self.lines[n] are connection n's."""
 
     greeting = b'220 recording ESMTP\r\n'
+    mute_at_end = False     # True: the end of data is never answered
 
     def __init__(self):
         self.lines = {}
@@ -39,6 +40,8 @@ class RecordingMTA(fakeserver.LoopbackServer):
             if data:
                 if line == b'.\r\n':
                     data = False
+                    if self.mute_at_end:
+                        return      # kept open by LoopbackServer
                     c.sendall(b'250 2.0.0 queued\r\n')
                 continue
             verb = line[:4].upper()

@@ -149,6 +149,37 @@ def test_smtp_idle(fake_gw):
     s.close()
 
 
+def test_smtp_end_of_data_unanswered(workdir, request):
+    """An MTA that never answers the end of a message is given up 10
+    minutes after it (RFC 5321 4.5.3.2.6): 451 4.4.2 to the client, whose
+    session goes on."""
+    mta = RecordingMTA()
+    mta.mute_at_end = True
+    try:
+        with hooked_gw(workdir, 'tsdata', request, smtp=True,
+                       smtp_backends=both_to(mta)) as g:
+            s = socket.create_connection(('127.0.0.1', g.smtp_port),
+                                         timeout=30)
+            assert read_reply(s).startswith(b'220')
+            for line in (b'EHLO client.test', b'MAIL FROM:<a@remote.test>',
+                         b'RCPT TO:<alice@example.test>'):
+                s.sendall(line + b'\r\n')
+                assert read_reply(s).startswith(b'250'), line
+            s.sendall(b'DATA\r\n')
+            assert read_reply(s).startswith(b'354')
+            t0 = time.monotonic()
+            s.sendall(b'Subject: t\r\n\r\nhi\r\n.\r\n')
+            reply = read_reply(s, timeout=scaled(600) + 30)
+            took = time.monotonic() - t0
+            assert reply.startswith(b'451 4.4.2 '), reply
+            assert took >= scaled(600) - SLACK, took
+            s.sendall(b'NOOP\r\n')
+            assert read_reply(s).startswith(b'250')
+            s.close()
+    finally:
+        mta.close()
+
+
 class SilentIMAP(fakeserver.LoopbackServer):
     """Takes connections and never says a word."""
 

@@ -26,6 +26,7 @@
 #include "gw_internal.h"
 #include "log.h"
 #include "retire.h"
+#include "testhook.h"
 
 #define PRELOGIN_TIMEOUT_MS (180 * 1000)	/* since the client's last bytes */
 #define PRELOGIN_MAX_MS (10 * 60 * 1000)	/* since it connected, at most */
@@ -474,7 +475,8 @@ void gw_backend_connect(struct session *s, int to_dst, int verify_only)
 		gw_backend_fail(s, "no such server configured");
 		return;
 	}
-	gw_timer_start(s, on_backend_timeout, GW_BACKEND_TIMEOUT_MS, 0);
+	gw_timer_start(s, on_backend_timeout,
+		       MS_TEST_TIME(GW_BACKEND_TIMEOUT_MS), 0);
 	if (ms_server_connect(gw->loop, srv, &cb, &s->b) < 0)
 		gw_backend_fail(s, "cannot connect");
 	else
@@ -597,8 +599,8 @@ void gw_line_too_long(struct session *s)
 void gw_prelogin_timer(struct session *s)
 {
 	uint64_t now = uv_now(s->gw->loop);
-	uint64_t end = s->born_ms + PRELOGIN_MAX_MS;
-	uint64_t ms = PRELOGIN_TIMEOUT_MS;
+	uint64_t end = s->born_ms + MS_TEST_TIME(PRELOGIN_MAX_MS);
+	uint64_t ms = MS_TEST_TIME(PRELOGIN_TIMEOUT_MS);
 
 	if (end <= now)
 		ms = 1;

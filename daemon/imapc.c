@@ -10,6 +10,7 @@
 
 #include "imapc.h"
 #include "log.h"
+#include "testhook.h"
 #include "util.h"
 
 enum imapc_state {
@@ -1019,8 +1020,9 @@ struct ms_imapc *ms_imapc_new(uv_loop_t *loop,
 	}
 	uv_timer_init(loop, c->timer);
 	c->timer->data = c;
-	uv_timer_start(c->timer, on_timeout, c->timeout_secs * 1000ULL,
-		       c->timeout_secs * 1000ULL);
+	uv_timer_start(c->timer, on_timeout,
+		       MS_TEST_TIME(c->timeout_secs * 1000ULL),
+		       MS_TEST_TIME(c->timeout_secs * 1000ULL));
 	cb.ctx = c;
 	c->state = ST_CONNECTING;
 	ret = ms_conn_connect(loop, c->host, c->port, &c->tls, &cb, &c->conn);

@@ -874,8 +874,9 @@ void gw_lifecycle_start(struct ms_gateway *gw)
 			uv_timer_init(gw->loop, gw->sweep_timer);
 			gw->sweep_timer->data = gw;
 			uv_timer_start(gw->sweep_timer, gw_on_sweep, 1000,
-				       (cfg->sweep_interval ? cfg->sweep_interval :
-					10) * 1000ULL);
+				       MS_TEST_TIME((cfg->sweep_interval ?
+						     cfg->sweep_interval :
+						     10) * 1000ULL));
 		}
 	} else if (cfg->sweep) {
 		ms_warn("[sweep] needs admin logins for both servers "

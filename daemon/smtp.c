@@ -41,6 +41,7 @@
 #include "log.h"
 #include "net.h"
 #include "retire.h"
+#include "testhook.h"
 #include "util.h"
 
 #define LINE_MAX_LEN 4096	/* a command line (RFC 5321: 512; lenient) */
@@ -201,7 +202,7 @@ static void timer_set(struct smtp_session *s, uv_timer_cb cb, uint64_t ms)
 		return;
 	uv_timer_stop(&s->timer);
 	if (cb != NULL)
-		uv_timer_start(&s->timer, cb, ms, 0);
+		uv_timer_start(&s->timer, cb, MS_TEST_TIME(ms), 0);
 }
 
 static void smtp_client_on_idle(uv_timer_t *t)

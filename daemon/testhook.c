@@ -62,6 +62,28 @@ void ms_crash_point(const char *name)
 		n = 0;
 	raise(SIGKILL);
 }
+
+/* MAILSHIFT_TEST_TIME_SCALE, read once. */
+uint64_t ms_test_time(uint64_t ms)
+{
+	static unsigned long scale;
+
+	if (scale == 0) {
+		const char *v = getenv("MAILSHIFT_TEST_TIME_SCALE");
+		char *end;
+
+		scale = 1;
+		if (v != NULL && *v != '\0') {
+			scale = strtoul(v, &end, 10);
+			if (*end != '\0' || scale == 0) {
+				fprintf(stderr, "MAILSHIFT_TEST_TIME_SCALE=%s: "
+					"bad scale\n", v);
+				exit(2);
+			}
+		}
+	}
+	return ms / scale > 0 ? ms / scale : 1;
+}
 #else
 /* ISO C wants a translation unit to hold something. */
 typedef int ms_testhook_unused;

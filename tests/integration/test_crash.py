@@ -229,12 +229,14 @@ def test_kill9_in_rollback(gpair, make_gw, workdir, point):
 
 def test_normal_builds_have_no_crash_points():
     """The crash points exist only in the test builds: a normal build
-    never reads MAILSHIFT_CRASH_AT. (Under check-asan both names point at
-    the ASan build, which has them.)"""
+    never reads MAILSHIFT_CRASH_AT, nor the time scale of
+    test_timescale.py. (Under check-asan both names point at the ASan
+    build, which has them.)"""
     for normal, hooked in ((gwlib.MAILSHIFTD, gwlib.MAILSHIFTD_HOOKS),
                            (gwlib.MAILSHIFTCTL, gwlib.MAILSHIFTCTL_HOOKS)):
-        with open(hooked, 'rb') as f:
-            assert b'MAILSHIFT_CRASH_AT' in f.read(), hooked
-        if os.path.realpath(normal) != os.path.realpath(hooked):
-            with open(normal, 'rb') as f:
-                assert b'MAILSHIFT_CRASH_AT' not in f.read(), normal
+        for word in (b'MAILSHIFT_CRASH_AT', b'MAILSHIFT_TEST_TIME_SCALE'):
+            with open(hooked, 'rb') as f:
+                assert word in f.read(), (hooked, word)
+            if os.path.realpath(normal) != os.path.realpath(hooked):
+                with open(normal, 'rb') as f:
+                    assert word not in f.read(), (normal, word)

@@ -213,13 +213,14 @@ class RefusingIMAP(fakeserver.LoopbackServer):
 
     pop3_port = None
     tls_ca = None
+    greeting = b'* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] x\r\n'
 
     def url(self, scheme='imap'):
         return 'imap://127.0.0.1:%d' % self.port
 
     def handle(self, c, n):
         with c:
-            c.sendall(b'* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] x\r\n')
+            c.sendall(self.greeting)
             for line in c.makefile('rb'):
                 tag = line.split(b' ', 1)[0]
                 if b' AUTHENTICATE ' in line.upper():

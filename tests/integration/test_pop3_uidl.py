@@ -17,6 +17,7 @@ import os
 import poplib
 import re
 import socket
+import sqlite3
 
 import pytest
 
@@ -483,3 +484,81 @@ def test_bad_format_is_a_config_error(gpair, workdir):
         g.stop()
         assert 'rc 2' in str(e.value), str(e.value)
         assert 'pop3_uidl_format "%s"' % fmt in g.log_text(), g.log_text()
+
+
+def break_tables(path, tables):
+    """Makes the store's tables (and their indexes) unreadable under the
+    running daemon, the way a damaged disk would: a write and a checkpoint
+    (so the daemon's cached pages are stale), then the first byte of each
+    one's root page (its page type) overwritten. Returns what undoes it."""
+    db = sqlite3.connect(path)
+    try:
+        db.execute('PRAGMA user_version = 13')
+        db.commit()
+        busy, _, _ = db.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
+        assert busy == 0, 'the checkpoint could not run'
+        size = db.execute('PRAGMA page_size').fetchone()[0]
+        roots = [r for (r,) in db.execute(
+            'SELECT rootpage FROM sqlite_master WHERE tbl_name IN (%s) AND '
+            'rootpage > 1' % ','.join('?' * len(tables)), tables)]
+    finally:
+        db.close()
+    assert roots, tables
+    saved = []
+    with open(path, 'r+b') as f:
+        for r in roots:
+            f.seek((r - 1) * size)
+            saved.append(((r - 1) * size, f.read(1)))
+            f.seek((r - 1) * size)
+            f.write(b'\xff')
+
+    def undo():
+        with open(path, 'r+b') as f:
+            for off, b in saved:
+                f.seek(off)
+                f.write(b)
+        db = sqlite3.connect(path)      # the daemon's cache stale again
+        db.execute('PRAGMA user_version = 14')
+        db.commit()
+        db.close()
+    return undo
+
+
+def test_store_failures_end_the_session(gpair, make_gw, workdir):
+    """A store that cannot say which UIDLs to show: the login is refused
+    with -ERR [SYS/TEMP] (better no session than a mailbox downloaded
+    again); a store error in the middle of a session ends it."""
+    g, before = move(gpair, make_gw, workdir)
+
+    undo = break_tables(g.store_path, ['folders'])
+    try:
+        p = poplib.POP3('127.0.0.1', g.pop3_port, timeout=30)
+        p.user(USER)
+        with pytest.raises(poplib.error_proto) as e:
+            p.pass_(PW)
+        assert e.value.args[0].startswith(b'-ERR [SYS/TEMP] '), e.value
+        p.quit()
+    finally:
+        undo()
+    assert re.search(r'session \d+: %s: folder_find_dst: .*malformed'
+                     % USER, g.log_text()), \
+        g.log_tail()
+
+    # Mid-session: the store answered at the login, not for the UIDLs.
+    p = pop3(g.pop3_port)
+    assert len(uidls(p)) == len(before)
+    undo = break_tables(g.store_path, ['messages'])
+    try:
+        with pytest.raises((poplib.error_proto, OSError, EOFError)):
+            p.uidl()
+        data, closed = read_until_close(p.sock, 10)
+        assert closed, data
+    finally:
+        p.close()
+        undo()
+    assert re.search(r'session \d+: %s: POP3 UIDL: store: ' % USER,
+                     g.log_text()), g.log_tail()
+    # Mended, the store answers again.
+    p = pop3(g.pop3_port)
+    assert len(uidls(p)) == len(before)
+    p.quit()

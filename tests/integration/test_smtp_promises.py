@@ -23,6 +23,9 @@ class RecordingMTA(fakeserver.LoopbackServer):
     """An SMTP server that takes everything, except MAIL FROM a sender
     starting "refused@" (550 5.7.1); self.lines[n] are connection n's."""
 
+    greeting = b'220 recording ESMTP\r\n'
+    mute_at_end = False     # True: the end of data is never answered
+
     def __init__(self):
         self.lines = {}
         super().__init__()
@@ -30,13 +33,15 @@ class RecordingMTA(fakeserver.LoopbackServer):
     def handle(self, c, n):
         seen = self.lines.setdefault(n, [])
         f = c.makefile('rb')
-        c.sendall(b'220 recording ESMTP\r\n')
+        c.sendall(self.greeting)
         data = False
         for line in f:
             seen.append(line)
             if data:
                 if line == b'.\r\n':
                     data = False
+                    if self.mute_at_end:
+                        return      # kept open by LoopbackServer
                     c.sendall(b'250 2.0.0 queued\r\n')
                 continue
             verb = line[:4].upper()

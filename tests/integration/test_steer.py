@@ -404,6 +404,7 @@ def test_router_mode_routes_users_per_map(steered):
     src_before = env.from_clients(env.src_ns)
     dst_before = env.from_clients(env.dst_ns)
     bob_src_logins = len(logins(env.src, 'bob'))
+    alice_src_logins = len(logins(env.src, 'alice'))
     stats0, _ = env.stats()
 
     # alice is on the source: proxied there by mailshiftd.
@@ -416,6 +417,14 @@ def test_router_mode_routes_users_per_map(steered):
         assert s[0]['local'] == '%s:143' % SERVICE_ADDR, s
     finally:
         close(m)
+    # [source] names the very address the divert catches: mailshiftd's
+    # own connection to it is not diverted (prerouting sees only what
+    # arrives) and reaches the real server, from the gateway's address.
+    assert 'imap://%s:143' % SERVICE_ADDR in open(env.gw.config_path).read()
+    assert wait_for(lambda: len(logins(env.src, 'alice')) >
+                    alice_src_logins, 10)
+    new = logins(env.src, 'alice')[alice_src_logins:]
+    assert len(new) == 1 and 'rip=%s,' % GW_ADDRS[1] in new[0], new
     # bob is migrated: mailshiftd sends him to the destination ...
     m, tags = login_tags(env, 'bob')
     try:

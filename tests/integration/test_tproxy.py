@@ -211,7 +211,10 @@ def env(test_root, ctl):
 
         # The mail servers and the gateway, inside ms-gw.
         users = {USER: GW_USERS[USER]}
-        src = src_server(root, None, dict(users), netns=gw_ns.name)
+        # The source trusts the gateway with the client's addresses (ID
+        # x-originating-ip, x-connected-ip): its log shows what it was told.
+        src = src_server(root, None, dict(users), netns=gw_ns.name,
+                         extra_conf='login_trusted_networks = 127.0.0.1/32')
         dst = dst_server(root, None, dict(users), netns=gw_ns.name)
         servers += [src, dst]
         src.start()
@@ -325,6 +328,15 @@ def test_imap_diverted_to_transparent_listener(env):
         # While the session is open, mailshiftd reports its addresses.
         one_session(env, 'imap', 143)
         m.logout()
+        # The server was told the client's address and the one it
+        # connected to (x-connected-ip): the old server's, the divert's
+        # original destination, not the gateway's own.
+        assert wait_for(lambda: re.search(
+            r'imap-login: Info: Login: user=<%s>, method=\S+, rip=%s, '
+            r'lip=%s,' % (USER, re.escape(CLI_ADDR),
+                          re.escape(SERVICE_ADDR)),
+            open(env.src.log_path).read()) is not None, 10), \
+            open(env.src.log_path).read()[-2000:]
     finally:
         if m.state != 'LOGOUT':
             m.shutdown()

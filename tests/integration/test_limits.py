@@ -1,0 +1,323 @@
+"""The control socket's limits (docs/mailshift.conf.5, [control]): a client
+that leaves more than 1 MiB of replies unread is not read from until it
+catches up; at most 64 clients at once.
+
+mailshiftd runs in front of a scripted IMAP server (no mailbox is needed);
+the tests speak the control protocol (one JSON request a line) on the raw
+UNIX socket.
+"""
+
+import contextlib
+import json
+import os
+import socket
+import time
+
+import pytest
+
+import gateway as gwlib
+from conftest import _failed, wait_for
+from test_gateway import read_line, read_until_close
+from test_smtp import read_reply
+from test_gateway_ops import RefusingIMAP
+from test_smtp_promises import RecordingMTA
+
+STATUS = b'{"cmd":"status"}\n'
+# A request answered without the store: an error line four times its size.
+BAD = b'{"cmd":5}\n'
+BAD_REPLY = {'ok': False, 'error': '"cmd" must be a string'}
+
+
+@contextlib.contextmanager
+def scripted_gw(path, request, imap=None, **kw):
+    """mailshiftd (kw: gwlib.Mailshiftd's) in front of a scripted IMAP
+    server, RefusingIMAP unless imap is given; stopped at the end."""
+    own = imap is None
+    imap = imap or RefusingIMAP()
+    g = gwlib.Mailshiftd(path, imap, imap, policy='off',
+                         src_schemes=('imap', None),
+                         dst_schemes=('imap', None), **kw)
+    try:
+        g.start()
+        yield g
+    finally:
+        g.stop()
+        if _failed(request):
+            print(g.log_tail(30))
+        if own:
+            imap.close()
+
+
+def both_to(mta):
+    """smtp_backends: both sides' MTA is mta (a scripted one)."""
+    return {side: {'smtp': 'smtp://127.0.0.1:%d' % mta.port}
+            for side in ('source', 'destination')}
+
+
+@pytest.fixture
+def lgw(workdir, request):
+    with scripted_gw(os.path.join(workdir, 'limgw'), request) as g:
+        yield g
+
+
+def control(g):
+    """A connection to the control socket (retried while its listen
+    backlog is full: EAGAIN on a UNIX socket)."""
+    deadline = time.monotonic() + 30
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(30)
+        try:
+            s.connect(g.socket_path)
+            return s
+        except BlockingIOError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def status_ok(g):
+    with control(g) as s:
+        s.sendall(STATUS)
+        return json.loads(read_line(s))['ok'] is True
+
+
+def test_control_clients_at_most_64(lgw):
+    """64 control clients at once are served; the 65th gets one error line
+    and is closed; once one leaves, a new one is served."""
+    held = []
+    try:
+        # Each answered, so each accepted, before the next; the 64th is
+        # at the bound.
+        for _ in range(64):
+            held.append(control(lgw))
+            held[-1].sendall(STATUS)
+            assert json.loads(read_line(held[-1]))['ok'] is True, len(held)
+        # One over: refused, closed.
+        s65 = control(lgw)
+        rep = b''
+        while True:
+            try:
+                d = s65.recv(65536)
+            except ConnectionResetError:
+                break
+            if not d:
+                break
+            rep += d
+        s65.close()
+        assert json.loads(rep) == {'ok': False, 'error':
+                                   'too many control connections'}, rep
+        # The others are still served.
+        held[0].sendall(STATUS)
+        assert json.loads(read_line(held[0]))['ok'] is True
+        # One leaves: room for one more (the daemon sees the close when
+        # it next runs its loop).
+        held.pop().close()
+        assert wait_for(lambda: status_ok(lgw), 30, 0.1), lgw.log_tail()
+    finally:
+        for s in held:
+            s.close()
+    assert wait_for(lambda: status_ok(lgw), 30, 0.1), lgw.log_tail()
+
+
+def test_control_unread_replies_stop_reading(lgw):
+    """A client that sends requests and never reads its replies stops
+    being read: its writes stall (the daemon would otherwise queue a reply
+    for every request, without end), other clients are served meanwhile;
+    when it reads, every request is answered and its remaining requests go
+    through."""
+    s = control(lgw)
+    s.setblocking(False)
+    total = 4 * 1024 * 1024 // len(BAD)     # 4 MiB: 17 MiB of replies
+    data = BAD * total
+    sent = 0
+    last_progress = time.monotonic()
+    deadline = time.monotonic() + 120
+    while sent < len(data) and time.monotonic() < deadline:
+        try:
+            n = s.send(data[sent:sent + 65536])
+        except BlockingIOError:
+            if time.monotonic() - last_progress > 3:
+                break           # no progress for 3 s: not read any more
+            time.sleep(0.01)
+            continue
+        sent += n
+        last_progress = time.monotonic()
+    assert sent < len(data), \
+        'the daemon read 4 MiB of requests with every reply unread'
+    assert status_ok(lgw), 'another control client not served'
+
+    # Catch up: read everything while sending the rest.
+    got = b''
+    deadline = time.monotonic() + 300
+    while (sent < len(data) or got.count(b'\n') < total) and \
+            time.monotonic() < deadline:
+        progressed = False
+        try:
+            d = s.recv(1 << 20)
+            if not d:
+                break
+            got += d
+            progressed = True
+        except BlockingIOError:
+            pass
+        if sent < len(data):
+            try:
+                sent += s.send(data[sent:sent + 65536])
+                progressed = True
+            except BlockingIOError:
+                pass
+        if not progressed:
+            time.sleep(0.005)
+    s.close()
+    lines = got.splitlines()
+    assert sent == len(data) and len(lines) == total, \
+        (sent, len(data), len(lines), total)
+    assert all(json.loads(line) == BAD_REPLY for line in lines[::997])
+
+
+# ------------------------------------------- the buffer bounds of security.md
+
+def exchange(port, payload, timeout=10):
+    """Connects, reads the greeting, sends payload: what comes back until
+    the gateway closes or falls silent, and whether it closed."""
+    s = socket.create_connection(('127.0.0.1', port), timeout=30)
+    try:
+        greeting = s.recv(65536)
+        assert greeting, 'no greeting'
+        s.sendall(payload)
+        return read_until_close(s, timeout=timeout)
+    finally:
+        s.close()
+
+
+def test_prelogin_line_bounds(lgw):
+    """A pre-login command line of 8 KiB (its CRLF included) is taken; one
+    byte more gets the too-long answer and the connection is closed. IMAP
+    and POP3."""
+    for port, cmd, too_long in (
+            (lgw.imap_port, b'a1 NOOP ', b'* BYE Input line too long.'),
+            (lgw.pop3_port, b'NOOP ', b'-ERR Input line too long.')):
+        for extra, over in ((0, False), (1, True)):
+            line = cmd + b'x' * (8192 - len(cmd) - 2 + extra) + b'\r\n'
+            assert len(line) == 8192 + extra
+            data, closed = exchange(port, line, timeout=3 if not over
+                                    else 10)
+            if over:
+                assert closed and data.startswith(too_long), (port, data)
+            else:
+                assert data and too_long not in data and not closed, \
+                    (port, data)
+
+
+def test_login_literal_bound(lgw):
+    """A login literal of 4 KiB is taken (the continuation, then the
+    server's answer); 4 KiB + 1 is not."""
+    for size, taken in ((4096, True), (4097, False)):
+        s = socket.create_connection(('127.0.0.1', lgw.imap_port),
+                                     timeout=30)
+        try:
+            assert read_line(s).startswith(b'* OK')
+            s.sendall(b'a1 LOGIN {%d}\r\n' % size)
+            reply = read_line(s)
+            if not taken:
+                assert not reply.startswith(b'+'), reply
+                assert reply.startswith(b'a1 BAD') or \
+                    reply.startswith(b'* BYE'), reply
+                continue
+            assert reply.startswith(b'+'), reply
+            s.sendall(b'u' * size + b' pw\r\n')
+            reply = read_line(s)
+            assert reply.startswith(b'a1 NO'), reply
+        finally:
+            s.close()
+
+
+def test_smtp_line_bound(workdir, request):
+    """An SMTP command line of 4 KiB before its LF (the CR counted) is
+    taken; one byte more gets 500 5.5.2 and the connection is closed."""
+    mta = RecordingMTA()
+    try:
+        with scripted_gw(os.path.join(workdir, 'limsmtp'), request,
+                         smtp=True, smtp_backends=both_to(mta)) as g:
+            for extra, over in ((0, False), (1, True)):
+                line = b'NOOP ' + b'x' * (4096 - 6 + extra) + b'\r\n'
+                assert len(line) == 4097 + extra
+                data, closed = exchange(g.smtp_port, line,
+                                        timeout=3 if not over else 10)
+                if over:
+                    assert closed and data.startswith(
+                        b'500 5.5.2 Error: line too long'), data
+                else:
+                    assert data and b'line too long' not in data and \
+                        not closed, data
+    finally:
+        mta.close()
+
+
+def test_server_line_bound(workdir, request):
+    """A server's line of 8 KiB (its CRLF included) is read: the login goes
+    on to the server's answer; one byte more and the server is given up:
+    NO [UNAVAILABLE], the log says why."""
+    for size, taken in ((8192, True), (8193, False)):
+        imap = RefusingIMAP()
+        head = b'* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] '
+        imap.greeting = head + b'x' * (size - len(head) - 2) + b'\r\n'
+        assert len(imap.greeting) == size
+        try:
+            with scripted_gw(os.path.join(workdir, 'limsrv%d' % size),
+                             request, imap=imap) as g:
+                s = socket.create_connection(('127.0.0.1', g.imap_port),
+                                             timeout=30)
+                assert read_line(s).startswith(b'* OK')
+                s.sendall(b'a1 LOGIN alice not-her-password\r\n')
+                reply = read_line(s)
+                s.close()
+                if taken:
+                    assert reply.startswith(b'a1 NO [AUTHENTICATIONFAILED]'), \
+                        reply
+                    assert 'server line too long' not in g.log_text()
+                else:
+                    assert reply.startswith(b'a1 NO [UNAVAILABLE]'), reply
+                    assert 'server line too long' in g.log_text(), \
+                        g.log_tail()
+        finally:
+            imap.close()
+
+
+def test_smtp_reply_bound(workdir, request):
+    """An MTA's reply of 16 KiB (all its lines, CRLFs included) is read;
+    one byte more and the MTA is given up, the log says why."""
+    for size, taken in ((16384, True), (16385, False)):
+        mta = RecordingMTA()
+        # A greeting of many lines: "220-" lines, then "220 " and the rest.
+        body = b'220-' + b'y' * 996 + b'\r\n'
+        lines = body * (size // len(body) - 1)
+        last = size - len(lines)
+        mta.greeting = lines + b'220 ' + b'z' * (last - 6) + b'\r\n'
+        assert len(mta.greeting) == size
+        try:
+            with scripted_gw(os.path.join(workdir, 'limmta%d' % size),
+                             request, smtp=True,
+                             smtp_backends=both_to(mta)) as g:
+                s = socket.create_connection(('127.0.0.1', g.smtp_port),
+                                             timeout=30)
+                assert read_reply(s).startswith(b'220')
+                for line in (b'EHLO client.test',
+                             b'MAIL FROM:<a@remote.test>'):
+                    s.sendall(line + b'\r\n')
+                    assert read_reply(s).startswith(b'250'), line
+                s.sendall(b'RCPT TO:<alice@example.test>\r\n')
+                reply = read_reply(s)
+                s.close()
+                log = g.log_text()
+                if taken:
+                    assert reply.startswith(b'250'), (reply, g.log_tail())
+                    assert 'too long' not in log, g.log_tail()
+                else:
+                    assert reply[:1] == b'4', reply
+                    assert 'reply from the mail server too long' in log, \
+                        g.log_tail()
+        finally:
+            mta.close()

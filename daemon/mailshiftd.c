@@ -336,8 +336,8 @@ int main(int argc, char *argv[])
 		free(serr);
 		return 1;
 	}
-	ms_retire_init(store, &c.retire);
 	loop = uv_default_loop();
+	ms_retire_init(loop, store, &c.retire);
 	if (ms_gateway_new(loop, &c.gw, store, &gw, err, sizeof(err)) < 0 ||
 	    ms_control_new(loop, c.control, &acc, gw, store, &ctl, err,
 			   sizeof(err)) < 0) {
@@ -378,6 +378,7 @@ int main(int argc, char *argv[])
 out:
 	ms_control_free(&ctl);
 	ms_gateway_free(&gw);
+	ms_retire_stop();
 	if (loop != NULL)
 		uv_run(loop, UV_RUN_NOWAIT);
 	ms_store_close(&store);

@@ -6,6 +6,7 @@
 #define MS_RETIRE_H
 
 #include <stddef.h>
+#include <uv.h>
 
 #include "store.h"
 
@@ -23,8 +24,13 @@ int ms_retire_key(struct ms_retire_cfg *r, const char *key, const char *value,
 /* "90", "90s", "15m", "24h", "7d" into seconds (at most 400 days). */
 int ms_parse_duration(const char *s, unsigned int *secs_r);
 
-/* The gateway's side, one per process (like the log): where to write. */
-void ms_retire_init(struct ms_store *store, const struct ms_retire_cfg *r);
+/* The gateway's side, one per process (like the log): where to write.
+ * Uses are written by a timer on loop, a second's worth in one
+ * transaction (loop NULL: each when it happens); ms_retire_stop() writes what waits and closes the timer
+ * (before the loop's last run). */
+void ms_retire_init(uv_loop_t *loop, struct ms_store *store,
+		    const struct ms_retire_cfg *r);
+void ms_retire_stop(void);
 /* The gateway sends something of name's to the source now: kind
  * "session" (an IMAP or POP3 login), "submission" or "mail" (a
  * recipient). Written under the user's map name, or "*" for a name the map

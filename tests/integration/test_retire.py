@@ -85,7 +85,12 @@ def test_check_refuses_until_clean(gpair, make_gw, workdir):
     m = imaplib.IMAP4('127.0.0.1', g.imap_port, timeout=30)
     assert m.login('alice', GW_USERS['alice'])[0] == 'OK'
     assert m.select('INBOX')[0] == 'OK'
+    # The use is written within a second (one transaction a second).
+    deadline = time.monotonic() + 10
     r = check(g)
+    while not r.json['source_use'] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        r = check(g)
     assert r.rc == 1, r.describe()
     assert [s['user'] for s in r.json['sessions']] == ['alice'], r.json
     assert reasons_about(r, 'of alice (imap from 127.0.0.1'), r.json

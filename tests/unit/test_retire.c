@@ -55,7 +55,7 @@ static void names(void **state)
 	int64_t id;
 
 	ms_retire_defaults(&cfg);
-	ms_retire_init(store, &cfg);
+	ms_retire_init(NULL, store, &cfg);
 	assert_int_equal(ms_store_user_get(store, "alice", &id), 0);
 	assert_int_equal(ms_store_user_get(store, "bob@example.org", &id), 0);
 
@@ -96,7 +96,7 @@ static void throttle(void **state)
 	struct rows r;
 	int64_t id;
 
-	ms_retire_init(store, &cfg);
+	ms_retire_init(NULL, store, &cfg);
 	assert_int_equal(ms_store_user_get(store, "alice", &id), 0);
 	ms_retire_note("session", "alice");
 	assert_int_equal(row(&r, "alice", "session")->slack, 3600);
@@ -107,7 +107,7 @@ static void throttle(void **state)
 	ms_retire_note("submission", "alice");
 	assert_non_null(row(&r, "alice", "submission"));
 	/* A new process (init) writes again. */
-	ms_retire_init(store, &cfg);
+	ms_retire_init(NULL, store, &cfg);
 	ms_retire_note("session", "alice");
 	assert_true(row(&r, "alice", "session")->at > 5);
 }
@@ -155,7 +155,7 @@ static int teardown(void **state)
 	char p[160];
 
 	/* no write may reach a closed store */
-	ms_retire_init(NULL, &(struct ms_retire_cfg){ 0 });
+	ms_retire_init(NULL, NULL, &(struct ms_retire_cfg){ 0 });
 	ms_store_close(&store);
 	for (const char *const *sfx = (const char *const[]){ "", "-wal",
 	     "-shm", NULL }; *sfx != NULL; sfx++) {

@@ -113,6 +113,9 @@ static int backend_key(struct ms_dconfig *c, int dst, const char *key,
 	if (!strcmp(key, "insecure"))
 		return set_bool(dst ? &c->dst_insecure : &c->src_insecure, key,
 				value, err, errsz);
+	if (!strcmp(key, "transparent"))
+		return set_bool(dst ? &c->dst_transparent :
+				&c->src_transparent, key, value, err, errsz);
 	return unknown(key, dst ? "destination" : "source", err, errsz);
 }
 
@@ -451,6 +454,9 @@ static void wire_tls(struct ms_dconfig *c)
 		dst[i]->server_name = dsn;
 		dst[i]->ca_file = dca;
 		dst[i]->insecure = c->dst_insecure;
+		/* not TLS, but per server and every protocol alike too */
+		src[i]->transparent = c->src_transparent;
+		dst[i]->transparent = c->dst_transparent;
 	}
 }
 

@@ -24,6 +24,8 @@ struct ms_dconfig {
 	char src_ca[512], dst_ca[512];
 	char src_sn[256], dst_sn[256];	/* server_name: the certificate's */
 	int src_insecure, dst_insecure;
+	int src_transparent, dst_transparent;	/* connect from the client's
+						   address */
 	struct ms_steer_cfg steer;	/* [steer] */
 	struct ms_takeover_cfg takeover;	/* [takeover] */
 	struct ms_retire_cfg retire;	/* [retire] */

@@ -477,7 +477,8 @@ void gw_backend_connect(struct session *s, int to_dst, int verify_only)
 	}
 	gw_timer_start(s, on_backend_timeout,
 		       MS_TEST_TIME(GW_BACKEND_TIMEOUT_MS), 0);
-	if (ms_server_connect(gw->loop, srv, &cb, &s->b) < 0)
+	if (ms_server_connect_for(gw->loop, srv, s->peer, s->peer_port, &cb,
+				  &s->b) < 0)
 		gw_backend_fail(s, "cannot connect");
 	else
 		ms_conn_set_wipe(s->b, 1);	/* the login goes this way */

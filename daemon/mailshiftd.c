@@ -120,7 +120,8 @@ static int setup_user(const struct ms_dconfig *c, struct ms_priv *p,
 	}
 	if (ms_priv_lookup(c->user, c->group, p, err, errsz) < 0)
 		return -1;
-	p->keep_net = c->gw.transparent;
+	p->keep_net = c->gw.transparent || c->src_transparent ||
+		      c->dst_transparent;
 	acc->owner = p->uid;
 	if (geteuid() == p->uid && getegid() == p->gid)
 		return 0;	/* started as that user already */

@@ -100,6 +100,9 @@ struct ms_conn {
 	struct addrinfo *ai;	/* resolved list, freed once connected */
 	struct addrinfo *ai_next; /* next address to try */
 	int last_connect_err;
+	struct sockaddr_storage from;	/* ms_conn_set_source(); family 0:
+					   this host's own address */
+	uint16_t from_not_port;
 	uv_connect_t connect_req;
 	uv_tcp_t *tcp;		/* current socket, NULL between attempts */
 	uv_idle_t idle;
@@ -1315,13 +1318,101 @@ out:
 static void connect_error_text(struct ms_conn *conn, int status, char *buf,
 			       size_t size)
 {
-	const char *fmt = strchr(conn->host, ':') ? "connect to [%s]:%u: %s" :
-						    "connect to %s:%u: %s";
+	const char *fmt = strchr(conn->host, ':') ? "connect to [%s]:%u%s: %s" :
+						    "connect to %s:%u%s: %s";
+	const char *from = "";
+	char a[INET6_ADDRSTRLEN + 32];
 
-	snprintf(buf, size, fmt, conn->host, conn->port, uv_strerror(status));
+	if (conn->from.ss_family != 0) {
+		const void *ip = conn->from.ss_family == AF_INET ?
+			(const void *)&((struct sockaddr_in *)&conn->from)->sin_addr :
+			(const void *)&((struct sockaddr_in6 *)&conn->from)->sin6_addr;
+
+		memcpy(a, " from ", 6);
+		inet_ntop(conn->from.ss_family, ip, a + 6, sizeof(a) - 6);
+		from = a;
+	}
+	snprintf(buf, size, fmt, conn->host, conn->port, from,
+		 uv_strerror(status));
 }
 
 static void on_tcp_connect(uv_connect_t *req, int status);
+
+static uint16_t sockaddr_port(const struct sockaddr_storage *ss)
+{
+	if (ss->ss_family == AF_INET)
+		return ntohs(((const struct sockaddr_in *)ss)->sin_port);
+	return ntohs(((const struct sockaddr_in6 *)ss)->sin6_port);
+}
+
+/* A socket of conn->from's family with IP_TRANSPARENT, bound to that
+ * foreign address on a port the kernel picks. Not the client's own port:
+ * conntrack on this host already follows the client's connection to the
+ * same server address and port, and an upstream with the very same four
+ * values would be taken for it. A second socket is bound while the first
+ * still holds that port, so it gets another. Returns the descriptor or a
+ * negative libuv error. */
+static int bind_foreign(struct ms_conn *conn)
+{
+	int fam = conn->from.ss_family, on = 1, fd, old = -1, e = 0;
+	socklen_t len = fam == AF_INET ? sizeof(struct sockaddr_in) :
+					 sizeof(struct sockaddr_in6);
+	struct sockaddr_storage got;
+
+	for (int tries = 0; tries < 2; tries++) {
+		socklen_t glen = sizeof(got);
+
+		fd = socket(fam, SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_TCP);
+		if (fd < 0 ||
+		    setsockopt(fd, fam == AF_INET ? SOL_IP : SOL_IPV6,
+			       fam == AF_INET ? IP_TRANSPARENT :
+			       IPV6_TRANSPARENT, &on, sizeof(on)) < 0 ||
+		    bind(fd, (struct sockaddr *)&conn->from, len) < 0 ||
+		    getsockname(fd, (struct sockaddr *)&got, &glen) < 0) {
+			e = -errno;
+			if (fd >= 0)
+				close(fd);
+			fd = -1;
+			break;
+		}
+		if (sockaddr_port(&got) != conn->from_not_port)
+			break;
+		old = fd;
+		fd = -1;
+		e = UV_EADDRINUSE;
+	}
+	if (old >= 0)
+		close(old);
+	return fd >= 0 ? fd : e;
+}
+
+static void free_handle(uv_handle_t *h)
+{
+	free(h);
+}
+
+/* The TCP handle for one attempt (tcp is malloc'ed; freed on failure):
+ * from this host's address, or from conn->from when that is of the
+ * address's family. */
+static int tcp_for(struct ms_conn *conn, uv_tcp_t *tcp, int family)
+{
+	int r = uv_tcp_init(conn->loop, tcp), fd;
+
+	if (r < 0) {
+		free(tcp);
+		return r;
+	}
+	if (conn->from.ss_family != family)
+		return 0;
+	fd = bind_foreign(conn);
+	if (fd < 0)
+		r = fd;
+	else if ((r = uv_tcp_open(tcp, fd)) < 0)
+		close(fd);
+	if (r < 0)
+		uv_close((uv_handle_t *)tcp, free_handle);
+	return r;
+}
 
 /* Tries the remaining resolved addresses, one socket per attempt. */
 static void try_next_address(struct ms_conn *conn)
@@ -1340,9 +1431,8 @@ static void try_next_address(struct ms_conn *conn)
 			conn->last_connect_err = UV_ENOMEM;
 			break;
 		}
-		r = uv_tcp_init(conn->loop, tcp);
+		r = tcp_for(conn, tcp, ai->ai_family);
 		if (r < 0) {
-			free(tcp);
 			conn->last_connect_err = r;
 			continue;
 		}
@@ -1420,6 +1510,25 @@ static void on_resolved(uv_getaddrinfo_t *req, int status,
 	try_next_address(conn);
 out:
 	conn_unref(conn);
+}
+
+int ms_conn_set_source(struct ms_conn *conn, const char *addr,
+		       uint16_t not_port)
+{
+	struct sockaddr_in *in = (struct sockaddr_in *)&conn->from;
+	struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&conn->from;
+
+	memset(&conn->from, 0, sizeof(conn->from));
+	if (inet_pton(AF_INET, addr, &in->sin_addr) == 1) {
+		in->sin_family = AF_INET;
+	} else if (inet_pton(AF_INET6, addr, &in6->sin6_addr) == 1) {
+		in6->sin6_family = AF_INET6;
+	} else {
+		memset(&conn->from, 0, sizeof(conn->from));
+		return -1;
+	}
+	conn->from_not_port = not_port;
+	return 0;
 }
 
 int ms_conn_connect(uv_loop_t *loop, const char *host, uint16_t port,

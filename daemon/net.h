@@ -67,6 +67,19 @@ int ms_conn_connect(uv_loop_t *loop, const char *host, uint16_t port,
 		    const struct ms_tls_opts *tls,
 		    const struct ms_conn_callbacks *cb, struct ms_conn **conn_r);
 
+/* Connects from addr, an address of another host (the client's: a
+ * transparent upstream), instead of this host's: the socket gets
+ * IP_TRANSPARENT / IPV6_TRANSPARENT (CAP_NET_RAW or CAP_NET_ADMIN) and is
+ * bound to addr with a port the kernel picks, never not_port (the client's
+ * own). The replies reach the socket only when the host's packet filter
+ * marks packets of transparent sockets for local delivery (the steering
+ * table's first rule does). Call it right after ms_conn_connect(), before
+ * the loop runs again; a resolved address of the other family is
+ * connected to from this host's address. Returns 0, or -1 when addr is not
+ * a numeric IPv4 or IPv6 address (nothing changed). */
+int ms_conn_set_source(struct ms_conn *conn, const char *addr,
+		       uint16_t not_port);
+
 /* Queues bytes to send (copied; encrypted first under TLS). Returns 0 or a
  * negative error. Never blocks and never calls a callback synchronously. */
 int ms_conn_write(struct ms_conn *conn, const void *data, size_t len);

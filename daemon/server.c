@@ -1,8 +1,13 @@
 /* Server connection settings: see server.h. */
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include "log.h"
 #include "server.h"
 
 char *ms_server_login_name(const struct ms_server_cfg *srv, const char *user)
@@ -47,6 +52,77 @@ int ms_server_connect(uv_loop_t *loop, const struct ms_server_cfg *srv,
 	struct ms_tls_opts tls = ms_server_tls(srv);
 
 	return ms_conn_connect(loop, srv->host, srv->port, &tls, cb, conn_r);
+}
+
+/* Whether addr (numeric) is one of this host's: the kernel's own choice
+ * of a source address to reach it is addr itself (a route of the local
+ * table). Asking the routing, not bind(), keeps ip_nonlocal_bind out of
+ * it. A name, or an address with no route, is not. */
+static int host_addr_is_local(const char *addr)
+{
+	struct sockaddr_storage ss, got;
+	struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+	struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+	socklen_t len, glen = sizeof(got);
+	int fd, local = 0;
+
+	memset(&ss, 0, sizeof(ss));
+	if (inet_pton(AF_INET, addr, &in->sin_addr) == 1) {
+		in->sin_family = AF_INET;
+		in->sin_port = htons(9);
+		len = sizeof(*in);
+	} else if (inet_pton(AF_INET6, addr, &in6->sin6_addr) == 1) {
+		in6->sin6_family = AF_INET6;
+		in6->sin6_port = htons(9);
+		len = sizeof(*in6);
+	} else {
+		return 0;
+	}
+	fd = socket(ss.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return 0;
+	/* A UDP connect sends nothing: it only picks the route. */
+	if (connect(fd, (struct sockaddr *)&ss, len) == 0 &&
+	    getsockname(fd, (struct sockaddr *)&got, &glen) == 0)
+		local = ss.ss_family == AF_INET ?
+			((struct sockaddr_in *)&got)->sin_addr.s_addr ==
+			in->sin_addr.s_addr :
+			!memcmp(&((struct sockaddr_in6 *)&got)->sin6_addr,
+				&in6->sin6_addr, sizeof(in6->sin6_addr));
+	close(fd);
+	return local;
+}
+
+/* Logged once per reason, at -v: a session that cannot connect from its
+ * client's address is not an error, only worth knowing. */
+static void not_transparent(int server, const char *addr)
+{
+	static int said[2];
+
+	if (said[server])
+		return;
+	said[server] = 1;
+	ms_info("transparent upstream: %s %s is this host's own address: "
+		"connecting from this host's address instead (said once)",
+		server ? "server" : "client", addr);
+}
+
+int ms_server_connect_for(uv_loop_t *loop, const struct ms_server_cfg *srv,
+			  const char *client, uint16_t client_port,
+			  const struct ms_conn_callbacks *cb,
+			  struct ms_conn **conn_r)
+{
+	int r = ms_server_connect(loop, srv, cb, conn_r);
+
+	if (r < 0 || !srv->transparent || client == NULL || *client == '\0')
+		return r;
+	if (host_addr_is_local(client))
+		not_transparent(0, client);
+	else if (host_addr_is_local(srv->host))
+		not_transparent(1, srv->host);
+	else
+		ms_conn_set_source(*conn_r, client, client_port);
+	return 0;
 }
 
 int ms_server_parse_url(struct ms_server_cfg *cfg, const char *url,

@@ -27,6 +27,8 @@ struct ms_server_cfg {
 				   beyond the mover's own wiped copies */
 	enum ms_auth_mech mech;
 	unsigned int max_conns;	/* per server, all users together */
+	int transparent;	/* a client's sessions connect from the
+				   client's address (ms_server_connect_for) */
 };
 
 /* Parses "imap://host:port", "imaps://", "imap+starttls://", "pop3://",
@@ -41,6 +43,16 @@ struct ms_tls_opts ms_server_tls(const struct ms_server_cfg *srv);
 int ms_server_connect(uv_loop_t *loop, const struct ms_server_cfg *srv,
 		      const struct ms_conn_callbacks *cb,
 		      struct ms_conn **conn_r);
+/* ms_server_connect() for a client's session, from client's own address
+ * (port 0; never client_port) when the server is `transparent`. That needs
+ * a client elsewhere: a client address of this host (loopback, a local
+ * client) or a server address of this host would have the server's
+ * replies go to the client's host, not to the socket, so those connect
+ * from this host's address as ever (said once at -v). */
+int ms_server_connect_for(uv_loop_t *loop, const struct ms_server_cfg *srv,
+			  const char *client, uint16_t client_port,
+			  const struct ms_conn_callbacks *cb,
+			  struct ms_conn **conn_r);
 /* The name to log in as: the template with "%u" replaced by the user
  * (malloc'ed; NULL when out of memory). */
 char *ms_server_login_name(const struct ms_server_cfg *srv, const char *user);

@@ -850,7 +850,8 @@ static void backend_start(struct smtp_session *s, int side)
 		backend_lost(s, "no such server configured");
 		return;
 	}
-	if (ms_server_connect(ms_gw_loop(s->gw), srv, &cb, &s->b) < 0) {
+	if (ms_server_connect_for(ms_gw_loop(s->gw), srv, s->peer, s->peer_port,
+				  &cb, &s->b) < 0) {
 		s->b = NULL;
 		backend_lost(s, "cannot connect");
 		return;

@@ -845,3 +845,96 @@ def test_changes_wait_for_each_other(steered):
                env.steer('show', '--json', check=0).json['entries']}
     assert '%s 110 destination' % SERVICE_ADDR in entries, entries
     assert '%s 143 proxy' % SERVICE_ADDR in entries, entries
+
+
+TRANSPARENT_CONF = """
+[source]
+transparent = yes
+
+[destination]
+transparent = yes
+"""
+
+
+def _login_rip(env, server, user, fn):
+    """Runs fn() (a login of user's that reaches server) and returns the
+    rip= of the one login line it added to server's own log."""
+    before = len(logins(server, user))
+    fn()
+    assert wait_for(lambda: len(logins(server, user)) > before, 10)
+    new = logins(server, user)[before:]
+    assert len(new) == 1, new
+    return new[0].split('rip=', 1)[1].split(',', 1)[0]
+
+
+def _imap_session(env, user, want_side, source=CLI_ADDR, addr=None):
+    """A real IMAP login and FETCH through the gateway (to SERVICE_ADDR:143,
+    or to addr:IMAP_LISTEN from the gateway's own namespace)."""
+    if addr is None:
+        m = cli_imap(env, source)
+    else:
+        m = env.gw_ns.call(_from(imaplib.IMAP4, addr), addr, IMAP_LISTEN,
+                           timeout=10)
+    try:
+        typ, data = m.login(user, USERS[user])
+        assert typ == 'OK', data
+        assert side_of(env, inbox_tags(m), user) == want_side
+    finally:
+        close(m)
+
+
+def _pop3_session(env, user):
+    p = cli_pop3(env)
+    try:
+        p.user(user)
+        assert p.pass_(USERS[user]).startswith(b'+OK')
+        resp, lines, _ = p.retr(1)
+        assert any(('steer-dst-%s-%s' % (user, env.uid)).encode() in l
+                   for l in lines), lines
+        p.quit()
+    finally:
+        p.close()
+
+
+def test_transparent_upstream_servers_see_the_client(steered):
+    """[source]/[destination] transparent = yes: mailshiftd connects to
+    the servers from the client's own address, so each server's own log
+    (Dovecot's rip=) names the client, not the gateway; without it, the
+    gateway. A client of the gateway's own host is connected from the
+    host's address (said once at -v)."""
+    env = steered
+    gw = env.gw
+    # Without: the source sees the gateway's address on its segment.
+    rip = _login_rip(env, env.src, 'alice',
+                     lambda: _imap_session(env, 'alice', 'source'))
+    assert rip == GW_ADDRS[1], rip
+    plain = gw.extra_conf
+    gw.stop()
+    gw.extra_conf = plain + TRANSPARENT_CONF
+    try:
+        gw.start()
+        src_before = env.from_clients(env.src_ns)
+        rip = _login_rip(env, env.src, 'alice',
+                         lambda: _imap_session(env, 'alice', 'source'))
+        assert rip == CLI_ADDR, rip
+        # The upstream's packets came from the client's address (the
+        # source's counter of packets from the client network grew) ...
+        assert env.from_clients(env.src_ns) > src_before
+        # ... and the destination's too, for bob (POP3, migrated).
+        rip = _login_rip(env, env.dst, 'bob', lambda: _pop3_session(env,
+                                                                    'bob'))
+        assert rip == CLI_ADDR, rip
+        # A client on the gateway's own host: its address is local, the
+        # server would answer it directly: a normal connect.
+        rip = _login_rip(env, env.src, 'alice', lambda: _imap_session(
+            env, 'alice', 'source', addr=GW_ADDRS[0]))
+        assert rip == GW_ADDRS[1], rip
+        said = 'transparent upstream: client %s is this host\'s own ' \
+            'address' % GW_ADDRS[0]
+        assert wait_for(lambda: said in gw.log_text(), 5), gw.log_tail(20)
+        _, rejected = env.stats()
+        assert rejected == 0
+    finally:
+        gw.stop()
+        gw.extra_conf = plain
+        gw.start()

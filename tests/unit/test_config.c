@@ -252,6 +252,14 @@ static void dconfig_keys(void **state)
 	expect_conf(LISTEN "[store]\nbackend = mysql\n", ":4: backend", NULL);
 	expect_conf(LISTEN "[listen]\ntransparent = maybe\n",
 		    ":4: transparent: yes or no", NULL);
+	expect_conf(LISTEN "[destination]\ntransparent = maybe\n",
+		    ":4: transparent: yes or no", NULL);
+	expect_conf(LISTEN "[source]\ntransparent = yes\n"
+		    "[destination]\nimap = imap://192.0.2.20\n"
+		    "[source]\nimap = imap://192.0.2.10\n", NULL, &c);
+	assert_int_equal(c.gw.src_imap.transparent, 1);
+	assert_int_equal(c.gw.src_smtp.transparent, 1);
+	assert_int_equal(c.gw.dst_imap.transparent, 0);
 	expect_conf(LISTEN "[daemon]\ngroup = mail\n", "group needs user",
 		    NULL);
 	expect_conf("[daemon]\nuser = nobody\n", "no [listen] address", NULL);

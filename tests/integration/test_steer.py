@@ -46,6 +46,7 @@ import pytest
 
 import gateway as gwlib
 import netns
+import routerlab
 from conftest import dst_server, src_server, stop_all, wait_for
 from test_gateway import GW_USERS, marker, sessions
 from test_tproxy import _copy_binary, _remove_namespaces
@@ -54,7 +55,7 @@ NET = '10.232.'
 CLI_ADDR = NET + '0.2'
 CLI_BATCH_ADDR = NET + '0.66'      # in BATCH_PREFIX
 BATCH_PREFIX = NET + '0.64/26'
-GW_ADDRS = (NET + '0.1', NET + '1.1', NET + '2.1')
+GW_ADDRS = routerlab.router_addrs(NET)
 SERVICE_ADDR = NET + '1.2'          # the source server's own address
 DST_ADDR = NET + '2.2'
 # IPv6: the client and the source's segments only (test_ipv6_...).
@@ -64,7 +65,7 @@ GW6 = (NET6 + ':1', NET6 + '1::1')
 SERVICE6 = NET6 + '1::2'
 IMAP_LISTEN = 10143
 POP3_LISTEN = 10110
-NFT = shutil.which('nft') or '/usr/sbin/nft'
+NFT = routerlab.NFT
 USERS = {'alice': GW_USERS['alice'], 'bob': GW_USERS['bob']}
 
 STEER_CONF = """[steer]
@@ -75,42 +76,6 @@ destination = %(dst)s
 entry = %(svc)s 143 %(batch)s destination
 """ % {'svc': SERVICE_ADDR, 'imap': IMAP_LISTEN, 'pop3': POP3_LISTEN,
        'dst': DST_ADDR, 'batch': BATCH_PREFIX}
-
-# In each server's namespace: port 143/110 of its address to its Dovecot
-# (which listens on the namespace's 127.0.0.1, on ports of the harness's
-# choosing: route_localnet lets the DNAT reach it), and the counter.
-SERVER_NFT = """
-table inet host {
-  chain raw {
-    type filter hook prerouting priority raw; policy accept;
-    ip saddr %(net)s0.0/24 tcp dport { 143, 110 } counter \\
-      comment "from_clients"
-    ip6 saddr %(net6)s:/64 tcp dport { 143, 110 } counter \\
-      comment "from_clients"
-  }
-  chain nat {
-    type nat hook prerouting priority dstnat; policy accept;
-    tcp dport 143 dnat ip to 127.0.0.1:%(imap)d
-    tcp dport 110 dnat ip to 127.0.0.1:%(pop3)d
-  }
-}
-"""
-
-
-class Remote:
-    """A harness Dovecot as mailshiftd reaches it from the gateway: by its
-    host's address and the standard ports (for gateway.Mailshiftd)."""
-
-    def __init__(self, server, addr):
-        self.server = server
-        self.addr = addr
-        self.pop3_port = 110
-        self.tls_ca = None
-
-    def url(self, scheme='imap'):
-        return '%s://%s:%d' % (scheme, self.addr,
-                               {'imap': 143, 'pop3': 110}[scheme])
-
 
 class Env:
     def __init__(self, ctl, ns, src, dst, gw):
@@ -168,10 +133,7 @@ class Env:
 def _server(make, root, ns):
     s = make(root, None, dict(USERS), netns=ns.name)
     s.start()
-    ns.run(['sysctl', '-qw', 'net.ipv4.conf.all.route_localnet=1'])
-    ns.run([NFT, '-f', '-'], input=SERVER_NFT % {
-        'net': NET, 'net6': NET6, 'imap': s.imap_port,
-        'pop3': s.pop3_port})
+    routerlab.serve_standard_ports(ns, s, NET, NET6)
     return s
 
 
@@ -208,21 +170,7 @@ def env(test_root, ctl):
             pytest.skip('network namespaces not permitted here: %s' % e)
         for ns in nss[1:]:
             ns.add()
-        netns.veth_pair(cli, 'c0', gw_ns, 'g0')
-        netns.veth_pair(src_ns, 's0', gw_ns, 'g1')
-        netns.veth_pair(dst_ns, 'd0', gw_ns, 'g2')
-        for ns, dev, addrs, via in (
-                (cli, 'c0', (CLI_ADDR, CLI_BATCH_ADDR), GW_ADDRS[0]),
-                (src_ns, 's0', (SERVICE_ADDR,), GW_ADDRS[1]),
-                (dst_ns, 'd0', (DST_ADDR,), GW_ADDRS[2])):
-            for a in addrs:
-                ns.ip('addr', 'add', a + '/24', 'dev', dev)
-            ns.ip('link', 'set', dev, 'up')
-            ns.ip('route', 'add', 'default', 'via', via)
-        for dev, a in zip(('g0', 'g1', 'g2'), GW_ADDRS):
-            gw_ns.ip('addr', 'add', a + '/24', 'dev', dev)
-            gw_ns.ip('link', 'set', dev, 'up')
-        gw_ns.run(['sysctl', '-qw', 'net.ipv4.ip_forward=1'])
+        routerlab.wire(cli, gw_ns, src_ns, dst_ns, NET, (CLI_BATCH_ADDR,))
         # IPv6 (nodad: usable at once) on the client's and the source's
         # segments.
         for ns, dev, a, via in ((cli, 'c0', CLI6, GW6[0]),
@@ -249,8 +197,8 @@ def env(test_root, ctl):
                     m.logout()
 
         gw = gwlib.Mailshiftd(
-            os.path.join(root, 'gw'), Remote(src, SERVICE_ADDR),
-            Remote(dst, DST_ADDR), policy='off',
+            os.path.join(root, 'gw'), routerlab.Remote(src, SERVICE_ADDR),
+            routerlab.Remote(dst, DST_ADDR), policy='off',
             binary=_copy_binary(gwlib.MAILSHIFTD, root), ctl_binary=ctl,
             listen_host='0.0.0.0', imap_port=IMAP_LISTEN,
             pop3_port=POP3_LISTEN, transparent=True, netns=gw_ns.name,

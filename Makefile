@@ -11,7 +11,10 @@
 #   make check-asan the unit and integration tests against the build/asan/ binaries
 #   make fuzz-build the libFuzzer targets (tests/fuzz/fuzz_*.c), in build/fuzz/
 #   make fuzz       run them longer: make fuzz FUZZ_SECONDS=600 [FUZZ=fuzz_sasl]
-#   make demo       two local Dovecots, a demo mailbox moved while you watch
+#   make demo       two local Dovecots, a demo mailbox moved while you watch;
+#                   then demo-router
+#   make demo-router router mode in network namespaces (root): the client keeps
+#                   the old server's address, steer show before and after
 #   make bench      the mover benchmark against mbsync and doveadm (not a test)
 #   make kmod       the kernel module, kmod/mailshift.ko (KDIR= a kernel
 #                   build tree; default the installed Debian cloud headers)
@@ -239,6 +242,11 @@ check: deps
 demo: deps
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(PYTHON) tools/demo.py
+	$(Q)$(PYTHON) tools/demo_router.py
+
+demo-router: deps
+	$(Q)$(MAKE) --no-print-directory all
+	$(Q)$(PYTHON) tools/demo_router.py
 
 bench: deps
 	$(Q)$(MAKE) --no-print-directory all
@@ -314,7 +322,7 @@ clean:
 	rm -rf build
 
 .PHONY: all asan hooks fuzz-build deps unit integration check-asan check-fuzz fuzz \
-	kmod kmod-check kmod-clean check demo bench bench-gateway install uninstall clean
+	kmod kmod-check kmod-clean check demo demo-router bench bench-gateway install uninstall clean
 .SECONDARY:
 -include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d) daemon/mailshiftd.d
 -include $(wildcard $(ASAN_DIR)/obj/*/*.d $(ASAN_DIR)/unit/*.d)

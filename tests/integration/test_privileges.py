@@ -252,6 +252,19 @@ def test_transparent_net_caps(make_unpriv):
     m.logout()
 
 
+def test_transparent_upstream_keeps_net_caps(make_unpriv):
+    """A server's transparent = yes (connecting from the client's address:
+    IP_TRANSPARENT on the upstream socket) keeps the same two capabilities
+    as transparent listeners, and nothing else."""
+    g = make_unpriv(extra_conf='[destination]\ntransparent = yes\n')
+    assert 'with CAP_NET_ADMIN, CAP_NET_RAW' in g.log_text(), g.log_tail()
+    main, *others = tasks(g.pid)
+    assert caps(main, 'CapEff') == NET_CAPS, main
+    assert caps(main, 'CapBnd') == NET_CAPS, main
+    for st in others:
+        assert caps(st, 'CapEff') == 0 and caps(st, 'CapPrm') == 0, st
+
+
 def test_control_socket_peers(make_unpriv):
     """[control] group = mail: the socket is nobody:mail 0660. Root, the
     daemon's user and members of mail (primary or supplementary group) are

@@ -26,18 +26,14 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TOP = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(TOP, 'tests', 'lib'))
+from demo import CTL, DAEMON, say  # and tests/lib on sys.path
 
-import dovecot as dc  # noqa: E402
-import gateway as gwlib  # noqa: E402
-import mailcheck as mc  # noqa: E402
-import netns  # noqa: E402
-import routerlab  # noqa: E402
+import dovecot as dc
+import gateway as gwlib
+import mailcheck as mc
+import netns
+import routerlab
 
-CTL = os.path.join(TOP, 'tools', 'mailshiftctl')
-DAEMON = os.path.join(TOP, 'daemon', 'mailshiftd')
 USER, PASSWORD = 'carol', 'demo-secret'
 NET, NET6 = '10.241.', 'fd00:241:'
 CLIENT, OLD, NEW = NET + '0.2', NET + '1.2', NET + '2.2'
@@ -61,10 +57,6 @@ PICTURE = """
   client %s ──► router %s ──► old server %s
   (connects to %s:143)   mailshiftd  └──► new server %s
 """ % (CLIENT, ROUTER[0], OLD, OLD, NEW)
-
-
-def say(text):
-    print('\n\033[1m== %s\033[0m' % text, flush=True)
 
 
 def skip(why):

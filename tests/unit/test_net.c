@@ -1886,6 +1886,86 @@ static void test_accept_ipv6(void **state)
 	drain_loop();
 }
 
+/* Whether this process may set IP_TRANSPARENT (CAP_NET_RAW or
+ * CAP_NET_ADMIN). */
+static int may_be_transparent(void)
+{
+	int fd = socket(AF_INET, SOCK_STREAM, 0), on = 1, r;
+
+	assert_true(fd >= 0);
+	r = setsockopt(fd, SOL_IP, IP_TRANSPARENT, &on, sizeof(on));
+	close(fd);
+	return r == 0;
+}
+
+/* A connection from 127.0.0.9 to port, refused (nothing listens) or not
+ * permitted; the error says both ends and why. */
+static void connect_from_fails(uint16_t port, const char *why)
+{
+	static struct client c;
+	char want[160];
+
+	client_init(&c);
+	assert_int_equal(client_connect(&c, "127.0.0.1", port, NULL), 0);
+	assert_int_equal(ms_conn_set_source(c.conn, "127.0.0.9", 0), 0);
+	run_loop();
+	assert_int_equal(c.connects, 1);
+	snprintf(want, sizeof(want), "connect to 127.0.0.1:%u from 127.0.0.9: "
+		 "%s", port, why);
+	assert_string_equal(c.connect_err, want);
+	client_fini(&c);
+	drain_loop();
+	assert_int_equal(c.late, 0);
+}
+
+/* ms_conn_set_source(): the connection leaves from the given address (here
+ * a loopback one other than 127.0.0.1, which the kernel would pick), on a
+ * port the kernel picks; of the other family it is ignored; a name is
+ * refused; a failed attempt says where from. Without CAP_NET_RAW the
+ * connection fails, saying so, and leaves nothing behind. */
+static void test_connect_from_source(void **state)
+{
+	static struct listener l;
+	static struct client c, s;
+	uint16_t cport, port;
+
+	listener_start(&l, "127.0.0.1:0", NULL, NULL);
+	port = l.port;
+	for (int other = 0; other < 2 && may_be_transparent(); other++) {
+		const char *want = other ? "127.0.0.1" : "127.0.0.9";
+
+		client_init(&s);
+		s.connected = v6_connected;
+		l.sess = &s;
+		client_init(&c);
+		assert_int_equal(client_connect(&c, "127.0.0.1", port, NULL),
+				 0);
+		assert_int_equal(ms_conn_set_source(c.conn, "localhost", 0),
+				 -1);
+		assert_int_equal(ms_conn_set_source(c.conn, other ? "::1" :
+						    "127.0.0.9", 0), 0);
+		run_loop();
+		assert_int_equal(s.connect_status, 0);
+		assert_int_equal(ms_conn_local_addr(c.conn, NULL, 0, &cport),
+				 0);
+		assert_true(cport != 0);
+		check_addr(s.conn, 1, want, cport);
+		check_addr(c.conn, 0, want, cport);
+		client_fini(&c);
+		client_fini(&s);
+		settle(100);	/* their handles closed before reuse */
+	}
+	if (!may_be_transparent()) {
+		connect_from_fails(port, "operation not permitted");
+		listener_stop(&l);
+		drain_loop();
+		return;
+	}
+	listener_stop(&l);
+	drain_loop();
+	connect_from_fails(port, "connection refused");
+}
+
 /* Closes accepted connections at every early stage (in the accept callback,
  * before the deferred on_connect, during the handshake, with the client's
  * first bytes in flight): no callback may follow, everything must be
@@ -2230,6 +2310,8 @@ int main(void)
 						teardown),
 		cmocka_unit_test_setup_teardown(test_accept_ipv6, setup,
 						teardown),
+		cmocka_unit_test_setup_teardown(test_connect_from_source,
+						setup, teardown),
 		cmocka_unit_test_setup_teardown(test_accept_close_anytime,
 						setup, teardown),
 		cmocka_unit_test_setup_teardown(test_starttls_server_close,

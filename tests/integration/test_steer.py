@@ -47,6 +47,7 @@ import pytest
 import gateway as gwlib
 import netns
 import routerlab
+from routerlab import Remote    # test_takeover.py takes it from here
 from conftest import dst_server, src_server, stop_all, wait_for
 from test_gateway import GW_USERS, marker, sessions
 from test_tproxy import _copy_binary, _remove_namespaces
@@ -197,8 +198,8 @@ def env(test_root, ctl):
                     m.logout()
 
         gw = gwlib.Mailshiftd(
-            os.path.join(root, 'gw'), routerlab.Remote(src, SERVICE_ADDR),
-            routerlab.Remote(dst, DST_ADDR), policy='off',
+            os.path.join(root, 'gw'), Remote(src, SERVICE_ADDR),
+            Remote(dst, DST_ADDR), policy='off',
             binary=_copy_binary(gwlib.MAILSHIFTD, root), ctl_binary=ctl,
             listen_host='0.0.0.0', imap_port=IMAP_LISTEN,
             pop3_port=POP3_LISTEN, transparent=True, netns=gw_ns.name,

@@ -805,7 +805,7 @@ transparent = yes
 """
 
 
-def _login_rip(env, server, user, fn):
+def login_rip(env, server, user, fn):
     """Runs fn() (a login of user's that reaches server) and returns the
     rip= of the one login line it added to server's own log."""
     before = len(logins(server, user))
@@ -854,7 +854,7 @@ def test_transparent_upstream_servers_see_the_client(steered):
     env = steered
     gw = env.gw
     # Without: the source sees the gateway's address on its segment.
-    rip = _login_rip(env, env.src, 'alice',
+    rip = login_rip(env, env.src, 'alice',
                      lambda: _imap_session(env, 'alice', 'source'))
     assert rip == GW_ADDRS[1], rip
     plain = gw.extra_conf
@@ -863,19 +863,19 @@ def test_transparent_upstream_servers_see_the_client(steered):
     try:
         gw.start()
         src_before = env.from_clients(env.src_ns)
-        rip = _login_rip(env, env.src, 'alice',
+        rip = login_rip(env, env.src, 'alice',
                          lambda: _imap_session(env, 'alice', 'source'))
         assert rip == CLI_ADDR, rip
         # The upstream's packets came from the client's address (the
         # source's counter of packets from the client network grew) ...
         assert env.from_clients(env.src_ns) > src_before
         # ... and the destination's too, for bob (POP3, migrated).
-        rip = _login_rip(env, env.dst, 'bob', lambda: _pop3_session(env,
+        rip = login_rip(env, env.dst, 'bob', lambda: _pop3_session(env,
                                                                     'bob'))
         assert rip == CLI_ADDR, rip
         # A client on the gateway's own host: its address is local, the
         # server would answer it directly: a normal connect.
-        rip = _login_rip(env, env.src, 'alice', lambda: _imap_session(
+        rip = login_rip(env, env.src, 'alice', lambda: _imap_session(
             env, 'alice', 'source', addr=GW_ADDRS[0]))
         assert rip == GW_ADDRS[1], rip
         said = 'transparent upstream: client %s is this host\'s own ' \

@@ -38,7 +38,7 @@ import gateway as gwlib
 import netns
 from conftest import dst_server, src_server, stop_all, wait_for
 from test_gateway import GW_USERS, marker, sessions
-from test_steer import Remote
+from test_steer import Remote, login_rip
 from test_tproxy import _copy_binary, _remove_namespaces
 
 NET = '10.233.0.'
@@ -517,4 +517,39 @@ def test_giveback_after_the_address_went(env):
         env.gw_ns.ip('addr', 'del', VIP + '/32', 'dev', 'g0')
     finally:
         env.ctl('giveback', check=0)
+    assert env.dump() == env.clean
+
+
+def test_transparent_upstream_needs_the_old_servers_route(env):
+    """[source] transparent = yes after a takeover: the old server is on
+    the clients' LAN and would answer the client directly; with a route
+    to the clients through the gateway (what deployment.md, section 1b,
+    asks of the operator) mailshiftd's upstream from the client's address
+    works, and the old server's own log names the client."""
+    assert env.dump() == env.clean
+    gw = env.gw
+    plain = gw.extra_conf
+    gw.stop()
+    gw.extra_conf = plain + '\n[source]\ntransparent = yes\n'
+    env.src_ns.ip('route', 'add', CLI + '/32', 'via', GW)
+    try:
+        gw.start()
+        env.takeover('--vip', VIP, '--dev', 'g0', '--source-addr', NEWADDR,
+                     check=0)
+        try:
+            assert wait_for(lambda: env.neigh(VIP) == env.gw_mac, 10,
+                            0.05)
+
+            def session():
+                m, tags = _cli_imap(env, 'alice')
+                m.logout()
+                assert tags == ['tk-src-alice-%s' % env.uid], tags
+            assert login_rip(env, env.src, 'alice', session) == CLI
+        finally:
+            env.ctl('giveback', check=0)
+    finally:
+        env.src_ns.ip('route', 'del', CLI + '/32', 'via', GW)
+        gw.stop()
+        gw.extra_conf = plain
+        gw.start()
     assert env.dump() == env.clean

@@ -54,10 +54,11 @@ int ms_server_connect(uv_loop_t *loop, const struct ms_server_cfg *srv,
 	return ms_conn_connect(loop, srv->host, srv->port, &tls, cb, conn_r);
 }
 
-/* Whether addr (numeric) is one of this host's: the kernel's own choice
- * of a source address to reach it is addr itself (a route of the local
- * table). Asking the routing, not bind(), keeps ip_nonlocal_bind out of
- * it. A name, or an address with no route, is not. */
+/* Whether addr (numeric) is one of this host's: a loopback address, or
+ * one the kernel's own choice of a source address to reach it is addr
+ * itself for (a route of the local table). Asking the routing, not bind(),
+ * keeps ip_nonlocal_bind out of it. A name, or an address with no route,
+ * is not. */
 static int host_addr_is_local(const char *addr)
 {
 	struct sockaddr_storage ss, got;
@@ -78,6 +79,10 @@ static int host_addr_is_local(const char *addr)
 	} else {
 		return 0;
 	}
+	if (ss.ss_family == AF_INET ?
+	    ntohl(in->sin_addr.s_addr) >> 24 == IN_LOOPBACKNET :
+	    IN6_IS_ADDR_LOOPBACK(&in6->sin6_addr))
+		return 1;	/* 127.0.0.2 is answered from 127.0.0.1 */
 	fd = socket(ss.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return 0;

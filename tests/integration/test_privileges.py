@@ -29,6 +29,7 @@ import gateway as gwlib
 from conftest import _failed, wait_for
 from test_gateway import GW_USERS, exists, direct
 from test_gateway import gpair, gw_golden  # noqa: F401 (fixtures)
+from test_steer import _from
 
 NOBODY = pwd.getpwnam('nobody')
 OTHER = pwd.getpwnam('daemon')          # neither root nor nobody
@@ -256,13 +257,23 @@ def test_transparent_upstream_keeps_net_caps(make_unpriv):
     """A server's transparent = yes (connecting from the client's address:
     IP_TRANSPARENT on the upstream socket) keeps the same two capabilities
     as transparent listeners, and nothing else."""
-    g = make_unpriv(extra_conf='[destination]\ntransparent = yes\n')
+    g = make_unpriv(extra_conf='[source]\ntransparent = yes\n\n'
+                    '[destination]\ntransparent = yes\n')
     assert 'with CAP_NET_ADMIN, CAP_NET_RAW' in g.log_text(), g.log_tail()
     main, *others = tasks(g.pid)
     assert caps(main, 'CapEff') == NET_CAPS, main
     assert caps(main, 'CapBnd') == NET_CAPS, main
     for st in others:
         assert caps(st, 'CapEff') == 0 and caps(st, 'CapPrm') == 0, st
+    # A loopback client (127.0.0.2: its replies would come from 127.0.0.1)
+    # is connected from the host's address, said once at -v.
+    m = _from(imaplib.IMAP4, '127.0.0.2')('127.0.0.1', g.imap_port,
+                                          timeout=30)
+    assert m.login('alice', GW_USERS['alice'])[0] == 'OK'
+    m.logout()
+    said = 'transparent upstream: client 127.0.0.2 is this host\'s own'
+    assert wait_for(lambda: said in g.log_text(), 10), g.log_tail()
+
 
 
 def test_control_socket_peers(make_unpriv):

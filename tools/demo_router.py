@@ -53,10 +53,9 @@ port = 110 10110
 destination = %(new)s
 """ % {'net': NET, 'old': OLD, 'new': NEW}
 
-PICTURE = """
-  client %s ──► router %s ──► old server %s
-  (connects to %s:143)   mailshiftd  └──► new server %s
-""" % (CLIENT, ROUTER[0], OLD, OLD, NEW)
+_LEFT = '  client %s ──► router %s (mailshiftd) ──' % (CLIENT, ROUTER[0])
+PICTURE = '\n%s┬──► old server %s\n%s└──► new server %s\n' % (
+    _LEFT, OLD, ('  (connects to %s:143)' % OLD).ljust(len(_LEFT)), NEW)
 
 
 def skip(why):
@@ -96,7 +95,7 @@ def login_line(server):
     if not lines:
         return '(none)'
     l = lines[-1]
-    return l[l.index('Login:'):].split(', mpid')[0].strip()
+    return l[l.index('Login:'):].split(', lip=')[0].strip()
 
 
 def run(root, nss, servers):
@@ -121,7 +120,7 @@ def run(root, nss, servers):
 
     say('before: the client reaches the old server directly')
     client_session(cli)
-    print('old server log: ' + login_line(old))
+    print('old server log: %s   (the client)' % login_line(old))
 
     say('mailshiftd on the router, then the steering')
     gw = gwlib.Mailshiftd(
@@ -142,8 +141,10 @@ def run(root, nss, servers):
     r = gw.ctl('user', 'show', USER, '--json')
     print('mailshiftctl user show %s: state %s' % (
         USER, r.json['user']['state'] if r.json else '?'))
-    print('new server log: ' + login_line(new))
-    print('old server log: ' + login_line(old) + '   (the copy)')
+    print('new server log: %s   (the client itself: [destination] '
+          'transparent = yes)' % login_line(new))
+    print('old server log: %s   (mailshiftd copying, from the router)'
+          % login_line(old))
 
     say('the counters after')
     steer(gw_ns, gw.config_path, 'show')

@@ -6,6 +6,7 @@
 
 #include "config.h"
 #include "dconfig.h"
+#include "mover.h"
 #include "pop3_uidl.h"
 
 typedef int key_fn(struct ms_dconfig *c, const char *key, const char *value,
@@ -341,7 +342,19 @@ static int metrics_key(struct ms_dconfig *c, const char *key,
 static int mover_key(struct ms_dconfig *c, const char *key, const char *value,
 		     char *err, size_t errsz)
 {
-	return 0;	/* mailshiftctl migrate's; it checks them */
+	enum ms_mover_names n;
+
+	/* names is the gateway's too (its copies, retire's comparison);
+	 * the rest is mailshiftctl migrate's, and it checks them. */
+	if (strcmp(key, "names") != 0)
+		return 0;
+	if (ms_mover_names_parse(value, &n) < 0) {
+		snprintf(err, errsz, "names: \"%.40s\" is not source or "
+			 "destination", value);
+		return -1;
+	}
+	c->gw.mover_names = (int)n;
+	return 0;
 }
 
 static int steer_key(struct ms_dconfig *c, const char *key, const char *value,

@@ -123,7 +123,10 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		goto fail;
 	if (cfg->src_imap.host[0] != '\0' && cfg->dst_imap.host[0] != '\0') {
 		struct ms_server_cfg src = cfg->src_imap, dst = cfg->dst_imap;
-		struct ms_mover_opts mo = { .caller_flips = 1 };
+		struct ms_mover_opts mo = {
+			.caller_flips = 1,
+			.names = (enum ms_mover_names)cfg->mover_names,
+		};
 
 		src.max_conns = dst.max_conns = cfg->connections;
 		src.admin = cfg->src_admin;

@@ -46,6 +46,7 @@ struct ms_gw_config {
 	} domains[MS_GW_MAX_DOMAINS];
 	unsigned int ndomains;
 	unsigned int connections;
+	int mover_names;		/* enum ms_mover_names ([mover] names) */
 	/* Admin (master) logins per server, for the sweep and for resuming
 	 * copies after a restart; NULL = none (the captured login only). */
 	const char *src_admin, *src_admin_pw, *dst_admin, *dst_admin_pw;

@@ -1131,6 +1131,7 @@ struct ms_mover *ms_mover_new(uv_loop_t *loop, struct ms_store *store,
 	m->verify_only = opts != NULL && opts->verify_only;
 	m->verify_content = opts != NULL && opts->verify_content;
 	m->caller_flips = opts != NULL && opts->caller_flips;
+	m->names = opts != NULL ? opts->names : MS_NAMES_SOURCE;
 	for (int which = 0; which < 2 && opts != NULL; which++) {
 		const char *const *src_pats = which == 0 ? opts->include :
 					       opts->exclude;

@@ -12,6 +12,18 @@
 #include "server.h"
 #include "store.h"
 
+/* Whose folder names a copied folder takes (docs/mover.md, "Folder
+ * names"): the source's (every name as the client knew it), or the
+ * destination's for special-use folders (the source's "Sent Items" lands in
+ * the destination's \Sent folder, whatever it is called). */
+enum ms_mover_names {
+	MS_NAMES_SOURCE = 0,
+	MS_NAMES_DESTINATION,
+};
+
+/* "source" or "destination" into *out; -1 for anything else. */
+int ms_mover_names_parse(const char *s, enum ms_mover_names *out);
+
 struct ms_mover_opts {
 	const char *const *include;	/* NULL-terminated fnmatch patterns */
 	const char *const *exclude;
@@ -26,6 +38,7 @@ struct ms_mover_opts {
 	int caller_flips;		/* a verified job leaves the user's state
 					   as it is: the caller's own write is
 					   the flip (the gateway) */
+	enum ms_mover_names names;	/* default: the source's */
 };
 
 struct ms_folder_report {

@@ -51,6 +51,7 @@ struct ms_mover {
 	unsigned int batch;
 	int verify_only, verify_content;
 	int caller_flips;		/* ms_mover_opts */
+	enum ms_mover_names names;
 	struct ujob *jobs;
 	unsigned int users, users_done;
 	unsigned int folders, folders_done;
@@ -301,6 +302,10 @@ struct ujob {
 	struct dfolder *dfolders;
 	unsigned int ndfolders, capdfolders;
 	char src_sep, dst_sep;
+	/* Each side's personal namespace prefix (NAMESPACE, RFC 2342):
+	 * "INBOX." on Courier and older Cyrus, "" on most others. A name
+	 * crosses without the source's and gets the destination's. */
+	char src_prefix[64], dst_prefix[64];
 	int plan_pending;
 	int planned;
 
@@ -375,6 +380,7 @@ void mv_on_plan_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 void mv_on_create_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 			void *ctx);
 int mv_folder_wanted(struct ujob *u, const char *src);
+const char *mv_unprefixed(const char *name, const char *prefix);
 int mv_map_forward(struct ujob *u, const char *src, const char *special,
 		   char *out, size_t outsz);
 void mv_plan_step(struct ujob *u);

@@ -39,6 +39,91 @@ static const char *special_of(const struct ms_imap_arg *attrs)
 	return NULL;
 }
 
+/* The special use of a top-level folder by its name alone, for servers
+ * without SPECIAL-USE: the names mail clients and servers have used for
+ * these folders. docs/mover.md prints this table; keep the two alike. */
+static const char *usual_special(const char *name)
+{
+	static const struct {
+		const char *name, *use;
+	} usual[] = {
+		{ "Sent", "\\Sent" }, { "Sent Items", "\\Sent" },
+		{ "Sent Messages", "\\Sent" }, { "Sent Mail", "\\Sent" },
+		{ "Drafts", "\\Drafts" }, { "Draft", "\\Drafts" },
+		{ "Trash", "\\Trash" }, { "Deleted Items", "\\Trash" },
+		{ "Deleted Messages", "\\Trash" }, { "Bin", "\\Trash" },
+		{ "Junk", "\\Junk" }, { "Junk E-mail", "\\Junk" },
+		{ "Junk Email", "\\Junk" }, { "Spam", "\\Junk" },
+		{ "Bulk Mail", "\\Junk" },
+		{ "Archive", "\\Archive" }, { "Archives", "\\Archive" },
+	};
+
+	for (size_t i = 0; i < sizeof(usual) / sizeof(usual[0]); i++)
+		if (strcasecmp(name, usual[i].name) == 0)
+			return usual[i].use;
+	return NULL;
+}
+
+/* name without the namespace prefix, when it has it and is more than it. */
+const char *mv_unprefixed(const char *name, const char *prefix)
+{
+	size_t n = strlen(prefix);
+
+	if (n > 0 && strncmp(name, prefix, n) == 0 && name[n] != '\0')
+		return name + n;
+	return name;
+}
+
+/* A folder's special use: the server's LIST attribute, or, from a server
+ * without SPECIAL-USE, the usual name of a top-level folder. */
+static const char *folder_special(struct ms_imapc *c,
+				  const struct ms_imap_arg *attrs,
+				  const char *name, const char *prefix, char sep)
+{
+	const char *sp = special_of(attrs);
+
+	if (sp != NULL || ms_imapc_has_cap(c, "SPECIAL-USE"))
+		return sp;
+	name = mv_unprefixed(name, prefix);
+	if (sep != '\0' && strchr(name, sep) != NULL)
+		return NULL;
+	return usual_special(name);
+}
+
+/* "* NAMESPACE ((prefix sep) ...) other shared": the first personal
+ * namespace's prefix into out; 0, or -1 when r is something else. */
+static int parse_namespace(const struct ms_imap_response *r, char *out,
+			   size_t outsz)
+{
+	const struct ms_imap_arg *personal, *first;
+	const char *p;
+
+	if (r->kind != MS_RESP_UNTAGGED || r->argc < 2 ||
+	    !ms_imap_arg_is(&r->args[0], "NAMESPACE"))
+		return -1;
+	personal = &r->args[1];
+	if (personal->type != MS_ARG_LIST || personal->list_count == 0)
+		return 0;	/* NIL: no personal namespace to speak of */
+	first = &personal->list[0];
+	if (first->type != MS_ARG_LIST || first->list_count < 1 ||
+	    (p = ms_imap_arg_str(&first->list[0])) == NULL ||
+	    strlen(p) >= outsz)
+		return 0;
+	snprintf(out, outsz, "%s", p);
+	return 0;
+}
+
+int ms_mover_names_parse(const char *s, enum ms_mover_names *out)
+{
+	if (strcmp(s, "source") == 0)
+		*out = MS_NAMES_SOURCE;
+	else if (strcmp(s, "destination") == 0)
+		*out = MS_NAMES_DESTINATION;
+	else
+		return -1;
+	return 0;
+}
+
 static int has_attr(const struct ms_imap_arg *attrs, const char *a)
 {
 	if (attrs->type != MS_ARG_LIST)
@@ -120,13 +205,15 @@ static void on_plan_src_untagged(struct ms_imapc *c,
 			f->noselect = 1;
 		if (has_attr(attrs, "\\Subscribed"))
 			f->subscribed = 1;
-		sp = special_of(attrs);
-		if (sp != NULL)
-			snprintf(f->special, sizeof(f->special), "%s", sp);
 		if (sep != '\0')
 			u->src_sep = sep;
+		sp = folder_special(c, attrs, name, u->src_prefix, u->src_sep);
+		if (sp != NULL)
+			snprintf(f->special, sizeof(f->special), "%s", sp);
 		return;
 	}
+	if (parse_namespace(r, u->src_prefix, sizeof(u->src_prefix)) == 0)
+		return;
 	if (parse_list(r, "LSUB", &attrs, &sep, &name) == 0) {
 		f = mv_find_folder(u, name);
 		if (f != NULL)
@@ -157,6 +244,8 @@ static void on_plan_dst_untagged(struct ms_imapc *c,
 	struct dfolder *d;
 	int lsub = 0;
 
+	if (parse_namespace(r, u->dst_prefix, sizeof(u->dst_prefix)) == 0)
+		return;
 	if (parse_list(r, "LIST", &attrs, &sep, &name) < 0) {
 		if (parse_list(r, "LSUB", &attrs, &sep, &name) < 0)
 			return;
@@ -185,10 +274,11 @@ static void on_plan_dst_untagged(struct ms_imapc *c,
 		d->subscribed = 1;
 	if (!lsub && has_attr(attrs, "\\Noselect"))
 		d->noselect = 1;
-	if (!lsub && (sp = special_of(attrs)) != NULL)
-		snprintf(d->special, sizeof(d->special), "%s", sp);
 	if (!lsub && sep != '\0')
 		u->dst_sep = sep;
+	if (!lsub && (sp = folder_special(c, attrs, name, u->dst_prefix,
+					  u->dst_sep)) != NULL)
+		snprintf(d->special, sizeof(d->special), "%s", sp);
 }
 
 void mv_on_plan_reply(struct ms_imapc *c, const struct ms_imap_response *r,
@@ -248,7 +338,9 @@ int mv_folder_wanted(struct ujob *u, const char *src)
 	char utf8[1024], *pathname;
 	int ret;
 
-	mv_to_utf8(utf8, sizeof(utf8), src, u->src_sep);
+	/* Patterns name folders as the user sees them: no namespace prefix. */
+	mv_to_utf8(utf8, sizeof(utf8), mv_unprefixed(src, u->src_prefix),
+		   u->src_sep);
 	/* Patterns see '/' as the separator, whatever the server's. */
 	pathname = strdup(utf8);
 	if (pathname == NULL)
@@ -264,14 +356,16 @@ int mv_folder_wanted(struct ujob *u, const char *src)
 }
 
 /* The destination name of the source folder src with special use special
- * ("" for none): the destination's folder of the same use, else src by the
- * separator rule. Returns 0, or -1 when out of memory. */
+ * ("" for none): with names = destination, the destination's folder of the
+ * same use; else src without the source's namespace prefix, by the
+ * separator rule, with the destination's prefix. Returns 0, or -1 when out
+ * of memory. */
 int mv_map_forward(struct ujob *u, const char *src, const char *special,
 		   char *out, size_t outsz)
 {
 	char *t;
 
-	if (special[0] != '\0') {
+	if (special[0] != '\0' && u->m->names == MS_NAMES_DESTINATION) {
 		for (unsigned int j = 0; j < u->ndfolders; j++) {
 			if (strcasecmp(u->dfolders[j].special, special) == 0) {
 				snprintf(out, outsz, "%s", u->dfolders[j].name);
@@ -279,10 +373,15 @@ int mv_map_forward(struct ujob *u, const char *src, const char *special,
 			}
 		}
 	}
-	t = ms_mailbox_translate(src, u->src_sep, u->dst_sep);
+	if (strcasecmp(src, "INBOX") == 0) {
+		snprintf(out, outsz, "INBOX");
+		return 0;
+	}
+	t = ms_mailbox_translate(mv_unprefixed(src, u->src_prefix), u->src_sep,
+				 u->dst_sep);
 	if (t == NULL)
 		return -1;
-	snprintf(out, outsz, "%s", t);
+	snprintf(out, outsz, "%s%s", u->dst_prefix, t);
 	free(t);
 	return 0;
 }
@@ -353,6 +452,11 @@ void mv_plan_step(struct ujob *u)
 		ms_imapc_set_untagged(dc, on_plan_dst_untagged, u);
 		u->plan_pending = 4;
 		for (struct ms_imapc *c = sc; c != NULL; c = c == sc ? dc : NULL) {
+			/* The prefix first: LIST's answers are read with it. */
+			if (ms_imapc_has_cap(c, "NAMESPACE")) {
+				u->plan_pending++;
+				ms_imapc_cmd(c, mv_on_plan_reply, u, "NAMESPACE");
+			}
 			if (ms_imapc_has_cap(c, "SPECIAL-USE"))
 				ms_imapc_cmd(c, mv_on_plan_reply, u, "LIST \"\" "
 					     "\"*\" RETURN (SPECIAL-USE)");

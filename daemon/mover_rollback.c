@@ -114,9 +114,10 @@ static void rb_fjob(struct ujob *u, struct fjob *f, const char *src,
 		   u->dst_sep);
 }
 
-/* The source name for destination folder d, which no record maps: the
- * source's folder of d's special use when no other folder job has it,
- * else the reverse of the separator rule. Returns 0 (out filled), 1 when
+/* The source name for destination folder d, which no record maps: with
+ * names = destination, the source's folder of d's special use when no
+ * other folder job has it; else the reverse of the separator rule (and of
+ * the namespace prefixes). Returns 0 (out filled), 1 when
  * d has no name on the source that maps back to it, -1 when out of
  * memory. */
 static int rb_source_name(struct ujob *u, const struct dfolder *d,
@@ -127,8 +128,8 @@ static int rb_source_name(struct ujob *u, const struct dfolder *d,
 	const struct fjob *sf;
 
 	out[0] = '\0';
-	for (unsigned int i = 0; d->special[0] != '\0' && i < u->nfolders &&
-	     out[0] == '\0'; i++) {
+	for (unsigned int i = 0; u->m->names == MS_NAMES_DESTINATION &&
+	     d->special[0] != '\0' && i < u->nfolders && out[0] == '\0'; i++) {
 		const struct fjob *s = &u->folders[i];
 		unsigned int j;
 
@@ -140,10 +141,12 @@ static int rb_source_name(struct ujob *u, const struct dfolder *d,
 			snprintf(out, outsz, "%s", s->src);
 	}
 	if (out[0] == '\0') {
-		t = reverse_name(d->name, u->src_sep, u->dst_sep);
+		t = reverse_name(mv_unprefixed(d->name, u->dst_prefix),
+				 u->src_sep, u->dst_sep);
 		if (t == NULL)
 			return -1;
-		snprintf(out, outsz, "%s", t);
+		snprintf(out, outsz, "%s%s", strcasecmp(t, "INBOX") == 0 ?
+			 "" : u->src_prefix, t);
 		free(t);
 	}
 	/* The name must come back as it is, or a later forward copy would

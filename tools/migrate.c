@@ -49,6 +49,7 @@ struct opts {
 	int rollback;
 	int verify_only;
 	int verify_content;
+	int names;		/* 0 unset, else 1 + enum ms_mover_names */
 };
 
 struct run {
@@ -95,6 +96,9 @@ static void usage(FILE *f)
 "      --exclude GLOB            skip folders matching GLOB\n"
 "      --connections N           connections per server (default 4)\n"
 "      --batch N                 messages per APPEND batch (default 100)\n"
+"      --names source|destination  folder names the copies take: the source's\n"
+"                                 (default), or the destination's special-use\n"
+"                                 folders (Sent, Trash, ...)\n"
 "      --json                    print a JSON summary on stdout\n"
 "      --progress, --no-progress live progress bar on stderr (default: on a terminal)\n"
 "      --rollback                the other way: bring the source back to what the\n"
@@ -181,6 +185,20 @@ static void opts_free(struct opts *o)
 		free((char *)o->exclude[i]);
 }
 
+/* "source" or "destination" into *out as 1 + enum ms_mover_names. */
+static int parse_names(const char *value, int *out, char *err, size_t errsz)
+{
+	enum ms_mover_names n;
+
+	if (ms_mover_names_parse(value, &n) < 0) {
+		snprintf(err, errsz, "names: \"%.40s\" is not source or "
+			 "destination", value);
+		return -1;
+	}
+	*out = 1 + (int)n;
+	return 0;
+}
+
 static int on_config(void *ctx, const char *section, const char *key,
 		     const char *value, char *err, size_t errsz)
 {
@@ -221,6 +239,8 @@ static int on_config(void *ctx, const char *section, const char *key,
 			o->exclude[o->nexclude++] = strdup(value);
 			return 0;
 		}
+		if (!strcmp(key, "names"))
+			return parse_names(value, &o->names, err, errsz);
 		if (!strcmp(key, "verify_content")) {
 			if ((o->verify_content = ms_parse_bool(value)) < 0) {
 				snprintf(err, errsz, "verify_content: expected "
@@ -547,6 +567,7 @@ enum {
 	OPT_STORE, OPT_INCLUDE, OPT_EXCLUDE, OPT_CONNS, OPT_BATCH, OPT_JSON,
 	OPT_PROGRESS, OPT_NOPROGRESS, OPT_ROLLBACK, OPT_VERIFY_ONLY,
 	OPT_VERIFY_CONTENT,
+	OPT_NAMES,
 };
 
 static const struct option longopts[] = {
@@ -568,6 +589,7 @@ static const struct option longopts[] = {
 	{ "exclude", required_argument, NULL, OPT_EXCLUDE },
 	{ "connections", required_argument, NULL, OPT_CONNS },
 	{ "batch", required_argument, NULL, OPT_BATCH },
+	{ "names", required_argument, NULL, OPT_NAMES },
 	{ "json", no_argument, NULL, OPT_JSON },
 	{ "progress", no_argument, NULL, OPT_PROGRESS },
 	{ "no-progress", no_argument, NULL, OPT_NOPROGRESS },
@@ -653,6 +675,13 @@ int migrate_main(int argc, char *argv[])
 			if (parse_count(optarg, "--batch", 10000, &cli.batch) < 0)
 				return 2;
 			break;
+		case OPT_NAMES:
+			if (parse_names(optarg, &cli.names, errbuf,
+					sizeof(errbuf)) < 0) {
+				fprintf(stderr, "%s: --%s\n", prog, errbuf);
+				return 2;
+			}
+			break;
 		case OPT_JSON: cli.json = 1; break;
 		case OPT_PROGRESS: cli.progress = 1; break;
 		case OPT_NOPROGRESS: cli.progress = 0; break;
@@ -686,7 +715,7 @@ int migrate_main(int argc, char *argv[])
 	OVERRIDE(src.insecure); OVERRIDE(dst.insecure);
 	OVERRIDE(store); OVERRIDE(connections); OVERRIDE(batch);
 	OVERRIDE(json); OVERRIDE(verbose); OVERRIDE(rollback);
-	OVERRIDE(verify_only); OVERRIDE(verify_content);
+	OVERRIDE(verify_only); OVERRIDE(verify_content); OVERRIDE(names);
 #undef OVERRIDE
 	if (cli.progress >= 0)
 		o.progress = cli.progress;
@@ -752,6 +781,8 @@ int migrate_main(int argc, char *argv[])
 	mopts.batch = o.batch;
 	mopts.verify_only = o.verify_only;
 	mopts.verify_content = o.verify_content;
+	if (o.names != 0)
+		mopts.names = (enum ms_mover_names)(o.names - 1);
 
 	uv_loop_init(&r.loop);
 	r.o = &o;

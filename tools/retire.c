@@ -385,7 +385,10 @@ static void wipe(char **pw)
 static int verify(struct ropts *o, struct check *ck, json_t *names,
 		  json_t **results)
 {
-	struct ms_mover_opts mo = { .verify_only = 1 };
+	struct ms_mover_opts mo = {
+		.verify_only = 1,
+		.names = (enum ms_mover_names)o->c->gw.mover_names,
+	};
 	struct vrun vr = { .ck = ck, .results = json_array() };
 	struct ms_server_cfg src, dst;
 	struct ms_mover *m;

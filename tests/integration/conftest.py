@@ -186,6 +186,24 @@ class Pair:
         self.workdir = workdir
         self.src = src
         self.dst = dst
+        # The folder names copies take ([mover] names, migrate --names):
+        # 'source' keeps every name; 'destination' puts special-use
+        # folders into the destination's folder of the same use.
+        self.names = 'source'
+
+    def own_special(self, d):
+        """The destination's own special-use folders that names =
+        'source' leaves as they were (empty, subscribed: auto =
+        subscribe): the keys, given an IMAP connection to it."""
+        return mc.special_use(d) if self.names == 'source' else {}
+
+    def specials(self, s, d):
+        """(source, destination) special-use maps for mc.map_name, given
+        IMAP connections to both: empty ones when names are the
+        source's."""
+        if self.names != 'destination':
+            return {}, {}
+        return mc.special_use(s), mc.special_use(d)
 
     def src_imap(self, user):
         return self.src.imap(user)
@@ -202,9 +220,11 @@ class Pair:
         s = self.src.imap(user)
         d = self.dst.imap(dst_user or user)
         try:
-            want = mc.map_snapshot(mc.snapshot(s), '/', mc.special_use(s),
-                                   mc.special_use(d))
+            want = mc.map_snapshot(mc.snapshot(s), '/',
+                                   *self.specials(s, d))
             got = mc.snapshot(d)
+            for k in self.own_special(d):
+                want.setdefault(k, [])
         finally:
             s.logout()
             d.logout()
@@ -332,6 +352,8 @@ class Migrator:
                      '--dest', dest or self.pair.dst.url('imap'),
                      '--store', store or self.store]
         argv.append('--no-progress')
+        if self.pair.names != 'source' and not bare:
+            argv += ['--names', self.pair.names]
         if json_out:
             argv.append('--json')
         return argv + list(args) + list(users)

@@ -234,8 +234,10 @@ def test_colliding_names_stop_the_copy(make_pair, ctl, workdir):
     """Two source folders that would land on one destination name (here
     the source's \\Sent folder "Sent" and a plain folder "Sent Items", the
     destination's \\Sent) stop the copy with an error naming both; nothing
-    is merged."""
+    is merged (names = destination: with the source's names there is no
+    such pair)."""
     pair = make_pair(users=('smallie',))
+    pair.names = 'destination'
     direct(pair.src, 'smallie', mc.create_folder, 'Sent Items')
     direct(pair.src, 'smallie', mc.append_many, 'Sent Items',
            [mc.make_message(77000, 900)])

@@ -60,8 +60,8 @@ def mapped_subscriptions(pair, user, dst_user=None):
     s = pair.src.imap(user)
     d = pair.dst.imap(dst_user or user)
     try:
-        want = mc.map_names(mc.subscriptions(s), '/', mc.special_use(s),
-                            mc.special_use(d))
+        want = mc.map_names(mc.subscriptions(s), '/', *pair.specials(s, d))
+        want |= set(pair.own_special(d))
         got = mc.subscriptions(d)
     finally:
         s.logout()
@@ -79,7 +79,9 @@ def no_secret(secret, *blobs):
 
 # ---------------------------------------------------------------- tests
 
-def test_exact_copy(pair, run_migrate):
+@pytest.mark.parametrize('names', ['source', 'destination'])
+def test_exact_copy(pair, run_migrate, names):
+    pair.names = names
     res = run_migrate('alice', expect_rc=0)
     j = ok_summary(res, 'alice')
 
@@ -95,11 +97,20 @@ def test_exact_copy(pair, run_migrate):
     assert j['bytes'] == sum(sum(v) for v in src_sizes.values()), \
         res.describe()
 
-    # Special-use mapping: the source's Sent/Trash mail is in the
-    # destination's "Sent Items"/"Deleted Items"; no "Sent"/"Trash" made.
-    assert len(got['Sent Items']) == 3
-    assert len(got['Deleted Items']) == 2
-    assert 'Sent' not in got and 'Trash' not in got
+    if names == 'destination':
+        # Special-use mapping: the source's Sent/Trash mail is in the
+        # destination's "Sent Items"/"Deleted Items"; no "Sent"/"Trash"
+        # made.
+        special = {'Sent': 'Sent Items', 'Trash': 'Deleted Items'}
+        assert len(got['Sent Items']) == 3
+        assert len(got['Deleted Items']) == 2
+        assert 'Sent' not in got and 'Trash' not in got
+    else:
+        # The client's names are kept: "Sent" and "Trash" are made next
+        # to the destination's own (empty) special-use folders.
+        special = {'Sent': 'Sent', 'Trash': 'Trash'}
+        assert len(got['Sent']) == 3 and len(got['Trash']) == 2
+        assert got['Sent Items'] == [] and got['Deleted Items'] == []
     # The destination separator inside a source name is escaped.
     assert len(got['a%252Fb']) == 2, sorted(got)
     assert got['Empty'] == []
@@ -112,10 +123,10 @@ def test_exact_copy(pair, run_migrate):
 
     # Per-folder report.
     folders = {f['source']: f for f in j['folders']}
-    expect_dest = {'Archive.2020': 'Archive/2020', 'Sent': 'Sent Items',
-                   'Trash': 'Deleted Items', 'a/b': 'a%2Fb',
-                   'Entwürfe': 'Entwürfe', 'Archive.2020.Q1':
-                   'Archive/2020/Q1', 'INBOX': 'INBOX'}
+    expect_dest = dict(special, **{'Archive.2020': 'Archive/2020',
+                                   'a/b': 'a%2Fb', 'Entwürfe': 'Entwürfe',
+                                   'Archive.2020.Q1': 'Archive/2020/Q1',
+                                   'INBOX': 'INBOX'})
     for src_name, dst_name in expect_dest.items():
         assert src_name in folders, 'folder %r not in report: %s' % (
             src_name, sorted(folders))
@@ -541,7 +552,9 @@ def test_many_users(make_pair, ctl, workdir):
 
 def test_reverse_separators(make_pair, ctl, workdir):
     """Source '/' (LAYOUT=fs), destination '.' (Maildir++): a '.' inside a
-    source level is written %2E, and '%' in such a level %25."""
+    source level is written %2E, and '%' in such a level %25; with
+    --names destination, special-use folders take the destination's
+    names."""
     pair = make_pair(users=(),
                      src_kw=dict(separator='/', layout='fs',
                                  special_use=corpus.DST_SPECIAL,
@@ -549,6 +562,7 @@ def test_reverse_separators(make_pair, ctl, workdir):
                      dst_kw=dict(separator='.', layout='maildir++',
                                  special_use={'Sent': '\\Sent',
                                               'Trash': '\\Trash'}))
+    pair.names = 'destination'
     s = pair.src.imap('smallie')
     try:
         for f in ('a.b', 'x/y.z', '100%.done', '50%off', 'p/q'):
@@ -566,8 +580,7 @@ def test_reverse_separators(make_pair, ctl, workdir):
     ok_summary(res, 'smallie')
     s, d = pair.src.imap('smallie'), pair.dst.imap('smallie')
     try:
-        want = mc.map_snapshot(mc.snapshot(s), '.', mc.special_use(s),
-                               mc.special_use(d))
+        want = mc.map_snapshot(mc.snapshot(s), '.', *pair.specials(s, d))
         got = mc.snapshot(d)
         names = {f['name'] for f in mc.list_folders(d)}
     finally:

@@ -203,7 +203,7 @@ class Dovecot:
                  layout='maildir++', special_use=None, tls_ca=None, pop3=True,
                  performance=False, master_user=None, extra_conf='',
                  listescape=False, mail_plugins='', fsync=False,
-                 list_index=False, netns=None):
+                 list_index=False, netns=None, prefix=''):
         if layout not in ('maildir++', 'fs'):
             raise ValueError('layout must be maildir++ or fs')
         self.root_dir = os.path.abspath(root_dir)
@@ -222,6 +222,9 @@ class Dovecot:
         self.fsync = fsync
         self.list_index = list_index
         self.netns = netns
+        # The personal namespace's prefix: 'INBOX.' makes a Courier-style
+        # server (every folder below INBOX).
+        self.prefix = prefix
         for u, pw in self.users.items():
             self._secret(u, pw)
         if master_user:
@@ -328,7 +331,7 @@ class Dovecot:
             '}',
             'namespace inbox {',
             '  inbox = yes',
-            '  prefix =',
+            '  prefix = %s' % self.prefix,
             '  separator = %s' % self.separator,
         ]
         for folder, use in self.special_use.items():

@@ -21,6 +21,8 @@ import json
 import os
 import time
 
+import pytest
+
 import mailcheck as mc
 from conftest import MASTER, wait_for
 from test_gateway import GW_USERS, direct, marker
@@ -399,7 +401,11 @@ def test_apply_after_a_passing_check(env):
                             .returncode == 0, 30, 0.5), \
                 ns_retire(env, conf, '--check').stdout
             r = ns_retire(env, conf, '--apply', '--json')
-            assert r.returncode == 0, (r.stdout, r.stderr)
+            if r.returncode != 0:       # the whole of what the check said
+                pytest.fail('retire --apply after a passing check: exit '
+                            '%d\nstdout: %s\nstderr: %s'
+                            % (r.returncode, r.stdout, r.stderr),
+                            pytrace=False)
             assert r.json['forced'] is False and \
                 r.json['gateway_sessions'] == 1, r.json
             assert 'WARNING' not in r.stderr, r.stderr

@@ -1,0 +1,185 @@
+"""Restarts refuse nothing: mailshiftd restarted (or killed -9) in router
+mode while a client keeps connecting through the steering, in
+test_steer.py's namespaces (client, gateway, source, destination; real
+Dovecots; its env fixture, made and removed by this module).
+
+With socket activation the test holds the transparent listening sockets
+as systemd's socket unit does (tests/lib/sdactivate.py) and each mailshiftd
+inherits them: while none runs, the kernel queues new connections on them,
+and the next daemon greets them. Without it (test_steer.py's
+test_kill9_leaves_diverted_ports_closed) the table refuses them.
+"""
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+import dovecot as dc
+import sdactivate
+from conftest import wait_for
+from test_steer import (CLI_ADDR, IMAP_LISTEN, POP3_LISTEN, SERVICE_ADDR,
+                        close, env, login_tags, side_of, steered)
+
+__all__ = ['env', 'steered']        # fixtures used here, made by test_steer
+
+
+def greeting(sock):
+    """The first line the server sends on sock (b'' at end of stream)."""
+    data = b''
+    while b'\n' not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b'\n', 1)[0]
+
+
+def greeted(line):
+    return line.startswith(b'* OK') or line.startswith(b'+OK')
+
+
+class Attempts:
+    """A client connecting to SERVICE_ADDR:port again and again (one at a
+    time, from CLI_ADDR, in the client's namespace), waiting for each
+    greeting: .ok counts the greeted ones, .failures lists the others."""
+
+    def __init__(self, env, port=143):
+        self.env = env
+        self.port = port
+        self.ok = 0
+        self.failures = []
+        self.latencies = []
+        self.phase = 'start'        # named in failures
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=env.cli.call, args=(self.run,),
+                                       daemon=True)
+
+    def run(self):
+        while not self.done.is_set():
+            t0 = time.monotonic()
+            try:
+                with socket.create_connection(
+                        (SERVICE_ADDR, self.port), timeout=60,
+                        source_address=(CLI_ADDR, 0)) as s:
+                    line = greeting(s)
+            except OSError as e:
+                self.failures.append((self.phase, repr(e)))
+                continue
+            if greeted(line):
+                self.ok += 1
+                self.latencies.append(time.monotonic() - t0)
+            else:
+                self.failures.append((self.phase, line))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join(90)
+
+    def more(self, n, timeout=60):
+        """Waits until n more attempts were greeted."""
+        want = self.ok + n
+        assert wait_for(lambda: self.ok >= want, timeout, 0.02), \
+            (self.ok, want, self.failures)
+
+
+def connect_now(env, port):
+    """A connection made from the client now (while no daemon runs): it
+    completes in the kernel, on the inherited socket's queue."""
+    return env.cli.call(socket.create_connection, (SERVICE_ADDR, port),
+                        timeout=60, source_address=(CLI_ADDR, 0))
+
+
+def held_sockets(env, transparent=True, extra=()):
+    return sdactivate.Sockets(
+        [('0.0.0.0', IMAP_LISTEN, 'imap'), ('0.0.0.0', POP3_LISTEN, 'pop3')]
+        + list(extra), transparent=transparent, netns=env.gw_ns.name)
+
+
+def test_restart_with_inherited_sockets_refuses_nothing(steered):
+    env = steered
+    gw = env.gw
+    gw.stop()
+    socks = held_sockets(env)
+    gw.activation = socks
+    try:
+        gw.start()
+        assert 'listener(s), inherited)' in gw.log_text()
+        src_before = env.from_clients(env.src_ns)
+        _, rejected0 = env.stats()
+        with Attempts(env) as loop:
+            loop.more(5)
+            for stop in ('SIGTERM', 'SIGKILL'):
+                loop.phase = stop
+                if stop == 'SIGTERM':
+                    assert gw.stop() == 0 and not gw.killed
+                else:
+                    os.kill(gw.pid, signal.SIGKILL)
+                    gw.proc.wait()
+                    gw.proc = None
+                # No daemon now: these are queued on the held sockets.
+                waiting = [connect_now(env, p) for p in (143, 143, 110)]
+                gw.start()
+                for s in waiting:
+                    with s:
+                        line = greeting(s)
+                        assert greeted(line), (stop, line)
+                loop.more(5)
+        # A restart refuses nothing. kill -9 may take with it the one
+        # attempt the dead daemon had accepted and not yet greeted (the
+        # loop makes one at a time): ended, never refused.
+        lost = [f for f in loop.failures if f[0] == 'SIGKILL' and
+                (f[1] == b'' or 'ConnectionResetError' in str(f[1]))]
+        assert len(lost) <= 1 and len(loop.failures) == len(lost), \
+            loop.failures
+        # Nothing was refused by the table, nothing reached the source.
+        _, rejected = env.stats()
+        assert rejected == rejected0
+        assert env.from_clients(env.src_ns) == src_before
+        m, tags = login_tags(env, 'alice')
+        try:
+            assert side_of(env, tags, 'alice') == 'source'
+        finally:
+            close(m)
+    finally:
+        gw.stop()
+        gw.activation = None
+        socks.close()
+        gw.start()
+
+
+@pytest.mark.parametrize('case', ['missing', 'extra', 'not transparent'])
+def test_inherited_sockets_must_match_the_config(env, case):
+    """A socket unit and a [listen] section that disagree stop mailshiftd at
+    start with the reason, whichever way they disagree."""
+    gw = env.gw
+    gw.stop()
+    if case == 'missing':
+        socks = sdactivate.Sockets([('0.0.0.0', IMAP_LISTEN, 'imap')],
+                                   transparent=True, netns=env.gw_ns.name)
+        want = ('listener 0.0.0.0:%d: no inherited socket is bound to it'
+                % POP3_LISTEN)
+    elif case == 'extra':
+        socks = held_sockets(env, extra=[('127.0.0.1', 10999, 'other')])
+        want = ('inherited socket "other" (fd 5) on 127.0.0.1:10999 '
+                'matches no [listen] address')
+    else:
+        socks = held_sockets(env, transparent=False)
+        want = 'is not transparent but [listen] transparent is yes'
+    gw.activation = socks
+    try:
+        with pytest.raises(dc.HarnessError):
+            gw.start()
+        assert want in gw.log_text(), gw.log_tail()
+    finally:
+        gw.stop()
+        gw.activation = None
+        socks.close()
+        gw.start()

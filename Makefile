@@ -24,7 +24,7 @@
 
 CC      ?= cc
 PKGS    := libuv openssl sqlite3 jansson libcap-ng libnftables libnl-route-3.0 \
-	   libnl-genl-3.0
+	   libnl-genl-3.0 libnetfilter_queue
 CFLAGS  ?= -O2 -g
 MS_CFLAGS := -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -MMD -MP \
 	     -D_GNU_SOURCE -Idaemon $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
@@ -33,7 +33,7 @@ MS_CFLAGS := -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -MMD -MP \
 cc_is_clang = $(findstring clang,$(shell $(1) --version 2>/dev/null))
 gcc_only    = $(if $(call cc_is_clang,$(1)),,-Wno-format-truncation)
 CC_WARN := $(call gcc_only,$(CC))
-LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -luv -lssl -lcrypto -lsqlite3 -ljansson -lcap-ng -lnftables -lnl-route-3 -lnl-genl-3 -lnl-3)
+LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -luv -lssl -lcrypto -lsqlite3 -ljansson -lcap-ng -lnftables -lnl-route-3 -lnl-genl-3 -lnl-3 -lnetfilter_queue -lnfnetlink)
 PYTHON  ?= /usr/bin/python3
 PREFIX  ?= /usr/local
 BINDIR  ?= $(PREFIX)/bin

@@ -13,12 +13,14 @@ test_kill9_leaves_diverted_ports_closed) the table refuses them.
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
 
 import dovecot as dc
+import netns
 import sdactivate
 from conftest import wait_for
 from test_steer import (CLI_ADDR, IMAP_LISTEN, POP3_LISTEN, SERVICE_ADDR,
@@ -182,4 +184,112 @@ def test_inherited_sockets_must_match_the_config(env, case):
         gw.stop()
         gw.activation = None
         socks.close()
+        gw.start()
+
+
+# ------------------------------------------ the NFQUEUE hold (no activation)
+
+class Pending:
+    """One connection attempt from the client, in a thread of its own:
+    .wait() gives the greeting line, or the exception it ended with."""
+
+    def __init__(self, env, port):
+        self.result = None
+        self.thread = threading.Thread(target=self._run, args=(env, port),
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, env, port):
+        try:
+            with connect_now(env, port) as s:
+                self.result = greeting(s)
+        except OSError as e:
+            self.result = e
+
+    def wait(self, timeout=90):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), 'attempt still waiting'
+        return self.result
+
+
+def hold_start(env, *args):
+    """mailshiftctl steer hold ARGS in the gateway namespace, once it says
+    it holds."""
+    p = subprocess.Popen(
+        netns.exec_prefix(env.gw_ns.name) +
+        [env.ctl_binary, 'steer', '-c', env.gw.config_path, 'hold'] +
+        list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    if not line.startswith('holding'):
+        p.kill()
+        pytest.fail('steer hold did not start: %r %s'
+                    % (line, p.communicate()[1]))
+    return p
+
+
+def queued(env):
+    """Packets waiting in the gateway namespace's NFQUEUEs for a verdict."""
+    r = env.gw_ns.run(['cat', '/proc/net/netfilter/nfnetlink_queue'])
+    return sum(int(l.split()[2]) for l in r.stdout.splitlines())
+
+
+def test_hold_restart_without_activation_refuses_nothing(steered):
+    """A restart of a mailshiftd that binds its own listeners: steer hold
+    queues the SYNs that arrive while none listens and lets them go to
+    the new one."""
+    env = steered
+    gw = env.gw
+    src_before = env.from_clients(env.src_ns)
+    _, rejected0 = env.stats()
+    with Attempts(env) as loop:
+        loop.more(3)
+        hold = hold_start(env, '--timeout', '60')
+        try:
+            loop.phase = 'hold'
+            assert gw.stop() == 0 and not gw.killed
+            waiting = [Pending(env, p) for p in (143, 143, 110)]
+            # Held in the kernel's queue, neither refused nor passed on.
+            assert wait_for(lambda: queued(env) >= 3, 30, 0.02), \
+                queued(env)
+            assert [w.result for w in waiting] == [None] * 3
+            gw.start()
+            out, err = hold.communicate(timeout=60)
+            assert hold.returncode == 0, (out, err)
+            assert 'a new mailshiftd listens: ' in out, out
+            for w in waiting:
+                assert greeted(w.wait()), w.result
+            loop.more(3)
+        finally:
+            if hold.poll() is None:
+                hold.terminate()
+                hold.wait(30)
+    assert not loop.failures, loop.failures
+    _, rejected = env.stats()
+    assert rejected == rejected0
+    assert env.from_clients(env.src_ns) == src_before
+    assert queued(env) == 0
+
+
+def test_hold_rejects_past_its_timeout(steered):
+    """No new mailshiftd within the timeout: what was held goes on to the
+    steering table, which resets it (fail closed), and hold says so."""
+    env = steered
+    gw = env.gw
+    gw.stop()
+    try:
+        src_before = env.from_clients(env.src_ns)
+        _, rejected0 = env.stats()
+        hold = hold_start(env, '--timeout', '5')
+        w = Pending(env, 143)
+        assert wait_for(lambda: queued(env) >= 1 or hold.poll() is not None,
+                        30, 0.02)
+        out, err = hold.communicate(timeout=60)
+        assert hold.returncode == 1, (out, err)
+        assert 'no new mailshiftd listened within 5 s' in err, err
+        assert isinstance(w.wait(), ConnectionRefusedError), w.result
+        _, rejected = env.stats()
+        assert rejected > rejected0
+        assert env.from_clients(env.src_ns) == src_before
+    finally:
         gw.start()

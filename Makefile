@@ -16,7 +16,7 @@
 #   make kmod       the kernel module, kmod/mailshift.ko (KDIR= a kernel
 #                   build tree; default the installed Debian cloud headers)
 #   make kmod-check the module under the kernel's checkpatch.pl --strict
-#   make install    the programs, man pages and example config, under
+#   make install    the programs, man pages, example config and systemd units, under
 #                   DESTDIR and PREFIX (default /usr/local)
 #
 # CFLAGS is the caller's (optimisation, debugging: `make CFLAGS=-O0`); what
@@ -40,6 +40,7 @@ BINDIR  ?= $(PREFIX)/bin
 SBINDIR ?= $(PREFIX)/sbin
 MANDIR  ?= $(PREFIX)/share/man
 DOCDIR  ?= $(PREFIX)/share/doc/mailshift
+UNITDIR ?= $(PREFIX)/lib/systemd/system
 INSTALL ?= install
 
 ifeq ($(V),1)
@@ -296,13 +297,20 @@ install: all
 		$(DESTDIR)$(MANDIR)/man8/
 	$(INSTALL) -m 644 etc/mailshift.conf \
 		$(DESTDIR)$(DOCDIR)/mailshift.conf.example
+	$(INSTALL) -d $(DESTDIR)$(UNITDIR)
+	$(INSTALL) -m 644 etc/systemd/mailshiftd.socket $(DESTDIR)$(UNITDIR)/
+	sed 's|@SBINDIR@|$(SBINDIR)|g' etc/systemd/mailshiftd.service.in \
+		> $(DESTDIR)$(UNITDIR)/mailshiftd.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/mailshiftd.service
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/mailshiftctl $(DESTDIR)$(SBINDIR)/mailshiftd \
 		$(DESTDIR)$(MANDIR)/man5/mailshift.conf.5 \
 		$(DESTDIR)$(MANDIR)/man8/mailshiftd.8 \
 		$(DESTDIR)$(MANDIR)/man8/mailshiftctl.8 \
-		$(DESTDIR)$(DOCDIR)/mailshift.conf.example
+		$(DESTDIR)$(DOCDIR)/mailshift.conf.example \
+		$(DESTDIR)$(UNITDIR)/mailshiftd.socket \
+		$(DESTDIR)$(UNITDIR)/mailshiftd.service
 	-rmdir $(DESTDIR)$(DOCDIR)
 
 clean:

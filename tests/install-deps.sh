@@ -8,7 +8,7 @@ libjansson-dev libcmocka-dev libcap-ng-dev libnftables-dev libnl-route-3-dev pyt
 dovecot-core dovecot-imapd dovecot-pop3d isync time
 postfix dovecot-lmtpd
 nginx libnginx-mod-mail perdition
-nftables iproute2 gdb iptables libnetfilter-queue-dev
+nftables iproute2 gdb iptables libnetfilter-queue-dev systemd
 clang libclang-rt-14-dev
 qemu-system-x86 busybox-static cpio libnl-genl-3-dev linux-source-6.1"
 

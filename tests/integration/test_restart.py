@@ -20,11 +20,12 @@ import time
 import pytest
 
 import dovecot as dc
+import gateway as gwlib
 import netns
 import sdactivate
 from conftest import wait_for
 from test_steer import (CLI_ADDR, IMAP_LISTEN, POP3_LISTEN, SERVICE_ADDR,
-                        close, env, login_tags, side_of, steered)
+                        Remote, close, env, login_tags, side_of, steered)
 
 __all__ = ['env', 'steered']        # fixtures used here, made by test_steer
 
@@ -155,6 +156,59 @@ def test_restart_with_inherited_sockets_refuses_nothing(steered):
         gw.activation = None
         socks.close()
         gw.start()
+
+
+class SystemdActivate:
+    """systemd's own implementation of the protocol in place of the test's
+    launcher: systemd-socket-activate binds, waits for a first connection,
+    then sets the variables and execs (for gateway.Mailshiftd's
+    activation=)."""
+
+    def __init__(self, *addrs):
+        self.argv = ['systemd-socket-activate']
+        self.argv += ['--listen=' + a for a in addrs]
+        self.argv += ['--fdname=imap:pop3']
+
+    def launcher(self):
+        return self.argv
+
+    def fds(self):
+        return ()
+
+
+def test_systemd_socket_activate_starts_it(workdir, ctl):
+    """mailshiftd takes its listeners from systemd's socket activation
+    (no namespace needed: loopback, servers nobody asks)."""
+    imap, pop3 = dc._free_ports(2)
+    nowhere = Remote(None, '127.0.0.1')
+    gw = gwlib.Mailshiftd(
+        os.path.join(workdir, 'gw'), nowhere, nowhere, policy='off',
+        ctl_binary=ctl, imap_port=imap, pop3_port=pop3,
+        activation=SystemdActivate('127.0.0.1:%d' % imap,
+                                   '127.0.0.1:%d' % pop3))
+    first = {}
+
+    def connect_first():
+        # the connection that makes systemd-socket-activate start it
+        deadline = time.monotonic() + 30
+        while 'line' not in first and time.monotonic() < deadline:
+            try:
+                with socket.create_connection(('127.0.0.1', pop3), 60) as s:
+                    first['line'] = greeting(s)
+            except OSError:
+                time.sleep(0.05)
+
+    t = threading.Thread(target=connect_first, daemon=True)
+    t.start()
+    try:
+        gw.start()
+        t.join(60)
+        assert first.get('line', b'').startswith(b'+OK'), first
+        assert 'mailshiftd ready (2 listener(s), inherited)' in \
+            gw.log_text(), gw.log_tail()
+        assert gw.stop() == 0
+    finally:
+        gw.stop()
 
 
 @pytest.mark.parametrize('case', ['missing', 'extra', 'not transparent'])

@@ -179,11 +179,12 @@ static int table_exists(int v6)
 				sizeof(err)) == 0;
 }
 
-static void remove_rules(struct hold *h)
+/* The tables iptables-nft made for us. Only once nothing is queued from
+ * them: unregistering a hook drops the packets it queued. */
+static void remove_tables(struct hold *h)
 {
 	char err[256];
 
-	rules(h, "-D");
 	for (int v6 = 0; v6 < 2; v6++)
 		if (!h->raw_existed[v6] && table_exists(v6))
 			ms_steer_nft_run(v6 ? "delete table ip6 raw\n" :
@@ -277,13 +278,18 @@ static int run(struct hold *h, struct nfq_handle *nh)
 	return 1;
 }
 
-/* Lets go what is still queued in the kernel (h->up: at once). */
+/* Lets go what is still queued (h->up: at once), until the queue has been
+ * quiet for 100 ms: a packet on its way through the hook when the rule
+ * went is still queued after, and unbinding would drop it (the client
+ * would send its SYN again only a second later). */
 static void drain(struct hold *h, struct nfq_handle *nh)
 {
 	char buf[4096] __attribute__((aligned));
+	struct pollfd p = { .fd = nfq_fd(nh), .events = POLLIN };
 	ssize_t n;
 
-	while ((n = recv(nfq_fd(nh), buf, sizeof(buf), MSG_DONTWAIT)) > 0)
+	while (poll(&p, 1, 100) > 0 &&
+	       (n = recv(p.fd, buf, sizeof(buf), MSG_DONTWAIT)) > 0)
 		nfq_handle_packet(nh, buf, (int)n);
 	(void)h;
 }
@@ -350,12 +356,13 @@ int steer_hold(const struct ms_steer_cfg *s, int argc, char *argv[],
 	       "mailshiftd (at most %u s)\n", secs);
 	fflush(stdout);
 	ret = run(&h, nh);
-	/* rule first: nothing new is queued while the held ones go; then
-	 * what the kernel queued meanwhile (unbinding would drop it) */
-	remove_rules(&h);
+	/* The rules first: nothing new is queued while the held ones go;
+	 * then what the kernel queued meanwhile; the tables last. */
+	rules(&h, "-D");
 	h.up = 1;
 	release(&h);
 	drain(&h, nh);
+	remove_tables(&h);
 	printf("%s: %u held and let go, %u passed at once, %u over the "
 	       "bound\n", ret == 0 ? "a new mailshiftd listens" :
 	       stop ? "stopped" : "no new mailshiftd within the timeout",
@@ -367,7 +374,8 @@ int steer_hold(const struct ms_steer_cfg *s, int argc, char *argv[],
 	ret = stop ? 0 : ret;
 	goto out;
 out_rules:
-	remove_rules(&h);
+	rules(&h, "-D");
+	remove_tables(&h);
 out:
 	if (h.qh != NULL) {
 		release(&h);

@@ -288,14 +288,23 @@ def queued(env):
     return sum(int(l.split()[2]) for l in r.stdout.splitlines())
 
 
+def retransmitted(env):
+    """TCP segments the client namespace sent again (a SYN lost on the way
+    is sent again a second later)."""
+    lines = [l.split() for l in env.cli.run(['cat', '/proc/net/snmp'])
+             .stdout.splitlines() if l.startswith('Tcp:')]
+    return int(lines[1][lines[0].index('RetransSegs')])
+
+
 def test_hold_restart_without_activation_refuses_nothing(steered):
     """A restart of a mailshiftd that binds its own listeners: steer hold
     queues the SYNs that arrive while none listens and lets them go to
-    the new one."""
+    the new one, none lost on the way."""
     env = steered
     gw = env.gw
     src_before = env.from_clients(env.src_ns)
     _, rejected0 = env.stats()
+    retrans0 = retransmitted(env)
     with Attempts(env) as loop:
         loop.more(3)
         hold = hold_start(env, '--timeout', '60')
@@ -323,6 +332,8 @@ def test_hold_restart_without_activation_refuses_nothing(steered):
     assert rejected == rejected0
     assert env.from_clients(env.src_ns) == src_before
     assert queued(env) == 0
+    # Let go, not dropped: no client had to send its SYN again.
+    assert retransmitted(env) == retrans0
 
 
 def test_hold_rejects_past_its_timeout(steered):

@@ -100,13 +100,8 @@ class Clients:
         try:
             with socket.create_connection((SERVICE_ADDR, 143),
                                           self.timeout) as s:
-                data = b''
-                while b'\n' not in data:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-            outcome = 'ok' if data.startswith(b'* OK') else 'no greeting'
+                line = gwlib.first_line(s)
+            outcome = 'ok' if line.startswith(b'* OK') else 'no greeting'
         except ConnectionRefusedError:
             outcome = 'refused'
         except ConnectionResetError:

@@ -34,10 +34,10 @@ struct hold {
 	unsigned int queue, max, timeout_ms;
 	struct nfq_q_handle *qh;
 	uint32_t *ids;			/* held packets, oldest first */
-	unsigned int nheld, passed, held_total, overflow;
+	unsigned int nheld, passed, held_total;
 	unsigned long old[MAX_INODES];	/* listeners there at the start */
 	unsigned int nold;
-	int up;				/* a new mailshiftd listens: let go */
+	int up;				/* held ones let go: the rest too */
 	int raw_existed[2];		/* ip raw, ip6 raw before we ran */
 };
 
@@ -218,13 +218,14 @@ static int on_packet(struct nfq_q_handle *qh, struct nfgenmsg *msg,
 	id = ntohl(ph->packet_id);
 	if (h->up) {
 		h->passed++;
-		verdict(h, id);		/* a gateway takes it now */
+		verdict(h, id);		/* after the hold: straight on */
 	} else if (h->nheld < h->max) {
 		h->ids[h->nheld++] = id;
 		h->held_total++;
 	} else {
-		h->overflow++;
-		verdict(h, id);		/* full: the table resets it */
+		/* the kernel holds no more than max (its queue length,
+		 * fail-open: it lets the rest go on itself); a guard */
+		verdict(h, id);
 	}
 	return 0;
 }
@@ -256,24 +257,32 @@ static int open_queue(struct hold *h, struct nfq_handle **nh, char *err,
 	return 0;
 }
 
+/* Waits up to ms for the queue's next message and handles it: 1, or 0
+ * when none came. */
+static int next_packet(struct nfq_handle *nh, int ms)
+{
+	char buf[4096] __attribute__((aligned));
+	struct pollfd p = { .fd = nfq_fd(nh), .events = POLLIN };
+	ssize_t n;
+
+	if (poll(&p, 1, ms) <= 0)
+		return 0;
+	n = recv(p.fd, buf, sizeof(buf), MSG_DONTWAIT);
+	if (n > 0)
+		nfq_handle_packet(nh, buf, (int)n);
+	/* ENOBUFS: the kernel could not tell us of one; go on reading */
+	return n > 0 || errno == ENOBUFS;
+}
+
 /* Runs until a new mailshiftd listens (0) or the timeout (1). */
 static int run(struct hold *h, struct nfq_handle *nh)
 {
 	long long deadline = now_ms() + h->timeout_ms;
-	char buf[4096] __attribute__((aligned));
-	int fd = nfq_fd(nh);
 
 	while (!stop && now_ms() < deadline) {
-		struct pollfd p = { .fd = fd, .events = POLLIN };
-		ssize_t n;
-
 		if (new_listeners(h))
 			return 0;
-		if (poll(&p, 1, 10) <= 0)
-			continue;
-		n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
-		if (n > 0)
-			nfq_handle_packet(nh, buf, (int)n);
+		next_packet(nh, 10);
 	}
 	return 1;
 }
@@ -282,16 +291,10 @@ static int run(struct hold *h, struct nfq_handle *nh)
  * quiet for 100 ms: a packet on its way through the hook when the rule
  * went is still queued after, and unbinding would drop it (the client
  * would send its SYN again only a second later). */
-static void drain(struct hold *h, struct nfq_handle *nh)
+static void drain(struct nfq_handle *nh)
 {
-	char buf[4096] __attribute__((aligned));
-	struct pollfd p = { .fd = nfq_fd(nh), .events = POLLIN };
-	ssize_t n;
-
-	while (poll(&p, 1, 100) > 0 &&
-	       (n = recv(p.fd, buf, sizeof(buf), MSG_DONTWAIT)) > 0)
-		nfq_handle_packet(nh, buf, (int)n);
-	(void)h;
+	while (next_packet(nh, 100))
+		;
 }
 
 static int number(const char *s, unsigned int max, unsigned int *v)
@@ -361,12 +364,11 @@ int steer_hold(const struct ms_steer_cfg *s, int argc, char *argv[],
 	rules(&h, "-D");
 	h.up = 1;
 	release(&h);
-	drain(&h, nh);
+	drain(nh);
 	remove_tables(&h);
-	printf("%s: %u held and let go, %u passed at once, %u over the "
-	       "bound\n", ret == 0 ? "a new mailshiftd listens" :
-	       stop ? "stopped" : "no new mailshiftd within the timeout",
-	       h.held_total, h.passed, h.overflow);
+	printf("%s: %u held and let go, %u passed at once\n", ret == 0 ?
+	       "a new mailshiftd listens" : stop ? "stopped" :
+	       "no new mailshiftd within the timeout", h.held_total, h.passed);
 	if (ret != 0 && !stop)
 		snprintf(err, errsz, "hold: no new mailshiftd listened within "
 			 "%u s; held connections went on to the steering "

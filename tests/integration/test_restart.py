@@ -30,15 +30,7 @@ from test_steer import (CLI_ADDR, IMAP_LISTEN, POP3_LISTEN, SERVICE_ADDR,
 __all__ = ['env', 'steered']        # fixtures used here, made by test_steer
 
 
-def greeting(sock):
-    """The first line the server sends on sock (b'' at end of stream)."""
-    data = b''
-    while b'\n' not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.split(b'\n', 1)[0]
+greeting = gwlib.first_line
 
 
 def greeted(line):
@@ -356,5 +348,32 @@ def test_hold_rejects_past_its_timeout(steered):
         _, rejected = env.stats()
         assert rejected > rejected0
         assert env.from_clients(env.src_ns) == src_before
+    finally:
+        gw.start()
+
+
+def test_hold_is_bounded_and_stops_on_sigterm(steered):
+    """--max: attempts over the bound go on at once (the kernel's queue
+    length, fail-open: to the table's reset, while the first waits);
+    SIGTERM lets go what is held and removes the rules (the fixture's
+    dump)."""
+    env = steered
+    gw = env.gw
+    gw.stop()
+    try:
+        hold = hold_start(env, '--max', '1', '--timeout', '60')
+        first = Pending(env, 143)
+        assert wait_for(lambda: queued(env) >= 1, 30, 0.02)
+        over = Pending(env, 110)
+        assert isinstance(over.wait(), ConnectionRefusedError), over.result
+        assert first.result is None
+        hold.send_signal(signal.SIGTERM)
+        out, err = hold.communicate(timeout=60)
+        assert hold.returncode == 0, (out, err)
+        assert 'stopped: 1 held and let go' in out, out
+        # let go with no mailshiftd: the table resets it
+        assert isinstance(first.wait(), ConnectionRefusedError), \
+            first.result
+        assert queued(env) == 0
     finally:
         gw.start()

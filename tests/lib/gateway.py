@@ -72,6 +72,18 @@ def crash_line(point):
     return 'mailshift: crash point %s:%s: SIGKILL' % (name, n or '1')
 
 
+def first_line(sock):
+    """What sock receives up to its first LF (b'' when it ends before
+    sending anything): a server's greeting."""
+    data = b''
+    while b'\n' not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b'\n', 1)[0]
+
+
 class CtlResult:
     """What one mailshiftctl run gave: unpacks as (rc, stdout, stderr,
     json); json is the parsed stdout when --json was given (None when it
@@ -291,13 +303,7 @@ class Mailshiftd:
     def _greets(self):
         try:
             with self._connect_local(self.imap_port) as s:
-                data = b''
-                while b'\n' not in data:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        return False
-                    data += chunk
-                return data.startswith(b'* OK')
+                return first_line(s).startswith(b'* OK')
         except OSError:
             return False
 

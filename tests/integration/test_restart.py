@@ -203,12 +203,14 @@ def test_systemd_socket_activate_starts_it(workdir, ctl):
         gw.stop()
 
 
-@pytest.mark.parametrize('case', ['missing', 'extra', 'not transparent'])
+@pytest.mark.parametrize('case', ['missing', 'extra', 'not transparent',
+                                  'dual-stack'])
 def test_inherited_sockets_must_match_the_config(env, case):
     """A socket unit and a [listen] section that disagree stop mailshiftd at
     start with the reason, whichever way they disagree."""
     gw = env.gw
     gw.stop()
+    conf = gw.extra_conf
     if case == 'missing':
         socks = sdactivate.Sockets([('0.0.0.0', IMAP_LISTEN, 'imap')],
                                    transparent=True, netns=env.gw_ns.name)
@@ -218,9 +220,19 @@ def test_inherited_sockets_must_match_the_config(env, case):
         socks = held_sockets(env, extra=[('127.0.0.1', 10999, 'other')])
         want = ('inherited socket "other" (fd 5) on 127.0.0.1:10999 '
                 'matches no [listen] address')
-    else:
+    elif case == 'not transparent':
         socks = held_sockets(env, transparent=False)
         want = 'is not transparent but [listen] transparent is yes'
+    else:
+        # an IPv6 listener whose inherited socket takes IPv4 too
+        gw.extra_conf = conf.replace('[listen]\n',
+                                     '[listen]\nimap = [::]:10144\n', 1)
+        socks = sdactivate.Sockets(
+            [('0.0.0.0', IMAP_LISTEN, 'imap'),
+             ('0.0.0.0', POP3_LISTEN, 'pop3'), ('::', 10144, 'imap6')],
+            transparent=True, netns=env.gw_ns.name, v6only=False)
+        want = 'listener [::]:10144: the inherited socket "imap6" (fd 5) ' \
+            'takes IPv4 too'
     gw.activation = socks
     try:
         with pytest.raises(dc.HarnessError):
@@ -229,6 +241,7 @@ def test_inherited_sockets_must_match_the_config(env, case):
     finally:
         gw.stop()
         gw.activation = None
+        gw.extra_conf = conf
         socks.close()
         gw.start()
 
@@ -281,11 +294,11 @@ def queued(env):
 
 
 def retransmitted(env):
-    """TCP segments the client namespace sent again (a SYN lost on the way
-    is sent again a second later)."""
-    lines = [l.split() for l in env.cli.run(['cat', '/proc/net/snmp'])
-             .stdout.splitlines() if l.startswith('Tcp:')]
-    return int(lines[1][lines[0].index('RetransSegs')])
+    """SYNs the client namespace sent again (TcpExt TCPSynRetrans: a SYN
+    lost on the way is sent again a second later)."""
+    lines = [l.split() for l in env.cli.run(['cat', '/proc/net/netstat'])
+             .stdout.splitlines() if l.startswith('TcpExt:')]
+    return int(lines[1][lines[0].index('TCPSynRetrans')])
 
 
 def test_hold_restart_without_activation_refuses_nothing(steered):

@@ -25,13 +25,13 @@ IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 
 
-def _bind(host, port, transparent, backlog):
+def _bind(host, port, transparent, backlog, v6only):
     v6 = ':' in host
     s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET,
                       socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if v6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
     if transparent:
         if v6:
             s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
@@ -43,16 +43,19 @@ def _bind(host, port, transparent, backlog):
 
 
 class Sockets:
-    """Listening sockets held by the test: (host, port, name) each."""
+    """Listening sockets held by the test: (host, port, name) each. IPv6
+    ones are IPv6-only unless v6only=False (as systemd's BindIPv6Only=)."""
 
-    def __init__(self, listen, transparent=False, netns=None, backlog=511):
+    def __init__(self, listen, transparent=False, netns=None, backlog=511,
+                 v6only=True):
         import netns as nslib
         self.socks = []
         self.names = []
         try:
             for host, port, name in listen:
                 self.socks.append(nslib.call_in_netns(
-                    netns, _bind, host, port, transparent, backlog))
+                    netns, _bind, host, port, transparent, backlog,
+                    v6only))
                 self.names.append(name)
         except BaseException:
             self.close()

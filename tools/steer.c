@@ -319,6 +319,8 @@ static int cmd_remove(struct sopts *o)
 	    ms_steer_kmod_remove(o->err, sizeof(o->err)) < 0 ||
 	    ms_rtnl_remove(o->err, sizeof(o->err)) < 0)
 		return fail(o, 1);
+	/* a hold killed before it could clean up: its rules go too */
+	steer_hold_clean();
 	return done(o, "removed", NULL, 0);
 }
 

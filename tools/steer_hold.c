@@ -9,6 +9,7 @@
  * mailshiftd, or, when none came within the timeout, its fail-closed reset.
  * See docs/deployment.md, "Restarts". */
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -20,8 +21,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <jansson.h>
 #include <linux/netfilter.h>
 #include <libnetfilter_queue/libnetfilter_queue.h>
+#include <nftables/libnftables.h>
 
 #include "steer.h"
 #include "subcommands.h"
@@ -121,33 +124,70 @@ static int new_listeners(const struct hold *h)
 	return all;
 }
 
-/* iptables-nft / ip6tables-nft with argv (no shell): NFQUEUE is an xt
- * target, and the kernels this runs on may lack nft's own "queue". */
-static int xtables(int v6, const char *op, const struct ms_steer_addr *a,
-		   unsigned int port, unsigned int queue)
+/* Runs argv (no shell); with out, its standard output goes into *out
+ * (malloc'd, NUL-terminated). 0 when it exited 0, else -1. */
+static int run_argv(const char *const argv[], char **out)
 {
-	char p[8], q[8];
-	const char *argv[] = { v6 ? "ip6tables-nft" : "iptables-nft", "-w",
-		"-t", "raw", op, "PREROUTING", "-d", a->text, "-p", "tcp",
-		"--syn", "--dport", p, "-m", "comment", "--comment",
-		HOLD_COMMENT, "-j", "NFQUEUE", "--queue-num", q,
-		"--queue-bypass", NULL };
-	int status;
+	int fds[2] = { -1, -1 }, status;
+	size_t len = 0, cap = 0;
+	char *buf = NULL;
 	pid_t pid;
 
-	snprintf(p, sizeof(p), "%u", port);
-	snprintf(q, sizeof(q), "%u", queue);
-	pid = fork();
-	if (pid < 0)
+	if (out != NULL && pipe2(fds, O_CLOEXEC) < 0)
 		return -1;
+	pid = fork();
 	if (pid == 0) {
+		if (out != NULL)
+			dup2(fds[1], STDOUT_FILENO);
 		execvp(argv[0], (char *const *)argv);
 		_exit(127);
 	}
+	if (out != NULL) {
+		close(fds[1]);
+		for (ssize_t n = 1; pid > 0 && n > 0; len += (size_t)n) {
+			if (cap - len < 4096) {
+				char *b = realloc(buf, cap += 65536);
+
+				if (b == NULL)
+					break;
+				buf = b;
+			}
+			n = read(fds[0], buf + len, cap - len - 1);
+			if (n < 0)
+				n = 0;
+		}
+		close(fds[0]);
+		if (buf != NULL)
+			buf[len] = '\0';
+		*out = buf;
+	}
+	if (pid < 0)
+		return -1;
 	while (waitpid(pid, &status, 0) < 0)
 		if (errno != EINTR)
 			return -1;
 	return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -1;
+}
+
+static const char *xt_program(int v6)
+{
+	return v6 ? "ip6tables-nft" : "iptables-nft";
+}
+
+/* iptables-nft / ip6tables-nft: NFQUEUE is an xt target, and the kernels
+ * this runs on may lack nft's own "queue". */
+static int xtables(int v6, const char *op, const struct ms_steer_addr *a,
+		   unsigned int port, unsigned int queue)
+{
+	char p[8], q[8];
+	const char *argv[] = { xt_program(v6), "-w", "-t", "raw", op,
+		"PREROUTING", "-d", a->text, "-p", "tcp", "--syn", "--dport",
+		p, "-m", "comment", "--comment", HOLD_COMMENT, "-j", "NFQUEUE",
+		"--queue-num", q, "--queue-bypass", NULL };
+
+	snprintf(p, sizeof(p), "%u", port);
+	snprintf(q, sizeof(q), "%u", queue);
+	return run_argv(argv, NULL);
 }
 
 /* Adds (op "-I") or deletes ("-D") the rule for every service address and
@@ -168,28 +208,92 @@ static int rules(struct hold *h, const char *op)
 	return ret;
 }
 
-/* iptables-nft makes the "raw" table when it adds the first rule; it goes
- * again when we made it, so that nothing of ours is left. */
+/* The rules of the raw table of a family: -1 when there is no such
+ * table. (iptables-nft makes the table when it adds the first rule.) */
+static int table_rules(int v6)
+{
+	struct nft_ctx *nft = nft_ctx_new(NFT_CTX_DEFAULT);
+	json_t *all = NULL, *item;
+	int n = -1;
+	size_t i;
+
+	if (nft == NULL)
+		return -1;
+	nft_ctx_output_set_flags(nft, NFT_CTX_OUTPUT_JSON);
+	if (nft_ctx_buffer_output(nft) == 0 && nft_ctx_buffer_error(nft) == 0 &&
+	    nft_run_cmd_from_buffer(nft, v6 ? "list table ip6 raw" :
+				    "list table ip raw") == 0)
+		all = json_loads(nft_ctx_get_output_buffer(nft), 0, NULL);
+	if (all != NULL) {
+		n = 0;
+		json_array_foreach(json_object_get(all, "nftables"), i, item)
+			n += json_object_get(item, "rule") != NULL;
+		json_decref(all);
+	}
+	nft_ctx_free(nft);
+	return n;
+}
+
 static int table_exists(int v6)
+{
+	return table_rules(v6) >= 0;
+}
+
+static void delete_table(int v6)
 {
 	char err[256];
 
-	return ms_steer_nft_run(v6 ? "delete table ip6 raw\n" :
-				"delete table ip raw\n", 1, err,
-				sizeof(err)) == 0;
+	ms_steer_nft_run(v6 ? "delete table ip6 raw\n" :
+			 "delete table ip raw\n", 0, err, sizeof(err));
+}
+
+/* One "-S" line: deleted when it is ours ("-A PREROUTING ... --comment
+ * mailshift-hold ...", words without spaces or quotes, as we wrote it). */
+static void delete_rule(int v6, char *line)
+{
+	const char *argv[48] = { xt_program(v6), "-w", "-t", "raw", "-D" };
+	char *save = NULL, *w;
+	size_t n = 5;
+
+	if (strncmp(line, "-A PREROUTING ", 14) != 0 ||
+	    !strstr(line, " --comment " HOLD_COMMENT " "))
+		return;
+	for (w = strtok_r(line + 3, " ", &save); w && n < 47;
+	     w = strtok_r(NULL, " ", &save))
+		argv[n++] = w;
+	argv[n] = NULL;
+	run_argv(argv, NULL);
 }
 
 /* The tables iptables-nft made for us. Only once nothing is queued from
  * them: unregistering a hook drops the packets it queued. */
 static void remove_tables(struct hold *h)
 {
-	char err[256];
-
 	for (int v6 = 0; v6 < 2; v6++)
 		if (!h->raw_existed[v6] && table_exists(v6))
-			ms_steer_nft_run(v6 ? "delete table ip6 raw\n" :
-					 "delete table ip raw\n", 0, err,
-					 sizeof(err));
+			delete_table(v6);
+}
+
+/* Deletes every rule of ours in the raw tables, whatever its address, port
+ * or queue (what a hold killed before it could clean up leaves), then a
+ * raw table left with no rule. For steer remove, and before a hold. */
+void steer_hold_clean(void)
+{
+	for (int v6 = 0; v6 < 2; v6++) {
+		const char *list[] = { xt_program(v6), "-w", "-t", "raw", "-S",
+				       "PREROUTING", NULL };
+		char *out = NULL, *line, *save = NULL;
+
+		if (table_rules(v6) < 0)
+			continue;	/* no table: nothing of ours */
+		if (run_argv(list, &out) == 0 && out != NULL)
+			for (line = strtok_r(out, "\n", &save); line;
+			     line = strtok_r(NULL, "\n", &save))
+				delete_rule(v6, line);
+		free(out);
+		if (table_rules(v6) == 0)
+			delete_table(v6);
+	}
 }
 
 static void verdict(struct hold *h, uint32_t id)
@@ -344,12 +448,14 @@ int steer_hold(const struct ms_steer_cfg *s, int argc, char *argv[],
 	}
 	for (unsigned int i = 0; i < s->nports; i++)
 		listeners(s->ports[i].listener, remember, &h);
-	for (int v6 = 0; v6 < 2; v6++)
-		h.raw_existed[v6] = table_exists(v6);
 	signal(SIGTERM, on_stop);
 	signal(SIGINT, on_stop);
 	if (open_queue(&h, &nh, err, errsz) < 0)
 		goto out;
+	/* ours from a hold that died (the queue was free: none runs) */
+	steer_hold_clean();
+	for (int v6 = 0; v6 < 2; v6++)
+		h.raw_existed[v6] = table_exists(v6);
 	if (rules(&h, "-I") < 0) {
 		snprintf(err, errsz, "hold: iptables-nft could not add the "
 			 "NFQUEUE rule (package iptables; CAP_NET_ADMIN)");

@@ -39,5 +39,8 @@ int steer_all_to_destination(struct ms_dconfig *c, unsigned int *n_r,
 struct ms_steer_cfg;
 int steer_hold(const struct ms_steer_cfg *s, int argc, char *argv[],
 	       char *err, size_t errsz);
+/* Removes the rules a hold left (killed before it could), and a raw
+ * table they leave empty (steer_hold.c). */
+void steer_hold_clean(void);
 
 #endif

@@ -25,7 +25,8 @@ import netns
 import sdactivate
 from conftest import wait_for
 from test_steer import (CLI_ADDR, IMAP_LISTEN, POP3_LISTEN, SERVICE_ADDR,
-                        Remote, close, env, login_tags, side_of, steered)
+                        Remote, close, env, login_tags, refused, side_of,
+                        steered)
 
 __all__ = ['env', 'steered']        # fixtures used here, made by test_steer
 
@@ -388,5 +389,35 @@ def test_hold_is_bounded_and_stops_on_sigterm(steered):
         assert isinstance(first.wait(), ConnectionRefusedError), \
             first.result
         assert queued(env) == 0
+    finally:
+        gw.start()
+
+
+def test_hold_killed_fails_closed_and_remove_cleans_up(steered):
+    """A hold killed -9 leaves its rule, whose queue nobody reads now:
+    attempts go past it (--queue-bypass) to the table's reset, never to
+    the old server; steer remove then takes the rule and its raw table
+    away (the fixture's full dump), as a new hold would."""
+    env = steered
+    gw = env.gw
+    gw.stop()
+    try:
+        src_before = env.from_clients(env.src_ns)
+        hold = hold_start(env)
+        hold.kill()
+        hold.communicate(timeout=60)
+        rules = env.gw_ns.run(['iptables-nft', '-t', 'raw', '-S',
+                               'PREROUTING']).stdout
+        assert rules.count('--comment mailshift-hold') == 2, rules
+        err = refused(env, 143)
+        assert isinstance(err, ConnectionRefusedError), err
+        assert env.from_clients(env.src_ns) == src_before
+        # a new hold starts clean: one rule per port, not two
+        hold = hold_start(env, '--timeout', '60')
+        rules = env.gw_ns.run(['iptables-nft', '-t', 'raw', '-S',
+                               'PREROUTING']).stdout
+        assert rules.count('--comment mailshift-hold') == 2, rules
+        hold.kill()
+        hold.communicate(timeout=60)
     finally:
         gw.start()

@@ -64,19 +64,17 @@ static void format_addr(const struct sockaddr_storage *ss, char *out,
 static int same_addr(const struct sockaddr_storage *a,
 		     const struct sockaddr_storage *b)
 {
+	const struct sockaddr_in6 *a6 = (const void *)a, *b6 = (const void *)b;
+	const struct sockaddr_in *a4 = (const void *)a, *b4 = (const void *)b;
+
 	if (a->ss_family != b->ss_family)
 		return 0;
-	if (a->ss_family == AF_INET6) {
-		const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
-
-		return x->sin6_port == y->sin6_port &&
-		       !memcmp(&x->sin6_addr, &y->sin6_addr,
-			       sizeof(x->sin6_addr));
-	}
-	const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
-
-	return x->sin_port == y->sin_port &&
-	       x->sin_addr.s_addr == y->sin_addr.s_addr;
+	if (a->ss_family == AF_INET6)
+		return a6->sin6_port == b6->sin6_port &&
+		       !memcmp(&a6->sin6_addr, &b6->sin6_addr,
+			       sizeof(a6->sin6_addr));
+	return a4->sin_port == b4->sin_port &&
+	       a4->sin_addr.s_addr == b4->sin_addr.s_addr;
 }
 
 static int sockopt(int fd, int level, int opt)

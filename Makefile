@@ -16,10 +16,11 @@
 #   make demo-router router mode in network namespaces (root): the client keeps
 #                   the old server's address, steer show before and after
 #   make bench      the mover benchmark against mbsync and doveadm (not a test)
+#   make bench-restart  what clients see while mailshiftd restarts (not a test)
 #   make kmod       the kernel module, kmod/mailshift.ko (KDIR= a kernel
 #                   build tree; default the installed Debian cloud headers)
 #   make kmod-check the module under the kernel's checkpatch.pl --strict
-#   make install    the programs, man pages and example config, under
+#   make install    the programs, man pages, example config and systemd units, under
 #                   DESTDIR and PREFIX (default /usr/local)
 #
 # CFLAGS is the caller's (optimisation, debugging: `make CFLAGS=-O0`); what
@@ -27,7 +28,7 @@
 
 CC      ?= cc
 PKGS    := libuv openssl sqlite3 jansson libcap-ng libnftables libnl-route-3.0 \
-	   libnl-genl-3.0
+	   libnl-genl-3.0 libnetfilter_queue
 CFLAGS  ?= -O2 -g
 MS_CFLAGS := -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -MMD -MP \
 	     -D_GNU_SOURCE -Idaemon $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
@@ -36,13 +37,14 @@ MS_CFLAGS := -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -MMD -MP \
 cc_is_clang = $(findstring clang,$(shell $(1) --version 2>/dev/null))
 gcc_only    = $(if $(call cc_is_clang,$(1)),,-Wno-format-truncation)
 CC_WARN := $(call gcc_only,$(CC))
-LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -luv -lssl -lcrypto -lsqlite3 -ljansson -lcap-ng -lnftables -lnl-route-3 -lnl-genl-3 -lnl-3)
+LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -luv -lssl -lcrypto -lsqlite3 -ljansson -lcap-ng -lnftables -lnl-route-3 -lnl-genl-3 -lnl-3 -lnetfilter_queue -lnfnetlink)
 PYTHON  ?= /usr/bin/python3
 PREFIX  ?= /usr/local
 BINDIR  ?= $(PREFIX)/bin
 SBINDIR ?= $(PREFIX)/sbin
 MANDIR  ?= $(PREFIX)/share/man
 DOCDIR  ?= $(PREFIX)/share/doc/mailshift
+UNITDIR ?= $(PREFIX)/lib/systemd/system
 INSTALL ?= install
 
 ifeq ($(V),1)
@@ -256,6 +258,10 @@ bench-gateway: deps
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(PYTHON) bench/gateway_bench.py
 
+bench-restart: deps
+	$(Q)$(MAKE) --no-print-directory all
+	$(Q)$(PYTHON) bench/restart_bench.py
+
 # ---- the kernel module (kmod/, docs/kmod.md) ----
 #
 # Built out of tree through the top-level Kbuild. KDIR: a kernel's build
@@ -304,13 +310,20 @@ install: all
 		$(DESTDIR)$(MANDIR)/man8/
 	$(INSTALL) -m 644 etc/mailshift.conf \
 		$(DESTDIR)$(DOCDIR)/mailshift.conf.example
+	$(INSTALL) -d $(DESTDIR)$(UNITDIR)
+	$(INSTALL) -m 644 etc/systemd/mailshiftd.socket $(DESTDIR)$(UNITDIR)/
+	sed 's|@SBINDIR@|$(SBINDIR)|g' etc/systemd/mailshiftd.service.in \
+		> $(DESTDIR)$(UNITDIR)/mailshiftd.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/mailshiftd.service
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/mailshiftctl $(DESTDIR)$(SBINDIR)/mailshiftd \
 		$(DESTDIR)$(MANDIR)/man5/mailshift.conf.5 \
 		$(DESTDIR)$(MANDIR)/man8/mailshiftd.8 \
 		$(DESTDIR)$(MANDIR)/man8/mailshiftctl.8 \
-		$(DESTDIR)$(DOCDIR)/mailshift.conf.example
+		$(DESTDIR)$(DOCDIR)/mailshift.conf.example \
+		$(DESTDIR)$(UNITDIR)/mailshiftd.socket \
+		$(DESTDIR)$(UNITDIR)/mailshiftd.service
 	-rmdir $(DESTDIR)$(DOCDIR)
 
 clean:
@@ -322,7 +335,8 @@ clean:
 	rm -rf build
 
 .PHONY: all asan hooks fuzz-build deps unit integration check-asan check-fuzz fuzz \
-	kmod kmod-check kmod-clean check demo demo-router bench bench-gateway install uninstall clean
+	kmod kmod-check kmod-clean check demo demo-router bench bench-gateway bench-restart install \
+	uninstall clean
 .SECONDARY:
 -include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d) daemon/mailshiftd.d
 -include $(wildcard $(ASAN_DIR)/obj/*/*.d $(ASAN_DIR)/unit/*.d)

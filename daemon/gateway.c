@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "activation.h"
 #include "gw_internal.h"
 #include "log.h"
 
@@ -150,8 +151,9 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		}
 		l->gw = gw;
 		l->cfg = cfg->listen[i];
-		if (ms_listen(loop, &l->tcp, l->cfg.addr, cfg->transparent,
-			      on_connection, err, errsz) < 0) {
+		if (ms_activation_listen(loop, &l->tcp, l->cfg.addr,
+					 cfg->transparent, on_connection, err,
+					 errsz) < 0) {
 			free(l);
 			goto fail;
 		}
@@ -160,6 +162,8 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		l->open = 1;
 		gw->listeners[gw->nlisteners++] = l;
 	}
+	if (ms_activation_check_all_taken(err, errsz) < 0)
+		goto fail;
 	if (caps_start(gw) < 0) {
 		snprintf(err, errsz, "out of memory");
 		goto fail;
@@ -174,6 +178,15 @@ fail:
 	return -1;
 }
 
+void ms_gateway_stop_listening(struct ms_gateway *gw)
+{
+	/* Listener memory goes in the close callbacks. */
+	for (unsigned int i = 0; i < gw->nlisteners; i++)
+		ms_close_free((uv_handle_t *)&gw->listeners[i]->tcp,
+			      gw->listeners[i]);
+	gw->nlisteners = 0;
+}
+
 void ms_gateway_free(struct ms_gateway **gwp)
 {
 	struct ms_gateway *gw = *gwp;
@@ -184,11 +197,8 @@ void ms_gateway_free(struct ms_gateway **gwp)
 	for_each_frontend(fe)
 		if ((*fe)->close_all != NULL)
 			(*fe)->close_all(gw);
-	/* Listener memory goes in the close callbacks, on the next turn of
-	 * the loop: the caller runs the loop once more. */
-	for (unsigned int i = 0; i < gw->nlisteners; i++)
-		ms_close_free((uv_handle_t *)&gw->listeners[i]->tcp,
-			      gw->listeners[i]);
+	/* on the next turn of the loop: the caller runs the loop once more */
+	ms_gateway_stop_listening(gw);
 	if (gw->metrics != NULL)
 		ms_close_free((uv_handle_t *)gw->metrics, gw->metrics);
 	ms_mover_free(&gw->mover);

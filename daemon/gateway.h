@@ -24,6 +24,12 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 /* Closes the listeners and every session. */
 void ms_gateway_free(struct ms_gateway **gw);
 
+/* A clean stop's first step: the listeners are closed, so nothing more is
+ * accepted (with inherited sockets, new connections wait in the kernel for
+ * the next mailshiftd), while connections already accepted are still
+ * greeted on the loop's next turn. */
+void ms_gateway_stop_listening(struct ms_gateway *gw);
+
 /* For the control socket. */
 /* Every front end's sessions (docs/gateway-spec.md, "sessions"). */
 json_t *ms_gateway_sessions(struct ms_gateway *gw);

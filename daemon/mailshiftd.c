@@ -13,6 +13,7 @@
 
 #include <uv.h>
 
+#include "activation.h"
 #include "config.h"
 #include "control.h"
 #include "dconfig.h"
@@ -25,11 +26,24 @@
 #include "util.h"
 
 static uv_signal_t sigterm, sigint;
+static uv_timer_t stopping;
 
+static void on_stopping(uv_timer_t *t)
+{
+	uv_stop(t->loop);
+}
+
+/* Listeners first, the loop one turn later: a connection accepted just
+ * before the signal is greeted (on that turn) before sessions are closed,
+ * not closed unanswered. */
 static void on_signal(uv_signal_t *h, int signum)
 {
+	struct ms_gateway *gw = h->data;
+
 	ms_info("signal %d: stopping", signum);
-	uv_stop(h->loop);
+	if (gw != NULL)
+		ms_gateway_stop_listening(gw);
+	uv_timer_start(&stopping, on_stopping, 0, 0);
 }
 
 static void usage(FILE *f)
@@ -289,7 +303,7 @@ int main(int argc, char *argv[])
 	char *serr = NULL;
 	const char *conf = NULL;
 	uv_loop_t *loop = NULL;
-	int ch, drop, pid_written = 0, test_only = 0, ret = 1;
+	int ch, drop, pid_written = 0, test_only = 0, ret = 1, inherited;
 
 	while ((ch = getopt(argc, argv, "c:ftvh")) != -1) {
 		switch (ch) {
@@ -316,6 +330,12 @@ int main(int argc, char *argv[])
 		return check_config(conf);
 	if (ms_priv_start(err, sizeof(err)) < 0) {
 		fprintf(stderr, "mailshiftd: %s\n", err);
+		return 1;
+	}
+	/* before anything opens a file: the inherited fds are 3 and up */
+	inherited = ms_activation_init(err, sizeof(err));
+	if (inherited < 0) {
+		fprintf(stderr, "mailshiftd: socket activation: %s\n", err);
 		return 1;
 	}
 	if (ms_dconfig_load(conf, &c, err, sizeof(err)) < 0 ||
@@ -363,15 +383,19 @@ int main(int argc, char *argv[])
 	}
 	uv_signal_init(loop, &sigterm);
 	uv_signal_init(loop, &sigint);
+	uv_timer_init(loop, &stopping);
+	sigterm.data = sigint.data = gw;
 	uv_signal_start(&sigterm, on_signal, SIGTERM);
 	uv_signal_start(&sigint, on_signal, SIGINT);
-	ms_log(MS_LOG_WARN, "mailshiftd ready (%u listener(s)), running as "
-	       "uid %u gid %u%s", c.gw.nlisten, (unsigned int)geteuid(),
+	ms_log(MS_LOG_WARN, "mailshiftd ready (%u listener(s)%s), running as "
+	       "uid %u gid %u%s", c.gw.nlisten, inherited ?
+	       ", inherited" : "", (unsigned int)geteuid(),
 	       (unsigned int)getegid(), priv.keep_net && drop ?
 	       " with CAP_NET_ADMIN, CAP_NET_RAW" : "");
 	uv_run(loop, UV_RUN_DEFAULT);
 	uv_close((uv_handle_t *)&sigterm, NULL);
 	uv_close((uv_handle_t *)&sigint, NULL);
+	uv_close((uv_handle_t *)&stopping, NULL);
 	if (c.steer.manage)
 		ms_log(MS_LOG_WARN, "steering left installed: proxied ports "
 		       "refuse connections until mailshiftd is back");

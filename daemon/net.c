@@ -2076,6 +2076,36 @@ static int parse_addrport(const char *s, struct sockaddr_storage *ss)
 	return uv_ip4_addr(name, (int)port, (struct sockaddr_in *)ss);
 }
 
+int ms_addrport_parse(const char *s, struct sockaddr_storage *ss)
+{
+	return parse_addrport(s, ss);
+}
+
+int ms_listen_fd(uv_loop_t *loop, uv_tcp_t *tcp, int fd, const char *addrport,
+		 uv_connection_cb cb, char *err, size_t errsz)
+{
+	void *data = tcp->data;
+	int r = uv_tcp_init(loop, tcp);
+
+	if (r < 0) {
+		close(fd);
+		set_err(err, errsz, "listen %s: %s", addrport, uv_strerror(r));
+		return r;
+	}
+	tcp->data = data;
+	r = uv_tcp_open(tcp, fd);
+	if (r == 0)
+		r = uv_listen((uv_stream_t *)tcp, 511, cb);
+	if (r < 0) {
+		/* libuv refusing a listening socket: not seen in practice;
+		 * the handle owns fd and must be closed */
+		set_err(err, errsz, "listen %s: %s", addrport, uv_strerror(r));
+		uv_close((uv_handle_t *)tcp, NULL);
+		return r;
+	}
+	return 0;
+}
+
 int ms_listen(uv_loop_t *loop, uv_tcp_t *tcp, const char *addrport,
 	      int transparent, uv_connection_cb cb, char *err, size_t errsz)
 {
@@ -2083,7 +2113,6 @@ int ms_listen(uv_loop_t *loop, uv_tcp_t *tcp, const char *addrport,
 	const char *what;
 	int fd, on = 1, r;
 	socklen_t len;
-	void *data;
 
 	if (!loop || !tcp || !addrport || !cb) {
 		set_err(err, errsz, "listen: invalid arguments");
@@ -2136,29 +2165,11 @@ int ms_listen(uv_loop_t *loop, uv_tcp_t *tcp, const char *addrport,
 	if (listen(fd, 511) < 0)
 		goto sys_fail;
 
-	data = tcp->data;
-	r = uv_tcp_init(loop, tcp);
-	if (r < 0) {
-		close(fd);
-		goto fail;
-	}
-	tcp->data = data;
-	r = uv_tcp_open(tcp, fd);
-	if (r == 0)
-		r = uv_listen((uv_stream_t *)tcp, 511, cb);
-	if (r < 0) {
-		/* libuv refusing a fresh listening socket: not seen in
-		 * practice; the handle owns fd and must be closed */
-		set_err(err, errsz, "listen %s: %s", addrport, uv_strerror(r));
-		uv_close((uv_handle_t *)tcp, NULL);
-		return r;
-	}
-	return 0;
+	return ms_listen_fd(loop, tcp, fd, addrport, cb, err, errsz);
 sys_fail:
 	r = uv_translate_sys_error(errno);
 	if (fd >= 0)
 		close(fd);
-fail:
 	set_err(err, errsz, "%s %s: %s", what, addrport, uv_strerror(r));
 	return r;
 }

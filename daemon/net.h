@@ -191,4 +191,14 @@ int ms_conn_starttls_server(struct ms_conn *conn, struct ms_tls_server *tls,
 int ms_listen(uv_loop_t *loop, uv_tcp_t *tcp, const char *addrport,
 	      int transparent, uv_connection_cb cb, char *err, size_t errsz);
 
+/* ms_listen's second half: tcp (uninitialized) takes fd, a socket that is
+ * already bound (and may already listen), and listens with cb. fd is the
+ * handle's from then on (closed on failure too). addrport names it in err. */
+int ms_listen_fd(uv_loop_t *loop, uv_tcp_t *tcp, int fd, const char *addrport,
+		 uv_connection_cb cb, char *err, size_t errsz);
+
+/* "ADDR:PORT" or "[IPV6]:PORT", numeric, into ss: 0, or UV_EINVAL. */
+struct sockaddr_storage;
+int ms_addrport_parse(const char *s, struct sockaddr_storage *ss);
+
 #endif

@@ -9,7 +9,7 @@ dovecot-core dovecot-imapd dovecot-pop3d isync time
 fetchmail mpop getmail6
 postfix dovecot-lmtpd
 nginx libnginx-mod-mail perdition
-nftables iproute2 gdb
+nftables iproute2 gdb iptables libnetfilter-queue-dev systemd
 clang libclang-rt-14-dev
 qemu-system-x86 busybox-static cpio libnl-genl-3-dev linux-source-6.1"
 

@@ -38,6 +38,10 @@ static void usage(FILE *f)
 "  stats                         the counters: new connections per entry,\n"
 "                                packets reset because nothing listened\n"
 "  remove                        the table, the rules and the routes\n"
+"  hold [--timeout S] [--max N] [--queue Q]\n"
+"                                hold new connections to the steered ports\n"
+"                                (NFQUEUE) while no mailshiftd listens, until\n"
+"                                a new one does (default 30 s, 4096)\n"
 "  -c, --config FILE  mailshift.conf (default " DEFAULT_CONFIG ")\n"
 "  --backend nft|kmod where the table lives (default: [steer] backend)\n"
 "  --dry-run          print the ruleset and routing it would apply; change\n"
@@ -315,7 +319,23 @@ static int cmd_remove(struct sopts *o)
 	    ms_steer_kmod_remove(o->err, sizeof(o->err)) < 0 ||
 	    ms_rtnl_remove(o->err, sizeof(o->err)) < 0)
 		return fail(o, 1);
+	/* a hold killed before it could clean up: its rules go too */
+	steer_hold_clean();
 	return done(o, "removed", NULL, 0);
+}
+
+/* hold: see steer_hold.c. No steering lock: it changes nothing of the
+ * table, and a restart's hold must not keep steer commands waiting. */
+static int cmd_hold(struct sopts *o, int argc, char *argv[])
+{
+	int rc;
+
+	if (need_net_admin(o) < 0)
+		return fail(o, 1);
+	if (load(o) < 0)
+		return fail(o, 2);
+	rc = steer_hold(&o->c->steer, argc, argv, o->err, sizeof(o->err));
+	return rc == 0 ? 0 : fail(o, rc);
 }
 
 /* The module counts connections, packets and bytes (nft's decide rule
@@ -465,12 +485,15 @@ int steer_main(int argc, char *argv[])
 	/* A read-modify-write (set) or a replace must not interleave with
 	 * another; held until exit. */
 	if (strcmp(argv[0], "show") != 0 && strcmp(argv[0], "stats") != 0 &&
+	    strcmp(argv[0], "hold") != 0 &&
 	    !o.dry_run && ms_steer_lock(o.err, sizeof(o.err)) < 0)
 		return fail(&o, 1);
 	if (!strcmp(argv[0], "install") && n == 1)
 		ret = cmd_install(&o);
 	else if (!strcmp(argv[0], "set"))
 		ret = cmd_set(&o, n, argv);
+	else if (!strcmp(argv[0], "hold"))
+		ret = cmd_hold(&o, n, argv);
 	else if (!strcmp(argv[0], "remove") && n == 1)
 		ret = cmd_remove(&o);
 	else if ((!strcmp(argv[0], "show") || !strcmp(argv[0], "stats")) &&

@@ -35,4 +35,12 @@ json_t *ctl_request(const char *socket, json_t *req);
 int steer_all_to_destination(struct ms_dconfig *c, unsigned int *n_r,
 			     char *err, size_t errsz);
 
+/* mailshiftctl steer hold (steer_hold.c): 0, 1 or 2 with err. */
+struct ms_steer_cfg;
+int steer_hold(const struct ms_steer_cfg *s, int argc, char *argv[],
+	       char *err, size_t errsz);
+/* Removes the rules a hold left (killed before it could), and a raw
+ * table they leave empty (steer_hold.c). */
+void steer_hold_clean(void);
+
 #endif

@@ -19,6 +19,8 @@ INSTALLED = {
     'usr/share/man/man8/mailshiftd.8': 0o644,
     'usr/share/man/man8/mailshiftctl.8': 0o644,
     'usr/share/doc/mailshift/mailshift.conf.example': 0o644,
+    'usr/lib/systemd/system/mailshiftd.socket': 0o644,
+    'usr/lib/systemd/system/mailshiftd.service': 0o644,
 }
 
 
@@ -131,3 +133,23 @@ def test_check_config(workdir, ca):
     with open(conf, 'w') as f:
         f.write(text)
     assert check(conf).returncode == 0
+
+
+def test_systemd_units_verify(workdir):
+    """The installed units are valid for systemd (systemd-analyze verify,
+    which also checks that ExecStart names the installed mailshiftd), and
+    the socket unit is transparent, as docs/deployment.md's listeners."""
+    prefix = os.path.join(workdir, 'usr')
+    r = make('install', 'PREFIX=' + prefix)
+    assert r.returncode == 0, r.stdout + r.stderr
+    units = os.path.join(prefix, 'lib', 'systemd', 'system')
+    service = os.path.join(units, 'mailshiftd.service')
+    with open(service) as f:
+        text = f.read()
+    assert 'ExecStart=%s/sbin/mailshiftd -f -c ' % prefix in text, text
+    with open(os.path.join(units, 'mailshiftd.socket')) as f:
+        assert 'Transparent=yes' in f.read()
+    r = subprocess.run(['systemd-analyze', 'verify', '--man=no',
+                        os.path.join(units, 'mailshiftd.socket'), service],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == '', r.stderr

@@ -30,6 +30,11 @@ env={'NAME': 'value'} adds to the daemon's environment (e.g. glibc's
 MALLOC_PERTURB_); gw.rss_kb() is its resident memory, gw.rss_kb('VmHWM') its
 peak since gw.rss_peak_reset().
 
+Socket activation: activation=sdactivate.Sockets(...) (bound by the test,
+held across restarts, as systemd's socket unit) makes start() pass them on
+the way systemd does; the config must name the same addresses (fixed
+ports).
+
 Crash points: binary=MAILSHIFTD_HOOKS (make hooks) and env={
 'MAILSHIFT_CRASH_AT': 'cutover.grace'} make the daemon kill itself there;
 gw.wait_crashed() waits for that and checks it; gw.restart_after_crash()
@@ -65,6 +70,18 @@ def crash_line(point):
     point "name" or "name:N" (daemon/testhook.c)."""
     name, _, n = point.partition(':')
     return 'mailshift: crash point %s:%s: SIGKILL' % (name, n or '1')
+
+
+def first_line(sock):
+    """What sock receives up to its first LF (b'' when it ends before
+    sending anything): a server's greeting."""
+    data = b''
+    while b'\n' not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b'\n', 1)[0]
 
 
 class CtlResult:
@@ -108,7 +125,7 @@ class Mailshiftd:
                  binary=None, ctl_binary=None, extra_conf='', smtp=False,
                  submission=False, smtp_backends=None, smtp_ca_file=None,
                  listen_host='127.0.0.1', imap_port=None, pop3_port=None,
-                 transparent=False, netns=None, env=None):
+                 transparent=False, netns=None, env=None, activation=None):
         self.root_dir = os.path.abspath(root_dir)
         self.src = src
         self.dst = dst
@@ -131,6 +148,8 @@ class Mailshiftd:
         self.transparent = transparent
         self.netns = netns
         self.env = dict(env or {})
+        # sdactivate.Sockets: the daemon inherits its listeners from them
+        self.activation = activation
         self.smtp_port = self.submission_port = self.submissions_port = None
         self.config_path = os.path.join(self.root_dir, 'mailshift.conf')
         self.log_path = os.path.join(self.root_dir, 'mailshiftd.log')
@@ -237,10 +256,15 @@ class Mailshiftd:
             if self.netns is not None:
                 import netns
                 prefix = netns.exec_prefix(self.netns)
+            fds = ()
+            if self.activation is not None:
+                prefix += self.activation.launcher()
+                fds = self.activation.fds()
             self.proc = subprocess.Popen(
                 prefix + [self.binary, '-c', self.config_path, '-f', '-v'],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, env=dict(os.environ, **self.env))
+                start_new_session=True, env=dict(os.environ, **self.env),
+                pass_fds=fds)
         finally:
             log.close()
         # What it writes, for the session's leak check (its config is ours).
@@ -279,13 +303,7 @@ class Mailshiftd:
     def _greets(self):
         try:
             with self._connect_local(self.imap_port) as s:
-                data = b''
-                while b'\n' not in data:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        return False
-                    data += chunk
-                return data.startswith(b'* OK')
+                return first_line(s).startswith(b'* OK')
         except OSError:
             return False
 

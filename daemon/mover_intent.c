@@ -298,15 +298,8 @@ static void on_match_dst_reply(struct ms_imapc *c,
  * memory. */
 int mv_fps_push(struct worker *w, uint64_t h, uint32_t uid, uint64_t fhash)
 {
-	if (w->nfps == w->capfps) {
-		size_t cap = w->capfps * 2 + 256;
-		struct fpent *n = realloc(w->fps, cap * sizeof(*n));
-
-		if (n == NULL)
-			return -1;
-		w->fps = n;
-		w->capfps = cap;
-	}
+	if (MS_ARRAY_ROOM(w->fps, w->nfps, w->capfps, 256) < 0)
+		return -1;
 	w->fps[w->nfps].h = h;
 	w->fps[w->nfps].uid = uid;
 	w->fps[w->nfps].used = 0;

@@ -100,17 +100,10 @@ static void on_plan_src_untagged(struct ms_imapc *c,
 			return;
 		f = mv_find_folder(u, name);
 		if (f == NULL) {
-			if (u->nfolders == u->capfolders) {
-				unsigned int cap = u->capfolders * 2 + 16;
-				struct fjob *nf = realloc(u->folders,
-							  cap * sizeof(*nf));
-
-				if (nf == NULL) {
-					mv_job_fail(u, "out of memory");
-					return;
-				}
-				u->folders = nf;
-				u->capfolders = cap;
+			if (MS_ARRAY_ROOM(u->folders, u->nfolders,
+					  u->capfolders, 16) < 0) {
+				mv_job_fail(u, "out of memory");
+				return;
 			}
 			f = &u->folders[u->nfolders++];
 			memset(f, 0, sizeof(*f));
@@ -166,16 +159,10 @@ static void on_plan_dst_untagged(struct ms_imapc *c,
 	if (d == NULL) {
 		if (lsub || has_attr(attrs, "\\NonExistent"))
 			return;
-		if (u->ndfolders == u->capdfolders) {
-			unsigned int cap = u->capdfolders * 2 + 16;
-			struct dfolder *nd = realloc(u->dfolders, cap * sizeof(*nd));
-
-			if (nd == NULL) {
-				mv_job_fail(u, "out of memory");
-				return;
-			}
-			u->dfolders = nd;
-			u->capdfolders = cap;
+		if (MS_ARRAY_ROOM(u->dfolders, u->ndfolders, u->capdfolders,
+				  16) < 0) {
+			mv_job_fail(u, "out of memory");
+			return;
 		}
 		d = &u->dfolders[u->ndfolders++];
 		memset(d, 0, sizeof(*d));

@@ -56,15 +56,8 @@ static void on_pop3_uidl_line(struct ms_pop3c *c, const char *line, size_t len,
 
 	if (sscanf(line, "%u %71s", &n, uidl) != 2)
 		return;
-	if (ps->nmsgs == ps->cap) {
-		size_t cap = ps->cap * 2 + 64;
-		struct pmsg *nm = realloc(ps->msgs, cap * sizeof(*nm));
-
-		if (nm == NULL)
-			return;
-		ps->msgs = nm;
-		ps->cap = cap;
-	}
+	if (MS_ARRAY_ROOM(ps->msgs, ps->nmsgs, ps->cap, 64) < 0)
+		return;
 	memset(&ps->msgs[ps->nmsgs], 0, sizeof(struct pmsg));
 	ps->msgs[ps->nmsgs].n = n;
 	snprintf(ps->msgs[ps->nmsgs].uidl, sizeof(ps->msgs[0].uidl), "%s", uidl);

@@ -38,15 +38,8 @@ int mv_collect_row(void *ctx, const struct ms_folder_state *st)
 
 	if (st->dst_uidvalidity == 0)
 		return 0;
-	if (r->n == r->cap) {
-		size_t cap = r->cap * 2 + 16;
-		struct ms_folder_state *n = realloc(r->v, cap * sizeof(*n));
-
-		if (n == NULL)
-			return -1;
-		r->v = n;
-		r->cap = cap;
-	}
+	if (MS_ARRAY_ROOM(r->v, r->n, r->cap, 16) < 0)
+		return -1;
 	r->v[r->n++] = *st;
 	return 0;
 }
@@ -347,15 +340,8 @@ static int load_rrec(void *ctx, const struct ms_msg_rec *rec)
 	struct worker *w = ctx;
 	struct rrec *rr;
 
-	if (w->nrrecs == w->caprrecs) {
-		size_t cap = w->caprrecs * 2 + 256;
-		struct rrec *n = realloc(w->rrecs, cap * sizeof(*n));
-
-		if (n == NULL)
-			return -1;
-		w->rrecs = n;
-		w->caprrecs = cap;
-	}
+	if (MS_ARRAY_ROOM(w->rrecs, w->nrrecs, w->caprrecs, 256) < 0)
+		return -1;
 	rr = &w->rrecs[w->nrrecs++];
 	memset(rr, 0, sizeof(*rr));
 	rr->src_uid = rec->src_uid;

@@ -17,15 +17,8 @@
 
 static int vlist_push(struct vlist *l, const struct fetch *f)
 {
-	if (l->n == l->cap) {
-		size_t cap = l->cap * 2 + 64;
-		struct vmsg *v = realloc(l->v, cap * sizeof(*v));
-
-		if (v == NULL)
-			return -1;
-		l->v = v;
-		l->cap = cap;
-	}
+	if (MS_ARRAY_ROOM(l->v, l->n, l->cap, 64) < 0)
+		return -1;
 	memset(&l->v[l->n], 0, sizeof(l->v[0]));
 	l->sorted = 0;
 	l->v[l->n].uid = f->uid;

@@ -148,15 +148,8 @@ int ms_sasl_plain_parse(const char *b64, char **authz_r, char **authc_r,
 
 int ms_u32vec_push(struct ms_u32vec *vec, uint32_t x)
 {
-	if (vec->n == vec->cap) {
-		size_t cap = vec->cap * 2 + 256;
-		uint32_t *v = realloc(vec->v, cap * sizeof(*v));
-
-		if (v == NULL)
-			return -1;
-		vec->v = v;
-		vec->cap = cap;
-	}
+	if (MS_ARRAY_ROOM(vec->v, vec->n, vec->cap, 256) < 0)
+		return -1;
 	vec->v[vec->n++] = x;
 	return 0;
 }

@@ -4,6 +4,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* A macro's value as a string literal: MS_STR(255) is "255". */
 #define MS_XSTR(x) #x
@@ -37,6 +38,26 @@ int ms_b64_decode(const char *in, unsigned char **out_r, size_t *len_r);
  * ms_secret_free(). Returns 0, or -1 when malformed. */
 int ms_sasl_plain_parse(const char *b64, char **authz_r, char **authc_r,
 			char **pass_r);
+
+/* Makes room for one more element in the array v of cap elements, n of
+ * them in use: when it is full, grows it to cap * 2 + min elements. 0, or
+ * -1 when out of memory (v and cap unchanged). v and cap are lvalues,
+ * evaluated more than once. */
+#define MS_ARRAY_ROOM(v, n, cap, min) ({				\
+	int ret__ = 0;							\
+	if ((n) >= (cap)) {						\
+		__typeof__(cap) c__ = (cap) * 2 + (min);		\
+		__typeof__(v) v__ = realloc((v), c__ * sizeof(*(v)));	\
+									\
+		if (v__ != NULL) {					\
+			(v) = v__;					\
+			(cap) = c__;					\
+		} else {						\
+			ret__ = -1;					\
+		}							\
+	}								\
+	ret__;								\
+})
 
 struct ms_u32vec {
 	uint32_t *v;

@@ -654,6 +654,27 @@ void mv_folder_fail(struct worker *w, const char *cmd,
 			    ms_imapc_resp_summary(r, buf, sizeof(buf)));
 }
 
+/* A command's reply: 1 when the command failed, and the folder with it
+ * (mv_folder_fail()); 0 when it is OK. */
+int mv_reply_failed(struct worker *w, const char *cmd,
+		    const struct ms_imap_response *r, struct ms_imapc *c)
+{
+	if (r != NULL && r->status == MS_STATUS_OK)
+		return 0;
+	mv_folder_fail(w, cmd, r, c);
+	return 1;
+}
+
+/* One of w->pending replies: 1 when it is the last and every one was OK,
+ * 0 when more are to come or it failed (see mv_reply_failed()). */
+int mv_reply_last(struct worker *w, const char *cmd,
+		  const struct ms_imap_response *r, struct ms_imapc *c)
+{
+	if (mv_reply_failed(w, cmd, r, c))
+		return 0;
+	return --w->pending == 0;
+}
+
 int mv_store_check(struct worker *w, int ret)
 {
 	if (ret < 0)

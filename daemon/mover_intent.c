@@ -109,10 +109,8 @@ static void on_settle_noop(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "NOOP", r, c);
+	if (mv_reply_failed(w, "NOOP", r, c))
 		return;
-	}
 	mv_start_match(w, 1, 0);
 }
 
@@ -249,11 +247,7 @@ void mv_on_match_src_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
-		return;
-	}
-	if (--w->pending > 0)
+	if (!mv_reply_last(w, "UID FETCH", r, c))
 		return;
 	fps_free(w);
 	if (mv_store_check(w, ms_store_folder_update(w->u->m->store,
@@ -269,10 +263,8 @@ static void on_match_dst_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	if (w->match_reconcile) {
 		match_finish_reconcile(w);
 		return;
@@ -491,11 +483,7 @@ static void on_expunge_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID EXPUNGE", r, c);
-		return;
-	}
-	if (--w->pending > 0)
+	if (!mv_reply_last(w, "UID EXPUNGE", r, c))
 		return;
 	if (w->phase == PH_REXPUNGE) {
 		mv_rb_expunged(w);
@@ -541,10 +529,8 @@ static void on_dedup_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	fps_free(w);
 	if (w->expunge.n == 0) {
 		mv_verify_dst(w);

@@ -352,6 +352,10 @@ void mv_job_maybe_finish(struct ujob *u);
 void mv_job_schedule(struct ujob *u);
 void mv_folder_fail(struct worker *w, const char *cmd,
 		    const struct ms_imap_response *r, struct ms_imapc *c);
+int mv_reply_failed(struct worker *w, const char *cmd,
+		    const struct ms_imap_response *r, struct ms_imapc *c);
+int mv_reply_last(struct worker *w, const char *cmd,
+		  const struct ms_imap_response *r, struct ms_imapc *c);
 int mv_store_check(struct worker *w, int ret);
 void mv_select_data(const struct ms_imap_response *r, uint32_t *uidvalidity,
 		    uint32_t *uidnext, uint32_t *exists, uint64_t *modseq,

@@ -80,6 +80,13 @@ static void on_pop3_list_line(struct ms_pop3c *c, const char *line, size_t len,
 
 static void pop3_step(struct ujob *u);
 
+/* One of the replies the step waits for came: the last one goes on. */
+static void pending_done(struct ujob *u)
+{
+	if (--pstate(u)->pending == 0)
+		pop3_step(u);
+}
+
 static void on_pop3_reply(struct ms_pop3c *c, int ok, const char *text,
 			  void *ctx)
 {
@@ -93,8 +100,7 @@ static void on_pop3_reply(struct ms_pop3c *c, int ok, const char *text,
 		mv_job_fail(u, "source: -ERR %s", text);
 		return;
 	}
-	if (--pstate(u)->pending == 0)
-		pop3_step(u);
+	pending_done(u);
 }
 
 static void on_pop3_dst_reply(struct ms_imapc *c,
@@ -102,12 +108,8 @@ static void on_pop3_dst_reply(struct ms_imapc *c,
 {
 	struct ujob *u = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(&u->workers[0], "SELECT", r, c);
-		return;
-	}
-	if (--pstate(u)->pending == 0)
-		pop3_step(u);
+	if (!mv_reply_failed(&u->workers[0], "SELECT", r, c))
+		pending_done(u);
 }
 
 static void on_pop3_dst_untagged(struct ms_imapc *c,
@@ -146,10 +148,8 @@ static void on_pop3_append(struct ms_imapc *c, const struct ms_imap_response *r,
 	uint32_t dst_uid = 0;
 	int found = 0;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "APPEND", r, c);
+	if (mv_reply_failed(w, "APPEND", r, c))
 		return;
-	}
 	if (r->code != NULL && strcasecmp(r->code, "APPENDUID") == 0 &&
 	    r->code_argc >= 2) {
 		uint64_t n;
@@ -256,10 +256,8 @@ static void on_pop3_verify(struct ms_imapc *c, const struct ms_imap_response *r,
 	struct ms_folder_report *rep = &w->f->rep;
 	uint64_t missing = 0;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	for (size_t i = 0; i < ps->nmsgs; i++)
 		missing += !ps->msgs[i].done;
 	rep->source_messages = ps->nmsgs;
@@ -334,10 +332,8 @@ static void on_pop3_match(struct ms_imapc *c, const struct ms_imap_response *r,
 	struct worker *w = &u->workers[0];
 	struct ms_store *store = u->m->store;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	/* POP3 has no INTERNALDATE: fingerprints carry date 0. */
 	for (size_t i = 0; i < w->nfps; i++)
 		w->fps[i].h = w->fps[i].h;

@@ -383,11 +383,7 @@ static void on_rscan_dst_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
-		return;
-	}
-	if (--w->pending == 0)
+	if (mv_reply_last(w, "UID FETCH", r, c))
 		mv_rb_scan_done(w);
 }
 
@@ -396,10 +392,8 @@ static void on_rscan_src_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	if (w->nfps > 1)
 		mv_sort_n(w->fps, w->nfps, sizeof(*w->fps), cmp_fp_uid);
 	/* The destination's flags are compared as they come; flag STOREs

@@ -23,7 +23,8 @@ int mv_cmp_fp(const void *a, const void *b)
 	return x->uid < y->uid ? -1 : x->uid > y->uid;
 }
 
-struct fpent *mv_fp_take(struct worker *w, uint64_t h)
+/* The first of the (sorted) fingerprints that is not below h. */
+static size_t fp_first(const struct worker *w, uint64_t h)
 {
 	size_t lo = 0, hi = w->nfps;
 
@@ -35,6 +36,13 @@ struct fpent *mv_fp_take(struct worker *w, uint64_t h)
 		else
 			hi = mid;
 	}
+	return lo;
+}
+
+struct fpent *mv_fp_take(struct worker *w, uint64_t h)
+{
+	size_t lo = fp_first(w, h);
+
 	for (; lo < w->nfps && w->fps[lo].h == h; lo++) {
 		if (!w->fps[lo].used) {
 			w->fps[lo].used = 1;
@@ -427,16 +435,8 @@ static int collect_claims(void *ctx, const struct ms_msg_rec *rec)
 
 static int fp_exists(const struct worker *w, uint64_t h)
 {
-	size_t lo = 0, hi = w->nfps;
+	size_t lo = fp_first(w, h);
 
-	while (lo < hi) {
-		size_t mid = (lo + hi) / 2;
-
-		if (w->fps[mid].h < h)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
 	return lo < w->nfps && w->fps[lo].h == h;
 }
 

@@ -1028,6 +1028,24 @@ static void job_link(struct ujob *u)
 	m->users++;
 }
 
+/* A job that works on what the store holds of the user (verify only, a
+ * rollback): refused like any failure, with u->user_id 0, when the store
+ * holds nothing of it (none: why) or the source is not IMAP (pop3: why).
+ * 1 when refused. */
+static int stored_job_refused(struct ujob *u, int found, const char *none,
+			      const char *pop3)
+{
+	if (!found) {
+		mv_job_fail(u, "%s", none);
+		return 1;
+	}
+	if (u->m->src.cfg.proto != MS_PROTO_IMAP) {
+		mv_job_fail(u, "%s", pop3);
+		return 1;
+	}
+	return 0;
+}
+
 /* ms_mover_add_user() with verify_only (see "verify only"). */
 static int vo_add_user(struct ujob *u)
 {
@@ -1039,18 +1057,11 @@ static int vo_add_user(struct ujob *u)
 		job_free(u);
 		return -1;
 	}
-	/* Refusals are reported like any failure, with u->user_id 0. */
 	job_link(u);
-	if (!found) {
-		mv_job_fail(u, "nothing to verify: the store has no copy of this "
-			    "user");
+	if (stored_job_refused(u, found, "nothing to verify: the store has "
+			       "no copy of this user", "source: a POP3 source "
+			       "is verified by the copy, not on its own"))
 		return 0;
-	}
-	if (m->src.cfg.proto != MS_PROTO_IMAP) {
-		mv_job_fail(u, "source: a POP3 source is verified by the copy, "
-			    "not on its own");
-		return 0;
-	}
 	u->user_id = info.id;
 	worker_start(u, 0);
 	return 0;
@@ -1107,15 +1118,11 @@ int ms_mover_add_rollback(struct ms_mover *m, const char *user,
 	/* Refusals are reported like any failure (done() from the loop),
 	 * with u->user_id 0: the store is left as it is. */
 	job_link(u);
-	if (!found || rows.n == 0) {
-		mv_job_fail(u, "nothing to roll back: the store has no copy of "
-			    "this user (never migrated to the destination)");
+	if (stored_job_refused(u, found && rows.n > 0, "nothing to roll back: "
+			       "the store has no copy of this user (never "
+			       "migrated to the destination)", "source: a "
+			       "rollback needs an IMAP source"))
 		return 0;
-	}
-	if (m->src.cfg.proto != MS_PROTO_IMAP) {
-		mv_job_fail(u, "source: a rollback needs an IMAP source");
-		return 0;
-	}
 	for (struct ujob *o = m->jobs; o != NULL; o = o->next) {
 		if (o != u && strcmp(o->name, user) == 0 && !o->finished) {
 			mv_job_fail(u, "a copy of this user is running");

@@ -178,25 +178,38 @@ static void on_plan_dst_untagged(struct ms_imapc *c,
 		u->dst_sep = sep;
 }
 
+/* A planning command's reply: 1 when the plan goes on, 0 when the job
+ * failed (now, or before). A refusal with the response code ok_code (not
+ * NULL) is as good as OK; cmd prefixes the message of another. */
+static int plan_reply_ok(struct ujob *u, struct ms_imapc *c,
+			 const struct ms_imap_response *r, const char *cmd,
+			 const char *ok_code)
+{
+	char buf[400];
+
+	if (u->failed)
+		return 0;
+	if (r == NULL) {
+		mv_job_fail(u, "%s: %s", mv_side_name(&u->workers[0], c),
+			    ms_imapc_error(c));
+		return 0;
+	}
+	if (r->status != MS_STATUS_OK &&
+	    !(ok_code != NULL && r->code != NULL &&
+	      strcasecmp(r->code, ok_code) == 0)) {
+		mv_job_fail(u, "%s: %s%s", mv_side_name(&u->workers[0], c),
+			    cmd, ms_imapc_resp_summary(r, buf, sizeof(buf)));
+		return 0;
+	}
+	return 1;
+}
+
 void mv_on_plan_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 		      void *ctx)
 {
 	struct ujob *u = ctx;
-	char buf[400];
 
-	if (u->failed)
-		return;
-	if (r == NULL) {
-		mv_job_fail(u, "%s: %s", mv_side_name(&u->workers[0], c),
-			    ms_imapc_error(c));
-		return;
-	}
-	if (r->status != MS_STATUS_OK) {
-		mv_job_fail(u, "%s: %s", mv_side_name(&u->workers[0], c),
-			    ms_imapc_resp_summary(r, buf, sizeof(buf)));
-		return;
-	}
-	if (--u->plan_pending == 0)
+	if (plan_reply_ok(u, c, r, "", NULL) && --u->plan_pending == 0)
 		mv_plan_step(u);
 }
 
@@ -204,22 +217,10 @@ void mv_on_create_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 			void *ctx)
 {
 	struct ujob *u = ctx;
-	char buf[400];
 
-	if (u->failed)
-		return;
-	if (r == NULL) {
-		mv_job_fail(u, "%s: %s", mv_side_name(&u->workers[0], c),
-			    ms_imapc_error(c));
-		return;
-	}
 	/* A folder that exists already is what we wanted. */
-	if (r->status != MS_STATUS_OK &&
-	    !(r->code != NULL && strcasecmp(r->code, "ALREADYEXISTS") == 0)) {
-		mv_job_fail(u, "%s: CREATE: %s", mv_side_name(&u->workers[0], c),
-			    ms_imapc_resp_summary(r, buf, sizeof(buf)));
+	if (!plan_reply_ok(u, c, r, "CREATE: ", "ALREADYEXISTS"))
 		return;
-	}
 	if (r->status == MS_STATUS_OK)
 		MS_CRASH_POINT(u->reverse ? "rollback.folder-created" :
 			       "copy.folder-created");

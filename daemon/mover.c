@@ -150,7 +150,9 @@ void mv_u32vec_uniq(struct ms_u32vec *vec)
 
 /* ---- connection slots per server ---- */
 
-int mv_slot_acquire(struct server *s, void (*cb)(void *), void *ctx)
+/* 1: a slot is taken; 0: cb(ctx) is called when one frees; -1: out of
+ * memory. */
+static int slot_acquire(struct server *s, void (*cb)(void *), void *ctx)
 {
 	struct waiter *wt;
 
@@ -169,6 +171,19 @@ int mv_slot_acquire(struct server *s, void (*cb)(void *), void *ctx)
 		s->waiters = wt;
 	s->waiters_tail = wt;
 	return 0;
+}
+
+/* Calls cb(ctx) once the job has a connection slot at the server: now,
+ * or when one frees. The job fails when out of memory. */
+void mv_slot_wait(struct ujob *u, struct server *s, void (*cb)(void *),
+		  void *ctx)
+{
+	int r = slot_acquire(s, cb, ctx);
+
+	if (r == 1)
+		cb(ctx);
+	else if (r < 0)
+		mv_job_fail(u, "out of memory");
 }
 
 static void slot_cancel(struct server *s, void *ctx)
@@ -799,7 +814,6 @@ static void worker_connect_src(void *ctx)
 	struct worker *w = ctx;
 	struct ujob *u = w->u;
 	struct ms_imapc **cp = u->reverse ? &w->d : &w->s;
-	int r;
 
 	w->have_src_slot = 1;
 	*cp = connect_server(u, &u->m->src, u->src_login, u->src_pw, w);
@@ -807,17 +821,12 @@ static void worker_connect_src(void *ctx)
 		mv_job_fail(u, "out of memory");
 		return;
 	}
-	r = mv_slot_acquire(&u->m->dst, worker_connect_dst, w);
-	if (r == 1)
-		worker_connect_dst(w);
-	else if (r < 0)
-		mv_job_fail(u, "out of memory");
+	mv_slot_wait(u, &u->m->dst, worker_connect_dst, w);
 }
 
 static void worker_start(struct ujob *u, unsigned int idx)
 {
 	struct worker *w = &u->workers[idx];
-	int r;
 
 	memset(w, 0, sizeof(*w));
 	w->u = u;
@@ -826,11 +835,7 @@ static void worker_start(struct ujob *u, unsigned int idx)
 	u->nworkers = idx + 1 > u->nworkers ? idx + 1 : u->nworkers;
 	/* Source slot first, then destination: one order for every job, so
 	 * that jobs waiting for slots cannot deadlock. */
-	r = mv_slot_acquire(&u->m->src, worker_connect_src, w);
-	if (r == 1)
-		worker_connect_src(w);
-	else if (r < 0)
-		mv_job_fail(u, "out of memory");
+	mv_slot_wait(u, &u->m->src, worker_connect_src, w);
 }
 
 void mv_start_workers(struct ujob *u)

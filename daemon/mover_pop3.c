@@ -444,72 +444,74 @@ static void pop3_maybe_begin(struct ujob *u)
 	ms_pop3c_cmd(u->pop, 1, on_pop3_reply, on_pop3_list_line, u, "LIST");
 }
 
+/* One side logged in (or failed): the copy begins once both are. */
+static void side_ready(struct ujob *u, const char *side, const char *error,
+		       int *ready)
+{
+	if (error != NULL) {
+		mv_job_fail(u, "%s: %s", side, error);
+		return;
+	}
+	*ready = 1;
+	pop3_maybe_begin(u);
+}
+
 static void on_pop3_ready(struct ms_pop3c *c, const char *error, void *ctx)
 {
 	struct ujob *u = ctx;
 
-	if (error != NULL) {
-		mv_job_fail(u, "source: %s", error);
-		return;
-	}
-	u->workers[0].s_ready = 1;
-	pop3_maybe_begin(u);
+	side_ready(u, "source", error, &u->workers[0].s_ready);
 }
 
 static void on_pop3_dst_ready(struct ms_imapc *c, const char *error, void *ctx)
 {
 	struct ujob *u = ctx;
 
-	if (error != NULL) {
-		mv_job_fail(u, "destination: %s", error);
-		return;
+	side_ready(u, "destination", error, &u->workers[0].d_ready);
+}
+
+/* A side's connection slot is taken: the settings to connect with. */
+static struct ms_imapc_settings slot_taken(struct ujob *u, int dst)
+{
+	struct worker *w = &u->workers[0];
+
+	if (dst) {
+		w->have_dst_slot = 1;
+		return mv_server_settings(&u->m->dst, u->dst_login, u->dst_pw);
 	}
-	u->workers[0].d_ready = 1;
-	pop3_maybe_begin(u);
+	w->have_src_slot = 1;
+	return mv_server_settings(&u->m->src, u->src_login, u->src_pw);
 }
 
 static void pop3_connect_dst(void *ctx)
 {
 	struct ujob *u = ctx;
-	struct worker *w = &u->workers[0];
-	struct server *s = &u->m->dst;
-	struct ms_imapc_settings set = mv_server_settings(s, u->dst_login,
-							u->dst_pw);
+	struct ms_imapc_settings set = slot_taken(u, 1);
 
-	w->have_dst_slot = 1;
-	w->d = ms_imapc_new(u->m->loop, &set, on_pop3_dst_ready, u);
-	if (w->d == NULL)
+	u->workers[0].d = ms_imapc_new(u->m->loop, &set, on_pop3_dst_ready, u);
+	if (u->workers[0].d == NULL)
 		mv_job_fail(u, "out of memory");
 }
 
 static void pop3_connect_src(void *ctx)
 {
 	struct ujob *u = ctx;
-	struct worker *w = &u->workers[0];
 	struct server *s = &u->m->src;
-	struct ms_imapc_settings set = mv_server_settings(s, u->src_login,
-							u->src_pw);
-	int r;
+	struct ms_imapc_settings set = slot_taken(u, 0);
 
-	w->have_src_slot = 1;
 	u->pop = ms_pop3c_new(u->m->loop, &set, on_pop3_ready, u);
 	if (u->pop == NULL) {
 		mv_job_fail(u, "source: cannot connect to %s:%u", s->cfg.host,
 			    s->cfg.port);
 		return;
 	}
-	r = mv_slot_acquire(&u->m->dst, pop3_connect_dst, u);
-	if (r == 1)
-		pop3_connect_dst(u);
-	else if (r < 0)
-		mv_job_fail(u, "out of memory");
+	mv_slot_wait(u, &u->m->dst, pop3_connect_dst, u);
 }
 
 void mv_pop3_start(struct ujob *u)
 {
 	struct worker *w = &u->workers[0];
 	struct fjob *f;
-	int r;
 
 	u->folders = calloc(1, sizeof(*u->folders));
 	u->dfolders = calloc(1, sizeof(struct pop3_state) > sizeof(struct dfolder) ?
@@ -531,9 +533,5 @@ void mv_pop3_start(struct ujob *u)
 	w->f = f;
 	w->state = W_CONNECTING;
 	u->nworkers = 1;
-	r = mv_slot_acquire(&u->m->src, pop3_connect_src, u);
-	if (r == 1)
-		pop3_connect_src(u);
-	else if (r < 0)
-		mv_job_fail(u, "out of memory");
+	mv_slot_wait(u, &u->m->src, pop3_connect_src, u);
 }

@@ -681,7 +681,9 @@ int mv_reply_failed(struct worker *w, const char *cmd,
 }
 
 /* One of w->pending replies: 1 when it is the last and every one was OK,
- * 0 when more are to come or it failed (see mv_reply_failed()). */
+ * 0 when more are to come or it failed (see mv_reply_failed()). (A reply
+ * that may come after the count ran out, as mv_on_match_src_reply() called
+ * by a flag STORE's, counts with "--w->pending > 0" instead.) */
 int mv_reply_last(struct worker *w, const char *cmd,
 		  const struct ms_imap_response *r, struct ms_imapc *c)
 {

@@ -99,7 +99,9 @@ static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	uint64_t pending = 0;
 	int reset = 0, ret;
 
-	if (!mv_reply_last(w, c == w->s ? "EXAMINE" : "SELECT", r, c))
+	if (mv_reply_failed(w, c == w->s ? "EXAMINE" : "SELECT", r, c))
+		return;
+	if (--w->pending > 0)
 		return;
 	if (w->s_uidvalidity == 0 || w->d_uidvalidity == 0) {
 		mv_job_fail(u, "folder \"%s\": the server sent no UIDVALIDITY",

@@ -255,7 +255,9 @@ void mv_on_match_src_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (!mv_reply_last(w, "UID FETCH", r, c))
+	if (mv_reply_failed(w, "UID FETCH", r, c))
+		return;
+	if (--w->pending > 0)
 		return;
 	fps_free(w);
 	if (mv_store_check(w, ms_store_folder_update(w->u->m->store,
@@ -483,7 +485,9 @@ static void on_expunge_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (!mv_reply_last(w, "UID EXPUNGE", r, c))
+	if (mv_reply_failed(w, "UID EXPUNGE", r, c))
+		return;
+	if (--w->pending > 0)
 		return;
 	if (w->phase == PH_REXPUNGE) {
 		mv_rb_expunged(w);

@@ -165,11 +165,7 @@ static int slot_acquire(struct server *s, void (*cb)(void *), void *ctx)
 		return -1;
 	wt->cb = cb;
 	wt->ctx = ctx;
-	if (s->waiters_tail != NULL)
-		s->waiters_tail->next = wt;
-	else
-		s->waiters = wt;
-	s->waiters_tail = wt;
+	MS_LIST_APPEND(s->waiters, s->waiters_tail, wt);
 	return 0;
 }
 

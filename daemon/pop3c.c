@@ -37,7 +37,7 @@ struct ms_pop3c {
 	char line[LINE_MAX_LEN];
 	size_t linelen;
 	char error[400];
-	int busy, free_pending;
+	struct ms_busy busy;	/* inside a callback: defer free */
 	int tls_began;		/* STLS go-ahead taken in this read */
 };
 
@@ -46,8 +46,10 @@ const char *ms_pop3c_error(const struct ms_pop3c *c)
 	return c->error;
 }
 
-static void really_free(struct ms_pop3c *c)
+static void really_free(void *obj)
 {
+	struct ms_pop3c *c = obj;
+
 	ms_conn_close(&c->conn);
 	while (c->cmds != NULL) {
 		struct pcmd *n = c->cmds->next;
@@ -73,10 +75,8 @@ void ms_pop3c_free(struct ms_pop3c **cp)
 		p->reply = NULL, p->line = NULL;
 	ms_conn_close(&c->conn);
 	c->state = ST_FAILED;
-	if (c->busy > 0) {
-		c->free_pending = 1;
+	if (ms_busy_defer(&c->busy))
 		return;
-	}
 	really_free(c);
 }
 
@@ -111,6 +111,16 @@ static void fail(struct ms_pop3c *c, const char *fmt, ...)
 	}
 }
 
+/* fail() from a connection callback: the owner may free us from the
+ * callbacks fail() calls. */
+static void fail_guarded(struct ms_pop3c *c, const char *what,
+			 const char *error)
+{
+	ms_busy_enter(&c->busy);
+	fail(c, "%s%s", what, error);
+	ms_busy_leave(&c->busy, really_free, c);
+}
+
 static int send_line(struct ms_pop3c *c, const char *text)
 {
 	if (c->state == ST_FAILED)
@@ -134,11 +144,7 @@ static int push(struct ms_pop3c *c, int multiline, ms_pop3c_reply_cb *reply,
 	p->reply = reply;
 	p->line = line;
 	p->ctx = ctx;
-	if (c->tail != NULL)
-		c->tail->next = p;
-	else
-		c->cmds = p;
-	c->tail = p;
+	MS_LIST_APPEND(c->cmds, c->tail, p);
 	return send_line(c, text);
 }
 
@@ -264,11 +270,8 @@ static void on_tls(struct ms_conn *conn, int status, const char *error)
 
 	if (status != 0) {
 		/* The owner may free us from its callback. */
-		c->busy++;
-		fail(c, "STLS: %s", error != NULL ? error : "handshake failed");
-		c->busy--;
-		if (c->free_pending && c->busy == 0)
-			really_free(c);
+		fail_guarded(c, "STLS: ",
+			     error != NULL ? error : "handshake failed");
 		return;
 	}
 	c->sasl = 0;
@@ -343,9 +346,9 @@ static void on_read(struct ms_conn *conn, const char *data, size_t len)
 {
 	struct ms_pop3c *c = ms_conn_ctx(conn);
 
-	c->busy++;
-	for (size_t i = 0; i < len && c->state != ST_FAILED && !c->free_pending;
-	     i++) {
+	ms_busy_enter(&c->busy);
+	for (size_t i = 0; i < len && c->state != ST_FAILED &&
+	     !c->busy.free_pending; i++) {
 		if (c->linelen + 2 >= sizeof(c->line)) {
 			/* Long body lines are passed on in pieces; status
 			 * lines may not be this long. */
@@ -376,20 +379,12 @@ static void on_read(struct ms_conn *conn, const char *data, size_t len)
 			}
 		}
 	}
-	c->busy--;
-	if (c->free_pending && c->busy == 0)
-		really_free(c);
+	ms_busy_leave(&c->busy, really_free, c);
 }
 
 static void on_error(struct ms_conn *conn, const char *error)
 {
-	struct ms_pop3c *c = ms_conn_ctx(conn);
-
-	c->busy++;
-	fail(c, "%s", error);
-	c->busy--;
-	if (c->free_pending && c->busy == 0)
-		really_free(c);
+	fail_guarded(ms_conn_ctx(conn), "", error);
 }
 
 static void on_connect(struct ms_conn *conn, int status, const char *error)
@@ -397,11 +392,7 @@ static void on_connect(struct ms_conn *conn, int status, const char *error)
 	struct ms_pop3c *c = ms_conn_ctx(conn);
 
 	if (status != 0) {
-		c->busy++;
-		fail(c, "%s", error != NULL ? error : "connect failed");
-		c->busy--;
-		if (c->free_pending && c->busy == 0)
-			really_free(c);
+		fail_guarded(c, "", error != NULL ? error : "connect failed");
 		return;
 	}
 	c->state = ST_GREETING;

@@ -917,6 +917,20 @@ int mv_known_dst(struct worker *w, uint32_t uid)
 	return ms_u32vec_has(&w->known, uid);
 }
 
+/* An untagged response of the destination, read alike whatever the
+ * source: a SELECT's data while the folder opens (-1: nothing more to do);
+ * else 0 with the FETCH in *f, -1 when it is none. */
+int mv_dst_fetch(struct worker *w, const struct ms_imap_response *r,
+		 struct fetch *f)
+{
+	if (w->phase == PH_OPEN) {
+		mv_select_data(r, &w->d_uidvalidity, &w->d_uidnext, &w->d_exists,
+			       NULL, NULL);
+		return -1;
+	}
+	return mv_parse_fetch(r, f);
+}
+
 void mv_on_dst_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
 			void *ctx)
 {
@@ -925,12 +939,7 @@ void mv_on_dst_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
 
 	if (w->f == NULL || w->u->failed)
 		return;
-	if (w->phase == PH_OPEN) {
-		mv_select_data(r, &w->d_uidvalidity, &w->d_uidnext, &w->d_exists,
-			       NULL, NULL);
-		return;
-	}
-	if (mv_parse_fetch(r, &f) < 0)
+	if (mv_dst_fetch(w, r, &f) < 0)
 		return;
 	if (w->phase == PH_MATCH) {
 		if (w->match_reconcile && mv_known_dst(w, f.uid))

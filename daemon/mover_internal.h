@@ -346,6 +346,8 @@ void mv_slot_wait(struct ujob *u, struct server *s, void (*cb)(void *),
 		  void *ctx);
 void mv_extract_msgid(const char *hdr, size_t len, char *out, size_t outsz);
 int mv_parse_fetch(const struct ms_imap_response *r, struct fetch *f);
+int mv_dst_fetch(struct worker *w, const struct ms_imap_response *r,
+		 struct fetch *f);
 long mv_parse_uid_set(const char *s, uint32_t *out, size_t cap);
 void mv_job_fail(struct ujob *u, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));

@@ -120,12 +120,7 @@ static void on_pop3_dst_untagged(struct ms_imapc *c,
 	struct pop3_state *ps = pstate(u);
 	struct fetch f;
 
-	if (w->phase == PH_OPEN) {
-		mv_select_data(r, &w->d_uidvalidity, &w->d_uidnext, &w->d_exists,
-			       NULL, NULL);
-		return;
-	}
-	if (mv_parse_fetch(r, &f) < 0)
+	if (mv_dst_fetch(w, r, &f) < 0)
 		return;
 	if (w->phase == PH_MATCH) {
 		if (!mv_known_dst(w, f.uid))

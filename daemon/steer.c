@@ -309,8 +309,6 @@ static int addr_key(struct ms_steer_cfg *s, const char *v, char *err,
 int ms_steer_key(struct ms_steer_cfg *s, const char *key, const char *v,
 		 char *err, size_t errsz)
 {
-	int b;
-
 	s->present = 1;
 	if (!strcmp(key, "address"))
 		return addr_key(s, v, err, errsz);
@@ -363,14 +361,8 @@ int ms_steer_key(struct ms_steer_cfg *s, const char *key, const char *v,
 			     MS_STEER_BACKEND_NFT;
 		return 0;
 	}
-	if (!strcmp(key, "manage")) {
-		if ((b = ms_parse_bool(v)) < 0) {
-			snprintf(err, errsz, "manage: yes or no");
-			return -1;
-		}
-		s->manage = b;
-		return 0;
-	}
+	if (!strcmp(key, "manage"))
+		return ms_config_bool(&s->manage, key, v, err, errsz);
 	snprintf(err, errsz, "unknown key \"%s\" in [steer]", key);
 	return -1;
 }

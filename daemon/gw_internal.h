@@ -220,6 +220,8 @@ void gw_client_on_tls(struct ms_conn *conn, int status,
 int gw_prelogin_reading(const struct session *s);
 int gw_too_many_commands(struct session *s);
 void gw_line_too_long(struct session *s);
+long gw_input_line(struct session *s);
+void gw_input_drop(struct session *s, size_t linelen);
 void gw_prelogin_timer(struct session *s);
 extern const struct gw_user_sessions gw_mailbox_user_sessions;
 void gw_session_accept(struct ms_gateway *gw, uv_stream_t *server,

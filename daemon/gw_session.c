@@ -598,6 +598,35 @@ void gw_line_too_long(struct session *s)
 	gw_session_close(s);
 }
 
+/* The next whole line of the pre-login input, without its CR LF, made a
+ * string in place: its length up to the LF, or -1 when there is none yet,
+ * or when it is too long (the session is ended: gw_line_too_long()). */
+long gw_input_line(struct session *s)
+{
+	char *lf = memchr(s->in, '\n', s->inlen);
+	size_t linelen;
+
+	if ((lf == NULL && s->inlen >= GW_INBUF_MAX) ||
+	    (lf != NULL && (size_t)(lf - s->in) >= GW_INBUF_MAX)) {
+		gw_line_too_long(s);
+		return -1;
+	}
+	if (lf == NULL)
+		return -1;
+	linelen = (size_t)(lf - s->in);
+	s->in[linelen] = '\0';
+	if (linelen > 0 && s->in[linelen - 1] == '\r')
+		s->in[linelen - 1] = '\0';
+	return (long)linelen;
+}
+
+/* Drops the line of gw_input_line() (linelen bytes and the LF). */
+void gw_input_drop(struct session *s, size_t linelen)
+{
+	memmove(s->in, s->in + linelen + 1, s->inlen - linelen - 1);
+	s->inlen -= linelen + 1;
+}
+
 /* The pre-login idle timer: PRELOGIN_TIMEOUT_MS from now, but never past
  * PRELOGIN_MAX_MS since the client connected (NOOPs do not keep a session
  * that never logs in alive). */

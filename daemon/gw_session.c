@@ -365,21 +365,17 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 		return;
 	}
 	while (len > 0 && s->st == SS_BACKEND) {
-		const char *lf = memchr(data, '\n', len);
-		size_t n = lf != NULL ? (size_t)(lf - data) + 1 : len;
+		long n = ms_line_take(&s->bin, &s->binlen, GW_INBUF_MAX, data,
+				      len);
 		int r;
 
-		if (s->bin == NULL)
-			s->bin = malloc(GW_INBUF_MAX + 1);
-		if (s->bin == NULL || s->binlen + n > GW_INBUF_MAX) {
+		if (n < 0) {
 			gw_backend_fail(s, "server line too long");
 			return;
 		}
-		memcpy(s->bin + s->binlen, data, n);
-		s->binlen += n;
 		data += n;
-		len -= n;
-		if (lf == NULL)
+		len -= (size_t)n;
+		if (s->bin[s->binlen - 1] != '\n')
 			return;
 		s->bin[s->binlen] = '\0';
 		s->binlen = 0;

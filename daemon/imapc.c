@@ -548,17 +548,27 @@ static void after_login(struct ms_imapc *c, const struct ms_imap_response *r)
 	ms_imapc_cmd(c, on_postcapa, NULL, "LIST \"\" \"\"");
 }
 
-static void on_postcapa(struct ms_imapc *c, const struct ms_imap_response *r,
-			void *ctx)
+/* A reply during the login: 1 when OK; 0 when the connection failed (r
+ * NULL: already said) or the server refused (failed now, the message after
+ * what). */
+static int login_reply_ok(struct ms_imapc *c, const struct ms_imap_response *r,
+			  const char *what)
 {
 	char buf[300];
 
 	if (r == NULL)
+		return 0;
+	if (r->status == MS_STATUS_OK)
+		return 1;
+	fail(c, "%s%s", what, ms_imapc_resp_summary(r, buf, sizeof(buf)));
+	return 0;
+}
+
+static void on_postcapa(struct ms_imapc *c, const struct ms_imap_response *r,
+			void *ctx)
+{
+	if (!login_reply_ok(c, r, ""))
 		return;
-	if (r->status != MS_STATUS_OK) {
-		fail(c, "%s", ms_imapc_resp_summary(r, buf, sizeof(buf)));
-		return;
-	}
 	/* The last of the post-login commands makes us ready (the command
 	 * being answered is already off the queue). */
 	if (c->cmds == NULL)
@@ -568,18 +578,13 @@ static void on_postcapa(struct ms_imapc *c, const struct ms_imap_response *r,
 static void on_login(struct ms_imapc *c, const struct ms_imap_response *r,
 		     void *ctx)
 {
-	char buf[300];
-
 	if (r == NULL)
 		return;
 	ms_secret_free(&c->password);
 	/* The login went out: the bulk of the session is not wiped. */
 	ms_conn_set_wipe(c->conn, 0);
-	if (r->status != MS_STATUS_OK) {
-		fail(c, "login failed: %s",
-		     ms_imapc_resp_summary(r, buf, sizeof(buf)));
+	if (!login_reply_ok(c, r, "login failed: "))
 		return;
-	}
 	after_login(c, r);
 }
 
@@ -697,14 +702,8 @@ static void on_tls_done(struct ms_conn *conn, int status, const char *error)
 static void on_starttls(struct ms_imapc *c, const struct ms_imap_response *r,
 			void *ctx)
 {
-	char buf[300];
-
-	if (r == NULL)
+	if (!login_reply_ok(c, r, "STARTTLS: "))
 		return;
-	if (r->status != MS_STATUS_OK) {
-		fail(c, "STARTTLS: %s", ms_imapc_resp_summary(r, buf, sizeof(buf)));
-		return;
-	}
 	if (ms_conn_starttls(c->conn, on_tls_done) < 0)
 		fail(c, "STARTTLS: cannot start TLS");
 	else
@@ -728,14 +727,8 @@ static void after_capa(struct ms_imapc *c)
 static void on_capa(struct ms_imapc *c, const struct ms_imap_response *r,
 		    void *ctx)
 {
-	char buf[300];
-
-	if (r == NULL)
+	if (!login_reply_ok(c, r, "CAPABILITY: "))
 		return;
-	if (r->status != MS_STATUS_OK) {
-		fail(c, "CAPABILITY: %s", ms_imapc_resp_summary(r, buf, sizeof(buf)));
-		return;
-	}
 	after_capa(c);
 }
 

@@ -162,15 +162,24 @@ int ms_pop3c_cmd(struct ms_pop3c *c, int multiline, ms_pop3c_reply_cb *reply,
 
 /* ---- login ---- */
 
+/* A reply during the login: 1 when +OK; 0 when the connection failed (ok
+ * < 0: already said) or the server said -ERR (failed now, the message
+ * after what). */
+static int login_reply_ok(struct ms_pop3c *c, int ok, const char *text,
+			  const char *what)
+{
+	if (ok > 0)
+		return 1;
+	if (ok == 0)
+		fail(c, "%s-ERR %s", what, text);
+	return 0;
+}
+
 static void on_login_reply(struct ms_pop3c *c, int ok, const char *text,
 			   void *ctx)
 {
-	if (ok < 0)
+	if (!login_reply_ok(c, ok, text, "login failed: "))
 		return;
-	if (!ok) {
-		fail(c, "login failed: -ERR %s", text);
-		return;
-	}
 	if (ctx != NULL)
 		return;	/* USER accepted; PASS follows */
 	ms_secret_free(&c->password);
@@ -240,12 +249,8 @@ static void on_tls(struct ms_conn *conn, int status, const char *error);
 static void on_stls_reply(struct ms_pop3c *c, int ok, const char *text,
 			  void *ctx)
 {
-	if (ok < 0)
+	if (!login_reply_ok(c, ok, text, "STLS: "))
 		return;
-	if (!ok) {
-		fail(c, "STLS: -ERR %s", text);
-		return;
-	}
 	if (ms_conn_starttls(c->conn, on_tls) < 0)
 		fail(c, "STLS: cannot start TLS");
 	else

@@ -5,7 +5,6 @@
 #include <string.h>
 #include <strings.h>
 
-#include <openssl/crypto.h>
 #include <openssl/evp.h>
 
 #include "pop3c.h"
@@ -189,51 +188,45 @@ static void on_login_reply(struct ms_pop3c *c, int ok, const char *text,
 		c->ready(c, NULL, c->ready_ctx);
 }
 
+/* Sends "VERB ARG" as a login command (on_login_reply() with ctx answers
+ * it), the line wiped after. -1 when out of memory (the connection then
+ * failed). */
+static int push_login(struct ms_pop3c *c, const char *verb, const char *arg,
+		      void *ctx)
+{
+	size_t len = strlen(verb) + strlen(arg) + 2;
+	char *line = malloc(len);
+
+	if (line == NULL) {
+		fail(c, "out of memory");
+		return -1;
+	}
+	snprintf(line, len, "%s %s", verb, arg);
+	push(c, 0, on_login_reply, NULL, ctx, line);
+	ms_secret_buf_free(&line, len);
+	return 0;
+}
+
 static void start_login(struct ms_pop3c *c)
 {
-	char *line;
-	size_t len;
-
 	c->state = ST_LOGIN;
 	if (c->admin != NULL || c->mech == MS_AUTH_PLAIN ||
 	    (c->mech == MS_AUTH_AUTO && c->sasl)) {
 		char *b64 = c->admin != NULL ?
 			ms_sasl_plain(c->user, c->admin, c->password) :
 			ms_sasl_plain("", c->user, c->password);
-		size_t len = b64 != NULL ? strlen(b64) + 12 : 0;
-		char *cmd = b64 != NULL ? malloc(len) : NULL;
 
-		if (cmd == NULL) {
-			if (b64 != NULL)
-				ms_secret_free(&b64);
+		if (b64 == NULL) {
 			fail(c, "out of memory");
 			return;
 		}
-		snprintf(cmd, len, "AUTH PLAIN %s", b64);
+		push_login(c, "AUTH PLAIN", b64, NULL);
 		ms_secret_free(&b64);
-		push(c, 0, on_login_reply, NULL, NULL, cmd);
-		ms_secret_free(&cmd);
 		return;
 	}
-	len = strlen(c->user) + 8;
-	line = malloc(len);
-	if (line == NULL) {
-		fail(c, "out of memory");
-		return;
-	}
-	snprintf(line, len, "USER %s", c->user);
-	push(c, 0, on_login_reply, NULL, c, line);
-	free(line);
-	len = strlen(c->password) + 8;
-	line = malloc(len);
-	if (line == NULL) {
-		fail(c, "out of memory");
-		return;
-	}
-	snprintf(line, len, "PASS %s", c->password);
-	push(c, 0, on_login_reply, NULL, NULL, line);
-	OPENSSL_cleanse(line, len);
-	free(line);
+	/* USER's reply (ctx c) waits for PASS's. */
+	if (push_login(c, "USER", c->user, c) == 0)
+		push_login(c, "PASS", c->password, NULL);
 }
 
 static void on_capa_line(struct ms_pop3c *c, const char *line, size_t len,

@@ -193,6 +193,19 @@ int ms_parse_bool(const char *s)
 	return -1;
 }
 
+int ms_config_bool(int *dst, const char *key, const char *v, char *err,
+		   size_t errsz)
+{
+	int b = ms_parse_bool(v);
+
+	if (b < 0) {
+		snprintf(err, errsz, "%s: yes or no", key);
+		return -1;
+	}
+	*dst = b;
+	return 0;
+}
+
 int ms_parse_uint(const char *s, unsigned int min, unsigned int max,
 		  unsigned int *v_r)
 {

@@ -24,6 +24,10 @@ int ms_ini_parse(const char *path, ms_ini_cb *cb, void *ctx, char *err,
 
 /* "yes"/"no", "true"/"false", "on"/"off", "1"/"0"; -1 when none. */
 int ms_parse_bool(const char *s);
+/* A config key's yes or no into *dst: 0, or -1 with "KEY: yes or no" in
+ * err (*dst untouched). */
+int ms_config_bool(int *dst, const char *key, const char *v, char *err,
+		   size_t errsz);
 
 /* A decimal number from min to max: digits only (no sign, no blanks, no
  * suffix). Returns 0, or -1 (and *v_r untouched). */

@@ -35,19 +35,6 @@ static int set_uint(unsigned int *dst, const char *key, const char *v,
 	return -1;
 }
 
-static int set_bool(int *dst, const char *key, const char *v, char *err,
-		    size_t errsz)
-{
-	int b = ms_parse_bool(v);
-
-	if (b < 0) {
-		snprintf(err, errsz, "%s: yes or no", key);
-		return -1;
-	}
-	*dst = b;
-	return 0;
-}
-
 static int unknown(const char *key, const char *section, char *err,
 		   size_t errsz)
 {
@@ -112,7 +99,7 @@ static int backend_key(struct ms_dconfig *c, int dst, const char *key,
 		return set_buf(dst ? c->dst_ca : c->src_ca, sizeof(c->src_ca),
 			       key, value, err, errsz);
 	if (!strcmp(key, "insecure"))
-		return set_bool(dst ? &c->dst_insecure : &c->src_insecure, key,
+		return ms_config_bool(dst ? &c->dst_insecure : &c->src_insecure, key,
 				value, err, errsz);
 	if (!strcmp(key, "transparent"))
 		return set_bool(dst ? &c->dst_transparent :
@@ -150,7 +137,7 @@ static int listen_key(struct ms_dconfig *c, const char *key,
 	int r;
 
 	if (!strcmp(key, "transparent"))
-		return set_bool(&g->transparent, key, value, err, errsz);
+		return ms_config_bool(&g->transparent, key, value, err, errsz);
 	/* Limits and plaintext logins: the gateway's own keys. */
 	if ((r = ms_gw_listen_key(g, key, value, err, errsz)) <= 0)
 		return r;
@@ -306,7 +293,7 @@ static int sweep_key(struct ms_dconfig *c, const char *key, const char *value,
 	int from, to;
 
 	if (!strcmp(key, "enabled"))
-		return set_bool(&g->sweep, key, value, err, errsz);
+		return ms_config_bool(&g->sweep, key, value, err, errsz);
 	if (!strcmp(key, "concurrency"))
 		return set_uint(&g->sweep_concurrency, key, value, 1, 1000, err,
 				errsz);

@@ -168,7 +168,7 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		snprintf(err, errsz, "out of memory");
 		goto fail;
 	}
-	gw_lifecycle_start(gw);
+	gw_lifecycle_start(gw, &gw_mailbox_user_sessions);
 	if (cfg->metrics[0] != '\0' && gw_metrics_start(gw, err, errsz) < 0)
 		goto fail;
 	*gw_r = gw;

@@ -153,13 +153,9 @@ int ms_gw_listen_key(struct ms_gw_config *cfg, const char *key,
 	if (!strcmp(key, "max_connections_per_ip"))
 		return parse_count(key, value, 1000000, &cfg->max_conns_per_ip,
 				   err, errsz);
-	if (!strcmp(key, "plaintext_auth")) {
-		if ((cfg->plaintext_auth = ms_parse_bool(value)) < 0) {
-			snprintf(err, errsz, "plaintext_auth: yes or no");
-			return -1;
-		}
-		return 0;
-	}
+	if (!strcmp(key, "plaintext_auth"))
+		return ms_config_bool(&cfg->plaintext_auth, key, value, err,
+				      errsz);
 	if (!strcmp(key, "trusted_networks")) {
 		char buf[2048], *save = NULL;
 

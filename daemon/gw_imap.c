@@ -304,8 +304,8 @@ static void imap_process(struct session *s)
 {
 	while (s->inlen > 0 && gw_prelogin_reading(s) &&
 	       !ms_conn_over_high(s->c)) {
-		char *lf, *line;
-		size_t linelen;
+		char *line;
+		long linelen;
 		int r;
 
 		if (s->lit_need > 0) {
@@ -327,24 +327,14 @@ static void imap_process(struct session *s)
 			s->lit_need -= n;
 			continue;
 		}
-		lf = memchr(s->in, '\n', s->inlen);
-		if ((lf == NULL && s->inlen >= GW_INBUF_MAX) ||
-		    (lf != NULL && (size_t)(lf - s->in) >= GW_INBUF_MAX)) {
-			gw_line_too_long(s);
+		linelen = gw_input_line(s);
+		if (linelen < 0)
 			return;
-		}
-		if (lf == NULL)
-			return;
-		linelen = (size_t)(lf - s->in);
 		line = s->in;
-		line[linelen] = '\0';
-		if (linelen > 0 && line[linelen - 1] == '\r')
-			line[linelen - 1] = '\0';
 		if (memchr(line, '\0', linelen > 0 ? linelen - 1 : 0) != NULL &&
-		    strlen(line) + 1 < linelen) {
+		    strlen(line) + 1 < (size_t)linelen) {
 			/* A NUL byte inside the line: never valid. */
-			memmove(s->in, lf + 1, s->inlen - linelen - 1);
-			s->inlen -= linelen + 1;
+			gw_input_drop(s, linelen);
 			gw_clear_args(s);
 			imap_bad(s, "*", "Invalid characters in command.");
 			if (s->st == SS_CLOSING)
@@ -355,15 +345,13 @@ static void imap_process(struct session *s)
 			char copy[GW_INBUF_MAX];
 
 			snprintf(copy, sizeof(copy), "%s", line);
-			memmove(s->in, lf + 1, s->inlen - linelen - 1);
-			s->inlen -= linelen + 1;
+			gw_input_drop(s, linelen);
 			imap_auth_line(s, copy);
 			OPENSSL_cleanse(copy, sizeof(copy));
 			continue;
 		}
 		r = imap_tokenize(s, line);
-		memmove(s->in, lf + 1, s->inlen - linelen - 1);
-		s->inlen -= linelen + 1;
+		gw_input_drop(s, linelen);
 		if (r < 0) {
 			char tag[sizeof(s->tag)];
 

@@ -140,6 +140,8 @@ struct guser {
 
 #define ADDR_BUCKETS 1024	/* per-address counts (gw_admit.c) */
 
+struct gw_user_sessions;
+
 struct ms_gateway {
 	uv_loop_t *loop;
 	struct ms_gw_config cfg;
@@ -151,6 +153,8 @@ struct ms_gateway {
 	uint64_t next_id;
 	struct guser *users[USER_BUCKETS];
 	struct ms_mover *mover;
+	/* The sessions, as the user's life cycle reaches them. */
+	const struct gw_user_sessions *user_sessions;
 	unsigned int copies;		/* mover jobs running */
 	uv_timer_t *sweep_timer;
 	uint64_t sweep_next_ms;		/* rate: no new sweep start before */
@@ -216,20 +220,47 @@ void gw_client_on_tls(struct ms_conn *conn, int status,
 int gw_prelogin_reading(const struct session *s);
 int gw_too_many_commands(struct session *s);
 void gw_line_too_long(struct session *s);
+long gw_input_line(struct session *s);
+void gw_input_drop(struct session *s, size_t linelen);
 void gw_prelogin_timer(struct session *s);
+extern const struct gw_user_sessions gw_mailbox_user_sessions;
 void gw_session_accept(struct ms_gateway *gw, uv_stream_t *server,
 		       const struct ms_gw_listen *cfg, const void *arg);
 int gw_sessions_kick(struct ms_gateway *gw, const char *user);
 
 /* ---- lifecycle.c: each user's life ---- */
 
+/* The one way up from the user's life cycle to the sessions: the session
+ * code (gw_session.c) asks lifecycle.c where a login goes and acts on the
+ * answer; lifecycle.c reaches sessions only through these, registered at
+ * gw_lifecycle_start(), never by name. */
+struct gw_user_sessions {
+	/* The user's held logins may go on: each is routed again. */
+	void (*release_held)(struct ms_gateway *gw, struct guser *gu);
+	/* Ends the user's sessions; returns how many. */
+	int (*kick)(struct ms_gateway *gw, const char *user);
+};
+
+/* Where a login goes now (gw_route_login()). */
+enum gw_login_way {
+	GW_LOGIN_FAIL,		/* the store failed: *why_r says why */
+	GW_LOGIN_SOURCE,
+	GW_LOGIN_DESTINATION,
+	GW_LOGIN_CHECK_HOLD,	/* the password checked at the source, then
+				   held */
+	GW_LOGIN_HOLD,		/* held (or held still) */
+};
+
 struct guser *gw_user_find(struct ms_gateway *gw, const char *name);
 void gw_cutover_begin(struct ms_gateway *gw, struct guser *gu);
-void gw_hold(struct session *s);
-void gw_route_login(struct session *s);
-int gw_login_accepted(struct session *s);
+enum gw_login_way gw_route_login(struct ms_gateway *gw, struct guser *gu,
+				 const char *name, int held,
+				 const char **why_r);
+int gw_hold_over_to_source(struct ms_gateway *gw, const char *name);
+int gw_login_accepted(struct session *s, const char **why_r);
 int gw_policies_load(struct ms_gateway *gw, char *err, size_t errsz);
-void gw_lifecycle_start(struct ms_gateway *gw);
+void gw_lifecycle_start(struct ms_gateway *gw,
+			const struct gw_user_sessions *sessions);
 void gw_lifecycle_free(struct ms_gateway *gw);
 
 /* ---- gw_admit.c: admission ---- */

@@ -74,6 +74,23 @@ int ms_login_send_plain(struct ms_conn *server, const char *prefix,
 	return 0;
 }
 
+/* ---- the server's replies to the login ---- */
+
+long ms_line_take(char **buf, size_t *used, size_t max, const char *data,
+		  size_t len)
+{
+	const char *lf = memchr(data, '\n', len);
+	size_t n = lf != NULL ? (size_t)(lf - data) + 1 : len;
+
+	if (*buf == NULL)
+		*buf = malloc(max + 1);
+	if (*buf == NULL || *used + n > max)
+		return -1;
+	memcpy(*buf + *used, data, n);
+	*used += n;
+	return (long)n;
+}
+
 /* ---- the relay ---- */
 
 void ms_pause_set(struct ms_conn *conn, int *paused, int why)

@@ -54,6 +54,16 @@ char *ms_login_sasl_plain(const struct ms_login *l);
 int ms_login_send_plain(struct ms_conn *server, const char *prefix,
 			const struct ms_login *l);
 
+/* ---- the server's replies to the login ---- */
+
+/* Takes data up to and with its first LF (all of it when it has none) into
+ * the line being read from the server: *buf, allocated max + 1 bytes when
+ * first used, holds *used bytes of it. Returns how many bytes were taken
+ * (the line is whole when the last of them is the LF), or -1 when the line
+ * would be longer than max (or no memory). */
+long ms_line_take(char **buf, size_t *used, size_t max, const char *data,
+		  size_t len);
+
 /* ---- the relay, with backpressure ---- */
 
 /* Why a side's reading is paused: bits of the int each side keeps. */

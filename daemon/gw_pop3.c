@@ -288,23 +288,12 @@ static void pop3_process(struct session *s)
 	while (s->inlen > 0 && (s->st == SS_PRELOGIN || s->st == SS_AUTH_PLAIN) &&
 	       !ms_conn_over_high(s->c)) {
 		char line[GW_INBUF_MAX];
-		char *lf = memchr(s->in, '\n', s->inlen);
-		size_t linelen;
+		long linelen = gw_input_line(s);
 
-		if ((lf == NULL && s->inlen >= GW_INBUF_MAX) ||
-		    (lf != NULL && (size_t)(lf - s->in) >= GW_INBUF_MAX)) {
-			gw_line_too_long(s);
+		if (linelen < 0)
 			return;
-		}
-		if (lf == NULL)
-			return;
-		linelen = (size_t)(lf - s->in);
-		memcpy(line, s->in, linelen);
-		line[linelen] = '\0';
-		if (linelen > 0 && line[linelen - 1] == '\r')
-			line[linelen - 1] = '\0';
-		memmove(s->in, lf + 1, s->inlen - linelen - 1);
-		s->inlen -= linelen + 1;
+		memcpy(line, s->in, (size_t)linelen + 1);
+		gw_input_drop(s, linelen);
 		if (gw_too_many_commands(s)) {
 			OPENSSL_cleanse(line, linelen);
 			return;

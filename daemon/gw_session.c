@@ -14,8 +14,10 @@
  *
  * It reaches a protocol (gw_imap.c, gw_pop3.c) through the session's
  * struct gw_proto only, never by name, and asks the user's life cycle
- * (lifecycle.c) where a login goes. It holds no protocol's syntax, no
- * user's state, and nothing of the listeners or the control socket.
+ * (lifecycle.c) where a login goes; the life cycle releases held logins
+ * and ends sessions through the struct gw_user_sessions this file gives
+ * it. It holds no protocol's syntax, no user's state, and nothing of the
+ * listeners or the control socket.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,6 +43,9 @@
 #define PRELOGIN_OUT_LOW (16 * 1024)
 
 static void gw_prelogin_process(struct session *s);
+static void route_login(struct session *s);
+static void hold(struct session *s);
+static int login_accepted(struct session *s);
 
 void gw_clear_args(struct session *s)
 {
@@ -360,21 +365,17 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 		return;
 	}
 	while (len > 0 && s->st == SS_BACKEND) {
-		const char *lf = memchr(data, '\n', len);
-		size_t n = lf != NULL ? (size_t)(lf - data) + 1 : len;
+		long n = ms_line_take(&s->bin, &s->binlen, GW_INBUF_MAX, data,
+				      len);
 		int r;
 
-		if (s->bin == NULL)
-			s->bin = malloc(GW_INBUF_MAX + 1);
-		if (s->bin == NULL || s->binlen + n > GW_INBUF_MAX) {
+		if (n < 0) {
 			gw_backend_fail(s, "server line too long");
 			return;
 		}
-		memcpy(s->bin + s->binlen, data, n);
-		s->binlen += n;
 		data += n;
-		len -= n;
-		if (lf == NULL)
+		len -= (size_t)n;
+		if (s->bin[s->binlen - 1] != '\n')
 			return;
 		s->bin[s->binlen] = '\0';
 		s->binlen = 0;
@@ -389,7 +390,7 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 			return;
 		}
 		if (r == 2) {
-			if (gw_login_accepted(s) < 0)
+			if (login_accepted(s) < 0)
 				return;
 			s->gw->logins_ok++;
 			penalty_ms(s->gw, s->peer, 0);
@@ -402,9 +403,9 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 			 * source). */
 			ms_conn_close(&s->b);
 			gw_session_uncount(s);
-			if (gw_login_accepted(s) < 0)
+			if (login_accepted(s) < 0)
 				return;
-			gw_hold(s);
+			hold(s);
 			return;
 		}
 		if (r == 1)
@@ -544,7 +545,7 @@ void gw_login_start(struct session *s)
 	if (s->gu == NULL)
 		s->gu = gw_user_find(s->gw, name);
 	gw_timer_stop(s);
-	gw_route_login(s);
+	route_login(s);
 }
 
 void gw_client_on_tls(struct ms_conn *conn, int status,
@@ -592,6 +593,35 @@ void gw_line_too_long(struct session *s)
 	else
 		out(s, "-ERR Input line too long.\r\n");
 	gw_session_close(s);
+}
+
+/* The next whole line of the pre-login input, without its CR LF, made a
+ * string in place: its length up to the LF, or -1 when there is none yet,
+ * or when it is too long (the session is ended: gw_line_too_long()). */
+long gw_input_line(struct session *s)
+{
+	char *lf = memchr(s->in, '\n', s->inlen);
+	size_t linelen;
+
+	if ((lf == NULL && s->inlen >= GW_INBUF_MAX) ||
+	    (lf != NULL && (size_t)(lf - s->in) >= GW_INBUF_MAX)) {
+		gw_line_too_long(s);
+		return -1;
+	}
+	if (lf == NULL)
+		return -1;
+	linelen = (size_t)(lf - s->in);
+	s->in[linelen] = '\0';
+	if (linelen > 0 && s->in[linelen - 1] == '\r')
+		s->in[linelen - 1] = '\0';
+	return (long)linelen;
+}
+
+/* Drops the line of gw_input_line() (linelen bytes and the LF). */
+void gw_input_drop(struct session *s, size_t linelen)
+{
+	memmove(s->in, s->in + linelen + 1, s->inlen - linelen - 1);
+	s->inlen -= linelen + 1;
 }
 
 /* The pre-login idle timer: PRELOGIN_TIMEOUT_MS from now, but never past
@@ -780,6 +810,119 @@ static void gw_sessions_close_all(struct ms_gateway *gw)
 	while (gw->sessions != NULL)
 		gw_session_close(gw->sessions);
 }
+
+/* ---- routed and held logins: the user's life cycle decides ---- */
+
+/* Where the login goes, as lifecycle.c says. */
+static void route_login(struct session *s)
+{
+	const char *why = NULL;
+
+	switch (gw_route_login(s->gw, s->gu, ms_login_name(&s->login),
+			       s->st == SS_HELD, &why)) {
+	case GW_LOGIN_FAIL:
+		gw_backend_fail(s, why);
+		return;
+	case GW_LOGIN_DESTINATION:
+		gw_backend_connect(s, 1, 0);
+		return;
+	case GW_LOGIN_HOLD:
+		if (s->st != SS_HELD)
+			hold(s);
+		return;
+	case GW_LOGIN_CHECK_HOLD:
+		gw_backend_connect(s, 0, 1);
+		return;
+	case GW_LOGIN_SOURCE:
+		if (s->st == SS_HELD)
+			gw_timer_stop(s);
+		gw_backend_connect(s, 0, 0);
+		return;
+	}
+}
+
+/* The server accepted the password: the user's life cycle takes note.
+ * -1 when the session failed instead. */
+static int login_accepted(struct session *s)
+{
+	const char *why = NULL;
+
+	if (gw_login_accepted(s, &why) == 0)
+		return 0;
+	gw_backend_fail(s, why);
+	return -1;
+}
+
+static void held_tick(uv_timer_t *t);
+
+/* A held login's next tick: its next progress line, every INPROGRESS_MS,
+ * or the end of hold_max_seconds when that comes first (a limit that is
+ * not a multiple of INPROGRESS_MS is kept, not rounded up to one). */
+static void held_timer(struct session *s)
+{
+	uint64_t held = uv_now(s->gw->loop) - s->held_since;
+	uint64_t max = (uint64_t)s->gw->cfg.hold_max_seconds * 1000;
+	uint64_t next = INPROGRESS_MS - held % INPROGRESS_MS;
+
+	if (max <= held)
+		next = 0;
+	else if (max - held < next)
+		next = max - held;
+	gw_timer_start(s, held_tick, next, 0);
+}
+
+static void held_tick(uv_timer_t *t)
+{
+	struct session *s = t->data;
+	uint64_t held = uv_now(s->gw->loop) - s->held_since;
+
+	if (held >= (uint64_t)s->gw->cfg.hold_max_seconds * 1000) {
+		/* Too long: a user being copied goes on to the source (the
+		 * copy goes on); one in cutover gets a temporary failure. */
+		if (gw_hold_over_to_source(s->gw, ms_login_name(&s->login))) {
+			gw_timer_stop(s);
+			s->st = SS_PRELOGIN;
+			gw_backend_connect(s, 0, 0);
+			return;
+		}
+		gw_login_refuse(s, "UNAVAILABLE", "IN-USE", "Your mail is "
+				"being moved, try again in a minute.");
+		s->st = SS_PRELOGIN;
+		gw_prelogin_timer(s);
+		return;
+	}
+	/* RFC 9585: tells the client the command is still going. */
+	if (s->proto == MS_GW_IMAP)
+		out(s, "* OK [INPROGRESS (\"%s\" NIL NIL)] Moving your mail, "
+		    "please wait.\r\n", s->tag);
+	held_timer(s);
+}
+
+/* The login waits for the user's flip (release_held() goes on with it);
+ * an IMAP client hears INPROGRESS meanwhile. */
+static void hold(struct session *s)
+{
+	s->st = SS_HELD;
+	s->held_since = uv_now(s->gw->loop);
+	held_timer(s);
+}
+
+static void release_held(struct ms_gateway *gw, struct guser *gu)
+{
+	for (struct session *s = gw->sessions, *next; s != NULL; s = next) {
+		next = s->next;
+		/* A session without gu: held for a user found in cutover in
+		 * the store, whose password no server has checked yet. */
+		if (s->st == SS_HELD && (s->gu == gu || (s->gu == NULL &&
+		    !strcmp(ms_login_name(&s->login), gu->name))))
+			route_login(s);
+	}
+}
+
+const struct gw_user_sessions gw_mailbox_user_sessions = {
+	.release_held = release_held,
+	.kick = gw_sessions_kick,
+};
 
 const struct ms_gw_frontend ms_gw_mailbox_sessions = {
 	.name = "mailbox sessions",

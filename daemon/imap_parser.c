@@ -374,24 +374,22 @@ static void expose_partial(struct ms_imap_parser *p)
 
 static enum ms_imap_status status_word(const char *s, size_t len)
 {
-	switch (len) {
-	case 2:
-		if (!strncasecmp(s, "OK", 2))
-			return MS_STATUS_OK;
-		if (!strncasecmp(s, "NO", 2))
-			return MS_STATUS_NO;
-		break;
-	case 3:
-		if (!strncasecmp(s, "BAD", 3))
-			return MS_STATUS_BAD;
-		if (!strncasecmp(s, "BYE", 3))
-			return MS_STATUS_BYE;
-		break;
-	case 7:
-		if (!strncasecmp(s, "PREAUTH", 7))
-			return MS_STATUS_PREAUTH;
-		break;
-	}
+	static const struct {
+		const char *word;
+		enum ms_imap_status status;
+	} words[] = {
+		{ "OK", MS_STATUS_OK },
+		{ "NO", MS_STATUS_NO },
+		{ "BAD", MS_STATUS_BAD },
+		{ "BYE", MS_STATUS_BYE },
+		{ "PREAUTH", MS_STATUS_PREAUTH },
+	};
+	size_t i;
+
+	for (i = 0; i < sizeof(words) / sizeof(words[0]); i++)
+		if (len == strlen(words[i].word) &&
+		    !strncasecmp(s, words[i].word, len))
+			return words[i].status;
 	return MS_STATUS_NONE;
 }
 
@@ -407,10 +405,27 @@ static int all_digits(const char *s, size_t len)
 	return 1;
 }
 
+/* The token ends as an argument of the given type (its text kept, but for
+ * NIL), and the next argument may follow. */
+static int push_token(struct ms_imap_parser *p, enum ms_imap_arg_type type)
+{
+	struct ms_imap_arg *a = push_arg(p, type);
+
+	if (!a)
+		return -1;
+	if (type != MS_ARG_NIL) {
+		a->str = tok_finish(p);
+		if (!a->str)
+			return -1;
+		a->len = p->tok_len;
+	}
+	p->tok_len = 0;
+	p->state = S_ARGS;
+	return 0;
+}
+
 static int finish_atom(struct ms_imap_parser *p)
 {
-	struct ms_imap_arg *a;
-
 	if (p->first) {
 		enum ms_imap_status st = status_word(p->tok, p->tok_len);
 
@@ -431,30 +446,14 @@ static int finish_atom(struct ms_imap_parser *p)
 		return fail(p, "status response with a message number");
 	}
 
-	if (p->tok_len == 3 && !strncasecmp(p->tok, "NIL", 3)) {
-		if (!push_arg(p, MS_ARG_NIL))
-			return -1;
-	} else {
-		a = push_arg(p, MS_ARG_ATOM);
-		if (!a || !(a->str = tok_finish(p)))
-			return -1;
-		a->len = p->tok_len;
-	}
-	p->tok_len = 0;
-	p->state = S_ARGS;
-	return 0;
+	if (p->tok_len == 3 && !strncasecmp(p->tok, "NIL", 3))
+		return push_token(p, MS_ARG_NIL);
+	return push_token(p, MS_ARG_ATOM);
 }
 
 static int finish_string(struct ms_imap_parser *p)
 {
-	struct ms_imap_arg *a = push_arg(p, MS_ARG_STRING);
-
-	if (!a || !(a->str = tok_finish(p)))
-		return -1;
-	a->len = p->tok_len;
-	p->tok_len = 0;
-	p->state = S_ARGS;
-	return 0;
+	return push_token(p, MS_ARG_STRING);
 }
 
 static int literal_finish(struct ms_imap_parser *p)
@@ -533,6 +532,17 @@ static int complete(struct ms_imap_parser *p)
 	return 1;
 }
 
+/* The token ends as a word of the response line (its tag, its code): kept,
+ * and a new token begins. */
+static int take_word(struct ms_imap_parser *p, const char **dst)
+{
+	*dst = tok_finish(p);
+	if (!*dst)
+		return -1;
+	p->tok_len = 0;
+	return 0;
+}
+
 static int complete_text(struct ms_imap_parser *p)
 {
 	p->resp.text = tok_finish(p);
@@ -591,15 +601,14 @@ again:
 			return tok_add(p, c);
 		if (c != ' ')
 			return unexpected(p, c, "tag");
-		p->resp.tag = tok_finish(p);
-		if (!p->resp.tag)
+		if (take_word(p, &p->resp.tag) < 0)
 			return -1;
-		p->tok_len = 0;
 		p->state = S_FIRST;
 		return 0;
 
 	case S_CONT:
 		/* "+" alone and "+text" happen in the wild; take both. */
+	case S_AFTER_CODE:
 		p->state = S_TEXT;
 		if (c == ' ')
 			return 0;
@@ -635,10 +644,8 @@ again:
 			return unexpected(p, c, "response code");
 		if (!p->tok_len)
 			return fail(p, "empty response code");
-		p->resp.code = tok_finish(p);
-		if (!p->resp.code)
+		if (take_word(p, &p->resp.code) < 0)
 			return -1;
-		p->tok_len = 0;
 		if (c == ']') {
 			p->state = S_AFTER_CODE;
 		} else {
@@ -646,12 +653,6 @@ again:
 			p->state = S_ARGS;
 		}
 		return 0;
-
-	case S_AFTER_CODE:
-		p->state = S_TEXT;
-		if (c == ' ')
-			return 0;
-		goto again;
 
 	case S_TEXT:
 		if (c == '\n')

@@ -75,9 +75,8 @@ struct ms_imapc {
 	char error[512];
 
 	uv_timer_t *timer;
-	int busy;		/* inside a callback: defer free */
+	struct ms_busy busy;	/* inside a callback: defer free */
 	int tls_began;		/* STARTTLS go-ahead taken in this read */
-	int free_pending;
 
 	/* streaming APPEND */
 	int appending;
@@ -254,19 +253,21 @@ static void fail(struct ms_imapc *c, const char *fmt, ...)
 	if (c->timer != NULL)
 		uv_timer_stop(c->timer);
 	ms_conn_close(&c->conn);
-	c->busy++;
+	ms_busy_enter(&c->busy);
 	if (old != ST_READY && c->ready != NULL) {
 		c->ready(c, c->error, c->ready_ctx);
 	} else {
 		fail_commands(c);
-		if (c->lost != NULL && !c->free_pending)
+		if (c->lost != NULL && !c->busy.free_pending)
 			c->lost(c, c->lost_ctx);
 	}
-	c->busy--;
+	c->busy.depth--;	/* the caller's guard frees */
 }
 
-static void really_free(struct ms_imapc *c)
+static void really_free(void *obj)
 {
+	struct ms_imapc *c = obj;
+
 	struct held *h;
 
 	ms_conn_close(&c->conn);
@@ -292,6 +293,16 @@ static void really_free(struct ms_imapc *c)
 	free(c);
 }
 
+/* fail() from a connection callback: the owner may free us from the
+ * callbacks fail() calls. */
+static void fail_guarded(struct ms_imapc *c, const char *what,
+			 const char *error)
+{
+	ms_busy_enter(&c->busy);
+	fail(c, "%s%s", what, error);
+	ms_busy_leave(&c->busy, really_free, c);
+}
+
 void ms_imapc_free(struct ms_imapc **cp)
 {
 	struct ms_imapc *c = *cp;
@@ -306,8 +317,7 @@ void ms_imapc_free(struct ms_imapc **cp)
 	/* Pending commands' callbacks are not called once the owner frees. */
 	for (struct cmd *cmd = c->cmds; cmd != NULL; cmd = cmd->next)
 		cmd->cb = NULL;
-	if (c->busy > 0) {
-		c->free_pending = 1;
+	if (ms_busy_defer(&c->busy)) {
 		ms_conn_close(&c->conn);
 		c->state = ST_FAILED;
 		return;
@@ -354,11 +364,7 @@ static int hold_next(struct ms_imapc *c)
 
 	if (h == NULL)
 		return -1;
-	if (c->held_tail != NULL)
-		c->held_tail->next = h;
-	else
-		c->held = h;
-	c->held_tail = h;
+	MS_LIST_APPEND(c->held, c->held_tail, h);
 	c->waiting_cont++;
 	return 0;
 }
@@ -412,11 +418,7 @@ static struct cmd *cmd_push(struct ms_imapc *c, ms_imapc_cmd_cb *cb,
 	memcpy(cmd->name, text, n);
 	cmd->cb = cb;
 	cmd->ctx = ctx;
-	if (c->cmds_tail != NULL)
-		c->cmds_tail->next = cmd;
-	else
-		c->cmds = cmd;
-	c->cmds_tail = cmd;
+	MS_LIST_APPEND(c->cmds, c->cmds_tail, cmd);
 	if (c->timer != NULL)
 		uv_timer_again(c->timer);
 	return cmd;
@@ -445,23 +447,15 @@ static int send_cmd_text(struct ms_imapc *c, ms_imapc_cmd_cb *cb, void *ctx,
 int ms_imapc_cmd(struct ms_imapc *c, ms_imapc_cmd_cb *cb, void *ctx,
 		 const char *fmt, ...)
 {
-	char stackbuf[2048], *text = stackbuf;
+	char stackbuf[2048], *text;
 	va_list ap;
 	int len, ret;
 
 	va_start(ap, fmt);
-	len = vsnprintf(stackbuf, sizeof(stackbuf), fmt, ap);
+	len = ms_vformat(stackbuf, sizeof(stackbuf), &text, fmt, ap);
 	va_end(ap);
 	if (len < 0)
 		return -1;
-	if ((size_t)len >= sizeof(stackbuf)) {
-		text = malloc((size_t)len + 1);
-		if (text == NULL)
-			return -1;
-		va_start(ap, fmt);
-		vsnprintf(text, (size_t)len + 1, fmt, ap);
-		va_end(ap);
-	}
 	ret = send_cmd_text(c, cb, ctx, text);
 	if (text != stackbuf)
 		free(text);
@@ -534,10 +528,10 @@ static void become_ready(struct ms_imapc *c)
 {
 	c->state = ST_READY;
 	ms_secret_free(&c->password);
-	c->busy++;
+	ms_busy_enter(&c->busy);
 	if (c->ready != NULL)
 		c->ready(c, NULL, c->ready_ctx);
-	c->busy--;
+	c->busy.depth--;	/* the caller's guard frees */
 }
 
 static void after_login(struct ms_imapc *c, const struct ms_imap_response *r)
@@ -554,17 +548,27 @@ static void after_login(struct ms_imapc *c, const struct ms_imap_response *r)
 	ms_imapc_cmd(c, on_postcapa, NULL, "LIST \"\" \"\"");
 }
 
-static void on_postcapa(struct ms_imapc *c, const struct ms_imap_response *r,
-			void *ctx)
+/* A reply during the login: 1 when OK; 0 when the connection failed (r
+ * NULL: already said) or the server refused (failed now, the message after
+ * what). */
+static int login_reply_ok(struct ms_imapc *c, const struct ms_imap_response *r,
+			  const char *what)
 {
 	char buf[300];
 
 	if (r == NULL)
+		return 0;
+	if (r->status == MS_STATUS_OK)
+		return 1;
+	fail(c, "%s%s", what, ms_imapc_resp_summary(r, buf, sizeof(buf)));
+	return 0;
+}
+
+static void on_postcapa(struct ms_imapc *c, const struct ms_imap_response *r,
+			void *ctx)
+{
+	if (!login_reply_ok(c, r, ""))
 		return;
-	if (r->status != MS_STATUS_OK) {
-		fail(c, "%s", ms_imapc_resp_summary(r, buf, sizeof(buf)));
-		return;
-	}
 	/* The last of the post-login commands makes us ready (the command
 	 * being answered is already off the queue). */
 	if (c->cmds == NULL)
@@ -574,18 +578,13 @@ static void on_postcapa(struct ms_imapc *c, const struct ms_imap_response *r,
 static void on_login(struct ms_imapc *c, const struct ms_imap_response *r,
 		     void *ctx)
 {
-	char buf[300];
-
 	if (r == NULL)
 		return;
 	ms_secret_free(&c->password);
 	/* The login went out: the bulk of the session is not wiped. */
 	ms_conn_set_wipe(c->conn, 0);
-	if (r->status != MS_STATUS_OK) {
-		fail(c, "login failed: %s",
-		     ms_imapc_resp_summary(r, buf, sizeof(buf)));
+	if (!login_reply_ok(c, r, "login failed: "))
 		return;
-	}
 	after_login(c, r);
 }
 
@@ -689,11 +688,8 @@ static void on_tls_done(struct ms_conn *conn, int status, const char *error)
 
 	if (status != 0) {
 		/* The owner may free us from its callback. */
-		c->busy++;
-		fail(c, "STARTTLS: %s", error != NULL ? error : "handshake failed");
-		c->busy--;
-		if (c->free_pending && c->busy == 0)
-			really_free(c);
+		fail_guarded(c, "STARTTLS: ",
+			     error != NULL ? error : "handshake failed");
 		return;
 	}
 	/* Capabilities learnt before TLS must be forgotten (RFC 3501 6.2.1). */
@@ -706,14 +702,8 @@ static void on_tls_done(struct ms_conn *conn, int status, const char *error)
 static void on_starttls(struct ms_imapc *c, const struct ms_imap_response *r,
 			void *ctx)
 {
-	char buf[300];
-
-	if (r == NULL)
+	if (!login_reply_ok(c, r, "STARTTLS: "))
 		return;
-	if (r->status != MS_STATUS_OK) {
-		fail(c, "STARTTLS: %s", ms_imapc_resp_summary(r, buf, sizeof(buf)));
-		return;
-	}
 	if (ms_conn_starttls(c->conn, on_tls_done) < 0)
 		fail(c, "STARTTLS: cannot start TLS");
 	else
@@ -737,14 +727,8 @@ static void after_capa(struct ms_imapc *c)
 static void on_capa(struct ms_imapc *c, const struct ms_imap_response *r,
 		    void *ctx)
 {
-	char buf[300];
-
-	if (r == NULL)
+	if (!login_reply_ok(c, r, "CAPABILITY: "))
 		return;
-	if (r->status != MS_STATUS_OK) {
-		fail(c, "CAPABILITY: %s", ms_imapc_resp_summary(r, buf, sizeof(buf)));
-		return;
-	}
 	after_capa(c);
 }
 
@@ -855,8 +839,8 @@ static void on_read(struct ms_conn *conn, const char *data, size_t len)
 
 	if (c->timer != NULL && c->cmds != NULL)
 		uv_timer_again(c->timer);
-	c->busy++;
-	while (len > 0 && c->state != ST_FAILED && !c->free_pending) {
+	ms_busy_enter(&c->busy);
+	while (len > 0 && c->state != ST_FAILED && !c->busy.free_pending) {
 		const struct ms_imap_response *resp;
 		ssize_t n = ms_imap_parser_feed(c->parser, data, len, &resp);
 
@@ -880,23 +864,15 @@ static void on_read(struct ms_conn *conn, const char *data, size_t len)
 			break;
 		}
 	}
-	c->busy--;
-	if (c->free_pending && c->busy == 0)
-		really_free(c);
+	ms_busy_leave(&c->busy, really_free, c);
 }
 
 static void on_error(struct ms_conn *conn, const char *error)
 {
 	struct ms_imapc *c = ms_conn_ctx(conn);
 
-	c->busy++;
-	if (strncmp(c->error, "server said BYE", 15) == 0)
-		fail(c, "%s", c->error + 0);
-	else
-		fail(c, "%s", error);
-	c->busy--;
-	if (c->free_pending && c->busy == 0)
-		really_free(c);
+	fail_guarded(c, "", strncmp(c->error, "server said BYE", 15) == 0 ?
+		     c->error : error);
 }
 
 static void on_drain(struct ms_conn *conn)
@@ -912,11 +888,7 @@ static void on_connect(struct ms_conn *conn, int status, const char *error)
 	struct ms_imapc *c = ms_conn_ctx(conn);
 
 	if (status != 0) {
-		c->busy++;
-		fail(c, "%s", error != NULL ? error : "connect failed");
-		c->busy--;
-		if (c->free_pending && c->busy == 0)
-			really_free(c);
+		fail_guarded(c, "", error != NULL ? error : "connect failed");
 		return;
 	}
 	c->state = ST_GREETING;
@@ -927,11 +899,9 @@ static void on_timeout(uv_timer_t *t)
 {
 	struct ms_imapc *c = t->data;
 
-	c->busy++;
+	ms_busy_enter(&c->busy);
 	fail(c, "no reply from the server for %u seconds", c->timeout_secs);
-	c->busy--;
-	if (c->free_pending && c->busy == 0)
-		really_free(c);
+	ms_busy_leave(&c->busy, really_free, c);
 }
 
 static int lit_start(void *ctx, const struct ms_imap_response *partial,
@@ -964,12 +934,10 @@ static void on_timeout_failed_connect(uv_timer_t *t)
 {
 	struct ms_imapc *c = t->data;
 
-	c->busy++;
+	ms_busy_enter(&c->busy);
 	if (c->ready != NULL)
 		c->ready(c, c->error, c->ready_ctx);
-	c->busy--;
-	if (c->free_pending && c->busy == 0)
-		really_free(c);
+	ms_busy_leave(&c->busy, really_free, c);
 }
 
 struct ms_imapc *ms_imapc_new(uv_loop_t *loop,

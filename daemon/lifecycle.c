@@ -8,8 +8,10 @@
  * user is being flipped, and keep the captured password in memory only for
  * as long as a copy needs it.
  *
- * It reaches a session only to route it, hold it, release it or end it
- * (gw_session.c); it speaks no protocol and holds no connection.
+ * It decides where a login goes, and when a user's held logins go on or
+ * its sessions end; the sessions (gw_session.c) act on that. It reaches
+ * them only through the struct gw_user_sessions given at start, never by
+ * name; it speaks no protocol and holds no connection.
  */
 #include <ctype.h>
 #include <stdio.h>
@@ -133,14 +135,12 @@ static void set_state(struct ms_gateway *gw, const char *name,
 
 static void held_release(struct ms_gateway *gw, struct guser *gu)
 {
-	for (struct session *s = gw->sessions, *next; s != NULL; s = next) {
-		next = s->next;
-		/* A session without gu: held for a user found in cutover in
-		 * the store, whose password no server has checked yet. */
-		if (s->st == SS_HELD && (s->gu == gu || (s->gu == NULL &&
-		    !strcmp(ms_login_name(&s->login), gu->name))))
-			gw_route_login(s);
-	}
+	gw->user_sessions->release_held(gw, gu);
+}
+
+static int sessions_kick(struct ms_gateway *gw, const char *user)
+{
+	return gw->user_sessions->kick(gw, user);
 }
 
 /* A mover job of the user's ended: the user, or NULL when unknown. */
@@ -202,7 +202,7 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 		/* The operator wants it now: end the sessions; the last one
 		 * to go starts the cutover. */
 		gu->force = 0;
-		gw_sessions_kick(gw, gu->name);
+		sessions_kick(gw, gu->name);
 	}
 }
 
@@ -284,106 +284,47 @@ void gw_cutover_begin(struct ms_gateway *gw, struct guser *gu)
 	uv_timer_start(gu->grace, on_grace, CUTOVER_GRACE_MS, 0);
 }
 
-static void gw_held_tick(uv_timer_t *t);
-
-/* A held login's next tick: its next progress line, every INPROGRESS_MS,
- * or the end of hold_max_seconds when that comes first (a limit that is
- * not a multiple of INPROGRESS_MS is kept, not rounded up to one). */
-static void held_timer(struct session *s)
+/* A login held for hold_max_seconds: 1 when it goes on to the source
+ * (the user is being copied: the copy goes on), 0 when it is refused (in
+ * cutover; or the store failed). */
+int gw_hold_over_to_source(struct ms_gateway *gw, const char *name)
 {
-	uint64_t held = uv_now(s->gw->loop) - s->held_since;
-	uint64_t max = (uint64_t)s->gw->cfg.hold_max_seconds * 1000;
-	uint64_t next = INPROGRESS_MS - held % INPROGRESS_MS;
+	struct ms_user_info info;
 
-	if (max <= held)
-		next = 0;
-	else if (max - held < next)
-		next = max - held;
-	gw_timer_start(s, gw_held_tick, next, 0);
+	return user_lookup(gw, name, &info) == 0 &&
+	       !ms_user_in(&info, MS_USER_CUTOVER);
 }
 
-static void gw_held_tick(uv_timer_t *t)
+/* Decides where a logging-in user's session goes, now; held: the session
+ * is held already. Nothing is kept for a user no server has accepted a
+ * password of yet: gu is NULL for them (unknown to us, or known from the
+ * store only). */
+enum gw_login_way gw_route_login(struct ms_gateway *gw, struct guser *gu,
+				 const char *name, int held,
+				 const char **why_r)
 {
-	struct session *s = t->data;
-	uint64_t held = uv_now(s->gw->loop) - s->held_since;
-
-	if (held >= (uint64_t)s->gw->cfg.hold_max_seconds * 1000) {
-		struct ms_user_info info;
-
-		/* Too long: a user being copied goes on to the source (the
-		 * copy goes on); one in cutover gets a temporary failure. */
-		if (user_lookup(s->gw, ms_login_name(&s->login), &info) == 0 &&
-		    !ms_user_in(&info, MS_USER_CUTOVER)) {
-			gw_timer_stop(s);
-			s->st = SS_PRELOGIN;
-			gw_backend_connect(s, 0, 0);
-			return;
-		}
-		gw_login_refuse(s, "UNAVAILABLE", "IN-USE", "Your mail is "
-				"being moved, try again in a minute.");
-		s->st = SS_PRELOGIN;
-		gw_prelogin_timer(s);
-		return;
-	}
-	/* RFC 9585: tells the client the command is still going. */
-	if (s->proto == MS_GW_IMAP)
-		out(s, "* OK [INPROGRESS (\"%s\" NIL NIL)] Moving your mail, "
-		    "please wait.\r\n", s->tag);
-	held_timer(s);
-}
-
-/* The login waits for the user's flip (held_release() goes on with it);
- * an IMAP client hears INPROGRESS meanwhile. */
-void gw_hold(struct session *s)
-{
-	s->st = SS_HELD;
-	s->held_since = uv_now(s->gw->loop);
-	held_timer(s);
-}
-
-/* Decides where a logging-in user's session goes, now. Nothing is kept
- * for a user no server has accepted a password of yet: s->gu is NULL for
- * them (unknown to us, or known from the store only). */
-void gw_route_login(struct session *s)
-{
-	struct ms_gateway *gw = s->gw;
-	struct guser *gu = s->gu;
 	struct ms_user_info info;
 	enum ms_policy pol;
 
-	if (user_lookup(gw, ms_login_name(&s->login), &info) < 0) {
-		gw_backend_fail(s, ms_store_error(gw->store));
-		return;
+	if (user_lookup(gw, name, &info) < 0) {
+		*why_r = ms_store_error(gw->store);
+		return GW_LOGIN_FAIL;
 	}
 	pol = user_policy(gw, &info);
-	if (ms_user_in(&info, MS_USER_DESTINATION)) {
-		gw_backend_connect(s, 1, 0);
-		return;
-	}
-	if (ms_user_in(&info, MS_USER_CUTOVER) || (gu != NULL && gu->cutover)) {
-		if (s->st != SS_HELD) {
-			gw_hold(s);
-		}
-		return;
-	}
-	if (s->st == SS_HELD) {
-		/* Released: the copy finished (or failed) or timed out. */
-		gw_timer_stop(s);
-		gw_backend_connect(s, 0, 0);
-		return;
-	}
+	if (ms_user_in(&info, MS_USER_DESTINATION))
+		return GW_LOGIN_DESTINATION;
+	if (ms_user_in(&info, MS_USER_CUTOVER) || (gu != NULL && gu->cutover))
+		return GW_LOGIN_HOLD;
+	if (held)
+		return GW_LOGIN_SOURCE;	/* released: the copy ended, or
+					   the hold timed out */
 	if (ms_user_in(&info, MS_USER_SOURCE) && pol == MS_POLICY_HOLD &&
-	    gw->mover != NULL && (gu == NULL || !gu->copying)) {
-		/* Check the password at the source, then hold. */
-		gw_backend_connect(s, 0, 1);
-		return;
-	}
+	    gw->mover != NULL && (gu == NULL || !gu->copying))
+		return GW_LOGIN_CHECK_HOLD;
 	if (gu != NULL && gu->copying && pol == MS_POLICY_HOLD &&
-	    ms_user_in(&info, MS_USER_COPYING) && gu->sessions == 0) {
-		gw_hold(s);
-		return;
-	}
-	gw_backend_connect(s, 0, 0);
+	    ms_user_in(&info, MS_USER_COPYING) && gu->sessions == 0)
+		return GW_LOGIN_HOLD;
+	return GW_LOGIN_SOURCE;
 }
 
 /* The server accepted the user's password: from now on the user exists
@@ -391,7 +332,7 @@ void gw_route_login(struct session *s)
  * user's first login, or a hold's password check (s->verify_only),
  * starts the copy with the captured password. -1 when the session
  * failed instead. */
-int gw_login_accepted(struct session *s)
+int gw_login_accepted(struct session *s, const char **why_r)
 {
 	struct ms_gateway *gw = s->gw;
 	const char *name = ms_login_name(&s->login);
@@ -399,11 +340,11 @@ int gw_login_accepted(struct session *s)
 	struct guser *gu;
 
 	if (user_state(gw, name, &info) < 0) {
-		gw_backend_fail(s, ms_store_error(gw->store));
+		*why_r = ms_store_error(gw->store);
 		return -1;
 	}
 	if (s->gu == NULL && (s->gu = gw_user_get(gw, name)) == NULL) {
-		gw_backend_fail(s, "out of memory");
+		*why_r = "out of memory";
 		return -1;
 	}
 	gu = s->gu;
@@ -591,7 +532,7 @@ int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 	gu->force = 1;
 	if (gu->flip_pending) {
 		gu->force = 0;
-		gw_sessions_kick(gw, user);
+		sessions_kick(gw, user);
 		return 0;
 	}
 	if (!gu->copying) {
@@ -710,7 +651,7 @@ int ms_gateway_rollback(struct ms_gateway *gw, const char *user,
 	 * reverse delta; verified, the map flips back. */
 	gu->rollback = 1;
 	gw_cutover_begin(gw, gu);
-	gw_sessions_kick(gw, user);
+	sessions_kick(gw, user);
 	return 0;
 }
 
@@ -863,10 +804,12 @@ static void gw_on_sweep(uv_timer_t *t)
 
 /* At start: copies and cutovers a crash interrupted, found in the store;
  * the sweep's timer. */
-void gw_lifecycle_start(struct ms_gateway *gw)
+void gw_lifecycle_start(struct ms_gateway *gw,
+			const struct gw_user_sessions *sessions)
 {
 	const struct ms_gw_config *cfg = &gw->cfg;
 
+	gw->user_sessions = sessions;
 	gw_recover(gw);
 	if (cfg->sweep && gw->mover != NULL && gw_have_admin(gw)) {
 		gw->sweep_timer = malloc(sizeof(*gw->sweep_timer));

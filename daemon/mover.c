@@ -150,7 +150,9 @@ void mv_u32vec_uniq(struct ms_u32vec *vec)
 
 /* ---- connection slots per server ---- */
 
-int mv_slot_acquire(struct server *s, void (*cb)(void *), void *ctx)
+/* 1: a slot is taken; 0: cb(ctx) is called when one frees; -1: out of
+ * memory. */
+static int slot_acquire(struct server *s, void (*cb)(void *), void *ctx)
 {
 	struct waiter *wt;
 
@@ -163,12 +165,21 @@ int mv_slot_acquire(struct server *s, void (*cb)(void *), void *ctx)
 		return -1;
 	wt->cb = cb;
 	wt->ctx = ctx;
-	if (s->waiters_tail != NULL)
-		s->waiters_tail->next = wt;
-	else
-		s->waiters = wt;
-	s->waiters_tail = wt;
+	MS_LIST_APPEND(s->waiters, s->waiters_tail, wt);
 	return 0;
+}
+
+/* Calls cb(ctx) once the job has a connection slot at the server: now,
+ * or when one frees. The job fails when out of memory. */
+void mv_slot_wait(struct ujob *u, struct server *s, void (*cb)(void *),
+		  void *ctx)
+{
+	int r = slot_acquire(s, cb, ctx);
+
+	if (r == 1)
+		cb(ctx);
+	else if (r < 0)
+		mv_job_fail(u, "out of memory");
 }
 
 static void slot_cancel(struct server *s, void *ctx)
@@ -654,6 +665,29 @@ void mv_folder_fail(struct worker *w, const char *cmd,
 			    ms_imapc_resp_summary(r, buf, sizeof(buf)));
 }
 
+/* A command's reply: 1 when the command failed, and the folder with it
+ * (mv_folder_fail()); 0 when it is OK. */
+int mv_reply_failed(struct worker *w, const char *cmd,
+		    const struct ms_imap_response *r, struct ms_imapc *c)
+{
+	if (r != NULL && r->status == MS_STATUS_OK)
+		return 0;
+	mv_folder_fail(w, cmd, r, c);
+	return 1;
+}
+
+/* One of w->pending replies: 1 when it is the last and every one was OK,
+ * 0 when more are to come or it failed (see mv_reply_failed()). (A reply
+ * that may come after the count ran out, as mv_on_match_src_reply() called
+ * by a flag STORE's, counts with "--w->pending > 0" instead.) */
+int mv_reply_last(struct worker *w, const char *cmd,
+		  const struct ms_imap_response *r, struct ms_imapc *c)
+{
+	if (mv_reply_failed(w, cmd, r, c))
+		return 0;
+	return --w->pending == 0;
+}
+
 int mv_store_check(struct worker *w, int ret)
 {
 	if (ret < 0)
@@ -778,7 +812,6 @@ static void worker_connect_src(void *ctx)
 	struct worker *w = ctx;
 	struct ujob *u = w->u;
 	struct ms_imapc **cp = u->reverse ? &w->d : &w->s;
-	int r;
 
 	w->have_src_slot = 1;
 	*cp = connect_server(u, &u->m->src, u->src_login, u->src_pw, w);
@@ -786,17 +819,12 @@ static void worker_connect_src(void *ctx)
 		mv_job_fail(u, "out of memory");
 		return;
 	}
-	r = mv_slot_acquire(&u->m->dst, worker_connect_dst, w);
-	if (r == 1)
-		worker_connect_dst(w);
-	else if (r < 0)
-		mv_job_fail(u, "out of memory");
+	mv_slot_wait(u, &u->m->dst, worker_connect_dst, w);
 }
 
 static void worker_start(struct ujob *u, unsigned int idx)
 {
 	struct worker *w = &u->workers[idx];
-	int r;
 
 	memset(w, 0, sizeof(*w));
 	w->u = u;
@@ -805,11 +833,7 @@ static void worker_start(struct ujob *u, unsigned int idx)
 	u->nworkers = idx + 1 > u->nworkers ? idx + 1 : u->nworkers;
 	/* Source slot first, then destination: one order for every job, so
 	 * that jobs waiting for slots cannot deadlock. */
-	r = mv_slot_acquire(&u->m->src, worker_connect_src, w);
-	if (r == 1)
-		worker_connect_src(w);
-	else if (r < 0)
-		mv_job_fail(u, "out of memory");
+	mv_slot_wait(u, &u->m->src, worker_connect_src, w);
 }
 
 void mv_start_workers(struct ujob *u)
@@ -893,6 +917,20 @@ int mv_known_dst(struct worker *w, uint32_t uid)
 	return ms_u32vec_has(&w->known, uid);
 }
 
+/* An untagged response of the destination, read alike whatever the
+ * source: a SELECT's data while the folder opens (-1: nothing more to do);
+ * else 0 with the FETCH in *f, -1 when it is none. */
+int mv_dst_fetch(struct worker *w, const struct ms_imap_response *r,
+		 struct fetch *f)
+{
+	if (w->phase == PH_OPEN) {
+		mv_select_data(r, &w->d_uidvalidity, &w->d_uidnext, &w->d_exists,
+			       NULL, NULL);
+		return -1;
+	}
+	return mv_parse_fetch(r, f);
+}
+
 void mv_on_dst_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
 			void *ctx)
 {
@@ -901,12 +939,7 @@ void mv_on_dst_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
 
 	if (w->f == NULL || w->u->failed)
 		return;
-	if (w->phase == PH_OPEN) {
-		mv_select_data(r, &w->d_uidvalidity, &w->d_uidnext, &w->d_exists,
-			       NULL, NULL);
-		return;
-	}
-	if (mv_parse_fetch(r, &f) < 0)
+	if (mv_dst_fetch(w, r, &f) < 0)
 		return;
 	if (w->phase == PH_MATCH) {
 		if (w->match_reconcile && mv_known_dst(w, f.uid))
@@ -1007,6 +1040,24 @@ static void job_link(struct ujob *u)
 	m->users++;
 }
 
+/* A job that works on what the store holds of the user (verify only, a
+ * rollback): refused like any failure, with u->user_id 0, when the store
+ * holds nothing of it (none: why) or the source is not IMAP (pop3: why).
+ * 1 when refused. */
+static int stored_job_refused(struct ujob *u, int found, const char *none,
+			      const char *pop3)
+{
+	if (!found) {
+		mv_job_fail(u, "%s", none);
+		return 1;
+	}
+	if (u->m->src.cfg.proto != MS_PROTO_IMAP) {
+		mv_job_fail(u, "%s", pop3);
+		return 1;
+	}
+	return 0;
+}
+
 /* ms_mover_add_user() with verify_only (see "verify only"). */
 static int vo_add_user(struct ujob *u)
 {
@@ -1018,18 +1069,11 @@ static int vo_add_user(struct ujob *u)
 		job_free(u);
 		return -1;
 	}
-	/* Refusals are reported like any failure, with u->user_id 0. */
 	job_link(u);
-	if (!found) {
-		mv_job_fail(u, "nothing to verify: the store has no copy of this "
-			    "user");
+	if (stored_job_refused(u, found, "nothing to verify: the store has "
+			       "no copy of this user", "source: a POP3 source "
+			       "is verified by the copy, not on its own"))
 		return 0;
-	}
-	if (m->src.cfg.proto != MS_PROTO_IMAP) {
-		mv_job_fail(u, "source: a POP3 source is verified by the copy, "
-			    "not on its own");
-		return 0;
-	}
 	u->user_id = info.id;
 	worker_start(u, 0);
 	return 0;
@@ -1086,15 +1130,11 @@ int ms_mover_add_rollback(struct ms_mover *m, const char *user,
 	/* Refusals are reported like any failure (done() from the loop),
 	 * with u->user_id 0: the store is left as it is. */
 	job_link(u);
-	if (!found || rows.n == 0) {
-		mv_job_fail(u, "nothing to roll back: the store has no copy of "
-			    "this user (never migrated to the destination)");
+	if (stored_job_refused(u, found && rows.n > 0, "nothing to roll back: "
+			       "the store has no copy of this user (never "
+			       "migrated to the destination)", "source: a "
+			       "rollback needs an IMAP source"))
 		return 0;
-	}
-	if (m->src.cfg.proto != MS_PROTO_IMAP) {
-		mv_job_fail(u, "source: a rollback needs an IMAP source");
-		return 0;
-	}
 	for (struct ujob *o = m->jobs; o != NULL; o = o->next) {
 		if (o != u && strcmp(o->name, user) == 0 && !o->finished) {
 			mv_job_fail(u, "a copy of this user is running");

@@ -99,10 +99,8 @@ static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	uint64_t pending = 0;
 	int reset = 0, ret;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, c == w->s ? "EXAMINE" : "SELECT", r, c);
+	if (mv_reply_failed(w, c == w->s ? "EXAMINE" : "SELECT", r, c))
 		return;
-	}
 	if (--w->pending > 0)
 		return;
 	if (w->s_uidvalidity == 0 || w->d_uidvalidity == 0) {
@@ -225,10 +223,8 @@ static void on_seek_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	w->next_seq = w->min_new_seq != 0 ? w->min_new_seq : w->s_exists + 1;
 	w->phase = PH_COPY;
 	mv_copy_pump(w);
@@ -313,10 +309,8 @@ static void on_meta_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	struct worker *w = ctx;
 	struct window *win = w->meta;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "FETCH", r, c);
+	if (mv_reply_failed(w, "FETCH", r, c))
 		return;
-	}
 	w->meta = NULL;
 	if (write_intents(w, win) < 0) {
 		mv_window_free(win);
@@ -503,10 +497,8 @@ static void on_append_reply(struct ms_imapc *c, const struct ms_imap_response *r
 	uint32_t *uids = NULL;
 	long n = 0;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "APPEND", r, c);
+	if (mv_reply_failed(w, "APPEND", r, c))
 		return;
-	}
 	if (r->code != NULL && strcasecmp(r->code, "APPENDUID") == 0 &&
 	    r->code_argc >= 2 && ms_imap_arg_str(&r->code_args[1]) != NULL) {
 		uids = calloc(ac->count + 1, sizeof(*uids));
@@ -549,10 +541,8 @@ static void on_body_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	struct worker *w = ctx;
 	struct window *win = w->body;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	if (w->cur != NULL) {
 		mv_job_fail(w->u, "folder \"%s\": UID FETCH: reply before the "
 			    "end of a message", w->f->rep.source);
@@ -890,11 +880,7 @@ static void on_flags_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
-		return;
-	}
-	if (--w->pending == 0)
+	if (mv_reply_last(w, "UID FETCH", r, c))
 		mv_start_verify(w);
 }
 

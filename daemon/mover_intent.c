@@ -23,7 +23,8 @@ int mv_cmp_fp(const void *a, const void *b)
 	return x->uid < y->uid ? -1 : x->uid > y->uid;
 }
 
-struct fpent *mv_fp_take(struct worker *w, uint64_t h)
+/* The first of the (sorted) fingerprints that is not below h. */
+static size_t fp_first(const struct worker *w, uint64_t h)
 {
 	size_t lo = 0, hi = w->nfps;
 
@@ -35,6 +36,13 @@ struct fpent *mv_fp_take(struct worker *w, uint64_t h)
 		else
 			hi = mid;
 	}
+	return lo;
+}
+
+struct fpent *mv_fp_take(struct worker *w, uint64_t h)
+{
+	size_t lo = fp_first(w, h);
+
 	for (; lo < w->nfps && w->fps[lo].h == h; lo++) {
 		if (!w->fps[lo].used) {
 			w->fps[lo].used = 1;
@@ -109,10 +117,8 @@ static void on_settle_noop(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "NOOP", r, c);
+	if (mv_reply_failed(w, "NOOP", r, c))
 		return;
-	}
 	mv_start_match(w, 1, 0);
 }
 
@@ -249,10 +255,8 @@ void mv_on_match_src_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	if (--w->pending > 0)
 		return;
 	fps_free(w);
@@ -269,10 +273,8 @@ static void on_match_dst_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	if (w->match_reconcile) {
 		match_finish_reconcile(w);
 		return;
@@ -298,15 +300,8 @@ static void on_match_dst_reply(struct ms_imapc *c,
  * memory. */
 int mv_fps_push(struct worker *w, uint64_t h, uint32_t uid, uint64_t fhash)
 {
-	if (w->nfps == w->capfps) {
-		size_t cap = w->capfps * 2 + 256;
-		struct fpent *n = realloc(w->fps, cap * sizeof(*n));
-
-		if (n == NULL)
-			return -1;
-		w->fps = n;
-		w->capfps = cap;
-	}
+	if (MS_ARRAY_ROOM(w->fps, w->nfps, w->capfps, 256) < 0)
+		return -1;
 	w->fps[w->nfps].h = h;
 	w->fps[w->nfps].uid = uid;
 	w->fps[w->nfps].used = 0;
@@ -442,16 +437,8 @@ static int collect_claims(void *ctx, const struct ms_msg_rec *rec)
 
 static int fp_exists(const struct worker *w, uint64_t h)
 {
-	size_t lo = 0, hi = w->nfps;
+	size_t lo = fp_first(w, h);
 
-	while (lo < hi) {
-		size_t mid = (lo + hi) / 2;
-
-		if (w->fps[mid].h < h)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
 	return lo < w->nfps && w->fps[lo].h == h;
 }
 
@@ -498,10 +485,8 @@ static void on_expunge_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID EXPUNGE", r, c);
+	if (mv_reply_failed(w, "UID EXPUNGE", r, c))
 		return;
-	}
 	if (--w->pending > 0)
 		return;
 	if (w->phase == PH_REXPUNGE) {
@@ -548,10 +533,8 @@ static void on_dedup_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	fps_free(w);
 	if (w->expunge.n == 0) {
 		mv_verify_dst(w);

@@ -347,9 +347,12 @@ const char *mv_side_name(const struct worker *w, const struct ms_imapc *c);
 uint32_t mv_rec_wr_uid(const struct ujob *u, const struct ms_msg_rec *rec);
 int mv_name_eq(const char *a, const char *b);
 void mv_u32vec_uniq(struct ms_u32vec *vec);
-int mv_slot_acquire(struct server *s, void (*cb)(void *), void *ctx);
+void mv_slot_wait(struct ujob *u, struct server *s, void (*cb)(void *),
+		  void *ctx);
 void mv_extract_msgid(const char *hdr, size_t len, char *out, size_t outsz);
 int mv_parse_fetch(const struct ms_imap_response *r, struct fetch *f);
+int mv_dst_fetch(struct worker *w, const struct ms_imap_response *r,
+		 struct fetch *f);
 long mv_parse_uid_set(const char *s, uint32_t *out, size_t cap);
 void mv_job_fail(struct ujob *u, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
@@ -357,6 +360,10 @@ void mv_job_maybe_finish(struct ujob *u);
 void mv_job_schedule(struct ujob *u);
 void mv_folder_fail(struct worker *w, const char *cmd,
 		    const struct ms_imap_response *r, struct ms_imapc *c);
+int mv_reply_failed(struct worker *w, const char *cmd,
+		    const struct ms_imap_response *r, struct ms_imapc *c);
+int mv_reply_last(struct worker *w, const char *cmd,
+		  const struct ms_imap_response *r, struct ms_imapc *c);
 int mv_store_check(struct worker *w, int ret);
 void mv_select_data(const struct ms_imap_response *r, uint32_t *uidvalidity,
 		    uint32_t *uidnext, uint32_t *exists, uint64_t *modseq,

@@ -185,17 +185,10 @@ static void on_plan_src_untagged(struct ms_imapc *c,
 			return;
 		f = mv_find_folder(u, name);
 		if (f == NULL) {
-			if (u->nfolders == u->capfolders) {
-				unsigned int cap = u->capfolders * 2 + 16;
-				struct fjob *nf = realloc(u->folders,
-							  cap * sizeof(*nf));
-
-				if (nf == NULL) {
-					mv_job_fail(u, "out of memory");
-					return;
-				}
-				u->folders = nf;
-				u->capfolders = cap;
+			if (MS_ARRAY_ROOM(u->folders, u->nfolders,
+					  u->capfolders, 16) < 0) {
+				mv_job_fail(u, "out of memory");
+				return;
 			}
 			f = &u->folders[u->nfolders++];
 			memset(f, 0, sizeof(*f));
@@ -255,16 +248,10 @@ static void on_plan_dst_untagged(struct ms_imapc *c,
 	if (d == NULL) {
 		if (lsub || has_attr(attrs, "\\NonExistent"))
 			return;
-		if (u->ndfolders == u->capdfolders) {
-			unsigned int cap = u->capdfolders * 2 + 16;
-			struct dfolder *nd = realloc(u->dfolders, cap * sizeof(*nd));
-
-			if (nd == NULL) {
-				mv_job_fail(u, "out of memory");
-				return;
-			}
-			u->dfolders = nd;
-			u->capdfolders = cap;
+		if (MS_ARRAY_ROOM(u->dfolders, u->ndfolders, u->capdfolders,
+				  16) < 0) {
+			mv_job_fail(u, "out of memory");
+			return;
 		}
 		d = &u->dfolders[u->ndfolders++];
 		memset(d, 0, sizeof(*d));
@@ -281,25 +268,38 @@ static void on_plan_dst_untagged(struct ms_imapc *c,
 		snprintf(d->special, sizeof(d->special), "%s", sp);
 }
 
+/* A planning command's reply: 1 when the plan goes on, 0 when the job
+ * failed (now, or before). A refusal with the response code ok_code (not
+ * NULL) is as good as OK; cmd prefixes the message of another. */
+static int plan_reply_ok(struct ujob *u, struct ms_imapc *c,
+			 const struct ms_imap_response *r, const char *cmd,
+			 const char *ok_code)
+{
+	char buf[400];
+
+	if (u->failed)
+		return 0;
+	if (r == NULL) {
+		mv_job_fail(u, "%s: %s", mv_side_name(&u->workers[0], c),
+			    ms_imapc_error(c));
+		return 0;
+	}
+	if (r->status != MS_STATUS_OK &&
+	    !(ok_code != NULL && r->code != NULL &&
+	      strcasecmp(r->code, ok_code) == 0)) {
+		mv_job_fail(u, "%s: %s%s", mv_side_name(&u->workers[0], c),
+			    cmd, ms_imapc_resp_summary(r, buf, sizeof(buf)));
+		return 0;
+	}
+	return 1;
+}
+
 void mv_on_plan_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 		      void *ctx)
 {
 	struct ujob *u = ctx;
-	char buf[400];
 
-	if (u->failed)
-		return;
-	if (r == NULL) {
-		mv_job_fail(u, "%s: %s", mv_side_name(&u->workers[0], c),
-			    ms_imapc_error(c));
-		return;
-	}
-	if (r->status != MS_STATUS_OK) {
-		mv_job_fail(u, "%s: %s", mv_side_name(&u->workers[0], c),
-			    ms_imapc_resp_summary(r, buf, sizeof(buf)));
-		return;
-	}
-	if (--u->plan_pending == 0)
+	if (plan_reply_ok(u, c, r, "", NULL) && --u->plan_pending == 0)
 		mv_plan_step(u);
 }
 
@@ -307,22 +307,10 @@ void mv_on_create_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 			void *ctx)
 {
 	struct ujob *u = ctx;
-	char buf[400];
 
-	if (u->failed)
-		return;
-	if (r == NULL) {
-		mv_job_fail(u, "%s: %s", mv_side_name(&u->workers[0], c),
-			    ms_imapc_error(c));
-		return;
-	}
 	/* A folder that exists already is what we wanted. */
-	if (r->status != MS_STATUS_OK &&
-	    !(r->code != NULL && strcasecmp(r->code, "ALREADYEXISTS") == 0)) {
-		mv_job_fail(u, "%s: CREATE: %s", mv_side_name(&u->workers[0], c),
-			    ms_imapc_resp_summary(r, buf, sizeof(buf)));
+	if (!plan_reply_ok(u, c, r, "CREATE: ", "ALREADYEXISTS"))
 		return;
-	}
 	if (r->status == MS_STATUS_OK)
 		MS_CRASH_POINT(u->reverse ? "rollback.folder-created" :
 			       "copy.folder-created");

@@ -56,15 +56,8 @@ static void on_pop3_uidl_line(struct ms_pop3c *c, const char *line, size_t len,
 
 	if (sscanf(line, "%u %71s", &n, uidl) != 2)
 		return;
-	if (ps->nmsgs == ps->cap) {
-		size_t cap = ps->cap * 2 + 64;
-		struct pmsg *nm = realloc(ps->msgs, cap * sizeof(*nm));
-
-		if (nm == NULL)
-			return;
-		ps->msgs = nm;
-		ps->cap = cap;
-	}
+	if (MS_ARRAY_ROOM(ps->msgs, ps->nmsgs, ps->cap, 64) < 0)
+		return;
 	memset(&ps->msgs[ps->nmsgs], 0, sizeof(struct pmsg));
 	ps->msgs[ps->nmsgs].n = n;
 	snprintf(ps->msgs[ps->nmsgs].uidl, sizeof(ps->msgs[0].uidl), "%s", uidl);
@@ -87,6 +80,13 @@ static void on_pop3_list_line(struct ms_pop3c *c, const char *line, size_t len,
 
 static void pop3_step(struct ujob *u);
 
+/* One of the replies the step waits for came: the last one goes on. */
+static void pending_done(struct ujob *u)
+{
+	if (--pstate(u)->pending == 0)
+		pop3_step(u);
+}
+
 static void on_pop3_reply(struct ms_pop3c *c, int ok, const char *text,
 			  void *ctx)
 {
@@ -100,8 +100,7 @@ static void on_pop3_reply(struct ms_pop3c *c, int ok, const char *text,
 		mv_job_fail(u, "source: -ERR %s", text);
 		return;
 	}
-	if (--pstate(u)->pending == 0)
-		pop3_step(u);
+	pending_done(u);
 }
 
 static void on_pop3_dst_reply(struct ms_imapc *c,
@@ -109,12 +108,8 @@ static void on_pop3_dst_reply(struct ms_imapc *c,
 {
 	struct ujob *u = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(&u->workers[0], "SELECT", r, c);
-		return;
-	}
-	if (--pstate(u)->pending == 0)
-		pop3_step(u);
+	if (!mv_reply_failed(&u->workers[0], "SELECT", r, c))
+		pending_done(u);
 }
 
 static void on_pop3_dst_untagged(struct ms_imapc *c,
@@ -125,12 +120,7 @@ static void on_pop3_dst_untagged(struct ms_imapc *c,
 	struct pop3_state *ps = pstate(u);
 	struct fetch f;
 
-	if (w->phase == PH_OPEN) {
-		mv_select_data(r, &w->d_uidvalidity, &w->d_uidnext, &w->d_exists,
-			       NULL, NULL);
-		return;
-	}
-	if (mv_parse_fetch(r, &f) < 0)
+	if (mv_dst_fetch(w, r, &f) < 0)
 		return;
 	if (w->phase == PH_MATCH) {
 		if (!mv_known_dst(w, f.uid))
@@ -153,10 +143,8 @@ static void on_pop3_append(struct ms_imapc *c, const struct ms_imap_response *r,
 	uint32_t dst_uid = 0;
 	int found = 0;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "APPEND", r, c);
+	if (mv_reply_failed(w, "APPEND", r, c))
 		return;
-	}
 	if (r->code != NULL && strcasecmp(r->code, "APPENDUID") == 0 &&
 	    r->code_argc >= 2) {
 		uint64_t n;
@@ -263,10 +251,8 @@ static void on_pop3_verify(struct ms_imapc *c, const struct ms_imap_response *r,
 	struct ms_folder_report *rep = &w->f->rep;
 	uint64_t missing = 0;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	for (size_t i = 0; i < ps->nmsgs; i++)
 		missing += !ps->msgs[i].done;
 	rep->source_messages = ps->nmsgs;
@@ -341,10 +327,8 @@ static void on_pop3_match(struct ms_imapc *c, const struct ms_imap_response *r,
 	struct worker *w = &u->workers[0];
 	struct ms_store *store = u->m->store;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	/* POP3 has no INTERNALDATE: fingerprints carry date 0. */
 	for (size_t i = 0; i < w->nfps; i++)
 		w->fps[i].h = w->fps[i].h;
@@ -455,72 +439,74 @@ static void pop3_maybe_begin(struct ujob *u)
 	ms_pop3c_cmd(u->pop, 1, on_pop3_reply, on_pop3_list_line, u, "LIST");
 }
 
+/* One side logged in (or failed): the copy begins once both are. */
+static void side_ready(struct ujob *u, const char *side, const char *error,
+		       int *ready)
+{
+	if (error != NULL) {
+		mv_job_fail(u, "%s: %s", side, error);
+		return;
+	}
+	*ready = 1;
+	pop3_maybe_begin(u);
+}
+
 static void on_pop3_ready(struct ms_pop3c *c, const char *error, void *ctx)
 {
 	struct ujob *u = ctx;
 
-	if (error != NULL) {
-		mv_job_fail(u, "source: %s", error);
-		return;
-	}
-	u->workers[0].s_ready = 1;
-	pop3_maybe_begin(u);
+	side_ready(u, "source", error, &u->workers[0].s_ready);
 }
 
 static void on_pop3_dst_ready(struct ms_imapc *c, const char *error, void *ctx)
 {
 	struct ujob *u = ctx;
 
-	if (error != NULL) {
-		mv_job_fail(u, "destination: %s", error);
-		return;
+	side_ready(u, "destination", error, &u->workers[0].d_ready);
+}
+
+/* A side's connection slot is taken: the settings to connect with. */
+static struct ms_imapc_settings slot_taken(struct ujob *u, int dst)
+{
+	struct worker *w = &u->workers[0];
+
+	if (dst) {
+		w->have_dst_slot = 1;
+		return mv_server_settings(&u->m->dst, u->dst_login, u->dst_pw);
 	}
-	u->workers[0].d_ready = 1;
-	pop3_maybe_begin(u);
+	w->have_src_slot = 1;
+	return mv_server_settings(&u->m->src, u->src_login, u->src_pw);
 }
 
 static void pop3_connect_dst(void *ctx)
 {
 	struct ujob *u = ctx;
-	struct worker *w = &u->workers[0];
-	struct server *s = &u->m->dst;
-	struct ms_imapc_settings set = mv_server_settings(s, u->dst_login,
-							u->dst_pw);
+	struct ms_imapc_settings set = slot_taken(u, 1);
 
-	w->have_dst_slot = 1;
-	w->d = ms_imapc_new(u->m->loop, &set, on_pop3_dst_ready, u);
-	if (w->d == NULL)
+	u->workers[0].d = ms_imapc_new(u->m->loop, &set, on_pop3_dst_ready, u);
+	if (u->workers[0].d == NULL)
 		mv_job_fail(u, "out of memory");
 }
 
 static void pop3_connect_src(void *ctx)
 {
 	struct ujob *u = ctx;
-	struct worker *w = &u->workers[0];
 	struct server *s = &u->m->src;
-	struct ms_imapc_settings set = mv_server_settings(s, u->src_login,
-							u->src_pw);
-	int r;
+	struct ms_imapc_settings set = slot_taken(u, 0);
 
-	w->have_src_slot = 1;
 	u->pop = ms_pop3c_new(u->m->loop, &set, on_pop3_ready, u);
 	if (u->pop == NULL) {
 		mv_job_fail(u, "source: cannot connect to %s:%u", s->cfg.host,
 			    s->cfg.port);
 		return;
 	}
-	r = mv_slot_acquire(&u->m->dst, pop3_connect_dst, u);
-	if (r == 1)
-		pop3_connect_dst(u);
-	else if (r < 0)
-		mv_job_fail(u, "out of memory");
+	mv_slot_wait(u, &u->m->dst, pop3_connect_dst, u);
 }
 
 void mv_pop3_start(struct ujob *u)
 {
 	struct worker *w = &u->workers[0];
 	struct fjob *f;
-	int r;
 
 	u->folders = calloc(1, sizeof(*u->folders));
 	u->dfolders = calloc(1, sizeof(struct pop3_state) > sizeof(struct dfolder) ?
@@ -542,9 +528,5 @@ void mv_pop3_start(struct ujob *u)
 	w->f = f;
 	w->state = W_CONNECTING;
 	u->nworkers = 1;
-	r = mv_slot_acquire(&u->m->src, pop3_connect_src, u);
-	if (r == 1)
-		pop3_connect_src(u);
-	else if (r < 0)
-		mv_job_fail(u, "out of memory");
+	mv_slot_wait(u, &u->m->src, pop3_connect_src, u);
 }

@@ -38,15 +38,8 @@ int mv_collect_row(void *ctx, const struct ms_folder_state *st)
 
 	if (st->dst_uidvalidity == 0)
 		return 0;
-	if (r->n == r->cap) {
-		size_t cap = r->cap * 2 + 16;
-		struct ms_folder_state *n = realloc(r->v, cap * sizeof(*n));
-
-		if (n == NULL)
-			return -1;
-		r->v = n;
-		r->cap = cap;
-	}
+	if (MS_ARRAY_ROOM(r->v, r->n, r->cap, 16) < 0)
+		return -1;
 	r->v[r->n++] = *st;
 	return 0;
 }
@@ -350,15 +343,8 @@ static int load_rrec(void *ctx, const struct ms_msg_rec *rec)
 	struct worker *w = ctx;
 	struct rrec *rr;
 
-	if (w->nrrecs == w->caprrecs) {
-		size_t cap = w->caprrecs * 2 + 256;
-		struct rrec *n = realloc(w->rrecs, cap * sizeof(*n));
-
-		if (n == NULL)
-			return -1;
-		w->rrecs = n;
-		w->caprrecs = cap;
-	}
+	if (MS_ARRAY_ROOM(w->rrecs, w->nrrecs, w->caprrecs, 256) < 0)
+		return -1;
 	rr = &w->rrecs[w->nrrecs++];
 	memset(rr, 0, sizeof(*rr));
 	rr->src_uid = rec->src_uid;
@@ -400,11 +386,7 @@ static void on_rscan_dst_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
-		return;
-	}
-	if (--w->pending == 0)
+	if (mv_reply_last(w, "UID FETCH", r, c))
 		mv_rb_scan_done(w);
 }
 
@@ -413,10 +395,8 @@ static void on_rscan_src_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	if (w->nfps > 1)
 		mv_sort_n(w->fps, w->nfps, sizeof(*w->fps), cmp_fp_uid);
 	/* The destination's flags are compared as they come; flag STOREs

@@ -17,15 +17,8 @@
 
 static int vlist_push(struct vlist *l, const struct fetch *f)
 {
-	if (l->n == l->cap) {
-		size_t cap = l->cap * 2 + 64;
-		struct vmsg *v = realloc(l->v, cap * sizeof(*v));
-
-		if (v == NULL)
-			return -1;
-		l->v = v;
-		l->cap = cap;
-	}
+	if (MS_ARRAY_ROOM(l->v, l->n, l->cap, 64) < 0)
+		return -1;
 	memset(&l->v[l->n], 0, sizeof(l->v[0]));
 	l->sorted = 0;
 	l->v[l->n].uid = f->uid;
@@ -344,10 +337,8 @@ static void on_verify_dst_reply(struct ms_imapc *c,
 {
 	struct worker *w = ctx;
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	/* More on the side written to than expected: copies a killed run
 	 * left there? (In a rollback, source messages no record claims.) */
 	if ((w->u->reverse ? w->v_only[0] > 0 : w->v_count[1] > w->v_count[0]) &&
@@ -433,24 +424,12 @@ void mv_digest_fetch(struct worker *w, int side, const struct fetch *f)
 	v->has_md = 1;
 }
 
-/* The reply to one of w->pending UID FETCHes: 1 when it was the last one
- * due, 0 while others are (or when it failed the folder). */
-static int fetch_reply_last(struct worker *w, struct ms_imapc *c,
-			    const struct ms_imap_response *r)
-{
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
-		return 0;
-	}
-	return --w->pending == 0;
-}
-
 static void on_digest_reply(struct ms_imapc *c,
 			    const struct ms_imap_response *r, void *ctx)
 {
 	struct worker *w = ctx;
 
-	if (!fetch_reply_last(w, c, r))
+	if (!mv_reply_last(w, "UID FETCH", r, c))
 		return;
 	/* The copy's hooks back on the side read from, none on the other. */
 	mv_worker_hooks(w);
@@ -515,7 +494,7 @@ static void start_digest(struct worker *w)
 static void on_repair_flags_reply(struct ms_imapc *c,
 				  const struct ms_imap_response *r, void *ctx)
 {
-	if (fetch_reply_last(ctx, c, r))
+	if (mv_reply_last(ctx, "UID FETCH", r, c))
 		mv_repair_expunge(ctx);
 }
 
@@ -696,10 +675,8 @@ static void on_verify_src_reply(struct ms_imapc *c,
 	struct ms_store *store = w->u->m->store;
 	struct missing_ctx mc = { .w = w };
 
-	if (r == NULL || r->status != MS_STATUS_OK) {
-		mv_folder_fail(w, "UID FETCH", r, c);
+	if (mv_reply_failed(w, "UID FETCH", r, c))
 		return;
-	}
 	/* Halfway: the side read from is counted, the other not yet. */
 	MS_CRASH_POINT(w->u->reverse ? "rollback.verify" : "copy.verify");
 	ms_u32vec_sort(&w->src_uids);

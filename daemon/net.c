@@ -32,6 +32,7 @@
  * reporting errors detected inside an API call.
  */
 #include "net.h"
+#include "util.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -796,27 +797,19 @@ int ms_conn_write(struct ms_conn *conn, const void *data, size_t len)
 
 int ms_conn_printf(struct ms_conn *conn, const char *fmt, ...)
 {
-	char buf[2048], *big;
+	char buf[2048], *text;
 	va_list ap;
 	int n, r;
 
+	/* A reply is never cut (a cut line would be a different line). */
 	va_start(ap, fmt);
-	n = vsnprintf(buf, sizeof(buf), fmt, ap);
+	n = ms_vformat(buf, sizeof(buf), &text, fmt, ap);
 	va_end(ap);
 	if (n < 0)
-		return UV_EINVAL;
-	if ((size_t)n < sizeof(buf))
-		return ms_conn_write(conn, buf, (size_t)n);
-	/* Longer than the stack buffer: formatted again, whole. A reply is
-	 * never cut (a cut line would be a different line). */
-	big = malloc((size_t)n + 1);
-	if (!big)
-		return UV_ENOMEM;
-	va_start(ap, fmt);
-	vsnprintf(big, (size_t)n + 1, fmt, ap);
-	va_end(ap);
-	r = ms_conn_write(conn, big, (size_t)n);
-	free(big);
+		return n == -2 ? UV_ENOMEM : UV_EINVAL;
+	r = ms_conn_write(conn, text, (size_t)n);
+	if (text != buf)
+		free(text);
 	return r;
 }
 

@@ -5,7 +5,6 @@
 #include <string.h>
 #include <strings.h>
 
-#include <openssl/crypto.h>
 #include <openssl/evp.h>
 
 #include "pop3c.h"
@@ -37,7 +36,7 @@ struct ms_pop3c {
 	char line[LINE_MAX_LEN];
 	size_t linelen;
 	char error[400];
-	int busy, free_pending;
+	struct ms_busy busy;	/* inside a callback: defer free */
 	int tls_began;		/* STLS go-ahead taken in this read */
 };
 
@@ -46,8 +45,10 @@ const char *ms_pop3c_error(const struct ms_pop3c *c)
 	return c->error;
 }
 
-static void really_free(struct ms_pop3c *c)
+static void really_free(void *obj)
 {
+	struct ms_pop3c *c = obj;
+
 	ms_conn_close(&c->conn);
 	while (c->cmds != NULL) {
 		struct pcmd *n = c->cmds->next;
@@ -73,10 +74,8 @@ void ms_pop3c_free(struct ms_pop3c **cp)
 		p->reply = NULL, p->line = NULL;
 	ms_conn_close(&c->conn);
 	c->state = ST_FAILED;
-	if (c->busy > 0) {
-		c->free_pending = 1;
+	if (ms_busy_defer(&c->busy))
 		return;
-	}
 	really_free(c);
 }
 
@@ -111,6 +110,16 @@ static void fail(struct ms_pop3c *c, const char *fmt, ...)
 	}
 }
 
+/* fail() from a connection callback: the owner may free us from the
+ * callbacks fail() calls. */
+static void fail_guarded(struct ms_pop3c *c, const char *what,
+			 const char *error)
+{
+	ms_busy_enter(&c->busy);
+	fail(c, "%s%s", what, error);
+	ms_busy_leave(&c->busy, really_free, c);
+}
+
 static int send_line(struct ms_pop3c *c, const char *text)
 {
 	if (c->state == ST_FAILED)
@@ -134,11 +143,7 @@ static int push(struct ms_pop3c *c, int multiline, ms_pop3c_reply_cb *reply,
 	p->reply = reply;
 	p->line = line;
 	p->ctx = ctx;
-	if (c->tail != NULL)
-		c->tail->next = p;
-	else
-		c->cmds = p;
-	c->tail = p;
+	MS_LIST_APPEND(c->cmds, c->tail, p);
 	return send_line(c, text);
 }
 
@@ -156,15 +161,24 @@ int ms_pop3c_cmd(struct ms_pop3c *c, int multiline, ms_pop3c_reply_cb *reply,
 
 /* ---- login ---- */
 
+/* A reply during the login: 1 when +OK; 0 when the connection failed (ok
+ * < 0: already said) or the server said -ERR (failed now, the message
+ * after what). */
+static int login_reply_ok(struct ms_pop3c *c, int ok, const char *text,
+			  const char *what)
+{
+	if (ok > 0)
+		return 1;
+	if (ok == 0)
+		fail(c, "%s-ERR %s", what, text);
+	return 0;
+}
+
 static void on_login_reply(struct ms_pop3c *c, int ok, const char *text,
 			   void *ctx)
 {
-	if (ok < 0)
+	if (!login_reply_ok(c, ok, text, "login failed: "))
 		return;
-	if (!ok) {
-		fail(c, "login failed: -ERR %s", text);
-		return;
-	}
 	if (ctx != NULL)
 		return;	/* USER accepted; PASS follows */
 	ms_secret_free(&c->password);
@@ -174,51 +188,45 @@ static void on_login_reply(struct ms_pop3c *c, int ok, const char *text,
 		c->ready(c, NULL, c->ready_ctx);
 }
 
+/* Sends "VERB ARG" as a login command (on_login_reply() with ctx answers
+ * it), the line wiped after. -1 when out of memory (the connection then
+ * failed). */
+static int push_login(struct ms_pop3c *c, const char *verb, const char *arg,
+		      void *ctx)
+{
+	size_t len = strlen(verb) + strlen(arg) + 2;
+	char *line = malloc(len);
+
+	if (line == NULL) {
+		fail(c, "out of memory");
+		return -1;
+	}
+	snprintf(line, len, "%s %s", verb, arg);
+	push(c, 0, on_login_reply, NULL, ctx, line);
+	ms_secret_buf_free(&line, len);
+	return 0;
+}
+
 static void start_login(struct ms_pop3c *c)
 {
-	char *line;
-	size_t len;
-
 	c->state = ST_LOGIN;
 	if (c->admin != NULL || c->mech == MS_AUTH_PLAIN ||
 	    (c->mech == MS_AUTH_AUTO && c->sasl)) {
 		char *b64 = c->admin != NULL ?
 			ms_sasl_plain(c->user, c->admin, c->password) :
 			ms_sasl_plain("", c->user, c->password);
-		size_t len = b64 != NULL ? strlen(b64) + 12 : 0;
-		char *cmd = b64 != NULL ? malloc(len) : NULL;
 
-		if (cmd == NULL) {
-			if (b64 != NULL)
-				ms_secret_free(&b64);
+		if (b64 == NULL) {
 			fail(c, "out of memory");
 			return;
 		}
-		snprintf(cmd, len, "AUTH PLAIN %s", b64);
+		push_login(c, "AUTH PLAIN", b64, NULL);
 		ms_secret_free(&b64);
-		push(c, 0, on_login_reply, NULL, NULL, cmd);
-		ms_secret_free(&cmd);
 		return;
 	}
-	len = strlen(c->user) + 8;
-	line = malloc(len);
-	if (line == NULL) {
-		fail(c, "out of memory");
-		return;
-	}
-	snprintf(line, len, "USER %s", c->user);
-	push(c, 0, on_login_reply, NULL, c, line);
-	free(line);
-	len = strlen(c->password) + 8;
-	line = malloc(len);
-	if (line == NULL) {
-		fail(c, "out of memory");
-		return;
-	}
-	snprintf(line, len, "PASS %s", c->password);
-	push(c, 0, on_login_reply, NULL, NULL, line);
-	OPENSSL_cleanse(line, len);
-	free(line);
+	/* USER's reply (ctx c) waits for PASS's. */
+	if (push_login(c, "USER", c->user, c) == 0)
+		push_login(c, "PASS", c->password, NULL);
 }
 
 static void on_capa_line(struct ms_pop3c *c, const char *line, size_t len,
@@ -234,12 +242,8 @@ static void on_tls(struct ms_conn *conn, int status, const char *error);
 static void on_stls_reply(struct ms_pop3c *c, int ok, const char *text,
 			  void *ctx)
 {
-	if (ok < 0)
+	if (!login_reply_ok(c, ok, text, "STLS: "))
 		return;
-	if (!ok) {
-		fail(c, "STLS: -ERR %s", text);
-		return;
-	}
 	if (ms_conn_starttls(c->conn, on_tls) < 0)
 		fail(c, "STLS: cannot start TLS");
 	else
@@ -264,11 +268,8 @@ static void on_tls(struct ms_conn *conn, int status, const char *error)
 
 	if (status != 0) {
 		/* The owner may free us from its callback. */
-		c->busy++;
-		fail(c, "STLS: %s", error != NULL ? error : "handshake failed");
-		c->busy--;
-		if (c->free_pending && c->busy == 0)
-			really_free(c);
+		fail_guarded(c, "STLS: ",
+			     error != NULL ? error : "handshake failed");
 		return;
 	}
 	c->sasl = 0;
@@ -343,9 +344,9 @@ static void on_read(struct ms_conn *conn, const char *data, size_t len)
 {
 	struct ms_pop3c *c = ms_conn_ctx(conn);
 
-	c->busy++;
-	for (size_t i = 0; i < len && c->state != ST_FAILED && !c->free_pending;
-	     i++) {
+	ms_busy_enter(&c->busy);
+	for (size_t i = 0; i < len && c->state != ST_FAILED &&
+	     !c->busy.free_pending; i++) {
 		if (c->linelen + 2 >= sizeof(c->line)) {
 			/* Long body lines are passed on in pieces; status
 			 * lines may not be this long. */
@@ -376,20 +377,12 @@ static void on_read(struct ms_conn *conn, const char *data, size_t len)
 			}
 		}
 	}
-	c->busy--;
-	if (c->free_pending && c->busy == 0)
-		really_free(c);
+	ms_busy_leave(&c->busy, really_free, c);
 }
 
 static void on_error(struct ms_conn *conn, const char *error)
 {
-	struct ms_pop3c *c = ms_conn_ctx(conn);
-
-	c->busy++;
-	fail(c, "%s", error);
-	c->busy--;
-	if (c->free_pending && c->busy == 0)
-		really_free(c);
+	fail_guarded(ms_conn_ctx(conn), "", error);
 }
 
 static void on_connect(struct ms_conn *conn, int status, const char *error)
@@ -397,11 +390,7 @@ static void on_connect(struct ms_conn *conn, int status, const char *error)
 	struct ms_pop3c *c = ms_conn_ctx(conn);
 
 	if (status != 0) {
-		c->busy++;
-		fail(c, "%s", error != NULL ? error : "connect failed");
-		c->busy--;
-		if (c->free_pending && c->busy == 0)
-			really_free(c);
+		fail_guarded(c, "", error != NULL ? error : "connect failed");
 		return;
 	}
 	c->state = ST_GREETING;

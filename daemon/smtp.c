@@ -678,31 +678,27 @@ static void smtp_backend_on_read(struct ms_conn *conn, const char *data,
 	/* s->b may change under us: a refused AUTH closes this connection
 	 * and a pipelined AUTH of the client may open the next one. */
 	while (len > 0 && s->b == conn && s->st != C_CLOSING) {
-		const char *lf = memchr(data, '\n', len);
-		size_t n = lf != NULL ? (size_t)(lf - data) + 1 : len;
 		char *line;
 		size_t ll;
+		long n;
 
 		if (s->bst == B_RELAY) {
 			if (ms_relay(s->c, s->b, &s->b_paused, data, len) < 0)
 				smtp_session_close(s);
 			return;
 		}
-		if (s->bin == NULL)
-			s->bin = malloc(REPLY_MAX + 1);
-		if (s->bin == NULL || s->binlen + n > REPLY_MAX) {
+		n = ms_line_take(&s->bin, &s->binlen, REPLY_MAX, data, len);
+		if (n < 0) {
 			backend_lost(s, "reply from the mail server too long");
 			return;
 		}
-		memcpy(s->bin + s->binlen, data, n);
-		line = s->bin + s->binlen;
-		s->binlen += n;
+		line = s->bin + s->binlen - n;
 		data += n;
-		len -= n;
-		if (lf == NULL)
+		len -= (size_t)n;
+		ll = (size_t)n;
+		if (line[ll - 1] != '\n')
 			return;
 		/* "ddd-text" continues, "ddd text" or "ddd" ends a reply. */
-		ll = n;
 		if (ll < 4 || !isdigit((unsigned char)line[0]) ||
 		    !isdigit((unsigned char)line[1]) ||
 		    !isdigit((unsigned char)line[2]) ||

@@ -309,8 +309,6 @@ static int addr_key(struct ms_steer_cfg *s, const char *v, char *err,
 int ms_steer_key(struct ms_steer_cfg *s, const char *key, const char *v,
 		 char *err, size_t errsz)
 {
-	int b;
-
 	s->present = 1;
 	if (!strcmp(key, "address"))
 		return addr_key(s, v, err, errsz);
@@ -363,14 +361,8 @@ int ms_steer_key(struct ms_steer_cfg *s, const char *key, const char *v,
 			     MS_STEER_BACKEND_NFT;
 		return 0;
 	}
-	if (!strcmp(key, "manage")) {
-		if ((b = ms_parse_bool(v)) < 0) {
-			snprintf(err, errsz, "manage: yes or no");
-			return -1;
-		}
-		s->manage = b;
-		return 0;
-	}
+	if (!strcmp(key, "manage"))
+		return ms_config_bool(&s->manage, key, v, err, errsz);
 	snprintf(err, errsz, "unknown key \"%s\" in [steer]", key);
 	return -1;
 }
@@ -861,8 +853,23 @@ static void read_item(const struct ms_steer_cfg *s, json_t *state,
 	}
 }
 
-int ms_steer_read(const struct ms_steer_cfg *s, json_t **state, char *err,
-		  size_t errsz)
+int ms_steer_conflict(json_t *state, char *err, size_t errsz)
+{
+	json_t *c = json_array_get(json_object_get(state, "conflicts"), 0);
+
+	if (c == NULL)
+		return 0;
+	snprintf(err, errsz, "table %s %s (rule handle %" JSON_INTEGER_FORMAT
+		 ") already diverts a [steer] address and port; remove it "
+		 "first (nothing was changed)",
+		 json_string_value(json_object_get(c, "family")),
+		 json_string_value(json_object_get(c, "table")),
+		 json_integer_value(json_object_get(c, "handle")));
+	return -1;
+}
+
+int ms_steer_nft_read(const struct ms_steer_cfg *s, json_t **state,
+		      char *err, size_t errsz)
 {
 	struct nft_ctx *nft;
 	json_t *all, *items, *item, *t;
@@ -870,10 +877,6 @@ int ms_steer_read(const struct ms_steer_cfg *s, json_t **state, char *err,
 	size_t i;
 
 	*state = NULL;
-	/* Before any nft context: libnftables exits the process when the
-	 * kernel has no nf_tables, which the kmod backend does not need. */
-	if (s->backend == MS_STEER_BACKEND_KMOD)
-		return ms_steer_kmod_read(state, err, errsz);
 	nft = nft_new(1);
 	if (nft == NULL) {
 		snprintf(err, errsz, "libnftables: out of memory");

@@ -123,6 +123,10 @@ char *ms_steer_ruleset(const struct ms_steer_cfg *s,
  * [{"entry": TEXT, "counter": NAME}...], "counters": {NAME: {packets,
  * bytes}}, "conflicts": ["table ...: rule ..."]}. addrs/ports (may be
  * NULL) say what to look for in other tables. */
+int ms_steer_nft_read(const struct ms_steer_cfg *s, json_t **state,
+		      char *err, size_t errsz);
+/* The same from [steer]'s backend: ms_steer_nft_read(), or
+ * ms_steer_kmod_read() (steer_apply.c, above both backends). */
 int ms_steer_read(const struct ms_steer_cfg *s, json_t **state, char *err,
 		  size_t errsz);
 

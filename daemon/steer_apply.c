@@ -66,19 +66,15 @@ int ms_steer_apply(const char *script, const struct ms_steer_route *rt,
 	return with_route ? ms_rtnl_prune(rt, err, errsz) : 0;
 }
 
-int ms_steer_conflict(json_t *state, char *err, size_t errsz)
+int ms_steer_read(const struct ms_steer_cfg *s, json_t **state, char *err,
+		  size_t errsz)
 {
-	json_t *c = json_array_get(json_object_get(state, "conflicts"), 0);
-
-	if (c == NULL)
-		return 0;
-	snprintf(err, errsz, "table %s %s (rule handle %" JSON_INTEGER_FORMAT
-		 ") already diverts a [steer] address and port; remove it "
-		 "first (nothing was changed)",
-		 json_string_value(json_object_get(c, "family")),
-		 json_string_value(json_object_get(c, "table")),
-		 json_integer_value(json_object_get(c, "handle")));
-	return -1;
+	*state = NULL;
+	/* Before any nft context: libnftables exits the process when the
+	 * kernel has no nf_tables, which the kmod backend does not need. */
+	if (s->backend == MS_STEER_BACKEND_KMOD)
+		return ms_steer_kmod_read(state, err, errsz);
+	return ms_steer_nft_read(s, state, err, errsz);
 }
 
 int ms_steer_install(const struct ms_steer_cfg *s, int dry_run,

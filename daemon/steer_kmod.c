@@ -438,21 +438,12 @@ static int nft_usable(void)
 static int nft_in_the_way(const struct ms_steer_cfg *s, char *err,
 			  size_t errsz)
 {
-	struct ms_steer_cfg *c;
 	json_t *state = NULL;
 	int r;
 
 	if (!nft_usable())
 		return 0;
-	c = malloc(sizeof(*c));
-	if (c == NULL) {
-		snprintf(err, errsz, "out of memory");
-		return -1;
-	}
-	*c = *s;
-	c->backend = MS_STEER_BACKEND_NFT;
-	r = ms_steer_read(c, &state, err, errsz);
-	free(c);
+	r = ms_steer_nft_read(s, &state, err, errsz);
 	if (r == 0 && json_is_true(json_object_get(state, "installed"))) {
 		snprintf(err, errsz, "the nftables table inet %s is installed "
 			 "(backend nft): remove it first (mailshiftctl steer "

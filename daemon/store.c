@@ -282,6 +282,35 @@ static int run(struct ms_store *s, sqlite3_stmt *st, const char *what)
 	return 0;
 }
 
+/* run() for a statement that must change a row: when it changed none, an
+ * error that says so (none: printf format, "no such user (id %lld)"). */
+static int run_row(struct ms_store *s, sqlite3_stmt *st, const char *what,
+		   const char *none, ...) __attribute__((format(printf, 4, 5)));
+
+static int run_row(struct ms_store *s, sqlite3_stmt *st, const char *what,
+		   const char *none, ...)
+{
+	va_list ap;
+
+	if (run(s, st, what) < 0)
+		return -1;
+	if (sqlite3_changes(s->db) > 0)
+		return 0;
+	va_start(ap, none);
+	vsnprintf(s->error, sizeof(s->error), none, ap);
+	va_end(ap);
+	return -1;
+}
+
+/* run() and finalize, for a statement prepared for one call. */
+static int run_once(struct ms_store *s, sqlite3_stmt *st, const char *what)
+{
+	int ret = run(s, st, what);
+
+	sqlite3_finalize(st);
+	return ret;
+}
+
 /* Steps a query: 1 = a row is there (the caller releases), 0 = no row
  * (released), -1 = error (released). */
 static int step_row(struct ms_store *s, sqlite3_stmt *st, const char *what)
@@ -701,11 +730,9 @@ int ms_store_user_set_state(struct ms_store *store, int64_t user_id,
 	if (last_error)
 		bind_text(st, 3, last_error);
 	sqlite3_bind_int64(st, 4, time(NULL));
-	if (run(store, st, "user_set_state") < 0)
+	if (run_row(store, st, "user_set_state", "no such user (id %lld)",
+		    (long long)user_id) < 0)
 		return -1;
-	if (sqlite3_changes(store->db) == 0)
-		return set_error(store, "no such user (id %lld)",
-				 (long long)user_id);
 	return moves_note(store, user_id, state);
 }
 
@@ -718,12 +745,8 @@ int ms_store_user_add_progress(struct ms_store *store, int64_t user_id,
 	sqlite3_bind_int64(st, 2, (int64_t)msgs);
 	sqlite3_bind_int64(st, 3, (int64_t)bytes);
 	sqlite3_bind_int64(st, 4, time(NULL));
-	if (run(store, st, "user_add_progress") < 0)
-		return -1;
-	if (sqlite3_changes(store->db) == 0)
-		return set_error(store, "no such user (id %lld)",
-				 (long long)user_id);
-	return 0;
+	return run_row(store, st, "user_add_progress",
+		       "no such user (id %lld)", (long long)user_id);
 }
 
 /* Columns as in FOLDER_COLS. */
@@ -826,12 +849,8 @@ int ms_store_folder_update(struct ms_store *store,
 	sqlite3_bind_int64(st, 6, (int64_t)fs->modseq);
 	sqlite3_bind_int64(st, 7, (int64_t)fs->msgs);
 	sqlite3_bind_int64(st, 8, (int64_t)fs->bytes);
-	if (run(store, st, "folder_update") < 0)
-		return -1;
-	if (sqlite3_changes(store->db) == 0)
-		return set_error(store, "no such folder (id %lld)",
-				 (long long)fs->id);
-	return 0;
+	return run_row(store, st, "folder_update", "no such folder (id %lld)",
+		       (long long)fs->id);
 }
 
 int ms_store_folder_reset(struct ms_store *store, int64_t folder_id)
@@ -845,10 +864,8 @@ int ms_store_folder_reset(struct ms_store *store, int64_t folder_id)
 		return -1;
 	st = store->st[ST_FOLDER_RESET];
 	sqlite3_bind_int64(st, 1, folder_id);
-	ret = run(store, st, "folder_reset");
-	if (ret == 0 && sqlite3_changes(store->db) == 0)
-		ret = set_error(store, "no such folder (id %lld)",
-				(long long)folder_id);
+	ret = run_row(store, st, "folder_reset", "no such folder (id %lld)",
+		      (long long)folder_id);
 	if (ret == 0) {
 		st = store->st[ST_FOLDER_FORGET_MSGS];
 		sqlite3_bind_int64(st, 1, folder_id);
@@ -860,6 +877,17 @@ int ms_store_folder_reset(struct ms_store *store, int64_t folder_id)
 		ret = run(store, st, "folder_reset");
 	}
 	return finish(store, ret);
+}
+
+/* A message's size, date, Message-ID and flags, bound in that order from
+ * parameter col on. */
+static void bind_msg_meta(sqlite3_stmt *st, int col,
+			  const struct ms_msg_rec *rec)
+{
+	sqlite3_bind_int64(st, col, (int64_t)rec->size);
+	sqlite3_bind_int64(st, col + 1, rec->date);
+	bind_text(st, col + 2, rec->msgid);
+	bind_text(st, col + 3, rec->flags);
 }
 
 int ms_store_msg_put(struct ms_store *store, int64_t folder_id,
@@ -885,10 +913,7 @@ int ms_store_msg_put(struct ms_store *store, int64_t folder_id,
 	sqlite3_bind_int64(st, 2, rec->src_uid);
 	bind_text(st, 3, rec->uidl);
 	sqlite3_bind_int(st, 4, rec->state);
-	sqlite3_bind_int64(st, 5, (int64_t)rec->size);
-	sqlite3_bind_int64(st, 6, rec->date);
-	bind_text(st, 7, rec->msgid);
-	bind_text(st, 8, rec->flags);
+	bind_msg_meta(st, 5, rec);
 	sqlite3_bind_int64(st, 9, rec->dst_uid);
 	sqlite3_bind_int64(st, 10, rec->dst_floor);
 	return run(store, st, "msg_put");
@@ -975,13 +1000,9 @@ int ms_store_msg_done(struct ms_store *store, int64_t folder_id,
 	sqlite3_bind_int64(st, 3, dst_uid);
 	if (flags)
 		bind_text(st, 4, flags);
-	if (run(store, st, "msg_done") < 0)
-		return -1;
-	if (sqlite3_changes(store->db) == 0)
-		return set_error(store, "msg_done: no such message record "
-				 "(folder %lld, UID %u)",
-				 (long long)folder_id, src_uid);
-	return 0;
+	return run_row(store, st, "msg_done", "msg_done: no such message "
+		       "record (folder %lld, UID %u)", (long long)folder_id,
+		       src_uid);
 }
 
 int ms_store_msg_set_flags(struct ms_store *store, int64_t folder_id,
@@ -996,13 +1017,9 @@ int ms_store_msg_set_flags(struct ms_store *store, int64_t folder_id,
 	sqlite3_bind_int64(st, 1, folder_id);
 	sqlite3_bind_int64(st, 2, src_uid);
 	bind_text(st, 3, flags);
-	if (run(store, st, "msg_set_flags") < 0)
-		return -1;
-	if (sqlite3_changes(store->db) == 0)
-		return set_error(store, "msg_set_flags: no such message record "
-				 "(folder %lld, UID %u)",
-				 (long long)folder_id, src_uid);
-	return 0;
+	return run_row(store, st, "msg_set_flags", "msg_set_flags: no such "
+		       "message record (folder %lld, UID %u)",
+		       (long long)folder_id, src_uid);
 }
 
 int ms_store_msg_delete(struct ms_store *store, int64_t folder_id,
@@ -1123,10 +1140,7 @@ int ms_store_rintent_put(struct ms_store *store, int64_t folder_id,
 		return set_error(store, "rintent_put: no destination UID");
 	sqlite3_bind_int64(st, 1, folder_id);
 	sqlite3_bind_int64(st, 2, rec->dst_uid);
-	sqlite3_bind_int64(st, 3, (int64_t)rec->size);
-	sqlite3_bind_int64(st, 4, rec->date);
-	bind_text(st, 5, rec->msgid);
-	bind_text(st, 6, rec->flags);
+	bind_msg_meta(st, 3, rec);
 	sqlite3_bind_int64(st, 7, rec->dst_floor);
 	return run(store, st, "rintent_put");
 }
@@ -1345,7 +1359,6 @@ int ms_store_source_use_note(struct ms_store *store,
 			     const struct ms_source_use *u)
 {
 	sqlite3_stmt *st;
-	int ret;
 
 	if (sqlite3_prepare_v2(store->db, "INSERT OR REPLACE INTO source_use "
 			       "(key, kind, name, at, slack) VALUES (?1, ?2, "
@@ -1356,9 +1369,7 @@ int ms_store_source_use_note(struct ms_store *store,
 	bind_text(st, 3, u->name);
 	sqlite3_bind_int64(st, 4, u->at);
 	sqlite3_bind_int64(st, 5, u->slack);
-	ret = run(store, st, "source_use_note");
-	sqlite3_finalize(st);
-	return ret;
+	return run_once(store, st, "source_use_note");
 }
 
 int ms_store_source_use_foreach(struct ms_store *store, int64_t since,
@@ -1422,7 +1433,6 @@ int ms_store_retirement_add(struct ms_store *store,
 			    const struct ms_retirement *r)
 {
 	sqlite3_stmt *st;
-	int ret;
 
 	if (sqlite3_prepare_v2(store->db, "INSERT INTO retirements (at, uid, "
 			       "forced, record) VALUES (?1, ?2, ?3, ?4)", -1,
@@ -1432,9 +1442,7 @@ int ms_store_retirement_add(struct ms_store *store,
 	sqlite3_bind_int64(st, 2, r->uid);
 	sqlite3_bind_int(st, 3, r->forced);
 	bind_text(st, 4, r->record != NULL ? r->record : "{}");
-	ret = run(store, st, "retirement_add");
-	sqlite3_finalize(st);
-	return ret;
+	return run_once(store, st, "retirement_add");
 }
 
 int ms_store_retirement_get(struct ms_store *store, struct ms_retirement *r,

@@ -40,8 +40,6 @@ void ms_takeover_defaults(struct ms_takeover_cfg *t)
 int ms_takeover_key(struct ms_takeover_cfg *t, const char *key,
 		    const char *v, char *err, size_t errsz)
 {
-	int b;
-
 	t->present = 1;
 	if (!strcmp(key, "address"))
 		return ms_steer_addr_parse(v, 0, &t->vip, err, errsz);
@@ -57,14 +55,8 @@ int ms_takeover_key(struct ms_takeover_cfg *t, const char *key,
 		snprintf(t->dev, sizeof(t->dev), "%s", v);
 		return 0;
 	}
-	if (!strcmp(key, "masquerade")) {
-		if ((b = ms_parse_bool(v)) < 0) {
-			snprintf(err, errsz, "masquerade: yes or no");
-			return -1;
-		}
-		t->masquerade = b;
-		return 0;
-	}
+	if (!strcmp(key, "masquerade"))
+		return ms_config_bool(&t->masquerade, key, v, err, errsz);
 	snprintf(err, errsz, "unknown key \"%s\" in [takeover]", key);
 	return -1;
 }

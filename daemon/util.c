@@ -146,17 +146,46 @@ int ms_sasl_plain_parse(const char *b64, char **authz_r, char **authc_r,
 	return 0;
 }
 
+int ms_vformat(char *buf, size_t size, char **text_r, const char *fmt,
+	       va_list ap)
+{
+	va_list again;
+	int n;
+
+	va_copy(again, ap);
+	n = vsnprintf(buf, size, fmt, ap);
+	*text_r = buf;
+	if (n >= 0 && (size_t)n >= size) {
+		/* Longer than buf: formatted again, whole. */
+		*text_r = malloc((size_t)n + 1);
+		if (*text_r == NULL)
+			n = -2;
+		else
+			vsnprintf(*text_r, (size_t)n + 1, fmt, again);
+	}
+	va_end(again);
+	return n;
+}
+
+void ms_busy_leave(struct ms_busy *b, void (*free_fn)(void *obj), void *obj)
+{
+	b->depth--;
+	if (b->free_pending && b->depth == 0)
+		free_fn(obj);
+}
+
+int ms_busy_defer(struct ms_busy *b)
+{
+	if (b->depth == 0)
+		return 0;
+	b->free_pending = 1;
+	return 1;
+}
+
 int ms_u32vec_push(struct ms_u32vec *vec, uint32_t x)
 {
-	if (vec->n == vec->cap) {
-		size_t cap = vec->cap * 2 + 256;
-		uint32_t *v = realloc(vec->v, cap * sizeof(*v));
-
-		if (v == NULL)
-			return -1;
-		vec->v = v;
-		vec->cap = cap;
-	}
+	if (MS_ARRAY_ROOM(vec->v, vec->n, vec->cap, 256) < 0)
+		return -1;
 	vec->v[vec->n++] = x;
 	return 0;
 }

@@ -2,8 +2,10 @@
 #ifndef MS_UTIL_H
 #define MS_UTIL_H
 
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* A macro's value as a string literal: MS_STR(255) is "255". */
 #define MS_XSTR(x) #x
@@ -22,6 +24,13 @@ void ms_secret_buf_free(char **buf, size_t size);
 int ms_secret_reserve(char **buf, size_t *cap, size_t used, size_t need,
 		      size_t min, size_t max);
 
+/* Formats into buf (size bytes) when the text fits, else into a malloc'd
+ * buffer, never cut: *text_r is buf or that buffer (the caller frees it
+ * when it is not buf). Returns the text's length, or -1 for a format
+ * vsnprintf refuses, -2 when out of memory. */
+int ms_vformat(char *buf, size_t size, char **text_r, const char *fmt,
+	       va_list ap);
+
 /* The SASL PLAIN (RFC 4616) initial response, base64 of
  * "authzid NUL authcid NUL password". Returns a malloc'd string the caller
  * releases with ms_secret_free(), or NULL when out of memory. */
@@ -37,6 +46,58 @@ int ms_b64_decode(const char *in, unsigned char **out_r, size_t *len_r);
  * ms_secret_free(). Returns 0, or -1 when malformed. */
 int ms_sasl_plain_parse(const char *b64, char **authz_r, char **authc_r,
 			char **pass_r);
+
+/* Makes room for one more element in the array v of cap elements, n of
+ * them in use: when it is full, grows it to cap * 2 + min elements. 0, or
+ * -1 when out of memory (v and cap unchanged). v and cap are lvalues,
+ * evaluated more than once. */
+#define MS_ARRAY_ROOM(v, n, cap, min) ({				\
+	int ret__ = 0;							\
+	if ((n) >= (cap)) {						\
+		__typeof__(cap) c__ = (cap) * 2 + (min);		\
+		__typeof__(v) v__ = realloc((v), c__ * sizeof(*(v)));	\
+									\
+		if (v__ != NULL) {					\
+			(v) = v__;					\
+			(cap) = c__;					\
+		} else {						\
+			ret__ = -1;					\
+		}							\
+	}								\
+	ret__;								\
+})
+
+/* An object its owner may free from inside the object's own callbacks
+ * (imapc.c, pop3c.c): the free waits until the outermost of them has
+ * returned. */
+struct ms_busy {
+	int depth;		/* inside this many of its callbacks */
+	int free_pending;	/* its owner freed it meanwhile */
+};
+
+/* Into one of the object's callbacks. */
+static inline void ms_busy_enter(struct ms_busy *b)
+{
+	b->depth++;
+}
+
+/* Out of it again: free_fn(obj) now when the owner freed the object from
+ * inside and this was the outermost. */
+void ms_busy_leave(struct ms_busy *b, void (*free_fn)(void *obj), void *obj);
+/* The owner frees the object: 1 when the free must wait for
+ * ms_busy_leave(), 0 when it may be freed now. */
+int ms_busy_defer(struct ms_busy *b);
+
+/* Appends node to the singly linked list (through ->next) from head to
+ * tail. */
+#define MS_LIST_APPEND(head, tail, node)			\
+	do {							\
+		if ((tail) != NULL)				\
+			(tail)->next = (node);			\
+		else						\
+			(head) = (node);			\
+		(tail) = (node);				\
+	} while (0)
 
 struct ms_u32vec {
 	uint32_t *v;

@@ -310,16 +310,25 @@ int status_main(int argc, char *argv[])
 	}
 }
 
+/* A subcommand's options, then exactly n words (the subcommand's name
+ * the first): 0, or -1 when they are not that (its usage said). */
+static int fixed_args(int *argc, char *argv[], struct copts *o, int n,
+		      const char *usage)
+{
+	if (common_opts(argc, argv, o) < 0)
+		return -1;
+	if (*argc == n)
+		return 0;
+	fprintf(stderr, "Usage: %s %s\n", prog, usage);
+	return -1;
+}
+
 int sessions_main(int argc, char *argv[])
 {
 	struct copts o = { 0 };
 
-	if (common_opts(&argc, argv, &o) < 0)
+	if (fixed_args(&argc, argv, &o, 1, "sessions [--json] [-s SOCKET]") < 0)
 		return 2;
-	if (argc != 1) {
-		fprintf(stderr, "Usage: %s sessions [--json] [-s SOCKET]\n", prog);
-		return 2;
-	}
 	return finish(&o, request(&o, json_pack("{s:s}", "cmd", "sessions")),
 		      print_sessions);
 }
@@ -482,12 +491,8 @@ int kick_main(int argc, char *argv[])
 {
 	struct copts o = { 0 };
 
-	if (common_opts(&argc, argv, &o) < 0)
+	if (fixed_args(&argc, argv, &o, 2, "kick USER [-s SOCKET]") < 0)
 		return 2;
-	if (argc != 2) {
-		fprintf(stderr, "Usage: %s kick USER [-s SOCKET]\n", prog);
-		return 2;
-	}
 	return finish(&o, request(&o, json_pack("{s:s, s:s}", "cmd", "kick",
 						"user", argv[1])), NULL);
 }

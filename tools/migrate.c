@@ -4,6 +4,7 @@
  * docs/cli-spec.md. */
 #include <errno.h>
 #include <getopt.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -129,22 +130,24 @@ static int set_str(char **dst, const char *v)
 static int side_key(struct side *s, const char *key, const char *value,
 		    char *err, size_t errsz)
 {
+	static const struct {
+		const char *key;
+		size_t off;
+	} strs[] = {
+		{ "url", offsetof(struct side, url) },
+		{ "user", offsetof(struct side, user) },
+		{ "admin", offsetof(struct side, admin) },
+		{ "password_file", offsetof(struct side, password_file) },
+		{ "ca_file", offsetof(struct side, ca_file) },
+		{ "server_name", offsetof(struct side, server_name) },
+		{ "auth", offsetof(struct side, auth) },
+	};
 	int b;
 
-	if (!strcmp(key, "url"))
-		return set_str(&s->url, value);
-	if (!strcmp(key, "user"))
-		return set_str(&s->user, value);
-	if (!strcmp(key, "admin"))
-		return set_str(&s->admin, value);
-	if (!strcmp(key, "password_file"))
-		return set_str(&s->password_file, value);
-	if (!strcmp(key, "ca_file"))
-		return set_str(&s->ca_file, value);
-	if (!strcmp(key, "server_name"))
-		return set_str(&s->server_name, value);
-	if (!strcmp(key, "auth"))
-		return set_str(&s->auth, value);
+	for (size_t i = 0; i < sizeof(strs) / sizeof(strs[0]); i++)
+		if (!strcmp(key, strs[i].key))
+			return set_str((char **)((char *)s + strs[i].off),
+				       value);
 	if (!strcmp(key, "insecure")) {
 		if ((b = ms_parse_bool(value)) < 0) {
 			snprintf(err, errsz, "insecure: expected yes or no");

@@ -14,7 +14,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <cap-ng.h>
 #include <jansson.h>
 #include <openssl/crypto.h>
 #include <uv.h>
@@ -67,15 +66,7 @@ static void usage(FILE *f)
 
 static int fail(struct ropts *o, int rc)
 {
-	if (o->json) {
-		json_t *j = json_pack("{s:b,s:s}", "ok", 0, "error", o->err);
-
-		json_dumpf(j, stdout, JSON_INDENT(2));
-		putchar('\n');
-		json_decref(j);
-	}
-	fprintf(stderr, "%s retire: %s\n", prog, o->err);
-	return rc;
+	return cli_fail(o->json, "retire", o->err, rc);
 }
 
 static void when(int64_t t, char *buf, size_t sz)
@@ -270,12 +261,6 @@ static int check_use(struct ropts *o, struct check *ck, int64_t now)
 
 /* ---- the kernel: a mail port still steered straight to the source ---- */
 
-static int have_net_admin(void)
-{
-	return capng_get_caps_process() == 0 &&
-	       capng_have_capability(CAPNG_EFFECTIVE, CAP_NET_ADMIN);
-}
-
 static void check_steering(struct ropts *o, struct check *ck)
 {
 	json_t *state = NULL, *v, *to_src = json_array();
@@ -287,7 +272,7 @@ static void check_steering(struct ropts *o, struct check *ck)
 		json_decref(to_src);
 		return;
 	}
-	if (!have_net_admin() ||
+	if (!cli_have_net_admin() ||
 	    ms_steer_read(&o->c->steer, &state, err, sizeof(err)) < 0) {
 		json_object_set_new(ck->out, "steering", json_null());
 		json_object_set_new(ck->out, "note", json_string(
@@ -530,7 +515,7 @@ static int cmd_apply(struct ropts *o)
 			 "destination", o->config);
 		return fail(o, 2);
 	}
-	if (!have_net_admin()) {
+	if (!cli_have_net_admin()) {
 		snprintf(o->err, sizeof(o->err), "changing the kernel's "
 			 "steering needs CAP_NET_ADMIN (run as root); nothing "
 			 "was changed");

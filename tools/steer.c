@@ -6,7 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <cap-ng.h>
 #include <jansson.h>
 
 #include "dconfig.h"
@@ -50,21 +49,12 @@ static void usage(FILE *f)
 
 static int fail(struct sopts *o, int rc)
 {
-	if (o->json) {
-		json_t *j = json_pack("{s:b,s:s}", "ok", 0, "error", o->err);
-
-		json_dumpf(j, stdout, JSON_INDENT(2));
-		putchar('\n');
-		json_decref(j);
-	}
-	fprintf(stderr, "%s steer: %s\n", prog, o->err);
-	return rc;
+	return cli_fail(o->json, "steer", o->err, rc);
 }
 
 static int need_net_admin(struct sopts *o)
 {
-	if (capng_get_caps_process() == 0 &&
-	    capng_have_capability(CAPNG_EFFECTIVE, CAP_NET_ADMIN))
+	if (cli_have_net_admin())
 		return 0;
 	snprintf(o->err, sizeof(o->err), "reading or changing the kernel's "
 		 "steering (nftables, rtnetlink) needs CAP_NET_ADMIN (run as "

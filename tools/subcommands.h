@@ -20,6 +20,14 @@ int takeover_main(int argc, char *argv[]);
 int giveback_main(int argc, char *argv[]);
 int retire_main(int argc, char *argv[]);
 
+/* From cli.c: a subcommand's failure reported (on stderr as "PROG CMD:
+ * ERR"; with json, {"ok": false, "error": ERR} on stdout too); returns
+ * rc, the exit status. */
+int cli_fail(int json, const char *cmd, const char *err, int rc);
+/* Whether this process may read and change the kernel's networking
+ * (CAP_NET_ADMIN, effective). */
+int cli_have_net_admin(void);
+
 /* For retire (from migrate.c, control.c, steer.c). */
 struct ms_user_report;
 struct ms_dconfig;

@@ -9,7 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <cap-ng.h>
 #include <jansson.h>
 
 #include "dconfig.h"
@@ -53,21 +52,12 @@ static void usage(FILE *f, const char *cmd)
 
 static int fail(struct topts *o, int rc)
 {
-	if (o->json) {
-		json_t *j = json_pack("{s:b,s:s}", "ok", 0, "error", o->err);
-
-		json_dumpf(j, stdout, JSON_INDENT(2));
-		putchar('\n');
-		json_decref(j);
-	}
-	fprintf(stderr, "%s %s: %s\n", prog, o->cmd, o->err);
-	return rc;
+	return cli_fail(o->json, o->cmd, o->err, rc);
 }
 
 static int need_net_admin(struct topts *o)
 {
-	if (capng_get_caps_process() == 0 &&
-	    capng_have_capability(CAPNG_EFFECTIVE, CAP_NET_ADMIN))
+	if (cli_have_net_admin())
 		return 0;
 	snprintf(o->err, sizeof(o->err), "%s needs CAP_NET_ADMIN (run as "
 		 "root); nothing was changed", o->cmd);

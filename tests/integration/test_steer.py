@@ -36,16 +36,15 @@ import imaplib
 import json
 import os
 import poplib
-import shutil
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
 
 import gateway as gwlib
 import netns
+import nsworld
 import routerlab
 from routerlab import Remote    # test_takeover.py takes it from here
 from conftest import dst_server, src_server, stop_all, wait_for
@@ -91,16 +90,7 @@ class Env:
         namespace; CompletedProcess (text), .json when it printed JSON."""
         argv = list(prefix) + [self.ctl_binary, 'steer', '-c',
                                config or self.gw.config_path] + list(args)
-        r = self.gw_ns.run(argv, check=False, timeout=60)
-        r.json = None
-        try:
-            r.json = json.loads(r.stdout) if r.stdout.strip() else None
-        except ValueError:
-            pass
-        if check is not None:
-            assert r.returncode == check, (argv, r.returncode, r.stdout,
-                                           r.stderr)
-        return r
+        return nsworld.ctl(self.gw_ns, argv, check)
 
     def dump(self):
         """Everything of the gateway namespace's that steering could
@@ -149,28 +139,13 @@ def _settled(ns):
 
 @pytest.fixture(scope='module')
 def env(test_root, ctl):
-    if os.geteuid() != 0:
-        pytest.skip('needs root: network namespaces, nftables, policy '
-                    'routing (uid %d)' % os.geteuid())
-    if not os.access(NFT, os.X_OK):
-        pytest.fail('nft (package nftables) is not installed',
-                    pytrace=False)
-    uid = '%d-%s' % (os.getpid(), os.urandom(2).hex())
-    names = ('ms-scli-', 'ms-sgw-', 'ms-ssrc-', 'ms-sdst-')
-    nss = [netns.NetNS(n + uid) for n in names]
+    uid, nss, root = nsworld.begin(
+        test_root, 'steer', NFT, 'nftables, policy routing',
+        ('ms-scli-', 'ms-sgw-', 'ms-ssrc-', 'ms-sdst-'))
     cli, gw_ns, src_ns, dst_ns = nss
-    root = os.path.join(test_root, 'steer-' + uid)
-    shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(root)
-    os.chmod(root, 0o755)
     servers, gw = [], None
     try:
-        try:
-            cli.add()
-        except netns.NotPermitted as e:
-            pytest.skip('network namespaces not permitted here: %s' % e)
-        for ns in nss[1:]:
-            ns.add()
+        nsworld.add_all(nss)
         routerlab.wire(cli, gw_ns, src_ns, dst_ns, NET, (CLI_BATCH_ADDR,))
         # IPv6 (nodad: usable at once) on the client's and the source's
         # segments.
@@ -186,16 +161,8 @@ def env(test_root, ctl):
         servers.append(src)
         dst = _server(dst_server, root, dst_ns)
         servers.append(dst)
-        for server, side in ((src, 'src'), (dst, 'dst')):
-            for i, user in enumerate(USERS):
-                m = server.imap(user)
-                try:
-                    msg, _ = marker('steer-%s-%s-%s' % (side, user, uid),
-                                    10 + i)
-                    typ, data = m.append('INBOX', None, None, msg)
-                    assert typ == 'OK', data
-                finally:
-                    m.logout()
+        nsworld.seed(((src, 'src'), (dst, 'dst')), USERS,
+                     'steer-%s-%s-' + uid, marker)
 
         gw = gwlib.Mailshiftd(
             os.path.join(root, 'gw'), Remote(src, SERVICE_ADDR),
@@ -217,15 +184,8 @@ def env(test_root, ctl):
         e.clean = e.dump()
         yield e
     finally:
-        problems = []
-        if gw is not None:
-            gw.stop()
-        stop_all(*servers)
-        problems += _remove_namespaces(nss)
-        if gw is not None and problems:
-            print('----- mailshiftd log (last lines)\n' + gw.log_tail(60))
-        shutil.rmtree(root, ignore_errors=True)
-        assert not problems, problems
+        nsworld.end(gw, nss, root, lambda: stop_all(*servers),
+                    _remove_namespaces)
 
 
 @pytest.fixture

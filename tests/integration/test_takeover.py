@@ -36,6 +36,7 @@ import pytest
 
 import gateway as gwlib
 import netns
+import nsworld
 from conftest import dst_server, src_server, stop_all, wait_for
 from test_gateway import GW_USERS, marker, sessions
 from test_steer import Remote, login_rip
@@ -125,16 +126,7 @@ class Env:
         """mailshiftctl CMD -c CONFIG ARGS... in the gateway namespace."""
         argv = list(prefix) + [self.ctl_binary, cmd, '-c',
                                config or self.gw.config_path] + list(args)
-        r = self.gw_ns.run(argv, check=False, timeout=60)
-        r.json = None
-        try:
-            r.json = json.loads(r.stdout) if r.stdout.strip() else None
-        except ValueError:
-            pass
-        if check is not None:
-            assert r.returncode == check, (argv, r.returncode, r.stdout,
-                                           r.stderr)
-        return r
+        return nsworld.ctl(self.gw_ns, argv, check)
 
     def takeover(self, *args, **kw):
         return self.ctl('takeover', *args, **kw)
@@ -189,28 +181,13 @@ def _renumber(ns, old, new):
 
 @pytest.fixture(scope='module')
 def env(test_root, ctl):
-    if os.geteuid() != 0:
-        pytest.skip('needs root: network namespaces, nftables, addresses '
-                    '(uid %d)' % os.geteuid())
-    if not os.access(NFT, os.X_OK):
-        pytest.fail('nft (package nftables) is not installed',
-                    pytrace=False)
-    uid = '%d-%s' % (os.getpid(), os.urandom(2).hex())
-    nss = [netns.NetNS(n + uid) for n in ('ms-tklan-', 'ms-tkcli-',
-                                          'ms-tkgw-', 'ms-tksrc-')]
+    uid, nss, root = nsworld.begin(
+        test_root, 'takeover', NFT, 'nftables, addresses',
+        ('ms-tklan-', 'ms-tkcli-', 'ms-tkgw-', 'ms-tksrc-'))
     lan, cli, gw_ns, src_ns = nss
-    root = os.path.join(test_root, 'takeover-' + uid)
-    shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(root)
-    os.chmod(root, 0o755)
     servers, gw, line = [], None, None
     try:
-        try:
-            lan.add()
-        except netns.NotPermitted as e:
-            pytest.skip('network namespaces not permitted here: %s' % e)
-        for ns in nss[1:]:
-            ns.add()
+        nsworld.add_all(nss)
         # The switch needs no addresses of its own (nor their settling).
         for k in ('all', 'default'):
             lan.run(['sysctl', '-qw', 'net.ipv6.conf.%s.disable_ipv6=1' % k])
@@ -236,16 +213,8 @@ def env(test_root, ctl):
         dst = dst_server(root, None, dict(USERS), netns=gw_ns.name)
         dst.start()
         servers.append(dst)
-        for server, side in ((src, 'src'), (dst, 'dst')):
-            for i, user in enumerate(USERS):
-                m = server.imap(user)
-                try:
-                    msg, _ = marker('tk-%s-%s-%s' % (side, user, uid),
-                                    10 + i)
-                    typ, data = m.append('INBOX', None, None, msg)
-                    assert typ == 'OK', data
-                finally:
-                    m.logout()
+        nsworld.seed(((src, 'src'), (dst, 'dst')), USERS,
+                     'tk-%s-%s-' + uid, marker)
         line = LineServer(src_ns)
 
         gw = gwlib.Mailshiftd(
@@ -273,17 +242,12 @@ def env(test_root, ctl):
         e.clean = e.dump()
         yield e
     finally:
-        problems = []
-        if gw is not None:
-            gw.stop()
-        if line is not None:
-            line.close()
-        stop_all(*servers)
-        problems += _remove_namespaces(nss)
-        if gw is not None and problems:
-            print('----- mailshiftd log (last lines)\n' + gw.log_tail(60))
-        shutil.rmtree(root, ignore_errors=True)
-        assert not problems, problems
+        def stop_servers():
+            if line is not None:
+                line.close()
+            stop_all(*servers)
+
+        nsworld.end(gw, nss, root, stop_servers, _remove_namespaces)
 
 
 def _cli_imap(env, user):

@@ -16,6 +16,7 @@
 #include <uv.h>
 
 #include "dconfig.h"
+#include "expect.h"
 #include "gateway.h"
 #include "gw_route.h"
 #include "store.h"
@@ -167,13 +168,8 @@ static int teardown(void **state)
 {
 	static const char *const names[] = { "mailshift.conf", "store.db",
 					     "store.db-wal", "store.db-shm" };
-	char path[160];
 
-	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
-		unlink(path);
-	}
-	return rmdir(dir);
+	return remove_dir(dir, names, sizeof(names) / sizeof(names[0]));
 }
 
 int main(void)

@@ -11,6 +11,7 @@
 
 #include <cmocka.h>
 
+#include "expect.h"
 #include "steer.h"
 
 static struct ms_steer_cfg cfg;
@@ -34,69 +35,57 @@ static int keys(char *err, size_t errsz, ...)
 
 #define BASE "address", "10.0.1.2", "port", "143 10143", "port", "110 10110"
 
-static void expect(int r, const char *err, const char *want)
-{
-	if (want == NULL) {
-		if (r != 0)
-			fail_msg("unexpected error: %s", err);
-		return;
-	}
-	assert_int_equal(r, -1);
-	if (strstr(err, want) == NULL)
-		fail_msg("error \"%s\" does not say \"%s\"", err, want);
-}
-
 static void steer_keys(void **state)
 {
 	char err[512];
 
-	expect(keys(err, sizeof(err), BASE, NULL), err, NULL);
-	expect(keys(err, sizeof(err), "port", "143 10143", NULL), err,
+	expect_error(keys(err, sizeof(err), BASE, NULL), err, NULL);
+	expect_error(keys(err, sizeof(err), "port", "143 10143", NULL), err,
 	       "names no address");
-	expect(keys(err, sizeof(err), "address", "10.0.1.2", NULL), err,
+	expect_error(keys(err, sizeof(err), "address", "10.0.1.2", NULL), err,
 	       "names no mail port");
-	expect(keys(err, sizeof(err), "address", "10.0.1.0/24", NULL), err,
+	expect_error(keys(err, sizeof(err), "address", "10.0.1.0/24", NULL), err,
 	       "not a prefix");
-	expect(keys(err, sizeof(err), "address", "mail.example", NULL), err,
+	expect_error(keys(err, sizeof(err), "address", "mail.example", NULL), err,
 	       "not an IPv4 or IPv6");
-	expect(keys(err, sizeof(err), BASE, "address", "10.0.1.2", NULL), err,
+	expect_error(keys(err, sizeof(err), BASE, "address", "10.0.1.2", NULL), err,
 	       "given twice");
-	expect(keys(err, sizeof(err), BASE, "port", "143", NULL), err,
+	expect_error(keys(err, sizeof(err), BASE, "port", "143", NULL), err,
 	       "port 143 given twice");
-	expect(keys(err, sizeof(err), BASE, "port", "00000000000000000025",
+	expect_error(keys(err, sizeof(err), BASE, "port", "00000000000000000025",
 		    NULL), err, "MAIL-PORT");
-	expect(keys(err, sizeof(err), "address", "10.0.1.2", "port", "25",
+	expect_error(keys(err, sizeof(err), "address", "10.0.1.2", "port", "25",
 		    NULL), err, "has no listener port");
-	expect(keys(err, sizeof(err), "address", "10.0.1.2", "port", "25",
+	expect_error(keys(err, sizeof(err), "address", "10.0.1.2", "port", "25",
 		    "action", "source", NULL), err, NULL);
 	/* A port without a listener is fine when no decision proxies it. */
-	expect(keys(err, sizeof(err), BASE, "port", "25", "destination",
+	expect_error(keys(err, sizeof(err), BASE, "port", "25", "destination",
 		    "10.0.2.2", "entry", "10.0.1.2 25 destination", NULL), err,
 	       NULL);
-	expect(keys(err, sizeof(err), BASE, "port", "25", "destination",
+	expect_error(keys(err, sizeof(err), BASE, "port", "25", "destination",
 		    "10.0.2.2", "entry", "10.0.1.2 25 destination", "entry",
 		    "10.0.1.2 25 10.9.0.0/16 proxy", NULL), err,
 	       "has no listener port");
-	expect(keys(err, sizeof(err), BASE, "action", "destination", NULL),
+	expect_error(keys(err, sizeof(err), BASE, "action", "destination", NULL),
 	       err, "no IPv4 destination");
-	expect(keys(err, sizeof(err), BASE, "other_ports", "proxy", NULL), err,
+	expect_error(keys(err, sizeof(err), BASE, "other_ports", "proxy", NULL), err,
 	       "source or destination");
-	expect(keys(err, sizeof(err), BASE, "mark", "0x4d530001", NULL), err,
+	expect_error(keys(err, sizeof(err), BASE, "mark", "0x4d530001", NULL), err,
 	       "low 8 bits");
-	expect(keys(err, sizeof(err), BASE, "route_table", "254", NULL), err,
+	expect_error(keys(err, sizeof(err), BASE, "route_table", "254", NULL), err,
 	       "route_table");
-	expect(keys(err, sizeof(err), BASE, "rule_priority", "auto", NULL),
+	expect_error(keys(err, sizeof(err), BASE, "rule_priority", "auto", NULL),
 	       err, NULL);
-	expect(keys(err, sizeof(err), BASE, "destination", "10.0.2.2",
+	expect_error(keys(err, sizeof(err), BASE, "destination", "10.0.2.2",
 		    "destination", "10.0.2.3", NULL), err, "one IPv4");
-	expect(keys(err, sizeof(err), BASE, "colour", "blue", NULL), err,
+	expect_error(keys(err, sizeof(err), BASE, "colour", "blue", NULL), err,
 	       "unknown key \"colour\" in [steer]");
-	expect(keys(err, sizeof(err), BASE, NULL), err, NULL);
+	expect_error(keys(err, sizeof(err), BASE, NULL), err, NULL);
 	assert_int_equal(cfg.backend, MS_STEER_BACKEND_NFT);
-	expect(keys(err, sizeof(err), BASE, "backend", "kmod", NULL), err,
+	expect_error(keys(err, sizeof(err), BASE, "backend", "kmod", NULL), err,
 	       NULL);
 	assert_int_equal(cfg.backend, MS_STEER_BACKEND_KMOD);
-	expect(keys(err, sizeof(err), BASE, "backend", "ebpf", NULL), err,
+	expect_error(keys(err, sizeof(err), BASE, "backend", "ebpf", NULL), err,
 	       "backend: nft or kmod");
 }
 
@@ -104,31 +93,31 @@ static void steer_entries(void **state)
 {
 	char err[512];
 
-	expect(keys(err, sizeof(err), BASE, "destination", "10.0.2.2",
+	expect_error(keys(err, sizeof(err), BASE, "destination", "10.0.2.2",
 		    "entry", "10.0.1.2 143 10.9.0.0/16 destination",
 		    "entry", "10.0.1.2 143 10.9.8.0/24 proxy",
 		    "entry", "10.0.1.2 other destination", NULL), err, NULL);
-	expect(keys(err, sizeof(err), BASE, "destination", "10.0.2.2",
+	expect_error(keys(err, sizeof(err), BASE, "destination", "10.0.2.2",
 		    "entry", "10.0.1.2 143 10.9.0.0/16 destination",
 		    "entry", "10.0.1.2 143 10.9.0.0/16 proxy", NULL), err,
 	       "contradicts");
-	expect(keys(err, sizeof(err), BASE, "entry", "10.0.1.2 143 source",
+	expect_error(keys(err, sizeof(err), BASE, "entry", "10.0.1.2 143 source",
 		    "entry", "10.0.1.2 143 source", NULL), err, "repeats");
-	expect(keys(err, sizeof(err), BASE, "entry", "10.0.1.3 143 source",
+	expect_error(keys(err, sizeof(err), BASE, "entry", "10.0.1.3 143 source",
 		    NULL), err, "not a service address");
-	expect(keys(err, sizeof(err), BASE, "entry", "10.0.1.2 993 source",
+	expect_error(keys(err, sizeof(err), BASE, "entry", "10.0.1.2 993 source",
 		    NULL), err, "not a mail port");
-	expect(keys(err, sizeof(err), BASE, "entry", "10.0.1.2 other proxy",
+	expect_error(keys(err, sizeof(err), BASE, "entry", "10.0.1.2 other proxy",
 		    NULL), err, "only mail ports");
-	expect(keys(err, sizeof(err), BASE, "entry",
+	expect_error(keys(err, sizeof(err), BASE, "entry",
 		    "10.0.1.2 143 10.9.0.1/16 source", NULL), err,
 	       "bits set after the prefix");
-	expect(keys(err, sizeof(err), BASE, "entry",
+	expect_error(keys(err, sizeof(err), BASE, "entry",
 		    "10.0.1.2 143 2001:db8::/32 source", NULL), err,
 	       "not of the address's family");
-	expect(keys(err, sizeof(err), BASE, "entry", "10.0.1.2 143", NULL),
+	expect_error(keys(err, sizeof(err), BASE, "entry", "10.0.1.2 143", NULL),
 	       err, "ADDRESS PORT [PREFIX] ACTION");
-	expect(keys(err, sizeof(err), BASE, "entry",
+	expect_error(keys(err, sizeof(err), BASE, "entry",
 		    "10.0.1.2 143 10.9.0.0/16 source extra", NULL), err,
 	       "ADDRESS PORT [PREFIX] ACTION");
 }
@@ -140,7 +129,7 @@ static void steer_ruleset(void **state)
 	char err[512], *text;
 	unsigned int n;
 
-	expect(keys(err, sizeof(err), BASE, "address", "2001:db8::2",
+	expect_error(keys(err, sizeof(err), BASE, "address", "2001:db8::2",
 		    "destination", "10.0.2.2", "entry",
 		    "10.0.1.2 143 10.9.0.0/16 destination", "entry",
 		    "10.0.1.2 143 10.9.8.0/24 proxy", NULL), err, NULL);

@@ -12,19 +12,8 @@
 
 #include <cmocka.h>
 
+#include "expect.h"
 #include "takeover.h"
-
-static void expect(int r, const char *err, const char *want)
-{
-	if (want == NULL) {
-		if (r != 0)
-			fail_msg("unexpected error: %s", err);
-		return;
-	}
-	assert_int_equal(r, -1);
-	if (strstr(err, want) == NULL)
-		fail_msg("error \"%s\" does not say \"%s\"", err, want);
-}
 
 /* A [takeover] from three values (NULL: not given), checked. */
 static int takeover(struct ms_takeover_cfg *t, const char *vip,
@@ -44,27 +33,27 @@ static void takeover_keys(void **state)
 	struct ms_takeover_cfg t;
 	char err[512];
 
-	expect(takeover(&t, "192.0.2.10", "eth0", "192.0.2.11", err,
+	expect_error(takeover(&t, "192.0.2.10", "eth0", "192.0.2.11", err,
 			sizeof(err)), err, NULL);
 	assert_int_equal(t.masquerade, 1);
-	expect(takeover(&t, "192.0.2.10", NULL, "192.0.2.11", err,
+	expect_error(takeover(&t, "192.0.2.10", NULL, "192.0.2.11", err,
 			sizeof(err)), err, "--dev");
-	expect(takeover(&t, "192.0.2.10", "eth0", "192.0.2.10", err,
+	expect_error(takeover(&t, "192.0.2.10", "eth0", "192.0.2.10", err,
 			sizeof(err)), err, "renumber the old server first");
-	expect(takeover(&t, "192.0.2.10", "eth0", "2001:db8::11", err,
+	expect_error(takeover(&t, "192.0.2.10", "eth0", "2001:db8::11", err,
 			sizeof(err)), err, "not of one family");
-	expect(takeover(&t, "192.0.2.0/24", "eth0", "192.0.2.11", err,
+	expect_error(takeover(&t, "192.0.2.0/24", "eth0", "192.0.2.11", err,
 			sizeof(err)), err, "not a prefix");
-	expect(takeover(&t, "192.0.2.10", "a/b", "192.0.2.11", err,
+	expect_error(takeover(&t, "192.0.2.10", "a/b", "192.0.2.11", err,
 			sizeof(err)), err, "an interface name");
-	expect(takeover(&t, "192.0.2.10", "0123456789abcdef", "192.0.2.11",
+	expect_error(takeover(&t, "192.0.2.10", "0123456789abcdef", "192.0.2.11",
 			err, sizeof(err)), err, "an interface name");
-	expect(ms_takeover_key(&t, "masquerade", "maybe", err, sizeof(err)),
+	expect_error(ms_takeover_key(&t, "masquerade", "maybe", err, sizeof(err)),
 	       err, "yes or no");
-	expect(ms_takeover_key(&t, "masquerade", "no", err, sizeof(err)),
+	expect_error(ms_takeover_key(&t, "masquerade", "no", err, sizeof(err)),
 	       err, NULL);
 	assert_int_equal(t.masquerade, 0);
-	expect(ms_takeover_key(&t, "vip", "192.0.2.10", err, sizeof(err)),
+	expect_error(ms_takeover_key(&t, "vip", "192.0.2.10", err, sizeof(err)),
 	       err, "unknown key \"vip\" in [takeover]");
 }
 
@@ -86,23 +75,23 @@ static void takeover_steer(void **state)
 	struct ms_steer_cfg s;
 	char err[512];
 
-	expect(takeover(&t, "192.0.2.10", "eth0", "192.0.2.11", err,
+	expect_error(takeover(&t, "192.0.2.10", "eth0", "192.0.2.11", err,
 			sizeof(err)), err, NULL);
 	/* The VIP becomes a service address, the new address its source. */
 	steer_cfg(&s, NULL);
-	expect(ms_takeover_steer(&t, &s, err, sizeof(err)), err, NULL);
+	expect_error(ms_takeover_steer(&t, &s, err, sizeof(err)), err, NULL);
 	assert_int_equal(s.naddrs, 1);
 	assert_string_equal(s.addrs[0].text, "192.0.2.10");
 	assert_string_equal(s.src[0].text, "192.0.2.11");
 	/* Already listed: not twice. */
-	expect(ms_takeover_steer(&t, &s, err, sizeof(err)), err, NULL);
+	expect_error(ms_takeover_steer(&t, &s, err, sizeof(err)), err, NULL);
 	assert_int_equal(s.naddrs, 1);
 	/* A [steer] source naming another server is a contradiction. */
 	steer_cfg(&s, "192.0.2.99");
-	expect(ms_takeover_steer(&t, &s, err, sizeof(err)), err,
+	expect_error(ms_takeover_steer(&t, &s, err, sizeof(err)), err,
 	       "make them one");
 	steer_cfg(&s, "192.0.2.11");
-	expect(ms_takeover_steer(&t, &s, err, sizeof(err)), err, NULL);
+	expect_error(ms_takeover_steer(&t, &s, err, sizeof(err)), err, NULL);
 }
 
 static void takeover_ruleset(void **state)
@@ -110,7 +99,7 @@ static void takeover_ruleset(void **state)
 	struct ms_takeover_cfg t;
 	char err[512], *text;
 
-	expect(takeover(&t, "2001:db8::10", "eth0", "2001:db8::11", err,
+	expect_error(takeover(&t, "2001:db8::10", "eth0", "2001:db8::11", err,
 			sizeof(err)), err, NULL);
 	text = ms_takeover_ruleset(&t, 0x4d530000, 1);
 	assert_non_null(text);

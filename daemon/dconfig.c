@@ -99,11 +99,11 @@ static int backend_key(struct ms_dconfig *c, int dst, const char *key,
 		return set_buf(dst ? c->dst_ca : c->src_ca, sizeof(c->src_ca),
 			       key, value, err, errsz);
 	if (!strcmp(key, "insecure"))
-		return ms_config_bool(dst ? &c->dst_insecure : &c->src_insecure, key,
-				value, err, errsz);
+		return ms_config_bool(dst ? &c->dst_insecure : &c->src_insecure,
+				      key, value, err, errsz);
 	if (!strcmp(key, "transparent"))
-		return set_bool(dst ? &c->dst_transparent :
-				&c->src_transparent, key, value, err, errsz);
+		return ms_config_bool(dst ? &c->dst_transparent :
+				      &c->src_transparent, key, value, err, errsz);
 	return unknown(key, dst ? "destination" : "source", err, errsz);
 }
 

@@ -13,6 +13,7 @@
 #   make fuzz       run them longer: make fuzz FUZZ_SECONDS=600 [FUZZ=fuzz_sasl]
 #   make demo       two local Dovecots, a demo mailbox moved while you watch
 #   make bench      the mover benchmark against mbsync and doveadm (not a test)
+#   make bench-stall what the gateway adds to a command written in pieces
 #   make kmod       the kernel module, kmod/mailshift.ko (KDIR= a kernel
 #                   build tree; default the installed Debian cloud headers)
 #   make kmod-check the module under the kernel's checkpatch.pl --strict
@@ -248,6 +249,10 @@ bench-gateway: deps
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(PYTHON) bench/gateway_bench.py
 
+bench-stall: deps
+	$(Q)$(MAKE) --no-print-directory all
+	$(Q)$(PYTHON) bench/stall_bench.py
+
 # ---- the kernel module (kmod/, docs/kmod.md) ----
 #
 # Built out of tree through the top-level Kbuild. KDIR: a kernel's build
@@ -314,7 +319,7 @@ clean:
 	rm -rf build
 
 .PHONY: all asan hooks fuzz-build deps unit integration check-asan check-fuzz fuzz \
-	kmod kmod-check kmod-clean check demo bench bench-gateway install uninstall clean
+	kmod kmod-check kmod-clean check demo bench bench-gateway bench-stall install uninstall clean
 .SECONDARY:
 -include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d) daemon/mailshiftd.d
 -include $(wildcard $(ASAN_DIR)/obj/*/*.d $(ASAN_DIR)/unit/*.d)

@@ -241,6 +241,18 @@ static int imap_tag_ok(const char *t, size_t n)
 	return 1;
 }
 
+/* Whether the command line starting at in is "TAG ID ...": an ID's line
+ * may be as long as RFC 2971 lets it be (GW_ID_LINE_MAX). */
+static int imap_is_id(const char *in, size_t len)
+{
+	const char *sp = memchr(in, ' ', len);
+
+	if (sp == NULL || sp == in || memchr(in, '\n', sp - in) != NULL)
+		return 0;
+	len -= (size_t)(sp + 1 - in);
+	return len >= 3 && strncasecmp(sp + 1, "ID ", 3) == 0;
+}
+
 /* Splits one command line into s->argv (atoms and quoted strings); a
  * trailing {N} or {N+} starts a literal. Returns 1 when the command is
  * complete, 0 when a literal follows, -1 on a syntax error. */
@@ -254,6 +266,10 @@ static int imap_tokenize(struct session *s, const char *p)
 			p++;
 		if (*p == '\0')
 			break;
+		/* An ID's parameters are not looked at (we answer with our
+		 * own): one slot is reused for each, literals included. */
+		if (s->id_line && s->argc > 2)
+			ms_secret_free(&s->argv[--s->argc]);
 		if (s->argc == GW_ARG_MAX)
 			return -1;
 		if (s->argc == 0 && (*p == '"' || *p == '{'))
@@ -327,9 +343,12 @@ static void imap_process(struct session *s)
 			s->lit_need -= n;
 			continue;
 		}
+		if (s->argc == 0)
+			s->id_line = s->st == SS_PRELOGIN &&
+				     imap_is_id(s->in, s->inlen);
 		lf = memchr(s->in, '\n', s->inlen);
-		if ((lf == NULL && s->inlen >= GW_INBUF_MAX) ||
-		    (lf != NULL && (size_t)(lf - s->in) >= GW_INBUF_MAX)) {
+		if ((lf == NULL && s->inlen >= gw_line_max(s)) ||
+		    (lf != NULL && (size_t)(lf - s->in) >= gw_line_max(s))) {
 			gw_line_too_long(s);
 			return;
 		}

@@ -24,9 +24,13 @@
 #define GW_INBUF_MAX 8192	/* pre-login command line, literals
 				   included; more buffered than this:
 				   not read */
-/* What may be buffered at all: GW_INBUF_MAX, then one read (net.c reads at
- * most 64 KiB at a time) before reading stops. */
-#define GW_INBUF_HARD (GW_INBUF_MAX + 64 * 1024 + 16 * 1024)
+/* An IMAP ID command line (RFC 2971: up to 30 field-value pairs, fields of
+ * 30 octets, values of 1024: 31,809 bytes with a tag of two) is let grow to
+ * this, its CRLF included; every other line stops at GW_INBUF_MAX. */
+#define GW_ID_LINE_MAX (32 * 1024)
+/* What may be buffered at all: the longest line, then one read (net.c
+ * reads at most 64 KiB at a time) before reading stops. */
+#define GW_INBUF_HARD (GW_ID_LINE_MAX + 64 * 1024 + 16 * 1024)
 #define GW_ARG_MAX 8
 #define GW_LITERAL_MAX 4096	/* a pre-login literal (user, password) */
 #define GW_BAD_MAX 10		/* bad pre-login commands: we hang up */
@@ -91,6 +95,8 @@ struct session {
 	char *argv[GW_ARG_MAX];
 	unsigned int argc;
 	size_t lit_need;		/* literal bytes still to come */
+	int id_line;			/* the command read is an IMAP ID: its
+					   line may be GW_ID_LINE_MAX long */
 	unsigned int bad;
 	char tag[256];
 
@@ -118,6 +124,12 @@ struct session {
 	 * source's UIDLs put back (NULL for every other session) */
 	struct uidl_relay *ur;
 };
+
+/* How many bytes the command line being read may have. */
+static inline size_t gw_line_max(const struct session *s)
+{
+	return s->id_line ? GW_ID_LINE_MAX : GW_INBUF_MAX;
+}
 
 struct guser {
 	struct guser *next;

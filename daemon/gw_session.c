@@ -48,6 +48,7 @@ void gw_clear_args(struct session *s)
 		ms_secret_free(&s->argv[i]);
 	s->argc = 0;
 	s->lit_need = 0;
+	s->id_line = 0;
 }
 
 /* ---- timers ---- */
@@ -611,7 +612,8 @@ void gw_prelogin_timer(struct session *s)
 
 /* The commands buffered so far, while the client reads our answers: one
  * that does not is not read any more (until on_client_drain); nor is one
- * that sent GW_INBUF_MAX bytes we cannot take yet (a login under way).
+ * that sent a line's worth (gw_line_max) we cannot take yet (a login under
+ * way).
  * Called again from inside (a login refused at once): the running loop
  * goes on with the next command. */
 static void gw_prelogin_process(struct session *s)
@@ -627,7 +629,7 @@ static void gw_prelogin_process(struct session *s)
 		return;
 	if (gw_prelogin_reading(s) && ms_conn_over_high(s->c))
 		ms_pause_set(s->c, &s->c_paused, MS_PAUSE_WRITE);
-	if (s->inlen >= GW_INBUF_MAX)
+	if (s->inlen >= gw_line_max(s))
 		ms_pause_set(s->c, &s->c_paused, MS_PAUSE_INPUT);
 	else
 		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_INPUT);
@@ -647,7 +649,7 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 	if (s->st == SS_STARTTLS)
 		return;
 	if (inbuf_reserve(s, len) < 0) {
-		/* Cannot happen while reading stops at GW_INBUF_MAX. */
+		/* Cannot happen while reading stops at gw_line_max(). */
 		gw_line_too_long(s);
 		return;
 	}

@@ -152,12 +152,15 @@ static void imap_command(struct session *s)
 		ms_login_wipe(&s->login);
 		s->login.user = strdup(s->argv[2]);
 		s->login.pass = strdup(s->argv[3]);
+		s->mech = "imap-login";
 		gw_login_start(s);
 	} else if (!strcasecmp(cmd, "AUTHENTICATE")) {
 		if (s->argc < 3 || s->argc > 4) {
 			imap_bad(s, tag, "Invalid arguments.");
 			return;
 		}
+		s->mech = !strcasecmp(s->argv[2], "PLAIN") ? "sasl-plain" :
+			  !strcasecmp(s->argv[2], "LOGIN") ? "sasl-login" : NULL;
 		if (gw_plaintext_refused(s))
 			return;
 		if (!strcasecmp(s->argv[2], "PLAIN")) {

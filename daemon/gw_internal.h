@@ -17,6 +17,7 @@
 #include "gateway.h"
 #include "gw_login.h"
 #include "gw_route.h"
+#include "log.h"
 #include "mover.h"
 #include "net.h"
 #include "store.h"
@@ -101,6 +102,12 @@ struct session {
 	char tag[256];
 
 	struct ms_login login;		/* captured (wiped when done with) */
+	const char *mech;		/* how the client logged in, for the
+					   log: "imap-login", "pop3-user",
+					   "sasl-plain", "sasl-login" */
+	int logged_in;			/* a server took the login: the end
+					   of the session is logged */
+	uint64_t bytes_in, bytes_out;	/* relayed from / to the client */
 
 	/* backend */
 	enum gw_bstate bst;
@@ -145,6 +152,8 @@ struct guser {
 	int resume;			/* gw_recover(): copy interrupted by a
 					   crash, to be started again */
 	int rollback;			/* the cutover runs back to the source */
+	int logged_state;		/* the state -v said last, + 1 (0:
+					   none yet) */
 	char *pw;			/* captured password, for the copies */
 	uv_timer_t *grace;		/* cutover: waiting before the delta */
 	struct ms_gateway *gw;
@@ -164,6 +173,8 @@ struct ms_gateway {
 	struct guser *users[USER_BUCKETS];
 	struct ms_mover *mover;
 	unsigned int copies;		/* mover jobs running */
+	struct ms_progress copies_base;	/* the mover's counts when the
+					   running copies began */
 	uv_timer_t *sweep_timer;
 	uint64_t sweep_next_ms;		/* rate: no new sweep start before */
 	uint64_t sweeps;		/* passes that looked for users */
@@ -212,6 +223,8 @@ void gw_timer_start(struct session *s, uv_timer_cb cb, uint64_t ms,
 		    uint64_t repeat);
 void gw_session_close(struct session *s);
 void gw_backend_fail(struct session *s, const char *why);
+void gw_log_login(struct session *s, enum ms_log_level level,
+		  const char *server, const char *result, const char *more);
 void gw_backend_greeted(struct session *s, const char *starttls);
 void gw_backend_on_tls(struct ms_conn *conn, int status,
 		       const char *error);

@@ -75,6 +75,63 @@ static void on_idle_timeout(uv_timer_t *t)
 	gw_session_close(s);
 }
 
+/* ---- the log an operator reads (docs/gateway-spec.md, "The log") ---- */
+
+/* "ADDR:PORT", or "[ADDR]:PORT" for IPv6. */
+static void addr_port(char *buf, size_t sz, const char *addr, uint16_t port)
+{
+	snprintf(buf, sz, strchr(addr, ':') != NULL ? "[%s]:%u" : "%s:%u",
+		 addr, port);
+}
+
+static const char *session_user(const struct session *s)
+{
+	if (s->login.user != NULL)
+		return ms_login_name(&s->login);
+	return s->gu != NULL ? s->gu->name : "?";
+}
+
+static const char *session_server(const struct session *s)
+{
+	return s->to_dst ? "destination" : "source";
+}
+
+/* One line per login that came to an end: who, from where, how, to which
+ * server ("-": none was asked), and the result; what follows (may be
+ * NULL) closes the line. */
+void gw_log_login(struct session *s, enum ms_log_level level,
+		  const char *server, const char *result, const char *more)
+{
+	char client[80];
+
+	addr_port(client, sizeof(client), s->peer, s->peer_port);
+	ms_log(level, "session %llu: login: user=<%s> client=%s proto=%s "
+	       "mechanism=%s tls=%s server=%s result=%s%s%s",
+	       (unsigned long long)s->id, session_user(s), client,
+	       s->proto == MS_GW_IMAP ? "imap" : "pop3",
+	       s->mech != NULL ? s->mech : "-", s->tls ? "yes" : "no",
+	       server != NULL ? server : session_server(s), result,
+	       more != NULL ? " " : "", more != NULL ? more : "");
+}
+
+/* The end of a session a server took the login of: how long it was open
+ * and the bytes relayed each way. */
+static void log_session_end(struct session *s)
+{
+	uint64_t ms = uv_now(s->gw->loop) - s->born_ms;
+	char client[80];
+
+	addr_port(client, sizeof(client), s->peer, s->peer_port);
+	ms_info("session %llu: end: user=<%s> client=%s proto=%s server=%s "
+		"duration=%llu.%03llus in=%llu out=%llu",
+		(unsigned long long)s->id, session_user(s), client,
+		s->proto == MS_GW_IMAP ? "imap" : "pop3", session_server(s),
+		(unsigned long long)(ms / 1000),
+		(unsigned long long)(ms % 1000),
+		(unsigned long long)s->bytes_in,
+		(unsigned long long)s->bytes_out);
+}
+
 /* ---- session lifetime ---- */
 
 static void gw_session_uncount(struct session *s)
@@ -122,6 +179,8 @@ void gw_session_close(struct session *s)
 
 	if (s->st == SS_CLOSING)
 		return;
+	if (s->logged_in)
+		log_session_end(s);
 	s->st = SS_CLOSING;
 	ms_conn_close(&s->b);
 	ms_conn_close(&s->c);
@@ -173,11 +232,8 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 {
 	gw_timer_stop(s);
 	s->st = SS_RELAY;
-	/* -v: each login's route (mailshiftd(8)). */
-	ms_info("session %llu: %s: %s login of %s, relayed to the %s",
-		(unsigned long long)s->id, s->peer, s->proto == MS_GW_IMAP ?
-		"IMAP" : "POP3", s->gu != NULL ? s->gu->name : "?",
-		s->to_dst ? "destination" : "source");
+	s->logged_in = 1;
+	gw_log_login(s, MS_LOG_INFO, NULL, "ok", NULL);
 	ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_WRITE | MS_PAUSE_INPUT);
 	ms_login_wipe(&s->login);
 	bin_free(s);
@@ -186,6 +242,8 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 	ms_conn_set_wipe(s->c, 0);
 	ms_conn_set_wipe(s->b, 0);
 	/* What the server sent after its login reply. */
+	s->bytes_out += restlen;
+	s->bytes_in += s->inlen;
 	if (restlen > 0 && s->ur != NULL) {
 		if (s->pr->relay_server(s, rest, restlen) < 0) {
 			gw_session_close(s);
@@ -207,8 +265,11 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 
 void gw_backend_fail(struct session *s, const char *why)
 {
-	ms_warn("session %llu: %s: %s", (unsigned long long)s->id,
-		s->login.user != NULL ? s->login.user : "?", why);
+	char more[600];
+
+	snprintf(more, sizeof(more), "reason=%s", why);
+	gw_log_login(s, MS_LOG_WARN, s->st == SS_BACKEND ? NULL : "-",
+		     "unavailable", more);
 	gw_timer_stop(s);
 	ms_conn_close(&s->b);
 	gw_session_uncount(s);
@@ -328,9 +389,11 @@ static void on_penalty_over(uv_timer_t *t)
 void gw_login_failed(struct session *s, const char *reply)
 {
 	uint64_t delay = penalty_ms(s->gw, s->peer, 1);
+	char more[40];
 
-	ms_info("session %llu: %s: login failed, reply delayed %llu ms",
-		(unsigned long long)s->id, s->peer, (unsigned long long)delay);
+	snprintf(more, sizeof(more), "delay=%llums",
+		 (unsigned long long)delay);
+	gw_log_login(s, MS_LOG_INFO, NULL, "failed", more);
 	s->gw->logins_failed++;
 	ms_conn_close(&s->b);
 	gw_session_uncount(s);
@@ -354,6 +417,7 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 	struct session *s = ms_conn_ctx(conn);
 
 	if (s->st == SS_RELAY) {
+		s->bytes_out += len;
 		if (s->ur == NULL ?
 		    ms_relay(s->c, s->b, &s->b_paused, data, len) < 0 :
 		    s->pr->relay_server(s, data, len) < 0)
@@ -405,6 +469,7 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 			gw_session_uncount(s);
 			if (gw_login_accepted(s) < 0)
 				return;
+			gw_log_login(s, MS_LOG_INFO, NULL, "held", NULL);
 			gw_hold(s);
 			return;
 		}
@@ -502,8 +567,8 @@ int gw_plaintext_refused(struct session *s)
 {
 	if (s->tls || ms_gw_plaintext_ok(s->gw, s->peer))
 		return 0;
-	ms_info("session %llu: %s: plaintext login refused (not TLS, not a "
-		"trusted network)", (unsigned long long)s->id, s->peer);
+	gw_log_login(s, MS_LOG_INFO, "-", "refused", "reason=plaintext login "
+		     "refused (not TLS, not a trusted network)");
 	gw_login_refuse(s, "PRIVACYREQUIRED", "AUTH", "Plaintext "
 			"authentication disallowed on non-secure (SSL/TLS) "
 			"connections.");
@@ -640,6 +705,7 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 	struct session *s = ms_conn_ctx(conn);
 
 	if (s->st == SS_RELAY) {
+		s->bytes_in += len;
 		if (s->ur != NULL)
 			s->pr->relay_client(s, data, len);
 		if (ms_relay(s->b, s->c, &s->c_paused, data, len) < 0)

@@ -115,18 +115,42 @@ static int user_state(struct ms_gateway *gw, const char *name,
 	return user_lookup(gw, name, info);
 }
 
-static void set_state(struct ms_gateway *gw, const char *name,
-		      enum ms_user_state state, const char *error)
+/* "USER: state STATE" at -v, once per change: the mover writes "copying"
+ * and "failed" itself, and the gateway writes some states again (a last
+ * delta's cutover, an operator's migrate, a copy that ends with sessions
+ * open), so what was said last is kept per user. */
+static void log_state(struct ms_gateway *gw, const char *name,
+		      enum ms_user_state state)
+{
+	struct guser *gu = gw_user_find(gw, name);
+
+	if (gu != NULL && gu->logged_state == (int)state + 1)
+		return;
+	if (gu != NULL)
+		gu->logged_state = (int)state + 1;
+	ms_info("%s: state %s", name, ms_user_state_names[state]);
+}
+
+static int store_state(struct ms_gateway *gw, const char *name,
+		       enum ms_user_state state, const char *error)
 {
 	int64_t id;
 
 	if (ms_store_user_get(gw->store, name, &id) < 0 ||
 	    ms_store_user_set_state(gw->store, id, ms_user_state_names[state],
-				    error) < 0)
+				    error) < 0) {
 		ms_log(MS_LOG_ERROR, "%s: store: %s", name,
 		       ms_store_error(gw->store));
-	else
-		ms_info("%s: state %s", name, ms_user_state_names[state]);
+		return -1;
+	}
+	return 0;
+}
+
+static void set_state(struct ms_gateway *gw, const char *name,
+		      enum ms_user_state state, const char *error)
+{
+	if (store_state(gw, name, state, error) == 0)
+		log_state(gw, name, state);
 }
 
 /* ---- routing and a user's life ---- */
@@ -141,6 +165,15 @@ static void held_release(struct ms_gateway *gw, struct guser *gu)
 		    !strcmp(ms_login_name(&s->login), gu->name))))
 			gw_route_login(s);
 	}
+}
+
+/* A mover job starts. The first of a busy spell notes the mover's counts
+ * so far: `status` shows the running copies' progress, not the sum of
+ * every copy since the start. */
+static void copies_start(struct ms_gateway *gw)
+{
+	if (gw->copies++ == 0 && gw->mover != NULL)
+		ms_mover_progress(gw->mover, &gw->copies_base);
 }
 
 /* A mover job of the user's ended: the user, or NULL when unknown. */
@@ -217,7 +250,7 @@ static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
 	    (gu->pw == NULL && !gw_have_admin(gw)))
 		return;
 	gu->copying = 1;
-	gw->copies++;
+	copies_start(gw);
 	gu->touched = gu->sessions > 0;
 	/* A side with an admin login uses it (the user's own password is
 	 * not the admin's); the other side the captured password. */
@@ -233,8 +266,12 @@ static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
 	}
 	ms_info("%s: copy started%s", gu->name, gu->cutover ?
 		" (the last delta)" : "");
+	/* The mover wrote "copying"; a last delta's user stays in cutover
+	 * (written back). */
 	if (gu->cutover)
-		set_state(gw, gu->name, MS_USER_CUTOVER, NULL);
+		store_state(gw, gu->name, MS_USER_CUTOVER, NULL);
+	else
+		log_state(gw, gu->name, MS_USER_COPYING);
 }
 
 /* Cutover: from now on logins are held and inbound mail for the user is
@@ -319,6 +356,8 @@ static void gw_held_tick(uv_timer_t *t)
 			gw_backend_connect(s, 0, 0);
 			return;
 		}
+		gw_log_login(s, MS_LOG_INFO, "-", "unavailable", "reason=held "
+			     "too long (the user is being moved)");
 		gw_login_refuse(s, "UNAVAILABLE", "IN-USE", "Your mail is "
 				"being moved, try again in a minute.");
 		s->st = SS_PRELOGIN;
@@ -647,7 +686,7 @@ static void on_rollback_done(const struct ms_user_report *rep, void *ctx)
 			ms_log(MS_LOG_ERROR, "%s: store: %s", gu->name,
 			       ms_store_error(gw->store));
 		else
-			ms_info("%s: state source", gu->name);
+			log_state(gw, gu->name, MS_USER_SOURCE);
 		MS_CRASH_POINT("rollback.flip-after");
 	} else {
 		/* The destination still holds everything: stay there. */
@@ -662,7 +701,7 @@ static void on_rollback_done(const struct ms_user_report *rep, void *ctx)
 static void rollback_start(struct ms_gateway *gw, struct guser *gu)
 {
 	gu->copying = 1;
-	gw->copies++;
+	copies_start(gw);
 	if (ms_mover_add_rollback(gw->mover, gu->name, NULL, NULL,
 				  on_rollback_done, gw) < 0) {
 		struct ms_user_report rep = {
@@ -736,11 +775,20 @@ unsigned int ms_gateway_user_sessions(struct ms_gateway *gw, const char *user)
 	return gu != NULL ? gu->sessions : 0;
 }
 
+/* The running copies' progress; nothing when none runs ("copying now"
+ * is said only while something copies). */
 void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p)
 {
+	const struct ms_progress *b = &gw->copies_base;
+
 	memset(p, 0, sizeof(*p));
-	if (gw->mover != NULL)
-		ms_mover_progress(gw->mover, p);
+	if (gw->mover == NULL || gw->copies == 0)
+		return;
+	ms_mover_progress(gw->mover, p);
+	p->msgs_todo -= b->msgs_todo;
+	p->msgs_done -= b->msgs_done;
+	p->bytes_done -= b->bytes_done;
+	p->seconds -= b->seconds;
 }
 
 /* ---- after a restart, and the sweep ---- */

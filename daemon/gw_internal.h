@@ -156,6 +156,12 @@ struct guser {
 					   none yet) */
 	char *pw;			/* captured password, for the copies */
 	uv_timer_t *grace;		/* cutover: waiting before the delta */
+	uv_timer_t *quiet;		/* verified: waiting for flip_quiet
+					   without a session to the source */
+	uint64_t idle_since;		/* uv_now() when its last session to
+					   a server ended (0: none yet) */
+	int flip_now;			/* the operator moves the user: no
+					   quiet period */
 	struct ms_gateway *gw;
 };
 
@@ -250,6 +256,7 @@ int gw_sessions_kick(struct ms_gateway *gw, const char *user);
 
 struct guser *gw_user_find(struct ms_gateway *gw, const char *name);
 void gw_cutover_begin(struct ms_gateway *gw, struct guser *gu);
+void gw_flip_when_quiet(struct ms_gateway *gw, struct guser *gu);
 void gw_hold(struct session *s);
 void gw_route_login(struct session *s);
 int gw_login_accepted(struct session *s);

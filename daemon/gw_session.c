@@ -143,11 +143,13 @@ static void gw_session_uncount(struct session *s)
 		return;
 	s->counted = 0;
 	gu->sessions--;
-	/* The last session of a verified user ends: flip now. */
-	if (gu->sessions == 0 && gu->flip_pending && !gu->copying) {
-		gu->flip_pending = 0;
-		gw_cutover_begin(gw, gu);
-	}
+	/* (A hold's password check is no session the user worked in.) */
+	if (gu->sessions == 0 && !s->verify_only)
+		gu->idle_since = uv_now(gw->loop);
+	/* The last session of a verified user ends: flip once the user has
+	 * not come back for [policy] flip_quiet. */
+	if (gu->sessions == 0 && gu->flip_pending && !gu->copying)
+		gw_flip_when_quiet(gw, gu);
 }
 
 /* Pre-login input holds passwords: wiped before it is let go. */

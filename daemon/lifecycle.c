@@ -153,6 +153,65 @@ static void set_state(struct ms_gateway *gw, const char *name,
 		log_state(gw, name, state);
 }
 
+/* ---- the quiet period before a flip ([policy] flip_quiet) ---- */
+
+static uint64_t quiet_ms(const struct ms_gateway *gw)
+{
+	return MS_TEST_TIME(gw->cfg.flip_quiet * 1000ULL);
+}
+
+/* Whether the user's last session to a server ended less than flip_quiet
+ * ago. */
+static int left_just_now(struct ms_gateway *gw, const struct guser *gu)
+{
+	return gw->cfg.flip_quiet > 0 && gu->idle_since != 0 &&
+		uv_now(gw->loop) - gu->idle_since < quiet_ms(gw);
+}
+
+static void on_quiet(uv_timer_t *t)
+{
+	struct guser *gu = t->data;
+
+	/* Back meanwhile: the end of that session waits again. */
+	if (gu->sessions > 0 || !gu->flip_pending || gu->copying)
+		return;
+	gu->flip_pending = 0;
+	gw_cutover_begin(gu->gw, gu);
+}
+
+/* A verified user with no session open: the cutover begins once none has
+ * been open for flip_quiet, so that a client that reconnects for each
+ * folder (neomutt) is not flipped between two connections. A login
+ * meanwhile goes to the source as before (the user is still copying) and
+ * its end starts the wait again. The operator's move does not wait. */
+void gw_flip_when_quiet(struct ms_gateway *gw, struct guser *gu)
+{
+	uint64_t idle = uv_now(gw->loop) - gu->idle_since;
+
+	if (gu->flip_now || !left_just_now(gw, gu)) {
+		gu->flip_now = 0;
+		gu->flip_pending = 0;
+		if (gu->quiet != NULL)
+			uv_timer_stop(gu->quiet);
+		gw_cutover_begin(gw, gu);
+		return;
+	}
+	if (gu->quiet == NULL) {
+		gu->quiet = malloc(sizeof(*gu->quiet));
+		if (gu->quiet == NULL) {
+			gu->flip_now = 1;
+			gw_flip_when_quiet(gw, gu);
+			return;
+		}
+		gu->gw = gw;
+		uv_timer_init(gw->loop, gu->quiet);
+		gu->quiet->data = gu;
+	}
+	ms_info("%s: no session open: flips in %u s unless the user logs in "
+		"again", gu->name, gw->cfg.flip_quiet);
+	uv_timer_start(gu->quiet, on_quiet, quiet_ms(gw) - idle, 0);
+}
+
 /* ---- routing and a user's life ---- */
 
 static void held_release(struct ms_gateway *gw, struct guser *gu)
@@ -207,6 +266,15 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 	ms_info("%s: copy verified: %llu messages, %llu bytes copied",
 		gu->name, (unsigned long long)rep->copied,
 		(unsigned long long)rep->bytes);
+	if (!gu->cutover && gu->sessions == 0 && left_just_now(gw, gu)) {
+		/* The user's last session ended a moment ago: maybe a client
+		 * between two connections (one per folder). Held logins wait
+		 * for the flip. */
+		set_state(gw, gu->name, MS_USER_COPYING, NULL);
+		gu->flip_pending = 1;
+		gw_flip_when_quiet(gw, gu);
+		return;
+	}
 	if (!gu->cutover && gu->sessions == 0 && gu->touched) {
 		/* The user worked on the source while this copy ran and has
 		 * logged off since: a last delta, with nobody on the
@@ -233,8 +301,9 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 	held_release(gw, gu);
 	if (gu->force) {
 		/* The operator wants it now: end the sessions; the last one
-		 * to go starts the cutover. */
+		 * to go starts the cutover, with no quiet period. */
 		gu->force = 0;
+		gu->flip_now = 1;
 		gw_sessions_kick(gw, gu->name);
 	}
 }
@@ -630,7 +699,11 @@ int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 	gu->force = 1;
 	if (gu->flip_pending) {
 		gu->force = 0;
-		gw_sessions_kick(gw, user);
+		gu->flip_now = 1;
+		if (gu->sessions == 0 && !gu->copying)
+			gw_flip_when_quiet(gw, gu);	/* in its quiet period */
+		else
+			gw_sessions_kick(gw, user);
 		return 0;
 	}
 	if (!gu->copying) {
@@ -947,6 +1020,9 @@ void gw_lifecycle_free(struct ms_gateway *gw)
 			if (gu->grace != NULL)
 				ms_close_free((uv_handle_t *)gu->grace,
 					      gu->grace);
+			if (gu->quiet != NULL)
+				ms_close_free((uv_handle_t *)gu->quiet,
+					      gu->quiet);
 			free(gu);
 		}
 	}

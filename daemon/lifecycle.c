@@ -891,8 +891,12 @@ static int recover_one(void *ctx, const struct ms_user_info *u)
 	 * cutover if anything reached the source meanwhile. */
 	if (gw->mover != NULL && gw_have_admin(gw) &&
 	    user_policy(gw, u) != MS_POLICY_OFF &&
-	    (gu = gw_user_get(gw, u->name)) != NULL)
+	    (gu = gw_user_get(gw, u->name)) != NULL) {
 		gu->resume = 1;
+		/* Copying already (said above, or before the restart): the
+		 * resumed copy's start is no change to log again. */
+		gu->logged_state = MS_USER_COPYING + 1;
+	}
 	return 0;
 }
 

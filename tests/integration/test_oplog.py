@@ -167,3 +167,18 @@ def test_state_changes_logged_once(make_gw):
     r = g.ctl('status')
     assert r.rc == 0 and 'copying now' not in r.stdout, r.stdout
 
+
+
+def test_held_login_lines(make_gw):
+    """A held login (policy hold): `held` at the source that checked the
+    password, then `ok` at the destination it went on to, one session."""
+    g = make_gw(tls=False, policy='hold')
+    m = gw_imap(g)
+    assert m.login('alice', GW_USERS['alice'])[0] == 'OK'
+    m.logout()
+    assert wait_for(lambda: len(ends(g)) >= 1, 60), g.log_tail(20)
+    ls = logins(g)
+    assert [(x['server'], x['result']) for x in ls] == \
+        [('source', 'held'), ('destination', 'ok')], ls
+    assert ls[0]['id'] == ls[1]['id'] and ls[0]['more'] is None, ls
+    assert list(ends(g).values())[0]['server'] == 'destination', ends(g)

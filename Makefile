@@ -17,6 +17,7 @@
 #                   the old server's address, steer show before and after
 #   make bench      the mover benchmark against mbsync and doveadm (not a test)
 #   make bench-restart  what clients see while mailshiftd restarts (not a test)
+#   make bench-stall    what the gateway adds to a command written in pieces
 #   make kmod       the kernel module, kmod/mailshift.ko (KDIR= a kernel
 #                   build tree; default the installed Debian cloud headers)
 #   make kmod-check the module under the kernel's checkpatch.pl --strict
@@ -262,6 +263,10 @@ bench-restart: deps
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(PYTHON) bench/restart_bench.py
 
+bench-stall: deps
+	$(Q)$(MAKE) --no-print-directory all
+	$(Q)$(PYTHON) bench/stall_bench.py
+
 # ---- the kernel module (kmod/, docs/kmod.md) ----
 #
 # Built out of tree through the top-level Kbuild. KDIR: a kernel's build
@@ -335,8 +340,8 @@ clean:
 	rm -rf build
 
 .PHONY: all asan hooks fuzz-build deps unit integration check-asan check-fuzz fuzz \
-	kmod kmod-check kmod-clean check demo demo-router bench bench-gateway bench-restart install \
-	uninstall clean
+	kmod kmod-check kmod-clean check demo demo-router bench bench-gateway bench-restart \
+	bench-stall install uninstall clean
 .SECONDARY:
 -include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d) daemon/mailshiftd.d
 -include $(wildcard $(ASAN_DIR)/obj/*/*.d $(ASAN_DIR)/unit/*.d)

@@ -251,6 +251,20 @@ static int domain_policy(struct ms_gw_config *g, const char *domain,
 	return 0;
 }
 
+/* A duration (retire.h's: 5, 5s, 2m) of at most an hour: a user who has
+ * not come back for that long is gone, and a flip must not wait longer. */
+static int flip_quiet(struct ms_gw_config *g, const char *value, char *err,
+		      size_t errsz)
+{
+	if (ms_parse_duration(value, &g->flip_quiet) < 0 ||
+	    g->flip_quiet > 3600) {
+		snprintf(err, errsz, "flip_quiet: \"%.40s\" is not a duration "
+			 "from 0s to 1h (a number with s, m or h)", value);
+		return -1;
+	}
+	return 0;
+}
+
 static int policy_key(struct ms_dconfig *c, const char *key,
 		      const char *value, char *err, size_t errsz)
 {
@@ -261,6 +275,8 @@ static int policy_key(struct ms_dconfig *c, const char *key,
 				err, errsz);
 	if (!strcmp(key, "connections"))
 		return set_uint(&g->connections, key, value, 1, 64, err, errsz);
+	if (!strcmp(key, "flip_quiet"))
+		return flip_quiet(g, value, err, errsz);
 	if (!strcmp(key, "on_first_login"))
 		return policy_word(&g->policy, key, value, err, errsz);
 	if (!strncmp(key, "domain.", 7))
@@ -392,6 +408,7 @@ static void defaults(struct ms_dconfig *c)
 	c->gw.policy = MS_POLICY_PASSTHROUGH;
 	c->gw.sweep_from = c->gw.sweep_to = -1;
 	c->gw.hold_max_seconds = 60;
+	c->gw.flip_quiet = 5;
 	c->gw.connections = 4;
 	ms_steer_defaults(&c->steer);
 	ms_takeover_defaults(&c->takeover);

@@ -40,6 +40,8 @@ struct ms_gw_config {
 	struct ms_server_cfg src_submission, dst_submission;
 	enum ms_policy policy;
 	unsigned int hold_max_seconds;
+	unsigned int flip_quiet;	/* seconds without a session to the
+					   source before a verified user flips */
 	struct {
 		char domain[128];
 		enum ms_policy policy;

@@ -152,12 +152,15 @@ static void imap_command(struct session *s)
 		ms_login_wipe(&s->login);
 		s->login.user = strdup(s->argv[2]);
 		s->login.pass = strdup(s->argv[3]);
+		s->mech = "imap-login";
 		gw_login_start(s);
 	} else if (!strcasecmp(cmd, "AUTHENTICATE")) {
 		if (s->argc < 3 || s->argc > 4) {
 			imap_bad(s, tag, "Invalid arguments.");
 			return;
 		}
+		s->mech = !strcasecmp(s->argv[2], "PLAIN") ? "sasl-plain" :
+			  !strcasecmp(s->argv[2], "LOGIN") ? "sasl-login" : NULL;
 		if (gw_plaintext_refused(s))
 			return;
 		if (!strcasecmp(s->argv[2], "PLAIN")) {
@@ -241,6 +244,18 @@ static int imap_tag_ok(const char *t, size_t n)
 	return 1;
 }
 
+/* Whether the command line starting at in is "TAG ID ...": an ID's line
+ * may be as long as RFC 2971 lets it be (GW_ID_LINE_MAX). */
+static int imap_is_id(const char *in, size_t len)
+{
+	const char *sp = memchr(in, ' ', len);
+
+	if (sp == NULL || sp == in || memchr(in, '\n', sp - in) != NULL)
+		return 0;
+	len -= (size_t)(sp + 1 - in);
+	return len >= 3 && strncasecmp(sp + 1, "ID ", 3) == 0;
+}
+
 /* Splits one command line into s->argv (atoms and quoted strings); a
  * trailing {N} or {N+} starts a literal. Returns 1 when the command is
  * complete, 0 when a literal follows, -1 on a syntax error. */
@@ -254,6 +269,10 @@ static int imap_tokenize(struct session *s, const char *p)
 			p++;
 		if (*p == '\0')
 			break;
+		/* An ID's parameters are not looked at (we answer with our
+		 * own): one slot is reused for each, literals included. */
+		if (s->id_line && s->argc > 2)
+			ms_secret_free(&s->argv[--s->argc]);
 		if (s->argc == GW_ARG_MAX)
 			return -1;
 		if (s->argc == 0 && (*p == '"' || *p == '{'))
@@ -327,6 +346,9 @@ static void imap_process(struct session *s)
 			s->lit_need -= n;
 			continue;
 		}
+		if (s->argc == 0)
+			s->id_line = s->st == SS_PRELOGIN &&
+				     imap_is_id(s->in, s->inlen);
 		linelen = gw_input_line(s);
 		if (linelen < 0)
 			return;

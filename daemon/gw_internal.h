@@ -17,6 +17,7 @@
 #include "gateway.h"
 #include "gw_login.h"
 #include "gw_route.h"
+#include "log.h"
 #include "mover.h"
 #include "net.h"
 #include "store.h"
@@ -24,9 +25,13 @@
 #define GW_INBUF_MAX 8192	/* pre-login command line, literals
 				   included; more buffered than this:
 				   not read */
-/* What may be buffered at all: GW_INBUF_MAX, then one read (net.c reads at
- * most 64 KiB at a time) before reading stops. */
-#define GW_INBUF_HARD (GW_INBUF_MAX + 64 * 1024 + 16 * 1024)
+/* An IMAP ID command line (RFC 2971: up to 30 field-value pairs, fields of
+ * 30 octets, values of 1024: 31,809 bytes with a tag of two) is let grow to
+ * this, its CRLF included; every other line stops at GW_INBUF_MAX. */
+#define GW_ID_LINE_MAX (32 * 1024)
+/* What may be buffered at all: the longest line, then one read (net.c
+ * reads at most 64 KiB at a time) before reading stops. */
+#define GW_INBUF_HARD (GW_ID_LINE_MAX + 64 * 1024 + 16 * 1024)
 #define GW_ARG_MAX 8
 #define GW_LITERAL_MAX 4096	/* a pre-login literal (user, password) */
 #define GW_BAD_MAX 10		/* bad pre-login commands: we hang up */
@@ -91,10 +96,18 @@ struct session {
 	char *argv[GW_ARG_MAX];
 	unsigned int argc;
 	size_t lit_need;		/* literal bytes still to come */
+	int id_line;			/* the command read is an IMAP ID: its
+					   line may be GW_ID_LINE_MAX long */
 	unsigned int bad;
 	char tag[256];
 
 	struct ms_login login;		/* captured (wiped when done with) */
+	const char *mech;		/* how the client logged in, for the
+					   log: "imap-login", "pop3-user",
+					   "sasl-plain", "sasl-login" */
+	int logged_in;			/* a server took the login: the end
+					   of the session is logged */
+	uint64_t bytes_in, bytes_out;	/* relayed from / to the client */
 
 	/* backend */
 	enum gw_bstate bst;
@@ -119,6 +132,12 @@ struct session {
 	struct uidl_relay *ur;
 };
 
+/* How many bytes the command line being read may have. */
+static inline size_t gw_line_max(const struct session *s)
+{
+	return s->id_line ? GW_ID_LINE_MAX : GW_INBUF_MAX;
+}
+
 struct guser {
 	struct guser *next;
 	char name[256];
@@ -133,8 +152,16 @@ struct guser {
 	int resume;			/* gw_recover(): copy interrupted by a
 					   crash, to be started again */
 	int rollback;			/* the cutover runs back to the source */
+	int logged_state;		/* the state -v said last, + 1 (0:
+					   none yet) */
 	char *pw;			/* captured password, for the copies */
 	uv_timer_t *grace;		/* cutover: waiting before the delta */
+	uv_timer_t *quiet;		/* verified: waiting for flip_quiet
+					   without a session to the source */
+	uint64_t idle_since;		/* uv_now() when its last session to
+					   a server ended (0: none yet) */
+	int flip_now;			/* the operator moves the user: no
+					   quiet period */
 	struct ms_gateway *gw;
 };
 
@@ -156,6 +183,8 @@ struct ms_gateway {
 	/* The sessions, as the user's life cycle reaches them. */
 	const struct gw_user_sessions *user_sessions;
 	unsigned int copies;		/* mover jobs running */
+	struct ms_progress copies_base;	/* the mover's counts when the
+					   running copies began */
 	uv_timer_t *sweep_timer;
 	uint64_t sweep_next_ms;		/* rate: no new sweep start before */
 	uint64_t sweeps;		/* passes that looked for users */
@@ -204,6 +233,8 @@ void gw_timer_start(struct session *s, uv_timer_cb cb, uint64_t ms,
 		    uint64_t repeat);
 void gw_session_close(struct session *s);
 void gw_backend_fail(struct session *s, const char *why);
+void gw_log_login(struct session *s, enum ms_log_level level,
+		  const char *server, const char *result, const char *more);
 void gw_backend_greeted(struct session *s, const char *starttls);
 void gw_backend_on_tls(struct ms_conn *conn, int status,
 		       const char *error);
@@ -258,6 +289,7 @@ enum gw_login_way gw_route_login(struct ms_gateway *gw, struct guser *gu,
 				 const char **why_r);
 int gw_hold_over_to_source(struct ms_gateway *gw, const char *name);
 int gw_login_accepted(struct session *s, const char **why_r);
+void gw_flip_when_quiet(struct ms_gateway *gw, struct guser *gu);
 int gw_policies_load(struct ms_gateway *gw, char *err, size_t errsz);
 void gw_lifecycle_start(struct ms_gateway *gw,
 			const struct gw_user_sessions *sessions);

@@ -246,6 +246,7 @@ static void pop3_command(struct session *s, char *line)
 					    gw_client_on_tls) < 0)
 			gw_session_close(s);
 	} else if (!strcasecmp(line, "USER") && arg != NULL) {
+		s->mech = "pop3-user";
 		if (gw_plaintext_refused(s))
 			return;
 		ms_login_wipe(&s->login);
@@ -264,6 +265,7 @@ static void pop3_command(struct session *s, char *line)
 			out(s, "-ERR Unsupported authentication mechanism.\r\n");
 			return;
 		}
+		s->mech = "sasl-plain";
 		if (gw_plaintext_refused(s))
 			return;
 		if (ir == NULL) {

@@ -53,6 +53,7 @@ void gw_clear_args(struct session *s)
 		ms_secret_free(&s->argv[i]);
 	s->argc = 0;
 	s->lit_need = 0;
+	s->id_line = 0;
 }
 
 /* ---- timers ---- */
@@ -79,6 +80,63 @@ static void on_idle_timeout(uv_timer_t *t)
 	gw_session_close(s);
 }
 
+/* ---- the log an operator reads (docs/gateway-spec.md, "The log") ---- */
+
+/* "ADDR:PORT", or "[ADDR]:PORT" for IPv6. */
+static void addr_port(char *buf, size_t sz, const char *addr, uint16_t port)
+{
+	snprintf(buf, sz, strchr(addr, ':') != NULL ? "[%s]:%u" : "%s:%u",
+		 addr, port);
+}
+
+static const char *session_user(const struct session *s)
+{
+	if (s->login.user != NULL)
+		return ms_login_name(&s->login);
+	return s->gu != NULL ? s->gu->name : "?";
+}
+
+static const char *session_server(const struct session *s)
+{
+	return s->to_dst ? "destination" : "source";
+}
+
+/* One line per login that came to an end: who, from where, how, to which
+ * server ("-": none was asked), and the result; what follows (may be
+ * NULL) closes the line. */
+void gw_log_login(struct session *s, enum ms_log_level level,
+		  const char *server, const char *result, const char *more)
+{
+	char client[80];
+
+	addr_port(client, sizeof(client), s->peer, s->peer_port);
+	ms_log(level, "session %llu: login: user=<%s> client=%s proto=%s "
+	       "mechanism=%s tls=%s server=%s result=%s%s%s",
+	       (unsigned long long)s->id, session_user(s), client,
+	       s->proto == MS_GW_IMAP ? "imap" : "pop3",
+	       s->mech != NULL ? s->mech : "-", s->tls ? "yes" : "no",
+	       server != NULL ? server : session_server(s), result,
+	       more != NULL ? " " : "", more != NULL ? more : "");
+}
+
+/* The end of a session a server took the login of: how long it was open
+ * and the bytes relayed each way. */
+static void log_session_end(struct session *s)
+{
+	uint64_t ms = uv_now(s->gw->loop) - s->born_ms;
+	char client[80];
+
+	addr_port(client, sizeof(client), s->peer, s->peer_port);
+	ms_info("session %llu: end: user=<%s> client=%s proto=%s server=%s "
+		"duration=%llu.%03llus in=%llu out=%llu",
+		(unsigned long long)s->id, session_user(s), client,
+		s->proto == MS_GW_IMAP ? "imap" : "pop3", session_server(s),
+		(unsigned long long)(ms / 1000),
+		(unsigned long long)(ms % 1000),
+		(unsigned long long)s->bytes_in,
+		(unsigned long long)s->bytes_out);
+}
+
 /* ---- session lifetime ---- */
 
 static void gw_session_uncount(struct session *s)
@@ -90,11 +148,13 @@ static void gw_session_uncount(struct session *s)
 		return;
 	s->counted = 0;
 	gu->sessions--;
-	/* The last session of a verified user ends: flip now. */
-	if (gu->sessions == 0 && gu->flip_pending && !gu->copying) {
-		gu->flip_pending = 0;
-		gw_cutover_begin(gw, gu);
-	}
+	/* (A hold's password check is no session the user worked in.) */
+	if (gu->sessions == 0 && !s->verify_only)
+		gu->idle_since = uv_now(gw->loop);
+	/* The last session of a verified user ends: flip once the user has
+	 * not come back for [policy] flip_quiet. */
+	if (gu->sessions == 0 && gu->flip_pending && !gu->copying)
+		gw_flip_when_quiet(gw, gu);
 }
 
 /* Pre-login input holds passwords: wiped before it is let go. */
@@ -126,6 +186,8 @@ void gw_session_close(struct session *s)
 
 	if (s->st == SS_CLOSING)
 		return;
+	if (s->logged_in)
+		log_session_end(s);
 	s->st = SS_CLOSING;
 	ms_conn_close(&s->b);
 	ms_conn_close(&s->c);
@@ -177,11 +239,8 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 {
 	gw_timer_stop(s);
 	s->st = SS_RELAY;
-	/* -v: each login's route (mailshiftd(8)). */
-	ms_info("session %llu: %s: %s login of %s, relayed to the %s",
-		(unsigned long long)s->id, s->peer, s->proto == MS_GW_IMAP ?
-		"IMAP" : "POP3", s->gu != NULL ? s->gu->name : "?",
-		s->to_dst ? "destination" : "source");
+	s->logged_in = 1;
+	gw_log_login(s, MS_LOG_INFO, NULL, "ok", NULL);
 	ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_WRITE | MS_PAUSE_INPUT);
 	ms_login_wipe(&s->login);
 	bin_free(s);
@@ -190,6 +249,8 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 	ms_conn_set_wipe(s->c, 0);
 	ms_conn_set_wipe(s->b, 0);
 	/* What the server sent after its login reply. */
+	s->bytes_out += restlen;
+	s->bytes_in += s->inlen;
 	if (restlen > 0 && s->ur != NULL) {
 		if (s->pr->relay_server(s, rest, restlen) < 0) {
 			gw_session_close(s);
@@ -211,8 +272,11 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 
 void gw_backend_fail(struct session *s, const char *why)
 {
-	ms_warn("session %llu: %s: %s", (unsigned long long)s->id,
-		s->login.user != NULL ? s->login.user : "?", why);
+	char more[600];
+
+	snprintf(more, sizeof(more), "reason=%s", why);
+	gw_log_login(s, MS_LOG_WARN, s->st == SS_BACKEND ? NULL : "-",
+		     "unavailable", more);
 	gw_timer_stop(s);
 	ms_conn_close(&s->b);
 	gw_session_uncount(s);
@@ -332,9 +396,11 @@ static void on_penalty_over(uv_timer_t *t)
 void gw_login_failed(struct session *s, const char *reply)
 {
 	uint64_t delay = penalty_ms(s->gw, s->peer, 1);
+	char more[40];
 
-	ms_info("session %llu: %s: login failed, reply delayed %llu ms",
-		(unsigned long long)s->id, s->peer, (unsigned long long)delay);
+	snprintf(more, sizeof(more), "delay=%llums",
+		 (unsigned long long)delay);
+	gw_log_login(s, MS_LOG_INFO, NULL, "failed", more);
 	s->gw->logins_failed++;
 	ms_conn_close(&s->b);
 	gw_session_uncount(s);
@@ -358,6 +424,7 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 	struct session *s = ms_conn_ctx(conn);
 
 	if (s->st == SS_RELAY) {
+		s->bytes_out += len;
 		if (s->ur == NULL ?
 		    ms_relay(s->c, s->b, &s->b_paused, data, len) < 0 :
 		    s->pr->relay_server(s, data, len) < 0)
@@ -405,6 +472,7 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 			gw_session_uncount(s);
 			if (login_accepted(s) < 0)
 				return;
+			gw_log_login(s, MS_LOG_INFO, NULL, "held", NULL);
 			hold(s);
 			return;
 		}
@@ -503,8 +571,8 @@ int gw_plaintext_refused(struct session *s)
 {
 	if (s->tls || ms_gw_plaintext_ok(s->gw, s->peer))
 		return 0;
-	ms_info("session %llu: %s: plaintext login refused (not TLS, not a "
-		"trusted network)", (unsigned long long)s->id, s->peer);
+	gw_log_login(s, MS_LOG_INFO, "-", "refused", "reason=plaintext login "
+		     "refused (not TLS, not a trusted network)");
 	gw_login_refuse(s, "PRIVACYREQUIRED", "AUTH", "Plaintext "
 			"authentication disallowed on non-secure (SSL/TLS) "
 			"connections.");
@@ -603,8 +671,8 @@ long gw_input_line(struct session *s)
 	char *lf = memchr(s->in, '\n', s->inlen);
 	size_t linelen;
 
-	if ((lf == NULL && s->inlen >= GW_INBUF_MAX) ||
-	    (lf != NULL && (size_t)(lf - s->in) >= GW_INBUF_MAX)) {
+	if ((lf == NULL && s->inlen >= gw_line_max(s)) ||
+	    (lf != NULL && (size_t)(lf - s->in) >= gw_line_max(s))) {
 		gw_line_too_long(s);
 		return -1;
 	}
@@ -642,7 +710,8 @@ void gw_prelogin_timer(struct session *s)
 
 /* The commands buffered so far, while the client reads our answers: one
  * that does not is not read any more (until on_client_drain); nor is one
- * that sent GW_INBUF_MAX bytes we cannot take yet (a login under way).
+ * that sent a line's worth (gw_line_max) we cannot take yet (a login under
+ * way).
  * Called again from inside (a login refused at once): the running loop
  * goes on with the next command. */
 static void gw_prelogin_process(struct session *s)
@@ -658,7 +727,7 @@ static void gw_prelogin_process(struct session *s)
 		return;
 	if (gw_prelogin_reading(s) && ms_conn_over_high(s->c))
 		ms_pause_set(s->c, &s->c_paused, MS_PAUSE_WRITE);
-	if (s->inlen >= GW_INBUF_MAX)
+	if (s->inlen >= gw_line_max(s))
 		ms_pause_set(s->c, &s->c_paused, MS_PAUSE_INPUT);
 	else
 		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_INPUT);
@@ -669,6 +738,7 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 	struct session *s = ms_conn_ctx(conn);
 
 	if (s->st == SS_RELAY) {
+		s->bytes_in += len;
 		if (s->ur != NULL)
 			s->pr->relay_client(s, data, len);
 		if (ms_relay(s->b, s->c, &s->c_paused, data, len) < 0)
@@ -678,7 +748,7 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 	if (s->st == SS_STARTTLS)
 		return;
 	if (inbuf_reserve(s, len) < 0) {
-		/* Cannot happen while reading stops at GW_INBUF_MAX. */
+		/* Cannot happen while reading stops at gw_line_max(). */
 		gw_line_too_long(s);
 		return;
 	}
@@ -885,6 +955,8 @@ static void held_tick(uv_timer_t *t)
 			gw_backend_connect(s, 0, 0);
 			return;
 		}
+		gw_log_login(s, MS_LOG_INFO, "-", "unavailable", "reason=held "
+			     "too long (the user is being moved)");
 		gw_login_refuse(s, "UNAVAILABLE", "IN-USE", "Your mail is "
 				"being moved, try again in a minute.");
 		s->st = SS_PRELOGIN;

@@ -117,18 +117,101 @@ static int user_state(struct ms_gateway *gw, const char *name,
 	return user_lookup(gw, name, info);
 }
 
-static void set_state(struct ms_gateway *gw, const char *name,
-		      enum ms_user_state state, const char *error)
+/* "USER: state STATE" at -v, once per change: the mover writes "copying"
+ * and "failed" itself, and the gateway writes some states again (a last
+ * delta's cutover, an operator's migrate, a copy that ends with sessions
+ * open), so what was said last is kept per user. */
+static void log_state(struct ms_gateway *gw, const char *name,
+		      enum ms_user_state state)
+{
+	struct guser *gu = gw_user_find(gw, name);
+
+	if (gu != NULL && gu->logged_state == (int)state + 1)
+		return;
+	if (gu != NULL)
+		gu->logged_state = (int)state + 1;
+	ms_info("%s: state %s", name, ms_user_state_names[state]);
+}
+
+static int store_state(struct ms_gateway *gw, const char *name,
+		       enum ms_user_state state, const char *error)
 {
 	int64_t id;
 
 	if (ms_store_user_get(gw->store, name, &id) < 0 ||
 	    ms_store_user_set_state(gw->store, id, ms_user_state_names[state],
-				    error) < 0)
+				    error) < 0) {
 		ms_log(MS_LOG_ERROR, "%s: store: %s", name,
 		       ms_store_error(gw->store));
-	else
-		ms_info("%s: state %s", name, ms_user_state_names[state]);
+		return -1;
+	}
+	return 0;
+}
+
+static void set_state(struct ms_gateway *gw, const char *name,
+		      enum ms_user_state state, const char *error)
+{
+	if (store_state(gw, name, state, error) == 0)
+		log_state(gw, name, state);
+}
+
+/* ---- the quiet period before a flip ([policy] flip_quiet) ---- */
+
+static uint64_t quiet_ms(const struct ms_gateway *gw)
+{
+	return MS_TEST_TIME(gw->cfg.flip_quiet * 1000ULL);
+}
+
+/* Whether the user's last session to a server ended less than flip_quiet
+ * ago. */
+static int left_just_now(struct ms_gateway *gw, const struct guser *gu)
+{
+	return gw->cfg.flip_quiet > 0 && gu->idle_since != 0 &&
+		uv_now(gw->loop) - gu->idle_since < quiet_ms(gw);
+}
+
+static void on_quiet(uv_timer_t *t)
+{
+	struct guser *gu = t->data;
+
+	/* Back meanwhile: the end of that session waits again. */
+	if (gu->sessions > 0 || !gu->flip_pending || gu->copying)
+		return;
+	gu->flip_pending = 0;
+	gw_cutover_begin(gu->gw, gu);
+}
+
+/* A verified user with no session open: the cutover begins once none has
+ * been open for flip_quiet, so that a client that reconnects for each
+ * folder (neomutt) is not flipped between two connections. A login
+ * meanwhile goes to the source as before (the user is still copying) and
+ * its end starts the wait again. The operator's move does not wait. */
+void gw_flip_when_quiet(struct ms_gateway *gw, struct guser *gu)
+{
+	uint64_t idle = uv_now(gw->loop) - gu->idle_since;
+
+	if (gu->flip_now || !left_just_now(gw, gu)) {
+		gu->flip_now = 0;
+		gu->flip_pending = 0;
+		if (gu->quiet != NULL)
+			uv_timer_stop(gu->quiet);
+		gw_cutover_begin(gw, gu);
+		return;
+	}
+	if (gu->quiet == NULL) {
+		gu->quiet = malloc(sizeof(*gu->quiet));
+		if (gu->quiet == NULL) {
+			gu->flip_now = 1;
+			gw_flip_when_quiet(gw, gu);
+			return;
+		}
+		gu->gw = gw;
+		uv_timer_init(gw->loop, gu->quiet);
+		gu->quiet->data = gu;
+	}
+	ms_info("%s: no session open: flips in %u s unless the user logs in "
+		"again", gu->name, gw->cfg.flip_quiet);
+	uv_timer_start(gu->quiet, on_quiet, quiet_ms(gw) - idle, 0);
 }
 
 /* ---- routing and a user's life ---- */
@@ -141,6 +224,15 @@ static void held_release(struct ms_gateway *gw, struct guser *gu)
 static int sessions_kick(struct ms_gateway *gw, const char *user)
 {
 	return gw->user_sessions->kick(gw, user);
+}
+
+/* A mover job starts. The first of a busy spell notes the mover's counts
+ * so far: `status` shows the running copies' progress, not the sum of
+ * every copy since the start. */
+static void copies_start(struct ms_gateway *gw)
+{
+	if (gw->copies++ == 0 && gw->mover != NULL)
+		ms_mover_progress(gw->mover, &gw->copies_base);
 }
 
 /* A mover job of the user's ended: the user, or NULL when unknown. */
@@ -174,6 +266,15 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 	ms_info("%s: copy verified: %llu messages, %llu bytes copied",
 		gu->name, (unsigned long long)rep->copied,
 		(unsigned long long)rep->bytes);
+	if (!gu->cutover && gu->sessions == 0 && left_just_now(gw, gu)) {
+		/* The user's last session ended a moment ago: maybe a client
+		 * between two connections (one per folder). Held logins wait
+		 * for the flip. */
+		set_state(gw, gu->name, MS_USER_COPYING, NULL);
+		gu->flip_pending = 1;
+		gw_flip_when_quiet(gw, gu);
+		return;
+	}
 	if (!gu->cutover && gu->sessions == 0 && gu->touched) {
 		/* The user worked on the source while this copy ran and has
 		 * logged off since: a last delta, with nobody on the
@@ -200,8 +301,9 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 	held_release(gw, gu);
 	if (gu->force) {
 		/* The operator wants it now: end the sessions; the last one
-		 * to go starts the cutover. */
+		 * to go starts the cutover, with no quiet period. */
 		gu->force = 0;
+		gu->flip_now = 1;
 		sessions_kick(gw, gu->name);
 	}
 }
@@ -217,7 +319,7 @@ static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
 	    (gu->pw == NULL && !gw_have_admin(gw)))
 		return;
 	gu->copying = 1;
-	gw->copies++;
+	copies_start(gw);
 	gu->touched = gu->sessions > 0;
 	/* A side with an admin login uses it (the user's own password is
 	 * not the admin's); the other side the captured password. */
@@ -233,8 +335,12 @@ static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
 	}
 	ms_info("%s: copy started%s", gu->name, gu->cutover ?
 		" (the last delta)" : "");
+	/* The mover wrote "copying"; a last delta's user stays in cutover
+	 * (written back). */
 	if (gu->cutover)
-		set_state(gw, gu->name, MS_USER_CUTOVER, NULL);
+		store_state(gw, gu->name, MS_USER_CUTOVER, NULL);
+	else
+		log_state(gw, gu->name, MS_USER_COPYING);
 }
 
 /* Cutover: from now on logins are held and inbound mail for the user is
@@ -532,7 +638,11 @@ int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 	gu->force = 1;
 	if (gu->flip_pending) {
 		gu->force = 0;
-		sessions_kick(gw, user);
+		gu->flip_now = 1;
+		if (gu->sessions == 0 && !gu->copying)
+			gw_flip_when_quiet(gw, gu);	/* in its quiet period */
+		else
+			sessions_kick(gw, user);
 		return 0;
 	}
 	if (!gu->copying) {
@@ -588,7 +698,7 @@ static void on_rollback_done(const struct ms_user_report *rep, void *ctx)
 			ms_log(MS_LOG_ERROR, "%s: store: %s", gu->name,
 			       ms_store_error(gw->store));
 		else
-			ms_info("%s: state source", gu->name);
+			log_state(gw, gu->name, MS_USER_SOURCE);
 		MS_CRASH_POINT("rollback.flip-after");
 	} else {
 		/* The destination still holds everything: stay there. */
@@ -603,7 +713,7 @@ static void on_rollback_done(const struct ms_user_report *rep, void *ctx)
 static void rollback_start(struct ms_gateway *gw, struct guser *gu)
 {
 	gu->copying = 1;
-	gw->copies++;
+	copies_start(gw);
 	if (ms_mover_add_rollback(gw->mover, gu->name, NULL, NULL,
 				  on_rollback_done, gw) < 0) {
 		struct ms_user_report rep = {
@@ -677,11 +787,20 @@ unsigned int ms_gateway_user_sessions(struct ms_gateway *gw, const char *user)
 	return gu != NULL ? gu->sessions : 0;
 }
 
+/* The running copies' progress; nothing when none runs ("copying now"
+ * is said only while something copies). */
 void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p)
 {
+	const struct ms_progress *b = &gw->copies_base;
+
 	memset(p, 0, sizeof(*p));
-	if (gw->mover != NULL)
-		ms_mover_progress(gw->mover, p);
+	if (gw->mover == NULL || gw->copies == 0)
+		return;
+	ms_mover_progress(gw->mover, p);
+	p->msgs_todo -= b->msgs_todo;
+	p->msgs_done -= b->msgs_done;
+	p->bytes_done -= b->bytes_done;
+	p->seconds -= b->seconds;
 }
 
 /* ---- after a restart, and the sweep ---- */
@@ -711,8 +830,12 @@ static int recover_one(void *ctx, const struct ms_user_info *u)
 	 * cutover if anything reached the source meanwhile. */
 	if (gw->mover != NULL && gw_have_admin(gw) &&
 	    user_policy(gw, u) != MS_POLICY_OFF &&
-	    (gu = gw_user_get(gw, u->name)) != NULL)
+	    (gu = gw_user_get(gw, u->name)) != NULL) {
 		gu->resume = 1;
+		/* Copying already (said above, or before the restart): the
+		 * resumed copy's start is no change to log again. */
+		gu->logged_state = MS_USER_COPYING + 1;
+	}
 	return 0;
 }
 
@@ -842,6 +965,9 @@ void gw_lifecycle_free(struct ms_gateway *gw)
 			if (gu->grace != NULL)
 				ms_close_free((uv_handle_t *)gu->grace,
 					      gu->grace);
+			if (gu->quiet != NULL)
+				ms_close_free((uv_handle_t *)gu->quiet,
+					      gu->quiet);
 			free(gu);
 		}
 	}

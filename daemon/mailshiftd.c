@@ -387,11 +387,11 @@ int main(int argc, char *argv[])
 	sigterm.data = sigint.data = gw;
 	uv_signal_start(&sigterm, on_signal, SIGTERM);
 	uv_signal_start(&sigint, on_signal, SIGINT);
-	ms_log(MS_LOG_WARN, "mailshiftd ready (%u listener(s)%s), running as "
-	       "uid %u gid %u%s", c.gw.nlisten, inherited ?
-	       ", inherited" : "", (unsigned int)geteuid(),
-	       (unsigned int)getegid(), priv.keep_net && drop ?
-	       " with CAP_NET_ADMIN, CAP_NET_RAW" : "");
+	/* Not a warning: the line an operator looks for at start (-v). */
+	ms_info("mailshiftd ready (%u listener(s)%s), running as uid %u gid "
+		"%u%s", c.gw.nlisten, inherited ? ", inherited" : "",
+		(unsigned int)geteuid(), (unsigned int)getegid(),
+		priv.keep_net && drop ? " with CAP_NET_ADMIN, CAP_NET_RAW" : "");
 	uv_run(loop, UV_RUN_DEFAULT);
 	uv_close((uv_handle_t *)&sigterm, NULL);
 	uv_close((uv_handle_t *)&sigint, NULL);

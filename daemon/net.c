@@ -39,6 +39,7 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -994,6 +995,24 @@ static void tls_pump(struct ms_conn *conn)
 		fail_eof(conn);
 }
 
+/* Acknowledges what was just read, now. A peer that writes a command in
+ * two pieces without TCP_NODELAY (Nagle) sends the second only when the
+ * first is acknowledged; once the kernel takes our connection for a
+ * request-reply one (it answered quickly before: "pingpong" mode) it
+ * delays that ACK for up to 40 ms, hoping to carry it on a reply. A relay
+ * has no reply to give: the bytes go on to the other side. So every read
+ * leaves pingpong mode and sends the pending ACK (TCP_QUICKACK is not
+ * sticky: the kernel may enter the mode again, hence after every read).
+ * Dovecot does the same after each answer. */
+static void ack_now(struct ms_conn *conn)
+{
+	uv_os_fd_t fd;
+	int on = 1;
+
+	if (uv_fileno((uv_handle_t *)conn->tcp, &fd) == 0)
+		setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &on, sizeof(on));
+}
+
 static void on_tcp_read(uv_stream_t *stream, ssize_t nread,
 			const uv_buf_t *buf)
 {
@@ -1002,6 +1021,8 @@ static void on_tcp_read(uv_stream_t *stream, ssize_t nread,
 
 	if (conn->closing || conn->failed || nread == 0)
 		return;
+	if (nread > 0)
+		ack_now(conn);
 	if (nread < 0) {
 		if (nread != UV_EOF) {
 			snprintf(err, sizeof(err), "read error: %s",
@@ -1244,6 +1265,16 @@ int ms_conn_starttls(struct ms_conn *conn,
 int ms_conn_is_tls(const struct ms_conn *conn)
 {
 	return conn && conn->tls != TLS_OFF;
+}
+
+int ms_conn_fileno(const struct ms_conn *conn)
+{
+	uv_os_fd_t fd;
+
+	if (conn->tcp == NULL ||
+	    uv_fileno((const uv_handle_t *)conn->tcp, &fd) < 0)
+		return -1;
+	return fd;
 }
 
 void *ms_conn_ctx(const struct ms_conn *conn)

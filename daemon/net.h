@@ -120,6 +120,9 @@ int ms_conn_peer_addr(const struct ms_conn *conn, char *addr, size_t addrsz,
 int ms_conn_local_addr(const struct ms_conn *conn, char *addr, size_t addrsz,
 		       uint16_t *port);
 
+/* The socket, for a look at its options (tests); -1 when there is none. */
+int ms_conn_fileno(const struct ms_conn *conn);
+
 void *ms_conn_ctx(const struct ms_conn *conn);
 
 /* Closes the connection: no callback is called after this returns, memory

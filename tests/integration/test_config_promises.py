@@ -13,6 +13,7 @@ the -v test runs in front of gpair (test_gateway's fixtures)."""
 
 import imaplib
 import os
+import re
 import resource
 import signal
 import socket
@@ -226,16 +227,18 @@ def test_verbose_log(gpair, make_gw):
     assert g.wait_state('alice', ('destination', 'failed'),
                         timeout=60) == 'destination'
     log = g.log_text()
-    for line in ('IMAP login of alice, relayed to the source',
-                 'alice: copy started', 'alice: copy verified: ',
+    assert re.search(r'login: user=<alice> .* proto=imap .* server=source '
+                     r'result=ok$', log, re.M), log[-3000:]
+    for line in ('alice: copy started', 'alice: copy verified: ',
                  'alice: state cutover', 'alice: copy started (the last '
                  'delta)', 'alice: state destination'):
         assert line in log, (line, log[-3000:])
     m = trusted('127.0.0.1', g.imap_port, timeout=30)
     assert m.login('alice', GW_USERS['alice'])[0] == 'OK'
     m.logout()
-    assert wait_for(lambda: 'IMAP login of alice, relayed to the '
-                    'destination' in g.log_text(), 10), g.log_tail(10)
+    assert wait_for(lambda: re.search(
+        r'login: user=<alice> .* proto=imap .* server=destination '
+        r'result=ok$', g.log_text(), re.M), 10), g.log_tail(10)
 
 
 def test_tls_key_must_be_roots(workdir, ca):

@@ -234,8 +234,8 @@ def reply_delays(g, addr):
     """The delays (ms) mailshiftd -v logged for the replies to failed logins
     from addr, in order."""
     return [int(d) for d in re.findall(
-        r': %s: login failed, reply delayed (\d+) ms' % re.escape(addr),
-        g.log_text())]
+        r' client=%s:\d+ .* result=failed delay=(\d+)ms$' % re.escape(addr),
+        g.log_text(), re.M)]
 
 
 def test_repeated_failures_are_slowed_down(workdir):

@@ -17,7 +17,7 @@ import pytest
 
 import gateway as gwlib
 from conftest import _failed, wait_for
-from test_gateway import read_line, read_until_close
+from test_gateway import imap_reply, read_line, read_until_close
 from test_smtp import read_reply
 from test_gateway_ops import RefusingIMAP
 from test_smtp_promises import RecordingMTA
@@ -209,6 +209,59 @@ def test_prelogin_line_bounds(lgw):
             else:
                 assert data and too_long not in data and not closed, \
                     (port, data)
+
+
+def rfc2971_id(tag=b'a1'):
+    """The longest ID command RFC 2971 allows: 30 field-value pairs, fields
+    of 30 octets, values of 1024."""
+    pairs = b' '.join(b'"%s" "%s"' % ((b'f%02d' % i).ljust(30, b'x'),
+                                       b'v' * 1024) for i in range(30))
+    return tag + b' ID (' + pairs + b')\r\n'
+
+
+def id_answered(port, chunks):
+    """Sends chunks (waiting for a continuation after each but the last)
+    before login: the ID answer's lines, the connection still open."""
+    s = socket.create_connection(('127.0.0.1', port), timeout=30)
+    try:
+        assert read_line(s).startswith(b'* OK')
+        for c in chunks[:-1]:
+            s.sendall(c)
+            assert read_line(s).startswith(b'+'), c[:40]
+        s.sendall(chunks[-1])
+        lines = imap_reply(s, b'a1')
+        s.sendall(b'a2 NOOP\r\n')
+        assert imap_reply(s, b'a2')[-1].startswith(b'a2 OK')
+        return lines
+    finally:
+        s.close()
+
+
+def test_prelogin_id_bound(lgw):
+    """An IMAP ID as long as RFC 2971 allows (31,809 bytes with the tag
+    "a1"; Dovecot answers it) is answered before login, as is one with a
+    literal; an ID line of 32 KiB with its CRLF is taken, one byte more gets
+    the too-long answer and the connection is closed. Every other command
+    keeps the 8 KiB bound (test_prelogin_line_bounds)."""
+    line = rfc2971_id()
+    assert len(line) == 31809
+    for chunks in ([line], [b'a1 ID ("name" {5}\r\n', b'mutt)\r\n'],
+                   [b'a1 id ("name" {4+}\r\nmutt)\r\n']):
+        lines = id_answered(lgw.imap_port, chunks)
+        assert lines[0].startswith(b'* ID ('), lines
+        assert lines[-1].startswith(b'a1 OK'), lines
+    for extra, over in ((0, False), (1, True)):
+        head = b'a1 ID (' + b' '.join(b'"f" "%s"' % (b'v' * 1000)
+                                      for i in range(30)) + b' "pad" "'
+        line = head + b'x' * (32768 - len(head) - 4 + extra) + b'")\r\n'
+        assert len(line) == 32768 + extra
+        if not over:
+            assert id_answered(lgw.imap_port, [line])[-1].startswith(
+                b'a1 OK')
+            continue
+        data, closed = exchange(lgw.imap_port, line)
+        assert closed and data.startswith(b'* BYE Input line too long.'), \
+            data
 
 
 def test_login_literal_bound(lgw):

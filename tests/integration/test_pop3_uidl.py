@@ -540,8 +540,9 @@ def test_store_failures_end_the_session(gpair, make_gw, workdir):
         p.quit()
     finally:
         undo()
-    assert re.search(r'session \d+: %s: folder_find_dst: .*malformed'
-                     % USER, g.log_text()), \
+    assert re.search(r'session \d+: login: user=<%s> .* result=unavailable '
+                     r'reason=folder_find_dst: .*malformed' % USER,
+                     g.log_text()), \
         g.log_tail()
 
     # Mid-session: the store answered at the login, not for the UIDLs.

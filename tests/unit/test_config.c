@@ -161,6 +161,20 @@ static void dconfig_numbers(void **state)
 		    "to 86400", NULL);
 	expect_conf(LISTEN "[policy]\nhold_max_seconds = 86401\n",
 		    ":4: hold_max_seconds", NULL);
+	assert_int_equal(c.gw.flip_quiet, 5);
+	expect_conf(LISTEN "[policy]\nflip_quiet = 0\n", NULL, &c);
+	assert_int_equal(c.gw.flip_quiet, 0);
+	expect_conf(LISTEN "[policy]\nflip_quiet = 1h\n", NULL, &c);
+	assert_int_equal(c.gw.flip_quiet, 3600);
+	expect_conf(LISTEN "[policy]\nflip_quiet = 30s\n", NULL, &c);
+	assert_int_equal(c.gw.flip_quiet, 30);
+	expect_conf(LISTEN "[policy]\nflip_quiet = 61m\n",
+		    ":4: flip_quiet: \"61m\" is not a duration from 0s to 1h",
+		    NULL);
+	expect_conf(LISTEN "[policy]\nflip_quiet = 5 s\n", ":4: flip_quiet",
+		    NULL);
+	expect_conf(LISTEN "[policy]\nflip_quiet = -1\n", ":4: flip_quiet",
+		    NULL);
 	expect_conf(LISTEN "[policy]\nconnections = 0\n", ":4: connections",
 		    NULL);
 	expect_conf(LISTEN "[policy]\nconnections = 4 connections\n",

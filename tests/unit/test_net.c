@@ -23,6 +23,7 @@
 #include <fcntl.h>
 #include <malloc.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -1964,6 +1965,85 @@ static void test_connect_from_source(void **state)
 	listener_stop(&l);
 	drain_loop();
 	connect_from_fails(port, "connection refused");
+/* ---- acknowledgements: a relay must not stall a client's Nagle ---- */
+
+#define ACK_ROUNDS 6
+
+static int ack_rounds, ack_delayed;
+
+/* 1 when the socket ACKs at once (not in the kernel's delayed-ACK
+ * "pingpong" mode): what TCP_QUICKACK reads back. */
+static int acks_at_once(struct ms_conn *conn)
+{
+	int fd = ms_conn_fileno(conn), v = -1;
+	socklen_t len = sizeof(v);
+
+	assert_true(fd >= 0);
+	assert_int_equal(getsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &v, &len),
+			 0);
+	return v;
+}
+
+/* Both ends answer at once what they read (so the kernel takes them for
+ * request-reply sockets and would delay its ACKs); each read must leave
+ * the socket acknowledging at once again. */
+static void ack_pingpong(struct client *c, const char *data, size_t len)
+{
+	if (!acks_at_once(c->conn))
+		ack_delayed++;
+	if (++ack_rounds >= 2 * ACK_ROUNDS) {
+		uv_stop(&loop);
+		return;
+	}
+	assert_int_equal(ms_conn_write(c->conn, "x", 1), 0);
+}
+
+static void ack_start(struct client *c)
+{
+	assert_int_equal(ms_conn_write(c->conn, "x", 1), 0);
+}
+
+static void ack_run(const char *listen_addr, const char *host)
+{
+	static struct listener l;
+	static struct client c, s;
+
+	ack_rounds = ack_delayed = 0;
+	listener_start(&l, listen_addr, NULL, NULL);
+	client_init(&s);
+	s.got_data = ack_pingpong;
+	l.sess = &s;
+	client_init(&c);
+	c.connected = ack_start;
+	c.got_data = ack_pingpong;
+	assert_int_equal(client_connect(&c, host, l.port, NULL), 0);
+	run_loop();
+	assert_int_equal(ack_rounds, 2 * ACK_ROUNDS);
+	assert_int_equal(ack_delayed, 0);
+	client_fini(&c);
+	client_fini(&s);
+	listener_stop(&l);
+	drain_loop();
+}
+
+/* Every read, on accepted and outgoing connections, IPv4 and IPv6, leaves
+ * the socket acknowledging at once (TCP_QUICKACK): a client that writes a
+ * command in two pieces without TCP_NODELAY would otherwise wait ~40 ms
+ * for the gateway's delayed ACK before sending the second. */
+static void test_reads_acked_at_once(void **state)
+{
+	static uv_tcp_t probe;
+	char err[256];
+
+	ack_run("127.0.0.1:0", "127.0.0.1");
+	if (ms_listen(&loop, &probe, "[::1]:0", 0, on_listen_conn, err,
+		      sizeof(err)) < 0) {
+		drain_loop();
+		return;		/* no IPv6 loopback here */
+	}
+	uv_close((uv_handle_t *)&probe, noop_close);
+	drain_loop();
+	ack_run("[::1]:0", "::1");
 }
 
 /* Closes accepted connections at every early stage (in the accept callback,
@@ -2319,6 +2399,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_close_sends_last_words,
 						setup, teardown),
 		cmocka_unit_test_setup_teardown(test_idle_memory, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(test_reads_acked_at_once, setup,
 						teardown),
 	};
 

@@ -1965,6 +1965,8 @@ static void test_connect_from_source(void **state)
 	listener_stop(&l);
 	drain_loop();
 	connect_from_fails(port, "connection refused");
+}
+
 /* ---- acknowledgements: a relay must not stall a client's Nagle ---- */
 
 #define ACK_ROUNDS 6

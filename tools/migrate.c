@@ -20,6 +20,7 @@
 #include "mover.h"
 #include "store.h"
 #include "subcommands.h"
+#include "util.h"
 
 #define MAX_PATTERNS 64
 #define DEFAULT_STORE "/var/lib/mailshift/mailshift.db"
@@ -32,6 +33,8 @@ struct side {
 	char *ca_file;
 	char *server_name;
 	char *auth;
+	char *doveadm_url;		/* destination: identity (mover.md) */
+	char *doveadm_key_file;
 	int insecure;
 };
 
@@ -88,6 +91,9 @@ static void usage(FILE *f)
 "                                 else a prompt on the terminal)\n"
 "      --source-auth plain|login force a mechanism (default: PLAIN when offered)\n"
 "      --dest-auth plain|login\n"
+"      --dest-doveadm-url URL    Dovecot's doveadm HTTP API on the destination:\n"
+"                                 folders keep the source's UIDVALIDITY and UIDs\n"
+"      --dest-doveadm-key-file F its API key (a file of mode 0600 or stricter)\n"
 "      --ca-file FILE            CA bundle for both servers' certificates\n"
 "      --insecure                do not verify certificates (labs only)\n"
 "      --store PATH              SQLite store (default " DEFAULT_STORE ")\n"
@@ -141,6 +147,10 @@ static int side_key(struct side *s, const char *key, const char *value,
 		return set_str(&s->server_name, value);
 	if (!strcmp(key, "auth"))
 		return set_str(&s->auth, value);
+	if (!strcmp(key, "doveadm_url"))
+		return set_str(&s->doveadm_url, value);
+	if (!strcmp(key, "doveadm_key_file"))
+		return set_str(&s->doveadm_key_file, value);
 	if (!strcmp(key, "insecure")) {
 		if ((b = ms_parse_bool(value)) < 0) {
 			snprintf(err, errsz, "insecure: expected yes or no");
@@ -167,6 +177,8 @@ static void side_free(struct side *s)
 	free(s->ca_file);
 	free(s->server_name);
 	free(s->auth);
+	free(s->doveadm_url);
+	free(s->doveadm_key_file);
 }
 
 /* The strings the config file set (a command line's point into argv). */
@@ -298,6 +310,38 @@ static char *get_password(const struct side *s, const char *envname,
 			"%s, or run on a terminal\n", prog, what,
 			!strcmp(what, "source") ? "--source" : "--dest", envname);
 	return pw;
+}
+
+/* [destination] doveadm_url and doveadm_key_file: both or neither. The
+ * key comes from a file only its owner can read, never from argv. */
+static int doveadm_setup(const struct side *s, struct ms_doveadm_cfg *cfg,
+			 char **key_r)
+{
+	const char *why;
+	char err[512];
+
+	*key_r = NULL;
+	if (s->doveadm_url == NULL && s->doveadm_key_file == NULL)
+		return 0;
+	if (s->doveadm_url == NULL || s->doveadm_key_file == NULL) {
+		fprintf(stderr, "%s: doveadm_url and doveadm_key_file go "
+			"together\n", prog);
+		return -1;
+	}
+	if (ms_doveadm_parse_url(cfg, s->doveadm_url, &why) < 0) {
+		fprintf(stderr, "%s: doveadm_url %s: %s\n", prog,
+			s->doveadm_url, why);
+		return -1;
+	}
+	cfg->tls.ca_file = s->ca_file;
+	cfg->tls.insecure = s->insecure;
+	*key_r = ms_read_secret_file(s->doveadm_key_file, err, sizeof(err));
+	if (*key_r == NULL) {
+		fprintf(stderr, "%s: doveadm API key: %s\n", prog, err);
+		return -1;
+	}
+	cfg->key = *key_r;
+	return 0;
 }
 
 static int build_server(struct ms_server_cfg *cfg, const struct side *s,
@@ -441,6 +485,12 @@ json_t *migrate_report_json(const struct ms_user_report *rep)
 				    json_string(f->mismatch) : json_null());
 		json_object_set_new(fo, "repaired",
 				    json_integer((json_int_t)f->repaired));
+		if (f->identity != 0)
+			json_object_set_new(fo, "identity", json_string(
+				f->identity > 0 ? "kept" : "not kept"));
+		if (f->identity < 0)
+			json_object_set_new(fo, "identity_error",
+					    json_string(f->identity_error));
 		if (rep->verify_only) {
 			json_object_set_new(fo, "not_copied",
 					    json_integer((json_int_t)f->not_copied));
@@ -546,7 +596,7 @@ enum {
 	OPT_SPWF, OPT_DPWF, OPT_SAUTH, OPT_DAUTH, OPT_CA, OPT_INSECURE,
 	OPT_STORE, OPT_INCLUDE, OPT_EXCLUDE, OPT_CONNS, OPT_BATCH, OPT_JSON,
 	OPT_PROGRESS, OPT_NOPROGRESS, OPT_ROLLBACK, OPT_VERIFY_ONLY,
-	OPT_VERIFY_CONTENT,
+	OPT_VERIFY_CONTENT, OPT_DDOVEADM, OPT_DDOVEADM_KEY,
 };
 
 static const struct option longopts[] = {
@@ -561,6 +611,8 @@ static const struct option longopts[] = {
 	{ "dest-password-file", required_argument, NULL, OPT_DPWF },
 	{ "source-auth", required_argument, NULL, OPT_SAUTH },
 	{ "dest-auth", required_argument, NULL, OPT_DAUTH },
+	{ "dest-doveadm-url", required_argument, NULL, OPT_DDOVEADM },
+	{ "dest-doveadm-key-file", required_argument, NULL, OPT_DDOVEADM_KEY },
 	{ "ca-file", required_argument, NULL, OPT_CA },
 	{ "insecure", no_argument, NULL, OPT_INSECURE },
 	{ "store", required_argument, NULL, OPT_STORE },
@@ -599,7 +651,8 @@ int migrate_main(int argc, char *argv[])
 	struct ms_store *store = NULL;
 	struct run r = { 0 };
 	char *config = NULL, *err = NULL, errbuf[600];
-	char *src_pw = NULL, *dst_pw = NULL;
+	char *src_pw = NULL, *dst_pw = NULL, *dkey = NULL;
+	struct ms_doveadm_cfg dcfg;
 	int ch, ret = 2;
 
 	/* "--all" and "--daemon": ask the running mailshiftd instead. */
@@ -633,6 +686,8 @@ int migrate_main(int argc, char *argv[])
 		case OPT_DPWF: cli.dst.password_file = optarg; break;
 		case OPT_SAUTH: cli.src.auth = optarg; break;
 		case OPT_DAUTH: cli.dst.auth = optarg; break;
+		case OPT_DDOVEADM: cli.dst.doveadm_url = optarg; break;
+		case OPT_DDOVEADM_KEY: cli.dst.doveadm_key_file = optarg; break;
 		case OPT_CA: cli.src.ca_file = cli.dst.ca_file = optarg; break;
 		case OPT_INSECURE: cli.src.insecure = cli.dst.insecure = 1; break;
 		case OPT_STORE: cli.store = optarg; break;
@@ -682,6 +737,7 @@ int migrate_main(int argc, char *argv[])
 	OVERRIDE(src.admin); OVERRIDE(dst.admin);
 	OVERRIDE(src.password_file); OVERRIDE(dst.password_file);
 	OVERRIDE(src.auth); OVERRIDE(dst.auth);
+	OVERRIDE(dst.doveadm_url); OVERRIDE(dst.doveadm_key_file);
 	OVERRIDE(src.ca_file); OVERRIDE(dst.ca_file);
 	OVERRIDE(src.insecure); OVERRIDE(dst.insecure);
 	OVERRIDE(store); OVERRIDE(connections); OVERRIDE(batch);
@@ -752,6 +808,9 @@ int migrate_main(int argc, char *argv[])
 	mopts.batch = o.batch;
 	mopts.verify_only = o.verify_only;
 	mopts.verify_content = o.verify_content;
+	if (doveadm_setup(&o.dst, &dcfg, &dkey) < 0)
+		goto out;
+	mopts.doveadm = dkey != NULL ? &dcfg : NULL;
 
 	uv_loop_init(&r.loop);
 	r.o = &o;
@@ -761,6 +820,7 @@ int migrate_main(int argc, char *argv[])
 	/* The mover keeps its own copies; ours go now. */
 	OPENSSL_cleanse(src_pw, strlen(src_pw));
 	OPENSSL_cleanse(dst_pw, strlen(dst_pw));
+	ms_secret_free(&dkey);
 	if (r.mover == NULL) {
 		fprintf(stderr, "%s: out of memory\n", prog);
 		ret = 1;
@@ -806,6 +866,7 @@ int migrate_main(int argc, char *argv[])
 	ret = r.any_error ? 1 : r.any_mismatch ? 3 : 0;
 out:
 	ms_store_close(&store);
+	ms_secret_free(&dkey);
 	if (src_pw != NULL) {
 		OPENSSL_cleanse(src_pw, strlen(src_pw));
 		free(src_pw);

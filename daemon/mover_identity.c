@@ -22,6 +22,16 @@ static int id_wanted(const struct worker *w)
 	       u->pop == NULL;
 }
 
+/* A forward copy of an IMAP source without the doveadm API: the folder
+ * gets the destination's own UIDVALIDITY and UIDs. */
+static int untried(const struct worker *w)
+{
+	const struct ujob *u = w->u;
+
+	return !u->m->identity && !u->reverse && !u->m->verify_only &&
+	       u->pop == NULL;
+}
+
 static void id_request(struct worker *w, const struct ms_doveadm_update *up,
 		       ms_doveadm_cb *cb)
 {
@@ -133,13 +143,24 @@ void mv_id_open(struct worker *w, int reset)
 	int state = MS_ID_NONE;
 
 	w->identity = w->id_final = 0;
-	if (!id_wanted(w)) {
+	if (!id_wanted(w) && !untried(w)) {
 		mv_open_continue(w);
 		return;
 	}
 	if (mv_store_check(w, ms_store_identity_get(w->u->m->store, st->id,
 						    &state)) < 0)
 		return;
+	if (!id_wanted(w)) {
+		/* Counted by status like any folder not kept; not a warning:
+		 * the site has not asked for it. */
+		if (state == MS_ID_NONE &&
+		    mv_store_check(w, ms_store_identity_set(w->u->m->store,
+				st->id, MS_ID_LOST, "not tried (no doveadm_url "
+				"for the destination)")) < 0)
+			return;
+		mv_open_continue(w);
+		return;
+	}
 	if (state == MS_ID_LOST) {
 		w->f->rep.identity = -1;
 		snprintf(w->f->rep.identity_error,

@@ -212,3 +212,17 @@ def test_nonempty_destination_folder_falls_back(idpair, idmig):
     n = store_rows(idmig.store, 'SELECT count(*) FROM folder_identity '
                    'WHERE state = 2')
     assert n[0][0] == 1
+
+
+def test_no_doveadm_not_kept(idpair, idmig):
+    """No doveadm_url: nothing is tried, no warning, and every folder is
+    recorded as not kept (status counts such users)."""
+    res = idmig.run(USER, expect_rc=0)
+    idpair.assert_copied(USER)
+    assert 'not kept' not in res.stderr
+    assert all(v == (None, None) for v in folder_identity(res).values())
+    rows = store_rows(idmig.store, 'SELECT state, reason FROM '
+                      'folder_identity')
+    assert len(rows) == len(res.json['folders']), rows
+    assert all(r[0] == 2 and r[1].startswith('not tried') for r in rows), \
+        rows

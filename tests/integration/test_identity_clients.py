@@ -300,3 +300,19 @@ def test_status_counts_users_without_identity(cpair, workdir, ca):
         assert 'not-the-key' not in g.log_text()
     finally:
         g.stop()
+
+
+def test_daemon_refuses_key_file_others_can_read(cpair, workdir):
+    loose = os.path.join(workdir, 'loose.key')
+    with open(loose, 'w') as f:
+        f.write(cpair.dst.doveadm_key + '\n')
+    os.chmod(loose, 0o644)
+    g = gwlib.Mailshiftd(os.path.join(workdir, 'gwbad'), cpair.src,
+                         cpair.dst, extra_conf=gw_conf(workdir, cpair.dst,
+                                                       loose))
+    with pytest.raises(Exception) as e:
+        g.start(timeout=5)
+    g.stop()
+    said = str(e.value) + g.log_text()
+    assert 'readable by others' in said or 'chmod 600' in said, said
+    assert cpair.dst.doveadm_key not in said

@@ -14,6 +14,8 @@
 #include "log.h"
 #include "mover_internal.h"
 
+#define ID_REOPENS 3
+
 static int id_wanted(const struct worker *w)
 {
 	const struct ujob *u = w->u;
@@ -81,6 +83,30 @@ static void id_kept(struct worker *w)
 /* ---- open: UIDVALIDITY ---- */
 
 static void on_reselect(struct ms_imapc *c, const struct ms_imap_response *r,
+			void *ctx);
+
+static void reselect(struct worker *w)
+{
+	char q[2100];
+
+	ms_imap_quote(q, sizeof(q), w->f->dst);
+	w->d_uidvalidity = w->d_uidnext = w->d_exists = 0;
+	ms_imapc_cmd(w->d, on_reselect, w, "SELECT %s", q);
+}
+
+static void on_reopen(struct ms_imapc *c, const struct ms_imap_response *r,
+		      void *ctx)
+{
+	struct worker *w = ctx;
+
+	if (r == NULL || r->status != MS_STATUS_OK) {
+		mv_folder_fail(w, "UNSELECT", r, c);
+		return;
+	}
+	reselect(w);
+}
+
+static void on_reselect(struct ms_imapc *c, const struct ms_imap_response *r,
 			void *ctx)
 {
 	struct worker *w = ctx;
@@ -95,6 +121,11 @@ static void on_reselect(struct ms_imapc *c, const struct ms_imap_response *r,
 	if (mv_store_check(w, ms_store_folder_update(w->u->m->store,
 						     &w->f->st)) < 0)
 		return;
+	if (w->d_uidvalidity != w->s_uidvalidity && w->d_exists == 0 &&
+	    w->f->rep.identity != -1 && w->id_tries++ < ID_REOPENS) {
+		ms_imapc_cmd(w->d, on_reopen, w, "UNSELECT");
+		return;
+	}
 	if (w->d_uidvalidity != w->s_uidvalidity || w->d_exists != 0)
 		id_lost(w, "the destination kept UIDVALIDITY %u (the source's "
 			"is %u)", w->d_uidvalidity, w->s_uidvalidity);
@@ -107,15 +138,12 @@ static void on_reselect(struct ms_imapc *c, const struct ms_imap_response *r,
 static void on_set_uidvalidity(void *ctx, int ok, const char *error)
 {
 	struct worker *w = ctx;
-	char q[2100];
 
 	w->id_req = NULL;
 	if (!ok)
 		id_lost(w, "%s", error);
 	/* Opened again either way: the connection left it for the change. */
-	ms_imap_quote(q, sizeof(q), w->f->dst);
-	w->d_uidvalidity = w->d_uidnext = w->d_exists = 0;
-	ms_imapc_cmd(w->d, on_reselect, w, "SELECT %s", q);
+	reselect(w);
 }
 
 static void on_unselect(struct ms_imapc *c, const struct ms_imap_response *r,
@@ -143,6 +171,7 @@ void mv_id_open(struct worker *w, int reset)
 	int state = MS_ID_NONE;
 
 	w->identity = w->id_final = 0;
+	w->id_tries = 0;
 	if (!id_wanted(w) && !untried(w)) {
 		mv_open_continue(w);
 		return;

@@ -228,6 +228,7 @@ struct worker {
 	uint32_t id_next;		/* the UID the destination gives the
 					   next message appended */
 	uint32_t id_want;		/* min-next-uid asked for */
+	unsigned int id_tries;		/* reopens after the UIDVALIDITY */
 	struct ms_doveadm_req *id_req;	/* the doveadm request in flight */
 
 	struct window *meta;		/* metadata being fetched */

@@ -49,6 +49,9 @@ GNU_TIME = '/usr/bin/time'      # Debian package "time"
 TOOLS = ('fetch-floor', 'append-floor', 'multiappend-floor',
          'mailshift', 'doveadm', 'mbsync')
 FLOORS = ('fetch-floor', 'append-floor', 'multiappend-floor')
+# Run only when --only names them: mailshift keeping UIDVALIDITY and UIDs
+# through the destination's doveadm HTTP API (docs/mover.md, "Identity").
+EXTRA_TOOLS = ('mailshift-identity',)
 
 # Targets from the issue.
 TARGET_VS_DOVEADM = 1.2
@@ -871,10 +874,11 @@ class Bench:
     def log(self, msg):
         print('[%7.1fs] %s' % (time.monotonic() - T0, msg), flush=True)
 
-    def server(self, name):
+    def server(self, name, doveadm_http=False):
         s = self.dv.Dovecot(os.path.join(self.workdir, name), name,
                             users={USER: PASSWORD}, separator='.',
-                            layout='maildir++', performance=True, pop3=False)
+                            layout='maildir++', performance=True, pop3=False,
+                            doveadm_http=doveadm_http)
         self.servers.append(s)
         s.start()
         return s
@@ -943,11 +947,37 @@ class Bench:
                                                           sorted(self.snap)))
         self.log('source verified against the corpus (bytes, flags, '
                  'dates) in %.1f s' % (time.monotonic() - t))
+        if a.gaps > 0:
+            self.make_gaps(a.gaps)
         # The pristine source, restored before every run.
         self.stop(self.src)
         self.pristine = os.path.join(self.workdir, 'src-pristine')
         subprocess.run(['cp', '-a', self.src.mail_dir, self.pristine],
                        check=True)
+
+    def make_gaps(self, n):
+        """Expunges n source messages spread evenly over every folder (each
+        alone: n gaps in the UIDs), and takes the snapshot again."""
+        every = max(2, len(self.index) // n)
+        c = Imap(self.src.imap_port)
+        c.login(USER, PASSWORD)
+        gone = 0
+        for f in self.snap:
+            # Sequence numbers: stable until the EXPUNGE.
+            doomed = list(range(1, len(self.snap[f]) + 1))[every // 2::every]
+            if not doomed:
+                continue
+            c.command(b'SELECT ' + imap_quote(f))
+            for i in range(0, len(doomed), 500):
+                c.command(b'STORE ' + b','.join(
+                    str(u).encode() for u in doomed[i:i + 500]) +
+                    b' +FLAGS.SILENT (\\Deleted)')
+            c.command(b'EXPUNGE')
+            gone += len(doomed)
+        c.close()
+        self.gaps = gone
+        self.snap = fetch_snapshot(self.src.imap_port, USER, PASSWORD)
+        self.log('source: %d messages expunged (as many gaps)' % gone)
 
     def fresh_source(self):
         self.stop(self.src)
@@ -961,7 +991,8 @@ class Bench:
     def run(self, tool):
         a = self.a
         self.fresh_source()
-        dst = self.server('dst-' + tool)
+        dst = self.server('dst-' + tool,
+                          doveadm_http=(tool == 'mailshift-identity'))
         rundir = os.path.join(self.workdir, 'run-' + tool)
         os.makedirs(rundir)
         res = {'tool': tool, 'ok': False, 'error': None}
@@ -1128,14 +1159,14 @@ class Bench:
     def run_multiappend_floor(self, dst, rundir, res):
         return self._floor('multiappend', dst, rundir, res)
 
-    def run_mailshift(self, dst, rundir, res):
+    def run_mailshift(self, dst, rundir, res, extra=()):
         a = self.a
         if not os.access(MAILSHIFTCTL, os.X_OK):
             raise BenchError('%s not built (make all)' % MAILSHIFTCTL)
         argv = [MAILSHIFTCTL, 'migrate', USER,
                 '--source', self.src.url('imap'), '--dest', dst.url('imap'),
                 '--store', os.path.join(rundir, 'mailshift.db'),
-                '--json', '--no-progress'] + a.mailshift_arg
+                '--json', '--no-progress'] + a.mailshift_arg + list(extra)
         res['command'] = ' '.join(argv)
         so, se = os.path.join(rundir, 'stdout'), os.path.join(rundir,
                                                              'stderr')
@@ -1158,6 +1189,21 @@ class Bench:
             res['error'] = 'mailshiftctl exit 0 but summary says %s' % (
                 json.dumps(summary)[:300] if summary is not None
                 else res.get('json_error'))
+        return m
+
+    def run_mailshift_identity(self, dst, rundir, res):
+        """mailshift with the destination's doveadm API: every folder keeps
+        the source's UIDVALIDITY and UIDs (one API request per gap)."""
+        extra = ['--dest-doveadm-url', dst.doveadm_url(),
+                 '--dest-doveadm-key-file', dst.doveadm_key_file]
+        m = self.run_mailshift(dst, rundir, res, extra)
+        summary = res.get('tool_summary') or {}
+        kept = [f.get('identity') for f in summary.get('folders', [])]
+        res['identity_kept'] = kept.count('kept')
+        res['gaps'] = getattr(self, 'gaps', 0)
+        if not res.get('error') and kept.count('kept') != len(kept):
+            res['error'] = 'identity not kept in %d folder(s)' % (
+                len(kept) - kept.count('kept'))
         return m
 
     def run_mbsync(self, dst, rundir, res):
@@ -1394,7 +1440,11 @@ def main():
     p.add_argument('--messages', type=int, default=20000,
                    help='corpus size (default 20000)')
     p.add_argument('--only', default=None,
-                   help='comma-separated subset of: ' + ','.join(TOOLS))
+                   help='comma-separated subset of: ' +
+                   ','.join(TOOLS + EXTRA_TOOLS))
+    p.add_argument('--gaps', type=int, default=0,
+                   help='expunge this many source messages, spread evenly '
+                   '(gaps in the UIDs), before the runs')
     p.add_argument('--seed', type=int, default=20240501,
                    help='corpus PRNG seed')
     p.add_argument('--workdir', default=None,
@@ -1438,7 +1488,7 @@ def main():
     tools = list(TOOLS)
     if a.only:
         tools = [t.strip() for t in a.only.split(',') if t.strip()]
-        bad = [t for t in tools if t not in TOOLS]
+        bad = [t for t in tools if t not in TOOLS + EXTRA_TOOLS]
         if bad:
             p.error('unknown tool(s) %s; choose from %s'
                     % (','.join(bad), ','.join(TOOLS)))

@@ -315,9 +315,12 @@ static json_t *cmd_status(struct ms_control *ctl, json_t *req)
 {
 	struct list_ctx lc = { .ctl = ctl };
 	struct ms_progress p = { 0 };
-	json_t *by_state;
+	uint64_t id_users = 0, id_folders = 0;
+	json_t *by_state, *rep;
 
-	if (ms_store_user_foreach(ctl->store, on_user, &lc) != 0)
+	if (ms_store_user_foreach(ctl->store, on_user, &lc) != 0 ||
+	    ms_store_identity_lost_users(ctl->store, &id_users,
+					 &id_folders) < 0)
 		return error("store: %s", ms_store_error(ctl->store));
 	by_state = json_object();
 	for (int i = 0; i < MS_USER_NSTATES; i++)
@@ -325,7 +328,7 @@ static json_t *cmd_status(struct ms_control *ctl, json_t *req)
 				    json_integer(lc.counts[i]));
 	if (ctl->gw != NULL)
 		ms_gateway_progress(ctl->gw, &p);
-	return json_pack("{s:b, s:o, s:I, s:I, s:I, s:I, s:I, s:f, s:o, s:o}",
+	rep = json_pack("{s:b, s:o, s:I, s:I, s:I, s:I, s:I, s:f, s:o, s:o}",
 			 "ok", 1, "states", by_state,
 			 "messages", lc.msgs, "bytes", lc.bytes,
 			 "sessions", (json_int_t)(ctl->gw != NULL ?
@@ -335,6 +338,13 @@ static json_t *cmd_status(struct ms_control *ctl, json_t *req)
 			 "copy_seconds", p.seconds, "capabilities",
 			 ctl->gw != NULL ? ms_gateway_caps_json(ctl->gw) :
 			 json_object(), "retired", retired_json(ctl->store));
+	/* Users with a folder whose UIDs the gateway must translate
+	 * (docs/mover.md, "Identity"). */
+	json_object_set_new(rep, "identity_not_kept_users",
+			    json_integer((json_int_t)id_users));
+	json_object_set_new(rep, "identity_not_kept_folders",
+			    json_integer((json_int_t)id_folders));
+	return rep;
 }
 
 static json_t *cmd_user_list(struct ms_control *ctl, json_t *req)

@@ -92,6 +92,17 @@ static int backend_key(struct ms_dconfig *c, int dst, const char *key,
 	if (!strcmp(key, "admin_password_file"))
 		return set_buf(dst ? c->dst_admin_pwf : c->src_admin_pwf,
 			       sizeof(c->src_admin_pwf), key, value, err, errsz);
+	if (dst && !strcmp(key, "doveadm_url")) {
+		if (ms_doveadm_parse_url(&g->doveadm, value, &why) < 0) {
+			snprintf(err, errsz, "doveadm_url %.300s: %s", value,
+				 why);
+			return -1;
+		}
+		return 0;
+	}
+	if (dst && !strcmp(key, "doveadm_key_file"))
+		return set_buf(c->dst_doveadm_keyf, sizeof(c->dst_doveadm_keyf),
+			       key, value, err, errsz);
 	if (!strcmp(key, "server_name"))
 		return set_buf(dst ? c->dst_sn : c->src_sn, sizeof(c->src_sn),
 			       key, value, err, errsz);
@@ -440,6 +451,11 @@ static int check(const char *path, struct ms_dconfig *c, char *err,
 			return -1;
 		}
 	}
+	if ((c->gw.doveadm.host[0] != '\0') != (c->dst_doveadm_keyf[0] != '\0')) {
+		snprintf(err, errsz, "%s: [destination] doveadm_url and "
+			 "doveadm_key_file go together", path);
+		return -1;
+	}
 	if (c->group[0] != '\0' && c->user[0] == '\0') {
 		snprintf(err, errsz, "%s: [daemon] group needs user", path);
 		return -1;
@@ -475,6 +491,9 @@ static void wire_tls(struct ms_dconfig *c)
 		src[i]->transparent = c->src_transparent;
 		dst[i]->transparent = c->dst_transparent;
 	}
+	g->doveadm.tls.ca_file = dca;
+	g->doveadm.tls.insecure = c->dst_insecure;
+	g->doveadm.tls.server_name = dsn;
 }
 
 int ms_dconfig_load(const char *path, struct ms_dconfig *c, char *err,

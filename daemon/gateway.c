@@ -134,6 +134,8 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		src.password = cfg->src_admin_pw;
 		dst.admin = cfg->dst_admin;
 		dst.password = cfg->dst_admin_pw;
+		if (cfg->doveadm.key != NULL)
+			mo.doveadm = &cfg->doveadm;
 		gw->mover = ms_mover_new(loop, store, &src, &dst, &mo);
 	}
 	for (unsigned int i = 0; i < cfg->nlisten; i++) {

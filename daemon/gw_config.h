@@ -6,6 +6,7 @@
 
 #include <stddef.h>
 
+#include "doveadm.h"
 #include "server.h"
 #include "util.h"
 
@@ -52,6 +53,10 @@ struct ms_gw_config {
 	/* Admin (master) logins per server, for the sweep and for resuming
 	 * copies after a restart; NULL = none (the captured login only). */
 	const char *src_admin, *src_admin_pw, *dst_admin, *dst_admin_pw;
+	/* [destination] doveadm_url: Dovecot's doveadm HTTP API, for the
+	 * mover to keep folders' UIDVALIDITY and UIDs; doveadm.key is read
+	 * from doveadm_key_file at start (NULL: not used). */
+	struct ms_doveadm_cfg doveadm;
 	/* The background sweep of users who never log in. */
 	int sweep;
 	unsigned int sweep_concurrency;	/* users copied at once */

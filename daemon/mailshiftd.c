@@ -199,6 +199,13 @@ static int read_admin_passwords(struct ms_dconfig *c, uid_t owner, char *err,
 			c->gw.src_admin_pw = pw;
 		}
 	}
+	/* The doveadm API key: as secret as the admin passwords. */
+	if (c->dst_doveadm_keyf[0] != '\0') {
+		c->gw.doveadm.key = ms_read_secret_file_owned(
+			c->dst_doveadm_keyf, owner, err, errsz);
+		if (c->gw.doveadm.key == NULL)
+			return -1;
+	}
 	return 0;
 }
 
@@ -259,6 +266,7 @@ static int check_config(const char *conf)
 		ret = 2;
 	ms_secret_free((char **)&c.gw.src_admin_pw);
 	ms_secret_free((char **)&c.gw.dst_admin_pw);
+	ms_secret_free((char **)&c.gw.doveadm.key);
 	if (ret != 0) {
 		fprintf(stderr, "mailshiftd: %s\n", err);
 		return ret;
@@ -345,6 +353,7 @@ int main(int argc, char *argv[])
 		fprintf(stderr, "mailshiftd: %s\n", err);
 		ms_secret_free((char **)&c.gw.src_admin_pw);
 		ms_secret_free((char **)&c.gw.dst_admin_pw);
+		ms_secret_free((char **)&c.gw.doveadm.key);
 		return 2;
 	}
 	if (drop && store_create(c.store, &priv, err, sizeof(err)) < 0) {
@@ -411,5 +420,6 @@ out:
 		unlink(c.pid_file);
 	ms_secret_free((char **)&c.gw.src_admin_pw);
 	ms_secret_free((char **)&c.gw.dst_admin_pw);
+	ms_secret_free((char **)&c.gw.doveadm.key);
 	return ret;
 }

@@ -383,6 +383,7 @@ static void worker_close(struct worker *w)
 
 	ms_imapc_free(&w->s);
 	ms_imapc_free(&w->d);
+	mv_id_cancel(w);
 	if (w->settle != NULL) {
 		w->settle->w = NULL;
 		w->settle = NULL;
@@ -1172,6 +1173,13 @@ struct ms_mover *ms_mover_new(uv_loop_t *loop, struct ms_store *store,
 	m->verify_content = opts != NULL && opts->verify_content;
 	m->caller_flips = opts != NULL && opts->caller_flips;
 	m->names = opts != NULL ? opts->names : MS_NAMES_SOURCE;
+	if (opts != NULL && opts->doveadm != NULL &&
+	    opts->doveadm->key != NULL) {
+		m->doveadm = *opts->doveadm;
+		m->doveadm_key = strdup(opts->doveadm->key);
+		m->doveadm.key = m->doveadm_key;
+		m->identity = m->doveadm_key != NULL;
+	}
 	for (int which = 0; which < 2 && opts != NULL; which++) {
 		const char *const *src_pats = which == 0 ? opts->include :
 					       opts->exclude;
@@ -1220,6 +1228,7 @@ void ms_mover_free(struct ms_mover **mp)
 	}
 	ms_secret_free(&m->src.password);
 	ms_secret_free(&m->dst.password);
+	ms_secret_free(&m->doveadm_key);
 	for (char **p = m->include; p != NULL && *p != NULL; p++)
 		free(*p);
 	for (char **p = m->exclude; p != NULL && *p != NULL; p++)

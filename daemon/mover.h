@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "doveadm.h"
 #include "imapc.h"
 #include "net.h"
 #include "server.h"
@@ -35,6 +36,11 @@ struct ms_mover_opts {
 	/* Verification also compares each copied message's bytes (SHA-256 of
 	 * BODY[] on both sides), not only its size and flags. */
 	int verify_content;
+	/* Dovecot's doveadm HTTP API on the destination: with it, each folder
+	 * keeps the source's UIDVALIDITY and UIDs where it can
+	 * (docs/mover.md, "Identity"). NULL: not tried. The key is copied
+	 * (and wiped when the mover is freed). */
+	const struct ms_doveadm_cfg *doveadm;
 	int caller_flips;		/* a verified job leaves the user's state
 					   as it is: the caller's own write is
 					   the flip (the gateway) */
@@ -53,6 +59,11 @@ struct ms_folder_report {
 					   again) */
 	char mismatch[400];		/* what verification found, "" if
 					   nothing */
+	int identity;			/* 1: the destination folder has the
+					   source's UIDVALIDITY and UIDs; -1:
+					   not (identity_error says why); 0:
+					   not tried */
+	char identity_error[300];
 	/* verify_only */
 	uint64_t not_copied;		/* source messages no run copied yet */
 	uint64_t expunge_pending;	/* expunged on the source, not yet on

@@ -12,7 +12,6 @@
 #include "testhook.h"
 #include "mover_internal.h"
 
-static void start_flags(struct worker *w);
 
 /* ---- workers: one folder ---- */
 
@@ -170,8 +169,18 @@ static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	snprintf(st->dst_name, sizeof(st->dst_name), "%s", w->f->dst);
 	if (mv_store_check(w, ms_store_folder_update(store, st)) < 0)
 		return;
+	w->open_pending = pending;
+	mv_id_open(w, reset);
+}
+
+/* The folder is open on both sides and its identity settled: match what a
+ * crash or an earlier copy left, then copy. */
+void mv_open_continue(struct worker *w)
+{
+	struct ms_folder_state *st = &w->f->st;
+
 	w->old_hwm = st->hwm;
-	if (pending > 0) {
+	if (w->open_pending > 0) {
 		mv_start_match(w, 1, 0);
 	} else if (st->msgs == 0 && w->d_exists > 0) {
 		/* Mail we have no record of is there already: pair it up
@@ -238,7 +247,7 @@ void mv_start_copy(struct worker *w)
 	w->pending = 0;
 	w->min_new_seq = 0;
 	if (w->s_exists == 0) {
-		start_flags(w);
+		mv_id_finish(w);
 		return;
 	}
 	if (w->f->st.hwm == 0) {
@@ -303,6 +312,39 @@ fail:
 	return -1;
 }
 
+/* Keeping identity: one window per run of consecutive source UIDs (the
+ * messages to copy; those done already stay with the run before them), so
+ * that each APPEND can start where the destination's next UID was put.
+ * Returns the list, chained by next; on no memory, win whole (the gate
+ * then loses identity at the gap, the copy goes on). */
+static struct window *split_runs(struct worker *w, struct window *win)
+{
+	struct window *head = win, *cur = win, *nw;
+	unsigned int start = 0, n = win->n;
+	uint32_t last = 0;
+
+	for (unsigned int i = 0; i < n; i++) {
+		struct wmsg *msg = &win->msgs[i];
+
+		if (msg->skip)
+			continue;
+		if (last != 0 && msg->uid != last + 1 && i > start) {
+			nw = window_new(w, n - i);
+			if (nw == NULL)
+				return head;
+			memcpy(nw->msgs, win->msgs + i,
+			       (n - i) * sizeof(*nw->msgs));
+			nw->n = n - i;
+			cur->n = i - start;
+			cur->next = nw;
+			cur = nw;
+			start = i;
+		}
+		last = msg->uid;
+	}
+	return head;
+}
+
 static void on_meta_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 			  void *ctx)
 {
@@ -317,7 +359,7 @@ static void on_meta_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 		mv_job_fail(w->u, "store: %s", ms_store_error(w->u->m->store));
 		return;
 	}
-	w->ready = win;
+	w->ready = w->identity ? split_runs(w, win) : win;
 	mv_copy_pump(w);
 }
 
@@ -513,8 +555,12 @@ static void on_append_reply(struct ms_imapc *c, const struct ms_imap_response *r
 				w->f->rep.source, ac->count);
 			n = 0;
 		}
-		for (long i = 0; i < n; i++)
-			win->msgs[win->order[ac->first + i]].dst_uid = uids[i];
+		for (long i = 0; i < n; i++) {
+			struct wmsg *msg = &win->msgs[win->order[ac->first + i]];
+
+			msg->dst_uid = uids[i];
+			mv_id_appended(w, msg->uid, uids[i]);
+		}
 	}
 	free(uids);
 	if (--win->replies_pending == 0 && win->body_done)
@@ -623,11 +669,13 @@ void mv_copy_pump(struct worker *w)
 
 	for (struct window *a = w->appends; a != NULL; a = a->next)
 		inflight++;
-	if (w->body == NULL && w->ready != NULL && inflight < MAX_APPENDS) {
+	if (w->body == NULL && w->ready != NULL && inflight < MAX_APPENDS &&
+	    mv_id_gate(w, w->ready)) {
 		struct window *win = w->ready;
 		unsigned int tocopy = 0;
 
-		w->ready = NULL;
+		w->ready = win->next;
+		win->next = NULL;
 		for (unsigned int i = 0; i < win->n; i++)
 			tocopy += !win->msgs[i].skip;
 		if (tocopy == 0) {
@@ -635,6 +683,7 @@ void mv_copy_pump(struct worker *w)
 			win->body_done = 1;
 			window_finish(w, win);
 		} else {
+			mv_id_sent(w, win);
 			uid_set(win, set, sizeof(set));
 			w->body = win;
 			ms_imapc_cmd(w->s, on_body_reply, w,
@@ -649,7 +698,7 @@ void mv_copy_pump(struct worker *w)
 		if (w->u->reverse)
 			mv_start_verify(w);
 		else
-			start_flags(w);
+			mv_id_finish(w);
 	}
 }
 
@@ -884,7 +933,7 @@ static void on_flags_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 		mv_start_verify(w);
 }
 
-static void start_flags(struct worker *w)
+void mv_start_flags(struct worker *w)
 {
 	struct ms_folder_state *st = &w->f->st;
 

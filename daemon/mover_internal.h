@@ -10,6 +10,7 @@
 
 #include <openssl/evp.h>
 
+#include "doveadm.h"
 #include "imapc.h"
 #include "mailbox.h"
 #include "mover.h"
@@ -52,6 +53,10 @@ struct ms_mover {
 	int verify_only, verify_content;
 	int caller_flips;		/* ms_mover_opts */
 	enum ms_mover_names names;
+	int identity;			/* a doveadm API to keep folders'
+					   UIDVALIDITY and UIDs with */
+	struct ms_doveadm_cfg doveadm;	/* its key: doveadm_key */
+	char *doveadm_key;
 	struct ujob *jobs;
 	unsigned int users, users_done;
 	unsigned int folders, folders_done;
@@ -215,6 +220,17 @@ struct worker {
 	int multiappend;		/* the destination has MULTIAPPEND */
 	uint32_t next_seq;
 	uint32_t min_new_seq;
+	uint64_t open_pending;		/* open intents found at open */
+
+	/* identity (mover_identity.c) */
+	int identity;			/* keeping this folder's UIDVALIDITY
+					   and UIDs */
+	int id_final;			/* UIDNEXT/HIGHESTMODSEQ raised */
+	uint32_t id_next;		/* the UID the destination gives the
+					   next message appended */
+	uint32_t id_want;		/* min-next-uid asked for */
+	unsigned int id_tries;		/* reopens after the UIDVALIDITY */
+	struct ms_doveadm_req *id_req;	/* the doveadm request in flight */
 
 	struct window *meta;		/* metadata being fetched */
 	struct window *ready;		/* metadata in, intents committed */
@@ -408,6 +424,17 @@ void mv_on_dst_drain(struct ms_imapc *c, void *ctx);
 void mv_flag_store(struct worker *w, uint32_t src_uid, uint32_t dst_uid,
 		   const char *flags);
 void mv_flags_fetch(struct worker *w, const struct fetch *f);
+
+void mv_open_continue(struct worker *w);
+void mv_start_flags(struct worker *w);
+
+/* mover_identity.c */
+void mv_id_open(struct worker *w, int reset);
+int mv_id_gate(struct worker *w, const struct window *win);
+void mv_id_sent(struct worker *w, const struct window *win);
+void mv_id_appended(struct worker *w, uint32_t src_uid, uint32_t dst_uid);
+void mv_id_finish(struct worker *w);
+void mv_id_cancel(struct worker *w);
 
 /* mover_intent.c */
 int mv_cmp_fp(const void *a, const void *b);

@@ -21,9 +21,10 @@
 /* 1: users, folders, messages, policies; 2: + rintents (rollback intents);
  * 3: + messages_dst (done records by destination UID, for the gateway's
  * POP3 UIDLs); 4: + source_use, user_moves, retirements (mailshiftctl
- * retire). Every CREATE is IF NOT EXISTS, so the schema text upgrades an older
- * store. */
-#define SCHEMA_VERSION 4
+ * retire); 5: + folder_identity (whether a destination folder kept the
+ * source's UIDVALIDITY and UIDs). Every CREATE is IF NOT EXISTS, so the
+ * schema text upgrades an older store. */
+#define SCHEMA_VERSION 5
 /* ms_store_msg_foreach reads this many records at a time (see there) */
 #define FOREACH_PAGE 128
 #define FLAGS_SIZE sizeof(((struct ms_msg_rec *)0)->flags)
@@ -105,7 +106,15 @@ static const char schema_sql[] =
 	" at INTEGER NOT NULL,"
 	" uid INTEGER NOT NULL,"
 	" forced INTEGER NOT NULL,"
-	" record TEXT NOT NULL);";
+	" record TEXT NOT NULL);"
+	/* Whether the destination folder has the source's UIDVALIDITY and
+	 * UIDs (state 1) or not (2, with the reason): a folder without a row
+	 * was copied without trying. */
+	"CREATE TABLE IF NOT EXISTS folder_identity ("
+	" folder_id INTEGER PRIMARY KEY REFERENCES folders(id)"
+	" ON DELETE CASCADE,"
+	" state INTEGER NOT NULL,"
+	" reason TEXT NOT NULL DEFAULT '');";
 
 #define FOLDER_COLS "id, user_id, src_name, dst_name, src_uidvalidity, " \
 		    "dst_uidvalidity, hwm, modseq, msgs, bytes"
@@ -1473,4 +1482,79 @@ int ms_store_retirement_get(struct ms_store *store, struct ms_retirement *r,
 	}
 	sqlite3_finalize(st);
 	return ret;
+}
+
+/* ---- folder identity (once per folder: statements prepared per call) ---- */
+
+static int prepare(struct ms_store *s, const char *sql, sqlite3_stmt **st,
+		   const char *what)
+{
+	if (sqlite3_prepare_v2(s->db, sql, -1, st, NULL) != SQLITE_OK)
+		return db_error(s, what);
+	return 0;
+}
+
+int ms_store_identity_get(struct ms_store *store, int64_t folder_id,
+			  int *state_r)
+{
+	sqlite3_stmt *st;
+	int rc;
+
+	*state_r = MS_ID_NONE;
+	if (prepare(store, "SELECT state FROM folder_identity"
+		    " WHERE folder_id = ?1", &st, "identity_get") < 0)
+		return -1;
+	sqlite3_bind_int64(st, 1, folder_id);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW)
+		*state_r = sqlite3_column_int(st, 0);
+	sqlite3_finalize(st);
+	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+		return set_error(store, "identity_get: %s", sqlite3_errstr(rc));
+	return 0;
+}
+
+int ms_store_identity_set(struct ms_store *store, int64_t folder_id,
+			  int state, const char *reason)
+{
+	sqlite3_stmt *st;
+
+	if (prepare(store, "INSERT OR REPLACE INTO folder_identity"
+		    " (folder_id, state, reason) VALUES (?1, ?2, ?3)", &st,
+		    "identity_set") < 0)
+		return -1;
+	sqlite3_bind_int64(st, 1, folder_id);
+	sqlite3_bind_int(st, 2, state);
+	bind_text(st, 3, reason != NULL ? reason : "");
+	if (sqlite3_step(st) != SQLITE_DONE) {
+		db_error(store, "identity_set");
+		sqlite3_finalize(st);
+		return -1;
+	}
+	sqlite3_finalize(st);
+	return 0;
+}
+
+int ms_store_identity_lost_users(struct ms_store *store, uint64_t *users_r,
+				 uint64_t *folders_r)
+{
+	sqlite3_stmt *st;
+	int rc;
+
+	*users_r = *folders_r = 0;
+	if (prepare(store, "SELECT count(DISTINCT f.user_id), count(*)"
+		    " FROM folder_identity i JOIN folders f"
+		    " ON f.id = i.folder_id WHERE i.state = 2", &st,
+		    "identity_lost_users") < 0)
+		return -1;
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		*users_r = (uint64_t)sqlite3_column_int64(st, 0);
+		*folders_r = (uint64_t)sqlite3_column_int64(st, 1);
+	}
+	sqlite3_finalize(st);
+	if (rc != SQLITE_ROW)
+		return set_error(store, "identity_lost_users: %s",
+				 sqlite3_errstr(rc));
+	return 0;
 }

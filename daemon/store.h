@@ -113,6 +113,20 @@ typedef int ms_store_folder_cb(void *ctx, const struct ms_folder_state *st);
 int ms_store_folder_foreach(struct ms_store *store, int64_t user_id,
 			    ms_store_folder_cb *cb, void *ctx);
 
+/* Folder identity: whether the destination folder has the source's
+ * UIDVALIDITY and every copied message the source's UID (docs/mover.md,
+ * "Identity"). MS_ID_NONE: never tried (no row). MS_ID_LOST: the gateway
+ * must translate this folder's UIDs; reason says why. */
+enum { MS_ID_NONE = 0, MS_ID_KEPT = 1, MS_ID_LOST = 2 };
+int ms_store_identity_get(struct ms_store *store, int64_t folder_id,
+			  int *state_r);
+int ms_store_identity_set(struct ms_store *store, int64_t folder_id,
+			  int state, const char *reason);
+/* How many users have a folder whose identity was not kept, and how many
+ * such folders there are. */
+int ms_store_identity_lost_users(struct ms_store *store, uint64_t *users_r,
+				 uint64_t *folders_r);
+
 /* Messages. An intent (state MS_MSG_INTENT) is written and committed before
  * the message's bytes leave for the destination; it becomes MS_MSG_DONE with
  * the destination UID (0 when the server has no UIDPLUS) once the server

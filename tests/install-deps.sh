@@ -5,7 +5,7 @@ set -e
 
 PKGS="build-essential pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libjansson-dev libcmocka-dev libcap-ng-dev libnftables-dev libnl-route-3-dev python3 python3-pytest openssl
-dovecot-core dovecot-imapd dovecot-pop3d isync time
+dovecot-core dovecot-imapd dovecot-pop3d isync offlineimap3 time
 fetchmail mpop getmail6
 postfix dovecot-lmtpd
 nginx libnginx-mod-mail perdition

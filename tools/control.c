@@ -205,6 +205,11 @@ static void print_status(json_t *rep)
 		putchar('\n');
 	}
 	printf("sessions: %lld\n", jint(rep, "sessions"));
+	if (jint(rep, "identity_not_kept_users") > 0)
+		printf("identity not kept: %lld users (%lld folders) with "
+		       "new UIDVALIDITY/UIDs on the destination\n",
+		       jint(rep, "identity_not_kept_users"),
+		       jint(rep, "identity_not_kept_folders"));
 	fill = total > 0 ? (unsigned int)(30 * across / total) : 0;
 	memset(bar, '#', fill);
 	memset(bar + fill, '-', 30 - fill);

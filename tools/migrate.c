@@ -21,6 +21,7 @@
 #include "mover.h"
 #include "store.h"
 #include "subcommands.h"
+#include "util.h"
 
 #define MAX_PATTERNS 64
 #define DEFAULT_STORE "/var/lib/mailshift/mailshift.db"
@@ -33,6 +34,8 @@ struct side {
 	char *ca_file;
 	char *server_name;
 	char *auth;
+	char *doveadm_url;		/* destination: identity (mover.md) */
+	char *doveadm_key_file;
 	int insecure;
 };
 
@@ -90,6 +93,9 @@ static void usage(FILE *f)
 "                                 else a prompt on the terminal)\n"
 "      --source-auth plain|login force a mechanism (default: PLAIN when offered)\n"
 "      --dest-auth plain|login\n"
+"      --dest-doveadm-url URL    Dovecot's doveadm HTTP API on the destination:\n"
+"                                 folders keep the source's UIDVALIDITY and UIDs\n"
+"      --dest-doveadm-key-file F its API key (a file of mode 0600 or stricter)\n"
 "      --ca-file FILE            CA bundle for both servers' certificates\n"
 "      --insecure                do not verify certificates (labs only)\n"
 "      --store PATH              SQLite store (default " DEFAULT_STORE ")\n"
@@ -141,6 +147,8 @@ static int side_key(struct side *s, const char *key, const char *value,
 		{ "ca_file", offsetof(struct side, ca_file) },
 		{ "server_name", offsetof(struct side, server_name) },
 		{ "auth", offsetof(struct side, auth) },
+		{ "doveadm_url", offsetof(struct side, doveadm_url) },
+		{ "doveadm_key_file", offsetof(struct side, doveadm_key_file) },
 	};
 	int b;
 
@@ -174,6 +182,8 @@ static void side_free(struct side *s)
 	free(s->ca_file);
 	free(s->server_name);
 	free(s->auth);
+	free(s->doveadm_url);
+	free(s->doveadm_key_file);
 }
 
 /* The strings the config file set (a command line's point into argv). */
@@ -323,6 +333,38 @@ static char *get_password(const struct side *s, const char *envname,
 	return pw;
 }
 
+/* [destination] doveadm_url and doveadm_key_file: both or neither. The
+ * key comes from a file only its owner can read, never from argv. */
+static int doveadm_setup(const struct side *s, struct ms_doveadm_cfg *cfg,
+			 char **key_r)
+{
+	const char *why;
+	char err[512];
+
+	*key_r = NULL;
+	if (s->doveadm_url == NULL && s->doveadm_key_file == NULL)
+		return 0;
+	if (s->doveadm_url == NULL || s->doveadm_key_file == NULL) {
+		fprintf(stderr, "%s: doveadm_url and doveadm_key_file go "
+			"together\n", prog);
+		return -1;
+	}
+	if (ms_doveadm_parse_url(cfg, s->doveadm_url, &why) < 0) {
+		fprintf(stderr, "%s: doveadm_url %s: %s\n", prog,
+			s->doveadm_url, why);
+		return -1;
+	}
+	cfg->tls.ca_file = s->ca_file;
+	cfg->tls.insecure = s->insecure;
+	*key_r = ms_read_secret_file(s->doveadm_key_file, err, sizeof(err));
+	if (*key_r == NULL) {
+		fprintf(stderr, "%s: doveadm API key: %s\n", prog, err);
+		return -1;
+	}
+	cfg->key = *key_r;
+	return 0;
+}
+
 static int build_server(struct ms_server_cfg *cfg, const struct side *s,
 			const char *what, unsigned int conns)
 {
@@ -464,6 +506,12 @@ json_t *migrate_report_json(const struct ms_user_report *rep)
 				    json_string(f->mismatch) : json_null());
 		json_object_set_new(fo, "repaired",
 				    json_integer((json_int_t)f->repaired));
+		if (f->identity != 0)
+			json_object_set_new(fo, "identity", json_string(
+				f->identity > 0 ? "kept" : "not kept"));
+		if (f->identity < 0)
+			json_object_set_new(fo, "identity_error",
+					    json_string(f->identity_error));
 		if (rep->verify_only) {
 			json_object_set_new(fo, "not_copied",
 					    json_integer((json_int_t)f->not_copied));
@@ -569,7 +617,7 @@ enum {
 	OPT_SPWF, OPT_DPWF, OPT_SAUTH, OPT_DAUTH, OPT_CA, OPT_INSECURE,
 	OPT_STORE, OPT_INCLUDE, OPT_EXCLUDE, OPT_CONNS, OPT_BATCH, OPT_JSON,
 	OPT_PROGRESS, OPT_NOPROGRESS, OPT_ROLLBACK, OPT_VERIFY_ONLY,
-	OPT_VERIFY_CONTENT,
+	OPT_VERIFY_CONTENT, OPT_DDOVEADM, OPT_DDOVEADM_KEY,
 	OPT_NAMES,
 };
 
@@ -585,6 +633,8 @@ static const struct option longopts[] = {
 	{ "dest-password-file", required_argument, NULL, OPT_DPWF },
 	{ "source-auth", required_argument, NULL, OPT_SAUTH },
 	{ "dest-auth", required_argument, NULL, OPT_DAUTH },
+	{ "dest-doveadm-url", required_argument, NULL, OPT_DDOVEADM },
+	{ "dest-doveadm-key-file", required_argument, NULL, OPT_DDOVEADM_KEY },
 	{ "ca-file", required_argument, NULL, OPT_CA },
 	{ "insecure", no_argument, NULL, OPT_INSECURE },
 	{ "store", required_argument, NULL, OPT_STORE },
@@ -624,7 +674,8 @@ int migrate_main(int argc, char *argv[])
 	struct ms_store *store = NULL;
 	struct run r = { 0 };
 	char *config = NULL, *err = NULL, errbuf[600];
-	char *src_pw = NULL, *dst_pw = NULL;
+	char *src_pw = NULL, *dst_pw = NULL, *dkey = NULL;
+	struct ms_doveadm_cfg dcfg;
 	int ch, ret = 2;
 
 	/* "--all" and "--daemon": ask the running mailshiftd instead. */
@@ -658,6 +709,8 @@ int migrate_main(int argc, char *argv[])
 		case OPT_DPWF: cli.dst.password_file = optarg; break;
 		case OPT_SAUTH: cli.src.auth = optarg; break;
 		case OPT_DAUTH: cli.dst.auth = optarg; break;
+		case OPT_DDOVEADM: cli.dst.doveadm_url = optarg; break;
+		case OPT_DDOVEADM_KEY: cli.dst.doveadm_key_file = optarg; break;
 		case OPT_CA: cli.src.ca_file = cli.dst.ca_file = optarg; break;
 		case OPT_INSECURE: cli.src.insecure = cli.dst.insecure = 1; break;
 		case OPT_STORE: cli.store = optarg; break;
@@ -714,6 +767,7 @@ int migrate_main(int argc, char *argv[])
 	OVERRIDE(src.admin); OVERRIDE(dst.admin);
 	OVERRIDE(src.password_file); OVERRIDE(dst.password_file);
 	OVERRIDE(src.auth); OVERRIDE(dst.auth);
+	OVERRIDE(dst.doveadm_url); OVERRIDE(dst.doveadm_key_file);
 	OVERRIDE(src.ca_file); OVERRIDE(dst.ca_file);
 	OVERRIDE(src.insecure); OVERRIDE(dst.insecure);
 	OVERRIDE(store); OVERRIDE(connections); OVERRIDE(batch);
@@ -786,6 +840,9 @@ int migrate_main(int argc, char *argv[])
 	mopts.verify_content = o.verify_content;
 	if (o.names != 0)
 		mopts.names = (enum ms_mover_names)(o.names - 1);
+	if (doveadm_setup(&o.dst, &dcfg, &dkey) < 0)
+		goto out;
+	mopts.doveadm = dkey != NULL ? &dcfg : NULL;
 
 	uv_loop_init(&r.loop);
 	r.o = &o;
@@ -795,6 +852,7 @@ int migrate_main(int argc, char *argv[])
 	/* The mover keeps its own copies; ours go now. */
 	OPENSSL_cleanse(src_pw, strlen(src_pw));
 	OPENSSL_cleanse(dst_pw, strlen(dst_pw));
+	ms_secret_free(&dkey);
 	if (r.mover == NULL) {
 		fprintf(stderr, "%s: out of memory\n", prog);
 		ret = 1;
@@ -840,6 +898,7 @@ int migrate_main(int argc, char *argv[])
 	ret = r.any_error ? 1 : r.any_mismatch ? 3 : 0;
 out:
 	ms_store_close(&store);
+	ms_secret_free(&dkey);
 	if (src_pw != NULL) {
 		OPENSSL_cleanse(src_pw, strlen(src_pw));
 		free(src_pw);

@@ -21,6 +21,10 @@ netns='NAME' runs the instance inside that network namespace (made with
 CONF`, its loopback listeners are the namespace's 127.0.0.1, and the
 readiness check and the imap()/pop3() helpers open their sockets inside it.
 doveadm talks over UNIX sockets and works from anywhere.
+
+doveadm_http=True also opens doveadm's HTTP API on a loopback port with a
+random API key: doveadm_url() is its URL and doveadm_key_file a root-only
+file holding the key (what mailshift's doveadm_key_file names).
 """
 
 import grp
@@ -203,7 +207,8 @@ class Dovecot:
                  layout='maildir++', special_use=None, tls_ca=None, pop3=True,
                  performance=False, master_user=None, extra_conf='',
                  listescape=False, mail_plugins='', fsync=False,
-                 list_index=False, netns=None, prefix=''):
+                 list_index=False, netns=None, prefix='',
+                 doveadm_http=False):
         if layout not in ('maildir++', 'fs'):
             raise ValueError('layout must be maildir++ or fs')
         self.root_dir = os.path.abspath(root_dir)
@@ -225,6 +230,13 @@ class Dovecot:
         # The personal namespace's prefix: 'INBOX.' makes a Courier-style
         # server (every folder below INBOX).
         self.prefix = prefix
+        self.doveadm_http = doveadm_http
+        self.doveadm_port = None
+        self.doveadm_key = None
+        if doveadm_http:
+            import secrets
+            self.doveadm_key = secrets.token_hex(16)
+            self._secret_key()
         for u, pw in self.users.items():
             self._secret(u, pw)
         if master_user:
@@ -236,12 +248,17 @@ class Dovecot:
         self.config_path = os.path.join(self.root_dir, 'dovecot.conf')
         self.passwd_path = os.path.join(self.root_dir, 'passwd')
         self.master_passwd_path = os.path.join(self.root_dir, 'master-passwd')
+        self.doveadm_key_file = os.path.join(self.root_dir, 'doveadm.key')
         Dovecot._serial += 1
         self.instance_name = 'mstest-%s-%d-%d' % (name, os.getpid(),
                                                   Dovecot._serial)
         self.imap_port = self.imaps_port = None
         self.pop3_port = self.pop3s_port = None
         self.pid = None
+
+    def _secret_key(self):
+        leakcheck.CHECK.secret(self.doveadm_key, 'the doveadm API key of '
+                               'Dovecot %s' % self.name)
 
     def _secret(self, user, pw, kind=''):
         leakcheck.CHECK.secret(pw, 'the %spassword of %s on Dovecot %s'
@@ -374,6 +391,20 @@ class Dovecot:
                 'service anvil {', '  client_limit = 20000', '}',
                 'service stats {', '  client_limit = 20000', '}',
             ]
+        if self.doveadm_http:
+            lines += [
+                'doveadm_api_key = %s' % self.doveadm_key,
+                'service doveadm {',
+                '  inet_listener http {',
+                '    address = 127.0.0.1',
+                '    port = %d' % self.doveadm_port,
+                '  }',
+            ]
+            if self.performance:
+                # One doveadm process for many requests: by default each
+                # request starts its own (~20 ms of CPU).
+                lines += ['  service_count = 0', '  process_min_avail = 1']
+            lines.append('}')
         if self.extra_conf:
             lines.append(self.extra_conf)
         return '\n'.join(l for l in lines if l != '') + '\n'
@@ -390,8 +421,14 @@ class Dovecot:
         if not os.path.isdir(self.mail_dir):
             os.makedirs(self.mail_dir)
             os.chown(self.mail_dir, MAIL_UID, MAIL_GID)
-        ports = _free_ports(4)
+        ports = _free_ports(5)
         self.imap_port, self.pop3_port = ports[0], ports[1]
+        if self.doveadm_http:
+            self.doveadm_port = ports[4]
+            fd = os.open(self.doveadm_key_file,
+                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, 'w') as f:
+                f.write(self.doveadm_key + '\n')
         if self.tls_ca is not None:
             self.imaps_port = ports[2]
             if self.pop3_enabled:
@@ -561,6 +598,12 @@ class Dovecot:
         if port is None:
             raise HarnessError('%s: no %s listener' % (self.name, scheme))
         return '%s://127.0.0.1:%d' % (scheme, port)
+
+    def doveadm_url(self):
+        """The doveadm HTTP API's URL (doveadm_http=True)."""
+        if self.doveadm_port is None:
+            raise HarnessError('%s: no doveadm HTTP listener' % self.name)
+        return 'http://127.0.0.1:%d/doveadm/v1' % self.doveadm_port
 
     def password(self, user):
         return self.users[user]

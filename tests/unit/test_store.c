@@ -151,7 +151,7 @@ static void test_open_file(void **state)
 
 	sql_text(f, "PRAGMA journal_mode", mode, sizeof(mode));
 	assert_string_equal(mode, "wal");
-	assert_int_equal(sql_int(f, "PRAGMA user_version"), 4);
+	assert_int_equal(sql_int(f, "PRAGMA user_version"), 5);
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM sqlite_master "
 				 "WHERE type = 'table' AND name IN "
 				 "('users', 'folders', 'messages', 'rintents')"),
@@ -784,6 +784,46 @@ static int folder_cb(void *ctx, const struct ms_folder_state *st)
 	return fw->n == 8 ? 5 : 0;
 }
 
+/* Folder identity: no row is "never tried"; LOST rows are counted per
+ * user and folder; the row goes with its folder. */
+static void test_identity(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_folder_state a, b, c;
+	int64_t alice, bob;
+	uint64_t users, folders;
+	int st;
+
+	assert_int_equal(ms_store_user_get(f->store, "alice", &alice), 0);
+	assert_int_equal(ms_store_user_get(f->store, "bob", &bob), 0);
+	assert_int_equal(ms_store_folder_get(f->store, alice, "INBOX", &a), 0);
+	assert_int_equal(ms_store_folder_get(f->store, alice, "Work", &b), 0);
+	assert_int_equal(ms_store_folder_get(f->store, bob, "INBOX", &c), 0);
+	assert_int_equal(ms_store_identity_get(f->store, a.id, &st), 0);
+	assert_int_equal(st, MS_ID_NONE);
+	assert_int_equal(ms_store_identity_set(f->store, a.id, MS_ID_KEPT,
+					       NULL), 0);
+	assert_int_equal(ms_store_identity_get(f->store, a.id, &st), 0);
+	assert_int_equal(st, MS_ID_KEPT);
+	assert_int_equal(ms_store_identity_lost_users(f->store, &users,
+						      &folders), 0);
+	assert_int_equal(users, 0);
+	assert_int_equal(folders, 0);
+	assert_int_equal(ms_store_identity_set(f->store, a.id, MS_ID_LOST,
+					       "wrong key"), 0);
+	assert_int_equal(ms_store_identity_set(f->store, b.id, MS_ID_LOST,
+					       "not empty"), 0);
+	assert_int_equal(ms_store_identity_set(f->store, c.id, MS_ID_KEPT,
+					       NULL), 0);
+	assert_int_equal(ms_store_identity_get(f->store, a.id, &st), 0);
+	assert_int_equal(st, MS_ID_LOST);
+	assert_int_equal(ms_store_identity_lost_users(f->store, &users,
+						      &folders), 0);
+	assert_int_equal(users, 1);
+	assert_int_equal(folders, 2);
+	assert_int_equal(sql_int(f, "SELECT count(*) FROM folder_identity"), 3);
+}
+
 static void test_folder_foreach(void **state)
 {
 	struct fixture *f = *state;
@@ -1124,6 +1164,7 @@ int main(void)
 						teardown),
 		cmocka_unit_test_setup_teardown(test_folder_foreach, setup,
 						teardown),
+		cmocka_unit_test_setup_teardown(test_identity, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_upgrade, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_transactions, setup,
 						teardown),

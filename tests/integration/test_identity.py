@@ -1,0 +1,228 @@
+"""Identity on the destination (docs/mover.md, "Identity"): with Dovecot's
+doveadm HTTP API on the destination, every copied folder keeps the source's
+UIDVALIDITY and every message the source's UID, across expunge gaps and
+incremental runs; UIDNEXT and HIGHESTMODSEQ end at least the source's.
+Where that cannot be (a wrong API key, a destination folder that already
+holds mail) the copy is still exact and the folder is recorded as "not
+kept", counted by `mailshiftctl status`.
+
+Real Dovecot source and destination (conftest's pair; the destination with
+doveadm_http=True: its HTTP API on a loopback port with a random key).
+"""
+
+import os
+
+import pytest
+
+import mailcheck as mc
+from conftest import Migrator, store_rows
+
+USER = 'smallie'
+
+
+@pytest.fixture
+def idpair(make_pair):
+    return make_pair(users=(USER,), dst_kw={'doveadm_http': True})
+
+
+@pytest.fixture
+def idmig(ctl, idpair, workdir):
+    return Migrator(ctl, idpair, os.path.join(workdir, 'store.db'))
+
+
+def doveadm_args(dst, key_file=None):
+    return ['--dest-doveadm-url', dst.doveadm_url(),
+            '--dest-doveadm-key-file', key_file or dst.doveadm_key_file]
+
+
+def make_gaps(server, user):
+    """Expunges some messages in every folder holding three or more (the
+    second, and the last but one): gaps in the middle and near the end.
+    Returns how many went."""
+    m = server.imap(user)
+    gone = 0
+    try:
+        for f in mc.list_folders(m):
+            if '\\noselect' in f['attrs']:
+                continue
+            typ, data = m.select(mc.quote_mailbox(f['name']))
+            n = int(data[0])
+            if n < 3:
+                continue
+            m.store('2,%d' % (n - 1), '+FLAGS.SILENT', '(\\Deleted)')
+            m.expunge()
+            gone += 2
+            m.close()
+    finally:
+        m.logout()
+    return gone
+
+
+def identity_view(server, user):
+    """{folder key: (UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ, [(UID, sha256 of
+    the bytes)...])} of every selectable folder."""
+    import hashlib
+    m = server.imap(user)
+    out = {}
+    try:
+        for f in mc.list_folders(m):
+            if '\\noselect' in f['attrs'] or '\\nonexistent' in f['attrs']:
+                continue
+            q = mc.quote_mailbox(f['name'])
+            typ, data = m.status(q, '(UIDVALIDITY UIDNEXT HIGHESTMODSEQ)')
+            assert typ == 'OK', data
+            toks = data[0].decode().split('(', 1)[1].rstrip(')').split()
+            st = dict(zip(toks[0::2], (int(x) for x in toks[1::2])))
+            msgs = mc.fetch_all(m, f['name'], '(UID BODY.PEEK[])')
+            uids = sorted((uid, hashlib.sha256(d['BODY[]']).hexdigest())
+                          for uid, d in msgs.items())
+            out[f['key']] = (st['UIDVALIDITY'], st['UIDNEXT'],
+                             st.get('HIGHESTMODSEQ', 0), uids)
+    finally:
+        m.logout()
+    return out
+
+
+def assert_identity(pair, user, only=None):
+    """Every source folder (or those in only) has, on the destination, the
+    source's UIDVALIDITY and each message under the source's UID; UIDNEXT
+    and HIGHESTMODSEQ at least the source's."""
+    s = pair.src.imap(user)
+    d = pair.dst.imap(user)
+    try:
+        sspec, dspec = mc.special_use(s), mc.special_use(d)
+    finally:
+        s.logout()
+        d.logout()
+    src, dst = identity_view(pair.src, user), identity_view(pair.dst, user)
+    checked = 0
+    for key, (uv, nxt, modseq, msgs) in src.items():
+        if only is not None and key not in only:
+            continue
+        dkey = mc.map_name(key, '/', sspec, dspec)
+        assert dkey in dst, 'folder %r (%r) missing' % (key, dkey)
+        duv, dnxt, dmodseq, dmsgs = dst[dkey]
+        assert duv == uv, '%r: UIDVALIDITY %d, source %d' % (key, duv, uv)
+        assert dmsgs == msgs, '%r: UIDs differ:\n%s\n%s' % (key, msgs, dmsgs)
+        assert dnxt >= nxt, '%r: UIDNEXT %d < source %d' % (key, dnxt, nxt)
+        assert dmodseq >= modseq, '%r: HIGHESTMODSEQ %d < %d' % (
+            key, dmodseq, modseq)
+        checked += 1
+    assert checked > 0
+    return src
+
+
+def folder_identity(res):
+    return {f['source']: (f.get('identity'), f.get('identity_error'))
+            for f in res.json['folders']}
+
+
+def test_gaps_keep_uidvalidity_and_uids(idpair, idmig):
+    gone = make_gaps(idpair.src, USER)
+    assert gone >= 4
+    res = idmig.run(USER, *doveadm_args(idpair.dst), expect_rc=0)
+    assert res.json['ok'] is True, res.describe()
+    idpair.assert_copied(USER)
+    src = assert_identity(idpair, USER)
+    # Some folder really had a gap to keep.
+    assert any(len(m) >= 2 and m[-1][0] - m[0][0] >= len(m)
+               for _, _, _, m in src.values())
+    ids = folder_identity(res)
+    assert set(v[0] for v in ids.values()) == {'kept'}, ids
+    rows = store_rows(idmig.store, 'SELECT state FROM folder_identity')
+    assert rows and all(r[0] == 1 for r in rows), rows
+
+    # New mail and a new gap on the source: the next run goes on above.
+    s = idpair.src.imap(USER)
+    try:
+        for i in range(4):
+            mc.append(s, 'INBOX', mc.make_message(9000 + i, size=600))
+        s.select('INBOX')
+        typ, data = s.search(None, 'ALL')
+        last = data[0].split()[-3].decode()
+        s.store(last, '+FLAGS.SILENT', '(\\Deleted)')
+        s.expunge()
+    finally:
+        s.logout()
+    res = idmig.run(USER, *doveadm_args(idpair.dst), expect_rc=0)
+    assert res.json['copied'] == 3, res.describe()
+    ids = folder_identity(res)
+    assert set(v[0] for v in ids.values()) == {'kept'}, res.describe()
+    idpair.assert_copied(USER)
+    assert_identity(idpair, USER)
+
+
+def test_wrong_key_falls_back(idpair, idmig, workdir):
+    bad = os.path.join(workdir, 'wrong.key')
+    fd = os.open(bad, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, 'w') as f:
+        f.write('not-the-key\n')
+    make_gaps(idpair.src, USER)
+    res = idmig.run(USER, *doveadm_args(idpair.dst, bad), expect_rc=0)
+    idpair.assert_copied(USER)
+    ids = folder_identity(res)
+    assert all(v[0] == 'not kept' and '401' in v[1] for v in ids.values()), \
+        ids
+    assert 'not kept' in res.stderr and 'API key was refused' in res.stderr
+    assert 'not-the-key' not in res.stderr + res.stdout
+    rows = store_rows(idmig.store, 'SELECT state, reason FROM '
+                      'folder_identity')
+    assert len(rows) == len(ids) and all(r[0] == 2 for r in rows), rows
+
+
+def test_key_file_readable_by_others_refused(idpair, idmig, workdir):
+    loose = os.path.join(workdir, 'loose.key')
+    with open(loose, 'w') as f:
+        f.write(idpair.dst.doveadm_key + '\n')
+    os.chmod(loose, 0o644)
+    res = idmig.run(USER, *doveadm_args(idpair.dst, loose), expect_rc=2)
+    assert 'doveadm API key' in res.stderr and '600' in res.stderr, \
+        res.describe()
+    assert idpair.dst.doveadm_key not in res.stderr
+
+
+def test_nonempty_destination_folder_falls_back(idpair, idmig):
+    """A destination folder already holding a copy of a source message (a
+    user's earlier try, say): its UIDVALIDITY cannot be set then. The
+    mover pairs the message up as ever, and that folder only is "not
+    kept"."""
+    make_gaps(idpair.src, USER)
+    s = idpair.src.imap(USER)
+    try:
+        one = mc.fetch_all(s, 'Archive')
+    finally:
+        s.logout()
+    uid = min(one)
+    d = idpair.dst.imap(USER)
+    try:
+        mc.create_folder(d, 'Archive')
+        flags = [f for f in one[uid]['FLAGS'] if f.lower() != '\\recent']
+        mc.append(d, 'Archive', one[uid]['BODY[]'], flags=flags,
+                  date=one[uid]['INTERNALDATE'])
+    finally:
+        d.logout()
+    res = idmig.run(USER, *doveadm_args(idpair.dst), expect_rc=0)
+    idpair.assert_copied(USER)
+    ids = folder_identity(res)
+    assert ids['Archive'][0] == 'not kept', ids
+    assert 'already holds 1 message' in ids['Archive'][1], ids
+    others = {k: v for k, v in ids.items() if k != 'Archive'}
+    assert others and all(v[0] == 'kept' for v in others.values()), ids
+    assert_identity(idpair, USER, only=set(others))
+    n = store_rows(idmig.store, 'SELECT count(*) FROM folder_identity '
+                   'WHERE state = 2')
+    assert n[0][0] == 1
+
+
+def test_no_doveadm_not_kept(idpair, idmig):
+    """No doveadm_url: nothing is tried, no warning, and every folder is
+    recorded as not kept (status counts such users)."""
+    res = idmig.run(USER, expect_rc=0)
+    idpair.assert_copied(USER)
+    assert 'not kept' not in res.stderr
+    assert all(v == (None, None) for v in folder_identity(res).values())
+    rows = store_rows(idmig.store, 'SELECT state, reason FROM '
+                      'folder_identity')
+    assert len(rows) == len(res.json['folders']), rows
+    assert all(r[0] == 2 and r[1].startswith('not tried') for r in rows), \
+        rows

@@ -1,0 +1,318 @@
+"""Real IMAP clients across a move (docs/mover.md, "Identity"): mbsync
+(isync) and offlineimap3 sync a user's mail through mailshiftd (IMAPS)
+while the user is on the source, each changes a flag offline, then the
+user is moved (`mailshiftctl migrate --daemon`) to a Dovecot destination
+with its doveadm HTTP API, and each client syncs again: no error, no
+warning, nothing downloaded again, no duplicate on either side, and each
+offline flag change on the message it was made on.
+
+Both servers here have the same separator and folder names, so what the
+clients could notice is the UIDVALIDITY and the UIDs only (folder names
+are issue 11's item 3).
+"""
+
+import os
+import re
+import subprocess
+
+import pytest
+
+import corpus
+import gateway as gwlib
+import mailcheck as mc
+from conftest import MASTER, SRC_USERS
+
+USER = 'u1'
+FOLDERS = {'INBOX': 30, 'Work': 15}
+GAPS = {'INBOX': (3, 4, 10, 25), 'Work': (2, 7)}
+MBSYNC = '/usr/bin/mbsync'
+OFFLINEIMAP = '/usr/bin/offlineimap'
+
+
+@pytest.fixture
+def cpair(make_pair):
+    """Source and destination alike but for the doveadm API: '.'
+    separator, Maildir++, the source's special-use folders."""
+    same = dict(separator='.', layout='maildir++',
+                special_use=corpus.SRC_SPECIAL, listescape=True)
+    return make_pair(users=(), src_kw=same,
+                     dst_kw=dict(same, doveadm_http=True))
+
+
+def fill(server):
+    m = server.imap(USER)
+    try:
+        for folder, n in FOLDERS.items():
+            if folder != 'INBOX':
+                mc.create_folder(m, folder)
+            mc.append_many(m, folder, [
+                (mc.make_message(i, 700, subject='%s %d' % (folder, i)),
+                 ['\\Seen'] if i % 3 == 0 else [], 1500000000 + i)
+                for i in range(1, n + 1)])
+            m.select(mc.quote_mailbox(folder))
+            for uid in GAPS[folder]:
+                m.uid('STORE', str(uid), '+FLAGS.SILENT', '(\\Deleted)')
+            m.expunge()
+            m.close()
+    finally:
+        m.logout()
+
+
+def write_secret(path, text):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, 'w') as f:
+        f.write(text + '\n')
+
+
+def gw_conf(workdir, dst, key_file=None):
+    pwf = os.path.join(workdir, 'admin.pw')
+    write_secret(pwf, MASTER[1])
+    return '\n'.join([
+        '[source]', 'admin = %s' % MASTER[0], 'admin_password_file = %s' % pwf,
+        '[destination]', 'admin = %s' % MASTER[0],
+        'admin_password_file = %s' % pwf,
+        'doveadm_url = %s' % dst.doveadm_url(),
+        'doveadm_key_file = %s' % (key_file or dst.doveadm_key_file)])
+
+
+class Client:
+    """One client's configuration and local maildir."""
+
+    def __init__(self, workdir, name, gw, ca):
+        self.dir = os.path.join(workdir, name)
+        self.maildir = os.path.join(self.dir, 'mail')
+        os.makedirs(self.maildir)
+        self.pwfile = os.path.join(self.dir, 'pw')
+        write_secret(self.pwfile, SRC_USERS[USER])
+        self.gw, self.ca = gw, ca
+
+    def run(self):
+        r = subprocess.run(self.argv(), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=120, env=dict(os.environ, HOME=self.dir))
+        out = r.stdout.decode(errors='replace')
+        assert r.returncode == 0, '%s failed (%d):\n%s' % (
+            self.argv()[0], r.returncode, out)
+        bad = [l for l in out.splitlines()
+               if re.search(r'warn|error|fail|invalid|changed', l, re.I)]
+        assert not bad, '%s said:\n%s' % (self.argv()[0], out)
+        return out
+
+    def local(self):
+        """{folder: {unique name: flags}} of the local maildir."""
+        out = {}
+        for folder in FOLDERS:
+            d = self.folder_dir(folder)
+            msgs = {}
+            for sub in ('cur', 'new'):
+                for fn in os.listdir(os.path.join(d, sub)):
+                    base, _, info = fn.partition(':')
+                    msgs[self.unique(base)] = info.partition(',')[2]
+            out[folder] = msgs
+        return out
+
+    def unique(self, base):
+        return base
+
+    def flag_offline(self, folder, subject):
+        """Adds F (\\Flagged) to the local copy of the message with that
+        Subject, as a mail reader would (moving it to cur/)."""
+        d = self.folder_dir(folder)
+        want = re.compile(rb'^Subject: ' + re.escape(subject.encode()) +
+                          rb'\r?$', re.M)
+        for sub in ('cur', 'new'):
+            for fn in os.listdir(os.path.join(d, sub)):
+                with open(os.path.join(d, sub, fn), 'rb') as f:
+                    head = f.read(4000)
+                if not want.search(head):
+                    continue
+                base, _, info = fn.partition(':2,')
+                flags = ''.join(sorted(set(info) | {'F'}))
+                os.rename(os.path.join(d, sub, fn),
+                          os.path.join(d, 'cur', '%s:2,%s' % (base, flags)))
+                return
+        raise AssertionError('no local message %r in %s' % (subject, d))
+
+
+class Mbsync(Client):
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.rc = os.path.join(self.dir, 'mbsyncrc')
+        with open(self.rc, 'w') as f:
+            f.write('\n'.join([
+                'IMAPAccount gw', 'Host 127.0.0.1',
+                'Port %d' % self.gw.imaps_port, 'User %s' % USER,
+                'PassCmd "cat %s"' % self.pwfile, 'SSLType IMAPS',
+                'CertificateFile %s' % self.ca.ca_file, '',
+                'IMAPStore far', 'Account gw', '',
+                'MaildirStore near', 'Path %s/' % self.maildir,
+                'Inbox %s/INBOX' % self.maildir, 'SubFolders Verbatim', '',
+                'Channel c', 'Far :far:', 'Near :near:', 'Patterns *',
+                'Create Both', 'Expunge Both', 'SyncState *', 'Sync All',
+                '']))
+
+    def argv(self):
+        return [MBSYNC, '-c', self.rc, '-a']
+
+    def folder_dir(self, folder):
+        return os.path.join(self.maildir, folder)
+
+    def unique(self, base):
+        # mbsync renames a file when its flags change but keeps the
+        # unique part; ",U=<uid>" it adds to the name.
+        return base.split(',U=')[0]
+
+
+class Offlineimap(Client):
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.rc = os.path.join(self.dir, 'offlineimaprc')
+        with open(self.rc, 'w') as f:
+            f.write('\n'.join([
+                '[general]', 'accounts = gw',
+                'metadata = %s/meta' % self.dir, 'ui = basic', '',
+                '[Account gw]', 'localrepository = local',
+                'remoterepository = remote', '',
+                '[Repository local]', 'type = Maildir',
+                'localfolders = %s' % self.maildir, 'sep = .', '',
+                '[Repository remote]', 'type = IMAP',
+                'remotehost = 127.0.0.1',
+                'remoteport = %d' % self.gw.imaps_port,
+                'remoteuser = %s' % USER,
+                'remotepassfile = %s' % self.pwfile, 'ssl = yes',
+                'sslcacertfile = %s' % self.ca.ca_file,
+                'starttls = no', 'maxconnections = 1', '']))
+
+    def argv(self):
+        return [OFFLINEIMAP, '-c', self.rc, '-o', '-u', 'basic']
+
+    def folder_dir(self, folder):
+        return os.path.join(self.maildir, folder)
+
+    def unique(self, base):
+        # offlineimap names files "<time>_<n>.<pid>.<host>,U=<uid>,FMD5=...".
+        return base.split(',U=')[0]
+
+
+def server_view(server):
+    """{folder: {Subject: flags without \\Recent}} (and the message count,
+    to see duplicates)."""
+    m = server.imap(USER)
+    out = {}
+    try:
+        for folder in FOLDERS:
+            msgs = mc.fetch_all(m, folder, '(FLAGS BODY.PEEK[HEADER.FIELDS '
+                                '(SUBJECT)])')
+            subj = {}
+            for d in msgs.values():
+                hdr = d['BODY[HEADER.FIELDS (SUBJECT)]'].decode()
+                s = hdr.split(':', 1)[1].strip()
+                assert s not in subj, 'duplicate %r in %s' % (s, folder)
+                subj[s] = sorted(f for f in d['FLAGS']
+                                 if f.lower() != '\\recent')
+            out[folder] = subj
+    finally:
+        m.logout()
+    return out
+
+
+@pytest.mark.skipif(not (os.access(MBSYNC, os.X_OK) and
+                         os.access(OFFLINEIMAP, os.X_OK)),
+                    reason='mbsync (isync) or offlineimap3 not installed: '
+                    'tests/install-deps.sh installs them')
+def test_clients_notice_nothing(cpair, workdir, ca):
+    fill(cpair.src)
+    # One password on both servers, as at a real site.
+    cpair.dst.stop()
+    cpair.dst.add_user(USER, SRC_USERS[USER])
+    cpair.dst.start()
+    g = gwlib.Mailshiftd(os.path.join(workdir, 'gw'), cpair.src, cpair.dst,
+                         tls_ca=ca, policy='off',
+                         extra_conf=gw_conf(workdir, cpair.dst))
+    g.start()
+    try:
+        clients = [Mbsync(workdir, 'mbsync', g, ca),
+                   Offlineimap(workdir, 'offlineimap', g, ca)]
+        for c in clients:
+            c.run()
+        before = [c.local() for c in clients]
+        for b in before:
+            assert {f: len(v) for f, v in b.items()} == {
+                f: n - len(GAPS[f]) for f, n in FOLDERS.items()}
+        # Offline, before the move: each flags one message.
+        clients[0].flag_offline('INBOX', 'INBOX 11')
+        clients[1].flag_offline('Work', 'Work 8')
+
+        assert g.ctl('migrate', '--daemon', USER).rc == 0
+        g.wait_state(USER, ('destination',), timeout=120)
+        rc, out, err, j = g.ctl('status', '--json')
+        assert j['identity_not_kept_users'] == 0, j
+
+        for _ in range(2):              # the second run settles the other's
+            for c in clients:           # flag change: still nothing new
+                c.run()
+        src = server_view(cpair.src)
+        dst = server_view(cpair.dst)
+        for folder in FOLDERS:
+            # Nothing lost or doubled on the destination.
+            assert sorted(dst[folder]) == sorted(src[folder])
+        assert '\\Flagged' in dst['INBOX']['INBOX 11']
+        assert '\\Flagged' in dst['Work']['Work 8']
+        flagged = [(f, s) for f in FOLDERS for s, fl in dst[f].items()
+                   if '\\Flagged' in fl]
+        assert sorted(flagged) == [('INBOX', 'INBOX 11'), ('Work', 'Work 8')]
+        for c, b in zip(clients, before):
+            after = c.local()
+            for folder in FOLDERS:
+                # No download again, no duplicate: the same local files.
+                assert sorted(after[folder]) == sorted(b[folder]), \
+                    (c.argv()[0], folder)
+            # Both flag changes reached both clients, on the right file.
+            assert sum('F' in fl for f in FOLDERS
+                       for fl in after[f].values()) == 2
+    finally:
+        g.stop()
+
+
+def test_status_counts_users_without_identity(cpair, workdir, ca):
+    """A wrong API key: the move still succeeds, exact, and `mailshiftctl
+    status` counts the user among those whose folders did not keep their
+    UIDVALIDITY and UIDs."""
+    fill(cpair.src)
+    bad = os.path.join(workdir, 'wrong.key')
+    write_secret(bad, 'not-the-key')
+    g = gwlib.Mailshiftd(os.path.join(workdir, 'gw'), cpair.src, cpair.dst,
+                         tls_ca=ca, policy='off',
+                         extra_conf=gw_conf(workdir, cpair.dst, bad))
+    g.start()
+    try:
+        rc, out, err, j = g.ctl('status', '--json')
+        assert j['identity_not_kept_users'] == 0, j
+        assert g.ctl('migrate', '--daemon', USER).rc == 0
+        g.wait_state(USER, ('destination',), timeout=120)
+        cpair.assert_copied(USER)
+        rc, out, err, j = g.ctl('status', '--json')
+        assert j['identity_not_kept_users'] == 1, j
+        assert j['identity_not_kept_folders'] >= len(FOLDERS), j
+        r = g.ctl('status')
+        assert 'identity not kept: 1 users' in r.stdout, r.describe()
+        assert 'API key was refused' in g.log_text()
+        assert 'not-the-key' not in g.log_text()
+    finally:
+        g.stop()
+
+
+def test_daemon_refuses_key_file_others_can_read(cpair, workdir):
+    loose = os.path.join(workdir, 'loose.key')
+    with open(loose, 'w') as f:
+        f.write(cpair.dst.doveadm_key + '\n')
+    os.chmod(loose, 0o644)
+    g = gwlib.Mailshiftd(os.path.join(workdir, 'gwbad'), cpair.src,
+                         cpair.dst, extra_conf=gw_conf(workdir, cpair.dst,
+                                                       loose))
+    with pytest.raises(Exception) as e:
+        g.start(timeout=5)
+    g.stop()
+    said = str(e.value) + g.log_text()
+    assert 'readable by others' in said or 'chmod 600' in said, said
+    assert cpair.dst.doveadm_key not in said

@@ -26,6 +26,7 @@
 #include "gw_internal.h"
 #include "log.h"
 #include "retire.h"
+#include "steer.h"
 #include "testhook.h"
 
 #define PRELOGIN_TIMEOUT_MS (180 * 1000)	/* since the client's last bytes */
@@ -121,6 +122,9 @@ void gw_session_close(struct session *s)
 
 	if (s->st == SS_CLOSING)
 		return;
+	if (s->st == SS_RELAY)
+		ms_steer_session_end(s->peer, s->peer_port, s->local,
+				     s->local_port);
 	s->st = SS_CLOSING;
 	ms_conn_close(&s->b);
 	ms_conn_close(&s->c);
@@ -172,6 +176,10 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 {
 	gw_timer_stop(s);
 	s->st = SS_RELAY;
+	/* backend = kmod: the kernel's view of who is where (steer_kmod.c). */
+	if (s->gu != NULL)
+		ms_steer_session_add(s->gu->name, s->peer, s->peer_port,
+				     s->local, s->local_port, s->to_dst);
 	/* -v: each login's route (mailshiftd(8)). */
 	ms_info("session %llu: %s: %s login of %s, relayed to the %s",
 		(unsigned long long)s->id, s->peer, s->proto == MS_GW_IMAP ?

@@ -20,6 +20,7 @@
 
 #include "gw_internal.h"
 #include "log.h"
+#include "steer.h"
 #include "testhook.h"
 
 static void rollback_start(struct ms_gateway *gw, struct guser *gu);
@@ -125,8 +126,11 @@ static void set_state(struct ms_gateway *gw, const char *name,
 				    error) < 0)
 		ms_log(MS_LOG_ERROR, "%s: store: %s", name,
 		       ms_store_error(gw->store));
-	else
+	else {
 		ms_info("%s: state %s", name, ms_user_state_names[state]);
+		/* backend = kmod: the kernel resets what is left behind. */
+		ms_steer_user_state(name, state);
+	}
 }
 
 /* ---- routing and a user's life ---- */

@@ -61,7 +61,8 @@ for _ in 1 2 3 4 5 6 7 8; do
 		grep -q "^$n " /proc/modules || insmod "/lib/modules/$m" 2>/dev/null
 	done
 done
-ok "insmod mailshift.ko" insmod /lib/mailshift.ko
+# The session map's collection every second: the test waits for it.
+ok "insmod mailshift.ko" insmod /lib/mailshift.ko gc_interval=1
 grep -q "^mailshift " /proc/modules || finish
 
 for n in cli gw srv; do ip netns add $n; in_ns $n ip link set lo up; done
@@ -135,6 +136,59 @@ check "table change: the open proxied connection goes on" \
 check "table change: the open DNATed connection goes on" \
 	"held: again" "$(tail -n 1 /tmp/held-dest)"
 
+# The session map, written as mailshiftd writes it (ktnl add/del/state
+# call steer_kmod.c): three proxied connections of alice, two the gateway
+# sent to the source, one to the destination. Once alice is moved, the
+# first, still going to the source, is reset at the hook; the one to the
+# destination goes on; the third, taken out of the map first, goes on.
+for n in 1 2 3; do
+	g=/tmp/go-sess; [ $n = 3 ] && g=/tmp/go-sess3
+	connect -b 10.77.0.66 -h $g 10.77.1.2 143 > /tmp/sess$n &
+	eval sess$n=\$!
+done
+for n in 1 2 3; do
+	wait_for /tmp/sess$n PROXY || fail "session connection $n did not open"
+done
+port() { sed -n 's/.*peer=10.77.0.66:\([0-9]*\).*/\1/p' /tmp/sess$1; }
+kmap() { in_ns gw /bin/ktnl "$@"; }
+kmap add alice 10.77.0.66 "$(port 1)" 10.77.1.2 143 source
+kmap add alice 10.77.0.66 "$(port 2)" 10.77.1.2 143 destination
+# As a dual-stack listener sees an IPv4 client.
+kmap add alice ::ffff:10.77.0.66 "$(port 3)" ::ffff:10.77.1.2 143 source
+say "SESSIONS-ADDED-BEGIN"
+ctl --json sessions > $R
+say "SESSIONS-ADDED-END"
+say "INFO: alice's ports $(port 1) $(port 2) $(port 3)"
+kmap state alice destination
+touch /tmp/go-sess
+wait $sess1 $sess2
+check "moved: the session still going to the source is reset" \
+	"held: lost" "$(tail -n 1 /tmp/sess1)"
+check "moved: the session to the destination goes on" \
+	"held: again" "$(tail -n 1 /tmp/sess2)"
+say "SESSIONS-MOVED-BEGIN"
+ctl --json sessions > $R
+say "SESSIONS-MOVED-END"
+ctl sessions
+# The third, still open, goes only when deleted; the other two when the
+# collection finds their connections over.
+kmap del 10.77.0.66 "$(port 3)" 10.77.1.2 143
+i=0
+while ! ctl sessions | grep -q '^sessions: 0 '; do
+	i=$((i + 1))
+	[ $i -gt 100 ] && break
+	sleep 0.1
+done
+check "sessions: deleted, or gone with their connection" "sessions: 0 " \
+	"$(ctl sessions | head -n 1)"
+touch /tmp/go-sess3
+wait $sess3
+check "moved: a session to the source deleted from the map goes on" \
+	"held: again" "$(tail -n 1 /tmp/sess3)"
+check "steer sessions with the nft backend: a clear error" \
+	"mailshiftctl steer: the nft backend keeps no session map" \
+	"$(ctl --backend nft sessions 2>&1)"
+
 # Fail closed: nothing listens, and nothing reaches the source.
 ok "steer set 10.77.1.2 143 default" ctl set 10.77.1.2 143 default
 kill $proxy
@@ -181,7 +235,13 @@ check "the module refuses to steer what an nft table steers" \
 in_ns gone nft delete table inet mailshift
 ok "a second namespace's own table" \
 	in_ns gone mailshiftctl steer -c $CONF install
+# A session without a connection: the collection is held off meanwhile.
+echo 3600 > /sys/module/mailshift/parameters/gc_interval
+in_ns gone /bin/ktnl add erin 10.79.0.9 4000 10.77.1.2 143 source
+check "a second namespace's own session map" "sessions: 1 " \
+	"$(in_ns gone mailshiftctl steer -c $CONF sessions | head -n 1)"
 ok "the second namespace deleted with its table" ip netns del gone
+echo 1 > /sys/module/mailshift/parameters/gc_interval
 
 # The counters, for the host to check.
 say "STATS-BEGIN"

@@ -10,6 +10,7 @@
 #include <linux/jhash.h>
 #include <linux/moduleparam.h>
 #include <linux/random.h>
+#include <linux/sched.h>
 #include <linux/slab.h>
 #include <linux/workqueue.h>
 #include <net/netfilter/nf_conntrack.h>
@@ -327,6 +328,8 @@ static void ms_sessions_gc(struct work_struct *work)
 			if (connection_gone(mn->net, &s->key))
 				unlink_session(mn, s);
 		}
+		/* A full map is a long walk: others may run meanwhile. */
+		cond_resched();
 	}
 	if (mn->nsessions)
 		schedule_delayed_work(&mn->gc, age);

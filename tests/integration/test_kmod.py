@@ -133,6 +133,13 @@ def vm(ctl):
 
 
 def _boot(qemu, ctl):
+    return run_vm(qemu, *build_vm(ctl))
+
+
+def build_vm(ctl, init=None, extra=None):
+    """Builds the module, the tools and the initramfs (/init: init, default
+    tests/kmod/guest.sh; extra: one more static program); returns (kernel
+    root, version, initramfs). bench/kmod_bench.py uses it too."""
     r = _run([os.path.join(KDIR_TESTS, 'kernel.sh'),
               os.path.join(WORK, 'kernel')])
     if r.returncode != 0:
@@ -167,8 +174,13 @@ def _boot(qemu, ctl):
     initrd = os.path.join(WORK, 'initramfs.gz')
     r = _run([os.path.join(KDIR_TESTS, 'mkinitramfs.sh'), root, kver,
               os.path.join(REPO, 'kmod', 'mailshift.ko'), kt, ktnl, ctl,
-              initrd])
+              initrd] + ([init] if init else []) + ([extra] if extra else []))
     assert r.returncode == 0, r.stdout
+    return root, kver, initrd
+
+
+def run_vm(qemu, root, kver, initrd):
+    """Boots it; returns (second serial port's text, console, status)."""
     console = os.path.join(WORK, 'console.txt')
     results = os.path.join(WORK, 'results.txt')
     for f in (console, results):

@@ -51,6 +51,7 @@ CHECKS = [
     'steer set 10.77.1.2 143 default',
     'moved: the session still going to the source is reset',
     'moved: the session to the destination goes on',
+    'cutover: even a session to the destination is reset',
     'sessions: deleted, or gone with their connection',
     'moved: a session to the source deleted from the map goes on',
     'steer sessions with the nft backend: a clear error',
@@ -278,15 +279,15 @@ def _ports(res):
 
 def test_session_map(vm):
     """steer sessions lists what the gateway wrote: alice's three
-    sessions, each with its client and local address and port and its
+    sessions (and bob's one), each with its client and local address and port and its
     server, her state still routed."""
     res = vm[0]
     p1, p2, p3 = _ports(res)
     st = _block(res, 'SESSIONS-ADDED')
-    assert st['backend'] == 'kmod' and st['sessions'] == 3, st
+    assert st['backend'] == 'kmod' and st['sessions'] == 4, st
     assert st['max_sessions'] == 65536, st
-    assert [u['user'] for u in st['users']] == ['alice'], st
-    alice = st['users'][0]
+    assert sorted(u['user'] for u in st['users']) == ['alice', 'bob'], st
+    alice = [u for u in st['users'] if u['user'] == 'alice'][0]
     assert alice['state'] == 'routed' and alice['resets'] == 0, alice
     got = sorted((s['client'], s['local'], s['server'], s['resets'])
                  for s in alice['sessions'])
@@ -299,7 +300,8 @@ def test_session_map(vm):
 def test_session_map_enforced(vm):
     """Once alice is moved, her session to the source was reset at the
     hook and counted, per session and for her; her other session to the
-    source, idle, was not touched."""
+    source, idle, was not touched. bob, in a cutover: his session to the
+    destination was reset too."""
     res = vm[0]
     p1, p2, p3 = _ports(res)
     st = _block(res, 'SESSIONS-MOVED')
@@ -315,6 +317,9 @@ def test_session_map_enforced(vm):
     reset = by_client.get('10.77.0.66:%d' % p1)
     assert reset is None or (reset['resets'] >= 1 and
                              reset['packets'] >= 1), alice
+    bob = [u for u in st['users'] if u['user'] == 'bob']
+    assert not bob or (bob[0]['state'] == 'cutover' and
+                       bob[0]['resets'] >= 1), st
 
 
 def test_sessions_nft_backend(ctl):

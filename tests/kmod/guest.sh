@@ -100,12 +100,13 @@ check "table change: the open DNATed connection goes on" \
 # sent to the source, one to the destination. Once alice is moved, the
 # first, still going to the source, is reset at the hook; the one to the
 # destination goes on; the third, taken out of the map first, goes on.
-for n in 1 2 3; do
+# A fourth, bob's, to the destination, is reset once he is in a cutover.
+for n in 1 2 3 4; do
 	g=/tmp/go-sess; [ $n = 3 ] && g=/tmp/go-sess3
 	connect -b 10.77.0.66 -h $g 10.77.1.2 143 > /tmp/sess$n &
 	eval sess$n=\$!
 done
-for n in 1 2 3; do
+for n in 1 2 3 4; do
 	wait_for /tmp/sess$n PROXY || fail "session connection $n did not open"
 done
 port() { sed -n 's/.*peer=10.77.0.66:\([0-9]*\).*/\1/p' /tmp/sess$1; }
@@ -114,17 +115,22 @@ kmap add alice 10.77.0.66 "$(port 1)" 10.77.1.2 143 source
 kmap add alice 10.77.0.66 "$(port 2)" 10.77.1.2 143 destination
 # As a dual-stack listener sees an IPv4 client.
 kmap add alice ::ffff:10.77.0.66 "$(port 3)" ::ffff:10.77.1.2 143 source
+# bob, in a cutover: no session of his may flow anywhere.
+kmap add bob 10.77.0.66 "$(port 4)" 10.77.1.2 143 destination
 say "SESSIONS-ADDED-BEGIN"
 ctl --json sessions > $R
 say "SESSIONS-ADDED-END"
 say "INFO: alice's ports $(port 1) $(port 2) $(port 3)"
 kmap state alice destination
+kmap state bob cutover
 touch /tmp/go-sess
-wait $sess1 $sess2
+wait $sess1 $sess2 $sess4
 check "moved: the session still going to the source is reset" \
 	"held: lost" "$(tail -n 1 /tmp/sess1)"
 check "moved: the session to the destination goes on" \
 	"held: again" "$(tail -n 1 /tmp/sess2)"
+check "cutover: even a session to the destination is reset" \
+	"held: lost" "$(tail -n 1 /tmp/sess4)"
 say "SESSIONS-MOVED-BEGIN"
 ctl --json sessions > $R
 say "SESSIONS-MOVED-END"

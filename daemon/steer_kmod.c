@@ -627,6 +627,8 @@ static int gw_kmod_send(int cmd, const char *what,
 		gw_kmod.failing = 0;
 		return r == 0 ? 0 : 1;
 	}
+	/* Opened again next time: a module loaded again has another
+	 * family id. */
 	kmod_close(&gw_kmod.k);
 	gw_kmod.open = 0;
 failed:

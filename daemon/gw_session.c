@@ -28,6 +28,7 @@
 #include "gw_internal.h"
 #include "log.h"
 #include "retire.h"
+#include "steer.h"
 #include "testhook.h"
 
 #define PRELOGIN_TIMEOUT_MS (180 * 1000)	/* since the client's last bytes */
@@ -188,6 +189,9 @@ void gw_session_close(struct session *s)
 		return;
 	if (s->logged_in)
 		log_session_end(s);
+	if (s->st == SS_RELAY)
+		ms_steer_session_end(s->peer, s->peer_port, s->local,
+				     s->local_port);
 	s->st = SS_CLOSING;
 	ms_conn_close(&s->b);
 	ms_conn_close(&s->c);
@@ -241,6 +245,10 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 	s->st = SS_RELAY;
 	s->logged_in = 1;
 	gw_log_login(s, MS_LOG_INFO, NULL, "ok", NULL);
+	/* backend = kmod: the kernel's view of who is where (steer_kmod.c). */
+	if (s->gu != NULL)
+		ms_steer_session_add(s->gu->name, s->peer, s->peer_port,
+				     s->local, s->local_port, s->to_dst);
 	ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_WRITE | MS_PAUSE_INPUT);
 	ms_login_wipe(&s->login);
 	bin_free(s);

@@ -22,6 +22,7 @@
 
 #include "gw_internal.h"
 #include "log.h"
+#include "steer.h"
 #include "testhook.h"
 
 static void rollback_start(struct ms_gateway *gw, struct guser *gu);
@@ -145,6 +146,8 @@ static int store_state(struct ms_gateway *gw, const char *name,
 		       ms_store_error(gw->store));
 		return -1;
 	}
+	/* backend = kmod: the kernel resets what is left behind. */
+	ms_steer_user_state(name, state);
 	return 0;
 }
 

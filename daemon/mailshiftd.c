@@ -134,8 +134,10 @@ static int setup_user(const struct ms_dconfig *c, struct ms_priv *p,
 	}
 	if (ms_priv_lookup(c->user, c->group, p, err, errsz) < 0)
 		return -1;
+	/* backend = kmod: the session map is written for the daemon's life. */
 	p->keep_net = c->gw.transparent || c->src_transparent ||
-		      c->dst_transparent;
+		      c->dst_transparent || (c->steer.present &&
+		      c->steer.backend == MS_STEER_BACKEND_KMOD);
 	acc->owner = p->uid;
 	if (geteuid() == p->uid && getegid() == p->gid)
 		return 0;	/* started as that user already */
@@ -368,6 +370,8 @@ int main(int argc, char *argv[])
 	}
 	loop = uv_default_loop();
 	ms_retire_init(loop, store, &c.retire);
+	if (c.steer.present)
+		ms_steer_sessions_use(c.steer.backend);
 	if (ms_gateway_new(loop, &c.gw, store, &gw, err, sizeof(err)) < 0 ||
 	    ms_control_new(loop, c.control, &acc, gw, store, &ctl, err,
 			   sizeof(err)) < 0) {

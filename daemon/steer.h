@@ -181,4 +181,22 @@ char *ms_steer_kmod_text(const struct ms_steer_cfg *s,
 			 const struct ms_steer_entry *e, unsigned int n,
 			 const struct ms_steer_route *rt);
 
+/* The module's session map (backend kmod; docs/kmod.md). mailshiftd says
+ * which backend [steer] names once; with nft the calls below do nothing.
+ * Each routed IMAP or POP3 session is written at its route (the client's
+ * and the local address and port as the session sees them, the user, the
+ * server), removed at its end; a user's state (enum ms_user_state) goes
+ * with every change of it. Failures are logged, never the session's. */
+void ms_steer_sessions_use(enum ms_steer_backend backend);
+void ms_steer_session_add(const char *user, const char *client,
+			  unsigned int cport, const char *local,
+			  unsigned int lport, int to_dst);
+void ms_steer_session_end(const char *client, unsigned int cport,
+			  const char *local, unsigned int lport);
+void ms_steer_user_state(const char *user, int state);
+/* The map, for steer sessions: {"backend": "kmod", "sessions": N,
+ * "max_sessions": N, "users": [{user, state, resets, sessions: [{client,
+ * local, server, packets, resets}]}]}. */
+int ms_steer_kmod_sessions(json_t **out, char *err, size_t errsz);
+
 #endif

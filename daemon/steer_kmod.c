@@ -1,7 +1,9 @@
 /* The kmod steering backend: the same table as the nftables one, held by
  * the mailshift kernel module (kmod/, docs/kmod.md) and managed over its
  * generic netlink family with libnl-genl-3. kmod/uapi/mailshift.h is the
- * contract. The policy routing is the same as nft's (rtnl.c). */
+ * contract. The policy routing is the same as nft's (rtnl.c). Also the
+ * module's session map: what mailshiftd writes into it (the only netlink
+ * the gateway does) and what steer sessions reads. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <stdio.h>
@@ -17,8 +19,10 @@
 #include <netlink/netlink.h>
 
 #include "../kmod/uapi/mailshift.h"
+#include "log.h"
 #include "rtnl.h"
 #include "steer.h"
+#include "store.h"
 
 /* Room for the largest table: about 60 bytes an entry. */
 #define KMOD_MSG_SIZE	(MS_STEER_MAX_EXPANDED * 64 + 4096)
@@ -367,8 +371,10 @@ static json_t *empty_state(void)
 			 "kmod");
 }
 
-/* A table changed during the dump is read again. */
-int ms_steer_kmod_read(json_t **state, char *err, size_t errsz)
+/* A dump of cmd into *state (fresh() each try, on_msg each message); one
+ * that a change interrupted is read again. */
+static int kmod_dump(int cmd, nl_recvmsg_msg_cb_t on_msg, json_t *(*fresh)(void),
+		     json_t **state, const char *what, char *err, size_t errsz)
 {
 	struct nl_msg *m;
 	struct kmod k;
@@ -379,9 +385,9 @@ int ms_steer_kmod_read(json_t **state, char *err, size_t errsz)
 		return -1;
 	do {
 		json_decref(*state);
-		*state = empty_state();
-		m = kmod_msg(&k, MAILSHIFT_CMD_GET_TABLE, NLM_F_DUMP);
-		nl_socket_modify_cb(k.sk, NL_CB_VALID, NL_CB_CUSTOM, on_dump,
+		*state = fresh();
+		m = kmod_msg(&k, cmd, NLM_F_DUMP);
+		nl_socket_modify_cb(k.sk, NL_CB_VALID, NL_CB_CUSTOM, on_msg,
 				    *state);
 		r = m == NULL ? -NLE_NOMEM : nl_send_auto(k.sk, m);
 		nlmsg_free(m);
@@ -389,12 +395,18 @@ int ms_steer_kmod_read(json_t **state, char *err, size_t errsz)
 			r = nl_recvmsgs_default(k.sk);
 	} while (r == -NLE_DUMP_INTR && ++tries < KMOD_DUMP_TRIES);
 	if (r < 0) {
-		kmod_error(&k, r, "reading the table", err, errsz);
+		kmod_error(&k, r, what, err, errsz);
 		json_decref(*state);
 		*state = NULL;
 	}
 	kmod_close(&k);
 	return r < 0 ? -1 : 0;
+}
+
+int ms_steer_kmod_read(json_t **state, char *err, size_t errsz)
+{
+	return kmod_dump(MAILSHIFT_CMD_GET_TABLE, on_dump, empty_state, state,
+			 "reading the table", err, errsz);
 }
 
 int ms_steer_kmod_busy(char *err, size_t errsz)
@@ -527,4 +539,259 @@ int ms_steer_kmod_install(const struct ms_steer_cfg *s, int dry_run,
 out:
 	free(e);
 	return ret;
+}
+
+/* ------------------------------------------------------ the session map */
+
+/* "10.0.0.1", "2001:db8::1" or an IPv4-mapped "::ffff:10.0.0.1" (a
+ * dual-stack listener's IPv4 client) as conntrack has it: 4 or 16 bytes,
+ * or 0 when it is no address. */
+static int addr_bytes(const char *text, unsigned char *out)
+{
+	struct in6_addr a6;
+
+	if (inet_pton(AF_INET, text, out) == 1)
+		return 4;
+	if (inet_pton(AF_INET6, text, &a6) != 1)
+		return 0;
+	if (IN6_IS_ADDR_V4MAPPED(&a6)) {
+		memcpy(out, &a6.s6_addr[12], 4);
+		return 4;
+	}
+	memcpy(out, &a6, 16);
+	return 16;
+}
+
+static int put_skey(struct nl_msg *m, const char *client, unsigned int cport,
+		    const char *local, unsigned int lport)
+{
+	unsigned char c[16], l[16];
+	int clen = addr_bytes(client, c), llen = addr_bytes(local, l);
+
+	if (clen == 0 || clen != llen)
+		return -1;
+	return nla_put(m, MAILSHIFT_A_CLIENT, clen, c) < 0 ||
+	       nla_put_u16(m, MAILSHIFT_A_CLIENT_PORT, cport) < 0 ||
+	       nla_put(m, MAILSHIFT_A_LOCAL, llen, l) < 0 ||
+	       nla_put_u16(m, MAILSHIFT_A_LOCAL_PORT, lport) < 0 ? -1 : 0;
+}
+
+/* mailshiftd's one socket to the module, opened at the first use and
+ * again after a failure; enabled only with backend = kmod. */
+static struct {
+	int on;
+	struct kmod k;
+	int open;
+	int failing;			/* said once until the next success */
+} gw_kmod;
+
+void ms_steer_sessions_use(enum ms_steer_backend backend)
+{
+	gw_kmod.on = backend == MS_STEER_BACKEND_KMOD;
+}
+
+/* Sends one change of the session map: 0, 1 when the kernel answered
+ * quiet_errno, -1 on another failure, logged (once in a row): it costs
+ * the session nothing, the map is a safety net. */
+static int gw_kmod_send(int cmd, const char *what,
+			int (*fill)(struct nl_msg *m, const void *arg),
+			const void *arg, int quiet_errno)
+{
+	char err[512];
+	struct nl_msg *m;
+	int r;
+
+	if (!gw_kmod.open && kmod_need(&gw_kmod.k, err, sizeof(err)) < 0)
+		goto failed;
+	gw_kmod.open = 1;
+	gw_kmod.k.error = 0;
+	gw_kmod.k.msg[0] = '\0';
+	m = kmod_msg(&gw_kmod.k, cmd, 0);
+	if (m == NULL || fill(m, arg) < 0) {
+		nlmsg_free(m);
+		snprintf(err, sizeof(err), "mailshift module: %s: no such "
+			 "address", what);
+		goto failed;
+	}
+	r = kmod_do(&gw_kmod.k, m, what, err, sizeof(err));
+	if (r == 0 || (quiet_errno && gw_kmod.k.error == -quiet_errno)) {
+		gw_kmod.failing = 0;
+		return r == 0 ? 0 : 1;
+	}
+	/* Opened again next time: a module loaded again has another
+	 * family id. */
+	kmod_close(&gw_kmod.k);
+	gw_kmod.open = 0;
+failed:
+	if (!gw_kmod.failing)
+		ms_warn("steering: %s", err);
+	gw_kmod.failing = 1;
+	return -1;
+}
+
+struct gw_session_msg {
+	const char *user, *client, *local;
+	unsigned int cport, lport;
+	int server;			/* MAILSHIFT_SOURCE, _DESTINATION */
+	int state;
+};
+
+static int fill_add(struct nl_msg *m, const void *arg)
+{
+	const struct gw_session_msg *s = arg;
+
+	return put_skey(m, s->client, s->cport, s->local, s->lport) < 0 ||
+	       nla_put_string(m, MAILSHIFT_A_USER, s->user) < 0 ||
+	       nla_put_u8(m, MAILSHIFT_A_SERVER, s->server) < 0 ? -1 : 0;
+}
+
+static int fill_del(struct nl_msg *m, const void *arg)
+{
+	const struct gw_session_msg *s = arg;
+
+	return put_skey(m, s->client, s->cport, s->local, s->lport);
+}
+
+static int fill_state(struct nl_msg *m, const void *arg)
+{
+	const struct gw_session_msg *s = arg;
+
+	return nla_put_string(m, MAILSHIFT_A_USER, s->user) < 0 ||
+	       nla_put_u8(m, MAILSHIFT_A_USER_STATE, s->state) < 0 ? -1 : 0;
+}
+
+void ms_steer_session_add(const char *user, const char *client,
+			  unsigned int cport, const char *local,
+			  unsigned int lport, int to_dst)
+{
+	struct gw_session_msg s = {
+		.user = user, .client = client, .cport = cport,
+		.local = local, .lport = lport,
+		.server = to_dst ? MAILSHIFT_DESTINATION : MAILSHIFT_SOURCE,
+	};
+
+	if (!gw_kmod.on)
+		return;
+	/* One left from a connection with the same ports that the gateway
+	 * did not see end: this one takes its place. */
+	if (gw_kmod_send(MAILSHIFT_CMD_SESSION_ADD, "adding a session",
+			 fill_add, &s, EEXIST) != 1)
+		return;
+	gw_kmod_send(MAILSHIFT_CMD_SESSION_DEL, "removing a session", fill_del,
+		     &s, ENOENT);
+	gw_kmod_send(MAILSHIFT_CMD_SESSION_ADD, "adding a session", fill_add,
+		     &s, 0);
+}
+
+void ms_steer_session_end(const char *client, unsigned int cport,
+			  const char *local, unsigned int lport)
+{
+	struct gw_session_msg s = {
+		.client = client, .cport = cport, .local = local,
+		.lport = lport,
+	};
+
+	/* Gone already: the collection found its connection over. */
+	if (gw_kmod.on)
+		gw_kmod_send(MAILSHIFT_CMD_SESSION_DEL, "removing a session",
+			     fill_del, &s, ENOENT);
+}
+
+void ms_steer_user_state(const char *user, int state)
+{
+	struct gw_session_msg s = {
+		.user = user,
+		.state = state == MS_USER_CUTOVER ? MAILSHIFT_USER_CUTOVER :
+			 state == MS_USER_DESTINATION ? MAILSHIFT_USER_MOVED :
+			 MAILSHIFT_USER_ROUTED,
+	};
+
+	if (gw_kmod.on)
+		gw_kmod_send(MAILSHIFT_CMD_USER_STATE, "a user's state",
+			     fill_state, &s, 0);
+}
+
+/* ------------------------------------------------ reading the session map */
+
+static const char *const user_states[] = {
+	[MAILSHIFT_USER_ROUTED] = "routed",
+	[MAILSHIFT_USER_CUTOVER] = "cutover",
+	[MAILSHIFT_USER_MOVED] = "moved",
+};
+
+/* "ADDR:PORT", "[V6]:PORT". */
+static json_t *addr_port_json(struct nlattr *a, struct nlattr *port)
+{
+	char text[64], out[80];
+	int family = nla_len(a) == 4 ? AF_INET : AF_INET6;
+
+	inet_ntop(family, nla_data(a), text, sizeof(text));
+	snprintf(out, sizeof(out), family == AF_INET ? "%s:%u" : "[%s]:%u",
+		 text, nla_get_u16(port));
+	return json_string(out);
+}
+
+/* The user's object in out's "users", made at its first session. */
+static json_t *user_of(json_t *out, const char *name, struct nlattr **tb)
+{
+	json_t *users = json_object_get(out, "users"), *u;
+	unsigned int st = nla_get_u8(tb[MAILSHIFT_A_USER_STATE]);
+	size_t i;
+
+	json_array_foreach(users, i, u)
+		if (!strcmp(json_string_value(json_object_get(u, "user")),
+			    name))
+			return u;
+	u = json_pack("{s:s,s:s,s:I,s:[]}", "user", name, "state",
+		      st < sizeof(user_states) / sizeof(user_states[0]) ?
+		      user_states[st] : "?", "resets",
+		      u64_of(tb[MAILSHIFT_A_USER_RESETS]), "sessions");
+	json_array_append_new(users, u);
+	return u;
+}
+
+static int on_session(struct nl_msg *m, void *arg)
+{
+	struct nlattr *tb[MAILSHIFT_A_MAX + 1];
+	json_t *out = arg, *u;
+
+	if (genlmsg_parse(nlmsg_hdr(m), 0, tb, MAILSHIFT_A_MAX, NULL) < 0)
+		return NL_SKIP;
+	if (tb[MAILSHIFT_A_SESSIONS] != NULL) {
+		json_object_set_new(out, "sessions", json_integer(
+			nla_get_u32(tb[MAILSHIFT_A_SESSIONS])));
+		json_object_set_new(out, "max_sessions", json_integer(
+			nla_get_u32(tb[MAILSHIFT_A_MAX_SESSIONS])));
+		return NL_OK;
+	}
+	if (tb[MAILSHIFT_A_USER] == NULL || tb[MAILSHIFT_A_SERVER] == NULL ||
+	    tb[MAILSHIFT_A_USER_STATE] == NULL ||
+	    tb[MAILSHIFT_A_CLIENT] == NULL || tb[MAILSHIFT_A_LOCAL] == NULL ||
+	    tb[MAILSHIFT_A_CLIENT_PORT] == NULL ||
+	    tb[MAILSHIFT_A_LOCAL_PORT] == NULL)
+		return NL_SKIP;
+	u = user_of(out, nla_get_string(tb[MAILSHIFT_A_USER]), tb);
+	json_array_append_new(json_object_get(u, "sessions"),
+		json_pack("{s:o,s:o,s:s,s:I,s:I}",
+			  "client", addr_port_json(tb[MAILSHIFT_A_CLIENT],
+						   tb[MAILSHIFT_A_CLIENT_PORT]),
+			  "local", addr_port_json(tb[MAILSHIFT_A_LOCAL],
+						  tb[MAILSHIFT_A_LOCAL_PORT]),
+			  "server", nla_get_u8(tb[MAILSHIFT_A_SERVER]) ==
+			  MAILSHIFT_DESTINATION ? "destination" : "source",
+			  "packets", u64_of(tb[MAILSHIFT_A_PACKETS]),
+			  "resets", u64_of(tb[MAILSHIFT_A_RESETS])));
+	return NL_OK;
+}
+
+static json_t *empty_sessions(void)
+{
+	return json_pack("{s:s,s:i,s:i,s:[]}", "backend", "kmod", "sessions",
+			 0, "max_sessions", 0, "users");
+}
+
+int ms_steer_kmod_sessions(json_t **out, char *err, size_t errsz)
+{
+	return kmod_dump(MAILSHIFT_CMD_SESSION_GET, on_session, empty_sessions,
+			 out, "reading the session map", err, errsz);
 }

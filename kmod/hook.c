@@ -5,7 +5,8 @@
  * later table never moves it), counts, and hands connections to proxy to
  * the local transparent listener with the kernel's TPROXY helpers; and a
  * function in the NAT core that translates connections steered to the
- * source or the destination, so their replies come back translated.
+ * source or the destination, so their replies come back translated. The
+ * same hook enforces the session map (session.c).
  */
 #include <linux/ip.h>
 #include <linux/ipv6.h>
@@ -186,6 +187,17 @@ static void count(struct ms_net *mn, const struct nf_conn *ct,
 	atomic64_add(skb->len, &s->bytes);
 }
 
+/* nft's "reject with tcp reset": the sender is told at once. */
+static unsigned int send_reset(struct sk_buff *skb,
+			       const struct nf_hook_state *state)
+{
+	if (state->pf == NFPROTO_IPV4)
+		nf_send_reset(state->net, state->sk, skb, state->hook);
+	else
+		nf_send_reset6(state->net, state->sk, skb, state->hook);
+	return NF_DROP;
+}
+
 /* Fail closed: a connection to proxy that finds no transparent socket is
  * reset, never routed on to the old server.
  */
@@ -193,11 +205,26 @@ static unsigned int reject(struct ms_net *mn, struct sk_buff *skb,
 			   const struct nf_hook_state *state)
 {
 	atomic64_inc(&mn->rejected);
-	if (state->pf == NFPROTO_IPV4)
-		nf_send_reset(state->net, state->sk, skb, state->hook);
-	else
-		nf_send_reset6(state->net, state->sk, skb, state->hook);
-	return NF_DROP;
+	return send_reset(skb, state);
+}
+
+/* A packet of a session in the map: counted, and reset when its user's
+ * mail has left the server the session goes to (a stale session must not
+ * write to the old server after the flip). Checked before anything else,
+ * so the proxy's own connections are caught too.
+ */
+static bool stale_session(struct ms_net *mn, const struct nf_conn *ct)
+{
+	struct ms_session *s = ms_session_find(mn, ct);
+
+	if (!s)
+		return false;
+	atomic64_inc(&s->packets);
+	if (!ms_session_stale(s))
+		return false;
+	atomic64_inc(&s->resets);
+	atomic64_inc(&s->user->resets);
+	return true;
 }
 
 /* What nft's "tproxy to :PORT" does, and xt TPROXY's failure: the listener
@@ -255,6 +282,8 @@ static unsigned int ms_hook(void *priv, struct sk_buff *skb,
 	if (!t || parse(skb, state->pf, &p) < 0)
 		return NF_ACCEPT;
 	ct = nf_ct_get(skb, &ctinfo);
+	if (ct && p.proto == IPPROTO_TCP && stale_session(mn, ct))
+		return send_reset(skb, state);
 	/* A packet of a transparent socket's connection (a proxied client,
 	 * or a server answering the gateway's upstream connection made from
 	 * the client's address) is delivered locally.

@@ -12,6 +12,8 @@
 #include <linux/netfilter.h>
 #include <linux/rcupdate.h>
 #include <linux/types.h>
+#include <linux/workqueue.h>
+#include <net/netfilter/nf_conntrack.h>
 
 #include "uapi/mailshift.h"
 
@@ -67,12 +69,52 @@ struct ms_slot {
 	bool used;
 };
 
+#define MS_SESSION_BUCKETS 4096
+#define MS_USER_BUCKETS 1024
+
+/* A session's connection as conntrack has it in the original direction:
+ * the client's address and port, and the address and port it connected
+ * to (ports in network order).
+ */
+struct ms_skey {
+	u8 family;			/* NFPROTO_IPV4, NFPROTO_IPV6 */
+	__be16 cport, lport;
+	union nf_inet_addr caddr, laddr;
+};
+
+/* A user with sessions in the map; goes with its last session. */
+struct ms_user {
+	struct hlist_node node;		/* in ms_net.ubuckets, ms_lock */
+	struct rcu_head rcu;
+	atomic64_t resets;
+	unsigned int nsessions;		/* ms_lock */
+	u8 state;			/* enum mailshift_user_state */
+	u8 len;
+	char name[];
+};
+
+struct ms_session {
+	struct hlist_node node;		/* in ms_net.sbuckets, RCU */
+	struct rcu_head rcu;
+	struct ms_skey key;
+	struct ms_user *user;
+	u8 server;			/* MAILSHIFT_SOURCE, _DESTINATION */
+	unsigned long added;		/* jiffies */
+	atomic64_t packets, resets;
+};
+
 struct ms_net {
 	struct ms_table __rcu *table;
 	struct ms_slot *slots;		/* MS_MAX_SLOTS, from the first SET */
 	atomic64_t rejected;
 	u32 generation;			/* changes with every SET and DEL */
 	bool hooked;
+	/* The session map: from the first SET, until the namespace goes. */
+	struct hlist_head *sbuckets, *ubuckets;
+	unsigned int nsessions;
+	u32 sgeneration;		/* changes with every session change */
+	struct delayed_work gc;
+	struct net *net;
 };
 
 extern unsigned int ms_net_id;
@@ -83,6 +125,23 @@ int ms_table_replace(struct net *net, struct ms_table *t,
 		     struct netlink_ext_ack *extack);
 void ms_table_delete(struct net *net);
 bool ms_key_eq(const struct ms_key *a, const struct ms_key *b);
+
+unsigned int ms_sessions_max(void);
+int ms_sessions_init(struct ms_net *mn);
+void ms_sessions_seed(void);
+void ms_sessions_net_init(struct ms_net *mn, struct net *net);
+void ms_sessions_net_stop(struct ms_net *mn);
+void ms_sessions_net_free(struct ms_net *mn);
+int ms_session_add(struct ms_net *mn, const struct ms_skey *k,
+		   const char *name, unsigned int len, u8 server, int state,
+		   struct netlink_ext_ack *extack);
+int ms_session_del(struct ms_net *mn, const struct ms_skey *k,
+		   struct netlink_ext_ack *extack);
+void ms_sessions_flush(struct ms_net *mn);
+struct ms_user *ms_user_find(struct ms_net *mn, const char *name,
+			     unsigned int len);
+struct ms_session *ms_session_find(struct ms_net *mn, const struct nf_conn *ct);
+bool ms_session_stale(const struct ms_session *s);
 
 int ms_hooks_register(struct net *net);
 void ms_hooks_unregister(struct net *net);

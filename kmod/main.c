@@ -108,6 +108,9 @@ int ms_table_replace(struct net *net, struct ms_table *t,
 		if (!mn->slots)
 			return -ENOMEM;
 	}
+	ret = ms_sessions_init(mn);
+	if (ret)
+		return ret;
 	if (!mn->hooked) {
 		ret = ms_hooks_register(net);
 		if (ret) {
@@ -134,6 +137,8 @@ void ms_table_delete(struct net *net)
 
 	lockdep_assert_held(&ms_lock);
 	old = rcu_replace_pointer(mn->table, NULL, lockdep_is_held(&ms_lock));
+	/* Without the hooks nothing could enforce the map. */
+	ms_sessions_flush(mn);
 	if (mn->hooked) {
 		ms_hooks_unregister(net);
 		mn->hooked = false;
@@ -143,8 +148,15 @@ void ms_table_delete(struct net *net)
 		kvfree_rcu(old, rcu);
 }
 
+static int __net_init ms_net_init(struct net *net)
+{
+	ms_sessions_net_init(ms_net(net), net);
+	return 0;
+}
+
 static void __net_exit ms_net_pre_exit(struct net *net)
 {
+	ms_sessions_net_stop(ms_net(net));
 	mutex_lock(&ms_lock);
 	ms_table_delete(net);
 	mutex_unlock(&ms_lock);
@@ -156,9 +168,11 @@ static void __net_exit ms_net_pre_exit(struct net *net)
 static void __net_exit ms_net_exit(struct net *net)
 {
 	kvfree(ms_net(net)->slots);
+	ms_sessions_net_free(ms_net(net));
 }
 
 static struct pernet_operations ms_net_ops = {
+	.init = ms_net_init,
 	.pre_exit = ms_net_pre_exit,
 	.exit = ms_net_exit,
 	.id = &ms_net_id,
@@ -169,6 +183,7 @@ static int __init ms_init(void)
 {
 	int ret;
 
+	ms_sessions_seed();
 	ret = register_pernet_subsys(&ms_net_ops);
 	if (ret)
 		return ret;
@@ -189,7 +204,7 @@ static void __exit ms_exit(void)
 {
 	ms_genl_uninit();
 	unregister_pernet_subsys(&ms_net_ops);
-	/* The tables freed with kvfree_rcu. */
+	/* The tables, sessions and users freed with kvfree_rcu. */
 	rcu_barrier();
 }
 

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * The generic netlink family "mailshift": replaces, dumps and removes the
- * steering table of the caller's network namespace (uapi/mailshift.h is
- * the contract). A request is checked whole before anything changes.
+ * steering table of the caller's network namespace, and adds, removes and
+ * dumps the sessions of its session map (uapi/mailshift.h is the
+ * contract). A request is checked whole before anything changes.
  */
 #include <linux/inetdevice.h>
 #include <linux/slab.h>
@@ -438,7 +439,239 @@ static int ms_get_table(struct sk_buff *skb, struct netlink_callback *cb)
 	return skb->len;
 }
 
-static const struct genl_small_ops ms_genl_ops[] = {
+/* ------------------------------------------------------ the session map */
+
+static const struct nla_policy session_add_policy[MAILSHIFT_A_MAX + 1] = {
+	[MAILSHIFT_A_USER] = { .type = NLA_NUL_STRING,
+			       .len = MAILSHIFT_USER_MAX },
+	[MAILSHIFT_A_SERVER] = NLA_POLICY_RANGE(NLA_U8, MAILSHIFT_SOURCE,
+						MAILSHIFT_DESTINATION),
+	[MAILSHIFT_A_USER_STATE] =
+		NLA_POLICY_MAX(NLA_U8, __MAILSHIFT_USER_STATE_MAX - 1),
+	[MAILSHIFT_A_CLIENT] = { .type = NLA_BINARY, .len = 16 },
+	[MAILSHIFT_A_CLIENT_PORT] = NLA_POLICY_MIN(NLA_U16, 1),
+	[MAILSHIFT_A_LOCAL] = { .type = NLA_BINARY, .len = 16 },
+	[MAILSHIFT_A_LOCAL_PORT] = NLA_POLICY_MIN(NLA_U16, 1),
+};
+
+static const struct nla_policy session_del_policy[MAILSHIFT_A_MAX + 1] = {
+	[MAILSHIFT_A_CLIENT] = { .type = NLA_BINARY, .len = 16 },
+	[MAILSHIFT_A_CLIENT_PORT] = NLA_POLICY_MIN(NLA_U16, 1),
+	[MAILSHIFT_A_LOCAL] = { .type = NLA_BINARY, .len = 16 },
+	[MAILSHIFT_A_LOCAL_PORT] = NLA_POLICY_MIN(NLA_U16, 1),
+};
+
+static const struct nla_policy user_state_policy[MAILSHIFT_A_MAX + 1] = {
+	[MAILSHIFT_A_USER] = { .type = NLA_NUL_STRING,
+			       .len = MAILSHIFT_USER_MAX },
+	[MAILSHIFT_A_USER_STATE] =
+		NLA_POLICY_MAX(NLA_U8, __MAILSHIFT_USER_STATE_MAX - 1),
+};
+
+/* A dump of the map takes no attribute at all. */
+static const struct nla_policy session_get_policy[MAILSHIFT_A_MAX + 1] = {};
+
+/* The four attributes that name a session's connection. */
+static int parse_skey(struct ms_skey *k, struct genl_info *info)
+{
+	struct netlink_ext_ack *extack = info->extack;
+	struct nlattr **attrs = info->attrs;
+	int len;
+
+	if (GENL_REQ_ATTR_CHECK(info, MAILSHIFT_A_CLIENT) ||
+	    GENL_REQ_ATTR_CHECK(info, MAILSHIFT_A_CLIENT_PORT) ||
+	    GENL_REQ_ATTR_CHECK(info, MAILSHIFT_A_LOCAL) ||
+	    GENL_REQ_ATTR_CHECK(info, MAILSHIFT_A_LOCAL_PORT)) {
+		NL_SET_ERR_MSG_MOD(extack,
+				   "a session needs client and local addresses and ports");
+		return -EINVAL;
+	}
+	memset(k, 0, sizeof(*k));
+	len = nla_len(attrs[MAILSHIFT_A_CLIENT]);
+	if (len != 4 && len != 16) {
+		NL_SET_ERR_MSG_ATTR(extack, attrs[MAILSHIFT_A_CLIENT],
+				    "an address is 4 or 16 bytes");
+		return -EINVAL;
+	}
+	k->family = len == 4 ? NFPROTO_IPV4 : NFPROTO_IPV6;
+	memcpy(&k->caddr, nla_data(attrs[MAILSHIFT_A_CLIENT]), len);
+	if (get_addr(&k->laddr, k->family, attrs[MAILSHIFT_A_LOCAL], extack))
+		return -EINVAL;
+	k->cport = htons(nla_get_u16(attrs[MAILSHIFT_A_CLIENT_PORT]));
+	k->lport = htons(nla_get_u16(attrs[MAILSHIFT_A_LOCAL_PORT]));
+	return 0;
+}
+
+/* The user's name: never empty (the policy bounds its length). */
+static const char *user_name(struct genl_info *info, unsigned int *len)
+{
+	const struct nlattr *nla = info->attrs[MAILSHIFT_A_USER];
+
+	if (GENL_REQ_ATTR_CHECK(info, MAILSHIFT_A_USER)) {
+		NL_SET_ERR_MSG_MOD(info->extack, "a user name is needed");
+		return NULL;
+	}
+	*len = strnlen(nla_data(nla), nla_len(nla));
+	if (!*len) {
+		NL_SET_ERR_MSG_ATTR(info->extack, nla, "the user name is empty");
+		return NULL;
+	}
+	return nla_data(nla);
+}
+
+static int ms_session_add_nl(struct sk_buff *skb, struct genl_info *info)
+{
+	struct nlattr **attrs = info->attrs;
+	struct ms_skey k;
+	const char *name;
+	unsigned int len;
+	int ret, state = -1;
+
+	ret = parse_skey(&k, info);
+	if (ret)
+		return ret;
+	name = user_name(info, &len);
+	if (!name)
+		return -EINVAL;
+	if (GENL_REQ_ATTR_CHECK(info, MAILSHIFT_A_SERVER)) {
+		NL_SET_ERR_MSG_MOD(info->extack, "a session needs its server");
+		return -EINVAL;
+	}
+	if (attrs[MAILSHIFT_A_USER_STATE])
+		state = nla_get_u8(attrs[MAILSHIFT_A_USER_STATE]);
+	mutex_lock(&ms_lock);
+	ret = ms_session_add(ms_net(genl_info_net(info)), &k, name, len,
+			     nla_get_u8(attrs[MAILSHIFT_A_SERVER]), state,
+			     info->extack);
+	mutex_unlock(&ms_lock);
+	return ret;
+}
+
+static int ms_session_del_nl(struct sk_buff *skb, struct genl_info *info)
+{
+	struct ms_skey k;
+	int ret;
+
+	ret = parse_skey(&k, info);
+	if (ret)
+		return ret;
+	mutex_lock(&ms_lock);
+	ret = ms_session_del(ms_net(genl_info_net(info)), &k, info->extack);
+	mutex_unlock(&ms_lock);
+	return ret;
+}
+
+static int ms_user_state_nl(struct sk_buff *skb, struct genl_info *info)
+{
+	struct ms_user *u;
+	const char *name;
+	unsigned int len;
+
+	name = user_name(info, &len);
+	if (!name)
+		return -EINVAL;
+	if (GENL_REQ_ATTR_CHECK(info, MAILSHIFT_A_USER_STATE)) {
+		NL_SET_ERR_MSG_MOD(info->extack, "a user state is needed");
+		return -EINVAL;
+	}
+	mutex_lock(&ms_lock);
+	u = ms_user_find(ms_net(genl_info_net(info)), name, len);
+	if (u)
+		WRITE_ONCE(u->state,
+			   nla_get_u8(info->attrs[MAILSHIFT_A_USER_STATE]));
+	mutex_unlock(&ms_lock);
+	return 0;
+}
+
+static int put_session(struct sk_buff *skb, const struct ms_session *s)
+{
+	const struct ms_skey *k = &s->key;
+
+	if (nla_put_string(skb, MAILSHIFT_A_USER, s->user->name) ||
+	    nla_put_u8(skb, MAILSHIFT_A_USER_STATE, READ_ONCE(s->user->state)) ||
+	    nla_put_u8(skb, MAILSHIFT_A_SERVER, s->server) ||
+	    put_addr(skb, MAILSHIFT_A_CLIENT, k->family, &k->caddr) ||
+	    nla_put_u16(skb, MAILSHIFT_A_CLIENT_PORT, ntohs(k->cport)) ||
+	    put_addr(skb, MAILSHIFT_A_LOCAL, k->family, &k->laddr) ||
+	    nla_put_u16(skb, MAILSHIFT_A_LOCAL_PORT, ntohs(k->lport)) ||
+	    nla_put_u64_64bit(skb, MAILSHIFT_A_PACKETS,
+			      atomic64_read(&s->packets), MAILSHIFT_A_PAD) ||
+	    nla_put_u64_64bit(skb, MAILSHIFT_A_RESETS,
+			      atomic64_read(&s->resets), MAILSHIFT_A_PAD) ||
+	    nla_put_u64_64bit(skb, MAILSHIFT_A_USER_RESETS,
+			      atomic64_read(&s->user->resets), MAILSHIFT_A_PAD))
+		return -EMSGSIZE;
+	return 0;
+}
+
+static int put_sessions_header(struct sk_buff *skb, const struct ms_net *mn)
+{
+	if (nla_put_u32(skb, MAILSHIFT_A_SESSIONS, mn->nsessions) ||
+	    nla_put_u32(skb, MAILSHIFT_A_MAX_SESSIONS, ms_sessions_max()) ||
+	    nla_put_u32(skb, MAILSHIFT_A_GENERATION, mn->sgeneration))
+		return -EMSGSIZE;
+	return 0;
+}
+
+/* One message with the map's size, then one per session, in bucket
+ * order: cb->args[0] is 1 once the first is out, args[1] the bucket,
+ * args[2] the next session's place in it. A change between two calls
+ * changes the generation: the dump is flagged interrupted.
+ */
+static int ms_session_get_nl(struct sk_buff *skb, struct netlink_callback *cb)
+{
+	struct ms_net *mn = ms_net(sock_net(skb->sk));
+	unsigned long b, i;
+	struct ms_session *s;
+	void *hdr;
+	int ret = 0, put = 0;
+
+	mutex_lock(&ms_lock);
+	cb->seq = mn->sgeneration + 1;
+	if (!cb->args[0]) {
+		hdr = genlmsg_put(skb, NETLINK_CB(cb->skb).portid,
+				  cb->nlh->nlmsg_seq, &ms_genl_family,
+				  NLM_F_MULTI, MAILSHIFT_CMD_SESSION_GET);
+		ret = hdr ? put_sessions_header(skb, mn) : -EMSGSIZE;
+		if (ret)
+			goto out;
+		genl_dump_check_consistent(cb, hdr);
+		genlmsg_end(skb, hdr);
+		cb->args[0] = 1;
+		put++;
+	}
+	for (b = cb->args[1]; mn->sbuckets && b < MS_SESSION_BUCKETS; b++) {
+		i = 0;
+		hlist_for_each_entry(s, &mn->sbuckets[b], node) {
+			if (i++ < cb->args[2])
+				continue;
+			hdr = genlmsg_put(skb, NETLINK_CB(cb->skb).portid,
+					  cb->nlh->nlmsg_seq, &ms_genl_family,
+					  NLM_F_MULTI,
+					  MAILSHIFT_CMD_SESSION_GET);
+			ret = hdr ? put_session(skb, s) : -EMSGSIZE;
+			if (ret) {
+				if (hdr)
+					genlmsg_cancel(skb, hdr);
+				goto out;
+			}
+			genl_dump_check_consistent(cb, hdr);
+			genlmsg_end(skb, hdr);
+			cb->args[2] = i;
+			put++;
+		}
+		cb->args[1] = b + 1;
+		cb->args[2] = 0;
+	}
+out:
+	mutex_unlock(&ms_lock);
+	/* A message that fits in no buffer would end the dump early. */
+	if (ret && !put)
+		return ret;
+	return skb->len;
+}
+
+static const struct genl_ops ms_genl_ops[] = {
 	{
 		.cmd = MAILSHIFT_CMD_SET_TABLE,
 		.doit = ms_set_table,
@@ -454,6 +687,34 @@ static const struct genl_small_ops ms_genl_ops[] = {
 		.doit = ms_del_table,
 		.flags = GENL_UNS_ADMIN_PERM,
 	},
+	{
+		.cmd = MAILSHIFT_CMD_SESSION_ADD,
+		.doit = ms_session_add_nl,
+		.policy = session_add_policy,
+		.maxattr = MAILSHIFT_A_MAX,
+		.flags = GENL_UNS_ADMIN_PERM,
+	},
+	{
+		.cmd = MAILSHIFT_CMD_SESSION_DEL,
+		.doit = ms_session_del_nl,
+		.policy = session_del_policy,
+		.maxattr = MAILSHIFT_A_MAX,
+		.flags = GENL_UNS_ADMIN_PERM,
+	},
+	{
+		.cmd = MAILSHIFT_CMD_SESSION_GET,
+		.dumpit = ms_session_get_nl,
+		.policy = session_get_policy,
+		.maxattr = MAILSHIFT_A_MAX,
+		.flags = GENL_UNS_ADMIN_PERM,
+	},
+	{
+		.cmd = MAILSHIFT_CMD_USER_STATE,
+		.doit = ms_user_state_nl,
+		.policy = user_state_policy,
+		.maxattr = MAILSHIFT_A_MAX,
+		.flags = GENL_UNS_ADMIN_PERM,
+	},
 };
 
 static struct genl_family ms_genl_family __ro_after_init = {
@@ -463,8 +724,8 @@ static struct genl_family ms_genl_family __ro_after_init = {
 	.policy = policy,
 	.netnsok = true,
 	.module = THIS_MODULE,
-	.small_ops = ms_genl_ops,
-	.n_small_ops = ARRAY_SIZE(ms_genl_ops),
+	.ops = ms_genl_ops,
+	.n_ops = ARRAY_SIZE(ms_genl_ops),
 	/* Every command is checked strictly (reserved header bits, flags). */
 	.resv_start_op = MAILSHIFT_CMD_SET_TABLE,
 };

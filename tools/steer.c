@@ -41,6 +41,8 @@ static void usage(FILE *f)
 "                                hold new connections to the steered ports\n"
 "                                (NFQUEUE) while no mailshiftd listens, until\n"
 "                                a new one does (default 30 s, 4096)\n"
+"  sessions                      the module's session map per user (backend\n"
+"                                kmod): client, server, state, packets, resets\n"
 "  -c, --config FILE  mailshift.conf (default " DEFAULT_CONFIG ")\n"
 "  --backend nft|kmod where the table lives (default: [steer] backend)\n"
 "  --dry-run          print the ruleset and routing it would apply; change\n"
@@ -444,6 +446,64 @@ static int cmd_show(struct sopts *o, int counters_only)
 	return 0;
 }
 
+static void print_sessions(json_t *out)
+{
+	json_t *u, *v;
+	size_t i, j;
+
+	printf("sessions: %" JSON_INTEGER_FORMAT " (at most %"
+	       JSON_INTEGER_FORMAT ")\n",
+	       json_integer_value(json_object_get(out, "sessions")),
+	       json_integer_value(json_object_get(out, "max_sessions")));
+	json_array_foreach(json_object_get(out, "users"), i, u) {
+		printf("%s (%s): %zu session(s), %" JSON_INTEGER_FORMAT
+		       " reset(s)\n",
+		       json_string_value(json_object_get(u, "user")),
+		       json_string_value(json_object_get(u, "state")),
+		       json_array_size(json_object_get(u, "sessions")),
+		       json_integer_value(json_object_get(u, "resets")));
+		json_array_foreach(json_object_get(u, "sessions"), j, v)
+			printf("  %s -> %s  %-11s packets %" JSON_INTEGER_FORMAT
+			       "  resets %" JSON_INTEGER_FORMAT "\n",
+			       json_string_value(json_object_get(v, "client")),
+			       json_string_value(json_object_get(v, "local")),
+			       json_string_value(json_object_get(v, "server")),
+			       json_integer_value(json_object_get(v, "packets")),
+			       json_integer_value(json_object_get(v, "resets")));
+	}
+}
+
+/* The module's session map; the nft backend has none (exit 2, as a
+ * configuration that cannot do what is asked). */
+static int cmd_sessions(struct sopts *o)
+{
+	int backend = o->backend;
+	json_t *out;
+
+	if (backend < 0) {
+		if (load(o) < 0)
+			return fail(o, 2);
+		backend = o->c->steer.backend;
+	}
+	if (backend != MS_STEER_BACKEND_KMOD) {
+		snprintf(o->err, sizeof(o->err), "the nft backend keeps no "
+			 "session map: steer sessions needs [steer] backend = "
+			 "kmod (the mailshift kernel module)");
+		return fail(o, 2);
+	}
+	if (need_net_admin(o) < 0 ||
+	    ms_steer_kmod_sessions(&out, o->err, sizeof(o->err)) < 0)
+		return fail(o, 1);
+	if (o->json) {
+		json_dumpf(out, stdout, JSON_INDENT(2));
+		putchar('\n');
+	} else {
+		print_sessions(out);
+	}
+	json_decref(out);
+	return 0;
+}
+
 int steer_main(int argc, char *argv[])
 {
 	struct sopts o = { .config = DEFAULT_CONFIG, .backend = -1 };
@@ -475,7 +535,7 @@ int steer_main(int argc, char *argv[])
 	/* A read-modify-write (set) or a replace must not interleave with
 	 * another; held until exit. */
 	if (strcmp(argv[0], "show") != 0 && strcmp(argv[0], "stats") != 0 &&
-	    strcmp(argv[0], "hold") != 0 &&
+	    strcmp(argv[0], "hold") != 0 && strcmp(argv[0], "sessions") != 0 &&
 	    !o.dry_run && ms_steer_lock(o.err, sizeof(o.err)) < 0)
 		return fail(&o, 1);
 	if (!strcmp(argv[0], "install") && n == 1)
@@ -489,6 +549,8 @@ int steer_main(int argc, char *argv[])
 	else if ((!strcmp(argv[0], "show") || !strcmp(argv[0], "stats")) &&
 		 n == 1)
 		ret = cmd_show(&o, argv[0][1] == 't');
+	else if (!strcmp(argv[0], "sessions") && n == 1)
+		ret = cmd_sessions(&o);
 	else {
 		usage(stderr);
 		return 2;

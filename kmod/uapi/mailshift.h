@@ -44,17 +44,56 @@
  *			MAILSHIFT_E_BYTES: u64
  * A dump that a SET or DEL interrupts ends with NLM_F_DUMP_INTR.
  *
- * MAILSHIFT_CMD_DEL_TABLE (do): removes the table and the hooks; the
- * counters stay for a later SET of the same entries.
+ * MAILSHIFT_CMD_DEL_TABLE (do): removes the table and the hooks, and
+ * empties the session map; the counters stay for a later SET of the same
+ * entries.
+ *
+ * The session map: the gateway's routed sessions, each a client's TCP
+ * connection as conntrack has it in the original direction (the client's
+ * address and port, the address and port it connected to), with its user
+ * and the server the gateway chose. A packet of a session whose user is
+ * in MAILSHIFT_USER_CUTOVER, or MAILSHIFT_USER_MOVED while the session
+ * goes to the source, is answered with a TCP reset and dropped (counted in
+ * the session's and the user's resets). A user is kept while it has
+ * sessions. At most max_sessions (a module parameter) per namespace; an
+ * entry goes with MAILSHIFT_CMD_SESSION_DEL, when its connection is over
+ * (a collection every gc_interval seconds, another module parameter), or
+ * with the table. Each command takes exactly the attributes it names:
+ *
+ * MAILSHIFT_CMD_SESSION_ADD (do), with a table installed:
+ *	MAILSHIFT_A_USER: string, 1 to MAILSHIFT_USER_MAX bytes
+ *	MAILSHIFT_A_SERVER: u8, MAILSHIFT_SOURCE or MAILSHIFT_DESTINATION
+ *	MAILSHIFT_A_CLIENT: 4 or 16 bytes, MAILSHIFT_A_CLIENT_PORT: u16
+ *	MAILSHIFT_A_LOCAL: as long as CLIENT, MAILSHIFT_A_LOCAL_PORT: u16
+ *	MAILSHIFT_A_USER_STATE: u8, optional: the user's state from now on
+ *		(a new user's is MAILSHIFT_USER_ROUTED)
+ *	A session of the same four is refused (EEXIST); a full map ENOSPC.
+ *
+ * MAILSHIFT_CMD_SESSION_DEL (do): MAILSHIFT_A_CLIENT, _CLIENT_PORT,
+ *	_LOCAL, _LOCAL_PORT; ENOENT when there is no such session.
+ *
+ * MAILSHIFT_CMD_USER_STATE (do): MAILSHIFT_A_USER, MAILSHIFT_A_USER_STATE;
+ *	a user without sessions is not kept (nothing to do, no error).
+ *
+ * MAILSHIFT_CMD_SESSION_GET (dump), no attributes: one message with
+ * MAILSHIFT_A_SESSIONS (u32, how many), MAILSHIFT_A_MAX_SESSIONS (u32) and
+ * MAILSHIFT_A_GENERATION (u32, the map's), then one per session with the
+ * attributes of SESSION_ADD (MAILSHIFT_A_USER_STATE always) and
+ * MAILSHIFT_A_PACKETS, MAILSHIFT_A_RESETS (u64, the session's),
+ * MAILSHIFT_A_USER_RESETS (u64, the user's). A dump that a change of the
+ * map interrupts ends with NLM_F_DUMP_INTR.
  */
 #ifndef _UAPI_MAILSHIFT_H
 #define _UAPI_MAILSHIFT_H
 
 #define MAILSHIFT_GENL_NAME "mailshift"
-#define MAILSHIFT_GENL_VERSION 1
+#define MAILSHIFT_GENL_VERSION 2
 
 #define MAILSHIFT_MAX_PORTS 16
 #define MAILSHIFT_MAX_ENTRIES 1024
+#define MAILSHIFT_USER_MAX 255
+#define MAILSHIFT_DEFAULT_SESSIONS 65536
+#define MAILSHIFT_MAX_SESSIONS 1048576
 
 enum mailshift_action {
 	MAILSHIFT_NONE,
@@ -64,11 +103,22 @@ enum mailshift_action {
 	__MAILSHIFT_ACTION_MAX
 };
 
+enum mailshift_user_state {
+	MAILSHIFT_USER_ROUTED,		/* nothing enforced */
+	MAILSHIFT_USER_CUTOVER,		/* every session is reset */
+	MAILSHIFT_USER_MOVED,		/* sessions to the source are reset */
+	__MAILSHIFT_USER_STATE_MAX
+};
+
 enum mailshift_cmd {
 	MAILSHIFT_CMD_UNSPEC,
 	MAILSHIFT_CMD_SET_TABLE,
 	MAILSHIFT_CMD_GET_TABLE,
 	MAILSHIFT_CMD_DEL_TABLE,
+	MAILSHIFT_CMD_SESSION_ADD,
+	MAILSHIFT_CMD_SESSION_DEL,
+	MAILSHIFT_CMD_SESSION_GET,
+	MAILSHIFT_CMD_USER_STATE,
 	__MAILSHIFT_CMD_MAX
 };
 
@@ -90,6 +140,18 @@ enum mailshift_attr {
 	MAILSHIFT_A_REJECTED,
 	MAILSHIFT_A_ROUTE_TABLE,
 	MAILSHIFT_A_ROUTE_PRIORITY,
+	MAILSHIFT_A_USER,
+	MAILSHIFT_A_USER_STATE,
+	MAILSHIFT_A_SERVER,
+	MAILSHIFT_A_CLIENT,
+	MAILSHIFT_A_CLIENT_PORT,
+	MAILSHIFT_A_LOCAL,
+	MAILSHIFT_A_LOCAL_PORT,
+	MAILSHIFT_A_PACKETS,
+	MAILSHIFT_A_RESETS,
+	MAILSHIFT_A_USER_RESETS,
+	MAILSHIFT_A_SESSIONS,
+	MAILSHIFT_A_MAX_SESSIONS,
 	__MAILSHIFT_A_MAX
 };
 

@@ -29,6 +29,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 KDIR_TESTS = os.path.join(REPO, 'tests', 'kmod')
 WORK = os.path.join(REPO, 'build', 'kmod')
+# What daemon/libms.a links with (the Makefile's PKGS).
+LIB_PKGS = ['libuv', 'openssl', 'sqlite3', 'jansson', 'libcap-ng',
+            'libnftables', 'libnl-route-3.0', 'libnl-genl-3.0']
 
 # Every check guest.sh makes; each must come back as PASS.
 CHECKS = [
@@ -46,12 +49,19 @@ CHECKS = [
     'table change: the open proxied connection goes on',
     'table change: the open DNATed connection goes on',
     'steer set 10.77.1.2 143 default',
+    'moved: the session still going to the source is reset',
+    'moved: the session to the destination goes on',
+    'cutover: even a session to the destination is reset',
+    'sessions: deleted, or gone with their connection',
+    'moved: a session to the source deleted from the map goes on',
+    'steer sessions with the nft backend: a clear error',
     'fail closed: IPv4 refused when no listener',
     'fail closed: IPv6 refused when no listener',
     'fail closed: nothing reached the source',
     '40 connections during 20 table changes all answered',
     'the module refuses to steer what an nft table steers',
     "a second namespace's own table",
+    "a second namespace's own session map",
     'the second namespace deleted with its table',
     'genl: a u16 for the u32 mark is refused',
     'genl: a table without ports is refused',
@@ -66,9 +76,29 @@ CHECKS = [
     'genl: unknown header flags are refused',
     'genl: the table is as it was after every refusal',
     'genl: a dump interrupted by a SET is flagged NLM_F_DUMP_INTR',
+    'genl: a session: a u32 for the u8 server is refused',
+    'genl: a session: an oversized user name is refused',
+    'genl: a session without its user is refused',
+    'genl: a session without its addresses is refused',
+    'genl: a session: IPv4 client, IPv6 local is refused',
+    'genl: a session: a 5-byte address is refused',
+    'genl: a session: a server out of range is refused',
+    'genl: a session: a user state out of range is refused',
+    "genl: a session: a table's attribute is refused",
+    'genl: a user state without the state is refused',
+    'genl: a session DEL with a user attribute is refused',
+    'genl: a DEL of a session not in the map is refused',
+    'genl: a session: unknown header flags are refused',
+    'genl: the session map is as it was after every refusal',
+    'genl: a session over max_sessions is refused',
+    'genl: a session dump interrupted by an ADD is flagged NLM_F_DUMP_INTR',
     'genl: a SET without CAP_NET_ADMIN is refused',
     'genl: a dump without CAP_NET_ADMIN is refused',
     'genl: a DEL without CAP_NET_ADMIN is refused',
+    'genl: a session ADD without CAP_NET_ADMIN is refused',
+    'genl: a session DEL without CAP_NET_ADMIN is refused',
+    'genl: a session dump without CAP_NET_ADMIN is refused',
+    'genl: a user state without CAP_NET_ADMIN is refused',
     'steer remove',
     'after remove: straight to the source',
     'rmmod mailshift with live namespaces',
@@ -104,6 +134,13 @@ def vm(ctl):
 
 
 def _boot(qemu, ctl):
+    return run_vm(qemu, *build_vm(ctl))
+
+
+def build_vm(ctl, init=None, extra=None):
+    """Builds the module, the tools and the initramfs (/init: init, default
+    tests/kmod/guest.sh; extra: one more static program); returns (kernel
+    root, version, initramfs). bench/kmod_bench.py uses it too."""
     r = _run([os.path.join(KDIR_TESTS, 'kernel.sh'),
               os.path.join(WORK, 'kernel')])
     if r.returncode != 0:
@@ -123,17 +160,28 @@ def _boot(qemu, ctl):
     r = _run(['gcc', '-O2', '-Wall', '-Wextra', '-Werror', '-static', '-o',
               kt, os.path.join(KDIR_TESTS, 'kt.c')])
     assert r.returncode == 0, r.stdout
+    # ktnl writes the session map through mailshift's own library, as
+    # mailshiftd does.
     ktnl = os.path.join(WORK, 'ktnl')
-    libnl = _run(['pkg-config', '--cflags', '--libs', 'libnl-genl-3.0'])
-    assert libnl.returncode == 0, libnl.stdout
-    r = _run(['gcc', '-O2', '-Wall', '-Wextra', '-Werror', '-o', ktnl,
-              os.path.join(KDIR_TESTS, 'ktnl.c')] + libnl.stdout.split())
+    r = _run(['make', '--no-print-directory', '-C', REPO, 'daemon/libms.a'])
+    assert r.returncode == 0, r.stdout
+    libs = _run(['pkg-config', '--cflags', '--libs'] + LIB_PKGS)
+    assert libs.returncode == 0, libs.stdout
+    r = _run(['gcc', '-O2', '-Wall', '-Wextra', '-Werror', '-D_GNU_SOURCE',
+              '-I', os.path.join(REPO, 'daemon'), '-o', ktnl,
+              os.path.join(KDIR_TESTS, 'ktnl.c'),
+              os.path.join(REPO, 'daemon', 'libms.a')] + libs.stdout.split())
     assert r.returncode == 0, r.stdout
     initrd = os.path.join(WORK, 'initramfs.gz')
     r = _run([os.path.join(KDIR_TESTS, 'mkinitramfs.sh'), root, kver,
               os.path.join(REPO, 'kmod', 'mailshift.ko'), kt, ktnl, ctl,
-              initrd])
+              initrd] + ([init] if init else []) + ([extra] if extra else []))
     assert r.returncode == 0, r.stdout
+    return root, kver, initrd
+
+
+def run_vm(qemu, root, kver, initrd):
+    """Boots it; returns (second serial port's text, console, status)."""
     console = os.path.join(WORK, 'console.txt')
     results = os.path.join(WORK, 'results.txt')
     for f in (console, results):
@@ -215,3 +263,68 @@ def test_counters(vm):
     # Never used: nothing counted.
     assert _entry(st, '10.77.1.2 110 proxy')['connections'] == 0, st
     assert st['rejected'] >= 2, st
+
+
+def _block(res, name):
+    m = re.search(r'%s-BEGIN\n(.*?)%s-END' % (name, name), res, re.S)
+    assert m, res
+    return json.loads(m.group(1))
+
+
+def _ports(res):
+    m = re.search(r"INFO: alice's ports (\d+) (\d+) (\d+)", res)
+    assert m, res
+    return [int(p) for p in m.groups()]
+
+
+def test_session_map(vm):
+    """steer sessions lists what the gateway wrote: alice's three
+    sessions (and bob's one), each with its client and local address and port and its
+    server, her state still routed."""
+    res = vm[0]
+    p1, p2, p3 = _ports(res)
+    st = _block(res, 'SESSIONS-ADDED')
+    assert st['backend'] == 'kmod' and st['sessions'] == 4, st
+    assert st['max_sessions'] == 65536, st
+    assert sorted(u['user'] for u in st['users']) == ['alice', 'bob'], st
+    alice = [u for u in st['users'] if u['user'] == 'alice'][0]
+    assert alice['state'] == 'routed' and alice['resets'] == 0, alice
+    got = sorted((s['client'], s['local'], s['server'], s['resets'])
+                 for s in alice['sessions'])
+    want = sorted([('10.77.0.66:%d' % p1, '10.77.1.2:143', 'source', 0),
+                   ('10.77.0.66:%d' % p2, '10.77.1.2:143', 'destination', 0),
+                   ('10.77.0.66:%d' % p3, '10.77.1.2:143', 'source', 0)])
+    assert got == want, alice
+
+
+def test_session_map_enforced(vm):
+    """Once alice is moved, her session to the source was reset at the
+    hook and counted, per session and for her; her other session to the
+    source, idle, was not touched. bob, in a cutover: his session to the
+    destination was reset too."""
+    res = vm[0]
+    p1, p2, p3 = _ports(res)
+    st = _block(res, 'SESSIONS-MOVED')
+    alice = [u for u in st['users'] if u['user'] == 'alice']
+    assert alice, st
+    alice = alice[0]
+    assert alice['state'] == 'moved', alice
+    assert alice['resets'] >= 1, alice
+    by_client = {s['client']: s for s in alice['sessions']}
+    idle = by_client['10.77.0.66:%d' % p3]
+    assert idle['server'] == 'source' and idle['resets'] == 0, alice
+    # The reset one, when the collection has not taken it yet.
+    reset = by_client.get('10.77.0.66:%d' % p1)
+    assert reset is None or (reset['resets'] >= 1 and
+                             reset['packets'] >= 1), alice
+    bob = [u for u in st['users'] if u['user'] == 'bob']
+    assert not bob or (bob[0]['state'] == 'cutover' and
+                       bob[0]['resets'] >= 1), st
+
+
+def test_sessions_nft_backend(ctl):
+    """The nft backend keeps no session map: steer sessions says so and
+    exits 2 (on the host: no module needed)."""
+    r = _run([ctl, 'steer', '--backend', 'nft', 'sessions'])
+    assert r.returncode == 2, r.stdout
+    assert 'the nft backend keeps no session map' in r.stdout, r.stdout

@@ -275,6 +275,25 @@ def test_transparent_upstream_keeps_net_caps(make_unpriv):
     assert wait_for(lambda: said in g.log_text(), 10), g.log_tail()
 
 
+def test_kmod_backend_keeps_net_caps(make_unpriv):
+    """[steer] backend = kmod: mailshiftd writes its sessions into the
+    module's session map for its whole life, so it keeps the same two
+    capabilities. This host cannot load the module: relayed logins go on,
+    and the trouble is logged once, not per session."""
+    g = make_unpriv(extra_conf='[steer]\nbackend = kmod\n'
+                    'address = 10.77.1.2\nport = 143 10143\n')
+    assert 'with CAP_NET_ADMIN, CAP_NET_RAW' in g.log_text(), g.log_tail()
+    main, *_ = tasks(g.pid)
+    assert caps(main, 'CapEff') == NET_CAPS, main
+    for _ in range(2):
+        m = imaplib.IMAP4('127.0.0.1', g.imap_port, timeout=30)
+        assert m.login('alice', GW_USERS['alice'])[0] == 'OK'
+        m.select('INBOX')
+        m.logout()
+    said = 'steering: the mailshift kernel module is not loaded'
+    assert wait_for(lambda: said in g.log_text(), 10), g.log_tail()
+    assert g.log_text().count(said) == 1, g.log_tail()
+
 
 def test_control_socket_peers(make_unpriv):
     """[control] group = mail: the socket is nobody:mail 0660. Root, the

@@ -3,22 +3,13 @@
 # namespaces, installs the steering table with mailshiftctl (backend kmod,
 # generic netlink) and checks what it does. PASS/FAIL/INFO lines and the
 # counters go to the second serial port, which the host reads; the last
-# line is "KTEST-RESULT rc=N" (N checks failed), then the VM exits.
-#
-#   cli  c0 10.77.0.2/24 (+ .66, in the prefix steered to the destination)
-#        fd77::2/64                 | default via the gateway
-#   gw   g0 10.77.0.1 fd77::1       g1 10.77.1.1 fd77:1::1
-#        forwarding; mailshift.ko's table; kt tproxy on port 10143 ("PROXY")
-#   srv  s0 10.77.1.2 fd77:1::2 (the source, the service address)
-#           10.77.1.3 fd77:1::3 (the destination)
-export PATH=/usr/sbin:/bin:/sbin
-R=/dev/ttyS1
+# line is "KTEST-RESULT rc=N" (N checks failed), then the VM exits. The
+# namespaces are tests/kmod/vmlib.sh's; kt tproxy listens on port 10143
+# in gw ("PROXY").
+. /vmlib.sh
 failed=0
 CONF=/etc/mailshift.conf
 
-ip() { /usr/sbin/ip "$@"; }
-in_ns() { ns=$1; shift; /usr/sbin/ip netns exec "$ns" "$@"; }
-say() { echo "$*" > $R; echo "$*"; }
 pass() { say "PASS: $*"; }
 fail() { say "FAIL: $*"; failed=$((failed + 1)); }
 # check NAME WANT GOT: GOT starts with WANT.
@@ -30,10 +21,8 @@ check() {
 }
 ok() { name=$1; shift; if "$@"; then pass "$name"; else fail "$name"; fi; }
 finish() {
-	say "KTEST-RESULT rc=$failed"
-	sync
-	kt exit "$failed"
-	poweroff -f
+	say "KTEST-RESULT rc=$failed uptime=$(cut -d" " -f1 /proc/uptime)"
+	vm_exit "$failed"
 }
 # Waits (up to 10 s) for a line in a file.
 wait_for() {
@@ -47,42 +36,13 @@ wait_for() {
 ctl() { in_ns gw mailshiftctl steer -c $CONF "$@"; }
 connect() { in_ns cli kt connect "$@"; }
 
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
-mount -t tmpfs run /run
-mkdir -p /run/netns
-
-# Distribution modules in dependency order: each pass loads what it can.
-for _ in 1 2 3 4 5 6 7 8; do
-	for m in $(cat /modules.list); do
-		n=$(basename "$m" .ko | tr - _)
-		grep -q "^$n " /proc/modules || insmod "/lib/modules/$m" 2>/dev/null
-	done
-done
-ok "insmod mailshift.ko" insmod /lib/mailshift.ko
+vm_mounts
+vm_modules
+# The session map's collection every second: the test waits for it.
+ok "insmod mailshift.ko" insmod /lib/mailshift.ko gc_interval=1
 grep -q "^mailshift " /proc/modules || finish
 
-for n in cli gw srv; do ip netns add $n; in_ns $n ip link set lo up; done
-ip link add c0 netns cli type veth peer name g0 netns gw
-ip link add s0 netns srv type veth peer name g1 netns gw
-in_ns cli ip addr add 10.77.0.2/24 dev c0
-in_ns cli ip addr add 10.77.0.66/24 dev c0
-in_ns cli ip addr add fd77::2/64 dev c0 nodad
-in_ns gw ip addr add 10.77.0.1/24 dev g0
-in_ns gw ip addr add fd77::1/64 dev g0 nodad
-in_ns gw ip addr add 10.77.1.1/24 dev g1
-in_ns gw ip addr add fd77:1::1/64 dev g1 nodad
-for a in 10.77.1.2/24 10.77.1.3/24; do in_ns srv ip addr add $a dev s0; done
-for a in fd77:1::2/64 fd77:1::3/64; do in_ns srv ip addr add $a dev s0 nodad; done
-for l in cli:c0 gw:g0 gw:g1 srv:s0; do in_ns ${l%:*} ip link set ${l#*:} up; done
-in_ns cli ip route add default via 10.77.0.1
-in_ns cli ip -6 route add default via fd77::1
-in_ns srv ip route add default via 10.77.1.1
-in_ns srv ip -6 route add default via fd77:1::1
-in_ns gw sysctl -qw net.ipv4.ip_forward=1
-in_ns gw sysctl -qw net.ipv6.conf.all.forwarding=1
+vm_topology
 
 in_ns srv kt serve 10.77.1.2 143 SOURCE > /tmp/source.log &
 in_ns srv kt serve fd77:1::2 143 SOURCE > /tmp/source6.log &
@@ -135,6 +95,65 @@ check "table change: the open proxied connection goes on" \
 check "table change: the open DNATed connection goes on" \
 	"held: again" "$(tail -n 1 /tmp/held-dest)"
 
+# The session map, written as mailshiftd writes it (ktnl add/del/state
+# call steer_kmod.c): three proxied connections of alice, two the gateway
+# sent to the source, one to the destination. Once alice is moved, the
+# first, still going to the source, is reset at the hook; the one to the
+# destination goes on; the third, taken out of the map first, goes on.
+# A fourth, bob's, to the destination, is reset once he is in a cutover.
+for n in 1 2 3 4; do
+	g=/tmp/go-sess; [ $n = 3 ] && g=/tmp/go-sess3
+	connect -b 10.77.0.66 -h $g 10.77.1.2 143 > /tmp/sess$n &
+	eval sess$n=\$!
+done
+for n in 1 2 3 4; do
+	wait_for /tmp/sess$n PROXY || fail "session connection $n did not open"
+done
+port() { sed -n 's/.*peer=10.77.0.66:\([0-9]*\).*/\1/p' /tmp/sess$1; }
+kmap() { in_ns gw /bin/ktnl "$@"; }
+kmap add alice 10.77.0.66 "$(port 1)" 10.77.1.2 143 source
+kmap add alice 10.77.0.66 "$(port 2)" 10.77.1.2 143 destination
+# As a dual-stack listener sees an IPv4 client.
+kmap add alice ::ffff:10.77.0.66 "$(port 3)" ::ffff:10.77.1.2 143 source
+# bob, in a cutover: no session of his may flow anywhere.
+kmap add bob 10.77.0.66 "$(port 4)" 10.77.1.2 143 destination
+say "SESSIONS-ADDED-BEGIN"
+ctl --json sessions > $R
+say "SESSIONS-ADDED-END"
+say "INFO: alice's ports $(port 1) $(port 2) $(port 3)"
+kmap state alice destination
+kmap state bob cutover
+touch /tmp/go-sess
+wait $sess1 $sess2 $sess4
+check "moved: the session still going to the source is reset" \
+	"held: lost" "$(tail -n 1 /tmp/sess1)"
+check "moved: the session to the destination goes on" \
+	"held: again" "$(tail -n 1 /tmp/sess2)"
+check "cutover: even a session to the destination is reset" \
+	"held: lost" "$(tail -n 1 /tmp/sess4)"
+say "SESSIONS-MOVED-BEGIN"
+ctl --json sessions > $R
+say "SESSIONS-MOVED-END"
+ctl sessions
+# The third, still open, goes only when deleted; the other two when the
+# collection finds their connections over.
+kmap del 10.77.0.66 "$(port 3)" 10.77.1.2 143
+i=0
+while ! ctl sessions | grep -q '^sessions: 0 '; do
+	i=$((i + 1))
+	[ $i -gt 100 ] && break
+	sleep 0.1
+done
+check "sessions: deleted, or gone with their connection" "sessions: 0 " \
+	"$(ctl sessions | head -n 1)"
+touch /tmp/go-sess3
+wait $sess3
+check "moved: a session to the source deleted from the map goes on" \
+	"held: again" "$(tail -n 1 /tmp/sess3)"
+check "steer sessions with the nft backend: a clear error" \
+	"mailshiftctl steer: the nft backend keeps no session map" \
+	"$(ctl --backend nft sessions 2>&1)"
+
 # Fail closed: nothing listens, and nothing reaches the source.
 ok "steer set 10.77.1.2 143 default" ctl set 10.77.1.2 143 default
 kill $proxy
@@ -181,7 +200,13 @@ check "the module refuses to steer what an nft table steers" \
 in_ns gone nft delete table inet mailshift
 ok "a second namespace's own table" \
 	in_ns gone mailshiftctl steer -c $CONF install
+# A session without a connection: the collection is held off meanwhile.
+echo 3600 > /sys/module/mailshift/parameters/gc_interval
+in_ns gone /bin/ktnl add erin 10.79.0.9 4000 10.77.1.2 143 source
+check "a second namespace's own session map" "sessions: 1 " \
+	"$(in_ns gone mailshiftctl steer -c $CONF sessions | head -n 1)"
 ok "the second namespace deleted with its table" ip netns del gone
+echo 1 > /sys/module/mailshift/parameters/gc_interval
 
 # The counters, for the host to check.
 say "STATS-BEGIN"

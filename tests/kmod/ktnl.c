@@ -3,8 +3,13 @@
  * table. Prints one PASS or FAIL line per check: malformed, oversized,
  * unknown and missing attributes, contradicting entries and bad header
  * flags are each refused with an extended-ack message and leave the table
- * as it was; a dump interrupted by a change is flagged NLM_F_DUMP_INTR;
- * without CAP_NET_ADMIN nothing is allowed. Built static with libnl. */
+ * and the session map as they were; the map's bound; a dump interrupted
+ * by a change is flagged NLM_F_DUMP_INTR; without CAP_NET_ADMIN nothing is
+ * allowed. Linked with mailshift's library, it also writes the session
+ * map as mailshiftd does (steer_kmod.c):
+ *   ktnl add USER CLIENT CPORT LOCAL LPORT source|destination
+ *   ktnl del CLIENT CPORT LOCAL LPORT
+ *   ktnl state USER source|copying|cutover|destination|failed */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <linux/capability.h>
@@ -20,6 +25,8 @@
 #include <netlink/netlink.h>
 
 #include "../../kmod/uapi/mailshift.h"
+#include "steer.h"
+#include "store.h"
 
 static int failed;
 
@@ -157,8 +164,9 @@ static void put_entries(struct nl_msg *m, int n)
 	nla_nest_end(m, l);
 }
 
+/* What a dump of the table or of the session map said. */
 struct table_info {
-	unsigned int generation, entries, messages, interrupted;
+	unsigned int generation, entries, count, messages, interrupted;
 };
 
 static int on_dump(struct nl_msg *m, void *arg)
@@ -175,14 +183,16 @@ static int on_dump(struct nl_msg *m, void *arg)
 		t->generation = nla_get_u32(tb[MAILSHIFT_A_GENERATION]);
 	if (tb[MAILSHIFT_A_ENTRIES] != NULL)
 		t->entries++;
+	if (tb[MAILSHIFT_A_SESSIONS] != NULL)
+		t->count = nla_get_u32(tb[MAILSHIFT_A_SESSIONS]);
 	return NL_OK;
 }
 
-static struct reply dump(struct nl_sock *sk, int family, struct table_info *t)
+static struct reply dump_of(struct nl_sock *sk, int family, int cmd,
+			    struct table_info *t)
 {
 	struct reply r = { 0 };
-	struct nl_msg *m = new_msg(family, MAILSHIFT_CMD_GET_TABLE,
-				   NLM_F_DUMP);
+	struct nl_msg *m = new_msg(family, cmd, NLM_F_DUMP);
 
 	memset(t, 0, sizeof(*t));
 	nl_socket_modify_err_cb(sk, NL_CB_CUSTOM, on_error, &r);
@@ -192,6 +202,11 @@ static struct reply dump(struct nl_sock *sk, int family, struct table_info *t)
 	if (nl_recvmsgs_default(sk) == -NLE_DUMP_INTR)
 		t->interrupted = 1;
 	return r;
+}
+
+static struct reply dump(struct nl_sock *sk, int family, struct table_info *t)
+{
+	return dump_of(sk, family, MAILSHIFT_CMD_GET_TABLE, t);
 }
 
 /* A refused request: an error, a message naming it (contains want). */
@@ -269,8 +284,6 @@ static void bad_input(struct nl_sock *sk, int family)
 	refused(sk, m, "unknown header flags are refused", NULL);
 }
 
-/* Reads a dump one datagram at a time and changes the table after the
- * first. */
 /* A fresh socket that reads in small pieces: the kernel sizes a dump's
  * messages by the reader's largest read so far, and fills the next one at
  * each read. */
@@ -285,28 +298,27 @@ static struct nl_sock *small_reader(void)
 	return sk;
 }
 
-/* Reads a dump one datagram at a time and changes the table after the
- * first. */
-static void interrupted_dump(struct nl_sock *other, int family)
+/* Reads a dump of cmd one datagram at a time on a fresh socket and sends
+ * change (through other) after the first: 0 with *t, or -1 when the dump
+ * was whole in its first read. */
+static int interrupt(struct nl_sock *other, int family, int cmd,
+		     struct nl_msg *change, struct reply *r,
+		     struct table_info *t)
 {
 	struct nl_sock *sk = small_reader();
-	struct nl_msg *m = set_msg(family, 0);
+	struct nl_msg *m = new_msg(family, cmd, NLM_F_DUMP);
 	unsigned char *buf = NULL;
 	struct sockaddr_nl who;
-	struct table_info t;
 	struct nlmsghdr *h;
-	struct reply r;
 	int n, done = 0, ret;
 
-	put_entries(m, 1000);
-	r = request(other, m);
-	if (r.error || sk == NULL) {
-		result(0, "a 1000-entry table is taken", &r);
-		return;
+	memset(t, 0, sizeof(*t));
+	if (sk == NULL) {
+		nlmsg_free(m);
+		nlmsg_free(change);
+		return -1;
 	}
-	m = new_msg(family, MAILSHIFT_CMD_GET_TABLE, NLM_F_DUMP);
-	memset(&t, 0, sizeof(t));
-	nl_socket_modify_cb(sk, NL_CB_VALID, NL_CB_CUSTOM, on_dump, &t);
+	nl_socket_modify_cb(sk, NL_CB_VALID, NL_CB_CUSTOM, on_dump, t);
 	nl_send_auto(sk, m);
 	nlmsg_free(m);
 	/* One datagram: the dump's first part. */
@@ -315,22 +327,246 @@ static void interrupted_dump(struct nl_sock *other, int family)
 	     h = nlmsg_next(h, &n))
 		done |= h->nlmsg_type == NLMSG_DONE;
 	free(buf);
-	if (done) {
-		result(0, "the dump of 1000 entries takes more than one read",
-		       NULL);
+	*r = request(other, change);
+	ret = done ? 0 : nl_recvmsgs_default(sk);
+	if (ret == -NLE_DUMP_INTR)
+		t->interrupted = 1;
+	printf("INFO: genl: dump after the change: %u messages, %s\n",
+	       t->messages, ret < 0 ? nl_geterror(ret) : "done");
+	nl_socket_free(sk);
+	return done ? -1 : 0;
+}
+
+static void interrupted_dump(struct nl_sock *other, int family)
+{
+	struct nl_msg *m = set_msg(family, 0);
+	struct table_info t;
+	struct reply r;
+
+	put_entries(m, 1000);
+	r = request(other, m);
+	if (r.error) {
+		result(0, "a 1000-entry table is taken", &r);
 		return;
 	}
 	m = set_msg(family, 0);
 	put_entries(m, 999);
-	r = request(other, m);
-	ret = nl_recvmsgs_default(sk);
-	if (ret == -NLE_DUMP_INTR)
-		t.interrupted = 1;
-	printf("INFO: genl: dump after the SET: %u messages, %s\n",
-	       t.messages, ret < 0 ? nl_geterror(ret) : "done");
+	if (interrupt(other, family, MAILSHIFT_CMD_GET_TABLE, m, &r, &t) < 0) {
+		result(0, "the dump of 1000 entries takes more than one read",
+		       NULL);
+		return;
+	}
 	result(r.error == 0 && t.interrupted,
 	       "a dump interrupted by a SET is flagged NLM_F_DUMP_INTR", &r);
-	nl_socket_free(sk);
+}
+
+/* ---------------------------------------------------- the session map */
+
+#define PARAMS "/sys/module/mailshift/parameters/"
+
+static void put_skey(struct nl_msg *m, const char *client, int cport,
+		     const char *local, int lport)
+{
+	struct in_addr a;
+
+	inet_pton(AF_INET, client, &a);
+	nla_put(m, MAILSHIFT_A_CLIENT, 4, &a);
+	nla_put_u16(m, MAILSHIFT_A_CLIENT_PORT, cport);
+	inet_pton(AF_INET, local, &a);
+	nla_put(m, MAILSHIFT_A_LOCAL, 4, &a);
+	nla_put_u16(m, MAILSHIFT_A_LOCAL_PORT, lport);
+}
+
+/* A SESSION_ADD of a session of "ktnl" from 10.79.x.y:port, nothing
+ * connected: the caller adds to it. */
+static struct nl_msg *add_msg(int family, int port)
+{
+	struct nl_msg *m = new_msg(family, MAILSHIFT_CMD_SESSION_ADD, 0);
+
+	put_skey(m, "10.79.0.1", port, "10.77.1.2", 143);
+	nla_put_string(m, MAILSHIFT_A_USER, "ktnl");
+	nla_put_u8(m, MAILSHIFT_A_SERVER, MAILSHIFT_SOURCE);
+	return m;
+}
+
+static struct nl_msg *del_msg(int family, int port)
+{
+	struct nl_msg *m = new_msg(family, MAILSHIFT_CMD_SESSION_DEL, 0);
+
+	put_skey(m, "10.79.0.1", port, "10.77.1.2", 143);
+	return m;
+}
+
+static struct nl_msg *state_msg(int family)
+{
+	struct nl_msg *m = new_msg(family, MAILSHIFT_CMD_USER_STATE, 0);
+
+	nla_put_string(m, MAILSHIFT_A_USER, "ktnl");
+	nla_put_u8(m, MAILSHIFT_A_USER_STATE, MAILSHIFT_USER_MOVED);
+	return m;
+}
+
+static struct reply map_dump(struct nl_sock *sk, int family,
+			     struct table_info *t)
+{
+	return dump_of(sk, family, MAILSHIFT_CMD_SESSION_GET, t);
+}
+
+static int set_param(const char *name, unsigned int v)
+{
+	char path[128];
+	FILE *f;
+	int ok;
+
+	snprintf(path, sizeof(path), PARAMS "%s", name);
+	f = fopen(path, "w");
+	if (f == NULL)
+		return -1;
+	ok = fprintf(f, "%u\n", v) > 0;
+	return fclose(f) == 0 && ok ? 0 : -1;
+}
+
+static unsigned int get_param(const char *name)
+{
+	char path[128];
+	unsigned int v = 0;
+	FILE *f;
+
+	snprintf(path, sizeof(path), PARAMS "%s", name);
+	f = fopen(path, "r");
+	if (f == NULL)
+		return 0;
+	if (fscanf(f, "%u", &v) != 1)
+		v = 0;
+	fclose(f);
+	return v;
+}
+
+static void session_bad_input(struct nl_sock *sk, int family)
+{
+	char name[300];
+	struct nl_msg *m;
+
+	m = new_msg(family, MAILSHIFT_CMD_SESSION_ADD, 0);
+	put_skey(m, "10.79.0.1", 1000, "10.77.1.2", 143);
+	nla_put_u32(m, MAILSHIFT_A_SERVER, MAILSHIFT_SOURCE);
+	nla_put_string(m, MAILSHIFT_A_USER, "ktnl");
+	refused(sk, m, "a session: a u32 for the u8 server is refused", NULL);
+
+	m = new_msg(family, MAILSHIFT_CMD_SESSION_ADD, 0);
+	put_skey(m, "10.79.0.1", 1000, "10.77.1.2", 143);
+	nla_put_u8(m, MAILSHIFT_A_SERVER, MAILSHIFT_SOURCE);
+	memset(name, 'u', sizeof(name));
+	name[MAILSHIFT_USER_MAX + 1] = '\0';
+	nla_put_string(m, MAILSHIFT_A_USER, name);
+	refused(sk, m, "a session: an oversized user name is refused", NULL);
+
+	m = new_msg(family, MAILSHIFT_CMD_SESSION_ADD, 0);
+	put_skey(m, "10.79.0.1", 1000, "10.77.1.2", 143);
+	nla_put_u8(m, MAILSHIFT_A_SERVER, MAILSHIFT_SOURCE);
+	refused(sk, m, "a session without its user is refused", "user name");
+
+	m = new_msg(family, MAILSHIFT_CMD_SESSION_ADD, 0);
+	nla_put_u8(m, MAILSHIFT_A_SERVER, MAILSHIFT_SOURCE);
+	nla_put_string(m, MAILSHIFT_A_USER, "ktnl");
+	refused(sk, m, "a session without its addresses is refused",
+		"client and local");
+
+	m = add_msg(family, 1000);
+	nla_put(m, MAILSHIFT_A_LOCAL, 16, "0123456789abcdef");
+	refused(sk, m, "a session: IPv4 client, IPv6 local is refused",
+		"does not match");
+
+	m = new_msg(family, MAILSHIFT_CMD_SESSION_ADD, 0);
+	nla_put(m, MAILSHIFT_A_CLIENT, 5, "01234");
+	nla_put_u16(m, MAILSHIFT_A_CLIENT_PORT, 1000);
+	nla_put(m, MAILSHIFT_A_LOCAL, 5, "01234");
+	nla_put_u16(m, MAILSHIFT_A_LOCAL_PORT, 143);
+	nla_put_u8(m, MAILSHIFT_A_SERVER, MAILSHIFT_SOURCE);
+	nla_put_string(m, MAILSHIFT_A_USER, "ktnl");
+	refused(sk, m, "a session: a 5-byte address is refused", "4 or 16");
+
+	m = new_msg(family, MAILSHIFT_CMD_SESSION_ADD, 0);
+	put_skey(m, "10.79.0.1", 1000, "10.77.1.2", 143);
+	nla_put_u8(m, MAILSHIFT_A_SERVER, MAILSHIFT_PROXY);
+	nla_put_string(m, MAILSHIFT_A_USER, "ktnl");
+	refused(sk, m, "a session: a server out of range is refused", NULL);
+
+	m = add_msg(family, 1000);
+	nla_put_u8(m, MAILSHIFT_A_USER_STATE, __MAILSHIFT_USER_STATE_MAX);
+	refused(sk, m, "a session: a user state out of range is refused",
+		NULL);
+
+	m = add_msg(family, 1000);
+	nla_put_u32(m, MAILSHIFT_A_MARK, 0x4d530000);
+	refused(sk, m, "a session: a table's attribute is refused", NULL);
+
+	m = new_msg(family, MAILSHIFT_CMD_USER_STATE, 0);
+	nla_put_string(m, MAILSHIFT_A_USER, "ktnl");
+	refused(sk, m, "a user state without the state is refused",
+		"state");
+
+	m = new_msg(family, MAILSHIFT_CMD_SESSION_DEL, 0);
+	put_skey(m, "10.79.0.1", 1000, "10.77.1.2", 143);
+	nla_put_string(m, MAILSHIFT_A_USER, "ktnl");
+	refused(sk, m, "a session DEL with a user attribute is refused", NULL);
+
+	refused(sk, del_msg(family, 1000),
+		"a DEL of a session not in the map is refused",
+		"no session");
+
+	m = new_msg(family, MAILSHIFT_CMD_SESSION_ADD, NLM_F_CREATE);
+	refused(sk, m, "a session: unknown header flags are refused", NULL);
+}
+
+/* max_sessions set to what is there plus two: two more are taken, the
+ * third is refused, the map stays at the bound. The collection is slowed
+ * meanwhile: the sessions added have no connection. */
+static void session_bound(struct nl_sock *sk, int family)
+{
+	unsigned int max = get_param("max_sessions");
+	unsigned int gc = get_param("gc_interval");
+	struct table_info t;
+	struct reply r1, r2, r3;
+
+	map_dump(sk, family, &t);
+	if (set_param("gc_interval", 3600) < 0 ||
+	    set_param("max_sessions", t.count + 2) < 0) {
+		result(0, "setting max_sessions", NULL);
+		return;
+	}
+	r1 = request(sk, add_msg(family, 2001));
+	r2 = request(sk, add_msg(family, 2002));
+	r3 = request(sk, add_msg(family, 2003));
+	result(r1.error == 0 && r2.error == 0 && r3.error == -ENOSPC &&
+	       strstr(r3.msg, "full") != NULL,
+	       "a session over max_sessions is refused", &r3);
+	request(sk, del_msg(family, 2001));
+	request(sk, del_msg(family, 2002));
+	set_param("max_sessions", max);
+	set_param("gc_interval", gc);
+}
+
+/* Reads the map's dump one datagram at a time and adds a session after
+ * the first. */
+static void session_interrupted_dump(struct nl_sock *other, int family)
+{
+	unsigned int gc = get_param("gc_interval");
+	struct table_info t;
+	struct reply r;
+	int i, whole;
+
+	set_param("gc_interval", 3600);
+	for (i = 0; i < 300; i++)
+		request(other, add_msg(family, 3000 + i));
+	whole = interrupt(other, family, MAILSHIFT_CMD_SESSION_GET,
+			  add_msg(family, 3300), &r, &t);
+	result(!whole && r.error == 0 && t.interrupted,
+	       "a session dump interrupted by an ADD is flagged "
+	       "NLM_F_DUMP_INTR", &r);
+	for (i = 0; i <= 300; i++)
+		request(other, del_msg(family, 3000 + i));
+	set_param("gc_interval", gc);
 }
 
 static int drop_caps(void)
@@ -341,14 +577,43 @@ static int drop_caps(void)
 	return syscall(SYS_capset, &h, d);
 }
 
-int main(void)
+/* The session map as mailshiftd writes it (steer_kmod.c). */
+static int gateway_call(int argc, char **argv)
+{
+	int st;
+
+	ms_steer_sessions_use(MS_STEER_BACKEND_KMOD);
+	if (argc == 8 && !strcmp(argv[1], "add")) {
+		ms_steer_session_add(argv[2], argv[3], atoi(argv[4]), argv[5],
+				     atoi(argv[6]),
+				     !strcmp(argv[7], "destination"));
+		return 0;
+	}
+	if (argc == 6 && !strcmp(argv[1], "del")) {
+		ms_steer_session_end(argv[2], atoi(argv[3]), argv[4],
+				     atoi(argv[5]));
+		return 0;
+	}
+	if (argc == 4 && !strcmp(argv[1], "state") &&
+	    (st = ms_user_state_parse(argv[3])) >= 0) {
+		ms_steer_user_state(argv[2], st);
+		return 0;
+	}
+	fprintf(stderr, "usage: ktnl [add|del|state ...]\n");
+	return 2;
+}
+
+int main(int argc, char **argv)
 {
 	struct nl_sock *sk, *other;
 	struct table_info before, after;
+	struct table_info mbefore, mafter;
 	int family;
 	struct reply r;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	if (argc > 1)
+		return gateway_call(argc, argv);
 	sk = open_sock(&family);
 	other = open_sock(&family);
 	if (sk == NULL || other == NULL) {
@@ -365,6 +630,17 @@ int main(void)
 	       before.entries == after.entries,
 	       "the table is as it was after every refusal", NULL);
 	interrupted_dump(other, family);
+	map_dump(sk, family, &mbefore);
+	session_bad_input(sk, family);
+	map_dump(sk, family, &mafter);
+	printf("INFO: genl: session map generation %u -> %u, %u -> %u "
+	       "sessions\n", mbefore.generation, mafter.generation,
+	       mbefore.count, mafter.count);
+	result(mbefore.generation == mafter.generation &&
+	       mbefore.count == mafter.count,
+	       "the session map is as it was after every refusal", NULL);
+	session_bound(sk, family);
+	session_interrupted_dump(other, family);
 	if (drop_caps() < 0) {
 		result(0, "dropping the capabilities", NULL);
 		return 1;
@@ -378,5 +654,17 @@ int main(void)
 	r = request(sk, new_msg(family, MAILSHIFT_CMD_DEL_TABLE, 0));
 	result(r.error == -EPERM, "a DEL without CAP_NET_ADMIN is refused",
 	       &r);
+	r = request(sk, add_msg(family, 1000));
+	result(r.error == -EPERM,
+	       "a session ADD without CAP_NET_ADMIN is refused", &r);
+	r = request(sk, del_msg(family, 1000));
+	result(r.error == -EPERM,
+	       "a session DEL without CAP_NET_ADMIN is refused", &r);
+	r = map_dump(sk, family, &mafter);
+	result(r.error == -EPERM,
+	       "a session dump without CAP_NET_ADMIN is refused", &r);
+	r = request(sk, state_msg(family));
+	result(r.error == -EPERM,
+	       "a user state without CAP_NET_ADMIN is refused", &r);
 	return failed != 0;
 }

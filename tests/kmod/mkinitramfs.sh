@@ -2,11 +2,14 @@
 # Builds the module test's initramfs: busybox-static, the distribution
 # modules mailshift.ko needs (its depends= closed over modules.dep) and
 # veth and nf_tables, the module, kt, ktnl, mailshiftctl, nft and iproute2's ip with the shared
-# libraries they use, the guest script as /init and a mailshift.conf.
+# libraries they use, the guest script as /init (INIT, default guest.sh)
+# with vmlib.sh, a mailshift.conf, and EXTRA (a static program) if given.
 # Usage: mkinitramfs.sh KERNEL-ROOT KVER MODULE KT KTNL MAILSHIFTCTL OUT
+#                       [INIT [EXTRA]]
 set -eu
 root=$1 kver=$2 module=$3 kt=$4 ktnl=$5 ctl=$6 out=$7
 here=$(cd "$(dirname "$0")" && pwd)
+init=${8:-$here/guest.sh} extra=${9:-}
 moddir=$root/lib/modules/$kver
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
@@ -52,8 +55,10 @@ closure() {
 }
 
 needs=$(strings -a "$module" | sed -n 's/^depends=//p' | tr , ' ')
-# nf_tables and nft: the kmod backend refuses to install over an nft table.
-closure veth nf_tables $needs > "$stage/modules.list"
+# nf_tables and nft: the kmod backend refuses to install over an nft table;
+# the nft backend's expressions and plain DNAT for the benchmark.
+closure veth nf_tables nft_ct nft_socket nft_tproxy nft_reject_inet nft_objref \
+	nft_chain_nat nft_nat $needs > "$stage/modules.list"
 while read -r p; do
 	cp "$moddir/$p" "$stage/lib/modules/"
 done < "$stage/modules.list"
@@ -76,7 +81,9 @@ copy_prog "$(command -v nft || echo /usr/sbin/nft)" /usr/sbin/nft
 # busybox prefers its own applets: iproute2's ip is called by full path.
 copy_prog "$(command -v ip || echo /usr/sbin/ip)" /usr/sbin/ip
 cp "$kt" "$stage/bin/kt"
-cp "$here/guest.sh" "$stage/init"
+cp "$init" "$stage/init"
+cp "$here/vmlib.sh" "$stage/vmlib.sh"
+[ -z "$extra" ] || cp "$extra" "$stage/bin/"
 cp "$here/mailshift.conf" "$stage/etc/mailshift.conf"
 chmod 755 "$stage/init"
 

@@ -99,18 +99,16 @@ static void finish(struct ms_doveadm_req *q, int ok, const char *error)
 
 /* The body is a JSON array of replies: [["doveadmResponse", ..., tag]] or
  * [["error", {"type": ..., "exitCode": N}, tag]]. */
-static void parse_body(struct ms_doveadm_req *q, const char *body, size_t len)
+static int parse_body(const char *body, size_t len, char *err, size_t errsz)
 {
 	json_t *j = json_loadb(body, len, 0, NULL);
 	json_t *first = json_array_get(j, 0);
 	const char *kind = json_string_value(json_array_get(first, 0));
 	json_t *info = json_array_get(first, 1);
-	char err[200];
 
 	if (kind != NULL && strcmp(kind, "doveadmResponse") == 0) {
 		json_decref(j);
-		finish(q, 1, NULL);
-		return;
+		return MS_DOVEADM_OK;
 	}
 	if (kind != NULL && strcmp(kind, "error") == 0) {
 		json_int_t code = json_integer_value(json_object_get(info,
@@ -118,56 +116,102 @@ static void parse_body(struct ms_doveadm_req *q, const char *body, size_t len)
 		const char *type = json_string_value(json_object_get(info,
 								     "type"));
 
-		snprintf(err, sizeof(err), "doveadm mailboxUpdate: %s %lld%s",
+		snprintf(err, errsz, "doveadm mailboxUpdate: %.60s %lld%s",
 			 type != NULL ? type : "error", (long long)code,
 			 code == 68 ? " (no such user or mailbox)" :
 			 code == 75 ? " (temporary failure)" : "");
 	} else {
-		snprintf(err, sizeof(err), "doveadm API: unexpected reply");
+		snprintf(err, errsz, "doveadm API: unexpected reply");
 	}
 	json_decref(j);
-	finish(q, 0, err);
+	return MS_DOVEADM_FAILED;
+}
+
+/* "HTTP/1.x NNN ...": NNN, or -1. */
+static int status_code(const char *reply)
+{
+	const char *p = reply + 9;
+	char *end;
+	long code;
+
+	if (strncmp(reply, "HTTP/1.", 7) != 0 || reply[7] < '0' ||
+	    reply[7] > '9' || reply[8] != ' ')
+		return -1;
+	code = strtol(p, &end, 10);
+	return end != p && code >= 100 && code <= 999 ? (int)code : -1;
+}
+
+int ms_doveadm_reply(const char *reply, size_t len, int at_close, char *err,
+		     size_t errsz)
+{
+	const char *hend, *cl, *body;
+	size_t blen;
+	int code;
+
+	err[0] = '\0';
+	hend = strstr(reply, "\r\n\r\n");
+	if (hend == NULL)
+		return MS_DOVEADM_MORE;
+	body = hend + 4;
+	blen = len - (size_t)(body - reply);
+	cl = strcasestr(reply, "\r\nContent-Length:");
+	if (cl != NULL && cl < hend) {
+		size_t want = 0;
+
+		/* Digits on the header's own line, nothing else: never a
+		 * number read on into the next line or the body. */
+		for (cl += 17; *cl == ' ' || *cl == '\t'; cl++)
+			;
+		if (*cl < '0' || *cl > '9') {
+			snprintf(err, errsz, "doveadm API: bad Content-Length");
+			return MS_DOVEADM_FAILED;
+		}
+		for (; *cl >= '0' && *cl <= '9'; cl++) {
+			if (want > REPLY_MAX) {
+				snprintf(err, errsz, "doveadm API: reply too "
+					 "long");
+				return MS_DOVEADM_FAILED;
+			}
+			want = want * 10 + (size_t)(*cl - '0');
+		}
+		while (*cl == ' ' || *cl == '\t')
+			cl++;
+		if (*cl != '\r') {
+			snprintf(err, errsz, "doveadm API: bad Content-Length");
+			return MS_DOVEADM_FAILED;
+		}
+		if (blen < want)
+			return MS_DOVEADM_MORE;
+		blen = want;
+	} else if (!at_close) {
+		return MS_DOVEADM_MORE;
+	}
+	if ((code = status_code(reply)) < 0) {
+		snprintf(err, errsz, "doveadm API: not an HTTP reply");
+		return MS_DOVEADM_FAILED;
+	}
+	if (code == 200)
+		return parse_body(body, blen, err, errsz);
+	snprintf(err, errsz, "doveadm API: HTTP %d%s", code,
+		 code == 401 ? " (the API key was refused)" :
+		 code == 403 ? " (forbidden)" :
+		 code == 404 ? " (no doveadm API at that path)" : "");
+	return MS_DOVEADM_FAILED;
 }
 
 /* Whole reply in? Returns 1 when handled. at_close: nothing more comes. */
 static int try_reply(struct ms_doveadm_req *q, int at_close)
 {
-	const char *hend, *cl, *body;
-	int code = 0;
-	size_t blen;
 	char err[200];
+	int r;
 
 	if (q->reply == NULL)
 		return 0;
 	q->reply[q->replen] = '\0';
-	hend = strstr(q->reply, "\r\n\r\n");
-	if (hend == NULL)
+	r = ms_doveadm_reply(q->reply, q->replen, at_close, err, sizeof(err));
+	if (r == MS_DOVEADM_MORE)
 		return 0;
-	body = hend + 4;
-	blen = q->replen - (size_t)(body - q->reply);
-	cl = strcasestr(q->reply, "\r\nContent-Length:");
-	if (cl != NULL && cl < hend) {
-		size_t want = strtoul(cl + 17, NULL, 10);
-
-		if (blen < want)
-			return 0;
-		blen = want;
-	} else if (!at_close) {
-		return 0;
-	}
-	if (sscanf(q->reply, "HTTP/1.%*d %d", &code) != 1) {
-		finish(q, 0, "doveadm API: not an HTTP reply");
-		return 1;
-	}
-	if (code == 200) {
-		parse_body(q, body, blen);
-		return 1;
-	}
-	snprintf(err, sizeof(err), "doveadm API: HTTP %d%s", code,
-		 code == 401 ? " (the API key was refused)" :
-		 code == 403 ? " (forbidden)" :
-		 code == 404 ? " (no doveadm API at that path)" : "");
-	finish(q, 0, err);
+	finish(q, r == MS_DOVEADM_OK, r == MS_DOVEADM_OK ? NULL : err);
 	return 1;
 }
 

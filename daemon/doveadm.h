@@ -38,6 +38,20 @@ typedef void ms_doveadm_cb(void *ctx, int ok, const char *error);
 
 struct ms_doveadm_req;
 
+enum {
+	MS_DOVEADM_MORE = -1,	/* not all of it yet */
+	MS_DOVEADM_OK = 0,	/* the server did it */
+	MS_DOVEADM_FAILED = 1,	/* err says why */
+};
+
+/* Reads the HTTP reply to a mailboxUpdate, the len bytes at reply (with a
+ * NUL after them), as far as it has come; at_close: nothing more comes.
+ * The reply ends at its Content-Length, or at the close without one.
+ * Returns MS_DOVEADM_MORE, _OK or _FAILED (err, of errsz bytes, says
+ * why). */
+int ms_doveadm_reply(const char *reply, size_t len, int at_close, char *err,
+		     size_t errsz);
+
 /* Sends one mailboxUpdate for user's mailbox (UTF-8, the server's
  * separator). cb is called once, never from inside this call, unless the
  * request is cancelled first. 0 and *req_r, or -1 (no memory, bad host):

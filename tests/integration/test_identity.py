@@ -90,7 +90,7 @@ def assert_identity(pair, user, only=None):
     s = pair.src.imap(user)
     d = pair.dst.imap(user)
     try:
-        sspec, dspec = mc.special_use(s), mc.special_use(d)
+        sspec, dspec = pair.specials(s, d)
     finally:
         s.logout()
         d.logout()

@@ -280,21 +280,39 @@ static int check_config(const char *conf)
 /* [steer] manage = yes: the steering table is installed (or replaced) once
  * the listeners are open, while mailshiftd still has CAP_NET_ADMIN. It is
  * left in place at exit: with nothing listening, proxied ports refuse
- * connections (fail closed) until mailshiftd is back. */
-static int manage_steering(const struct ms_steer_cfg *s, char *err,
-			   size_t errsz)
+ * connections (fail closed) until mailshiftd is back. A migration the
+ * store says is retired (mailshiftctl retire --apply) keeps its mail ports
+ * going straight to the destination: a restart never puts the gateway,
+ * or the retired source, back in the path. */
+static int manage_steering(const struct ms_steer_cfg *cfg,
+			   struct ms_store *store, char *err, size_t errsz)
 {
+	struct ms_steer_cfg s = *cfg;
+	struct ms_retirement ret = { 0 };
 	struct ms_steer_route rt;
 	char *script = NULL;
 	unsigned int n = 0;
-	int r, lock = ms_steer_lock(err, errsz);
+	int r, lock, retired = 0;
 
+	if (ms_store_retirement_get(store, &ret, &retired) < 0) {
+		snprintf(err, errsz, "store: %s", ms_store_error(store));
+		return -1;
+	}
+	free(ret.record);
+	if (retired)
+		ms_steer_cfg_retired(&s);
+	lock = ms_steer_lock(err, errsz);
 	if (lock < 0)
 		return -1;
-	r = ms_steer_install(s, 0, &script, &rt, &n, err, errsz);
+	r = ms_steer_install(&s, 0, &script, &rt, &n, err, errsz);
 	close(lock);
 	free(script);
-	if (r == 0)
+	if (r == 0 && retired)
+		ms_log(MS_LOG_WARN, "steering installed for a retired "
+		       "migration: %u entries, every mail port straight to "
+		       "the destination (retire --apply, %lld)", n,
+		       (long long)ret.at);
+	else if (r == 0)
 		ms_log(MS_LOG_WARN, "steering installed: %u entries, mark "
 		       "0x%08x, routing table %u, rule priority %u", n,
 		       rt.mark, rt.table, rt.priority);
@@ -378,7 +396,8 @@ int main(int argc, char *argv[])
 		fprintf(stderr, "mailshiftd: %s\n", err);
 		goto out;
 	}
-	if (c.steer.manage && manage_steering(&c.steer, err, sizeof(err)) < 0) {
+	if (c.steer.manage &&
+	    manage_steering(&c.steer, store, err, sizeof(err)) < 0) {
 		fprintf(stderr, "mailshiftd: [steer] manage: %s\n", err);
 		goto out;
 	}

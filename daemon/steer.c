@@ -367,6 +367,19 @@ int ms_steer_key(struct ms_steer_cfg *s, const char *key, const char *v,
 	return -1;
 }
 
+void ms_steer_entries_retired(struct ms_steer_entry *e, unsigned int n)
+{
+	for (unsigned int i = 0; i < n; i++)
+		if (e[i].port != MS_STEER_OTHER)
+			e[i].action = MS_STEER_DESTINATION;
+}
+
+void ms_steer_cfg_retired(struct ms_steer_cfg *s)
+{
+	s->action = MS_STEER_DESTINATION;
+	ms_steer_entries_retired(s->entries, s->nentries);
+}
+
 unsigned int ms_steer_families(const struct ms_steer_cfg *s)
 {
 	unsigned int f = 0;

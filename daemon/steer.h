@@ -79,6 +79,11 @@ struct ms_steer_route {
 
 /* The families of the service addresses (bits as in families above). */
 unsigned int ms_steer_families(const struct ms_steer_cfg *s);
+/* A retired migration's steering: every mail port of the n entries sent
+ * straight to the destination; the addresses' other ports as they were. */
+void ms_steer_entries_retired(struct ms_steer_entry *e, unsigned int n);
+/* The same for a whole [steer] (its given entries and its default). */
+void ms_steer_cfg_retired(struct ms_steer_cfg *s);
 
 const char *ms_steer_action_name(enum ms_steer_action a);
 int ms_steer_action_parse(const char *s, enum ms_steer_action *a);

@@ -563,10 +563,6 @@ static int cmd_apply(struct ropts *o)
 	}
 	free(record);
 	check_free(&ck);
-	if (o->c->steer.manage)
-		fprintf(stderr, "%s retire: [steer] manage = yes: set it to "
-			"no, or mailshiftd's next start installs [steer]'s "
-			"table again\n", prog);
 	left = gateway_sessions(o);
 	if (o->json) {
 		json_t *j = json_pack("{s:b,s:s,s:I,s:I,s:I,s:b}", "ok", 1,

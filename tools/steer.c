@@ -576,10 +576,7 @@ int steer_all_to_destination(struct ms_dconfig *c, unsigned int *n_r,
 		/* Nothing installed: [steer] with every mail port sent
 		 * to the destination. */
 		s = c->steer;
-		s.action = MS_STEER_DESTINATION;
-		for (unsigned int i = 0; i < s.nentries; i++)
-			if (s.entries[i].port != MS_STEER_OTHER)
-				s.entries[i].action = MS_STEER_DESTINATION;
+		ms_steer_cfg_retired(&s);
 		ret = ms_steer_install(&s, 0, &script, &rt, &n, o.err,
 				       sizeof(o.err));
 		goto out;
@@ -587,9 +584,7 @@ int steer_all_to_destination(struct ms_dconfig *c, unsigned int *n_r,
 	if (installed(&o, e, &n, &rt) < 0)
 		goto out;
 	rt.families = ms_steer_families(&c->steer);
-	for (unsigned int i = 0; i < n; i++)
-		if (e[i].port != MS_STEER_OTHER)
-			e[i].action = MS_STEER_DESTINATION;
+	ms_steer_entries_retired(e, n);
 	if (ms_steer_entries_check(&c->steer, e, n, o.err, sizeof(o.err)) < 0)
 		goto out;
 	script = ms_steer_ruleset(&c->steer, e, n, &rt,

@@ -335,8 +335,10 @@ def test_apply_steers_to_the_destination(env):
 
 def test_apply_without_an_installed_table(env):
     """Nothing installed: --apply installs [steer]'s table with every mail
-    port sent to the destination, in one change; steer remove leaves the
-    namespace as it was."""
+    port sent to the destination, in one change; a mailshiftd that owns the
+    steering ([steer] manage = yes) started after it keeps it so (the store
+    says the migration is retired); steer remove leaves the namespace as it
+    was."""
     assert env.dump() == env.clean, 'a previous test left steering behind'
     conf, _ = retire_conf(env)
     try:
@@ -353,6 +355,23 @@ def test_apply_without_an_installed_table(env):
             assert gw_sessions(env, 'alice') == []
         finally:
             close(m)
+        plain = env.gw.extra_conf
+        env.gw.stop()
+        env.gw.extra_conf = plain + '\n[steer]\nmanage = yes\n'
+        try:
+            env.gw.start()
+            assert 'steering installed for a retired migration' in \
+                env.gw.log_text(), env.gw.log_tail()
+            assert decisions(env) == after
+            m = login_tags(env, 'alice')[0]
+            try:
+                assert gw_sessions(env, 'alice') == []
+            finally:
+                close(m)
+        finally:
+            env.gw.stop()
+            env.gw.extra_conf = plain
+            env.gw.start()
     finally:
         env.steer('remove', check=0)
     assert env.dump() == env.clean

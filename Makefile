@@ -207,7 +207,7 @@ unit: $(UNIT_BIN)
 	$(Q)set -e; for t in $(UNIT_BIN); do echo "  UNIT    $$t"; ./$$t; done
 
 integration: all hooks
-	$(Q)$(PYTHON) -m pytest -q -rs tests/integration
+	$(Q)$(PYTHON) -m pytest -q -rs --durations=25 tests/integration
 
 # The unit tests and the whole integration suite against the ASan binaries;
 # any sanitizer report (the daemon's, the CLI's, even from a process a test

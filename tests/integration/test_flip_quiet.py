@@ -40,8 +40,7 @@ def test_reconnect_inside_the_quiet_period(gpair, make_gw):
     session reaches the source and works for longer than the period, still
     on the source; she logs out again and the flip comes no sooner than
     flip_quiet after that, carrying what she did in the second session."""
-    g = make_gw(tls=False, policy='passthrough',
-                extra_conf='[policy]\nflip_quiet = %ds' % QUIET)
+    g = make_gw(tls=False, policy='passthrough', flip_quiet=QUIET)
     m = login(g)
     m.select('INBOX')
     assert wait_for(lambda: (g.user('alice') or {}).get('copy') ==
@@ -84,9 +83,8 @@ def test_operator_move_does_not_wait(gpair, make_gw, workdir):
     """With a period of an hour, `migrate --daemon` still moves at once: a
     user in her quiet period (verified, logged out), and one with a session
     open (ended with a BYE)."""
-    g = make_gw(tls=False, policy='passthrough',
-                extra_conf=admin_conf(workdir, sweep=False) +
-                '\n[policy]\nflip_quiet = 1h')
+    g = make_gw(tls=False, policy='passthrough', flip_quiet=3600,
+                extra_conf=admin_conf(workdir, sweep=False))
     m = login(g)
     assert wait_for(lambda: (g.user('alice') or {}).get('copy') ==
                     'verified, flips at log-off', 60), g.user('alice')

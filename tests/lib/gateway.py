@@ -125,13 +125,18 @@ class Mailshiftd:
                  binary=None, ctl_binary=None, extra_conf='', smtp=False,
                  submission=False, smtp_backends=None, smtp_ca_file=None,
                  listen_host='127.0.0.1', imap_port=None, pop3_port=None,
-                 transparent=False, netns=None, env=None, activation=None):
+                 transparent=False, netns=None, env=None, activation=None,
+                 flip_quiet=1):
         self.root_dir = os.path.abspath(root_dir)
         self.src = src
         self.dst = dst
         self.tls_ca = tls_ca
         self.policy = policy
         self.hold_max = hold_max
+        # [policy] flip_quiet: 1 s, not the default 5 s, so that each of
+        # the suite's many flips waits less (test_flip_quiet.py and
+        # test_config.c hold the default and the period itself).
+        self.flip_quiet = flip_quiet
         self.connections = connections
         self.domains = dict(domains or {})
         self.src_schemes = src_schemes
@@ -211,6 +216,7 @@ class Mailshiftd:
         lines += ['', '[store]', 'path = %s' % self.store_path,
                   '', '[policy]', 'on_first_login = %s' % self.policy,
                   'hold_max_seconds = %d' % self.hold_max,
+                  'flip_quiet = %ds' % self.flip_quiet,
                   'connections = %d' % self.connections]
         for d, p in self.domains.items():
             lines.append('domain.%s = %s' % (d, p))

@@ -21,6 +21,7 @@
 #include "control.h"
 #include "util.h"
 #include "log.h"
+#include "steer.h"
 
 #ifndef SO_PEERGROUPS
 #define SO_PEERGROUPS 59	/* Linux 4.13; older libc headers lack it */
@@ -271,6 +272,11 @@ static json_t *user_update(struct ms_control *ctl, json_t *req, int create)
 		return rep;
 	if (user_write(ctl->store, &uc) < 0)
 		return error("store: %s", ms_store_error(ctl->store));
+	/* backend = kmod: the operator's state reaches the kernel as the
+	 * gateway's own changes do (lifecycle.c's store_state()), so a session
+	 * of a user set to destination left on the source is reset. */
+	if (uc.state != NULL)
+		ms_steer_user_state(uc.user, ms_user_state_parse(uc.state));
 	if (ms_store_user_info(ctl->store, uc.user, &info, &found) < 0 || !found)
 		return error("store: %s", ms_store_error(ctl->store));
 	return json_pack("{s:b, s:o}", "ok", 1, "user", user_json(ctl, &info));

@@ -675,6 +675,8 @@ static int rollback_flip(struct ms_gateway *gw, const char *name)
 		ms_store_rollback(gw->store);
 		return -1;
 	}
+	/* backend = kmod: as store_state() does (the kernel had cutover). */
+	ms_steer_user_state(name, MS_USER_SOURCE);
 	return 0;
 }
 

@@ -5,11 +5,13 @@ cloud kernel (the version linux-image-cloud-amd64 names; the image is
 downloaded with apt, not installed) under qemu with TCG, with an initramfs
 built here: busybox-static, the distribution modules mailshift.ko needs,
 the module built against that kernel's headers, tests/kmod/kt (static) and
-this tree's mailshiftctl with its libraries. Inside the VM
+this tree's mailshiftctl and mailshiftd with their libraries. Inside the VM
 tests/kmod/guest.sh builds three network namespaces (client, gateway,
 servers), installs the table with `mailshiftctl steer` through the
 module's generic netlink family and checks proxy, DNAT, a table change
-under open connections, fail closed and rmmod; it reports PASS/FAIL lines
+under open connections, the session map (written by mailshiftd itself
+relaying IMAP logins to scripted servers, and enforced when the operator
+moves the user), fail closed and rmmod; it reports PASS/FAIL lines
 and the counters on a second serial port, which this test asserts on;
 tests/kmod/ktnl sends bad netlink input (malformed, oversized, unknown and
 missing attributes, bad flags, no CAP_NET_ADMIN) and interrupts a dump. A
@@ -23,11 +25,17 @@ import re
 import shutil
 import subprocess
 
+import sys
+
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 KDIR_TESTS = os.path.join(REPO, 'tests', 'kmod')
+# conftest.py puts tests/lib on the path for pytest; bench/kmod_bench.py
+# imports this module without it.
+sys.path.insert(0, os.path.join(REPO, 'tests', 'lib'))
+import gateway as gwlib  # noqa: E402 (MAILSHIFTD: the gateway to test)
 WORK = os.path.join(REPO, 'build', 'kmod')
 # What daemon/libms.a links with (the Makefile's PKGS).
 LIB_PKGS = ['libuv', 'openssl', 'sqlite3', 'jansson', 'libcap-ng',
@@ -59,6 +67,17 @@ CHECKS = [
     'fail closed: IPv6 refused when no listener',
     'fail closed: nothing reached the source',
     '40 connections during 20 table changes all answered',
+    "mailshiftd: alice's login relayed to the source",
+    "mailshiftd: alice's session 1 written",
+    'mailshiftctl user set alice state destination',
+    'mailshiftd: moved, the open session to the source is reset',
+    "mailshiftd: alice's new login relayed to the destination",
+    "mailshiftd: alice's session 2 written",
+    'mailshiftd: the session to the destination goes on',
+    'mailshiftd: alice logs out',
+    "mailshiftd: the logged out session's entry deleted",
+    'mailshiftd stopped: its sessions deleted',
+    'mailshiftd: every write into the module worked',
     'the module refuses to steer what an nft table steers',
     "a second namespace's own table",
     "a second namespace's own session map",
@@ -172,10 +191,14 @@ def build_vm(ctl, init=None, extra=None):
               os.path.join(KDIR_TESTS, 'ktnl.c'),
               os.path.join(REPO, 'daemon', 'libms.a')] + libs.stdout.split())
     assert r.returncode == 0, r.stdout
+    # The gateway under test in the VM: this tree's (or MAILSHIFTD's).
+    if not os.access(gwlib.MAILSHIFTD, os.X_OK):
+        pytest.fail('%s is missing: build it with `make -C %s`'
+                    % (gwlib.MAILSHIFTD, REPO), pytrace=False)
     initrd = os.path.join(WORK, 'initramfs.gz')
     r = _run([os.path.join(KDIR_TESTS, 'mkinitramfs.sh'), root, kver,
               os.path.join(REPO, 'kmod', 'mailshift.ko'), kt, ktnl, ctl,
-              initrd] + ([init] if init else []) + ([extra] if extra else []))
+              gwlib.MAILSHIFTD, initrd] + ([init] if init else []) + ([extra] if extra else []))
     assert r.returncode == 0, r.stdout
     return root, kver, initrd
 
@@ -328,3 +351,60 @@ def test_sessions_nft_backend(ctl):
     r = _run([ctl, 'steer', '--backend', 'nft', 'sessions'])
     assert r.returncode == 2, r.stdout
     assert 'the nft backend keeps no session map' in r.stdout, r.stdout
+
+
+def _alice(st):
+    users = [u for u in st['users'] if u['user'] == 'alice']
+    assert st['backend'] == 'kmod' and len(users) == 1, st
+    return users[0], {s['client']: s for s in users[0]['sessions']}
+
+
+def _e2e_client(res, which):
+    m = re.search(r"INFO: alice's session %d (10\.77\.0\.2:\d+)" % which,
+                  res)
+    assert m, res
+    return m.group(1)
+
+
+def test_mailshiftd_writes_the_map(vm):
+    """mailshiftd itself (backend kmod) wrote alice's relayed session:
+    the client's address and port as the client had them, the service
+    address it connected to, the source; she is routed."""
+    res = vm[0]
+    first = _e2e_client(res, 1)
+    st = _block(res, 'E2E-SOURCE')
+    assert st['sessions'] == 1, st
+    alice, by_client = _alice(st)
+    assert alice['state'] == 'routed' and alice['resets'] == 0, alice
+    assert list(by_client) == [first], alice
+    s = by_client[first]
+    assert (s['local'], s['server'], s['resets']) == \
+        ('10.77.1.2:143', 'source', 0), s
+    assert s['packets'] >= 1, s
+
+
+def test_mailshiftd_move_enforced(vm):
+    """After mailshiftctl user set alice state destination, mailshiftd
+    pushed moved into the module: her open session to the source was
+    reset at the hook and counted; her new login went to the destination
+    and was written so; its entry went with her logout (the collection
+    held off: mailshiftd's delete), while the reset one, still open in
+    mailshiftd, stayed until mailshiftd stopped."""
+    res = vm[0]
+    first = _e2e_client(res, 1)
+    second = _e2e_client(res, 2)
+    assert first != second, res
+    st = _block(res, 'E2E-MOVED')
+    assert st['sessions'] == 2, st
+    alice, by_client = _alice(st)
+    assert alice['state'] == 'moved' and alice['resets'] >= 1, alice
+    assert sorted(by_client) == sorted([first, second]), alice
+    assert by_client[first]['server'] == 'source', alice
+    assert by_client[first]['resets'] >= 1, alice
+    dst = by_client[second]
+    assert (dst['local'], dst['server'], dst['resets']) == \
+        ('10.77.1.2:143', 'destination', 0), alice
+    st = _block(res, 'E2E-LOGOUT')
+    assert st['sessions'] == 1, st
+    alice, by_client = _alice(st)
+    assert list(by_client) == [first], alice

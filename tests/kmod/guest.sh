@@ -34,6 +34,21 @@ wait_for() {
 	done
 }
 ctl() { in_ns gw mailshiftctl steer -c $CONF "$@"; }
+# The gateway namespace's map for the host: between NAME-BEGIN and NAME-END.
+say_sessions() {
+	say "$1-BEGIN"
+	ctl --json sessions > $R
+	say "$1-END"
+}
+# Waits (up to 10 s) until the gateway namespace's map holds N sessions.
+wait_sessions() {
+	i=0
+	while ! ctl sessions | grep -q "^sessions: $1 "; do
+		i=$((i + 1))
+		[ $i -gt 100 ] && return 1
+		sleep 0.1
+	done
+}
 connect() { in_ns cli kt connect "$@"; }
 
 vm_mounts
@@ -117,9 +132,7 @@ kmap add alice 10.77.0.66 "$(port 2)" 10.77.1.2 143 destination
 kmap add alice ::ffff:10.77.0.66 "$(port 3)" ::ffff:10.77.1.2 143 source
 # bob, in a cutover: no session of his may flow anywhere.
 kmap add bob 10.77.0.66 "$(port 4)" 10.77.1.2 143 destination
-say "SESSIONS-ADDED-BEGIN"
-ctl --json sessions > $R
-say "SESSIONS-ADDED-END"
+say_sessions SESSIONS-ADDED
 say "INFO: alice's ports $(port 1) $(port 2) $(port 3)"
 kmap state alice destination
 kmap state bob cutover
@@ -131,19 +144,12 @@ check "moved: the session to the destination goes on" \
 	"held: again" "$(tail -n 1 /tmp/sess2)"
 check "cutover: even a session to the destination is reset" \
 	"held: lost" "$(tail -n 1 /tmp/sess4)"
-say "SESSIONS-MOVED-BEGIN"
-ctl --json sessions > $R
-say "SESSIONS-MOVED-END"
+say_sessions SESSIONS-MOVED
 ctl sessions
 # The third, still open, goes only when deleted; the other two when the
 # collection finds their connections over.
 kmap del 10.77.0.66 "$(port 3)" 10.77.1.2 143
-i=0
-while ! ctl sessions | grep -q '^sessions: 0 '; do
-	i=$((i + 1))
-	[ $i -gt 100 ] && break
-	sleep 0.1
-done
+wait_sessions 0
 check "sessions: deleted, or gone with their connection" "sessions: 0 " \
 	"$(ctl sessions | head -n 1)"
 touch /tmp/go-sess3
@@ -189,6 +195,62 @@ ok "40 connections during 20 table changes all answered" \
 	test "$(grep -cE '^(PROXY|DEST) ' /tmp/churn.log)" = 40
 kill $proxy
 wait $proxy
+
+# mailshiftd itself writes the map: this tree's gateway on the transparent
+# listener (/etc/mailshift.conf: backend kmod, policy off), scripted IMAP
+# servers (kt imapd) as the source and the destination. alice logs in
+# through the service address and is relayed to the source; the operator
+# sets her to the destination (the control socket); her open session's
+# next command is reset at the hook; her new login goes to the
+# destination, and its entry goes with her logout. The collection is held
+# off: only mailshiftd's delete takes an entry away.
+echo 3600 > /sys/module/mailshift/parameters/gc_interval
+in_ns srv kt imapd 10.77.1.2 1143 SOURCE > /tmp/isrc.log &
+in_ns srv kt imapd 10.77.1.3 1143 DEST > /tmp/idst.log &
+for f in isrc idst; do
+	wait_for /tmp/$f.log listening || fail "kt imapd $f did not start"
+done
+/usr/sbin/ip netns exec gw mailshiftd -v -c $CONF 2> /tmp/mailshiftd.log &
+msd=$!
+wait_for /tmp/mailshiftd.log "mailshiftd ready" || fail "mailshiftd did not start"
+# alice's login N (kt imap, held until /tmp/go-e2eN), relayed to the
+# server NAME: check TEXT; mailshiftd wrote it, the map holds N sessions.
+e2e_login() {
+	in_ns cli kt imap -h /tmp/go-e2e$1 10.77.1.2 143 alice > /tmp/e2e$1 &
+	imap=$!
+	wait_for /tmp/e2e$1 "^login: " || fail "alice's login $1 did not end"
+	check "mailshiftd: $3" "login: OK $2 logged in" \
+		"$(grep '^login: ' /tmp/e2e$1)"
+	say "INFO: alice's session $1 $(sed -n 's/^from //p' /tmp/e2e$1)"
+	ok "mailshiftd: alice's session $1 written" wait_sessions $1
+}
+e2e_login 1 SOURCE "alice's login relayed to the source"
+e2e1=$imap
+say_sessions E2E-SOURCE
+ok "mailshiftctl user set alice state destination" \
+	in_ns gw mailshiftctl user set alice state destination --force -c $CONF
+touch /tmp/go-e2e1
+wait $e2e1
+check "mailshiftd: moved, the open session to the source is reset" \
+	"noop: reset" "$(tail -n 1 /tmp/e2e1)"
+e2e_login 2 DEST "alice's new login relayed to the destination"
+e2e2=$imap
+say_sessions E2E-MOVED
+touch /tmp/go-e2e2
+wait $e2e2
+check "mailshiftd: the session to the destination goes on" \
+	"noop: OK DEST NOOP" "$(grep '^noop: ' /tmp/e2e2)"
+check "mailshiftd: alice logs out" "logout: OK" "$(tail -n 1 /tmp/e2e2)"
+# The reset session's entry stays (mailshiftd's session is still open).
+ok "mailshiftd: the logged out session's entry deleted" wait_sessions 1
+say_sessions E2E-LOGOUT
+kill $msd
+wait $msd
+ok "mailshiftd stopped: its sessions deleted" wait_sessions 0
+ok "mailshiftd: every write into the module worked" \
+	test -z "$(grep 'steering:' /tmp/mailshiftd.log)"
+cat /tmp/mailshiftd.log
+echo 1 > /sys/module/mailshift/parameters/gc_interval
 
 # A namespace with a table of its own, deleted with it.
 ip netns add gone

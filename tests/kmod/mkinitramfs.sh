@@ -1,15 +1,15 @@
 #!/bin/sh
 # Builds the module test's initramfs: busybox-static, the distribution
 # modules mailshift.ko needs (its depends= closed over modules.dep) and
-# veth and nf_tables, the module, kt, ktnl, mailshiftctl, nft and iproute2's ip with the shared
-# libraries they use, the guest script as /init (INIT, default guest.sh)
+# veth and nf_tables, the module, kt, ktnl, mailshiftctl, mailshiftd, nft and iproute2's ip with
+# the shared libraries they use, the guest script as /init (INIT, default guest.sh)
 # with vmlib.sh, a mailshift.conf, and EXTRA (a static program) if given.
-# Usage: mkinitramfs.sh KERNEL-ROOT KVER MODULE KT KTNL MAILSHIFTCTL OUT
-#                       [INIT [EXTRA]]
+# Usage: mkinitramfs.sh KERNEL-ROOT KVER MODULE KT KTNL MAILSHIFTCTL
+#                       MAILSHIFTD OUT [INIT [EXTRA]]
 set -eu
-root=$1 kver=$2 module=$3 kt=$4 ktnl=$5 ctl=$6 out=$7
+root=$1 kver=$2 module=$3 kt=$4 ktnl=$5 ctl=$6 msd=$7 out=$8
 here=$(cd "$(dirname "$0")" && pwd)
-init=${8:-$here/guest.sh} extra=${9:-}
+init=${9:-$here/guest.sh} extra=${10:-}
 moddir=$root/lib/modules/$kver
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
@@ -76,6 +76,7 @@ copy_prog() {
 		done
 }
 copy_prog "$ctl" /bin/mailshiftctl
+copy_prog "$msd" /bin/mailshiftd
 copy_prog "$ktnl" /bin/ktnl
 copy_prog "$(command -v nft || echo /usr/sbin/nft)" /usr/sbin/nft
 # busybox prefers its own applets: iproute2's ip is called by full path.

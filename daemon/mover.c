@@ -966,7 +966,8 @@ void mv_on_dst_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
 		if (w->match_reconcile && mv_known_dst(w, f.uid))
 			return;
 		mv_match_dst_fetch(w, &f);
-	} else if (w->phase == PH_VERIFY_DST) {
+	} else if (w->phase == PH_VERIFY_DST ||
+		   (w->phase == PH_VERIFY_SRC && w->v_early != 0)) {
 		mv_verify_fetch(w, 1, &f);
 	} else if (w->phase == PH_DEDUP) {
 		mv_dedup_fetch(w, &f);

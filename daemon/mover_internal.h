@@ -278,6 +278,9 @@ struct worker {
 	int md_have[2];
 	struct digest_side dg[2];	/* the literal hooks' contexts */
 	int repair_done;
+	/* The destination's verify FETCH sent with the source's (a forward
+	 * copy): mover_verify.c's V_EARLY_* */
+	int v_early;
 	struct ms_u32vec rp_flags;	/* repair: source UIDs, flags wrong */
 	struct ms_u32vec rp_flags_dst;	/* their destination UIDs */
 	struct ms_u32vec rp_redo;	/* repair: source UIDs to copy again */

@@ -1323,9 +1323,11 @@ class ConnCounter:
     """The most ESTABLISHED TCP connections to each of some local ports
     seen at once, from /proc/net/tcp every 10 ms. A sample: a peak shorter
     than that can be missed, and the kernel walks its table while it is
-    read (a page per read), so a connection closed and another opened
-    meanwhile can both be counted: an exact count needs the client's own
-    connect() and close() calls (bench/README.md)."""
+    read (a page per read): a socket it shows twice (entries moved by
+    others' connections meanwhile) is counted once, by its peer address,
+    but a connection closed and another opened during one read can both
+    be: an exact count needs the client's own connect() and close() calls
+    (bench/README.md)."""
 
     def __init__(self, ports):
         self.ports = {'%04X' % p: p for p in ports}
@@ -1335,16 +1337,16 @@ class ConnCounter:
         self.t.start()
 
     def _sample(self):
-        n = dict.fromkeys(self.max, 0)
         with open('/proc/net/tcp', 'rb', buffering=0) as f:
             data = f.readall().decode()
+        peers = collections.defaultdict(set)
         for line in data.splitlines()[1:]:
             x = line.split()
             port = self.ports.get(x[1].rsplit(':', 1)[1])
             if port is not None and x[3] == '01':
-                n[port] += 1
-        for p, v in n.items():
-            self.max[p] = max(self.max[p], v)
+                peers[port].add(x[2])   # a socket read twice counts once
+        for p in self.max:
+            self.max[p] = max(self.max[p], len(peers[p]))
 
     def _run(self):
         while not self.stop_ev.is_set():

@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,7 +43,9 @@ sys.path.insert(0, os.path.join(REPO, 'tests', 'lib'))
 
 USER = 'bench'
 PASSWORD = 'bench-pw-1'
-MAILSHIFTCTL = os.path.join(REPO, 'tools', 'mailshiftctl')
+# (as in the test harness, MAILSHIFTCTL names another build to measure)
+MAILSHIFTCTL = os.environ.get('MAILSHIFTCTL') or os.path.join(REPO, 'tools',
+                                                              'mailshiftctl')
 MBSYNC = shutil.which('mbsync') or '/usr/bin/mbsync'
 DOVEADM = shutil.which('doveadm') or '/usr/bin/doveadm'
 GNU_TIME = '/usr/bin/time'      # Debian package "time"
@@ -52,6 +55,9 @@ FLOORS = ('fetch-floor', 'append-floor', 'multiappend-floor')
 # Run only when --only names them: mailshift keeping UIDVALIDITY and UIDs
 # through the destination's doveadm HTTP API (docs/mover.md, "Identity").
 EXTRA_TOOLS = ('mailshift-identity',)
+# Its own corpus and source, after the others: many users at once against
+# one with the same messages (see "the site row" below).
+SITE = 'site'
 
 # Targets from the issue.
 TARGET_VS_DOVEADM = 1.2
@@ -1262,6 +1268,314 @@ def _tail(path, n=600):
         return '(no output)'
 
 
+# ======================================================= the site row
+
+# Many small mailboxes at once against one with the same messages (issue
+# 12): SITE_USERS users of SITE_MSGS messages in SITE_FOLDERS folders each,
+# and one user holding all of them in the same folders.
+SITE_FOLDERS_ALL = (['INBOX', 'Sent', 'Drafts', 'Trash', 'Junk', 'Archive',
+                     'Projects', 'Projects.Alpha', 'Projects.Beta', 'Lists']
+                    + ['Archive.%d' % y for y in range(2015, 2025)])
+SITE_ONE = 'siteall'
+SITE_PHASES = ('queue', 'login', 'plan', 'copy', 'flags', 'verify', 'store')
+
+
+def site_user(i):
+    return 'site%02d' % i
+
+
+def build_site_corpus(users, per_user, nfolders, seed, workdir):
+    """WORKDIR/site.bin and the index: per_user messages for each of users
+    users, spread over nfolders folders (each gets at least one); the
+    message sizes as in the main corpus without the 5 MiB ones."""
+    rng = random.Random(seed)
+    words = _words(rng)
+    text = _text_pool(rng, words, 2 << 20)
+    b64 = _b64_pool(rng, 8 << 20)
+    folders = SITE_FOLDERS_ALL[:nfolders]
+    weights = [6, 2] + [1] * (len(folders) - 2)
+    index, off, seq = [], 0, 0
+    lo = calendar.timegm((2015, 1, 1, 0, 0, 0, 0, 0, 0))
+    hi = calendar.timegm((2026, 10, 31, 0, 0, 0, 0, 0, 0))
+    with open(os.path.join(workdir, 'site.bin'), 'wb') as out:
+        for u in range(users):
+            assign = rng.choices(folders, weights=weights[:len(folders)],
+                                 k=per_user)
+            assign[:len(folders)] = folders[:per_user]
+            for folder in assign:
+                epoch, tzmin = rng.randrange(lo, hi), rng.choice(TZS)
+                big = rng.random() < 0.1
+                size = rng.randint(50_000, 200_000) if big else int(min(
+                    60_000, max(700, rng.lognormvariate(8.29, 0.65))))
+                msg = _message(rng, seq, folder, epoch, tzmin, size, big,
+                               text, b64)
+                out.write(msg)
+                index.append({'user': site_user(u), 'folder': folder,
+                              'flags': _flags_for(rng, folder),
+                              'idate': _internaldate(epoch, tzmin),
+                              'off': off, 'len': len(msg)})
+                off += len(msg)
+                seq += 1
+    return index, folders
+
+
+class ConnCounter:
+    """The most ESTABLISHED TCP connections to each of some local ports
+    seen at once, from /proc/net/tcp every 10 ms. A sample: a peak shorter
+    than that can be missed, and the kernel walks its table while it is
+    read (a page per read): a socket it shows twice (entries moved by
+    others' connections meanwhile) is counted once, by its peer address,
+    but a connection closed and another opened during one read can both
+    be: an exact count needs the client's own connect() and close() calls
+    (bench/README.md)."""
+
+    def __init__(self, ports):
+        self.ports = {'%04X' % p: p for p in ports}
+        self.max = dict.fromkeys(ports, 0)
+        self.stop_ev = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _sample(self):
+        with open('/proc/net/tcp', 'rb', buffering=0) as f:
+            data = f.readall().decode()
+        peers = collections.defaultdict(set)
+        for line in data.splitlines()[1:]:
+            x = line.split()
+            port = self.ports.get(x[1].rsplit(':', 1)[1])
+            if port is not None and x[3] == '01':
+                peers[port].add(x[2])   # a socket read twice counts once
+        for p in self.max:
+            self.max[p] = max(self.max[p], len(peers[p]))
+
+    def _run(self):
+        while not self.stop_ev.is_set():
+            self._sample()
+            self.stop_ev.wait(0.01)
+
+    def stop(self):
+        self.stop_ev.set()
+        self.t.join()
+        return self.max
+
+
+class SiteBench(Bench):
+    """The site row: its own source (SITE users and SITE_ONE), a new
+    destination per run, mailshift only."""
+
+    def server(self, name, doveadm_http=False):
+        users = {site_user(i): PASSWORD for i in range(self.a.site_users)}
+        users[SITE_ONE] = PASSWORD
+        s = self.dv.Dovecot(os.path.join(self.workdir, name), name,
+                            users=users, separator='.', layout='maildir++',
+                            performance=True, pop3=False)
+        self.servers.append(s)
+        s.start()
+        return s
+
+    def prepare(self):
+        a = self.a
+        t = time.monotonic()
+        self.index, self.folders = build_site_corpus(
+            a.site_users, a.site_messages, a.site_folders, a.seed + 12,
+            self.workdir)
+        self.total_bytes = sum(m['len'] for m in self.index)
+        self.log('site corpus: %d users x %d messages in %d folders '
+                 '(%d messages, %.1f MB), and %s with all of them, %.1f s'
+                 % (a.site_users, a.site_messages, len(self.folders),
+                    len(self.index), self.total_bytes / MB, SITE_ONE,
+                    time.monotonic() - t))
+        with open(os.path.join(self.workdir, 'site.bin'), 'rb') as f:
+            data = f.read()
+        self.src = self.server('site-src')
+        t = time.monotonic()
+        by = collections.defaultdict(list)
+        for m in self.index:
+            by[m['user']].append(m)
+        for user, msgs in sorted(by.items()):
+            load_folders(self.src.imap_port, user, PASSWORD, msgs, data,
+                         self.folders, 100, 2)
+        load_folders(self.src.imap_port, SITE_ONE, PASSWORD, self.index,
+                     data, self.folders, 100, 2)
+        del data
+        self.log('site source loaded by MULTIAPPEND in %.1f s'
+                 % (time.monotonic() - t))
+        t = time.monotonic()
+        self.snaps = {u: fetch_snapshot(self.src.imap_port, u, PASSWORD)
+                      for u in list(by) + [SITE_ONE]}
+        one = collections.Counter()
+        for u in by:
+            for f, recs in self.snaps[u].items():
+                one.update((f, r[:4]) for r in recs)
+        want = collections.Counter(
+            (f, r[:4]) for f, recs in self.snaps[SITE_ONE].items()
+            for r in recs)
+        if one != want or sum(want.values()) != len(self.index):
+            raise BenchError('site source: %s does not hold exactly the '
+                             'users\' messages' % SITE_ONE)
+        self.log('site source read back in %.1f s' % (time.monotonic() - t))
+        self.stop(self.src)
+        self.pristine = os.path.join(self.workdir, 'site-src-pristine')
+        subprocess.run(['cp', '-a', self.src.mail_dir, self.pristine],
+                       check=True)
+
+    def run_site(self, kind):
+        """kind 'many': every site user in one mailshiftctl; 'one':
+        SITE_ONE. Verified user by user against the source."""
+        a = self.a
+        users = ([site_user(i) for i in range(a.site_users)]
+                 if kind == 'many' else [SITE_ONE])
+        self.fresh_source()
+        dst = self.server('site-dst-' + kind)
+        rundir = os.path.join(self.workdir, 'run-site-' + kind)
+        os.makedirs(rundir)
+        res = {'tool': 'site-' + kind, 'users': len(users), 'ok': False,
+               'error': None}
+        argv = [MAILSHIFTCTL, 'migrate'] + users + [
+            '--source', self.src.url('imap'), '--dest', dst.url('imap'),
+            '--store', os.path.join(rundir, 'mailshift.db'), '--json',
+            '--no-progress'] + a.mailshift_arg
+        res['command'] = ' '.join(argv[:3] + ['...'] + argv[-8:]) \
+            if kind == 'many' else ' '.join(argv)
+        so, se = os.path.join(rundir, 'stdout'), os.path.join(rundir,
+                                                             'stderr')
+        self.log('site-%s: running (%d user(s))' % (kind, len(users)))
+        cpu_src0, cpu_dst0 = tree_cpu(self.src.pid), tree_cpu(dst.pid)
+        cc = ConnCounter([self.src.imap_port, dst.imap_port])
+        try:
+            m = run_measured(argv, env=self._env(
+                MAILSHIFT_SOURCE_PASSWORD=PASSWORD,
+                MAILSHIFT_DEST_PASSWORD=PASSWORD), stdout=so, stderr=se,
+                timeout=a.timeout)
+        finally:
+            conns = cc.stop()
+        res['server_cpu_src'] = tree_cpu(self.src.pid) - cpu_src0
+        res['server_cpu_dst'] = tree_cpu(dst.pid) - cpu_dst0
+        res['max_conns_src'] = conns[self.src.imap_port]
+        res['max_conns_dst'] = conns[dst.imap_port]
+        res.update(seconds=m['wall'], rss_mb=m['rss_mb'], cpu=m['cpu'])
+        res['msgs_per_s'] = len(self.index) / m['wall']
+        try:
+            with open(so) as f:
+                summary = json.loads(f.read() or 'null')
+        except ValueError:
+            summary = None
+        if m['rc'] != 0 or not isinstance(summary, dict) or \
+                not summary.get('ok'):
+            res['error'] = 'mailshiftctl exit %d: %s' % (m['rc'], _tail(se))
+        else:
+            rows = summary.get('users', [summary])
+            res['phases'] = summary.get('phases')
+            res['user_seconds'] = sum(u['seconds'] for u in rows)
+            res['copied'] = sum(u['copied'] for u in rows)
+            try:
+                bad = [u for u in users if self.site_diff(dst, u)]
+                if bad:
+                    res['error'] = 'copies differ from the source: %s' % (
+                        ', '.join(bad[:5]))
+            except (BenchError, OSError) as e:
+                res['error'] = 'verify: %s' % e
+        res['ok'] = res['error'] is None
+        self.log('site-%s: %s' % (kind, 'ok %.2f s' % res['seconds']
+                                  if res['ok'] else
+                                  'FAILED: %s' % res['error']))
+        self.drop(dst)
+        if not a.keep:
+            shutil.rmtree(rundir, ignore_errors=True)
+        return res
+
+    def site_diff(self, dst, user):
+        """1 when user's destination mailbox is not the source's (bytes,
+        flags, INTERNALDATEs per folder)."""
+        got = fetch_snapshot(dst.imap_port, user, PASSWORD)
+        want = self.snaps[user]
+        for f, recs in want.items():
+            if sorted(r[:4] for r in got.get(f, [])) != \
+                    sorted(r[:4] for r in recs):
+                return 1
+        return int(any(got[f] for f in got if f not in want))
+
+
+def site_main(a):
+    """The site row: rounds of one user and many users (best of each);
+    returns the JSON for the results file, or None when it failed."""
+    b = SiteBench(a)
+    try:
+        b.log('site: work directory %s' % b.workdir)
+        b.prepare()
+        runs = collections.defaultdict(list)
+        for i in range(max(1, a.repeat)):
+            for kind in (('one', 'many') if i % 2 == 0 else ('many', 'one')):
+                runs[kind].append(b.run_site(kind))
+    finally:
+        b.cleanup()
+    best = {}
+    for kind, rs in runs.items():
+        ok = [r for r in rs if r['ok']]
+        best[kind] = dict(min(ok, key=lambda r: r['seconds']) if ok
+                          else rs[-1])
+        best[kind]['repeats'] = [{k: r.get(k) for k in (
+            'ok', 'seconds', 'rss_mb', 'cpu', 'max_conns_src',
+            'max_conns_dst', 'error')} for r in rs]
+    site_report(a, b, best)
+    return {'users': a.site_users, 'messages_per_user': a.site_messages,
+            'folders': len(b.folders), 'messages': len(b.index),
+            'bytes': b.total_bytes, 'runs': best}
+
+
+def site_report(a, b, best):
+    one, many = best.get('one'), best.get('many')
+    print()
+    print('site: %d users x %d messages in %d folders (%d messages, %.1f MB) '
+          'in one mailshiftctl, against one user with all of them; %s'
+          % (a.site_users, a.site_messages, len(b.folders), len(b.index),
+             b.total_bytes / MB, ' '.join(a.mailshift_arg) or
+             'connections: the default (4 per server)'))
+    hdr = ('row', 'users', 'msgs', 'seconds', 'msg/s', 'RSS MB', 'CPU s',
+           'srv CPU s', 'max conns src/dst', 'ok')
+    rows = []
+    for kind, r in (('one', one), ('many', many)):
+        if r is None or r.get('seconds') is None:
+            continue
+        rows.append(('site-' + kind, str(r['users']), str(len(b.index)),
+                     '%.2f' % r['seconds'], '%.0f' % r['msgs_per_s'],
+                     '%.1f' % r['rss_mb'], '%.2f' % r['cpu'],
+                     '%.1f/%.1f' % (r['server_cpu_src'], r['server_cpu_dst']),
+                     '%d/%d' % (r['max_conns_src'], r['max_conns_dst']),
+                     'yes' if r['ok'] else 'FAILED'))
+    w = [max(len(h), *(len(x[i]) for x in rows)) if rows else len(h)
+         for i, h in enumerate(hdr)]
+    fmt = '  '.join('%%-%ds' if i == 0 else '%%%ds' for i in
+                    range(len(hdr))) % tuple(w)
+    print(fmt % hdr)
+    for x in rows:
+        print(fmt % x)
+    for r in (one, many):
+        if r is not None and r.get('error'):
+            print('%s: ERROR: %s' % (r['tool'], r['error']))
+    if not (one and many and one['ok'] and many['ok']):
+        return
+    print('many/one (msg/s): %.2f; memory per user: at most %.0f KB (the '
+          'many-user run\'s peak RSS / %d users; %+.1f MB against the '
+          'one-user run)'
+          % (many['msgs_per_s'] / one['msgs_per_s'],
+             many['rss_mb'] * 1024 / many['users'], many['users'],
+             many['rss_mb'] - one['rss_mb']))
+    print('where the time goes (ms summed over the users; each moment of a '
+          'user\'s wall time counted once, docs/mover.md "Phases"; "at '
+          'work" leaves the queue out):')
+    print('  %-7s %10s %7s %8s %10s %7s' % ('phase', 'many', 'share',
+                                             'at work', 'one', 'share'))
+    tot_m, tot_o = many['user_seconds'] * 1000, one['user_seconds'] * 1000
+    work = max(1, sum(v for k, v in many['phases'].items() if k != 'queue'))
+    for k in SITE_PHASES:
+        vm, vo = many['phases'].get(k, 0), one['phases'].get(k, 0)
+        print('  %-7s %10d %6.1f%% %7s %10d %6.1f%%' % (
+            k, vm, 100 * vm / tot_m, '' if k == 'queue' else
+            '%.1f%%' % (100 * vm / work), vo, 100 * vo / tot_o))
+    print('  %-7s %10.0f %7s %8s %10.0f' % ('wall', tot_m, '', '', tot_o))
+
+
 # ================================================================ report
 
 def report(b, args_line):
@@ -1469,6 +1783,14 @@ def main():
                    '(repeatable, e.g. --mailshift-arg=--connections=8)')
     p.add_argument('--results', default=os.path.join(HERE, 'results'),
                    help='directory for the JSON results')
+    p.add_argument('--site-users', type=int, default=40,
+                   help='the site row: users copied at once (default 40)')
+    p.add_argument('--site-messages', type=int, default=400,
+                   help='the site row: messages per user (default 400)')
+    p.add_argument('--site-folders', type=int, default=20,
+                   choices=range(2, len(SITE_FOLDERS_ALL) + 1),
+                   metavar='N', help='the site row: folders per user '
+                   '(2-%d, default 20)' % len(SITE_FOLDERS_ALL))
     p.add_argument('--_floor', choices=('fetch', 'append', 'multiappend'),
                    help=argparse.SUPPRESS)
     p.add_argument('--_port', type=int, help=argparse.SUPPRESS)
@@ -1485,48 +1807,32 @@ def main():
             a._batch
         return floor_main(a)
 
-    tools = list(TOOLS)
+    tools = list(TOOLS) + [SITE]
     if a.only:
         tools = [t.strip() for t in a.only.split(',') if t.strip()]
-        bad = [t for t in tools if t not in TOOLS + EXTRA_TOOLS]
+        bad = [t for t in tools if t not in TOOLS + EXTRA_TOOLS + (SITE,)]
         if bad:
             p.error('unknown tool(s) %s; choose from %s'
-                    % (','.join(bad), ','.join(TOOLS)))
+                    % (','.join(bad), ','.join(TOOLS + (SITE,))))
+    site = SITE in tools
+    tools = [t for t in tools if t != SITE]
     if os.geteuid() != 0:
         p.error('must run as root (Dovecot stores mail as uid 65534)')
 
     b = Bench(a)
     args_line = ' '.join(sys.argv[1:]) or '(defaults)'
+    ratios, targets, site_doc = {}, {}, None
 
     def on_signal(sig, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        b.log('work directory %s' % b.workdir)
-        b.prepare()
-        # Interleaved, rotated rounds: a busy spell on a shared machine
-        # then hurts every tool rather than all runs of one.
-        allruns = collections.defaultdict(list)
-        n = max(1, a.repeat)
-        for i in range(n):
-            if n > 1:
-                b.log('round %d of %d' % (i + 1, n))
-            k = i % len(tools)
-            for t in tools[k:] + tools[:k]:
-                allruns[t].append(b.run(t))
-        for t in tools:
-            runs = allruns[t]
-            ok = [r for r in runs if r['ok']]
-            best = dict(min(ok, key=lambda r: r['seconds']) if ok
-                        else runs[-1])
-            if len(runs) > 1:
-                best['repeats'] = [
-                    {k: r.get(k) for k in ('ok', 'seconds', 'rss_mb', 'cpu',
-                                           'server_cpu_src', 'server_cpu_dst',
-                                           'other_cpu', 'irq_cpu', 'error')}
-                    for r in runs]
-            b.results.append(best)
-        ratios, targets = report(b, args_line)
+        if tools:
+            ratios, targets = main_rows(b, a, tools, args_line)
+        else:
+            b.index, b.total_bytes = [], 0
+        if site:
+            site_doc = site_main(a)
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 1
@@ -1545,11 +1851,40 @@ def main():
                           m['folder'] for m in b.index),
                       'seed': a.seed},
            'results': b.results, 'ratios': ratios,
-           'targets': targets}
+           'targets': targets, 'site': site_doc}
     with open(path, 'w') as f:
         json.dump(doc, f, indent=1, default=str)
     print('\nresults written to %s' % os.path.relpath(path))
     return 0
+
+
+def main_rows(b, a, tools, args_line):
+    """The one-mailbox rows: each tool in rotated rounds, the report."""
+    b.log('work directory %s' % b.workdir)
+    b.prepare()
+    # Interleaved, rotated rounds: a busy spell on a shared machine
+    # then hurts every tool rather than all runs of one.
+    allruns = collections.defaultdict(list)
+    n = max(1, a.repeat)
+    for i in range(n):
+        if n > 1:
+            b.log('round %d of %d' % (i + 1, n))
+        k = i % len(tools)
+        for t in tools[k:] + tools[:k]:
+            allruns[t].append(b.run(t))
+    for t in tools:
+        runs = allruns[t]
+        ok = [r for r in runs if r['ok']]
+        best = dict(min(ok, key=lambda r: r['seconds']) if ok
+                    else runs[-1])
+        if len(runs) > 1:
+            best['repeats'] = [
+                {k: r.get(k) for k in ('ok', 'seconds', 'rss_mb', 'cpu',
+                                       'server_cpu_src', 'server_cpu_dst',
+                                       'other_cpu', 'irq_cpu', 'error')}
+                for r in runs]
+        b.results.append(best)
+    return report(b, args_line)
 
 
 T0 = time.monotonic()

@@ -453,12 +453,27 @@ static void job_finish_async(uv_handle_t *h)
 	free(h);
 }
 
+/* One line per user at its end: where its wall time went (ms). */
+static void log_phases(const struct ujob *u, const struct ms_user_report *rep)
+{
+	char buf[300];
+	size_t pos = 0;
+
+	for (int p = 0; p < MS_PH_N && pos < sizeof(buf); p++)
+		pos += (size_t)snprintf(buf + pos, sizeof(buf) - pos, "%s%s %llu",
+					p > 0 ? ", " : "", ms_mover_phase_names[p],
+					(unsigned long long)rep->phase_ms[p]);
+	ms_info("%s: phases (ms): %s; wall %.0f", u->name, buf,
+		rep->seconds * 1000);
+}
+
 static void job_report(uv_timer_t *t)
 {
 	struct ujob *u = t->data;
 	struct ms_mover *m = u->m;
 	struct ms_user_report rep;
 	struct ms_folder_report *fr;
+	uint64_t now;
 
 	memset(&rep, 0, sizeof(rep));
 	fr = calloc(u->nfolders + 1, sizeof(*fr));
@@ -473,7 +488,12 @@ static void job_report(uv_timer_t *t)
 	rep.flags_updated = u->flags_updated;
 	rep.expunged = u->expunged;
 	rep.repaired = u->repaired;
-	rep.seconds = (double)(now_ms() - u->start_ms) / 1000.0;
+	now = uv_hrtime();
+	mv_ph_charge(u, now);
+	rep.seconds = (double)(now - u->start_ns) / 1e9;
+	for (int p = 0; p < MS_PH_N; p++)
+		rep.phase_ms[p] = u->ph_ns[p] / 1000000;
+	log_phases(u, &rep);
 	for (unsigned int i = 0; fr != NULL && i < u->nfolders; i++) {
 		if (!u->folders[i].selected_by_plan &&
 		    !u->folders[i].rep.dst_deleted)
@@ -946,7 +966,8 @@ void mv_on_dst_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
 		if (w->match_reconcile && mv_known_dst(w, f.uid))
 			return;
 		mv_match_dst_fetch(w, &f);
-	} else if (w->phase == PH_VERIFY_DST) {
+	} else if (w->phase == PH_VERIFY_DST ||
+		   (w->phase == PH_VERIFY_SRC && w->v_early != 0)) {
 		mv_verify_fetch(w, 1, &f);
 	} else if (w->phase == PH_DEDUP) {
 		mv_dedup_fetch(w, &f);
@@ -1020,6 +1041,7 @@ static struct ujob *job_new(struct ms_mover *m, const char *user,
 	u->done = done;
 	u->done_ctx = ctx;
 	u->start_ms = now_ms();
+	u->start_ns = u->ph_last = uv_hrtime();
 	u->want_workers = m->src.cfg.max_conns < m->dst.cfg.max_conns ?
 		m->src.cfg.max_conns : m->dst.cfg.max_conns;
 	if (u->want_workers == 0)
@@ -1039,6 +1061,8 @@ static void job_link(struct ujob *u)
 	u->next = m->jobs;
 	m->jobs = u;
 	m->users++;
+	/* Without the ticks the phases stay 0; the copy goes on. */
+	mv_ph_start(m);
 }
 
 /* A job that works on what the store holds of the user (verify only, a
@@ -1086,11 +1110,13 @@ int ms_mover_add_user(struct ms_mover *m, const char *user,
 {
 	struct ujob *u = job_new(m, user, src_password, dst_password, done,
 				 ctx);
+	uint64_t t0;
 
 	if (u == NULL)
 		return -1;
 	if (m->verify_only)
 		return vo_add_user(u);
+	t0 = uv_hrtime();
 	if (ms_store_user_get(m->store, user, &u->user_id) < 0 ||
 	    ms_store_user_set_state(m->store, u->user_id,
 				    ms_user_state_names[MS_USER_COPYING],
@@ -1098,6 +1124,7 @@ int ms_mover_add_user(struct ms_mover *m, const char *user,
 		job_free(u);
 		return -1;
 	}
+	mv_ph_store(u, t0);
 	job_link(u);
 	if (m->src.cfg.proto == MS_PROTO_POP3) {
 		mv_pop3_start(u);
@@ -1226,6 +1253,7 @@ void ms_mover_free(struct ms_mover **mp)
 		ms_pop3c_free(&u->pop);
 		job_free(u);
 	}
+	mv_ph_free(m);
 	ms_secret_free(&m->src.password);
 	ms_secret_free(&m->dst.password);
 	ms_secret_free(&m->doveadm_key);

@@ -77,6 +77,21 @@ struct ms_folder_report {
 					   kept, not compared */
 };
 
+/* Where a user's copy spent its wall time (docs/mover.md, "Phases"). */
+enum ms_mover_phase {
+	MS_PH_QUEUE,			/* waiting for a connection slot */
+	MS_PH_LOGIN,			/* connect, TLS, authenticate */
+	MS_PH_PLAN,			/* NAMESPACE, LIST, LSUB, STATUS,
+					   CREATE, SUBSCRIBE */
+	MS_PH_COPY,			/* folder open, match, FETCH, APPEND */
+	MS_PH_FLAGS,			/* flag changes of earlier copies */
+	MS_PH_VERIFY,			/* verification, expunges, repair */
+	MS_PH_STORE,			/* inside the store's writes */
+	MS_PH_N
+};
+
+extern const char *const ms_mover_phase_names[MS_PH_N];
+
 struct ms_user_report {
 	const char *user;
 	int rollback;			/* from ms_mover_add_rollback() */
@@ -86,6 +101,9 @@ struct ms_user_report {
 	const char *error;		/* NULL when ok */
 	uint64_t copied, bytes, flags_updated, expunged, repaired;
 	double seconds;
+	/* milliseconds of the seconds above per phase, each moment counted
+	 * at most once: they add up to no more than seconds */
+	uint64_t phase_ms[MS_PH_N];
 	struct ms_folder_report *folders;
 	unsigned int nfolders;
 };

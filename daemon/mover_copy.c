@@ -19,10 +19,12 @@ void mv_folder_done(struct worker *w)
 {
 	struct ujob *u = w->u;
 	struct ms_mover *m = u->m;
+	uint64_t t0 = uv_hrtime();
 
 	if (!m->verify_only &&
 	    mv_store_check(w, ms_store_folder_update(m->store, &w->f->st)) < 0)
 		return;
+	mv_ph_store(u, t0);
 	m->folders_done++;
 	u->folders_done++;
 	w->f = NULL;
@@ -95,7 +97,7 @@ static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	struct ms_store *store = u->m->store;
 	struct ms_folder_state *st = &w->f->st;
 	uint32_t src_uv, dst_uv;
-	uint64_t pending = 0;
+	uint64_t pending = 0, t0;
 	int reset = 0, ret;
 
 	if (mv_reply_failed(w, c == w->s ? "EXAMINE" : "SELECT", r, c))
@@ -167,8 +169,10 @@ static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	st->src_uidvalidity = src_uv;
 	st->dst_uidvalidity = dst_uv;
 	snprintf(st->dst_name, sizeof(st->dst_name), "%s", w->f->dst);
+	t0 = uv_hrtime();
 	if (mv_store_check(w, ms_store_folder_update(store, st)) < 0)
 		return;
+	mv_ph_store(u, t0);
 	w->open_pending = pending;
 	mv_id_open(w, reset);
 }
@@ -350,15 +354,18 @@ static void on_meta_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 {
 	struct worker *w = ctx;
 	struct window *win = w->meta;
+	uint64_t t0;
 
 	if (mv_reply_failed(w, "FETCH", r, c))
 		return;
 	w->meta = NULL;
+	t0 = uv_hrtime();
 	if (write_intents(w, win) < 0) {
 		mv_window_free(win);
 		mv_job_fail(w->u, "store: %s", ms_store_error(w->u->m->store));
 		return;
 	}
+	mv_ph_store(w->u, t0);
 	w->ready = w->identity ? split_runs(w, win) : win;
 	mv_copy_pump(w);
 }
@@ -430,7 +437,7 @@ static void window_queue(struct worker *w, struct window *win)
 }
 
 /* One APPEND command: messages order[first .. first+count-1] of win. */
-static void window_finish(struct worker *w, struct window *win)
+static void window_record(struct worker *w, struct window *win)
 {
 	struct ujob *u = w->u;
 	struct ms_mover *m = u->m;
@@ -528,6 +535,16 @@ static void window_finish(struct worker *w, struct window *win)
 fail:
 	ms_store_rollback(store);
 	mv_job_fail(u, "store: %s", ms_store_error(store));
+}
+
+/* The window's records, in the store's time (mv_ph_store()). */
+static void window_finish(struct worker *w, struct window *win)
+{
+	struct ujob *u = w->u;
+	uint64_t t0 = uv_hrtime();
+
+	window_record(w, win);
+	mv_ph_store(u, t0);
 }
 
 static void on_append_reply(struct ms_imapc *c, const struct ms_imap_response *r,

@@ -1,5 +1,6 @@
 /* What the mover's files (mover.c, mover_plan.c, mover_copy.c,
- * mover_verify.c, mover_intent.c, mover_rollback.c, mover_pop3.c) share:
+ * mover_verify.c, mover_intent.c, mover_rollback.c, mover_pop3.c,
+ * mover_phase.c) share:
  * the job, worker and folder structures and the mv_ functions one file
  * calls in another. Nothing outside the mover includes it: the mover's
  * interface is mover.h. */
@@ -62,6 +63,7 @@ struct ms_mover {
 	unsigned int folders, folders_done;
 	uint64_t msgs_todo, msgs_done, bytes_done;
 	uint64_t start_ms;
+	uv_prepare_t *ph_tick;		/* mover_phase.c */
 };
 
 struct fjob {
@@ -276,6 +278,9 @@ struct worker {
 	int md_have[2];
 	struct digest_side dg[2];	/* the literal hooks' contexts */
 	int repair_done;
+	/* The destination's verify FETCH sent with the source's (a forward
+	 * copy): mover_verify.c's V_EARLY_* */
+	int v_early;
 	struct ms_u32vec rp_flags;	/* repair: source UIDs, flags wrong */
 	struct ms_u32vec rp_flags_dst;	/* their destination UIDs */
 	struct ms_u32vec rp_redo;	/* repair: source UIDs to copy again */
@@ -329,6 +334,11 @@ struct ujob {
 	char error[600];
 	uint64_t copied, bytes, flags_updated, expunged, repaired;
 	uint64_t start_ms;
+
+	/* where the wall time goes (mover_phase.c), uv_hrtime() ns */
+	uint64_t start_ns, ph_last, ph_store_ns;
+	uint64_t ph_ns[MS_PH_N];
+	unsigned char ph_in[MS_PH_N];	/* pairs in each phase, last tick */
 };
 
 struct fetch {
@@ -475,6 +485,12 @@ void mv_rb_scan_done(struct worker *w);
 void mv_rb_expunged(struct worker *w);
 void mv_rb_verify_claims(struct worker *w);
 void mv_rb_verify_done(struct worker *w);
+
+/* mover_phase.c */
+void mv_ph_charge(struct ujob *u, uint64_t now);
+void mv_ph_store(struct ujob *u, uint64_t t0);
+int mv_ph_start(struct ms_mover *m);
+void mv_ph_free(struct ms_mover *m);
 
 /* mover_pop3.c */
 void mv_pop3_start(struct ujob *u);

@@ -586,15 +586,90 @@ static void start_repair(struct worker *w)
 	free(set);
 }
 
-void mv_verify_dst(struct worker *w)
+static void verify_dst_reset(struct worker *w)
 {
-	w->phase = PH_VERIFY_DST;
 	w->v_count[1] = w->v_bytes[1] = w->v_fhash[1] = 0;
 	memset(w->v_only, 0, sizeof(w->v_only));
 	w->dst_uids.n = 0;
 	w->vm[1].n = 0;
+}
+
+void mv_verify_dst(struct worker *w)
+{
+	w->phase = PH_VERIFY_DST;
+	w->v_early = 0;
+	verify_dst_reset(w);
 	ms_imapc_cmd(w->d, on_verify_dst_reply, w,
 		     "UID FETCH 1:* (UID RFC822.SIZE FLAGS)");
+}
+
+/* ---- the destination's side early ----
+ *
+ * A forward copy asks both sides at once: one round trip per folder
+ * instead of two. The destination's answer is what is compared unless the
+ * source's shows expunges to carry over first: then it is thrown away and
+ * asked again once they are done (mv_verify_dst()). Nothing is sent to the
+ * destination before the early FETCH is answered. */
+enum {
+	V_EARLY_NONE,
+	V_EARLY_SENT,		/* asked, the source's answer not in yet */
+	V_EARLY_IN,		/* answered while the source's was awaited */
+	V_EARLY_AWAITED,	/* the source's is in: compare when it comes */
+	V_EARLY_DROP,		/* expunges first: thrown away when it comes */
+};
+
+static void on_verify_src_reply(struct ms_imapc *c,
+				const struct ms_imap_response *r, void *ctx);
+static void verify_expunge(struct worker *w);
+
+static void on_verify_early_reply(struct ms_imapc *c,
+				  const struct ms_imap_response *r, void *ctx)
+{
+	struct worker *w = ctx;
+	int state = w->v_early;
+
+	if (state == V_EARLY_AWAITED) {
+		w->v_early = V_EARLY_NONE;
+		on_verify_dst_reply(c, r, w);
+		return;
+	}
+	if (mv_reply_failed(w, "UID FETCH", r, c))
+		return;
+	if (state == V_EARLY_DROP) {
+		w->v_early = V_EARLY_NONE;
+		verify_expunge(w);
+	} else {
+		w->v_early = V_EARLY_IN;
+	}
+}
+
+static void verify_early(struct worker *w)
+{
+	w->v_early = V_EARLY_NONE;
+	if (w->u->reverse || w->u->m->verify_only)
+		return;
+	verify_dst_reset(w);
+	w->v_early = V_EARLY_SENT;
+	ms_imapc_cmd(w->d, on_verify_early_reply, w,
+		     "UID FETCH 1:* (UID RFC822.SIZE FLAGS)");
+}
+
+/* The source's side is in and nothing is to be expunged: compare, with
+ * the destination's early answer when it was asked early. */
+static void verify_dst_next(struct worker *w)
+{
+	if (w->v_early == V_EARLY_NONE) {
+		mv_verify_dst(w);
+		return;
+	}
+	w->phase = PH_VERIFY_DST;
+	if (w->v_early == V_EARLY_SENT) {
+		w->v_early = V_EARLY_AWAITED;
+		return;
+	}
+	w->v_early = V_EARLY_NONE;
+	on_verify_dst_reply(w->d, &(struct ms_imap_response){
+		.status = MS_STATUS_OK }, w);
 }
 
 /* Walks the store's done records (in UID order) against the source's
@@ -715,11 +790,23 @@ static void on_verify_src_reply(struct ms_imapc *c,
 				w->u->name, w->f->rep.source, w->expunge.n);
 		if (w->vanished.n > 0 && mv_drop_vanished(w) < 0)
 			return;
-		mv_verify_dst(w);
+		verify_dst_next(w);
 		return;
 	}
-	/* Expunge exactly those: UID EXPUNGE leaves other \Deleted mail be.
-	 * on_expunge_reply() drops their records afterwards. */
+	w->phase = PH_EXPUNGE;
+	if (w->v_early == V_EARLY_SENT) {
+		/* its answer first: on_verify_early_reply() goes on */
+		w->v_early = V_EARLY_DROP;
+		return;
+	}
+	w->v_early = V_EARLY_NONE;
+	verify_expunge(w);
+}
+
+/* Expunge exactly those: UID EXPUNGE leaves other \Deleted mail be.
+ * on_expunge_reply() drops their records afterwards. */
+static void verify_expunge(struct worker *w)
+{
 	w->phase = PH_EXPUNGE;
 	mv_expunge_uids(w);
 }
@@ -731,6 +818,7 @@ void mv_start_verify(struct worker *w)
 	w->src_uids.n = 0;
 	w->vm[0].n = 0;
 	w->v_later = 0;
+	verify_early(w);
 	if (w->s_exists == 0) {
 		on_verify_src_reply(w->s, &(struct ms_imap_response){
 			.status = MS_STATUS_OK }, w);

@@ -66,6 +66,7 @@ struct run {
 	int any_error, any_mismatch;
 	int progress;
 	int bar_shown;
+	uint64_t phase_ms[MS_PH_N];	/* summed over the users */
 };
 
 static void usage(FILE *f)
@@ -459,6 +460,17 @@ static void on_tick(uv_timer_t *t)
 
 /* ---- results ---- */
 
+/* {"queue": ms, "login": ms, ...}: where the wall time went (mover.h). */
+static json_t *phases_json(const uint64_t *ms)
+{
+	json_t *o = json_object();
+
+	for (int p = 0; p < MS_PH_N; p++)
+		json_object_set_new(o, ms_mover_phase_names[p],
+				    json_integer((json_int_t)ms[p]));
+	return o;
+}
+
 json_t *migrate_report_json(const struct ms_user_report *rep)
 {
 	json_t *o = json_object(), *folders = json_array();
@@ -481,6 +493,7 @@ json_t *migrate_report_json(const struct ms_user_report *rep)
 	json_object_set_new(o, "repaired",
 			    json_integer((json_int_t)rep->repaired));
 	json_object_set_new(o, "seconds", json_real(rep->seconds));
+	json_object_set_new(o, "phases", phases_json(rep->phase_ms));
 	for (unsigned int i = 0; i < rep->nfolders; i++) {
 		const struct ms_folder_report *f = &rep->folders[i];
 		json_t *fo = json_object();
@@ -595,6 +608,8 @@ static void on_user_done(const struct ms_user_report *rep, void *ctx)
 		fprintf(stderr, "%s: %s: %s\n", prog, rep->user, rep->error);
 		r->bar_shown = 0;
 	}
+	for (int p = 0; p < MS_PH_N; p++)
+		r->phase_ms[p] += rep->phase_ms[p];
 	if (rep->mismatch)
 		r->any_mismatch = 1;
 	else if (!rep->ok)
@@ -889,6 +904,8 @@ int migrate_main(int argc, char *argv[])
 			json_object_set_new(out, "ok", json_boolean(
 				!r.any_error && !r.any_mismatch));
 			json_object_set(out, "users", r.results);
+			json_object_set_new(out, "phases",
+					    phases_json(r.phase_ms));
 		}
 		json_dumpf(out, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
 		fputc('\n', stdout);

@@ -550,6 +550,56 @@ def test_many_users(make_pair, ctl, workdir):
         pair.assert_copied(u)
 
 
+PHASES = ('queue', 'login', 'plan', 'copy', 'flags', 'verify', 'store')
+PHASE_LINE = re.compile(r'mailshift info: (\S+): phases \(ms\): (.*); '
+                        r'wall (\d+)$', re.M)
+
+
+def check_phases(user):
+    """A user's `phases` (docs/mover.md, "Phases"): every key, whole
+    milliseconds >= 0, adding up to no more than its wall time (each moment
+    is counted at most once) and, with nothing else on the loop for most of
+    it, to most of it. Returns the phases."""
+    ph = user.get('phases')
+    assert isinstance(ph, dict) and sorted(ph) == sorted(PHASES), user
+    for k, v in ph.items():
+        assert isinstance(v, int) and v >= 0, (k, user)
+    wall = user['seconds'] * 1000
+    assert sum(ph.values()) <= wall + 0.001, user
+    return ph
+
+
+def test_phases(make_pair, ctl, workdir):
+    """Where the time goes: per user and summed in --json, one -v line per
+    user; three users through one connection per server queue for it."""
+    users = ('u1', 'u2', 'u3')
+    pair = make_pair(users=users)
+    m = Migrator(ctl, pair, os.path.join(workdir, 'store.db'))
+    res = m.run(list(users), '-v', '--source-admin', MASTER[0],
+                '--dest-admin', MASTER[0], '--connections', '1',
+                src_password=MASTER[1], dst_password=MASTER[1], expect_rc=0)
+    j = res.json
+    assert j.get('ok') is True, res.describe()
+    lines = {mo.group(1): mo for mo in PHASE_LINE.finditer(res.stderr)}
+    total = dict.fromkeys(PHASES, 0)
+    for u in j['users']:
+        ph = check_phases(u)
+        # Copied and verified: those phases took time; the ticks ran.
+        assert u['copied'] == 15 and ph['copy'] + ph['verify'] > 0, u
+        assert sum(ph.values()) >= 0.5 * u['seconds'] * 1000, u
+        for k in PHASES:
+            total[k] += ph[k]
+        # The -v line says the same.
+        mo = lines.get(u['user'])
+        assert mo is not None, res.describe()
+        logged = dict(x.rsplit(' ', 1) for x in mo.group(2).split(', '))
+        assert {k: int(v) for k, v in logged.items()} == ph, mo.group(0)
+    assert j.get('phases') == total, res.describe()
+    # One slot per server: two of the three users waited for it.
+    waited = [u['user'] for u in j['users'] if u['phases']['queue'] > 0]
+    assert len(waited) >= 2, res.describe()
+
+
 def test_reverse_separators(make_pair, ctl, workdir):
     """Source '/' (LAYOUT=fs), destination '.' (Maildir++): a '.' inside a
     source level is written %2E, and '%' in such a level %25; with

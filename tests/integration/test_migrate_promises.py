@@ -26,7 +26,8 @@ from test_mover import ok_summary
 
 USERS = ('u1', 'u2', 'u3')
 SUMMARY_KEYS = {'user', 'ok', 'error', 'verified', 'copied', 'bytes',
-                'flags_updated', 'expunged', 'repaired', 'seconds', 'folders'}
+                'flags_updated', 'expunged', 'repaired', 'seconds', 'folders',
+                'phases'}
 FOLDER_KEYS = {'source', 'destination', 'copied', 'flags_updated', 'expunged',
                'source_messages', 'dest_messages', 'source_bytes',
                'dest_bytes', 'verified', 'mismatch', 'repaired'}

@@ -231,14 +231,18 @@ class Behind:
         return self.server.url(scheme)
 
 
+TCP_ESTABLISHED = 1
+
+
 def _open(sock):
-    """False once the peer closed sock (its EOF is waiting) or it is shut."""
+    """False once the peer closed sock (its FIN came: CLOSE_WAIT, even with
+    bytes it sent before still unread here) or it is shut: the kernel's
+    TCP state, not a peek, which sees those bytes before the EOF."""
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b''
-    except BlockingIOError:
-        return True
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
     except OSError:
         return False
+    return info[0] == TCP_ESTABLISHED
 
 
 def _abort(sock):

@@ -600,12 +600,7 @@ def _wait_greeting(port, prefix, proc, what, log, timeout=15.0):
         try:
             with socket.create_connection(('127.0.0.1', port),
                                           timeout=2) as s:
-                data = b''
-                while b'\n' not in data:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
+                data = gwlib.first_line(s)
                 if data.startswith(prefix):
                     return
                 last = data

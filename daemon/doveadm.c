@@ -97,6 +97,18 @@ static void finish(struct ms_doveadm_req *q, int ok, const char *error)
 	req_free(q);
 }
 
+/* s, at most n bytes of it, into out (outsz bytes) with every control
+ * character a '?': a server's word goes into an error text as words. */
+static void plain_text(char *out, size_t outsz, const char *s, size_t n)
+{
+	size_t i;
+
+	for (i = 0; s[i] != '\0' && i < n && i + 1 < outsz; i++)
+		out[i] = (unsigned char)s[i] < 0x20 || s[i] == 0x7f ? '?' :
+			 s[i];
+	out[i] = '\0';
+}
+
 /* The body is a JSON array of replies: [["doveadmResponse", ..., tag]] or
  * [["error", {"type": ..., "exitCode": N}, tag]]. */
 static int parse_body(const char *body, size_t len, char *err, size_t errsz)
@@ -105,6 +117,7 @@ static int parse_body(const char *body, size_t len, char *err, size_t errsz)
 	json_t *first = json_array_get(j, 0);
 	const char *kind = json_string_value(json_array_get(first, 0));
 	json_t *info = json_array_get(first, 1);
+	char word[64];
 
 	if (kind != NULL && strcmp(kind, "doveadmResponse") == 0) {
 		json_decref(j);
@@ -116,8 +129,10 @@ static int parse_body(const char *body, size_t len, char *err, size_t errsz)
 		const char *type = json_string_value(json_object_get(info,
 								     "type"));
 
-		snprintf(err, errsz, "doveadm mailboxUpdate: %.60s %lld%s",
-			 type != NULL ? type : "error", (long long)code,
+		plain_text(word, sizeof(word), type != NULL ? type : "error",
+			   60);
+		snprintf(err, errsz, "doveadm mailboxUpdate: %s %lld%s",
+			 word, (long long)code,
 			 code == 68 ? " (no such user or mailbox)" :
 			 code == 75 ? " (temporary failure)" : "");
 	} else {

@@ -6,7 +6,7 @@ set -e
 PKGS="build-essential pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libjansson-dev libcmocka-dev libcap-ng-dev libnftables-dev libnl-route-3-dev python3 python3-pytest openssl
 dovecot-core dovecot-imapd dovecot-pop3d isync offlineimap3 time
-fetchmail mpop getmail6
+fetchmail mpop
 postfix dovecot-lmtpd
 nginx libnginx-mod-mail perdition
 nftables iproute2 gdb iptables libnetfilter-queue-dev systemd

@@ -28,7 +28,7 @@
 # the code needs to build at all is in MS_CFLAGS and always added.
 
 CC      ?= cc
-PKGS    := libuv openssl sqlite3 jansson libcap-ng libnftables libnl-route-3.0 \
+PKGS    := libuv openssl sqlite3 libpq jansson libcap-ng libnftables libnl-route-3.0 \
 	   libnl-genl-3.0 libnetfilter_queue
 CFLAGS  ?= -O2 -g
 MS_CFLAGS := -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -MMD -MP \
@@ -38,7 +38,7 @@ MS_CFLAGS := -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -MMD -MP \
 cc_is_clang = $(findstring clang,$(shell $(1) --version 2>/dev/null))
 gcc_only    = $(if $(call cc_is_clang,$(1)),,-Wno-format-truncation)
 CC_WARN := $(call gcc_only,$(CC))
-LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -luv -lssl -lcrypto -lsqlite3 -ljansson -lcap-ng -lnftables -lnl-route-3 -lnl-genl-3 -lnl-3 -lnetfilter_queue -lnfnetlink)
+LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -luv -lssl -lcrypto -lsqlite3 -lpq -ljansson -lcap-ng -lnftables -lnl-route-3 -lnl-genl-3 -lnl-3 -lnetfilter_queue -lnfnetlink)
 PYTHON  ?= /usr/bin/python3
 PREFIX  ?= /usr/local
 BINDIR  ?= $(PREFIX)/bin

@@ -1,7 +1,9 @@
 /* The map and jobs store: per user, per folder and per message copy state.
  *
  * Embedded SQLite in WAL mode (synchronous=NORMAL: a commit survives a kill -9
- * of the process, which is what the mover's exactly-once promise needs).
+ * of the process, which is what the mover's exactly-once promise needs), or
+ * a PostgreSQL database named by a postgresql:// URL (store_pg.c); the same
+ * calls on either.
  * Every function returns 0 on success and -1 on failure; ms_store_error()
  * then says why. Nothing here ever stores a password.
  */
@@ -12,7 +14,17 @@
 
 struct ms_store;
 
+/* target: a SQLite file path or a postgresql:// URL. Creates or upgrades
+ * the schema; a store from a newer program is refused. */
 int ms_store_open(const char *path, struct ms_store **store_r, char **error_r);
+/* As ms_store_open, and the store belongs to the migration named by pair
+ * (its source and destination, as text): recorded at the first open,
+ * refused with an error when the store holds another one; in the schema's
+ * transaction, so a refused open changes nothing. */
+int ms_store_open_migration(const char *target, const char *pair,
+			    struct ms_store **store_r, char **error_r);
+/* Whether target names a database server (a postgresql:// URL). */
+int ms_store_is_url(const char *target);
 void ms_store_close(struct ms_store **store);
 const char *ms_store_error(const struct ms_store *store);
 

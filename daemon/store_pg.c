@@ -1,0 +1,423 @@
+/* The store's PostgreSQL driver (store_db.h), through libpq in blocking
+ * mode. The target is a postgresql:// URL; TLS is the URL's sslmode, the
+ * password comes from a password file (~/.pgpass or PGPASSFILE), never from
+ * the URL: one there is refused, since the URL sits in the config file and
+ * in mailshiftctl's argv.
+ *
+ * Rows come back whole (PQexecPrepared), and step() walks them; text comes
+ * and goes in the text format, so an integer column is printed and parsed.
+ */
+#include "store_db.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libpq-fe.h>
+
+#define PG_MAX_PARAMS 16
+/* pg_advisory_xact_lock key for schema changes: "mshf" */
+#define SCHEMA_LOCK "1836279910"
+
+struct db {
+	const struct db_driver *d;	/* first: see store_db.h */
+	PGconn *conn;
+	int nstmts;			/* names handed out: ms1, ms2, ... */
+	int changes;
+	char error[512];
+};
+
+struct db_stmt {
+	const struct db_driver *d;
+	struct db *db;
+	char *sql;			/* with $n, for PQexecParams */
+	char name[16];			/* "" = not prepared on the server */
+	int nparams;
+	const char *values[PG_MAX_PARAMS];
+	char ints[PG_MAX_PARAMS][24];
+	PGresult *res;
+	int row, nrows;
+};
+
+static void set_err(struct db *db, const char *prefix, const char *msg)
+{
+	size_t n;
+
+	snprintf(db->error, sizeof(db->error), "%s%s", prefix,
+		 msg != NULL ? msg : "unknown error");
+	n = strlen(db->error);
+	while (n > 0 && (db->error[n - 1] == '\n' || db->error[n - 1] == ' '))
+		db->error[--n] = '\0';
+}
+
+static void res_err(struct db *db, PGresult *res)
+{
+	const char *m = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) :
+			NULL;
+
+	set_err(db, "", m != NULL ? m : PQerrorMessage(db->conn));
+}
+
+static const char *pg_errmsg(struct db *db)
+{
+	return db->error;
+}
+
+/* CREATE TABLE IF NOT EXISTS says NOTICE for each table it skips: libpq
+ * would print that on stderr. */
+static void quiet(void *arg, const char *message)
+{
+}
+
+static void pg_close(struct db *db)
+{
+	if (db == NULL)
+		return;
+	/* the server rolls back what the session left open */
+	PQfinish(db->conn);
+	free(db);
+}
+
+/* A password in the URL would sit in the config file and in argv. */
+static int check_url(const char *url, char *err, size_t errsz)
+{
+	PQconninfoOption *opts, *o;
+	char *perr = NULL;
+	int ret = 0;
+
+	opts = PQconninfoParse(url, &perr);
+	if (opts == NULL) {
+		snprintf(err, errsz, "bad url: %s", perr ? perr : "?");
+		if (perr != NULL)
+			err[strcspn(err, "\n")] = '\0';
+		PQfreemem(perr);
+		return -1;
+	}
+	for (o = opts; o->keyword != NULL; o++) {
+		if (!strcmp(o->keyword, "password") && o->val != NULL &&
+		    o->val[0] != '\0') {
+			snprintf(err, errsz, "the url holds a password: put it "
+				 "in a password file (~/.pgpass or PGPASSFILE) "
+				 "instead");
+			ret = -1;
+		}
+	}
+	PQconninfoFree(opts);
+	return ret;
+}
+
+static int pg_exec(struct db *db, const char *sql)
+{
+	PGresult *res = PQexec(db->conn, sql);
+	ExecStatusType rc = PQresultStatus(res);
+	int ret = 0;
+
+	if (rc != PGRES_COMMAND_OK && rc != PGRES_TUPLES_OK) {
+		res_err(db, res);
+		ret = -1;
+	}
+	PQclear(res);
+	return ret;
+}
+
+static int pg_open(const char *url, struct db **db_r, char *err,
+		   size_t errsz)
+{
+	/* the URL's own connect_timeout, when it has one, comes later and
+	 * wins: an address that drops packets must not hang the start */
+	const char *const keys[] = { "connect_timeout",
+				     "fallback_application_name", "dbname",
+				     NULL };
+	const char *const vals[] = { "10", "mailshift", url, NULL };
+	const char *enc;
+	struct db *db;
+
+	*db_r = NULL;
+	if (check_url(url, err, errsz) < 0)
+		return -1;
+	db = calloc(1, sizeof(*db));
+	if (db == NULL) {
+		snprintf(err, errsz, "out of memory");
+		return -1;
+	}
+	db->d = &ms_db_pg;
+	db->conn = PQconnectdbParams(keys, vals, 1);
+	if (db->conn == NULL || PQstatus(db->conn) != CONNECTION_OK) {
+		set_err(db, "cannot connect: ", db->conn ?
+			PQerrorMessage(db->conn) : "out of memory");
+		snprintf(err, errsz, "%s", db->error);
+		pg_close(db);
+		return -1;
+	}
+	PQsetNoticeProcessor(db->conn, quiet, NULL);
+	/* The store keeps the servers' bytes as they came (a Message-ID in
+	 * Latin-1, say), as the SQLite file does, and orders names by
+	 * bytes: a UTF8 database would refuse the one and re-order the
+	 * other. */
+	enc = PQparameterStatus(db->conn, "server_encoding");
+	if (enc == NULL || strcmp(enc, "SQL_ASCII") != 0) {
+		snprintf(err, errsz, "the database's encoding is %s: the store "
+			 "needs SQL_ASCII (CREATE DATABASE ... ENCODING "
+			 "'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE "
+			 "template0)", enc ? enc : "unknown");
+		pg_close(db);
+		return -1;
+	}
+	*db_r = db;
+	return 0;
+}
+
+/* "?12" becomes "$12"; returns the highest parameter number, -1 when it
+ * is above PG_MAX_PARAMS. No statement of the store has a '?' in a
+ * literal. */
+static int rewrite(const char *sql, char *out)
+{
+	int max = 0;
+
+	for (; *sql != '\0'; sql++) {
+		*out++ = *sql == '?' ? '$' : *sql;
+		if (*sql == '?') {
+			int n = atoi(sql + 1);
+
+			if (n > max)
+				max = n;
+		}
+	}
+	*out = '\0';
+	return max <= PG_MAX_PARAMS ? max : -1;
+}
+
+static int pg_prepare(struct db *db, const char *sql, int persistent,
+		      struct db_stmt **st_r)
+{
+	struct db_stmt *st = calloc(1, sizeof(*st));
+	PGresult *res;
+
+	if (st == NULL || (st->sql = malloc(strlen(sql) + 1)) == NULL) {
+		free(st);
+		set_err(db, "", "out of memory");
+		return -1;
+	}
+	st->d = &ms_db_pg;
+	st->db = db;
+	st->nparams = rewrite(sql, st->sql);
+	if (st->nparams < 0) {
+		set_err(db, "", "too many parameters");
+		goto fail;
+	}
+	if (persistent) {
+		snprintf(st->name, sizeof(st->name), "ms%d", ++db->nstmts);
+		res = PQprepare(db->conn, st->name, st->sql, 0, NULL);
+		if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+			res_err(db, res);
+			PQclear(res);
+			goto fail;
+		}
+		PQclear(res);
+	}
+	*st_r = st;
+	return 0;
+fail:
+	free(st->sql);
+	free(st);
+	return -1;
+}
+
+static void pg_reset(struct db_stmt *st)
+{
+	PQclear(st->res);
+	st->res = NULL;
+	memset(st->values, 0, sizeof(st->values));
+}
+
+static void pg_finalize(struct db_stmt *st)
+{
+	if (st == NULL)
+		return;
+	/* a persistent statement lives on the server until the session
+	 * ends, which is when this is called */
+	pg_reset(st);
+	free(st->sql);
+	free(st);
+}
+
+static void pg_bind_int64(struct db_stmt *st, int idx, int64_t v)
+{
+	if (idx < 1 || idx > PG_MAX_PARAMS)
+		return;
+	snprintf(st->ints[idx - 1], sizeof(st->ints[0]), "%" PRId64, v);
+	st->values[idx - 1] = st->ints[idx - 1];
+}
+
+static void pg_bind_text(struct db_stmt *st, int idx, const char *text)
+{
+	if (idx >= 1 && idx <= PG_MAX_PARAMS)
+		st->values[idx - 1] = text;
+}
+
+static int run(struct db_stmt *st)
+{
+	struct db *db = st->db;
+	ExecStatusType rc;
+
+	if (st->name[0] != '\0')
+		st->res = PQexecPrepared(db->conn, st->name, st->nparams,
+					 st->values, NULL, NULL, 0);
+	else
+		st->res = PQexecParams(db->conn, st->sql, st->nparams, NULL,
+				       st->values, NULL, NULL, 0);
+	rc = PQresultStatus(st->res);
+	if (rc != PGRES_COMMAND_OK && rc != PGRES_TUPLES_OK) {
+		res_err(db, st->res);
+		return DB_ERROR;
+	}
+	/* COMMIT of a transaction a failed statement aborted answers
+	 * ROLLBACK: that commit failed */
+	if (!strcmp(st->sql, "COMMIT") &&
+	    !strcmp(PQcmdStatus(st->res), "ROLLBACK")) {
+		set_err(db, "", "the transaction was aborted and rolled back");
+		return DB_ERROR;
+	}
+	db->changes = atoi(PQcmdTuples(st->res));
+	st->row = -1;
+	st->nrows = rc == PGRES_TUPLES_OK ? PQntuples(st->res) : 0;
+	return DB_DONE;
+}
+
+static int pg_step(struct db_stmt *st)
+{
+	if (st->res == NULL && run(st) == DB_ERROR) {
+		pg_reset(st);
+		return DB_ERROR;
+	}
+	st->row++;
+	return st->row < st->nrows ? DB_ROW : DB_DONE;
+}
+
+static int64_t pg_column_int64(struct db_stmt *st, int col)
+{
+	return strtoll(PQgetvalue(st->res, st->row, col), NULL, 10);
+}
+
+static const char *pg_column_text(struct db_stmt *st, int col, size_t *len_r)
+{
+	if (PQgetisnull(st->res, st->row, col)) {
+		if (len_r != NULL)
+			*len_r = 0;
+		return NULL;
+	}
+	if (len_r != NULL)
+		*len_r = (size_t)PQgetlength(st->res, st->row, col);
+	return PQgetvalue(st->res, st->row, col);
+}
+
+static int pg_column_is_null(struct db_stmt *st, int col)
+{
+	return PQgetisnull(st->res, st->row, col);
+}
+
+static int pg_changes(struct db *db)
+{
+	return db->changes;
+}
+
+static int pg_in_transaction(struct db *db)
+{
+	return PQtransactionStatus(db->conn) != PQTRANS_IDLE;
+}
+
+/* One process at a time: two gateways starting on a new database must
+ * not both create the tables. */
+static int pg_begin_schema(struct db *db)
+{
+	if (pg_exec(db, "BEGIN") < 0)
+		return -1;
+	return pg_exec(db, "SELECT pg_advisory_xact_lock(" SCHEMA_LOCK ")");
+}
+
+/* One integer from a query, or def when it gives no row or NULL. */
+static int query_int(struct db *db, const char *sql, int def, int *v_r)
+{
+	PGresult *res = PQexec(db->conn, sql);
+
+	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+		res_err(db, res);
+		PQclear(res);
+		return -1;
+	}
+	*v_r = PQntuples(res) > 0 && !PQgetisnull(res, 0, 0) ?
+	       atoi(PQgetvalue(res, 0, 0)) : def;
+	PQclear(res);
+	return 0;
+}
+
+/* The version is a row of its own table: PostgreSQL has no user_version,
+ * and the store's meta table is copied between engines, the version not. */
+static int pg_get_version(struct db *db, int *version_r)
+{
+	int exists;
+
+	if (query_int(db, "SELECT 1 WHERE to_regclass('mailshift_schema') "
+		      "IS NOT NULL", 0, &exists) < 0)
+		return -1;
+	if (!exists) {
+		*version_r = 0;
+		return 0;
+	}
+	return query_int(db, "SELECT max(version) FROM mailshift_schema", 0,
+			 version_r);
+}
+
+static int pg_set_version(struct db *db, int version)
+{
+	char sql[200];
+
+	snprintf(sql, sizeof(sql), "CREATE TABLE IF NOT EXISTS "
+		 "mailshift_schema (version INTEGER NOT NULL);"
+		 "DELETE FROM mailshift_schema;"
+		 "INSERT INTO mailshift_schema VALUES (%d)", version);
+	return pg_exec(db, sql);
+}
+
+static int pg_sync_ids(struct db *db, const char *table)
+{
+	char sql[256];
+
+	snprintf(sql, sizeof(sql), "SELECT setval(pg_get_serial_sequence("
+		 "'%s', 'id'), coalesce(max(id), 0) + 1, false) FROM %s",
+		 table, table);
+	return pg_exec(db, sql);
+}
+
+const struct db_driver ms_db_pg = {
+	.name = "postgresql",
+	.sqlite_dialect = 0,
+	.open = pg_open,
+	.close = pg_close,
+	.errmsg = pg_errmsg,
+	.prepare = pg_prepare,
+	.finalize = pg_finalize,
+	.bind_int64 = pg_bind_int64,
+	.bind_text = pg_bind_text,
+	.step = pg_step,
+	.reset = pg_reset,
+	.column_int64 = pg_column_int64,
+	.column_text = pg_column_text,
+	.column_is_null = pg_column_is_null,
+	.changes = pg_changes,
+	.exec = pg_exec,
+	.in_transaction = pg_in_transaction,
+	.begin_schema = pg_begin_schema,
+	.get_version = pg_get_version,
+	.set_version = pg_set_version,
+	.sync_ids = pg_sync_ids,
+};
+
+const struct db_driver *ms_db_driver_for(const char *target)
+{
+	if (!strncmp(target, "postgresql://", 13) ||
+	    !strncmp(target, "postgres://", 11))
+		return &ms_db_pg;
+	return &ms_db_sqlite;
+}

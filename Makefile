@@ -206,6 +206,12 @@ deps:
 unit: $(UNIT_BIN)
 	$(Q)set -e; for t in $(UNIT_BIN); do echo "  UNIT    $$t"; ./$$t; done
 
+# The store's unit tests again, against a PostgreSQL server the harness
+# starts for them (tests/lib/postgres.py) and removes after.
+unit-pg: tests/unit/test_store
+	@echo "  UNIT    tests/unit/test_store (PostgreSQL)"
+	$(Q)$(PYTHON) tests/lib/postgres.py ./tests/unit/test_store
+
 # INTEGRATION_SKIP: pytest options that leave a part out (make check's
 # first lane leaves the kernel VM test to the sanitizer lane).
 integration: all hooks
@@ -241,6 +247,7 @@ check: deps
 	$(Q)$(MAKE) --no-print-directory kmod-check
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(MAKE) --no-print-directory unit
+	$(Q)$(MAKE) --no-print-directory unit-pg
 	$(Q)$(MAKE) --no-print-directory hooks $(ASAN_BIN) $(ASAN_UNIT_BIN) \
 		$(FUZZ_BIN)
 	$(Q)./tests/run-parallel check-lane check-asan

@@ -692,7 +692,8 @@ static int moves_note(struct ms_store *s, int64_t user_id, const char *state)
 		return exec_user(s, "INSERT INTO user_moves (user_id, "
 				 "first_copy) VALUES (?1, ?2) ON CONFLICT "
 				 "(user_id) DO UPDATE SET first_copy = "
-				 "coalesce(first_copy, ?2)", user_id,
+				 "coalesce(user_moves.first_copy, ?2)",
+				 user_id,
 				 "user_moves");
 	if (!strcmp(state, "destination"))
 		return exec_user(s, "INSERT INTO user_moves (user_id, moved) "

@@ -1,5 +1,8 @@
 /* Unit tests for daemon/store.c, each against a fresh store in its own
- * temporary directory. */
+ * temporary directory, or, when MS_TEST_STORE_URL names a PostgreSQL
+ * database (make unit-pg), in that database emptied first. The tests of
+ * what only SQLite has (its file, pragmas, old files) are skipped there,
+ * and PostgreSQL's own bad input is checked instead. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -12,15 +15,58 @@
 #include <unistd.h>
 
 #include <cmocka.h>
+#include <libpq-fe.h>
 #include <sqlite3.h>
 
 #include "store.h"
 
 struct fixture {
 	char dir[64];
-	char path[128];
+	char path[512];			/* the file, or the URL */
 	struct ms_store *store;
 };
+
+/* MS_TEST_STORE_URL, or NULL for SQLite */
+static const char *pg_url;
+
+/* A connection to the test database, for what the test checks beside the
+ * store (as another gateway would see it). */
+static PGconn *pg_connect(void)
+{
+	PGconn *c = PQconnectdb(pg_url);
+
+	if (PQstatus(c) != CONNECTION_OK) {
+		fprintf(stderr, "%s: %s", pg_url, PQerrorMessage(c));
+		fail();
+	}
+	return c;
+}
+
+/* Runs sql; the first column of the first row (NULL for none) into buf. */
+static void pg_sql(const char *sql, char *buf, size_t size)
+{
+	PGconn *c = pg_connect();
+	PGresult *res = PQexec(c, sql);
+	ExecStatusType rc = PQresultStatus(res);
+
+	if (rc != PGRES_TUPLES_OK && rc != PGRES_COMMAND_OK) {
+		fprintf(stderr, "%s: %s", sql, PQresultErrorMessage(res));
+		fail();
+	}
+	if (buf != NULL) {
+		assert_true(rc == PGRES_TUPLES_OK && PQntuples(res) > 0);
+		snprintf(buf, size, "%s", PQgetisnull(res, 0, 0) ? "(null)" :
+			 PQgetvalue(res, 0, 0));
+	}
+	PQclear(res);
+	PQfinish(c);
+}
+
+/* What each engine says of a row whose parent is missing */
+#define FK_ERROR (pg_url != NULL ? "foreign key" : "FOREIGN KEY")
+
+/* SQLite's own tests have nothing to check on PostgreSQL. */
+#define SQLITE_ONLY() do { if (pg_url != NULL) skip(); } while (0)
 
 static void store_path(const struct fixture *f, const char *suffix,
 		       char *buf, size_t size)
@@ -41,6 +87,12 @@ static int setup(void **state)
 		return -1;
 	}
 	snprintf(f->path, sizeof(f->path), "%s/store.db", f->dir);
+	if (pg_url != NULL) {
+		snprintf(f->path, sizeof(f->path), "%s", pg_url);
+		pg_sql("SET client_min_messages = warning; DROP SCHEMA public "
+		       "CASCADE; CREATE SCHEMA public",
+		       NULL, 0);
+	}
 	/* the common umask: SQLite alone would make the file 0644 */
 	umask(022);
 	if (ms_store_open(f->path, &f->store, &error) < 0) {
@@ -81,7 +133,15 @@ static int64_t sql_int(const struct fixture *f, const char *sql)
 	sqlite3 *db;
 	sqlite3_stmt *st;
 	int64_t v;
+	char buf[32];
 
+	if (pg_url != NULL) {
+		pg_sql(sql, buf, sizeof(buf));
+		/* a boolean comes as t or f, where SQLite has 1 and 0 */
+		if (!strcmp(buf, "t") || !strcmp(buf, "f"))
+			return buf[0] == 't';
+		return strtoll(buf, NULL, 10);
+	}
 	assert_int_equal(sqlite3_open_v2(f->path, &db, SQLITE_OPEN_READONLY,
 					 NULL), SQLITE_OK);
 	assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &st, NULL),
@@ -100,6 +160,10 @@ static void sql_text(const struct fixture *f, const char *sql, char *buf,
 	sqlite3_stmt *st;
 	const unsigned char *t;
 
+	if (pg_url != NULL) {
+		pg_sql(sql, buf, size);
+		return;
+	}
 	assert_int_equal(sqlite3_open_v2(f->path, &db, SQLITE_OPEN_READONLY,
 					 NULL), SQLITE_OK);
 	assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &st, NULL),
@@ -142,6 +206,7 @@ static void test_open_file(void **state)
 	char *error = NULL;
 	struct ms_store *s = NULL;
 
+	SQLITE_ONLY();
 	assert_int_equal(stat(f->path, &st), 0);
 	assert_int_equal(st.st_mode & 0777, 0600);
 	/* the WAL and its index inherit the database's mode */
@@ -311,7 +376,7 @@ static void test_folders(void **state)
 	fs2.id = 9999;
 	assert_int_equal(ms_store_folder_update(f->store, &fs2), -1);
 	assert_int_equal(ms_store_folder_get(f->store, 9999, "x", &fs2), -1);
-	assert_non_null(strstr(ms_store_error(f->store), "FOREIGN KEY"));
+	assert_non_null(strstr(ms_store_error(f->store), FK_ERROR));
 	memset(name, 'a', sizeof(name) - 1);
 	name[sizeof(name) - 1] = '\0';
 	assert_int_equal(ms_store_folder_get(f->store, uid, name, &fs2), -1);
@@ -388,7 +453,7 @@ static void test_messages(void **state)
 	assert_int_equal(ms_store_msg_put(f->store, fid, &r), -1);
 	imap_rec(&r, 9, MS_MSG_INTENT);
 	assert_int_equal(ms_store_msg_put(f->store, 9999, &r), -1);
-	assert_non_null(strstr(ms_store_error(f->store), "FOREIGN KEY"));
+	assert_non_null(strstr(ms_store_error(f->store), FK_ERROR));
 
 	/* delete; deleting again is fine */
 	assert_int_equal(ms_store_msg_delete(f->store, fid, 7, NULL), 0);
@@ -565,6 +630,12 @@ static void test_by_dst(void **state)
 	assert_string_equal(got.uidl, "UIDL-x");
 	assert_int_equal(got.src_uid, 0);
 	expect_dst(f, fid, 1, 6);
+	if (pg_url != NULL) {
+		assert_int_equal(sql_int(f, "SELECT count(*) FROM pg_indexes "
+					 "WHERE indexname = 'messages_dst'"),
+				 1);
+		goto reset;
+	}
 	/* one lookup in the index on both columns, not a scan of the folder
 	 * (the store names the index: without statistics SQLite would
 	 * rather walk the primary key's folder_id prefix) */
@@ -591,6 +662,7 @@ static void test_by_dst(void **state)
 		sqlite3_finalize(st);
 		sqlite3_close(db);
 	}
+reset:
 	/* a folder reset forgets them */
 	assert_int_equal(ms_store_folder_reset(f->store, fid), 0);
 	expect_dst(f, fid, 2, 0);
@@ -862,6 +934,7 @@ static void test_upgrade(void **state)
 	int64_t uid;
 	uint64_t n;
 
+	SQLITE_ONLY();
 	store_path(f, ".v1", buf, sizeof(buf));
 	assert_int_equal(sqlite3_open(buf, &db), SQLITE_OK);
 	assert_int_equal(sqlite3_exec(db,
@@ -1148,9 +1221,71 @@ static void test_retirement(void **state)
 	free(got.record);
 }
 
+/* PostgreSQL at start: the schema's version in its own table; a URL with a
+ * password, an unreachable server, a newer schema and a database of
+ * another migration each refused with an error saying so, and no row
+ * changed by the refusals. */
+static void test_pg_open(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_store *s = NULL;
+	char url[600], buf[64];
+	char *error = NULL;
+	int64_t uid;
+
+	if (pg_url == NULL)
+		skip();
+	assert_int_equal(sql_int(f, "SELECT version FROM mailshift_schema"),
+			 5);
+	assert_int_equal(sql_int(f, "SELECT count(*) FROM pg_tables WHERE "
+				 "tablename IN ('users', 'folders', "
+				 "'messages', 'rintents')"), 4);
+
+	snprintf(url, sizeof(url), "%s%spassword=secret", pg_url,
+		 strchr(pg_url, '?') ? "&" : "?");
+	assert_int_equal(ms_store_open(url, &s, &error), -1);
+	assert_null(s);
+	assert_non_null(strstr(error, "password file"));
+	assert_null(strstr(error, "secret"));
+	free(error);
+
+	assert_int_equal(ms_store_open("postgresql://mailshift@127.0.0.1:1/x",
+				       &s, &error), -1);
+	assert_non_null(strstr(error, "cannot connect"));
+	free(error);
+
+	/* the first open for a migration records it; another is refused
+	 * and changes nothing */
+	ms_store_close(&f->store);
+	assert_int_equal(ms_store_open_migration(pg_url, "src=a dst=b", &s,
+						 NULL), 0);
+	assert_int_equal(ms_store_user_get(s, "alice", &uid), 0);
+	ms_store_close(&s);
+	assert_int_equal(ms_store_open_migration(pg_url, "src=a dst=b", &s,
+						 NULL), 0);
+	ms_store_close(&s);
+	assert_int_equal(ms_store_open_migration(pg_url, "src=a dst=c", &s,
+						 &error), -1);
+	assert_non_null(strstr(error, "another migration"));
+	free(error);
+	sql_text(f, "SELECT value FROM meta", buf, sizeof(buf));
+	assert_string_equal(buf, "src=a dst=b");
+	assert_int_equal(sql_int(f, "SELECT count(*) FROM users"), 1);
+
+	pg_sql("UPDATE mailshift_schema SET version = 7", NULL, 0);
+	assert_int_equal(ms_store_open(pg_url, &s, &error), -1);
+	assert_non_null(strstr(error, "newer"));
+	free(error);
+	assert_int_equal(sql_int(f, "SELECT version FROM mailshift_schema"),
+			 7);
+	pg_sql("UPDATE mailshift_schema SET version = 5", NULL, 0);
+	assert_int_equal(ms_store_open(pg_url, &f->store, NULL), 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_setup_teardown(test_pg_open, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_open_file, setup,
 						teardown),
 		cmocka_unit_test_setup_teardown(test_users, setup, teardown),
@@ -1177,5 +1312,8 @@ int main(void)
 						teardown),
 	};
 
+	pg_url = getenv("MS_TEST_STORE_URL");
+	if (pg_url != NULL && *pg_url == '\0')
+		pg_url = NULL;
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -191,6 +191,16 @@ static int store_key(struct ms_dconfig *c, const char *key, const char *value,
 	if (!strcmp(key, "path"))
 		return set_buf(c->store, sizeof(c->store), key, value, err,
 			       errsz);
+	/* A PostgreSQL database in place of the file (store_pg.c): the
+	 * store is then named by its URL wherever it was by its path. */
+	if (!strcmp(key, "url")) {
+		if (!ms_store_is_url(value)) {
+			snprintf(err, errsz, "url: a postgresql:// URL");
+			return -1;
+		}
+		return set_buf(c->store, sizeof(c->store), key, value, err,
+			       errsz);
+	}
 	if (!strcmp(key, "backend")) {
 		if (strcmp(value, "sqlite") != 0) {
 			snprintf(err, errsz, "backend: only \"sqlite\"");

@@ -17,7 +17,7 @@ struct ms_dconfig {
 	char src_admin[128], dst_admin[128];
 	char src_admin_pwf[512], dst_admin_pwf[512];
 	char dst_doveadm_keyf[512];	/* [destination] doveadm_key_file */
-	char store[512];
+	char store[512];		/* [store] path, or url */
 	char control[108];		/* a UNIX socket path */
 	char control_group[64];		/* [control] group, "" = none */
 	char pid_file[512];

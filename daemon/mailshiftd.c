@@ -80,6 +80,8 @@ static int check_user_access(const struct ms_dconfig *c,
 	struct ms_priv_need need[10];
 	size_t n = 0;
 
+	if (ms_store_is_url(c->store))
+		goto no_file;
 	parent_dir(c->store, dirs[0], sizeof(dirs[0]));
 	need[n++] = (struct ms_priv_need){ dirs[0], W_OK | X_OK, 1,
 		"the store's directory must be writable by [daemon] user "
@@ -93,6 +95,7 @@ static int check_user_access(const struct ms_dconfig *c,
 				R_OK | W_OK, 1, "the store's files must "
 				"belong to [daemon] user: chown them" };
 	}
+no_file:
 	if (c->src_ca[0] != '\0')
 		need[n++] = (struct ms_priv_need){ c->src_ca, R_OK, 1,
 			"[source] ca_file is read at each TLS connection, as "
@@ -176,6 +179,26 @@ static int store_create(const char *path, const struct ms_priv *p, char *err,
 	}
 	close(fd);
 	return 0;
+}
+
+/* A database server may be shared by mistake: the store then belongs to
+ * this source and destination, recorded at first and compared at each
+ * start. A SQLite file is the migration's own and opens as it always did. */
+static int open_store(const struct ms_dconfig *c, struct ms_store **store_r,
+		      char **err_r)
+{
+	const struct ms_gw_config *g = &c->gw;
+	const struct ms_server_cfg *s = g->src_imap.host[0] ? &g->src_imap :
+					&g->src_pop3;
+	const struct ms_server_cfg *d = g->dst_imap.host[0] ? &g->dst_imap :
+					&g->dst_pop3;
+	char pair[600];
+
+	if (!ms_store_is_url(c->store))
+		return ms_store_open(c->store, store_r, err_r);
+	snprintf(pair, sizeof(pair), "source %s:%u, destination %s:%u",
+		 s->host, s->port, d->host, d->port);
+	return ms_store_open_migration(c->store, pair, store_r, err_r);
 }
 
 /* Admin logins: the password comes from a root-only file (or one of the
@@ -376,12 +399,15 @@ int main(int argc, char *argv[])
 		ms_secret_free((char **)&c.gw.doveadm.key);
 		return 2;
 	}
-	if (drop && store_create(c.store, &priv, err, sizeof(err)) < 0) {
+	if (drop && !ms_store_is_url(c.store) &&
+	    store_create(c.store, &priv, err, sizeof(err)) < 0) {
 		fprintf(stderr, "mailshiftd: %s\n", err);
 		return 1;
 	}
-	if (ms_store_open(c.store, &store, &serr) < 0) {
-		fprintf(stderr, "mailshiftd: store %s: %s\n", c.store,
+	if (open_store(&c, &store, &serr) < 0) {
+		/* not the URL: one refused for its password holds it */
+		fprintf(stderr, "mailshiftd: store %s: %s\n",
+			ms_store_is_url(c.store) ? "[store] url" : c.store,
 			serr != NULL ? serr : "cannot open");
 		free(serr);
 		return 1;

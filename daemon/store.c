@@ -1554,3 +1554,165 @@ int ms_store_identity_lost_users(struct ms_store *store, uint64_t *users_r,
 				 db_errmsg(store->db));
 	return 0;
 }
+
+/* ---- store copy (mailshiftctl store copy): every table, between engines ----
+ * Values travel as text: an integer column takes its digits back on either
+ * engine, and NULL stays NULL. Parents before children, for the foreign
+ * keys; the tables with generated ids keep them. */
+
+static const struct copy_table {
+	const char *name, *cols;
+	int ncols, ids;
+} copy_tables[] = {
+	{ "users", "id, name, state, policy, last_error, msgs_copied, "
+	  "bytes_copied, updated_at", 8, 1 },
+	{ "folders", FOLDER_COLS, 10, 1 },
+	{ "messages", "folder_id, " MSG_COLS, 10, 0 },
+	{ "rintents", "folder_id, dst_uid, size, date, msgid, flags, "
+	  "src_floor", 7, 0 },
+	{ "folder_identity", "folder_id, state, reason", 3, 0 },
+	{ "user_moves", "user_id, first_copy, moved", 3, 0 },
+	{ "policies", "scope, policy", 2, 0 },
+	{ "source_use", "key, kind, name, at, slack", 5, 0 },
+	{ "retirements", "id, at, uid, forced, record", 5, 1 },
+	{ "meta", "key, value", 2, 0 },
+};
+#define NCOPY (sizeof(copy_tables) / sizeof(copy_tables[0]))
+
+/* One statement prepared for the copy's call, or -1 with the error. */
+static int copy_prepare(struct ms_store *s, const char *sql,
+			struct db_stmt **st, const char *what)
+{
+	if (db_prepare(s->db, sql, 0, st) < 0)
+		return db_error(s, what);
+	return 0;
+}
+
+static int copy_rows(struct ms_store *from, struct ms_store *to,
+		     const struct copy_table *t, uint64_t *rows_r)
+{
+	struct db_stmt *rd, *wr;
+	char sql[512];
+	size_t n;
+	int i, rc, ret = 0;
+
+	*rows_r = 0;
+	snprintf(sql, sizeof(sql), "SELECT %s FROM %s", t->cols, t->name);
+	if (copy_prepare(from, sql, &rd, t->name) < 0)
+		return -1;
+	n = (size_t)snprintf(sql, sizeof(sql), "INSERT INTO %s (%s) VALUES (",
+			     t->name, t->cols);
+	for (i = 1; i <= t->ncols && n < sizeof(sql); i++)
+		n += (size_t)snprintf(sql + n, sizeof(sql) - n, "%s?%d",
+				      i > 1 ? ", " : "", i);
+	snprintf(sql + n, n < sizeof(sql) ? sizeof(sql) - n : 0, ")");
+	if (copy_prepare(to, sql, &wr, t->name) < 0) {
+		db_finalize(rd);
+		return -1;
+	}
+	/* the row's text is bound as it is: the insert runs before the
+	 * next step moves the reader on */
+	while ((rc = db_step(rd)) == DB_ROW) {
+		for (i = 0; i < t->ncols; i++)
+			db_bind_text(wr, i + 1, db_column_text(rd, i, NULL));
+		if (run(to, wr, t->name) < 0) {
+			ret = -1;
+			break;
+		}
+		(*rows_r)++;
+	}
+	if (ret == 0 && rc != DB_DONE)
+		ret = db_error(from, t->name);
+	if (ret == 0 && t->ids && to->drv->sync_ids != NULL &&
+	    to->drv->sync_ids(to->db, t->name) < 0)
+		ret = db_error(to, t->name);
+	db_finalize(rd);
+	db_finalize(wr);
+	return ret;
+}
+
+/* The rows the target holds in all its tables. */
+static int copy_count(struct ms_store *s, uint64_t *rows_r)
+{
+	struct db_stmt *st;
+	char sql[128];
+	size_t i;
+	int ret;
+
+	*rows_r = 0;
+	for (i = 0; i < NCOPY; i++) {
+		snprintf(sql, sizeof(sql), "SELECT count(*) FROM %s",
+			 copy_tables[i].name);
+		if (copy_prepare(s, sql, &st, "count") < 0)
+			return -1;
+		ret = step_row(s, st, "count");
+		if (ret == 1)
+			*rows_r += (uint64_t)db_column_int64(st, 0);
+		db_finalize(st);
+		if (ret < 0)
+			return -1;
+	}
+	return 0;
+}
+
+/* Children first, so that no foreign key is in the way. */
+static int copy_empty(struct ms_store *s)
+{
+	char sql[128];
+	size_t i;
+
+	for (i = NCOPY; i-- > 0;) {
+		snprintf(sql, sizeof(sql), "DELETE FROM %s",
+			 copy_tables[i].name);
+		if (exec(s, sql, "replace") < 0)
+			return -1;
+	}
+	return 0;
+}
+
+static int copy_all(struct ms_store *from, struct ms_store *to, int replace,
+		    ms_store_copy_cb *cb, void *ctx)
+{
+	uint64_t rows;
+	size_t i;
+
+	if (copy_count(to, &rows) < 0)
+		return -1;
+	if (rows > 0 && !replace)
+		return set_error(to, "the target store is not empty (%llu "
+				 "rows): it may hold a migration (--replace "
+				 "empties it first)", (unsigned long long)rows);
+	if (rows > 0 && copy_empty(to) < 0)
+		return -1;
+	for (i = 0; i < NCOPY; i++) {
+		if (copy_rows(from, to, &copy_tables[i], &rows) < 0)
+			return -1;
+		if (cb != NULL)
+			cb(ctx, copy_tables[i].name, rows);
+	}
+	return 0;
+}
+
+int ms_store_copy(struct ms_store *from, struct ms_store *to, int replace,
+		  ms_store_copy_cb *cb, void *ctx)
+{
+	int ret;
+
+	from->error[0] = to->error[0] = '\0';
+	/* the meta table is made when first needed (claim()) */
+	if (exec(from, meta_sql, "meta") < 0 || exec(to, meta_sql, "meta") < 0)
+		return -1;
+	if (exec(from, from->drv->begin_snapshot, "snapshot") < 0)
+		return -1;
+	if (ms_store_begin(to) < 0) {
+		db_exec(from->db, "ROLLBACK");
+		return -1;
+	}
+	ret = copy_all(from, to, replace, cb, ctx);
+	/* the copy's error is in from's or to's error: keep it in to's */
+	if (ret < 0 && from->error[0] != '\0' && to->error[0] == '\0')
+		set_error(to, "%s", from->error);
+	ret = finish(to, ret);
+	db_exec(from->db, "ROLLBACK");
+	return ret;
+}

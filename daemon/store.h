@@ -251,4 +251,13 @@ int ms_store_retirement_add(struct ms_store *store,
 int ms_store_retirement_get(struct ms_store *store, struct ms_retirement *r,
 			    int *found_r);
 
+/* Copies every row of every table of from into to (mailshiftctl store
+ * copy), in one transaction on to and from one snapshot of from. A target
+ * holding any row is refused unless replace, which empties it first (in
+ * the same transaction). cb, when not NULL, hears each table's row count.
+ * On failure to is as it was and ms_store_error(to) says why. */
+typedef void ms_store_copy_cb(void *ctx, const char *table, uint64_t rows);
+int ms_store_copy(struct ms_store *from, struct ms_store *to, int replace,
+		  ms_store_copy_cb *cb, void *ctx);
+
 #endif

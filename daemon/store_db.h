@@ -49,6 +49,8 @@ struct db_driver {
 	int (*exec)(struct db *db, const char *sql);
 	int (*in_transaction)(struct db *db);
 
+	/* A read-only transaction whose reads all see one instant. */
+	const char *begin_snapshot;
 	/* The write transaction that creates or upgrades the schema: one
 	 * process at a time, the version read again inside. */
 	int (*begin_schema)(struct db *db);

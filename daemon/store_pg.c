@@ -393,6 +393,7 @@ static int pg_sync_ids(struct db *db, const char *table)
 const struct db_driver ms_db_pg = {
 	.name = "postgresql",
 	.sqlite_dialect = 0,
+	.begin_snapshot = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
 	.open = pg_open,
 	.close = pg_close,
 	.errmsg = pg_errmsg,

@@ -269,6 +269,9 @@ static int lite_set_version(struct db *db, int version)
 const struct db_driver ms_db_sqlite = {
 	.name = "sqlite",
 	.sqlite_dialect = 1,
+	/* deferred: in WAL mode the first read fixes the snapshot, and no
+	 * writer waits for it */
+	.begin_snapshot = "BEGIN",
 	.open = lite_open,
 	.close = lite_close,
 	.errmsg = lite_errmsg,

@@ -27,6 +27,7 @@ static const struct {
 	{ "takeover", takeover_main, "Takes over the old server's address on this host" },
 	{ "giveback", giveback_main, "Undoes a takeover: the address and its steering go" },
 	{ "retire", retire_main, "Says whether the source can go, switches it off, reports" },
+	{ "store", store_main, "Copies a migration's store between SQLite and PostgreSQL" },
 };
 
 static void show_usage(FILE *f)

@@ -92,7 +92,7 @@ static int load(struct ropts *o)
 		return -1;
 	/* Opening would create an empty store: a wrong path must not read
 	 * as "no user left on the source". */
-	if (access(c.store, F_OK) < 0) {
+	if (!ms_store_is_url(c.store) && access(c.store, F_OK) < 0) {
 		snprintf(o->err, sizeof(o->err), "store %s: %s", c.store,
 			 strerror(errno));
 		return -1;

@@ -19,6 +19,7 @@ int steer_main(int argc, char *argv[]);
 int takeover_main(int argc, char *argv[]);
 int giveback_main(int argc, char *argv[]);
 int retire_main(int argc, char *argv[]);
+int store_main(int argc, char *argv[]);
 
 /* From cli.c: a subcommand's failure reported (on stderr as "PROG CMD:
  * ERR"; with json, {"ok": false, "error": ERR} on stdout too); returns

@@ -126,7 +126,7 @@ class Mailshiftd:
                  submission=False, smtp_backends=None, smtp_ca_file=None,
                  listen_host='127.0.0.1', imap_port=None, pop3_port=None,
                  transparent=False, netns=None, env=None, activation=None,
-                 flip_quiet=1):
+                 flip_quiet=1, store_url=None):
         self.root_dir = os.path.abspath(root_dir)
         self.src = src
         self.dst = dst
@@ -159,6 +159,9 @@ class Mailshiftd:
         self.config_path = os.path.join(self.root_dir, 'mailshift.conf')
         self.log_path = os.path.join(self.root_dir, 'mailshiftd.log')
         self.store_path = os.path.join(self.root_dir, 'mailshift.db')
+        # [store] url in place of path: a PostgreSQL database
+        # (tests/lib/postgres.py; its password file in env's PGPASSFILE)
+        self.store_url = store_url
         self.socket_path = os.path.join(self.root_dir, 'control.sock')
         self.pid_file = os.path.join(self.root_dir, 'mailshiftd.pid')
         self.cert_file = self.key_file = None
@@ -213,7 +216,8 @@ class Mailshiftd:
                                                   'source')
         lines += ['', '[destination]'] + self._backend(
             self.dst, self.dst_schemes, 'destination')
-        lines += ['', '[store]', 'path = %s' % self.store_path,
+        lines += ['', '[store]', 'url = %s' % self.store_url
+                  if self.store_url else 'path = %s' % self.store_path,
                   '', '[policy]', 'on_first_login = %s' % self.policy,
                   'hold_max_seconds = %d' % self.hold_max,
                   'flip_quiet = %ds' % self.flip_quiet,

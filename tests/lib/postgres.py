@@ -171,9 +171,11 @@ class Postgres:
         """Runs sql as the superuser; its rows as lists of str."""
         return self.psql(db, sql, user='postgres')
 
-    def psql(self, db, sql, user='postgres'):
+    def psql(self, db, sql, user='postgres', null=''):
+        """Rows as lists of str; an SQL NULL reads as null."""
         r = subprocess.run([os.path.join(PG_BIN, 'psql'), '-X', '-q', '-A',
-                            '-t', '-F', '\x1f', '-v', 'ON_ERROR_STOP=1',
+                            '-t', '-F', '\x1f', '-P', 'null=' + null,
+                            '-v', 'ON_ERROR_STOP=1',
                             '-h', self.sock_dir, '-p', str(self.port),
                             '-U', user, '-d', db, '-c', sql],
                            stdin=subprocess.DEVNULL, capture_output=True,

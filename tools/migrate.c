@@ -99,7 +99,8 @@ static void usage(FILE *f)
 "      --dest-doveadm-key-file F its API key (a file of mode 0600 or stricter)\n"
 "      --ca-file FILE            CA bundle for both servers' certificates\n"
 "      --insecure                do not verify certificates (labs only)\n"
-"      --store PATH              SQLite store (default " DEFAULT_STORE ")\n"
+"      --store PATH              SQLite store (default " DEFAULT_STORE "),\n"
+"                                 or a postgresql:// URL\n"
 "      --include GLOB            only folders matching GLOB ('/' separates levels)\n"
 "      --exclude GLOB            skip folders matching GLOB\n"
 "      --connections N           connections per server (default 4)\n"
@@ -223,7 +224,8 @@ static int on_config(void *ctx, const char *section, const char *key,
 	if (!strcmp(section, "destination"))
 		return side_key(&o->dst, key, value, err, errsz);
 	if (!strcmp(section, "store")) {
-		if (!strcmp(key, "path"))
+		if (!strcmp(key, "path") ||
+		    (!strcmp(key, "url") && ms_store_is_url(value)))
 			return set_str(&o->store, value);
 		if (!strcmp(key, "backend")) {
 			if (strcmp(value, "sqlite") != 0) {

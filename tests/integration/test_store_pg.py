@@ -254,3 +254,51 @@ def test_bad_input_at_start(pair, pg, new_db, workdir):
     assert 'SQL_ASCII' in log, log
     assert pg.admin('utf', "SELECT count(*) FROM pg_tables WHERE "
                     "schemaname = 'public'") == [['0']]
+
+
+def test_tls_from_the_url(pair, workdir, ca, wrong_ca):
+    """TLS is the URL's sslmode: verify-full against the server's CA
+    connects over TLS; a server that requires TLS refuses sslmode=disable,
+    and a certificate from another CA is refused at start."""
+    server = postgres.Postgres(os.path.join(workdir, 'pgtls'), ssl=True,
+                               tls_ca=ca)
+    server.start()
+    try:
+        server.create_db('tls')
+
+        def gw(name, **params):
+            return gwlib.Mailshiftd(os.path.join(workdir, name), pair.src,
+                                    pair.dst, env=server.env(),
+                                    store_url=server.url('tls', **params))
+
+        g = gw('gw', sslmode='verify-full', sslrootcert=ca.ca_file)
+        g.start()
+        try:
+            assert g.ctl('user', 'add', 'alice').rc == 0
+            assert server.admin('tls', "SELECT bool_and(s.ssl) FROM "
+                                "pg_stat_ssl s JOIN pg_stat_activity a "
+                                "USING (pid) WHERE a.usename = "
+                                "'mailshift'") == [['t']]
+        finally:
+            g.stop()
+        log = start_refused(gw('plain', sslmode='disable'))
+        assert 'cannot connect' in log and 'no encryption' in log, log
+        log = start_refused(gw('wrongca', sslmode='verify-full',
+                               sslrootcert=wrong_ca.ca_file))
+        assert 'cannot connect' in log and 'certificate' in log, log
+    finally:
+        server.stop()
+
+
+def test_store_copy_usage(ctl, workdir):
+    """store copy: usage errors exit 2; a SQLite source that is not there
+    is an error (exit 1), not an empty store made and copied."""
+    for args in ([], ['a'], ['a', 'b', 'c'], ['--bogus', 'a', 'b']):
+        r = subprocess.run([ctl, 'store', 'copy'] + args,
+                           stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True)
+        assert r.returncode == 2 and 'Usage' in r.stderr, (args, r.stderr)
+    missing = os.path.join(workdir, 'missing.db')
+    r = store_copy(ctl, missing, os.path.join(workdir, 'to.db'))
+    assert r.returncode == 1 and 'missing.db' in r.stderr, r.stderr
+    assert not os.path.exists(missing)

@@ -17,7 +17,7 @@ group- or world-readable one). The harness itself speaks to the server as
 its superuser over a UNIX socket in the cluster's directory (trust), to
 create databases and compare rows. ssl=True turns TLS on with a server
 certificate from a dovecot.TestCA (tls_ca), so a URL can ask for
-sslmode=verify-full.
+sslmode=verify-full, and refuses the role a connection without TLS.
 """
 
 import os
@@ -94,8 +94,10 @@ class Postgres:
                   'a') as f:
             f.write('\n'.join(conf) + '\n')
         with open(os.path.join(self.data_dir, 'pg_hba.conf'), 'w') as f:
+            # with ssl, TCP without TLS is refused
             f.write('local all postgres trust\n'
-                    'host all %s 127.0.0.1/32 scram-sha-256\n' % ROLE)
+                    '%s all %s 127.0.0.1/32 scram-sha-256\n'
+                    % ('hostssl' if self.ssl else 'host', ROLE))
         open(self.log_path, 'a').close()
         self._chown(self.log_path)
         self._run([os.path.join(PG_BIN, 'pg_ctl'), '-D', self.data_dir,

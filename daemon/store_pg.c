@@ -6,6 +6,12 @@
  *
  * Rows come back whole (PQexecPrepared), and step() walks them; text comes
  * and goes in the text format, so an integer column is printed and parsed.
+ *
+ * A lost connection (the server restarted, the network cut) fails the
+ * statement that finds it; the next one connects again and prepares the
+ * persistent statements anew. Not inside a transaction, though: what it
+ * had written is gone with the session, so every statement fails until the
+ * caller's ROLLBACK, which then only reconnects.
  */
 #include "store_db.h"
 
@@ -24,6 +30,8 @@ struct db {
 	const struct db_driver *d;	/* first: see store_db.h */
 	PGconn *conn;
 	int nstmts;			/* names handed out: ms1, ms2, ... */
+	int session;			/* counts reconnections */
+	int txn_open;			/* a transaction, when last seen */
 	int changes;
 	char error[512];
 };
@@ -33,6 +41,7 @@ struct db_stmt {
 	struct db *db;
 	char *sql;			/* with $n, for PQexecParams */
 	char name[16];			/* "" = not prepared on the server */
+	int session;			/* the db->session it was prepared in */
 	int nparams;
 	const char *values[PG_MAX_PARAMS];
 	char ints[PG_MAX_PARAMS][24];
@@ -188,11 +197,54 @@ static int rewrite(const char *sql, char *out)
 	return max <= PG_MAX_PARAMS ? max : -1;
 }
 
+static int server_prepare(struct db_stmt *st)
+{
+	PGresult *res = PQprepare(st->db->conn, st->name, st->sql, 0, NULL);
+	int ret = 0;
+
+	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+		res_err(st->db, res);
+		ret = -1;
+	}
+	PQclear(res);
+	st->session = st->db->session;
+	return ret;
+}
+
+/* Before a statement: 0 go on, 1 done already (a ROLLBACK of what a lost
+ * session held), -1 not now (error set). */
+static int revive(struct db_stmt *st)
+{
+	struct db *db = st->db;
+	int rollback = !strcmp(st->sql, "ROLLBACK");
+
+	if (PQstatus(db->conn) == CONNECTION_OK)
+		goto prepared;
+	if (db->txn_open && !rollback) {
+		set_err(db, "", "the connection to the database was lost in a "
+			"transaction: it must be rolled back");
+		return -1;
+	}
+	PQreset(db->conn);
+	if (PQstatus(db->conn) != CONNECTION_OK) {
+		set_err(db, "cannot connect again: ", PQerrorMessage(db->conn));
+		return -1;
+	}
+	db->session++;
+	db->txn_open = 0;
+	if (rollback)
+		return 1;
+prepared:
+	if (st->name[0] != '\0' && st->session != db->session &&
+	    server_prepare(st) < 0)
+		return -1;
+	return 0;
+}
+
 static int pg_prepare(struct db *db, const char *sql, int persistent,
 		      struct db_stmt **st_r)
 {
 	struct db_stmt *st = calloc(1, sizeof(*st));
-	PGresult *res;
 
 	if (st == NULL || (st->sql = malloc(strlen(sql) + 1)) == NULL) {
 		free(st);
@@ -208,13 +260,8 @@ static int pg_prepare(struct db *db, const char *sql, int persistent,
 	}
 	if (persistent) {
 		snprintf(st->name, sizeof(st->name), "ms%d", ++db->nstmts);
-		res = PQprepare(db->conn, st->name, st->sql, 0, NULL);
-		if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-			res_err(db, res);
-			PQclear(res);
+		if (server_prepare(st) < 0)
 			goto fail;
-		}
-		PQclear(res);
 	}
 	*st_r = st;
 	return 0;
@@ -260,7 +307,13 @@ static int run(struct db_stmt *st)
 {
 	struct db *db = st->db;
 	ExecStatusType rc;
+	int r = revive(st);
 
+	if (r != 0) {
+		st->res = NULL;
+		st->row = st->nrows = 0;
+		return r < 0 ? DB_ERROR : DB_DONE;
+	}
 	if (st->name[0] != '\0')
 		st->res = PQexecPrepared(db->conn, st->name, st->nparams,
 					 st->values, NULL, NULL, 0);
@@ -268,6 +321,8 @@ static int run(struct db_stmt *st)
 		st->res = PQexecParams(db->conn, st->sql, st->nparams, NULL,
 				       st->values, NULL, NULL, 0);
 	rc = PQresultStatus(st->res);
+	if (PQstatus(db->conn) == CONNECTION_OK)
+		db->txn_open = PQtransactionStatus(db->conn) != PQTRANS_IDLE;
 	if (rc != PGRES_COMMAND_OK && rc != PGRES_TUPLES_OK) {
 		res_err(db, st->res);
 		return DB_ERROR;
@@ -324,6 +379,8 @@ static int pg_changes(struct db *db)
 
 static int pg_in_transaction(struct db *db)
 {
+	if (PQstatus(db->conn) != CONNECTION_OK)
+		return db->txn_open;
 	return PQtransactionStatus(db->conn) != PQTRANS_IDLE;
 }
 

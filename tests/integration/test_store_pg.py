@@ -16,7 +16,7 @@ import pytest
 import dovecot as dc
 import gateway as gwlib
 import postgres
-from conftest import MASTER
+from conftest import MASTER, wait_for
 
 # Every table of the store and its columns (daemon/store.c, copy_tables).
 TABLES = {
@@ -302,3 +302,24 @@ def test_store_copy_usage(ctl, workdir):
     r = store_copy(ctl, missing, os.path.join(workdir, 'to.db'))
     assert r.returncode == 1 and 'missing.db' in r.stderr, r.stderr
     assert not os.path.exists(missing)
+
+
+def test_database_restart(pair, pg, new_db, workdir):
+    """The server restarted under a running mailshiftd: the statement that
+    finds the connection gone fails, the next ones connect again; the map
+    is as it was and new writes land."""
+    db, url = new_db()
+    g = gwlib.Mailshiftd(os.path.join(workdir, 'gw'), pair.src, pair.dst,
+                         store_url=url, env=pg.env())
+    g.start()
+    try:
+        assert g.ctl('user', 'add', 'alice').rc == 0
+        pg.restart()
+        assert wait_for(lambda: g.ctl('user', 'add', 'bulk').rc == 0, 30,
+                        interval=0.2), g.log_tail()
+        assert g.state('alice') == 'source'
+        assert g.alive
+    finally:
+        g.stop()
+    assert sorted(r[1] for r in pg_rows(pg, db)['users']) == ['alice',
+                                                             'bulk']

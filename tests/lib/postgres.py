@@ -174,13 +174,14 @@ class Postgres:
         return self.psql(db, sql, user='postgres')
 
     def psql(self, db, sql, user='postgres', null=''):
-        """Rows as lists of str; an SQL NULL reads as null."""
+        """Rows as lists of str; an SQL NULL reads as null. The SQL goes
+        on stdin: CREATE ROLE's password must not be in an argv."""
         r = subprocess.run([os.path.join(PG_BIN, 'psql'), '-X', '-q', '-A',
                             '-t', '-F', '\x1f', '-P', 'null=' + null,
                             '-v', 'ON_ERROR_STOP=1',
                             '-h', self.sock_dir, '-p', str(self.port),
-                            '-U', user, '-d', db, '-c', sql],
-                           stdin=subprocess.DEVNULL, capture_output=True,
+                            '-U', user, '-d', db, '-f', '-'],
+                           input=sql, capture_output=True,
                            text=True, errors='surrogateescape')
         if r.returncode != 0:
             raise dovecot.HarnessError('psql %s: %s' % (sql, r.stderr))

@@ -428,7 +428,7 @@ static int claim(struct ms_store *s, const char *pair)
 	if (exec(s, meta_sql, "meta") < 0)
 		return -1;
 	if (db_prepare(s->db, "SELECT value FROM meta WHERE key = "
-		       "'migration'", 0, &st) < 0)
+		       "'migration'", DB_ONCE, &st) < 0)
 		return db_error(s, "meta");
 	ret = step_row(s, st, "meta");
 	if (ret == 1) {
@@ -440,7 +440,7 @@ static int claim(struct ms_store *s, const char *pair)
 	} else if (ret == 0) {
 		db_finalize(st);
 		if (db_prepare(s->db, "INSERT INTO meta (key, value) VALUES "
-			       "('migration', ?1)", 0, &st) < 0)
+			       "('migration', ?1)", DB_ONCE, &st) < 0)
 			return db_error(s, "meta");
 		db_bind_text(st, 1, pair);
 		ret = run(s, st, "meta");
@@ -505,7 +505,7 @@ static int prepare_all(struct ms_store *s)
 			sql = "BEGIN";	/* a write takes its row locks */
 		if (i == ST_MSG_GET_DST && s->drv->sqlite_dialect)
 			sql = msg_get_dst_sqlite;
-		if (db_prepare(s->db, sql, 1, &s->st[i]) < 0)
+		if (db_prepare(s->db, sql, DB_KEEP, &s->st[i]) < 0)
 			return db_error(s, "prepare");
 	}
 	return 0;
@@ -675,7 +675,7 @@ static int exec_user(struct ms_store *s, const char *sql, int64_t user_id,
 	struct db_stmt *st;
 	int ret;
 
-	if (db_prepare(s->db, sql, 0, &st) < 0)
+	if (db_prepare(s->db, sql, DB_ONCE, &st) < 0)
 		return db_error(s, what);
 	db_bind_int64(st, 1, user_id);
 	db_bind_int64(st, 2, time(NULL));
@@ -1190,7 +1190,7 @@ int ms_store_folder_foreach(struct ms_store *store, int64_t user_id,
 	int rc, ret = 0;
 
 	if (db_prepare(store->db, "SELECT " FOLDER_COLS " FROM folders"
-			       " WHERE user_id = ?1 ORDER BY src_name", 0, &st) < 0)
+			       " WHERE user_id = ?1 ORDER BY src_name", DB_ONCE, &st) < 0)
 		return db_error(store, "folder_foreach");
 	db_bind_int64(st, 1, user_id);
 	while ((rc = db_step(st)) == DB_ROW) {
@@ -1243,7 +1243,7 @@ int ms_store_user_info(struct ms_store *store, const char *name,
 	*found_r = 0;
 	if (store->user_info == NULL &&
 	    db_prepare(store->db, "SELECT " USER_COLS " FROM users "
-			       "WHERE name = ?1", 0, &store->user_info) < 0)
+			       "WHERE name = ?1", DB_ONCE, &store->user_info) < 0)
 		return db_error(store, "user_info");
 	st = store->user_info;
 	db_bind_text(st, 1, name);
@@ -1266,7 +1266,7 @@ int ms_store_user_foreach(struct ms_store *store, ms_store_user_cb *cb,
 	int rc, ret = 0;
 
 	if (db_prepare(store->db, "SELECT " USER_COLS " FROM users "
-			       "ORDER BY name", 0, &st) < 0)
+			       "ORDER BY name", DB_ONCE, &st) < 0)
 		return db_error(store, "user_foreach");
 	while ((rc = db_step(st)) == DB_ROW) {
 		user_row(st, &u);
@@ -1298,7 +1298,7 @@ int ms_store_user_set_policy(struct ms_store *store, int64_t user_id,
 	if (policy != NULL && *policy != '\0' && bad_policy(store, policy))
 		return -1;
 	if (db_prepare(store->db, "UPDATE users SET policy = ?2 "
-			       "WHERE id = ?1", 0, &st) < 0)
+			       "WHERE id = ?1", DB_ONCE, &st) < 0)
 		return db_error(store, "user_set_policy");
 	db_bind_int64(st, 1, user_id);
 	if (policy != NULL && *policy != '\0')
@@ -1323,7 +1323,7 @@ int ms_store_policy_set(struct ms_store *store, const char *scope,
 			       "INSERT INTO policies (scope, policy) "
 			       "VALUES (?1, ?2) ON CONFLICT (scope) DO UPDATE "
 			       "SET policy = excluded.policy" :
-			       "DELETE FROM policies WHERE scope = ?1", 0, &st) < 0)
+			       "DELETE FROM policies WHERE scope = ?1", DB_ONCE, &st) < 0)
 		return db_error(store, "policy_set");
 	db_bind_text(st, 1, scope);
 	if (policy != NULL)
@@ -1342,7 +1342,7 @@ int ms_store_policy_foreach(struct ms_store *store, ms_store_policy_cb *cb,
 	int rc, r = 0;
 
 	if (db_prepare(store->db, "SELECT scope, policy FROM policies "
-			       "ORDER BY scope", 0, &st) < 0)
+			       "ORDER BY scope", DB_ONCE, &st) < 0)
 		return db_error(store, "policy_foreach");
 	while ((rc = db_step(st)) == DB_ROW && r == 0)
 		r = cb(ctx, db_column_text(st, 0, NULL),
@@ -1369,7 +1369,7 @@ int ms_store_source_use_note(struct ms_store *store,
 			       "(key, kind, name, at, slack) VALUES (?1, ?2, "
 			       "?3, ?4, ?5) ON CONFLICT (key, kind) DO UPDATE "
 			       "SET name = excluded.name, at = excluded.at, "
-			       "slack = excluded.slack", 0, &st) < 0)
+			       "slack = excluded.slack", DB_ONCE, &st) < 0)
 		return db_error(store, "source_use_note");
 	db_bind_text(st, 1, u->key);
 	db_bind_text(st, 2, u->kind);
@@ -1388,7 +1388,7 @@ int ms_store_source_use_foreach(struct ms_store *store, int64_t since,
 
 	if (db_prepare(store->db, "SELECT key, kind, name, at, slack "
 			       "FROM source_use WHERE at + slack >= ?1 "
-			       "ORDER BY at DESC, key, kind", 0, &st) < 0)
+			       "ORDER BY at DESC, key, kind", DB_ONCE, &st) < 0)
 		return db_error(store, "source_use_foreach");
 	db_bind_int64(st, 1, since);
 	while (ret == 0 && (rc = db_step(st)) == DB_ROW) {
@@ -1420,7 +1420,7 @@ int ms_store_user_moves(struct ms_store *store, int64_t user_id,
 
 	*first_copy_r = *moved_r = 0;
 	if (db_prepare(store->db, "SELECT first_copy, moved FROM "
-			       "user_moves WHERE user_id = ?1", 0, &st) < 0)
+			       "user_moves WHERE user_id = ?1", DB_ONCE, &st) < 0)
 		return db_error(store, "user_moves");
 	db_bind_int64(st, 1, user_id);
 	rc = db_step(st);
@@ -1440,7 +1440,7 @@ int ms_store_retirement_add(struct ms_store *store,
 	struct db_stmt *st;
 
 	if (db_prepare(store->db, "INSERT INTO retirements (at, uid, "
-		       "forced, record) VALUES (?1, ?2, ?3, ?4)", 0, &st) < 0)
+		       "forced, record) VALUES (?1, ?2, ?3, ?4)", DB_ONCE, &st) < 0)
 		return db_error(store, "retirement_add");
 	db_bind_int64(st, 1, r->at);
 	db_bind_int64(st, 2, r->uid);
@@ -1459,7 +1459,7 @@ int ms_store_retirement_get(struct ms_store *store, struct ms_retirement *r,
 	memset(r, 0, sizeof(*r));
 	*found_r = 0;
 	if (db_prepare(store->db, "SELECT at, uid, forced, record FROM "
-		       "retirements ORDER BY id DESC LIMIT 1", 0, &st) < 0)
+		       "retirements ORDER BY id DESC LIMIT 1", DB_ONCE, &st) < 0)
 		return db_error(store, "retirement_get");
 	rc = db_step(st);
 	if (rc == DB_ROW) {
@@ -1483,7 +1483,7 @@ int ms_store_retirement_get(struct ms_store *store, struct ms_retirement *r,
 static int prepare(struct ms_store *s, const char *sql, struct db_stmt **st,
 		   const char *what)
 {
-	if (db_prepare(s->db, sql, 0, st) < 0)
+	if (db_prepare(s->db, sql, DB_ONCE, st) < 0)
 		return db_error(s, what);
 	return 0;
 }
@@ -1579,15 +1579,6 @@ static const struct copy_table {
 };
 #define NCOPY (sizeof(copy_tables) / sizeof(copy_tables[0]))
 
-/* One statement prepared for the copy's call, or -1 with the error. */
-static int copy_prepare(struct ms_store *s, const char *sql,
-			struct db_stmt **st, const char *what)
-{
-	if (db_prepare(s->db, sql, 0, st) < 0)
-		return db_error(s, what);
-	return 0;
-}
-
 static int copy_rows(struct ms_store *from, struct ms_store *to,
 		     const struct copy_table *t, uint64_t *rows_r)
 {
@@ -1598,15 +1589,16 @@ static int copy_rows(struct ms_store *from, struct ms_store *to,
 
 	*rows_r = 0;
 	snprintf(sql, sizeof(sql), "SELECT %s FROM %s", t->cols, t->name);
-	if (copy_prepare(from, sql, &rd, t->name) < 0)
-		return -1;
+	/* streamed: a table of millions of messages is never in memory */
+	if (db_prepare(from->db, sql, DB_STREAM, &rd) < 0)
+		return db_error(from, t->name);
 	n = (size_t)snprintf(sql, sizeof(sql), "INSERT INTO %s (%s) VALUES (",
 			     t->name, t->cols);
 	for (i = 1; i <= t->ncols && n < sizeof(sql); i++)
 		n += (size_t)snprintf(sql + n, sizeof(sql) - n, "%s?%d",
 				      i > 1 ? ", " : "", i);
 	snprintf(sql + n, n < sizeof(sql) ? sizeof(sql) - n : 0, ")");
-	if (copy_prepare(to, sql, &wr, t->name) < 0) {
+	if (prepare(to, sql, &wr, t->name) < 0) {
 		db_finalize(rd);
 		return -1;
 	}
@@ -1643,7 +1635,7 @@ static int copy_count(struct ms_store *s, uint64_t *rows_r)
 	for (i = 0; i < NCOPY; i++) {
 		snprintf(sql, sizeof(sql), "SELECT count(*) FROM %s",
 			 copy_tables[i].name);
-		if (copy_prepare(s, sql, &st, "count") < 0)
+		if (prepare(s, sql, &st, "count") < 0)
 			return -1;
 		ret = step_row(s, st, "count");
 		if (ret == 1)

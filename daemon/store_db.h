@@ -21,6 +21,17 @@ struct db_stmt;
 
 enum { DB_ERROR = -1, DB_DONE = 0, DB_ROW = 1 };
 
+/* How a statement is kept (db_prepare's mode). */
+enum {
+	DB_ONCE = 0,		/* used for a call or two */
+	DB_KEEP = 1,		/* for the connection's life (prepared on the
+				   PostgreSQL server) */
+	DB_STREAM = 2,		/* a query whose rows come one at a time
+				   (PostgreSQL: single-row mode), not all at
+				   once: nothing else runs on its connection
+				   until it is done or reset */
+};
+
 struct db_driver {
 	const char *name;
 	/* 1 for SQLite: store.c picks the schema's types (written once,
@@ -32,9 +43,8 @@ struct db_driver {
 	void (*close)(struct db *db);	/* rolls back what is open */
 	const char *(*errmsg)(struct db *db);
 
-	/* persistent: kept for the connection's life (prepared on the
-	 * server by PostgreSQL); else used for a call or two. */
-	int (*prepare)(struct db *db, const char *sql, int persistent,
+	/* mode: DB_ONCE, DB_KEEP or DB_STREAM */
+	int (*prepare)(struct db *db, const char *sql, int mode,
 		       struct db_stmt **st_r);
 	void (*finalize)(struct db_stmt *st);
 	void (*bind_int64)(struct db_stmt *st, int idx, int64_t v);
@@ -78,10 +88,10 @@ static inline void db_close(struct db *db)
 		DB_DRIVER(db)->close(db);
 }
 
-static inline int db_prepare(struct db *db, const char *sql, int persistent,
+static inline int db_prepare(struct db *db, const char *sql, int mode,
 			     struct db_stmt **st_r)
 {
-	return DB_DRIVER(db)->prepare(db, sql, persistent, st_r);
+	return DB_DRIVER(db)->prepare(db, sql, mode, st_r);
 }
 
 static inline void db_finalize(struct db_stmt *st)

@@ -42,6 +42,8 @@ struct db_stmt {
 	char *sql;			/* with $n, for PQexecParams */
 	char name[16];			/* "" = not prepared on the server */
 	int session;			/* the db->session it was prepared in */
+	int stream;			/* DB_STREAM: rows one at a time */
+	int streaming;			/* its query is on the wire */
 	int nparams;
 	const char *values[PG_MAX_PARAMS];
 	char ints[PG_MAX_PARAMS][24];
@@ -241,7 +243,7 @@ prepared:
 	return 0;
 }
 
-static int pg_prepare(struct db *db, const char *sql, int persistent,
+static int pg_prepare(struct db *db, const char *sql, int mode,
 		      struct db_stmt **st_r)
 {
 	struct db_stmt *st = calloc(1, sizeof(*st));
@@ -258,7 +260,8 @@ static int pg_prepare(struct db *db, const char *sql, int persistent,
 		set_err(db, "", "too many parameters");
 		goto fail;
 	}
-	if (persistent) {
+	st->stream = mode == DB_STREAM;
+	if (mode == DB_KEEP) {
 		snprintf(st->name, sizeof(st->name), "ms%d", ++db->nstmts);
 		if (server_prepare(st) < 0)
 			goto fail;
@@ -273,8 +276,18 @@ fail:
 
 static void pg_reset(struct db_stmt *st)
 {
+	PGresult *res;
+
 	PQclear(st->res);
 	st->res = NULL;
+	/* the stream's end, or a stream stopped early: what is left is
+	 * read and dropped, or the connection could take no other
+	 * statement (no cancel: one that came late would hit the next) */
+	if (st->streaming) {
+		while ((res = PQgetResult(st->db->conn)) != NULL)
+			PQclear(res);
+		st->streaming = 0;
+	}
 	memset(st->values, 0, sizeof(st->values));
 }
 
@@ -340,8 +353,41 @@ static int run(struct db_stmt *st)
 	return DB_DONE;
 }
 
+/* The next row of a DB_STREAM query, sent as the first step. */
+static int stream_step(struct db_stmt *st)
+{
+	struct db *db = st->db;
+	ExecStatusType rc;
+
+	if (!st->streaming) {
+		if (revive(st) != 0)
+			return DB_ERROR;
+		if (!PQsendQueryParams(db->conn, st->sql, st->nparams, NULL,
+				       st->values, NULL, NULL, 0) ||
+		    !PQsetSingleRowMode(db->conn)) {
+			set_err(db, "", PQerrorMessage(db->conn));
+			return DB_ERROR;
+		}
+		st->streaming = 1;
+	}
+	PQclear(st->res);
+	st->res = PQgetResult(db->conn);
+	rc = PQresultStatus(st->res);
+	if (rc == PGRES_SINGLE_TUPLE) {
+		st->row = 0;
+		return DB_ROW;
+	}
+	/* the end (an empty PGRES_TUPLES_OK) or an error, then NULL */
+	if (rc != PGRES_TUPLES_OK)
+		res_err(db, st->res);
+	pg_reset(st);
+	return rc == PGRES_TUPLES_OK ? DB_DONE : DB_ERROR;
+}
+
 static int pg_step(struct db_stmt *st)
 {
+	if (st->stream)
+		return stream_step(st);
 	if (st->res == NULL && run(st) == DB_ERROR) {
 		pg_reset(st);
 		return DB_ERROR;

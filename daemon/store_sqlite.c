@@ -147,7 +147,7 @@ static int lite_open(const char *path, struct db **db_r, char *err,
 	return 0;
 }
 
-static int lite_prepare(struct db *db, const char *sql, int persistent,
+static int lite_prepare(struct db *db, const char *sql, int mode,
 			struct db_stmt **st_r)
 {
 	struct db_stmt *st = calloc(1, sizeof(*st));
@@ -161,7 +161,7 @@ static int lite_prepare(struct db *db, const char *sql, int persistent,
 	st->db = db;
 	/* PERSISTENT: these live as long as the connection */
 	if (sqlite3_prepare_v3(db->h, sql, -1,
-			       persistent ? SQLITE_PREPARE_PERSISTENT : 0,
+			       mode == DB_KEEP ? SQLITE_PREPARE_PERSISTENT : 0,
 			       &st->st, NULL) != SQLITE_OK) {
 		free(st);
 		return -1;

@@ -194,8 +194,10 @@ static int store_key(struct ms_dconfig *c, const char *key, const char *value,
 	/* A PostgreSQL database in place of the file (store_pg.c): the
 	 * store is then named by its URL wherever it was by its path. */
 	if (!strcmp(key, "url")) {
-		if (!ms_store_is_url(value)) {
-			snprintf(err, errsz, "url: a postgresql:// URL");
+		char why[256];
+
+		if (ms_store_url_check(value, why, sizeof(why)) < 0) {
+			snprintf(err, errsz, "url: %s", why);
 			return -1;
 		}
 		return set_buf(c->store, sizeof(c->store), key, value, err,

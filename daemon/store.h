@@ -10,6 +10,7 @@
 #ifndef MS_STORE_H
 #define MS_STORE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 struct ms_store;
@@ -25,6 +26,9 @@ int ms_store_open_migration(const char *target, const char *pair,
 			    struct ms_store **store_r, char **error_r);
 /* Whether target names a database server (a postgresql:// URL). */
 int ms_store_is_url(const char *target);
+/* 0 for a postgresql:// URL libpq can read and that holds no password;
+ * else -1 and why in err (which never repeats the URL). */
+int ms_store_url_check(const char *url, char *err, size_t errsz);
 void ms_store_close(struct ms_store **store);
 const char *ms_store_error(const struct ms_store *store);
 

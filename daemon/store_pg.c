@@ -13,6 +13,7 @@
  * had written is gone with the session, so every statement fails until the
  * caller's ROLLBACK, which then only reconnects.
  */
+#include "store.h"
 #include "store_db.h"
 
 #include <inttypes.h>
@@ -517,6 +518,15 @@ const struct db_driver ms_db_pg = {
 	.set_version = pg_set_version,
 	.sync_ids = pg_sync_ids,
 };
+
+int ms_store_url_check(const char *url, char *err, size_t errsz)
+{
+	if (!ms_store_is_url(url)) {
+		snprintf(err, errsz, "not a postgresql:// URL");
+		return -1;
+	}
+	return check_url(url, err, errsz);
+}
 
 const struct db_driver *ms_db_driver_for(const char *target)
 {

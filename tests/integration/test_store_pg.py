@@ -227,10 +227,16 @@ def test_bad_input_at_start(pair, pg, new_db, workdir):
     assert 'cannot connect' in log, log
 
     db, url = new_db()
-    log = start_refused(gw('pw', url.replace('mailshift@',
-                                             'mailshift:Pg-in-url-9q@')))
+    g = gw('pw', url.replace('mailshift@', 'mailshift:Pg-in-url-9q@'))
+    log = start_refused(g)
     assert 'password file' in log, log
     assert 'Pg-in-url-9q' not in log
+    # a configuration error: `mailshiftd -t` says so too
+    r = subprocess.run([g.binary, '-t', '-c', g.config_path],
+                       stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2 and 'password file' in r.stderr, r.stderr
+    assert 'Pg-in-url-9q' not in r.stderr + r.stdout
 
     g = gw('first', url)
     g.start()

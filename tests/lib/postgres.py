@@ -72,6 +72,14 @@ class Postgres:
     # ------------------------------------------------------------ lifecycle
 
     def start(self, timeout=60.0):
+        """Starts the server; on failure what was made is removed."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout):
         os.makedirs(self.root_dir, exist_ok=True)
         for d in (self.data_dir, self.sock_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)

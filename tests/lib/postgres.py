@@ -112,6 +112,12 @@ class Postgres:
                    '-l', self.log_path, '-w', '-t', str(int(timeout)),
                    'start'])
         self.running = True
+        # what the store's rows became on disk (the WAL holds every one
+        # written) and the server's log, for the session's leak check:
+        # no user's password reaches the store on this engine either
+        leakcheck.CHECK.register_files(
+            'postgres in %s' % self.root_dir, [self.log_path],
+            dirs=[os.path.join(self.data_dir, 'pg_wal')])
         self.admin('postgres', "CREATE ROLE %s LOGIN PASSWORD '%s'"
                    % (ROLE, self.password))
         self.write_passfile(self.passfile)

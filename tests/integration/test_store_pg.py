@@ -329,3 +329,34 @@ def test_database_restart(pair, pg, new_db, workdir):
         g.stop()
     assert sorted(r[1] for r in pg_rows(pg, db)['users']) == ['alice',
                                                              'bulk']
+
+
+@pytest.mark.parametrize('point', ['copy.appended:2', 'copy.recorded:2'],
+                         ids=['appended', 'recorded'])
+def test_kill9_exactly_once(make_pair, pg, new_db, workdir, point):
+    """The mover's exactly-once on PostgreSQL: mailshiftd killed (a crash
+    point of the hook build) with a window on the destination and its
+    intents open, or just recorded; the start resumes the copy, and the
+    destination holds every message once."""
+    pair = make_pair(users=('bulk',))
+    db, url = new_db()
+    g = gwlib.Mailshiftd(os.path.join(workdir, 'gw'), pair.src, pair.dst,
+                         store_url=url, connections=1,
+                         binary=gwlib.MAILSHIFTD_HOOKS,
+                         env=dict(pg.env(), MAILSHIFT_CRASH_AT=point),
+                         extra_conf=admin_conf(workdir))
+    g.start()
+    try:
+        assert g.ctl('user', 'add', 'bulk').rc == 0
+        assert g.ctl('migrate', '--daemon', 'bulk').rc == 0
+        g.wait_crashed()
+        assert pg.admin(db, "SELECT state FROM users") == [['copying']]
+        g.restart_after_crash()
+        st = g.wait_state('bulk', ('destination', 'failed'), timeout=120)
+        assert st == 'destination', (st, g.log_tail())
+        assert 'bulk: resuming the interrupted copy' in g.log_text()
+    finally:
+        g.stop()
+    pair.assert_copied('bulk')
+    assert pg.admin(db, "SELECT count(*) FROM messages WHERE state = 0") \
+        == [['0']]

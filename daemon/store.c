@@ -168,7 +168,7 @@ enum stmt_id {
 };
 
 static const char *const stmt_sql[ST_COUNT] = {
-	[ST_BEGIN] = "BEGIN IMMEDIATE",		/* "BEGIN" on PostgreSQL */
+	[ST_BEGIN] = "BEGIN IMMEDIATE",	/* "BEGIN" on PostgreSQL */
 	[ST_COMMIT] = "COMMIT",
 	[ST_ROLLBACK] = "ROLLBACK",
 	[ST_USER_GET] = "SELECT id FROM users WHERE name = ?1",
@@ -409,6 +409,15 @@ static int exec(struct ms_store *s, const char *sql, const char *what)
 	return 0;
 }
 
+/* A statement for a call or two (DB_ONCE), or -1 with the error. */
+static int prepare(struct ms_store *s, const char *sql, struct db_stmt **st,
+		   const char *what)
+{
+	if (db_prepare(s->db, sql, DB_ONCE, st) < 0)
+		return db_error(s, what);
+	return 0;
+}
+
 static int get_version(struct ms_store *s, int *version_r)
 {
 	if (s->drv->get_version(s->db, version_r) < 0)
@@ -427,9 +436,9 @@ static int claim(struct ms_store *s, const char *pair)
 
 	if (exec(s, meta_sql, "meta") < 0)
 		return -1;
-	if (db_prepare(s->db, "SELECT value FROM meta WHERE key = "
-		       "'migration'", DB_ONCE, &st) < 0)
-		return db_error(s, "meta");
+	if (prepare(s, "SELECT value FROM meta WHERE key = 'migration'", &st,
+		    "meta") < 0)
+		return -1;
 	ret = step_row(s, st, "meta");
 	if (ret == 1) {
 		ret = copy_text(s, st, 0, have, sizeof(have), "migration");
@@ -439,9 +448,9 @@ static int claim(struct ms_store *s, const char *pair)
 					"(%s), not this one (%s)", have, pair);
 	} else if (ret == 0) {
 		db_finalize(st);
-		if (db_prepare(s->db, "INSERT INTO meta (key, value) VALUES "
-			       "('migration', ?1)", DB_ONCE, &st) < 0)
-			return db_error(s, "meta");
+		if (prepare(s, "INSERT INTO meta (key, value) VALUES "
+			    "('migration', ?1)", &st, "meta") < 0)
+			return -1;
 		db_bind_text(st, 1, pair);
 		ret = run(s, st, "meta");
 	}
@@ -675,8 +684,8 @@ static int exec_user(struct ms_store *s, const char *sql, int64_t user_id,
 	struct db_stmt *st;
 	int ret;
 
-	if (db_prepare(s->db, sql, DB_ONCE, &st) < 0)
-		return db_error(s, what);
+	if (prepare(s, sql, &st, what) < 0)
+		return -1;
 	db_bind_int64(st, 1, user_id);
 	db_bind_int64(st, 2, time(NULL));
 	ret = run(s, st, what);
@@ -1189,9 +1198,10 @@ int ms_store_folder_foreach(struct ms_store *store, int64_t user_id,
 	struct db_stmt *st;
 	int rc, ret = 0;
 
-	if (db_prepare(store->db, "SELECT " FOLDER_COLS " FROM folders"
-			       " WHERE user_id = ?1 ORDER BY src_name", DB_ONCE, &st) < 0)
-		return db_error(store, "folder_foreach");
+	if (prepare(store, "SELECT " FOLDER_COLS " FROM folders"
+		    " WHERE user_id = ?1 ORDER BY src_name", &st,
+		    "folder_foreach") < 0)
+		return -1;
 	db_bind_int64(st, 1, user_id);
 	while ((rc = db_step(st)) == DB_ROW) {
 		if (read_folder(store, st, &fs) < 0) {
@@ -1203,8 +1213,7 @@ int ms_store_folder_foreach(struct ms_store *store, int64_t user_id,
 	}
 	db_finalize(st);
 	if (ret == 0 && rc != DB_DONE)
-		return set_error(store, "folder_foreach: %s",
-				 db_errmsg(store->db));
+		return db_error(store, "folder_foreach");
 	return ret;
 }
 
@@ -1242,9 +1251,9 @@ int ms_store_user_info(struct ms_store *store, const char *name,
 
 	*found_r = 0;
 	if (store->user_info == NULL &&
-	    db_prepare(store->db, "SELECT " USER_COLS " FROM users "
-			       "WHERE name = ?1", DB_ONCE, &store->user_info) < 0)
-		return db_error(store, "user_info");
+	    prepare(store, "SELECT " USER_COLS " FROM users WHERE name = ?1",
+		    &store->user_info, "user_info") < 0)
+		return -1;
 	st = store->user_info;
 	db_bind_text(st, 1, name);
 	rc = db_step(st);
@@ -1254,7 +1263,7 @@ int ms_store_user_info(struct ms_store *store, const char *name,
 	}
 	db_reset(st);
 	if (rc != DB_ROW && rc != DB_DONE)
-		return set_error(store, "user_info: %s", db_errmsg(store->db));
+		return db_error(store, "user_info");
 	return 0;
 }
 
@@ -1265,9 +1274,10 @@ int ms_store_user_foreach(struct ms_store *store, ms_store_user_cb *cb,
 	struct db_stmt *st;
 	int rc, ret = 0;
 
-	if (db_prepare(store->db, "SELECT " USER_COLS " FROM users "
-			       "ORDER BY name", DB_ONCE, &st) < 0)
-		return db_error(store, "user_foreach");
+	if (prepare(store, "SELECT " USER_COLS " FROM users "
+		    "ORDER BY name", &st,
+		    "user_foreach") < 0)
+		return -1;
 	while ((rc = db_step(st)) == DB_ROW) {
 		user_row(st, &u);
 		if ((ret = cb(ctx, &u)) != 0)
@@ -1275,7 +1285,7 @@ int ms_store_user_foreach(struct ms_store *store, ms_store_user_cb *cb,
 	}
 	db_finalize(st);
 	if (ret == 0 && rc != DB_DONE)
-		return set_error(store, "user_foreach: %s", db_errmsg(store->db));
+		return db_error(store, "user_foreach");
 	return ret;
 }
 
@@ -1297,17 +1307,17 @@ int ms_store_user_set_policy(struct ms_store *store, int64_t user_id,
 
 	if (policy != NULL && *policy != '\0' && bad_policy(store, policy))
 		return -1;
-	if (db_prepare(store->db, "UPDATE users SET policy = ?2 "
-			       "WHERE id = ?1", DB_ONCE, &st) < 0)
-		return db_error(store, "user_set_policy");
+	if (prepare(store, "UPDATE users SET policy = ?2 "
+		    "WHERE id = ?1", &st,
+		    "user_set_policy") < 0)
+		return -1;
 	db_bind_int64(st, 1, user_id);
 	if (policy != NULL && *policy != '\0')
 		db_bind_text(st, 2, policy);
 	rc = db_step(st);
 	db_finalize(st);
 	if (rc != DB_DONE)
-		return set_error(store, "user_set_policy: %s",
-				 db_errmsg(store->db));
+		return db_error(store, "user_set_policy");
 	return 0;
 }
 
@@ -1319,19 +1329,20 @@ int ms_store_policy_set(struct ms_store *store, const char *scope,
 
 	if (policy != NULL && bad_policy(store, policy))
 		return -1;
-	if (db_prepare(store->db, policy != NULL ?
-			       "INSERT INTO policies (scope, policy) "
-			       "VALUES (?1, ?2) ON CONFLICT (scope) DO UPDATE "
-			       "SET policy = excluded.policy" :
-			       "DELETE FROM policies WHERE scope = ?1", DB_ONCE, &st) < 0)
-		return db_error(store, "policy_set");
+	if (prepare(store, policy != NULL ?
+		    "INSERT INTO policies (scope, policy) "
+		    "VALUES (?1, ?2) ON CONFLICT (scope) DO UPDATE "
+		    "SET policy = excluded.policy" :
+		    "DELETE FROM policies WHERE scope = ?1", &st,
+		    "policy_set") < 0)
+		return -1;
 	db_bind_text(st, 1, scope);
 	if (policy != NULL)
 		db_bind_text(st, 2, policy);
 	rc = db_step(st);
 	db_finalize(st);
 	if (rc != DB_DONE)
-		return set_error(store, "policy_set: %s", db_errmsg(store->db));
+		return db_error(store, "policy_set");
 	return 0;
 }
 
@@ -1341,9 +1352,10 @@ int ms_store_policy_foreach(struct ms_store *store, ms_store_policy_cb *cb,
 	struct db_stmt *st;
 	int rc, r = 0;
 
-	if (db_prepare(store->db, "SELECT scope, policy FROM policies "
-			       "ORDER BY scope", DB_ONCE, &st) < 0)
-		return db_error(store, "policy_foreach");
+	if (prepare(store, "SELECT scope, policy FROM policies "
+		    "ORDER BY scope", &st,
+		    "policy_foreach") < 0)
+		return -1;
 	while ((rc = db_step(st)) == DB_ROW && r == 0)
 		r = cb(ctx, db_column_text(st, 0, NULL),
 		       db_column_text(st, 1, NULL));
@@ -1351,8 +1363,7 @@ int ms_store_policy_foreach(struct ms_store *store, ms_store_policy_cb *cb,
 	if (r != 0)
 		return r;
 	if (rc != DB_DONE)
-		return set_error(store, "policy_foreach: %s",
-				 db_errmsg(store->db));
+		return db_error(store, "policy_foreach");
 	return 0;
 }
 
@@ -1365,12 +1376,13 @@ int ms_store_source_use_note(struct ms_store *store,
 {
 	struct db_stmt *st;
 
-	if (db_prepare(store->db, "INSERT INTO source_use "
-			       "(key, kind, name, at, slack) VALUES (?1, ?2, "
-			       "?3, ?4, ?5) ON CONFLICT (key, kind) DO UPDATE "
-			       "SET name = excluded.name, at = excluded.at, "
-			       "slack = excluded.slack", DB_ONCE, &st) < 0)
-		return db_error(store, "source_use_note");
+	if (prepare(store, "INSERT INTO source_use "
+		    "(key, kind, name, at, slack) VALUES (?1, ?2, "
+		    "?3, ?4, ?5) ON CONFLICT (key, kind) DO UPDATE "
+		    "SET name = excluded.name, at = excluded.at, "
+		    "slack = excluded.slack", &st,
+		    "source_use_note") < 0)
+		return -1;
 	db_bind_text(st, 1, u->key);
 	db_bind_text(st, 2, u->kind);
 	db_bind_text(st, 3, u->name);
@@ -1386,10 +1398,11 @@ int ms_store_source_use_foreach(struct ms_store *store, int64_t since,
 	struct db_stmt *st;
 	int rc, ret = 0;
 
-	if (db_prepare(store->db, "SELECT key, kind, name, at, slack "
-			       "FROM source_use WHERE at + slack >= ?1 "
-			       "ORDER BY at DESC, key, kind", DB_ONCE, &st) < 0)
-		return db_error(store, "source_use_foreach");
+	if (prepare(store, "SELECT key, kind, name, at, slack "
+		    "FROM source_use WHERE at + slack >= ?1 "
+		    "ORDER BY at DESC, key, kind", &st,
+		    "source_use_foreach") < 0)
+		return -1;
 	db_bind_int64(st, 1, since);
 	while (ret == 0 && (rc = db_step(st)) == DB_ROW) {
 		memset(&u, 0, sizeof(u));
@@ -1407,8 +1420,7 @@ int ms_store_source_use_foreach(struct ms_store *store, int64_t since,
 	}
 	db_finalize(st);
 	if (ret == 0 && rc != DB_DONE)
-		return set_error(store, "source_use_foreach: %s",
-				 db_errmsg(store->db));
+		return db_error(store, "source_use_foreach");
 	return ret;
 }
 
@@ -1419,9 +1431,10 @@ int ms_store_user_moves(struct ms_store *store, int64_t user_id,
 	int rc;
 
 	*first_copy_r = *moved_r = 0;
-	if (db_prepare(store->db, "SELECT first_copy, moved FROM "
-			       "user_moves WHERE user_id = ?1", DB_ONCE, &st) < 0)
-		return db_error(store, "user_moves");
+	if (prepare(store, "SELECT first_copy, moved FROM "
+		    "user_moves WHERE user_id = ?1", &st,
+		    "user_moves") < 0)
+		return -1;
 	db_bind_int64(st, 1, user_id);
 	rc = db_step(st);
 	if (rc == DB_ROW) {
@@ -1430,7 +1443,7 @@ int ms_store_user_moves(struct ms_store *store, int64_t user_id,
 	}
 	db_finalize(st);
 	if (rc != DB_ROW && rc != DB_DONE)
-		return set_error(store, "user_moves: %s", db_errmsg(store->db));
+		return db_error(store, "user_moves");
 	return 0;
 }
 
@@ -1439,9 +1452,10 @@ int ms_store_retirement_add(struct ms_store *store,
 {
 	struct db_stmt *st;
 
-	if (db_prepare(store->db, "INSERT INTO retirements (at, uid, "
-		       "forced, record) VALUES (?1, ?2, ?3, ?4)", DB_ONCE, &st) < 0)
-		return db_error(store, "retirement_add");
+	if (prepare(store, "INSERT INTO retirements (at, uid, "
+		    "forced, record) VALUES (?1, ?2, ?3, ?4)", &st,
+		    "retirement_add") < 0)
+		return -1;
 	db_bind_int64(st, 1, r->at);
 	db_bind_int64(st, 2, r->uid);
 	db_bind_int64(st, 3, r->forced);
@@ -1458,9 +1472,10 @@ int ms_store_retirement_get(struct ms_store *store, struct ms_retirement *r,
 
 	memset(r, 0, sizeof(*r));
 	*found_r = 0;
-	if (db_prepare(store->db, "SELECT at, uid, forced, record FROM "
-		       "retirements ORDER BY id DESC LIMIT 1", DB_ONCE, &st) < 0)
-		return db_error(store, "retirement_get");
+	if (prepare(store, "SELECT at, uid, forced, record FROM "
+		    "retirements ORDER BY id DESC LIMIT 1", &st,
+		    "retirement_get") < 0)
+		return -1;
 	rc = db_step(st);
 	if (rc == DB_ROW) {
 		r->at = db_column_int64(st, 0);
@@ -1472,21 +1487,13 @@ int ms_store_retirement_get(struct ms_store *store, struct ms_retirement *r,
 			ret = set_error(store, "retirement_get: out of memory");
 		*found_r = ret == 0;
 	} else if (rc != DB_DONE) {
-		ret = set_error(store, "retirement_get: %s", db_errmsg(store->db));
+		ret = db_error(store, "retirement_get");
 	}
 	db_finalize(st);
 	return ret;
 }
 
 /* ---- folder identity (once per folder: statements prepared per call) ---- */
-
-static int prepare(struct ms_store *s, const char *sql, struct db_stmt **st,
-		   const char *what)
-{
-	if (db_prepare(s->db, sql, DB_ONCE, st) < 0)
-		return db_error(s, what);
-	return 0;
-}
 
 int ms_store_identity_get(struct ms_store *store, int64_t folder_id,
 			  int *state_r)
@@ -1504,7 +1511,7 @@ int ms_store_identity_get(struct ms_store *store, int64_t folder_id,
 		*state_r = db_column_int64(st, 0);
 	db_finalize(st);
 	if (rc != DB_ROW && rc != DB_DONE)
-		return set_error(store, "identity_get: %s", db_errmsg(store->db));
+		return db_error(store, "identity_get");
 	return 0;
 }
 
@@ -1550,8 +1557,7 @@ int ms_store_identity_lost_users(struct ms_store *store, uint64_t *users_r,
 	}
 	db_finalize(st);
 	if (rc != DB_ROW)
-		return set_error(store, "identity_lost_users: %s",
-				 db_errmsg(store->db));
+		return db_error(store, "identity_lost_users");
 	return 0;
 }
 

@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <libpq-fe.h>
 
@@ -91,32 +92,59 @@ static void pg_close(struct db *db)
 	free(db);
 }
 
-/* A password in the URL would sit in the config file and in argv. */
+/* Whether the URL's user part (before the host's '@') has a ":password",
+ * or its query a password=: read before libpq's parser, whose errors may
+ * quote what they could not read. */
+static int url_has_password(const char *url)
+{
+	const char *auth = strstr(url, "://"), *end, *at, *q;
+
+	if (auth == NULL)
+		return 0;
+	auth += 3;
+	end = auth + strcspn(auth, "/?");
+	at = memrchr(auth, '@', (size_t)(end - auth));
+	if (at != NULL && memchr(auth, ':', (size_t)(at - auth)) != NULL)
+		return 1;
+	for (q = strchr(url, '?'); q != NULL; q = strchr(q + 1, '&'))
+		if (!strncasecmp(q + 1, "password=", 9))
+			return 1;
+	return 0;
+}
+
+/* A password in the URL would sit in the config file and in argv. No
+ * error repeats the URL. */
 static int check_url(const char *url, char *err, size_t errsz)
 {
 	PQconninfoOption *opts, *o;
 	char *perr = NULL;
+	size_t n;
 	int ret = 0;
 
+	if (url_has_password(url))
+		goto password;
 	opts = PQconninfoParse(url, &perr);
 	if (opts == NULL) {
+		/* libpq quotes the part it could not read: left out */
 		snprintf(err, errsz, "bad url: %s", perr ? perr : "?");
-		if (perr != NULL)
-			err[strcspn(err, "\n")] = '\0';
+		n = strcspn(err, "\"\n");
+		while (n > 0 && (err[n - 1] == ' ' || err[n - 1] == ':'))
+			n--;
+		err[n] = '\0';
 		PQfreemem(perr);
 		return -1;
 	}
-	for (o = opts; o->keyword != NULL; o++) {
+	for (o = opts; o->keyword != NULL; o++)
 		if (!strcmp(o->keyword, "password") && o->val != NULL &&
-		    o->val[0] != '\0') {
-			snprintf(err, errsz, "the url holds a password: put it "
-				 "in a password file (~/.pgpass or PGPASSFILE) "
-				 "instead");
+		    o->val[0] != '\0')
 			ret = -1;
-		}
-	}
 	PQconninfoFree(opts);
-	return ret;
+	if (ret == 0)
+		return 0;
+password:
+	snprintf(err, errsz, "the url holds a password: put it in a password "
+		 "file (~/.pgpass or PGPASSFILE) instead");
+	return -1;
 }
 
 static int pg_exec(struct db *db, const char *sql)

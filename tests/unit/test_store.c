@@ -1282,9 +1282,42 @@ static void test_pg_open(void **state)
 	assert_int_equal(ms_store_open(pg_url, &f->store, NULL), 0);
 }
 
+/* [store] url at config time (no server needed): a password anywhere in
+ * the URL is refused, and no error repeats the URL or a part of it. */
+static void test_url_check(void **state)
+{
+	static const char *const bad[] = {
+		"postgresql://u:S3cr3t-pw@db/m",
+		"postgres://u:S3cr3t-pw@[::1/m",	/* and malformed */
+		"postgresql://u@db/m?sslmode=require&Password=S3cr3t-pw",
+		"postgresql://u@db/m?password=S3cr3t-pw",
+		"postgresql://u@db/S3cr3t-pw%zz",
+		"postgresql://u@db/m?S3cr3t-pw=1",
+		"/var/lib/mailshift/S3cr3t-pw.db",
+	};
+	char err[256];
+	size_t i;
+
+	assert_int_equal(ms_store_url_check("postgresql://u@db.example/m?"
+					    "sslmode=verify-full", err,
+					    sizeof(err)), 0);
+	assert_int_equal(ms_store_url_check("postgres://db/m", err,
+					    sizeof(err)), 0);
+	for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		err[0] = '\0';
+		assert_int_equal(ms_store_url_check(bad[i], err, sizeof(err)),
+				 -1);
+		assert_true(err[0] != '\0');
+		assert_null(strstr(err, "S3cr3t"));
+	}
+	assert_int_equal(ms_store_url_check(bad[0], err, sizeof(err)), -1);
+	assert_non_null(strstr(err, "password file"));
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_url_check),
 		cmocka_unit_test_setup_teardown(test_pg_open, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_open_file, setup,
 						teardown),

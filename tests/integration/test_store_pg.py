@@ -16,7 +16,7 @@ import pytest
 import dovecot as dc
 import gateway as gwlib
 import postgres
-from conftest import MASTER, wait_for
+from conftest import MASTER, Migrator, wait_for
 
 # Every table of the store and its columns (daemon/store.c, copy_tables).
 TABLES = {
@@ -360,3 +360,20 @@ def test_kill9_exactly_once(make_pair, pg, new_db, workdir, point):
     pair.assert_copied('bulk')
     assert pg.admin(db, "SELECT count(*) FROM messages WHERE state = 0") \
         == [['0']]
+
+
+def test_migrate_cli_on_postgresql(pair, pg, new_db, ctl, monkeypatch):
+    """`mailshiftctl migrate --store postgresql://...` (no daemon): the copy
+    state in the database; a second run copies nothing."""
+    db, url = new_db()
+    monkeypatch.setenv('PGPASSFILE', pg.passfile)
+    m = Migrator(ctl, pair, url)
+    m.run('alice', expect_rc=0)
+    pair.assert_copied('alice')
+    done = pg.admin(db, 'SELECT count(*) FROM messages WHERE state = 1')
+    assert int(done[0][0]) > 0
+    before = pair.dst_snapshot('alice', with_uids=True)
+    m.run('alice', expect_rc=0)
+    assert pair.dst_snapshot('alice', with_uids=True) == before
+    assert pg.admin(db, 'SELECT count(*) FROM messages WHERE state = 1') \
+        == done

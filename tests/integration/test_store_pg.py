@@ -16,7 +16,8 @@ import pytest
 import dovecot as dc
 import gateway as gwlib
 import postgres
-from conftest import MASTER, Migrator, wait_for
+from conftest import Migrator, wait_for
+from test_gateway_ops import admin_conf
 
 # Every table of the store and its columns (daemon/store.c, copy_tables).
 TABLES = {
@@ -56,19 +57,6 @@ def new_db(pg):
         name = 'm%d' % _dbs[0]
         return name, pg.create_db(name, **params)
     return make
-
-
-def admin_conf(workdir):
-    """The admin logins, so the daemon's mover copies without a user's
-    login (no sweep: the test says whom to move)."""
-    pwf = os.path.join(workdir, 'admin.pw')
-    with open(pwf, 'w') as f:
-        f.write(MASTER[1] + '\n')
-    os.chmod(pwf, 0o600)
-    return '\n'.join(['[source]', 'admin = %s' % MASTER[0],
-                      'admin_password_file = %s' % pwf, '[destination]',
-                      'admin = %s' % MASTER[0],
-                      'admin_password_file = %s' % pwf])
 
 
 def pg_rows(pg, db):
@@ -137,7 +125,7 @@ def test_gateway_moves_user_on_postgresql(pair, pg, new_db, workdir):
     db, url = new_db()
     g = gwlib.Mailshiftd(os.path.join(workdir, 'gw'), pair.src, pair.dst,
                          store_url=url, env=pg.env(),
-                         extra_conf=admin_conf(workdir))
+                         extra_conf=admin_conf(workdir, sweep=False))
     g.start()
     try:
         move(g, pair)
@@ -159,7 +147,7 @@ def test_store_copy_round_trip(pair, pg, new_db, workdir, ctl):
     every table the same; a non-empty target refused unless --replace;
     mailshiftd then carries on from the copy on PostgreSQL."""
     g = gwlib.Mailshiftd(os.path.join(workdir, 'gw'), pair.src, pair.dst,
-                         extra_conf=admin_conf(workdir))
+                         extra_conf=admin_conf(workdir, sweep=False))
     g.start()
     try:
         move(g, pair)
@@ -344,7 +332,7 @@ def test_kill9_exactly_once(make_pair, pg, new_db, workdir, point):
                          store_url=url, connections=1,
                          binary=gwlib.MAILSHIFTD_HOOKS,
                          env=dict(pg.env(), MAILSHIFT_CRASH_AT=point),
-                         extra_conf=admin_conf(workdir))
+                         extra_conf=admin_conf(workdir, sweep=False))
     g.start()
     try:
         assert g.ctl('user', 'add', 'bulk').rc == 0

@@ -8,8 +8,8 @@
  * and goes in the text format, so an integer column is printed and parsed.
  *
  * A lost connection (the server restarted, the network cut) fails the
- * statement that finds it; the next one connects again and prepares the
- * persistent statements anew. Not inside a transaction, though: what it
+ * statement that finds it; the next one connects again (at most every
+ * RETRY_SECONDS) and prepares the persistent statements anew. Not inside a transaction, though: what it
  * had written is gone with the session, so every statement fails until the
  * caller's ROLLBACK, which then only reconnects.
  */
@@ -21,10 +21,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #include <libpq-fe.h>
 
 #define PG_MAX_PARAMS 16
+/* a lost connection is tried again at most this often */
+#define RETRY_SECONDS 5
 /* pg_advisory_xact_lock key for schema changes: "mshf" */
 #define SCHEMA_LOCK "1836279910"
 
@@ -34,6 +37,7 @@ struct db {
 	int nstmts;			/* names handed out: ms1, ms2, ... */
 	int session;			/* counts reconnections */
 	int txn_open;			/* a transaction, when last seen */
+	time_t retry_at;		/* no new connection before */
 	int changes;
 	char error[512];
 };
@@ -164,12 +168,16 @@ static int pg_exec(struct db *db, const char *sql)
 static int pg_open(const char *url, struct db **db_r, char *err,
 		   size_t errsz)
 {
-	/* the URL's own connect_timeout, when it has one, comes later and
-	 * wins: an address that drops packets must not hang the start */
-	const char *const keys[] = { "connect_timeout",
+	/* Bounds on how long a dead server or network can hold a blocking
+	 * call: 10 s to connect, 30 s for data not acknowledged, keepalives
+	 * on an idle connection. The URL's own values come later and win. */
+	const char *const keys[] = { "connect_timeout", "tcp_user_timeout",
+				     "keepalives_idle", "keepalives_interval",
+				     "keepalives_count",
 				     "fallback_application_name", "dbname",
 				     NULL };
-	const char *const vals[] = { "10", "mailshift", url, NULL };
+	const char *const vals[] = { "10", "30000", "10", "5", "3",
+				     "mailshift", url, NULL };
 	const char *enc;
 	struct db *db;
 
@@ -256,8 +264,15 @@ static int revive(struct db_stmt *st)
 			"transaction: it must be rolled back");
 		return -1;
 	}
+	/* one try per RETRY_SECONDS: while the server is away each call
+	 * fails at once instead of waiting out a connect */
+	if (time(NULL) < db->retry_at) {
+		set_err(db, "", "the connection to the database is lost");
+		return -1;
+	}
 	PQreset(db->conn);
 	if (PQstatus(db->conn) != CONNECTION_OK) {
+		db->retry_at = time(NULL) + RETRY_SECONDS;
 		set_err(db, "cannot connect again: ", PQerrorMessage(db->conn));
 		return -1;
 	}

@@ -22,9 +22,10 @@
  * 3: + messages_dst (done records by destination UID, for the gateway's
  * POP3 UIDLs); 4: + source_use, user_moves, retirements (mailshiftctl
  * retire); 5: + folder_identity (whether a destination folder kept the
- * source's UIDVALIDITY and UIDs). Every CREATE is IF NOT EXISTS, so the
- * schema text upgrades an older store. */
-#define SCHEMA_VERSION 5
+ * source's UIDVALIDITY and UIDs); 6: + user_sizes (the survey of the
+ * source's mailbox sizes, for the site's ETA). Every CREATE is IF NOT
+ * EXISTS, so the schema text upgrades an older store. */
+#define SCHEMA_VERSION 6
 /* ms_store_msg_foreach reads this many records at a time (see there) */
 #define FOREACH_PAGE 128
 #define FLAGS_SIZE sizeof(((struct ms_msg_rec *)0)->flags)
@@ -114,7 +115,15 @@ static const char schema_sql[] =
 	" folder_id INTEGER PRIMARY KEY REFERENCES folders(id)"
 	" ON DELETE CASCADE,"
 	" state INTEGER NOT NULL,"
-	" reason TEXT NOT NULL DEFAULT '');";
+	" reason TEXT NOT NULL DEFAULT '');"
+	/* What the survey learnt of a user's mailbox on the source: messages
+	 * and bytes (-1: not known), how (store.h), when. */
+	"CREATE TABLE IF NOT EXISTS user_sizes ("
+	" user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,"
+	" messages INTEGER NOT NULL,"
+	" bytes INTEGER NOT NULL,"
+	" how TEXT NOT NULL,"
+	" at INTEGER NOT NULL);";
 
 #define FOLDER_COLS "id, user_id, src_name, dst_name, src_uidvalidity, " \
 		    "dst_uidvalidity, hwm, modseq, msgs, bytes"
@@ -1557,4 +1566,77 @@ int ms_store_identity_lost_users(struct ms_store *store, uint64_t *users_r,
 		return set_error(store, "identity_lost_users: %s",
 				 sqlite3_errstr(rc));
 	return 0;
+}
+
+/* ---- the survey of the source's mailbox sizes (the site's ETA) ---- */
+
+int ms_store_size_set(struct ms_store *store, int64_t user_id,
+		      const struct ms_user_size *sz)
+{
+	sqlite3_stmt *st;
+
+	if (prepare(store, "INSERT OR REPLACE INTO user_sizes (user_id,"
+		    " messages, bytes, how, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+		    &st, "size_set") < 0)
+		return -1;
+	sqlite3_bind_int64(st, 1, user_id);
+	sqlite3_bind_int64(st, 2, sz->messages);
+	sqlite3_bind_int64(st, 3, sz->bytes);
+	bind_text(st, 4, sz->how);
+	sqlite3_bind_int64(st, 5, sz->at != 0 ? sz->at : (int64_t)time(NULL));
+	return run_once(store, st, "size_set");
+}
+
+int ms_store_size_next(struct ms_store *store, char *name, size_t namesz,
+		       int *found_r)
+{
+	sqlite3_stmt *st;
+	int rc;
+
+	*found_r = 0;
+	if (prepare(store, "SELECT name FROM users WHERE state IN ('source',"
+		    " 'copying', 'failed') AND coalesce(policy, '') != 'off'"
+		    " AND id NOT IN (SELECT user_id FROM user_sizes)"
+		    " ORDER BY name LIMIT 1", &st, "size_next") < 0)
+		return -1;
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW)
+		*found_r = copy_text(store, st, 0, name, namesz, "name") == 0;
+	sqlite3_finalize(st);
+	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+		return set_error(store, "size_next: %s", sqlite3_errstr(rc));
+	return rc == SQLITE_ROW && !*found_r ? -1 : 0;
+}
+
+int ms_store_size_foreach(struct ms_store *store, ms_store_size_cb *cb,
+			  void *ctx)
+{
+	struct ms_user_size sz;
+	struct ms_user_info u;
+	sqlite3_stmt *st;
+	int rc, ret = 0;
+
+	if (prepare(store, "SELECT " USER_COLS ", coalesce(messages, -1),"
+		    " coalesce(bytes, -1), coalesce(how, ''), coalesce(at, 0)"
+		    " FROM users LEFT JOIN user_sizes ON user_id = id"
+		    " ORDER BY name", &st, "size_foreach") < 0)
+		return -1;
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		user_row(st, &u);
+		memset(&sz, 0, sizeof(sz));
+		sz.messages = sqlite3_column_int64(st, 8);
+		sz.bytes = sqlite3_column_int64(st, 9);
+		if (copy_text(store, st, 10, sz.how, sizeof(sz.how),
+			      "how") < 0) {
+			ret = -1;
+			break;
+		}
+		sz.at = sqlite3_column_int64(st, 11);
+		if ((ret = cb(ctx, &u, &sz)) != 0)
+			break;
+	}
+	sqlite3_finalize(st);
+	if (ret == 0 && rc != SQLITE_DONE)
+		return set_error(store, "size_foreach: %s", sqlite3_errstr(rc));
+	return ret;
 }

@@ -6,10 +6,15 @@ once one was measured.
 
 Fixtures of test_gateway.py (gpair: alice's and bob's corpora on the
 source, carol with an empty mailbox) and test_gateway_ops.py's
-admin_conf."""
+admin_conf; a Dovecot without STATUS=SIZE but with QUOTA of its own."""
 
+import os
+
+import pytest
+
+import gateway as gwlib
 import mailcheck as mc
-from conftest import store_rows, wait_for
+from conftest import dst_server, src_server, stop_all, store_rows, wait_for
 from test_gateway import direct
 from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
 from test_gateway_ops import admin_conf
@@ -95,3 +100,70 @@ def test_status_eta_unknown_then_measured(gpair, make_gw, workdir):
     s = site(g)
     assert s['remaining_users'] == 0 and s['eta_seconds'] == 0, s
     assert 'site done: no user left to move' in g.ctl('status').stdout
+
+
+# Dovecot without STATUS=SIZE (the capability list set by hand), with the
+# quota plugin or not: the survey falls back to GETQUOTAROOT's STORAGE, or
+# to the messages alone (the bytes then estimated).
+CAPS = ('imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE '
+        'LITERAL+ NAMESPACE UIDPLUS')
+QUOTA_CONF = '\n'.join([
+    CAPS + ' QUOTA',
+    'protocol imap {', '  mail_plugins = $mail_plugins imap_quota', '}',
+    'plugin {', '  quota = count:User quota', '  quota_rule = *:storage=1G',
+    '  quota_vsizes = yes', '}'])
+
+
+@pytest.mark.parametrize('quota', [True, False], ids=['quota', 'messages'])
+def test_survey_without_status_size(workdir, ca, quota):
+    users = {'alice': 'Site-alice-Pw-4k2', 'bob': 'Site-bob-Pw-9x1'}
+    src = src_server(workdir, ca, users, mail_plugins='quota' if quota
+                     else '', extra_conf=QUOTA_CONF if quota else CAPS)
+    dst = dst_server(workdir, ca, users)
+    g = None
+    try:
+        src.start()
+        dst.start()
+        m = src.imap('alice')
+        try:
+            mc.create_folder(m, 'Projects')
+            for i in range(12):
+                mc.append(m, 'INBOX' if i % 3 else 'Projects',
+                          mc.make_message(i, size=700 + 300 * i))
+            typ, caps = m.capability()
+            caps = caps[0].decode().upper().split()
+        finally:
+            m.logout()
+        assert 'STATUS=SIZE' not in caps and \
+            ('QUOTA' in caps) == quota, ' '.join(caps)
+        real = {u: direct(src, u, real_size) for u in users}
+        g = gwlib.Mailshiftd(os.path.join(workdir, 'gw'), src, dst,
+                             extra_conf=admin_conf(workdir, sweep=False) +
+                             '\n[sweep]\nsurvey = 600')
+        g.start()
+        for u in users:
+            assert g.ctl('user', 'add', u).rc == 0
+        wait_for(lambda: len(surveyed(g)) == len(users), 60)
+        sizes = surveyed(g)
+        for u in users:
+            msgs, size, how = sizes[u]
+            assert msgs == real[u][0], (u, sizes, real)
+            if quota:
+                # STORAGE is in KiB, rounded up
+                assert how == 'quota', (u, sizes)
+                assert real[u][1] <= size < real[u][1] + 1024, (u, sizes,
+                                                                real)
+            else:
+                assert how == 'messages' and size == -1, (u, sizes)
+        s = site(g)
+        assert s['eta_seconds'] is None, s
+        assert s['sizes_known'] == (2 if quota else 0), s
+        assert s['sizes_messages_only'] == (0 if quota else 2), s
+        # Messages only, nothing copied: no mean message size to go by.
+        if not quota:
+            assert s['remaining_bytes'] is None, s
+            assert s['remaining_messages'] is None, s
+    finally:
+        if g is not None:
+            g.stop()
+        stop_all(src, dst)

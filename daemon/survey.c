@@ -16,6 +16,10 @@
 #include "util.h"
 
 #define SURVEY_TIMEOUT_S 60
+/* A server's answers are not trusted: more folders than this fail the
+ * user's survey, and every count is held below 2^53. */
+#define SURVEY_MAX_FOLDERS 100000
+#define SURVEY_MAX_COUNT (1ULL << 53)
 
 struct ms_survey {
 	uv_loop_t *loop;
@@ -27,7 +31,8 @@ struct ms_survey {
 	char **folders;			/* LIST's selectable folders */
 	unsigned int nfolders, capfolders;
 	unsigned int pending;		/* STATUS and GETQUOTAROOT to come */
-	int64_t msgs, bytes, quota_kb;
+	uint64_t msgs, bytes;
+	int64_t quota_kb;		/* -1: none */
 	unsigned int sized;		/* STATUS replies that had SIZE */
 	int failed;
 };
@@ -60,9 +65,9 @@ static void finish(struct ms_survey *sv, const char *error)
 		ms_warn("survey: %s: %s", sv->user, error);
 		snprintf(sz.how, sizeof(sz.how), "failed");
 	} else {
-		sz.messages = sv->msgs;
+		sz.messages = (int64_t)sv->msgs;
 		if (sv->nfolders > 0 && sv->sized == sv->nfolders) {
-			sz.bytes = sv->bytes;
+			sz.bytes = (int64_t)sv->bytes;
 			snprintf(sz.how, sizeof(sz.how), "status-size");
 		} else if (sv->quota_kb >= 0) {
 			sz.bytes = sv->quota_kb * 1024;
@@ -85,6 +90,12 @@ static void finish(struct ms_survey *sv, const char *error)
 		ms_imapc_free(&sv->c);
 }
 
+/* a + b, at most SURVEY_MAX_COUNT (a is never above it) */
+static uint64_t capped_add(uint64_t a, uint64_t b)
+{
+	return b >= SURVEY_MAX_COUNT - a ? SURVEY_MAX_COUNT : a + b;
+}
+
 static void on_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
 			void *ctx)
 {
@@ -101,7 +112,7 @@ static void on_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
 			if (ms_imap_arg_is(&l->list[i], "\\Noselect") ||
 			    ms_imap_arg_is(&l->list[i], "\\NonExistent"))
 				return;
-		if (name == NULL ||
+		if (name == NULL || sv->nfolders >= SURVEY_MAX_FOLDERS ||
 		    MS_ARRAY_ROOM(sv->folders, sv->nfolders, sv->capfolders,
 				  16) < 0 ||
 		    (sv->folders[sv->nfolders] = strdup(name)) == NULL) {
@@ -116,9 +127,9 @@ static void on_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
 			if (ms_imap_arg_number(&l->list[i + 1], &n) < 0)
 				continue;
 			if (ms_imap_arg_is(&l->list[i], "MESSAGES"))
-				sv->msgs += (int64_t)n;
+				sv->msgs = capped_add(sv->msgs, n);
 			if (ms_imap_arg_is(&l->list[i], "SIZE")) {
-				sv->bytes += (int64_t)n;
+				sv->bytes = capped_add(sv->bytes, n);
 				sv->sized++;
 			}
 		}
@@ -129,6 +140,7 @@ static void on_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
 		for (unsigned int i = 0; i + 2 < l->list_count; i += 3)
 			if (ms_imap_arg_is(&l->list[i], "STORAGE") &&
 			    ms_imap_arg_number(&l->list[i + 1], &n) == 0 &&
+			    n < SURVEY_MAX_COUNT / 1024 &&
 			    (int64_t)n > sv->quota_kb)
 				sv->quota_kb = (int64_t)n;
 	}

@@ -144,11 +144,14 @@ class SiteEta(mb.Bench):
             raise mb.BenchError('user import: %s' % r.describe())
 
     def survey(self):
-        """mailshiftd with the survey only; returns its seconds."""
+        """mailshiftd with the survey only (none with --survey-rate 0: the
+        users imported only); returns its seconds."""
         g = self.gateway(['[sweep]', 'survey = %d'
                                     % self.a.survey_rate])
         try:
             self.add_users(g)
+            if self.a.survey_rate == 0:
+                return 0
             t = time.monotonic()
             while True:
                 s = self.site(g)
@@ -164,7 +167,7 @@ class SiteEta(mb.Bench):
                      % (s['sizes_known'], took, s['remaining_messages'],
                         s['remaining_bytes'] / mb.MB, len(self.index),
                         self.total_bytes / mb.MB))
-            return took, s
+            return took
         finally:
             g.stop()
 
@@ -172,7 +175,8 @@ class SiteEta(mb.Bench):
         a = self.a
         g = self.gateway([
             '[sweep]', 'enabled = yes', 'interval = 1',
-            'concurrency = %d' % a.concurrency])
+            'concurrency = %d' % a.concurrency] +
+            (['survey = 0'] if a.survey_rate == 0 else []))
         marks, etas = list(MARKS), {}
         try:
             t0 = time.monotonic()
@@ -229,8 +233,9 @@ def report(a, b, survey_s, total, etas, argv):
           % (a.users, len(b.index), b.total_bytes / mb.MB, survey_s,
              a.concurrency, a.connections, total))
     print('| moved | after s | ETA given s | real rest s | real / ETA | '
-          'measured MB/s | msg/s | copies at once |')
-    print('|---|---|---|---|---|---|---|---|')
+          'measured MB/s | msg/s | copies at once | sizes known / '
+          'estimated |')
+    print('|---|---|---|---|---|---|---|---|---|')
     rows = []
     for mark, (at, s) in sorted(etas.items()):
         rest = total - at
@@ -239,11 +244,12 @@ def report(a, b, survey_s, total, etas, argv):
         ratio = rest / eta if eta else None
         rows.append({'mark': mark, 'at': at, 'eta': eta, 'rest': rest,
                      'ratio': ratio, 'site': s})
-        print('| %d%% | %.1f | %s | %.1f | %s | %.2f | %.0f | %.1f |'
+        print('| %d%% | %.1f | %s | %.1f | %s | %.2f | %.0f | %.1f | %d / %d |'
               % (mark * 100, at, eta, rest,
                  '%.2f' % ratio if ratio else '-',
                  tp.get('bytes_per_second', 0) / mb.MB,
-                 tp.get('messages_per_second', 0), tp.get('parallel', 0)))
+                 tp.get('messages_per_second', 0), tp.get('parallel', 0),
+                 s['sizes_known'], s['sizes_estimated']))
     print('command: %s' % argv)
     return rows
 
@@ -262,7 +268,9 @@ def main():
     p.add_argument('--connections', type=int, default=8,
                    help='[policy] connections per server (default 8)')
     p.add_argument('--survey-rate', type=int, default=6000,
-                   help='[sweep] survey, users per minute (default 6000)')
+                   help='[sweep] survey, users per minute, before the '
+                   'sweep (default 6000; 0: no survey at all, every size '
+                   'estimated from the users moved)')
     p.add_argument('--check', type=int, default=20,
                    help='users compared with the source at the end')
     p.add_argument('--seed', type=int, default=12)
@@ -276,7 +284,7 @@ def main():
     try:
         b.log('site ETA: work directory %s' % b.workdir)
         b.prepare()
-        survey_s, _ = b.survey()
+        survey_s = b.survey()
         total, etas = b.sweep()
     finally:
         b.cleanup()

@@ -102,6 +102,17 @@ def test_status_eta_unknown_then_measured(gpair, make_gw, workdir):
     assert 'site done: no user left to move' in g.ctl('status').stdout
 
 
+def test_survey_on_with_the_sweep(gpair, make_gw, workdir):
+    """No [sweep] survey: with the sweep on, the survey runs (60 a minute);
+    alice failed (the sweep leaves her alone) and is still surveyed."""
+    g = make_gw(tls=False, extra_conf=admin_conf(workdir))
+    assert g.ctl('user', 'add', 'alice', 'state', 'failed').rc == 0
+    wait_for(lambda: 'alice' in surveyed(g), 30)
+    assert surveyed(g)['alice'] == direct(gpair.src, 'alice', real_size) + (
+        'status-size',)
+    assert g.state('alice') == 'failed'
+
+
 # Dovecot without STATUS=SIZE (the capability list set by hand), with the
 # quota plugin or not: the survey falls back to GETQUOTAROOT's STORAGE, or
 # to the messages alone (the bytes then estimated).

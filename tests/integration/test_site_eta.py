@@ -57,7 +57,8 @@ def test_status_eta_unknown_then_measured(gpair, make_gw, workdir):
     assert real['carol'] == (0, 0), real
     # The survey's sizes are the source's, to the byte (Dovecot offers
     # STATUS=SIZE).
-    wait_for(lambda: len(surveyed(g)) == len(USERS), 60)
+    assert wait_for(lambda: len(surveyed(g)) == len(USERS), 60, 0.1), \
+        (surveyed(g), g.log_tail())
     sizes = surveyed(g)
     for u in USERS:
         assert sizes[u] == real[u] + ('status-size',), (u, sizes, real)
@@ -107,7 +108,7 @@ def test_survey_on_with_the_sweep(gpair, make_gw, workdir):
     alice failed (the sweep leaves her alone) and is still surveyed."""
     g = make_gw(tls=False, extra_conf=admin_conf(workdir))
     assert g.ctl('user', 'add', 'alice', 'state', 'failed').rc == 0
-    wait_for(lambda: 'alice' in surveyed(g), 30)
+    assert wait_for(lambda: 'alice' in surveyed(g), 30, 0.1), g.log_tail()
     assert surveyed(g)['alice'] == direct(gpair.src, 'alice', real_size) + (
         'status-size',)
     assert g.state('alice') == 'failed'
@@ -154,7 +155,8 @@ def test_survey_without_status_size(workdir, ca, quota):
         g.start()
         for u in users:
             assert g.ctl('user', 'add', u).rc == 0
-        wait_for(lambda: len(surveyed(g)) == len(users), 60)
+        assert wait_for(lambda: len(surveyed(g)) == len(users), 60, 0.1), \
+            (surveyed(g), g.log_tail())
         sizes = surveyed(g)
         for u in users:
             msgs, size, how = sizes[u]

@@ -880,14 +880,20 @@ class Bench:
     def log(self, msg):
         print('[%7.1fs] %s' % (time.monotonic() - T0, msg), flush=True)
 
-    def server(self, name, doveadm_http=False):
+    def dovecot(self, name, users, **kw):
+        """A started Dovecot of the benchmarks' kind (maildir++, '.', no
+        POP3, tuned for speed) with users {name: password}; kw: more of
+        dovecot.Dovecot's settings. Stopped by cleanup()."""
         s = self.dv.Dovecot(os.path.join(self.workdir, name), name,
-                            users={USER: PASSWORD}, separator='.',
-                            layout='maildir++', performance=True, pop3=False,
-                            doveadm_http=doveadm_http)
+                            users=users, separator='.', layout='maildir++',
+                            performance=True, pop3=False, **kw)
         self.servers.append(s)
         s.start()
         return s
+
+    def server(self, name, doveadm_http=False):
+        return self.dovecot(name, {USER: PASSWORD},
+                            doveadm_http=doveadm_http)
 
     def stop(self, s):
         """Stops s (by its master PID) and waits until the processes that
@@ -1366,12 +1372,7 @@ class SiteBench(Bench):
     def server(self, name, doveadm_http=False):
         users = {site_user(i): PASSWORD for i in range(self.a.site_users)}
         users[SITE_ONE] = PASSWORD
-        s = self.dv.Dovecot(os.path.join(self.workdir, name), name,
-                            users=users, separator='.', layout='maildir++',
-                            performance=True, pop3=False)
-        self.servers.append(s)
-        s.start()
-        return s
+        return self.dovecot(name, users)
 
     def prepare(self):
         a = self.a

@@ -350,6 +350,16 @@ static json_t *cmd_status(struct ms_control *ctl, json_t *req)
 			    json_integer((json_int_t)id_users));
 	json_object_set_new(rep, "identity_not_kept_folders",
 			    json_integer((json_int_t)id_folders));
+	/* The site's ETA (docs/mover.md, "The site's ETA"). */
+	if (ctl->gw != NULL) {
+		json_t *site = ms_gateway_site(ctl->gw);
+
+		if (site == NULL) {
+			json_decref(rep);
+			return error("store: %s", ms_store_error(ctl->store));
+		}
+		json_object_set_new(rep, "site", site);
+	}
 	return rep;
 }
 

@@ -342,6 +342,14 @@ static int sweep_key(struct ms_dconfig *c, const char *key, const char *value,
 	if (!strcmp(key, "interval"))
 		return set_uint(&g->sweep_interval, key, value, 1, 86400, err,
 				errsz);
+	if (!strcmp(key, "survey")) {
+		unsigned int n;
+
+		if (set_uint(&n, key, value, 0, 6000, err, errsz) < 0)
+			return -1;
+		g->survey_rate = (int)n;
+		return 0;
+	}
 	if (!strcmp(key, "window")) {
 		if (parse_hhmm(value, &p, 0, &from) < 0 || *p++ != '-' ||
 		    parse_hhmm(p, &p, 1, &to) < 0 || *p != '\0') {
@@ -430,6 +438,7 @@ static void defaults(struct ms_dconfig *c)
 	memset(c, 0, sizeof(*c));
 	c->gw.policy = MS_POLICY_PASSTHROUGH;
 	c->gw.sweep_from = c->gw.sweep_to = -1;
+	c->gw.survey_rate = -1;
 	c->gw.hold_max_seconds = 60;
 	c->gw.flip_quiet = 5;
 	c->gw.connections = 4;

@@ -101,6 +101,25 @@ json_t *ms_gateway_caps_json(struct ms_gateway *gw)
 	return ms_caps_json(gw->caps);
 }
 
+/* The survey of the source's mailbox sizes, with the sweep's admin login
+ * (src): on with the sweep unless [sweep] survey says otherwise. */
+static void gw_survey_start(struct ms_gateway *gw,
+			    const struct ms_server_cfg *src)
+{
+	int rate = gw->cfg.survey_rate >= 0 ? gw->cfg.survey_rate :
+		   gw->cfg.sweep ? 60 : 0;
+
+	if (rate == 0)
+		return;
+	if (gw->cfg.src_admin == NULL) {
+		ms_warn("[sweep] survey needs the source's admin login "
+			"([source] admin): survey off");
+		return;
+	}
+	gw->survey = ms_survey_new(gw->loop, gw->store, src,
+				   (unsigned int)rate);
+}
+
 int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		   struct ms_store *store, struct ms_gateway **gw_r,
 		   char *err, size_t errsz)
@@ -137,6 +156,7 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		if (cfg->doveadm.key != NULL)
 			mo.doveadm = &cfg->doveadm;
 		gw->mover = ms_mover_new(loop, store, &src, &dst, &mo);
+		gw_survey_start(gw, &src);
 	}
 	for (unsigned int i = 0; i < cfg->nlisten; i++) {
 		struct listener *l;
@@ -204,6 +224,7 @@ void ms_gateway_free(struct ms_gateway **gwp)
 	if (gw->metrics != NULL)
 		ms_close_free((uv_handle_t *)gw->metrics, gw->metrics);
 	ms_mover_free(&gw->mover);
+	ms_survey_free(&gw->survey);
 	ms_caps_free(&gw->caps);
 	json_decref(gw->policy_set);
 	gw_lifecycle_free(gw);

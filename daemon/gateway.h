@@ -62,6 +62,8 @@ int ms_gateway_kick(struct ms_gateway *gw, const char *user);
 int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 		       const char **error_r);
 void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p);
+/* The site's ETA, status's "site" object (site_eta.h). */
+json_t *ms_gateway_site(struct ms_gateway *gw);
 /* What the servers offer and what is advertised (caps.h). */
 json_t *ms_gateway_caps_json(struct ms_gateway *gw);
 

@@ -64,6 +64,9 @@ struct ms_gw_config {
 	unsigned int sweep_rate;	/* users started per hour, 0 = any */
 	int sweep_from, sweep_to;	/* window, minutes after midnight
 					   (local time); -1 = always */
+	int survey_rate;		/* users the survey asks the source
+					   about per minute; -1: the default
+					   (60 with the sweep on, else 0) */
 	char metrics[128];		/* "ADDR:PORT" or "" */
 	unsigned int caps_refresh;	/* seconds between asking the servers
 					   for their capabilities; 0 = 300 */

@@ -20,7 +20,9 @@
 #include "log.h"
 #include "mover.h"
 #include "net.h"
+#include "site_eta.h"
 #include "store.h"
+#include "survey.h"
 
 #define GW_INBUF_MAX 8192	/* pre-login command line, literals
 				   included; more buffered than this:
@@ -208,6 +210,8 @@ struct ms_gateway {
 	unsigned int conf_ndomains;
 	__typeof__(((struct ms_gw_config *)0)->domains) conf_domains;
 	json_t *policy_set;		/* {scope: policy} from the store */
+	struct ms_survey *survey;	/* the source's mailbox sizes */
+	struct ms_eta eta;		/* recent copies, for the site's ETA */
 };
 
 /* A reply to the client (nothing once the client is gone). */

@@ -256,6 +256,12 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 
 	if (gu == NULL)
 		return;
+	/* A copy's own time, for the site's ETA (a last delta is part of
+	 * a move measured already). */
+	if (rep->ok && !gu->cutover)
+		ms_eta_note(&gw->eta, uv_now(gw->loop), rep->seconds -
+			    rep->phase_ms[MS_PH_QUEUE] / 1e3, rep->copied,
+			    rep->bytes);
 	if (!rep->ok) {
 		ms_warn("%s: copy failed: %s", gu->name,
 			rep->error != NULL ? rep->error : "?");
@@ -806,6 +812,40 @@ void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p)
 	p->msgs_done -= b->msgs_done;
 	p->bytes_done -= b->bytes_done;
 	p->seconds -= b->seconds;
+}
+
+/* ---- the site's ETA ---- */
+
+struct eta_walk {
+	struct ms_gateway *gw;
+	struct ms_eta_sizes t;
+};
+
+static int eta_user(void *ctx, const struct ms_user_info *u,
+		    const struct ms_user_size *sz)
+{
+	struct eta_walk *w = ctx;
+	enum ms_eta_kind kind = MS_ETA_LEFT;
+
+	if (ms_user_in(u, MS_USER_DESTINATION))
+		kind = MS_ETA_MOVED;
+	else if (ms_user_in(u, MS_USER_FAILED))
+		kind = MS_ETA_FAILED;
+	else if (user_policy(w->gw, u) == MS_POLICY_OFF)
+		kind = MS_ETA_OFF;
+	ms_eta_count(&w->t, kind, u, sz);
+	return 0;
+}
+
+/* Every user with the survey's size, counted as the sweep and migrate
+ * --all see them; the estimate from the copies measured so far. */
+json_t *ms_gateway_site(struct ms_gateway *gw)
+{
+	struct eta_walk w = { .gw = gw };
+
+	if (ms_store_size_foreach(gw->store, eta_user, &w) != 0)
+		return NULL;
+	return ms_eta_json(&gw->eta, &w.t);
 }
 
 /* ---- after a restart, and the sweep ---- */

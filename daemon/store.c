@@ -19,10 +19,12 @@
  * 3: + messages_dst (done records by destination UID, for the gateway's
  * POP3 UIDLs); 4: + source_use, user_moves, retirements (mailshiftctl
  * retire); 5: + folder_identity (whether a destination folder kept the
- * source's UIDVALIDITY and UIDs). Every CREATE is IF NOT EXISTS, so the
- * schema text upgrades an older store. The meta table (which migration
- * the store belongs to) is made when first needed, see claim(). */
-#define SCHEMA_VERSION 5
+ * source's UIDVALIDITY and UIDs); 6: + user_sizes (the survey of the
+ * source's mailbox sizes, for the site's ETA). Every CREATE is IF NOT
+ * EXISTS, so the schema text upgrades an older store. The meta table
+ * (which migration the store belongs to) is made when first needed, see
+ * claim(). */
+#define SCHEMA_VERSION 6
 /* ms_store_msg_foreach reads this many records at a time (see there) */
 #define FOREACH_PAGE 128
 #define FLAGS_SIZE sizeof(((struct ms_msg_rec *)0)->flags)
@@ -114,7 +116,15 @@
 	" folder_id " INT " PRIMARY KEY REFERENCES folders(id)" \
 	" ON DELETE CASCADE," \
 	" state " INT " NOT NULL," \
-	" reason " TEXT " NOT NULL DEFAULT '');"
+	" reason " TEXT " NOT NULL DEFAULT '');" \
+	/* What the survey learnt of a user's mailbox on the source: \
+	 * messages and bytes (-1: not known), how (store.h), when. */ \
+	"CREATE TABLE IF NOT EXISTS user_sizes (" \
+	" user_id " INT " PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE," \
+	" messages " INT " NOT NULL," \
+	" bytes " INT " NOT NULL," \
+	" how " TEXT " NOT NULL," \
+	" at " INT " NOT NULL);"
 
 static const char schema_sqlite[] =
 	SCHEMA("INTEGER PRIMARY KEY", "INTEGER", "TEXT", " WITHOUT ROWID");
@@ -128,6 +138,7 @@ static const char schema_pg[] =
 static const char meta_sql[] =
 	"CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY,"
 	" value TEXT NOT NULL)";
+
 
 #define FOLDER_COLS "id, user_id, src_name, dst_name, src_uidvalidity, " \
 		    "dst_uidvalidity, hwm, modseq, msgs, bytes"
@@ -1581,6 +1592,7 @@ static const struct copy_table {
 	{ "policies", "scope, policy", 2, 0 },
 	{ "source_use", "key, kind, name, at, slack", 5, 0 },
 	{ "retirements", "id, at, uid, forced, record", 5, 1 },
+	{ "user_sizes", "user_id, messages, bytes, how, at", 5, 0 },
 	{ "meta", "key, value", 2, 0 },
 };
 #define NCOPY (sizeof(copy_tables) / sizeof(copy_tables[0]))
@@ -1712,5 +1724,80 @@ int ms_store_copy(struct ms_store *from, struct ms_store *to, int replace,
 		set_error(to, "%s", from->error);
 	ret = finish(to, ret);
 	db_exec(from->db, "ROLLBACK");
+	return ret;
+}
+
+/* ---- the survey of the source's mailbox sizes (the site's ETA) ---- */
+
+int ms_store_size_set(struct ms_store *store, int64_t user_id,
+		      const struct ms_user_size *sz)
+{
+	struct db_stmt *st;
+
+	if (prepare(store, "INSERT INTO user_sizes (user_id, messages, bytes, how, at)"
+		    " VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (user_id) DO UPDATE"
+		    " SET messages = excluded.messages, bytes = excluded.bytes,"
+		    " how = excluded.how, at = excluded.at",
+		    &st, "size_set") < 0)
+		return -1;
+	db_bind_int64(st, 1, user_id);
+	db_bind_int64(st, 2, sz->messages);
+	db_bind_int64(st, 3, sz->bytes);
+	db_bind_text(st, 4, sz->how);
+	db_bind_int64(st, 5, sz->at != 0 ? sz->at : (int64_t)time(NULL));
+	return run_once(store, st, "size_set");
+}
+
+int ms_store_size_next(struct ms_store *store, char *name, size_t namesz,
+		       int *found_r)
+{
+	struct db_stmt *st;
+	int rc;
+
+	*found_r = 0;
+	if (prepare(store, "SELECT name FROM users WHERE state IN ('source',"
+		    " 'copying', 'failed') AND coalesce(policy, '') != 'off'"
+		    " AND id NOT IN (SELECT user_id FROM user_sizes)"
+		    " ORDER BY name LIMIT 1", &st, "size_next") < 0)
+		return -1;
+	rc = db_step(st);
+	if (rc == DB_ROW)
+		*found_r = copy_text(store, st, 0, name, namesz, "name") == 0;
+	db_finalize(st);
+	if (rc != DB_ROW && rc != DB_DONE)
+		return db_error(store, "size_next");
+	return rc == DB_ROW && !*found_r ? -1 : 0;
+}
+
+int ms_store_size_foreach(struct ms_store *store, ms_store_size_cb *cb,
+			  void *ctx)
+{
+	struct ms_user_size sz;
+	struct ms_user_info u;
+	struct db_stmt *st;
+	int rc, ret = 0;
+
+	if (prepare(store, "SELECT " USER_COLS ", coalesce(messages, -1),"
+		    " coalesce(bytes, -1), coalesce(how, ''), coalesce(at, 0)"
+		    " FROM users LEFT JOIN user_sizes ON user_id = id"
+		    " ORDER BY name", &st, "size_foreach") < 0)
+		return -1;
+	while ((rc = db_step(st)) == DB_ROW) {
+		user_row(st, &u);
+		memset(&sz, 0, sizeof(sz));
+		sz.messages = db_column_int64(st, 8);
+		sz.bytes = db_column_int64(st, 9);
+		if (copy_text(store, st, 10, sz.how, sizeof(sz.how),
+			      "how") < 0) {
+			ret = -1;
+			break;
+		}
+		sz.at = db_column_int64(st, 11);
+		if ((ret = cb(ctx, &u, &sz)) != 0)
+			break;
+	}
+	db_finalize(st);
+	if (ret == 0 && rc != DB_DONE)
+		return db_error(store, "size_foreach");
 	return ret;
 }

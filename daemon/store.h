@@ -263,5 +263,29 @@ int ms_store_retirement_get(struct ms_store *store, struct ms_retirement *r,
 typedef void ms_store_copy_cb(void *ctx, const char *table, uint64_t rows);
 int ms_store_copy(struct ms_store *from, struct ms_store *to, int replace,
 		  ms_store_copy_cb *cb, void *ctx);
+/* The survey of the source's mailbox sizes (daemon/survey.c), for the
+ * site's ETA: per user, what the source said of its mailbox. how:
+ * "status-size" (STATUS SIZE, RFC 8438: messages and bytes exact),
+ * "quota" (STATUS MESSAGES, bytes from GETQUOTAROOT's STORAGE),
+ * "messages" (STATUS MESSAGES only: bytes -1), "failed" (both -1). */
+struct ms_user_size {
+	int64_t messages, bytes;	/* -1: not known */
+	char how[16];
+	int64_t at;			/* when (epoch seconds; 0 in _set: now) */
+};
+
+/* Replaces the user's row. */
+int ms_store_size_set(struct ms_store *store, int64_t user_id,
+		      const struct ms_user_size *sz);
+/* The first user by name the survey has not been to, among those still
+ * to move (source, copying, failed; not policy off): 0 and *found_r. */
+int ms_store_size_next(struct ms_store *store, char *name, size_t namesz,
+		       int *found_r);
+/* Every user in name order with its size (how "" and -1s: none yet); a
+ * non-zero return from cb stops the walk and is returned. */
+typedef int ms_store_size_cb(void *ctx, const struct ms_user_info *u,
+			     const struct ms_user_size *sz);
+int ms_store_size_foreach(struct ms_store *store, ms_store_size_cb *cb,
+			  void *ctx);
 
 #endif

@@ -177,6 +177,98 @@ static long long jint(json_t *o, const char *k)
 	return (long long)json_integer_value(json_object_get(o, k));
 }
 
+/* 1234567 as "1,234,567" into buf. */
+static const char *grouped(char *buf, size_t sz, long long n)
+{
+	char raw[32];
+	size_t len, o = 0;
+
+	len = (size_t)snprintf(raw, sizeof(raw), "%lld", n < 0 ? 0 : n);
+	for (size_t i = 0; i < len && o + 2 < sz; i++) {
+		if (i > 0 && (len - i) % 3 == 0)
+			buf[o++] = ',';
+		buf[o++] = raw[i];
+	}
+	buf[o] = '\0';
+	return buf;
+}
+
+/* Bytes as "45 GB", "3.2 MB" (powers of 1000, as "moved:" says). */
+static const char *bytes_h(char *buf, size_t sz, double b)
+{
+	static const char *const unit[] = { "bytes", "kB", "MB", "GB", "TB",
+					    "PB" };
+	unsigned int u = 0;
+
+	while (b >= 1000 && u + 1 < sizeof(unit) / sizeof(unit[0])) {
+		b /= 1000;
+		u++;
+	}
+	snprintf(buf, sz, b < 10 && u > 0 ? "%.1f %s" : "%.0f %s", b, unit[u]);
+	return buf;
+}
+
+/* Seconds as "3 h 20 min", "12 min", "40 s", "2 d 5 h". */
+static const char *duration_h(char *buf, size_t sz, long long s)
+{
+	if (s >= 86400)
+		snprintf(buf, sz, "%lld d %lld h", s / 86400, s % 86400 / 3600);
+	else if (s >= 3600)
+		snprintf(buf, sz, "%lld h %lld min", s / 3600, s % 3600 / 60);
+	else if (s >= 60)
+		snprintf(buf, sz, "%lld min", (s + 30) / 60);
+	else
+		snprintf(buf, sz, "%lld s", s);
+	return buf;
+}
+
+/* The site's ETA: one line, and how sure on the next. */
+static void print_site(json_t *site)
+{
+	json_t *tp = json_object_get(site, "throughput");
+	json_t *eta = json_object_get(site, "eta_seconds");
+	json_t *rb = json_object_get(site, "remaining_bytes");
+	char a[32], b[32], c[32], d[32];
+
+	if (!json_is_object(site))
+		return;
+	if (jint(site, "remaining_users") == 0) {
+		printf("site done: no user left to move");
+		if (jint(site, "failed_users") > 0)
+			printf(" (%lld failed)", jint(site, "failed_users"));
+		putchar('\n');
+		return;
+	}
+	if (json_is_integer(eta))
+		printf("site done in about %s", duration_h(a, sizeof(a),
+		       (long long)json_integer_value(eta)));
+	else
+		printf("site done in: unknown, %s", jstr(site, "unknown"));
+	printf(" (%s of %s users left", grouped(b, sizeof(b),
+	       jint(site, "remaining_users")),
+	       grouped(c, sizeof(c), jint(site, "users")));
+	if (json_is_integer(rb))
+		printf(", %s", bytes_h(d, sizeof(d),
+				       (double)json_integer_value(rb)));
+	if (json_is_object(tp))
+		printf("; measured %s/s", bytes_h(a, sizeof(a),
+		       json_real_value(json_object_get(tp,
+						       "bytes_per_second"))));
+	printf(")\n");
+	printf("  sizes: %s from the source, %s estimated", grouped(a,
+	       sizeof(a), jint(site, "sizes_known")), grouped(b, sizeof(b),
+	       jint(site, "sizes_estimated")));
+	if (json_is_object(tp))
+		printf("; copies measured: %lld, %.1f at once, %.1f s per "
+		       "user besides its mail", jint(tp, "copies"),
+		       json_real_value(json_object_get(tp, "parallel")),
+		       json_real_value(json_object_get(tp,
+						       "user_overhead_seconds")));
+	if (jint(site, "failed_users") > 0)
+		printf("; %lld failed, not counted", jint(site, "failed_users"));
+	putchar('\n');
+}
+
 static void print_status(json_t *rep)
 {
 	json_t *st = json_object_get(rep, "states");
@@ -216,6 +308,7 @@ static void print_status(json_t *rep)
 	bar[30] = '\0';
 	printf("[%s] %lld of %lld users on the destination\n", bar, across,
 	       total);
+	print_site(json_object_get(rep, "site"));
 	if (json_is_object(json_object_get(rep, "retired"))) {
 		json_t *r = json_object_get(rep, "retired");
 		time_t t = (time_t)jint(r, "at");

@@ -33,6 +33,7 @@ TABLES = {
     'policies': 'scope, policy',
     'source_use': 'key, kind, name, at, slack',
     'retirements': 'id, at, uid, forced, record',
+    'user_sizes': 'user_id, messages, bytes, how, at',
     'meta': 'key, value',
 }
 NULL = '(null)'

@@ -326,6 +326,7 @@ static void dconfig_defaults(void **state)
 	assert_int_equal(c.gw.sweep, 0);
 	assert_int_equal(c.gw.sweep_from, -1);	/* no window: always */
 	assert_int_equal(c.gw.sweep_rate, 0);	/* no limit */
+	assert_int_equal(c.gw.survey_rate, -1);	/* 60 with the sweep, else 0 */
 	assert_int_equal(c.gw.plaintext_auth, 0);
 	assert_int_equal(c.gw.trusted_set, 0);	/* loopback */
 	assert_int_equal(c.gw.transparent, 0);
@@ -350,6 +351,8 @@ static void dconfig_ranges(void **state)
 		{ "[sweep]\nconcurrency = 1001\n", ":4: concurrency" },
 		{ "[sweep]\nrate = 1000001\n", ":4: rate" },
 		{ "[sweep]\ninterval = 86401\n", ":4: interval" },
+		{ "[sweep]\nsurvey = 6001\n", ":4: survey" },
+		{ "[sweep]\nsurvey = -1\n", ":4: survey" },
 		{ "[daemon]\ncapability_refresh = 86401\n",
 		  ":4: capability_refresh" },
 		{ "[listen]\nmax_connections = 0\n", ":4: max_connections" },
@@ -381,6 +384,10 @@ static void dconfig_ranges(void **state)
 	assert_int_equal(c.gw.caps_refresh, 86400);
 	assert_int_equal(c.gw.max_conns, 1000000);
 	assert_int_equal(c.gw.max_conns_per_ip, 1);
+	expect_conf(LISTEN "[sweep]\nsurvey = 6000\n", NULL, &c);
+	assert_int_equal(c.gw.survey_rate, 6000);
+	expect_conf(LISTEN "[sweep]\nsurvey = 0\n", NULL, &c);
+	assert_int_equal(c.gw.survey_rate, 0);
 }
 
 /* Writes a secret file with mode and owner; returns its path. */

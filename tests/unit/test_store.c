@@ -216,7 +216,7 @@ static void test_open_file(void **state)
 
 	sql_text(f, "PRAGMA journal_mode", mode, sizeof(mode));
 	assert_string_equal(mode, "wal");
-	assert_int_equal(sql_int(f, "PRAGMA user_version"), 5);
+	assert_int_equal(sql_int(f, "PRAGMA user_version"), 6);
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM sqlite_master "
 				 "WHERE type = 'table' AND name IN "
 				 "('users', 'folders', 'messages', 'rintents')"),
@@ -979,6 +979,13 @@ static void test_upgrade(void **state)
 	assert_int_equal(ms_store_rintent_put(s, fs.id, &r), 0);
 	assert_int_equal(ms_store_rintent_count(s, fs.id, &n), 0);
 	assert_int_equal(n, 1);
+	/* schema 6's survey table is there too */
+	{
+		struct ms_user_size sz = { .messages = 3, .bytes = 300,
+					   .how = "status-size" };
+
+		assert_int_equal(ms_store_size_set(s, uid, &sz), 0);
+	}
 	ms_store_close(&s);
 	/* and reopening it changes nothing */
 	assert_int_equal(ms_store_open(buf, &s, NULL), 0);
@@ -1236,7 +1243,7 @@ static void test_pg_open(void **state)
 	if (pg_url == NULL)
 		skip();
 	assert_int_equal(sql_int(f, "SELECT version FROM mailshift_schema"),
-			 5);
+			 6);
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM pg_tables WHERE "
 				 "tablename IN ('users', 'folders', "
 				 "'messages', 'rintents')"), 4);
@@ -1272,13 +1279,13 @@ static void test_pg_open(void **state)
 	assert_string_equal(buf, "src=a dst=b");
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM users"), 1);
 
-	pg_sql("UPDATE mailshift_schema SET version = 7", NULL, 0);
+	pg_sql("UPDATE mailshift_schema SET version = 9", NULL, 0);
 	assert_int_equal(ms_store_open(pg_url, &s, &error), -1);
 	assert_non_null(strstr(error, "newer"));
 	free(error);
 	assert_int_equal(sql_int(f, "SELECT version FROM mailshift_schema"),
-			 7);
-	pg_sql("UPDATE mailshift_schema SET version = 5", NULL, 0);
+			 9);
+	pg_sql("UPDATE mailshift_schema SET version = 6", NULL, 0);
 	assert_int_equal(ms_store_open(pg_url, &f->store, NULL), 0);
 }
 
@@ -1314,6 +1321,53 @@ static void test_url_check(void **state)
 	assert_non_null(strstr(err, "password file"));
 }
 
+static int size_cb(void *ctx, const struct ms_user_info *u,
+		   const struct ms_user_size *sz)
+{
+	struct ms_user_size *got = ctx;
+
+	if (!strcmp(u->name, "alice") || !strcmp(u->name, "bob"))
+		got[u->name[0] == 'b'] = *sz;
+	return 0;
+}
+
+/* The survey's sizes: the next user is one not surveyed yet, still to
+ * move and not off; the walk gives every user, -1 where nothing is known. */
+static void test_sizes(void **state)
+{
+	struct fixture *f = *state;
+	struct ms_user_size sz = { .messages = 12, .bytes = 3456,
+				   .how = "status-size" }, got[2];
+	char name[256];
+	int64_t a, b, c;
+	int found;
+
+	assert_int_equal(ms_store_user_get(f->store, "alice", &a), 0);
+	assert_int_equal(ms_store_user_get(f->store, "bob", &b), 0);
+	assert_int_equal(ms_store_user_get(f->store, "carol", &c), 0);
+	assert_int_equal(ms_store_user_set_policy(f->store, c, "off"), 0);
+	assert_int_equal(ms_store_size_next(f->store, name, sizeof(name),
+					    &found), 0);
+	assert_int_equal(found, 1);
+	assert_string_equal(name, "alice");
+	assert_int_equal(ms_store_size_set(f->store, a, &sz), 0);
+	assert_int_equal(ms_store_size_next(f->store, name, sizeof(name),
+					    &found), 0);
+	assert_string_equal(name, "bob");
+	assert_int_equal(ms_store_user_set_state(f->store, b, "destination",
+						 NULL), 0);
+	assert_int_equal(ms_store_size_next(f->store, name, sizeof(name),
+					    &found), 0);
+	assert_int_equal(found, 0);
+
+	assert_int_equal(ms_store_size_foreach(f->store, size_cb, got), 0);
+	assert_true(got[0].messages == 12 && got[0].bytes == 3456);
+	assert_string_equal(got[0].how, "status-size");
+	assert_true(got[0].at > 0);
+	assert_true(got[1].messages == -1 && got[1].bytes == -1);
+	assert_string_equal(got[1].how, "");
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1343,6 +1397,7 @@ int main(void)
 						teardown),
 		cmocka_unit_test_setup_teardown(test_retirement, setup,
 						teardown),
+		cmocka_unit_test_setup_teardown(test_sizes, setup, teardown),
 	};
 
 	pg_url = getenv("MS_TEST_STORE_URL");

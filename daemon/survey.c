@@ -1,0 +1,286 @@
+/* The survey of the source's mailbox sizes (survey.h). For each user the
+ * store names (ms_store_size_next): log in with the admin login, LIST
+ * every folder, STATUS each one for MESSAGES and, where the server offers
+ * STATUS=SIZE (RFC 8438), SIZE; without it GETQUOTAROOT INBOX's STORAGE
+ * where QUOTA is offered; LOGOUT. Read-only: STATUS selects nothing, so
+ * no flag or \Recent changes. One connection at a time. */
+#include "survey.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "imapc.h"
+#include "log.h"
+#include "util.h"
+
+#define SURVEY_TIMEOUT_S 60
+/* A server's answers are not trusted: more folders than this fail the
+ * user's survey, and every count is held below 2^53. */
+#define SURVEY_MAX_FOLDERS 100000
+#define SURVEY_MAX_COUNT (1ULL << 53)
+
+struct ms_survey {
+	uv_loop_t *loop;
+	struct ms_store *store;
+	struct ms_server_cfg src;
+	uv_timer_t *timer;
+	struct ms_imapc *c;		/* the user being surveyed, or NULL */
+	char user[256];
+	char **folders;			/* LIST's selectable folders */
+	unsigned int nfolders, capfolders;
+	unsigned int pending;		/* STATUS and GETQUOTAROOT to come */
+	uint64_t msgs, bytes;
+	int64_t quota_kb;		/* -1: none */
+	unsigned int sized;		/* STATUS replies that had SIZE */
+	int failed;
+};
+
+static void folders_free(struct ms_survey *sv)
+{
+	for (unsigned int i = 0; i < sv->nfolders; i++)
+		free(sv->folders[i]);
+	free(sv->folders);
+	sv->folders = NULL;
+	sv->nfolders = sv->capfolders = 0;
+}
+
+static void on_logout(struct ms_imapc *c, const struct ms_imap_response *r,
+		      void *ctx)
+{
+	struct ms_survey *sv = ctx;
+
+	ms_imapc_free(&sv->c);
+}
+
+/* The user's row: what the source said, or "failed" (not tried again
+ * until the store's row goes). */
+static void finish(struct ms_survey *sv, const char *error)
+{
+	struct ms_user_size sz = { .messages = -1, .bytes = -1 };
+	int64_t id;
+
+	if (error != NULL) {
+		ms_warn("survey: %s: %s", sv->user, error);
+		snprintf(sz.how, sizeof(sz.how), "failed");
+	} else {
+		sz.messages = (int64_t)sv->msgs;
+		if (sv->nfolders > 0 && sv->sized == sv->nfolders) {
+			sz.bytes = (int64_t)sv->bytes;
+			snprintf(sz.how, sizeof(sz.how), "status-size");
+		} else if (sv->quota_kb >= 0) {
+			sz.bytes = sv->quota_kb * 1024;
+			snprintf(sz.how, sizeof(sz.how), "quota");
+		} else {
+			snprintf(sz.how, sizeof(sz.how), "messages");
+		}
+		ms_debug("survey: %s: %lld messages, %lld bytes (%s)",
+			 sv->user, (long long)sz.messages,
+			 (long long)sz.bytes, sz.how);
+	}
+	if (ms_store_user_get(sv->store, sv->user, &id) < 0 ||
+	    ms_store_size_set(sv->store, id, &sz) < 0)
+		ms_log(MS_LOG_ERROR, "survey: %s: store: %s", sv->user,
+		       ms_store_error(sv->store));
+	folders_free(sv);
+	/* The next user waits for the connection to be gone. */
+	if (error != NULL || sv->c == NULL ||
+	    ms_imapc_cmd(sv->c, on_logout, sv, "LOGOUT") < 0)
+		ms_imapc_free(&sv->c);
+}
+
+/* a + b, at most SURVEY_MAX_COUNT (a is never above it) */
+static uint64_t capped_add(uint64_t a, uint64_t b)
+{
+	return b >= SURVEY_MAX_COUNT - a ? SURVEY_MAX_COUNT : a + b;
+}
+
+static void on_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
+			void *ctx)
+{
+	struct ms_survey *sv = ctx;
+	const struct ms_imap_arg *l;
+	uint64_t n;
+
+	if (r->argc >= 4 && ms_imap_arg_is(&r->args[0], "LIST") &&
+	    r->args[1].type == MS_ARG_LIST) {
+		const char *name = ms_imap_arg_str(&r->args[3]);
+
+		l = &r->args[1];
+		for (unsigned int i = 0; i < l->list_count; i++)
+			if (ms_imap_arg_is(&l->list[i], "\\Noselect") ||
+			    ms_imap_arg_is(&l->list[i], "\\NonExistent"))
+				return;
+		if (name == NULL || sv->nfolders >= SURVEY_MAX_FOLDERS ||
+		    MS_ARRAY_ROOM(sv->folders, sv->nfolders, sv->capfolders,
+				  16) < 0 ||
+		    (sv->folders[sv->nfolders] = strdup(name)) == NULL) {
+			sv->failed = 1;
+			return;
+		}
+		sv->nfolders++;
+	} else if (r->argc >= 3 && ms_imap_arg_is(&r->args[0], "STATUS") &&
+		   r->args[2].type == MS_ARG_LIST) {
+		l = &r->args[2];
+		for (unsigned int i = 0; i + 1 < l->list_count; i += 2) {
+			if (ms_imap_arg_number(&l->list[i + 1], &n) < 0)
+				continue;
+			if (ms_imap_arg_is(&l->list[i], "MESSAGES"))
+				sv->msgs = capped_add(sv->msgs, n);
+			if (ms_imap_arg_is(&l->list[i], "SIZE")) {
+				sv->bytes = capped_add(sv->bytes, n);
+				sv->sized++;
+			}
+		}
+	} else if (r->argc >= 3 && ms_imap_arg_is(&r->args[0], "QUOTA") &&
+		   r->args[2].type == MS_ARG_LIST) {
+		/* (STORAGE used limit ...): KiB; the largest root's */
+		l = &r->args[2];
+		for (unsigned int i = 0; i + 2 < l->list_count; i += 3)
+			if (ms_imap_arg_is(&l->list[i], "STORAGE") &&
+			    ms_imap_arg_number(&l->list[i + 1], &n) == 0 &&
+			    n < SURVEY_MAX_COUNT / 1024 &&
+			    (int64_t)n > sv->quota_kb)
+				sv->quota_kb = (int64_t)n;
+	}
+	(void)c;
+}
+
+/* One of the counting commands answered: the last one ends the user. */
+static void counted(struct ms_survey *sv, const char *error)
+{
+	if (error != NULL && sv->failed == 0)
+		sv->failed = 1;
+	if (--sv->pending == 0)
+		finish(sv, sv->failed ? "STATUS refused" : NULL);
+}
+
+/* A folder STATUS refuses fails the survey: its size would be missing. */
+static void on_status(struct ms_imapc *c, const struct ms_imap_response *r,
+		      void *ctx)
+{
+	if (r == NULL) {
+		finish(ctx, ms_imapc_error(c));
+		return;
+	}
+	counted(ctx, r->status != MS_STATUS_OK ? "refused" : NULL);
+}
+
+/* A refused GETQUOTAROOT leaves only the quota unknown. */
+static void on_quota(struct ms_imapc *c, const struct ms_imap_response *r,
+		     void *ctx)
+{
+	if (r == NULL) {
+		finish(ctx, ms_imapc_error(c));
+		return;
+	}
+	if (r->status != MS_STATUS_OK)
+		((struct ms_survey *)ctx)->quota_kb = -1;
+	counted(ctx, NULL);
+}
+
+static void on_listed(struct ms_imapc *c, const struct ms_imap_response *r,
+		      void *ctx)
+{
+	struct ms_survey *sv = ctx;
+	int size = ms_imapc_has_cap(c, "STATUS=SIZE");
+	char q[1100];
+
+	if (r == NULL || r->status != MS_STATUS_OK || sv->failed) {
+		finish(sv, r == NULL ? ms_imapc_error(c) : "LIST refused");
+		return;
+	}
+	for (unsigned int i = 0; i < sv->nfolders; i++) {
+		if (ms_imap_quote(q, sizeof(q), sv->folders[i]) < 0 ||
+		    ms_imapc_cmd(c, on_status, sv, "STATUS %s (MESSAGES%s)",
+				 q, size ? " SIZE" : "") < 0) {
+			finish(sv, "a folder name it cannot send");
+			return;
+		}
+		sv->pending++;
+	}
+	if (!size && ms_imapc_has_cap(c, "QUOTA") &&
+	    ms_imapc_cmd(c, on_quota, sv, "GETQUOTAROOT INBOX") == 0)
+		sv->pending++;
+	if (sv->pending == 0)
+		finish(sv, NULL);	/* no folder at all */
+}
+
+static void on_ready(struct ms_imapc *c, const char *error, void *ctx)
+{
+	struct ms_survey *sv = ctx;
+
+	if (error != NULL) {
+		finish(sv, error);
+		return;
+	}
+	ms_imapc_set_untagged(c, on_untagged, sv);
+	if (ms_imapc_cmd(c, on_listed, sv, "LIST \"\" \"*\"") < 0)
+		finish(sv, ms_imapc_error(c));
+}
+
+static void on_tick(uv_timer_t *t)
+{
+	struct ms_survey *sv = t->data;
+	struct ms_imapc_settings set;
+	char *login;
+	int found = 0;
+
+	if (sv->c != NULL)
+		return;
+	if (ms_store_size_next(sv->store, sv->user, sizeof(sv->user),
+			       &found) < 0) {
+		ms_log(MS_LOG_ERROR, "survey: store: %s",
+		       ms_store_error(sv->store));
+		return;
+	}
+	if (!found || (login = ms_server_login_name(&sv->src, sv->user)) ==
+	    NULL)
+		return;
+	sv->msgs = sv->bytes = 0;
+	sv->quota_kb = -1;
+	sv->sized = sv->pending = 0;
+	sv->failed = 0;
+	set = (struct ms_imapc_settings){
+		.host = sv->src.host, .port = sv->src.port,
+		.tls = ms_server_tls(&sv->src), .user = login,
+		.admin = sv->src.admin, .password = sv->src.password,
+		.mech = sv->src.mech, .timeout_secs = SURVEY_TIMEOUT_S,
+	};
+	sv->c = ms_imapc_new(sv->loop, &set, on_ready, sv);
+	free(login);
+}
+
+struct ms_survey *ms_survey_new(uv_loop_t *loop, struct ms_store *store,
+				const struct ms_server_cfg *src,
+				unsigned int per_minute)
+{
+	struct ms_survey *sv = calloc(1, sizeof(*sv));
+	uint64_t every = 60000 / (per_minute > 0 ? per_minute : 1);
+
+	if (sv == NULL || (sv->timer = malloc(sizeof(*sv->timer))) == NULL) {
+		free(sv);
+		return NULL;
+	}
+	sv->loop = loop;
+	sv->store = store;
+	sv->src = *src;
+	uv_timer_init(loop, sv->timer);
+	sv->timer->data = sv;
+	uv_timer_start(sv->timer, on_tick, every, every);
+	return sv;
+}
+
+void ms_survey_free(struct ms_survey **svp)
+{
+	struct ms_survey *sv = *svp;
+
+	if (sv == NULL)
+		return;
+	*svp = NULL;
+	ms_imapc_free(&sv->c);
+	folders_free(sv);
+	ms_close_free((uv_handle_t *)sv->timer, sv->timer);
+	free(sv);
+}

@@ -1558,3 +1558,55 @@ int ms_store_identity_lost_users(struct ms_store *store, uint64_t *users_r,
 				 sqlite3_errstr(rc));
 	return 0;
 }
+
+/* ---- the source's UIDNEXT of a folder's last copy pass (the gateway's
+ * IMAP view numbers new mail above it) ---- */
+
+static int src_next_table(struct ms_store *store)
+{
+	return exec(store, "CREATE TABLE IF NOT EXISTS folder_src_next ("
+		    " folder_id INTEGER PRIMARY KEY REFERENCES folders(id)"
+		    " ON DELETE CASCADE,"
+		    " uidnext INTEGER NOT NULL);", "src_next_table");
+}
+
+int ms_store_src_next_set(struct ms_store *store, int64_t folder_id,
+			  uint32_t uidnext)
+{
+	sqlite3_stmt *st;
+	int rc;
+
+	if (src_next_table(store) < 0 ||
+	    prepare(store, "INSERT OR REPLACE INTO folder_src_next"
+		    " (folder_id, uidnext) VALUES (?1, ?2)", &st,
+		    "src_next_set") < 0)
+		return -1;
+	sqlite3_bind_int64(st, 1, folder_id);
+	sqlite3_bind_int64(st, 2, uidnext);
+	rc = sqlite3_step(st);
+	sqlite3_finalize(st);
+	if (rc != SQLITE_DONE)
+		return set_error(store, "src_next_set: %s", sqlite3_errstr(rc));
+	return 0;
+}
+
+int ms_store_src_next_get(struct ms_store *store, int64_t folder_id,
+			  uint32_t *uidnext_r)
+{
+	sqlite3_stmt *st;
+	int rc;
+
+	*uidnext_r = 0;
+	if (src_next_table(store) < 0 ||
+	    prepare(store, "SELECT uidnext FROM folder_src_next"
+		    " WHERE folder_id = ?1", &st, "src_next_get") < 0)
+		return -1;
+	sqlite3_bind_int64(st, 1, folder_id);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW)
+		*uidnext_r = (uint32_t)sqlite3_column_int64(st, 0);
+	sqlite3_finalize(st);
+	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+		return set_error(store, "src_next_get: %s", sqlite3_errstr(rc));
+	return 0;
+}

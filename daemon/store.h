@@ -239,4 +239,12 @@ int ms_store_retirement_add(struct ms_store *store,
 int ms_store_retirement_get(struct ms_store *store, struct ms_retirement *r,
 			    int *found_r);
 
+/* The source's UIDNEXT at the folder's last copy pass, which the gateway's
+ * IMAP view numbers new mail above (docs/gateway-spec.md, "The IMAP
+ * view"); 0 when never recorded. */
+int ms_store_src_next_set(struct ms_store *store, int64_t folder_id,
+			  uint32_t uidnext);
+int ms_store_src_next_get(struct ms_store *store, int64_t folder_id,
+			  uint32_t *uidnext_r);
+
 #endif

@@ -1494,24 +1494,36 @@ static int prepare(struct ms_store *s, const char *sql, sqlite3_stmt **st,
 	return 0;
 }
 
-int ms_store_identity_get(struct ms_store *store, int64_t folder_id,
-			  int *state_r)
+/* The one number a "SELECT x FROM t WHERE folder_id = ?1" gives (*v_r
+ * left as it is without a row). */
+static int folder_number(struct ms_store *store, const char *sql,
+			 int64_t folder_id, const char *what, int64_t *v_r)
 {
 	sqlite3_stmt *st;
 	int rc;
 
-	*state_r = MS_ID_NONE;
-	if (prepare(store, "SELECT state FROM folder_identity"
-		    " WHERE folder_id = ?1", &st, "identity_get") < 0)
+	if (prepare(store, sql, &st, what) < 0)
 		return -1;
 	sqlite3_bind_int64(st, 1, folder_id);
 	rc = sqlite3_step(st);
 	if (rc == SQLITE_ROW)
-		*state_r = sqlite3_column_int(st, 0);
+		*v_r = sqlite3_column_int64(st, 0);
 	sqlite3_finalize(st);
 	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
-		return set_error(store, "identity_get: %s", sqlite3_errstr(rc));
+		return set_error(store, "%s: %s", what, sqlite3_errstr(rc));
 	return 0;
+}
+
+int ms_store_identity_get(struct ms_store *store, int64_t folder_id,
+			  int *state_r)
+{
+	int64_t v = MS_ID_NONE;
+	int ret = folder_number(store, "SELECT state FROM folder_identity"
+				" WHERE folder_id = ?1", folder_id,
+				"identity_get", &v);
+
+	*state_r = (int)v;
+	return ret;
 }
 
 int ms_store_identity_set(struct ms_store *store, int64_t folder_id,
@@ -1593,20 +1605,12 @@ int ms_store_src_next_set(struct ms_store *store, int64_t folder_id,
 int ms_store_src_next_get(struct ms_store *store, int64_t folder_id,
 			  uint32_t *uidnext_r)
 {
-	sqlite3_stmt *st;
-	int rc;
+	int64_t v = 0;
+	int ret = src_next_table(store) < 0 ? -1 :
+		  folder_number(store, "SELECT uidnext FROM folder_src_next"
+				" WHERE folder_id = ?1", folder_id,
+				"src_next_get", &v);
 
-	*uidnext_r = 0;
-	if (src_next_table(store) < 0 ||
-	    prepare(store, "SELECT uidnext FROM folder_src_next"
-		    " WHERE folder_id = ?1", &st, "src_next_get") < 0)
-		return -1;
-	sqlite3_bind_int64(st, 1, folder_id);
-	rc = sqlite3_step(st);
-	if (rc == SQLITE_ROW)
-		*uidnext_r = (uint32_t)sqlite3_column_int64(st, 0);
-	sqlite3_finalize(st);
-	if (rc != SQLITE_ROW && rc != SQLITE_DONE)
-		return set_error(store, "src_next_get: %s", sqlite3_errstr(rc));
-	return 0;
+	*uidnext_r = (uint32_t)v;
+	return ret;
 }

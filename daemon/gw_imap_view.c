@@ -200,6 +200,8 @@ const char *gw_imap_view_start(struct session *s)
 	}
 	if (!sc.translate && s->iv->names == NULL)
 		gw_imap_view_free(s);	/* identity kept: zero cost */
+	else
+		s->iv->v.withhold = sc.translate;
 	return NULL;
 }
 

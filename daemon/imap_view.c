@@ -667,11 +667,13 @@ int ms_view_cap_withheld(const char *cap, size_t len)
 }
 
 /* Drops the withheld capabilities from the atoms from *pos up to end. */
-static void ed_caps(struct ed *e, size_t *pos, size_t end)
+static void ed_caps(struct ms_view *v, struct ed *e, size_t *pos, size_t end)
 {
 	struct tok t;
 	size_t prev = *pos;
 
+	if (!v->withhold)
+		return;
 	for (;;) {
 		next_tok(e->f, end, pos, &t);
 		if (t.t == T_END)
@@ -937,13 +939,15 @@ static void c_search(struct ms_view *v, struct ed *e, size_t pos,
 }
 
 /* ENABLE without what is withheld; with nothing left, a NOOP. */
-static void c_enable(struct ed *e, const struct tok *cmd, size_t pos,
-		     size_t len)
+static void c_enable(struct ms_view *v, struct ed *e, const struct tok *cmd,
+		     size_t pos, size_t len)
 {
 	size_t p = pos;
 	struct tok t;
 	int kept = 0;
 
+	if (!v->withhold)
+		return;
 	for (;;) {
 		next_tok(e->f, len, &p, &t);
 		if (t.t == T_END)
@@ -952,7 +956,7 @@ static void c_enable(struct ed *e, const struct tok *cmd, size_t pos,
 			  ms_view_cap_withheld(e->f + t.s, t.e - t.s));
 	}
 	if (kept) {
-		ed_caps(e, &pos, len);
+		ed_caps(v, e, &pos, len);
 		return;
 	}
 	{
@@ -1028,7 +1032,7 @@ static void c_command(struct ms_view *v, struct ed *e, size_t len)
 			c_mailbox(v, e, &t);
 		break;
 	case K_ENABLE:
-		c_enable(e, &t, pos, len);
+		c_enable(v, e, &t, pos, len);
 		break;
 	case K_CLOSE:
 		v->csel = NULL;
@@ -1091,7 +1095,7 @@ static void s_code(struct ms_view *v, struct ed *e, size_t pos, size_t len,
 	pos++;
 	next_tok(e->f, len, &pos, &code);
 	if (tok_is(e->f, &code, "CAPABILITY")) {
-		ed_caps(e, &pos, len);
+		ed_caps(v, e, &pos, len);
 		return;
 	}
 	if (tok_is(e->f, &code, "UIDVALIDITY") ||
@@ -1345,7 +1349,7 @@ static void s_untagged(struct ms_view *v, struct ed *e, size_t pos,
 		s_code(v, e, pos, len, NULL);
 	} else if (tok_is(e->f, &t, "CAPABILITY") ||
 		   tok_is(e->f, &t, "ENABLED")) {
-		ed_caps(e, &pos, len);
+		ed_caps(v, e, &pos, len);
 	} else if (tok_is(e->f, &t, "SEARCH") || tok_is(e->f, &t, "SORT") ||
 		   tok_is(e->f, &t, "THREAD")) {
 		owner = q_first(v, want_search);

@@ -130,6 +130,8 @@ struct ms_view {
 	struct ms_view_map *csel;	/* selected, as the commands sent
 					   leave it */
 	struct ms_view_map *ssel;	/* selected, as the answers say */
+	int withhold;			/* CONDSTORE, QRESYNC withheld (set
+					   when a folder is translated) */
 	uint64_t uids;			/* UIDs shown as the source's */
 	uint64_t names;			/* names shown or taken as the old */
 };

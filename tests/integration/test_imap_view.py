@@ -236,3 +236,93 @@ def test_kept_identity_is_not_filtered(vpair, workdir, ca):
                                 if u not in GAPS['INBOX']]
     finally:
         g.stop()
+
+
+SENT = 5
+
+
+@pytest.fixture
+def npair(make_pair):
+    """Source with "Sent", "Trash", "Drafts"; destination with "Sent
+    Items" and "Deleted Items" (corpus.SRC_SPECIAL, DST_SPECIAL)."""
+    kw = dict(separator='.', layout='maildir++', listescape=True)
+    return make_pair(users=(), src_kw=dict(kw, special_use=corpus.SRC_SPECIAL),
+                     dst_kw=dict(kw, special_use=corpus.DST_SPECIAL,
+                                 doveadm_http=True))
+
+
+def local_files(client, folder):
+    d = client.folder_dir(folder)
+    return sorted(client.unique(fn.partition(':')[0])
+                  for sub in ('cur', 'new')
+                  for fn in os.listdir(os.path.join(d, sub)))
+
+
+def listed(m):
+    return [f['name'] for f in mc.list_folders(m)]
+
+
+@CLIENTS_PRESENT
+def test_old_folder_names_answered(npair, workdir, ca):
+    """names = destination, identity kept (doveadm): only the names need
+    the view, and the moved user's clients keep "Sent" and "Trash"."""
+    s = npair.src.imap(USER)
+    try:
+        mc.append_many(s, 'Sent', [(mc.make_message(9200 + i, 600,
+                                                    subject='sent %d' % i),
+                                    ['\\Seen'], 1500000000 + i)
+                                   for i in range(SENT)])
+    finally:
+        s.logout()
+    g = moved_gateway(npair, workdir, ca, doveadm=True,
+                      extra=['[mover]', 'names = destination'])
+    try:
+        mb = Mbsync(workdir, 'mbsync', g, ca)
+        mb.run()
+        before = local_files(mb, 'Sent')
+        assert len(before) == SENT
+        move(g)
+        d = npair.dst.imap(USER)
+        try:
+            # The mover put "Sent" into the destination's "Sent Items".
+            assert 'Sent' not in listed(d)
+            assert mc.fetch_all(d, 'Sent Items', '(UID)').keys()
+        finally:
+            d.logout()
+
+        m = through(g, ca)
+        try:
+            names = listed(m)
+            assert 'Sent' in names and 'Trash' in names, names
+            assert 'Sent Items' not in names, names
+            assert 'Deleted Items' not in names, names
+            # CONDSTORE stays: nothing is translated but names.
+            assert 'CONDSTORE' in caps(m)
+            typ, data = m.select('Sent')
+            assert typ == 'OK' and int(data[0]) == SENT, data
+            assert status(m, 'Sent')['UIDNEXT'] > SENT
+            typ, data = m.append('Sent', '(\\Seen)', None,
+                                 mc.make_message(9300, 600,
+                                                 subject='sent later'))
+            assert typ == 'OK', data
+            typ, data = m.status('Sent', '(MESSAGES)')
+            assert typ == 'OK', data
+            assert re.match(rb'"?Sent"? \(MESSAGES %d\)' % (SENT + 1),
+                            data[0]), data
+        finally:
+            m.logout()
+        d = npair.dst.imap(USER)
+        try:
+            assert len(mc.fetch_all(d, 'Sent Items', '(UID)')) == SENT + 1
+        finally:
+            d.logout()
+        # mbsync has "Sent" cached: on it goes, nothing downloaded again,
+        # no "Sent Items" of its own.
+        mb.run()
+        mb.run()
+        after = local_files(mb, 'Sent')
+        assert set(before) <= set(after) and len(after) == SENT + 1
+        assert not os.path.exists(mb.folder_dir('Sent Items'))
+        assert 'IMAP view' in g.log_text()
+    finally:
+        g.stop()

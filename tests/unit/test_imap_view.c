@@ -184,6 +184,7 @@ static void run(const char *const *events, size_t n, const char *want)
 
 		fix_init(&f);
 		ms_view_init(&v, lookup, names, &f);
+		v.withhold = 1;
 		for (size_t i = 0; i < n; i++) {
 			const char *t = events[i] + 2;
 			char buf[1024];

@@ -140,6 +140,16 @@ static const char *view_name(void *ctx, const char *name, int to_dst)
 	return NULL;
 }
 
+/* The last component of a folder name ('.' or '/' separated: the side's
+ * separator is not known here). */
+static const char *last_part(const char *name)
+{
+	const char *dot = strrchr(name, '.'), *slash = strrchr(name, '/');
+	const char *p = dot > slash ? dot : slash;
+
+	return p != NULL ? p + 1 : name;
+}
+
 struct start_ctx {
 	struct session *s;
 	int translate;			/* a folder is not kept */
@@ -159,7 +169,9 @@ static int start_folder(void *ctx, const struct ms_folder_state *fs)
 		return -1;
 	if (id != MS_ID_KEPT)
 		sc->translate = 1;
-	if (name_is(fs->src_name, fs->dst_name))
+	/* Renamed: not a prefix or separator the mover left out. */
+	if (name_is(fs->src_name, fs->dst_name) ||
+	    strcmp(last_part(fs->src_name), last_part(fs->dst_name)) == 0)
 		return 0;
 	n = calloc(1, sizeof(*n));
 	if (n == NULL || (n->src = strdup(fs->src_name)) == NULL ||

@@ -195,7 +195,11 @@ static void check_one_set(const struct ms_view_map *map, const char *set,
 	    memchr(set, ',', len) == NULL && memchr(set, '*', len) == NULL &&
 	    r == 1) {
 		char num[16];
-		unsigned long dst = strtoul(set, NULL, 10);
+		unsigned long dst;
+
+		memcpy(num, set, len);	/* the input has no NUL */
+		num[len] = '\0';
+		dst = strtoul(num, NULL, 10);
 		struct ms_vbuf back = { 0 };
 
 		assert(ms_view_set_to_dst(map, v.p, v.len, &back) == 1);

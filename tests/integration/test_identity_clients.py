@@ -340,6 +340,7 @@ def test_status_counts_users_without_identity(cpair, workdir, ca):
         assert j['identity_not_kept_folders'] >= len(FOLDERS), j
         r = g.ctl('status')
         assert 'identity not kept: 1 users' in r.stdout, r.describe()
+        assert 'the gateway translates them' in r.stdout, r.describe()
         assert 'API key was refused' in g.log_text()
         assert 'not-the-key' not in g.log_text()
     finally:

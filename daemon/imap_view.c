@@ -987,6 +987,8 @@ static void c_command(struct ms_view *v, struct ed *e, size_t len)
 	}
 	cmd = q_push(v, e->f + tag.s, tag.e - tag.s, kind);
 	if (cmd == NULL) {
+		if (v->qlen >= MS_VIEW_PIPELINE_MAX)
+			v->gave_up = "too many commands at once";
 		e->err = 1;
 		return;
 	}
@@ -1479,10 +1481,6 @@ static int feed(struct ms_view *v, struct ms_view_side *sd, int client,
 		if (out(octx, o.p, o.len) < 0) {
 			ms_vbuf_free(&o);
 			return fail(v, "cannot write");
-		}
-		if (v->qlen >= MS_VIEW_PIPELINE_MAX) {
-			ms_vbuf_free(&o);
-			return fail(v, "too many commands at once");
 		}
 	}
 	ms_vbuf_free(&o);

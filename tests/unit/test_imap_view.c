@@ -378,6 +378,27 @@ static void test_line_too_long(void **state)
 	free(big);
 }
 
+/* Commands never answered: bounded, then the view ends. */
+static void test_pipeline_bound(void **state)
+{
+	struct ms_vbuf o = { 0 };
+	struct ms_view v;
+	size_t i;
+	int r = 0;
+
+	(void)state;
+	ms_view_init(&v, lookup, names, NULL);
+	for (i = 0; i <= MS_VIEW_PIPELINE_MAX && r == 0; i++) {
+		r = ms_view_client(&v, "a NOOP\r\n", 8, out, &o);
+		o.len = 0;
+	}
+	assert_int_equal(r, -1);
+	assert_int_equal(i, MS_VIEW_PIPELINE_MAX + 1);
+	assert_string_equal(ms_view_gave_up(&v), "too many commands at once");
+	ms_view_clear(&v);
+	ms_vbuf_free(&o);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -391,6 +412,7 @@ int main(void)
 		cmocka_unit_test(test_names_caps),
 		cmocka_unit_test(test_literal_name),
 		cmocka_unit_test(test_line_too_long),
+		cmocka_unit_test(test_pipeline_bound),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

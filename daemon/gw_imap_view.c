@@ -169,8 +169,10 @@ static int start_folder(void *ctx, const struct ms_folder_state *fs)
 		return -1;
 	if (id != MS_ID_KEPT)
 		sc->translate = 1;
-	/* Renamed: not a prefix or separator the mover left out. */
-	if (name_is(fs->src_name, fs->dst_name) ||
+	/* Renamed: by names = destination (not a prefix or separator the
+	 * mover left out, not a name escaped for the other server). */
+	if (sc->s->gw->cfg.mover_names != MS_NAMES_DESTINATION ||
+	    name_is(fs->src_name, fs->dst_name) ||
 	    strcmp(last_part(fs->src_name), last_part(fs->dst_name)) == 0)
 		return 0;
 	n = calloc(1, sizeof(*n));

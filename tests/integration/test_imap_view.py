@@ -19,13 +19,14 @@ clients.
 import imaplib
 import os
 import re
+import time
 
 import pytest
 
 import corpus
 import gateway as gwlib
 import mailcheck as mc
-from conftest import SRC_USERS
+from conftest import SRC_USERS, wait_for
 from test_identity_clients import (CLIENTS_PRESENT, FOLDERS, GAPS, USER,
                                    Mbsync, fill, gw_conf, same_password)
 
@@ -77,7 +78,11 @@ def through(g, ca):
 
 def moved_gateway(pair, workdir, ca, doveadm, extra=()):
     fill(pair.src)
+    # Dovecot's UIDVALIDITY is the folder's creation second: the
+    # destination's folders come in a later one, so they differ.
+    second = int(time.time())
     same_password(pair)
+    assert wait_for(lambda: int(time.time()) > second, 5)
     g = gwlib.Mailshiftd(os.path.join(workdir, 'gw'), pair.src, pair.dst,
                          tls_ca=ca, policy='off',
                          extra_conf=gw_conf(workdir, pair.dst,

@@ -359,6 +359,22 @@ static void test_literal_name(void **state)
 	    "C b UID FETCH 15 UID\n");
 }
 
+/* The server shows another UIDVALIDITY (the folder was made anew): the
+ * folder is passed on as the server numbers it. */
+static void test_other_uidvalidity(void **state)
+{
+	(void)state;
+	RUN("a SELECT INBOX\n"
+	    "* OK [UIDVALIDITY 7] x\n"
+	    "* OK [UIDNEXT 6] y\n"
+	    "a OK done\n"
+	    "b UID FETCH 2 UID\n"
+	    "* 2 FETCH (UID 2)\n",
+	    "C a SELECT INBOX\n",
+	    "S * OK [UIDVALIDITY 7] x\n* OK [UIDNEXT 6] y\na OK done\n",
+	    "C b UID FETCH 2 UID\n", "S * 2 FETCH (UID 2)\n");
+}
+
 /* A line past the bound ends the view (and the session). */
 static void test_line_too_long(void **state)
 {
@@ -411,6 +427,7 @@ int main(void)
 		cmocka_unit_test(test_append_copy_status),
 		cmocka_unit_test(test_names_caps),
 		cmocka_unit_test(test_literal_name),
+		cmocka_unit_test(test_other_uidvalidity),
 		cmocka_unit_test(test_line_too_long),
 		cmocka_unit_test(test_pipeline_bound),
 	};

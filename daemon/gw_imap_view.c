@@ -100,12 +100,36 @@ static int vfolder_load(struct session *s, struct vfolder *f, int full)
 	return 0;
 }
 
+/* Another folder is being selected: the pairs of folders the view has no
+ * more use for go (16 bytes a message); their rows stay (enough for
+ * STATUS and for the new mail of APPENDUID and COPYUID). */
+static void vfolders_trim(struct imap_view_relay *iv)
+{
+	for (struct vfolder *f = iv->folders; f != NULL; f = f->next) {
+		struct ms_view_map *m = &f->map;
+
+		if (!m->full || ms_view_uses(&iv->v, m))
+			continue;
+		ms_debug("IMAP view: the pairs of \"%s\" let go (%zu)",
+			 f->name, m->n);
+		if (m->by_dst != m->by_src)
+			free(m->by_dst);
+		free(m->by_src);
+		m->by_src = m->by_dst = NULL;
+		m->n = 0;
+		m->full = 0;
+		m->monotone = 1;
+	}
+}
+
 static struct ms_view_map *view_lookup(void *ctx, const char *name, int full)
 {
 	struct session *s = ctx;
 	struct imap_view_relay *iv = s->iv;
 	struct vfolder *f;
 
+	if (full)
+		vfolders_trim(iv);
 	for (f = iv->folders; f != NULL; f = f->next)
 		if (name_is(f->name, name))
 			break;

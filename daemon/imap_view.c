@@ -1525,6 +1525,16 @@ size_t ms_view_pending(const struct ms_view *v)
 	return v->qlen;
 }
 
+int ms_view_uses(const struct ms_view *v, const struct ms_view_map *map)
+{
+	if (map == v->csel || map == v->ssel)
+		return 1;
+	for (size_t i = 0; i < v->qlen; i++)
+		if (v->q[(v->qhead + i) % v->qcap].map == map)
+			return 1;
+	return 0;
+}
+
 const char *ms_view_gave_up(const struct ms_view *v)
 {
 	return v->gave_up;

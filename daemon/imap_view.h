@@ -149,6 +149,10 @@ int ms_view_server(struct ms_view *v, const char *data, size_t len,
 		   ms_view_out_fn *out, void *octx);
 /* Commands not answered yet. */
 size_t ms_view_pending(const struct ms_view *v);
+/* Whether the view may still translate with map's pairs: the folder is
+ * selected, as the commands or the answers have it, or a command not
+ * answered names it. */
+int ms_view_uses(const struct ms_view *v, const struct ms_view_map *map);
 const char *ms_view_gave_up(const struct ms_view *v);
 /* Whether a capability is withheld from the view's sessions (CONDSTORE,
  * QRESYNC: their MODSEQs and VANISHED would need translating too). */

@@ -587,6 +587,8 @@ static void ed_to(struct ed *e, size_t pos)
 static void ed_put(struct ed *e, const struct tok *t, const char *s,
 		   size_t len)
 {
+	if (t->s < e->last)
+		return;		/* edits go left to right: never here */
 	ed_to(e, t->s);
 	if (ms_vbuf_add(e->o, s, len) < 0)
 		e->err = 1;
@@ -812,8 +814,23 @@ static struct ms_view_cmd *q_last(struct ms_view *v)
 	return v->qlen > 0 ? q_at(v, v->qlen - 1) : NULL;
 }
 
-/* A folder name the client gave (token t of kind `kind`): the
- * destination's in its place, and the map the command needs. */
+/* The map the command needs of the folder it names (the destination's
+ * name): SELECT's, the target of APPEND, COPY, MOVE. */
+static void c_target(struct ms_view *v, struct ms_view_cmd *cmd,
+		     const char *name)
+{
+	if (cmd == NULL)
+		return;
+	if (cmd->kind == K_SELECT) {
+		cmd->map = v->lookup(v->ctx, name, 1);
+		v->csel = cmd->map;
+	} else if (cmd->kind == K_APPEND || want_copy(cmd->kind)) {
+		cmd->map = v->lookup(v->ctx, name, 0);
+	}
+}
+
+/* A folder name the client gave (token t): the destination's in its
+ * place, and the map the command needs. */
 static void c_mailbox(struct ms_view *v, struct ed *e, const struct tok *t)
 {
 	struct ms_view_side *c = &v->c;
@@ -821,10 +838,15 @@ static void c_mailbox(struct ms_view *v, struct ed *e, const struct tok *t)
 	struct ms_vbuf name = { 0 };
 	const char *dst = NULL;
 
+	/* A folder not told (yet): nothing of the last one applies. */
+	if (cmd != NULL && cmd->kind == K_SELECT)
+		v->csel = NULL;
 	if (t->t == T_LIT) {
 		/* Its bytes come next: looked at then, never renamed. */
 		c->capture = 1;
 		c->name.len = 0;
+		if (c->name.p != NULL)
+			c->name.p[0] = '\0';
 		return;
 	}
 	if (tok_text(e->f, t, &name) < 0)
@@ -835,14 +857,7 @@ static void c_mailbox(struct ms_view *v, struct ed *e, const struct tok *t)
 		ed_name(e, t, dst);
 		v->names++;
 	}
-	if (cmd == NULL)
-		goto out;
-	if (cmd->kind == K_SELECT) {
-		cmd->map = v->lookup(v->ctx, dst ? dst : name.p, 1);
-		v->csel = cmd->map;
-	} else if (cmd->kind == K_APPEND || want_copy(cmd->kind)) {
-		cmd->map = v->lookup(v->ctx, dst ? dst : name.p, 0);
-	}
+	c_target(v, cmd, dst ? dst : name.p);
 out:
 	ms_vbuf_free(&name);
 }
@@ -851,18 +866,11 @@ out:
  * name, but it stays as the client sent it. */
 static void c_captured(struct ms_view *v)
 {
-	struct ms_view_cmd *cmd = q_last(v);
 	const char *name = v->c.name.p ? v->c.name.p : "";
+	const char *dst = v->name != NULL ? v->name(v->ctx, name, 1) : NULL;
 
 	v->c.capture = 0;
-	if (cmd == NULL)
-		return;
-	if (cmd->kind == K_SELECT) {
-		cmd->map = v->lookup(v->ctx, name, 1);
-		v->csel = cmd->map;
-	} else if (cmd->kind == K_APPEND || want_copy(cmd->kind)) {
-		cmd->map = v->lookup(v->ctx, name, 0);
-	}
+	c_target(v, q_last(v), dst ? dst : name);
 }
 
 /* Search keys and how many arguments each takes (UID: a set, see

@@ -187,7 +187,7 @@ static void run(const char *const *events, size_t n, const char *want)
 		v.withhold = 1;
 		for (size_t i = 0; i < n; i++) {
 			const char *t = events[i] + 2;
-			char buf[1024];
+			char buf[4096];
 			size_t len = 0;
 
 			for (; *t != '\0'; t++) {
@@ -359,6 +359,32 @@ static void test_literal_name(void **state)
 	    "C b UID FETCH 15 UID\n");
 }
 
+/* A folder name too long to look at, or none: the UIDs that follow are
+ * the server's, not the last folder's view. */
+static void test_unknown_folder(void **state)
+{
+	char sel[1200 + 64], lit[1200 + 8], want[4096];
+
+	(void)state;
+	memset(lit, 'x', 1200);
+	strcpy(lit + 1200, "\n");
+	snprintf(sel, sizeof(sel), "C b SELECT {1200}\n");
+	snprintf(want, sizeof(want), "a SELECT INBOX\na OK done\n"
+		 "b SELECT {1200}\n%sc UID FETCH 15 UID\n"
+		 "d SELECT (\n", lit);
+	{
+		const char *ev[] = {
+			"C a SELECT INBOX\n", "S a OK done\n", sel, NULL,
+			"C c UID FETCH 15 UID\n", "C d SELECT (\n",
+		};
+		char l[1200 + 8] = "C ";
+
+		memcpy(l + 2, lit, strlen(lit) + 1);
+		ev[3] = l;
+		run(ev, sizeof(ev) / sizeof(*ev), want);
+	}
+}
+
 /* The server shows another UIDVALIDITY (the folder was made anew): the
  * folder is passed on as the server numbers it. */
 static void test_other_uidvalidity(void **state)
@@ -428,6 +454,7 @@ int main(void)
 		cmocka_unit_test(test_names_caps),
 		cmocka_unit_test(test_literal_name),
 		cmocka_unit_test(test_other_uidvalidity),
+		cmocka_unit_test(test_unknown_folder),
 		cmocka_unit_test(test_line_too_long),
 		cmocka_unit_test(test_pipeline_bound),
 	};

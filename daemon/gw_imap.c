@@ -35,6 +35,34 @@ static int imap_send_login(struct session *s)
 	return 0;
 }
 
+/* The server took the login: its answer under the client's tag, through
+ * the IMAP view when the session has one (the capabilities it withholds).
+ * Returns as imap_backend_line(). */
+static int imap_login_ok(struct session *s, const char *answer)
+{
+	const char *why = gw_imap_view_start(s);
+	char reply[GW_INBUF_MAX + 300];
+	int n;
+
+	if (why != NULL) {
+		/* UIDs the client would take for the source's: better no
+		 * session. */
+		gw_backend_fail(s, why);
+		return 1;
+	}
+	n = snprintf(reply, sizeof(reply), "%s %s\r\n", s->tag, answer);
+	if (s->iv == NULL) {
+		out(s, "%s", reply);
+		return 2;
+	}
+	if (n < 0 || (size_t)n >= sizeof(reply) ||
+	    gw_imap_view_server(s, reply, (size_t)n) < 0) {
+		gw_backend_fail(s, "IMAP view: login answer");
+		return 1;
+	}
+	return 2;
+}
+
 static int imap_backend_line(struct session *s, char *line)
 {
 	if (s->bst == BS_GREETING) {
@@ -73,8 +101,7 @@ static int imap_backend_line(struct session *s, char *line)
 	}
 	if (s->verify_only)
 		return -1;
-	out(s, "%s %s\r\n", s->tag, line + 4);
-	return 2;
+	return imap_login_ok(s, line + 4);
 }
 
 /* ---- IMAP before login ---- */
@@ -410,6 +437,9 @@ static const struct gw_proto imap_proto = {
 	.process = imap_process,
 	.send_login = imap_send_login,
 	.backend_line = imap_backend_line,
+	.relay_client_out = gw_imap_view_client,
+	.relay_server = gw_imap_view_server,
+	.relay_free = gw_imap_view_free,
 };
 
 /* Its sessions are the mailbox sessions' (gw_session.c). */

@@ -1,7 +1,7 @@
 /* What the gateway's own files share: struct ms_gateway, a session
  * (struct session: IMAP and POP3 alike), a user (struct guser), and the
  * functions these files call in each other. For gateway.c, gw_session.c,
- * gw_imap.c, gw_pop3.c, lifecycle.c, gw_admit.c and metrics.c only: the
+ * gw_imap.c, gw_imap_view.c, gw_pop3.c, lifecycle.c, gw_admit.c and metrics.c only: the
  * daemon sees gateway.h, the SMTP front end gw_route.h, never this.
  */
 #ifndef MS_GW_INTERNAL_H
@@ -70,8 +70,13 @@ struct gw_proto {
 	int (*send_login)(struct session *s);
 	/* A line of the server's during login: see backend_line(). */
 	int (*backend_line)(struct session *s, char *line);
-	/* The relay's filter (POP3 UIDLs), when s->ur is set. */
+	/* The relay's filter (POP3 UIDLs, the IMAP view), when
+	 * gw_filtered(): the client's bytes seen (POP3) or passed on by the
+	 * filter itself (IMAP: relay_client_out, -1 ends the session), the
+	 * server's passed on. */
 	void (*relay_client)(struct session *s, const char *data, size_t len);
+	int (*relay_client_out)(struct session *s, const char *data,
+				size_t len);
 	int (*relay_server)(struct session *s, const char *data, size_t len);
 	void (*relay_free)(struct session *s);
 };
@@ -132,7 +137,18 @@ struct session {
 	/* POP3 to the destination, of a user whose INBOX was copied: the
 	 * source's UIDLs put back (NULL for every other session) */
 	struct uidl_relay *ur;
+	/* IMAP to the destination, of a user with a folder that did not
+	 * keep its identity or was renamed: the source's view
+	 * (gw_imap_view.c; NULL for every other session) */
+	struct imap_view_relay *iv;
 };
+
+/* The relay passes the session's bytes through its filter (POP3 UIDLs,
+ * the IMAP view). */
+static inline int gw_filtered(const struct session *s)
+{
+	return s->ur != NULL || s->iv != NULL;
+}
 
 /* How many bytes the command line being read may have. */
 static inline size_t gw_line_max(const struct session *s)
@@ -262,6 +278,15 @@ extern const struct gw_user_sessions gw_mailbox_user_sessions;
 void gw_session_accept(struct ms_gateway *gw, uv_stream_t *server,
 		       const struct ms_gw_listen *cfg, const void *arg);
 int gw_sessions_kick(struct ms_gateway *gw, const char *user);
+
+/* ---- gw_imap_view.c: the IMAP view of a moved user ---- */
+
+/* At an IMAP login to the destination: s->iv set when the user needs the
+ * view. NULL, or why it cannot be told. */
+const char *gw_imap_view_start(struct session *s);
+void gw_imap_view_free(struct session *s);
+int gw_imap_view_client(struct session *s, const char *data, size_t len);
+int gw_imap_view_server(struct session *s, const char *data, size_t len);
 
 /* ---- lifecycle.c: each user's life ---- */
 

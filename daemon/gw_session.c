@@ -201,7 +201,7 @@ void gw_session_close(struct session *s)
 	bin_free(s);
 	free(s->penalty_reply);
 	s->penalty_reply = NULL;
-	if (s->ur != NULL)
+	if (gw_filtered(s))
 		s->pr->relay_free(s);
 	if (s->prev != NULL)
 		s->prev->next = s->next;
@@ -259,7 +259,7 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 	/* What the server sent after its login reply. */
 	s->bytes_out += restlen;
 	s->bytes_in += s->inlen;
-	if (restlen > 0 && s->ur != NULL) {
+	if (restlen > 0 && gw_filtered(s)) {
 		if (s->pr->relay_server(s, rest, restlen) < 0) {
 			gw_session_close(s);
 			return;
@@ -268,7 +268,12 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 		ms_conn_write(s->c, rest, restlen);
 	}
 	/* What the client pipelined after its login command. */
-	if (s->inlen > 0) {
+	if (s->inlen > 0 && s->iv != NULL) {
+		if (s->pr->relay_client_out(s, s->in, s->inlen) < 0) {
+			gw_session_close(s);
+			return;
+		}
+	} else if (s->inlen > 0) {
 		if (s->ur != NULL)
 			s->pr->relay_client(s, s->in, s->inlen);
 		ms_conn_write(s->b, s->in, s->inlen);
@@ -433,7 +438,7 @@ static void on_backend_read(struct ms_conn *conn, const char *data, size_t len)
 
 	if (s->st == SS_RELAY) {
 		s->bytes_out += len;
-		if (s->ur == NULL ?
+		if (!gw_filtered(s) ?
 		    ms_relay(s->c, s->b, &s->b_paused, data, len) < 0 :
 		    s->pr->relay_server(s, data, len) < 0)
 			gw_session_close(s);
@@ -747,6 +752,11 @@ static void on_client_read(struct ms_conn *conn, const char *data, size_t len)
 
 	if (s->st == SS_RELAY) {
 		s->bytes_in += len;
+		if (s->iv != NULL) {
+			if (s->pr->relay_client_out(s, data, len) < 0)
+				gw_session_close(s);
+			return;
+		}
 		if (s->ur != NULL)
 			s->pr->relay_client(s, data, len);
 		if (ms_relay(s->b, s->c, &s->c_paused, data, len) < 0)

@@ -313,6 +313,12 @@ void mv_id_finish(struct worker *w)
 {
 	struct ms_doveadm_update up = { 0 };
 
+	/* The gateway's IMAP view numbers new mail above it. */
+	if (!w->u->reverse && w->s_uidnext != 0 &&
+	    mv_store_check(w, ms_store_src_next_set(w->u->m->store,
+						    w->f->st.id,
+						    w->s_uidnext)) < 0)
+		return;
 	if (!w->identity || w->id_final) {
 		mv_start_flags(w);
 		return;

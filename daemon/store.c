@@ -20,11 +20,13 @@
  * POP3 UIDLs); 4: + source_use, user_moves, retirements (mailshiftctl
  * retire); 5: + folder_identity (whether a destination folder kept the
  * source's UIDVALIDITY and UIDs); 6: + user_sizes (the survey of the
- * source's mailbox sizes, for the site's ETA). Every CREATE is IF NOT
- * EXISTS, so the schema text upgrades an older store. The meta table
+ * source's mailbox sizes, for the site's ETA); 7: + folder_src_next (the
+ * source's UIDNEXT at a folder's last copy, for the gateway's IMAP view).
+ * Every CREATE is IF NOT EXISTS, so the schema text upgrades an older
+ * store. The meta table
  * (which migration the store belongs to) is made when first needed, see
  * claim(). */
-#define SCHEMA_VERSION 6
+#define SCHEMA_VERSION 7
 /* ms_store_msg_foreach reads this many records at a time (see there) */
 #define FOREACH_PAGE 128
 #define FLAGS_SIZE sizeof(((struct ms_msg_rec *)0)->flags)
@@ -124,7 +126,13 @@
 	" messages " INT " NOT NULL," \
 	" bytes " INT " NOT NULL," \
 	" how " TEXT " NOT NULL," \
-	" at " INT " NOT NULL);"
+	" at " INT " NOT NULL);" \
+	/* The source's UIDNEXT at the folder's last copy pass: the gateway's \
+	 * IMAP view numbers new mail above it. */ \
+	"CREATE TABLE IF NOT EXISTS folder_src_next (" \
+	" folder_id " INT " PRIMARY KEY REFERENCES folders(id)" \
+	" ON DELETE CASCADE," \
+	" uidnext " INT " NOT NULL);"
 
 static const char schema_sqlite[] =
 	SCHEMA("INTEGER PRIMARY KEY", "INTEGER", "TEXT", " WITHOUT ROWID");
@@ -1506,24 +1514,36 @@ int ms_store_retirement_get(struct ms_store *store, struct ms_retirement *r,
 
 /* ---- folder identity (once per folder: statements prepared per call) ---- */
 
-int ms_store_identity_get(struct ms_store *store, int64_t folder_id,
-			  int *state_r)
+/* The one number a "SELECT x FROM t WHERE folder_id = ?1" gives (*v_r
+ * left as it is without a row). */
+static int folder_number(struct ms_store *store, const char *sql,
+			 int64_t folder_id, const char *what, int64_t *v_r)
 {
 	struct db_stmt *st;
 	int rc;
 
-	*state_r = MS_ID_NONE;
-	if (prepare(store, "SELECT state FROM folder_identity"
-		    " WHERE folder_id = ?1", &st, "identity_get") < 0)
+	if (prepare(store, sql, &st, what) < 0)
 		return -1;
 	db_bind_int64(st, 1, folder_id);
 	rc = db_step(st);
 	if (rc == DB_ROW)
-		*state_r = db_column_int64(st, 0);
+		*v_r = db_column_int64(st, 0);
 	db_finalize(st);
 	if (rc != DB_ROW && rc != DB_DONE)
-		return db_error(store, "identity_get");
+		return db_error(store, what);
 	return 0;
+}
+
+int ms_store_identity_get(struct ms_store *store, int64_t folder_id,
+			  int *state_r)
+{
+	int64_t v = MS_ID_NONE;
+	int ret = folder_number(store, "SELECT state FROM folder_identity"
+				" WHERE folder_id = ?1", folder_id,
+				"identity_get", &v);
+
+	*state_r = (int)v;
+	return ret;
 }
 
 int ms_store_identity_set(struct ms_store *store, int64_t folder_id,
@@ -1593,6 +1613,7 @@ static const struct copy_table {
 	{ "source_use", "key, kind, name, at, slack", 5, 0 },
 	{ "retirements", "id, at, uid, forced, record", 5, 1 },
 	{ "user_sizes", "user_id, messages, bytes, how, at", 5, 0 },
+	{ "folder_src_next", "folder_id, uidnext", 2, 0 },
 	{ "meta", "key, value", 2, 0 },
 };
 #define NCOPY (sizeof(copy_tables) / sizeof(copy_tables[0]))
@@ -1799,5 +1820,35 @@ int ms_store_size_foreach(struct ms_store *store, ms_store_size_cb *cb,
 	db_finalize(st);
 	if (ret == 0 && rc != DB_DONE)
 		return db_error(store, "size_foreach");
+	return ret;
+}
+
+/* ---- the source's UIDNEXT of a folder's last copy pass (the gateway's
+ * IMAP view numbers new mail above it) ---- */
+
+int ms_store_src_next_set(struct ms_store *store, int64_t folder_id,
+			  uint32_t uidnext)
+{
+	struct db_stmt *st;
+
+	if (prepare(store, "INSERT INTO folder_src_next (folder_id, uidnext)"
+		    " VALUES (?1, ?2) ON CONFLICT (folder_id) DO UPDATE"
+		    " SET uidnext = excluded.uidnext", &st,
+		    "src_next_set") < 0)
+		return -1;
+	db_bind_int64(st, 1, folder_id);
+	db_bind_int64(st, 2, uidnext);
+	return run_once(store, st, "src_next_set");
+}
+
+int ms_store_src_next_get(struct ms_store *store, int64_t folder_id,
+			  uint32_t *uidnext_r)
+{
+	int64_t v = 0;
+	int ret = folder_number(store, "SELECT uidnext FROM folder_src_next"
+				" WHERE folder_id = ?1", folder_id,
+				"src_next_get", &v);
+
+	*uidnext_r = (uint32_t)v;
 	return ret;
 }

@@ -288,4 +288,12 @@ typedef int ms_store_size_cb(void *ctx, const struct ms_user_info *u,
 int ms_store_size_foreach(struct ms_store *store, ms_store_size_cb *cb,
 			  void *ctx);
 
+/* The source's UIDNEXT at the folder's last copy pass, which the gateway's
+ * IMAP view numbers new mail above (docs/gateway-spec.md, "The IMAP
+ * view"); 0 when never recorded. */
+int ms_store_src_next_set(struct ms_store *store, int64_t folder_id,
+			  uint32_t uidnext);
+int ms_store_src_next_get(struct ms_store *store, int64_t folder_id,
+			  uint32_t *uidnext_r);
+
 #endif

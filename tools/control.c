@@ -299,7 +299,8 @@ static void print_status(json_t *rep)
 	printf("sessions: %lld\n", jint(rep, "sessions"));
 	if (jint(rep, "identity_not_kept_users") > 0)
 		printf("identity not kept: %lld users (%lld folders) with "
-		       "new UIDVALIDITY/UIDs on the destination\n",
+		       "new UIDVALIDITY/UIDs on the destination: the gateway "
+		       "translates them (IMAP view); their clients need it\n",
 		       jint(rep, "identity_not_kept_users"),
 		       jint(rep, "identity_not_kept_folders"));
 	fill = total > 0 ? (unsigned int)(30 * across / total) : 0;

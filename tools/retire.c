@@ -413,6 +413,33 @@ static int verify(struct ropts *o, struct check *ck, json_t *names,
 
 /* ---- --check ---- */
 
+/* Users whose clients see the source's UIDs only through the gateway's
+ * IMAP view: a warning, not a reason (the source can go; the gateway must
+ * stay). */
+static int check_view(struct ropts *o, struct check *ck)
+{
+	uint64_t users, folders;
+	char buf[400];
+
+	if (ms_store_identity_lost_users(o->store, &users, &folders) < 0) {
+		snprintf(o->err, sizeof(o->err), "store: %s",
+			 ms_store_error(o->store));
+		return -1;
+	}
+	json_object_set_new(ck->out, "view_users", json_integer((json_int_t)
+								users));
+	if (users == 0)
+		return 0;
+	snprintf(buf, sizeof(buf), "%llu user(s) (%llu folder(s)) see the "
+		 "source's UIDVALIDITY and UIDs only through the gateway's "
+		 "IMAP view: retiring the gateway, or steering IMAP straight "
+		 "to the destination (--apply), would make their clients "
+		 "download those folders again", (unsigned long long)users,
+		 (unsigned long long)folders);
+	json_object_set_new(ck->out, "warnings", json_pack("[s]", buf));
+	return 0;
+}
+
 /* 0 when the source can go, 1 when not (ck->reasons), 2 with o->err. */
 static int run_check(struct ropts *o, struct check *ck)
 {
@@ -431,6 +458,8 @@ static int run_check(struct ropts *o, struct check *ck)
 	if (check_use(o, ck, now) < 0)
 		return 2;
 	check_steering(o, ck);
+	if (check_view(o, ck) < 0)
+		return 2;
 	if (verify(o, ck, ck->moved, &results) < 0) {
 		json_decref(results);
 		return 2;
@@ -454,6 +483,8 @@ static void print_check(const struct check *ck, FILE *f)
 	json_t *v;
 	size_t i;
 
+	json_array_foreach(json_object_get(ck->out, "warnings"), i, v)
+		fprintf(f, "warning: %s\n", json_string_value(v));
 	if (json_array_size(ck->reasons) == 0) {
 		fprintf(f, "the source can be retired: %zu user(s), all on the "
 			"destination and identical there; nothing sent to the "

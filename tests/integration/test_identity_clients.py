@@ -9,6 +9,11 @@ offline flag change on the message it was made on.
 Both servers here have the same separator and folder names, so what the
 clients could notice is the UIDVALIDITY and the UIDs only (folder names
 are issue 11's item 3).
+
+The same runs against a destination that cannot keep identity (no doveadm
+configured): there the gateway's IMAP view (docs/gateway-spec.md) shows
+the clients the source's UIDVALIDITY and UIDs, and mail delivered after
+the flip arrives numbered above the source's UIDNEXT.
 """
 
 import os
@@ -64,15 +69,21 @@ def write_secret(path, text):
         f.write(text + '\n')
 
 
-def gw_conf(workdir, dst, key_file=None):
+def gw_conf(workdir, dst, key_file=None, doveadm=True, extra=()):
+    """The gateway's config: the admin logins, the destination's doveadm
+    API unless doveadm is False (then the gateway translates), and extra
+    lines."""
     pwf = os.path.join(workdir, 'admin.pw')
     write_secret(pwf, MASTER[1])
-    return '\n'.join([
-        '[source]', 'admin = %s' % MASTER[0], 'admin_password_file = %s' % pwf,
-        '[destination]', 'admin = %s' % MASTER[0],
-        'admin_password_file = %s' % pwf,
-        'doveadm_url = %s' % dst.doveadm_url(),
-        'doveadm_key_file = %s' % (key_file or dst.doveadm_key_file)])
+    lines = ['[source]', 'admin = %s' % MASTER[0],
+             'admin_password_file = %s' % pwf,
+             '[destination]', 'admin = %s' % MASTER[0],
+             'admin_password_file = %s' % pwf]
+    if doveadm:
+        lines += ['doveadm_url = %s' % dst.doveadm_url(),
+                  'doveadm_key_file = %s' % (key_file or
+                                             dst.doveadm_key_file)]
+    return '\n'.join(lines + list(extra))
 
 
 class Client:
@@ -216,19 +227,41 @@ def server_view(server):
     return out
 
 
-@pytest.mark.skipif(not (os.access(MBSYNC, os.X_OK) and
-                         os.access(OFFLINEIMAP, os.X_OK)),
-                    reason='mbsync (isync) or offlineimap3 not installed: '
-                    'tests/install-deps.sh installs them')
-def test_clients_notice_nothing(cpair, workdir, ca):
+def same_password(pair):
+    """One password on both servers, as at a real site."""
+    pair.dst.stop()
+    pair.dst.add_user(USER, SRC_USERS[USER])
+    pair.dst.start()
+
+
+def deliver(server, folder, subject):
+    """New mail, straight into the server (as its LDA would)."""
+    m = server.imap(USER)
+    try:
+        mc.append_many(m, folder, [(mc.make_message(9000, 700,
+                                                    subject=subject),
+                                    [], 1600000000)])
+    finally:
+        m.logout()
+
+
+CLIENTS_PRESENT = pytest.mark.skipif(
+    not (os.access(MBSYNC, os.X_OK) and os.access(OFFLINEIMAP, os.X_OK)),
+    reason='mbsync (isync) or offlineimap3 not installed: '
+    'tests/install-deps.sh installs them')
+
+
+@CLIENTS_PRESENT
+@pytest.mark.parametrize('identity', ['doveadm', 'gateway'])
+def test_clients_notice_nothing(cpair, workdir, ca, identity):
+    """identity: kept by the mover through doveadm, or shown by the
+    gateway's IMAP view (no doveadm configured)."""
     fill(cpair.src)
-    # One password on both servers, as at a real site.
-    cpair.dst.stop()
-    cpair.dst.add_user(USER, SRC_USERS[USER])
-    cpair.dst.start()
+    same_password(cpair)
     g = gwlib.Mailshiftd(os.path.join(workdir, 'gw'), cpair.src, cpair.dst,
                          tls_ca=ca, policy='off',
-                         extra_conf=gw_conf(workdir, cpair.dst))
+                         extra_conf=gw_conf(workdir, cpair.dst,
+                                            doveadm=identity == 'doveadm'))
     g.start()
     try:
         clients = [Mbsync(workdir, 'mbsync', g, ca),
@@ -246,7 +279,8 @@ def test_clients_notice_nothing(cpair, workdir, ca):
         assert g.ctl('migrate', '--daemon', USER).rc == 0
         g.wait_state(USER, ('destination',), timeout=120)
         rc, out, err, j = g.ctl('status', '--json')
-        assert j['identity_not_kept_users'] == 0, j
+        assert j['identity_not_kept_users'] == \
+            (0 if identity == 'doveadm' else 1), j
 
         for _ in range(2):              # the second run settles the other's
             for c in clients:           # flag change: still nothing new
@@ -270,6 +304,16 @@ def test_clients_notice_nothing(cpair, workdir, ca):
             # Both flag changes reached both clients, on the right file.
             assert sum('F' in fl for f in FOLDERS
                        for fl in after[f].values()) == 2
+
+        # Mail delivered after the flip reaches both, once.
+        deliver(cpair.dst, 'INBOX', 'after the flip')
+        for c in clients:
+            c.run()
+            c.run()
+        assert 'after the flip' in server_view(cpair.dst)['INBOX']
+        for c, b in zip(clients, before):
+            new = set(c.local()['INBOX']) - set(b['INBOX'])
+            assert len(new) == 1, (c.argv()[0], sorted(new))
     finally:
         g.stop()
 
@@ -296,6 +340,7 @@ def test_status_counts_users_without_identity(cpair, workdir, ca):
         assert j['identity_not_kept_folders'] >= len(FOLDERS), j
         r = g.ctl('status')
         assert 'identity not kept: 1 users' in r.stdout, r.describe()
+        assert 'the gateway translates them' in r.stdout, r.describe()
         assert 'API key was refused' in g.log_text()
         assert 'not-the-key' not in g.log_text()
     finally:

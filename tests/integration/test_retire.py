@@ -119,6 +119,11 @@ def test_check_refuses_until_clean(gpair, make_gw, workdir):
     assert sorted(v['user'] for v in r.json['verification']) == \
         ['alice', 'bob'], r.json
     assert all(v['ok'] for v in r.json['verification']), r.json
+    # No doveadm here: the gateway shows both the source's UIDs (its IMAP
+    # view), which the check warns about; not a reason: the source can go,
+    # the gateway must stay.
+    assert r.json['view_users'] == 2, r.json
+    assert [w for w in r.json['warnings'] if 'IMAP view' in w], r.json
 
     # Once the quiet period is over, nothing holds the source back.
     time.sleep(max(0, use[0]['quiet_until'] - time.time()))
@@ -126,6 +131,7 @@ def test_check_refuses_until_clean(gpair, make_gw, workdir):
     r = retire(g, '--check')
     assert r.rc == 0 and 'the source can be retired' in r.stdout, \
         r.describe()
+    assert 'warning: 2 user(s) (' in r.stdout, r.describe()
 
     # Mail appended straight to the source after the move holds it back.
     msg = mc.make_message(990001, 300)

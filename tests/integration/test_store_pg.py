@@ -34,6 +34,7 @@ TABLES = {
     'source_use': 'key, kind, name, at, slack',
     'retirements': 'id, at, uid, forced, record',
     'user_sizes': 'user_id, messages, bytes, how, at',
+    'folder_src_next': 'folder_id, uidnext',
     'meta': 'key, value',
 }
 NULL = '(null)'

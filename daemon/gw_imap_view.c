@@ -1,0 +1,326 @@
+/* The relay's IMAP filter: a session of a moved user whose folders did not
+ * keep their identity, or were renamed by the move, sees the source's
+ * UIDVALIDITY, UIDs and folder names (imap_view.h, docs/gateway-spec.md
+ * "The IMAP view"). Here: when a session gets one, the maps read from the
+ * store, and the bytes both ways. Every other session is relayed as it is.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "gw_internal.h"
+#include "imap_view.h"
+
+struct vfolder {
+	struct vfolder *next;
+	char *name;			/* the destination's */
+	int translated;			/* else map is unused */
+	struct ms_view_map map;
+};
+
+struct vname {
+	struct vname *next;
+	char *src, *dst;
+};
+
+struct imap_view_relay {
+	struct ms_view v;
+	int64_t user_id;
+	struct vfolder *folders;	/* looked up so far */
+	struct vname *names;		/* folders the move renamed */
+	int store_failed;
+};
+
+/* ---- what the store knows ---- */
+
+static int name_is(const char *a, const char *b)
+{
+	return strcasecmp(a, "INBOX") == 0 ? strcasecmp(b, "INBOX") == 0 :
+	       strcmp(a, b) == 0;
+}
+
+struct pairs {
+	struct ms_view_pair *p;
+	size_t n, cap;
+};
+
+static int add_pair(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct pairs *ps = ctx;
+
+	if (rec->dst_uid == 0 || rec->src_uid == 0)
+		return 0;
+	if (ps->n == ps->cap) {
+		size_t cap = ps->cap ? ps->cap * 2 : 256;
+		struct ms_view_pair *p = realloc(ps->p, cap * sizeof(*p));
+
+		if (p == NULL)
+			return -1;
+		ps->p = p;
+		ps->cap = cap;
+	}
+	ps->p[ps->n].src = rec->src_uid;
+	ps->p[ps->n++].dst = rec->dst_uid;
+	return 0;
+}
+
+/* The folder's map, with its pairs when full. -1: the store failed or out
+ * of memory. */
+static int vfolder_load(struct session *s, struct vfolder *f, int full)
+{
+	struct imap_view_relay *iv = s->iv;
+	struct ms_store *store = s->gw->store;
+	struct ms_folder_state fs;
+	struct pairs ps = { 0 };
+	uint32_t next;
+	int found = 0, id, invalid = f->map.invalid;
+
+	if (ms_store_folder_find_dst(store, iv->user_id, f->name, &fs,
+				     &found) < 0)
+		return -1;
+	if (!found || fs.dst_uidvalidity == 0 || fs.src_uidvalidity == 0)
+		return 0;
+	if (ms_store_identity_get(store, fs.id, &id) < 0 ||
+	    ms_store_src_next_get(store, fs.id, &next) < 0)
+		return -1;
+	if (id == MS_ID_KEPT)
+		return 0;
+	if (full && ms_store_msg_foreach(store, fs.id, MS_MSG_DONE, add_pair,
+					 &ps) != 0) {
+		free(ps.p);
+		return -1;
+	}
+	ms_view_map_clear(&f->map);
+	if (ms_view_map_init(&f->map, ps.p, ps.n, fs.src_uidvalidity,
+			     fs.dst_uidvalidity, next) < 0)
+		return -1;
+	f->map.full = full;
+	f->map.invalid = invalid;
+	f->translated = 1;
+	return 0;
+}
+
+/* Another folder is being selected: the pairs of folders the view has no
+ * more use for go (16 bytes a message); their rows stay (enough for
+ * STATUS and for the new mail of APPENDUID and COPYUID). */
+static void vfolders_trim(struct imap_view_relay *iv)
+{
+	for (struct vfolder *f = iv->folders; f != NULL; f = f->next) {
+		struct ms_view_map *m = &f->map;
+
+		if (!m->full || ms_view_uses(&iv->v, m))
+			continue;
+		ms_debug("IMAP view: the pairs of \"%s\" let go (%zu)",
+			 f->name, m->n);
+		if (m->by_dst != m->by_src)
+			free(m->by_dst);
+		free(m->by_src);
+		m->by_src = m->by_dst = NULL;
+		m->n = 0;
+		m->full = 0;
+		m->monotone = 1;
+	}
+}
+
+static struct ms_view_map *view_lookup(void *ctx, const char *name, int full)
+{
+	struct session *s = ctx;
+	struct imap_view_relay *iv = s->iv;
+	struct vfolder *f;
+
+	if (full)
+		vfolders_trim(iv);
+	for (f = iv->folders; f != NULL; f = f->next)
+		if (name_is(f->name, name))
+			break;
+	if (f == NULL) {
+		f = calloc(1, sizeof(*f));
+		if (f == NULL || (f->name = strdup(name)) == NULL) {
+			free(f);
+			iv->store_failed = 1;
+			return NULL;
+		}
+		f->next = iv->folders;
+		iv->folders = f;
+	} else if (!f->translated || f->map.full || !full) {
+		return f->translated ? &f->map : NULL;
+	}
+	if (vfolder_load(s, f, full) < 0) {
+		ms_log(MS_LOG_ERROR, "session %llu: %s: IMAP view of \"%s\": "
+		       "%s", (unsigned long long)s->id, s->gu->name, name,
+		       ms_store_error(s->gw->store));
+		iv->store_failed = 1;
+	}
+	return f->translated ? &f->map : NULL;
+}
+
+static const char *view_name(void *ctx, const char *name, int to_dst)
+{
+	struct session *s = ctx;
+
+	for (struct vname *n = s->iv->names; n != NULL; n = n->next)
+		if (name_is(to_dst ? n->src : n->dst, name))
+			return to_dst ? n->dst : n->src;
+	return NULL;
+}
+
+/* The last component of a folder name ('.' or '/' separated: the side's
+ * separator is not known here). */
+static const char *last_part(const char *name)
+{
+	const char *dot = strrchr(name, '.'), *slash = strrchr(name, '/');
+	const char *p = dot > slash ? dot : slash;
+
+	return p != NULL ? p + 1 : name;
+}
+
+struct start_ctx {
+	struct session *s;
+	int translate;			/* a folder is not kept */
+};
+
+/* Which folders need the view: not kept, or renamed. */
+static int start_folder(void *ctx, const struct ms_folder_state *fs)
+{
+	struct start_ctx *sc = ctx;
+	struct imap_view_relay *iv = sc->s->iv;
+	struct vname *n;
+	int id;
+
+	if (fs->dst_uidvalidity == 0 || fs->dst_name[0] == '\0')
+		return 0;		/* not copied */
+	if (ms_store_identity_get(sc->s->gw->store, fs->id, &id) < 0)
+		return -1;
+	if (id != MS_ID_KEPT)
+		sc->translate = 1;
+	/* Renamed: by names = destination (not a prefix or separator the
+	 * mover left out, not a name escaped for the other server). */
+	if (sc->s->gw->cfg.mover_names != MS_NAMES_DESTINATION ||
+	    name_is(fs->src_name, fs->dst_name) ||
+	    strcmp(last_part(fs->src_name), last_part(fs->dst_name)) == 0)
+		return 0;
+	n = calloc(1, sizeof(*n));
+	if (n == NULL || (n->src = strdup(fs->src_name)) == NULL ||
+	    (n->dst = strdup(fs->dst_name)) == NULL) {
+		if (n != NULL)
+			free(n->src);
+		free(n);
+		return -1;
+	}
+	n->next = iv->names;
+	iv->names = n;
+	return 0;
+}
+
+const char *gw_imap_view_start(struct session *s)
+{
+	struct ms_gateway *gw = s->gw;
+	struct ms_user_info info;
+	struct start_ctx sc = { s, 0 };
+	int found = 0;
+
+	if (s->proto != MS_GW_IMAP || !s->to_dst)
+		return NULL;
+	if (ms_store_user_info(gw->store, ms_login_name(&s->login), &info,
+			       &found) < 0)
+		return ms_store_error(gw->store);
+	if (!found)
+		return NULL;
+	s->iv = calloc(1, sizeof(*s->iv));
+	if (s->iv == NULL)
+		return "out of memory";
+	s->iv->user_id = info.id;
+	ms_view_init(&s->iv->v, view_lookup, view_name, s);
+	if (ms_store_folder_foreach(gw->store, info.id, start_folder,
+				    &sc) != 0) {
+		gw_imap_view_free(s);
+		return "cannot read the user's folders";
+	}
+	if (!sc.translate && s->iv->names == NULL)
+		gw_imap_view_free(s);	/* identity kept: zero cost */
+	else
+		s->iv->v.withhold = sc.translate;
+	return NULL;
+}
+
+void gw_imap_view_free(struct session *s)
+{
+	struct imap_view_relay *iv = s->iv;
+
+	if (iv == NULL)
+		return;
+	if (iv->v.uids > 0 || iv->v.names > 0)
+		ms_info("session %llu: %s: IMAP view: %llu UIDs or sets and "
+			"%llu folder names shown as the source's",
+			(unsigned long long)s->id, s->gu->name,
+			(unsigned long long)iv->v.uids,
+			(unsigned long long)iv->v.names);
+	ms_view_clear(&iv->v);
+	while (iv->folders != NULL) {
+		struct vfolder *f = iv->folders;
+
+		iv->folders = f->next;
+		ms_view_map_clear(&f->map);
+		free(f->name);
+		free(f);
+	}
+	while (iv->names != NULL) {
+		struct vname *n = iv->names;
+
+		iv->names = n->next;
+		free(n->src);
+		free(n->dst);
+		free(n);
+	}
+	free(iv);
+	s->iv = NULL;
+}
+
+/* ---- the bytes ---- */
+
+static int to_client(void *ctx, const char *data, size_t len)
+{
+	struct session *s = ctx;
+
+	return ms_conn_write(s->c, data, len) < 0 ? -1 : 0;
+}
+
+static int to_server(void *ctx, const char *data, size_t len)
+{
+	struct session *s = ctx;
+
+	return ms_conn_write(s->b, data, len) < 0 ? -1 : 0;
+}
+
+/* Translation cannot go on: the session ends rather than show a client
+ * the destination's UIDs under the source's UIDVALIDITY. */
+static int view_failed(struct session *s)
+{
+	ms_warn("session %llu: %s: IMAP view: %s; the session ends",
+		(unsigned long long)s->id, s->gu->name,
+		s->iv->store_failed ? "store failed" :
+		ms_view_gave_up(&s->iv->v));
+	return -1;
+}
+
+int gw_imap_view_client(struct session *s, const char *data, size_t len)
+{
+	if (ms_view_client(&s->iv->v, data, len, to_server, s) < 0 ||
+	    s->iv->store_failed)
+		return view_failed(s);
+	if (ms_view_pending(&s->iv->v) >= MS_VIEW_PIPELINE_SOFT)
+		ms_pause_set(s->c, &s->c_paused, MS_PAUSE_PIPELINE);
+	ms_relay_pressure(s->b, s->c, &s->c_paused);
+	return 0;
+}
+
+int gw_imap_view_server(struct session *s, const char *data, size_t len)
+{
+	if (ms_view_server(&s->iv->v, data, len, to_client, s) < 0 ||
+	    s->iv->store_failed)
+		return view_failed(s);
+	if (ms_view_pending(&s->iv->v) < MS_VIEW_PIPELINE_SOFT / 2)
+		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_PIPELINE);
+	ms_relay_pressure(s->c, s->b, &s->b_paused);
+	return 0;
+}

@@ -1,0 +1,161 @@
+/* The IMAP view of a moved user (docs/gateway-spec.md, "The IMAP view").
+ *
+ * When the destination could not keep a folder's identity (UIDVALIDITY and
+ * UIDs: no doveadm, or doveadm refused), the gateway, relaying an IMAP
+ * session of a user on the destination, shows the source's UIDVALIDITY and
+ * UIDs for the messages the mover copied, and numbers new mail above the
+ * source's UIDNEXT. It also answers folders the move renamed (a source's
+ * "Sent Items" that became the destination's "Sent") under their old names.
+ *
+ * Two pieces: a folder's map (view UID <-> destination UID), and the
+ * rewriter that finds UIDs, UID sets and folder names in the relayed byte
+ * stream, both ways. Neither touches the store or the network: the caller
+ * hands in maps (lookup()) and takes the bytes (out()).
+ */
+#ifndef MS_IMAP_VIEW_H
+#define MS_IMAP_VIEW_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- a folder's map ----
+ *
+ * A copied message shows its source UID; any other destination message d
+ * shows base + d, base being the highest source UID the client could have
+ * seen (the source's UIDNEXT - 1, or the highest copied source UID). The
+ * copy keeps the source's order, so the view is monotone: sequence numbers
+ * and view UIDs go up together. */
+
+struct ms_view_pair {
+	uint32_t src, dst;
+};
+
+struct ms_view_map {
+	uint32_t src_uidvalidity, dst_uidvalidity;
+	uint32_t base;			/* view of an uncopied d: base + d */
+	uint32_t max_dst;		/* highest copied destination UID */
+	struct ms_view_pair *by_src;	/* n pairs, by source UID */
+	struct ms_view_pair *by_dst;	/* the same, by destination UID */
+	size_t n;
+	int monotone;			/* by_src is by_dst */
+	int full;			/* pairs loaded (else only the above:
+					   enough for STATUS, APPENDUID) */
+	int invalid;			/* the server showed another
+					   UIDVALIDITY: passed on as it is */
+};
+
+/* Builds map from n pairs (taken over: malloc'd, freed by
+ * ms_view_map_clear), src_uidnext the source's UIDNEXT when known (0: not
+ * recorded). 0, or -1 when out of memory. */
+int ms_view_map_init(struct ms_view_map *map, struct ms_view_pair *pairs,
+		     size_t n, uint32_t src_uidvalidity,
+		     uint32_t dst_uidvalidity, uint32_t src_uidnext);
+void ms_view_map_clear(struct ms_view_map *map);
+/* The view UID of destination UID d (0 stays 0). */
+uint32_t ms_view_uid(const struct ms_view_map *map, uint32_t d);
+/* The view's UIDNEXT for the destination's. */
+uint32_t ms_view_uidnext(const struct ms_view_map *map, uint32_t dst_next);
+
+/* A growing buffer. */
+struct ms_vbuf {
+	char *p;
+	size_t len, cap;
+};
+int ms_vbuf_add(struct ms_vbuf *b, const char *data, size_t len);
+void ms_vbuf_free(struct ms_vbuf *b);
+
+/* The destination set for a view UID set (sequence-set syntax, "*" kept),
+ * appended to out: 1 done, 0 the text is not a UID set (out untouched),
+ * -1 out of memory. A set naming no message becomes one UID no folder
+ * has. */
+int ms_view_set_to_dst(const struct ms_view_map *map, const char *set,
+		       size_t len, struct ms_vbuf *out);
+/* The view set for a destination UID set (no "*"), the same way. */
+int ms_view_set_to_view(const struct ms_view_map *map, const char *set,
+			size_t len, struct ms_vbuf *out);
+
+/* ---- the rewriter ----
+ *
+ * Sees every byte of a relayed IMAP session after login: the client's
+ * commands (ms_view_client) and the server's responses (ms_view_server),
+ * each cut anywhere. Lines are held until their CRLF (at most
+ * MS_VIEW_LINE_MAX bytes); literals pass on in the pieces they came in and
+ * are never looked into. */
+
+#define MS_VIEW_LINE_MAX (1024 * 1024)
+/* Commands not answered yet above which the caller should stop reading
+ * the client. */
+#define MS_VIEW_PIPELINE_SOFT 1024
+#define MS_VIEW_PIPELINE_MAX (64 * 1024)
+
+/* The map of a folder named `name` (as the destination names it), with its
+ * pairs when full; NULL when the folder is not translated (identity kept,
+ * not moved, unknown). The map belongs to the caller and lives as long as
+ * the rewriter. */
+typedef struct ms_view_map *ms_view_lookup_fn(void *ctx, const char *name,
+					      int full);
+/* The destination's name for a name the client knows (NULL: the same), and
+ * back: the name to show for a destination name (NULL: the same). */
+typedef const char *ms_view_name_fn(void *ctx, const char *name, int to_dst);
+/* 0, or < 0 when the bytes cannot be passed on. */
+typedef int ms_view_out_fn(void *ctx, const char *data, size_t len);
+
+struct ms_view_side {
+	struct ms_vbuf line;		/* the fragment being read */
+	uint64_t lit;			/* literal bytes still to pass */
+	int cont;			/* the next fragment goes on after a
+					   literal */
+	/* what a fragment after a literal goes on with */
+	int kind;			/* the command or response */
+	int depth;			/* parentheses open */
+	int skip;			/* items still to skip (SEARCH keys) */
+	int skip_depth;			/* inside a skipped group */
+	int want;			/* the next item is a UID/UID set */
+	int modseq;			/* MODSEQ's first argument was quoted */
+	int capture;			/* this literal is a folder name */
+	struct ms_vbuf name;		/* ... read so far */
+};
+
+struct ms_view_cmd;
+
+struct ms_view {
+	ms_view_lookup_fn *lookup;
+	ms_view_name_fn *name;
+	void *ctx;
+	const char *gave_up;
+	struct ms_view_side c, s;
+	/* commands sent, not answered yet, oldest first */
+	struct ms_view_cmd *q;
+	size_t qhead, qlen, qcap;
+	struct ms_view_map *csel;	/* selected, as the commands sent
+					   leave it */
+	struct ms_view_map *ssel;	/* selected, as the answers say */
+	int withhold;			/* CONDSTORE, QRESYNC withheld (set
+					   when a folder is translated) */
+	uint64_t uids;			/* UIDs shown as the source's */
+	uint64_t names;			/* names shown or taken as the old */
+};
+
+void ms_view_init(struct ms_view *v, ms_view_lookup_fn *lookup,
+		  ms_view_name_fn *name, void *ctx);
+void ms_view_clear(struct ms_view *v);
+/* The client's bytes: to out(), rewritten. 0, or -1 (out() failed, a line
+ * too long, out of memory: the session must end, ms_view_gave_up() says
+ * why). */
+int ms_view_client(struct ms_view *v, const char *data, size_t len,
+		   ms_view_out_fn *out, void *octx);
+/* The server's bytes, the same way. */
+int ms_view_server(struct ms_view *v, const char *data, size_t len,
+		   ms_view_out_fn *out, void *octx);
+/* Commands not answered yet. */
+size_t ms_view_pending(const struct ms_view *v);
+/* Whether the view may still translate with map's pairs: the folder is
+ * selected, as the commands or the answers have it, or a command not
+ * answered names it. */
+int ms_view_uses(const struct ms_view *v, const struct ms_view_map *map);
+const char *ms_view_gave_up(const struct ms_view *v);
+/* Whether a capability is withheld from the view's sessions (CONDSTORE,
+ * QRESYNC: their MODSEQs and VANISHED would need translating too). */
+int ms_view_cap_withheld(const char *cap, size_t len);
+
+#endif

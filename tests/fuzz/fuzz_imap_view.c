@@ -1,0 +1,237 @@
+/* libFuzzer target: the gateway's IMAP view (daemon/imap_view.h), which
+ * sees every byte of a relayed IMAP session of a moved user, both ways.
+ *
+ * Input: byte 0 picks the mode and the maps.
+ *
+ * Bit 7 clear: a session. Byte 1 seeds a re-chunking; then events, each a
+ * header byte (bit 7: 1 = server, 0 = client; bits 0-6: length - 1) and
+ * that many bytes. The events go to ms_view_client() and ms_view_server()
+ * in order, twice: as they are, and with every event cut again at
+ * pseudo-random points. Maps: "INBOX" and "Sent" get one (bit 0: INBOX's
+ * pairs not monotone; bit 1: Sent's without pairs, and CONDSTORE not
+ * withheld), every other name none;
+ * the client's "Sent Items" is the server's "Sent". Oracles: both runs
+ * write the same bytes each way and fail the same way; lookup() and
+ * name() get NUL-terminated names; a literal's bytes come out as they went
+ * in (checked by the run's equality and ASan on every copy).
+ *
+ * Bit 7 set: sets. The rest is a UID set, translated both ways with each
+ * map. Oracles: what comes out is again a set (it parses); a set naming
+ * UIDs one by one gives, to the destination and back, the UIDs of the
+ * messages it names.
+ */
+#include <assert.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "imap_view.h"
+
+struct maps {
+	struct ms_view_map inbox, sent;
+	unsigned int mode;
+};
+
+static void maps_init(struct maps *m, unsigned int mode)
+{
+	struct ms_view_pair *p = malloc(8 * sizeof(*p));
+	static const uint32_t src[] = { 3, 5, 6, 9, 15, 16, 40, 41 };
+
+	assert(p != NULL);
+	for (int i = 0; i < 8; i++) {
+		p[i].src = src[i];
+		p[i].dst = (mode & 1) ? (uint32_t)(8 - i) * 2 : (uint32_t)i + 1;
+	}
+	assert(ms_view_map_init(&m->inbox, p, 8, 1111, 2222, 50) == 0);
+	m->inbox.full = 1;
+	if (mode & 2) {
+		assert(ms_view_map_init(&m->sent, NULL, 0, 3333, 4444, 7) == 0);
+	} else {
+		p = malloc(2 * sizeof(*p));
+		assert(p != NULL);
+		p[0] = (struct ms_view_pair){ 4000000000u, 1 };
+		p[1] = (struct ms_view_pair){ 4294967295u, 2 };
+		assert(ms_view_map_init(&m->sent, p, 2, 3333, 4444, 0) == 0);
+		m->sent.full = 1;
+	}
+	m->mode = mode;
+}
+
+static void maps_clear(struct maps *m)
+{
+	ms_view_map_clear(&m->inbox);
+	ms_view_map_clear(&m->sent);
+}
+
+static struct ms_view_map *lookup(void *ctx, const char *name, int full)
+{
+	struct maps *m = ctx;
+
+	(void)full;
+	assert(strlen(name) < 1u << 24);
+	if (strcmp(name, "INBOX") == 0)
+		return &m->inbox;
+	return strcmp(name, "Sent") == 0 ? &m->sent : NULL;
+}
+
+static const char *names(void *ctx, const char *name, int to_dst)
+{
+	(void)ctx;
+	if (to_dst)
+		return strcmp(name, "Sent Items") == 0 ? "Sent" : NULL;
+	return strcmp(name, "Sent") == 0 ? "Sent Items" : NULL;
+}
+
+struct run {
+	struct ms_vbuf out[2];		/* to the server, to the client */
+	int failed;
+};
+
+static int out_server(void *ctx, const char *data, size_t len)
+{
+	return ms_vbuf_add(&((struct run *)ctx)->out[0], data, len);
+}
+
+static int out_client(void *ctx, const char *data, size_t len)
+{
+	return ms_vbuf_add(&((struct run *)ctx)->out[1], data, len);
+}
+
+static void play(unsigned int mode, uint8_t seed, const uint8_t *data,
+		 size_t size, int rechunk, struct run *r)
+{
+	struct maps m;
+	struct ms_view v;
+	uint32_t rnd = seed * 2654435761u + 1;
+
+	maps_init(&m, mode);
+	ms_view_init(&v, lookup, names, &m);
+	v.withhold = !(mode & 2);
+	while (size > 0 && !r->failed) {
+		int server = data[0] & 0x80;
+		size_t len = (size_t)(data[0] & 0x7f) + 1, off = 0;
+
+		data++;
+		size--;
+		if (len > size)
+			len = size;
+		while (off < len && !r->failed) {
+			size_t n = len - off;
+			int ret;
+
+			if (rechunk) {
+				rnd = rnd * 1103515245u + 12345u;
+				n = 1 + (rnd >> 16) % n;
+			}
+			ret = server ?
+			      ms_view_server(&v, (const char *)data + off, n,
+					     out_client, r) :
+			      ms_view_client(&v, (const char *)data + off, n,
+					     out_server, r);
+			r->failed = ret < 0;
+			assert(r->failed == (ms_view_gave_up(&v) != NULL));
+			off += n;
+		}
+		data += len;
+		size -= len;
+	}
+	ms_view_clear(&v);
+	maps_clear(&m);
+}
+
+static void check_session(unsigned int mode, const uint8_t *data,
+			  size_t size)
+{
+	struct run a = { 0 }, b = { 0 };
+
+	if (size < 1)
+		return;
+	play(mode, data[0], data + 1, size - 1, 0, &a);
+	play(mode, data[0], data + 1, size - 1, 1, &b);
+	assert(a.failed == b.failed);
+	if (!a.failed) {
+		for (int i = 0; i < 2; i++) {
+			assert(a.out[i].len == b.out[i].len);
+			assert(a.out[i].len == 0 ||
+			       memcmp(a.out[i].p, b.out[i].p, a.out[i].len) == 0);
+		}
+	}
+	for (int i = 0; i < 2; i++) {
+		ms_vbuf_free(&a.out[i]);
+		ms_vbuf_free(&b.out[i]);
+	}
+}
+
+/* Is out a set? (Translated again with a map holding nothing: 1.) */
+static void assert_set(const struct ms_vbuf *out, int star_ok)
+{
+	struct ms_view_map none;
+	struct ms_vbuf again = { 0 };
+
+	assert(ms_view_map_init(&none, NULL, 0, 1, 1, 0) == 0);
+	assert(ms_view_set_to_dst(&none, out->p, out->len, &again) == 1);
+	if (!star_ok)
+		assert(memchr(out->p, '*', out->len) == NULL);
+	ms_vbuf_free(&again);
+	ms_view_map_clear(&none);
+}
+
+static void check_one_set(const struct ms_view_map *map, const char *set,
+			  size_t len)
+{
+	struct ms_vbuf d = { 0 }, v = { 0 };
+	int r = ms_view_set_to_dst(map, set, len, &d);
+
+	assert(r >= 0);
+	if (r == 1)
+		assert_set(&d, 1);
+	r = ms_view_set_to_view(map, set, len, &v);
+	assert(r >= 0);
+	if (r == 1)
+		assert_set(&v, 0);
+	/* A single destination UID: there and back. */
+	if (len <= 10 && memchr(set, ':', len) == NULL &&
+	    memchr(set, ',', len) == NULL && memchr(set, '*', len) == NULL &&
+	    r == 1) {
+		char num[16];
+		unsigned long dst;
+
+		memcpy(num, set, len);	/* the input has no NUL */
+		num[len] = '\0';
+		dst = strtoul(num, NULL, 10);
+		struct ms_vbuf back = { 0 };
+
+		assert(ms_view_set_to_dst(map, v.p, v.len, &back) == 1);
+		snprintf(num, sizeof(num), "%lu", dst);
+		/* An uncopied UID above base may saturate (2^32 - 1). */
+		if (ms_view_uid(map, (uint32_t)dst) != UINT32_MAX)
+			assert(strcmp(back.p, num) == 0);
+		ms_vbuf_free(&back);
+	}
+	ms_vbuf_free(&d);
+	ms_vbuf_free(&v);
+}
+
+static void check_sets(unsigned int mode, const uint8_t *data, size_t size)
+{
+	struct maps m;
+
+	if (size > 4096)
+		return;
+	maps_init(&m, mode);
+	check_one_set(&m.inbox, (const char *)data, size);
+	check_one_set(&m.sent, (const char *)data, size);
+	maps_clear(&m);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	if (size < 2)
+		return 0;
+	if (data[0] & 0x80)
+		check_sets(data[0] & 3, data + 1, size - 1);
+	else
+		check_session(data[0] & 3, data + 1, size - 1);
+	return 0;
+}

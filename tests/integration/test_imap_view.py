@@ -1,0 +1,335 @@
+"""The gateway's IMAP view (docs/gateway-spec.md, "The IMAP view"): a user
+moved to a destination that could not keep the folders' identity (no
+doveadm configured) sees, through mailshiftd, the source's UIDVALIDITY and
+UIDs in every response that carries them (SELECT codes, UID FETCH, UID
+SEARCH, STATUS, APPENDUID, COPYUID) and reaches the right message with
+every UID command; CONDSTORE and QRESYNC are withheld. A user whose folders
+kept their identity, and a user on the source, get the plain relay.
+
+With `[mover] names = destination`, a folder the move renamed (the
+source's "Sent" is the destination's "Sent Items" here) keeps its old
+name for the moved user: LIST shows the old name only, and commands that
+name it reach the new folder; mbsync, which has the old name cached, runs
+on without error and downloads nothing again.
+
+Real Dovecot source and destination; Python's imaplib and mbsync as the
+clients.
+"""
+
+import imaplib
+import os
+import re
+import time
+
+import pytest
+
+import corpus
+import gateway as gwlib
+import mailcheck as mc
+from conftest import SRC_USERS, wait_for
+from test_identity_clients import (CLIENTS_PRESENT, FOLDERS, GAPS, USER,
+                                   Mbsync, fill, gw_conf, same_password)
+
+
+def uid_subjects(m, folder):
+    """{UID: Subject} of a folder, and the SELECT's untagged codes."""
+    typ, _ = m.select(mc.quote_mailbox(folder))
+    assert typ == 'OK'
+    codes = {k: int(m.untagged_responses[k][-1])
+             for k in ('UIDVALIDITY', 'UIDNEXT')}
+    typ, data = m.uid('FETCH', '1:*', '(UID BODY.PEEK[HEADER.FIELDS '
+                      '(SUBJECT)])')
+    assert typ == 'OK', data
+    out = {}
+    for item in data:
+        if not isinstance(item, tuple):
+            continue
+        uid = int(re.search(rb'UID (\d+)', item[0]).group(1))
+        out[uid] = item[1].decode().split(':', 1)[1].strip()
+    return out, codes
+
+
+def seen_by(server_or_conn, folders=FOLDERS):
+    """{folder: ({UID: Subject}, codes)} as a connection sees it."""
+    m = server_or_conn
+    return {f: uid_subjects(m, f) for f in folders}
+
+
+def status(m, folder):
+    typ, data = m.status(mc.quote_mailbox(folder), '(UIDVALIDITY UIDNEXT)')
+    assert typ == 'OK', data
+    toks = data[0].decode().split('(', 1)[1].rstrip(')').split()
+    return dict(zip(toks[0::2], (int(x) for x in toks[1::2])))
+
+
+def code(m, name):
+    """The number in the last OK's [NAME v n...] code."""
+    typ, data = m.response(name)
+    assert data and data[-1] is not None, (name, m.untagged_responses)
+    return [int(x) for x in data[-1].split()]
+
+
+def through(g, ca):
+    m = imaplib.IMAP4_SSL('127.0.0.1', g.imaps_port,
+                          ssl_context=ca.ssl_context(), timeout=60)
+    m.login(USER, SRC_USERS[USER])
+    return m
+
+
+def moved_gateway(pair, workdir, ca, doveadm, extra=()):
+    fill(pair.src)
+    # Dovecot's UIDVALIDITY is the folder's creation second: the
+    # destination's folders come in a later one, so they differ.
+    second = int(time.time())
+    same_password(pair)
+    assert wait_for(lambda: int(time.time()) > second, 5)
+    g = gwlib.Mailshiftd(os.path.join(workdir, 'gw'), pair.src, pair.dst,
+                         tls_ca=ca, policy='off',
+                         extra_conf=gw_conf(workdir, pair.dst,
+                                            doveadm=doveadm, extra=extra))
+    g.start()
+    return g
+
+
+def move(g):
+    assert g.ctl('migrate', '--daemon', USER).rc == 0
+    g.wait_state(USER, ('destination',), timeout=120)
+
+
+def caps(m):
+    typ, data = m.capability()
+    assert typ == 'OK'
+    return data[0].decode().upper().split()
+
+
+@pytest.fixture
+def vpair(make_pair):
+    """The folders of test_identity_clients, on servers alike."""
+    same = dict(separator='.', layout='maildir++',
+                special_use=corpus.SRC_SPECIAL, listescape=True)
+    return make_pair(users=(), src_kw=same, dst_kw=dict(same,
+                                                        doveadm_http=True))
+
+
+def test_view_shows_source_uids(vpair, workdir, ca):
+    g = moved_gateway(vpair, workdir, ca, doveadm=False)
+    try:
+        src = vpair.src.imap(USER)
+        try:
+            want = seen_by(src)
+            src_status = {f: status(src, f) for f in FOLDERS}
+        finally:
+            src.logout()
+        # On the source: the plain relay, CONDSTORE offered as it is.
+        m = through(g, ca)
+        assert 'CONDSTORE' in caps(m)
+        m.logout()
+        move(g)
+        d = vpair.dst.imap(USER)
+        try:
+            raw = seen_by(d)
+        finally:
+            d.logout()
+        # The destination numbered them anew: there is something to show.
+        assert raw['INBOX'][1]['UIDVALIDITY'] != \
+            want['INBOX'][1]['UIDVALIDITY']
+        assert sorted(raw['INBOX'][0]) != sorted(want['INBOX'][0])
+
+        m = through(g, ca)
+        try:
+            assert 'CONDSTORE' not in caps(m)
+            assert 'QRESYNC' not in caps(m)
+            typ, data = m._simple_command('ENABLE', 'CONDSTORE')
+            assert typ == 'OK'
+            assert not any(b'CONDSTORE' in (x or b'') for x in
+                           m.untagged_responses.get('ENABLED', []))
+            for f in FOLDERS:
+                uids, codes = uid_subjects(m, f)
+                # The same UIDs for the same messages, the same
+                # UIDVALIDITY; UIDNEXT no lower than the source's.
+                assert uids == want[f][0], f
+                assert codes['UIDVALIDITY'] == want[f][1]['UIDVALIDITY']
+                assert codes['UIDNEXT'] >= want[f][1]['UIDNEXT']
+                st = status(m, f)
+                assert st['UIDVALIDITY'] == src_status[f]['UIDVALIDITY']
+                assert st['UIDNEXT'] >= src_status[f]['UIDNEXT']
+            inbox = {s: u for u, s in want['INBOX'][0].items()}
+
+            # A third folder: INBOX's pairs are let go, then read again.
+            assert m.select('Trash')[0] == 'OK'
+            m.select('INBOX')
+            # UID SEARCH gives UIDs, SEARCH sequence numbers.
+            typ, data = m.uid('SEARCH', 'ALL')
+            assert sorted(int(x) for x in data[0].split()) == \
+                sorted(want['INBOX'][0])
+            typ, data = m.search(None, 'ALL')
+            assert [int(x) for x in data[0].split()] == \
+                list(range(1, len(want['INBOX'][0]) + 1))
+            lo, hi = inbox['INBOX 5'], inbox['INBOX 12']
+            typ, data = m.uid('SEARCH', 'UID', '%d:%d' % (lo, hi))
+            assert sorted(int(x) for x in data[0].split()) == sorted(
+                u for u in want['INBOX'][0] if lo <= u <= hi)
+            # A flag set by UID lands on that message.
+            u11 = inbox['INBOX 11']
+            typ, data = m.uid('STORE', str(u11), '+FLAGS', '(\\Flagged)')
+            assert typ == 'OK' and b'UID %d' % u11 in data[0], data
+            # APPENDUID: the source's UIDVALIDITY, above its UIDNEXT.
+            typ, data = m.append('INBOX', None, None,
+                                 mc.make_message(9100, 600,
+                                                 subject='appended'))
+            assert typ == 'OK', data
+            v, new = code(m, 'APPENDUID')
+            assert v == want['INBOX'][1]['UIDVALIDITY']
+            assert new >= want['INBOX'][1]['UIDNEXT']
+            uids, _ = uid_subjects(m, 'INBOX')
+            assert uids[new] == 'appended'
+            # COPYUID: the source set in INBOX's view, the new one in
+            # Work's.
+            typ, data = m.uid('COPY', str(u11), 'Work')
+            assert typ == 'OK', data
+            v, srcset, dstset = m.response('COPYUID')[1][-1].split()
+            assert int(v) == want['Work'][1]['UIDVALIDITY']
+            assert int(srcset) == u11
+            assert int(dstset) >= want['Work'][1]['UIDNEXT']
+            uids, _ = uid_subjects(m, 'Work')
+            assert uids[int(dstset)] == 'INBOX 11'
+            # UID EXPUNGE of one message removes that one only.
+            m.select('INBOX')
+            u7 = inbox['INBOX 7']
+            m.uid('STORE', str(u7), '+FLAGS.SILENT', '(\\Deleted)')
+            typ, data = m.uid('EXPUNGE', str(u7))
+            assert typ == 'OK', data
+        finally:
+            m.logout()
+        d = vpair.dst.imap(USER)
+        try:
+            got = mc.fetch_all(d, 'INBOX', '(FLAGS BODY.PEEK[HEADER.FIELDS '
+                               '(SUBJECT)])')
+        finally:
+            d.logout()
+        subj = {v['BODY[HEADER.FIELDS (SUBJECT)]'].decode().split(':', 1)[1]
+                .strip(): v['FLAGS'] for v in got.values()}
+        assert 'INBOX 7' not in subj and 'INBOX 8' in subj
+        assert [s for s, fl in subj.items() if '\\Flagged' in fl] == \
+            ['INBOX 11']
+        rc, out, err, j = g.ctl('status', '--json')
+        assert j['identity_not_kept_users'] == 1, j
+        assert 'IMAP view' in g.log_text()
+    finally:
+        g.stop()
+
+
+def test_kept_identity_is_not_filtered(vpair, workdir, ca):
+    """Folders that kept their identity: the server's own capabilities
+    (CONDSTORE), its own numbers, no view."""
+    g = moved_gateway(vpair, workdir, ca, doveadm=True)
+    try:
+        move(g)
+        rc, out, err, j = g.ctl('status', '--json')
+        assert j['identity_not_kept_users'] == 0, j
+        m = through(g, ca)
+        try:
+            assert 'CONDSTORE' in caps(m)
+            uids, codes = uid_subjects(m, 'INBOX')
+        finally:
+            m.logout()
+        d = vpair.dst.imap(USER)
+        try:
+            assert seen_by(d, ['INBOX'])['INBOX'] == (uids, codes)
+        finally:
+            d.logout()
+        assert 'IMAP view' not in g.log_text()
+        assert sorted(uids) == [u for u in range(1, FOLDERS['INBOX'] + 1)
+                                if u not in GAPS['INBOX']]
+    finally:
+        g.stop()
+
+
+SENT = 5
+
+
+@pytest.fixture
+def npair(make_pair):
+    """Source with "Sent", "Trash", "Drafts"; destination with "Sent
+    Items" and "Deleted Items" (corpus.SRC_SPECIAL, DST_SPECIAL)."""
+    kw = dict(separator='.', layout='maildir++', listescape=True)
+    return make_pair(users=(), src_kw=dict(kw, special_use=corpus.SRC_SPECIAL),
+                     dst_kw=dict(kw, special_use=corpus.DST_SPECIAL,
+                                 doveadm_http=True))
+
+
+def local_files(client, folder):
+    d = client.folder_dir(folder)
+    return sorted(client.unique(fn.partition(':')[0])
+                  for sub in ('cur', 'new')
+                  for fn in os.listdir(os.path.join(d, sub)))
+
+
+def listed(m):
+    return [f['name'] for f in mc.list_folders(m)]
+
+
+@CLIENTS_PRESENT
+def test_old_folder_names_answered(npair, workdir, ca):
+    """names = destination, identity kept (doveadm): only the names need
+    the view, and the moved user's clients keep "Sent" and "Trash"."""
+    s = npair.src.imap(USER)
+    try:
+        mc.append_many(s, 'Sent', [(mc.make_message(9200 + i, 600,
+                                                    subject='sent %d' % i),
+                                    ['\\Seen'], 1500000000 + i)
+                                   for i in range(SENT)])
+    finally:
+        s.logout()
+    g = moved_gateway(npair, workdir, ca, doveadm=True,
+                      extra=['[mover]', 'names = destination'])
+    try:
+        mb = Mbsync(workdir, 'mbsync', g, ca)
+        mb.run()
+        before = local_files(mb, 'Sent')
+        assert len(before) == SENT
+        move(g)
+        d = npair.dst.imap(USER)
+        try:
+            # The mover put "Sent" into the destination's "Sent Items".
+            assert 'Sent' not in listed(d)
+            assert mc.fetch_all(d, 'Sent Items', '(UID)').keys()
+        finally:
+            d.logout()
+
+        m = through(g, ca)
+        try:
+            names = listed(m)
+            assert 'Sent' in names and 'Trash' in names, names
+            assert 'Sent Items' not in names, names
+            assert 'Deleted Items' not in names, names
+            # CONDSTORE stays: nothing is translated but names.
+            assert 'CONDSTORE' in caps(m)
+            typ, data = m.select('Sent')
+            assert typ == 'OK' and int(data[0]) == SENT, data
+            assert status(m, 'Sent')['UIDNEXT'] > SENT
+            typ, data = m.append('Sent', '(\\Seen)', None,
+                                 mc.make_message(9300, 600,
+                                                 subject='sent later'))
+            assert typ == 'OK', data
+            typ, data = m.status('Sent', '(MESSAGES)')
+            assert typ == 'OK', data
+            assert re.match(rb'"?Sent"? \(MESSAGES %d\)' % (SENT + 1),
+                            data[0]), data
+        finally:
+            m.logout()
+        d = npair.dst.imap(USER)
+        try:
+            assert len(mc.fetch_all(d, 'Sent Items', '(UID)')) == SENT + 1
+        finally:
+            d.logout()
+        # mbsync has "Sent" cached: on it goes, nothing downloaded again,
+        # no "Sent Items" of its own.
+        mb.run()
+        mb.run()
+        after = local_files(mb, 'Sent')
+        assert set(before) <= set(after) and len(after) == SENT + 1
+        assert not os.path.exists(mb.folder_dir('Sent Items'))
+        assert 'IMAP view' in g.log_text()
+    finally:
+        g.stop()

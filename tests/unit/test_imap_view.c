@@ -1,0 +1,463 @@
+/* Unit tests for daemon/imap_view.c: a folder's UID map, the translation
+ * of UID sets both ways, and the rewriter of a relayed IMAP session (fed
+ * whole and one byte at a time). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "imap_view.h"
+
+/* INBOX: source UIDs 3 5 6 9 15 (UIDNEXT 20) copied to 1..5. */
+static void inbox_map(struct ms_view_map *m)
+{
+	static const uint32_t src[] = { 9, 3, 15, 5, 6 };
+	struct ms_view_pair *p = calloc(5, sizeof(*p));
+
+	assert_non_null(p);
+	for (int i = 0; i < 5; i++) {
+		p[i].src = src[i];
+		p[i].dst = src[i] == 3 ? 1 : src[i] == 5 ? 2 :
+			   src[i] == 6 ? 3 : src[i] == 9 ? 4 : 5;
+	}
+	assert_int_equal(ms_view_map_init(m, p, 5, 1111, 2222, 20), 0);
+	m->full = 1;
+}
+
+static void expect_set(const struct ms_view_map *m, int to_dst,
+		       const char *set, const char *want)
+{
+	struct ms_vbuf b = { 0 };
+	int r = to_dst ? ms_view_set_to_dst(m, set, strlen(set), &b) :
+			 ms_view_set_to_view(m, set, strlen(set), &b);
+
+	if (want == NULL) {
+		assert_int_equal(r, 0);
+		assert_int_equal(b.len, 0);
+	} else {
+		assert_int_equal(r, 1);
+		assert_string_equal(b.p, want);
+	}
+	ms_vbuf_free(&b);
+}
+
+static void test_map(void **state)
+{
+	struct ms_view_map m;
+
+	(void)state;
+	inbox_map(&m);
+	assert_int_equal(m.base, 19);
+	assert_int_equal(m.max_dst, 5);
+	assert_true(m.monotone);
+	assert_int_equal(ms_view_uid(&m, 2), 5);
+	assert_int_equal(ms_view_uid(&m, 5), 15);
+	assert_int_equal(ms_view_uid(&m, 6), 25);	/* new mail */
+	assert_int_equal(ms_view_uidnext(&m, 6), 25);
+	assert_int_equal(ms_view_uidnext(&m, 9), 28);
+	ms_view_map_clear(&m);
+}
+
+static void test_set_to_dst(void **state)
+{
+	struct ms_view_map m;
+
+	(void)state;
+	inbox_map(&m);
+	expect_set(&m, 1, "5:9", "2:4");
+	expect_set(&m, 1, "9:5", "2:4");
+	expect_set(&m, 1, "1:4", "1");
+	expect_set(&m, 1, "4", "4294967295");	/* expunged before the move */
+	expect_set(&m, 1, "16:*", "6:*");
+	expect_set(&m, 1, "20:*", "6:*");	/* new since the source's
+						   UIDNEXT: not the old ones */
+	expect_set(&m, 1, "1:*", "1:*");
+	expect_set(&m, 1, "6:*", "3:*");
+	expect_set(&m, 1, "*", "*");
+	expect_set(&m, 1, "*:7", "4:*");
+	expect_set(&m, 1, "3,5,25", "1:2,6");
+	expect_set(&m, 1, "21:30", "6:11");
+	expect_set(&m, 1, "9:22", "4:5");
+	expect_set(&m, 1, "3,6,9", "1,3:4");
+	expect_set(&m, 1, "$", NULL);
+	expect_set(&m, 1, "1,", NULL);
+	expect_set(&m, 1, "0", NULL);
+	expect_set(&m, 1, "4294967296", NULL);
+	ms_view_map_clear(&m);
+}
+
+static void test_set_to_view(void **state)
+{
+	struct ms_view_map m;
+
+	(void)state;
+	inbox_map(&m);
+	expect_set(&m, 0, "1:5", "3,5:6,9,15");
+	expect_set(&m, 0, "1:7", "3,5:6,9,15,25:26");
+	expect_set(&m, 0, "7,2", "26,5");	/* order kept (COPYUID) */
+	expect_set(&m, 0, "4294967295", "4294967295");	/* saturates */
+	expect_set(&m, 0, "1:*", NULL);
+	ms_view_map_clear(&m);
+}
+
+/* Source UIDs not in the destination's order: still exact. */
+static void test_not_monotone(void **state)
+{
+	struct ms_view_pair *p = calloc(3, sizeof(*p));
+	struct ms_view_map m;
+
+	(void)state;
+	assert_non_null(p);
+	p[0] = (struct ms_view_pair){ 10, 3 };
+	p[1] = (struct ms_view_pair){ 20, 1 };
+	p[2] = (struct ms_view_pair){ 30, 2 };
+	assert_int_equal(ms_view_map_init(&m, p, 3, 1, 2, 0), 0);
+	assert_false(m.monotone);
+	assert_int_equal(ms_view_uid(&m, 1), 20);
+	expect_set(&m, 1, "10:20", "3,1");
+	expect_set(&m, 1, "20:*", "1:2,4:*");
+	expect_set(&m, 0, "1:3", "20,30,10");
+	ms_view_map_clear(&m);
+}
+
+/* ---- the rewriter ---- */
+
+struct fix {
+	struct ms_view_map inbox, sent;
+	struct ms_vbuf out;
+};
+
+static struct ms_view_map *lookup(void *ctx, const char *name, int full)
+{
+	struct fix *f = ctx;
+
+	(void)full;
+	if (strcmp(name, "INBOX") == 0)
+		return &f->inbox;
+	if (strcmp(name, "Sent") == 0)
+		return &f->sent;
+	return NULL;
+}
+
+static const char *names(void *ctx, const char *name, int to_dst)
+{
+	(void)ctx;
+	if (to_dst)
+		return strcmp(name, "Sent Items") == 0 ? "Sent" : NULL;
+	return strcmp(name, "Sent") == 0 ? "Sent Items" : NULL;
+}
+
+static int out(void *ctx, const char *data, size_t len)
+{
+	return ms_vbuf_add(ctx, data, len);
+}
+
+static void fix_init(struct fix *f)
+{
+	memset(f, 0, sizeof(*f));
+	inbox_map(&f->inbox);
+	/* Sent: nothing copied, the source's UIDNEXT was 101 */
+	assert_int_equal(ms_view_map_init(&f->sent, NULL, 0, 4444, 3333, 101),
+			 0);
+}
+
+static void fix_clear(struct fix *f)
+{
+	ms_view_map_clear(&f->inbox);
+	ms_view_map_clear(&f->sent);
+	ms_vbuf_free(&f->out);
+}
+
+/* A session: lines "C text" (client) and "S text" (server), each ending
+ * in "\n" (written as CRLF); the view's output, both ways, against want,
+ * fed whole and then one byte at a time. */
+static void run(const char *const *events, size_t n, const char *want)
+{
+	for (int bytewise = 0; bytewise < 2; bytewise++) {
+		struct fix f;
+		struct ms_view v;
+
+		fix_init(&f);
+		ms_view_init(&v, lookup, names, &f);
+		v.withhold = 1;
+		for (size_t i = 0; i < n; i++) {
+			const char *t = events[i] + 2;
+			char buf[4096];
+			size_t len = 0;
+
+			for (; *t != '\0'; t++) {
+				if (*t == '\n')
+					buf[len++] = '\r';
+				buf[len++] = *t;
+			}
+			for (size_t j = 0; j < len;) {
+				size_t k = bytewise ? 1 : len;
+
+				assert_int_equal(events[i][0] == 'C' ?
+					ms_view_client(&v, buf + j, k, out,
+						       &f.out) :
+					ms_view_server(&v, buf + j, k, out,
+						       &f.out), 0);
+				j += k;
+			}
+		}
+		{
+			struct ms_vbuf w = { 0 };
+
+			for (const char *t = want; *t != '\0'; t++) {
+				if (*t == '\n')
+					assert_int_equal(ms_vbuf_add(&w, "\r",
+								     1), 0);
+				assert_int_equal(ms_vbuf_add(&w, t, 1), 0);
+			}
+			assert_string_equal(f.out.p, w.p);
+			ms_vbuf_free(&w);
+		}
+		assert_null(ms_view_gave_up(&v));
+		ms_view_clear(&v);
+		fix_clear(&f);
+	}
+}
+
+#define RUN(want, ...) do { \
+		static const char *const ev[] = { __VA_ARGS__ }; \
+		run(ev, sizeof(ev) / sizeof(*ev), want); \
+	} while (0)
+
+static void test_select_fetch(void **state)
+{
+	(void)state;
+	RUN("a SELECT INBOX\n"
+	    "* 5 EXISTS\n"
+	    "* OK [UIDVALIDITY 1111] UIDs valid\n"
+	    "* OK [UIDNEXT 25] Predicted next UID\n"
+	    "a OK [READ-WRITE] Select completed.\n"
+	    "b UID FETCH 2:4 (UID FLAGS)\n"
+	    "* 2 FETCH (UID 5 FLAGS (\\Seen))\n"
+	    "* 4 FETCH (FLAGS () UID 9)\n"
+	    "b OK Fetch completed.\n"
+	    "c FETCH 1 (BODY[] UID)\n"
+	    "* 1 FETCH (BODY[HEADER.FIELDS (UID)] {7}\nUID 1 1 UID 3)\n"
+	    "c OK done\n"
+	    "d UID STORE 6:* +FLAGS (\\Flagged)\n"
+	    "* 6 FETCH (FLAGS (\\Flagged) UID 25)\n"
+	    "d OK done\n",
+	    "C a SELECT INBOX\n",
+	    "S * 5 EXISTS\n* OK [UIDVALIDITY 2222] UIDs valid\n",
+	    "S * OK [UIDNEXT 6] Predicted next UID\n",
+	    "S a OK [READ-WRITE] Select completed.\n",
+	    "C b UID FETCH 5:9 (UID FLAGS)\n",
+	    "S * 2 FETCH (UID 2 FLAGS (\\Seen))\n",
+	    "S * 4 FETCH (FLAGS () UID 4)\nb OK Fetch completed.\n",
+	    "C c FETCH 1 (BODY[] UID)\n",
+	    "S * 1 FETCH (BODY[HEADER.FIELDS (UID)] {7}\nUID 1 1 UID 1)\n",
+	    "S c OK done\n",
+	    "C d UID STORE 20:* +FLAGS (\\Flagged)\n",
+	    "S * 6 FETCH (FLAGS (\\Flagged) UID 6)\nd OK done\n");
+}
+
+static void test_search(void **state)
+{
+	(void)state;
+	RUN("a EXAMINE INBOX\n"
+	    "a OK done\n"
+	    "b UID SEARCH SUBJECT UID HEADER X UID UID 2:4 NOT UID 1\n"
+	    "* SEARCH 5 9\n"
+	    "b OK done\n"
+	    "c SEARCH UID 2\n"
+	    "* SEARCH 2\n"
+	    "c OK done\n"
+	    "d UID SEARCH RETURN (MIN MAX ALL) TEXT {3}\nUID UID 1:*\n"
+	    "* ESEARCH (TAG \"d\") UID MIN 3 MAX 25 ALL 3,5:6,9,15,25\n"
+	    "d OK done\n"
+	    "e UID SORT (DATE) UTF-8 ALL\n"
+	    "* SORT 15 3\n"
+	    "e OK done\n",
+	    "C a EXAMINE INBOX\n", "S a OK done\n",
+	    "C b UID SEARCH SUBJECT UID HEADER X UID UID 5:9 NOT UID 1:4\n",
+	    "S * SEARCH 2 4\nb OK done\n",
+	    "C c SEARCH UID 5\n", "S * SEARCH 2\nc OK done\n",
+	    "C d UID SEARCH RETURN (MIN MAX ALL) TEXT {3}\nUID UID 1:*\n",
+	    "S * ESEARCH (TAG \"d\") UID MIN 1 MAX 6 ALL 1:6\nd OK done\n",
+	    "C e UID SORT (DATE) UTF-8 ALL\n", "S * SORT 5 1\ne OK done\n");
+}
+
+static void test_append_copy_status(void **state)
+{
+	(void)state;
+	RUN("a SELECT INBOX\n"
+	    "a OK done\n"
+	    "b APPEND Sent (\\Seen) {3}\nabc\n"
+	    "b OK [APPENDUID 4444 102] done\n"
+	    "c UID COPY 2:3 Sent\n"
+	    "c OK [COPYUID 4444 5:6 103:104] done\n"
+	    "d UID MOVE 4 INBOX\n"
+	    "* OK [COPYUID 1111 9 26] moved\n"
+	    "* 4 EXPUNGE\n"
+	    "d OK done\n"
+	    "* STATUS INBOX (MESSAGES 5 UIDNEXT 25 UIDVALIDITY 1111)\n"
+	    "* STATUS Other (UIDNEXT 6 UIDVALIDITY 2222)\n"
+	    "* STATUS \"Sent Items\" (UIDVALIDITY 4444 UIDNEXT 105)\n"
+	    "* STATUS INBOX (UIDNEXT 6 UIDVALIDITY 7)\n",
+	    "C a SELECT INBOX\n", "S a OK done\n",
+	    "C b APPEND Sent (\\Seen) {3}\n", "C abc\n",
+	    "S b OK [APPENDUID 3333 2] done\n",
+	    "C c UID COPY 5:6 Sent\n",
+	    "S c OK [COPYUID 3333 2:3 3:4] done\n",
+	    "C d UID MOVE 9 INBOX\n",
+	    "S * OK [COPYUID 2222 4 7] moved\n* 4 EXPUNGE\nd OK done\n",
+	    "S * STATUS INBOX (MESSAGES 5 UIDNEXT 6 UIDVALIDITY 2222)\n",
+	    "S * STATUS Other (UIDNEXT 6 UIDVALIDITY 2222)\n",
+	    "S * STATUS Sent (UIDVALIDITY 3333 UIDNEXT 5)\n",
+	    /* another UIDVALIDITY: not the folder the mover filled */
+	    "S * STATUS INBOX (UIDNEXT 6 UIDVALIDITY 7)\n");
+}
+
+static void test_names_caps(void **state)
+{
+	(void)state;
+	RUN("* CAPABILITY IMAP4rev1 IDLE UIDPLUS\n"
+	    "a OK [CAPABILITY IMAP4rev1 ENABLE] Logged in\n"
+	    "b NOOP\n"
+	    "b OK done\n"
+	    "c ENABLE UTF8=ACCEPT\n"
+	    "d LIST \"\" *\n"
+	    "* LIST (\\HasNoChildren) \"/\" INBOX\n"
+	    "* LIST (\\HasNoChildren \\Sent) \"/\" \"Sent Items\"\n"
+	    "d OK done\n"
+	    "e SELECT \"Sent\"\n"
+	    "e OK done\n"
+	    "f CREATE \"Sent Items/x\"\n"
+	    "g LIST \"\" \"Sent\"\n",
+	    "S * CAPABILITY IMAP4rev1 CONDSTORE IDLE QRESYNC UIDPLUS\n",
+	    "S a OK [CAPABILITY IMAP4rev1 ENABLE CONDSTORE] Logged in\n",
+	    "C b ENABLE CONDSTORE QRESYNC\n", "S b OK done\n",
+	    "C c ENABLE UTF8=ACCEPT CONDSTORE\n",
+	    "C d LIST \"\" *\n",
+	    "S * LIST (\\HasNoChildren) \"/\" INBOX\n",
+	    "S * LIST (\\HasNoChildren \\Sent) \"/\" Sent\nd OK done\n",
+	    "C e SELECT \"Sent Items\"\n", "S e OK done\n",
+	    "C f CREATE \"Sent Items/x\"\n",
+	    "C g LIST \"\" \"Sent Items\"\n");
+}
+
+/* A folder named by a literal: its map is found, its name left. */
+static void test_literal_name(void **state)
+{
+	(void)state;
+	RUN("a SELECT {5}\nINBOX\n"
+	    "* OK [UIDVALIDITY 1111] x\n"
+	    "a OK done\n"
+	    "b UID FETCH 5 UID\n",
+	    "C a SELECT {5}\n", "C INBOX\n",
+	    "S * OK [UIDVALIDITY 2222] x\na OK done\n",
+	    "C b UID FETCH 15 UID\n");
+}
+
+/* A folder name too long to look at, or none: the UIDs that follow are
+ * the server's, not the last folder's view. */
+static void test_unknown_folder(void **state)
+{
+	char sel[1200 + 64], lit[1200 + 8], want[4096];
+
+	(void)state;
+	memset(lit, 'x', 1200);
+	strcpy(lit + 1200, "\n");
+	snprintf(sel, sizeof(sel), "C b SELECT {1200}\n");
+	snprintf(want, sizeof(want), "a SELECT INBOX\na OK done\n"
+		 "b SELECT {1200}\n%sc UID FETCH 15 UID\n"
+		 "d SELECT (\n", lit);
+	{
+		const char *ev[] = {
+			"C a SELECT INBOX\n", "S a OK done\n", sel, NULL,
+			"C c UID FETCH 15 UID\n", "C d SELECT (\n",
+		};
+		char l[1200 + 8] = "C ";
+
+		memcpy(l + 2, lit, strlen(lit) + 1);
+		ev[3] = l;
+		run(ev, sizeof(ev) / sizeof(*ev), want);
+	}
+}
+
+/* The server shows another UIDVALIDITY (the folder was made anew): the
+ * folder is passed on as the server numbers it. */
+static void test_other_uidvalidity(void **state)
+{
+	(void)state;
+	RUN("a SELECT INBOX\n"
+	    "* OK [UIDVALIDITY 7] x\n"
+	    "* OK [UIDNEXT 6] y\n"
+	    "a OK done\n"
+	    "b UID FETCH 2 UID\n"
+	    "* 2 FETCH (UID 2)\n",
+	    "C a SELECT INBOX\n",
+	    "S * OK [UIDVALIDITY 7] x\n* OK [UIDNEXT 6] y\na OK done\n",
+	    "C b UID FETCH 2 UID\n", "S * 2 FETCH (UID 2)\n");
+}
+
+/* A line past the bound ends the view (and the session). */
+static void test_line_too_long(void **state)
+{
+	struct ms_vbuf o = { 0 };
+	struct ms_view v;
+	char *big = malloc(MS_VIEW_LINE_MAX + 1);
+
+	(void)state;
+	assert_non_null(big);
+	memset(big, 'a', MS_VIEW_LINE_MAX + 1);
+	ms_view_init(&v, lookup, names, NULL);
+	assert_int_equal(ms_view_client(&v, big, MS_VIEW_LINE_MAX + 1, out,
+					&o), -1);
+	assert_string_equal(ms_view_gave_up(&v), "line too long");
+	ms_view_clear(&v);
+	ms_vbuf_free(&o);
+	free(big);
+}
+
+/* Commands never answered: bounded, then the view ends. */
+static void test_pipeline_bound(void **state)
+{
+	struct ms_vbuf o = { 0 };
+	struct ms_view v;
+	size_t i;
+	int r = 0;
+
+	(void)state;
+	ms_view_init(&v, lookup, names, NULL);
+	for (i = 0; i <= MS_VIEW_PIPELINE_MAX && r == 0; i++) {
+		r = ms_view_client(&v, "a NOOP\r\n", 8, out, &o);
+		o.len = 0;
+	}
+	assert_int_equal(r, -1);
+	assert_int_equal(i, MS_VIEW_PIPELINE_MAX + 1);
+	assert_string_equal(ms_view_gave_up(&v), "too many commands at once");
+	ms_view_clear(&v);
+	ms_vbuf_free(&o);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_map),
+		cmocka_unit_test(test_set_to_dst),
+		cmocka_unit_test(test_set_to_view),
+		cmocka_unit_test(test_not_monotone),
+		cmocka_unit_test(test_select_fetch),
+		cmocka_unit_test(test_search),
+		cmocka_unit_test(test_append_copy_status),
+		cmocka_unit_test(test_names_caps),
+		cmocka_unit_test(test_literal_name),
+		cmocka_unit_test(test_other_uidvalidity),
+		cmocka_unit_test(test_unknown_folder),
+		cmocka_unit_test(test_line_too_long),
+		cmocka_unit_test(test_pipeline_bound),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}

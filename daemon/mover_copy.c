@@ -664,6 +664,9 @@ static int meta_next(struct worker *w)
 		w->next_seq += (uint32_t)n;
 		return 0;
 	}
+	/* More to copy than when the verification was asked for early. */
+	if (mv_verify_prefetch_drop(w))
+		return 0;
 	end = w->next_seq + batch - 1;
 	if (end > w->s_exists)
 		end = w->s_exists;

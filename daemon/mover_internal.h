@@ -476,6 +476,7 @@ void mv_verify_dst(struct worker *w);
 int mv_drop_vanished(struct worker *w);
 void mv_start_verify(struct worker *w);
 int mv_verify_prefetch_src(struct worker *w);
+int mv_verify_prefetch_drop(struct worker *w);
 int mv_vo_plan_folder(struct ujob *u, struct fjob *f);
 void mv_vo_open(struct worker *w, uint32_t src_uv, uint32_t dst_uv);
 

@@ -840,6 +840,7 @@ enum {
 	V_PRE_SENT,		/* asked, the copy goes on */
 	V_PRE_IN,		/* answered before the copy ended */
 	V_PRE_AWAITED,		/* the copy ended: go on when it comes */
+	V_PRE_DROP,		/* the copy went on: thrown away */
 };
 
 static void on_verify_src_reply(struct ms_imapc *c,
@@ -883,6 +884,11 @@ static void on_verify_pre_reply(struct ms_imapc *c,
 		w->v_pre = V_PRE_IN;
 		return;
 	}
+	if (w->v_pre == V_PRE_DROP) {
+		w->v_pre = V_PRE_NONE;
+		mv_copy_pump(w);	/* the window it held back */
+		return;
+	}
 	verify_pre_trim(w);
 	on_verify_src_reply(c, r, w);
 }
@@ -905,6 +911,24 @@ int mv_verify_prefetch_src(struct worker *w)
 		mv_folder_fail(w, "UID FETCH", NULL, w->s);
 		return -1;
 	}
+	return 0;
+}
+
+/* The copy goes on after the early FETCH was sent (mail reached the
+ * source folder and was announced with EXISTS): its answer may lack
+ * messages this pass is to copy, which would then look expunged there.
+ * It is thrown away, and the source asked again when the copy is done.
+ * Returns 1 while its answer is awaited: the next window waits for it
+ * (Dovecot may answer two pipelined FETCHes interleaved, and the
+ * untagged answers do not say whose they are); on_verify_pre_reply()
+ * moves the copy on. */
+int mv_verify_prefetch_drop(struct worker *w)
+{
+	if (w->v_pre == V_PRE_SENT || w->v_pre == V_PRE_DROP) {
+		w->v_pre = V_PRE_DROP;
+		return 1;
+	}
+	w->v_pre = V_PRE_NONE;
 	return 0;
 }
 

@@ -912,8 +912,10 @@ void mv_on_src_untagged(struct ms_imapc *c, const struct ms_imap_response *r,
 			w->min_new_seq = f.seq;
 		break;
 	case PH_COPY:
-		if (f.has_size && !f.has_body)
+		if (f.has_size && !f.has_body && f.has_date)
 			mv_meta_fetch(w, &f);
+		else if (w->v_pre != 0 && !f.has_body && !f.has_date)
+			mv_verify_fetch(w, 0, &f);	/* asked early */
 		break;
 	case PH_FLAGS:
 		mv_flags_fetch(w, &f);

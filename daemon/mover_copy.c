@@ -62,6 +62,7 @@ void mv_worker_next_folder(struct worker *w)
 	w->dedup_done = 0;
 	w->repair_done = 0;
 	w->v_all_src = w->v_norecs = 0;
+	w->v_pre = 0;
 	w->settled = 0;
 	/* qs: the folder read from, qd: the one written to */
 	ms_imap_quote(qs, sizeof(qs), u->reverse ? f->dst : f->src);
@@ -269,6 +270,7 @@ static void on_meta_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 			  void *ctx);
 static void on_body_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 			  void *ctx);
+static int meta_left(const struct worker *w);
 
 static int write_intents(struct worker *w, struct window *win)
 {
@@ -616,6 +618,11 @@ static void on_body_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	if (append_close(w, win) < 0)
 		return;
 	win->body_done = 1;
+	/* The folder's last window is read: the source's side of its
+	 * verification may be asked while the destination saves it. */
+	if (w->ready == NULL && w->meta == NULL && !meta_left(w) &&
+	    mv_verify_prefetch_src(w) < 0)
+		return;
 	if (win->replies_pending == 0)
 		window_finish(w, win);
 	mv_copy_pump(w);
@@ -657,6 +664,9 @@ static int meta_next(struct worker *w)
 		w->next_seq += (uint32_t)n;
 		return 0;
 	}
+	/* More to copy than when the verification was asked for early. */
+	if (mv_verify_prefetch_drop(w))
+		return 0;
 	end = w->next_seq + batch - 1;
 	if (end > w->s_exists)
 		end = w->s_exists;

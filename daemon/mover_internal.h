@@ -281,6 +281,9 @@ struct worker {
 	/* The destination's verify FETCH sent with the source's (a forward
 	 * copy): mover_verify.c's V_EARLY_* */
 	int v_early;
+	/* The source's verify FETCH sent during the copy, once its last
+	 * BODY[] FETCH is answered (mover_verify.c's V_PRE_*) */
+	int v_pre;
 	struct ms_u32vec rp_flags;	/* repair: source UIDs, flags wrong */
 	struct ms_u32vec rp_flags_dst;	/* their destination UIDs */
 	struct ms_u32vec rp_redo;	/* repair: source UIDs to copy again */
@@ -472,6 +475,8 @@ void mv_repair_expunge(struct worker *w);
 void mv_verify_dst(struct worker *w);
 int mv_drop_vanished(struct worker *w);
 void mv_start_verify(struct worker *w);
+int mv_verify_prefetch_src(struct worker *w);
+int mv_verify_prefetch_drop(struct worker *w);
 int mv_vo_plan_folder(struct ujob *u, struct fjob *f);
 void mv_vo_open(struct worker *w, uint32_t src_uv, uint32_t dst_uv);
 

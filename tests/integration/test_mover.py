@@ -27,7 +27,8 @@ import corpus
 import dovecot as dc
 import mailcheck as mc
 import tcpproxy
-from conftest import (DST_USERS, MASTER, SRC_USERS, Migrator, store_bytes,
+from conftest import (DST_USERS, MASTER, SRC_USERS, Migrator, Result,
+                      wait_for, store_bytes,
                       store_rows)
 
 ERR_LINE = re.compile(r'^mailshiftctl: (\S+): (.+): (.+)$')
@@ -406,6 +407,85 @@ def test_server_drops_connection(pair, run_migrate, cut_after):
     ok_summary(res, 'alice')
     pair.assert_copied('alice')
 
+
+VERIFY_FETCH = b'UID FETCH 1:* (UID RFC822.SIZE FLAGS)'
+
+
+@pytest.mark.parametrize('when', ['copied', 'copying'])
+def test_arrival_before_verify(make_pair, ctl, workdir, when):
+    """A fresh folder's source verify FETCH goes out as soon as its last
+    BODY[] FETCH is answered (docs/mover.md, "Verify"). A proxy in front
+    of the source holds it back while a message is appended there:
+    'copied': the copy was done (the destination got its verify FETCH):
+    the new message is the next run's, left out of this run's comparison;
+    'copying': the destination's APPEND is held too, so the source's
+    EXISTS can come before the copy ends: the copy goes on with the new
+    message and the early answer, which lacks it, is not used (it would
+    make the new copy look expunged on the source, and the verification
+    would expunge it: mail lost). Either way nothing is expunged, and
+    after the next run the destination holds every message once."""
+    pair = make_pair(users=())
+    s = pair.src.imap('u3')
+    try:
+        mc.append_many(s, 'INBOX', [
+            (mc.make_message(70000 + i, 800), ['\\Seen'], corpus.D2005 + i)
+            for i in range(30)])
+    finally:
+        s.logout()
+    sproxy = tcpproxy.CuttingProxy(pair.src.imap_port, hold_at=VERIFY_FETCH)
+    dproxy = tcpproxy.CuttingProxy(
+        pair.dst.imap_port, keep_up=True,
+        hold_at=b' APPEND ' if when == 'copying' else None)
+    sproxy.start()
+    dproxy.start()
+    m = Migrator(ctl, pair, os.path.join(workdir, 'store.db'))
+    try:
+        p = m.popen('u3', '--connections', '1', '--include', 'INBOX',
+                    source=sproxy.url('imap'), dest=dproxy.url('imap'))
+        if when == 'copied':
+            ready = lambda: VERIFY_FETCH in dproxy.up   # noqa: E731
+        else:
+            ready = dproxy.holding.is_set
+        wait_for(lambda: (sproxy.holding.is_set() and ready()) or
+                 p.poll() is not None, 60)
+        assert sproxy.holding.is_set() and ready(), \
+            p.communicate(timeout=60)
+        s = pair.src.imap('u3')
+        try:
+            mc.append_many(s, 'INBOX', [(mc.make_message(70100, 900),
+                                         [], corpus.D2005 + 100)])
+        finally:
+            s.logout()
+        down = sproxy.bytes_down
+        sproxy.release()
+        if when == 'copying':
+            # the source's answer (and EXISTS) on its way first
+            wait_for(lambda: sproxy.bytes_down > down + 1000 or
+                     p.poll() is not None, 60)
+            dproxy.release()
+        out, err = p.communicate(timeout=120)
+    finally:
+        sproxy.stop()
+        dproxy.stop()
+    res = Result(p.returncode, out.decode(), err.decode(), p.argv)
+    assert res.rc == 0, res.describe()
+    j = ok_summary(res, 'u3')
+    assert j['expunged'] == 0, res.describe()
+    assert j['copied'] == 30 if when == 'copied' else \
+        j['copied'] in (30, 31), res.describe()
+    d = pair.dst.imap('u3')
+    try:
+        assert len(mc.fetch_all(d, 'INBOX', '(RFC822.SIZE)')) == j['copied']
+    finally:
+        d.logout()
+
+    res = m.run('u3', '--include', 'INBOX', expect_rc=0)
+    assert ok_summary(res, 'u3')['copied'] == 31 - j['copied'], \
+        res.describe()
+    want, got = pair.snapshots('u3')
+    mc.assert_snapshots_equal({'INBOX': want['INBOX']},
+                              {'INBOX': got['INBOX']})
+    assert len(got['INBOX']) == 31
 
 def test_pop3_source(make_pair, ctl, workdir):
     pair = make_pair(users=('popper',))

@@ -27,7 +27,10 @@ p.up (to check which commands went out). p.max_open is the most client
 connections that were open at once (one whose client has closed counts as
 gone even before its pump noticed). hold_up_after=N holds what clients
 send once N bytes went up (p.holding is set), until p.release(): a
-transfer stalled on purpose, mid-way.
+transfer stalled on purpose, mid-way. hold_at=b'UID FETCH 1:*' holds the
+first chunk a client sends that holds these bytes (p.holding is set) until
+p.release(), then passes it on as the connection goes on: a command
+delayed on its way to a live server.
 """
 
 import socket
@@ -38,7 +41,7 @@ import threading
 class CuttingProxy:
     def __init__(self, target_port, cut_after=None, target_host='127.0.0.1',
                  refuse_after_cut=True, hold_from=None, keep_up=False,
-                 hold_up_after=None):
+                 hold_up_after=None, hold_at=None):
         self.target = (target_host, target_port)
         self.cut_after = cut_after
         self.refuse_after_cut = refuse_after_cut
@@ -52,6 +55,7 @@ class CuttingProxy:
         self.keep_up = keep_up
         self.up = bytearray()
         self.hold_up_after = hold_up_after
+        self.hold_at = hold_at
         self._clients = set()        # client sockets still open
         self.cut = threading.Event()
         self.flowing = threading.Event()     # clear: stalled
@@ -150,6 +154,10 @@ class CuttingProxy:
                         data = data[:room]
                 if not down and self.hold_up_after is not None and \
                         self.bytes_up + len(data) > self.hold_up_after:
+                    self.holding.set()
+                    self.released.wait()
+                if not down and self.hold_at is not None and \
+                        self.hold_at in data and not self.released.is_set():
                     self.holding.set()
                     self.released.wait()
                 dst.sendall(data)

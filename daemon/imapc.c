@@ -494,24 +494,7 @@ static void write_cmd(struct ms_imapc *c, struct cmd *cmd, const char *text)
 /* Once per change of the shared pace, whichever connection sees it. */
 static void pace_log(struct ms_imapc *c)
 {
-	struct ms_pacer *p = c->pacer;
-	double r = ms_pacer_rate(p);
-
-	if (p->changes == p->logged)
-		return;
-	p->logged = p->changes;
-	if (p->limit > 0 && p->last_change == MS_PACE_DOWN)
-		ms_warn("%s:%u is busy (%s): commands per second lowered to "
-			"%.1f", c->host, c->port, p->reason, r);
-	else if (p->last_change == MS_PACE_UP && p->limit > 0)
-		ms_info("%s:%u calm again: commands per second raised to "
-			"%.1f", c->host, c->port, r);
-	else if (r > 0)
-		ms_info("%s:%u: commands per second: %.1f (the cap)", c->host,
-			c->port, r);
-	else
-		ms_info("%s:%u: commands per second: no cap", c->host,
-			c->port);
+	ms_pacer_log(c->pacer, c->host, c->port);
 }
 
 static void pace_arm(struct ms_imapc *c, uint64_t ms);
@@ -653,7 +636,7 @@ static int pace_reply(struct ms_imapc *c, struct cmd *cmd,
 	/* Sent again only when nothing else of ours is in flight: a command
 	 * sent after it may depend on it (a FETCH on a SELECT). */
 	delay = ms_pacer_retry_delay(cmd->tries + 1);
-	if (cmd->text == NULL || delay == 0 || c->state != ST_READY)
+	if (cmd->text == NULL || delay == 0)
 		return 0;
 	for (struct cmd *o = c->cmds; o != NULL; o = o->next)
 		if (o->sent_ms != 0)

@@ -1325,8 +1325,11 @@ void ms_mover_progress(const struct ms_mover *m, struct ms_progress *p)
 	p->seconds = (double)(now_ms() - m->start_ms) / 1000.0;
 }
 
-void ms_mover_pace(const struct ms_mover *m, struct ms_mover_pace *p)
+void ms_mover_pace(struct ms_mover *m, struct ms_mover_pace *p)
 {
+	/* The pace recovers with time, commands sent or not. */
+	ms_pacer_tick(&m->src_pace, uv_now(m->loop));
+	ms_pacer_log(&m->src_pace, m->src.cfg.host, m->src.cfg.port);
 	memset(p, 0, sizeof(*p));
 	p->connections = m->src.cfg.max_conns;
 	p->src_open = m->src.active;

@@ -171,7 +171,7 @@ struct ms_mover_pace {
 	const char *reason;		/* the last back-off's cause, "" */
 };
 
-void ms_mover_pace(const struct ms_mover *m, struct ms_mover_pace *p);
+void ms_mover_pace(struct ms_mover *m, struct ms_mover_pace *p);
 /* Changes the caps while copies run (connections: 0 = as it is;
  * commands_per_second < 0 = as it is, 0 = none). More connections are
  * used at once; surplus ones are given back as their folder finishes,

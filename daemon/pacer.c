@@ -3,6 +3,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "log.h"
 #include "pacer.h"
 
 void ms_pacer_init(struct ms_pacer *p, double rate, uint64_t now)
@@ -82,7 +83,7 @@ int ms_pacer_busy(struct ms_pacer *p, uint64_t now, const char *why)
 	measure(p, now);
 	base = ms_pacer_rate(p);
 	if (base == 0)
-		base = p->recent;
+		base = p->recent > MS_PACER_BASE ? p->recent : MS_PACER_BASE;
 	if (base < 2 * MS_PACER_MIN_RATE)
 		base = 2 * MS_PACER_MIN_RATE;
 	if (p->level == 0)
@@ -150,6 +151,27 @@ uint64_t ms_pacer_retry_delay(unsigned int n)
 		return 0;
 	d = (uint64_t)MS_PACER_RETRY_BASE_MS << (n - 1);
 	return d < MS_PACER_RETRY_MAX_MS ? d : MS_PACER_RETRY_MAX_MS;
+}
+
+void ms_pacer_log(struct ms_pacer *p, const char *host, unsigned int port)
+{
+	double r = ms_pacer_rate(p);
+
+	if (p->changes == p->logged)
+		return;
+	p->logged = p->changes;
+	if (p->limit > 0 && p->last_change == MS_PACE_DOWN)
+		ms_warn("%s:%u is busy (%s): commands per second lowered to "
+			"%.1f", host, port, p->reason, r);
+	else if (p->last_change == MS_PACE_UP && p->limit > 0)
+		ms_info("%s:%u calm again: commands per second raised to "
+			"%.1f", host, port, r);
+	else if (p->last_change == MS_PACE_UP && r > 0)
+		ms_info("%s:%u calm again: back to the cap, %.1f commands per "
+			"second", host, port, r);
+	else if (p->last_change == MS_PACE_UP)
+		ms_info("%s:%u calm again: back to full pace (no cap)", host,
+			port);
 }
 
 static int has_word(const char *text, const char *word)

@@ -12,6 +12,9 @@
 #include <stdint.h>
 
 #define MS_PACER_MIN_RATE 1.0		/* the back-off goes no lower (cmd/s) */
+#define MS_PACER_BASE 20.0		/* without a cap, a back-off halves at
+					   least this (the rate just measured
+					   may be a moment's: a copy starting) */
 #define MS_PACER_HOLD_MS 1000		/* signals within this of a back-off
 					   are the same episode */
 #define MS_PACER_RECOVER_MS 5000	/* calm this long: one step back up */
@@ -70,6 +73,9 @@ int ms_pacer_tick(struct ms_pacer *p, uint64_t now);
 /* The wait before the nth retry (n from 1) of a refused command or
  * login; 0 when there is to be no nth retry. */
 uint64_t ms_pacer_retry_delay(unsigned int n);
+/* Logs the pace's last change once (whichever connection sees it first):
+ * a back-off, a step back up, the full pace again. */
+void ms_pacer_log(struct ms_pacer *p, const char *host, unsigned int port);
 /* 1 when a server's reply (its response code, or NULL, and its text)
  * says it is busy or throttling: try again later. */
 int ms_pacer_is_busy_reply(const char *code, const char *text);

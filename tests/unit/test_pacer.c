@@ -124,6 +124,17 @@ static void busy_without_cap_uses_recent(void **state)
 	assert_true(ms_pacer_rate(&p) == 0);
 }
 
+static void busy_at_once_is_not_a_crawl(void **state)
+{
+	struct ms_pacer p;
+
+	/* a copy that just began: no rate measured yet */
+	ms_pacer_init(&p, 0, 0);
+	ms_pacer_take(&p, 1, 0);
+	assert_true(ms_pacer_busy(&p, 10, "[UNAVAILABLE]"));
+	assert_true(ms_pacer_rate(&p) == MS_PACER_BASE / 2);
+}
+
 static void slow_replies_back_off(void **state)
 {
 	struct ms_pacer p;
@@ -177,6 +188,7 @@ int main(void)
 		cmocka_unit_test(must_goes_into_debt),
 		cmocka_unit_test(busy_halves_then_recovers),
 		cmocka_unit_test(busy_without_cap_uses_recent),
+		cmocka_unit_test(busy_at_once_is_not_a_crawl),
 		cmocka_unit_test(slow_replies_back_off),
 		cmocka_unit_test(retry_delays_grow_and_end),
 		cmocka_unit_test(busy_replies_recognised),

@@ -420,9 +420,8 @@ static json_t *cmd_policy(struct ms_control *ctl, json_t *req)
 {
 	if (ctl->gw == NULL)
 		return error("%s", "no gateway");
-	return json_pack("{s:b, s:o, s:o}", "ok", 1, "policy",
-			 ms_gateway_policies(ctl->gw), "mover",
-			 ms_gateway_mover_json(ctl->gw));
+	return json_pack("{s:b, s:o}", "ok", 1, "policy",
+			 ms_gateway_policies(ctl->gw));
 }
 
 /* A whole number from min to max in the request's key, or absent (*v
@@ -463,7 +462,8 @@ static json_t *cmd_policy_limits(struct ms_control *ctl, json_t *req)
 	if (ms_gateway_set_limits(ctl->gw, (unsigned int)conns, (double)cps,
 				  err, sizeof(err)) < 0)
 		return error("%s", err);
-	return cmd_policy(ctl, req);
+	return json_pack("{s:b, s:o}", "ok", 1, "mover",
+			 ms_gateway_mover_json(ctl->gw));
 }
 
 static json_t *cmd_sessions(struct ms_control *ctl, json_t *req)

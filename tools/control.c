@@ -476,7 +476,6 @@ static void print_policy(json_t *rep)
 		printf("@%s: %s%s\n", k, json_string_value(v),
 		       json_object_get(set, k) != NULL ?
 		       "  [set with mailshiftctl]" : "");
-	print_mover(rep);
 }
 
 /* policy --connections N and/or --commands-per-second N: the mover's
@@ -505,7 +504,7 @@ static int policy_limits(struct copts *o, int argc, char *argv[])
 		}
 		json_object_set_new(req, key, json_integer(n));
 	}
-	return finish(o, request(o, req), print_policy);
+	return finish(o, request(o, req), print_mover);
 }
 
 /* mailshiftctl policy: shows the default and per-domain policies;

@@ -100,7 +100,6 @@ struct ms_imapc {
 	/* the pace (pacer.h) */
 	struct ms_pacer *pacer;
 	struct paced *paced, *paced_tail;
-	unsigned int npaced;
 	uv_timer_t *pace_timer;
 	uint64_t last_reply_ms;	/* a reply's latency counts from here at
 				   the earliest: pipelined commands wait
@@ -262,7 +261,6 @@ static void paced_drop(struct ms_imapc *c)
 		free(pc);
 	}
 	c->paced_tail = NULL;
-	c->npaced = 0;
 	if (c->pace_timer != NULL)
 		uv_timer_stop(c->pace_timer);
 }
@@ -518,7 +516,6 @@ static void pace_flush(struct ms_imapc *c)
 		c->paced = pc->next;
 		if (c->paced == NULL)
 			c->paced_tail = NULL;
-		c->npaced--;
 		write_cmd(c, pc->cmd, pc->cmd->text);
 		free(pc);
 	}
@@ -566,7 +563,6 @@ static int pace_hold(struct ms_imapc *c, struct cmd *cmd, uint64_t not_before,
 	} else {
 		MS_LIST_APPEND(c->paced, c->paced_tail, pc);
 	}
-	c->npaced++;
 	pace_arm(c, 0);
 	return 0;
 }
@@ -583,7 +579,6 @@ static void pace_must(struct ms_imapc *c)
 		struct paced *pc = c->paced;
 
 		c->paced = pc->next;
-		c->npaced--;
 		ms_pacer_take(c->pacer, now, 1);
 		write_cmd(c, pc->cmd, pc->cmd->text);
 		free(pc);

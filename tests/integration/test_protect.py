@@ -189,7 +189,7 @@ def test_pace_and_connection_caps_hold(site, make_site_gw):
     assert site.sproxy.max_logged <= 3, site.sproxy.max_logged
     assert site.dproxy.max_logged <= 3, site.dproxy.max_logged
     # more than one user at once: the budget is shared, not per user
-    assert site.sproxy.max_logged >= 2, site.sproxy.max_logged
+    assert site.sproxy.max_users >= 2, site.sproxy.max_users
     m = mover_status(g)
     assert m['source_commands'] >= len(times) - SLACK, (m, len(times))
     r = g.ctl('status')

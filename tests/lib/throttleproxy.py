@@ -9,7 +9,8 @@ Every command line a client sends is recorded in p.commands as
 (time.monotonic(), user or None, verb), in order. p.max_logged is the most
 logged-in connections open at once, counted at each login (a connection
 whose client has closed counts as gone even before the proxy noticed:
-its TCP state, as tcpproxy does); logged_open() those open now;
+its TCP state, as tcpproxy does), p.max_users the most users among
+them; logged_open() those open now;
 reset_max() starts counting again. Connections that never log in (the
 daemon's capability probes) are not counted.
 
@@ -69,6 +70,7 @@ class ThrottleProxy(hostileproxy.HostileImapProxy):
                          target_host=target_host)
         self.commands = []
         self.max_logged = 0
+        self.max_users = 0
         self._conns = set()
         self.refused = 0
         self.dropped = 0
@@ -151,9 +153,10 @@ class ThrottleProxy(hostileproxy.HostileImapProxy):
             conn.pending.add(tag)
             with self._lock:
                 conn.user = user
-                n = sum(1 for c in self._conns
-                        if c.user is not None and _open(c.client))
-                self.max_logged = max(self.max_logged, n)
+                users = [c.user for c in self._conns
+                         if c.user is not None and _open(c.client)]
+                self.max_logged = max(self.max_logged, len(users))
+                self.max_users = max(self.max_users, len(set(users)))
             return None
         if verb in (b'SELECT', b'EXAMINE') and len(args) > 2:
             reply = self.refuse_folder.get(

@@ -643,20 +643,25 @@ static int worker_restart_later(struct worker *w, uint64_t delay)
 	return 0;
 }
 
-/* The connection of a worker went away in the middle of a folder: the
- * store has everything that was committed, so the folder is simply given
- * back and the worker reconnects after a pause. */
-static int folder_retry(struct worker *w, const char *error)
+/* The connection of a worker went away in the middle of a folder, or a
+ * server refused one of its commands as busy (busy: the wait grows, see
+ * pacer.h; imapc.c sends such a command again itself only when nothing
+ * else was in flight): the store has everything that was committed, so the
+ * folder is simply given back and the worker reconnects after a pause. */
+static int folder_retry(struct worker *w, const char *error, int busy)
 {
 	struct ujob *u = w->u;
 	struct fjob *f = w->f;
+	uint64_t delay = busy ? ms_pacer_retry_delay(f->retries + 1) :
+		RETRY_DELAY_MS;
 
-	if (u->failed || f->retries >= MAX_RETRIES || !transient(error) ||
+	if (u->failed || f->retries >= MAX_RETRIES ||
+	    (!busy && !transient(error)) || delay == 0 ||
 	    u->m->src.cfg.proto != MS_PROTO_IMAP)
 		return -1;
 	ms_warn("%s: folder \"%s\": %s; reconnecting (retry %u of %u)",
 		u->name, f->rep.source, error, f->retries + 1, MAX_RETRIES);
-	if (worker_restart_later(w, RETRY_DELAY_MS) < 0)
+	if (worker_restart_later(w, delay) < 0)
 		return -1;
 	f->retries++;
 	f->taken = 0;
@@ -758,8 +763,15 @@ void mv_folder_fail(struct worker *w, const char *cmd,
 	char name[1024];
 
 	if (r == NULL && c != NULL && ms_imapc_failed(c) &&
-	    folder_retry(w, ms_imapc_error(c)) == 0)
+	    folder_retry(w, ms_imapc_error(c), 0) == 0)
 		return;
+	if (r != NULL && r->status == MS_STATUS_NO &&
+	    ms_pacer_is_busy_reply(r->code, r->text)) {
+		snprintf(buf, sizeof(buf), "%s: %s", cmd,
+			 ms_imapc_resp_summary(r, name, sizeof(name)));
+		if (folder_retry(w, buf, 1) == 0)
+			return;
+	}
 	mv_to_utf8(name, sizeof(name), w->f->src, 0);
 	if (r == NULL)
 		mv_job_fail(w->u, "folder \"%s\": %s", name,

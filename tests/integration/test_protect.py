@@ -26,6 +26,8 @@ USERS = ['pace%d' % i for i in range(8)]
 SRC_PW = {u: 'Src-%s-Pw-9q' % u for u in USERS}
 DST_PW = {u: pw.replace('Src-', 'Dst-') for u, pw in SRC_PW.items()}
 FOLDERS = ('INBOX', 'Work', 'Archive')
+BIG = 'pace6'   # INBOX: 230 messages, three copy windows: the next window's
+                # metadata FETCH goes while the last one's bodies stream
 SLACK = 8       # commands that cannot wait (logins): debt the bucket repays
 JITTER = 0.5    # seconds the proxy's threads may see commands late, bunched
 LOGIN_BUSY = b'NO [UNAVAILABLE] Temporary authentication failure.'
@@ -33,8 +35,8 @@ LOGIN_BUSY = b'NO [UNAVAILABLE] Temporary authentication failure.'
 
 @pytest.fixture
 def site(workdir, ca):
-    """Eight users, three folders of five messages each, on the source;
-    an empty destination; both behind a ThrottleProxy."""
+    """Eight users, three folders of five messages each (BIG's INBOX 230),
+    on the source; an empty destination; both behind a ThrottleProxy."""
     src = src_server(workdir, ca, dict(SRC_PW))
     dst = dst_server(workdir, ca, dict(DST_PW))
     proxies = []
@@ -47,10 +49,11 @@ def site(workdir, ca):
                 for f, folder in enumerate(FOLDERS):
                     if folder != 'INBOX':
                         mc.create_folder(m, folder)
+                    count = 230 if (u, folder) == (BIG, 'INBOX') else 5
                     mc.append_many(m, folder, [
-                        (mc.make_message(70000 + n * 100 + f * 10 + i, 800),
+                        (mc.make_message(70000 + n * 1000 + f * 300 + i, 800),
                          ['\\Seen'] if i % 2 else [], None)
-                        for i in range(5)])
+                        for i in range(count)])
             finally:
                 m.logout()
         pair = Pair(workdir, src, dst)
@@ -270,6 +273,25 @@ def test_backoff_on_unavailable_recovers(site, make_site_gw):
     assert 'back to full pace' in g.log_text(), g.log_tail(40)
     m = mover_status(g)
     assert m['backoffs'] >= 1 and m['pace'] == 0, m
+
+
+def test_pipelined_busy_reopens_folder(site, make_site_gw):
+    """A busy refusal of a command pipelined behind another (BIG's next
+    metadata FETCH while its bodies stream) cannot be sent again alone:
+    the folder is given back and opened again after the back-off's wait,
+    and the copy ends exact, nothing twice."""
+    g = make_site_gw(2)
+    site.sproxy.refuse_pipelined[(BIG, 'FETCH')] = throttleproxy.BUSY_REPLY
+    add_users(g, [BIG])
+    r = g.ctl('migrate', '--daemon', BIG)
+    assert r.rc == 0, r.describe()
+    wait_settled(g, [BIG])
+    assert site.sproxy.refused_pipelined == 1, \
+        'harness: no FETCH of %s was pipelined' % BIG
+    assert_all_copied(site, g, [BIG])
+    log = g.log_text()
+    assert '%s: folder "INBOX": FETCH: NO [UNAVAILABLE]' % BIG in log and \
+        'reconnecting (retry 1 of 3)' in log, g.log_tail(60)
 
 
 def test_bad_input_fails_one_user_only(site, make_site_gw):

@@ -29,6 +29,12 @@ of bad input:
     p.refuse_folder[(u, folder)] = reply
                           u's SELECT/EXAMINE of folder (as sent, mUTF-7)
                           gets reply
+    p.refuse_pipelined[(u, verb)] = reply
+                          the first of u's commands `verb` (e.g. 'UID
+                          FETCH') sent while another command of its
+                          connection is in flight gets reply, once
+                          (p.refused_pipelined counts it); the reply is
+                          given between two of the server's responses
     p.drop_at_body_fetch.add(u)
                           each of u's connections is reset (RST) when it
                           sends its first UID FETCH ... BODY.PEEK[]
@@ -56,6 +62,7 @@ class _Conn(hostileproxy._Conn):
         super().__init__(proxy, client, server)
         self.pending = set()         # tags sent on, not answered yet
         self.send_lock = threading.Lock()
+        self.inject = []             # our replies, for the next boundary
         with proxy._lock:
             proxy._conns.add(self)
 
@@ -76,6 +83,8 @@ class ThrottleProxy(hostileproxy.HostileImapProxy):
         self.dropped = 0
         self.refuse_login = {}
         self.refuse_folder = {}
+        self.refuse_pipelined = {}
+        self.refused_pipelined = 0
         self.drop_at_body_fetch = set()
         self._busy = 0
 
@@ -95,8 +104,14 @@ class ThrottleProxy(hostileproxy.HostileImapProxy):
     # ------------------------------------------------------------ threads
 
     def _reply(self, conn, tag, text):
+        """Our reply: now when the server owes nothing on the connection,
+        else after the server's response being sent (never inside one)."""
+        line = tag + b' ' + text + b'\r\n'
         with conn.send_lock:
-            conn.client.sendall(tag + b' ' + text + b'\r\n')
+            if conn.pending:
+                conn.inject.append(line)
+            else:
+                conn.client.sendall(line)
 
     def _up(self, conn):
         fr = _Framer()
@@ -166,6 +181,14 @@ class ThrottleProxy(hostileproxy.HostileImapProxy):
         if verb == b'UID FETCH' and b'BODY.PEEK[]' in pieces[0][0].upper() \
                 and conn.user in self.drop_at_body_fetch:
             return 'drop'
+        key = (conn.user, verb.decode('ascii', 'replace'))
+        with self._lock:
+            reply = self.refuse_pipelined.get(key) if conn.pending else None
+            if reply is not None:
+                del self.refuse_pipelined[key]
+                self.refused_pipelined += 1
+        if reply is not None:
+            return reply
         with self._lock:
             refuse = self._busy > 0 and not conn.pending and \
                 conn.user is not None
@@ -197,10 +220,15 @@ class ThrottleProxy(hostileproxy.HostileImapProxy):
             data = conn.server.recv(65536)
             if not data:
                 return
-            for ev in fr.feed(data):
-                if ev[0] == 'line' and ev[2]:
-                    m = tagged.match(ev[1])
+            with conn.send_lock:
+                out = bytearray()
+                for ev in fr.feed(data):
+                    out += ev[1]
+                    if ev[0] != 'line' or ev[3]:
+                        continue        # a literal follows: not a boundary
+                    m = tagged.match(ev[1]) if ev[2] else None
                     if m:
                         conn.pending.discard(m.group(1))
-            with conn.send_lock:
-                conn.client.sendall(data)
+                    out += b''.join(conn.inject)
+                    conn.inject.clear()
+                conn.client.sendall(out)

@@ -360,6 +360,9 @@ static json_t *cmd_status(struct ms_control *ctl, json_t *req)
 		}
 		json_object_set_new(rep, "site", site);
 	}
+	/* The caps that protect the source, and the back-off. */
+	json_object_set_new(rep, "mover", ctl->gw != NULL ?
+			    ms_gateway_mover_json(ctl->gw) : json_null());
 	return rep;
 }
 
@@ -431,6 +434,48 @@ static json_t *cmd_policy(struct ms_control *ctl, json_t *req)
 			 ms_gateway_policies(ctl->gw));
 }
 
+/* A whole number from min to max in the request's key, or absent (*v
+ * left as it is); -1 with *rep set otherwise. */
+static int field_count(json_t *req, const char *key, json_int_t min,
+		       json_int_t max, json_int_t *v, json_t **rep)
+{
+	json_t *j = json_object_get(req, key);
+
+	if (j == NULL || json_is_null(j))
+		return 0;
+	if (!json_is_integer(j) || json_integer_value(j) < min ||
+	    json_integer_value(j) > max) {
+		*rep = error("\"%s\" must be a whole number from %lld to %lld",
+			     key, (long long)min, (long long)max);
+		return -1;
+	}
+	*v = json_integer_value(j);
+	return 0;
+}
+
+/* The mover's caps, changed while it runs: connections per server,
+ * commands per second to the source (0: none). */
+static json_t *cmd_policy_limits(struct ms_control *ctl, json_t *req)
+{
+	json_int_t conns = 0, cps = -1;
+	char err[256];
+	json_t *rep;
+
+	if (field_count(req, "connections", 1, 64, &conns, &rep) < 0 ||
+	    field_count(req, "commands_per_second", 0, 100000, &cps, &rep) < 0)
+		return rep;
+	if (conns == 0 && cps < 0)
+		return error("%s", "nothing to set (connections, "
+			     "commands_per_second)");
+	if (ctl->gw == NULL)
+		return error("%s", "no gateway");
+	if (ms_gateway_set_limits(ctl->gw, (unsigned int)conns, (double)cps,
+				  err, sizeof(err)) < 0)
+		return error("%s", err);
+	return json_pack("{s:b, s:o}", "ok", 1, "mover",
+			 ms_gateway_mover_json(ctl->gw));
+}
+
 static json_t *cmd_sessions(struct ms_control *ctl, json_t *req)
 {
 	return json_pack("{s:b, s:o}", "ok", 1, "sessions", ctl->gw != NULL ?
@@ -494,6 +539,7 @@ static json_t *dispatch(struct ms_control *ctl, json_t *req)
 		{ "user.show", cmd_user_show }, { "user.add", cmd_user_add },
 		{ "user.set", cmd_user_set }, { "policy.set", cmd_policy_set },
 		{ "policy", cmd_policy }, { "sessions", cmd_sessions },
+		{ "policy.limits", cmd_policy_limits },
 		{ "migrate", cmd_migrate }, { "migrate.all", cmd_migrate_all },
 		{ "rollback", cmd_rollback }, { "kick", cmd_kick },
 	};

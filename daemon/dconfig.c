@@ -115,6 +115,9 @@ static int backend_key(struct ms_dconfig *c, int dst, const char *key,
 	if (!strcmp(key, "transparent"))
 		return ms_config_bool(dst ? &c->dst_transparent :
 				      &c->src_transparent, key, value, err, errsz);
+	if (!dst && !strcmp(key, "commands_per_second"))
+		return set_uint(&g->src_commands_per_second, key, value, 0,
+				100000, err, errsz);
 	return unknown(key, dst ? "destination" : "source", err, errsz);
 }
 

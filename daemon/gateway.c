@@ -117,7 +117,37 @@ static void gw_survey_start(struct ms_gateway *gw,
 		return;
 	}
 	gw->survey = ms_survey_new(gw->loop, gw->store, src,
-				   (unsigned int)rate);
+				   (unsigned int)rate, gw->mover);
+}
+
+json_t *ms_gateway_mover_json(struct ms_gateway *gw)
+{
+	struct ms_mover_pace p;
+
+	if (gw->mover == NULL)
+		return json_null();
+	ms_mover_pace(gw->mover, &p);
+	return json_pack("{s:i, s:{s:i, s:i}, s:i, s:f, s:f, s:b, s:I, s:I, "
+			 "s:s}", "connections", (int)p.connections,
+			 "connections_open", "source", (int)p.src_open,
+			 "destination", (int)p.dst_open, "connections_waiting",
+			 (int)p.waiting, "commands_per_second",
+			 p.commands_per_second, "pace", p.pace, "backing_off",
+			 p.backing_off, "source_commands",
+			 (json_int_t)p.commands, "backoffs",
+			 (json_int_t)p.backoffs, "backoff_reason", p.reason);
+}
+
+int ms_gateway_set_limits(struct ms_gateway *gw, unsigned int connections,
+			  double commands_per_second, char *err, size_t errsz)
+{
+	if (gw->mover == NULL) {
+		snprintf(err, errsz, "no mover (the config has no IMAP source "
+			 "and destination)");
+		return -1;
+	}
+	ms_mover_set_limits(gw->mover, connections, commands_per_second);
+	return 0;
 }
 
 int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
@@ -149,6 +179,7 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		};
 
 		src.max_conns = dst.max_conns = cfg->connections;
+		mo.commands_per_second = cfg->src_commands_per_second;
 		src.admin = cfg->src_admin;
 		src.password = cfg->src_admin_pw;
 		dst.admin = cfg->dst_admin;
@@ -223,8 +254,9 @@ void ms_gateway_free(struct ms_gateway **gwp)
 	ms_gateway_stop_listening(gw);
 	if (gw->metrics != NULL)
 		ms_close_free((uv_handle_t *)gw->metrics, gw->metrics);
-	ms_mover_free(&gw->mover);
+	/* the survey first: it holds a slot of the mover's */
 	ms_survey_free(&gw->survey);
+	ms_mover_free(&gw->mover);
 	ms_caps_free(&gw->caps);
 	json_decref(gw->policy_set);
 	gw_lifecycle_free(gw);

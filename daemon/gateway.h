@@ -66,5 +66,15 @@ void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p);
 json_t *ms_gateway_site(struct ms_gateway *gw);
 /* What the servers offer and what is advertised (caps.h). */
 json_t *ms_gateway_caps_json(struct ms_gateway *gw);
+/* The mover's caps and how it stands with them (ms_mover_pace()):
+ * {"connections", "connections_open": {"source", "destination"},
+ * "connections_waiting", "commands_per_second", "pace", "backing_off",
+ * "source_commands", "backoffs", "backoff_reason"}; null without a mover. */
+json_t *ms_gateway_mover_json(struct ms_gateway *gw);
+/* Changes the mover's caps while it runs (ms_mover_set_limits()):
+ * connections 0 and commands_per_second < 0 leave that one as it is. Kept
+ * until mailshiftd stops. Returns 0, or -1 with err filled. */
+int ms_gateway_set_limits(struct ms_gateway *gw, unsigned int connections,
+			  double commands_per_second, char *err, size_t errsz);
 
 #endif

@@ -49,6 +49,9 @@ struct ms_gw_config {
 	} domains[MS_GW_MAX_DOMAINS];
 	unsigned int ndomains;
 	unsigned int connections;
+	/* [source] commands_per_second: the mover's cap on the commands it
+	 * sends the source, all users together; 0: none */
+	unsigned int src_commands_per_second;
 	int mover_names;		/* enum ms_mover_names ([mover] names) */
 	/* Admin (master) logins per server, for the sweep and for resuming
 	 * copies after a restart; NULL = none (the captured login only). */

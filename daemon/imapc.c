@@ -30,6 +30,19 @@ struct cmd {
 	char name[24];		/* "UID FETCH", for error messages */
 	ms_imapc_cmd_cb *cb;
 	void *ctx;
+	/* with a pacer (pacer.h) */
+	uint64_t sent_ms;	/* 0: not sent yet (held by the pace) */
+	char *text;		/* the command without its tag, to send
+				   again after a busy refusal */
+	unsigned int tries;	/* sent again so far */
+};
+
+/* A command the pace holds back: sent when the pacer gives a token (and
+ * not before not_before: a refused command's back-off). */
+struct paced {
+	struct paced *next;
+	struct cmd *cmd;
+	uint64_t not_before;
 };
 
 /* Output held back until the server's continuation for a synchronising
@@ -83,6 +96,15 @@ struct ms_imapc {
 	struct held *held, *held_tail, *held_cur;
 	size_t held_bytes;
 	int waiting_cont;	/* synchronising literals awaiting "+" */
+
+	/* the pace (pacer.h) */
+	struct ms_pacer *pacer;
+	struct paced *paced, *paced_tail;
+	uv_timer_t *pace_timer;
+	uint64_t last_reply_ms;	/* a reply's latency counts from here at
+				   the earliest: pipelined commands wait
+				   for the ones before them */
+	int busy_refused;	/* the login was refused as busy */
 };
 
 static void fail(struct ms_imapc *c, const char *fmt, ...)
@@ -97,6 +119,11 @@ static char *xstrdup_or_null(const char *s)
 const char *ms_imapc_error(const struct ms_imapc *c)
 {
 	return c->error[0] != '\0' ? c->error : "unknown error";
+}
+
+int ms_imapc_busy_refused(const struct ms_imapc *c)
+{
+	return c->busy_refused;
 }
 
 int ms_imapc_failed(const struct ms_imapc *c)
@@ -219,6 +246,25 @@ int ms_imap_quote(char *buf, size_t bufsz, const char *s)
 
 /* ---- failure and teardown ---- */
 
+static void cmd_free(struct cmd *cmd)
+{
+	free(cmd->text);
+	free(cmd);
+}
+
+static void paced_drop(struct ms_imapc *c)
+{
+	while (c->paced != NULL) {
+		struct paced *pc = c->paced;
+
+		c->paced = pc->next;
+		free(pc);
+	}
+	c->paced_tail = NULL;
+	if (c->pace_timer != NULL)
+		uv_timer_stop(c->pace_timer);
+}
+
 static void fail_commands(struct ms_imapc *c)
 {
 	while (c->cmds != NULL) {
@@ -229,7 +275,7 @@ static void fail_commands(struct ms_imapc *c)
 			c->cmds_tail = NULL;
 		if (cmd->cb != NULL)
 			cmd->cb(c, NULL, cmd->ctx);
-		free(cmd);
+		cmd_free(cmd);
 	}
 }
 
@@ -252,6 +298,7 @@ static void fail(struct ms_imapc *c, const char *fmt, ...)
 	ms_secret_free(&c->password);
 	if (c->timer != NULL)
 		uv_timer_stop(c->timer);
+	paced_drop(c);
 	ms_conn_close(&c->conn);
 	ms_busy_enter(&c->busy);
 	if (old != ST_READY && c->ready != NULL) {
@@ -280,8 +327,11 @@ static void really_free(void *obj)
 		struct cmd *cmd = c->cmds;
 
 		c->cmds = cmd->next;
-		free(cmd);
+		cmd_free(cmd);
 	}
+	paced_drop(c);
+	if (c->pace_timer != NULL)
+		ms_close_free((uv_handle_t *)c->pace_timer, c->pace_timer);
 	if (c->timer != NULL)
 		ms_close_free((uv_handle_t *)c->timer, c->timer);
 	ms_secret_free(&c->password);
@@ -424,11 +474,189 @@ static struct cmd *cmd_push(struct ms_imapc *c, ms_imapc_cmd_cb *cb,
 	return cmd;
 }
 
+/* ---- the pace (pacer.h) ---- */
+
+static void write_cmd(struct ms_imapc *c, struct cmd *cmd, const char *text)
+{
+	char prefix[20];
+
+	snprintf(prefix, sizeof(prefix), "%s ", cmd->tag);
+	imapc_send(c, prefix, strlen(prefix));
+	imapc_send(c, text, strlen(text));
+	imapc_send(c, "\r\n", 2);
+	cmd->sent_ms = uv_now(c->loop);
+	if (c->timer != NULL)
+		uv_timer_again(c->timer);
+}
+
+/* Once per change of the shared pace, whichever connection sees it. */
+static void pace_log(struct ms_imapc *c)
+{
+	ms_pacer_log(c->pacer, c->host, c->port);
+}
+
+static void pace_arm(struct ms_imapc *c, uint64_t ms);
+
+/* Sends what the pace held back, oldest first, as tokens allow. */
+static void pace_flush(struct ms_imapc *c)
+{
+	while (c->paced != NULL && c->state != ST_FAILED) {
+		struct paced *pc = c->paced;
+		uint64_t now = uv_now(c->loop), wait = 0;
+
+		if (pc->not_before > now)
+			wait = pc->not_before - now;
+		else
+			wait = ms_pacer_take(c->pacer, now, 0);
+		pace_log(c);
+		if (wait > 0) {
+			pace_arm(c, wait);
+			return;
+		}
+		c->paced = pc->next;
+		if (c->paced == NULL)
+			c->paced_tail = NULL;
+		write_cmd(c, pc->cmd, pc->cmd->text);
+		free(pc);
+	}
+}
+
+static void on_pace_timer(uv_timer_t *t)
+{
+	struct ms_imapc *c = t->data;
+
+	ms_busy_enter(&c->busy);
+	pace_flush(c);
+	ms_busy_leave(&c->busy, really_free, c);
+}
+
+static void pace_arm(struct ms_imapc *c, uint64_t ms)
+{
+	if (c->pace_timer == NULL) {
+		c->pace_timer = malloc(sizeof(*c->pace_timer));
+		if (c->pace_timer == NULL) {
+			fail(c, "out of memory");
+			return;
+		}
+		uv_timer_init(c->loop, c->pace_timer);
+		c->pace_timer->data = c;
+	}
+	uv_timer_start(c->pace_timer, on_pace_timer, ms, 0);
+}
+
+/* Holds cmd back (at the head when first: a refused command sent again
+ * before the ones queued behind it). */
+static int pace_hold(struct ms_imapc *c, struct cmd *cmd, uint64_t not_before,
+		     int first)
+{
+	struct paced *pc = calloc(1, sizeof(*pc));
+
+	if (pc == NULL)
+		return -1;
+	pc->cmd = cmd;
+	pc->not_before = not_before;
+	if (first) {
+		pc->next = c->paced;
+		c->paced = pc;
+		if (c->paced_tail == NULL)
+			c->paced_tail = pc;
+	} else {
+		MS_LIST_APPEND(c->paced, c->paced_tail, pc);
+	}
+	pace_arm(c, 0);
+	return 0;
+}
+
+/* A command that cannot wait (an APPEND, a login: bytes follow it at
+ * once): what is held goes first, then it, the bucket going into debt. */
+static void pace_must(struct ms_imapc *c)
+{
+	uint64_t now = uv_now(c->loop);
+
+	if (c->pacer == NULL)
+		return;
+	while (c->paced != NULL && c->state != ST_FAILED) {
+		struct paced *pc = c->paced;
+
+		c->paced = pc->next;
+		ms_pacer_take(c->pacer, now, 1);
+		write_cmd(c, pc->cmd, pc->cmd->text);
+		free(pc);
+	}
+	c->paced_tail = NULL;
+	ms_pacer_take(c->pacer, now, 1);
+	pace_log(c);
+}
+
+/* Commands whose reply time says something about the server's load, not
+ * about the amount of mail asked for. */
+static int latency_counts(const struct cmd *cmd)
+{
+	static const char *const bulky[] = {
+		"FETCH", "APPEND", "SEARCH", "EXPUNGE", "COPY", "MOVE",
+		"STORE", "IDLE", "AUTHENTICATE", "LOGIN",
+	};
+
+	for (size_t i = 0; i < sizeof(bulky) / sizeof(bulky[0]); i++)
+		if (strstr(cmd->name, bulky[i]) != NULL)
+			return 0;
+	return 1;
+}
+
+/* A tagged reply, seen by the pace: its latency, a busy refusal. 1 when
+ * the command was held back to be sent again (its callback waits). */
+static int pace_reply(struct ms_imapc *c, struct cmd *cmd,
+		      const struct ms_imap_response *r)
+{
+	uint64_t now = uv_now(c->loop), from, delay;
+	char why[200], buf[160];
+
+	if (c->pacer == NULL || cmd->sent_ms == 0)
+		return 0;
+	from = cmd->sent_ms > c->last_reply_ms ? cmd->sent_ms : c->last_reply_ms;
+	c->last_reply_ms = now;
+	if (r->status == MS_STATUS_OK) {
+		if (c->state == ST_READY && latency_counts(cmd))
+			ms_pacer_latency(c->pacer, now, now - from);
+		pace_log(c);
+		return 0;
+	}
+	if (r->status != MS_STATUS_NO ||
+	    !ms_pacer_is_busy_reply(r->code, r->text))
+		return 0;
+	snprintf(why, sizeof(why), "%s: %s", cmd->name,
+		 ms_imapc_resp_summary(r, buf, sizeof(buf)));
+	ms_pacer_busy(c->pacer, now, why);
+	pace_log(c);
+	/* Sent again only when nothing else of ours is in flight: a command
+	 * sent after it may depend on it (a FETCH on a SELECT). */
+	delay = ms_pacer_retry_delay(cmd->tries + 1);
+	if (cmd->text == NULL || delay == 0)
+		return 0;
+	for (struct cmd *o = c->cmds; o != NULL; o = o->next)
+		if (o->sent_ms != 0)
+			return 0;
+	cmd->tries++;
+	cmd->sent_ms = 0;
+	snprintf(cmd->tag, sizeof(cmd->tag), "m%u", ++c->tag_seq);
+	cmd->next = c->cmds;
+	c->cmds = cmd;
+	if (c->cmds_tail == NULL)
+		c->cmds_tail = cmd;
+	if (pace_hold(c, cmd, now + delay, 1) < 0) {
+		fail(c, "out of memory");
+		return 1;
+	}
+	ms_info("%s:%u: %s sent again in %llu ms (retry %u of %u)", c->host,
+		c->port, cmd->name, (unsigned long long)delay, cmd->tries,
+		MS_PACER_RETRIES);
+	return 1;
+}
+
 static int send_cmd_text(struct ms_imapc *c, ms_imapc_cmd_cb *cb, void *ctx,
 			 const char *text)
 {
 	struct cmd *cmd;
-	char prefix[20];
 
 	if (c->state == ST_FAILED)
 		return -1;
@@ -437,10 +665,26 @@ static int send_cmd_text(struct ms_imapc *c, ms_imapc_cmd_cb *cb, void *ctx,
 		fail(c, "out of memory");
 		return -1;
 	}
-	snprintf(prefix, sizeof(prefix), "%s ", cmd->tag);
-	imapc_send(c, prefix, strlen(prefix));
-	imapc_send(c, text, strlen(text));
-	imapc_send(c, "\r\n", 2);
+	if (c->pacer == NULL) {
+		write_cmd(c, cmd, text);
+		return 0;
+	}
+	/* Kept: held back by the pace, or sent again after a refusal. */
+	cmd->text = strdup(text);
+	if (cmd->text == NULL) {
+		fail(c, "out of memory");
+		return -1;
+	}
+	if (c->paced != NULL ||
+	    ms_pacer_take(c->pacer, uv_now(c->loop), 0) != 0) {
+		if (pace_hold(c, cmd, 0, 0) < 0) {
+			fail(c, "out of memory");
+			return -1;
+		}
+		return 0;
+	}
+	pace_log(c);
+	write_cmd(c, cmd, text);
 	return 0;
 }
 
@@ -473,11 +717,13 @@ int ms_imapc_append_begin(struct ms_imapc *c, ms_imapc_cmd_cb *cb, void *ctx,
 		return -1;
 	if (ms_imap_quote(quoted, sizeof(quoted), mailbox) < 0)
 		return -1;
+	pace_must(c);
 	cmd = cmd_push(c, cb, ctx, "APPEND");
 	if (cmd == NULL)
 		return -1;
 	snprintf(line, sizeof(line), "%s APPEND %s", cmd->tag, quoted);
 	imapc_send(c, line, strlen(line));
+	cmd->sent_ms = uv_now(c->loop);
 	c->appending = 1;
 	return c->state == ST_FAILED ? -1 : 0;
 }
@@ -560,6 +806,15 @@ static int login_reply_ok(struct ms_imapc *c, const struct ms_imap_response *r,
 		return 0;
 	if (r->status == MS_STATUS_OK)
 		return 1;
+	c->busy_refused = ms_pacer_is_busy_reply(r->code, r->text);
+	if (c->busy_refused && c->pacer != NULL) {
+		char why[200];
+
+		snprintf(why, sizeof(why), "login refused: %s",
+			 ms_imapc_resp_summary(r, buf, sizeof(buf)));
+		ms_pacer_busy(c->pacer, uv_now(c->loop), why);
+		pace_log(c);
+	}
 	fail(c, "%s%s", what, ms_imapc_resp_summary(r, buf, sizeof(buf)));
 	return 0;
 }
@@ -635,6 +890,7 @@ static void start_login(struct ms_imapc *c)
 		fail(c, "login failed: the server disables LOGIN without TLS");
 		return;
 	}
+	pace_must(c);
 	plain = c->admin != NULL || c->mech == MS_AUTH_PLAIN ||
 		(c->mech == MS_AUTH_AUTO && ms_imapc_has_cap(c, "AUTH=PLAIN"));
 	if (plain) {
@@ -828,9 +1084,11 @@ static void handle_response(struct ms_imapc *c, const struct ms_imap_response *r
 		c->held_tail = NULL;
 		c->waiting_cont = 0;
 	}
+	if (pace_reply(c, cmd, r))
+		return;
 	if (cmd->cb != NULL)
 		cmd->cb(c, r, cmd->ctx);
-	free(cmd);
+	cmd_free(cmd);
 }
 
 static void on_read(struct ms_conn *conn, const char *data, size_t len)
@@ -974,6 +1232,7 @@ struct ms_imapc *ms_imapc_new(uv_loop_t *loop,
 	c->password = strdup(set->password != NULL ? set->password : "");
 	c->mech = set->mech;
 	c->timeout_secs = set->timeout_secs != 0 ? set->timeout_secs : 300;
+	c->pacer = set->pacer;
 	c->ready = ready;
 	c->ready_ctx = ctx;
 	pcb.ctx = c;

@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include "imap_parser.h"
 #include "net.h"
+#include "pacer.h"
 
 struct ms_imapc;
 
@@ -32,6 +33,11 @@ struct ms_imapc_settings {
 	const char *password;	/* user's, or admin's when admin is set */
 	enum ms_auth_mech mech;
 	unsigned int timeout_secs; /* no reply for this long: error; 0 = 300 */
+	/* The pace of the commands sent (pacer.h), shared with the other
+	 * connections to the server; NULL: none. A command it holds back is
+	 * sent later, in order; one the server refuses as busy is sent again
+	 * after a back-off when nothing else was in flight. */
+	struct ms_pacer *pacer;
 };
 
 /* Called once when the connection is logged in (error == NULL) or failed
@@ -72,6 +78,10 @@ int ms_imapc_has_cap(const struct ms_imapc *c, const char *cap);
 char ms_imapc_separator(const struct ms_imapc *c);
 const char *ms_imapc_error(const struct ms_imapc *c);
 int ms_imapc_failed(const struct ms_imapc *c);
+/* 1 when the login failed because the server was busy (a temporary
+ * refusal: [UNAVAILABLE], [LIMIT], [INUSE], throttling text): worth trying
+ * again later. */
+int ms_imapc_busy_refused(const struct ms_imapc *c);
 
 /* Sends "TAG <printf-formatted command>\r\n". Returns 0 or -1 (failed
  * connection: the callback is not called). */

@@ -152,17 +152,20 @@ void mv_u32vec_uniq(struct ms_u32vec *vec)
 
 /* 1: a slot is taken; 0: cb(ctx) is called when one frees; -1: out of
  * memory. */
-static int slot_acquire(struct server *s, void (*cb)(void *), void *ctx)
+static int slot_acquire(struct server *s, struct ujob *u, void (*cb)(void *),
+			void *ctx)
 {
 	struct waiter *wt;
 
-	if (s->active < s->cfg.max_conns) {
+	/* Behind those already waiting: first come, first served. */
+	if (s->active < s->cfg.max_conns && s->waiters == NULL) {
 		s->active++;
 		return 1;
 	}
 	wt = calloc(1, sizeof(*wt));
 	if (wt == NULL)
 		return -1;
+	wt->u = u;
 	wt->cb = cb;
 	wt->ctx = ctx;
 	MS_LIST_APPEND(s->waiters, s->waiters_tail, wt);
@@ -174,7 +177,7 @@ static int slot_acquire(struct server *s, void (*cb)(void *), void *ctx)
 void mv_slot_wait(struct ujob *u, struct server *s, void (*cb)(void *),
 		  void *ctx)
 {
-	int r = slot_acquire(s, cb, ctx);
+	int r = slot_acquire(s, u, cb, ctx);
 
 	if (r == 1)
 		cb(ctx);
@@ -201,20 +204,58 @@ static void slot_cancel(struct server *s, void *ctx)
 	}
 }
 
-static void slot_release(struct server *s)
+/* The first waiter gets a slot (taken for it already). */
+static void slot_grant(struct server *s)
 {
 	struct waiter *wt = s->waiters;
 
-	if (wt == NULL) {
-		s->active--;
-		return;
-	}
-	/* The slot passes straight to the first waiter. */
 	s->waiters = wt->next;
 	if (s->waiters == NULL)
 		s->waiters_tail = NULL;
 	wt->cb(wt->ctx);
 	free(wt);
+}
+
+static void slot_release(struct server *s)
+{
+	/* The slot passes straight to the first waiter, unless the cap was
+	 * lowered below what is open: then it is given back. */
+	if (s->waiters == NULL || s->active > s->cfg.max_conns) {
+		s->active--;
+		return;
+	}
+	slot_grant(s);
+}
+
+int ms_mover_src_slot_try(struct ms_mover *m, struct ms_pacer **pacer_r)
+{
+	struct server *s = &m->src;
+
+	if (s->active >= s->cfg.max_conns || s->waiters != NULL)
+		return 0;
+	s->active++;
+	*pacer_r = s->pacer;
+	return 1;
+}
+
+void ms_mover_src_slot_put(struct ms_mover *m)
+{
+	slot_release(&m->src);
+}
+
+/* The cap was raised: waiters get the new slots. */
+static void slot_grant_more(struct server *s)
+{
+	while (s->waiters != NULL && s->active < s->cfg.max_conns) {
+		s->active++;
+		slot_grant(s);
+	}
+}
+
+/* 1 when the next slot of the server goes to another user than u. */
+static int slot_wanted_elsewhere(const struct server *s, const struct ujob *u)
+{
+	return s->waiters != NULL && s->waiters->u != u;
 }
 
 /* ---- FETCH response parsing ---- */
@@ -600,49 +641,106 @@ static void on_retry_timer(uv_timer_t *t)
 	worker_start(u, rt->idx);
 }
 
-/* The connection of a worker went away in the middle of a folder: the
- * store has everything that was committed, so the folder is simply given
- * back and the worker reconnects after a pause. */
-static int folder_retry(struct worker *w, const char *error)
+/* The worker's connections are closed; it starts again after delay ms. */
+static int worker_restart_later(struct worker *w, uint64_t delay)
 {
 	struct ujob *u = w->u;
-	struct fjob *f = w->f;
-	struct retry_timer *rt;
+	struct retry_timer *rt = calloc(1, sizeof(*rt));
 
-	if (u->failed || f->retries >= MAX_RETRIES || !transient(error) ||
-	    u->m->src.cfg.proto != MS_PROTO_IMAP)
-		return -1;
-	rt = calloc(1, sizeof(*rt));
 	if (rt == NULL)
 		return -1;
-	f->retries++;
-	f->taken = 0;
-	ms_warn("%s: folder \"%s\": %s; reconnecting (retry %u of %u)",
-		u->name, f->rep.source, error, f->retries, MAX_RETRIES);
 	worker_close(w);
 	w->f = NULL;
 	rt->u = u;
 	rt->idx = w->idx;
 	uv_timer_init(u->m->loop, &rt->timer);
-	uv_timer_start(&rt->timer, on_retry_timer, RETRY_DELAY_MS, 0);
+	uv_timer_start(&rt->timer, on_retry_timer, delay, 0);
 	u->timers++;
+	return 0;
+}
+
+/* The connection of a worker went away in the middle of a folder, or a
+ * server refused one of its commands as busy (busy: the wait grows, see
+ * pacer.h; imapc.c sends such a command again itself only when nothing
+ * else was in flight): the store has everything that was committed, so the
+ * folder is simply given back and the worker reconnects after a pause. */
+static int folder_retry(struct worker *w, const char *error, int busy)
+{
+	struct ujob *u = w->u;
+	struct fjob *f = w->f;
+	uint64_t delay = busy ? ms_pacer_retry_delay(f->retries + 1) :
+		RETRY_DELAY_MS;
+
+	if (u->failed || f->retries >= MAX_RETRIES ||
+	    (!busy && !transient(error)) || delay == 0 ||
+	    u->m->src.cfg.proto != MS_PROTO_IMAP)
+		return -1;
+	ms_warn("%s: folder \"%s\": %s; reconnecting (retry %u of %u)",
+		u->name, f->rep.source, error, f->retries + 1, MAX_RETRIES);
+	if (worker_restart_later(w, delay) < 0)
+		return -1;
+	f->retries++;
+	f->taken = 0;
 	snprintf(u->conn_error, sizeof(u->conn_error), "folder \"%s\": %s",
 		 f->rep.source, error);
 	mv_job_schedule(u);
 	return 0;
 }
 
+/* A login the server refused as busy: the worker logs in again later,
+ * with a longer wait each time, a few times (pacer.h); 1 when it will. */
+static int login_retry(struct worker *w, struct ms_imapc *c,
+		       const char *error)
+{
+	struct ujob *u = w->u;
+	uint64_t delay = ms_pacer_retry_delay(u->login_tries + 1);
+
+	if (!ms_imapc_busy_refused(c) || delay == 0 || u->failed)
+		return 0;
+	ms_warn("%s: %s: %s; logging in again in %llu ms (retry %u of %u)",
+		u->name, mv_side_name(w, c), error, (unsigned long long)delay,
+		u->login_tries + 1, MS_PACER_RETRIES);
+	if (worker_restart_later(w, delay) < 0)
+		return 0;
+	u->login_tries++;
+	return 1;
+}
+
+/* An idle worker gives its connections back when the cap was lowered
+ * below what is open, or when another user waits for a slot and this one
+ * has another worker to go on with: one budget, shared by the users. */
+static int worker_surplus(const struct worker *w, unsigned int live)
+{
+	const struct ms_mover *m = w->u->m;
+
+	if (m->src.active > m->src.cfg.max_conns ||
+	    m->dst.active > m->dst.cfg.max_conns)
+		return 1;
+	return live > 1 && (slot_wanted_elsewhere(&m->src, w->u) ||
+			    slot_wanted_elsewhere(&m->dst, w->u));
+}
+
 /* Hands folders nobody has to idle workers, retires workers whose
- * connections died while they were idle, and fails the job when folders are
- * left that no worker (nor a pending reconnect) can take. */
+ * connections died while they were idle or that are surplus
+ * (worker_surplus()), and fails the job when folders are left that no
+ * worker (nor a pending reconnect) can take. */
 void mv_job_schedule(struct ujob *u)
 {
-	unsigned int live = u->timers, left = 0;
+	unsigned int live = u->timers, left = 0, nlive = 0;
+	int gave_back = -1;
 
 	if (u->failed || u->finished || u->planned != 1)
 		return;
+	for (unsigned int i = 0; i < u->nworkers; i++)
+		nlive += u->workers[i].state != W_DONE;
 	for (unsigned int i = 0; i < u->nworkers; i++) {
 		struct worker *w = &u->workers[i];
+
+		if (w->state == W_IDLE && worker_surplus(w, nlive)) {
+			worker_close(w);
+			nlive--;
+			gave_back = (int)i;
+		}
 
 		if (w->state == W_IDLE && (ms_imapc_failed(w->s) ||
 					   ms_imapc_failed(w->d))) {
@@ -661,6 +759,12 @@ void mv_job_schedule(struct ujob *u)
 	}
 	for (unsigned int i = 0; i < u->nfolders; i++)
 		left += u->folders[i].selected_by_plan && !u->folders[i].taken;
+	if (left > 0 && live == 0 && gave_back >= 0) {
+		/* its last connections went back to a lowered cap: it waits
+		 * for a slot again, behind the others */
+		worker_start(u, (unsigned int)gave_back);
+		return;
+	}
 	if (left > 0 && live == 0)
 		mv_job_fail(u, "%s", u->conn_error[0] != '\0' ? u->conn_error :
 			    "no connection left to copy with");
@@ -675,8 +779,15 @@ void mv_folder_fail(struct worker *w, const char *cmd,
 	char name[1024];
 
 	if (r == NULL && c != NULL && ms_imapc_failed(c) &&
-	    folder_retry(w, ms_imapc_error(c)) == 0)
+	    folder_retry(w, ms_imapc_error(c), 0) == 0)
 		return;
+	if (r != NULL && r->status == MS_STATUS_NO &&
+	    ms_pacer_is_busy_reply(r->code, r->text)) {
+		snprintf(buf, sizeof(buf), "%s: %s", cmd,
+			 ms_imapc_resp_summary(r, name, sizeof(name)));
+		if (folder_retry(w, buf, 1) == 0)
+			return;
+	}
 	mv_to_utf8(name, sizeof(name), w->f->src, 0);
 	if (r == NULL)
 		mv_job_fail(w->u, "folder \"%s\": %s", name,
@@ -759,6 +870,8 @@ static void on_worker_ready(struct ms_imapc *c, const char *error, void *ctx)
 	if (error != NULL) {
 		snprintf(u->conn_error, sizeof(u->conn_error), "%s: %s",
 			 mv_side_name(w, c), error);
+		if (login_retry(w, c, error))
+			return;
 		if (u->planned != 1) {
 			mv_job_fail(u, "%s", u->conn_error);
 			return;
@@ -802,6 +915,7 @@ struct ms_imapc_settings mv_server_settings(const struct server *s,
 		.admin = s->cfg.admin,
 		.password = pw,
 		.mech = s->cfg.mech,
+		.pacer = s->pacer,
 	};
 }
 
@@ -1202,6 +1316,9 @@ struct ms_mover *ms_mover_new(uv_loop_t *loop, struct ms_store *store,
 	m->verify_content = opts != NULL && opts->verify_content;
 	m->caller_flips = opts != NULL && opts->caller_flips;
 	m->names = opts != NULL ? opts->names : MS_NAMES_SOURCE;
+	ms_pacer_init(&m->src_pace, opts != NULL ? opts->commands_per_second :
+		      0, uv_now(loop));
+	m->src.pacer = &m->src_pace;
 	if (opts != NULL && opts->doveadm != NULL &&
 	    opts->doveadm->key != NULL) {
 		m->doveadm = *opts->doveadm;
@@ -1236,6 +1353,51 @@ void ms_mover_progress(const struct ms_mover *m, struct ms_progress *p)
 	p->msgs_done = m->msgs_done;
 	p->bytes_done = m->bytes_done;
 	p->seconds = (double)(now_ms() - m->start_ms) / 1000.0;
+}
+
+void ms_mover_pace(struct ms_mover *m, struct ms_mover_pace *p)
+{
+	/* The pace recovers with time, commands sent or not. */
+	ms_pacer_tick(&m->src_pace, uv_now(m->loop));
+	ms_pacer_log(&m->src_pace, m->src.cfg.host, m->src.cfg.port);
+	memset(p, 0, sizeof(*p));
+	p->connections = m->src.cfg.max_conns;
+	p->src_open = m->src.active;
+	p->dst_open = m->dst.active;
+	for (const struct server *s = &m->src; s != NULL;
+	     s = s == &m->src ? &m->dst : NULL)
+		for (const struct waiter *wt = s->waiters; wt != NULL;
+		     wt = wt->next)
+			p->waiting++;
+	p->commands_per_second = m->src_pace.rate;
+	p->pace = ms_pacer_rate(&m->src_pace);
+	p->backing_off = m->src_pace.level > 0;
+	p->commands = m->src_pace.commands;
+	p->backoffs = m->src_pace.backoffs;
+	p->reason = m->src_pace.reason;
+}
+
+void ms_mover_set_limits(struct ms_mover *m, unsigned int connections,
+			 double commands_per_second)
+{
+	if (connections > 0) {
+		ms_info("mover: connections per server: %u (were %u)",
+			connections, m->src.cfg.max_conns);
+		m->src.cfg.max_conns = m->dst.cfg.max_conns = connections;
+		slot_grant_more(&m->src);
+		slot_grant_more(&m->dst);
+	}
+	if (commands_per_second >= 0) {
+		ms_pacer_set_rate(&m->src_pace, commands_per_second,
+				  uv_now(m->loop));
+		m->src_pace.logged = m->src_pace.changes;
+		if (commands_per_second > 0)
+			ms_info("mover: commands per second to the source: "
+				"%.1f", commands_per_second);
+		else
+			ms_info("mover: commands per second to the source: "
+				"no cap");
+	}
 }
 
 void ms_mover_free(struct ms_mover **mp)

@@ -45,6 +45,9 @@ struct ms_mover_opts {
 					   as it is: the caller's own write is
 					   the flip (the gateway) */
 	enum ms_mover_names names;	/* default: the source's */
+	/* Commands per second to the source, all users and connections
+	 * together (docs/mover.md, "Protecting the source"); 0: no cap. */
+	double commands_per_second;
 };
 
 struct ms_folder_report {
@@ -152,6 +155,35 @@ int ms_mover_add_rollback(struct ms_mover *m, const char *user,
 			  const char *src_password, const char *dst_password,
 			  ms_mover_done_cb *done, void *ctx);
 void ms_mover_progress(const struct ms_mover *m, struct ms_progress *p);
+
+/* The caps that protect the source, and how the mover stands with them. */
+struct ms_mover_pace {
+	unsigned int connections;	/* the cap, per server */
+	unsigned int src_open, dst_open;	/* connection slots taken */
+	unsigned int waiting;		/* connections waiting for a slot */
+	double commands_per_second;	/* the cap; 0: none */
+	double pace;			/* in force (the cap, or lower while
+					   backing off); 0: none */
+	int backing_off;		/* the source said it is busy, or
+					   answered slowly: the pace is lower
+					   until it recovers */
+	uint64_t commands, backoffs;	/* to the source, all told */
+	const char *reason;		/* the last back-off's cause, "" */
+};
+
+void ms_mover_pace(struct ms_mover *m, struct ms_mover_pace *p);
+/* Changes the caps while copies run (connections: 0 = as it is;
+ * commands_per_second < 0 = as it is, 0 = none). More connections are
+ * used at once; surplus ones are given back as their folder finishes,
+ * never in the middle of a command. */
+void ms_mover_set_limits(struct ms_mover *m, unsigned int connections,
+			 double commands_per_second);
+/* Someone else's connection to the source (mailshiftd's survey) under the
+ * mover's budget and pace: 1 and *pacer_r (the source's pace, for
+ * ms_imapc_settings.pacer) when a slot is free and no copy waits for one;
+ * 0 when not. A slot taken goes back with ms_mover_src_slot_put(). */
+int ms_mover_src_slot_try(struct ms_mover *m, struct ms_pacer **pacer_r);
+void ms_mover_src_slot_put(struct ms_mover *m);
 void ms_mover_free(struct ms_mover **m);
 
 #endif

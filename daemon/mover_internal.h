@@ -34,15 +34,18 @@ struct ujob;
 
 struct waiter {
 	struct waiter *next;
+	struct ujob *u;			/* whose */
 	void (*cb)(void *ctx);
 	void *ctx;
 };
 
 struct server {
-	struct ms_server_cfg cfg;
+	struct ms_server_cfg cfg;	/* cfg.max_conns: the slots, changed
+					   by ms_mover_set_limits() */
 	char *password;
 	unsigned int active;
 	struct waiter *waiters, *waiters_tail;
+	struct ms_pacer *pacer;		/* the source's pace; NULL: none */
 };
 
 struct ms_mover {
@@ -57,6 +60,7 @@ struct ms_mover {
 	int identity;			/* a doveadm API to keep folders'
 					   UIDVALIDITY and UIDs with */
 	struct ms_doveadm_cfg doveadm;	/* its key: doveadm_key */
+	struct ms_pacer src_pace;	/* commands to the source (pacer.h) */
 	char *doveadm_key;
 	struct ujob *jobs;
 	unsigned int users, users_done;
@@ -322,6 +326,8 @@ struct ujob {
 	struct fjob *folders;
 	unsigned int nfolders, capfolders, folders_done;
 	unsigned int timers;		/* retry timers pending */
+	unsigned int login_tries;	/* logins tried again after the server
+					   refused them as busy */
 	char conn_error[400];		/* the last lost or failed connection */
 	struct dfolder *dfolders;
 	unsigned int ndfolders, capdfolders;

@@ -3,7 +3,9 @@
  * every folder, STATUS each one for MESSAGES and, where the server offers
  * STATUS=SIZE (RFC 8438), SIZE; without it GETQUOTAROOT INBOX's STORAGE
  * where QUOTA is offered; LOGOUT. Read-only: STATUS selects nothing, so
- * no flag or \Recent changes. One connection at a time. */
+ * no flag or \Recent changes. One connection at a time, and that one
+ * under the mover's connection budget and pace: the survey never adds a
+ * connection or a command over the caps that protect the source. */
 #include "survey.h"
 
 #include <stdio.h>
@@ -26,7 +28,9 @@ struct ms_survey {
 	struct ms_store *store;
 	struct ms_server_cfg src;
 	uv_timer_t *timer;
-	struct ms_imapc *c;		/* the user being surveyed, or NULL */
+	struct ms_mover *mover;		/* lends a slot and the pace; or NULL */
+	struct ms_imapc *c;		/* the user being surveyed, or NULL;
+					   it holds a slot of the mover's */
 	char user[256];
 	char **folders;			/* LIST's selectable folders */
 	unsigned int nfolders, capfolders;
@@ -46,12 +50,22 @@ static void folders_free(struct ms_survey *sv)
 	sv->nfolders = sv->capfolders = 0;
 }
 
+/* The connection gone, its slot back to the mover. */
+static void survey_close(struct ms_survey *sv)
+{
+	if (sv->c == NULL)
+		return;
+	ms_imapc_free(&sv->c);
+	if (sv->mover != NULL)
+		ms_mover_src_slot_put(sv->mover);
+}
+
 static void on_logout(struct ms_imapc *c, const struct ms_imap_response *r,
 		      void *ctx)
 {
 	struct ms_survey *sv = ctx;
 
-	ms_imapc_free(&sv->c);
+	survey_close(sv);
 }
 
 /* The user's row: what the source said, or "failed" (not tried again
@@ -87,7 +101,7 @@ static void finish(struct ms_survey *sv, const char *error)
 	/* The next user waits for the connection to be gone. */
 	if (error != NULL || sv->c == NULL ||
 	    ms_imapc_cmd(sv->c, on_logout, sv, "LOGOUT") < 0)
-		ms_imapc_free(&sv->c);
+		survey_close(sv);
 }
 
 /* a + b, at most SURVEY_MAX_COUNT (a is never above it) */
@@ -224,6 +238,7 @@ static void on_tick(uv_timer_t *t)
 {
 	struct ms_survey *sv = t->data;
 	struct ms_imapc_settings set;
+	struct ms_pacer *pacer = NULL;
 	char *login;
 	int found = 0;
 
@@ -235,9 +250,13 @@ static void on_tick(uv_timer_t *t)
 		       ms_store_error(sv->store));
 		return;
 	}
-	if (!found || (login = ms_server_login_name(&sv->src, sv->user)) ==
-	    NULL)
+	if (!found)
 		return;
+	/* a copy waiting for a connection goes first: try at the next tick */
+	if (sv->mover != NULL && !ms_mover_src_slot_try(sv->mover, &pacer))
+		return;
+	if ((login = ms_server_login_name(&sv->src, sv->user)) == NULL)
+		goto give_back;
 	sv->msgs = sv->bytes = 0;
 	sv->quota_kb = -1;
 	sv->sized = sv->pending = 0;
@@ -247,14 +266,20 @@ static void on_tick(uv_timer_t *t)
 		.tls = ms_server_tls(&sv->src), .user = login,
 		.admin = sv->src.admin, .password = sv->src.password,
 		.mech = sv->src.mech, .timeout_secs = SURVEY_TIMEOUT_S,
+		.pacer = pacer,
 	};
 	sv->c = ms_imapc_new(sv->loop, &set, on_ready, sv);
 	free(login);
+	if (sv->c != NULL)
+		return;
+give_back:
+	if (sv->mover != NULL)
+		ms_mover_src_slot_put(sv->mover);
 }
 
 struct ms_survey *ms_survey_new(uv_loop_t *loop, struct ms_store *store,
 				const struct ms_server_cfg *src,
-				unsigned int per_minute)
+				unsigned int per_minute, struct ms_mover *mover)
 {
 	struct ms_survey *sv = calloc(1, sizeof(*sv));
 	uint64_t every = 60000 / (per_minute > 0 ? per_minute : 1);
@@ -265,6 +290,7 @@ struct ms_survey *ms_survey_new(uv_loop_t *loop, struct ms_store *store,
 	}
 	sv->loop = loop;
 	sv->store = store;
+	sv->mover = mover;
 	sv->src = *src;
 	uv_timer_init(loop, sv->timer);
 	sv->timer->data = sv;
@@ -279,7 +305,7 @@ void ms_survey_free(struct ms_survey **svp)
 	if (sv == NULL)
 		return;
 	*svp = NULL;
-	ms_imapc_free(&sv->c);
+	survey_close(sv);
 	folders_free(sv);
 	ms_close_free((uv_handle_t *)sv->timer, sv->timer);
 	free(sv);

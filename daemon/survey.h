@@ -8,16 +8,20 @@
 #include <uv.h>
 
 #include "server.h"
+#include "mover.h"
 #include "store.h"
 
 struct ms_survey;
 
 /* Starts surveying: one user each 60 / per_minute seconds. src is the
  * source's IMAP server with its admin login (admin and password set);
- * its strings must outlive the survey. NULL when out of memory. */
+ * its strings must outlive the survey. mover, when not NULL, lends its
+ * connection to the source (a slot of its budget, taken only when no copy
+ * waits for one) and its pace; it must outlive the survey. NULL when out
+ * of memory. */
 struct ms_survey *ms_survey_new(uv_loop_t *loop, struct ms_store *store,
 				const struct ms_server_cfg *src,
-				unsigned int per_minute);
+				unsigned int per_minute, struct ms_mover *mover);
 void ms_survey_free(struct ms_survey **sv);
 
 #endif

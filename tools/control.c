@@ -269,6 +269,31 @@ static void print_site(json_t *site)
 	putchar('\n');
 }
 
+/* The mover's caps and the back-off (ms_gateway_mover_json()). */
+static void print_mover(json_t *rep)
+{
+	json_t *m = json_object_get(rep, "mover");
+	json_t *open = json_object_get(m, "connections_open");
+	double cap = json_real_value(json_object_get(m, "commands_per_second"));
+	double pace = json_real_value(json_object_get(m, "pace"));
+
+	if (!json_is_object(m))
+		return;
+	printf("mover: %lld connections per server (open: source %lld, "
+	       "destination %lld; %lld waiting)\n", jint(m, "connections"),
+	       jint(open, "source"), jint(open, "destination"),
+	       jint(m, "connections_waiting"));
+	if (cap > 0)
+		printf("  commands per second to the source: %.1f", cap);
+	else
+		printf("  commands per second to the source: no cap");
+	if (json_is_true(json_object_get(m, "backing_off")))
+		printf("; backing off: %.1f now (%s)", pace,
+		       jstr(m, "backoff_reason"));
+	printf("\n  commands sent to the source: %lld, back-offs: %lld\n",
+	       jint(m, "source_commands"), jint(m, "backoffs"));
+}
+
 static void print_status(json_t *rep)
 {
 	json_t *st = json_object_get(rep, "states");
@@ -322,6 +347,7 @@ static void print_status(json_t *rep)
 		       json_is_true(json_object_get(r, "forced")) ?
 		       " (forced over a failed check)" : "");
 	}
+	print_mover(rep);
 }
 
 static void print_user_row(json_t *u)
@@ -546,6 +572,35 @@ static void print_policy(json_t *rep)
 		       "  [set with mailshiftctl]" : "");
 }
 
+/* policy --connections N and/or --commands-per-second N: the mover's
+ * caps, changed while it runs. 2 when the words are not that. */
+static int policy_limits(struct copts *o, int argc, char *argv[])
+{
+	json_t *req = json_pack("{s:s}", "cmd", "policy.limits");
+
+	for (int i = 1; i < argc; i += 2) {
+		const char *key = !strcmp(argv[i], "--connections") ?
+			"connections" : !strcmp(argv[i], "--commands-per-second") ?
+			"commands_per_second" : NULL;
+		char *end;
+		long long n;
+
+		if (key == NULL || i + 1 >= argc) {
+			json_decref(req);
+			return 2;
+		}
+		n = strtoll(argv[i + 1], &end, 10);
+		if (end == argv[i + 1] || *end != '\0') {
+			fprintf(stderr, "%s: %s: \"%s\" is not a number\n", prog,
+				argv[i], argv[i + 1]);
+			json_decref(req);
+			return 1;
+		}
+		json_object_set_new(req, key, json_integer(n));
+	}
+	return finish(o, request(o, req), print_mover);
+}
+
 /* mailshiftctl policy: shows the default and per-domain policies;
  * policy --default P and policy --domain D P change them at run time (kept
  * in the store; "config": back to the config file's); policy USER P sets
@@ -571,7 +626,13 @@ int policy_main(int argc, char *argv[])
 							argv[2] + 1 : argv[2],
 							"policy", argv[3])),
 			      print_policy);
-	if (argc == 3 && argv[1][0] != '-')
+	if (argc >= 3 && (!strcmp(argv[1], "--connections") ||
+			  !strcmp(argv[1], "--commands-per-second"))) {
+		int r = policy_limits(&o, argc, argv);
+
+		if (r != 2)
+			return r;
+	} else if (argc == 3 && argv[1][0] != '-')
 		/* A user not in the map yet is added with that policy. */
 		return finish(&o, request(&o, json_pack("{s:s, s:s, s:s}", "cmd",
 							"user.add", "user",
@@ -581,8 +642,9 @@ int policy_main(int argc, char *argv[])
 	fprintf(stderr, "Usage: %s policy [--json]\n"
 		"       %s policy --default passthrough|hold|off|config\n"
 		"       %s policy --domain DOMAIN passthrough|hold|off|config\n"
-		"       %s policy USER passthrough|hold|off|default\n", prog, prog,
-		prog, prog);
+		"       %s policy USER passthrough|hold|off|default\n"
+		"       %s policy [--connections N] [--commands-per-second N]\n",
+		prog, prog, prog, prog, prog);
 	return 2;
 }
 

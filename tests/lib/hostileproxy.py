@@ -235,6 +235,8 @@ class _Conn:
 # ------------------------------------------------------------------ proxy
 
 class HostileImapProxy:
+    conn_class = _Conn      # a subclass's own state per connection
+
     def __init__(self, target_port, user, kind, trigger='body-fetch', nth=1,
                  target_host='127.0.0.1'):
         if kind not in KINDS:
@@ -317,7 +319,7 @@ class HostileImapProxy:
                 continue
             s.settimeout(None)
             c.settimeout(None)
-            conn = _Conn(self, c, s)
+            conn = self.conn_class(self, c, s)
             with self._lock:
                 self.connections += 1
                 self._socks.update((c, s))

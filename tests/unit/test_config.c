@@ -156,6 +156,15 @@ static void dconfig_numbers(void **state)
 	assert_int_equal(c.gw.hold_max_seconds, 0);
 	assert_int_equal(c.gw.connections, 64);
 	assert_int_equal(c.gw.sweep_interval, 86400);
+	/* [source] commands_per_second: none by default, 0 to 100000 */
+	assert_int_equal(c.gw.src_commands_per_second, 0);
+	expect_conf(LISTEN "[source]\ncommands_per_second = 100000\n", NULL, &c);
+	assert_int_equal(c.gw.src_commands_per_second, 100000);
+	expect_conf(LISTEN "[source]\ncommands_per_second = 100001\n",
+		    ":4: commands_per_second", NULL);
+	expect_conf(LISTEN "[destination]\ncommands_per_second = 5\n",
+		    ":4: unknown key \"commands_per_second\" in [destination]",
+		    NULL);
 	expect_conf(LISTEN "[policy]\nhold_max_seconds = -1\n",
 		    ":4: hold_max_seconds: \"-1\" is not a whole number from 0 "
 		    "to 86400", NULL);

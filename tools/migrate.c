@@ -46,6 +46,7 @@ struct opts {
 	const char *exclude[MAX_PATTERNS + 1];
 	unsigned int ninclude, nexclude;
 	unsigned int connections;
+	unsigned int commands_per_second;	/* to the source; 0: no cap */
 	unsigned int batch;
 	int json;
 	int progress;		/* -1 = auto */
@@ -104,6 +105,8 @@ static void usage(FILE *f)
 "      --include GLOB            only folders matching GLOB ('/' separates levels)\n"
 "      --exclude GLOB            skip folders matching GLOB\n"
 "      --connections N           connections per server (default 4)\n"
+"      --commands-per-second N   at most N commands a second to the source, all\n"
+"                                 users together (default: no cap)\n"
 "      --batch N                 messages per APPEND batch (default 100)\n"
 "      --names source|destination  folder names the copies take: the source's\n"
 "                                 (default), or the destination's special-use\n"
@@ -219,8 +222,19 @@ static int on_config(void *ctx, const char *section, const char *key,
 {
 	struct opts *o = ctx;
 
-	if (!strcmp(section, "source"))
+	if (!strcmp(section, "source")) {
+		/* the pace that protects the source (docs/mover.md) */
+		if (!strcmp(key, "commands_per_second")) {
+			if (ms_parse_uint(value, 0, 100000,
+					  &o->commands_per_second) == 0)
+				return 0;
+			snprintf(err, errsz, "commands_per_second: \"%.40s\" "
+				 "is not a whole number from 0 to 100000",
+				 value);
+			return -1;
+		}
 		return side_key(&o->src, key, value, err, errsz);
+	}
 	if (!strcmp(section, "destination"))
 		return side_key(&o->dst, key, value, err, errsz);
 	if (!strcmp(section, "store")) {
@@ -635,7 +649,7 @@ enum {
 	OPT_STORE, OPT_INCLUDE, OPT_EXCLUDE, OPT_CONNS, OPT_BATCH, OPT_JSON,
 	OPT_PROGRESS, OPT_NOPROGRESS, OPT_ROLLBACK, OPT_VERIFY_ONLY,
 	OPT_VERIFY_CONTENT, OPT_DDOVEADM, OPT_DDOVEADM_KEY,
-	OPT_NAMES,
+	OPT_NAMES, OPT_CPS,
 };
 
 static const struct option longopts[] = {
@@ -660,6 +674,7 @@ static const struct option longopts[] = {
 	{ "connections", required_argument, NULL, OPT_CONNS },
 	{ "batch", required_argument, NULL, OPT_BATCH },
 	{ "names", required_argument, NULL, OPT_NAMES },
+	{ "commands-per-second", required_argument, NULL, OPT_CPS },
 	{ "json", no_argument, NULL, OPT_JSON },
 	{ "progress", no_argument, NULL, OPT_PROGRESS },
 	{ "no-progress", no_argument, NULL, OPT_NOPROGRESS },
@@ -744,6 +759,11 @@ int migrate_main(int argc, char *argv[])
 					&cli.connections) < 0)
 				return 2;
 			break;
+		case OPT_CPS:
+			if (parse_count(optarg, "--commands-per-second", 100000,
+					&cli.commands_per_second) < 0)
+				return 2;
+			break;
 		case OPT_BATCH:
 			if (parse_count(optarg, "--batch", 10000, &cli.batch) < 0)
 				return 2;
@@ -788,6 +808,7 @@ int migrate_main(int argc, char *argv[])
 	OVERRIDE(src.ca_file); OVERRIDE(dst.ca_file);
 	OVERRIDE(src.insecure); OVERRIDE(dst.insecure);
 	OVERRIDE(store); OVERRIDE(connections); OVERRIDE(batch);
+	OVERRIDE(commands_per_second);
 	OVERRIDE(json); OVERRIDE(verbose); OVERRIDE(rollback);
 	OVERRIDE(verify_only); OVERRIDE(verify_content); OVERRIDE(names);
 #undef OVERRIDE
@@ -853,6 +874,7 @@ int migrate_main(int argc, char *argv[])
 	mopts.include = o.ninclude > 0 ? o.include : NULL;
 	mopts.exclude = o.nexclude > 0 ? o.exclude : NULL;
 	mopts.batch = o.batch;
+	mopts.commands_per_second = o.commands_per_second;
 	mopts.verify_only = o.verify_only;
 	mopts.verify_content = o.verify_content;
 	if (o.names != 0)

@@ -19,7 +19,8 @@ import mailcheck as mc
 import tcpproxy
 import throttleproxy
 import gateway as gwlib
-from conftest import MASTER, Pair, dst_server, src_server, stop_all, wait_for
+from conftest import (MASTER, Migrator, Pair, dst_server, src_server,
+                      stop_all, wait_for)
 from test_gateway_ops import admin_conf
 
 USERS = ['pace%d' % i for i in range(8)]
@@ -197,6 +198,37 @@ def test_pace_and_connection_caps_hold(site, make_site_gw):
     assert m['source_commands'] >= len(times) - SLACK, (m, len(times))
     r = g.ctl('status')
     assert 'commands per second to the source: 15.0' in r.stdout, r.stdout
+
+
+def test_migrate_commands_per_second(site, ctl, workdir):
+    """The standalone `mailshiftctl migrate --commands-per-second`: the
+    eight users copied in one run through the master user, 3 connections
+    per server, 15 commands a second to the source: no 2 s holds more
+    than the cap lets through, the copy took as long as the cap makes it,
+    and every user is on the destination, whole."""
+    rate = 15
+    m = Migrator(ctl, site, os.path.join(workdir, 'cps.db'))
+    src = tcpproxy.Behind(site.src, site.sproxy).url('imap')
+    dst = tcpproxy.Behind(site.dst, site.dproxy).url('imap')
+    res = m.run(USERS, '--source-admin', MASTER[0], '--dest-admin',
+                MASTER[0], '--connections', '3', '--commands-per-second',
+                str(rate), src_password=MASTER[1], dst_password=MASTER[1],
+                source=src, dest=dst, timeout=300)
+    assert res.rc == 0, res.describe()
+    for u in USERS:
+        site.assert_copied(u)
+    times = user_commands(site.sproxy)
+    bound = cap_bound(rate)
+    assert len(times) > 3 * bound, 'harness: %d commands only' % len(times)
+    worst = max_in_window(times, 2.0)
+    print('%d commands in %.1f s, at most %d in 2 s (bound %d)'
+          % (len(times), times[-1] - times[0], worst, bound))
+    assert worst <= bound, (worst, bound)
+    assert times[-1] - times[0] >= (len(times) - rate - SLACK) / rate
+    assert site.sproxy.max_logged <= 3, site.sproxy.max_logged
+    r = m.run(USERS[:1], '--commands-per-second', 'fast',
+              src_password=False, dst_password=False, source=src, dest=dst)
+    assert r.rc == 2 and '--commands-per-second' in r.stderr, r.describe()
 
 
 def test_policy_changes_caps_mid_sweep(site, make_site_gw):

@@ -358,7 +358,12 @@ clean:
 		.Module.symvers.cmd .modules.order.cmd
 	rm -rf build
 
-.PHONY: all asan hooks fuzz-build deps unit integration check-asan check-fuzz fuzz \
+# What a program built on daemon/libms.a links with (the kernel test's
+# helpers use it rather than keep a list of their own).
+print-libs:
+	@echo $(shell pkg-config --cflags $(PKGS) 2>/dev/null) $(LDLIBS)
+
+.PHONY: print-libs all asan hooks fuzz-build deps unit integration check-asan check-fuzz fuzz \
 	check-lane \
 	kmod kmod-check kmod-clean check demo demo-router bench bench-gateway bench-restart \
 	bench-stall install uninstall clean

@@ -412,6 +412,31 @@ static int retire_key(struct ms_dconfig *c, const char *key,
 	return ms_retire_key(&c->retire, key, value, err, errsz);
 }
 
+/* [gateway]: the name the jobs it takes carry, and their lease. */
+static int gateway_key(struct ms_dconfig *c, const char *key,
+		       const char *value, char *err, size_t errsz)
+{
+	if (!strcmp(key, "name")) {
+		if (*value == '\0' || ms_user_name_check(value) != NULL) {
+			snprintf(err, errsz, "name: not empty, no control "
+				 "characters");
+			return -1;
+		}
+		return set_buf(c->gw.gw_name, sizeof(c->gw.gw_name), key,
+			       value, err, errsz);
+	}
+	if (!strcmp(key, "lease")) {
+		if (ms_parse_duration(value, &c->gw.job_lease) < 0 ||
+		    c->gw.job_lease < 2 || c->gw.job_lease > 3600) {
+			snprintf(err, errsz, "lease: \"%.40s\" is not a "
+				 "duration from 2s to 1h", value);
+			return -1;
+		}
+		return 0;
+	}
+	return unknown(key, "gateway", err, errsz);
+}
+
 static int on_key(void *ctx, const char *section, const char *key,
 		  const char *value, char *err, size_t errsz)
 {
@@ -426,7 +451,7 @@ static int on_key(void *ctx, const char *section, const char *key,
 		{ "sweep", sweep_key }, { "metrics", metrics_key },
 		{ "mover", mover_key }, { "steer", steer_key },
 		{ "takeover", takeover_key },
-		{ "retire", retire_key },
+		{ "retire", retire_key }, { "gateway", gateway_key },
 	};
 
 	for (size_t i = 0; i < sizeof(sections) / sizeof(sections[0]); i++)
@@ -445,6 +470,8 @@ static void defaults(struct ms_dconfig *c)
 	c->gw.hold_max_seconds = 60;
 	c->gw.flip_quiet = 5;
 	c->gw.connections = 4;
+	c->gw.job_lease = 60;
+	snprintf(c->gw.gw_name, sizeof(c->gw.gw_name), "%s", ms_host_name());
 	ms_steer_defaults(&c->steer);
 	ms_takeover_defaults(&c->takeover);
 	ms_retire_defaults(&c->retire);

@@ -86,6 +86,10 @@ struct ms_gw_config {
 	struct ms_cidr trusted[MS_GW_MAX_TRUSTED];
 	unsigned int ntrusted;
 	int trusted_set;		/* 0: the default, loopback */
+	/* [gateway]: this gateway's name among those sharing one store
+	 * (the owner of the jobs it takes), and the lease of a job. */
+	char gw_name[128];
+	unsigned int job_lease;		/* seconds */
 };
 
 #define MS_GW_MAX_CONNS 20000

@@ -181,6 +181,10 @@ struct guser {
 	int flip_now;			/* the operator moves the user: no
 					   quiet period */
 	struct ms_gateway *gw;
+	int job_held;			/* this gateway holds the user's job
+					   (its lease, in the store) */
+	int lease_lost;			/* another gateway took the job: this
+					   one writes nothing for the user */
 };
 
 #define ADDR_BUCKETS 1024	/* per-address counts (gw_admit.c) */
@@ -228,6 +232,9 @@ struct ms_gateway {
 	json_t *policy_set;		/* {scope: policy} from the store */
 	struct ms_survey *survey;	/* the source's mailbox sizes */
 	struct ms_eta eta;		/* recent copies, for the site's ETA */
+	uv_timer_t *lease_timer;	/* renews the leases of the jobs held */
+	int lease_failing;		/* the last renewal failed (said
+					   once) */
 };
 
 /* A reply to the client (nothing once the client is gone). */

@@ -134,14 +134,113 @@ static void log_state(struct ms_gateway *gw, const char *name,
 	ms_info("%s: state %s", name, ms_user_state_names[state]);
 }
 
+/* ---- jobs and leases (docs/design.md, "Jobs and leases") ---- */
+
+static unsigned int lease_ms(const struct ms_gateway *gw)
+{
+	return gw->cfg.job_lease * 1000;
+}
+
+/* The user's job for this gateway: 0 when it holds it now, -1 when
+ * another gateway does (or the store failed). */
+static int job_hold(struct ms_gateway *gw, struct guser *gu,
+		    const char *kind)
+{
+	int taken;
+
+	if (gu->job_held)
+		return 0;
+	if (ms_store_job_take(gw->store, gu->name, kind, gw->cfg.gw_name,
+			      lease_ms(gw), &taken) < 0) {
+		ms_log(MS_LOG_ERROR, "%s: store: %s", gu->name,
+		       ms_store_error(gw->store));
+		return -1;
+	}
+	if (!taken) {
+		ms_info("%s: its job runs on another gateway", gu->name);
+		return -1;
+	}
+	gu->job_held = 1;
+	gu->lease_lost = 0;
+	return 0;
+}
+
+/* Another gateway took the user's job (this one's lease expired): the
+ * copy here stops, and nothing more is written for the user. */
+static void lease_lost(struct ms_gateway *gw, struct guser *gu)
+{
+	ms_warn("%s: lease lost: another gateway has the user's job; the "
+		"copy here stops", gu->name);
+	gu->job_held = 0;
+	gu->lease_lost = 1;
+	gu->flip_pending = 0;
+	gu->cutover = 0;
+	gu->rollback = 0;
+	gu->force = 0;
+	gu->flip_now = 0;
+	if (gu->quiet != NULL)
+		uv_timer_stop(gu->quiet);
+	if (gu->grace != NULL) {
+		ms_close_free((uv_handle_t *)gu->grace, gu->grace);
+		gu->grace = NULL;
+	}
+	if (gu->copying && gw->mover != NULL)
+		ms_mover_cancel(gw->mover, gu->name, "lease lost to another "
+				"gateway");
+	gw->user_sessions->release_held(gw, gu);
+}
+
+/* The user's state written with the job: a final state (destination,
+ * failed, source) ends it, any other renews it, in one transaction, and
+ * only while this gateway still holds it. 1: the job was lost. */
+static int job_state(struct ms_gateway *gw, struct guser *gu, int64_t id,
+		     enum ms_user_state state, const char *error)
+{
+	int final = state == MS_USER_DESTINATION || state == MS_USER_FAILED ||
+		    state == MS_USER_SOURCE;
+	int held = 0, r;
+
+	if (ms_store_begin(gw->store) < 0)
+		return -1;
+	r = final ? ms_store_job_end(gw->store, id, gw->cfg.gw_name,
+				     state == MS_USER_FAILED ? "failed" :
+				     "done", error, &held) :
+		    ms_store_job_renew(gw->store, gu->name, gw->cfg.gw_name,
+				       lease_ms(gw), &held);
+	if (r == 0 && !held)
+		r = 1;
+	if (r == 0)
+		r = ms_store_user_set_state(gw->store, id,
+					    ms_user_state_names[state], error);
+	if (r != 0) {
+		ms_store_rollback(gw->store);
+		return r;
+	}
+	if (ms_store_commit(gw->store) < 0)
+		return -1;
+	if (final)
+		gu->job_held = 0;
+	return 0;
+}
+
 static int store_state(struct ms_gateway *gw, const char *name,
 		       enum ms_user_state state, const char *error)
 {
+	struct guser *gu = gw_user_find(gw, name);
 	int64_t id;
+	int r = 0;
 
+	if (gu != NULL && gu->lease_lost)
+		return -1;
 	if (ms_store_user_get(gw->store, name, &id) < 0 ||
-	    ms_store_user_set_state(gw->store, id, ms_user_state_names[state],
-				    error) < 0) {
+	    (gu != NULL && gu->job_held ?
+	     (r = job_state(gw, gu, id, state, error)) != 0 :
+	     ms_store_user_set_state(gw->store, id, ms_user_state_names[state],
+				     error) < 0)) {
+		if (r == 1) {
+			lease_lost(gw, gu);
+			return -1;
+		}
 		ms_log(MS_LOG_ERROR, "%s: store: %s", name,
 		       ms_store_error(gw->store));
 		return -1;
@@ -149,6 +248,23 @@ static int store_state(struct ms_gateway *gw, const char *name,
 	/* backend = kmod: the kernel resets what is left behind. */
 	ms_steer_user_state(name, state);
 	return 0;
+}
+
+/* The job ends without a state of the user's written (nothing to copy
+ * here now): any gateway may take it again. */
+static void job_release(struct ms_gateway *gw, struct guser *gu)
+{
+	int64_t id;
+	int held;
+
+	if (!gu->job_held)
+		return;
+	gu->job_held = 0;
+	if (ms_store_user_get(gw->store, gu->name, &id) < 0 ||
+	    ms_store_job_end(gw->store, id, gw->cfg.gw_name, "done", NULL,
+			     &held) < 0)
+		ms_log(MS_LOG_ERROR, "%s: store: %s", gu->name,
+		       ms_store_error(gw->store));
 }
 
 static void set_state(struct ms_gateway *gw, const char *name,
@@ -256,6 +372,12 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 
 	if (gu == NULL)
 		return;
+	if (gu->lease_lost) {
+		/* stopped: the user is another gateway's now */
+		ms_secret_free(&gu->pw);
+		held_release(gw, gu);
+		return;
+	}
 	/* A copy's own time, for the site's ETA (a last delta is part of
 	 * a move measured already). */
 	if (rep->ok && !gu->cutover)
@@ -326,6 +448,10 @@ static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
 {
 	if (gu->copying || gw->mover == NULL ||
 	    (gu->pw == NULL && !gw_have_admin(gw)))
+		return;
+	/* A first login's copy too: never at once with another gateway's
+	 * job for the user. */
+	if (job_hold(gw, gu, "login") < 0)
 		return;
 	gu->copying = 1;
 	copies_start(gw);
@@ -644,6 +770,9 @@ int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 			   "admin) or a login of the user since the start";
 		return -1;
 	}
+	if (!gu->copying && !gu->flip_pending &&
+	    job_hold(gw, gu, "migrate") < 0)
+		return 0;	/* moved by the gateway that has its job */
 	gu->force = 1;
 	if (gu->flip_pending) {
 		gu->force = 0;
@@ -673,7 +802,9 @@ static int rollback_flip(struct ms_gateway *gw, const char *name)
 	if (ms_store_user_get(gw->store, name, &id) < 0 ||
 	    ms_store_begin(gw->store) < 0)
 		return -1;
-	if (ms_store_user_set_policy(gw->store, id, "off") < 0 ||
+	if (job_state(gw, gw_user_find(gw, name), id, MS_USER_SOURCE,
+		      NULL) != 0 ||
+	    ms_store_user_set_policy(gw->store, id, "off") < 0 ||
 	    ms_store_user_set_state(gw->store, id,
 				    ms_user_state_names[MS_USER_SOURCE],
 				    NULL) < 0 ||
@@ -695,6 +826,10 @@ static void on_rollback_done(const struct ms_user_report *rep, void *ctx)
 		return;
 	gu->cutover = 0;
 	gu->rollback = 0;
+	if (gu->lease_lost) {
+		held_release(gw, gu);
+		return;
+	}
 	if (rep->ok) {
 		ms_info("%s: rolled back: %llu messages copied to the source, "
 			"%llu flag changes, %llu expunged; policy off", gu->name,
@@ -765,6 +900,10 @@ int ms_gateway_rollback(struct ms_gateway *gw, const char *user,
 	}
 	if (gu->copying || gu->cutover) {
 		*error_r = "a copy runs for the user";
+		return -1;
+	}
+	if (job_hold(gw, gu, "rollback") < 0) {
+		*error_r = "a job of the user runs on another gateway";
 		return -1;
 	}
 	/* As a cutover the other way: logins held, sessions ended, mail
@@ -848,42 +987,76 @@ json_t *ms_gateway_site(struct ms_gateway *gw)
 	return ms_eta_json(&gw->eta, &w.t);
 }
 
-/* ---- after a restart, and the sweep ---- */
+/* ---- after a restart, the sweep, and jobs taken over ---- */
+
+/* A job this gateway has just taken (a resumed one, one claimed from the
+ * queue, or one whose owner's lease expired): the user's state tells what
+ * is left to do. why: said when the copy starts. */
+static void job_start(struct ms_gateway *gw, struct guser *gu,
+		      const char *why)
+{
+	struct ms_user_info info;
+
+	if (user_lookup(gw, gu->name, &info) < 0) {
+		job_release(gw, gu);
+		return;
+	}
+	/* A rollback a crash interrupted: the destination still holds all
+	 * the mail; the user stays there and the operator runs it again. */
+	if (ms_user_in(&info, MS_USER_CUTOVER) &&
+	    !strcmp(info.last_error, ROLLBACK_MARK)) {
+		set_state(gw, gu->name, MS_USER_DESTINATION, "rollback "
+			  "interrupted: run mailshiftctl rollback again");
+		return;
+	}
+	/* A cutover a crash interrupted: nobody is held any more, and the
+	 * last delta has to run again. Back to copying. */
+	if (ms_user_in(&info, MS_USER_CUTOVER)) {
+		set_state(gw, gu->name, MS_USER_COPYING,
+			  "interrupted cutover, resumed");
+		snprintf(info.state, sizeof(info.state), "%s",
+			 ms_user_state_names[MS_USER_COPYING]);
+	}
+	if (gu->copying || gu->flip_pending)
+		return;			/* at work here already */
+	/* With admin logins the copy goes on now (else at the user's next
+	 * login); it flips once verified, through a cutover if anything
+	 * reached the source meanwhile. A user with a session here and no
+	 * copy (a policy's) is left to its logins. */
+	if ((!ms_user_in(&info, MS_USER_SOURCE) &&
+	     !ms_user_in(&info, MS_USER_COPYING)) || gw->mover == NULL ||
+	    !gw_have_admin(gw) || user_policy(gw, &info) == MS_POLICY_OFF ||
+	    gu->sessions > 0) {
+		job_release(gw, gu);
+		return;
+	}
+	if (why != NULL) {
+		ms_info("%s: %s", gu->name, why);
+		/* Copying already (before the restart): the resumed copy's
+		 * start is no change to log again. */
+		gu->logged_state = MS_USER_COPYING + 1;
+	}
+	set_state(gw, gu->name, MS_USER_COPYING, NULL);
+	user_copy_start(gw, gu);
+	if (!gu->copying)
+		job_release(gw, gu);
+}
 
 static int recover_one(void *ctx, const struct ms_user_info *u)
 {
 	struct ms_gateway *gw = ctx;
 	struct guser *gu;
 
-	/* A rollback a crash interrupted: the destination still holds all
-	 * the mail; the user stays there and the operator runs it again. */
-	if (ms_user_in(u, MS_USER_CUTOVER) &&
-	    !strcmp(u->last_error, ROLLBACK_MARK)) {
-		set_state(gw, u->name, MS_USER_DESTINATION, "rollback "
-			  "interrupted: run mailshiftctl rollback again");
+	if (!ms_user_in(u, MS_USER_CUTOVER) && !ms_user_in(u, MS_USER_COPYING))
 		return 0;
-	}
-	/* A cutover a crash interrupted: nobody is held any more, and the
-	 * last delta has to run again. Back to copying. */
-	if (ms_user_in(u, MS_USER_CUTOVER))
-		set_state(gw, u->name, MS_USER_COPYING,
-			  "interrupted cutover, resumed");
-	else if (!ms_user_in(u, MS_USER_COPYING))
-		return 0;
-	/* With admin logins the copy goes on now (else at the user's next
-	 * login, or the sweep's turn); it flips once verified, through a
-	 * cutover if anything reached the source meanwhile. */
-	if (gw->mover != NULL && gw_have_admin(gw) &&
-	    user_policy(gw, u) != MS_POLICY_OFF &&
-	    (gu = gw_user_get(gw, u->name)) != NULL) {
+	if ((gu = gw_user_get(gw, u->name)) != NULL)
 		gu->resume = 1;
-		/* Copying already (said above, or before the restart): the
-		 * resumed copy's start is no change to log again. */
-		gu->logged_state = MS_USER_COPYING + 1;
-	}
 	return 0;
 }
 
+/* Copies and cutovers a crash interrupted: those whose job this gateway
+ * can take (its own from before the crash, or nobody's); another
+ * gateway's running job is left to it. */
 static void gw_recover(struct ms_gateway *gw)
 {
 	if (ms_store_user_foreach(gw->store, recover_one, gw) < 0)
@@ -892,41 +1065,38 @@ static void gw_recover(struct ms_gateway *gw)
 		for (struct guser *gu = gw->users[i]; gu != NULL; gu = gu->next)
 			if (gu->resume) {
 				gu->resume = 0;
-				ms_info("%s: resuming the interrupted copy",
-					gu->name);
-				user_copy_start(gw, gu);
+				if (job_hold(gw, gu, "resume") == 0)
+					job_start(gw, gu, "resuming the "
+						  "interrupted copy");
 			}
 }
 
-struct sweep_ctx {
+struct claim_ctx {
 	struct ms_gateway *gw;
-	unsigned int want;
+	int sweep;			/* queued jobs are claimed too */
+	unsigned int claimed;		/* by the last claim */
 };
 
-static int sweep_one(void *ctx, const struct ms_user_info *u)
+static void on_claim(void *ctx, const char *user, const char *kind,
+		     const char *was_state, const char *was_owner)
 {
-	struct sweep_ctx *sc = ctx;
-	struct ms_gateway *gw = sc->gw;
-	struct guser *gu;
+	struct claim_ctx *cc = ctx;
+	struct ms_gateway *gw = cc->gw;
+	struct guser *gu = gw_user_get(gw, user);
+	int expired = !strcmp(was_state, "running");
 
-	if (sc->want == 0 || uv_now(gw->loop) < gw->sweep_next_ms)
-		return 1;
-	if ((!ms_user_in(u, MS_USER_SOURCE) &&
-	     !ms_user_in(u, MS_USER_COPYING)) ||
-	    user_policy(gw, u) == MS_POLICY_OFF)
-		return 0;
-	gu = gw_user_get(gw, u->name);
-	if (gu == NULL || gu->copying || gu->flip_pending || gu->sessions > 0)
-		return 0;
-	set_state(gw, gu->name, MS_USER_COPYING, NULL);
-	user_copy_start(gw, gu);
-	if (gu->copying) {
-		sc->want--;
-		if (gw->cfg.sweep_rate > 0)
-			gw->sweep_next_ms = uv_now(gw->loop) +
-				3600000ULL / gw->cfg.sweep_rate;
-	}
-	return 0;
+	cc->claimed++;
+	if (gu == NULL)
+		return;
+	gu->job_held = 1;
+	gu->lease_lost = 0;
+	if (expired)
+		ms_info("%s: the lease of gateway %s on its job (%s) expired: "
+			"taken over", user, was_owner, kind);
+	job_start(gw, gu, expired ? "resuming the interrupted copy" : NULL);
+	if (gu->copying && !expired && gw->cfg.sweep_rate > 0)
+		gw->sweep_next_ms = uv_now(gw->loop) +
+			3600000ULL / gw->cfg.sweep_rate;
 }
 
 static int in_window(const struct ms_gateway *gw)
@@ -944,28 +1114,100 @@ static int in_window(const struct ms_gateway *gw)
 	return min >= gw->cfg.sweep_from || min < gw->cfg.sweep_to;
 }
 
-/* Moves users who never log in, a few at a time, inside the window. */
+/* Each interval: the jobs whose owner's lease expired are taken over;
+ * with the sweep on and inside its window, users who never log in are
+ * queued as jobs and a few taken, a few at a time (the queue is the
+ * store's, shared by every gateway on it). */
 static void gw_on_sweep(uv_timer_t *t)
 {
 	struct ms_gateway *gw = t->data;
 	unsigned int conc = gw->cfg.sweep_concurrency ?
 		gw->cfg.sweep_concurrency : 1;
-	struct sweep_ctx sc = { .gw = gw };
+	struct claim_ctx cc = { .gw = gw };
+	unsigned int want;
 	int outside = !in_window(gw);
 
 	/* Said once each way: an operator wondering why nobody moves. */
-	if (outside != gw->sweep_outside)
+	if (gw->cfg.sweep && outside != gw->sweep_outside)
 		ms_info("sweep: %s its window %02d:%02d-%02d:%02d",
 			outside ? "outside" : "inside", gw->cfg.sweep_from / 60,
 			gw->cfg.sweep_from % 60, gw->cfg.sweep_to / 60,
 			gw->cfg.sweep_to % 60);
 	gw->sweep_outside = outside;
-	if (outside || gw->copies >= conc)
+	if (gw->copies >= conc)
 		return;
-	sc.want = conc - gw->copies;
-	gw->sweeps++;
-	if (ms_store_user_foreach(gw->store, sweep_one, &sc) < 0)
-		ms_log(MS_LOG_ERROR, "sweep: store: %s", ms_store_error(gw->store));
+	want = conc - gw->copies;
+	if (gw->cfg.sweep && !outside)
+		gw->sweeps++;
+	cc.sweep = gw->cfg.sweep && !outside &&
+		   uv_now(gw->loop) >= gw->sweep_next_ms;
+	if (cc.sweep) {
+		if (gw->cfg.sweep_rate > 0)
+			want = 1;
+		if (ms_store_job_enqueue(gw->store) < 0)
+			ms_log(MS_LOG_ERROR, "sweep: store: %s",
+			       ms_store_error(gw->store));
+	}
+	/* Claimed jobs with nothing to copy here (a policy off, a user
+	 * logged in) are let go: claim on past them. */
+	do {
+		cc.claimed = 0;
+		if (ms_store_job_claim(gw->store, gw->cfg.gw_name,
+				       lease_ms(gw), want, cc.sweep, on_claim,
+				       &cc) < 0) {
+			ms_log(MS_LOG_ERROR, "jobs: store: %s",
+			       ms_store_error(gw->store));
+			return;
+		}
+		if (gw->copies >= conc || (gw->cfg.sweep_rate > 0 &&
+					   uv_now(gw->loop) <
+					   gw->sweep_next_ms))
+			return;
+		want = conc - gw->copies;
+	} while (cc.claimed > 0);
+}
+
+/* The leases of the jobs this gateway holds, renewed at a third of their
+ * time: one found taken is lost (the gateway stalled past it). */
+static void on_lease_timer(uv_timer_t *t)
+{
+	struct ms_gateway *gw = t->data;
+
+	for (unsigned int i = 0; i < USER_BUCKETS; i++) {
+		for (struct guser *gu = gw->users[i]; gu != NULL;
+		     gu = gu->next) {
+			int held;
+
+			if (!gu->job_held)
+				continue;
+			if (ms_store_job_renew(gw->store, gu->name,
+					       gw->cfg.gw_name, lease_ms(gw),
+					       &held) < 0) {
+				if (!gw->lease_failing)
+					ms_log(MS_LOG_ERROR, "jobs: cannot "
+					       "renew a lease: %s",
+					       ms_store_error(gw->store));
+				gw->lease_failing = 1;
+				return;
+			}
+			gw->lease_failing = 0;
+			if (!held)
+				lease_lost(gw, gu);
+		}
+	}
+}
+
+static uv_timer_t *timer_new(struct ms_gateway *gw, uv_timer_cb cb,
+			     uint64_t first, uint64_t every)
+{
+	uv_timer_t *t = malloc(sizeof(*t));
+
+	if (t == NULL)
+		return NULL;
+	uv_timer_init(gw->loop, t);
+	t->data = gw;
+	uv_timer_start(t, cb, first, every);
+	return t;
 }
 
 /* ---- start and stop ---- */
@@ -978,21 +1220,18 @@ void gw_lifecycle_start(struct ms_gateway *gw,
 	const struct ms_gw_config *cfg = &gw->cfg;
 
 	gw->user_sessions = sessions;
+	gw->lease_timer = timer_new(gw, on_lease_timer, lease_ms(gw) / 3,
+				    lease_ms(gw) / 3);
 	gw_recover(gw);
-	if (cfg->sweep && gw->mover != NULL && gw_have_admin(gw)) {
-		gw->sweep_timer = malloc(sizeof(*gw->sweep_timer));
-		if (gw->sweep_timer != NULL) {
-			uv_timer_init(gw->loop, gw->sweep_timer);
-			gw->sweep_timer->data = gw;
-			uv_timer_start(gw->sweep_timer, gw_on_sweep, 1000,
-				       MS_TEST_TIME((cfg->sweep_interval ?
-						     cfg->sweep_interval :
-						     10) * 1000ULL));
-		}
-	} else if (cfg->sweep) {
+	/* The jobs' timer: the sweep, and jobs other gateways left behind. */
+	if (gw->mover != NULL && gw_have_admin(gw))
+		gw->sweep_timer = timer_new(gw, gw_on_sweep, 1000,
+					    MS_TEST_TIME((cfg->sweep_interval ?
+							  cfg->sweep_interval :
+							  10) * 1000ULL));
+	else if (cfg->sweep)
 		ms_warn("[sweep] needs admin logins for both servers "
 			"([source] admin, [destination] admin): sweep off");
-	}
 }
 
 /* At stop: the sweep's timer, the users kept in memory (their captured
@@ -1001,6 +1240,8 @@ void gw_lifecycle_free(struct ms_gateway *gw)
 {
 	if (gw->sweep_timer != NULL)
 		ms_close_free((uv_handle_t *)gw->sweep_timer, gw->sweep_timer);
+	if (gw->lease_timer != NULL)
+		ms_close_free((uv_handle_t *)gw->lease_timer, gw->lease_timer);
 	for (unsigned int i = 0; i < USER_BUCKETS; i++) {
 		while (gw->users[i] != NULL) {
 			struct guser *gu = gw->users[i];

@@ -1429,3 +1429,17 @@ void ms_mover_free(struct ms_mover **mp)
 	free(m->exclude);
 	free(m);
 }
+
+int ms_mover_cancel(struct ms_mover *m, const char *user, const char *why)
+{
+	for (struct ujob *u = m->jobs; u != NULL; u = u->next) {
+		if (strcmp(u->name, user) != 0 || u->finished || u->failed)
+			continue;
+		/* job_report writes no state for a job without a user id:
+		 * the user is another process's now */
+		u->user_id = 0;
+		mv_job_fail(u, "%s", why);
+		return 0;
+	}
+	return -1;
+}

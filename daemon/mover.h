@@ -184,6 +184,11 @@ void ms_mover_set_limits(struct ms_mover *m, unsigned int connections,
  * 0 when not. A slot taken goes back with ms_mover_src_slot_put(). */
 int ms_mover_src_slot_try(struct ms_mover *m, struct ms_pacer **pacer_r);
 void ms_mover_src_slot_put(struct ms_mover *m);
+/* Stops the user's running job now (the gateway lost the user's job to
+ * another): its report is a failure with why, and the user's state in the
+ * store is left as it is; what was committed stays for whoever resumes
+ * the copy. -1 when no job of the user runs. */
+int ms_mover_cancel(struct ms_mover *m, const char *user, const char *why);
 void ms_mover_free(struct ms_mover **m);
 
 #endif

@@ -21,12 +21,13 @@
  * retire); 5: + folder_identity (whether a destination folder kept the
  * source's UIDVALIDITY and UIDs); 6: + user_sizes (the survey of the
  * source's mailbox sizes, for the site's ETA); 7: + folder_src_next (the
- * source's UIDNEXT at a folder's last copy, for the gateway's IMAP view).
+ * source's UIDNEXT at a folder's last copy, for the gateway's IMAP view);
+ * 8: + jobs (a user's copy as shared work: owner gateway, lease).
  * Every CREATE is IF NOT EXISTS, so the schema text upgrades an older
  * store. The meta table
  * (which migration the store belongs to) is made when first needed, see
  * claim(). */
-#define SCHEMA_VERSION 7
+#define SCHEMA_VERSION 8
 /* ms_store_msg_foreach reads this many records at a time (see there) */
 #define FOREACH_PAGE 128
 #define FLAGS_SIZE sizeof(((struct ms_msg_rec *)0)->flags)
@@ -132,7 +133,19 @@
 	"CREATE TABLE IF NOT EXISTS folder_src_next (" \
 	" folder_id " INT " PRIMARY KEY REFERENCES folders(id)" \
 	" ON DELETE CASCADE," \
-	" uidnext " INT " NOT NULL);"
+	" uidnext " INT " NOT NULL);" \
+	/* A user's copy as a job any gateway may take (docs/design.md, \
+	 * "Jobs and leases"): state queued, running (owner's until \
+	 * lease_until, ms on the database's clock), done or failed. */ \
+	"CREATE TABLE IF NOT EXISTS jobs (" \
+	" user_id " INT " PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE," \
+	" kind " TEXT " NOT NULL," \
+	" state " TEXT " NOT NULL," \
+	" owner " TEXT " NOT NULL DEFAULT ''," \
+	" lease_until " INT " NOT NULL DEFAULT 0," \
+	" attempts " INT " NOT NULL DEFAULT 0," \
+	" last_error " TEXT " NOT NULL DEFAULT ''," \
+	" updated_at " INT ");"
 
 static const char schema_sqlite[] =
 	SCHEMA("INTEGER PRIMARY KEY", "INTEGER", "TEXT", " WITHOUT ROWID");
@@ -1614,6 +1627,8 @@ static const struct copy_table {
 	{ "retirements", "id, at, uid, forced, record", 5, 1 },
 	{ "user_sizes", "user_id, messages, bytes, how, at", 5, 0 },
 	{ "folder_src_next", "folder_id, uidnext", 2, 0 },
+	{ "jobs", "user_id, kind, state, owner, lease_until, attempts, "
+	  "last_error, updated_at", 8, 0 },
 	{ "meta", "key, value", 2, 0 },
 };
 #define NCOPY (sizeof(copy_tables) / sizeof(copy_tables[0]))
@@ -1850,5 +1865,231 @@ int ms_store_src_next_get(struct ms_store *store, int64_t folder_id,
 				"src_next_get", &v);
 
 	*uidnext_r = (uint32_t)v;
+	return ret;
+}
+
+/* ---- jobs: a user's copy as work any gateway may take (docs/design.md,
+ * "Jobs and leases") ----
+ * The lease is counted on the database's clock, in ms, so that gateways
+ * whose clocks differ still agree on when one has expired. A job is taken
+ * by a conditional UPDATE of its row (one row lock, held for the short
+ * transaction); the sweep's claim walks the queue with FOR UPDATE SKIP
+ * LOCKED on PostgreSQL, so that two gateways claiming at once each get
+ * other users and neither waits. SQLite has one writer: a plain
+ * transaction is the lock. */
+
+#define NOW_SQLITE "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+#define NOW_PG "CAST(extract(epoch FROM clock_timestamp()) * 1000 AS BIGINT)"
+
+/* sql with every %s the engine's "now" (ms), prepared for one call. */
+static int job_prepare(struct ms_store *s, const char *fmt,
+		       struct db_stmt **st, const char *what)
+{
+	const char *now = s->drv->sqlite_dialect ? NOW_SQLITE : NOW_PG;
+	char sql[1024];
+
+	snprintf(sql, sizeof(sql), fmt, now, now, now);
+	return prepare(s, sql, st, what);
+}
+
+/* The user's job row, made (state done) when missing. */
+static int job_row(struct ms_store *s, int64_t user_id)
+{
+	struct db_stmt *st;
+
+	if (job_prepare(s, "INSERT INTO jobs (user_id, kind, state,"
+			" updated_at) VALUES (?1, '', 'done', %s)"
+			" ON CONFLICT DO NOTHING", &st, "job") < 0)
+		return -1;
+	db_bind_int64(st, 1, user_id);
+	return run_once(s, st, "job");
+}
+
+int ms_store_job_take(struct ms_store *store, const char *user,
+		      const char *kind, const char *owner,
+		      unsigned int lease_ms, int *taken_r)
+{
+	struct db_stmt *st;
+	int64_t id;
+	int ret;
+
+	*taken_r = 0;
+	if (ms_store_user_get(store, user, &id) < 0 ||
+	    ms_store_begin(store) < 0)
+		return -1;
+	ret = job_row(store, id);
+	if (ret == 0)
+		ret = job_prepare(store, "UPDATE jobs SET kind = ?2,"
+				  " state = 'running', owner = ?3,"
+				  " lease_until = %s + ?4,"
+				  " attempts = attempts + 1, updated_at = %s"
+				  " WHERE user_id = ?1 AND (state != 'running'"
+				  " OR owner = ?3 OR lease_until < %s)", &st,
+				  "job_take");
+	if (ret == 0) {
+		db_bind_int64(st, 1, id);
+		db_bind_text(st, 2, kind);
+		db_bind_text(st, 3, owner);
+		db_bind_int64(st, 4, lease_ms);
+		ret = run_once(store, st, "job_take");
+		*taken_r = ret == 0 && db_changes(store->db) > 0;
+	}
+	return finish(store, ret);
+}
+
+/* run_once() of an UPDATE of the owner's row: *held_r, whether it was. */
+static int run_held(struct ms_store *s, struct db_stmt *st, const char *what,
+		    int *held_r)
+{
+	if (run_once(s, st, what) < 0)
+		return -1;
+	*held_r = db_changes(s->db) > 0;
+	return 0;
+}
+
+int ms_store_job_renew(struct ms_store *store, const char *user,
+		       const char *owner, unsigned int lease_ms, int *held_r)
+{
+	struct db_stmt *st;
+
+	*held_r = 0;
+	if (job_prepare(store, "UPDATE jobs SET lease_until = %s + ?3"
+			" WHERE user_id = (SELECT id FROM users WHERE"
+			" name = ?1) AND owner = ?2 AND state = 'running'",
+			&st, "job_renew") < 0)
+		return -1;
+	db_bind_text(st, 1, user);
+	db_bind_text(st, 2, owner);
+	db_bind_int64(st, 3, lease_ms);
+	return run_held(store, st, "job_renew", held_r);
+}
+
+int ms_store_job_end(struct ms_store *store, int64_t user_id,
+		     const char *owner, const char *state, const char *error,
+		     int *held_r)
+{
+	struct db_stmt *st;
+
+	*held_r = 0;
+	if (job_prepare(store, "UPDATE jobs SET state = ?3,"
+			" last_error = coalesce(?4, ''), lease_until = 0,"
+			" updated_at = %s WHERE user_id = ?1 AND owner = ?2"
+			" AND state = 'running'", &st, "job_end") < 0)
+		return -1;
+	db_bind_int64(st, 1, user_id);
+	db_bind_text(st, 2, owner);
+	db_bind_text(st, 3, state);
+	db_bind_text(st, 4, error);
+	return run_held(store, st, "job_end", held_r);
+}
+
+int ms_store_job_enqueue(struct ms_store *store)
+{
+	struct db_stmt *st;
+	int ret;
+
+	if (ms_store_begin(store) < 0)
+		return -1;
+	/* Users still to move with no job yet, and those whose last job
+	 * ended without moving them (released, or a failure the operator
+	 * has put back since). */
+	ret = job_prepare(store, "INSERT INTO jobs (user_id, kind, state,"
+			  " updated_at) SELECT id, 'sweep', 'queued', %s"
+			  " FROM users WHERE state IN ('source', 'copying')"
+			  " AND coalesce(policy, '') != 'off' AND id NOT IN"
+			  " (SELECT user_id FROM jobs) ON CONFLICT DO NOTHING",
+			  &st, "job_enqueue");
+	if (ret == 0)
+		ret = run_once(store, st, "job_enqueue");
+	if (ret == 0)
+		ret = job_prepare(store, "UPDATE jobs SET kind = 'sweep',"
+				  " state = 'queued', updated_at = %s"
+				  " WHERE state IN ('done', 'failed') AND"
+				  " user_id IN (SELECT id FROM users WHERE"
+				  " state IN ('source', 'copying') AND"
+				  " coalesce(policy, '') != 'off')", &st,
+				  "job_enqueue");
+	if (ret == 0)
+		ret = run_once(store, st, "job_enqueue");
+	return finish(store, ret);
+}
+
+struct job_claimed {
+	int64_t id;
+	char name[256], kind[16], owner[128], state[16];
+};
+
+/* The claimable rows, locked (PostgreSQL: those no other claim holds). */
+static int claim_select(struct ms_store *s, unsigned int max, int queued,
+			struct job_claimed *out, unsigned int *n_r)
+{
+	struct db_stmt *st;
+	char fmt[768];
+	int rc;
+
+	*n_r = 0;
+	snprintf(fmt, sizeof(fmt), "SELECT j.user_id, u.name, j.kind,"
+		 " j.owner, j.state FROM jobs j JOIN users u ON u.id ="
+		 " j.user_id WHERE (j.state = 'running' AND j.lease_until <"
+		 " %%s)%s ORDER BY u.name LIMIT ?1%s",
+		 queued ? " OR j.state = 'queued'" : "",
+		 s->drv->sqlite_dialect ? "" : " FOR UPDATE OF j SKIP LOCKED");
+	if (job_prepare(s, fmt, &st, "job_claim") < 0)
+		return -1;
+	db_bind_int64(st, 1, max);
+	while ((rc = db_step(st)) == DB_ROW && *n_r < max) {
+		struct job_claimed *c = &out[*n_r];
+
+		c->id = db_column_int64(st, 0);
+		if (copy_text(s, st, 1, c->name, sizeof(c->name), "name") ||
+		    copy_text(s, st, 2, c->kind, sizeof(c->kind), "kind") ||
+		    copy_text(s, st, 3, c->owner, sizeof(c->owner), "owner") ||
+		    copy_text(s, st, 4, c->state, sizeof(c->state), "state")) {
+			db_finalize(st);
+			return -1;
+		}
+		(*n_r)++;
+	}
+	db_finalize(st);
+	if (rc != DB_ROW && rc != DB_DONE)
+		return db_error(s, "job_claim");
+	return 0;
+}
+
+int ms_store_job_claim(struct ms_store *store, const char *owner,
+		       unsigned int lease_ms, unsigned int max, int queued,
+		       ms_store_job_cb *cb, void *ctx)
+{
+	struct job_claimed *c;
+	struct db_stmt *st;
+	unsigned int n = 0, i;
+	int ret;
+
+	if (max == 0)
+		return 0;
+	if ((c = calloc(max, sizeof(*c))) == NULL)
+		return set_error(store, "out of memory");
+	if (ms_store_begin(store) < 0) {
+		free(c);
+		return -1;
+	}
+	ret = claim_select(store, max, queued, c, &n);
+	for (i = 0; ret == 0 && i < n; i++) {
+		ret = job_prepare(store, "UPDATE jobs SET state = 'running',"
+				  " owner = ?2, lease_until = %s + ?3,"
+				  " attempts = attempts + 1, updated_at = %s"
+				  " WHERE user_id = ?1", &st, "job_claim");
+		if (ret < 0)
+			break;
+		db_bind_int64(st, 1, c[i].id);
+		db_bind_text(st, 2, owner);
+		db_bind_int64(st, 3, lease_ms);
+		ret = run_once(store, st, "job_claim");
+	}
+	ret = finish(store, ret);
+	/* told after the commit: the callback starts copies */
+	for (i = 0; ret == 0 && i < n; i++)
+		cb(ctx, c[i].name, c[i].kind, c[i].state, c[i].owner);
+	free(c);
 	return ret;
 }

@@ -296,4 +296,34 @@ int ms_store_src_next_set(struct ms_store *store, int64_t folder_id,
 int ms_store_src_next_get(struct ms_store *store, int64_t folder_id,
 			  uint32_t *uidnext_r);
 
+/* Jobs (docs/design.md, "Jobs and leases"): one row per user, the user's
+ * copy (or rollback) as work any gateway may take. A job is "running" for
+ * its owner (a gateway's [gateway] name) until its lease expires, counted
+ * in ms on the database's clock; the owner renews it while it works.
+ * _take: the user's job for owner, when no other owner holds a lease that
+ * has not expired (*taken_r 0/1; the user is made when missing). */
+int ms_store_job_take(struct ms_store *store, const char *user,
+		      const char *kind, const char *owner,
+		      unsigned int lease_ms, int *taken_r);
+/* The lease again from now; *held_r 0: owner no longer holds it. */
+int ms_store_job_renew(struct ms_store *store, const char *user,
+		       const char *owner, unsigned int lease_ms, int *held_r);
+/* The job ends in state ("done", "failed" or "queued", with error), if
+ * owner still holds it (*held_r): inside a caller's transaction, so that
+ * the user's new state is written only with it. */
+int ms_store_job_end(struct ms_store *store, int64_t user_id,
+		     const char *owner, const char *state, const char *error,
+		     int *held_r);
+/* The sweep: a queued job for every user still to move (source, copying;
+ * not policy off) whose job is missing, done or failed. */
+int ms_store_job_enqueue(struct ms_store *store);
+/* Takes up to max jobs for owner, in user-name order: running ones whose
+ * lease expired, and queued ones too when queued. cb hears each after
+ * the commit, with the job's kind, state and owner before the claim. */
+typedef void ms_store_job_cb(void *ctx, const char *user, const char *kind,
+			     const char *was_state, const char *was_owner);
+int ms_store_job_claim(struct ms_store *store, const char *owner,
+		       unsigned int lease_ms, unsigned int max, int queued,
+		       ms_store_job_cb *cb, void *ctx);
+
 #endif

@@ -377,6 +377,10 @@ static void dconfig_ranges(void **state)
 		  ":4: trusted_networks" },
 		{ "[sweep]\nenabled = maybe\n", ":4: enabled: yes or no" },
 		{ "[source]\ninsecure = 2\n", ":4: insecure: yes or no" },
+		{ "[gateway]\nlease = 1s\n", ":4: lease" },
+		{ "[gateway]\nlease = 2h\n", ":4: lease" },
+		{ "[gateway]\nname = \n", ":4: name" },
+		{ "[gateway]\nbogus = 1\n", ":4: unknown key" },
 	};
 	static struct ms_dconfig c;
 	char text[256];
@@ -397,6 +401,12 @@ static void dconfig_ranges(void **state)
 	assert_int_equal(c.gw.survey_rate, 6000);
 	expect_conf(LISTEN "[sweep]\nsurvey = 0\n", NULL, &c);
 	assert_int_equal(c.gw.survey_rate, 0);
+	/* [gateway]: the host's name and a lease of 60 s by default */
+	assert_string_equal(c.gw.gw_name, ms_host_name());
+	assert_int_equal(c.gw.job_lease, 60);
+	expect_conf(LISTEN "[gateway]\nname = gw-a\nlease = 2m\n", NULL, &c);
+	assert_string_equal(c.gw.gw_name, "gw-a");
+	assert_int_equal(c.gw.job_lease, 120);
 }
 
 /* Writes a secret file with mode and owner; returns its path. */

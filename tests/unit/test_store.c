@@ -216,7 +216,7 @@ static void test_open_file(void **state)
 
 	sql_text(f, "PRAGMA journal_mode", mode, sizeof(mode));
 	assert_string_equal(mode, "wal");
-	assert_int_equal(sql_int(f, "PRAGMA user_version"), 7);
+	assert_int_equal(sql_int(f, "PRAGMA user_version"), 8);
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM sqlite_master "
 				 "WHERE type = 'table' AND name IN "
 				 "('users', 'folders', 'messages', 'rintents')"),
@@ -1243,7 +1243,7 @@ static void test_pg_open(void **state)
 	if (pg_url == NULL)
 		skip();
 	assert_int_equal(sql_int(f, "SELECT version FROM mailshift_schema"),
-			 7);
+			 8);
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM pg_tables WHERE "
 				 "tablename IN ('users', 'folders', "
 				 "'messages', 'rintents')"), 4);
@@ -1368,6 +1368,86 @@ static void test_sizes(void **state)
 	assert_string_equal(got[1].how, "");
 }
 
+struct claims {
+	int n;
+	char users[4][16], was[4][16], owner[4][16];
+};
+
+static void claim_cb(void *ctx, const char *user, const char *kind,
+		     const char *was_state, const char *was_owner)
+{
+	struct claims *c = ctx;
+
+	(void)kind;
+	if (c->n < 4) {
+		snprintf(c->users[c->n], sizeof(c->users[0]), "%s", user);
+		snprintf(c->was[c->n], sizeof(c->was[0]), "%s", was_state);
+		snprintf(c->owner[c->n], sizeof(c->owner[0]), "%s", was_owner);
+	}
+	c->n++;
+}
+
+/* Jobs and leases: one owner at a time; a lease renewed only by its
+ * owner; an expired one taken over; the sweep's queue claimed in name
+ * order, a job held by one gateway not claimed by another. */
+static void test_jobs(void **state)
+{
+	struct fixture *f = *state;
+	struct claims c = { 0 };
+	int64_t a, b;
+	int taken, held;
+
+	assert_int_equal(ms_store_user_get(f->store, "alice", &a), 0);
+	assert_int_equal(ms_store_user_get(f->store, "bob", &b), 0);
+	assert_int_equal(ms_store_job_take(f->store, "alice", "login", "gw1",
+					   60000, &taken), 0);
+	assert_int_equal(taken, 1);
+	assert_int_equal(ms_store_job_take(f->store, "alice", "sweep", "gw2",
+					   60000, &taken), 0);
+	assert_int_equal(taken, 0);
+	assert_int_equal(ms_store_job_renew(f->store, "alice", "gw2", 60000,
+					    &held), 0);
+	assert_int_equal(held, 0);
+	assert_int_equal(ms_store_job_renew(f->store, "alice", "gw1", 60000,
+					    &held), 0);
+	assert_int_equal(held, 1);
+
+	/* the queue: bob only (alice's job runs); gw2 claims it */
+	assert_int_equal(ms_store_job_enqueue(f->store), 0);
+	assert_int_equal(ms_store_job_claim(f->store, "gw2", 60000, 5, 1,
+					    claim_cb, &c), 0);
+	assert_int_equal(c.n, 1);
+	assert_string_equal(c.users[0], "bob");
+	assert_string_equal(c.was[0], "queued");
+	c.n = 0;
+	assert_int_equal(ms_store_job_claim(f->store, "gw1", 60000, 5, 1,
+					    claim_cb, &c), 0);
+	assert_int_equal(c.n, 0);
+
+	/* ended by its owner only */
+	assert_int_equal(ms_store_job_end(f->store, b, "gw1", "done", NULL,
+					  &held), 0);
+	assert_int_equal(held, 0);
+	assert_int_equal(ms_store_job_end(f->store, b, "gw2", "failed", "x",
+					  &held), 0);
+	assert_int_equal(held, 1);
+
+	/* a lease that ran out is taken over, saying whose it was */
+	assert_int_equal(ms_store_job_renew(f->store, "alice", "gw1", 0,
+					    &held), 0);
+	assert_int_equal(held, 1);
+	usleep(20000);
+	assert_int_equal(ms_store_job_claim(f->store, "gw2", 60000, 5, 0,
+					    claim_cb, &c), 0);
+	assert_int_equal(c.n, 1);
+	assert_string_equal(c.users[0], "alice");
+	assert_string_equal(c.was[0], "running");
+	assert_string_equal(c.owner[0], "gw1");
+	assert_int_equal(ms_store_job_renew(f->store, "alice", "gw1", 60000,
+					    &held), 0);
+	assert_int_equal(held, 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1398,6 +1478,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_retirement, setup,
 						teardown),
 		cmocka_unit_test_setup_teardown(test_sizes, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_jobs, setup, teardown),
 	};
 
 	pg_url = getenv("MS_TEST_STORE_URL");

@@ -214,9 +214,13 @@ unit-pg: tests/unit/test_store
 
 # INTEGRATION_SKIP: pytest options that leave a part out (make check's
 # first lane leaves the kernel VM test to the sanitizer lane).
+# PYTEST_JOBS: pytest-xdist workers, each taking whole test files (most of
+# a test's time is spent waiting on servers and timers); 1: no workers.
+PYTEST_JOBS ?= 2
+pytest_jobs = $(if $(filter-out 0 1,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile)
 integration: all hooks
-	$(Q)$(PYTHON) -m pytest -q -rs --durations=25 $(INTEGRATION_SKIP) \
-		tests/integration
+	$(Q)$(PYTHON) -m pytest -q -rs --durations=25 $(pytest_jobs) \
+		$(INTEGRATION_SKIP) tests/integration
 
 # The unit tests and the whole integration suite against the ASan binaries;
 # any sanitizer report (the daemon's, the CLI's, even from a process a test
@@ -224,7 +228,7 @@ integration: all hooks
 # the pytest part (default: the whole of tests/integration).
 check-asan: $(ASAN_BIN) $(ASAN_UNIT_BIN)
 	$(Q)PYTHON="$(PYTHON)" PYTEST_ARGS="$(PYTEST_ARGS)" \
-		./tests/asan-check $(ASAN_DIR) $(ASAN_UNIT_BIN)
+		PYTEST_JOBS="$(pytest_jobs)" ./tests/asan-check $(ASAN_DIR) $(ASAN_UNIT_BIN)
 
 # Each target for FUZZ_SECONDS from its seeds (a scratch corpus in
 # build/fuzz/run/); a crash fails and names the reproducer.

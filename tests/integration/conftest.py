@@ -63,8 +63,15 @@ def stop_all(*servers):
 # ------------------------------------------------------------ session scope
 
 def pytest_sessionstart(session):
-    # The leak check watches every mailshiftd and mailshiftctl from here on.
-    leakcheck.CHECK.start()
+    # The leak check watches every mailshiftd and mailshiftctl from here on
+    # (in each xdist worker: the controller runs no test).
+    if leakcheck.role(session.config) != 'controller':
+        leakcheck.CHECK.start()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    leakcheck.worker_done(node)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -290,6 +290,47 @@ def test_a_leak_fails_the_run(tmp_path, capsys):
             assert 'no secret found' in out, out
 
 
+def test_a_worker_leak_fails_the_run(tmp_path, capsys):
+    """Under pytest-xdist (make check): a worker's finding goes back to the
+    controller, which prints it, fails the run and adds a failed report;
+    a worker that sent nothing back fails it too."""
+    c = leakcheck.LeakCheck()
+    c.start(watch_popen=False)
+    c.secret(PW, 'the password of alice')
+    log = tmp_path / 'w.log'
+    log.write_text('LOGIN alice %s\n' % PW)
+    c.register_files('mailshiftd T', [str(log)])
+    w = _Session()
+    w.workerinput, w.workeroutput = {'workerid': 'gw0'}, {}
+    leakcheck.pytest_sessionfinish(w, c)
+    lines = w.workeroutput['leakcheck']
+    assert [x for x in lines if x.startswith('LEAK: the password of alice')]
+    assert PW not in ''.join(lines) and w.exitstatus == 0
+
+    class Node:
+        def __init__(self, wid, out):
+            self.gateway = type('G', (), {'id': wid})
+            if out is not None:
+                self.workeroutput = out
+
+    for nodes in ([Node('gw0', w.workeroutput)], [Node('gw1', None)]):
+        del leakcheck.WORKERS[:]
+        for n in nodes:
+            leakcheck.worker_done(n)
+        ctl = _Session()
+        ctl.option = type('O', (), {'dist': 'loadfile', 'numprocesses': 2})
+        assert leakcheck.role(ctl) == 'controller'
+        leakcheck.pytest_sessionfinish(ctl)
+        out = capsys.readouterr().out
+        assert ctl.exitstatus == 1 and \
+            [r.outcome for r in ctl.reports] == ['failed'], out
+        assert PW not in out
+        want = 'the password of alice' if nodes[0].gateway.id == 'gw0' \
+            else 'gw1 sent no result'
+        assert want in str(ctl.reports[0].longrepr), out
+    del leakcheck.WORKERS[:]
+
+
 def test_session_sees_direct_runs(tmp_path):
     """The session's CHECK sees a mailshiftctl run straight through
     subprocess: its argv, the store its --store names, its captured output

@@ -796,10 +796,72 @@ def _failure_report(session, leaks):
         pass
 
 
+# make check runs the suite over pytest-xdist workers: each worker is a
+# session of its own, with its own check; the controller runs no test and
+# starts no check, and prints what each worker found (worker_done()).
+WORKERS = []
+
+
+def role(config):
+    """'worker' (an xdist worker), 'controller' (the xdist controller,
+    which runs no test) or 'alone' (a plain pytest session)."""
+    if getattr(config, 'workerinput', None) is not None:
+        return 'worker'
+    opt = getattr(config, 'option', None)
+    if getattr(opt, 'dist', 'no') not in ('no', None) and \
+            getattr(opt, 'numprocesses', None):
+        return 'controller'
+    return 'alone'
+
+
+def worker_done(node):
+    """conftest.py's pytest_testnodedown (controller): keeps the lines a
+    worker's check sent back."""
+    out = getattr(node, 'workeroutput', None) or {}
+    WORKERS.append((getattr(getattr(node, 'gateway', None), 'id', '?'),
+                    out.get('leakcheck')))
+
+
+def _controller_finish(session):
+    tr = session.config.pluginmanager.get_plugin('terminalreporter')
+
+    def say(line, **kw):
+        if tr is not None:
+            tr.write_line(line, **kw)
+        else:
+            print(line)
+    if tr is not None:
+        tr.ensure_newline()
+        tr.write_sep('-', 'leak check (tests/lib/leakcheck.py), by worker')
+    leaks = []
+    for wid, lines in sorted(WORKERS, key=lambda w: str(w[0])):
+        if lines is None:       # a worker that crashed: its check is lost
+            lines = ['LEAK: (worker %s sent no result: its leak check did '
+                     'not run)' % wid]
+        for line in lines:
+            say('%s: %s' % (wid, line), red=line.startswith('LEAK'))
+            if line.startswith('LEAK: '):
+                leaks.append('%s: %s' % (wid, line[6:]))
+    if leaks:
+        if session.exitstatus in (0, 5):
+            session.exitstatus = 1
+        _failure_report(session, leaks)
+
+
 def pytest_sessionfinish(session, check=None):
     """conftest.py's pytest_sessionfinish: CHECK.finish(), its notes and
     findings printed, and a finding fails the run."""
+    r = role(session.config)
+    if r == 'controller':
+        _controller_finish(session)
+        return
     leaks, notes = (check or CHECK).finish()
+    if r == 'worker':       # the controller prints it and fails the run
+        session.config.workeroutput['leakcheck'] = \
+            ['leak check: ' + n for n in notes] + \
+            ['LEAK: ' + line for line in leaks] + \
+            (['leak check: no secret found'] if not leaks else [])
+        return
     tr = session.config.pluginmanager.get_plugin('terminalreporter')
 
     def say(line, **kw):

@@ -29,7 +29,8 @@ int ms_vbuf_add(struct ms_vbuf *b, const char *data, size_t len)
 		b->p = p;
 		b->cap = cap;
 	}
-	memcpy(b->p + b->len, data, len);
+	if (len > 0)
+		memcpy(b->p + b->len, data, len);
 	b->len += len;
 	b->p[b->len] = '\0';
 	return 0;
@@ -1637,16 +1638,19 @@ static int feed(struct ms_view *v, struct ms_view_side *sd, int client,
 		else
 			s_frag(v, &e, sd->line.len);
 		ed_to(&e, sd->line.len);
+		if (e.err)
+			r = fail(v, "out of memory");
+		if (v->gave_up != NULL) {
+			/* ms_view_fail(): this fragment does not go on, and
+			 * what went before is where the stream stays */
+			r = -1;
+			break;
+		}
 		lit = frag_literal(sd->line.p, sd->line.len);
 		sd->cont = lit >= 0;
 		sd->lit = lit > 0 ? (uint64_t)lit : 0;
 		sd->line.len = 0;
-		if (e.err)
-			r = fail(v, "out of memory");
-		else if (v->gave_up != NULL)	/* ms_view_fail(): not on */
-			r = -1;
-		else
-			r = frag_out(v, sd, &o, out, octx);
+		r = frag_out(v, sd, &o, out, octx);
 	}
 	ms_vbuf_free(&o);
 	return r;

@@ -430,12 +430,12 @@ static int check_view(struct ropts *o, struct check *ck)
 								vc.users));
 	if (vc.users == 0)
 		return 0;
-	snprintf(buf, sizeof(buf), "%llu user(s) see the source's "
-		 "UIDVALIDITY and UIDs (%llu folder(s)) or folder names "
-		 "(%llu folder(s) renamed) only through the gateway's IMAP "
-		 "view: retiring the gateway, or steering IMAP straight to the "
-		 "destination (--apply), would make their clients download "
-		 "those folders again", (unsigned long long)vc.users,
+	snprintf(buf, sizeof(buf), "%llu user(s) (%llu folder(s) with new "
+		 "UIDs, %llu renamed) see the source's UIDVALIDITY, UIDs or "
+		 "folder names only through the gateway's IMAP view: retiring "
+		 "the gateway, or steering IMAP straight to the destination "
+		 "(--apply), would make their clients download those folders "
+		 "again", (unsigned long long)vc.users,
 		 (unsigned long long)vc.lost_folders,
 		 (unsigned long long)vc.renamed_folders);
 	json_object_set_new(ck->out, "warnings", json_pack("[s]", buf));

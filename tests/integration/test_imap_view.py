@@ -27,6 +27,7 @@ import corpus
 import gateway as gwlib
 import mailcheck as mc
 from conftest import SRC_USERS, wait_for
+from test_retire import retire
 from test_identity_clients import (CLIENTS_PRESENT, FOLDERS, GAPS, USER,
                                    Mbsync, fill, gw_conf, same_password)
 
@@ -331,6 +332,16 @@ def test_old_folder_names_answered(npair, workdir, ca):
         assert set(before) <= set(after) and len(after) == SENT + 1
         assert not os.path.exists(mb.folder_dir('Sent Items'))
         assert 'IMAP view' in g.log_text()
+        # Every folder kept its identity, yet the user's clients need the
+        # gateway for the names: status and retire --check count them.
+        rc, out, err, j = g.ctl('status', '--json')
+        assert j['identity_not_kept_users'] == 0, j
+        assert j['view_users'] == 1 and j['renamed_folders'] == 2, j
+        assert 'renamed: 2 folders' in g.ctl('status').stdout
+        r = retire(g, '--check', '--json')
+        assert r.json['view_users'] == 1, r.describe()
+        assert [w for w in r.json['warnings'] if '2 renamed' in w and
+                'IMAP view' in w], r.json
     finally:
         g.stop()
 

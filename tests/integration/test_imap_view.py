@@ -591,3 +591,50 @@ def test_store_failure_ends_view_session(vpair, workdir, ca):
             m.logout()
     finally:
         g.stop()
+
+
+def test_api_down_falls_back_to_view(vpair, workdir, ca):
+    """The gateway's doveadm API cannot be reached during the move: each
+    folder says why its identity was not kept, the copy is exact, and the
+    moved user's sessions get the view (the source's UIDVALIDITY and UIDs)
+    rather than failing."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]       # closed again: nothing listens
+    fill(vpair.src)
+    src = vpair.src.imap(USER)
+    try:
+        want = seen_by(src)
+    finally:
+        src.logout()
+    second = int(time.time())
+    same_password(vpair)
+    assert wait_for(lambda: int(time.time()) > second, 5)
+    conf = gw_conf(workdir, vpair.dst, doveadm=True).replace(
+        vpair.dst.doveadm_url(), 'http://127.0.0.1:%d/doveadm/v1' % port)
+    assert ':%d/' % port in conf
+    g = gwlib.Mailshiftd(os.path.join(workdir, 'gw'), vpair.src, vpair.dst,
+                         tls_ca=ca, policy='off', extra_conf=conf)
+    g.start()
+    try:
+        move(g)
+        vpair.assert_copied(USER)
+        rc, out, err, j = g.ctl('status', '--json')
+        assert j['identity_not_kept_users'] == 1, j
+        assert j['identity_not_kept_folders'] >= len(FOLDERS), j
+        for f in FOLDERS:
+            assert re.search(r'folder "%s": UIDVALIDITY and UIDs not kept: '
+                             r'.+; the gateway must translate them' % f,
+                             g.log_text()), g.log_tail()
+        m = through(g, ca)
+        try:
+            assert 'CONDSTORE' not in caps(m)
+            for f in FOLDERS:
+                uids, codes = uid_subjects(m, f)
+                assert uids == want[f][0], f
+                assert codes['UIDVALIDITY'] == want[f][1]['UIDVALIDITY'], f
+        finally:
+            m.logout()
+    finally:
+        g.stop()

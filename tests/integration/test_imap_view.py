@@ -259,6 +259,14 @@ def npair(make_pair):
                                  doveadm_http=True))
 
 
+def append_sent(s):
+    """SENT messages into the source's "Sent" (connection s)."""
+    mc.append_many(s, 'Sent', [(mc.make_message(9200 + i, 600,
+                                                subject='sent %d' % i),
+                                ['\\Seen'], 1500000000 + i)
+                               for i in range(SENT)])
+
+
 def local_files(client, folder):
     d = client.folder_dir(folder)
     return sorted(client.unique(fn.partition(':')[0])
@@ -276,10 +284,7 @@ def test_old_folder_names_answered(npair, workdir, ca):
     the view, and the moved user's clients keep "Sent" and "Trash"."""
     s = npair.src.imap(USER)
     try:
-        mc.append_many(s, 'Sent', [(mc.make_message(9200 + i, 600,
-                                                    subject='sent %d' % i),
-                                    ['\\Seen'], 1500000000 + i)
-                                   for i in range(SENT)])
+        append_sent(s)
     finally:
         s.logout()
     g = moved_gateway(npair, workdir, ca, doveadm=True,
@@ -421,10 +426,7 @@ def test_renamed_subtree_answered(tpair, workdir, ca):
     UTF-7; mbsync, which cached the subtree, runs on."""
     s = tpair.src.imap(USER)
     try:
-        mc.append_many(s, 'Sent', [(mc.make_message(9200 + i, 600,
-                                                    subject='sent %d' % i),
-                                    ['\\Seen'], 1500000000 + i)
-                                   for i in range(SENT)])
+        append_sent(s)
         for n, (f, count) in enumerate(sorted(SUBTREE.items())):
             mc.create_folder(s, f)
             mc.append_many(s, f, [(mc.make_message(9300 + 10 * n + i, 600,

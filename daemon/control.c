@@ -321,12 +321,11 @@ static json_t *cmd_status(struct ms_control *ctl, json_t *req)
 {
 	struct list_ctx lc = { .ctl = ctl };
 	struct ms_progress p = { 0 };
-	uint64_t id_users = 0, id_folders = 0;
+	struct ms_view_count vc;
 	json_t *by_state, *rep;
 
 	if (ms_store_user_foreach(ctl->store, on_user, &lc) != 0 ||
-	    ms_store_identity_lost_users(ctl->store, &id_users,
-					 &id_folders) < 0)
+	    ms_store_view_count(ctl->store, &vc) < 0)
 		return error("store: %s", ms_store_error(ctl->store));
 	by_state = json_object();
 	for (int i = 0; i < MS_USER_NSTATES; i++)
@@ -344,12 +343,17 @@ static json_t *cmd_status(struct ms_control *ctl, json_t *req)
 			 "copy_seconds", p.seconds, "capabilities",
 			 ctl->gw != NULL ? ms_gateway_caps_json(ctl->gw) :
 			 json_object(), "retired", retired_json(ctl->store));
-	/* Users with a folder whose UIDs the gateway must translate
-	 * (docs/mover.md, "Identity"). */
+	/* Users whose clients need the gateway's IMAP view: a folder whose
+	 * UIDs it translates (docs/mover.md, "Identity"), or one the move
+	 * renamed, whose old name it answers. */
+	json_object_set_new(rep, "view_users",
+			    json_integer((json_int_t)vc.users));
 	json_object_set_new(rep, "identity_not_kept_users",
-			    json_integer((json_int_t)id_users));
+			    json_integer((json_int_t)vc.lost_users));
 	json_object_set_new(rep, "identity_not_kept_folders",
-			    json_integer((json_int_t)id_folders));
+			    json_integer((json_int_t)vc.lost_folders));
+	json_object_set_new(rep, "renamed_folders",
+			    json_integer((json_int_t)vc.renamed_folders));
 	/* The site's ETA (docs/mover.md, "The site's ETA"). */
 	if (ctl->gw != NULL) {
 		json_t *site = ms_gateway_site(ctl->gw);

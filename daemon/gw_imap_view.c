@@ -20,7 +20,9 @@ struct vfolder {
 
 struct vname {
 	struct vname *next;
-	char *src, *dst;
+	char *old, *dst;		/* the name the client knew, the
+					   destination's */
+	char sep;			/* the destination's separator */
 };
 
 struct imap_view_relay {
@@ -28,8 +30,11 @@ struct imap_view_relay {
 	int64_t user_id;
 	struct vfolder *folders;	/* looked up so far */
 	struct vname *names;		/* folders the move renamed */
+	struct ms_vbuf name;		/* view_name()'s answer */
 	int store_failed;
 };
+
+static int to_client(void *ctx, const char *data, size_t len);
 
 /* ---- what the store knows ---- */
 
@@ -137,7 +142,7 @@ static struct ms_view_map *view_lookup(void *ctx, const char *name, int full)
 		f = calloc(1, sizeof(*f));
 		if (f == NULL || (f->name = strdup(name)) == NULL) {
 			free(f);
-			iv->store_failed = 1;
+			ms_view_fail(&iv->v, "out of memory");
 			return NULL;
 		}
 		f->next = iv->folders;
@@ -150,28 +155,56 @@ static struct ms_view_map *view_lookup(void *ctx, const char *name, int full)
 		       "%s", (unsigned long long)s->id, s->gu->name, name,
 		       ms_store_error(s->gw->store));
 		iv->store_failed = 1;
+		/* what needed the folder is not passed on */
+		ms_view_fail(&iv->v, "store failed");
 	}
 	return f->translated ? &f->map : NULL;
 }
 
+/* name is from (a folder the move renamed) or below it: how many bytes of
+ * name that is, else 0. */
+static size_t renamed_part(const struct vname *n, const char *from,
+			   const char *name)
+{
+	size_t len = strlen(from);
+
+	if (name_is(from, name))
+		return strlen(name);
+	if (n->sep != '\0' && strncmp(name, from, len) == 0 &&
+	    name[len] == n->sep)
+		return len;
+	return 0;
+}
+
+/* The destination's name for one the client knows (to_dst), or the old
+ * name for a destination's; NULL: the same. A folder below a renamed one
+ * is renamed with it, the nearest (longest) one deciding. */
 static const char *view_name(void *ctx, const char *name, int to_dst)
 {
 	struct session *s = ctx;
+	struct imap_view_relay *iv = s->iv;
+	const struct vname *best = NULL;
+	size_t best_len = 0;
 
-	for (struct vname *n = s->iv->names; n != NULL; n = n->next)
-		if (name_is(to_dst ? n->src : n->dst, name))
-			return to_dst ? n->dst : n->src;
-	return NULL;
-}
+	for (const struct vname *n = iv->names; n != NULL; n = n->next) {
+		size_t len = renamed_part(n, to_dst ? n->old : n->dst, name);
 
-/* The last component of a folder name ('.' or '/' separated: the side's
- * separator is not known here). */
-static const char *last_part(const char *name)
-{
-	const char *dot = strrchr(name, '.'), *slash = strrchr(name, '/');
-	const char *p = dot > slash ? dot : slash;
-
-	return p != NULL ? p + 1 : name;
+		if (len > best_len) {
+			best = n;
+			best_len = len;
+		}
+	}
+	if (best == NULL)
+		return NULL;
+	iv->name.len = 0;
+	if (ms_vbuf_add(&iv->name, to_dst ? best->dst : best->old,
+			strlen(to_dst ? best->dst : best->old)) < 0 ||
+	    ms_vbuf_add(&iv->name, name + best_len,
+			strlen(name + best_len)) < 0) {
+		ms_view_fail(&iv->v, "out of memory");
+		return NULL;
+	}
+	return iv->name.p;
 }
 
 struct start_ctx {
@@ -179,12 +212,10 @@ struct start_ctx {
 	int translate;			/* a folder is not kept */
 };
 
-/* Which folders need the view: not kept, or renamed. */
+/* Which folders need the view: not kept. */
 static int start_folder(void *ctx, const struct ms_folder_state *fs)
 {
 	struct start_ctx *sc = ctx;
-	struct imap_view_relay *iv = sc->s->iv;
-	struct vname *n;
 	int id;
 
 	if (fs->dst_uidvalidity == 0 || fs->dst_name[0] == '\0')
@@ -193,20 +224,24 @@ static int start_folder(void *ctx, const struct ms_folder_state *fs)
 		return -1;
 	if (id != MS_ID_KEPT)
 		sc->translate = 1;
-	/* Renamed: by names = destination (not a prefix or separator the
-	 * mover left out, not a name escaped for the other server). */
-	if (sc->s->gw->cfg.mover_names != MS_NAMES_DESTINATION ||
-	    name_is(fs->src_name, fs->dst_name) ||
-	    strcmp(last_part(fs->src_name), last_part(fs->dst_name)) == 0)
-		return 0;
-	n = calloc(1, sizeof(*n));
-	if (n == NULL || (n->src = strdup(fs->src_name)) == NULL ||
-	    (n->dst = strdup(fs->dst_name)) == NULL) {
+	return 0;
+}
+
+/* A folder the move renamed (the mover's record, names = destination). */
+static int start_rename(void *ctx, const char *old_name, const char *dst_name,
+			char sep)
+{
+	struct imap_view_relay *iv = ctx;
+	struct vname *n = calloc(1, sizeof(*n));
+
+	if (n == NULL || (n->old = strdup(old_name)) == NULL ||
+	    (n->dst = strdup(dst_name)) == NULL) {
 		if (n != NULL)
-			free(n->src);
+			free(n->old);
 		free(n);
 		return -1;
 	}
+	n->sep = sep;
 	n->next = iv->names;
 	iv->names = n;
 	return 0;
@@ -231,8 +266,11 @@ const char *gw_imap_view_start(struct session *s)
 		return "out of memory";
 	s->iv->user_id = info.id;
 	ms_view_init(&s->iv->v, view_lookup, view_name, s);
+	ms_view_set_reply(&s->iv->v, to_client, s);
 	if (ms_store_folder_foreach(gw->store, info.id, start_folder,
-				    &sc) != 0) {
+				    &sc) != 0 ||
+	    ms_store_rename_foreach(gw->store, info.id, start_rename,
+				    s->iv) != 0) {
 		gw_imap_view_free(s);
 		return "cannot read the user's folders";
 	}
@@ -264,11 +302,12 @@ void gw_imap_view_free(struct session *s)
 		free(f->name);
 		free(f);
 	}
+	ms_vbuf_free(&iv->name);
 	while (iv->names != NULL) {
 		struct vname *n = iv->names;
 
 		iv->names = n->next;
-		free(n->src);
+		free(n->old);
 		free(n->dst);
 		free(n);
 	}
@@ -293,13 +332,20 @@ static int to_server(void *ctx, const char *data, size_t len)
 }
 
 /* Translation cannot go on: the session ends rather than show a client
- * the destination's UIDs under the source's UIDVALIDITY. */
+ * the destination's UIDs under the source's UIDVALIDITY; the client is
+ * told why where a response may begin (RFC 5530 UNAVAILABLE: try again
+ * later). */
 static int view_failed(struct session *s)
 {
+	static const char bye[] = "* BYE [UNAVAILABLE] The gateway cannot "
+				  "show this mailbox now, try again later\r\n";
+
 	ms_warn("session %llu: %s: IMAP view: %s; the session ends",
 		(unsigned long long)s->id, s->gu->name,
 		s->iv->store_failed ? "store failed" :
 		ms_view_gave_up(&s->iv->v));
+	if (ms_view_client_at_rest(&s->iv->v))
+		ms_conn_write(s->c, bye, sizeof(bye) - 1);
 	return -1;
 }
 

@@ -29,7 +29,8 @@ int ms_vbuf_add(struct ms_vbuf *b, const char *data, size_t len)
 		b->p = p;
 		b->cap = cap;
 	}
-	memcpy(b->p + b->len, data, len);
+	if (len > 0)
+		memcpy(b->p + b->len, data, len);
 	b->len += len;
 	b->p[b->len] = '\0';
 	return 0;
@@ -602,23 +603,69 @@ static void ed_u32(struct ed *e, const struct tok *t, uint32_t n)
 	ed_put(e, t, num, (size_t)snprintf(num, sizeof(num), "%u", n));
 }
 
-/* A name, quoted. */
-static void ed_name(struct ed *e, const struct tok *t, const char *name)
+/* Whether a name can go as a quoted string: 7-bit, no CR, LF or NUL
+ * (RFC 3501 QUOTED-CHAR). */
+static int quotable(const char *name, size_t len)
+{
+	for (size_t i = 0; i < len; i++)
+		if (name[i] == '\0' || name[i] == '\r' || name[i] == '\n' ||
+		    (unsigned char)name[i] > 0x7f)
+			return 0;
+	return 1;
+}
+
+/* A name in place of token t: quoted, or where it cannot be, a literal
+ * (non-synchronizing towards the server: the client had its "+"). */
+static void ed_name(struct ed *e, const struct tok *t, const char *name,
+		    size_t len, int to_server)
 {
 	struct ms_vbuf q = { 0 };
-	int r = ms_vbuf_add(&q, "\"", 1);
+	char head[32];
+	int r = 0;
 
-	for (; *name != '\0'; name++) {
-		if (*name == '"' || *name == '\\')
-			r |= ms_vbuf_add(&q, "\\", 1);
-		r |= ms_vbuf_add(&q, name, 1);
+	if (!quotable(name, len)) {
+		r |= ms_vbuf_add(&q, head, (size_t)snprintf(head,
+				 sizeof(head), to_server ? "{%zu+}\r\n" :
+				 "{%zu}\r\n", len));
+		r |= ms_vbuf_add(&q, name, len);
+	} else {
+		r |= ms_vbuf_add(&q, "\"", 1);
+		for (size_t i = 0; i < len; i++) {
+			if (name[i] == '"' || name[i] == '\\')
+				r |= ms_vbuf_add(&q, "\\", 1);
+			r |= ms_vbuf_add(&q, name + i, 1);
+		}
+		r |= ms_vbuf_add(&q, "\"", 1);
 	}
-	r |= ms_vbuf_add(&q, "\"", 1);
 	if (r < 0)
 		e->err = 1;
 	else
 		ed_put(e, t, q.p, q.len);
 	ms_vbuf_free(&q);
+}
+
+/* A folder name sent as a literal (token t, ending the fragment), to be
+ * held (struct ms_view_side): 1 when it is, 0 when it goes on as it is
+ * (over 1024 bytes, a literal8, or a synchronizing literal from a client
+ * the view cannot answer "+" itself). */
+static int name_hold(struct ms_view *v, struct ms_view_side *sd,
+		     struct ed *e, const struct tok *t, int client)
+{
+	int64_t n = literal_at(e->f, t->e, t->s);
+	const char *close = memchr(e->f + t->s, '}', t->e - t->s);
+	int sync = close != NULL && close[-1] != '+';
+
+	if (n < 0 || n > 1024 || e->f[t->s] == '~' ||
+	    (client && sync && v->reply == NULL))
+		return 0;
+	ed_to(e, t->s);
+	e->last = t->e;
+	sd->hold = 1;
+	sd->name.len = 0;
+	if (ms_vbuf_add(&sd->name, "", 0) < 0)
+		e->err = 1;
+	sd->plus_due = client && sync;
+	return 1;
 }
 
 /* A UID set token, translated by map either way. */
@@ -829,48 +876,59 @@ static void c_target(struct ms_view *v, struct ms_view_cmd *cmd,
 	}
 }
 
-/* A folder name the client gave (token t): the destination's in its
- * place, and the map the command needs. */
+/* A folder name the client gave, its text name (len bytes) from token t
+ * (a held literal: an empty token at the fragment's start): the
+ * destination's in its place, and the map the command needs. A name with
+ * a NUL, CR or LF is no folder's: passed on, nothing looked up. */
+static void c_name(struct ms_view *v, struct ed *e, const struct tok *t,
+		   const char *name, size_t len, int held)
+{
+	const char *dst = NULL;
+
+	if (memchr(name, '\0', len) != NULL || memchr(name, '\n', len) ||
+	    memchr(name, '\r', len)) {
+		if (held)
+			ed_name(e, t, name, len, 1);
+		return;
+	}
+	if (v->name != NULL)
+		dst = v->name(v->ctx, name, 1);
+	if (dst != NULL) {
+		ed_name(e, t, dst, strlen(dst), 1);
+		v->names++;
+	} else if (held) {
+		ed_name(e, t, name, len, 1);
+	}
+	c_target(v, q_last(v), dst ? dst : name);
+}
+
+/* A folder name argument (token t). */
 static void c_mailbox(struct ms_view *v, struct ed *e, const struct tok *t)
 {
-	struct ms_view_side *c = &v->c;
 	struct ms_view_cmd *cmd = q_last(v);
 	struct ms_vbuf name = { 0 };
-	const char *dst = NULL;
 
 	/* A folder not told (yet): nothing of the last one applies. */
 	if (cmd != NULL && cmd->kind == K_SELECT)
 		v->csel = NULL;
 	if (t->t == T_LIT) {
-		/* Its bytes come next: looked at then, never renamed. */
-		c->capture = 1;
-		c->name.len = 0;
-		if (c->name.p != NULL)
-			c->name.p[0] = '\0';
+		/* Its bytes come next (c_held), or it goes on unlooked at. */
+		name_hold(v, &v->c, e, t, 1);
 		return;
 	}
-	if (tok_text(e->f, t, &name) < 0)
-		goto out;
-	if (v->name != NULL)
-		dst = v->name(v->ctx, name.p, 1);
-	if (dst != NULL) {
-		ed_name(e, t, dst);
-		v->names++;
-	}
-	c_target(v, cmd, dst ? dst : name.p);
-out:
+	if (tok_text(e->f, t, &name) == 0)
+		c_name(v, e, t, name.p, name.len, 0);
 	ms_vbuf_free(&name);
 }
 
-/* The name of a literal read whole (c->name): what c_mailbox does with a
- * name, but it stays as the client sent it. */
-static void c_captured(struct ms_view *v)
+/* The held literal name, read whole: at the start of the fragment after
+ * it. */
+static void c_held(struct ms_view *v, struct ed *e)
 {
-	const char *name = v->c.name.p ? v->c.name.p : "";
-	const char *dst = v->name != NULL ? v->name(v->ctx, name, 1) : NULL;
+	struct tok at = { T_ATOM, 0, 0 };
 
-	v->c.capture = 0;
-	c_target(v, q_last(v), dst ? dst : name);
+	v->c.hold = 0;
+	c_name(v, e, &at, v->c.name.p, v->c.name.len, 1);
 }
 
 /* Search keys and how many arguments each takes (UID: a set, see
@@ -974,6 +1032,45 @@ static void c_enable(struct ms_view *v, struct ed *e, const struct tok *cmd,
 	}
 }
 
+/* The arguments of a command by its plan (c->args), across literals:
+ * its UID set and its folder names. */
+static void c_args(struct ms_view *v, struct ed *e, size_t pos, size_t len)
+{
+	struct ms_view_side *c = &v->c;
+	struct tok t;
+
+	while (c->args != NULL && *c->args != '\0') {
+		next_tok(e->f, len, &pos, &t);
+		if (t.t == T_END)
+			return;
+		if (c->depth > 0) {	/* in an optional group */
+			c->depth += t.t == T_LPAR ? 1 : t.t == T_RPAR ? -1 : 0;
+			continue;
+		}
+		if (*c->args == 'O') {
+			c->args++;
+			if (t.t == T_LPAR) {
+				c->depth = 1;
+				continue;
+			}
+		}
+		switch (*c->args++) {
+		case 'U':
+			ed_set(v, e, &t, v->csel, 1);
+			break;
+		case 'N':
+			if (t.t == T_ATOM || t.t == T_QUOTED ||
+			    t.t == T_LIT)
+				c_mailbox(v, e, &t);
+			else
+				c->args = "";	/* not a name: no more */
+			break;
+		default:		/* 'S' */
+			break;
+		}
+	}
+}
+
 /* The first fragment of a command. */
 static void c_command(struct ms_view *v, struct ed *e, size_t len)
 {
@@ -1003,50 +1100,32 @@ static void c_command(struct ms_view *v, struct ed *e, size_t len)
 	c->kind = kind;
 	switch (kind) {
 	case K_UIDSET:
+		c->args = "U";
+		break;
 	case K_UIDCOPY:
-		next_tok(e->f, len, &pos, &t);
-		ed_set(v, e, &t, v->csel, 1);
-		if (kind == K_UIDSET)
-			break;
-		next_tok(e->f, len, &pos, &t);
-		c_mailbox(v, e, &t);
+		c->args = "UN";
 		break;
 	case K_COPY:
-		/* the set is of sequence numbers */
-		next_tok(e->f, len, &pos, &t);
-		/* fall through */
+		c->args = "SN";	/* the set is of sequence numbers */
+		break;
 	case K_SELECT:
 	case K_STATUS:
 	case K_APPEND:
 	case K_MBOX:
-		next_tok(e->f, len, &pos, &t);
-		c_mailbox(v, e, &t);
+		c->args = "N";
 		break;
 	case K_RENAME:
-		next_tok(e->f, len, &pos, &t);
-		c_mailbox(v, e, &t);
-		if (c->capture)
-			break;
-		next_tok(e->f, len, &pos, &t);
-		c_mailbox(v, e, &t);
+		c->args = "NN";
 		break;
 	case K_LIST:
-		next_tok(e->f, len, &pos, &t);
-		if (t.t == T_LPAR)	/* selection options */
-			while (t.t != T_END && t.t != T_RPAR)
-				next_tok(e->f, len, &pos, &t);
-		if (t.t == T_LPAR || t.t == T_RPAR)
-			next_tok(e->f, len, &pos, &t);
-		next_tok(e->f, len, &pos, &t);	/* the pattern */
-		if (t.t == T_ATOM || t.t == T_QUOTED)
-			c_mailbox(v, e, &t);
+		c->args = "OSN";	/* (options) reference pattern */
 		break;
 	case K_ENABLE:
 		c_enable(v, e, &t, pos, len);
-		break;
+		return;
 	case K_CLOSE:
 		v->csel = NULL;
-		break;
+		return;
 	case K_SORT:
 	case K_USORT:
 	case K_THREAD:
@@ -1056,10 +1135,11 @@ static void c_command(struct ms_view *v, struct ed *e, size_t len)
 	case K_SEARCH:
 	case K_USEARCH:
 		c_search(v, e, pos, len);
-		break;
+		return;
 	default:
-		break;
+		return;
 	}
+	c_args(v, e, pos, len);
 }
 
 static void c_frag(struct ms_view *v, struct ed *e, size_t len)
@@ -1069,18 +1149,21 @@ static void c_frag(struct ms_view *v, struct ed *e, size_t len)
 	if (!c->cont) {
 		c->kind = K_OTHER;
 		c->depth = c->skip = c->skip_depth = c->want = c->modseq = 0;
+		c->args = "";
 		c_command(v, e, len);
 		return;
 	}
-	if (c->capture)
-		c_captured(v);
+	if (c->hold)
+		c_held(v, e);
 	if (IS_SEARCH(c->kind))
 		c_search(v, e, 0, len);
+	else
+		c_args(v, e, 0, len);
 }
 
 /* ---- responses ---- */
 
-enum { R_PASS, R_FETCH, R_NUMS };
+enum { R_PASS, R_FETCH, R_NUMS, R_LIST, R_STATUS };
 
 /* A response code "[CODE args]" at pos (after the status word): the
  * untagged ones go by the oldest command they may answer, the tagged by
@@ -1232,36 +1315,48 @@ static void s_esearch(struct ms_view *v, struct ed *e, size_t pos,
 	}
 }
 
-/* A folder name the server sent: the old one, where the move renamed
- * it. The name's text in *name_r (the destination's). */
-static void s_name(struct ms_view *v, struct ed *e, const struct tok *t,
-		   struct ms_vbuf *name)
+/* A folder name the server sent (token t; a held literal: an empty token
+ * at the fragment's start, name its text): the old one where the move
+ * renamed it. */
+static void s_rename(struct ms_view *v, struct ed *e, const struct tok *t,
+		     const struct ms_vbuf *name, int held)
 {
-	const char *old;
+	const char *old = NULL;
 
-	if (tok_text(e->f, t, name) < 0 || v->name == NULL)
-		return;
-	old = v->name(v->ctx, name->p, 0);
+	if (v->name != NULL && memchr(name->p, '\0', name->len) == NULL)
+		old = v->name(v->ctx, name->p, 0);
 	if (old != NULL) {
-		ed_name(e, t, old);
+		ed_name(e, t, old, strlen(old), 0);
 		v->names++;
+	} else if (held) {
+		ed_name(e, t, name->p, name->len, 0);
 	}
 }
 
-/* STATUS: UIDVALIDITY and UIDNEXT of the folder named. */
-static void s_status(struct ms_view *v, struct ed *e, size_t pos,
-		     size_t len)
+/* A name token: renamed now (1, its text in name), or held when it is a
+ * literal (0), or none (-1). */
+static int s_name(struct ms_view *v, struct ed *e, const struct tok *t,
+		  struct ms_vbuf *name)
 {
-	struct ms_vbuf name = { 0 };
-	struct ms_view_map *map;
+	if (t->t == T_LIT)
+		return name_hold(v, &v->s, e, t, 0) ? 0 : -1;
+	if (tok_text(e->f, t, name) < 0)
+		return -1;
+	s_rename(v, e, t, name, 0);
+	return 1;
+}
+
+/* STATUS after the name: UIDVALIDITY and UIDNEXT of the folder named. */
+static void s_status_items(struct ms_view *v, struct ed *e, size_t pos,
+			   size_t len, const struct ms_vbuf *name)
+{
+	struct ms_view_map *map = NULL;
 	struct tok t, val;
 	size_t items;
 	uint32_t n;
 
-	next_tok(e->f, len, &pos, &t);
-	s_name(v, e, &t, &name);
-	map = name.p != NULL ? v->lookup(v->ctx, name.p, 0) : NULL;
-	ms_vbuf_free(&name);
+	if (memchr(name->p, '\0', name->len) == NULL)
+		map = v->lookup(v->ctx, name->p, 0);
 	if (map == NULL || map->invalid)
 		return;
 	/* A UIDVALIDITY not the mover's: nothing is translated. */
@@ -1291,6 +1386,22 @@ static void s_status(struct ms_view *v, struct ed *e, size_t pos,
 	}
 }
 
+static void s_status(struct ms_view *v, struct ed *e, size_t pos,
+		     size_t len)
+{
+	struct ms_vbuf name = { 0 };
+	struct tok t;
+	int r;
+
+	next_tok(e->f, len, &pos, &t);
+	r = s_name(v, e, &t, &name);
+	if (r == 0)
+		v->s.kind = R_STATUS;
+	else if (r > 0)
+		s_status_items(v, e, pos, len, &name);
+	ms_vbuf_free(&name);
+}
+
 /* LIST, LSUB: (attributes) delimiter name. */
 static void s_list(struct ms_view *v, struct ed *e, size_t pos, size_t len)
 {
@@ -1302,9 +1413,21 @@ static void s_list(struct ms_view *v, struct ed *e, size_t pos, size_t len)
 		next_tok(e->f, len, &pos, &t);
 	next_tok(e->f, len, &pos, &t);	/* the delimiter */
 	next_tok(e->f, len, &pos, &t);
-	if (t.t == T_ATOM || t.t == T_QUOTED)
-		s_name(v, e, &t, &name);
+	if ((t.t == T_ATOM || t.t == T_QUOTED || t.t == T_LIT) &&
+	    s_name(v, e, &t, &name) == 0)
+		v->s.kind = R_LIST;
 	ms_vbuf_free(&name);
+}
+
+/* The fragment after a held name (LIST, STATUS). */
+static void s_held(struct ms_view *v, struct ed *e, size_t len)
+{
+	struct tok at = { T_ATOM, 0, 0 };
+
+	v->s.hold = 0;
+	s_rename(v, e, &at, &v->s.name, 1);
+	if (v->s.kind == R_STATUS)
+		s_status_items(v, e, 0, len, &v->s.name);
 }
 
 /* A tagged completion: the command is answered. */
@@ -1385,7 +1508,9 @@ static void s_frag(struct ms_view *v, struct ed *e, size_t len)
 	size_t pos = 0;
 
 	if (s->cont) {
-		if (s->kind == R_FETCH)
+		if (s->hold)
+			s_held(v, e, len);
+		else if (s->kind == R_FETCH)
 			s_fetch(v, e, 0, len);
 		else if (s->kind == R_NUMS)
 			s_nums(v, e, 0, len);
@@ -1433,25 +1558,62 @@ static int64_t frag_literal(const char *f, size_t len)
 	return literal_at(f, len, b);
 }
 
+int ms_view_client_at_rest(const struct ms_view *v)
+{
+	return !v->s.cont && !v->s.hold;
+}
+
+/* The "+" the client waits for before it sends a held literal, once the
+ * server's responses are between two. */
+static int give_plus(struct ms_view *v)
+{
+	static const char plus[] = "+ OK\r\n";
+
+	if (!v->c.plus_due || !ms_view_client_at_rest(v))
+		return 0;
+	v->c.plus_due = 0;
+	return v->reply(v->reply_ctx, plus, sizeof(plus) - 1);
+}
+
+/* A fragment read (o): on, or held with the fragments before it. */
+static int frag_out(struct ms_view *v, struct ms_view_side *sd,
+		    const struct ms_vbuf *o, ms_view_out_fn *out, void *octx)
+{
+	if (sd->hold) {
+		if (ms_vbuf_add(&sd->held, o->p, o->len) < 0)
+			return fail(v, "out of memory");
+		return give_plus(v) < 0 ? fail(v, "cannot write") : 0;
+	}
+	if (sd->held.len > 0) {
+		if (out(octx, sd->held.p, sd->held.len) < 0)
+			return fail(v, "cannot write");
+		sd->held.len = 0;
+	}
+	if (out(octx, o->p, o->len) < 0)
+		return fail(v, "cannot write");
+	return give_plus(v) < 0 ? fail(v, "cannot write") : 0;
+}
+
 static int feed(struct ms_view *v, struct ms_view_side *sd, int client,
 		const char *data, size_t len, ms_view_out_fn *out, void *octx)
 {
 	struct ms_vbuf o = { 0 };
 	int64_t lit;
+	int r = 0;
 
 	if (v->gave_up != NULL)
 		return -1;
-	while (len > 0) {
+	while (len > 0 && r == 0) {
 		const char *lf;
 		size_t n;
 		struct ed e;
 
 		if (sd->lit > 0) {
 			n = len < sd->lit ? len : (size_t)sd->lit;
-			if (sd->capture && (sd->name.len + n > 1024 ||
-			    ms_vbuf_add(&sd->name, data, n) < 0))
-				sd->capture = 0;	/* looked at: no */
-			if (out(octx, data, n) < 0)
+			/* a held name: 1024 bytes at most (name_hold) */
+			if (sd->hold && ms_vbuf_add(&sd->name, data, n) < 0)
+				return fail(v, "out of memory");
+			if (!sd->hold && out(octx, data, n) < 0)
 				return fail(v, "cannot write");
 			sd->lit -= n;
 			data += n;
@@ -1476,23 +1638,22 @@ static int feed(struct ms_view *v, struct ms_view_side *sd, int client,
 		else
 			s_frag(v, &e, sd->line.len);
 		ed_to(&e, sd->line.len);
+		if (e.err)
+			r = fail(v, "out of memory");
+		if (v->gave_up != NULL) {
+			/* ms_view_fail(): this fragment does not go on, and
+			 * what went before is where the stream stays */
+			r = -1;
+			break;
+		}
 		lit = frag_literal(sd->line.p, sd->line.len);
 		sd->cont = lit >= 0;
 		sd->lit = lit > 0 ? (uint64_t)lit : 0;
-		if (!sd->cont)
-			sd->capture = 0;
 		sd->line.len = 0;
-		if (e.err) {
-			ms_vbuf_free(&o);
-			return fail(v, "out of memory");
-		}
-		if (out(octx, o.p, o.len) < 0) {
-			ms_vbuf_free(&o);
-			return fail(v, "cannot write");
-		}
+		r = frag_out(v, sd, &o, out, octx);
 	}
 	ms_vbuf_free(&o);
-	return 0;
+	return r;
 }
 
 void ms_view_init(struct ms_view *v, ms_view_lookup_fn *lookup,
@@ -1510,10 +1671,23 @@ void ms_view_clear(struct ms_view *v)
 	ms_vbuf_free(&v->s.line);
 	ms_vbuf_free(&v->c.name);
 	ms_vbuf_free(&v->s.name);
+	ms_vbuf_free(&v->c.held);
+	ms_vbuf_free(&v->s.held);
 	for (size_t i = 0; i < v->qlen; i++)
 		free(q_at(v, i)->tag);
 	free(v->q);
 	memset(v, 0, sizeof(*v));
+}
+
+void ms_view_set_reply(struct ms_view *v, ms_view_out_fn *reply, void *ctx)
+{
+	v->reply = reply;
+	v->reply_ctx = ctx;
+}
+
+void ms_view_fail(struct ms_view *v, const char *why)
+{
+	fail(v, why);
 }
 
 int ms_view_client(struct ms_view *v, const char *data, size_t len,

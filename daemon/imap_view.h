@@ -112,8 +112,18 @@ struct ms_view_side {
 	int skip_depth;			/* inside a skipped group */
 	int want;			/* the next item is a UID/UID set */
 	int modseq;			/* MODSEQ's first argument was quoted */
-	int capture;			/* this literal is a folder name */
-	struct ms_vbuf name;		/* ... read so far */
+	const char *args;		/* the command's arguments still to
+					   come: 'N' a folder name, 'U' a UID
+					   set, 'S' one to skip, 'O' an
+					   optional (group) */
+	/* A folder name sent as a literal: the fragment before it is held,
+	 * its bytes read into name, and both go on, the name (renamed) as
+	 * a quoted string, with the fragment after it. */
+	int hold;
+	struct ms_vbuf held;		/* output held */
+	struct ms_vbuf name;		/* the literal read so far */
+	int plus_due;			/* (client) a continuation owed to
+					   the client for the held literal */
 };
 
 struct ms_view_cmd;
@@ -122,6 +132,9 @@ struct ms_view {
 	ms_view_lookup_fn *lookup;
 	ms_view_name_fn *name;
 	void *ctx;
+	ms_view_out_fn *reply;		/* to the client, for continuations
+					   the view gives itself */
+	void *reply_ctx;
 	const char *gave_up;
 	struct ms_view_side c, s;
 	/* commands sent, not answered yet, oldest first */
@@ -139,6 +152,16 @@ struct ms_view {
 void ms_view_init(struct ms_view *v, ms_view_lookup_fn *lookup,
 		  ms_view_name_fn *name, void *ctx);
 void ms_view_clear(struct ms_view *v);
+/* Where the view may write to the client on its own: the "+" a client
+ * waits for before it sends a folder name as a synchronizing literal.
+ * Without it such names go on as they are, unrenamed and not looked up. */
+void ms_view_set_reply(struct ms_view *v, ms_view_out_fn *reply, void *ctx);
+/* The view cannot go on (the store failed in lookup()): the fragment being
+ * read is not passed on, and every call from now returns -1. */
+void ms_view_fail(struct ms_view *v, const char *why);
+/* Whether what went to the client so far ends between two responses (a
+ * BYE may follow). */
+int ms_view_client_at_rest(const struct ms_view *v);
 /* The client's bytes: to out(), rewritten. 0, or -1 (out() failed, a line
  * too long, out of memory: the session must end, ms_view_gave_up() says
  * why). */

@@ -173,6 +173,11 @@ static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 	t0 = uv_hrtime();
 	if (mv_store_check(w, ms_store_folder_update(store, st)) < 0)
 		return;
+	/* The old name the gateway answers (a rollback keeps the record: the
+	 * destination's folder is still the renamed one). */
+	if (!u->reverse && mv_store_check(w, ms_store_rename_set(store, st->id,
+	    w->f->old[0] != '\0' ? w->f->old : NULL, u->dst_sep)) < 0)
+		return;
 	mv_ph_store(u, t0);
 	w->open_pending = pending;
 	mv_id_open(w, reset);

@@ -73,6 +73,9 @@ struct ms_mover {
 struct fjob {
 	char src[1024];			/* mUTF-7, source separator */
 	char dst[1024];			/* mUTF-7, destination separator */
+	char old[1024];			/* names = destination: the name
+					   kept, where dst is another (the
+					   gateway answers it); else "" */
 	char special[16];		/* \Sent ... or "" */
 	int subscribed, noselect, selected_by_plan;
 	int dst_subscribed;		/* rollback: subscribed on the

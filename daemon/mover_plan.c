@@ -343,24 +343,22 @@ int mv_folder_wanted(struct ujob *u, const char *src)
 	return ret;
 }
 
-/* The destination name of the source folder src with special use special
- * ("" for none): with names = destination, the destination's folder of the
- * same use; else src without the source's namespace prefix, by the
- * separator rule, with the destination's prefix. Returns 0, or -1 when out
- * of memory. */
-int mv_map_forward(struct ujob *u, const char *src, const char *special,
-		   char *out, size_t outsz)
+/* The destination's folder of special use special, or NULL. */
+static const char *special_dst(struct ujob *u, const char *special)
+{
+	for (unsigned int j = 0; special[0] != '\0' && j < u->ndfolders; j++)
+		if (strcasecmp(u->dfolders[j].special, special) == 0)
+			return u->dfolders[j].name;
+	return NULL;
+}
+
+/* The name src keeps on the destination (names = source): without the
+ * source's namespace prefix, by the separator rule, with the
+ * destination's prefix. 0, or -1 when out of memory. */
+static int map_kept(struct ujob *u, const char *src, char *out, size_t outsz)
 {
 	char *t;
 
-	if (special[0] != '\0' && u->m->names == MS_NAMES_DESTINATION) {
-		for (unsigned int j = 0; j < u->ndfolders; j++) {
-			if (strcasecmp(u->dfolders[j].special, special) == 0) {
-				snprintf(out, outsz, "%s", u->dfolders[j].name);
-				return 0;
-			}
-		}
-	}
 	if (strcasecmp(src, "INBOX") == 0) {
 		snprintf(out, outsz, "INBOX");
 		return 0;
@@ -371,6 +369,73 @@ int mv_map_forward(struct ujob *u, const char *src, const char *special,
 		return -1;
 	snprintf(out, outsz, "%s%s", u->dst_prefix, t);
 	free(t);
+	return 0;
+}
+
+/* With names = destination, the special-use folder of the source that src
+ * is below (the nearest one the destination has a folder of that use for),
+ * or NULL. */
+static const struct fjob *renamed_parent(struct ujob *u, const char *src)
+{
+	const struct fjob *best = NULL;
+	size_t best_len = 0;
+
+	if (u->src_sep == '\0' || u->dst_sep == '\0')
+		return NULL;
+	for (unsigned int i = 0; i < u->nfolders; i++) {
+		const struct fjob *a = &u->folders[i];
+		size_t n = strlen(a->src);
+
+		if (n > best_len && strncmp(src, a->src, n) == 0 &&
+		    src[n] == u->src_sep && special_dst(u, a->special)) {
+			best = a;
+			best_len = n;
+		}
+	}
+	return best;
+}
+
+/* The destination name of the source folder src with special use special
+ * ("" for none): with names = destination, the destination's folder of the
+ * same use, and a folder below such a folder below its new name (the
+ * source's "Sent/2019" the destination's "Sent Items/2019"); else the
+ * name kept (map_kept). Returns 0, or -1 when out of memory. */
+int mv_map_forward(struct ujob *u, const char *src, const char *special,
+		   char *out, size_t outsz)
+{
+	const struct fjob *parent;
+	const char *d;
+	char *t;
+
+	if (u->m->names != MS_NAMES_DESTINATION)
+		return map_kept(u, src, out, outsz);
+	if ((d = special_dst(u, special)) != NULL) {
+		snprintf(out, outsz, "%s", d);
+		return 0;
+	}
+	if ((parent = renamed_parent(u, src)) == NULL)
+		return map_kept(u, src, out, outsz);
+	t = ms_mailbox_translate(src + strlen(parent->src) + 1, u->src_sep,
+				 u->dst_sep);
+	if (t == NULL)
+		return -1;
+	snprintf(out, outsz, "%s%c%s", special_dst(u, parent->special),
+		 u->dst_sep, t);
+	free(t);
+	return 0;
+}
+
+/* With names = destination, the name a folder had for the user's clients
+ * when the move renamed it (map_kept), else "" (f->old). */
+static int plan_old_name(struct ujob *u, struct fjob *f)
+{
+	f->old[0] = '\0';
+	if (u->m->names != MS_NAMES_DESTINATION)
+		return 0;
+	if (map_kept(u, f->src, f->old, sizeof(f->old)) < 0)
+		return -1;
+	if (mv_name_eq(f->old, f->dst))
+		f->old[0] = '\0';
 	return 0;
 }
 
@@ -388,7 +453,7 @@ static int plan_names(struct ujob *u)
 		if (!f->selected_by_plan)
 			continue;
 		if (mv_map_forward(u, f->src, f->special, f->dst,
-				   sizeof(f->dst)) < 0)
+				   sizeof(f->dst)) < 0 || plan_old_name(u, f) < 0)
 			return -1;
 		mv_to_utf8(f->rep.source, sizeof(f->rep.source), f->src,
 			   u->src_sep);

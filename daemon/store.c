@@ -27,7 +27,7 @@
  * store. The meta table
  * (which migration the store belongs to) is made when first needed, see
  * claim(). */
-#define SCHEMA_VERSION 8
+#define SCHEMA_VERSION 9
 /* ms_store_msg_foreach reads this many records at a time (see there) */
 #define FOREACH_PAGE 128
 #define FLAGS_SIZE sizeof(((struct ms_msg_rec *)0)->flags)
@@ -145,7 +145,16 @@
 	" lease_until " INT " NOT NULL DEFAULT 0," \
 	" attempts " INT " NOT NULL DEFAULT 0," \
 	" last_error " TEXT " NOT NULL DEFAULT ''," \
-	" updated_at " INT ");"
+	" updated_at " INT ");" \
+	/* A folder the move renamed (names = destination): the name the \
+	 * user's clients knew, as the destination has it when names are \
+	 * kept (no source prefix, the destination's separator), and that \
+	 * separator. The gateway's IMAP view answers the old name. */ \
+	"CREATE TABLE IF NOT EXISTS folder_renames (" \
+	" folder_id " INT " PRIMARY KEY REFERENCES folders(id)" \
+	" ON DELETE CASCADE," \
+	" old_name " TEXT " NOT NULL," \
+	" sep " TEXT " NOT NULL);"
 
 static const char schema_sqlite[] =
 	SCHEMA("INTEGER PRIMARY KEY", "INTEGER", "TEXT", " WITHOUT ROWID");
@@ -1582,27 +1591,86 @@ int ms_store_identity_set(struct ms_store *store, int64_t folder_id,
 	return 0;
 }
 
-int ms_store_identity_lost_users(struct ms_store *store, uint64_t *users_r,
-				 uint64_t *folders_r)
+int ms_store_view_count(struct ms_store *store, struct ms_view_count *c)
 {
 	struct db_stmt *st;
 	int rc;
 
-	*users_r = *folders_r = 0;
-	if (prepare(store, "SELECT count(DISTINCT f.user_id), count(*)"
-		    " FROM folder_identity i JOIN folders f"
-		    " ON f.id = i.folder_id WHERE i.state = 2", &st,
-		    "identity_lost_users") < 0)
+	memset(c, 0, sizeof(*c));
+	if (prepare(store, "SELECT"
+		    " (SELECT count(DISTINCT user_id) FROM ("
+		    "   SELECT f.user_id FROM folder_identity i JOIN folders f"
+		    "   ON f.id = i.folder_id WHERE i.state = 2"
+		    "   UNION ALL SELECT f.user_id FROM folder_renames r"
+		    "   JOIN folders f ON f.id = r.folder_id) AS v),"
+		    " (SELECT count(DISTINCT f.user_id) FROM folder_identity i"
+		    "   JOIN folders f ON f.id = i.folder_id WHERE i.state = 2),"
+		    " (SELECT count(*) FROM folder_identity WHERE state = 2),"
+		    " (SELECT count(*) FROM folder_renames)", &st,
+		    "view_count") < 0)
 		return -1;
 	rc = db_step(st);
 	if (rc == DB_ROW) {
-		*users_r = (uint64_t)db_column_int64(st, 0);
-		*folders_r = (uint64_t)db_column_int64(st, 1);
+		c->users = (uint64_t)db_column_int64(st, 0);
+		c->lost_users = (uint64_t)db_column_int64(st, 1);
+		c->lost_folders = (uint64_t)db_column_int64(st, 2);
+		c->renamed_folders = (uint64_t)db_column_int64(st, 3);
 	}
 	db_finalize(st);
 	if (rc != DB_ROW)
-		return db_error(store, "identity_lost_users");
+		return db_error(store, "view_count");
 	return 0;
+}
+
+int ms_store_rename_set(struct ms_store *store, int64_t folder_id,
+			const char *old_name, char sep)
+{
+	struct db_stmt *st;
+	char sep_s[2] = { sep, '\0' };
+
+	if (old_name == NULL) {
+		if (prepare(store, "DELETE FROM folder_renames WHERE"
+			    " folder_id = ?1", &st, "rename_set") < 0)
+			return -1;
+		db_bind_int64(st, 1, folder_id);
+		return run_once(store, st, "rename_set");
+	}
+	if (prepare(store, "INSERT INTO folder_renames (folder_id, old_name,"
+		    " sep) VALUES (?1, ?2, ?3) ON CONFLICT (folder_id) DO"
+		    " UPDATE SET old_name = excluded.old_name,"
+		    " sep = excluded.sep", &st, "rename_set") < 0)
+		return -1;
+	db_bind_int64(st, 1, folder_id);
+	db_bind_text(st, 2, old_name);
+	db_bind_text(st, 3, sep_s);
+	return run_once(store, st, "rename_set");
+}
+
+int ms_store_rename_foreach(struct ms_store *store, int64_t user_id,
+			    ms_store_rename_cb *cb, void *ctx)
+{
+	struct db_stmt *st;
+	int rc, ret = 0;
+
+	if (prepare(store, "SELECT r.old_name, f.dst_name, r.sep FROM"
+		    " folder_renames r JOIN folders f ON f.id = r.folder_id"
+		    " WHERE f.user_id = ?1 AND f.dst_name <> ''"
+		    " ORDER BY f.src_name", &st, "rename_foreach") < 0)
+		return -1;
+	db_bind_int64(st, 1, user_id);
+	while ((rc = db_step(st)) == DB_ROW) {
+		const char *old = db_column_text(st, 0, NULL);
+		const char *dst = db_column_text(st, 1, NULL);
+		const char *sep = db_column_text(st, 2, NULL);
+
+		if ((ret = cb(ctx, old ? old : "", dst ? dst : "",
+			      sep != NULL ? sep[0] : '\0')) != 0)
+			break;
+	}
+	db_finalize(st);
+	if (ret == 0 && rc != DB_DONE)
+		return db_error(store, "rename_foreach");
+	return ret;
 }
 
 /* ---- store copy (mailshiftctl store copy): every table, between engines ----
@@ -1627,6 +1695,7 @@ static const struct copy_table {
 	{ "retirements", "id, at, uid, forced, record", 5, 1 },
 	{ "user_sizes", "user_id, messages, bytes, how, at", 5, 0 },
 	{ "folder_src_next", "folder_id, uidnext", 2, 0 },
+	{ "folder_renames", "folder_id, old_name, sep", 3, 0 },
 	{ "jobs", "user_id, kind, state, owner, lease_until, attempts, "
 	  "last_error, updated_at", 8, 0 },
 	{ "meta", "key, value", 2, 0 },

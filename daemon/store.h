@@ -138,10 +138,28 @@ int ms_store_identity_get(struct ms_store *store, int64_t folder_id,
 			  int *state_r);
 int ms_store_identity_set(struct ms_store *store, int64_t folder_id,
 			  int state, const char *reason);
-/* How many users have a folder whose identity was not kept, and how many
- * such folders there are. */
-int ms_store_identity_lost_users(struct ms_store *store, uint64_t *users_r,
-				 uint64_t *folders_r);
+/* Who needs the gateway's IMAP view: users with a folder whose identity
+ * was not kept or a folder the move renamed; the users and folders not
+ * kept; the folders renamed. */
+struct ms_view_count {
+	uint64_t users;
+	uint64_t lost_users, lost_folders;
+	uint64_t renamed_folders;
+};
+int ms_store_view_count(struct ms_store *store, struct ms_view_count *c);
+
+/* Folders the move renamed (names = destination; docs/gateway-spec.md,
+ * "Old folder names"): old_name the name the user's clients knew, as the
+ * destination has names kept, sep the destination's separator ('\0':
+ * none). old_name NULL: the folder was not renamed (the row goes). */
+int ms_store_rename_set(struct ms_store *store, int64_t folder_id,
+			const char *old_name, char sep);
+/* The user's renamed folders that were copied: old name, destination name,
+ * separator. A non-zero return from cb stops the walk and is returned. */
+typedef int ms_store_rename_cb(void *ctx, const char *old_name,
+			       const char *dst_name, char sep);
+int ms_store_rename_foreach(struct ms_store *store, int64_t user_id,
+			    ms_store_rename_cb *cb, void *ctx);
 
 /* Messages. An intent (state MS_MSG_INTENT) is written and committed before
  * the message's bytes leave for the destination; it becomes MS_MSG_DONE with

@@ -328,6 +328,13 @@ static void print_status(json_t *rep)
 		       "translates them (IMAP view); their clients need it\n",
 		       jint(rep, "identity_not_kept_users"),
 		       jint(rep, "identity_not_kept_folders"));
+	if (jint(rep, "renamed_folders") > 0)
+		printf("renamed: %lld folders (names = destination): the "
+		       "gateway answers their old names (IMAP view)\n",
+		       jint(rep, "renamed_folders"));
+	if (jint(rep, "view_users") > 0)
+		printf("IMAP view: %lld users' clients need the gateway\n",
+		       jint(rep, "view_users"));
 	fill = total > 0 ? (unsigned int)(30 * across / total) : 0;
 	memset(bar, '#', fill);
 	memset(bar + fill, '-', 30 - fill);

@@ -418,24 +418,26 @@ static int verify(struct ropts *o, struct check *ck, json_t *names,
  * stay). */
 static int check_view(struct ropts *o, struct check *ck)
 {
-	uint64_t users, folders;
-	char buf[400];
+	struct ms_view_count vc;
+	char buf[600];
 
-	if (ms_store_identity_lost_users(o->store, &users, &folders) < 0) {
+	if (ms_store_view_count(o->store, &vc) < 0) {
 		snprintf(o->err, sizeof(o->err), "store: %s",
 			 ms_store_error(o->store));
 		return -1;
 	}
 	json_object_set_new(ck->out, "view_users", json_integer((json_int_t)
-								users));
-	if (users == 0)
+								vc.users));
+	if (vc.users == 0)
 		return 0;
-	snprintf(buf, sizeof(buf), "%llu user(s) (%llu folder(s)) see the "
-		 "source's UIDVALIDITY and UIDs only through the gateway's "
-		 "IMAP view: retiring the gateway, or steering IMAP straight "
-		 "to the destination (--apply), would make their clients "
-		 "download those folders again", (unsigned long long)users,
-		 (unsigned long long)folders);
+	snprintf(buf, sizeof(buf), "%llu user(s) (%llu folder(s) with new "
+		 "UIDs, %llu renamed) see the source's UIDVALIDITY, UIDs or "
+		 "folder names only through the gateway's IMAP view: retiring "
+		 "the gateway, or steering IMAP straight to the destination "
+		 "(--apply), would make their clients download those folders "
+		 "again", (unsigned long long)vc.users,
+		 (unsigned long long)vc.lost_folders,
+		 (unsigned long long)vc.renamed_folders);
 	json_object_set_new(ck->out, "warnings", json_pack("[s]", buf));
 	return 0;
 }

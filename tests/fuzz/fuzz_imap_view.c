@@ -9,8 +9,9 @@
  * in order, twice: as they are, and with every event cut again at
  * pseudo-random points. Maps: "INBOX" and "Sent" get one (bit 0: INBOX's
  * pairs not monotone; bit 1: Sent's without pairs, and CONDSTORE not
- * withheld), every other name none;
- * the client's "Sent Items" is the server's "Sent". Oracles: both runs
+ * withheld), every other name none, "Bad" fails as a store would;
+ * the client's "Sent Items" is the server's "Sent". Folder names in
+ * literals are held, the view answering the client's "+". Oracles: both runs
  * write the same bytes each way and fail the same way; lookup() and
  * name() get NUL-terminated names; a literal's bytes come out as they went
  * in (checked by the run's equality and ASan on every copy).
@@ -31,6 +32,7 @@
 struct maps {
 	struct ms_view_map inbox, sent;
 	unsigned int mode;
+	struct ms_view *v;
 };
 
 static void maps_init(struct maps *m, unsigned int mode)
@@ -72,6 +74,8 @@ static struct ms_view_map *lookup(void *ctx, const char *name, int full)
 	assert(strlen(name) < 1u << 24);
 	if (strcmp(name, "INBOX") == 0)
 		return &m->inbox;
+	if (strcmp(name, "Bad") == 0)	/* the store failing */
+		ms_view_fail(m->v, "store failed");
 	return strcmp(name, "Sent") == 0 ? &m->sent : NULL;
 }
 
@@ -107,6 +111,8 @@ static void play(unsigned int mode, uint8_t seed, const uint8_t *data,
 
 	maps_init(&m, mode);
 	ms_view_init(&v, lookup, names, &m);
+	ms_view_set_reply(&v, out_client, r);
+	m.v = &v;
 	v.withhold = !(mode & 2);
 	while (size > 0 && !r->failed) {
 		int server = data[0] & 0x80;

@@ -11,11 +11,13 @@ doveadm_http=True: its HTTP API on a loopback port with a random key).
 """
 
 import os
+import socket
 
 import pytest
 
 import mailcheck as mc
 from conftest import Migrator, store_rows
+from test_mover import _force_new_uidvalidity
 
 USER = 'smallie'
 
@@ -112,6 +114,20 @@ def assert_identity(pair, user, only=None):
     return src
 
 
+def only_folder_not_kept(idpair, idmig, folder, why):
+    """Copies again with doveadm: exact, folder alone "not kept" (why in
+    its reason), every other folder's identity kept. Returns the run."""
+    res = idmig.run(USER, *doveadm_args(idpair.dst), expect_rc=0)
+    idpair.assert_copied(USER)
+    ids = folder_identity(res)
+    assert ids[folder][0] == 'not kept', ids
+    assert why in ids[folder][1], ids
+    others = {k: v for k, v in ids.items() if k != folder}
+    assert others and all(v[0] == 'kept' for v in others.values()), ids
+    assert_identity(idpair, USER, only=set(others))
+    return res
+
+
 def folder_identity(res):
     return {f['source']: (f.get('identity'), f.get('identity_error'))
             for f in res.json['folders']}
@@ -201,14 +217,7 @@ def test_nonempty_destination_folder_falls_back(idpair, idmig):
                   date=one[uid]['INTERNALDATE'])
     finally:
         d.logout()
-    res = idmig.run(USER, *doveadm_args(idpair.dst), expect_rc=0)
-    idpair.assert_copied(USER)
-    ids = folder_identity(res)
-    assert ids['Archive'][0] == 'not kept', ids
-    assert 'already holds 1 message' in ids['Archive'][1], ids
-    others = {k: v for k, v in ids.items() if k != 'Archive'}
-    assert others and all(v[0] == 'kept' for v in others.values()), ids
-    assert_identity(idpair, USER, only=set(others))
+    only_folder_not_kept(idpair, idmig, 'Archive', 'already holds 1 message')
     n = store_rows(idmig.store, 'SELECT count(*) FROM folder_identity '
                    'WHERE state = 2')
     assert n[0][0] == 1
@@ -226,3 +235,39 @@ def test_no_doveadm_not_kept(idpair, idmig):
     assert len(rows) == len(res.json['folders']), rows
     assert all(r[0] == 2 and r[1].startswith('not tried') for r in rows), \
         rows
+
+
+def test_api_down_falls_back(idpair, idmig, workdir):
+    """A doveadm API that cannot be reached (nothing listens on its port):
+    the copy is exact, every folder says why it is "not kept", and the
+    store records it for the gateway to translate."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]       # closed again: nothing listens
+    make_gaps(idpair.src, USER)
+    res = idmig.run(USER, '--dest-doveadm-url',
+                    'http://127.0.0.1:%d/doveadm/v1' % port,
+                    '--dest-doveadm-key-file', idpair.dst.doveadm_key_file,
+                    expect_rc=0)
+    idpair.assert_copied(USER)
+    ids = folder_identity(res)
+    assert ids and all(v[0] == 'not kept' and v[1] for v in ids.values()), \
+        ids
+    assert 'not kept' in res.stderr, res.describe()
+    rows = store_rows(idmig.store, 'SELECT state, reason FROM '
+                      'folder_identity')
+    assert len(rows) == len(ids) and all(r[0] == 2 and r[1] for r in rows), \
+        rows
+
+
+def test_source_uidvalidity_change_falls_back(idpair, idmig):
+    """The source gives a copied folder a new UIDVALIDITY (recreated)
+    between two passes: the next pass copies it exactly again, and that
+    folder alone is "not kept" (its destination already holds the old
+    copies), saying so; the others keep their identity."""
+    make_gaps(idpair.src, USER)
+    res = idmig.run(USER, *doveadm_args(idpair.dst), expect_rc=0)
+    assert set(v[0] for v in folder_identity(res).values()) == {'kept'}
+    _force_new_uidvalidity(idpair.src, USER, ['INBOX'])
+    res = only_folder_not_kept(idpair, idmig, 'INBOX', 'UIDVALIDITY changed')
+    assert 'INBOX' in res.stderr and 'not kept' in res.stderr

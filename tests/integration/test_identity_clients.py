@@ -44,18 +44,24 @@ def cpair(make_pair):
                      dst_kw=dict(same, doveadm_http=True))
 
 
-def fill(server):
+def on_server(folder, prefix=''):
+    """The server's name of a folder: below its namespace prefix."""
+    return folder if folder == 'INBOX' else prefix + folder
+
+
+def fill(server, prefix=''):
     m = server.imap(USER)
     try:
-        for folder, n in FOLDERS.items():
+        for name, n in FOLDERS.items():
+            folder = on_server(name, prefix)
             if folder != 'INBOX':
                 mc.create_folder(m, folder)
             mc.append_many(m, folder, [
-                (mc.make_message(i, 700, subject='%s %d' % (folder, i)),
+                (mc.make_message(i, 700, subject='%s %d' % (name, i)),
                  ['\\Seen'] if i % 3 == 0 else [], 1500000000 + i)
                 for i in range(1, n + 1)])
             m.select(mc.quote_mailbox(folder))
-            for uid in GAPS[folder]:
+            for uid in GAPS[name]:
                 m.uid('STORE', str(uid), '+FLAGS.SILENT', '(\\Deleted)')
             m.expunge()
             m.close()
@@ -205,14 +211,15 @@ class Offlineimap(Client):
         return base.split(',U=')[0]
 
 
-def server_view(server):
+def server_view(server, prefix=''):
     """{folder: {Subject: flags without \\Recent}} (and the message count,
     to see duplicates)."""
     m = server.imap(USER)
     out = {}
     try:
         for folder in FOLDERS:
-            msgs = mc.fetch_all(m, folder, '(FLAGS BODY.PEEK[HEADER.FIELDS '
+            msgs = mc.fetch_all(m, on_server(folder, prefix),
+                                '(FLAGS BODY.PEEK[HEADER.FIELDS '
                                 '(SUBJECT)])')
             subj = {}
             for d in msgs.values():
@@ -361,3 +368,75 @@ def test_daemon_refuses_key_file_others_can_read(cpair, workdir):
     said = str(e.value) + g.log_text()
     assert 'readable by others' in said or 'chmod 600' in said, said
     assert cpair.dst.doveadm_key not in said
+
+
+# Dovecot's own capabilities less SPECIAL-USE: a Courier-style server.
+NO_SPECIAL_USE = ('imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID '
+                  'ENABLE IDLE LITERAL+ MULTIAPPEND UNSELECT CHILDREN '
+                  'NAMESPACE UIDPLUS LIST-EXTENDED CONDSTORE QRESYNC ESEARCH '
+                  'LIST-STATUS MOVE')
+
+
+@pytest.fixture
+def courier_pair(make_pair):
+    """A Courier-style source (every folder below the personal namespace
+    "INBOX.", no SPECIAL-USE); the destination as cpair's."""
+    return make_pair(users=(), src_kw=dict(prefix='INBOX.', special_use={},
+                                           listescape=False,
+                                           extra_conf=NO_SPECIAL_USE),
+                     dst_kw=dict(separator='.', layout='maildir++',
+                                 special_use=corpus.SRC_SPECIAL,
+                                 listescape=True, doveadm_http=True))
+
+
+@CLIENTS_PRESENT
+@pytest.mark.parametrize('identity', ['doveadm', 'gateway'])
+def test_courier_source_mbsync(courier_pair, workdir, ca, identity):
+    """A source whose folders are below "INBOX." ("INBOX.Work"): the mover
+    drops the prefix ("Work"); mbsync, which takes the prefix from
+    NAMESPACE (UseNamespace, its default), synced through the gateway
+    before and after the move, runs on with no error or warning, downloads
+    nothing again, and an offline flag change lands on the right
+    message."""
+    fill(courier_pair.src, prefix='INBOX.')
+    same_password(courier_pair)
+    g = gwlib.Mailshiftd(os.path.join(workdir, 'gw'), courier_pair.src,
+                         courier_pair.dst, tls_ca=ca, policy='off',
+                         extra_conf=gw_conf(workdir, courier_pair.dst,
+                                            doveadm=identity == 'doveadm'))
+    g.start()
+    try:
+        mb = Mbsync(workdir, 'mbsync', g, ca)
+        mb.run()
+        before = mb.local()
+        assert {f: len(v) for f, v in before.items()} == {
+            f: n - len(GAPS[f]) for f, n in FOLDERS.items()}
+        assert not os.path.exists(mb.folder_dir('INBOX.Work'))
+        mb.flag_offline('Work', 'Work 8')
+
+        assert g.ctl('migrate', '--daemon', USER).rc == 0
+        g.wait_state(USER, ('destination',), timeout=120)
+        rc, out, err, j = g.ctl('status', '--json')
+        assert j['identity_not_kept_users'] == \
+            (0 if identity == 'doveadm' else 1), j
+        assert j['renamed_folders'] == 0, j     # a prefix is no rename
+
+        mb.run()
+        mb.run()
+        src = server_view(courier_pair.src, prefix='INBOX.')
+        dst = server_view(courier_pair.dst)
+        for folder in FOLDERS:
+            assert sorted(dst[folder]) == sorted(src[folder]), folder
+        assert [(f, s) for f in FOLDERS for s, fl in dst[f].items()
+                if '\\Flagged' in fl] == [('Work', 'Work 8')]
+        after = mb.local()
+        for folder in FOLDERS:
+            assert sorted(after[folder]) == sorted(before[folder]), folder
+        assert sum('F' in fl for f in FOLDERS
+                   for fl in after[f].values()) == 1
+        # No folder of the prefixed names (the destination's own empty
+        # special-use folders come along).
+        assert not [f for f in os.listdir(mb.maildir)
+                    if f.startswith('INBOX.')], os.listdir(mb.maildir)
+    finally:
+        g.stop()

@@ -27,6 +27,7 @@ import corpus
 import gateway as gwlib
 import mailcheck as mc
 from conftest import SRC_USERS, wait_for
+from test_retire import retire
 from test_identity_clients import (CLIENTS_PRESENT, FOLDERS, GAPS, USER,
                                    Mbsync, fill, gw_conf, same_password)
 
@@ -258,6 +259,14 @@ def npair(make_pair):
                                  doveadm_http=True))
 
 
+def append_sent(s):
+    """SENT messages into the source's "Sent" (connection s)."""
+    mc.append_many(s, 'Sent', [(mc.make_message(9200 + i, 600,
+                                                subject='sent %d' % i),
+                                ['\\Seen'], 1500000000 + i)
+                               for i in range(SENT)])
+
+
 def local_files(client, folder):
     d = client.folder_dir(folder)
     return sorted(client.unique(fn.partition(':')[0])
@@ -275,10 +284,7 @@ def test_old_folder_names_answered(npair, workdir, ca):
     the view, and the moved user's clients keep "Sent" and "Trash"."""
     s = npair.src.imap(USER)
     try:
-        mc.append_many(s, 'Sent', [(mc.make_message(9200 + i, 600,
-                                                    subject='sent %d' % i),
-                                    ['\\Seen'], 1500000000 + i)
-                                   for i in range(SENT)])
+        append_sent(s)
     finally:
         s.logout()
     g = moved_gateway(npair, workdir, ca, doveadm=True,
@@ -331,5 +337,306 @@ def test_old_folder_names_answered(npair, workdir, ca):
         assert set(before) <= set(after) and len(after) == SENT + 1
         assert not os.path.exists(mb.folder_dir('Sent Items'))
         assert 'IMAP view' in g.log_text()
+        # Every folder kept its identity, yet the user's clients need the
+        # gateway for the names: status and retire --check count them.
+        rc, out, err, j = g.ctl('status', '--json')
+        assert j['identity_not_kept_users'] == 0, j
+        assert j['view_users'] == 1 and j['renamed_folders'] == 2, j
+        assert 'renamed: 2 folders' in g.ctl('status').stdout
+        r = retire(g, '--check', '--json')
+        assert r.json['view_users'] == 1, r.describe()
+        assert [w for w in r.json['warnings'] if '2 renamed' in w and
+                'IMAP view' in w], r.json
+    finally:
+        g.stop()
+
+
+# ---- a renamed folder's subtree; names as literals, quoted, mUTF-7 ----
+
+# Source folders below the source's "Sent" (separator '.'), with the
+# number of messages in each; the destination (separator '/') has "Sent
+# Items" for \Sent.
+SUBTREE = {'Sent.2019': 3, 'Sent.Entwürfe': 2, 'Sent.Say "hi"': 1}
+
+
+@pytest.fixture
+def tpair(make_pair):
+    """The harness's usual pair: source '.' with "Sent", "Trash",
+    "Drafts"; destination '/' (fs layout) with "Sent Items" and "Deleted
+    Items"."""
+    return make_pair(users=(), dst_kw=dict(doveadm_http=True))
+
+
+def send_raw(m, *parts):
+    """Sends a command in parts, each but the last ending in a literal's
+    {n}: waits for the "+" after a synchronizing one. Returns the lines up
+    to the tagged answer (literals in responses read into their line)."""
+    tag = parts[0].split(b' ', 1)[0]
+    for i, p in enumerate(parts):
+        m.send(p)
+        if i + 1 < len(parts) and not p.endswith(b'+}\r\n'):
+            line = m.readline()
+            assert line.startswith(b'+'), (parts, line)
+    return read_tagged(m, tag)
+
+
+def read_tagged(m, tag):
+    lines = []
+    while True:
+        line = m.readline()
+        assert line, lines
+        lit = re.search(rb'\{(\d+)\}\r\n$', line)
+        while lit:
+            line += m.read(int(lit.group(1)))
+            more = m.readline()
+            line += more
+            lit = re.search(rb'\{(\d+)\}\r\n$', more)
+        lines.append(line)
+        if line.startswith(tag + b' '):
+            return lines
+
+
+def tagged_ok(lines):
+    assert lines[-1].split(b' ')[1] == b'OK', lines
+    return lines
+
+
+def names_of(server_or_conn, subscribed=False):
+    return sorted(f['name'] for f in mc.list_folders(server_or_conn,
+                                                     subscribed))
+
+
+def dst_names(pair, subscribed=False):
+    d = pair.dst.imap(USER)
+    try:
+        return names_of(d, subscribed)
+    finally:
+        d.logout()
+
+
+@CLIENTS_PRESENT
+def test_renamed_subtree_answered(tpair, workdir, ca):
+    """names = destination, no doveadm: the source's "Sent" is the
+    destination's "Sent Items", and its subfolders went below it ("Sent
+    Items/2019"). Through the gateway the moved user finds the whole
+    subtree under its old names (in the destination's separator), with the
+    source's UIDVALIDITY and UIDs; every command that names a folder
+    reaches the renamed one, whether the name comes as an atom, a quoted
+    string with escapes, a literal (synchronizing or not) or in modified
+    UTF-7; mbsync, which cached the subtree, runs on."""
+    s = tpair.src.imap(USER)
+    try:
+        append_sent(s)
+        for n, (f, count) in enumerate(sorted(SUBTREE.items())):
+            mc.create_folder(s, f)
+            mc.append_many(s, f, [(mc.make_message(9300 + 10 * n + i, 600,
+                                                   subject='%s %d' % (f, i)),
+                                   [], 1500000000 + i)
+                                  for i in range(count)])
+    finally:
+        s.logout()
+    g = moved_gateway(tpair, workdir, ca, doveadm=False,
+                      extra=['[mover]', 'names = destination'])
+    try:
+        mb = Mbsync(workdir, 'mbsync', g, ca)
+        mb.run()
+
+        def local(f):
+            # mbsync 1.4 keeps the names in modified UTF-7
+            return local_files(mb, mc.mutf7_encode(f.replace('.', '/')))
+        before = {f: local(f) for f in ['Sent'] + list(SUBTREE)}
+        assert [len(v) for k, v in sorted(before.items())] == \
+            [SENT] + [c for _, c in sorted(SUBTREE.items())], before
+        src = tpair.src.imap(USER)
+        try:
+            want = {f: uid_subjects(src, f) for f in SUBTREE}
+        finally:
+            src.logout()
+        move(g)
+
+        # The mover put the subtree below the new name: no "Sent" left
+        # on the destination, not even as a parent without mail.
+        on_dst = dst_names(tpair)
+        for f in SUBTREE:
+            assert 'Sent Items/' + f.split('.', 1)[1] in on_dst, on_dst
+        assert not [n for n in on_dst if n == 'Sent' or
+                    n.startswith('Sent/')], on_dst
+
+        m = through(g, ca)
+        try:
+            seen = names_of(m)
+            for f in SUBTREE:
+                assert f.replace('.', '/') in seen, seen
+            assert 'Sent' in seen, seen
+            assert not [n for n in seen if n.startswith('Sent Items')], seen
+            # Each subfolder: the source's UIDVALIDITY and UIDs.
+            for f in SUBTREE:
+                uids, codes = uid_subjects(m, f.replace('.', '/'))
+                assert uids == want[f][0], f
+                assert codes['UIDVALIDITY'] == want[f][1]['UIDVALIDITY'], f
+                assert codes['UIDNEXT'] >= want[f][1]['UIDNEXT'], f
+                st = status(m, f.replace('.', '/'))
+                assert st['UIDVALIDITY'] == want[f][1]['UIDVALIDITY'], f
+            # A pattern below the old name.
+            typ, data = m.list('""', '"Sent/*"')
+            assert typ == 'OK' and len(data) == len(SUBTREE), data
+            assert all(b'"Sent/' in d or b'}' in d for d in data), data
+
+            # Names as literals: synchronizing (the gateway gives the
+            # "+"), and LITERAL+; in modified UTF-7.
+            lines = tagged_ok(send_raw(m, b't1 SELECT {9}\r\n',
+                                       b'Sent/2019\r\n'))
+            assert b'* OK [UIDVALIDITY %d]' % \
+                want['Sent.2019'][1]['UIDVALIDITY'] in b''.join(lines), lines
+            lines = tagged_ok(send_raw(
+                m, b't2 STATUS {17+}\r\n',
+                b'Sent/Entw&APw-rfe (MESSAGES UIDVALIDITY)\r\n'))
+            assert b'* STATUS "Sent/Entw&APw-rfe" (MESSAGES 2 ' \
+                b'UIDVALIDITY %d)' % want['Sent.Entwürfe'][1][
+                    'UIDVALIDITY'] in b''.join(lines), lines
+            tagged_ok(send_raw(m, b't3 CREATE {9}\r\n', b'Sent/2020\r\n'))
+            tagged_ok(send_raw(m, b't4 RENAME {9}\r\n', b'Sent/2020 {9}\r\n',
+                               b'Sent/2021\r\n'))
+            tagged_ok(send_raw(m, b't5 SUBSCRIBE "Sent/2021"\r\n'))
+            msg = mc.make_message(9400, 600, subject='appended')
+            lines = tagged_ok(send_raw(m, b't6 APPEND {9}\r\n',
+                                       b'Sent/2021 {%d}\r\n' % len(msg),
+                                       msg + b'\r\n'))
+            assert b'[APPENDUID ' in lines[-1], lines
+            # A quoted string with escapes.
+            lines = tagged_ok(send_raw(m, b't7 SELECT "Sent/Say \\"hi\\""'
+                                       b'\r\n'))
+            assert b'* 1 EXISTS' in b''.join(lines), lines
+            # COPY and MOVE to old names (one as a literal).
+            tagged_ok(send_raw(m, b't8 UID COPY 1:* {9}\r\n',
+                               b'Sent/2021\r\n'))
+            tagged_ok(send_raw(m, b't9 SELECT Sent/2019\r\n'))
+            lines = tagged_ok(send_raw(m, b'u1 UID MOVE 1:* "Sent/2021"\r\n'))
+            assert b'COPYUID' in b''.join(lines), lines
+            subs = names_of(m, subscribed=True)
+            assert 'Sent/2021' in subs, subs
+            assert not [n for n in subs if n.startswith('Sent Items')], subs
+        finally:
+            m.logout()
+        # The commands reached the renamed folders.
+        assert 'Sent Items/2021' in dst_names(tpair, subscribed=True)
+        d = tpair.dst.imap(USER)
+        try:
+            assert len(mc.fetch_all(d, 'Sent Items/2021', '(UID)')) == \
+                1 + 1 + SUBTREE['Sent.2019']
+            assert mc.fetch_all(d, 'Sent Items/2019', '(UID)') == {}
+        finally:
+            d.logout()
+        m = through(g, ca)
+        try:
+            tagged_ok(send_raw(m, b'v1 DELETE {9}\r\n', b'Sent/2021\r\n'))
+        finally:
+            m.logout()
+        on_dst = dst_names(tpair)
+        assert 'Sent Items/2021' not in on_dst and \
+            'Sent Items/2020' not in on_dst, on_dst
+
+        # mbsync has the subtree cached under the old names: nothing
+        # downloaded again, no folder of the new names (the 2019 folder
+        # was emptied above: its mail left through the move).
+        mb.run()
+        mb.run()
+        assert local_files(mb, 'Sent') == before['Sent']
+        for f in ('Sent.Entwürfe', 'Sent.Say "hi"'):
+            assert local(f) == before[f], f
+        assert not os.path.exists(mb.folder_dir('Sent Items'))
+    finally:
+        g.stop()
+
+
+def test_store_failure_ends_view_session(vpair, workdir, ca):
+    """The store becomes unreadable while a moved user's session runs: the
+    response that needed it is not passed on (no destination UIDVALIDITY
+    under the source's), the client gets BYE [UNAVAILABLE] and the
+    session ends; mended, the next session is whole again."""
+    from test_pop3_uidl import break_tables
+    g = moved_gateway(vpair, workdir, ca, doveadm=False)
+    try:
+        move(g)
+        d = vpair.dst.imap(USER)
+        try:
+            dst_uv = status(d, 'Work')['UIDVALIDITY']
+        finally:
+            d.logout()
+        for cmd in (b'x1 STATUS Work (UIDVALIDITY UIDNEXT)\r\n',
+                    b'x2 SELECT Work\r\n'):
+            m = through(g, ca)
+            try:
+                tagged_ok(send_raw(m, b'x0 SELECT INBOX\r\n'))
+                undo = break_tables(g.store_path, ['folders'])
+                try:
+                    m.send(cmd)
+                    data = b''
+                    while True:
+                        line = m.readline()
+                        if not line:
+                            break
+                        data += line
+                finally:
+                    undo()
+            finally:
+                m.shutdown()
+            assert b'* BYE [UNAVAILABLE]' in data, data
+            assert b'%d' % dst_uv not in data, data
+            assert cmd.split(b' ')[0] + b' OK' not in data, data
+        assert re.search(r'IMAP view: store failed; the session ends',
+                         g.log_text()), g.log_tail()
+        m = through(g, ca)
+        try:
+            assert status(m, 'Work')['UIDVALIDITY'] != dst_uv
+        finally:
+            m.logout()
+    finally:
+        g.stop()
+
+
+def test_api_down_falls_back_to_view(vpair, workdir, ca):
+    """The gateway's doveadm API cannot be reached during the move: each
+    folder says why its identity was not kept, the copy is exact, and the
+    moved user's sessions get the view (the source's UIDVALIDITY and UIDs)
+    rather than failing."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]       # closed again: nothing listens
+    fill(vpair.src)
+    src = vpair.src.imap(USER)
+    try:
+        want = seen_by(src)
+    finally:
+        src.logout()
+    second = int(time.time())
+    same_password(vpair)
+    assert wait_for(lambda: int(time.time()) > second, 5)
+    conf = gw_conf(workdir, vpair.dst, doveadm=True).replace(
+        vpair.dst.doveadm_url(), 'http://127.0.0.1:%d/doveadm/v1' % port)
+    assert ':%d/' % port in conf
+    g = gwlib.Mailshiftd(os.path.join(workdir, 'gw'), vpair.src, vpair.dst,
+                         tls_ca=ca, policy='off', extra_conf=conf)
+    g.start()
+    try:
+        move(g)
+        vpair.assert_copied(USER)
+        rc, out, err, j = g.ctl('status', '--json')
+        assert j['identity_not_kept_users'] == 1, j
+        assert j['identity_not_kept_folders'] >= len(FOLDERS), j
+        for f in FOLDERS:
+            assert re.search(r'folder "%s": UIDVALIDITY and UIDs not kept: '
+                             r'.+; the gateway must translate them' % f,
+                             g.log_text()), g.log_tail()
+        m = through(g, ca)
+        try:
+            assert 'CONDSTORE' not in caps(m)
+            for f in FOLDERS:
+                uids, codes = uid_subjects(m, f)
+                assert uids == want[f][0], f
+                assert codes['UIDVALIDITY'] == want[f][1]['UIDVALIDITY'], f
+        finally:
+            m.logout()
     finally:
         g.stop()

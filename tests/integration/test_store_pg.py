@@ -35,6 +35,7 @@ TABLES = {
     'retirements': 'id, at, uid, forced, record',
     'user_sizes': 'user_id, messages, bytes, how, at',
     'folder_src_next': 'folder_id, uidnext',
+    'folder_renames': 'folder_id, old_name, sep',
     'jobs': 'user_id, kind, state, owner, lease_until, attempts, '
             'last_error, updated_at',
     'meta': 'key, value',

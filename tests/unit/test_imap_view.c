@@ -130,6 +130,7 @@ static void test_not_monotone(void **state)
 struct fix {
 	struct ms_view_map inbox, sent;
 	struct ms_vbuf out;
+	struct ms_view *v;		/* for a lookup that fails */
 };
 
 static struct ms_view_map *lookup(void *ctx, const char *name, int full)
@@ -141,15 +142,23 @@ static struct ms_view_map *lookup(void *ctx, const char *name, int full)
 		return &f->inbox;
 	if (strcmp(name, "Sent") == 0)
 		return &f->sent;
+	if (strcmp(name, "Broken") == 0 && f->v != NULL)
+		ms_view_fail(f->v, "store failed");	/* as the gateway's */
 	return NULL;
 }
 
 static const char *names(void *ctx, const char *name, int to_dst)
 {
 	(void)ctx;
-	if (to_dst)
-		return strcmp(name, "Sent Items") == 0 ? "Sent" : NULL;
-	return strcmp(name, "Sent") == 0 ? "Sent Items" : NULL;
+	/* Sent Items -> Sent; a name with the quoted string's specials */
+	static const char *const pairs[][2] = {
+		{ "Sent Items", "Sent" }, { "Odd \"Q\" \\ B", "Odd\\New" },
+	};
+
+	for (size_t i = 0; i < sizeof(pairs) / sizeof(*pairs); i++)
+		if (strcmp(name, pairs[i][!to_dst]) == 0)
+			return pairs[i][to_dst];
+	return NULL;
 }
 
 static int out(void *ctx, const char *data, size_t len)
@@ -184,6 +193,7 @@ static void run(const char *const *events, size_t n, const char *want)
 
 		fix_init(&f);
 		ms_view_init(&v, lookup, names, &f);
+		ms_view_set_reply(&v, out, &f.out);
 		v.withhold = 1;
 		for (size_t i = 0; i < n; i++) {
 			const char *t = events[i] + 2;
@@ -346,17 +356,96 @@ static void test_names_caps(void **state)
 	    "C g LIST \"\" \"Sent Items\"\n");
 }
 
-/* A folder named by a literal: its map is found, its name left. */
+/* A folder named by a literal: the view answers the client's "+" itself,
+ * reads the name, finds its map and sends it on quoted. */
 static void test_literal_name(void **state)
 {
 	(void)state;
-	RUN("a SELECT {5}\nINBOX\n"
+	RUN("+ OK\n"
+	    "a SELECT \"INBOX\"\n"
 	    "* OK [UIDVALIDITY 1111] x\n"
 	    "a OK done\n"
 	    "b UID FETCH 5 UID\n",
 	    "C a SELECT {5}\n", "C INBOX\n",
 	    "S * OK [UIDVALIDITY 2222] x\na OK done\n",
 	    "C b UID FETCH 15 UID\n");
+}
+
+/* Names as literals, both ways, renamed; quoted strings with escapes. */
+static void test_literal_names_renamed(void **state)
+{
+	(void)state;
+	RUN("+ OK\n"
+	    /* two names in literals, one synchronizing */
+	    "+ OK\n"
+	    "a RENAME \"Sent\" \"Sent\"\n"
+	    "b STATUS \"Sent\" (UIDNEXT)\n"
+	    "c APPEND \"Sent\" {3}\nabc\n"
+	    "* STATUS \"Sent Items\" (UIDVALIDITY 4444 UIDNEXT 105)\n"
+	    "* LIST () \"/\" \"Sent Items\"\n"
+	    "* LIST () \"/\" {3}\n\xc3\xa9x\n"
+	    /* the reference is no name: the server's "+" for it, ours for
+	     * the pattern */
+	    "d LIST {0}\n+ OK\n \"Sent\"\n"
+	    /* a name no quoted string can hold: a literal, LITERAL+ */
+	    "+ OK\ne SELECT {3+}\n\xc3\xa9x\n"
+	    "f SELECT \"Odd\\\\New\"\n"
+	    "* LIST () \"/\" \"Odd \\\"Q\\\" \\\\ B\"\n",
+	    "C a RENAME {10}\n", "C Sent Items {10}\n", "C Sent Items\n",
+	    "C b STATUS {10+}\nSent Items (UIDNEXT)\n",
+	    "C c APPEND {10+}\nSent Items {3}\n", "C abc\n",
+	    "S * STATUS {4}\nSent (UIDVALIDITY 3333 UIDNEXT 5)\n",
+	    "S * LIST () \"/\" {4}\nSent\n",
+	    "S * LIST () \"/\" {3}\n\xc3\xa9x\n",
+	    "C d LIST {0}\n", "C  {10}\n", "C Sent Items\n",
+	    "C e SELECT {3}\n", "C \xc3\xa9x\n",
+	    "C f SELECT \"Odd \\\"Q\\\" \\\\ B\"\n",
+	    "S * LIST () \"/\" \"Odd\\\\New\"\n");
+}
+
+/* A client's synchronizing literal while the server is in the middle of a
+ * response: the "+" waits for the response's end. */
+static void test_literal_plus_waits(void **state)
+{
+	(void)state;
+	RUN("* 1 FETCH (BODY[] {3}\nabc)\n"
+	    "+ OK\n"
+	    "b SELECT \"Sent\"\n",
+	    "S * 1 FETCH (BODY[] {3}\n", "S abc",
+	    "C b SELECT {10}\n",
+	    "S )\n",
+	    "C Sent Items\n");
+}
+
+/* The store fails in the middle of a session: the line that needed it is
+ * not passed on, and the view ends. */
+static void test_store_failure(void **state)
+{
+	struct fix f;
+	struct ms_view v;
+	static const char st[] = "* STATUS Broken (UIDVALIDITY 9 UIDNEXT 4)\r\n";
+
+	(void)state;
+	for (int client = 0; client < 2; client++) {
+		fix_init(&f);
+		ms_view_init(&v, lookup, names, &f);
+		f.v = &v;
+		assert_int_equal(ms_view_client(&v, "a NOOP\r\n", 8, out,
+						&f.out), 0);
+		if (client)
+			assert_int_equal(ms_view_client(&v, "b SELECT Broken\r\n",
+							17, out, &f.out), -1);
+		else
+			assert_int_equal(ms_view_server(&v, st, sizeof(st) - 1,
+							out, &f.out), -1);
+		assert_string_equal(ms_view_gave_up(&v), "store failed");
+		assert_string_equal(f.out.p, "a NOOP\r\n");
+		assert_true(ms_view_client_at_rest(&v));
+		assert_int_equal(ms_view_server(&v, "a OK\r\n", 6, out,
+						&f.out), -1);
+		ms_view_clear(&v);
+		fix_clear(&f);
+	}
 }
 
 /* A folder name too long to look at, or none: the UIDs that follow are
@@ -453,6 +542,9 @@ int main(void)
 		cmocka_unit_test(test_append_copy_status),
 		cmocka_unit_test(test_names_caps),
 		cmocka_unit_test(test_literal_name),
+		cmocka_unit_test(test_literal_names_renamed),
+		cmocka_unit_test(test_literal_plus_waits),
+		cmocka_unit_test(test_store_failure),
 		cmocka_unit_test(test_other_uidvalidity),
 		cmocka_unit_test(test_unknown_folder),
 		cmocka_unit_test(test_line_too_long),

@@ -216,7 +216,7 @@ static void test_open_file(void **state)
 
 	sql_text(f, "PRAGMA journal_mode", mode, sizeof(mode));
 	assert_string_equal(mode, "wal");
-	assert_int_equal(sql_int(f, "PRAGMA user_version"), 8);
+	assert_int_equal(sql_int(f, "PRAGMA user_version"), 9);
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM sqlite_master "
 				 "WHERE type = 'table' AND name IN "
 				 "('users', 'folders', 'messages', 'rintents')"),
@@ -236,7 +236,7 @@ static void test_open_file(void **state)
 
 		store_path(f, ".new", buf, sizeof(buf));
 		assert_int_equal(sqlite3_open(buf, &db), SQLITE_OK);
-		assert_int_equal(sqlite3_exec(db, "PRAGMA user_version = 9",
+		assert_int_equal(sqlite3_exec(db, "PRAGMA user_version = 10",
 					      NULL, NULL, NULL), SQLITE_OK);
 		sqlite3_close(db);
 		error = NULL;
@@ -856,31 +856,44 @@ static int folder_cb(void *ctx, const struct ms_folder_state *st)
 	return fw->n == 8 ? 5 : 0;
 }
 
+static int rename_cb(void *ctx, const char *old_name, const char *dst_name,
+		     char sep)
+{
+	char *buf = ctx;
+	size_t n = strlen(buf);
+
+	snprintf(buf + n, 256 - n, "%s>%s%c;", old_name, dst_name, sep);
+	return 0;
+}
+
 /* Folder identity: no row is "never tried"; LOST rows are counted per
- * user and folder; the row goes with its folder. */
+ * user and folder; the row goes with its folder. Renames: counted as
+ * needing the view too, walked per user, gone when cleared. */
 static void test_identity(void **state)
 {
 	struct fixture *f = *state;
-	struct ms_folder_state a, b, c;
-	int64_t alice, bob;
-	uint64_t users, folders;
+	struct ms_folder_state a, b, c, d;
+	int64_t alice, bob, carol;
+	struct ms_view_count vc;
+	char walk[256] = "";
 	int st;
 
 	assert_int_equal(ms_store_user_get(f->store, "alice", &alice), 0);
 	assert_int_equal(ms_store_user_get(f->store, "bob", &bob), 0);
+	assert_int_equal(ms_store_user_get(f->store, "carol", &carol), 0);
 	assert_int_equal(ms_store_folder_get(f->store, alice, "INBOX", &a), 0);
 	assert_int_equal(ms_store_folder_get(f->store, alice, "Work", &b), 0);
 	assert_int_equal(ms_store_folder_get(f->store, bob, "INBOX", &c), 0);
+	assert_int_equal(ms_store_folder_get(f->store, carol, "Sent", &d), 0);
 	assert_int_equal(ms_store_identity_get(f->store, a.id, &st), 0);
 	assert_int_equal(st, MS_ID_NONE);
 	assert_int_equal(ms_store_identity_set(f->store, a.id, MS_ID_KEPT,
 					       NULL), 0);
 	assert_int_equal(ms_store_identity_get(f->store, a.id, &st), 0);
 	assert_int_equal(st, MS_ID_KEPT);
-	assert_int_equal(ms_store_identity_lost_users(f->store, &users,
-						      &folders), 0);
-	assert_int_equal(users, 0);
-	assert_int_equal(folders, 0);
+	assert_int_equal(ms_store_view_count(f->store, &vc), 0);
+	assert_int_equal(vc.users, 0);
+	assert_int_equal(vc.lost_folders, 0);
 	assert_int_equal(ms_store_identity_set(f->store, a.id, MS_ID_LOST,
 					       "wrong key"), 0);
 	assert_int_equal(ms_store_identity_set(f->store, b.id, MS_ID_LOST,
@@ -889,11 +902,35 @@ static void test_identity(void **state)
 					       NULL), 0);
 	assert_int_equal(ms_store_identity_get(f->store, a.id, &st), 0);
 	assert_int_equal(st, MS_ID_LOST);
-	assert_int_equal(ms_store_identity_lost_users(f->store, &users,
-						      &folders), 0);
-	assert_int_equal(users, 1);
-	assert_int_equal(folders, 2);
+	assert_int_equal(ms_store_view_count(f->store, &vc), 0);
+	assert_int_equal(vc.users, 1);
+	assert_int_equal(vc.lost_folders, 2);
+	assert_int_equal(vc.renamed_folders, 0);
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM folder_identity"), 3);
+
+	/* carol kept her identity, but "Sent" became "Sent Items": she
+	 * needs the view too; alice's renamed folder counts her once */
+	assert_int_equal(ms_store_identity_set(f->store, d.id, MS_ID_KEPT,
+					       NULL), 0);
+	snprintf(d.dst_name, sizeof(d.dst_name), "Sent Items");
+	assert_int_equal(ms_store_folder_update(f->store, &d), 0);
+	snprintf(b.dst_name, sizeof(b.dst_name), "Projects");
+	assert_int_equal(ms_store_folder_update(f->store, &b), 0);
+	assert_int_equal(ms_store_rename_set(f->store, d.id, "Sent", '/'), 0);
+	assert_int_equal(ms_store_rename_set(f->store, d.id, "Sent", '.'), 0);
+	assert_int_equal(ms_store_rename_set(f->store, b.id, "Work", '.'), 0);
+	assert_int_equal(ms_store_view_count(f->store, &vc), 0);
+	assert_int_equal(vc.users, 2);
+	assert_int_equal(vc.lost_users, 1);
+	assert_int_equal(vc.lost_folders, 2);
+	assert_int_equal(vc.renamed_folders, 2);
+	assert_int_equal(ms_store_rename_foreach(f->store, carol, rename_cb,
+						 walk), 0);
+	assert_string_equal(walk, "Sent>Sent Items.;");
+	assert_int_equal(ms_store_rename_set(f->store, d.id, NULL, 0), 0);
+	assert_int_equal(ms_store_view_count(f->store, &vc), 0);
+	assert_int_equal(vc.users, 1);
+	assert_int_equal(vc.renamed_folders, 1);
 }
 
 static void test_folder_foreach(void **state)

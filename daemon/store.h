@@ -326,4 +326,28 @@ int ms_store_job_claim(struct ms_store *store, const char *owner,
 		       unsigned int lease_ms, unsigned int max, int queued,
 		       ms_store_job_cb *cb, void *ctx);
 
+/* Several gateways on one store (docs/design.md, "Several gateways").
+ * _request: the user's cutover (kind "cutover" or "rollback") asked by
+ * gateway, replacing an earlier one and its acknowledgements; *seq_r
+ * tells it apart. A final state of the user's (ms_store_user_set_state:
+ * destination, source, failed) clears it in the same transaction, as
+ * _clear does. */
+int ms_store_cutover_request(struct ms_store *store, int64_t user_id,
+			     const char *gateway, const char *kind,
+			     int64_t *seq_r);
+int ms_store_cutover_clear(struct ms_store *store, int64_t user_id);
+/* The gateway's row, (re)started now; removed at a clean stop. */
+int ms_store_gateway_register(struct ms_store *store, const char *name);
+int ms_store_gateway_remove(struct ms_store *store, const char *name);
+struct ms_gateway_row {
+	char name[128];
+	int64_t started_ms, heartbeat_ms;	/* the database's clock */
+	int64_t age_ms;			/* since the last heartbeat */
+	int64_t sessions, copies;	/* as of that heartbeat */
+};
+/* Every gateway's row, by name; a non-zero return from cb stops. */
+typedef int ms_store_gateway_cb(void *ctx, const struct ms_gateway_row *g);
+int ms_store_gateway_foreach(struct ms_store *store, ms_store_gateway_cb *cb,
+			     void *ctx);
+
 #endif

@@ -86,6 +86,7 @@ struct ms_cluster {
 	uv_timer_t *retry;		/* a new connection */
 	struct cq *head, *tail;
 	int flushing;			/* output not all sent yet */
+	int inflight;			/* the head is on the wire */
 
 	uint64_t last_ok;		/* uv_now() when the last heartbeat
 					   the database took was sent */
@@ -249,13 +250,14 @@ static void queue_run(struct ms_cluster *c)
 {
 	struct cq *q = c->head;
 
-	if (q == NULL || !c->connected)
+	if (q == NULL || !c->connected || c->inflight)
 		return;
 	if (!PQsendQueryParams(c->conn, q->sql, q->nparams, NULL,
 			       (const char *const *)q->params, NULL, NULL, 0)) {
 		conn_lost(c, PQerrorMessage(c->conn));
 		return;
 	}
+	c->inflight = 1;
 	c->flushing = PQflush(c->conn) == 1;
 	watch(c, UV_READABLE | (c->flushing ? UV_WRITABLE : 0));
 }
@@ -263,7 +265,7 @@ static void queue_run(struct ms_cluster *c)
 /* The head's results, as far as they have come. */
 static void queue_read(struct ms_cluster *c)
 {
-	while (c->head != NULL && !PQisBusy(c->conn)) {
+	while (c->head != NULL && c->inflight && !PQisBusy(c->conn)) {
 		struct cq *q = c->head;
 		PGresult *res = PQgetResult(c->conn);
 
@@ -275,6 +277,7 @@ static void queue_read(struct ms_cluster *c)
 		c->head = q->next;
 		if (c->head == NULL)
 			c->tail = NULL;
+		c->inflight = 0;
 		q->done(c, q->res, q->arg);
 		cq_free(q);
 		if (c->conn == NULL || !c->connected)
@@ -376,6 +379,7 @@ static void conn_close(struct ms_cluster *c)
 	struct cq *q;
 
 	c->connected = 0;
+	c->inflight = 0;
 	c->caught_up = 0;
 	c->epoch++;
 	c->reconcile_queued = 0;

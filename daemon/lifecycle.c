@@ -413,10 +413,13 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 		gw_flip_when_quiet(gw, gu);
 		return;
 	}
-	if (!gu->cutover && gu->sessions == 0 && gu->touched) {
+	if (!gu->cutover && gu->sessions == 0 &&
+	    (gu->touched || gw->cluster != NULL)) {
 		/* The user worked on the source while this copy ran and has
 		 * logged off since: a last delta, with nobody on the
-		 * source, before the flip. */
+		 * source, before the flip. With several gateways, always:
+		 * the others may have had sessions, which the cutover's
+		 * request ends before its delta. */
 		gw_cutover_begin(gw, gu);
 		return;
 	}

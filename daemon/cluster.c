@@ -492,14 +492,9 @@ static void on_poll(uv_poll_t *h, int status, int events)
  * the store's (store_pg.c): the URL's own values come later and win. */
 static void conn_start(struct ms_cluster *c)
 {
-	const char *const keys[] = { "connect_timeout", "tcp_user_timeout",
-				     "keepalives_idle", "keepalives_interval",
-				     "keepalives_count",
-				     "fallback_application_name", "dbname",
-				     NULL };
-	const char *const vals[] = { "10", "30000", "10", "5", "3",
-				     "mailshift-cluster", c->url, NULL };
+	const char *keys[MS_PG_PARAMS], *vals[MS_PG_PARAMS];
 
+	ms_store_pg_params(c->url, "mailshift-cluster", keys, vals);
 	c->conn = PQconnectStartParams(keys, vals, 1);
 	if (c->conn == NULL || PQstatus(c->conn) == CONNECTION_BAD) {
 		conn_lost(c, c->conn != NULL ? PQerrorMessage(c->conn) :

@@ -29,6 +29,13 @@ int ms_store_is_url(const char *target);
 /* 0 for a postgresql:// URL libpq can read and that holds no password;
  * else -1 and why in err (which never repeats the URL). */
 int ms_store_url_check(const char *url, char *err, size_t errsz);
+/* The libpq keywords and values a connection to url opens with (bounds
+ * on how long a dead server holds a call; application name app), for
+ * PQconnectdbParams with expand_dbname: the URL's own values win. */
+#define MS_PG_PARAMS 8
+void ms_store_pg_params(const char *url, const char *app,
+			const char *keys[MS_PG_PARAMS],
+			const char *vals[MS_PG_PARAMS]);
 void ms_store_close(struct ms_store **store);
 const char *ms_store_error(const struct ms_store *store);
 

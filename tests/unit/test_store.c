@@ -216,7 +216,7 @@ static void test_open_file(void **state)
 
 	sql_text(f, "PRAGMA journal_mode", mode, sizeof(mode));
 	assert_string_equal(mode, "wal");
-	assert_int_equal(sql_int(f, "PRAGMA user_version"), 8);
+	assert_int_equal(sql_int(f, "PRAGMA user_version"), 9);
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM sqlite_master "
 				 "WHERE type = 'table' AND name IN "
 				 "('users', 'folders', 'messages', 'rintents')"),
@@ -236,7 +236,7 @@ static void test_open_file(void **state)
 
 		store_path(f, ".new", buf, sizeof(buf));
 		assert_int_equal(sqlite3_open(buf, &db), SQLITE_OK);
-		assert_int_equal(sqlite3_exec(db, "PRAGMA user_version = 9",
+		assert_int_equal(sqlite3_exec(db, "PRAGMA user_version = 10",
 					      NULL, NULL, NULL), SQLITE_OK);
 		sqlite3_close(db);
 		error = NULL;
@@ -1243,7 +1243,7 @@ static void test_pg_open(void **state)
 	if (pg_url == NULL)
 		skip();
 	assert_int_equal(sql_int(f, "SELECT version FROM mailshift_schema"),
-			 8);
+			 9);
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM pg_tables WHERE "
 				 "tablename IN ('users', 'folders', "
 				 "'messages', 'rintents')"), 4);
@@ -1279,12 +1279,12 @@ static void test_pg_open(void **state)
 	assert_string_equal(buf, "src=a dst=b");
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM users"), 1);
 
-	pg_sql("UPDATE mailshift_schema SET version = 9", NULL, 0);
+	pg_sql("UPDATE mailshift_schema SET version = 10", NULL, 0);
 	assert_int_equal(ms_store_open(pg_url, &s, &error), -1);
 	assert_non_null(strstr(error, "newer"));
 	free(error);
 	assert_int_equal(sql_int(f, "SELECT version FROM mailshift_schema"),
-			 9);
+			 10);
 	pg_sql("UPDATE mailshift_schema SET version = 7", NULL, 0);
 	assert_int_equal(ms_store_open(pg_url, &f->store, NULL), 0);
 }

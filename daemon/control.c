@@ -317,12 +317,19 @@ static json_t *retired_json(struct ms_store *store)
 			 (json_int_t)r.uid, "forced", r.forced);
 }
 
+/* Every gateway on the store, for status and sessions: [] with SQLite. */
+static json_t *gateways_json(struct ms_control *ctl)
+{
+	return ctl->gw != NULL ? ms_gateway_cluster_json(ctl->gw) :
+	       json_array();
+}
+
 static json_t *cmd_status(struct ms_control *ctl, json_t *req)
 {
 	struct list_ctx lc = { .ctl = ctl };
 	struct ms_progress p = { 0 };
 	struct ms_view_count vc;
-	json_t *by_state, *rep;
+	json_t *by_state, *rep, *gws;
 
 	if (ms_store_user_foreach(ctl->store, on_user, &lc) != 0 ||
 	    ms_store_view_count(ctl->store, &vc) < 0)
@@ -367,6 +374,12 @@ static json_t *cmd_status(struct ms_control *ctl, json_t *req)
 	/* The caps that protect the source, and the back-off. */
 	json_object_set_new(rep, "mover", ctl->gw != NULL ?
 			    ms_gateway_mover_json(ctl->gw) : json_null());
+	/* Several gateways on one store: each one's heartbeat and load. */
+	if ((gws = gateways_json(ctl)) == NULL) {
+		json_decref(rep);
+		return error("store: %s", ms_store_error(ctl->store));
+	}
+	json_object_set_new(rep, "gateways", gws);
 	return rep;
 }
 
@@ -482,8 +495,13 @@ static json_t *cmd_policy_limits(struct ms_control *ctl, json_t *req)
 
 static json_t *cmd_sessions(struct ms_control *ctl, json_t *req)
 {
-	return json_pack("{s:b, s:o}", "ok", 1, "sessions", ctl->gw != NULL ?
-			 ms_gateway_sessions(ctl->gw) : json_array());
+	json_t *gws = gateways_json(ctl);
+
+	if (gws == NULL)
+		return error("store: %s", ms_store_error(ctl->store));
+	return json_pack("{s:b, s:o, s:o}", "ok", 1, "sessions",
+			 ctl->gw != NULL ? ms_gateway_sessions(ctl->gw) :
+			 json_array(), "gateways", gws);
 }
 
 static json_t *cmd_migrate(struct ms_control *ctl, json_t *req)

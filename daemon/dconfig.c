@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "config.h"
+#include "cluster.h"
 #include "dconfig.h"
 #include "mover.h"
 #include "pop3_uidl.h"
@@ -434,6 +435,21 @@ static int gateway_key(struct ms_dconfig *c, const char *key,
 		}
 		return 0;
 	}
+	if (!strcmp(key, "heartbeat") || !strcmp(key, "timeout")) {
+		unsigned int *ms = key[0] == 'h' ? &c->gw.gw_heartbeat_ms :
+				   &c->gw.gw_timeout_ms;
+
+		if (key[0] == 'h')
+			c->gw_heartbeat_set = 1;
+		else
+			c->gw_timeout_set = 1;
+		if (ms_cluster_parse_ms(value, ms) < 0) {
+			snprintf(err, errsz, "%s: \"%.40s\" is not a duration "
+				 "(a number with ms or s)", key, value);
+			return -1;
+		}
+		return 0;
+	}
 	return unknown(key, "gateway", err, errsz);
 }
 
@@ -471,6 +487,8 @@ static void defaults(struct ms_dconfig *c)
 	c->gw.flip_quiet = 5;
 	c->gw.connections = 4;
 	c->gw.job_lease = 60;
+	c->gw.gw_heartbeat_ms = 2000;
+	c->gw.gw_timeout_ms = 10000;
 	snprintf(c->gw.gw_name, sizeof(c->gw.gw_name), "%s", ms_host_name());
 	ms_steer_defaults(&c->steer);
 	ms_takeover_defaults(&c->takeover);
@@ -483,8 +501,31 @@ static void defaults(struct ms_dconfig *c)
 static int check(const char *path, struct ms_dconfig *c, char *err,
 		 size_t errsz)
 {
+	const char *why_s;
 	char why[512];
 
+	/* Unset, they follow a short lease: the timeout half of it (at
+	 * most 10 s), the heartbeat a fifth of that (at most 2 s). */
+	if (!c->gw_timeout_set && c->gw.gw_timeout_ms >= c->gw.job_lease * 500)
+		c->gw.gw_timeout_ms = c->gw.job_lease * 500;
+	if (!c->gw_heartbeat_set &&
+	    c->gw.gw_heartbeat_ms > c->gw.gw_timeout_ms / 5)
+		c->gw.gw_heartbeat_ms = c->gw.gw_timeout_ms / 5;
+	if ((why_s = ms_cluster_check(c->gw.gw_heartbeat_ms,
+				      c->gw.gw_timeout_ms)) != NULL) {
+		snprintf(err, errsz, "%s: [gateway] %s", path, why_s);
+		return -1;
+	}
+	/* A cutover waits for a gateway's acknowledgement at most the
+	 * timeout, under the lease of its job. */
+	if (c->gw.gw_timeout_ms >= c->gw.job_lease * 1000ULL) {
+		snprintf(err, errsz, "%s: [gateway] timeout must be shorter "
+			 "than lease", path);
+		return -1;
+	}
+	if (ms_store_is_url(c->store))
+		snprintf(c->gw.store_url, sizeof(c->gw.store_url), "%s",
+			 c->store);
 	if (c->gw.nlisten == 0) {
 		snprintf(err, errsz, "%s: no [listen] address", path);
 		return -1;

@@ -30,6 +30,8 @@ struct ms_dconfig {
 	struct ms_steer_cfg steer;	/* [steer] */
 	struct ms_takeover_cfg takeover;	/* [takeover] */
 	struct ms_retire_cfg retire;	/* [retire] */
+	/* [gateway] heartbeat, timeout given: else they follow lease */
+	int gw_heartbeat_set, gw_timeout_set;
 };
 
 /* Fills c with the defaults, parses path and checks what goes together.

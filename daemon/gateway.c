@@ -221,7 +221,9 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		snprintf(err, errsz, "out of memory");
 		goto fail;
 	}
-	gw_lifecycle_start(gw, &gw_mailbox_user_sessions);
+	if (gw_lifecycle_start(gw, &gw_mailbox_user_sessions, err,
+			       errsz) < 0)
+		goto fail;
 	if (cfg->metrics[0] != '\0' && gw_metrics_start(gw, err, errsz) < 0)
 		goto fail;
 	*gw_r = gw;
@@ -264,4 +266,39 @@ void ms_gateway_free(struct ms_gateway **gwp)
 	free(gw->penalties);
 	gw_admit_free(gw);
 	free(gw);
+}
+
+/* ---- several gateways: their rows, for status and sessions ---- */
+
+struct cluster_walk {
+	const struct ms_gateway *gw;
+	json_t *a;
+};
+
+static int cluster_row(void *ctx, const struct ms_gateway_row *g)
+{
+	struct cluster_walk *w = ctx;
+
+	json_array_append_new(w->a, json_pack(
+		"{s:s, s:I, s:I, s:I, s:I, s:b, s:b}", "name", g->name,
+		"started", (json_int_t)(g->started_ms / 1000),
+		"heartbeat_age_ms", (json_int_t)g->age_ms,
+		"sessions", (json_int_t)g->sessions,
+		"copies", (json_int_t)g->copies,
+		"live", g->age_ms <= (int64_t)w->gw->cfg.gw_timeout_ms,
+		"this", !strcmp(g->name, w->gw->cfg.gw_name)));
+	return 0;
+}
+
+json_t *ms_gateway_cluster_json(struct ms_gateway *gw)
+{
+	struct cluster_walk w = { .gw = gw, .a = json_array() };
+
+	if (gw->cluster == NULL)
+		return w.a;
+	if (ms_store_gateway_foreach(gw->store, cluster_row, &w) != 0) {
+		json_decref(w.a);
+		return NULL;
+	}
+	return w.a;
 }

@@ -33,6 +33,10 @@ void ms_gateway_stop_listening(struct ms_gateway *gw);
 /* For the control socket. */
 /* Every front end's sessions (docs/gateway-spec.md, "sessions"). */
 json_t *ms_gateway_sessions(struct ms_gateway *gw);
+/* Every gateway on the store (several on one PostgreSQL store, each with
+ * its heartbeat's age, sessions, copies, and whether it is live): [] with
+ * SQLite, NULL when the store fails. */
+json_t *ms_gateway_cluster_json(struct ms_gateway *gw);
 /* {"default": P, "domains": {D: P}, "hold_max_seconds": N, "set": {S: P}}
  * ("set": what was set at run time; scope "" = the default). */
 json_t *ms_gateway_policies(struct ms_gateway *gw);

@@ -90,6 +90,12 @@ struct ms_gw_config {
 	 * (the owner of the jobs it takes), and the lease of a job. */
 	char gw_name[128];
 	unsigned int job_lease;		/* seconds */
+	/* Several gateways on one PostgreSQL store (docs/design.md,
+	 * "Several gateways"): the store's URL ("" with SQLite: no
+	 * cluster), how often this gateway's heartbeat is written, and how
+	 * old a heartbeat may be before its gateway is fenced. */
+	char store_url[512];
+	unsigned int gw_heartbeat_ms, gw_timeout_ms;
 };
 
 #define MS_GW_MAX_CONNS 20000

@@ -132,6 +132,10 @@ struct session {
 	uv_timer_t timer;		/* one at a time; its close frees us */
 	int admitted;			/* counted by ms_gw_admit() */
 	uint64_t held_since;
+	int unsure;			/* held: the user's state cannot be
+					   known now (the store, the other
+					   gateways), since unsure_since */
+	uint64_t unsure_since;
 	int c_paused, b_paused;		/* MS_PAUSE_* bits (gw_login.h) */
 	char *penalty_reply;
 	/* POP3 to the destination, of a user whose INBOX was copied: the
@@ -185,6 +189,10 @@ struct guser {
 					   (its lease, in the store) */
 	int lease_lost;			/* another gateway took the job: this
 					   one writes nothing for the user */
+	int await_acks;			/* the grace is over: the delta waits
+					   for the other gateways' acks */
+	int begin_retry;		/* the cutover's request could not be
+					   written: tried again (grace timer) */
 };
 
 #define ADDR_BUCKETS 1024	/* per-address counts (gw_admit.c) */
@@ -235,6 +243,9 @@ struct ms_gateway {
 	uv_timer_t *lease_timer;	/* renews the leases of the jobs held */
 	int lease_failing;		/* the last renewal failed (said
 					   once) */
+	/* Several gateways on one PostgreSQL store (cluster.c); NULL with
+	 * SQLite. */
+	struct ms_cluster *cluster;
 };
 
 /* A reply to the client (nothing once the client is gone). */
@@ -306,6 +317,10 @@ struct gw_user_sessions {
 	void (*release_held)(struct ms_gateway *gw, struct guser *gu);
 	/* Ends the user's sessions; returns how many. */
 	int (*kick)(struct ms_gateway *gw, const char *user);
+	/* Ends the user's sessions relayed to the destination (to_dst 1),
+	 * the source (0) or either (-1); held logins stay held. */
+	int (*end_relays)(struct ms_gateway *gw, const char *user,
+			  int to_dst);
 };
 
 /* Where a login goes now (gw_route_login()). */
@@ -316,6 +331,10 @@ enum gw_login_way {
 	GW_LOGIN_CHECK_HOLD,	/* the password checked at the source, then
 				   held */
 	GW_LOGIN_HOLD,		/* held (or held still) */
+	GW_LOGIN_UNSURE,	/* the user's state cannot be known now (the
+				   store is out of reach, or this gateway
+				   has not caught up with the others): held
+				   a while, then a temporary failure */
 };
 
 struct guser *gw_user_find(struct ms_gateway *gw, const char *name);
@@ -327,8 +346,9 @@ int gw_hold_over_to_source(struct ms_gateway *gw, const char *name);
 int gw_login_accepted(struct session *s, const char **why_r);
 void gw_flip_when_quiet(struct ms_gateway *gw, struct guser *gu);
 int gw_policies_load(struct ms_gateway *gw, char *err, size_t errsz);
-void gw_lifecycle_start(struct ms_gateway *gw,
-			const struct gw_user_sessions *sessions);
+int gw_lifecycle_start(struct ms_gateway *gw,
+		       const struct gw_user_sessions *sessions, char *err,
+		       size_t errsz);
 void gw_lifecycle_free(struct ms_gateway *gw);
 
 /* ---- gw_admit.c: admission ---- */

@@ -901,21 +901,29 @@ static void gw_sessions_close_all(struct ms_gateway *gw)
 
 /* ---- routed and held logins: the user's life cycle decides ---- */
 
-/* Where the login goes, as lifecycle.c says. */
+static void store_wait(struct session *s, int was_unsure, const char *why);
+
+/* Where the login goes, as lifecycle.c says. A login held because the
+ * user's state could not be known is asked about again as a new one. */
 static void route_login(struct session *s)
 {
 	const char *why = NULL;
+	int unsure = s->unsure;
 
+	s->unsure = 0;
 	switch (gw_route_login(s->gw, s->gu, ms_login_name(&s->login),
-			       s->st == SS_HELD, &why)) {
+			       s->st == SS_HELD && !unsure, &why)) {
 	case GW_LOGIN_FAIL:
 		gw_backend_fail(s, why);
+		return;
+	case GW_LOGIN_UNSURE:
+		store_wait(s, unsure, why);
 		return;
 	case GW_LOGIN_DESTINATION:
 		gw_backend_connect(s, 1, 0);
 		return;
 	case GW_LOGIN_HOLD:
-		if (s->st != SS_HELD)
+		if (s->st != SS_HELD || unsure)
 			hold(s);
 		return;
 	case GW_LOGIN_CHECK_HOLD:
@@ -997,6 +1005,35 @@ static void hold(struct session *s)
 	held_timer(s);
 }
 
+/* Asked again this often while the user's state cannot be known. */
+#define STORE_WAIT_MS 250
+
+static void on_store_wait(uv_timer_t *t)
+{
+	route_login(t->data);
+}
+
+/* The user's state cannot be known now (the store out of reach, or this
+ * gateway not caught up with the others): the login waits, asked again
+ * every STORE_WAIT_MS, up to [gateway] timeout; then a temporary failure.
+ * Never routed on a guess. */
+static void store_wait(struct session *s, int was_unsure, const char *why)
+{
+	uint64_t now = uv_now(s->gw->loop);
+
+	if (!was_unsure) {
+		s->st = SS_HELD;
+		s->unsure_since = now;
+	}
+	if (now - s->unsure_since >= s->gw->cfg.gw_timeout_ms) {
+		gw_backend_fail(s, why != NULL ? why : "the user's state is "
+				"not known");
+		return;
+	}
+	s->unsure = 1;
+	gw_timer_start(s, on_store_wait, STORE_WAIT_MS, 0);
+}
+
 static void release_held(struct ms_gateway *gw, struct guser *gu)
 {
 	for (struct session *s = gw->sessions, *next; s != NULL; s = next) {
@@ -1009,9 +1046,34 @@ static void release_held(struct ms_gateway *gw, struct guser *gu)
 	}
 }
 
+/* Ends the user's sessions relayed to a server (to_dst 1: the
+ * destination, 0: the source, -1: either): a cutover or a state change
+ * another gateway (or mailshiftctl) made. Held logins stay held. */
+static int end_relays(struct ms_gateway *gw, const char *user, int to_dst)
+{
+	int n = 0;
+
+	for (struct session *s = gw->sessions, *next; s != NULL; s = next) {
+		next = s->next;
+		if (s->gu == NULL || strcmp(s->gu->name, user) != 0 ||
+		    s->st != SS_RELAY || (to_dst >= 0 && s->to_dst != to_dst))
+			continue;
+		if (s->proto == MS_GW_IMAP)
+			out(s, "* BYE [UNAVAILABLE] Your mailbox is moving, "
+			    "log in again.\r\n");
+		ms_info("session %llu: ended: user=<%s> the user's %s",
+			(unsigned long long)s->id, user, to_dst < 0 ?
+			"cutover began" : "state changed");
+		gw_session_close(s);
+		n++;
+	}
+	return n;
+}
+
 const struct gw_user_sessions gw_mailbox_user_sessions = {
 	.release_held = release_held,
 	.kick = gw_sessions_kick,
+	.end_relays = end_relays,
 };
 
 const struct ms_gw_frontend ms_gw_mailbox_sessions = {

@@ -20,6 +20,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "cluster.h"
 #include "gw_internal.h"
 #include "log.h"
 #include "steer.h"
@@ -178,6 +179,8 @@ static void lease_lost(struct ms_gateway *gw, struct guser *gu)
 	gu->rollback = 0;
 	gu->force = 0;
 	gu->flip_now = 0;
+	gu->await_acks = 0;
+	gu->begin_retry = 0;
 	if (gu->quiet != NULL)
 		uv_timer_stop(gu->quiet);
 	if (gu->grace != NULL) {
@@ -247,6 +250,10 @@ static int store_state(struct ms_gateway *gw, const char *name,
 	}
 	/* backend = kmod: the kernel resets what is left behind. */
 	ms_steer_user_state(name, state);
+	/* A final state ended the user's cutover request with it. */
+	if (gw->cluster != NULL && state != MS_USER_CUTOVER &&
+	    state != MS_USER_COPYING)
+		ms_cluster_settle(gw->cluster, name);
 	return 0;
 }
 
@@ -406,10 +413,13 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 		gw_flip_when_quiet(gw, gu);
 		return;
 	}
-	if (!gu->cutover && gu->sessions == 0 && gu->touched) {
+	if (!gu->cutover && gu->sessions == 0 &&
+	    (gu->touched || gw->cluster != NULL)) {
 		/* The user worked on the source while this copy ran and has
 		 * logged off since: a last delta, with nobody on the
-		 * source, before the flip. */
+		 * source, before the flip. With several gateways, always:
+		 * the others may have had sessions, which the cutover's
+		 * request ends before its delta. */
 		gw_cutover_begin(gw, gu);
 		return;
 	}
@@ -499,29 +509,87 @@ static void grace_over(struct ms_gateway *gw, struct guser *gu)
 static void on_grace(uv_timer_t *t)
 {
 	struct guser *gu = t->data;
+	struct ms_gateway *gw = gu->gw;
 
 	ms_close_free((uv_handle_t *)t, t);
 	gu->grace = NULL;
+	if (gu->begin_retry) {
+		gu->begin_retry = 0;
+		gw_cutover_begin(gw, gu);
+		return;
+	}
 	/* Logins held, sessions ended, mail deferred; no delta begun. */
 	MS_CRASH_POINT(gu->rollback ? "rollback.grace" : "cutover.grace");
-	grace_over(gu->gw, gu);
+	/* Several gateways: the delta waits until every live one has held
+	 * the user's logins and ended its sessions (cl_acked). */
+	if (gw->cluster != NULL && !ms_cluster_ready(gw->cluster, gu->name)) {
+		gu->await_acks = 1;
+		return;
+	}
+	grace_over(gw, gu);
+}
+
+/* The cutover's state and, with several gateways, its request to the
+ * others, in one transaction. 1: the user's job is another gateway's
+ * now (nothing more to do here). */
+static int cutover_write(struct ms_gateway *gw, struct guser *gu)
+{
+	const char *mark = gu->rollback ? ROLLBACK_MARK : NULL;
+	int64_t id;
+
+	if (gw->cluster == NULL) {
+		set_state(gw, gu->name, MS_USER_CUTOVER, mark);
+		return 0;
+	}
+	if (ms_store_user_get(gw->store, gu->name, &id) < 0 ||
+	    ms_store_begin(gw->store) < 0)
+		goto fail;
+	if (store_state(gw, gu->name, MS_USER_CUTOVER, mark) < 0) {
+		ms_store_rollback(gw->store);
+		if (gu->lease_lost)
+			return 1;
+		return -1;		/* said by store_state() */
+	}
+	if (ms_cluster_request(gw->cluster, gw->store, id, gu->name,
+			       gu->rollback ? "rollback" : "cutover") < 0 ||
+	    ms_store_commit(gw->store) < 0) {
+		ms_store_rollback(gw->store);
+		goto fail;
+	}
+	log_state(gw, gu->name, MS_USER_CUTOVER);
+	return 0;
+fail:
+	ms_log(MS_LOG_ERROR, "%s: store: %s", gu->name,
+	       ms_store_error(gw->store));
+	return -1;
 }
 
 void gw_cutover_begin(struct ms_gateway *gw, struct guser *gu)
 {
+	int r;
+
 	gu->cutover = 1;
-	set_state(gw, gu->name, MS_USER_CUTOVER,
-		  gu->rollback ? ROLLBACK_MARK : NULL);
-	if (gu->grace != NULL)
+	r = cutover_write(gw, gu);
+	if (r > 0 || gu->grace != NULL)
 		return;
 	gu->grace = malloc(sizeof(*gu->grace));
 	if (gu->grace == NULL) {
-		grace_over(gw, gu);
+		if (r == 0)
+			grace_over(gw, gu);
 		return;
 	}
 	gu->gw = gw;
 	uv_timer_init(gw->loop, gu->grace);
 	gu->grace->data = gu;
+	/* The others cannot be told: no delta, the request is written
+	 * again in a second (logins held here meanwhile). */
+	if (r < 0) {
+		ms_warn("%s: cannot ask the other gateways for the cutover: "
+			"again in 1 s", gu->name);
+		gu->begin_retry = 1;
+		uv_timer_start(gu->grace, on_grace, 1000, 0);
+		return;
+	}
 	uv_timer_start(gu->grace, on_grace, CUTOVER_GRACE_MS, 0);
 }
 
@@ -532,6 +600,9 @@ int gw_hold_over_to_source(struct ms_gateway *gw, const char *name)
 {
 	struct ms_user_info info;
 
+	if (gw->cluster != NULL && (!ms_cluster_sure(gw->cluster) ||
+				    ms_cluster_holds(gw->cluster, name)))
+		return 0;
 	return user_lookup(gw, name, &info) == 0 &&
 	       !ms_user_in(&info, MS_USER_CUTOVER);
 }
@@ -547,14 +618,21 @@ enum gw_login_way gw_route_login(struct ms_gateway *gw, struct guser *gu,
 	struct ms_user_info info;
 	enum ms_policy pol;
 
+	/* Several gateways: what the others wrote is not known now (this
+	 * one lost touch, or has not caught up since). */
+	if (gw->cluster != NULL && !ms_cluster_sure(gw->cluster)) {
+		*why_r = "not caught up with the other gateways";
+		return GW_LOGIN_UNSURE;
+	}
 	if (user_lookup(gw, name, &info) < 0) {
 		*why_r = ms_store_error(gw->store);
-		return GW_LOGIN_FAIL;
+		return gw->cluster != NULL ? GW_LOGIN_UNSURE : GW_LOGIN_FAIL;
 	}
 	pol = user_policy(gw, &info);
 	if (ms_user_in(&info, MS_USER_DESTINATION))
 		return GW_LOGIN_DESTINATION;
-	if (ms_user_in(&info, MS_USER_CUTOVER) || (gu != NULL && gu->cutover))
+	if (ms_user_in(&info, MS_USER_CUTOVER) || (gu != NULL && gu->cutover) ||
+	    (gw->cluster != NULL && ms_cluster_holds(gw->cluster, name)))
 		return GW_LOGIN_HOLD;
 	if (held)
 		return GW_LOGIN_SOURCE;	/* released: the copy ended, or
@@ -582,6 +660,13 @@ int gw_login_accepted(struct session *s, const char **why_r)
 
 	if (user_state(gw, name, &info) < 0) {
 		*why_r = ms_store_error(gw->store);
+		return -1;
+	}
+	/* A login routed to the source before a cutover's request came:
+	 * not let in behind the others' backs. */
+	if (gw->cluster != NULL && !s->to_dst && !s->verify_only &&
+	    ms_cluster_holds(gw->cluster, name)) {
+		*why_r = "the user's cutover began meanwhile";
 		return -1;
 	}
 	if (s->gu == NULL && (s->gu = gw_user_get(gw, name)) == NULL) {
@@ -728,7 +813,13 @@ enum ms_route ms_gw_route(struct ms_gateway *gw, const char *user)
 
 	if (gu != NULL && gu->cutover)
 		return MS_ROUTE_DEFER;
-	if (ms_store_user_info(gw->store, user, &info, &found) < 0 || !found)
+	/* Several gateways: never on a guess (451: the MTA tries again). */
+	if (gw->cluster != NULL && (!ms_cluster_sure(gw->cluster) ||
+				    ms_cluster_holds(gw->cluster, user)))
+		return MS_ROUTE_DEFER;
+	if (ms_store_user_info(gw->store, user, &info, &found) < 0)
+		return gw->cluster != NULL ? MS_ROUTE_DEFER : MS_ROUTE_SOURCE;
+	if (!found)
 		return MS_ROUTE_SOURCE;
 	if (ms_user_in(&info, MS_USER_DESTINATION))
 		return MS_ROUTE_DESTINATION;
@@ -814,6 +905,8 @@ static int rollback_flip(struct ms_gateway *gw, const char *name)
 	}
 	/* backend = kmod: as store_state() does (the kernel had cutover). */
 	ms_steer_user_state(name, MS_USER_SOURCE);
+	if (gw->cluster != NULL)
+		ms_cluster_settle(gw->cluster, name);
 	return 0;
 }
 
@@ -1012,8 +1105,19 @@ static void job_start(struct ms_gateway *gw, struct guser *gu,
 	/* A cutover a crash interrupted: nobody is held any more, and the
 	 * last delta has to run again. Back to copying. */
 	if (ms_user_in(&info, MS_USER_CUTOVER)) {
+		int64_t id;
+
+		/* Its request too, in one transaction: the others' held
+		 * logins go on, to the source. */
+		if (ms_store_user_get(gw->store, gu->name, &id) < 0 ||
+		    ms_store_begin(gw->store) < 0 ||
+		    ms_store_cutover_clear(gw->store, id) < 0)
+			ms_log(MS_LOG_ERROR, "%s: store: %s", gu->name,
+			       ms_store_error(gw->store));
 		set_state(gw, gu->name, MS_USER_COPYING,
 			  "interrupted cutover, resumed");
+		if (ms_store_commit(gw->store) < 0)
+			ms_store_rollback(gw->store);
 		snprintf(info.state, sizeof(info.state), "%s",
 			 ms_user_state_names[MS_USER_COPYING]);
 	}
@@ -1210,16 +1314,112 @@ static uv_timer_t *timer_new(struct ms_gateway *gw, uv_timer_cb cb,
 	return t;
 }
 
+/* ---- several gateways: what the cluster asks of this one (cluster.h) ---- */
+
+/* A cutover or rollback of the user's was asked: its sessions here to a
+ * server end (its logins are held by the cluster from now on). */
+static void cl_hold(void *ctx, const char *user)
+{
+	struct ms_gateway *gw = ctx;
+
+	gw->user_sessions->end_relays(gw, user, -1);
+}
+
+/* The user's request is over: logins held for it are routed again. */
+static void cl_settled(void *ctx, const char *user)
+{
+	struct ms_gateway *gw = ctx;
+	struct guser *gu = gw_user_find(gw, user), tmp;
+
+	if (gu == NULL) {
+		memset(&tmp, 0, sizeof(tmp));
+		snprintf(tmp.name, sizeof(tmp.name), "%s", user);
+		gu = &tmp;
+	}
+	held_release(gw, gu);
+}
+
+/* The user's state, as the store has it now: a session here on the
+ * other server ends (a mapping set by mailshiftctl on another gateway, a
+ * flip this gateway did not see because it was cut off). */
+static void cl_changed(void *ctx, const char *user, const char *state)
+{
+	struct ms_gateway *gw = ctx;
+	int st = ms_user_state_parse(state);
+
+	if (st == MS_USER_DESTINATION)
+		gw->user_sessions->end_relays(gw, user, 0);
+	else if (st == MS_USER_SOURCE || st == MS_USER_COPYING ||
+		 st == MS_USER_FAILED)
+		gw->user_sessions->end_relays(gw, user, 1);
+}
+
+static void cl_policies(void *ctx)
+{
+	struct ms_gateway *gw = ctx;
+	char err[256];
+
+	if (gw_policies_load(gw, err, sizeof(err)) < 0)
+		ms_log(MS_LOG_ERROR, "policies: %s", err);
+}
+
+/* Every live gateway acknowledged this one's request: the delta. */
+static void cl_acked(void *ctx, const char *user)
+{
+	struct ms_gateway *gw = ctx;
+	struct guser *gu = gw_user_find(gw, user);
+
+	if (gu == NULL || !gu->await_acks)
+		return;
+	gu->await_acks = 0;
+	grace_over(gw, gu);
+}
+
+static void cl_counts(void *ctx, unsigned int *sessions, unsigned int *copies)
+{
+	struct ms_gateway *gw = ctx;
+
+	*sessions = ms_gateway_nsessions(gw);
+	*copies = gw->copies;
+}
+
+static const struct ms_cluster_ops cluster_ops = {
+	.hold = cl_hold,
+	.settled = cl_settled,
+	.changed = cl_changed,
+	.policies = cl_policies,
+	.acked = cl_acked,
+	.counts = cl_counts,
+};
+
+static int cluster_start(struct ms_gateway *gw, char *err, size_t errsz)
+{
+	const struct ms_cluster_cfg cc = {
+		.url = gw->cfg.store_url,
+		.name = gw->cfg.gw_name,
+		.heartbeat_ms = gw->cfg.gw_heartbeat_ms,
+		.timeout_ms = gw->cfg.gw_timeout_ms,
+	};
+
+	if (gw->cfg.store_url[0] == '\0')
+		return 0;
+	return ms_cluster_new(gw->loop, gw->store, &cc, &cluster_ops, gw,
+			      &gw->cluster, err, errsz);
+}
+
 /* ---- start and stop ---- */
 
 /* At start: copies and cutovers a crash interrupted, found in the store;
  * the sweep's timer. */
-void gw_lifecycle_start(struct ms_gateway *gw,
-			const struct gw_user_sessions *sessions)
+int gw_lifecycle_start(struct ms_gateway *gw,
+		       const struct gw_user_sessions *sessions, char *err,
+		       size_t errsz)
 {
 	const struct ms_gw_config *cfg = &gw->cfg;
 
 	gw->user_sessions = sessions;
+	if (cluster_start(gw, err, errsz) < 0)
+		return -1;
 	gw->lease_timer = timer_new(gw, on_lease_timer, lease_ms(gw) / 3,
 				    lease_ms(gw) / 3);
 	gw_recover(gw);
@@ -1232,12 +1432,14 @@ void gw_lifecycle_start(struct ms_gateway *gw,
 	else if (cfg->sweep)
 		ms_warn("[sweep] needs admin logins for both servers "
 			"([source] admin, [destination] admin): sweep off");
+	return 0;
 }
 
 /* At stop: the sweep's timer, the users kept in memory (their captured
  * passwords wiped). */
 void gw_lifecycle_free(struct ms_gateway *gw)
 {
+	ms_cluster_free(&gw->cluster);
 	if (gw->sweep_timer != NULL)
 		ms_close_free((uv_handle_t *)gw->sweep_timer, gw->sweep_timer);
 	if (gw->lease_timer != NULL)

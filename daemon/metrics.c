@@ -14,6 +14,9 @@
 #define METRICS_CLIENTS_MAX 64		/* at once; the oldest waiting for
 					   its request makes room */
 #define METRICS_CACHE_MS 5000		/* the users' counts are this fresh */
+/* the body: twelve series, each with the gateway's name (127 bytes, twice
+ * that escaped) */
+#define METRICS_BODY_MAX 16384
 
 struct mclient {
 	struct mclient *next, *prev;	/* gw->mclients_list: oldest last */
@@ -82,11 +85,25 @@ static void on_mtimeout(uv_timer_t *t)
 	mclient_close(t->data);
 }
 
+/* A Prometheus label's value: backslash, quote and newline escaped. */
+static void label_value(const char *v, char *out, size_t outsz)
+{
+	size_t n = 0;
+
+	for (; *v != '\0' && n + 3 < outsz; v++) {
+		if (*v == '\\' || *v == '"' || *v == '\n')
+			out[n++] = '\\';
+		out[n++] = *v == '\n' ? 'n' : *v;
+	}
+	out[n] = '\0';
+}
+
 static void metrics_reply(struct mclient *mc)
 {
 	struct ms_gateway *gw = mc->gw;
 	struct mcount_ctx cnt;
-	char *body = malloc(4096), *resp;
+	char name[2 * sizeof(gw->cfg.gw_name) + 1];
+	char *body = malloc(METRICS_BODY_MAX), *resp;
 	size_t pos = 0;
 	uv_write_t *req;
 	uv_buf_t buf;
@@ -105,31 +122,37 @@ static void metrics_reply(struct mclient *mc)
 			gw->mcache_ms = 1;
 	}
 	cnt = gw->mcache;
-	pos += (size_t)snprintf(body + pos, 4096 - pos,
+	label_value(gw->cfg.gw_name, name, sizeof(name));
+	pos += (size_t)snprintf(body + pos, METRICS_BODY_MAX - pos,
 		"# HELP mailshift_users Users by state.\n"
 		"# TYPE mailshift_users gauge\n");
 	for (int i = 0; i < MS_USER_NSTATES; i++)
-		pos += (size_t)snprintf(body + pos, 4096 - pos,
-			"mailshift_users{state=\"%s\"} %llu\n",
-			ms_user_state_names[i],
+		pos += (size_t)snprintf(body + pos, METRICS_BODY_MAX - pos,
+			"mailshift_users{gateway=\"%s\",state=\"%s\"} %llu\n",
+			name, ms_user_state_names[i],
 			(unsigned long long)cnt.states[i]);
-	pos += (size_t)snprintf(body + pos, 4096 - pos,
-		"# TYPE mailshift_sessions gauge\nmailshift_sessions %u\n"
+	/* Every series carries the gateway's name ([gateway] name): several
+	 * gateways on one store are told apart. */
+	pos += (size_t)snprintf(body + pos, METRICS_BODY_MAX - pos,
+		"# TYPE mailshift_sessions gauge\n"
+		"mailshift_sessions{gateway=\"%s\"} %u\n"
 		"# TYPE mailshift_copies_running gauge\n"
-		"mailshift_copies_running %u\n"
+		"mailshift_copies_running{gateway=\"%s\"} %u\n"
 		"# TYPE mailshift_messages_copied_total counter\n"
-		"mailshift_messages_copied_total %llu\n"
+		"mailshift_messages_copied_total{gateway=\"%s\"} %llu\n"
 		"# TYPE mailshift_bytes_copied_total counter\n"
-		"mailshift_bytes_copied_total %llu\n"
+		"mailshift_bytes_copied_total{gateway=\"%s\"} %llu\n"
 		"# TYPE mailshift_logins_total counter\n"
-		"mailshift_logins_total{result=\"ok\"} %llu\n"
-		"mailshift_logins_total{result=\"failed\"} %llu\n"
+		"mailshift_logins_total{gateway=\"%s\",result=\"ok\"} %llu\n"
+		"mailshift_logins_total{gateway=\"%s\",result=\"failed\"} "
+		"%llu\n"
 		"# TYPE mailshift_sweeps_total counter\n"
-		"mailshift_sweeps_total %llu\n",
-		ms_gateway_nsessions(gw), gw->copies,
-		(unsigned long long)cnt.msgs, (unsigned long long)cnt.bytes,
-		(unsigned long long)gw->logins_ok,
-		(unsigned long long)gw->logins_failed,
+		"mailshift_sweeps_total{gateway=\"%s\"} %llu\n",
+		name, ms_gateway_nsessions(gw), name, gw->copies, name,
+		(unsigned long long)cnt.msgs, name,
+		(unsigned long long)cnt.bytes, name,
+		(unsigned long long)gw->logins_ok, name,
+		(unsigned long long)gw->logins_failed, name,
 		(unsigned long long)gw->sweeps);
 	resp = malloc(pos + 256);
 	req = malloc(sizeof(*req));

@@ -22,12 +22,17 @@
  * source's UIDVALIDITY and UIDs); 6: + user_sizes (the survey of the
  * source's mailbox sizes, for the site's ETA); 7: + folder_src_next (the
  * source's UIDNEXT at a folder's last copy, for the gateway's IMAP view);
- * 8: + jobs (a user's copy as shared work: owner gateway, lease).
+ * 8: + jobs (a user's copy as shared work: owner gateway, lease);
+ * 9: + folder_renames (a folder's old name, for the gateway's IMAP view);
+ * 10: + gateways, cutover_requests, cutover_acks (several gateways on one
+ * store: heartbeats, a cutover every live gateway acknowledged), and on
+ * PostgreSQL the change counter (sequence changes, user_changes) and the
+ * triggers that NOTIFY the gateways.
  * Every CREATE is IF NOT EXISTS, so the schema text upgrades an older
  * store. The meta table
  * (which migration the store belongs to) is made when first needed, see
  * claim(). */
-#define SCHEMA_VERSION 9
+#define SCHEMA_VERSION MS_STORE_SCHEMA_VERSION
 /* ms_store_msg_foreach reads this many records at a time (see there) */
 #define FOREACH_PAGE 128
 #define FLAGS_SIZE sizeof(((struct ms_msg_rec *)0)->flags)
@@ -154,7 +159,74 @@
 	" folder_id " INT " PRIMARY KEY REFERENCES folders(id)" \
 	" ON DELETE CASCADE," \
 	" old_name " TEXT " NOT NULL," \
-	" sep " TEXT " NOT NULL);"
+	" sep " TEXT " NOT NULL);" \
+	/* Gateways sharing the store (docs/design.md, "Several gateways"): \
+	 * heartbeat in ms on the database's clock. */ \
+	"CREATE TABLE IF NOT EXISTS gateways (" \
+	" name " TEXT " PRIMARY KEY," \
+	" started " INT " NOT NULL," \
+	" heartbeat " INT " NOT NULL," \
+	" sessions " INT " NOT NULL DEFAULT 0," \
+	" copies " INT " NOT NULL DEFAULT 0)" NOROWID ";" \
+	/* A cutover (or rollback) under way: every live gateway holds the \
+	 * user's logins, ends its sessions and acknowledges before the \
+	 * delta; gone with the user's final state. seq tells one request \
+	 * of a user from the next. */ \
+	"CREATE TABLE IF NOT EXISTS cutover_requests (" \
+	" user_id " INT " PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE," \
+	" seq " INT " NOT NULL," \
+	" gateway " TEXT " NOT NULL," \
+	" kind " TEXT " NOT NULL," \
+	" at " INT " NOT NULL);" \
+	"CREATE TABLE IF NOT EXISTS cutover_acks (" \
+	" user_id " INT " NOT NULL REFERENCES cutover_requests(user_id)" \
+	" ON DELETE CASCADE," \
+	" seq " INT " NOT NULL," \
+	" gateway " TEXT " NOT NULL," \
+	" at " INT " NOT NULL," \
+	" PRIMARY KEY(user_id, gateway))" NOROWID ";"
+
+/* PostgreSQL only: what tells the gateways that share the store of a
+ * change (docs/design.md, "Several gateways"). Every change of a user's
+ * state or policy, of a cutover request and of the run-time policies
+ * takes a number from the sequence `changes` (a user's last one in
+ * user_changes) and NOTIFYs channel mailshift: "u" a user or a request,
+ * "p" the policies, "a" an acknowledgement. The counter lets a gateway
+ * that missed notifications find what changed since. */
+static const char schema_pg_notify[] =
+	"CREATE SEQUENCE IF NOT EXISTS changes;"
+	"CREATE TABLE IF NOT EXISTS user_changes ("
+	" user_id BIGINT PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,"
+	" version BIGINT NOT NULL);"
+	"CREATE INDEX IF NOT EXISTS user_changes_version ON user_changes"
+	" (version);"
+	"CREATE OR REPLACE FUNCTION mailshift_user_changed() RETURNS trigger"
+	" LANGUAGE plpgsql AS $$ BEGIN"
+	" IF TG_OP = 'UPDATE' AND NEW.state IS NOT DISTINCT FROM OLD.state"
+	" AND NEW.policy IS NOT DISTINCT FROM OLD.policy THEN RETURN NULL;"
+	" END IF;"
+	" INSERT INTO user_changes (user_id, version) VALUES (NEW.id,"
+	" nextval('changes')) ON CONFLICT (user_id) DO UPDATE SET"
+	" version = excluded.version;"
+	" PERFORM pg_notify('mailshift', 'u'); RETURN NULL; END $$;"
+	"CREATE OR REPLACE FUNCTION mailshift_changed() RETURNS trigger"
+	" LANGUAGE plpgsql AS $$ BEGIN"
+	" IF TG_ARGV[0] != 'a' THEN PERFORM nextval('changes'); END IF;"
+	" PERFORM pg_notify('mailshift', TG_ARGV[0]); RETURN NULL; END $$;"
+	"DROP TRIGGER IF EXISTS mailshift_users ON users;"
+	"CREATE TRIGGER mailshift_users AFTER INSERT OR UPDATE ON users"
+	" FOR EACH ROW EXECUTE FUNCTION mailshift_user_changed();"
+	"DROP TRIGGER IF EXISTS mailshift_requests ON cutover_requests;"
+	"CREATE TRIGGER mailshift_requests AFTER INSERT OR UPDATE OR DELETE"
+	" ON cutover_requests FOR EACH STATEMENT"
+	" EXECUTE FUNCTION mailshift_changed('u');"
+	"DROP TRIGGER IF EXISTS mailshift_acks ON cutover_acks;"
+	"CREATE TRIGGER mailshift_acks AFTER INSERT ON cutover_acks"
+	" FOR EACH STATEMENT EXECUTE FUNCTION mailshift_changed('a');"
+	"DROP TRIGGER IF EXISTS mailshift_policies ON policies;"
+	"CREATE TRIGGER mailshift_policies AFTER INSERT OR UPDATE OR DELETE"
+	" ON policies FOR EACH STATEMENT"
+	" EXECUTE FUNCTION mailshift_changed('p');";
 
 static const char schema_sqlite[] =
 	SCHEMA("INTEGER PRIMARY KEY", "INTEGER", "TEXT", " WITHOUT ROWID");
@@ -529,6 +601,9 @@ static int create_schema(struct ms_store *s, const char *pair)
 		if (exec(s, s->drv->sqlite_dialect ? schema_sqlite : schema_pg,
 			 "create schema") < 0)
 			goto fail;
+		if (!s->drv->sqlite_dialect &&
+		    exec(s, schema_pg_notify, "create schema") < 0)
+			goto fail;
 		if (s->drv->set_version(s->db, SCHEMA_VERSION) < 0) {
 			db_error(s, "create schema");
 			goto fail;
@@ -745,11 +820,16 @@ static int moves_note(struct ms_store *s, int64_t user_id, const char *state)
 				 "coalesce(user_moves.first_copy, ?2)",
 				 user_id,
 				 "user_moves");
-	if (!strcmp(state, "destination"))
-		return exec_user(s, "INSERT INTO user_moves (user_id, moved) "
-				 "VALUES (?1, ?2) ON CONFLICT (user_id) DO "
-				 "UPDATE SET moved = ?2", user_id,
-				 "user_moves");
+	if (!strcmp(state, "destination") &&
+	    exec_user(s, "INSERT INTO user_moves (user_id, moved) "
+		      "VALUES (?1, ?2) ON CONFLICT (user_id) DO "
+		      "UPDATE SET moved = ?2", user_id, "user_moves") < 0)
+		return -1;
+	/* A final state ends the user's cutover request, in the flip's
+	 * transaction: the gateways holding its logins let them go. */
+	if (!strcmp(state, "destination") || !strcmp(state, "source") ||
+	    !strcmp(state, "failed"))
+		return ms_store_cutover_clear(s, user_id);
 	return 0;
 }
 
@@ -1698,6 +1778,9 @@ static const struct copy_table {
 	{ "folder_renames", "folder_id, old_name, sep", 3, 0 },
 	{ "jobs", "user_id, kind, state, owner, lease_until, attempts, "
 	  "last_error, updated_at", 8, 0 },
+	{ "gateways", "name, started, heartbeat, sessions, copies", 5, 0 },
+	{ "cutover_requests", "user_id, seq, gateway, kind, at", 5, 0 },
+	{ "cutover_acks", "user_id, seq, gateway, at", 4, 0 },
 	{ "meta", "key, value", 2, 0 },
 };
 #define NCOPY (sizeof(copy_tables) / sizeof(copy_tables[0]))
@@ -2160,5 +2243,106 @@ int ms_store_job_claim(struct ms_store *store, const char *owner,
 	for (i = 0; ret == 0 && i < n; i++)
 		cb(ctx, c[i].name, c[i].kind, c[i].state, c[i].owner);
 	free(c);
+	return ret;
+}
+
+/* ---- several gateways: the cutover's requests, the gateways' rows
+ * (docs/design.md, "Several gateways") ---- */
+
+int ms_store_cutover_request(struct ms_store *store, int64_t user_id,
+			     const char *gateway, const char *kind,
+			     int64_t *seq_r)
+{
+	struct db_stmt *st;
+	int ret;
+
+	if (ms_store_begin(store) < 0)
+		return -1;
+	/* A request of the user's before this one: its acknowledgements
+	 * were for it, not for this one. */
+	ret = exec_user(store, "DELETE FROM cutover_acks WHERE user_id = ?1",
+			user_id, "cutover_request");
+	if (ret == 0)
+		ret = job_prepare(store, "INSERT INTO cutover_requests (user_id,"
+				  " seq, gateway, kind, at) VALUES (?1, %s, ?2,"
+				  " ?3, %s) ON CONFLICT (user_id) DO UPDATE SET"
+				  " seq = excluded.seq, gateway = excluded.gateway,"
+				  " kind = excluded.kind, at = excluded.at"
+				  " RETURNING seq", &st, "cutover_request");
+	if (ret == 0) {
+		db_bind_int64(st, 1, user_id);
+		db_bind_text(st, 2, gateway);
+		db_bind_text(st, 3, kind);
+		if (db_step(st) == DB_ROW) {
+			*seq_r = db_column_int64(st, 0);
+			if (db_step(st) != DB_DONE)
+				ret = db_error(store, "cutover_request");
+		} else {
+			ret = db_error(store, "cutover_request");
+		}
+		db_finalize(st);
+	}
+	return finish(store, ret);
+}
+
+int ms_store_cutover_clear(struct ms_store *store, int64_t user_id)
+{
+	return exec_user(store, "DELETE FROM cutover_requests WHERE"
+			 " user_id = ?1", user_id, "cutover_clear");
+}
+
+int ms_store_gateway_register(struct ms_store *store, const char *name)
+{
+	struct db_stmt *st;
+
+	if (job_prepare(store, "INSERT INTO gateways (name, started,"
+			" heartbeat) VALUES (?1, %s, %s) ON CONFLICT (name) DO"
+			" UPDATE SET started = excluded.started, heartbeat ="
+			" excluded.heartbeat, sessions = 0, copies = 0", &st,
+			"gateway_register") < 0)
+		return -1;
+	db_bind_text(st, 1, name);
+	return run_once(store, st, "gateway_register");
+}
+
+int ms_store_gateway_remove(struct ms_store *store, const char *name)
+{
+	struct db_stmt *st;
+
+	if (prepare(store, "DELETE FROM gateways WHERE name = ?1", &st,
+		    "gateway_remove") < 0)
+		return -1;
+	db_bind_text(st, 1, name);
+	return run_once(store, st, "gateway_remove");
+}
+
+int ms_store_gateway_foreach(struct ms_store *store, ms_store_gateway_cb *cb,
+			     void *ctx)
+{
+	struct ms_gateway_row g;
+	struct db_stmt *st;
+	int rc, ret = 0;
+
+	if (job_prepare(store, "SELECT name, started, heartbeat, %s -"
+			" heartbeat, sessions, copies FROM gateways ORDER BY"
+			" name", &st, "gateways") < 0)
+		return -1;
+	while ((rc = db_step(st)) == DB_ROW) {
+		memset(&g, 0, sizeof(g));
+		if (copy_text(store, st, 0, g.name, sizeof(g.name), "name")) {
+			db_finalize(st);
+			return -1;
+		}
+		g.started_ms = db_column_int64(st, 1);
+		g.heartbeat_ms = db_column_int64(st, 2);
+		g.age_ms = db_column_int64(st, 3);
+		g.sessions = db_column_int64(st, 4);
+		g.copies = db_column_int64(st, 5);
+		if ((ret = cb(ctx, &g)) != 0)
+			break;
+	}
+	db_finalize(st);
+	if (ret == 0 && rc != DB_DONE)
+		return db_error(store, "gateways");
 	return ret;
 }

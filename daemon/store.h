@@ -13,6 +13,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The store's schema version (store.c says what each one added). */
+#define MS_STORE_SCHEMA_VERSION 10
+
 struct ms_store;
 
 /* target: a SQLite file path or a postgresql:// URL. Creates or upgrades
@@ -29,6 +32,13 @@ int ms_store_is_url(const char *target);
 /* 0 for a postgresql:// URL libpq can read and that holds no password;
  * else -1 and why in err (which never repeats the URL). */
 int ms_store_url_check(const char *url, char *err, size_t errsz);
+/* The libpq keywords and values a connection to url opens with (bounds
+ * on how long a dead server holds a call; application name app), for
+ * PQconnectdbParams with expand_dbname: the URL's own values win. */
+#define MS_PG_PARAMS 8
+void ms_store_pg_params(const char *url, const char *app,
+			const char *keys[MS_PG_PARAMS],
+			const char *vals[MS_PG_PARAMS]);
 void ms_store_close(struct ms_store **store);
 const char *ms_store_error(const struct ms_store *store);
 
@@ -343,5 +353,29 @@ typedef void ms_store_job_cb(void *ctx, const char *user, const char *kind,
 int ms_store_job_claim(struct ms_store *store, const char *owner,
 		       unsigned int lease_ms, unsigned int max, int queued,
 		       ms_store_job_cb *cb, void *ctx);
+
+/* Several gateways on one store (docs/design.md, "Several gateways").
+ * _request: the user's cutover (kind "cutover" or "rollback") asked by
+ * gateway, replacing an earlier one and its acknowledgements; *seq_r
+ * tells it apart. A final state of the user's (ms_store_user_set_state:
+ * destination, source, failed) clears it in the same transaction, as
+ * _clear does. */
+int ms_store_cutover_request(struct ms_store *store, int64_t user_id,
+			     const char *gateway, const char *kind,
+			     int64_t *seq_r);
+int ms_store_cutover_clear(struct ms_store *store, int64_t user_id);
+/* The gateway's row, (re)started now; removed at a clean stop. */
+int ms_store_gateway_register(struct ms_store *store, const char *name);
+int ms_store_gateway_remove(struct ms_store *store, const char *name);
+struct ms_gateway_row {
+	char name[128];
+	int64_t started_ms, heartbeat_ms;	/* the database's clock */
+	int64_t age_ms;			/* since the last heartbeat */
+	int64_t sessions, copies;	/* as of that heartbeat */
+};
+/* Every gateway's row, by name; a non-zero return from cb stops. */
+typedef int ms_store_gateway_cb(void *ctx, const struct ms_gateway_row *g);
+int ms_store_gateway_foreach(struct ms_store *store, ms_store_gateway_cb *cb,
+			     void *ctx);
 
 #endif

@@ -165,19 +165,35 @@ static int pg_exec(struct db *db, const char *sql)
 	return ret;
 }
 
-static int pg_open(const char *url, struct db **db_r, char *err,
-		   size_t errsz)
+void ms_store_pg_params(const char *url, const char *app,
+			const char *keys[MS_PG_PARAMS],
+			const char *vals[MS_PG_PARAMS])
 {
 	/* Bounds on how long a dead server or network can hold a blocking
 	 * call: 10 s to connect, 30 s for data not acknowledged, keepalives
 	 * on an idle connection. The URL's own values come later and win. */
-	const char *const keys[] = { "connect_timeout", "tcp_user_timeout",
-				     "keepalives_idle", "keepalives_interval",
-				     "keepalives_count",
-				     "fallback_application_name", "dbname",
-				     NULL };
-	const char *const vals[] = { "10", "30000", "10", "5", "3",
-				     "mailshift", url, NULL };
+	static const char *const k[MS_PG_PARAMS] = {
+		"connect_timeout", "tcp_user_timeout", "keepalives_idle",
+		"keepalives_interval", "keepalives_count",
+		"fallback_application_name", "dbname", NULL
+	};
+	static const char *const v[MS_PG_PARAMS - 3] = {
+		"10", "30000", "10", "5", "3"
+	};
+
+	for (int i = 0; i < MS_PG_PARAMS; i++)
+		keys[i] = k[i];
+	for (int i = 0; i < MS_PG_PARAMS - 3; i++)
+		vals[i] = v[i];
+	vals[MS_PG_PARAMS - 3] = app;
+	vals[MS_PG_PARAMS - 2] = url;
+	vals[MS_PG_PARAMS - 1] = NULL;
+}
+
+static int pg_open(const char *url, struct db **db_r, char *err,
+		   size_t errsz)
+{
+	const char *keys[MS_PG_PARAMS], *vals[MS_PG_PARAMS];
 	const char *enc;
 	struct db *db;
 
@@ -190,6 +206,7 @@ static int pg_open(const char *url, struct db **db_r, char *err,
 		return -1;
 	}
 	db->d = &ms_db_pg;
+	ms_store_pg_params(url, "mailshift", keys, vals);
 	db->conn = PQconnectdbParams(keys, vals, 1);
 	if (db->conn == NULL || PQstatus(db->conn) != CONNECTION_OK) {
 		set_err(db, "cannot connect: ", db->conn ?

@@ -294,6 +294,29 @@ static void print_mover(json_t *rep)
 	       jint(m, "source_commands"), jint(m, "backoffs"));
 }
 
+/* Several gateways on one store: each one's row (none with SQLite). */
+static void print_gateways(json_t *rep)
+{
+	json_t *gws = json_object_get(rep, "gateways"), *g;
+	size_t i;
+
+	if (json_array_size(gws) == 0)
+		return;
+	printf("%-24s %-8s %14s %8s %6s\n", "GATEWAY", "STATE", "HEARTBEAT",
+	       "SESSIONS", "COPIES");
+	json_array_foreach(gws, i, g) {
+		char age[32];
+
+		snprintf(age, sizeof(age), "%.1f s ago",
+			 (double)jint(g, "heartbeat_age_ms") / 1000);
+		printf("%-24s %-8s %14s %8lld %6lld%s\n", jstr(g, "name"),
+		       json_is_true(json_object_get(g, "live")) ? "live" :
+		       "fenced", age, jint(g, "sessions"), jint(g, "copies"),
+		       json_is_true(json_object_get(g, "this")) ?
+		       "  (this one)" : "");
+	}
+}
+
 static void print_status(json_t *rep)
 {
 	json_t *st = json_object_get(rep, "states");
@@ -355,6 +378,7 @@ static void print_status(json_t *rep)
 		       " (forced over a failed check)" : "");
 	}
 	print_mover(rep);
+	print_gateways(rep);
 }
 
 static void print_user_row(json_t *u)
@@ -394,6 +418,7 @@ static void print_sessions(json_t *rep)
 	json_t *s;
 	size_t i;
 
+	print_gateways(rep);
 	printf("%-8s %-24s %-10s %-16s %-21s %-12s %-9s %s\n", "ID", "USER",
 	       "PROTO", "CLIENT", "CONNECTED TO", "SERVER", "STATE", "SINCE");
 	json_array_foreach(json_object_get(rep, "sessions"), i, s) {

@@ -73,7 +73,8 @@ def test_sweep_moves_users_who_never_log_in(gpair, make_gw, workdir):
         gpair.assert_copied(u)
     text = http_get(port)
     assert text.startswith('HTTP/1.0 200'), text
-    assert 'mailshift_users{state="destination"} 2' in text, text
+    assert re.search(r'^mailshift_users\{gateway="[^"]*",state="destination"'
+                     r'\} 2$', text, re.M), text
     assert 'mailshift_messages_copied_total' in text, text
 
 
@@ -455,9 +456,11 @@ def test_policy_set_at_run_time(gpair, make_gw):
 
 
 def metric(port, name):
-    """The value of metric name (no labels) at the metrics listener."""
+    """The value of metric name (no labels but the gateway's name) at the
+    metrics listener."""
     text = http_get(port)
-    m = re.search(r'^%s (\d+)$' % re.escape(name), text, re.M)
+    m = re.search(r'^%s\{gateway="[^"]*"\} (\d+)$' % re.escape(name), text,
+                  re.M)
     assert m, (name, text)
     return int(m.group(1))
 

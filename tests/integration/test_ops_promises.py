@@ -38,19 +38,24 @@ def metrics(port):
 
 
 def test_metrics(gpair, make_gw, workdir):
-    """Every documented name, users per state no older than 5 s, open
-    sessions, logins; the Prometheus text format's content type."""
+    """Every documented name, each with the gateway's name ([gateway]
+    name), users per state no older than 5 s, open sessions, logins; the
+    Prometheus text format's content type."""
     port = dc.free_port()
     g = make_gw(tls=False, policy='off', extra_conf='[metrics]\nlisten = '
-                '127.0.0.1:%d' % port)
+                '127.0.0.1:%d\n[gateway]\nname = gw-m' % port)
+    gl = 'gateway="gw-m"'
+
     head, m = metrics(port)
     assert head.startswith('HTTP/1.0 200 OK\r\n') and \
         'Content-Type: text/plain; version=0.0.4' in head, head
-    want = {'mailshift_users{state="%s"}' % s for s in STATES} | {
-        'mailshift_sessions', 'mailshift_copies_running',
-        'mailshift_messages_copied_total', 'mailshift_bytes_copied_total',
-        'mailshift_logins_total{result="ok"}',
-        'mailshift_logins_total{result="failed"}', 'mailshift_sweeps_total'}
+    want = {'mailshift_users{%s,state="%s"}' % (gl, s) for s in STATES} | {
+        '%s{%s}' % (n, gl) for n in (
+            'mailshift_sessions', 'mailshift_copies_running',
+            'mailshift_messages_copied_total',
+            'mailshift_bytes_copied_total', 'mailshift_sweeps_total')} | {
+        'mailshift_logins_total{%s,result="ok"}' % gl,
+        'mailshift_logins_total{%s,result="failed"}' % gl}
     assert set(m) == want, m
     assert all(v == 0 for v in m.values()), m
 
@@ -60,7 +65,8 @@ def test_metrics(gpair, make_gw, workdir):
     t0 = time.monotonic()
 
     def counted():
-        return all(metrics(port)[1]['mailshift_users{state="%s"}' % s] == 1
+        return all(metrics(port)[1]['mailshift_users{%s,state="%s"}'
+                                      % (gl, s)] == 1
                    for s in ('source', 'destination', 'failed'))
     assert wait_for(counted, 30, 0.2), metrics(port)
     print('users counted after %.1f s (at most 5 s promised)'
@@ -74,9 +80,9 @@ def test_metrics(gpair, make_gw, workdir):
     except imaplib.IMAP4.error:
         pass
     m = metrics(port)[1]
-    assert m['mailshift_sessions'] == len(sessions(g)) >= 1, m
-    assert m['mailshift_logins_total{result="ok"}'] == 1, m
-    assert m['mailshift_logins_total{result="failed"}'] == 1, m
+    assert m['mailshift_sessions{%s}' % gl] == len(sessions(g)) >= 1, m
+    assert m['mailshift_logins_total{%s,result="ok"}' % gl] == 1, m
+    assert m['mailshift_logins_total{%s,result="failed"}' % gl] == 1, m
     imap.logout()
     bad.logout()
 

@@ -38,6 +38,9 @@ TABLES = {
     'folder_renames': 'folder_id, old_name, sep',
     'jobs': 'user_id, kind, state, owner, lease_until, attempts, '
             'last_error, updated_at',
+    'gateways': 'name, started, heartbeat, sessions, copies',
+    'cutover_requests': 'user_id, seq, gateway, kind, at',
+    'cutover_acks': 'user_id, seq, gateway, at',
     'meta': 'key, value',
 }
 NULL = '(null)'

@@ -14,6 +14,8 @@ cut_after=None: never cut.
     ...              # way (new connections are accepted and wait too)
     p.resume()       # what waited goes through, in order
 
+p.cut_now() cuts every connection at once and refuses new ones until
+p.restore().
 p.connections counts the connections accepted so far: a test stalls the
 server, then waits for a client to have connected, and knows it is stuck
 there until resume(). Behind(server, p) is a Dovecot as seen through p
@@ -109,6 +111,15 @@ class CuttingProxy:
                                      daemon=True)
                 t.start()
                 self._threads.append(t)
+
+    def cut_now(self):
+        """Every connection closed abruptly (RST) now, new ones refused
+        (with refuse_after_cut) until restore(): a network partition."""
+        self._cut_all()
+
+    def restore(self):
+        """After a cut: new connections go through again."""
+        self.cut.clear()
 
     def stall(self):
         self.flowing.clear()

@@ -381,6 +381,13 @@ static void dconfig_ranges(void **state)
 		{ "[gateway]\nlease = 2h\n", ":4: lease" },
 		{ "[gateway]\nname = \n", ":4: name" },
 		{ "[gateway]\nbogus = 1\n", ":4: unknown key" },
+		{ "[gateway]\nheartbeat = 2x\n", ":4: heartbeat" },
+		{ "[gateway]\ntimeout = soon\n", ":4: timeout" },
+		{ "[gateway]\nheartbeat = 1s\ntimeout = 2s\n",
+		  "[gateway] timeout: at least three heartbeats" },
+		{ "[gateway]\nheartbeat = 50ms\n", "[gateway] heartbeat" },
+		{ "[gateway]\nlease = 5s\ntimeout = 5s\n",
+		  "[gateway] timeout must be shorter than lease" },
 	};
 	static struct ms_dconfig c;
 	char text[256];
@@ -407,6 +414,17 @@ static void dconfig_ranges(void **state)
 	expect_conf(LISTEN "[gateway]\nname = gw-a\nlease = 2m\n", NULL, &c);
 	assert_string_equal(c.gw.gw_name, "gw-a");
 	assert_int_equal(c.gw.job_lease, 120);
+	/* heartbeat and timeout: 2 s and 10 s, or given, or (unset) half
+	 * a short lease and a fifth of that */
+	assert_int_equal(c.gw.gw_heartbeat_ms, 2000);
+	assert_int_equal(c.gw.gw_timeout_ms, 10000);
+	expect_conf(LISTEN "[gateway]\nheartbeat = 250ms\ntimeout = 1500ms\n",
+		    NULL, &c);
+	assert_int_equal(c.gw.gw_heartbeat_ms, 250);
+	assert_int_equal(c.gw.gw_timeout_ms, 1500);
+	expect_conf(LISTEN "[gateway]\nlease = 3s\n", NULL, &c);
+	assert_int_equal(c.gw.gw_timeout_ms, 1500);
+	assert_int_equal(c.gw.gw_heartbeat_ms, 300);
 }
 
 /* Writes a secret file with mode and owner; returns its path. */

@@ -216,7 +216,8 @@ static void test_open_file(void **state)
 
 	sql_text(f, "PRAGMA journal_mode", mode, sizeof(mode));
 	assert_string_equal(mode, "wal");
-	assert_int_equal(sql_int(f, "PRAGMA user_version"), 9);
+	assert_int_equal(sql_int(f, "PRAGMA user_version"),
+			 MS_STORE_SCHEMA_VERSION);
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM sqlite_master "
 				 "WHERE type = 'table' AND name IN "
 				 "('users', 'folders', 'messages', 'rintents')"),
@@ -233,11 +234,14 @@ static void test_open_file(void **state)
 	/* a store from a newer mailshift is refused, not "upgraded" */
 	{
 		sqlite3 *db;
+		char sql[64];
 
 		store_path(f, ".new", buf, sizeof(buf));
 		assert_int_equal(sqlite3_open(buf, &db), SQLITE_OK);
-		assert_int_equal(sqlite3_exec(db, "PRAGMA user_version = 10",
-					      NULL, NULL, NULL), SQLITE_OK);
+		snprintf(sql, sizeof(sql), "PRAGMA user_version = %d",
+			 MS_STORE_SCHEMA_VERSION + 1);
+		assert_int_equal(sqlite3_exec(db, sql, NULL, NULL, NULL),
+				 SQLITE_OK);
 		sqlite3_close(db);
 		error = NULL;
 		assert_int_equal(ms_store_open(buf, &s, &error), -1);
@@ -1280,7 +1284,7 @@ static void test_pg_open(void **state)
 	if (pg_url == NULL)
 		skip();
 	assert_int_equal(sql_int(f, "SELECT version FROM mailshift_schema"),
-			 8);
+			 MS_STORE_SCHEMA_VERSION);
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM pg_tables WHERE "
 				 "tablename IN ('users', 'folders', "
 				 "'messages', 'rintents')"), 4);
@@ -1316,12 +1320,14 @@ static void test_pg_open(void **state)
 	assert_string_equal(buf, "src=a dst=b");
 	assert_int_equal(sql_int(f, "SELECT count(*) FROM users"), 1);
 
-	pg_sql("UPDATE mailshift_schema SET version = 9", NULL, 0);
+	snprintf(url, sizeof(url), "UPDATE mailshift_schema SET version = %d",
+		 MS_STORE_SCHEMA_VERSION + 1);
+	pg_sql(url, NULL, 0);
 	assert_int_equal(ms_store_open(pg_url, &s, &error), -1);
 	assert_non_null(strstr(error, "newer"));
 	free(error);
 	assert_int_equal(sql_int(f, "SELECT version FROM mailshift_schema"),
-			 9);
+			 MS_STORE_SCHEMA_VERSION + 1);
 	pg_sql("UPDATE mailshift_schema SET version = 7", NULL, 0);
 	assert_int_equal(ms_store_open(pg_url, &f->store, NULL), 0);
 }

@@ -1,0 +1,920 @@
+/* Several gateways on one PostgreSQL store: the heartbeat, the
+ * notifications, the reconcile and the cutover's acknowledgements (see
+ * cluster.h and docs/design.md, "Several gateways").
+ *
+ * One libpq connection of the cluster's own, in non-blocking mode: its
+ * socket is a uv_poll handle on the gateway's loop, and the queries go one
+ * at a time from a queue, each answered through a callback. A query never
+ * waits on the loop, and a lost connection only stops the queue: it is
+ * made again after RECONNECT_MS, LISTENs again, and catches up (a full
+ * reconcile) before the gateway routes a login again.
+ *
+ * The store's triggers (daemon/store.c, schema_pg_notify) number every
+ * change of a user's state or policy, of a cutover request or of the
+ * policies, and NOTIFY channel mailshift. A notification makes this
+ * gateway reconcile at once; each heartbeat also compares the store's
+ * change counter with the last one seen, so that a lost notification
+ * only delays.
+ */
+#include "cluster.h"
+#include "log.h"
+#include "net.h"
+#include "store.h"
+
+#include <ctype.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libpq-fe.h>
+
+/* a lost connection is made again this long after */
+#define RECONNECT_MS 1000
+/* a change may commit after a later-numbered one: each reconcile looks
+ * this many numbers back, at users it may have seen already (what it does
+ * for one is the same the second time) */
+#define VERSION_OVERLAP 100
+#define NOW_MS "CAST(extract(epoch FROM clock_timestamp()) * 1000 AS BIGINT)"
+#define MAX_PARAMS 4
+
+struct ms_cluster;
+typedef void query_done(struct ms_cluster *c, PGresult *res, void *arg);
+
+/* A query waiting for the connection, or on the wire (the queue's head). */
+struct cq {
+	struct cq *next;
+	const char *sql;
+	int nparams;
+	char *params[MAX_PARAMS];
+	query_done *done;		/* res NULL: the connection was lost */
+	void *arg;			/* freed after done */
+	PGresult *res;			/* the last result so far */
+};
+
+/* A user's cutover request as this gateway knows it. */
+struct pending {
+	struct pending *next;
+	char user[256];
+	int64_t seq;
+	int mine;			/* asked by this gateway */
+	int ready;			/* mine: every live gateway acked */
+	int checking;			/* mine: a readiness query is queued */
+	int seen;			/* in the last reconcile's rows */
+	unsigned int born;		/* c->gen when it was made: a reconcile
+					   queued before may not see it */
+	char said[128];			/* the gateway said waited for last */
+};
+
+struct ms_cluster {
+	uv_loop_t *loop;
+	struct ms_store *store;
+	char name[128];
+	char *url;
+	unsigned int heartbeat_ms, timeout_ms;
+	const struct ms_cluster_ops *ops;
+	void *ctx;
+
+	PGconn *conn;
+	int connected;			/* LISTENing, the queue runs */
+	PostgresPollingStatusType polling;	/* while connecting */
+	uv_poll_t *poll;
+	int poll_fd;
+	int poll_events;
+	uv_timer_t *tick;		/* heartbeat, reconcile, readiness */
+	uv_timer_t *retry;		/* a new connection */
+	struct cq *head, *tail;
+	int flushing;			/* output not all sent yet */
+	int inflight;			/* the head is on the wire */
+
+	uint64_t last_ok;		/* uv_now() when the last heartbeat
+					   the database took was sent */
+	unsigned int epoch;		/* counts the times it lost touch */
+	int caught_up;			/* a reconcile of this epoch ended */
+	int reconcile_queued;
+	unsigned int gen;		/* counts the reconciles queued */
+	int64_t seen_version;		/* the newest user change seen */
+	int64_t counter_seen;		/* the change counter, last seen */
+	struct pending *pending;
+	int lost_said;			/* a lost connection was logged */
+	int out_said;			/* out of time was logged */
+};
+
+static void conn_lost(struct ms_cluster *c, const char *why);
+static void queue_run(struct ms_cluster *c);
+static void reconcile(struct ms_cluster *c);
+
+/* ---- pure logic ---- */
+
+int ms_cluster_parse_ms(const char *s, unsigned int *ms_r)
+{
+	unsigned long long v = 0;
+	const char *p = s;
+
+	if (!isdigit((unsigned char)*p))
+		return -1;
+	while (isdigit((unsigned char)*p) && v <= 86400000ULL)
+		v = v * 10 + (unsigned int)(*p++ - '0');
+	if (!strcmp(p, "ms"))
+		;
+	else if (*p == '\0' || !strcmp(p, "s"))
+		v *= 1000;
+	else
+		return -1;
+	if (v > 86400000ULL)
+		return -1;
+	*ms_r = (unsigned int)v;
+	return 0;
+}
+
+const char *ms_cluster_check(unsigned int heartbeat_ms,
+			     unsigned int timeout_ms)
+{
+	if (heartbeat_ms < 100 || heartbeat_ms > 60000)
+		return "heartbeat: from 100ms to 60s";
+	if (timeout_ms > 600000)
+		return "timeout: at most 10m";
+	/* one heartbeat lost on the way is no reason to fence a gateway */
+	if (timeout_ms < 3 * heartbeat_ms)
+		return "timeout: at least three heartbeats";
+	return NULL;
+}
+
+int ms_cluster_in_time(uint64_t now, uint64_t last_ok,
+		       unsigned int heartbeat_ms, unsigned int timeout_ms)
+{
+	if (last_ok == 0 || now < last_ok)
+		return last_ok != 0;
+	return now - last_ok + heartbeat_ms < timeout_ms;
+}
+
+/* ---- the pending requests ---- */
+
+static struct pending *pending_find(struct ms_cluster *c, const char *user)
+{
+	for (struct pending *p = c->pending; p != NULL; p = p->next)
+		if (!strcmp(p->user, user))
+			return p;
+	return NULL;
+}
+
+static struct pending *pending_get(struct ms_cluster *c, const char *user)
+{
+	struct pending *p = pending_find(c, user);
+
+	if (p != NULL)
+		return p;
+	if ((p = calloc(1, sizeof(*p))) == NULL)
+		return NULL;
+	snprintf(p->user, sizeof(p->user), "%s", user);
+	p->born = c->gen;
+	p->next = c->pending;
+	c->pending = p;
+	return p;
+}
+
+static void pending_drop(struct ms_cluster *c, struct pending *gone)
+{
+	for (struct pending **pp = &c->pending; *pp != NULL;
+	     pp = &(*pp)->next)
+		if (*pp == gone) {
+			*pp = gone->next;
+			free(gone);
+			return;
+		}
+}
+
+int ms_cluster_holds(const struct ms_cluster *c, const char *user)
+{
+	for (const struct pending *p = c->pending; p != NULL; p = p->next)
+		if (!strcmp(p->user, user))
+			return 1;
+	return 0;
+}
+
+int ms_cluster_sure(const struct ms_cluster *c)
+{
+	return c->connected && c->caught_up &&
+	       ms_cluster_in_time(uv_now(c->loop), c->last_ok,
+				  c->heartbeat_ms, c->timeout_ms);
+}
+
+/* ---- the query queue ---- */
+
+static void cq_free(struct cq *q)
+{
+	for (int i = 0; i < q->nparams; i++)
+		free(q->params[i]);
+	PQclear(q->res);
+	free(q->arg);
+	free(q);
+}
+
+/* Queues sql with up to MAX_PARAMS text parameters (copied); arg is
+ * freed after done. Nothing when there is no connection: what it would
+ * have done is done again by the catch-up. */
+static void query(struct ms_cluster *c, const char *sql, query_done *done,
+		  void *arg, int nparams, ...)
+{
+	struct cq *q;
+	va_list ap;
+
+	if (!c->connected || (q = calloc(1, sizeof(*q))) == NULL) {
+		free(arg);
+		return;
+	}
+	q->sql = sql;
+	q->done = done;
+	q->arg = arg;
+	va_start(ap, nparams);
+	for (int i = 0; i < nparams && i < MAX_PARAMS; i++) {
+		const char *v = va_arg(ap, const char *);
+
+		q->params[q->nparams++] = strdup(v);
+	}
+	va_end(ap);
+	if (c->tail != NULL)
+		c->tail->next = q;
+	else
+		c->head = q;
+	c->tail = q;
+	if (c->head == q)
+		queue_run(c);
+}
+
+static void watch(struct ms_cluster *c, int events);
+
+/* Sends the head of the queue. */
+static void queue_run(struct ms_cluster *c)
+{
+	struct cq *q = c->head;
+
+	if (q == NULL || !c->connected || c->inflight)
+		return;
+	if (!PQsendQueryParams(c->conn, q->sql, q->nparams, NULL,
+			       (const char *const *)q->params, NULL, NULL, 0)) {
+		conn_lost(c, PQerrorMessage(c->conn));
+		return;
+	}
+	c->inflight = 1;
+	c->flushing = PQflush(c->conn) == 1;
+	watch(c, UV_READABLE | (c->flushing ? UV_WRITABLE : 0));
+}
+
+/* The head's results, as far as they have come. */
+static void queue_read(struct ms_cluster *c)
+{
+	while (c->head != NULL && c->inflight && !PQisBusy(c->conn)) {
+		struct cq *q = c->head;
+		PGresult *res = PQgetResult(c->conn);
+
+		if (res != NULL) {
+			PQclear(q->res);
+			q->res = res;
+			continue;
+		}
+		c->head = q->next;
+		if (c->head == NULL)
+			c->tail = NULL;
+		c->inflight = 0;
+		q->done(c, q->res, q->arg);
+		cq_free(q);
+		if (c->conn == NULL || !c->connected)
+			return;
+		queue_run(c);
+	}
+}
+
+static int res_ok(PGresult *res)
+{
+	ExecStatusType st = PQresultStatus(res);
+
+	return res != NULL && (st == PGRES_TUPLES_OK ||
+			       st == PGRES_COMMAND_OK);
+}
+
+static void res_warn(struct ms_cluster *c, const char *what, PGresult *res)
+{
+	const char *m = res != NULL ?
+		PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+
+	ms_warn("cluster: %s: %s", what, m != NULL ? m : "failed");
+}
+
+/* ---- notifications ---- */
+
+static void ready_check(struct ms_cluster *c, struct pending *p);
+
+static void notified(struct ms_cluster *c, const char *what)
+{
+	if (!strcmp(what, "p")) {
+		c->ops->policies(c->ctx);
+		return;
+	}
+	if (!strcmp(what, "a")) {
+		for (struct pending *p = c->pending; p != NULL; p = p->next)
+			if (p->mine && !p->ready)
+				ready_check(c, p);
+		return;
+	}
+	reconcile(c);
+}
+
+static void on_readable(struct ms_cluster *c)
+{
+	PGnotify *n;
+
+	if (!PQconsumeInput(c->conn)) {
+		conn_lost(c, PQerrorMessage(c->conn));
+		return;
+	}
+	queue_read(c);
+	while (c->conn != NULL && c->connected &&
+	       (n = PQnotifies(c->conn)) != NULL) {
+		notified(c, n->extra);
+		PQfreemem(n);
+	}
+	if (c->conn != NULL && PQstatus(c->conn) == CONNECTION_BAD)
+		conn_lost(c, PQerrorMessage(c->conn));
+}
+
+/* ---- the connection ---- */
+
+static void on_poll(uv_poll_t *h, int status, int events);
+
+/* The socket watched for events; a new socket (libpq may change it while
+ * connecting) gets a new handle. */
+static void watch(struct ms_cluster *c, int events)
+{
+	int fd = PQsocket(c->conn);
+
+	if (c->poll != NULL && c->poll_fd != fd) {
+		ms_close_free((uv_handle_t *)c->poll, c->poll);
+		c->poll = NULL;
+	}
+	if (c->poll == NULL) {
+		if (fd < 0 || (c->poll = malloc(sizeof(*c->poll))) == NULL)
+			return;
+		if (uv_poll_init(c->loop, c->poll, fd) != 0) {
+			free(c->poll);
+			c->poll = NULL;
+			return;
+		}
+		c->poll->data = c;
+		c->poll_fd = fd;
+		c->poll_events = 0;
+	}
+	if (events != c->poll_events) {
+		uv_poll_start(c->poll, events, on_poll);
+		c->poll_events = events;
+	}
+}
+
+static void on_retry(uv_timer_t *t);
+static void heartbeat(struct ms_cluster *c);
+
+static void conn_close(struct ms_cluster *c)
+{
+	struct cq *q;
+
+	c->connected = 0;
+	c->inflight = 0;
+	c->caught_up = 0;
+	c->epoch++;
+	c->reconcile_queued = 0;
+	while ((q = c->head) != NULL) {
+		c->head = q->next;
+		cq_free(q);
+	}
+	c->tail = NULL;
+	for (struct pending *p = c->pending; p != NULL; p = p->next)
+		p->checking = 0;
+	if (c->poll != NULL) {
+		ms_close_free((uv_handle_t *)c->poll, c->poll);
+		c->poll = NULL;
+	}
+	PQfinish(c->conn);
+	c->conn = NULL;
+}
+
+static void conn_lost(struct ms_cluster *c, const char *why)
+{
+	char msg[256];
+	size_t n;
+
+	snprintf(msg, sizeof(msg), "%s", why != NULL ? why : "?");
+	n = strlen(msg);
+	while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
+		msg[--n] = '\0';
+	if (!c->lost_said)
+		ms_warn("cluster: the connection to the database is lost (%s): "
+			"logins whose state is not sure are held, then refused "
+			"for now", msg);
+	c->lost_said = 1;
+	conn_close(c);
+	uv_timer_start(c->retry, on_retry, RECONNECT_MS, 0);
+}
+
+static void on_listening(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	if (!res_ok(res)) {
+		conn_lost(c, "LISTEN failed");
+		return;
+	}
+	if (c->lost_said)
+		ms_info("cluster: connected to the database again");
+	c->lost_said = 0;
+	heartbeat(c);
+	reconcile(c);
+}
+
+/* Connected: LISTEN, then the heartbeat and a catch-up. */
+static void conn_up(struct ms_cluster *c)
+{
+	if (PQsetnonblocking(c->conn, 1) != 0) {
+		conn_lost(c, PQerrorMessage(c->conn));
+		return;
+	}
+	c->connected = 1;
+	watch(c, UV_READABLE);
+	query(c, "LISTEN mailshift", on_listening, NULL, 0);
+}
+
+static void connect_poll(struct ms_cluster *c)
+{
+	c->polling = PQconnectPoll(c->conn);
+	switch (c->polling) {
+	case PGRES_POLLING_OK:
+		conn_up(c);
+		return;
+	case PGRES_POLLING_FAILED:
+		conn_lost(c, PQerrorMessage(c->conn));
+		return;
+	case PGRES_POLLING_READING:
+		watch(c, UV_READABLE);
+		return;
+	default:
+		watch(c, UV_WRITABLE);
+		return;
+	}
+}
+
+static void on_poll(uv_poll_t *h, int status, int events)
+{
+	struct ms_cluster *c = h->data;
+
+	if (c->conn == NULL || h != c->poll)
+		return;
+	if (!c->connected) {
+		connect_poll(c);
+		return;
+	}
+	if (status < 0) {
+		conn_lost(c, uv_strerror(status));
+		return;
+	}
+	if ((events & UV_WRITABLE) && c->flushing) {
+		int r = PQflush(c->conn);
+
+		if (r < 0) {
+			conn_lost(c, PQerrorMessage(c->conn));
+			return;
+		}
+		c->flushing = r == 1;
+		watch(c, UV_READABLE | (c->flushing ? UV_WRITABLE : 0));
+	}
+	if (events & UV_READABLE)
+		on_readable(c);
+}
+
+/* A connection begun; never waits (PQconnectStartParams). The bounds are
+ * the store's (store_pg.c): the URL's own values come later and win. */
+static void conn_start(struct ms_cluster *c)
+{
+	const char *keys[MS_PG_PARAMS], *vals[MS_PG_PARAMS];
+
+	ms_store_pg_params(c->url, "mailshift-cluster", keys, vals);
+	c->conn = PQconnectStartParams(keys, vals, 1);
+	if (c->conn == NULL || PQstatus(c->conn) == CONNECTION_BAD) {
+		conn_lost(c, c->conn != NULL ? PQerrorMessage(c->conn) :
+			  "out of memory");
+		return;
+	}
+	c->polling = PGRES_POLLING_WRITING;
+	watch(c, UV_WRITABLE);
+}
+
+static void on_retry(uv_timer_t *t)
+{
+	struct ms_cluster *c = t->data;
+
+	if (c->conn == NULL)
+		conn_start(c);
+}
+
+/* ---- the heartbeat ---- */
+
+static void on_heartbeat(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	uint64_t sent = *(uint64_t *)arg;
+
+	if (!res_ok(res)) {
+		res_warn(c, "heartbeat", res);
+		return;
+	}
+	/* Out of time before this one: what the others did meanwhile is
+	 * caught up with before a login is routed again. */
+	if (!ms_cluster_in_time(sent, c->last_ok, c->heartbeat_ms,
+				c->timeout_ms) && c->caught_up) {
+		c->caught_up = 0;
+		c->epoch++;
+	}
+	if (sent > c->last_ok)
+		c->last_ok = sent;
+	if (c->out_said)
+		ms_info("cluster: heartbeat taken again");
+	c->out_said = 0;
+	if (!c->caught_up)
+		reconcile(c);
+}
+
+static void heartbeat(struct ms_cluster *c)
+{
+	unsigned int sessions = 0, copies = 0;
+	uint64_t *sent = malloc(sizeof(*sent));
+	char s[16], k[16];
+
+	if (sent == NULL)
+		return;
+	*sent = uv_now(c->loop);
+	c->ops->counts(c->ctx, &sessions, &copies);
+	snprintf(s, sizeof(s), "%u", sessions);
+	snprintf(k, sizeof(k), "%u", copies);
+	query(c, "INSERT INTO gateways (name, started, heartbeat, sessions,"
+	      " copies) VALUES ($1, " NOW_MS ", " NOW_MS ", $2, $3)"
+	      " ON CONFLICT (name) DO UPDATE SET heartbeat ="
+	      " excluded.heartbeat, sessions = excluded.sessions,"
+	      " copies = excluded.copies", on_heartbeat, sent, 3, c->name, s,
+	      k);
+}
+
+/* ---- the reconcile ---- */
+
+struct rec_arg {
+	unsigned int epoch;		/* c->epoch when it was queued */
+	unsigned int gen;
+};
+
+static void on_acked_row(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	if (!res_ok(res))
+		res_warn(c, "acknowledgement", res);
+}
+
+/* A request this gateway has not acknowledged: the user's sessions to a
+ * server end here, its logins are held (the pending entry), then the
+ * acknowledgement is written. */
+static void acknowledge(struct ms_cluster *c, struct pending *p,
+			const char *kind, const char *by)
+{
+	char seq[24];
+
+	ms_info("%s: %s asked by gateway %s: its logins held here, its "
+		"sessions ended", p->user, kind, by);
+	c->ops->hold(c->ctx, p->user);
+	snprintf(seq, sizeof(seq), "%" PRId64, p->seq);
+	query(c, "INSERT INTO cutover_acks (user_id, seq, gateway, at)"
+	      " SELECT r.user_id, r.seq, $3, " NOW_MS " FROM cutover_requests"
+	      " r JOIN users u ON u.id = r.user_id WHERE u.name = $1 AND"
+	      " r.seq = $2 ON CONFLICT (user_id, gateway) DO UPDATE SET"
+	      " seq = excluded.seq, at = excluded.at", on_acked_row, NULL, 3,
+	      p->user, seq, c->name);
+}
+
+static void request_row(struct ms_cluster *c, PGresult *res, int row)
+{
+	const char *user = PQgetvalue(res, row, 0);
+	int64_t seq = strtoll(PQgetvalue(res, row, 1), NULL, 10);
+	const char *by = PQgetvalue(res, row, 2);
+	const char *kind = PQgetvalue(res, row, 3);
+	int acked = !strcmp(PQgetvalue(res, row, 4), "t");
+	struct pending *p = pending_find(c, user);
+	int fresh = p == NULL || p->seq != seq;
+
+	if (p == NULL && (p = pending_get(c, user)) == NULL)
+		return;
+	p->seen = 1;
+	if (fresh) {
+		p->seq = seq;
+		p->mine = !strcmp(by, c->name);
+		p->ready = 0;
+		p->said[0] = '\0';
+	}
+	/* Its own request too: the sessions the cutover's own gateway has
+	 * of the user are ended the same way (it has none but a
+	 * rollback's, which it ended already). */
+	if (fresh && !p->mine && !acked)
+		acknowledge(c, p, kind, by);
+	else if (fresh && !p->mine)
+		c->ops->hold(c->ctx, p->user);	/* acked before a restart */
+	if (p->mine && !p->ready)
+		ready_check(c, p);
+}
+
+static void on_requests(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	struct rec_arg *ra = arg;
+	struct pending *p, *next;
+
+	c->reconcile_queued = 0;
+	if (!res_ok(res)) {
+		res_warn(c, "reconcile", res);
+		return;
+	}
+	for (p = c->pending; p != NULL; p = p->next)
+		p->seen = 0;
+	for (int i = 0; i < PQntuples(res); i++)
+		request_row(c, res, i);
+	/* Requests gone: the user flipped (or it was given up); held
+	 * logins go on. */
+	for (p = c->pending; p != NULL; p = next) {
+		char user[256];
+
+		next = p->next;
+		if (p->seen || p->born >= ra->gen)
+			continue;
+		snprintf(user, sizeof(user), "%s", p->user);
+		pending_drop(c, p);
+		c->ops->settled(c->ctx, user);
+	}
+	if (ra->epoch == c->epoch && !c->caught_up &&
+	    ms_cluster_in_time(uv_now(c->loop), c->last_ok, c->heartbeat_ms,
+			       c->timeout_ms)) {
+		c->caught_up = 1;
+		ms_info("cluster: caught up with the store");
+	}
+}
+
+static void on_changes(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	int64_t top = c->seen_version;
+
+	if (!res_ok(res)) {
+		res_warn(c, "reconcile", res);
+		return;
+	}
+	for (int i = 0; i < PQntuples(res); i++) {
+		int64_t v = strtoll(PQgetvalue(res, i, 2), NULL, 10);
+
+		c->ops->changed(c->ctx, PQgetvalue(res, i, 0),
+				PQgetvalue(res, i, 1));
+		if (v > top)
+			top = v;
+	}
+	c->seen_version = top;
+}
+
+/* What changed since the last reconcile (users whose state or policy
+ * changed, with an overlap), then every request under way. */
+static void reconcile(struct ms_cluster *c)
+{
+	struct rec_arg *ra;
+	char since[24];
+
+	if (c->reconcile_queued || (ra = malloc(sizeof(*ra))) == NULL)
+		return;
+	ra->epoch = c->epoch;
+	ra->gen = ++c->gen;
+	c->reconcile_queued = 1;
+	snprintf(since, sizeof(since), "%" PRId64,
+		 c->seen_version > VERSION_OVERLAP ?
+		 c->seen_version - VERSION_OVERLAP : 0);
+	query(c, "SELECT u.name, u.state, c.version FROM user_changes c"
+	      " JOIN users u ON u.id = c.user_id WHERE c.version > $1"
+	      " ORDER BY c.version", on_changes, NULL, 1, since);
+	query(c, "SELECT u.name, r.seq, r.gateway, r.kind, EXISTS (SELECT 1"
+	      " FROM cutover_acks a WHERE a.user_id = r.user_id AND"
+	      " a.seq = r.seq AND a.gateway = $1) FROM cutover_requests r"
+	      " JOIN users u ON u.id = r.user_id", on_requests, ra, 1,
+	      c->name);
+	if (!c->connected)
+		c->reconcile_queued = 0;
+}
+
+/* The store's change counter against the last one seen: a notification
+ * lost (or one this gateway was not connected for) only delays. */
+static void on_counter(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	int64_t v;
+
+	if (!res_ok(res) || PQntuples(res) != 1) {
+		res_warn(c, "change counter", res);
+		return;
+	}
+	v = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+	if (v != c->counter_seen) {
+		c->counter_seen = v;
+		c->ops->policies(c->ctx);
+		reconcile(c);
+	}
+}
+
+/* ---- this gateway's own requests ---- */
+
+struct ready_arg {
+	char user[256];
+	int64_t seq;
+};
+
+static void on_ready(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	struct ready_arg *ra = arg;
+	struct pending *p = pending_find(c, ra->user);
+	int waiting = 0;
+
+	if (p == NULL || p->seq != ra->seq || !p->mine)
+		return;
+	p->checking = 0;
+	if (!res_ok(res)) {
+		res_warn(c, "acknowledgements", res);
+		return;
+	}
+	for (int i = 0; i < PQntuples(res); i++) {
+		const char *gw = PQgetvalue(res, i, 0);
+		long long age = strtoll(PQgetvalue(res, i, 1), NULL, 10);
+
+		if (age <= (long long)c->timeout_ms) {
+			if (!waiting && strcmp(p->said, gw) != 0) {
+				ms_info("%s: waiting for gateway %s to "
+					"acknowledge", p->user, gw);
+				snprintf(p->said, sizeof(p->said), "%s", gw);
+			}
+			waiting = 1;
+			continue;
+		}
+		ms_warn("%s: gateway %s fenced: no heartbeat for %lld ms "
+			"(timeout %u ms): not waited for", p->user, gw, age,
+			c->timeout_ms);
+	}
+	if (waiting || p->ready)
+		return;
+	p->ready = 1;
+	ms_info("%s: every live gateway acknowledged", p->user);
+	c->ops->acked(c->ctx, p->user);
+}
+
+/* The gateways that have not acknowledged p, with the age of their last
+ * heartbeat (the database's clock): past the timeout, fenced. */
+static void ready_check(struct ms_cluster *c, struct pending *p)
+{
+	struct ready_arg *ra;
+	char seq[24];
+
+	if (p->checking || !c->connected ||
+	    (ra = malloc(sizeof(*ra))) == NULL)
+		return;
+	snprintf(ra->user, sizeof(ra->user), "%s", p->user);
+	ra->seq = p->seq;
+	p->checking = 1;
+	snprintf(seq, sizeof(seq), "%" PRId64, p->seq);
+	query(c, "SELECT g.name, " NOW_MS " - g.heartbeat FROM gateways g"
+	      " WHERE g.name <> $3 AND NOT EXISTS (SELECT 1 FROM cutover_acks"
+	      " a JOIN users u ON u.id = a.user_id WHERE u.name = $1 AND"
+	      " a.seq = $2 AND a.gateway = g.name) ORDER BY g.name", on_ready,
+	      ra, 3, p->user, seq, c->name);
+}
+
+int ms_cluster_request(struct ms_cluster *c, struct ms_store *store,
+		       int64_t user_id, const char *user, const char *kind)
+{
+	struct pending *p;
+	int64_t seq = 0;
+
+	if (ms_store_cutover_request(store, user_id, c->name, kind, &seq) < 0)
+		return -1;
+	if ((p = pending_get(c, user)) == NULL)
+		return -1;
+	p->seq = seq;
+	p->mine = 1;
+	p->ready = 0;
+	p->checking = 0;
+	p->said[0] = '\0';
+	return 0;
+}
+
+int ms_cluster_ready(struct ms_cluster *c, const char *user)
+{
+	struct pending *p = pending_find(c, user);
+
+	if (p == NULL || !p->mine)
+		return 0;
+	if (!p->ready)
+		ready_check(c, p);
+	return p->ready;
+}
+
+void ms_cluster_settle(struct ms_cluster *c, const char *user)
+{
+	struct pending *p = pending_find(c, user);
+
+	if (p != NULL)
+		pending_drop(c, p);
+}
+
+/* ---- the timer: each heartbeat ---- */
+
+static void on_tick(uv_timer_t *t)
+{
+	struct ms_cluster *c = t->data;
+
+	/* (a socket libpq never gave: begun again) */
+	if (c->conn == NULL && !uv_is_active((uv_handle_t *)c->retry))
+		conn_start(c);
+	if (!c->connected)
+		return;
+	if (c->caught_up && !ms_cluster_in_time(uv_now(c->loop), c->last_ok,
+						c->heartbeat_ms,
+						c->timeout_ms)) {
+		ms_warn("cluster: no heartbeat taken for %llu ms: logins are "
+			"held until this gateway has caught up",
+			(unsigned long long)(uv_now(c->loop) - c->last_ok));
+		c->out_said = 1;
+		c->caught_up = 0;
+		c->epoch++;
+	}
+	heartbeat(c);
+	query(c, "SELECT CASE WHEN is_called THEN last_value ELSE 0 END"
+	      " FROM changes", on_counter, NULL, 0);
+	for (struct pending *p = c->pending; p != NULL; p = p->next)
+		if (p->mine && !p->ready)
+			ready_check(c, p);
+}
+
+/* ---- start and stop ---- */
+
+int ms_cluster_new(uv_loop_t *loop, struct ms_store *store,
+		   const struct ms_cluster_cfg *cfg,
+		   const struct ms_cluster_ops *ops, void *ctx,
+		   struct ms_cluster **c_r, char *err, size_t errsz)
+{
+	struct ms_cluster *c;
+
+	*c_r = NULL;
+	/* The first heartbeat, with the store's own connection: a start
+	 * that cannot reach the database says so. */
+	if (ms_store_gateway_register(store, cfg->name) < 0) {
+		snprintf(err, errsz, "gateway %s: store: %s", cfg->name,
+			 ms_store_error(store));
+		return -1;
+	}
+	c = calloc(1, sizeof(*c));
+	if (c == NULL || (c->url = strdup(cfg->url)) == NULL ||
+	    (c->tick = malloc(sizeof(*c->tick))) == NULL ||
+	    (c->retry = malloc(sizeof(*c->retry))) == NULL) {
+		if (c != NULL) {
+			free(c->url);
+			free(c->tick);
+		}
+		free(c);
+		snprintf(err, errsz, "out of memory");
+		return -1;
+	}
+	c->loop = loop;
+	c->store = store;
+	snprintf(c->name, sizeof(c->name), "%s", cfg->name);
+	c->heartbeat_ms = cfg->heartbeat_ms;
+	c->timeout_ms = cfg->timeout_ms;
+	c->ops = ops;
+	c->ctx = ctx;
+	uv_timer_init(loop, c->tick);
+	uv_timer_init(loop, c->retry);
+	c->tick->data = c->retry->data = c;
+	c->last_ok = uv_now(loop);
+	if (c->last_ok == 0)
+		c->last_ok = 1;
+	conn_start(c);
+	uv_timer_start(c->tick, on_tick, c->heartbeat_ms, c->heartbeat_ms);
+	*c_r = c;
+	return 0;
+}
+
+void ms_cluster_free(struct ms_cluster **cp)
+{
+	struct ms_cluster *c = *cp;
+
+	if (c == NULL)
+		return;
+	*cp = NULL;
+	if (c->conn != NULL)
+		conn_close(c);
+	/* A clean stop: nobody waits for this gateway's acknowledgement. */
+	if (ms_store_gateway_remove(c->store, c->name) < 0)
+		ms_warn("cluster: store: %s", ms_store_error(c->store));
+	ms_close_free((uv_handle_t *)c->tick, c->tick);
+	ms_close_free((uv_handle_t *)c->retry, c->retry);
+	while (c->pending != NULL)
+		pending_drop(c, c->pending);
+	free(c->url);
+	free(c);
+}

@@ -1,0 +1,98 @@
+/* Several gateways on one PostgreSQL store (docs/design.md, "Several
+ * gateways"): each gateway's heartbeat in the store's `gateways` table, the
+ * store's notifications (LISTEN mailshift) and a periodic reconcile that
+ * keep it current with what the others write, and the cutover's
+ * acknowledgements. A connection of its own to the database, in libpq's
+ * non-blocking mode, its socket watched by the event loop: nothing here
+ * ever waits on the database.
+ *
+ * The cluster knows users by name only and nothing of sessions: it tells
+ * the gateway through struct ms_cluster_ops what to do, the gateway asks
+ * it whether a login may be routed (ms_cluster_sure, ms_cluster_holds).
+ * With an SQLite store (one gateway) there is no cluster.
+ */
+#ifndef MS_CLUSTER_H
+#define MS_CLUSTER_H
+
+#include <stdint.h>
+
+#include <uv.h>
+
+struct ms_store;
+struct ms_cluster;
+
+struct ms_cluster_ops {
+	/* A cutover or rollback of user was asked (by any gateway): the
+	 * user's sessions connected to a server end here. Its new logins
+	 * are held from now on (ms_cluster_holds) until it is settled. */
+	void (*hold)(void *ctx, const char *user);
+	/* The user's request is over (flipped, or given up): its held
+	 * logins are routed again. */
+	void (*settled)(void *ctx, const char *user);
+	/* The user's state is now state, as any gateway or mailshiftctl
+	 * wrote it: a session here on the other server ends. */
+	void (*changed)(void *ctx, const char *user, const char *state);
+	/* The run-time policies may have changed. */
+	void (*policies)(void *ctx);
+	/* Every live gateway has acknowledged this gateway's request for
+	 * user (or was fenced): its cutover may go on. */
+	void (*acked)(void *ctx, const char *user);
+	/* This gateway's counts, for its heartbeat. */
+	void (*counts)(void *ctx, unsigned int *sessions,
+		       unsigned int *copies);
+};
+
+struct ms_cluster_cfg {
+	const char *url;		/* the store's postgresql:// URL */
+	const char *name;		/* [gateway] name */
+	unsigned int heartbeat_ms;	/* [gateway] heartbeat */
+	unsigned int timeout_ms;	/* [gateway] timeout */
+};
+
+/* Registers the gateway (a blocking write through store, at start) and
+ * starts the connection, the heartbeat and the reconcile. */
+int ms_cluster_new(uv_loop_t *loop, struct ms_store *store,
+		   const struct ms_cluster_cfg *cfg,
+		   const struct ms_cluster_ops *ops, void *ctx,
+		   struct ms_cluster **c_r, char *err, size_t errsz);
+/* At a clean stop: the gateway's row goes (nobody waits for its
+ * acknowledgement), the connection closes. */
+void ms_cluster_free(struct ms_cluster **c);
+
+/* Whether this gateway knows what the others wrote: its connection is up,
+ * its heartbeat is recent enough that no other gateway has fenced it,
+ * and it has caught up since it came back. When not, logins are not
+ * routed (held, then a temporary failure). */
+int ms_cluster_sure(const struct ms_cluster *c);
+/* Whether a cutover or rollback of user is under way (this gateway's or
+ * another's): its logins are held. */
+int ms_cluster_holds(const struct ms_cluster *c, const char *user);
+
+/* This gateway asks for user's cutover (kind "cutover" or "rollback"):
+ * written through store, inside the caller's transaction (with the
+ * user's state). */
+int ms_cluster_request(struct ms_cluster *c, struct ms_store *store,
+		       int64_t user_id, const char *user, const char *kind);
+/* Whether every live gateway has acknowledged this gateway's request for
+ * user; when not yet, ops->acked() says when. */
+int ms_cluster_ready(struct ms_cluster *c, const char *user);
+/* This gateway ended user's request (its final state written): nothing
+ * more is held or awaited here for it. */
+void ms_cluster_settle(struct ms_cluster *c, const char *user);
+
+/* ---- pure logic, for the unit tests ---- */
+
+/* "2s", "500ms", "2" (seconds) as ms: 0, or -1 when it is not one. */
+int ms_cluster_parse_ms(const char *s, unsigned int *ms_r);
+/* [gateway] heartbeat and timeout that go together: NULL, or why not. */
+const char *ms_cluster_check(unsigned int heartbeat_ms,
+			     unsigned int timeout_ms);
+/* Whether a gateway whose last heartbeat that the database took was
+ * sent at last_ok (ms, this gateway's clock; 0: none yet) may still
+ * count on not being fenced at now: the others fence it timeout after
+ * the database wrote that heartbeat, and one heartbeat is kept as a
+ * margin. */
+int ms_cluster_in_time(uint64_t now, uint64_t last_ok,
+		       unsigned int heartbeat_ms, unsigned int timeout_ms);
+
+#endif

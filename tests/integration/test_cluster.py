@@ -1,0 +1,368 @@
+"""Several gateways on one PostgreSQL store (docs/design.md, "Several
+gateways"): two and three mailshiftd on one database (tests/lib/postgres.py)
+in front of real Dovecots, with a short heartbeat and timeout.
+
+A user logged in on two gateways is moved: the other gateway ends its
+session to the source before the delta, holds the user's new logins, and
+after the flip neither gateway sends the user to the source; a state or a
+policy set through one gateway reaches the other at once (LISTEN/NOTIFY);
+status and sessions list every gateway with its heartbeat, sessions and
+copies; a gateway killed with -9 is fenced after the timeout and the
+cutover goes on without it; a gateway stopped (SIGSTOP) past the timeout
+ends, when it comes back, the session the others' flip left on the
+source; a gateway whose database connection is cut (a proxy) holds logins
+and then fails them temporarily, never to the source, keeps its sessions,
+and recovers when the proxy lets connections through again; the database
+restarted mid-cutover: the cutover completes, nothing lost.
+"""
+import imaplib
+import os
+import re
+import signal
+import threading
+import time
+
+import gateway as gwlib
+import tcpproxy
+from conftest import wait_for
+from test_gateway_ops import admin_conf
+from test_store_pg import new_db, pg  # noqa: F401 (fixtures)
+
+HEARTBEAT_MS = 250
+TIMEOUT_MS = 1500
+LEASE = 3           # [gateway] lease, seconds: a stopped gateway's copy
+                    # (a first login's) is taken over soon
+
+
+def cluster_conf(workdir, name):
+    return '\n'.join([admin_conf(workdir, sweep=False), '[gateway]',
+                      'name = %s' % name, 'lease = %ds' % LEASE,
+                      'heartbeat = %dms' % HEARTBEAT_MS,
+                      'timeout = %dms' % TIMEOUT_MS])
+
+
+def start_gateways(pair, pg, url, workdir, names, urls=None, envs=None,
+                   policy='passthrough'):
+    """Started gateways named names on one store (urls/envs: per name,
+    the store's URL and the environment, when not url and pg.env())."""
+    made = []
+    try:
+        for name in names:
+            g = gwlib.Mailshiftd(
+                os.path.join(workdir, name), pair.src, pair.dst,
+                store_url=(urls or {}).get(name, url),
+                env=(envs or {}).get(name, pg.env()), connections=1,
+                policy=policy,
+                extra_conf=cluster_conf(workdir, name))
+            made.append(g)
+            g.start()
+    except BaseException:
+        for g in made:
+            g.stop()
+        raise
+    return made
+
+
+def stop_all(gws):
+    for g in gws:
+        g.stop()
+
+
+def login(g, pair, user, server='src'):
+    """A login through g with the password server (src, dst) has."""
+    m = imaplib.IMAP4('127.0.0.1', g.imap_port)
+    m.login(user, getattr(pair, server).password(user))
+    assert m.select('INBOX')[0] == 'OK'
+    return m
+
+
+def ended(m):
+    """Whether the server side of m is gone (a BYE, or the socket shut)."""
+    try:
+        return m.noop()[0] != 'OK'
+    except (imaplib.IMAP4.abort, imaplib.IMAP4.error, OSError):
+        return True
+
+
+def source_logins(g, user):
+    """How many logins of user gateway g has sent to the source (its log
+    line for each login a server took)."""
+    return len(re.findall(r'login: user=<%s> .* server=source result=ok'
+                          % re.escape(user), g.log_text()))
+
+
+def inbox_count(server, user):
+    m = server.imap(user)
+    try:
+        return int(m.select('INBOX', readonly=True)[1][0])
+    finally:
+        m.logout()
+
+
+def mark_destination(pair, user):
+    """A message on the destination alone: a session that sees it is
+    served by the destination."""
+    m = pair.dst.imap(user)
+    try:
+        m.append('INBOX', None, None, b'Subject: only-on-dst\r\n\r\nbody\r\n')
+    finally:
+        m.logout()
+
+
+def on_destination(g, pair, user):
+    m = login(g, pair, user, 'dst')
+    try:
+        typ, data = m.search(None, 'SUBJECT', 'only-on-dst')
+        return typ == 'OK' and data[0].split() != []
+    finally:
+        m.logout()
+
+
+def gateways(g, cmd='status'):
+    r = g.ctl(cmd, '--json')
+    assert r.rc == 0, r.describe()
+    return {x['name']: x for x in r.json['gateways']}
+
+
+def test_user_on_two_gateways_moved(make_pair, pg, new_db, workdir):
+    """alice logged in through gw-a and gw-b, both to the source; the
+    operator moves her on gw-a: gw-b ends its session (asked through the
+    store) and acknowledges before the delta, a login through gw-b meanwhile
+    is held and served by the destination; after the flip neither gateway
+    sends her to the source."""
+    pair = make_pair(users=('alice',))
+    db, url = new_db()
+    a, b = gws = start_gateways(pair, pg, url, workdir, ('gw-a', 'gw-b'))
+    held = {}
+    try:
+        ma, mb = login(a, pair, 'alice'), login(b, pair, 'alice')
+        assert a.ctl('migrate', '--daemon', 'alice').rc == 0
+        assert wait_for(lambda: ended(mb), 60, 0.05), b.log_tail()
+        assert ended(ma)
+
+        def held_login():
+            try:
+                m = login(b, pair, 'alice', 'dst')
+                typ, data = m.search(None, 'ALL')
+                held['msgs'] = len(data[0].split())
+                m.logout()
+            except Exception as e:          # shown by the assert below
+                held['error'] = repr(e)
+        t = threading.Thread(target=held_login)
+        t.start()
+        st = a.wait_state('alice', ('destination', 'failed'), timeout=120)
+        assert st == 'destination', (st, a.log_tail())
+        t.join(60)
+        assert 'error' not in held, held
+        assert held['msgs'] == inbox_count(pair.dst, 'alice')
+        assert 'alice: cutover asked by gateway gw-a' in b.log_text()
+        assert 'alice: every live gateway acknowledged' in a.log_text()
+        pair.assert_copied('alice')
+        mark_destination(pair, 'alice')
+        for g in gws:
+            assert on_destination(g, pair, 'alice'), g.log_tail()
+        # neither the held login nor those after went to the source
+        assert [source_logins(g, 'alice') for g in gws] == [1, 1]
+    finally:
+        stop_all(gws)
+    assert pg.admin(db, 'SELECT count(*) FROM cutover_requests') == [['0']]
+
+
+def test_mapping_change_seen_at_once(make_pair, pg, new_db, workdir):
+    """u1 set to the destination through gw-a: gw-b ends its session to
+    the source at once (a notification, not the reconcile); the default
+    policy set through gw-a is gw-b's at once too."""
+    pair = make_pair(users=('u1',))
+    db, url = new_db()
+    a, b = gws = start_gateways(pair, pg, url, workdir, ('gw-a', 'gw-b'))
+    try:
+        assert a.ctl('policy', '--default', 'off').rc == 0
+        mb = login(b, pair, 'u1')
+        t0 = time.monotonic()
+        r = a.ctl('user', 'set', 'u1', 'state', 'destination')
+        assert r.rc == 0, r.describe()
+        assert wait_for(lambda: ended(mb), 5, 0.01), b.log_tail()
+        took = time.monotonic() - t0
+        assert took < 1.0, took
+        print('session on the other gateway ended after %.3f s' % took)
+        t0 = time.monotonic()
+        assert a.ctl('policy', '--default', 'hold').rc == 0
+        assert wait_for(lambda: b.ctl('policy', '--json').json['policy']
+                        ['default'] == 'hold', 5, 0.01)
+        took = time.monotonic() - t0
+        assert took < 1.0, took
+    finally:
+        stop_all(gws)
+
+
+def test_status_lists_every_gateway(make_pair, pg, new_db, workdir):
+    """status and sessions on any gateway list the three, each live with
+    a recent heartbeat and its own sessions and copies; one stopped
+    cleanly leaves the list; on SQLite (one gateway) there is no list."""
+    pair = make_pair(users=('alice',))
+    db, url = new_db()
+    gws = start_gateways(pair, pg, url, workdir, ('gw-a', 'gw-b', 'gw-c'))
+    try:
+        listed = gateways(gws[0])
+        assert sorted(listed) == ['gw-a', 'gw-b', 'gw-c'], listed
+        assert all(x['live'] and x['heartbeat_age_ms'] < TIMEOUT_MS
+                   for x in listed.values()), listed
+        assert [n for n, x in listed.items() if x['this']] == ['gw-a']
+        m = login(gws[1], pair, 'alice')
+        assert wait_for(lambda: gateways(gws[2], 'sessions')['gw-b']
+                        ['sessions'] == 1, 10, 0.05)
+        assert gateways(gws[2])['gw-a']['sessions'] == 0
+        m.logout()
+        r = gws[0].ctl('status')
+        assert r.rc == 0 and re.search(r'^gw-b +live +[0-9.]+ s ago +\d+ +\d+$',
+                                       r.stdout, re.M), r.stdout
+        r = gws[0].ctl('sessions')
+        assert r.rc == 0 and 'GATEWAY' in r.stdout, r.stdout
+        gws[2].stop()
+        assert sorted(gateways(gws[0])) == ['gw-a', 'gw-b']
+    finally:
+        stop_all(gws)
+    g = gwlib.Mailshiftd(os.path.join(workdir, 'sqlite'), pair.src,
+                         pair.dst)
+    g.start()
+    try:
+        assert gateways(g) == {} and gateways(g, 'sessions') == {}
+        assert 'GATEWAY' not in g.ctl('status').stdout
+    finally:
+        g.stop()
+
+
+def test_kill9_gateway_fenced_cutover_goes_on(make_pair, pg, new_db,
+                                              workdir):
+    """gw-c killed (-9) before alice's cutover: it never acknowledges; once
+    its heartbeat is older than the timeout it is fenced (status: not
+    live) and gw-a's cutover goes on without it, gw-b's acknowledgement
+    taken."""
+    pair = make_pair(users=('alice',))
+    db, url = new_db()
+    gws = start_gateways(pair, pg, url, workdir, ('gw-a', 'gw-b', 'gw-c'))
+    a, b, c = gws
+    try:
+        os.kill(c.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        assert a.ctl('migrate', '--daemon', 'alice').rc == 0
+        st = a.wait_state('alice', ('destination', 'failed'), timeout=120)
+        assert st == 'destination', (st, a.log_tail())
+        assert time.monotonic() - killed >= TIMEOUT_MS / 1000
+        log = a.log_text()
+        assert re.search(r'alice: gateway gw-c fenced: no heartbeat for '
+                         r'\d+ ms', log), log
+        assert 'alice: cutover asked by gateway gw-a' in b.log_text()
+        listed = gateways(a)
+        assert not listed['gw-c']['live'] and listed['gw-b']['live'], listed
+    finally:
+        stop_all(gws)
+
+
+def test_stopped_gateway_catches_up(make_pair, pg, new_db, workdir):
+    """gw-b stopped (SIGSTOP) with alice's session to the source open: gw-a
+    fences it and moves alice. gw-b continued (SIGCONT) catches up before
+    it routes a login: the session left on the source ends, and a login
+    there goes to the destination."""
+    pair = make_pair(users=('alice',))
+    db, url = new_db()
+    a, b = gws = start_gateways(pair, pg, url, workdir, ('gw-a', 'gw-b'))
+    stopped = False
+    try:
+        mb = login(b, pair, 'alice')
+        os.kill(b.pid, signal.SIGSTOP)
+        stopped = True
+        assert a.ctl('migrate', '--daemon', 'alice').rc == 0
+        st = a.wait_state('alice', ('destination', 'failed'), timeout=120)
+        assert st == 'destination', (st, a.log_tail())
+        assert 'alice: gateway gw-b fenced' in a.log_text()
+        os.kill(b.pid, signal.SIGCONT)
+        stopped = False
+        pair.assert_copied('alice')
+        mark_destination(pair, 'alice')
+        assert on_destination(b, pair, 'alice'), b.log_tail()
+        assert wait_for(lambda: ended(mb), 10, 0.05), b.log_tail()
+        assert source_logins(b, 'alice') == 1
+    finally:
+        if stopped:
+            os.kill(b.pid, signal.SIGCONT)
+        stop_all(gws)
+
+
+def test_partition_of_one_gateway(make_pair, pg, new_db, workdir):
+    """gw-b reaches PostgreSQL through a proxy, which cuts every connection
+    and refuses new ones: alice's login through gw-b is held, then fails
+    temporarily ([UNAVAILABLE]) and never reaches the source; u1's session
+    relayed before goes on; gw-a serves alice. The proxy restored, gw-b
+    routes logins again. (Policy off: nobody is moved meanwhile.)"""
+    pair = make_pair(users=('alice', 'u1'))
+    db, url = new_db()
+    proxy = tcpproxy.CuttingProxy(pg.port).start()
+    passfile = os.path.join(workdir, 'pgpass-b')
+    with open(pg.passfile) as f:
+        line = f.read().strip()
+    fd = os.open(passfile, os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, 'w') as f:
+        f.write(line + '\n' + line.replace(':%d:' % pg.port,
+                                           ':%d:' % proxy.port, 1) + '\n')
+    gws = []
+    try:
+        gws = start_gateways(pair, pg, url, workdir, ('gw-a', 'gw-b'),
+                             urls={'gw-b': url.replace(':%d/' % pg.port,
+                                                       ':%d/' % proxy.port)},
+                             envs={'gw-b': {'PGPASSFILE': passfile}},
+                             policy='off')
+        a, b = gws
+        mb = login(b, pair, 'u1')
+        proxy.cut_now()
+        t0 = time.monotonic()
+        try:
+            login(b, pair, 'alice')
+            assert False, 'a login went through without the store'
+        except imaplib.IMAP4.error as e:
+            assert b'[UNAVAILABLE]' in e.args[0], e
+        waited = time.monotonic() - t0
+        assert waited >= TIMEOUT_MS / 1000 * 0.9, waited
+        assert source_logins(b, 'alice') == 0
+        typ, data = mb.search(None, 'ALL')
+        assert typ == 'OK' and data[0].split(), (typ, data)
+        m = login(a, pair, 'alice')
+        m.logout()
+        proxy.restore()
+
+        def routed():
+            try:
+                login(b, pair, 'alice').logout()
+                return True
+            except imaplib.IMAP4.error:
+                return False
+        assert wait_for(routed, 30, 0.2), b.log_tail()
+        assert mb.noop()[0] == 'OK'
+        mb.logout()
+    finally:
+        stop_all(gws)
+        proxy.stop()
+
+
+def test_database_restart_mid_cutover(make_pair, pg, new_db, workdir):
+    """PostgreSQL restarted while alice's cutover waits out its grace: both
+    gateways connect again and catch up, the cutover completes, every
+    message once, no request left behind."""
+    pair = make_pair(users=('alice',))
+    db, url = new_db()
+    a, b = gws = start_gateways(pair, pg, url, workdir, ('gw-a', 'gw-b'))
+    try:
+        assert a.ctl('migrate', '--daemon', 'alice').rc == 0
+        assert wait_for(lambda: 'alice: state cutover' in a.log_text(), 60,
+                        0.02), a.log_tail()
+        pg.restart()
+        st = a.wait_state('alice', ('destination', 'failed'), timeout=120)
+        assert st == 'destination', (st, a.log_tail())
+        pair.assert_copied('alice')
+        mark_destination(pair, 'alice')
+        assert on_destination(b, pair, 'alice'), b.log_tail()
+    finally:
+        stop_all(gws)
+    assert pg.admin(db, 'SELECT count(*) FROM messages WHERE state = 0') \
+        == [['0']]
+    assert pg.admin(db, 'SELECT count(*) FROM cutover_requests') == [['0']]

@@ -440,3 +440,72 @@ def test_courier_source_mbsync(courier_pair, workdir, ca, identity):
                     if f.startswith('INBOX.')], os.listdir(mb.maildir)
     finally:
         g.stop()
+
+
+class OfflineimapCourier(Offlineimap):
+    """offlineimap3 as a Courier user configures it (offlineimap.conf's
+    own example, "great for Courier IMAP users"): the remote's "INBOX."
+    taken off the folder names, and no folder made on the server from a
+    local one (without it the local "Work" would have to become the
+    server's "INBOX.Work" by a second nametrans the other way)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        with open(self.rc, 'a') as f:
+            f.write('\n'.join([
+                r"nametrans = lambda f: re.sub('^INBOX\.', '', f)",
+                'createfolders = False', '']))
+
+
+@CLIENTS_PRESENT
+@pytest.mark.parametrize('identity', ['doveadm', 'gateway'])
+def test_courier_source_offlineimap(courier_pair, workdir, ca, identity):
+    """offlineimap3 against a Courier-style source, synced through the
+    gateway before and after the move (OfflineimapCourier's settings):
+    no error or warning, nothing downloaded again, no duplicate either
+    side, an offline flag change on the right message."""
+    fill(courier_pair.src, prefix='INBOX.')
+    same_password(courier_pair)
+    g = gwlib.Mailshiftd(os.path.join(workdir, 'gw'), courier_pair.src,
+                         courier_pair.dst, tls_ca=ca, policy='off',
+                         extra_conf=gw_conf(workdir, courier_pair.dst,
+                                            doveadm=identity == 'doveadm'))
+    g.start()
+    try:
+        oi = OfflineimapCourier(workdir, 'offlineimap', g, ca)
+        oi.run()
+        before = oi.local()
+        assert {f: len(v) for f, v in before.items()} == {
+            f: n - len(GAPS[f]) for f, n in FOLDERS.items()}
+        oi.flag_offline('Work', 'Work 8')
+
+        assert g.ctl('migrate', '--daemon', USER).rc == 0
+        g.wait_state(USER, ('destination',), timeout=120)
+        rc, out, err, j = g.ctl('status', '--json')
+        assert j['identity_not_kept_users'] == \
+            (0 if identity == 'doveadm' else 1), j
+
+        oi.run()
+        oi.run()
+        src = server_view(courier_pair.src, prefix='INBOX.')
+        dst = server_view(courier_pair.dst)
+        for folder in FOLDERS:
+            # Nothing lost or doubled (nothing uploaded again).
+            assert sorted(dst[folder]) == sorted(src[folder]), folder
+        assert [(f, s) for f in FOLDERS for s, fl in dst[f].items()
+                if '\\Flagged' in fl] == [('Work', 'Work 8')]
+        after = oi.local()
+        for folder in FOLDERS:
+            # No download again, no duplicate: the same local files.
+            assert sorted(after[folder]) == sorted(before[folder]), folder
+        assert sum('F' in fl for f in FOLDERS
+                   for fl in after[f].values()) == 1
+        # No folder made on the destination from a local one.
+        m = courier_pair.dst.imap(USER)
+        try:
+            names = [f['name'] for f in mc.list_folders(m)]
+        finally:
+            m.logout()
+        assert not [n for n in names if n.startswith('INBOX.')], names
+    finally:
+        g.stop()

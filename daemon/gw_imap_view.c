@@ -302,8 +302,10 @@ const char *gw_imap_view_start(struct session *s)
 		return NULL;
 	}
 	s->iv->v.withhold = sc.translate;
-	if (s->iv->names != NULL)
+	if (s->iv->names != NULL) {
 		ms_view_set_patterns(&s->iv->v, view_patterns);
+		s->iv->v.withhold_utf8 = 1;
+	}
 	return NULL;
 }
 

@@ -715,20 +715,32 @@ int ms_view_cap_withheld(const char *cap, size_t len)
 	return 0;
 }
 
+/* Whether the session withholds cap: CONDSTORE and the like where UIDs
+ * are translated; UTF8=ACCEPT where names are (the old names are recorded
+ * in modified UTF-7, and a session that enabled it names folders in
+ * UTF-8: RFC 6855). */
+static int cap_dropped(const struct ms_view *v, const char *cap, size_t len)
+{
+	if (v->withhold && ms_view_cap_withheld(cap, len))
+		return 1;
+	return v->withhold_utf8 &&
+	       ((len == 11 && strncasecmp(cap, "UTF8=ACCEPT", len) == 0) ||
+		(len == 9 && strncasecmp(cap, "UTF8=ONLY", len) == 0));
+}
+
 /* Drops the withheld capabilities from the atoms from *pos up to end. */
 static void ed_caps(struct ms_view *v, struct ed *e, size_t *pos, size_t end)
 {
 	struct tok t;
 	size_t prev = *pos;
 
-	if (!v->withhold)
+	if (!v->withhold && !v->withhold_utf8)
 		return;
 	for (;;) {
 		next_tok(e->f, end, pos, &t);
 		if (t.t == T_END)
 			break;
-		if (t.t == T_ATOM &&
-		    ms_view_cap_withheld(e->f + t.s, t.e - t.s)) {
+		if (t.t == T_ATOM && cap_dropped(v, e->f + t.s, t.e - t.s)) {
 			ed_to(e, prev);
 			e->last = t.e;
 		}
@@ -1018,14 +1030,14 @@ static void c_enable(struct ms_view *v, struct ed *e, const struct tok *cmd,
 	struct tok t;
 	int kept = 0;
 
-	if (!v->withhold)
+	if (!v->withhold && !v->withhold_utf8)
 		return;
 	for (;;) {
 		next_tok(e->f, len, &p, &t);
 		if (t.t == T_END)
 			break;
-		kept |= !(t.t == T_ATOM &&
-			  ms_view_cap_withheld(e->f + t.s, t.e - t.s));
+		kept |= !(t.t == T_ATOM && cap_dropped(v, e->f + t.s,
+						       t.e - t.s));
 	}
 	if (kept) {
 		ed_caps(v, e, &pos, len);

@@ -158,6 +158,8 @@ struct ms_view {
 	struct ms_view_map *ssel;	/* selected, as the answers say */
 	int withhold;			/* CONDSTORE, QRESYNC withheld (set
 					   when a folder is translated) */
+	int withhold_utf8;		/* UTF8=ACCEPT withheld (set when
+					   folders were renamed) */
 	uint64_t uids;			/* UIDs shown as the source's */
 	uint64_t names;			/* names shown or taken as the old */
 };

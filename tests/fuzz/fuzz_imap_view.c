@@ -12,7 +12,7 @@
  * withheld), every other name none, "Bad" fails as a store would;
  * the client's "Sent Items" is the server's "Sent"; bit 2: LIST patterns
  * rewritten (every wildcard pattern also asks for "Sent" and below it)
- * and the answers filtered. Folder names in
+ * and the answers filtered, UTF8=ACCEPT withheld. Folder names in
  * literals are held, the view answering the client's "+". Oracles: both runs
  * write the same bytes each way and fail the same way; lookup() and
  * name() get NUL-terminated names; a literal's bytes come out as they went
@@ -123,8 +123,10 @@ static void play(unsigned int mode, uint8_t seed, const uint8_t *data,
 	maps_init(&m, mode);
 	ms_view_init(&v, lookup, names, &m);
 	ms_view_set_reply(&v, out_client, r);
-	if (mode & 4)
+	if (mode & 4) {
 		ms_view_set_patterns(&v, patterns);
+		v.withhold_utf8 = 1;
+	}
 	m.v = &v;
 	v.withhold = !(mode & 2);
 	while (size > 0 && !r->failed) {

@@ -206,8 +206,10 @@ static void run(const char *const *events, size_t n, const char *want)
 		fix_init(&f);
 		ms_view_init(&v, lookup, names, &f);
 		ms_view_set_reply(&v, out, &f.out);
-		if (with_patterns)
+		if (with_patterns) {
 			ms_view_set_patterns(&v, patterns);
+			v.withhold_utf8 = 1;
+		}
 		v.withhold = 1;
 		for (size_t i = 0; i < n; i++) {
 			const char *t = events[i] + 2;
@@ -398,7 +400,10 @@ static void test_list_patterns(void **state)
 	    "e OK done\n"
 	    "f LIST \"\" \"Sent\"\n"
 	    "f OK done\n"
-	    "g LIST \"Sent \" ({4+}\nIt*\n)\n",
+	    "g LIST \"Sent \" ({4+}\nIt*\n)\n"
+	    "* CAPABILITY IMAP4rev1 ENABLE\n"
+	    "h NOOP\n"
+	    "i ENABLE X-FOO\n",
 	    "C a LIST \"\" \"Sent I*\"\n",
 	    "S * LIST (\\Sent) \"/\" Sent\n",
 	    "S * LIST () \"/\" \"Sent/2019\"\n", "S a OK done\n",
@@ -420,7 +425,10 @@ static void test_list_patterns(void **state)
 	    "C f LIST \"\" \"Sent\"\n", "S * LIST () \"/\" Sent\n",
 	    "S f OK done\n",
 	    /* a literal in it: left as it is */
-	    "C g LIST \"Sent \" ({4+}\nIt*\n)\n");
+	    "C g LIST \"Sent \" ({4+}\nIt*\n)\n",
+	    /* names renamed: no UTF-8 names (RFC 6855) */
+	    "S * CAPABILITY IMAP4rev1 UTF8=ACCEPT ENABLE\n",
+	    "C h ENABLE UTF8=ACCEPT\n", "C i ENABLE utf8=accept X-FOO\n");
 	with_patterns = 0;
 }
 

@@ -354,10 +354,12 @@ def test_uidvalidity_change_mid_pass(idpair, idmig):
     finally:
         proxy.stop()
     assert proxy.tampered.is_set(), 'harness: no body fetch in %s' % folder
-    # The pass that saw it ends with the folder and the server's words.
+    # The pass that saw it ends with the folder and the server's words
+    # (Dovecot's vary with the moment: "Mailbox was deleted under us",
+    # "Internal error occurred").
     assert first.rc != 0, first.describe()
-    assert 'folder "%s"' % folder in first.stderr and \
-        'deleted' in first.stderr, first.describe()
+    assert 'folder "%s": UID FETCH: server said' % folder in first.stderr, \
+        first.describe()
     res = idmig.run(USER, *doveadm_args(idpair.dst), expect_rc=0)
     idpair.assert_copied(USER)
     ids = folder_identity(res)

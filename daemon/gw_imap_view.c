@@ -207,6 +207,29 @@ static const char *view_name(void *ctx, const char *name, int to_dst)
 	return iv->name.p;
 }
 
+/* A LIST pattern with a wildcard may match a renamed folder or one below
+ * it by its old name ("Sent*": "Sent Items", now "Sent"): the server is
+ * asked for each renamed folder and its subtree too; the view keeps what
+ * the client's pattern matches. */
+static int view_patterns(void *ctx, const char *pattern, struct ms_vbuf *out)
+{
+	struct session *s = ctx;
+	int n = 0, r = 0;
+
+	if (strpbrk(pattern, "*%") == NULL)
+		return 0;
+	for (const struct vname *v = s->iv->names; v != NULL; v = v->next) {
+		r |= ms_vbuf_add(out, v->dst, strlen(v->dst) + 1);
+		n++;
+		if (v->sep == '\0')
+			continue;
+		r |= ms_vbuf_add(out, v->dst, strlen(v->dst)) |
+		     ms_vbuf_add(out, &v->sep, 1) | ms_vbuf_add(out, "*", 2);
+		n++;
+	}
+	return r < 0 ? -1 : n;
+}
+
 struct start_ctx {
 	struct session *s;
 	int translate;			/* a folder is not kept */
@@ -274,10 +297,15 @@ const char *gw_imap_view_start(struct session *s)
 		gw_imap_view_free(s);
 		return "cannot read the user's folders";
 	}
-	if (!sc.translate && s->iv->names == NULL)
+	if (!sc.translate && s->iv->names == NULL) {
 		gw_imap_view_free(s);	/* identity kept: zero cost */
-	else
-		s->iv->v.withhold = sc.translate;
+		return NULL;
+	}
+	s->iv->v.withhold = sc.translate;
+	if (s->iv->names != NULL) {
+		ms_view_set_patterns(&s->iv->v, view_patterns);
+		s->iv->v.withhold_utf8 = 1;
+	}
 	return NULL;
 }
 

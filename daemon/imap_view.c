@@ -715,20 +715,32 @@ int ms_view_cap_withheld(const char *cap, size_t len)
 	return 0;
 }
 
+/* Whether the session withholds cap: CONDSTORE and the like where UIDs
+ * are translated; UTF8=ACCEPT where names are (the old names are recorded
+ * in modified UTF-7, and a session that enabled it names folders in
+ * UTF-8: RFC 6855). */
+static int cap_dropped(const struct ms_view *v, const char *cap, size_t len)
+{
+	if (v->withhold && ms_view_cap_withheld(cap, len))
+		return 1;
+	return v->withhold_utf8 &&
+	       ((len == 11 && strncasecmp(cap, "UTF8=ACCEPT", len) == 0) ||
+		(len == 9 && strncasecmp(cap, "UTF8=ONLY", len) == 0));
+}
+
 /* Drops the withheld capabilities from the atoms from *pos up to end. */
 static void ed_caps(struct ms_view *v, struct ed *e, size_t *pos, size_t end)
 {
 	struct tok t;
 	size_t prev = *pos;
 
-	if (!v->withhold)
+	if (!v->withhold && !v->withhold_utf8)
 		return;
 	for (;;) {
 		next_tok(e->f, end, pos, &t);
 		if (t.t == T_END)
 			break;
-		if (t.t == T_ATOM &&
-		    ms_view_cap_withheld(e->f + t.s, t.e - t.s)) {
+		if (t.t == T_ATOM && cap_dropped(v, e->f + t.s, t.e - t.s)) {
 			ed_to(e, prev);
 			e->last = t.e;
 		}
@@ -755,6 +767,10 @@ struct ms_view_cmd {
 	int done;
 	struct ms_view_map *map;	/* SELECT's folder; the target of
 					   APPEND, COPY, MOVE */
+	struct ms_vbuf pats;		/* LIST, LSUB: the client's patterns
+					   (NUL-terminated), answers
+					   filtered by them */
+	size_t npats;
 };
 
 static const struct {
@@ -834,6 +850,7 @@ static void q_pop_done(struct ms_view *v)
 {
 	while (v->qlen > 0 && q_at(v, 0)->done) {
 		free(q_at(v, 0)->tag);
+		ms_vbuf_free(&q_at(v, 0)->pats);
 		v->qhead = (v->qhead + 1) % v->qcap;
 		v->qlen--;
 	}
@@ -854,6 +871,7 @@ static struct ms_view_cmd *q_first(struct ms_view *v, int (*want)(int))
 static int want_select(int k) { return k == K_SELECT; }
 static int want_search(int k) { return IS_SEARCH(k); }
 static int want_copy(int k) { return k == K_COPY || k == K_UIDCOPY; }
+static int want_list(int k) { return k == K_LIST; }
 
 /* The newest command (the one being read). */
 static struct ms_view_cmd *q_last(struct ms_view *v)
@@ -1012,14 +1030,14 @@ static void c_enable(struct ms_view *v, struct ed *e, const struct tok *cmd,
 	struct tok t;
 	int kept = 0;
 
-	if (!v->withhold)
+	if (!v->withhold && !v->withhold_utf8)
 		return;
 	for (;;) {
 		next_tok(e->f, len, &p, &t);
 		if (t.t == T_END)
 			break;
-		kept |= !(t.t == T_ATOM &&
-			  ms_view_cap_withheld(e->f + t.s, t.e - t.s));
+		kept |= !(t.t == T_ATOM && cap_dropped(v, e->f + t.s,
+						       t.e - t.s));
 	}
 	if (kept) {
 		ed_caps(v, e, &pos, len);
@@ -1071,6 +1089,212 @@ static void c_args(struct ms_view *v, struct ed *e, size_t pos, size_t len)
 	}
 }
 
+/* ---- LIST patterns where folders were renamed ---- */
+
+static int64_t frag_literal(const char *f, size_t len);
+
+/* RFC 3501: "*" matches anything, "%" anything but the separator. One row
+ * of the table of which pattern prefixes match which name prefixes. */
+static int pattern_match(const char *pat, size_t np, const char *name,
+			 size_t nn, char delim)
+{
+	unsigned char *row = calloc(nn + 1, 1);
+	int r;
+
+	if (row == NULL)
+		return 1;		/* shown rather than lost */
+	row[0] = 1;
+	for (size_t i = 0; i < np; i++) {
+		char c = pat[i];
+		unsigned char diag = row[0], left;
+
+		if (c != '*' && c != '%')
+			row[0] = 0;
+		left = row[0];
+		for (size_t j = 1; j <= nn; j++) {
+			unsigned char up = row[j], m;
+
+			if (c == '*')
+				m = up || left;
+			else if (c == '%')
+				m = up || (left && (delim == '\0' ||
+						    name[j - 1] != delim));
+			else
+				m = diag && name[j - 1] == c;
+			diag = up;
+			row[j] = left = m;
+		}
+	}
+	r = row[nn];
+	free(row);
+	return r;
+}
+
+/* "INBOX" or below it, in any case: its length (5), else 0. */
+static size_t inbox_part(const char *s, char delim)
+{
+	return strncasecmp(s, "INBOX", 5) == 0 &&
+	       (s[5] == '\0' || (delim != '\0' && s[5] == delim)) ? 5 : 0;
+}
+
+int ms_view_pattern_match(const char *pattern, const char *name, char delim)
+{
+	size_t np = strlen(pattern), nn = strlen(name);
+	size_t ip = inbox_part(pattern, delim), in = inbox_part(name, delim);
+
+	if (np > 4096 || nn > 4096)
+		return 1;		/* no folder's: not looked at */
+	if (ip > 0 && in > 0)		/* INBOX is INBOX in any case */
+		return pattern_match(pattern + 5, np - 5, name + 5, nn - 5,
+				     delim);
+	return pattern_match(pattern, np, name, nn, delim);
+}
+
+/* A pattern as a quoted string into b; -1 when it cannot be one. */
+static int put_quoted(struct ms_vbuf *b, const char *s, size_t len)
+{
+	int r = 0;
+
+	if (!quotable(s, len))
+		return -1;
+	r |= ms_vbuf_add(b, " \"", 2);
+	for (size_t i = 0; i < len; i++) {
+		if (s[i] == '"' || s[i] == '\\')
+			r |= ms_vbuf_add(b, "\\", 1);
+		r |= ms_vbuf_add(b, s + i, 1);
+	}
+	return r | ms_vbuf_add(b, "\"", 1);
+}
+
+#define LIST_PATTERNS_MAX 32
+
+/* One pattern of the client's (the reference before it): kept for the
+ * answers, and asked as the destination's, with the new names it may
+ * match under old ones. 0, or -1 when the command is left as it is. */
+static int c_list_pattern(struct ms_view *v, struct ms_view_cmd *cmd,
+			  const char *full, size_t len, struct ms_vbuf *ask,
+			  size_t *nask)
+{
+	struct ms_vbuf extra = { 0 };
+	const char *dst;
+	int n, r = 0;
+
+	if (len > 1024 || memchr(full, '\0', len) != NULL ||
+	    !quotable(full, len) || cmd->npats >= LIST_PATTERNS_MAX ||
+	    ms_vbuf_add(&cmd->pats, full, len + 1) < 0)
+		return -1;
+	cmd->npats++;
+	dst = v->name(v->ctx, full, 1);
+	if (dst != NULL)
+		v->names++;
+	r |= put_quoted(ask, dst != NULL ? dst : full,
+			dst != NULL ? strlen(dst) : len);
+	(*nask)++;
+	n = v->patterns(v->ctx, full, &extra);
+	if (n < 0)
+		r = -1;
+	for (size_t off = 0; r == 0 && n-- > 0; (*nask)++) {
+		size_t l = strlen(extra.p + off);
+
+		r |= put_quoted(ask, extra.p + off, l);
+		off += l + 1;
+	}
+	ms_vbuf_free(&extra);
+	return r;
+}
+
+/* A LIST or LSUB whole in one line, where folders were renamed: the
+ * client's patterns (each with the reference before it, as RFC 3501
+ * reads them) kept for filtering the answers, and the server asked with
+ * the reference "" for them as the destination names them, and for the
+ * renamed folders they may match under their old names ("Sent*" may be
+ * "Sent Items", now "Sent"): several patterns as RFC 5258 lists them,
+ * LSUB for all ("*"). 1 when done, 0 when the command goes on as it is
+ * (a literal in it: names renamed one by one, not filtered). */
+static int c_list(struct ms_view *v, struct ed *e, struct ms_view_cmd *cmd,
+		  const struct tok *word, size_t pos, size_t len)
+{
+	struct ms_vbuf ref = { 0 }, pat = { 0 }, full = { 0 }, ask = { 0 };
+	struct ms_vbuf line = { 0 };
+	int lsub = tok_is(e->f, word, "LSUB"), multi = 0, r = 0;
+	size_t nask = 0, opts = 0, opts_end = 0, end = len, after;
+	struct tok t;
+
+	if (frag_literal(e->f, len) >= 0)
+		return 0;
+	while (end > 0 && (e->f[end - 1] == '\n' || e->f[end - 1] == '\r'))
+		end--;
+	next_tok(e->f, len, &pos, &t);
+	if (!lsub && t.t == T_LPAR) {	/* selection options */
+		int depth = 1;
+
+		opts = t.s;
+		while (depth > 0) {
+			next_tok(e->f, len, &pos, &t);
+			if (t.t == T_END)
+				goto out;
+			depth += t.t == T_LPAR ? 1 : t.t == T_RPAR ? -1 : 0;
+		}
+		opts_end = t.e;
+		next_tok(e->f, len, &pos, &t);
+	}
+	if (tok_text(e->f, &t, &ref) < 0)
+		goto out;
+	next_tok(e->f, len, &pos, &t);
+	if (!lsub && t.t == T_LPAR) {
+		multi = 1;
+		next_tok(e->f, len, &pos, &t);
+	}
+	do {
+		after = t.e;
+		if (multi && t.t == T_RPAR)
+			break;
+		full.len = 0;
+		if (tok_text(e->f, &t, &pat) < 0 ||
+		    ms_vbuf_add(&full, ref.p, ref.len) < 0 ||
+		    ms_vbuf_add(&full, pat.p, pat.len) < 0 ||
+		    c_list_pattern(v, cmd, full.p, full.len, &ask, &nask) < 0)
+			goto out;
+		next_tok(e->f, len, &pos, &t);
+	} while (multi);
+	if (cmd->npats == 0)
+		goto out;
+	r |= ms_vbuf_add(&line, e->f + word->s, word->e - word->s);
+	if (opts_end > opts)
+		r |= ms_vbuf_add(&line, " ", 1) |
+		     ms_vbuf_add(&line, e->f + opts, opts_end - opts);
+	r |= ms_vbuf_add(&line, " \"\"", 3);
+	if (nask == 1)
+		r |= ms_vbuf_add(&line, ask.p, ask.len);
+	else if (lsub)
+		r |= ms_vbuf_add(&line, " \"*\"", 4);
+	else
+		r |= ms_vbuf_add(&line, " (", 2) |
+		     ms_vbuf_add(&line, ask.p + 1, ask.len - 1) |
+		     ms_vbuf_add(&line, ")", 1);
+	/* RETURN (...) and the like */
+	r |= ms_vbuf_add(&line, e->f + after, end > after ? end - after : 0);
+	if (r < 0) {
+		e->err = 1;
+	} else {
+		struct tok all = { T_ATOM, word->s, end };
+
+		ed_put(e, &all, line.p, line.len);
+	}
+	r = 1;
+out:
+	if (r == 0) {
+		cmd->pats.len = 0;
+		cmd->npats = 0;
+	}
+	ms_vbuf_free(&ref);
+	ms_vbuf_free(&pat);
+	ms_vbuf_free(&full);
+	ms_vbuf_free(&ask);
+	ms_vbuf_free(&line);
+	return r;
+}
+
 /* The first fragment of a command. */
 static void c_command(struct ms_view *v, struct ed *e, size_t len)
 {
@@ -1118,6 +1342,9 @@ static void c_command(struct ms_view *v, struct ed *e, size_t len)
 		c->args = "NN";
 		break;
 	case K_LIST:
+		if (v->patterns != NULL && v->name != NULL &&
+		    c_list(v, e, cmd, &t, pos, len))
+			return;
 		c->args = "OSN";	/* (options) reference pattern */
 		break;
 	case K_ENABLE:
@@ -1163,7 +1390,9 @@ static void c_frag(struct ms_view *v, struct ed *e, size_t len)
 
 /* ---- responses ---- */
 
-enum { R_PASS, R_FETCH, R_NUMS, R_LIST, R_STATUS };
+/* R_LISTNAME: a LIST answer's name being read (then R_PASS, or R_LIST
+ * when it is a literal) */
+enum { R_PASS, R_FETCH, R_NUMS, R_LIST, R_STATUS, R_LISTNAME };
 
 /* A response code "[CODE args]" at pos (after the status word): the
  * untagged ones go by the oldest command they may answer, the tagged by
@@ -1315,6 +1544,35 @@ static void s_esearch(struct ms_view *v, struct ed *e, size_t pos,
 	}
 }
 
+/* A LIST answer (the server's name, old the name shown when it is not
+ * that) to a command whose answers are filtered: dropped when none of
+ * the client's patterns match what the client sees, or when the server's
+ * name is itself an old name (the client reaches another folder by it,
+ * so it is hidden). */
+static void s_list_filter(struct ms_view *v, struct ed *e, const char *name,
+			  size_t len, const char *old)
+{
+	struct ms_view_cmd *cmd = q_first(v, want_list);
+	struct ms_vbuf shown = { 0 };
+	const char *p;
+	int keep = 0;
+
+	v->s.list_dropped = 0;
+	if (cmd == NULL || cmd->npats == 0 || memchr(name, '\0', len))
+		return;
+	if (ms_vbuf_add(&shown, old != NULL ? old : name,
+			old != NULL ? strlen(old) : len) < 0) {
+		e->err = 1;
+		return;
+	}
+	if (v->name(v->ctx, name, 1) == NULL)
+		for (p = cmd->pats.p; !keep && p < cmd->pats.p + cmd->pats.len;
+		     p += strlen(p) + 1)
+			keep = ms_view_pattern_match(p, shown.p, v->s.delim);
+	ms_vbuf_free(&shown);
+	v->s.drop = v->s.list_dropped = !keep;
+}
+
 /* A folder name the server sent (token t; a held literal: an empty token
  * at the fragment's start, name its text): the old one where the move
  * renamed it. */
@@ -1331,6 +1589,8 @@ static void s_rename(struct ms_view *v, struct ed *e, const struct tok *t,
 	} else if (held) {
 		ed_name(e, t, name->p, name->len, 0);
 	}
+	if (v->s.kind == R_LIST || v->s.kind == R_LISTNAME)
+		s_list_filter(v, e, name->p, name->len, old);
 }
 
 /* A name token: renamed now (1, its text in name), or held when it is a
@@ -1390,9 +1650,13 @@ static void s_status(struct ms_view *v, struct ed *e, size_t pos,
 		     size_t len)
 {
 	struct ms_vbuf name = { 0 };
+	struct ms_view_cmd *list = q_first(v, want_list);
 	struct tok t;
 	int r;
 
+	/* LIST-STATUS: the STATUS of a LIST answer dropped goes with it */
+	if (list != NULL && list->npats > 0 && v->s.list_dropped)
+		v->s.drop = 1;
 	next_tok(e->f, len, &pos, &t);
 	r = s_name(v, e, &t, &name);
 	if (r == 0)
@@ -1412,10 +1676,16 @@ static void s_list(struct ms_view *v, struct ed *e, size_t pos, size_t len)
 	while (t.t != T_END && t.t != T_RPAR)
 		next_tok(e->f, len, &pos, &t);
 	next_tok(e->f, len, &pos, &t);	/* the delimiter */
+	v->s.delim = '\0';
+	if (t.t == T_QUOTED && tok_text(e->f, &t, &name) == 0)
+		v->s.delim = name.p[0];
 	next_tok(e->f, len, &pos, &t);
+	v->s.kind = R_LISTNAME;
 	if ((t.t == T_ATOM || t.t == T_QUOTED || t.t == T_LIT) &&
 	    s_name(v, e, &t, &name) == 0)
 		v->s.kind = R_LIST;
+	else
+		v->s.kind = R_PASS;
 	ms_vbuf_free(&name);
 }
 
@@ -1517,7 +1787,7 @@ static void s_frag(struct ms_view *v, struct ed *e, size_t len)
 		return;
 	}
 	s->kind = R_PASS;
-	s->depth = s->skip = s->want = 0;
+	s->depth = s->skip = s->want = s->drop = 0;
 	next_tok(e->f, len, &pos, &tag);
 	if (tag.t != T_ATOM || tok_is(e->f, &tag, "+"))
 		return;
@@ -1584,6 +1854,10 @@ static int frag_out(struct ms_view *v, struct ms_view_side *sd,
 			return fail(v, "out of memory");
 		return give_plus(v) < 0 ? fail(v, "cannot write") : 0;
 	}
+	if (sd->drop) {			/* not for the client */
+		sd->held.len = 0;
+		return give_plus(v) < 0 ? fail(v, "cannot write") : 0;
+	}
 	if (sd->held.len > 0) {
 		if (out(octx, sd->held.p, sd->held.len) < 0)
 			return fail(v, "cannot write");
@@ -1613,7 +1887,7 @@ static int feed(struct ms_view *v, struct ms_view_side *sd, int client,
 			/* a held name: 1024 bytes at most (name_hold) */
 			if (sd->hold && ms_vbuf_add(&sd->name, data, n) < 0)
 				return fail(v, "out of memory");
-			if (!sd->hold && out(octx, data, n) < 0)
+			if (!sd->hold && !sd->drop && out(octx, data, n) < 0)
 				return fail(v, "cannot write");
 			sd->lit -= n;
 			data += n;
@@ -1673,8 +1947,10 @@ void ms_view_clear(struct ms_view *v)
 	ms_vbuf_free(&v->s.name);
 	ms_vbuf_free(&v->c.held);
 	ms_vbuf_free(&v->s.held);
-	for (size_t i = 0; i < v->qlen; i++)
+	for (size_t i = 0; i < v->qlen; i++) {
 		free(q_at(v, i)->tag);
+		ms_vbuf_free(&q_at(v, i)->pats);
+	}
 	free(v->q);
 	memset(v, 0, sizeof(*v));
 }
@@ -1683,6 +1959,11 @@ void ms_view_set_reply(struct ms_view *v, ms_view_out_fn *reply, void *ctx)
 {
 	v->reply = reply;
 	v->reply_ctx = ctx;
+}
+
+void ms_view_set_patterns(struct ms_view *v, ms_view_patterns_fn *patterns)
+{
+	v->patterns = patterns;
 }
 
 void ms_view_fail(struct ms_view *v, const char *why)

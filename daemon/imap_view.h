@@ -97,6 +97,12 @@ typedef struct ms_view_map *ms_view_lookup_fn(void *ctx, const char *name,
 /* The destination's name for a name the client knows (NULL: the same), and
  * back: the name to show for a destination name (NULL: the same). */
 typedef const char *ms_view_name_fn(void *ctx, const char *name, int to_dst);
+/* For a LIST or LSUB pattern of the client's (in the view's names, the
+ * reference put before it), the destination's patterns that also have to
+ * be asked for what it may match under old names: each appended to out
+ * NUL-terminated. Their number, or -1 when out of memory. */
+typedef int ms_view_patterns_fn(void *ctx, const char *pattern,
+				struct ms_vbuf *out);
 /* 0, or < 0 when the bytes cannot be passed on. */
 typedef int ms_view_out_fn(void *ctx, const char *data, size_t len);
 
@@ -124,6 +130,11 @@ struct ms_view_side {
 	struct ms_vbuf name;		/* the literal read so far */
 	int plus_due;			/* (client) a continuation owed to
 					   the client for the held literal */
+	/* (server) a response not for the client: a LIST answer its
+	 * patterns do not match, and the STATUS that goes with it */
+	int drop;
+	char delim;			/* the last LIST answer's delimiter */
+	int list_dropped;		/* the last LIST answer was dropped */
 };
 
 struct ms_view_cmd;
@@ -131,6 +142,8 @@ struct ms_view_cmd;
 struct ms_view {
 	ms_view_lookup_fn *lookup;
 	ms_view_name_fn *name;
+	ms_view_patterns_fn *patterns;	/* set: LIST patterns rewritten and
+					   the answers filtered */
 	void *ctx;
 	ms_view_out_fn *reply;		/* to the client, for continuations
 					   the view gives itself */
@@ -145,6 +158,8 @@ struct ms_view {
 	struct ms_view_map *ssel;	/* selected, as the answers say */
 	int withhold;			/* CONDSTORE, QRESYNC withheld (set
 					   when a folder is translated) */
+	int withhold_utf8;		/* UTF8=ACCEPT withheld (set when
+					   folders were renamed) */
 	uint64_t uids;			/* UIDs shown as the source's */
 	uint64_t names;			/* names shown or taken as the old */
 };
@@ -156,6 +171,14 @@ void ms_view_clear(struct ms_view *v);
  * waits for before it sends a folder name as a synchronizing literal.
  * Without it such names go on as they are, unrenamed and not looked up. */
 void ms_view_set_reply(struct ms_view *v, ms_view_out_fn *reply, void *ctx);
+/* Where folders were renamed: a LIST or LSUB whose pattern may match an
+ * old name ("Sent*" for "Sent Items", now "Sent") asks the server for the
+ * new names too (patterns()), and only answers whose names as shown match
+ * the client's patterns go to it (RFC 3501 wildcards). */
+void ms_view_set_patterns(struct ms_view *v, ms_view_patterns_fn *patterns);
+/* Whether an IMAP LIST pattern (list-wildcards "*" and "%", delim the
+ * hierarchy separator, 0 for none) matches name; INBOX in any case. */
+int ms_view_pattern_match(const char *pattern, const char *name, char delim);
 /* The view cannot go on (the store failed in lookup()): the fragment being
  * read is not passed on, and every call from now returns -1. */
 void ms_view_fail(struct ms_view *v, const char *why);

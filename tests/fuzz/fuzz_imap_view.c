@@ -10,7 +10,9 @@
  * pseudo-random points. Maps: "INBOX" and "Sent" get one (bit 0: INBOX's
  * pairs not monotone; bit 1: Sent's without pairs, and CONDSTORE not
  * withheld), every other name none, "Bad" fails as a store would;
- * the client's "Sent Items" is the server's "Sent". Folder names in
+ * the client's "Sent Items" is the server's "Sent"; bit 2: LIST patterns
+ * rewritten (every wildcard pattern also asks for "Sent" and below it)
+ * and the answers filtered, UTF8=ACCEPT withheld. Folder names in
  * literals are held, the view answering the client's "+". Oracles: both runs
  * write the same bytes each way and fail the same way; lookup() and
  * name() get NUL-terminated names; a literal's bytes come out as they went
@@ -87,6 +89,15 @@ static const char *names(void *ctx, const char *name, int to_dst)
 	return strcmp(name, "Sent") == 0 ? "Sent Items" : NULL;
 }
 
+static int patterns(void *ctx, const char *pattern, struct ms_vbuf *out)
+{
+	(void)ctx;
+	assert(strlen(pattern) <= 1024);
+	if (strpbrk(pattern, "*%") == NULL)
+		return 0;
+	return ms_vbuf_add(out, "Sent\0Sent/*", 12) < 0 ? -1 : 2;
+}
+
 struct run {
 	struct ms_vbuf out[2];		/* to the server, to the client */
 	int failed;
@@ -112,6 +123,10 @@ static void play(unsigned int mode, uint8_t seed, const uint8_t *data,
 	maps_init(&m, mode);
 	ms_view_init(&v, lookup, names, &m);
 	ms_view_set_reply(&v, out_client, r);
+	if (mode & 4) {
+		ms_view_set_patterns(&v, patterns);
+		v.withhold_utf8 = 1;
+	}
 	m.v = &v;
 	v.withhold = !(mode & 2);
 	while (size > 0 && !r->failed) {
@@ -238,6 +253,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (data[0] & 0x80)
 		check_sets(data[0] & 3, data + 1, size - 1);
 	else
-		check_session(data[0] & 3, data + 1, size - 1);
+		check_session(data[0] & 7, data + 1, size - 1);
 	return 0;
 }

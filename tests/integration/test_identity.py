@@ -15,6 +15,7 @@ import socket
 
 import pytest
 
+import hostileproxy
 import mailcheck as mc
 from conftest import Migrator, store_rows
 from test_mover import _force_new_uidvalidity
@@ -271,3 +272,99 @@ def test_source_uidvalidity_change_falls_back(idpair, idmig):
     _force_new_uidvalidity(idpair.src, USER, ['INBOX'])
     res = only_folder_not_kept(idpair, idmig, 'INBOX', 'UIDVALIDITY changed')
     assert 'INBOX' in res.stderr and 'not kept' in res.stderr
+
+
+class RecreateMidPass(hostileproxy.HostileImapProxy):
+    """Passes everything on, but when the server's first answer to the
+    user's first body fetch in `folder` comes, holds it until recreate()
+    has deleted the folder on the server and made it again with the same
+    messages (Dovecot gives it a new UIDVALIDITY): the source changes in
+    the middle of the mover's copy of that folder."""
+
+    def __init__(self, port, user, folder, recreate):
+        super().__init__(port, user=user, kind='garbage',
+                         trigger='body-fetch', nth=1)
+        self.folder, self.recreate = folder, recreate
+
+    def _command_start(self, conn, line):
+        if conn.selected == self.folder:
+            super()._command_start(conn, line)
+
+    def _down(self, conn):
+        fr = hostileproxy._Framer()
+        while not self._stop.is_set():
+            data = conn.server.recv(65536)
+            if not data:
+                return
+            for ev in fr.feed(data):
+                if ev[0] == 'line' and ev[2] and conn.armed_tag and \
+                        not self.tampered.is_set() and \
+                        self._is_armed_reply(conn, ev[1]):
+                    self.tampered_folder = conn.armed_folder
+                    self.tampered_command = conn.armed_cmd
+                    self.recreate(self.folder)
+                    self.tampered.set()
+            conn.client.sendall(data)
+
+
+def recreate_folder(server, user, folder):
+    """Deletes folder and makes it again with the same messages (bytes,
+    flags, dates), as an admin restoring it would: a new UIDVALIDITY."""
+    m = server.imap(user)
+    try:
+        typ, data = m.status(mc.quote_mailbox(folder), '(UIDVALIDITY)')
+        old = data[0]
+        msgs = mc.fetch_all(m, folder)
+        assert m.delete(mc.quote_mailbox(folder))[0] == 'OK'
+        mc.create_folder(m, folder)
+        mc.append_many(m, folder, [
+            (d['BODY[]'], [f for f in d['FLAGS'] if f.lower() != '\\recent'],
+             d['INTERNALDATE']) for _, d in sorted(msgs.items())])
+        typ, data = m.status(mc.quote_mailbox(folder), '(UIDVALIDITY)')
+        assert data[0] != old, 'harness: UIDVALIDITY kept (%r)' % data
+    finally:
+        m.logout()
+
+
+def test_uidvalidity_change_mid_pass(idpair, idmig):
+    """The source folder is deleted and made again (same messages, a new
+    UIDVALIDITY) while the mover is fetching its messages, in one pass:
+    the pass ends with the folder and the server's words; the next pass
+    (the gateway's next try) copies exactly (nothing lost, nothing twice:
+    what the first copied is matched by fingerprint), that folder says
+    why it did not keep its identity (the gateway's view takes it), the
+    other folders keep theirs."""
+    folder = 'Big'
+    s = idpair.src.imap(USER)
+    try:
+        mc.create_folder(s, folder)
+        mc.append_many(s, folder, [(mc.make_message(9500 + i, 2000,
+                                                    subject='big %d' % i),
+                                    ['\\Seen'] if i % 2 else [],
+                                    1500000000 + i) for i in range(40)])
+    finally:
+        s.logout()
+    make_gaps(idpair.src, USER)
+    proxy = RecreateMidPass(idpair.src.imap_port, USER, folder,
+                            lambda f: recreate_folder(idpair.src, USER, f))
+    proxy.start()
+    try:
+        first = idmig.run(USER, *doveadm_args(idpair.dst),
+                          source=proxy.url(), expect_rc=None)
+    finally:
+        proxy.stop()
+    assert proxy.tampered.is_set(), 'harness: no body fetch in %s' % folder
+    # The pass that saw it ends with the folder and the server's words
+    # (Dovecot's vary with the moment: "Mailbox was deleted under us",
+    # "Internal error occurred").
+    assert first.rc != 0, first.describe()
+    assert 'folder "%s": UID FETCH: server said' % folder in first.stderr, \
+        first.describe()
+    res = idmig.run(USER, *doveadm_args(idpair.dst), expect_rc=0)
+    idpair.assert_copied(USER)
+    ids = folder_identity(res)
+    assert ids[folder][0] == 'not kept', ids
+    assert 'UIDVALIDITY' in (ids[folder][1] or ''), ids
+    others = {k: v for k, v in ids.items() if k != folder}
+    assert others and all(v[0] == 'kept' for v in others.values()), ids
+    assert_identity(idpair, USER, only=set(others))

@@ -549,6 +549,100 @@ def test_renamed_subtree_answered(tpair, workdir, ca):
         g.stop()
 
 
+LIST_RE = re.compile(rb'^\* (LIST|LSUB) \(([^)]*)\) (NIL|"(?:\\.|[^"])*") '
+                     rb'(.*)\r\n$', re.S)
+
+
+def answered(lines):
+    """The names of LIST/LSUB answers (quoted, atom or literal), and the
+    names of STATUS answers, from send_raw's lines."""
+    names, stats = [], []
+    for line in lines[:-1]:
+        if line.startswith(b'* STATUS '):
+            stats.append(line)
+            continue
+        r = LIST_RE.match(line)
+        assert r, line
+        n = r.group(4)
+        lit = re.match(rb'\{(\d+)\}\r\n', n)
+        if lit:
+            n = n[lit.end():]
+        elif n.startswith(b'"'):
+            n = re.sub(rb'\\(.)', rb'\1', n[1:-1])
+        names.append(n.decode())
+    return sorted(names), stats
+
+
+def imap_match(pattern, name, delim='/'):
+    """RFC 3501's wildcards: "*" anything, "%" anything but delim."""
+    rx = ''.join('.*' if c == '*' else '[^%s]*' % re.escape(delim)
+                 if c == '%' else re.escape(c) for c in pattern)
+    return re.fullmatch(rx, name) is not None
+
+
+def test_list_patterns_span_rename(tpair, workdir, ca):
+    """names = destination: LIST and LSUB patterns whose wildcards span the
+    renamed part ("T*" for "Trash", now "Deleted Items"; "%t" for "Sent",
+    now "Sent Items"), a reference before the pattern, several patterns
+    (RFC 5258) with LIST-STATUS: the answers are those the old names would
+    give, exactly what the client's patterns match of the whole list it
+    sees, and never a new name."""
+    s = tpair.src.imap(USER)
+    try:
+        append_sent(s)
+        mc.create_folder(s, 'Sent.2019')
+    finally:
+        s.logout()
+    g = moved_gateway(tpair, workdir, ca, doveadm=True,
+                      extra=['[mover]', 'names = destination'])
+    try:
+        move(g)
+        m = through(g, ca)
+        try:
+            seen, _ = answered(tagged_ok(send_raw(m, b'a LIST "" "*"\r\n')))
+            assert {'INBOX', 'Sent', 'Sent/2019', 'Trash'} <= set(seen), seen
+            assert not [n for n in seen if n.startswith(('Sent Items',
+                                                         'Deleted'))], seen
+            for i, pat in enumerate(['*', '%', 'T*', '%t', 'Sen%', '%t/%',
+                                     '*/2019', 'Sent/%', 'S*', 'Tr%', '*h',
+                                     'Deleted*', 'Sent Items*', 'INBOX',
+                                     'Sent', '%/%']):
+                got, _ = answered(tagged_ok(send_raw(
+                    m, b'p%d LIST "" "%s"\r\n' % (i, pat.encode()))))
+                assert got == sorted(n for n in seen
+                                     if imap_match(pat, n)), (pat, got)
+            assert answered(tagged_ok(send_raw(
+                m, b'b LIST "" "T*"\r\n')))[0] == ['Trash']
+            assert answered(tagged_ok(send_raw(
+                m, b'b LIST "" "%t/%"\r\n')))[0] == ['Sent/2019']
+            # The reference goes before the pattern.
+            assert answered(tagged_ok(send_raw(
+                m, b'c LIST "Sent/" "%"\r\n')))[0] == ['Sent/2019']
+            # Several patterns, and the STATUS of each answer.
+            got, stats = answered(tagged_ok(send_raw(
+                m, b'd LIST "" ("INBOX" "T*" "%t") RETURN (STATUS '
+                b'(MESSAGES))\r\n')))
+            assert got == ['INBOX', 'Sent', 'Trash'], got
+            assert len(stats) == 3, stats
+            assert [x for x in stats if x.startswith(
+                b'* STATUS "Sent" (MESSAGES %d)' % SENT) or
+                x.startswith(b'* STATUS Sent (MESSAGES %d)' % SENT)], stats
+            # LSUB: what is subscribed, by the old names.
+            tagged_ok(send_raw(m, b'e SUBSCRIBE "Trash"\r\n'))
+            tagged_ok(send_raw(m, b'e SUBSCRIBE "Sent/2019"\r\n'))
+            subs, _ = answered(tagged_ok(send_raw(m, b'f LSUB "" "*"\r\n')))
+            assert {'Trash', 'Sent/2019'} <= set(subs), subs
+            for pat in ('T*', '%t/%', '*9', '%'):
+                got, _ = answered(tagged_ok(send_raw(
+                    m, b'g LSUB "" "%s"\r\n' % pat.encode())))
+                assert got == sorted(n for n in subs
+                                     if imap_match(pat, n)), (pat, got)
+        finally:
+            m.logout()
+    finally:
+        g.stop()
+
+
 def test_store_failure_ends_view_session(vpair, workdir, ca):
     """The store becomes unreadable while a moved user's session runs: the
     response that needed it is not passed on (no destination UIDVALIDITY

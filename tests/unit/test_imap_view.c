@@ -161,6 +161,18 @@ static const char *names(void *ctx, const char *name, int to_dst)
 	return NULL;
 }
 
+/* Where patterns are rewritten: every wildcard pattern also asks for the
+ * renamed "Sent" and below it. */
+static int with_patterns;
+
+static int patterns(void *ctx, const char *pattern, struct ms_vbuf *out)
+{
+	(void)ctx;
+	if (strpbrk(pattern, "*%") == NULL)
+		return 0;
+	return ms_vbuf_add(out, "Sent\0Sent/*", 12) < 0 ? -1 : 2;
+}
+
 static int out(void *ctx, const char *data, size_t len)
 {
 	return ms_vbuf_add(ctx, data, len);
@@ -194,6 +206,10 @@ static void run(const char *const *events, size_t n, const char *want)
 		fix_init(&f);
 		ms_view_init(&v, lookup, names, &f);
 		ms_view_set_reply(&v, out, &f.out);
+		if (with_patterns) {
+			ms_view_set_patterns(&v, patterns);
+			v.withhold_utf8 = 1;
+		}
 		v.withhold = 1;
 		for (size_t i = 0; i < n; i++) {
 			const char *t = events[i] + 2;
@@ -354,6 +370,87 @@ static void test_names_caps(void **state)
 	    "C e SELECT \"Sent Items\"\n", "S e OK done\n",
 	    "C f CREATE \"Sent Items/x\"\n",
 	    "C g LIST \"\" \"Sent Items\"\n");
+}
+
+/* LIST patterns that span the renamed part: asked for the new name too,
+ * the answers kept where the client's pattern matches what it sees;
+ * several patterns (RFC 5258), LIST-STATUS, LSUB, a name as a literal,
+ * the destination's own folder of an old name hidden. */
+static void test_list_patterns(void **state)
+{
+	(void)state;
+	with_patterns = 1;
+	RUN("a LIST \"\" (\"Sent I*\" \"Sent\" \"Sent/*\")\n"
+	    "* LIST (\\Sent) \"/\" \"Sent Items\"\n"
+	    "a OK done\n"
+	    "b LIST \"\" (\"%\" \"Sent\" \"Sent/*\") RETURN (STATUS (MESSAGES))\n"
+	    "* LIST () \"/\" INBOX\n"
+	    "* STATUS INBOX (MESSAGES 3)\n"
+	    "* LIST () \"/\" \"Sent Items\"\n"
+	    "* STATUS \"Sent Items\" (MESSAGES 1)\n"
+	    "b OK done\n"
+	    "c LIST (SUBSCRIBED) \"\" (\"INBOX\" \"Sent\")\n"
+	    "* LIST (\\Subscribed) \"/\" \"Sent Items\"\n"
+	    "c OK done\n"
+	    "d LSUB \"\" \"*\"\n"
+	    "* LSUB () \"/\" \"Sent Items\"\n"
+	    "d OK done\n"
+	    "e LIST \"\" \"inbox\"\n"
+	    "* LIST () \"/\" INBOX\n"
+	    "e OK done\n"
+	    "f LIST \"\" \"Sent\"\n"
+	    "f OK done\n"
+	    "g LIST \"Sent \" ({4+}\nIt*\n)\n"
+	    "* CAPABILITY IMAP4rev1 ENABLE\n"
+	    "h NOOP\n"
+	    "i ENABLE X-FOO\n",
+	    "C a LIST \"\" \"Sent I*\"\n",
+	    "S * LIST (\\Sent) \"/\" Sent\n",
+	    "S * LIST () \"/\" \"Sent/2019\"\n", "S a OK done\n",
+	    "C b LIST \"\" % RETURN (STATUS (MESSAGES))\n",
+	    "S * LIST () \"/\" INBOX\n", "S * STATUS INBOX (MESSAGES 3)\n",
+	    "S * LIST () \"/\" \"Sent Items\"\n",
+	    "S * STATUS \"Sent Items\" (MESSAGES 2)\n",
+	    "S * LIST () \"/\" Sent\n", "S * STATUS Sent (MESSAGES 1)\n",
+	    "S * LIST () \"/\" {9}\nSent/2019\n",
+	    "S * STATUS {9}\nSent/2019 (MESSAGES 0)\n",
+	    "S b OK done\n",
+	    "C c LIST (SUBSCRIBED) \"\" (INBOX \"Sent Items\")\n",
+	    "S * LIST (\\Subscribed) \"/\" Sent\n", "S c OK done\n",
+	    "C d LSUB \"\" \"Sent*\"\n", "S * LSUB () \"/\" INBOX\n",
+	    "S * LSUB () \"/\" Sent\n", "S d OK done\n",
+	    "C e LIST \"\" \"inbox\"\n", "S * LIST () \"/\" INBOX\n",
+	    "S e OK done\n",
+	    /* the destination's "Sent" is shown as "Sent Items" */
+	    "C f LIST \"\" \"Sent\"\n", "S * LIST () \"/\" Sent\n",
+	    "S f OK done\n",
+	    /* a literal in it: left as it is */
+	    "C g LIST \"Sent \" ({4+}\nIt*\n)\n",
+	    /* names renamed: no UTF-8 names (RFC 6855) */
+	    "S * CAPABILITY IMAP4rev1 UTF8=ACCEPT ENABLE\n",
+	    "C h ENABLE UTF8=ACCEPT\n", "C i ENABLE utf8=accept X-FOO\n");
+	with_patterns = 0;
+}
+
+static void test_pattern_match(void **state)
+{
+	(void)state;
+	assert_true(ms_view_pattern_match("*", "a/b/c", '/'));
+	assert_true(ms_view_pattern_match("%", "a", '/'));
+	assert_false(ms_view_pattern_match("%", "a/b", '/'));
+	assert_true(ms_view_pattern_match("%", "a/b", '\0'));
+	assert_true(ms_view_pattern_match("a/%", "a/b", '/'));
+	assert_false(ms_view_pattern_match("a/%", "a/b/c", '/'));
+	assert_true(ms_view_pattern_match("Sent I*", "Sent Items/2019", '/'));
+	assert_false(ms_view_pattern_match("Sent I%", "Sent Items/2019", '/'));
+	assert_true(ms_view_pattern_match("*%*s", "Items", '/'));
+	assert_false(ms_view_pattern_match("Sent", "sent", '/'));
+	assert_true(ms_view_pattern_match("inbox", "INBOX", '/'));
+	assert_true(ms_view_pattern_match("Inbox/%", "INBOX/x", '/'));
+	assert_false(ms_view_pattern_match("inboxy", "INBOXY", '/'));
+	assert_true(ms_view_pattern_match("", "", '/'));
+	assert_false(ms_view_pattern_match("", "a", '/'));
+	assert_false(ms_view_pattern_match("a", "", '/'));
 }
 
 /* A folder named by a literal: the view answers the client's "+" itself,
@@ -542,6 +639,8 @@ int main(void)
 		cmocka_unit_test(test_append_copy_status),
 		cmocka_unit_test(test_names_caps),
 		cmocka_unit_test(test_literal_name),
+		cmocka_unit_test(test_list_patterns),
+		cmocka_unit_test(test_pattern_match),
 		cmocka_unit_test(test_literal_names_renamed),
 		cmocka_unit_test(test_literal_plus_waits),
 		cmocka_unit_test(test_store_failure),

@@ -822,7 +822,9 @@ def worker_done(node):
                     out.get('leakcheck')))
 
 
-def _controller_finish(session):
+def _reporter(session, title, red=False):
+    """A function that writes a line of the check's report: to pytest's
+    terminal, under a separator with title, or to stdout."""
     tr = session.config.pluginmanager.get_plugin('terminalreporter')
 
     def say(line, **kw):
@@ -832,7 +834,12 @@ def _controller_finish(session):
             print(line)
     if tr is not None:
         tr.ensure_newline()
-        tr.write_sep('-', 'leak check (tests/lib/leakcheck.py), by worker')
+        tr.write_sep('-', title, red=red)
+    return say
+
+
+def _controller_finish(session):
+    say = _reporter(session, 'leak check (tests/lib/leakcheck.py), by worker')
     leaks = []
     for wid, lines in sorted(WORKERS, key=lambda w: str(w[0])):
         if lines is None:       # a worker that crashed: its check is lost
@@ -862,17 +869,8 @@ def pytest_sessionfinish(session, check=None):
             ['LEAK: ' + line for line in leaks] + \
             (['leak check: no secret found'] if not leaks else [])
         return
-    tr = session.config.pluginmanager.get_plugin('terminalreporter')
-
-    def say(line, **kw):
-        if tr is not None:
-            tr.write_line(line, **kw)
-        else:
-            print(line)
-    if tr is not None:
-        tr.ensure_newline()
-        tr.write_sep('-', 'leak check (tests/lib/leakcheck.py)',
-                     red=bool(leaks))
+    say = _reporter(session, 'leak check (tests/lib/leakcheck.py)',
+                    red=bool(leaks))
     for n in notes:
         say('leak check: ' + n)
     for line in leaks:

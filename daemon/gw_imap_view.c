@@ -256,8 +256,10 @@ static int view_patterns(void *ctx, const char *pattern, struct ms_vbuf *out)
 		return 0;
 	/* "INBOX*" may match names shown below the source's prefix, which
 	 * the destination has without it: all are asked, the view keeps
-	 * what the pattern matches. */
-	if (s->iv->v.ns_on) {
+	 * what the pattern matches (a pattern below the prefix is asked
+	 * without it already). */
+	if (s->iv->v.ns_on && strcmp(pattern, "*") != 0 &&
+	    ms_view_ns_name(&s->iv->v.ns, pattern, 1, &s->iv->nsname) == 0) {
 		r |= ms_vbuf_add(out, "*", 2);
 		n++;
 	}

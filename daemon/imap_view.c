@@ -2047,7 +2047,10 @@ int ms_view_ns_name(const struct ms_view_ns *ns, const char *name,
 			ch = ch == a ? b : ch == b ? a : ch;
 		r = ms_vbuf_add(out, &ch, 1);
 	}
-	return r < 0 || ms_vbuf_add(out, "", 1) < 0 ? -1 : 1;
+	if (r < 0 || ms_vbuf_add(out, "", 1) < 0)
+		return -1;
+	/* "INBOX.inbox" is no way to INBOX: a folder of its own */
+	return strcasecmp(out->p, "INBOX") == 0 ? 0 : 1;
 }
 
 void ms_view_set_patterns(struct ms_view *v, ms_view_patterns_fn *patterns)

@@ -279,16 +279,31 @@ class RecreateMidPass(hostileproxy.HostileImapProxy):
     user's first body fetch in `folder` comes, holds it until recreate()
     has deleted the folder on the server and made it again with the same
     messages (Dovecot gives it a new UIDVALIDITY): the source changes in
-    the middle of the mover's copy of that folder."""
+    the middle of the mover's copy of that folder.
 
-    def __init__(self, port, user, folder, recreate):
+    every=True: the same on every connection's first body fetch in the
+    folder, which then gets the answer Dovecot gives when it notices (the
+    whole answer is not left to the race with Dovecot's output buffer):
+    `* BYE FETCH failed: Mailbox was deleted under us`, and the connection
+    closes. However often the mover opens it again, the folder has changed
+    under it."""
+
+    BYE = b'* BYE FETCH failed: Mailbox was deleted under us\r\n'
+
+    def __init__(self, port, user, folder, recreate, every=False):
         super().__init__(port, user=user, kind='garbage',
                          trigger='body-fetch', nth=1)
-        self.folder, self.recreate = folder, recreate
+        self.folder, self.recreate, self.every = folder, recreate, every
+        self.times = 0
 
     def _command_start(self, conn, line):
-        if conn.selected == self.folder:
-            super()._command_start(conn, line)
+        if conn.selected != self.folder:
+            return
+        if self.every:
+            with self._lock:
+                self.seen = 0   # armed again on each connection
+            self.tampered.clear()
+        super()._command_start(conn, line)
 
     def _down(self, conn):
         fr = hostileproxy._Framer()
@@ -296,6 +311,7 @@ class RecreateMidPass(hostileproxy.HostileImapProxy):
             data = conn.server.recv(65536)
             if not data:
                 return
+            out = bytearray()
             for ev in fr.feed(data):
                 if ev[0] == 'line' and ev[2] and conn.armed_tag and \
                         not self.tampered.is_set() and \
@@ -303,8 +319,15 @@ class RecreateMidPass(hostileproxy.HostileImapProxy):
                     self.tampered_folder = conn.armed_folder
                     self.tampered_command = conn.armed_cmd
                     self.recreate(self.folder)
+                    self.times += 1
                     self.tampered.set()
-            conn.client.sendall(data)
+                    if self.every:
+                        conn.client.sendall(bytes(out) + self.BYE)
+                        hostileproxy._abort(conn.client)
+                        hostileproxy._abort(conn.server)
+                        return
+                out += ev[1]
+            conn.client.sendall(out)
 
 
 def recreate_folder(server, user, folder):
@@ -387,52 +410,15 @@ def test_uidvalidity_change_mid_pass(idpair, idmig):
     idpair.assert_copied(USER)
 
 
-class RecreateEveryPass(RecreateMidPass):
-    """On every connection's first body fetch in the folder: makes the
-    folder anew on the server, then answers as Dovecot does when it
-    notices (the whole answer is not left to the race with Dovecot's
-    output buffer): `* BYE FETCH failed: Mailbox was deleted under us`,
-    and the connection closes. However often the mover opens it again,
-    the folder has changed under it."""
-
-    BYE = b'* BYE FETCH failed: Mailbox was deleted under us\r\n'
-
-    def _command_start(self, conn, line):
-        if conn.selected == self.folder:
-            with self._lock:
-                self.seen = 0   # armed again on each connection
-            self.tampered.clear()
-            super()._command_start(conn, line)
-
-    def _down(self, conn):
-        fr = hostileproxy._Framer()
-        while not self._stop.is_set():
-            data = conn.server.recv(65536)
-            if not data:
-                return
-            out = bytearray()
-            for ev in fr.feed(data):
-                if ev[0] == 'line' and ev[2] and conn.armed_tag and \
-                        self._is_armed_reply(conn, ev[1]):
-                    self.recreate(self.folder)
-                    self.times += 1
-                    conn.client.sendall(bytes(out) + self.BYE)
-                    hostileproxy._abort(conn.client)
-                    hostileproxy._abort(conn.server)
-                    return
-                out += ev[1]
-            conn.client.sendall(out)
-
-
 def test_uidvalidity_changing_fails_after_retries(idpair, idmig):
     """A source folder made anew each time the mover reads it: opened
     again a bounded number of times (3), then the user fails with the
     folder and the server's words; what was copied stays exact."""
     folder = 'Big'
     _big_folder(idpair.src, folder)
-    proxy = RecreateEveryPass(idpair.src.imap_port, USER, folder,
-                              lambda f: recreate_folder(idpair.src, USER, f))
-    proxy.times = 0
+    proxy = RecreateMidPass(idpair.src.imap_port, USER, folder,
+                            lambda f: recreate_folder(idpair.src, USER, f),
+                            every=True)
     proxy.start()
     try:
         res = idmig.run(USER, *doveadm_args(idpair.dst),

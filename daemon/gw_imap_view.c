@@ -4,6 +4,7 @@
  * "The IMAP view"). Here: when a session gets one, the maps read from the
  * store, and the bytes both ways. Every other session is relayed as it is.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -30,7 +31,8 @@ struct imap_view_relay {
 	int64_t user_id;
 	struct vfolder *folders;	/* looked up so far */
 	struct vname *names;		/* folders the move renamed */
-	struct ms_vbuf name;		/* view_name()'s answer */
+	struct ms_vbuf name;		/* renamed()'s answer */
+	struct ms_vbuf nsname;		/* ns_name()'s answer */
 	int store_failed;
 };
 
@@ -177,12 +179,12 @@ static size_t renamed_part(const struct vname *n, const char *from,
 }
 
 /* The destination's name for one the client knows (to_dst), or the old
- * name for a destination's; NULL: the same. A folder below a renamed one
- * is renamed with it, the nearest (longest) one deciding. */
-static const char *view_name(void *ctx, const char *name, int to_dst)
+ * name for a destination's, both without the source's namespace prefix;
+ * NULL: the same. A folder below a renamed one is renamed with it, the
+ * nearest (longest) one deciding. */
+static const char *renamed(struct imap_view_relay *iv, const char *name,
+			   int to_dst)
 {
-	struct session *s = ctx;
-	struct imap_view_relay *iv = s->iv;
 	const struct vname *best = NULL;
 	size_t best_len = 0;
 
@@ -207,6 +209,40 @@ static const char *view_name(void *ctx, const char *name, int to_dst)
 	return iv->name.p;
 }
 
+/* name in the other side's namespace (ms_view_ns_name()); NULL: the same
+ * (no prefix shown, INBOX, a name outside it). */
+static const char *ns_name(struct imap_view_relay *iv, const char *name,
+			   int to_dst)
+{
+	int r;
+
+	if (!iv->v.ns_on)
+		return NULL;
+	r = ms_view_ns_name(&iv->v.ns, name, to_dst, &iv->nsname);
+	if (r < 0)
+		ms_view_fail(&iv->v, "out of memory");
+	return r > 0 ? iv->nsname.p : NULL;
+}
+
+/* The view's names: the source's namespace (a Courier "INBOX." shown) and
+ * the old names of renamed folders; NULL: the same. To the destination
+ * the prefix goes first, then the rename; back, the other way round. */
+static const char *view_name(void *ctx, const char *name, int to_dst)
+{
+	struct session *s = ctx;
+	struct imap_view_relay *iv = s->iv;
+	const char *ns, *rn;
+
+	if (to_dst) {
+		ns = ns_name(iv, name, 1);
+		rn = renamed(iv, ns != NULL ? ns : name, 1);
+		return rn != NULL ? rn : ns;
+	}
+	rn = renamed(iv, name, 0);
+	ns = ns_name(iv, rn != NULL ? rn : name, 0);
+	return ns != NULL ? ns : rn;
+}
+
 /* A LIST pattern with a wildcard may match a renamed folder or one below
  * it by its old name ("Sent*": "Sent Items", now "Sent"): the server is
  * asked for each renamed folder and its subtree too; the view keeps what
@@ -218,6 +254,15 @@ static int view_patterns(void *ctx, const char *pattern, struct ms_vbuf *out)
 
 	if (strpbrk(pattern, "*%") == NULL)
 		return 0;
+	/* "INBOX*" may match names shown below the source's prefix, which
+	 * the destination has without it: all are asked, the view keeps
+	 * what the pattern matches (a pattern below the prefix is asked
+	 * without it already). */
+	if (s->iv->v.ns_on && strcmp(pattern, "*") != 0 &&
+	    ms_view_ns_name(&s->iv->v.ns, pattern, 1, &s->iv->nsname) == 0) {
+		r |= ms_vbuf_add(out, "*", 2);
+		n++;
+	}
 	for (const struct vname *v = s->iv->names; v != NULL; v = v->next) {
 		r |= ms_vbuf_add(out, v->dst, strlen(v->dst) + 1);
 		n++;
@@ -270,11 +315,22 @@ static int start_rename(void *ctx, const char *old_name, const char *dst_name,
 	return 0;
 }
 
+static void set_namespace(struct ms_view *v, const struct ms_user_ns *ns)
+{
+	struct ms_view_ns vns = { .src_sep = ns->src_sep,
+				  .dst_sep = ns->dst_sep };
+
+	snprintf(vns.src_prefix, sizeof(vns.src_prefix), "%s", ns->src_prefix);
+	snprintf(vns.dst_prefix, sizeof(vns.dst_prefix), "%s", ns->dst_prefix);
+	ms_view_set_namespace(v, &vns);
+}
+
 const char *gw_imap_view_start(struct session *s)
 {
 	struct ms_gateway *gw = s->gw;
 	struct ms_user_info info;
 	struct start_ctx sc = { s, 0 };
+	struct ms_user_ns ns;
 	int found = 0;
 
 	if (s->proto != MS_GW_IMAP || !s->to_dst)
@@ -297,12 +353,21 @@ const char *gw_imap_view_start(struct session *s)
 		gw_imap_view_free(s);
 		return "cannot read the user's folders";
 	}
-	if (!sc.translate && s->iv->names == NULL) {
+	if (ms_store_namespace_get(gw->store, info.id, &ns, &found) < 0) {
+		gw_imap_view_free(s);
+		return ms_store_error(gw->store);
+	}
+	/* A source prefix ("INBOX.") the destination does not have: shown */
+	if (found && ns.src_prefix[0] != '\0' &&
+	    (strcmp(ns.src_prefix, ns.dst_prefix) != 0 ||
+	     ns.src_sep != ns.dst_sep))
+		set_namespace(&s->iv->v, &ns);
+	if (!sc.translate && s->iv->names == NULL && !s->iv->v.ns_on) {
 		gw_imap_view_free(s);	/* identity kept: zero cost */
 		return NULL;
 	}
 	s->iv->v.withhold = sc.translate;
-	if (s->iv->names != NULL) {
+	if (s->iv->names != NULL || s->iv->v.ns_on) {
 		ms_view_set_patterns(&s->iv->v, view_patterns);
 		s->iv->v.withhold_utf8 = 1;
 	}
@@ -331,6 +396,7 @@ void gw_imap_view_free(struct session *s)
 		free(f);
 	}
 	ms_vbuf_free(&iv->name);
+	ms_vbuf_free(&iv->nsname);
 	while (iv->names != NULL) {
 		struct vname *n = iv->names;
 

@@ -1666,6 +1666,60 @@ static void s_status(struct ms_view *v, struct ed *e, size_t pos,
 	ms_vbuf_free(&name);
 }
 
+/* The source's separator in place of the server's (ms_view_set_namespace):
+ * the names are shown with it, and matched with it against the client's
+ * patterns. */
+static void s_list_delim(struct ms_view *v, struct ed *e, const struct tok *t)
+{
+	char q[5];
+	char sep = v->ns.src_sep;
+
+	v->s.delim = sep;
+	if (sep == '\0')
+		ed_put(e, t, "NIL", 3);
+	else
+		ed_put(e, t, q, (size_t)snprintf(q, sizeof(q), "\"%s%c\"",
+						 sep == '"' || sep == '\\' ?
+						 "\\" : "", sep));
+}
+
+/* NAMESPACE (RFC 2342): the source's personal namespace alone, as the
+ * client knew it before the move (the destination's names are shown in
+ * it). */
+static void s_namespace(struct ms_view *v, struct ed *e,
+			const struct tok *word, size_t len)
+{
+	struct ms_vbuf line = { 0 };
+	char sep = v->ns.src_sep;
+	size_t end = len;
+	int r;
+
+	if (!v->ns_on || frag_literal(e->f, len) >= 0 ||
+	    !quotable(v->ns.src_prefix, strlen(v->ns.src_prefix)))
+		return;		/* passed on as it is */
+	while (end > word->e && (e->f[end - 1] == '\n' ||
+				 e->f[end - 1] == '\r'))
+		end--;
+	/* put_quoted() puts a space first: "NAMESPACE ((" takes its place */
+	r = ms_vbuf_add(&line, "NAMESPACE (", 11) |
+	    put_quoted(&line, v->ns.src_prefix, strlen(v->ns.src_prefix));
+	if (r == 0)
+		line.p[11] = '(';
+	if (sep == '\0')
+		r |= ms_vbuf_add(&line, " NIL", 4);
+	else
+		r |= put_quoted(&line, &sep, 1);
+	r |= ms_vbuf_add(&line, ")) NIL NIL", 10);
+	if (r < 0) {
+		e->err = 1;
+	} else {
+		struct tok all = { T_ATOM, word->s, end };
+
+		ed_put(e, &all, line.p, line.len);
+	}
+	ms_vbuf_free(&line);
+}
+
 /* LIST, LSUB: (attributes) delimiter name. */
 static void s_list(struct ms_view *v, struct ed *e, size_t pos, size_t len)
 {
@@ -1679,6 +1733,8 @@ static void s_list(struct ms_view *v, struct ed *e, size_t pos, size_t len)
 	v->s.delim = '\0';
 	if (t.t == T_QUOTED && tok_text(e->f, &t, &name) == 0)
 		v->s.delim = name.p[0];
+	if (v->ns_on && (t.t == T_QUOTED || tok_is(e->f, &t, "NIL")))
+		s_list_delim(v, e, &t);
 	next_tok(e->f, len, &pos, &t);
 	v->s.kind = R_LISTNAME;
 	if ((t.t == T_ATOM || t.t == T_QUOTED || t.t == T_LIT) &&
@@ -1768,6 +1824,8 @@ static void s_untagged(struct ms_view *v, struct ed *e, size_t pos,
 		s_status(v, e, pos, len);
 	} else if (tok_is(e->f, &t, "LIST") || tok_is(e->f, &t, "LSUB")) {
 		s_list(v, e, pos, len);
+	} else if (tok_is(e->f, &t, "NAMESPACE")) {
+		s_namespace(v, e, &t, len);
 	}
 }
 
@@ -1959,6 +2017,40 @@ void ms_view_set_reply(struct ms_view *v, ms_view_out_fn *reply, void *ctx)
 {
 	v->reply = reply;
 	v->reply_ctx = ctx;
+}
+
+void ms_view_set_namespace(struct ms_view *v, const struct ms_view_ns *ns)
+{
+	v->ns = *ns;
+	v->ns_on = 1;
+}
+
+int ms_view_ns_name(const struct ms_view_ns *ns, const char *name,
+		    int to_dst, struct ms_vbuf *out)
+{
+	const char *from = to_dst ? ns->src_prefix : ns->dst_prefix;
+	const char *to = to_dst ? ns->dst_prefix : ns->src_prefix;
+	char a = to_dst ? ns->src_sep : ns->dst_sep;
+	char b = to_dst ? ns->dst_sep : ns->src_sep;
+	size_t n = strlen(from);
+	int r;
+
+	if (strcasecmp(name, "INBOX") == 0 || strncmp(name, from, n) != 0 ||
+	    name[n] == '\0')
+		return 0;
+	out->len = 0;
+	r = ms_vbuf_add(out, to, strlen(to));
+	for (const char *p = name + n; r == 0 && *p != '\0'; p++) {
+		char ch = *p;
+
+		if (a != '\0' && b != '\0' && a != b)
+			ch = ch == a ? b : ch == b ? a : ch;
+		r = ms_vbuf_add(out, &ch, 1);
+	}
+	if (r < 0 || ms_vbuf_add(out, "", 1) < 0)
+		return -1;
+	/* "INBOX.inbox" is no way to INBOX: a folder of its own */
+	return strcasecmp(out->p, "INBOX") == 0 ? 0 : 1;
 }
 
 void ms_view_set_patterns(struct ms_view *v, ms_view_patterns_fn *patterns)

@@ -139,6 +139,24 @@ struct ms_view_side {
 
 struct ms_view_cmd;
 
+/* A source's personal namespace shown in place of the destination's
+ * (docs/gateway-spec.md, "A source with a namespace prefix"): prefix ("" for
+ * none) and separator ('\0' for none) of each side. */
+struct ms_view_ns {
+	char src_prefix[64], dst_prefix[64];
+	char src_sep, dst_sep;
+};
+
+/* A name as the other side has it, into out (NUL-terminated): to_dst the
+ * destination's for a name the client gave in the source's namespace, else
+ * the client's for a destination's: the one prefix for the other, each
+ * separator for the other (so that a name with the other side's separator
+ * in it goes back and forth unchanged). 1 when out holds it, 0 when the
+ * name is the same on both sides (INBOX, a name outside the prefix), -1
+ * when out of memory. */
+int ms_view_ns_name(const struct ms_view_ns *ns, const char *name,
+		    int to_dst, struct ms_vbuf *out);
+
 struct ms_view {
 	ms_view_lookup_fn *lookup;
 	ms_view_name_fn *name;
@@ -160,6 +178,9 @@ struct ms_view {
 					   when a folder is translated) */
 	int withhold_utf8;		/* UTF8=ACCEPT withheld (set when
 					   folders were renamed) */
+	int ns_on;			/* NAMESPACE and LIST's separator
+					   show ns's source side */
+	struct ms_view_ns ns;
 	uint64_t uids;			/* UIDs shown as the source's */
 	uint64_t names;			/* names shown or taken as the old */
 };
@@ -176,6 +197,10 @@ void ms_view_set_reply(struct ms_view *v, ms_view_out_fn *reply, void *ctx);
  * new names too (patterns()), and only answers whose names as shown match
  * the client's patterns go to it (RFC 3501 wildcards). */
 void ms_view_set_patterns(struct ms_view *v, ms_view_patterns_fn *patterns);
+/* The source's namespace shown: NAMESPACE answered with its prefix and
+ * separator, LIST and LSUB answers with its separator (the names are the
+ * name() callback's: it maps them, ms_view_ns_name()). */
+void ms_view_set_namespace(struct ms_view *v, const struct ms_view_ns *ns);
 /* Whether an IMAP LIST pattern (list-wildcards "*" and "%", delim the
  * hierarchy separator, 0 for none) matches name; INBOX in any case. */
 int ms_view_pattern_match(const char *pattern, const char *name, char delim);

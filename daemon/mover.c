@@ -659,20 +659,32 @@ static int worker_restart_later(struct worker *w, uint64_t delay)
 	return 0;
 }
 
-/* The connection of a worker went away in the middle of a folder, or a
- * server refused one of its commands as busy (busy: the wait grows, see
+/* Why a folder is given back to be opened again (folder_retry()). */
+enum retry_why {
+	RETRY_LOST,		/* the connection went away */
+	RETRY_BUSY,		/* the server refused a command as busy */
+	RETRY_REOPEN,		/* the side read from refused or ended a
+				   command of an open folder */
+};
+
+/* The connection of a worker went away in the middle of a folder, a
+ * server refused one of its commands as busy (the wait grows, see
  * pacer.h; imapc.c sends such a command again itself only when nothing
- * else was in flight): the store has everything that was committed, so the
- * folder is simply given back and the worker reconnects after a pause. */
-static int folder_retry(struct worker *w, const char *error, int busy)
+ * else was in flight), or the folder may have changed under the mover
+ * (folder_reopen()): the store has everything that was committed, so the
+ * folder is simply given back and the worker reconnects after a pause.
+ * At most MAX_RETRIES times a folder: one that keeps failing fails the
+ * user. */
+static int folder_retry(struct worker *w, const char *error,
+			enum retry_why why)
 {
 	struct ujob *u = w->u;
 	struct fjob *f = w->f;
-	uint64_t delay = busy ? ms_pacer_retry_delay(f->retries + 1) :
-		RETRY_DELAY_MS;
+	uint64_t delay = why == RETRY_BUSY ?
+		ms_pacer_retry_delay(f->retries + 1) : RETRY_DELAY_MS;
 
 	if (u->failed || f->retries >= MAX_RETRIES ||
-	    (!busy && !transient(error)) || delay == 0 ||
+	    (why == RETRY_LOST && !transient(error)) || delay == 0 ||
 	    u->m->src.cfg.proto != MS_PROTO_IMAP)
 		return -1;
 	ms_warn("%s: folder \"%s\": %s; reconnecting (retry %u of %u)",
@@ -681,10 +693,38 @@ static int folder_retry(struct worker *w, const char *error, int busy)
 		return -1;
 	f->retries++;
 	f->taken = 0;
+	snprintf(f->rep.error, sizeof(f->rep.error), "%s", error);
 	snprintf(u->conn_error, sizeof(u->conn_error), "folder \"%s\": %s",
 		 f->rep.source, error);
 	mv_job_schedule(u);
 	return 0;
+}
+
+/* A command to the side read from failed after the folder was opened:
+ * Dovecot ends the session ("Mailbox was deleted under us") or refuses
+ * the FETCH ("Internal error occurred") when the folder is deleted and
+ * made again while it is read. Only opening it again tells: on new
+ * connections, as after a lost connection, where a new UIDVALIDITY is
+ * met as on any later run (docs/mover.md, "A source folder recreated
+ * mid-copy"). 0 when the folder was given back. */
+static int folder_reopen(struct worker *w, const char *cmd,
+			 const struct ms_imap_response *r, struct ms_imapc *c)
+{
+	char buf[400], text[300];
+
+	if (c == NULL || c != w->s || w->phase == PH_OPEN)
+		return -1;
+	if (r == NULL) {
+		if (!ms_imapc_failed(c) ||
+		    strstr(ms_imapc_error(c), "server said BYE") == NULL)
+			return -1;
+		return folder_retry(w, ms_imapc_error(c), RETRY_REOPEN);
+	}
+	if (r->status != MS_STATUS_NO)
+		return -1;
+	snprintf(buf, sizeof(buf), "%s: %s", cmd,
+		 ms_imapc_resp_summary(r, text, sizeof(text)));
+	return folder_retry(w, buf, RETRY_REOPEN);
 }
 
 /* A login the server refused as busy: the worker logs in again later,
@@ -779,15 +819,17 @@ void mv_folder_fail(struct worker *w, const char *cmd,
 	char name[1024];
 
 	if (r == NULL && c != NULL && ms_imapc_failed(c) &&
-	    folder_retry(w, ms_imapc_error(c), 0) == 0)
+	    folder_retry(w, ms_imapc_error(c), RETRY_LOST) == 0)
 		return;
 	if (r != NULL && r->status == MS_STATUS_NO &&
 	    ms_pacer_is_busy_reply(r->code, r->text)) {
 		snprintf(buf, sizeof(buf), "%s: %s", cmd,
 			 ms_imapc_resp_summary(r, name, sizeof(name)));
-		if (folder_retry(w, buf, 1) == 0)
+		if (folder_retry(w, buf, RETRY_BUSY) == 0)
 			return;
 	}
+	if (folder_reopen(w, cmd, r, c) == 0)
+		return;
 	mv_to_utf8(name, sizeof(name), w->f->src, 0);
 	if (r == NULL)
 		mv_job_fail(w->u, "folder \"%s\": %s", name,

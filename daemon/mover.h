@@ -67,6 +67,10 @@ struct ms_folder_report {
 					   not (identity_error says why); 0:
 					   not tried */
 	char identity_error[300];
+	char error[400];		/* what made the mover reopen the
+					   folder (the last of its bounded
+					   retries, docs/mover.md "Failure
+					   behaviour"); "" if nothing */
 	/* verify_only */
 	uint64_t not_copied;		/* source messages no run copied yet */
 	uint64_t expunge_pending;	/* expunged on the source, not yet on

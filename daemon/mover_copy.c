@@ -116,6 +116,13 @@ static void on_open_reply(struct ms_imapc *c, const struct ms_imap_response *r,
 		mv_vo_open(w, src_uv, dst_uv);
 		return;
 	}
+	/* Opened again in this run (folder_reopen() in mover.c) and found
+	 * made anew: mv_id_open() gives its identity up. */
+	if (!u->reverse && w->f->run_src_uv != 0 &&
+	    w->f->run_src_uv != src_uv)
+		w->f->moved_src_uv = w->f->run_src_uv;
+	if (!u->reverse)
+		w->f->run_src_uv = src_uv;
 	if (st->src_uidvalidity != 0 && st->src_uidvalidity != src_uv) {
 		ms_warn("%s: folder \"%s\": source UIDVALIDITY changed "
 			"(%u -> %u); matching messages by fingerprint",

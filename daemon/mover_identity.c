@@ -190,7 +190,13 @@ void mv_id_open(struct worker *w, int reset)
 		mv_open_continue(w);
 		return;
 	}
-	if (state == MS_ID_LOST) {
+	if (w->f->moved_src_uv != 0) {
+		/* What was copied under the old UIDVALIDITY keeps the
+		 * destination's (possibly the old source's) numbers: the
+		 * gateway's view gives the clients the new source's. */
+		id_lost(w, "the source's UIDVALIDITY changed during the copy "
+			"(%u -> %u)", w->f->moved_src_uv, w->s_uidvalidity);
+	} else if (state == MS_ID_LOST) {
 		w->f->rep.identity = -1;
 		snprintf(w->f->rep.identity_error,
 			 sizeof(w->f->rep.identity_error),

@@ -83,6 +83,10 @@ struct fjob {
 	int taken;			/* a worker has it (or had it) */
 	int dst_missing;		/* verify-only: not on the destination */
 	unsigned int retries;		/* reconnects after a lost connection */
+	uint32_t run_src_uv;		/* the source's UIDVALIDITY at this
+					   run's first open of the folder */
+	uint32_t moved_src_uv;		/* a reopen found another: the source
+					   folder was made anew mid-pass */
 	uint32_t status_msgs;
 	struct ms_folder_report rep;
 	struct ms_folder_state st;

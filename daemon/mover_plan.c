@@ -490,6 +490,19 @@ static int cmp_folder_size(const void *a, const void *b)
 	       x->status_msgs > y->status_msgs ? -1 : 0;
 }
 
+/* Both sides' namespaces into the store: the gateway shows the source's
+ * prefix and separator to the user's clients after the move (those that
+ * ignore NAMESPACE, offlineimap3, keep the names they knew). */
+static int record_namespaces(struct ujob *u)
+{
+	struct ms_user_ns ns = { .src_sep = u->src_sep, .dst_sep = u->dst_sep };
+
+	snprintf(ns.src_prefix, sizeof(ns.src_prefix), "%s", u->src_prefix);
+	snprintf(ns.dst_prefix, sizeof(ns.dst_prefix), "%s", u->dst_prefix);
+	return mv_store_check(u->workers, ms_store_namespace_set(u->m->store,
+							   u->user_id, &ns));
+}
+
 void mv_plan_step(struct ujob *u)
 {
 	struct worker *w0 = &u->workers[0];
@@ -536,6 +549,8 @@ void mv_plan_step(struct ujob *u)
 				mv_job_fail(u, "out of memory");
 			return;
 		}
+		if (!m->verify_only && record_namespaces(u) < 0)
+			return;
 		u->plan_pending = 1;
 		for (unsigned int i = 0; i < u->nfolders; i++) {
 			struct fjob *f = &u->folders[i];

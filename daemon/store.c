@@ -27,7 +27,9 @@
  * 10: + gateways, cutover_requests, cutover_acks (several gateways on one
  * store: heartbeats, a cutover every live gateway acknowledged), and on
  * PostgreSQL the change counter (sequence changes, user_changes) and the
- * triggers that NOTIFY the gateways.
+ * triggers that NOTIFY the gateways; 11: + user_namespaces (both sides'
+ * personal namespace prefix and separator, for the gateway's IMAP view of
+ * a source with a prefix).
  * Every CREATE is IF NOT EXISTS, so the schema text upgrades an older
  * store. The meta table
  * (which migration the store belongs to) is made when first needed, see
@@ -160,6 +162,16 @@
 	" ON DELETE CASCADE," \
 	" old_name " TEXT " NOT NULL," \
 	" sep " TEXT " NOT NULL);" \
+	/* Both sides' personal namespace as the mover found them (NAMESPACE, \
+	 * else LIST's separator): the gateway's IMAP view shows a source's \
+	 * prefix ("INBOX.") and separator to the moved user's clients. */ \
+	"CREATE TABLE IF NOT EXISTS user_namespaces (" \
+	" user_id " INT " PRIMARY KEY REFERENCES users(id)" \
+	" ON DELETE CASCADE," \
+	" src_prefix " TEXT " NOT NULL," \
+	" src_sep " TEXT " NOT NULL," \
+	" dst_prefix " TEXT " NOT NULL," \
+	" dst_sep " TEXT " NOT NULL);" \
 	/* Gateways sharing the store (docs/design.md, "Several gateways"): \
 	 * heartbeat in ms on the database's clock. */ \
 	"CREATE TABLE IF NOT EXISTS gateways (" \
@@ -1753,6 +1765,67 @@ int ms_store_rename_foreach(struct ms_store *store, int64_t user_id,
 	return ret;
 }
 
+int ms_store_namespace_set(struct ms_store *store, int64_t user_id,
+			   const struct ms_user_ns *ns)
+{
+	struct db_stmt *st;
+	char ssep[2] = { ns->src_sep, '\0' }, dsep[2] = { ns->dst_sep, '\0' };
+
+	if (prepare(store, "INSERT INTO user_namespaces (user_id, src_prefix,"
+		    " src_sep, dst_prefix, dst_sep) VALUES (?1, ?2, ?3, ?4, ?5)"
+		    " ON CONFLICT (user_id) DO UPDATE SET"
+		    " src_prefix = excluded.src_prefix,"
+		    " src_sep = excluded.src_sep,"
+		    " dst_prefix = excluded.dst_prefix,"
+		    " dst_sep = excluded.dst_sep", &st, "namespace_set") < 0)
+		return -1;
+	db_bind_int64(st, 1, user_id);
+	db_bind_text(st, 2, ns->src_prefix);
+	db_bind_text(st, 3, ssep);
+	db_bind_text(st, 4, ns->dst_prefix);
+	db_bind_text(st, 5, dsep);
+	return run_once(store, st, "namespace_set");
+}
+
+int ms_store_namespace_get(struct ms_store *store, int64_t user_id,
+			   struct ms_user_ns *ns, int *found_r)
+{
+	struct db_stmt *st;
+	char sep[2];
+	int rc;
+
+	memset(ns, 0, sizeof(*ns));
+	*found_r = 0;
+	if (prepare(store, "SELECT src_prefix, src_sep, dst_prefix, dst_sep"
+		    " FROM user_namespaces WHERE user_id = ?1", &st,
+		    "namespace_get") < 0)
+		return -1;
+	db_bind_int64(st, 1, user_id);
+	rc = db_step(st);
+	if (rc == DB_ROW) {
+		*found_r = 1;
+		if (copy_text(store, st, 0, ns->src_prefix,
+			      sizeof(ns->src_prefix), "namespace_get") < 0 ||
+		    copy_text(store, st, 1, sep, sizeof(sep),
+			      "namespace_get") < 0)
+			goto fail;
+		ns->src_sep = sep[0];
+		if (copy_text(store, st, 2, ns->dst_prefix,
+			      sizeof(ns->dst_prefix), "namespace_get") < 0 ||
+		    copy_text(store, st, 3, sep, sizeof(sep),
+			      "namespace_get") < 0)
+			goto fail;
+		ns->dst_sep = sep[0];
+	}
+	db_finalize(st);
+	if (rc != DB_ROW && rc != DB_DONE)
+		return db_error(store, "namespace_get");
+	return 0;
+fail:
+	db_finalize(st);
+	return -1;
+}
+
 /* ---- store copy (mailshiftctl store copy): every table, between engines ----
  * Values travel as text: an integer column takes its digits back on either
  * engine, and NULL stays NULL. Parents before children, for the foreign
@@ -1776,6 +1849,8 @@ static const struct copy_table {
 	{ "user_sizes", "user_id, messages, bytes, how, at", 5, 0 },
 	{ "folder_src_next", "folder_id, uidnext", 2, 0 },
 	{ "folder_renames", "folder_id, old_name, sep", 3, 0 },
+	{ "user_namespaces", "user_id, src_prefix, src_sep, dst_prefix, "
+	  "dst_sep", 5, 0 },
 	{ "jobs", "user_id, kind, state, owner, lease_until, attempts, "
 	  "last_error, updated_at", 8, 0 },
 	{ "gateways", "name, started, heartbeat, sessions, copies", 5, 0 },

@@ -14,7 +14,7 @@
 #include <stdint.h>
 
 /* The store's schema version (store.c says what each one added). */
-#define MS_STORE_SCHEMA_VERSION 10
+#define MS_STORE_SCHEMA_VERSION 11
 
 struct ms_store;
 
@@ -170,6 +170,21 @@ typedef int ms_store_rename_cb(void *ctx, const char *old_name,
 			       const char *dst_name, char sep);
 int ms_store_rename_foreach(struct ms_store *store, int64_t user_id,
 			    ms_store_rename_cb *cb, void *ctx);
+
+/* A user's personal namespaces as the mover found them: prefix ("" for
+ * none) and separator ('\0' for none) of each side. The gateway's IMAP
+ * view shows the source's to the user's clients (docs/gateway-spec.md, "A
+ * source with a namespace prefix"). */
+struct ms_user_ns {
+	char src_prefix[64], dst_prefix[64];
+	char src_sep, dst_sep;
+};
+int ms_store_namespace_set(struct ms_store *store, int64_t user_id,
+			   const struct ms_user_ns *ns);
+/* found_r 0 (ns zeroed): never recorded (a user copied before schema 11,
+ * or a POP3 source). */
+int ms_store_namespace_get(struct ms_store *store, int64_t user_id,
+			   struct ms_user_ns *ns, int *found_r);
 
 /* Messages. An intent (state MS_MSG_INTENT) is written and committed before
  * the message's bytes leave for the destination; it becomes MS_MSG_DONE with

@@ -535,6 +535,8 @@ json_t *migrate_report_json(const struct ms_user_report *rep)
 				    json_string(f->mismatch) : json_null());
 		json_object_set_new(fo, "repaired",
 				    json_integer((json_int_t)f->repaired));
+		json_object_set_new(fo, "error", f->error[0] != '\0' ?
+				    json_string(f->error) : json_null());
 		if (f->identity != 0)
 			json_object_set_new(fo, "identity", json_string(
 				f->identity > 0 ? "kept" : "not kept"));

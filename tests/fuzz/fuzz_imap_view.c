@@ -12,7 +12,10 @@
  * withheld), every other name none, "Bad" fails as a store would;
  * the client's "Sent Items" is the server's "Sent"; bit 2: LIST patterns
  * rewritten (every wildcard pattern also asks for "Sent" and below it)
- * and the answers filtered, UTF8=ACCEPT withheld. Folder names in
+ * and the answers filtered, UTF8=ACCEPT withheld; bit 3: a Courier-style
+ * source's namespace shown ("INBOX." and '.' for none and '/', names
+ * mapped by ms_view_ns_name() after the rename), whose oracle is that
+ * every name mapped maps back to itself. Folder names in
  * literals are held, the view answering the client's "+". Oracles: both runs
  * write the same bytes each way and fail the same way; lookup() and
  * name() get NUL-terminated names; a literal's bytes come out as they went
@@ -35,6 +38,7 @@ struct maps {
 	struct ms_view_map inbox, sent;
 	unsigned int mode;
 	struct ms_view *v;
+	struct ms_vbuf ns;		/* ns_map()'s answer */
 };
 
 static void maps_init(struct maps *m, unsigned int mode)
@@ -60,12 +64,14 @@ static void maps_init(struct maps *m, unsigned int mode)
 		m->sent.full = 1;
 	}
 	m->mode = mode;
+	m->ns = (struct ms_vbuf){ 0 };
 }
 
 static void maps_clear(struct maps *m)
 {
 	ms_view_map_clear(&m->inbox);
 	ms_view_map_clear(&m->sent);
+	ms_vbuf_free(&m->ns);
 }
 
 static struct ms_view_map *lookup(void *ctx, const char *name, int full)
@@ -81,12 +87,47 @@ static struct ms_view_map *lookup(void *ctx, const char *name, int full)
 	return strcmp(name, "Sent") == 0 ? &m->sent : NULL;
 }
 
-static const char *names(void *ctx, const char *name, int to_dst)
+static const char *renames(const char *name, int to_dst)
 {
-	(void)ctx;
 	if (to_dst)
 		return strcmp(name, "Sent Items") == 0 ? "Sent" : NULL;
 	return strcmp(name, "Sent") == 0 ? "Sent Items" : NULL;
+}
+
+static const struct ms_view_ns courier = { "INBOX.", "", '.', '/' };
+
+/* name in the other namespace; NULL: the same. Mapped back, it is name
+ * again. */
+static const char *ns_map(struct maps *m, const char *name, int to_dst)
+{
+	struct ms_vbuf back = { 0 };
+	int r = ms_view_ns_name(&courier, name, to_dst, &m->ns);
+
+	if (r <= 0)
+		return NULL;
+	assert(ms_view_ns_name(&courier, m->ns.p, !to_dst, &back) == 1);
+	assert(strcmp(back.p, name) == 0);
+	ms_vbuf_free(&back);
+	return m->ns.p;
+}
+
+static const char *names(void *ctx, const char *name, int to_dst)
+{
+	struct maps *m = ctx;
+	const char *ns, *rn;
+
+	if (!(m->mode & 8))
+		return renames(name, to_dst);
+	/* as the gateway's: the prefix, then the rename; back the other
+	 * way round */
+	if (to_dst) {
+		ns = ns_map(m, name, 1);
+		rn = renames(ns != NULL ? ns : name, 1);
+		return rn != NULL ? rn : ns;
+	}
+	rn = renames(name, 0);
+	ns = ns_map(m, rn != NULL ? rn : name, 0);
+	return ns != NULL ? ns : rn;
 }
 
 static int patterns(void *ctx, const char *pattern, struct ms_vbuf *out)
@@ -127,6 +168,8 @@ static void play(unsigned int mode, uint8_t seed, const uint8_t *data,
 		ms_view_set_patterns(&v, patterns);
 		v.withhold_utf8 = 1;
 	}
+	if (mode & 8)
+		ms_view_set_namespace(&v, &courier);
 	m.v = &v;
 	v.withhold = !(mode & 2);
 	while (size > 0 && !r->failed) {
@@ -253,6 +296,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (data[0] & 0x80)
 		check_sets(data[0] & 3, data + 1, size - 1);
 	else
-		check_session(data[0] & 7, data + 1, size - 1);
+		check_session(data[0] & 15, data + 1, size - 1);
 	return 0;
 }

@@ -453,30 +453,30 @@ def test_courier_source_mbsync(courier_pair, workdir, ca, identity):
                 if f.startswith('INBOX.')], os.listdir(mb.maildir)
 
 
-class OfflineimapCourier(Offlineimap):
-    """offlineimap3 as a Courier user configures it (offlineimap.conf's
-    own example, "great for Courier IMAP users"): the remote's "INBOX."
-    taken off the folder names, and no folder made on the server from a
-    local one (without it the local "Work" would have to become the
-    server's "INBOX.Work" by a second nametrans the other way)."""
+class OfflineimapPlain(Offlineimap):
+    """offlineimap3 with no setting for Courier (no nametrans, folders made
+    on either side as by default): it ignores NAMESPACE, so its local
+    folders are the source's names with the prefix ("INBOX.Work")."""
 
-    def __init__(self, *a):
-        super().__init__(*a)
-        with open(self.rc, 'a') as f:
-            f.write('\n'.join([
-                r"nametrans = lambda f: re.sub('^INBOX\.', '', f)",
-                'createfolders = False', '']))
+    def folder_dir(self, folder):
+        return os.path.join(self.maildir, on_server(folder, 'INBOX.'))
 
 
 @CLIENTS_PRESENT
 @pytest.mark.parametrize('identity', ['doveadm', 'gateway'])
 def test_courier_source_offlineimap(courier_pair, workdir, ca, identity):
-    """offlineimap3 against a Courier-style source, synced through the
-    gateway before and after the move (OfflineimapCourier's settings):
-    no error or warning, nothing downloaded again, no duplicate either
-    side, an offline flag change on the right message."""
-    courier_round(courier_pair, workdir, ca, identity, OfflineimapCourier,
-                  'offlineimap')
+    """offlineimap3 against a Courier-style source with a plain
+    configuration (no nametrans: local "INBOX.Work"), synced through the
+    gateway before and after the move: the gateway shows the moved user
+    the source's namespace ("INBOX." and its separator), so it runs on
+    with no error or warning, downloads nothing again, makes no folder on
+    either side, no duplicate, an offline flag change on the right
+    message."""
+    c, j = courier_round(courier_pair, workdir, ca, identity,
+                         OfflineimapPlain, 'offlineimap')
+    # Local folders the source's names, none of the destination's.
+    local = sorted(f for f in os.listdir(c.maildir) if not f.startswith('.'))
+    assert 'INBOX.Work' in local and 'Work' not in local, local
     # No folder made on the destination from a local one.
     m = courier_pair.dst.imap(USER)
     try:

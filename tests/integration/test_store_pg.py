@@ -36,6 +36,7 @@ TABLES = {
     'user_sizes': 'user_id, messages, bytes, how, at',
     'folder_src_next': 'folder_id, uidnext',
     'folder_renames': 'folder_id, old_name, sep',
+    'user_namespaces': 'user_id, src_prefix, src_sep, dst_prefix, dst_sep',
     'jobs': 'user_id, kind, state, owner, lease_until, attempts, '
             'last_error, updated_at',
     'gateways': 'name, started, heartbeat, sessions, copies',

@@ -165,6 +165,35 @@ static const char *names(void *ctx, const char *name, int to_dst)
  * renamed "Sent" and below it. */
 static int with_patterns;
 
+/* Where the source's namespace is shown: a Courier-style "INBOX." with
+ * '.' on the client's side, none and '/' on the server's. */
+static int with_ns;
+static const struct ms_view_ns courier = { "INBOX.", "", '.', '/' };
+
+static const char *ns_names(void *ctx, const char *name, int to_dst)
+{
+	static struct ms_vbuf b;
+	int r;
+
+	(void)ctx;
+	if (name == NULL) {		/* the end of the test */
+		ms_vbuf_free(&b);
+		return NULL;
+	}
+	r = ms_view_ns_name(&courier, name, to_dst, &b);
+	assert_int_not_equal(r, -1);
+	return r > 0 ? b.p : NULL;
+}
+
+static int ns_patterns(void *ctx, const char *pattern, struct ms_vbuf *out)
+{
+	(void)ctx;
+	if (strpbrk(pattern, "*%") == NULL || strcmp(pattern, "*") == 0 ||
+	    strncmp(pattern, "INBOX.", 6) == 0)
+		return 0;
+	return ms_vbuf_add(out, "*", 2) < 0 ? -1 : 1;
+}
+
 static int patterns(void *ctx, const char *pattern, struct ms_vbuf *out)
 {
 	(void)ctx;
@@ -204,8 +233,12 @@ static void run(const char *const *events, size_t n, const char *want)
 		struct ms_view v;
 
 		fix_init(&f);
-		ms_view_init(&v, lookup, names, &f);
+		ms_view_init(&v, lookup, with_ns ? ns_names : names, &f);
 		ms_view_set_reply(&v, out, &f.out);
+		if (with_ns) {
+			ms_view_set_namespace(&v, &courier);
+			ms_view_set_patterns(&v, ns_patterns);
+		}
 		if (with_patterns) {
 			ms_view_set_patterns(&v, patterns);
 			v.withhold_utf8 = 1;
@@ -432,6 +465,77 @@ static void test_list_patterns(void **state)
 	with_patterns = 0;
 }
 
+/* A Courier-style source's namespace shown: NAMESPACE with its prefix and
+ * separator, LIST answers with both, every name the client sends mapped
+ * back, INBOX as it is, the server's own "INBOX.x" hidden (the client's
+ * "INBOX.x" is the server's "x"). */
+static void test_namespace(void **state)
+{
+	(void)state;
+	with_ns = 1;
+	RUN("a NAMESPACE\n"
+	    "* NAMESPACE ((\"INBOX.\" \".\")) NIL NIL\n"
+	    "a OK done\n"
+	    "b LIST \"\" \"*\"\n"
+	    "* LIST (\\HasChildren) \".\" INBOX\n"
+	    "* LIST () \".\" \"INBOX.Work\"\n"
+	    "* LIST () \".\" \"INBOX.a/b.c\"\n"
+	    "b OK done\n"
+	    "c SELECT \"a.b\"\n"
+	    "d SELECT INBOX\n"
+	    "e LSUB \"\" \"*\"\n"
+	    "* LSUB () \".\" \"INBOX.Work\"\n"
+	    "e OK done\n"
+	    "f CREATE \"New/Sub\"\n"
+	    "g STATUS \"INBOX.inbox\" (MESSAGES)\n"
+	    "* STATUS \"INBOX.Work\" (MESSAGES 2)\n",
+	    "C a NAMESPACE\n",
+	    "S * NAMESPACE ((\"\" \"/\")) NIL NIL\n", "S a OK done\n",
+	    "C b LIST \"\" *\n",
+	    "S * LIST (\\HasChildren) \"/\" INBOX\n",
+	    "S * LIST () \"/\" Work\n",
+	    "S * LIST () \"/\" \"INBOX.x\"\n",
+	    "S * LIST () \"/\" \"a.b/c\"\n", "S b OK done\n",
+	    "C c SELECT \"INBOX.a/b\"\n", "C d SELECT INBOX\n",
+	    "C e LSUB \"\" \"INBOX*\"\n",
+	    "S * LSUB () \"/\" Work\n", "S e OK done\n",
+	    "C f CREATE INBOX.New.Sub\n",
+	    "C g STATUS \"INBOX.inbox\" (MESSAGES)\n",
+	    "S * STATUS Work (MESSAGES 2)\n");
+	with_ns = 0;
+	ns_names(NULL, NULL, 0);
+}
+
+static void test_ns_name(void **state)
+{
+	static const char *const pairs[][2] = {
+		{ "INBOX.Work", "Work" }, { "INBOX.a.b", "a/b" },
+		{ "INBOX.a/b", "a.b" }, { "INBOX.INBOX", "INBOX.INBOX" },
+	};
+	struct ms_vbuf b = { 0 };
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(pairs) / sizeof(*pairs); i++) {
+		if (i < 3) {
+			assert_int_equal(ms_view_ns_name(&courier, pairs[i][0],
+							 1, &b), 1);
+			assert_string_equal(b.p, pairs[i][1]);
+		}
+		assert_int_equal(ms_view_ns_name(&courier, pairs[i][1], 0,
+						 &b), 1);
+		assert_true(i == 3 || strcmp(b.p, pairs[i][0]) == 0);
+	}
+	/* the same on both sides: INBOX, a name outside the prefix, the
+	 * prefix alone, a name that would be INBOX */
+	assert_int_equal(ms_view_ns_name(&courier, "INBOX", 1, &b), 0);
+	assert_int_equal(ms_view_ns_name(&courier, "inbox", 0, &b), 0);
+	assert_int_equal(ms_view_ns_name(&courier, "Work", 1, &b), 0);
+	assert_int_equal(ms_view_ns_name(&courier, "INBOX.", 1, &b), 0);
+	assert_int_equal(ms_view_ns_name(&courier, "INBOX.Inbox", 1, &b), 0);
+	assert_int_equal(ms_view_ns_name(&courier, "", 0, &b), 0);
+	ms_vbuf_free(&b);
+}
+
 static void test_pattern_match(void **state)
 {
 	(void)state;
@@ -648,6 +752,8 @@ int main(void)
 		cmocka_unit_test(test_unknown_folder),
 		cmocka_unit_test(test_line_too_long),
 		cmocka_unit_test(test_pipeline_bound),
+		cmocka_unit_test(test_namespace),
+		cmocka_unit_test(test_ns_name),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

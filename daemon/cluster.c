@@ -84,6 +84,8 @@ struct ms_cluster {
 	int poll_events;
 	uv_timer_t *tick;		/* heartbeat, reconcile, readiness */
 	uv_timer_t *retry;		/* a new connection */
+	uv_timer_t *deadline;		/* when the others may fence this
+					   gateway soon: its relays end */
 	struct cq *head, *tail;
 	int flushing;			/* output not all sent yet */
 	int inflight;			/* the head is on the wire */
@@ -92,6 +94,8 @@ struct ms_cluster {
 					   the database took was sent */
 	unsigned int epoch;		/* counts the times it lost touch */
 	int caught_up;			/* a reconcile of this epoch ended */
+	int fenced;			/* out of time: its relays ended, until
+					   it has caught up */
 	int reconcile_queued;
 	unsigned int gen;		/* counts the reconciles queued */
 	int64_t seen_version;		/* the newest user change seen */
@@ -513,6 +517,52 @@ static void on_retry(uv_timer_t *t)
 		conn_start(c);
 }
 
+/* ---- fencing itself ---- */
+
+/* No heartbeat taken for the timeout minus one heartbeat: from now on
+ * another gateway may fence this one, and flip (or roll back) a user
+ * without its acknowledgement. Every session it relays ends now, before
+ * they may (ops->fenced), and no login is routed until it has caught up:
+ * nothing a client writes through it can land after the others' last
+ * delta. */
+static void out_of_time(struct ms_cluster *c)
+{
+	c->caught_up = 0;
+	c->epoch++;
+	if (c->fenced)
+		return;
+	c->fenced = 1;
+	c->out_said = 1;
+	ms_warn("cluster: no heartbeat taken for %llu ms: the other gateways "
+		"may fence this one soon: its sessions end, logins are held "
+		"until it has caught up",
+		(unsigned long long)(uv_now(c->loop) - c->last_ok));
+	c->ops->fenced(c->ctx);
+}
+
+static void on_deadline(uv_timer_t *t);
+
+/* The deadline from the last heartbeat taken: a timer of its own, not
+ * the heartbeat's tick, which may come up to a heartbeat late. */
+static void deadline_arm(struct ms_cluster *c)
+{
+	uint64_t now = uv_now(c->loop);
+	uint64_t due = c->last_ok + c->timeout_ms - c->heartbeat_ms;
+
+	uv_timer_start(c->deadline, on_deadline, due > now ? due - now : 0, 0);
+}
+
+static void on_deadline(uv_timer_t *t)
+{
+	struct ms_cluster *c = t->data;
+
+	if (ms_cluster_in_time(uv_now(c->loop), c->last_ok, c->heartbeat_ms,
+			       c->timeout_ms))
+		deadline_arm(c);
+	else
+		out_of_time(c);
+}
+
 /* ---- the heartbeat ---- */
 
 static void on_heartbeat(struct ms_cluster *c, PGresult *res, void *arg)
@@ -526,12 +576,11 @@ static void on_heartbeat(struct ms_cluster *c, PGresult *res, void *arg)
 	/* Out of time before this one: what the others did meanwhile is
 	 * caught up with before a login is routed again. */
 	if (!ms_cluster_in_time(sent, c->last_ok, c->heartbeat_ms,
-				c->timeout_ms) && c->caught_up) {
-		c->caught_up = 0;
-		c->epoch++;
-	}
+				c->timeout_ms))
+		out_of_time(c);
 	if (sent > c->last_ok)
 		c->last_ok = sent;
+	deadline_arm(c);
 	if (c->out_said)
 		ms_info("cluster: heartbeat taken again");
 	c->out_said = 0;
@@ -652,6 +701,7 @@ static void on_requests(struct ms_cluster *c, PGresult *res, void *arg)
 	    ms_cluster_in_time(uv_now(c->loop), c->last_ok, c->heartbeat_ms,
 			       c->timeout_ms)) {
 		c->caught_up = 1;
+		c->fenced = 0;
 		ms_info("cluster: caught up with the store");
 	}
 }
@@ -835,14 +885,8 @@ static void on_tick(uv_timer_t *t)
 		return;
 	if (c->caught_up && !ms_cluster_in_time(uv_now(c->loop), c->last_ok,
 						c->heartbeat_ms,
-						c->timeout_ms)) {
-		ms_warn("cluster: no heartbeat taken for %llu ms: logins are "
-			"held until this gateway has caught up",
-			(unsigned long long)(uv_now(c->loop) - c->last_ok));
-		c->out_said = 1;
-		c->caught_up = 0;
-		c->epoch++;
-	}
+						c->timeout_ms))
+		out_of_time(c);
 	heartbeat(c);
 	query(c, "SELECT CASE WHEN is_called THEN last_value ELSE 0 END"
 	      " FROM changes", on_counter, NULL, 0);
@@ -871,10 +915,12 @@ int ms_cluster_new(uv_loop_t *loop, struct ms_store *store,
 	c = calloc(1, sizeof(*c));
 	if (c == NULL || (c->url = strdup(cfg->url)) == NULL ||
 	    (c->tick = malloc(sizeof(*c->tick))) == NULL ||
-	    (c->retry = malloc(sizeof(*c->retry))) == NULL) {
+	    (c->retry = malloc(sizeof(*c->retry))) == NULL ||
+	    (c->deadline = malloc(sizeof(*c->deadline))) == NULL) {
 		if (c != NULL) {
 			free(c->url);
 			free(c->tick);
+			free(c->retry);
 		}
 		free(c);
 		snprintf(err, errsz, "out of memory");
@@ -889,10 +935,12 @@ int ms_cluster_new(uv_loop_t *loop, struct ms_store *store,
 	c->ctx = ctx;
 	uv_timer_init(loop, c->tick);
 	uv_timer_init(loop, c->retry);
-	c->tick->data = c->retry->data = c;
+	uv_timer_init(loop, c->deadline);
+	c->tick->data = c->retry->data = c->deadline->data = c;
 	c->last_ok = uv_now(loop);
 	if (c->last_ok == 0)
 		c->last_ok = 1;
+	deadline_arm(c);
 	conn_start(c);
 	uv_timer_start(c->tick, on_tick, c->heartbeat_ms, c->heartbeat_ms);
 	*c_r = c;
@@ -913,6 +961,7 @@ void ms_cluster_free(struct ms_cluster **cp)
 		ms_warn("cluster: store: %s", ms_store_error(c->store));
 	ms_close_free((uv_handle_t *)c->tick, c->tick);
 	ms_close_free((uv_handle_t *)c->retry, c->retry);
+	ms_close_free((uv_handle_t *)c->deadline, c->deadline);
 	while (c->pending != NULL)
 		pending_drop(c, c->pending);
 	free(c->url);

@@ -37,6 +37,11 @@ struct ms_cluster_ops {
 	/* Every live gateway has acknowledged this gateway's request for
 	 * user (or was fenced): its cutover may go on. */
 	void (*acked)(void *ctx, const char *user);
+	/* No heartbeat of this gateway's taken for the timeout minus one
+	 * heartbeat: the others may fence it soon and move its users
+	 * without it. Every session relayed to a server ends here now;
+	 * logins are not routed until it has caught up (ms_cluster_sure). */
+	void (*fenced)(void *ctx);
 	/* This gateway's counts, for its heartbeat. */
 	void (*counts)(void *ctx, unsigned int *sessions,
 		       unsigned int *copies);

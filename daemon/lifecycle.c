@@ -658,6 +658,14 @@ int gw_login_accepted(struct session *s, const char **why_r)
 	struct ms_user_info info;
 	struct guser *gu;
 
+	/* A login routed while this gateway was sure, which the server
+	 * accepts after it ended its relays (it may be fenced): not let
+	 * in. */
+	if (gw->cluster != NULL && !s->verify_only &&
+	    !ms_cluster_sure(gw->cluster)) {
+		*why_r = "not caught up with the other gateways";
+		return -1;
+	}
 	if (user_state(gw, name, &info) < 0) {
 		*why_r = ms_store_error(gw->store);
 		return -1;
@@ -1354,6 +1362,17 @@ static void cl_changed(void *ctx, const char *user, const char *state)
 		gw->user_sessions->end_relays(gw, user, 1);
 }
 
+/* The others may fence this gateway soon: every session it relays ends,
+ * to either server. Not only the source's: a user on the destination
+ * leaves it by a rollback, which fences this gateway the same way (see
+ * docs/design.md, "Several gateways"). */
+static void cl_fenced(void *ctx)
+{
+	struct ms_gateway *gw = ctx;
+
+	gw->user_sessions->end_relays(gw, NULL, -1);
+}
+
 static void cl_policies(void *ctx)
 {
 	struct ms_gateway *gw = ctx;
@@ -1388,6 +1407,7 @@ static const struct ms_cluster_ops cluster_ops = {
 	.settled = cl_settled,
 	.changed = cl_changed,
 	.policies = cl_policies,
+	.fenced = cl_fenced,
 	.acked = cl_acked,
 	.counts = cl_counts,
 };

@@ -20,9 +20,11 @@
 #include "log.h"
 #include "net.h"
 #include "store.h"
+#include "util.h"
 
 #include <ctype.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,6 +53,25 @@ struct cq {
 	query_done *done;		/* res NULL: the connection was lost */
 	void *arg;			/* freed after done */
 	PGresult *res;			/* the last result so far */
+};
+
+/* A user's row in the map: what routing a login reads of the users
+ * table. */
+struct muser {
+	struct muser *next;
+	int64_t id;
+	char state[16];
+	char policy[16];		/* "" = the configured default */
+	char name[];
+};
+
+/* A user written through this gateway's store (id 0: one added): its
+ * copy in the map is not trusted until a reconcile queued after the write
+ * has read the users back. */
+struct stale {
+	struct stale *next;
+	int64_t id;
+	unsigned int gen;		/* c->gen at the write */
 };
 
 /* A user's cutover request as this gateway knows it. */
@@ -84,6 +105,8 @@ struct ms_cluster {
 	int poll_events;
 	uv_timer_t *tick;		/* heartbeat, reconcile, readiness */
 	uv_timer_t *retry;		/* a new connection */
+	uv_timer_t *deadline;		/* when the others may fence this
+					   gateway soon: its relays end */
 	struct cq *head, *tail;
 	int flushing;			/* output not all sent yet */
 	int inflight;			/* the head is on the wire */
@@ -92,11 +115,18 @@ struct ms_cluster {
 					   the database took was sent */
 	unsigned int epoch;		/* counts the times it lost touch */
 	int caught_up;			/* a reconcile of this epoch ended */
+	int fenced;			/* out of time: its relays ended, until
+					   it has caught up */
 	int reconcile_queued;
 	unsigned int gen;		/* counts the reconciles queued */
 	int64_t seen_version;		/* the newest user change seen */
 	int64_t counter_seen;		/* the change counter, last seen */
 	struct pending *pending;
+	struct muser **map;		/* the users, by name's hash */
+	size_t map_size, map_n;
+	unsigned int map_epoch;		/* loaded in this epoch */
+	int map_loading;		/* a load is queued */
+	struct stale *stale;
 	int lost_said;			/* a lost connection was logged */
 	int out_said;			/* out of time was logged */
 };
@@ -147,6 +177,149 @@ int ms_cluster_in_time(uint64_t now, uint64_t last_ok,
 	if (last_ok == 0 || now < last_ok)
 		return last_ok != 0;
 	return now - last_ok + heartbeat_ms < timeout_ms;
+}
+
+/* ---- the map (docs/design.md, "Several gateways", "The map") ---- */
+
+static size_t map_slot(const struct ms_cluster *c, const char *name)
+{
+	return ms_str_hash(name) & (c->map_size - 1);
+}
+
+static struct muser *map_find(const struct ms_cluster *c, const char *name)
+{
+	if (c->map == NULL)
+		return NULL;
+	for (struct muser *u = c->map[map_slot(c, name)]; u != NULL;
+	     u = u->next)
+		if (!strcmp(u->name, name))
+			return u;
+	return NULL;
+}
+
+static void map_clear(struct ms_cluster *c)
+{
+	for (size_t i = 0; c->map != NULL && i < c->map_size; i++)
+		while (c->map[i] != NULL) {
+			struct muser *u = c->map[i];
+
+			c->map[i] = u->next;
+			free(u);
+		}
+	c->map_n = 0;
+}
+
+/* Twice the buckets when the chains grow long. */
+static void map_grow(struct ms_cluster *c)
+{
+	size_t size = c->map_size != 0 ? c->map_size * 2 : 1024;
+	struct muser **old = c->map, **map = calloc(size, sizeof(*map));
+	size_t old_size = c->map_size;
+
+	if (map == NULL)
+		return;		/* longer chains: slower, not wrong */
+	c->map = map;
+	c->map_size = size;
+	for (size_t i = 0; i < old_size; i++)
+		while (old[i] != NULL) {
+			struct muser *u = old[i];
+			size_t h = map_slot(c, u->name);
+
+			old[i] = u->next;
+			u->next = map[h];
+			map[h] = u;
+		}
+	free(old);
+}
+
+/* The user's row as the store has it now. -1: out of memory (the map
+ * is then not trusted: see map_load). */
+static int map_put(struct ms_cluster *c, int64_t id, const char *name,
+		   const char *state, const char *policy)
+{
+	struct muser *u = map_find(c, name);
+
+	if (u == NULL) {
+		size_t len = strlen(name);
+
+		if (c->map_n >= c->map_size * 2)
+			map_grow(c);
+		if (c->map == NULL ||
+		    (u = calloc(1, sizeof(*u) + len + 1)) == NULL)
+			return -1;
+		memcpy(u->name, name, len + 1);
+		u->next = c->map[map_slot(c, name)];
+		c->map[map_slot(c, name)] = u;
+		c->map_n++;
+	}
+	u->id = id;
+	snprintf(u->state, sizeof(u->state), "%s", state);
+	snprintf(u->policy, sizeof(u->policy), "%s", policy);
+	return 0;
+}
+
+static int stale_has(const struct ms_cluster *c, int64_t id)
+{
+	for (const struct stale *s = c->stale; s != NULL; s = s->next)
+		if (s->id == id)
+			return 1;
+	return 0;
+}
+
+/* The writes a reconcile queued as gen has read back. */
+static void stale_clear(struct ms_cluster *c, unsigned int gen)
+{
+	for (struct stale **sp = &c->stale; *sp != NULL;) {
+		struct stale *s = *sp;
+
+		if (s->gen < gen) {
+			*sp = s->next;
+			free(s);
+		} else {
+			sp = &s->next;
+		}
+	}
+}
+
+/* ms_store_on_user_write: before this gateway writes a user (a flip, the
+ * mover's states, mailshiftctl through the control socket). */
+static void user_written(void *ctx, int64_t id)
+{
+	struct ms_cluster *c = ctx;
+	struct stale *s;
+
+	for (s = c->stale; s != NULL; s = s->next)
+		if (s->id == id) {
+			s->gen = c->gen;
+			return;
+		}
+	if ((s = malloc(sizeof(*s))) == NULL) {
+		c->map_epoch = c->epoch - 1;	/* not trusted: loaded again */
+		return;
+	}
+	s->id = id;
+	s->gen = c->gen;
+	s->next = c->stale;
+	c->stale = s;
+}
+
+int ms_cluster_user(const struct ms_cluster *c, const char *name,
+		    struct ms_user_info *info)
+{
+	const struct muser *u;
+
+	if (!ms_cluster_sure(c) || c->map_epoch != c->epoch)
+		return -1;
+	if ((u = map_find(c, name)) == NULL)
+		return stale_has(c, 0) ? -1 : 0;
+	if (stale_has(c, u->id))
+		return -1;
+	memset(info, 0, sizeof(*info));
+	info->id = u->id;
+	snprintf(info->name, sizeof(info->name), "%s", u->name);
+	snprintf(info->state, sizeof(info->state), "%s", u->state);
+	snprintf(info->policy, sizeof(info->policy), "%s", u->policy);
+	return 1;
 }
 
 /* ---- the pending requests ---- */
@@ -513,6 +686,52 @@ static void on_retry(uv_timer_t *t)
 		conn_start(c);
 }
 
+/* ---- fencing itself ---- */
+
+/* No heartbeat taken for the timeout minus one heartbeat: from now on
+ * another gateway may fence this one, and flip (or roll back) a user
+ * without its acknowledgement. Every session it relays ends now, before
+ * they may (ops->fenced), and no login is routed until it has caught up:
+ * nothing a client writes through it can land after the others' last
+ * delta. */
+static void out_of_time(struct ms_cluster *c)
+{
+	c->caught_up = 0;
+	c->epoch++;
+	if (c->fenced)
+		return;
+	c->fenced = 1;
+	c->out_said = 1;
+	ms_warn("cluster: no heartbeat taken for %llu ms: the other gateways "
+		"may fence this one soon: its sessions end, logins are held "
+		"until it has caught up",
+		(unsigned long long)(uv_now(c->loop) - c->last_ok));
+	c->ops->fenced(c->ctx);
+}
+
+static void on_deadline(uv_timer_t *t);
+
+/* The deadline from the last heartbeat taken: a timer of its own, not
+ * the heartbeat's tick, which may come up to a heartbeat late. */
+static void deadline_arm(struct ms_cluster *c)
+{
+	uint64_t now = uv_now(c->loop);
+	uint64_t due = c->last_ok + c->timeout_ms - c->heartbeat_ms;
+
+	uv_timer_start(c->deadline, on_deadline, due > now ? due - now : 0, 0);
+}
+
+static void on_deadline(uv_timer_t *t)
+{
+	struct ms_cluster *c = t->data;
+
+	if (ms_cluster_in_time(uv_now(c->loop), c->last_ok, c->heartbeat_ms,
+			       c->timeout_ms))
+		deadline_arm(c);
+	else
+		out_of_time(c);
+}
+
 /* ---- the heartbeat ---- */
 
 static void on_heartbeat(struct ms_cluster *c, PGresult *res, void *arg)
@@ -526,12 +745,11 @@ static void on_heartbeat(struct ms_cluster *c, PGresult *res, void *arg)
 	/* Out of time before this one: what the others did meanwhile is
 	 * caught up with before a login is routed again. */
 	if (!ms_cluster_in_time(sent, c->last_ok, c->heartbeat_ms,
-				c->timeout_ms) && c->caught_up) {
-		c->caught_up = 0;
-		c->epoch++;
-	}
+				c->timeout_ms))
+		out_of_time(c);
 	if (sent > c->last_ok)
 		c->last_ok = sent;
+	deadline_arm(c);
 	if (c->out_said)
 		ms_info("cluster: heartbeat taken again");
 	c->out_said = 0;
@@ -649,9 +867,10 @@ static void on_requests(struct ms_cluster *c, PGresult *res, void *arg)
 		c->ops->settled(c->ctx, user);
 	}
 	if (ra->epoch == c->epoch && !c->caught_up &&
-	    ms_cluster_in_time(uv_now(c->loop), c->last_ok, c->heartbeat_ms,
+	    c->map_epoch == c->epoch && ms_cluster_in_time(uv_now(c->loop), c->last_ok, c->heartbeat_ms,
 			       c->timeout_ms)) {
 		c->caught_up = 1;
+		c->fenced = 0;
 		ms_info("cluster: caught up with the store");
 	}
 }
@@ -667,32 +886,86 @@ static void on_changes(struct ms_cluster *c, PGresult *res, void *arg)
 	for (int i = 0; i < PQntuples(res); i++) {
 		int64_t v = strtoll(PQgetvalue(res, i, 2), NULL, 10);
 
+		/* the map first: the sessions ended next log in again */
+		if (map_put(c, strtoll(PQgetvalue(res, i, 3), NULL, 10),
+			    PQgetvalue(res, i, 0), PQgetvalue(res, i, 1),
+			    PQgetvalue(res, i, 4)) < 0)
+			c->map_epoch = c->epoch - 1;	/* loaded again */
 		c->ops->changed(c->ctx, PQgetvalue(res, i, 0),
 				PQgetvalue(res, i, 1));
 		if (v > top)
 			top = v;
 	}
 	c->seen_version = top;
+	stale_clear(c, *(unsigned int *)arg);
+}
+
+/* The whole map, read again at each catch-up (the first at start): a
+ * change this gateway missed while it was out of touch is in it. */
+static void on_users(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	unsigned int epoch = *(unsigned int *)arg;
+
+	c->map_loading = 0;
+	if (!res_ok(res)) {
+		res_warn(c, "the users", res);
+		return;
+	}
+	map_clear(c);
+	for (int i = 0; i < PQntuples(res); i++)
+		if (map_put(c, strtoll(PQgetvalue(res, i, 0), NULL, 10),
+			    PQgetvalue(res, i, 1), PQgetvalue(res, i, 2),
+			    PQgetvalue(res, i, 3)) < 0) {
+			ms_warn("cluster: the users: out of memory");
+			return;
+		}
+	c->map_epoch = epoch;
+}
+
+static void map_load(struct ms_cluster *c)
+{
+	unsigned int *epoch;
+
+	if (c->map_loading || (epoch = malloc(sizeof(*epoch))) == NULL)
+		return;
+	*epoch = c->epoch;
+	c->map_loading = 1;
+	query(c, "SELECT id, name, state, COALESCE(policy, '') FROM users",
+	      on_users, epoch, 0);
+	if (!c->connected)
+		c->map_loading = 0;
 }
 
 /* What changed since the last reconcile (users whose state or policy
- * changed, with an overlap), then every request under way. */
+ * changed, with an overlap), then every request under way; first the
+ * whole map when this gateway is catching up. Not inside a transaction
+ * of the store's: its queries would not see what the transaction writes
+ * and would be taken as having read it back. */
 static void reconcile(struct ms_cluster *c)
 {
 	struct rec_arg *ra;
+	unsigned int *gen;
 	char since[24];
 
-	if (c->reconcile_queued || (ra = malloc(sizeof(*ra))) == NULL)
+	if (c->reconcile_queued || ms_store_in_transaction(c->store) ||
+	    (ra = malloc(sizeof(*ra))) == NULL)
 		return;
+	if ((gen = malloc(sizeof(*gen))) == NULL) {
+		free(ra);
+		return;
+	}
+	if (c->map_epoch != c->epoch)
+		map_load(c);
 	ra->epoch = c->epoch;
-	ra->gen = ++c->gen;
+	ra->gen = *gen = ++c->gen;
 	c->reconcile_queued = 1;
 	snprintf(since, sizeof(since), "%" PRId64,
 		 c->seen_version > VERSION_OVERLAP ?
 		 c->seen_version - VERSION_OVERLAP : 0);
-	query(c, "SELECT u.name, u.state, c.version FROM user_changes c"
+	query(c, "SELECT u.name, u.state, c.version, u.id,"
+	      " COALESCE(u.policy, '') FROM user_changes c"
 	      " JOIN users u ON u.id = c.user_id WHERE c.version > $1"
-	      " ORDER BY c.version", on_changes, NULL, 1, since);
+	      " ORDER BY c.version", on_changes, gen, 1, since);
 	query(c, "SELECT u.name, r.seq, r.gateway, r.kind, EXISTS (SELECT 1"
 	      " FROM cutover_acks a WHERE a.user_id = r.user_id AND"
 	      " a.seq = r.seq AND a.gateway = $1) FROM cutover_requests r"
@@ -835,14 +1108,8 @@ static void on_tick(uv_timer_t *t)
 		return;
 	if (c->caught_up && !ms_cluster_in_time(uv_now(c->loop), c->last_ok,
 						c->heartbeat_ms,
-						c->timeout_ms)) {
-		ms_warn("cluster: no heartbeat taken for %llu ms: logins are "
-			"held until this gateway has caught up",
-			(unsigned long long)(uv_now(c->loop) - c->last_ok));
-		c->out_said = 1;
-		c->caught_up = 0;
-		c->epoch++;
-	}
+						c->timeout_ms))
+		out_of_time(c);
 	heartbeat(c);
 	query(c, "SELECT CASE WHEN is_called THEN last_value ELSE 0 END"
 	      " FROM changes", on_counter, NULL, 0);
@@ -871,10 +1138,12 @@ int ms_cluster_new(uv_loop_t *loop, struct ms_store *store,
 	c = calloc(1, sizeof(*c));
 	if (c == NULL || (c->url = strdup(cfg->url)) == NULL ||
 	    (c->tick = malloc(sizeof(*c->tick))) == NULL ||
-	    (c->retry = malloc(sizeof(*c->retry))) == NULL) {
+	    (c->retry = malloc(sizeof(*c->retry))) == NULL ||
+	    (c->deadline = malloc(sizeof(*c->deadline))) == NULL) {
 		if (c != NULL) {
 			free(c->url);
 			free(c->tick);
+			free(c->retry);
 		}
 		free(c);
 		snprintf(err, errsz, "out of memory");
@@ -889,10 +1158,14 @@ int ms_cluster_new(uv_loop_t *loop, struct ms_store *store,
 	c->ctx = ctx;
 	uv_timer_init(loop, c->tick);
 	uv_timer_init(loop, c->retry);
-	c->tick->data = c->retry->data = c;
+	uv_timer_init(loop, c->deadline);
+	c->tick->data = c->retry->data = c->deadline->data = c;
 	c->last_ok = uv_now(loop);
 	if (c->last_ok == 0)
 		c->last_ok = 1;
+	deadline_arm(c);
+	c->map_epoch = c->epoch - 1;	/* not loaded yet */
+	ms_store_on_user_write(store, user_written, c);
 	conn_start(c);
 	uv_timer_start(c->tick, on_tick, c->heartbeat_ms, c->heartbeat_ms);
 	*c_r = c;
@@ -913,8 +1186,13 @@ void ms_cluster_free(struct ms_cluster **cp)
 		ms_warn("cluster: store: %s", ms_store_error(c->store));
 	ms_close_free((uv_handle_t *)c->tick, c->tick);
 	ms_close_free((uv_handle_t *)c->retry, c->retry);
+	ms_close_free((uv_handle_t *)c->deadline, c->deadline);
 	while (c->pending != NULL)
 		pending_drop(c, c->pending);
+	ms_store_on_user_write(c->store, NULL, NULL);
+	map_clear(c);
+	free(c->map);
+	stale_clear(c, UINT_MAX);
 	free(c->url);
 	free(c);
 }

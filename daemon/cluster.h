@@ -20,6 +20,7 @@
 
 struct ms_store;
 struct ms_cluster;
+struct ms_user_info;
 
 struct ms_cluster_ops {
 	/* A cutover or rollback of user was asked (by any gateway): the
@@ -37,6 +38,11 @@ struct ms_cluster_ops {
 	/* Every live gateway has acknowledged this gateway's request for
 	 * user (or was fenced): its cutover may go on. */
 	void (*acked)(void *ctx, const char *user);
+	/* No heartbeat of this gateway's taken for the timeout minus one
+	 * heartbeat: the others may fence it soon and move its users
+	 * without it. Every session relayed to a server ends here now;
+	 * logins are not routed until it has caught up (ms_cluster_sure). */
+	void (*fenced)(void *ctx);
 	/* This gateway's counts, for its heartbeat. */
 	void (*counts)(void *ctx, unsigned int *sessions,
 		       unsigned int *copies);
@@ -67,6 +73,14 @@ int ms_cluster_sure(const struct ms_cluster *c);
 /* Whether a cutover or rollback of user is under way (this gateway's or
  * another's): its logins are held. */
 int ms_cluster_holds(const struct ms_cluster *c, const char *user);
+
+/* The map (docs/design.md, "Several gateways"): the user's row as the
+ * store has it, from memory, kept current by the notifications and the
+ * reconcile. 1: info has its id, name, state and policy; 0: the store has
+ * no such user; -1: ask the store (this gateway is not sure, the map is
+ * not loaded, or the user was written here since it was last read). */
+int ms_cluster_user(const struct ms_cluster *c, const char *name,
+		    struct ms_user_info *info);
 
 /* This gateway asks for user's cutover (kind "cutover" or "rollback"):
  * written through store, inside the caller's transaction (with the

@@ -318,7 +318,8 @@ struct gw_user_sessions {
 	/* Ends the user's sessions; returns how many. */
 	int (*kick)(struct ms_gateway *gw, const char *user);
 	/* Ends the user's sessions relayed to the destination (to_dst 1),
-	 * the source (0) or either (-1); held logins stay held. */
+	 * the source (0) or either (-1); user NULL: every user's. Held
+	 * logins stay held. */
 	int (*end_relays)(struct ms_gateway *gw, const char *user,
 			  int to_dst);
 };

@@ -1048,22 +1048,27 @@ static void release_held(struct ms_gateway *gw, struct guser *gu)
 
 /* Ends the user's sessions relayed to a server (to_dst 1: the
  * destination, 0: the source, -1: either): a cutover or a state change
- * another gateway (or mailshiftctl) made. Held logins stay held. */
+ * another gateway (or mailshiftctl) made. user NULL: every user's, this
+ * gateway may be fenced by the others. Held logins stay held. */
 static int end_relays(struct ms_gateway *gw, const char *user, int to_dst)
 {
+	const char *why = user == NULL ? "this gateway lost touch with the "
+		"others" : to_dst < 0 ? "the user's cutover began" :
+		"the user's state changed";
 	int n = 0;
 
 	for (struct session *s = gw->sessions, *next; s != NULL; s = next) {
 		next = s->next;
-		if (s->gu == NULL || strcmp(s->gu->name, user) != 0 ||
-		    s->st != SS_RELAY || (to_dst >= 0 && s->to_dst != to_dst))
+		if (s->gu == NULL || s->st != SS_RELAY ||
+		    (user != NULL && strcmp(s->gu->name, user) != 0) ||
+		    (to_dst >= 0 && s->to_dst != to_dst))
 			continue;
 		if (s->proto == MS_GW_IMAP)
-			out(s, "* BYE [UNAVAILABLE] Your mailbox is moving, "
-			    "log in again.\r\n");
-		ms_info("session %llu: ended: user=<%s> the user's %s",
-			(unsigned long long)s->id, user, to_dst < 0 ?
-			"cutover began" : "state changed");
+			out(s, "* BYE [UNAVAILABLE] %s\r\n", user == NULL ?
+			    "The gateway lost its database, log in again." :
+			    "Your mailbox is moving, log in again.");
+		ms_info("session %llu: ended: user=<%s> %s",
+			(unsigned long long)s->id, s->gu->name, why);
 		gw_session_close(s);
 		n++;
 	}

@@ -23,6 +23,7 @@
 #include "cluster.h"
 #include "gw_internal.h"
 #include "log.h"
+#include "retire.h"
 #include "steer.h"
 #include "testhook.h"
 
@@ -89,6 +90,22 @@ static enum ms_policy user_policy(struct ms_gateway *gw,
 	return gw->cfg.policy;
 }
 
+/* The user's row, *found_r 0 when the store has none. With several
+ * gateways, from the map in memory when it is current (cluster.h): a slow
+ * database slows no login of a user it knows. */
+static int user_find(struct ms_gateway *gw, const char *name,
+		     struct ms_user_info *info, int *found_r)
+{
+	int r = gw->cluster != NULL ?
+		ms_cluster_user(gw->cluster, name, info) : -1;
+
+	if (r >= 0) {
+		*found_r = r;
+		return 0;
+	}
+	return ms_store_user_info(gw->store, name, info, found_r);
+}
+
 /* The user's row, or what an unknown user would get (on the source, the
  * default policy): nothing is written. */
 static int user_lookup(struct ms_gateway *gw, const char *name,
@@ -96,7 +113,7 @@ static int user_lookup(struct ms_gateway *gw, const char *name,
 {
 	int found = 0;
 
-	if (ms_store_user_info(gw->store, name, info, &found) < 0)
+	if (user_find(gw, name, info, &found) < 0)
 		return -1;
 	if (!found) {
 		memset(info, 0, sizeof(*info));
@@ -108,12 +125,16 @@ static int user_lookup(struct ms_gateway *gw, const char *name,
 }
 
 /* The user's row, added when the user is unknown (on the source). Only
- * for users a server accepted, or the operator named. */
+ * for users a server accepted, or the operator named. A user in the map
+ * is read from it; adding one is a write, on the store's connection. */
 static int user_state(struct ms_gateway *gw, const char *name,
 		      struct ms_user_info *info)
 {
 	int64_t id;
 
+	if (gw->cluster != NULL &&
+	    ms_cluster_user(gw->cluster, name, info) == 1)
+		return 0;
 	if (ms_store_user_get(gw->store, name, &id) < 0)
 		return -1;
 	return user_lookup(gw, name, info);
@@ -658,6 +679,14 @@ int gw_login_accepted(struct session *s, const char **why_r)
 	struct ms_user_info info;
 	struct guser *gu;
 
+	/* A login routed while this gateway was sure, which the server
+	 * accepts after it ended its relays (it may be fenced): not let
+	 * in. */
+	if (gw->cluster != NULL && !s->verify_only &&
+	    !ms_cluster_sure(gw->cluster)) {
+		*why_r = "not caught up with the other gateways";
+		return -1;
+	}
 	if (user_state(gw, name, &info) < 0) {
 		*why_r = ms_store_error(gw->store);
 		return -1;
@@ -817,7 +846,7 @@ enum ms_route ms_gw_route(struct ms_gateway *gw, const char *user)
 	if (gw->cluster != NULL && (!ms_cluster_sure(gw->cluster) ||
 				    ms_cluster_holds(gw->cluster, user)))
 		return MS_ROUTE_DEFER;
-	if (ms_store_user_info(gw->store, user, &info, &found) < 0)
+	if (user_find(gw, user, &info, &found) < 0)
 		return gw->cluster != NULL ? MS_ROUTE_DEFER : MS_ROUTE_SOURCE;
 	if (!found)
 		return MS_ROUTE_SOURCE;
@@ -1354,6 +1383,17 @@ static void cl_changed(void *ctx, const char *user, const char *state)
 		gw->user_sessions->end_relays(gw, user, 1);
 }
 
+/* The others may fence this gateway soon: every session it relays ends,
+ * to either server. Not only the source's: a user on the destination
+ * leaves it by a rollback, which fences this gateway the same way (see
+ * docs/design.md, "Several gateways"). */
+static void cl_fenced(void *ctx)
+{
+	struct ms_gateway *gw = ctx;
+
+	gw->user_sessions->end_relays(gw, NULL, -1);
+}
+
 static void cl_policies(void *ctx)
 {
 	struct ms_gateway *gw = ctx;
@@ -1383,11 +1423,21 @@ static void cl_counts(void *ctx, unsigned int *sessions, unsigned int *copies)
 	*copies = gw->copies;
 }
 
+/* retire.c's question, from the map. */
+static int cl_known(void *ctx, const char *name)
+{
+	struct ms_gateway *gw = ctx;
+	struct ms_user_info info;
+
+	return ms_cluster_user(gw->cluster, name, &info);
+}
+
 static const struct ms_cluster_ops cluster_ops = {
 	.hold = cl_hold,
 	.settled = cl_settled,
 	.changed = cl_changed,
 	.policies = cl_policies,
+	.fenced = cl_fenced,
 	.acked = cl_acked,
 	.counts = cl_counts,
 };
@@ -1403,8 +1453,11 @@ static int cluster_start(struct ms_gateway *gw, char *err, size_t errsz)
 
 	if (gw->cfg.store_url[0] == '\0')
 		return 0;
-	return ms_cluster_new(gw->loop, gw->store, &cc, &cluster_ops, gw,
-			      &gw->cluster, err, errsz);
+	if (ms_cluster_new(gw->loop, gw->store, &cc, &cluster_ops, gw,
+			   &gw->cluster, err, errsz) < 0)
+		return -1;
+	ms_retire_set_known(cl_known, gw);
+	return 0;
 }
 
 /* ---- start and stop ---- */
@@ -1439,6 +1492,8 @@ int gw_lifecycle_start(struct ms_gateway *gw,
  * passwords wiped). */
 void gw_lifecycle_free(struct ms_gateway *gw)
 {
+	if (gw->cluster != NULL)
+		ms_retire_set_known(NULL, NULL);
 	ms_cluster_free(&gw->cluster);
 	if (gw->sweep_timer != NULL)
 		ms_close_free((uv_handle_t *)gw->sweep_timer, gw->sweep_timer);

@@ -36,5 +36,10 @@ void ms_retire_stop(void);
  * recipient). Written under the user's map name, or "*" for a name the map
  * does not know; at most once per record_interval per user and kind. */
 void ms_retire_note(const char *kind, const char *name);
+/* Where the map's names are looked up first (several gateways: the map in
+ * memory, cluster.h): 1 known, 0 not, -1 ask the store. NULL: the store
+ * alone. */
+typedef int ms_retire_known_cb(void *ctx, const char *name);
+void ms_retire_set_known(ms_retire_known_cb *cb, void *ctx);
 
 #endif

@@ -398,7 +398,29 @@ struct ms_store {
 					   gateway login looks a user up */
 	int depth;			/* ms_store_begin nesting */
 	char error[512];
+	ms_store_user_write_cb *on_user_write;	/* ms_store_on_user_write */
+	void *on_user_write_ctx;
 };
+
+int ms_store_in_transaction(const struct ms_store *s)
+{
+	return s->depth > 0;
+}
+
+void ms_store_on_user_write(struct ms_store *s, ms_store_user_write_cb *cb,
+			    void *ctx)
+{
+	s->on_user_write = cb;
+	s->on_user_write_ctx = ctx;
+}
+
+/* Told before the write: whoever reads a copy of the row asks the store
+ * from now on, also when the write fails or is rolled back. */
+static void user_write(struct ms_store *s, int64_t user_id)
+{
+	if (s->on_user_write != NULL)
+		s->on_user_write(s->on_user_write_ctx, user_id);
+}
 
 static int set_error(struct ms_store *s, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
@@ -792,6 +814,7 @@ int ms_store_user_get(struct ms_store *store, const char *name,
 
 	/* Insert under the write lock and look again: another process may
 	 * have created the user since our read. */
+	user_write(store, 0);
 	if (ms_store_begin(store) < 0)
 		return -1;
 	db_bind_text(st, 1, name);
@@ -875,6 +898,7 @@ int ms_store_user_set_state(struct ms_store *store, int64_t user_id,
 		return set_error(store, "invalid user state \"%s\"",
 				 state ? state : "(null)");
 
+	user_write(store, user_id);
 	db_bind_int64(st, 1, user_id);
 	db_bind_text(st, 2, state);
 	if (last_error)
@@ -1440,6 +1464,7 @@ int ms_store_user_set_policy(struct ms_store *store, int64_t user_id,
 
 	if (policy != NULL && *policy != '\0' && bad_policy(store, policy))
 		return -1;
+	user_write(store, user_id);
 	if (prepare(store, "UPDATE users SET policy = ?2 "
 		    "WHERE id = ?1", &st,
 		    "user_set_policy") < 0)

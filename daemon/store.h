@@ -84,6 +84,16 @@ struct ms_user_info {
 /* Whether u is in state st. */
 int ms_user_in(const struct ms_user_info *u, enum ms_user_state st);
 
+/* Called before each write of a user's state or policy through store
+ * (user_id 0: a user is added): a copy of the users table kept elsewhere
+ * (cluster.c's map) asks the store about that user until it has read the
+ * change back. */
+typedef void ms_store_user_write_cb(void *ctx, int64_t user_id);
+/* Whether a transaction (ms_store_begin) is open. */
+int ms_store_in_transaction(const struct ms_store *store);
+void ms_store_on_user_write(struct ms_store *store, ms_store_user_write_cb *cb,
+			    void *ctx);
+
 /* Looks a user up without creating it: 0 and *found_r = 0/1. */
 int ms_store_user_info(struct ms_store *store, const char *name,
 		       struct ms_user_info *info_r, int *found_r);

@@ -11,9 +11,11 @@ copies; a gateway killed with -9 is fenced after the timeout and the
 cutover goes on without it; a gateway stopped (SIGSTOP) past the timeout
 ends, when it comes back, the session the others' flip left on the
 source; a gateway whose database connection is cut (a proxy) holds logins
-and then fails them temporarily, never to the source, keeps its sessions,
-and recovers when the proxy lets connections through again; the database
-restarted mid-cutover: the cutover completes, nothing lost.
+and then fails them temporarily, never to the source, ends its sessions
+before the others may fence it (nothing written through it after that, the
+others' flip after the end), and recovers when the proxy lets connections
+through again; the database restarted mid-cutover: the cutover completes,
+nothing lost.
 """
 import imaplib
 import os
@@ -34,17 +36,19 @@ LEASE = 3           # [gateway] lease, seconds: a stopped gateway's copy
                     # (a first login's) is taken over soon
 
 
-def cluster_conf(workdir, name):
-    return '\n'.join([admin_conf(workdir, sweep=False), '[gateway]',
+def cluster_conf(workdir, name, admin=True):
+    return '\n'.join([admin_conf(workdir, sweep=False) if admin else '',
+                      '[gateway]',
                       'name = %s' % name, 'lease = %ds' % LEASE,
                       'heartbeat = %dms' % HEARTBEAT_MS,
                       'timeout = %dms' % TIMEOUT_MS])
 
 
 def start_gateways(pair, pg, url, workdir, names, urls=None, envs=None,
-                   policy='passthrough'):
+                   policy='passthrough', admin=True):
     """Started gateways named names on one store (urls/envs: per name,
-    the store's URL and the environment, when not url and pg.env())."""
+    the store's URL and the environment, when not url and pg.env();
+    admin: admin logins, and with them the jobs' timer)."""
     made = []
     try:
         for name in names:
@@ -53,7 +57,7 @@ def start_gateways(pair, pg, url, workdir, names, urls=None, envs=None,
                 store_url=(urls or {}).get(name, url),
                 env=(envs or {}).get(name, pg.env()), connections=1,
                 policy=policy,
-                extra_conf=cluster_conf(workdir, name))
+                extra_conf=cluster_conf(workdir, name, admin))
             made.append(g)
             g.start()
     except BaseException:
@@ -289,14 +293,9 @@ def test_stopped_gateway_catches_up(make_pair, pg, new_db, workdir):
         stop_all(gws)
 
 
-def test_partition_of_one_gateway(make_pair, pg, new_db, workdir):
-    """gw-b reaches PostgreSQL through a proxy, which cuts every connection
-    and refuses new ones: alice's login through gw-b is held, then fails
-    temporarily ([UNAVAILABLE]) and never reaches the source; u1's session
-    relayed before goes on; gw-a serves alice. The proxy restored, gw-b
-    routes logins again. (Policy off: nobody is moved meanwhile.)"""
-    pair = make_pair(users=('alice', 'u1'))
-    db, url = new_db()
+def partitioned(pair, pg, url, workdir, policy):
+    """gw-a and gw-b on one store, gw-b reaching PostgreSQL through a proxy
+    that can cut it off: (proxy, [gw-a, gw-b])."""
     proxy = tcpproxy.CuttingProxy(pg.port).start()
     passfile = os.path.join(workdir, 'pgpass-b')
     with open(pg.passfile) as f:
@@ -305,13 +304,30 @@ def test_partition_of_one_gateway(make_pair, pg, new_db, workdir):
     with os.fdopen(fd, 'w') as f:
         f.write(line + '\n' + line.replace(':%d:' % pg.port,
                                            ':%d:' % proxy.port, 1) + '\n')
-    gws = []
     try:
         gws = start_gateways(pair, pg, url, workdir, ('gw-a', 'gw-b'),
                              urls={'gw-b': url.replace(':%d/' % pg.port,
                                                        ':%d/' % proxy.port)},
                              envs={'gw-b': {'PGPASSFILE': passfile}},
-                             policy='off')
+                             policy=policy)
+    except BaseException:
+        proxy.stop()
+        raise
+    return proxy, gws
+
+
+def test_partition_of_one_gateway(make_pair, pg, new_db, workdir):
+    """gw-b reaches PostgreSQL through a proxy, which cuts every connection
+    and refuses new ones: alice's login through gw-b is held, then fails
+    temporarily ([UNAVAILABLE]) and never reaches the source; u1's session
+    relayed before ends too (BYE [UNAVAILABLE]: gw-b may be fenced, see
+    test_cut_off_gateway_ends_its_relays); gw-a serves alice. The proxy
+    restored, gw-b routes logins again. (Policy off: nobody is moved
+    meanwhile.)"""
+    pair = make_pair(users=('alice', 'u1'))
+    db, url = new_db()
+    proxy, gws = partitioned(pair, pg, url, workdir, 'off')
+    try:
         a, b = gws
         mb = login(b, pair, 'u1')
         proxy.cut_now()
@@ -324,8 +340,9 @@ def test_partition_of_one_gateway(make_pair, pg, new_db, workdir):
         waited = time.monotonic() - t0
         assert waited >= TIMEOUT_MS / 1000 * 0.9, waited
         assert source_logins(b, 'alice') == 0
-        typ, data = mb.search(None, 'ALL')
-        assert typ == 'OK' and data[0].split(), (typ, data)
+        assert ended(mb), b.log_tail()
+        assert re.search(r'ended: user=<u1> this gateway lost touch',
+                         b.log_text()), b.log_tail()
         m = login(a, pair, 'alice')
         m.logout()
         proxy.restore()
@@ -337,8 +354,101 @@ def test_partition_of_one_gateway(make_pair, pg, new_db, workdir):
             except imaplib.IMAP4.error:
                 return False
         assert wait_for(routed, 30, 0.2), b.log_tail()
-        assert mb.noop()[0] == 'OK'
-        mb.logout()
+        login(b, pair, 'u1').logout()
+    finally:
+        stop_all(gws)
+        proxy.stop()
+
+
+# The time of alice's flip, on the database's clock: the trigger fires in
+# the flip's transaction. SECURITY DEFINER: the gateways' role may not
+# write the table.
+FLIP_CLOCK = """
+CREATE TABLE flip_seen (at DOUBLE PRECISION NOT NULL);
+CREATE FUNCTION flip_seen() RETURNS trigger LANGUAGE plpgsql
+  SECURITY DEFINER AS $$ BEGIN
+  INSERT INTO flip_seen VALUES (extract(epoch FROM clock_timestamp()));
+  RETURN NEW; END $$;
+CREATE TRIGGER flip_seen AFTER UPDATE OF state ON users FOR EACH ROW
+  WHEN (NEW.state = 'destination') EXECUTE FUNCTION flip_seen();
+"""
+
+
+def appender(m, done, failed):
+    """APPENDs through m every 20 ms until the session ends: done gets
+    (subject, when its OK came), failed when it ended."""
+    for i in range(100000):
+        subject = 'via-b-%d.' % i   # (SEARCH matches substrings)
+        try:
+            typ, _ = m.append('INBOX', None, None, (
+                'Subject: %s\r\n\r\nbody\r\n' % subject).encode())
+        except (imaplib.IMAP4.abort, imaplib.IMAP4.error, OSError):
+            typ = 'ended'
+        if typ != 'OK':
+            failed.append(time.time())
+            return
+        done.append((subject, time.time()))
+        time.sleep(0.02)
+
+
+def test_cut_off_gateway_ends_its_relays(make_pair, pg, new_db, workdir):
+    """gw-b cut off from PostgreSQL while a client APPENDs through its
+    session of alice's to the source; gw-a moves alice, fencing gw-b.
+    gw-b ends the session (BYE [UNAVAILABLE]) before gw-a may fence it
+    (its last heartbeat on the database's clock plus the timeout): no
+    APPEND through it is taken after that, the session ended before the
+    flip's transaction, and every message APPENDed is on the destination.
+    The proxy restored, alice's next login through gw-b goes to the
+    destination."""
+    pair = make_pair(users=('alice',))
+    db, url = new_db()
+    proxy, gws = partitioned(pair, pg, url, workdir, 'off')
+    try:
+        a, b = gws
+        pg.admin(db, FLIP_CLOCK)
+        mb = login(b, pair, 'alice')
+        done, failed = [], []
+        t = threading.Thread(target=appender, args=(mb, done, failed),
+                             daemon=True)
+        t.start()
+        assert wait_for(lambda: len(done) >= 3, 10, 0.02), failed
+        proxy.cut_now()
+        assert a.ctl('migrate', '--daemon', 'alice').rc == 0
+        st = a.wait_state('alice', ('destination', 'failed'), timeout=120)
+        assert st == 'destination', (st, a.log_tail())
+        t.join(10)
+        assert failed and not t.is_alive(), b.log_tail()
+        # gw-b's last heartbeat the database took: the others may fence
+        # it from then plus the timeout
+        heartbeat = int(pg.admin(db, "SELECT heartbeat FROM gateways "
+                                     "WHERE name = 'gw-b'")[0][0]) / 1000
+        fence_from = heartbeat + TIMEOUT_MS / 1000
+        flip = float(pg.admin(db, 'SELECT min(at) FROM flip_seen')[0][0])
+        assert done[-1][1] < fence_from, (done[-1], fence_from)
+        assert failed[0] < fence_from, (failed[0], fence_from)
+        assert failed[0] < flip, (failed[0], flip)
+        assert re.search(r'ended: user=<alice> this gateway lost touch',
+                         b.log_text()), b.log_tail()
+        assert 'alice: gateway gw-b fenced' in a.log_text(), a.log_tail()
+        pair.assert_copied('alice')
+        m = pair.dst.imap('alice')
+        try:
+            m.select('INBOX', readonly=True)
+            for subject, _ in done:
+                typ, data = m.search(None, 'SUBJECT', subject)
+                assert typ == 'OK' and len(data[0].split()) == 1, subject
+        finally:
+            m.logout()
+        mark_destination(pair, 'alice')
+        proxy.restore()
+
+        def there():
+            try:
+                return on_destination(b, pair, 'alice')
+            except imaplib.IMAP4.error:
+                return False
+        assert wait_for(there, 30, 0.2), b.log_tail()
+        assert source_logins(b, 'alice') == 1
     finally:
         stop_all(gws)
         proxy.stop()
@@ -366,3 +476,55 @@ def test_database_restart_mid_cutover(make_pair, pg, new_db, workdir):
     assert pg.admin(db, 'SELECT count(*) FROM messages WHERE state = 0') \
         == [['0']]
     assert pg.admin(db, 'SELECT count(*) FROM cutover_requests') == [['0']]
+
+
+def users_locked(pg, db):
+    """Whether another connection holds the users table's ACCESS EXCLUSIVE
+    lock."""
+    return pg.admin(db, "SELECT count(*) FROM pg_locks l JOIN pg_class c ON"
+                        " c.oid = l.relation WHERE c.relname = 'users' AND"
+                        " l.mode = 'AccessExclusiveLock' AND l.granted"
+                    ) == [['1']]
+
+
+def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):
+    """The users table locked (ACCESS EXCLUSIVE) for 3 s by another
+    connection: a login through the gateway of a user in its map, and the
+    commands of a session open before, each complete in well under a
+    second (the map in memory, docs/design.md "Several gateways"); the lock
+    still held after them. No admin logins: the jobs' timer, whose claim
+    still runs on the store's own blocking connection, is not started
+    (a limit, docs/promises.md)."""
+    pair = make_pair(users=('u1', 'u2'))
+    db, url = new_db()
+    gws = start_gateways(pair, pg, url, workdir, ('gw-a',), policy='off',
+                         admin=False)
+    a = gws[0]
+    locker = None
+    try:
+        login(a, pair, 'u1').logout()
+        mb = login(a, pair, 'u2')
+        time.sleep(4 * HEARTBEAT_MS / 1000)     # the map has read them
+        locker = threading.Thread(target=pg.admin, args=(
+            db, 'BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE;'
+                ' SELECT pg_sleep(3); COMMIT;'), daemon=True)
+        locker.start()
+        assert wait_for(lambda: users_locked(pg, db), 10, 0.02)
+        t0 = time.monotonic()
+        m = login(a, pair, 'u1')
+        took_login = time.monotonic() - t0
+        t0 = time.monotonic()
+        typ, data = mb.search(None, 'ALL')
+        assert typ == 'OK' and data[0].split(), (typ, data)
+        assert mb.fetch(data[0].split()[0], '(FLAGS)')[0] == 'OK'
+        assert mb.noop()[0] == 'OK'
+        took_cmds = time.monotonic() - t0
+        assert users_locked(pg, db), 'the lock ended before the measure'
+        assert took_login < 0.8, took_login
+        assert took_cmds < 0.8, took_cmds
+        m.logout()
+        mb.logout()
+    finally:
+        if locker is not None:
+            locker.join(10)
+        stop_all(gws)

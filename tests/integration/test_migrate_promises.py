@@ -30,7 +30,7 @@ SUMMARY_KEYS = {'user', 'ok', 'error', 'verified', 'copied', 'bytes',
                 'phases'}
 FOLDER_KEYS = {'source', 'destination', 'copied', 'flags_updated', 'expunged',
                'source_messages', 'dest_messages', 'source_bytes',
-               'dest_bytes', 'verified', 'mismatch', 'repaired'}
+               'dest_bytes', 'verified', 'mismatch', 'repaired', 'error'}
 
 
 def test_connection_cap_and_unknown_destination(make_pair, ctl, workdir):
@@ -105,7 +105,7 @@ def test_auth_user_and_summary(make_pair, ctl, workdir):
         assert set(j) == SUMMARY_KEYS, j
         assert isinstance(j['seconds'], float) and j['expunged'] == 0, j
         for f in j['folders']:
-            assert set(f) == FOLDER_KEYS, f
+            assert set(f) == FOLDER_KEYS and f['error'] is None, f
         assert set(logins(src)) == set(logins(dst)) == \
             {'AUTHENTICATE PLAIN'}, (logins(src), logins(dst))
         pair.assert_copied('smallie', dst_user='copy-smallie')

@@ -387,6 +387,18 @@ static void cq_free(struct cq *q)
 	free(q);
 }
 
+/* q at the queue's end, sent now when it is the head. */
+static void cq_push(struct ms_cluster *c, struct cq *q)
+{
+	if (c->tail != NULL)
+		c->tail->next = q;
+	else
+		c->head = q;
+	c->tail = q;
+	if (c->head == q)
+		queue_run(c);
+}
+
 /* Queues sql with up to MAX_PARAMS text parameters (copied); arg is
  * freed after done. Nothing when there is no connection: what it would
  * have done is done again by the catch-up. */
@@ -410,13 +422,7 @@ static void query(struct ms_cluster *c, const char *sql, query_done *done,
 		q->params[q->nparams++] = strdup(v);
 	}
 	va_end(ap);
-	if (c->tail != NULL)
-		c->tail->next = q;
-	else
-		c->head = q;
-	c->tail = q;
-	if (c->head == q)
-		queue_run(c);
+	cq_push(c, q);
 }
 
 static void watch(struct ms_cluster *c, int events);
@@ -1176,13 +1182,7 @@ static void text_query(struct ms_cluster *c, char *text, query_done *done,
 	q->done = done;
 	q->arg = j;
 	q->told = 1;
-	if (c->tail != NULL)
-		c->tail->next = q;
-	else
-		c->head = q;
-	c->tail = q;
-	if (c->head == q)
-		queue_run(c);
+	cq_push(c, q);
 }
 
 /* "SET LOCAL lock_timeout" and fmt's text, or NULL. */

@@ -52,6 +52,8 @@ struct cq {
 	char *params[MAX_PARAMS];
 	query_done *done;		/* res NULL: the connection was lost */
 	void *arg;			/* freed after done */
+	char *text;			/* sql when it is owned (freed) */
+	int told;			/* done hears a loss (res NULL) too */
 	PGresult *res;			/* the last result so far */
 };
 
@@ -379,9 +381,22 @@ static void cq_free(struct cq *q)
 {
 	for (int i = 0; i < q->nparams; i++)
 		free(q->params[i]);
+	free(q->text);
 	PQclear(q->res);
 	free(q->arg);
 	free(q);
+}
+
+/* q at the queue's end, sent now when it is the head. */
+static void cq_push(struct ms_cluster *c, struct cq *q)
+{
+	if (c->tail != NULL)
+		c->tail->next = q;
+	else
+		c->head = q;
+	c->tail = q;
+	if (c->head == q)
+		queue_run(c);
 }
 
 /* Queues sql with up to MAX_PARAMS text parameters (copied); arg is
@@ -407,13 +422,7 @@ static void query(struct ms_cluster *c, const char *sql, query_done *done,
 		q->params[q->nparams++] = strdup(v);
 	}
 	va_end(ap);
-	if (c->tail != NULL)
-		c->tail->next = q;
-	else
-		c->head = q;
-	c->tail = q;
-	if (c->head == q)
-		queue_run(c);
+	cq_push(c, q);
 }
 
 static void watch(struct ms_cluster *c, int events);
@@ -425,7 +434,10 @@ static void queue_run(struct ms_cluster *c)
 
 	if (q == NULL || !c->connected || c->inflight)
 		return;
-	if (!PQsendQueryParams(c->conn, q->sql, q->nparams, NULL,
+	/* (a text of several statements, in one implicit transaction, goes
+	 * as a simple query: it takes no parameters) */
+	if (q->text != NULL ? !PQsendQuery(c->conn, q->text) :
+	    !PQsendQueryParams(c->conn, q->sql, q->nparams, NULL,
 			       (const char *const *)q->params, NULL, NULL, 0)) {
 		conn_lost(c, PQerrorMessage(c->conn));
 		return;
@@ -558,6 +570,8 @@ static void conn_close(struct ms_cluster *c)
 	c->reconcile_queued = 0;
 	while ((q = c->head) != NULL) {
 		c->head = q->next;
+		if (q->told)
+			q->done(c, NULL, q->arg);
 		cq_free(q);
 	}
 	c->tail = NULL;
@@ -1116,6 +1130,266 @@ static void on_tick(uv_timer_t *t)
 	for (struct pending *p = c->pending; p != NULL; p = p->next)
 		if (p->mine && !p->ready)
 			ready_check(c, p);
+}
+
+/* ---- jobs on this connection (docs/design.md, "Jobs and leases") ----
+ *
+ * The jobs' timer's claim and lease renewals, and the survey's look for
+ * its next user, go here rather than on the store's blocking connection: a users table locked or slow by someone
+ * else then delays them, not the gateway's loop. Each is one text of
+ * statements, one implicit transaction, sent as a simple query with its
+ * values quoted by libpq (PQescapeLiteral). Each starts with a lock
+ * timeout of half a heartbeat: one waiting for a lock fails soon
+ * instead of holding up the heartbeat queued behind it (the gateway
+ * would fence itself); the timer tries again at its next turn, as after
+ * any failure. Each caller hears the end (done) exactly once, also when
+ * the connection is lost: a claim whose answer was lost may have
+ * committed, and its jobs, not renewed, are taken over once their lease
+ * has run out, as a dead gateway's are. */
+
+struct job_q {
+	ms_cluster_claimed *claimed;
+	ms_cluster_renewed *renewed;
+	ms_cluster_jobs_done *done;
+	ms_cluster_sized *sized;
+	void *ctx;
+	unsigned int n;			/* renew: the users asked */
+	char **users;
+};
+
+static void job_q_free(struct job_q *j)
+{
+	for (unsigned int i = 0; j->users != NULL && i < j->n; i++)
+		free(j->users[i]);
+	free(j->users);
+}
+
+/* Queues text (taken over), its end told through done whatever
+ * happens. */
+static void text_query(struct ms_cluster *c, char *text, query_done *done,
+		       struct job_q *j)
+{
+	struct cq *q;
+
+	if (text == NULL || !c->connected ||
+	    (q = calloc(1, sizeof(*q))) == NULL) {
+		free(text);
+		done(c, NULL, j);
+		free(j);
+		return;
+	}
+	q->text = text;
+	q->done = done;
+	q->arg = j;
+	q->told = 1;
+	cq_push(c, q);
+}
+
+/* "SET LOCAL lock_timeout" and fmt's text, or NULL. */
+static char *job_text(struct ms_cluster *c, const char *fmt, ...)
+{
+	char *text = NULL, *body = NULL;
+	va_list ap;
+	int r;
+
+	va_start(ap, fmt);
+	r = vasprintf(&body, fmt, ap);
+	va_end(ap);
+	if (r < 0)
+		return NULL;
+	if (asprintf(&text, "SET LOCAL lock_timeout = %u; %s",
+		     c->heartbeat_ms / 2 ? c->heartbeat_ms / 2 : 1, body) < 0)
+		text = NULL;
+	free(body);
+	return text;
+}
+
+/* A value quoted for the text, or NULL. */
+static char *literal(struct ms_cluster *c, const char *v)
+{
+	char *l, *copy;
+
+	if (c->conn == NULL || (l = PQescapeLiteral(c->conn, v,
+						    strlen(v))) == NULL)
+		return NULL;
+	copy = strdup(l);
+	PQfreemem(l);
+	return copy;
+}
+
+static const char *job_error(PGresult *res)
+{
+	if (res == NULL)
+		return "the cluster's connection to the database is lost";
+	return PQresultErrorMessage(res);
+}
+
+static void on_claimed(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	struct job_q *j = arg;
+	int n;
+
+	(void)c;
+	if (!res_ok(res)) {
+		j->done(j->ctx, job_error(res), 0);
+		return;
+	}
+	/* told after the commit (the answer comes after it): the callback
+	 * starts copies */
+	n = PQntuples(res);
+	for (int i = 0; i < n; i++)
+		j->claimed(j->ctx, PQgetvalue(res, i, 0),
+			   PQgetvalue(res, i, 1), PQgetvalue(res, i, 2),
+			   PQgetvalue(res, i, 3));
+	j->done(j->ctx, NULL, (unsigned int)n);
+}
+
+void ms_cluster_job_claim(struct ms_cluster *c, const char *owner,
+			  unsigned int lease_ms, unsigned int max, int queued,
+			  ms_cluster_claimed *claimed,
+			  ms_cluster_jobs_done *done, void *ctx)
+{
+	struct job_q *j = calloc(1, sizeof(*j));
+	char *o = literal(c, owner), *text = NULL, *enq = NULL;
+
+	if (j == NULL) {
+		free(o);
+		done(ctx, "out of memory", 0);
+		return;
+	}
+	j->claimed = claimed;
+	j->done = done;
+	j->ctx = ctx;
+	/* The same statements as ms_store_job_enqueue() and _claim(), the
+	 * claim's select and update made one (the rows stay locked
+	 * between them, as in the store's transaction). */
+	if (queued && asprintf(&enq, MS_JOB_ENQUEUE_NEW "; "
+			       MS_JOB_ENQUEUE_AGAIN "; ", NOW_MS, NOW_MS) < 0)
+		enq = NULL;
+	if (o != NULL && (enq != NULL || !queued))
+		text = job_text(c, "%s"
+			"WITH c AS (SELECT j.user_id, u.name, j.kind,"
+			" coalesce(j.owner, '') AS owner, j.state FROM jobs j"
+			" JOIN users u ON u.id = j.user_id WHERE (j.state ="
+			" 'running' AND j.lease_until < " NOW_MS ")%s"
+			" ORDER BY u.name LIMIT %u FOR UPDATE OF j SKIP LOCKED),"
+			" t AS (UPDATE jobs SET state = 'running', owner = %s,"
+			" lease_until = " NOW_MS " + %u, attempts ="
+			" jobs.attempts + 1, updated_at = " NOW_MS " FROM c"
+			" WHERE jobs.user_id = c.user_id RETURNING c.name,"
+			" c.kind, c.state, c.owner)"
+			" SELECT name, kind, state, owner FROM t ORDER BY name",
+			queued ? enq : "",
+			queued ? " OR j.state = 'queued'" : "", max, o,
+			lease_ms);
+	free(o);
+	free(enq);
+	text_query(c, text, on_claimed, j);
+}
+
+static void on_size_next(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	struct job_q *j = arg;
+
+	(void)c;
+	if (!res_ok(res))
+		j->sized(j->ctx, job_error(res), NULL);
+	else
+		j->sized(j->ctx, NULL, PQntuples(res) > 0 ?
+			 PQgetvalue(res, 0, 0) : "");
+}
+
+void ms_cluster_size_next(struct ms_cluster *c, ms_cluster_sized *sized,
+			  void *ctx)
+{
+	struct job_q *j = calloc(1, sizeof(*j));
+
+	if (j == NULL) {
+		sized(ctx, "out of memory", NULL);
+		return;
+	}
+	j->sized = sized;
+	j->ctx = ctx;
+	text_query(c, job_text(c, "%s", MS_SIZE_NEXT_SQL), on_size_next, j);
+}
+
+static void on_renewed(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	struct job_q *j = arg;
+
+	(void)c;
+	if (!res_ok(res)) {
+		j->done(j->ctx, job_error(res), 0);
+		job_q_free(j);
+		return;
+	}
+	for (unsigned int i = 0; i < j->n; i++) {
+		int held = 0;
+
+		for (int r = 0; r < PQntuples(res) && !held; r++)
+			held = !strcmp(PQgetvalue(res, r, 0), j->users[i]);
+		j->renewed(j->ctx, i, held);
+	}
+	j->done(j->ctx, NULL, j->n);
+	job_q_free(j);
+}
+
+/* users' names quoted, separated by commas, or NULL. */
+static char *literal_list(struct ms_cluster *c, char *const *users,
+			  unsigned int n)
+{
+	size_t len = 1, at = 0;
+	char **l = calloc(n, sizeof(*l));
+	char *list = NULL;
+	unsigned int i;
+
+	for (i = 0; l != NULL && i < n; i++) {
+		if ((l[i] = literal(c, users[i])) == NULL)
+			break;
+		len += strlen(l[i]) + 1;
+	}
+	if (l != NULL && i == n && (list = malloc(len)) != NULL)
+		for (i = 0; i < n; i++)
+			at += (size_t)sprintf(list + at, "%s%s", i ? "," : "",
+					      l[i]);
+	for (i = 0; l != NULL && i < n; i++)
+		free(l[i]);
+	free(l);
+	return list;
+}
+
+void ms_cluster_job_renew(struct ms_cluster *c, const char *owner,
+			  unsigned int lease_ms, const char *const *users,
+			  unsigned int n, ms_cluster_renewed *renewed,
+			  ms_cluster_jobs_done *done, void *ctx)
+{
+	struct job_q *j = calloc(1, sizeof(*j));
+	char *o = literal(c, owner), *list = NULL, *text = NULL;
+	unsigned int i;
+
+	if (j == NULL || (j->users = calloc(n ? n : 1,
+					    sizeof(*j->users))) == NULL) {
+		free(j);
+		free(o);
+		done(ctx, "out of memory", 0);
+		return;
+	}
+	for (i = 0; i < n && (j->users[i] = strdup(users[i])) != NULL; i++)
+		;
+	j->n = i;
+	j->renewed = renewed;
+	j->done = done;
+	j->ctx = ctx;
+	if (o != NULL && i == n &&
+	    (list = literal_list(c, j->users, n)) != NULL)
+		text = job_text(c, "UPDATE jobs SET lease_until = " NOW_MS
+				" + %u FROM users u WHERE u.id = jobs.user_id"
+				" AND u.name IN (%s) AND jobs.owner = %s AND"
+				" jobs.state = 'running' RETURNING u.name",
+				lease_ms, list, o);
+	free(o);
+	free(list);
+	text_query(c, text, on_renewed, j);
 }
 
 /* ---- start and stop ---- */

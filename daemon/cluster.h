@@ -55,6 +55,35 @@ struct ms_cluster_cfg {
 	unsigned int timeout_ms;	/* [gateway] timeout */
 };
 
+/* The jobs' timer's work on this connection rather than the store's
+ * blocking one (docs/design.md, "Jobs and leases"). _claim: as
+ * ms_store_job_claim() (with queued, the sweep's queue made first, as
+ * ms_store_job_enqueue()); claimed hears each job taken, after the
+ * commit. _renew: the leases of owner's jobs of users[0..n-1] (n > 0);
+ * renewed hears each index, held 0 when the job is no longer owner's.
+ * done hears the end exactly once, possibly at once: error NULL, or why
+ * nothing was done (nothing renewed or claimed that it knows of). */
+typedef void ms_cluster_claimed(void *ctx, const char *user,
+				const char *kind, const char *was_state,
+				const char *was_owner);
+typedef void ms_cluster_renewed(void *ctx, unsigned int i, int held);
+typedef void ms_cluster_jobs_done(void *ctx, const char *error,
+				  unsigned int n);
+void ms_cluster_job_claim(struct ms_cluster *c, const char *owner,
+			  unsigned int lease_ms, unsigned int max, int queued,
+			  ms_cluster_claimed *claimed,
+			  ms_cluster_jobs_done *done, void *ctx);
+/* The next user the survey sizes, as ms_store_size_next(): sized hears
+ * it ("" when none), or why not, exactly once. */
+typedef void ms_cluster_sized(void *ctx, const char *error,
+			      const char *user);
+void ms_cluster_size_next(struct ms_cluster *c, ms_cluster_sized *sized,
+			  void *ctx);
+void ms_cluster_job_renew(struct ms_cluster *c, const char *owner,
+			  unsigned int lease_ms, const char *const *users,
+			  unsigned int n, ms_cluster_renewed *renewed,
+			  ms_cluster_jobs_done *done, void *ctx);
+
 /* Registers the gateway (a blocking write through store, at start) and
  * starts the connection, the heartbeat and the reconcile. */
 int ms_cluster_new(uv_loop_t *loop, struct ms_store *store,

@@ -189,6 +189,7 @@ struct guser {
 					   (its lease, in the store) */
 	int lease_lost;			/* another gateway took the job: this
 					   one writes nothing for the user */
+	unsigned int job_gen;		/* counts the times it was held */
 	int await_acks;			/* the grace is over: the delta waits
 					   for the other gateways' acks */
 	int begin_retry;		/* the cutover's request could not be
@@ -243,6 +244,14 @@ struct ms_gateway {
 	uv_timer_t *lease_timer;	/* renews the leases of the jobs held */
 	int lease_failing;		/* the last renewal failed (said
 					   once) */
+	/* PostgreSQL: the claim and the renewal under way on the cluster's
+	 * connection (one of each at a time). */
+	int claiming;
+	int claim_sweep;		/* the claim's queued jobs too */
+	unsigned int claimed;		/* jobs the last claim took */
+	int renewing;
+	struct guser **renew_gu;	/* the renewal's users ... */
+	unsigned int *renew_gen;	/* ... and their job_gen then */
 	/* Several gateways on one PostgreSQL store (cluster.c); NULL with
 	 * SQLite. */
 	struct ms_cluster *cluster;

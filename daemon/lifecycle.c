@@ -183,6 +183,7 @@ static int job_hold(struct ms_gateway *gw, struct guser *gu,
 		return -1;
 	}
 	gu->job_held = 1;
+	gu->job_gen++;
 	gu->lease_lost = 0;
 	return 0;
 }
@@ -1204,24 +1205,18 @@ static void gw_recover(struct ms_gateway *gw)
 			}
 }
 
-struct claim_ctx {
-	struct ms_gateway *gw;
-	int sweep;			/* queued jobs are claimed too */
-	unsigned int claimed;		/* by the last claim */
-};
-
 static void on_claim(void *ctx, const char *user, const char *kind,
 		     const char *was_state, const char *was_owner)
 {
-	struct claim_ctx *cc = ctx;
-	struct ms_gateway *gw = cc->gw;
+	struct ms_gateway *gw = ctx;
 	struct guser *gu = gw_user_get(gw, user);
 	int expired = !strcmp(was_state, "running");
 
-	cc->claimed++;
+	gw->claimed++;
 	if (gu == NULL)
 		return;
 	gu->job_held = 1;
+	gu->job_gen++;
 	gu->lease_lost = 0;
 	if (expired)
 		ms_info("%s: the lease of gateway %s on its job (%s) expired: "
@@ -1247,6 +1242,73 @@ static int in_window(const struct ms_gateway *gw)
 	return min >= gw->cfg.sweep_from || min < gw->cfg.sweep_to;
 }
 
+static unsigned int sweep_conc(const struct ms_gateway *gw)
+{
+	return gw->cfg.sweep_concurrency ? gw->cfg.sweep_concurrency : 1;
+}
+
+/* After a claim that took claimed jobs: how many to claim next (0:
+ * none). Claimed jobs with nothing to copy here (a policy off, a user
+ * logged in) are let go: claim on past them. */
+static unsigned int claim_more(const struct ms_gateway *gw,
+			       unsigned int claimed)
+{
+	if (claimed == 0 || gw->copies >= sweep_conc(gw) ||
+	    (gw->cfg.sweep_rate > 0 && uv_now(gw->loop) < gw->sweep_next_ms))
+		return 0;
+	return sweep_conc(gw) - gw->copies;
+}
+
+static void claim_async(struct ms_gateway *gw, unsigned int want);
+
+static void on_claim_done(void *ctx, const char *error, unsigned int n)
+{
+	struct ms_gateway *gw = ctx;
+	unsigned int want;
+
+	gw->claiming = 0;
+	if (gw->cluster == NULL)
+		return;			/* stopping */
+	if (error != NULL) {
+		ms_log(MS_LOG_ERROR, "jobs: store: %s", error);
+		return;
+	}
+	(void)n;
+	if ((want = claim_more(gw, gw->claimed)) > 0)
+		claim_async(gw, want);
+}
+
+/* PostgreSQL: the claim on the cluster's connection, so that a slow or
+ * locked users table holds up no login (docs/design.md, "Jobs and
+ * leases"); the sweep's queue is made first in the same transaction. */
+static void claim_async(struct ms_gateway *gw, unsigned int want)
+{
+	int queued = gw->claim_sweep;
+
+	gw->claiming = 1;
+	gw->claimed = 0;
+	ms_cluster_job_claim(gw->cluster, gw->cfg.gw_name, lease_ms(gw), want,
+			     queued, on_claim, on_claim_done, gw);
+}
+
+/* SQLite: the claim on the store's connection (one gateway). */
+static void claim_sync(struct ms_gateway *gw, unsigned int want)
+{
+	if (gw->claim_sweep && ms_store_job_enqueue(gw->store) < 0)
+		ms_log(MS_LOG_ERROR, "sweep: store: %s",
+		       ms_store_error(gw->store));
+	do {
+		gw->claimed = 0;
+		if (ms_store_job_claim(gw->store, gw->cfg.gw_name,
+				       lease_ms(gw), want, gw->claim_sweep,
+				       on_claim, gw) < 0) {
+			ms_log(MS_LOG_ERROR, "jobs: store: %s",
+			       ms_store_error(gw->store));
+			return;
+		}
+	} while ((want = claim_more(gw, gw->claimed)) > 0);
+}
+
 /* Each interval: the jobs whose owner's lease expired are taken over;
  * with the sweep on and inside its window, users who never log in are
  * queued as jobs and a few taken, a few at a time (the queue is the
@@ -1254,9 +1316,7 @@ static int in_window(const struct ms_gateway *gw)
 static void gw_on_sweep(uv_timer_t *t)
 {
 	struct ms_gateway *gw = t->data;
-	unsigned int conc = gw->cfg.sweep_concurrency ?
-		gw->cfg.sweep_concurrency : 1;
-	struct claim_ctx cc = { .gw = gw };
+	unsigned int conc = sweep_conc(gw);
 	unsigned int want;
 	int outside = !in_window(gw);
 
@@ -1267,45 +1327,100 @@ static void gw_on_sweep(uv_timer_t *t)
 			gw->cfg.sweep_from % 60, gw->cfg.sweep_to / 60,
 			gw->cfg.sweep_to % 60);
 	gw->sweep_outside = outside;
-	if (gw->copies >= conc)
+	if (gw->copies >= conc || gw->claiming)
 		return;
 	want = conc - gw->copies;
 	if (gw->cfg.sweep && !outside)
 		gw->sweeps++;
-	cc.sweep = gw->cfg.sweep && !outside &&
-		   uv_now(gw->loop) >= gw->sweep_next_ms;
-	if (cc.sweep) {
-		if (gw->cfg.sweep_rate > 0)
-			want = 1;
-		if (ms_store_job_enqueue(gw->store) < 0)
-			ms_log(MS_LOG_ERROR, "sweep: store: %s",
-			       ms_store_error(gw->store));
-	}
-	/* Claimed jobs with nothing to copy here (a policy off, a user
-	 * logged in) are let go: claim on past them. */
-	do {
-		cc.claimed = 0;
-		if (ms_store_job_claim(gw->store, gw->cfg.gw_name,
-				       lease_ms(gw), want, cc.sweep, on_claim,
-				       &cc) < 0) {
-			ms_log(MS_LOG_ERROR, "jobs: store: %s",
-			       ms_store_error(gw->store));
-			return;
-		}
-		if (gw->copies >= conc || (gw->cfg.sweep_rate > 0 &&
-					   uv_now(gw->loop) <
-					   gw->sweep_next_ms))
-			return;
-		want = conc - gw->copies;
-	} while (cc.claimed > 0);
+	gw->claim_sweep = gw->cfg.sweep && !outside &&
+			  uv_now(gw->loop) >= gw->sweep_next_ms;
+	if (gw->claim_sweep && gw->cfg.sweep_rate > 0)
+		want = 1;
+	if (gw->cluster != NULL)
+		claim_async(gw, want);
+	else
+		claim_sync(gw, want);
 }
 
-/* The leases of the jobs this gateway holds, renewed at a third of their
- * time: one found taken is lost (the gateway stalled past it). */
-static void on_lease_timer(uv_timer_t *t)
+/* A renewal failed (said once until one succeeds): the leases are
+ * renewed at the next turn; one not renewed in time is lost. */
+static void renew_failed(struct ms_gateway *gw, const char *error)
 {
-	struct ms_gateway *gw = t->data;
+	if (!gw->lease_failing)
+		ms_log(MS_LOG_ERROR, "jobs: cannot renew a lease: %s", error);
+	gw->lease_failing = 1;
+}
 
+static void on_renewed(void *ctx, unsigned int i, int held)
+{
+	struct ms_gateway *gw = ctx;
+	struct guser *gu = gw->renew_gu[i];
+
+	/* (a job ended or taken again since the renewal was sent: not
+	 * what it answers for) */
+	if (gw->cluster == NULL || held || !gu->job_held ||
+	    gu->job_gen != gw->renew_gen[i])
+		return;
+	lease_lost(gw, gu);
+}
+
+static void on_renew_done(void *ctx, const char *error, unsigned int n)
+{
+	struct ms_gateway *gw = ctx;
+
+	(void)n;
+	gw->renewing = 0;
+	free(gw->renew_gu);
+	free(gw->renew_gen);
+	gw->renew_gu = NULL;
+	gw->renew_gen = NULL;
+	if (gw->cluster == NULL)
+		return;			/* stopping */
+	if (error != NULL)
+		renew_failed(gw, error);
+	else
+		gw->lease_failing = 0;
+}
+
+/* PostgreSQL: every lease held, in one statement on the cluster's
+ * connection. */
+static void renew_async(struct ms_gateway *gw)
+{
+	const char **names;
+	unsigned int n = 0, i;
+
+	for (i = 0; i < USER_BUCKETS; i++)
+		for (struct guser *gu = gw->users[i]; gu != NULL;
+		     gu = gu->next)
+			n += gu->job_held != 0;
+	if (n == 0)
+		return;
+	names = calloc(n, sizeof(*names));
+	gw->renew_gu = calloc(n, sizeof(*gw->renew_gu));
+	gw->renew_gen = calloc(n, sizeof(*gw->renew_gen));
+	if (names == NULL || gw->renew_gu == NULL || gw->renew_gen == NULL) {
+		free(names);
+		on_renew_done(gw, "out of memory", 0);
+		return;
+	}
+	n = 0;
+	for (i = 0; i < USER_BUCKETS; i++)
+		for (struct guser *gu = gw->users[i]; gu != NULL;
+		     gu = gu->next)
+			if (gu->job_held) {
+				names[n] = gu->name;
+				gw->renew_gu[n] = gu;
+				gw->renew_gen[n++] = gu->job_gen;
+			}
+	gw->renewing = 1;
+	ms_cluster_job_renew(gw->cluster, gw->cfg.gw_name, lease_ms(gw),
+			     names, n, on_renewed, on_renew_done, gw);
+	free(names);
+}
+
+/* SQLite: each lease on the store's connection. */
+static void renew_sync(struct ms_gateway *gw)
+{
 	for (unsigned int i = 0; i < USER_BUCKETS; i++) {
 		for (struct guser *gu = gw->users[i]; gu != NULL;
 		     gu = gu->next) {
@@ -1316,11 +1431,7 @@ static void on_lease_timer(uv_timer_t *t)
 			if (ms_store_job_renew(gw->store, gu->name,
 					       gw->cfg.gw_name, lease_ms(gw),
 					       &held) < 0) {
-				if (!gw->lease_failing)
-					ms_log(MS_LOG_ERROR, "jobs: cannot "
-					       "renew a lease: %s",
-					       ms_store_error(gw->store));
-				gw->lease_failing = 1;
+				renew_failed(gw, ms_store_error(gw->store));
 				return;
 			}
 			gw->lease_failing = 0;
@@ -1328,6 +1439,18 @@ static void on_lease_timer(uv_timer_t *t)
 				lease_lost(gw, gu);
 		}
 	}
+}
+
+/* The leases of the jobs this gateway holds, renewed at a third of their
+ * time: one found taken is lost (the gateway stalled past it). */
+static void on_lease_timer(uv_timer_t *t)
+{
+	struct ms_gateway *gw = t->data;
+
+	if (gw->cluster == NULL)
+		renew_sync(gw);
+	else if (!gw->renewing)
+		renew_async(gw);
 }
 
 static uv_timer_t *timer_new(struct ms_gateway *gw, uv_timer_cb cb,
@@ -1457,6 +1580,7 @@ static int cluster_start(struct ms_gateway *gw, char *err, size_t errsz)
 			   &gw->cluster, err, errsz) < 0)
 		return -1;
 	ms_retire_set_known(cl_known, gw);
+	ms_survey_set_cluster(gw->survey, gw->cluster);
 	return 0;
 }
 

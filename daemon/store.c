@@ -2043,10 +2043,7 @@ int ms_store_size_next(struct ms_store *store, char *name, size_t namesz,
 	int rc;
 
 	*found_r = 0;
-	if (prepare(store, "SELECT name FROM users WHERE state IN ('source',"
-		    " 'copying', 'failed') AND coalesce(policy, '') != 'off'"
-		    " AND id NOT IN (SELECT user_id FROM user_sizes)"
-		    " ORDER BY name LIMIT 1", &st, "size_next") < 0)
+	if (prepare(store, MS_SIZE_NEXT_SQL, &st, "size_next") < 0)
 		return -1;
 	rc = db_step(st);
 	if (rc == DB_ROW)
@@ -2245,21 +2242,11 @@ int ms_store_job_enqueue(struct ms_store *store)
 	/* Users still to move with no job yet, and those whose last job
 	 * ended without moving them (released, or a failure the operator
 	 * has put back since). */
-	ret = job_prepare(store, "INSERT INTO jobs (user_id, kind, state,"
-			  " updated_at) SELECT id, 'sweep', 'queued', %s"
-			  " FROM users WHERE state IN ('source', 'copying')"
-			  " AND coalesce(policy, '') != 'off' AND id NOT IN"
-			  " (SELECT user_id FROM jobs) ON CONFLICT DO NOTHING",
-			  &st, "job_enqueue");
+	ret = job_prepare(store, MS_JOB_ENQUEUE_NEW, &st, "job_enqueue");
 	if (ret == 0)
 		ret = run_once(store, st, "job_enqueue");
 	if (ret == 0)
-		ret = job_prepare(store, "UPDATE jobs SET kind = 'sweep',"
-				  " state = 'queued', updated_at = %s"
-				  " WHERE state IN ('done', 'failed') AND"
-				  " user_id IN (SELECT id FROM users WHERE"
-				  " state IN ('source', 'copying') AND"
-				  " coalesce(policy, '') != 'off')", &st,
+		ret = job_prepare(store, MS_JOB_ENQUEUE_AGAIN, &st,
 				  "job_enqueue");
 	if (ret == 0)
 		ret = run_once(store, st, "job_enqueue");

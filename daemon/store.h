@@ -330,6 +330,13 @@ struct ms_user_size {
 /* Replaces the user's row. */
 int ms_store_size_set(struct ms_store *store, int64_t user_id,
 		      const struct ms_user_size *sz);
+/* The survey's next user (ms_store_size_next), also asked on the
+ * cluster's connection. */
+#define MS_SIZE_NEXT_SQL "SELECT name FROM users WHERE state IN" \
+	" ('source', 'copying', 'failed') AND coalesce(policy, '') != 'off'" \
+	" AND id NOT IN (SELECT user_id FROM user_sizes) ORDER BY name" \
+	" LIMIT 1"
+
 /* The first user by name the survey has not been to, among those still
  * to move (source, copying, failed; not policy off): 0 and *found_r. */
 int ms_store_size_next(struct ms_store *store, char *name, size_t namesz,
@@ -368,7 +375,17 @@ int ms_store_job_end(struct ms_store *store, int64_t user_id,
 		     const char *owner, const char *state, const char *error,
 		     int *held_r);
 /* The sweep: a queued job for every user still to move (source, copying;
- * not policy off) whose job is missing, done or failed. */
+ * not policy off) whose job is missing, done or failed. Its two
+ * statements, each %s the engine's "now" (the cluster's claim runs them
+ * too). */
+#define MS_JOB_ENQUEUE_NEW "INSERT INTO jobs (user_id, kind, state," \
+	" updated_at) SELECT id, 'sweep', 'queued', %s FROM users WHERE" \
+	" state IN ('source', 'copying') AND coalesce(policy, '') != 'off'" \
+	" AND id NOT IN (SELECT user_id FROM jobs) ON CONFLICT DO NOTHING"
+#define MS_JOB_ENQUEUE_AGAIN "UPDATE jobs SET kind = 'sweep', state =" \
+	" 'queued', updated_at = %s WHERE state IN ('done', 'failed') AND" \
+	" user_id IN (SELECT id FROM users WHERE state IN ('source'," \
+	" 'copying') AND coalesce(policy, '') != 'off')"
 int ms_store_job_enqueue(struct ms_store *store);
 /* Takes up to max jobs for owner, in user-name order: running ones whose
  * lease expired, and queued ones too when queued. cb hears each after

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cluster.h"
 #include "imapc.h"
 #include "log.h"
 #include "util.h"
@@ -39,6 +40,14 @@ struct ms_survey {
 	int64_t quota_kb;		/* -1: none */
 	unsigned int sized;		/* STATUS replies that had SIZE */
 	int failed;
+	struct ms_cluster *cluster;	/* or NULL: the store's connection */
+	struct survey_ask *ask;		/* a look on the cluster's, or NULL */
+};
+
+/* A look for the next user under way on the cluster's connection; sv
+ * NULL once the survey is freed (the answer comes later). */
+struct survey_ask {
+	struct ms_survey *sv;
 };
 
 static void folders_free(struct ms_survey *sv)
@@ -234,24 +243,16 @@ static void on_ready(struct ms_imapc *c, const char *error, void *ctx)
 		finish(sv, ms_imapc_error(c));
 }
 
-static void on_tick(uv_timer_t *t)
+/* user ("" none) surveyed now, unless a copy waits for a connection. */
+static void survey_start(struct ms_survey *sv, const char *user)
 {
-	struct ms_survey *sv = t->data;
 	struct ms_imapc_settings set;
 	struct ms_pacer *pacer = NULL;
 	char *login;
-	int found = 0;
 
-	if (sv->c != NULL)
+	if (user[0] == '\0' || sv->c != NULL)
 		return;
-	if (ms_store_size_next(sv->store, sv->user, sizeof(sv->user),
-			       &found) < 0) {
-		ms_log(MS_LOG_ERROR, "survey: store: %s",
-		       ms_store_error(sv->store));
-		return;
-	}
-	if (!found)
-		return;
+	snprintf(sv->user, sizeof(sv->user), "%s", user);
 	/* a copy waiting for a connection goes first: try at the next tick */
 	if (sv->mover != NULL && !ms_mover_src_slot_try(sv->mover, &pacer))
 		return;
@@ -277,6 +278,46 @@ give_back:
 		ms_mover_src_slot_put(sv->mover);
 }
 
+static void on_next(void *ctx, const char *error, const char *user)
+{
+	struct survey_ask *ask = ctx;
+	struct ms_survey *sv = ask->sv;
+
+	free(ask);
+	if (sv == NULL)
+		return;			/* freed meanwhile */
+	sv->ask = NULL;
+	if (error != NULL) {
+		ms_log(MS_LOG_ERROR, "survey: store: %s", error);
+		return;
+	}
+	survey_start(sv, user);
+}
+
+static void on_tick(uv_timer_t *t)
+{
+	struct ms_survey *sv = t->data;
+	char user[sizeof(sv->user)];
+	int found = 0;
+
+	if (sv->c != NULL || sv->ask != NULL)
+		return;
+	if (sv->cluster != NULL) {
+		if ((sv->ask = calloc(1, sizeof(*sv->ask))) == NULL)
+			return;
+		sv->ask->sv = sv;
+		ms_cluster_size_next(sv->cluster, on_next, sv->ask);
+		return;
+	}
+	if (ms_store_size_next(sv->store, user, sizeof(user), &found) < 0) {
+		ms_log(MS_LOG_ERROR, "survey: store: %s",
+		       ms_store_error(sv->store));
+		return;
+	}
+	if (found)
+		survey_start(sv, user);
+}
+
 struct ms_survey *ms_survey_new(uv_loop_t *loop, struct ms_store *store,
 				const struct ms_server_cfg *src,
 				unsigned int per_minute, struct ms_mover *mover)
@@ -298,6 +339,12 @@ struct ms_survey *ms_survey_new(uv_loop_t *loop, struct ms_store *store,
 	return sv;
 }
 
+void ms_survey_set_cluster(struct ms_survey *sv, struct ms_cluster *c)
+{
+	if (sv != NULL)
+		sv->cluster = c;
+}
+
 void ms_survey_free(struct ms_survey **svp)
 {
 	struct ms_survey *sv = *svp;
@@ -305,6 +352,8 @@ void ms_survey_free(struct ms_survey **svp)
 	if (sv == NULL)
 		return;
 	*svp = NULL;
+	if (sv->ask != NULL)
+		sv->ask->sv = NULL;
 	survey_close(sv);
 	folders_free(sv);
 	ms_close_free((uv_handle_t *)sv->timer, sv->timer);

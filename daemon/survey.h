@@ -23,5 +23,9 @@ struct ms_survey *ms_survey_new(uv_loop_t *loop, struct ms_store *store,
 				const struct ms_server_cfg *src,
 				unsigned int per_minute, struct ms_mover *mover);
 void ms_survey_free(struct ms_survey **sv);
+/* PostgreSQL: the next user is looked for on the cluster's connection
+ * (cluster.c), not the store's blocking one; c outlives sv. */
+struct ms_cluster;
+void ms_survey_set_cluster(struct ms_survey *sv, struct ms_cluster *c);
 
 #endif

@@ -36,8 +36,8 @@ LEASE = 3           # [gateway] lease, seconds: a stopped gateway's copy
                     # (a first login's) is taken over soon
 
 
-def cluster_conf(workdir, name, admin=True):
-    return '\n'.join([admin_conf(workdir, sweep=False) if admin else '',
+def cluster_conf(workdir, name, admin=True, sweep=False):
+    return '\n'.join([admin_conf(workdir, sweep=sweep) if admin else '',
                       '[gateway]',
                       'name = %s' % name, 'lease = %ds' % LEASE,
                       'heartbeat = %dms' % HEARTBEAT_MS,
@@ -45,10 +45,11 @@ def cluster_conf(workdir, name, admin=True):
 
 
 def start_gateways(pair, pg, url, workdir, names, urls=None, envs=None,
-                   policy='passthrough', admin=True):
+                   policy='passthrough', admin=True, sweep=False):
     """Started gateways named names on one store (urls/envs: per name,
     the store's URL and the environment, when not url and pg.env();
-    admin: admin logins, and with them the jobs' timer)."""
+    admin: admin logins, and with them the jobs' timer; sweep: the sweep
+    on too, each second)."""
     made = []
     try:
         for name in names:
@@ -57,7 +58,7 @@ def start_gateways(pair, pg, url, workdir, names, urls=None, envs=None,
                 store_url=(urls or {}).get(name, url),
                 env=(envs or {}).get(name, pg.env()), connections=1,
                 policy=policy,
-                extra_conf=cluster_conf(workdir, name, admin))
+                extra_conf=cluster_conf(workdir, name, admin, sweep))
             made.append(g)
             g.start()
     except BaseException:
@@ -492,24 +493,36 @@ def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):
     connection: a login through the gateway of a user in its map, and the
     commands of a session open before, each complete in well under a
     second (the map in memory, docs/design.md "Several gateways"); the lock
-    still held after them. No admin logins: the jobs' timer, whose claim
-    still runs on the store's own blocking connection, is not started
-    (a limit, docs/promises.md)."""
+    still held after them. With admin logins and the sweep on: the jobs'
+    timer's queue and claim, each second, run on the cluster's connection
+    ("Jobs and leases") and wait on the lock for half a heartbeat at
+    most; the heartbeat behind them keeps the gateway from fencing itself
+    (the open session lives on)."""
     pair = make_pair(users=('u1', 'u2'))
     db, url = new_db()
     gws = start_gateways(pair, pg, url, workdir, ('gw-a',), policy='off',
-                         admin=False)
+                         sweep=True)
     a = gws[0]
     locker = None
     try:
         login(a, pair, 'u1').logout()
         mb = login(a, pair, 'u2')
-        time.sleep(4 * HEARTBEAT_MS / 1000)     # the map has read them
+        # Their own policy off: the sweep queues none of them (a claimed
+        # job's start and release write on the store's own connection).
+        pg.admin(db, "UPDATE users SET policy = 'off'")
+        time.sleep(2.5)     # the map has read them, the logins' source
+                            # use is written (within a second)
+        assert 'lock timeout' not in a.log_text()
         locker = threading.Thread(target=pg.admin, args=(
             db, 'BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE;'
                 ' SELECT pg_sleep(3); COMMIT;'), daemon=True)
         locker.start()
         assert wait_for(lambda: users_locked(pg, db), 10, 0.02)
+        # The jobs' timer (each second) runs under the lock first: its
+        # claim gives up on the lock, and the loop goes on.
+        assert wait_for(lambda: re.search(r'jobs: store: .*lock timeout',
+                                          a.log_text()), 1.5, 0.05), \
+            a.log_tail()
         t0 = time.monotonic()
         m = login(a, pair, 'u1')
         took_login = time.monotonic() - t0

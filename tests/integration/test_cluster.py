@@ -5,7 +5,9 @@ in front of real Dovecots, with a short heartbeat and timeout.
 A user logged in on two gateways is moved: the other gateway ends its
 session to the source before the delta, holds the user's new logins, and
 after the flip neither gateway sends the user to the source; a state or a
-policy set through one gateway reaches the other at once (LISTEN/NOTIFY);
+policy set through one gateway reaches the other at once (LISTEN/NOTIFY),
+and a change whose notification was lost at the next heartbeat (the
+change counter);
 status and sessions list every gateway with its heartbeat, sessions and
 copies; a gateway killed with -9 is fenced after the timeout and the
 cutover goes on without it; a gateway stopped (SIGSTOP) past the timeout
@@ -196,6 +198,41 @@ def test_mapping_change_seen_at_once(make_pair, pg, new_db, workdir):
                         ['default'] == 'hold', 5, 0.01)
         took = time.monotonic() - t0
         assert took < 1.0, took
+    finally:
+        stop_all(gws)
+
+
+def test_lost_notification_only_delays(make_pair, pg, new_db, workdir):
+    """A change whose notification never came: u1 set to the destination
+    with the triggers off (session_replication_role = replica: no NOTIFY),
+    the change counter moved by hand as the trigger moves it. gw-b finds
+    it by comparing the counter at a heartbeat, ends its session of u1 to
+    the source and sends u1's next login to the destination."""
+    pair = make_pair(users=('u1',))
+    db, url = new_db()
+    a, b = gws = start_gateways(pair, pg, url, workdir, ('gw-a', 'gw-b'))
+    try:
+        assert a.ctl('policy', '--default', 'off').rc == 0
+        assert wait_for(lambda: b.ctl('policy', '--json').json['policy']
+                        ['default'] == 'off', 5, 0.01)
+        mark_destination(pair, 'u1')
+        mb = login(b, pair, 'u1')
+        time.sleep(2 * HEARTBEAT_MS / 1000)
+        assert 'copy' not in b.log_text(), b.log_tail()
+        assert not ended(mb)
+        t0 = time.monotonic()
+        pg.admin(db, "BEGIN; SET LOCAL session_replication_role = replica;"
+                 " UPDATE users SET state = 'destination' WHERE name = 'u1';"
+                 " INSERT INTO user_changes (user_id, version) SELECT id,"
+                 " nextval('changes') FROM users WHERE name = 'u1'"
+                 " ON CONFLICT (user_id) DO UPDATE SET"
+                 " version = excluded.version; COMMIT;")
+        assert wait_for(lambda: ended(mb), 10, 0.01), b.log_tail()
+        took = time.monotonic() - t0
+        print('session ended %.3f s after the silent change' % took)
+        # A heartbeat's counter check, and its reconcile: not the timeout.
+        assert took < 4 * HEARTBEAT_MS / 1000 + 0.5, took
+        assert on_destination(b, pair, 'u1'), b.log_tail()
     finally:
         stop_all(gws)
 

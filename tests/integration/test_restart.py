@@ -314,6 +314,7 @@ def test_hold_restart_without_activation_refuses_nothing(steered):
     with Attempts(env) as loop:
         loop.more(3)
         hold = hold_start(env, '--timeout', '60')
+        held_from = time.monotonic()
         try:
             loop.phase = 'hold'
             assert gw.stop() == 0 and not gw.killed
@@ -324,6 +325,7 @@ def test_hold_restart_without_activation_refuses_nothing(steered):
             assert [w.result for w in waiting] == [None] * 3
             gw.start()
             out, err = hold.communicate(timeout=60)
+            held_for = time.monotonic() - held_from
             assert hold.returncode == 0, (out, err)
             assert 'a new mailshiftd listens: ' in out, out
             for w in waiting:
@@ -338,8 +340,19 @@ def test_hold_restart_without_activation_refuses_nothing(steered):
     assert rejected == rejected0
     assert env.from_clients(env.src_ns) == src_before
     assert queued(env) == 0
-    # Let go, not dropped: no client had to send its SYN again.
-    assert retransmitted(env) == retrans0
+    # Let go, not dropped: no client had to send its SYN again, but for
+    # what the wait itself explains: a SYN still held at the client's
+    # retransmission timeouts (1 s, then 2 and 4 more: RFC 6298) is sent
+    # again while it waits (a machine slow to start mailshiftd again, the
+    # sanitizers' build). At most 4 connections wait (the 3 above and the
+    # loop's one); with a hold under 1 s, none may be sent again.
+    per_syn = 0
+    while 2 ** (per_syn + 1) - 1 < held_for:
+        per_syn += 1
+    print('held %.2f s: %d SYN(s) sent again' % (
+        held_for, retransmitted(env) - retrans0))
+    assert retransmitted(env) - retrans0 <= 4 * per_syn, \
+        (retransmitted(env) - retrans0, held_for)
 
 
 def test_hold_rejects_past_its_timeout(steered):

@@ -361,6 +361,21 @@ def _big_folder(server, folder, n=40):
         s.logout()
 
 
+def copy_recreating(idpair, idmig, folder, every=False):
+    """USER copied through a RecreateMidPass proxy that makes folder anew
+    on the source (once, or every time: every): (the proxy, the result)."""
+    proxy = RecreateMidPass(idpair.src.imap_port, USER, folder,
+                            lambda f: recreate_folder(idpair.src, USER, f),
+                            every=every)
+    proxy.start()
+    try:
+        res = idmig.run(USER, *doveadm_args(idpair.dst),
+                        source=proxy.url(), expect_rc=None)
+    finally:
+        proxy.stop()
+    return proxy, res
+
+
 def test_uidvalidity_change_mid_pass(idpair, idmig):
     """The source folder is deleted and made again (same messages, a new
     UIDVALIDITY) while the mover is fetching its messages: in that same
@@ -373,14 +388,7 @@ def test_uidvalidity_change_mid_pass(idpair, idmig):
     folder = 'Big'
     _big_folder(idpair.src, folder)
     make_gaps(idpair.src, USER)
-    proxy = RecreateMidPass(idpair.src.imap_port, USER, folder,
-                            lambda f: recreate_folder(idpair.src, USER, f))
-    proxy.start()
-    try:
-        res = idmig.run(USER, *doveadm_args(idpair.dst),
-                        source=proxy.url(), expect_rc=None)
-    finally:
-        proxy.stop()
+    proxy, res = copy_recreating(idpair, idmig, folder)
     assert proxy.tampered.is_set(), 'harness: no body fetch in %s' % folder
     assert res.rc == 0, res.describe()
     assert res.json['ok'] is True, res.describe()
@@ -416,15 +424,7 @@ def test_uidvalidity_changing_fails_after_retries(idpair, idmig):
     folder and the server's words; what was copied stays exact."""
     folder = 'Big'
     _big_folder(idpair.src, folder)
-    proxy = RecreateMidPass(idpair.src.imap_port, USER, folder,
-                            lambda f: recreate_folder(idpair.src, USER, f),
-                            every=True)
-    proxy.start()
-    try:
-        res = idmig.run(USER, *doveadm_args(idpair.dst),
-                        source=proxy.url(), expect_rc=None)
-    finally:
-        proxy.stop()
+    proxy, res = copy_recreating(idpair, idmig, folder, every=True)
     assert res.rc == 1, res.describe()
     assert 'retry 3 of 3' in res.stderr, res.describe()
     assert 'retry 4 of' not in res.stderr, res.describe()

@@ -1247,16 +1247,33 @@ static unsigned int sweep_conc(const struct ms_gateway *gw)
 	return gw->cfg.sweep_concurrency ? gw->cfg.sweep_concurrency : 1;
 }
 
+/* The users this gateway is moving: copies running, and users between
+ * their copy and their flip (a cutover's grace and acknowledgements, whose
+ * last delta is a copy still to come). Each takes a sweep slot. */
+static unsigned int moving(const struct ms_gateway *gw)
+{
+	unsigned int n = gw->copies;
+
+	for (unsigned int i = 0; i < USER_BUCKETS; i++)
+		for (const struct guser *gu = gw->users[i]; gu != NULL;
+		     gu = gu->next)
+			if (gu->cutover && !gu->copying)
+				n++;
+	return n;
+}
+
 /* After a claim that took claimed jobs: how many to claim next (0:
  * none). Claimed jobs with nothing to copy here (a policy off, a user
  * logged in) are let go: claim on past them. */
 static unsigned int claim_more(const struct ms_gateway *gw,
 			       unsigned int claimed)
 {
-	if (claimed == 0 || gw->copies >= sweep_conc(gw) ||
+	unsigned int busy = moving(gw);
+
+	if (claimed == 0 || busy >= sweep_conc(gw) ||
 	    (gw->cfg.sweep_rate > 0 && uv_now(gw->loop) < gw->sweep_next_ms))
 		return 0;
-	return sweep_conc(gw) - gw->copies;
+	return sweep_conc(gw) - busy;
 }
 
 static void claim_async(struct ms_gateway *gw, unsigned int want);
@@ -1316,7 +1333,7 @@ static void claim_sync(struct ms_gateway *gw, unsigned int want)
 static void gw_on_sweep(uv_timer_t *t)
 {
 	struct ms_gateway *gw = t->data;
-	unsigned int conc = sweep_conc(gw);
+	unsigned int conc = sweep_conc(gw), busy = moving(gw);
 	unsigned int want;
 	int outside = !in_window(gw);
 
@@ -1327,9 +1344,9 @@ static void gw_on_sweep(uv_timer_t *t)
 			gw->cfg.sweep_from % 60, gw->cfg.sweep_to / 60,
 			gw->cfg.sweep_to % 60);
 	gw->sweep_outside = outside;
-	if (gw->copies >= conc || gw->claiming)
+	if (busy >= conc || gw->claiming)
 		return;
-	want = conc - gw->copies;
+	want = conc - busy;
 	if (gw->cfg.sweep && !outside)
 		gw->sweeps++;
 	gw->claim_sweep = gw->cfg.sweep && !outside &&

@@ -214,6 +214,7 @@ unit-pg: tests/unit/test_store
 
 # INTEGRATION_SKIP: pytest options that leave a part out (make check's
 # first lane leaves the kernel VM test to the sanitizer lane).
+# MS_TEST_STORE=postgresql in the environment: every store on PostgreSQL.
 # PYTEST_JOBS: pytest-xdist workers, each taking whole test files (most of
 # a test's time is spent waiting on servers and timers); 1: no workers.
 PYTEST_JOBS ?= 2
@@ -240,8 +241,9 @@ fuzz: $(FUZZ_BIN)
 	$(Q)./tests/fuzz/run $(FUZZ_DIR) $(FUZZ_SECONDS) $(FUZZ)
 
 # Everything is built first; then two lanes side by side (tests/run-parallel:
-# both mostly wait on servers and timers): the integration suite then the
-# fuzzers, and the suite's run under the sanitizers. The kernel VM test
+# both mostly wait on servers and timers): the integration suite on
+# PostgreSQL then the fuzzers, and the suite's run under the sanitizers on
+# SQLite. The kernel VM test
 # (test_kmod.py) runs once, in the sanitizer lane, with the sanitizer builds
 # of mailshiftctl and mailshiftd in the VM: the same checks and what the
 # sanitizers add, without a second boot waiting for the first. Every stage
@@ -256,10 +258,13 @@ check: deps
 		$(FUZZ_BIN)
 	$(Q)./tests/run-parallel check-lane check-asan
 
-# make check's first lane.
+# make check's first lane: the integration suite on PostgreSQL (every
+# store a test names is a database on a server the harness starts:
+# tests/lib/storemode.py), the sanitizer lane's on SQLite, so the whole
+# suite passes on both engines.
 check-lane:
 	$(Q)status=0; \
-	$(MAKE) --no-print-directory integration \
+	MS_TEST_STORE=postgresql $(MAKE) --no-print-directory integration \
 		INTEGRATION_SKIP=--ignore=tests/integration/test_kmod.py || \
 		status=1; \
 	$(MAKE) --no-print-directory check-fuzz || status=1; \

@@ -5,7 +5,7 @@ set -e
 
 PKGS="build-essential pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libjansson-dev libcmocka-dev libcap-ng-dev libnftables-dev libnl-route-3-dev python3 python3-pytest python3-pytest-xdist openssl
-libpq-dev postgresql-15
+libpq-dev postgresql-15 python3-psycopg2
 dovecot-core dovecot-imapd dovecot-pop3d isync offlineimap3 time
 fetchmail mpop
 postfix dovecot-lmtpd

@@ -17,7 +17,6 @@ import re
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ import dovecot as dc  # noqa: E402
 import gateway as gwlib  # noqa: E402
 import leakcheck  # noqa: E402
 import mailcheck as mc  # noqa: E402
+import storemode  # noqa: E402
 
 MAILSHIFTCTL = os.environ.get('MAILSHIFTCTL') or \
     os.path.join(REPO, 'tools', 'mailshiftctl')
@@ -61,6 +61,22 @@ def stop_all(*servers):
 
 
 # ------------------------------------------------------------ session scope
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        'markers', 'sqlite_store: the test is about the SQLite file itself '
+        'and runs on SQLite whatever MS_TEST_STORE says (tests/lib/'
+        'storemode.py)')
+
+
+@pytest.fixture(autouse=True)
+def _store_engine(request):
+    """Within a @pytest.mark.sqlite_store test every store is SQLite."""
+    storemode.force_sqlite = \
+        request.node.get_closest_marker('sqlite_store') is not None
+    yield
+    storemode.force_sqlite = False
+
 
 def pytest_sessionstart(session):
     # The leak check watches every mailshiftd and mailshiftctl from here on
@@ -342,10 +358,13 @@ class Migrator:
     """Runs `mailshiftctl migrate` against a Pair."""
 
     def __init__(self, ctl, pair, store):
+        """store: a SQLite path (on PostgreSQL, a database of its own:
+        tests/lib/storemode.py)."""
         self.ctl = ctl
         self.pair = pair
-        self.store = store
-        leakcheck.CHECK.register_files('the mover store', [store])
+        self.store = storemode.store_for(store)
+        if not storemode.is_url(self.store):
+            leakcheck.CHECK.register_files('the mover store', [store])
 
     def argv(self, users, args, source=None, dest=None, store=None,
              json_out=True, bare=False):
@@ -357,7 +376,7 @@ class Migrator:
         if not bare:
             argv += ['--source', source or self.pair.src.url('imap'),
                      '--dest', dest or self.pair.dst.url('imap'),
-                     '--store', store or self.store]
+                     '--store', storemode.store_for(store or self.store)]
         argv.append('--no-progress')
         if self.pair.names != 'source' and not bare:
             argv += ['--names', self.pair.names]
@@ -464,27 +483,19 @@ def run_migrate(migrator):
 def store_done_count(path):
     """Messages recorded done in the store, read-only (0 when the store or
     its tables do not exist yet, or it is busy)."""
-    if not os.path.exists(path):
+    if not storemode.exists(path):
         return 0
     try:
-        con = sqlite3.connect('file:%s?mode=ro' % path, uri=True,
-                              timeout=0.2)
-        try:
-            return con.execute('SELECT count(*) FROM messages '
-                               'WHERE state = 1').fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
+        return storemode.rows_of(path, 'SELECT count(*) FROM messages '
+                                 'WHERE state = 1', timeout=0.2)[0][0]
+    except Exception:
         return 0
 
 
 def store_rows(path, sql):
-    """The rows of one query of a store, read-only."""
-    con = sqlite3.connect('file:%s?mode=ro' % path, uri=True, timeout=5)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
+    """The rows of one query of a store (a SQLite path, the database made
+    for it, or a URL), read-only."""
+    return storemode.rows_of(path, sql)
 
 
 def kill9(p):
@@ -499,15 +510,9 @@ def kill9(p):
 
 
 def store_bytes(path):
-    """The store's bytes (with -wal and -shm)."""
-    data = b''
-    for suffix in ('', '-wal', '-shm', '-journal'):
-        try:
-            with open(path + suffix, 'rb') as f:
-                data += f.read()
-        except OSError:
-            pass
-    return data
+    """The store's bytes: the SQLite file with -wal and -shm, or every row
+    of the database made for path."""
+    return storemode.dump_of(path)
 
 
 # A hung process's stacks, for failure reports (kept importable here).

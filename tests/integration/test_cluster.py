@@ -26,6 +26,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 import gateway as gwlib
 import tcpproxy
 from conftest import wait_for
@@ -237,6 +239,7 @@ def test_lost_notification_only_delays(make_pair, pg, new_db, workdir):
         stop_all(gws)
 
 
+@pytest.mark.sqlite_store      # its last gateway: one on SQLite
 def test_status_lists_every_gateway(make_pair, pg, new_db, workdir):
     """status and sessions on any gateway list the three, each live with
     a recent heartbeat and its own sessions and copies; one stopped

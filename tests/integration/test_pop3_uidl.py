@@ -23,6 +23,8 @@ import pytest
 
 import gateway as gwlib
 import mailcheck as mc
+import postgres
+import storemode
 from conftest import wait_for
 from test_gateway import GW_USERS, direct, read_until_close
 from test_gateway import gpair, gw_golden, make_gw  # noqa: F401 (fixtures)
@@ -487,10 +489,23 @@ def test_bad_format_is_a_config_error(gpair, workdir):
 
 
 def break_tables(path, tables):
-    """Makes the store's tables (and their indexes) unreadable under the
-    running daemon, the way a damaged disk would: a write and a checkpoint
-    (so the daemon's cached pages are stale), then the first byte of each
-    one's root page (its page type) overwritten. Returns what undoes it."""
+    """Makes the store's tables unreadable under the running daemon.
+    SQLite: the way a damaged disk would (a write and a checkpoint, so
+    the daemon's cached pages are stale, then the first byte of each
+    table's and index's root page, its page type, overwritten).
+    PostgreSQL: the role's rights on them taken away, so every statement
+    on them fails. Returns what undoes it; its .says is what the store's
+    error then says."""
+    if storemode.is_url(storemode.resolve(path)):
+        names = ', '.join(tables)
+        storemode.admin(path, 'REVOKE ALL ON %s FROM %s'
+                        % (names, postgres.ROLE))
+
+        def grant():
+            storemode.admin(path, 'GRANT ALL ON %s TO %s'
+                            % (names, postgres.ROLE))
+        grant.says = 'permission denied'
+        return grant
     db = sqlite3.connect(path)
     try:
         db.execute('PRAGMA user_version = 13')
@@ -521,6 +536,7 @@ def break_tables(path, tables):
         db.execute('PRAGMA user_version = 14')
         db.commit()
         db.close()
+    undo.says = 'malformed'
     return undo
 
 
@@ -541,7 +557,7 @@ def test_store_failures_end_the_session(gpair, make_gw, workdir):
     finally:
         undo()
     assert re.search(r'session \d+: login: user=<%s> .* result=unavailable '
-                     r'reason=folder_find_dst: .*malformed' % USER,
+                     r'reason=folder_find_dst: .*%s' % (USER, undo.says),
                      g.log_text()), \
         g.log_tail()
 

@@ -31,6 +31,9 @@ from test_gateway import GW_USERS, exists, direct
 from test_gateway import gpair, gw_golden  # noqa: F401 (fixtures)
 from test_steer import _from
 
+# About the daemon's files as nobody: its store is the SQLite file.
+pytestmark = pytest.mark.sqlite_store
+
 NOBODY = pwd.getpwnam('nobody')
 OTHER = pwd.getpwnam('daemon')          # neither root nor nobody
 CTL_GROUP = grp.getgrnam('mail')        # the [control] group of the tests
@@ -132,6 +135,7 @@ control_raw = _ns['control_raw']
 # what came back}.
 CLIENT = CONTROL_RAW + r'''
 import json, sys
+
 path, line, lines = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
 try:
     out = control_raw(path, line + b"\n", None if lines == "all" else 1)

@@ -161,6 +161,10 @@ class SystemdActivate:
         self.argv = ['systemd-socket-activate']
         self.argv += ['--listen=' + a for a in addrs]
         self.argv += ['--fdname=imap:pop3']
+        # it passes on only the variables it is told to (the store's
+        # password file, on PostgreSQL: tests/lib/storemode.py)
+        if 'PGPASSFILE' in os.environ:
+            self.argv += ['-E', 'PGPASSFILE']
 
     def launcher(self):
         return self.argv

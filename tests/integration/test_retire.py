@@ -409,7 +409,7 @@ def test_apply_after_a_passing_check(env):
              '--source', env.gw.src.url(), '--dest', env.gw.dst.url(),
              '--source-admin', MASTER[0], '--source-password-file', pwf,
              '--dest-admin', MASTER[0], '--dest-password-file', pwf,
-             '--store', env.gw.store_path] + list(USERS),
+             '--store', env.gw.store_url or env.gw.store_path] + list(USERS),
             check=False, timeout=120)
         assert r.returncode == 0, (r.stdout, r.stderr)
         for u in USERS:

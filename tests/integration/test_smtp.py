@@ -21,7 +21,6 @@ import imaplib
 import os
 import random
 import smtplib
-import sqlite3
 import socket
 import ssl
 import threading
@@ -36,7 +35,7 @@ import leakcheck
 import mailcheck as mc
 import postfix as pf
 import tcpproxy
-from conftest import stop_all, store_bytes, wait_for
+from conftest import stop_all, store_bytes, store_rows, wait_for
 
 DOMAIN = 'example.test'
 USERS = {u: 'Smtp-%s-Pw-%04d' % (u, i) for i, u in enumerate(
@@ -396,14 +395,9 @@ def source_use(gw):
     """{(user, kind): (name, at, slack)}: when mailshiftd last sent mail,
     a submission or a login to the source (the store's source_use, what
     mailshiftctl retire --check reads)."""
-    con = sqlite3.connect('file:%s?mode=ro' % gw.store_path, uri=True,
-                          timeout=5)
-    try:
-        return {(k, kind): (name, at, slack) for k, kind, name, at, slack in
-                con.execute('SELECT key, kind, name, at, slack FROM '
-                            'source_use')}
-    finally:
-        con.close()
+    return {(k, kind): (name, at, slack) for k, kind, name, at, slack in
+            store_rows(gw.store_path, 'SELECT key, kind, name, at, slack '
+                       'FROM source_use')}
 
 
 def test_source_use_is_recorded(env, gw):

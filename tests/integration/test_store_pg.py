@@ -19,6 +19,9 @@ import postgres
 from conftest import Migrator, wait_for
 from test_gateway_ops import admin_conf
 
+# Each test names its engine: SQLite paths stay SQLite files here.
+pytestmark = pytest.mark.sqlite_store
+
 # Every table of the store and its columns (daemon/store.c, copy_tables).
 TABLES = {
     'users': 'id, name, state, policy, last_error, msgs_copied, '

@@ -9,7 +9,6 @@ Fixtures and helpers are test_mover's (conftest.py).
 
 import os
 import re
-import sqlite3
 from collections import Counter
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 import corpus
 import dovecot as dc
 import mailcheck as mc
+import storemode
 from conftest import Migrator, server_snapshot
 from test_mover import ERR_LINE, ok_summary
 
@@ -95,12 +95,8 @@ def test_source_expunge_propagates(pair, run_migrate):
 # ------------------------------------------------- damage to the destination
 
 def _store_dump(path):
-    """The store's rows (SQL text), read-only: equal dumps, same store."""
-    con = sqlite3.connect('file:%s?mode=ro' % path, uri=True)
-    try:
-        return list(con.iterdump())
-    finally:
-        con.close()
+    """The store's rows, read-only: equal dumps, same store."""
+    return storemode.rows_dump(path)
 
 
 def _state(pair, m, user):

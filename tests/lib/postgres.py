@@ -104,8 +104,9 @@ class Postgres:
         with open(os.path.join(self.data_dir, 'pg_hba.conf'), 'w') as f:
             # with ssl, TCP without TLS is refused
             f.write('local all postgres trust\n'
+                    'local all %s scram-sha-256\n'
                     '%s all %s 127.0.0.1/32 scram-sha-256\n'
-                    % ('hostssl' if self.ssl else 'host', ROLE))
+                    % (ROLE, 'hostssl' if self.ssl else 'host', ROLE))
         open(self.log_path, 'a').close()
         self._chown(self.log_path)
         self._run([os.path.join(PG_BIN, 'pg_ctl'), '-D', self.data_dir,
@@ -161,8 +162,10 @@ class Postgres:
         (default: whoever runs the harness)."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, 'w') as f:
-            f.write('127.0.0.1:%d:*:%s:%s\n' % (self.port, ROLE,
-                                                 self.password))
+            # (libpq matches a UNIX socket's connection by its directory)
+            for host in ('127.0.0.1', self.sock_dir):
+                f.write('%s:%d:*:%s:%s\n' % (host, self.port, ROLE,
+                                              self.password))
         if uid is not None:
             os.chown(path, uid, -1)
         return path
@@ -174,6 +177,13 @@ class Postgres:
         q = '&'.join('%s=%s' % kv for kv in sorted(params.items()))
         return 'postgresql://%s@127.0.0.1:%d/%s%s' % (ROLE, self.port, db,
                                                      '?' + q if q else '')
+
+    def socket_url(self, db):
+        """The URL of db over the server's UNIX socket (reached from any
+        network namespace)."""
+        return 'postgresql://%s@/%s?host=%s&port=%d' % (ROLE, db,
+                                                        self.sock_dir,
+                                                        self.port)
 
     def create_db(self, name, **params):
         """A new database owned by the role (SQL_ASCII, C collation, as

@@ -21,6 +21,7 @@
 #include "net.h"
 #include "store.h"
 #include "util.h"
+#include "watchdog.h"
 
 #include <ctype.h>
 #include <inttypes.h>
@@ -98,6 +99,7 @@ struct ms_cluster {
 	unsigned int heartbeat_ms, timeout_ms;
 	const struct ms_cluster_ops *ops;
 	void *ctx;
+	struct ms_watchdog *wd;		/* the deadline, when the loop is held */
 
 	PGconn *conn;
 	int connected;			/* LISTENing, the queue runs */
@@ -368,8 +370,16 @@ int ms_cluster_holds(const struct ms_cluster *c, const char *user)
 	return 0;
 }
 
+struct ms_watchdog *ms_cluster_watchdog(const struct ms_cluster *c)
+{
+	return c->wd;
+}
+
 int ms_cluster_sure(const struct ms_cluster *c)
 {
+	/* The loop's time as of now, not as of this turn's start: a call
+	 * before this one may have held the loop past the deadline. */
+	uv_update_time(c->loop);
 	return c->connected && c->caught_up &&
 	       ms_cluster_in_time(uv_now(c->loop), c->last_ok,
 				  c->heartbeat_ms, c->timeout_ms);
@@ -720,6 +730,10 @@ static void out_of_time(struct ms_cluster *c)
 		"may fence this one soon: its sessions end, logins are held "
 		"until it has caught up",
 		(unsigned long long)(uv_now(c->loop) - c->last_ok));
+	if (c->wd != NULL && ms_watchdog_fired(c->wd) > 0)
+		ms_warn("cluster: the loop was held past the deadline: the "
+			"watchdog had shut %u relayed sessions down",
+			ms_watchdog_fired(c->wd));
 	c->ops->fenced(c->ctx);
 }
 
@@ -733,6 +747,11 @@ static void deadline_arm(struct ms_cluster *c)
 	uint64_t due = c->last_ok + c->timeout_ms - c->heartbeat_ms;
 
 	uv_timer_start(c->deadline, on_deadline, due > now ? due - now : 0, 0);
+	/* Half a heartbeat later: a loop that runs ends the sessions itself
+	 * (with a BYE) first; still half a heartbeat before the others may
+	 * fence this gateway. */
+	if (c->wd != NULL)
+		ms_watchdog_arm(c->wd, due + c->heartbeat_ms / 2);
 }
 
 static void on_deadline(uv_timer_t *t)
@@ -1437,6 +1456,9 @@ int ms_cluster_new(uv_loop_t *loop, struct ms_store *store,
 	c->last_ok = uv_now(loop);
 	if (c->last_ok == 0)
 		c->last_ok = 1;
+	if (ms_watchdog_new(&c->wd) < 0)
+		ms_warn("cluster: no watchdog thread: a loop held in a blocking "
+			"call would end its relays late");
 	deadline_arm(c);
 	c->map_epoch = c->epoch - 1;	/* not loaded yet */
 	ms_store_on_user_write(store, user_written, c);
@@ -1461,6 +1483,7 @@ void ms_cluster_free(struct ms_cluster **cp)
 	ms_close_free((uv_handle_t *)c->tick, c->tick);
 	ms_close_free((uv_handle_t *)c->retry, c->retry);
 	ms_close_free((uv_handle_t *)c->deadline, c->deadline);
+	ms_watchdog_free(c->wd);
 	while (c->pending != NULL)
 		pending_drop(c, c->pending);
 	ms_store_on_user_write(c->store, NULL, NULL);

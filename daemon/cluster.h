@@ -99,6 +99,9 @@ void ms_cluster_free(struct ms_cluster **c);
  * and it has caught up since it came back. When not, logins are not
  * routed (held, then a temporary failure). */
 int ms_cluster_sure(const struct ms_cluster *c);
+/* The thread that ends relays at the deadline when the loop cannot
+ * (watchdog.h); NULL when it could not be started. */
+struct ms_watchdog *ms_cluster_watchdog(const struct ms_cluster *c);
 /* Whether a cutover or rollback of user is under way (this gateway's or
  * another's): its logins are held. */
 int ms_cluster_holds(const struct ms_cluster *c, const char *user);

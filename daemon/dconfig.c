@@ -207,6 +207,16 @@ static int store_key(struct ms_dconfig *c, const char *key, const char *value,
 		return set_buf(c->store, sizeof(c->store), key, value, err,
 			       errsz);
 	}
+	/* A PostgreSQL store's answers: how long one is waited for. */
+	if (!strcmp(key, "timeout")) {
+		if (ms_parse_duration(value, &c->store_timeout) < 0 ||
+		    c->store_timeout < 1 || c->store_timeout > 600) {
+			snprintf(err, errsz, "timeout: \"%.40s\" is not a "
+				 "duration from 1s to 10m", value);
+			return -1;
+		}
+		return 0;
+	}
 	if (!strcmp(key, "backend")) {
 		if (strcmp(value, "sqlite") != 0) {
 			snprintf(err, errsz, "backend: only \"sqlite\"");
@@ -494,6 +504,7 @@ static void defaults(struct ms_dconfig *c)
 	ms_takeover_defaults(&c->takeover);
 	ms_retire_defaults(&c->retire);
 	snprintf(c->store, sizeof(c->store), "/var/lib/mailshift/mailshift.db");
+	c->store_timeout = MS_STORE_PG_TIMEOUT_MS / 1000;
 	snprintf(c->control, sizeof(c->control), "/run/mailshift/control.sock");
 }
 

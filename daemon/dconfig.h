@@ -18,6 +18,7 @@ struct ms_dconfig {
 	char src_admin_pwf[512], dst_admin_pwf[512];
 	char dst_doveadm_keyf[512];	/* [destination] doveadm_key_file */
 	char store[512];		/* [store] path, or url */
+	unsigned int store_timeout;	/* [store] timeout, seconds */
 	char control[108];		/* a UNIX socket path */
 	char control_group[64];		/* [control] group, "" = none */
 	char pid_file[512];

@@ -127,6 +127,7 @@ struct session {
 	int b_xclient;			/* POP3: XCLIENT offered in the greeting;
 					   then: its answer still due */
 	int counted;			/* counted in gu->sessions */
+	unsigned int wd_slot;		/* relaying: the cluster's watchdog's */
 
 	struct guser *gu;
 	uv_timer_t timer;		/* one at a time; its close frees us */

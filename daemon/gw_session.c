@@ -25,11 +25,13 @@
 #include <strings.h>
 #include <time.h>
 
+#include "cluster.h"
 #include "gw_internal.h"
 #include "log.h"
 #include "retire.h"
 #include "steer.h"
 #include "testhook.h"
+#include "watchdog.h"
 
 #define PRELOGIN_TIMEOUT_MS (180 * 1000)	/* since the client's last bytes */
 #define PRELOGIN_MAX_MS (10 * 60 * 1000)	/* since it connected, at most */
@@ -178,6 +180,13 @@ static void bin_free(struct session *s)
 	s->binlen = 0;
 }
 
+/* Several gateways: the thread that ends relays at the fence's deadline
+ * when the loop is held (watchdog.h). */
+static struct ms_watchdog *watchdog(const struct ms_gateway *gw)
+{
+	return gw->cluster != NULL ? ms_cluster_watchdog(gw->cluster) : NULL;
+}
+
 /* Ends the session. Its memory goes when the timer's handle is closed, on
  * a later turn of the loop, so that a caller up the stack (a command loop
  * that just ran LOGOUT) may still look at s->st, which is SS_CLOSING. */
@@ -193,6 +202,8 @@ void gw_session_close(struct session *s)
 		ms_steer_session_end(s->peer, s->peer_port, s->local,
 				     s->local_port);
 	s->st = SS_CLOSING;
+	if (watchdog(gw) != NULL)
+		ms_watchdog_remove(watchdog(gw), &s->wd_slot);
 	ms_conn_close(&s->b);
 	ms_conn_close(&s->c);
 	gw_clear_args(s);
@@ -244,6 +255,10 @@ static void enter_relay(struct session *s, const char *rest, size_t restlen)
 	gw_timer_stop(s);
 	s->st = SS_RELAY;
 	s->logged_in = 1;
+	/* Several gateways: ended at the deadline even by a held loop. */
+	if (watchdog(s->gw) != NULL)
+		ms_watchdog_add(watchdog(s->gw), &s->wd_slot, ms_conn_fd(s->c),
+				ms_conn_fd(s->b));
 	gw_log_login(s, MS_LOG_INFO, NULL, "ok", NULL);
 	/* backend = kmod: the kernel's view of who is where (steer_kmod.c). */
 	if (s->gu != NULL)

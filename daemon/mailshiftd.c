@@ -196,6 +196,7 @@ static int open_store(const struct ms_dconfig *c, struct ms_store **store_r,
 
 	if (!ms_store_is_url(c->store))
 		return ms_store_open(c->store, store_r, err_r);
+	ms_store_pg_timeout_ms = c->store_timeout * 1000;
 	snprintf(pair, sizeof(pair), "source %s:%u, destination %s:%u",
 		 s->host, s->port, d->host, d->port);
 	return ms_store_open_migration(c->store, pair, store_r, err_r);

@@ -819,6 +819,16 @@ size_t ms_conn_write_pending(const struct ms_conn *conn)
 	return conn ? pending(conn) : 0;
 }
 
+int ms_conn_fd(const struct ms_conn *conn)
+{
+	uv_os_fd_t fd;
+
+	if (conn == NULL || conn->tcp == NULL ||
+	    uv_fileno((const uv_handle_t *)conn->tcp, &fd) != 0)
+		return -1;
+	return fd;
+}
+
 int ms_conn_over_high(const struct ms_conn *conn)
 {
 	return conn && pending(conn) >= conn->high_water;

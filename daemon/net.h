@@ -90,6 +90,8 @@ int ms_conn_printf(struct ms_conn *conn, const char *fmt, ...)
 size_t ms_conn_write_pending(const struct ms_conn *conn);
 /* Whether the queued bytes reached the connection's high-water mark. */
 int ms_conn_over_high(const struct ms_conn *conn);
+/* The connection's socket, or -1 (none, or not connected). */
+int ms_conn_fd(const struct ms_conn *conn);
 /* The connection's own backpressure marks (0: MS_CONN_HIGH_WATER /
  * MS_CONN_LOW_WATER): on_drain is called when the queue, having reached
  * high, drops to low. A pre-login session uses small ones. */

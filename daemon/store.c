@@ -757,8 +757,10 @@ int ms_store_commit(struct ms_store *store)
 
 int ms_store_rollback(struct ms_store *store)
 {
+	/* Nothing open: a failed begin, or a commit the engine rolled
+	 * back. The error that said so stays the one to report. */
 	if (store->depth == 0)
-		return set_error(store, "rollback without begin");
+		return 0;
 	store->depth = 0;
 	/* Some errors (SQLITE_FULL, SQLITE_IOERR, ...) roll back on their
 	 * own; a second ROLLBACK would only fail. */

@@ -36,6 +36,10 @@ int ms_store_url_check(const char *url, char *err, size_t errsz);
  * on how long a dead server holds a call; application name app), for
  * PQconnectdbParams with expand_dbname: the URL's own values win. */
 #define MS_PG_PARAMS 8
+/* How long a PostgreSQL store's statement (or reconnection) is waited for
+ * before the call fails and its connection is dropped: [store] timeout. */
+#define MS_STORE_PG_TIMEOUT_MS 30000
+extern unsigned int ms_store_pg_timeout_ms;
 void ms_store_pg_params(const char *url, const char *app,
 			const char *keys[MS_PG_PARAMS],
 			const char *vals[MS_PG_PARAMS]);

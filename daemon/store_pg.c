@@ -4,8 +4,15 @@
  * the URL: one there is refused, since the URL sits in the config file and
  * in mailshiftctl's argv.
  *
- * Rows come back whole (PQexecPrepared), and step() walks them; text comes
+ * Rows come back whole (PQsendQueryPrepared, then its result), and step()
+ * walks them; text comes
  * and goes in the text format, so an integer column is printed and parsed.
+ *
+ * A statement's answer is waited for at most ms_store_pg_timeout_ms (the
+ * daemon's [store] timeout, 30 s unless set): a server that stops answering
+ * without resetting the connection (hung, or its process stopped: the
+ * kernel still acknowledges every byte, so no TCP timeout fires) fails the
+ * statement then, and the connection is dropped as if lost.
  *
  * A lost connection (the server restarted, the network cut) fails the
  * statement that finds it; the next one connects again (at most every
@@ -16,7 +23,9 @@
 #include "store.h"
 #include "store_db.h"
 
+#include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +47,7 @@ struct db {
 	int session;			/* counts reconnections */
 	int txn_open;			/* a transaction, when last seen */
 	time_t retry_at;		/* no new connection before */
+	int broken;			/* an answer not waited for: drop */
 	int changes;
 	char error[512];
 };
@@ -70,10 +80,111 @@ static void set_err(struct db *db, const char *prefix, const char *msg)
 
 static void res_err(struct db *db, PGresult *res)
 {
+	if (res == NULL)	/* result() or next_result() said why */
+		return;
 	const char *m = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) :
 			NULL;
 
 	set_err(db, "", m != NULL ? m : PQerrorMessage(db->conn));
+}
+
+unsigned int ms_store_pg_timeout_ms = MS_STORE_PG_TIMEOUT_MS;
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Until libpq can go on without waiting: 0, or -1 (error set) when the
+ * connection failed or the server did not answer by end (then the
+ * connection is dropped: what it was doing is not waited for). connect:
+ * a reconnection (PQresetPoll) in place of a statement's answer. */
+static int await(struct db *db, int64_t end, int connect)
+{
+	if (db->broken)		/* said when it broke */
+		return -1;
+	for (;;) {
+		struct pollfd p = { .fd = PQsocket(db->conn) };
+		int64_t left = end - now_ms();
+		int flush = 0;
+
+		if (connect) {
+			PostgresPollingStatusType ps = PQresetPoll(db->conn);
+
+			if (ps == PGRES_POLLING_OK)
+				return 0;
+			if (ps == PGRES_POLLING_FAILED)
+				goto failed;
+			p.events = ps == PGRES_POLLING_WRITING ? POLLOUT :
+				   POLLIN;
+		} else {
+			flush = PQflush(db->conn);
+			if (flush < 0)
+				goto failed;
+			if (!flush && !PQisBusy(db->conn))
+				return 0;
+			p.events = POLLIN | (flush ? POLLOUT : 0);
+		}
+		if (left <= 0) {
+			db->broken = 1;
+			set_err(db, "", "the database did not answer within the "
+				"store's timeout: its connection is dropped");
+			return -1;
+		}
+		if (poll(&p, 1, left > 60000 ? 60000 : (int)left) < 0 &&
+		    errno != EINTR) {
+			db->broken = 1;
+			set_err(db, "poll: ", strerror(errno));
+			return -1;
+		}
+		if (!connect && (p.revents & (POLLIN | POLLERR | POLLHUP)) &&
+		    !PQconsumeInput(db->conn))
+			goto failed;
+	}
+failed:
+	set_err(db, "", PQerrorMessage(db->conn));
+	return -1;
+}
+
+/* The next result of what was sent (NULL: the end): 0, or -1 with the
+ * error set when none came in time or the connection failed. */
+static int next_result(struct db *db, PGresult **res_r)
+{
+	*res_r = NULL;
+	if (await(db, now_ms() + ms_store_pg_timeout_ms, 0) < 0)
+		return -1;
+	*res_r = PQgetResult(db->conn);
+	return 0;
+}
+
+/* The last result of what was sent (as PQexec gives it), or NULL with
+ * the error set. */
+static PGresult *result(struct db *db, int sent)
+{
+	int64_t end = now_ms() + ms_store_pg_timeout_ms;
+	PGresult *last = NULL, *res;
+
+	if (!sent) {
+		set_err(db, "", PQerrorMessage(db->conn));
+		return NULL;
+	}
+	for (;;) {
+		if (await(db, end, 0) < 0) {
+			PQclear(last);
+			return NULL;
+		}
+		res = PQgetResult(db->conn);
+		if (res == NULL) {
+			if (last == NULL)
+				set_err(db, "", PQerrorMessage(db->conn));
+			return last;
+		}
+		PQclear(last);
+		last = res;
+	}
 }
 
 static const char *pg_errmsg(struct db *db)
@@ -153,7 +264,7 @@ password:
 
 static int pg_exec(struct db *db, const char *sql)
 {
-	PGresult *res = PQexec(db->conn, sql);
+	PGresult *res = result(db, PQsendQuery(db->conn, sql));
 	ExecStatusType rc = PQresultStatus(res);
 	int ret = 0;
 
@@ -255,7 +366,8 @@ static int rewrite(const char *sql, char *out)
 
 static int server_prepare(struct db_stmt *st)
 {
-	PGresult *res = PQprepare(st->db->conn, st->name, st->sql, 0, NULL);
+	PGresult *res = result(st->db, PQsendPrepare(st->db->conn, st->name,
+							 st->sql, 0, NULL));
 	int ret = 0;
 
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
@@ -267,6 +379,23 @@ static int server_prepare(struct db_stmt *st)
 	return ret;
 }
 
+/* The connection made anew (one whose answer was not waited for, too),
+ * waited for as long as an answer: 0, or -1 with the error set. */
+static int reconnect(struct db *db)
+{
+	char why[sizeof(db->error)];
+
+	db->broken = 0;
+	if (!PQresetStart(db->conn))
+		set_err(db, "", PQerrorMessage(db->conn));
+	else if (await(db, now_ms() + ms_store_pg_timeout_ms, 1) == 0)
+		return 0;
+	db->broken = 1;
+	snprintf(why, sizeof(why), "%s", db->error);
+	set_err(db, "cannot connect again: ", why);
+	return -1;
+}
+
 /* Before a statement: 0 go on, 1 done already (a ROLLBACK of what a lost
  * session held), -1 not now (error set). */
 static int revive(struct db_stmt *st)
@@ -274,7 +403,7 @@ static int revive(struct db_stmt *st)
 	struct db *db = st->db;
 	int rollback = !strcmp(st->sql, "ROLLBACK");
 
-	if (PQstatus(db->conn) == CONNECTION_OK)
+	if (PQstatus(db->conn) == CONNECTION_OK && !db->broken)
 		goto prepared;
 	if (db->txn_open && !rollback) {
 		set_err(db, "", "the connection to the database was lost in a "
@@ -287,10 +416,8 @@ static int revive(struct db_stmt *st)
 		set_err(db, "", "the connection to the database is lost");
 		return -1;
 	}
-	PQreset(db->conn);
-	if (PQstatus(db->conn) != CONNECTION_OK) {
+	if (reconnect(db) < 0) {
 		db->retry_at = time(NULL) + RETRY_SECONDS;
-		set_err(db, "cannot connect again: ", PQerrorMessage(db->conn));
 		return -1;
 	}
 	db->session++;
@@ -345,7 +472,7 @@ static void pg_reset(struct db_stmt *st)
 	 * read and dropped, or the connection could take no other
 	 * statement (no cancel: one that came late would hit the next) */
 	if (st->streaming) {
-		while ((res = PQgetResult(st->db->conn)) != NULL)
+		while (next_result(st->db, &res) == 0 && res != NULL)
 			PQclear(res);
 		st->streaming = 0;
 	}
@@ -389,11 +516,13 @@ static int run(struct db_stmt *st)
 		return r < 0 ? DB_ERROR : DB_DONE;
 	}
 	if (st->name[0] != '\0')
-		st->res = PQexecPrepared(db->conn, st->name, st->nparams,
-					 st->values, NULL, NULL, 0);
+		st->res = result(db, PQsendQueryPrepared(db->conn, st->name,
+				 st->nparams, st->values, NULL, NULL, 0));
 	else
-		st->res = PQexecParams(db->conn, st->sql, st->nparams, NULL,
-				       st->values, NULL, NULL, 0);
+		st->res = result(db, PQsendQueryParams(db->conn, st->sql,
+				 st->nparams, NULL, st->values, NULL, NULL, 0));
+	if (st->res == NULL)
+		return DB_ERROR;
 	rc = PQresultStatus(st->res);
 	if (PQstatus(db->conn) == CONNECTION_OK)
 		db->txn_open = PQtransactionStatus(db->conn) != PQTRANS_IDLE;
@@ -432,7 +561,12 @@ static int stream_step(struct db_stmt *st)
 		st->streaming = 1;
 	}
 	PQclear(st->res);
-	st->res = PQgetResult(db->conn);
+	if (next_result(db, &st->res) < 0 || st->res == NULL) {
+		if (st->res == NULL && !db->broken)
+			set_err(db, "", "the query gave no result");
+		pg_reset(st);
+		return DB_ERROR;
+	}
 	rc = PQresultStatus(st->res);
 	if (rc == PGRES_SINGLE_TUPLE) {
 		st->row = 0;
@@ -503,7 +637,7 @@ static int pg_begin_schema(struct db *db)
 /* One integer from a query, or def when it gives no row or NULL. */
 static int query_int(struct db *db, const char *sql, int def, int *v_r)
 {
-	PGresult *res = PQexec(db->conn, sql);
+	PGresult *res = result(db, PQsendQuery(db->conn, sql));
 
 	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
 		res_err(db, res);

@@ -23,6 +23,7 @@ import imaplib
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 
@@ -49,9 +50,11 @@ def cluster_conf(workdir, name, admin=True, sweep=False):
 
 
 def start_gateways(pair, pg, url, workdir, names, urls=None, envs=None,
-                   policy='passthrough', admin=True, sweep=False):
+                   policy='passthrough', admin=True, sweep=False,
+                   confs=None):
     """Started gateways named names on one store (urls/envs: per name,
-    the store's URL and the environment, when not url and pg.env();
+    the store's URL and the environment, when not url and pg.env(); confs:
+    per name, more of its config);
     admin: admin logins, and with them the jobs' timer; sweep: the sweep
     on too, each second)."""
     made = []
@@ -62,7 +65,8 @@ def start_gateways(pair, pg, url, workdir, names, urls=None, envs=None,
                 store_url=(urls or {}).get(name, url),
                 env=(envs or {}).get(name, pg.env()), connections=1,
                 policy=policy,
-                extra_conf=cluster_conf(workdir, name, admin, sweep))
+                extra_conf=cluster_conf(workdir, name, admin, sweep) +
+                '\n' + (confs or {}).get(name, ''))
             made.append(g)
             g.start()
     except BaseException:
@@ -415,6 +419,19 @@ CREATE TRIGGER flip_seen AFTER UPDATE OF state ON users FOR EACH ROW
 """
 
 
+# Every heartbeat the database took, by gateway (the gateways row keeps
+# only the last).
+BEATS = """
+CREATE TABLE beats (name TEXT NOT NULL, at BIGINT NOT NULL);
+CREATE FUNCTION beat_seen() RETURNS trigger LANGUAGE plpgsql
+  SECURITY DEFINER AS $$ BEGIN
+  INSERT INTO beats VALUES (NEW.name, NEW.heartbeat);
+  RETURN NEW; END $$;
+CREATE TRIGGER beat_seen AFTER INSERT OR UPDATE OF heartbeat ON gateways
+  FOR EACH ROW EXECUTE FUNCTION beat_seen();
+"""
+
+
 def appender(m, done, failed):
     """APPENDs through m every 20 ms until the session ends: done gets
     (subject, when its OK came), failed when it ended."""
@@ -432,6 +449,41 @@ def appender(m, done, failed):
         time.sleep(0.02)
 
 
+def appending(g, pair):
+    """alice logged in through g, appender() on that session in a thread,
+    three APPENDs taken: (thread, done, failed)."""
+    m = login(g, pair, 'alice')
+    done, failed = [], []
+    t = threading.Thread(target=appender, args=(m, done, failed),
+                         daemon=True)
+    t.start()
+    assert wait_for(lambda: len(done) >= 3, 10, 0.02), failed
+    return t, done, failed
+
+
+def appended_once(pair, done):
+    """alice copied, every message appender() had an OK for on the
+    destination once; then a message there alone (mark_destination)."""
+    pair.assert_copied('alice')
+    m = pair.dst.imap('alice')
+    try:
+        m.select('INBOX', readonly=True)
+        for subject, _ in done:
+            typ, data = m.search(None, 'SUBJECT', subject)
+            assert typ == 'OK' and len(data[0].split()) == 1, subject
+    finally:
+        m.logout()
+    mark_destination(pair, 'alice')
+
+
+def serves_destination(g, pair):
+    """Whether alice's login through g is served by the destination."""
+    try:
+        return on_destination(g, pair, 'alice')
+    except imaplib.IMAP4.error:
+        return False
+
+
 def test_cut_off_gateway_ends_its_relays(make_pair, pg, new_db, workdir):
     """gw-b cut off from PostgreSQL while a client APPENDs through its
     session of alice's to the source; gw-a moves alice, fencing gw-b.
@@ -447,12 +499,7 @@ def test_cut_off_gateway_ends_its_relays(make_pair, pg, new_db, workdir):
     try:
         a, b = gws
         pg.admin(db, FLIP_CLOCK)
-        mb = login(b, pair, 'alice')
-        done, failed = [], []
-        t = threading.Thread(target=appender, args=(mb, done, failed),
-                             daemon=True)
-        t.start()
-        assert wait_for(lambda: len(done) >= 3, 10, 0.02), failed
+        t, done, failed = appending(b, pair)
         proxy.cut_now()
         assert a.ctl('migrate', '--daemon', 'alice').rc == 0
         st = a.wait_state('alice', ('destination', 'failed'), timeout=120)
@@ -471,28 +518,114 @@ def test_cut_off_gateway_ends_its_relays(make_pair, pg, new_db, workdir):
         assert re.search(r'ended: user=<alice> this gateway lost touch',
                          b.log_text()), b.log_tail()
         assert 'alice: gateway gw-b fenced' in a.log_text(), a.log_tail()
-        pair.assert_copied('alice')
-        m = pair.dst.imap('alice')
-        try:
-            m.select('INBOX', readonly=True)
-            for subject, _ in done:
-                typ, data = m.search(None, 'SUBJECT', subject)
-                assert typ == 'OK' and len(data[0].split()) == 1, subject
-        finally:
-            m.logout()
-        mark_destination(pair, 'alice')
+        appended_once(pair, done)
         proxy.restore()
-
-        def there():
-            try:
-                return on_destination(b, pair, 'alice')
-            except imaplib.IMAP4.error:
-                return False
-        assert wait_for(there, 30, 0.2), b.log_tail()
+        assert wait_for(lambda: serves_destination(b, pair), 30, 0.2), \
+            b.log_tail()
         assert source_logins(b, 'alice') == 1
     finally:
         stop_all(gws)
         proxy.stop()
+
+
+def store_backend(pg, db, g):
+    """The PID of the server process behind g's own blocking connection
+    to the store (not the cluster's): found by g's ports (ss) in
+    pg_stat_activity."""
+    out = subprocess.run(['ss', '-tnpH', 'dst', '127.0.0.1:%d' % pg.port],
+                         capture_output=True, text=True, check=True).stdout
+    ports = [line.split()[3].rsplit(':', 1)[1] for line in out.splitlines()
+             if 'pid=%d,' % g.proc.pid in line]
+    assert ports, out
+    rows = pg.admin(db, "SELECT pid FROM pg_stat_activity WHERE "
+                        "application_name = 'mailshift' AND client_port IN "
+                        "(%s)" % ','.join(ports))
+    assert len(rows) == 1, (rows, ports)
+    return int(rows[0][0])
+
+
+def test_stalled_database_ends_relays_in_time(make_pair, pg, new_db,
+                                              workdir):
+    """The server process behind gw-b's store connection stopped (SIGSTOP:
+    the kernel still acknowledges every byte, so no TCP timeout fires)
+    while a client APPENDs through gw-b's session of alice's to the
+    source; u1's first login (gw-b writes the new user) then holds gw-b's
+    loop in that connection. gw-a moves alice, fencing
+    gw-b. While the loop is still held, gw-b's watchdog ends alice's
+    session before gw-a may fence it; the store call fails at [store]
+    timeout (6 s), and u1's login is answered with the process still
+    stopped; gw-b then serves again. (Heartbeat 500 ms, timeout 3 s.) Every message APPENDed is on the
+    destination once."""
+    pair = make_pair(users=('alice',))
+    db, url = new_db()
+    # a longer heartbeat here: the watchdog acts half of one before the
+    # others may fence, and a thread's wake-up under load takes some
+    beat = '[gateway]\nheartbeat = 500ms\ntimeout = 3s\nlease = 10s\n'
+    a, b = gws = start_gateways(pair, pg, url, workdir, ('gw-a', 'gw-b'),
+                                policy='off',
+                                confs={'gw-a': beat, 'gw-b': beat +
+                                       '[store]\ntimeout = 6s\n'})
+    stopped = None
+    try:
+        pg.admin(db, FLIP_CLOCK + BEATS)
+        t, done, failed = appending(b, pair)
+
+        def beats_of():
+            return [int(r[0]) / 1000 for r in pg.admin(
+                db, "SELECT at FROM beats WHERE name = 'gw-b' ORDER BY at")]
+        assert wait_for(lambda: len(beats_of()) >= 2, 10, 0.1)
+        stopped = store_backend(pg, db, b)
+        os.kill(stopped, signal.SIGSTOP)
+        stalled_at = time.time()
+        answer = {}
+
+        def first_login():
+            m = imaplib.IMAP4('127.0.0.1', b.imap_port)
+            try:
+                m.login('u1', pair.src.password('u1'))
+                answer['login'] = 'OK'
+            except imaplib.IMAP4.error as e:
+                answer['login'] = str(e)
+            answer['at'] = time.time()
+        u1 = threading.Thread(target=first_login, daemon=True)
+        u1.start()
+        assert a.ctl('migrate', '--daemon', 'alice').rc == 0
+        t.join(30)
+        assert failed and not t.is_alive(), b.log_tail()
+        u1.join(30)
+        # gw-b's loop ran again at the store's timeout, not at the end of
+        # the stop: u1's login had its answer (held, then routed or
+        # refused) with the server process still stopped
+        assert 'at' in answer, b.log_tail()
+        assert answer['at'] - stalled_at < 6 + 10, answer
+        # gw-b's last heartbeat before its loop was held: the others may
+        # fence it from then plus the timeout
+        assert wait_for(lambda: beats_of()[-1] > stalled_at + 5, 30, 0.2)
+        beats = beats_of()
+        gap = max(range(1, len(beats)), key=lambda i: beats[i] - beats[i - 1])
+        fence_from = beats[gap - 1] + 3
+        assert beats[gap] - beats[gap - 1] > 4, beats   # the loop was held
+        assert failed[0] < fence_from, (failed[0], fence_from)
+        # ended by the watchdog: the loop was held until the timeout
+        assert failed[0] < stalled_at + 6, (failed[0], stalled_at)
+        st = a.wait_state('alice', ('destination', 'failed'), timeout=120)
+        assert st == 'destination', (st, a.log_tail())
+        flip = float(pg.admin(db, 'SELECT min(at) FROM flip_seen')[0][0])
+        assert failed[0] < flip, (failed[0], flip)
+        assert 'alice: gateway gw-b fenced' in a.log_text(), a.log_tail()
+        assert re.search(r'the watchdog had shut 1 relayed sessions? down',
+                         b.log_text()), b.log_tail()
+        assert 'did not answer within the store' in b.log_text()
+        os.kill(stopped, signal.SIGCONT)
+        stopped = None
+        appended_once(pair, done)
+        assert wait_for(lambda: serves_destination(b, pair), 30, 0.2), \
+            b.log_tail()
+        login(b, pair, 'u1').logout()
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        stop_all(gws)
 
 
 def test_database_restart_mid_cutover(make_pair, pg, new_db, workdir):

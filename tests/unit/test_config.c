@@ -262,6 +262,9 @@ static void dconfig_keys(void **state)
 	expect_conf(LISTEN "[policy]\ndomain. = off\n", ":4: domain.", NULL);
 	expect_conf(LISTEN "[policy]\ndomain.a@b = off\n", ":4: domain.", NULL);
 	expect_conf(LISTEN "[store]\nbackend = mysql\n", ":4: backend", NULL);
+	expect_conf(LISTEN "[store]\ntimeout = 0\n", ":4: timeout", NULL);
+	expect_conf(LISTEN "[store]\ntimeout = 11m\n", ":4: timeout", NULL);
+	expect_conf(LISTEN "[store]\ntimeout = soon\n", ":4: timeout", NULL);
 	expect_conf(LISTEN "[listen]\ntransparent = maybe\n",
 		    ":4: transparent: yes or no", NULL);
 	expect_conf(LISTEN "[destination]\ntransparent = maybe\n",
@@ -320,6 +323,12 @@ static void ini_promises(void **state)
 	assert_string_equal(c.gw.listen[1].addr, "127.0.0.1:144");
 	assert_int_equal(c.gw.hold_max_seconds, 7);
 	assert_int_equal(c.gw.policy, MS_POLICY_OFF);
+	/* a section named twice: one section (the store's timeout beside
+	 * the path given before) */
+	expect_conf(LISTEN "[store]\npath = /x.db\n[policy]\n"
+		    "hold_max_seconds = 5\n[store]\ntimeout = 4s\n", NULL, &c);
+	assert_string_equal(c.store, "/x.db");
+	assert_int_equal(c.store_timeout, 4);
 }
 
 /* The defaults mailshift.conf(5) gives, as the daemon reads them (0 is
@@ -330,6 +339,7 @@ static void dconfig_defaults(void **state)
 
 	expect_conf(LISTEN, NULL, &c);
 	assert_string_equal(c.store, "/var/lib/mailshift/mailshift.db");
+	assert_int_equal(c.store_timeout, 30);
 	assert_string_equal(c.control, "/run/mailshift/control.sock");
 	assert_int_equal(c.gw.policy, MS_POLICY_PASSTHROUGH);
 	assert_int_equal(c.gw.sweep, 0);

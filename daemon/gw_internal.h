@@ -195,6 +195,10 @@ struct guser {
 					   for the other gateways' acks */
 	int begin_retry;		/* the cutover's request could not be
 					   written: tried again (grace timer) */
+	int alone;			/* several gateways' store, none other
+					   there as the copy began: joins */
+	int64_t joins;			/* the gateways' joins then (store.h,
+					   ms_store_gateway_joins) */
 };
 
 #define ADDR_BUCKETS 1024	/* per-address counts (gw_admit.c) */

@@ -219,19 +219,28 @@ static void lease_lost(struct ms_gateway *gw, struct guser *gu)
  * failed, source) ends it, any other renews it, in one transaction, and
  * only while this gateway still holds it. 1: the job was lost. */
 static int job_state(struct ms_gateway *gw, struct guser *gu, int64_t id,
-		     enum ms_user_state state, const char *error)
+		     enum ms_user_state state, const char *error,
+		     const int64_t *joins)
 {
 	int final = state == MS_USER_DESTINATION || state == MS_USER_FAILED ||
 		    state == MS_USER_SOURCE;
-	int held = 0, r;
+	int held = 0, alone = 0, r = 0;
 
 	if (ms_store_begin(gw->store) < 0)
 		return -1;
-	r = final ? ms_store_job_end(gw->store, id, gw->cfg.gw_name,
-				     state == MS_USER_FAILED ? "failed" :
-				     "done", error, &held) :
-		    ms_store_job_renew(gw->store, gu->name, gw->cfg.gw_name,
-				       lease_ms(gw), &held);
+	/* 2: another gateway came (or came and went) meanwhile */
+	if (joins != NULL &&
+	    (r = ms_store_gateway_alone(gw->store, *joins, &alone)) == 0 &&
+	    !alone)
+		r = 2;
+	if (r == 0)
+		r = final ? ms_store_job_end(gw->store, id, gw->cfg.gw_name,
+					     state == MS_USER_FAILED ?
+					     "failed" : "done", error,
+					     &held) :
+			ms_store_job_renew(gw->store, gu->name,
+					   gw->cfg.gw_name, lease_ms(gw),
+					   &held);
 	if (r == 0 && !held)
 		r = 1;
 	if (r == 0)
@@ -248,6 +257,18 @@ static int job_state(struct ms_gateway *gw, struct guser *gu, int64_t id,
 	return 0;
 }
 
+/* What follows a state written for the user. */
+static void state_written(struct ms_gateway *gw, const char *name,
+			  enum ms_user_state state)
+{
+	/* backend = kmod: the kernel resets what is left behind. */
+	ms_steer_user_state(name, state);
+	/* A final state ended the user's cutover request with it. */
+	if (gw->cluster != NULL && state != MS_USER_CUTOVER &&
+	    state != MS_USER_COPYING)
+		ms_cluster_settle(gw->cluster, name);
+}
+
 static int store_state(struct ms_gateway *gw, const char *name,
 		       enum ms_user_state state, const char *error)
 {
@@ -259,7 +280,7 @@ static int store_state(struct ms_gateway *gw, const char *name,
 		return -1;
 	if (ms_store_user_get(gw->store, name, &id) < 0 ||
 	    (gu != NULL && gu->job_held ?
-	     (r = job_state(gw, gu, id, state, error)) != 0 :
+	     (r = job_state(gw, gu, id, state, error, NULL)) != 0 :
 	     ms_store_user_set_state(gw->store, id, ms_user_state_names[state],
 				     error) < 0)) {
 		if (r == 1) {
@@ -270,12 +291,67 @@ static int store_state(struct ms_gateway *gw, const char *name,
 		       ms_store_error(gw->store));
 		return -1;
 	}
-	/* backend = kmod: the kernel resets what is left behind. */
-	ms_steer_user_state(name, state);
-	/* A final state ended the user's cutover request with it. */
-	if (gw->cluster != NULL && state != MS_USER_CUTOVER &&
-	    state != MS_USER_COPYING)
-		ms_cluster_settle(gw->cluster, name);
+	state_written(gw, name, state);
+	return 0;
+}
+
+/* Several gateways' store: as the copy begins, whether any other gateway
+ * is there (a row of its, live or not). None: the flip may go without a
+ * cutover if none came meanwhile either (flip_alone). */
+static void joins_note(struct ms_gateway *gw, struct guser *gu)
+{
+	int others = 0;
+
+	gu->alone = 0;
+	if (gw->cluster == NULL || gu->cutover || gu->rollback)
+		return;
+	if (ms_store_gateway_joins(gw->store, gw->cfg.gw_name, &gu->joins,
+				   &others) < 0) {
+		ms_warn("%s: store: %s: its flip goes through a cutover",
+			gu->name, ms_store_error(gw->store));
+		return;
+	}
+	gu->alone = others == 0;
+}
+
+/* The copy verified, nobody touched the source through this gateway
+ * meanwhile, and no other gateway was there as it began: the flip, in
+ * the job's transaction, if none came (or came and went) since; the
+ * count of joins stays locked until the commit, so one starting now sees
+ * the flip once it is in. 0: flipped (or the job was lost); 1: not alone
+ * or not sure, nothing written (a cutover then). */
+static int flip_alone(struct ms_gateway *gw, struct guser *gu)
+{
+	int64_t id;
+	int r;
+
+	if (!gu->alone || !gu->job_held || gu->lease_lost)
+		return 1;
+	gu->alone = 0;
+	if (ms_store_user_get(gw->store, gu->name, &id) < 0) {
+		ms_log(MS_LOG_ERROR, "%s: store: %s", gu->name,
+		       ms_store_error(gw->store));
+		return 1;
+	}
+	MS_CRASH_POINT("cutover.flip-before");
+	r = job_state(gw, gu, id, MS_USER_DESTINATION, NULL, &gu->joins);
+	if (r == 2) {
+		ms_info("%s: another gateway started during the copy: a "
+			"cutover", gu->name);
+		return 1;
+	}
+	if (r == 1) {
+		lease_lost(gw, gu);
+		return 0;
+	}
+	if (r < 0) {
+		ms_log(MS_LOG_ERROR, "%s: store: %s", gu->name,
+		       ms_store_error(gw->store));
+		return 1;
+	}
+	MS_CRASH_POINT("cutover.flip-after");
+	state_written(gw, gu->name, MS_USER_DESTINATION);
+	log_state(gw, gu->name, MS_USER_DESTINATION);
 	return 0;
 }
 
@@ -435,13 +511,22 @@ static void on_copy_done(const struct ms_user_report *rep, void *ctx)
 		gw_flip_when_quiet(gw, gu);
 		return;
 	}
+	if (!gu->cutover && gu->sessions == 0 && !gu->touched &&
+	    gw->cluster != NULL && flip_alone(gw, gu) == 0) {
+		/* No other gateway there since the copy began: flipped as
+		 * with one gateway on its own store. */
+		gu->flip_pending = 0;
+		ms_secret_free(&gu->pw);
+		held_release(gw, gu);
+		return;
+	}
 	if (!gu->cutover && gu->sessions == 0 &&
 	    (gu->touched || gw->cluster != NULL)) {
 		/* The user worked on the source while this copy ran and has
 		 * logged off since: a last delta, with nobody on the
-		 * source, before the flip. With several gateways, always:
-		 * the others may have had sessions, which the cutover's
-		 * request ends before its delta. */
+		 * source, before the flip. With several gateways, always
+		 * (but above): the others may have had sessions, which the
+		 * cutover's request ends before its delta. */
 		gw_cutover_begin(gw, gu);
 		return;
 	}
@@ -488,6 +573,7 @@ static void user_copy_start(struct ms_gateway *gw, struct guser *gu)
 	gu->copying = 1;
 	copies_start(gw);
 	gu->touched = gu->sessions > 0;
+	joins_note(gw, gu);
 	/* A side with an admin login uses it (the user's own password is
 	 * not the admin's); the other side the captured password. */
 	if (ms_mover_add_user(gw->mover, gu->name,
@@ -924,7 +1010,7 @@ static int rollback_flip(struct ms_gateway *gw, const char *name)
 	    ms_store_begin(gw->store) < 0)
 		return -1;
 	if (job_state(gw, gw_user_find(gw, name), id, MS_USER_SOURCE,
-		      NULL) != 0 ||
+		      NULL, NULL) != 0 ||
 	    ms_store_user_set_policy(gw->store, id, "off") < 0 ||
 	    ms_store_user_set_state(gw->store, id,
 				    ms_user_state_names[MS_USER_SOURCE],

@@ -235,6 +235,19 @@ static const char schema_pg_notify[] =
 	"DROP TRIGGER IF EXISTS mailshift_acks ON cutover_acks;"
 	"CREATE TRIGGER mailshift_acks AFTER INSERT ON cutover_acks"
 	" FOR EACH STATEMENT EXECUTE FUNCTION mailshift_changed('a');"
+	/* gateway_joins counts the gateways' rows ever inserted (a first
+	 * start, or one after a clean stop): a flip without a cutover
+	 * (ms_store_gateway_alone) sees that none came, nor came and went,
+	 * since the copy began. One row; like user_changes, not copied. */
+	"CREATE TABLE IF NOT EXISTS gateway_joins (one BOOLEAN PRIMARY KEY"
+	" DEFAULT TRUE CHECK (one), n BIGINT NOT NULL);"
+	"INSERT INTO gateway_joins (n) VALUES (0) ON CONFLICT DO NOTHING;"
+	"CREATE OR REPLACE FUNCTION mailshift_gateway_joined() RETURNS"
+	" trigger LANGUAGE plpgsql AS $$ BEGIN UPDATE gateway_joins SET"
+	" n = n + 1; RETURN NULL; END $$;"
+	"DROP TRIGGER IF EXISTS mailshift_gateways ON gateways;"
+	"CREATE TRIGGER mailshift_gateways AFTER INSERT ON gateways"
+	" FOR EACH ROW EXECUTE FUNCTION mailshift_gateway_joined();"
 	"DROP TRIGGER IF EXISTS mailshift_policies ON policies;"
 	"CREATE TRIGGER mailshift_policies AFTER INSERT OR UPDATE OR DELETE"
 	" ON policies FOR EACH STATEMENT"
@@ -2403,6 +2416,51 @@ int ms_store_gateway_remove(struct ms_store *store, const char *name)
 		return -1;
 	db_bind_text(st, 1, name);
 	return run_once(store, st, "gateway_remove");
+}
+
+int ms_store_gateway_joins(struct ms_store *store, const char *name,
+			   int64_t *joins_r, int *others_r)
+{
+	struct db_stmt *st;
+	int ret;
+
+	if (store->drv->sqlite_dialect)
+		return set_error(store, "gateway_joins: PostgreSQL only");
+	if (prepare(store, "SELECT n, (SELECT count(*) FROM gateways WHERE"
+		    " name <> ?1) FROM gateway_joins", &st, "gateway_joins") < 0)
+		return -1;
+	db_bind_text(st, 1, name);
+	ret = step_row(store, st, "gateway_joins");
+	if (ret == 1) {
+		*joins_r = db_column_int64(st, 0);
+		*others_r = (int)db_column_int64(st, 1);
+		release(st);
+	}
+	db_finalize(st);
+	if (ret == 0)
+		return set_error(store, "gateway_joins: no counter");
+	return ret < 0 ? -1 : 0;
+}
+
+int ms_store_gateway_alone(struct ms_store *store, int64_t joins,
+			   int *alone_r)
+{
+	struct db_stmt *st;
+	int ret;
+
+	*alone_r = 0;
+	if (store->drv->sqlite_dialect)
+		return set_error(store, "gateway_alone: PostgreSQL only");
+	if (prepare(store, "SELECT n FROM gateway_joins FOR UPDATE", &st,
+		    "gateway_alone") < 0)
+		return -1;
+	ret = step_row(store, st, "gateway_alone");
+	if (ret == 1) {
+		*alone_r = db_column_int64(st, 0) == joins;
+		release(st);
+	}
+	db_finalize(st);
+	return ret < 0 ? -1 : 0;
 }
 
 int ms_store_gateway_foreach(struct ms_store *store, ms_store_gateway_cb *cb,

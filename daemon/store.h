@@ -14,7 +14,7 @@
 #include <stdint.h>
 
 /* The store's schema version (store.c says what each one added). */
-#define MS_STORE_SCHEMA_VERSION 11
+#define MS_STORE_SCHEMA_VERSION 12
 
 struct ms_store;
 
@@ -413,6 +413,16 @@ int ms_store_cutover_clear(struct ms_store *store, int64_t user_id);
 /* The gateway's row, (re)started now; removed at a clean stop. */
 int ms_store_gateway_register(struct ms_store *store, const char *name);
 int ms_store_gateway_remove(struct ms_store *store, const char *name);
+/* A flip without a cutover (PostgreSQL): _joins, as the user's copy
+ * begins, reads the count of gateways' rows ever inserted (the store's
+ * trigger counts them) and how many rows other than name's there are;
+ * _alone, inside the flip's transaction, locks that count until the
+ * commit (a gateway's start waits for it) and says whether it is still
+ * joins: no other gateway came (or came and went) since. */
+int ms_store_gateway_joins(struct ms_store *store, const char *name,
+			   int64_t *joins_r, int *others_r);
+int ms_store_gateway_alone(struct ms_store *store, int64_t joins,
+			   int *alone_r);
 struct ms_gateway_row {
 	char name[128];
 	int64_t started_ms, heartbeat_ms;	/* the database's clock */

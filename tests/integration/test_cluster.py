@@ -9,7 +9,8 @@ policy set through one gateway reaches the other at once (LISTEN/NOTIFY),
 and a change whose notification was lost at the next heartbeat (the
 change counter);
 status and sessions list every gateway with its heartbeat, sessions and
-copies; a gateway killed with -9 is fenced after the timeout and the
+copies; one gateway alone on the store flips without the cutover; a
+gateway killed with -9 is fenced after the timeout and the
 cutover goes on without it; a gateway stopped (SIGSTOP) past the timeout
 ends, when it comes back, the session the others' flip left on the
 source; a gateway whose database connection is cut (a proxy) holds logins
@@ -304,6 +305,31 @@ def test_kill9_gateway_fenced_cutover_goes_on(make_pair, pg, new_db,
         assert 'alice: cutover asked by gateway gw-a' in b.log_text()
         listed = gateways(a)
         assert not listed['gw-c']['live'] and listed['gw-b']['live'], listed
+    finally:
+        stop_all(gws)
+
+
+def test_alone_on_the_store_flips_at_once(make_pair, pg, new_db, workdir):
+    """One gateway on the store, none other there since alice's copy
+    began: the flip goes as on its own store, without the cutover (no
+    grace, no last delta); with gw-b there too, u1's goes through it."""
+    pair = make_pair(users=('alice', 'u1'))
+    db, url = new_db()
+    a, = gws = start_gateways(pair, pg, url, workdir, ('gw-a',))
+    try:
+        assert a.ctl('migrate', '--daemon', 'alice').rc == 0
+        st = a.wait_state('alice', ('destination', 'failed'), timeout=120)
+        assert st == 'destination', (st, a.log_tail())
+        pair.assert_copied('alice')
+        log = a.log_text()
+        assert 'alice: state cutover' not in log, log
+        assert 'alice: copy started (the last delta)' not in log, log
+        gws += start_gateways(pair, pg, url, workdir, ('gw-b',))
+        assert a.ctl('migrate', '--daemon', 'u1').rc == 0
+        st = a.wait_state('u1', ('destination', 'failed'), timeout=120)
+        assert st == 'destination', (st, a.log_tail())
+        assert 'u1: cutover asked by gateway gw-a' in gws[1].log_text()
+        assert 'u1: copy started (the last delta)' in a.log_text()
     finally:
         stop_all(gws)
 

@@ -1437,6 +1437,45 @@ static void claim_cb(void *ctx, const char *user, const char *kind,
 /* Jobs and leases: one owner at a time; a lease renewed only by its
  * owner; an expired one taken over; the sweep's queue claimed in name
  * order, a job held by one gateway not claimed by another. */
+/* PostgreSQL: a flip without a cutover needs no other gateway to have
+ * come, nor come and gone, since the copy began (gateway_joins). */
+static void test_gateway_joins(void **state)
+{
+	struct fixture *f = *state;
+	int64_t j0, j1;
+	int others = -1, alone = -1;
+
+	if (pg_url == NULL)
+		skip();
+	assert_int_equal(ms_store_gateway_register(f->store, "gw1"), 0);
+	assert_int_equal(ms_store_gateway_joins(f->store, "gw1", &j0,
+						&others), 0);
+	assert_int_equal(others, 0);
+	assert_int_equal(ms_store_begin(f->store), 0);
+	assert_int_equal(ms_store_gateway_alone(f->store, j0, &alone), 0);
+	assert_int_equal(alone, 1);
+	assert_int_equal(ms_store_commit(f->store), 0);
+	/* gw1's own start again (its row there): not a join */
+	assert_int_equal(ms_store_gateway_register(f->store, "gw1"), 0);
+	assert_int_equal(ms_store_gateway_alone(f->store, j0, &alone), 0);
+	assert_int_equal(alone, 1);
+
+	/* gw2 came and went: no row of another now, but not alone */
+	assert_int_equal(ms_store_gateway_register(f->store, "gw2"), 0);
+	assert_int_equal(ms_store_gateway_joins(f->store, "gw1", &j1,
+						&others), 0);
+	assert_int_equal(others, 1);
+	assert_int_equal(ms_store_gateway_remove(f->store, "gw2"), 0);
+	assert_int_equal(ms_store_gateway_joins(f->store, "gw1", &j1,
+						&others), 0);
+	assert_int_equal(others, 0);
+	assert_true(j1 != j0);
+	assert_int_equal(ms_store_gateway_alone(f->store, j0, &alone), 0);
+	assert_int_equal(alone, 0);
+	assert_int_equal(ms_store_gateway_alone(f->store, j1, &alone), 0);
+	assert_int_equal(alone, 1);
+}
+
 static void test_jobs(void **state)
 {
 	struct fixture *f = *state;
@@ -1526,6 +1565,8 @@ int main(void)
 						teardown),
 		cmocka_unit_test_setup_teardown(test_sizes, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_jobs, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_gateway_joins, setup,
+						teardown),
 	};
 
 	pg_url = getenv("MS_TEST_STORE_URL");

@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <libpq-fe.h>
 
@@ -131,11 +132,22 @@ struct ms_cluster {
 	unsigned int map_epoch;		/* loaded in this epoch */
 	int map_loading;		/* a load is queued */
 	struct stale *stale;
+	struct add *adds;		/* users to add to the store */
 	int lost_said;			/* a lost connection was logged */
 	int out_said;			/* out of time was logged */
 };
 
+/* A user the map does not hold, whose row is to be written (a first
+ * login): tried again each heartbeat until it is in. */
+struct add {
+	struct add *next;
+	int sent;			/* its INSERT is queued */
+	int said;			/* a failure was logged */
+	char name[];
+};
+
 static void conn_lost(struct ms_cluster *c, const char *why);
+static void add_send(struct ms_cluster *c, struct add *a);
 static void queue_run(struct ms_cluster *c);
 static void reconcile(struct ms_cluster *c);
 
@@ -1149,6 +1161,9 @@ static void on_tick(uv_timer_t *t)
 	for (struct pending *p = c->pending; p != NULL; p = p->next)
 		if (p->mine && !p->ready)
 			ready_check(c, p);
+	for (struct add *a = c->adds; a != NULL; a = a->next)
+		if (!a->sent)
+			add_send(c, a);
 }
 
 /* ---- jobs on this connection (docs/design.md, "Jobs and leases") ----
@@ -1184,22 +1199,22 @@ static void job_q_free(struct job_q *j)
 }
 
 /* Queues text (taken over), its end told through done whatever
- * happens. */
+ * happens; arg is freed after done. */
 static void text_query(struct ms_cluster *c, char *text, query_done *done,
-		       struct job_q *j)
+		       void *arg)
 {
 	struct cq *q;
 
 	if (text == NULL || !c->connected ||
 	    (q = calloc(1, sizeof(*q))) == NULL) {
 		free(text);
-		done(c, NULL, j);
-		free(j);
+		done(c, NULL, arg);
+		free(arg);
 		return;
 	}
 	q->text = text;
 	q->done = done;
-	q->arg = j;
+	q->arg = arg;
 	q->told = 1;
 	cq_push(c, q);
 }
@@ -1241,6 +1256,74 @@ static const char *job_error(PGresult *res)
 	if (res == NULL)
 		return "the cluster's connection to the database is lost";
 	return PQresultErrorMessage(res);
+}
+
+/* ---- users added on this connection (a first login) ---- */
+
+static struct add *add_find(struct ms_cluster *c, const char *name,
+			    struct add ***prev_r)
+{
+	struct add **pp = &c->adds;
+
+	for (; *pp != NULL; pp = &(*pp)->next)
+		if (!strcmp((*pp)->name, name))
+			break;
+	if (prev_r != NULL)
+		*prev_r = pp;
+	return *pp;
+}
+
+static void on_added(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	struct add **pp, *a = add_find(c, arg, &pp);
+
+	if (a == NULL)
+		return;
+	a->sent = 0;
+	if (res == NULL || PQresultStatus(res) != PGRES_COMMAND_OK) {
+		/* (a lock held past half a heartbeat, the connection lost:
+		 * again at the next heartbeat) */
+		if (!a->said)
+			ms_warn("cluster: user %s: store: %s: written again "
+				"at the next heartbeat", a->name,
+				job_error(res));
+		a->said = 1;
+		return;
+	}
+	*pp = a->next;
+	free(a);
+}
+
+static void add_send(struct ms_cluster *c, struct add *a)
+{
+	char *name = literal(c, a->name), *arg = strdup(a->name);
+
+	if (name == NULL || arg == NULL) {
+		free(name);
+		free(arg);
+		return;
+	}
+	a->sent = 1;
+	text_query(c, job_text(c, "INSERT INTO users (name, updated_at) "
+			       "VALUES (%s, %lld) ON CONFLICT (name) DO "
+			       "NOTHING", name, (long long)time(NULL)),
+		   on_added, arg);
+	free(name);
+}
+
+void ms_cluster_user_add(struct ms_cluster *c, const char *name)
+{
+	struct add *a = add_find(c, name, NULL);
+
+	if (a == NULL) {
+		if ((a = calloc(1, sizeof(*a) + strlen(name) + 1)) == NULL)
+			return;
+		strcpy(a->name, name);
+		a->next = c->adds;
+		c->adds = a;
+	}
+	if (!a->sent)
+		add_send(c, a);
 }
 
 static void on_claimed(struct ms_cluster *c, PGresult *res, void *arg)
@@ -1490,6 +1573,12 @@ void ms_cluster_free(struct ms_cluster **cp)
 	map_clear(c);
 	free(c->map);
 	stale_clear(c, UINT_MAX);
+	while (c->adds != NULL) {
+		struct add *a = c->adds;
+
+		c->adds = a->next;
+		free(a);
+	}
 	free(c->url);
 	free(c);
 }

@@ -102,6 +102,11 @@ int ms_cluster_sure(const struct ms_cluster *c);
 /* The thread that ends relays at the deadline when the loop cannot
  * (watchdog.h); NULL when it could not be started. */
 struct ms_watchdog *ms_cluster_watchdog(const struct ms_cluster *c);
+/* A user the map is sure not to hold (ms_cluster_user() said 0), whose
+ * row is written on this connection without waiting (a first login):
+ * with a lock timeout of half a heartbeat, tried again each heartbeat
+ * until it is in. */
+void ms_cluster_user_add(struct ms_cluster *c, const char *name);
 /* Whether a cutover or rollback of user is under way (this gateway's or
  * another's): its logins are held. */
 int ms_cluster_holds(const struct ms_cluster *c, const char *user);

@@ -140,6 +140,21 @@ static int user_state(struct ms_gateway *gw, const char *name,
 	return user_lookup(gw, name, info);
 }
 
+/* user_state() for a login a server accepted: on several gateways' store
+ * a user the map is sure not to hold is added over the cluster's
+ * connection without waiting on the database (a first login), and is on
+ * the source meanwhile, as its new row will say. */
+static int login_user(struct ms_gateway *gw, const char *name,
+		      struct ms_user_info *info)
+{
+	if (gw->cluster != NULL &&
+	    ms_cluster_user(gw->cluster, name, info) == 0) {
+		ms_cluster_user_add(gw->cluster, name);
+		return user_lookup(gw, name, info);
+	}
+	return user_state(gw, name, info);
+}
+
 /* "USER: state STATE" at -v, once per change: the mover writes "copying"
  * and "failed" itself, and the gateway writes some states again (a last
  * delta's cutover, an operator's migrate, a copy that ends with sessions
@@ -774,7 +789,7 @@ int gw_login_accepted(struct session *s, const char **why_r)
 		*why_r = "not caught up with the other gateways";
 		return -1;
 	}
-	if (user_state(gw, name, &info) < 0) {
+	if (login_user(gw, name, &info) < 0) {
 		*why_r = ms_store_error(gw->store);
 		return -1;
 	}

@@ -691,8 +691,10 @@ def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):
     """The users table locked (ACCESS EXCLUSIVE) for 3 s by another
     connection: a login through the gateway of a user in its map, and the
     commands of a session open before, each complete in well under a
-    second (the map in memory, docs/design.md "Several gateways"); the lock
-    still held after them. With admin logins and the sweep on: the jobs'
+    second (the map in memory, docs/design.md "Several gateways"), and so
+    does the first login of a user the map does not hold (its row written
+    on the cluster's connection, again at each heartbeat until the lock
+    is gone); the lock still held after them. With admin logins and the sweep on: the jobs'
     timer's queue and claim, each second, run on the cluster's connection
     ("Jobs and leases") and wait on the lock for half a heartbeat at
     most; the heartbeat behind them keeps the gateway from fencing itself
@@ -731,11 +733,24 @@ def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):
         assert mb.fetch(data[0].split()[0], '(FLAGS)')[0] == 'OK'
         assert mb.noop()[0] == 'OK'
         took_cmds = time.monotonic() - t0
+        # a user the map does not hold: its row is written on the
+        # cluster's connection, the login does not wait for it
+        t0 = time.monotonic()
+        m3 = login(a, pair, 'u3')
+        took_new = time.monotonic() - t0
         assert users_locked(pg, db), 'the lock ended before the measure'
         assert took_login < 0.8, took_login
         assert took_cmds < 0.8, took_cmds
+        assert took_new < 0.8, took_new
         m.logout()
         mb.logout()
+        m3.logout()
+        # the lock gone, u3's row is in (tried again each heartbeat)
+        assert wait_for(lambda: pg.admin(db, "SELECT count(*) FROM users "
+                                             "WHERE name = 'u3'") == [['1']],
+                        10, 0.1), a.log_tail()
+        assert re.search(r'cluster: user u3: store: .*lock timeout.*'
+                         r'written again', a.log_text()), a.log_tail()
     finally:
         if locker is not None:
             locker.join(10)

@@ -268,8 +268,11 @@ class Mailshiftd:
                 self.cert_file, self.key_file = self.tls_ca.issue(
                     name, ('127.0.0.1', 'localhost'))
                 os.chmod(self.key_file, 0o600)
+        text = self.config_text()
         with open(self.config_path, 'w') as f:
-            f.write(self.config_text())
+            f.write(text)
+        # (a subclass's own config may name another store)
+        catch_up = self.await_catch_up and self.store_url in text
         self.killed = False
         log = open(self.log_path, 'ab')
         log_from = log.tell()
@@ -302,7 +305,7 @@ class Mailshiftd:
                 raise dc.HarnessError('mailshiftd exited at start (rc %s):\n%s'
                                       % (rc, self.log_tail()))
             if os.path.exists(self.socket_path) and self._greets() and \
-                    (not self.await_catch_up or
+                    (not catch_up or
                      b'cluster: caught up' in self._log_since(log_from)):
                 return self
             if time.monotonic() > deadline:

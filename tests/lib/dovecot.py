@@ -32,6 +32,7 @@ import imaplib
 import math
 import os
 import poplib
+import random
 import shutil
 import signal
 import socket
@@ -84,11 +85,42 @@ def _check_traversable(path):
         p = parent
 
 
-def free_port():
-    """A TCP port free on 127.0.0.1 right now (bind port 0, then close)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _listen_range():
+    """Where the harness picks ports for servers to listen on: below the
+    kernel's range for outgoing connections' local ports, so that no
+    client's connection can take a port between its pick and the
+    server's bind (seen in a loaded run: Dovecot's pop3-login refused with
+    "Address already in use"). None: no room below it."""
     try:
-        s.bind(('127.0.0.1', 0))
+        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (10000, low - 1) if low > 12000 else None
+
+
+LISTEN_RANGE = _listen_range()
+
+
+def _bound():
+    """A socket bound to a free port of 127.0.0.1 (not listening)."""
+    for _ in range(500 if LISTEN_RANGE else 0):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind(('127.0.0.1', random.randint(*LISTEN_RANGE)))
+            return s
+        except OSError:
+            s.close()
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(('127.0.0.1', 0))
+    return s
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 right now (bound, then closed), below
+    the range of outgoing connections' local ports."""
+    s = _bound()
+    try:
         return s.getsockname()[1]
     finally:
         s.close()
@@ -96,17 +128,14 @@ def free_port():
 
 def _free_ports(n):
     # Hold all sockets open until every port is picked, so they differ.
-    socks, ports = [], []
+    socks = []
     try:
         for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(('127.0.0.1', 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
+            socks.append(_bound())
+        return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
             s.close()
-    return ports
 
 
 def _quote(s):

@@ -732,6 +732,8 @@ static void on_retry(uv_timer_t *t)
  * delta. */
 static void out_of_time(struct ms_cluster *c)
 {
+	unsigned int shut;
+
 	c->caught_up = 0;
 	c->epoch++;
 	if (c->fenced)
@@ -742,10 +744,10 @@ static void out_of_time(struct ms_cluster *c)
 		"may fence this one soon: its sessions end, logins are held "
 		"until it has caught up",
 		(unsigned long long)(uv_now(c->loop) - c->last_ok));
-	if (c->wd != NULL && ms_watchdog_fired(c->wd) > 0)
+	shut = c->wd != NULL ? ms_watchdog_fired(c->wd) : 0;
+	if (shut > 0)
 		ms_warn("cluster: the loop was held past the deadline: the "
-			"watchdog had shut %u relayed sessions down",
-			ms_watchdog_fired(c->wd));
+			"watchdog had shut %u relayed sessions down", shut);
 	c->ops->fenced(c->ctx);
 }
 

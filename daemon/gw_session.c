@@ -193,6 +193,7 @@ static struct ms_watchdog *watchdog(const struct ms_gateway *gw)
 void gw_session_close(struct session *s)
 {
 	struct ms_gateway *gw = s->gw;
+	struct ms_watchdog *wd;
 
 	if (s->st == SS_CLOSING)
 		return;
@@ -202,8 +203,8 @@ void gw_session_close(struct session *s)
 		ms_steer_session_end(s->peer, s->peer_port, s->local,
 				     s->local_port);
 	s->st = SS_CLOSING;
-	if (watchdog(gw) != NULL)
-		ms_watchdog_remove(watchdog(gw), &s->wd_slot);
+	if ((wd = watchdog(gw)) != NULL)
+		ms_watchdog_remove(wd, &s->wd_slot);
 	ms_conn_close(&s->b);
 	ms_conn_close(&s->c);
 	gw_clear_args(s);
@@ -252,12 +253,14 @@ static void on_backend_drain(struct ms_conn *conn)
 
 static void enter_relay(struct session *s, const char *rest, size_t restlen)
 {
+	struct ms_watchdog *wd;
+
 	gw_timer_stop(s);
 	s->st = SS_RELAY;
 	s->logged_in = 1;
 	/* Several gateways: ended at the deadline even by a held loop. */
-	if (watchdog(s->gw) != NULL)
-		ms_watchdog_add(watchdog(s->gw), &s->wd_slot, ms_conn_fd(s->c),
+	if ((wd = watchdog(s->gw)) != NULL)
+		ms_watchdog_add(wd, &s->wd_slot, ms_conn_fd(s->c),
 				ms_conn_fd(s->b));
 	gw_log_login(s, MS_LOG_INFO, NULL, "ok", NULL);
 	/* backend = kmod: the kernel's view of who is where (steer_kmod.c). */

@@ -106,6 +106,15 @@ static int user_find(struct ms_gateway *gw, const char *name,
 	return ms_store_user_info(gw->store, name, info, found_r);
 }
 
+/* What an unknown user is: on the source, the default policy. */
+static void unknown_user(const char *name, struct ms_user_info *info)
+{
+	memset(info, 0, sizeof(*info));
+	snprintf(info->name, sizeof(info->name), "%s", name);
+	snprintf(info->state, sizeof(info->state), "%s",
+		 ms_user_state_names[MS_USER_SOURCE]);
+}
+
 /* The user's row, or what an unknown user would get (on the source, the
  * default policy): nothing is written. */
 static int user_lookup(struct ms_gateway *gw, const char *name,
@@ -115,12 +124,8 @@ static int user_lookup(struct ms_gateway *gw, const char *name,
 
 	if (user_find(gw, name, info, &found) < 0)
 		return -1;
-	if (!found) {
-		memset(info, 0, sizeof(*info));
-		snprintf(info->name, sizeof(info->name), "%s", name);
-		snprintf(info->state, sizeof(info->state), "%s",
-			 ms_user_state_names[MS_USER_SOURCE]);
-	}
+	if (!found)
+		unknown_user(name, info);
 	return 0;
 }
 
@@ -150,7 +155,8 @@ static int login_user(struct ms_gateway *gw, const char *name,
 	if (gw->cluster != NULL &&
 	    ms_cluster_user(gw->cluster, name, info) == 0) {
 		ms_cluster_user_add(gw->cluster, name);
-		return user_lookup(gw, name, info);
+		unknown_user(name, info);
+		return 0;
 	}
 	return user_state(gw, name, info);
 }

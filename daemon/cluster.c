@@ -1417,6 +1417,109 @@ void ms_cluster_size_next(struct ms_cluster *c, ms_cluster_sized *sized,
 	text_query(c, job_text(c, "%s", MS_SIZE_NEXT_SQL), on_size_next, j);
 }
 
+/* ---- writes that wait on nothing (the survey's sizes, the source's
+ * uses) ---- */
+
+struct write_q {
+	ms_cluster_written *done;
+	void *ctx;
+};
+
+static void on_written(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	struct write_q *w = arg;
+
+	(void)c;
+	w->done(w->ctx, res_ok(res) ? NULL : job_error(res));
+}
+
+/* text (taken over: NULL when it could not be made) queued; done told. */
+static void write_text(struct ms_cluster *c, char *text,
+		       ms_cluster_written *done, void *ctx)
+{
+	struct write_q *w = calloc(1, sizeof(*w));
+
+	if (w == NULL || text == NULL) {
+		free(w);
+		free(text);
+		done(ctx, "out of memory");
+		return;
+	}
+	w->done = done;
+	w->ctx = ctx;
+	text_query(c, text, on_written, w);
+}
+
+void ms_cluster_size_set(struct ms_cluster *c, const char *user,
+			 const struct ms_user_size *sz,
+			 ms_cluster_written *done, void *ctx)
+{
+	char *name, *how, *text = NULL;
+
+	if (!c->connected) {
+		done(ctx, job_error(NULL));
+		return;
+	}
+	name = literal(c, user);
+	how = literal(c, sz->how);
+	if (name != NULL && how != NULL)
+		text = job_text(c, "INSERT INTO user_sizes (user_id, messages,"
+				" bytes, how, at) SELECT id, %lld, %lld, %s, "
+				"%lld FROM users WHERE name = %s ON CONFLICT "
+				"(user_id) DO UPDATE SET messages = "
+				"excluded.messages, bytes = excluded.bytes, "
+				"how = excluded.how, at = excluded.at",
+				(long long)sz->messages, (long long)sz->bytes,
+				how, (long long)(sz->at != 0 ? sz->at :
+						 (int64_t)time(NULL)), name);
+	free(name);
+	free(how);
+	write_text(c, text, done, ctx);
+}
+
+void ms_cluster_source_uses(struct ms_cluster *c,
+			    const struct ms_source_use *u, size_t n,
+			    ms_cluster_written *done, void *ctx)
+{
+	char *text = NULL;
+	size_t len = 0;
+	int ok = 1;
+	FILE *f;
+
+	if (!c->connected) {
+		done(ctx, job_error(NULL));
+		return;
+	}
+	if ((f = open_memstream(&text, &len)) == NULL) {
+		done(ctx, "out of memory");
+		return;
+	}
+	fprintf(f, "SET LOCAL lock_timeout = %u",
+		c->heartbeat_ms / 2 ? c->heartbeat_ms / 2 : 1);
+	for (size_t i = 0; ok && i < n; i++) {
+		char *key = literal(c, u[i].key), *kind = literal(c, u[i].kind);
+		char *name = literal(c, u[i].name);
+
+		ok = key != NULL && kind != NULL && name != NULL;
+		if (ok)
+			fprintf(f, "; INSERT INTO source_use (key, kind, name,"
+				" at, slack) VALUES (%s, %s, %s, %lld, %lld) "
+				"ON CONFLICT (key, kind) DO UPDATE SET name = "
+				"excluded.name, at = excluded.at, slack = "
+				"excluded.slack WHERE source_use.at <= "
+				"excluded.at", key, kind, name,
+				(long long)u[i].at, (long long)u[i].slack);
+		free(key);
+		free(kind);
+		free(name);
+	}
+	if (fclose(f) != 0 || !ok) {
+		free(text);
+		text = NULL;
+	}
+	write_text(c, text, done, ctx);
+}
+
 static void on_renewed(struct ms_cluster *c, PGresult *res, void *arg)
 {
 	struct job_q *j = arg;

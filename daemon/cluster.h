@@ -14,6 +14,7 @@
 #ifndef MS_CLUSTER_H
 #define MS_CLUSTER_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include <uv.h>
@@ -21,6 +22,8 @@
 struct ms_store;
 struct ms_cluster;
 struct ms_user_info;
+struct ms_user_size;
+struct ms_source_use;
 
 struct ms_cluster_ops {
 	/* A cutover or rollback of user was asked (by any gateway): the
@@ -83,6 +86,18 @@ void ms_cluster_job_renew(struct ms_cluster *c, const char *owner,
 			  unsigned int lease_ms, const char *const *users,
 			  unsigned int n, ms_cluster_renewed *renewed,
 			  ms_cluster_jobs_done *done, void *ctx);
+/* Writes on this connection, not the loop's to wait on: _size_set as
+ * ms_store_size_set() for the user of that name; _source_uses as
+ * ms_store_source_use_note() for u[0..n-1] (copied before it returns),
+ * in one transaction, a row never set back to an older use. done hears
+ * the end exactly once, possibly at once: error NULL when committed. */
+typedef void ms_cluster_written(void *ctx, const char *error);
+void ms_cluster_size_set(struct ms_cluster *c, const char *user,
+			 const struct ms_user_size *sz,
+			 ms_cluster_written *done, void *ctx);
+void ms_cluster_source_uses(struct ms_cluster *c,
+			    const struct ms_source_use *u, size_t n,
+			    ms_cluster_written *done, void *ctx);
 
 /* Registers the gateway (a blocking write through store, at start) and
  * starts the connection, the heartbeat and the reconcile. */

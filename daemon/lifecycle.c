@@ -1679,6 +1679,15 @@ static int cl_known(void *ctx, const char *name)
 	return ms_cluster_user(gw->cluster, name, &info);
 }
 
+/* The source's uses (retire.c) written on the cluster's connection. */
+static void cl_write_uses(void *ctx, const struct ms_source_use *u, size_t n,
+			  ms_retire_done_cb *done, void *done_ctx)
+{
+	struct ms_gateway *gw = ctx;
+
+	ms_cluster_source_uses(gw->cluster, u, n, done, done_ctx);
+}
+
 static const struct ms_cluster_ops cluster_ops = {
 	.hold = cl_hold,
 	.settled = cl_settled,
@@ -1704,6 +1713,7 @@ static int cluster_start(struct ms_gateway *gw, char *err, size_t errsz)
 			   &gw->cluster, err, errsz) < 0)
 		return -1;
 	ms_retire_set_known(cl_known, gw);
+	ms_retire_set_writer(cl_write_uses, gw);
 	ms_survey_set_cluster(gw->survey, gw->cluster);
 	return 0;
 }
@@ -1740,8 +1750,11 @@ int gw_lifecycle_start(struct ms_gateway *gw,
  * passwords wiped). */
 void gw_lifecycle_free(struct ms_gateway *gw)
 {
-	if (gw->cluster != NULL)
+	if (gw->cluster != NULL) {
 		ms_retire_set_known(NULL, NULL);
+		ms_retire_set_writer(NULL, NULL);
+	}
+	/* (a batch of uses out is told lost: written at ms_retire_stop) */
 	ms_cluster_free(&gw->cluster);
 	if (gw->sweep_timer != NULL)
 		ms_close_free((uv_handle_t *)gw->sweep_timer, gw->sweep_timer);

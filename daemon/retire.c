@@ -92,6 +92,14 @@ static struct {
 	uv_timer_t *timer;
 	struct ms_source_use *pend;
 	size_t npend;
+	/* several gateways: written by the cluster's connection, the loop
+	 * waiting on nothing; one batch at a time, sent[0..nsent-1] */
+	ms_retire_write_cb *write;
+	void *write_ctx;
+	struct ms_source_use *sent;
+	size_t nsent;
+	int sending;
+	int failed_said;
 } rec;
 
 void ms_retire_init(uv_loop_t *loop, struct ms_store *store,
@@ -103,25 +111,81 @@ void ms_retire_init(uv_loop_t *loop, struct ms_store *store,
 	if (loop == NULL)
 		return;		/* each use written when it happens */
 	rec.pend = calloc(PENDING_MAX, sizeof(*rec.pend));
+	rec.sent = calloc(PENDING_MAX, sizeof(*rec.sent));
 	rec.timer = malloc(sizeof(*rec.timer));
-	if (rec.pend == NULL || rec.timer == NULL) {
+	if (rec.pend == NULL || rec.sent == NULL || rec.timer == NULL) {
 		/* Without them each use is written when it happens. */
 		free(rec.pend);
+		free(rec.sent);
 		free(rec.timer);
 		rec.pend = NULL;
+		rec.sent = NULL;
 		rec.timer = NULL;
 		return;
 	}
 	uv_timer_init(loop, rec.timer);
 }
 
-/* What waits, in one transaction. */
+static void on_flush(uv_timer_t *t);
+
+static void flush_later(void)
+{
+	if (rec.timer != NULL && rec.npend > 0 &&
+	    !uv_is_active((uv_handle_t *)rec.timer))
+		uv_timer_start(rec.timer, on_flush, FLUSH_MS, 0);
+}
+
+/* The batch sent to the writer is in, or not: then it waits again, before
+ * the uses noted since (newer), the oldest dropped past PENDING_MAX. */
+static void on_written(void *ctx, const char *error)
+{
+	size_t keep;
+
+	(void)ctx;
+	rec.sending = 0;
+	if (error == NULL) {
+		rec.failed_said = 0;
+		rec.nsent = 0;
+		flush_later();
+		return;
+	}
+	keep = PENDING_MAX - rec.npend;
+	if (keep > rec.nsent)
+		keep = rec.nsent;
+	if (!rec.failed_said || keep < rec.nsent)
+		ms_log(MS_LOG_ERROR, "recording %zu use(s) of the source: "
+		       "store: %s: written again in a second%s", rec.nsent,
+		       error, keep < rec.nsent ? " (the oldest dropped: too "
+		       "many waiting)" : "");
+	rec.failed_said = 1;
+	memmove(rec.pend + keep, rec.pend, rec.npend * sizeof(*rec.pend));
+	memcpy(rec.pend, rec.sent + (rec.nsent - keep), keep * sizeof(*rec.pend));
+	rec.npend += keep;
+	rec.nsent = 0;
+	flush_later();
+}
+
+/* What waits, in one transaction: handed to the writer when there is
+ * one (and it has no batch out), else on the store's connection. */
 static void flush(void)
 {
 	int ok;
 
 	if (rec.npend == 0)
 		return;
+	if (rec.write != NULL && rec.sending)
+		return;		/* sent when the batch out is answered */
+	if (rec.write != NULL) {
+		struct ms_source_use *t = rec.sent;
+
+		rec.sent = rec.pend;
+		rec.nsent = rec.npend;
+		rec.pend = t;
+		rec.npend = 0;
+		rec.sending = 1;
+		rec.write(rec.write_ctx, rec.sent, rec.nsent, on_written, NULL);
+		return;
+	}
 	ok = ms_store_begin(rec.store) == 0;
 	for (size_t i = 0; ok && i < rec.npend; i++)
 		ok = ms_store_source_use_note(rec.store, &rec.pend[i]) == 0;
@@ -140,16 +204,27 @@ static void on_flush(uv_timer_t *t)
 	flush();
 }
 
+void ms_retire_set_writer(ms_retire_write_cb *cb, void *ctx)
+{
+	rec.write = cb;
+	rec.write_ctx = ctx;
+}
+
 void ms_retire_stop(void)
 {
 	if (rec.store == NULL)
 		return;
+	/* (the writer is gone by now: its batch out was answered, in or
+	 * back in pend) */
+	rec.write = NULL;
 	flush();
 	if (rec.timer != NULL)
 		ms_close_free((uv_handle_t *)rec.timer, rec.timer);
 	rec.timer = NULL;
 	free(rec.pend);
+	free(rec.sent);
 	rec.pend = NULL;
+	rec.sent = NULL;
 	rec.store = NULL;
 }
 
@@ -273,9 +348,17 @@ void ms_retire_note(const char *kind, const char *name)
 	} else {
 		if (rec.npend == PENDING_MAX)
 			flush();
+		if (rec.npend == PENDING_MAX) {
+			/* a batch out and as many waiting: these on the
+			 * store's connection rather than lost */
+			ms_retire_write_cb *w = rec.write;
+
+			rec.write = NULL;
+			flush();
+			rec.write = w;
+		}
 		rec.pend[rec.npend++] = u;
-		if (!uv_is_active((uv_handle_t *)rec.timer))
-			uv_timer_start(rec.timer, on_flush, FLUSH_MS, 0);
+		flush_later();
 	}
 	snprintf(sl->key, sizeof(sl->key), "%s", u.key);
 	snprintf(sl->kind, sizeof(sl->kind), "%s", kind);

@@ -31,6 +31,16 @@ int ms_parse_duration(const char *s, unsigned int *secs_r);
 void ms_retire_init(uv_loop_t *loop, struct ms_store *store,
 		    const struct ms_retire_cfg *r);
 void ms_retire_stop(void);
+/* Where the uses waiting go instead of the store's connection (several
+ * gateways: the cluster's, which holds no loop; NULL: back to the store).
+ * cb takes u[0..n-1] (the array stays until done) and calls done exactly
+ * once, error NULL when they are in; until then no other batch is sent,
+ * and a batch not taken waits for the next one. */
+typedef void ms_retire_done_cb(void *ctx, const char *error);
+typedef void ms_retire_write_cb(void *ctx, const struct ms_source_use *u,
+				size_t n, ms_retire_done_cb *done,
+				void *done_ctx);
+void ms_retire_set_writer(ms_retire_write_cb *cb, void *ctx);
 /* The gateway sends something of name's to the source now: kind
  * "session" (an IMAP or POP3 login), "submission" or "mail" (a
  * recipient). Written under the user's map name, or "*" for a name the map

@@ -41,11 +41,18 @@ struct ms_survey {
 	unsigned int sized;		/* STATUS replies that had SIZE */
 	int failed;
 	struct ms_cluster *cluster;	/* or NULL: the store's connection */
-	struct survey_ask *ask;		/* a look on the cluster's, or NULL */
+	struct survey_ask *ask;		/* a look or a write on the
+					   cluster's, or NULL */
+	/* the cluster's: the last user's size until it is written (again
+	 * at each tick: the user is not surveyed twice) */
+	int unwritten, unwritten_said;
+	char written_user[256];
+	struct ms_user_size written;
 };
 
-/* A look for the next user under way on the cluster's connection; sv
- * NULL once the survey is freed (the answer comes later). */
+/* A look for the next user, or a write of a size, under way on the
+ * cluster's connection; sv NULL once the survey is freed (the answer
+ * comes later). */
 struct survey_ask {
 	struct ms_survey *sv;
 };
@@ -77,6 +84,37 @@ static void on_logout(struct ms_imapc *c, const struct ms_imap_response *r,
 	survey_close(sv);
 }
 
+static void on_size_written(void *ctx, const char *error)
+{
+	struct survey_ask *ask = ctx;
+	struct ms_survey *sv = ask->sv;
+
+	free(ask);
+	if (sv == NULL)
+		return;			/* freed meanwhile: sized again later */
+	sv->ask = NULL;
+	if (error == NULL) {
+		sv->unwritten = 0;
+		sv->unwritten_said = 0;
+		return;
+	}
+	if (!sv->unwritten_said)
+		ms_log(MS_LOG_ERROR, "survey: %s: store: %s: written again at "
+		       "the next turn", sv->written_user, error);
+	sv->unwritten_said = 1;
+}
+
+/* Several gateways: the size written on the cluster's connection (the
+ * loop waits on nothing), the next user looked for once it is in. */
+static void size_send(struct ms_survey *sv)
+{
+	if ((sv->ask = calloc(1, sizeof(*sv->ask))) == NULL)
+		return;			/* again at the next turn */
+	sv->ask->sv = sv;
+	ms_cluster_size_set(sv->cluster, sv->written_user, &sv->written,
+			    on_size_written, sv->ask);
+}
+
 /* The user's row: what the source said, or "failed" (not tried again
  * until the store's row goes). */
 static void finish(struct ms_survey *sv, const char *error)
@@ -102,10 +140,18 @@ static void finish(struct ms_survey *sv, const char *error)
 			 sv->user, (long long)sz.messages,
 			 (long long)sz.bytes, sz.how);
 	}
-	if (ms_store_user_get(sv->store, sv->user, &id) < 0 ||
-	    ms_store_size_set(sv->store, id, &sz) < 0)
+	if (sv->cluster != NULL) {
+		snprintf(sv->written_user, sizeof(sv->written_user), "%s",
+			 sv->user);
+		sv->written = sz;
+		sv->unwritten = 1;
+		sv->unwritten_said = 0;
+		size_send(sv);
+	} else if (ms_store_user_get(sv->store, sv->user, &id) < 0 ||
+		   ms_store_size_set(sv->store, id, &sz) < 0) {
 		ms_log(MS_LOG_ERROR, "survey: %s: store: %s", sv->user,
 		       ms_store_error(sv->store));
+	}
 	folders_free(sv);
 	/* The next user waits for the connection to be gone. */
 	if (error != NULL || sv->c == NULL ||
@@ -302,6 +348,10 @@ static void on_tick(uv_timer_t *t)
 
 	if (sv->c != NULL || sv->ask != NULL)
 		return;
+	if (sv->cluster != NULL && sv->unwritten) {
+		size_send(sv);
+		return;
+	}
 	if (sv->cluster != NULL) {
 		if ((sv->ask = calloc(1, sizeof(*sv->ask))) == NULL)
 			return;

@@ -678,13 +678,85 @@ def test_database_restart_mid_cutover(make_pair, pg, new_db, workdir):
     assert pg.admin(db, 'SELECT count(*) FROM cutover_requests') == [['0']]
 
 
-def users_locked(pg, db):
-    """Whether another connection holds the users table's ACCESS EXCLUSIVE
-    lock."""
+def users_locked(pg, db, table='users', mode='AccessExclusiveLock'):
+    """Whether another connection holds the table's lock of that mode
+    (the users table's ACCESS EXCLUSIVE one)."""
     return pg.admin(db, "SELECT count(*) FROM pg_locks l JOIN pg_class c ON"
-                        " c.oid = l.relation WHERE c.relname = 'users' AND"
-                        " l.mode = 'AccessExclusiveLock' AND l.granted"
+                        " c.oid = l.relation WHERE c.relname = '%s' AND"
+                        " l.mode = '%s' AND l.granted" % (table, mode)
                     ) == [['1']]
+
+
+def test_locked_use_tables_slow_no_session(make_pair, pg, new_db,
+                                           workdir):
+    """The tables of the source's uses and the survey's sizes locked
+    against writes (EXCLUSIVE: reads go on) for 3 s by another connection:
+    a login's use of the source (written a second later) and a user's size
+    (the survey, each 0.1 s) are written on the cluster's connection, not
+    the store's blocking one, so an open session's NOOPs, one each 0.1 s
+    all through, each take well under a second; each write gives up on the
+    lock (half a heartbeat), logged, and is in once the lock is gone."""
+    pair = make_pair(users=('u1', 'u2'))
+    db, url = new_db()
+    gws = start_gateways(pair, pg, url, workdir, ('gw-a',), policy='off',
+                         confs={'gw-a': '[sweep]\nsurvey = 600'})
+    a = gws[0]
+    locker = None
+
+    def rows(sql):
+        return int(pg.admin(db, sql)[0][0])
+
+    try:
+        mb = login(a, pair, 'u1')
+        # u1's use (as "*": a user the map did not know) and size are in
+        # before the lock
+        assert wait_for(lambda: rows(
+            "SELECT count(*) FROM source_use WHERE name = 'u1'") == 1 and
+            rows("SELECT count(*) FROM user_sizes s JOIN users u ON"
+                 " u.id = s.user_id WHERE u.name = 'u1'") == 1, 10, 0.1), \
+            a.log_tail()
+        locker = threading.Thread(target=pg.admin, args=(
+            db, 'BEGIN; LOCK TABLE source_use, user_sizes IN EXCLUSIVE MODE;'
+                ' SELECT pg_sleep(3); COMMIT;'), daemon=True)
+        locker.start()
+        assert wait_for(lambda: users_locked(pg, db, 'source_use',
+                                             'ExclusiveLock') and
+                        users_locked(pg, db, 'user_sizes', 'ExclusiveLock'),
+                        10, 0.02)
+        t_end = time.monotonic() + 2.2
+        # u1 again, in the map now: its use (a row of its own, not the
+        # first login's "*") waits a second; u2, new, is the survey's next
+        login(a, pair, 'u1').logout()
+        login(a, pair, 'u2').logout()
+        worst = 0.0
+        while time.monotonic() < t_end:
+            t0 = time.monotonic()
+            assert mb.noop()[0] == 'OK'
+            worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.1)
+        assert users_locked(pg, db, 'source_use', 'ExclusiveLock'), \
+            'the lock ended before the measure'
+        assert worst < 0.5, worst
+        log = a.log_text()
+        # both writes ran into the lock while the NOOPs went on
+        assert re.search(r'use\(s\) of the source: store: .*lock timeout',
+                         log), a.log_tail()
+        assert re.search(r'survey: u2: store: .*lock timeout', log), \
+            a.log_tail()
+        mb.logout()
+        # once for each, however long the lock lasted
+        assert len(re.findall(r'survey: u2: store:', log)) == 1, \
+            a.log_tail()
+        # the lock gone, both are in, written again
+        assert wait_for(lambda: rows(
+            "SELECT count(*) FROM source_use WHERE key = 'u1'") == 1 and
+            rows("SELECT count(*) FROM user_sizes s JOIN users u ON"
+                 " u.id = s.user_id WHERE u.name = 'u2'") == 1, 10, 0.1), \
+            a.log_tail()
+    finally:
+        if locker is not None:
+            locker.join(10)
+        stop_all(gws)
 
 
 def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):

@@ -247,15 +247,17 @@ fuzz: $(FUZZ_BIN)
 # (test_kmod.py) runs once, in the sanitizer lane, with the sanitizer builds
 # of mailshiftctl and mailshiftd in the VM: the same checks and what the
 # sanitizers add, without a second boot waiting for the first. Every stage
-# runs even when an earlier one failed: one run shows every report.
+# runs even when an earlier one failed: one run shows every report. The
+# build uses every core (CHECK_JOBS).
+CHECK_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
 check: deps
 	$(Q)./tests/check-tree
 	$(Q)$(MAKE) --no-print-directory kmod-check
-	$(Q)$(MAKE) --no-print-directory all
+	$(Q)$(MAKE) --no-print-directory -j$(CHECK_JOBS) all hooks $(UNIT_BIN) \
+		$(ASAN_BIN) $(ASAN_UNIT_BIN) $(FUZZ_BIN)
 	$(Q)$(MAKE) --no-print-directory unit
 	$(Q)$(MAKE) --no-print-directory unit-pg
-	$(Q)$(MAKE) --no-print-directory hooks $(ASAN_BIN) $(ASAN_UNIT_BIN) \
-		$(FUZZ_BIN)
 	$(Q)./tests/run-parallel check-lane check-asan
 
 # make check's first lane: the integration suite on PostgreSQL (every

@@ -1450,6 +1450,44 @@ static void write_text(struct ms_cluster *c, char *text,
 	text_query(c, text, on_written, w);
 }
 
+struct policies_q {
+	int (*row)(void *ctx, const char *scope, const char *policy);
+	ms_cluster_written *done;
+	void *ctx;
+};
+
+static void on_policies(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	struct policies_q *q = arg;
+
+	(void)c;
+	if (!res_ok(res) || PQnfields(res) != 2) {
+		q->done(q->ctx, job_error(res));
+		return;
+	}
+	for (int r = 0; r < PQntuples(res); r++)
+		q->row(q->ctx, PQgetvalue(res, r, 0), PQgetvalue(res, r, 1));
+	q->done(q->ctx, NULL);
+}
+
+void ms_cluster_policies(struct ms_cluster *c,
+			 int (*row)(void *ctx, const char *scope,
+				    const char *policy),
+			 ms_cluster_written *done, void *ctx)
+{
+	struct policies_q *q = calloc(1, sizeof(*q));
+
+	if (q == NULL) {
+		done(ctx, "out of memory");
+		return;
+	}
+	q->row = row;
+	q->done = done;
+	q->ctx = ctx;
+	text_query(c, job_text(c, "SELECT scope, policy FROM policies ORDER "
+			       "BY scope"), on_policies, q);
+}
+
 void ms_cluster_size_set(struct ms_cluster *c, const char *user,
 			 const struct ms_user_size *sz,
 			 ms_cluster_written *done, void *ctx)

@@ -92,6 +92,12 @@ void ms_cluster_job_renew(struct ms_cluster *c, const char *owner,
  * in one transaction, a row never set back to an older use. done hears
  * the end exactly once, possibly at once: error NULL when committed. */
 typedef void ms_cluster_written(void *ctx, const char *error);
+/* The policies' rows, as ms_store_policy_foreach() (row for each, in
+ * scope order), then done exactly once (error NULL: all were given). */
+void ms_cluster_policies(struct ms_cluster *c,
+			 int (*row)(void *ctx, const char *scope,
+				    const char *policy),
+			 ms_cluster_written *done, void *ctx);
 void ms_cluster_size_set(struct ms_cluster *c, const char *user,
 			 const struct ms_user_size *sz,
 			 ms_cluster_written *done, void *ctx);

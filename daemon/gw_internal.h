@@ -191,6 +191,8 @@ struct guser {
 	int lease_lost;			/* another gateway took the job: this
 					   one writes nothing for the user */
 	unsigned int job_gen;		/* counts the times it was held */
+	uint64_t lease_at;		/* uv_hrtime() when the request that
+					   last confirmed the job was sent */
 	int await_acks;			/* the grace is over: the delta waits
 					   for the other gateways' acks */
 	int begin_retry;		/* the cutover's request could not be
@@ -255,6 +257,7 @@ struct ms_gateway {
 	int claim_sweep;		/* the claim's queued jobs too */
 	unsigned int claimed;		/* jobs the last claim took */
 	int renewing;
+	uint64_t claim_sent, renew_sent;	/* uv_hrtime() then */
 	struct guser **renew_gu;	/* the renewal's users ... */
 	unsigned int *renew_gen;	/* ... and their job_gen then */
 	/* Several gateways on one PostgreSQL store (cluster.c); NULL with

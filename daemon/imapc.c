@@ -79,6 +79,8 @@ struct ms_imapc {
 	void *drain_ctx;
 	void (*lost)(struct ms_imapc *c, void *ctx);
 	void *lost_ctx;
+	ms_read_gate_cb *gate;
+	void *gate_ctx;
 
 	struct cmd *cmds, *cmds_tail;
 	unsigned int tag_seq;
@@ -141,6 +143,12 @@ void ms_imapc_set_untagged(struct ms_imapc *c, ms_imapc_untagged_cb *cb,
 {
 	c->untagged = cb;
 	c->untagged_ctx = ctx;
+}
+
+void ms_imapc_set_gate(struct ms_imapc *c, ms_read_gate_cb *gate, void *ctx)
+{
+	c->gate = gate;
+	c->gate_ctx = ctx;
 }
 
 void ms_imapc_set_literal_hooks(struct ms_imapc *c,
@@ -1098,6 +1106,8 @@ static void on_read(struct ms_conn *conn, const char *data, size_t len)
 	if (c->timer != NULL && c->cmds != NULL)
 		uv_timer_again(c->timer);
 	ms_busy_enter(&c->busy);
+	if (c->gate != NULL && !c->gate(c->gate_ctx))
+		len = 0;	/* its owner stopped: nothing more is taken */
 	while (len > 0 && c->state != ST_FAILED && !c->busy.free_pending) {
 		const struct ms_imap_response *resp;
 		ssize_t n = ms_imap_parser_feed(c->parser, data, len, &resp);

@@ -62,6 +62,9 @@ void ms_imapc_free(struct ms_imapc **c);
 
 void ms_imapc_set_untagged(struct ms_imapc *c, ms_imapc_untagged_cb *cb,
 			   void *ctx);
+/* Asked before each read from the server is taken; 0: nothing of it is
+ * (the owner has stopped and frees the connection). */
+void ms_imapc_set_gate(struct ms_imapc *c, ms_read_gate_cb *gate, void *ctx);
 /* Literal hooks for streamed literals, see imap_parser.h. */
 void ms_imapc_set_literal_hooks(struct ms_imapc *c,
 				const struct ms_imap_parser_callbacks *cb);

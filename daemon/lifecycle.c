@@ -189,6 +189,7 @@ static unsigned int lease_ms(const struct ms_gateway *gw)
 static int job_hold(struct ms_gateway *gw, struct guser *gu,
 		    const char *kind)
 {
+	uint64_t sent = uv_hrtime();
 	int taken;
 
 	if (gu->job_held)
@@ -206,15 +207,15 @@ static int job_hold(struct ms_gateway *gw, struct guser *gu,
 	gu->job_held = 1;
 	gu->job_gen++;
 	gu->lease_lost = 0;
+	gu->lease_at = sent;
 	return 0;
 }
 
-/* Another gateway took the user's job (this one's lease expired): the
- * copy here stops, and nothing more is written for the user. */
-static void lease_lost(struct ms_gateway *gw, struct guser *gu)
+/* The job is not this gateway's (or may not be): the copy here stops,
+ * and nothing more is written for the user. */
+static void lease_drop(struct ms_gateway *gw, struct guser *gu,
+		       const char *why)
 {
-	ms_warn("%s: lease lost: another gateway has the user's job; the "
-		"copy here stops", gu->name);
 	gu->job_held = 0;
 	gu->lease_lost = 1;
 	gu->flip_pending = 0;
@@ -231,9 +232,44 @@ static void lease_lost(struct ms_gateway *gw, struct guser *gu)
 		gu->grace = NULL;
 	}
 	if (gu->copying && gw->mover != NULL)
-		ms_mover_cancel(gw->mover, gu->name, "lease lost to another "
-				"gateway");
+		ms_mover_cancel(gw->mover, gu->name, why);
 	gw->user_sessions->release_held(gw, gu);
+}
+
+/* Another gateway took the user's job (this one's lease expired): the
+ * copy here stops, and nothing more is written for the user. */
+static void lease_lost(struct ms_gateway *gw, struct guser *gu)
+{
+	ms_warn("%s: lease lost: another gateway has the user's job; the "
+		"copy here stops", gu->name);
+	lease_drop(gw, gu, "lease lost to another gateway");
+}
+
+/* The mover's fence (ms_mover_set_fence): several gateways may act for a
+ * user's copy only while its job's lease is sure to be theirs. The lease
+ * runs on the database's clock from a renewal's commit, which comes after
+ * its request was sent here: counted from the sending, with a sixth of it
+ * to spare, it has not run out for the others either. A gateway stalled
+ * past that (its process stopped, its host frozen) wakes up to answers
+ * its copy no longer takes: it stops as if the lease were lost (the job
+ * is taken over, maybe by this gateway again, once it has run out). On
+ * SQLite nobody else takes a job over. */
+static int copy_fence(void *ctx, const char *user)
+{
+	struct ms_gateway *gw = ctx;
+	struct guser *gu = gw_user_find(gw, user);
+	uint64_t lease_ns = (uint64_t)lease_ms(gw) * 1000000, age;
+
+	if (gw->cluster == NULL || gu == NULL || !gu->job_held)
+		return 1;
+	age = uv_hrtime() - gu->lease_at;
+	if (age < lease_ns - lease_ns / 6)
+		return 1;
+	ms_warn("%s: lease lost here: last confirmed %.1f s ago, another "
+		"gateway may have the job; the copy here stops", gu->name,
+		(double)age / 1e9);
+	lease_drop(gw, gu, "its job's lease not confirmed in time");
+	return 0;
 }
 
 /* The user's state written with the job: a final state (destination,
@@ -246,6 +282,7 @@ static int job_state(struct ms_gateway *gw, struct guser *gu, int64_t id,
 	int final = state == MS_USER_DESTINATION || state == MS_USER_FAILED ||
 		    state == MS_USER_SOURCE;
 	int held = 0, alone = 0, r = 0;
+	uint64_t sent = uv_hrtime();
 
 	if (ms_store_begin(gw->store) < 0)
 		return -1;
@@ -275,6 +312,8 @@ static int job_state(struct ms_gateway *gw, struct guser *gu, int64_t id,
 		return -1;
 	if (final)
 		gu->job_held = 0;
+	else
+		gu->lease_at = sent;
 	return 0;
 }
 
@@ -857,18 +896,13 @@ static int policy_collect(void *ctx, const char *scope, const char *policy)
 	return 0;
 }
 
-/* cfg's policies = the config file's, then the store's overrides. */
-int gw_policies_load(struct ms_gateway *gw, char *err, size_t errsz)
+/* cfg's policies = the config file's, then set's (the store's overrides,
+ * taken over). */
+static void policies_apply(struct ms_gateway *gw, json_t *set)
 {
-	json_t *set = json_object();
 	json_t *v;
 	const char *scope;
 
-	if (ms_store_policy_foreach(gw->store, policy_collect, set) != 0) {
-		snprintf(err, errsz, "store: %s", ms_store_error(gw->store));
-		json_decref(set);
-		return -1;
-	}
 	gw->cfg.policy = gw->conf_policy;
 	gw->cfg.ndomains = gw->conf_ndomains;
 	memcpy(gw->cfg.domains, gw->conf_domains, sizeof(gw->cfg.domains));
@@ -897,6 +931,18 @@ int gw_policies_load(struct ms_gateway *gw, char *err, size_t errsz)
 	}
 	json_decref(gw->policy_set);
 	gw->policy_set = set;
+}
+
+int gw_policies_load(struct ms_gateway *gw, char *err, size_t errsz)
+{
+	json_t *set = json_object();
+
+	if (ms_store_policy_foreach(gw->store, policy_collect, set) != 0) {
+		snprintf(err, errsz, "store: %s", ms_store_error(gw->store));
+		json_decref(set);
+		return -1;
+	}
+	policies_apply(gw, set);
 	return 0;
 }
 
@@ -1325,6 +1371,7 @@ static void on_claim(void *ctx, const char *user, const char *kind,
 	gu->job_held = 1;
 	gu->job_gen++;
 	gu->lease_lost = 0;
+	gu->lease_at = gw->claim_sent;
 	if (expired)
 		ms_info("%s: the lease of gateway %s on its job (%s) expired: "
 			"taken over", user, was_owner, kind);
@@ -1411,6 +1458,7 @@ static void claim_async(struct ms_gateway *gw, unsigned int want)
 
 	gw->claiming = 1;
 	gw->claimed = 0;
+	gw->claim_sent = uv_hrtime();
 	ms_cluster_job_claim(gw->cluster, gw->cfg.gw_name, lease_ms(gw), want,
 			     queued, on_claim, on_claim_done, gw);
 }
@@ -1423,6 +1471,7 @@ static void claim_sync(struct ms_gateway *gw, unsigned int want)
 		       ms_store_error(gw->store));
 	do {
 		gw->claimed = 0;
+		gw->claim_sent = uv_hrtime();
 		if (ms_store_job_claim(gw->store, gw->cfg.gw_name,
 				       lease_ms(gw), want, gw->claim_sweep,
 				       on_claim, gw) < 0) {
@@ -1482,10 +1531,13 @@ static void on_renewed(void *ctx, unsigned int i, int held)
 
 	/* (a job ended or taken again since the renewal was sent: not
 	 * what it answers for) */
-	if (gw->cluster == NULL || held || !gu->job_held ||
+	if (gw->cluster == NULL || !gu->job_held ||
 	    gu->job_gen != gw->renew_gen[i])
 		return;
-	lease_lost(gw, gu);
+	if (held)
+		gu->lease_at = gw->renew_sent;
+	else
+		lease_lost(gw, gu);
 }
 
 static void on_renew_done(void *ctx, const char *error, unsigned int n)
@@ -1537,6 +1589,7 @@ static void renew_async(struct ms_gateway *gw)
 				gw->renew_gen[n++] = gu->job_gen;
 			}
 	gw->renewing = 1;
+	gw->renew_sent = uv_hrtime();
 	ms_cluster_job_renew(gw->cluster, gw->cfg.gw_name, lease_ms(gw),
 			     names, n, on_renewed, on_renew_done, gw);
 	free(names);
@@ -1548,6 +1601,7 @@ static void renew_sync(struct ms_gateway *gw)
 	for (unsigned int i = 0; i < USER_BUCKETS; i++) {
 		for (struct guser *gu = gw->users[i]; gu != NULL;
 		     gu = gu->next) {
+			uint64_t sent = uv_hrtime();
 			int held;
 
 			if (!gu->job_held)
@@ -1561,6 +1615,8 @@ static void renew_sync(struct ms_gateway *gw)
 			gw->lease_failing = 0;
 			if (!held)
 				lease_lost(gw, gu);
+			else
+				gu->lease_at = sent;
 		}
 	}
 }
@@ -1641,13 +1697,46 @@ static void cl_fenced(void *ctx)
 	gw->user_sessions->end_relays(gw, NULL, -1);
 }
 
+struct policies_read {
+	struct ms_gateway *gw;
+	json_t *set;
+};
+
+static int policy_row(void *ctx, const char *scope, const char *policy)
+{
+	struct policies_read *pr = ctx;
+
+	return policy_collect(pr->set, scope, policy);
+}
+
+static void on_policies_read(void *ctx, const char *error)
+{
+	struct policies_read *pr = ctx;
+
+	if (error != NULL) {
+		/* (the next change or reconcile reads them again) */
+		ms_log(MS_LOG_ERROR, "policies: store: %s", error);
+		json_decref(pr->set);
+	} else {
+		policies_apply(pr->gw, pr->set);
+	}
+	free(pr);
+}
+
+/* The policies changed (or may have): read again on the cluster's
+ * connection, the loop waiting on nothing. */
 static void cl_policies(void *ctx)
 {
 	struct ms_gateway *gw = ctx;
-	char err[256];
+	struct policies_read *pr = calloc(1, sizeof(*pr));
 
-	if (gw_policies_load(gw, err, sizeof(err)) < 0)
-		ms_log(MS_LOG_ERROR, "policies: %s", err);
+	if (pr == NULL || (pr->set = json_object()) == NULL) {
+		free(pr);
+		ms_log(MS_LOG_ERROR, "policies: out of memory");
+		return;
+	}
+	pr->gw = gw;
+	ms_cluster_policies(gw->cluster, policy_row, on_policies_read, pr);
 }
 
 /* Every live gateway acknowledged this one's request: the delta. */
@@ -1714,6 +1803,8 @@ static int cluster_start(struct ms_gateway *gw, char *err, size_t errsz)
 		return -1;
 	ms_retire_set_known(cl_known, gw);
 	ms_retire_set_writer(cl_write_uses, gw);
+	if (gw->mover != NULL)
+		ms_mover_set_fence(gw->mover, copy_fence, gw);
 	ms_survey_set_cluster(gw->survey, gw->cluster);
 	return 0;
 }

@@ -961,13 +961,32 @@ struct ms_imapc_settings mv_server_settings(const struct server *s,
 	};
 }
 
+/* Before a server's answer for u's copy is taken (ms_mover_set_fence). */
+int mv_gate(void *ctx)
+{
+	struct ujob *u = ctx;
+	struct ms_mover *m = u->m;
+
+	if (u->failed || u->finished || m->fence == NULL ||
+	    m->fence(m->fence_ctx, u->name))
+		return 1;
+	/* (the fence's owner has cancelled it, as a rule: made sure) */
+	ms_mover_cancel(m, u->name, "its job's lease is not known to be "
+			"this gateway's any more");
+	return 0;
+}
+
 static struct ms_imapc *connect_server(struct ujob *u, struct server *s,
 				       const char *login, const char *pw,
 				       struct worker *w)
 {
 	struct ms_imapc_settings set = mv_server_settings(s, login, pw);
+	struct ms_imapc *c = ms_imapc_new(u->m->loop, &set, on_worker_ready,
+					  w);
 
-	return ms_imapc_new(u->m->loop, &set, on_worker_ready, w);
+	if (c != NULL)
+		ms_imapc_set_gate(c, mv_gate, u);
+	return c;
 }
 
 /* Slots are taken per server, connections made per role (struct worker):
@@ -1470,6 +1489,12 @@ void ms_mover_free(struct ms_mover **mp)
 	free(m->include);
 	free(m->exclude);
 	free(m);
+}
+
+void ms_mover_set_fence(struct ms_mover *m, ms_mover_fence_cb *cb, void *ctx)
+{
+	m->fence = cb;
+	m->fence_ctx = ctx;
 }
 
 int ms_mover_cancel(struct ms_mover *m, const char *user, const char *why)

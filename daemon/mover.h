@@ -193,6 +193,13 @@ void ms_mover_src_slot_put(struct ms_mover *m);
  * store is left as it is; what was committed stays for whoever resumes
  * the copy. -1 when no job of the user runs. */
 int ms_mover_cancel(struct ms_mover *m, const char *user, const char *why);
+/* Asked before anything a server sent for user's copy is taken: 0 when
+ * the copy may no longer act (several gateways: its job's lease not
+ * confirmed recently enough to be sure it is still this gateway's); the
+ * copy is then cancelled as by ms_mover_cancel(), and nothing of what
+ * came is taken (no command follows from it, no record is written). */
+typedef int ms_mover_fence_cb(void *ctx, const char *user);
+void ms_mover_set_fence(struct ms_mover *m, ms_mover_fence_cb *cb, void *ctx);
 void ms_mover_free(struct ms_mover **m);
 
 #endif

@@ -68,6 +68,8 @@ struct ms_mover {
 	uint64_t msgs_todo, msgs_done, bytes_done;
 	uint64_t start_ms;
 	uv_prepare_t *ph_tick;		/* mover_phase.c */
+	ms_mover_fence_cb *fence;	/* ms_mover_set_fence() */
+	void *fence_ctx;
 };
 
 struct fjob {
@@ -410,6 +412,8 @@ int mv_store_check(struct worker *w, int ret);
 void mv_select_data(const struct ms_imap_response *r, uint32_t *uidvalidity,
 		    uint32_t *uidnext, uint32_t *exists, uint64_t *modseq,
 		    int *nomodseq);
+/* Set on each connection of a copy (ms_mover_set_fence). */
+int mv_gate(void *ctx);
 struct ms_imapc_settings mv_server_settings(const struct server *s,
 					    const char *login,
 					    const char *pw);

@@ -486,6 +486,8 @@ static void pop3_connect_dst(void *ctx)
 	u->workers[0].d = ms_imapc_new(u->m->loop, &set, on_pop3_dst_ready, u);
 	if (u->workers[0].d == NULL)
 		mv_job_fail(u, "out of memory");
+	else
+		ms_imapc_set_gate(u->workers[0].d, mv_gate, u);
 }
 
 static void pop3_connect_src(void *ctx)
@@ -495,6 +497,8 @@ static void pop3_connect_src(void *ctx)
 	struct ms_imapc_settings set = slot_taken(u, 0);
 
 	u->pop = ms_pop3c_new(u->m->loop, &set, on_pop3_ready, u);
+	if (u->pop != NULL)
+		ms_pop3c_set_gate(u->pop, mv_gate, u);
 	if (u->pop == NULL) {
 		mv_job_fail(u, "source: cannot connect to %s:%u", s->cfg.host,
 			    s->cfg.port);

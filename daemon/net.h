@@ -37,6 +37,10 @@ struct ms_tls_opts {
 
 struct ms_conn;
 
+/* A client's owner asked before what a server sent is taken (imapc.h,
+ * pop3c.h): 0 when it has stopped. */
+typedef int ms_read_gate_cb(void *ctx);
+
 struct ms_conn_callbacks {
 	/* TCP connected (and, for MS_TLS_IMPLICIT, TLS handshake done and the
 	 * certificate verified). status 0 on success; otherwise error is a

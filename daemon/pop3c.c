@@ -38,11 +38,19 @@ struct ms_pop3c {
 	char error[400];
 	struct ms_busy busy;	/* inside a callback: defer free */
 	int tls_began;		/* STLS go-ahead taken in this read */
+	ms_read_gate_cb *gate;
+	void *gate_ctx;
 };
 
 const char *ms_pop3c_error(const struct ms_pop3c *c)
 {
 	return c->error;
+}
+
+void ms_pop3c_set_gate(struct ms_pop3c *c, ms_read_gate_cb *gate, void *ctx)
+{
+	c->gate = gate;
+	c->gate_ctx = ctx;
 }
 
 static void really_free(void *obj)
@@ -345,6 +353,8 @@ static void on_read(struct ms_conn *conn, const char *data, size_t len)
 	struct ms_pop3c *c = ms_conn_ctx(conn);
 
 	ms_busy_enter(&c->busy);
+	if (c->gate != NULL && !c->gate(c->gate_ctx))
+		len = 0;	/* its owner stopped: nothing more is taken */
 	for (size_t i = 0; i < len && c->state != ST_FAILED &&
 	     !c->busy.free_pending; i++) {
 		if (c->linelen + 2 >= sizeof(c->line)) {

@@ -23,6 +23,8 @@ struct ms_pop3c *ms_pop3c_new(uv_loop_t *loop,
 			      ms_pop3c_ready_cb *ready, void *ctx);
 void ms_pop3c_free(struct ms_pop3c **c);
 const char *ms_pop3c_error(const struct ms_pop3c *c);
+/* As ms_imapc_set_gate(). */
+void ms_pop3c_set_gate(struct ms_pop3c *c, ms_read_gate_cb *gate, void *ctx);
 
 /* Sends a command. multiline: the +OK reply is followed by lines until
  * ".", each given to line_cb; reply_cb comes after the last line (or at

@@ -575,9 +575,9 @@ def test_stalled_database_ends_relays_in_time(make_pair, pg, new_db,
     """The server process behind gw-b's store connection stopped (SIGSTOP:
     the kernel still acknowledges every byte, so no TCP timeout fires)
     while a client APPENDs through gw-b's session of alice's to the
-    source; u1's first login (gw-b writes the new user) then holds gw-b's
-    loop in that connection. gw-a moves alice, fencing
-    gw-b. While the loop is still held, gw-b's watchdog ends alice's
+    source; an operator's request to gw-b's control socket (a user added:
+    written on that connection) then holds gw-b's loop, seen holding (no
+    greeting) before gw-a moves alice, fencing gw-b, and u1 logs in. While the loop is still held, gw-b's watchdog ends alice's
     session before gw-a may fence it; the store call fails at [store]
     timeout (6 s), and u1's login is answered with the process still
     stopped; gw-b then serves again. (Heartbeat 500 ms, timeout 3 s.) Every message APPENDed is on the
@@ -603,6 +603,11 @@ def test_stalled_database_ends_relays_in_time(make_pair, pg, new_db,
         stopped = store_backend(pg, db, b)
         os.kill(stopped, signal.SIGSTOP)
         stalled_at = time.time()
+        added = []
+        held = threading.Thread(target=lambda: added.append(
+            b.ctl('user', 'add', 'u9')), daemon=True)
+        held.start()
+        assert wait_for(lambda: not b._greets(), 5, 0.05), b.log_tail()
         answer = {}
 
         def first_login():
@@ -641,7 +646,10 @@ def test_stalled_database_ends_relays_in_time(make_pair, pg, new_db,
         assert 'alice: gateway gw-b fenced' in a.log_text(), a.log_tail()
         assert re.search(r'the watchdog had shut 1 relayed sessions? down',
                          b.log_text()), b.log_tail()
-        assert 'did not answer within the store' in b.log_text()
+        held.join(30)
+        # the request that held the loop failed at [store] timeout
+        assert added and added[0].rc != 0 and \
+            'did not answer within the store' in added[0].stderr, added
         os.kill(stopped, signal.SIGCONT)
         stopped = None
         appended_once(pair, done)
@@ -690,12 +698,14 @@ def users_locked(pg, db, table='users', mode='AccessExclusiveLock'):
 def test_locked_use_tables_slow_no_session(make_pair, pg, new_db,
                                            workdir):
     """The tables of the source's uses and the survey's sizes locked
-    against writes (EXCLUSIVE: reads go on) for 3 s by another connection:
-    a login's use of the source (written a second later) and a user's size
-    (the survey, each 0.1 s) are written on the cluster's connection, not
-    the store's blocking one, so an open session's NOOPs, one each 0.1 s
-    all through, each take well under a second; each write gives up on the
-    lock (half a heartbeat), logged, and is in once the lock is gone."""
+    against writes (EXCLUSIVE: reads go on), and the policies against
+    reads too, for 3 s by another connection: a login's use of the source
+    (written a second later) and a user's size (the survey, each 0.1 s)
+    are written, and the policies read again after a user was added, on
+    the cluster's connection, not the store's blocking one, so an open
+    session's NOOPs, one each 0.1 s all through, each take well under a
+    second; each gives up on the lock (half a heartbeat), logged, and the
+    writes are in once the lock is gone."""
     pair = make_pair(users=('u1', 'u2'))
     db, url = new_db()
     gws = start_gateways(pair, pg, url, workdir, ('gw-a',), policy='off',
@@ -717,12 +727,13 @@ def test_locked_use_tables_slow_no_session(make_pair, pg, new_db,
             a.log_tail()
         locker = threading.Thread(target=pg.admin, args=(
             db, 'BEGIN; LOCK TABLE source_use, user_sizes IN EXCLUSIVE MODE;'
+                ' LOCK TABLE policies IN ACCESS EXCLUSIVE MODE;'
                 ' SELECT pg_sleep(3); COMMIT;'), daemon=True)
         locker.start()
         assert wait_for(lambda: users_locked(pg, db, 'source_use',
                                              'ExclusiveLock') and
-                        users_locked(pg, db, 'user_sizes', 'ExclusiveLock'),
-                        10, 0.02)
+                        users_locked(pg, db, 'user_sizes', 'ExclusiveLock')
+                        and users_locked(pg, db, 'policies'), 10, 0.02)
         t_end = time.monotonic() + 2.2
         # u1 again, in the map now: its use (a row of its own, not the
         # first login's "*") waits a second; u2, new, is the survey's next
@@ -742,6 +753,10 @@ def test_locked_use_tables_slow_no_session(make_pair, pg, new_db,
         assert re.search(r'use\(s\) of the source: store: .*lock timeout',
                          log), a.log_tail()
         assert re.search(r'survey: u2: store: .*lock timeout', log), \
+            a.log_tail()
+        # u2's row, new, moved the store's change counter: the policies
+        # are read again, and that read waits on the lock as well
+        assert re.search(r'policies: store: .*lock timeout', log), \
             a.log_tail()
         mb.logout()
         # once for each, however long the lock lasted

@@ -11,6 +11,7 @@ import imaplib
 import os
 import re
 import signal
+import time
 
 import gateway as gwlib
 import tcpproxy
@@ -195,6 +196,29 @@ def test_lease_renewed_while_copy_runs(make_pair, pg, new_db, workdir):
     assert 'lease lost' not in a.log_text()
 
 
+def let_go(gws, proxy, stopped):
+    """gw-a (gws[0]) continued when stopped, the proxy flowing and
+    holding nothing, the gateways and the proxy stopped."""
+    if stopped:
+        os.kill(gws[0].pid, signal.SIGCONT)
+    proxy.resume()
+    proxy.release()
+    for g in gws:
+        g.stop()
+    proxy.stop()
+
+
+def moved_by_b(pair, pg, db, a):
+    """bulk moved by gw-b after taking the job over (its second attempt),
+    every message once; gw-a, stopped and continued, neither failed nor
+    flipped it."""
+    pair.assert_copied('bulk')
+    assert jobs(pg, db) == {'bulk': ('done', 'gw-b', 2)}
+    log = a.log_text()
+    assert 'bulk: copy failed' not in log and \
+        'bulk: state destination' not in log, log
+
+
 def test_stalled_gateway_stops_its_copy(make_pair, pg, new_db, workdir):
     """gw-a stopped (SIGSTOP by its PID) while its copy of bulk waits on
     the stalled destination: once its lease expires gw-b takes the job
@@ -225,16 +249,64 @@ def test_stalled_gateway_stops_its_copy(make_pair, pg, new_db, workdir):
         assert st == 'destination', (st, b.log_tail())
         assert a.alive
     finally:
-        if stopped:
-            os.kill(a.pid, signal.SIGCONT)
-        proxy.resume()
-        for g in gws:
-            g.stop()
-        proxy.stop()
-    pair.assert_copied('bulk')
-    assert jobs(pg, db) == {'bulk': ('done', 'gw-b', 2)}
+        let_go(gws, proxy, stopped)
+    moved_by_b(pair, pg, db, a)
     assert pg.admin(db, "SELECT state, last_error FROM users") == \
         [['destination', '']]
-    log = a.log_text()
-    assert 'bulk: copy failed' not in log and \
-        'bulk: state destination' not in log, log
+
+
+def test_stalled_mid_append_exactly_once(make_pair, pg, new_db, workdir):
+    """gw-a stopped (SIGSTOP) with an APPEND of bulk's sent, held back by
+    a proxy before the destination (as a busy server carries out a stalled
+    client's commands late): gw-b takes the job over once the lease has
+    run out and finds the intents of that APPEND open with nothing on the
+    destination; while it waits to look again (the settle wait) the held
+    APPEND reaches the destination, and gw-b pairs those messages instead
+    of sending them again. gw-a continued (SIGCONT) after gw-b has moved
+    bulk takes nothing its servers answer: its lease not confirmed for
+    longer than the lease, it stops its copy at once, before a command or
+    a store write follows from what it reads (the answer to its APPEND).
+    Every message once on the destination, no intent left open, no row
+    written by gw-a after it was continued."""
+    pair = make_pair(users=('bulk',))
+    db, url = new_db()
+    proxy = tcpproxy.CuttingProxy(pair.dst.imap_port,
+                                  hold_from=b' APPEND ').start()
+    gws = []
+    stopped = False
+    try:
+        gws = two_gateways(pair, pg, url, workdir, sweep=False,
+                           dst=tcpproxy.Behind(pair.dst, proxy))
+        a, b = gws
+        assert a.ctl('user', 'add', 'bulk').rc == 0
+        assert a.ctl('migrate', '--daemon', 'bulk').rc == 0
+        assert proxy.holding.wait(60), a.log_tail()
+        time.sleep(0.5)         # the rest of the APPEND into the proxy
+        os.kill(a.pid, signal.SIGSTOP)
+        stopped = True
+        assert int(pg.admin(db, 'SELECT count(*) FROM messages WHERE '
+                            'state = 0')[0][0]) > 0
+        assert wait_for(lambda: 'looking again' in b.log_text(), 60, 0.05), \
+            b.log_tail()
+        assert 'bulk: the lease of gateway gw-a on its job (migrate) ' \
+            'expired: taken over' in b.log_text()
+        proxy.release()
+        st = b.wait_state('bulk', ('destination', 'failed'), timeout=180)
+        assert st == 'destination', (st, b.log_tail())
+        before = pg.admin(db, 'SELECT folder_id, src_uid, dst_uid, state '
+                          'FROM messages ORDER BY 1, 2')
+        os.kill(a.pid, signal.SIGCONT)
+        stopped = False
+        assert wait_for(lambda: 'bulk: lease lost' in a.log_text(),
+                        30, 0.1), a.log_tail()
+        time.sleep(1)           # anything gw-a would do next
+        assert pg.admin(db, 'SELECT folder_id, src_uid, dst_uid, state '
+                        'FROM messages ORDER BY 1, 2') == before
+        # stopped by its own clock, not by the renewal's answer
+        assert 'bulk: lease lost here' in a.log_text(), a.log_tail()
+        assert a.alive
+    finally:
+        let_go(gws, proxy, stopped)
+    moved_by_b(pair, pg, db, a)
+    assert pg.admin(db, 'SELECT count(*) FROM messages WHERE state = 0') \
+        == [['0']]

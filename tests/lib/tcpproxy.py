@@ -35,6 +35,7 @@ p.release(), then passes it on as the connection goes on: a command
 delayed on its way to a live server.
 """
 
+import select
 import socket
 import struct
 import threading
@@ -143,6 +144,13 @@ class CuttingProxy:
         held = []
         try:
             while not self._stop.is_set():
+                if held and not select.select([src], [], [], 0.1)[0]:
+                    # a client that sends nothing more (stopped): what
+                    # was held goes once released
+                    if self.released.is_set():
+                        dst.sendall(b''.join(held))
+                        held = []
+                    continue
                 data = src.recv(65536)
                 if not data:
                     break

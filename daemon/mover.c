@@ -967,9 +967,12 @@ int mv_gate(void *ctx)
 	struct ujob *u = ctx;
 	struct ms_mover *m = u->m;
 
+	if (u->fenced)
+		return 0;
 	if (u->failed || u->finished || m->fence == NULL ||
 	    m->fence(m->fence_ctx, u->name))
 		return 1;
+	u->fenced = 1;
 	/* (the fence's owner has cancelled it, as a rule: made sure) */
 	ms_mover_cancel(m, u->name, "its job's lease is not known to be "
 			"this gateway's any more");

@@ -322,6 +322,8 @@ struct ujob {
 	struct ms_mover *m;
 	char *name;
 	int64_t user_id;
+	int fenced;			/* the fence said no: nothing more of
+					   its servers' answers is taken */
 	char *src_login, *dst_login;
 	char *src_pw, *dst_pw;
 	ms_mover_done_cb *done;

@@ -396,14 +396,27 @@ static int reconnect(struct db *db)
 	return -1;
 }
 
+/* Whether the server sent something, or closed, while nothing was asked
+ * outside a transaction: a server restarted since the last statement has
+ * said goodbye (FATAL) and closed; this connection LISTENs to nothing.
+ * Such a connection is made again before the statement rather than
+ * failing it. */
+static int spoke_unasked(struct db *db)
+{
+	struct pollfd p = { .fd = PQsocket(db->conn), .events = POLLIN };
+
+	return p.fd >= 0 && poll(&p, 1, 0) > 0;
+}
+
 /* Before a statement: 0 go on, 1 done already (a ROLLBACK of what a lost
  * session held), -1 not now (error set). */
 static int revive(struct db_stmt *st)
 {
 	struct db *db = st->db;
-	int rollback = !strcmp(st->sql, "ROLLBACK");
+	int rollback = !strcmp(st->sql, "ROLLBACK"), spoke = 0;
 
-	if (PQstatus(db->conn) == CONNECTION_OK && !db->broken)
+	if (PQstatus(db->conn) == CONNECTION_OK && !db->broken &&
+	    (db->txn_open || !(spoke = spoke_unasked(db))))
 		goto prepared;
 	if (db->txn_open && !rollback) {
 		set_err(db, "", "the connection to the database was lost in a "
@@ -412,7 +425,7 @@ static int revive(struct db_stmt *st)
 	}
 	/* one try per RETRY_SECONDS: while the server is away each call
 	 * fails at once instead of waiting out a connect */
-	if (time(NULL) < db->retry_at) {
+	if (!spoke && time(NULL) < db->retry_at) {
 		set_err(db, "", "the connection to the database is lost");
 		return -1;
 	}

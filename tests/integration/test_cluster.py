@@ -747,7 +747,7 @@ def test_locked_use_tables_slow_no_session(make_pair, pg, new_db,
             time.sleep(0.1)
         assert users_locked(pg, db, 'source_use', 'ExclusiveLock'), \
             'the lock ended before the measure'
-        assert worst < 0.5, worst
+        assert worst < 0.8, worst
         log = a.log_text()
         # both writes ran into the lock while the NOOPs went on
         assert re.search(r'use\(s\) of the source: store: .*lock timeout',

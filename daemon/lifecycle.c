@@ -248,8 +248,9 @@ static void lease_lost(struct ms_gateway *gw, struct guser *gu)
 /* The mover's fence (ms_mover_set_fence): several gateways may act for a
  * user's copy only while its job's lease is sure to be theirs. The lease
  * runs on the database's clock from a renewal's commit, which comes after
- * its request was sent here: counted from the sending, with a sixth of it
- * to spare, it has not run out for the others either. A gateway stalled
+ * its request was sent here: counted from the sending, with a twentieth
+ * of it to spare (two clocks' rates, NTP's slewing), it has not run out for
+ * the others either. A gateway stalled
  * past that (its process stopped, its host frozen) wakes up to answers
  * its copy no longer takes: it stops as if the lease were lost (the job
  * is taken over, maybe by this gateway again, once it has run out). On
@@ -263,7 +264,7 @@ static int copy_fence(void *ctx, const char *user)
 	if (gw->cluster == NULL || gu == NULL || !gu->job_held)
 		return 1;
 	age = uv_hrtime() - gu->lease_at;
-	if (age < lease_ns - lease_ns / 6)
+	if (age < lease_ns - lease_ns / 20)
 		return 1;
 	ms_warn("%s: lease lost here: last confirmed %.1f s ago, another "
 		"gateway may have the job; the copy here stops", gu->name,

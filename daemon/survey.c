@@ -43,10 +43,9 @@ struct ms_survey {
 	struct ms_cluster *cluster;	/* or NULL: the store's connection */
 	struct survey_ask *ask;		/* a look or a write on the
 					   cluster's, or NULL */
-	/* the cluster's: the last user's size until it is written (again
-	 * at each tick: the user is not surveyed twice) */
+	/* the cluster's: user's size until it is written (again at each
+	 * tick: the user is not surveyed twice, nor the next one begun) */
 	int unwritten, unwritten_said;
-	char written_user[256];
 	struct ms_user_size written;
 };
 
@@ -84,6 +83,15 @@ static void on_logout(struct ms_imapc *c, const struct ms_imap_response *r,
 	survey_close(sv);
 }
 
+/* sv->ask made: 0, or -1 out of memory. */
+static int ask_new(struct ms_survey *sv)
+{
+	if ((sv->ask = calloc(1, sizeof(*sv->ask))) == NULL)
+		return -1;
+	sv->ask->sv = sv;
+	return 0;
+}
+
 static void on_size_written(void *ctx, const char *error)
 {
 	struct survey_ask *ask = ctx;
@@ -100,7 +108,7 @@ static void on_size_written(void *ctx, const char *error)
 	}
 	if (!sv->unwritten_said)
 		ms_log(MS_LOG_ERROR, "survey: %s: store: %s: written again at "
-		       "the next turn", sv->written_user, error);
+		       "the next turn", sv->user, error);
 	sv->unwritten_said = 1;
 }
 
@@ -108,10 +116,9 @@ static void on_size_written(void *ctx, const char *error)
  * loop waits on nothing), the next user looked for once it is in. */
 static void size_send(struct ms_survey *sv)
 {
-	if ((sv->ask = calloc(1, sizeof(*sv->ask))) == NULL)
+	if (ask_new(sv) < 0)
 		return;			/* again at the next turn */
-	sv->ask->sv = sv;
-	ms_cluster_size_set(sv->cluster, sv->written_user, &sv->written,
+	ms_cluster_size_set(sv->cluster, sv->user, &sv->written,
 			    on_size_written, sv->ask);
 }
 
@@ -141,8 +148,6 @@ static void finish(struct ms_survey *sv, const char *error)
 			 (long long)sz.bytes, sz.how);
 	}
 	if (sv->cluster != NULL) {
-		snprintf(sv->written_user, sizeof(sv->written_user), "%s",
-			 sv->user);
 		sv->written = sz;
 		sv->unwritten = 1;
 		sv->unwritten_said = 0;
@@ -353,9 +358,8 @@ static void on_tick(uv_timer_t *t)
 		return;
 	}
 	if (sv->cluster != NULL) {
-		if ((sv->ask = calloc(1, sizeof(*sv->ask))) == NULL)
+		if (ask_new(sv) < 0)
 			return;
-		sv->ask->sv = sv;
 		ms_cluster_size_next(sv->cluster, on_next, sv->ask);
 		return;
 	}

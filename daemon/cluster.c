@@ -1519,7 +1519,7 @@ void ms_cluster_source_uses(struct ms_cluster *c,
 			    const struct ms_source_use *u, size_t n,
 			    ms_cluster_written *done, void *ctx)
 {
-	char *text = NULL;
+	char *body = NULL;
 	size_t len = 0;
 	int ok = 1;
 	FILE *f;
@@ -1528,34 +1528,32 @@ void ms_cluster_source_uses(struct ms_cluster *c,
 		done(ctx, job_error(NULL));
 		return;
 	}
-	if ((f = open_memstream(&text, &len)) == NULL) {
+	if ((f = open_memstream(&body, &len)) == NULL) {
 		done(ctx, "out of memory");
 		return;
 	}
-	fprintf(f, "SET LOCAL lock_timeout = %u",
-		c->heartbeat_ms / 2 ? c->heartbeat_ms / 2 : 1);
 	for (size_t i = 0; ok && i < n; i++) {
 		char *key = literal(c, u[i].key), *kind = literal(c, u[i].kind);
 		char *name = literal(c, u[i].name);
 
 		ok = key != NULL && kind != NULL && name != NULL;
 		if (ok)
-			fprintf(f, "; INSERT INTO source_use (key, kind, name,"
+			fprintf(f, "%sINSERT INTO source_use (key, kind, name,"
 				" at, slack) VALUES (%s, %s, %s, %lld, %lld) "
 				"ON CONFLICT (key, kind) DO UPDATE SET name = "
 				"excluded.name, at = excluded.at, slack = "
 				"excluded.slack WHERE source_use.at <= "
-				"excluded.at", key, kind, name,
-				(long long)u[i].at, (long long)u[i].slack);
+				"excluded.at", i > 0 ? "; " : "", key, kind,
+				name, (long long)u[i].at,
+				(long long)u[i].slack);
 		free(key);
 		free(kind);
 		free(name);
 	}
-	if (fclose(f) != 0 || !ok) {
-		free(text);
-		text = NULL;
-	}
-	write_text(c, text, done, ctx);
+	ok = fclose(f) == 0 && ok;
+	/* (the jobs' lock timeout first, as for every text here) */
+	write_text(c, ok ? job_text(c, "%s", body) : NULL, done, ctx);
+	free(body);
 }
 
 static void on_renewed(struct ms_cluster *c, PGresult *res, void *arg)

@@ -249,12 +249,12 @@ static void lease_lost(struct ms_gateway *gw, struct guser *gu)
  * user's copy only while its job's lease is sure to be theirs. The lease
  * runs on the database's clock from a renewal's commit, which comes after
  * its request was sent here: counted from the sending, with a twentieth
- * of it to spare (two clocks' rates, NTP's slewing), it has not run out for
- * the others either. A gateway stalled
- * past that (its process stopped, its host frozen) wakes up to answers
- * its copy no longer takes: it stops as if the lease were lost (the job
- * is taken over, maybe by this gateway again, once it has run out). On
- * SQLite nobody else takes a job over. */
+ * of it to spare (two clocks' rates, NTP's slewing), it has not run out
+ * for the others either. A gateway stalled past that (its process
+ * stopped, its host frozen) wakes up to answers its copy no longer takes:
+ * it stops as if the lease were lost (the job is taken over, maybe by this
+ * gateway again, once it has run out). On SQLite nobody else takes a job
+ * over. */
 static int copy_fence(void *ctx, const char *user)
 {
 	struct ms_gateway *gw = ctx;

@@ -686,6 +686,12 @@ static int prepare_all(struct ms_store *s)
 int ms_store_open_migration(const char *target, const char *pair,
 			    struct ms_store **store_r, char **error_r)
 {
+	return ms_store_open_as(target, pair, "mailshift", store_r, error_r);
+}
+
+int ms_store_open_as(const char *target, const char *pair, const char *app,
+		     struct ms_store **store_r, char **error_r)
+{
 	struct ms_store *s;
 
 	*store_r = NULL;
@@ -699,7 +705,7 @@ int ms_store_open_migration(const char *target, const char *pair,
 		return -1;
 	}
 	s->drv = ms_db_driver_for(target);
-	if (s->drv->open(target, &s->db, s->error, sizeof(s->error)) < 0)
+	if (s->drv->open(target, app, &s->db, s->error, sizeof(s->error)) < 0)
 		goto fail;
 	if (create_schema(s, pair) < 0 || prepare_all(s) < 0)
 		goto fail;
@@ -766,6 +772,12 @@ int ms_store_commit(struct ms_store *store)
 	}
 	store->depth = 0;
 	return 0;
+}
+
+void ms_store_settle(struct ms_store *store)
+{
+	if (store->depth == 0 && db_in_transaction(store->db))
+		run(store, store->st[ST_ROLLBACK], "rollback");
 }
 
 int ms_store_rollback(struct ms_store *store)

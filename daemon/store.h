@@ -27,6 +27,10 @@ int ms_store_open(const char *path, struct ms_store **store_r, char **error_r);
  * transaction, so a refused open changes nothing. */
 int ms_store_open_migration(const char *target, const char *pair,
 			    struct ms_store **store_r, char **error_r);
+/* As ms_store_open_migration (pair may be NULL), the connection named app
+ * where the engine shows names ("mailshift" otherwise). */
+int ms_store_open_as(const char *target, const char *pair, const char *app,
+		     struct ms_store **store_r, char **error_r);
 /* Whether target names a database server (a postgresql:// URL). */
 int ms_store_is_url(const char *target);
 /* 0 for a postgresql:// URL libpq can read and that holds no password;
@@ -50,6 +54,10 @@ const char *ms_store_error(const struct ms_store *store);
 int ms_store_begin(struct ms_store *store);
 int ms_store_commit(struct ms_store *store);
 int ms_store_rollback(struct ms_store *store);
+/* After a call that failed outside any transaction of the caller's: what
+ * the engine still holds open (a statement the lost connection cut short)
+ * is rolled back, so that the next call may connect again. */
+void ms_store_settle(struct ms_store *store);
 
 /* A user's state (docs/design.md, "A user's life"). Its name, in the
  * store, the control socket's replies and the metrics, is the one in

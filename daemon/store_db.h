@@ -38,8 +38,9 @@ struct db_driver {
 	 * as a macro) and names an index SQLite would not choose itself. */
 	int sqlite_dialect;
 
-	int (*open)(const char *target, struct db **db_r, char *err,
-		    size_t errsz);
+	/* app: the connection's name where the engine shows one */
+	int (*open)(const char *target, const char *app, struct db **db_r,
+		    char *err, size_t errsz);
 	void (*close)(struct db *db);	/* rolls back what is open */
 	const char *(*errmsg)(struct db *db);
 

@@ -268,6 +268,9 @@ static int pg_exec(struct db *db, const char *sql)
 	ExecStatusType rc = PQresultStatus(res);
 	int ret = 0;
 
+	/* a COMMIT here ends what a statement saw open (revive()) */
+	if (PQstatus(db->conn) == CONNECTION_OK)
+		db->txn_open = PQtransactionStatus(db->conn) != PQTRANS_IDLE;
 	if (rc != PGRES_COMMAND_OK && rc != PGRES_TUPLES_OK) {
 		res_err(db, res);
 		ret = -1;
@@ -301,8 +304,8 @@ void ms_store_pg_params(const char *url, const char *app,
 	vals[MS_PG_PARAMS - 1] = NULL;
 }
 
-static int pg_open(const char *url, struct db **db_r, char *err,
-		   size_t errsz)
+static int pg_open(const char *url, const char *app, struct db **db_r,
+		   char *err, size_t errsz)
 {
 	const char *keys[MS_PG_PARAMS], *vals[MS_PG_PARAMS];
 	const char *enc;
@@ -317,7 +320,7 @@ static int pg_open(const char *url, struct db **db_r, char *err,
 		return -1;
 	}
 	db->d = &ms_db_pg;
-	ms_store_pg_params(url, "mailshift", keys, vals);
+	ms_store_pg_params(url, app, keys, vals);
 	db->conn = PQconnectdbParams(keys, vals, 1);
 	if (db->conn == NULL || PQstatus(db->conn) != CONNECTION_OK) {
 		set_err(db, "cannot connect: ", db->conn ?

@@ -98,8 +98,8 @@ static int set_pragmas(struct db *db, char *err, size_t errsz)
 	return 0;
 }
 
-static int lite_open(const char *path, struct db **db_r, char *err,
-		     size_t errsz)
+static int lite_open(const char *path, const char *app, struct db **db_r,
+		     char *err, size_t errsz)
 {
 	struct db *db;
 	int fd;

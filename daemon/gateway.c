@@ -242,6 +242,11 @@ void ms_gateway_stop_listening(struct ms_gateway *gw)
 	gw->nlisteners = 0;
 }
 
+void ms_gateway_set_reader(struct ms_gateway *gw, struct ms_reader *r)
+{
+	gw->reader = r;
+}
+
 void ms_gateway_free(struct ms_gateway **gwp)
 {
 	struct ms_gateway *gw = *gwp;

@@ -23,6 +23,10 @@ int ms_gateway_new(uv_loop_t *loop, const struct ms_gw_config *cfg,
 		   char *err, size_t errsz);
 /* Closes the listeners and every session. */
 void ms_gateway_free(struct ms_gateway **gw);
+/* The store's reads a session makes on its way to the destination go to
+ * r (reader.h), off the loop; without one they are made on the loop. */
+struct ms_reader;
+void ms_gateway_set_reader(struct ms_gateway *gw, struct ms_reader *r);
 
 /* A clean stop's first step: the listeners are closed, so nothing more is
  * accepted (with inherited sockets, new connections wait in the kernel for

@@ -40,16 +40,9 @@ static int imap_send_login(struct session *s)
  * Returns as imap_backend_line(). */
 static int imap_login_ok(struct session *s, const char *answer)
 {
-	const char *why = gw_imap_view_start(s);
 	char reply[GW_INBUF_MAX + 300];
 	int n;
 
-	if (why != NULL) {
-		/* UIDs the client would take for the source's: better no
-		 * session. */
-		gw_backend_fail(s, why);
-		return 1;
-	}
 	n = snprintf(reply, sizeof(reply), "%s %s\r\n", s->tag, answer);
 	if (s->iv == NULL) {
 		out(s, "%s", reply);
@@ -440,6 +433,7 @@ static const struct gw_proto imap_proto = {
 	.relay_client_out = gw_imap_view_client,
 	.relay_server = gw_imap_view_server,
 	.relay_free = gw_imap_view_free,
+	.relay_load = gw_imap_view_load,
 };
 
 /* Its sessions are the mailbox sessions' (gw_session.c). */

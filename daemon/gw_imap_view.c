@@ -15,6 +15,8 @@
 struct vfolder {
 	struct vfolder *next;
 	char *name;			/* the destination's */
+	int64_t id;			/* the store's row */
+	uint32_t src_next;		/* the source's UIDNEXT, as recorded */
 	int translated;			/* else map is unused */
 	struct ms_view_map map;
 };
@@ -29,11 +31,16 @@ struct vname {
 struct imap_view_relay {
 	struct ms_view v;
 	int64_t user_id;
-	struct vfolder *folders;	/* looked up so far */
+	struct vfolder *folders;	/* the user's, read at the login */
 	struct vname *names;		/* folders the move renamed */
 	struct ms_vbuf name;		/* renamed()'s answer */
 	struct ms_vbuf nsname;		/* ns_name()'s answer */
 	int store_failed;
+	/* A folder's pairs being read (the store's reader): the bytes of
+	 * both sides wait for them. */
+	struct vfolder *loading;
+	int in_lookup;			/* the read may be done at once */
+	struct ms_vbuf c_held, s_held;
 };
 
 static int to_client(void *ctx, const char *data, size_t len);
@@ -49,6 +56,7 @@ static int name_is(const char *a, const char *b)
 struct pairs {
 	struct ms_view_pair *p;
 	size_t n, cap;
+	int oom;
 };
 
 static int add_pair(void *ctx, const struct ms_msg_rec *rec)
@@ -61,8 +69,10 @@ static int add_pair(void *ctx, const struct ms_msg_rec *rec)
 		size_t cap = ps->cap ? ps->cap * 2 : 256;
 		struct ms_view_pair *p = realloc(ps->p, cap * sizeof(*p));
 
-		if (p == NULL)
+		if (p == NULL) {
+			ps->oom = 1;
 			return -1;
+		}
 		ps->p = p;
 		ps->cap = cap;
 	}
@@ -71,40 +81,95 @@ static int add_pair(void *ctx, const struct ms_msg_rec *rec)
 	return 0;
 }
 
-/* The folder's map, with its pairs when full. -1: the store failed or out
- * of memory. */
-static int vfolder_load(struct session *s, struct vfolder *f, int full)
+struct pairs_read {
+	struct session *s;
+	int64_t folder_id;
+	struct pairs ps;
+};
+
+/* On the store's reader: the folder's pairs. */
+static int pairs_work(struct ms_store *store, void *arg, char *err,
+		      size_t errsz)
+{
+	struct pairs_read *pr = arg;
+
+	if (ms_store_msg_foreach(store, pr->folder_id, MS_MSG_DONE, add_pair,
+				 &pr->ps) == 0)
+		return 0;
+	if (pr->ps.oom)
+		snprintf(err, errsz, "out of memory");
+	return -1;
+}
+
+static void pairs_drop(void *arg)
+{
+	struct pairs_read *pr = arg;
+
+	free(pr->ps.p);
+	free(pr);
+}
+
+static void resume(struct session *s);
+
+/* The pairs are in: the folder's map is full, and what waited goes on. */
+static void pairs_done(void *arg, const char *error)
+{
+	struct pairs_read *pr = arg;
+	struct session *s = pr->s;
+	struct imap_view_relay *iv = s->iv;
+	struct vfolder *f = iv->loading;
+	int invalid = f->map.invalid;
+	uint32_t src_uv = f->map.src_uidvalidity;
+	uint32_t dst_uv = f->map.dst_uidvalidity;
+
+	s->rd = NULL;
+	iv->loading = NULL;
+	if (error == NULL) {
+		ms_view_map_clear(&f->map);
+		if (ms_view_map_init(&f->map, pr->ps.p, pr->ps.n, src_uv,
+				     dst_uv, f->src_next) < 0)
+			error = "out of memory";
+		else
+			pr->ps.p = NULL;
+		f->map.full = error == NULL;
+		f->map.invalid = invalid;
+	}
+	if (error != NULL) {
+		ms_log(MS_LOG_ERROR, "session %llu: %s: IMAP view of \"%s\": "
+		       "%s", (unsigned long long)s->id, s->gu->name, f->name,
+		       error);
+		iv->store_failed = 1;
+		/* what needed the folder is not passed on */
+		ms_view_fail(&iv->v, "store failed");
+	}
+	pairs_drop(pr);
+	if (!iv->in_lookup)
+		resume(s);
+}
+
+/* The folder's pairs, read on the store's reader; until they are in, the
+ * client's next commands and the server's answers wait (ms_view_wait()).
+ * Without a reader they are read at once. */
+static void pairs_load(struct session *s, struct vfolder *f)
 {
 	struct imap_view_relay *iv = s->iv;
-	struct ms_store *store = s->gw->store;
-	struct ms_folder_state fs;
-	struct pairs ps = { 0 };
-	uint32_t next;
-	int found = 0, id, invalid = f->map.invalid;
+	struct pairs_read *pr = calloc(1, sizeof(*pr));
 
-	if (ms_store_folder_find_dst(store, iv->user_id, f->name, &fs,
-				     &found) < 0)
-		return -1;
-	if (!found || fs.dst_uidvalidity == 0 || fs.src_uidvalidity == 0)
-		return 0;
-	if (ms_store_identity_get(store, fs.id, &id) < 0 ||
-	    ms_store_src_next_get(store, fs.id, &next) < 0)
-		return -1;
-	if (id == MS_ID_KEPT)
-		return 0;
-	if (full && ms_store_msg_foreach(store, fs.id, MS_MSG_DONE, add_pair,
-					 &ps) != 0) {
-		free(ps.p);
-		return -1;
+	if (pr == NULL) {
+		ms_view_fail(&iv->v, "out of memory");
+		return;
 	}
-	ms_view_map_clear(&f->map);
-	if (ms_view_map_init(&f->map, ps.p, ps.n, fs.src_uidvalidity,
-			     fs.dst_uidvalidity, next) < 0)
-		return -1;
-	f->map.full = full;
-	f->map.invalid = invalid;
-	f->translated = 1;
-	return 0;
+	pr->s = s;
+	pr->folder_id = f->id;
+	iv->loading = f;
+	iv->in_lookup = 1;
+	if (gw_read(s, pairs_work, pairs_done, pairs_drop, pr) < 0) {
+		iv->loading = NULL;
+		ms_view_fail(&iv->v, "out of memory");
+	}
+	iv->in_lookup = 0;
+	if (iv->loading != NULL)
+		ms_view_wait(&iv->v);
 }
 
 /* Another folder is being selected: the pairs of folders the view has no
@@ -129,6 +194,20 @@ static void vfolders_trim(struct imap_view_relay *iv)
 	}
 }
 
+/* The folder the store would name for name: its newest row of that name
+ * (compared as the store compares, ASCII case aside). */
+static struct vfolder *vfolder_find(struct imap_view_relay *iv,
+				    const char *name)
+{
+	struct vfolder *best = NULL;
+
+	for (struct vfolder *f = iv->folders; f != NULL; f = f->next)
+		if (strcasecmp(f->name, name) == 0 &&
+		    (best == NULL || f->id > best->id))
+			best = f;
+	return best;
+}
+
 static struct ms_view_map *view_lookup(void *ctx, const char *name, int full)
 {
 	struct session *s = ctx;
@@ -137,30 +216,12 @@ static struct ms_view_map *view_lookup(void *ctx, const char *name, int full)
 
 	if (full)
 		vfolders_trim(iv);
-	for (f = iv->folders; f != NULL; f = f->next)
-		if (name_is(f->name, name))
-			break;
-	if (f == NULL) {
-		f = calloc(1, sizeof(*f));
-		if (f == NULL || (f->name = strdup(name)) == NULL) {
-			free(f);
-			ms_view_fail(&iv->v, "out of memory");
-			return NULL;
-		}
-		f->next = iv->folders;
-		iv->folders = f;
-	} else if (!f->translated || f->map.full || !full) {
-		return f->translated ? &f->map : NULL;
-	}
-	if (vfolder_load(s, f, full) < 0) {
-		ms_log(MS_LOG_ERROR, "session %llu: %s: IMAP view of \"%s\": "
-		       "%s", (unsigned long long)s->id, s->gu->name, name,
-		       ms_store_error(s->gw->store));
-		iv->store_failed = 1;
-		/* what needed the folder is not passed on */
-		ms_view_fail(&iv->v, "store failed");
-	}
-	return f->translated ? &f->map : NULL;
+	f = vfolder_find(iv, name);
+	if (f == NULL || !f->translated)
+		return NULL;
+	if (full && !f->map.full)
+		pairs_load(s, f);
+	return &f->map;
 }
 
 /* name is from (a folder the move renamed) or below it: how many bytes of
@@ -275,23 +336,46 @@ static int view_patterns(void *ctx, const char *pattern, struct ms_vbuf *out)
 	return r < 0 ? -1 : n;
 }
 
-struct start_ctx {
-	struct session *s;
+/* The user's rows a view needs, read on the store's reader at a login to
+ * the destination, before the server is asked. */
+struct view_read {
+	struct gw_login_read lr;	/* first */
+	struct ms_store *store;		/* the reader's, while it works */
+	struct imap_view_relay *iv;	/* NULL: no view */
 	int translate;			/* a folder is not kept */
+	struct ms_user_ns ns;
+	int ns_found;
 };
 
-/* Which folders need the view: not kept. */
+/* A folder row: which need the view (not kept), and the map of each. */
 static int start_folder(void *ctx, const struct ms_folder_state *fs)
 {
-	struct start_ctx *sc = ctx;
+	struct view_read *vr = ctx;
+	struct vfolder *f;
 	int id;
 
-	if (fs->dst_uidvalidity == 0 || fs->dst_name[0] == '\0')
+	if (fs->dst_name[0] == '\0')
 		return 0;		/* not copied */
-	if (ms_store_identity_get(sc->s->gw->store, fs->id, &id) < 0)
+	if (ms_store_identity_get(vr->store, fs->id, &id) < 0)
 		return -1;
-	if (id != MS_ID_KEPT)
-		sc->translate = 1;
+	if (fs->dst_uidvalidity != 0 && id != MS_ID_KEPT)
+		vr->translate = 1;
+	f = calloc(1, sizeof(*f));
+	if (f == NULL || (f->name = strdup(fs->dst_name)) == NULL) {
+		free(f);
+		return -1;
+	}
+	f->id = fs->id;
+	f->next = vr->iv->folders;
+	vr->iv->folders = f;
+	if (fs->dst_uidvalidity == 0 || fs->src_uidvalidity == 0 ||
+	    id == MS_ID_KEPT)
+		return 0;
+	if (ms_store_src_next_get(vr->store, fs->id, &f->src_next) < 0 ||
+	    ms_view_map_init(&f->map, NULL, 0, fs->src_uidvalidity,
+			     fs->dst_uidvalidity, f->src_next) < 0)
+		return -1;
+	f->translated = 1;
 	return 0;
 }
 
@@ -325,53 +409,109 @@ static void set_namespace(struct ms_view *v, const struct ms_user_ns *ns)
 	ms_view_set_namespace(v, &vns);
 }
 
-const char *gw_imap_view_start(struct session *s)
+static void iv_free(struct imap_view_relay *iv)
 {
-	struct ms_gateway *gw = s->gw;
+	ms_view_clear(&iv->v);
+	while (iv->folders != NULL) {
+		struct vfolder *f = iv->folders;
+
+		iv->folders = f->next;
+		ms_view_map_clear(&f->map);
+		free(f->name);
+		free(f);
+	}
+	ms_vbuf_free(&iv->name);
+	ms_vbuf_free(&iv->nsname);
+	ms_vbuf_free(&iv->c_held);
+	ms_vbuf_free(&iv->s_held);
+	while (iv->names != NULL) {
+		struct vname *n = iv->names;
+
+		iv->names = n->next;
+		free(n->old);
+		free(n->dst);
+		free(n);
+	}
+	free(iv);
+}
+
+/* On the store's reader. */
+static int view_work(struct ms_store *store, void *arg, char *err,
+		     size_t errsz)
+{
+	struct view_read *vr = arg;
 	struct ms_user_info info;
-	struct start_ctx sc = { s, 0 };
-	struct ms_user_ns ns;
 	int found = 0;
 
-	if (s->proto != MS_GW_IMAP || !s->to_dst)
-		return NULL;
-	if (ms_store_user_info(gw->store, ms_login_name(&s->login), &info,
-			       &found) < 0)
-		return ms_store_error(gw->store);
+	if (ms_store_user_info(store, vr->lr.user, &info, &found) < 0)
+		return -1;
 	if (!found)
-		return NULL;
-	s->iv = calloc(1, sizeof(*s->iv));
-	if (s->iv == NULL)
-		return "out of memory";
-	s->iv->user_id = info.id;
-	ms_view_init(&s->iv->v, view_lookup, view_name, s);
-	ms_view_set_reply(&s->iv->v, to_client, s);
-	if (ms_store_folder_foreach(gw->store, info.id, start_folder,
-				    &sc) != 0 ||
-	    ms_store_rename_foreach(gw->store, info.id, start_rename,
-				    s->iv) != 0) {
-		gw_imap_view_free(s);
-		return "cannot read the user's folders";
+		return 0;
+	vr->iv = calloc(1, sizeof(*vr->iv));
+	if (vr->iv == NULL) {
+		snprintf(err, errsz, "out of memory");
+		return -1;
 	}
-	if (ms_store_namespace_get(gw->store, info.id, &ns, &found) < 0) {
-		gw_imap_view_free(s);
-		return ms_store_error(gw->store);
+	vr->iv->user_id = info.id;
+	vr->store = store;
+	if (ms_store_folder_foreach(store, info.id, start_folder, vr) != 0 ||
+	    ms_store_rename_foreach(store, info.id, start_rename,
+				    vr->iv) != 0) {
+		snprintf(err, errsz, "cannot read the user's folders");
+		return -1;
 	}
+	return ms_store_namespace_get(store, info.id, &vr->ns, &vr->ns_found);
+}
+
+static void view_drop(void *arg)
+{
+	struct view_read *vr = arg;
+
+	if (vr->iv != NULL)
+		iv_free(vr->iv);
+	gw_login_read_free(&vr->lr);
+}
+
+/* The rows are in: the session's view when it needs one (else none, at
+ * no cost), then on to the server. */
+static void view_done(void *arg, const char *error)
+{
+	struct view_read *vr = arg;
+	struct session *s = vr->lr.s;
+	struct imap_view_relay *iv = vr->iv;
+
+	s->rd = NULL;
+	if (error != NULL || iv == NULL) {
+		view_drop(vr);
+		gw_backend_go(s, error);
+		return;
+	}
+	vr->iv = NULL;
+	ms_view_init(&iv->v, view_lookup, view_name, s);
+	ms_view_set_reply(&iv->v, to_client, s);
 	/* A source prefix ("INBOX.") the destination does not have: shown */
-	if (found && ns.src_prefix[0] != '\0' &&
-	    (strcmp(ns.src_prefix, ns.dst_prefix) != 0 ||
-	     ns.src_sep != ns.dst_sep))
-		set_namespace(&s->iv->v, &ns);
-	if (!sc.translate && s->iv->names == NULL && !s->iv->v.ns_on) {
-		gw_imap_view_free(s);	/* identity kept: zero cost */
-		return NULL;
+	if (vr->ns_found && vr->ns.src_prefix[0] != '\0' &&
+	    (strcmp(vr->ns.src_prefix, vr->ns.dst_prefix) != 0 ||
+	     vr->ns.src_sep != vr->ns.dst_sep))
+		set_namespace(&iv->v, &vr->ns);
+	if (!vr->translate && iv->names == NULL && !iv->v.ns_on) {
+		iv_free(iv);		/* identity kept: zero cost */
+	} else {
+		iv->v.withhold = vr->translate;
+		if (iv->names != NULL || iv->v.ns_on) {
+			ms_view_set_patterns(&iv->v, view_patterns);
+			iv->v.withhold_utf8 = 1;
+		}
+		s->iv = iv;
 	}
-	s->iv->v.withhold = sc.translate;
-	if (s->iv->names != NULL || s->iv->v.ns_on) {
-		ms_view_set_patterns(&s->iv->v, view_patterns);
-		s->iv->v.withhold_utf8 = 1;
-	}
-	return NULL;
+	view_drop(vr);
+	gw_backend_go(s, NULL);
+}
+
+void gw_imap_view_load(struct session *s)
+{
+	gw_read_login(s, sizeof(struct view_read), view_work, view_done,
+		      view_drop);
 }
 
 void gw_imap_view_free(struct session *s)
@@ -386,26 +526,7 @@ void gw_imap_view_free(struct session *s)
 			(unsigned long long)s->id, s->gu->name,
 			(unsigned long long)iv->v.uids,
 			(unsigned long long)iv->v.names);
-	ms_view_clear(&iv->v);
-	while (iv->folders != NULL) {
-		struct vfolder *f = iv->folders;
-
-		iv->folders = f->next;
-		ms_view_map_clear(&f->map);
-		free(f->name);
-		free(f);
-	}
-	ms_vbuf_free(&iv->name);
-	ms_vbuf_free(&iv->nsname);
-	while (iv->names != NULL) {
-		struct vname *n = iv->names;
-
-		iv->names = n->next;
-		free(n->old);
-		free(n->dst);
-		free(n);
-	}
-	free(iv);
+	iv_free(iv);
 	s->iv = NULL;
 }
 
@@ -443,12 +564,34 @@ static int view_failed(struct session *s)
 	return -1;
 }
 
+/* Bytes that came while a folder's pairs are read: kept, in order, and
+ * no more read from that side until they are in. */
+static int hold(struct session *s, struct ms_conn *conn, int *paused,
+		struct ms_vbuf *held, const char *data, size_t len)
+{
+	ms_pause_set(conn, paused, MS_PAUSE_STORE);
+	if (len > 0 && ms_vbuf_add(held, data, len) < 0) {
+		ms_view_fail(&s->iv->v, "out of memory");
+		return view_failed(s);
+	}
+	return 0;
+}
+
 int gw_imap_view_client(struct session *s, const char *data, size_t len)
 {
-	if (ms_view_client(&s->iv->v, data, len, to_server, s) < 0 ||
-	    s->iv->store_failed)
+	struct imap_view_relay *iv = s->iv;
+	size_t used = 0;
+
+	if (iv->loading != NULL)
+		return hold(s, s->c, &s->c_paused, &iv->c_held, data, len);
+	if (ms_view_client_some(&iv->v, data, len, to_server, s, &used) < 0 ||
+	    iv->store_failed)
 		return view_failed(s);
-	if (ms_view_pending(&s->iv->v) >= MS_VIEW_PIPELINE_SOFT)
+	if (iv->loading != NULL &&
+	    hold(s, s->c, &s->c_paused, &iv->c_held, data + used,
+		 len - used) < 0)
+		return -1;
+	if (ms_view_pending(&iv->v) >= MS_VIEW_PIPELINE_SOFT)
 		ms_pause_set(s->c, &s->c_paused, MS_PAUSE_PIPELINE);
 	ms_relay_pressure(s->b, s->c, &s->c_paused);
 	return 0;
@@ -456,11 +599,39 @@ int gw_imap_view_client(struct session *s, const char *data, size_t len)
 
 int gw_imap_view_server(struct session *s, const char *data, size_t len)
 {
-	if (ms_view_server(&s->iv->v, data, len, to_client, s) < 0 ||
-	    s->iv->store_failed)
+	struct imap_view_relay *iv = s->iv;
+
+	if (iv->loading != NULL)
+		return hold(s, s->b, &s->b_paused, &iv->s_held, data, len);
+	if (ms_view_server(&iv->v, data, len, to_client, s) < 0 ||
+	    iv->store_failed)
 		return view_failed(s);
-	if (ms_view_pending(&s->iv->v) < MS_VIEW_PIPELINE_SOFT / 2)
+	if (ms_view_pending(&iv->v) < MS_VIEW_PIPELINE_SOFT / 2)
 		ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_PIPELINE);
 	ms_relay_pressure(s->c, s->b, &s->b_paused);
 	return 0;
+}
+
+/* A folder's pairs came in (or could not): what waited is taken, the
+ * server's answers first; the client's may wait for another folder. */
+static void resume(struct session *s)
+{
+	struct imap_view_relay *iv = s->iv;
+	struct ms_vbuf sh = iv->s_held, ch = iv->c_held;
+	int r = 0;
+
+	memset(&iv->s_held, 0, sizeof(iv->s_held));
+	memset(&iv->c_held, 0, sizeof(iv->c_held));
+	ms_pause_clear(s->b, &s->b_paused, MS_PAUSE_STORE);
+	ms_pause_clear(s->c, &s->c_paused, MS_PAUSE_STORE);
+	if (iv->store_failed)
+		r = view_failed(s);
+	if (r == 0 && sh.len > 0)
+		r = gw_imap_view_server(s, sh.p, sh.len);
+	if (r == 0 && ch.len > 0)
+		r = gw_imap_view_client(s, ch.p, ch.len);
+	ms_vbuf_free(&sh);
+	ms_vbuf_free(&ch);
+	if (r < 0)
+		gw_session_close(s);
 }

@@ -20,6 +20,7 @@
 #include "log.h"
 #include "mover.h"
 #include "net.h"
+#include "reader.h"
 #include "site_eta.h"
 #include "store.h"
 #include "survey.h"
@@ -79,6 +80,9 @@ struct gw_proto {
 				size_t len);
 	int (*relay_server)(struct session *s, const char *data, size_t len);
 	void (*relay_free)(struct session *s);
+	/* Before a login to the destination: what the filter will need,
+	 * read off the loop (gw_read()); then gw_backend_go(). */
+	void (*relay_load)(struct session *s);
 };
 
 struct session {
@@ -146,6 +150,7 @@ struct session {
 	 * keep its identity or was renamed: the source's view
 	 * (gw_imap_view.c; NULL for every other session) */
 	struct imap_view_relay *iv;
+	struct ms_read *rd;		/* the store's reader at work for us */
 };
 
 /* The relay passes the session's bytes through its filter (POP3 UIDLs,
@@ -211,6 +216,8 @@ struct ms_gateway {
 	uv_loop_t *loop;
 	struct ms_gw_config cfg;
 	struct ms_store *store;
+	struct ms_reader *reader;	/* the store's reads off the loop
+					   (NULL: done on it) */
 	struct ms_tls_server *tls;
 	struct listener *listeners[MS_GW_MAX_LISTEN];
 	unsigned int nlisteners;
@@ -300,6 +307,23 @@ void gw_backend_connect(struct session *s, int to_dst, int verify_only);
 void gw_login_refuse(struct session *s, const char *imap_code,
 		     const char *pop3_code, const char *text);
 int gw_plaintext_refused(struct session *s);
+/* A read of the store's for the session: on the store's reader, else at
+ * once (done() called before it returns). s->rd is the read until done()
+ * clears it; the session's end cancels it. -1: out of memory (drop()
+ * called). */
+int gw_read(struct session *s, ms_read_work_fn *work, ms_read_done_fn *done,
+	    ms_read_drop_fn *drop, void *arg);
+/* A read for the user logging in: arg (size bytes, zeroed) begins with
+ * this. Started, or gw_backend_go() is told why not. */
+struct gw_login_read {
+	struct session *s;
+	char *user;			/* the login's name */
+};
+void gw_read_login(struct session *s, size_t size, ms_read_work_fn *work,
+		   ms_read_done_fn *done, ms_read_drop_fn *drop);
+void gw_login_read_free(struct gw_login_read *lr);
+/* On to the server after the relay's filter was read (why: what failed). */
+void gw_backend_go(struct session *s, const char *why);
 void gw_login_start(struct session *s);
 void gw_client_on_tls(struct ms_conn *conn, int status,
 		      const char *error);
@@ -316,9 +340,10 @@ int gw_sessions_kick(struct ms_gateway *gw, const char *user);
 
 /* ---- gw_imap_view.c: the IMAP view of a moved user ---- */
 
-/* At an IMAP login to the destination: s->iv set when the user needs the
- * view. NULL, or why it cannot be told. */
-const char *gw_imap_view_start(struct session *s);
+/* Before an IMAP login to the destination: the user's rows read (the
+ * store's reader), s->iv set when the user needs the view, then
+ * gw_backend_go(). */
+void gw_imap_view_load(struct session *s);
 void gw_imap_view_free(struct session *s);
 int gw_imap_view_client(struct session *s, const char *data, size_t len);
 int gw_imap_view_server(struct session *s, const char *data, size_t len);

@@ -71,6 +71,7 @@ long ms_line_take(char **buf, size_t *used, size_t max, const char *data,
 #define MS_PAUSE_PIPELINE 2	/* too many POP3 commands outstanding */
 #define MS_PAUSE_INPUT 4	/* our input buffer is full */
 #define MS_PAUSE_OUTPUT 8	/* our answers are not being read */
+#define MS_PAUSE_STORE 16	/* the store's reader is asked first */
 
 /* Stops reading conn for one more reason (reading stops at the first). */
 void ms_pause_set(struct ms_conn *conn, int *paused, int why);

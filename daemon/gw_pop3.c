@@ -34,12 +34,7 @@ static int uidl_map(void *ctx, const char *uidl, char *out, size_t outsz)
 	struct session *s = ctx;
 	int r = ms_uidl_translate(&s->ur->map, uidl, out, outsz);
 
-	if (r < 0)
-		ms_log(MS_LOG_ERROR, "session %llu: %s: POP3 UIDL: store: %s",
-		       (unsigned long long)s->id, s->gu->name,
-		       ms_store_error(s->gw->store));
-	else
-		s->ur->rewritten += (uint64_t)r;
+	s->ur->rewritten += (uint64_t)r;
 	return r;
 }
 
@@ -50,36 +45,85 @@ static int uidl_out(void *ctx, const char *data, size_t len)
 	return ms_conn_write(s->c, data, len) < 0 ? -1 : 0;
 }
 
-/* At a POP3 login to the destination: when the mover copied the user's
- * INBOX, the session shows the source's UIDLs. Only then is anything
- * allocated. NULL, or why it cannot be told. */
-static const char *uidl_relay_start(struct session *s)
+static void ur_free(struct uidl_relay *ur)
 {
-	struct ms_gateway *gw = s->gw;
+	ms_pop3_rw_clear(&ur->rw);
+	ms_uidl_map_clear(&ur->map);
+	free(ur);
+}
+
+/* The INBOX's records, read on the store's reader at a POP3 login to the
+ * destination, before the server is asked. */
+struct uidl_read {
+	struct gw_login_read lr;	/* first */
+	struct uidl_relay *ur;		/* NULL: nothing to show */
+};
+
+/* When the mover copied the user's INBOX, the session shows the source's
+ * UIDLs: its records. Only then is anything allocated. */
+static int uidl_work(struct ms_store *store, void *arg, char *err,
+		     size_t errsz)
+{
+	struct uidl_read *rd = arg;
 	struct ms_user_info info;
 	struct ms_folder_state fs;
-	int found = 0;
+	int found = 0, oom;
 
-	if (s->proto != MS_GW_POP3 || !s->to_dst)
-		return NULL;
-	if (ms_store_user_info(gw->store, ms_login_name(&s->login), &info,
-			       &found) < 0 ||
-	    (found && ms_store_folder_find_dst(gw->store, info.id, "INBOX",
-					       &fs, &found) < 0))
-		return ms_store_error(gw->store);
+	if (ms_store_user_info(store, rd->lr.user, &info, &found) < 0 ||
+	    (found && ms_store_folder_find_dst(store, info.id, "INBOX", &fs,
+					       &found) < 0))
+		return -1;
 	if (!found || fs.dst_uidvalidity == 0)
-		return NULL;
-	s->ur = calloc(1, sizeof(*s->ur));
-	if (s->ur == NULL)
-		return "out of memory";
-	ms_pop3_rw_init(&s->ur->rw, uidl_map, s);
-	s->ur->map.store = gw->store;
-	s->ur->map.folder_id = fs.id;
-	s->ur->map.src_uidvalidity = fs.src_uidvalidity;
-	s->ur->map.dst_uidvalidity = fs.dst_uidvalidity;
-	s->ur->map.src_format = uidl_format(gw->cfg.src_uidl_format);
-	s->ur->map.dst_format = uidl_format(gw->cfg.dst_uidl_format);
-	return NULL;
+		return 0;
+	rd->ur = calloc(1, sizeof(*rd->ur));
+	if (rd->ur == NULL) {
+		snprintf(err, errsz, "out of memory");
+		return -1;
+	}
+	rd->ur->map.folder_id = fs.id;
+	rd->ur->map.src_uidvalidity = fs.src_uidvalidity;
+	rd->ur->map.dst_uidvalidity = fs.dst_uidvalidity;
+	if (ms_uidl_map_load(&rd->ur->map, store, &oom) < 0) {
+		if (oom)
+			snprintf(err, errsz, "out of memory");
+		return -1;
+	}
+	return 0;
+}
+
+static void uidl_drop(void *arg)
+{
+	struct uidl_read *rd = arg;
+
+	if (rd->ur != NULL)
+		ur_free(rd->ur);
+	gw_login_read_free(&rd->lr);
+}
+
+static void uidl_done(void *arg, const char *error)
+{
+	struct uidl_read *rd = arg;
+	struct session *s = rd->lr.s;
+	struct ms_gateway *gw = s->gw;
+
+	s->rd = NULL;
+	if (error == NULL && rd->ur != NULL) {
+		/* Which UIDLs to show is known; else (error) better no
+		 * session than a mailbox downloaded again. */
+		s->ur = rd->ur;
+		rd->ur = NULL;
+		ms_pop3_rw_init(&s->ur->rw, uidl_map, s);
+		s->ur->map.src_format = uidl_format(gw->cfg.src_uidl_format);
+		s->ur->map.dst_format = uidl_format(gw->cfg.dst_uidl_format);
+	}
+	uidl_drop(rd);
+	gw_backend_go(s, error);
+}
+
+static void uidl_relay_load(struct session *s)
+{
+	gw_read_login(s, sizeof(struct uidl_read), uidl_work, uidl_done,
+		      uidl_drop);
 }
 
 static void uidl_relay_free(struct session *s)
@@ -90,8 +134,7 @@ static void uidl_relay_free(struct session *s)
 		ms_info("session %llu: %s: %llu POP3 UIDLs shown as the "
 			"source's", (unsigned long long)s->id, s->gu->name,
 			(unsigned long long)s->ur->rewritten);
-	ms_pop3_rw_clear(&s->ur->rw);
-	free(s->ur);
+	ur_free(s->ur);
 	s->ur = NULL;
 }
 
@@ -150,7 +193,6 @@ static int pop3_send_login(struct session *s)
 static int pop3_backend_line(struct session *s, char *line)
 {
 	int ok = strncmp(line, "+OK", 3) == 0;
-	const char *why;
 
 	if (!ok && strncmp(line, "-ERR", 4) != 0) {
 		gw_backend_fail(s, "unexpected reply from the server");
@@ -187,12 +229,6 @@ static int pop3_backend_line(struct session *s, char *line)
 	}
 	if (s->verify_only)
 		return -1;
-	if ((why = uidl_relay_start(s)) != NULL) {
-		/* Which UIDLs to show is not known: better no
-		 * session than a mailbox downloaded again. */
-		gw_backend_fail(s, why);
-		return 1;
-	}
 	out(s, "%s\r\n", line);
 	return 2;
 }
@@ -333,6 +369,7 @@ static const struct gw_proto pop3_proto = {
 	.relay_client = uidl_relay_client,
 	.relay_server = uidl_relay_server,
 	.relay_free = uidl_relay_free,
+	.relay_load = uidl_relay_load,
 };
 
 /* Its sessions are the mailbox sessions' (gw_session.c). */

@@ -203,6 +203,8 @@ void gw_session_close(struct session *s)
 		ms_steer_session_end(s->peer, s->peer_port, s->local,
 				     s->local_port);
 	s->st = SS_CLOSING;
+	ms_read_cancel(s->rd);
+	s->rd = NULL;
 	if ((wd = watchdog(gw)) != NULL)
 		ms_watchdog_remove(wd, &s->wd_slot);
 	ms_conn_close(&s->b);
@@ -309,7 +311,12 @@ void gw_backend_fail(struct session *s, const char *why)
 	gw_log_login(s, MS_LOG_WARN, s->st == SS_BACKEND ? NULL : "-",
 		     "unavailable", more);
 	gw_timer_stop(s);
+	ms_read_cancel(s->rd);
+	s->rd = NULL;
 	ms_conn_close(&s->b);
+	/* read for this login: another may be another user's */
+	if (gw_filtered(s))
+		s->pr->relay_free(s);
 	gw_session_uncount(s);
 	bin_free(s);
 	gw_login_refuse(s, "UNAVAILABLE", "SYS/TEMP", "Mail server "
@@ -543,13 +550,6 @@ static void on_backend_timeout(uv_timer_t *t)
 void gw_backend_connect(struct session *s, int to_dst, int verify_only)
 {
 	struct ms_gateway *gw = s->gw;
-	struct ms_conn_callbacks cb = {
-		.on_connect = on_backend_connect,
-		.on_read = on_backend_read,
-		.on_error = on_backend_error,
-		.on_drain = on_backend_drain,
-		.ctx = s,
-	};
 	const struct ms_server_cfg *srv;
 
 	if (s->proto == MS_GW_IMAP)
@@ -577,11 +577,76 @@ void gw_backend_connect(struct session *s, int to_dst, int verify_only)
 	}
 	gw_timer_start(s, on_backend_timeout,
 		       MS_TEST_TIME(GW_BACKEND_TIMEOUT_MS), 0);
-	if (ms_server_connect_for(gw->loop, srv, s->peer, s->peer_port, &cb,
-				  &s->b) < 0)
+	/* The rows the relay's filter needs are read first, off the loop:
+	 * whether the server takes the login or not, the client hears
+	 * nothing of the server before they are in. */
+	if (to_dst && !verify_only && s->pr->relay_load != NULL)
+		s->pr->relay_load(s);
+	else
+		gw_backend_go(s, NULL);
+}
+
+void gw_backend_go(struct session *s, const char *why)
+{
+	struct ms_conn_callbacks cb = {
+		.on_connect = on_backend_connect,
+		.on_read = on_backend_read,
+		.on_error = on_backend_error,
+		.on_drain = on_backend_drain,
+		.ctx = s,
+	};
+
+	if (why != NULL) {
+		gw_backend_fail(s, why);
+		return;
+	}
+	if (ms_server_connect_for(s->gw->loop, s->server, s->peer,
+				  s->peer_port, &cb, &s->b) < 0)
 		gw_backend_fail(s, "cannot connect");
 	else
 		ms_conn_set_wipe(s->b, 1);	/* the login goes this way */
+}
+
+void gw_read_login(struct session *s, size_t size, ms_read_work_fn *work,
+		   ms_read_done_fn *done, ms_read_drop_fn *drop)
+{
+	struct gw_login_read *lr = calloc(1, size);
+
+	if (lr == NULL || (lr->user = strdup(ms_login_name(&s->login))) ==
+	    NULL) {
+		free(lr);
+		gw_backend_go(s, "out of memory");
+		return;
+	}
+	lr->s = s;
+	if (gw_read(s, work, done, drop, lr) < 0)
+		gw_backend_go(s, "out of memory");
+}
+
+void gw_login_read_free(struct gw_login_read *lr)
+{
+	free(lr->user);
+	free(lr);
+}
+
+int gw_read(struct session *s, ms_read_work_fn *work, ms_read_done_fn *done,
+	    ms_read_drop_fn *drop, void *arg)
+{
+	char err[512] = "";
+	int r;
+
+	if (s->gw->reader != NULL) {
+		s->rd = ms_read_start(s->gw->reader, work, done, drop, arg);
+		if (s->rd != NULL)
+			return 0;
+		drop(arg);
+		return -1;
+	}
+	r = work(s->gw->store, arg, err, sizeof(err));
+	if (r < 0 && err[0] == '\0')
+		snprintf(err, sizeof(err), "%s", ms_store_error(s->gw->store));
+	done(arg, r < 0 ? err : NULL);
+	return 0;
 }
 
 /* A clear error for a login we refuse to pass on. */

@@ -1927,9 +1927,11 @@ static int frag_out(struct ms_view *v, struct ms_view_side *sd,
 }
 
 static int feed(struct ms_view *v, struct ms_view_side *sd, int client,
-		const char *data, size_t len, ms_view_out_fn *out, void *octx)
+		const char *data, size_t len, ms_view_out_fn *out, void *octx,
+		size_t *used_r)
 {
 	struct ms_vbuf o = { 0 };
+	size_t all = len;
 	int64_t lit;
 	int r = 0;
 
@@ -1983,8 +1985,14 @@ static int feed(struct ms_view *v, struct ms_view_side *sd, int client,
 		sd->lit = lit > 0 ? (uint64_t)lit : 0;
 		sd->line.len = 0;
 		r = frag_out(v, sd, &o, out, octx);
+		if (client && v->wait) {
+			/* a map is being read: the rest waits for it */
+			v->wait = 0;
+			break;
+		}
 	}
 	ms_vbuf_free(&o);
+	*used_r = all - len;
 	return r;
 }
 
@@ -2063,16 +2071,39 @@ void ms_view_fail(struct ms_view *v, const char *why)
 	fail(v, why);
 }
 
+int ms_view_client_some(struct ms_view *v, const char *data, size_t len,
+			ms_view_out_fn *out, void *octx, size_t *used_r)
+{
+	return feed(v, &v->c, 1, data, len, out, octx, used_r);
+}
+
+void ms_view_wait(struct ms_view *v)
+{
+	v->wait = 1;
+}
+
+/* Without a wait: every byte is taken (what a lookup that waited leaves
+ * is fed again, the same way). */
 int ms_view_client(struct ms_view *v, const char *data, size_t len,
 		   ms_view_out_fn *out, void *octx)
 {
-	return feed(v, &v->c, 1, data, len, out, octx);
+	size_t used;
+
+	while (len > 0) {
+		if (feed(v, &v->c, 1, data, len, out, octx, &used) < 0)
+			return -1;
+		data += used;
+		len -= used;
+	}
+	return 0;
 }
 
 int ms_view_server(struct ms_view *v, const char *data, size_t len,
 		   ms_view_out_fn *out, void *octx)
 {
-	return feed(v, &v->s, 0, data, len, out, octx);
+	size_t used;
+
+	return feed(v, &v->s, 0, data, len, out, octx, &used);
 }
 
 size_t ms_view_pending(const struct ms_view *v)

@@ -183,6 +183,8 @@ struct ms_view {
 	struct ms_view_ns ns;
 	uint64_t uids;			/* UIDs shown as the source's */
 	uint64_t names;			/* names shown or taken as the old */
+	int wait;			/* ms_view_wait(): stop after the
+					   client's fragment being read */
 };
 
 void ms_view_init(struct ms_view *v, ms_view_lookup_fn *lookup,
@@ -215,6 +217,14 @@ int ms_view_client_at_rest(const struct ms_view *v);
  * why). */
 int ms_view_client(struct ms_view *v, const char *data, size_t len,
 		   ms_view_out_fn *out, void *octx);
+/* As ms_view_client, and the client's bytes stop being read after the
+ * fragment during which lookup() called ms_view_wait(): *used_r says how
+ * many were taken; the caller gives the rest again when the map is in. */
+int ms_view_client_some(struct ms_view *v, const char *data, size_t len,
+			ms_view_out_fn *out, void *octx, size_t *used_r);
+/* From lookup(): the map returned is not full yet (its pairs are being
+ * read); the client's next command must wait for them. */
+void ms_view_wait(struct ms_view *v);
 /* The server's bytes, the same way. */
 int ms_view_server(struct ms_view *v, const char *data, size_t len,
 		   ms_view_out_fn *out, void *octx);

@@ -20,6 +20,7 @@
 #include "gateway.h"
 #include "log.h"
 #include "priv.h"
+#include "reader.h"
 #include "retire.h"
 #include "steer.h"
 #include "store.h"
@@ -184,8 +185,8 @@ static int store_create(const char *path, const struct ms_priv *p, char *err,
 /* A database server may be shared by mistake: the store then belongs to
  * this source and destination, recorded at first and compared at each
  * start. A SQLite file is the migration's own and opens as it always did. */
-static int open_store(const struct ms_dconfig *c, struct ms_store **store_r,
-		      char **err_r)
+static int open_store(const struct ms_dconfig *c, const char *app,
+		      struct ms_store **store_r, char **err_r)
 {
 	const struct ms_gw_config *g = &c->gw;
 	const struct ms_server_cfg *s = g->src_imap.host[0] ? &g->src_imap :
@@ -199,7 +200,28 @@ static int open_store(const struct ms_dconfig *c, struct ms_store **store_r,
 	ms_store_pg_timeout_ms = c->store_timeout * 1000;
 	snprintf(pair, sizeof(pair), "source %s:%u, destination %s:%u",
 		 s->host, s->port, d->host, d->port);
-	return ms_store_open_migration(c->store, pair, store_r, err_r);
+	return ms_store_open_as(c->store, pair, app, store_r, err_r);
+}
+
+/* The store's reader (reader.h): a connection of its own, opened as the
+ * store was (before privileges are dropped). */
+static int start_reader(uv_loop_t *loop, const struct ms_dconfig *c,
+			struct ms_gateway *gw, struct ms_reader **r_out,
+			char *err, size_t errsz)
+{
+	struct ms_store *store;
+	char *serr = NULL;
+
+	if (open_store(c, "mailshift-reader", &store, &serr) < 0) {
+		snprintf(err, errsz, "store's reader: %s",
+			 serr != NULL ? serr : "cannot open");
+		free(serr);
+		return -1;
+	}
+	if (ms_reader_new(loop, store, r_out, err, errsz) < 0)
+		return -1;
+	ms_gateway_set_reader(gw, *r_out);
+	return 0;
 }
 
 /* Admin logins: the password comes from a root-only file (or one of the
@@ -350,6 +372,7 @@ int main(int argc, char *argv[])
 	struct ms_control_access acc;
 	struct ms_store *store = NULL;
 	struct ms_gateway *gw = NULL;
+	struct ms_reader *reader = NULL;
 	struct ms_control *ctl = NULL;
 	char err[1200];
 	char *serr = NULL;
@@ -405,7 +428,7 @@ int main(int argc, char *argv[])
 		fprintf(stderr, "mailshiftd: %s\n", err);
 		return 1;
 	}
-	if (open_store(&c, &store, &serr) < 0) {
+	if (open_store(&c, "mailshift", &store, &serr) < 0) {
 		/* not the URL: one refused for its password holds it */
 		fprintf(stderr, "mailshiftd: store %s: %s\n",
 			ms_store_is_url(c.store) ? "[store] url" : c.store,
@@ -418,6 +441,7 @@ int main(int argc, char *argv[])
 	if (c.steer.present)
 		ms_steer_sessions_use(c.steer.backend);
 	if (ms_gateway_new(loop, &c.gw, store, &gw, err, sizeof(err)) < 0 ||
+	    start_reader(loop, &c, gw, &reader, err, sizeof(err)) < 0 ||
 	    ms_control_new(loop, c.control, &acc, gw, store, &ctl, err,
 			   sizeof(err)) < 0) {
 		fprintf(stderr, "mailshiftd: %s\n", err);
@@ -462,6 +486,8 @@ int main(int argc, char *argv[])
 out:
 	ms_control_free(&ctl);
 	ms_gateway_free(&gw);
+	/* after the sessions, which cancelled what they had asked */
+	ms_reader_free(reader);
 	ms_retire_stop();
 	if (loop != NULL)
 		uv_run(loop, UV_RUN_NOWAIT);

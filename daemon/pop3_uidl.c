@@ -3,6 +3,7 @@
 #include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "pop3_uidl.h"
@@ -209,45 +210,205 @@ int ms_uidl_parse(const char *fmt, uint32_t uidvalidity, const char *uidl,
 
 /* ---- translation ---- */
 
+struct loading {
+	struct ms_uidl_map *map;
+	size_t cap_copied, cap_src, cap_uidls;
+	int oom;
+};
+
+static int grow(void **p, size_t *cap, size_t n, size_t size)
+{
+	size_t c = *cap ? *cap * 2 : 64;
+	void *q;
+
+	if (n < *cap)
+		return 0;
+	q = realloc(*p, c * size);
+	if (q == NULL)
+		return -1;
+	*p = q;
+	*cap = c;
+	return 0;
+}
+
+/* The UIDL's text into the pool: its offset, or SIZE_MAX when out of
+ * memory. */
+static size_t pool_add(struct ms_uidl_map *m, const char *uidl)
+{
+	size_t len = strlen(uidl) + 1, at = m->pool_len;
+
+	while (m->pool_len + len > m->pool_cap) {
+		size_t c = m->pool_cap ? m->pool_cap * 2 : 4096;
+		char *p = realloc(m->pool, c);
+
+		if (p == NULL)
+			return SIZE_MAX;
+		m->pool = p;
+		m->pool_cap = c;
+	}
+	memcpy(m->pool + at, uidl, len);
+	m->pool_len += len;
+	return at;
+}
+
+/* One record: where translate() will look for it (the store's three
+ * questions: the done record of a destination UID, a record of a source
+ * UID, a record of a POP3 source's UIDL). */
+static int load_rec(void *ctx, const struct ms_msg_rec *rec)
+{
+	struct loading *l = ctx;
+	struct ms_uidl_map *m = l->map;
+	size_t uidl = SIZE_MAX;
+
+	if (rec->uidl[0] != '\0' && (uidl = pool_add(m, rec->uidl)) == SIZE_MAX)
+		goto oom;
+	if (rec->state == MS_MSG_DONE && rec->dst_uid != 0) {
+		if (grow((void **)&m->copied, &l->cap_copied, m->ncopied,
+			 sizeof(*m->copied)) < 0)
+			goto oom;
+		m->copied[m->ncopied++] = (struct ms_uidl_copied){
+			rec->dst_uid, rec->src_uid, uidl };
+	}
+	if (rec->uidl[0] == '\0') {
+		if (grow((void **)&m->src_uids, &l->cap_src, m->nsrc,
+			 sizeof(*m->src_uids)) < 0)
+			goto oom;
+		m->src_uids[m->nsrc++] = rec->src_uid;
+	} else if (rec->src_uid == 0) {
+		if (grow((void **)&m->uidls, &l->cap_uidls, m->nuidls,
+			 sizeof(*m->uidls)) < 0)
+			goto oom;
+		m->uidls[m->nuidls++] = uidl;
+	}
+	return 0;
+oom:
+	l->oom = 1;
+	return -1;
+}
+
+static int cmp_copied(const void *a, const void *b)
+{
+	const struct ms_uidl_copied *x = a, *y = b;
+
+	return x->dst_uid < y->dst_uid ? -1 : x->dst_uid > y->dst_uid;
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static int cmp_uidl(const void *a, const void *b, void *pool)
+{
+	return strcmp((const char *)pool + *(const size_t *)a,
+		      (const char *)pool + *(const size_t *)b);
+}
+
+void ms_uidl_map_clear(struct ms_uidl_map *m)
+{
+	free(m->copied);
+	free(m->src_uids);
+	free(m->uidls);
+	free(m->pool);
+	m->copied = NULL;
+	m->src_uids = NULL;
+	m->uidls = NULL;
+	m->pool = NULL;
+	m->ncopied = m->nsrc = m->nuidls = 0;
+	m->pool_len = m->pool_cap = 0;
+}
+
+int ms_uidl_map_load(struct ms_uidl_map *map, struct ms_store *store,
+		     int *oom_r)
+{
+	struct loading l = { .map = map };
+
+	ms_uidl_map_clear(map);
+	*oom_r = 0;
+	if (ms_store_msg_foreach(store, map->folder_id, -1, load_rec,
+				 &l) != 0) {
+		*oom_r = l.oom;
+		ms_uidl_map_clear(map);
+		return -1;
+	}
+	/* (an empty array is NULL, which qsort() may not be given) */
+	if (map->ncopied > 1)
+		qsort(map->copied, map->ncopied, sizeof(*map->copied),
+		      cmp_copied);
+	if (map->nsrc > 1)
+		qsort(map->src_uids, map->nsrc, sizeof(*map->src_uids),
+		      cmp_u32);
+	if (map->nuidls > 1)
+		qsort_r(map->uidls, map->nuidls, sizeof(*map->uidls),
+			cmp_uidl, map->pool);
+	return 0;
+}
+
+static const struct ms_uidl_copied *find_copied(const struct ms_uidl_map *m,
+						uint32_t dst_uid)
+{
+	struct ms_uidl_copied key = { dst_uid, 0, 0 };
+
+	if (m->ncopied == 0)
+		return NULL;
+	return bsearch(&key, m->copied, m->ncopied, sizeof(*m->copied),
+		       cmp_copied);
+}
+
+static int has_uidl(const struct ms_uidl_map *m, const char *uidl)
+{
+	size_t lo = 0, hi = m->nuidls;
+
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		int c = strcmp(m->pool + m->uidls[mid], uidl);
+
+		if (c == 0)
+			return 1;
+		if (c < 0)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return 0;
+}
+
 int ms_uidl_translate(const struct ms_uidl_map *map, const char *uidl,
 		      char *out, size_t outsz)
 {
-	struct ms_msg_rec rec;
+	const struct ms_uidl_copied *c;
 	uint32_t uid;
 	int found = 0;
 
 	if (map->dst_uidvalidity != 0 &&
 	    ms_uidl_parse(map->dst_format, map->dst_uidvalidity, uidl,
-			  &uid) == 0) {
-		if (ms_store_msg_get_dst(map->store, map->folder_id, uid, &rec,
-					 &found) < 0)
-			return -1;
-		if (found && rec.uidl[0] != '\0' && strlen(rec.uidl) < outsz) {
-			memcpy(out, rec.uidl, strlen(rec.uidl) + 1);
+			  &uid) == 0 &&
+	    (c = find_copied(map, uid)) != NULL) {
+		const char *had = c->uidl != SIZE_MAX ? map->pool + c->uidl :
+				  NULL;
+
+		if (had != NULL && strlen(had) < outsz) {
+			memcpy(out, had, strlen(had) + 1);
 			return 1;
 		}
-		if (found)
-			return rec.src_uid != 0 && map->src_uidvalidity != 0 &&
-			       ms_uidl_format(map->src_format, rec.src_uid,
-					      map->src_uidvalidity, out,
-					      outsz) > 0;
+		return c->src_uid != 0 && map->src_uidvalidity != 0 &&
+		       ms_uidl_format(map->src_format, c->src_uid,
+				      map->src_uidvalidity, out, outsz) > 0;
 	}
 	/* Not a message the mover copied: it keeps its UIDL, unless a copied
 	 * message shows that one (equal UIDVALIDITYs, a POP3 source's UIDL
 	 * that looks like ours): a client would take it for that message,
 	 * which it has, and never fetch it. An IMAP source's row has its
 	 * UIDVALIDITY, a POP3 source's none (its records have the UIDLs). */
-	found = 0;
-	if (map->src_uidvalidity != 0) {
-		if (ms_uidl_parse(map->src_format, map->src_uidvalidity, uidl,
-				  &uid) == 0 &&
-		    ms_store_msg_get(map->store, map->folder_id, uid, &rec,
-				     &found) < 0)
-			return -1;
-	} else if (ms_store_msg_get_uidl(map->store, map->folder_id, uidl,
-					 &rec, &found) < 0) {
-		return -1;
-	}
+	if (map->src_uidvalidity != 0)
+		found = ms_uidl_parse(map->src_format, map->src_uidvalidity,
+				      uidl, &uid) == 0 && map->nsrc > 0 &&
+			bsearch(&uid, map->src_uids, map->nsrc,
+				sizeof(*map->src_uids), cmp_u32) != NULL;
+	else
+		found = has_uidl(map, uidl);
 	if (!found)
 		return 0;
 	return snprintf(out, outsz, "%s-d", uidl) < (int)outsz;

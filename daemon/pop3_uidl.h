@@ -46,15 +46,38 @@ int ms_uidl_parse(const char *fmt, uint32_t uidvalidity, const char *uidl,
 
 /* ---- translation of a destination UIDL ---- */
 
+/* A copied message whose destination UID a UIDL may name. */
+struct ms_uidl_copied {
+	uint32_t dst_uid, src_uid;
+	size_t uidl;			/* offset in pool; SIZE_MAX: none */
+};
+
 struct ms_uidl_map {
-	struct ms_store *store;
 	int64_t folder_id;		/* the user's row whose destination
 					   folder is INBOX */
 	uint32_t src_uidvalidity, dst_uidvalidity;	/* from that row;
 					   src 0: a POP3 source, whose records
 					   carry its UIDLs */
 	const char *src_format, *dst_format;
+	/* The folder's records, read once (ms_uidl_map_load()): */
+	struct ms_uidl_copied *copied;	/* done, with a destination UID; by
+					   dst_uid */
+	size_t ncopied;
+	uint32_t *src_uids;		/* an IMAP source's records; sorted */
+	size_t nsrc;
+	size_t *uidls;			/* a POP3 source's; sorted by text */
+	size_t nuidls;
+	char *pool;			/* the UIDLs' text */
+	size_t pool_len, pool_cap;
 };
+
+/* Reads the records of map->folder_id from the store into the map (the
+ * rest of it set by the caller). 0, or -1 with ms_store_error() or out of
+ * memory (*oom_r set); the map then holds none. A map loaded is cleared
+ * by ms_uidl_map_clear(). */
+int ms_uidl_map_load(struct ms_uidl_map *map, struct ms_store *store,
+		     int *oom_r);
+void ms_uidl_map_clear(struct ms_uidl_map *map);
 
 /* The UIDL a client should see for the destination's `uidl`:
  * - a message the mover copied (a done record whose destination UID is
@@ -65,8 +88,8 @@ struct ms_uidl_map {
  *   source UIDL of a copied message: then uidl with "-d" appended
  *   (returns 1), so that a new message is never taken for one the client
  *   has already.
- * -1 on a store error (ms_store_error()). out: at least
- * MS_UIDL_MAX + 3 bytes. */
+ * out: at least MS_UIDL_MAX + 3 bytes. The store is not asked: the map
+ * holds what was loaded. */
 int ms_uidl_translate(const struct ms_uidl_map *map, const char *uidl,
 		      char *out, size_t outsz);
 

@@ -23,10 +23,12 @@
  * ms_uidl_format_check() accepts writes 1 to 70 printable characters that
  * ms_uidl_parse() maps back to the UID; ms_uidl_format() never writes past
  * its buffer; a UIDL that ms_uidl_parse() accepts is exactly what the
- * format gives for the UID it returns.
+ * format gives for the UID it returns; the UIDL translated through a map
+ * of eight copied messages (check_translate()).
  */
 #include <assert.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -213,6 +215,50 @@ static void check_session(unsigned int mode, const uint8_t *d, size_t size)
 	free(b.out);
 }
 
+/* The server's uidl through a map as a session loads it (the INBOX's
+ * records, here made by hand): with the format as both sides' and the
+ * UIDVALIDITY as the destination's, the copied messages are UIDs 1-8 of
+ * the destination, source UIDs 101-108 (src_pop3: the source's UIDLs
+ * "s1".."s8" instead). Oracles: 0 or 1, out a string that fits; a
+ * copied message's UIDL gives the source's; 0 leaves uidl as it is. */
+static void check_translate(const char *fmt, uint32_t uidv, const char *uidl,
+			    int src_pop3)
+{
+	struct ms_uidl_copied copied[8];
+	uint32_t src_uids[8];
+	size_t uidls[8];
+	char pool[8 * 3], out[MS_UIDL_MAX + 3], want[MS_UIDL_MAX + 3];
+	struct ms_uidl_map map = {
+		.src_uidvalidity = src_pop3 ? 0 : (uidv ^ 1) ? uidv ^ 1 : 2,
+		.dst_uidvalidity = uidv, .src_format = fmt, .dst_format = fmt,
+		.copied = copied, .ncopied = 8, .src_uids = src_uids,
+		.nsrc = src_pop3 ? 0 : 8, .uidls = uidls,
+		.nuidls = src_pop3 ? 8 : 0, .pool = pool,
+	};
+	uint32_t uid;
+	int r;
+
+	for (int i = 0; i < 8; i++) {
+		snprintf(pool + 3 * i, 3, "s%d", i + 1);
+		uidls[i] = (size_t)(3 * i);
+		src_uids[i] = (uint32_t)(101 + i);
+		copied[i] = (struct ms_uidl_copied){
+			(uint32_t)(i + 1), src_pop3 ? 0 : (uint32_t)(101 + i),
+			src_pop3 ? (size_t)(3 * i) : SIZE_MAX };
+	}
+	memset(out, 0x55, sizeof(out));
+	r = ms_uidl_translate(&map, uidl, out, sizeof(out));
+	assert(r == 0 || r == 1);
+	if (r == 1)
+		assert(memchr(out, '\0', sizeof(out)) != NULL);
+	if (ms_uidl_parse(fmt, uidv, uidl, &uid) == 0 && uid >= 1 &&
+	    uid <= 8 && uidv != 0 &&
+	    (src_pop3 ? snprintf(want, sizeof(want), "s%u", uid) :
+	     ms_uidl_format(fmt, uid + 100, map.src_uidvalidity, want,
+			    sizeof(want))) > 0)
+		assert(r == 1 && strcmp(out, want) == 0);
+}
+
 static void check_format(const uint8_t *d, size_t size)
 {
 	uint32_t uid, uidv, back;
@@ -254,6 +300,10 @@ static void check_format(const uint8_t *d, size_t size)
 	if (ms_uidl_parse(fmt, uidv, uidl, &back) == 0) {
 		len = ms_uidl_format(fmt, back, uidv, full, sizeof(full));
 		assert(len >= 0 && strcmp(full, uidl) == 0);
+	}
+	if (strlen(uidl) <= MS_UIDL_MAX) {
+		check_translate(fmt, uidv, uidl, 0);
+		check_translate(fmt, uidv, uidl, 1);
 	}
 	free(fmt);
 	free(uidl);

@@ -22,6 +22,7 @@ nothing lost.
 """
 import imaplib
 import os
+import poplib
 import re
 import signal
 import subprocess
@@ -772,6 +773,122 @@ def test_locked_use_tables_slow_no_session(make_pair, pg, new_db,
         if locker is not None:
             locker.join(10)
         stop_all(gws)
+
+
+def uidvalidity(m, folder):
+    typ, data = m.status(folder, '(UIDVALIDITY)')
+    assert typ == 'OK', data
+    return int(re.search(rb'UIDVALIDITY (\d+)', data[0]).group(1))
+
+
+def noops_while_locked(pg, db, table, mb, seconds):
+    """The worst of mb's NOOPs, one each 0.1 s for seconds, all while
+    another connection holds table's lock."""
+    worst = 0.0
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        t0 = time.monotonic()
+        assert mb.noop()[0] == 'OK'
+        worst = max(worst, time.monotonic() - t0)
+        time.sleep(0.1)
+    assert users_locked(pg, db, table), 'the lock ended before the measure'
+    return worst
+
+
+def test_locked_folders_slow_no_session(make_pair, pg, new_db, workdir):
+    """A moved user's folders did not keep their identity: an IMAP login
+    of hers reads their rows (the IMAP view), a POP3 login her INBOX's
+    records (the source's UIDLs), a SELECT the folder's pairs. With the
+    folders and messages tables locked (ACCESS EXCLUSIVE) for 3 s by
+    another connection, each waits on the store's reader, not on the
+    gateway's loop: another session's NOOPs, one each 0.1 s all through,
+    each take well under a second, and the logins, then the SELECT, are
+    answered once the lock is gone, with the source's UIDVALIDITY."""
+    pair = make_pair(users=('u1', 'u2'))
+    db, url = new_db()
+    a = start_gateways(pair, pg, url, workdir, ('gw-a',), policy='off')[0]
+    src = pair.src.imap('u1')
+    try:
+        src_uv = uidvalidity(src, 'INBOX')
+    finally:
+        src.logout()
+    lock = ('BEGIN; LOCK TABLE %s IN ACCESS EXCLUSIVE MODE;'
+            ' SELECT pg_sleep(3); COMMIT;')
+    lockers = []
+    try:
+        assert a.ctl('migrate', '--daemon', 'u1').rc == 0
+        assert a.wait_state('u1', ('destination', 'failed'),
+                            timeout=120) == 'destination', a.log_tail()
+        mb = login(a, pair, 'u2')
+        got = {}
+
+        def moved_login():
+            try:
+                m = imaplib.IMAP4('127.0.0.1', a.imap_port)
+                m.login('u1', pair.dst.password('u1'))
+                got['login'] = time.monotonic()
+                got['uv'] = uidvalidity(m, 'INBOX')
+                got['m'] = m
+            except Exception as e:          # shown by the assert below
+                got['error'] = repr(e)
+
+        def moved_pop3():
+            try:
+                p = poplib.POP3('127.0.0.1', a.pop3_port, timeout=30)
+                p.user('u1')
+                p.pass_(pair.dst.password('u1'))
+                got['uidls'] = len(p.uidl()[1])
+                p.quit()
+            except Exception as e:          # shown by the assert below
+                got['pop3 error'] = repr(e)
+
+        # the logins: the folders' rows (IMAP), the INBOX's records (POP3)
+        lockers.append(threading.Thread(target=pg.admin, args=(
+            db, lock % 'folders, messages'), daemon=True))
+        lockers[-1].start()
+        assert wait_for(lambda: users_locked(pg, db, 'folders'), 10, 0.02)
+        ts = [threading.Thread(target=moved_login),
+              threading.Thread(target=moved_pop3)]
+        for t in ts:
+            t.start()
+        assert noops_while_locked(pg, db, 'folders', mb, 2.0) < 0.8
+        assert all(t.is_alive() for t in ts), got
+        for t in ts:
+            t.join(30)
+        assert 'error' not in got and 'pop3 error' not in got, got
+        assert got['uidls'] == inbox_count(pair.dst, 'u1'), got
+        assert got['uv'] == src_uv, got
+        assert got['uv'] != uidvalidity_of(pair.dst, 'u1'), got
+
+        # the SELECT: the folder's pairs
+        lockers.append(threading.Thread(target=pg.admin, args=(
+            db, lock % 'messages'), daemon=True))
+        lockers[-1].start()
+        assert wait_for(lambda: users_locked(pg, db, 'messages'), 10, 0.02)
+        m = got['m']
+        sel = {}
+        t = threading.Thread(target=lambda: sel.update(
+            r=m.select('INBOX'), uv=m.untagged_responses.get('UIDVALIDITY')))
+        t.start()
+        assert noops_while_locked(pg, db, 'messages', mb, 2.0) < 0.8
+        assert t.is_alive(), sel
+        t.join(30)
+        assert sel['r'][0] == 'OK', sel
+        assert sel['uv'] == [b'%d' % src_uv], sel
+        m.logout()
+        mb.logout()
+    finally:
+        for locker in lockers:
+            locker.join(10)
+        a.stop()
+
+
+def uidvalidity_of(server, user):
+    d = server.imap(user)
+    try:
+        return uidvalidity(d, 'INBOX')
+    finally:
+        d.logout()
 
 
 def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):

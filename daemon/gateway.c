@@ -261,6 +261,7 @@ void ms_gateway_free(struct ms_gateway **gwp)
 	ms_gateway_stop_listening(gw);
 	if (gw->metrics != NULL)
 		ms_close_free((uv_handle_t *)gw->metrics, gw->metrics);
+	ms_read_cancel(gw->mread);
 	/* the survey first: it holds a slot of the mover's */
 	ms_survey_free(&gw->survey);
 	ms_mover_free(&gw->mover);

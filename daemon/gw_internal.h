@@ -243,6 +243,7 @@ struct ms_gateway {
 		uint64_t msgs, bytes;
 	} mcache;			/* the users' counts ... */
 	uint64_t mcache_ms;		/* ... as of then (0: never) */
+	struct ms_read *mread;		/* the counts being read again */
 	struct penalty *penalties;
 	struct addr_count *per_addr[ADDR_BUCKETS];	/* connections */
 	unsigned int nconns;
@@ -313,6 +314,11 @@ int gw_plaintext_refused(struct session *s);
  * called). */
 int gw_read(struct session *s, ms_read_work_fn *work, ms_read_done_fn *done,
 	    ms_read_drop_fn *drop, void *arg);
+/* The same for the gateway: *rd_r the read until done() (NULL at once
+ * without a reader). */
+int gw_read_start(struct ms_gateway *gw, ms_read_work_fn *work,
+		  ms_read_done_fn *done, ms_read_drop_fn *drop, void *arg,
+		  struct ms_read **rd_r);
 /* A read for the user logging in: arg (size bytes, zeroed) begins with
  * this. Started, or gw_backend_go() is told why not. */
 struct gw_login_read {

@@ -629,24 +629,38 @@ void gw_login_read_free(struct gw_login_read *lr)
 	free(lr);
 }
 
-int gw_read(struct session *s, ms_read_work_fn *work, ms_read_done_fn *done,
-	    ms_read_drop_fn *drop, void *arg)
+int gw_read_start(struct ms_gateway *gw, ms_read_work_fn *work,
+		  ms_read_done_fn *done, ms_read_drop_fn *drop, void *arg,
+		  struct ms_read **rd_r)
 {
 	char err[512] = "";
 	int r;
 
-	if (s->gw->reader != NULL) {
-		s->rd = ms_read_start(s->gw->reader, work, done, drop, arg);
-		if (s->rd != NULL)
+	*rd_r = NULL;
+	if (gw->reader != NULL) {
+		*rd_r = ms_read_start(gw->reader, work, done, drop, arg);
+		if (*rd_r != NULL)
 			return 0;
 		drop(arg);
 		return -1;
 	}
-	r = work(s->gw->store, arg, err, sizeof(err));
+	r = work(gw->store, arg, err, sizeof(err));
 	if (r < 0 && err[0] == '\0')
-		snprintf(err, sizeof(err), "%s", ms_store_error(s->gw->store));
+		snprintf(err, sizeof(err), "%s", ms_store_error(gw->store));
 	done(arg, r < 0 ? err : NULL);
 	return 0;
+}
+
+int gw_read(struct session *s, ms_read_work_fn *work, ms_read_done_fn *done,
+	    ms_read_drop_fn *drop, void *arg)
+{
+	struct ms_read *rd;
+	int r = gw_read_start(s->gw, work, done, drop, arg, &rd);
+
+	/* done() may have run: it cleared s->rd, and rd is NULL */
+	if (rd != NULL)
+		s->rd = rd;
+	return r;
 }
 
 /* A clear error for a login we refuse to pass on. */

@@ -24,6 +24,7 @@ struct mclient {
 	uv_timer_t timer;
 	int handles;			/* open: freed when both are closed */
 	int answered;			/* the request came in */
+	int waiting;			/* for the users' counts */
 	struct ms_gateway *gw;
 	char req[1024];
 	size_t len;
@@ -98,7 +99,81 @@ static void label_value(const char *v, char *out, size_t outsz)
 	out[n] = '\0';
 }
 
+static void metrics_write(struct mclient *mc);
+
+struct mcount_read {
+	struct ms_gateway *gw;
+	struct mcount_ctx cnt;
+};
+
+/* On the store's reader. */
+static int mcount_work(struct ms_store *store, void *arg, char *err,
+		       size_t errsz)
+{
+	struct mcount_read *r = arg;
+
+	return ms_store_user_foreach(store, mcount, &r->cnt) == 0 ? 0 : -1;
+}
+
+static void mcount_drop(void *arg)
+{
+	free(arg);
+}
+
+/* The counts are in (or the store failed: the last ones stay, logged):
+ * every client waiting gets its answer. */
+static void mcount_done(void *arg, const char *error)
+{
+	struct mcount_read *r = arg;
+	struct ms_gateway *gw = r->gw;
+	struct mclient *mc, *next;
+
+	gw->mread = NULL;
+	if (error != NULL)
+		ms_log(MS_LOG_ERROR, "metrics: the users' counts: store: %s",
+		       error);
+	else
+		gw->mcache = r->cnt;
+	gw->mcache_ms = uv_now(gw->loop);
+	if (gw->mcache_ms == 0)
+		gw->mcache_ms = 1;
+	free(r);
+	for (mc = gw->mlist; mc != NULL; mc = next) {
+		next = mc->next;
+		if (mc->waiting) {
+			mc->waiting = 0;
+			metrics_write(mc);
+		}
+	}
+}
+
+/* The users table is walked at most every METRICS_CACHE_MS, however often
+ * the endpoint is asked, and on the store's reader: a scrape waits for
+ * the walk, the loop does not. */
 static void metrics_reply(struct mclient *mc)
+{
+	struct ms_gateway *gw = mc->gw;
+	struct mcount_read *r;
+
+	if (gw->mcache_ms != 0 &&
+	    uv_now(gw->loop) - gw->mcache_ms < METRICS_CACHE_MS) {
+		metrics_write(mc);
+		return;
+	}
+	mc->waiting = 1;
+	if (gw->mread != NULL)
+		return;
+	if ((r = calloc(1, sizeof(*r))) == NULL) {
+		mclient_close(mc);
+		return;
+	}
+	r->gw = gw;
+	if (gw_read_start(gw, mcount_work, mcount_done, mcount_drop, r,
+			  &gw->mread) < 0)
+		mclient_close(mc);
+}
+
+static void metrics_write(struct mclient *mc)
 {
 	struct ms_gateway *gw = mc->gw;
 	struct mcount_ctx cnt;
@@ -111,16 +186,6 @@ static void metrics_reply(struct mclient *mc)
 
 	if (body == NULL)
 		goto close;
-	/* The users table is walked at most every METRICS_CACHE_MS, however
-	 * often the endpoint is asked. */
-	if (gw->mcache_ms == 0 ||
-	    uv_now(gw->loop) - gw->mcache_ms >= METRICS_CACHE_MS) {
-		memset(&gw->mcache, 0, sizeof(gw->mcache));
-		ms_store_user_foreach(gw->store, mcount, &gw->mcache);
-		gw->mcache_ms = uv_now(gw->loop);
-		if (gw->mcache_ms == 0)
-			gw->mcache_ms = 1;
-	}
 	cnt = gw->mcache;
 	label_value(gw->cfg.gw_name, name, sizeof(name));
 	pos += (size_t)snprintf(body + pos, METRICS_BODY_MAX - pos,

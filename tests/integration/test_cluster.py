@@ -31,10 +31,11 @@ import time
 
 import pytest
 
+import dovecot
 import gateway as gwlib
 import tcpproxy
 from conftest import wait_for
-from test_gateway_ops import admin_conf
+from test_gateway_ops import admin_conf, http_get
 from test_store_pg import new_db, pg  # noqa: F401 (fixtures)
 
 HEARTBEAT_MS = 250
@@ -902,13 +903,20 @@ def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):
     timer's queue and claim, each second, run on the cluster's connection
     ("Jobs and leases") and wait on the lock for half a heartbeat at
     most; the heartbeat behind them keeps the gateway from fencing itself
-    (the open session lives on)."""
+    (the open session lives on). A metrics scrape then walks the users
+    table on the store's reader: it waits for the lock, the loop does
+    not."""
     pair = make_pair(users=('u1', 'u2'))
     db, url = new_db()
+    mport = dovecot.free_port()
     gws = start_gateways(pair, pg, url, workdir, ('gw-a',), policy='off',
-                         sweep=True)
+                         sweep=True, confs={'gw-a': '[metrics]\nlisten = '
+                                            '127.0.0.1:%d' % mport})
     a = gws[0]
     locker = None
+    scraped = {}
+    scrape = threading.Thread(target=lambda: scraped.update(
+        text=http_get(mport)))
     try:
         login(a, pair, 'u1').logout()
         mb = login(a, pair, 'u2')
@@ -928,6 +936,8 @@ def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):
         assert wait_for(lambda: re.search(r'jobs: store: .*lock timeout',
                                           a.log_text()), 1.5, 0.05), \
             a.log_tail()
+        scrape.start()      # the first: no counts yet, the table walked
+        time.sleep(0.2)
         t0 = time.monotonic()
         m = login(a, pair, 'u1')
         took_login = time.monotonic() - t0
@@ -943,9 +953,13 @@ def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):
         m3 = login(a, pair, 'u3')
         took_new = time.monotonic() - t0
         assert users_locked(pg, db), 'the lock ended before the measure'
+        assert scrape.is_alive(), scraped
         assert took_login < 0.8, took_login
         assert took_cmds < 0.8, took_cmds
         assert took_new < 0.8, took_new
+        scrape.join(30)
+        assert re.search(r'^mailshift_users\{gateway="gw-a",state="source"\}'
+                         r' [23]$', scraped['text'], re.M), scraped
         m.logout()
         mb.logout()
         m3.logout()
@@ -958,4 +972,6 @@ def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):
     finally:
         if locker is not None:
             locker.join(10)
+        if scrape.is_alive():
+            scrape.join(30)
         stop_all(gws)

@@ -4,7 +4,8 @@
  * the socket's mode). Input is bounded: a request line, the replies a
  * client leaves unread, the number of clients. A bad request gets
  * {"ok": false, "error": ...}, changes nothing, and the connection stays
- * usable. */
+ * usable. The reads of status and sessions go to the store's reader
+ * (reader.h): the client's reply waits for them, the loop does not. */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -19,6 +20,7 @@
 #include <jansson.h>
 
 #include "control.h"
+#include "reader.h"
 #include "util.h"
 #include "log.h"
 #include "steer.h"
@@ -43,6 +45,8 @@ struct ms_control {
 	char *path;
 	struct cclient *clients;
 	unsigned int nclients;
+	struct cclient *current;	/* whose request runs (NULL: one of
+					   ms_control_request()'s caller) */
 };
 
 struct cclient {
@@ -54,7 +58,13 @@ struct cclient {
 	size_t len;
 	int closing;			/* no more requests nor replies */
 	int paused;			/* reading stopped: replies unread */
+	struct ms_read *rd;		/* its request's reads, on the store's
+					   reader: the next requests wait */
 };
+
+/* A request's reply that comes later (deferred()). */
+static const int pending_mark;
+#define PENDING ((json_t *)(uintptr_t)&pending_mark)
 
 /* Replaces what is not valid UTF-8 with '?': JSON cannot carry it. */
 static void utf8_scrub(char *s)
@@ -160,9 +170,8 @@ static json_t *user_json(struct ms_control *ctl, const struct ms_user_info *u)
 			 "updated", (json_int_t)u->updated_at);
 }
 
+/* status's counts of the users (read on the store's reader) */
 struct list_ctx {
-	struct ms_control *ctl;
-	json_t *users;
 	json_int_t counts[MS_USER_NSTATES];
 	json_int_t msgs, bytes;
 };
@@ -171,8 +180,6 @@ static int on_user(void *ctx, const struct ms_user_info *u)
 {
 	struct list_ctx *lc = ctx;
 
-	if (lc->users != NULL)
-		json_array_append_new(lc->users, user_json(lc->ctl, u));
 	for (int i = 0; i < MS_USER_NSTATES; i++)
 		if (ms_user_in(u, i))
 			lc->counts[i]++;
@@ -304,110 +311,345 @@ static int migrate_one(void *ctx, const struct ms_user_info *u)
 	return 0;
 }
 
-/* mailshiftctl retire --apply's record: {at, uid, forced} or null. */
-static json_t *retired_json(struct ms_store *store)
-{
-	struct ms_retirement r;
-	int found = 0;
+/* ---- reads off the loop ---- */
 
-	if (ms_store_retirement_get(store, &r, &found) < 0 || !found)
+static void process_lines(struct cclient *cc);
+static void reply(struct cclient *cc, json_t *o);
+
+typedef json_t *read_finish_fn(struct ms_control *ctl, void *arg,
+			       const char *error);
+
+struct deferred {
+	struct ms_control *ctl;
+	struct cclient *cc;
+	ms_read_work_fn *work;
+	read_finish_fn *finish;
+	ms_read_drop_fn *drop;
+	void *arg;
+};
+
+static int deferred_work(struct ms_store *store, void *arg, char *err,
+			 size_t errsz)
+{
+	struct deferred *d = arg;
+
+	return d->work(store, d->arg, err, errsz);
+}
+
+static void deferred_drop(void *arg)
+{
+	struct deferred *d = arg;
+
+	d->drop(d->arg);
+	free(d);
+}
+
+/* The reads are in: the reply goes out, then the client's next
+ * requests. */
+static void deferred_done(void *arg, const char *error)
+{
+	struct deferred *d = arg;
+	struct cclient *cc = d->cc;
+
+	cc->rd = NULL;
+	reply(cc, d->finish(d->ctl, d->arg, error));
+	deferred_drop(d);
+	process_lines(cc);
+}
+
+/* A request's reads (work) and its reply made of them (finish; arg freed
+ * by drop after): on the store's reader for a client of the socket, the
+ * reply then PENDING; else (ms_control_request()'s caller, no gateway) at
+ * once. */
+static json_t *deferred(struct ms_control *ctl, ms_read_work_fn *work,
+			read_finish_fn *finish, ms_read_drop_fn *drop,
+			void *arg)
+{
+	struct ms_reader *r = ctl->gw != NULL ? ms_gateway_reader(ctl->gw) :
+			      NULL;
+	struct cclient *cc = ctl->current;
+	struct deferred *d;
+	char err[512] = "";
+	json_t *rep;
+	int rc;
+
+	if (cc == NULL || r == NULL) {
+		rc = work(ctl->store, arg, err, sizeof(err));
+		if (rc < 0 && err[0] == '\0')
+			snprintf(err, sizeof(err), "%s",
+				 ms_store_error(ctl->store));
+		rep = finish(ctl, arg, rc < 0 ? err : NULL);
+		drop(arg);
+		return rep;
+	}
+	if ((d = calloc(1, sizeof(*d))) == NULL) {
+		drop(arg);
+		return error("%s", "out of memory");
+	}
+	*d = (struct deferred){ ctl, cc, work, finish, drop, arg };
+	if ((cc->rd = ms_read_start(r, deferred_work, deferred_done,
+				    deferred_drop, d)) == NULL) {
+		deferred_drop(d);
+		return error("%s", "out of memory");
+	}
+	return PENDING;
+}
+
+/* ---- status ---- */
+
+struct status_read {
+	struct list_ctx lc;		/* the counts (no users' objects) */
+	struct ms_view_count vc;
+	struct ms_retirement retired;
+	int retired_found;
+	struct ms_site_read *site;	/* with a gateway */
+	int clustered;
+	struct ms_gateway_rows rows;
+};
+
+static int status_work(struct ms_store *store, void *arg, char *err,
+		       size_t errsz)
+{
+	struct status_read *sr = arg;
+
+	if (ms_store_user_foreach(store, on_user, &sr->lc) != 0 ||
+	    ms_store_view_count(store, &sr->vc) < 0 ||
+	    ms_store_retirement_get(store, &sr->retired,
+				    &sr->retired_found) < 0 ||
+	    (sr->site != NULL && ms_site_read(store, sr->site) < 0) ||
+	    (sr->clustered && ms_gateway_rows_read(store, &sr->rows) < 0))
+		return -1;
+	return 0;
+}
+
+static void status_drop(void *arg)
+{
+	struct status_read *sr = arg;
+
+	if (sr->retired_found)
+		free(sr->retired.record);
+	free(sr->site);
+	ms_gateway_rows_free(&sr->rows);
+	free(sr);
+}
+
+/* mailshiftctl retire --apply's record: {at, uid, forced} or null. */
+static json_t *retired_json(const struct status_read *sr)
+{
+	if (!sr->retired_found)
 		return json_null();
-	free(r.record);
-	return json_pack("{s:I,s:I,s:b}", "at", (json_int_t)r.at, "uid",
-			 (json_int_t)r.uid, "forced", r.forced);
+	return json_pack("{s:I,s:I,s:b}", "at", (json_int_t)sr->retired.at,
+			 "uid", (json_int_t)sr->retired.uid, "forced",
+			 sr->retired.forced);
 }
 
 /* Every gateway on the store, for status and sessions: [] with SQLite. */
-static json_t *gateways_json(struct ms_control *ctl)
+static json_t *gateways_json(struct ms_control *ctl,
+			     const struct ms_gateway_rows *rows)
 {
-	return ctl->gw != NULL ? ms_gateway_cluster_json(ctl->gw) :
+	return ctl->gw != NULL ? ms_gateway_rows_json(ctl->gw, rows) :
 	       json_array();
 }
 
-static json_t *cmd_status(struct ms_control *ctl, json_t *req)
+static json_t *status_finish(struct ms_control *ctl, void *arg,
+			     const char *err)
 {
-	struct list_ctx lc = { .ctl = ctl };
+	struct status_read *sr = arg;
+	const struct list_ctx *lc = &sr->lc;
+	const struct ms_view_count *vc = &sr->vc;
 	struct ms_progress p = { 0 };
-	struct ms_view_count vc;
-	json_t *by_state, *rep, *gws;
+	json_t *by_state, *rep;
 
-	if (ms_store_user_foreach(ctl->store, on_user, &lc) != 0 ||
-	    ms_store_view_count(ctl->store, &vc) < 0)
-		return error("store: %s", ms_store_error(ctl->store));
+	if (err != NULL)
+		return error("store: %s", err);
 	by_state = json_object();
 	for (int i = 0; i < MS_USER_NSTATES; i++)
 		json_object_set_new(by_state, ms_user_state_names[i],
-				    json_integer(lc.counts[i]));
+				    json_integer(lc->counts[i]));
 	if (ctl->gw != NULL)
 		ms_gateway_progress(ctl->gw, &p);
 	rep = json_pack("{s:b, s:o, s:I, s:I, s:I, s:I, s:I, s:f, s:o, s:o}",
 			 "ok", 1, "states", by_state,
-			 "messages", lc.msgs, "bytes", lc.bytes,
+			 "messages", lc->msgs, "bytes", lc->bytes,
 			 "sessions", (json_int_t)(ctl->gw != NULL ?
 			 ms_gateway_nsessions(ctl->gw) : 0),
 			 "copy_messages_done", (json_int_t)p.msgs_done,
 			 "copy_messages_todo", (json_int_t)p.msgs_todo,
 			 "copy_seconds", p.seconds, "capabilities",
 			 ctl->gw != NULL ? ms_gateway_caps_json(ctl->gw) :
-			 json_object(), "retired", retired_json(ctl->store));
+			 json_object(), "retired", retired_json(sr));
 	/* Users whose clients need the gateway's IMAP view: a folder whose
 	 * UIDs it translates (docs/mover.md, "Identity"), or one the move
 	 * renamed, whose old name it answers. */
 	json_object_set_new(rep, "view_users",
-			    json_integer((json_int_t)vc.users));
+			    json_integer((json_int_t)vc->users));
 	json_object_set_new(rep, "identity_not_kept_users",
-			    json_integer((json_int_t)vc.lost_users));
+			    json_integer((json_int_t)vc->lost_users));
 	json_object_set_new(rep, "identity_not_kept_folders",
-			    json_integer((json_int_t)vc.lost_folders));
+			    json_integer((json_int_t)vc->lost_folders));
 	json_object_set_new(rep, "renamed_folders",
-			    json_integer((json_int_t)vc.renamed_folders));
+			    json_integer((json_int_t)vc->renamed_folders));
 	/* The site's ETA (docs/mover.md, "The site's ETA"). */
-	if (ctl->gw != NULL) {
-		json_t *site = ms_gateway_site(ctl->gw);
-
-		if (site == NULL) {
-			json_decref(rep);
-			return error("store: %s", ms_store_error(ctl->store));
-		}
-		json_object_set_new(rep, "site", site);
-	}
+	if (sr->site != NULL)
+		json_object_set_new(rep, "site",
+				    ms_gateway_site_json(ctl->gw, sr->site));
 	/* The caps that protect the source, and the back-off. */
 	json_object_set_new(rep, "mover", ctl->gw != NULL ?
 			    ms_gateway_mover_json(ctl->gw) : json_null());
 	/* Several gateways on one store: each one's heartbeat and load. */
-	if ((gws = gateways_json(ctl)) == NULL) {
-		json_decref(rep);
-		return error("store: %s", ms_store_error(ctl->store));
-	}
-	json_object_set_new(rep, "gateways", gws);
+	json_object_set_new(rep, "gateways", gateways_json(ctl, &sr->rows));
 	return rep;
+}
+
+static json_t *cmd_status(struct ms_control *ctl, json_t *req)
+{
+	struct status_read *sr = calloc(1, sizeof(*sr));
+
+	if (sr == NULL || (ctl->gw != NULL &&
+			   (sr->site = ms_gateway_site_prepare(ctl->gw)) ==
+			   NULL)) {
+		free(sr);
+		return error("%s", "out of memory");
+	}
+	sr->clustered = ctl->gw != NULL && ms_gateway_clustered(ctl->gw);
+	return deferred(ctl, status_work, status_finish, status_drop, sr);
+}
+
+/* ---- user.list, user.show: the rows read, then what the gateway does
+ * for each (on the loop) ---- */
+
+struct urow {
+	char *name, *error;		/* error NULL: none */
+	char state[16], policy[16];
+	uint64_t msgs, bytes;
+	int64_t updated;
+};
+
+struct users_read {
+	char *one;			/* user.show's; NULL: every user */
+	struct urow *v;
+	size_t n, cap;
+	int oom;
+};
+
+static int urow_add(void *ctx, const struct ms_user_info *u)
+{
+	struct users_read *ur = ctx;
+	struct urow *r;
+
+	if (ur->n == ur->cap) {
+		size_t cap = ur->cap ? ur->cap * 2 : 64;
+
+		if ((r = realloc(ur->v, cap * sizeof(*r))) == NULL)
+			goto oom;
+		ur->v = r;
+		ur->cap = cap;
+	}
+	r = &ur->v[ur->n];
+	memset(r, 0, sizeof(*r));
+	if ((r->name = strdup(u->name)) == NULL ||
+	    (u->last_error[0] != '\0' &&
+	     (r->error = strdup(u->last_error)) == NULL)) {
+		free(r->name);
+		goto oom;
+	}
+	snprintf(r->state, sizeof(r->state), "%s", u->state);
+	snprintf(r->policy, sizeof(r->policy), "%s", u->policy);
+	r->msgs = u->msgs;
+	r->bytes = u->bytes;
+	r->updated = u->updated_at;
+	ur->n++;
+	return 0;
+oom:
+	ur->oom = 1;
+	return -1;
+}
+
+static int users_work(struct ms_store *store, void *arg, char *err,
+		      size_t errsz)
+{
+	struct users_read *ur = arg;
+	struct ms_user_info info;
+	int found = 0, r;
+
+	if (ur->one != NULL)
+		r = ms_store_user_info(store, ur->one, &info, &found) < 0 ||
+		    (found && urow_add(ur, &info) < 0) ? -1 : 0;
+	else
+		r = ms_store_user_foreach(store, urow_add, ur) != 0 ? -1 : 0;
+	if (r < 0 && ur->oom)
+		snprintf(err, errsz, "out of memory");
+	return r;
+}
+
+static void users_drop(void *arg)
+{
+	struct users_read *ur = arg;
+
+	for (size_t i = 0; i < ur->n; i++) {
+		free(ur->v[i].name);
+		free(ur->v[i].error);
+	}
+	free(ur->v);
+	free(ur->one);
+	free(ur);
+}
+
+static json_t *urow_json(struct ms_control *ctl, const struct urow *r)
+{
+	struct ms_user_info u = { .msgs = r->msgs, .bytes = r->bytes,
+				  .updated_at = r->updated };
+
+	snprintf(u.name, sizeof(u.name), "%s", r->name);
+	snprintf(u.state, sizeof(u.state), "%s", r->state);
+	snprintf(u.policy, sizeof(u.policy), "%s", r->policy);
+	snprintf(u.last_error, sizeof(u.last_error), "%s",
+		 r->error != NULL ? r->error : "");
+	return user_json(ctl, &u);
+}
+
+static json_t *users_finish(struct ms_control *ctl, void *arg,
+			    const char *err)
+{
+	struct users_read *ur = arg;
+	json_t *users;
+
+	if (err != NULL)
+		return error("store: %s", err);
+	if (ur->one != NULL)
+		return ur->n == 0 ? error("no such user \"%s\"", ur->one) :
+		       json_pack("{s:b, s:o}", "ok", 1, "user",
+				 urow_json(ctl, &ur->v[0]));
+	users = json_array();
+	for (size_t i = 0; i < ur->n; i++)
+		json_array_append_new(users, urow_json(ctl, &ur->v[i]));
+	return json_pack("{s:b, s:o}", "ok", 1, "users", users);
+}
+
+static json_t *users_ask(struct ms_control *ctl, const char *one)
+{
+	struct users_read *ur = calloc(1, sizeof(*ur));
+
+	if (ur == NULL || (one != NULL && (ur->one = strdup(one)) == NULL)) {
+		free(ur);
+		return error("%s", "out of memory");
+	}
+	return deferred(ctl, users_work, users_finish, users_drop, ur);
 }
 
 static json_t *cmd_user_list(struct ms_control *ctl, json_t *req)
 {
-	struct list_ctx lc = { .ctl = ctl, .users = json_array() };
-
-	if (ms_store_user_foreach(ctl->store, on_user, &lc) != 0) {
-		json_decref(lc.users);
-		return error("store: %s", ms_store_error(ctl->store));
-	}
-	return json_pack("{s:b, s:o}", "ok", 1, "users", lc.users);
+	return users_ask(ctl, NULL);
 }
 
 static json_t *cmd_user_show(struct ms_control *ctl, json_t *req)
 {
-	struct ms_user_info info;
 	const char *user;
 	json_t *rep;
-	int found = 0;
 
 	if (field_user(req, &user, &rep) < 0)
 		return rep;
-	if (ms_store_user_info(ctl->store, user, &info, &found) < 0)
-		return error("store: %s", ms_store_error(ctl->store));
-	if (!found)
-		return error("no such user \"%s\"", user);
-	return json_pack("{s:b, s:o}", "ok", 1, "user", user_json(ctl, &info));
+	return users_ask(ctl, user);
 }
 
 static json_t *cmd_user_add(struct ms_control *ctl, json_t *req)
@@ -493,15 +735,43 @@ static json_t *cmd_policy_limits(struct ms_control *ctl, json_t *req)
 			 ms_gateway_mover_json(ctl->gw));
 }
 
-static json_t *cmd_sessions(struct ms_control *ctl, json_t *req)
-{
-	json_t *gws = gateways_json(ctl);
+/* ---- sessions: this gateway's, and every gateway's row ---- */
 
-	if (gws == NULL)
-		return error("store: %s", ms_store_error(ctl->store));
+static int rows_work(struct ms_store *store, void *arg, char *err,
+		     size_t errsz)
+{
+	return ms_gateway_rows_read(store, arg);
+}
+
+static void rows_drop(void *arg)
+{
+	ms_gateway_rows_free(arg);
+	free(arg);
+}
+
+static json_t *sessions_finish(struct ms_control *ctl, void *arg,
+			       const char *err)
+{
+	if (err != NULL)
+		return error("store: %s", err);
 	return json_pack("{s:b, s:o, s:o}", "ok", 1, "sessions",
 			 ctl->gw != NULL ? ms_gateway_sessions(ctl->gw) :
-			 json_array(), "gateways", gws);
+			 json_array(), "gateways", gateways_json(ctl, arg));
+}
+
+static json_t *cmd_sessions(struct ms_control *ctl, json_t *req)
+{
+	struct ms_gateway_rows *rows = calloc(1, sizeof(*rows));
+
+	if (rows == NULL)
+		return error("%s", "out of memory");
+	if (ctl->gw == NULL || !ms_gateway_clustered(ctl->gw)) {
+		json_t *rep = sessions_finish(ctl, rows, NULL);
+
+		rows_drop(rows);
+		return rep;
+	}
+	return deferred(ctl, rows_work, sessions_finish, rows_drop, rows);
 }
 
 static json_t *cmd_migrate(struct ms_control *ctl, json_t *req)
@@ -598,7 +868,6 @@ json_t *ms_control_request(struct ms_control *ctl, const char *line,
 
 /* ---- the socket ---- */
 
-static void process_lines(struct cclient *cc);
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
 
 static void on_client_close(uv_handle_t *h)
@@ -615,9 +884,12 @@ static void on_client_close(uv_handle_t *h)
 	free(cc);
 }
 
-/* At once: what is queued is dropped. */
+/* At once: what is queued is dropped, what is asked of the store's reader
+ * let go. */
 static void client_close(struct cclient *cc)
 {
+	ms_read_cancel(cc->rd);
+	cc->rd = NULL;
 	cc->closing = 1;
 	if (!uv_is_closing((uv_handle_t *)&cc->pipe))
 		uv_close((uv_handle_t *)&cc->pipe, on_client_close);
@@ -707,25 +979,31 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 				   (unsigned int)(REQ_MAX + 1 - cc->len));
 }
 
-/* Answers each complete line; stops reading while the client leaves too
- * many replies unread, and resumes when it catches up. */
+/* Answers each complete line, in order; stops reading while the client
+ * leaves too many replies unread, or a reply waits for the store's
+ * reader, and resumes when it catches up. */
 static void process_lines(struct cclient *cc)
 {
 	size_t pos = 0;
 	char *lf;
 
-	while (!cc->closing && unread(cc) < UNREAD_MAX &&
+	while (!cc->closing && cc->rd == NULL && unread(cc) < UNREAD_MAX &&
 	       (lf = memchr(cc->buf + pos, '\n', cc->len - pos)) != NULL) {
 		size_t linelen = (size_t)(lf - (cc->buf + pos));
+		json_t *rep;
 
-		reply(cc, ms_control_request(cc->ctl, cc->buf + pos, linelen));
+		cc->ctl->current = cc;
+		rep = ms_control_request(cc->ctl, cc->buf + pos, linelen);
+		cc->ctl->current = NULL;
+		if (rep != PENDING)
+			reply(cc, rep);
 		pos += linelen + 1;
 	}
 	if (cc->closing)
 		return;
 	memmove(cc->buf, cc->buf + pos, cc->len - pos);
 	cc->len -= pos;
-	if (memchr(cc->buf, '\n', cc->len) != NULL) {
+	if (cc->rd != NULL || memchr(cc->buf, '\n', cc->len) != NULL) {
 		if (!cc->paused)
 			uv_read_stop((uv_stream_t *)&cc->pipe);
 		cc->paused = 1;

@@ -247,6 +247,11 @@ void ms_gateway_set_reader(struct ms_gateway *gw, struct ms_reader *r)
 	gw->reader = r;
 }
 
+struct ms_reader *ms_gateway_reader(struct ms_gateway *gw)
+{
+	return gw->reader;
+}
+
 void ms_gateway_free(struct ms_gateway **gwp)
 {
 	struct ms_gateway *gw = *gwp;
@@ -276,35 +281,67 @@ void ms_gateway_free(struct ms_gateway **gwp)
 
 /* ---- several gateways: their rows, for status and sessions ---- */
 
-struct cluster_walk {
-	const struct ms_gateway *gw;
-	json_t *a;
-};
-
-static int cluster_row(void *ctx, const struct ms_gateway_row *g)
+static int row_add(void *ctx, const struct ms_gateway_row *g)
 {
-	struct cluster_walk *w = ctx;
+	struct ms_gateway_rows *rows = ctx;
 
-	json_array_append_new(w->a, json_pack(
-		"{s:s, s:I, s:I, s:I, s:I, s:b, s:b}", "name", g->name,
-		"started", (json_int_t)(g->started_ms / 1000),
-		"heartbeat_age_ms", (json_int_t)g->age_ms,
-		"sessions", (json_int_t)g->sessions,
-		"copies", (json_int_t)g->copies,
-		"live", g->age_ms <= (int64_t)w->gw->cfg.gw_timeout_ms,
-		"this", !strcmp(g->name, w->gw->cfg.gw_name)));
+	if (rows->n == rows->cap) {
+		size_t cap = rows->cap ? rows->cap * 2 : 8;
+		struct ms_gateway_row *v = realloc(rows->v, cap * sizeof(*v));
+
+		if (v == NULL)
+			return -1;
+		rows->v = v;
+		rows->cap = cap;
+	}
+	rows->v[rows->n++] = *g;
 	return 0;
+}
+
+int ms_gateway_rows_read(struct ms_store *store, struct ms_gateway_rows *rows)
+{
+	rows->n = 0;
+	return ms_store_gateway_foreach(store, row_add, rows) != 0 ? -1 : 0;
+}
+
+void ms_gateway_rows_free(struct ms_gateway_rows *rows)
+{
+	free(rows->v);
+	memset(rows, 0, sizeof(*rows));
+}
+
+int ms_gateway_clustered(const struct ms_gateway *gw)
+{
+	return gw->cluster != NULL;
+}
+
+json_t *ms_gateway_rows_json(struct ms_gateway *gw,
+			     const struct ms_gateway_rows *rows)
+{
+	json_t *a = json_array();
+
+	for (size_t i = 0; gw->cluster != NULL && i < rows->n; i++) {
+		const struct ms_gateway_row *g = &rows->v[i];
+
+		json_array_append_new(a, json_pack(
+			"{s:s, s:I, s:I, s:I, s:I, s:b, s:b}", "name", g->name,
+			"started", (json_int_t)(g->started_ms / 1000),
+			"heartbeat_age_ms", (json_int_t)g->age_ms,
+			"sessions", (json_int_t)g->sessions,
+			"copies", (json_int_t)g->copies,
+			"live", g->age_ms <= (int64_t)gw->cfg.gw_timeout_ms,
+			"this", !strcmp(g->name, gw->cfg.gw_name)));
+	}
+	return a;
 }
 
 json_t *ms_gateway_cluster_json(struct ms_gateway *gw)
 {
-	struct cluster_walk w = { .gw = gw, .a = json_array() };
+	struct ms_gateway_rows rows = { 0 };
+	json_t *a = NULL;
 
-	if (gw->cluster == NULL)
-		return w.a;
-	if (ms_store_gateway_foreach(gw->store, cluster_row, &w) != 0) {
-		json_decref(w.a);
-		return NULL;
-	}
-	return w.a;
+	if (gw->cluster == NULL || ms_gateway_rows_read(gw->store, &rows) == 0)
+		a = ms_gateway_rows_json(gw, &rows);
+	ms_gateway_rows_free(&rows);
+	return a;
 }

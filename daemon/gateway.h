@@ -27,6 +27,7 @@ void ms_gateway_free(struct ms_gateway **gw);
  * r (reader.h), off the loop; without one they are made on the loop. */
 struct ms_reader;
 void ms_gateway_set_reader(struct ms_gateway *gw, struct ms_reader *r);
+struct ms_reader *ms_gateway_reader(struct ms_gateway *gw);
 
 /* A clean stop's first step: the listeners are closed, so nothing more is
  * accepted (with inherited sockets, new connections wait in the kernel for
@@ -41,6 +42,19 @@ json_t *ms_gateway_sessions(struct ms_gateway *gw);
  * its heartbeat's age, sessions, copies, and whether it is live): [] with
  * SQLite, NULL when the store fails. */
 json_t *ms_gateway_cluster_json(struct ms_gateway *gw);
+/* The same in two steps, for a read off the loop: the rows (any thread
+ * with a store of its own; -1: ms_store_error()), then the array (the
+ * rows only read when ms_gateway_clustered()). */
+struct ms_gateway_row;
+struct ms_gateway_rows {
+	struct ms_gateway_row *v;
+	size_t n, cap;
+};
+int ms_gateway_clustered(const struct ms_gateway *gw);
+int ms_gateway_rows_read(struct ms_store *store, struct ms_gateway_rows *rows);
+json_t *ms_gateway_rows_json(struct ms_gateway *gw,
+			     const struct ms_gateway_rows *rows);
+void ms_gateway_rows_free(struct ms_gateway_rows *rows);
 /* {"default": P, "domains": {D: P}, "hold_max_seconds": N, "set": {S: P}}
  * ("set": what was set at run time; scope "" = the default). */
 json_t *ms_gateway_policies(struct ms_gateway *gw);
@@ -70,8 +84,16 @@ int ms_gateway_kick(struct ms_gateway *gw, const char *user);
 int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 		       const char **error_r);
 void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p);
-/* The site's ETA, status's "site" object (site_eta.h). */
+/* The site's ETA, status's "site" object (site_eta.h); NULL when the store
+ * fails. In three steps for a read off the loop: the policies copied
+ * (NULL: out of memory; free() it), the sizes read (any thread with a
+ * store of its own; -1: ms_store_error()), the object made. */
 json_t *ms_gateway_site(struct ms_gateway *gw);
+struct ms_site_read;
+struct ms_site_read *ms_gateway_site_prepare(struct ms_gateway *gw);
+int ms_site_read(struct ms_store *store, struct ms_site_read *sr);
+json_t *ms_gateway_site_json(struct ms_gateway *gw,
+			     const struct ms_site_read *sr);
 /* What the servers offer and what is advertised (caps.h). */
 json_t *ms_gateway_caps_json(struct ms_gateway *gw);
 /* The mover's caps and how it stands with them (ms_mover_pace()):

@@ -43,7 +43,7 @@ struct ms_gw_config {
 	unsigned int hold_max_seconds;
 	unsigned int flip_quiet;	/* seconds without a session to the
 					   source before a verified user flips */
-	struct {
+	struct ms_gw_domain {
 		char domain[128];
 		enum ms_policy policy;
 	} domains[MS_GW_MAX_DOMAINS];

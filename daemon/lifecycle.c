@@ -76,18 +76,28 @@ struct guser *gw_user_find(struct ms_gateway *gw, const char *name)
 	return NULL;
 }
 
-static enum ms_policy user_policy(struct ms_gateway *gw,
-				  const struct ms_user_info *info)
+/* The user's own policy, else its domain's, else the default. */
+static enum ms_policy policy_of(enum ms_policy def,
+				const struct ms_gw_domain *domains,
+				unsigned int ndomains,
+				const struct ms_user_info *info)
 {
-	enum ms_policy p = gw->cfg.policy;
+	enum ms_policy p = def;
 	const char *at = strrchr(info->name, '@');
 
 	if (info->policy[0] != '\0' && ms_policy_parse(info->policy, &p) == 0)
 		return p;
-	for (unsigned int i = 0; at != NULL && i < gw->cfg.ndomains; i++)
-		if (strcasecmp(gw->cfg.domains[i].domain, at + 1) == 0)
-			return gw->cfg.domains[i].policy;
-	return gw->cfg.policy;
+	for (unsigned int i = 0; at != NULL && i < ndomains; i++)
+		if (strcasecmp(domains[i].domain, at + 1) == 0)
+			return domains[i].policy;
+	return def;
+}
+
+static enum ms_policy user_policy(struct ms_gateway *gw,
+				  const struct ms_user_info *info)
+{
+	return policy_of(gw->cfg.policy, gw->cfg.domains, gw->cfg.ndomains,
+			 info);
 }
 
 /* The user's row, *found_r 0 when the store has none. With several
@@ -1232,36 +1242,67 @@ void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p)
 
 /* ---- the site's ETA ---- */
 
-struct eta_walk {
-	struct ms_gateway *gw;
+/* The site's sizes, counted on whichever thread reads the store: the
+ * policies as they were when asked (the loop may change them). */
+struct ms_site_read {
+	enum ms_policy policy;
+	struct ms_gw_domain domains[MS_GW_MAX_DOMAINS];
+	unsigned int ndomains;
 	struct ms_eta_sizes t;
 };
 
 static int eta_user(void *ctx, const struct ms_user_info *u,
 		    const struct ms_user_size *sz)
 {
-	struct eta_walk *w = ctx;
+	struct ms_site_read *sr = ctx;
 	enum ms_eta_kind kind = MS_ETA_LEFT;
 
 	if (ms_user_in(u, MS_USER_DESTINATION))
 		kind = MS_ETA_MOVED;
 	else if (ms_user_in(u, MS_USER_FAILED))
 		kind = MS_ETA_FAILED;
-	else if (user_policy(w->gw, u) == MS_POLICY_OFF)
+	else if (policy_of(sr->policy, sr->domains, sr->ndomains, u) ==
+		 MS_POLICY_OFF)
 		kind = MS_ETA_OFF;
-	ms_eta_count(&w->t, kind, u, sz);
+	ms_eta_count(&sr->t, kind, u, sz);
 	return 0;
+}
+
+struct ms_site_read *ms_gateway_site_prepare(struct ms_gateway *gw)
+{
+	struct ms_site_read *sr = calloc(1, sizeof(*sr));
+
+	if (sr == NULL)
+		return NULL;
+	sr->policy = gw->cfg.policy;
+	sr->ndomains = gw->cfg.ndomains;
+	memcpy(sr->domains, gw->cfg.domains, sizeof(sr->domains));
+	return sr;
+}
+
+int ms_site_read(struct ms_store *store, struct ms_site_read *sr)
+{
+	memset(&sr->t, 0, sizeof(sr->t));
+	return ms_store_size_foreach(store, eta_user, sr) != 0 ? -1 : 0;
+}
+
+json_t *ms_gateway_site_json(struct ms_gateway *gw,
+			     const struct ms_site_read *sr)
+{
+	return ms_eta_json(&gw->eta, &sr->t);
 }
 
 /* Every user with the survey's size, counted as the sweep and migrate
  * --all see them; the estimate from the copies measured so far. */
 json_t *ms_gateway_site(struct ms_gateway *gw)
 {
-	struct eta_walk w = { .gw = gw };
+	struct ms_site_read *sr = ms_gateway_site_prepare(gw);
+	json_t *j = NULL;
 
-	if (ms_store_size_foreach(gw->store, eta_user, &w) != 0)
-		return NULL;
-	return ms_eta_json(&gw->eta, &w.t);
+	if (sr != NULL && ms_site_read(gw->store, sr) == 0)
+		j = ms_gateway_site_json(gw, sr);
+	free(sr);
+	return j;
 }
 
 /* ---- after a restart, the sweep, and jobs taken over ---- */

@@ -903,9 +903,9 @@ def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):
     timer's queue and claim, each second, run on the cluster's connection
     ("Jobs and leases") and wait on the lock for half a heartbeat at
     most; the heartbeat behind them keeps the gateway from fencing itself
-    (the open session lives on). A metrics scrape then walks the users
-    table on the store's reader: it waits for the lock, the loop does
-    not."""
+    (the open session lives on). A metrics scrape and an operator's
+    status then walk the users table on the store's reader: each waits
+    for the lock, the loop does not."""
     pair = make_pair(users=('u1', 'u2'))
     db, url = new_db()
     mport = dovecot.free_port()
@@ -917,6 +917,9 @@ def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):
     scraped = {}
     scrape = threading.Thread(target=lambda: scraped.update(
         text=http_get(mport)))
+    asked = {}
+    status = threading.Thread(target=lambda: asked.update(
+        status=a.ctl('status', '--json')))
     try:
         login(a, pair, 'u1').logout()
         mb = login(a, pair, 'u2')
@@ -937,6 +940,7 @@ def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):
                                           a.log_text()), 1.5, 0.05), \
             a.log_tail()
         scrape.start()      # the first: no counts yet, the table walked
+        status.start()
         time.sleep(0.2)
         t0 = time.monotonic()
         m = login(a, pair, 'u1')
@@ -954,12 +958,18 @@ def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):
         took_new = time.monotonic() - t0
         assert users_locked(pg, db), 'the lock ended before the measure'
         assert scrape.is_alive(), scraped
+        assert status.is_alive(), asked
         assert took_login < 0.8, took_login
         assert took_cmds < 0.8, took_cmds
         assert took_new < 0.8, took_new
         scrape.join(30)
         assert re.search(r'^mailshift_users\{gateway="gw-a",state="source"\}'
                          r' [23]$', scraped['text'], re.M), scraped
+        status.join(30)
+        rc, out, err, j = asked['status']
+        assert rc == 0, err
+        assert j['states']['source'] in (2, 3), j
+        assert [g['name'] for g in j['gateways']] == ['gw-a'], j
         m.logout()
         mb.logout()
         m3.logout()
@@ -972,6 +982,7 @@ def test_slow_database_slows_no_login(make_pair, pg, new_db, workdir):
     finally:
         if locker is not None:
             locker.join(10)
-        if scrape.is_alive():
-            scrape.join(30)
+        for t in (scrape, status):
+            if t.is_alive():
+                t.join(30)
         stop_all(gws)

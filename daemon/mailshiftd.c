@@ -206,8 +206,7 @@ static int open_store(const struct ms_dconfig *c, const char *app,
 /* The store's reader (reader.h): a connection of its own, opened as the
  * store was (before privileges are dropped). */
 static int start_reader(uv_loop_t *loop, const struct ms_dconfig *c,
-			struct ms_gateway *gw, struct ms_reader **r_out,
-			char *err, size_t errsz)
+			struct ms_reader **r_out, char *err, size_t errsz)
 {
 	struct ms_store *store;
 	char *serr = NULL;
@@ -218,10 +217,7 @@ static int start_reader(uv_loop_t *loop, const struct ms_dconfig *c,
 		free(serr);
 		return -1;
 	}
-	if (ms_reader_new(loop, store, r_out, err, errsz) < 0)
-		return -1;
-	ms_gateway_set_reader(gw, *r_out);
-	return 0;
+	return ms_reader_new(loop, store, r_out, err, errsz);
 }
 
 /* Admin logins: the password comes from a root-only file (or one of the
@@ -440,9 +436,14 @@ int main(int argc, char *argv[])
 	ms_retire_init(loop, store, &c.retire);
 	if (c.steer.present)
 		ms_steer_sessions_use(c.steer.backend);
-	if (ms_gateway_new(loop, &c.gw, store, &gw, err, sizeof(err)) < 0 ||
-	    start_reader(loop, &c, gw, &reader, err, sizeof(err)) < 0 ||
-	    ms_control_new(loop, c.control, &acc, gw, store, &ctl, err,
+	/* the reader first: the gateway listens from its start on */
+	if (start_reader(loop, &c, &reader, err, sizeof(err)) < 0 ||
+	    ms_gateway_new(loop, &c.gw, store, &gw, err, sizeof(err)) < 0) {
+		fprintf(stderr, "mailshiftd: %s\n", err);
+		goto out;
+	}
+	ms_gateway_set_reader(gw, reader);
+	if (ms_control_new(loop, c.control, &acc, gw, store, &ctl, err,
 			   sizeof(err)) < 0) {
 		fprintf(stderr, "mailshiftd: %s\n", err);
 		goto out;

@@ -177,6 +177,36 @@ def test_control_unread_replies_stop_reading(lgw):
     assert all(json.loads(line) == BAD_REPLY for line in lines[::997])
 
 
+def test_control_pipelined_reads_in_order(lgw):
+    """Requests pipelined on one connection are answered in order, those
+    whose reads go to the store's reader (status, user list and show,
+    sessions) included: each waits for its reads, the next one behind it.
+    Clients that leave with a read still out (sent, then closed at once)
+    leave nothing behind: another client is served."""
+    reqs = [STATUS, b'{"cmd":"user.list"}\n', BAD,
+            b'{"cmd":"user.show","user":"nobody"}\n',
+            b'{"cmd":"sessions"}\n', STATUS]
+    with control(lgw) as s:
+        s.sendall(b''.join(reqs))
+        got = b''
+        while got.count(b'\n') < len(reqs):
+            d = s.recv(65536)
+            assert d, got
+            got += d
+    lines = [json.loads(line) for line in got.splitlines()]
+    assert len(lines) == len(reqs), lines
+    assert 'states' in lines[0] and 'states' in lines[5], lines
+    assert lines[1]['ok'] is True and 'users' in lines[1], lines
+    assert lines[2] == BAD_REPLY, lines
+    assert lines[3] == {'ok': False,
+                        'error': 'no such user "nobody"'}, lines
+    assert lines[4]['ok'] is True and 'sessions' in lines[4], lines
+    for _ in range(50):
+        with control(lgw) as s:
+            s.sendall(STATUS + b'{"cmd":"user.list"}\n')
+    assert status_ok(lgw)
+
+
 # ------------------------------------------- the buffer bounds of security.md
 
 def exchange(port, payload, timeout=10):

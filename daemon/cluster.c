@@ -120,6 +120,8 @@ struct ms_cluster {
 					   the database took was sent */
 	unsigned int epoch;		/* counts the times it lost touch */
 	int caught_up;			/* a reconcile of this epoch ended */
+	int ack_failed;			/* an acknowledgement was not written:
+					   the next heartbeat reconciles */
 	int fenced;			/* out of time: its relays ended, until
 					   it has caught up */
 	int reconcile_queued;
@@ -800,7 +802,7 @@ static void on_heartbeat(struct ms_cluster *c, PGresult *res, void *arg)
 	if (c->out_said)
 		ms_info("cluster: heartbeat taken again");
 	c->out_said = 0;
-	if (!c->caught_up)
+	if (!c->caught_up || c->ack_failed)
 		reconcile(c);
 }
 
@@ -833,8 +835,24 @@ struct rec_arg {
 
 static void on_acked_row(struct ms_cluster *c, PGresult *res, void *arg)
 {
-	if (!res_ok(res))
+	if (!res_ok(res)) {
 		res_warn(c, "acknowledgement", res);
+		c->ack_failed = 1;
+	}
+}
+
+/* The acknowledgement of p's request written (again: an upsert). */
+static void ack_write(struct ms_cluster *c, struct pending *p)
+{
+	char seq[24];
+
+	snprintf(seq, sizeof(seq), "%" PRId64, p->seq);
+	query(c, "INSERT INTO cutover_acks (user_id, seq, gateway, at)"
+	      " SELECT r.user_id, r.seq, $3, " NOW_MS " FROM cutover_requests"
+	      " r JOIN users u ON u.id = r.user_id WHERE u.name = $1 AND"
+	      " r.seq = $2 ON CONFLICT (user_id, gateway) DO UPDATE SET"
+	      " seq = excluded.seq, at = excluded.at", on_acked_row, NULL, 3,
+	      p->user, seq, c->name);
 }
 
 /* A request this gateway has not acknowledged: the user's sessions to a
@@ -843,18 +861,10 @@ static void on_acked_row(struct ms_cluster *c, PGresult *res, void *arg)
 static void acknowledge(struct ms_cluster *c, struct pending *p,
 			const char *kind, const char *by)
 {
-	char seq[24];
-
 	ms_info("%s: %s asked by gateway %s: its logins held here, its "
 		"sessions ended", p->user, kind, by);
 	c->ops->hold(c->ctx, p->user);
-	snprintf(seq, sizeof(seq), "%" PRId64, p->seq);
-	query(c, "INSERT INTO cutover_acks (user_id, seq, gateway, at)"
-	      " SELECT r.user_id, r.seq, $3, " NOW_MS " FROM cutover_requests"
-	      " r JOIN users u ON u.id = r.user_id WHERE u.name = $1 AND"
-	      " r.seq = $2 ON CONFLICT (user_id, gateway) DO UPDATE SET"
-	      " seq = excluded.seq, at = excluded.at", on_acked_row, NULL, 3,
-	      p->user, seq, c->name);
+	ack_write(c, p);
 }
 
 static void request_row(struct ms_cluster *c, PGresult *res, int row)
@@ -881,6 +891,13 @@ static void request_row(struct ms_cluster *c, PGresult *res, int row)
 	 * rollback's, which it ended already). */
 	if (fresh && !p->mine && !acked)
 		acknowledge(c, p, kind, by);
+	else if (!p->mine && !acked)
+		/* held here already, and the acknowledgement was sent, but
+		 * the store does not have it: lost with the connection (the
+		 * database restarted as it went), or still on its way (the
+		 * write is an upsert). Without it the cutover would wait on
+		 * a live gateway for good. */
+		ack_write(c, p);
 	else if (fresh && !p->mine)
 		c->ops->hold(c->ctx, p->user);	/* acked before a restart */
 	if (p->mine && !p->ready)
@@ -897,6 +914,7 @@ static void on_requests(struct ms_cluster *c, PGresult *res, void *arg)
 		res_warn(c, "reconcile", res);
 		return;
 	}
+	c->ack_failed = 0;	/* written again below where still missing */
 	for (p = c->pending; p != NULL; p = p->next)
 		p->seen = 0;
 	for (int i = 0; i < PQntuples(res); i++)

@@ -688,6 +688,37 @@ def test_database_restart_mid_cutover(make_pair, pg, new_db, workdir):
     assert pg.admin(db, 'SELECT count(*) FROM cutover_requests') == [['0']]
 
 
+def test_lost_acknowledgement_sent_again(make_pair, pg, new_db, workdir):
+    """gw-b's acknowledgement of alice's cutover is not written (a trigger
+    of the test's refuses the first one, as a database restarting under
+    it would lose it): gw-b writes it again at its next heartbeat and the
+    cutover completes, rather than waiting on a live gateway for good."""
+    pair = make_pair(users=('alice',))
+    db, url = new_db()
+    a, b = gws = start_gateways(pair, pg, url, workdir, ('gw-a', 'gw-b'))
+    try:
+        pg.admin(db, "CREATE SEQUENCE test_ack_refused;"
+                     " CREATE FUNCTION test_ack_refused() RETURNS trigger"
+                     " LANGUAGE plpgsql SECURITY DEFINER AS $$ BEGIN"
+                     " IF NEW.gateway = 'gw-b'"
+                     " AND nextval('test_ack_refused') = 1 THEN RAISE"
+                     " EXCEPTION 'test: acknowledgement refused'; END IF;"
+                     " RETURN NEW; END $$;"
+                     " CREATE TRIGGER test_ack_refused BEFORE INSERT ON"
+                     " cutover_acks FOR EACH ROW EXECUTE FUNCTION"
+                     " test_ack_refused()")
+        assert a.ctl('migrate', '--daemon', 'alice').rc == 0
+        st = a.wait_state('alice', ('destination', 'failed'), timeout=60)
+        assert st == 'destination', (st, a.log_tail(), b.log_tail())
+        assert re.search(r'acknowledgement: .*test: acknowledgement '
+                         r'refused', b.log_text()), b.log_tail()
+        assert pg.admin(db, "SELECT last_value FROM test_ack_refused") \
+            != [['1']], 'written once only'
+        pair.assert_copied('alice')
+    finally:
+        stop_all(gws)
+
+
 def users_locked(pg, db, table='users', mode='AccessExclusiveLock'):
     """Whether another connection holds the table's lock of that mode
     (the users table's ACCESS EXCLUSIVE one)."""

@@ -441,6 +441,9 @@ void gw_login_failed(struct session *s, const char *reply)
 	gw_log_login(s, MS_LOG_INFO, NULL, "failed", more);
 	s->gw->logins_failed++;
 	ms_conn_close(&s->b);
+	/* read for this login: the next may be another user's */
+	if (gw_filtered(s))
+		s->pr->relay_free(s);
 	gw_session_uncount(s);
 	ms_login_wipe(&s->login);
 	if (delay == 0) {

@@ -698,6 +698,36 @@ def test_store_failure_ends_view_session(vpair, workdir, ca):
         g.stop()
 
 
+def test_failed_login_leaves_no_view(vpair, workdir, ca):
+    """A moved user's login that the destination refuses (a wrong
+    password), her rows read before it was asked: nothing of them stays
+    with the connection. Its next login, another user's to the source,
+    gets no view (CONDSTORE offered as it is); a third, hers, gets hers."""
+    g = moved_gateway(vpair, workdir, ca, doveadm=False)
+    other = 'u2' if USER != 'u2' else 'u3'
+    try:
+        move(g)
+        src = vpair.src.imap(USER)
+        try:
+            src_uv = status(src, 'INBOX')['UIDVALIDITY']
+        finally:
+            src.logout()
+        for user in (other, USER):
+            m = imaplib.IMAP4_SSL('127.0.0.1', g.imaps_port,
+                                  ssl_context=ca.ssl_context(), timeout=60)
+            with pytest.raises(imaplib.IMAP4.error):
+                m.login(USER, 'not-' + SRC_USERS[USER])
+            m.login(user, SRC_USERS[user])
+            if user == other:
+                assert 'CONDSTORE' in caps(m)
+            else:
+                assert 'CONDSTORE' not in caps(m)
+                assert status(m, 'INBOX')['UIDVALIDITY'] == src_uv
+            m.logout()
+    finally:
+        g.stop()
+
+
 def test_api_down_falls_back_to_view(vpair, workdir, ca):
     """The gateway's doveadm API cannot be reached during the move: each
     folder says why its identity was not kept, the copy is exact, and the

@@ -30,7 +30,6 @@ struct vname {
 
 struct imap_view_relay {
 	struct ms_view v;
-	int64_t user_id;
 	struct vfolder *folders;	/* the user's, read at the login */
 	struct vname *names;		/* folders the move renamed */
 	struct ms_vbuf name;		/* renamed()'s answer */
@@ -39,7 +38,6 @@ struct imap_view_relay {
 	/* A folder's pairs being read (the store's reader): the bytes of
 	 * both sides wait for them. */
 	struct vfolder *loading;
-	int in_lookup;			/* the read may be done at once */
 	struct ms_vbuf c_held, s_held;
 };
 
@@ -143,7 +141,8 @@ static void pairs_done(void *arg, const char *error)
 		ms_view_fail(&iv->v, "store failed");
 	}
 	pairs_drop(pr);
-	if (!iv->in_lookup)
+	/* without a reader this ran inside the lookup: nothing waited */
+	if (s->gw->reader != NULL)
 		resume(s);
 }
 
@@ -162,12 +161,10 @@ static void pairs_load(struct session *s, struct vfolder *f)
 	pr->s = s;
 	pr->folder_id = f->id;
 	iv->loading = f;
-	iv->in_lookup = 1;
 	if (gw_read(s, pairs_work, pairs_done, pairs_drop, pr) < 0) {
 		iv->loading = NULL;
 		ms_view_fail(&iv->v, "out of memory");
 	}
-	iv->in_lookup = 0;
 	if (iv->loading != NULL)
 		ms_view_wait(&iv->v);
 }
@@ -452,7 +449,6 @@ static int view_work(struct ms_store *store, void *arg, char *err,
 		snprintf(err, errsz, "out of memory");
 		return -1;
 	}
-	vr->iv->user_id = info.id;
 	vr->store = store;
 	if (ms_store_folder_foreach(store, info.id, start_folder, vr) != 0 ||
 	    ms_store_rename_foreach(store, info.id, start_rename,

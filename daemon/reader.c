@@ -28,7 +28,6 @@ struct rlist {
 };
 
 struct ms_reader {
-	uv_loop_t *loop;
 	struct ms_store *store;
 	pthread_t thread;
 	pthread_mutex_t lock;
@@ -61,6 +60,18 @@ static struct ms_read *rlist_take(struct rlist *l)
 	return rd;
 }
 
+int ms_read_now(struct ms_store *store, ms_read_work_fn *work, void *arg,
+		char *err, size_t errsz)
+{
+	int r;
+
+	err[0] = '\0';
+	r = work(store, arg, err, errsz);
+	if (r < 0 && err[0] == '\0')
+		snprintf(err, errsz, "%s", ms_store_error(store));
+	return r;
+}
+
 static void *run(void *arg)
 {
 	struct ms_reader *r = arg;
@@ -74,12 +85,8 @@ static void *run(void *arg)
 			continue;
 		}
 		pthread_mutex_unlock(&r->lock);
-		rd->error[0] = '\0';
-		rd->status = rd->work(r->store, rd->arg, rd->error,
-				      sizeof(rd->error));
-		if (rd->status < 0 && rd->error[0] == '\0')
-			snprintf(rd->error, sizeof(rd->error), "%s",
-				 ms_store_error(r->store));
+		rd->status = ms_read_now(r->store, rd->work, rd->arg,
+					 rd->error, sizeof(rd->error));
 		if (rd->status < 0)
 			ms_store_settle(r->store);
 		pthread_mutex_lock(&r->lock);
@@ -126,7 +133,6 @@ int ms_reader_new(uv_loop_t *loop, struct ms_store *store,
 		ms_store_close(&store);
 		return -1;
 	}
-	r->loop = loop;
 	r->store = store;
 	pthread_mutex_init(&r->lock, NULL);
 	pthread_cond_init(&r->cond, NULL);

@@ -374,10 +374,7 @@ static json_t *deferred(struct ms_control *ctl, ms_read_work_fn *work,
 	int rc;
 
 	if (cc == NULL || r == NULL) {
-		rc = work(ctl->store, arg, err, sizeof(err));
-		if (rc < 0 && err[0] == '\0')
-			snprintf(err, sizeof(err), "%s",
-				 ms_store_error(ctl->store));
+		rc = ms_read_now(ctl->store, work, arg, err, sizeof(err));
 		rep = finish(ctl, arg, rc < 0 ? err : NULL);
 		drop(arg);
 		return rep;

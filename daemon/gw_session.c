@@ -647,9 +647,7 @@ int gw_read_start(struct ms_gateway *gw, ms_read_work_fn *work,
 		drop(arg);
 		return -1;
 	}
-	r = work(gw->store, arg, err, sizeof(err));
-	if (r < 0 && err[0] == '\0')
-		snprintf(err, sizeof(err), "%s", ms_store_error(gw->store));
+	r = ms_read_now(gw->store, work, arg, err, sizeof(err));
 	done(arg, r < 0 ? err : NULL);
 	return 0;
 }

@@ -31,6 +31,12 @@ typedef int ms_read_work_fn(struct ms_store *store, void *arg, char *err,
 typedef void ms_read_done_fn(void *arg, const char *error);
 typedef void ms_read_drop_fn(void *arg);
 
+/* work() run here and now with store (the reader's thread runs each read
+ * so; a caller without a reader too): its return, err set on failure (the
+ * store's error when work() said nothing). */
+int ms_read_now(struct ms_store *store, ms_read_work_fn *work, void *arg,
+		char *err, size_t errsz);
+
 /* Takes store (closed by ms_reader_free()) and starts the thread. */
 int ms_reader_new(uv_loop_t *loop, struct ms_store *store,
 		  struct ms_reader **r_out, char *err, size_t errsz);

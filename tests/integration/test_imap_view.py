@@ -70,9 +70,13 @@ def code(m, name):
     return [int(x) for x in data[-1].split()]
 
 
+def connect(g, ca):
+    return imaplib.IMAP4_SSL('127.0.0.1', g.imaps_port,
+                             ssl_context=ca.ssl_context(), timeout=60)
+
+
 def through(g, ca):
-    m = imaplib.IMAP4_SSL('127.0.0.1', g.imaps_port,
-                          ssl_context=ca.ssl_context(), timeout=60)
+    m = connect(g, ca)
     m.login(USER, SRC_USERS[USER])
     return m
 
@@ -713,8 +717,7 @@ def test_failed_login_leaves_no_view(vpair, workdir, ca):
         finally:
             src.logout()
         for user in (other, USER):
-            m = imaplib.IMAP4_SSL('127.0.0.1', g.imaps_port,
-                                  ssl_context=ca.ssl_context(), timeout=60)
+            m = connect(g, ca)
             with pytest.raises(imaplib.IMAP4.error):
                 m.login(USER, 'not-' + SRC_USERS[USER])
             m.login(user, SRC_USERS[user])

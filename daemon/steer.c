@@ -662,10 +662,17 @@ char *ms_steer_ruleset(const struct ms_steer_cfg *s,
 		counter_decl(f, name, counters);
 	}
 	counter_decl(f, "rejected", counters);
+	/* A connection's first packet (a SYN) never takes the socket
+	 * shortcut: it goes through the decision and tproxy. A socket the
+	 * gateway closed first lingers in TIME_WAIT; a client that comes back
+	 * on the same source port would otherwise reach it, get the old
+	 * connection's ACK, reset it and send its SYN again (tproxy hands
+	 * such a SYN to the listener). */
 	fprintf(f, "\n\tchain divert {\n"
 		"\t\ttype filter hook prerouting priority mangle; "
 		"policy accept;\n"
-		"\t\tmeta l4proto tcp socket transparent 1 meta mark set "
+		"\t\ttcp flags & (fin | syn | rst | ack) != syn "
+		"socket transparent 1 meta mark set "
 		"0x%08x accept comment \"mailshift steer mark 0x%08x table %u "
 		"priority %u\"\n\t\tct state new jump decide\n", rt->mark,
 		rt->mark, rt->table, rt->priority);

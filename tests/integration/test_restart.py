@@ -25,8 +25,8 @@ import netns
 import sdactivate
 from conftest import wait_for
 from test_steer import (CLI_ADDR, IMAP_LISTEN, POP3_LISTEN, SERVICE_ADDR,
-                        Remote, close, env, login_tags, refused, side_of,
-                        steered)
+                        Remote, close, env, login_tags, refused,
+                        segments_sent_again, side_of, steered)
 
 __all__ = ['env', 'steered']        # fixtures used here, made by test_steer
 
@@ -49,6 +49,7 @@ class Attempts:
         self.ok = 0
         self.failures = []
         self.latencies = []
+        self.sent_again = []        # (phase, seconds to greeting, segments)
         self.phase = 'start'        # named in failures
         self.done = threading.Event()
         self.thread = threading.Thread(target=env.cli.call, args=(self.run,),
@@ -62,9 +63,13 @@ class Attempts:
                         (SERVICE_ADDR, self.port), timeout=60,
                         source_address=(CLI_ADDR, 0)) as s:
                     line = greeting(s)
+                    again = segments_sent_again(s)
             except OSError as e:
                 self.failures.append((self.phase, repr(e)))
                 continue
+            if again:
+                self.sent_again.append((self.phase, time.monotonic() - t0,
+                                        again))
             if greeted(line):
                 self.ok += 1
                 self.latencies.append(time.monotonic() - t0)
@@ -259,6 +264,7 @@ class Pending:
 
     def __init__(self, env, port):
         self.result = None
+        self.sent_again = 0
         self.thread = threading.Thread(target=self._run, args=(env, port),
                                        daemon=True)
         self.thread.start()
@@ -267,6 +273,7 @@ class Pending:
         try:
             with connect_now(env, port) as s:
                 self.result = greeting(s)
+                self.sent_again = segments_sent_again(s)
         except OSError as e:
             self.result = e
 
@@ -356,7 +363,8 @@ def test_hold_restart_without_activation_refuses_nothing(steered):
     print('held %.2f s: %d SYN(s) sent again' % (
         held_for, retransmitted(env) - retrans0))
     assert retransmitted(env) - retrans0 <= 4 * per_syn, \
-        (retransmitted(env) - retrans0, held_for)
+        (retransmitted(env) - retrans0, held_for, loop.sent_again,
+         [w.sent_again for w in waiting])
 
 
 def test_hold_rejects_past_its_timeout(steered):

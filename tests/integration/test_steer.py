@@ -36,6 +36,7 @@ import imaplib
 import json
 import os
 import poplib
+import random
 import signal
 import socket
 import subprocess
@@ -275,6 +276,13 @@ def refused(env, port, addr=SERVICE_ADDR, source=None):
         return e
     s.close()
     pytest.fail('connection to %s:%d succeeded' % (addr, port))
+
+
+def segments_sent_again(sock):
+    """What this connection sent again so far, its SYN included (struct
+    tcp_info's tcpi_total_retrans, at byte 100)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int.from_bytes(info[100:104], 'little')
 
 
 # ---------------------------------------------------------------- tests
@@ -847,3 +855,47 @@ def test_transparent_upstream_servers_see_the_client(steered):
         gw.stop()
         gw.extra_conf = plain
         gw.start()
+
+
+def _greet_from(port):
+    """(In the client's namespace.) Connects from CLI_ADDR:port to the
+    service's IMAP port: (greeting, segments sent again); then LOGOUT,
+    which mailshiftd answers and closes first."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((CLI_ADDR, port))
+        s.settimeout(10)
+        s.connect((SERVICE_ADDR, 143))
+        line = gwlib.first_line(s)
+        again = segments_sent_again(s)
+        s.sendall(b'a LOGOUT\r\n')
+        while s.recv(4096):
+            pass
+    return line, again
+
+
+def test_client_port_reused_is_diverted_at_once(steered):
+    """A client back on the source port of a connection the gateway closed
+    first (the gateway's end lingers in TIME_WAIT) reaches mailshiftd with
+    its first SYN: the SYN is decided and proxied, not handed to the old
+    socket, which would answer with the old connection's ACK (the client
+    resets it and sends its SYN again)."""
+    env = steered
+    port = random.randrange(20000, 30000)      # below the ephemeral range
+    line, again = env.cli.call(_greet_from, port)
+    assert line.startswith(b'* OK') and again == 0, (line, again)
+    lingering = env.gw_ns.run(
+        ['ss', '-tanH', 'state', 'time-wait', 'src', '%s:143' % SERVICE_ADDR,
+         'dst', '%s:%d' % (CLI_ADDR, port)]).stdout
+    assert lingering.strip(), 'the gateway did not close first'
+    # the client's end is gone once the gateway acknowledged its FIN
+    assert wait_for(lambda: not env.cli.run(
+        ['ss', '-tanH', 'sport', '= :%d' % port]).stdout.strip(), 10)
+    _, rejected0 = env.stats()
+    src_before = env.from_clients(env.src_ns)
+    line, again = env.cli.call(_greet_from, port)
+    assert line.startswith(b'* OK'), line
+    assert again == 0, 'the SYN was sent %d more time(s)' % again
+    _, rejected = env.stats()
+    assert rejected == rejected0
+    assert env.from_clients(env.src_ns) == src_before

@@ -9,6 +9,7 @@
 #include "dconfig.h"
 #include "mover.h"
 #include "pop3_uidl.h"
+#include "reader.h"
 
 typedef int key_fn(struct ms_dconfig *c, const char *key, const char *value,
 		   char *err, size_t errsz);
@@ -217,6 +218,11 @@ static int store_key(struct ms_dconfig *c, const char *key, const char *value,
 		}
 		return 0;
 	}
+	/* The store's reader's threads, each with a connection of its
+	 * own (reader.h). */
+	if (!strcmp(key, "readers"))
+		return set_uint(&c->store_readers, key, value, 1,
+				MS_READERS_MAX, err, errsz);
 	if (!strcmp(key, "backend")) {
 		if (strcmp(value, "sqlite") != 0) {
 			snprintf(err, errsz, "backend: only \"sqlite\"");
@@ -505,6 +511,7 @@ static void defaults(struct ms_dconfig *c)
 	ms_retire_defaults(&c->retire);
 	snprintf(c->store, sizeof(c->store), "/var/lib/mailshift/mailshift.db");
 	c->store_timeout = MS_STORE_PG_TIMEOUT_MS / 1000;
+	c->store_readers = 2;
 	snprintf(c->control, sizeof(c->control), "/run/mailshift/control.sock");
 }
 

@@ -19,6 +19,7 @@ struct ms_dconfig {
 	char dst_doveadm_keyf[512];	/* [destination] doveadm_key_file */
 	char store[512];		/* [store] path, or url */
 	unsigned int store_timeout;	/* [store] timeout, seconds */
+	unsigned int store_readers;	/* [store] readers: the reader's threads */
 	char control[108];		/* a UNIX socket path */
 	char control_group[64];		/* [control] group, "" = none */
 	char pid_file[512];

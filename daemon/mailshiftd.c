@@ -203,21 +203,27 @@ static int open_store(const struct ms_dconfig *c, const char *app,
 	return ms_store_open_as(c->store, pair, app, store_r, err_r);
 }
 
-/* The store's reader (reader.h): a connection of its own, opened as the
- * store was (before privileges are dropped). */
+/* The store's reader (reader.h): [store] readers threads, each with a
+ * connection of its own, opened as the store was (before privileges are
+ * dropped). */
 static int start_reader(uv_loop_t *loop, const struct ms_dconfig *c,
 			struct ms_reader **r_out, char *err, size_t errsz)
 {
-	struct ms_store *store;
+	struct ms_store *stores[MS_READERS_MAX] = { NULL };
+	unsigned int n = c->store_readers;
 	char *serr = NULL;
 
-	if (open_store(c, "mailshift-reader", &store, &serr) < 0) {
-		snprintf(err, errsz, "store's reader: %s",
-			 serr != NULL ? serr : "cannot open");
-		free(serr);
-		return -1;
+	for (unsigned int i = 0; i < n; i++) {
+		if (open_store(c, "mailshift-reader", &stores[i], &serr) < 0) {
+			snprintf(err, errsz, "store's reader: %s",
+				 serr != NULL ? serr : "cannot open");
+			free(serr);
+			while (i > 0)
+				ms_store_close(&stores[--i]);
+			return -1;
+		}
 	}
-	return ms_reader_new(loop, store, r_out, err, errsz);
+	return ms_reader_new(loop, stores, n, r_out, err, errsz);
 }
 
 /* Admin logins: the password comes from a root-only file (or one of the

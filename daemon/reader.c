@@ -1,6 +1,7 @@
 /* The store's reader (reader.h). One mutex guards the two lists: reads to
- * run, and reads run whose done() the loop is to call (woken by the
- * async handle). A read's `cancelled` and the count are the loop's alone.
+ * run, which every thread takes from, and reads run whose done() the loop
+ * is to call (woken by the async handle). A read's `cancelled` and the
+ * count are the loop's alone.
  */
 #include "reader.h"
 
@@ -27,9 +28,16 @@ struct rlist {
 	struct ms_read *head, *tail;
 };
 
-struct ms_reader {
-	struct ms_store *store;
+struct rthread {
+	struct ms_reader *r;
+	struct ms_store *store;		/* this thread's alone */
 	pthread_t thread;
+	int started;
+};
+
+struct ms_reader {
+	struct rthread t[MS_READERS_MAX];
+	unsigned int n;
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
 	int stop;
@@ -74,7 +82,8 @@ int ms_read_now(struct ms_store *store, ms_read_work_fn *work, void *arg,
 
 static void *run(void *arg)
 {
-	struct ms_reader *r = arg;
+	struct rthread *t = arg;
+	struct ms_reader *r = t->r;
 
 	pthread_mutex_lock(&r->lock);
 	while (!r->stop) {
@@ -85,10 +94,10 @@ static void *run(void *arg)
 			continue;
 		}
 		pthread_mutex_unlock(&r->lock);
-		rd->status = ms_read_now(r->store, rd->work, rd->arg,
+		rd->status = ms_read_now(t->store, rd->work, rd->arg,
 					 rd->error, sizeof(rd->error));
 		if (rd->status < 0)
-			ms_store_settle(r->store);
+			ms_store_settle(t->store);
 		pthread_mutex_lock(&r->lock);
 		rlist_add(&r->done, rd);
 		uv_async_send(&r->async);
@@ -122,32 +131,58 @@ static void on_done(uv_async_t *a)
 		finish(rd);
 }
 
-int ms_reader_new(uv_loop_t *loop, struct ms_store *store,
+/* Stops and joins the threads started, closes every store. */
+static void stop_threads(struct ms_reader *r)
+{
+	pthread_mutex_lock(&r->lock);
+	r->stop = 1;
+	pthread_cond_broadcast(&r->cond);
+	pthread_mutex_unlock(&r->lock);
+	for (unsigned int i = 0; i < r->n; i++) {
+		if (r->t[i].started)
+			pthread_join(r->t[i].thread, NULL);
+		ms_store_close(&r->t[i].store);
+	}
+}
+
+int ms_reader_new(uv_loop_t *loop, struct ms_store **stores, unsigned int n,
 		  struct ms_reader **r_out, char *err, size_t errsz)
 {
 	struct ms_reader *r = calloc(1, sizeof(*r));
 
 	*r_out = NULL;
-	if (r == NULL) {
-		snprintf(err, errsz, "out of memory");
-		ms_store_close(&store);
+	if (r == NULL || n == 0 || n > MS_READERS_MAX) {
+		snprintf(err, errsz, r == NULL ? "out of memory" :
+			 "the reader: from 1 to %d threads", MS_READERS_MAX);
+		for (unsigned int i = 0; i < n; i++)
+			ms_store_close(&stores[i]);
+		free(r);
 		return -1;
 	}
-	r->store = store;
+	r->n = n;
+	for (unsigned int i = 0; i < n; i++) {
+		r->t[i].r = r;
+		r->t[i].store = stores[i];
+		stores[i] = NULL;
+	}
 	pthread_mutex_init(&r->lock, NULL);
 	pthread_cond_init(&r->cond, NULL);
 	if (uv_async_init(loop, &r->async, on_done) < 0) {
 		snprintf(err, errsz, "the reader's handle: cannot make it");
-		ms_store_close(&r->store);
+		stop_threads(r);
 		free(r);
 		return -1;
 	}
 	r->async.data = r;
-	if (pthread_create(&r->thread, NULL, run, r) != 0) {
-		snprintf(err, errsz, "the reader's thread: cannot start it");
-		ms_store_close(&r->store);
-		ms_close_free((uv_handle_t *)&r->async, r);
-		return -1;
+	for (unsigned int i = 0; i < n; i++) {
+		if (pthread_create(&r->t[i].thread, NULL, run, &r->t[i]) != 0) {
+			snprintf(err, errsz, "the reader's thread: cannot "
+				 "start it");
+			stop_threads(r);
+			ms_close_free((uv_handle_t *)&r->async, r);
+			return -1;
+		}
+		r->t[i].started = 1;
 	}
 	*r_out = r;
 	return 0;
@@ -159,18 +194,13 @@ void ms_reader_free(struct ms_reader *r)
 
 	if (r == NULL)
 		return;
-	pthread_mutex_lock(&r->lock);
-	r->stop = 1;
-	pthread_cond_signal(&r->cond);
-	pthread_mutex_unlock(&r->lock);
-	pthread_join(r->thread, NULL);
+	stop_threads(r);
 	/* Nobody waits any more: what was asked is let go. */
 	while ((rd = rlist_take(&r->done)) != NULL ||
 	       (rd = rlist_take(&r->todo)) != NULL) {
 		rd->drop(rd->arg);
 		free(rd);
 	}
-	ms_store_close(&r->store);
 	pthread_mutex_destroy(&r->lock);
 	pthread_cond_destroy(&r->cond);
 	ms_close_free((uv_handle_t *)&r->async, r);

@@ -1,17 +1,19 @@
-/* The store's reader: a thread with a store connection of its own, for
- * the reads a session makes on the way to the destination (the user's
- * folders for the IMAP view, the INBOX's records for POP3 UIDLs, the
- * pairs of a folder being selected), so that the event loop never waits
- * on the database for them (docs/design.md, "The store's reader").
+/* The store's reader: threads, each with a store connection of its own,
+ * for the reads a session makes on the way to the destination (the
+ * user's folders for the IMAP view, the INBOX's records for POP3 UIDLs,
+ * the pairs of a folder being selected), so that the event loop never
+ * waits on the database for them (docs/design.md, "The store's reader").
  *
- * The loop hands in a read: work() runs on the reader's thread with the
- * reader's store and fills its argument; done() then runs on the loop.
- * Reads run one at a time, in the order given. A read whose asker went
- * away is cancelled: its work may still run, then drop() frees the
- * argument and done() is not called.
+ * The loop hands in a read: work() runs on one of the reader's threads
+ * with that thread's store and fills its argument; done() then runs on
+ * the loop. Reads start in the order given, each on the first thread
+ * free; each is answered when it is done, so a slow read holds up only
+ * its own thread (with one thread, reads are answered in the order
+ * given). A read whose asker went away is cancelled: its work may still
+ * run, then drop() frees the argument and done() is not called.
  *
- * Only the reader's thread touches its store after ms_reader_new(); the
- * argument belongs to work() until done() or drop() is called.
+ * Only its thread touches a store after ms_reader_new(); the argument
+ * belongs to work() until done() or drop() is called.
  */
 #ifndef MS_READER_H
 #define MS_READER_H
@@ -37,10 +39,14 @@ typedef void ms_read_drop_fn(void *arg);
 int ms_read_now(struct ms_store *store, ms_read_work_fn *work, void *arg,
 		char *err, size_t errsz);
 
-/* Takes store (closed by ms_reader_free()) and starts the thread. */
-int ms_reader_new(uv_loop_t *loop, struct ms_store *store,
+#define MS_READERS_MAX	16
+
+/* Takes the n stores (closed by ms_reader_free(), or here on failure; the
+ * array's slots are set to NULL) and starts a thread for each: n from 1
+ * to MS_READERS_MAX. */
+int ms_reader_new(uv_loop_t *loop, struct ms_store **stores, unsigned int n,
 		  struct ms_reader **r_out, char *err, size_t errsz);
-/* Stops the thread (after the read it runs) and drops every read not
+/* Stops the threads (after the reads they run) and drops every read not
  * done; the loop must run once more to close the reader's handle. */
 void ms_reader_free(struct ms_reader *r);
 

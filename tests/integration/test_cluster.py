@@ -827,6 +827,20 @@ def noops_while_locked(pg, db, table, mb, seconds):
     return worst
 
 
+def one_gateway(make_pair, pg, new_db, workdir):
+    """Servers with u1 and u2, a gateway gw-a (policy off) on a new
+    database: (pair, database, gateway, u1's INBOX UIDVALIDITY on the
+    source)."""
+    pair = make_pair(users=('u1', 'u2'))
+    db, url = new_db()
+    a = start_gateways(pair, pg, url, workdir, ('gw-a',), policy='off')[0]
+    src = pair.src.imap('u1')
+    try:
+        return pair, db, a, uidvalidity(src, 'INBOX')
+    finally:
+        src.logout()
+
+
 def test_locked_folders_slow_no_session(make_pair, pg, new_db, workdir):
     """A moved user's folders did not keep their identity: an IMAP login
     of hers reads their rows (the IMAP view), a POP3 login her INBOX's
@@ -836,14 +850,7 @@ def test_locked_folders_slow_no_session(make_pair, pg, new_db, workdir):
     gateway's loop: another session's NOOPs, one each 0.1 s all through,
     each take well under a second, and the logins, then the SELECT, are
     answered once the lock is gone, with the source's UIDVALIDITY."""
-    pair = make_pair(users=('u1', 'u2'))
-    db, url = new_db()
-    a = start_gateways(pair, pg, url, workdir, ('gw-a',), policy='off')[0]
-    src = pair.src.imap('u1')
-    try:
-        src_uv = uidvalidity(src, 'INBOX')
-    finally:
-        src.logout()
+    pair, db, a, src_uv = one_gateway(make_pair, pg, new_db, workdir)
     lock = ('BEGIN; LOCK TABLE %s IN ACCESS EXCLUSIVE MODE;'
             ' SELECT pg_sleep(3); COMMIT;')
     lockers = []
@@ -912,6 +919,64 @@ def test_locked_folders_slow_no_session(make_pair, pg, new_db, workdir):
     finally:
         for locker in lockers:
             locker.join(10)
+        a.stop()
+
+
+def readers_waiting(pg, db):
+    """The store's reader's connections waiting for a lock."""
+    return int(pg.admin(db, "SELECT count(*) FROM pg_stat_activity WHERE"
+                            " application_name = 'mailshift-reader' AND"
+                            " wait_event_type = 'Lock'")[0][0])
+
+
+def test_slow_read_holds_up_no_other(make_pair, pg, new_db, workdir):
+    """The store's reader has two threads ([store] readers, by default): a
+    read that waits holds up its own thread only. With folder_renames
+    locked (ACCESS EXCLUSIVE) for 5 s by another connection, a moved
+    user's IMAP login waits for her folders' rows on one thread; on the
+    other her POP3 login reads the INBOX's records and gets every UIDL
+    while the lock is still held; the IMAP login is answered once it is
+    gone, with the source's UIDVALIDITY."""
+    pair, db, a, src_uv = one_gateway(make_pair, pg, new_db, workdir)
+    locker = threading.Thread(target=pg.admin, args=(
+        db, 'BEGIN; LOCK TABLE folder_renames IN ACCESS EXCLUSIVE MODE;'
+        ' SELECT pg_sleep(5); COMMIT;'), daemon=True)
+    got = {}
+
+    def moved_login():
+        try:
+            m = imaplib.IMAP4('127.0.0.1', a.imap_port)
+            m.login('u1', pair.dst.password('u1'))
+            got['uv'] = uidvalidity(m, 'INBOX')
+            m.logout()
+        except Exception as e:              # shown by the assert below
+            got['error'] = repr(e)
+
+    try:
+        assert a.ctl('migrate', '--daemon', 'u1').rc == 0
+        assert a.wait_state('u1', ('destination', 'failed'),
+                            timeout=120) == 'destination', a.log_tail()
+        locker.start()
+        assert wait_for(lambda: users_locked(pg, db, 'folder_renames'), 10,
+                        0.02)
+        t = threading.Thread(target=moved_login, daemon=True)
+        t.start()
+        # the IMAP login's read is waiting for the lock: one thread held
+        assert wait_for(lambda: readers_waiting(pg, db) == 1, 10, 0.02), \
+            got
+        p = poplib.POP3('127.0.0.1', a.pop3_port, timeout=30)
+        p.user('u1')
+        p.pass_(pair.dst.password('u1'))
+        uidls = len(p.uidl()[1])
+        p.quit()
+        assert users_locked(pg, db, 'folder_renames'), \
+            'the lock ended before the POP3 login was answered'
+        assert t.is_alive() and not got, got
+        assert uidls == inbox_count(pair.dst, 'u1')
+        t.join(30)
+        assert got.get('uv') == src_uv, got
+    finally:
+        locker.join(10)
         a.stop()
 
 

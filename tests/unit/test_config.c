@@ -265,6 +265,9 @@ static void dconfig_keys(void **state)
 	expect_conf(LISTEN "[store]\ntimeout = 0\n", ":4: timeout", NULL);
 	expect_conf(LISTEN "[store]\ntimeout = 11m\n", ":4: timeout", NULL);
 	expect_conf(LISTEN "[store]\ntimeout = soon\n", ":4: timeout", NULL);
+	expect_conf(LISTEN "[store]\nreaders = 0\n", ":4: readers", NULL);
+	expect_conf(LISTEN "[store]\nreaders = 17\n", ":4: readers", NULL);
+	expect_conf(LISTEN "[store]\nreaders = two\n", ":4: readers", NULL);
 	expect_conf(LISTEN "[listen]\ntransparent = maybe\n",
 		    ":4: transparent: yes or no", NULL);
 	expect_conf(LISTEN "[destination]\ntransparent = maybe\n",
@@ -326,9 +329,11 @@ static void ini_promises(void **state)
 	/* a section named twice: one section (the store's timeout beside
 	 * the path given before) */
 	expect_conf(LISTEN "[store]\npath = /x.db\n[policy]\n"
-		    "hold_max_seconds = 5\n[store]\ntimeout = 4s\n", NULL, &c);
+		    "hold_max_seconds = 5\n[store]\ntimeout = 4s\n"
+		    "readers = 16\n", NULL, &c);
 	assert_string_equal(c.store, "/x.db");
 	assert_int_equal(c.store_timeout, 4);
+	assert_int_equal(c.store_readers, 16);
 }
 
 /* The defaults mailshift.conf(5) gives, as the daemon reads them (0 is
@@ -340,6 +345,7 @@ static void dconfig_defaults(void **state)
 	expect_conf(LISTEN, NULL, &c);
 	assert_string_equal(c.store, "/var/lib/mailshift/mailshift.db");
 	assert_int_equal(c.store_timeout, 30);
+	assert_int_equal(c.store_readers, 2);
 	assert_string_equal(c.control, "/run/mailshift/control.sock");
 	assert_int_equal(c.gw.policy, MS_POLICY_PASSTHROUGH);
 	assert_int_equal(c.gw.sweep, 0);

@@ -1,9 +1,11 @@
 /* Unit tests for the store's reader (daemon/reader.c): a read's work runs
- * on the reader's thread, not the loop's, with the reader's own store (a
+ * on a reader's thread, not the loop's, with that thread's own store (a
  * second connection to a real SQLite file, seeing what the first wrote);
- * done() comes on the loop, in the order the reads were given, with the
- * store's error when the work failed; a cancelled read is dropped and its
- * done() never called; reads still waiting at the end are dropped. */
+ * done() comes on the loop, with one thread in the order the reads were
+ * given, with the store's error when the work failed; with two threads a
+ * read that does not end holds up no other; a cancelled read is dropped
+ * and its done() never called; reads still waiting at the end are
+ * dropped. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -12,6 +14,7 @@
 #include <cmocka.h>
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,10 +41,13 @@ struct ask {
 	int turn;
 };
 
-static int setup(void **state)
+static atomic_int let_go;	/* a read of user "wait" runs until set */
+
+/* A reader of n threads on a fresh SQLite file. */
+static int setup_n(void **state, unsigned int n)
 {
 	struct fixture *f = calloc(1, sizeof(*f));
-	struct ms_store *second;
+	struct ms_store *more[2];
 	char *error = NULL, err[256];
 
 	assert_non_null(f);
@@ -49,12 +55,25 @@ static int setup(void **state)
 	assert_non_null(mkdtemp(f->dir));
 	snprintf(f->path, sizeof(f->path), "%s/store.db", f->dir);
 	assert_int_equal(ms_store_open(f->path, &f->store, &error), 0);
-	assert_int_equal(ms_store_open(f->path, &second, &error), 0);
+	for (unsigned int i = 0; i < n; i++)
+		assert_int_equal(ms_store_open(f->path, &more[i], &error), 0);
 	assert_int_equal(uv_loop_init(&f->loop), 0);
-	assert_int_equal(ms_reader_new(&f->loop, second, &f->r, err,
+	assert_int_equal(ms_reader_new(&f->loop, more, n, &f->r, err,
 				       sizeof(err)), 0);
+	assert_null(more[0]);
+	atomic_store(&let_go, 0);
 	*state = f;
 	return 0;
+}
+
+static int setup(void **state)
+{
+	return setup_n(state, 1);
+}
+
+static int setup2(void **state)
+{
+	return setup_n(state, 2);
 }
 
 static int teardown(void **state)
@@ -62,6 +81,7 @@ static int teardown(void **state)
 	struct fixture *f = *state;
 	char p[200];
 
+	atomic_store(&let_go, 1);	/* a failed test's slow read ends */
 	ms_reader_free(f->r);
 	uv_run(&f->loop, UV_RUN_NOWAIT);
 	assert_int_equal(uv_loop_close(&f->loop), 0);
@@ -82,6 +102,8 @@ static int work(struct ms_store *store, void *arg, char *err, size_t errsz)
 	struct ms_user_info info;
 
 	a->ran_on = pthread_self();
+	while (strcmp(a->user, "wait") == 0 && !atomic_load(&let_go))
+		usleep(1000);
 	if (strcmp(a->user, "!") == 0) {
 		snprintf(err, errsz, "asked to fail");
 		return -1;
@@ -161,6 +183,40 @@ static void in_order_with_errors(void **state)
 	}
 }
 
+/* Two threads: a read that does not end (a locked table) holds up its
+ * thread only; the reads after it are answered meanwhile, on the other. */
+static void slow_read_holds_up_no_other(void **state)
+{
+	struct fixture *f = *state;
+	struct ask slow = { .user = "wait" }, a[4];
+	int64_t id;
+	int n = 0;
+
+	assert_int_equal(ms_store_user_get(f->store, "alice", &id), 0);
+	slow.order = slow.n = &n;
+	assert_non_null(ms_read_start(f->r, work, done, drop, &slow));
+	for (int i = 0; i < 4; i++) {
+		a[i] = (struct ask){ .user = "alice", .order = &n, .n = &n };
+		assert_non_null(ms_read_start(f->r, work, done, drop, &a[i]));
+	}
+	for (int i = 0; i < 500 && ms_reader_pending(f->r) > 1; i++) {
+		uv_run(&f->loop, UV_RUN_NOWAIT);
+		usleep(10000);
+	}
+	assert_int_equal(ms_reader_pending(f->r), 1);
+	assert_int_equal(slow.done, 0);
+	for (int i = 0; i < 4; i++) {
+		assert_int_equal(a[i].done, 1);
+		assert_true(a[i].found);
+		assert_int_equal(a[i].id, id);
+		assert_false(pthread_equal(a[i].ran_on, slow.ran_on));
+	}
+	atomic_store(&let_go, 1);
+	settle(f);
+	assert_int_equal(slow.done, 1);
+	assert_int_equal(slow.turn, 4);
+}
+
 static void cancelled_is_dropped(void **state)
 {
 	struct fixture *f = *state;
@@ -201,10 +257,16 @@ int main(void)
 						teardown),
 		cmocka_unit_test_setup_teardown(in_order_with_errors, setup,
 						teardown),
+		cmocka_unit_test_setup_teardown(slow_read_holds_up_no_other,
+						setup2, teardown),
 		cmocka_unit_test_setup_teardown(cancelled_is_dropped, setup,
+						teardown),
+		cmocka_unit_test_setup_teardown(cancelled_is_dropped, setup2,
 						teardown),
 		cmocka_unit_test_setup_teardown(waiting_at_the_end_dropped,
 						setup, teardown),
+		cmocka_unit_test_setup_teardown(waiting_at_the_end_dropped,
+						setup2, teardown),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

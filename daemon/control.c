@@ -5,7 +5,9 @@
  * client leaves unread, the number of clients. A bad request gets
  * {"ok": false, "error": ...}, changes nothing, and the connection stays
  * usable. The reads of status and sessions go to the store's reader
- * (reader.h): the client's reply waits for them, the loop does not. */
+ * (reader.h): the client's reply waits for them, the loop does not; so
+ * does migrate --all's walk of the map, whose starts then run a slice of
+ * the loop's turn at a time. */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -34,6 +36,7 @@
 #define CLIENTS_MAX 64
 
 struct cclient;
+struct migrate_run;
 
 struct ms_control {
 	uv_loop_t *loop;
@@ -47,6 +50,7 @@ struct ms_control {
 	unsigned int nclients;
 	struct cclient *current;	/* whose request runs (NULL: one of
 					   ms_control_request()'s caller) */
+	struct migrate_run *runs;	/* migrate --all's, going on */
 };
 
 struct cclient {
@@ -60,6 +64,8 @@ struct cclient {
 	int paused;			/* reading stopped: replies unread */
 	struct ms_read *rd;		/* its request's reads, on the store's
 					   reader: the next requests wait */
+	struct migrate_run *run;	/* its migrate --all, going on: the
+					   next requests wait too */
 };
 
 /* A request's reply that comes later (deferred()). */
@@ -287,28 +293,6 @@ static json_t *user_update(struct ms_control *ctl, json_t *req, int create)
 	if (ms_store_user_info(ctl->store, uc.user, &info, &found) < 0 || !found)
 		return error("store: %s", ms_store_error(ctl->store));
 	return json_pack("{s:b, s:o}", "ok", 1, "user", user_json(ctl, &info));
-}
-
-struct migrate_all {
-	struct ms_control *ctl;
-	int started;
-	const char *error;
-};
-
-static int migrate_one(void *ctx, const struct ms_user_info *u)
-{
-	struct migrate_all *ma = ctx;
-	const char *why = NULL;
-
-	if (ms_user_in(u, MS_USER_DESTINATION) || !strcmp(u->policy, "off"))
-		return 0;
-	if (ma->ctl->gw == NULL ||
-	    ms_gateway_migrate(ma->ctl->gw, u->name, &why) < 0) {
-		ma->error = why != NULL ? why : "no gateway";
-		return 1;
-	}
-	ma->started++;
-	return 0;
 }
 
 /* ---- reads off the loop ---- */
@@ -778,19 +762,228 @@ static json_t *cmd_migrate(struct ms_control *ctl, json_t *req)
 
 	if (field_user(req, &user, &rep) < 0)
 		return rep;
-	if (ctl->gw == NULL || ms_gateway_migrate(ctl->gw, user, &why) < 0)
+	if (ctl->gw == NULL || ms_gateway_migrate(ctl->gw, user, &why) != 0)
 		return error("%s", why != NULL ? why : "no gateway");
 	return json_pack("{s:b, s:s}", "ok", 1, "user", user);
 }
 
+/* ---- migrate --all: the walk on the store's reader, the starts in
+ * slices of the loop's turns ---- */
+
+struct names {
+	char **v;
+	size_t n, cap;
+	int oom;
+};
+
+struct migrate_run {
+	struct ms_control *ctl;
+	struct cclient *cc;		/* NULL once it left: the run goes on */
+	struct migrate_run *next;
+	struct ms_read *rd;		/* the walk, until it is in */
+	int slicing;			/* idle started (after the walk) */
+	uv_idle_t idle;
+	struct names nm;
+	size_t at;
+	unsigned int started;
+	char error[256];
+};
+
+/* A turn of the loop starts copies for about this long (one at least):
+ * each start writes to the store, and the sessions wait meanwhile. */
+#define SLICE_NS (10 * 1000 * 1000ULL)
+
+static void names_free(struct names *nm)
+{
+	for (size_t i = 0; i < nm->n; i++)
+		free(nm->v[i]);
+	free(nm->v);
+	*nm = (struct names){ 0 };
+}
+
+/* The users not on the destination whose policy moves them. */
+static int name_add(void *ctx, const struct ms_user_info *u)
+{
+	struct names *nm = ctx;
+
+	if (ms_user_in(u, MS_USER_DESTINATION) || !strcmp(u->policy, "off"))
+		return 0;
+	if (nm->n == nm->cap) {
+		size_t cap = nm->cap ? nm->cap * 2 : 256;
+		char **v = realloc(nm->v, cap * sizeof(*v));
+
+		if (v == NULL)
+			return nm->oom = -1;
+		nm->v = v;
+		nm->cap = cap;
+	}
+	if ((nm->v[nm->n] = strdup(u->name)) == NULL)
+		return nm->oom = -1;
+	nm->n++;
+	return 0;
+}
+
+/* The walk, on the store's reader (or here and now). */
+static int names_work(struct ms_store *store, void *arg, char *err,
+		      size_t errsz)
+{
+	struct migrate_run *mr = arg;
+
+	if (ms_store_user_foreach(store, name_add, &mr->nm) != 0) {
+		if (mr->nm.oom)
+			snprintf(err, errsz, "out of memory");
+		return -1;
+	}
+	return 0;
+}
+
+/* Starts the next users' copies, for budget ns (0: all of them); stops
+ * at the first that cannot start. 1 once the run is over. */
+static int run_slice(struct migrate_run *mr, uint64_t budget)
+{
+	uint64_t t0 = uv_hrtime();
+
+	while (mr->at < mr->nm.n && mr->error[0] == '\0') {
+		const char *why = NULL;
+		int r = mr->ctl->gw == NULL ? -1 :
+			ms_gateway_migrate(mr->ctl->gw, mr->nm.v[mr->at++],
+					   &why);
+
+		/* 1: on the destination since the walk, nothing to start */
+		if (r < 0)
+			snprintf(mr->error, sizeof(mr->error), "%s",
+				 why != NULL ? why : "no gateway");
+		else if (r == 0)
+			mr->started++;
+		if (budget != 0 && uv_hrtime() - t0 >= budget)
+			break;
+	}
+	return mr->at == mr->nm.n || mr->error[0] != '\0';
+}
+
+static json_t *run_reply(const struct migrate_run *mr)
+{
+	return json_pack("{s:b, s:i, s:s?}", "ok", mr->error[0] == '\0',
+			 "started", (int)mr->started, "error",
+			 mr->error[0] ? mr->error : NULL);
+}
+
+static void run_free(struct migrate_run *mr)
+{
+	names_free(&mr->nm);
+	free(mr);
+}
+
+static void on_run_closed(uv_handle_t *h)
+{
+	run_free(h->data);
+}
+
+/* Off the control's list; freed now, or once its handle is closed. */
+static void run_end(struct migrate_run *mr)
+{
+	struct migrate_run **pp = &mr->ctl->runs;
+
+	while (*pp != mr)
+		pp = &(*pp)->next;
+	*pp = mr->next;
+	if (mr->cc != NULL)
+		mr->cc->run = NULL;
+	if (mr->rd != NULL) {
+		ms_read_cancel(mr->rd);	/* its drop() frees it */
+	} else if (mr->slicing) {
+		uv_close((uv_handle_t *)&mr->idle, on_run_closed);
+	} else {
+		run_free(mr);
+	}
+}
+
+/* The run is over: the log's line, and the reply to its client if it is
+ * still there. */
+static void run_done(struct migrate_run *mr)
+{
+	struct cclient *cc = mr->cc;
+
+	ms_info("migrate --all: %u cop%s started%s%s", mr->started,
+		mr->started == 1 ? "y" : "ies", mr->error[0] ? "; stopped: " :
+		"", mr->error);
+	if (cc != NULL) {
+		cc->run = NULL;
+		mr->cc = NULL;
+		reply(cc, run_reply(mr));
+		process_lines(cc);
+	}
+	run_end(mr);
+}
+
+static void on_run_turn(uv_idle_t *idle)
+{
+	struct migrate_run *mr = idle->data;
+
+	if (run_slice(mr, SLICE_NS))
+		run_done(mr);
+}
+
+static void names_drop(void *arg)
+{
+	run_free(arg);
+}
+
+/* The walk is in: the starts, a slice in each turn of the loop. */
+static void names_done(void *arg, const char *error)
+{
+	struct migrate_run *mr = arg;
+
+	mr->rd = NULL;
+	if (error != NULL)
+		snprintf(mr->error, sizeof(mr->error), "store: %s", error);
+	if (mr->error[0] != '\0' || mr->nm.n == 0 ||
+	    uv_idle_init(mr->ctl->loop, &mr->idle) < 0) {
+		run_slice(mr, 0);
+		run_done(mr);
+		return;
+	}
+	mr->idle.data = mr;
+	mr->slicing = 1;
+	uv_idle_start(&mr->idle, on_run_turn);
+}
+
+/* The walk is a read (the store's reader); each start writes, a slice of
+ * them in each turn of the loop, the client's reply once all are. Once
+ * asked, it goes on if the client leaves. */
 static json_t *cmd_migrate_all(struct ms_control *ctl, json_t *req)
 {
-	struct migrate_all ma = { .ctl = ctl };
+	struct ms_reader *r = ctl->gw != NULL ? ms_gateway_reader(ctl->gw) :
+			      NULL;
+	struct migrate_run *mr = calloc(1, sizeof(*mr));
+	json_t *rep;
+	char err[512];
 
-	if (ms_store_user_foreach(ctl->store, migrate_one, &ma) < 0)
-		return error("store: %s", ms_store_error(ctl->store));
-	return json_pack("{s:b, s:i, s:s?}", "ok", ma.error == NULL,
-			 "started", ma.started, "error", ma.error);
+	(void)req;
+	if (mr == NULL)
+		return error("%s", "out of memory");
+	mr->ctl = ctl;
+	/* no client of the socket to wait, or no reader: all at once */
+	if (ctl->current == NULL || r == NULL) {
+		if (ms_read_now(ctl->store, names_work, mr, err,
+				sizeof(err)) < 0)
+			snprintf(mr->error, sizeof(mr->error), "store: %s",
+				 err);
+		run_slice(mr, 0);
+		rep = run_reply(mr);
+		run_free(mr);
+		return rep;
+	}
+	if ((mr->rd = ms_read_start(r, names_work, names_done, names_drop,
+				    mr)) == NULL) {
+		run_free(mr);
+		return error("%s", "out of memory");
+	}
+	mr->cc = ctl->current;
+	mr->cc->run = mr;
+	mr->next = ctl->runs;
+	ctl->runs = mr;
+	return PENDING;
 }
 
 static json_t *cmd_rollback(struct ms_control *ctl, json_t *req)
@@ -887,6 +1080,9 @@ static void client_close(struct cclient *cc)
 {
 	ms_read_cancel(cc->rd);
 	cc->rd = NULL;
+	if (cc->run != NULL)
+		cc->run->cc = NULL;
+	cc->run = NULL;
 	cc->closing = 1;
 	if (!uv_is_closing((uv_handle_t *)&cc->pipe))
 		uv_close((uv_handle_t *)&cc->pipe, on_client_close);
@@ -984,7 +1180,8 @@ static void process_lines(struct cclient *cc)
 	size_t pos = 0;
 	char *lf;
 
-	while (!cc->closing && cc->rd == NULL && unread(cc) < UNREAD_MAX &&
+	while (!cc->closing && cc->rd == NULL && cc->run == NULL &&
+	       unread(cc) < UNREAD_MAX &&
 	       (lf = memchr(cc->buf + pos, '\n', cc->len - pos)) != NULL) {
 		size_t linelen = (size_t)(lf - (cc->buf + pos));
 		json_t *rep;
@@ -1000,7 +1197,8 @@ static void process_lines(struct cclient *cc)
 		return;
 	memmove(cc->buf, cc->buf + pos, cc->len - pos);
 	cc->len -= pos;
-	if (cc->rd != NULL || memchr(cc->buf, '\n', cc->len) != NULL) {
+	if (cc->rd != NULL || cc->run != NULL ||
+	    memchr(cc->buf, '\n', cc->len) != NULL) {
 		if (!cc->paused)
 			uv_read_stop((uv_stream_t *)&cc->pipe);
 		cc->paused = 1;
@@ -1281,6 +1479,10 @@ void ms_control_free(struct ms_control **ctlp)
 		cc->pprev = NULL;
 		client_close(cc);
 	}
+	/* a migrate --all cut short: the users not reached stay as they
+	 * are (their copies start at their logins, or the next run) */
+	while (ctl->runs != NULL)
+		run_end(ctl->runs);
 	if (!ctl->listening) {
 		free(ctl->path);
 		free(ctl);

@@ -80,7 +80,10 @@ unsigned int ms_gateway_user_sessions(struct ms_gateway *gw, const char *user);
  * submission: 421). Returns how many. */
 int ms_gateway_kick(struct ms_gateway *gw, const char *user);
 /* Moves the user now: copy, verify, end the user's sessions (BYE), last
- * delta, flip. Needs admin logins (or a login of the user since start). */
+ * delta, flip. Needs admin logins (or a login of the user since start).
+ * 0 when it goes on (here, or on the gateway that has the user's job); 1
+ * when the user is already on the destination, -1 when it cannot: both
+ * with *error_r set. */
 int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 		       const char **error_r);
 void ms_gateway_progress(struct ms_gateway *gw, struct ms_progress *p);

@@ -1043,7 +1043,7 @@ int ms_gateway_migrate(struct ms_gateway *gw, const char *user,
 	}
 	if (ms_user_in(&info, MS_USER_DESTINATION)) {
 		*error_r = "already on the destination";
-		return -1;
+		return 1;
 	}
 	gu = gw_user_get(gw, user);
 	if (gu == NULL) {

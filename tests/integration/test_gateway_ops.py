@@ -6,10 +6,12 @@ Reuses the fixtures of test_gateway.py (gpair: a source holding alice's and
 bob's corpora, an empty destination; make_gw: a started mailshiftd)."""
 
 import imaplib
+import json
 import os
 import re
 import select
 import socket
+import threading
 import time
 import zlib
 
@@ -320,6 +322,77 @@ def test_operator_moves_a_logged_in_user(gpair, make_gw, workdir):
     st = g.wait_state('bob', ('destination', 'failed'), timeout=60)
     assert st == 'destination', (st, g.log_tail())
     gpair.assert_copied('bob')
+
+
+def control_requests(g, lines, batch=500):
+    """The replies to lines (JSON requests), pipelined on one connection
+    to g's control socket, batch at a time (the replies of a batch are
+    read before the next is sent: the gateway stops reading a client that
+    leaves too many unread)."""
+    got = b''
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(60)
+        s.connect(g.socket_path)
+        for i in range(0, len(lines), batch):
+            part = lines[i:i + batch]
+            s.sendall(b''.join(json.dumps(l).encode() + b'\n'
+                               for l in part))
+            want = got.count(b'\n') + len(part)
+            while got.count(b'\n') < want:
+                d = s.recv(65536)
+                assert d, got[-200:]
+                got += d
+    return [json.loads(l) for l in got.splitlines()]
+
+
+def test_migrate_all_stalls_no_session(gpair, make_gw, workdir):
+    """`migrate --all` over 5,000 users: the walk of the map is a read on
+    the store's reader, and each user's start (its job, its state, the
+    copy queued: writes) runs in slices of the loop's turns, so a client's
+    NOOPs (before login: the gateway's own answer), one each 0.05 s all
+    through, each take well under a second; every user is started, and
+    the reply counts them, and so does the log. A run whose client leaves
+    at once goes on to its end."""
+    g = make_gw(tls=False, extra_conf=admin_conf(workdir, sweep=False))
+    n = 5000
+    got = control_requests(g, [{'cmd': 'user.add', 'user': 'many%05d' % i}
+                               for i in range(n)])
+    assert all(r.get('ok') for r in got), [r for r in got if not r['ok']]
+    c = socket.create_connection(('127.0.0.1', g.imap_port), timeout=30)
+    f = c.makefile('rb')
+    assert f.readline().startswith(b'* OK')
+    done = {}
+    t = threading.Thread(target=lambda: done.update(
+        r=g.ctl('migrate', '--all', '--json')), daemon=True)
+    worst, noops = 0.0, 0
+    t.start()
+    while t.is_alive():
+        t0 = time.monotonic()
+        c.sendall(b'n%d NOOP\r\n' % noops)
+        assert f.readline().startswith(b'n%d OK' % noops)
+        worst = max(worst, time.monotonic() - t0)
+        noops += 1
+        time.sleep(0.05)
+    t.join()
+    c.close()
+    r = done['r']
+    assert r.rc == 0, r.describe()
+    assert r.json['started'] == n, r.json
+    print('migrate --all of %d users: %d NOOPs, the worst %.3f s'
+          % (n, noops, worst))
+    assert noops >= 5, ('migrate --all took too little to measure', noops)
+    assert worst < 0.5, worst
+    shown = g.ctl('user', 'show', 'many%05d' % (n - 1), '--json').json
+    assert shown['user']['state'] in ('copying', 'failed'), shown
+    said = 'migrate --all: %d copies started' % n
+    assert g.log_text().count(said) == 1, g.log_tail(20)
+    # asked, and the client gone at once: it goes on to its end
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(g.socket_path)
+        s.sendall(b'{"cmd":"migrate.all"}\n')
+    assert wait_for(lambda: g.log_text().count(said) == 2, 60), \
+        [l for l in g.log_text().splitlines() if 'migrate --all' in l]
+    assert g.ctl('status').rc == 0
 
 
 def gw_login(g, user):

@@ -167,6 +167,8 @@ static void user_names(void **state)
 		 name);
 	REFUSED(f, line, "user name too long");
 	json_decref(ok(f, "{\"cmd\":\"user.add\",\"user\":\"m\xc3\xbcller\"}"));
+	/* users to move, and no gateway to start them: nothing starts */
+	REFUSED(f, "{\"cmd\":\"migrate.all\"}", "no gateway");
 }
 
 /* A refused user.add or user.set leaves the store as it was. */

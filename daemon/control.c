@@ -7,7 +7,8 @@
  * usable. The reads of status and sessions go to the store's reader
  * (reader.h): the client's reply waits for them, the loop does not; so
  * does migrate --all's walk of the map, whose starts then run a slice of
- * the loop's turn at a time. */
+ * the loop's turn at a time; a client's pipelined requests are handled a
+ * slice of a turn at a time too. */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -22,6 +23,7 @@
 #include <jansson.h>
 
 #include "control.h"
+#include "net.h"
 #include "reader.h"
 #include "util.h"
 #include "log.h"
@@ -34,6 +36,10 @@
 #define REQ_MAX (64 * 1024)		/* a request line, without its '\n' */
 #define UNREAD_MAX (1024 * 1024)	/* replies queued before reading stops */
 #define CLIENTS_MAX 64
+/* A turn of the loop spends about this long on a client's requests, or
+ * on migrate --all's starts (one at least): each may write to the store,
+ * and the sessions wait meanwhile. */
+#define SLICE_NS (10 * 1000 * 1000ULL)
 
 struct cclient;
 struct migrate_run;
@@ -51,6 +57,8 @@ struct ms_control {
 	struct cclient *current;	/* whose request runs (NULL: one of
 					   ms_control_request()'s caller) */
 	struct migrate_run *runs;	/* migrate --all's, going on */
+	uv_idle_t *more;		/* clients' requests left for the next
+					   turn: their time was up */
 };
 
 struct cclient {
@@ -66,6 +74,7 @@ struct cclient {
 					   reader: the next requests wait */
 	struct migrate_run *run;	/* its migrate --all, going on: the
 					   next requests wait too */
+	int more;			/* requests left for the next turn */
 };
 
 /* A request's reply that comes later (deferred()). */
@@ -789,10 +798,6 @@ struct migrate_run {
 	char error[256];
 };
 
-/* A turn of the loop starts copies for about this long (one at least):
- * each start writes to the store, and the sessions wait meanwhile. */
-#define SLICE_NS (10 * 1000 * 1000ULL)
-
 static void names_free(struct names *nm)
 {
 	for (size_t i = 0; i < nm->n; i++)
@@ -1118,8 +1123,9 @@ static void on_write_done(uv_write_t *req, int status)
 	free(req);
 	if (status < 0)
 		client_close(cc);	/* gone; or already closing */
-	else if (cc->paused && !cc->closing && unread(cc) < UNREAD_MAX / 2)
-		process_lines(cc);
+	else if (cc->paused && !cc->closing && !cc->more &&
+		 unread(cc) < UNREAD_MAX / 2)
+		process_lines(cc);	/* caught up (the idle has the rest) */
 }
 
 static void reply(struct cclient *cc, json_t *o)
@@ -1175,8 +1181,43 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 /* Answers each complete line, in order; stops reading while the client
  * leaves too many replies unread, or a reply waits for the store's
  * reader, and resumes when it catches up. */
+static void on_more(uv_idle_t *idle)
+{
+	struct ms_control *ctl = idle->data;
+	int left = 0;
+
+	for (struct cclient *cc = ctl->clients; cc != NULL; cc = cc->next) {
+		if (!cc->more)
+			continue;
+		cc->more = 0;
+		process_lines(cc);
+		left |= cc->more;
+	}
+	if (!left)
+		uv_idle_stop(idle);
+}
+
+/* The client's next requests in the loop's next turn. */
+static void later(struct cclient *cc)
+{
+	struct ms_control *ctl = cc->ctl;
+
+	if (ctl->more == NULL) {
+		if ((ctl->more = malloc(sizeof(*ctl->more))) == NULL ||
+		    uv_idle_init(ctl->loop, ctl->more) < 0) {
+			free(ctl->more);
+			ctl->more = NULL;
+			cc->more = 0;	/* they wait for its next bytes */
+			return;
+		}
+		ctl->more->data = ctl;
+	}
+	uv_idle_start(ctl->more, on_more);
+}
+
 static void process_lines(struct cclient *cc)
 {
+	uint64_t t0 = uv_hrtime();
 	size_t pos = 0;
 	char *lf;
 
@@ -1192,6 +1233,11 @@ static void process_lines(struct cclient *cc)
 		if (rep != PENDING)
 			reply(cc, rep);
 		pos += linelen + 1;
+		/* the rest in the next turn: the sessions go on meanwhile */
+		if (uv_hrtime() - t0 >= SLICE_NS) {
+			cc->more = 1;
+			break;
+		}
 	}
 	if (cc->closing)
 		return;
@@ -1202,8 +1248,11 @@ static void process_lines(struct cclient *cc)
 		if (!cc->paused)
 			uv_read_stop((uv_stream_t *)&cc->pipe);
 		cc->paused = 1;
+		if (cc->more)
+			later(cc);
 		return;
 	}
+	cc->more = 0;
 	if (cc->len > REQ_MAX) {
 		reply(cc, error("request too long (more than %d bytes in a "
 				"line)", REQ_MAX));
@@ -1483,6 +1532,8 @@ void ms_control_free(struct ms_control **ctlp)
 	 * are (their copies start at their logins, or the next run) */
 	while (ctl->runs != NULL)
 		run_end(ctl->runs);
+	if (ctl->more != NULL)
+		ms_close_free((uv_handle_t *)ctl->more, ctl->more);
 	if (!ctl->listening) {
 		free(ctl->path);
 		free(ctl);

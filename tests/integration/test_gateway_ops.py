@@ -11,7 +11,6 @@ import os
 import re
 import select
 import socket
-import threading
 import time
 import zlib
 
@@ -358,24 +357,8 @@ def test_migrate_all_stalls_no_session(gpair, make_gw, workdir):
     got = control_requests(g, [{'cmd': 'user.add', 'user': 'many%05d' % i}
                                for i in range(n)])
     assert all(r.get('ok') for r in got), [r for r in got if not r['ok']]
-    c = socket.create_connection(('127.0.0.1', g.imap_port), timeout=30)
-    f = c.makefile('rb')
-    assert f.readline().startswith(b'* OK')
-    done = {}
-    t = threading.Thread(target=lambda: done.update(
-        r=g.ctl('migrate', '--all', '--json')), daemon=True)
-    worst, noops = 0.0, 0
-    t.start()
-    while t.is_alive():
-        t0 = time.monotonic()
-        c.sendall(b'n%d NOOP\r\n' % noops)
-        assert f.readline().startswith(b'n%d OK' % noops)
-        worst = max(worst, time.monotonic() - t0)
-        noops += 1
-        time.sleep(0.05)
-    t.join()
-    c.close()
-    r = done['r']
+    r, noops, worst = gwlib.noops_while(
+        g.imap_port, lambda: g.ctl('migrate', '--all', '--json'))
     assert r.rc == 0, r.describe()
     assert r.json['started'] == n, r.json
     print('migrate --all of %d users: %d NOOPs, the worst %.3f s'

@@ -46,6 +46,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import dovecot as dc
@@ -83,6 +84,33 @@ def first_line(sock):
             break
         data += chunk
     return data.split(b'\n', 1)[0]
+
+
+def noops_while(port, fn, every=0.05):
+    """Runs fn() in a thread while a client of the IMAP port port, not
+    logged in (the gateway answers it itself), sends a NOOP each every
+    seconds: (fn's result, how many NOOPs, the slowest one's seconds)."""
+    c = socket.create_connection(('127.0.0.1', port), timeout=30)
+    f = c.makefile('rb')
+    done = {}
+    try:
+        assert f.readline().startswith(b'* OK')
+        t = threading.Thread(target=lambda: done.update(r=fn()),
+                             daemon=True)
+        worst, noops = 0.0, 0
+        t.start()
+        while t.is_alive():
+            t0 = time.monotonic()
+            c.sendall(b'n%d NOOP\r\n' % noops)
+            assert f.readline().startswith(b'n%d OK' % noops)
+            worst = max(worst, time.monotonic() - t0)
+            noops += 1
+            time.sleep(every)
+        t.join()
+    finally:
+        c.close()
+    assert 'r' in done, 'fn raised (its thread printed why)'
+    return done['r'], noops, worst
 
 
 class CtlResult:

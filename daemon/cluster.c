@@ -120,6 +120,9 @@ struct ms_cluster {
 					   the database took was sent */
 	unsigned int epoch;		/* counts the times it lost touch */
 	int caught_up;			/* a reconcile of this epoch ended */
+	int rec_failed;			/* a reconcile's read failed (a lock
+					   waited for in vain): the next
+					   heartbeat reconciles again */
 	int ack_failed;			/* an acknowledgement was not written:
 					   the next heartbeat reconciles */
 	int fenced;			/* out of time: its relays ended, until
@@ -640,9 +643,22 @@ static void on_listening(struct ms_cluster *c, PGresult *res, void *arg)
 	reconcile(c);
 }
 
-/* Connected: LISTEN, then the heartbeat and a catch-up. */
+static void on_lock_timeout(struct ms_cluster *c, PGresult *res, void *arg)
+{
+	if (!res_ok(res))
+		res_warn(c, "lock_timeout", res);
+}
+
+/* Connected: LISTEN, then the heartbeat and a catch-up. Every statement
+ * on this connection waits at most half a heartbeat for a lock (a table
+ * another connection locked): one that waited longer would hold up the
+ * queue, and the heartbeat behind it, until the others fence this
+ * gateway. What fails so is tried again (the reconcile at the next
+ * heartbeat). */
 static void conn_up(struct ms_cluster *c)
 {
+	char ms[16];
+
 	if (PQsetnonblocking(c->conn, 1) != 0) {
 		conn_lost(c, PQerrorMessage(c->conn));
 		return;
@@ -650,6 +666,10 @@ static void conn_up(struct ms_cluster *c)
 	c->connected = 1;
 	watch(c, UV_READABLE);
 	query(c, "LISTEN mailshift", on_listening, NULL, 0);
+	snprintf(ms, sizeof(ms), "%u", c->heartbeat_ms / 2 ?
+		 c->heartbeat_ms / 2 : 1);
+	query(c, "SELECT set_config('lock_timeout', $1, false)",
+	      on_lock_timeout, NULL, 1, ms);
 }
 
 static void connect_poll(struct ms_cluster *c)
@@ -802,7 +822,7 @@ static void on_heartbeat(struct ms_cluster *c, PGresult *res, void *arg)
 	if (c->out_said)
 		ms_info("cluster: heartbeat taken again");
 	c->out_said = 0;
-	if (!c->caught_up || c->ack_failed)
+	if (!c->caught_up || c->ack_failed || c->rec_failed)
 		reconcile(c);
 }
 
@@ -912,6 +932,7 @@ static void on_requests(struct ms_cluster *c, PGresult *res, void *arg)
 	c->reconcile_queued = 0;
 	if (!res_ok(res)) {
 		res_warn(c, "reconcile", res);
+		c->rec_failed = 1;
 		return;
 	}
 	c->ack_failed = 0;	/* written again below where still missing */
@@ -946,6 +967,7 @@ static void on_changes(struct ms_cluster *c, PGresult *res, void *arg)
 
 	if (!res_ok(res)) {
 		res_warn(c, "reconcile", res);
+		c->rec_failed = 1;
 		return;
 	}
 	for (int i = 0; i < PQntuples(res); i++) {
@@ -1024,6 +1046,7 @@ static void reconcile(struct ms_cluster *c)
 	ra->epoch = c->epoch;
 	ra->gen = *gen = ++c->gen;
 	c->reconcile_queued = 1;
+	c->rec_failed = 0;		/* set again if this one fails */
 	snprintf(since, sizeof(since), "%" PRId64,
 		 c->seen_version > VERSION_OVERLAP ?
 		 c->seen_version - VERSION_OVERLAP : 0);

@@ -277,6 +277,18 @@ static int user_write(struct ms_store *st, const struct user_change *uc)
 	return 0;
 }
 
+/* The store's error for a change that did not go (a table locked past
+ * ms_gateway_change_lock_ms() said as such). */
+static json_t *store_refused(struct ms_control *ctl)
+{
+	char why[600];
+
+	ms_store_refusal(ctl->store, why, sizeof(why));
+	return error("%s", why);
+}
+
+/* One transaction, its statements waiting at most half a heartbeat for a
+ * lock (ms_gateway_change_lock_ms()): the loop waits for them. */
 static json_t *user_update(struct ms_control *ctl, json_t *req, int create)
 {
 	struct user_change uc = { 0 };
@@ -286,22 +298,34 @@ static json_t *user_update(struct ms_control *ctl, json_t *req, int create)
 
 	if ((rep = user_change_parse(req, create, &uc)) != NULL)
 		return rep;
-	if (ms_store_user_info(ctl->store, uc.user, &info, &found) < 0)
-		return error("store: %s", ms_store_error(ctl->store));
+	if (ms_store_begin(ctl->store) < 0)
+		return store_refused(ctl);
+	if (ms_store_lock_wait(ctl->store, ctl->gw != NULL ?
+			       ms_gateway_change_lock_ms(ctl->gw) : 1000) < 0 ||
+	    ms_store_user_info(ctl->store, uc.user, &info, &found) < 0)
+		goto failed;
 	if (!found && !create)
-		return error("no such user \"%s\"", uc.user);
-	if (found && (rep = state_change_refused(ctl, &uc, &info)) != NULL)
+		rep = error("no such user \"%s\"", uc.user);
+	else if (found)
+		rep = state_change_refused(ctl, &uc, &info);
+	if (rep != NULL) {
+		ms_store_rollback(ctl->store);
 		return rep;
-	if (user_write(ctl->store, &uc) < 0)
-		return error("store: %s", ms_store_error(ctl->store));
+	}
+	if (user_write(ctl->store, &uc) < 0 ||
+	    ms_store_user_info(ctl->store, uc.user, &info, &found) < 0 ||
+	    !found || ms_store_commit(ctl->store) < 0)
+		goto failed;
 	/* backend = kmod: the operator's state reaches the kernel as the
 	 * gateway's own changes do (lifecycle.c's store_state()), so a session
 	 * of a user set to destination left on the source is reset. */
 	if (uc.state != NULL)
 		ms_steer_user_state(uc.user, ms_user_state_parse(uc.state));
-	if (ms_store_user_info(ctl->store, uc.user, &info, &found) < 0 || !found)
-		return error("store: %s", ms_store_error(ctl->store));
 	return json_pack("{s:b, s:o}", "ok", 1, "user", user_json(ctl, &info));
+failed:
+	rep = store_refused(ctl);
+	ms_store_rollback(ctl->store);
+	return rep;
 }
 
 /* ---- reads off the loop ---- */

@@ -310,6 +310,11 @@ void ms_gateway_rows_free(struct ms_gateway_rows *rows)
 	memset(rows, 0, sizeof(*rows));
 }
 
+unsigned int ms_gateway_change_lock_ms(const struct ms_gateway *gw)
+{
+	return gw->cfg.gw_heartbeat_ms / 2 ? gw->cfg.gw_heartbeat_ms / 2 : 1;
+}
+
 int ms_gateway_clustered(const struct ms_gateway *gw)
 {
 	return gw->cluster != NULL;

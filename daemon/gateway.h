@@ -79,6 +79,12 @@ unsigned int ms_gateway_user_sessions(struct ms_gateway *gw, const char *user);
 /* Ends every session of the user, of every front end (IMAP: BYE; SMTP
  * submission: 421). Returns how many. */
 int ms_gateway_kick(struct ms_gateway *gw, const char *user);
+/* How long an operator's change (user add/set, a policy) waits for a
+ * table's lock before it is refused with nothing changed (PostgreSQL):
+ * half a heartbeat, as the cluster's own writes (the gateway's loop, and
+ * its sessions, wait as long; the heartbeat is taken in between). */
+unsigned int ms_gateway_change_lock_ms(const struct ms_gateway *gw);
+
 /* Moves the user now: copy, verify, end the user's sessions (BYE), last
  * delta, flip. Needs admin logins (or a login of the user since start).
  * 0 when it goes on (here, or on the gateway that has the user's job); 1

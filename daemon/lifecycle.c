@@ -988,9 +988,12 @@ int ms_gateway_set_policy(struct ms_gateway *gw, const char *domain,
 			 "or off)", policy);
 		return -1;
 	}
-	if (ms_store_policy_set(gw->store, domain != NULL ? domain : "",
-				policy) < 0) {
-		snprintf(err, errsz, "store: %s", ms_store_error(gw->store));
+	if (ms_store_begin(gw->store) < 0 ||
+	    ms_store_lock_wait(gw->store, ms_gateway_change_lock_ms(gw)) < 0 ||
+	    ms_store_policy_set(gw->store, domain != NULL ? domain : "",
+				policy) < 0 || ms_store_commit(gw->store) < 0) {
+		ms_store_refusal(gw->store, err, errsz);
+		ms_store_rollback(gw->store);
 		return -1;
 	}
 	ms_info("policy of %s%s: %s", domain != NULL ? "@" : "",

@@ -103,6 +103,15 @@ int ms_user_in(const struct ms_user_info *u, enum ms_user_state st);
 typedef void ms_store_user_write_cb(void *ctx, int64_t user_id);
 /* Whether a transaction (ms_store_begin) is open. */
 int ms_store_in_transaction(const struct ms_store *store);
+/* Inside a transaction: a statement that waits longer than ms for a lock
+ * (a table another connection holds) fails, until the transaction ends
+ * (PostgreSQL's lock_timeout; SQLite has one writer, and its busy timeout
+ * bounds the wait: nothing to do). ms_store_busy() tells that failure. */
+int ms_store_lock_wait(struct ms_store *store, unsigned int ms);
+int ms_store_busy(const struct ms_store *store);
+/* What to tell an operator whose change failed (and was rolled back):
+ * "store busy: ..." for a lock waited for in vain, else "store: ERROR". */
+void ms_store_refusal(const struct ms_store *store, char *buf, size_t n);
 void ms_store_on_user_write(struct ms_store *store, ms_store_user_write_cb *cb,
 			    void *ctx);
 

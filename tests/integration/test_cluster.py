@@ -922,6 +922,51 @@ def test_locked_folders_slow_no_session(make_pair, pg, new_db, workdir):
         a.stop()
 
 
+def test_locked_users_refuse_operator_change(make_pair, pg, new_db,
+                                             workdir):
+    """An operator's change (user set, policy) is one transaction whose
+    statements wait at most half a heartbeat for a lock (as the cluster's
+    own writes), so the heartbeat is taken: with the users and policies
+    tables locked (ACCESS EXCLUSIVE, 3 s) by another connection each is
+    refused, saying the store is busy and nothing changed, while another
+    session's NOOPs, one each 0.1 s, each take well under a second; the
+    user and the policies are as they were, and the changes go through
+    once the lock is gone."""
+    pair, db, a, _ = one_gateway(make_pair, pg, new_db, workdir)
+    locker = threading.Thread(target=pg.admin, args=(
+        db, 'BEGIN; LOCK TABLE users, policies IN ACCESS EXCLUSIVE MODE;'
+        ' SELECT pg_sleep(3); COMMIT;'), daemon=True)
+    policy = ('policy', '--domain', 'example.org', 'hold')
+    try:
+        assert a.ctl('user', 'add', 'u2').rc == 0
+        mb = login(a, pair, 'u1')
+        locker.start()
+        assert wait_for(lambda: users_locked(pg, db), 10, 0.02)
+        got = {}
+        t = threading.Thread(target=lambda: got.update(
+            r=a.ctl('user', 'set', 'u2', 'policy', 'hold'),
+            p=a.ctl(*policy)), daemon=True)
+        t.start()
+        assert noops_while_locked(pg, db, 'users', mb, 2.0) < 0.8
+        t.join(30)
+        for r in (got['r'], got['p']):
+            assert r.rc == 1 and 'store busy' in r.stderr and \
+                'nothing changed' in r.stderr, r.describe()
+        locker.join(10)
+        assert a.ctl('user', 'show', 'u2', '--json').json['user'][
+            'policy'] == 'default'
+        assert 'example.org' not in a.ctl('policy').stdout
+        assert a.ctl('user', 'set', 'u2', 'policy', 'hold').rc == 0
+        assert a.ctl('user', 'show', 'u2', '--json').json['user'][
+            'policy'] == 'hold'
+        assert a.ctl(*policy).rc == 0
+        assert 'example.org' in a.ctl('policy').stdout
+        mb.logout()
+    finally:
+        locker.join(10)
+        a.stop()
+
+
 def readers_waiting(pg, db):
     """The store's reader's connections waiting for a lock."""
     return int(pg.admin(db, "SELECT count(*) FROM pg_stat_activity WHERE"

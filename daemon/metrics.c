@@ -212,13 +212,18 @@ static void metrics_write(struct mclient *mc)
 		"mailshift_logins_total{gateway=\"%s\",result=\"failed\"} "
 		"%llu\n"
 		"# TYPE mailshift_sweeps_total counter\n"
-		"mailshift_sweeps_total{gateway=\"%s\"} %llu\n",
+		"mailshift_sweeps_total{gateway=\"%s\"} %llu\n"
+		"# HELP mailshift_store_reads_waiting Reads given to the "
+		"store's reader and not answered yet.\n"
+		"# TYPE mailshift_store_reads_waiting gauge\n"
+		"mailshift_store_reads_waiting{gateway=\"%s\"} %u\n",
 		name, ms_gateway_nsessions(gw), name, gw->copies, name,
 		(unsigned long long)cnt.msgs, name,
 		(unsigned long long)cnt.bytes, name,
 		(unsigned long long)gw->logins_ok, name,
 		(unsigned long long)gw->logins_failed, name,
-		(unsigned long long)gw->sweeps);
+		(unsigned long long)gw->sweeps, name,
+		gw->reader != NULL ? ms_reader_pending(gw->reader) : 0);
 	resp = malloc(pos + 256);
 	req = malloc(sizeof(*req));
 	if (resp == NULL || req == NULL) {

@@ -827,13 +827,14 @@ def noops_while_locked(pg, db, table, mb, seconds):
     return worst
 
 
-def one_gateway(make_pair, pg, new_db, workdir):
-    """Servers with u1 and u2, a gateway gw-a (policy off) on a new
-    database: (pair, database, gateway, u1's INBOX UIDVALIDITY on the
-    source)."""
+def one_gateway(make_pair, pg, new_db, workdir, conf=''):
+    """Servers with u1 and u2, a gateway gw-a (policy off, more config
+    conf) on a new database: (pair, database, gateway, u1's INBOX
+    UIDVALIDITY on the source)."""
     pair = make_pair(users=('u1', 'u2'))
     db, url = new_db()
-    a = start_gateways(pair, pg, url, workdir, ('gw-a',), policy='off')[0]
+    a = start_gateways(pair, pg, url, workdir, ('gw-a',), policy='off',
+                       confs={'gw-a': conf})[0]
     src = pair.src.imap('u1')
     try:
         return pair, db, a, uidvalidity(src, 'INBOX')
@@ -979,10 +980,15 @@ def test_slow_read_holds_up_no_other(make_pair, pg, new_db, workdir):
     read that waits holds up its own thread only. With folder_renames
     locked (ACCESS EXCLUSIVE) for 5 s by another connection, a moved
     user's IMAP login waits for her folders' rows on one thread; on the
-    other her POP3 login reads the INBOX's records and gets every UIDL
-    while the lock is still held; the IMAP login is answered once it is
-    gone, with the source's UIDVALIDITY."""
-    pair, db, a, src_uv = one_gateway(make_pair, pg, new_db, workdir)
+    other her POP3 login reads the INBOX's records and gets every UIDL,
+    and a metrics scrape (its walk of the users) counts the one read
+    waiting, while the lock is still held; the IMAP login is answered once
+    it is gone, with the source's UIDVALIDITY, and no read waits."""
+    mport = dovecot.free_port()
+    pair, db, a, src_uv = one_gateway(
+        make_pair, pg, new_db, workdir,
+        '[metrics]\nlisten = 127.0.0.1:%d' % mport)
+    waiting = 'mailshift_store_reads_waiting{gateway="gw-a"} '
     locker = threading.Thread(target=pg.admin, args=(
         db, 'BEGIN; LOCK TABLE folder_renames IN ACCESS EXCLUSIVE MODE;'
         ' SELECT pg_sleep(5); COMMIT;'), daemon=True)
@@ -1014,12 +1020,15 @@ def test_slow_read_holds_up_no_other(make_pair, pg, new_db, workdir):
         p.pass_(pair.dst.password('u1'))
         uidls = len(p.uidl()[1])
         p.quit()
+        scraped = http_get(mport)
         assert users_locked(pg, db, 'folder_renames'), \
             'the lock ended before the POP3 login was answered'
         assert t.is_alive() and not got, got
         assert uidls == inbox_count(pair.dst, 'u1')
+        assert waiting + '1\n' in scraped, scraped
         t.join(30)
         assert got.get('uv') == src_uv, got
+        assert waiting + '0\n' in http_get(mport)
     finally:
         locker.join(10)
         a.stop()

@@ -53,7 +53,8 @@ def test_metrics(gpair, make_gw, workdir):
         '%s{%s}' % (n, gl) for n in (
             'mailshift_sessions', 'mailshift_copies_running',
             'mailshift_messages_copied_total',
-            'mailshift_bytes_copied_total', 'mailshift_sweeps_total')} | {
+            'mailshift_bytes_copied_total', 'mailshift_sweeps_total',
+            'mailshift_store_reads_waiting')} | {
         'mailshift_logins_total{%s,result="ok"}' % gl,
         'mailshift_logins_total{%s,result="failed"}' % gl}
     assert set(m) == want, m

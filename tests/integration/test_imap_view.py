@@ -63,6 +63,15 @@ def status(m, folder):
     return dict(zip(toks[0::2], (int(x) for x in toks[1::2])))
 
 
+def uidvalidity_at(server, folder):
+    """The folder's UIDVALIDITY as the server itself gives it (USER's)."""
+    m = server.imap(USER)
+    try:
+        return status(m, folder)['UIDVALIDITY']
+    finally:
+        m.logout()
+
+
 def code(m, name):
     """The number in the last OK's [NAME v n...] code."""
     typ, data = m.response(name)
@@ -659,11 +668,7 @@ def test_store_failure_ends_view_session(vpair, workdir, ca):
     g = moved_gateway(vpair, workdir, ca, doveadm=False)
     try:
         move(g)
-        d = vpair.dst.imap(USER)
-        try:
-            dst_uv = status(d, 'Work')['UIDVALIDITY']
-        finally:
-            d.logout()
+        dst_uv = uidvalidity_at(vpair.dst, 'Work')
         m = through(g, ca)
         try:
             src_uv = status(m, 'Work')['UIDVALIDITY']
@@ -711,11 +716,7 @@ def test_failed_login_leaves_no_view(vpair, workdir, ca):
     other = 'u2' if USER != 'u2' else 'u3'
     try:
         move(g)
-        src = vpair.src.imap(USER)
-        try:
-            src_uv = status(src, 'INBOX')['UIDVALIDITY']
-        finally:
-            src.logout()
+        src_uv = uidvalidity_at(vpair.src, 'INBOX')
         for user in (other, USER):
             m = connect(g, ca)
             with pytest.raises(imaplib.IMAP4.error):

@@ -643,6 +643,12 @@ static void on_listening(struct ms_cluster *c, PGresult *res, void *arg)
 	reconcile(c);
 }
 
+/* How long a statement here waits for a lock: half a heartbeat. */
+static unsigned int lock_ms(const struct ms_cluster *c)
+{
+	return c->heartbeat_ms / 2 ? c->heartbeat_ms / 2 : 1;
+}
+
 static void on_lock_timeout(struct ms_cluster *c, PGresult *res, void *arg)
 {
 	if (!res_ok(res))
@@ -666,8 +672,7 @@ static void conn_up(struct ms_cluster *c)
 	c->connected = 1;
 	watch(c, UV_READABLE);
 	query(c, "LISTEN mailshift", on_listening, NULL, 0);
-	snprintf(ms, sizeof(ms), "%u", c->heartbeat_ms / 2 ?
-		 c->heartbeat_ms / 2 : 1);
+	snprintf(ms, sizeof(ms), "%u", lock_ms(c));
 	query(c, "SELECT set_config('lock_timeout', $1, false)",
 	      on_lock_timeout, NULL, 1, ms);
 }
@@ -1262,7 +1267,7 @@ static void text_query(struct ms_cluster *c, char *text, query_done *done,
 	cq_push(c, q);
 }
 
-/* "SET LOCAL lock_timeout" and fmt's text, or NULL. */
+/* "SET LOCAL lock_timeout" (lock_ms()) and fmt's text, or NULL. */
 static char *job_text(struct ms_cluster *c, const char *fmt, ...)
 {
 	char *text = NULL, *body = NULL;
@@ -1274,8 +1279,8 @@ static char *job_text(struct ms_cluster *c, const char *fmt, ...)
 	va_end(ap);
 	if (r < 0)
 		return NULL;
-	if (asprintf(&text, "SET LOCAL lock_timeout = %u; %s",
-		     c->heartbeat_ms / 2 ? c->heartbeat_ms / 2 : 1, body) < 0)
+	if (asprintf(&text, "SET LOCAL lock_timeout = %u; %s", lock_ms(c),
+		     body) < 0)
 		text = NULL;
 	free(body);
 	return text;

@@ -453,35 +453,6 @@ static int db_error(struct ms_store *s, const char *what)
 	return set_error(s, "%s: %s", what, db_errmsg(s->db));
 }
 
-int ms_store_lock_wait(struct ms_store *s, unsigned int ms)
-{
-	char sql[64];
-
-	if (s->drv->sqlite_dialect)
-		return 0;
-	if (s->depth == 0)
-		return set_error(s, "lock_wait: no transaction");
-	snprintf(sql, sizeof(sql), "SET LOCAL lock_timeout = %u", ms ? ms : 1);
-	if (db_exec(s->db, sql) < 0)
-		return db_error(s, "lock_wait");
-	return 0;
-}
-
-int ms_store_busy(const struct ms_store *s)
-{
-	return strstr(s->error, "lock timeout") != NULL;
-}
-
-void ms_store_refusal(const struct ms_store *s, char *buf, size_t n)
-{
-	if (ms_store_busy(s))
-		snprintf(buf, n, "store busy: a table the change needs is "
-			 "locked by another connection; nothing changed, try "
-			 "again");
-	else
-		snprintf(buf, n, "store: %s", s->error);
-}
-
 /* Returns a prepared statement to its pristine state. Bindings are cleared
  * too: text is bound without a copy, and must not outlive the caller's
  * buffer. */
@@ -596,6 +567,34 @@ static int exec(struct ms_store *s, const char *sql, const char *what)
 	if (db_exec(s->db, sql) < 0)
 		return db_error(s, what);
 	return 0;
+}
+
+int ms_store_lock_wait(struct ms_store *s, unsigned int ms)
+{
+	char sql[64];
+
+	if (s->drv->sqlite_dialect)
+		return 0;
+	if (s->depth == 0)
+		return set_error(s, "lock_wait: no transaction");
+	snprintf(sql, sizeof(sql), "SET LOCAL lock_timeout = %u", ms ? ms : 1);
+	return exec(s, sql, "lock_wait");
+}
+
+/* A lock waited for in vain (ms_store_lock_wait()). */
+static int busy(const struct ms_store *s)
+{
+	return strstr(s->error, "lock timeout") != NULL;
+}
+
+void ms_store_refusal(const struct ms_store *s, char *buf, size_t n)
+{
+	if (busy(s))
+		snprintf(buf, n, "store busy: a table the change needs is "
+			 "locked by another connection; nothing changed, try "
+			 "again");
+	else
+		snprintf(buf, n, "store: %s", s->error);
 }
 
 /* A statement for a call or two (DB_ONCE), or -1 with the error. */

@@ -106,9 +106,9 @@ int ms_store_in_transaction(const struct ms_store *store);
 /* Inside a transaction: a statement that waits longer than ms for a lock
  * (a table another connection holds) fails, until the transaction ends
  * (PostgreSQL's lock_timeout; SQLite has one writer, and its busy timeout
- * bounds the wait: nothing to do). ms_store_busy() tells that failure. */
+ * bounds the wait: nothing to do). ms_store_refusal() tells that
+ * failure. */
 int ms_store_lock_wait(struct ms_store *store, unsigned int ms);
-int ms_store_busy(const struct ms_store *store);
 /* What to tell an operator whose change failed (and was rolled back):
  * "store busy: ..." for a lock waited for in vain, else "store: ERROR". */
 void ms_store_refusal(const struct ms_store *store, char *buf, size_t n);
